@@ -1,0 +1,85 @@
+"""Admin client: what the `baton` CLI and the demo use to talk to a running coordinator."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from coordinator.plan import RunPlan
+from protocols.transport import TlsFiles, secure_channel
+from protocols.v1 import baton_pb2 as pb
+from protocols.v1 import baton_pb2_grpc as pb_grpc
+
+__all__ = ["AdminClient", "handoff_seconds"]
+
+TERMINAL_RUN_STATES = ("completed", "failed", "aborted")
+
+
+@dataclass
+class AdminClient:
+    """A connection to the coordinator's AdminService with an admin certificate."""
+
+    target: str
+    tls: TlsFiles
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        self._channel = secure_channel(self.target, self.tls, server_name=self.server_name)
+        self._stub = pb_grpc.AdminServiceStub(self._channel)
+
+    @classmethod
+    def from_files(cls, target: str, ca: Path, cert: Path, key: Path) -> AdminClient:
+        return cls(target, TlsFiles(ca, cert, key))
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start_run(self, plan: RunPlan, timeout: float = 30) -> str:
+        response = self._stub.StartRun(
+            pb.StartRunRequest(plan_json=plan.to_json()), timeout=timeout
+        )
+        return response.run_id
+
+    def run(self, run_id: str, timeout: float = 30) -> pb.RunStatus:
+        return self._stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=timeout)
+
+    def runs(self, timeout: float = 30) -> list[pb.RunStatus]:
+        return list(self._stub.ListRuns(pb.ListRunsRequest(), timeout=timeout).runs)
+
+    def sites(self, timeout: float = 30) -> list[pb.SiteStatus]:
+        return list(self._stub.ListSites(pb.ListSitesRequest(), timeout=timeout).sites)
+
+    def wait_for_sites(self, names: set[str], timeout: float) -> None:
+        """Blocks until every named site has an open task stream."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                connected = {s.name for s in self.sites(timeout=5) if s.connected}
+            except grpc.RpcError:
+                connected = set()
+            if names <= connected:
+                return
+            if time.monotonic() > deadline:
+                missing = ", ".join(sorted(names - connected))
+                raise TimeoutError(f"site(s) did not connect within {timeout:.0f} s: {missing}")
+            time.sleep(0.2)
+
+
+def handoff_seconds(run: pb.RunStatus) -> list[float]:
+    """End of each hop's training to start of the next hop's training (site clocks)."""
+    hops = sorted(run.hops, key=lambda h: h.index)
+    return [
+        (nxt.train_started_at_ns - cur.train_finished_at_ns) / 1e9
+        for cur, nxt in itertools.pairwise(hops)
+        if cur.train_finished_at_ns and nxt.train_started_at_ns
+    ]

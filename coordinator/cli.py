@@ -1,0 +1,302 @@
+"""The `baton` command: PKI, the coordinator service, runs, sites and the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
+from coordinator.plan import PlanError, load_plan
+from protocols.logs import configure_logging
+from protocols.pki import PkiError, Role, init_ca, issue_certificate
+from protocols.v1 import baton_pb2 as pb
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    help="Baton coordinator: sequential LoRA training across hospitals.", no_args_is_help=True
+)
+pki_app = typer.Typer(help="Consortium CA and certificates.", no_args_is_help=True)
+coordinator_app = typer.Typer(help="The coordinator service.", no_args_is_help=True)
+run_app = typer.Typer(help="Start and watch sequential runs.", no_args_is_help=True)
+app.add_typer(pki_app, name="pki")
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(run_app, name="run")
+
+console = Console()
+err = Console(stderr=True)
+
+# Exit codes: 0 ok, 1 the run failed, 2 bad input (plan, config, files), 3 coordinator unreachable.
+EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 1, 2, 3
+
+PkiDir = Annotated[Path, typer.Option("--dir", help="Directory holding ca.crt and ca.key.")]
+Coord = Annotated[str, typer.Option("--coordinator", envvar="BATON_COORDINATOR", help="host:port")]
+AdminCa = Annotated[Path, typer.Option("--ca", envvar="BATON_ADMIN_CA", help="CA certificate")]
+AdminCert = Annotated[Path, typer.Option("--cert", envvar="BATON_ADMIN_CERT", help="Admin cert")]
+AdminKey = Annotated[Path, typer.Option("--key", envvar="BATON_ADMIN_KEY", help="Admin key")]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+# ---- pki ----------------------------------------------------------------------------------------
+
+
+@pki_app.command("init")
+def pki_init(directory: PkiDir = Path("pki"), days: int = 3650) -> None:
+    """Create the consortium CA (ca.crt, ca.key with 0600 permissions)."""
+    try:
+        files = init_ca(directory, days=days)
+    except PkiError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    console.print(f"CA certificate: {files.certificate}\nCA key: {files.private_key}")
+
+
+@pki_app.command("issue")
+def pki_issue(
+    role: Annotated[Role, typer.Argument(help="coordinator, site or admin")],
+    name: Annotated[str, typer.Argument(help="Site or admin name (coordinator: optional)")] = "",
+    directory: PkiDir = Path("pki"),
+    out: Annotated[Path | None, typer.Option(help="Output directory (default: --dir)")] = None,
+    days: Annotated[int | None, typer.Option(help="Validity in days")] = None,
+    dns: Annotated[list[str] | None, typer.Option(help="Extra DNS name (coordinator)")] = None,
+    ip: Annotated[list[str] | None, typer.Option(help="Extra IP address (coordinator)")] = None,
+) -> None:
+    """Issue a certificate for the coordinator, a site or an admin."""
+    if not name:
+        if role is not Role.COORDINATOR:
+            raise _fail(f"a {role.value} certificate needs a NAME", EXIT_BAD_INPUT)
+        name = "coordinator"
+    try:
+        files = issue_certificate(
+            directory,
+            out or directory,
+            role,
+            name,
+            days=days,
+            dns_names=dns or (),
+            ip_addresses=ip or (),
+        )
+    except PkiError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    console.print(f"{role.value} certificate: {files.certificate}\nkey: {files.private_key}")
+
+
+# ---- coordinator --------------------------------------------------------------------------------
+
+
+@coordinator_app.command("serve")
+def coordinator_serve(
+    config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option(help="0 picks a free port")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="Ledger and checkpoint store")] = None,
+    database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca")] = None,
+    cert: Annotated[Path | None, typer.Option("--cert")] = None,
+    key: Annotated[Path | None, typer.Option("--key")] = None,
+    port_file: Annotated[Path | None, typer.Option(help="Write the bound port here")] = None,
+    log_level: str = "INFO",
+    log_json: bool = False,
+) -> None:
+    """Run the coordinator until SIGINT/SIGTERM."""
+    from pydantic import ValidationError
+
+    from coordinator.server import serve
+    from coordinator.settings import load_coordinator_settings
+
+    configure_logging(log_level, log_json)
+    try:
+        settings = load_coordinator_settings(
+            config,
+            host=host,
+            port=port,
+            state_dir=state_dir,
+            database_url=database_url,
+            ca_certificate=ca,
+            certificate=cert,
+            private_key=key,
+            port_file=port_file,
+        )
+    except (ValidationError, FileNotFoundError) as exc:
+        raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
+    try:
+        asyncio.run(serve(settings))
+    except (PkiError, OSError) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+
+
+# ---- runs ---------------------------------------------------------------------------------------
+
+
+def _admin(coordinator: str, ca: Path, cert: Path, key: Path) -> AdminClient:
+    try:
+        return AdminClient.from_files(coordinator, ca, cert, key)
+    except PkiError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+
+
+def run_table(run: pb.RunStatus) -> Table:
+    """A table of a run's hops: site, status, progress, validation metrics."""
+    table = Table(title=f"run {run.name} ({run.run_id[:8]}): {run.status}")
+    for column in ("hop", "site", "status", "step", "val acc", "val F1", "val loss", "output"):
+        table.add_column(column)
+    for hop in run.hops:
+        metrics = hop.metrics
+        table.add_row(
+            str(hop.index),
+            hop.site,
+            hop.status,
+            f"{hop.step}/{hop.total_steps}" if hop.total_steps else "",
+            f"{metrics['accuracy']:.3f}" if "accuracy" in metrics else "",
+            f"{metrics['macro_f1']:.3f}" if "macro_f1" in metrics else "",
+            f"{metrics['loss']:.3f}" if "loss" in metrics else "",
+            hop.output_sha256[:12],
+        )
+    return table
+
+
+def follow_run(client: AdminClient, run_id: str, interval: float = 0.25) -> pb.RunStatus:
+    """Shows a live table until the run ends; returns its final status."""
+    from rich.live import Live
+
+    run = client.run(run_id)
+    with Live(run_table(run), console=console, refresh_per_second=8) as live:
+        while run.status not in TERMINAL_RUN_STATES:
+            time.sleep(interval)
+            run = client.run(run_id)
+            live.update(run_table(run))
+    return run
+
+
+def print_summary(run: pb.RunStatus) -> None:
+    handoffs = handoff_seconds(run)
+    if handoffs:
+        ordered = sorted(handoffs)
+        console.print(
+            f"handoff per hop (training end -> next training start): median "
+            f"{ordered[len(ordered) // 2] * 1000:.1f} ms, max {ordered[-1] * 1000:.1f} ms"
+        )
+    if run.status == "completed":
+        console.print(f"final adapter: {run.final_adapter_dir} (sha256 {run.final_sha256})")
+    elif run.error:
+        err.print(f"[red]run {run.status}:[/red] {run.error}")
+
+
+@run_app.command("start")
+def run_start(
+    plan_file: Annotated[Path, typer.Argument(help="Run plan (.json or .toml)")],
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+    follow: Annotated[bool, typer.Option(help="Watch the run until it ends")] = False,
+) -> None:
+    """Validate a plan and start it as a new run."""
+    try:
+        plan = load_plan(plan_file)
+    except PlanError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    with _admin(coordinator, ca, cert, key) as client:
+        try:
+            run_id = client.start_run(plan)
+        except grpc.RpcError as exc:
+            code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
+            raise _fail(f"{exc.code().name}: {exc.details()}", code) from exc
+        console.print(f"run started: {run_id}")
+        if follow:
+            run = follow_run(client, run_id)
+            print_summary(run)
+            if run.status != "completed":
+                raise typer.Exit(EXIT_RUN_FAILED)
+
+
+@run_app.command("status")
+def run_status(
+    run_id: Annotated[str | None, typer.Argument(help="Run id (default: list all runs)")] = None,
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+    follow: bool = False,
+) -> None:
+    """Show one run's hops, or all runs."""
+    with _admin(coordinator, ca, cert, key) as client:
+        try:
+            if run_id is None:
+                for run in client.runs():
+                    console.print(
+                        f"{run.run_id}  {run.status:<10} {run.name}  {len(run.hops)} hops"
+                    )
+                return
+            run = follow_run(client, run_id) if follow else client.run(run_id)
+        except grpc.RpcError as exc:
+            code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
+            raise _fail(f"{exc.code().name}: {exc.details()}", code) from exc
+        if not follow:
+            console.print(run_table(run))
+        print_summary(run)
+
+
+@app.command("sites")
+def sites(
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+) -> None:
+    """List registered sites and whether they are connected."""
+    with _admin(coordinator, ca, cert, key) as client:
+        try:
+            rows = client.sites()
+        except grpc.RpcError as exc:
+            raise _fail(f"{exc.code().name}: {exc.details()}", EXIT_UNREACHABLE) from exc
+    table = Table("site", "connected", "agent", "base model", "datasets")
+    for site in rows:
+        table.add_row(
+            site.name,
+            "yes" if site.connected else "no",
+            site.agent_version,
+            ", ".join(m.sha256[:12] for m in site.base_models),
+            ", ".join(
+                f"{d.name} ({d.train_examples}/{d.validation_examples})" for d in site.datasets
+            ),
+        )
+    console.print(table)
+
+
+@app.command("demo")
+def demo(
+    directory: Annotated[Path, typer.Option("--dir", help="Demo directory (recreated)")] = Path(
+        "demo"
+    ),
+    sites: Annotated[int, typer.Option(min=2, max=8)] = 3,
+    cycles: Annotated[int, typer.Option(min=1)] = 2,
+    steps: Annotated[int, typer.Option(min=1)] = 15,
+    base_model: Annotated[
+        Path | None, typer.Option(help="Base model folder (default: packaged all-MiniLM-L6-v2)")
+    ] = None,
+) -> None:
+    """Run a real multi-process sequential run on generated data, then print its summary."""
+    from coordinator.demo import DemoError, run_demo
+
+    configure_logging("WARNING")
+    try:
+        run = run_demo(directory, n_sites=sites, cycles=cycles, steps=steps, base_model=base_model)
+    except DemoError as exc:
+        raise _fail(str(exc), EXIT_RUN_FAILED) from exc
+    if run.status != "completed":
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def main() -> None:
+    app()

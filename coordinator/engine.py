@@ -1,0 +1,355 @@
+"""The run engine: leases hops to connected sites, accepts their uploads and commits results.
+
+All state transitions run on the coordinator's event loop under one lock, each as one ledger
+transaction with one event. Tasks are pushed onto a site's open stream the moment they are ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from coordinator.errors import InvalidInput, NotFound, PermissionDenied, StaleLease
+from coordinator.ledger import CheckpointRow, HopRow, Ledger, RunRow
+from coordinator.plan import RunPlan
+from coordinator.store import CheckpointStore, fsync_write
+from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
+from protocols.v1 import baton_pb2 as pb
+
+__all__ = ["HopProgress", "RunEngine", "SiteSession"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteSession:
+    """One open task stream of a connected site."""
+
+    site: str
+    queue: asyncio.Queue[pb.Task | None] = field(default_factory=asyncio.Queue)
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+
+@dataclass
+class HopProgress:
+    phase: str = ""
+    step: int = 0
+    total_steps: int = 0
+    loss: float = 0.0
+
+
+def _hop_task(run: RunRow, hop: HopRow, input_ref: CheckpointRow | None) -> pb.Task:
+    plan = run.plan
+    lora = plan["lora"]
+    hp = hop.hyperparameters
+    task = pb.HopTask(
+        run_id=run.id,
+        hop_id=hop.id,
+        hop_index=hop.index,
+        lease_token=hop.lease_token or "",
+        task_type=plan["task"],
+        dataset=plan["dataset"],
+        labels=plan["labels"],
+        base_model_sha256=run.base_model_sha256 or "",
+        lora=pb.LoraConfig(
+            r=lora["r"],
+            alpha=lora["alpha"],
+            dropout=lora["dropout"],
+            target_modules=lora["target_modules"],
+        ),
+        hyperparameters=pb.Hyperparameters(**hp),
+    )
+    if input_ref is not None:
+        task.input_checkpoint.CopyFrom(
+            pb.CheckpointRef(sha256=input_ref.sha256, size=input_ref.size)
+        )
+    return pb.Task(hop=task)
+
+
+def _tensor_specs(bundle: Bundle) -> list[list[object]]:
+    """JSON form of a bundle's tensor specs, as the ledger stores them (sorted by name)."""
+    return [[t.name, t.dtype, list(t.shape)] for t in bundle.tensors]
+
+
+class RunEngine:
+    """Drives sequential runs over the sites that are connected."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        store: CheckpointStore,
+        runs_dir: Path,
+        *,
+        max_checkpoint_bytes: int,
+    ) -> None:
+        self.ledger = ledger
+        self.store = store
+        self.runs_dir = runs_dir
+        self.max_checkpoint_bytes = max_checkpoint_bytes
+        self._sessions: dict[str, SiteSession] = {}
+        self._sent: dict[str, SiteSession] = {}  # hop id -> session its task went to
+        self._progress: dict[str, HopProgress] = {}
+        self._lock = asyncio.Lock()
+
+    # ---- connections --------------------------------------------------------------------------
+
+    def connected_sites(self) -> set[str]:
+        return set(self._sessions)
+
+    async def connect(self, site: str) -> SiteSession:
+        """Registers a site's new task stream (replacing an older one) and sends it its work."""
+        session = SiteSession(site)
+        old = self._sessions.get(site)
+        if old is not None:
+            old.close()
+        self._sessions[site] = session
+        logger.info("site %s connected its task stream", site)
+        await self.dispatch_all()
+        return session
+
+    def disconnect(self, session: SiteSession) -> None:
+        if self._sessions.get(session.site) is session:
+            del self._sessions[session.site]
+            logger.info("site %s task stream closed", session.site)
+
+    async def tasks(self, session: SiteSession) -> AsyncIterator[pb.Task]:
+        while (task := await session.queue.get()) is not None:
+            yield task
+
+    # ---- runs ---------------------------------------------------------------------------------
+
+    async def start_run(self, plan: RunPlan) -> str:
+        """Records a new run and leases its first hop if the site is connected."""
+        known = {s.name for s in self.ledger.sites()}
+        unknown = sorted({site for site, _ in plan.expanded_hops()} - known)
+        if unknown:
+            raise InvalidInput(
+                f"run plan names site(s) that never registered: {', '.join(unknown)}; "
+                f"known sites: {', '.join(sorted(known)) or 'none'}"
+            )
+        run_id = uuid.uuid4().hex
+        hops = [
+            HopRow(
+                id=uuid.uuid4().hex,
+                index=index,
+                site=site,
+                hyperparameters=hp.model_dump(),
+                status="pending",
+                metrics={},
+            )
+            for index, (site, hp) in enumerate(plan.expanded_hops())
+        ]
+        self.ledger.create_run(
+            run_id, plan.name, json.loads(plan.to_json()), hops, plan.base_model_sha256
+        )
+        logger.info("run %s (%s) created with %d hops", run_id, plan.name, len(hops))
+        await self.dispatch(run_id)
+        return run_id
+
+    async def dispatch_all(self) -> None:
+        for run in self.ledger.active_runs():
+            await self.dispatch(run.id)
+
+    async def dispatch(self, run_id: str) -> None:
+        """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
+        async with self._lock:
+            run = self.ledger.run(run_id)
+            if run.status != "running":
+                return
+            hop = next((h for h in run.hops if h.status != "committed"), None)
+            if hop is None or hop.status not in ("pending", "leased"):
+                return
+            session = self._sessions.get(hop.site)
+            if session is None:
+                logger.info("run %s waits for site %s to connect", run_id, hop.site)
+                return
+            if hop.status == "leased" and self._sent.get(hop.id) is session:
+                return
+            previous = run.hops[hop.index - 1] if hop.index > 0 else None
+            input_sha = previous.output_sha256 if previous is not None else None
+            if hop.status == "pending":
+                hop = self.ledger.lease_hop(hop.id, secrets.token_hex(16), input_sha)
+            input_ref = self.ledger.checkpoint(input_sha) if input_sha else None
+            self._sent[hop.id] = session
+            self._progress[hop.id] = HopProgress(phase="leased")
+            session.queue.put_nowait(_hop_task(run, hop, input_ref))
+
+    def progress(self, hop_id: str) -> HopProgress | None:
+        return self._progress.get(hop_id)
+
+    # ---- site calls ---------------------------------------------------------------------------
+
+    def _leased_hop(self, site: str, hop_id: str, lease_token: str) -> tuple[RunRow, HopRow]:
+        run, hop = self._find_hop(hop_id)
+        if hop.site != site:
+            raise PermissionDenied(f"hop {hop_id} is not leased to site {site}")
+        if hop.status != "leased" or not lease_token or hop.lease_token != lease_token:
+            raise StaleLease(f"lease token for hop {hop_id} is not current")
+        if run.status != "running":
+            raise StaleLease(f"run {run.id} is {run.status}")
+        return run, hop
+
+    def _find_hop(self, hop_id: str) -> tuple[RunRow, HopRow]:
+        for run in self.ledger.active_runs():
+            for hop in run.hops:
+                if hop.id == hop_id:
+                    return run, hop
+        raise NotFound(f"no active hop {hop_id}")
+
+    def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
+        """A site may download only the input of a hop currently leased to it."""
+        for run in self.ledger.active_runs():
+            for hop in run.hops:
+                if hop.site == site and hop.status == "leased" and hop.input_sha256 == sha256:
+                    row = self.ledger.checkpoint(sha256)
+                    if row is None:
+                        raise NotFound(f"checkpoint {sha256} is not in the store")
+                    return row
+        raise PermissionDenied(f"site {site} holds no lease that needs checkpoint {sha256}")
+
+    async def receive_upload(
+        self, site: str, header: pb.UploadHeader, chunks: AsyncIterator[bytes]
+    ) -> Bundle:
+        """Accepts a hop's output bundle: size, hash, format, values and lineage all checked."""
+        run, hop = self._leased_hop(site, header.hop_id, header.lease_token)
+        if header.total_size > self.max_checkpoint_bytes:
+            raise InvalidInput(
+                f"checkpoint of {header.total_size} bytes exceeds the "
+                f"{self.max_checkpoint_bytes}-byte cap"
+            )
+        buffer = bytearray()
+        async for chunk in chunks:
+            buffer += chunk
+            if len(buffer) > header.total_size:
+                raise InvalidInput("upload is longer than its header declared")
+        if len(buffer) != header.total_size:
+            raise InvalidInput(
+                f"upload ended after {len(buffer)} of {header.total_size} declared bytes"
+            )
+        data = bytes(buffer)
+        try:
+            bundle = inspect_bundle(
+                data, expected_sha256=header.sha256, max_bytes=self.max_checkpoint_bytes
+            )
+        except CheckpointError as exc:
+            raise InvalidInput(str(exc)) from exc
+        self._check_lineage(run, hop, site, bundle)
+        await asyncio.to_thread(self.store.put, data)
+        self.ledger.record_checkpoint(
+            CheckpointRow(
+                sha256=bundle.sha256,
+                size=bundle.size,
+                run_id=run.id,
+                hop_id=hop.id,
+                producer_site=site,
+                parent_sha256=hop.input_sha256,
+                manifest=json.loads(bundle.manifest.to_json()),
+                tensors=_tensor_specs(bundle),
+                stored_at=datetime.now(UTC),
+            )
+        )
+        return bundle
+
+    def _check_lineage(self, run: RunRow, hop: HopRow, site: str, bundle: Bundle) -> None:
+        manifest = bundle.manifest
+        expected = {
+            "run_id": run.id,
+            "hop_id": hop.id,
+            "producer_site": site,
+            "parent_sha256": hop.input_sha256 or "",
+            "task_type": run.plan["task"],
+        }
+        for key, value in expected.items():
+            if getattr(manifest, key) != value:
+                raise InvalidInput(
+                    f"checkpoint manifest {key} is {getattr(manifest, key)!r}, expected {value!r}"
+                )
+        if run.base_model_sha256 and manifest.base_model_sha256 != run.base_model_sha256:
+            raise InvalidInput(
+                f"checkpoint was trained on base model {manifest.base_model_sha256}, "
+                f"the run is pinned to {run.base_model_sha256}"
+            )
+        parent = self.ledger.checkpoint(hop.input_sha256) if hop.input_sha256 else None
+        if parent is not None and sorted(parent.tensors) != _tensor_specs(bundle):
+            raise InvalidInput(
+                "checkpoint tensors (names, dtypes, shapes) differ from the hop's input"
+            )
+
+    async def report_result(self, site: str, result: pb.HopResult) -> str:
+        """Commits or fails a hop, then moves the run on. Returns the hop's new status."""
+        async with self._lock:
+            run, hop = self._leased_hop(site, result.hop_id, result.lease_token)
+            if not result.ok:
+                message = result.error_message or "the site reported a failure"
+                self.ledger.fail_hop(
+                    hop.id, code=result.error_code or "site-error", message=message
+                )
+                self.ledger.finish_run(
+                    run.id,
+                    status="failed",
+                    final_sha256=None,
+                    error=f"hop {hop.index} at {site}: {message}",
+                )
+                self._forget(hop.id)
+                return "failed"
+            metrics = dict(result.metrics)
+            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+            if bad:
+                raise InvalidInput(f"metrics must be finite; not finite: {', '.join(bad)}")
+            output = self.ledger.checkpoint(result.output_checkpoint.sha256)
+            if output is None or output.hop_id != hop.id:
+                raise InvalidInput(
+                    f"output checkpoint {result.output_checkpoint.sha256} was not uploaded "
+                    f"for hop {hop.id}"
+                )
+            self.ledger.commit_hop(
+                hop.id,
+                output_sha256=output.sha256,
+                metrics=metrics,
+                train_started_at_ns=result.train_started_at_ns,
+                train_finished_at_ns=result.train_finished_at_ns,
+                base_model_sha256=output.manifest["base_model_sha256"],
+            )
+            self._forget(hop.id)
+            logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
+            if hop.index == len(run.hops) - 1:
+                await asyncio.to_thread(self._export_final, run.id, output.sha256)
+                self.ledger.finish_run(run.id, status="completed", final_sha256=output.sha256)
+                logger.info("run %s completed", run.id)
+                return "committed"
+        await self.dispatch(run.id)
+        return "committed"
+
+    def heartbeat(self, site: str, beat: pb.Heartbeat) -> None:
+        self._leased_hop(site, beat.hop_id, beat.lease_token)
+        self._progress[beat.hop_id] = HopProgress(
+            phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
+        )
+
+    def _forget(self, hop_id: str) -> None:
+        self._sent.pop(hop_id, None)
+        self._progress.pop(hop_id, None)
+
+    def final_adapter_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id / "final_adapter"
+
+    def _export_final(self, run_id: str, sha256: str) -> None:
+        """Writes the final adapter as a PEFT directory (adapter_model.safetensors + config)."""
+        data = self.store.read(sha256)
+        bundle = inspect_bundle(data, expected_sha256=sha256)
+        out = self.final_adapter_dir(run_id)
+        fsync_write(out / "adapter_model.safetensors", data)
+        fsync_write(
+            out / "adapter_config.json", json.dumps(bundle.adapter_config, indent=2).encode()
+        )
+        fsync_write(out / "baton_manifest.json", bundle.manifest.to_json().encode())

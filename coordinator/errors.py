@@ -1,0 +1,31 @@
+"""Domain errors of the coordinator; the servicer maps each to one gRPC status code."""
+
+from __future__ import annotations
+
+__all__ = [
+    "CoordinatorError",
+    "InvalidInput",
+    "NotFound",
+    "PermissionDenied",
+    "StaleLease",
+]
+
+
+class CoordinatorError(Exception):
+    """Base class: a request the coordinator refuses, with a message fit for the caller."""
+
+
+class NotFound(CoordinatorError):
+    pass
+
+
+class PermissionDenied(CoordinatorError):
+    pass
+
+
+class StaleLease(CoordinatorError):
+    """The caller's lease token is not the hop's current lease (fencing)."""
+
+
+class InvalidInput(CoordinatorError):
+    """Malformed plan, corrupt checkpoint, non-finite metrics and the like."""

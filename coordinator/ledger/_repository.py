@@ -1,0 +1,358 @@
+"""The ledger's repository: every state change is one transaction that also appends one event."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from coordinator.ledger.models import CheckpointRow, EventRow, HopRow, RunRow, SiteRow
+
+__all__ = ["GENESIS_HASH", "ChainBreak", "Ledger", "event_hash"]
+
+logger = logging.getLogger(__name__)
+
+GENESIS_HASH = "0" * 64
+_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def event_hash(
+    prev_hash: str,
+    at: str,
+    kind: str,
+    run_id: str | None,
+    hop_id: str | None,
+    site: str | None,
+    payload: dict[str, Any],
+) -> str:
+    """Hash of one event over a canonical JSON encoding, chained to the previous event's hash."""
+    body = json.dumps(
+        {
+            "prev": prev_hash,
+            "at": at,
+            "kind": kind,
+            "run_id": run_id,
+            "hop_id": hop_id,
+            "site": site,
+            "payload": payload,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+        allow_nan=False,
+    )
+    return hashlib.sha256(body.encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    """Where the event chain stops verifying."""
+
+    seq: int
+    reason: str
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL keeps readers (CLI, dashboard) off the writer's back; FULL makes each commit durable.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class Ledger:
+    """SQL ledger of sites, runs, hops, checkpoints and events (SQLite or PostgreSQL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Brings the schema to the newest Alembic revision."""
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # ---- events -------------------------------------------------------------------------------
+
+    def append_event(
+        self,
+        session: Session,
+        kind: str,
+        *,
+        run_id: str | None = None,
+        hop_id: str | None = None,
+        site: str | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> EventRow:
+        """Appends one chained event inside the caller's transaction."""
+        payload = payload or {}
+        last = session.scalars(
+            select(EventRow).order_by(EventRow.seq.desc()).limit(1).with_for_update()
+        ).first()
+        prev = last.hash if last else GENESIS_HASH
+        at = utcnow().isoformat(timespec="microseconds")
+        row = EventRow(
+            at=at,
+            kind=kind,
+            run_id=run_id,
+            hop_id=hop_id,
+            site=site,
+            payload=payload,
+            prev_hash=prev,
+            hash=event_hash(prev, at, kind, run_id, hop_id, site, payload),
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+    def record_event(self, kind: str, **fields: Any) -> None:
+        with self.transaction() as session:
+            self.append_event(session, kind, **fields)
+
+    def events(self, run_id: str | None = None) -> list[EventRow]:
+        with self._sessions() as session:
+            query = select(EventRow).order_by(EventRow.seq)
+            if run_id is not None:
+                query = query.where(EventRow.run_id == run_id)
+            return list(session.scalars(query))
+
+    def verify_chain(self) -> ChainBreak | None:
+        """Walks the event log; returns the first event that does not verify, or None."""
+        prev = GENESIS_HASH
+        for row in self.events():
+            if row.prev_hash != prev:
+                return ChainBreak(row.seq, "previous-hash link broken (event deleted or inserted)")
+            expected = event_hash(
+                prev, row.at, row.kind, row.run_id, row.hop_id, row.site, row.payload
+            )
+            if row.hash != expected:
+                return ChainBreak(row.seq, "content does not match its hash (event altered)")
+            prev = row.hash
+        return None
+
+    # ---- sites --------------------------------------------------------------------------------
+
+    def register_site(
+        self,
+        name: str,
+        *,
+        agent_version: str,
+        capabilities: list[str],
+        base_models: list[dict[str, str]],
+        datasets: list[dict[str, Any]],
+        certificate_serial: str,
+    ) -> None:
+        now = utcnow()
+        with self.transaction() as session:
+            row = session.get(SiteRow, name)
+            if row is None:
+                row = SiteRow(name=name, first_seen_at=now)
+                session.add(row)
+            row.agent_version = agent_version
+            row.capabilities = capabilities
+            row.base_models = base_models
+            row.datasets = datasets
+            row.certificate_serial = certificate_serial
+            row.last_seen_at = now
+            self.append_event(
+                session,
+                "site.hello",
+                site=name,
+                payload={
+                    "agent_version": agent_version,
+                    "capabilities": capabilities,
+                    "base_models": base_models,
+                    "certificate_serial": certificate_serial,
+                },
+            )
+
+    def sites(self) -> list[SiteRow]:
+        with self._sessions() as session:
+            return list(session.scalars(select(SiteRow).order_by(SiteRow.name)))
+
+    # ---- runs and hops --------------------------------------------------------------------------
+
+    def create_run(
+        self, run_id: str, name: str, plan: dict[str, Any], hops: list[HopRow], pinned: str | None
+    ) -> RunRow:
+        with self.transaction() as session:
+            run = RunRow(
+                id=run_id,
+                name=name,
+                status="running",
+                plan=plan,
+                base_model_sha256=pinned,
+                created_at=utcnow(),
+            )
+            run.hops = hops
+            session.add(run)
+            self.append_event(
+                session,
+                "run.created",
+                run_id=run_id,
+                payload={"name": name, "plan": plan, "hops": [h.id for h in hops]},
+            )
+        return self.run(run_id)
+
+    def run(self, run_id: str) -> RunRow:
+        with self._sessions() as session:
+            run = session.scalars(
+                select(RunRow).where(RunRow.id == run_id).options(selectinload(RunRow.hops))
+            ).first()
+            if run is None:
+                raise KeyError(run_id)
+            return run
+
+    def runs(self) -> list[RunRow]:
+        with self._sessions() as session:
+            query = select(RunRow).options(selectinload(RunRow.hops)).order_by(RunRow.created_at)
+            return list(session.scalars(query))
+
+    def active_runs(self) -> list[RunRow]:
+        return [r for r in self.runs() if r.status == "running"]
+
+    def lease_hop(self, hop_id: str, token: str, input_sha256: str | None) -> HopRow:
+        with self.transaction() as session:
+            hop = session.get(HopRow, hop_id)
+            if hop is None:
+                raise KeyError(hop_id)
+            hop.status = "leased"
+            hop.lease_token = token
+            hop.leased_at = utcnow()
+            hop.input_sha256 = input_sha256
+            self.append_event(
+                session,
+                "hop.leased",
+                run_id=hop.run_id,
+                hop_id=hop.id,
+                site=hop.site,
+                payload={"index": hop.index, "input_sha256": input_sha256},
+            )
+            return hop
+
+    def record_checkpoint(self, row: CheckpointRow) -> None:
+        with self.transaction() as session:
+            if session.get(CheckpointRow, row.sha256) is not None:
+                return  # content-addressed: the same bytes are already recorded
+            session.add(row)
+            self.append_event(
+                session,
+                "checkpoint.stored",
+                run_id=row.run_id,
+                hop_id=row.hop_id,
+                site=row.producer_site,
+                payload={"sha256": row.sha256, "size": row.size, "parent": row.parent_sha256},
+            )
+
+    def checkpoint(self, sha256: str) -> CheckpointRow | None:
+        with self._sessions() as session:
+            return session.get(CheckpointRow, sha256)
+
+    def commit_hop(
+        self,
+        hop_id: str,
+        *,
+        output_sha256: str,
+        metrics: dict[str, float],
+        train_started_at_ns: int,
+        train_finished_at_ns: int,
+        base_model_sha256: str,
+    ) -> HopRow:
+        with self.transaction() as session:
+            hop = session.get(HopRow, hop_id)
+            if hop is None:
+                raise KeyError(hop_id)
+            run = session.get(RunRow, hop.run_id)
+            assert run is not None
+            hop.status = "committed"
+            hop.output_sha256 = output_sha256
+            hop.metrics = metrics
+            hop.train_started_at_ns = train_started_at_ns
+            hop.train_finished_at_ns = train_finished_at_ns
+            hop.committed_at = utcnow()
+            hop.lease_token = None
+            if run.base_model_sha256 is None:
+                run.base_model_sha256 = base_model_sha256
+            self.append_event(
+                session,
+                "hop.committed",
+                run_id=hop.run_id,
+                hop_id=hop.id,
+                site=hop.site,
+                payload={
+                    "index": hop.index,
+                    "input_sha256": hop.input_sha256,
+                    "output_sha256": output_sha256,
+                    "metrics": metrics,
+                    "train_started_at_ns": train_started_at_ns,
+                    "train_finished_at_ns": train_finished_at_ns,
+                },
+            )
+            return hop
+
+    def fail_hop(self, hop_id: str, *, code: str, message: str) -> None:
+        with self.transaction() as session:
+            hop = session.get(HopRow, hop_id)
+            if hop is None:
+                raise KeyError(hop_id)
+            hop.status = "failed"
+            hop.error_code = code
+            hop.error = message
+            hop.lease_token = None
+            self.append_event(
+                session,
+                "hop.failed",
+                run_id=hop.run_id,
+                hop_id=hop.id,
+                site=hop.site,
+                payload={"index": hop.index, "code": code, "message": message},
+            )
+
+    def finish_run(
+        self, run_id: str, *, status: str, final_sha256: str | None, error: str | None = None
+    ) -> None:
+        with self.transaction() as session:
+            run = session.get(RunRow, run_id)
+            if run is None:
+                raise KeyError(run_id)
+            run.status = status
+            run.final_sha256 = final_sha256
+            run.error = error
+            run.finished_at = utcnow()
+            self.append_event(
+                session,
+                f"run.{status}",
+                run_id=run_id,
+                payload={"final_sha256": final_sha256, "error": error},
+            )

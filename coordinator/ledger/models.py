@@ -1,0 +1,109 @@
+"""SQLAlchemy models of the ledger: sites, runs, hops, checkpoints and the chained event log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = ["Base", "CheckpointRow", "EventRow", "HopRow", "RunRow", "SiteRow"]
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class SiteRow(Base):
+    __tablename__ = "sites"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    capabilities: Mapped[list[Any]] = mapped_column(default=list)
+    base_models: Mapped[list[Any]] = mapped_column(default=list)
+    datasets: Mapped[list[Any]] = mapped_column(default=list)
+    certificate_serial: Mapped[str] = mapped_column(String(64), default="")
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    plan: Mapped[dict[str, Any]]
+    base_model_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    final_sha256: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    hops: Mapped[list[HopRow]] = relationship(
+        back_populates="run", order_by="HopRow.index", cascade="all, delete-orphan"
+    )
+
+
+class HopRow(Base):
+    __tablename__ = "hops"
+    __table_args__ = (UniqueConstraint("run_id", "index"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    site: Mapped[str] = mapped_column(String(64))
+    hyperparameters: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    leased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    input_sha256: Mapped[str | None] = mapped_column(String(64))
+    output_sha256: Mapped[str | None] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    train_started_at_ns: Mapped[int | None] = mapped_column(BigInteger)
+    train_finished_at_ns: Mapped[int | None] = mapped_column(BigInteger)
+    committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    run: Mapped[RunRow] = relationship(back_populates="hops")
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    run_id: Mapped[str] = mapped_column(String(32), index=True)
+    hop_id: Mapped[str] = mapped_column(String(32))
+    producer_site: Mapped[str] = mapped_column(String(64))
+    parent_sha256: Mapped[str | None] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]]
+    tensors: Mapped[list[Any]]
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EventRow(Base):
+    """Append-only; each row's hash covers the previous row's hash (tamper evidence)."""
+
+    __tablename__ = "events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[str] = mapped_column(String(40))  # ISO-8601 UTC, hashed as written
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    run_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    hop_id: Mapped[str | None] = mapped_column(String(32))
+    site: Mapped[str | None] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)

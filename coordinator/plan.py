@@ -1,0 +1,128 @@
+"""Run plans: the ordered hops (site, hyperparameters) of one sequential run, validated."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "HopSpec",
+    "HyperparameterSpec",
+    "LoraSpec",
+    "PlanError",
+    "RunPlan",
+    "load_plan",
+    "parse_plan",
+]
+
+SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+SUPPORTED_TASKS = ("seq-classification",)
+
+
+class PlanError(ValueError):
+    """A run plan is malformed; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HyperparameterSpec(_Strict):
+    learning_rate: float = Field(default=5e-4, gt=0, le=1)
+    steps: int = Field(default=20, ge=1, le=1_000_000)
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+
+
+class LoraSpec(_Strict):
+    r: int = Field(default=8, ge=1, le=1024)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(default=("query", "value"), min_length=1)
+
+
+class HopSpec(_Strict):
+    site: SiteName
+    hyperparameters: HyperparameterSpec | None = None  # None: the plan's defaults
+
+
+class RunPlan(_Strict):
+    """One sequential run. Either `hops` (explicit) or `sites` x `cycles` (shorthand)."""
+
+    name: str = Field(default="run", min_length=1, max_length=200)
+    task: Literal["seq-classification"] = "seq-classification"
+    dataset: str = Field(min_length=1, max_length=200)
+    labels: tuple[str, ...] = Field(min_length=2)
+    base_model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    lora: LoraSpec = LoraSpec()
+    defaults: HyperparameterSpec = HyperparameterSpec()
+    sites: tuple[SiteName, ...] = ()
+    cycles: int = Field(default=1, ge=1, le=1000)
+    hops: tuple[HopSpec, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> RunPlan:
+        if bool(self.sites) == bool(self.hops):
+            raise ValueError("give either 'hops' or 'sites' (with optional 'cycles'), not both")
+        if self.hops and self.cycles != 1:
+            raise ValueError("'cycles' only applies to the 'sites' shorthand")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("'labels' has duplicates")
+        return self
+
+    def expanded_hops(self) -> list[tuple[str, HyperparameterSpec]]:
+        """The hops in execution order, each with its effective hyperparameters."""
+        if self.sites:
+            return [(site, self.defaults) for _ in range(self.cycles) for site in self.sites]
+        return [(hop.site, hop.hyperparameters or self.defaults) for hop in self.hops]
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "plan"
+        lines.append(f"  {where}: {error['msg']}")
+    return "invalid run plan:\n" + "\n".join(lines)
+
+
+def parse_plan(document: dict[str, Any] | str) -> RunPlan:
+    """Validates a plan given as a mapping or a JSON string.
+
+    Raises:
+        PlanError: With one line per problem, naming the field.
+    """
+    if isinstance(document, str):
+        try:
+            document = json.loads(document)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"run plan is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise PlanError("run plan must be a JSON object / TOML table")
+    try:
+        return RunPlan.model_validate(document)
+    except ValidationError as exc:
+        raise PlanError(_format_validation_error(exc)) from exc
+
+
+def load_plan(path: Path) -> RunPlan:
+    """Reads a plan from a .json or .toml file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PlanError(f"cannot read run plan {path}: {exc.strerror}") from exc
+    if path.suffix.lower() == ".toml":
+        try:
+            return parse_plan(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as exc:
+            raise PlanError(f"run plan {path} is not valid TOML: {exc}") from exc
+    return parse_plan(text)

@@ -1,0 +1,142 @@
+"""Starts and stops coordinator and site-agent OS processes (for the demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["Cluster", "ManagedProcess"]
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Cluster:
+    """A coordinator and site agents started as separate processes, logs under `log_dir`."""
+
+    log_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def _spawn(self, name: str, args: Sequence[str]) -> ManagedProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.env}
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        managed = ManagedProcess(name, process, log_path)
+        self.processes.append(managed)
+        return managed
+
+    def start_coordinator(
+        self,
+        *,
+        state_dir: Path,
+        pki_dir: Path,
+        port_file: Path,
+        timeout: float = 60.0,
+        extra: Sequence[str] = (),
+    ) -> int:
+        """Starts `baton coordinator serve` on a free port; returns the port once it serves."""
+        port_file.unlink(missing_ok=True)
+        managed = self._spawn(
+            "coordinator",
+            [
+                "-m", "coordinator", "coordinator", "serve",
+                "--port", "0",
+                "--state-dir", str(state_dir),
+                "--ca", str(pki_dir / "ca.crt"),
+                "--cert", str(pki_dir / "coordinator.crt"),
+                "--key", str(pki_dir / "coordinator.key"),
+                "--port-file", str(port_file),
+                *extra,
+            ],
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not port_file.is_file() or not port_file.read_text().strip():
+            if managed.process.poll() is not None:
+                raise RuntimeError(f"coordinator exited early:\n{managed.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"coordinator did not start in {timeout} s:\n{managed.log_tail()}"
+                )
+            time.sleep(0.05)
+        return int(port_file.read_text())
+
+    def start_site(
+        self,
+        name: str,
+        *,
+        coordinator: str,
+        pki_dir: Path,
+        data_dir: Path,
+        base_model_dir: Path,
+        threads: int | None = None,
+        extra: Sequence[str] = (),
+    ) -> ManagedProcess:
+        args = [
+            "-m", "site_agent", "serve",
+            "--coordinator", coordinator,
+            "--ca", str(pki_dir / "ca.crt"),
+            "--cert", str(pki_dir / f"{name}.crt"),
+            "--key", str(pki_dir / f"{name}.key"),
+            "--data-dir", str(data_dir),
+            "--base-model", str(base_model_dir),
+            *extra,
+        ]  # fmt: skip
+        if threads:
+            args += ["--threads", str(threads)]
+        return self._spawn(f"site-{name}", args)
+
+    def check_alive(self) -> None:
+        for managed in self.processes:
+            code = managed.process.poll()
+            if code is not None:
+                raise RuntimeError(f"{managed.name} exited with code {code}:\n{managed.log_tail()}")
+
+    def stop(self) -> None:
+        """Stops sites first, then the coordinator."""
+        for managed in reversed(self.processes):
+            managed.stop()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Cluster]:
+        try:
+            yield self
+        finally:
+            self.stop()

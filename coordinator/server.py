@@ -1,0 +1,76 @@
+"""Builds and runs the coordinator: ledger, checkpoint store, run engine and gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc.aio
+
+from coordinator.engine import RunEngine
+from coordinator.ledger import Ledger
+from coordinator.servicer import AdminServicer, SiteServicer
+from coordinator.settings import CoordinatorSettings
+from coordinator.store import CheckpointStore, fsync_write
+from protocols.transport import aio_server
+from protocols.v1 import baton_pb2_grpc as pb_grpc
+
+__all__ = ["Coordinator", "build_server", "serve"]
+
+logger = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """A started coordinator; `stop()` shuts it down."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, engine: RunEngine) -> None:
+        self.server = server
+        self.port = port
+        self.engine = engine
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.server.stop(grace)
+        self.engine.ledger.close()
+
+
+async def build_server(settings: CoordinatorSettings) -> Coordinator:
+    """Opens the ledger (migrating it), binds the mTLS server and starts serving.
+
+    Returns:
+        The running coordinator, with the port actually bound (settings.port may be 0).
+    """
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    assert settings.database_url is not None
+    ledger = Ledger(settings.database_url)
+    await asyncio.to_thread(ledger.migrate)
+    engine = RunEngine(
+        ledger,
+        CheckpointStore(settings.checkpoint_dir),
+        settings.runs_dir,
+        max_checkpoint_bytes=settings.max_checkpoint_bytes,
+    )
+    server, port = aio_server(settings.tls, settings.address)
+    pb_grpc.add_SiteServiceServicer_to_server(
+        SiteServicer(engine, settings.heartbeat_interval_ms), server
+    )
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
+    await server.start()
+    logger.info("coordinator listening on %s:%d (ledger %s)", settings.host, port, ledger.url)
+    return Coordinator(server, port, engine)
+
+
+async def serve(settings: CoordinatorSettings) -> None:
+    """Runs until SIGINT/SIGTERM."""
+    coordinator = await build_server(settings)
+    if settings.port_file is not None:
+        fsync_write(settings.port_file, str(coordinator.port).encode())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("coordinator shutting down")
+    await coordinator.stop()

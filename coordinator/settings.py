@@ -1,0 +1,58 @@
+"""Coordinator configuration: file, environment (BATON_*) and CLI flags, in rising precedence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from protocols.settings import FileBackedSettings, load_settings
+from protocols.transport import TlsFiles
+
+__all__ = ["CoordinatorSettings", "load_coordinator_settings"]
+
+
+class CoordinatorSettings(FileBackedSettings):
+    """Everything `baton coordinator serve` needs."""
+
+    model_config = SettingsConfigDict(env_prefix="BATON_", extra="forbid")
+
+    host: str = "localhost"
+    port: int = Field(default=50051, ge=0, le=65535)
+    state_dir: Path = Path("baton-state")
+    database_url: str | None = None  # default: SQLite file inside state_dir
+    ca_certificate: Path
+    certificate: Path
+    private_key: Path
+    heartbeat_interval_ms: int = Field(default=2000, ge=100)
+    max_checkpoint_bytes: int = Field(default=512 * 1024**2, ge=1024)
+    port_file: Path | None = None  # write the bound port here once serving (for port 0)
+
+    @model_validator(mode="after")
+    def _default_database(self) -> CoordinatorSettings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.state_dir / 'ledger.sqlite3').resolve()}"
+        return self
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.ca_certificate, self.certificate, self.private_key)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.state_dir / "runs"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def load_coordinator_settings(config: Path | None, **flags: Any) -> CoordinatorSettings:
+    """Builds settings from an optional TOML file, then environment variables, then flags."""
+    return load_settings(CoordinatorSettings, config, **flags)

@@ -1,0 +1,76 @@
+"""Content-addressed checkpoint store on disk: bytes are durable (fsync) before any reference."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["CheckpointStore", "fsync_write"]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Writes `data` to `path` atomically: temp file, fsync, rename, fsync of the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class CheckpointStore:
+    """Stores bundles under `root/ab/abcdef...` by their sha256."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256
+
+    def __contains__(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put(self, data: bytes) -> str:
+        """Stores bytes durably and returns their sha256 (idempotent)."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        target = self.path(sha256)
+        if not target.is_file():
+            fsync_write(target, data, mode=0o444)
+        return sha256
+
+    def read(self, sha256: str) -> bytes:
+        data = self.path(sha256).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise OSError(f"checkpoint {sha256} is corrupt on disk")
+        return data
+
+    def iter_chunks(
+        self, sha256: str, offset: int, chunk_bytes: int
+    ) -> Iterator[tuple[int, bytes]]:
+        """Yields (offset, bytes) from `offset` to the end of the stored bundle."""
+        with self.path(sha256).open("rb") as fh:
+            fh.seek(offset)
+            while chunk := fh.read(chunk_bytes):
+                yield offset, chunk
+                offset += len(chunk)
