@@ -45,13 +45,13 @@ class AdminClient:
         self.close()
 
     def start_run(self, plan: RunPlan, timeout: float = 30) -> str:
-        response = self._stub.StartRun(
-            pb.StartRunRequest(plan_json=plan.to_json()), timeout=timeout
-        )
+        request = pb.StartRunRequest(plan_json=plan.to_json())
+        response: pb.StartRunResponse = self._stub.StartRun(request, timeout=timeout)
         return response.run_id
 
     def run(self, run_id: str, timeout: float = 30) -> pb.RunStatus:
-        return self._stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=timeout)
+        status: pb.RunStatus = self._stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=timeout)
+        return status
 
     def runs(self, timeout: float = 30) -> list[pb.RunStatus]:
         return list(self._stub.ListRuns(pb.ListRunsRequest(), timeout=timeout).runs)

@@ -173,4 +173,5 @@ def _rss_mb(pid: int) -> float | None:
         import psutil
     except ImportError:
         return None
-    return round(psutil.Process(pid).memory_info().rss / 1024**2, 1)
+    rss: int = psutil.Process(pid).memory_info().rss
+    return round(rss / 1024**2, 1)

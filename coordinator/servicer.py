@@ -132,19 +132,18 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.UploadResponse:
         identity = await _caller(context, Role.SITE)
-        first = await anext(aiter(request_iterator), None)
-        if first is None or first.WhichOneof("part") != "header":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "an upload must start with its header"
-            )
+        messages = aiter(request_iterator)
 
         async def chunks() -> AsyncIterator[bytes]:
-            async for message in request_iterator:
+            async for message in messages:
                 if message.WhichOneof("part") != "data":
                     raise InvalidInput("only data chunks may follow the upload header")
                 yield message.data
 
         try:
+            first = await anext(messages, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidInput("an upload must start with its header")
             bundle = await self.engine.receive_upload(identity.name, first.header, chunks())
         except CoordinatorError as exc:
             await _abort(context, exc)

@@ -1,0 +1,46 @@
+"""The ledger's event chain detects altered, deleted and inserted events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete, select, update
+
+from coordinator.ledger import EventRow, Ledger
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger.migrate()
+    for index in range(5):
+        ledger.record_event("test.event", payload={"index": index})
+    return ledger
+
+
+def test_untouched_chain_verifies(ledger: Ledger) -> None:
+    assert ledger.verify_chain() is None
+    events = ledger.events()
+    assert [e.payload["index"] for e in events] == [0, 1, 2, 3, 4]
+    assert all(b.prev_hash == a.hash for a, b in zip(events, events[1:], strict=False))
+
+
+def test_altered_event_is_named(ledger: Ledger) -> None:
+    with ledger.transaction() as session:
+        session.execute(update(EventRow).where(EventRow.seq == 3).values(payload={"index": 99}))
+    broken = ledger.verify_chain()
+    assert broken is not None and broken.seq == 3 and "altered" in broken.reason
+
+
+def test_deleted_event_is_named(ledger: Ledger) -> None:
+    with ledger.transaction() as session:
+        session.execute(delete(EventRow).where(EventRow.seq == 2))
+    broken = ledger.verify_chain()
+    assert broken is not None and broken.seq == 3 and "deleted or inserted" in broken.reason
+
+
+def test_migration_is_idempotent(ledger: Ledger) -> None:
+    ledger.migrate()
+    with ledger.transaction() as session:
+        assert len(list(session.scalars(select(EventRow)))) == 5
