@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ def test_untouched_chain_verifies(ledger: Ledger) -> None:
     assert ledger.verify_chain() is None
     events = ledger.events()
     assert [e.payload["index"] for e in events] == [0, 1, 2, 3, 4]
-    assert all(b.prev_hash == a.hash for a, b in zip(events, events[1:], strict=False))
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(events))
 
 
 def test_altered_event_is_named(ledger: Ledger) -> None:

@@ -168,8 +168,8 @@ def test_two_hop_run_chains_checkpoints_and_records_every_step(
     ledger = _ledger(coordinator)
     assert ledger.verify_chain() is None
     kinds = [e.kind for e in ledger.events(run_id)]
-    assert kinds == ["run.created", "hop.leased", "checkpoint.stored", "hop.committed",
-                     "hop.leased", "checkpoint.stored", "hop.committed", "run.completed"]  # fmt: skip
+    hop_events = ["hop.leased", "checkpoint.stored", "hop.committed"]
+    assert kinds == ["run.created", *hop_events, *hop_events, "run.completed"]
 
 
 def test_site_cannot_upload_or_report_for_another_sites_hop(
@@ -245,9 +245,11 @@ def test_malformed_plan_gets_a_clear_error(
 
 
 def test_site_certificate_cannot_call_admin_service(pki: Pki, coordinator: Coordinator) -> None:
-    with AdminClient(f"localhost:{coordinator.port}", pki.tls("site-a")) as impostor:
-        with pytest.raises(grpc.RpcError) as refused:
-            impostor.runs()
+    with (
+        AdminClient(f"localhost:{coordinator.port}", pki.tls("site-a")) as impostor,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        impostor.runs()
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 

@@ -1,7 +1,8 @@
-"""End to end: a coordinator and three site agents, each its own OS process, over mTLS on loopback."""
+"""End to end: a coordinator and three site agents, each its own OS process, mTLS on loopback."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def test_three_site_processes_run_a_sequential_plan_over_mtls(
         hops = ledger.run(run.run_id).hops
         # Every hop trained from the previous hop's output: the hashes chain.
         assert hops[0].input_sha256 is None
-        for before, after in zip(hops, hops[1:], strict=False):
+        for before, after in itertools.pairwise(hops):
             assert after.input_sha256 == before.output_sha256
         assert len({h.output_sha256 for h in hops}) == len(hops)
         for hop in hops:
