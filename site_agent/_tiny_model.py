@@ -1,0 +1,134 @@
+"""Builds a tiny, randomly initialised BERT base-model directory offline, for tests and demos."""
+
+from __future__ import annotations
+
+import inspect
+import string
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# transformers 5 aliases BertTokenizerFast at runtime only, so type checkers do not see it.
+from transformers import (  # type: ignore[attr-defined,unused-ignore]
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+)
+
+_SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# Common clinical/English words; covers everything site_agent._synthetic emits.
+_BUILTIN_WORDS: tuple[str, ...] = (
+    "a", "abdomen", "abdominal", "abnormal", "accompanied", "acute", "admitted", "after", "age",
+    "aged", "ago", "allergy", "ambulance", "an", "and", "angina", "ankles", "anxiety", "are",
+    "arm", "arrived", "as", "asthma", "at", "auscultation", "back", "be", "been", "before",
+    "better", "bleeding", "blood", "blurred", "bp", "brain", "breath", "breathing", "but", "by",
+    "cannot", "chest", "chronic", "complains", "confusion", "consciousness", "copd", "cough",
+    "coughing", "cp", "crackles", "crushing", "ct", "cxr", "daily", "days", "denies",
+    "diabetes", "discharged", "dizziness", "doctor", "dose", "droop", "ecg", "ekg", "elevated",
+    "elevation", "emergency", "exam", "facial", "failure", "fall", "family", "fast", "fatigue",
+    "feeling", "female", "fever", "for", "fracture", "from", "gait", "gp", "green", "had",
+    "hand", "has", "he", "head", "headache", "heart", "high", "history", "home", "hours", "hx",
+    "hypertension", "icu", "in", "infection", "infiltrate", "inhaler", "injury", "irregular",
+    "is", "it", "jaw", "kidney", "left", "leg", "liver", "loc", "loss", "low", "lung", "male",
+    "man", "medication", "mg", "mild", "minutes", "more", "morning", "move", "mri", "murmur",
+    "nausea", "neck", "negative", "new", "no", "normal", "not", "note", "numbness", "nurse",
+    "of", "often", "old", "on", "one", "onset", "or", "oxygen", "pain", "pale", "palpitations",
+    "patient", "pneumonia", "poor", "positive", "presents", "pressure", "productive", "pt",
+    "pulse", "radiating", "rash", "rate", "ray", "referred", "reports", "result", "rhythm",
+    "right", "sats", "saturation", "scan", "seizure", "sepsis", "severe", "she", "shortness",
+    "shows", "side", "since", "sleep", "slurred", "sob", "speech", "sputum", "st", "stable",
+    "started", "stomach", "stroke", "sudden", "sugar", "sweating", "swollen", "symptoms",
+    "temperature", "tenderness", "test", "that", "the", "they", "this", "tightness", "to",
+    "trauma", "triage", "troponin", "two", "unsteady", "unwell", "up", "urine", "using", "very",
+    "vision", "vomiting", "walked", "ward", "was", "weakness", "week", "wheezing", "with",
+    "woman", "worse", "x", "year", "years",
+)  # fmt: skip
+
+# Single characters and their word-piece continuations, so any lowercase ASCII word still
+# tokenizes (into pieces) instead of collapsing to [UNK].
+_CHARACTERS = string.ascii_lowercase + string.digits
+_PUNCTUATION = string.punctuation
+
+_HIDDEN_SIZE = 32
+_NUM_LAYERS = 2
+_NUM_HEADS = 2
+_INTERMEDIATE_SIZE = 64
+_MAX_POSITIONS = 128
+# Wider than BERT's 0.02 so that a random tiny model's outputs still depend on its input.
+_INITIALIZER_RANGE = 0.2
+
+
+def write_tiny_base_model(directory: Path, *, words: Iterable[str] = (), seed: int = 0) -> Path:
+    """Writes a tiny BERT base model that transformers loads offline.
+
+    The directory holds ``config.json``, ``model.safetensors`` (a seeded random ``BertModel``;
+    the same seed gives the same bytes), ``vocab.txt`` and tokenizer files, so that
+    ``AutoModelForSequenceClassification.from_pretrained(directory, num_labels=k)`` and
+    ``AutoTokenizer.from_pretrained(directory)`` both work.
+
+    Args:
+        directory: Where to write; created if missing.
+        words: Extra lowercase words for the vocabulary, on top of a built-in clinical list.
+        seed: Seed for the weight initialisation.
+
+    Returns:
+        The directory written.
+
+    Raises:
+        ValueError: If a word is empty, contains whitespace or is not lowercase.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocabulary = _vocabulary(words)
+    (directory / "vocab.txt").write_text("".join(t + "\n" for t in vocabulary), encoding="utf-8")
+
+    config = BertConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=_HIDDEN_SIZE,
+        num_hidden_layers=_NUM_LAYERS,
+        num_attention_heads=_NUM_HEADS,
+        intermediate_size=_INTERMEDIATE_SIZE,
+        max_position_embeddings=_MAX_POSITIONS,
+        pad_token_id=0,
+        initializer_range=_INITIALIZER_RANGE,
+        architectures=["BertModel"],
+    )
+    # fork_rng keeps the caller's global RNG stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertModel(config)
+    config.save_pretrained(directory)
+    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    _tokenizer(vocabulary, directory / "vocab.txt").save_pretrained(directory)
+    return directory
+
+
+def _vocabulary(words: Iterable[str]) -> list[str]:
+    extra: set[str] = set()
+    for word in words:
+        if not word or word != word.strip() or any(c.isspace() for c in word):
+            raise ValueError(f"vocabulary words must be non-empty and without whitespace: {word!r}")
+        if word != word.lower():
+            raise ValueError(f"vocabulary words must be lowercase: {word!r}")
+        extra.add(word)
+    tokens = [*_SPECIAL_TOKENS, *_BUILTIN_WORDS, *sorted(extra)]
+    tokens += [*_CHARACTERS, *_PUNCTUATION, *("##" + c for c in _CHARACTERS)]
+    # Keep the first occurrence: words may repeat built-ins or single characters.
+    return list(dict.fromkeys(tokens))
+
+
+def _tokenizer(vocabulary: list[str], vocab_file: Path) -> BertTokenizerFast:
+    # transformers 5 builds the fast tokenizer from a vocab dict; 4.x from the vocab file.
+    if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters:
+        tokenizer = BertTokenizerFast(
+            vocab={token: index for index, token in enumerate(vocabulary)}, do_lower_case=True
+        )
+    else:
+        tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tokenizer.model_max_length = _MAX_POSITIONS
+    return tokenizer
