@@ -1,4 +1,7 @@
-"""The central service: gRPC servicer, run engine, ledger, checkpoint store, `baton` CLI (no torch)."""
+"""The central service: gRPC servicer, run engine, ledger, checkpoint store, `baton` CLI.
+
+It never imports torch: adapters are bytes it validates with `protocols.checkpoint`.
+"""
 
 from coordinator.engine import RunEngine
 from coordinator.plan import PlanError, RunPlan, load_plan, parse_plan
