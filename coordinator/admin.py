@@ -53,6 +53,24 @@ class AdminClient:
         status: pb.RunStatus = self._stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=timeout)
         return status
 
+    def evaluate_run(
+        self, run_id: str, split: str = "validation", sites: list[str] | None = None
+    ) -> list[str]:
+        request = pb.EvaluateRunRequest(run_id=run_id, split=split, sites=sites or [])
+        response: pb.EvaluateRunResponse = self._stub.EvaluateRun(request, timeout=30)
+        return list(response.evaluation_ids)
+
+    def wait_for_evaluations(self, run_id: str, timeout: float) -> pb.RunStatus:
+        """Blocks until no evaluation of the run is pending; returns the run's status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.run(run_id)
+            if all(e.status != "pending" for e in run.evaluations):
+                return run
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"evaluations of run {run_id} did not finish in {timeout} s")
+            time.sleep(0.1)
+
     def runs(self, timeout: float = 30) -> list[pb.RunStatus]:
         return list(self._stub.ListRuns(pb.ListRunsRequest(), timeout=timeout).runs)
 

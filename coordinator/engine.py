@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from coordinator.errors import InvalidInput, NotFound, PermissionDenied, StaleLease
-from coordinator.ledger import CheckpointRow, HopRow, Ledger, RunRow
+from coordinator.ledger import CheckpointRow, EvaluationRow, HopRow, Ledger, RunRow
 from coordinator.plan import RunPlan
 from coordinator.store import CheckpointStore, fsync_write
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
@@ -48,10 +48,19 @@ class HopProgress:
     loss: float = 0.0
 
 
+def _lora(plan: dict[str, object]) -> pb.LoraConfig:
+    lora = plan["lora"]
+    assert isinstance(lora, dict)
+    return pb.LoraConfig(
+        r=lora["r"],
+        alpha=lora["alpha"],
+        dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+    )
+
+
 def _hop_task(run: RunRow, hop: HopRow, input_ref: CheckpointRow | None) -> pb.Task:
     plan = run.plan
-    lora = plan["lora"]
-    hp = hop.hyperparameters
     task = pb.HopTask(
         run_id=run.id,
         hop_id=hop.id,
@@ -61,13 +70,9 @@ def _hop_task(run: RunRow, hop: HopRow, input_ref: CheckpointRow | None) -> pb.T
         dataset=plan["dataset"],
         labels=plan["labels"],
         base_model_sha256=run.base_model_sha256 or "",
-        lora=pb.LoraConfig(
-            r=lora["r"],
-            alpha=lora["alpha"],
-            dropout=lora["dropout"],
-            target_modules=lora["target_modules"],
-        ),
-        hyperparameters=pb.Hyperparameters(**hp),
+        lora=_lora(plan),
+        hyperparameters=pb.Hyperparameters(**hop.hyperparameters),
+        task_options_json=json.dumps(plan.get("options", {}), sort_keys=True),
     )
     if input_ref is not None:
         task.input_checkpoint.CopyFrom(
@@ -79,6 +84,32 @@ def _hop_task(run: RunRow, hop: HopRow, input_ref: CheckpointRow | None) -> pb.T
 def _tensor_specs(bundle: Bundle) -> list[list[object]]:
     """JSON form of a bundle's tensor specs, as the ledger stores them (sorted by name)."""
     return [[t.name, t.dtype, list(t.shape)] for t in bundle.tensors]
+
+
+def _evaluation_task(run: RunRow, row: EvaluationRow, checkpoint: CheckpointRow) -> pb.Task:
+    plan = run.plan
+    return pb.Task(
+        evaluation=pb.EvaluationTask(
+            evaluation_id=row.id,
+            lease_token=row.lease_token or "",
+            run_id=run.id,
+            checkpoint=pb.CheckpointRef(sha256=checkpoint.sha256, size=checkpoint.size),
+            task_type=plan["task"],
+            dataset=plan["dataset"],
+            labels=plan["labels"],
+            base_model_sha256=run.base_model_sha256 or "",
+            lora=_lora(plan),
+            task_options_json=json.dumps(plan.get("options", {}), sort_keys=True),
+            split=row.split,
+        )
+    )
+
+
+def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    if bad:
+        raise InvalidInput(f"metrics must be finite; not finite: {', '.join(bad)}")
+    return metrics
 
 
 class RunEngine:
@@ -97,7 +128,7 @@ class RunEngine:
         self.runs_dir = runs_dir
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self._sessions: dict[str, SiteSession] = {}
-        self._sent: dict[str, SiteSession] = {}  # hop id -> session its task went to
+        self._sent: dict[str, SiteSession] = {}  # hop/evaluation id -> session its task went to
         self._progress: dict[str, HopProgress] = {}
         self._lock = asyncio.Lock()
 
@@ -159,6 +190,7 @@ class RunEngine:
     async def dispatch_all(self) -> None:
         for run in self.ledger.active_runs():
             await self.dispatch(run.id)
+        await self.dispatch_evaluations()
 
     async def dispatch(self, run_id: str) -> None:
         """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
@@ -207,15 +239,21 @@ class RunEngine:
         raise NotFound(f"no active hop {hop_id}")
 
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
-        """A site may download only the input of a hop currently leased to it."""
-        for run in self.ledger.active_runs():
-            for hop in run.hops:
-                if hop.site == site and hop.status == "leased" and hop.input_sha256 == sha256:
-                    row = self.ledger.checkpoint(sha256)
-                    if row is None:
-                        raise NotFound(f"checkpoint {sha256} is not in the store")
-                    return row
-        raise PermissionDenied(f"site {site} holds no lease that needs checkpoint {sha256}")
+        """A site may download only the input of its leased hop or of its pending evaluation."""
+        needed = any(
+            hop.site == site and hop.status == "leased" and hop.input_sha256 == sha256
+            for run in self.ledger.active_runs()
+            for hop in run.hops
+        ) or any(
+            row.site == site and row.checkpoint_sha256 == sha256
+            for row in self.ledger.pending_evaluations()
+        )
+        if not needed:
+            raise PermissionDenied(f"site {site} holds no lease that needs checkpoint {sha256}")
+        row = self.ledger.checkpoint(sha256)
+        if row is None:
+            raise NotFound(f"checkpoint {sha256} is not in the store")
+        return row
 
     async def receive_upload(
         self, site: str, header: pb.UploadHeader, chunks: AsyncIterator[bytes]
@@ -302,10 +340,7 @@ class RunEngine:
                 )
                 self._forget(hop.id)
                 return "failed"
-            metrics = dict(result.metrics)
-            bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-            if bad:
-                raise InvalidInput(f"metrics must be finite; not finite: {', '.join(bad)}")
+            metrics = _finite_metrics(dict(result.metrics))
             output = self.ledger.checkpoint(result.output_checkpoint.sha256)
             if output is None or output.hop_id != hop.id:
                 raise InvalidInput(
@@ -329,6 +364,76 @@ class RunEngine:
                 return "committed"
         await self.dispatch(run.id)
         return "committed"
+
+    # ---- evaluations --------------------------------------------------------------------------
+
+    async def evaluate_run(self, run_id: str, split: str, sites: list[str]) -> list[str]:
+        """Asks sites to evaluate a completed run's final checkpoint on their own data."""
+        try:
+            run = self.ledger.run(run_id)
+        except KeyError:
+            raise NotFound(f"no run {run_id!r}") from None
+        if split not in ("validation", "test"):
+            raise InvalidInput(f"split must be 'validation' or 'test', not {split!r}")
+        if run.status != "completed" or not run.final_sha256:
+            raise InvalidInput(
+                f"run {run_id} is {run.status}: only a completed run's final checkpoint "
+                "is evaluated (test splits are for final reports only)"
+            )
+        run_sites = list(dict.fromkeys(hop.site for hop in run.hops))
+        chosen = sites or run_sites
+        outside = sorted(set(chosen) - set(run_sites))
+        if outside:
+            raise InvalidInput(f"site(s) {', '.join(outside)} took no part in run {run_id}")
+        now = datetime.now(UTC)
+        rows = [
+            EvaluationRow(
+                id=uuid.uuid4().hex,
+                run_id=run_id,
+                checkpoint_sha256=run.final_sha256,
+                site=site,
+                split=split,
+                status="pending",
+                lease_token=secrets.token_hex(16),
+                metrics={},
+                created_at=now,
+            )
+            for site in chosen
+        ]
+        self.ledger.create_evaluations(rows)
+        await self.dispatch_evaluations()
+        return [row.id for row in rows]
+
+    async def dispatch_evaluations(self) -> None:
+        async with self._lock:
+            for row in self.ledger.pending_evaluations():
+                session = self._sessions.get(row.site)
+                if session is None or self._sent.get(row.id) is session:
+                    continue
+                checkpoint = self.ledger.checkpoint(row.checkpoint_sha256)
+                if checkpoint is None:
+                    continue
+                self._sent[row.id] = session
+                session.queue.put_nowait(
+                    _evaluation_task(self.ledger.run(row.run_id), row, checkpoint)
+                )
+
+    async def report_evaluation(self, site: str, result: pb.EvaluationResult) -> str:
+        async with self._lock:
+            row = self.ledger.evaluation(result.evaluation_id)
+            if row is None:
+                raise NotFound(f"no evaluation {result.evaluation_id}")
+            if row.site != site:
+                raise PermissionDenied(f"evaluation {row.id} is not assigned to site {site}")
+            if row.status != "pending" or row.lease_token != result.lease_token:
+                raise StaleLease(f"evaluation {row.id} is not pending under that lease token")
+            if result.ok:
+                self.ledger.finish_evaluation(row.id, metrics=_finite_metrics(dict(result.metrics)))
+            else:
+                message = f"{result.error_code or 'site-error'}: {result.error_message}"
+                self.ledger.finish_evaluation(row.id, metrics={}, error=message)
+            self._sent.pop(row.id, None)
+            return "failed" if not result.ok else "done"
 
     def heartbeat(self, site: str, beat: pb.Heartbeat) -> None:
         self._leased_hop(site, beat.hop_id, beat.lease_token)

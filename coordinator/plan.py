@@ -20,7 +20,8 @@ __all__ = [
 ]
 
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-SUPPORTED_TASKS = ("seq-classification",)
+TaskType = Literal["seq-classification", "causal-lm", "tabular"]
+_CLASSIFICATION_TASKS = ("seq-classification", "tabular")
 
 
 class PlanError(ValueError):
@@ -39,6 +40,8 @@ class HyperparameterSpec(_Strict):
     warmup_steps: int = Field(default=0, ge=0)
     max_grad_norm: float = Field(default=1.0, ge=0)
     seed: int = Field(default=0, ge=0, lt=2**63)
+    epochs: float = Field(default=0.0, ge=0, le=10_000)  # > 0 replaces `steps`
+    proximal_mu: float = Field(default=0.0, ge=0)
 
 
 class LoraSpec(_Strict):
@@ -57,9 +60,10 @@ class RunPlan(_Strict):
     """One sequential run. Either `hops` (explicit) or `sites` x `cycles` (shorthand)."""
 
     name: str = Field(default="run", min_length=1, max_length=200)
-    task: Literal["seq-classification"] = "seq-classification"
+    task: TaskType = "seq-classification"
     dataset: str = Field(min_length=1, max_length=200)
-    labels: tuple[str, ...] = Field(min_length=2)
+    labels: tuple[str, ...] = ()  # classification tasks: the label set, identical at every site
+    options: dict[str, Any] = Field(default_factory=dict)  # task options, e.g. tabular model
     base_model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     lora: LoraSpec = LoraSpec()
     defaults: HyperparameterSpec = HyperparameterSpec()
@@ -75,6 +79,12 @@ class RunPlan(_Strict):
             raise ValueError("'cycles' only applies to the 'sites' shorthand")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("'labels' has duplicates")
+        if self.task in _CLASSIFICATION_TASKS and len(self.labels) < 2:
+            raise ValueError(f"a {self.task} run needs 'labels' with at least two labels")
+        try:
+            json.dumps(self.options, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"'options' must be plain JSON: {exc}") from exc
         return self
 
     def expanded_hops(self) -> list[tuple[str, HyperparameterSpec]]:

@@ -89,6 +89,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
                     "task": d.task,
                     "train_examples": d.train_examples,
                     "validation_examples": d.validation_examples,
+                    "test_examples": d.test_examples,
                 }
                 for d in request.datasets
             ],
@@ -161,6 +162,16 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
             await _abort(context, exc)
         return pb.HopResultResponse(hop_status=status)
 
+    async def ReportEvaluation(
+        self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
+    ) -> pb.EvaluationResultResponse:
+        identity = await _caller(context, Role.SITE)
+        try:
+            status = await self.engine.report_evaluation(identity.name, request)
+        except CoordinatorError as exc:
+            await _abort(context, exc)
+        return pb.EvaluationResultResponse(status=status)
+
     async def SendHeartbeat(
         self, request: pb.Heartbeat, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
@@ -204,6 +215,16 @@ def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
             if progress.phase and hop.status == "leased":
                 entry.status = progress.phase
         status.hops.append(entry)
+    for row in run.evaluations:
+        evaluation = status.evaluations.add(
+            evaluation_id=row.id,
+            site=row.site,
+            split=row.split,
+            checkpoint_sha256=row.checkpoint_sha256,
+            status=row.status,
+            error=row.error or "",
+        )
+        evaluation.metrics.update(row.metrics or {})
     return status
 
 
@@ -234,6 +255,20 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         except KeyError:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r}")
         return run_status(self.engine, run)
+
+    async def EvaluateRun(
+        self, request: pb.EvaluateRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EvaluateRunResponse:
+        identity = await _caller(context, Role.ADMIN)
+        try:
+            ids = await self.engine.evaluate_run(
+                request.run_id, request.split or "validation", list(request.sites)
+            )
+        except CoordinatorError as exc:
+            await _abort(context, exc)
+        logger.info("admin %s asked for %s evaluation of run %s", identity.name,
+                    request.split, request.run_id)  # fmt: skip
+        return pb.EvaluateRunResponse(evaluation_ids=ids)
 
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext

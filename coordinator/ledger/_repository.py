@@ -17,7 +17,14 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from coordinator.ledger.models import CheckpointRow, EventRow, HopRow, RunRow, SiteRow
+from coordinator.ledger.models import (
+    CheckpointRow,
+    EvaluationRow,
+    EventRow,
+    HopRow,
+    RunRow,
+    SiteRow,
+)
 
 __all__ = ["GENESIS_HASH", "ChainBreak", "Ledger", "event_hash"]
 
@@ -228,7 +235,9 @@ class Ledger:
     def run(self, run_id: str) -> RunRow:
         with self._sessions() as session:
             run = session.scalars(
-                select(RunRow).where(RunRow.id == run_id).options(selectinload(RunRow.hops))
+                select(RunRow)
+                .where(RunRow.id == run_id)
+                .options(selectinload(RunRow.hops), selectinload(RunRow.evaluations))
             ).first()
             if run is None:
                 raise KeyError(run_id)
@@ -236,7 +245,11 @@ class Ledger:
 
     def runs(self) -> list[RunRow]:
         with self._sessions() as session:
-            query = select(RunRow).options(selectinload(RunRow.hops)).order_by(RunRow.created_at)
+            query = (
+                select(RunRow)
+                .options(selectinload(RunRow.hops), selectinload(RunRow.evaluations))
+                .order_by(RunRow.created_at)
+            )
             return list(session.scalars(query))
 
     def active_runs(self) -> list[RunRow]:
@@ -355,4 +368,61 @@ class Ledger:
                 f"run.{status}",
                 run_id=run_id,
                 payload={"final_sha256": final_sha256, "error": error},
+            )
+
+    # ---- evaluations ----------------------------------------------------------------------------
+
+    def create_evaluations(self, rows: list[EvaluationRow]) -> None:
+        with self.transaction() as session:
+            session.add_all(rows)
+            for row in rows:
+                self.append_event(
+                    session,
+                    "evaluation.requested",
+                    run_id=row.run_id,
+                    site=row.site,
+                    payload={
+                        "evaluation_id": row.id,
+                        "checkpoint_sha256": row.checkpoint_sha256,
+                        "split": row.split,
+                    },
+                )
+
+    def pending_evaluations(self) -> list[EvaluationRow]:
+        with self._sessions() as session:
+            query = select(EvaluationRow).where(EvaluationRow.status == "pending")
+            return list(session.scalars(query.order_by(EvaluationRow.created_at)))
+
+    def evaluation(self, evaluation_id: str) -> EvaluationRow | None:
+        with self._sessions() as session:
+            return session.get(EvaluationRow, evaluation_id)
+
+    def finish_evaluation(
+        self,
+        evaluation_id: str,
+        *,
+        metrics: dict[str, float],
+        error: str | None = None,
+    ) -> None:
+        with self.transaction() as session:
+            row = session.get(EvaluationRow, evaluation_id)
+            if row is None:
+                raise KeyError(evaluation_id)
+            row.status = "failed" if error else "done"
+            row.metrics = metrics
+            row.error = error
+            row.lease_token = None
+            row.finished_at = utcnow()
+            self.append_event(
+                session,
+                f"evaluation.{row.status}",
+                run_id=row.run_id,
+                site=row.site,
+                payload={
+                    "evaluation_id": row.id,
+                    "checkpoint_sha256": row.checkpoint_sha256,
+                    "split": row.split,
+                    "metrics": metrics,
+                    "error": error,
+                },
             )

@@ -17,7 +17,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "CheckpointRow", "EventRow", "HopRow", "RunRow", "SiteRow"]
+__all__ = ["Base", "CheckpointRow", "EvaluationRow", "EventRow", "HopRow", "RunRow", "SiteRow"]
 
 
 class Base(DeclarativeBase):
@@ -53,6 +53,9 @@ class RunRow(Base):
     hops: Mapped[list[HopRow]] = relationship(
         back_populates="run", order_by="HopRow.index", cascade="all, delete-orphan"
     )
+    evaluations: Mapped[list[EvaluationRow]] = relationship(
+        back_populates="run", order_by="EvaluationRow.created_at", cascade="all, delete-orphan"
+    )
 
 
 class HopRow(Base):
@@ -77,6 +80,26 @@ class HopRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
     run: Mapped[RunRow] = relationship(back_populates="hops")
+
+
+class EvaluationRow(Base):
+    """One site's metrics for one checkpoint on one split of its data."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    site: Mapped[str] = mapped_column(String(64))
+    split: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # pending, done, failed
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    run: Mapped[RunRow] = relationship(back_populates="evaluations")
 
 
 class CheckpointRow(Base):

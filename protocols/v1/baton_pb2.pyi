@@ -60,12 +60,14 @@ class DatasetSummary(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     TRAIN_EXAMPLES_FIELD_NUMBER: _builtins.int
     VALIDATION_EXAMPLES_FIELD_NUMBER: _builtins.int
+    TEST_EXAMPLES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """e.g. "seq-classification" """
     train_examples: _builtins.int
     """aggregate counts only: no rows ever leave a site"""
     validation_examples: _builtins.int
+    test_examples: _builtins.int
     def __init__(
         self,
         *,
@@ -73,10 +75,11 @@ class DatasetSummary(_message.Message):
         task: _builtins.str = ...,
         train_examples: _builtins.int = ...,
         validation_examples: _builtins.int = ...,
+        test_examples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "task", b"task", "train_examples", b"train_examples", "validation_examples", b"validation_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "validation_examples", b"validation_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,6 +125,8 @@ class Hyperparameters(_message.Message):
     WARMUP_STEPS_FIELD_NUMBER: _builtins.int
     MAX_GRAD_NORM_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    EPOCHS_FIELD_NUMBER: _builtins.int
+    PROXIMAL_MU_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     steps: _builtins.int
     batch_size: _builtins.int
@@ -129,6 +134,10 @@ class Hyperparameters(_message.Message):
     warmup_steps: _builtins.int
     max_grad_norm: _builtins.float
     seed: _builtins.int
+    epochs: _builtins.float
+    """> 0: passes over the train split instead of `steps`"""
+    proximal_mu: _builtins.float
+    """> 0: FedProx-style pull toward the incoming weights"""
     def __init__(
         self,
         *,
@@ -139,10 +148,12 @@ class Hyperparameters(_message.Message):
         warmup_steps: _builtins.int = ...,
         max_grad_norm: _builtins.float = ...,
         seed: _builtins.int = ...,
+        epochs: _builtins.float = ...,
+        proximal_mu: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "seed", b"seed", "steps", b"steps", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "proximal_mu", b"proximal_mu", "seed", b"seed", "steps", b"steps", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -280,6 +291,7 @@ class HopTask(_message.Message):
     BASE_MODEL_SHA256_FIELD_NUMBER: _builtins.int
     LORA_FIELD_NUMBER: _builtins.int
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
+    TASK_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     hop_id: _builtins.str
     hop_index: _builtins.int
@@ -289,6 +301,8 @@ class HopTask(_message.Message):
     dataset: _builtins.str
     base_model_sha256: _builtins.str
     """empty: not pinned yet (first hop pins it)"""
+    task_options_json: _builtins.str
+    """task-specific options (JSON object), fixed per run"""
     @_builtins.property
     def input_checkpoint(self) -> Global___CheckpointRef:
         """unset on a run's first hop: start from a fresh adapter"""
@@ -315,32 +329,92 @@ class HopTask(_message.Message):
         base_model_sha256: _builtins.str = ...,
         lora: Global___LoraConfig | None = ...,
         hyperparameters: Global___Hyperparameters | None = ...,
+        task_options_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_sha256", b"base_model_sha256", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_sha256", b"base_model_sha256", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HopTask: _TypeAlias = HopTask  # noqa: Y015
 
 @_typing.final
+class EvaluationTask(_message.Message):
+    """Evaluate a committed checkpoint on one split of this site's data; nothing is trained."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVALUATION_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_SHA256_FIELD_NUMBER: _builtins.int
+    LORA_FIELD_NUMBER: _builtins.int
+    TASK_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    evaluation_id: _builtins.str
+    lease_token: _builtins.str
+    run_id: _builtins.str
+    task_type: _builtins.str
+    dataset: _builtins.str
+    base_model_sha256: _builtins.str
+    task_options_json: _builtins.str
+    split: _builtins.str
+    """"validation", or "test" for a completed run's final report"""
+    @_builtins.property
+    def checkpoint(self) -> Global___CheckpointRef: ...
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def lora(self) -> Global___LoraConfig: ...
+    def __init__(
+        self,
+        *,
+        evaluation_id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
+        run_id: _builtins.str = ...,
+        checkpoint: Global___CheckpointRef | None = ...,
+        task_type: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
+        base_model_sha256: _builtins.str = ...,
+        lora: Global___LoraConfig | None = ...,
+        task_options_json: _builtins.str = ...,
+        split: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "lora", b"lora"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_sha256", b"base_model_sha256", "checkpoint", b"checkpoint", "dataset", b"dataset", "evaluation_id", b"evaluation_id", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "split", b"split", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationTask: _TypeAlias = EvaluationTask  # noqa: Y015
+
+@_typing.final
 class Task(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOP_FIELD_NUMBER: _builtins.int
+    EVALUATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hop(self) -> Global___HopTask: ...
+    @_builtins.property
+    def evaluation(self) -> Global___EvaluationTask: ...
     def __init__(
         self,
         *,
         hop: Global___HopTask | None = ...,
+        evaluation: Global___EvaluationTask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -562,6 +636,82 @@ class HopResultResponse(_message.Message):
 Global___HopResultResponse: _TypeAlias = HopResultResponse  # noqa: Y015
 
 @_typing.final
+class EvaluationResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVALUATION_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    evaluation_id: _builtins.str
+    lease_token: _builtins.str
+    ok: _builtins.bool
+    error_code: _builtins.str
+    error_message: _builtins.str
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """aggregates only"""
+
+    def __init__(
+        self,
+        *,
+        evaluation_id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "evaluation_id", b"evaluation_id", "lease_token", b"lease_token", "metrics", b"metrics", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationResult: _TypeAlias = EvaluationResult  # noqa: Y015
+
+@_typing.final
+class EvaluationResultResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: _builtins.str
+    def __init__(
+        self,
+        *,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationResultResponse: _TypeAlias = EvaluationResultResponse  # noqa: Y015
+
+@_typing.final
 class Heartbeat(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -753,6 +903,64 @@ class HopStatus(_message.Message):
 Global___HopStatus: _TypeAlias = HopStatus  # noqa: Y015
 
 @_typing.final
+class EvaluationStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVALUATION_ID_FIELD_NUMBER: _builtins.int
+    SITE_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_SHA256_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    evaluation_id: _builtins.str
+    site: _builtins.str
+    split: _builtins.str
+    checkpoint_sha256: _builtins.str
+    status: _builtins.str
+    error: _builtins.str
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        evaluation_id: _builtins.str = ...,
+        site: _builtins.str = ...,
+        split: _builtins.str = ...,
+        checkpoint_sha256: _builtins.str = ...,
+        status: _builtins.str = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_sha256", b"checkpoint_sha256", "error", b"error", "evaluation_id", b"evaluation_id", "metrics", b"metrics", "site", b"site", "split", b"split", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluationStatus: _TypeAlias = EvaluationStatus  # noqa: Y015
+
+@_typing.final
 class RunStatus(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -763,6 +971,7 @@ class RunStatus(_message.Message):
     FINAL_SHA256_FIELD_NUMBER: _builtins.int
     FINAL_ADAPTER_DIR_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    EVALUATIONS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     name: _builtins.str
     status: _builtins.str
@@ -772,6 +981,8 @@ class RunStatus(_message.Message):
     error: _builtins.str
     @_builtins.property
     def hops(self) -> _containers.RepeatedCompositeFieldContainer[Global___HopStatus]: ...
+    @_builtins.property
+    def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationStatus]: ...
     def __init__(
         self,
         *,
@@ -782,14 +993,64 @@ class RunStatus(_message.Message):
         final_sha256: _builtins.str = ...,
         final_adapter_dir: _builtins.str = ...,
         error: _builtins.str = ...,
+        evaluations: _abc.Iterable[Global___EvaluationStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "final_adapter_dir", b"final_adapter_dir", "final_sha256", b"final_sha256", "hops", b"hops", "name", b"name", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "evaluations", b"evaluations", "final_adapter_dir", b"final_adapter_dir", "final_sha256", b"final_sha256", "hops", b"hops", "name", b"name", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
+
+@_typing.final
+class EvaluateRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    SPLIT_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    split: _builtins.str
+    """"validation" or "test" """
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """default: every site of the run"""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        split: _builtins.str = ...,
+        sites: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "sites", b"sites", "split", b"split"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateRunRequest: _TypeAlias = EvaluateRunRequest  # noqa: Y015
+
+@_typing.final
+class EvaluateRunResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVALUATION_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def evaluation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        evaluation_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation_ids", b"evaluation_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvaluateRunResponse: _TypeAlias = EvaluateRunResponse  # noqa: Y015
 
 @_typing.final
 class ListRunsRequest(_message.Message):

@@ -64,6 +64,11 @@ class SiteServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.Heartbeat.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.ReportEvaluation = channel.unary_unary(
+                '/baton.v1.SiteService/ReportEvaluation',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.EvaluationResult.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluationResultResponse.FromString,
+                _registered_method=True)
 
 
 class SiteServiceServicer:
@@ -106,6 +111,12 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportEvaluation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +149,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.SendHeartbeat,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.Heartbeat.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ReportEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportEvaluation,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluationResult.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.EvaluationResultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +328,33 @@ class SiteService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ReportEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.SiteService/ReportEvaluation',
+            protocols_dot_v1_dot_baton__pb2.EvaluationResult.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.EvaluationResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -342,6 +385,11 @@ class AdminServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.ListSitesRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.ListSitesResponse.FromString,
                 _registered_method=True)
+        self.EvaluateRun = channel.unary_unary(
+                '/baton.v1.AdminService/EvaluateRun',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.EvaluateRunRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluateRunResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -371,6 +419,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvaluateRun(self, request, context):
+        """Evaluates a completed run's final checkpoint at its sites (each site computes its own metrics).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -393,6 +448,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListSites,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.ListSitesRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.ListSitesResponse.SerializeToString,
+            ),
+            'EvaluateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvaluateRun,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluateRunRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.EvaluateRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -503,6 +563,33 @@ class AdminService:
             '/baton.v1.AdminService/ListSites',
             protocols_dot_v1_dot_baton__pb2.ListSitesRequest.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.ListSitesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.AdminService/EvaluateRun',
+            protocols_dot_v1_dot_baton__pb2.EvaluateRunRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.EvaluateRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,7 @@ class SiteServiceStub:
     UploadCheckpoint: _grpc.StreamUnaryMultiCallable[_baton_pb2.UploadRequest, _baton_pb2.UploadResponse]
     ReportHopResult: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]
     SendHeartbeat: _grpc.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]
+    ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]
 
 @_typing.type_check_only
 class SiteServiceAsyncStub(SiteServiceStub):
@@ -54,6 +55,7 @@ class SiteServiceAsyncStub(SiteServiceStub):
     UploadCheckpoint: _aio.StreamUnaryMultiCallable[_baton_pb2.UploadRequest, _baton_pb2.UploadResponse]  # type: ignore[assignment]
     ReportHopResult: _aio.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]  # type: ignore[assignment]
     SendHeartbeat: _aio.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    ReportEvaluation: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]  # type: ignore[assignment]
 
 class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -99,6 +101,13 @@ class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.HeartbeatResponse, _abc.Awaitable[_baton_pb2.HeartbeatResponse]]: ...
 
+    @_abc_1.abstractmethod
+    def ReportEvaluation(
+        self,
+        request: _baton_pb2.EvaluationResult,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.EvaluationResultResponse, _abc.Awaitable[_baton_pb2.EvaluationResultResponse]]: ...
+
 def add_SiteServiceServicer_to_server(servicer: SiteServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AdminServiceStub:
@@ -110,6 +119,8 @@ class AdminServiceStub:
     GetRun: _grpc.UnaryUnaryMultiCallable[_baton_pb2.GetRunRequest, _baton_pb2.RunStatus]
     ListRuns: _grpc.UnaryUnaryMultiCallable[_baton_pb2.ListRunsRequest, _baton_pb2.ListRunsResponse]
     ListSites: _grpc.UnaryUnaryMultiCallable[_baton_pb2.ListSitesRequest, _baton_pb2.ListSitesResponse]
+    EvaluateRun: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluateRunRequest, _baton_pb2.EvaluateRunResponse]
+    """Evaluates a completed run's final checkpoint at its sites (each site computes its own metrics)."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -118,6 +129,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     GetRun: _aio.UnaryUnaryMultiCallable[_baton_pb2.GetRunRequest, _baton_pb2.RunStatus]  # type: ignore[assignment]
     ListRuns: _aio.UnaryUnaryMultiCallable[_baton_pb2.ListRunsRequest, _baton_pb2.ListRunsResponse]  # type: ignore[assignment]
     ListSites: _aio.UnaryUnaryMultiCallable[_baton_pb2.ListSitesRequest, _baton_pb2.ListSitesResponse]  # type: ignore[assignment]
+    EvaluateRun: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluateRunRequest, _baton_pb2.EvaluateRunResponse]  # type: ignore[assignment]
+    """Evaluates a completed run's final checkpoint at its sites (each site computes its own metrics)."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -147,5 +160,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _baton_pb2.ListSitesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.ListSitesResponse, _abc.Awaitable[_baton_pb2.ListSitesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def EvaluateRun(
+        self,
+        request: _baton_pb2.EvaluateRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.EvaluateRunResponse, _abc.Awaitable[_baton_pb2.EvaluateRunResponse]]:
+        """Evaluates a completed run's final checkpoint at its sites (each site computes its own metrics)."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

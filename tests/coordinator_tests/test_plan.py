@@ -27,6 +27,8 @@ def test_explicit_hops_keep_their_own_hyperparameters() -> None:
     ("document", "fragment"),
     [
         ({"labels": ["a", "b"], "sites": ["x"]}, "dataset"),
+        ({"dataset": "d", "sites": ["x"]}, "needs 'labels'"),
+        ({**BASE, "task": "regression", "sites": ["x"]}, "task"),
         ({**BASE}, "either 'hops' or 'sites'"),
         ({**BASE, "sites": ["x"], "hops": [{"site": "y"}]}, "either 'hops' or 'sites'"),
         ({**BASE, "sites": ["../etc"]}, "sites.0"),
@@ -40,6 +42,12 @@ def test_malformed_plan_error_names_the_field(document: dict[str, object], fragm
     with pytest.raises(PlanError) as error:
         parse_plan(document)
     assert fragment in str(error.value)
+
+
+def test_causal_lm_plan_needs_no_labels() -> None:
+    plan = parse_plan({"dataset": "qa", "task": "causal-lm", "sites": ["x"],
+                       "options": {"max_length": 128}})  # fmt: skip
+    assert plan.labels == () and plan.options == {"max_length": 128}
 
 
 def test_plan_files_are_read_as_toml_or_json(tmp_path: Path) -> None:

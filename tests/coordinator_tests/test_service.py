@@ -35,7 +35,7 @@ class ScriptedSite:
         self.name = name
         self.channel = secure_channel(f"localhost:{port}", tls)
         self.stub = pb_grpc.SiteServiceStub(self.channel)
-        self.tasks: queue.Queue[pb.HopTask] = queue.Queue()
+        self.tasks: queue.Queue[pb.Task] = queue.Queue()
         self._stream: grpc.Call | None = None
 
     def hello(self) -> pb.HelloResponse:
@@ -52,14 +52,21 @@ class ScriptedSite:
         def pump() -> None:
             try:
                 for task in stream:
-                    self.tasks.put(task.hop)
+                    self.tasks.put(task)
             except grpc.RpcError:
                 pass
 
         threading.Thread(target=pump, daemon=True).start()
 
     def next_task(self) -> pb.HopTask:
-        return self.tasks.get(timeout=10)
+        task = self.tasks.get(timeout=10)
+        assert task.WhichOneof("kind") == "hop", task
+        return task.hop
+
+    def next_evaluation(self) -> pb.EvaluationTask:
+        task = self.tasks.get(timeout=10)
+        assert task.WhichOneof("kind") == "evaluation", task
+        return task.evaluation
 
     def bundle(self, task: pb.HopTask, value: float = 1.0, **manifest_overrides: str) -> bytes:
         fields = dict(task_type=task.task_type, base_model_sha256=BASE, run_id=task.run_id,
@@ -237,7 +244,7 @@ def test_malformed_plan_gets_a_clear_error(
     with pytest.raises(grpc.RpcError) as refused:
         admin._stub.StartRun(pb.StartRunRequest(plan_json='{"dataset": "x"}'), timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "labels" in refused.value.details()
+    assert "either 'hops' or 'sites'" in refused.value.details()
     with pytest.raises(grpc.RpcError) as unknown:
         admin.start_run(parse_plan(_plan("site-a", "nowhere")))
     assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -290,3 +297,45 @@ def test_task_is_resent_when_a_site_reconnects(
         assert resent.hop_id == task.hop_id and resent.lease_token == task.lease_token
     finally:
         again.close()
+
+
+def test_sites_evaluate_the_final_checkpoint_and_the_ledger_records_it(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    run_id = admin.start_run(parse_plan(_plan("site-a")))
+    with pytest.raises(grpc.RpcError) as early:
+        admin.evaluate_run(run_id, "test")
+    assert early.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only a completed run" in early.value.details()
+    task = sites["site-a"].next_task()
+    ref = sites["site-a"].upload(task, sites["site-a"].bundle(task))
+    sites["site-a"].report(task, ref)
+
+    [evaluation_id] = admin.evaluate_run(run_id, "test")
+    evaluation = sites["site-a"].next_evaluation()
+    assert evaluation.evaluation_id == evaluation_id and evaluation.split == "test"
+    assert evaluation.checkpoint.sha256 == ref.sha256
+    assert sha256_hex(sites["site-a"].download(ref.sha256)) == ref.sha256
+
+    def result(accuracy: float) -> pb.EvaluationResult:
+        return pb.EvaluationResult(
+            evaluation_id=evaluation_id,
+            lease_token=evaluation.lease_token,
+            ok=True,
+            metrics={"accuracy": accuracy, "examples": 8},
+        )
+
+    with pytest.raises(grpc.RpcError) as wrong_site:
+        sites["site-b"].stub.ReportEvaluation(result(1.0), timeout=5)
+    assert wrong_site.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    sites["site-a"].stub.ReportEvaluation(result(0.75), timeout=5)
+    run = admin.wait_for_evaluations(run_id, timeout=5)
+    [done] = run.evaluations
+    assert (done.site, done.split, done.status) == ("site-a", "test", "done")
+    assert done.metrics["accuracy"] == pytest.approx(0.75)
+    assert [e.kind for e in _ledger(coordinator).events(run_id)][-2:] == [
+        "evaluation.requested", "evaluation.done"]  # fmt: skip
+    with pytest.raises(grpc.RpcError) as replay:
+        sites["site-a"].stub.ReportEvaluation(result(0.1), timeout=5)
+    assert replay.value.code() == grpc.StatusCode.FAILED_PRECONDITION
