@@ -7,10 +7,12 @@ transaction with one event. Tasks are pushed onto a site's open stream the momen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,8 +20,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from coordinator.errors import InvalidInput, NotFound, PermissionDenied, StaleLease
-from coordinator.ledger import CheckpointRow, EvaluationRow, HopRow, Ledger, RunRow
-from coordinator.plan import RunPlan
+from coordinator.ledger import (
+    LIVE_HOP_STATES,
+    CheckpointRow,
+    EvaluationRow,
+    HopRow,
+    Ledger,
+    RunRow,
+    TransitionRefused,
+)
+from coordinator.plan import FailurePolicy, RunPlan
 from coordinator.store import CheckpointStore, fsync_write
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.v1 import baton_pb2 as pb
@@ -105,6 +115,23 @@ def _evaluation_task(run: RunRow, row: EvaluationRow, checkpoint: CheckpointRow)
     )
 
 
+def _policy(run: RunRow) -> FailurePolicy:
+    return FailurePolicy.model_validate(run.plan.get("failure", {}))
+
+
+def _current_hop(run: RunRow) -> HopRow | None:
+    """The first hop not yet settled (committed or skipped), or None when all are."""
+    return next((h for h in run.hops if h.status not in ("committed", "skipped")), None)
+
+
+def _input_sha(run: RunRow, hop: HopRow) -> str | None:
+    """A hop trains from the last committed output before it (skipped hops pass it through)."""
+    for previous in reversed(run.hops[: hop.index]):
+        if previous.status == "committed":
+            return previous.output_sha256
+    return None
+
+
 def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     if bad:
@@ -130,6 +157,9 @@ class RunEngine:
         self._sessions: dict[str, SiteSession] = {}
         self._sent: dict[str, SiteSession] = {}  # hop/evaluation id -> session its task went to
         self._progress: dict[str, HopProgress] = {}
+        self._deadlines: dict[str, float] = {}  # hop id -> monotonic lease deadline
+        self._not_before: dict[str, float] = {}  # hop id -> retry backoff end
+        self._waiting_since: dict[str, float] = {}  # hop id -> when it began waiting for its site
         self._lock = asyncio.Lock()
 
     # ---- connections --------------------------------------------------------------------------
@@ -195,26 +225,34 @@ class RunEngine:
     async def dispatch(self, run_id: str) -> None:
         """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
         async with self._lock:
-            run = self.ledger.run(run_id)
-            if run.status != "running":
-                return
-            hop = next((h for h in run.hops if h.status != "committed"), None)
-            if hop is None or hop.status not in ("pending", "leased"):
-                return
-            session = self._sessions.get(hop.site)
-            if session is None:
-                logger.info("run %s waits for site %s to connect", run_id, hop.site)
-                return
-            if hop.status == "leased" and self._sent.get(hop.id) is session:
-                return
-            previous = run.hops[hop.index - 1] if hop.index > 0 else None
-            input_sha = previous.output_sha256 if previous is not None else None
-            if hop.status == "pending":
-                hop = self.ledger.lease_hop(hop.id, secrets.token_hex(16), input_sha)
-            input_ref = self.ledger.checkpoint(input_sha) if input_sha else None
-            self._sent[hop.id] = session
-            self._progress[hop.id] = HopProgress(phase="leased")
-            session.queue.put_nowait(_hop_task(run, hop, input_ref))
+            await self._dispatch_locked(run_id)
+
+    async def _dispatch_locked(self, run_id: str) -> None:
+        run = self.ledger.run(run_id)
+        if run.status != "running":
+            return
+        hop = _current_hop(run)
+        if hop is None:
+            await self._finish(run)
+            return
+        if hop.status == "pending" and time.monotonic() < self._not_before.get(hop.id, 0.0):
+            return  # retry backoff: the watchdog dispatches it when due
+        session = self._sessions.get(hop.site)
+        if session is None:
+            self._waiting_since.setdefault(hop.id, time.monotonic())
+            logger.info("run %s waits for site %s to connect", run_id, hop.site)
+            return
+        self._waiting_since.pop(hop.id, None)
+        if hop.status in LIVE_HOP_STATES and self._sent.get(hop.id) is session:
+            return
+        input_sha = _input_sha(run, hop)
+        if hop.status == "pending":
+            hop = self.ledger.lease_hop(hop.id, secrets.token_hex(16), input_sha)
+        self._deadlines[hop.id] = time.monotonic() + _policy(run).lease_timeout_seconds
+        input_ref = self.ledger.checkpoint(input_sha) if input_sha else None
+        self._sent[hop.id] = session
+        self._progress[hop.id] = HopProgress(phase="leased")
+        session.queue.put_nowait(_hop_task(run, hop, input_ref))
 
     def progress(self, hop_id: str) -> HopProgress | None:
         return self._progress.get(hop_id)
@@ -225,7 +263,7 @@ class RunEngine:
         run, hop = self._find_hop(hop_id)
         if hop.site != site:
             raise PermissionDenied(f"hop {hop_id} is not leased to site {site}")
-        if hop.status != "leased" or not lease_token or hop.lease_token != lease_token:
+        if hop.status not in LIVE_HOP_STATES or not lease_token or hop.lease_token != lease_token:
             raise StaleLease(f"lease token for hop {hop_id} is not current")
         if run.status != "running":
             raise StaleLease(f"run {run.id} is {run.status}")
@@ -241,7 +279,7 @@ class RunEngine:
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
         """A site may download only the input of its leased hop or of its pending evaluation."""
         needed = any(
-            hop.site == site and hop.status == "leased" and hop.input_sha256 == sha256
+            hop.site == site and hop.status in LIVE_HOP_STATES and hop.input_sha256 == sha256
             for run in self.ledger.active_runs()
             for hop in run.hops
         ) or any(
@@ -296,6 +334,16 @@ class RunEngine:
                 stored_at=datetime.now(UTC),
             )
         )
+        async with self._lock:
+            with contextlib.suppress(TransitionRefused):
+                self.ledger.transition_hop(
+                    hop.id,
+                    expected=("leased", "training"),
+                    status="uploaded",
+                    event="hop.uploaded",
+                    payload={"output_sha256": bundle.sha256},
+                )
+            self._extend(run, hop.id)
         return bundle
 
     def _check_lineage(self, run: RunRow, hop: HopRow, site: str, bundle: Bundle) -> None:
@@ -324,22 +372,28 @@ class RunEngine:
             )
 
     async def report_result(self, site: str, result: pb.HopResult) -> str:
-        """Commits or fails a hop, then moves the run on. Returns the hop's new status."""
+        """Commits or fails a hop, then moves the run on. Returns the hop's new status.
+
+        A retried report of a hop already committed with the same output is answered
+        "committed" again (the site may not have seen the first answer); nothing is written.
+        """
         async with self._lock:
+            done = self.ledger.hop(result.hop_id)
+            if (
+                done is not None
+                and done.site == site
+                and done.status == "committed"
+                and result.ok
+                and done.output_sha256 == result.output_checkpoint.sha256
+            ):
+                return "committed"
             run, hop = self._leased_hop(site, result.hop_id, result.lease_token)
             if not result.ok:
-                message = result.error_message or "the site reported a failure"
-                self.ledger.fail_hop(
-                    hop.id, code=result.error_code or "site-error", message=message
+                code = result.error_code or "site-error"
+                status = await self._hop_failed(
+                    run, hop, code, result.error_message or "the site reported a failure"
                 )
-                self.ledger.finish_run(
-                    run.id,
-                    status="failed",
-                    final_sha256=None,
-                    error=f"hop {hop.index} at {site}: {message}",
-                )
-                self._forget(hop.id)
-                return "failed"
+                return status
             metrics = _finite_metrics(dict(result.metrics))
             output = self.ledger.checkpoint(result.output_checkpoint.sha256)
             if output is None or output.hop_id != hop.id:
@@ -347,23 +401,156 @@ class RunEngine:
                     f"output checkpoint {result.output_checkpoint.sha256} was not uploaded "
                     f"for hop {hop.id}"
                 )
-            self.ledger.commit_hop(
-                hop.id,
-                output_sha256=output.sha256,
-                metrics=metrics,
-                train_started_at_ns=result.train_started_at_ns,
-                train_finished_at_ns=result.train_finished_at_ns,
-                base_model_sha256=output.manifest["base_model_sha256"],
-            )
+            try:
+                self.ledger.commit_hop(
+                    hop.id,
+                    lease_token=result.lease_token,
+                    output_sha256=output.sha256,
+                    metrics=metrics,
+                    train_started_at_ns=result.train_started_at_ns,
+                    train_finished_at_ns=result.train_finished_at_ns,
+                    base_model_sha256=output.manifest["base_model_sha256"],
+                )
+            except TransitionRefused as exc:
+                raise StaleLease(str(exc)) from exc
             self._forget(hop.id)
             logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
-            if hop.index == len(run.hops) - 1:
-                await asyncio.to_thread(self._export_final, run.id, output.sha256)
-                self.ledger.finish_run(run.id, status="completed", final_sha256=output.sha256)
-                logger.info("run %s completed", run.id)
-                return "committed"
-        await self.dispatch(run.id)
+            await self._dispatch_locked(run.id)
         return "committed"
+
+    async def _finish(self, run: RunRow) -> None:
+        """Completes a run whose hops are all settled: final = last committed output."""
+        final = next((h for h in reversed(run.hops) if h.status == "committed"), None)
+        if final is None or final.output_sha256 is None:
+            self.ledger.transition_run(
+                run.id, expected=("running",), status="failed", error="no hop was committed"
+            )
+            return
+        await asyncio.to_thread(self._export_final, run.id, final.output_sha256)
+        self.ledger.transition_run(
+            run.id,
+            expected=("running",),
+            status="completed",
+            payload={"final_sha256": final.output_sha256},
+            final_sha256=final.output_sha256,
+        )
+        logger.info("run %s completed", run.id)
+
+    async def _hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str:
+        """Applies the run's failure policy to a hop that failed, expired or waited too long."""
+        policy = _policy(run)
+        self._forget(hop.id)
+        action = policy.on_failure
+        if action == "retry":
+            action = "retry" if hop.attempts <= policy.max_retries else policy.then
+        detail = {"code": code, "message": message, "action": action}
+        logger.warning("run %s hop %d at %s: %s (%s) -> %s", run.id, hop.index, hop.site,
+                       code, message, action)  # fmt: skip
+        live = (*LIVE_HOP_STATES, "pending")
+        if action == "retry":
+            delay = policy.retry_backoff_seconds * 2 ** max(hop.attempts - 1, 0)
+            self.ledger.transition_hop(
+                hop.id, expected=live, status="pending", event="hop.retry", payload=detail,
+                lease_token=None, error_code=code, error=message,
+            )  # fmt: skip
+            self._not_before[hop.id] = time.monotonic() + delay
+            return "pending"
+        if action == "skip":
+            self.ledger.transition_hop(
+                hop.id, expected=live, status="skipped", event="hop.skipped", payload=detail,
+                lease_token=None, error_code=code, error=message,
+            )  # fmt: skip
+            await self._dispatch_locked(run.id)
+            return "skipped"
+        self.ledger.transition_hop(
+            hop.id, expected=live, status="failed", event="hop.failed", payload=detail,
+            lease_token=None, error_code=code, error=message,
+        )  # fmt: skip
+        error = f"hop {hop.index} at {hop.site}: {code}: {message}"
+        if action == "pause":
+            self.ledger.transition_run(run.id, expected=("running",), status="paused",
+                                       payload=detail, error=error)  # fmt: skip
+            return "failed"
+        self.ledger.transition_run(run.id, expected=("running",), status="failed",
+                                   payload=detail, error=error)  # fmt: skip
+        return "failed"
+
+    async def resume_run(self, run_id: str) -> None:
+        """Resumes a paused run: its failed hop is tried again."""
+        async with self._lock:
+            try:
+                run = self.ledger.run(run_id)
+            except KeyError:
+                raise NotFound(f"no run {run_id!r}") from None
+            if run.status != "paused":
+                raise InvalidInput(f"run {run_id} is {run.status}, not paused")
+            hop = next((h for h in run.hops if h.status == "failed"), None)
+            if hop is not None:
+                self.ledger.transition_hop(
+                    hop.id,
+                    expected=("failed",),
+                    status="pending",
+                    event="hop.retry",
+                    payload={"action": "resume"},
+                )
+            self.ledger.transition_run(run_id, expected=("paused",), status="running", error=None)
+            await self._dispatch_locked(run_id)
+
+    async def abort_run(self, run_id: str, reason: str) -> None:
+        async with self._lock:
+            try:
+                self.ledger.transition_run(
+                    run_id, expected=("running", "paused"), status="aborted",
+                    payload={"reason": reason}, error=reason,
+                )  # fmt: skip
+            except KeyError:
+                raise NotFound(f"no run {run_id!r}") from None
+            except TransitionRefused as exc:
+                raise InvalidInput(str(exc)) from exc
+
+    # ---- watchdog -----------------------------------------------------------------------------
+
+    async def watch(self, interval: float = 0.5) -> None:
+        """Expires leases, gives up on absent sites and releases retry backoffs, forever."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_deadlines()
+            except Exception:
+                logger.exception("watchdog pass failed; trying again")
+
+    async def check_deadlines(self) -> None:
+        now = time.monotonic()
+        for run in self.ledger.active_runs():
+            hop = _current_hop(run)
+            if hop is None:
+                continue
+            policy = _policy(run)
+            async with self._lock:
+                if hop.status in LIVE_HOP_STATES:
+                    deadline = self._deadlines.setdefault(
+                        hop.id, now + policy.lease_timeout_seconds
+                    )
+                    if now > deadline:
+                        message = "no heartbeat before the lease deadline"
+                        await self._hop_failed(run, hop, "lease-expired", message)
+                        continue
+                waiting = self._waiting_since.get(hop.id)
+                if (
+                    hop.status == "pending"
+                    and waiting is not None
+                    and hop.site not in self._sessions
+                    and now - waiting > policy.site_wait_seconds
+                ):
+                    self._waiting_since.pop(hop.id, None)
+                    await self._hop_failed(run, hop, "site-unavailable",
+                                           f"site {hop.site} stayed offline")  # fmt: skip
+                    continue
+            if hop.status == "pending":
+                await self.dispatch(run.id)
+
+    def _extend(self, run: RunRow, hop_id: str) -> None:
+        self._deadlines[hop_id] = time.monotonic() + _policy(run).lease_timeout_seconds
 
     # ---- evaluations --------------------------------------------------------------------------
 
@@ -435,15 +622,22 @@ class RunEngine:
             self._sent.pop(row.id, None)
             return "failed" if not result.ok else "done"
 
-    def heartbeat(self, site: str, beat: pb.Heartbeat) -> None:
-        self._leased_hop(site, beat.hop_id, beat.lease_token)
-        self._progress[beat.hop_id] = HopProgress(
-            phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
-        )
+    async def heartbeat(self, site: str, beat: pb.Heartbeat) -> None:
+        """Extends the lease; the first "training" beat moves the hop to training."""
+        async with self._lock:
+            run, hop = self._leased_hop(site, beat.hop_id, beat.lease_token)
+            self._extend(run, hop.id)
+            self._progress[beat.hop_id] = HopProgress(
+                phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
+            )
+            if beat.phase == "training" and hop.status == "leased":
+                self.ledger.transition_hop(
+                    hop.id, expected=("leased",), status="training", event="hop.training"
+                )
 
     def _forget(self, hop_id: str) -> None:
-        self._sent.pop(hop_id, None)
-        self._progress.pop(hop_id, None)
+        for table in (self._sent, self._progress, self._deadlines, self._not_before):
+            table.pop(hop_id, None)
 
     def final_adapter_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id / "final_adapter"

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "FailurePolicy",
     "HopSpec",
     "HyperparameterSpec",
     "LoraSpec",
@@ -51,6 +52,17 @@ class LoraSpec(_Strict):
     target_modules: tuple[str, ...] = Field(default=("query", "value"), min_length=1)
 
 
+class FailurePolicy(_Strict):
+    """What the engine does when a hop fails, its lease expires or its site stays away."""
+
+    on_failure: Literal["retry", "skip", "pause", "abort"] = "retry"
+    max_retries: int = Field(default=2, ge=0, le=100)  # for "retry"
+    retry_backoff_seconds: float = Field(default=5.0, ge=0)  # doubled per attempt
+    then: Literal["skip", "pause", "abort"] = "abort"  # once retries are exhausted
+    lease_timeout_seconds: float = Field(default=300.0, gt=0)  # extended by every heartbeat
+    site_wait_seconds: float = Field(default=3600.0, ge=0)  # offline site, then the policy
+
+
 class HopSpec(_Strict):
     site: SiteName
     hyperparameters: HyperparameterSpec | None = None  # None: the plan's defaults
@@ -70,6 +82,7 @@ class RunPlan(_Strict):
     sites: tuple[SiteName, ...] = ()
     cycles: int = Field(default=1, ge=1, le=1000)
     hops: tuple[HopSpec, ...] = ()
+    failure: FailurePolicy = FailurePolicy()
 
     @model_validator(mode="after")
     def _check_shape(self) -> RunPlan:

@@ -25,12 +25,18 @@ logger = logging.getLogger(__name__)
 class Coordinator:
     """A started coordinator; `stop()` shuts it down."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, engine: RunEngine) -> None:
+    def __init__(
+        self, server: grpc.aio.Server, port: int, engine: RunEngine, watchdog: asyncio.Task[None]
+    ) -> None:
         self.server = server
         self.port = port
         self.engine = engine
+        self._watchdog = watchdog
 
     async def stop(self, grace: float = 2.0) -> None:
+        self._watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watchdog
         await self.server.stop(grace)
         self.engine.ledger.close()
 
@@ -58,7 +64,9 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
     await server.start()
     logger.info("coordinator listening on %s:%d (ledger %s)", settings.host, port, ledger.url)
-    return Coordinator(server, port, engine)
+    # Runs in flight before a restart continue: their sites get their tasks when they reconnect.
+    await engine.dispatch_all()
+    return Coordinator(server, port, engine, asyncio.create_task(engine.watch()))
 
 
 async def serve(settings: CoordinatorSettings) -> None:

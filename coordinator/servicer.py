@@ -177,8 +177,8 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
     ) -> pb.HeartbeatResponse:
         identity = await _caller(context, Role.SITE)
         try:
-            self.engine.heartbeat(identity.name, request)
-        except StaleLease:
+            await self.engine.heartbeat(identity.name, request)
+        except (StaleLease, NotFound):
             return pb.HeartbeatResponse(cancel=True)
         except CoordinatorError as exc:
             await _abort(context, exc)
@@ -269,6 +269,29 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         logger.info("admin %s asked for %s evaluation of run %s", identity.name,
                     request.split, request.run_id)  # fmt: skip
         return pb.EvaluateRunResponse(evaluation_ids=ids)
+
+    async def ResumeRun(
+        self, request: pb.RunControlRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunStatus:
+        identity = await _caller(context, Role.ADMIN)
+        try:
+            await self.engine.resume_run(request.run_id)
+        except CoordinatorError as exc:
+            await _abort(context, exc)
+        logger.info("admin %s resumed run %s", identity.name, request.run_id)
+        return run_status(self.engine, self.engine.ledger.run(request.run_id))
+
+    async def AbortRun(
+        self, request: pb.RunControlRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RunStatus:
+        identity = await _caller(context, Role.ADMIN)
+        reason = request.reason or f"aborted by admin {identity.name}"
+        try:
+            await self.engine.abort_run(request.run_id, reason)
+        except CoordinatorError as exc:
+            await _abort(context, exc)
+        logger.info("admin %s aborted run %s", identity.name, request.run_id)
+        return run_status(self.engine, self.engine.ledger.run(request.run_id))
 
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext

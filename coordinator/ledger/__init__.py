@@ -1,6 +1,14 @@
 """The coordinator's SQL ledger (SQLAlchemy + Alembic; SQLite default, PostgreSQL in production)."""
 
-from coordinator.ledger._repository import GENESIS_HASH, ChainBreak, Ledger, event_hash
+from coordinator.ledger._repository import (
+    GENESIS_HASH,
+    LIVE_HOP_STATES,
+    TERMINAL_RUN_STATES,
+    ChainBreak,
+    Ledger,
+    TransitionRefused,
+    event_hash,
+)
 from coordinator.ledger.models import (
     Base,
     CheckpointRow,
@@ -13,6 +21,8 @@ from coordinator.ledger.models import (
 
 __all__ = [
     "GENESIS_HASH",
+    "LIVE_HOP_STATES",
+    "TERMINAL_RUN_STATES",
     "Base",
     "ChainBreak",
     "CheckpointRow",
@@ -22,5 +32,6 @@ __all__ = [
     "Ledger",
     "RunRow",
     "SiteRow",
+    "TransitionRefused",
     "event_hash",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,11 +26,28 @@ from coordinator.ledger.models import (
     SiteRow,
 )
 
-__all__ = ["GENESIS_HASH", "ChainBreak", "Ledger", "event_hash"]
+__all__ = [
+    "GENESIS_HASH",
+    "LIVE_HOP_STATES",
+    "TERMINAL_RUN_STATES",
+    "ChainBreak",
+    "Ledger",
+    "TransitionRefused",
+    "event_hash",
+]
 
 logger = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
+# A hop holds a lease in these states; uploads, heartbeats and results are accepted only then.
+LIVE_HOP_STATES = ("leased", "training", "uploaded")
+TERMINAL_RUN_STATES = ("completed", "failed", "aborted")
+
+
+class TransitionRefused(Exception):
+    """A state change whose precondition no longer holds (stale lease, double commit...)."""
+
+
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -255,24 +272,64 @@ class Ledger:
     def active_runs(self) -> list[RunRow]:
         return [r for r in self.runs() if r.status == "running"]
 
-    def lease_hop(self, hop_id: str, token: str, input_sha256: str | None) -> HopRow:
+    def hop(self, hop_id: str) -> HopRow | None:
+        with self._sessions() as session:
+            return session.get(HopRow, hop_id)
+
+    def transition_hop(
+        self,
+        hop_id: str,
+        *,
+        expected: Collection[str],
+        status: str,
+        event: str,
+        payload: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> HopRow:
+        """Moves a hop to `status` if it is in one of the `expected` states (compare-and-set).
+
+        One transaction: the row update and one chained event. Field values may be callables
+        of the row (e.g. to increment a counter).
+
+        Raises:
+            TransitionRefused: The hop is not in an expected state (e.g. committed already).
+        """
         with self.transaction() as session:
-            hop = session.get(HopRow, hop_id)
+            hop = session.get(HopRow, hop_id, with_for_update=True)
             if hop is None:
                 raise KeyError(hop_id)
-            hop.status = "leased"
-            hop.lease_token = token
-            hop.leased_at = utcnow()
-            hop.input_sha256 = input_sha256
+            if hop.status not in expected:
+                raise TransitionRefused(f"hop {hop_id} is {hop.status}; cannot move to {status}")
+            for name, value in fields.items():
+                setattr(hop, name, value(hop) if callable(value) else value)
+            hop.status = status
             self.append_event(
                 session,
-                "hop.leased",
+                event,
                 run_id=hop.run_id,
                 hop_id=hop.id,
                 site=hop.site,
-                payload={"index": hop.index, "input_sha256": input_sha256},
+                payload={
+                    "index": hop.index,
+                    "status": status,
+                    "attempts": hop.attempts,
+                    **(payload or {}),
+                },
             )
             return hop
+
+    def lease_hop(self, hop_id: str, token: str, input_sha256: str | None) -> HopRow:
+        return self.transition_hop(
+            hop_id,
+            expected=("pending",),
+            status="leased",
+            event="hop.leased",
+            payload={"input_sha256": input_sha256},
+            lease_token=token,
+            leased_at=utcnow(),
+            input_sha256=input_sha256,
+            attempts=lambda hop: hop.attempts + 1,
+        )
 
     def record_checkpoint(self, row: CheckpointRow) -> None:
         with self.transaction() as session:
@@ -296,16 +353,20 @@ class Ledger:
         self,
         hop_id: str,
         *,
+        lease_token: str,
         output_sha256: str,
         metrics: dict[str, float],
         train_started_at_ns: int,
         train_finished_at_ns: int,
         base_model_sha256: str,
     ) -> HopRow:
+        """Commits a hop exactly once: only from a live lease with the same token."""
         with self.transaction() as session:
-            hop = session.get(HopRow, hop_id)
+            hop = session.get(HopRow, hop_id, with_for_update=True)
             if hop is None:
                 raise KeyError(hop_id)
+            if hop.status not in LIVE_HOP_STATES or hop.lease_token != lease_token:
+                raise TransitionRefused(f"hop {hop_id} is {hop.status}; cannot commit it")
             run = session.get(RunRow, hop.run_id)
             assert run is not None
             hop.status = "committed"
@@ -325,6 +386,7 @@ class Ledger:
                 site=hop.site,
                 payload={
                     "index": hop.index,
+                    "status": "committed",
                     "input_sha256": hop.input_sha256,
                     "output_sha256": output_sha256,
                     "metrics": metrics,
@@ -334,41 +396,29 @@ class Ledger:
             )
             return hop
 
-    def fail_hop(self, hop_id: str, *, code: str, message: str) -> None:
+    def transition_run(
+        self,
+        run_id: str,
+        *,
+        expected: Collection[str],
+        status: str,
+        payload: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> RunRow:
+        """Moves a run to `status` (event `run.<status>`) if it is in an expected state."""
         with self.transaction() as session:
-            hop = session.get(HopRow, hop_id)
-            if hop is None:
-                raise KeyError(hop_id)
-            hop.status = "failed"
-            hop.error_code = code
-            hop.error = message
-            hop.lease_token = None
-            self.append_event(
-                session,
-                "hop.failed",
-                run_id=hop.run_id,
-                hop_id=hop.id,
-                site=hop.site,
-                payload={"index": hop.index, "code": code, "message": message},
-            )
-
-    def finish_run(
-        self, run_id: str, *, status: str, final_sha256: str | None, error: str | None = None
-    ) -> None:
-        with self.transaction() as session:
-            run = session.get(RunRow, run_id)
+            run = session.get(RunRow, run_id, with_for_update=True)
             if run is None:
                 raise KeyError(run_id)
+            if run.status not in expected:
+                raise TransitionRefused(f"run {run_id} is {run.status}; cannot move to {status}")
+            for name, value in fields.items():
+                setattr(run, name, value)
             run.status = status
-            run.final_sha256 = final_sha256
-            run.error = error
-            run.finished_at = utcnow()
-            self.append_event(
-                session,
-                f"run.{status}",
-                run_id=run_id,
-                payload={"final_sha256": final_sha256, "error": error},
-            )
+            if status in TERMINAL_RUN_STATES:
+                run.finished_at = utcnow()
+            self.append_event(session, f"run.{status}", run_id=run_id, payload=payload or {})
+            return run
 
     # ---- evaluations ----------------------------------------------------------------------------
 

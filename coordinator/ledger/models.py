@@ -69,6 +69,7 @@ class HopRow(Base):
     hyperparameters: Mapped[dict[str, Any]]
     status: Mapped[str] = mapped_column(String(16))
     lease_token: Mapped[str | None] = mapped_column(String(64))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     leased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     input_sha256: Mapped[str | None] = mapped_column(String(64))
     output_sha256: Mapped[str | None] = mapped_column(String(64))

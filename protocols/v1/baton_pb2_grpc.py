@@ -390,6 +390,16 @@ class AdminServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.EvaluateRunRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluateRunResponse.FromString,
                 _registered_method=True)
+        self.ResumeRun = channel.unary_unary(
+                '/baton.v1.AdminService/ResumeRun',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.RunControlRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.RunStatus.FromString,
+                _registered_method=True)
+        self.AbortRun = channel.unary_unary(
+                '/baton.v1.AdminService/AbortRun',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.RunControlRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.RunStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -426,6 +436,19 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeRun(self, request, context):
+        """a paused run tries its failed hop again
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -453,6 +476,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.EvaluateRun,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluateRunRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.EvaluateRunResponse.SerializeToString,
+            ),
+            'ResumeRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRun,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.RunControlRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.RunStatus.SerializeToString,
+            ),
+            'AbortRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRun,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.RunControlRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.RunStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -590,6 +623,60 @@ class AdminService:
             '/baton.v1.AdminService/EvaluateRun',
             protocols_dot_v1_dot_baton__pb2.EvaluateRunRequest.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.EvaluateRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.AdminService/ResumeRun',
+            protocols_dot_v1_dot_baton__pb2.RunControlRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.RunStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.AdminService/AbortRun',
+            protocols_dot_v1_dot_baton__pb2.RunControlRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.RunStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -121,6 +121,9 @@ class AdminServiceStub:
     ListSites: _grpc.UnaryUnaryMultiCallable[_baton_pb2.ListSitesRequest, _baton_pb2.ListSitesResponse]
     EvaluateRun: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluateRunRequest, _baton_pb2.EvaluateRunResponse]
     """Evaluates a completed run's final checkpoint at its sites (each site computes its own metrics)."""
+    ResumeRun: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]
+    """a paused run tries its failed hop again"""
+    AbortRun: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -131,6 +134,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListSites: _aio.UnaryUnaryMultiCallable[_baton_pb2.ListSitesRequest, _baton_pb2.ListSitesResponse]  # type: ignore[assignment]
     EvaluateRun: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluateRunRequest, _baton_pb2.EvaluateRunResponse]  # type: ignore[assignment]
     """Evaluates a completed run's final checkpoint at its sites (each site computes its own metrics)."""
+    ResumeRun: _aio.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]  # type: ignore[assignment]
+    """a paused run tries its failed hop again"""
+    AbortRun: _aio.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -168,5 +174,20 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.EvaluateRunResponse, _abc.Awaitable[_baton_pb2.EvaluateRunResponse]]:
         """Evaluates a completed run's final checkpoint at its sites (each site computes its own metrics)."""
+
+    @_abc_1.abstractmethod
+    def ResumeRun(
+        self,
+        request: _baton_pb2.RunControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.RunStatus, _abc.Awaitable[_baton_pb2.RunStatus]]:
+        """a paused run tries its failed hop again"""
+
+    @_abc_1.abstractmethod
+    def AbortRun(
+        self,
+        request: _baton_pb2.RunControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.RunStatus, _abc.Awaitable[_baton_pb2.RunStatus]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -175,7 +175,7 @@ def test_two_hop_run_chains_checkpoints_and_records_every_step(
     ledger = _ledger(coordinator)
     assert ledger.verify_chain() is None
     kinds = [e.kind for e in ledger.events(run_id)]
-    hop_events = ["hop.leased", "checkpoint.stored", "hop.committed"]
+    hop_events = ["hop.leased", "checkpoint.stored", "hop.uploaded", "hop.committed"]
     assert kinds == ["run.created", *hop_events, *hop_events, "run.completed"]
 
 
