@@ -71,6 +71,13 @@ class AdminClient:
                 raise TimeoutError(f"evaluations of run {run_id} did not finish in {timeout} s")
             time.sleep(0.1)
 
+    def control(self, run_id: str, action: str, reason: str = "") -> pb.RunStatus:
+        """`resume` or `abort` a run."""
+        request = pb.RunControlRequest(run_id=run_id, reason=reason)
+        call = self._stub.ResumeRun if action == "resume" else self._stub.AbortRun
+        status: pb.RunStatus = call(request, timeout=30)
+        return status
+
     def runs(self, timeout: float = 30) -> list[pb.RunStatus]:
         return list(self._stub.ListRuns(pb.ListRunsRequest(), timeout=timeout).runs)
 

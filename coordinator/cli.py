@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import grpc
 import typer
@@ -18,7 +21,12 @@ from protocols.logs import configure_logging
 from protocols.pki import PkiError, Role, init_ca, issue_certificate
 from protocols.v1 import baton_pb2 as pb
 
+if TYPE_CHECKING:
+    from coordinator.ledger import Ledger
+
 __all__ = ["app", "main"]
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Baton coordinator: sequential LoRA training across hospitals.", no_args_is_help=True
@@ -28,7 +36,9 @@ coordinator_app = typer.Typer(help="The coordinator service.", no_args_is_help=T
 run_app = typer.Typer(help="Start and watch sequential runs.", no_args_is_help=True)
 app.add_typer(pki_app, name="pki")
 app.add_typer(coordinator_app, name="coordinator")
+ledger_app = typer.Typer(help="Verify and export the tamper-evident ledger.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
+app.add_typer(ledger_app, name="ledger")
 
 console = Console()
 err = Console(stderr=True)
@@ -245,6 +255,133 @@ def run_status(
         if not follow:
             console.print(run_table(run))
         print_summary(run)
+
+
+def _admin_call(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except grpc.RpcError as exc:
+        code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
+        raise _fail(f"{exc.code().name}: {exc.details()}", code) from exc
+
+
+@run_app.command("resume")
+def run_resume(
+    run_id: str,
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+) -> None:
+    """Resume a paused run: its failed hop is tried again."""
+    with _admin(coordinator, ca, cert, key) as client:
+        run = _admin_call(lambda: client.control(run_id, "resume"))
+    console.print(f"run {run.run_id}: {run.status}")
+
+
+@run_app.command("abort")
+def run_abort(
+    run_id: str,
+    reason: Annotated[str, typer.Option(help="Recorded in the ledger")] = "",
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+) -> None:
+    """Abort a running or paused run (committed hops and checkpoints are kept)."""
+    with _admin(coordinator, ca, cert, key) as client:
+        run = _admin_call(lambda: client.control(run_id, "abort", reason))
+    console.print(f"run {run.run_id}: {run.status}")
+
+
+@run_app.command("evaluate")
+def run_evaluate(
+    run_id: str,
+    split: Annotated[
+        str, typer.Option(help="validation, or test for the final report")
+    ] = "validation",
+    site: Annotated[list[str] | None, typer.Option(help="Only these sites")] = None,
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+    timeout: float = 600.0,
+) -> None:
+    """Have each site evaluate a completed run's final adapter on its own data."""
+    with _admin(coordinator, ca, cert, key) as client:
+        _admin_call(lambda: client.evaluate_run(run_id, split, site))
+        run = client.wait_for_evaluations(run_id, timeout)
+    console.print(evaluation_table(run))
+
+
+def evaluation_table(run: pb.RunStatus) -> Table:
+    table = Table("site", "split", "status", "examples", "accuracy", "macro F1", "loss",
+                  title=f"evaluations of run {run.run_id[:8]}")  # fmt: skip
+    for row in run.evaluations:
+        m = row.metrics
+        table.add_row(
+            row.site, row.split, row.status if not row.error else f"{row.status}: {row.error}",
+            f"{m['examples']:.0f}" if "examples" in m else "",
+            *(f"{m[k]:.3f}" if k in m else "" for k in ("accuracy", "macro_f1", "loss")),
+        )  # fmt: skip
+    return table
+
+
+def _ledger(state_dir: Path | None, database_url: str | None) -> Ledger:
+    if database_url is None:
+        if state_dir is None:
+            raise _fail("give --state-dir or --database-url", EXIT_BAD_INPUT)
+        path = state_dir / "ledger.sqlite3"
+        if not path.is_file():
+            raise _fail(f"no ledger at {path}", EXIT_BAD_INPUT)
+        database_url = f"sqlite:///{path.resolve()}"
+    from coordinator.ledger import Ledger
+
+    return Ledger(database_url)
+
+
+StateDir = Annotated[Path | None, typer.Option(help="Coordinator state directory")]
+DbUrl = Annotated[str | None, typer.Option(envvar="BATON_DATABASE_URL", help="SQLAlchemy URL")]
+
+
+@ledger_app.command("verify")
+def ledger_verify(state_dir: StateDir = None, database_url: DbUrl = None) -> None:
+    """Walk the event chain; name the first altered, deleted or inserted event (exit 1)."""
+    ledger = _ledger(state_dir, database_url)
+    try:
+        broken = ledger.verify_chain()
+        count, head = len(ledger.events()), ledger.head()
+    finally:
+        ledger.close()
+    if broken is not None:
+        raise _fail(f"ledger does not verify at event {broken.seq}: {broken.reason}",
+                    EXIT_RUN_FAILED)  # fmt: skip
+    console.print(f"ledger verifies: {count} events, head {head}")
+
+
+@ledger_app.command("export")
+def ledger_export(
+    out: Annotated[Path, typer.Option(help="JSONL file to write ('-' for stdout)")],
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """Write every event, with its hashes, as JSON lines for auditors."""
+    ledger = _ledger(state_dir, database_url)
+    try:
+        lines = [
+            json.dumps({"seq": e.seq, "at": e.at, "kind": e.kind, "run_id": e.run_id,
+                        "hop_id": e.hop_id, "site": e.site, "payload": e.payload,
+                        "prev_hash": e.prev_hash, "hash": e.hash}, sort_keys=True)
+            for e in ledger.events()
+        ]  # fmt: skip
+    finally:
+        ledger.close()
+    text = "".join(line + "\n" for line in lines)
+    if str(out) == "-":
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        console.print(f"{len(lines)} events written to {out}")
 
 
 @app.command("sites")

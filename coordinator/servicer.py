@@ -78,6 +78,16 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"site speaks protocol {request.protocol_version}, coordinator {PROTOCOL_VERSION}",
             )
+        known = request.last_ledger_hash
+        if known and not self.engine.ledger.has_event(known):
+            self.engine.ledger.record_event(
+                "site.history-mismatch", site=identity.name, payload={"acknowledged": known}
+            )
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the ledger no longer holds event {known}, which this site acknowledged: "
+                "the coordinator's history was rewritten or restored from an older backup",
+            )
         self.engine.ledger.register_site(
             identity.name,
             agent_version=request.agent_version,
@@ -160,7 +170,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
             status = await self.engine.report_result(identity.name, request)
         except CoordinatorError as exc:
             await _abort(context, exc)
-        return pb.HopResultResponse(hop_status=status)
+        return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
 
     async def ReportEvaluation(
         self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext

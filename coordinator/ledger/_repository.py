@@ -171,6 +171,17 @@ class Ledger:
                 query = query.where(EventRow.run_id == run_id)
             return list(session.scalars(query))
 
+    def head(self) -> str:
+        """Hash of the newest event (the genesis hash for an empty ledger)."""
+        with self._sessions() as session:
+            last = session.scalars(select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1))
+            return last.first() or GENESIS_HASH
+
+    def has_event(self, event_hash: str) -> bool:
+        with self._sessions() as session:
+            found = session.scalars(select(EventRow.seq).where(EventRow.hash == event_hash))
+            return found.first() is not None
+
     def verify_chain(self) -> ChainBreak | None:
         """Walks the event log; returns the first event that does not verify, or None."""
         prev = GENESIS_HASH

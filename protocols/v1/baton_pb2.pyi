@@ -197,9 +197,14 @@ class HelloRequest(_message.Message):
     BASE_MODELS_FIELD_NUMBER: _builtins.int
     DATASETS_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    LAST_LEDGER_HASH_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     protocol_version: _builtins.int
     """1 for this file"""
+    last_ledger_hash: _builtins.str
+    """Hash of the newest ledger event this site was told about (HopResultResponse.ledger_head).
+    The coordinator refuses the site if its ledger no longer holds it: history was rewritten.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """task types this agent can run, e.g. "seq-classification" """
@@ -216,10 +221,11 @@ class HelloRequest(_message.Message):
         base_models: _abc.Iterable[Global___BaseModel] | None = ...,
         datasets: _abc.Iterable[Global___DatasetSummary] | None = ...,
         protocol_version: _builtins.int = ...,
+        last_ledger_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -621,15 +627,19 @@ class HopResultResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOP_STATUS_FIELD_NUMBER: _builtins.int
+    LEDGER_HEAD_FIELD_NUMBER: _builtins.int
     hop_status: _builtins.str
+    ledger_head: _builtins.str
+    """hash of the event that recorded this result; the site keeps it"""
     def __init__(
         self,
         *,
         hop_status: _builtins.str = ...,
+        ledger_head: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop_status", b"hop_status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop_status", b"hop_status", "ledger_head", b"ledger_head"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
