@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, make_url, text
 
 from protocols.pki import Role, init_ca, issue_certificate
 from protocols.transport import TlsFiles
@@ -65,3 +68,26 @@ def loop_thread() -> Iterator[LoopThread]:
     lt = LoopThread()
     yield lt
     lt.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty ledger database: SQLite always, PostgreSQL where a server is given."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+        return
+    admin_url = os.environ.get("BATON_TEST_POSTGRES_URL")
+    if not admin_url:
+        if os.environ.get("BATON_REQUIRE_POSTGRES"):
+            pytest.fail("BATON_REQUIRE_POSTGRES is set but BATON_TEST_POSTGRES_URL is not")
+        pytest.skip("no PostgreSQL server given (BATON_TEST_POSTGRES_URL; .ci/run starts one)")
+    name = f"baton_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()

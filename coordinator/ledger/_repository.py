@@ -14,7 +14,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from coordinator.ledger.models import (
@@ -39,6 +39,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
+_CHAIN_LOCK = 0x6261746F6E  # "baton": the advisory lock key of the event chain
 # A hop holds a lease in these states; uploads, heartbeats and results are accepted only then.
 LIVE_HOP_STATES = ("leased", "training", "uploaded")
 TERMINAL_RUN_STATES = ("completed", "failed", "aborted")
@@ -141,6 +142,10 @@ class Ledger:
     ) -> EventRow:
         """Appends one chained event inside the caller's transaction."""
         payload = payload or {}
+        if session.bind is not None and session.get_bind().dialect.name == "postgresql":
+            # Serialise appenders across processes: row locks cannot stop two transactions
+            # from chaining to the same predecessor, a transaction-scoped advisory lock can.
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
         last = session.scalars(
             select(EventRow).order_by(EventRow.seq.desc()).limit(1).with_for_update()
         ).first()

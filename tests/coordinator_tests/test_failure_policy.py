@@ -18,17 +18,19 @@ from tests.conftest import LoopThread, Pki
 from tests.coordinator_tests.test_service import ScriptedSite
 
 
-def _settings(pki: Pki, state_dir: Path, port: int = 0) -> CoordinatorSettings:
+def _settings(pki: Pki, state_dir: Path, url: str, port: int = 0) -> CoordinatorSettings:
     tls = pki.tls("coordinator")
     return CoordinatorSettings(
-        port=port, state_dir=state_dir, ca_certificate=tls.ca_certificate,
+        port=port, state_dir=state_dir, database_url=url, ca_certificate=tls.ca_certificate,
         certificate=tls.certificate, private_key=tls.private_key, heartbeat_interval_ms=200,
     )  # fmt: skip
 
 
 @pytest.fixture
-def cluster(pki: Pki, tmp_path: Path, loop_thread: LoopThread) -> Iterator[dict[str, object]]:
-    coordinator = loop_thread.run(build_server(_settings(pki, tmp_path / "state")))
+def cluster(
+    pki: Pki, tmp_path: Path, loop_thread: LoopThread, database_url: str
+) -> Iterator[dict[str, object]]:
+    coordinator = loop_thread.run(build_server(_settings(pki, tmp_path / "state", database_url)))
     sites = {name: ScriptedSite(pki, name, coordinator.port) for name in ("site-a", "site-b")}
     for site in sites.values():
         site.connect()
@@ -159,10 +161,10 @@ def test_retried_report_of_a_committed_hop_commits_nothing_more(cluster) -> None
 
 
 def test_run_continues_after_the_coordinator_restarts(
-    pki: Pki, tmp_path: Path, loop_thread: LoopThread
+    pki: Pki, tmp_path: Path, loop_thread: LoopThread, database_url: str
 ) -> None:
     state = tmp_path / "state"
-    coordinator: Coordinator = loop_thread.run(build_server(_settings(pki, state)))
+    coordinator: Coordinator = loop_thread.run(build_server(_settings(pki, state, database_url)))
     port = coordinator.port
     site = ScriptedSite(pki, "site-a", port)
     site.connect()
@@ -172,7 +174,7 @@ def test_run_continues_after_the_coordinator_restarts(
     task = site.next_task()
     loop_thread.run(coordinator.stop(0))  # the coordinator dies while the site trains
 
-    coordinator = loop_thread.run(build_server(_settings(pki, state, port)))
+    coordinator = loop_thread.run(build_server(_settings(pki, state, database_url, port)))
     try:
         # The site finishes its hop and reports to the restarted coordinator.
         ref = site.upload(task, site.bundle(task))

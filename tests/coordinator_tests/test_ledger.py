@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import delete, select, update
@@ -12,12 +12,13 @@ from coordinator.ledger import EventRow, Ledger
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+def ledger(database_url: str) -> Iterator[Ledger]:
+    ledger = Ledger(database_url)
     ledger.migrate()
     for index in range(5):
         ledger.record_event("test.event", payload={"index": index})
-    return ledger
+    yield ledger
+    ledger.close()
 
 
 def test_untouched_chain_verifies(ledger: Ledger) -> None:

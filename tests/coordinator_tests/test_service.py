@@ -105,10 +105,13 @@ class ScriptedSite:
 
 
 @pytest.fixture
-def coordinator(pki: Pki, tmp_path: Path, loop_thread: LoopThread) -> Iterator[Coordinator]:
+def coordinator(
+    pki: Pki, tmp_path: Path, loop_thread: LoopThread, database_url: str
+) -> Iterator[Coordinator]:
     tls = pki.tls("coordinator")
     settings = CoordinatorSettings(
         port=0,
+        database_url=database_url,
         state_dir=tmp_path / "state",
         ca_certificate=tls.ca_certificate,
         certificate=tls.certificate,
