@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from coordinator.admin import AdminClient, handoff_seconds
-from coordinator.cli import console, follow_run, print_summary
+from coordinator.cli import console, evaluation_table, follow_run, print_summary
 from coordinator.plan import RunPlan
 from coordinator.processes import Cluster
 from protocols.pki import Role, init_ca, issue_certificate
@@ -143,8 +143,14 @@ def run_demo(
             )
             run_id = admin.start_run(plan)
             run = follow_run(admin, run_id)
+            console.print()
+            print_summary(run)
+            if run.status == "completed":
+                # Every site scores the final adapter on its own validation split.
+                admin.evaluate_run(run_id, "validation")
+                run = admin.wait_for_evaluations(run_id, timeout=300)
+                console.print(evaluation_table(run))
             rss = _rss_mb(cluster.processes[0].process.pid)
-        print_summary(run)
     summary = {
         "run_id": run.run_id,
         "status": run.status,
@@ -153,6 +159,7 @@ def run_demo(
         "final_sha256": run.final_sha256,
         "ledger": str(directory / "coordinator" / "ledger.sqlite3"),
         "median_handoff_ms": _median_ms(handoff_seconds(run)),
+        "final_validation": {e.site: dict(e.metrics) for e in run.evaluations},
         "coordinator_rss_mb": rss,
         "wall_seconds": round(time.monotonic() - started, 1),
     }

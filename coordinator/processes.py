@@ -32,6 +32,12 @@ class ManagedProcess:
                 self.process.wait()
         return self.process.returncode
 
+    def kill(self) -> None:
+        """SIGKILL: the crash the system must survive."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -49,7 +55,7 @@ class Cluster:
 
     def _spawn(self, name: str, args: Sequence[str]) -> ManagedProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log_path = self.log_dir / f"{name}.log"
+        log_path = self.log_dir / f"{name}.{sum(p.name == name for p in self.processes)}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **self.env}
         with log_path.open("wb") as log:
             process = subprocess.Popen(
@@ -69,6 +75,7 @@ class Cluster:
         state_dir: Path,
         pki_dir: Path,
         port_file: Path,
+        port: int = 0,
         timeout: float = 60.0,
         extra: Sequence[str] = (),
     ) -> int:
@@ -78,7 +85,7 @@ class Cluster:
             "coordinator",
             [
                 "-m", "coordinator", "coordinator", "serve",
-                "--port", "0",
+                "--port", str(port),
                 "--state-dir", str(state_dir),
                 "--ca", str(pki_dir / "ca.crt"),
                 "--cert", str(pki_dir / "coordinator.crt"),
@@ -121,10 +128,15 @@ class Cluster:
         ]  # fmt: skip
         if threads:
             args += ["--threads", str(threads)]
-        return self._spawn(f"site-{name}", args)
+        return self._spawn(name, args)
+
+    def process(self, name: str) -> ManagedProcess:
+        """The newest process started under `name` (e.g. "coordinator", "site-a")."""
+        return next(p for p in reversed(self.processes) if p.name == name)
 
     def check_alive(self) -> None:
-        for managed in self.processes:
+        latest = {p.name: p for p in self.processes}
+        for managed in latest.values():
             code = managed.process.poll()
             if code is not None:
                 raise RuntimeError(f"{managed.name} exited with code {code}:\n{managed.log_tail()}")

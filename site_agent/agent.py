@@ -1,17 +1,20 @@
 """The hospital's site agent: dials out, runs the hops it is given, returns adapters.
 
-The agent never listens on a port. It keeps one task stream open, trains one hop at a time, and
-sends back only the adapter tensors and aggregate validation metrics.
+The agent never listens on a port. It keeps one task stream open, runs one task at a time, and
+sends back only the declared trainable tensors and aggregate metrics. A finished hop's upload and
+result are retried while the coordinator is away, so a coordinator restart loses no work.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -25,27 +28,41 @@ from protocols.checkpoint import (
 from protocols.transport import CHUNK_BYTES, secure_channel
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
-from site_agent._data import DatasetError, TextDataset, load_text_dataset
+from site_agent.examples import TASK_TYPES, DatasetError
+from site_agent.registry import RegisteredDataset, list_registered, load_registered
 from site_agent.settings import SiteSettings
+from site_agent.state import SiteState
 
 if TYPE_CHECKING:
-    from site_agent._training import SequenceClassificationTrainer
+    import torch
 
-__all__ = ["AGENT_VERSION", "CAPABILITIES", "HopFailure", "SiteAgent"]
+    from site_agent.tasks import TaskSpec, Trainer
+
+__all__ = ["AGENT_VERSION", "HistoryRewritten", "HopFailure", "SiteAgent"]
 
 logger = logging.getLogger(__name__)
 
 AGENT_VERSION = "0.1.0"
 PROTOCOL_VERSION = 1
-CAPABILITIES = ("seq-classification",)
+LORA_TASKS = ("seq-classification", "causal-lm")
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
+T = TypeVar("T")
 
 
 class HopFailure(Exception):
-    """A hop this site refuses or cannot complete; reported to the coordinator with its code."""
+    """A task this site refuses or cannot complete; reported to the coordinator with its code."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class HistoryRewritten(RuntimeError):
+    """The coordinator no longer holds the ledger event this site acknowledged."""
 
 
 @dataclass
@@ -77,63 +94,89 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
     def phase(self, phase: str) -> None:
-        self._progress.phase = phase
+        self._progress = _Progress(phase, self._progress.step, self._progress.total)
+        self._send()  # phase changes are worth telling at once (e.g. "training" starts)
 
     def training_step(self, step: int, total: int, loss: float) -> None:
         self._progress = _Progress("training", step, total, loss)
 
+    def _send(self) -> None:
+        progress = self._progress
+        try:
+            response = self._stub.SendHeartbeat(
+                pb.Heartbeat(
+                    hop_id=self._task.hop_id,
+                    lease_token=self._task.lease_token,
+                    phase=progress.phase,
+                    step=progress.step,
+                    total_steps=progress.total,
+                    loss=progress.loss,
+                ),
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            logger.warning("heartbeat failed: %s", exc.code())
+            return
+        if response.cancel and not self.cancelled.is_set():
+            logger.warning("coordinator cancelled hop %s", self._task.hop_id)
+            self.cancelled.set()
+
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            progress = self._progress
-            try:
-                response = self._stub.SendHeartbeat(
-                    pb.Heartbeat(
-                        hop_id=self._task.hop_id,
-                        lease_token=self._task.lease_token,
-                        phase=progress.phase,
-                        step=progress.step,
-                        total_steps=progress.total,
-                        loss=progress.loss,
-                    ),
-                    timeout=10,
-                )
-            except grpc.RpcError as exc:
-                logger.warning("heartbeat failed: %s", exc.code())
-                continue
-            if response.cancel:
-                logger.warning("coordinator cancelled hop %s", self._task.hop_id)
-                self.cancelled.set()
-                return
+        while not self._stop.wait(self._interval) and not self.cancelled.is_set():
+            self._send()
+
+
+def _task_spec(task_type: str, labels: Any, lora: pb.LoraConfig, options_json: str) -> TaskSpec:
+    from site_agent.tasks import LoraSettings, TaskSpec
+
+    try:
+        options = json.loads(options_json) if options_json else {}
+    except ValueError as exc:
+        raise HopFailure("bad-task", f"task options are not JSON: {exc}") from exc
+    if not isinstance(options, dict):
+        raise HopFailure("bad-task", "task options must be a JSON object")
+    return TaskSpec(
+        task_type=task_type,
+        labels=tuple(labels),
+        lora=LoraSettings(
+            r=lora.r or 8,
+            alpha=lora.alpha or 16,
+            dropout=lora.dropout,
+            target_modules=tuple(lora.target_modules) or ("query", "value"),
+        ),
+        options=options,
+    )
 
 
 class SiteAgent:
-    """Runs hops for one site until stopped."""
+    """Runs tasks for one site until stopped."""
 
-    def __init__(
-        self, settings: SiteSettings, trainer: SequenceClassificationTrainer | None = None
-    ) -> None:
+    def __init__(self, settings: SiteSettings) -> None:
         self.settings = settings
-        self._trainer = trainer
+        self.state = SiteState(settings.state_path)
+        self._trainers: dict[str, Trainer] = {}
         self._stop = threading.Event()
         self._stream: grpc.Call | None = None
-        self._datasets: dict[tuple[str, tuple[str, ...], float], TextDataset] = {}
         self.site_name = ""
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
-    @property
-    def trainer(self) -> SequenceClassificationTrainer:
-        """The trainer, with the base model loaded once per process."""
-        if self._trainer is None:
-            from site_agent._training import SequenceClassificationTrainer
+    def trainer(self, task_type: str) -> Trainer:
+        """The trainer of a task type, created once per process (base model loaded once)."""
+        if task_type not in TASK_TYPES:
+            raise HopFailure("unsupported-task", f"this site cannot run {task_type!r} tasks")
+        if task_type in LORA_TASKS and self.settings.base_model_dir is None:
+            raise HopFailure("no-base-model", f"this site has no base model for {task_type}")
+        if task_type not in self._trainers:
+            from site_agent.tasks import create_trainer
 
-            self._trainer = SequenceClassificationTrainer(
-                self.settings.base_model_dir,
+            self._trainers[task_type] = create_trainer(
+                task_type,
+                base_model_dir=self.settings.base_model_dir if task_type in LORA_TASKS else None,
                 device=self.settings.device,
                 num_threads=self.settings.num_threads,
-                max_length=self.settings.max_length,
             )
-        return self._trainer
+        return self._trainers[task_type]
 
     def stop(self) -> None:
         self._stop.set()
@@ -142,8 +185,13 @@ class SiteAgent:
             stream.cancel()
 
     def run(self) -> None:
-        """Connects and serves; reconnects with capped exponential backoff until `stop()`."""
-        _ = self.trainer.base_model_sha256  # load and hash the base model before saying hello
+        """Connects and serves; reconnects with capped exponential backoff until `stop()`.
+
+        Raises:
+            HistoryRewritten: The coordinator's ledger lost an event this site acknowledged.
+        """
+        if self.settings.preload and self.settings.base_model_dir is not None:
+            self.trainer("seq-classification")
         delay = 0.5
         while not self._stop.is_set():
             try:
@@ -152,6 +200,10 @@ class SiteAgent:
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     break
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "ledger" in (
+                    exc.details() or ""
+                ):
+                    raise HistoryRewritten(exc.details()) from exc
                 logger.warning(
                     "connection to coordinator lost (%s: %s); retrying in %.1f s",
                     exc.code(),
@@ -162,25 +214,33 @@ class SiteAgent:
             delay = min(delay * 2, self.settings.reconnect_max_seconds)
 
     def _hello(self) -> pb.HelloRequest:
+        from site_agent.tasks import hash_base_model
+
         request = pb.HelloRequest(
             agent_version=AGENT_VERSION,
-            capabilities=list(CAPABILITIES),
+            capabilities=[
+                t for t in TASK_TYPES if t not in LORA_TASKS or self.settings.base_model_dir
+            ],
             protocol_version=PROTOCOL_VERSION,
+            last_ledger_hash=self.state.ledger_head,
         )
-        request.base_models.add(
-            name=self.settings.base_model_dir.name, sha256=self.trainer.base_model_sha256
-        )
-        for path in sorted(self.settings.data_dir.glob("*.jsonl")):
-            try:
-                dataset = self._dataset(path.stem, ())
-            except DatasetError as exc:
-                logger.error("dataset %s is not usable: %s", path.stem, exc)
+        if self.settings.base_model_dir is not None:
+            digest = (
+                self._trainers["seq-classification"].base_model_sha256
+                if "seq-classification" in self._trainers
+                else hash_base_model(self.settings.base_model_dir)
+            )
+            request.base_models.add(name=self.settings.base_model_dir.name, sha256=digest)
+        for entry in list_registered(self.settings.data_dir):
+            counts = entry.get("counts")
+            if entry.get("status") != "ok" or not isinstance(counts, dict):
                 continue
             request.datasets.add(
-                name=path.stem,
-                task="seq-classification",
-                train_examples=len(dataset.train),
-                validation_examples=len(dataset.validation),
+                name=str(entry["name"]),
+                task=str(entry["task_type"]),
+                train_examples=int(counts.get("train", 0)),
+                validation_examples=int(counts.get("validation", 0)),
+                test_examples=int(counts.get("test", 0)),
             )
         return request
 
@@ -192,20 +252,57 @@ class SiteAgent:
             hello = stub.Hello(self._hello(), timeout=30)
             self.site_name = hello.site_name
             logger.info(
-                "connected to coordinator %s as site %s",
-                self.settings.coordinator,
-                hello.site_name,
+                "connected to coordinator %s as site %s", self.settings.coordinator, self.site_name
             )
             stream = stub.StreamTasks(pb.TaskStreamRequest())
             self._stream = stream
             try:
                 for task in stream:
-                    if task.WhichOneof("kind") == "hop":
+                    kind = task.WhichOneof("kind")
+                    if kind == "hop":
                         self._run_hop(stub, task.hop, hello.heartbeat_interval_ms / 1000)
+                    elif kind == "evaluation":
+                        self._run_evaluation(stub, task.evaluation)
                     if self._stop.is_set():
                         break
             finally:
                 self._stream = None
+
+    # ---- calls that outlive a coordinator restart -------------------------------------------
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """Retries `call` while the coordinator is unreachable, up to result_retry_seconds."""
+        deadline = time.monotonic() + self.settings.result_retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise
+                if self._stop.wait(delay):
+                    raise
+                logger.warning("%s: coordinator unreachable (%s); retrying", what, exc.code())
+                delay = min(delay * 2, self.settings.reconnect_max_seconds)
+
+    def _download(self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef) -> bytes:
+        """Downloads a bundle, resuming from the last received byte after an interruption."""
+        buffer = bytearray()
+
+        def fetch() -> bytes:
+            request = pb.DownloadRequest(sha256=ref.sha256, offset=len(buffer))
+            for chunk in stub.DownloadCheckpoint(request, timeout=600):
+                if chunk.offset != len(buffer) or chunk.total_size != ref.size:
+                    raise HopFailure("checkpoint-integrity", "download chunks out of order")
+                buffer.extend(chunk.data)
+            return bytes(buffer)
+
+        data = self._retrying("download", fetch)
+        try:
+            inspect_bundle(data, expected_sha256=ref.sha256)
+        except CheckpointError as exc:
+            raise HopFailure("checkpoint-integrity", str(exc)) from exc
+        return data
 
     # ---- one hop ------------------------------------------------------------------------------
 
@@ -225,92 +322,88 @@ class SiteAgent:
                 )
         if result is None:
             return
-        response = stub.ReportHopResult(result, timeout=60)
+        try:
+            response = self._retrying(
+                "hop result", lambda: stub.ReportHopResult(result, timeout=60)
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in _RETRYABLE:
+                raise
+            logger.error("hop %s result refused: %s %s", task.hop_id, exc.code(), exc.details())
+            return
+        if response.ledger_head:
+            self.state.acknowledge(response.ledger_head)
         logger.info("hop %d of run %s: %s", task.hop_index, task.run_id, response.hop_status)
 
-    def _dataset(self, name: str, labels: tuple[str, ...]) -> TextDataset:
-        path = self.settings.data_dir / f"{name}.jsonl"
-        if not path.is_file():
-            raise HopFailure("dataset-missing", f"this site has no dataset named {name!r}")
-        key = (name, labels, path.stat().st_mtime)
-        if key not in self._datasets:
-            self._datasets[key] = load_text_dataset(
-                path,
-                labels=labels or None,
-                validation_fraction=self.settings.validation_fraction,
-                seed=self.settings.split_seed,
-                name=name,
+    def _dataset(self, name: str, task_type: str) -> RegisteredDataset:
+        try:
+            dataset = load_registered(self.settings.data_dir, name)
+        except DatasetError as exc:
+            raise HopFailure("dataset-invalid", str(exc)) from exc
+        if dataset.task_type != task_type:
+            raise HopFailure(
+                "dataset-invalid",
+                f"dataset {name!r} is registered for {dataset.task_type}, not {task_type}",
             )
-        return self._datasets[key]
+        return dataset
 
-    def _download(self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef) -> bytes:
-        buffer = bytearray()
-        for chunk in stub.DownloadCheckpoint(pb.DownloadRequest(sha256=ref.sha256), timeout=600):
-            if chunk.offset != len(buffer) or chunk.total_size != ref.size:
-                raise HopFailure("checkpoint-integrity", "download chunks out of order or resized")
-            buffer += chunk.data
-        return bytes(buffer)
+    def _check_base_model(self, trainer: Trainer, pinned: str) -> None:
+        if pinned and pinned != trainer.base_model_sha256:
+            raise HopFailure(
+                "base-model-mismatch",
+                f"run is pinned to base model {pinned}; this site holds "
+                f"{trainer.base_model_sha256}",
+            )
+
+    def _incoming(
+        self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef, trainer: Trainer
+    ) -> dict[str, torch.Tensor]:
+        import safetensors.torch
+
+        data = self._download(stub, ref)
+        bundle = inspect_bundle(data)
+        if bundle.manifest.base_model_sha256 != trainer.base_model_sha256:
+            raise HopFailure(
+                "base-model-mismatch",
+                f"incoming adapter was trained on base model {bundle.manifest.base_model_sha256}; "
+                f"this site holds {trainer.base_model_sha256}",
+            )
+        return safetensors.torch.load(data)
 
     def _train_hop(
         self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, beat: _Heartbeat
     ) -> pb.HopResult | None:
         import safetensors.torch
 
-        from site_agent._training import HopCancelled, HopHyperparameters, LoraSettings
+        from site_agent.tasks import HopCancelled, HopHyperparameters
 
-        if task.task_type not in CAPABILITIES:
-            raise HopFailure("unsupported-task", f"this site cannot run {task.task_type!r} tasks")
-        trainer = self.trainer
-        if task.base_model_sha256 and task.base_model_sha256 != trainer.base_model_sha256:
-            raise HopFailure(
-                "base-model-mismatch",
-                f"run is pinned to base model {task.base_model_sha256}; this site holds "
-                f"{trainer.base_model_sha256}",
-            )
-        try:
-            dataset = self._dataset(task.dataset, tuple(task.labels))
-        except DatasetError as exc:
-            raise HopFailure("dataset-invalid", str(exc)) from exc
-
+        spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
+        trainer = self.trainer(task.task_type)
+        dataset = self._dataset(task.dataset, task.task_type)
+        self._check_base_model(trainer, task.base_model_sha256)
         incoming = None
         parent = ""
         if task.HasField("input_checkpoint"):
             beat.phase("downloading")
             parent = task.input_checkpoint.sha256
-            data = self._download(stub, task.input_checkpoint)
-            try:
-                bundle = inspect_bundle(data, expected_sha256=parent)
-            except CheckpointError as exc:
-                raise HopFailure("checkpoint-integrity", str(exc)) from exc
-            if bundle.manifest.base_model_sha256 != trainer.base_model_sha256:
-                raise HopFailure(
-                    "base-model-mismatch",
-                    f"incoming adapter was trained on base model "
-                    f"{bundle.manifest.base_model_sha256}; this site holds "
-                    f"{trainer.base_model_sha256}",
-                )
-            incoming = safetensors.torch.load(data)
+            incoming = self._incoming(stub, task.input_checkpoint, trainer)
 
         hp = task.hyperparameters
         beat.phase("training")
         try:
             outcome = trainer.run_hop(
+                spec,
                 dataset,
-                tuple(task.labels),
-                LoraSettings(
-                    r=task.lora.r,
-                    alpha=task.lora.alpha,
-                    dropout=task.lora.dropout,
-                    target_modules=tuple(task.lora.target_modules),
-                ),
                 HopHyperparameters(
                     learning_rate=hp.learning_rate,
                     steps=hp.steps,
+                    epochs=hp.epochs,
                     batch_size=hp.batch_size,
                     weight_decay=hp.weight_decay,
                     warmup_steps=hp.warmup_steps,
                     max_grad_norm=hp.max_grad_norm,
                     seed=hp.seed,
+                    proximal_mu=hp.proximal_mu,
                 ),
                 incoming,
                 progress=beat.training_step,
@@ -335,12 +428,11 @@ class SiteAgent:
         payload = safetensors.torch.save(
             outcome.tensors, metadata=bundle_metadata(manifest, outcome.adapter_config)
         )
-        # Egress check: what leaves the site is exactly a well-formed, finite bundle.
-        try:
-            inspect_bundle(payload)
-        except CheckpointError as exc:
-            raise HopFailure("egress-refused", str(exc)) from exc
-        uploaded = stub.UploadCheckpoint(self._upload_messages(task, payload), timeout=600)
+        self._check_egress(trainer, spec, dataset, payload)
+        uploaded = self._retrying(
+            "upload",
+            lambda: stub.UploadCheckpoint(self._upload_messages(task, payload), timeout=600),
+        )
         return pb.HopResult(
             hop_id=task.hop_id,
             lease_token=task.lease_token,
@@ -350,6 +442,27 @@ class SiteAgent:
             train_started_at_ns=outcome.train_started_at_ns,
             train_finished_at_ns=outcome.train_finished_at_ns,
         )
+
+    @staticmethod
+    def _check_egress(
+        trainer: Trainer, spec: TaskSpec, dataset: RegisteredDataset, payload: bytes
+    ) -> None:
+        """Only a well-formed, finite bundle of exactly the declared trainable state leaves."""
+        try:
+            bundle = inspect_bundle(payload)
+        except CheckpointError as exc:
+            raise HopFailure("egress-refused", str(exc)) from exc
+        declared = [
+            (t.name, t.dtype, tuple(t.shape)) for t in trainer.trainable_state(spec, dataset)
+        ]
+        actual = [(t.name, t.dtype, tuple(t.shape)) for t in bundle.tensors]
+        if sorted(declared) != actual:
+            extra = sorted({n for n, _, _ in actual} - {n for n, _, _ in declared})
+            raise HopFailure(
+                "egress-refused",
+                "adapter differs from the task's declared trainable state"
+                + (f" (undeclared: {', '.join(extra[:5])})" if extra else ""),
+            )
 
     @staticmethod
     def _upload_messages(task: pb.HopTask, payload: bytes) -> Iterator[pb.UploadRequest]:
@@ -364,3 +477,36 @@ class SiteAgent:
         view = memoryview(payload)
         for start in range(0, len(payload), CHUNK_BYTES):
             yield pb.UploadRequest(data=bytes(view[start : start + CHUNK_BYTES]))
+
+    # ---- evaluation ---------------------------------------------------------------------------
+
+    def _run_evaluation(self, stub: pb_grpc.SiteServiceStub, task: pb.EvaluationTask) -> None:
+        import safetensors.torch
+
+        logger.info("evaluation %s of run %s on %s", task.evaluation_id, task.run_id, task.split)
+        result = pb.EvaluationResult(evaluation_id=task.evaluation_id, lease_token=task.lease_token)
+        try:
+            if task.split not in ("validation", "test"):
+                raise HopFailure("bad-task", f"unknown split {task.split!r}")
+            spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
+            trainer = self.trainer(task.task_type)
+            dataset = self._dataset(task.dataset, task.task_type)
+            self._check_base_model(trainer, task.base_model_sha256)
+            tensors = safetensors.torch.load(self._download(stub, task.checkpoint))
+            try:
+                metrics = trainer.evaluate(spec, dataset, task.split, tensors)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise HopFailure("evaluation-failed", str(exc)) from exc
+            result.ok = True
+            result.metrics.update(metrics)
+        except HopFailure as failure:
+            logger.error("evaluation %s refused: %s", task.evaluation_id, failure)
+            result.ok = False
+            result.error_code = failure.code
+            result.error_message = str(failure)
+        try:
+            self._retrying("evaluation result", lambda: stub.ReportEvaluation(result, timeout=60))
+        except grpc.RpcError as exc:
+            if exc.code() in _RETRYABLE:
+                raise
+            logger.error("evaluation result refused: %s %s", exc.code(), exc.details())

@@ -25,13 +25,18 @@ class SiteSettings(FileBackedSettings):
     certificate: Path
     private_key: Path
     data_dir: Path
-    base_model_dir: Path
+    base_model_dir: Path | None = None  # LoRA tasks; a tabular-only site needs none
     device: str | None = None  # None: CUDA when present, else CPU
     num_threads: int | None = Field(default=None, ge=1)
-    max_length: int = Field(default=64, ge=8, le=4096)
-    validation_fraction: float = Field(default=0.2, gt=0, lt=1)
-    split_seed: int = 0
     reconnect_max_seconds: float = Field(default=30.0, gt=0)
+    # How long a finished hop's upload and result are retried while the coordinator is away.
+    result_retry_seconds: float = Field(default=3600.0, ge=0)
+    state_dir: Path | None = None  # default: <data_dir>/.baton-site
+    preload: bool = True  # load the base model at start, not when the first hop arrives
+
+    @property
+    def state_path(self) -> Path:
+        return (self.state_dir or self.data_dir / ".baton-site") / "state.json"
 
     @property
     def tls(self) -> TlsFiles:

@@ -3,48 +3,27 @@
 from __future__ import annotations
 
 import itertools
-import time
 from pathlib import Path
 
-import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from coordinator.admin import TERMINAL_RUN_STATES, AdminClient
+from coordinator.admin import AdminClient
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
 from coordinator.processes import Cluster
 from protocols.checkpoint import inspect_bundle, sha256_hex
-from site_agent._synthetic import SYNTHETIC_LABELS, generate_site_records, write_site_dataset
-from site_agent._tiny_model import write_tiny_base_model
-from site_agent._training import hash_base_model
+from site_agent._synthetic import SYNTHETIC_LABELS
+from site_agent.tasks import hash_base_model
 from tests.conftest import SITES, Pki
-
-
-def _wait_for_run(admin: AdminClient, cluster: Cluster, run_id: str, timeout: float = 240):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = admin.run(run_id)
-        if run.status in TERMINAL_RUN_STATES:
-            return run
-        cluster.check_alive()
-        time.sleep(0.2)
-    raise TimeoutError(f"run {run_id} did not finish in {timeout} s")
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_base_model(tmp_path_factory.mktemp("tiny-bert"), seed=0)
+from tests.integration.conftest import wait_for_run
 
 
 def test_three_site_processes_run_a_sequential_plan_over_mtls(
-    pki: Pki, tmp_path: Path, base_model: Path
+    pki: Pki, tmp_path: Path, base_model: Path, site_data: dict[str, Path]
 ) -> None:
-    for index, site in enumerate(SITES):
-        records = generate_site_records(index, len(SITES), n=60, seed=1)
-        write_site_dataset(tmp_path / site / "notes.jsonl", records)
     cluster = Cluster(log_dir=tmp_path / "logs")
     with cluster.running():
         port = cluster.start_coordinator(
@@ -53,7 +32,7 @@ def test_three_site_processes_run_a_sequential_plan_over_mtls(
         )  # fmt: skip
         for site in SITES:
             cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
-                               data_dir=tmp_path / site, base_model_dir=base_model,
+                               data_dir=site_data[site], base_model_dir=base_model,
                                threads=1)  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites(set(SITES), timeout=120)
@@ -63,10 +42,18 @@ def test_three_site_processes_run_a_sequential_plan_over_mtls(
                 "defaults": {"steps": 4, "batch_size": 8, "learning_rate": 1e-2},
                 "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
             })  # fmt: skip
-            run = _wait_for_run(admin, cluster, admin.start_run(plan))
+            run = wait_for_run(admin, cluster, admin.start_run(plan))
+            admin.evaluate_run(run.run_id, "test")
+            evaluated = admin.wait_for_evaluations(run.run_id, timeout=60)
 
     assert run.status == "completed", run.error
     assert [h.site for h in run.hops] == list(SITES)
+    # Each site scored the final adapter on its own test split, and only aggregates came back.
+    assert sorted(e.site for e in evaluated.evaluations) == sorted(SITES)
+    for evaluation in evaluated.evaluations:
+        assert evaluation.status == "done", evaluation.error
+        assert evaluation.checkpoint_sha256 == run.final_sha256
+        assert 0 <= evaluation.metrics["accuracy"] <= 1 and evaluation.metrics["examples"] > 0
 
     ledger = Ledger(f"sqlite:///{tmp_path / 'coordinator' / 'ledger.sqlite3'}")
     try:
