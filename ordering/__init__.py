@@ -1,3 +1,76 @@
 """Search over site order and per-hop hyperparameters (Optuna); no gRPC, SQL or torch."""
 
-__all__: list[str] = []
+from ordering._baselines import (
+    Evaluation,
+    cyclic_random_plan,
+    evaluate_plan,
+    exhaustive_ranking,
+    fixed_order_plan,
+    random_search,
+)
+from ordering._compare import RANDOM_SEARCH, best_so_far, compare_encodings
+from ordering._encodings import (
+    ENCODINGS,
+    AllOrders,
+    LehmerCode,
+    PermutationEncoding,
+    RandomKeys,
+    encoding_by_name,
+)
+from ordering._heuristics import probe_order, site_typicality
+from ordering._objective import (
+    Aggregation,
+    Direction,
+    PlanExecutor,
+    PlanPruned,
+    SiteScore,
+    TrialOutcome,
+    aggregate,
+)
+from ordering._plan import CandidatePlan, Hop, HopHyperparameters
+from ordering._pruning import PruningSettings, StagePruner, stage_key
+from ordering._space import FloatRange, IntRange, SearchSpace, SearchSpaceError
+from ordering._study import DEFAULT_PRUNING, OrderingStudy, StudyMismatch, TrialRecord
+from ordering._synthetic import SyntheticObjective
+
+__all__ = [
+    "DEFAULT_PRUNING",
+    "ENCODINGS",
+    "RANDOM_SEARCH",
+    "Aggregation",
+    "AllOrders",
+    "CandidatePlan",
+    "Direction",
+    "Evaluation",
+    "FloatRange",
+    "Hop",
+    "HopHyperparameters",
+    "IntRange",
+    "LehmerCode",
+    "OrderingStudy",
+    "PermutationEncoding",
+    "PlanExecutor",
+    "PlanPruned",
+    "PruningSettings",
+    "RandomKeys",
+    "SearchSpace",
+    "SearchSpaceError",
+    "SiteScore",
+    "StagePruner",
+    "StudyMismatch",
+    "SyntheticObjective",
+    "TrialOutcome",
+    "TrialRecord",
+    "aggregate",
+    "best_so_far",
+    "compare_encodings",
+    "cyclic_random_plan",
+    "encoding_by_name",
+    "evaluate_plan",
+    "exhaustive_ranking",
+    "fixed_order_plan",
+    "probe_order",
+    "random_search",
+    "site_typicality",
+    "stage_key",
+]

@@ -1,0 +1,157 @@
+"""The seam between the search and whatever runs a plan: executor protocol, outcomes, scores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
+
+from ordering._plan import CandidatePlan
+
+__all__ = [
+    "Aggregation",
+    "Direction",
+    "PlanExecutor",
+    "PlanPruned",
+    "SiteScore",
+    "TrialOutcome",
+    "aggregate",
+]
+
+Aggregation = Literal["mean", "weighted", "worst"]
+Direction = Literal["maximize", "minimize"]
+AGGREGATIONS: tuple[Aggregation, ...] = ("mean", "weighted", "worst")
+
+
+@dataclass(frozen=True)
+class SiteScore:
+    """One site's evaluation of a trial's final model (e.g. k-fold CV accuracy on its train split).
+
+    Attributes:
+        site: The evaluating site.
+        value: The score.
+        examples: How many examples it was computed on (the weight for "weighted").
+        folds: How many cross-validation folds it averages.
+    """
+
+    site: str
+    value: float
+    examples: int
+    folds: int = 1
+
+    def __post_init__(self) -> None:
+        if self.examples < 0 or self.folds < 1:
+            raise ValueError(f"site score of {self.site!r}: examples must be >= 0, folds >= 1")
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-able form for trial user attributes."""
+        return {"site": self.site, "value": self.value, "examples": self.examples,
+                "folds": self.folds}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """What running one plan produced.
+
+    Attributes:
+        site_scores: One score per evaluating site.
+        cost_seconds_by_site: Compute seconds each site spent (training and evaluation).
+        intermediate: (cycle index, value) after each full cycle, as reported.
+    """
+
+    site_scores: tuple[SiteScore, ...]
+    cost_seconds_by_site: Mapping[str, float]
+    intermediate: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "site_scores", tuple(self.site_scores))
+        object.__setattr__(
+            self, "cost_seconds_by_site", MappingProxyType(dict(self.cost_seconds_by_site))
+        )
+        sites = [score.site for score in self.site_scores]
+        if not sites:
+            raise ValueError("a trial outcome needs at least one site score")
+        if len(set(sites)) != len(sites):
+            raise ValueError(f"a trial outcome scores each site once, got {sites}")
+        if any(seconds < 0 for seconds in self.cost_seconds_by_site.values()):
+            raise ValueError("compute seconds cannot be negative")
+
+    @property
+    def compute_seconds(self) -> float:
+        """Total compute seconds across sites."""
+        return float(sum(self.cost_seconds_by_site.values()))
+
+
+class PlanPruned(Exception):
+    """Raised by the `report` callback when the search stops a trial early.
+
+    Executors let it propagate (after stopping their run). To have the partial run's cost
+    counted by site, catch it and re-raise it with `cost_seconds_by_site`; otherwise the
+    wall-clock time of the call is recorded under "(unattributed)".
+    """
+
+    def __init__(
+        self, message: str = "", cost_seconds_by_site: Mapping[str, float] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.cost_seconds_by_site = cost_seconds_by_site
+
+
+class PlanExecutor(Protocol):
+    """Runs one candidate plan and scores it; a real coordinator run or a simulator."""
+
+    def execute(
+        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
+    ) -> TrialOutcome:
+        """Runs `plan` and returns its per-site scores and costs.
+
+        Args:
+            plan: The hops to run.
+            budget: Fraction of the full training budget (1.0 = as planned; a probe trial gets
+                less). Values from different budgets are never compared.
+            report: Call ``report(cycle, value)`` at the end of each full cycle (cycle counted
+                from 0) with the same kind of summary value every trial reports; it raises
+                `PlanPruned` when the trial should stop.
+        """
+        ...
+
+
+def aggregate(
+    scores: tuple[SiteScore, ...], aggregation: Aggregation, direction: Direction = "maximize"
+) -> float:
+    """Combines per-site scores into one objective value.
+
+    Args:
+        scores: One score per site.
+        aggregation: "mean" (unweighted over sites), "weighted" (by examples) or "worst" (the
+            lowest score when maximizing, the highest when minimizing).
+        direction: Whether larger scores are better.
+    """
+    if not scores:
+        raise ValueError("no site scores to aggregate")
+    values = [score.value for score in scores]
+    if aggregation == "mean":
+        return math.fsum(values) / len(values)
+    if aggregation == "weighted":
+        total = sum(score.examples for score in scores)
+        if total <= 0:
+            raise ValueError("weighted aggregation needs site scores with examples > 0")
+        return math.fsum(score.value * score.examples for score in scores) / total
+    if aggregation == "worst":
+        return min(values) if direction == "maximize" else max(values)
+    raise ValueError(f"unknown aggregation {aggregation!r}; known: {', '.join(AGGREGATIONS)}")
+
+
+def objective_values(
+    outcome: TrialOutcome,
+    aggregation: Aggregation,
+    direction: Direction,
+    multi_objective: bool,
+) -> tuple[float, ...]:
+    """The study's objective value(s) for one outcome: (aggregation,) or (aggregation, worst)."""
+    first = aggregate(outcome.site_scores, aggregation, direction)
+    if not multi_objective:
+        return (first,)
+    return (first, aggregate(outcome.site_scores, "worst", direction))

@@ -1,0 +1,474 @@
+"""The plan space: which orders, cycle counts and hyperparameters a search may propose."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from optuna.trial import BaseTrial
+
+from ordering._encodings import ParamValue, PermutationEncoding
+from ordering._plan import CandidatePlan, HopHyperparameters
+
+__all__ = ["FloatRange", "IntRange", "SearchSpace", "SearchSpaceError"]
+
+# The coordinator's site-name rule (it cannot be imported from here).
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Keys a site-approved bounds mapping may hold.
+BOUND_KEYS = frozenset(
+    {
+        "learning_rate",
+        "steps",
+        "epochs",
+        "proximal_mu",
+        "batch_size",
+        "weight_decay",
+        "warmup_steps",
+        "max_grad_norm",
+        "cycles",
+    }
+)
+
+
+class SearchSpaceError(ValueError):
+    """A search space is malformed or leaves what the sites approved; the message lists why."""
+
+
+@dataclass(frozen=True)
+class FloatRange:
+    """A closed float interval, searched log-uniformly when `log`."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low <= self.high):
+            raise SearchSpaceError(f"invalid range [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise SearchSpaceError(f"a log range needs low > 0, got [{self.low}, {self.high}]")
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """A closed integer interval."""
+
+    low: int
+    high: int
+
+    def __post_init__(self) -> None:
+        if self.low > self.high:
+            raise SearchSpaceError(f"invalid range [{self.low}, {self.high}]")
+
+
+def _span(value: float | FloatRange | IntRange) -> tuple[float, float]:
+    if isinstance(value, FloatRange | IntRange):
+        return float(value.low), float(value.high)
+    return float(value), float(value)
+
+
+def _json(value: object) -> object:
+    if isinstance(value, FloatRange):
+        return {"low": value.low, "high": value.high, "log": value.log}
+    if isinstance(value, IntRange):
+        return {"low": value.low, "high": value.high}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a search may vary: site order, cycles and per-hop hyperparameters.
+
+    A field given as a plain value is fixed; given as a range it is searched. Hop k of a plan
+    trains with ``learning_rate * learning_rate_decay**k``.
+
+    Attributes:
+        sites: The sites every plan visits once per cycle.
+        cycles: Passes over the sites: fixed, or an `IntRange` to search.
+        reshuffle_each_cycle: Search a separate order for every cycle (otherwise one order is
+            repeated).
+        learning_rate: Fixed, or a `FloatRange` with ``log=True`` (searched log-uniformly).
+        learning_rate_decay: Per-hop learning-rate factor: fixed, or a range.
+        steps: Optimiser steps per visit: fixed, or a range.
+        steps_per_site: Search a visit length for each site instead of one for all.
+        epochs: Optional epochs per visit: fixed, a range, or None (not sent).
+        proximal_mu: Optional proximal term weight: fixed, a range, or None (not sent).
+        batch_size: Fixed batch size.
+        weight_decay: Fixed weight decay.
+        warmup_steps: Fixed warm-up steps per visit.
+        max_grad_norm: Fixed gradient clipping norm.
+        seed: Seed of hop 0 (hop k uses seed + k).
+    """
+
+    sites: tuple[str, ...]
+    cycles: int | IntRange = 1
+    reshuffle_each_cycle: bool = False
+    learning_rate: float | FloatRange = 5e-4
+    learning_rate_decay: float | FloatRange = 1.0
+    steps: int | IntRange = 20
+    steps_per_site: bool = False
+    epochs: int | IntRange | None = None
+    proximal_mu: float | FloatRange | None = None
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sites", tuple(self.sites))
+        problems = self._shape_problems()
+        if problems:
+            raise SearchSpaceError("invalid search space:\n" + "\n".join(problems))
+
+    def _shape_problems(self) -> list[str]:
+        problems: list[str] = []
+        if not self.sites:
+            problems.append("  sites: at least one site is needed")
+        if len(set(self.sites)) != len(self.sites):
+            problems.append(f"  sites: duplicates in {list(self.sites)}")
+        problems += [
+            f"  sites: {site!r} is not a valid site name"
+            for site in self.sites
+            if not _SITE_NAME.match(site)
+        ]
+        if _span(self.cycles)[0] < 1:
+            problems.append("  cycles: must be at least 1")
+        if isinstance(self.learning_rate, FloatRange) and not self.learning_rate.log:
+            problems.append("  learning_rate: a searched learning rate must be a log range")
+        if _span(self.learning_rate)[0] <= 0:
+            problems.append("  learning_rate: must be > 0")
+        if _span(self.learning_rate_decay)[0] <= 0:
+            problems.append("  learning_rate_decay: must be > 0")
+        if _span(self.steps)[0] < 1:
+            problems.append("  steps: must be at least 1")
+        if self.epochs is not None and _span(self.epochs)[0] < 1:
+            problems.append("  epochs: must be at least 1")
+        if self.proximal_mu is not None and _span(self.proximal_mu)[0] < 0:
+            problems.append("  proximal_mu: must be >= 0")
+        if self.batch_size < 1:
+            problems.append("  batch_size: must be at least 1")
+        if self.steps_per_site and not isinstance(self.steps, IntRange):
+            problems.append("  steps_per_site: needs a steps range to search")
+        return problems
+
+    @property
+    def max_cycles(self) -> int:
+        """The largest cycle count a plan may have."""
+        return int(_span(self.cycles)[1])
+
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether the set of parameters differs between trials (cycles searched + reshuffle)."""
+        return self.reshuffle_each_cycle and isinstance(self.cycles, IntRange)
+
+    def check_within(self, bounds: Mapping[str, tuple[float, float]]) -> None:
+        """Refuses a space that could propose a value outside what the sites approved.
+
+        Every hyperparameter the space searches needs an approved bound; fixed values are checked
+        against a bound when there is one. The learning rate is checked at every hop, after decay.
+
+        Args:
+            bounds: Approved closed intervals by name (keys as in `HopHyperparameters`, plus
+                "cycles").
+
+        Raises:
+            SearchSpaceError: Listing every violation.
+        """
+        problems = [
+            f"  {key}: not a known hyperparameter (known: {', '.join(sorted(BOUND_KEYS))})"
+            for key in bounds
+            if key not in BOUND_KEYS
+        ]
+        for key, (low, high) in bounds.items():
+            if not low <= high:
+                problems.append(f"  {key}: approved bound [{low}, {high}] is empty")
+        values: dict[str, float | FloatRange | IntRange | None] = {
+            "cycles": self.cycles,
+            "learning_rate": self._hop_learning_rates(),
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "proximal_mu": self.proximal_mu,
+            "batch_size": self.batch_size,
+            "weight_decay": self.weight_decay,
+            "warmup_steps": self.warmup_steps,
+            "max_grad_norm": self.max_grad_norm,
+        }
+        for key, value in values.items():
+            if value is None:
+                continue
+            low, high = _span(value)
+            if key not in bounds:
+                if low != high:
+                    problems.append(f"  {key}: searched over [{low:g}, {high:g}] but no site "
+                                    "approved a bound for it")  # fmt: skip
+                continue
+            approved_low, approved_high = bounds[key]
+            if low < approved_low or high > approved_high:
+                what = (
+                    f"{low:g} is"
+                    if low == high
+                    else ("per-hop values reach" if key == "learning_rate" else "space allows")
+                    + f" [{low:g}, {high:g}],"
+                )
+                problems.append(f"  {key}: {what} outside the approved "
+                                f"[{approved_low:g}, {approved_high:g}]")  # fmt: skip
+        if problems:
+            raise SearchSpaceError(
+                "search space is not within the approved bounds:\n" + "\n".join(problems)
+            )
+
+    def _hop_learning_rates(self) -> float | FloatRange:
+        """The span of learning rates any hop of any plan may train with."""
+        lr_low, lr_high = _span(self.learning_rate)
+        decay_low, decay_high = _span(self.learning_rate_decay)
+        last_hop = self.max_cycles * len(self.sites) - 1
+        low = lr_low * min(1.0, decay_low) ** last_hop
+        high = lr_high * max(1.0, decay_high) ** last_hop
+        return low if low == high else FloatRange(low, high)
+
+    def suggest_plan(self, trial: BaseTrial, encoding: PermutationEncoding) -> CandidatePlan:
+        """Asks `trial` for every searched value and builds the plan it describes."""
+        cycles = (
+            trial.suggest_int("cycles", self.cycles.low, self.cycles.high)
+            if isinstance(self.cycles, IntRange)
+            else self.cycles
+        )
+        if self.reshuffle_each_cycle:
+            orders = [encoding.suggest(trial, self.sites, f"cycle{c}_") for c in range(cycles)]
+        else:
+            orders = [encoding.suggest(trial, self.sites, "")] * cycles
+        learning_rate = (
+            trial.suggest_float(
+                "learning_rate", self.learning_rate.low, self.learning_rate.high, log=True
+            )
+            if isinstance(self.learning_rate, FloatRange)
+            else self.learning_rate
+        )
+        decay = self._suggest_float(trial, "learning_rate_decay", self.learning_rate_decay)
+        steps_by_site: dict[str, int] = {}
+        if isinstance(self.steps, IntRange):
+            if self.steps_per_site:
+                steps_by_site = {
+                    site: trial.suggest_int(f"steps_{site}", self.steps.low, self.steps.high)
+                    for site in self.sites
+                }
+                steps = steps_by_site[self.sites[0]]
+            else:
+                steps = trial.suggest_int("steps", self.steps.low, self.steps.high)
+        else:
+            steps = self.steps
+        epochs = (
+            trial.suggest_int("epochs", self.epochs.low, self.epochs.high)
+            if isinstance(self.epochs, IntRange)
+            else self.epochs
+        )
+        proximal_mu = (
+            None
+            if self.proximal_mu is None
+            else self._suggest_float(trial, "proximal_mu", self.proximal_mu)
+        )
+        return CandidatePlan.build(
+            orders,
+            self._hyperparameters(learning_rate, steps, epochs, proximal_mu),
+            learning_rate_decay=decay,
+            steps_by_site=steps_by_site,
+            encoding=encoding.name,
+        )
+
+    @staticmethod
+    def _suggest_float(trial: BaseTrial, name: str, value: float | FloatRange) -> float:
+        if isinstance(value, FloatRange):
+            return trial.suggest_float(name, value.low, value.high, log=value.log)
+        return value
+
+    def _hyperparameters(
+        self, learning_rate: float, steps: int, epochs: int | None, proximal_mu: float | None
+    ) -> HopHyperparameters:
+        return HopHyperparameters(
+            learning_rate=learning_rate,
+            steps=steps,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            max_grad_norm=self.max_grad_norm,
+            seed=self.seed,
+            epochs=epochs,
+            proximal_mu=proximal_mu,
+        )
+
+    def plan(
+        self,
+        order: Sequence[str] | Sequence[Sequence[str]],
+        *,
+        cycles: int | None = None,
+        learning_rate: float | None = None,
+        learning_rate_decay: float | None = None,
+        steps: int | Mapping[str, int] | None = None,
+        epochs: int | None = None,
+        proximal_mu: float | None = None,
+        encoding: str = "fixed",
+    ) -> CandidatePlan:
+        """A plan of this space built by hand (a heuristic seed or a warm start).
+
+        Args:
+            order: One order (repeated every cycle), or one order per cycle.
+            cycles: Required when the space searches cycles and `order` is a single order.
+            learning_rate: Defaults to the fixed value, or the geometric middle of the range.
+            learning_rate_decay: Defaults to the fixed value, or 1 when inside the range.
+            steps: One value, or one per site; defaults to the fixed value or the range middle.
+            epochs: Defaults to the fixed value or the range middle.
+            proximal_mu: Defaults to the fixed value or the range low end.
+            encoding: Recorded with the plan.
+
+        Raises:
+            SearchSpaceError: If the plan would not be one this space can propose.
+        """
+        if order and not isinstance(order[0], str):
+            orders = [tuple(o) for o in order]
+        else:
+            n = cycles if cycles is not None else int(_span(self.cycles)[0])
+            orders = [tuple(str(site) for site in order)] * n
+        if learning_rate is None:
+            low, high = _span(self.learning_rate)
+            learning_rate = math.sqrt(low * high)
+        if learning_rate_decay is None:
+            low, high = _span(self.learning_rate_decay)
+            learning_rate_decay = 1.0 if low <= 1.0 <= high else low
+        mid = _span(self.steps)
+        steps_by_site = dict(steps) if isinstance(steps, Mapping) else {}
+        base_steps = (
+            steps
+            if isinstance(steps, int)
+            else (steps_by_site[orders[0][0]] if steps_by_site else int(sum(mid) // 2))
+        )
+        if self.steps_per_site and not steps_by_site:
+            steps_by_site = {site: base_steps for site in self.sites}
+        if epochs is None and self.epochs is not None:
+            epochs = int(sum(_span(self.epochs)) // 2)
+        if proximal_mu is None and self.proximal_mu is not None:
+            proximal_mu = _span(self.proximal_mu)[0]
+        plan = CandidatePlan.build(
+            orders,
+            self._hyperparameters(learning_rate, base_steps, epochs, proximal_mu),
+            learning_rate_decay=learning_rate_decay,
+            steps_by_site=steps_by_site,
+            encoding=encoding,
+        )
+        self.params_for(plan, None)  # refuses plans outside the space
+        return plan
+
+    def params_for(
+        self, plan: CandidatePlan, encoding: PermutationEncoding | None
+    ) -> dict[str, ParamValue]:
+        """The trial parameters that make `suggest_plan` rebuild `plan`.
+
+        Args:
+            plan: A plan this space could propose.
+            encoding: The study's permutation encoding (None: only check the plan fits).
+
+        Raises:
+            SearchSpaceError: If the plan is not one this space can propose (another site set, a
+                value outside a range, or a fixed value that differs).
+        """
+        problems: list[str] = []
+        params: dict[str, ParamValue] = {}
+        first = plan.hops[0].hyperparameters
+        if sorted(plan.order) != sorted(self.sites):
+            raise SearchSpaceError(
+                f"plan visits {sorted(plan.order)}, but the space's sites are {sorted(self.sites)}"
+            )
+        if plan.reshuffles and not self.reshuffle_each_cycle:
+            problems.append("  order: the plan reshuffles but the space repeats one order")
+
+        def check(name: str, value: float, allowed: float | FloatRange | IntRange | None) -> None:
+            if allowed is None:
+                problems.append(f"  {name}: the space does not set it, the plan has {value}")
+                return
+            low, high = _span(allowed)
+            if not low <= value <= high:
+                problems.append(f"  {name}: {value} is outside the space's [{low:g}, {high:g}]")
+            elif isinstance(allowed, FloatRange | IntRange):
+                params[name] = value
+
+        check("cycles", plan.cycles, self.cycles)
+        if encoding is not None:
+            if self.reshuffle_each_cycle:
+                for c, order in enumerate(plan.cycle_orders):
+                    params.update(encoding.encode(order, self.sites, prefix=f"cycle{c}_"))
+            else:
+                params.update(encoding.encode(plan.order, self.sites))
+        check("learning_rate", first.learning_rate, self.learning_rate)
+        check("learning_rate_decay", plan.learning_rate_decay, self.learning_rate_decay)
+        first_visit = {hop.site: hop.hyperparameters.steps for hop in reversed(plan.hops)}
+        if self.steps_per_site:
+            for site in self.sites:
+                check(f"steps_{site}", first_visit[site], self.steps)
+        elif len(set(first_visit.values())) != 1:
+            problems.append("  steps: the plan varies visit length by site; the space does not")
+        else:
+            check("steps", first.steps, self.steps)
+        for name in ("epochs", "proximal_mu"):
+            value = getattr(first, name)
+            allowed = getattr(self, name)
+            if value is None:
+                if allowed is not None:
+                    problems.append(f"  {name}: the space sets it, the plan does not")
+            else:
+                check(name, value, allowed)
+        for name in ("batch_size", "weight_decay", "warmup_steps", "max_grad_norm", "seed"):
+            if getattr(first, name) != getattr(self, name):
+                problems.append(f"  {name}: plan has {getattr(first, name)}, the space fixes "
+                                f"{getattr(self, name)}")  # fmt: skip
+        rebuilt = CandidatePlan.build(
+            plan.cycle_orders,
+            first,
+            learning_rate_decay=plan.learning_rate_decay,
+            steps_by_site=first_visit,
+            encoding=plan.encoding,
+        )
+        if not problems and rebuilt.hops != plan.hops:
+            problems.append("  hops: not the schedule this space builds (per-hop values differ)")
+        if problems:
+            raise SearchSpaceError(
+                "plan does not fit the search space:\n" + "\n".join(dict.fromkeys(problems))
+            )
+        return params
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """A JSON-able description, stored with a study so a reopened study can be checked."""
+        return {f.name: _json(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> SearchSpace:
+        """The inverse of `to_json_dict`."""
+
+        def value(name: str, kind: type[FloatRange] | type[IntRange]) -> Any:
+            raw = data[name]
+            return kind(**raw) if isinstance(raw, Mapping) else raw
+
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SearchSpaceError(f"unknown search space fields: {sorted(unknown)}")
+        return cls(
+            sites=tuple(data["sites"]),
+            cycles=value("cycles", IntRange),
+            reshuffle_each_cycle=bool(data["reshuffle_each_cycle"]),
+            learning_rate=value("learning_rate", FloatRange),
+            learning_rate_decay=value("learning_rate_decay", FloatRange),
+            steps=value("steps", IntRange),
+            steps_per_site=bool(data["steps_per_site"]),
+            epochs=value("epochs", IntRange),
+            proximal_mu=value("proximal_mu", FloatRange),
+            batch_size=int(data["batch_size"]),
+            weight_decay=float(data["weight_decay"]),
+            warmup_steps=int(data["warmup_steps"]),
+            max_grad_norm=float(data["max_grad_norm"]),
+            seed=int(data["seed"]),
+        )

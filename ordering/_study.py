@@ -1,0 +1,665 @@
+"""OrderingStudy: an Optuna study over candidate plans, one Optuna study per budget stage."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ordering._encodings import ParamValue, PermutationEncoding, encoding_by_name
+from ordering._objective import (
+    AGGREGATIONS,
+    Aggregation,
+    Direction,
+    PlanExecutor,
+    PlanPruned,
+    SiteScore,
+    TrialOutcome,
+    aggregate,
+    objective_values,
+)
+from ordering._plan import CandidatePlan
+from ordering._pruning import STAGE_ATTR, PruningSettings, stage_key
+from ordering._space import SearchSpace
+
+__all__ = ["DEFAULT_PRUNING", "OrderingStudy", "StudyMismatch", "TrialRecord"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRUNING = PruningSettings()
+SamplerName = Literal["tpe", "random"]
+
+_META_ATTR = "baton.ordering"  # study user attribute describing what the study searches
+_SCHEMA = 1
+_FULL = 1.0
+
+
+class StudyMismatch(ValueError):
+    """An existing study of that name searches something else than what was asked for."""
+
+
+def _stage_study_name(study_name: str, budget: float) -> str:
+    return study_name if budget == _FULL else f"{study_name}@budget={budget:g}"
+
+
+def _check_budget(budget: float) -> float:
+    budget = float(budget)
+    if not (math.isfinite(budget) and 0.0 < budget <= 1.0):
+        raise ValueError(f"a budget fraction must be within (0, 1], got {budget}")
+    # Six significant digits, as in the stage's study name, so a stage is found again by it.
+    return float(f"{budget:g}")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as stored: what ran, what it scored and what it cost.
+
+    Attributes:
+        study_name: The Optuna study holding the trial (one per budget stage).
+        number: The trial number within that study.
+        state: "COMPLETE", "PRUNED", "FAIL", "RUNNING" or "WAITING".
+        values: The objective value(s), when complete.
+        plan: The plan the trial ran (None for a waiting trial).
+        site_scores: Per-site scores (empty unless complete).
+        cost_seconds_by_site: Compute seconds per site.
+        budget_fraction: The fraction of the full budget the trial ran with.
+        intermediate: (cycle, value) reported after each full cycle.
+        params: The Optuna parameters.
+        error: Why the trial failed, when it did.
+        duplicate_of: The earlier trial of the same stage with the identical plan whose result
+            this trial reuses instead of running the plan again.
+    """
+
+    study_name: str
+    number: int
+    state: str
+    values: tuple[float, ...] | None
+    plan: CandidatePlan | None
+    site_scores: tuple[SiteScore, ...]
+    cost_seconds_by_site: Mapping[str, float]
+    budget_fraction: float
+    intermediate: tuple[tuple[int, float], ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    duplicate_of: int | None = None
+
+    @property
+    def value(self) -> float | None:
+        """The first objective value."""
+        return None if self.values is None else self.values[0]
+
+    @property
+    def compute_seconds(self) -> float:
+        """Total compute seconds across sites."""
+        return float(sum(self.cost_seconds_by_site.values()))
+
+    @classmethod
+    def from_frozen_trial(
+        cls, study_name: str, trial: FrozenTrial, budget_fraction: float = _FULL
+    ) -> TrialRecord:
+        """Reads a record back from a stored trial of the stage with `budget_fraction`."""
+        attrs = trial.user_attrs
+        plan = attrs.get("plan")
+        return cls(
+            study_name=study_name,
+            number=trial.number,
+            state=trial.state.name,
+            values=tuple(trial.values) if trial.values is not None else None,
+            plan=CandidatePlan.from_json_dict(plan) if plan is not None else None,
+            site_scores=tuple(SiteScore(**score) for score in attrs.get("site_scores", ())),
+            cost_seconds_by_site=MappingProxyType(dict(attrs.get("cost_seconds_by_site", {}))),
+            budget_fraction=float(attrs.get("budget_fraction", budget_fraction)),
+            intermediate=tuple((int(c), float(v)) for c, v in attrs.get("intermediate", ())),
+            params=MappingProxyType(dict(trial.params)),
+            error=attrs.get("error"),
+            duplicate_of=attrs.get("duplicate_of"),
+        )
+
+
+class _Stage:
+    """One budget fraction's Optuna study."""
+
+    def __init__(self, budget: float, study: optuna.Study) -> None:
+        self.budget = budget
+        self.study = study
+
+
+class OrderingStudy:
+    """A search over site order and hyperparameters, stored in Optuna.
+
+    Full-budget trials live in the Optuna study named `study_name` (what optuna-dashboard
+    shows); reduced-budget probe trials live in sibling studies named
+    ``"<study_name>@budget=<fraction>"``, so neither the sampler, the pruner nor best-plan
+    selection ever compares values obtained with different budgets. Within a study the pruner
+    further compares only trials with the same number of cycles.
+
+    Build one with `create` (or `load` for an existing study).
+    """
+
+    def __init__(
+        self,
+        *,
+        storage: optuna.storages.BaseStorage,
+        study_name: str,
+        space: SearchSpace,
+        encoding: PermutationEncoding,
+        aggregation: Aggregation,
+        direction: Direction,
+        multi_objective: bool,
+        seed: int | None,
+        sampler: SamplerName,
+        pruning: PruningSettings | None,
+        n_startup_trials: int,
+    ) -> None:
+        self._storage = storage
+        self.study_name = study_name
+        self.space = space
+        self.encoding = encoding
+        self.aggregation: Aggregation = aggregation
+        self.direction: Direction = direction
+        self.multi_objective = multi_objective
+        self._seed = seed
+        self._sampler_name: SamplerName = sampler
+        self._pruning = None if multi_objective else pruning
+        self._n_startup_trials = n_startup_trials
+        self._stages: dict[float, _Stage] = {}
+
+    @classmethod
+    def create(
+        cls,
+        storage_url: str | None,
+        study_name: str,
+        space: SearchSpace,
+        encoding: PermutationEncoding | str = "random-keys",
+        aggregation: Aggregation = "mean",
+        direction: Direction = "maximize",
+        *,
+        seed: int | None = None,
+        sampler: SamplerName = "tpe",
+        pruning: PruningSettings | None = DEFAULT_PRUNING,
+        multi_objective: bool = False,
+        bounds: Mapping[str, tuple[float, float]] | None = None,
+        n_startup_trials: int | None = None,
+    ) -> OrderingStudy:
+        """Creates the study, or reopens it (with its trials) if one of that name exists.
+
+        Args:
+            storage_url: An SQLAlchemy URL Optuna can store studies in (``sqlite:///x.db``,
+                ``postgresql+psycopg://...``), or None for an in-memory study.
+            study_name: The Optuna study name of the full-budget trials.
+            space: What the search may vary.
+            encoding: The permutation encoding (an instance or its name).
+            aggregation: How per-site scores become the objective: "mean", "weighted", "worst".
+            direction: "maximize" for scores such as accuracy, "minimize" for losses.
+            seed: Sampler seed.
+            sampler: "tpe" (the search) or "random" (the random-search baseline).
+            pruning: Pruning settings, or None for no pruning. Ignored for multi-objective
+                studies (Optuna cannot prune them).
+            multi_objective: Optimise (aggregation, worst site) jointly.
+            bounds: The hyperparameter bounds the sites approved; the space must stay within.
+            n_startup_trials: Random trials before TPE starts modelling; by default the number of
+                sites, within [3, 10].
+
+        Raises:
+            SearchSpaceError: If the space leaves `bounds`.
+            StudyMismatch: If a study of that name exists but searches something else.
+        """
+        if isinstance(encoding, str):
+            encoding = encoding_by_name(encoding)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {aggregation!r}")
+        if direction not in ("maximize", "minimize"):
+            raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
+        if multi_objective and aggregation == "worst":
+            raise ValueError("multi-objective studies pair the aggregation with 'worst'; "
+                             "choose 'mean' or 'weighted'")  # fmt: skip
+        if sampler not in ("tpe", "random"):
+            raise ValueError(f"sampler must be 'tpe' or 'random', got {sampler!r}")
+        if bounds is not None:
+            space.check_within(bounds)
+        storage: optuna.storages.BaseStorage = (
+            optuna.storages.InMemoryStorage()
+            if storage_url is None
+            else optuna.storages.RDBStorage(storage_url)
+        )
+        study = cls(
+            storage=storage,
+            study_name=study_name,
+            space=space,
+            encoding=encoding,
+            aggregation=aggregation,
+            direction=direction,
+            multi_objective=multi_objective,
+            seed=seed,
+            sampler=sampler,
+            pruning=pruning,
+            n_startup_trials=(
+                min(10, max(3, len(space.sites))) if n_startup_trials is None else n_startup_trials
+            ),
+        )
+        study._stage(_FULL)
+        return study
+
+    @classmethod
+    def load(
+        cls,
+        storage_url: str,
+        study_name: str,
+        *,
+        seed: int | None = None,
+        sampler: SamplerName = "tpe",
+        pruning: PruningSettings | None = DEFAULT_PRUNING,
+        n_startup_trials: int | None = None,
+    ) -> OrderingStudy:
+        """Reopens an existing study with the space, encoding and objective it was created with.
+
+        Raises:
+            StudyMismatch: If the stored study was not created by `OrderingStudy`.
+            KeyError: If there is no study of that name.
+        """
+        storage = optuna.storages.RDBStorage(storage_url)
+        existing = optuna.load_study(study_name=study_name, storage=storage)
+        meta = existing.user_attrs.get(_META_ATTR)
+        if not isinstance(meta, dict) or meta.get("schema") != _SCHEMA:
+            raise StudyMismatch(f"study {study_name!r} was not created by OrderingStudy")
+        return cls.create(
+            storage_url,
+            study_name,
+            SearchSpace.from_json_dict(meta["space"]),
+            meta["encoding"],
+            meta["aggregation"],
+            meta["direction"],
+            seed=seed,
+            sampler=sampler,
+            pruning=pruning,
+            multi_objective=bool(meta["multi_objective"]),
+            n_startup_trials=n_startup_trials,
+        )
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "schema": _SCHEMA,
+            "space": self.space.to_json_dict(),
+            "encoding": self.encoding.name,
+            "aggregation": self.aggregation,
+            "direction": self.direction,
+            "multi_objective": self.multi_objective,
+        }
+
+    def _new_sampler(self) -> optuna.samplers.BaseSampler:
+        if self._sampler_name == "random":
+            return optuna.samplers.RandomSampler(seed=self._seed)
+        # Optuna 5 defaults: multivariate TPE for one objective, independent TPE for two.
+        return optuna.samplers.TPESampler(seed=self._seed, n_startup_trials=self._n_startup_trials)
+
+    def _stage(self, budget: float) -> _Stage:
+        budget = _check_budget(budget)
+        if budget in self._stages:
+            return self._stages[budget]
+        name = _stage_study_name(self.study_name, budget)
+        study = optuna.create_study(
+            storage=self._storage,
+            study_name=name,
+            sampler=self._new_sampler(),
+            pruner=self._pruning.pruner() if self._pruning else optuna.pruners.NopPruner(),
+            directions=[self.direction] * (2 if self.multi_objective else 1),
+            load_if_exists=True,
+        )
+        meta = {**self._metadata(), "budget_fraction": budget}
+        stored = study.user_attrs.get(_META_ATTR)
+        if stored is None:
+            if study.trials:
+                raise StudyMismatch(f"study {name!r} exists and was not created by OrderingStudy")
+            study.set_user_attr(_META_ATTR, meta)
+            logger.info("created ordering study %r (budget %g)", name, budget)
+        elif stored != meta:
+            differing = sorted(k for k in meta if stored.get(k) != meta[k])
+            raise StudyMismatch(
+                f"study {name!r} exists with a different {', '.join(differing)}; "
+                "use another study name or the stored settings (OrderingStudy.load)"
+            )
+        else:
+            logger.info("reopened ordering study %r with %d trials", name, len(study.trials))
+        stage = _Stage(budget, study)
+        self._stages[budget] = stage
+        return stage
+
+    def _stage_budgets(self) -> list[float]:
+        """Every budget stage stored for this study, full budget first."""
+        prefix = f"{self.study_name}@budget="
+        budgets = {_FULL}
+        for summary in optuna.get_all_study_names(storage=self._storage):
+            if summary.startswith(prefix):
+                budgets.add(float(summary[len(prefix) :]))
+        return sorted(budgets, reverse=True)
+
+    @property
+    def optuna_study(self) -> optuna.Study:
+        """The Optuna study of the full-budget trials (for plots and the dashboard)."""
+        return self._stage(_FULL).study
+
+    # -- seeding --------------------------------------------------------------------------
+
+    def params_for(self, candidate: Sequence[str] | CandidatePlan) -> dict[str, ParamValue]:
+        """The trial parameters that reproduce an order or a plan in this study."""
+        if isinstance(candidate, CandidatePlan):
+            return self.space.params_for(candidate, self.encoding)
+        order = tuple(candidate)
+        if self.space.reshuffle_each_cycle:
+            params: dict[str, ParamValue] = {}
+            for c in range(self.space.max_cycles):
+                params.update(self.encoding.encode(order, self.space.sites, prefix=f"cycle{c}_"))
+            return params
+        return self.encoding.encode(order, self.space.sites)
+
+    def enqueue(
+        self,
+        *candidates: Sequence[str] | CandidatePlan,
+        budget: float = _FULL,
+        note: str = "seed",
+    ) -> None:
+        """Queues orders or plans to be tried next (heuristic seeds, warm starts).
+
+        An order fixes only the order (every cycle); the sampler picks the other values. A plan
+        fixes everything. Candidates already tried or queued are skipped.
+
+        Args:
+            candidates: Orders (sequences of site names) or plans of this space.
+            budget: The stage to queue them in.
+            note: Stored as the trials' ``"enqueued"`` user attribute.
+
+        Raises:
+            SearchSpaceError: If a plan does not fit the space.
+            ValueError: If an order is not a permutation of the space's sites.
+        """
+        stage = self._stage(budget)
+        for candidate in candidates:
+            stage.study.enqueue_trial(
+                self.params_for(candidate), user_attrs={"enqueued": note}, skip_if_exists=True
+            )
+
+    # -- running --------------------------------------------------------------------------
+
+    def optimize(
+        self,
+        executor: PlanExecutor,
+        n_trials: int | None = None,
+        budget_per_trial: float = _FULL,
+        timeout: float | None = None,
+        *,
+        max_compute_seconds: float | None = None,
+        catch: tuple[type[Exception], ...] = (),
+        reuse_duplicates: bool = True,
+    ) -> list[TrialRecord]:
+        """Runs trials until a limit is reached; returns the records of the trials it ran.
+
+        Args:
+            executor: Runs each plan.
+            n_trials: Stop after this many trials.
+            budget_per_trial: The budget fraction every trial runs with (< 1: probe trials,
+                kept in their own stage).
+            timeout: Stop starting trials after this many wall-clock seconds.
+            max_compute_seconds: Stop starting trials once the trials run by this call have
+                cost this many compute seconds, summed over sites (checked between trials;
+                `compute_seconds()` gives the study-wide total).
+            catch: Exceptions from the executor that fail the trial but not the search. Others
+                fail the trial and propagate.
+            reuse_duplicates: When the sampler proposes a plan that already completed in this
+                stage, record the earlier result (at no compute cost) instead of running it
+                again. Small site counts make such repeats common; turn it off when the
+                executor is noisy and repeats are wanted as fresh samples.
+        """
+        if n_trials is None and timeout is None and max_compute_seconds is None:
+            raise ValueError("give n_trials, timeout or max_compute_seconds (or several)")
+        stage = self._stage(budget_per_trial)
+        started = time.monotonic()
+        spent = 0.0
+        records: list[TrialRecord] = []
+        while True:
+            if n_trials is not None and len(records) >= n_trials:
+                break
+            if timeout is not None and time.monotonic() - started >= timeout:
+                break
+            if max_compute_seconds is not None and spent >= max_compute_seconds:
+                break
+            record = self._run_trial(stage, executor, catch, reuse_duplicates)
+            records.append(record)
+            spent += record.compute_seconds
+        return records
+
+    def _run_trial(
+        self,
+        stage: _Stage,
+        executor: PlanExecutor,
+        catch: tuple[type[Exception], ...],
+        reuse_duplicates: bool,
+    ) -> TrialRecord:
+        study = stage.study
+        trial = study.ask()
+        try:
+            plan = self.space.suggest_plan(trial, self.encoding)
+        except BaseException as exc:
+            trial.set_user_attr("error", f"cannot build a plan: {exc}")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        trial.set_user_attr("budget_fraction", stage.budget)
+        trial.set_user_attr(STAGE_ATTR, stage_key(stage.budget, plan.cycles))
+        trial.set_user_attr("plan", plan.to_json_dict())
+        trial.set_user_attr("order", plan.describe())
+        if reuse_duplicates:
+            twin = self._completed_twin(stage, plan)
+            if twin is not None:
+                return self._reuse(stage, trial, twin)
+        reported: dict[int, float] = {}
+
+        def report(cycle: int, value: float) -> None:
+            cycle, value = int(cycle), float(value)
+            if cycle < 0 or cycle >= plan.cycles:
+                raise ValueError(f"cycle {cycle} is outside the plan's {plan.cycles} cycles")
+            reported[cycle] = value
+            if self.multi_objective:
+                return  # Optuna cannot prune multi-objective trials; values are still stored.
+            trial.report(value, cycle)
+            # After the last cycle the run is paid for: keep its result whatever the pruner says.
+            if cycle < plan.cycles - 1 and trial.should_prune():
+                raise PlanPruned(f"trial {trial.number} pruned after cycle {cycle}")
+
+        began = time.monotonic()
+        try:
+            outcome = executor.execute(plan, budget=stage.budget, report=report)
+        except PlanPruned as exc:
+            cost = exc.cost_seconds_by_site or {"(unattributed)": time.monotonic() - began}
+            self._store_run(trial, cost, reported)
+            study.tell(trial, state=TrialState.PRUNED)
+            logger.info("%s trial %d pruned: %s", study.study_name, trial.number, plan.describe())
+            return self._record(stage, trial.number)
+        except BaseException as exc:
+            self._store_run(trial, {"(unattributed)": time.monotonic() - began}, reported)
+            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+            study.tell(trial, state=TrialState.FAIL)
+            if isinstance(exc, catch):
+                logger.warning("%s trial %d failed: %s", study.study_name, trial.number, exc)
+                return self._record(stage, trial.number)
+            raise
+        try:
+            self._store_outcome(trial, plan, outcome, reported)
+            values = objective_values(
+                outcome, self.aggregation, self.direction, self.multi_objective
+            )
+        except ValueError as exc:  # an outcome the executor should not have returned
+            trial.set_user_attr("error", f"invalid outcome: {exc}")
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        if not all(math.isfinite(v) for v in values):
+            trial.set_user_attr("error", f"non-finite objective {values}")
+            study.tell(trial, state=TrialState.FAIL)
+            logger.warning("%s trial %d scored %s", study.study_name, trial.number, values)
+        else:
+            study.tell(trial, list(values))
+            logger.info("%s trial %d: %s -> %s", study.study_name, trial.number,
+                        plan.describe(), ", ".join(f"{v:.4f}" for v in values))  # fmt: skip
+        return self._record(stage, trial.number)
+
+    @staticmethod
+    def _completed_twin(stage: _Stage, plan: CandidatePlan) -> FrozenTrial | None:
+        wanted = plan.to_json_dict()
+        for earlier in stage.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if (
+                earlier.user_attrs.get("plan") == wanted
+                and "duplicate_of" not in earlier.user_attrs
+            ):
+                return earlier
+        return None
+
+    def _reuse(self, stage: _Stage, trial: optuna.Trial, twin: FrozenTrial) -> TrialRecord:
+        for key in ("site_scores", "objectives", "intermediate"):
+            if key in twin.user_attrs:
+                trial.set_user_attr(key, twin.user_attrs[key])
+        trial.set_user_attr("cost_seconds_by_site", {})
+        trial.set_user_attr("compute_seconds", 0.0)
+        trial.set_user_attr("duplicate_of", twin.number)
+        if not self.multi_objective:
+            for step, value in sorted(twin.intermediate_values.items()):
+                trial.report(value, step)
+        assert twin.values is not None
+        stage.study.tell(trial, list(twin.values))
+        logger.info("%s trial %d repeats trial %d; reusing its result",
+                    stage.study.study_name, trial.number, twin.number)  # fmt: skip
+        return self._record(stage, trial.number)
+
+    def _store_run(
+        self, trial: optuna.Trial, cost: Mapping[str, float], reported: Mapping[int, float]
+    ) -> None:
+        trial.set_user_attr("cost_seconds_by_site", {k: float(v) for k, v in cost.items()})
+        trial.set_user_attr("compute_seconds", float(sum(cost.values())))
+        trial.set_user_attr("intermediate", sorted([c, v] for c, v in reported.items()))
+
+    def _store_outcome(
+        self,
+        trial: optuna.Trial,
+        plan: CandidatePlan,
+        outcome: TrialOutcome,
+        reported: dict[int, float],
+    ) -> None:
+        unknown = {score.site for score in outcome.site_scores} - set(plan.sites)
+        if unknown:
+            raise ValueError(f"executor scored sites the plan does not visit: {sorted(unknown)}")
+        for cycle, value in outcome.intermediate:
+            if cycle not in reported:
+                reported[cycle] = value
+                if not self.multi_objective:
+                    trial.report(value, cycle)
+        self._store_run(trial, outcome.cost_seconds_by_site, reported)
+        trial.set_user_attr("site_scores", [s.to_json_dict() for s in outcome.site_scores])
+        trial.set_user_attr(
+            "objectives",
+            {a: aggregate(outcome.site_scores, a, self.direction) for a in AGGREGATIONS},
+        )
+
+    def _record(self, stage: _Stage, number: int) -> TrialRecord:
+        frozen = stage.study.get_trials(deepcopy=False)[number]
+        return TrialRecord.from_frozen_trial(stage.study.study_name, frozen, stage.budget)
+
+    def probe_then_promote(
+        self,
+        executor: PlanExecutor,
+        n_probes: int,
+        budget: float,
+        promote: int,
+        *,
+        catch: tuple[type[Exception], ...] = (),
+    ) -> list[CandidatePlan]:
+        """Runs cheap probe trials at a reduced budget, then queues the best at full budget.
+
+        Probe values are compared only with each other; the promoted plans are rerun at full
+        budget before they can count as the study's best.
+
+        Returns:
+            The promoted plans (queued in the full-budget stage).
+        """
+        if not 0.0 < budget < 1.0:
+            raise ValueError(f"a probe budget must be within (0, 1), got {budget}")
+        self.optimize(executor, n_probes, budget, catch=catch)
+        return self.promote(budget, promote)
+
+    def promote(
+        self, from_budget: float, top_k: int, to_budget: float = _FULL
+    ) -> list[CandidatePlan]:
+        """Queues the `top_k` best distinct completed plans of one stage in a larger-budget stage.
+
+        A plan already tried or queued at `to_budget` is not queued again.
+
+        Returns:
+            The promoted plans, best first.
+        """
+        if _check_budget(to_budget) <= _check_budget(from_budget):
+            raise ValueError("plans are promoted to a larger budget")
+        plans: list[CandidatePlan] = []
+        for record in self._ranked(from_budget):
+            if len(plans) == top_k:
+                break
+            if record.plan is not None and record.plan not in plans:
+                plans.append(record.plan)
+        self.enqueue(*plans, budget=to_budget, note=f"promoted from budget {from_budget:g}")
+        return plans
+
+    # -- results --------------------------------------------------------------------------
+
+    def _ranked(self, budget: float) -> list[TrialRecord]:
+        complete = [r for r in self.history(budget=budget) if r.state == TrialState.COMPLETE.name]
+        sign = -1.0 if self.direction == "maximize" else 1.0
+        return sorted(complete, key=lambda r: (sign * (r.value or 0.0), r.number))
+
+    def best_plan(self, budget: float = _FULL) -> CandidatePlan:
+        """The plan of the best completed trial at `budget` (full budget unless asked).
+
+        Raises:
+            ValueError: If no trial completed at that budget, or the study is multi-objective
+                (use `best_plans`).
+        """
+        if self.multi_objective:
+            raise ValueError("a multi-objective study has a Pareto front: use best_plans()")
+        ranked = self._ranked(budget)
+        if not ranked or ranked[0].plan is None:
+            raise ValueError(f"no completed trial at budget {budget:g} in {self.study_name!r}")
+        return ranked[0].plan
+
+    def best_plans(self, budget: float = _FULL) -> list[CandidatePlan]:
+        """The distinct plans of the Pareto-optimal completed trials at `budget` (the best plan
+        when single-objective)."""
+        stage = self._stage(budget)
+        plans: list[CandidatePlan] = []
+        for trial in stage.study.best_trials:
+            plan = TrialRecord.from_frozen_trial(stage.study.study_name, trial, stage.budget).plan
+            if plan is not None and plan not in plans:
+                plans.append(plan)
+        return plans
+
+    def history(self, budget: float | None = None) -> list[TrialRecord]:
+        """Every trial, full budget first then each probe stage, by trial number.
+
+        Args:
+            budget: Only this stage's trials.
+        """
+        budgets = self._stage_budgets() if budget is None else [_check_budget(budget)]
+        records: list[TrialRecord] = []
+        for stage_budget in budgets:
+            stage = self._stage(stage_budget)
+            records += [
+                TrialRecord.from_frozen_trial(stage.study.study_name, trial, stage.budget)
+                for trial in stage.study.get_trials(deepcopy=False)
+            ]
+        return records
+
+    def compute_seconds(self, budget: float | None = None) -> float:
+        """Compute seconds spent by the study's trials (all stages unless asked), over sites."""
+        return float(sum(record.compute_seconds for record in self.history(budget)))

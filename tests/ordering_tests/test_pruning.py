@@ -1,0 +1,195 @@
+"""Pruning and budget stages: values from different budgets or cycle counts are never compared."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from ordering import (
+    CandidatePlan,
+    IntRange,
+    OrderingStudy,
+    PlanPruned,
+    PruningSettings,
+    SearchSpace,
+    SiteScore,
+    StagePruner,
+    SyntheticObjective,
+    TrialOutcome,
+    stage_key,
+)
+from ordering._pruning import STAGE_ATTR
+
+
+class RecordingPruner(optuna.pruners.BasePruner):
+    """Passes through to a real pruner, noting which stages it was shown."""
+
+    def __init__(self, inner: optuna.pruners.BasePruner) -> None:
+        self.inner = inner
+        self.seen: list[tuple[str, set[str]]] = []
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        shown = {t.user_attrs.get(STAGE_ATTR) for t in study.get_trials(deepcopy=False)}
+        self.seen.append((trial.user_attrs[STAGE_ATTR], {str(s) for s in shown}))
+        return self.inner.prune(study, trial)
+
+
+def _finished(study: optuna.Study, key: str, values: list[float]) -> None:
+    trial = study.ask()
+    trial.set_user_attr(STAGE_ATTR, key)
+    for step, value in enumerate(values):
+        trial.report(value, step)
+    study.tell(trial, values[-1])
+
+
+def test_a_trial_is_compared_only_with_trials_of_its_own_stage() -> None:
+    pruner = StagePruner(optuna.pruners.MedianPruner(n_startup_trials=1))
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    full, probe = stage_key(1.0, 2), stage_key(0.25, 2)
+    for _ in range(3):
+        _finished(study, full, [0.8, 0.9])
+
+    low_probe = study.ask()
+    low_probe.set_user_attr(STAGE_ATTR, probe)
+    low_probe.report(0.1, 0)
+    assert not low_probe.should_prune()  # far below the full-budget trials: not comparable
+
+    low_full = study.ask()
+    low_full.set_user_attr(STAGE_ATTR, full)
+    low_full.report(0.1, 0)
+    assert low_full.should_prune()  # below its own stage's median
+
+
+def test_trials_with_different_cycle_counts_are_not_compared() -> None:
+    study = optuna.create_study(
+        direction="maximize",
+        pruner=StagePruner(optuna.pruners.MedianPruner(n_startup_trials=1)),
+    )
+    _finished(study, stage_key(1.0, 4), [0.9, 0.95, 0.97, 0.98])
+    shorter = study.ask()
+    shorter.set_user_attr(STAGE_ATTR, stage_key(1.0, 2))
+    shorter.report(0.2, 0)
+    assert not shorter.should_prune()
+
+
+def test_search_with_probes_never_shows_the_pruner_another_stage(
+    monkeypatch: pytest.MonkeyPatch, synthetic: SyntheticObjective
+) -> None:
+    recorders: list[RecordingPruner] = []
+
+    def recording_pruner(settings: PruningSettings) -> StagePruner:
+        recorder = RecordingPruner(
+            optuna.pruners.PercentilePruner(settings.percentile, n_startup_trials=2)
+        )
+        recorders.append(recorder)
+        return StagePruner(recorder)
+
+    monkeypatch.setattr(PruningSettings, "pruner", recording_pruner)
+    space = SearchSpace(sites=synthetic.sites, cycles=IntRange(2, 3))
+    study = OrderingStudy.create(None, "stages", space, "random-keys", seed=0)
+    study.optimize(synthetic, n_trials=12)
+    study.optimize(synthetic, n_trials=12, budget_per_trial=0.25)
+    study.optimize(synthetic, n_trials=6)
+
+    seen = [entry for recorder in recorders for entry in recorder.seen]
+    assert len(seen) > 20
+    assert all(shown == {own} for own, shown in seen)
+    stages = {own for own, _ in seen}
+    assert {stage_key(0.25, 2), stage_key(1.0, 2), stage_key(1.0, 3)} <= stages
+    states = [r.state for r in study.history()]
+    assert "PRUNED" in states and "COMPLETE" in states
+
+
+class BudgetInflatingExecutor:
+    """Probe runs score higher than full runs: only stage separation keeps them out of `best`."""
+
+    def execute(
+        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
+    ) -> TrialOutcome:
+        value = 10.0 if budget < 1.0 else float(plan.order.index("a"))
+        report(0, value)
+        return TrialOutcome((SiteScore("a", value, 10),), {"a": budget})
+
+
+def test_probe_trials_are_kept_out_of_full_budget_selection() -> None:
+    study = OrderingStudy.create(None, "probes", SearchSpace(sites=("a", "b", "c")), seed=0)
+    study.optimize(BudgetInflatingExecutor(), n_trials=4, budget_per_trial=0.2)
+    study.optimize(BudgetInflatingExecutor(), n_trials=8)
+    assert study.best_plan().order[2] == "a"
+    assert all(r.value is not None and r.value < 10 for r in study.history(budget=1.0))
+    probes = study.history(budget=0.2)
+    assert len(probes) == 4 and all(r.budget_fraction == 0.2 for r in probes)
+    assert all(r.study_name == "probes@budget=0.2" for r in probes)
+    assert study.best_plan(budget=0.2) is not None
+
+
+def test_promoted_probe_plans_rerun_at_full_budget(synthetic: SyntheticObjective) -> None:
+    study = OrderingStudy.create(None, "promote", synthetic.default_space(), seed=0)
+    promoted = study.probe_then_promote(synthetic, n_probes=10, budget=0.3, promote=2)
+    assert len(promoted) == 2
+    reruns = study.optimize(synthetic, n_trials=2)
+    assert [r.plan for r in reruns] == promoted
+    assert all(r.budget_fraction == 1.0 for r in reruns)
+    assert study.optuna_study.trials[0].user_attrs["enqueued"] == "promoted from budget 0.3"
+
+
+def test_a_pruned_trial_records_the_cost_the_executor_attached(
+    synthetic: SyntheticObjective,
+) -> None:
+    study = OrderingStudy.create(
+        None,
+        "pruned",
+        synthetic.default_space(cycles=3),
+        pruning=PruningSettings(percentile=100.0, n_startup_trials=1),
+        seed=0,
+    )
+    study.enqueue(synthetic.best_order, synthetic.best_order[::-1])
+    best, worse = study.optimize(synthetic, n_trials=2)
+    assert best.state == "COMPLETE"
+    assert worse.state == "PRUNED"
+    assert worse.intermediate and worse.intermediate[0][0] == 0
+    assert 0 < worse.compute_seconds < best.compute_seconds
+    assert study.optuna_study.trials[1].state == TrialState.PRUNED
+
+
+def test_pruning_raises_plan_pruned_into_the_executor(synthetic: SyntheticObjective) -> None:
+    raised: list[BaseException] = []
+
+    class Watching:
+        def execute(
+            self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
+        ) -> TrialOutcome:
+            try:
+                return synthetic.execute(plan, budget=budget, report=report)
+            except PlanPruned as exc:
+                raised.append(exc)
+                raise
+
+    study = OrderingStudy.create(
+        None,
+        "raise",
+        synthetic.default_space(cycles=2),
+        pruning=PruningSettings(percentile=100.0, n_startup_trials=1),
+        seed=0,
+    )
+    study.enqueue(synthetic.best_order, synthetic.best_order[::-1])
+    study.optimize(Watching(), n_trials=2)
+    assert len(raised) == 1 and isinstance(raised[0], PlanPruned)
+
+
+def test_a_finished_run_is_never_pruned_after_its_last_cycle(
+    synthetic: SyntheticObjective,
+) -> None:
+    study = OrderingStudy.create(
+        None,
+        "last-cycle",
+        synthetic.default_space(cycles=1),
+        pruning=PruningSettings(percentile=100.0, n_startup_trials=1),
+        seed=0,
+    )
+    study.enqueue(synthetic.best_order, synthetic.best_order[::-1])
+    records = study.optimize(synthetic, n_trials=2)
+    assert [r.state for r in records] == ["COMPLETE", "COMPLETE"]
