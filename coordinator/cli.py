@@ -230,6 +230,20 @@ def run_start(
                 raise typer.Exit(EXIT_RUN_FAILED)
 
 
+@run_app.command("bundle")
+def run_bundle(
+    plan_file: Annotated[Path, typer.Argument(help="Run plan (.json or .toml)")],
+) -> None:
+    """Print the plan's approval bundle and its sha256: what each site reviews and approves."""
+    try:
+        bundle = load_plan(plan_file).approval_bundle()
+    except PlanError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    console.print_json(bundle.canonical_json())
+    console.print(f"sha256: {bundle.sha256}")
+    console.print(f"at each site, after review: baton-site approve {bundle.sha256}")
+
+
 @run_app.command("status")
 def run_status(
     run_id: Annotated[str | None, typer.Argument(help="Run id (default: list all runs)")] = None,

@@ -104,6 +104,19 @@ def run_demo(
         labels = write_site_data(directory / "sites" / name / "data", index, n_sites)
     console.print(f"certificates in {pki_dir}; generated data for {', '.join(names)}")
 
+    plan = RunPlan.model_validate(
+        {
+            "name": "demo",
+            "dataset": DATASET,
+            "labels": labels,
+            "sites": names,
+            "cycles": cycles,
+            "defaults": {"steps": steps, "batch_size": 16, "learning_rate": 2e-3},
+            "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]},
+        }
+    )
+    console.print(f"run bundle {plan.approval_bundle().sha256[:16]}... approved at every site")
+
     cluster = Cluster(log_dir=directory / "logs")
     with cluster.running():
         port = cluster.start_coordinator(
@@ -120,6 +133,8 @@ def run_demo(
                 data_dir=directory / "sites" / name / "data",
                 base_model_dir=model,
                 threads=2,
+                # Each hospital's review approved this run's bundle (shown by `baton run bundle`).
+                approve=[plan.approval_bundle().sha256],
             )
         with AdminClient.from_files(
             target, pki_dir / "ca.crt", pki_dir / "admin.crt", pki_dir / "admin.key"
@@ -130,17 +145,6 @@ def run_demo(
                 cluster.check_alive()
                 raise DemoError(str(exc)) from exc
             console.print(f"coordinator on {target}; sites connected: {', '.join(names)}")
-            plan = RunPlan.model_validate(
-                {
-                    "name": "demo",
-                    "dataset": DATASET,
-                    "labels": labels,
-                    "sites": names,
-                    "cycles": cycles,
-                    "defaults": {"steps": steps, "batch_size": 16, "learning_rate": 2e-3},
-                    "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]},
-                }
-            )
             run_id = admin.start_run(plan)
             run = follow_run(admin, run_id)
             console.print()

@@ -31,7 +31,9 @@ from coordinator.ledger import (
 )
 from coordinator.plan import FailurePolicy, RunPlan
 from coordinator.store import CheckpointStore, fsync_write
+from protocols.approval import ApprovalBundle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
+from protocols.signing import SignatureError, verify_custody
 from protocols.v1 import baton_pb2 as pb
 
 __all__ = ["HopProgress", "RunEngine", "SiteSession"]
@@ -44,6 +46,7 @@ class SiteSession:
     """One open task stream of a connected site."""
 
     site: str
+    serial: int = 0  # the certificate the stream was opened with
     queue: asyncio.Queue[pb.Task | None] = field(default_factory=asyncio.Queue)
 
     def close(self) -> None:
@@ -83,11 +86,10 @@ def _hop_task(run: RunRow, hop: HopRow, input_ref: CheckpointRow | None) -> pb.T
         lora=_lora(plan),
         hyperparameters=pb.Hyperparameters(**hop.hyperparameters),
         task_options_json=json.dumps(plan.get("options", {}), sort_keys=True),
+        approval_bundle_json=approval_bundle(run).canonical_json(),
     )
     if input_ref is not None:
-        task.input_checkpoint.CopyFrom(
-            pb.CheckpointRef(sha256=input_ref.sha256, size=input_ref.size)
-        )
+        task.input_checkpoint.CopyFrom(_checkpoint_ref(input_ref))
     return pb.Task(hop=task)
 
 
@@ -103,7 +105,7 @@ def _evaluation_task(run: RunRow, row: EvaluationRow, checkpoint: CheckpointRow)
             evaluation_id=row.id,
             lease_token=row.lease_token or "",
             run_id=run.id,
-            checkpoint=pb.CheckpointRef(sha256=checkpoint.sha256, size=checkpoint.size),
+            checkpoint=_checkpoint_ref(checkpoint),
             task_type=plan["task"],
             dataset=plan["dataset"],
             labels=plan["labels"],
@@ -111,8 +113,24 @@ def _evaluation_task(run: RunRow, row: EvaluationRow, checkpoint: CheckpointRow)
             lora=_lora(plan),
             task_options_json=json.dumps(plan.get("options", {}), sort_keys=True),
             split=row.split,
+            approval_bundle_json=approval_bundle(run).canonical_json(),
         )
     )
+
+
+def _checkpoint_ref(row: CheckpointRow) -> pb.CheckpointRef:
+    """Where a site finds a checkpoint, with what it needs to verify who produced it."""
+    return pb.CheckpointRef(
+        sha256=row.sha256,
+        size=row.size,
+        signature=bytes.fromhex(row.signature),
+        producer_certificate=row.producer_certificate.encode("ascii"),
+    )
+
+
+def approval_bundle(run: RunRow) -> ApprovalBundle:
+    """The bundle the run's sites approve, rebuilt from the plan stored with the run."""
+    return RunPlan.model_validate(run.plan).approval_bundle()
 
 
 def _policy(run: RunRow) -> FailurePolicy:
@@ -148,9 +166,11 @@ class RunEngine:
         store: CheckpointStore,
         runs_dir: Path,
         *,
+        ca_pem: bytes,
         max_checkpoint_bytes: int,
     ) -> None:
         self.ledger = ledger
+        self.ca_pem = ca_pem
         self.store = store
         self.runs_dir = runs_dir
         self.max_checkpoint_bytes = max_checkpoint_bytes
@@ -160,16 +180,43 @@ class RunEngine:
         self._deadlines: dict[str, float] = {}  # hop id -> monotonic lease deadline
         self._not_before: dict[str, float] = {}  # hop id -> retry backoff end
         self._waiting_since: dict[str, float] = {}  # hop id -> when it began waiting for its site
+        self._revoked: dict[str, str] | None = None  # serial hex -> reason, cached
         self._lock = asyncio.Lock()
+
+    # ---- certificates -------------------------------------------------------------------------
+
+    def revocation(self, serial: int) -> str | None:
+        """The reason a certificate serial was revoked, or None."""
+        if self._revoked is None:
+            self._revoked = self.ledger.revocations()
+        return self._revoked.get(format(serial, "x"))
+
+    async def revoke(self, serial: str, reason: str, *, by: str) -> int:
+        """Revokes a certificate serial (hex) and closes the streams opened with it."""
+        try:
+            number = int(serial, 16)
+        except ValueError:
+            raise InvalidInput(f"not a hexadecimal certificate serial: {serial!r}") from None
+        self.ledger.revoke(format(number, "x"), reason=reason, by=by)
+        self._revoked = None
+        closed = 0
+        for session in list(self._sessions.values()):
+            if session.serial == number:
+                session.close()
+                self.disconnect(session)
+                closed += 1
+        logger.warning("certificate %x revoked by %s (%s); %d stream(s) closed",
+                       number, by, reason, closed)  # fmt: skip
+        return closed
 
     # ---- connections --------------------------------------------------------------------------
 
     def connected_sites(self) -> set[str]:
         return set(self._sessions)
 
-    async def connect(self, site: str) -> SiteSession:
+    async def connect(self, site: str, serial: int = 0) -> SiteSession:
         """Registers a site's new task stream (replacing an older one) and sends it its work."""
-        session = SiteSession(site)
+        session = SiteSession(site, serial)
         old = self._sessions.get(site)
         if old is not None:
             old.close()
@@ -294,9 +341,13 @@ class RunEngine:
         return row
 
     async def receive_upload(
-        self, site: str, header: pb.UploadHeader, chunks: AsyncIterator[bytes]
+        self,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        chunks: AsyncIterator[bytes],
     ) -> Bundle:
-        """Accepts a hop's output bundle: size, hash, format, values and lineage all checked."""
+        """Accepts a hop's output bundle: size, hash, signature, format, values and lineage."""
         run, hop = self._leased_hop(site, header.hop_id, header.lease_token)
         if header.total_size > self.max_checkpoint_bytes:
             raise InvalidInput(
@@ -320,6 +371,12 @@ class RunEngine:
         except CheckpointError as exc:
             raise InvalidInput(str(exc)) from exc
         self._check_lineage(run, hop, site, bundle)
+        try:
+            verify_custody(
+                bundle.sha256, header.signature, certificate_pem, ca_pem=self.ca_pem, producer=site
+            )
+        except SignatureError as exc:
+            raise InvalidInput(f"checkpoint-integrity: {exc}") from exc
         await asyncio.to_thread(self.store.put, data)
         self.ledger.record_checkpoint(
             CheckpointRow(
@@ -331,6 +388,8 @@ class RunEngine:
                 parent_sha256=hop.input_sha256,
                 manifest=json.loads(bundle.manifest.to_json()),
                 tensors=_tensor_specs(bundle),
+                signature=header.signature.hex(),
+                producer_certificate=certificate_pem.decode("ascii"),
                 stored_at=datetime.now(UTC),
             )
         )

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from protocols.approval import HYPERPARAMETERS, ApprovalBundle, BundleViolation
+
 __all__ = [
     "FailurePolicy",
     "HopSpec",
@@ -83,6 +85,9 @@ class RunPlan(_Strict):
     cycles: int = Field(default=1, ge=1, le=1000)
     hops: tuple[HopSpec, ...] = ()
     failure: FailurePolicy = FailurePolicy()
+    # Bounds every hop's hyperparameters stay within; sites approve them. Default: the hops' own
+    # values (so the approved bundle is exactly this plan).
+    bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_shape(self) -> RunPlan:
@@ -98,7 +103,41 @@ class RunPlan(_Strict):
             json.dumps(self.options, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"'options' must be plain JSON: {exc}") from exc
+        unknown = sorted(set(self.bounds) - set(HYPERPARAMETERS))
+        if unknown:
+            raise ValueError(f"'bounds' names unknown hyperparameters: {', '.join(unknown)}")
+        for name, (low, high) in self.bounds.items():
+            if not low <= high:
+                raise ValueError(f"bounds.{name}: lower bound {low} is above {high}")
+        bundle = self.approval_bundle()
+        for index, (_, hp) in enumerate(self.expanded_hops()):
+            try:
+                bundle.check_hyperparameters(hp.model_dump())
+            except BundleViolation as exc:
+                raise ValueError(f"hop {index}: {exc}") from exc
         return self
+
+    def effective_bounds(self) -> dict[str, tuple[float, float]]:
+        """The declared bounds, or else the range the hops actually use."""
+        if self.bounds:
+            return dict(self.bounds)
+        values = [hp.model_dump() for _, hp in self.expanded_hops()]
+        return {
+            name: (float(min(v[name] for v in values)), float(max(v[name] for v in values)))
+            for name in HYPERPARAMETERS
+        }
+
+    def approval_bundle(self) -> ApprovalBundle:
+        """What each site reviews and approves before this run may touch its data."""
+        return ApprovalBundle(
+            task_type=self.task,
+            dataset=self.dataset,
+            base_model_sha256=self.base_model_sha256 or "",
+            labels=self.labels,
+            lora=self.lora.model_dump(mode="json") if self.task != "tabular" else {},
+            options=self.options,
+            bounds=self.effective_bounds(),
+        )
 
     def expanded_hops(self) -> list[tuple[str, HyperparameterSpec]]:
         """The hops in execution order, each with its effective hyperparameters."""

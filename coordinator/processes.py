@@ -114,8 +114,10 @@ class Cluster:
         data_dir: Path,
         base_model_dir: Path,
         threads: int | None = None,
+        approve: Sequence[str] = (),
         extra: Sequence[str] = (),
     ) -> ManagedProcess:
+        """Starts `baton-site serve`; `approve` pre-approves run bundles by their sha256."""
         args = [
             "-m", "site_agent", "serve",
             "--coordinator", coordinator,
@@ -128,6 +130,8 @@ class Cluster:
         ]  # fmt: skip
         if threads:
             args += ["--threads", str(threads)]
+        for digest in approve:
+            args += ["--approve", digest]
         return self._spawn(name, args)
 
     def process(self, name: str) -> ManagedProcess:

@@ -55,6 +55,7 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
         ledger,
         CheckpointStore(settings.checkpoint_dir),
         settings.runs_dir,
+        ca_pem=settings.ca_certificate.read_bytes(),
         max_checkpoint_bytes=settings.max_checkpoint_bytes,
     )
     server, port = aio_server(settings.tls, settings.address)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from datetime import UTC, datetime
 from typing import NoReturn
 
 import grpc
 import grpc.aio
 
-from coordinator.engine import RunEngine
+from coordinator.engine import RunEngine, approval_bundle
 from coordinator.errors import (
     CoordinatorError,
     InvalidInput,
@@ -29,6 +31,7 @@ __all__ = ["AdminServicer", "SiteServicer", "run_status"]
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
+EXPIRY_WARNING_DAYS = 30
 COORDINATOR_VERSION = "0.1.0"
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
@@ -40,29 +43,71 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
 ]
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            logger.warning("refused %s: %s", code.name, exc)
-            await context.abort(code, str(exc))
-    raise exc
+_CALL: ContextVar[tuple[str, PeerIdentity | None]] = ContextVar("_CALL", default=("", None))
 
 
-async def _caller(context: grpc.aio.ServicerContext, role: Role) -> PeerIdentity:
-    try:
-        identity = peer_identity(context)
-    except PkiError as exc:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-    if identity.role is not role:
-        await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"this call needs a {role.value} certificate; caller is {identity.role.value} "
-            f"{identity.name!r}",
+class _Guarded:
+    """Identity checks and refusals shared by both services; every refusal reaches the ledger."""
+
+    engine: RunEngine
+
+    def _record_refusal(self, code: grpc.StatusCode, reason: str) -> None:
+        method, identity = _CALL.get()
+        logger.warning("refused %s %s: %s", method, code.name, reason)
+        self.engine.ledger.record_event(
+            "access.refused",
+            site=identity.name if identity and identity.role is Role.SITE else None,
+            payload={
+                "method": method,
+                "code": code.name,
+                "reason": reason,
+                "role": identity.role.value if identity else None,
+                "name": identity.name if identity else None,
+                "serial": format(identity.serial, "x") if identity else None,
+            },
         )
-    return identity
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+        for kind, code in _CODES:
+            if isinstance(exc, kind):
+                self._record_refusal(code, str(exc))
+                await context.abort(code, str(exc))
+        raise exc
+
+    async def _deny(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, reason: str
+    ) -> NoReturn:
+        self._record_refusal(code, reason)
+        await context.abort(code, reason)
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    async def _caller(
+        self, context: grpc.aio.ServicerContext, role: Role, method: str
+    ) -> PeerIdentity:
+        _CALL.set((method, None))
+        try:
+            identity = peer_identity(context)
+        except PkiError as exc:
+            await self._deny(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        _CALL.set((method, identity))
+        revoked = self.engine.revocation(identity.serial)
+        if revoked is not None:
+            await self._deny(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"certificate {identity.serial:x} of {identity.name!r} was revoked: {revoked}",
+            )
+        if identity.role is not role:
+            await self._deny(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this call needs a {role.value} certificate; caller is {identity.role.value} "
+                f"{identity.name!r}",
+            )
+        return identity
 
 
-class SiteServicer(pb_grpc.SiteServiceServicer):
+class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
     """The calls site agents make; the site is always the certificate's name."""
 
     def __init__(self, engine: RunEngine, heartbeat_interval_ms: int) -> None:
@@ -72,18 +117,17 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
     async def Hello(
         self, request: pb.HelloRequest, context: grpc.aio.ServicerContext
     ) -> pb.HelloResponse:
-        identity = await _caller(context, Role.SITE)
+        identity = await self._caller(context, Role.SITE, "Hello")
         if request.protocol_version != PROTOCOL_VERSION:
-            await context.abort(
+            await self._deny(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"site speaks protocol {request.protocol_version}, coordinator {PROTOCOL_VERSION}",
             )
         known = request.last_ledger_hash
         if known and not self.engine.ledger.has_event(known):
-            self.engine.ledger.record_event(
-                "site.history-mismatch", site=identity.name, payload={"acknowledged": known}
-            )
-            await context.abort(
+            await self._deny(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"the ledger no longer holds event {known}, which this site acknowledged: "
                 "the coordinator's history was rewritten or restored from an older backup",
@@ -104,8 +148,13 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
                 for d in request.datasets
             ],
             certificate_serial=format(identity.serial, "x"),
+            certificate_expires_at=identity.not_valid_after,
         )
+        days_left = (identity.not_valid_after - datetime.now(UTC)).days
+        if days_left < EXPIRY_WARNING_DAYS:
+            logger.warning("certificate of site %s expires in %d days", identity.name, days_left)
         return pb.HelloResponse(
+            certificate_expires_at=int(identity.not_valid_after.timestamp()),
             site_name=identity.name,
             coordinator_version=COORDINATOR_VERSION,
             protocol_version=PROTOCOL_VERSION,
@@ -116,8 +165,8 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
     async def StreamTasks(
         self, request: pb.TaskStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Task]:
-        identity = await _caller(context, Role.SITE)
-        session = await self.engine.connect(identity.name)
+        identity = await self._caller(context, Role.SITE, "StreamTasks")
+        session = await self.engine.connect(identity.name, identity.serial)
         try:
             async for task in self.engine.tasks(session):
                 yield task
@@ -127,13 +176,15 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
     async def DownloadCheckpoint(
         self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Chunk]:
-        identity = await _caller(context, Role.SITE)
+        identity = await self._caller(context, Role.SITE, "DownloadCheckpoint")
         try:
             row = self.engine.checkpoint_for_download(identity.name, request.sha256)
         except CoordinatorError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc)
         if request.offset > row.size:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end")
+            await self._deny(
+                context, grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end"
+            )
         for offset, data in self.engine.store.iter_chunks(row.sha256, request.offset, CHUNK_BYTES):
             yield pb.Chunk(data=data, offset=offset, total_size=row.size)
 
@@ -142,7 +193,7 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
         request_iterator: AsyncIterator[pb.UploadRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.UploadResponse:
-        identity = await _caller(context, Role.SITE)
+        identity = await self._caller(context, Role.SITE, "UploadCheckpoint")
         messages = aiter(request_iterator)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -155,49 +206,55 @@ class SiteServicer(pb_grpc.SiteServiceServicer):
             first = await anext(messages, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidInput("an upload must start with its header")
-            bundle = await self.engine.receive_upload(identity.name, first.header, chunks())
+            certificate = context.auth_context()["x509_pem_cert"][0]
+            bundle = await self.engine.receive_upload(
+                identity.name, certificate, first.header, chunks()
+            )
         except CoordinatorError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc)
         return pb.UploadResponse(
-            checkpoint=pb.CheckpointRef(sha256=bundle.sha256, size=bundle.size)
+            checkpoint=pb.CheckpointRef(
+                sha256=bundle.sha256, size=bundle.size, signature=first.header.signature
+            )
         )
 
     async def ReportHopResult(
         self, request: pb.HopResult, context: grpc.aio.ServicerContext
     ) -> pb.HopResultResponse:
-        identity = await _caller(context, Role.SITE)
+        identity = await self._caller(context, Role.SITE, "ReportHopResult")
         try:
             status = await self.engine.report_result(identity.name, request)
         except CoordinatorError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc)
         return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
 
     async def ReportEvaluation(
         self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
     ) -> pb.EvaluationResultResponse:
-        identity = await _caller(context, Role.SITE)
+        identity = await self._caller(context, Role.SITE, "ReportEvaluation")
         try:
             status = await self.engine.report_evaluation(identity.name, request)
         except CoordinatorError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc)
         return pb.EvaluationResultResponse(status=status)
 
     async def SendHeartbeat(
         self, request: pb.Heartbeat, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
-        identity = await _caller(context, Role.SITE)
+        identity = await self._caller(context, Role.SITE, "SendHeartbeat")
         try:
             await self.engine.heartbeat(identity.name, request)
         except (StaleLease, NotFound):
             return pb.HeartbeatResponse(cancel=True)
         except CoordinatorError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc)
         return pb.HeartbeatResponse(cancel=False)
 
 
 def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
     """The admin view of a run, with live progress of its leased hop."""
     status = pb.RunStatus(
+        approval_bundle_sha256=approval_bundle(run).sha256,
         run_id=run.id,
         name=run.name,
         status=run.status,
@@ -238,7 +295,7 @@ def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
     return status
 
 
-class AdminServicer(pb_grpc.AdminServiceServicer):
+class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
     """Calls made by ML leads and admins through the `baton` CLI (admin certificates only)."""
 
     def __init__(self, engine: RunEngine) -> None:
@@ -247,35 +304,35 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def StartRun(
         self, request: pb.StartRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.StartRunResponse:
-        identity = await _caller(context, Role.ADMIN)
+        identity = await self._caller(context, Role.ADMIN, "StartRun")
         try:
             plan = parse_plan(request.plan_json)
             run_id = await self.engine.start_run(plan)
         except (CoordinatorError, PlanError) as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc)
         logger.info("admin %s started run %s", identity.name, run_id)
         return pb.StartRunResponse(run_id=run_id)
 
     async def GetRun(
         self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunStatus:
-        await _caller(context, Role.ADMIN)
+        await self._caller(context, Role.ADMIN, "GetRun")
         try:
             run = self.engine.ledger.run(request.run_id)
         except KeyError:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r}")
+            await self._deny(context, grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r}")
         return run_status(self.engine, run)
 
     async def EvaluateRun(
         self, request: pb.EvaluateRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.EvaluateRunResponse:
-        identity = await _caller(context, Role.ADMIN)
+        identity = await self._caller(context, Role.ADMIN, "EvaluateRun")
         try:
             ids = await self.engine.evaluate_run(
                 request.run_id, request.split or "validation", list(request.sites)
             )
         except CoordinatorError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc)
         logger.info("admin %s asked for %s evaluation of run %s", identity.name,
                     request.split, request.run_id)  # fmt: skip
         return pb.EvaluateRunResponse(evaluation_ids=ids)
@@ -283,30 +340,42 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def ResumeRun(
         self, request: pb.RunControlRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunStatus:
-        identity = await _caller(context, Role.ADMIN)
+        identity = await self._caller(context, Role.ADMIN, "ResumeRun")
         try:
             await self.engine.resume_run(request.run_id)
         except CoordinatorError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc)
         logger.info("admin %s resumed run %s", identity.name, request.run_id)
         return run_status(self.engine, self.engine.ledger.run(request.run_id))
 
     async def AbortRun(
         self, request: pb.RunControlRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunStatus:
-        identity = await _caller(context, Role.ADMIN)
+        identity = await self._caller(context, Role.ADMIN, "AbortRun")
         reason = request.reason or f"aborted by admin {identity.name}"
         try:
             await self.engine.abort_run(request.run_id, reason)
         except CoordinatorError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc)
         logger.info("admin %s aborted run %s", identity.name, request.run_id)
         return run_status(self.engine, self.engine.ledger.run(request.run_id))
+
+    async def RevokeCertificate(
+        self, request: pb.RevokeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RevokeResponse:
+        identity = await self._caller(context, Role.ADMIN, "RevokeCertificate")
+        try:
+            closed = await self.engine.revoke(
+                request.serial.lower(), request.reason or "revoked", by=identity.name
+            )
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
+        return pb.RevokeResponse(closed_streams=closed)
 
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRunsResponse:
-        await _caller(context, Role.ADMIN)
+        await self._caller(context, Role.ADMIN, "ListRuns")
         return pb.ListRunsResponse(
             runs=[run_status(self.engine, run) for run in self.engine.ledger.runs()]
         )
@@ -314,7 +383,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     async def ListSites(
         self, request: pb.ListSitesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSitesResponse:
-        await _caller(context, Role.ADMIN)
+        await self._caller(context, Role.ADMIN, "ListSites")
         connected = self.engine.connected_sites()
         response = pb.ListSitesResponse()
         for row in self.engine.ledger.sites():
@@ -323,6 +392,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
                 connected=row.name in connected,
                 agent_version=row.agent_version,
                 capabilities=row.capabilities,
+                certificate_serial=row.certificate_serial,
+                certificate_expires_at=int(row.certificate_expires_at.timestamp())
+                if row.certificate_expires_at
+                else 0,
             )
             for model in row.base_models:
                 site.base_models.add(name=model["name"], sha256=model["sha256"])

@@ -15,6 +15,7 @@ from coordinator.ledger.models import (
     EvaluationRow,
     EventRow,
     HopRow,
+    RevocationRow,
     RunRow,
     SiteRow,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "EventRow",
     "HopRow",
     "Ledger",
+    "RevocationRow",
     "RunRow",
     "SiteRow",
     "TransitionRefused",

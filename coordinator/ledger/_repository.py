@@ -22,6 +22,7 @@ from coordinator.ledger.models import (
     EvaluationRow,
     EventRow,
     HopRow,
+    RevocationRow,
     RunRow,
     SiteRow,
 )
@@ -212,6 +213,7 @@ class Ledger:
         base_models: list[dict[str, str]],
         datasets: list[dict[str, Any]],
         certificate_serial: str,
+        certificate_expires_at: datetime | None = None,
     ) -> None:
         now = utcnow()
         with self.transaction() as session:
@@ -224,6 +226,7 @@ class Ledger:
             row.base_models = base_models
             row.datasets = datasets
             row.certificate_serial = certificate_serial
+            row.certificate_expires_at = certificate_expires_at
             row.last_seen_at = now
             self.append_event(
                 session,
@@ -435,6 +438,25 @@ class Ledger:
                 run.finished_at = utcnow()
             self.append_event(session, f"run.{status}", run_id=run_id, payload=payload or {})
             return run
+
+    # ---- certificates -------------------------------------------------------------------------
+
+    def revoke(self, serial: str, *, reason: str, by: str) -> None:
+        with self.transaction() as session:
+            if session.get(RevocationRow, serial) is not None:
+                return
+            session.add(
+                RevocationRow(serial=serial, reason=reason, revoked_by=by, revoked_at=utcnow())
+            )
+            self.append_event(
+                session,
+                "certificate.revoked",
+                payload={"serial": serial, "reason": reason, "by": by},
+            )
+
+    def revocations(self) -> dict[str, str]:
+        with self._sessions() as session:
+            return {row.serial: row.reason for row in session.scalars(select(RevocationRow))}
 
     # ---- evaluations ----------------------------------------------------------------------------
 

@@ -17,7 +17,16 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-__all__ = ["Base", "CheckpointRow", "EvaluationRow", "EventRow", "HopRow", "RunRow", "SiteRow"]
+__all__ = [
+    "Base",
+    "CheckpointRow",
+    "EvaluationRow",
+    "EventRow",
+    "HopRow",
+    "RevocationRow",
+    "RunRow",
+    "SiteRow",
+]
 
 
 class Base(DeclarativeBase):
@@ -33,6 +42,7 @@ class SiteRow(Base):
     base_models: Mapped[list[Any]] = mapped_column(default=list)
     datasets: Mapped[list[Any]] = mapped_column(default=list)
     certificate_serial: Mapped[str] = mapped_column(String(64), default="")
+    certificate_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
@@ -114,7 +124,20 @@ class CheckpointRow(Base):
     parent_sha256: Mapped[str | None] = mapped_column(String(64))
     manifest: Mapped[dict[str, Any]]
     tensors: Mapped[list[Any]]
+    signature: Mapped[str] = mapped_column(Text, default="", server_default="")  # hex
+    producer_certificate: Mapped[str] = mapped_column(Text, default="", server_default="")
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RevocationRow(Base):
+    """A certificate the coordinator refuses from now on, whoever presents it."""
+
+    __tablename__ = "revocations"
+
+    serial: Mapped[str] = mapped_column(String(64), primary_key=True)  # hex
+    reason: Mapped[str] = mapped_column(Text)
+    revoked_by: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class EventRow(Base):

@@ -167,17 +167,25 @@ class CheckpointRef(_message.Message):
 
     SHA256_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    PRODUCER_CERTIFICATE_FIELD_NUMBER: _builtins.int
     sha256: _builtins.str
     size: _builtins.int
+    signature: _builtins.bytes
+    """the producing site's ECDSA signature over sha256 (hex)"""
+    producer_certificate: _builtins.bytes
+    """that site's certificate (PEM); verify against the CA"""
     def __init__(
         self,
         *,
         sha256: _builtins.str = ...,
         size: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
+        producer_certificate: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["producer_certificate", b"producer_certificate", "sha256", b"sha256", "signature", b"signature", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,6 +248,7 @@ class HelloResponse(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     site_name: _builtins.str
     """as read from the peer certificate"""
     coordinator_version: _builtins.str
@@ -248,6 +257,8 @@ class HelloResponse(_message.Message):
     """upload chunks must not exceed this"""
     heartbeat_interval_ms: _builtins.int
     """how often to heartbeat during a hop"""
+    certificate_expires_at: _builtins.int
+    """unix seconds; agents warn 30 days ahead"""
     def __init__(
         self,
         *,
@@ -256,10 +267,11 @@ class HelloResponse(_message.Message):
         protocol_version: _builtins.int = ...,
         max_chunk_bytes: _builtins.int = ...,
         heartbeat_interval_ms: _builtins.int = ...,
+        certificate_expires_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_version", b"coordinator_version", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_chunk_bytes", b"max_chunk_bytes", "protocol_version", b"protocol_version", "site_name", b"site_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_expires_at", b"certificate_expires_at", "coordinator_version", b"coordinator_version", "heartbeat_interval_ms", b"heartbeat_interval_ms", "max_chunk_bytes", b"max_chunk_bytes", "protocol_version", b"protocol_version", "site_name", b"site_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -298,6 +310,7 @@ class HopTask(_message.Message):
     LORA_FIELD_NUMBER: _builtins.int
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     TASK_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
+    APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     hop_id: _builtins.str
     hop_index: _builtins.int
@@ -309,6 +322,10 @@ class HopTask(_message.Message):
     """empty: not pinned yet (first hop pins it)"""
     task_options_json: _builtins.str
     """task-specific options (JSON object), fixed per run"""
+    approval_bundle_json: _builtins.str
+    """The run's approval bundle (canonical JSON; its sha256 is what a site approves). The site
+    checks that this task matches it and refuses it unless approved, before loading anything.
+    """
     @_builtins.property
     def input_checkpoint(self) -> Global___CheckpointRef:
         """unset on a run's first hop: start from a fresh adapter"""
@@ -336,10 +353,11 @@ class HopTask(_message.Message):
         lora: Global___LoraConfig | None = ...,
         hyperparameters: Global___Hyperparameters | None = ...,
         task_options_json: _builtins.str = ...,
+        approval_bundle_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_sha256", b"base_model_sha256", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -362,6 +380,7 @@ class EvaluationTask(_message.Message):
     LORA_FIELD_NUMBER: _builtins.int
     TASK_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
+    APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
     evaluation_id: _builtins.str
     lease_token: _builtins.str
     run_id: _builtins.str
@@ -371,6 +390,7 @@ class EvaluationTask(_message.Message):
     task_options_json: _builtins.str
     split: _builtins.str
     """"validation", or "test" for a completed run's final report"""
+    approval_bundle_json: _builtins.str
     @_builtins.property
     def checkpoint(self) -> Global___CheckpointRef: ...
     @_builtins.property
@@ -391,10 +411,11 @@ class EvaluationTask(_message.Message):
         lora: Global___LoraConfig | None = ...,
         task_options_json: _builtins.str = ...,
         split: _builtins.str = ...,
+        approval_bundle_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model_sha256", b"base_model_sha256", "checkpoint", b"checkpoint", "dataset", b"dataset", "evaluation_id", b"evaluation_id", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "split", b"split", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "checkpoint", b"checkpoint", "dataset", b"dataset", "evaluation_id", b"evaluation_id", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "split", b"split", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -482,11 +503,14 @@ class UploadHeader(_message.Message):
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     hop_id: _builtins.str
     lease_token: _builtins.str
     total_size: _builtins.int
     sha256: _builtins.str
     """of the whole bundle; the coordinator recomputes and compares"""
+    signature: _builtins.bytes
+    """the site's ECDSA signature over sha256 (hex), with its mTLS key"""
     def __init__(
         self,
         *,
@@ -494,10 +518,11 @@ class UploadHeader(_message.Message):
         lease_token: _builtins.str = ...,
         total_size: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop_id", b"hop_id", "lease_token", b"lease_token", "sha256", b"sha256", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop_id", b"hop_id", "lease_token", b"lease_token", "sha256", b"sha256", "signature", b"signature", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -982,6 +1007,7 @@ class RunStatus(_message.Message):
     FINAL_ADAPTER_DIR_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     EVALUATIONS_FIELD_NUMBER: _builtins.int
+    APPROVAL_BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     name: _builtins.str
     status: _builtins.str
@@ -989,6 +1015,7 @@ class RunStatus(_message.Message):
     final_adapter_dir: _builtins.str
     """on the coordinator's disk"""
     error: _builtins.str
+    approval_bundle_sha256: _builtins.str
     @_builtins.property
     def hops(self) -> _containers.RepeatedCompositeFieldContainer[Global___HopStatus]: ...
     @_builtins.property
@@ -1004,10 +1031,11 @@ class RunStatus(_message.Message):
         final_adapter_dir: _builtins.str = ...,
         error: _builtins.str = ...,
         evaluations: _abc.Iterable[Global___EvaluationStatus] | None = ...,
+        approval_bundle_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "evaluations", b"evaluations", "final_adapter_dir", b"final_adapter_dir", "final_sha256", b"final_sha256", "hops", b"hops", "name", b"name", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "error", b"error", "evaluations", b"evaluations", "final_adapter_dir", b"final_adapter_dir", "final_sha256", b"final_sha256", "hops", b"hops", "name", b"name", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1085,6 +1113,48 @@ class RunControlRequest(_message.Message):
 Global___RunControlRequest: _TypeAlias = RunControlRequest  # noqa: Y015
 
 @_typing.final
+class RevokeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    """hex"""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "serial", b"serial"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeRequest: _TypeAlias = RevokeRequest  # noqa: Y015
+
+@_typing.final
+class RevokeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLOSED_STREAMS_FIELD_NUMBER: _builtins.int
+    closed_streams: _builtins.int
+    def __init__(
+        self,
+        *,
+        closed_streams: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_streams", b"closed_streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeResponse: _TypeAlias = RevokeResponse  # noqa: Y015
+
+@_typing.final
 class ListRunsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1144,9 +1214,14 @@ class SiteStatus(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     BASE_MODELS_FIELD_NUMBER: _builtins.int
     DATASETS_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_SERIAL_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     connected: _builtins.bool
     agent_version: _builtins.str
+    certificate_serial: _builtins.str
+    certificate_expires_at: _builtins.int
+    """unix seconds"""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1162,10 +1237,12 @@ class SiteStatus(_message.Message):
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         base_models: _abc.Iterable[Global___BaseModel] | None = ...,
         datasets: _abc.Iterable[Global___DatasetSummary] | None = ...,
+        certificate_serial: _builtins.str = ...,
+        certificate_expires_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "connected", b"connected", "datasets", b"datasets", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "certificate_expires_at", b"certificate_expires_at", "certificate_serial", b"certificate_serial", "connected", b"connected", "datasets", b"datasets", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -400,6 +400,11 @@ class AdminServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.RunControlRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.RunStatus.FromString,
                 _registered_method=True)
+        self.RevokeCertificate = channel.unary_unary(
+                '/baton.v1.AdminService/RevokeCertificate',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.RevokeRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.RevokeResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -449,6 +454,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeCertificate(self, request, context):
+        """Enforced on the very next RPC; the revoked certificate's open task streams are closed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -486,6 +498,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.AbortRun,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.RunControlRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.RunStatus.SerializeToString,
+            ),
+            'RevokeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificate,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.RevokeRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.RevokeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -677,6 +694,33 @@ class AdminService:
             '/baton.v1.AdminService/AbortRun',
             protocols_dot_v1_dot_baton__pb2.RunControlRequest.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.RunStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.AdminService/RevokeCertificate',
+            protocols_dot_v1_dot_baton__pb2.RevokeRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.RevokeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -124,6 +124,8 @@ class AdminServiceStub:
     ResumeRun: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]
     """a paused run tries its failed hop again"""
     AbortRun: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]
+    RevokeCertificate: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RevokeRequest, _baton_pb2.RevokeResponse]
+    """Enforced on the very next RPC; the revoked certificate's open task streams are closed."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -137,6 +139,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ResumeRun: _aio.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]  # type: ignore[assignment]
     """a paused run tries its failed hop again"""
     AbortRun: _aio.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]  # type: ignore[assignment]
+    RevokeCertificate: _aio.UnaryUnaryMultiCallable[_baton_pb2.RevokeRequest, _baton_pb2.RevokeResponse]  # type: ignore[assignment]
+    """Enforced on the very next RPC; the revoked certificate's open task streams are closed."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -189,5 +193,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _baton_pb2.RunControlRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.RunStatus, _abc.Awaitable[_baton_pb2.RunStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeCertificate(
+        self,
+        request: _baton_pb2.RevokeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.RevokeResponse, _abc.Awaitable[_baton_pb2.RevokeResponse]]:
+        """Enforced on the very next RPC; the revoked certificate's open task streams are closed."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -15,7 +15,7 @@ from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread, Pki
-from tests.coordinator_tests.test_service import ScriptedSite
+from tests.coordinator_tests.conftest import ScriptedSite
 
 
 def _settings(pki: Pki, state_dir: Path, url: str, port: int = 0) -> CoordinatorSettings:

@@ -3,141 +3,20 @@
 from __future__ import annotations
 
 import json
-import queue
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import numpy as np
 import pytest
-import safetensors.numpy
 
 from coordinator.admin import AdminClient
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
-from coordinator.server import Coordinator, build_server
-from coordinator.settings import CoordinatorSettings
-from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
-from protocols.transport import CHUNK_BYTES, secure_channel
+from coordinator.server import Coordinator
+from protocols.checkpoint import sha256_hex
+from protocols.signing import sign_digest
 from protocols.v1 import baton_pb2 as pb
-from protocols.v1 import baton_pb2_grpc as pb_grpc
-from tests.conftest import LoopThread, Pki
-
-BASE = "ab" * 32
-
-
-class ScriptedSite:
-    """A site client that follows the protocol by hand (the protocol is what is under test)."""
-
-    def __init__(self, pki: Pki, name: str, port: int, *, foreign: bool = False) -> None:
-        tls = pki.foreign_tls(name) if foreign else pki.tls(name)
-        self.name = name
-        self.channel = secure_channel(f"localhost:{port}", tls)
-        self.stub = pb_grpc.SiteServiceStub(self.channel)
-        self.tasks: queue.Queue[pb.Task] = queue.Queue()
-        self._stream: grpc.Call | None = None
-
-    def hello(self) -> pb.HelloResponse:
-        request = pb.HelloRequest(agent_version="test", protocol_version=1,
-                                  capabilities=["seq-classification"])  # fmt: skip
-        request.base_models.add(name="tiny", sha256=BASE)
-        return self.stub.Hello(request, timeout=5)
-
-    def connect(self) -> None:
-        self.hello()
-        stream = self.stub.StreamTasks(pb.TaskStreamRequest())
-        self._stream = stream
-
-        def pump() -> None:
-            try:
-                for task in stream:
-                    self.tasks.put(task)
-            except grpc.RpcError:
-                pass
-
-        threading.Thread(target=pump, daemon=True).start()
-
-    def next_task(self) -> pb.HopTask:
-        task = self.tasks.get(timeout=10)
-        assert task.WhichOneof("kind") == "hop", task
-        return task.hop
-
-    def next_evaluation(self) -> pb.EvaluationTask:
-        task = self.tasks.get(timeout=10)
-        assert task.WhichOneof("kind") == "evaluation", task
-        return task.evaluation
-
-    def bundle(self, task: pb.HopTask, value: float = 1.0, **manifest_overrides: str) -> bytes:
-        fields = dict(task_type=task.task_type, base_model_sha256=BASE, run_id=task.run_id,
-                      hop_id=task.hop_id, producer_site=self.name,
-                      parent_sha256=task.input_checkpoint.sha256)  # fmt: skip
-        fields.update(manifest_overrides)
-        tensors = {"lora_A": np.full((4, 2), value, dtype=np.float32)}
-        return safetensors.numpy.save(
-            tensors, metadata=bundle_metadata(CheckpointManifest(**fields), {"r": 4})
-        )
-
-    def upload(self, task: pb.HopTask, data: bytes, *, sha: str | None = None) -> pb.CheckpointRef:
-        def messages() -> Iterator[pb.UploadRequest]:
-            yield pb.UploadRequest(header=pb.UploadHeader(
-                hop_id=task.hop_id, lease_token=task.lease_token, total_size=len(data),
-                sha256=sha or sha256_hex(data)))  # fmt: skip
-            for start in range(0, len(data), CHUNK_BYTES):
-                yield pb.UploadRequest(data=data[start : start + CHUNK_BYTES])
-
-        return self.stub.UploadCheckpoint(messages(), timeout=10).checkpoint
-
-    def report(self, task: pb.HopTask, ref: pb.CheckpointRef, **metrics: float) -> str:
-        result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
-                              output_checkpoint=ref, metrics=metrics or {"accuracy": 0.5},
-                              train_started_at_ns=1, train_finished_at_ns=2)  # fmt: skip
-        return self.stub.ReportHopResult(result, timeout=10).hop_status
-
-    def download(self, sha256: str) -> bytes:
-        chunks = self.stub.DownloadCheckpoint(pb.DownloadRequest(sha256=sha256), timeout=10)
-        return b"".join(c.data for c in chunks)
-
-    def close(self) -> None:
-        if self._stream is not None:
-            self._stream.cancel()
-        self.channel.close()
-
-
-@pytest.fixture
-def coordinator(
-    pki: Pki, tmp_path: Path, loop_thread: LoopThread, database_url: str
-) -> Iterator[Coordinator]:
-    tls = pki.tls("coordinator")
-    settings = CoordinatorSettings(
-        port=0,
-        database_url=database_url,
-        state_dir=tmp_path / "state",
-        ca_certificate=tls.ca_certificate,
-        certificate=tls.certificate,
-        private_key=tls.private_key,
-        heartbeat_interval_ms=200,
-    )
-    server = loop_thread.run(build_server(settings))
-    yield server
-    loop_thread.run(server.stop(0))
-
-
-@pytest.fixture
-def sites(pki: Pki, coordinator: Coordinator) -> Iterator[dict[str, ScriptedSite]]:
-    clients = {name: ScriptedSite(pki, name, coordinator.port) for name in ("site-a", "site-b")}
-    for client in clients.values():
-        client.connect()
-    yield clients
-    for client in clients.values():
-        client.close()
-
-
-@pytest.fixture
-def admin(pki: Pki, coordinator: Coordinator) -> Iterator[AdminClient]:
-    client = AdminClient(f"localhost:{coordinator.port}", pki.tls("admin"))
-    yield client
-    client.close()
+from tests.conftest import Pki
+from tests.coordinator_tests.conftest import BASE, ScriptedSite
 
 
 def _plan(*sites: str) -> dict[str, object]:
@@ -342,3 +221,39 @@ def test_sites_evaluate_the_final_checkpoint_and_the_ledger_records_it(
     with pytest.raises(grpc.RpcError) as replay:
         sites["site-a"].stub.ReportEvaluation(result(0.1), timeout=5)
     assert replay.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.mark.parametrize("signer", ["none", "other-site", "garbage"])
+def test_upload_without_its_producers_signature_is_refused(
+    pki: Pki, sites: dict[str, ScriptedSite], admin: AdminClient, signer: str
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    run_id = admin.start_run(parse_plan(_plan("site-a")))
+    site = sites["site-a"]
+    task = site.next_task()
+    data = site.bundle(task)
+    signature = {
+        "none": b"",
+        "other-site": sign_digest(pki.tls("site-b").private_key.read_bytes(), sha256_hex(data)),
+        "garbage": b"\x30\x00",
+    }[signer]
+    with pytest.raises(grpc.RpcError) as refused:
+        site.upload(task, data, signature=signature)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "checkpoint-integrity" in refused.value.details()
+    assert admin.run(run_id).hops[0].status == "leased"
+
+
+def test_next_site_receives_the_producers_signature_and_certificate(
+    pki: Pki, sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    from protocols.signing import verify_custody
+
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.start_run(parse_plan(_plan("site-a", "site-b")))
+    first = sites["site-a"].next_task()
+    ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
+    sites["site-a"].report(first, ref)
+    incoming = sites["site-b"].next_task().input_checkpoint
+    verify_custody(incoming.sha256, incoming.signature, incoming.producer_certificate,
+                   ca_pem=(pki.directory / "ca.crt").read_bytes(), producer="site-a")  # fmt: skip

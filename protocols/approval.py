@@ -1,0 +1,83 @@
+"""A run's approval bundle: what a site reviews before it lets a run touch its data.
+
+The bundle names everything about a run that a hospital's review cares about (task type, base
+model, LoRA configuration, the bounds every hop's hyperparameters stay within, dataset, Baton
+version). Its identity is the sha256 of its canonical JSON form; both ends compute it the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["BATON_VERSION", "HYPERPARAMETERS", "ApprovalBundle", "BundleViolation"]
+
+BATON_VERSION = "0.1.0"
+# Hyperparameters every hop carries; bounds may cover any of them.
+HYPERPARAMETERS = (
+    "learning_rate",
+    "steps",
+    "epochs",
+    "batch_size",
+    "weight_decay",
+    "warmup_steps",
+    "max_grad_norm",
+    "proximal_mu",
+)
+
+
+class BundleViolation(ValueError):
+    """A hop's actual settings fall outside the bundle that was approved."""
+
+
+@dataclass(frozen=True)
+class ApprovalBundle:
+    task_type: str
+    dataset: str
+    base_model_sha256: str  # "" when the run does not pin one (a site's policy may refuse that)
+    labels: tuple[str, ...] = ()
+    lora: Mapping[str, Any] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    baton_version: str = BATON_VERSION
+
+    def canonical_json(self) -> str:
+        document = asdict(self)
+        document["labels"] = list(self.labels)
+        document["bounds"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.bounds.items()}
+        return json.dumps(
+            document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
+
+    @classmethod
+    def from_json(cls, text: str) -> ApprovalBundle:
+        try:
+            raw = json.loads(text)
+            return cls(
+                task_type=str(raw["task_type"]),
+                dataset=str(raw["dataset"]),
+                base_model_sha256=str(raw["base_model_sha256"]),
+                labels=tuple(str(label) for label in raw.get("labels", [])),
+                lora=dict(raw.get("lora", {})),
+                options=dict(raw.get("options", {})),
+                bounds={
+                    str(k): (float(v[0]), float(v[1])) for k, v in raw.get("bounds", {}).items()
+                },
+                baton_version=str(raw.get("baton_version", "")),
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleViolation(f"approval bundle is malformed: {exc}") from exc
+
+    def check_hyperparameters(self, values: Mapping[str, float]) -> None:
+        """Raises BundleViolation when a hop's hyperparameter leaves the approved bounds."""
+        for name, (low, high) in self.bounds.items():
+            value = values.get(name)
+            if value is not None and not low <= float(value) <= high:
+                raise BundleViolation(f"{name}={value} is outside the approved [{low}, {high}]")

@@ -1,0 +1,150 @@
+"""Fixtures for coordinator tests: a real mTLS coordinator and sites that follow the protocol."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from coordinator.admin import AdminClient
+from coordinator.server import Coordinator, build_server
+from coordinator.settings import CoordinatorSettings
+from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
+from protocols.signing import sign_digest
+from protocols.transport import CHUNK_BYTES, secure_channel
+from protocols.v1 import baton_pb2 as pb
+from protocols.v1 import baton_pb2_grpc as pb_grpc
+from tests.conftest import LoopThread, Pki
+
+BASE = "ab" * 32
+
+
+class ScriptedSite:
+    """A site client that follows the protocol by hand (the protocol is what is under test)."""
+
+    def __init__(self, pki: Pki, name: str, port: int, *, foreign: bool = False) -> None:
+        tls = pki.foreign_tls(name) if foreign else pki.tls(name)
+        self.name = name
+        self.key_pem = tls.private_key.read_bytes()
+        self.channel = secure_channel(f"localhost:{port}", tls)
+        self.stub = pb_grpc.SiteServiceStub(self.channel)
+        self.tasks: queue.Queue[pb.Task] = queue.Queue()
+        self._stream: grpc.Call | None = None
+
+    def hello(self) -> pb.HelloResponse:
+        request = pb.HelloRequest(agent_version="test", protocol_version=1,
+                                  capabilities=["seq-classification"])  # fmt: skip
+        request.base_models.add(name="tiny", sha256=BASE)
+        return self.stub.Hello(request, timeout=5)
+
+    def connect(self) -> None:
+        self.hello()
+        stream = self.stub.StreamTasks(pb.TaskStreamRequest())
+        self._stream = stream
+
+        def pump() -> None:
+            try:
+                for task in stream:
+                    self.tasks.put(task)
+            except grpc.RpcError:
+                pass
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def next_task(self) -> pb.HopTask:
+        task = self.tasks.get(timeout=10)
+        assert task.WhichOneof("kind") == "hop", task
+        return task.hop
+
+    def next_evaluation(self) -> pb.EvaluationTask:
+        task = self.tasks.get(timeout=10)
+        assert task.WhichOneof("kind") == "evaluation", task
+        return task.evaluation
+
+    def bundle(self, task: pb.HopTask, value: float = 1.0, **manifest_overrides: str) -> bytes:
+        fields = dict(task_type=task.task_type, base_model_sha256=BASE, run_id=task.run_id,
+                      hop_id=task.hop_id, producer_site=self.name,
+                      parent_sha256=task.input_checkpoint.sha256)  # fmt: skip
+        fields.update(manifest_overrides)
+        tensors = {"lora_A": np.full((4, 2), value, dtype=np.float32)}
+        return safetensors.numpy.save(
+            tensors, metadata=bundle_metadata(CheckpointManifest(**fields), {"r": 4})
+        )
+
+    def upload(
+        self,
+        task: pb.HopTask,
+        data: bytes,
+        *,
+        sha: str | None = None,
+        signature: bytes | None = None,
+    ) -> pb.CheckpointRef:
+        """Uploads `data` with a header claiming `sha` (default: its real hash), signed."""
+        digest = sha or sha256_hex(data)
+        signed = sign_digest(self.key_pem, digest) if signature is None else signature
+
+        def messages() -> Iterator[pb.UploadRequest]:
+            yield pb.UploadRequest(header=pb.UploadHeader(
+                hop_id=task.hop_id, lease_token=task.lease_token, total_size=len(data),
+                sha256=digest, signature=signed))  # fmt: skip
+            for start in range(0, len(data), CHUNK_BYTES):
+                yield pb.UploadRequest(data=data[start : start + CHUNK_BYTES])
+
+        return self.stub.UploadCheckpoint(messages(), timeout=10).checkpoint
+
+    def report(self, task: pb.HopTask, ref: pb.CheckpointRef, **metrics: float) -> str:
+        result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
+                              output_checkpoint=ref, metrics=metrics or {"accuracy": 0.5},
+                              train_started_at_ns=1, train_finished_at_ns=2)  # fmt: skip
+        return self.stub.ReportHopResult(result, timeout=10).hop_status
+
+    def download(self, sha256: str) -> bytes:
+        chunks = self.stub.DownloadCheckpoint(pb.DownloadRequest(sha256=sha256), timeout=10)
+        return b"".join(c.data for c in chunks)
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+        self.channel.close()
+
+
+@pytest.fixture
+def coordinator(
+    pki: Pki, tmp_path: Path, loop_thread: LoopThread, database_url: str
+) -> Iterator[Coordinator]:
+    tls = pki.tls("coordinator")
+    settings = CoordinatorSettings(
+        port=0,
+        database_url=database_url,
+        state_dir=tmp_path / "state",
+        ca_certificate=tls.ca_certificate,
+        certificate=tls.certificate,
+        private_key=tls.private_key,
+        heartbeat_interval_ms=200,
+    )
+    server = loop_thread.run(build_server(settings))
+    yield server
+    loop_thread.run(server.stop(0))
+
+
+@pytest.fixture
+def sites(pki: Pki, coordinator: Coordinator) -> Iterator[dict[str, ScriptedSite]]:
+    clients = {name: ScriptedSite(pki, name, coordinator.port) for name in ("site-a", "site-b")}
+    for client in clients.values():
+        client.connect()
+    yield clients
+    for client in clients.values():
+        client.close()
+
+
+@pytest.fixture
+def admin(pki: Pki, coordinator: Coordinator) -> Iterator[AdminClient]:
+    client = AdminClient(f"localhost:{coordinator.port}", pki.tls("admin"))
+    yield client
+    client.close()
