@@ -78,6 +78,12 @@ class AdminClient:
         status: pb.RunStatus = call(request, timeout=30)
         return status
 
+    def revoke(self, serial: str, reason: str) -> int:
+        """Revokes a certificate by serial (hex); returns how many open streams were closed."""
+        request = pb.RevokeRequest(serial=serial, reason=reason)
+        response: pb.RevokeResponse = self._stub.RevokeCertificate(request, timeout=30)
+        return response.closed_streams
+
     def runs(self, timeout: float = 30) -> list[pb.RunStatus]:
         return list(self._stub.ListRuns(pb.ListRunsRequest(), timeout=timeout).runs)
 

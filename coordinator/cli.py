@@ -18,7 +18,15 @@ from rich.table import Table
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
 from coordinator.plan import PlanError, load_plan
 from protocols.logs import configure_logging
-from protocols.pki import PkiError, Role, init_ca, issue_certificate
+from protocols.pki import (
+    PkiError,
+    Role,
+    expiry_report,
+    identity_from_pem,
+    init_ca,
+    issue_certificate,
+    sign_csr,
+)
 from protocols.v1 import baton_pb2 as pb
 
 if TYPE_CHECKING:
@@ -101,6 +109,76 @@ def pki_issue(
     console.print(f"{role.value} certificate: {files.certificate}\nkey: {files.private_key}")
 
 
+@pki_app.command("sign")
+def pki_sign(
+    csr: Annotated[Path, typer.Argument(help="Certificate signing request (PEM)")],
+    role: Annotated[Role, typer.Option(help="Role the certificate carries")] = Role.SITE,
+    directory: PkiDir = Path("pki"),
+    out: Annotated[Path | None, typer.Option(help="Certificate file (default: NAME.crt)")] = None,
+    days: Annotated[int | None, typer.Option(help="Validity in days")] = None,
+) -> None:
+    """Sign a CSR (offline renewal for air-gapped sites); the key never left the site."""
+    try:
+        certificate = sign_csr(directory, csr.read_bytes(), role, days=days)
+    except (PkiError, OSError) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    identity = identity_from_pem(certificate)
+    target = out or csr.with_name(f"{identity.name}.crt")
+    target.write_bytes(certificate)
+    expires = f"{identity.not_valid_after:%Y-%m-%d}"
+    console.print(
+        f"{role.value} certificate for {identity.name}: {target} "
+        f"(serial {identity.serial:x}, expires {expires})"
+    )
+
+
+@pki_app.command("status")
+def pki_status(
+    directory: PkiDir = Path("pki"),
+    warn_days: Annotated[int, typer.Option(help="Warn this many days ahead")] = 30,
+) -> None:
+    """List certificates with their days left; warn about those expiring soon (exit 1)."""
+    table = Table("file", "role", "name", "serial", "days left")
+    soon = 0
+    for path, identity, days_left in expiry_report(directory):
+        flag = "[red]expired[/red]" if days_left < 0 else f"{days_left}"
+        if 0 <= days_left < warn_days:
+            flag = f"[yellow]{days_left} (renew soon)[/yellow]"
+        soon += days_left < warn_days
+        table.add_row(path.name, identity.role.value if identity else "CA",
+                      identity.name if identity else "", f"{identity.serial:x}" if identity else "",
+                      flag)  # fmt: skip
+    console.print(table)
+    if soon:
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+@pki_app.command("revoke")
+def pki_revoke(
+    serial: Annotated[str | None, typer.Option(help="Certificate serial (hex)")] = None,
+    cert: Annotated[Path | None, typer.Option("--certificate", help="Or the certificate")] = None,
+    reason: Annotated[str, typer.Option(help="Recorded in the ledger")] = "revoked",
+    coordinator: Annotated[str, typer.Option(envvar="BATON_COORDINATOR")] = "localhost:50051",
+    ca: Annotated[Path, typer.Option("--ca", envvar="BATON_ADMIN_CA")] = Path("pki/ca.crt"),
+    admin_cert: Annotated[Path, typer.Option("--cert", envvar="BATON_ADMIN_CERT")] = Path(
+        "pki/admin.crt"
+    ),
+    key: Annotated[Path, typer.Option("--key", envvar="BATON_ADMIN_KEY")] = Path("pki/admin.key"),
+) -> None:
+    """Revoke a certificate: refused from the next call on, its open streams closed."""
+    if (serial is None) == (cert is None):
+        raise _fail("give exactly one of --serial or --certificate", EXIT_BAD_INPUT)
+    if cert is not None:
+        try:
+            serial = format(identity_from_pem(cert.read_bytes()).serial, "x")
+        except (PkiError, OSError) as exc:
+            raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    assert serial is not None
+    with _admin(coordinator, ca, admin_cert, key) as client:
+        closed = _admin_call(lambda: client.revoke(serial, reason))
+    console.print(f"certificate {serial} revoked; {closed} open stream(s) closed")
+
+
 # ---- coordinator --------------------------------------------------------------------------------
 
 
@@ -115,6 +193,9 @@ def coordinator_serve(
     cert: Annotated[Path | None, typer.Option("--cert")] = None,
     key: Annotated[Path | None, typer.Option("--key")] = None,
     port_file: Annotated[Path | None, typer.Option(help="Write the bound port here")] = None,
+    ca_dir: Annotated[
+        Path | None, typer.Option(help="CA directory with ca.key: enables online renewal")
+    ] = None,
     log_level: str = "INFO",
     log_json: bool = False,
 ) -> None:
@@ -136,6 +217,7 @@ def coordinator_serve(
             certificate=cert,
             private_key=key,
             port_file=port_file,
+            ca_dir=ca_dir,
         )
     except (ValidationError, FileNotFoundError) as exc:
         raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc

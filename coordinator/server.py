@@ -60,7 +60,7 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
     )
     server, port = aio_server(settings.tls, settings.address)
     pb_grpc.add_SiteServiceServicer_to_server(
-        SiteServicer(engine, settings.heartbeat_interval_ms), server
+        SiteServicer(engine, settings.heartbeat_interval_ms, settings.ca_dir), server
     )
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
     await server.start()

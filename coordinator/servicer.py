@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -21,7 +22,7 @@ from coordinator.errors import (
 )
 from coordinator.ledger import RunRow
 from coordinator.plan import PlanError, parse_plan
-from protocols.pki import PeerIdentity, PkiError, Role
+from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_csr
 from protocols.transport import CHUNK_BYTES, peer_identity
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
@@ -110,9 +111,41 @@ class _Guarded:
 class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
     """The calls site agents make; the site is always the certificate's name."""
 
-    def __init__(self, engine: RunEngine, heartbeat_interval_ms: int) -> None:
+    def __init__(
+        self, engine: RunEngine, heartbeat_interval_ms: int, ca_dir: Path | None = None
+    ) -> None:
         self.engine = engine
         self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.ca_dir = ca_dir
+
+    async def RenewCertificate(
+        self, request: pb.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RenewResponse:
+        identity = await self._caller(context, Role.SITE, "RenewCertificate")
+        if self.ca_dir is None:
+            await self._deny(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "online renewal is not enabled on this coordinator; renew offline: "
+                "`baton-site cert csr`, then the CA holder runs `baton pki sign`",
+            )
+        try:
+            certificate = sign_csr(
+                self.ca_dir, request.csr_pem, Role.SITE, expected_name=identity.name
+            )
+        except PkiError as exc:
+            await self._deny(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        renewed = identity_from_pem(certificate)
+        self.engine.ledger.record_event(
+            "certificate.renewed",
+            site=identity.name,
+            payload={
+                "old_serial": format(identity.serial, "x"),
+                "new_serial": format(renewed.serial, "x"),
+                "expires": renewed.not_valid_after.isoformat(),
+            },
+        )
+        return pb.RenewResponse(certificate_pem=certificate)
 
     async def Hello(
         self, request: pb.HelloRequest, context: grpc.aio.ServicerContext

@@ -28,6 +28,9 @@ class CoordinatorSettings(FileBackedSettings):
     private_key: Path
     heartbeat_interval_ms: int = Field(default=2000, ge=100)
     max_checkpoint_bytes: int = Field(default=512 * 1024**2, ge=1024)
+    # Holding the CA key here enables online certificate renewal (`baton-site cert renew`);
+    # without it sites renew with the offline CSR flow (`baton pki sign`).
+    ca_dir: Path | None = None
     port_file: Path | None = None  # write the bound port here once serving (for port 0)
 
     @model_validator(mode="after")

@@ -27,10 +27,13 @@ __all__ = [
     "PeerIdentity",
     "PkiError",
     "Role",
+    "create_csr",
+    "expiry_report",
     "identity_from_pem",
     "init_ca",
     "issue_certificate",
     "load_pem",
+    "sign_csr",
 ]
 
 logger = logging.getLogger(__name__)
@@ -236,54 +239,11 @@ def issue_certificate(
             f"(expires {ca_certificate.not_valid_after_utc.isoformat()})"
         )
 
-    if role is Role.COORDINATOR:
-        dns_names = [*_COORDINATOR_DEFAULT_DNS_NAMES, *dns_names]
-        ip_addresses = [*_COORDINATOR_DEFAULT_IP_ADDRESSES, *ip_addresses]
-    alternative_names = _alternative_names(dns_names, ip_addresses)
-    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
-    if role is Role.COORDINATOR:
-        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
-
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
-            x509.NameAttribute(NameOID.COMMON_NAME, name),
-        ]
-    )
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(not_valid_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(_authority_key_identifier(ca_certificate), critical=False)
-    )
-    if alternative_names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(alternative_names), critical=False
-        )
-    certificate = builder.sign(ca_key, hashes.SHA256())
+    certificate = _build_certificate(
+        ca_certificate, ca_key, role, name, key.public_key(), now, not_valid_after,
+        dns_names, ip_addresses,
+    )  # fmt: skip
 
     _ensure_directory(out_directory)
     _write_pair(files, certificate, key, overwrite=overwrite)
@@ -494,3 +454,155 @@ def _write_file(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
         if isinstance(exc, OSError):
             raise PkiError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+def _build_certificate(
+    ca_certificate: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    role: Role,
+    name: str,
+    public_key: ec.EllipticCurvePublicKey,
+    now: datetime,
+    not_valid_after: datetime,
+    dns_names: Sequence[str],
+    ip_addresses: Sequence[str],
+) -> x509.Certificate:
+    if role is Role.COORDINATOR:
+        dns_names = [*_COORDINATOR_DEFAULT_DNS_NAMES, *dns_names]
+        ip_addresses = [*_COORDINATOR_DEFAULT_IP_ADDRESSES, *ip_addresses]
+    alternative_names = _alternative_names(dns_names, ip_addresses)
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if role is Role.COORDINATOR:
+        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_certificate.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(not_valid_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_authority_key_identifier(ca_certificate), critical=False)
+    )
+    if alternative_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(alternative_names), critical=False
+        )
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def create_csr(out_directory: Path, name: str, *, overwrite: bool = False) -> CertificateFiles:
+    """Makes a new key and a certificate signing request for `name` (renewal, air-gapped sites).
+
+    Writes ``{name}.key`` (0600) and ``{name}.csr``; returns them as (csr, key) in a
+    CertificateFiles whose ``certificate`` is the CSR path. The key never leaves the site.
+    """
+    _check_name(name)
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(key, hashes.SHA256())
+    )
+    out_directory = Path(out_directory)
+    _ensure_directory(out_directory)
+    files = CertificateFiles(out_directory / f"{name}.csr", out_directory / f"{name}.key")
+    key_pem = key.private_bytes(
+        encoding=serialization.Encoding.PEM,
+        format=serialization.PrivateFormat.PKCS8,
+        encryption_algorithm=serialization.NoEncryption(),
+    )
+    _write_file(files.private_key, key_pem, mode=0o600, overwrite=overwrite)
+    _write_file(
+        files.certificate,
+        csr.public_bytes(serialization.Encoding.PEM),
+        mode=0o644,
+        overwrite=overwrite,
+    )
+    return files
+
+
+def sign_csr(
+    ca_directory: Path,
+    csr_pem: bytes,
+    role: Role,
+    *,
+    expected_name: str | None = None,
+    days: int | None = None,
+) -> bytes:
+    """Issues a certificate (PEM) for a CSR; the name comes from the CSR's CN.
+
+    Raises:
+        PkiError: If the CSR is malformed, its signature does not verify, its name is invalid or
+            differs from `expected_name` (a site renewing may only renew itself).
+    """
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PkiError(f"not a PEM certificate signing request: {exc}") from exc
+    if not csr.is_signature_valid:
+        raise PkiError("certificate signing request signature does not verify")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1:
+        raise PkiError("certificate signing request must carry exactly one CN")
+    name = str(names[0].value)
+    _check_name(name)
+    if expected_name is not None and name != expected_name:
+        raise PkiError(f"CSR names {name!r}; the caller may only renew {expected_name!r}")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise PkiError("certificate signing request must hold an ECDSA P-256 key")
+    role = Role(role)
+    days = _DEFAULT_VALIDITY_DAYS[role] if days is None else days
+    _check_days(days)
+    ca_directory = Path(ca_directory)
+    ca_certificate, ca_key = _load_ca(
+        CertificateFiles(ca_directory / CA_CERTIFICATE_FILE, ca_directory / CA_KEY_FILE)
+    )
+    now = datetime.now(UTC)
+    not_valid_after = min(now + timedelta(days=days), ca_certificate.not_valid_after_utc)
+    certificate = _build_certificate(
+        ca_certificate, ca_key, role, name, public_key, now, not_valid_after, (), ()
+    )
+    logger.info("signed a %s certificate for %r from a CSR (serial %x)", role.value, name,
+                certificate.serial_number)  # fmt: skip
+    return certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def expiry_report(directory: Path) -> list[tuple[Path, PeerIdentity | None, int]]:
+    """Every certificate in a directory with its identity and days left (negative: expired)."""
+    now = datetime.now(UTC)
+    report = []
+    for path in sorted(Path(directory).glob("*.crt")):
+        certificate = x509.load_pem_x509_certificate(path.read_bytes())
+        try:
+            identity: PeerIdentity | None = identity_from_pem(path.read_bytes())
+        except PkiError:
+            identity = None  # the CA itself
+        report.append((path, identity, (certificate.not_valid_after_utc - now).days))
+    return report

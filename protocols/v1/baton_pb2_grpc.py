@@ -69,6 +69,11 @@ class SiteServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.EvaluationResult.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluationResultResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/baton.v1.SiteService/RenewCertificate',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.RenewRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.RenewResponse.FromString,
+                _registered_method=True)
 
 
 class SiteServiceServicer:
@@ -117,6 +122,12 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +165,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluationResult.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.EvaluationResultResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.RenewRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.RenewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -345,6 +361,33 @@ class SiteService:
             '/baton.v1.SiteService/ReportEvaluation',
             protocols_dot_v1_dot_baton__pb2.EvaluationResult.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.EvaluationResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.SiteService/RenewCertificate',
+            protocols_dot_v1_dot_baton__pb2.RenewRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.RenewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,7 @@ class SiteServiceStub:
     ReportHopResult: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]
     SendHeartbeat: _grpc.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RenewRequest, _baton_pb2.RenewResponse]
 
 @_typing.type_check_only
 class SiteServiceAsyncStub(SiteServiceStub):
@@ -56,6 +57,7 @@ class SiteServiceAsyncStub(SiteServiceStub):
     ReportHopResult: _aio.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]  # type: ignore[assignment]
     SendHeartbeat: _aio.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]  # type: ignore[assignment]
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]  # type: ignore[assignment]
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_baton_pb2.RenewRequest, _baton_pb2.RenewResponse]  # type: ignore[assignment]
 
 class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -107,6 +109,13 @@ class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _baton_pb2.EvaluationResult,
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.EvaluationResultResponse, _abc.Awaitable[_baton_pb2.EvaluationResultResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _baton_pb2.RenewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.RenewResponse, _abc.Awaitable[_baton_pb2.RenewResponse]]: ...
 
 def add_SiteServiceServicer_to_server(servicer: SiteServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -1,0 +1,354 @@
+"""The ordering search against a real in-process coordinator, with scripted sites answering."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from coordinator.admin import AdminClient
+from coordinator.ledger import Ledger
+from coordinator.server import Coordinator, build_server
+from coordinator.settings import CoordinatorSettings
+from coordinator.study import (
+    RunExecutor,
+    RunTemplate,
+    TrialRunError,
+    attach_run_template,
+    heuristic_seed_orders,
+    plan_from_study,
+    run_search,
+    run_template_of,
+    scale_hyperparameters,
+    study_storage_url,
+    trial_run_ids,
+)
+from coordinator.study_cli import study_app
+from ordering import (
+    CandidatePlan,
+    HopHyperparameters,
+    OrderingStudy,
+    PlanPruned,
+    SearchSpace,
+    StudyMismatch,
+)
+from protocols.v1 import baton_pb2 as pb
+from tests.conftest import SITES, LoopThread, Pki
+from tests.coordinator_tests.test_service import ScriptedSite
+
+TRAIN_SECONDS = {"site-a": 1.5, "site-b": 2.0, "site-c": 0.25}
+VALIDATION = {"site-a": (0.9, 10), "site-b": (0.7, 20), "site-c": (0.8, 30)}
+TEMPLATE = RunTemplate(dataset="notes", labels=("x", "y"))
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna() -> Iterator[None]:
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    yield
+    optuna.logging.set_verbosity(previous)
+
+
+class ScriptedSites:
+    """Answers every site's tasks on background threads, as site agents would.
+
+    A hop reports validation accuracy ``0.1 * (hop_index + 1)`` and trains for
+    `TRAIN_SECONDS[site]` (site clock); an evaluation reports `VALIDATION[site]`. Hops with
+    index >= `hold_from` wait until `release` is set; with `fail` every hop fails.
+    """
+
+    def __init__(self, pki: Pki, port: int) -> None:
+        self.sites = {name: ScriptedSite(pki, name, port) for name in SITES}
+        self.hold_from: int | None = None
+        self.fail = False
+        self.release = threading.Event()
+        self.stop = threading.Event()
+        self.hop_tasks: list[pb.HopTask] = []
+        self.evaluations: list[tuple[str, str]] = []  # (site, split)
+        self._threads = [
+            threading.Thread(target=self._serve, args=(site,), daemon=True)
+            for site in self.sites.values()
+        ]
+
+    def start(self) -> None:
+        for site in self.sites.values():
+            site.connect()
+        for thread in self._threads:
+            thread.start()
+
+    def _serve(self, site: ScriptedSite) -> None:
+        while not self.stop.is_set():
+            try:
+                task = site.tasks.get(timeout=0.1)
+            except Exception:
+                continue
+            try:
+                if task.WhichOneof("kind") == "hop":
+                    self._hop(site, task.hop)
+                else:
+                    self._evaluate(site, task.evaluation)
+            except grpc.RpcError:
+                pass  # e.g. a held hop of a run that was aborted meanwhile
+
+    def _hop(self, site: ScriptedSite, task: pb.HopTask) -> None:
+        self.hop_tasks.append(task)
+        if self.hold_from is not None and task.hop_index >= self.hold_from:
+            while not (self.release.is_set() or self.stop.is_set()):
+                self.release.wait(0.05)
+            if self.stop.is_set():
+                return
+        started = 1_000_000_000 * (task.hop_index + 1)
+        finished = started + int(TRAIN_SECONDS[site.name] * 1e9)
+        if self.fail:
+            result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
+                                  error_code="training-failed", error_message="scripted")  # fmt: skip
+        else:
+            ref = site.upload(task, site.bundle(task, float(task.hop_index)))
+            result = pb.HopResult(
+                hop_id=task.hop_id, lease_token=task.lease_token, ok=True, output_checkpoint=ref,
+                metrics={"accuracy": 0.1 * (task.hop_index + 1), "examples": 5},
+                train_started_at_ns=started, train_finished_at_ns=finished,
+            )  # fmt: skip
+        site.stub.ReportHopResult(result, timeout=10)
+
+    def _evaluate(self, site: ScriptedSite, task: pb.EvaluationTask) -> None:
+        self.evaluations.append((site.name, task.split))
+        accuracy, examples = VALIDATION[site.name]
+        site.stub.ReportEvaluation(
+            pb.EvaluationResult(evaluation_id=task.evaluation_id, lease_token=task.lease_token,
+                                ok=True, metrics={"accuracy": accuracy, "examples": examples}),
+            timeout=10,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(5)
+        for site in self.sites.values():
+            site.close()
+
+
+@pytest.fixture
+def coordinator(pki: Pki, tmp_path: Path, loop_thread: LoopThread) -> Iterator[Coordinator]:
+    tls = pki.tls("coordinator")
+    settings = CoordinatorSettings(
+        port=0,
+        database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
+        state_dir=tmp_path / "state",
+        ca_certificate=tls.ca_certificate,
+        certificate=tls.certificate,
+        private_key=tls.private_key,
+        heartbeat_interval_ms=200,
+    )
+    server = loop_thread.run(build_server(settings))
+    yield server
+    loop_thread.run(server.stop(0))
+
+
+@pytest.fixture
+def sites(pki: Pki, coordinator: Coordinator) -> Iterator[ScriptedSites]:
+    scripted = ScriptedSites(pki, coordinator.port)
+    scripted.start()
+    yield scripted
+    scripted.close()
+
+
+@pytest.fixture
+def admin(pki: Pki, coordinator: Coordinator, sites: ScriptedSites) -> Iterator[AdminClient]:
+    client = AdminClient(f"localhost:{coordinator.port}", pki.tls("admin"))
+    client.wait_for_sites(set(SITES), timeout=10)
+    yield client
+    client.close()
+
+
+def _plan(cycles: int = 2, steps: int = 20) -> CandidatePlan:
+    return CandidatePlan.build(
+        [("site-b", "site-a", "site-c")] * cycles, HopHyperparameters(steps=steps, learning_rate=1e-3)
+    )
+
+
+def _no_report(cycle: int, value: float) -> None:
+    pass
+
+
+def test_trial_is_scored_by_validation_evaluations_and_costs_are_summed_per_site(
+    admin: AdminClient, sites: ScriptedSites
+) -> None:
+    executor = RunExecutor(admin, TEMPLATE, poll_seconds=0.02)
+    reported: list[tuple[int, float]] = []
+    outcome = executor.execute(
+        _plan(cycles=2), budget=1.0, report=lambda c, v: reported.append((c, v))
+    )
+
+    [executed] = executor.runs
+    run = admin.run(executed.run_id)
+    assert run.status == "completed"
+    assert [hop.site for hop in run.hops] == ["site-b", "site-a", "site-c"] * 2
+    # Sites were asked for their validation split only, once each.
+    assert sorted(sites.evaluations) == [(site, "validation") for site in SITES]
+    assert {s.site: (s.value, s.examples, s.folds) for s in outcome.site_scores} == {
+        site: (pytest.approx(acc), n, 1) for site, (acc, n) in VALIDATION.items()
+    }
+    # Two visits per site: training seconds summed per site, from the hops' site clocks.
+    assert dict(outcome.cost_seconds_by_site) == pytest.approx(
+        {site: 2 * seconds for site, seconds in TRAIN_SECONDS.items()}
+    )
+    # After each cycle: the mean of that cycle's hop validation accuracies (0.1 * (index + 1)).
+    assert reported == [(0, pytest.approx(0.2)), (1, pytest.approx(0.5))]
+    assert [task.hyperparameters.steps for task in sites.hop_tasks] == [20] * 6
+
+
+def test_reduced_budget_runs_shorter_visits_of_the_same_schedule() -> None:
+    document = RunTemplate(dataset="notes", labels=("x", "y")).plan_document(
+        _plan(cycles=2, steps=21), budget=0.5
+    )
+    assert [hop["hyperparameters"]["steps"] for hop in document["hops"]] == [10] * 6
+    assert [hop["site"] for hop in document["hops"]] == ["site-b", "site-a", "site-c"] * 2
+    assert scale_hyperparameters({"steps": 3, "warmup_steps": 4, "epochs": 2}, 0.25) == {
+        "steps": 1, "warmup_steps": 1, "epochs": 0.5}  # fmt: skip
+    with pytest.raises(ValueError, match="budget"):
+        scale_hyperparameters({"steps": 3}, 1.5)
+
+
+def test_pruned_trial_aborts_its_run_and_reports_what_it_cost(
+    admin: AdminClient, sites: ScriptedSites
+) -> None:
+    sites.hold_from = 3  # the second cycle never starts training before the prune
+    executor = RunExecutor(admin, TEMPLATE, poll_seconds=0.02)
+
+    def prune(cycle: int, value: float) -> None:
+        raise PlanPruned(f"pruned after cycle {cycle}")
+
+    with pytest.raises(PlanPruned) as pruned:
+        executor.execute(_plan(cycles=2), budget=1.0, report=prune)
+
+    run = admin.run(executor.runs[0].run_id)
+    assert run.status == "aborted"
+    assert [hop.status for hop in run.hops[:3]] == ["committed"] * 3
+    assert pruned.value.cost_seconds_by_site == pytest.approx(TRAIN_SECONDS)
+    assert sites.evaluations == []
+
+
+def test_failed_run_fails_the_trial_and_the_search_goes_on(
+    admin: AdminClient, sites: ScriptedSites
+) -> None:
+    sites.fail = True
+    template = RunTemplate(dataset="notes", labels=("x", "y"), failure={"on_failure": "abort"})
+    study = OrderingStudy.create(
+        None, "failing", SearchSpace(sites=SITES, steps=5), "lehmer", seed=0
+    )
+    attach_run_template(study, template)
+    executor = RunExecutor(admin, template, poll_seconds=0.02)
+
+    records = run_search(study, executor, 2)
+
+    assert [record.state for record in records] == ["FAIL", "FAIL"]
+    assert all("TrialRunError" in (r.error or "") and "failed" in (r.error or "") for r in records)
+    assert [admin.run(r.run_id).status for r in executor.runs] == ["failed", "failed"]
+    with pytest.raises(TrialRunError, match="failed"):
+        executor.execute(_plan(cycles=1), budget=1.0, report=_no_report)
+
+
+def test_study_in_sqlite_survives_reopening_with_its_runs_and_best_plan(
+    admin: AdminClient, sites: ScriptedSites, tmp_path: Path
+) -> None:
+    storage = f"sqlite:///{tmp_path / 'studies.sqlite3'}"
+    space = SearchSpace(sites=SITES, steps=5)
+    study = OrderingStudy.create(storage, "persisted", space, "lehmer", seed=1)
+    attach_run_template(study, TEMPLATE)
+    executor = RunExecutor(admin, TEMPLATE, poll_seconds=0.02)
+    records = run_search(study, executor, 2, on_trial=lambda record, run_id: None)
+    assert [r.state for r in records] == ["COMPLETE", "COMPLETE"]
+    del study
+
+    reopened = OrderingStudy.load(storage, "persisted")
+    assert [(r.number, r.value, r.plan) for r in reopened.history()] == [
+        (r.number, r.value, r.plan) for r in records
+    ]
+    assert run_template_of(reopened) == TEMPLATE
+    links = trial_run_ids(reopened)
+    ran = [r for r in records if r.duplicate_of is None]
+    assert sorted(links.values()) == sorted(run.run_id for run in executor.runs)
+    for record in ran:
+        run = admin.run(links[("persisted", record.number)])
+        assert run.status == "completed"
+        assert record.plan is not None
+        assert [hop.site for hop in run.hops] == [hop.site for hop in record.plan.hops]
+    # The value a trial scored is the mean of the sites' validation accuracies.
+    assert records[0].value == pytest.approx(sum(a for a, _ in VALIDATION.values()) / 3)
+
+    plan = plan_from_study(storage, "persisted")
+    assert plan.name == "persisted-best" and plan.dataset == "notes"
+    assert [site for site, _ in plan.expanded_hops()] == list(reopened.best_plan().order)
+    with pytest.raises(StudyMismatch, match="dataset"):
+        attach_run_template(reopened, RunTemplate(dataset="other", labels=("x", "y")))
+
+
+def test_study_cli_runs_trials_then_shows_status_and_the_best_plan(
+    admin: AdminClient, coordinator: Coordinator, pki: Pki, tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    storage = f"sqlite:///{tmp_path / 'cli-studies.sqlite3'}"
+    tls = pki.tls("admin")
+    started = runner.invoke(
+        study_app,
+        [
+            "start", "--name", "cli", "--dataset", "notes", "--labels", "x", "--labels", "y",
+            *(arg for site in SITES for arg in ("--sites", site)),
+            "--lr-min", "1e-3", "--lr-max", "1e-3", "--steps-min", "4", "--steps-max", "8",
+            "--trials", "2", "--probe-seeds", "--seed", "0", "--storage", storage,
+            "--coordinator", f"localhost:{coordinator.port}", "--ca", str(tls.ca_certificate),
+            "--cert", str(tls.certificate), "--key", str(tls.private_key),
+        ],
+    )  # fmt: skip
+    assert started.exit_code == 0, started.output
+    assert "seed orders:" in started.output and "best plan so far" in started.output
+
+    status = runner.invoke(study_app, ["status", "cli", "--storage", storage])
+    assert status.exit_code == 0, status.output
+    assert status.output.count("COMPLETE") == 2
+
+    best = runner.invoke(study_app, ["best", "cli", "--storage", storage])
+    assert best.exit_code == 0, best.output
+    document = json.loads(best.output)
+    assert document["dataset"] == "notes" and len(document["hops"]) == len(SITES)
+    assert admin.start_run(plan_from_study(storage, "cli"))  # the coordinator accepts it
+
+    missing = runner.invoke(study_app, ["best", "nope", "--storage", storage])
+    assert missing.exit_code == 2 and "no study named" in missing.output
+
+
+def test_heuristic_seed_orders_put_the_largest_site_last() -> None:
+    sizes = {"site-a": 50, "site-b": 10, "site-c": 300}
+    assert heuristic_seed_orders(sizes, SITES) == [
+        ("site-b", "site-a", "site-c"),
+        ("site-c", "site-a", "site-b"),
+    ]
+
+
+def test_study_storage_sits_beside_the_ledger_without_touching_its_schema(
+    database_url: str,
+) -> None:
+    ledger = Ledger(database_url)
+    ledger.migrate()
+    try:
+        storage = study_storage_url(database_url)
+        assert storage != database_url
+        study = OrderingStudy.create(storage, "beside", SearchSpace(sites=SITES), "lehmer")
+        study.optuna_study.set_user_attr("probe", 1)
+        ledger.migrate()  # the ledger's Alembic revision is untouched
+        assert ledger.runs() == []
+        assert OrderingStudy.load(storage, "beside").optuna_study.user_attrs["probe"] == 1
+        assert study_storage_url(database_url) == storage  # idempotent
+    finally:
+        ledger.close()
+    if database_url.startswith("sqlite"):
+        assert storage.endswith("ledger-studies.sqlite3")
+    with pytest.raises(ValueError, match="in-memory"):
+        study_storage_url("sqlite://")
