@@ -11,7 +11,7 @@ import grpc.aio
 
 from coordinator.engine import RunEngine
 from coordinator.ledger import Ledger
-from coordinator.servicer import AdminServicer, SiteServicer
+from coordinator.servicer import AdminServicer, MalformedMessageGuard, SiteServicer
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import CheckpointStore, fsync_write
 from protocols.transport import aio_server
@@ -58,7 +58,9 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
         ca_pem=settings.ca_certificate.read_bytes(),
         max_checkpoint_bytes=settings.max_checkpoint_bytes,
     )
-    server, port = aio_server(settings.tls, settings.address)
+    server, port = aio_server(
+        settings.tls, settings.address, interceptors=[MalformedMessageGuard(ledger)]
+    )
     pb_grpc.add_SiteServiceServicer_to_server(
         SiteServicer(engine, settings.heartbeat_interval_ms, settings.ca_dir), server
     )

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from coordinator.engine import RunEngine, approval_bundle
 from coordinator.errors import (
@@ -20,14 +21,14 @@ from coordinator.errors import (
     PermissionDenied,
     StaleLease,
 )
-from coordinator.ledger import RunRow
+from coordinator.ledger import Ledger, RunRow
 from coordinator.plan import PlanError, parse_plan
 from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_csr
 from protocols.transport import CHUNK_BYTES, peer_identity
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
-__all__ = ["AdminServicer", "SiteServicer", "run_status"]
+__all__ = ["AdminServicer", "MalformedMessageGuard", "SiteServicer", "run_status"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,101 @@ class _Guarded:
                 f"{identity.name!r}",
             )
         return identity
+
+
+class _Malformed:
+    """Stands in for a request that did not parse, so the handler can refuse it cleanly."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data) if deserializer else data
+        except DecodeError as exc:
+            return _Malformed(exc)
+
+    return parse
+
+
+class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Turns undecodable messages into INVALID_ARGUMENT (recorded), instead of gRPC's UNKNOWN."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def _refuse_reason(self, method: str, malformed: _Malformed) -> str:
+        reason = f"malformed {method.rsplit('/', 1)[-1]} message: {malformed.error}"
+        self.ledger.record_event(
+            "access.refused",
+            payload={"method": method, "code": "INVALID_ARGUMENT", "reason": reason},
+        )
+        return reason
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        guard = self
+        if handler.unary_unary is not None or handler.unary_stream is not None:
+            inner = handler.unary_unary or handler.unary_stream
+
+            if handler.unary_unary is not None:
+
+                async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                    if isinstance(request, _Malformed):
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT, guard._refuse_reason(method, request)
+                        )
+                    return await inner(request, context)
+
+                return grpc.unary_unary_rpc_method_handler(
+                    unary,
+                    request_deserializer=_safe(handler.request_deserializer),
+                    response_serializer=handler.response_serializer,
+                )
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, guard._refuse_reason(method, request)
+                    )
+                async for item in inner(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=_safe(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            inner_stream = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                async def checked() -> AsyncIterator[Any]:
+                    async for request in requests:
+                        if isinstance(request, _Malformed):
+                            await context.abort(
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                guard._refuse_reason(method, request),
+                            )
+                        yield request
+
+                return await inner_stream(checked(), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary,
+                request_deserializer=_safe(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,9 @@ def secure_channel(target: str, tls: TlsFiles, *, server_name: str | None = None
     return grpc.secure_channel(target, credentials, options=options)
 
 
-def aio_server(tls: TlsFiles, address: str) -> tuple[grpc.aio.Server, int]:
+def aio_server(
+    tls: TlsFiles, address: str, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+) -> tuple[grpc.aio.Server, int]:
     """Creates an asyncio gRPC server that requires client certificates from the CA.
 
     Returns:
@@ -95,7 +98,7 @@ def aio_server(tls: TlsFiles, address: str) -> tuple[grpc.aio.Server, int]:
     credentials = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=True
     )
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=list(interceptors))
     port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"could not bind the coordinator to {address}")

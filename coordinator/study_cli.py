@@ -1,0 +1,345 @@
+"""`baton study`: search site order and hyperparameters with real runs, stored in Optuna."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import grpc
+import optuna
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import make_url
+
+from coordinator.admin import AdminClient
+from coordinator.plan import PlanError, RunPlan
+from coordinator.study import (
+    RunExecutor,
+    RunTemplate,
+    attach_run_template,
+    heuristic_seed_orders,
+    plan_from_study,
+    run_search,
+    train_examples_by_site,
+    trial_run_ids,
+)
+from ordering import (
+    FloatRange,
+    IntRange,
+    OrderingStudy,
+    SearchSpace,
+    SearchSpaceError,
+    StudyMismatch,
+    TrialRecord,
+)
+from protocols.logs import configure_logging
+from protocols.pki import PkiError
+
+__all__ = [
+    "DEFAULT_STORAGE_FILE",
+    "StudyStorage",
+    "plan_from_study",
+    "resolve_storage",
+    "study_app",
+]
+
+study_app = typer.Typer(
+    help="Search site order and hyperparameters; every trial is a real run.", no_args_is_help=True
+)
+
+console = Console()
+err = Console(stderr=True)
+
+# The same exit codes as `baton run`: 1 nothing completed, 2 bad input, 3 coordinator unreachable.
+EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 1, 2, 3
+
+DEFAULT_STORAGE_FILE = "baton-studies.sqlite3"
+
+# Identical to coordinator/cli.py's; redefined because cli.py registers this app (no cycle).
+Coord = Annotated[str, typer.Option("--coordinator", envvar="BATON_COORDINATOR", help="host:port")]
+AdminCa = Annotated[Path, typer.Option("--ca", envvar="BATON_ADMIN_CA", help="CA certificate")]
+AdminCert = Annotated[Path, typer.Option("--cert", envvar="BATON_ADMIN_CERT", help="Admin cert")]
+AdminKey = Annotated[Path, typer.Option("--key", envvar="BATON_ADMIN_KEY", help="Admin key")]
+StudyStorage = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        envvar="BATON_STUDY_STORAGE",
+        help=f"Optuna storage URL (default: sqlite file {DEFAULT_STORAGE_FILE} in the current "
+        "directory)",
+    ),
+]
+StudyName = Annotated[str, typer.Argument(help="Study name")]
+
+
+class EncodingName(StrEnum):
+    lehmer = "lehmer"
+    random_keys = "random-keys"
+    all_orders = "all-orders"
+
+
+class AggregationName(StrEnum):
+    mean = "mean"
+    weighted = "weighted"
+    worst = "worst"
+
+
+class DirectionName(StrEnum):
+    maximize = "maximize"
+    minimize = "minimize"
+
+
+_LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def resolve_storage(storage: str | None) -> str:
+    """The study storage URL: `storage`, or the default SQLite file in the current directory."""
+    if storage:
+        return storage
+    return f"sqlite:///{Path(DEFAULT_STORAGE_FILE).resolve()}"
+
+
+def _quiet_optuna() -> None:
+    """Optuna's own stderr handler would duplicate every line; let our handler show them."""
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+
+
+def _existing_storage(storage: str | None) -> str:
+    """The storage URL of an existing store (reading must not create an empty SQLite file)."""
+    url = resolve_storage(storage)
+    parsed = make_url(url)
+    database = parsed.database or ""
+    is_file = parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:")
+    if is_file and not Path(database).is_file():
+        raise _fail(f"no study storage at {database}", EXIT_BAD_INPUT)
+    return url
+
+
+def _load(storage: str | None, name: str) -> OrderingStudy:
+    url = _existing_storage(storage)
+    try:
+        return OrderingStudy.load(url, name)
+    except KeyError as exc:
+        raise _fail(f"no study named {name!r} in {url}", EXIT_BAD_INPUT) from exc
+    except StudyMismatch as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+
+
+def _json_object(raw: str | None, option: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{option} is not valid JSON: {exc}", EXIT_BAD_INPUT) from exc
+    if not isinstance(value, dict):
+        raise _fail(f"{option} must be a JSON object", EXIT_BAD_INPUT)
+    return value
+
+
+def _rpc_failure(exc: grpc.RpcError) -> NoReturn:
+    code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
+    raise _fail(f"{exc.code().name}: {exc.details()}", code) from exc
+
+
+def _value(record: TrialRecord) -> str:
+    if record.value is not None:
+        return f"{record.value:.4f}"
+    return (record.error or "")[:60]
+
+
+@study_app.command("start")
+def study_start(
+    name: Annotated[str, typer.Option("--name", help="Study name (continued if it exists)")],
+    dataset: Annotated[str, typer.Option(help="Dataset name every site resolves locally")],
+    sites: Annotated[list[str], typer.Option("--sites", help="A site to order (repeat)")],
+    labels: Annotated[list[str] | None, typer.Option("--labels", help="A label (repeat)")] = None,
+    task: Annotated[str, typer.Option(help="Task type of the runs")] = "seq-classification",
+    cycles: Annotated[int, typer.Option(min=1, help="Passes over the sites")] = 1,
+    lr_min: Annotated[float, typer.Option(help="Smallest learning rate searched")] = 1e-4,
+    lr_max: Annotated[float, typer.Option(help="Largest learning rate (= lr-min: fixed)")] = 1e-2,
+    steps_min: Annotated[int, typer.Option(min=1, help="Fewest steps per visit")] = 10,
+    steps_max: Annotated[int, typer.Option(min=1, help="Most steps (= steps-min: fixed)")] = 40,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    trials: Annotated[int, typer.Option(min=1, help="Trials to run now")] = 10,
+    encoding: Annotated[
+        EncodingName, typer.Option(help="How an order is expressed to the sampler")
+    ] = EncodingName.lehmer,
+    aggregation: Annotated[
+        AggregationName, typer.Option(help="How site scores become the objective")
+    ] = AggregationName.mean,
+    metric: Annotated[str, typer.Option(help="Validation metric that scores a run")] = "accuracy",
+    direction: Annotated[
+        DirectionName | None, typer.Option(help="Default: minimize loss/perplexity, else maximize")
+    ] = None,
+    lora: Annotated[str | None, typer.Option(help='LoRA settings as JSON, e.g. {"r": 8}')] = None,
+    options: Annotated[str | None, typer.Option(help="Task options as a JSON object")] = None,
+    base_model_sha256: Annotated[str | None, typer.Option(help="Pin the base model")] = None,
+    storage: StudyStorage = None,
+    seed: Annotated[int | None, typer.Option(help="Sampler seed")] = None,
+    probe_seeds: Annotated[
+        bool, typer.Option(help="First try orders from the sites' training-set sizes")
+    ] = False,
+    run_timeout: Annotated[float, typer.Option(help="Abort a trial's run after (s)")] = 3600.0,
+    site_timeout: Annotated[float, typer.Option(help="Wait for the sites to connect (s)")] = 60.0,
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+    log_level: str = "WARNING",
+) -> None:
+    """Run trials of a search: each trial is a real run, scored on the sites' validation splits."""
+    configure_logging(log_level)
+    _quiet_optuna()
+    url = resolve_storage(storage)
+    template = RunTemplate(
+        dataset=dataset,
+        labels=tuple(labels or ()),
+        task=task,
+        metric=metric,
+        lora=_json_object(lora, "--lora"),
+        options=_json_object(options, "--options") or {},
+        base_model_sha256=base_model_sha256,
+    )
+    chosen_direction = (
+        direction.value
+        if direction is not None
+        else ("minimize" if metric in _LOWER_IS_BETTER else "maximize")
+    )
+    try:
+        space = SearchSpace(
+            sites=tuple(sites),
+            cycles=cycles,
+            learning_rate=lr_min if lr_min == lr_max else FloatRange(lr_min, lr_max, log=True),
+            steps=steps_min if steps_min == steps_max else IntRange(steps_min, steps_max),
+            batch_size=batch_size,
+        )
+        template.run_plan(space.plan(tuple(sites)), name=name)  # refused before any run
+        study = OrderingStudy.create(
+            url,
+            name,
+            space,
+            encoding.value,
+            aggregation.value,
+            "minimize" if chosen_direction == "minimize" else "maximize",
+            seed=seed,
+        )
+        attach_run_template(study, template)
+    except (SearchSpaceError, PlanError, StudyMismatch) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    try:
+        client = AdminClient.from_files(coordinator, ca, cert, key)
+    except PkiError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    with client:
+        try:
+            client.wait_for_sites(set(sites), timeout=site_timeout)
+        except TimeoutError as exc:
+            raise _fail(str(exc), EXIT_UNREACHABLE) from exc
+        if probe_seeds:
+            try:
+                sizes = train_examples_by_site(client, dataset)
+            except grpc.RpcError as exc:
+                _rpc_failure(exc)
+            seeds = heuristic_seed_orders(sizes, sites)
+            study.enqueue(*seeds, note="seed: training-set sizes")
+            console.print("seed orders: " + "; ".join(" > ".join(order) for order in seeds))
+        executor = RunExecutor(client, template, run_name=name, run_timeout=run_timeout)
+        console.print(f"study {name!r} ({url}): {trials} trial(s) of {space.sites} x{cycles}")
+        progress = Progress(
+            TextColumn("[bold]trials"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        with progress:
+            bar = progress.add_task("trials", total=trials)
+
+            def on_trial(record: TrialRecord, run_id: str | None) -> None:
+                order = record.plan.describe() if record.plan is not None else ""
+                progress.console.print(
+                    f"trial {record.number}: {record.state:<8} {_value(record):<10} {order}  "
+                    f"{record.compute_seconds:.1f} s" + (f"  run {run_id}" if run_id else "")
+                )
+                progress.advance(bar)
+
+            try:
+                run_search(study, executor, trials, on_trial=on_trial)
+            except PlanError as exc:
+                raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+            except grpc.RpcError as exc:
+                _rpc_failure(exc)
+    try:
+        best = study.best_plan()
+    except ValueError as exc:
+        raise _fail(f"no trial of study {name!r} has completed", EXIT_RUN_FAILED) from exc
+    console.print(f"best plan so far: {best.describe()} (baton study best {name})")
+
+
+@study_app.command("status")
+def study_status(name: StudyName, storage: StudyStorage = None) -> None:
+    """Every trial of a study: state, value, order, compute seconds and its run."""
+    _quiet_optuna()
+    study = _load(storage, name)
+    links = trial_run_ids(study)
+    table = Table(title=f"study {name} ({study.encoding.name}, {study.aggregation})")
+    for column in ("trial", "state", "value", "order", "compute s", "run"):
+        table.add_column(column)
+    history = study.history()
+    for record in history:
+        stage = "" if record.budget_fraction == 1.0 else f" @{record.budget_fraction:g}"
+        state = record.state + (
+            f" (= {record.duplicate_of})" if record.duplicate_of is not None else ""
+        )
+        table.add_row(
+            f"{record.number}{stage}",
+            state,
+            _value(record),
+            record.plan.describe() if record.plan is not None else "",
+            f"{record.compute_seconds:.1f}",
+            links.get((record.study_name, record.number), "")[:12],
+        )
+    console.print(table)
+    total = sum(record.compute_seconds for record in history)
+    try:
+        best = study.best_plan()
+        console.print(f"best: {best.describe()}; compute so far: {total:.1f} s")
+    except ValueError:
+        console.print(f"no completed full-budget trial yet; compute so far: {total:.1f} s")
+
+
+@study_app.command("best")
+def study_best(
+    name: StudyName,
+    storage: StudyStorage = None,
+    out: Annotated[Path | None, typer.Option(help="Write the plan here (default: stdout)")] = None,
+) -> None:
+    """The best plan as a run-plan JSON document (`baton run start` accepts it)."""
+    _quiet_optuna()
+    url = _existing_storage(storage)
+    try:
+        plan: RunPlan = plan_from_study(url, name)
+    except KeyError as exc:
+        raise _fail(f"no study named {name!r} in {url}", EXIT_BAD_INPUT) from exc
+    except StudyMismatch as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    except ValueError as exc:
+        raise _fail(str(exc), EXIT_RUN_FAILED) from exc
+    text = json.dumps(json.loads(plan.to_json()), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        console.print(f"best plan of {name!r} written to {out}")
