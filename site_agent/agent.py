@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from protocols.approval import ApprovalBundle, BundleViolation
 from protocols.checkpoint import (
     CheckpointError,
     CheckpointManifest,
@@ -25,9 +26,11 @@ from protocols.checkpoint import (
     inspect_bundle,
     sha256_hex,
 )
+from protocols.signing import SignatureError, sign_digest, verify_custody
 from protocols.transport import CHUNK_BYTES, secure_channel
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
+from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.examples import TASK_TYPES, DatasetError
 from site_agent.registry import RegisteredDataset, list_registered, load_registered
 from site_agent.settings import SiteSettings
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 PROTOCOL_VERSION = 1
 LORA_TASKS = ("seq-classification", "causal-lm")
+CERTIFICATE_WARNING_DAYS = 30
 _RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -154,6 +158,13 @@ class SiteAgent:
     def __init__(self, settings: SiteSettings) -> None:
         self.settings = settings
         self.state = SiteState(settings.state_path)
+        self.approvals = ApprovalStore(
+            settings.approvals_path,
+            frozenset(settings.approved_bundles),
+            ApprovalPolicy.load(settings.approval_policy)
+            if settings.approval_policy
+            else ApprovalPolicy(),
+        )
         self._trainers: dict[str, Trainer] = {}
         self._stop = threading.Event()
         self._stream: grpc.Call | None = None
@@ -254,6 +265,12 @@ class SiteAgent:
             logger.info(
                 "connected to coordinator %s as site %s", self.settings.coordinator, self.site_name
             )
+            days_left = (hello.certificate_expires_at - time.time()) / 86400
+            if hello.certificate_expires_at and days_left < CERTIFICATE_WARNING_DAYS:
+                logger.warning(
+                    "this site's certificate expires in %.0f days: run `baton-site cert renew`",
+                    days_left,
+                )
             stream = stub.StreamTasks(pb.TaskStreamRequest())
             self._stream = stream
             try:
@@ -299,8 +316,15 @@ class SiteAgent:
 
         data = self._retrying("download", fetch)
         try:
-            inspect_bundle(data, expected_sha256=ref.sha256)
-        except CheckpointError as exc:
+            bundle = inspect_bundle(data, expected_sha256=ref.sha256)
+            verify_custody(
+                bundle.sha256,
+                ref.signature,
+                ref.producer_certificate,
+                ca_pem=self.settings.ca_certificate.read_bytes(),
+                producer=bundle.manifest.producer_site,
+            )
+        except (CheckpointError, SignatureError) as exc:
             raise HopFailure("checkpoint-integrity", str(exc)) from exc
         return data
 
@@ -334,6 +358,49 @@ class SiteAgent:
         if response.ledger_head:
             self.state.acknowledge(response.ledger_head)
         logger.info("hop %d of run %s: %s", task.hop_index, task.run_id, response.hop_status)
+
+    def _check_approval(
+        self,
+        task: pb.HopTask | pb.EvaluationTask,
+        hyperparameters: dict[str, float] | None,
+    ) -> None:
+        """Refuses a task unless it matches its run's bundle and that bundle is approved here.
+
+        Runs before anything is loaded: an unapproved run never touches this site's data.
+        """
+        if not task.approval_bundle_json:
+            raise HopFailure("not-approved", "the task carries no approval bundle")
+        try:
+            bundle = ApprovalBundle.from_json(task.approval_bundle_json)
+            if hyperparameters is not None:
+                bundle.check_hyperparameters(hyperparameters)
+        except BundleViolation as exc:
+            raise HopFailure("not-approved", f"task leaves its run's bundle: {exc}") from exc
+        lora = {
+            "r": task.lora.r,
+            "alpha": task.lora.alpha,
+            "dropout": task.lora.dropout,
+            "target_modules": list(task.lora.target_modules),
+        }
+        expected: dict[str, tuple[object, object]] = {
+            "task type": (bundle.task_type, task.task_type),
+            "dataset": (bundle.dataset, task.dataset),
+            "labels": (tuple(bundle.labels), tuple(task.labels)),
+            "options": (dict(bundle.options), json.loads(task.task_options_json or "{}")),
+        }
+        if bundle.base_model_sha256:
+            expected["base model"] = (bundle.base_model_sha256, task.base_model_sha256)
+        if bundle.task_type != "tabular":
+            expected["LoRA configuration"] = (dict(bundle.lora), lora)
+        for what, (approved, actual) in expected.items():
+            if approved != actual:
+                raise HopFailure("not-approved", f"task {what} differs from its run's bundle")
+        if self.settings.require_approval and not self.approvals.is_approved(bundle):
+            raise HopFailure(
+                "not-approved",
+                f"run bundle {bundle.sha256} is not approved at this site; review it with "
+                f"`baton-site approvals` and approve it with `baton-site approve {bundle.sha256}`",
+            )
 
     def _dataset(self, name: str, task_type: str) -> RegisteredDataset:
         try:
@@ -377,6 +444,20 @@ class SiteAgent:
 
         from site_agent.tasks import HopCancelled, HopHyperparameters
 
+        hp = task.hyperparameters
+        self._check_approval(
+            task,
+            {
+                "learning_rate": hp.learning_rate,
+                "steps": hp.steps,
+                "epochs": hp.epochs,
+                "batch_size": hp.batch_size,
+                "weight_decay": hp.weight_decay,
+                "warmup_steps": hp.warmup_steps,
+                "max_grad_norm": hp.max_grad_norm,
+                "proximal_mu": hp.proximal_mu,
+            },
+        )
         spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
         trainer = self.trainer(task.task_type)
         dataset = self._dataset(task.dataset, task.task_type)
@@ -388,7 +469,6 @@ class SiteAgent:
             parent = task.input_checkpoint.sha256
             incoming = self._incoming(stub, task.input_checkpoint, trainer)
 
-        hp = task.hyperparameters
         beat.phase("training")
         try:
             outcome = trainer.run_hop(
@@ -429,9 +509,12 @@ class SiteAgent:
             outcome.tensors, metadata=bundle_metadata(manifest, outcome.adapter_config)
         )
         self._check_egress(trainer, spec, dataset, payload)
+        signature = sign_digest(self.settings.private_key.read_bytes(), sha256_hex(payload))
         uploaded = self._retrying(
             "upload",
-            lambda: stub.UploadCheckpoint(self._upload_messages(task, payload), timeout=600),
+            lambda: stub.UploadCheckpoint(
+                self._upload_messages(task, payload, signature), timeout=600
+            ),
         )
         return pb.HopResult(
             hop_id=task.hop_id,
@@ -465,13 +548,16 @@ class SiteAgent:
             )
 
     @staticmethod
-    def _upload_messages(task: pb.HopTask, payload: bytes) -> Iterator[pb.UploadRequest]:
+    def _upload_messages(
+        task: pb.HopTask, payload: bytes, signature: bytes
+    ) -> Iterator[pb.UploadRequest]:
         yield pb.UploadRequest(
             header=pb.UploadHeader(
                 hop_id=task.hop_id,
                 lease_token=task.lease_token,
                 total_size=len(payload),
                 sha256=sha256_hex(payload),
+                signature=signature,
             )
         )
         view = memoryview(payload)
@@ -488,6 +574,7 @@ class SiteAgent:
         try:
             if task.split not in ("validation", "test"):
                 raise HopFailure("bad-task", f"unknown split {task.split!r}")
+            self._check_approval(task, None)
             spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
             trainer = self.trainer(task.task_type)
             dataset = self._dataset(task.dataset, task.task_type)

@@ -5,20 +5,39 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 from protocols.logs import configure_logging
+
+if TYPE_CHECKING:
+    from site_agent.approvals import ApprovalStore
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(
     help="Baton site agent: trains the coordinator's hops on local data.", no_args_is_help=True
 )
+data_app = typer.Typer(
+    help="Register this site's datasets; only aggregate counts ever leave the site.",
+    no_args_is_help=True,
+)
+cert_app = typer.Typer(
+    help="Renew this site's certificate (online or offline).", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+app.add_typer(cert_app, name="cert")
 
-# Exit codes: 0 ok, 2 bad input (config, files).
+# Exit codes: 0 ok, 2 bad input (config, files), 3 the coordinator's history was rewritten.
 EXIT_BAD_INPUT = 2
+EXIT_HISTORY_REWRITTEN = 3
+
+DataDir = Annotated[Path, typer.Option(envvar="BATON_SITE_DATA_DIR", help="The site's data folder")]
+StateDir = Annotated[
+    Path | None,
+    typer.Option(envvar="BATON_SITE_STATE_DIR", help="Site state (default: DATA_DIR/.baton-site)"),
+]
 
 
 @app.command("serve")
@@ -33,6 +52,12 @@ def serve(
     base_model: Annotated[Path | None, typer.Option(help="Local base model folder")] = None,
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: auto)")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
+    approve: Annotated[
+        list[str] | None, typer.Option(help="sha256 of a reviewed run bundle (repeatable)")
+    ] = None,
+    approval_policy: Annotated[
+        Path | None, typer.Option(help="TOML rules that approve bundles")
+    ] = None,
     log_level: str = "INFO",
     log_json: bool = False,
 ) -> None:
@@ -40,7 +65,7 @@ def serve(
     from pydantic import ValidationError
 
     from protocols.pki import PkiError
-    from site_agent.agent import SiteAgent
+    from site_agent.agent import HistoryRewritten, SiteAgent
     from site_agent.settings import load_site_settings
 
     configure_logging(log_level, log_json)
@@ -56,11 +81,13 @@ def serve(
             base_model_dir=base_model,
             device=device,
             num_threads=threads,
+            approved_bundles=approve,
+            approval_policy=approval_policy,
         )
     except (ValidationError, FileNotFoundError) as exc:
         typer.echo(f"error: bad site settings: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
-    if not settings.base_model_dir.is_dir():
+    if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():
         typer.echo(f"error: base model folder not found: {settings.base_model_dir}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
     agent = SiteAgent(settings)
@@ -71,6 +98,107 @@ def serve(
     except PkiError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except HistoryRewritten as exc:
+        typer.echo(f"error: refusing this coordinator: {exc}", err=True)
+        raise typer.Exit(EXIT_HISTORY_REWRITTEN) from exc
+
+
+def _approval_store(data_dir: Path, state_dir: Path | None) -> ApprovalStore:
+    from site_agent.approvals import ApprovalStore
+
+    return ApprovalStore((state_dir or data_dir / ".baton-site") / "approvals.json")
+
+
+@app.command("approve")
+def approve_bundles(
+    hashes: Annotated[list[str], typer.Argument(help="sha256 of reviewed run bundles")],
+    data_dir: DataDir = Path("."),
+    state_dir: StateDir = None,
+    by: Annotated[str, typer.Option(help="Who reviewed it (recorded)")] = "",
+) -> None:
+    """Approve run bundles after review: their hops may now use this site's data."""
+    for digest in hashes:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            typer.echo(f"error: not a sha256 hex digest: {digest!r}", err=True)
+            raise typer.Exit(EXIT_BAD_INPUT)
+    _approval_store(data_dir, state_dir).approve(hashes, by=by)
+    typer.echo(f"approved {len(hashes)} bundle(s)")
+
+
+@app.command("approvals")
+def approvals(data_dir: DataDir = Path("."), state_dir: StateDir = None) -> None:
+    """Show every run bundle this site was asked to run, and whether it is approved."""
+    from rich.console import Console
+
+    console = Console()
+    for digest, entry in sorted(_approval_store(data_dir, state_dir).listing().items()):
+        state = "[green]approved[/green]" if entry["approved"] else "[yellow]pending[/yellow]"
+        console.print(f"{state} {digest}")
+        if entry["bundle"] is not None:
+            console.print_json(json.dumps(entry["bundle"]))
+
+
+@cert_app.command("csr")
+def cert_csr(
+    name: Annotated[str, typer.Option(help="This site's name (the certificate CN)")],
+    out: Annotated[Path, typer.Option(help="Folder for NAME.key and NAME.csr")] = Path("."),
+) -> None:
+    """Offline renewal: a new key (stays here) and a CSR to hand to the CA holder."""
+    from protocols.pki import PkiError, create_csr
+
+    try:
+        files = create_csr(out, name)
+    except PkiError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    typer.echo(f"key: {files.private_key}\nCSR: {files.certificate} (CA: baton pki sign)")
+
+
+@cert_app.command("renew")
+def cert_renew(
+    coordinator: Annotated[str, typer.Option(envvar="BATON_SITE_COORDINATOR")],
+    ca: Annotated[Path, typer.Option("--ca", envvar="BATON_SITE_CA_CERTIFICATE")],
+    cert: Annotated[Path, typer.Option("--cert", envvar="BATON_SITE_CERTIFICATE")],
+    key: Annotated[Path, typer.Option("--key", envvar="BATON_SITE_PRIVATE_KEY")],
+    server_name: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Online renewal while runs go on: new key, CSR, certificate signed by the coordinator.
+
+    The old certificate and key are kept as *.old; the agent uses the new pair on its next
+    connection.
+    """
+    import os
+    import tempfile
+
+    import grpc
+
+    from protocols.pki import PkiError, create_csr, identity_from_pem
+    from protocols.transport import TlsFiles, secure_channel
+    from protocols.v1 import baton_pb2 as pb
+    from protocols.v1 import baton_pb2_grpc as pb_grpc
+
+    try:
+        name = identity_from_pem(cert.read_bytes()).name
+        with tempfile.TemporaryDirectory(dir=key.parent) as scratch:
+            files = create_csr(Path(scratch), name)
+            with secure_channel(
+                coordinator, TlsFiles(ca, cert, key), server_name=server_name
+            ) as ch:
+                response = pb_grpc.SiteServiceStub(ch).RenewCertificate(
+                    pb.RenewRequest(csr_pem=files.certificate.read_bytes()), timeout=30
+                )
+            renewed = identity_from_pem(response.certificate_pem)
+            for path in (cert, key):
+                os.replace(path, path.with_name(path.name + ".old"))
+            os.replace(files.private_key, key)
+            cert.write_bytes(response.certificate_pem)
+    except (PkiError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except grpc.RpcError as exc:
+        typer.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    typer.echo(f"renewed: serial {renewed.serial:x}, expires {renewed.not_valid_after:%Y-%m-%d}")
 
 
 @app.command("demo-data")
@@ -95,9 +223,130 @@ def demo_data(
 @app.command("model-hash")
 def model_hash(directory: Path) -> None:
     """Print the sha256 a run uses to pin this base model."""
-    from site_agent._training import hash_base_model
+    from site_agent.tasks import hash_base_model
 
     typer.echo(hash_base_model(directory))
+
+
+DataDirOption = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar="BATON_SITE_DATA_DIR",
+        help="The site's data folder (registrations live in DIR/NAME/)",
+    ),
+]
+
+
+@data_app.command("add")
+def data_add(
+    name: Annotated[str, typer.Argument(help="Dataset name the coordinator's plans refer to")],
+    path: Annotated[Path, typer.Argument(help="Source file; it is never copied")],
+    task: Annotated[str, typer.Option(help="seq-classification, causal-lm or tabular")],
+    data_dir: DataDirOption,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", help="auto, jsonl, csv, heart-disease or medquad"),
+    ] = "auto",
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            help="key=value, repeatable: dedupe=true, labels=a,b, source=GHR, target=answer, "
+            "label_column=y, center=NAME",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation/test split")] = 0,
+    validation_fraction: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.2,
+    test_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Ignored for heart-disease (FLamby's split)")
+    ] = 0.2,
+    replace: Annotated[
+        bool, typer.Option(help="Overwrite a registration of the same name")
+    ] = False,
+) -> None:
+    """Validate a data file, fingerprint it and fix its seeded, stratified split."""
+    from site_agent.registry import DatasetError, register_dataset
+
+    try:
+        options = _parse_options(option or [])
+        dataset = register_dataset(
+            data_dir,
+            name,
+            path,
+            task_type=task,
+            fmt=fmt,
+            validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+            options=options,
+            replace=replace,
+        )
+    except DatasetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    summary: dict[str, object] = {
+        "name": dataset.name,
+        "task_type": dataset.task_type,
+        "fingerprint": dataset.fingerprint,
+        "train": len(dataset.train),
+        "validation": len(dataset.validation),
+        "test": len(dataset.test),
+        "labels": list(dataset.labels),
+        "features": len(dataset.feature_names),
+    }
+    typer.echo(json.dumps(summary))
+
+
+@data_app.command("list")
+def data_list(
+    data_dir: DataDirOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table")] = False,
+) -> None:
+    """Show the registered datasets: names and aggregate counts only."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from site_agent.registry import list_registered
+
+    entries = list_registered(data_dir)
+    if as_json:
+        typer.echo(json.dumps(entries))
+        return
+    table = Table(title=f"datasets in {data_dir}")
+    for column in ("name", "task", "format"):
+        table.add_column(column, no_wrap=True)
+    for column in ("train", "validation", "test"):
+        table.add_column(column, justify="right")
+    table.add_column("labels")
+    table.add_column("status", no_wrap=True)
+    for entry in entries:
+        counts = cast("dict[str, int]", entry["counts"])
+        label_counts = cast("dict[str, dict[str, int]]", entry["label_counts"])
+        labels = sorted({label for split in label_counts.values() for label in split})
+        table.add_row(
+            str(entry["name"]),
+            str(entry["task_type"]),
+            str(entry["format"]),
+            *(str(counts.get(split, 0)) for split in ("train", "validation", "test")),
+            ", ".join(labels) if len(labels) <= 6 else f"{len(labels)} labels",
+            str(entry["status"]),
+        )
+    Console().print(table)
+
+
+def _parse_options(pairs: list[str]) -> dict[str, str]:
+    from site_agent.registry import DatasetError
+
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        if not separator or not key.strip():
+            raise DatasetError(f"--option must be key=value, got {pair!r}")
+        if key.strip() in options:
+            raise DatasetError(f"--option {key.strip()!r} given twice")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def main() -> None:

@@ -1,0 +1,158 @@
+"""Site approval, on by default: a run touches this site's data only if its bundle is approved.
+
+A bundle is approved by its sha256 (`baton-site approve HASH`, or `approved_bundles` in the site's
+settings), or by a local policy file whose rules it satisfies. Every bundle the site is asked to
+run is remembered, so `baton-site approvals` shows pending ones for review.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from protocols.approval import ApprovalBundle
+
+__all__ = ["ApprovalPolicy", "ApprovalStore", "PolicyError"]
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyError(ValueError):
+    """The approval policy file is malformed."""
+
+
+@dataclass(frozen=True)
+class _Rule:
+    task_types: frozenset[str]
+    datasets: frozenset[str]
+    base_models: frozenset[str]
+    max_values: dict[str, float]
+
+    def allows(self, bundle: ApprovalBundle) -> bool:
+        def matches(allowed: frozenset[str], value: str) -> bool:
+            return "*" in allowed or value in allowed
+
+        if not (
+            matches(self.task_types, bundle.task_type)
+            and matches(self.datasets, bundle.dataset)
+            and matches(self.base_models, bundle.base_model_sha256)
+        ):
+            return False
+        for name, limit in self.max_values.items():
+            bound = bundle.bounds.get(name)
+            if bound is None or bound[1] > limit:
+                return False  # an unbounded or too-wide hyperparameter needs a human
+        return True
+
+
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    """Rules (TOML `[[allow]]` tables) that approve bundles without a per-run review.
+
+    Each rule lists `task_types`, `datasets` and `base_models` (sha256, or "*"), and may cap
+    hyperparameters with `max_<name>` keys (e.g. `max_learning_rate = 0.01`, `max_steps = 500`).
+    """
+
+    rules: tuple[_Rule, ...] = ()
+
+    @classmethod
+    def load(cls, path: Path) -> ApprovalPolicy:
+        try:
+            document = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise PolicyError(f"approval policy {path} is unreadable: {exc}") from exc
+        rules = []
+        for index, raw in enumerate(document.get("allow", [])):
+            try:
+                rules.append(
+                    _Rule(
+                        task_types=frozenset(raw["task_types"]),
+                        datasets=frozenset(raw["datasets"]),
+                        base_models=frozenset(raw["base_models"]),
+                        max_values={
+                            k.removeprefix("max_"): float(v)
+                            for k, v in raw.items()
+                            if k.startswith("max_")
+                        },
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PolicyError(f"{path}: allow rule {index + 1} is malformed: {exc}") from exc
+        return cls(tuple(rules))
+
+    def allows(self, bundle: ApprovalBundle) -> bool:
+        return any(rule.allows(bundle) for rule in self.rules)
+
+
+@dataclass
+class ApprovalStore:
+    """Approved bundle hashes and the bundles seen, in `<state_dir>/approvals.json`."""
+
+    path: Path
+    preapproved: frozenset[str] = frozenset()
+    policy: ApprovalPolicy = field(default_factory=ApprovalPolicy)
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {"approved": {}, "seen": {}}
+        try:
+            document: dict[str, Any] = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise PolicyError(f"approvals file {self.path} is unreadable: {exc}") from exc
+        return document
+
+    def _write(self, document: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".approvals.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(document, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def approve(self, hashes: Iterable[str], *, by: str = "") -> None:
+        document = self._read()
+        now = datetime.now(UTC).isoformat()
+        for digest in hashes:
+            document["approved"][digest] = {"at": now, "by": by}
+        self._write(document)
+
+    def revoke(self, digest: str) -> bool:
+        document = self._read()
+        removed = document["approved"].pop(digest, None) is not None
+        self._write(document)
+        return removed
+
+    def is_approved(self, bundle: ApprovalBundle) -> bool:
+        """Approved by hash (file or settings) or by policy; records the bundle as seen."""
+        digest = bundle.sha256
+        document = self._read()
+        if digest not in document["seen"]:
+            document["seen"][digest] = json.loads(bundle.canonical_json())
+            self._write(document)
+        return (
+            digest in self.preapproved
+            or digest in document["approved"]
+            or self.policy.allows(bundle)
+        )
+
+    def listing(self) -> dict[str, Any]:
+        """Seen bundles with their content, and which are approved."""
+        document = self._read()
+        approved = set(document["approved"]) | set(self.preapproved)
+        return {
+            digest: {"approved": digest in approved, "bundle": bundle}
+            for digest, bundle in document["seen"].items()
+        } | {
+            digest: {"approved": True, "bundle": None}
+            for digest in approved
+            if digest not in document["seen"]
+        }
