@@ -20,6 +20,8 @@ from site_agent._synthetic import SYNTHETIC_LABELS
 from tests.conftest import SITES, Pki
 from tests.integration.conftest import wait_for_hop, wait_for_run
 
+STEPS = 100
+
 
 def _plan(steps: int) -> dict[str, object]:
     return {
@@ -39,8 +41,10 @@ def _start_sites(cluster: Cluster, port: int, pki: Pki, data: dict[str, Path], m
 def _start_site(
     cluster: Cluster, site: str, port: int, pki: Pki, data: dict[str, Path], model: Path
 ) -> None:
+    bundle = parse_plan(_plan(steps=STEPS)).approval_bundle().sha256
     cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
-                       data_dir=data[site], base_model_dir=model, threads=1)  # fmt: skip
+                       data_dir=data[site], base_model_dir=model, threads=1,
+                       approve=[bundle])  # fmt: skip
 
 
 def _check_outcome(state_dir: Path, run_id: str) -> None:
@@ -71,7 +75,7 @@ def test_site_killed_mid_training_redoes_its_hop_after_a_restart(
         _start_sites(cluster, port, pki, site_data, base_model)
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites(set(SITES), timeout=120)
-            run_id = admin.start_run(parse_plan(_plan(steps=150)))
+            run_id = admin.start_run(parse_plan(_plan(steps=STEPS)))
             wait_for_hop(admin, run_id, 1, "training")
             cluster.process(SITES[1]).kill()
             _start_site(cluster, SITES[1], port, pki, site_data, base_model)
@@ -92,7 +96,7 @@ def test_coordinator_killed_mid_run_restarts_and_the_run_completes(
         _start_sites(cluster, port, pki, site_data, base_model)
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites(set(SITES), timeout=120)
-            run_id = admin.start_run(parse_plan(_plan(steps=60)))
+            run_id = admin.start_run(parse_plan(_plan(steps=STEPS)))
             wait_for_hop(admin, run_id, hop, "training")
         cluster.process("coordinator").kill()
         cluster.start_coordinator(state_dir=state, pki_dir=pki.directory,

@@ -24,6 +24,12 @@ from tests.integration.conftest import wait_for_run
 def test_three_site_processes_run_a_sequential_plan_over_mtls(
     pki: Pki, tmp_path: Path, base_model: Path, site_data: dict[str, Path]
 ) -> None:
+    plan = parse_plan({
+        "name": "integration", "dataset": "notes", "labels": list(SYNTHETIC_LABELS),
+        "sites": list(SITES), "base_model_sha256": hash_base_model(base_model),
+        "defaults": {"steps": 4, "batch_size": 8, "learning_rate": 1e-2},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+    })  # fmt: skip
     cluster = Cluster(log_dir=tmp_path / "logs")
     with cluster.running():
         port = cluster.start_coordinator(
@@ -33,15 +39,9 @@ def test_three_site_processes_run_a_sequential_plan_over_mtls(
         for site in SITES:
             cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
                                data_dir=site_data[site], base_model_dir=base_model,
-                               threads=1)  # fmt: skip
+                               threads=1, approve=[plan.approval_bundle().sha256])  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites(set(SITES), timeout=120)
-            plan = parse_plan({
-                "name": "integration", "dataset": "notes", "labels": list(SYNTHETIC_LABELS),
-                "sites": list(SITES), "base_model_sha256": hash_base_model(base_model),
-                "defaults": {"steps": 4, "batch_size": 8, "learning_rate": 1e-2},
-                "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
-            })  # fmt: skip
             run = wait_for_run(admin, cluster, admin.start_run(plan))
             admin.evaluate_run(run.run_id, "test")
             evaluated = admin.wait_for_evaluations(run.run_id, timeout=60)
