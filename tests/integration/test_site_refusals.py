@@ -86,3 +86,25 @@ def test_a_canary_planted_in_site_data_never_leaves_the_site(
         for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'"):
             for row in db.execute(f'SELECT * FROM "{table}"'):
                 assert CANARY not in repr(row), table
+
+
+def test_site_with_a_different_base_model_refuses_the_pinned_run(
+    pki: Pki, tmp_path: Path, base_model: Path, site_data: dict[str, Path]
+) -> None:
+    pinned = "f" * 64  # the run is pinned to weights this site does not hold
+    plan = parse_plan(_plan([SITES[0]], base_model_sha256=pinned, failure={"on_failure": "abort"}))
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    with cluster.running():
+        port = cluster.start_coordinator(
+            state_dir=tmp_path / "coordinator", pki_dir=pki.directory, port_file=tmp_path / "port"
+        )
+        cluster.start_site(SITES[0], coordinator=f"localhost:{port}", pki_dir=pki.directory,
+                           data_dir=site_data[SITES[0]], base_model_dir=base_model, threads=1,
+                           approve=[plan.approval_bundle().sha256])  # fmt: skip
+        with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
+            admin.wait_for_sites({SITES[0]}, timeout=120)
+            run = wait_for_run(admin, cluster, admin.start_run(plan))
+    assert run.status == "failed"
+    assert "base-model-mismatch" in run.error and pinned in run.error
+    assert run.hops[0].status == "failed"
+    assert "hop on" not in cluster.process(SITES[0]).log_path.read_text()

@@ -12,6 +12,7 @@ from coordinator.processes import Cluster
 from coordinator.study import (
     RunExecutor,
     RunTemplate,
+    approval_bounds,
     attach_run_template,
     plan_from_study,
     run_search,
@@ -28,18 +29,21 @@ def test_search_trials_are_real_runs_and_the_best_plan_becomes_a_run_plan(
 ) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{tmp_path / 'studies.sqlite3'}"
-    template = RunTemplate(
-        dataset="notes",
-        labels=tuple(SYNTHETIC_LABELS),
-        base_model_sha256=hash_base_model(base_model),
-        lora={"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
-    )
     space = SearchSpace(
         sites=SITES,
         learning_rate=FloatRange(1e-3, 3e-2, log=True),
         steps=IntRange(2, 4),
         batch_size=8,
     )
+    template = RunTemplate(
+        dataset="notes",
+        labels=tuple(SYNTHETIC_LABELS),
+        base_model_sha256=hash_base_model(base_model),
+        lora={"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+        bounds=approval_bounds(space),
+    )
+    # The sites approve the study once: every trial's run carries the same bundle.
+    bundle = template.approval_bundle(space.plan(SITES)).sha256
     study = OrderingStudy.create(storage, "integration", space, "lehmer", seed=3)
     attach_run_template(study, template)
 
@@ -52,7 +56,7 @@ def test_search_trials_are_real_runs_and_the_best_plan_becomes_a_run_plan(
         for site in SITES:
             cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
                                data_dir=site_data[site], base_model_dir=base_model,
-                               threads=1)  # fmt: skip
+                               threads=1, approve=[bundle])  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites(set(SITES), timeout=120)
             executor = RunExecutor(admin, template, poll_seconds=0.1, run_timeout=120)
