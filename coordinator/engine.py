@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import secrets
 import time
 import uuid
@@ -173,6 +174,7 @@ class RunEngine:
         self.ca_pem = ca_pem
         self.store = store
         self.runs_dir = runs_dir
+        self.uploads_dir = runs_dir.parent / "uploads"
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self._sessions: dict[str, SiteSession] = {}
         self._sent: dict[str, SiteSession] = {}  # hop/evaluation id -> session its task went to
@@ -354,21 +356,37 @@ class RunEngine:
                 f"checkpoint of {header.total_size} bytes exceeds the "
                 f"{self.max_checkpoint_bytes}-byte cap"
             )
-        buffer = bytearray()
-        async for chunk in chunks:
-            buffer += chunk
-            if len(buffer) > header.total_size:
-                raise InvalidInput("upload is longer than its header declared")
-        if len(buffer) != header.total_size:
+        partial = self._partial_upload(hop.id, header.sha256)
+        received = partial.stat().st_size if partial.is_file() else 0
+        if header.offset > received:
             raise InvalidInput(
-                f"upload ended after {len(buffer)} of {header.total_size} declared bytes"
+                f"cannot resume at byte {header.offset}: {received} bytes were received"
             )
-        data = bytes(buffer)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        # Chunks go to disk as they arrive, so a cut connection resumes where it stopped.
+        with partial.open("r+b" if partial.is_file() else "wb") as fh:
+            fh.truncate(header.offset)
+            fh.seek(header.offset)
+            received = header.offset
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > header.total_size:
+                    raise InvalidInput("upload is longer than its header declared")
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if received != header.total_size:
+            raise InvalidInput(
+                f"upload ended after {received} of {header.total_size} declared bytes; "
+                f"resume from byte {received}"
+            )
+        data = partial.read_bytes()
         try:
             bundle = inspect_bundle(
                 data, expected_sha256=header.sha256, max_bytes=self.max_checkpoint_bytes
             )
         except CheckpointError as exc:
+            partial.unlink(missing_ok=True)  # complete but wrong: start over
             raise InvalidInput(str(exc)) from exc
         self._check_lineage(run, hop, site, bundle)
         try:
@@ -378,6 +396,7 @@ class RunEngine:
         except SignatureError as exc:
             raise InvalidInput(f"checkpoint-integrity: {exc}") from exc
         await asyncio.to_thread(self.store.put, data)
+        partial.unlink(missing_ok=True)
         self.ledger.record_checkpoint(
             CheckpointRow(
                 sha256=bundle.sha256,
@@ -404,6 +423,17 @@ class RunEngine:
                 )
             self._extend(run, hop.id)
         return bundle
+
+    def _partial_upload(self, hop_id: str, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise InvalidInput(f"upload header sha256 is not a hex digest: {sha256[:80]!r}")
+        return self.uploads_dir / f"{hop_id}.{sha256}.part"
+
+    def upload_progress(self, site: str, header: pb.UploadHeader) -> int:
+        """Bytes of a hop's upload already received (to resume a cut upload from there)."""
+        self._leased_hop(site, header.hop_id, header.lease_token)
+        partial = self._partial_upload(header.hop_id, header.sha256)
+        return partial.stat().st_size if partial.is_file() else 0
 
     def _check_lineage(self, run: RunRow, hop: HopRow, site: str, bundle: Bundle) -> None:
         manifest = bundle.manifest

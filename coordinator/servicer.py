@@ -347,6 +347,16 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             )
         )
 
+    async def UploadStatus(
+        self, request: pb.UploadHeader, context: grpc.aio.ServicerContext
+    ) -> pb.UploadProgress:
+        identity = await self._caller(context, Role.SITE, "UploadStatus")
+        try:
+            received = self.engine.upload_progress(identity.name, request)
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
+        return pb.UploadProgress(received=received)
+
     async def ReportHopResult(
         self, request: pb.HopResult, context: grpc.aio.ServicerContext
     ) -> pb.HopResultResponse:

@@ -25,21 +25,27 @@ from coordinator.admin import TERMINAL_RUN_STATES, AdminClient
 from coordinator.plan import RunPlan, parse_plan
 from ordering import (
     CandidatePlan,
+    FloatRange,
+    IntRange,
     OrderingStudy,
     PlanPruned,
+    SearchSpace,
     SiteScore,
     StudyMismatch,
     TrialOutcome,
     TrialRecord,
 )
+from protocols.approval import ApprovalBundle
 from protocols.v1 import baton_pb2 as pb
 
 __all__ = [
     "STUDY_SCHEMA",
     "ExecutedRun",
     "RunExecutor",
+    "RunNotApproved",
     "RunTemplate",
     "TrialRunError",
+    "approval_bounds",
     "attach_run_template",
     "heuristic_seed_orders",
     "hop_training_seconds",
@@ -60,11 +66,27 @@ STUDY_SCHEMA = "baton_studies"
 _TEMPLATE_ATTR = "baton.run_template"  # study user attribute: the RunTemplate as JSON
 _RUN_LINK_PREFIX = "baton.run_id:"  # study user attributes: "<prefix><stage study>#<trial>"
 _DONE_HOP_STATES = ("committed", "skipped")
+# How a refusal for want of approval shows in a run's status: the error code in the run's error
+# once it has failed, the site's message in the hop's error while the hop waits for a retry
+# (HopStatus carries no error code).
+_REFUSAL_MARKERS = ("not-approved", "is not approved at this site")
 
 
 class TrialRunError(RuntimeError):
     """A trial's run produced no score: it failed, was aborted or paused, took too long, or a
     site could not evaluate its final adapter. The study records the trial as failed."""
+
+
+class RunNotApproved(RuntimeError):
+    """A site refused a trial's run because it has not approved the run's bundle.
+
+    Not a `TrialRunError`: every later trial would be refused too, so the search stops (the
+    trial is recorded as failed) until the sites approve the bundle.
+    """
+
+    def __init__(self, message: str, bundle_sha256: str) -> None:
+        super().__init__(message)
+        self.bundle_sha256 = bundle_sha256
 
 
 # ---- what every run of a study shares -----------------------------------------------------------
@@ -90,6 +112,10 @@ class RunTemplate:
         options: Task options (e.g. the tabular model).
         base_model_sha256: Pins the base model of every run, when given.
         failure: The failure policy of every run (the coordinator's default when None).
+        bounds: The hyperparameter bounds every run declares (see `approval_bounds`). Sites
+            approve a run by its approval bundle, which holds these bounds instead of the hops'
+            own values, so one approval covers every trial of the study. None: each run's
+            bundle holds its own values, and every trial needs its own approval.
     """
 
     dataset: str
@@ -100,9 +126,13 @@ class RunTemplate:
     options: Mapping[str, Any] = field(default_factory=dict)
     base_model_sha256: str | None = None
     failure: Mapping[str, Any] | None = None
+    bounds: Mapping[str, tuple[float, float]] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
+        if self.bounds is not None:
+            bounds = {str(k): (float(lo), float(hi)) for k, (lo, hi) in self.bounds.items()}
+            object.__setattr__(self, "bounds", bounds)
         if not self.metric:
             raise ValueError("a run template needs the metric that scores a run")
 
@@ -128,6 +158,8 @@ class RunTemplate:
             document["options"] = _plain_json(dict(self.options))
         if self.failure is not None:
             document["failure"] = _plain_json(dict(self.failure))
+        if self.bounds is not None:
+            document["bounds"] = {k: [lo, hi] for k, (lo, hi) in self.bounds.items()}
         if budget != 1.0:
             for hop in document["hops"]:
                 hop["hyperparameters"] = scale_hyperparameters(hop["hyperparameters"], budget)
@@ -141,6 +173,17 @@ class RunTemplate:
         """
         return parse_plan(self.plan_document(plan, name=name, budget=budget))
 
+    def approval_bundle(self, plan: CandidatePlan) -> ApprovalBundle:
+        """The approval bundle of `plan`'s run: what each site reviews and approves.
+
+        With `bounds` set it is the same for every plan of the study's space, so the sites
+        approve the study once (``baton-site approve <sha256>``).
+
+        Raises:
+            PlanError: If the coordinator would refuse the plan.
+        """
+        return self.run_plan(plan).approval_bundle()
+
     def to_json_dict(self) -> dict[str, Any]:
         """A JSON-able form, stored with the study; `from_json_dict` reads it back."""
         return {
@@ -152,6 +195,9 @@ class RunTemplate:
             "options": _plain_json(dict(self.options)),
             "base_model_sha256": self.base_model_sha256,
             "failure": None if self.failure is None else _plain_json(dict(self.failure)),
+            "bounds": None
+            if self.bounds is None
+            else {k: [lo, hi] for k, (lo, hi) in self.bounds.items()},
         }
 
     @classmethod
@@ -166,6 +212,7 @@ class RunTemplate:
             options=dict(data.get("options") or {}),
             base_model_sha256=data.get("base_model_sha256"),
             failure=data.get("failure"),
+            bounds=data.get("bounds"),
         )
 
 
@@ -193,6 +240,40 @@ def scale_hyperparameters(hyperparameters: Mapping[str, Any], budget: float) -> 
     if scaled.get("epochs"):
         scaled["epochs"] = float(scaled["epochs"]) * budget
     return scaled
+
+
+def approval_bounds(space: SearchSpace) -> dict[str, tuple[float, float]]:
+    """Bounds covering every hop any plan of `space` can run, at any budget fraction.
+
+    The learning rate spans every hop's decayed value; the lower bounds of steps, warm-up steps
+    and epochs are 1, 0 and 0, because probe trials (budget < 1) run shorter visits (see
+    `scale_hyperparameters`). Fixed values are bounded by themselves. A site that approves a
+    bundle with these bounds approves every trial of the study.
+    """
+
+    def span(value: float | FloatRange | IntRange | None) -> tuple[float, float]:
+        if value is None:
+            return 0.0, 0.0
+        if isinstance(value, FloatRange | IntRange):
+            return float(value.low), float(value.high)
+        return float(value), float(value)
+
+    lr_low, lr_high = span(space.learning_rate)
+    decay_low, decay_high = span(space.learning_rate_decay)
+    last_hop = space.max_cycles * len(space.sites) - 1
+    return {
+        "learning_rate": (
+            lr_low * min(1.0, decay_low) ** last_hop,
+            lr_high * max(1.0, decay_high) ** last_hop,
+        ),
+        "steps": (1.0, span(space.steps)[1]),
+        "epochs": (0.0, span(space.epochs)[1]),
+        "batch_size": span(space.batch_size),
+        "weight_decay": span(space.weight_decay),
+        "warmup_steps": (0.0, float(space.warmup_steps)),
+        "max_grad_norm": span(space.max_grad_norm),
+        "proximal_mu": span(space.proximal_mu),
+    }
 
 
 def attach_run_template(study: OrderingStudy, template: RunTemplate) -> None:
@@ -364,6 +445,7 @@ class RunExecutor:
         self.run_timeout = run_timeout
         self.evaluation_timeout = evaluation_timeout
         self.runs: list[ExecutedRun] = []
+        self._bundle_sha256 = ""
 
     def execute(
         self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
@@ -379,6 +461,7 @@ class RunExecutor:
         suffix = "" if budget == 1.0 else f" @budget={budget:g}"
         name = f"{self.run_name}: {plan.describe()}{suffix}"[:200]
         run_plan = self.template.run_plan(plan, name=name, budget=budget)
+        self._bundle_sha256 = run_plan.approval_bundle().sha256
         run_id = self.client.start_run(run_plan)
         self.runs.append(ExecutedRun(run_id, plan, budget))
         logger.info("run %s started for %s (budget %g)", run_id, plan.describe(), budget)
@@ -410,6 +493,7 @@ class RunExecutor:
         deadline = None if self.run_timeout is None else time.monotonic() + self.run_timeout
         while True:
             run = self.client.run(run_id)
+            self._check_approved(run)
             if len(run.hops) != len(plan.hops):
                 raise TrialRunError(
                     f"run {run_id} has {len(run.hops)} hops; the plan has {len(plan.hops)}"
@@ -432,6 +516,17 @@ class RunExecutor:
             if deadline is not None and time.monotonic() > deadline:
                 raise TrialRunError(f"run {run_id} did not finish within {self.run_timeout:g} s")
             time.sleep(self.poll_seconds)
+
+    def _check_approved(self, run: pb.RunStatus) -> None:
+        """Stops at the first refusal: the coordinator would retry the hop, to no avail."""
+        refusals = [hop for hop in run.hops if any(m in hop.error for m in _REFUSAL_MARKERS)]
+        if refusals or any(marker in run.error for marker in _REFUSAL_MARKERS):
+            where = ", ".join(sorted({hop.site for hop in refusals})) or "a site"
+            raise RunNotApproved(
+                f"{where} refused run {run.run_id}: its approval bundle {self._bundle_sha256} is "
+                f"not approved there (baton-site approve {self._bundle_sha256})",
+                self._bundle_sha256,
+            )
 
     @staticmethod
     def _cycle_hops(run: pb.RunStatus, cycle: int, hops_per_cycle: int) -> list[pb.HopStatus]:

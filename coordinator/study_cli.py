@@ -20,7 +20,9 @@ from coordinator.admin import AdminClient
 from coordinator.plan import PlanError, RunPlan
 from coordinator.study import (
     RunExecutor,
+    RunNotApproved,
     RunTemplate,
+    approval_bounds,
     attach_run_template,
     heuristic_seed_orders,
     plan_from_study,
@@ -175,7 +177,7 @@ def study_start(
     trials: Annotated[int, typer.Option(min=1, help="Trials to run now")] = 10,
     encoding: Annotated[
         EncodingName, typer.Option(help="How an order is expressed to the sampler")
-    ] = EncodingName.lehmer,
+    ] = EncodingName.random_keys,
     aggregation: Annotated[
         AggregationName, typer.Option(help="How site scores become the objective")
     ] = AggregationName.mean,
@@ -193,6 +195,9 @@ def study_start(
     ] = False,
     run_timeout: Annotated[float, typer.Option(help="Abort a trial's run after (s)")] = 3600.0,
     site_timeout: Annotated[float, typer.Option(help="Wait for the sites to connect (s)")] = 60.0,
+    dry_run: Annotated[
+        bool, typer.Option(help="Only print the approval bundle the sites must approve")
+    ] = False,
     coordinator: Coord = "localhost:50051",
     ca: AdminCa = Path("pki/ca.crt"),
     cert: AdminCert = Path("pki/admin.crt"),
@@ -203,15 +208,6 @@ def study_start(
     configure_logging(log_level)
     _quiet_optuna()
     url = resolve_storage(storage)
-    template = RunTemplate(
-        dataset=dataset,
-        labels=tuple(labels or ()),
-        task=task,
-        metric=metric,
-        lora=_json_object(lora, "--lora"),
-        options=_json_object(options, "--options") or {},
-        base_model_sha256=base_model_sha256,
-    )
     chosen_direction = (
         direction.value
         if direction is not None
@@ -225,7 +221,21 @@ def study_start(
             steps=steps_min if steps_min == steps_max else IntRange(steps_min, steps_max),
             batch_size=batch_size,
         )
-        template.run_plan(space.plan(tuple(sites)), name=name)  # refused before any run
+        template = RunTemplate(
+            dataset=dataset,
+            labels=tuple(labels or ()),
+            task=task,
+            metric=metric,
+            lora=_json_object(lora, "--lora"),
+            options=_json_object(options, "--options") or {},
+            base_model_sha256=base_model_sha256,
+            bounds=approval_bounds(space),  # one approval covers every trial
+        )
+        bundle = template.approval_bundle(space.plan(tuple(sites)))  # refused before any run
+        if dry_run:
+            console.print_json(bundle.canonical_json())
+            console.print(f"approval bundle sha256: {bundle.sha256}")
+            return
         study = OrderingStudy.create(
             url,
             name,
@@ -238,6 +248,10 @@ def study_start(
         attach_run_template(study, template)
     except (SearchSpaceError, PlanError, StudyMismatch) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    console.print(
+        f"approval bundle {bundle.sha256}: every site must have approved it "
+        f"(baton-site approve {bundle.sha256}); --dry-run shows it"
+    )
     try:
         client = AdminClient.from_files(coordinator, ca, cert, key)
     except PkiError as exc:
@@ -277,7 +291,7 @@ def study_start(
 
             try:
                 run_search(study, executor, trials, on_trial=on_trial)
-            except PlanError as exc:
+            except (PlanError, RunNotApproved) as exc:
                 raise _fail(str(exc), EXIT_BAD_INPUT) from exc
             except grpc.RpcError as exc:
                 _rpc_failure(exc)

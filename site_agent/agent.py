@@ -509,13 +509,23 @@ class SiteAgent:
             outcome.tensors, metadata=bundle_metadata(manifest, outcome.adapter_config)
         )
         self._check_egress(trainer, spec, dataset, payload)
-        signature = sign_digest(self.settings.private_key.read_bytes(), sha256_hex(payload))
-        uploaded = self._retrying(
-            "upload",
-            lambda: stub.UploadCheckpoint(
-                self._upload_messages(task, payload, signature), timeout=600
-            ),
+        header = pb.UploadHeader(
+            hop_id=task.hop_id,
+            lease_token=task.lease_token,
+            total_size=len(payload),
+            sha256=sha256_hex(payload),
+            signature=sign_digest(self.settings.private_key.read_bytes(), sha256_hex(payload)),
         )
+
+        def upload() -> pb.UploadResponse:
+            # Resume from whatever the coordinator already holds of this upload.
+            header.offset = stub.UploadStatus(header, timeout=30).received
+            response: pb.UploadResponse = stub.UploadCheckpoint(
+                self._upload_messages(header, payload), timeout=600
+            )
+            return response
+
+        uploaded = self._retrying("upload", upload)
         return pb.HopResult(
             hop_id=task.hop_id,
             lease_token=task.lease_token,
@@ -548,20 +558,10 @@ class SiteAgent:
             )
 
     @staticmethod
-    def _upload_messages(
-        task: pb.HopTask, payload: bytes, signature: bytes
-    ) -> Iterator[pb.UploadRequest]:
-        yield pb.UploadRequest(
-            header=pb.UploadHeader(
-                hop_id=task.hop_id,
-                lease_token=task.lease_token,
-                total_size=len(payload),
-                sha256=sha256_hex(payload),
-                signature=signature,
-            )
-        )
+    def _upload_messages(header: pb.UploadHeader, payload: bytes) -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
         view = memoryview(payload)
-        for start in range(0, len(payload), CHUNK_BYTES):
+        for start in range(header.offset, len(payload), CHUNK_BYTES):
             yield pb.UploadRequest(data=bytes(view[start : start + CHUNK_BYTES]))
 
     # ---- evaluation ---------------------------------------------------------------------------

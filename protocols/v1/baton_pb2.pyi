@@ -544,6 +544,7 @@ class UploadHeader(_message.Message):
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
     hop_id: _builtins.str
     lease_token: _builtins.str
     total_size: _builtins.int
@@ -551,6 +552,8 @@ class UploadHeader(_message.Message):
     """of the whole bundle; the coordinator recomputes and compares"""
     signature: _builtins.bytes
     """the site's ECDSA signature over sha256 (hex), with its mTLS key"""
+    offset: _builtins.int
+    """resume: the data that follows starts at this byte (see UploadStatus)"""
     def __init__(
         self,
         *,
@@ -559,14 +562,35 @@ class UploadHeader(_message.Message):
         total_size: _builtins.int = ...,
         sha256: _builtins.str = ...,
         signature: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop_id", b"hop_id", "lease_token", b"lease_token", "sha256", b"sha256", "signature", b"signature", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop_id", b"hop_id", "lease_token", b"lease_token", "offset", b"offset", "sha256", b"sha256", "signature", b"signature", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadHeader: _TypeAlias = UploadHeader  # noqa: Y015
+
+@_typing.final
+class UploadProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIVED_FIELD_NUMBER: _builtins.int
+    received: _builtins.int
+    """bytes of this upload the coordinator holds (durably)"""
+    def __init__(
+        self,
+        *,
+        received: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["received", b"received"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadProgress: _TypeAlias = UploadProgress  # noqa: Y015
 
 @_typing.final
 class UploadRequest(_message.Message):

@@ -54,6 +54,11 @@ class SiteServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.UploadRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.UploadResponse.FromString,
                 _registered_method=True)
+        self.UploadStatus = channel.unary_unary(
+                '/baton.v1.SiteService/UploadStatus',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.UploadHeader.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.UploadProgress.FromString,
+                _registered_method=True)
         self.ReportHopResult = channel.unary_unary(
                 '/baton.v1.SiteService/ReportHopResult',
                 request_serializer=protocols_dot_v1_dot_baton__pb2.HopResult.SerializeToString,
@@ -104,6 +109,13 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadStatus(self, request, context):
+        """How much of an interrupted upload arrived; the site resumes from there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportHopResult(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -150,6 +162,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.UploadCheckpoint,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.UploadRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.UploadResponse.SerializeToString,
+            ),
+            'UploadStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadStatus,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.UploadHeader.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.UploadProgress.SerializeToString,
             ),
             'ReportHopResult': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportHopResult,
@@ -280,6 +297,33 @@ class SiteService:
             '/baton.v1.SiteService/UploadCheckpoint',
             protocols_dot_v1_dot_baton__pb2.UploadRequest.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.UploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.SiteService/UploadStatus',
+            protocols_dot_v1_dot_baton__pb2.UploadHeader.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.UploadProgress.FromString,
             options,
             channel_credentials,
             insecure,

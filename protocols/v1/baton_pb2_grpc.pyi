@@ -41,6 +41,8 @@ class SiteServiceStub:
     """Long-lived: the coordinator pushes tasks the moment they are ready (no polling)."""
     DownloadCheckpoint: _grpc.UnaryStreamMultiCallable[_baton_pb2.DownloadRequest, _baton_pb2.Chunk]
     UploadCheckpoint: _grpc.StreamUnaryMultiCallable[_baton_pb2.UploadRequest, _baton_pb2.UploadResponse]
+    UploadStatus: _grpc.UnaryUnaryMultiCallable[_baton_pb2.UploadHeader, _baton_pb2.UploadProgress]
+    """How much of an interrupted upload arrived; the site resumes from there."""
     ReportHopResult: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]
     SendHeartbeat: _grpc.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]
@@ -54,6 +56,8 @@ class SiteServiceAsyncStub(SiteServiceStub):
     """Long-lived: the coordinator pushes tasks the moment they are ready (no polling)."""
     DownloadCheckpoint: _aio.UnaryStreamMultiCallable[_baton_pb2.DownloadRequest, _baton_pb2.Chunk]  # type: ignore[assignment]
     UploadCheckpoint: _aio.StreamUnaryMultiCallable[_baton_pb2.UploadRequest, _baton_pb2.UploadResponse]  # type: ignore[assignment]
+    UploadStatus: _aio.UnaryUnaryMultiCallable[_baton_pb2.UploadHeader, _baton_pb2.UploadProgress]  # type: ignore[assignment]
+    """How much of an interrupted upload arrived; the site resumes from there."""
     ReportHopResult: _aio.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]  # type: ignore[assignment]
     SendHeartbeat: _aio.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]  # type: ignore[assignment]
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]  # type: ignore[assignment]
@@ -88,6 +92,14 @@ class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_baton_pb2.UploadRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.UploadResponse, _abc.Awaitable[_baton_pb2.UploadResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def UploadStatus(
+        self,
+        request: _baton_pb2.UploadHeader,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.UploadProgress, _abc.Awaitable[_baton_pb2.UploadProgress]]:
+        """How much of an interrupted upload arrived; the site resumes from there."""
 
     @_abc_1.abstractmethod
     def ReportHopResult(

@@ -49,8 +49,10 @@ upload_parts = st.one_of(
     st.builds(lambda b: pb.UploadRequest(data=b).SerializeToString(), st.binary(max_size=512)),
     st.builds(
         lambda hop, token, size, sha, sig: pb.UploadRequest(
-            header=pb.UploadHeader(hop_id=hop, lease_token=token, total_size=size, sha256=sha,
-                                   signature=sig)).SerializeToString(),  # fmt: skip
+            header=pb.UploadHeader(
+                hop_id=hop, lease_token=token, total_size=size, sha256=sha, signature=sig
+            )
+        ).SerializeToString(),
         st.text(max_size=40),
         st.text(max_size=40),
         st.integers(min_value=0, max_value=2**64 - 1),

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+import safetensors.numpy
 
 from coordinator.admin import AdminClient
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
-from protocols.checkpoint import sha256_hex
+from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
 from protocols.signing import sign_digest
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import Pki
@@ -257,3 +260,48 @@ def test_next_site_receives_the_producers_signature_and_certificate(
     incoming = sites["site-b"].next_task().input_checkpoint
     verify_custody(incoming.sha256, incoming.signature, incoming.producer_certificate,
                    ca_pem=(pki.directory / "ca.crt").read_bytes(), producer="site-a")  # fmt: skip
+
+
+def test_upload_cut_mid_stream_resumes_from_the_bytes_received(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    import time
+
+    from protocols.transport import CHUNK_BYTES
+
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    run_id = admin.start_run(parse_plan(_plan("site-a")))
+    site = sites["site-a"]
+    task = site.next_task()
+    fields = dict(task_type=task.task_type, base_model_sha256=BASE, run_id=task.run_id,
+                  hop_id=task.hop_id, producer_site="site-a", parent_sha256="")  # fmt: skip
+    data = safetensors.numpy.save(
+        {"lora_A": np.full((700_000,), 0.5, np.float32)},  # 2.8 MB: three chunks
+        metadata=bundle_metadata(CheckpointManifest(**fields), {}),
+    )
+    header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
+                             total_size=len(data), sha256=sha256_hex(data),
+                             signature=sign_digest(site.key_pem, sha256_hex(data)))  # fmt: skip
+
+    def cut_after_one_chunk() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        yield pb.UploadRequest(data=data[:CHUNK_BYTES])
+        time.sleep(0.5)  # let the first chunk land, then the connection drops
+        raise ConnectionError("cable pulled")
+
+    with pytest.raises(grpc.RpcError):
+        site.stub.UploadCheckpoint(cut_after_one_chunk(), timeout=10)
+    received = site.stub.UploadStatus(header, timeout=5).received
+    assert received == CHUNK_BYTES
+    header.offset = received
+
+    def rest() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        for start in range(received, len(data), CHUNK_BYTES):
+            yield pb.UploadRequest(data=data[start : start + CHUNK_BYTES])
+
+    ref = site.stub.UploadCheckpoint(rest(), timeout=10).checkpoint
+    assert ref.sha256 == sha256_hex(data)
+    assert site.report(task, ref) == "committed"
+    assert admin.run(run_id).status == "completed"
+    assert not list(coordinator.engine.uploads_dir.glob("*.part"))

@@ -18,8 +18,10 @@ from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
 from coordinator.study import (
     RunExecutor,
+    RunNotApproved,
     RunTemplate,
     TrialRunError,
+    approval_bounds,
     attach_run_template,
     heuristic_seed_orders,
     plan_from_study,
@@ -32,7 +34,9 @@ from coordinator.study import (
 from coordinator.study_cli import study_app
 from ordering import (
     CandidatePlan,
+    FloatRange,
     HopHyperparameters,
+    IntRange,
     OrderingStudy,
     PlanPruned,
     SearchSpace,
@@ -60,13 +64,14 @@ class ScriptedSites:
 
     A hop reports validation accuracy ``0.1 * (hop_index + 1)`` and trains for
     `TRAIN_SECONDS[site]` (site clock); an evaluation reports `VALIDATION[site]`. Hops with
-    index >= `hold_from` wait until `release` is set; with `fail` every hop fails.
+    index >= `hold_from` wait until `release` is set; every hop fails with `fail` (an error
+    code) when it is set.
     """
 
     def __init__(self, pki: Pki, port: int) -> None:
         self.sites = {name: ScriptedSite(pki, name, port) for name in SITES}
         self.hold_from: int | None = None
-        self.fail = False
+        self.fail = ""
         self.release = threading.Event()
         self.stop = threading.Event()
         self.hop_tasks: list[pb.HopTask] = []
@@ -106,8 +111,13 @@ class ScriptedSites:
         started = 1_000_000_000 * (task.hop_index + 1)
         finished = started + int(TRAIN_SECONDS[site.name] * 1e9)
         if self.fail:
+            message = (  # the site agent's own wording for a refusal
+                f"run bundle {'0' * 64} is not approved at this site; review it ..."
+                if self.fail == "not-approved"
+                else "scripted failure"
+            )
             result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
-                                  error_code="training-failed", error_message="scripted")  # fmt: skip
+                                  error_code=self.fail, error_message=message)  # fmt: skip
         else:
             ref = site.upload(task, site.bundle(task, float(task.hop_index)))
             result = pb.HopResult(
@@ -169,7 +179,8 @@ def admin(pki: Pki, coordinator: Coordinator, sites: ScriptedSites) -> Iterator[
 
 def _plan(cycles: int = 2, steps: int = 20) -> CandidatePlan:
     return CandidatePlan.build(
-        [("site-b", "site-a", "site-c")] * cycles, HopHyperparameters(steps=steps, learning_rate=1e-3)
+        [("site-b", "site-a", "site-c")] * cycles,
+        HopHyperparameters(steps=steps, learning_rate=1e-3),
     )
 
 
@@ -238,7 +249,7 @@ def test_pruned_trial_aborts_its_run_and_reports_what_it_cost(
 def test_failed_run_fails_the_trial_and_the_search_goes_on(
     admin: AdminClient, sites: ScriptedSites
 ) -> None:
-    sites.fail = True
+    sites.fail = "training-failed"
     template = RunTemplate(dataset="notes", labels=("x", "y"), failure={"on_failure": "abort"})
     study = OrderingStudy.create(
         None, "failing", SearchSpace(sites=SITES, steps=5), "lehmer", seed=0
@@ -253,6 +264,43 @@ def test_failed_run_fails_the_trial_and_the_search_goes_on(
     assert [admin.run(r.run_id).status for r in executor.runs] == ["failed", "failed"]
     with pytest.raises(TrialRunError, match="failed"):
         executor.execute(_plan(cycles=1), budget=1.0, report=_no_report)
+
+
+def test_unapproved_bundle_stops_the_search_at_the_first_refusal(
+    admin: AdminClient, sites: ScriptedSites
+) -> None:
+    sites.fail = "not-approved"
+    space = SearchSpace(sites=SITES, steps=5)
+    template = RunTemplate(dataset="notes", labels=("x", "y"), bounds=approval_bounds(space))
+    study = OrderingStudy.create(None, "unapproved", space, "lehmer", seed=0)
+    executor = RunExecutor(admin, template, poll_seconds=0.02)
+
+    with pytest.raises(RunNotApproved) as refused:
+        run_search(study, executor, 3)
+
+    bundle = template.approval_bundle(space.plan(SITES)).sha256
+    assert refused.value.bundle_sha256 == bundle and bundle in str(refused.value)
+    # Not retried until the policy gives up: the run is aborted at the first refusal.
+    assert admin.run(executor.runs[0].run_id).status == "aborted"
+    assert [record.state for record in study.history()] == ["FAIL"]
+
+
+def test_every_trial_of_a_study_shares_one_approval_bundle() -> None:
+    space = SearchSpace(
+        sites=SITES, cycles=2, learning_rate=FloatRange(1e-4, 1e-2, log=True),
+        learning_rate_decay=FloatRange(0.8, 1.0), steps=IntRange(4, 30),
+    )  # fmt: skip
+    template = RunTemplate(dataset="notes", labels=("x", "y"), bounds=approval_bounds(space))
+    plans = [
+        space.plan(("site-a", "site-b", "site-c"), learning_rate=1e-4, learning_rate_decay=0.8,
+                   steps=4),
+        space.plan(("site-c", "site-a", "site-b"), learning_rate=1e-2, learning_rate_decay=1.0,
+                   steps=30),
+    ]  # fmt: skip
+    bundles = {template.approval_bundle(plan).sha256 for plan in plans}
+    bundles |= {template.run_plan(plans[0], budget=0.1).approval_bundle().sha256}
+    assert len(bundles) == 1
+    assert template.run_plan(plans[1]).bounds["steps"] == (1.0, 30.0)
 
 
 def test_study_in_sqlite_survives_reopening_with_its_runs_and_best_plan(
@@ -291,8 +339,15 @@ def test_study_in_sqlite_survives_reopening_with_its_runs_and_best_plan(
 
 
 def test_study_cli_runs_trials_then_shows_status_and_the_best_plan(
-    admin: AdminClient, coordinator: Coordinator, pki: Pki, tmp_path: Path
+    admin: AdminClient,
+    coordinator: Coordinator,
+    pki: Pki,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The CLI configures process-wide logging; keep the test process's own.
+    monkeypatch.setattr("coordinator.study_cli.configure_logging", lambda *args: None)
+    monkeypatch.setattr("coordinator.study_cli._quiet_optuna", lambda: None)
     runner = CliRunner()
     storage = f"sqlite:///{tmp_path / 'cli-studies.sqlite3'}"
     tls = pki.tls("admin")
@@ -352,3 +407,24 @@ def test_study_storage_sits_beside_the_ledger_without_touching_its_schema(
         assert storage.endswith("ledger-studies.sqlite3")
     with pytest.raises(ValueError, match="in-memory"):
         study_storage_url("sqlite://")
+
+
+def test_study_cli_dry_run_prints_the_bundle_the_sites_approve_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("coordinator.study_cli.configure_logging", lambda *args: None)
+    monkeypatch.setattr("coordinator.study_cli._quiet_optuna", lambda: None)
+    args = ["start", "--name", "dry", "--dataset", "notes", "--labels", "x", "--labels", "y",
+            "--sites", "site-a", "--sites", "site-b", "--steps-min", "5", "--steps-max", "9",
+            "--storage", f"sqlite:///{tmp_path / 's.sqlite3'}", "--dry-run"]  # fmt: skip
+    result = CliRunner().invoke(study_app, args)
+    assert result.exit_code == 0, result.output
+    space = SearchSpace(
+        sites=("site-a", "site-b"), learning_rate=FloatRange(1e-4, 1e-2, log=True),
+        steps=IntRange(5, 9),
+    )  # fmt: skip
+    template = RunTemplate(dataset="notes", labels=("x", "y"), bounds=approval_bounds(space))
+    assert template.approval_bundle(space.plan(space.sites)).sha256 in result.output
+    assert not (tmp_path / "s.sqlite3").exists()  # nothing stored, nothing started
+    bad = CliRunner().invoke(study_app, [*args[:-1], "--labels", "x"])
+    assert bad.exit_code == 2 and "labels" in bad.output
