@@ -17,6 +17,7 @@ from rich.table import Table
 
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
 from coordinator.plan import PlanError, load_plan
+from coordinator.study_cli import StudyStorage, resolve_storage, study_app
 from protocols.logs import configure_logging
 from protocols.pki import (
     PkiError,
@@ -47,6 +48,7 @@ app.add_typer(coordinator_app, name="coordinator")
 ledger_app = typer.Typer(help="Verify and export the tamper-evident ledger.", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(study_app, name="study")
 
 console = Console()
 err = Console(stderr=True)
@@ -286,17 +288,29 @@ def print_summary(run: pb.RunStatus) -> None:
 
 @run_app.command("start")
 def run_start(
-    plan_file: Annotated[Path, typer.Argument(help="Run plan (.json or .toml)")],
+    plan_file: Annotated[Path | None, typer.Argument(help="Run plan (.json or .toml)")] = None,
+    from_study: Annotated[
+        str | None, typer.Option("--from-study", help="Run a study's best plan at full budget")
+    ] = None,
+    storage: StudyStorage = None,
     coordinator: Coord = "localhost:50051",
     ca: AdminCa = Path("pki/ca.crt"),
     cert: AdminCert = Path("pki/admin.crt"),
     key: AdminKey = Path("pki/admin.key"),
     follow: Annotated[bool, typer.Option(help="Watch the run until it ends")] = False,
 ) -> None:
-    """Validate a plan and start it as a new run."""
+    """Validate a plan (a file, or a study's best) and start it as a new run."""
+    if (plan_file is None) == (from_study is None):
+        raise _fail("give a PLAN_FILE or --from-study NAME", EXIT_BAD_INPUT)
     try:
-        plan = load_plan(plan_file)
-    except PlanError as exc:
+        if from_study is not None:
+            from coordinator.study import plan_from_study
+
+            plan = plan_from_study(resolve_storage(storage), from_study)
+        else:
+            assert plan_file is not None
+            plan = load_plan(plan_file)
+    except (PlanError, KeyError, ValueError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
     with _admin(coordinator, ca, cert, key) as client:
         try:

@@ -208,10 +208,8 @@ def study_start(
     configure_logging(log_level)
     _quiet_optuna()
     url = resolve_storage(storage)
-    chosen_direction = (
-        direction.value
-        if direction is not None
-        else ("minimize" if metric in _LOWER_IS_BETTER else "maximize")
+    minimize = (
+        direction is DirectionName.minimize if direction is not None else metric in _LOWER_IS_BETTER
     )
     try:
         space = SearchSpace(
@@ -242,7 +240,7 @@ def study_start(
             space,
             encoding.value,
             aggregation.value,
-            "minimize" if chosen_direction == "minimize" else "maximize",
+            "minimize" if minimize else "maximize",
             seed=seed,
         )
         attach_run_template(study, template)
@@ -270,7 +268,10 @@ def study_start(
             study.enqueue(*seeds, note="seed: training-set sizes")
             console.print("seed orders: " + "; ".join(" > ".join(order) for order in seeds))
         executor = RunExecutor(client, template, run_name=name, run_timeout=run_timeout)
-        console.print(f"study {name!r} ({url}): {trials} trial(s) of {space.sites} x{cycles}")
+        console.print(
+            f"study {name!r} in {url}: {trials} trial(s) over {', '.join(space.sites)}, "
+            f"{cycles} cycle(s)"
+        )
         progress = Progress(
             TextColumn("[bold]trials"),
             BarColumn(),

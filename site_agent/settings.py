@@ -33,10 +33,18 @@ class SiteSettings(FileBackedSettings):
     result_retry_seconds: float = Field(default=3600.0, ge=0)
     state_dir: Path | None = None  # default: <data_dir>/.baton-site
     preload: bool = True  # load the base model at start, not when the first hop arrives
+    # Approval is on by default: hops of unapproved run bundles are refused before any loading.
+    require_approval: bool = True
+    approved_bundles: list[str] = Field(default_factory=list)  # sha256 of approved bundles
+    approval_policy: Path | None = None  # TOML rules that approve bundles without review
 
     @property
     def state_path(self) -> Path:
         return (self.state_dir or self.data_dir / ".baton-site") / "state.json"
+
+    @property
+    def approvals_path(self) -> Path:
+        return self.state_path.parent / "approvals.json"
 
     @property
     def tls(self) -> TlsFiles:
