@@ -1,4 +1,5 @@
-"""Builds a tiny, randomly initialised BERT base-model directory offline, for tests and demos."""
+"""Builds tiny, randomly initialised base-model directories offline, for tests and demos: a BERT
+encoder (sequence classification) and a Llama-style causal LM."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 # transformers 5 aliases BertTokenizerFast at runtime only, so type checkers do not see it.
 from transformers import (  # type: ignore[attr-defined,unused-ignore]
     BertConfig,
     BertModel,
     BertTokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
 )
 
 _SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -132,3 +137,86 @@ def _tokenizer(vocabulary: list[str], vocab_file: Path) -> BertTokenizerFast:
         tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
     tokenizer.model_max_length = _MAX_POSITIONS
     return tokenizer
+
+
+_CAUSAL_SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<s>", "</s>")
+# The prompt template's words and common question words, on top of the clinical list.
+_CAUSAL_WORDS: tuple[str, ...] = (
+    "instruction", "response", "what", "how", "who", "why", "which", "when", "where", "does",
+    "do", "can", "should", "causes", "cause", "treatment", "treatments", "symptoms",
+    "information", "risk", "diagnose", "diagnosed", "prevent", "prevented", "treated",
+)  # fmt: skip
+# LoRA target modules that exist in the tiny causal LM.
+TINY_CAUSAL_LM_TARGET_MODULES: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+def write_tiny_causal_lm(directory: Path, *, words: Iterable[str] = (), seed: int = 0) -> Path:
+    """Writes a tiny Llama-style causal LM that transformers loads offline.
+
+    The tokenizer is word-level (lowercased; punctuation and digits split into single
+    characters), with ``<pad>``, ``<unk>``, ``<s>`` (prepended to every text) and ``</s>``. Its
+    vocabulary is the built-in clinical word list, ``words``, and single characters.
+
+    Args:
+        directory: Where to write; created if missing.
+        words: Extra lowercase words for the vocabulary.
+        seed: Seed for the weight initialisation; the same seed gives the same bytes.
+
+    Returns:
+        The directory written.
+
+    Raises:
+        ValueError: If a word is empty, contains whitespace or is not lowercase.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shared = _vocabulary([*_CAUSAL_WORDS, *words])[len(_SPECIAL_TOKENS) :]
+    tokens = [*_CAUSAL_SPECIAL_TOKENS, *shared]
+    vocabulary = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    pad, bos, eos = (vocabulary[t] for t in ("<pad>", "<s>", "</s>"))
+
+    config = LlamaConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=_HIDDEN_SIZE,
+        intermediate_size=_INTERMEDIATE_SIZE,
+        num_hidden_layers=_NUM_LAYERS,
+        num_attention_heads=_NUM_HEADS,
+        num_key_value_heads=_NUM_HEADS,
+        max_position_embeddings=_MAX_POSITIONS,
+        initializer_range=_INITIALIZER_RANGE,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    config.save_pretrained(directory)
+    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+    backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)]
+    )
+    # transformers 5 leaves this constructor untyped.
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call,unused-ignore]
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=_MAX_POSITIONS,
+    )
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,13 +1,15 @@
-"""Shared fixtures for site-agent tests: a tiny offline base model and synthetic site data."""
+"""Shared fixtures for site-agent tests: tiny offline base models and small registered datasets."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from site_agent._data import TextDataset, load_text_dataset
 from site_agent._synthetic import SYNTHETIC_LABELS, generate_site_records, write_site_dataset
+from site_agent.registry import RegisteredDataset, register_dataset
+from tests.site_agent_tests.helpers import instruction_rows
 
 N_SITES = 3
 EXAMPLES_PER_SITE = 40
@@ -22,18 +24,43 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama-style causal LM written once per session."""
+    from site_agent._tiny_model import write_tiny_causal_lm
+
+    return write_tiny_causal_lm(tmp_path_factory.mktemp("tiny_llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
 def labels() -> tuple[str, ...]:
     """The synthetic label set, in classifier output order."""
     return SYNTHETIC_LABELS
 
 
 @pytest.fixture(scope="session")
-def site_datasets(tmp_path_factory: pytest.TempPathFactory) -> list[TextDataset]:
-    """One small synthetic dataset per site, loaded through the real JSONL path."""
+def site_datasets(tmp_path_factory: pytest.TempPathFactory) -> list[RegisteredDataset]:
+    """One small synthetic triage dataset per site, registered through the real registry."""
     directory = tmp_path_factory.mktemp("sites")
     datasets = []
     for site in range(N_SITES):
         records = generate_site_records(site, N_SITES, n=EXAMPLES_PER_SITE, seed=7)
         path = write_site_dataset(directory / f"site{site}.jsonl", records)
-        datasets.append(load_text_dataset(path, labels=SYNTHETIC_LABELS, seed=0))
+        datasets.append(
+            register_dataset(
+                directory / "registry",
+                f"site{site}",
+                path,
+                task_type="seq-classification",
+                options={"dedupe": "true"},
+            )
+        )
     return datasets
+
+
+@pytest.fixture(scope="session")
+def instruction_dataset(tmp_path_factory: pytest.TempPathFactory) -> RegisteredDataset:
+    """A small registered causal-lm dataset."""
+    directory = tmp_path_factory.mktemp("instructions")
+    path = directory / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in instruction_rows(40)))
+    return register_dataset(directory / "registry", "pairs", path, task_type="causal-lm")

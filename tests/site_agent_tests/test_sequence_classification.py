@@ -1,4 +1,4 @@
-"""Behaviour of one training hop: reproducibility, hand-over between hops, refusal of bad input."""
+"""The seq-classification task: reproducibility, hand-over between hops, refusal of bad input."""
 
 from __future__ import annotations
 
@@ -14,21 +14,22 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from site_agent._data import TextDataset
 from site_agent._synthetic import generate_site_records
 from site_agent._tiny_model import write_tiny_base_model
-from site_agent._training import (
+from site_agent.registry import RegisteredDataset
+from site_agent.tasks import (
     HopCancelled,
     HopHyperparameters,
     HopOutcome,
     LoraSettings,
     SequenceClassificationTrainer,
-    _learning_rate_factor,
-    _macro_f1,
+    TaskSpec,
+    create_trainer,
     hash_base_model,
 )
 
 LORA = LoraSettings(r=4, alpha=8)
+MAX_LENGTH = 32
 HYPERPARAMETERS = HopHyperparameters(learning_rate=1e-2, steps=6, batch_size=8, seed=3)
 METRIC_KEYS = {
     "loss",
@@ -42,17 +43,24 @@ METRIC_KEYS = {
 
 
 @pytest.fixture(scope="module")
+def spec(labels: tuple[str, ...]) -> TaskSpec:
+    return TaskSpec(
+        "seq-classification", labels=labels, lora=LORA, options={"max_length": MAX_LENGTH}
+    )
+
+
+@pytest.fixture(scope="module")
 def trainer(tiny_model_dir: Path) -> SequenceClassificationTrainer:
-    return SequenceClassificationTrainer(tiny_model_dir, device="cpu", max_length=32)
+    created = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    assert isinstance(created, SequenceClassificationTrainer)
+    return created
 
 
 @pytest.fixture(scope="module")
 def first_hop(
-    trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    trainer: SequenceClassificationTrainer, spec: TaskSpec, site_datasets: list[RegisteredDataset]
 ) -> HopOutcome:
-    return trainer.run_hop(site_datasets[0], labels, LORA, HYPERPARAMETERS, None)
+    return trainer.run_hop(spec, site_datasets[0], HYPERPARAMETERS, None)
 
 
 def _tensors_equal(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:
@@ -60,23 +68,20 @@ def _tensors_equal(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]
 
 
 def test_hop_trains_and_reports_finite_metrics(
-    trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    trainer: SequenceClassificationTrainer, spec: TaskSpec, site_datasets: list[RegisteredDataset]
 ) -> None:
     dataset = site_datasets[0]
     calls: list[tuple[int, int, float]] = []
 
     outcome = trainer.run_hop(
+        spec,
         dataset,
-        labels,
-        LORA,
         HYPERPARAMETERS,
         None,
         progress=lambda step, total, loss: calls.append((step, total, loss)),
     )
 
-    assert set(outcome.metrics) == METRIC_KEYS
+    assert set(outcome.metrics) == METRIC_KEYS  # three labels: no AUROC
     assert all(math.isfinite(value) for value in outcome.metrics.values())
     assert outcome.metrics["examples"] == len(dataset.validation)
     assert outcome.metrics["train_examples"] == len(dataset.train)
@@ -91,17 +96,26 @@ def test_hop_trains_and_reports_finite_metrics(
     assert outcome.train_started_at_ns <= outcome.train_finished_at_ns
 
 
-def test_outcome_tensors_are_cpu_float32_and_include_the_classifier_head(
+def test_outcome_tensors_match_the_declared_trainable_state(
+    trainer: SequenceClassificationTrainer,
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
     first_hop: HopOutcome,
 ) -> None:
-    assert first_hop.tensors
-    for tensor in first_hop.tensors.values():
+    declared = trainer.trainable_state(spec, site_datasets[0])
+
+    assert [t.name for t in declared] == sorted(first_hop.tensors)
+    for tensor_spec in declared:
+        tensor = first_hop.tensors[tensor_spec.name]
+        assert tensor_spec.dtype == "F32"
+        assert tuple(tensor.shape) == tensor_spec.shape
         assert tensor.device.type == "cpu"
         assert tensor.dtype == torch.float32
         assert tensor.is_contiguous()
         assert not tensor.requires_grad
     assert any("lora_A" in key for key in first_hop.tensors)
     assert any("classifier" in key for key in first_hop.tensors)
+    assert trainer.model_sha256(spec, site_datasets[0]) == trainer.base_model_sha256
 
 
 def test_adapter_config_is_json_and_not_tied_to_a_local_path(first_hop: HopOutcome) -> None:
@@ -116,13 +130,13 @@ def test_adapter_config_is_json_and_not_tied_to_a_local_path(first_hop: HopOutco
 
 def test_same_seed_gives_bitwise_identical_tensors(
     trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
     first_hop: HopOutcome,
 ) -> None:
-    again = trainer.run_hop(site_datasets[0], labels, LORA, HYPERPARAMETERS, None)
+    again = trainer.run_hop(spec, site_datasets[0], HYPERPARAMETERS, None)
     other_seed = dataclasses.replace(HYPERPARAMETERS, seed=4)
-    different = trainer.run_hop(site_datasets[0], labels, LORA, other_seed, None)
+    different = trainer.run_hop(spec, site_datasets[0], other_seed, None)
 
     assert _tensors_equal(again.tensors, first_hop.tensors)
     assert again.metrics == first_hop.metrics
@@ -131,16 +145,16 @@ def test_same_seed_gives_bitwise_identical_tensors(
 
 def test_second_hop_starts_from_the_incoming_adapter(
     trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
     first_hop: HopOutcome,
 ) -> None:
     # Loading hop 1's tensors reproduces exactly the model hop 1 ended with.
-    reloaded = trainer.evaluate(site_datasets[0].validation, labels, LORA, first_hop.tensors)
+    reloaded = trainer.evaluate(spec, site_datasets[0], "validation", first_hop.tensors)
     assert reloaded == {key: first_hop.metrics[key] for key in reloaded}
 
-    second = trainer.run_hop(site_datasets[1], labels, LORA, HYPERPARAMETERS, first_hop.tensors)
-    from_scratch = trainer.run_hop(site_datasets[1], labels, LORA, HYPERPARAMETERS, None)
+    second = trainer.run_hop(spec, site_datasets[1], HYPERPARAMETERS, first_hop.tensors)
+    from_scratch = trainer.run_hop(spec, site_datasets[1], HYPERPARAMETERS, None)
 
     assert second.tensors.keys() == first_hop.tensors.keys()
     assert not _tensors_equal(second.tensors, first_hop.tensors)
@@ -149,22 +163,52 @@ def test_second_hop_starts_from_the_incoming_adapter(
 
 def test_incoming_tensors_are_not_modified_by_training(
     trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
     first_hop: HopOutcome,
 ) -> None:
     snapshot = {key: tensor.clone() for key, tensor in first_hop.tensors.items()}
 
-    trainer.run_hop(site_datasets[2], labels, LORA, HYPERPARAMETERS, first_hop.tensors)
+    trainer.run_hop(spec, site_datasets[2], HYPERPARAMETERS, first_hop.tensors)
 
     assert _tensors_equal(first_hop.tensors, snapshot)
+
+
+def test_evaluation_on_the_test_split_counts_test_examples(
+    trainer: SequenceClassificationTrainer,
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
+    first_hop: HopOutcome,
+) -> None:
+    metrics = trainer.evaluate(spec, site_datasets[0], "test", first_hop.tensors)
+
+    assert metrics["examples"] == len(site_datasets[0].test)
+    assert set(metrics) == {"loss", "accuracy", "macro_f1", "examples"}
+
+
+def test_binary_task_reports_auroc(
+    trainer: SequenceClassificationTrainer, site_datasets: list[RegisteredDataset]
+) -> None:
+    kept = ("cardiac", "respiratory")
+    dataset = site_datasets[0]
+    binary = dataclasses.replace(
+        dataset,
+        train=tuple(e for e in dataset.train if getattr(e, "label", None) in kept),
+        validation=tuple(e for e in dataset.validation if getattr(e, "label", None) in kept),
+    )
+    spec = TaskSpec("seq-classification", labels=kept, lora=LORA, options={"max_length": 32})
+
+    outcome = trainer.run_hop(spec, binary, HYPERPARAMETERS, None)
+
+    assert 0.0 <= outcome.metrics["auroc"] <= 1.0
 
 
 def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(
     tmp_path: Path,
     tiny_model_dir: Path,
     trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
     labels: tuple[str, ...],
     first_hop: HopOutcome,
 ) -> None:
@@ -173,18 +217,19 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
     loaded = PeftModel.from_pretrained(base, tmp_path).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    texts = [example.text for example in site_datasets[0].validation]
+    validation = site_datasets[0].validation
+    texts = [example.text for example in validation]
     inputs = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=32, return_tensors="pt"
+        texts, padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
     )
-    trainer_model = trainer._adapter_model(len(labels), LORA, 0, first_hop.tensors).eval()
+    trainer_model = trainer.adapter_model(spec, first_hop.tensors).eval()
 
     with torch.no_grad():
         expected = trainer_model(**inputs).logits
         actual = loaded(**inputs).logits
 
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
-    targets = torch.tensor([labels.index(e.label) for e in site_datasets[0].validation])
+    targets = torch.tensor([labels.index(e.label) for e in validation])
     loss = torch.nn.functional.cross_entropy(actual, targets).item()
     assert loss == pytest.approx(first_hop.metrics["loss"], abs=1e-5)
 
@@ -199,8 +244,8 @@ def test_saved_adapter_loads_with_peft_and_gives_the_same_logits(
 )
 def test_incoming_adapter_that_does_not_fit_is_refused(
     trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
     first_hop: HopOutcome,
     mutation: str,
     message: str,
@@ -214,25 +259,25 @@ def test_incoming_adapter_that_does_not_fit_is_refused(
         incoming["base_model.model.classifier.bias"] = torch.zeros(4)
 
     with pytest.raises(ValueError, match=message):
-        trainer.run_hop(site_datasets[1], labels, LORA, HYPERPARAMETERS, incoming)
+        trainer.run_hop(spec, site_datasets[1], HYPERPARAMETERS, incoming)
 
 
 def test_incoming_adapter_of_another_rank_is_refused(
     trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
     first_hop: HopOutcome,
 ) -> None:
+    other_rank = dataclasses.replace(spec, lora=LoraSettings(r=2))
+
     with pytest.raises(ValueError, match="has shape"):
-        trainer.run_hop(
-            site_datasets[1], labels, LoraSettings(r=2), HYPERPARAMETERS, first_hop.tensors
-        )
+        trainer.run_hop(other_rank, site_datasets[1], HYPERPARAMETERS, first_hop.tensors)
 
 
 def test_incoming_adapter_with_nan_is_refused(
     trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
     first_hop: HopOutcome,
 ) -> None:
     incoming = dict(first_hop.tensors)
@@ -242,15 +287,15 @@ def test_incoming_adapter_with_nan_is_refused(
     incoming[key] = poisoned
 
     with pytest.raises(ValueError, match=r"non-finite values in \[.*lora_B"):
-        trainer.run_hop(site_datasets[1], labels, LORA, HYPERPARAMETERS, incoming)
+        trainer.run_hop(spec, site_datasets[1], HYPERPARAMETERS, incoming)
     with pytest.raises(ValueError, match="non-finite"):
-        trainer.evaluate(site_datasets[1].validation, labels, LORA, incoming)
+        trainer.evaluate(spec, site_datasets[1], "validation", incoming)
 
 
 def test_diverging_training_raises(
     trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
     first_hop: HopOutcome,
 ) -> None:
     # Finite but huge head weights overflow the logits, so the very first loss is not finite.
@@ -260,21 +305,18 @@ def test_diverging_training_raises(
     )
 
     with pytest.raises(ValueError, match="training diverged"):
-        trainer.run_hop(site_datasets[1], labels, LORA, HYPERPARAMETERS, incoming)
+        trainer.run_hop(spec, site_datasets[1], HYPERPARAMETERS, incoming)
 
 
 def test_cancellation_stops_the_hop_between_steps(
-    trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    trainer: SequenceClassificationTrainer, spec: TaskSpec, site_datasets: list[RegisteredDataset]
 ) -> None:
     steps_done: list[int] = []
 
     with pytest.raises(HopCancelled, match="after 2 of 6 steps"):
         trainer.run_hop(
+            spec,
             site_datasets[0],
-            labels,
-            LORA,
             HYPERPARAMETERS,
             None,
             progress=lambda step, total, loss: steps_done.append(step),
@@ -284,21 +326,41 @@ def test_cancellation_stops_the_hop_between_steps(
 
 
 def test_examples_with_a_label_outside_the_run_are_refused(
-    trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
+    trainer: SequenceClassificationTrainer, spec: TaskSpec, site_datasets: list[RegisteredDataset]
 ) -> None:
+    two_labels = dataclasses.replace(spec, labels=("cardiac", "respiratory"))
+
     with pytest.raises(ValueError, match="not in the run's label set"):
-        trainer.run_hop(site_datasets[0], ("cardiac", "respiratory"), LORA, HYPERPARAMETERS, None)
+        trainer.run_hop(two_labels, site_datasets[0], HYPERPARAMETERS, None)
+
+
+def test_unknown_task_option_and_too_long_max_length_are_refused(
+    trainer: SequenceClassificationTrainer, spec: TaskSpec, site_datasets: list[RegisteredDataset]
+) -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown seq-classification task option\(s\) \['maxlen'\]"
+    ):
+        trainer.run_hop(
+            dataclasses.replace(spec, options={"maxlen": 8}),
+            site_datasets[0],
+            HYPERPARAMETERS,
+            None,
+        )
+    with pytest.raises(ValueError, match="max_length must be <= 128"):
+        trainer.run_hop(
+            dataclasses.replace(spec, options={"max_length": 4096}),
+            site_datasets[0],
+            HYPERPARAMETERS,
+            None,
+        )
 
 
 def test_hop_leaves_the_callers_random_state_alone(
-    trainer: SequenceClassificationTrainer,
-    site_datasets: list[TextDataset],
-    labels: tuple[str, ...],
+    trainer: SequenceClassificationTrainer, spec: TaskSpec, site_datasets: list[RegisteredDataset]
 ) -> None:
     before = torch.get_rng_state()
 
-    trainer.run_hop(site_datasets[0], labels, LORA, HYPERPARAMETERS, None)
+    trainer.run_hop(spec, site_datasets[0], HYPERPARAMETERS, None)
 
     assert torch.equal(torch.get_rng_state(), before)
 
@@ -322,19 +384,6 @@ def test_sharded_weights_hash_covers_names_and_bytes(tmp_path: Path) -> None:
     assert hash_base_model(tmp_path) != original
     with pytest.raises(FileNotFoundError):
         hash_base_model(tmp_path / "missing")
-
-
-def test_learning_rate_warms_up_then_decays_linearly() -> None:
-    factors = [_learning_rate_factor(step, 6, 2) for step in range(6)]
-
-    assert factors == pytest.approx([0.5, 1.0, 1.0, 0.75, 0.5, 0.25])
-    assert [_learning_rate_factor(step, 4, 0) for step in range(4)] == [1.0, 0.75, 0.5, 0.25]
-
-
-def test_macro_f1_averages_over_labels_that_occur() -> None:
-    # Label 2 never occurs, so it does not drag the mean down.
-    assert _macro_f1([0, 0, 1, 1], [0, 1, 1, 1], 3) == pytest.approx((2 / 3 + 0.8) / 2)
-    assert _macro_f1([0, 1], [0, 1], 3) == 1.0
 
 
 def test_tiny_model_is_deterministic_and_loads_offline(tmp_path: Path) -> None:

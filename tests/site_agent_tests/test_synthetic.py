@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from site_agent._data import load_text_dataset
 from site_agent._synthetic import (
     SYNTHETIC_LABELS,
     generate_site_records,
     synthetic_vocabulary,
     write_site_dataset,
 )
+from site_agent.registry import register_dataset
 
 
 def test_records_are_deterministic_for_a_seed() -> None:
@@ -67,10 +67,13 @@ def test_written_dataset_loads_with_the_declared_labels(tmp_path: Path) -> None:
     records = generate_site_records(0, 2, n=30, seed=5)
     path = write_site_dataset(tmp_path / "nested" / "site0.jsonl", records)
 
-    dataset = load_text_dataset(path, labels=SYNTHETIC_LABELS)
+    dataset = register_dataset(
+        tmp_path / "data", "site0", path, task_type="seq-classification",
+        options={"labels": ",".join(SYNTHETIC_LABELS), "dedupe": "true"},
+    )  # fmt: skip
 
-    loaded = sorted((e.text, e.label) for e in (*dataset.train, *dataset.validation))
-    assert loaded == sorted((r["text"], r["label"]) for r in records)
+    loaded = sorted((e.text, e.label) for e in (*dataset.train, *dataset.validation, *dataset.test))
+    assert loaded == sorted({(r["text"], r["label"]) for r in records})
 
 
 def test_vocabulary_lists_every_word_the_generator_emits() -> None:

@@ -1,0 +1,173 @@
+"""What LoRA tasks share: the base-model hash, building adapters and moving their tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Protocol, cast
+
+import torch
+from peft import (
+    LoraConfig,
+    PeftModel,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from transformers import PretrainedConfig, PreTrainedModel
+
+from site_agent.tasks._spec import LoraSettings, TaskSpec
+from site_agent.tasks._state import checked_state, outgoing, preview
+
+_HASH_BLOCK_BYTES = 1 << 20
+
+
+class _LoadResult(Protocol):
+    """What ``set_peft_model_state_dict`` returns (torch's ``_IncompatibleKeys``)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def hash_base_model(directory: Path) -> str:
+    """Hashes a base model's weights so sites can prove they train on the same model.
+
+    A single ``model.safetensors`` hashes to the plain sha256 of its bytes (what ``sha256sum``
+    prints). Otherwise every ``*.safetensors`` file, or failing that every ``pytorch_model*.bin``
+    file, is hashed in name order, each as its name, size and bytes.
+
+    Args:
+        directory: The base model directory.
+
+    Returns:
+        The lowercase hex sha256 digest.
+
+    Raises:
+        FileNotFoundError: If the directory holds no weights file.
+    """
+    directory = Path(directory)
+    single = directory / "model.safetensors"
+    if single.is_file():
+        digest = hashlib.sha256()
+        _update_from_file(digest, single)
+        return digest.hexdigest()
+
+    files = sorted(directory.glob("*.safetensors"), key=lambda p: p.name) or sorted(
+        directory.glob("pytorch_model*.bin"), key=lambda p: p.name
+    )
+    if not files:
+        raise FileNotFoundError(
+            f"no weights files (*.safetensors or pytorch_model*.bin) in {directory}"
+        )
+    digest = hashlib.sha256()
+    for path in files:
+        name = path.name.encode("utf-8")
+        # Length-prefixed fields, so that no two file sets produce the same byte stream.
+        digest.update(len(name).to_bytes(8, "big"))
+        digest.update(name)
+        digest.update(path.stat().st_size.to_bytes(8, "big"))
+        _update_from_file(digest, path)
+    return digest.hexdigest()
+
+
+def max_length_option(spec: TaskSpec, default: int, config: PretrainedConfig) -> int:
+    """The ``max_length`` task option, checked against the model's position embeddings."""
+    value = spec.options.get("max_length", default)
+    max_positions = getattr(config, "max_position_embeddings", None)
+    upper = max_positions if isinstance(max_positions, int) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"max_length must be <= {upper} for this model, got {value}")
+    return value
+
+
+def build_adapter_model(
+    base: PreTrainedModel,
+    lora: LoraSettings,
+    task_type: TaskType,
+    seed: int,
+    incoming: Mapping[str, torch.Tensor] | None,
+    device: torch.device,
+) -> PeftModel:
+    """Wraps ``base`` (a private copy: peft edits it in place) with a seeded LoRA adapter.
+
+    ``incoming`` is loaded if given; the caller forks the RNG around this call.
+    """
+    config = LoraConfig(
+        task_type=task_type,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+    )
+    torch.manual_seed(seed)  # LoRA A matrices are drawn from the global generator
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as error:
+        # peft's message names the target modules it could not find in the base model.
+        raise ValueError(f"LoRA settings do not fit the base model: {error}") from error
+    if incoming is not None:
+        load_adapter(model, incoming)
+    return model.to(device)
+
+
+def load_adapter(model: PeftModel, incoming: Mapping[str, torch.Tensor]) -> None:
+    """Loads adapter tensors, refusing anything that does not fit exactly."""
+    expected = get_peft_model_state_dict(model)
+    state = checked_state(incoming, {key: tuple(t.shape) for key, t in expected.items()})
+    result = cast("_LoadResult", set_peft_model_state_dict(model, state))
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    not_loaded = sorted(set(result.missing_keys) & trainable)
+    if result.unexpected_keys or not_loaded:
+        raise ValueError(
+            f"peft did not load the incoming adapter cleanly: unexpected keys "
+            f"{preview(sorted(result.unexpected_keys))}, adapter parameters not loaded "
+            f"{preview(not_loaded)}"
+        )
+    # Read the adapter back: proof that every tensor landed where it belongs.
+    loaded = get_peft_model_state_dict(model)
+    differing = sorted(key for key in state if not torch.equal(loaded[key].cpu(), state[key]))
+    if differing:
+        raise ValueError(f"incoming adapter tensors did not load: {preview(differing)}")
+
+
+def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's tensors as CPU float32 copies (never aliases of live parameters)."""
+    return outgoing(get_peft_model_state_dict(model))
+
+
+def adapter_config(model: PeftModel) -> dict[str, object]:
+    """The PEFT ``adapter_config.json`` content, JSON-checked and free of local paths."""
+    raw = model.peft_config["default"].to_dict()
+    config = {str(key): _jsonable(value) for key, value in raw.items()}
+    # Sites may keep the base model at different paths; the base is pinned by its hash instead.
+    config["base_model_name_or_path"] = ""
+    json.dumps(config)  # fail here, not at upload time, if something is still not JSON
+    return config
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Enum):
+        return _jsonable(value.value)
+    if isinstance(value, (set, frozenset)):
+        return sorted((_jsonable(item) for item in value), key=repr)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"adapter config value of type {type(value).__name__} is not JSON-serialisable")
+
+
+def _update_from_file(digest: hashlib._Hash, path: Path) -> None:
+    with path.open("rb") as stream:
+        while block := stream.read(_HASH_BLOCK_BYTES):
+            digest.update(block)

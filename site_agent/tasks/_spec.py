@@ -1,0 +1,202 @@
+"""The values a hop is described by and produces, and the ``Trainer`` seam every task implements."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from site_agent.examples import TASK_TYPES
+from site_agent.registry import RegisteredDataset
+
+# safetensors' dtype names for what may travel between sites; adapters always travel as float32.
+TENSOR_DTYPE = "F32"
+LR_SCHEDULES = ("linear", "constant")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Shape of the LoRA adapter; every site in a run must use the same settings."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules or not all(self.target_modules):
+            raise ValueError("LoRA target_modules must name at least one module")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What is trained, fixed for a whole run and identical at every site.
+
+    ``options`` are task-specific and JSON-able: ``seq-classification`` and ``causal-lm`` read
+    ``max_length``; ``tabular`` reads ``model`` (``logistic`` or ``mlp``), ``hidden`` (layer
+    widths of the MLP) and ``normalisation`` (``per-site``, or ``global`` with ``mean`` and
+    ``std`` lists). Unknown options are refused by the trainer.
+    """
+
+    task_type: str
+    labels: tuple[str, ...] = ()  # classification tasks, in model output order
+    lora: LoraSettings = LoraSettings()  # LoRA tasks
+    options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task_type not in TASK_TYPES:
+            raise ValueError(f"unknown task type {self.task_type!r}; expected one of {TASK_TYPES}")
+        if isinstance(self.labels, str):
+            raise ValueError("labels must be a sequence of label names, not one string")
+        object.__setattr__(self, "labels", tuple(self.labels))
+        if self.task_type == "causal-lm":
+            if self.labels:
+                raise ValueError("causal-lm tasks have no labels")
+        else:
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError(f"labels must be unique, got {list(self.labels)}")
+            if len(self.labels) < 2 or not all(isinstance(x, str) and x for x in self.labels):
+                raise ValueError(f"need at least two non-empty label names, got {self.labels}")
+        try:
+            options = json.loads(json.dumps(dict(self.options), allow_nan=False))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"task options must be JSON-able: {error}") from error
+        object.__setattr__(self, "options", options)
+
+
+@dataclass(frozen=True)
+class HopHyperparameters:
+    """Optimisation settings for one hop.
+
+    The learning rate warms up linearly over ``warmup_steps`` optimizer steps, then (schedule
+    ``linear``) decays linearly so that it would reach 0 after the last step, or (``constant``)
+    stays put. With ``proximal_mu > 0`` and incoming weights, the loss gains
+    ``mu / 2 * sum ||w - w_incoming||^2`` over the trainable tensors (FedProx), which limits how
+    far one site pulls the model.
+    """
+
+    learning_rate: float = 5e-4
+    steps: int = 20
+    epochs: float = 0.0  # > 0: this many passes over the train split instead of ``steps``
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    seed: int = 0
+    proximal_mu: float = 0.0
+    lr_schedule: str = "linear"  # "linear" or "constant"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not (math.isfinite(self.epochs) and self.epochs >= 0):
+            raise ValueError(f"epochs must be finite and >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not math.isfinite(self.max_grad_norm):
+            raise ValueError(f"max_grad_norm must be finite, got {self.max_grad_norm}")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise ValueError(f"proximal_mu must be finite and >= 0, got {self.proximal_mu}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+
+    def total_steps(self, train_examples: int) -> int:
+        """Optimizer steps of the hop: ``steps``, or ``epochs`` passes over the train split."""
+        if self.epochs <= 0:
+            return self.steps
+        batches_per_epoch = math.ceil(train_examples / self.batch_size)
+        return max(1, math.ceil(self.epochs * batches_per_epoch))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor that may move between sites."""
+
+    name: str
+    dtype: str  # as safetensors names it: "F32"
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HopOutcome:
+    """What one hop produces: the trainable state to pass on, and how it did."""
+
+    tensors: dict[str, torch.Tensor]  # exactly trainable_state(): CPU, contiguous, float32
+    adapter_config: dict[str, object]  # LoRA: PEFT adapter_config; tabular: the architecture
+    metrics: dict[str, float]  # evaluate() on validation + train_loss, train_steps, train_examples
+    train_started_at_ns: int  # time.time_ns() right before the first optimizer step
+    train_finished_at_ns: int  # time.time_ns() right after the last optimizer step
+
+
+class HopCancelled(Exception):
+    """The hop was cancelled between optimizer steps (``should_cancel`` returned True)."""
+
+
+ProgressCallback = Callable[[int, int, float], None]
+CancelCheck = Callable[[], bool]
+Split = Literal["validation", "test"]
+
+
+class Trainer(Protocol):
+    """Trains and evaluates one task type; one instance per task type for the process lifetime."""
+
+    @property
+    def base_model_sha256(self) -> str:
+        """sha256 of the base model's weights (``hash_base_model``); ``""`` for tabular."""
+        ...
+
+    def model_sha256(self, spec: TaskSpec, dataset: RegisteredDataset) -> str:
+        """What a run pins: the base model hash, or (tabular) the architecture hash."""
+        ...
+
+    def trainable_state(self, spec: TaskSpec, dataset: RegisteredDataset) -> tuple[TensorSpec, ...]:
+        """The exact names, shapes and dtypes that may move between sites, sorted by name."""
+        ...
+
+    def run_hop(
+        self,
+        spec: TaskSpec,
+        dataset: RegisteredDataset,
+        hyperparameters: HopHyperparameters,
+        incoming: Mapping[str, torch.Tensor] | None,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> HopOutcome:
+        """Trains for one hop from ``incoming`` (None: fresh, seeded) on the train split."""
+        ...
+
+    def evaluate(
+        self,
+        spec: TaskSpec,
+        dataset: RegisteredDataset,
+        split: Split,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> dict[str, float]:
+        """Evaluates the given trainable state on a split of the dataset."""
+        ...
+
+
+def check_task_options(spec: TaskSpec, known: Sequence[str]) -> None:
+    """Refuses task options this task does not read (a typo must not be silently ignored)."""
+    unknown = sorted(set(spec.options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown {spec.task_type} task option(s) {unknown}; known: {sorted(known)}"
+        )

@@ -1,0 +1,75 @@
+"""Moving trainable state between sites: checking incoming tensors, copying outgoing ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from site_agent.tasks._spec import TENSOR_DTYPE, TensorSpec
+
+_KEYS_SHOWN_IN_ERRORS = 20
+
+
+def checked_state(
+    incoming: Mapping[str, torch.Tensor], expected_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Incoming tensors as CPU float32, after checking names, shapes and finiteness."""
+    unexpected = sorted(set(incoming) - set(expected_shapes))
+    missing = sorted(set(expected_shapes) - set(incoming))
+    if unexpected or missing:
+        raise ValueError(
+            f"incoming tensors do not fit this model: unexpected keys {preview(unexpected)}, "
+            f"missing keys {preview(missing)}"
+        )
+    state: dict[str, torch.Tensor] = {}
+    non_finite: list[str] = []
+    for key in sorted(incoming):
+        tensor = incoming[key]
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise ValueError(f"incoming value {key!r} is not a floating-point tensor")
+        if tuple(tensor.shape) != expected_shapes[key]:
+            raise ValueError(
+                f"incoming tensor {key!r} has shape {tuple(tensor.shape)}, "
+                f"expected {expected_shapes[key]}"
+            )
+        if not is_finite(tensor):
+            non_finite.append(key)
+        state[key] = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    if non_finite:
+        raise ValueError(f"incoming tensors have non-finite values in {preview(non_finite)}")
+    return state
+
+
+def outgoing(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous float32 clones, refused if training left a non-finite value."""
+    tensors = {
+        key: tensor.detach().to(device="cpu", dtype=torch.float32).clone().contiguous()
+        for key, tensor in sorted(state.items())
+    }
+    non_finite = sorted(key for key, tensor in tensors.items() if not is_finite(tensor))
+    if non_finite:
+        raise ValueError(
+            f"training diverged: trained tensors have non-finite values in {preview(non_finite)}"
+        )
+    return tensors
+
+
+def tensor_specs(state: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
+    """Names and shapes of a state dict as it travels (float32), sorted by name."""
+    return tuple(
+        TensorSpec(name=key, dtype=TENSOR_DTYPE, shape=tuple(int(d) for d in state[key].shape))
+        for key in sorted(state)
+    )
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+def preview(keys: Sequence[str]) -> str:
+    """A key list for an error message, cut after a few entries."""
+    if len(keys) <= _KEYS_SHOWN_IN_ERRORS:
+        return str(list(keys))
+    shown = list(keys[:_KEYS_SHOWN_IN_ERRORS])
+    return f"{shown} and {len(keys) - _KEYS_SHOWN_IN_ERRORS} more"
