@@ -119,6 +119,13 @@ def _evaluation_task(run: RunRow, row: EvaluationRow, checkpoint: CheckpointRow)
     )
 
 
+# Failures that the same site would hit again on a retry: the policy's `then` applies at once.
+DETERMINISTIC_FAILURES = frozenset(
+    {"not-approved", "base-model-mismatch", "dataset-invalid", "unsupported-task", "no-base-model",
+     "bad-task"}
+)  # fmt: skip
+
+
 def _checkpoint_ref(row: CheckpointRow) -> pb.CheckpointRef:
     """Where a site finds a checkpoint, with what it needs to verify who produced it."""
     return pb.CheckpointRef(
@@ -531,7 +538,8 @@ class RunEngine:
         self._forget(hop.id)
         action = policy.on_failure
         if action == "retry":
-            action = "retry" if hop.attempts <= policy.max_retries else policy.then
+            retryable = code not in DETERMINISTIC_FAILURES and hop.attempts <= policy.max_retries
+            action = "retry" if retryable else policy.then
         detail = {"code": code, "message": message, "action": action}
         logger.warning("run %s hop %d at %s: %s (%s) -> %s", run.id, hop.index, hop.site,
                        code, message, action)  # fmt: skip

@@ -413,6 +413,7 @@ def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
             train_started_at_ns=hop.train_started_at_ns or 0,
             train_finished_at_ns=hop.train_finished_at_ns or 0,
             error=hop.error or "",
+            error_code=hop.error_code or "",
         )
         entry.metrics.update(hop.metrics or {})
         progress = engine.progress(hop.id)

@@ -964,6 +964,7 @@ class HopStatus(_message.Message):
     TRAIN_STARTED_AT_NS_FIELD_NUMBER: _builtins.int
     TRAIN_FINISHED_AT_NS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     hop_id: _builtins.str
     site: _builtins.str
@@ -975,6 +976,8 @@ class HopStatus(_message.Message):
     train_started_at_ns: _builtins.int
     train_finished_at_ns: _builtins.int
     error: _builtins.str
+    error_code: _builtins.str
+    """e.g. "not-approved", "lease-expired", "training-failed" """
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -992,10 +995,11 @@ class HopStatus(_message.Message):
         train_started_at_ns: _builtins.int = ...,
         train_finished_at_ns: _builtins.int = ...,
         error: _builtins.str = ...,
+        error_code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "hop_id", b"hop_id", "index", b"index", "input_sha256", b"input_sha256", "metrics", b"metrics", "output_sha256", b"output_sha256", "site", b"site", "status", b"status", "step", b"step", "total_steps", b"total_steps", "train_finished_at_ns", b"train_finished_at_ns", "train_started_at_ns", b"train_started_at_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "error_code", b"error_code", "hop_id", b"hop_id", "index", b"index", "input_sha256", b"input_sha256", "metrics", b"metrics", "output_sha256", b"output_sha256", "site", b"site", "status", b"status", "step", b"step", "total_steps", b"total_steps", "train_finished_at_ns", b"train_finished_at_ns", "train_started_at_ns", b"train_started_at_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
