@@ -5,11 +5,13 @@ the same synthetic triage notes and batches of the same shape (16 x 64 tokens), 
 one process. They are interleaved step by step: the agent's hop runs as the agent runs it, and
 after each of its optimizer steps its progress callback runs one step of the bare loop, so both
 see the same machine load, step for step. Each repetition is one agent hop with a fresh bare
-model beside it. Figures: the median step time of each loop over all repetitions, samples/s =
-16 / median step time, and the agent/bare ratio of samples/s (target >= 0.97), also as the
-median of the step-paired ratios. The agent's step time covers everything its loop does between
-optimizer steps (learning-rate schedule, clipping, loss checks, cancellation check); model copy,
-adapter set-up and the validation pass happen outside the steps and are reported apart.
+model beside it. The headline figure is the agent/bare ratio of samples/s as the median of the
+step-paired ratios (bare step time / agent step time; target >= 0.97): pairs are robust to the
+load changes a shared machine goes through during a run. Also reported: each loop's median step
+time over all steps, samples/s = 16 / that, and the ratio of those medians. The agent's step
+time covers everything its loop does between optimizer steps (learning-rate schedule, clipping,
+loss checks, cancellation check); model copy, adapter set-up and the validation pass happen
+outside the steps and are reported apart.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/site_training.py          # MiniLM, ~2 min
     .venv/bin/python benchmarks/site_training.py --quick --tiny-model       # smoke run, seconds
@@ -200,10 +202,10 @@ def run(settings: Settings, dataset: RegisteredDataset) -> dict[str, object]:
         "bare_median_s_per_step": bare_step,
         "agent_samples_per_s": BATCH_SIZE / agent_step,
         "bare_samples_per_s": BATCH_SIZE / bare_step,
-        "ratio": bare_step / agent_step,
-        "median_paired_ratio": statistics.median(paired),
+        "ratio": statistics.median(paired),
+        "ratio_of_median_step_times": bare_step / agent_step,
         "target_ratio": TARGET_RATIO,
-        "meets_target": bare_step / agent_step >= TARGET_RATIO,
+        "meets_target": statistics.median(paired) >= TARGET_RATIO,
         "agent_step_s": agent_steps,
         "bare_step_s": bare_steps,
         "agent_hop_wall_s_median": statistics.median(agent_walls),
@@ -307,9 +309,9 @@ def _markdown(report: dict[str, object]) -> str:
             f"| bare torch + peft | {number('bare_median_s_per_step', 3)} | "
             f"{number('bare_samples_per_s')} |",
             "",
-            f"Agent / bare samples/s: {number('ratio', 3)} (from the median step times; "
-            f"target >= {TARGET_RATIO}: {verdict}); median of the step-paired ratios "
-            f"{number('median_paired_ratio', 3)}. A whole agent hop (model copy, adapter set-up, "
+            f"Agent / bare samples/s: {number('ratio', 3)} (median of the step-paired ratios; "
+            f"target >= {TARGET_RATIO}: {verdict}); {number('ratio_of_median_step_times', 3)} "
+            f"from the median step times above. A whole agent hop (model copy, adapter set-up, "
             f"training, validation pass; the interleaved bare steps taken out) took "
             f"{number('agent_hop_wall_s_median', 2)} s (median).",
             "",

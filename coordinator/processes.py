@@ -112,7 +112,7 @@ class Cluster:
         coordinator: str,
         pki_dir: Path,
         data_dir: Path,
-        base_model_dir: Path,
+        base_model_dir: Path | None = None,
         threads: int | None = None,
         approve: Sequence[str] = (),
         extra: Sequence[str] = (),
@@ -125,9 +125,10 @@ class Cluster:
             "--cert", str(pki_dir / f"{name}.crt"),
             "--key", str(pki_dir / f"{name}.key"),
             "--data-dir", str(data_dir),
-            "--base-model", str(base_model_dir),
             *extra,
         ]  # fmt: skip
+        if base_model_dir is not None:
+            args += ["--base-model", str(base_model_dir)]
         if threads:
             args += ["--threads", str(threads)]
         for digest in approve:

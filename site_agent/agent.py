@@ -414,26 +414,33 @@ class SiteAgent:
             )
         return dataset
 
-    def _check_base_model(self, trainer: Trainer, pinned: str) -> None:
-        if pinned and pinned != trainer.base_model_sha256:
+    @staticmethod
+    def _model_sha256(trainer: Trainer, spec: TaskSpec, dataset: RegisteredDataset) -> str:
+        """What a run pins: the base model's hash (LoRA tasks) or the architecture's (tabular)."""
+        try:
+            return trainer.model_sha256(spec, dataset)
+        except ValueError as exc:
+            raise HopFailure("bad-task", str(exc)) from exc
+
+    def _check_base_model(self, held: str, pinned: str) -> None:
+        if pinned and pinned != held:
             raise HopFailure(
                 "base-model-mismatch",
-                f"run is pinned to base model {pinned}; this site holds "
-                f"{trainer.base_model_sha256}",
+                f"run is pinned to base model {pinned}; this site holds {held}",
             )
 
     def _incoming(
-        self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef, trainer: Trainer
+        self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef, held: str
     ) -> dict[str, torch.Tensor]:
         import safetensors.torch
 
         data = self._download(stub, ref)
         bundle = inspect_bundle(data)
-        if bundle.manifest.base_model_sha256 != trainer.base_model_sha256:
+        if bundle.manifest.base_model_sha256 != held:
             raise HopFailure(
                 "base-model-mismatch",
                 f"incoming adapter was trained on base model {bundle.manifest.base_model_sha256}; "
-                f"this site holds {trainer.base_model_sha256}",
+                f"this site holds {held}",
             )
         return safetensors.torch.load(data)
 
@@ -461,13 +468,14 @@ class SiteAgent:
         spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
         trainer = self.trainer(task.task_type)
         dataset = self._dataset(task.dataset, task.task_type)
-        self._check_base_model(trainer, task.base_model_sha256)
+        held = self._model_sha256(trainer, spec, dataset)
+        self._check_base_model(held, task.base_model_sha256)
         incoming = None
         parent = ""
         if task.HasField("input_checkpoint"):
             beat.phase("downloading")
             parent = task.input_checkpoint.sha256
-            incoming = self._incoming(stub, task.input_checkpoint, trainer)
+            incoming = self._incoming(stub, task.input_checkpoint, held)
 
         beat.phase("training")
         try:
@@ -498,7 +506,7 @@ class SiteAgent:
         beat.phase("uploading")
         manifest = CheckpointManifest(
             task_type=task.task_type,
-            base_model_sha256=trainer.base_model_sha256,
+            base_model_sha256=held,
             run_id=task.run_id,
             hop_id=task.hop_id,
             producer_site=self.site_name,
@@ -578,7 +586,9 @@ class SiteAgent:
             spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
             trainer = self.trainer(task.task_type)
             dataset = self._dataset(task.dataset, task.task_type)
-            self._check_base_model(trainer, task.base_model_sha256)
+            self._check_base_model(
+                self._model_sha256(trainer, spec, dataset), task.base_model_sha256
+            )
             tensors = safetensors.torch.load(self._download(stub, task.checkpoint))
             try:
                 metrics = trainer.evaluate(spec, dataset, task.split, tensors)  # type: ignore[arg-type]
