@@ -516,7 +516,7 @@ class SiteAgent:
         payload = safetensors.torch.save(
             outcome.tensors, metadata=bundle_metadata(manifest, outcome.adapter_config)
         )
-        self._check_egress(trainer, spec, dataset, payload)
+        self._check_egress(trainer, spec, dataset, payload, self.settings.max_upload_bytes)
         header = pb.UploadHeader(
             hop_id=task.hop_id,
             lease_token=task.lease_token,
@@ -546,11 +546,15 @@ class SiteAgent:
 
     @staticmethod
     def _check_egress(
-        trainer: Trainer, spec: TaskSpec, dataset: RegisteredDataset, payload: bytes
+        trainer: Trainer,
+        spec: TaskSpec,
+        dataset: RegisteredDataset,
+        payload: bytes,
+        max_bytes: int,
     ) -> None:
         """Only a well-formed, finite bundle of exactly the declared trainable state leaves."""
         try:
-            bundle = inspect_bundle(payload)
+            bundle = inspect_bundle(payload, max_bytes=max_bytes)
         except CheckpointError as exc:
             raise HopFailure("egress-refused", str(exc)) from exc
         declared = [

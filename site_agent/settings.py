@@ -37,6 +37,7 @@ class SiteSettings(FileBackedSettings):
     require_approval: bool = True
     approved_bundles: list[str] = Field(default_factory=list)  # sha256 of approved bundles
     approval_policy: Path | None = None  # TOML rules that approve bundles without review
+    max_upload_bytes: int = Field(default=512 * 1024**2, ge=1024)  # egress cap per adapter
 
     @property
     def state_path(self) -> Path:

@@ -216,3 +216,18 @@ def _big(site: ScriptedSite, task: pb.HopTask) -> bytes:
         {"lora_A": np.ones((256, 256), np.float32)},
         metadata=bundle_metadata(CheckpointManifest(**fields), {}),
     )
+
+
+def test_site_anchor_unknown_to_the_ledger_is_refused_as_rewritten_history(
+    sites: dict[str, ScriptedSite], coordinator: Coordinator
+) -> None:
+    head = coordinator.engine.ledger.head()
+    known = pb.HelloRequest(protocol_version=1, last_ledger_hash=head)
+    assert sites["site-a"].stub.Hello(known, timeout=5).site_name == "site-a"
+    forged = pb.HelloRequest(protocol_version=1, last_ledger_hash="e" * 64)
+    with pytest.raises(grpc.RpcError) as refused:
+        sites["site-a"].stub.Hello(forged, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "rewritten" in refused.value.details()
+    [row] = _refusals(coordinator)
+    assert row["method"] == "Hello" and "e" * 64 in str(row["reason"])

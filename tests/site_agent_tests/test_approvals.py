@@ -1,0 +1,69 @@
+"""Site approval: by hash, by settings, by policy rules; every bundle asked for is remembered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from protocols.approval import ApprovalBundle, BundleViolation
+from site_agent.approvals import ApprovalPolicy, ApprovalStore, PolicyError
+
+BUNDLE = ApprovalBundle(
+    task_type="seq-classification", dataset="triage-notes", base_model_sha256="ab" * 32,
+    labels=("a", "b"), bounds={"learning_rate": (1e-4, 1e-3), "steps": (10.0, 50.0)},
+)  # fmt: skip
+
+
+def test_unapproved_bundle_is_remembered_for_review_then_approved_by_hash(tmp_path: Path) -> None:
+    store = ApprovalStore(tmp_path / "approvals.json")
+    assert not store.is_approved(BUNDLE)
+    assert store.listing()[BUNDLE.sha256]["approved"] is False
+    store.approve([BUNDLE.sha256], by="irb-officer")
+    assert store.is_approved(BUNDLE)
+    assert store.listing()[BUNDLE.sha256]["bundle"]["dataset"] == "triage-notes"
+
+
+def test_settings_preapproval_and_revoking_an_approval(tmp_path: Path) -> None:
+    store = ApprovalStore(tmp_path / "approvals.json", preapproved=frozenset({BUNDLE.sha256}))
+    assert store.is_approved(BUNDLE)
+    other = ApprovalStore(tmp_path / "other.json")
+    other.approve([BUNDLE.sha256])
+    assert other.revoke(BUNDLE.sha256) and not other.is_approved(BUNDLE)
+
+
+def test_bundle_hash_covers_every_field() -> None:
+    widened = ApprovalBundle(**{**BUNDLE.__dict__, "bounds": {"learning_rate": (1e-4, 1e-2)}})
+    assert widened.sha256 != BUNDLE.sha256
+    assert ApprovalBundle.from_json(BUNDLE.canonical_json()).sha256 == BUNDLE.sha256
+
+
+def test_hyperparameters_outside_the_bounds_violate_the_bundle() -> None:
+    BUNDLE.check_hyperparameters({"learning_rate": 5e-4, "steps": 20})
+    with pytest.raises(BundleViolation, match="learning_rate"):
+        BUNDLE.check_hyperparameters({"learning_rate": 0.5, "steps": 20})
+
+
+def test_policy_rules_approve_within_their_limits_only(tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text(
+        '[[allow]]\ntask_types = ["seq-classification"]\ndatasets = ["triage-notes"]\n'
+        'base_models = ["*"]\nmax_learning_rate = 0.001\nmax_steps = 100\n'
+    )
+    policy = ApprovalPolicy.load(policy_file)
+    assert policy.allows(BUNDLE)
+    too_fast = ApprovalBundle(**{**BUNDLE.__dict__, "bounds": {"learning_rate": (1e-4, 0.1),
+                                                               "steps": (10.0, 50.0)}})  # fmt: skip
+    assert not policy.allows(too_fast)
+    unbounded = ApprovalBundle(**{**BUNDLE.__dict__, "bounds": {"learning_rate": (1e-4, 1e-3)}})
+    assert not policy.allows(unbounded)  # steps is capped by the rule but not bounded by the run
+    other_data = ApprovalBundle(**{**BUNDLE.__dict__, "dataset": "oncology"})
+    assert not policy.allows(other_data)
+    assert ApprovalStore(tmp_path / "a.json", policy=policy).is_approved(BUNDLE)
+
+
+def test_malformed_policy_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.toml"
+    bad.write_text('[[allow]]\ntask_types = ["tabular"]\n')
+    with pytest.raises(PolicyError, match="allow rule 1"):
+        ApprovalPolicy.load(bad)
