@@ -14,7 +14,7 @@ ledger verifies, and the exported final adapter equals the last hop's output.
     python benchmarks/soak.py --trials 20 --kind coordinator
     python benchmarks/soak.py --quick          # 2 trials of each kind
 
-Writes benchmarks/results/soak.json and soak.md.
+Writes benchmarks/results/soak.json and soak.md (soak-site.*, soak-coordinator.* for one kind).
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def main() -> int:
         lines.append(
             f"| {r['kind']} | {r['seed']} | {r['injected']} | {r['seconds']} | {verdict} |"
         )
-    (RESULTS / "soak.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     return 0 if all(r["passed"] for r in results) else 1
 
 
