@@ -14,7 +14,8 @@ ledger verifies, and the exported final adapter equals the last hop's output.
     python benchmarks/soak.py --trials 20 --kind coordinator
     python benchmarks/soak.py --quick          # 2 trials of each kind
 
-Writes benchmarks/results/soak.json and soak.md (soak-site.*, soak-coordinator.* for one kind).
+Writes benchmarks/results/soak.json and soak.md (soak-site.* or soak-coordinator.* for one
+kind).
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def main() -> int:
         }
         for kind in kinds
     }
-    (RESULTS / "soak.json").write_text(
+    stem = "soak" if args.kind == "both" else f"soak-{args.kind}"
+    (RESULTS / f"{stem}.json").write_text(
         json.dumps({"summary": summary, "trials": results}, indent=2)
     )
     flags = "--quick" if args.quick else f"--trials {trials}"
