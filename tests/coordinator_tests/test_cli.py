@@ -61,3 +61,14 @@ def test_ledger_verify_and_export(tmp_path: Path) -> None:
     ledger.close()
     broken = runner.invoke(app, ["ledger", "verify", "--state-dir", str(state)])
     assert broken.exit_code == 1 and "event 2" in broken.output
+
+
+def test_run_bundle_prints_what_sites_approve(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.toml"
+    plan.write_text('dataset = "notes"\nlabels = ["a", "b"]\nsites = ["x", "y"]\n')
+    result = runner.invoke(app, ["run", "bundle", str(plan)])
+    assert result.exit_code == 0, result.output
+    from coordinator.plan import load_plan
+
+    digest = load_plan(plan).approval_bundle().sha256
+    assert f"baton-site approve {digest}" in result.output.replace("\n", "")
