@@ -80,6 +80,7 @@ StudyName = Annotated[str, typer.Argument(help="Study name")]
 
 
 class EncodingName(StrEnum):
+    auto = "auto"
     lehmer = "lehmer"
     random_keys = "random-keys"
     all_orders = "all-orders"
@@ -177,7 +178,7 @@ def study_start(
     trials: Annotated[int, typer.Option(min=1, help="Trials to run now")] = 10,
     encoding: Annotated[
         EncodingName, typer.Option(help="How an order is expressed to the sampler")
-    ] = EncodingName.random_keys,
+    ] = EncodingName.auto,
     aggregation: Annotated[
         AggregationName, typer.Option(help="How site scores become the objective")
     ] = AggregationName.mean,

@@ -15,6 +15,7 @@ from ordering._encodings import (
     LehmerCode,
     PermutationEncoding,
     RandomKeys,
+    default_encoding,
     encoding_by_name,
 )
 from ordering._heuristics import probe_order, site_typicality
@@ -65,6 +66,7 @@ __all__ = [
     "best_so_far",
     "compare_encodings",
     "cyclic_random_plan",
+    "default_encoding",
     "encoding_by_name",
     "evaluate_plan",
     "exhaustive_ranking",

@@ -136,6 +136,12 @@ class AllOrders:
 ENCODINGS: tuple[str, ...] = (LehmerCode.name, RandomKeys.name, AllOrders.name)
 
 
+def default_encoding(n_sites: int) -> PermutationEncoding:
+    """The encoding that searched fastest for this many sites (benchmarks/ordering_search.py):
+    the Lehmer code up to 4 sites, random keys beyond."""
+    return LehmerCode() if n_sites <= 4 else RandomKeys()
+
+
 def encoding_by_name(name: str) -> PermutationEncoding:
     """The encoding stored under `name` (as recorded with a study).
 

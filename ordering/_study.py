@@ -13,7 +13,12 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ordering._encodings import ParamValue, PermutationEncoding, encoding_by_name
+from ordering._encodings import (
+    ParamValue,
+    PermutationEncoding,
+    default_encoding,
+    encoding_by_name,
+)
 from ordering._objective import (
     AGGREGATIONS,
     Aggregation,
@@ -177,7 +182,7 @@ class OrderingStudy:
         storage_url: str | None,
         study_name: str,
         space: SearchSpace,
-        encoding: PermutationEncoding | str = "random-keys",
+        encoding: PermutationEncoding | str = "auto",
         aggregation: Aggregation = "mean",
         direction: Direction = "maximize",
         *,
@@ -195,7 +200,8 @@ class OrderingStudy:
                 ``postgresql+psycopg://...``), or None for an in-memory study.
             study_name: The Optuna study name of the full-budget trials.
             space: What the search may vary.
-            encoding: The permutation encoding (an instance or its name).
+            encoding: The permutation encoding (an instance or its name); "auto" picks the one
+                measured fastest for the number of sites (`default_encoding`).
             aggregation: How per-site scores become the objective: "mean", "weighted", "worst".
             direction: "maximize" for scores such as accuracy, "minimize" for losses.
             seed: Sampler seed.
@@ -210,7 +216,9 @@ class OrderingStudy:
             SearchSpaceError: If the space leaves `bounds`.
             StudyMismatch: If a study of that name exists but searches something else.
         """
-        if isinstance(encoding, str):
+        if encoding == "auto":
+            encoding = default_encoding(len(space.sites))
+        elif isinstance(encoding, str):
             encoding = encoding_by_name(encoding)
         if aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {aggregation!r}")

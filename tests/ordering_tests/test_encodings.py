@@ -74,3 +74,10 @@ def test_encodings_are_found_by_their_stored_name() -> None:
     assert [encoding_by_name(name).name for name in ENCODINGS] == list(ENCODINGS)
     with pytest.raises(ValueError, match="unknown permutation encoding"):
         encoding_by_name("zigzag")
+
+
+def test_default_encoding_follows_the_measurement() -> None:
+    from ordering import LehmerCode, RandomKeys, default_encoding
+
+    assert isinstance(default_encoding(4), LehmerCode)
+    assert isinstance(default_encoding(6), RandomKeys)
