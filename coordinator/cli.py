@@ -286,6 +286,14 @@ def print_summary(run: pb.RunStatus) -> None:
         err.print(f"[red]run {run.status}:[/red] {run.error}")
 
 
+def _admin_call(call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except grpc.RpcError as exc:
+        code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
+        raise _fail(f"{exc.code().name}: {exc.details()}", code) from exc
+
+
 @run_app.command("start")
 def run_start(
     plan_file: Annotated[Path | None, typer.Argument(help="Run plan (.json or .toml)")] = None,
@@ -313,11 +321,7 @@ def run_start(
     except (PlanError, KeyError, ValueError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
     with _admin(coordinator, ca, cert, key) as client:
-        try:
-            run_id = client.start_run(plan)
-        except grpc.RpcError as exc:
-            code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
-            raise _fail(f"{exc.code().name}: {exc.details()}", code) from exc
+        run_id = _admin_call(lambda: client.start_run(plan))
         console.print(f"run started: {run_id}")
         if follow:
             run = follow_run(client, run_id)
@@ -351,28 +355,15 @@ def run_status(
 ) -> None:
     """Show one run's hops, or all runs."""
     with _admin(coordinator, ca, cert, key) as client:
-        try:
-            if run_id is None:
-                for run in client.runs():
-                    console.print(
-                        f"{run.run_id}  {run.status:<10} {run.name}  {len(run.hops)} hops"
-                    )
-                return
-            run = follow_run(client, run_id) if follow else client.run(run_id)
-        except grpc.RpcError as exc:
-            code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
-            raise _fail(f"{exc.code().name}: {exc.details()}", code) from exc
+        if run_id is None:
+            for run in _admin_call(client.runs):
+                console.print(f"{run.run_id}  {run.status:<10} {run.name}  {len(run.hops)} hops")
+            return
+        shown = run_id
+        run = _admin_call(lambda: follow_run(client, shown) if follow else client.run(shown))
         if not follow:
             console.print(run_table(run))
         print_summary(run)
-
-
-def _admin_call(call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except grpc.RpcError as exc:
-        code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
-        raise _fail(f"{exc.code().name}: {exc.details()}", code) from exc
 
 
 @run_app.command("resume")

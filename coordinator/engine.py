@@ -326,11 +326,14 @@ class RunEngine:
         return run, hop
 
     def _find_hop(self, hop_id: str) -> tuple[RunRow, HopRow]:
-        for run in self.ledger.active_runs():
-            for hop in run.hops:
-                if hop.id == hop_id:
-                    return run, hop
-        raise NotFound(f"no active hop {hop_id}")
+        """The hop and its run, by id: one lookup, not a scan of every active run."""
+        found = self.ledger.hop(hop_id)
+        if found is None:
+            raise NotFound(f"no active hop {hop_id}")
+        run = self.ledger.run(found.run_id)
+        if run.status != "running":
+            raise NotFound(f"no active hop {hop_id}")
+        return run, next(h for h in run.hops if h.id == hop_id)
 
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
         """A site may download only the input of its leased hop or of its pending evaluation."""
