@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from protocols.approval import HYPERPARAMETERS, ApprovalBundle, BundleViolation
 
 __all__ = [
+    "CrossValidationSpec",
     "FailurePolicy",
     "HopSpec",
     "HyperparameterSpec",
@@ -65,6 +66,19 @@ class FailurePolicy(_Strict):
     site_wait_seconds: float = Field(default=3600.0, ge=0)  # offline site, then the policy
 
 
+class CrossValidationSpec(_Strict):
+    """A cross-validation run (search trials): every hop trains one model per fold.
+
+    Fold i's model trains on each site's training rows outside fold i and is scored on fold i,
+    so the run's score is the sites' k-fold cross-validated metric; sites whose validation split
+    holds at least `min_validation_rows` rows (0: never) score on it instead. Such a run yields
+    fold models, not a deployable model: test splits are never evaluated for it.
+    """
+
+    folds: int = Field(default=5, ge=2, le=20)
+    min_validation_rows: int = Field(default=0, ge=0)
+
+
 class HopSpec(_Strict):
     site: SiteName
     hyperparameters: HyperparameterSpec | None = None  # None: the plan's defaults
@@ -88,6 +102,7 @@ class RunPlan(_Strict):
     # Bounds every hop's hyperparameters stay within; sites approve them. Default: the hops' own
     # values (so the approved bundle is exactly this plan).
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
+    cross_validation: CrossValidationSpec | None = None  # set: a cross-validation run
 
     @model_validator(mode="after")
     def _check_shape(self) -> RunPlan:
@@ -137,6 +152,9 @@ class RunPlan(_Strict):
             lora=self.lora.model_dump(mode="json") if self.task != "tabular" else {},
             options=self.options,
             bounds=self.effective_bounds(),
+            cross_validation=(
+                self.cross_validation.model_dump() if self.cross_validation is not None else {}
+            ),
         )
 
     def expanded_hops(self) -> list[tuple[str, HyperparameterSpec]]:

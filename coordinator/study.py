@@ -116,6 +116,11 @@ class RunTemplate:
             approve a run by its approval bundle, which holds these bounds instead of the hops'
             own values, so one approval covers every trial of the study. None: each run's
             bundle holds its own values, and every trial needs its own approval.
+        cross_validation: ``{"folds": k, "min_validation_rows": m}``: every trial is a
+            cross-validation run (see `coordinator.plan.CrossValidationSpec`), scored by the
+            sites' k-fold cross-validated metric over their training splits. The final run of
+            the chosen plan (``final=True``) is an ordinary run: one model on all training rows,
+            under its own approval bundle. None: trials are scored on validation splits.
     """
 
     dataset: str
@@ -127,6 +132,7 @@ class RunTemplate:
     base_model_sha256: str | None = None
     failure: Mapping[str, Any] | None = None
     bounds: Mapping[str, tuple[float, float]] | None = None
+    cross_validation: Mapping[str, int] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", tuple(self.labels))
@@ -135,9 +141,13 @@ class RunTemplate:
             object.__setattr__(self, "bounds", bounds)
         if not self.metric:
             raise ValueError("a run template needs the metric that scores a run")
+        if self.cross_validation is not None:
+            object.__setattr__(
+                self, "cross_validation", {k: int(v) for k, v in self.cross_validation.items()}
+            )
 
     def plan_document(
-        self, plan: CandidatePlan, *, name: str = "run", budget: float = 1.0
+        self, plan: CandidatePlan, *, name: str = "run", budget: float = 1.0, final: bool = False
     ) -> dict[str, Any]:
         """The run-plan document of `plan` (explicit hops), scaled down when `budget` < 1.
 
@@ -145,6 +155,7 @@ class RunTemplate:
             plan: The hops to run.
             name: The run name.
             budget: Fraction of the full training budget; see `scale_hyperparameters`.
+            final: The run that trains the chosen plan's model: never a cross-validation run.
         """
         document = plan.to_plan_document(
             self.dataset,
@@ -160,18 +171,22 @@ class RunTemplate:
             document["failure"] = _plain_json(dict(self.failure))
         if self.bounds is not None:
             document["bounds"] = {k: [lo, hi] for k, (lo, hi) in self.bounds.items()}
+        if self.cross_validation is not None and not final:
+            document["cross_validation"] = dict(self.cross_validation)
         if budget != 1.0:
             for hop in document["hops"]:
                 hop["hyperparameters"] = scale_hyperparameters(hop["hyperparameters"], budget)
         return document
 
-    def run_plan(self, plan: CandidatePlan, *, name: str = "run", budget: float = 1.0) -> RunPlan:
-        """The validated `RunPlan` of `plan`.
+    def run_plan(
+        self, plan: CandidatePlan, *, name: str = "run", budget: float = 1.0, final: bool = False
+    ) -> RunPlan:
+        """The validated `RunPlan` of `plan` (see `plan_document`).
 
         Raises:
             PlanError: If the coordinator would refuse it (the message names the field).
         """
-        return parse_plan(self.plan_document(plan, name=name, budget=budget))
+        return parse_plan(self.plan_document(plan, name=name, budget=budget, final=final))
 
     def approval_bundle(self, plan: CandidatePlan) -> ApprovalBundle:
         """The approval bundle of `plan`'s run: what each site reviews and approves.
@@ -198,6 +213,9 @@ class RunTemplate:
             "bounds": None
             if self.bounds is None
             else {k: [lo, hi] for k, (lo, hi) in self.bounds.items()},
+            "cross_validation": None
+            if self.cross_validation is None
+            else dict(self.cross_validation),
         }
 
     @classmethod
@@ -213,6 +231,7 @@ class RunTemplate:
             base_model_sha256=data.get("base_model_sha256"),
             failure=data.get("failure"),
             bounds=data.get("bounds"),
+            cross_validation=data.get("cross_validation"),
         )
 
 
@@ -322,7 +341,7 @@ def plan_from_study(storage: str, name: str, *, run_name: str | None = None) -> 
     """
     study = OrderingStudy.load(storage, name)
     template = run_template_of(study)
-    return template.run_plan(study.best_plan(), name=run_name or f"{name}-best")
+    return template.run_plan(study.best_plan(), name=run_name or f"{name}-best", final=True)
 
 
 # ---- storage --------------------------------------------------------------------------------

@@ -194,6 +194,18 @@ def study_start(
     probe_seeds: Annotated[
         bool, typer.Option(help="First try orders from the sites' training-set sizes")
     ] = False,
+    cv_folds: Annotated[
+        int,
+        typer.Option(
+            min=0, max=20, help="Score trials by k-fold CV over the sites' training splits (0: off)"
+        ),
+    ] = 0,
+    min_validation_rows: Annotated[
+        int,
+        typer.Option(
+            min=0, help="With --cv-folds: sites with this many validation rows score on them"
+        ),
+    ] = 0,
     run_timeout: Annotated[float, typer.Option(help="Abort a trial's run after (s)")] = 3600.0,
     site_timeout: Annotated[float, typer.Option(help="Wait for the sites to connect (s)")] = 60.0,
     dry_run: Annotated[
@@ -229,6 +241,11 @@ def study_start(
             options=_json_object(options, "--options") or {},
             base_model_sha256=base_model_sha256,
             bounds=approval_bounds(space),  # one approval covers every trial
+            cross_validation=(
+                {"folds": cv_folds, "min_validation_rows": min_validation_rows}
+                if cv_folds
+                else None
+            ),
         )
         bundle = template.approval_bundle(space.plan(tuple(sites)))  # refused before any run
         if dry_run:

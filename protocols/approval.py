@@ -13,7 +13,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["BATON_VERSION", "HYPERPARAMETERS", "ApprovalBundle", "BundleViolation"]
+__all__ = [
+    "BATON_VERSION",
+    "HYPERPARAMETERS",
+    "STATISTICS_OPTION",
+    "ApprovalBundle",
+    "BundleViolation",
+]
 
 BATON_VERSION = "0.1.0"
 # Hyperparameters every hop carries; bounds may cover any of them.
@@ -27,6 +33,10 @@ HYPERPARAMETERS = (
     "max_grad_norm",
     "proximal_mu",
 )
+
+
+# The option that marks a bundle as an aggregate-statistics request rather than a training run.
+STATISTICS_OPTION = "aggregate_statistics"
 
 
 class BundleViolation(ValueError):
@@ -43,11 +53,34 @@ class ApprovalBundle:
     options: Mapping[str, Any] = field(default_factory=dict)
     bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     baton_version: str = BATON_VERSION
+    # Cross-validation runs: {"folds": k, "min_validation_rows": m}; empty for ordinary runs.
+    # Left out of the canonical form when empty, so ordinary runs keep their hashes.
+    cross_validation: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def for_statistics(
+        cls, task_type: str, dataset: str, *, min_count: int, noise_std: float
+    ) -> ApprovalBundle:
+        """The bundle of an aggregate-statistics request: what a site approves before any
+        aggregate of its training rows is computed."""
+        return cls(
+            task_type=task_type,
+            dataset=dataset,
+            base_model_sha256="",
+            options={STATISTICS_OPTION: {"min_count": min_count, "noise_std": float(noise_std)}},
+        )
+
+    @property
+    def is_statistics(self) -> bool:
+        """True for an aggregate-statistics request's bundle."""
+        return STATISTICS_OPTION in self.options
 
     def canonical_json(self) -> str:
         document = asdict(self)
         document["labels"] = list(self.labels)
         document["bounds"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.bounds.items()}
+        if not self.cross_validation:
+            del document["cross_validation"]
         return json.dumps(
             document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         )
@@ -71,6 +104,9 @@ class ApprovalBundle:
                     str(k): (float(v[0]), float(v[1])) for k, v in raw.get("bounds", {}).items()
                 },
                 baton_version=str(raw.get("baton_version", "")),
+                cross_validation={
+                    str(k): int(v) for k, v in raw.get("cross_validation", {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleViolation(f"approval bundle is malformed: {exc}") from exc

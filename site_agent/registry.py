@@ -8,6 +8,7 @@ changed. Only aggregate counts ever leave this module's callers. Stdlib and nump
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -78,6 +79,60 @@ class RegisteredDataset:
     test: tuple[Example, ...]
     feature_names: tuple[str, ...] = ()  # tabular
     labels: tuple[str, ...] = ()  # sorted label set seen (classification tasks)
+    seed: int = 0  # the registration's split seed; also seeds the cross-validation folds
+
+    def fold_ids(self, folds: int) -> tuple[int, ...]:
+        """The cross-validation fold (0 .. folds - 1) of each training row, in ``train`` order.
+
+        Stratified and fixed by the registration: within each label (one group for
+        ``causal-lm``), rows are shuffled by an RNG seeded from the registration seed, the fold
+        count and the label, then dealt round-robin, the deal continuing from label to label in
+        sorted order, so fold sizes differ by at most one and each fold holds about 1/folds of
+        every label. The same registration always gives the same folds.
+
+        Raises:
+            ValueError: If ``folds`` < 2 or there are fewer training rows than folds.
+        """
+        if folds < 2:
+            raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+        if len(self.train) < folds:
+            raise ValueError(
+                f"dataset {self.name!r} has {len(self.train)} training rows, fewer than the "
+                f"{folds} folds asked for"
+            )
+        groups: dict[str, list[int]] = {}
+        for index, example in enumerate(self.train):
+            groups.setdefault(_group(example), []).append(index)
+        assignment = [0] * len(self.train)
+        dealt = 0
+        for group in sorted(groups):
+            rows = list(groups[group])
+            random.Random(_split_seed(self.seed, f"folds-{folds}", group)).shuffle(rows)
+            for row in rows:
+                assignment[row] = dealt % folds
+                dealt += 1
+        return tuple(assignment)
+
+    def fold_view(self, fold: int, folds: int) -> RegisteredDataset:
+        """This dataset as fold ``fold`` of ``folds`` sees it: training rows outside the fold
+        as ``train``, the fold's rows as ``validation``, and no test rows at all.
+
+        Raises:
+            ValueError: As ``fold_ids``, or if ``fold`` is not in [0, folds).
+        """
+        if not 0 <= fold < folds:
+            raise ValueError(f"fold {fold} is not within [0, {folds})")
+        ids = self.fold_ids(folds)
+        return dataclasses.replace(
+            self,
+            train=tuple(e for e, f in zip(self.train, ids, strict=True) if f != fold),
+            validation=tuple(e for e, f in zip(self.train, ids, strict=True) if f == fold),
+            test=(),
+        )
+
+    def without_test(self) -> RegisteredDataset:
+        """The same dataset with its test split removed (what a search may see)."""
+        return dataclasses.replace(self, test=())
 
 
 def register_dataset(
@@ -402,6 +457,7 @@ def _dataset(
         test=tuple(examples[i] for i in assignment["test"]),
         feature_names=tuple(feature_names),
         labels=labels,
+        seed=int(str(registration.get("seed", 0))),
     )
 
 

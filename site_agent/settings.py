@@ -38,6 +38,8 @@ class SiteSettings(FileBackedSettings):
     approved_bundles: list[str] = Field(default_factory=list)  # sha256 of approved bundles
     approval_policy: Path | None = None  # TOML rules that approve bundles without review
     max_upload_bytes: int = Field(default=512 * 1024**2, ge=1024)  # egress cap per adapter
+    # No aggregate statistic over fewer rows than this leaves the site, whatever a request asks.
+    min_aggregate_rows: int = Field(default=10, ge=1)
 
     @property
     def state_path(self) -> Path:

@@ -160,6 +160,35 @@ class Hyperparameters(_message.Message):
 Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
 
 @_typing.final
+class CrossValidation(_message.Message):
+    """A cross-validation run (search trials): every hop trains one model per fold, fold i on the
+    site's training rows outside fold i, and scores fold i's model on fold i. Fold assignment is
+    seeded and fixed by the site's dataset registration. A site whose validation split holds at
+    least `min_validation_rows` rows (0: never) scores every fold model on it instead.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLDS_FIELD_NUMBER: _builtins.int
+    MIN_VALIDATION_ROWS_FIELD_NUMBER: _builtins.int
+    folds: _builtins.int
+    """>= 2; unset (0): an ordinary run with one model"""
+    min_validation_rows: _builtins.int
+    def __init__(
+        self,
+        *,
+        folds: _builtins.int = ...,
+        min_validation_rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["folds", b"folds", "min_validation_rows", b"min_validation_rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CrossValidation: _TypeAlias = CrossValidation  # noqa: Y015
+
+@_typing.final
 class CheckpointRef(_message.Message):
     """Content address of a checkpoint bundle held by the coordinator's store."""
 
@@ -351,6 +380,7 @@ class HopTask(_message.Message):
     HYPERPARAMETERS_FIELD_NUMBER: _builtins.int
     TASK_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
+    CROSS_VALIDATION_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     hop_id: _builtins.str
     hop_index: _builtins.int
@@ -378,6 +408,10 @@ class HopTask(_message.Message):
     def lora(self) -> Global___LoraConfig: ...
     @_builtins.property
     def hyperparameters(self) -> Global___Hyperparameters: ...
+    @_builtins.property
+    def cross_validation(self) -> Global___CrossValidation:
+        """as in the bundle; unset for an ordinary run"""
+
     def __init__(
         self,
         *,
@@ -394,10 +428,11 @@ class HopTask(_message.Message):
         hyperparameters: Global___Hyperparameters | None = ...,
         task_options_json: _builtins.str = ...,
         approval_bundle_json: _builtins.str = ...,
+        cross_validation: Global___CrossValidation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "lora", b"lora"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_validation", b"cross_validation", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "cross_validation", b"cross_validation", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -421,6 +456,7 @@ class EvaluationTask(_message.Message):
     TASK_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     SPLIT_FIELD_NUMBER: _builtins.int
     APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
+    CROSS_VALIDATION_FIELD_NUMBER: _builtins.int
     evaluation_id: _builtins.str
     lease_token: _builtins.str
     run_id: _builtins.str
@@ -437,6 +473,12 @@ class EvaluationTask(_message.Message):
     def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def lora(self) -> Global___LoraConfig: ...
+    @_builtins.property
+    def cross_validation(self) -> Global___CrossValidation:
+        """Set for a cross-validation run's checkpoint: "validation" then means the cross-validated
+        score (each fold model on its own fold); such checkpoints are never scored on "test".
+        """
+
     def __init__(
         self,
         *,
@@ -452,14 +494,58 @@ class EvaluationTask(_message.Message):
         task_options_json: _builtins.str = ...,
         split: _builtins.str = ...,
         approval_bundle_json: _builtins.str = ...,
+        cross_validation: Global___CrossValidation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "lora", b"lora"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "cross_validation", b"cross_validation", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "checkpoint", b"checkpoint", "dataset", b"dataset", "evaluation_id", b"evaluation_id", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "split", b"split", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "checkpoint", b"checkpoint", "cross_validation", b"cross_validation", "dataset", b"dataset", "evaluation_id", b"evaluation_id", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "split", b"split", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluationTask: _TypeAlias = EvaluationTask  # noqa: Y015
+
+@_typing.final
+class StatisticsTask(_message.Message):
+    """Compute aggregate statistics of this site's registered training rows; nothing is trained.
+    No aggregate over fewer than max(min_count, the site's own minimum) rows leaves the site.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATISTICS_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    MIN_COUNT_FIELD_NUMBER: _builtins.int
+    NOISE_STD_FIELD_NUMBER: _builtins.int
+    APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
+    statistics_id: _builtins.str
+    lease_token: _builtins.str
+    task_type: _builtins.str
+    dataset: _builtins.str
+    min_count: _builtins.int
+    noise_std: _builtins.float
+    """> 0: Gaussian noise of this std is added to every aggregate"""
+    approval_bundle_json: _builtins.str
+    """the request's bundle; sites approve it like a run's"""
+    def __init__(
+        self,
+        *,
+        statistics_id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
+        task_type: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        min_count: _builtins.int = ...,
+        noise_std: _builtins.float = ...,
+        approval_bundle_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "dataset", b"dataset", "lease_token", b"lease_token", "min_count", b"min_count", "noise_std", b"noise_std", "statistics_id", b"statistics_id", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatisticsTask: _TypeAlias = StatisticsTask  # noqa: Y015
 
 @_typing.final
 class Task(_message.Message):
@@ -467,21 +553,25 @@ class Task(_message.Message):
 
     HOP_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
+    STATISTICS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hop(self) -> Global___HopTask: ...
     @_builtins.property
     def evaluation(self) -> Global___EvaluationTask: ...
+    @_builtins.property
+    def statistics(self) -> Global___StatisticsTask: ...
     def __init__(
         self,
         *,
         hop: Global___HopTask | None = ...,
         evaluation: Global___EvaluationTask | None = ...,
+        statistics: Global___StatisticsTask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "statistics", b"statistics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -809,6 +899,121 @@ class EvaluationResultResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EvaluationResultResponse: _TypeAlias = EvaluationResultResponse  # noqa: Y015
+
+@_typing.final
+class StatisticsResult(_message.Message):
+    """Aggregates of one site's training rows (floats: they may carry the requested noise)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STATISTICS_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    FEATURE_SUMS_FIELD_NUMBER: _builtins.int
+    FEATURE_SUMS_OF_SQUARES_FIELD_NUMBER: _builtins.int
+    LABEL_COUNTS_FIELD_NUMBER: _builtins.int
+    LENGTH_BIN_EDGES_FIELD_NUMBER: _builtins.int
+    LENGTH_HISTOGRAM_FIELD_NUMBER: _builtins.int
+    LENGTH_UNIT_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    statistics_id: _builtins.str
+    lease_token: _builtins.str
+    ok: _builtins.bool
+    count: _builtins.float
+    """rows"""
+    length_unit: _builtins.str
+    """"tokens" (base model tokenizer) or "words" """
+    error_code: _builtins.str
+    """when !ok: e.g. "below-minimum-count" """
+    error_message: _builtins.str
+    @_builtins.property
+    def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """tabular"""
+
+    @_builtins.property
+    def feature_sums(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """per feature, over the rows"""
+
+    @_builtins.property
+    def feature_sums_of_squares(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def label_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """classification tasks"""
+
+    @_builtins.property
+    def length_bin_edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """text: lower edges of the length bins"""
+
+    @_builtins.property
+    def length_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """text: rows per length bin"""
+
+    def __init__(
+        self,
+        *,
+        statistics_id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        count: _builtins.float = ...,
+        feature_names: _abc.Iterable[_builtins.str] | None = ...,
+        feature_sums: _abc.Iterable[_builtins.float] | None = ...,
+        feature_sums_of_squares: _abc.Iterable[_builtins.float] | None = ...,
+        label_counts: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        length_bin_edges: _abc.Iterable[_builtins.int] | None = ...,
+        length_histogram: _abc.Iterable[_builtins.float] | None = ...,
+        length_unit: _builtins.str = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "error_code", b"error_code", "error_message", b"error_message", "feature_names", b"feature_names", "feature_sums", b"feature_sums", "feature_sums_of_squares", b"feature_sums_of_squares", "label_counts", b"label_counts", "lease_token", b"lease_token", "length_bin_edges", b"length_bin_edges", "length_histogram", b"length_histogram", "length_unit", b"length_unit", "ok", b"ok", "statistics_id", b"statistics_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatisticsResult: _TypeAlias = StatisticsResult  # noqa: Y015
+
+@_typing.final
+class StatisticsResultResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: _builtins.str
+    def __init__(
+        self,
+        *,
+        status: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatisticsResultResponse: _TypeAlias = StatisticsResultResponse  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
@@ -1335,3 +1540,190 @@ class ListSitesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSitesResponse: _TypeAlias = ListSitesResponse  # noqa: Y015
+
+@_typing.final
+class CollectStatisticsRequest(_message.Message):
+    """Ask sites for aggregate statistics of a dataset's training rows (see StatisticsTask)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATASET_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
+    MIN_COUNT_FIELD_NUMBER: _builtins.int
+    NOISE_STD_FIELD_NUMBER: _builtins.int
+    dataset: _builtins.str
+    task_type: _builtins.str
+    min_count: _builtins.int
+    """0: the coordinator's default"""
+    noise_std: _builtins.float
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """required: which sites"""
+
+    def __init__(
+        self,
+        *,
+        dataset: _builtins.str = ...,
+        task_type: _builtins.str = ...,
+        sites: _abc.Iterable[_builtins.str] | None = ...,
+        min_count: _builtins.int = ...,
+        noise_std: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CollectStatisticsRequest: _TypeAlias = CollectStatisticsRequest  # noqa: Y015
+
+@_typing.final
+class GetStatisticsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATISTICS_ID_FIELD_NUMBER: _builtins.int
+    statistics_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        statistics_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["statistics_id", b"statistics_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatisticsRequest: _TypeAlias = GetStatisticsRequest  # noqa: Y015
+
+@_typing.final
+class SiteStatisticsStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    site: _builtins.str
+    status: _builtins.str
+    """"pending", "done", "failed" """
+    count: _builtins.float
+    error: _builtins.str
+    def __init__(
+        self,
+        *,
+        site: _builtins.str = ...,
+        status: _builtins.str = ...,
+        count: _builtins.float = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "error", b"error", "site", b"site", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteStatisticsStatus: _TypeAlias = SiteStatisticsStatus  # noqa: Y015
+
+@_typing.final
+class StatisticsStatus(_message.Message):
+    """A statistics request and, once every site answered, the global normaliser built from it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STATISTICS_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    DATASET_FIELD_NUMBER: _builtins.int
+    TASK_TYPE_FIELD_NUMBER: _builtins.int
+    MIN_COUNT_FIELD_NUMBER: _builtins.int
+    NOISE_STD_FIELD_NUMBER: _builtins.int
+    APPROVAL_BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
+    SITES_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    LABEL_COUNTS_FIELD_NUMBER: _builtins.int
+    LENGTH_BIN_EDGES_FIELD_NUMBER: _builtins.int
+    LENGTH_HISTOGRAM_FIELD_NUMBER: _builtins.int
+    LENGTH_UNIT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    statistics_id: _builtins.str
+    status: _builtins.str
+    """"pending", "done", "failed" """
+    dataset: _builtins.str
+    task_type: _builtins.str
+    min_count: _builtins.int
+    noise_std: _builtins.float
+    approval_bundle_sha256: _builtins.str
+    count: _builtins.float
+    """pooled rows"""
+    length_unit: _builtins.str
+    error: _builtins.str
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteStatisticsStatus]: ...
+    @_builtins.property
+    def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """pooled mean per feature"""
+
+    @_builtins.property
+    def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """pooled sample standard deviation (n - 1)"""
+
+    @_builtins.property
+    def label_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def length_bin_edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def length_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        statistics_id: _builtins.str = ...,
+        status: _builtins.str = ...,
+        dataset: _builtins.str = ...,
+        task_type: _builtins.str = ...,
+        min_count: _builtins.int = ...,
+        noise_std: _builtins.float = ...,
+        approval_bundle_sha256: _builtins.str = ...,
+        sites: _abc.Iterable[Global___SiteStatisticsStatus] | None = ...,
+        count: _builtins.float = ...,
+        feature_names: _abc.Iterable[_builtins.str] | None = ...,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        std: _abc.Iterable[_builtins.float] | None = ...,
+        label_counts: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        length_bin_edges: _abc.Iterable[_builtins.int] | None = ...,
+        length_histogram: _abc.Iterable[_builtins.float] | None = ...,
+        length_unit: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "count", b"count", "dataset", b"dataset", "error", b"error", "feature_names", b"feature_names", "label_counts", b"label_counts", "length_bin_edges", b"length_bin_edges", "length_histogram", b"length_histogram", "length_unit", b"length_unit", "mean", b"mean", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "statistics_id", b"statistics_id", "status", b"status", "std", b"std", "task_type", b"task_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatisticsStatus: _TypeAlias = StatisticsStatus  # noqa: Y015

@@ -74,6 +74,11 @@ class SiteServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.EvaluationResult.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluationResultResponse.FromString,
                 _registered_method=True)
+        self.ReportStatistics = channel.unary_unary(
+                '/baton.v1.SiteService/ReportStatistics',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.StatisticsResult.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.StatisticsResultResponse.FromString,
+                _registered_method=True)
         self.RenewCertificate = channel.unary_unary(
                 '/baton.v1.SiteService/RenewCertificate',
                 request_serializer=protocols_dot_v1_dot_baton__pb2.RenewRequest.SerializeToString,
@@ -134,6 +139,12 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportStatistics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RenewCertificate(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -182,6 +193,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.EvaluationResult.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.EvaluationResultResponse.SerializeToString,
+            ),
+            'ReportStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportStatistics,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.StatisticsResult.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.StatisticsResultResponse.SerializeToString,
             ),
             'RenewCertificate': grpc.unary_unary_rpc_method_handler(
                     servicer.RenewCertificate,
@@ -416,6 +432,33 @@ class SiteService:
             _registered_method=True)
 
     @staticmethod
+    def ReportStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.SiteService/ReportStatistics',
+            protocols_dot_v1_dot_baton__pb2.StatisticsResult.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.StatisticsResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RenewCertificate(request,
             target,
             options=(),
@@ -492,6 +535,16 @@ class AdminServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.RevokeRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.RevokeResponse.FromString,
                 _registered_method=True)
+        self.CollectStatistics = channel.unary_unary(
+                '/baton.v1.AdminService/CollectStatistics',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.CollectStatisticsRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.StatisticsStatus.FromString,
+                _registered_method=True)
+        self.GetStatistics = channel.unary_unary(
+                '/baton.v1.AdminService/GetStatistics',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.GetStatisticsRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.StatisticsStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -548,6 +601,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CollectStatistics(self, request, context):
+        """Aggregate-statistics round: every named site reports aggregates of its training rows; the
+        coordinator combines them into a global normaliser (mean and std per feature).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatistics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -590,6 +657,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeCertificate,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.RevokeRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.RevokeResponse.SerializeToString,
+            ),
+            'CollectStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectStatistics,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.CollectStatisticsRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.StatisticsStatus.SerializeToString,
+            ),
+            'GetStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatistics,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.GetStatisticsRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.StatisticsStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -808,6 +885,60 @@ class AdminService:
             '/baton.v1.AdminService/RevokeCertificate',
             protocols_dot_v1_dot_baton__pb2.RevokeRequest.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.AdminService/CollectStatistics',
+            protocols_dot_v1_dot_baton__pb2.CollectStatisticsRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.StatisticsStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.AdminService/GetStatistics',
+            protocols_dot_v1_dot_baton__pb2.GetStatisticsRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.StatisticsStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,7 @@ class SiteServiceStub:
     ReportHopResult: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]
     SendHeartbeat: _grpc.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]
+    ReportStatistics: _grpc.UnaryUnaryMultiCallable[_baton_pb2.StatisticsResult, _baton_pb2.StatisticsResultResponse]
     RenewCertificate: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RenewRequest, _baton_pb2.RenewResponse]
 
 @_typing.type_check_only
@@ -61,6 +62,7 @@ class SiteServiceAsyncStub(SiteServiceStub):
     ReportHopResult: _aio.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]  # type: ignore[assignment]
     SendHeartbeat: _aio.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]  # type: ignore[assignment]
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]  # type: ignore[assignment]
+    ReportStatistics: _aio.UnaryUnaryMultiCallable[_baton_pb2.StatisticsResult, _baton_pb2.StatisticsResultResponse]  # type: ignore[assignment]
     RenewCertificate: _aio.UnaryUnaryMultiCallable[_baton_pb2.RenewRequest, _baton_pb2.RenewResponse]  # type: ignore[assignment]
 
 class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -123,6 +125,13 @@ class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_baton_pb2.EvaluationResultResponse, _abc.Awaitable[_baton_pb2.EvaluationResultResponse]]: ...
 
     @_abc_1.abstractmethod
+    def ReportStatistics(
+        self,
+        request: _baton_pb2.StatisticsResult,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.StatisticsResultResponse, _abc.Awaitable[_baton_pb2.StatisticsResultResponse]]: ...
+
+    @_abc_1.abstractmethod
     def RenewCertificate(
         self,
         request: _baton_pb2.RenewRequest,
@@ -147,6 +156,11 @@ class AdminServiceStub:
     AbortRun: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]
     RevokeCertificate: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RevokeRequest, _baton_pb2.RevokeResponse]
     """Enforced on the very next RPC; the revoked certificate's open task streams are closed."""
+    CollectStatistics: _grpc.UnaryUnaryMultiCallable[_baton_pb2.CollectStatisticsRequest, _baton_pb2.StatisticsStatus]
+    """Aggregate-statistics round: every named site reports aggregates of its training rows; the
+    coordinator combines them into a global normaliser (mean and std per feature).
+    """
+    GetStatistics: _grpc.UnaryUnaryMultiCallable[_baton_pb2.GetStatisticsRequest, _baton_pb2.StatisticsStatus]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -162,6 +176,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     AbortRun: _aio.UnaryUnaryMultiCallable[_baton_pb2.RunControlRequest, _baton_pb2.RunStatus]  # type: ignore[assignment]
     RevokeCertificate: _aio.UnaryUnaryMultiCallable[_baton_pb2.RevokeRequest, _baton_pb2.RevokeResponse]  # type: ignore[assignment]
     """Enforced on the very next RPC; the revoked certificate's open task streams are closed."""
+    CollectStatistics: _aio.UnaryUnaryMultiCallable[_baton_pb2.CollectStatisticsRequest, _baton_pb2.StatisticsStatus]  # type: ignore[assignment]
+    """Aggregate-statistics round: every named site reports aggregates of its training rows; the
+    coordinator combines them into a global normaliser (mean and std per feature).
+    """
+    GetStatistics: _aio.UnaryUnaryMultiCallable[_baton_pb2.GetStatisticsRequest, _baton_pb2.StatisticsStatus]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -222,5 +241,22 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.RevokeResponse, _abc.Awaitable[_baton_pb2.RevokeResponse]]:
         """Enforced on the very next RPC; the revoked certificate's open task streams are closed."""
+
+    @_abc_1.abstractmethod
+    def CollectStatistics(
+        self,
+        request: _baton_pb2.CollectStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.StatisticsStatus, _abc.Awaitable[_baton_pb2.StatisticsStatus]]:
+        """Aggregate-statistics round: every named site reports aggregates of its training rows; the
+        coordinator combines them into a global normaliser (mean and std per feature).
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatistics(
+        self,
+        request: _baton_pb2.GetStatisticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.StatisticsStatus, _abc.Awaitable[_baton_pb2.StatisticsStatus]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

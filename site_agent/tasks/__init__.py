@@ -6,6 +6,7 @@ No code travels to a site: a run names a task type, its ``TaskSpec`` and per-hop
 
 from site_agent.examples import TASK_TYPES
 from site_agent.tasks._causal_lm import PROMPT_TEMPLATE, CausalLanguageModelTrainer
+from site_agent.tasks._cross_validation import CrossValidatedTrainer
 from site_agent.tasks._lora import hash_base_model
 from site_agent.tasks._sequence_classification import SequenceClassificationTrainer
 from site_agent.tasks._spec import (
@@ -24,6 +25,7 @@ __all__ = [
     "PROMPT_TEMPLATE",
     "TASK_TYPES",
     "CausalLanguageModelTrainer",
+    "CrossValidatedTrainer",
     "HopCancelled",
     "HopHyperparameters",
     "HopOutcome",
