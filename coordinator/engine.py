@@ -91,7 +91,20 @@ def _hop_task(run: RunRow, hop: HopRow, input_ref: CheckpointRow | None) -> pb.T
     )
     if input_ref is not None:
         task.input_checkpoint.CopyFrom(_checkpoint_ref(input_ref))
+    cross_validation = _cross_validation(run)
+    if cross_validation is not None:
+        task.cross_validation.CopyFrom(cross_validation)
     return pb.Task(hop=task)
+
+
+def _cross_validation(run: RunRow) -> pb.CrossValidation | None:
+    spec = run.plan.get("cross_validation")
+    if not spec:
+        return None
+    assert isinstance(spec, dict)
+    return pb.CrossValidation(
+        folds=int(spec["folds"]), min_validation_rows=int(spec["min_validation_rows"])
+    )
 
 
 def _tensor_specs(bundle: Bundle) -> list[list[object]]:
@@ -101,7 +114,7 @@ def _tensor_specs(bundle: Bundle) -> list[list[object]]:
 
 def _evaluation_task(run: RunRow, row: EvaluationRow, checkpoint: CheckpointRow) -> pb.Task:
     plan = run.plan
-    return pb.Task(
+    task = pb.Task(
         evaluation=pb.EvaluationTask(
             evaluation_id=row.id,
             lease_token=row.lease_token or "",
@@ -117,6 +130,10 @@ def _evaluation_task(run: RunRow, row: EvaluationRow, checkpoint: CheckpointRow)
             approval_bundle_json=approval_bundle(run).canonical_json(),
         )
     )
+    cross_validation = _cross_validation(run)
+    if cross_validation is not None:
+        task.evaluation.cross_validation.CopyFrom(cross_validation)
+    return task
 
 
 # Failures that the same site would hit again on a retry: the policy's `then` applies at once.
@@ -667,11 +684,19 @@ class RunEngine:
                 f"run {run_id} is {run.status}: only a completed run's final checkpoint "
                 "is evaluated (test splits are for final reports only)"
             )
+        if split == "test" and run.plan.get("cross_validation"):
+            raise InvalidInput(
+                f"run {run_id} is a cross-validation run: its checkpoint holds fold models, "
+                "scored on validation only; test splits are for a final run's report"
+            )
         run_sites = list(dict.fromkeys(hop.site for hop in run.hops))
-        chosen = sites or run_sites
-        outside = sorted(set(chosen) - set(run_sites))
-        if outside:
-            raise InvalidInput(f"site(s) {', '.join(outside)} took no part in run {run_id}")
+        chosen = list(dict.fromkeys(sites)) or run_sites
+        # Sites outside the run may score it too (cross-site probes): they see only the
+        # checkpoint, under the run's bundle, which they must have approved like any other.
+        known = {row.name for row in self.ledger.sites()}
+        unknown = sorted(set(chosen) - known - set(run_sites))
+        if unknown:
+            raise InvalidInput(f"no site named {', '.join(unknown)} has ever connected")
         now = datetime.now(UTC)
         rows = [
             EvaluationRow(

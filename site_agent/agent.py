@@ -280,6 +280,8 @@ class SiteAgent:
                         self._run_hop(stub, task.hop, hello.heartbeat_interval_ms / 1000)
                     elif kind == "evaluation":
                         self._run_evaluation(stub, task.evaluation)
+                    elif kind == "statistics":
+                        self._run_statistics(stub, task.statistics)
                     if self._stop.is_set():
                         break
             finally:
@@ -388,6 +390,17 @@ class SiteAgent:
             "labels": (tuple(bundle.labels), tuple(task.labels)),
             "options": (dict(bundle.options), json.loads(task.task_options_json or "{}")),
         }
+        if bundle.is_statistics:
+            raise HopFailure("not-approved", "a statistics bundle does not cover training")
+        expected["cross-validation"] = (
+            dict(bundle.cross_validation),
+            {
+                "folds": task.cross_validation.folds,
+                "min_validation_rows": task.cross_validation.min_validation_rows,
+            }
+            if task.HasField("cross_validation")
+            else {},
+        )
         if bundle.base_model_sha256:
             expected["base model"] = (bundle.base_model_sha256, task.base_model_sha256)
         if bundle.task_type != "tabular":
@@ -401,6 +414,20 @@ class SiteAgent:
                 f"run bundle {bundle.sha256} is not approved at this site; review it with "
                 f"`baton-site approvals` and approve it with `baton-site approve {bundle.sha256}`",
             )
+
+    def _task_trainer(self, task_type: str, cross_validation: pb.CrossValidation | None) -> Trainer:
+        """The task type's trainer; for a cross-validation run, wrapped to train every fold."""
+        trainer = self.trainer(task_type)
+        if cross_validation is None:
+            return trainer
+        from site_agent.tasks import CrossValidatedTrainer
+
+        try:
+            return CrossValidatedTrainer(
+                trainer, cross_validation.folds, cross_validation.min_validation_rows
+            )
+        except ValueError as exc:
+            raise HopFailure("bad-task", str(exc)) from exc
 
     def _dataset(self, name: str, task_type: str) -> RegisteredDataset:
         try:
@@ -466,7 +493,9 @@ class SiteAgent:
             },
         )
         spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
-        trainer = self.trainer(task.task_type)
+        trainer = self._task_trainer(
+            task.task_type, task.cross_validation if task.HasField("cross_validation") else None
+        )
         dataset = self._dataset(task.dataset, task.task_type)
         held = self._model_sha256(trainer, spec, dataset)
         self._check_base_model(held, task.base_model_sha256)
@@ -588,7 +617,10 @@ class SiteAgent:
                 raise HopFailure("bad-task", f"unknown split {task.split!r}")
             self._check_approval(task, None)
             spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
-            trainer = self.trainer(task.task_type)
+            trainer = self._task_trainer(
+                task.task_type,
+                task.cross_validation if task.HasField("cross_validation") else None,
+            )
             dataset = self._dataset(task.dataset, task.task_type)
             self._check_base_model(
                 self._model_sha256(trainer, spec, dataset), task.base_model_sha256
@@ -611,3 +643,64 @@ class SiteAgent:
             if exc.code() in _RETRYABLE:
                 raise
             logger.error("evaluation result refused: %s %s", exc.code(), exc.details())
+
+    # ---- aggregate statistics ----------------------------------------------------------------
+
+    def _check_statistics_approval(self, task: pb.StatisticsTask) -> None:
+        """Refuses a statistics request unless it matches its bundle and that is approved."""
+        try:
+            bundle = ApprovalBundle.from_json(task.approval_bundle_json)
+        except BundleViolation as exc:
+            raise HopFailure("not-approved", str(exc)) from exc
+        expected = ApprovalBundle.for_statistics(
+            task.task_type, task.dataset, min_count=task.min_count, noise_std=task.noise_std
+        )
+        if bundle != expected:
+            raise HopFailure("not-approved", "the statistics request differs from its bundle")
+        if self.settings.require_approval and not self.approvals.is_approved(bundle):
+            raise HopFailure(
+                "not-approved",
+                f"statistics bundle {bundle.sha256} is not approved at this site; review it "
+                f"with `baton-site approvals` and approve it with "
+                f"`baton-site approve {bundle.sha256}`",
+            )
+
+    def _run_statistics(self, stub: pb_grpc.SiteServiceStub, task: pb.StatisticsTask) -> None:
+        from site_agent.statistics import BelowMinimumCount, compute_statistics
+
+        logger.info("statistics %s of dataset %s", task.statistics_id, task.dataset)
+        result = pb.StatisticsResult(statistics_id=task.statistics_id, lease_token=task.lease_token)
+        try:
+            self._check_statistics_approval(task)
+            dataset = self._dataset(task.dataset, task.task_type)
+            try:
+                aggregates = compute_statistics(
+                    dataset,
+                    min_count=max(task.min_count, self.settings.min_aggregate_rows),
+                    noise_std=task.noise_std,
+                    base_model_dir=self.settings.base_model_dir,
+                )
+            except BelowMinimumCount as exc:
+                raise HopFailure("below-minimum-count", str(exc)) from exc
+            except ValueError as exc:
+                raise HopFailure("statistics-failed", str(exc)) from exc
+            result.ok = True
+            result.count = aggregates.count
+            result.feature_names.extend(aggregates.feature_names)
+            result.feature_sums.extend(aggregates.feature_sums)
+            result.feature_sums_of_squares.extend(aggregates.feature_sums_of_squares)
+            result.label_counts.update(aggregates.label_counts)
+            result.length_bin_edges.extend(aggregates.length_bin_edges)
+            result.length_histogram.extend(aggregates.length_histogram)
+            result.length_unit = aggregates.length_unit
+        except HopFailure as failure:
+            logger.error("statistics %s refused: %s", task.statistics_id, failure)
+            result.ok = False
+            result.error_code = failure.code
+            result.error_message = str(failure)
+        try:
+            self._retrying("statistics result", lambda: stub.ReportStatistics(result, timeout=60))
+        except grpc.RpcError as exc:
+            if exc.code() in _RETRYABLE:
+                raise
+            logger.error("statistics result refused: %s %s", exc.code(), exc.details())
