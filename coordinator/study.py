@@ -26,6 +26,7 @@ from coordinator.plan import RunPlan, parse_plan
 from ordering import (
     CandidatePlan,
     FloatRange,
+    HopHyperparameters,
     IntRange,
     OrderingStudy,
     PlanPruned,
@@ -47,6 +48,7 @@ __all__ = [
     "TrialRunError",
     "approval_bounds",
     "attach_run_template",
+    "cross_site_probe",
     "heuristic_seed_orders",
     "hop_training_seconds",
     "plan_from_study",
@@ -718,3 +720,67 @@ def train_examples_by_site(client: AdminClient, dataset: str) -> dict[str, int]:
             if summary.name == dataset:
                 sizes[site.name] = int(summary.train_examples)
     return sizes
+
+
+def cross_site_probe(
+    client: AdminClient,
+    template: RunTemplate,
+    sites: Sequence[str],
+    hyperparameters: HopHyperparameters,
+    *,
+    run_name: str = "probe",
+    poll_seconds: float = 0.25,
+    timeout: float = 3600.0,
+) -> dict[tuple[str, str], float]:
+    """A cheap cross-site probe: each site trains briefly from scratch, every site scores it.
+
+    Each probe is a real one-hop run at one site (under the template's bundle, so a study's
+    approval covers it), then every site of `sites` scores that run's model on its own
+    validation data (the cross-validated score for a cross-validation template). Test splits
+    are never asked for. `ordering.probe_order` turns the result into a seed order.
+
+    Args:
+        client: An admin connection.
+        template: The study's run template (dataset, task, metric, bounds...).
+        sites: The sites to probe.
+        hyperparameters: The probe visit's settings (short: it only has to tell sites apart).
+        run_name: Prefix of the probe runs' names.
+        poll_seconds: How often runs are polled.
+        timeout: Seconds allowed for each probe run and its evaluations.
+
+    Returns:
+        ``scores[(trained_at, evaluated_at)]``: the template's metric.
+
+    Raises:
+        TrialRunError: If a probe run or one of its evaluations fails.
+    """
+    scores: dict[tuple[str, str], float] = {}
+    for site in sites:
+        plan = template.run_plan(
+            CandidatePlan.build([(site,)], hyperparameters), name=f"{run_name}: {site}"
+        )
+        run_id = client.start_run(plan)
+        deadline = time.monotonic() + timeout
+        while (run := client.run(run_id)).status not in TERMINAL_RUN_STATES:
+            if time.monotonic() > deadline:
+                client.control(run_id, "abort", "probe took too long")
+                raise TrialRunError(f"probe run {run_id} at {site} did not finish")
+            time.sleep(poll_seconds)
+        if run.status != "completed":
+            raise TrialRunError(f"probe run {run_id} at {site} {run.status}: {run.error}")
+        wanted = set(client.evaluate_run(run_id, "validation", list(sites)))
+        try:
+            run = client.wait_for_evaluations(run_id, timeout)
+        except TimeoutError as exc:
+            raise TrialRunError(str(exc)) from exc
+        for row in run.evaluations:
+            if row.evaluation_id not in wanted:
+                continue
+            if row.status != "done" or template.metric not in row.metrics:
+                raise TrialRunError(
+                    f"{row.site} could not score the probe trained at {site}: "
+                    f"{row.error or 'no ' + template.metric}"
+                )
+            scores[(site, row.site)] = float(row.metrics[template.metric])
+        logger.info("probe at %s scored by %d sites", site, len(wanted))
+    return scores

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -22,8 +23,10 @@ from coordinator.study import (
     RunExecutor,
     RunNotApproved,
     RunTemplate,
+    TrialRunError,
     approval_bounds,
     attach_run_template,
+    cross_site_probe,
     heuristic_seed_orders,
     plan_from_study,
     run_search,
@@ -32,12 +35,14 @@ from coordinator.study import (
 )
 from ordering import (
     FloatRange,
+    HopHyperparameters,
     IntRange,
     OrderingStudy,
     SearchSpace,
     SearchSpaceError,
     StudyMismatch,
     TrialRecord,
+    probe_order,
 )
 from protocols.logs import configure_logging
 from protocols.pki import PkiError
@@ -77,6 +82,12 @@ StudyStorage = Annotated[
     ),
 ]
 StudyName = Annotated[str, typer.Argument(help="Study name")]
+
+
+class SeedOrders(StrEnum):
+    none = "none"
+    sizes = "sizes"
+    probe = "probe"
 
 
 class EncodingName(StrEnum):
@@ -191,9 +202,14 @@ def study_start(
     base_model_sha256: Annotated[str | None, typer.Option(help="Pin the base model")] = None,
     storage: StudyStorage = None,
     seed: Annotated[int | None, typer.Option(help="Sampler seed")] = None,
-    probe_seeds: Annotated[
-        bool, typer.Option(help="First try orders from the sites' training-set sizes")
-    ] = False,
+    seed_orders: Annotated[
+        SeedOrders,
+        typer.Option(
+            help="Orders tried first: from training-set sizes (smallest first), or from a "
+            "cross-site probe (each site trains one short visit, every site scores it; least "
+            "typical site first)"
+        ),
+    ] = SeedOrders.none,
     cv_folds: Annotated[
         int,
         typer.Option(
@@ -277,7 +293,7 @@ def study_start(
             client.wait_for_sites(set(sites), timeout=site_timeout)
         except TimeoutError as exc:
             raise _fail(str(exc), EXIT_UNREACHABLE) from exc
-        if probe_seeds:
+        if seed_orders is SeedOrders.sizes:
             try:
                 sizes = train_examples_by_site(client, dataset)
             except grpc.RpcError as exc:
@@ -285,6 +301,22 @@ def study_start(
             seeds = heuristic_seed_orders(sizes, sites)
             study.enqueue(*seeds, note="seed: training-set sizes")
             console.print("seed orders: " + "; ".join(" > ".join(order) for order in seeds))
+        elif seed_orders is SeedOrders.probe:
+            probe = HopHyperparameters(
+                learning_rate=math.sqrt(lr_min * lr_max), steps=steps_min, batch_size=batch_size
+            )
+            console.print(f"cross-site probe: one {steps_min}-step visit per site")
+            try:
+                scores = cross_site_probe(
+                    client, template, sites, probe, run_name=f"{name} probe", timeout=run_timeout
+                )
+            except TrialRunError as exc:
+                raise _fail(f"cross-site probe failed: {exc}", EXIT_RUN_FAILED) from exc
+            except grpc.RpcError as exc:
+                _rpc_failure(exc)
+            order = probe_order(scores, higher_is_better=not minimize)
+            study.enqueue(order, note="seed: cross-site probe")
+            console.print("seed orders: " + " > ".join(order))
         executor = RunExecutor(client, template, run_name=name, run_timeout=run_timeout)
         console.print(
             f"study {name!r} in {url}: {trials} trial(s) over {', '.join(space.sites)}, "

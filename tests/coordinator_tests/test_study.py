@@ -23,6 +23,7 @@ from coordinator.study import (
     TrialRunError,
     approval_bounds,
     attach_run_template,
+    cross_site_probe,
     heuristic_seed_orders,
     plan_from_study,
     run_search,
@@ -41,6 +42,7 @@ from ordering import (
     PlanPruned,
     SearchSpace,
     StudyMismatch,
+    probe_order,
 )
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import SITES, LoopThread, Pki
@@ -359,7 +361,7 @@ def test_study_cli_runs_trials_then_shows_status_and_the_best_plan(
             "start", "--name", "cli", "--dataset", "notes", "--labels", "x", "--labels", "y",
             *(arg for site in SITES for arg in ("--sites", site)),
             "--lr-min", "1e-3", "--lr-max", "1e-3", "--steps-min", "4", "--steps-max", "8",
-            "--trials", "2", "--probe-seeds", "--seed", "0", "--storage", storage,
+            "--trials", "2", "--seed-orders", "sizes", "--seed", "0", "--storage", storage,
             "--coordinator", f"localhost:{coordinator.port}", "--ca", str(tls.ca_certificate),
             "--cert", str(tls.certificate), "--key", str(tls.private_key),
         ],
@@ -379,6 +381,28 @@ def test_study_cli_runs_trials_then_shows_status_and_the_best_plan(
 
     missing = runner.invoke(study_app, ["best", "nope", "--storage", storage])
     assert missing.exit_code == 2 and "no study named" in missing.output
+
+
+def test_cross_site_probe_trains_once_per_site_and_every_site_scores_every_probe(
+    admin: AdminClient, sites: ScriptedSites
+) -> None:
+    probe = HopHyperparameters(steps=3, learning_rate=1e-3)
+    scores = cross_site_probe(admin, TEMPLATE, SITES, probe, poll_seconds=0.02)
+
+    # One one-hop run per site, at that site, with the probe's short visit.
+    assert [task.hop_index for task in sites.hop_tasks] == [0, 0, 0]
+    assert all(task.hyperparameters.steps == 3 for task in sites.hop_tasks)
+    runs = [run for run in admin.runs() if run.name.startswith("probe")]
+    assert sorted(run.hops[0].site for run in runs) == sorted(SITES)
+    # Every site scored every probe (its own too) on validation data, never on test.
+    assert sorted(sites.evaluations) == sorted(
+        (site, "validation") for site in SITES for _ in SITES
+    )
+    assert scores == {(a, b): pytest.approx(VALIDATION[b][0]) for a in SITES for b in SITES}
+    # The scripted sites score every model alike, so typicality follows the other sites'
+    # scores: site-a's probe is judged by b and c (0.75), b's by a and c (0.85), c's by a and
+    # b (0.8). Least typical first.
+    assert probe_order(scores) == ("site-a", "site-c", "site-b")
 
 
 def test_heuristic_seed_orders_put_the_largest_site_last() -> None:
