@@ -71,6 +71,42 @@ class AdminClient:
                 raise TimeoutError(f"evaluations of run {run_id} did not finish in {timeout} s")
             time.sleep(0.1)
 
+    def collect_statistics(
+        self,
+        dataset: str,
+        task_type: str,
+        sites: list[str],
+        *,
+        min_count: int = 0,
+        noise_std: float = 0.0,
+    ) -> pb.StatisticsStatus:
+        """Asks sites for aggregate statistics; min_count 0 takes the coordinator's default."""
+        request = pb.CollectStatisticsRequest(
+            dataset=dataset,
+            task_type=task_type,
+            sites=sites,
+            min_count=min_count,
+            noise_std=noise_std,
+        )
+        status: pb.StatisticsStatus = self._stub.CollectStatistics(request, timeout=30)
+        return status
+
+    def statistics(self, statistics_id: str, timeout: float = 30) -> pb.StatisticsStatus:
+        request = pb.GetStatisticsRequest(statistics_id=statistics_id)
+        status: pb.StatisticsStatus = self._stub.GetStatistics(request, timeout=timeout)
+        return status
+
+    def wait_for_statistics(self, statistics_id: str, timeout: float) -> pb.StatisticsStatus:
+        """Blocks until the statistics request is done or failed; returns its status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.statistics(statistics_id)
+            if status.status != "pending":
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"statistics {statistics_id} did not finish in {timeout} s")
+            time.sleep(0.1)
+
     def control(self, run_id: str, action: str, reason: str = "") -> pb.RunStatus:
         """`resume` or `abort` a run."""
         request = pb.RunControlRequest(run_id=run_id, reason=reason)

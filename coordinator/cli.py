@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
-from coordinator.plan import PlanError, load_plan
+from coordinator.plan import PlanError, RunPlan, load_plan
 from coordinator.study_cli import StudyStorage, resolve_storage, study_app
 from protocols.logs import configure_logging
 from protocols.pki import (
@@ -49,6 +49,11 @@ ledger_app = typer.Typer(help="Verify and export the tamper-evident ledger.", no
 app.add_typer(run_app, name="run")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(study_app, name="study")
+statistics_app = typer.Typer(
+    help="Aggregate statistics of the sites' training rows (global normaliser).",
+    no_args_is_help=True,
+)
+app.add_typer(statistics_app, name="statistics")
 
 console = Console()
 err = Console(stderr=True)
@@ -61,6 +66,16 @@ Coord = Annotated[str, typer.Option("--coordinator", envvar="BATON_COORDINATOR",
 AdminCa = Annotated[Path, typer.Option("--ca", envvar="BATON_ADMIN_CA", help="CA certificate")]
 AdminCert = Annotated[Path, typer.Option("--cert", envvar="BATON_ADMIN_CERT", help="Admin cert")]
 AdminKey = Annotated[Path, typer.Option("--key", envvar="BATON_ADMIN_KEY", help="Admin key")]
+
+
+Normaliser = Annotated[
+    str | None,
+    typer.Option(
+        "--normaliser",
+        metavar="STATISTICS_ID",
+        help="Tabular: global normalisation with this done statistics request's mean and std",
+    ),
+]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -306,6 +321,7 @@ def run_start(
     cert: AdminCert = Path("pki/admin.crt"),
     key: AdminKey = Path("pki/admin.key"),
     follow: Annotated[bool, typer.Option(help="Watch the run until it ends")] = False,
+    normaliser: Normaliser = None,
 ) -> None:
     """Validate a plan (a file, or a study's best) and start it as a new run."""
     if (plan_file is None) == (from_study is None):
@@ -321,7 +337,10 @@ def run_start(
     except (PlanError, KeyError, ValueError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
     with _admin(coordinator, ca, cert, key) as client:
-        run_id = _admin_call(lambda: client.start_run(plan))
+        if normaliser is not None:
+            plan = _with_normaliser(client, plan, normaliser)
+        started = plan
+        run_id = _admin_call(lambda: client.start_run(started))
         console.print(f"run started: {run_id}")
         if follow:
             run = follow_run(client, run_id)
@@ -330,15 +349,45 @@ def run_start(
                 raise typer.Exit(EXIT_RUN_FAILED)
 
 
+def _with_normaliser(client: AdminClient, plan: RunPlan, statistics_id: str) -> RunPlan:
+    """The plan with global normalisation by a done statistics request of its dataset."""
+    from coordinator.statistics import plan_with_normaliser
+
+    statistics = _admin_call(lambda: client.statistics(statistics_id))
+    try:
+        plan = plan_with_normaliser(plan, statistics)
+    except ValueError as exc:
+        raise _fail(f"cannot use statistics {statistics_id} as normaliser: {exc}",
+                    EXIT_BAD_INPUT) from exc  # fmt: skip
+    console.print(
+        f"global normaliser from statistics {statistics_id} ({statistics.count:g} rows); "
+        f"run bundle sha256: {plan.approval_bundle().sha256}"
+    )
+    return plan
+
+
 @run_app.command("bundle")
 def run_bundle(
     plan_file: Annotated[Path, typer.Argument(help="Run plan (.json or .toml)")],
+    normaliser: Normaliser = None,
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
 ) -> None:
-    """Print the plan's approval bundle and its sha256: what each site reviews and approves."""
+    """Print the plan's approval bundle and its sha256: what each site reviews and approves.
+
+    With --normaliser the collected mean and std become part of the plan (and of its bundle),
+    exactly as `baton run start --normaliser` will start it.
+    """
     try:
-        bundle = load_plan(plan_file).approval_bundle()
+        plan = load_plan(plan_file)
     except PlanError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    if normaliser is not None:
+        with _admin(coordinator, ca, cert, key) as client:
+            plan = _with_normaliser(client, plan, normaliser)
+    bundle = plan.approval_bundle()
     console.print_json(bundle.canonical_json())
     console.print(f"sha256: {bundle.sha256}")
     console.print(f"at each site, after review: baton-site approve {bundle.sha256}")
@@ -426,6 +475,157 @@ def evaluation_table(run: pb.RunStatus) -> Table:
             *(f"{m[k]:.3f}" if k in m else "" for k in ("accuracy", "macro_f1", "loss")),
         )  # fmt: skip
     return table
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+
+StatisticsTask = Annotated[str, typer.Option("--task", help="The dataset's task type")]
+
+
+@statistics_app.command("bundle")
+def statistics_bundle(
+    dataset: Annotated[str, typer.Argument(help="Dataset name registered at every site")],
+    task: StatisticsTask = "tabular",
+    min_count: Annotated[
+        int, typer.Option(min=1, help="Minimum rows per aggregate; use the same in `collect`")
+    ] = 10,
+    noise_std: Annotated[float, typer.Option(min=0.0, help="Gaussian noise std")] = 0.0,
+) -> None:
+    """Print a statistics request's approval bundle and its sha256 (before collecting)."""
+    from protocols.approval import ApprovalBundle
+
+    bundle = ApprovalBundle.for_statistics(task, dataset, min_count=min_count, noise_std=noise_std)
+    console.print_json(bundle.canonical_json())
+    console.print(f"sha256: {bundle.sha256}")
+    console.print(f"at each site, after review: baton-site approve {bundle.sha256}")
+
+
+@statistics_app.command("collect")
+def statistics_collect(
+    dataset: Annotated[str, typer.Argument(help="Dataset name registered at every site")],
+    site: Annotated[list[str], typer.Option(help="A site to ask (repeat for each)")],
+    task: StatisticsTask = "tabular",
+    min_count: Annotated[
+        int | None,
+        typer.Option(min=1, help="Minimum rows per aggregate (default: the coordinator's)"),
+    ] = None,
+    noise_std: Annotated[float, typer.Option(min=0.0, help="Gaussian noise std")] = 0.0,
+    wait: Annotated[
+        float | None, typer.Option(metavar="SECONDS", help="Wait for the result this long")
+    ] = None,
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+) -> None:
+    """Ask sites for aggregate statistics of their training rows (counts, sums, labels)."""
+    with _admin(coordinator, ca, cert, key) as client:
+        status = _admin_call(
+            lambda: client.collect_statistics(
+                dataset, task, site, min_count=min_count or 0, noise_std=noise_std
+            )
+        )
+        console.print(f"statistics requested: {status.statistics_id}")
+        console.print(
+            f"approval bundle sha256: {status.approval_bundle_sha256} (sites must approve it: "
+            f"baton-site approve {status.approval_bundle_sha256})"
+        )
+        if wait is None:
+            return
+        try:
+            status = _admin_call(lambda: client.wait_for_statistics(status.statistics_id, wait))
+        except TimeoutError as exc:
+            raise _fail(str(exc), EXIT_RUN_FAILED) from exc
+    _print_statistics(status)
+    if status.status != "done":
+        raise typer.Exit(EXIT_RUN_FAILED)
+
+
+@statistics_app.command("show")
+def statistics_show(
+    statistics_id: Annotated[str, typer.Argument(help="Statistics id")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+) -> None:
+    """Show a statistics request: each site's answer and, once done, the pooled result."""
+    with _admin(coordinator, ca, cert, key) as client:
+        status = _admin_call(lambda: client.statistics(statistics_id))
+    if as_json:
+        sys.stdout.write(json.dumps(statistics_document(status), indent=2) + "\n")
+        return
+    _print_statistics(status)
+
+
+def statistics_document(status: pb.StatisticsStatus) -> dict[str, object]:
+    """A statistics request as plain JSON; with the tabular run options once done."""
+    from coordinator.statistics import normaliser_options
+
+    document: dict[str, object] = {
+        "statistics_id": status.statistics_id,
+        "status": status.status,
+        "dataset": status.dataset,
+        "task_type": status.task_type,
+        "min_count": status.min_count,
+        "noise_std": status.noise_std,
+        "approval_bundle_sha256": status.approval_bundle_sha256,
+        "error": status.error,
+        "sites": [
+            {"site": s.site, "status": s.status, "count": s.count, "error": s.error}
+            for s in status.sites
+        ],
+    }
+    if status.status == "done":
+        document |= {
+            "count": status.count,
+            "feature_names": list(status.feature_names),
+            "mean": list(status.mean),
+            "std": list(status.std),
+            "label_counts": dict(sorted(status.label_counts.items())),
+            "length_bin_edges": list(status.length_bin_edges),
+            "length_histogram": list(status.length_histogram),
+            "length_unit": status.length_unit,
+        }
+        if status.feature_names:
+            document["normaliser_options"] = normaliser_options(status)
+    return document
+
+
+def _print_statistics(status: pb.StatisticsStatus) -> None:
+    console.print(
+        f"statistics {status.statistics_id}: {status.status} ({status.task_type} dataset "
+        f"{status.dataset!r}, min count {status.min_count}, noise std {status.noise_std:g}, "
+        f"bundle {status.approval_bundle_sha256[:12]})"
+    )
+    sites = Table("site", "status", "rows", "error", title="site answers")
+    for site in status.sites:
+        sites.add_row(site.site, site.status, f"{site.count:g}" if site.status == "done" else "",
+                      site.error)  # fmt: skip
+    console.print(sites)
+    if status.error:
+        err.print(f"[red]statistics {status.status}:[/red] {status.error}")
+    if status.status != "done":
+        return
+    console.print(f"pooled rows: {status.count:g}")
+    if status.feature_names:
+        features = Table("feature", "mean", "std", title="global normaliser")
+        for name, mean, std in zip(status.feature_names, status.mean, status.std, strict=True):
+            features.add_row(name, f"{mean:.6g}", f"{std:.6g}")
+        console.print(features)
+    if status.label_counts:
+        labels = Table("label", "rows", title="label counts")
+        for label, count in sorted(status.label_counts.items()):
+            labels.add_row(label, f"{count:g}")
+        console.print(labels)
+    if status.length_bin_edges:
+        edges = list(status.length_bin_edges)
+        lengths = Table(f"length ({status.length_unit})", "rows", title="lengths")
+        for index, count in enumerate(status.length_histogram):
+            upper = f"{edges[index + 1] - 1}" if index + 1 < len(edges) else ""
+            lengths.add_row(f"{edges[index]}-{upper}", f"{count:g}")
+        console.print(lengths)
 
 
 def _ledger(state_dir: Path | None, database_url: str | None) -> Ledger:

@@ -57,6 +57,7 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
         settings.runs_dir,
         ca_pem=settings.ca_certificate.read_bytes(),
         max_checkpoint_bytes=settings.max_checkpoint_bytes,
+        statistics_min_count=settings.statistics_min_count,
     )
     server, port = aio_server(
         settings.tls, settings.address, interceptors=[MalformedMessageGuard(ledger)]

@@ -377,6 +377,16 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             await self._refuse(context, exc)
         return pb.EvaluationResultResponse(status=status)
 
+    async def ReportStatistics(
+        self, request: pb.StatisticsResult, context: grpc.aio.ServicerContext
+    ) -> pb.StatisticsResultResponse:
+        identity = await self._caller(context, Role.SITE, "ReportStatistics")
+        try:
+            status = await self.engine.report_statistics(identity.name, request)
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
+        return pb.StatisticsResultResponse(status=status)
+
     async def SendHeartbeat(
         self, request: pb.Heartbeat, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
@@ -511,6 +521,34 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
         except CoordinatorError as exc:
             await self._refuse(context, exc)
         return pb.RevokeResponse(closed_streams=closed)
+
+    async def CollectStatistics(
+        self, request: pb.CollectStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatisticsStatus:
+        identity = await self._caller(context, Role.ADMIN, "CollectStatistics")
+        try:
+            statistics_id = await self.engine.collect_statistics(
+                request.dataset,
+                request.task_type,
+                list(request.sites),
+                min_count=request.min_count,
+                noise_std=request.noise_std,
+            )
+            status = self.engine.statistics_status(statistics_id)
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
+        logger.info("admin %s asked for statistics %s of %s", identity.name, statistics_id,
+                    request.dataset)  # fmt: skip
+        return status
+
+    async def GetStatistics(
+        self, request: pb.GetStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StatisticsStatus:
+        await self._caller(context, Role.ADMIN, "GetStatistics")
+        try:
+            return self.engine.statistics_status(request.statistics_id)
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
 
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext

@@ -32,6 +32,8 @@ class CoordinatorSettings(FileBackedSettings):
     # without it sites renew with the offline CSR flow (`baton pki sign`).
     ca_dir: Path | None = None
     port_file: Path | None = None  # write the bound port here once serving (for port 0)
+    # Default minimum rows per released aggregate for statistics requests that name none.
+    statistics_min_count: int = Field(default=10, ge=1)
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import filelock
+
 from protocols.approval import ApprovalBundle
 
 __all__ = ["ApprovalPolicy", "ApprovalStore", "PolicyError"]
@@ -109,6 +111,12 @@ class ApprovalStore:
             raise PolicyError(f"approvals file {self.path} is unreadable: {exc}") from exc
         return document
 
+    def _locked(self) -> filelock.BaseFileLock:
+        """Serialises read-modify-write of the file between the agent and `baton-site approve`
+        (without it, an approval made while the agent records a newly seen bundle is lost)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(self.path) + ".lock", timeout=30)
+
     def _write(self, document: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".approvals.", suffix=".tmp")
@@ -119,25 +127,28 @@ class ApprovalStore:
         os.replace(tmp, self.path)
 
     def approve(self, hashes: Iterable[str], *, by: str = "") -> None:
-        document = self._read()
-        now = datetime.now(UTC).isoformat()
-        for digest in hashes:
-            document["approved"][digest] = {"at": now, "by": by}
-        self._write(document)
+        with self._locked():
+            document = self._read()
+            now = datetime.now(UTC).isoformat()
+            for digest in hashes:
+                document["approved"][digest] = {"at": now, "by": by}
+            self._write(document)
 
     def revoke(self, digest: str) -> bool:
-        document = self._read()
-        removed = document["approved"].pop(digest, None) is not None
-        self._write(document)
+        with self._locked():
+            document = self._read()
+            removed = document["approved"].pop(digest, None) is not None
+            self._write(document)
         return removed
 
     def is_approved(self, bundle: ApprovalBundle) -> bool:
         """Approved by hash (file or settings) or by policy; records the bundle as seen."""
         digest = bundle.sha256
-        document = self._read()
-        if digest not in document["seen"]:
-            document["seen"][digest] = json.loads(bundle.canonical_json())
-            self._write(document)
+        with self._locked():
+            document = self._read()
+            if digest not in document["seen"]:
+                document["seen"][digest] = json.loads(bundle.canonical_json())
+                self._write(document)
         return (
             digest in self.preapproved
             or digest in document["approved"]

@@ -18,6 +18,8 @@ from coordinator.ledger.models import (
     RevocationRow,
     RunRow,
     SiteRow,
+    StatisticsAnswerRow,
+    StatisticsRequestRow,
 )
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "RevocationRow",
     "RunRow",
     "SiteRow",
+    "StatisticsAnswerRow",
+    "StatisticsRequestRow",
     "TransitionRefused",
     "event_hash",
 ]

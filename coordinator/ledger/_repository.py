@@ -25,6 +25,8 @@ from coordinator.ledger.models import (
     RevocationRow,
     RunRow,
     SiteRow,
+    StatisticsAnswerRow,
+    StatisticsRequestRow,
 )
 
 __all__ = [
@@ -514,3 +516,120 @@ class Ledger:
                     "error": error,
                 },
             )
+
+    # ---- aggregate statistics -------------------------------------------------------------------
+
+    def create_statistics(
+        self,
+        request: StatisticsRequestRow,
+        answers: list[StatisticsAnswerRow],
+        *,
+        approval_bundle_sha256: str,
+    ) -> None:
+        """Records a statistics request with one pending answer per site."""
+        with self.transaction() as session:
+            request.answers = answers
+            session.add(request)
+            self.append_event(
+                session,
+                "statistics.requested",
+                payload={
+                    "statistics_id": request.id,
+                    "dataset": request.dataset,
+                    "task_type": request.task_type,
+                    "min_count": request.min_count,
+                    "noise_std": request.noise_std,
+                    "sites": list(request.sites),
+                    "approval_bundle_sha256": approval_bundle_sha256,
+                },
+            )
+
+    def statistics_request(self, request_id: str) -> StatisticsRequestRow | None:
+        with self._sessions() as session:
+            return session.scalars(
+                select(StatisticsRequestRow)
+                .where(StatisticsRequestRow.id == request_id)
+                .options(selectinload(StatisticsRequestRow.answers))
+            ).first()
+
+    def statistics_requests(self, status: str | None = None) -> list[StatisticsRequestRow]:
+        """Statistics requests, oldest first; only those in `status` when given."""
+        with self._sessions() as session:
+            query = select(StatisticsRequestRow).options(selectinload(StatisticsRequestRow.answers))
+            if status is not None:
+                query = query.where(StatisticsRequestRow.status == status)
+            return list(session.scalars(query.order_by(StatisticsRequestRow.created_at)))
+
+    def finish_statistics_answer(
+        self,
+        request_id: str,
+        site: str,
+        *,
+        lease_token: str,
+        aggregates: dict[str, Any] | None,
+        error_code: str | None = None,
+        error: str | None = None,
+    ) -> StatisticsAnswerRow:
+        """Records a site's aggregates (`aggregates` given) or its refusal, exactly once.
+
+        Raises:
+            TransitionRefused: The answer is no longer pending under that lease token.
+        """
+        with self.transaction() as session:
+            answer = session.get(StatisticsAnswerRow, (request_id, site), with_for_update=True)
+            if answer is None:
+                raise KeyError((request_id, site))
+            if answer.status != "pending" or answer.lease_token != lease_token:
+                raise TransitionRefused(
+                    f"statistics {request_id} at {site} is {answer.status}; cannot answer it"
+                )
+            answer.status = "done" if aggregates is not None else "failed"
+            answer.aggregates = aggregates or {}
+            answer.error_code = error_code
+            answer.error = error
+            answer.lease_token = None
+            answer.finished_at = utcnow()
+            self.append_event(
+                session,
+                f"statistics.site-{answer.status}",
+                site=site,
+                payload={
+                    "statistics_id": request_id,
+                    "aggregates": answer.aggregates,
+                    "error_code": error_code,
+                    "error": error,
+                },
+            )
+            return answer
+
+    def settle_statistics(
+        self,
+        request_id: str,
+        *,
+        status: str,
+        combined: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> StatisticsRequestRow:
+        """Moves a pending request to `status` ("done" with `combined`, or "failed").
+
+        Raises:
+            TransitionRefused: The request is no longer pending.
+        """
+        with self.transaction() as session:
+            request = session.get(StatisticsRequestRow, request_id, with_for_update=True)
+            if request is None:
+                raise KeyError(request_id)
+            if request.status != "pending":
+                raise TransitionRefused(
+                    f"statistics {request_id} is {request.status}; cannot move to {status}"
+                )
+            request.status = status
+            request.combined = combined or {}
+            request.error = error
+            request.finished_at = utcnow()
+            self.append_event(
+                session,
+                f"statistics.{status}",
+                payload={"statistics_id": request_id, "combined": request.combined, "error": error},
+            )
+            return request

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -26,6 +27,8 @@ __all__ = [
     "RevocationRow",
     "RunRow",
     "SiteRow",
+    "StatisticsAnswerRow",
+    "StatisticsRequestRow",
 ]
 
 
@@ -138,6 +141,47 @@ class RevocationRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     revoked_by: Mapped[str] = mapped_column(String(64))
     revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StatisticsRequestRow(Base):
+    """An aggregate-statistics request to some sites and, once all answered, its pooled result."""
+
+    __tablename__ = "statistics_requests"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(200))
+    task_type: Mapped[str] = mapped_column(String(32))
+    min_count: Mapped[int] = mapped_column(Integer)
+    noise_std: Mapped[float] = mapped_column(Float)
+    sites: Mapped[list[Any]]
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending, done, failed
+    combined: Mapped[dict[str, Any]] = mapped_column(default=dict)  # empty until done
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    answers: Mapped[list[StatisticsAnswerRow]] = relationship(
+        back_populates="request",
+        order_by="StatisticsAnswerRow.site",
+        cascade="all, delete-orphan",
+    )
+
+
+class StatisticsAnswerRow(Base):
+    """One site's answer to a statistics request: the aggregates it released, or its refusal."""
+
+    __tablename__ = "statistics_answers"
+
+    request_id: Mapped[str] = mapped_column(ForeignKey("statistics_requests.id"), primary_key=True)
+    site: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # pending, done, failed
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    aggregates: Mapped[dict[str, Any]] = mapped_column(default=dict)  # empty unless done
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    request: Mapped[StatisticsRequestRow] = relationship(back_populates="answers")
 
 
 class EventRow(Base):

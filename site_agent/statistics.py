@@ -1,0 +1,214 @@
+"""Aggregate statistics of a site's training rows: what a statistics request may release.
+
+Counts, per-feature sums and sums of squares (tabular), label counts (classification) and a
+histogram of text lengths (text tasks), over the registered **train** split only, refused below
+a minimum row count, optionally with Gaussian noise on every released number. No row, text or
+per-row value leaves this module. numpy only; the tokenizer (transformers) is imported on demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from site_agent.examples import Example, InstructionExample, TabularExample, TextExample
+from site_agent.registry import RegisteredDataset
+
+__all__ = [
+    "LENGTH_BIN_EDGES",
+    "BelowMinimumCount",
+    "SiteAggregates",
+    "compute_statistics",
+    "length_histogram",
+]
+
+logger = logging.getLogger(__name__)
+
+# Lower edges of the text-length bins; the last bin is open-ended ([1024, inf)).
+LENGTH_BIN_EDGES: tuple[int, ...] = (0, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TOKENIZE_BATCH = 256
+
+
+class BelowMinimumCount(ValueError):
+    """The training split holds fewer rows than the minimum any released aggregate must cover."""
+
+
+@dataclass(frozen=True)
+class SiteAggregates:
+    """What one site releases for a statistics request (floats: they may carry noise)."""
+
+    count: float
+    feature_names: tuple[str, ...] = ()
+    feature_sums: tuple[float, ...] = ()
+    feature_sums_of_squares: tuple[float, ...] = ()
+    label_counts: dict[str, float] = field(default_factory=dict)
+    length_bin_edges: tuple[int, ...] = ()
+    length_histogram: tuple[float, ...] = ()
+    length_unit: str = ""
+
+
+def compute_statistics(
+    dataset: RegisteredDataset,
+    *,
+    min_count: int,
+    noise_std: float = 0.0,
+    base_model_dir: Path | None = None,
+    rng: np.random.Generator | None = None,
+) -> SiteAggregates:
+    """Aggregates of the dataset's training rows, refused below ``min_count`` rows.
+
+    Tabular rows give float64 per-feature sums and sums of squares; classification rows give
+    label counts; text rows (``TextExample``, ``InstructionExample``: instruction and response
+    together) give a histogram of their lengths in ``LENGTH_BIN_EDGES`` bins, counted in tokens
+    of the base model's tokenizer (special tokens included, as the model sees them) when
+    ``base_model_dir`` is given, else in whitespace-separated words. Validation and test rows
+    are never read.
+
+    Args:
+        dataset: The registered dataset; only ``dataset.train`` is used.
+        min_count: No aggregate over fewer training rows than this is computed (>= 1).
+        noise_std: > 0: independent N(0, noise_std^2) noise is added to every released number
+            (count, sums, sums of squares, label counts, histogram bins).
+        base_model_dir: Where the base model's tokenizer lives (text tasks; local files only).
+        rng: The noise generator; default a fresh one seeded by the operating system.
+
+    Returns:
+        The aggregates to release.
+
+    Raises:
+        BelowMinimumCount: If the training split holds fewer than ``min_count`` rows; nothing
+            is computed then.
+        ValueError: If ``min_count`` or ``noise_std`` is invalid, the rows are of mixed kinds
+            or lengths, a value is not finite, or the tokenizer cannot be loaded.
+    """
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be finite and >= 0, got {noise_std}")
+    rows = dataset.train
+    if len(rows) < min_count:
+        raise BelowMinimumCount(
+            f"dataset {dataset.name!r} has {len(rows)} training rows, fewer than the "
+            f"{min_count} any released aggregate must cover"
+        )
+    kinds = {type(row) for row in rows}
+    if len(kinds) != 1:
+        names = ", ".join(sorted(kind.__name__ for kind in kinds))
+        raise ValueError(f"dataset {dataset.name!r} mixes example kinds: {names}")
+    [kind] = kinds
+    if kind is TabularExample:
+        aggregates = _tabular(dataset, rows)
+    elif kind in (TextExample, InstructionExample):
+        aggregates = _text(rows, base_model_dir)
+    else:
+        raise ValueError(f"no aggregate statistics for {kind.__name__} rows")
+    logger.info(
+        "statistics of %s: %d training rows%s",
+        dataset.name,
+        len(rows),
+        f", noise std {noise_std}" if noise_std > 0 else "",
+    )
+    if noise_std > 0:
+        aggregates = _noised(aggregates, noise_std, rng or np.random.default_rng())
+    return aggregates
+
+
+def _tabular(dataset: RegisteredDataset, rows: Sequence[Example]) -> SiteAggregates:
+    tabular = [row for row in rows if isinstance(row, TabularExample)]
+    widths = {len(row.features) for row in tabular}
+    if len(widths) != 1:
+        raise ValueError(f"dataset {dataset.name!r} has training rows of {sorted(widths)} features")
+    matrix = np.asarray([row.features for row in tabular], dtype=np.float64)
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"dataset {dataset.name!r} has non-finite feature values")
+    names = dataset.feature_names or tuple(f"x{index}" for index in range(matrix.shape[1]))
+    if len(names) != matrix.shape[1]:
+        raise ValueError(
+            f"dataset {dataset.name!r} names {len(names)} features but its rows hold "
+            f"{matrix.shape[1]}"
+        )
+    return SiteAggregates(
+        count=float(len(tabular)),
+        feature_names=tuple(names),
+        feature_sums=tuple(float(v) for v in matrix.sum(axis=0)),
+        feature_sums_of_squares=tuple(float(v) for v in np.square(matrix).sum(axis=0)),
+        label_counts=_label_counts(row.label for row in tabular),
+    )
+
+
+def _text(rows: Sequence[Example], base_model_dir: Path | None) -> SiteAggregates:
+    texts: list[str] = []
+    labels: list[str] = []
+    for row in rows:
+        if isinstance(row, TextExample):
+            texts.append(row.text)
+            labels.append(row.label)
+        elif isinstance(row, InstructionExample):
+            texts.append(f"{row.instruction}\n{row.response}")
+    if base_model_dir is not None:
+        lengths, unit = _token_lengths(texts, base_model_dir), "tokens"
+    else:
+        lengths, unit = [len(text.split()) for text in texts], "words"
+    return SiteAggregates(
+        count=float(len(rows)),
+        label_counts=_label_counts(labels),
+        length_bin_edges=LENGTH_BIN_EDGES,
+        length_histogram=length_histogram(lengths),
+        length_unit=unit,
+    )
+
+
+def length_histogram(lengths: Sequence[int]) -> tuple[float, ...]:
+    """Rows per ``LENGTH_BIN_EDGES`` bin: bin i holds lengths in [edge i, edge i+1)."""
+    edges = np.asarray(LENGTH_BIN_EDGES)
+    bins = np.searchsorted(edges, np.asarray(lengths, dtype=np.int64), side="right") - 1
+    counts = np.bincount(bins, minlength=len(LENGTH_BIN_EDGES))
+    return tuple(float(c) for c in counts)
+
+
+def _token_lengths(texts: Sequence[str], base_model_dir: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"cannot load the base model's tokenizer from {base_model_dir}: {exc}"
+        ) from exc
+    lengths: list[int] = []
+    for start in range(0, len(texts), _TOKENIZE_BATCH):
+        batch = list(texts[start : start + _TOKENIZE_BATCH])
+        encoded = tokenizer(batch, add_special_tokens=True, truncation=False)["input_ids"]
+        lengths.extend(len(ids) for ids in encoded)
+    return lengths
+
+
+def _label_counts(labels: Iterable[str]) -> dict[str, float]:
+    counts = Counter(labels)
+    return {label: float(counts[label]) for label in sorted(counts)}
+
+
+def _noised(aggregates: SiteAggregates, std: float, rng: np.random.Generator) -> SiteAggregates:
+    """Every released number plus independent N(0, std^2) noise."""
+
+    def noisy(values: Sequence[float]) -> tuple[float, ...]:
+        return tuple(float(v) for v in np.asarray(values) + rng.normal(0.0, std, len(values)))
+
+    labels = sorted(aggregates.label_counts)
+    noisy_labels = noisy([aggregates.label_counts[label] for label in labels])
+    return SiteAggregates(
+        count=noisy([aggregates.count])[0],
+        feature_names=aggregates.feature_names,
+        feature_sums=noisy(aggregates.feature_sums),
+        feature_sums_of_squares=noisy(aggregates.feature_sums_of_squares),
+        label_counts=dict(zip(labels, noisy_labels, strict=True)),
+        length_bin_edges=aggregates.length_bin_edges,
+        length_histogram=noisy(aggregates.length_histogram),
+        length_unit=aggregates.length_unit,
+    )
