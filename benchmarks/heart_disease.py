@@ -124,7 +124,7 @@ FLAMBY_UPDATES = 100
 FLAMBY_EPOCHS = 50
 CYCLIC_CYCLES = 4  # 16 visits (FLamby's cyclic: 15)
 FEDAVG_ROUNDS = 15
-FEDAVG_LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+FEDAVG_LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 BOOTSTRAP_RESAMPLES = 2000
 STATISTICS_MIN_COUNT = 10
 # Shown in the per-site table but not a per-site baseline (it normalises globally).
