@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
@@ -409,6 +410,7 @@ def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
         status=run.status,
         final_sha256=run.final_sha256 or "",
         error=run.error or "",
+        plan_json=json.dumps(run.plan, sort_keys=True),
     )
     if run.status == "completed":
         status.final_adapter_dir = str(engine.final_adapter_dir(run.id).resolve())

@@ -32,6 +32,7 @@ from coordinator.study import (
     run_search,
     train_examples_by_site,
     trial_run_ids,
+    warm_start_from_ledger,
 )
 from ordering import (
     FloatRange,
@@ -222,6 +223,13 @@ def study_start(
             min=0, help="With --cv-folds: sites with this many validation rows score on them"
         ),
     ] = 0,
+    warm_start: Annotated[
+        bool,
+        typer.Option(
+            help="Before any trial, add the coordinator's completed runs of the same dataset, "
+            "task and space (scored on validation) as completed trials, without re-running them"
+        ),
+    ] = False,
     run_timeout: Annotated[float, typer.Option(help="Abort a trial's run after (s)")] = 3600.0,
     site_timeout: Annotated[float, typer.Option(help="Wait for the sites to connect (s)")] = 60.0,
     dry_run: Annotated[
@@ -293,6 +301,15 @@ def study_start(
             client.wait_for_sites(set(sites), timeout=site_timeout)
         except TimeoutError as exc:
             raise _fail(str(exc), EXIT_UNREACHABLE) from exc
+        if warm_start:
+            try:
+                added = warm_start_from_ledger(client, study, template)
+            except grpc.RpcError as exc:
+                _rpc_failure(exc)
+            console.print(
+                f"warm start: {len(added)} earlier run(s) added as completed trials"
+                + "".join(f"\n  trial {r.number}: {_value(r)}  run {run_id}" for run_id, r in added)
+            )
         if seed_orders is SeedOrders.sizes:
             try:
                 sizes = train_examples_by_site(client, dataset)
@@ -365,8 +382,10 @@ def study_status(name: StudyName, storage: StudyStorage = None) -> None:
     history = study.history()
     for record in history:
         stage = "" if record.budget_fraction == 1.0 else f" @{record.budget_fraction:g}"
-        state = record.state + (
-            f" (= {record.duplicate_of})" if record.duplicate_of is not None else ""
+        state = (
+            record.state
+            + (f" (= {record.duplicate_of})" if record.duplicate_of is not None else "")
+            + (" (warm)" if record.warm_start is not None else "")
         )
         table.add_row(
             f"{record.number}{stage}",

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from ordering._encodings import (
     ParamValue,
@@ -32,7 +32,7 @@ from ordering._objective import (
 )
 from ordering._plan import CandidatePlan
 from ordering._pruning import STAGE_ATTR, PruningSettings, stage_key
-from ordering._space import SearchSpace
+from ordering._space import SearchSpace, SearchSpaceError
 
 __all__ = ["DEFAULT_PRUNING", "OrderingStudy", "StudyMismatch", "TrialRecord"]
 
@@ -80,6 +80,8 @@ class TrialRecord:
         error: Why the trial failed, when it did.
         duplicate_of: The earlier trial of the same stage with the identical plan whose result
             this trial reuses instead of running the plan again.
+        warm_start: Set for a trial recorded from a run made before the trial (`add_prior`):
+            the note naming that run. Its compute cost was paid by that run, not the study.
     """
 
     study_name: str
@@ -94,6 +96,7 @@ class TrialRecord:
     params: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
     duplicate_of: int | None = None
+    warm_start: str | None = None
 
     @property
     def value(self) -> float | None:
@@ -125,7 +128,20 @@ class TrialRecord:
             params=MappingProxyType(dict(trial.params)),
             error=attrs.get("error"),
             duplicate_of=attrs.get("duplicate_of"),
+            warm_start=attrs.get("warm_start"),
         )
+
+
+@dataclass(frozen=True)
+class _KnownOutcome:
+    """A `PlanExecutor` for a plan that has already run: its outcome, at no compute cost."""
+
+    outcome: TrialOutcome
+
+    def execute(
+        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
+    ) -> TrialOutcome:
+        return TrialOutcome(self.outcome.site_scores, {}, self.outcome.intermediate)
 
 
 class _Stage:
@@ -396,6 +412,64 @@ class OrderingStudy:
                 self.params_for(candidate), user_attrs={"enqueued": note}, skip_if_exists=True
             )
 
+    def add_prior(
+        self, plan: CandidatePlan, outcome: TrialOutcome, *, note: str = "warm start"
+    ) -> TrialRecord:
+        """Records a plan that has already run as a completed full-budget trial; runs nothing.
+
+        A warm start from runs made before the search (an earlier study's trials, hand-made
+        runs of the same data and task). The trial takes the path of a trial that ran, with
+        the plan's parameters fixed, so its site scores, objectives, intermediate values and
+        plan are stored alike: the sampler learns from it, `best_plan` may pick it, and a later
+        trial proposing the same plan reuses its result. Its compute cost is recorded as 0
+        (the earlier run paid it; its seconds are kept in the trial's
+        ``"warm_start_cost_seconds_by_site"`` user attribute). A plan the study already holds
+        is recorded again, as another sample of it.
+
+        Args:
+            plan: The plan that ran: one this study's space can propose.
+            outcome: What it scored and cost.
+            note: Stored as the trial's ``"warm_start"`` user attribute (e.g. naming the run).
+
+        Raises:
+            SearchSpaceError: If the plan does not fit the space.
+            ValueError: If the outcome scores a site the plan does not visit, reports a cycle
+                the plan does not have, or has a non-finite objective.
+        """
+        params = self.params_for(plan)
+        unknown = {score.site for score in outcome.site_scores} - set(plan.sites)
+        if unknown:
+            raise ValueError(f"the outcome scores sites the plan does not visit: {sorted(unknown)}")
+        if any(not 0 <= cycle < plan.cycles for cycle, _ in outcome.intermediate):
+            raise ValueError(f"the outcome reports cycles outside the plan's {plan.cycles}")
+        values = objective_values(outcome, self.aggregation, self.direction, self.multi_objective)
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"the outcome's objective is not finite: {values}")
+        stage = self._stage(_FULL)
+        # Created running with its parameters fixed rather than queued: `ask` pops the oldest
+        # queued trial, which may be a seed queued earlier or be taken by another worker. Made
+        # through the study's own storage (Optuna wraps an RDB storage in a cache per study), as
+        # `Study.ask` makes its trials.
+        template = create_trial(
+            state=TrialState.RUNNING,
+            system_attrs={"fixed_params": params},
+            user_attrs={
+                "warm_start": note,
+                "warm_start_cost_seconds_by_site": {
+                    site: float(seconds) for site, seconds in outcome.cost_seconds_by_site.items()
+                },
+            },
+        )
+        storage = stage.study._storage
+        trial_id = storage.create_new_trial(stage.study._study_id, template_trial=template)
+        trial = optuna.Trial(stage.study, trial_id)
+        record = self._run_trial(
+            stage, _KnownOutcome(outcome), (), reuse_duplicates=False, trial=trial, expected=plan
+        )
+        logger.info("%s trial %d recorded from an earlier run (%s)",
+                    stage.study.study_name, record.number, note)  # fmt: skip
+        return record
+
     # -- running --------------------------------------------------------------------------
 
     def optimize(
@@ -451,11 +525,21 @@ class OrderingStudy:
         executor: PlanExecutor,
         catch: tuple[type[Exception], ...],
         reuse_duplicates: bool,
+        *,
+        trial: optuna.Trial | None = None,
+        expected: CandidatePlan | None = None,
     ) -> TrialRecord:
+        """Runs one trial (`trial`, else a new one); its plan must be `expected` if given."""
         study = stage.study
-        trial = study.ask()
+        if trial is None:
+            trial = study.ask()
         try:
             plan = self.space.suggest_plan(trial, self.encoding)
+            if expected is not None and replace(expected, encoding=plan.encoding) != plan:
+                raise SearchSpaceError(
+                    f"the trial's parameters build {plan.describe()}, not the given plan "
+                    f"{expected.describe()}"
+                )
         except BaseException as exc:
             trial.set_user_attr("error", f"cannot build a plan: {exc}")
             study.tell(trial, state=TrialState.FAIL)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -14,6 +17,7 @@ from typer.testing import CliRunner
 
 from coordinator.admin import AdminClient
 from coordinator.ledger import Ledger
+from coordinator.plan import parse_plan
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
 from coordinator.study import (
@@ -31,6 +35,7 @@ from coordinator.study import (
     scale_hyperparameters,
     study_storage_url,
     trial_run_ids,
+    warm_start_from_ledger,
 )
 from coordinator.study_cli import study_app
 from ordering import (
@@ -355,23 +360,31 @@ def test_study_cli_runs_trials_then_shows_status_and_the_best_plan(
     runner = CliRunner()
     storage = f"sqlite:///{tmp_path / 'cli-studies.sqlite3'}"
     tls = pki.tls("admin")
-    started = runner.invoke(
-        study_app,
-        [
-            "start", "--name", "cli", "--dataset", "notes", "--labels", "x", "--labels", "y",
-            *(arg for site in SITES for arg in ("--sites", site)),
-            "--lr-min", "1e-3", "--lr-max", "1e-3", "--steps-min", "4", "--steps-max", "8",
-            "--trials", "2", "--seed-orders", "sizes", "--seed", "0", "--storage", storage,
-            "--coordinator", f"localhost:{coordinator.port}", "--ca", str(tls.ca_certificate),
-            "--cert", str(tls.certificate), "--key", str(tls.private_key),
-        ],
-    )  # fmt: skip
+    started_args = [
+        "start", "--name", "cli", "--dataset", "notes", "--labels", "x", "--labels", "y",
+        *(arg for site in SITES for arg in ("--sites", site)),
+        "--lr-min", "1e-3", "--lr-max", "1e-3", "--steps-min", "4", "--steps-max", "8",
+        "--seed", "0", "--storage", storage,
+        "--coordinator", f"localhost:{coordinator.port}", "--ca", str(tls.ca_certificate),
+        "--cert", str(tls.certificate), "--key", str(tls.private_key),
+    ]  # fmt: skip
+    started = runner.invoke(study_app, [*started_args, "--trials", "2", "--seed-orders", "sizes"])
     assert started.exit_code == 0, started.output
     assert "seed orders:" in started.output and "best plan so far" in started.output
 
     status = runner.invoke(study_app, ["status", "cli", "--storage", storage])
     assert status.exit_code == 0, status.output
     assert status.output.count("COMPLETE") == 2
+
+    # A second study over the same space starts from the first one's runs.
+    earlier = [run.run_id for run in admin.runs() if run.status == "completed"]
+    warm_args = [*started_args, "--warm-start", "--trials", "1"]
+    warm_args[warm_args.index("--name") + 1] = "cli-warm"
+    warm = runner.invoke(study_app, warm_args)
+    assert warm.exit_code == 0, warm.output
+    assert f"warm start: {len(earlier)} earlier run(s) added" in warm.output
+    warm_status = runner.invoke(study_app, ["status", "cli-warm", "--storage", storage])
+    assert warm_status.output.count("COMPLETE (warm)") == len(earlier) == 2
 
     best = runner.invoke(study_app, ["best", "cli", "--storage", storage])
     assert best.exit_code == 0, best.output
@@ -381,6 +394,89 @@ def test_study_cli_runs_trials_then_shows_status_and_the_best_plan(
 
     missing = runner.invoke(study_app, ["best", "nope", "--storage", storage])
     assert missing.exit_code == 2 and "no study named" in missing.output
+
+
+def _completed(admin: AdminClient, run_id: str) -> pb.RunStatus:
+    deadline = time.monotonic() + 30
+    while (run := admin.run(run_id)).status != "completed":
+        assert run.status == "running" and time.monotonic() < deadline, run
+        time.sleep(0.02)
+    return run
+
+
+def test_warm_start_adds_earlier_runs_of_the_same_computation_without_running_them(
+    admin: AdminClient, sites: ScriptedSites, caplog: pytest.LogCaptureFixture
+) -> None:
+    space = SearchSpace(
+        sites=SITES, cycles=2, learning_rate=FloatRange(1e-4, 1e-2, log=True),
+        learning_rate_decay=FloatRange(0.8, 1.0), steps=IntRange(3, 8),
+    )  # fmt: skip
+    template = RunTemplate(dataset="notes", labels=("x", "y"), bounds=approval_bounds(space))
+    earlier = OrderingStudy.create(None, "earlier", space, seed=0)
+    attach_run_template(earlier, template)
+    executor = RunExecutor(admin, template, poll_seconds=0.02)
+    [ran] = run_search(earlier, executor, 1)
+    [trial_run] = executor.runs
+    assert ran.state == "COMPLETE" and ran.plan is not None and ran.plan.learning_rate_decay != 1
+    # The same plan on another dataset, and scored on test splits only: neither is a trial.
+    RunExecutor(admin, replace(template, dataset="other"), poll_seconds=0.02).execute(
+        ran.plan, budget=1.0, report=_no_report
+    )
+    test_only = admin.start_run(template.run_plan(ran.plan, name="test only"))
+    _completed(admin, test_only)
+    admin.evaluate_run(test_only, "test")
+    admin.wait_for_evaluations(test_only, 30)
+    # The run status carries the plan the run was started with.
+    stored = json.loads(admin.run(trial_run.run_id).plan_json)
+    assert parse_plan(stored) == template.run_plan(ran.plan, name=stored["name"])
+    runs, hops, evaluations = len(admin.runs()), len(sites.hop_tasks), len(sites.evaluations)
+
+    study = OrderingStudy.create(None, "warm", space, seed=1)
+    attach_run_template(study, template)
+    with caplog.at_level(logging.INFO, logger="coordinator.study"):
+        added = warm_start_from_ledger(admin, study, template)
+
+    [(run_id, record)] = added
+    assert run_id == trial_run.run_id
+    assert record.state == "COMPLETE" and record.warm_start == f"run {run_id}"
+    assert record.plan == ran.plan and record.value == pytest.approx(ran.value)
+    assert record.site_scores == ran.site_scores
+    assert record.intermediate == ran.intermediate
+    assert record.compute_seconds == 0.0 and ran.compute_seconds > 0
+    assert trial_run_ids(study) == {("warm", record.number): run_id}
+    assert study.best_plan() == ran.plan
+    # Nothing ran and nothing was evaluated again.
+    assert (len(admin.runs()), len(sites.hop_tasks), len(sites.evaluations)) == (
+        runs, hops, evaluations)  # fmt: skip
+    skipped = "\n".join(r.getMessage() for r in caplog.records)
+    assert "dataset differ" in skipped and "no finished validation evaluation" in skipped
+    assert warm_start_from_ledger(admin, study, template) == []  # linked: not added twice
+
+    # A cross-validation study takes only cross-validation runs.
+    folds = {"folds": 3, "min_validation_rows": 0}
+    cv_study = OrderingStudy.create(None, "warm-cv", space, seed=1)
+    assert warm_start_from_ledger(admin, cv_study, replace(template, cross_validation=folds)) == []
+
+    # Runs started by hand count when their hops are a plan of the space (a study's final run,
+    # `baton run start --from-study`); the shorthand form repeats one seed at every hop.
+    by_hand = space.plan(("site-c", "site-b", "site-a"), learning_rate=1e-3, steps=4)
+    shorthand = parse_plan({"name": "shorthand", "dataset": "notes", "labels": ["x", "y"],
+                            "sites": ["site-c", "site-b", "site-a"], "cycles": 2,
+                            "defaults": {"learning_rate": 1e-3, "steps": 4}})  # fmt: skip
+    by_hand_ids = [
+        admin.start_run(template.run_plan(by_hand, name="by hand", final=True)),
+        admin.start_run(shorthand),
+    ]
+    for by_hand_id in by_hand_ids:
+        _completed(admin, by_hand_id)
+        admin.evaluate_run(by_hand_id, "validation")
+        admin.wait_for_evaluations(by_hand_id, 30)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="coordinator.study"):
+        [(again_id, again)] = warm_start_from_ledger(admin, study, template)
+    assert again_id == by_hand_ids[0] and again.plan == replace(by_hand, encoding="lehmer")
+    assert again.params["steps"] == 4 and again.plan.learning_rate_decay == 1.0
+    assert "hop 1 trains with seed 0 (the space's schedule: 1)" in caplog.text
 
 
 def test_cross_site_probe_trains_once_per_site_and_every_site_scores_every_probe(
