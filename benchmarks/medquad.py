@@ -154,17 +154,12 @@ def _row_correct(
     tensors: Mapping[str, torch.Tensor],
     datasets: Sequence[RegisteredDataset],
 ) -> dict[str, list[int]]:
-    """1/0 per test row and site, by the trainer's own evaluation of one-row splits."""
+    """1/0 per test row and site, from the trainer's own predictions."""
     correct: dict[str, list[int]] = {}
     for dataset in datasets:
-        correct[dataset.name] = [
-            int(
-                trainer.evaluate(spec, dataclasses.replace(dataset, test=(row,)), "test", tensors)[
-                    "accuracy"
-                ]
-            )
-            for row in dataset.test
-        ]
+        predicted = trainer.predict(spec, dataset, "test", tensors)
+        targets = [spec.labels.index(getattr(row, "label", "")) for row in dataset.test]
+        correct[dataset.name] = [int(p == t) for p, t in zip(predicted, targets, strict=True)]
     return correct
 
 

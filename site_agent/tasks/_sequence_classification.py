@@ -7,7 +7,7 @@ import hashlib
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -249,6 +249,26 @@ class SequenceClassificationTrainer:
             model = self._adapter_model(len(label_index), spec.lora, 0, tensors)
         return self._evaluate_model(model, dataset.name, examples, label_index, max_length)
 
+    def predict(
+        self,
+        spec: TaskSpec,
+        dataset: RegisteredDataset,
+        split: Split,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> list[int]:
+        """The predicted label index of every example of a split, in split order.
+
+        For researchers' own analyses of a model (e.g. paired bootstrap intervals over rows);
+        never sent anywhere by the site agent, which reports aggregates only.
+        """
+        self._check_spec(spec)
+        max_length = max_length_option(spec, DEFAULT_MAX_LENGTH, self._config)
+        examples = _text_examples(dataset, split)
+        with _device.forked_rng(self._device):
+            model = self._adapter_model(len(spec.labels), spec.lora, 0, tensors)
+        features = self._encode(dataset.name, examples, max_length)
+        return [int(p) for _, logits in self._batches(model, features) for p in logits.argmax(-1)]
+
     def adapter_model(
         self, spec: TaskSpec, tensors: Mapping[str, torch.Tensor] | None, *, seed: int = 0
     ) -> PeftModel:
@@ -297,21 +317,15 @@ class SequenceClassificationTrainer:
     ) -> dict[str, float]:
         features = self._encode(dataset_name, examples, max_length)
         targets = _targets(examples, label_index)
-        model.eval()
         total_loss = 0.0
         predictions: list[torch.Tensor] = []
         positive_scores: list[torch.Tensor] = []
-        with torch.inference_mode():
-            for start in range(0, len(targets), _EVAL_BATCH_SIZE):
-                window = slice(start, start + _EVAL_BATCH_SIZE)
-                batch = {name: values[window].to(self._device) for name, values in features.items()}
-                with _device.autocast(self._device, self._autocast_dtype):
-                    logits = model(**batch).logits.float()
-                batch_targets = targets[window].to(self._device)
-                total_loss += float(F.cross_entropy(logits, batch_targets, reduction="sum"))
-                predictions.append(logits.argmax(dim=-1).cpu())
-                if len(label_index) == 2:
-                    positive_scores.append((logits[:, 1] - logits[:, 0]).cpu())
+        for window, logits in self._batches(model, features):
+            batch_targets = targets[window].to(self._device)
+            total_loss += float(F.cross_entropy(logits, batch_targets, reduction="sum"))
+            predictions.append(logits.argmax(dim=-1).cpu())
+            if len(label_index) == 2:
+                positive_scores.append((logits[:, 1] - logits[:, 0]).cpu())
         binary = len(label_index) == 2
         return classification_metrics(
             total_loss=total_loss,
@@ -320,6 +334,20 @@ class SequenceClassificationTrainer:
             positive_scores=torch.cat(positive_scores).tolist() if binary else None,
             num_labels=len(label_index),
         )
+
+    def _batches(
+        self, model: PeftModel, features: Mapping[str, torch.Tensor]
+    ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Float32 logits of the encoded examples, one evaluation batch at a time."""
+        model.eval()
+        rows = len(next(iter(features.values())))
+        with torch.inference_mode():
+            for start in range(0, rows, _EVAL_BATCH_SIZE):
+                window = slice(start, start + _EVAL_BATCH_SIZE)
+                batch = {name: values[window].to(self._device) for name, values in features.items()}
+                with _device.autocast(self._device, self._autocast_dtype):
+                    logits = model(**batch).logits.float()
+                yield window, logits
 
     def _encode(
         self, dataset_name: str, examples: Sequence[TextExample], max_length: int

@@ -186,6 +186,22 @@ def test_evaluation_on_the_test_split_counts_test_examples(
     assert set(metrics) == {"loss", "accuracy", "macro_f1", "examples"}
 
 
+def test_predictions_are_the_rows_behind_the_reported_accuracy(
+    trainer: SequenceClassificationTrainer,
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
+    first_hop: HopOutcome,
+) -> None:
+    dataset = site_datasets[0]
+    predicted = trainer.predict(spec, dataset, "test", first_hop.tensors)
+    targets = [spec.labels.index(example.label) for example in dataset.test]  # type: ignore[union-attr]
+    accuracy = trainer.evaluate(spec, dataset, "test", first_hop.tensors)["accuracy"]
+    assert len(predicted) == len(dataset.test)
+    assert sum(p == t for p, t in zip(predicted, targets, strict=True)) / len(targets) == (
+        pytest.approx(accuracy, abs=1e-12)
+    )
+
+
 def test_binary_task_reports_auroc(
     trainer: SequenceClassificationTrainer, site_datasets: list[RegisteredDataset]
 ) -> None:
