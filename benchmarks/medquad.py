@@ -341,14 +341,31 @@ def main(argv: list[str] | None = None) -> int:
                         rows.setdefault(f"{method}@seed{seed}", []).append(correct)
                 entry["finals"] = finals
                 report["per_seed"].append(entry)
+                # Written after every seed: a long run that is stopped keeps what it measured.
+                done = [e["seed"] for e in report["per_seed"]]
+                _write(report, rows, done, random_orders, started, args.out, args.name)
                 logger.info("seed %d: %s", seed, {m: [r["mean_test_accuracy"] for r in v]
                                                   for m, v in finals.items()})  # fmt: skip
+    _write(report, rows, args.seeds, random_orders, started, args.out, args.name)
+    return 0
+
+
+def _write(
+    report: dict[str, Any],
+    rows: Mapping[str, list[dict[str, list[int]]]],
+    seeds: Sequence[int],
+    random_orders: int,
+    started: float,
+    out: Path,
+    name: str,
+) -> None:
+    """Summarises the seeds done so far and writes the JSON, Markdown and plot."""
     methods = {"searched (tpe)": "tpe", "random search": "random", "random order": "random-order"}
+    report["seeds_done"] = list(seeds)
     report["methods"] = {}
     for label, key in methods.items():
         per_seed = [
-            statistics.fmean(_mean_accuracy(c) for c in rows[f"{key}@seed{seed}"])
-            for seed in args.seeds
+            statistics.fmean(_mean_accuracy(c) for c in rows[f"{key}@seed{seed}"]) for seed in seeds
         ]
         report["methods"][label] = {
             "mean": statistics.fmean(per_seed),
@@ -356,23 +373,23 @@ def main(argv: list[str] | None = None) -> int:
             "per_seed": per_seed,
         }
     # Paired over seeds and test rows: the searched final against each baseline's final(s).
-    searched_rows = [rows[f"tpe@seed{seed}"][0] for seed in args.seeds]
-    random_search_rows = [rows[f"random@seed{seed}"][0] for seed in args.seeds]
     report["bootstrap"] = {
-        "searched - random search": _paired_bootstrap(searched_rows, random_search_rows),
+        "searched - random search": _paired_bootstrap(
+            [rows[f"tpe@seed{seed}"][0] for seed in seeds],
+            [rows[f"random@seed{seed}"][0] for seed in seeds],
+        ),
         "searched - random order": _paired_bootstrap(
-            [rows[f"tpe@seed{seed}"][0] for seed in args.seeds for _ in range(random_orders)],
-            [c for seed in args.seeds for c in rows[f"random-order@seed{seed}"]],
+            [rows[f"tpe@seed{seed}"][0] for seed in seeds for _ in range(random_orders)],
+            [c for seed in seeds for c in rows[f"random-order@seed{seed}"]],
         ),
     }
     report["wall_seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     markdown = _markdown(report)
-    (args.out / f"{args.name}.md").write_text(markdown)
-    _plot(report, args.out / f"{args.name}.png")
-    print(markdown)
-    return 0
+    (out / f"{name}.md").write_text(markdown)
+    _plot(report, out / f"{name}.png")
+    print(markdown, flush=True)
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -382,8 +399,9 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Generated {report['generated']} by `{report['command']}` on {report['machine']}; wall "
         f"time {report['wall_seconds'] / 60:.1f} min. Six NIH sources as six site processes, "
         f"all-MiniLM-L6-v2 + LoRA r=8, question -> question type ({len(report['labels'])} "
-        f"types), seeds {report['seeds']}, {report['trials']} trials per search. Score: mean over "
-        "sites of test accuracy (each site scores the final adapter once).",
+        f"types), seeds {report['seeds_done']} (of {report['seeds']}), {report['trials']} "
+        "trials per search. Score: mean over sites of test accuracy (each site scores the "
+        "final adapter once).",
         "",
         "| site | train | validation | test | question types |",
         "|---|---|---|---|---|",
