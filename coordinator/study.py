@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from sqlalchemy import create_engine, make_url, text
@@ -71,6 +71,8 @@ STUDY_SCHEMA = "baton_studies"
 _TEMPLATE_ATTR = "baton.run_template"  # study user attribute: the RunTemplate as JSON
 _RUN_LINK_PREFIX = "baton.run_id:"  # study user attributes: "<prefix><stage study>#<trial>"
 _DONE_HOP_STATES = ("committed", "skipped")
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_T = TypeVar("_T")
 # What a run must share with a study's template to count as one of its trials (RunPlan fields).
 _TEMPLATE_FIELDS = (
     "task", "dataset", "labels", "options", "lora", "base_model_sha256", "cross_validation",
@@ -455,6 +457,7 @@ class RunExecutor:
         poll_seconds: float = 0.25,
         run_timeout: float | None = None,
         evaluation_timeout: float = 600.0,
+        reconnect_seconds: float = 600.0,
     ) -> None:
         """Builds an executor.
 
@@ -465,6 +468,8 @@ class RunExecutor:
             poll_seconds: How often the run's status is read.
             run_timeout: Abort a run that has not ended after this many seconds.
             evaluation_timeout: How long the sites get to evaluate the final adapter.
+            reconnect_seconds: How long a trial keeps following its run while the coordinator
+                is unreachable (a coordinator restart resumes the run, and the trial with it).
         """
         self.client = client
         self.template = template
@@ -472,6 +477,7 @@ class RunExecutor:
         self.poll_seconds = poll_seconds
         self.run_timeout = run_timeout
         self.evaluation_timeout = evaluation_timeout
+        self.reconnect_seconds = reconnect_seconds
         self.runs: list[ExecutedRun] = []
         self._bundle_sha256 = ""
 
@@ -520,7 +526,7 @@ class RunExecutor:
         next_cycle = 0
         deadline = None if self.run_timeout is None else time.monotonic() + self.run_timeout
         while True:
-            run = self.client.run(run_id)
+            run = self._reconnecting(lambda: self.client.run(run_id))
             self._check_approved(run)
             if len(run.hops) != len(plan.hops):
                 raise TrialRunError(
@@ -544,6 +550,23 @@ class RunExecutor:
             if deadline is not None and time.monotonic() > deadline:
                 raise TrialRunError(f"run {run_id} did not finish within {self.run_timeout:g} s")
             time.sleep(self.poll_seconds)
+
+    def _reconnecting(self, call: Callable[[], _T]) -> _T:
+        """`call()`, retried while the coordinator is unreachable (e.g. restarting).
+
+        Only reads and idempotent requests go through here: a run keeps its id across a
+        coordinator restart, so following it simply resumes. Starting a run does not retry
+        (a lost reply could start it twice).
+        """
+        deadline = time.monotonic() + self.reconnect_seconds
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in _UNREACHABLE or time.monotonic() > deadline:
+                    raise
+                logger.warning("coordinator unreachable (%s); retrying", exc.code())
+                time.sleep(max(self.poll_seconds, 0.5))
 
     def _check_approved(self, run: pb.RunStatus) -> None:
         """Stops at the first refusal: the coordinator would retry the hop, to no avail."""
@@ -587,9 +610,11 @@ class RunExecutor:
 
     def _evaluate(self, run_id: str, plan: CandidatePlan) -> tuple[SiteScore, ...]:
         """Every site of the run scores the final adapter on its validation split."""
-        wanted = set(self.client.evaluate_run(run_id, "validation"))
+        wanted = set(self._reconnecting(lambda: self.client.evaluate_run(run_id, "validation")))
         try:
-            run = self.client.wait_for_evaluations(run_id, self.evaluation_timeout)
+            run = self._reconnecting(
+                lambda: self.client.wait_for_evaluations(run_id, self.evaluation_timeout)
+            )
         except TimeoutError as exc:
             raise TrialRunError(str(exc)) from exc
         rows = {e.site: e for e in run.evaluations if e.evaluation_id in wanted}

@@ -1,8 +1,10 @@
-"""A search scored by k-fold cross-validation at real site processes, then the final run."""
+"""Searches with real site processes: k-fold CV trials and the final run; a coordinator restart."""
 
 from __future__ import annotations
 
 import random
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -18,9 +20,10 @@ from coordinator.study import (
     attach_run_template,
     plan_from_study,
     run_search,
+    study_storage_url,
     trial_run_ids,
 )
-from ordering import FloatRange, OrderingStudy, SearchSpace
+from ordering import FloatRange, OrderingStudy, SearchSpace, TrialRecord
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
 from tests.integration.conftest import wait_for_run
@@ -118,3 +121,66 @@ def test_trials_are_scored_by_fold_models_and_the_final_run_is_ordinary(
     tests = [e for e in final.evaluations if e.split == "test"]
     assert sorted(e.site for e in tests) == sorted(sites)
     assert all(e.status == "done" and "fold0.accuracy" not in e.metrics for e in tests)
+
+
+def test_a_study_survives_a_coordinator_restart_in_the_middle_of_a_trial(
+    pki: Pki, tmp_path: Path
+) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sites = tuple(SITES)
+    for index, site in enumerate(sites):
+        _write_csv(tmp_path / f"{site}.csv", 60, seed=index, shift=4 * index)
+        register_dataset(tmp_path / site, "heart", tmp_path / f"{site}.csv", task_type="tabular",
+                         validation_fraction=0.25, test_fraction=0.25)  # fmt: skip
+    space = SearchSpace(sites=sites, learning_rate=FloatRange(0.01, 0.1, log=True), steps=400,
+                        batch_size=4)  # fmt: skip
+    template = RunTemplate(
+        dataset="heart", labels=("0", "1"), task="tabular", options={"model": "logistic"},
+        bounds=approval_bounds(space),
+    )  # fmt: skip
+    bundle = template.approval_bundle(space.plan(sites)).sha256
+    state = tmp_path / "coordinator"
+    state.mkdir()
+    # The study lives beside the coordinator's ledger, as `baton study start` keeps it.
+    storage = study_storage_url(f"sqlite:///{state / 'ledger.sqlite3'}")
+    study = OrderingStudy.create(storage, "restart", space, "lehmer", seed=2)
+    attach_run_template(study, template)
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    records: list[TrialRecord] = []
+    with cluster.running():
+        port = cluster.start_coordinator(state_dir=state, pki_dir=pki.directory,
+                                         port_file=tmp_path / "port")  # fmt: skip
+        for site in sites:
+            cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
+                               data_dir=tmp_path / site, threads=1, approve=[bundle])  # fmt: skip
+        with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
+            admin.wait_for_sites(set(sites), timeout=120)
+            executor = RunExecutor(admin, template, poll_seconds=0.1, run_timeout=300,
+                                   reconnect_seconds=120)  # fmt: skip
+            search = threading.Thread(
+                target=lambda: records.extend(run_search(study, executor, 2)), daemon=True
+            )
+            search.start()
+            deadline = time.monotonic() + 120
+            while not executor.runs or admin.run(executor.runs[0].run_id).hops[1].status not in (
+                "leased",
+                "training",
+                "uploaded",
+                "committed",
+            ):
+                assert time.monotonic() < deadline, "the first trial's run did not start"
+                time.sleep(0.05)
+            cluster.process("coordinator").kill()
+            time.sleep(1.0)
+            cluster.start_coordinator(state_dir=state, pki_dir=pki.directory,
+                                      port_file=tmp_path / "port", port=port)  # fmt: skip
+            search.join(timeout=300)
+            assert not search.is_alive()
+            runs = [admin.run(run.run_id) for run in executor.runs]
+
+    assert [r.state for r in records] == ["COMPLETE"] * 2, [r.error for r in records]
+    assert all(run.status == "completed" for run in runs)
+    # The study, reopened from the coordinator's database, holds both trials and their runs.
+    reopened = OrderingStudy.load(storage, "restart")
+    assert [r.state for r in reopened.history()] == ["COMPLETE"] * 2
+    assert set(trial_run_ids(reopened).values()) == {run.run_id for run in runs}
