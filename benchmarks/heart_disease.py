@@ -54,10 +54,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import safetensors.torch
 import torch
+from _harness import paired_bootstrap, wait_for_completed_run
 
 from coordinator.admin import AdminClient
 from coordinator.demo import prepare_pki
@@ -228,19 +228,6 @@ def _test_accuracy(admin: AdminClient, run_id: str) -> dict[str, float]:
     return {site: scores[site] for site in SITES}
 
 
-def _wait_run(admin: AdminClient, run_id: str, timeout: float = 1800.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = admin.run(run_id)
-        if run.status in ("completed", "failed", "aborted"):
-            if run.status != "completed":
-                raise RuntimeError(f"run {run_id} {run.status}: {run.error}")
-            return run
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"run {run_id} did not finish")
-        time.sleep(0.1)
-
-
 # ---- per-row predictions and statistics ---------------------------------------------------------
 
 
@@ -268,31 +255,6 @@ def _average(per_site: Mapping[str, float]) -> float:
 
 def _accuracies(correct: Mapping[str, Sequence[int]]) -> dict[str, float]:
     return {site: statistics.fmean(rows) for site, rows in correct.items()}
-
-
-def _paired_bootstrap(
-    a: Sequence[Mapping[str, Sequence[int]]],
-    b: Sequence[Mapping[str, Sequence[int]]],
-    resamples: int,
-    seed: int = 0,
-) -> dict[str, float]:
-    """95% interval of mean-over-seeds Avg(a) - Avg(b), test rows resampled within each centre
-    (the same resample for every seed and both methods: paired)."""
-    rng = np.random.default_rng(seed)
-    sizes = {site: len(a[0][site]) for site in SITES}
-    a_rows = {site: np.array([seed_rows[site] for seed_rows in a]) for site in SITES}
-    b_rows = {site: np.array([seed_rows[site] for seed_rows in b]) for site in SITES}
-    differences = np.empty(resamples)
-    for r in range(resamples):
-        total = 0.0
-        for site in SITES:
-            index = rng.integers(0, sizes[site], sizes[site])
-            total += float(a_rows[site][:, index].mean() - b_rows[site][:, index].mean())
-        differences[r] = total / len(SITES)
-    point = statistics.fmean(_average(_accuracies(x)) - _average(_accuracies(y))
-                             for x, y in zip(a, b, strict=True))  # fmt: skip
-    low, high = np.percentile(differences, [2.5, 97.5])
-    return {"difference": point, "low": float(low), "high": float(high)}
 
 
 def _summary(values: Sequence[float]) -> dict[str, Any]:
@@ -408,7 +370,7 @@ def _searched(
 
     plan = plan_from_study(storage, name, run_name=f"{name}-final")
     final_id = admin.start_run(plan)
-    final = _wait_run(admin, final_id)
+    final = wait_for_completed_run(admin, final_id, 1800.0)
     return {
         "trials": [
             {
@@ -439,7 +401,7 @@ def _cyclic(
     plan = cyclic_random_plan(SITES, CYCLIC_CYCLES, _flamby_hop(seed), seed=seed)
     run_plan = _template(options, None, cv=False).run_plan(plan, name=f"cyclic-{seed}", final=True)
     run_id = admin.start_run(run_plan)
-    _wait_run(admin, run_id)
+    wait_for_completed_run(admin, run_id, 1800.0)
     return {
         "order": plan.describe(),
         "run": run_id,
@@ -576,7 +538,7 @@ def _setting(
         for method, runs in methods.items()
     }
     result["bootstrap_vs_searched"] = {
-        method: _paired_bootstrap(methods["baton-searched"], runs, BOOTSTRAP_RESAMPLES)
+        method: paired_bootstrap(methods["baton-searched"], runs, BOOTSTRAP_RESAMPLES)
         for method, runs in methods.items()
         if method != "baton-searched"
     }

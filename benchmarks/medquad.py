@@ -46,6 +46,7 @@ import numpy as np
 import optuna
 import safetensors.torch
 import torch
+from _harness import mean_site_accuracy, paired_bootstrap, wait_for_completed_run
 
 from coordinator.admin import AdminClient
 from coordinator.demo import packaged_minilm, prepare_pki
@@ -112,25 +113,12 @@ def _space(seed: int) -> SearchSpace:
     )
 
 
-def _wait_run(admin: AdminClient, run_id: str, timeout: float = 3600.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = admin.run(run_id)
-        if run.status in ("completed", "failed", "aborted"):
-            if run.status != "completed":
-                raise RuntimeError(f"run {run_id} {run.status}: {run.error}")
-            return run
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"run {run_id} did not finish")
-        time.sleep(0.2)
-
-
 def _final_run(
     admin: AdminClient, template: RunTemplate, plan: CandidatePlan, name: str, state_dir: Path
 ) -> dict[str, Any]:
     """Runs a plan, has every site score its final adapter on test (once), keeps the tensors."""
     run_id = admin.start_run(template.run_plan(plan, name=name))
-    _wait_run(admin, run_id)
+    wait_for_completed_run(admin, run_id, 3600.0)
     wanted = set(admin.evaluate_run(run_id, "test"))
     run = admin.wait_for_evaluations(run_id, timeout=900)
     scores = {}
@@ -161,36 +149,6 @@ def _row_correct(
         targets = [spec.labels.index(getattr(row, "label", "")) for row in dataset.test]
         correct[dataset.name] = [int(p == t) for p, t in zip(predicted, targets, strict=True)]
     return correct
-
-
-def _mean_accuracy(correct: Mapping[str, Sequence[int]]) -> float:
-    """Unweighted mean over sites of each site's test accuracy."""
-    return statistics.fmean(statistics.fmean(rows) for rows in correct.values())
-
-
-def _paired_bootstrap(
-    a: Sequence[Mapping[str, Sequence[int]]],
-    b: Sequence[Mapping[str, Sequence[int]]],
-    resamples: int = BOOTSTRAP_RESAMPLES,
-) -> dict[str, float]:
-    """95% interval of the seed-mean difference, test rows resampled within each site."""
-    rng = np.random.default_rng(0)
-    sites = list(a[0])
-    a_rows = {s: np.array([x[s] for x in a]) for s in sites}
-    b_rows = {s: np.array([x[s] for x in b]) for s in sites}
-    diffs = np.empty(resamples)
-    for r in range(resamples):
-        total = 0.0
-        for s in sites:
-            n = a_rows[s].shape[1]
-            index = rng.integers(0, n, n)
-            total += float(a_rows[s][:, index].mean() - b_rows[s][:, index].mean())
-        diffs[r] = total / len(sites)
-    point = statistics.fmean(
-        _mean_accuracy(x) - _mean_accuracy(y) for x, y in zip(a, b, strict=True)
-    )
-    low, high = np.percentile(diffs, [2.5, 97.5])
-    return {"difference": point, "low": float(low), "high": float(high)}
 
 
 def _random_orders(plan: CandidatePlan, count: int, seed: int) -> list[CandidatePlan]:
@@ -336,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                         run["reported_equals_recomputed"] = all(
                             abs(recomputed[s] - run["site_test_accuracy"][s]) < 1e-9 for s in sites
                         )
-                        run["mean_test_accuracy"] = _mean_accuracy(correct)
+                        run["mean_test_accuracy"] = mean_site_accuracy(correct)
                         rows.setdefault(method, []).append(correct)
                         rows.setdefault(f"{method}@seed{seed}", []).append(correct)
                 entry["finals"] = finals
@@ -365,7 +323,8 @@ def _write(
     report["methods"] = {}
     for label, key in methods.items():
         per_seed = [
-            statistics.fmean(_mean_accuracy(c) for c in rows[f"{key}@seed{seed}"]) for seed in seeds
+            statistics.fmean(mean_site_accuracy(c) for c in rows[f"{key}@seed{seed}"])
+            for seed in seeds
         ]
         report["methods"][label] = {
             "mean": statistics.fmean(per_seed),
@@ -374,13 +333,15 @@ def _write(
         }
     # Paired over seeds and test rows: the searched final against each baseline's final(s).
     report["bootstrap"] = {
-        "searched - random search": _paired_bootstrap(
+        "searched - random search": paired_bootstrap(
             [rows[f"tpe@seed{seed}"][0] for seed in seeds],
             [rows[f"random@seed{seed}"][0] for seed in seeds],
+            BOOTSTRAP_RESAMPLES,
         ),
-        "searched - random order": _paired_bootstrap(
+        "searched - random order": paired_bootstrap(
             [rows[f"tpe@seed{seed}"][0] for seed in seeds for _ in range(random_orders)],
             [c for seed in seeds for c in rows[f"random-order@seed{seed}"]],
+            BOOTSTRAP_RESAMPLES,
         ),
     }
     report["wall_seconds"] = time.perf_counter() - started
