@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -82,8 +83,10 @@ from ordering import (
     OrderingStudy,
     SearchSpace,
     TrialOutcome,
+    best_so_far,
     compare_encodings,
     cyclic_random_plan,
+    evaluate_plan,
     exhaustive_ranking,
 )
 from ordering import RandomKeys as RandomKeysEncoding
@@ -297,7 +300,7 @@ def _order_table(
     ranking = exhaustive_ranking(executor, SITES, cycles=cycles, hyperparameters=_flamby_hop(seed))
     enumerate_seconds = time.perf_counter() - started
     # Determinism check: the best and worst order again give the same objective.
-    again = {e.plan.order: exhaustive_value(executor, e.plan) for e in (ranking[0], ranking[-1])}
+    again = {e.plan.order: evaluate_plan(executor, e.plan).value for e in (ranking[0], ranking[-1])}
     deterministic = all(abs(again[e.plan.order] - e.value) < 1e-12
                         for e in (ranking[0], ranking[-1]))  # fmt: skip
     outcomes = {e.plan.order: e.outcome for e in ranking}
@@ -323,11 +326,6 @@ def _order_table(
     }
 
 
-def exhaustive_value(executor: RunExecutor, plan: CandidatePlan) -> float:
-    outcome = executor.execute(plan, budget=1.0, report=lambda cycle, value: None)
-    return statistics.fmean(score.value for score in outcome.site_scores)
-
-
 # ---- section 1: one seed of every method ---------------------------------------------------
 
 
@@ -351,12 +349,7 @@ def _searched(
     started = time.perf_counter()
     records = run_search(study, executor, trials)
     search_seconds = time.perf_counter() - started
-    curve = []
-    best = float("-inf")
-    for record in records:
-        if record.state == "COMPLETE" and record.value is not None:
-            best = max(best, record.value)
-        curve.append(best if best > float("-inf") else None)
+    curve = [None if math.isnan(v) else v for v in best_so_far(records)]
     best_record = max((r for r in records if r.state == "COMPLETE" and r.value is not None),
                       key=lambda r: r.value or 0.0)  # fmt: skip
     best_run = admin.run(trial_run_ids(study)[(best_record.study_name, best_record.number)])

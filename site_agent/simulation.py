@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 from site_agent.examples import TabularExample
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks import HopHyperparameters, HopOutcome, TaskSpec, Trainer
+from site_agent.tasks._metrics import COUNT_KEYS, pool_metrics
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -60,8 +60,6 @@ HyperparameterSchedule = Callable[[int, str], HopHyperparameters]
 # Trains one schedule on the sites' datasets (in the order given) and returns its final tensors.
 TrainSchedule = Callable[[Sequence[RegisteredDataset]], Mapping[str, torch.Tensor]]
 
-# Metric keys that count things: summed when metrics are pooled, never averaged.
-_COUNT_KEYS = ("examples", "tokens")
 # Keys of Flower's records and configs (FedAvg's defaults, written out so that both ends agree).
 _WEIGHT_KEY = "num-examples"
 _ARRAYS_KEY = "arrays"
@@ -610,40 +608,11 @@ def cross_validate(
     )
 
 
-def pool_metrics(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Combines metrics of disjoint sets of examples (folds, sites) into one set's metrics.
-
-    Counts (``examples``, ``tokens``) are summed; every other metric is the mean weighted by
-    ``tokens`` when every entry has them (token-level losses), else by ``examples``, over the
-    entries that report it. For accuracy and mean loss that is exactly the metric of the union;
-    for macro-F1 and AUROC it is a weighted mean. ``perplexity`` is recomputed from the loss.
-
-    Raises:
-        ValueError: If ``metrics`` is empty or an entry lacks the weighting count.
-    """
-    if not metrics:
-        raise ValueError("no metrics to pool")
-    weight_key = "tokens" if all("tokens" in m for m in metrics) else "examples"
-    if any(weight_key not in m for m in metrics):
-        raise ValueError(f"every entry needs {weight_key!r} to pool metrics")
-    pooled: dict[str, float] = {}
-    for key in sorted({key for m in metrics for key in m}):
-        present = [m for m in metrics if key in m]
-        if key in _COUNT_KEYS:
-            pooled[key] = sum(m[key] for m in present)
-        else:
-            total = sum(m[weight_key] for m in present)
-            pooled[key] = sum(m[key] * m[weight_key] for m in present) / total
-    if "perplexity" in pooled and "loss" in pooled:
-        pooled["perplexity"] = math.exp(pooled["loss"])
-    return pooled
-
-
 def _mean_over_sites(sites: Sequence[Mapping[str, float]]) -> dict[str, float]:
     """Unweighted mean over sites of the metrics every site has; counts summed."""
     keys = set.intersection(*(set(site) for site in sites))
     return {
-        key: sum(site[key] for site in sites) / (1 if key in _COUNT_KEYS else len(sites))
+        key: sum(site[key] for site in sites) / (1 if key in COUNT_KEYS else len(sites))
         for key in sorted(keys)
     }
 

@@ -10,12 +10,12 @@ accuracy over all training rows). Test splits are never read.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from site_agent.registry import RegisteredDataset
+from site_agent.tasks._metrics import pool_metrics
 from site_agent.tasks._spec import (
     CancelCheck,
     HopHyperparameters,
@@ -27,10 +27,7 @@ from site_agent.tasks._spec import (
     Trainer,
 )
 
-__all__ = ["CrossValidatedTrainer", "combine_fold_metrics", "fold_prefix"]
-
-# Metrics that are counts, not averages: summed over folds instead of averaged.
-_COUNTS = ("examples", "train_examples", "train_steps")
+__all__ = ["CrossValidatedTrainer", "fold_prefix"]
 
 
 def fold_prefix(fold: int) -> str:
@@ -177,7 +174,7 @@ class CrossValidatedTrainer:
     def _combined(
         self, dataset: RegisteredDataset, fold_metrics: Sequence[Mapping[str, float]]
     ) -> dict[str, float]:
-        metrics = combine_fold_metrics(fold_metrics)
+        metrics = pool_metrics(fold_metrics)
         if self.uses_validation_split(dataset):
             # Every fold model scored the same rows: a mean over models, not over more rows.
             metrics["folds"] = 1.0
@@ -207,28 +204,3 @@ def split_folds(tensors: Mapping[str, torch.Tensor], folds: int) -> list[dict[st
     if any(n != names[0] for n in names) or not names[0]:
         raise ValueError(f"the checkpoint does not hold the same tensors for each of {folds} folds")
     return per_fold
-
-
-def combine_fold_metrics(fold_metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Example-weighted means of per-fold metrics; counts summed.
-
-    With ``examples`` per fold, accuracy becomes the out-of-fold accuracy over every scored row;
-    loss the mean loss per row. ``perplexity`` is recomputed from the combined loss.
-    """
-    if not fold_metrics:
-        return {}
-    keys = set(fold_metrics[0]).intersection(*fold_metrics[1:])
-    weights = [float(m.get("examples", 1.0)) for m in fold_metrics]
-    total = math.fsum(weights)
-    combined: dict[str, float] = {}
-    for key in sorted(keys):
-        values = [float(m[key]) for m in fold_metrics]
-        if key in _COUNTS:
-            combined[key] = math.fsum(values)
-        elif total > 0:
-            combined[key] = math.fsum(v * w for v, w in zip(values, weights, strict=True)) / total
-        else:
-            combined[key] = math.fsum(values) / len(values)
-    if "perplexity" in combined and "loss" in combined:
-        combined["perplexity"] = math.exp(min(combined["loss"], 700.0))
-    return combined

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 
 def classification_metrics(
@@ -83,3 +84,37 @@ def auroc(targets: Sequence[int], scores: Sequence[float]) -> float | None:
         start = end + 1
     positive_rank_sum = sum(rank for rank, t in zip(ranks, targets, strict=True) if t == 1)
     return (positive_rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+# Metric keys that count things: summed when metrics are pooled, never averaged.
+COUNT_KEYS = ("examples", "tokens", "train_examples", "train_steps")
+
+
+def pool_metrics(metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Combines metrics of disjoint sets of examples (folds, sites) into one set's metrics.
+
+    Counts (``COUNT_KEYS``: examples, tokens, train examples and steps) are summed; every other
+    metric is the mean weighted by ``tokens`` when every entry has them (token-level losses),
+    else by ``examples``, over the entries that report it. For accuracy and mean loss that is
+    exactly the metric of the union; for macro-F1 and AUROC it is a weighted mean.
+    ``perplexity`` is recomputed from the loss.
+
+    Raises:
+        ValueError: If ``metrics`` is empty or an entry lacks the weighting count.
+    """
+    if not metrics:
+        raise ValueError("no metrics to pool")
+    weight_key = "tokens" if all("tokens" in m for m in metrics) else "examples"
+    if any(weight_key not in m for m in metrics):
+        raise ValueError(f"every entry needs {weight_key!r} to pool metrics")
+    pooled: dict[str, float] = {}
+    for key in sorted({key for m in metrics for key in m}):
+        present = [m for m in metrics if key in m]
+        if key in COUNT_KEYS:
+            pooled[key] = sum(m[key] for m in present)
+        else:
+            total = sum(m[weight_key] for m in present)
+            pooled[key] = sum(m[key] * m[weight_key] for m in present) / total
+    if "perplexity" in pooled and "loss" in pooled:
+        pooled["perplexity"] = math.exp(pooled["loss"])
+    return pooled

@@ -20,7 +20,8 @@ from site_agent.tasks import (
     TaskSpec,
     create_trainer,
 )
-from site_agent.tasks._cross_validation import combine_fold_metrics, split_folds
+from site_agent.tasks._cross_validation import split_folds
+from site_agent.tasks._metrics import pool_metrics
 
 SPEC = TaskSpec("tabular", labels=("0", "1"))
 HP = HopHyperparameters(learning_rate=0.05, epochs=2.0, batch_size=8, seed=3)
@@ -222,7 +223,7 @@ def test_fold_checkpoints_must_hold_every_fold(
 
 
 def test_fold_metrics_combine_by_examples() -> None:
-    combined = combine_fold_metrics(
+    combined = pool_metrics(
         [
             {"accuracy": 1.0, "loss": 0.5, "examples": 3.0},
             {"accuracy": 0.0, "loss": 1.5, "examples": 1.0},
