@@ -79,14 +79,17 @@ class AdminClient:
         *,
         min_count: int = 0,
         noise_std: float = 0.0,
+        expires_in_seconds: float = 0.0,
     ) -> pb.StatisticsStatus:
-        """Asks sites for aggregate statistics; min_count 0 takes the coordinator's default."""
+        """Asks sites for aggregate statistics; min_count and expires_in_seconds 0 take the
+        coordinator's defaults."""
         request = pb.CollectStatisticsRequest(
             dataset=dataset,
             task_type=task_type,
             sites=sites,
             min_count=min_count,
             noise_std=noise_std,
+            expires_in_seconds=expires_in_seconds,
         )
         status: pb.StatisticsStatus = self._stub.CollectStatistics(request, timeout=30)
         return status

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -510,6 +511,15 @@ def statistics_collect(
         typer.Option(min=1, help="Minimum rows per aggregate (default: the coordinator's)"),
     ] = None,
     noise_std: Annotated[float, typer.Option(min=0.0, help="Gaussian noise std")] = 0.0,
+    expires_in: Annotated[
+        float | None,
+        typer.Option(
+            min=1.0,
+            metavar="SECONDS",
+            help="The request fails unless every site answered by then (default: the "
+            "coordinator's statistics_expiry_seconds, 1 hour)",
+        ),
+    ] = None,
     wait: Annotated[
         float | None, typer.Option(metavar="SECONDS", help="Wait for the result this long")
     ] = None,
@@ -522,7 +532,12 @@ def statistics_collect(
     with _admin(coordinator, ca, cert, key) as client:
         status = _admin_call(
             lambda: client.collect_statistics(
-                dataset, task, site, min_count=min_count or 0, noise_std=noise_std
+                dataset,
+                task,
+                site,
+                min_count=min_count or 0,
+                noise_std=noise_std,
+                expires_in_seconds=expires_in or 0.0,
             )
         )
         console.print(f"statistics requested: {status.statistics_id}")
@@ -571,6 +586,7 @@ def statistics_document(status: pb.StatisticsStatus) -> dict[str, object]:
         "min_count": status.min_count,
         "noise_std": status.noise_std,
         "approval_bundle_sha256": status.approval_bundle_sha256,
+        "expires_at": status.expires_at,
         "error": status.error,
         "sites": [
             {"site": s.site, "status": s.status, "count": s.count, "error": s.error}
@@ -593,11 +609,18 @@ def statistics_document(status: pb.StatisticsStatus) -> dict[str, object]:
     return document
 
 
+def _expiry_note(status: pb.StatisticsStatus) -> str:
+    if not status.expires_at:
+        return ""
+    expires = datetime.fromtimestamp(status.expires_at, UTC).isoformat(timespec="seconds")
+    return f", expires {expires}"
+
+
 def _print_statistics(status: pb.StatisticsStatus) -> None:
     console.print(
         f"statistics {status.statistics_id}: {status.status} ({status.task_type} dataset "
         f"{status.dataset!r}, min count {status.min_count}, noise std {status.noise_std:g}, "
-        f"bundle {status.approval_bundle_sha256[:12]})"
+        f"bundle {status.approval_bundle_sha256[:12]}{_expiry_note(status)})"
     )
     sites = Table("site", "status", "rows", "error", title="site answers")
     for site in status.sites:

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import get_args
 
@@ -211,8 +211,21 @@ def _statistics_task(request: StatisticsRequestRow, answer: StatisticsAnswerRow)
             min_count=request.min_count,
             noise_std=request.noise_std,
             approval_bundle_json=statistics_bundle(request).canonical_json(),
+            expires_at=_unix_seconds(_statistics_expiry(request)),
         )
     )
+
+
+def _statistics_expiry(request: StatisticsRequestRow) -> datetime | None:
+    """When a pending request fails (aware UTC; SQLite returns naive datetimes), or None."""
+    expires_at = request.expires_at
+    if expires_at is not None and expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
+    return expires_at
+
+
+def _unix_seconds(moment: datetime | None) -> int:
+    return math.ceil(moment.timestamp()) if moment is not None else 0
 
 
 def _statistics_key(request_id: str, site: str) -> str:
@@ -222,6 +235,7 @@ def _statistics_key(request_id: str, site: str) -> str:
 
 _TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 _MAX_MIN_COUNT = 1_000_000_000  # StatisticsTask.min_count is a uint32
+_MAX_STATISTICS_EXPIRY_SECONDS = 30 * 86400
 
 
 def _released_aggregates(
@@ -264,9 +278,11 @@ class RunEngine:
         ca_pem: bytes,
         max_checkpoint_bytes: int,
         statistics_min_count: int = 10,
+        statistics_expiry_seconds: float = 3600.0,
     ) -> None:
         self.ledger = ledger
         self.statistics_min_count = statistics_min_count  # for requests that name no minimum
+        self.statistics_expiry_seconds = statistics_expiry_seconds  # for requests naming none
         self.ca_pem = ca_pem
         self.store = store
         self.runs_dir = runs_dir
@@ -738,6 +754,7 @@ class RunEngine:
                     continue
             if hop.status == "pending":
                 await self.dispatch(run.id)
+        await self.expire_statistics()
 
     def _extend(self, run: RunRow, hop_id: str) -> None:
         self._deadlines[hop_id] = time.monotonic() + _policy(run).lease_timeout_seconds
@@ -830,6 +847,7 @@ class RunEngine:
         *,
         min_count: int = 0,
         noise_std: float = 0.0,
+        expires_in_seconds: float = 0.0,
     ) -> str:
         """Asks sites for aggregate statistics of a dataset's training rows; returns the id.
 
@@ -840,6 +858,8 @@ class RunEngine:
             min_count: No aggregate over fewer rows may leave a site; 0: the coordinator's
                 default (``statistics_min_count``). Sites may enforce a higher floor.
             noise_std: > 0: sites add Gaussian noise of this std to every aggregate.
+            expires_in_seconds: The request fails if not every site answered by then; 0: the
+                coordinator's default (``statistics_expiry_seconds``).
         """
         if not dataset or len(dataset) > 200:
             raise InvalidInput("a statistics request needs a dataset name (at most 200 characters)")
@@ -859,6 +879,13 @@ class RunEngine:
             raise InvalidInput(f"min_count must be in [1, {_MAX_MIN_COUNT}], got {min_count}")
         if not (math.isfinite(noise_std) and noise_std >= 0):
             raise InvalidInput(f"noise_std must be finite and >= 0, got {noise_std}")
+        expires_in = expires_in_seconds or self.statistics_expiry_seconds
+        if not (math.isfinite(expires_in) and 1 <= expires_in <= _MAX_STATISTICS_EXPIRY_SECONDS):
+            raise InvalidInput(
+                f"a statistics request expires in 1 s to {_MAX_STATISTICS_EXPIRY_SECONDS} s, "
+                f"not {expires_in:g} s"
+            )
+        created_at = datetime.now(UTC)
         request = StatisticsRequestRow(
             id=uuid.uuid4().hex,
             dataset=dataset,
@@ -868,7 +895,8 @@ class RunEngine:
             sites=chosen,
             status="pending",
             combined={},
-            created_at=datetime.now(UTC),
+            created_at=created_at,
+            expires_at=created_at + timedelta(seconds=expires_in),
         )
         answers = [
             StatisticsAnswerRow(
@@ -890,6 +918,7 @@ class RunEngine:
         A request whose answers are all in but which is still pending (the coordinator stopped
         between recording the last answer and settling) is settled here.
         """
+        await self.expire_statistics()
         async with self._lock:
             for request in self.ledger.statistics_requests("pending"):
                 if all(answer.status != "pending" for answer in request.answers):
@@ -929,6 +958,14 @@ class RunEngine:
             ):
                 raise StaleLease(f"statistics {request.id} of site {site} is not pending "
                                  "under that lease token")  # fmt: skip
+            expires_at = _statistics_expiry(request)
+            if expires_at is not None and datetime.now(UTC) > expires_at:
+                self._expire_statistics(request, expires_at)
+                raise StaleLease(
+                    f"statistics {request.id} expired at "
+                    f"{expires_at.isoformat(timespec='seconds')}; the answer of site {site} "
+                    "came too late"
+                )
             try:
                 if result.ok:
                     released = _released_aggregates(request, site, result)
@@ -977,6 +1014,31 @@ class RunEngine:
         except TransitionRefused:
             pass  # settled already
 
+    async def expire_statistics(self) -> None:
+        """Fails every pending statistics request past its expiry (``statistics.expired``)."""
+        now = datetime.now(UTC)
+        async with self._lock:
+            for request in self.ledger.statistics_requests("pending"):
+                expires_at = _statistics_expiry(request)
+                if expires_at is not None and now > expires_at:
+                    self._expire_statistics(request, expires_at)
+
+    def _expire_statistics(self, request: StatisticsRequestRow, expires_at: datetime) -> None:
+        waiting = [a.site for a in request.answers if a.status == "pending"]
+        error = (
+            f"expired at {expires_at.isoformat(timespec='seconds')} before "
+            f"{', '.join(waiting) or 'every site'} answered"
+        )
+        try:
+            self.ledger.settle_statistics(
+                request.id, status="failed", error=error, event="statistics.expired"
+            )
+        except TransitionRefused:
+            return  # settled already
+        for site in waiting:
+            self._sent.pop(_statistics_key(request.id, site), None)
+        logger.warning("statistics %s %s", request.id, error)
+
     def statistics_status(self, request_id: str) -> pb.StatisticsStatus:
         """The admin view of a statistics request, with the pooled result once done."""
         request = self.ledger.statistics_request(request_id)
@@ -991,6 +1053,7 @@ class RunEngine:
             noise_std=request.noise_std,
             approval_bundle_sha256=statistics_bundle(request).sha256,
             error=request.error or "",
+            expires_at=_unix_seconds(_statistics_expiry(request)),
         )
         for answer in request.answers:
             status.sites.add(

@@ -58,6 +58,7 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
         ca_pem=settings.ca_certificate.read_bytes(),
         max_checkpoint_bytes=settings.max_checkpoint_bytes,
         statistics_min_count=settings.statistics_min_count,
+        statistics_expiry_seconds=settings.statistics_expiry_seconds,
     )
     server, port = aio_server(
         settings.tls, settings.address, interceptors=[MalformedMessageGuard(ledger)]

@@ -535,6 +535,7 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
                 list(request.sites),
                 min_count=request.min_count,
                 noise_std=request.noise_std,
+                expires_in_seconds=request.expires_in_seconds,
             )
             status = self.engine.statistics_status(statistics_id)
         except CoordinatorError as exc:

@@ -34,6 +34,8 @@ class CoordinatorSettings(FileBackedSettings):
     port_file: Path | None = None  # write the bound port here once serving (for port 0)
     # Default minimum rows per released aggregate for statistics requests that name none.
     statistics_min_count: int = Field(default=10, ge=1)
+    # A statistics request that names no expiry fails if not every site answered within this.
+    statistics_expiry_seconds: float = Field(default=3600.0, ge=1, le=30 * 86400)
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:

@@ -7,6 +7,8 @@ deviation of the union of the sites' training rows, without any row leaving a si
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -63,6 +65,11 @@ class SiteAggregates:
             raise StatisticsMismatch(
                 f"site {self.site} released {len(self.length_histogram)} histogram bins for "
                 f"{len(self.length_bin_edges)} bin edges"
+            )
+        edges = self.length_bin_edges
+        if any(low >= high for low, high in itertools.pairwise(edges)):
+            raise StatisticsMismatch(
+                f"site {self.site} released length bin edges that do not increase: {list(edges)}"
             )
 
     def to_json(self) -> dict[str, Any]:
@@ -129,12 +136,16 @@ def combine(aggregates: Sequence[SiteAggregates]) -> CombinedStatistics:
 
     count = sum of counts; mean = sum of sums / count; sample variance =
     (sum of sums of squares - count * mean^2) / (count - 1), clipped at 0 (noise or rounding
-    can push it below), all in float64 with exactly rounded sums; label counts and histogram
-    bins are summed.
+    can push it below), all in float64 with exactly rounded sums; label counts are summed
+    (a site that suppressed a label adds nothing to it and its share to ``<suppressed>``, so a
+    pooled label count is a lower bound where a site suppressed it). Sites merge small length
+    bins, so their bins may differ: the pooled histogram has the bins every site's bins fit in
+    (the lower edges all sites released) and sums each site's bins into them.
 
     Raises:
         StatisticsMismatch: If there are no aggregates, sites report different feature names,
-            length bins or units, or the pooled count is too small for a sample variance.
+            units or histograms of different first edges, or the pooled count is too small for
+            a sample variance.
     """
     if not aggregates:
         raise StatisticsMismatch("no site aggregates to combine")
@@ -142,7 +153,7 @@ def combine(aggregates: Sequence[SiteAggregates]) -> CombinedStatistics:
     for other in aggregates[1:]:
         for what, mine, theirs in (
             ("feature names", first.feature_names, other.feature_names),
-            ("length bins", first.length_bin_edges, other.length_bin_edges),
+            ("first length bin", first.length_bin_edges[:1], other.length_bin_edges[:1]),
             ("length unit", first.length_unit, other.length_unit),
         ):
             if mine != theirs:
@@ -167,6 +178,7 @@ def combine(aggregates: Sequence[SiteAggregates]) -> CombinedStatistics:
             for q, m in zip(squares, mean, strict=True)
         )
     labels = sorted({label for a in aggregates for label in a.label_counts})
+    edges, histogram = _pooled_histogram(aggregates)
     return CombinedStatistics(
         count=count,
         feature_names=first.feature_names,
@@ -175,13 +187,26 @@ def combine(aggregates: Sequence[SiteAggregates]) -> CombinedStatistics:
         label_counts={
             label: math.fsum(a.label_counts.get(label, 0.0) for a in aggregates) for label in labels
         },
-        length_bin_edges=first.length_bin_edges,
-        length_histogram=tuple(
-            math.fsum(a.length_histogram[i] for a in aggregates)
-            for i in range(len(first.length_bin_edges))
-        ),
+        length_bin_edges=edges,
+        length_histogram=histogram,
         length_unit=first.length_unit,
     )
+
+
+def _pooled_histogram(
+    aggregates: Sequence[SiteAggregates],
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The histograms summed over the lower edges every site released.
+
+    Each site's bins are unions of the same fixed bins, so each lies inside one common bin:
+    the one with the largest common edge not above its own lower edge.
+    """
+    common = sorted(set.intersection(*(set(a.length_bin_edges) for a in aggregates)))
+    parts: list[list[float]] = [[] for _ in common]
+    for a in aggregates:
+        for edge, count in zip(a.length_bin_edges, a.length_histogram, strict=True):
+            parts[bisect.bisect_right(common, edge) - 1].append(count)
+    return tuple(common), tuple(math.fsum(part) for part in parts)
 
 
 def _shown(value: object) -> str:

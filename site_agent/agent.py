@@ -33,6 +33,7 @@ from protocols.v1 import baton_pb2_grpc as pb_grpc
 from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.examples import TASK_TYPES, DatasetError
 from site_agent.registry import RegisteredDataset, list_registered, load_registered
+from site_agent.releases import ReleaseLimits, ReleaseRefused, StatisticsReleases
 from site_agent.settings import SiteSettings
 from site_agent.state import SiteState
 
@@ -164,6 +165,14 @@ class SiteAgent:
             ApprovalPolicy.load(settings.approval_policy)
             if settings.approval_policy
             else ApprovalPolicy(),
+        )
+        self.releases = StatisticsReleases(
+            settings.statistics_releases_path,
+            ReleaseLimits(
+                max_answers=settings.max_statistics_answers,
+                epsilon=settings.statistics_epsilon,
+                delta=settings.statistics_delta,
+            ),
         )
         self._trainers: dict[str, Trainer] = {}
         self._stop = threading.Event()
@@ -665,23 +674,39 @@ class SiteAgent:
                 f"`baton-site approve {bundle.sha256}`",
             )
 
+    def _check_statistics_expiry(self, task: pb.StatisticsTask) -> None:
+        """Refuses a statistics request past its expiry (by this site's clock, with tolerance)."""
+        now = time.time()
+        if task.expires_at and now > task.expires_at + self.settings.clock_skew_seconds:
+            expired = datetime.fromtimestamp(task.expires_at, UTC).isoformat(timespec="seconds")
+            raise HopFailure(
+                "statistics-expired",
+                f"the statistics request expired at {expired} (this site's clock is "
+                f"{now - task.expires_at:.0f} s later; tolerance "
+                f"{self.settings.clock_skew_seconds:g} s)",
+            )
+
     def _run_statistics(self, stub: pb_grpc.SiteServiceStub, task: pb.StatisticsTask) -> None:
-        from site_agent.statistics import BelowMinimumCount, compute_statistics
+        from site_agent.statistics import BelowMinimumCount, answer_request
 
         logger.info("statistics %s of dataset %s", task.statistics_id, task.dataset)
         result = pb.StatisticsResult(statistics_id=task.statistics_id, lease_token=task.lease_token)
         try:
+            self._check_statistics_expiry(task)
             self._check_statistics_approval(task)
             dataset = self._dataset(task.dataset, task.task_type)
             try:
-                aggregates = compute_statistics(
+                aggregates = answer_request(
                     dataset,
+                    self.releases,
                     min_count=max(task.min_count, self.settings.min_aggregate_rows),
                     noise_std=task.noise_std,
                     base_model_dir=self.settings.base_model_dir,
                 )
             except BelowMinimumCount as exc:
                 raise HopFailure("below-minimum-count", str(exc)) from exc
+            except ReleaseRefused as exc:
+                raise HopFailure(exc.code, str(exc)) from exc
             except ValueError as exc:
                 raise HopFailure("statistics-failed", str(exc)) from exc
             result.ok = True

@@ -58,6 +58,9 @@ def serve(
     approval_policy: Annotated[
         Path | None, typer.Option(help="TOML rules that approve bundles")
     ] = None,
+    max_statistics_answers: Annotated[
+        int | None, typer.Option(min=0, help="Statistics answers per dataset (default 20)")
+    ] = None,
     log_level: str = "INFO",
     log_json: bool = False,
 ) -> None:
@@ -83,6 +86,7 @@ def serve(
             num_threads=threads,
             approved_bundles=approve,
             approval_policy=approval_policy,
+            max_statistics_answers=max_statistics_answers,
         )
     except (ValidationError, FileNotFoundError) as exc:
         typer.echo(f"error: bad site settings: {exc}", err=True)

@@ -40,6 +40,13 @@ class SiteSettings(FileBackedSettings):
     max_upload_bytes: int = Field(default=512 * 1024**2, ge=1024)  # egress cap per adapter
     # No aggregate statistic over fewer rows than this leaves the site, whatever a request asks.
     min_aggregate_rows: int = Field(default=10, ge=1)
+    # At most this many statistics answers per dataset (then `statistics-budget-exhausted`).
+    max_statistics_answers: int = Field(default=20, ge=0)
+    # Privacy budget per dataset of noised statistics answers, as (epsilon, delta)-DP.
+    statistics_epsilon: float = Field(default=1.0, gt=0)
+    statistics_delta: float = Field(default=1e-6, gt=0, lt=1)
+    # How far the coordinator's clock may be ahead of this site's when a request expires.
+    clock_skew_seconds: float = Field(default=120.0, ge=0)
 
     @property
     def state_path(self) -> Path:
@@ -48,6 +55,10 @@ class SiteSettings(FileBackedSettings):
     @property
     def approvals_path(self) -> Path:
         return self.state_path.parent / "approvals.json"
+
+    @property
+    def statistics_releases_path(self) -> Path:
+        return self.state_path.parent / "statistics_releases.json"
 
     @property
     def tls(self) -> TlsFiles:

@@ -8,10 +8,11 @@ per-row value leaves this module. numpy only; the tokenizer (transformers) is im
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,13 +20,20 @@ import numpy as np
 
 from site_agent.examples import Example, InstructionExample, TabularExample, TextExample
 from site_agent.registry import RegisteredDataset
+from site_agent.releases import StatisticsReleases, gaussian_rho
 
 __all__ = [
     "LENGTH_BIN_EDGES",
+    "SUPPRESSED_LABEL",
     "BelowMinimumCount",
     "SiteAggregates",
+    "answer_request",
     "compute_statistics",
+    "l2_sensitivity",
     "length_histogram",
+    "merge_small_bins",
+    "noised",
+    "suppress_small_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +41,8 @@ logger = logging.getLogger(__name__)
 # Lower edges of the text-length bins; the last bin is open-ended ([1024, inf)).
 LENGTH_BIN_EDGES: tuple[int, ...] = (0, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TOKENIZE_BATCH = 256
+# The one label cell that stands for every label suppressed below the minimum count.
+SUPPRESSED_LABEL = "<suppressed>"
 
 
 class BelowMinimumCount(ValueError):
@@ -68,7 +78,9 @@ def compute_statistics(
     together) give a histogram of their lengths in ``LENGTH_BIN_EDGES`` bins, counted in tokens
     of the base model's tokenizer (special tokens included, as the model sees them) when
     ``base_model_dir`` is given, else in whitespace-separated words. Validation and test rows
-    are never read.
+    are never read. Small cells are never released: label counts below ``min_count`` are
+    suppressed (``suppress_small_labels``) and length bins merged with their neighbours until
+    each holds ``min_count`` rows (``merge_small_bins``), before any noise is added.
 
     Args:
         dataset: The registered dataset; only ``dataset.train`` is used.
@@ -114,9 +126,138 @@ def compute_statistics(
         len(rows),
         f", noise std {noise_std}" if noise_std > 0 else "",
     )
+    edges, histogram = merge_small_bins(
+        aggregates.length_bin_edges, aggregates.length_histogram, min_count
+    )
+    aggregates = dataclasses.replace(
+        aggregates,
+        label_counts=suppress_small_labels(aggregates.label_counts, min_count),
+        length_bin_edges=edges,
+        length_histogram=histogram,
+    )
     if noise_std > 0:
-        aggregates = _noised(aggregates, noise_std, rng or np.random.default_rng())
+        aggregates = noised(aggregates, noise_std, rng or np.random.default_rng())
     return aggregates
+
+
+def answer_request(
+    dataset: RegisteredDataset,
+    releases: StatisticsReleases,
+    *,
+    min_count: int,
+    noise_std: float = 0.0,
+    base_model_dir: Path | None = None,
+    rng: np.random.Generator | None = None,
+) -> SiteAggregates:
+    """A statistics request's answer, behind every guard of the site's release record.
+
+    Refuses below the minimum count first, then past the dataset's answer budget, on a
+    differencing risk, or past its privacy budget (``StatisticsReleases.release``); computes
+    the exact aggregates (small cells suppressed), and with noise charges the Gaussian
+    mechanism's zCDP cost, rho = sensitivity^2 / (2 noise_std^2), before adding the noise.
+
+    Raises:
+        BelowMinimumCount: Fewer training rows than ``min_count``.
+        ReleaseRefused: A guard refuses; nothing is computed or recorded.
+        ValueError: As ``compute_statistics``.
+    """
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be finite and >= 0, got {noise_std}")
+    if len(dataset.train) < min_count:
+        raise BelowMinimumCount(
+            f"dataset {dataset.name!r} has {len(dataset.train)} training rows, fewer than the "
+            f"{min_count} any released aggregate must cover"
+        )
+
+    def compute() -> tuple[SiteAggregates, float]:
+        exact = compute_statistics(dataset, min_count=min_count, base_model_dir=base_model_dir)
+        if noise_std == 0:
+            return exact, 0.0
+        rho = gaussian_rho(l2_sensitivity(dataset, exact), noise_std)
+        return noised(exact, noise_std, rng or np.random.default_rng()), rho
+
+    return releases.release(dataset.name, dataset.train, min_count=min_count, compute=compute)
+
+
+def suppress_small_labels(counts: Mapping[str, float], min_count: int) -> dict[str, float]:
+    """Label counts with every cell under ``min_count`` folded into one ``<suppressed>`` cell.
+
+    Labels below the minimum are removed. If their total is itself below the minimum, the
+    smallest released labels join them until it is not (otherwise the total row count minus
+    the released labels would give the small cell back); the ``<suppressed>`` cell then holds
+    that total, which always reaches the minimum when the labels together do. If it cannot
+    (every label together is below the minimum), no label count is released at all.
+
+    Raises:
+        ValueError: If a label is itself named ``<suppressed>``.
+    """
+    if SUPPRESSED_LABEL in counts:
+        raise ValueError(f"a label is named {SUPPRESSED_LABEL!r}, which marks suppressed labels")
+    released = {label: n for label, n in counts.items() if n >= min_count}
+    hidden = math.fsum(n for n in counts.values() if n < min_count)
+    if hidden == 0:
+        return released
+    for label in sorted(released, key=lambda k: (released[k], k)):
+        if hidden >= min_count:
+            break
+        hidden += released.pop(label)
+    if hidden < min_count:
+        return {}
+    return {**released, SUPPRESSED_LABEL: hidden}
+
+
+def merge_small_bins(
+    edges: Sequence[int], histogram: Sequence[float], min_count: int
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Merges adjacent histogram bins until each holds at least ``min_count`` rows.
+
+    From the first bin up, bins are joined until the group reaches the minimum; a last group
+    that stays below it joins the group before it. The merged histogram keeps the lower edge
+    of each group, so its bins are unions of the original ones and its total is unchanged.
+    Empty bins are merged like small ones. A histogram whose total is below the minimum
+    becomes one bin.
+    """
+    merged_edges: list[int] = []
+    merged: list[float] = []
+    group_edge: int | None = None
+    group = 0.0
+    for edge, count in zip(edges, histogram, strict=True):
+        if group_edge is None:
+            group_edge, group = edge, 0.0
+        group += count
+        if group >= min_count:
+            merged_edges.append(group_edge)
+            merged.append(group)
+            group_edge = None
+    if group_edge is not None:
+        if merged:
+            merged[-1] += group
+        else:
+            merged_edges.append(group_edge)
+            merged.append(group)
+    return tuple(merged_edges), tuple(merged)
+
+
+def l2_sensitivity(dataset: RegisteredDataset, aggregates: SiteAggregates) -> float:
+    """How far one training row more or less moves the released numbers, in L2 norm.
+
+    The count, one label cell and one histogram bin each move by 1; each feature's sum by
+    up to B and its sum of squares by up to B^2, where B is the largest absolute feature value
+    in the training split (a bound taken from the data itself: see docs/statistics.md).
+    """
+    squared = 1.0
+    if aggregates.label_counts:
+        squared += 1.0
+    if aggregates.length_histogram:
+        squared += 1.0
+    if aggregates.feature_names:
+        bound = max(
+            (abs(v) for row in dataset.train if isinstance(row, TabularExample)
+             for v in row.features),
+            default=0.0,
+        )  # fmt: skip
+        squared += len(aggregates.feature_names) * (bound**2 + bound**4)
+    return math.sqrt(squared)
 
 
 def _tabular(dataset: RegisteredDataset, rows: Sequence[Example]) -> SiteAggregates:
@@ -194,7 +335,7 @@ def _label_counts(labels: Iterable[str]) -> dict[str, float]:
     return {label: float(counts[label]) for label in sorted(counts)}
 
 
-def _noised(aggregates: SiteAggregates, std: float, rng: np.random.Generator) -> SiteAggregates:
+def noised(aggregates: SiteAggregates, std: float, rng: np.random.Generator) -> SiteAggregates:
     """Every released number plus independent N(0, std^2) noise."""
 
     def noisy(values: Sequence[float]) -> tuple[float, ...]:

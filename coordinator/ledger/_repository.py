@@ -541,6 +541,7 @@ class Ledger:
                     "noise_std": request.noise_std,
                     "sites": list(request.sites),
                     "approval_bundle_sha256": approval_bundle_sha256,
+                    "expires_at": request.expires_at.isoformat() if request.expires_at else None,
                 },
             )
 
@@ -609,8 +610,11 @@ class Ledger:
         status: str,
         combined: dict[str, Any] | None = None,
         error: str | None = None,
+        event: str | None = None,
     ) -> StatisticsRequestRow:
         """Moves a pending request to `status` ("done" with `combined`, or "failed").
+
+        The event is `statistics.<status>` unless `event` names another (`statistics.expired`).
 
         Raises:
             TransitionRefused: The request is no longer pending.
@@ -629,7 +633,7 @@ class Ledger:
             request.finished_at = utcnow()
             self.append_event(
                 session,
-                f"statistics.{status}",
+                event or f"statistics.{status}",
                 payload={"statistics_id": request_id, "combined": request.combined, "error": error},
             )
             return request

@@ -159,6 +159,8 @@ class StatisticsRequestRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A pending request fails after this; None (requests older than expiry): never.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
 
     answers: Mapped[list[StatisticsAnswerRow]] = relationship(
         back_populates="request",

@@ -519,6 +519,7 @@ class StatisticsTask(_message.Message):
     MIN_COUNT_FIELD_NUMBER: _builtins.int
     NOISE_STD_FIELD_NUMBER: _builtins.int
     APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     statistics_id: _builtins.str
     lease_token: _builtins.str
     task_type: _builtins.str
@@ -528,6 +529,8 @@ class StatisticsTask(_message.Message):
     """> 0: Gaussian noise of this std is added to every aggregate"""
     approval_bundle_json: _builtins.str
     """the request's bundle; sites approve it like a run's"""
+    expires_at: _builtins.int
+    """unix seconds (coordinator clock); sites refuse the task after it"""
     def __init__(
         self,
         *,
@@ -538,10 +541,11 @@ class StatisticsTask(_message.Message):
         min_count: _builtins.int = ...,
         noise_std: _builtins.float = ...,
         approval_bundle_json: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "dataset", b"dataset", "lease_token", b"lease_token", "min_count", b"min_count", "noise_std", b"noise_std", "statistics_id", b"statistics_id", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "dataset", b"dataset", "expires_at", b"expires_at", "lease_token", b"lease_token", "min_count", b"min_count", "noise_std", b"noise_std", "statistics_id", b"statistics_id", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1556,11 +1560,14 @@ class CollectStatisticsRequest(_message.Message):
     SITES_FIELD_NUMBER: _builtins.int
     MIN_COUNT_FIELD_NUMBER: _builtins.int
     NOISE_STD_FIELD_NUMBER: _builtins.int
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     task_type: _builtins.str
     min_count: _builtins.int
     """0: the coordinator's default"""
     noise_std: _builtins.float
+    expires_in_seconds: _builtins.float
+    """0: the coordinator's default"""
     @_builtins.property
     def sites(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """required: which sites"""
@@ -1573,10 +1580,11 @@ class CollectStatisticsRequest(_message.Message):
         sites: _abc.Iterable[_builtins.str] | None = ...,
         min_count: _builtins.int = ...,
         noise_std: _builtins.float = ...,
+        expires_in_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "expires_in_seconds", b"expires_in_seconds", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1673,6 +1681,7 @@ class StatisticsStatus(_message.Message):
     LENGTH_HISTOGRAM_FIELD_NUMBER: _builtins.int
     LENGTH_UNIT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     statistics_id: _builtins.str
     status: _builtins.str
     """"pending", "done", "failed" """
@@ -1685,6 +1694,8 @@ class StatisticsStatus(_message.Message):
     """pooled rows"""
     length_unit: _builtins.str
     error: _builtins.str
+    expires_at: _builtins.int
+    """unix seconds; a pending request fails after it"""
     @_builtins.property
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteStatisticsStatus]: ...
     @_builtins.property
@@ -1723,10 +1734,11 @@ class StatisticsStatus(_message.Message):
         length_histogram: _abc.Iterable[_builtins.float] | None = ...,
         length_unit: _builtins.str = ...,
         error: _builtins.str = ...,
+        expires_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "count", b"count", "dataset", b"dataset", "error", b"error", "feature_names", b"feature_names", "label_counts", b"label_counts", "length_bin_edges", b"length_bin_edges", "length_histogram", b"length_histogram", "length_unit", b"length_unit", "mean", b"mean", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "statistics_id", b"statistics_id", "status", b"status", "std", b"std", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "count", b"count", "dataset", b"dataset", "error", b"error", "expires_at", b"expires_at", "feature_names", b"feature_names", "label_counts", b"label_counts", "length_bin_edges", b"length_bin_edges", "length_histogram", b"length_histogram", "length_unit", b"length_unit", "mean", b"mean", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "statistics_id", b"statistics_id", "status", b"status", "std", b"std", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -102,7 +102,7 @@ def test_noise_that_pushes_the_variance_below_zero_is_clipped() -> None:
     ("other", "message"),
     [
         ({"feature_names": ("age", "cholesterol", "bp")}, "different feature names"),
-        ({"length_bin_edges": (0, 10, 20, 30), "length_histogram": (1, 1, 1, 1)}, "length bins"),
+        ({"length_bin_edges": (4, 10, 20), "length_histogram": (1, 1, 1)}, "first length bin"),
         ({"length_unit": "tokens"}, "length unit"),
     ],
 )

@@ -17,6 +17,8 @@ from site_agent.statistics import (
     BelowMinimumCount,
     SiteAggregates,
     compute_statistics,
+    length_histogram,
+    merge_small_bins,
 )
 
 
@@ -137,15 +139,16 @@ def test_text_rows_give_label_counts_and_a_word_length_histogram() -> None:
         train=rows, validation=rows, test=rows, labels=("long", "short"),
     )  # fmt: skip
 
-    aggregates = compute_statistics(dataset, min_count=10)
+    # min_count 1: only the empty bins are merged (into the bin before them).
+    aggregates = compute_statistics(dataset, min_count=1)
 
     assert aggregates.length_unit == "words"
-    assert (
-        aggregates.length_bin_edges == LENGTH_BIN_EDGES == (0, 8, 16, 32, 64, 128, 256, 512, 1024)
-    )
+    assert LENGTH_BIN_EDGES == (0, 8, 16, 32, 64, 128, 256, 512, 1024)
     # [0,8): 1,7,3  [8,16): 8,15  [16,32): 16  [32,64): 40,40  [64,128): 64  [256,512): 300
     # [1024, inf): 1024, 2000
-    assert aggregates.length_histogram == (3.0, 2.0, 1.0, 2.0, 1.0, 0.0, 1.0, 0.0, 2.0)
+    assert length_histogram(lengths) == (3.0, 2.0, 1.0, 2.0, 1.0, 0.0, 1.0, 0.0, 2.0)
+    assert aggregates.length_bin_edges == (0, 8, 16, 32, 64, 128, 512)
+    assert aggregates.length_histogram == (3.0, 2.0, 1.0, 2.0, 1.0, 1.0, 2.0)
     assert aggregates.label_counts == {"long": 4.0, "short": 8.0}
     assert aggregates.count == 12 and aggregates.feature_names == ()
 
@@ -160,14 +163,16 @@ def test_text_lengths_are_counted_in_the_base_models_tokens(tiny_model_dir: Path
         validation=(), test=(),
     )  # fmt: skip
 
-    aggregates = compute_statistics(dataset, min_count=10, base_model_dir=tiny_model_dir)
+    aggregates = compute_statistics(dataset, min_count=1, base_model_dir=tiny_model_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=True)
     lengths = [len(tokenizer(t)["input_ids"]) for t in texts]
     expected = np.bincount(np.searchsorted(LENGTH_BIN_EDGES, lengths, side="right") - 1,
                            minlength=len(LENGTH_BIN_EDGES))  # fmt: skip
     assert aggregates.length_unit == "tokens"
-    assert aggregates.length_histogram == tuple(float(n) for n in expected)
+    assert (aggregates.length_bin_edges, aggregates.length_histogram) == merge_small_bins(
+        LENGTH_BIN_EDGES, tuple(float(n) for n in expected), 1
+    )
     assert aggregates.label_counts == {"a": 8.0, "b": 4.0}
 
 
@@ -179,10 +184,11 @@ def test_instruction_rows_are_measured_with_their_responses_and_have_no_labels()
     dataset = RegisteredDataset(name="pairs", task_type="causal-lm", fingerprint="0" * 64,
                                 train=rows, validation=(), test=())  # fmt: skip
 
-    aggregates = compute_statistics(dataset, min_count=10)
+    aggregates = compute_statistics(dataset, min_count=1)
 
     # 4 instruction words + 0..9 response words: 4..7 in [0, 8), 8..13 in [8, 16).
-    assert aggregates.length_histogram[:2] == (4.0, 6.0)
+    assert aggregates.length_bin_edges == (0, 8)
+    assert aggregates.length_histogram == (4.0, 6.0)
     assert sum(aggregates.length_histogram) == 10
     assert aggregates.label_counts == {}
 

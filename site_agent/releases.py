@@ -1,0 +1,195 @@
+"""What this site has released in answer to statistics requests, and the guards built on it.
+
+Per dataset the site keeps, in ``<state_dir>/statistics_releases.json`` under a file lock, how
+many requests it answered, the privacy loss its noised answers spent (zero-concentrated
+differential privacy, rho), and a salted digest of every training row of each answered row set.
+Before computing an answer it refuses when the dataset's answer budget or privacy budget is
+spent, or when the rows differ from an already answered row set by fewer rows than the minimum
+count (differencing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import filelock
+
+from site_agent.examples import Example
+
+__all__ = [
+    "ReleaseLimits",
+    "ReleaseRefused",
+    "StatisticsReleases",
+    "epsilon_of",
+    "gaussian_rho",
+]
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ReleaseRefused(Exception):
+    """A guard refuses the release; ``code`` is the reason code reported to the coordinator."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ReleaseLimits:
+    """The site's limits on statistics answers, per dataset."""
+
+    max_answers: int = 20
+    epsilon: float = 1.0  # privacy budget of noised answers, as (epsilon, delta)-DP
+    delta: float = 1e-6
+
+
+def gaussian_rho(sensitivity: float, noise_std: float) -> float:
+    """zCDP cost of the Gaussian mechanism: rho = sensitivity^2 / (2 std^2) (Bun & Steinke 2016)."""
+    return sensitivity**2 / (2.0 * noise_std**2)
+
+
+def epsilon_of(rho: float, delta: float) -> float:
+    """The epsilon that rho-zCDP implies at ``delta``: rho + 2 sqrt(rho ln(1/delta))."""
+    return rho + 2.0 * math.sqrt(rho * math.log(1.0 / delta))
+
+
+@dataclass
+class StatisticsReleases:
+    """The site's record of statistics answers, in ``path`` (JSON, written atomically)."""
+
+    path: Path
+    limits: ReleaseLimits = dataclasses.field(default_factory=ReleaseLimits)
+
+    def release(
+        self,
+        dataset: str,
+        rows: Sequence[Example],
+        *,
+        min_count: int,
+        compute: Callable[[], tuple[T, float]],
+    ) -> T:
+        """Checks the guards, computes the answer and records it, under the file lock.
+
+        Args:
+            dataset: The dataset's registered name.
+            rows: The rows the answer covers (the training split).
+            min_count: The minimum count the answer applies (differencing threshold).
+            compute: Returns the answer and its privacy cost rho (0 without noise); it is
+                called only when the answer and differencing guards pass, and may raise
+                ``ReleaseRefused`` itself.
+
+        Raises:
+            ReleaseRefused: ``statistics-budget-exhausted``, ``differencing-risk`` or
+                ``privacy-budget-exhausted``; nothing is recorded then.
+        """
+        with self._locked():
+            document = self._read()
+            spent = document["datasets"].setdefault(dataset, {"answers": 0, "rho": 0.0})
+            if spent["answers"] >= self.limits.max_answers:
+                raise ReleaseRefused(
+                    "statistics-budget-exhausted",
+                    f"this site has answered {spent['answers']} statistics requests about "
+                    f"dataset {dataset!r}, its limit (max_statistics_answers "
+                    f"{self.limits.max_answers})",
+                )
+            digests = _row_digests(document["salt"], rows)
+            row_set = hashlib.sha256("\n".join(digests).encode()).hexdigest()
+            self._check_differencing(document, dataset, digests, row_set, min_count)
+            answer, rho = compute()
+            if rho > 0:
+                total = spent["rho"] + rho
+                epsilon = epsilon_of(total, self.limits.delta)
+                if epsilon > self.limits.epsilon:
+                    raise ReleaseRefused(
+                        "privacy-budget-exhausted",
+                        f"answering would spend rho {total:.4g} on dataset {dataset!r} "
+                        f"(epsilon {epsilon:.4g} at delta {self.limits.delta:g}), beyond this "
+                        f"site's budget of epsilon {self.limits.epsilon:g}",
+                    )
+                spent["rho"] = total
+            spent["answers"] += 1
+            recorded = document["row_sets"].setdefault(
+                row_set, {"dataset": dataset, "min_count": min_count, "digests": digests}
+            )
+            recorded["min_count"] = max(recorded["min_count"], min_count)
+            self._write(document)
+            logger.info("statistics answer %d about %s recorded (rho spent %.4g)",
+                        spent["answers"], dataset, spent["rho"])  # fmt: skip
+            return answer
+
+    def spent(self, dataset: str) -> tuple[int, float]:
+        """Answers given and rho spent for ``dataset``."""
+        with self._locked():
+            spent = self._read()["datasets"].get(dataset, {"answers": 0, "rho": 0.0})
+        return int(spent["answers"]), float(spent["rho"])
+
+    @staticmethod
+    def _check_differencing(
+        document: dict[str, Any], dataset: str, digests: list[str], row_set: str, min_count: int
+    ) -> None:
+        if row_set in document["row_sets"]:
+            return  # the same rows again: the exact answer is the same, noise is budgeted
+        mine = Counter(digests)
+        for recorded in document["row_sets"].values():
+            theirs = Counter(recorded["digests"])
+            differing = sum(((mine - theirs) + (theirs - mine)).values())
+            threshold = max(min_count, int(recorded["min_count"]))
+            if differing < threshold:
+                raise ReleaseRefused(
+                    "differencing-risk",
+                    f"the training rows of dataset {dataset!r} differ by {differing} rows from "
+                    f"those of an answered request about dataset {recorded['dataset']!r}, fewer "
+                    f"than the minimum count {threshold}: the two answers together would "
+                    "describe those rows",
+                )
+
+    def _locked(self) -> filelock.BaseFileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return filelock.FileLock(str(self.path) + ".lock", timeout=30)
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {"salt": secrets.token_hex(16), "datasets": {}, "row_sets": {}}
+        try:
+            document: dict[str, Any] = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            # Never answer on a lost record: the guards would start from nothing.
+            raise ReleaseRefused(
+                "statistics-failed", f"statistics release record {self.path} is unreadable: {exc}"
+            ) from exc
+        return document
+
+    def _write(self, document: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".releases.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(document, fh, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+
+def _row_digests(salt: str, rows: Sequence[Example]) -> list[str]:
+    """Salted, sorted digests of the rows' contents (a multiset: duplicates are kept).
+
+    The salt is random per site, so the record cannot be matched against digests of guessed
+    rows computed elsewhere.
+    """
+    digests = []
+    for row in rows:
+        content = json.dumps([type(row).__name__, dataclasses.asdict(row)], sort_keys=True)
+        digests.append(hashlib.sha256(f"{salt}\n{content}".encode()).hexdigest()[:32])
+    return sorted(digests)
