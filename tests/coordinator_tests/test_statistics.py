@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import grpc
@@ -450,3 +451,84 @@ def _hop_task(site: ScriptedSite) -> pb.HopTask:
     task = site.tasks.get(timeout=10)
     assert task.WhichOneof("kind") == "hop", task
     return task.hop
+
+
+# ---- suppressed cells and expiry ----------------------------------------------------------------
+
+
+def test_merged_histograms_and_suppressed_labels_pool_over_what_was_released() -> None:
+    a = SiteAggregates(site="a", count=48, label_counts={"x": 30, "<suppressed>": 18},
+                       length_bin_edges=(0, 8, 16, 32), length_histogram=(12, 11, 10, 15),
+                       length_unit="words")  # fmt: skip
+    b = SiteAggregates(site="b", count=50, label_counts={"x": 25, "y": 12, "<suppressed>": 13},
+                       length_bin_edges=(0, 16), length_histogram=(20, 30),
+                       length_unit="words")  # fmt: skip
+    combined = combine([a, b])
+    # site b merged [0, 16): the pooled histogram has the bins both sites' bins fit in.
+    assert combined.length_bin_edges == (0, 16)
+    assert combined.length_histogram == (12 + 11 + 20, 10 + 15 + 30)
+    # "y" is a lower bound (site a suppressed it); what was suppressed is summed apart.
+    assert dict(combined.label_counts) == {"x": 55, "y": 12, "<suppressed>": 31}
+    assert sum(combined.label_counts.values()) == sum(combined.length_histogram) == 98
+    with pytest.raises(StatisticsMismatch, match="do not increase"):
+        SiteAggregates(site="c", count=20, length_bin_edges=(0, 16, 8),
+                       length_histogram=(10, 5, 5))  # fmt: skip
+
+
+def test_a_pending_request_expires_is_ledgered_and_refuses_late_answers(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    ledger = coordinator.engine.ledger
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    with pytest.raises(grpc.RpcError) as bad:
+        admin.collect_statistics("heart", "tabular", ["site-a"], expires_in_seconds=0.5)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "expires in 1 s to" in bad.value.details()
+    default = admin.collect_statistics("heart", "tabular", ["site-a"])
+    assert 3590 < default.expires_at - time.time() < 3610  # statistics_expiry_seconds
+    for name in ("site-a",):
+        _next_statistics(sites[name])
+
+    requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"],
+                                         expires_in_seconds=1)  # fmt: skip
+    tasks = {name: _next_statistics(site) for name, site in sites.items()}
+    assert all(t.expires_at == requested.expires_at > 0 for t in tasks.values())
+    rows = _site_rows(5)[:2]
+    on_time = _result(tasks["site-a"], _aggregates("site-a", rows[0]))
+    assert sites["site-a"].stub.ReportStatistics(on_time, timeout=5).status == "done"
+
+    expired = admin.wait_for_statistics(requested.statistics_id, timeout=30)
+    assert expired.status == "failed"
+    assert expired.error.startswith("expired at ") and "before site-b answered" in expired.error
+    assert _kinds(ledger, requested.statistics_id) == [
+        ("statistics.requested", None), ("statistics.site-done", "site-a"),
+        ("statistics.expired", None)]  # fmt: skip
+
+    late = _result(tasks["site-b"], _aggregates("site-b", rows[1]))
+    with pytest.raises(grpc.RpcError) as refused:
+        sites["site-b"].stub.ReportStatistics(late, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "expired at" in refused.value.details() and "too late" in refused.value.details()
+    assert ledger.events()[-1].kind == "access.refused"
+    assert _answer(ledger, requested.statistics_id, "site-b").status == "pending"
+    assert _answer(ledger, requested.statistics_id, "site-b").aggregates == {}
+    assert ledger.verify_chain() is None
+
+
+def test_cli_collect_expires_in_fails_a_request_no_site_answers(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator, pki: Pki
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    tls = pki.tls("admin")
+    connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
+                  str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
+                  str(tls.private_key)]  # fmt: skip
+    collected = runner.invoke(app, ["statistics", "collect", "heart", "--site", "site-a",
+                                    "--expires-in", "1", "--wait", "30", *connection])  # fmt: skip
+    assert collected.exit_code == 1, collected.output
+    output = " ".join(collected.output.split())
+    assert "expires 20" in output and "expired at" in output and "before site-a answered" in output
+    statistics_id = collected.output.split("statistics requested: ")[1].split()[0]
+    shown = runner.invoke(app, ["statistics", "show", statistics_id, "--json", *connection])
+    document = json.loads(shown.output)
+    assert document["status"] == "failed" and document["expires_at"] > 0
