@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from coordinator.admin import AdminClient
 from coordinator.cli import app as baton
-from coordinator.ledger import Ledger
+from coordinator.ledger import Ledger, StatisticsAnswerRow
 from coordinator.plan import parse_plan
 from coordinator.processes import Cluster
 from coordinator.statistics import plan_with_normaliser
@@ -42,6 +42,17 @@ def _train_matrix(data_dir: Path) -> np.ndarray:
     return np.array([row.features for row in train if isinstance(row, TabularExample)])
 
 
+def _ledger_answers(tmp_path: Path, statistics_id: str) -> list[StatisticsAnswerRow]:
+    """The ledger's answers of a statistics request (read after the cluster stopped)."""
+    ledger = Ledger(f"sqlite:///{tmp_path / 'coordinator' / 'ledger.sqlite3'}")
+    try:
+        request = ledger.statistics_request(statistics_id)
+        assert request is not None
+        return list(request.answers)
+    finally:
+        ledger.close()
+
+
 def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
     pki: Pki, tmp_path: Path
 ) -> None:
@@ -63,7 +74,8 @@ def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
         for site in SITES:
             cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
                                data_dir=tmp_path / site, threads=1,
-                               approve=[bundle(10), bundle(30)])  # fmt: skip
+                               approve=[bundle(10), bundle(30)],
+                               extra=["--max-statistics-answers", "2"])  # fmt: skip
         tls = pki.tls("admin")
         connection = ["--coordinator", f"localhost:{port}", "--ca", str(tls.ca_certificate),
                       "--cert", str(tls.certificate), "--key", str(tls.private_key)]  # fmt: skip
@@ -99,7 +111,22 @@ def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
                 time.sleep(0.1)
                 unapproved = admin.statistics(unapproved.statistics_id)
 
-            # 4. A tabular run with the pooled normaliser, approved by its new bundle's hash.
+            # 4. site-a and site-b have answered 2 requests about heart, their limit; site-c
+            #    answered 1 (its refusal below the minimum count released nothing).
+            exhausted = runner.invoke(
+                baton,
+                ["statistics", "collect", "heart", *sites, "--min-count", "10", "--wait", "60",
+                 *connection],
+            )  # fmt: skip
+            assert exhausted.exit_code == 1, exhausted.output
+            exhausted_id = exhausted.output.split("statistics requested: ")[1].split()[0]
+            deadline = time.monotonic() + 60
+            while any(s.status == "pending" for s in admin.statistics(exhausted_id).sites):
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            shown = runner.invoke(baton, ["statistics", "show", exhausted_id, *connection])
+
+            # 5. A tabular run with the pooled normaliser, approved by its new bundle's hash.
             plan = plan_with_normaliser(parse_plan({
                 "name": "normalised", "task": "tabular", "dataset": "heart",
                 "labels": ["0", "1"], "sites": list(SITES), "options": {"model": "logistic"},
@@ -134,6 +161,17 @@ def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
     assert unapproved.status == "failed"
     assert "not-approved" in unapproved.error and bundle(11) in unapproved.error
     assert all(s.error.startswith("not-approved") for s in unapproved.sites)
+
+    assert shown.exit_code == 0, shown.output
+    shown_text = " ".join(shown.output.split())
+    assert "statistics failed: site-a: statistics-budget-exhausted" in shown_text or (
+        "statistics failed: site-b: statistics-budget-exhausted" in shown_text
+    )
+    assert "max_statistics_answers 2" in shown_text
+    answers = {s.site: s for s in _ledger_answers(tmp_path, exhausted_id)}
+    assert answers["site-a"].error_code == answers["site-b"].error_code == (
+        "statistics-budget-exhausted")  # fmt: skip
+    assert answers["site-c"].status == "done"
 
     ledger = Ledger(f"sqlite:///{tmp_path / 'coordinator' / 'ledger.sqlite3'}")
     try:
