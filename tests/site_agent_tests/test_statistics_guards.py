@@ -308,3 +308,12 @@ def test_guard_refusals_reach_the_coordinator_with_their_reason_code(tmp_path: P
     assert answered.ok
     assert (refused.ok, refused.error_code) == (False, "statistics-budget-exhausted")
     assert "max_statistics_answers 1" in refused.error_message
+
+
+def test_an_unreadable_release_record_refuses_rather_than_starting_afresh(tmp_path: Path) -> None:
+    path = tmp_path / "releases.json"
+    path.write_text("{not json")
+    with pytest.raises(ReleaseRefused, match=r"release record .* is unreadable") as refused:
+        answer_request(_tabular(_rows(40, seed=12)), StatisticsReleases(path), min_count=10)
+    assert refused.value.code == "statistics-failed"
+    assert path.read_text() == "{not json"
