@@ -263,6 +263,19 @@ def _released_aggregates(
             f"site {site} released aggregates over {released.count:g} rows, fewer than the "
             f"request's minimum of {request.min_count}"
         )
+    if request.noise_std == 0:
+        # Sites suppress or merge small cells; one that does not (an old agent) is refused.
+        small = [f"label {label!r}" for label, n in released.label_counts.items()
+                 if n < request.min_count] + [
+            f"length bin from {edge}"
+            for edge, n in zip(released.length_bin_edges, released.length_histogram, strict=True)
+            if n < request.min_count
+        ]  # fmt: skip
+        if small:
+            raise InvalidInput(
+                f"site {site} released cells below the request's minimum of "
+                f"{request.min_count}: {', '.join(small)}"
+            )
     return released
 
 

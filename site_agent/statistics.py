@@ -2,8 +2,9 @@
 
 Counts, per-feature sums and sums of squares (tabular), label counts (classification) and a
 histogram of text lengths (text tasks), over the registered **train** split only, refused below
-a minimum row count, optionally with Gaussian noise on every released number. No row, text or
-per-row value leaves this module. numpy only; the tokenizer (transformers) is imported on demand.
+a minimum row count, with label and histogram cells below it suppressed or merged, optionally
+with Gaussian noise on every released number. No row, text or per-row value leaves this
+module. numpy only; the tokenizer (transformers) is imported on demand.
 """
 
 from __future__ import annotations

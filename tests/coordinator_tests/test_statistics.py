@@ -331,9 +331,15 @@ def test_answers_are_refused_from_other_sites_with_stale_tokens_or_too_few_rows(
     not_finite = _result(task, _aggregates("site-a", rows[:60]))
     not_finite.feature_sums[0] = float("inf")
     assert refused("site-a", not_finite) == grpc.StatusCode.INVALID_ARGUMENT
+    # Nor a cell below the minimum (sites suppress them; an agent that does not is refused).
+    small_cell = _result(task, _aggregates("site-a", rows[:60], ["0"] * 55 + ["1"] * 5))
+    with pytest.raises(grpc.RpcError) as cell:
+        sites["site-a"].stub.ReportStatistics(small_cell, timeout=5)
+    assert cell.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "cells below the request's minimum of 50: label '1'" in cell.value.details()
     methods = [e.payload.get("method") for e in coordinator.engine.ledger.events()
                if e.kind == "access.refused"]  # fmt: skip
-    assert methods.count("ReportStatistics") == 5
+    assert methods.count("ReportStatistics") == 6
     assert admin.statistics(requested.statistics_id).status == "pending"
     assert sites["site-a"].stub.ReportStatistics(good, timeout=5).status == "done"
     assert admin.statistics(requested.statistics_id).status == "done"
