@@ -687,7 +687,8 @@ class SiteAgent:
             )
 
     def _run_statistics(self, stub: pb_grpc.SiteServiceStub, task: pb.StatisticsTask) -> None:
-        from site_agent.statistics import BelowMinimumCount, answer_request
+        from site_agent.releases import answer_request
+        from site_agent.statistics import BelowMinimumCount
 
         logger.info("statistics %s of dataset %s", task.statistics_id, task.dataset)
         result = pb.StatisticsResult(statistics_id=task.statistics_id, lease_token=task.lease_token)

@@ -2,10 +2,11 @@
 
 Per dataset the site keeps, in ``<state_dir>/statistics_releases.json`` under a file lock, how
 many requests it answered, the privacy loss its noised answers spent (zero-concentrated
-differential privacy, rho), and a salted digest of every training row of each answered row set.
-Before computing an answer it refuses when the dataset's answer budget or privacy budget is
-spent, or when the rows differ from an already answered row set by fewer rows than the minimum
-count (differencing).
+differential privacy, rho), and for each answered row set a salted digest of every row and the
+histogram bins released over it. Before computing an answer it refuses when the dataset's
+answer budget or privacy budget is spent, or when the rows differ from an already answered row
+set by fewer rows than the minimum count (differencing); over rows answered before, it releases
+histogram bins no finer than those released then.
 """
 
 from __future__ import annotations
@@ -22,22 +23,32 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import filelock
+import numpy as np
 
 from site_agent.examples import Example
+from site_agent.registry import RegisteredDataset
+from site_agent.statistics import (
+    BelowMinimumCount,
+    SiteAggregates,
+    coarsened_histogram,
+    compute_statistics,
+    l2_sensitivity,
+    noised,
+)
 
 __all__ = [
     "ReleaseLimits",
     "ReleaseRefused",
     "StatisticsReleases",
+    "answer_request",
     "epsilon_of",
     "gaussian_rho",
 ]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class ReleaseRefused(Exception):
@@ -80,17 +91,17 @@ class StatisticsReleases:
         rows: Sequence[Example],
         *,
         min_count: int,
-        compute: Callable[[], tuple[T, float]],
-    ) -> T:
+        compute: Callable[[list[list[int]]], tuple[SiteAggregates, float]],
+    ) -> SiteAggregates:
         """Checks the guards, computes the answer and records it, under the file lock.
 
         Args:
             dataset: The dataset's registered name.
             rows: The rows the answer covers (the training split).
             min_count: The minimum count the answer applies (differencing threshold).
-            compute: Returns the answer and its privacy cost rho (0 without noise); it is
-                called only when the answer and differencing guards pass, and may raise
-                ``ReleaseRefused`` itself.
+            compute: Given the histogram bin edges already released over these exact rows,
+                returns the answer and its privacy cost rho (0 without noise); it is called
+                only when the answer and differencing guards pass.
 
         Raises:
             ReleaseRefused: ``statistics-budget-exhausted``, ``differencing-risk`` or
@@ -109,7 +120,8 @@ class StatisticsReleases:
             digests = _row_digests(document["salt"], rows)
             row_set = hashlib.sha256("\n".join(digests).encode()).hexdigest()
             self._check_differencing(document, dataset, digests, row_set, min_count)
-            answer, rho = compute()
+            previous = document["row_sets"].get(row_set, {}).get("edges", [])
+            answer, rho = compute(previous)
             if rho > 0:
                 total = spent["rho"] + rho
                 epsilon = epsilon_of(total, self.limits.delta)
@@ -123,9 +135,13 @@ class StatisticsReleases:
                 spent["rho"] = total
             spent["answers"] += 1
             recorded = document["row_sets"].setdefault(
-                row_set, {"dataset": dataset, "min_count": min_count, "digests": digests}
+                row_set,
+                {"dataset": dataset, "min_count": min_count, "digests": digests, "edges": []},
             )
             recorded["min_count"] = max(recorded["min_count"], min_count)
+            edges = list(answer.length_bin_edges)
+            if edges and edges not in recorded["edges"]:
+                recorded["edges"].append(edges)
             self._write(document)
             logger.info("statistics answer %d about %s recorded (rho spent %.4g)",
                         spent["answers"], dataset, spent["rho"])  # fmt: skip
@@ -180,6 +196,50 @@ class StatisticsReleases:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+
+
+def answer_request(
+    dataset: RegisteredDataset,
+    releases: StatisticsReleases,
+    *,
+    min_count: int,
+    noise_std: float = 0.0,
+    base_model_dir: Path | None = None,
+    rng: np.random.Generator | None = None,
+) -> SiteAggregates:
+    """A statistics request's answer, behind every guard of the site's release record.
+
+    Refuses below the minimum count first, then past the dataset's answer budget, on a
+    differencing risk, or past its privacy budget (``StatisticsReleases.release``). Computes
+    the exact aggregates (small cells suppressed or merged); over rows answered before, joins
+    histogram bins so that only edges every earlier answer released remain (two groupings of
+    the same rows would otherwise give the counts of their finer common grouping); with noise,
+    charges the Gaussian mechanism's zCDP cost, rho = sensitivity^2 / (2 noise_std^2), before
+    adding the noise.
+
+    Raises:
+        BelowMinimumCount: Fewer training rows than ``min_count``.
+        ReleaseRefused: A guard refuses; nothing is released or recorded.
+        ValueError: As ``compute_statistics``.
+    """
+    if not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ValueError(f"noise_std must be finite and >= 0, got {noise_std}")
+    if len(dataset.train) < min_count:
+        raise BelowMinimumCount(
+            f"dataset {dataset.name!r} has {len(dataset.train)} training rows, fewer than the "
+            f"{min_count} any released aggregate must cover"
+        )
+
+    def compute(previous_edges: list[list[int]]) -> tuple[SiteAggregates, float]:
+        exact = compute_statistics(dataset, min_count=min_count, base_model_dir=base_model_dir)
+        for edges in previous_edges:
+            exact = coarsened_histogram(exact, edges)
+        if noise_std == 0:
+            return exact, 0.0
+        rho = gaussian_rho(l2_sensitivity(dataset, exact), noise_std)
+        return noised(exact, noise_std, rng or np.random.default_rng()), rho
+
+    return releases.release(dataset.name, dataset.train, min_count=min_count, compute=compute)
 
 
 def _row_digests(salt: str, rows: Sequence[Example]) -> list[str]:

@@ -9,6 +9,7 @@ module. numpy only; the tokenizer (transformers) is imported on demand.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import math
@@ -21,14 +22,13 @@ import numpy as np
 
 from site_agent.examples import Example, InstructionExample, TabularExample, TextExample
 from site_agent.registry import RegisteredDataset
-from site_agent.releases import StatisticsReleases, gaussian_rho
 
 __all__ = [
     "LENGTH_BIN_EDGES",
     "SUPPRESSED_LABEL",
     "BelowMinimumCount",
     "SiteAggregates",
-    "answer_request",
+    "coarsened_histogram",
     "compute_statistics",
     "l2_sensitivity",
     "length_histogram",
@@ -141,45 +141,6 @@ def compute_statistics(
     return aggregates
 
 
-def answer_request(
-    dataset: RegisteredDataset,
-    releases: StatisticsReleases,
-    *,
-    min_count: int,
-    noise_std: float = 0.0,
-    base_model_dir: Path | None = None,
-    rng: np.random.Generator | None = None,
-) -> SiteAggregates:
-    """A statistics request's answer, behind every guard of the site's release record.
-
-    Refuses below the minimum count first, then past the dataset's answer budget, on a
-    differencing risk, or past its privacy budget (``StatisticsReleases.release``); computes
-    the exact aggregates (small cells suppressed), and with noise charges the Gaussian
-    mechanism's zCDP cost, rho = sensitivity^2 / (2 noise_std^2), before adding the noise.
-
-    Raises:
-        BelowMinimumCount: Fewer training rows than ``min_count``.
-        ReleaseRefused: A guard refuses; nothing is computed or recorded.
-        ValueError: As ``compute_statistics``.
-    """
-    if not (math.isfinite(noise_std) and noise_std >= 0):
-        raise ValueError(f"noise_std must be finite and >= 0, got {noise_std}")
-    if len(dataset.train) < min_count:
-        raise BelowMinimumCount(
-            f"dataset {dataset.name!r} has {len(dataset.train)} training rows, fewer than the "
-            f"{min_count} any released aggregate must cover"
-        )
-
-    def compute() -> tuple[SiteAggregates, float]:
-        exact = compute_statistics(dataset, min_count=min_count, base_model_dir=base_model_dir)
-        if noise_std == 0:
-            return exact, 0.0
-        rho = gaussian_rho(l2_sensitivity(dataset, exact), noise_std)
-        return noised(exact, noise_std, rng or np.random.default_rng()), rho
-
-    return releases.release(dataset.name, dataset.train, min_count=min_count, compute=compute)
-
-
 def suppress_small_labels(counts: Mapping[str, float], min_count: int) -> dict[str, float]:
     """Label counts with every cell under ``min_count`` folded into one ``<suppressed>`` cell.
 
@@ -237,6 +198,25 @@ def merge_small_bins(
             merged_edges.append(group_edge)
             merged.append(group)
     return tuple(merged_edges), tuple(merged)
+
+
+def coarsened_histogram(aggregates: SiteAggregates, kept_edges: Iterable[int]) -> SiteAggregates:
+    """The aggregates with their histogram bins joined so that only ``kept_edges`` remain.
+
+    Each bin joins the kept bin whose lower edge is the largest not above its own; the first
+    edge is always kept. Releasing a coarsening of an earlier release's bins tells nothing the
+    earlier release did not.
+    """
+    edges = aggregates.length_bin_edges
+    if not edges:
+        return aggregates
+    kept = sorted({edges[0], *(e for e in kept_edges if e in edges)})
+    sums = [0.0] * len(kept)
+    for edge, count in zip(edges, aggregates.length_histogram, strict=True):
+        sums[bisect.bisect_right(kept, edge) - 1] += count
+    return dataclasses.replace(
+        aggregates, length_bin_edges=tuple(kept), length_histogram=tuple(sums)
+    )
 
 
 def l2_sensitivity(dataset: RegisteredDataset, aggregates: SiteAggregates) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -19,6 +20,7 @@ from site_agent.releases import (
     ReleaseLimits,
     ReleaseRefused,
     StatisticsReleases,
+    answer_request,
     epsilon_of,
     gaussian_rho,
 )
@@ -26,7 +28,7 @@ from site_agent.settings import SiteSettings
 from site_agent.statistics import (
     LENGTH_BIN_EDGES,
     SUPPRESSED_LABEL,
-    answer_request,
+    SiteAggregates,
     compute_statistics,
     l2_sensitivity,
     length_histogram,
@@ -130,6 +132,27 @@ def test_histogram_bins_are_merged_with_neighbours_until_each_reaches_the_minimu
                             if low <= e < high)  # fmt: skip
 
 
+def test_rows_answered_before_get_no_finer_histogram_than_before(tmp_path: Path) -> None:
+    # 5 texts in each of the first six length bins.
+    lengths = [n for low in (0, 8, 16, 32, 64, 128) for n in [low + 1] * 5]
+    rows = tuple(TextExample(text="w " * n, label="x") for n in lengths)
+    notes = RegisteredDataset(name="notes", task_type="seq-classification",
+                              fingerprint="0" * 64, train=rows, validation=(), test=())  # fmt: skip
+    releases = StatisticsReleases(tmp_path / "releases.json")
+    first = answer_request(notes, releases, min_count=10)
+    assert (first.length_bin_edges, first.length_histogram) == ((0, 16, 64), (10.0, 10.0, 10.0))
+    # Alone, minimum 15 groups the same rows as [0, 32) and [32, inf): together with the first
+    # answer that would give the 5 rows of [16, 32). Over the same rows only edges both
+    # groupings share are released.
+    raw = length_histogram(lengths)
+    assert merge_small_bins(LENGTH_BIN_EDGES, raw, 15) == ((0, 32), (15.0, 15.0))
+    second = answer_request(notes, releases, min_count=15)
+    assert (second.length_bin_edges, second.length_histogram) == ((0,), (30.0,))
+    # Other rows are grouped on their own.
+    other = dataclasses.replace(notes, name="other", train=rows + rows)
+    assert answer_request(other, releases, min_count=10).length_bin_edges == LENGTH_BIN_EDGES[:6]
+
+
 # ---- answer budget ------------------------------------------------------------------------------
 
 
@@ -149,7 +172,7 @@ def test_a_site_answers_at_most_its_budget_of_requests_per_dataset(tmp_path: Pat
     with pytest.raises(ReleaseRefused):
         answer_request(heart, reopened, min_count=10)
 
-    def never() -> tuple[None, float]:
+    def never(previous_edges: object) -> tuple[SiteAggregates, float]:
         raise AssertionError("computed past the budget")
 
     with pytest.raises(ReleaseRefused):
