@@ -158,7 +158,7 @@ class StatisticsReleases:
         document: dict[str, Any], dataset: str, digests: list[str], row_set: str, min_count: int
     ) -> None:
         if row_set in document["row_sets"]:
-            return  # the same rows again: the exact answer is the same, noise is budgeted
+            return  # the same rows again: no finer bins than before, noise is budgeted
         mine = Counter(digests)
         for recorded in document["row_sets"].values():
             theirs = Counter(recorded["digests"])
