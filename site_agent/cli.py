@@ -142,6 +142,32 @@ def approvals(data_dir: DataDir = Path("."), state_dir: StateDir = None) -> None
             console.print_json(json.dumps(entry["bundle"]))
 
 
+@app.command("statistics-releases")
+def statistics_releases(
+    data_dir: DataDir = Path("."),
+    state_dir: StateDir = None,
+    delta: Annotated[float, typer.Option(min=0.0, help="delta for the epsilon shown")] = 1e-6,
+) -> None:
+    """Show the statistics answers this site released per dataset, and the privacy loss spent."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from site_agent.releases import ReleaseRefused, StatisticsReleases, epsilon_of
+
+    path = (state_dir or data_dir / ".baton-site") / "statistics_releases.json"
+    try:
+        listing = StatisticsReleases(path).listing()
+    except ReleaseRefused as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    table = Table("dataset", "answers", "rho spent", f"epsilon (delta {delta:g})",
+                  title="statistics releases")  # fmt: skip
+    for name, (answers, rho) in listing.items():
+        epsilon = f"{epsilon_of(rho, delta):.4g}" if rho > 0 and 0 < delta < 1 else "0"
+        table.add_row(name, str(answers), f"{rho:.4g}", epsilon)
+    Console().print(table)
+
+
 @cert_app.command("csr")
 def cert_csr(
     name: Annotated[str, typer.Option(help="This site's name (the certificate CN)")],

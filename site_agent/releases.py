@@ -149,9 +149,13 @@ class StatisticsReleases:
 
     def spent(self, dataset: str) -> tuple[int, float]:
         """Answers given and rho spent for ``dataset``."""
+        return self.listing().get(dataset, (0, 0.0))
+
+    def listing(self) -> dict[str, tuple[int, float]]:
+        """Answers given and rho spent, per dataset that was ever asked about."""
         with self._locked():
-            spent = self._read()["datasets"].get(dataset, {"answers": 0, "rho": 0.0})
-        return int(spent["answers"]), float(spent["rho"])
+            datasets = self._read()["datasets"]
+        return {name: (int(v["answers"]), float(v["rho"])) for name, v in sorted(datasets.items())}
 
     @staticmethod
     def _check_differencing(

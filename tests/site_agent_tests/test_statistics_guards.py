@@ -340,3 +340,27 @@ def test_an_unreadable_release_record_refuses_rather_than_starting_afresh(tmp_pa
         answer_request(_tabular(_rows(40, seed=12)), StatisticsReleases(path), min_count=10)
     assert refused.value.code == "statistics-failed"
     assert path.read_text() == "{not json"
+
+
+def test_the_site_cli_shows_answers_and_privacy_loss_per_dataset(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from site_agent.cli import app as baton_site
+
+    releases = StatisticsReleases(tmp_path / "state" / "statistics_releases.json")
+    answer_request(_notes(40), releases, min_count=10, noise_std=20.0)
+    answer_request(_tabular(_rows(40, seed=13)), releases, min_count=10)
+
+    shown = CliRunner().invoke(baton_site, ["statistics-releases", "--data-dir", str(tmp_path),
+                                            "--state-dir", str(tmp_path / "state")])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:5]]
+            for line in shown.output.splitlines() if line.count("│") == 5}  # fmt: skip
+    rho = gaussian_rho(math.sqrt(3), 20.0)
+    assert rows["notes"] == ["1", f"{rho:.4g}", f"{epsilon_of(rho, 1e-6):.4g}"]
+    assert rows["heart"] == ["1", "0", "0"]
+
+    (tmp_path / "state" / "statistics_releases.json").write_text("{")
+    broken = CliRunner().invoke(baton_site, ["statistics-releases", "--data-dir", str(tmp_path),
+                                             "--state-dir", str(tmp_path / "state")])  # fmt: skip
+    assert broken.exit_code == 2 and "is unreadable" in broken.output
