@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import get_args
 
-from coordinator.errors import InvalidInput, NotFound, PermissionDenied, StaleLease
+from coordinator.errors import InvalidInput, NotFound, PermissionDenied, StaleLease, StorageFault
 from coordinator.ledger import (
     LIVE_HOP_STATES,
     CheckpointRow,
@@ -40,7 +40,9 @@ from coordinator.statistics import (
     StatisticsMismatch,
     combine,
 )
+from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore, fsync_write
+from coordinator.uploads import UploadSpool
 from protocols.approval import ApprovalBundle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.signing import SignatureError, verify_custody
@@ -271,6 +273,8 @@ class RunEngine:
         self.store = store
         self.runs_dir = runs_dir
         self.uploads_dir = runs_dir.parent / "uploads"
+        self.spool = UploadSpool(self.uploads_dir)
+        self.storage = StorageHealth(ledger, runs_dir.parent)
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self._sessions: dict[str, SiteSession] = {}
         self._sent: dict[str, SiteSession] = {}  # hop/evaluation id -> session its task went to
@@ -456,14 +460,70 @@ class RunEngine:
                 f"checkpoint of {header.total_size} bytes exceeds the "
                 f"{self.max_checkpoint_bytes}-byte cap"
             )
-        partial = self._partial_upload(hop.id, header.sha256)
+        held = [row.sha256 for row in self.ledger.stored_checkpoints(hop.id)]
+        if held and header.sha256 not in held:
+            raise InvalidInput(
+                f"hop {hop.id} already holds uploaded output {held[0]} under this lease; "
+                "report it, or let the lease lapse, instead of uploading another"
+            )
+        where = f"upload for hop {hop.index} of run {run.id}"
+        with self.spool.writing(hop.id), self.storage.guard(where):
+            partial = self.spool.claim(hop.id, header.lease_token, header.sha256)
+            resumable = False
+            try:
+                received = await self._spool_chunks(partial, header, chunks)
+                if received != header.total_size:
+                    resumable = True
+                    raise InvalidInput(
+                        f"upload ended after {received} of {header.total_size} declared bytes; "
+                        f"resume from byte {received}"
+                    )
+                data = partial.read_bytes()
+                bundle = self._checked_upload(run, hop, site, certificate_pem, header, data)
+                await asyncio.to_thread(self.store.put, data)
+            except asyncio.CancelledError:
+                raise  # a cut stream: kept to resume under the same lease (until the hop ends)
+            except BaseException:
+                if not resumable:
+                    self.spool.discard(hop.id)  # rejected, or storage failed: nothing kept
+                raise
+            self.spool.discard(hop.id)
+            self.ledger.record_checkpoint(
+                CheckpointRow(
+                    sha256=bundle.sha256,
+                    size=bundle.size,
+                    run_id=run.id,
+                    hop_id=hop.id,
+                    producer_site=site,
+                    parent_sha256=hop.input_sha256,
+                    manifest=json.loads(bundle.manifest.to_json()),
+                    tensors=_tensor_specs(bundle),
+                    signature=header.signature.hex(),
+                    producer_certificate=certificate_pem.decode("ascii"),
+                    stored_at=datetime.now(UTC),
+                )
+            )
+            async with self._lock:
+                with contextlib.suppress(TransitionRefused):
+                    self.ledger.transition_hop(
+                        hop.id,
+                        expected=("leased", "training"),
+                        status="uploaded",
+                        event="hop.uploaded",
+                        payload={"output_sha256": bundle.sha256},
+                    )
+                self._extend(run, hop.id)
+        return bundle
+
+    async def _spool_chunks(
+        self, partial: Path, header: pb.UploadHeader, chunks: AsyncIterator[bytes]
+    ) -> int:
+        """Writes chunks to the partial file as they arrive (a cut upload resumes from there)."""
         received = partial.stat().st_size if partial.is_file() else 0
         if header.offset > received:
             raise InvalidInput(
                 f"cannot resume at byte {header.offset}: {received} bytes were received"
             )
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        # Chunks go to disk as they arrive, so a cut connection resumes where it stopped.
         with partial.open("r+b" if partial.is_file() else "wb") as fh:
             fh.truncate(header.offset)
             fh.seek(header.offset)
@@ -473,20 +533,25 @@ class RunEngine:
                 if received > header.total_size:
                     raise InvalidInput("upload is longer than its header declared")
                 fh.write(chunk)
-            fh.flush()
+                fh.flush()  # what UploadStatus reports is on disk, not in a buffer
             os.fsync(fh.fileno())
-        if received != header.total_size:
-            raise InvalidInput(
-                f"upload ended after {received} of {header.total_size} declared bytes; "
-                f"resume from byte {received}"
-            )
-        data = partial.read_bytes()
+        return received
+
+    def _checked_upload(
+        self,
+        run: RunRow,
+        hop: HopRow,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        data: bytes,
+    ) -> Bundle:
+        """The uploaded bundle once its hash, format, values, lineage and signature hold."""
         try:
             bundle = inspect_bundle(
                 data, expected_sha256=header.sha256, max_bytes=self.max_checkpoint_bytes
             )
         except CheckpointError as exc:
-            partial.unlink(missing_ok=True)  # complete but wrong: start over
             raise InvalidInput(str(exc)) from exc
         self._check_lineage(run, hop, site, bundle)
         try:
@@ -495,45 +560,27 @@ class RunEngine:
             )
         except SignatureError as exc:
             raise InvalidInput(f"checkpoint-integrity: {exc}") from exc
-        await asyncio.to_thread(self.store.put, data)
-        partial.unlink(missing_ok=True)
-        self.ledger.record_checkpoint(
-            CheckpointRow(
-                sha256=bundle.sha256,
-                size=bundle.size,
-                run_id=run.id,
-                hop_id=hop.id,
-                producer_site=site,
-                parent_sha256=hop.input_sha256,
-                manifest=json.loads(bundle.manifest.to_json()),
-                tensors=_tensor_specs(bundle),
-                signature=header.signature.hex(),
-                producer_certificate=certificate_pem.decode("ascii"),
-                stored_at=datetime.now(UTC),
-            )
-        )
-        async with self._lock:
-            with contextlib.suppress(TransitionRefused):
-                self.ledger.transition_hop(
-                    hop.id,
-                    expected=("leased", "training"),
-                    status="uploaded",
-                    event="hop.uploaded",
-                    payload={"output_sha256": bundle.sha256},
-                )
-            self._extend(run, hop.id)
         return bundle
-
-    def _partial_upload(self, hop_id: str, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise InvalidInput(f"upload header sha256 is not a hex digest: {sha256[:80]!r}")
-        return self.uploads_dir / f"{hop_id}.{sha256}.part"
 
     def upload_progress(self, site: str, header: pb.UploadHeader) -> int:
         """Bytes of a hop's upload already received (to resume a cut upload from there)."""
         self._leased_hop(site, header.hop_id, header.lease_token)
-        partial = self._partial_upload(header.hop_id, header.sha256)
-        return partial.stat().st_size if partial.is_file() else 0
+        return self.spool.received(header.hop_id, header.lease_token, header.sha256)
+
+    def _hop_ended(self, hop_id: str, reason: str) -> None:
+        """Frees what a hop that ended (or is redone) leaves: its spool files, its other uploads.
+
+        Best effort under a storage fault: the watchdog's sweep and `baton store gc` finish it.
+        """
+        try:
+            self.spool.discard(hop_id)
+            for row in self.ledger.supersede_checkpoints(hop_id, reason):
+                self.store.delete(row.sha256)
+        except Exception as exc:
+            fault = storage_fault_reason(exc)
+            if fault is None:
+                raise
+            self.storage.report(f"clean-up of hop {hop_id}", fault)
 
     def _check_lineage(self, run: RunRow, hop: HopRow, site: str, bundle: Bundle) -> None:
         manifest = bundle.manifest
@@ -591,20 +638,26 @@ class RunEngine:
                     f"for hop {hop.id}"
                 )
             try:
-                self.ledger.commit_hop(
-                    hop.id,
-                    lease_token=result.lease_token,
-                    output_sha256=output.sha256,
-                    metrics=metrics,
-                    train_started_at_ns=result.train_started_at_ns,
-                    train_finished_at_ns=result.train_finished_at_ns,
-                    base_model_sha256=output.manifest["base_model_sha256"],
-                )
+                with self.storage.guard(f"commit of hop {hop.index} of run {run.id}"):
+                    self.ledger.commit_hop(
+                        hop.id,
+                        lease_token=result.lease_token,
+                        output_sha256=output.sha256,
+                        metrics=metrics,
+                        train_started_at_ns=result.train_started_at_ns,
+                        train_finished_at_ns=result.train_finished_at_ns,
+                        base_model_sha256=output.manifest["base_model_sha256"],
+                    )
             except TransitionRefused as exc:
                 raise StaleLease(str(exc)) from exc
             self._forget(hop.id)
             logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
-            await self._dispatch_locked(run.id)
+            self._hop_ended(hop.id, "hop committed with another output")
+            try:
+                with self.storage.guard(f"dispatch after hop {hop.index} of run {run.id}"):
+                    await self._dispatch_locked(run.id)
+            except StorageFault:
+                pass  # committed; the watchdog leases the next hop once storage recovers
         return "committed"
 
     async def _finish(self, run: RunRow) -> None:
@@ -615,14 +668,18 @@ class RunEngine:
                 run.id, expected=("running",), status="failed", error="no hop was committed"
             )
             return
-        await asyncio.to_thread(self._export_final, run.id, final.output_sha256)
-        self.ledger.transition_run(
-            run.id,
-            expected=("running",),
-            status="completed",
-            payload={"final_sha256": final.output_sha256},
-            final_sha256=final.output_sha256,
-        )
+        try:
+            with self.storage.guard(f"export of run {run.id}'s final adapter"):
+                await asyncio.to_thread(self._export_final, run.id, final.output_sha256)
+                self.ledger.transition_run(
+                    run.id,
+                    expected=("running",),
+                    status="completed",
+                    payload={"final_sha256": final.output_sha256},
+                    final_sha256=final.output_sha256,
+                )
+        except StorageFault:
+            return  # still running: the watchdog retries the export once storage recovers
         logger.info("run %s completed", run.id)
 
     async def _hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str:
@@ -637,6 +694,7 @@ class RunEngine:
         logger.warning("run %s hop %d at %s: %s (%s) -> %s", run.id, hop.index, hop.site,
                        code, message, action)  # fmt: skip
         live = (*LIVE_HOP_STATES, "pending")
+        self._hop_ended(hop.id, f"hop {action} after {code}")
         if action == "retry":
             delay = policy.retry_backoff_seconds * 2 ** max(hop.attempts - 1, 0)
             self.ledger.transition_hop(
@@ -697,6 +755,10 @@ class RunEngine:
                 raise NotFound(f"no run {run_id!r}") from None
             except TransitionRefused as exc:
                 raise InvalidInput(str(exc)) from exc
+            for hop in self.ledger.run(run_id).hops:
+                if hop.status in LIVE_HOP_STATES:
+                    self._forget(hop.id)
+                    self._hop_ended(hop.id, "run aborted")
 
     # ---- watchdog -----------------------------------------------------------------------------
 
@@ -706,14 +768,34 @@ class RunEngine:
             await asyncio.sleep(interval)
             try:
                 await self.check_deadlines()
-            except Exception:
-                logger.exception("watchdog pass failed; trying again")
+            except Exception as exc:
+                fault = storage_fault_reason(exc)
+                if fault is None:
+                    logger.exception("watchdog pass failed; trying again")
+                else:
+                    self.storage.report("watchdog pass", fault)
+
+    def _sweep_spool(self, runs: list[RunRow]) -> None:
+        """Removes spool files whose hop no longer holds that lease (ended, expired, crashed)."""
+        live = {
+            hop.id: hop.lease_token
+            for run in runs
+            for hop in run.hops
+            if hop.status in LIVE_HOP_STATES and hop.lease_token
+        }
+        freed = self.spool.sweep(live)
+        if freed:
+            logger.info("removed %d bytes of abandoned partial uploads", freed)
 
     async def check_deadlines(self) -> None:
+        self.storage.check()
         now = time.monotonic()
-        for run in self.ledger.active_runs():
+        runs = self.ledger.active_runs()
+        self._sweep_spool(runs)
+        for run in runs:
             hop = _current_hop(run)
             if hop is None:
+                await self.dispatch(run.id)  # all hops settled: retries a failed export
                 continue
             policy = _policy(run)
             async with self._lock:
@@ -1020,9 +1102,10 @@ class RunEngine:
                 phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
             )
             if beat.phase == "training" and hop.status == "leased":
-                self.ledger.transition_hop(
-                    hop.id, expected=("leased",), status="training", event="hop.training"
-                )
+                with self.storage.guard(f"heartbeat of hop {hop.index} of run {run.id}"):
+                    self.ledger.transition_hop(
+                        hop.id, expected=("leased",), status="training", event="hop.training"
+                    )
 
     def _forget(self, hop_id: str) -> None:
         for table in (self._sent, self._progress, self._deadlines, self._not_before):
