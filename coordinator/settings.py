@@ -34,6 +34,8 @@ class CoordinatorSettings(FileBackedSettings):
     port_file: Path | None = None  # write the bound port here once serving (for port 0)
     # Default minimum rows per released aggregate for statistics requests that name none.
     statistics_min_count: int = Field(default=10, ge=1)
+    # Retention (`baton store gc`): committed checkpoints kept per finished run besides its final.
+    checkpoint_retention: int = Field(default=2, ge=0)
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:
