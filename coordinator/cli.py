@@ -290,6 +290,8 @@ def follow_run(client: AdminClient, run_id: str, interval: float = 0.25) -> pb.R
 
 
 def print_summary(run: pb.RunStatus) -> None:
+    if run.storage_fault and run.status not in TERMINAL_RUN_STATES:
+        err.print(f"[yellow]storage fault {run.storage_fault}[/yellow]")
     handoffs = handoff_seconds(run)
     if handoffs:
         ordered = sorted(handoffs)
@@ -407,8 +409,11 @@ def run_status(
     """Show one run's hops, or all runs."""
     with _admin(coordinator, ca, cert, key) as client:
         if run_id is None:
-            for run in _admin_call(client.runs):
+            runs = _admin_call(client.runs)
+            for run in runs:
                 console.print(f"{run.run_id}  {run.status:<10} {run.name}  {len(run.hops)} hops")
+            if runs and runs[0].storage_fault:
+                err.print(f"[yellow]storage fault {runs[0].storage_fault}[/yellow]")
             return
         shown = run_id
         run = _admin_call(lambda: follow_run(client, shown) if follow else client.run(shown))
