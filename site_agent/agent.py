@@ -54,6 +54,9 @@ _RETRYABLE = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
+# A finished result is asked about at least this often: a coordinator whose disk was full
+# takes it within seconds of space being freed.
+_RESULT_RETRY_MAX_DELAY = 5.0
 T = TypeVar("T")
 
 
@@ -304,11 +307,11 @@ class SiteAgent:
                     raise
                 if lease_lost is not None and lease_lost.is_set():
                     raise
-                logger.warning("%s: coordinator unavailable (%s: %s); retrying in %.1f s",
+                logger.warning("%s not taken by the coordinator now (%s: %s); again in %.1f s",
                                what, exc.code().name, exc.details(), delay)  # fmt: skip
                 if self._stop.wait(delay):
                     raise
-                delay = min(delay * 2, self.settings.reconnect_max_seconds)
+                delay = min(delay * 2, self.settings.reconnect_max_seconds, _RESULT_RETRY_MAX_DELAY)
 
     def _download(self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef) -> bytes:
         """Downloads a bundle, resuming from the last received byte after an interruption."""

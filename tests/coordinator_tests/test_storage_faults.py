@@ -7,9 +7,7 @@ that a ballast file fills; the sites are real gRPC clients.
 from __future__ import annotations
 
 import errno
-import os
 import sqlite3
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,44 +28,16 @@ from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread, Pki
 from tests.coordinator_tests.conftest import BASE, ScriptedSite
+from tests.small_disk import Ballast, small_disk
 
 FLOATS = 128 * 1024  # 512 KiB bundles: an export needs more than the room a commit needs
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 24 MiB tmpfs (we run as root in CI; elsewhere the test is skipped with the reason)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-                          capture_output=True, text=True, check=False)  # fmt: skip
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs for the coordinator's state directory."""
+    with small_disk(tmp_path / "disk") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-class Ballast:
-    """Fills a file system with one file, leaving `room` bytes; `free()` deletes it."""
-
-    def __init__(self, disk: Path) -> None:
-        self.path = disk / "ballast"
-
-    def fill(self, room: int = 0) -> None:
-        with self.path.open("ab", buffering=0) as fh:
-            for block in (1024 * 1024, 64 * 1024, 4096, 512):
-                try:
-                    while True:
-                        fh.write(b"\0" * block)
-                except OSError as exc:
-                    assert exc.errno == errno.ENOSPC
-        if room:
-            os.truncate(self.path, self.path.stat().st_size - room)
-
-    def free(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 def _bundle(site: ScriptedSite, task: pb.HopTask) -> bytes:
@@ -103,12 +73,12 @@ def _truncate_wal(coordinator: Coordinator) -> None:
 
 
 def test_full_disk_answers_retryable_and_the_run_completes_once_space_is_freed(
-    pki: Pki, small_disk: Path, loop_thread: LoopThread
+    pki: Pki, disk: Path, loop_thread: LoopThread
 ) -> None:
     tls = pki.tls("coordinator")
     settings = CoordinatorSettings(
         port=0,
-        state_dir=small_disk / "state",
+        state_dir=disk / "state",
         ca_certificate=tls.ca_certificate,
         certificate=tls.certificate,
         private_key=tls.private_key,
@@ -117,7 +87,7 @@ def test_full_disk_answers_retryable_and_the_run_completes_once_space_is_freed(
     coordinator = loop_thread.run(build_server(settings))
     a, b = (ScriptedSite(pki, name, coordinator.port) for name in ("site-a", "site-b"))
     admin = AdminClient(f"localhost:{coordinator.port}", pki.tls("admin"))
-    ballast = Ballast(small_disk)
+    ballast = Ballast(disk)
     ledger = coordinator.engine.ledger
     try:
         a.connect()
