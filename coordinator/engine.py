@@ -626,9 +626,10 @@ class RunEngine:
             run, hop = self._leased_hop(site, result.hop_id, result.lease_token)
             if not result.ok:
                 code = result.error_code or "site-error"
-                status = await self._hop_failed(
-                    run, hop, code, result.error_message or "the site reported a failure"
-                )
+                with self.storage.guard(f"failure report of hop {hop.index} of run {run.id}"):
+                    status = await self._hop_failed(
+                        run, hop, code, result.error_message or "the site reported a failure"
+                    )
                 return status
             metrics = _finite_metrics(dict(result.metrics))
             output = self.ledger.checkpoint(result.output_checkpoint.sha256)
@@ -894,11 +895,13 @@ class RunEngine:
                 raise PermissionDenied(f"evaluation {row.id} is not assigned to site {site}")
             if row.status != "pending" or row.lease_token != result.lease_token:
                 raise StaleLease(f"evaluation {row.id} is not pending under that lease token")
-            if result.ok:
-                self.ledger.finish_evaluation(row.id, metrics=_finite_metrics(dict(result.metrics)))
-            else:
-                message = f"{result.error_code or 'site-error'}: {result.error_message}"
-                self.ledger.finish_evaluation(row.id, metrics={}, error=message)
+            with self.storage.guard(f"evaluation {row.id}"):
+                if result.ok:
+                    metrics = _finite_metrics(dict(result.metrics))
+                    self.ledger.finish_evaluation(row.id, metrics=metrics)
+                else:
+                    message = f"{result.error_code or 'site-error'}: {result.error_message}"
+                    self.ledger.finish_evaluation(row.id, metrics={}, error=message)
             self._sent.pop(row.id, None)
             return "failed" if not result.ok else "done"
 

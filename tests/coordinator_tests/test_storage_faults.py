@@ -164,3 +164,52 @@ def test_full_disk_answers_retryable_and_the_run_completes_once_space_is_freed(
 )  # fmt: skip
 def test_storage_faults_are_told_apart_from_other_errors(error: Exception, storage: bool) -> None:
     assert (storage_fault_reason(error) is not None) is storage
+
+
+def test_failure_and_evaluation_reports_into_a_full_disk_are_retryable(
+    pki: Pki, disk: Path, loop_thread: LoopThread
+) -> None:
+    tls = pki.tls("coordinator")
+    settings = CoordinatorSettings(
+        port=0,
+        state_dir=disk / "state",
+        ca_certificate=tls.ca_certificate,
+        certificate=tls.certificate,
+        private_key=tls.private_key,
+    )
+    coordinator = loop_thread.run(build_server(settings))
+    site = ScriptedSite(pki, "site-a", coordinator.port)
+    admin = AdminClient(f"localhost:{coordinator.port}", pki.tls("admin"))
+    ballast = Ballast(disk)
+    plan = {"name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a"],
+            "failure": {"on_failure": "abort"}}  # fmt: skip
+    try:
+        site.connect()
+        admin.wait_for_sites({"site-a"}, timeout=10)
+        done = admin.start_run(parse_plan(plan))
+        task = site.next_task()
+        assert site.report(task, site.upload(task, site.bundle(task))) == "committed"
+        _until(lambda: admin.run(done).status == "completed")
+        admin.evaluate_run(done, "validation", ["site-a"])
+        evaluation = site.next_evaluation()
+        scored = pb.EvaluationResult(evaluation_id=evaluation.evaluation_id, ok=True,
+                                     lease_token=evaluation.lease_token,
+                                     metrics={"accuracy": 0.5})  # fmt: skip
+        failing = admin.start_run(parse_plan(plan))
+        task = site.next_task()
+        failed = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
+                              error_code="training-failed", error_message="boom")  # fmt: skip
+
+        _truncate_wal(coordinator)
+        ballast.fill()
+        _unavailable(lambda: site.stub.ReportEvaluation(scored, timeout=5))
+        _unavailable(lambda: site.stub.ReportHopResult(failed, timeout=5))
+        ballast.free()
+        assert site.stub.ReportEvaluation(scored, timeout=5).status == "done"
+        assert site.stub.ReportHopResult(failed, timeout=5).hop_status == "failed"
+        assert admin.run(failing).status == "failed"
+    finally:
+        ballast.free()
+        admin.close()
+        site.close()
+        loop_thread.run(coordinator.stop(0))
