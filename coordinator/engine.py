@@ -478,6 +478,8 @@ class RunEngine:
                         f"upload ended after {received} of {header.total_size} declared bytes; "
                         f"resume from byte {received}"
                     )
+                # The hop may have ended while the bytes arrived (lease expired, run aborted).
+                run, hop = self._leased_hop(site, header.hop_id, header.lease_token)
                 data = partial.read_bytes()
                 bundle = self._checked_upload(run, hop, site, certificate_pem, header, data)
                 await asyncio.to_thread(self.store.put, data)

@@ -241,3 +241,22 @@ def test_checkpoint_of_a_retried_hop_is_marked_superseded_and_its_bytes_freed(
     assert site.report(redo, second) == "committed"
     assert ledger.checkpoint(second.sha256).status == "stored"
     assert ledger.verify_chain() is None
+
+
+def test_upload_in_flight_when_its_run_is_aborted_is_refused_and_nothing_is_kept(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    stall = threading.Event()
+    data = site.bundle(task)
+    future = _upload(site, task, data, stop=stall)  # all bytes sent, the stream still open
+    header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
+                             sha256=sha256_hex(data))  # fmt: skip
+    _until(lambda: site.stub.UploadStatus(header, timeout=5).received == len(data))
+    assert admin.control(task.run_id, "abort", "stop").status == "aborted"
+    stall.set()
+    assert _outcome(future) == f"NOT_FOUND: no active hop {task.hop_id}"
+    assert not list((_state(coordinator) / "uploads").iterdir())
+    assert not list(coordinator.engine.store.stored())
+    assert coordinator.engine.ledger.checkpoints(task.run_id) == []
