@@ -635,7 +635,7 @@ class RunEngine:
                 return status
             metrics = _finite_metrics(dict(result.metrics))
             output = self.ledger.checkpoint(result.output_checkpoint.sha256)
-            if output is None or output.hop_id != hop.id:
+            if output is None or output.hop_id != hop.id or output.status != "stored":
                 raise InvalidInput(
                     f"output checkpoint {result.output_checkpoint.sha256} was not uploaded "
                     f"for hop {hop.id}"
@@ -697,13 +697,13 @@ class RunEngine:
         logger.warning("run %s hop %d at %s: %s (%s) -> %s", run.id, hop.index, hop.site,
                        code, message, action)  # fmt: skip
         live = (*LIVE_HOP_STATES, "pending")
-        self._hop_ended(hop.id, f"hop {action} after {code}")
         if action == "retry":
             delay = policy.retry_backoff_seconds * 2 ** max(hop.attempts - 1, 0)
             self.ledger.transition_hop(
                 hop.id, expected=live, status="pending", event="hop.retry", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
+            self._hop_ended(hop.id, f"hop retried after {code}")
             self._not_before[hop.id] = time.monotonic() + delay
             return "pending"
         if action == "skip":
@@ -711,12 +711,14 @@ class RunEngine:
                 hop.id, expected=live, status="skipped", event="hop.skipped", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
+            self._hop_ended(hop.id, f"hop skipped after {code}")
             await self._dispatch_locked(run.id)
             return "skipped"
         self.ledger.transition_hop(
             hop.id, expected=live, status="failed", event="hop.failed", payload=detail,
             lease_token=None, error_code=code, error=message,
         )  # fmt: skip
+        self._hop_ended(hop.id, f"hop failed with {code}")
         error = f"hop {hop.index} at {hop.site}: {code}: {message}"
         if action == "pause":
             self.ledger.transition_run(run.id, expected=("running",), status="paused",

@@ -234,9 +234,12 @@ def test_checkpoint_of_a_retried_hop_is_marked_superseded_and_its_bytes_freed(
     assert site.stub.ReportHopResult(result, timeout=5).hop_status == "pending"
     assert ledger.checkpoint(first.sha256).status == "superseded"
     [event] = [e for e in ledger.events() if e.kind == "checkpoint.superseded"]
-    assert event.payload["sha256"] == first.sha256 and "retry" in event.payload["reason"]
+    assert event.payload["sha256"] == first.sha256 and "retried" in event.payload["reason"]
     assert first.sha256 not in coordinator.engine.store
     redo = site.next_task()
+    with pytest.raises(grpc.RpcError) as refused:  # a superseded upload is never committed
+        site.report(redo, first)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     second = site.upload(redo, site.bundle(redo, 2.0))
     assert site.report(redo, second) == "committed"
     assert ledger.checkpoint(second.sha256).status == "stored"
