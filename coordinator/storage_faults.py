@@ -38,7 +38,7 @@ _PROBE_BYTES = 64 * 1024
 def storage_fault_reason(exc: BaseException) -> str | None:
     """Why `exc` is a storage fault ("No space left on device", ...), or None if it is not."""
     if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
-        return f"{os.strerror(exc.errno)}" + (f" ({exc.filename})" if exc.filename else "")
+        return os.strerror(exc.errno)  # no path: the reason reaches sites
     if isinstance(exc, OperationalError):
         original = exc.orig
         message = str(original).strip().splitlines()[0] if str(original).strip() else ""

@@ -18,8 +18,10 @@ import pytest
 import safetensors.numpy
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
+from typer.testing import CliRunner
 
 from coordinator.admin import AdminClient
+from coordinator.cli import app
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
@@ -125,6 +127,16 @@ def test_full_disk_answers_retryable_and_the_run_completes_once_space_is_freed(
         stalled = admin.run(run_id)
         assert stalled.status == "running" and stalled.storage_fault
         assert [h.status for h in stalled.hops] == ["committed", "committed"]
+        admin_tls = pki.tls("admin")
+        shown = CliRunner().invoke(app, [
+            "run", "status", run_id, "--coordinator", f"localhost:{coordinator.port}",
+            "--ca", str(admin_tls.ca_certificate), "--cert", str(admin_tls.certificate),
+            "--key", str(admin_tls.private_key),
+        ])  # fmt: skip
+        assert shown.exit_code == 0, shown.output
+        line = " ".join(shown.output.split())  # rich wraps at the terminal's width
+        assert "storage fault since " in line
+        assert "coordinator storage full: No space left on device (during export of run" in line
         ballast.free()
         _until(lambda: admin.run(run_id).status == "completed")
         _until(lambda: not admin.run(run_id).storage_fault)
