@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import psycopg.errors
 import pytest
 import safetensors.numpy
 from sqlalchemy import text
@@ -170,9 +171,12 @@ def test_full_disk_answers_retryable_and_the_run_completes_once_space_is_freed(
         (OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full")),
          True),
         (OperationalError("SELECT", {}, sqlite3.OperationalError("no such table: runs")), False),
+        (OperationalError("INSERT", {}, psycopg.errors.DiskFull("could not extend file")), True),
+        (OperationalError("SELECT", {}, psycopg.errors.UndefinedTable("no such table")), False),
         (ValueError("database or disk is full"), False),
     ],
-    ids=["enospc", "edquot", "eio", "enoent", "sqlite-full", "sqlite-schema", "not-storage"],
+    ids=["enospc", "edquot", "eio", "enoent", "sqlite-full", "sqlite-schema", "postgresql-full",
+         "postgresql-schema", "not-storage"],
 )  # fmt: skip
 def test_storage_faults_are_told_apart_from_other_errors(error: Exception, storage: bool) -> None:
     assert (storage_fault_reason(error) is not None) is storage

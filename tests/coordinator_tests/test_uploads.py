@@ -263,3 +263,21 @@ def test_upload_in_flight_when_its_run_is_aborted_is_refused_and_nothing_is_kept
     assert not list((_state(coordinator) / "uploads").iterdir())
     assert not list(coordinator.engine.store.stored())
     assert coordinator.engine.ledger.checkpoints(task.run_id) == []
+
+
+def test_watchdog_removes_spool_files_of_ended_hops_and_older_leases(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    uploads = _state(coordinator) / "uploads"
+    data = site.bundle(task)
+    _cut_upload(site, task, data)  # the live lease's partial: kept to be resumed
+    [current] = list(uploads.iterdir())
+    # Left by a crash: an older lease of this hop, and a hop that no longer holds a lease.
+    older = uploads / f"{task.hop_id}.{'0' * 16}.{'1' * 64}.part"
+    ended = uploads / f"{'f' * 32}.{'0' * 16}.{'2' * 64}.part"
+    for leftover in (older, ended):
+        leftover.write_bytes(b"x" * 1000)
+    _until(lambda: not older.exists() and not ended.exists())
+    assert current.exists()
