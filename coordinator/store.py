@@ -94,7 +94,3 @@ class CheckpointStore:
                 if len(path.name) == 64 and path.name.startswith(shard.name):
                     stat = path.stat()
                     yield path.name, stat.st_size, stat.st_mtime
-
-    def usage(self) -> int:
-        """Bytes held by the store's bundles."""
-        return sum(size for _, size, _ in self.stored())

@@ -94,10 +94,6 @@ class UploadSpool:
                 freed += _unlink(path)
         return freed
 
-    def usage(self) -> int:
-        """Bytes held by the spool."""
-        return sum(_size(path) for path in self._all_files())
-
     def _files(self, hop_id: str) -> list[Path]:
         if not _HEX.fullmatch(hop_id) or not self.root.is_dir():
             return []
@@ -106,7 +102,8 @@ class UploadSpool:
     def _all_files(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return [path for path in self.root.iterdir() if path.name.count(".") >= 3]
+        # Every partial, including `<hop>.<sha256>.part` files of earlier versions (no lease key).
+        return [path for path in self.root.iterdir() if path.name.endswith(_SUFFIX)]
 
 
 def _size(path: Path) -> int:

@@ -277,7 +277,8 @@ def test_watchdog_removes_spool_files_of_ended_hops_and_older_leases(
     # Left by a crash: an older lease of this hop, and a hop that no longer holds a lease.
     older = uploads / f"{task.hop_id}.{'0' * 16}.{'1' * 64}.part"
     ended = uploads / f"{'f' * 32}.{'0' * 16}.{'2' * 64}.part"
-    for leftover in (older, ended):
+    legacy = uploads / f"{task.hop_id}.{'3' * 64}.part"  # named as before leases keyed it
+    for leftover in (older, ended, legacy):
         leftover.write_bytes(b"x" * 1000)
-    _until(lambda: not older.exists() and not ended.exists())
+    _until(lambda: not any(p.exists() for p in (older, ended, legacy)))
     assert current.exists()
