@@ -55,6 +55,8 @@ statistics_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(statistics_app, name="statistics")
+store_app = typer.Typer(help="The checkpoint store: retention and clean-up.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 console = Console()
 err = Console(stderr=True)
@@ -289,6 +291,8 @@ def follow_run(client: AdminClient, run_id: str, interval: float = 0.25) -> pb.R
 
 
 def print_summary(run: pb.RunStatus) -> None:
+    if run.storage_fault and run.status not in TERMINAL_RUN_STATES:
+        err.print(f"[yellow]storage fault {run.storage_fault}[/yellow]")
     handoffs = handoff_seconds(run)
     if handoffs:
         ordered = sorted(handoffs)
@@ -406,8 +410,11 @@ def run_status(
     """Show one run's hops, or all runs."""
     with _admin(coordinator, ca, cert, key) as client:
         if run_id is None:
-            for run in _admin_call(client.runs):
+            runs = _admin_call(client.runs)
+            for run in runs:
                 console.print(f"{run.run_id}  {run.status:<10} {run.name}  {len(run.hops)} hops")
+            if runs and runs[0].storage_fault:
+                err.print(f"[yellow]storage fault {runs[0].storage_fault}[/yellow]")
             return
         shown = run_id
         run = _admin_call(lambda: follow_run(client, shown) if follow else client.run(shown))
@@ -706,6 +713,72 @@ def ledger_export(
     else:
         out.write_text(text)
         console.print(f"{len(lines)} events written to {out}")
+
+
+def _bytes(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB" if size >= 1024**2 else f"{size / 1024:.1f} KiB"
+
+
+@store_app.command("gc")
+def store_gc(
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Coordinator TOML settings (state dir, database, policy)")
+    ] = None,
+    keep: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            envvar="BATON_CHECKPOINT_RETENTION",
+            help="Checkpoints kept per finished run besides its final (default: the "
+            "settings' checkpoint_retention, 2)",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run/--delete", help="Only list what would go (default)")
+    ] = True,
+) -> None:
+    """Apply the retention policy: delete checkpoints nothing needs (final + N kept per run)."""
+    from coordinator.retention import collect_garbage
+    from coordinator.store import CheckpointStore
+
+    if config is not None:
+        from pydantic import ValidationError
+
+        from coordinator.settings import load_coordinator_settings
+
+        try:
+            settings = load_coordinator_settings(config)
+        except (ValidationError, FileNotFoundError) as exc:
+            raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
+        state_dir = state_dir or settings.state_dir
+        database_url = database_url or settings.database_url
+        keep = settings.checkpoint_retention if keep is None else keep
+    if state_dir is None:
+        raise _fail("give --state-dir (the store lives there) or --config", EXIT_BAD_INPUT)
+    if not (state_dir / "checkpoints").is_dir():
+        raise _fail(f"no checkpoint store at {state_dir / 'checkpoints'}", EXIT_BAD_INPUT)
+    ledger = _ledger(state_dir, database_url)
+    try:
+        deletions = collect_garbage(
+            ledger, CheckpointStore(state_dir / "checkpoints"), 2 if keep is None else keep,
+            delete=not dry_run,
+        )  # fmt: skip
+    finally:
+        ledger.close()
+    table = Table("checkpoint", "run", "reason", "size")
+    for deletion in deletions:
+        table.add_row(deletion.sha256[:16], (deletion.run_id or "")[:8], deletion.reason,
+                      _bytes(deletion.size))  # fmt: skip
+    if deletions:
+        console.print(table)
+    freed = _bytes(sum(d.size for d in deletions))
+    if dry_run:
+        console.print(f"dry run: {len(deletions)} checkpoint(s) would be deleted, {freed} freed; "
+                      "run with --delete to delete them")  # fmt: skip
+    else:
+        console.print(f"deleted {len(deletions)} checkpoint(s), {freed} freed (ledgered)")
 
 
 @app.command("sites")

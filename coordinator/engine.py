@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import get_args
 
-from coordinator.errors import InvalidInput, NotFound, PermissionDenied, StaleLease
+from coordinator.errors import InvalidInput, NotFound, PermissionDenied, StaleLease, StorageFault
 from coordinator.ledger import (
     LIVE_HOP_STATES,
     CheckpointRow,
@@ -40,7 +40,9 @@ from coordinator.statistics import (
     StatisticsMismatch,
     combine,
 )
+from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore, fsync_write
+from coordinator.uploads import UploadSpool
 from protocols.approval import ApprovalBundle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.signing import SignatureError, verify_custody
@@ -300,6 +302,8 @@ class RunEngine:
         self.store = store
         self.runs_dir = runs_dir
         self.uploads_dir = runs_dir.parent / "uploads"
+        self.spool = UploadSpool(self.uploads_dir)
+        self.storage = StorageHealth(ledger, runs_dir.parent)
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self._sessions: dict[str, SiteSession] = {}
         self._sent: dict[str, SiteSession] = {}  # hop/evaluation id -> session its task went to
@@ -485,14 +489,72 @@ class RunEngine:
                 f"checkpoint of {header.total_size} bytes exceeds the "
                 f"{self.max_checkpoint_bytes}-byte cap"
             )
-        partial = self._partial_upload(hop.id, header.sha256)
+        held = [row.sha256 for row in self.ledger.stored_checkpoints(hop.id)]
+        if held and header.sha256 not in held:
+            raise InvalidInput(
+                f"hop {hop.id} already holds uploaded output {held[0]} under this lease; "
+                "report it, or let the lease lapse, instead of uploading another"
+            )
+        where = f"upload for hop {hop.index} of run {run.id}"
+        with self.spool.writing(hop.id), self.storage.guard(where):
+            partial = self.spool.claim(hop.id, header.lease_token, header.sha256)
+            resumable = False
+            try:
+                received = await self._spool_chunks(partial, header, chunks)
+                if received != header.total_size:
+                    resumable = True
+                    raise InvalidInput(
+                        f"upload ended after {received} of {header.total_size} declared bytes; "
+                        f"resume from byte {received}"
+                    )
+                # The hop may have ended while the bytes arrived (lease expired, run aborted).
+                run, hop = self._leased_hop(site, header.hop_id, header.lease_token)
+                data = partial.read_bytes()
+                bundle = self._checked_upload(run, hop, site, certificate_pem, header, data)
+                await asyncio.to_thread(self.store.put, data)
+            except asyncio.CancelledError:
+                raise  # a cut stream: kept to resume under the same lease (until the hop ends)
+            except BaseException:
+                if not resumable:
+                    self.spool.discard(hop.id)  # rejected, or storage failed: nothing kept
+                raise
+            self.spool.discard(hop.id)
+            self.ledger.record_checkpoint(
+                CheckpointRow(
+                    sha256=bundle.sha256,
+                    size=bundle.size,
+                    run_id=run.id,
+                    hop_id=hop.id,
+                    producer_site=site,
+                    parent_sha256=hop.input_sha256,
+                    manifest=json.loads(bundle.manifest.to_json()),
+                    tensors=_tensor_specs(bundle),
+                    signature=header.signature.hex(),
+                    producer_certificate=certificate_pem.decode("ascii"),
+                    stored_at=datetime.now(UTC),
+                )
+            )
+            async with self._lock:
+                with contextlib.suppress(TransitionRefused):
+                    self.ledger.transition_hop(
+                        hop.id,
+                        expected=("leased", "training"),
+                        status="uploaded",
+                        event="hop.uploaded",
+                        payload={"output_sha256": bundle.sha256},
+                    )
+                self._extend(run, hop.id)
+        return bundle
+
+    async def _spool_chunks(
+        self, partial: Path, header: pb.UploadHeader, chunks: AsyncIterator[bytes]
+    ) -> int:
+        """Writes chunks to the partial file as they arrive (a cut upload resumes from there)."""
         received = partial.stat().st_size if partial.is_file() else 0
         if header.offset > received:
             raise InvalidInput(
                 f"cannot resume at byte {header.offset}: {received} bytes were received"
             )
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        # Chunks go to disk as they arrive, so a cut connection resumes where it stopped.
         with partial.open("r+b" if partial.is_file() else "wb") as fh:
             fh.truncate(header.offset)
             fh.seek(header.offset)
@@ -502,20 +564,25 @@ class RunEngine:
                 if received > header.total_size:
                     raise InvalidInput("upload is longer than its header declared")
                 fh.write(chunk)
-            fh.flush()
+                fh.flush()  # what UploadStatus reports is on disk, not in a buffer
             os.fsync(fh.fileno())
-        if received != header.total_size:
-            raise InvalidInput(
-                f"upload ended after {received} of {header.total_size} declared bytes; "
-                f"resume from byte {received}"
-            )
-        data = partial.read_bytes()
+        return received
+
+    def _checked_upload(
+        self,
+        run: RunRow,
+        hop: HopRow,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        data: bytes,
+    ) -> Bundle:
+        """The uploaded bundle once its hash, format, values, lineage and signature hold."""
         try:
             bundle = inspect_bundle(
                 data, expected_sha256=header.sha256, max_bytes=self.max_checkpoint_bytes
             )
         except CheckpointError as exc:
-            partial.unlink(missing_ok=True)  # complete but wrong: start over
             raise InvalidInput(str(exc)) from exc
         self._check_lineage(run, hop, site, bundle)
         try:
@@ -524,45 +591,27 @@ class RunEngine:
             )
         except SignatureError as exc:
             raise InvalidInput(f"checkpoint-integrity: {exc}") from exc
-        await asyncio.to_thread(self.store.put, data)
-        partial.unlink(missing_ok=True)
-        self.ledger.record_checkpoint(
-            CheckpointRow(
-                sha256=bundle.sha256,
-                size=bundle.size,
-                run_id=run.id,
-                hop_id=hop.id,
-                producer_site=site,
-                parent_sha256=hop.input_sha256,
-                manifest=json.loads(bundle.manifest.to_json()),
-                tensors=_tensor_specs(bundle),
-                signature=header.signature.hex(),
-                producer_certificate=certificate_pem.decode("ascii"),
-                stored_at=datetime.now(UTC),
-            )
-        )
-        async with self._lock:
-            with contextlib.suppress(TransitionRefused):
-                self.ledger.transition_hop(
-                    hop.id,
-                    expected=("leased", "training"),
-                    status="uploaded",
-                    event="hop.uploaded",
-                    payload={"output_sha256": bundle.sha256},
-                )
-            self._extend(run, hop.id)
         return bundle
-
-    def _partial_upload(self, hop_id: str, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise InvalidInput(f"upload header sha256 is not a hex digest: {sha256[:80]!r}")
-        return self.uploads_dir / f"{hop_id}.{sha256}.part"
 
     def upload_progress(self, site: str, header: pb.UploadHeader) -> int:
         """Bytes of a hop's upload already received (to resume a cut upload from there)."""
         self._leased_hop(site, header.hop_id, header.lease_token)
-        partial = self._partial_upload(header.hop_id, header.sha256)
-        return partial.stat().st_size if partial.is_file() else 0
+        return self.spool.received(header.hop_id, header.lease_token, header.sha256)
+
+    def _hop_ended(self, hop_id: str, reason: str) -> None:
+        """Frees what a hop that ended (or is redone) leaves: its spool files, its other uploads.
+
+        Best effort under a storage fault: the watchdog's sweep and `baton store gc` finish it.
+        """
+        try:
+            self.spool.discard(hop_id)
+            for row in self.ledger.supersede_checkpoints(hop_id, reason):
+                self.store.delete(row.sha256)
+        except Exception as exc:
+            fault = storage_fault_reason(exc)
+            if fault is None:
+                raise
+            self.storage.report(f"clean-up of hop {hop_id}", fault)
 
     def _check_lineage(self, run: RunRow, hop: HopRow, site: str, bundle: Bundle) -> None:
         manifest = bundle.manifest
@@ -608,32 +657,39 @@ class RunEngine:
             run, hop = self._leased_hop(site, result.hop_id, result.lease_token)
             if not result.ok:
                 code = result.error_code or "site-error"
-                status = await self._hop_failed(
-                    run, hop, code, result.error_message or "the site reported a failure"
-                )
+                with self.storage.guard(f"failure report of hop {hop.index} of run {run.id}"):
+                    status = await self._hop_failed(
+                        run, hop, code, result.error_message or "the site reported a failure"
+                    )
                 return status
             metrics = _finite_metrics(dict(result.metrics))
             output = self.ledger.checkpoint(result.output_checkpoint.sha256)
-            if output is None or output.hop_id != hop.id:
+            if output is None or output.hop_id != hop.id or output.status != "stored":
                 raise InvalidInput(
                     f"output checkpoint {result.output_checkpoint.sha256} was not uploaded "
                     f"for hop {hop.id}"
                 )
             try:
-                self.ledger.commit_hop(
-                    hop.id,
-                    lease_token=result.lease_token,
-                    output_sha256=output.sha256,
-                    metrics=metrics,
-                    train_started_at_ns=result.train_started_at_ns,
-                    train_finished_at_ns=result.train_finished_at_ns,
-                    base_model_sha256=output.manifest["base_model_sha256"],
-                )
+                with self.storage.guard(f"commit of hop {hop.index} of run {run.id}"):
+                    self.ledger.commit_hop(
+                        hop.id,
+                        lease_token=result.lease_token,
+                        output_sha256=output.sha256,
+                        metrics=metrics,
+                        train_started_at_ns=result.train_started_at_ns,
+                        train_finished_at_ns=result.train_finished_at_ns,
+                        base_model_sha256=output.manifest["base_model_sha256"],
+                    )
             except TransitionRefused as exc:
                 raise StaleLease(str(exc)) from exc
             self._forget(hop.id)
             logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
-            await self._dispatch_locked(run.id)
+            self._hop_ended(hop.id, "hop committed with another output")
+            try:
+                with self.storage.guard(f"dispatch after hop {hop.index} of run {run.id}"):
+                    await self._dispatch_locked(run.id)
+            except StorageFault:
+                pass  # committed; the watchdog leases the next hop once storage recovers
         return "committed"
 
     async def _finish(self, run: RunRow) -> None:
@@ -644,14 +700,18 @@ class RunEngine:
                 run.id, expected=("running",), status="failed", error="no hop was committed"
             )
             return
-        await asyncio.to_thread(self._export_final, run.id, final.output_sha256)
-        self.ledger.transition_run(
-            run.id,
-            expected=("running",),
-            status="completed",
-            payload={"final_sha256": final.output_sha256},
-            final_sha256=final.output_sha256,
-        )
+        try:
+            with self.storage.guard(f"export of run {run.id}'s final adapter"):
+                await asyncio.to_thread(self._export_final, run.id, final.output_sha256)
+                self.ledger.transition_run(
+                    run.id,
+                    expected=("running",),
+                    status="completed",
+                    payload={"final_sha256": final.output_sha256},
+                    final_sha256=final.output_sha256,
+                )
+        except StorageFault:
+            return  # still running: the watchdog retries the export once storage recovers
         logger.info("run %s completed", run.id)
 
     async def _hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str:
@@ -672,6 +732,7 @@ class RunEngine:
                 hop.id, expected=live, status="pending", event="hop.retry", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
+            self._hop_ended(hop.id, f"hop retried after {code}")
             self._not_before[hop.id] = time.monotonic() + delay
             return "pending"
         if action == "skip":
@@ -679,12 +740,14 @@ class RunEngine:
                 hop.id, expected=live, status="skipped", event="hop.skipped", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
+            self._hop_ended(hop.id, f"hop skipped after {code}")
             await self._dispatch_locked(run.id)
             return "skipped"
         self.ledger.transition_hop(
             hop.id, expected=live, status="failed", event="hop.failed", payload=detail,
             lease_token=None, error_code=code, error=message,
         )  # fmt: skip
+        self._hop_ended(hop.id, f"hop failed with {code}")
         error = f"hop {hop.index} at {hop.site}: {code}: {message}"
         if action == "pause":
             self.ledger.transition_run(run.id, expected=("running",), status="paused",
@@ -726,6 +789,10 @@ class RunEngine:
                 raise NotFound(f"no run {run_id!r}") from None
             except TransitionRefused as exc:
                 raise InvalidInput(str(exc)) from exc
+            for hop in self.ledger.run(run_id).hops:
+                if hop.status in LIVE_HOP_STATES:
+                    self._forget(hop.id)
+                    self._hop_ended(hop.id, "run aborted")
 
     # ---- watchdog -----------------------------------------------------------------------------
 
@@ -735,14 +802,34 @@ class RunEngine:
             await asyncio.sleep(interval)
             try:
                 await self.check_deadlines()
-            except Exception:
-                logger.exception("watchdog pass failed; trying again")
+            except Exception as exc:
+                fault = storage_fault_reason(exc)
+                if fault is None:
+                    logger.exception("watchdog pass failed; trying again")
+                else:
+                    self.storage.report("watchdog pass", fault)
+
+    def _sweep_spool(self, runs: list[RunRow]) -> None:
+        """Removes spool files whose hop no longer holds that lease (ended, expired, crashed)."""
+        live = {
+            hop.id: hop.lease_token
+            for run in runs
+            for hop in run.hops
+            if hop.status in LIVE_HOP_STATES and hop.lease_token
+        }
+        freed = self.spool.sweep(live)
+        if freed:
+            logger.info("removed %d bytes of abandoned partial uploads", freed)
 
     async def check_deadlines(self) -> None:
+        self.storage.check()
         now = time.monotonic()
-        for run in self.ledger.active_runs():
+        runs = self.ledger.active_runs()
+        self._sweep_spool(runs)
+        for run in runs:
             hop = _current_hop(run)
             if hop is None:
+                await self.dispatch(run.id)  # all hops settled: retries a failed export
                 continue
             policy = _policy(run)
             async with self._lock:
@@ -842,11 +929,13 @@ class RunEngine:
                 raise PermissionDenied(f"evaluation {row.id} is not assigned to site {site}")
             if row.status != "pending" or row.lease_token != result.lease_token:
                 raise StaleLease(f"evaluation {row.id} is not pending under that lease token")
-            if result.ok:
-                self.ledger.finish_evaluation(row.id, metrics=_finite_metrics(dict(result.metrics)))
-            else:
-                message = f"{result.error_code or 'site-error'}: {result.error_message}"
-                self.ledger.finish_evaluation(row.id, metrics={}, error=message)
+            with self.storage.guard(f"evaluation {row.id}"):
+                if result.ok:
+                    metrics = _finite_metrics(dict(result.metrics))
+                    self.ledger.finish_evaluation(row.id, metrics=metrics)
+                else:
+                    message = f"{result.error_code or 'site-error'}: {result.error_message}"
+                    self.ledger.finish_evaluation(row.id, metrics={}, error=message)
             self._sent.pop(row.id, None)
             return "failed" if not result.ok else "done"
 
@@ -1096,9 +1185,10 @@ class RunEngine:
                 phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
             )
             if beat.phase == "training" and hop.status == "leased":
-                self.ledger.transition_hop(
-                    hop.id, expected=("leased",), status="training", event="hop.training"
-                )
+                with self.storage.guard(f"heartbeat of hop {hop.index} of run {run.id}"):
+                    self.ledger.transition_hop(
+                        hop.id, expected=("leased",), status="training", event="hop.training"
+                    )
 
     def _forget(self, hop_id: str) -> None:
         for table in (self._sent, self._progress, self._deadlines, self._not_before):

@@ -8,6 +8,8 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "StaleLease",
+    "StorageFault",
+    "UploadBusy",
 ]
 
 
@@ -29,3 +31,11 @@ class StaleLease(CoordinatorError):
 
 class InvalidInput(CoordinatorError):
     """Malformed plan, corrupt checkpoint, non-finite metrics and the like."""
+
+
+class StorageFault(CoordinatorError):
+    """The coordinator's disk or database cannot write now (full, quota, I/O error): retryable."""
+
+
+class UploadBusy(CoordinatorError):
+    """Another upload for the same hop is in progress (one upload per hop at a time)."""

@@ -21,6 +21,8 @@ from coordinator.errors import (
     NotFound,
     PermissionDenied,
     StaleLease,
+    StorageFault,
+    UploadBusy,
 )
 from coordinator.ledger import Ledger, RunRow
 from coordinator.plan import PlanError, parse_plan
@@ -43,6 +45,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (StaleLease, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (PlanError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UploadBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 
@@ -71,6 +74,9 @@ class _Guarded:
         )
 
     async def _refuse(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+        if isinstance(exc, StorageFault):
+            # Not a refusal of the caller, and the ledger may be what is full: the site retries.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         for kind, code in _CODES:
             if isinstance(exc, kind):
                 self._record_refusal(code, str(exc))
@@ -411,6 +417,7 @@ def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
         final_sha256=run.final_sha256 or "",
         error=run.error or "",
         plan_json=json.dumps(run.plan, sort_keys=True),
+        storage_fault=engine.storage.fault or "",
     )
     if run.status == "completed":
         status.final_adapter_dir = str(engine.final_adapter_dir(run.id).resolve())

@@ -36,6 +36,8 @@ class CoordinatorSettings(FileBackedSettings):
     statistics_min_count: int = Field(default=10, ge=1)
     # A statistics request that names no expiry fails if not every site answered within this.
     statistics_expiry_seconds: float = Field(default=3600.0, ge=1, le=30 * 86400)
+    # Retention (`baton store gc`): committed checkpoints kept per finished run besides its final.
+    checkpoint_retention: int = Field(default=2, ge=0)
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:

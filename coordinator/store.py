@@ -74,3 +74,23 @@ class CheckpointStore:
             while chunk := fh.read(chunk_bytes):
                 yield offset, chunk
                 offset += len(chunk)
+
+    def delete(self, sha256: str) -> int:
+        """Removes a bundle's bytes; returns the bytes freed (0 if it was not stored)."""
+        path = self.path(sha256)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        path.unlink(missing_ok=True)
+        return size
+
+    def stored(self) -> Iterator[tuple[str, int, float]]:
+        """(sha256, size, modification time) of every bundle in the store."""
+        for shard in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if not shard.is_dir() or len(shard.name) != 2:
+                continue
+            for path in sorted(shard.iterdir()):
+                if len(path.name) == 64 and path.name.startswith(shard.name):
+                    stat = path.stat()
+                    yield path.name, stat.st_size, stat.st_mtime

@@ -55,6 +55,9 @@ _RETRYABLE = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
+# A finished result is asked about at least this often: a coordinator whose disk was full
+# takes it within seconds of space being freed.
+_RESULT_RETRY_MAX_DELAY = 5.0
 T = TypeVar("T")
 
 
@@ -298,8 +301,11 @@ class SiteAgent:
 
     # ---- calls that outlive a coordinator restart -------------------------------------------
 
-    def _retrying(self, what: str, call: Callable[[], T]) -> T:
-        """Retries `call` while the coordinator is unreachable, up to result_retry_seconds."""
+    def _retrying(
+        self, what: str, call: Callable[[], T], *, lease_lost: threading.Event | None = None
+    ) -> T:
+        """Retries `call` while the coordinator is unreachable or cannot store (e.g. its disk is
+        full), with backoff, up to result_retry_seconds and, for a hop, while its lease holds."""
         deadline = time.monotonic() + self.settings.result_retry_seconds
         delay = 0.5
         while True:
@@ -308,10 +314,13 @@ class SiteAgent:
             except grpc.RpcError as exc:
                 if exc.code() not in _RETRYABLE or time.monotonic() > deadline:
                     raise
+                if lease_lost is not None and lease_lost.is_set():
+                    raise
+                logger.warning("%s not taken by the coordinator now (%s: %s); again in %.1f s",
+                               what, exc.code().name, exc.details(), delay)  # fmt: skip
                 if self._stop.wait(delay):
                     raise
-                logger.warning("%s: coordinator unreachable (%s); retrying", what, exc.code())
-                delay = min(delay * 2, self.settings.reconnect_max_seconds)
+                delay = min(delay * 2, self.settings.reconnect_max_seconds, _RESULT_RETRY_MAX_DELAY)
 
     def _download(self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef) -> bytes:
         """Downloads a bundle, resuming from the last received byte after an interruption."""
@@ -355,20 +364,40 @@ class SiteAgent:
                     error_code=failure.code,
                     error_message=str(failure),
                 )
-        if result is None:
-            return
-        try:
-            response = self._retrying(
-                "hop result", lambda: stub.ReportHopResult(result, timeout=60)
-            )
-        except grpc.RpcError as exc:
-            if exc.code() in _RETRYABLE:
-                raise
-            logger.error("hop %s result refused: %s %s", task.hop_id, exc.code(), exc.details())
-            return
+            if result is None:
+                return
+            # Still heartbeating: the lease holds while the coordinator cannot take the result.
+            response = self._report_hop_result(stub, task, result, beat)
+            if response is None:
+                return
         if response.ledger_head:
             self.state.acknowledge(response.ledger_head)
         logger.info("hop %d of run %s: %s", task.hop_index, task.run_id, response.hop_status)
+
+    def _report_hop_result(
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        task: pb.HopTask,
+        result: pb.HopResult,
+        beat: _Heartbeat,
+    ) -> pb.HopResultResponse | None:
+        """Reports a hop's result, retrying while the coordinator cannot take it; None: refused."""
+        try:
+            response: pb.HopResultResponse = self._retrying(
+                "hop result",
+                lambda: stub.ReportHopResult(result, timeout=60),
+                lease_lost=beat.cancelled,
+            )
+        except grpc.RpcError as exc:
+            if beat.cancelled.is_set():
+                logger.error("hop %s: lease lost before the coordinator took its result (%s)",
+                             task.hop_id, exc.details())  # fmt: skip
+                return None
+            if exc.code() in _RETRYABLE:
+                raise
+            logger.error("hop %s result refused: %s %s", task.hop_id, exc.code(), exc.details())
+            return None
+        return response
 
     def _check_approval(
         self,
@@ -571,7 +600,7 @@ class SiteAgent:
             )
             return response
 
-        uploaded = self._retrying("upload", upload)
+        uploaded = self._retrying("upload", upload, lease_lost=beat.cancelled)
         return pb.HopResult(
             hop_id=task.hop_id,
             lease_token=task.lease_token,

@@ -130,6 +130,9 @@ class CheckpointRow(Base):
     signature: Mapped[str] = mapped_column(Text, default="", server_default="")  # hex
     producer_certificate: Mapped[str] = mapped_column(Text, default="", server_default="")
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # stored; superseded (its hop was redone or ended without it); deleted (retention, gc).
+    # Only a stored checkpoint's bytes are kept in the store.
+    status: Mapped[str] = mapped_column(String(16), default="stored", server_default="stored")
 
 
 class RevocationRow(Base):

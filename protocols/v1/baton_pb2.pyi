@@ -1286,6 +1286,7 @@ class RunStatus(_message.Message):
     EVALUATIONS_FIELD_NUMBER: _builtins.int
     APPROVAL_BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
     PLAN_JSON_FIELD_NUMBER: _builtins.int
+    STORAGE_FAULT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     name: _builtins.str
     status: _builtins.str
@@ -1296,6 +1297,8 @@ class RunStatus(_message.Message):
     approval_bundle_sha256: _builtins.str
     plan_json: _builtins.str
     """the run plan as stored in the ledger (defaults filled in)"""
+    storage_fault: _builtins.str
+    """While the coordinator's disk or database cannot write: since when and why (else empty)."""
     @_builtins.property
     def hops(self) -> _containers.RepeatedCompositeFieldContainer[Global___HopStatus]: ...
     @_builtins.property
@@ -1313,10 +1316,11 @@ class RunStatus(_message.Message):
         evaluations: _abc.Iterable[Global___EvaluationStatus] | None = ...,
         approval_bundle_sha256: _builtins.str = ...,
         plan_json: _builtins.str = ...,
+        storage_fault: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "error", b"error", "evaluations", b"evaluations", "final_adapter_dir", b"final_adapter_dir", "final_sha256", b"final_sha256", "hops", b"hops", "name", b"name", "plan_json", b"plan_json", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "error", b"error", "evaluations", b"evaluations", "final_adapter_dir", b"final_adapter_dir", "final_sha256", b"final_sha256", "hops", b"hops", "name", b"name", "plan_json", b"plan_json", "run_id", b"run_id", "status", b"status", "storage_fault", b"storage_fault"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

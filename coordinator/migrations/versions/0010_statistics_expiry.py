@@ -1,7 +1,7 @@
 """statistics requests expire
 
 Revision ID: 0010
-Revises: 0006
+Revises: 0008
 Create Date: 2026-11-30 04:50:00.000000
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 
 
 revision = '0010'
-down_revision = '0006'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,284 @@
+"""A leased site cannot fill the coordinator's disk: one partial upload per hop, none orphaned."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from coordinator.admin import AdminClient
+from coordinator.plan import parse_plan
+from coordinator.server import Coordinator
+from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
+from protocols.signing import sign_digest
+from protocols.transport import CHUNK_BYTES
+from protocols.v1 import baton_pb2 as pb
+from tests.coordinator_tests.conftest import BASE, ScriptedSite
+
+CAP = 256 * 1024
+
+
+def _start(admin: AdminClient, site: ScriptedSite, **failure: object) -> pb.HopTask:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.start_run(parse_plan({
+        "name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a", "site-b"],
+        "failure": {"retry_backoff_seconds": 0, **failure},
+    }))  # fmt: skip
+    return site.next_task()
+
+
+def _bundle(site: ScriptedSite, task: pb.HopTask, floats: int, value: float) -> bytes:
+    """A well-formed bundle for the hop of about `4 * floats` bytes."""
+    manifest = CheckpointManifest(task_type=task.task_type, base_model_sha256=BASE,
+                                  run_id=task.run_id, hop_id=task.hop_id, producer_site=site.name,
+                                  parent_sha256=task.input_checkpoint.sha256)  # fmt: skip
+    return safetensors.numpy.save(
+        {"lora_A": np.full((floats,), value, np.float32)},
+        metadata=bundle_metadata(manifest, {"r": 4}),
+    )
+
+
+def _upload(
+    site: ScriptedSite,
+    task: pb.HopTask,
+    data: bytes,
+    *,
+    declared: int | None = None,
+    sha: str | None = None,
+    stop: threading.Event | None = None,
+) -> grpc.Future:
+    """Starts an upload of `data` (header may declare another size or digest); a future.
+
+    With `stop`, the stream sends its data and then hangs until `stop` is set (a stalled site).
+    """
+    digest = sha or sha256_hex(data)
+    header = pb.UploadHeader(
+        hop_id=task.hop_id,
+        lease_token=task.lease_token,
+        total_size=len(data) if declared is None else declared,
+        sha256=digest,
+        signature=sign_digest(site.key_pem, digest),
+    )
+
+    def messages() -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        for start in range(0, len(data), CHUNK_BYTES):
+            yield pb.UploadRequest(data=data[start : start + CHUNK_BYTES])
+        if stop is not None:
+            stop.wait(10)
+
+    return site.stub.UploadCheckpoint.future(messages(), timeout=15)
+
+
+def _disk_bytes(state: Path) -> int:
+    """Bytes in the coordinator's upload spool and checkpoint store, temporary files included."""
+    total = 0
+    for folder in (state / "uploads", state / "checkpoints"):
+        for root, _, files in os.walk(folder):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):  # removed while walking
+                    total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+class _DiskSampler:
+    """Samples the spool + store size on a thread while an attack runs; keeps the maximum."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _DiskSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, _disk_bytes(self.state))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _disk_bytes(self.state))
+            time.sleep(0.001)
+
+
+def _outcome(future: grpc.Future) -> str:
+    try:
+        future.result()
+    except grpc.RpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+    return "OK"
+
+
+def _state(coordinator: Coordinator) -> Path:
+    return coordinator.engine.runs_dir.parent
+
+
+def test_site_uploading_many_made_up_bundles_never_holds_more_than_twice_the_cap(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    coordinator.engine.max_checkpoint_bytes = CAP
+    state = _state(coordinator)
+    floats = (CAP - 4096) // 4  # each bundle just under the cap
+    partials: list[str] = []
+    made_up: list[str] = []
+    with _DiskSampler(state) as sampler:
+        for attempt in range(12):
+            data = _bundle(site, task, floats, float(attempt))
+            # Cut short: the header declares the full size; a partial stays to be resumed...
+            partials.append(_outcome(_upload(site, task, data[: len(data) // 2],
+                                             declared=len(data))))  # fmt: skip
+            # ...and complete bundles under made-up digests.
+            made_up.append(_outcome(_upload(site, task, data, sha=f"{attempt:064x}")))
+        # Many streams at once for the same hop, each stalling once its data is sent.
+        stall = threading.Event()
+        futures = [
+            _upload(site, task, _bundle(site, task, floats, 100.0 + n), stop=stall)
+            for n in range(8)
+        ]
+        time.sleep(1.0)
+        stall.set()
+        concurrent = sorted(_outcome(f) for f in futures)
+        # Valid bundles, one after another, once one is held.
+        more = [_outcome(_upload(site, task, _bundle(site, task, floats, 200.0 + n)))
+                for n in range(6)]  # fmt: skip
+    assert sampler.peak <= 2 * CAP, f"peak {sampler.peak} bytes on disk, cap {CAP}"
+    assert all("upload ended after" in o for o in partials), partials
+    assert all("hash mismatch" in o for o in made_up), made_up
+    assert concurrent[0] == "OK"
+    assert all(o.startswith("RESOURCE_EXHAUSTED: another upload for hop") for o in concurrent[1:])
+    assert all("already holds uploaded output" in o for o in more), more
+    # What stays: the one accepted bundle, no partial upload.
+    assert not list((state / "uploads").iterdir())
+    assert len(list(coordinator.engine.store.stored())) == 1
+
+
+def _cut_upload(site: ScriptedSite, task: pb.HopTask, data: bytes) -> None:
+    """A site killed mid-upload: half the bundle arrives, then the stream is cut."""
+    stall = threading.Event()
+    future = _upload(site, task, data[: len(data) // 2], declared=len(data),
+                     sha=sha256_hex(data), stop=stall)  # fmt: skip
+    header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
+                             sha256=sha256_hex(data))  # fmt: skip
+    _until(lambda: site.stub.UploadStatus(header, timeout=5).received == len(data) // 2)
+    future.cancel()
+    stall.set()
+
+
+def _until(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.05)
+
+
+def test_partial_upload_of_a_killed_site_is_removed_once_its_lease_expires(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site, lease_timeout_seconds=3, max_retries=1)
+    uploads = _state(coordinator) / "uploads"
+    _cut_upload(site, task, _bundle(site, task, 20_000, 1.0))
+    assert [p.stat().st_size for p in uploads.iterdir()] == [len(_bundle(site, task, 20_000, 1.0))
+                                                            // 2]  # fmt: skip
+    retried = site.next_task()  # no heartbeat: the lease expires, the hop is leased again
+    assert retried.hop_id == task.hop_id and retried.lease_token != task.lease_token
+    assert not list(uploads.iterdir())
+
+
+@pytest.mark.parametrize("ending", ["commit", "fail"])
+def test_every_spool_file_and_unused_upload_goes_when_the_hop_ends(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator, ending: str
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site, on_failure="abort")
+    state = _state(coordinator)
+    data = site.bundle(task)
+    ref = site.upload(task, data)
+    _cut_upload(site, task, data)  # the same bytes again, cut: a resumable partial
+    assert list((state / "uploads").iterdir())
+    if ending == "commit":
+        assert site.report(task, ref) == "committed"
+        assert [sha for sha, _, _ in coordinator.engine.store.stored()] == [ref.sha256]
+    else:
+        result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
+                              error_code="training-failed", error_message="boom")  # fmt: skip
+        assert site.stub.ReportHopResult(result, timeout=5).hop_status == "failed"
+        assert not list(coordinator.engine.store.stored())
+        assert coordinator.engine.ledger.checkpoint(ref.sha256).status == "superseded"
+    assert not list((state / "uploads").iterdir())
+
+
+def test_checkpoint_of_a_retried_hop_is_marked_superseded_and_its_bytes_freed(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site, on_failure="retry", max_retries=1)
+    ledger = coordinator.engine.ledger
+    first = site.upload(task, site.bundle(task, 1.0))
+    result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
+                          error_code="training-failed", error_message="boom")  # fmt: skip
+    assert site.stub.ReportHopResult(result, timeout=5).hop_status == "pending"
+    assert ledger.checkpoint(first.sha256).status == "superseded"
+    [event] = [e for e in ledger.events() if e.kind == "checkpoint.superseded"]
+    assert event.payload["sha256"] == first.sha256 and "retried" in event.payload["reason"]
+    assert first.sha256 not in coordinator.engine.store
+    redo = site.next_task()
+    with pytest.raises(grpc.RpcError) as refused:  # a superseded upload is never committed
+        site.report(redo, first)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    second = site.upload(redo, site.bundle(redo, 2.0))
+    assert site.report(redo, second) == "committed"
+    assert ledger.checkpoint(second.sha256).status == "stored"
+    assert ledger.verify_chain() is None
+
+
+def test_upload_in_flight_when_its_run_is_aborted_is_refused_and_nothing_is_kept(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    stall = threading.Event()
+    data = site.bundle(task)
+    future = _upload(site, task, data, stop=stall)  # all bytes sent, the stream still open
+    header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
+                             sha256=sha256_hex(data))  # fmt: skip
+    _until(lambda: site.stub.UploadStatus(header, timeout=5).received == len(data))
+    assert admin.control(task.run_id, "abort", "stop").status == "aborted"
+    stall.set()
+    assert _outcome(future) == f"NOT_FOUND: no active hop {task.hop_id}"
+    assert not list((_state(coordinator) / "uploads").iterdir())
+    assert not list(coordinator.engine.store.stored())
+    assert coordinator.engine.ledger.checkpoints(task.run_id) == []
+
+
+def test_watchdog_removes_spool_files_of_ended_hops_and_older_leases(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    uploads = _state(coordinator) / "uploads"
+    data = site.bundle(task)
+    _cut_upload(site, task, data)  # the live lease's partial: kept to be resumed
+    [current] = list(uploads.iterdir())
+    # Left by a crash: an older lease of this hop, and a hop that no longer holds a lease.
+    older = uploads / f"{task.hop_id}.{'0' * 16}.{'1' * 64}.part"
+    ended = uploads / f"{'f' * 32}.{'0' * 16}.{'2' * 64}.part"
+    legacy = uploads / f"{task.hop_id}.{'3' * 64}.part"  # named as before leases keyed it
+    for leftover in (older, ended, legacy):
+        leftover.write_bytes(b"x" * 1000)
+    _until(lambda: not any(p.exists() for p in (older, ended, legacy)))
+    assert current.exists()
