@@ -646,18 +646,87 @@ DbUrl = Annotated[str | None, typer.Option(envvar="BATON_DATABASE_URL", help="SQ
 
 
 @ledger_app.command("verify")
-def ledger_verify(state_dir: StateDir = None, database_url: DbUrl = None) -> None:
-    """Walk the event chain; name the first altered, deleted or inserted event (exit 1)."""
+def ledger_verify(
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+    anchor: Annotated[
+        list[Path] | None,
+        typer.Option(help="A signed head kept by a site (`baton-site ledger-head`); repeatable"),
+    ] = None,
+    heads: Annotated[
+        Path | None, typer.Option(help="Signed heads file (default: STATE_DIR/ledger-heads.jsonl)")
+    ] = None,
+    ca: Annotated[
+        Path, typer.Option("--ca", envvar="BATON_CA", help="CA certificate (to check signed heads)")
+    ] = Path("pki/ca.crt"),
+) -> None:
+    """Check the event chain, every state row against it, and that it reaches its signed heads.
+
+    Names the first altered, deleted or inserted event, every table row and column that differs
+    from the event that last wrote it, and a ledger cut short of, or differing from, a signed head
+    (exit 1).
+    """
+    from coordinator.ledger import HEADS_FILE, HeadProblem, check_heads, read_heads
+    from protocols.ledger_head import HeadError, SignedHead
+
+    sources: list[Path] = list(anchor or [])
+    if heads is not None:
+        sources.insert(0, heads)
+    elif state_dir is not None and (state_dir / HEADS_FILE).is_file():
+        sources.insert(0, state_dir / HEADS_FILE)
+    signed: list[tuple[str, SignedHead]] = []
+    try:
+        for source in sources:
+            signed.extend((str(source), head) for head in read_heads(source))
+    except HeadError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    if signed and not ca.is_file():
+        raise _fail(
+            f"no CA certificate at {ca}: give --ca to check {len(signed)} signed head(s)",
+            EXIT_BAD_INPUT,
+        )
     ledger = _ledger(state_dir, database_url)
     try:
-        broken = ledger.verify_chain()
-        count, head = len(ledger.events()), ledger.head()
+        result = ledger.verify()
+        problems: list[HeadProblem] = []
+        newest = None
+        if signed:
+            problems, newest = check_heads(
+                ledger, signed, ca_pem=ca.read_bytes(), last_seq=result.last_seq
+            )
     finally:
         ledger.close()
-    if broken is not None:
-        raise _fail(f"ledger does not verify at event {broken.seq}: {broken.reason}",
-                    EXIT_RUN_FAILED)  # fmt: skip
-    console.print(f"ledger verifies: {count} events, head {head}")
+    failures = [m.message for m in result.row_mismatches]
+    failures += [
+        f"ledger event #{seq} (ledger.mismatch) records rows the engine found altered: {message}"
+        for seq, message in result.recorded_mismatches
+    ]
+    failures += [p.message for p in problems]
+    if result.chain_break is not None:
+        failures.insert(
+            0,
+            f"ledger does not verify at event {result.chain_break.seq}: "
+            f"{result.chain_break.reason}",
+        )
+    for message in failures[:50]:
+        err.print(f"[red]error:[/red] {message}", highlight=False)
+    if len(failures) > 50:
+        err.print(f"[red]error:[/red] and {len(failures) - 50} more")
+    if failures:
+        raise typer.Exit(EXIT_RUN_FAILED)
+    console.print(
+        f"ledger verifies: {result.events} events, head {result.head}; every state row "
+        "matches the event that last wrote it",
+        highlight=False,
+    )
+    if newest is not None:
+        console.print(
+            f"reaches the newest {newest.describe()} of {len(signed)} checked", highlight=False
+        )
+    else:
+        console.print(
+            "no signed head checked: a cut tail would go unnoticed (give --anchor)", highlight=False
+        )
 
 
 @ledger_app.command("export")

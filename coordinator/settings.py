@@ -34,6 +34,8 @@ class CoordinatorSettings(FileBackedSettings):
     port_file: Path | None = None  # write the bound port here once serving (for port 0)
     # Default minimum rows per released aggregate for statistics requests that name none.
     statistics_min_count: int = Field(default=10, ge=1)
+    # The ledger head is signed at every run transition and at least every this many events.
+    ledger_head_every: int = Field(default=100, ge=1)
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:
@@ -48,6 +50,10 @@ class CoordinatorSettings(FileBackedSettings):
     @property
     def checkpoint_dir(self) -> Path:
         return self.state_dir / "checkpoints"
+
+    @property
+    def heads_path(self) -> Path:
+        return self.state_dir / "ledger-heads.jsonl"
 
     @property
     def runs_dir(self) -> Path:

@@ -48,6 +48,7 @@ class SiteRow(Base):
     certificate_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
 
 class RunRow(Base):
@@ -62,6 +63,7 @@ class RunRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     final_sha256: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     hops: Mapped[list[HopRow]] = relationship(
         back_populates="run", order_by="HopRow.index", cascade="all, delete-orphan"
@@ -92,6 +94,7 @@ class HopRow(Base):
     committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     run: Mapped[RunRow] = relationship(back_populates="hops")
 
@@ -112,6 +115,7 @@ class EvaluationRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     run: Mapped[RunRow] = relationship(back_populates="evaluations")
 
@@ -130,6 +134,7 @@ class CheckpointRow(Base):
     signature: Mapped[str] = mapped_column(Text, default="", server_default="")  # hex
     producer_certificate: Mapped[str] = mapped_column(Text, default="", server_default="")
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
 
 class RevocationRow(Base):
@@ -141,6 +146,7 @@ class RevocationRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     revoked_by: Mapped[str] = mapped_column(String(64))
     revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
 
 class StatisticsRequestRow(Base):
@@ -159,6 +165,7 @@ class StatisticsRequestRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     answers: Mapped[list[StatisticsAnswerRow]] = relationship(
         back_populates="request",
@@ -180,6 +187,7 @@ class StatisticsAnswerRow(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     request: Mapped[StatisticsRequestRow] = relationship(back_populates="answers")
 
