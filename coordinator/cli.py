@@ -14,6 +14,7 @@ import grpc
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
 from coordinator.plan import PlanError, RunPlan, load_plan
@@ -708,8 +709,8 @@ def ledger_verify(
             f"ledger does not verify at event {result.chain_break.seq}: "
             f"{result.chain_break.reason}",
         )
-    for message in failures[:50]:
-        err.print(f"[red]error:[/red] {message}", highlight=False)
+    for message in failures[:50]:  # values may hold brackets: printed as text, not markup
+        err.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
     if len(failures) > 50:
         err.print(f"[red]error:[/red] and {len(failures) - 50} more")
     if failures:
@@ -718,15 +719,13 @@ def ledger_verify(
         f"ledger verifies: {result.events} events, head {result.head}; every state row "
         "matches the event that last wrote it",
         highlight=False,
+        soft_wrap=True,
     )
     if newest is not None:
-        console.print(
-            f"reaches the newest {newest.describe()} of {len(signed)} checked", highlight=False
-        )
+        message = f"reaches the newest {newest.describe()} of {len(signed)} checked"
     else:
-        console.print(
-            "no signed head checked: a cut tail would go unnoticed (give --anchor)", highlight=False
-        )
+        message = "no signed head checked: a cut tail would go unnoticed (give --anchor)"
+    console.print(message, highlight=False, soft_wrap=True)
 
 
 @ledger_app.command("export")
