@@ -15,6 +15,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from coordinator.ledger._integrity import (
@@ -173,6 +174,13 @@ class Ledger:
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+
+    def covers_state_rows(self) -> bool:
+        """Whether the schema has the state rows' ledger_seq (revision 0007 or later)."""
+        inspector = sa_inspect(self.engine)
+        if not inspector.has_table("hops"):
+            return False
+        return any(column["name"] == "ledger_seq" for column in inspector.get_columns("hops"))
 
     def close(self) -> None:
         self.engine.dispose()

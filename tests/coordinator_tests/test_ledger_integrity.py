@@ -6,13 +6,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import text
+from typer.testing import CliRunner
 
 from coordinator.admin import AdminClient
+from coordinator.cli import app
 from coordinator.ledger import (
     CheckpointRow,
     EvaluationRow,
@@ -348,3 +351,37 @@ def _paused(admin: AdminClient, run_id: str) -> pb.RunStatus:
         time.sleep(0.05)
     assert status.status == "paused", status
     return status
+
+
+def test_cli_verify_names_the_edited_row_and_exits_1(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
+    ledger.migrate()
+    ids = populate(ledger)
+    verify = ["ledger", "verify", "--state-dir", str(state)]
+    ok = CliRunner().invoke(app, verify)
+    assert ok.exit_code == 0 and "every state row matches the event that last wrote it" in ok.output
+    _sql(ledger, "UPDATE hops SET output_sha256 = :bad WHERE id = :hop0", bad=OUT_B, **ids)
+    ledger.close()
+    result = CliRunner().invoke(app, verify)
+    assert result.exit_code == 1
+    assert f"error: hops row {ids['hop0']} column output_sha256: ledger event #" in result.output
+    assert f"says '{OUT_A}', table says '{OUT_B}'" in result.output
+
+
+def test_cli_verify_of_a_ledger_from_before_row_snapshots_checks_the_chain_only(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    with ledger.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0006")
+    ledger.close()
+    result = CliRunner().invoke(app, ["ledger", "verify", "--state-dir", str(state)])
+    assert result.exit_code == 0, result.output
+    assert "state rows NOT checked: the schema predates row snapshots" in result.output
