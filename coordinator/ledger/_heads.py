@@ -18,6 +18,7 @@ from pathlib import Path
 from coordinator.ledger._integrity import MISMATCH_EVENT
 from coordinator.ledger._repository import Ledger
 from protocols.ledger_head import HeadError, SignedHead, sign_head
+from protocols.signing import SignatureError
 
 __all__ = ["HEADS_FILE", "HeadProblem", "HeadSigner", "check_heads", "read_heads"]
 
@@ -52,7 +53,11 @@ class HeadSigner:
         """Called after each ledger transaction commits (a `Ledger.head_observers` entry)."""
         signed = self.newest.seq if self.newest is not None else 0
         if any(_signs_now(kind) for kind in kinds) or seq - signed >= self.every:
-            self.sign(seq, head_hash)
+            try:
+                self.sign(seq, head_hash)
+            except (OSError, SignatureError) as exc:
+                # The event is committed already; a head that cannot be kept must not undo it.
+                logger.error("could not sign or keep ledger head #%d: %s", seq, exc)
 
     def sign(self, seq: int, head_hash: str) -> SignedHead:
         """Signs event `seq`, appends the head to the file (fsync'd), then tells the listeners."""

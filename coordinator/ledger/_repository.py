@@ -24,6 +24,7 @@ from coordinator.ledger._integrity import (
     RowMismatch,
     StateIndex,
     row_entry,
+    row_key,
     state_mismatches,
     tracked,
 )
@@ -189,6 +190,14 @@ class Ledger:
     def transaction(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
             yield session
+            session.flush()
+            unrecorded = session.info.get(_TOUCHED)
+            if unrecorded:
+                # Every state row write must ride with an event, or verify would flag it later.
+                names = sorted(
+                    {f"{type(row).__tablename__} {row_key(row)}" for row, _ in unrecorded.values()}
+                )
+                raise RuntimeError(f"state rows written without a ledger event: {', '.join(names)}")
             appended = session.info.pop(_APPENDED, None)
         if appended is not None:
             for observer in self.head_observers:

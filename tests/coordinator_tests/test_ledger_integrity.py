@@ -21,6 +21,7 @@ from coordinator.ledger import (
     EvaluationRow,
     HopRow,
     Ledger,
+    RevocationRow,
     StatisticsAnswerRow,
     StatisticsRequestRow,
 )
@@ -385,3 +386,18 @@ def test_cli_verify_of_a_ledger_from_before_row_snapshots_checks_the_chain_only(
     result = CliRunner().invoke(app, ["ledger", "verify", "--state-dir", str(state)])
     assert result.exit_code == 0, result.output
     assert "state rows NOT checked: the schema predates row snapshots" in result.output
+
+
+def test_a_state_row_written_without_an_event_is_rolled_back(ledger: Ledger) -> None:
+    populate(ledger)
+    with (
+        pytest.raises(
+            RuntimeError, match="state rows written without a ledger event: revocations 77"
+        ),
+        ledger.transaction() as session,
+    ):
+        session.add(
+            RevocationRow(serial="77", reason="x", revoked_by="y", revoked_at=datetime.now(UTC))
+        )
+    assert "77" not in ledger.revocations()
+    assert ledger.verify().ok
