@@ -699,16 +699,22 @@ def ledger_verify(
     finally:
         ledger.close()
     failures = [m.message for m in result.row_mismatches]
-    failures += [
-        f"ledger event #{seq} (ledger.mismatch) records rows the engine found altered: {message}"
-        for seq, message in result.recorded_mismatches
-    ]
     failures += [p.message for p in problems]
     if result.chain_break is not None:
         failures.insert(
             0,
             f"ledger does not verify at event {result.chain_break.seq}: "
             f"{result.chain_break.reason}",
+        )
+    for seq, finding in result.recorded_mismatches:  # history: the rows may be restored since
+        err.print(
+            Text.assemble(
+                ("note: ", "yellow"),
+                f"ledger event #{seq} (ledger.mismatch) records "
+                f"that the engine paused a run over altered rows: {finding}",
+            ),
+            highlight=False,
+            soft_wrap=True,
         )
     for message in failures[:50]:  # values may hold brackets: printed as text, not markup
         err.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)

@@ -37,6 +37,7 @@ __all__ = [
     "STATE_COLUMNS",
     "STATE_ROWS_KEY",
     "RowMismatch",
+    "carry_forward",
     "compare_snapshot",
     "row_entry",
     "row_key",
@@ -180,6 +181,31 @@ def _entries(event: EventRow) -> Iterator[Mapping[str, Any]]:
     entries = event.payload.get(STATE_ROWS_KEY) if isinstance(event.payload, dict) else None
     if isinstance(entries, list):
         yield from (e for e in entries if isinstance(e, dict))
+
+
+def carry_forward(previous: EventRow, entry: dict[str, Any], assigned: set[str]) -> dict[str, Any]:
+    """`entry` with every column not in `assigned` as `previous` recorded it for the same row."""
+    recorded = next(
+        (
+            e
+            for e in _entries(previous)
+            if (e.get("table"), e.get("key")) == (entry["table"], entry["key"])
+        ),
+        None,
+    )
+    if recorded is None or recorded.get("deleted"):
+        return entry
+    values, digests = dict(entry["values"]), dict(entry["digests"])
+    for column in set(values) | set(digests):
+        if column in assigned:
+            continue
+        values.pop(column, None)
+        digests.pop(column, None)
+        if column in recorded.get("values", {}):
+            values[column] = recorded["values"][column]
+        elif column in recorded.get("digests", {}):
+            digests[column] = recorded["digests"][column]
+    return {**entry, "values": values, "digests": digests}
 
 
 def state_mismatches(session: Session, rows: Sequence[Base]) -> list[RowMismatch]:

@@ -20,9 +20,11 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from coordinator.ledger._integrity import (
     MISMATCH_EVENT,
+    STATE_COLUMNS,
     STATE_ROWS_KEY,
     RowMismatch,
     StateIndex,
+    carry_forward,
     row_entry,
     row_key,
     state_mismatches,
@@ -122,7 +124,8 @@ class LedgerVerification:
 
     @property
     def ok(self) -> bool:
-        return self.chain_break is None and not self.row_mismatches and not self.recorded_mismatches
+        """The chain verifies and every state row matches (recorded mismatches are history)."""
+        return self.chain_break is None and not self.row_mismatches
 
 
 # Called after a transaction that appended events commits: (seq, hash, kinds appended).
@@ -132,18 +135,46 @@ _STAMPING = "ledger_stamping"  # session.info: True while rows get their ledger_
 _APPENDED = "ledger_appended"  # session.info: (seq, hash, kinds) of this transaction's events
 
 
+@dataclass
+class _Touched:
+    row: Base
+    deleted: bool = False
+    assigned: set[str] | None = None  # columns this transaction set; None: all (a new row)
+
+
 def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
-    """Remembers every state row a flush writes, so the next event snapshots it."""
+    """Remembers every state row a flush writes (and which columns), for the next event."""
     if session.info.get(_STAMPING):
         return
-    touched: dict[int, tuple[Base, bool]] = session.info.setdefault(_TOUCHED, {})
+    touched: dict[int, _Touched] = session.info.setdefault(_TOUCHED, {})
     for row in tracked(session.new):
-        touched[id(row)] = (row, False)
+        touched[id(row)] = _Touched(row)
     for row in tracked(session.dirty):
-        if session.is_modified(row):
-            touched[id(row)] = (row, False)
+        if not session.is_modified(row):
+            continue
+        state = sa_inspect(row)
+        changed = {c for c in STATE_COLUMNS[type(row)] if state.attrs[c].history.has_changes()}
+        entry = touched.setdefault(id(row), _Touched(row, assigned=set()))
+        if entry.assigned is not None:
+            entry.assigned |= changed
     for row in tracked(session.deleted):
-        touched[id(row)] = (row, True)
+        touched[id(row)] = _Touched(row, deleted=True)
+
+
+def _snapshot(session: Session, touched: _Touched) -> dict[str, Any]:
+    """The row's snapshot; columns this write did not set keep the value the ledger recorded.
+
+    So an edit made outside the ledger is never adopted by a later, unrelated write to the row
+    (pausing a run whose plan was edited must not make the edited plan look recorded).
+    """
+    entry = row_entry(touched.row, deleted=touched.deleted)
+    seq = getattr(touched.row, "ledger_seq", None)
+    if touched.deleted or touched.assigned is None or seq is None:
+        return entry
+    previous = session.get(EventRow, seq)
+    if previous is None:
+        return entry
+    return carry_forward(previous, entry, touched.assigned)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -222,9 +253,9 @@ class Ledger:
         """
         payload = payload or {}
         session.flush()  # every pending state row passes _track_state_rows
-        touched: dict[int, tuple[Base, bool]] = session.info.pop(_TOUCHED, {})
+        touched: dict[int, _Touched] = session.info.pop(_TOUCHED, {})
         if touched:
-            entries = [row_entry(row, deleted=deleted) for row, deleted in touched.values()]
+            entries = [_snapshot(session, t) for t in touched.values()]
             payload = {**payload, STATE_ROWS_KEY: entries}
         if session.bind is not None and session.get_bind().dialect.name == "postgresql":
             # Serialise appenders across processes: row locks cannot stop two transactions
@@ -250,9 +281,9 @@ class Ledger:
         if touched:
             session.info[_STAMPING] = True
             try:
-                for written, deleted in touched.values():
-                    if not deleted:
-                        written.ledger_seq = row.seq  # type: ignore[attr-defined]
+                for written in touched.values():
+                    if not written.deleted:
+                        written.row.ledger_seq = row.seq  # type: ignore[attr-defined]
                 session.flush()
             finally:
                 session.info[_STAMPING] = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -401,3 +402,49 @@ def test_a_state_row_written_without_an_event_is_rolled_back(ledger: Ledger) -> 
         )
     assert "77" not in ledger.revocations()
     assert ledger.verify().ok
+
+
+def test_pausing_and_resuming_never_adopts_an_edited_plan(
+    pki: Pki, coordinator: Coordinator, admin: AdminClient
+) -> None:
+    site_a, site_b = (ScriptedSite(pki, name, coordinator.port) for name in ("site-a", "site-b"))
+    try:
+        site_a.connect()
+        site_b.hello()
+        plan = {
+            "name": "t",
+            "dataset": "notes",
+            "labels": ["x", "y"],
+            "sites": ["site-a", "site-b"],
+        }
+        run_id = admin.start_run(parse_plan(plan))
+        task = site_a.next_task()
+        assert site_a.report(task, site_a.upload(task, site_a.bundle(task))) == "committed"
+        ledger = coordinator.engine.ledger
+        with ledger.engine.connect() as connection:
+            original = connection.execute(
+                text("SELECT plan FROM runs WHERE id = :id"), {"id": run_id}
+            ).scalar_one()
+        edited = (
+            original.replace('"notes"', '"other-notes"')
+            if isinstance(original, str)
+            else (json.dumps({**original, "dataset": "other-notes"}))
+        )
+        _sql(ledger, "UPDATE runs SET plan = :plan WHERE id = :id", plan=edited, id=run_id)
+        site_b.connect()
+        assert "runs row " + run_id + " column plan: ledger event #" in _paused(admin, run_id).error
+        admin.control(
+            run_id, "resume"
+        )  # the resume's own write must not make the edited plan look recorded
+        status = _paused(admin, run_id)
+        assert f"runs row {run_id} column plan" in status.error and site_b.tasks.empty()
+        assert [m.table for m in ledger.verify().row_mismatches] == ["runs"]
+        restored = original if isinstance(original, str) else json.dumps(original)
+        _sql(ledger, "UPDATE runs SET plan = :plan WHERE id = :id", plan=restored, id=run_id)
+        admin.control(run_id, "resume")
+        assert site_b.next_task().hop_index == 1
+        verification = ledger.verify()
+        assert verification.ok and len(verification.recorded_mismatches) == 2
+    finally:
+        site_a.close()
+        site_b.close()
