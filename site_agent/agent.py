@@ -237,6 +237,9 @@ class SiteAgent:
             protocol_version=PROTOCOL_VERSION,
             last_ledger_hash=self.state.ledger_head,
         )
+        kept = self.heads.load_or_none()
+        if kept is not None:
+            request.kept_head.CopyFrom(kept.to_proto())
         if self.settings.base_model_dir is not None:
             digest = (
                 self._trainers["seq-classification"].base_model_sha256

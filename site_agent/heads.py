@@ -42,6 +42,14 @@ class KeptHead:
         except (OSError, ValueError) as exc:
             raise HeadError(f"kept ledger head {self.path} is unreadable: {exc}") from exc
 
+    def load_or_none(self) -> SignedHead | None:
+        """The kept head; None (logged) when there is none or it is unreadable."""
+        try:
+            return self.load()
+        except HeadError as exc:
+            logger.error("%s; not presenting it", exc)
+            return None
+
     def keep(self, message: pb.SignedLedgerHead) -> SignedHead | None:
         """Keeps a received head if it verifies and is newer; returns the head now kept."""
         if self._ca_certificate is None:

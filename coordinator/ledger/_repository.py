@@ -308,6 +308,22 @@ class Ledger:
             last = session.scalars(select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1))
             return last.first() or GENESIS_HASH
 
+    def head_problem(self, seq: int, head_hash: str) -> str | None:
+        """Why the ledger does not reach event `seq` with hash `head_hash` (None if it does)."""
+        event = self.event_at(seq)
+        if event is None:
+            last = self.last_event()
+            return (
+                f"the ledger ends at #{last.seq if last else 0}, short of event #{seq}"
+                if last is None or last.seq < seq
+                else f"the ledger has no event #{seq}"
+            )
+        if event.hash != head_hash:
+            return (
+                f"the ledger's event #{seq} has hash {event.hash[:12]}..., not {head_hash[:12]}..."
+            )
+        return None
+
     def has_event(self, event_hash: str) -> bool:
         with self._sessions() as session:
             found = session.scalars(select(EventRow.seq).where(EventRow.hash == event_hash))

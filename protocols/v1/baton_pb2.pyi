@@ -275,6 +275,7 @@ class HelloRequest(_message.Message):
     DATASETS_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     LAST_LEDGER_HASH_FIELD_NUMBER: _builtins.int
+    KEPT_HEAD_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     protocol_version: _builtins.int
     """1 for this file"""
@@ -290,6 +291,12 @@ class HelloRequest(_message.Message):
     def base_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaseModel]: ...
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSummary]: ...
+    @_builtins.property
+    def kept_head(self) -> Global___SignedLedgerHead:
+        """The newest signed ledger head this site kept (Task.ledger_head). The coordinator refuses the
+        site if its ledger no longer holds that event with that hash: truncated or rewritten.
+        """
+
     def __init__(
         self,
         *,
@@ -299,10 +306,11 @@ class HelloRequest(_message.Message):
         datasets: _abc.Iterable[Global___DatasetSummary] | None = ...,
         protocol_version: _builtins.int = ...,
         last_ledger_hash: _builtins.str = ...,
+        kept_head: Global___SignedLedgerHead | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kept_head", b"kept_head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "kept_head", b"kept_head", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

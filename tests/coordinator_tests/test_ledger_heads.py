@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
@@ -18,6 +19,7 @@ from coordinator.ledger import HEADS_FILE, HeadSigner, Ledger, check_heads, read
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.ledger_head import HeadError, SignedHead, sign_head
+from protocols.v1 import baton_pb2 as pb
 from tests.conftest import Pki
 from tests.coordinator_tests.conftest import ScriptedSite
 
@@ -252,3 +254,35 @@ def test_connected_sites_receive_each_signed_head_and_the_newest_on_connect(
     finally:
         site_a.close()
         site_b.close()
+
+
+def test_hello_with_a_kept_head_the_ledger_no_longer_reaches_is_refused(
+    pki: Pki, coordinator: Coordinator
+) -> None:
+    ledger = coordinator.engine.ledger
+    site = ScriptedSite(pki, "site-a", coordinator.port)
+    try:
+        site.hello()
+        last = ledger.last_event()
+        assert last is not None
+        head = sign_head(
+            last.seq,
+            ledger.head(),
+            private_key_pem=(pki.directory / "coordinator.key").read_bytes(),
+            certificate_pem=(pki.directory / "coordinator.crt").read_bytes(),
+        )
+        request = pb.HelloRequest(agent_version="test", protocol_version=1)
+        request.kept_head.CopyFrom(head.to_proto())
+        site.stub.Hello(request, timeout=5)  # the ledger reaches it: welcome
+        with ledger.engine.begin() as connection:
+            connection.execute(text("DELETE FROM events WHERE seq >= :seq"), {"seq": head.seq})
+        with pytest.raises(grpc.RpcError) as refused:
+            site.stub.Hello(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert refused.value.details() == (
+            f"this site's signed ledger head #{head.seq} does not match the ledger (the ledger "
+            f"ends at #{head.seq - 1}, short of event #{head.seq}): the coordinator's ledger was "
+            "truncated or rewritten"
+        )
+    finally:
+        site.close()

@@ -102,3 +102,17 @@ def test_sites_keep_signed_heads_and_their_anchor_exposes_a_truncated_ledger(
         f"ledger truncated: signed head #{newest.seq} (hash {newest.hash[:12]}..., signed "
         f"{newest.signed_at}) but the ledger ends at #{newest.seq - 2}"
     ) in cut.output
+    # The site itself notices too: it presents its kept head on Hello and stops (exit 3).
+    with cluster.running():
+        port = cluster.start_coordinator(
+            state_dir=state, pki_dir=pki.directory, port_file=tmp_path / "port"
+        )
+        site = cluster.start_site(
+            "site-a",
+            coordinator=f"localhost:{port}",
+            pki_dir=pki.directory,
+            data_dir=tmp_path / "site-a",
+            threads=1,
+        )
+        assert site.process.wait(60) == 3, site.log_tail()
+    assert f"signed ledger head #{newest.seq} does not match the ledger" in site.log_tail()
