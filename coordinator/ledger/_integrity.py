@@ -37,12 +37,14 @@ __all__ = [
     "STATE_COLUMNS",
     "STATE_ROWS_KEY",
     "RowMismatch",
+    "StateIndex",
     "carry_forward",
     "compare_snapshot",
     "row_entry",
     "row_key",
     "snapshot_digest",
     "state_mismatches",
+    "tracked",
     "values_entry",
 ]
 
@@ -70,7 +72,6 @@ STATE_COLUMNS: dict[type[Base], tuple[str, ...]] = {
     StatisticsAnswerRow: ("status", "lease_token", "aggregates", "error_code", "error",
                           "finished_at"),
 }  # fmt: skip
-_BY_TABLE: dict[str, type[Base]] = {model.__tablename__: model for model in STATE_COLUMNS}
 
 
 def _canonical(value: Any) -> Any:
@@ -346,7 +347,3 @@ class StateIndex:
 def tracked(objects: Iterable[object]) -> Iterator[Base]:
     """The state rows among a session's new, changed or deleted objects."""
     return (o for o in objects if isinstance(o, Base) and type(o) in STATE_COLUMNS)
-
-
-def model_for(table: str) -> type[Base] | None:
-    return _BY_TABLE.get(table)

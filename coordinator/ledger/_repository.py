@@ -222,11 +222,11 @@ class Ledger:
         with self._sessions.begin() as session:
             yield session
             session.flush()
-            unrecorded = session.info.get(_TOUCHED)
+            unrecorded: dict[int, _Touched] = session.info.get(_TOUCHED, {})
             if unrecorded:
                 # Every state row write must ride with an event, or verify would flag it later.
                 names = sorted(
-                    {f"{type(row).__tablename__} {row_key(row)}" for row, _ in unrecorded.values()}
+                    f"{type(t.row).__tablename__} {row_key(t.row)}" for t in unrecorded.values()
                 )
                 raise RuntimeError(f"state rows written without a ledger event: {', '.join(names)}")
             appended = session.info.pop(_APPENDED, None)
