@@ -448,3 +448,29 @@ def test_pausing_and_resuming_never_adopts_an_edited_plan(
     finally:
         site_a.close()
         site_b.close()
+
+
+def test_final_adapter_is_not_exported_from_an_edited_checkpoint_row(
+    pki: Pki, coordinator: Coordinator, admin: AdminClient
+) -> None:
+    site = ScriptedSite(pki, "site-a", coordinator.port)
+    try:
+        site.connect()
+        plan = {"name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a"]}
+        run_id = admin.start_run(parse_plan(plan))
+        task = site.next_task()
+        ref = site.upload(task, site.bundle(task))
+        _sql(
+            coordinator.engine.ledger,
+            "UPDATE checkpoints SET producer_site = 'site-b' WHERE sha256 = :sha",
+            sha=ref.sha256,
+        )
+        assert site.report(task, ref) == "committed"  # the hop commits; the run does not finish
+        status = _paused(admin, run_id)
+        assert status.error.startswith(
+            f"ledger mismatch: checkpoints row {ref.sha256} column producer_site: ledger event #"
+        )
+        assert not status.final_sha256
+        assert not coordinator.engine.final_adapter_dir(run_id).exists()
+    finally:
+        site.close()
