@@ -15,6 +15,7 @@ import grpc
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
 from coordinator.plan import PlanError, RunPlan, load_plan
@@ -676,18 +677,97 @@ DbUrl = Annotated[str | None, typer.Option(envvar="BATON_DATABASE_URL", help="SQ
 
 
 @ledger_app.command("verify")
-def ledger_verify(state_dir: StateDir = None, database_url: DbUrl = None) -> None:
-    """Walk the event chain; name the first altered, deleted or inserted event (exit 1)."""
+def ledger_verify(
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+    anchor: Annotated[
+        list[Path] | None,
+        typer.Option(help="A signed head kept by a site (`baton-site ledger-head`); repeatable"),
+    ] = None,
+    heads: Annotated[
+        Path | None, typer.Option(help="Signed heads file (default: STATE_DIR/ledger-heads.jsonl)")
+    ] = None,
+    ca: Annotated[
+        Path, typer.Option("--ca", envvar="BATON_CA", help="CA certificate (to check signed heads)")
+    ] = Path("pki/ca.crt"),
+) -> None:
+    """Check the event chain, every state row against it, and that it reaches its signed heads.
+
+    Names the first altered, deleted or inserted event, every table row and column that differs
+    from the event that last wrote it, and a ledger cut short of, or differing from, a signed head
+    (exit 1).
+    """
+    from coordinator.ledger import HEADS_FILE, HeadProblem, check_heads, read_heads
+    from protocols.ledger_head import HeadError, SignedHead
+
+    sources: list[Path] = list(anchor or [])
+    if heads is not None:
+        sources.insert(0, heads)
+    elif state_dir is not None and (state_dir / HEADS_FILE).is_file():
+        sources.insert(0, state_dir / HEADS_FILE)
+    signed: list[tuple[str, SignedHead]] = []
+    try:
+        for source in sources:
+            signed.extend((str(source), head) for head in read_heads(source))
+    except HeadError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    if signed and not ca.is_file():
+        raise _fail(
+            f"no CA certificate at {ca}: give --ca to check {len(signed)} signed head(s)",
+            EXIT_BAD_INPUT,
+        )
     ledger = _ledger(state_dir, database_url)
     try:
-        broken = ledger.verify_chain()
-        count, head = len(ledger.events()), ledger.head()
+        rows_covered = ledger.covers_state_rows()
+        result = ledger.verify(rows=rows_covered)
+        problems: list[HeadProblem] = []
+        newest = None
+        if signed:
+            problems, newest = check_heads(
+                ledger, signed, ca_pem=ca.read_bytes(), last_seq=result.last_seq
+            )
     finally:
         ledger.close()
-    if broken is not None:
-        raise _fail(f"ledger does not verify at event {broken.seq}: {broken.reason}",
-                    EXIT_RUN_FAILED)  # fmt: skip
-    console.print(f"ledger verifies: {count} events, head {head}")
+    failures = [m.message for m in result.row_mismatches]
+    failures += [p.message for p in problems]
+    if result.chain_break is not None:
+        failures.insert(
+            0,
+            f"ledger does not verify at event {result.chain_break.seq}: "
+            f"{result.chain_break.reason}",
+        )
+    for seq, finding in result.recorded_mismatches:  # history: the rows may be restored since
+        err.print(
+            Text.assemble(
+                ("note: ", "yellow"),
+                f"ledger event #{seq} (ledger.mismatch) records "
+                f"that the engine paused a run over altered rows: {finding}",
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
+    for message in failures[:50]:  # values may hold brackets: printed as text, not markup
+        err.print(Text.assemble(("error: ", "red"), message), highlight=False, soft_wrap=True)
+    if len(failures) > 50:
+        err.print(f"[red]error:[/red] and {len(failures) - 50} more")
+    if failures:
+        raise typer.Exit(EXIT_RUN_FAILED)
+    console.print(
+        f"ledger verifies: {result.events} events, head {result.head}; "
+        + (
+            "every state row matches the event that last wrote it"
+            if rows_covered
+            else "state rows NOT checked: the schema predates row snapshots (start the "
+            "coordinator once to migrate it)"
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+    if newest is not None:
+        message = f"reaches the newest {newest.describe()} of {len(signed)} checked"
+    else:
+        message = "no signed head checked: a cut tail would go unnoticed (give --anchor)"
+    console.print(message, highlight=False, soft_wrap=True)
 
 
 @ledger_app.command("export")

@@ -45,6 +45,7 @@ from coordinator.store import CheckpointStore, fsync_write
 from coordinator.uploads import UploadSpool
 from protocols.approval import ApprovalBundle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
+from protocols.ledger_head import SignedHead
 from protocols.signing import SignatureError, verify_custody
 from protocols.v1 import baton_pb2 as pb
 
@@ -312,6 +313,7 @@ class RunEngine:
         self._not_before: dict[str, float] = {}  # hop id -> retry backoff end
         self._waiting_since: dict[str, float] = {}  # hop id -> when it began waiting for its site
         self._revoked: dict[str, str] | None = None  # serial hex -> reason, cached
+        self._signed_head: SignedHead | None = None  # the newest, sent to every site stream
         self._lock = asyncio.Lock()
 
     # ---- certificates -------------------------------------------------------------------------
@@ -353,6 +355,8 @@ class RunEngine:
             old.close()
         self._sessions[site] = session
         logger.info("site %s connected its task stream", site)
+        if self._signed_head is not None:
+            session.queue.put_nowait(pb.Task(ledger_head=self._signed_head.to_proto()))
         await self.dispatch_all()
         return session
 
@@ -360,6 +364,12 @@ class RunEngine:
         if self._sessions.get(session.site) is session:
             del self._sessions[session.site]
             logger.info("site %s task stream closed", session.site)
+
+    def publish_head(self, head: SignedHead) -> None:
+        """Hands a newly signed ledger head to every connected site (they keep the newest)."""
+        self._signed_head = head
+        for session in self._sessions.values():
+            session.queue.put_nowait(pb.Task(ledger_head=head.to_proto()))
 
     async def tasks(self, session: SiteSession) -> AsyncIterator[pb.Task]:
         while (task := await session.queue.get()) is not None:
@@ -425,6 +435,8 @@ class RunEngine:
         if hop.status in LIVE_HOP_STATES and self._sent.get(hop.id) is session:
             return
         input_sha = _input_sha(run, hop)
+        if self._refuse_tampered(run, input_sha):
+            return
         if hop.status == "pending":
             hop = self.ledger.lease_hop(hop.id, secrets.token_hex(16), input_sha)
         self._deadlines[hop.id] = time.monotonic() + _policy(run).lease_timeout_seconds
@@ -700,6 +712,8 @@ class RunEngine:
                 run.id, expected=("running",), status="failed", error="no hop was committed"
             )
             return
+        if self._refuse_tampered(run, final.output_sha256):
+            return
         try:
             with self.storage.guard(f"export of run {run.id}'s final adapter"):
                 await asyncio.to_thread(self._export_final, run.id, final.output_sha256)
@@ -713,6 +727,16 @@ class RunEngine:
         except StorageFault:
             return  # still running: the watchdog retries the export once storage recovers
         logger.info("run %s completed", run.id)
+
+    def _refuse_tampered(self, run: RunRow, checkpoint_sha: str | None) -> bool:
+        """Pauses the run (ledgered) if its rows or the checkpoint differ from their events."""
+        mismatches = self.ledger.run_mismatches(run, checkpoint_sha)
+        if not mismatches:
+            return False
+        logger.error("run %s paused: %s", run.id, mismatches[0].message)
+        with contextlib.suppress(TransitionRefused):
+            self.ledger.pause_for_mismatch(run.id, mismatches)
+        return True
 
     async def _hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str:
         """Applies the run's failure policy to a hop that failed, expired or waited too long."""

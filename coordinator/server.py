@@ -10,7 +10,7 @@ import signal
 import grpc.aio
 
 from coordinator.engine import RunEngine
-from coordinator.ledger import Ledger
+from coordinator.ledger import HeadSigner, Ledger
 from coordinator.servicer import AdminServicer, MalformedMessageGuard, SiteServicer
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import CheckpointStore, fsync_write
@@ -60,6 +60,15 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
         statistics_min_count=settings.statistics_min_count,
         statistics_expiry_seconds=settings.statistics_expiry_seconds,
     )
+    signer = HeadSigner(
+        settings.heads_path,
+        private_key_pem=settings.private_key.read_bytes(),
+        certificate_pem=settings.certificate.read_bytes(),
+        every=settings.ledger_head_every,
+    )
+    signer.listeners.append(engine.publish_head)
+    ledger.head_observers.append(signer.observe)
+    signer.sign_current(ledger)
     server, port = aio_server(
         settings.tls, settings.address, interceptors=[MalformedMessageGuard(ledger)]
     )

@@ -268,6 +268,13 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
                 f"the ledger no longer holds event {known}, which this site acknowledged: "
                 "the coordinator's history was rewritten or restored from an older backup",
             )
+        if request.HasField("kept_head"):
+            problem = self.engine.ledger.head_problem(request.kept_head.seq, request.kept_head.hash)
+            if problem:
+                await self._deny(context, grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"this site's signed ledger head #{request.kept_head.seq} does "
+                                 f"not match the ledger ({problem}): the coordinator's ledger "
+                                 "was truncated or rewritten")  # fmt: skip
         self.engine.ledger.register_site(
             identity.name,
             agent_version=request.agent_version,

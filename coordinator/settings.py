@@ -38,6 +38,8 @@ class CoordinatorSettings(FileBackedSettings):
     statistics_expiry_seconds: float = Field(default=3600.0, ge=1, le=30 * 86400)
     # Retention (`baton store gc`): committed checkpoints kept per finished run besides its final.
     checkpoint_retention: int = Field(default=2, ge=0)
+    # The ledger head is signed at every run transition and at least every this many events.
+    ledger_head_every: int = Field(default=100, ge=1)
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:
@@ -52,6 +54,10 @@ class CoordinatorSettings(FileBackedSettings):
     @property
     def checkpoint_dir(self) -> Path:
         return self.state_dir / "checkpoints"
+
+    @property
+    def heads_path(self) -> Path:
+        return self.state_dir / "ledger-heads.jsonl"
 
     @property
     def runs_dir(self) -> Path:

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocols.pki import PkiError, Role, identity_from_pem
 
-__all__ = ["SignatureError", "sign_digest", "verify_custody"]
+__all__ = ["SignatureError", "sign_digest", "verify_custody", "verify_signed_digest"]
 
 
 class SignatureError(ValueError):
@@ -54,6 +54,59 @@ def verify_custody(
     """
     if not signature:
         raise SignatureError("checkpoint is not signed")
+    _verify_signer(
+        sha256,
+        signature,
+        certificate_pem,
+        ca_pem=ca_pem,
+        role=Role.SITE,
+        name=producer,
+        at=datetime.now(UTC),
+        what="checkpoint",
+    )
+
+
+def verify_signed_digest(
+    digest: str,
+    signature: bytes,
+    certificate_pem: bytes,
+    *,
+    ca_pem: bytes,
+    role: Role,
+    at: datetime,
+    what: str,
+) -> str:
+    """Checks a signature over a sha256 (hex) by a holder of `role` certified by the CA.
+
+    Args:
+        at: When the signature was made: the certificate must have been valid then.
+        what: Names the signed thing in error messages.
+
+    Returns:
+        The signer's name (certificate CN).
+
+    Raises:
+        SignatureError: If the certificate is not from the CA, not of `role`, was not valid at
+            `at`, or the signature does not verify.
+    """
+    if not signature:
+        raise SignatureError(f"{what} is not signed")
+    return _verify_signer(
+        digest, signature, certificate_pem, ca_pem=ca_pem, role=role, name=None, at=at, what=what
+    )
+
+
+def _verify_signer(
+    digest: str,
+    signature: bytes,
+    certificate_pem: bytes,
+    *,
+    ca_pem: bytes,
+    role: Role,
+    name: str | None,
+    at: datetime,
+    what: str,
+) -> str:
     try:
         certificate = x509.load_pem_x509_certificate(certificate_pem)
         ca = x509.load_pem_x509_certificate(ca_pem)
@@ -64,18 +117,24 @@ def verify_custody(
         identity = identity_from_pem(certificate_pem)
     except PkiError as exc:
         raise SignatureError(str(exc)) from exc
-    if identity.role is not Role.SITE or identity.name != producer:
+    if role is Role.SITE and name is not None:
+        if identity.role is not Role.SITE or identity.name != name:
+            raise SignatureError(
+                f"checkpoint is signed by {identity.role.value} {identity.name!r}, "
+                f"not by its producer site {name!r}"
+            )
+    elif identity.role is not role:
         raise SignatureError(
-            f"checkpoint is signed by {identity.role.value} {identity.name!r}, "
-            f"not by its producer site {producer!r}"
+            f"{what} is signed by {identity.role.value} {identity.name!r}, not by a {role.value}"
         )
-    now = datetime.now(UTC)
-    if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
-        raise SignatureError(f"signer certificate of {producer!r} is outside its validity")
+    signer = name or identity.name
+    if not certificate.not_valid_before_utc <= at <= certificate.not_valid_after_utc:
+        raise SignatureError(f"signer certificate of {signer!r} is outside its validity")
     public_key = certificate.public_key()
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise SignatureError("signer certificate does not hold an ECDSA key")
     try:
-        public_key.verify(signature, sha256.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+        public_key.verify(signature, digest.encode("ascii"), ec.ECDSA(hashes.SHA256()))
     except InvalidSignature as exc:
-        raise SignatureError(f"checkpoint signature of {producer!r} does not verify") from exc
+        raise SignatureError(f"{what} signature of {signer!r} does not verify") from exc
+    return identity.name

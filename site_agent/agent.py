@@ -32,6 +32,7 @@ from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.examples import TASK_TYPES, DatasetError
+from site_agent.heads import HEAD_FILE, KeptHead
 from site_agent.registry import RegisteredDataset, list_registered, load_registered
 from site_agent.releases import ReleaseLimits, ReleaseRefused, StatisticsReleases
 from site_agent.settings import SiteSettings
@@ -162,6 +163,7 @@ class SiteAgent:
     def __init__(self, settings: SiteSettings) -> None:
         self.settings = settings
         self.state = SiteState(settings.state_path)
+        self.heads = KeptHead(settings.state_path.parent / HEAD_FILE, settings.ca_certificate)
         self.approvals = ApprovalStore(
             settings.approvals_path,
             frozenset(settings.approved_bundles),
@@ -247,6 +249,9 @@ class SiteAgent:
             protocol_version=PROTOCOL_VERSION,
             last_ledger_hash=self.state.ledger_head,
         )
+        kept = self.heads.load_or_none()
+        if kept is not None:
+            request.kept_head.CopyFrom(kept.to_proto())
         if self.settings.base_model_dir is not None:
             digest = (
                 self._trainers["seq-classification"].base_model_sha256
@@ -294,6 +299,8 @@ class SiteAgent:
                         self._run_evaluation(stub, task.evaluation)
                     elif kind == "statistics":
                         self._run_statistics(stub, task.statistics)
+                    elif kind == "ledger_head":
+                        self.heads.keep(task.ledger_head)
                     if self._stop.is_set():
                         break
             finally:

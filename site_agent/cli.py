@@ -113,6 +113,37 @@ def _approval_store(data_dir: Path, state_dir: Path | None) -> ApprovalStore:
     return ApprovalStore((state_dir or data_dir / ".baton-site") / "approvals.json")
 
 
+@app.command("ledger-head")
+def ledger_head(
+    data_dir: DataDir = Path("."),
+    state_dir: StateDir = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the anchor here (default: stdout)")
+    ] = None,
+) -> None:
+    """Export the newest signed ledger head this site kept (for `baton ledger verify --anchor`)."""
+    from protocols.ledger_head import HeadError
+    from site_agent.heads import HEAD_FILE, KeptHead
+
+    path = (state_dir or data_dir / ".baton-site") / HEAD_FILE
+    try:
+        head = KeptHead(path, None).load()
+    except HeadError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if head is None:
+        typer.echo(
+            f"error: no signed ledger head kept at {path} (has the site connected?)", err=True
+        )
+        raise typer.Exit(EXIT_BAD_INPUT)
+    text = json.dumps(head.to_json(), indent=2, sort_keys=True) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.write_text(text)
+    typer.echo(f"{head.describe()} written to {out}", err=True)
+
+
 @app.command("approve")
 def approve_bundles(
     hashes: Annotated[list[str], typer.Argument(help="sha256 of reviewed run bundles")],

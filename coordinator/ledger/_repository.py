@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,9 +15,23 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from coordinator.ledger._integrity import (
+    MISMATCH_EVENT,
+    STATE_COLUMNS,
+    STATE_ROWS_KEY,
+    RowMismatch,
+    StateIndex,
+    carry_forward,
+    row_entry,
+    row_key,
+    state_mismatches,
+    tracked,
+)
 from coordinator.ledger.models import (
+    Base,
     CheckpointRow,
     EvaluationRow,
     EventRow,
@@ -34,7 +48,9 @@ __all__ = [
     "LIVE_HOP_STATES",
     "TERMINAL_RUN_STATES",
     "ChainBreak",
+    "HeadObserver",
     "Ledger",
+    "LedgerVerification",
     "TransitionRefused",
     "event_hash",
 ]
@@ -95,6 +111,72 @@ class ChainBreak:
     reason: str
 
 
+@dataclass(frozen=True)
+class LedgerVerification:
+    """What `Ledger.verify` found: the chain, the state rows, and where the ledger ends."""
+
+    chain_break: ChainBreak | None
+    events: int
+    last_seq: int  # 0 for an empty ledger
+    head: str
+    row_mismatches: list[RowMismatch]
+    recorded_mismatches: list[tuple[int, str]]  # ledger.mismatch events: (seq, first finding)
+
+    @property
+    def ok(self) -> bool:
+        """The chain verifies and every state row matches (recorded mismatches are history)."""
+        return self.chain_break is None and not self.row_mismatches
+
+
+# Called after a transaction that appended events commits: (seq, hash, kinds appended).
+HeadObserver = Callable[[int, str, tuple[str, ...]], None]
+_TOUCHED = "ledger_touched"  # session.info: state rows written since the last event
+_STAMPING = "ledger_stamping"  # session.info: True while rows get their ledger_seq
+_APPENDED = "ledger_appended"  # session.info: (seq, hash, kinds) of this transaction's events
+
+
+@dataclass
+class _Touched:
+    row: Base
+    deleted: bool = False
+    assigned: set[str] | None = None  # columns this transaction set; None: all (a new row)
+
+
+def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
+    """Remembers every state row a flush writes (and which columns), for the next event."""
+    if session.info.get(_STAMPING):
+        return
+    touched: dict[int, _Touched] = session.info.setdefault(_TOUCHED, {})
+    for row in tracked(session.new):
+        touched[id(row)] = _Touched(row)
+    for row in tracked(session.dirty):
+        if not session.is_modified(row):
+            continue
+        state = sa_inspect(row)
+        changed = {c for c in STATE_COLUMNS[type(row)] if state.attrs[c].history.has_changes()}
+        entry = touched.setdefault(id(row), _Touched(row, assigned=set()))
+        if entry.assigned is not None:
+            entry.assigned |= changed
+    for row in tracked(session.deleted):
+        touched[id(row)] = _Touched(row, deleted=True)
+
+
+def _snapshot(session: Session, touched: _Touched) -> dict[str, Any]:
+    """The row's snapshot; columns this write did not set keep the value the ledger recorded.
+
+    So an edit made outside the ledger is never adopted by a later, unrelated write to the row
+    (pausing a run whose plan was edited must not make the edited plan look recorded).
+    """
+    entry = row_entry(touched.row, deleted=touched.deleted)
+    seq = getattr(touched.row, "ledger_seq", None)
+    if touched.deleted or touched.assigned is None or seq is None:
+        return entry
+    previous = session.get(EventRow, seq)
+    if previous is None:
+        return entry
+    return carry_forward(previous, entry, touched.assigned)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL keeps readers (CLI, dashboard) off the writer's back; FULL makes each commit durable.
@@ -114,6 +196,8 @@ class Ledger:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "before_flush", _track_state_rows)
+        self.head_observers: list[HeadObserver] = []
 
     def migrate(self) -> None:
         """Brings the schema to the newest Alembic revision."""
@@ -123,6 +207,13 @@ class Ledger:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
+    def covers_state_rows(self) -> bool:
+        """Whether the schema has the state rows' ledger_seq (revision 0007 or later)."""
+        inspector = sa_inspect(self.engine)
+        if not inspector.has_table("hops"):
+            return False
+        return any(column["name"] == "ledger_seq" for column in inspector.get_columns("hops"))
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -130,6 +221,18 @@ class Ledger:
     def transaction(self) -> Iterator[Session]:
         with self._sessions.begin() as session:
             yield session
+            session.flush()
+            unrecorded: dict[int, _Touched] = session.info.get(_TOUCHED, {})
+            if unrecorded:
+                # Every state row write must ride with an event, or verify would flag it later.
+                names = sorted(
+                    f"{type(t.row).__tablename__} {row_key(t.row)}" for t in unrecorded.values()
+                )
+                raise RuntimeError(f"state rows written without a ledger event: {', '.join(names)}")
+            appended = session.info.pop(_APPENDED, None)
+        if appended is not None:
+            for observer in self.head_observers:
+                observer(*appended)
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -143,8 +246,17 @@ class Ledger:
         site: str | None = None,
         payload: dict[str, Any] | None = None,
     ) -> EventRow:
-        """Appends one chained event inside the caller's transaction."""
+        """Appends one chained event inside the caller's transaction.
+
+        The event's payload also records (under ``state_rows``) a snapshot of every state row
+        the transaction wrote since its previous event; those rows get the event's seq.
+        """
         payload = payload or {}
+        session.flush()  # every pending state row passes _track_state_rows
+        touched: dict[int, _Touched] = session.info.pop(_TOUCHED, {})
+        if touched:
+            entries = [_snapshot(session, t) for t in touched.values()]
+            payload = {**payload, STATE_ROWS_KEY: entries}
         if session.bind is not None and session.get_bind().dialect.name == "postgresql":
             # Serialise appenders across processes: row locks cannot stop two transactions
             # from chaining to the same predecessor, a transaction-scoped advisory lock can.
@@ -166,6 +278,17 @@ class Ledger:
         )
         session.add(row)
         session.flush()
+        if touched:
+            session.info[_STAMPING] = True
+            try:
+                for written in touched.values():
+                    if not written.deleted:
+                        written.row.ledger_seq = row.seq  # type: ignore[attr-defined]
+                session.flush()
+            finally:
+                session.info[_STAMPING] = False
+        _, _, kinds = session.info.get(_APPENDED, (0, "", ()))
+        session.info[_APPENDED] = (row.seq, row.hash, (*kinds, kind))
         return row
 
     def record_event(self, kind: str, **fields: Any) -> None:
@@ -185,6 +308,22 @@ class Ledger:
             last = session.scalars(select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1))
             return last.first() or GENESIS_HASH
 
+    def head_problem(self, seq: int, head_hash: str) -> str | None:
+        """Why the ledger does not reach event `seq` with hash `head_hash` (None if it does)."""
+        event = self.event_at(seq)
+        if event is None:
+            last = self.last_event()
+            return (
+                f"the ledger ends at #{last.seq if last else 0}, short of event #{seq}"
+                if last is None or last.seq < seq
+                else f"the ledger has no event #{seq}"
+            )
+        if event.hash != head_hash:
+            return (
+                f"the ledger's event #{seq} has hash {event.hash[:12]}..., not {head_hash[:12]}..."
+            )
+        return None
+
     def has_event(self, event_hash: str) -> bool:
         with self._sessions() as session:
             found = session.scalars(select(EventRow.seq).where(EventRow.hash == event_hash))
@@ -192,17 +331,102 @@ class Ledger:
 
     def verify_chain(self) -> ChainBreak | None:
         """Walks the event log; returns the first event that does not verify, or None."""
-        prev = GENESIS_HASH
-        for row in self.events():
-            if row.prev_hash != prev:
-                return ChainBreak(row.seq, "previous-hash link broken (event deleted or inserted)")
-            expected = event_hash(
-                prev, row.at, row.kind, row.run_id, row.hop_id, row.site, row.payload
+        return self.verify(rows=False).chain_break
+
+    def verify(self, *, rows: bool = True, chunk: int = 1000) -> LedgerVerification:
+        """Streams the event chain, then (with `rows`) checks every state row against it.
+
+        Events are read `chunk` at a time and only a (seq, digest) per state row is kept, so
+        memory does not grow with the number of events.
+        """
+        prev, count, last_seq, broken = GENESIS_HASH, 0, 0, None
+        index = StateIndex()
+        with self._sessions() as session:
+            query = select(EventRow).order_by(EventRow.seq).execution_options(yield_per=chunk)
+            for row in session.scalars(query):
+                count, last_seq = count + 1, row.seq
+                if broken is None:
+                    if row.prev_hash != prev:
+                        broken = ChainBreak(
+                            row.seq, "previous-hash link broken (event deleted or inserted)"
+                        )
+                    elif row.hash != event_hash(
+                        prev, row.at, row.kind, row.run_id, row.hop_id, row.site, row.payload
+                    ):
+                        broken = ChainBreak(
+                            row.seq, "content does not match its hash (event altered)"
+                        )
+                prev = row.hash
+                if rows:
+                    index.add(row)
+                session.expunge(row)
+            mismatches = list(index.compare_tables(session, chunk)) if rows else []
+        return LedgerVerification(
+            chain_break=broken,
+            events=count,
+            last_seq=last_seq,
+            head=prev,
+            row_mismatches=mismatches,
+            recorded_mismatches=index.mismatch_events,
+        )
+
+    def event_at(self, seq: int) -> EventRow | None:
+        with self._sessions() as session:
+            return session.get(EventRow, seq)
+
+    def last_event(self) -> EventRow | None:
+        with self._sessions() as session:
+            return session.scalars(select(EventRow).order_by(EventRow.seq.desc()).limit(1)).first()
+
+    def row_mismatches(self, rows: Sequence[Base]) -> list[RowMismatch]:
+        """The rows (as read) that differ from the ledger event that last wrote each."""
+        with self._sessions() as session:
+            return state_mismatches(session, rows)
+
+    def run_mismatches(self, run: RunRow, checkpoint_sha256: str | None) -> list[RowMismatch]:
+        """The engine's check before it acts on a run: the run, its hops and the checkpoint
+        it is about to hand out (a hop's input or the final adapter) against their events."""
+        rows: list[Base] = [run, *run.hops]
+        found: list[RowMismatch] = []
+        if checkpoint_sha256 is not None:
+            checkpoint = self.checkpoint(checkpoint_sha256)
+            if checkpoint is None:
+                found.append(
+                    RowMismatch(
+                        "checkpoints",
+                        checkpoint_sha256,
+                        "",
+                        f"checkpoints row {checkpoint_sha256} is missing",
+                    )
+                )
+            else:
+                rows.append(checkpoint)
+        return self.row_mismatches(rows) + found
+
+    def pause_for_mismatch(self, run_id: str, mismatches: Sequence[RowMismatch]) -> RunRow:
+        """Pauses a running run whose rows differ from their events; one `ledger.mismatch` event.
+
+        Raises:
+            TransitionRefused: The run is not running any more.
+        """
+        error = "ledger mismatch: " + "; ".join(m.message for m in mismatches[:3])
+        if len(mismatches) > 3:
+            error += f"; and {len(mismatches) - 3} more"
+        with self.transaction() as session:
+            run = session.get(RunRow, run_id, with_for_update=True)
+            if run is None:
+                raise KeyError(run_id)
+            if run.status != "running":
+                raise TransitionRefused(f"run {run_id} is {run.status}; cannot pause it")
+            run.status = "paused"
+            run.error = error
+            self.append_event(
+                session,
+                MISMATCH_EVENT,
+                run_id=run_id,
+                payload={"status": "paused", "mismatches": [m.to_json() for m in mismatches]},
             )
-            if row.hash != expected:
-                return ChainBreak(row.seq, "content does not match its hash (event altered)")
-            prev = row.hash
-        return None
+            return run
 
     # ---- sites --------------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ class SiteRow(Base):
     certificate_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
 
 class RunRow(Base):
@@ -62,6 +63,7 @@ class RunRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     final_sha256: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     hops: Mapped[list[HopRow]] = relationship(
         back_populates="run", order_by="HopRow.index", cascade="all, delete-orphan"
@@ -92,6 +94,7 @@ class HopRow(Base):
     committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     run: Mapped[RunRow] = relationship(back_populates="hops")
 
@@ -112,6 +115,7 @@ class EvaluationRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     run: Mapped[RunRow] = relationship(back_populates="evaluations")
 
@@ -133,6 +137,7 @@ class CheckpointRow(Base):
     # stored; superseded (its hop was redone or ended without it); deleted (retention, gc).
     # Only a stored checkpoint's bytes are kept in the store.
     status: Mapped[str] = mapped_column(String(16), default="stored", server_default="stored")
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
 
 class RevocationRow(Base):
@@ -144,6 +149,7 @@ class RevocationRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     revoked_by: Mapped[str] = mapped_column(String(64))
     revoked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
 
 class StatisticsRequestRow(Base):
@@ -164,6 +170,7 @@ class StatisticsRequestRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A pending request fails after this; None (requests older than expiry): never.
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     answers: Mapped[list[StatisticsAnswerRow]] = relationship(
         back_populates="request",
@@ -185,6 +192,7 @@ class StatisticsAnswerRow(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     request: Mapped[StatisticsRequestRow] = relationship(back_populates="answers")
 

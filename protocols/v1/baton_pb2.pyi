@@ -275,6 +275,7 @@ class HelloRequest(_message.Message):
     DATASETS_FIELD_NUMBER: _builtins.int
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     LAST_LEDGER_HASH_FIELD_NUMBER: _builtins.int
+    KEPT_HEAD_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     protocol_version: _builtins.int
     """1 for this file"""
@@ -290,6 +291,12 @@ class HelloRequest(_message.Message):
     def base_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaseModel]: ...
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSummary]: ...
+    @_builtins.property
+    def kept_head(self) -> Global___SignedLedgerHead:
+        """The newest signed ledger head this site kept (Task.ledger_head). The coordinator refuses the
+        site if its ledger no longer holds that event with that hash: truncated or rewritten.
+        """
+
     def __init__(
         self,
         *,
@@ -299,10 +306,11 @@ class HelloRequest(_message.Message):
         datasets: _abc.Iterable[Global___DatasetSummary] | None = ...,
         protocol_version: _builtins.int = ...,
         last_ledger_hash: _builtins.str = ...,
+        kept_head: Global___SignedLedgerHead | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kept_head", b"kept_head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "kept_head", b"kept_head", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -552,30 +560,74 @@ class StatisticsTask(_message.Message):
 Global___StatisticsTask: _TypeAlias = StatisticsTask  # noqa: Y015
 
 @_typing.final
+class SignedLedgerHead(_message.Message):
+    """The coordinator's signed statement that its ledger held event `seq` with hash `hash`.
+    Sites keep the newest one (an anchor: a truncated or rewritten ledger no longer matches it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    SIGNED_AT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    hash: _builtins.str
+    signed_at: _builtins.str
+    """ISO-8601 UTC, as signed"""
+    signature: _builtins.bytes
+    """ECDSA P-256 over sha256 of the canonical JSON (protocols/ledger_head.py)"""
+    certificate_pem: _builtins.bytes
+    """the coordinator certificate that signed it"""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        hash: _builtins.str = ...,
+        signed_at: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+        certificate_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "hash", b"hash", "seq", b"seq", "signature", b"signature", "signed_at", b"signed_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignedLedgerHead: _TypeAlias = SignedLedgerHead  # noqa: Y015
+
+@_typing.final
 class Task(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HOP_FIELD_NUMBER: _builtins.int
     EVALUATION_FIELD_NUMBER: _builtins.int
     STATISTICS_FIELD_NUMBER: _builtins.int
+    LEDGER_HEAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hop(self) -> Global___HopTask: ...
     @_builtins.property
     def evaluation(self) -> Global___EvaluationTask: ...
     @_builtins.property
     def statistics(self) -> Global___StatisticsTask: ...
+    @_builtins.property
+    def ledger_head(self) -> Global___SignedLedgerHead:
+        """not work: a new signed head to keep"""
+
     def __init__(
         self,
         *,
         hop: Global___HopTask | None = ...,
         evaluation: Global___EvaluationTask | None = ...,
         statistics: Global___StatisticsTask | None = ...,
+        ledger_head: Global___SignedLedgerHead | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "statistics", b"statistics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "statistics", b"statistics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "statistics", b"statistics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics", "ledger_head"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

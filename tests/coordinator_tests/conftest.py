@@ -35,6 +35,7 @@ class ScriptedSite:
         self.channel = secure_channel(f"localhost:{port}", tls)
         self.stub = pb_grpc.SiteServiceStub(self.channel)
         self.tasks: queue.Queue[pb.Task] = queue.Queue()
+        self.heads: list[pb.SignedLedgerHead] = []  # signed ledger heads, kept apart from work
         self._stream: grpc.Call | None = None
 
     def hello(self) -> pb.HelloResponse:
@@ -51,7 +52,10 @@ class ScriptedSite:
         def pump() -> None:
             try:
                 for task in stream:
-                    self.tasks.put(task)
+                    if task.WhichOneof("kind") == "ledger_head":
+                        self.heads.append(task.ledger_head)
+                    else:
+                        self.tasks.put(task)
             except grpc.RpcError:
                 pass
 

@@ -1,0 +1,402 @@
+"""State rows under the event chain: each write's row snapshot rides in its event; checks compare.
+
+Every transaction that changes a state row (runs, hops, checkpoints, evaluations, sites,
+revocations, statistics requests and answers) appends one chained event; that event's payload
+carries, under ``state_rows``, a snapshot of each row it wrote (short columns verbatim, long ones
+as a sha256), and the row stores the event's ``seq`` in ``ledger_seq``. A row that no longer
+matches the newest snapshot of it in the chain was changed outside the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import inspect, select
+from sqlalchemy.orm import Session
+
+from coordinator.ledger.models import (
+    Base,
+    CheckpointRow,
+    EvaluationRow,
+    EventRow,
+    HopRow,
+    RevocationRow,
+    RunRow,
+    SiteRow,
+    StatisticsAnswerRow,
+    StatisticsRequestRow,
+)
+
+__all__ = [
+    "MISMATCH_EVENT",
+    "STATE_COLUMNS",
+    "STATE_ROWS_KEY",
+    "RowMismatch",
+    "StateIndex",
+    "append_baseline",
+    "carry_forward",
+    "compare_snapshot",
+    "row_entry",
+    "row_key",
+    "snapshot_digest",
+    "state_mismatches",
+    "tracked",
+    "values_entry",
+]
+
+STATE_ROWS_KEY = "state_rows"  # payload key of an event's row snapshots
+MISMATCH_EVENT = "ledger.mismatch"  # the engine found rows that differ from their events
+_VERBATIM_CHARS = 160  # longer column values are kept as their sha256
+
+# The columns each snapshot covers: every column the engine or an operator reads. A column
+# added to a state table must be added here too, or edits to it go unnoticed.
+STATE_COLUMNS: dict[type[Base], tuple[str, ...]] = {
+    RunRow: ("name", "status", "plan", "base_model_sha256", "created_at", "finished_at",
+             "final_sha256", "error"),
+    HopRow: ("run_id", "index", "site", "hyperparameters", "status", "lease_token", "attempts",
+             "leased_at", "input_sha256", "output_sha256", "metrics", "train_started_at_ns",
+             "train_finished_at_ns", "committed_at", "error_code", "error"),
+    CheckpointRow: ("size", "run_id", "hop_id", "producer_site", "parent_sha256", "manifest",
+                    "tensors", "signature", "producer_certificate", "stored_at", "status"),
+    EvaluationRow: ("run_id", "checkpoint_sha256", "site", "split", "status", "lease_token",
+                    "metrics", "error", "created_at", "finished_at"),
+    SiteRow: ("agent_version", "capabilities", "base_models", "datasets", "certificate_serial",
+              "certificate_expires_at", "first_seen_at", "last_seen_at"),
+    RevocationRow: ("reason", "revoked_by", "revoked_at"),
+    StatisticsRequestRow: ("dataset", "task_type", "min_count", "noise_std", "sites", "status",
+                           "combined", "error", "created_at", "finished_at", "expires_at"),
+    StatisticsAnswerRow: ("status", "lease_token", "aggregates", "error_code", "error",
+                          "finished_at"),
+}  # fmt: skip
+
+
+def _canonical(value: Any) -> Any:
+    """A column value as the snapshot stores it (datetimes as UTC ISO-8601, whatever the driver)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # SQLite hands back naive UTC
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def values_entry(table: str, key: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The snapshot of one row from its column values."""
+    verbatim: dict[str, Any] = {}
+    digests: dict[str, str] = {}
+    for column, raw in values.items():
+        value = _canonical(raw)
+        text = _json(value)
+        if len(text) > _VERBATIM_CHARS:
+            digests[column] = hashlib.sha256(text.encode("ascii")).hexdigest()
+        else:
+            verbatim[column] = value
+    return {"table": table, "key": key, "values": verbatim, "digests": digests}
+
+
+def row_key(row: Base) -> str:
+    """The row's primary key as one string ("/" between the parts of a composite key)."""
+    return "/".join(str(part) for part in inspect(row).mapper.primary_key_from_instance(row))
+
+
+def row_entry(row: Base, *, deleted: bool = False) -> dict[str, Any]:
+    """The snapshot of one ORM row (or the record that it was deleted)."""
+    table = type(row).__tablename__
+    if deleted:
+        return {"table": table, "key": row_key(row), "deleted": True}
+    columns = STATE_COLUMNS[type(row)]
+    return values_entry(table, row_key(row), {c: getattr(row, c) for c in columns})
+
+
+def snapshot_digest(entry: Mapping[str, Any]) -> str:
+    """One hash of a snapshot's values, to keep the newest per row in little memory."""
+    body = {"values": entry.get("values", {}), "digests": entry.get("digests", {})}
+    return hashlib.sha256(_json(body).encode("ascii")).hexdigest()
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else _json(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class RowMismatch:
+    """A state row that differs from the ledger event that last wrote it."""
+
+    table: str
+    key: str
+    column: str  # "" when the whole row is missing on one side
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "table": self.table,
+            "key": self.key,
+            "column": self.column,
+            "message": self.message,
+        }
+
+
+def compare_snapshot(
+    table: str, key: str, seq: int, entry: Mapping[str, Any], current: Mapping[str, Any]
+) -> list[RowMismatch]:
+    """Names every column where the current row (its snapshot entry) differs from event `seq`'s."""
+    found: list[RowMismatch] = []
+    prefix = f"{table} row {key}"
+    for column, value in entry.get("values", {}).items():
+        now = current["values"].get(column, current["digests"].get(column))
+        if column not in current["values"] or _json(now) != _json(value):
+            found.append(
+                RowMismatch(
+                    table,
+                    key,
+                    column,
+                    f"{prefix} column {column}: ledger event #{seq} says {_short(value)!r}, "
+                    f"table says {_short(now)!r}",
+                )
+            )
+    for column, digest in entry.get("digests", {}).items():
+        now = current["digests"].get(column)
+        if now != digest:
+            shown = now if now is not None else _short(current["values"].get(column))
+            found.append(
+                RowMismatch(
+                    table,
+                    key,
+                    column,
+                    f"{prefix} column {column}: ledger event #{seq} holds a value of sha256 "
+                    f"{digest[:12]}..., the table's differs ({str(shown)[:12]}...)",
+                )
+            )
+    return found
+
+
+def _entries(event: EventRow) -> Iterator[Mapping[str, Any]]:
+    entries = event.payload.get(STATE_ROWS_KEY) if isinstance(event.payload, dict) else None
+    if isinstance(entries, list):
+        yield from (e for e in entries if isinstance(e, dict))
+
+
+def carry_forward(previous: EventRow, entry: dict[str, Any], assigned: set[str]) -> dict[str, Any]:
+    """`entry` with every column not in `assigned` as `previous` recorded it for the same row."""
+    recorded = next(
+        (
+            e
+            for e in _entries(previous)
+            if (e.get("table"), e.get("key")) == (entry["table"], entry["key"])
+        ),
+        None,
+    )
+    if recorded is None or recorded.get("deleted"):
+        return entry
+    values, digests = dict(entry["values"]), dict(entry["digests"])
+    for column in set(values) | set(digests):
+        if column in assigned:
+            continue
+        values.pop(column, None)
+        digests.pop(column, None)
+        if column in recorded.get("values", {}):
+            values[column] = recorded["values"][column]
+        elif column in recorded.get("digests", {}):
+            digests[column] = recorded["digests"][column]
+    return {**entry, "values": values, "digests": digests}
+
+
+def state_mismatches(session: Session, rows: Sequence[Base]) -> list[RowMismatch]:
+    """Checks rows against the events their ``ledger_seq`` names (the engine's check).
+
+    Each event is also checked against its own hash and its successor's link, so an event
+    edited to match an edited row is caught here too, not only by a full verify.
+    """
+    from coordinator.ledger._repository import event_hash
+
+    seqs: set[int] = {s for row in rows if (s := getattr(row, "ledger_seq", None)) is not None}
+    events = {e.seq: e for e in session.scalars(select(EventRow).where(EventRow.seq.in_(seqs)))}
+    successors = {
+        e.seq: e
+        for e in session.scalars(
+            select(EventRow).where(EventRow.seq.in_({seq + 1 for seq in seqs}))
+        )
+    }
+    found: list[RowMismatch] = []
+    for row in rows:
+        table, key = type(row).__tablename__, row_key(row)
+        seq = getattr(row, "ledger_seq", None)
+        event = events.get(seq) if seq is not None else None
+        if event is None:
+            found.append(
+                RowMismatch(
+                    table, key, "", f"{table} row {key} names no ledger event (ledger_seq {seq})"
+                )
+            )
+            continue
+        nxt = successors.get(event.seq + 1)
+        recomputed = event_hash(
+            event.prev_hash,
+            event.at,
+            event.kind,
+            event.run_id,
+            event.hop_id,
+            event.site,
+            event.payload,
+        )
+        if recomputed != event.hash or (nxt is not None and nxt.prev_hash != event.hash):
+            found.append(
+                RowMismatch(
+                    table,
+                    key,
+                    "",
+                    f"{table} row {key}: its ledger event #{event.seq} does not verify "
+                    "(event altered)",
+                )
+            )
+            continue
+        entry = next(
+            (e for e in _entries(event) if e.get("table") == table and e.get("key") == key), None
+        )
+        if entry is None or entry.get("deleted"):
+            found.append(
+                RowMismatch(
+                    table,
+                    key,
+                    "",
+                    f"{table} row {key}: ledger event #{event.seq} does not record it",
+                )
+            )
+            continue
+        found.extend(compare_snapshot(table, key, event.seq, entry, row_entry(row)))
+    return found
+
+
+@dataclass
+class _Newest:
+    seq: int
+    digest: str | None  # None: the newest event records the row's deletion
+
+
+class StateIndex:
+    """The newest snapshot of every row in the chain, as (seq, digest): small per row."""
+
+    def __init__(self) -> None:
+        self._newest: dict[tuple[str, str], _Newest] = {}
+        self.mismatch_events: list[tuple[int, str]] = []  # (seq, first finding) recorded
+
+    def add(self, event: EventRow) -> None:
+        if event.kind == MISMATCH_EVENT:
+            findings = event.payload.get("mismatches") or [{"message": "(no detail)"}]
+            self.mismatch_events.append((event.seq, str(findings[0].get("message", ""))))
+        for entry in _entries(event):
+            name = (str(entry.get("table")), str(entry.get("key")))
+            digest = None if entry.get("deleted") else snapshot_digest(entry)
+            self._newest[name] = _Newest(event.seq, digest)
+
+    def compare_tables(self, session: Session, chunk: int = 1000) -> Iterator[RowMismatch]:
+        """Every row against its newest snapshot, and every snapshot against its row."""
+        seen: set[tuple[str, str]] = set()
+        for model in STATE_COLUMNS:
+            table = model.__tablename__
+            for row in session.scalars(select(model).execution_options(yield_per=chunk)):
+                key = row_key(row)
+                seen.add((table, key))
+                newest = self._newest.get((table, key))
+                entry = row_entry(row)
+                if newest is None or newest.digest is None:
+                    yield RowMismatch(
+                        table,
+                        key,
+                        "",
+                        f"{table} row {key} has no ledger event that wrote it"
+                        + (f" (event #{newest.seq} deleted it)" if newest else ""),
+                    )
+                    continue
+                seq_column = getattr(row, "ledger_seq", None)
+                if snapshot_digest(entry) != newest.digest:
+                    event = session.get(EventRow, newest.seq)
+                    assert event is not None
+                    recorded = next(
+                        e for e in _entries(event) if (e.get("table"), e.get("key")) == (table, key)
+                    )
+                    yield from compare_snapshot(table, key, newest.seq, recorded, entry)
+                elif seq_column != newest.seq:
+                    yield RowMismatch(
+                        table,
+                        key,
+                        "ledger_seq",
+                        f"{table} row {key} column ledger_seq: ledger event #{newest.seq} last "
+                        f"wrote it, table says {seq_column}",
+                    )
+                session.expunge(row)
+        for (table, key), newest in self._newest.items():
+            if newest.digest is not None and (table, key) not in seen:
+                yield RowMismatch(
+                    table,
+                    key,
+                    "",
+                    f"{table} row {key}: ledger event #{newest.seq} wrote it, "
+                    "the table has no such row (deleted)",
+                )
+
+
+def tracked(objects: Iterable[object]) -> Iterator[Base]:
+    """The state rows among a session's new, changed or deleted objects."""
+    return (o for o in objects if isinstance(o, Base) and type(o) in STATE_COLUMNS)
+
+
+def append_baseline(
+    connection: sa.Connection,
+    tables: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]],
+    per_event: int = 200,
+) -> None:
+    """Appends ``ledger.baseline`` events snapshotting every row of `tables` as it is now.
+
+    For migrations: rows written before a revision that adds a state column (or before row
+    snapshots existed) have no snapshot of that column in any event. `tables` maps each table to
+    (key columns, snapshot columns) frozen as of the calling revision. A baseline vouches only for
+    what the rows hold at migration time.
+    """
+    from coordinator.ledger._repository import GENESIS_HASH, event_hash
+
+    metadata = sa.MetaData()
+    events = sa.Table("events", metadata, autoload_with=connection)
+    last = connection.execute(
+        sa.select(events.c.hash).order_by(events.c.seq.desc()).limit(1)
+    ).first()
+    prev = last[0] if last else GENESIS_HASH
+    for name, (keys, columns) in tables.items():
+        table = sa.Table(name, metadata, autoload_with=connection)
+        rows = connection.execute(
+            sa.select(*(table.c[c] for c in (*keys, *columns))).order_by(
+                *(table.c[k] for k in keys)
+            )
+        ).all()
+        for start in range(0, len(rows), per_event):
+            batch = rows[start : start + per_event]
+            entries = [
+                values_entry(
+                    name,
+                    "/".join(str(row._mapping[k]) for k in keys),
+                    {c: row._mapping[c] for c in columns},
+                )
+                for row in batch
+            ]
+            payload = {"table": name, "rows": len(entries), STATE_ROWS_KEY: entries}
+            at = datetime.now(UTC).isoformat(timespec="microseconds")
+            digest = event_hash(prev, at, "ledger.baseline", None, None, None, payload)
+            result = connection.execute(
+                events.insert().values(at=at, kind="ledger.baseline", run_id=None, hop_id=None,
+                                       site=None, payload=payload, prev_hash=prev, hash=digest)
+            )  # fmt: skip
+            seq = result.inserted_primary_key[0]  # type: ignore[index]
+            prev = digest
+            for row in batch:
+                condition = sa.and_(*(table.c[k] == row._mapping[k] for k in keys))
+                connection.execute(table.update().where(condition).values(ledger_seq=seq))
