@@ -202,7 +202,10 @@ def pki_revoke(
 @coordinator_app.command("serve")
 def coordinator_serve(
     config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
-    host: Annotated[str | None, typer.Option()] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to bind (default localhost only; 0.0.0.0 for all interfaces)"),
+    ] = None,
     port: Annotated[int | None, typer.Option(help="0 picks a free port")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Ledger and checkpoint store")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL")] = None,
@@ -221,6 +224,7 @@ def coordinator_serve(
 
     from coordinator.server import serve
     from coordinator.settings import load_coordinator_settings
+    from protocols.settings import SettingsFileError
 
     configure_logging(log_level, log_json)
     try:
@@ -236,7 +240,7 @@ def coordinator_serve(
             port_file=port_file,
             ca_dir=ca_dir,
         )
-    except (ValidationError, FileNotFoundError) as exc:
+    except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
         raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
     try:
         asyncio.run(serve(settings))
