@@ -196,6 +196,25 @@ def pki_revoke(
     console.print(f"certificate {serial} revoked; {closed} open stream(s) closed")
 
 
+@app.command("provision")
+def provision_kit(
+    consortium_file: Annotated[Path, typer.Argument(help="consortium.toml")],
+    out: Annotated[Path, typer.Option(help="New folder for the kits")] = Path("consortium-kit"),
+) -> None:
+    """Make a ready folder per participant: certificate, key, CA, settings, systemd unit, README."""
+    from coordinator.provision import ProvisionError, load_consortium, provision
+
+    try:
+        kit = provision(load_consortium(consortium_file), out)
+    except ProvisionError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    table = Table("participant", "folder", "certificate expires")
+    for name, folder in kit.folders.items():
+        table.add_row(name, str(folder), f"{kit.expires[name]:%Y-%m-%d}")
+    console.print(table)
+    console.print(f"CA (keep offline, never ship): {kit.ca_dir}")
+
+
 # ---- coordinator --------------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, get_args
 
 from pydantic_settings import (
     BaseSettings,
@@ -29,6 +29,11 @@ class _FlagNamedTomlSource(TomlConfigSettingsSource):
 
     def __init__(self, settings_cls: type[FileBackedSettings], toml_file: Path) -> None:
         self._flag_names = settings_cls.flag_names
+        self._path_fields = {
+            name
+            for name, field in settings_cls.model_fields.items()
+            if field.annotation is Path or Path in get_args(field.annotation)
+        }
         super().__init__(settings_cls, toml_file)
 
     def _read_file(self, file_path: Any) -> dict[str, Any]:
@@ -46,6 +51,11 @@ class _FlagNamedTomlSource(TomlConfigSettingsSource):
                     f"{file_path}: {given_as[field]!r} and {key!r} are the same setting; keep one"
                 )
             settings[field], given_as[field] = value, key
+        # Relative paths name files beside the config file, wherever the service is started.
+        base = Path(str(file_path)).parent
+        for field, value in settings.items():
+            if field in self._path_fields and isinstance(value, str) and value:
+                settings[field] = str(base / value)
         return settings
 
 
@@ -54,6 +64,7 @@ class FileBackedSettings(BaseSettings):
 
     The file's keys are the command's flag names (`ca = "ca.crt"`, `base-model = "..."`, dashes
     or underscores) or the field names; `flag_names` maps each flag that differs to its field.
+    A relative path in the file is relative to the file's folder.
     """
 
     flag_names: ClassVar[Mapping[str, str]] = {}

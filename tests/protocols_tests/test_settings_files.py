@@ -27,9 +27,9 @@ def test_site_file_takes_the_serve_flag_names(tmp_path: Path) -> None:
         'threads = 4\napprove = ["' + "a" * 64 + '"]\nserver-name = "coord"\n',
     )
     settings = load_site_settings(config)
-    assert settings.ca_certificate == Path("ca.crt")
-    assert settings.certificate == Path("st-marys.crt")
-    assert settings.private_key == Path("st-marys.key")
+    assert settings.ca_certificate == tmp_path / Path("ca.crt")
+    assert settings.certificate == tmp_path / Path("st-marys.crt")
+    assert settings.private_key == tmp_path / Path("st-marys.key")
     assert settings.data_dir == Path("/srv/baton")
     assert settings.base_model_dir == Path("/srv/models/minilm")
     assert settings.num_threads == 4
@@ -46,9 +46,9 @@ def test_coordinator_file_takes_the_serve_flag_names(tmp_path: Path) -> None:
     settings = load_coordinator_settings(config)
     assert (settings.host, settings.port) == ("0.0.0.0", 50051)
     assert settings.state_dir == Path("/var/lib/baton")
-    assert settings.tls.ca_certificate == Path("ca.crt")
-    assert settings.tls.certificate == Path("coordinator.crt")
-    assert settings.tls.private_key == Path("coordinator.key")
+    assert settings.tls.ca_certificate == tmp_path / Path("ca.crt")
+    assert settings.tls.certificate == tmp_path / Path("coordinator.crt")
+    assert settings.tls.private_key == tmp_path / Path("coordinator.key")
 
 
 def test_field_names_still_work_and_flags_still_win(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def test_field_names_still_work_and_flags_still_win(tmp_path: Path) -> None:
         'ca_certificate = "ca.crt"\ncertificate = "c.crt"\nprivate_key = "c.key"\nport = 1\n',
     )
     settings = load_coordinator_settings(config, port=2)
-    assert settings.ca_certificate == Path("ca.crt")
+    assert settings.ca_certificate == tmp_path / Path("ca.crt")
     assert settings.port == 2
 
 
@@ -94,3 +94,19 @@ def test_site_serve_reports_a_bad_config_file_in_one_line(tmp_path: Path) -> Non
     assert "error: bad site settings:" in result.output
     assert "is not valid TOML" in result.output
     assert "Traceback" not in result.output
+
+
+def test_relative_paths_in_a_file_are_beside_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    config = _write(
+        folder / "site.toml",
+        'coordinator = "c:1"\nca = "ca.crt"\ncert = "s.crt"\nkey = "/abs/s.key"\n'
+        'data-dir = "../data"\n',
+    )
+    settings = load_site_settings(config, certificate=Path("flag.crt"))
+    assert settings.ca_certificate == folder / "ca.crt"
+    assert settings.private_key == Path("/abs/s.key")
+    assert settings.data_dir == folder / "../data"
+    assert settings.certificate == Path("flag.crt")  # flags stay relative to the working dir
+    assert settings.coordinator == "c:1"
