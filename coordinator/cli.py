@@ -714,9 +714,19 @@ def sites(
     ca: AdminCa = Path("pki/ca.crt"),
     cert: AdminCert = Path("pki/admin.crt"),
     key: AdminKey = Path("pki/admin.key"),
+    wait_for: Annotated[
+        list[str] | None,
+        typer.Option(help="First wait until this site is connected (repeatable)"),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="How long --wait-for waits (seconds)")] = 120.0,
 ) -> None:
     """List registered sites and whether they are connected."""
     with _admin(coordinator, ca, cert, key) as client:
+        if wait_for:
+            try:
+                client.wait_for_sites(set(wait_for), timeout)
+            except TimeoutError as exc:
+                raise _fail(str(exc), EXIT_UNREACHABLE) from exc
         try:
             rows = client.sites()
         except grpc.RpcError as exc:

@@ -59,10 +59,13 @@ def test_deployment_takes_database_and_certificates_from_secrets_and_probes_heal
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "baton-tls"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": 50051, "dashboard": 8080}
-    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "dashboard"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "dashboard"}
-    assert container["args"][container["args"].index("--health-port") + 1] == "8080"
+    assert ports == {"grpc": 50051, "dashboard": 8443, "metrics": 9464}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    args = container["args"]
+    assert args[args.index("--metrics-port") + 1] == "9464"
+    assert args[args.index("--metrics-host") + 1] == "0.0.0.0"
+    assert args[args.index("--dashboard-port") + 1] == "8443"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
@@ -76,7 +79,7 @@ def test_grpc_and_dashboard_services() -> None:
     assert grpc_service["ports"][0] | {} == {"port": 443, "targetPort": "grpc", "protocol": "TCP",
                                              "name": "grpc", "appProtocol": "grpc"}  # fmt: skip
     assert dashboard["type"] == "ClusterIP"
-    assert dashboard["ports"][0]["targetPort"] == "dashboard"
+    assert [p["targetPort"] for p in dashboard["ports"]] == ["dashboard", "metrics"]
 
 
 def test_rendered_coordinator_toml_is_what_baton_coordinator_serve_reads(tmp_path: Path) -> None:
