@@ -107,6 +107,10 @@ def load_consortium(path: Path) -> Consortium:
         raise ProvisionError(f"{path}: names used twice: {', '.join(duplicates)}")
     if "coordinator" in names or "ca" in names:
         raise ProvisionError(f"{path}: 'coordinator' and 'ca' are reserved names")
+    if consortium.ca.dir is not None and not consortium.ca.dir.is_absolute():
+        # Like settings files: a relative CA folder is beside the consortium file.
+        ca = consortium.ca.model_copy(update={"dir": path.parent / consortium.ca.dir})
+        consortium = consortium.model_copy(update={"ca": ca})
     return consortium
 
 

@@ -136,3 +136,16 @@ def test_cli_prints_the_folders_or_one_error_line(consortium_file: Path, tmp_pat
     assert again.exit_code == 2
     assert "exists and is not empty" in " ".join(again.output.split())
     assert "Traceback" not in again.output
+
+
+def test_an_existing_ca_signs_the_kit_and_stays_where_it_is(tmp_path: Path) -> None:
+    from protocols.pki import init_ca
+
+    init_ca(tmp_path / "pki")
+    path = tmp_path / "consortium.toml"
+    path.write_text(CONSORTIUM.replace('name = "heart-pilot"', 'name = "x"\n[ca]\ndir = "pki"'))
+    kit = provision(load_consortium(path), tmp_path / "kit")
+    assert kit.ca_dir == tmp_path / "pki"
+    assert not (tmp_path / "kit" / "ca").exists()
+    ca = (tmp_path / "pki" / "ca.crt").read_bytes()
+    assert (tmp_path / "kit" / "sites" / "st-marys" / "ca.crt").read_bytes() == ca
