@@ -332,7 +332,9 @@ authenticated TLS (gRPC). It opens no listening port: allow outbound TCP to `{ad
    'baton-fl[site]'` (check `sha256sum -c SHA256SUMS` in the wheelhouse first).
 2. `useradd --system --home-dir /var/lib/baton-site --shell /usr/sbin/nologin baton`
 3. Copy this folder to `{config_dir}` (owner root, group baton; `chmod 0640 {config_dir}/*.key`).
-4. Register the data (as the baton user; the file is read, never copied):
+4. Register the data (as the baton user; the file is read, never copied; systemd creates
+   `/var/lib/baton-site` on first start, before that `install -d -o baton -g baton -m 0750
+   /var/lib/baton-site`):
    `sudo -u baton {prefix}/bin/baton-site data add NAME /path/to/file.csv --task tabular
    --data-dir {data_dir}`
 5. `cp {config_dir}/baton-site.service /etc/systemd/system/ &&

@@ -101,8 +101,11 @@ def site_unit(
         description="Baton site agent (outbound only: dials the coordinator)",
         config_dir=config_dir,
         exec_start=f"{prefix}/bin/baton-site serve --config {config_dir}/site.toml",
-        # Models and data are local files: never reach for a model hub.
-        environment="Environment=HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1\n",
+        # Models and data are local files: never reach for a model hub. Library caches go to
+        # the state directory, the only writable place.
+        environment="Environment=HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "
+        "XDG_CACHE_HOME=/var/lib/baton-site/.cache "
+        "HF_HOME=/var/lib/baton-site/.cache/huggingface\n",
         stop_seconds=300,
         state_name="baton-site",
         # No PrivateDevices nor MemoryDenyWriteExecute: CUDA needs /dev/nvidia* and JIT memory.

@@ -28,7 +28,9 @@ ENV PATH=/opt/baton/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    XDG_CACHE_HOME=/tmp/cache \
+    HF_HOME=/tmp/cache/huggingface
 USER baton:baton
 WORKDIR /var/lib/baton
 VOLUME ["/var/lib/baton/data"]
