@@ -350,10 +350,12 @@ A hop runs only for a run bundle this site approved. The ML lead sends the bundl
 
 ## Certificates
 
-`{site}.crt` expires on {expires} ({days}-day validity). Renew it online before then with
-`baton-site cert renew --coordinator {address} --ca ca.crt --cert {site}.crt --key {site}.key`
-(where the coordinator holds the CA key), or offline: `baton-site cert csr --name {site}`,
-send the CSR to the CA holder (`baton pki sign`), install the certificate, restart the service.
+`{site}.crt` expires on {expires} ({days}-day validity). Renew it before then, as root in
+`{config_dir}`: online with `{prefix}/bin/baton-site cert renew --coordinator {address} --ca ca.crt
+--cert {site}.crt --key {site}.key` (where the coordinator holds the CA key), or offline with
+`{prefix}/bin/baton-site cert csr --name {site}` and the CSR sent to the CA holder
+(`baton pki sign`). Then `chgrp baton {site}.key && chmod 0640 {site}.key` and
+`systemctl restart baton-site`. `baton pki status --dir {config_dir}` shows the days left.
 
 ## Logs
 
