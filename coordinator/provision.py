@@ -355,7 +355,8 @@ A hop runs only for a run bundle this site approved. The ML lead sends the bundl
 --cert {site}.crt --key {site}.key` (where the coordinator holds the CA key), or offline with
 `{prefix}/bin/baton-site cert csr --name {site}` and the CSR sent to the CA holder
 (`baton pki sign`). Then `chgrp baton {site}.key && chmod 0640 {site}.key` and
-`systemctl restart baton-site`. `baton pki status --dir {config_dir}` shows the days left.
+`systemctl restart baton-site`. `openssl x509 -enddate -noout -in {config_dir}/{site}.crt` shows
+the expiry date.
 
 ## Logs
 
