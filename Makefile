@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test test-all lint proto check-protos benchmarks clean
+.PHONY: install demo test test-all lint proto check-protos benchmarks clean wheelhouse
 
 # constraints.txt pins torch to the CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -31,6 +31,14 @@ lint: install check-protos
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# Offline install for sites: every wheel of baton-fl[site] + SHA256SUMS (deploy/wheelhouse.sh).
+# CPU torch by default; CUDA: make wheelhouse TORCH_INDEX=https://download.pytorch.org/whl/cu126
+# TORCH_INDEX= (empty) takes torch from pip's configured indexes only.
+WHEELHOUSE ?= wheelhouse
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+wheelhouse:
+	TORCH_INDEX='$(TORCH_INDEX)' PYTHON=$(PYTHON) bash deploy/wheelhouse.sh $(WHEELHOUSE)
 
 proto: install
 	PYTHON=$(PY) bash .ci/gen-protos.sh

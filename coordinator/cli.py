@@ -200,13 +200,35 @@ def pki_revoke(
     console.print(f"certificate {serial} revoked; {closed} open stream(s) closed")
 
 
+@app.command("provision")
+def provision_kit(
+    consortium_file: Annotated[Path, typer.Argument(help="consortium.toml")],
+    out: Annotated[Path, typer.Option(help="New folder for the kits")] = Path("consortium-kit"),
+) -> None:
+    """Make a ready folder per participant: certificate, key, CA, settings, systemd unit, README."""
+    from coordinator.provision import ProvisionError, load_consortium, provision
+
+    try:
+        kit = provision(load_consortium(consortium_file), out)
+    except ProvisionError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    table = Table("participant", "folder", "certificate expires")
+    for name, folder in kit.folders.items():
+        table.add_row(name, str(folder), f"{kit.expires[name]:%Y-%m-%d}")
+    console.print(table)
+    console.print(f"CA (keep offline, never ship): {kit.ca_dir}")
+
+
 # ---- coordinator --------------------------------------------------------------------------------
 
 
 @coordinator_app.command("serve")
 def coordinator_serve(
     config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
-    host: Annotated[str | None, typer.Option()] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to bind (default localhost only; 0.0.0.0 for all interfaces)"),
+    ] = None,
     port: Annotated[int | None, typer.Option(help="0 picks a free port")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="Ledger and checkpoint store")] = None,
     database_url: Annotated[str | None, typer.Option(help="SQLAlchemy URL")] = None,
@@ -225,6 +247,7 @@ def coordinator_serve(
 
     from coordinator.server import serve
     from coordinator.settings import load_coordinator_settings
+    from protocols.settings import SettingsFileError
 
     configure_logging(log_level, log_json)
     try:
@@ -240,7 +263,7 @@ def coordinator_serve(
             port_file=port_file,
             ca_dir=ca_dir,
         )
-    except (ValidationError, FileNotFoundError) as exc:
+    except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
         raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
     try:
         asyncio.run(serve(settings))
@@ -867,9 +890,19 @@ def sites(
     ca: AdminCa = Path("pki/ca.crt"),
     cert: AdminCert = Path("pki/admin.crt"),
     key: AdminKey = Path("pki/admin.key"),
+    wait_for: Annotated[
+        list[str] | None,
+        typer.Option(help="First wait until this site is connected (repeatable)"),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="How long --wait-for waits (seconds)")] = 120.0,
 ) -> None:
     """List registered sites and whether they are connected."""
     with _admin(coordinator, ca, cert, key) as client:
+        if wait_for:
+            try:
+                client.wait_for_sites(set(wait_for), timeout)
+            except TimeoutError as exc:
+                raise _fail(str(exc), EXIT_UNREACHABLE) from exc
         try:
             rows = client.sites()
         except grpc.RpcError as exc:

@@ -135,6 +135,10 @@ class Cluster:
             args += ["--approve", digest]
         return self._spawn(name, args)
 
+    def start_command(self, name: str, args: Sequence[str]) -> ManagedProcess:
+        """Starts `python ARGS` (e.g. `-m site_agent serve --config site.toml`) under `name`."""
+        return self._spawn(name, args)
+
     def process(self, name: str) -> ManagedProcess:
         """The newest process started under `name` (e.g. "coordinator", "site-a")."""
         return next(p for p in reversed(self.processes) if p.name == name)

@@ -8,6 +8,7 @@ import logging
 import signal
 
 import grpc.aio
+from sqlalchemy import make_url
 
 from coordinator.engine import RunEngine
 from coordinator.ledger import HeadSigner, Ledger
@@ -77,7 +78,8 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
     )
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
     await server.start()
-    logger.info("coordinator listening on %s:%d (ledger %s)", settings.host, port, ledger.url)
+    shown_url = make_url(ledger.url).render_as_string(hide_password=True)
+    logger.info("coordinator listening on %s:%d (ledger %s)", settings.host, port, shown_url)
     # Runs in flight before a restart continue: their sites get their tasks when they reconnect.
     await engine.dispatch_all()
     return Coordinator(server, port, engine, asyncio.create_task(engine.watch()))

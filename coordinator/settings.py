@@ -18,7 +18,11 @@ class CoordinatorSettings(FileBackedSettings):
     """Everything `baton coordinator serve` needs."""
 
     model_config = SettingsConfigDict(env_prefix="BATON_", extra="forbid")
+    # Config-file keys may be the `baton coordinator serve` flag names.
+    flag_names = {"ca": "ca_certificate", "cert": "certificate", "key": "private_key"}
 
+    # localhost only by default: a coordinator is reachable from other hosts only when told to
+    # (`host = "0.0.0.0"` or the interface's address; `baton provision` writes it).
     host: str = "localhost"
     port: int = Field(default=50051, ge=0, le=65535)
     state_dir: Path = Path("baton-state")

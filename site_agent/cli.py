@@ -68,6 +68,7 @@ def serve(
     from pydantic import ValidationError
 
     from protocols.pki import PkiError
+    from protocols.settings import SettingsFileError
     from site_agent.agent import HistoryRewritten, SiteAgent
     from site_agent.settings import load_site_settings
 
@@ -88,7 +89,7 @@ def serve(
             approval_policy=approval_policy,
             max_statistics_answers=max_statistics_answers,
         )
-    except (ValidationError, FileNotFoundError) as exc:
+    except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
         typer.echo(f"error: bad site settings: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():

@@ -18,6 +18,15 @@ class SiteSettings(FileBackedSettings):
     """Everything `baton-site serve` needs. The agent only ever dials out to `coordinator`."""
 
     model_config = SettingsConfigDict(env_prefix="BATON_SITE_", extra="forbid")
+    # Config-file keys may be the `baton-site serve` flag names.
+    flag_names = {
+        "ca": "ca_certificate",
+        "cert": "certificate",
+        "key": "private_key",
+        "base_model": "base_model_dir",
+        "threads": "num_threads",
+        "approve": "approved_bundles",
+    }
 
     coordinator: str = Field(min_length=3)  # host:port
     server_name: str | None = None  # name to check on the coordinator's certificate
