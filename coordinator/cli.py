@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
+import click
 import grpc
 import typer
 from rich.console import Console
@@ -67,6 +68,16 @@ AdminCa = Annotated[Path, typer.Option("--ca", envvar="BATON_ADMIN_CA", help="CA
 AdminCert = Annotated[Path, typer.Option("--cert", envvar="BATON_ADMIN_CERT", help="Admin cert")]
 AdminKey = Annotated[Path, typer.Option("--key", envvar="BATON_ADMIN_KEY", help="Admin key")]
 
+
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        envvar="BATON_LOG_FORMAT",
+        click_type=click.Choice(["text", "json"]),
+        help="text, or json: one JSON object per line with run, hop and site fields",
+    ),
+]
 
 Normaliser = Annotated[
     str | None,
@@ -215,6 +226,17 @@ def coordinator_serve(
     ] = None,
     log_level: str = "INFO",
     log_json: bool = False,
+    log_format: LogFormat = None,
+    metrics_host: Annotated[str | None, typer.Option(help="Interface of the HTTP port")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="HTTP /metrics /healthz /readyz port (default: off)")
+    ] = None,
+    metrics_port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound metrics port here")
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None, typer.Option(help="SIGTERM: seconds calls in flight get to finish")
+    ] = None,
 ) -> None:
     """Run the coordinator until SIGINT/SIGTERM."""
     from pydantic import ValidationError
@@ -222,7 +244,7 @@ def coordinator_serve(
     from coordinator.server import serve
     from coordinator.settings import load_coordinator_settings
 
-    configure_logging(log_level, log_json)
+    configure_logging(log_level, log_json or log_format == "json")
     try:
         settings = load_coordinator_settings(
             config,
@@ -235,6 +257,10 @@ def coordinator_serve(
             private_key=key,
             port_file=port_file,
             ca_dir=ca_dir,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+            metrics_port_file=metrics_port_file,
+            shutdown_grace=shutdown_grace,
         )
     except (ValidationError, FileNotFoundError) as exc:
         raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc

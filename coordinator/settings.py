@@ -34,6 +34,12 @@ class CoordinatorSettings(FileBackedSettings):
     port_file: Path | None = None  # write the bound port here once serving (for port 0)
     # Default minimum rows per released aggregate for statistics requests that name none.
     statistics_min_count: int = Field(default=10, ge=1)
+    # HTTP /healthz, /readyz and /metrics (no TLS, no data): off unless a port is given.
+    metrics_host: str = "localhost"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_port_file: Path | None = None  # write the bound metrics port here (for port 0)
+    # SIGTERM: seconds calls in flight (uploads, results) get to finish before the exit.
+    shutdown_grace: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:

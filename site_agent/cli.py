@@ -7,11 +7,13 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
+import click
 import typer
 
-from protocols.logs import configure_logging
+from protocols.logs import configure_logging, quiet_progress_output
 
 if TYPE_CHECKING:
+    from site_agent.agent import SiteAgent
     from site_agent.approvals import ApprovalStore
 
 __all__ = ["app", "main"]
@@ -32,6 +34,16 @@ app.add_typer(cert_app, name="cert")
 # Exit codes: 0 ok, 2 bad input (config, files), 3 the coordinator's history was rewritten.
 EXIT_BAD_INPUT = 2
 EXIT_HISTORY_REWRITTEN = 3
+
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        envvar="BATON_SITE_LOG_FORMAT",
+        click_type=click.Choice(["text", "json"]),
+        help="text, or json: one JSON object per line with run, hop and site fields",
+    ),
+]
 
 DataDir = Annotated[Path, typer.Option(envvar="BATON_SITE_DATA_DIR", help="The site's data folder")]
 StateDir = Annotated[
@@ -60,6 +72,18 @@ def serve(
     ] = None,
     log_level: str = "INFO",
     log_json: bool = False,
+    log_format: LogFormat = None,
+    metrics_host: Annotated[str | None, typer.Option(help="Interface of /metrics")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (default: off)")
+    ] = None,
+    metrics_port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound metrics port here")
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None,
+        typer.Option(help="SIGTERM: seconds a hop may finish before it is handed back"),
+    ] = None,
 ) -> None:
     """Connect out to the coordinator and run hops until SIGINT/SIGTERM."""
     from pydantic import ValidationError
@@ -68,7 +92,8 @@ def serve(
     from site_agent.agent import HistoryRewritten, SiteAgent
     from site_agent.settings import load_site_settings
 
-    configure_logging(log_level, log_json)
+    quiet_progress_output()
+    configure_logging(log_level, log_json or log_format == "json")
     try:
         settings = load_site_settings(
             config,
@@ -83,6 +108,10 @@ def serve(
             num_threads=threads,
             approved_bundles=approve,
             approval_policy=approval_policy,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+            metrics_port_file=metrics_port_file,
+            shutdown_grace=shutdown_grace,
         )
     except (ValidationError, FileNotFoundError) as exc:
         typer.echo(f"error: bad site settings: {exc}", err=True)
@@ -90,9 +119,18 @@ def serve(
     if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():
         typer.echo(f"error: base model folder not found: {settings.base_model_dir}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
+    from site_agent._library_logs import route_library_output
+
+    route_library_output()
     agent = SiteAgent(settings)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: agent.stop())
+    _graceful_signals(agent, settings.shutdown_grace)
+    try:
+        bound = agent.serve_metrics()
+    except OSError as exc:
+        typer.echo(f"error: cannot serve metrics on port {settings.metrics_port}: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if bound is not None and settings.metrics_port_file is not None:
+        settings.metrics_port_file.write_text(str(bound))
     try:
         agent.run()
     except PkiError as exc:
@@ -101,6 +139,21 @@ def serve(
     except HistoryRewritten as exc:
         typer.echo(f"error: refusing this coordinator: {exc}", err=True)
         raise typer.Exit(EXIT_HISTORY_REWRITTEN) from exc
+
+
+def _graceful_signals(agent: SiteAgent, grace: float) -> None:
+    """First SIGTERM/SIGINT: finish or hand back the current hop; a second one stops at once."""
+    received: list[int] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            agent.shutdown(grace)
+        else:
+            agent.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
 
 
 def _approval_store(data_dir: Path, state_dir: Path | None) -> ApprovalStore:

@@ -40,6 +40,12 @@ class SiteSettings(FileBackedSettings):
     max_upload_bytes: int = Field(default=512 * 1024**2, ge=1024)  # egress cap per adapter
     # No aggregate statistic over fewer rows than this leaves the site, whatever a request asks.
     min_aggregate_rows: int = Field(default=10, ge=1)
+    # Prometheus /metrics over HTTP: off unless a port is given (a site opens no port by default).
+    metrics_host: str = "localhost"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_port_file: Path | None = None  # write the bound metrics port here (for port 0)
+    # SIGTERM: how long a hop in training may run on before it is handed back to the coordinator.
+    shutdown_grace: float = Field(default=30.0, ge=0)
 
     @property
     def state_path(self) -> Path:
