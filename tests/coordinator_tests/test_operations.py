@@ -110,7 +110,9 @@ def test_connection_check_reports_the_coordinators_clock_and_what_runs_expect(
     assert list(check.pinned_base_models) == [pinned] and list(check.datasets) == ["notes"]
     other = sites["site-a"].stub.CheckConnection(pb.ConnectionCheckRequest(), timeout=10)
     assert list(other.pinned_base_models) == [] and list(other.datasets) == []
-    with secure_channel(f"localhost:{coordinator.port}", pki.tls("admin")) as channel:
-        with pytest.raises(grpc.RpcError) as refused:
-            pb_grpc.SiteServiceStub(channel).CheckConnection(pb.ConnectionCheckRequest())
+    with (
+        secure_channel(f"localhost:{coordinator.port}", pki.tls("admin")) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        pb_grpc.SiteServiceStub(channel).CheckConnection(pb.ConnectionCheckRequest())
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED

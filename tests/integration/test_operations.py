@@ -18,6 +18,7 @@ from coordinator.admin import AdminClient
 from coordinator.plan import RunPlan, parse_plan
 from coordinator.processes import Cluster
 from protocols.transport import secure_channel
+from site_agent._synthetic import SYNTHETIC_LABELS
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
 from tests.integration.conftest import wait_for_hop, wait_for_run
@@ -211,3 +212,33 @@ def test_sigterm_mid_hop_hands_the_hop_back_and_the_run_continues_when_the_site_
     release = next(e for e in hop0 if e["kind"] == "hop.released")
     assert release["site"] == sites[0] and release["payload"]["attempts"] == 0
     assert [e["payload"]["attempts"] for e in hop0 if e["kind"] == "hop.leased"] == [1, 1]
+
+
+def test_a_lora_site_logs_only_json_lines_without_load_reports_or_progress_bars(
+    pki: Pki, tmp_path: Path, base_model: Path, site_data: dict[str, Path]
+) -> None:
+    site = SITES[0]
+    plan = parse_plan({
+        "name": "json-logs", "dataset": "notes", "labels": list(SYNTHETIC_LABELS),
+        "sites": [site], "defaults": {"steps": 2, "batch_size": 8, "learning_rate": 1e-2},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+    })  # fmt: skip
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    with cluster.running():
+        port = cluster.start_coordinator(
+            state_dir=tmp_path / "coordinator", pki_dir=pki.directory, port_file=tmp_path / "port"
+        )
+        # A classification head on a bare encoder is where transformers reports newly
+        # initialized weights (once per model load, i.e. at the first hop).
+        cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
+                           data_dir=site_data[site], base_model_dir=base_model, threads=1,
+                           approve=[plan.approval_bundle().sha256],
+                           extra=["--log-format", "json"])  # fmt: skip
+        with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
+            admin.wait_for_sites({site}, timeout=120)
+            run = wait_for_run(admin, cluster, admin.start_run(plan))
+    assert run.status == "completed", run.error
+    text = (tmp_path / "logs" / f"{site}.0.log").read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert any(r.get("hop_id") == run.hops[0].hop_id for r in records)
+    assert "\r" not in text and "LOAD REPORT" not in text and "initialized" not in text
