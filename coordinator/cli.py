@@ -55,6 +55,8 @@ statistics_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(statistics_app, name="statistics")
+db_app = typer.Typer(help="Ledger schema migrations (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 console = Console()
 err = Console(stderr=True)
@@ -709,6 +711,77 @@ def ledger_export(
     else:
         out.write_text(text)
         console.print(f"{len(lines)} events written to {out}")
+
+
+# ---- db -----------------------------------------------------------------------------------------
+
+
+def _database_url(state_dir: Path | None, database_url: str | None, *, create: bool) -> str:
+    if database_url is not None:
+        return database_url
+    if state_dir is None:
+        raise _fail("give --state-dir or --database-url (or BATON_DATABASE_URL)", EXIT_BAD_INPUT)
+    if create:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    elif not (state_dir / "ledger.sqlite3").is_file():
+        raise _fail(f"no ledger at {state_dir / 'ledger.sqlite3'}", EXIT_BAD_INPUT)
+    return f"sqlite:///{(state_dir / 'ledger.sqlite3').resolve()}"
+
+
+def _db_call(url: str, call: Callable[[], T]) -> T:
+    """Runs an Alembic command; database errors become one line without the password."""
+    from alembic.util import CommandError
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError as exc:
+        raise _fail(f"not a database URL: {exc}", EXIT_BAD_INPUT) from exc
+    try:
+        return call()
+    except CommandError as exc:
+        raise _fail(f"{shown}: {exc}", EXIT_BAD_INPUT) from exc
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise _fail(f"ledger database {shown}: {reason}", EXIT_UNREACHABLE) from exc
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision")] = "head",
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+    sql: Annotated[
+        bool, typer.Option("--sql", help="Print the migration SQL for a DBA; change nothing")
+    ] = False,
+) -> None:
+    """Migrate the ledger schema (the coordinator also does this when it starts)."""
+    from coordinator import db
+
+    url = _database_url(state_dir, database_url, create=not sql)
+    output = _db_call(url, lambda: db.upgrade(url, revision, sql=sql))
+    if sql:
+        sys.stdout.write(output)
+        return
+    console.print(f"ledger schema at {_db_call(url, lambda: db.current(url)) or 'base'}")
+
+
+@db_app.command("current")
+def db_current(state_dir: StateDir = None, database_url: DbUrl = None) -> None:
+    """Print the ledger schema's revision ('(head)' when up to date)."""
+    from coordinator import db
+
+    url = _database_url(state_dir, database_url, create=False)
+    console.print(_db_call(url, lambda: db.current(url)) or "base (empty database)")
+
+
+@db_app.command("history")
+def db_history() -> None:
+    """List the ledger schema's revisions, newest first."""
+    from coordinator import db
+
+    sys.stdout.write(db.history())
 
 
 @app.command("sites")
