@@ -492,6 +492,46 @@ def run_evaluate(
     console.print(evaluation_table(run))
 
 
+@run_app.command("download")
+def run_download(
+    run_id: str,
+    out: Annotated[Path, typer.Option(help="New folder for the final adapter")],
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model id or path for adapter_config.json (default: the name "
+            "the sites registered for the run's base-model hash)"
+        ),
+    ] = None,
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+) -> None:
+    """Download a completed run's final adapter: a PEFT folder (LoRA) or safetensors (tabular)."""
+    from coordinator.adapter_export import ExportError, base_model_of, write_final_adapter
+    from protocols.checkpoint import CheckpointError, inspect_bundle
+
+    with _admin(coordinator, ca, cert, key) as client:
+        run = _admin_call(lambda: client.run(run_id))
+        data = _admin_call(lambda: client.download_final_checkpoint(run_id))
+        try:
+            bundle = inspect_bundle(data, expected_sha256=run.final_sha256)
+        except CheckpointError as exc:
+            raise _fail(f"downloaded checkpoint is not valid: {exc}", EXIT_RUN_FAILED) from exc
+        if base_model is None and bundle.manifest.task_type != "tabular":
+            base_model = base_model_of(_admin_call(client.sites),
+                                       bundle.manifest.base_model_sha256)  # fmt: skip
+    try:
+        files = write_final_adapter(
+            out, data, run_id=run.run_id, plan=json.loads(run.plan_json), base_model=base_model
+        )
+    except (ExportError, OSError) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    console.print(f"final adapter of run {run.run_id} (sha256 {bundle.sha256[:16]}) in {out}: "
+                  + ", ".join(f.name for f in files))  # fmt: skip
+
+
 def evaluation_table(run: pb.RunStatus) -> Table:
     table = Table("site", "split", "status", "examples", "accuracy", "macro F1", "loss",
                   title=f"evaluations of run {run.run_id[:8]}")  # fmt: skip
