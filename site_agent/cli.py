@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
@@ -33,6 +34,7 @@ app.add_typer(cert_app, name="cert")
 
 # Exit codes: 0 ok, 2 bad input (config, files), 3 the coordinator's history was rewritten.
 EXIT_BAD_INPUT = 2
+EXIT_CHECKS_FAILED = 1  # `doctor`: at least one check failed
 EXIT_HISTORY_REWRITTEN = 3
 
 LogFormat = Annotated[
@@ -139,6 +141,51 @@ def serve(
     except HistoryRewritten as exc:
         typer.echo(f"error: refusing this coordinator: {exc}", err=True)
         raise typer.Exit(EXIT_HISTORY_REWRITTEN) from exc
+
+
+@app.command("doctor")
+def doctor(
+    config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
+    coordinator: Annotated[str | None, typer.Option(help="Coordinator host:port")] = None,
+    server_name: Annotated[str | None, typer.Option(help="Name on the coordinator cert")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca")] = None,
+    cert: Annotated[Path | None, typer.Option("--cert")] = None,
+    key: Annotated[Path | None, typer.Option("--key")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder of registered datasets")] = None,
+    base_model: Annotated[Path | None, typer.Option(help="Local base model folder")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: auto)")] = None,
+    min_free_gb: Annotated[float, typer.Option(min=0, help="Disk space the data dir needs")] = 2,
+) -> None:
+    """Check DNS, proxy, TLS, certificate, clock, GPU, disk, data and base model (exit 1: fix)."""
+    from pydantic import ValidationError
+
+    from site_agent.doctor import run_checks
+    from site_agent.settings import load_site_settings
+
+    quiet_progress_output()
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # its handshake logs repeat the tls line
+    try:
+        settings = load_site_settings(
+            config,
+            coordinator=coordinator,
+            server_name=server_name,
+            ca_certificate=ca,
+            certificate=cert,
+            private_key=key,
+            data_dir=data_dir,
+            base_model_dir=base_model,
+            device=device,
+        )
+    except (ValidationError, FileNotFoundError) as exc:
+        typer.echo(f"error: bad site settings: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    failed = 0
+    for check in run_checks(settings, min_free_bytes=int(min_free_gb * 1024**3)):
+        typer.echo(check.line())
+        failed += not check.ok
+    if failed:
+        typer.echo(f"{failed} check(s) failed", err=True)
+        raise typer.Exit(EXIT_CHECKS_FAILED)
 
 
 def _graceful_signals(agent: SiteAgent, grace: float) -> None:
