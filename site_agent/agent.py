@@ -327,7 +327,7 @@ class SiteAgent:
             except grpc.RpcError as exc:
                 if exc.code() not in _RETRYABLE or time.monotonic() > deadline:
                     raise
-                if self._stop.wait(delay):
+                if self._stop.wait(delay) or self._out_of_grace():
                     raise
                 logger.warning("%s: coordinator unreachable (%s); retrying", what, exc.code())
                 delay = min(delay * 2, self.settings.reconnect_max_seconds)

@@ -242,3 +242,29 @@ def test_a_lora_site_logs_only_json_lines_without_load_reports_or_progress_bars(
     records = [json.loads(line) for line in text.splitlines()]
     assert any(r.get("hop_id") == run.hops[0].hop_id for r in records)
     assert "\r" not in text and "LOAD REPORT" not in text and "initialized" not in text
+
+
+def test_sigterm_mid_hop_within_the_grace_period_lets_the_hop_finish_and_commit(
+    pki: Pki, tmp_path: Path
+) -> None:
+    sites = [SITES[0]]
+    plan = _tabular_plan(tmp_path, sites, steps=4000, cycles=1)
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    with cluster.running():
+        port = cluster.start_coordinator(
+            state_dir=tmp_path / "coordinator", pki_dir=pki.directory, port_file=tmp_path / "port"
+        )
+        site = cluster.start_site(sites[0], coordinator=f"localhost:{port}",
+                                  pki_dir=pki.directory, data_dir=tmp_path / sites[0], threads=1,
+                                  approve=[plan.approval_bundle().sha256],
+                                  extra=["--shutdown-grace", "600"])  # fmt: skip
+        with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
+            admin.wait_for_sites(set(sites), timeout=120)
+            run_id = admin.start_run(plan)
+            wait_for_hop(admin, run_id, 0, "training")
+            site.process.send_signal(signal.SIGTERM)
+            assert site.process.wait(120) == 0, site.log_tail()
+            run = admin.run(run_id)
+    assert run.status == "completed", run.error
+    assert run.hops[0].status == "committed"
+    assert "the current task may finish within 600 s" in site.log_path.read_text()
