@@ -307,9 +307,11 @@ class SiteAgent:
                     if kind == "hop":
                         self._run_hop(stub, task.hop, hello.heartbeat_interval_ms / 1000)
                     elif kind == "evaluation":
-                        self._run_evaluation(stub, task.evaluation)
+                        with log_context(run_id=task.evaluation.run_id, site=self.site_name):
+                            self._run_evaluation(stub, task.evaluation)
                     elif kind == "statistics":
-                        self._run_statistics(stub, task.statistics)
+                        with log_context(site=self.site_name):
+                            self._run_statistics(stub, task.statistics)
                     if self._stopping():
                         break
             finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,26 @@ def test_doctor_prints_a_fix_for_a_wrong_ca_an_unreachable_host_and_a_dead_proxy
     code, lines = _doctor(pki, target, data_dir, env={"https_proxy": "http://127.0.0.1:1"})
     proxy = _by_name(lines)["proxy"]
     assert code == 1 and proxy.startswith("FAIL") and "-> fix: check https_proxy" in proxy
+
+
+def test_doctor_fails_the_clock_check_when_this_hosts_clock_is_two_minutes_slow(
+    pki: Pki, served: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from site_agent import doctor
+    from site_agent.settings import SiteSettings
+
+    target, data_dir = served
+    real = time.time_ns
+    monkeypatch.setattr(doctor.time, "time_ns", lambda: real() - 120 * 10**9)
+    settings = SiteSettings(
+        coordinator=target,
+        ca_certificate=pki.directory / "ca.crt",
+        certificate=pki.directory / "site-a.crt",
+        private_key=pki.directory / "site-a.key",
+        data_dir=data_dir,
+    )
+    checks = {check.name: check for check in doctor.run_checks(settings, min_free_bytes=0)}
+    assert checks["tls"].ok
+    clock = checks["clock"]
+    assert not clock.ok and clock.detail.startswith("this host's clock is 120.")
+    assert "behind the coordinator's" in clock.detail and "timedatectl set-ntp true" in clock.fix
