@@ -116,3 +116,26 @@ def test_connection_check_reports_the_coordinators_clock_and_what_runs_expect(
     ):
         pb_grpc.SiteServiceStub(channel).CheckConnection(pb.ConnectionCheckRequest())
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_lease_expiries_retries_and_refusals_are_counted_without_run_labels(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    run_id = admin.start_run(parse_plan({
+        "name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a"],
+        "failure": {"lease_timeout_seconds": 0.5, "max_retries": 1, "retry_backoff_seconds": 0},
+    }))  # fmt: skip
+    site = sites["site-a"]
+    first = site.next_task()
+    second = site.next_task()  # no heartbeat: the lease expired and the hop was leased again
+    with pytest.raises(grpc.RpcError):
+        site.upload(first, site.bundle(first))  # the old lease is fenced: a refusal
+    site.report(second, site.upload(second, site.bundle(second)))
+    exposition = coordinator.engine.metrics.exposition().decode()
+    assert "baton_lease_expiries_total 1.0" in exposition
+    assert 'baton_hops_total{status="retried"} 1.0' in exposition
+    assert 'baton_hops_total{status="committed"} 1.0' in exposition
+    assert 'baton_refusals_total{reason="failed_precondition"} 1.0' in exposition
+    assert 'baton_hop_phase_seconds_count{phase="leased"} 2.0' in exposition  # both leases
+    assert run_id not in exposition and first.hop_id not in exposition
