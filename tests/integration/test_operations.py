@@ -230,10 +230,10 @@ def test_a_lora_site_logs_only_json_lines_without_load_reports_or_progress_bars(
         )
         # A classification head on a bare encoder is where transformers reports newly
         # initialized weights (once per model load, i.e. at the first hop).
+        cluster.env = {"BATON_SITE_LOG_FORMAT": "json"}  # the environment, not the flag
         cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
                            data_dir=site_data[site], base_model_dir=base_model, threads=1,
-                           approve=[plan.approval_bundle().sha256],
-                           extra=["--log-format", "json"])  # fmt: skip
+                           approve=[plan.approval_bundle().sha256])  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites({site}, timeout=120)
             run = wait_for_run(admin, cluster, admin.start_run(plan))
