@@ -129,6 +129,23 @@ class AdminClient:
     def sites(self, timeout: float = 30) -> list[pb.SiteStatus]:
         return list(self._stub.ListSites(pb.ListSitesRequest(), timeout=timeout).sites)
 
+    def download_final_checkpoint(self, run_id: str, timeout: float = 600) -> bytes:
+        """A completed run's final checkpoint bundle; resumes after a dropped connection."""
+        buffer = bytearray()
+        for attempt in range(5):
+            request = pb.DownloadFinalCheckpointRequest(run_id=run_id, offset=len(buffer))
+            try:
+                for chunk in self._stub.DownloadFinalCheckpoint(request, timeout=timeout):
+                    if chunk.offset != len(buffer):
+                        raise ValueError("final checkpoint chunks arrived out of order")
+                    buffer.extend(chunk.data)
+                return bytes(buffer)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 4:
+                    raise
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
     def wait_for_sites(self, names: set[str], timeout: float) -> None:
         """Blocks until every named site has an open task stream."""
         deadline = time.monotonic() + timeout

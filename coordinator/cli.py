@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
+import click
 import grpc
 import typer
 from rich.console import Console
@@ -58,6 +59,8 @@ statistics_app = typer.Typer(
 app.add_typer(statistics_app, name="statistics")
 store_app = typer.Typer(help="The checkpoint store: retention and clean-up.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+db_app = typer.Typer(help="Ledger schema migrations (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 console = Console()
 err = Console(stderr=True)
@@ -71,6 +74,16 @@ AdminCa = Annotated[Path, typer.Option("--ca", envvar="BATON_ADMIN_CA", help="CA
 AdminCert = Annotated[Path, typer.Option("--cert", envvar="BATON_ADMIN_CERT", help="Admin cert")]
 AdminKey = Annotated[Path, typer.Option("--key", envvar="BATON_ADMIN_KEY", help="Admin key")]
 
+
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        envvar="BATON_LOG_FORMAT",
+        click_type=click.Choice(["text", "json"]),
+        help="text, or json: one JSON object per line with run, hop and site fields",
+    ),
+]
 
 Normaliser = Annotated[
     str | None,
@@ -241,6 +254,17 @@ def coordinator_serve(
     ] = None,
     log_level: str = "INFO",
     log_json: bool = False,
+    log_format: LogFormat = None,
+    metrics_host: Annotated[str | None, typer.Option(help="Interface of the HTTP port")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="HTTP /metrics /healthz /readyz port (default: off)")
+    ] = None,
+    metrics_port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound metrics port here")
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None, typer.Option(help="SIGTERM: seconds calls in flight get to finish")
+    ] = None,
 ) -> None:
     """Run the coordinator until SIGINT/SIGTERM."""
     from pydantic import ValidationError
@@ -249,7 +273,7 @@ def coordinator_serve(
     from coordinator.settings import load_coordinator_settings
     from protocols.settings import SettingsFileError
 
-    configure_logging(log_level, log_json)
+    configure_logging(log_level, log_json or log_format == "json")
     try:
         settings = load_coordinator_settings(
             config,
@@ -262,6 +286,10 @@ def coordinator_serve(
             private_key=key,
             port_file=port_file,
             ca_dir=ca_dir,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+            metrics_port_file=metrics_port_file,
+            shutdown_grace=shutdown_grace,
         )
     except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
         raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
@@ -494,6 +522,46 @@ def run_evaluate(
         _admin_call(lambda: client.evaluate_run(run_id, split, site))
         run = client.wait_for_evaluations(run_id, timeout)
     console.print(evaluation_table(run))
+
+
+@run_app.command("download")
+def run_download(
+    run_id: str,
+    out: Annotated[Path, typer.Option(help="New folder for the final adapter")],
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model id or path for adapter_config.json (default: the name "
+            "the sites registered for the run's base-model hash)"
+        ),
+    ] = None,
+    coordinator: Coord = "localhost:50051",
+    ca: AdminCa = Path("pki/ca.crt"),
+    cert: AdminCert = Path("pki/admin.crt"),
+    key: AdminKey = Path("pki/admin.key"),
+) -> None:
+    """Download a completed run's final adapter: a PEFT folder (LoRA) or safetensors (tabular)."""
+    from coordinator.adapter_export import ExportError, base_model_of, write_final_adapter
+    from protocols.checkpoint import CheckpointError, inspect_bundle
+
+    with _admin(coordinator, ca, cert, key) as client:
+        run = _admin_call(lambda: client.run(run_id))
+        data = _admin_call(lambda: client.download_final_checkpoint(run_id))
+        try:
+            bundle = inspect_bundle(data, expected_sha256=run.final_sha256)
+        except CheckpointError as exc:
+            raise _fail(f"downloaded checkpoint is not valid: {exc}", EXIT_RUN_FAILED) from exc
+        if base_model is None and bundle.manifest.task_type != "tabular":
+            base_model = base_model_of(_admin_call(client.sites),
+                                       bundle.manifest.base_model_sha256)  # fmt: skip
+    try:
+        files = write_final_adapter(
+            out, data, run_id=run.run_id, plan=json.loads(run.plan_json), base_model=base_model
+        )
+    except (ExportError, OSError) as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    console.print(f"final adapter of run {run.run_id} (sha256 {bundle.sha256[:16]}) in {out}: "
+                  + ", ".join(f.name for f in files))  # fmt: skip
 
 
 def evaluation_table(run: pb.RunStatus) -> Table:
@@ -850,10 +918,11 @@ def store_gc(
         from pydantic import ValidationError
 
         from coordinator.settings import load_coordinator_settings
+        from protocols.settings import SettingsFileError
 
         try:
             settings = load_coordinator_settings(config)
-        except (ValidationError, FileNotFoundError) as exc:
+        except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
             raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
         state_dir = state_dir or settings.state_dir
         database_url = database_url or settings.database_url
@@ -882,6 +951,123 @@ def store_gc(
                       "run with --delete to delete them")  # fmt: skip
     else:
         console.print(f"deleted {len(deletions)} checkpoint(s), {freed} freed (ledgered)")
+
+
+# ---- db -----------------------------------------------------------------------------------------
+
+
+def _database_url(state_dir: Path | None, database_url: str | None, *, create: bool) -> str:
+    if database_url is not None:
+        return database_url
+    if state_dir is None:
+        raise _fail("give --state-dir or --database-url (or BATON_DATABASE_URL)", EXIT_BAD_INPUT)
+    if create:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    elif not (state_dir / "ledger.sqlite3").is_file():
+        raise _fail(f"no ledger at {state_dir / 'ledger.sqlite3'}", EXIT_BAD_INPUT)
+    return f"sqlite:///{(state_dir / 'ledger.sqlite3').resolve()}"
+
+
+def _db_call(url: str, call: Callable[[], T]) -> T:
+    """Runs an Alembic command; database errors become one line without the password."""
+    from alembic.util import CommandError
+    from sqlalchemy import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError as exc:
+        raise _fail(f"not a database URL: {exc}", EXIT_BAD_INPUT) from exc
+    try:
+        return call()
+    except CommandError as exc:
+        raise _fail(f"{shown}: {exc}", EXIT_BAD_INPUT) from exc
+    except SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise _fail(f"ledger database {shown}: {reason}", EXIT_UNREACHABLE) from exc
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision")] = "head",
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+    sql: Annotated[
+        bool, typer.Option("--sql", help="Print the migration SQL for a DBA; change nothing")
+    ] = False,
+) -> None:
+    """Migrate the ledger schema (the coordinator also does this when it starts)."""
+    from coordinator import db
+
+    url = _database_url(state_dir, database_url, create=not sql)
+    output = _db_call(url, lambda: db.upgrade(url, revision, sql=sql))
+    if sql:
+        sys.stdout.write(output)
+        return
+    console.print(f"ledger schema at {_db_call(url, lambda: db.current(url)) or 'base'}")
+
+
+@db_app.command("current")
+def db_current(state_dir: StateDir = None, database_url: DbUrl = None) -> None:
+    """Print the ledger schema's revision ('(head)' when up to date)."""
+    from coordinator import db
+
+    url = _database_url(state_dir, database_url, create=False)
+    console.print(_db_call(url, lambda: db.current(url)) or "base (empty database)")
+
+
+@db_app.command("history")
+def db_history() -> None:
+    """List the ledger schema's revisions, newest first."""
+    from coordinator import db
+
+    sys.stdout.write(db.history())
+
+
+# ---- backup -------------------------------------------------------------------------------------
+
+
+@app.command("backup")
+def backup_command(
+    out: Annotated[Path, typer.Option(help="New, empty folder for the backup")],
+    state_dir: Annotated[Path, typer.Option(help="Coordinator state directory")] = Path(
+        "baton-state"
+    ),
+    database_url: DbUrl = None,
+    store_only: Annotated[
+        bool, typer.Option(help="PostgreSQL: copy the checkpoint store only (pg_dump the ledger)")
+    ] = False,
+) -> None:
+    """Back up the ledger (SQLite online backup) and the checkpoint store, while serving."""
+    from coordinator.backup import BackupError, backup
+
+    url = database_url or f"sqlite:///{(state_dir / 'ledger.sqlite3').resolve()}"
+    try:
+        summary = backup(state_dir, url, out, store_only=store_only)
+    except BackupError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    what = "ledger" if summary.ledger_copied else "checkpoint store only (ledger: pg_dump)"
+    console.print(f"backup in {out}: {what}, {summary.events} events (head {summary.head[:16]}), "
+                  f"{summary.checkpoints} checkpoints")  # fmt: skip
+
+
+@app.command("restore")
+def restore_command(
+    backup_dir: Annotated[Path, typer.Argument(help="A folder made by `baton backup`")],
+    state_dir: Annotated[Path, typer.Option(help="New coordinator state directory")] = Path(
+        "baton-state"
+    ),
+) -> None:
+    """Restore a backup into an empty state directory (verified before anything is written)."""
+    from coordinator.backup import BackupError, restore
+
+    try:
+        summary = restore(backup_dir, state_dir)
+    except BackupError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    console.print(f"restored into {state_dir}: {summary.events} events (head "
+                  f"{summary.head[:16]}), {summary.checkpoints} checkpoints; sites that saw a "
+                  "later ledger event will refuse this coordinator")  # fmt: skip
 
 
 @app.command("sites")

@@ -33,6 +33,7 @@ from coordinator.ledger import (
     StatisticsRequestRow,
     TransitionRefused,
 )
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import FailurePolicy, RunPlan, TaskType
 from coordinator.statistics import (
     CombinedStatistics,
@@ -46,6 +47,7 @@ from coordinator.uploads import UploadSpool
 from protocols.approval import ApprovalBundle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.ledger_head import SignedHead
+from protocols.logs import bind_log_context
 from protocols.signing import SignatureError, verify_custody
 from protocols.v1 import baton_pb2 as pb
 
@@ -315,6 +317,8 @@ class RunEngine:
         self._revoked: dict[str, str] | None = None  # serial hex -> reason, cached
         self._signed_head: SignedHead | None = None  # the newest, sent to every site stream
         self._lock = asyncio.Lock()
+        self.metrics = CoordinatorMetrics()
+        self.metrics.track_connected_sites(lambda: len(self._sessions))
 
     # ---- certificates -------------------------------------------------------------------------
 
@@ -439,6 +443,7 @@ class RunEngine:
             return
         if hop.status == "pending":
             hop = self.ledger.lease_hop(hop.id, secrets.token_hex(16), input_sha)
+            self.metrics.hop_phase(hop.id, "leased")
         self._deadlines[hop.id] = time.monotonic() + _policy(run).lease_timeout_seconds
         input_ref = self.ledger.checkpoint(input_sha) if input_sha else None
         self._sent[hop.id] = session
@@ -555,6 +560,7 @@ class RunEngine:
                         event="hop.uploaded",
                         payload={"output_sha256": bundle.sha256},
                     )
+                self.metrics.hop_phase(hop.id, "committing")
                 self._extend(run, hop.id)
         return bundle
 
@@ -578,6 +584,7 @@ class RunEngine:
                 fh.write(chunk)
                 fh.flush()  # what UploadStatus reports is on disk, not in a buffer
             os.fsync(fh.fileno())
+        self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)
         return received
 
     def _checked_upload(
@@ -667,6 +674,9 @@ class RunEngine:
             ):
                 return "committed"
             run, hop = self._leased_hop(site, result.hop_id, result.lease_token)
+            bind_log_context(run_id=run.id, hop_id=hop.id, site=site)
+            if result.released:
+                return await self._hop_released(run, hop, result.error_message)
             if not result.ok:
                 code = result.error_code or "site-error"
                 with self.storage.guard(f"failure report of hop {hop.index} of run {run.id}"):
@@ -695,6 +705,7 @@ class RunEngine:
             except TransitionRefused as exc:
                 raise StaleLease(str(exc)) from exc
             self._forget(hop.id)
+            self._observe_commit(run, hop, result)
             logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
             self._hop_ended(hop.id, "hop committed with another output")
             try:
@@ -703,6 +714,18 @@ class RunEngine:
             except StorageFault:
                 pass  # committed; the watchdog leases the next hop once storage recovers
         return "committed"
+
+    def _observe_commit(self, run: RunRow, hop: HopRow, result: pb.HopResult) -> None:
+        self.metrics.hop_settled("committed")
+        previous = next((h for h in run.hops if h.index == hop.index - 1), None)
+        if (
+            previous is not None
+            and previous.status == "committed"
+            and previous.train_finished_at_ns
+            and result.train_started_at_ns >= previous.train_finished_at_ns
+        ):
+            handoff = result.train_started_at_ns - previous.train_finished_at_ns
+            self.metrics.handoff.observe(handoff / 1e9)
 
     async def _finish(self, run: RunRow) -> None:
         """Completes a run whose hops are all settled: final = last committed output."""
@@ -747,8 +770,10 @@ class RunEngine:
             retryable = code not in DETERMINISTIC_FAILURES and hop.attempts <= policy.max_retries
             action = "retry" if retryable else policy.then
         detail = {"code": code, "message": message, "action": action}
+        self.metrics.hop_settled({"retry": "retried", "skip": "skipped"}.get(action, "failed"))
         logger.warning("run %s hop %d at %s: %s (%s) -> %s", run.id, hop.index, hop.site,
-                       code, message, action)  # fmt: skip
+                       code, message, action,
+                       extra={"run_id": run.id, "hop_id": hop.id, "site": hop.site})  # fmt: skip
         live = (*LIVE_HOP_STATES, "pending")
         if action == "retry":
             delay = policy.retry_backoff_seconds * 2 ** max(hop.attempts - 1, 0)
@@ -780,6 +805,19 @@ class RunEngine:
         self.ledger.transition_run(run.id, expected=("running",), status="failed",
                                    payload=detail, error=error)  # fmt: skip
         return "failed"
+
+    async def _hop_released(self, run: RunRow, hop: HopRow, reason: str) -> str:
+        """A site handed its hop back unfinished: pending again, and not a failed attempt."""
+        self._forget(hop.id)
+        self.ledger.transition_hop(
+            hop.id, expected=LIVE_HOP_STATES, status="pending", event="hop.released",
+            payload={"reason": reason[:500] or "released by the site"}, lease_token=None,
+            attempts=lambda row: max(row.attempts - 1, 0),
+        )  # fmt: skip
+        self.metrics.hop_settled("released")
+        logger.info("run %s hop %d released by %s: %s", run.id, hop.index, hop.site, reason)
+        await self._dispatch_locked(run.id)
+        return "pending"
 
     async def resume_run(self, run_id: str) -> None:
         """Resumes a paused run: its failed hop is tried again."""
@@ -863,6 +901,7 @@ class RunEngine:
                     )
                     if now > deadline:
                         message = "no heartbeat before the lease deadline"
+                        self.metrics.lease_expiries.inc()
                         await self._hop_failed(run, hop, "lease-expired", message)
                         continue
                 waiting = self._waiting_since.get(hop.id)
@@ -1205,6 +1244,7 @@ class RunEngine:
         async with self._lock:
             run, hop = self._leased_hop(site, beat.hop_id, beat.lease_token)
             self._extend(run, hop.id)
+            self.metrics.hop_phase(hop.id, beat.phase)
             self._progress[beat.hop_id] = HopProgress(
                 phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
             )
@@ -1214,7 +1254,13 @@ class RunEngine:
                         hop.id, expected=("leased",), status="training", event="hop.training"
                     )
 
+    async def quiesce(self) -> None:
+        """Returns once no state transition is in progress (the one in flight has committed)."""
+        async with self._lock:
+            pass
+
     def _forget(self, hop_id: str) -> None:
+        self.metrics.hop_phase(hop_id, None)
         for table in (self._sent, self._progress, self._deadlines, self._not_before):
             table.pop(hop_id, None)
 

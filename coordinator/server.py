@@ -11,6 +11,7 @@ import grpc.aio
 from sqlalchemy import make_url
 
 from coordinator.engine import RunEngine
+from coordinator.health import GrpcHealth, HealthEndpoint, ledger_reachable
 from coordinator.ledger import HeadSigner, Ledger
 from coordinator.servicer import AdminServicer, MalformedMessageGuard, SiteServicer
 from coordinator.settings import CoordinatorSettings
@@ -27,18 +28,54 @@ class Coordinator:
     """A started coordinator; `stop()` shuts it down."""
 
     def __init__(
-        self, server: grpc.aio.Server, port: int, engine: RunEngine, watchdog: asyncio.Task[None]
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        engine: RunEngine,
+        watchdog: asyncio.Task[None],
+        health: GrpcHealth | None = None,
     ) -> None:
         self.server = server
         self.port = port
         self.engine = engine
         self._watchdog = watchdog
+        self.health = health or GrpcHealth()
+        self.accepting = True
+        self.http: HealthEndpoint | None = None
+        self.metrics_port: int | None = None
+
+    async def readiness(self) -> str | None:
+        """None when ready: accepting calls and the ledger answers; else the reason."""
+        if not self.accepting:
+            return "shutting down"
+        try:
+            await asyncio.to_thread(ledger_reachable, self.engine.ledger)
+        except Exception as exc:  # any driver error means the same: not ready
+            return f"ledger unreachable ({type(exc).__name__})"
+        return None
+
+    async def serve_http(self, host: str, port: int) -> int:
+        """Starts /healthz, /readyz and /metrics on host:port; returns the bound port."""
+        self.http = HealthEndpoint(self.engine.metrics, self.readiness)
+        self.metrics_port = await self.http.start(host, port)
+        return self.metrics_port
 
     async def stop(self, grace: float = 2.0) -> None:
+        """Stops accepting calls, lets calls in flight finish for `grace` s, then closes.
+
+        Every ledger write is one transaction made without yielding to the loop, so a call
+        cancelled after the grace period never leaves half a commit; the engine's lock is
+        taken last so that a commit in progress completes before the ledger closes.
+        """
+        self.accepting = False
+        await self.health.shutting_down()
         self._watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._watchdog
         await self.server.stop(grace)
+        await self.engine.quiesce()
+        if self.http is not None:
+            await self.http.stop()
         self.engine.ledger.close()
 
 
@@ -71,23 +108,31 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
     ledger.head_observers.append(signer.observe)
     signer.sign_current(ledger)
     server, port = aio_server(
-        settings.tls, settings.address, interceptors=[MalformedMessageGuard(ledger)]
+        settings.tls, settings.address, interceptors=[MalformedMessageGuard(ledger, engine.metrics)]
     )
     pb_grpc.add_SiteServiceServicer_to_server(
         SiteServicer(engine, settings.heartbeat_interval_ms, settings.ca_dir), server
     )
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(engine), server)
+    health = GrpcHealth()
+    health.add_to(server)
     await server.start()
+    await health.serving()
     shown_url = make_url(ledger.url).render_as_string(hide_password=True)
     logger.info("coordinator listening on %s:%d (ledger %s)", settings.host, port, shown_url)
     # Runs in flight before a restart continue: their sites get their tasks when they reconnect.
     await engine.dispatch_all()
-    return Coordinator(server, port, engine, asyncio.create_task(engine.watch()))
+    coordinator = Coordinator(server, port, engine, asyncio.create_task(engine.watch()), health)
+    if settings.metrics_port is not None:
+        await coordinator.serve_http(settings.metrics_host, settings.metrics_port)
+    return coordinator
 
 
 async def serve(settings: CoordinatorSettings) -> None:
     """Runs until SIGINT/SIGTERM."""
     coordinator = await build_server(settings)
+    if settings.metrics_port_file is not None and coordinator.metrics_port is not None:
+        fsync_write(settings.metrics_port_file, str(coordinator.metrics_port).encode())
     if settings.port_file is not None:
         fsync_write(settings.port_file, str(coordinator.port).encode())
     stop = asyncio.Event()
@@ -96,5 +141,6 @@ async def serve(settings: CoordinatorSettings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("coordinator shutting down")
-    await coordinator.stop()
+    logger.info("coordinator shutting down (grace %.0f s)", settings.shutdown_grace)
+    await coordinator.stop(settings.shutdown_grace)
+    logger.info("coordinator stopped")

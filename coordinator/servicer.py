@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -25,7 +26,9 @@ from coordinator.errors import (
     UploadBusy,
 )
 from coordinator.ledger import Ledger, RunRow
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import PlanError, parse_plan
+from protocols.logs import bind_log_context
 from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_csr
 from protocols.transport import CHUNK_BYTES, peer_identity
 from protocols.v1 import baton_pb2 as pb
@@ -60,6 +63,7 @@ class _Guarded:
     def _record_refusal(self, code: grpc.StatusCode, reason: str) -> None:
         method, identity = _CALL.get()
         logger.warning("refused %s %s: %s", method, code.name, reason)
+        self.engine.metrics.refusal(code.name)
         self.engine.ledger.record_event(
             "access.refused",
             site=identity.name if identity and identity.role is Role.SITE else None,
@@ -99,6 +103,8 @@ class _Guarded:
         except PkiError as exc:
             await self._deny(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
         _CALL.set((method, identity))
+        if identity.role is Role.SITE:
+            bind_log_context(site=identity.name)
         revoked = self.engine.revocation(identity.serial)
         if revoked is not None:
             await self._deny(
@@ -136,11 +142,14 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
 class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Turns undecodable messages into INVALID_ARGUMENT (recorded), instead of gRPC's UNKNOWN."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, metrics: CoordinatorMetrics | None = None) -> None:
         self.ledger = ledger
+        self.metrics = metrics
 
     def _refuse_reason(self, method: str, malformed: _Malformed) -> str:
         reason = f"malformed {method.rsplit('/', 1)[-1]} message: {malformed.error}"
+        if self.metrics is not None:
+            self.metrics.refusal("INVALID_ARGUMENT")
         self.ledger.record_event(
             "access.refused",
             payload={"method": method, "code": "INVALID_ARGUMENT", "reason": reason},
@@ -330,6 +339,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             )
         for offset, data in self.engine.store.iter_chunks(row.sha256, request.offset, CHUNK_BYTES):
             yield pb.Chunk(data=data, offset=offset, total_size=row.size)
+            self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
 
     async def UploadCheckpoint(
         self,
@@ -412,6 +422,25 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
         except CoordinatorError as exc:
             await self._refuse(context, exc)
         return pb.HeartbeatResponse(cancel=False)
+
+    async def CheckConnection(
+        self, request: pb.ConnectionCheckRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ConnectionCheck:
+        identity = await self._caller(context, Role.SITE, "CheckConnection")
+        runs = [
+            run
+            for run in self.engine.ledger.active_runs()
+            if any(hop.site == identity.name for hop in run.hops)
+        ]
+        return pb.ConnectionCheck(
+            site_name=identity.name,
+            coordinator_time_unix_ns=time.time_ns(),
+            certificate_expires_at=int(identity.not_valid_after.timestamp()),
+            coordinator_version=COORDINATOR_VERSION,
+            protocol_version=PROTOCOL_VERSION,
+            pinned_base_models=sorted({r.base_model_sha256 for r in runs if r.base_model_sha256}),
+            datasets=sorted({str(r.plan["dataset"]) for r in runs if r.plan.get("dataset")}),
+        )
 
 
 def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
@@ -566,6 +595,30 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
             return self.engine.statistics_status(request.statistics_id)
         except CoordinatorError as exc:
             await self._refuse(context, exc)
+
+    async def DownloadFinalCheckpoint(
+        self, request: pb.DownloadFinalCheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Chunk]:
+        identity = await self._caller(context, Role.ADMIN, "DownloadFinalCheckpoint")
+        try:
+            run = self.engine.ledger.run(request.run_id)
+        except KeyError:
+            await self._deny(context, grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r}")
+        if run.status != "completed" or not run.final_sha256:
+            await self._deny(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"run {run.id} is {run.status}: only a completed run has a final adapter",
+            )
+        row = self.engine.ledger.checkpoint(run.final_sha256)
+        if row is None or request.offset > row.size:
+            await self._deny(
+                context, grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end"
+            )
+        logger.info("admin %s downloads the final adapter of run %s", identity.name, run.id)
+        for offset, data in self.engine.store.iter_chunks(row.sha256, request.offset, CHUNK_BYTES):
+            yield pb.Chunk(data=data, offset=offset, total_size=row.size)
+            self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
 
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext

@@ -44,6 +44,12 @@ class CoordinatorSettings(FileBackedSettings):
     checkpoint_retention: int = Field(default=2, ge=0)
     # The ledger head is signed at every run transition and at least every this many events.
     ledger_head_every: int = Field(default=100, ge=1)
+    # HTTP /healthz, /readyz and /metrics (no TLS, no data): off unless a port is given.
+    metrics_host: str = "localhost"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_port_file: Path | None = None  # write the bound metrics port here (for port 0)
+    # SIGTERM: seconds calls in flight (uploads, results) get to finish before the exit.
+    shutdown_grace: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ __all__ = [
     "TlsFiles",
     "aio_server",
     "peer_identity",
+    "proxy_for",
     "secure_channel",
 ]
 
@@ -68,8 +71,71 @@ class TlsFiles:
         )
 
 
+def _split_target(target: str) -> tuple[str, str]:
+    """host and port of a `host:port` target (IPv6 hosts in brackets)."""
+    target = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    if target.startswith("["):
+        host, _, rest = target[1:].partition("]")
+        return host, rest.removeprefix(":")
+    host, _, port = target.rpartition(":")
+    return (host, port) if host else (port, "")
+
+
+def _bypasses(host: str, port: str, entry: str) -> bool:
+    """Whether one `no_proxy` entry (name, .suffix, *, IP, CIDR, optionally :port) covers host."""
+    entry = entry.strip().lower()
+    if not entry:
+        return False
+    if entry == "*":
+        return True
+    if not entry.startswith("[") and entry.count(":") == 1:
+        entry, _, entry_port = entry.partition(":")
+        if entry_port != port:
+            return False
+    entry = entry.strip("[]")
+    try:
+        network = ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        name = entry.lstrip("*").lstrip(".")
+        return host == name or host.endswith("." + name)
+    try:
+        return ipaddress.ip_address(host) in network
+    except ValueError:
+        return False
+
+
+def proxy_for(target: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The HTTP CONNECT proxy a channel to `target` goes through, or None to dial directly.
+
+    Follows the conventions curl and gRPC share: `grpc_proxy`, then `https_proxy`, then
+    `http_proxy` (either case) name the proxy; `no_grpc_proxy` or `no_proxy` list hosts
+    (names, `.domain` suffixes, IPs, CIDR ranges, optional `:port`, or `*`) dialled directly.
+    """
+    env = os.environ if environ is None else environ
+
+    def first(*names: str) -> str:
+        for name in names:
+            for variant in (name, name.upper()):
+                if env.get(variant):
+                    return env[variant].strip()
+        return ""
+
+    proxy = first("grpc_proxy", "https_proxy", "http_proxy")
+    if not proxy:
+        return None
+    host, port = _split_target(target)
+    host = host.lower()
+    if any(_bypasses(host, port, e) for e in first("no_grpc_proxy", "no_proxy").split(",")):
+        return None
+    return proxy
+
+
 def secure_channel(target: str, tls: TlsFiles, *, server_name: str | None = None) -> grpc.Channel:
     """Opens an mTLS channel to the coordinator (the only way Baton dials anything).
+
+    Outbound-only hospital networks: the channel tunnels through the HTTP CONNECT proxy that
+    `proxy_for` names (https_proxy / no_proxy); TLS is still end to end with the coordinator,
+    whose certificate is checked against the target's name (or `server_name`), never the proxy's.
 
     Args:
         target: host:port of the coordinator.
@@ -83,6 +149,14 @@ def secure_channel(target: str, tls: TlsFiles, *, server_name: str | None = None
     options = list(_CLIENT_OPTIONS)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
+    # Decided here rather than left to gRPC's own environment lookup, so that `no_proxy`
+    # entries mean the same thing as for every other tool on the host (CIDR, :port, *) and
+    # `baton-site doctor` reports exactly what the agent does.
+    proxy = proxy_for(target)
+    if proxy is None:
+        options.append(("grpc.enable_http_proxy", 0))
+    else:
+        options.append(("grpc.http_proxy", proxy))
     return grpc.secure_channel(target, credentials, options=options)
 
 

@@ -26,6 +26,7 @@ from protocols.checkpoint import (
     inspect_bundle,
     sha256_hex,
 )
+from protocols.logs import log_context
 from protocols.signing import SignatureError, sign_digest, verify_custody
 from protocols.transport import CHUNK_BYTES, secure_channel
 from protocols.v1 import baton_pb2 as pb
@@ -33,6 +34,7 @@ from protocols.v1 import baton_pb2_grpc as pb_grpc
 from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.examples import TASK_TYPES, DatasetError
 from site_agent.heads import HEAD_FILE, KeptHead
+from site_agent.metrics import SiteMetrics
 from site_agent.registry import RegisteredDataset, list_registered, load_registered
 from site_agent.releases import ReleaseLimits, ReleaseRefused, StatisticsReleases
 from site_agent.settings import SiteSettings
@@ -183,6 +185,9 @@ class SiteAgent:
         self._stop = threading.Event()
         self._stream: grpc.Call | None = None
         self.site_name = ""
+        self.metrics = SiteMetrics()
+        self._draining = threading.Event()  # SIGTERM: no new task; the current one may finish
+        self._grace_deadline = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -209,6 +214,29 @@ class SiteAgent:
         if stream is not None:
             stream.cancel()
 
+    def shutdown(self, grace: float) -> None:
+        """Graceful stop (SIGTERM): takes no new task; a hop in training may finish within
+        `grace` seconds, after which it is handed back to the coordinator (released, not failed).
+        """
+        self._grace_deadline = time.monotonic() + grace
+        self._draining.set()
+        logger.info("shutting down: the current task may finish within %.0f s", grace)
+        stream = self._stream
+        if stream is not None:
+            stream.cancel()
+
+    def _out_of_grace(self) -> bool:
+        return self._draining.is_set() and time.monotonic() >= self._grace_deadline
+
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or self._draining.is_set()
+
+    def serve_metrics(self) -> int | None:
+        """Starts the /metrics port if the settings ask for one; returns the bound port."""
+        if self.settings.metrics_port is None:
+            return None
+        return self.metrics.serve(self.settings.metrics_host, self.settings.metrics_port)
+
     def run(self) -> None:
         """Connects and serves; reconnects with capped exponential backoff until `stop()`.
 
@@ -218,12 +246,12 @@ class SiteAgent:
         if self.settings.preload and self.settings.base_model_dir is not None:
             self.trainer("seq-classification")
         delay = 0.5
-        while not self._stop.is_set():
+        while not self._stopping():
             try:
                 self._serve_once()
                 delay = 0.5
             except grpc.RpcError as exc:
-                if self._stop.is_set():
+                if self._stopping():
                     break
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "ledger" in (
                     exc.details() or ""
@@ -296,12 +324,14 @@ class SiteAgent:
                     if kind == "hop":
                         self._run_hop(stub, task.hop, hello.heartbeat_interval_ms / 1000)
                     elif kind == "evaluation":
-                        self._run_evaluation(stub, task.evaluation)
+                        with log_context(run_id=task.evaluation.run_id, site=self.site_name):
+                            self._run_evaluation(stub, task.evaluation)
                     elif kind == "statistics":
-                        self._run_statistics(stub, task.statistics)
+                        with log_context(site=self.site_name):
+                            self._run_statistics(stub, task.statistics)
                     elif kind == "ledger_head":
                         self.heads.keep(task.ledger_head)
-                    if self._stop.is_set():
+                    if self._stopping():
                         break
             finally:
                 self._stream = None
@@ -325,7 +355,7 @@ class SiteAgent:
                     raise
                 logger.warning("%s not taken by the coordinator now (%s: %s); again in %.1f s",
                                what, exc.code().name, exc.details(), delay)  # fmt: skip
-                if self._stop.wait(delay):
+                if self._stop.wait(delay) or self._out_of_grace():
                     raise
                 delay = min(delay * 2, self.settings.reconnect_max_seconds, _RESULT_RETRY_MAX_DELAY)
 
@@ -342,6 +372,7 @@ class SiteAgent:
             return bytes(buffer)
 
         data = self._retrying("download", fetch)
+        self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
         try:
             bundle = inspect_bundle(data, expected_sha256=ref.sha256)
             verify_custody(
@@ -358,12 +389,19 @@ class SiteAgent:
     # ---- one hop ------------------------------------------------------------------------------
 
     def _run_hop(self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float) -> None:
+        with log_context(run_id=task.run_id, hop_id=task.hop_id, site=self.site_name):
+            self._run_hop_logged(stub, task, interval)
+
+    def _run_hop_logged(
+        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float
+    ) -> None:
         logger.info("hop %d of run %s: starting", task.hop_index, task.run_id)
         with _Heartbeat(stub, task, interval) as beat:
             try:
                 result = self._train_hop(stub, task, beat)
             except HopFailure as failure:
                 logger.error("hop %s refused: %s (%s)", task.hop_id, failure, failure.code)
+                self.metrics.hop("refused")
                 result = pb.HopResult(
                     hop_id=task.hop_id,
                     lease_token=task.lease_token,
@@ -379,6 +417,8 @@ class SiteAgent:
                 return
         if response.ledger_head:
             self.state.acknowledge(response.ledger_head)
+        if result.ok:
+            self.metrics.hop("trained")
         logger.info("hop %d of run %s: %s", task.hop_index, task.run_id, response.hop_status)
 
     def _report_hop_result(
@@ -569,13 +609,30 @@ class SiteAgent:
                 ),
                 incoming,
                 progress=beat.training_step,
-                should_cancel=lambda: beat.cancelled.is_set() or self._stop.is_set(),
+                should_cancel=lambda: (
+                    beat.cancelled.is_set() or self._stop.is_set() or self._out_of_grace()
+                ),
             )
         except HopCancelled:
+            if self._out_of_grace() and not beat.cancelled.is_set() and not self._stop.is_set():
+                logger.warning("hop %s handed back to the coordinator: shutting down", task.hop_id)
+                self.metrics.hop("released")
+                return pb.HopResult(
+                    hop_id=task.hop_id,
+                    lease_token=task.lease_token,
+                    ok=False,
+                    released=True,
+                    error_code="released",
+                    error_message=f"site {self.site_name} shut down before the hop finished",
+                )
             logger.warning("hop %s cancelled; no result is reported", task.hop_id)
+            self.metrics.hop("cancelled")
             return None
         except ValueError as exc:
             raise HopFailure("training-failed", str(exc)) from exc
+        self.metrics.training.observe(
+            max(outcome.train_finished_at_ns - outcome.train_started_at_ns, 0) / 1e9
+        )
 
         beat.phase("uploading")
         manifest = CheckpointManifest(
@@ -604,6 +661,9 @@ class SiteAgent:
             header.offset = stub.UploadStatus(header, timeout=30).received
             response: pb.UploadResponse = stub.UploadCheckpoint(
                 self._upload_messages(header, payload), timeout=600
+            )
+            self.metrics.checkpoint_bytes.labels(direction="upload").inc(
+                len(payload) - header.offset
             )
             return response
 

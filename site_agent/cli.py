@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
+import click
 import typer
 
-from protocols.logs import configure_logging
+from protocols.logs import configure_logging, quiet_progress_output
 
 if TYPE_CHECKING:
+    from site_agent.agent import SiteAgent
     from site_agent.approvals import ApprovalStore
 
 __all__ = ["app", "main"]
@@ -31,7 +34,18 @@ app.add_typer(cert_app, name="cert")
 
 # Exit codes: 0 ok, 2 bad input (config, files), 3 the coordinator's history was rewritten.
 EXIT_BAD_INPUT = 2
+EXIT_CHECKS_FAILED = 1  # `doctor`: at least one check failed
 EXIT_HISTORY_REWRITTEN = 3
+
+LogFormat = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        envvar="BATON_SITE_LOG_FORMAT",
+        click_type=click.Choice(["text", "json"]),
+        help="text, or json: one JSON object per line with run, hop and site fields",
+    ),
+]
 
 DataDir = Annotated[Path, typer.Option(envvar="BATON_SITE_DATA_DIR", help="The site's data folder")]
 StateDir = Annotated[
@@ -63,6 +77,18 @@ def serve(
     ] = None,
     log_level: str = "INFO",
     log_json: bool = False,
+    log_format: LogFormat = None,
+    metrics_host: Annotated[str | None, typer.Option(help="Interface of /metrics")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics port (default: off)")
+    ] = None,
+    metrics_port_file: Annotated[
+        Path | None, typer.Option(help="Write the bound metrics port here")
+    ] = None,
+    shutdown_grace: Annotated[
+        float | None,
+        typer.Option(help="SIGTERM: seconds a hop may finish before it is handed back"),
+    ] = None,
 ) -> None:
     """Connect out to the coordinator and run hops until SIGINT/SIGTERM."""
     from pydantic import ValidationError
@@ -72,7 +98,8 @@ def serve(
     from site_agent.agent import HistoryRewritten, SiteAgent
     from site_agent.settings import load_site_settings
 
-    configure_logging(log_level, log_json)
+    quiet_progress_output()
+    configure_logging(log_level, log_json or log_format == "json")
     try:
         settings = load_site_settings(
             config,
@@ -88,6 +115,10 @@ def serve(
             approved_bundles=approve,
             approval_policy=approval_policy,
             max_statistics_answers=max_statistics_answers,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+            metrics_port_file=metrics_port_file,
+            shutdown_grace=shutdown_grace,
         )
     except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
         typer.echo(f"error: bad site settings: {exc}", err=True)
@@ -95,9 +126,18 @@ def serve(
     if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():
         typer.echo(f"error: base model folder not found: {settings.base_model_dir}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
+    from site_agent._library_logs import route_library_output
+
+    route_library_output()
     agent = SiteAgent(settings)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: agent.stop())
+    _graceful_signals(agent, settings.shutdown_grace)
+    try:
+        bound = agent.serve_metrics()
+    except OSError as exc:
+        typer.echo(f"error: cannot serve metrics on port {settings.metrics_port}: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    if bound is not None and settings.metrics_port_file is not None:
+        settings.metrics_port_file.write_text(str(bound))
     try:
         agent.run()
     except PkiError as exc:
@@ -106,6 +146,67 @@ def serve(
     except HistoryRewritten as exc:
         typer.echo(f"error: refusing this coordinator: {exc}", err=True)
         raise typer.Exit(EXIT_HISTORY_REWRITTEN) from exc
+
+
+@app.command("doctor")
+def doctor(
+    config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
+    coordinator: Annotated[str | None, typer.Option(help="Coordinator host:port")] = None,
+    server_name: Annotated[str | None, typer.Option(help="Name on the coordinator cert")] = None,
+    ca: Annotated[Path | None, typer.Option("--ca")] = None,
+    cert: Annotated[Path | None, typer.Option("--cert")] = None,
+    key: Annotated[Path | None, typer.Option("--key")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder of registered datasets")] = None,
+    base_model: Annotated[Path | None, typer.Option(help="Local base model folder")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: auto)")] = None,
+    min_free_gb: Annotated[float, typer.Option(min=0, help="Disk space the data dir needs")] = 2,
+) -> None:
+    """Check DNS, proxy, TLS, certificate, clock, GPU, disk, data and base model (exit 1: fix)."""
+    from pydantic import ValidationError
+
+    from protocols.settings import SettingsFileError
+    from site_agent.doctor import run_checks
+    from site_agent.settings import load_site_settings
+
+    quiet_progress_output()
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # its handshake logs repeat the tls line
+    try:
+        settings = load_site_settings(
+            config,
+            coordinator=coordinator,
+            server_name=server_name,
+            ca_certificate=ca,
+            certificate=cert,
+            private_key=key,
+            data_dir=data_dir,
+            base_model_dir=base_model,
+            device=device,
+        )
+    except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
+        typer.echo(f"error: bad site settings: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    failed = 0
+    for check in run_checks(settings, min_free_bytes=int(min_free_gb * 1024**3)):
+        typer.echo(check.line())
+        failed += not check.ok
+    if failed:
+        typer.echo(f"{failed} check(s) failed", err=True)
+        raise typer.Exit(EXIT_CHECKS_FAILED)
+
+
+def _graceful_signals(agent: SiteAgent, grace: float) -> None:
+    """First SIGTERM/SIGINT: finish or hand back the current hop; a second one stops at once."""
+    received: list[int] = []
+
+    def handle(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            agent.shutdown(grace)
+        else:
+            agent.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
 
 
 def _approval_store(data_dir: Path, state_dir: Path | None) -> ApprovalStore:

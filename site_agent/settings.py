@@ -56,6 +56,12 @@ class SiteSettings(FileBackedSettings):
     statistics_delta: float = Field(default=1e-6, gt=0, lt=1)
     # How far the coordinator's clock may be ahead of this site's when a request expires.
     clock_skew_seconds: float = Field(default=120.0, ge=0)
+    # Prometheus /metrics over HTTP: off unless a port is given (a site opens no port by default).
+    metrics_host: str = "localhost"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_port_file: Path | None = None  # write the bound metrics port here (for port 0)
+    # SIGTERM: how long a hop in training may run on before it is handed back to the coordinator.
+    shutdown_grace: float = Field(default=30.0, ge=0)
 
     @property
     def state_path(self) -> Path:

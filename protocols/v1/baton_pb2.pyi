@@ -819,6 +819,7 @@ class HopResult(_message.Message):
     TRAIN_FINISHED_AT_NS_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
     hop_id: _builtins.str
     lease_token: _builtins.str
     ok: _builtins.bool
@@ -828,6 +829,10 @@ class HopResult(_message.Message):
     error_code: _builtins.str
     """when !ok: e.g. "base-model-mismatch", "training-failed" """
     error_message: _builtins.str
+    released: _builtins.bool
+    """The site hands the hop back unfinished (it is shutting down): the hop goes back to pending
+    and does not count as a failed attempt. error_message says why.
+    """
     @_builtins.property
     def output_checkpoint(self) -> Global___CheckpointRef:
         """set when ok"""
@@ -848,10 +853,11 @@ class HopResult(_message.Message):
         train_finished_at_ns: _builtins.int = ...,
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
+        released: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["output_checkpoint", b"output_checkpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "hop_id", b"hop_id", "lease_token", b"lease_token", "metrics", b"metrics", "ok", b"ok", "output_checkpoint", b"output_checkpoint", "train_finished_at_ns", b"train_finished_at_ns", "train_started_at_ns", b"train_started_at_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "hop_id", b"hop_id", "lease_token", b"lease_token", "metrics", b"metrics", "ok", b"ok", "output_checkpoint", b"output_checkpoint", "released", b"released", "train_finished_at_ns", b"train_finished_at_ns", "train_started_at_ns", b"train_started_at_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1125,6 +1131,69 @@ class HeartbeatResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class ConnectionCheckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectionCheckRequest: _TypeAlias = ConnectionCheckRequest  # noqa: Y015
+
+@_typing.final
+class ConnectionCheck(_message.Message):
+    """What `baton-site doctor` compares against: no side effects on the coordinator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITE_NAME_FIELD_NUMBER: _builtins.int
+    COORDINATOR_TIME_UNIX_NS_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    COORDINATOR_VERSION_FIELD_NUMBER: _builtins.int
+    PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
+    PINNED_BASE_MODELS_FIELD_NUMBER: _builtins.int
+    DATASETS_FIELD_NUMBER: _builtins.int
+    site_name: _builtins.str
+    """the name on the caller's certificate"""
+    coordinator_time_unix_ns: _builtins.int
+    """the coordinator's clock when it answered"""
+    certificate_expires_at: _builtins.int
+    """unix seconds, the caller's certificate"""
+    coordinator_version: _builtins.str
+    protocol_version: _builtins.int
+    @_builtins.property
+    def pinned_base_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """base-model sha256 pinned by active runs naming the site"""
+
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """datasets active runs expect at the site"""
+
+    def __init__(
+        self,
+        *,
+        site_name: _builtins.str = ...,
+        coordinator_time_unix_ns: _builtins.int = ...,
+        certificate_expires_at: _builtins.int = ...,
+        coordinator_version: _builtins.str = ...,
+        protocol_version: _builtins.int = ...,
+        pinned_base_models: _abc.Iterable[_builtins.str] | None = ...,
+        datasets: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_expires_at", b"certificate_expires_at", "coordinator_time_unix_ns", b"coordinator_time_unix_ns", "coordinator_version", b"coordinator_version", "datasets", b"datasets", "pinned_base_models", b"pinned_base_models", "protocol_version", b"protocol_version", "site_name", b"site_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectionCheck: _TypeAlias = ConnectionCheck  # noqa: Y015
 
 @_typing.final
 class StartRunRequest(_message.Message):
@@ -1799,3 +1868,26 @@ class StatisticsStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatisticsStatus: _TypeAlias = StatisticsStatus  # noqa: Y015
+
+@_typing.final
+class DownloadFinalCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    offset: _builtins.int
+    """resume from this byte"""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offset", b"offset", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadFinalCheckpointRequest: _TypeAlias = DownloadFinalCheckpointRequest  # noqa: Y015

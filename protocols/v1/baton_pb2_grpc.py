@@ -84,6 +84,11 @@ class SiteServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.RenewRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.RenewResponse.FromString,
                 _registered_method=True)
+        self.CheckConnection = channel.unary_unary(
+                '/baton.v1.SiteService/CheckConnection',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.ConnectionCheckRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.ConnectionCheck.FromString,
+                _registered_method=True)
 
 
 class SiteServiceServicer:
@@ -151,6 +156,13 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckConnection(self, request, context):
+        """Diagnostics for `baton-site doctor`: the coordinator's clock and what runs expect here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiteServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +215,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.RenewCertificate,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.RenewRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.RenewResponse.SerializeToString,
+            ),
+            'CheckConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckConnection,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.ConnectionCheckRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.ConnectionCheck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -485,6 +502,33 @@ class SiteService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def CheckConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.SiteService/CheckConnection',
+            protocols_dot_v1_dot_baton__pb2.ConnectionCheckRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.ConnectionCheck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -544,6 +588,11 @@ class AdminServiceStub:
                 '/baton.v1.AdminService/GetStatistics',
                 request_serializer=protocols_dot_v1_dot_baton__pb2.GetStatisticsRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.StatisticsStatus.FromString,
+                _registered_method=True)
+        self.DownloadFinalCheckpoint = channel.unary_stream(
+                '/baton.v1.AdminService/DownloadFinalCheckpoint',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.DownloadFinalCheckpointRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.Chunk.FromString,
                 _registered_method=True)
 
 
@@ -615,6 +664,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadFinalCheckpoint(self, request, context):
+        """Streams a completed run's final checkpoint bundle (admins only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -667,6 +723,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetStatistics,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.GetStatisticsRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.StatisticsStatus.SerializeToString,
+            ),
+            'DownloadFinalCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadFinalCheckpoint,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.DownloadFinalCheckpointRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.Chunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -939,6 +1000,33 @@ class AdminService:
             '/baton.v1.AdminService/GetStatistics',
             protocols_dot_v1_dot_baton__pb2.GetStatisticsRequest.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.StatisticsStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadFinalCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.AdminService/DownloadFinalCheckpoint',
+            protocols_dot_v1_dot_baton__pb2.DownloadFinalCheckpointRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.Chunk.FromString,
             options,
             channel_credentials,
             insecure,

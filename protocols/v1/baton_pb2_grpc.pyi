@@ -48,6 +48,8 @@ class SiteServiceStub:
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]
     ReportStatistics: _grpc.UnaryUnaryMultiCallable[_baton_pb2.StatisticsResult, _baton_pb2.StatisticsResultResponse]
     RenewCertificate: _grpc.UnaryUnaryMultiCallable[_baton_pb2.RenewRequest, _baton_pb2.RenewResponse]
+    CheckConnection: _grpc.UnaryUnaryMultiCallable[_baton_pb2.ConnectionCheckRequest, _baton_pb2.ConnectionCheck]
+    """Diagnostics for `baton-site doctor`: the coordinator's clock and what runs expect here."""
 
 @_typing.type_check_only
 class SiteServiceAsyncStub(SiteServiceStub):
@@ -64,6 +66,8 @@ class SiteServiceAsyncStub(SiteServiceStub):
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]  # type: ignore[assignment]
     ReportStatistics: _aio.UnaryUnaryMultiCallable[_baton_pb2.StatisticsResult, _baton_pb2.StatisticsResultResponse]  # type: ignore[assignment]
     RenewCertificate: _aio.UnaryUnaryMultiCallable[_baton_pb2.RenewRequest, _baton_pb2.RenewResponse]  # type: ignore[assignment]
+    CheckConnection: _aio.UnaryUnaryMultiCallable[_baton_pb2.ConnectionCheckRequest, _baton_pb2.ConnectionCheck]  # type: ignore[assignment]
+    """Diagnostics for `baton-site doctor`: the coordinator's clock and what runs expect here."""
 
 class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -138,6 +142,14 @@ class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.RenewResponse, _abc.Awaitable[_baton_pb2.RenewResponse]]: ...
 
+    @_abc_1.abstractmethod
+    def CheckConnection(
+        self,
+        request: _baton_pb2.ConnectionCheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.ConnectionCheck, _abc.Awaitable[_baton_pb2.ConnectionCheck]]:
+        """Diagnostics for `baton-site doctor`: the coordinator's clock and what runs expect here."""
+
 def add_SiteServiceServicer_to_server(servicer: SiteServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AdminServiceStub:
@@ -161,6 +173,8 @@ class AdminServiceStub:
     coordinator combines them into a global normaliser (mean and std per feature).
     """
     GetStatistics: _grpc.UnaryUnaryMultiCallable[_baton_pb2.GetStatisticsRequest, _baton_pb2.StatisticsStatus]
+    DownloadFinalCheckpoint: _grpc.UnaryStreamMultiCallable[_baton_pb2.DownloadFinalCheckpointRequest, _baton_pb2.Chunk]
+    """Streams a completed run's final checkpoint bundle (admins only)."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -181,6 +195,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     coordinator combines them into a global normaliser (mean and std per feature).
     """
     GetStatistics: _aio.UnaryUnaryMultiCallable[_baton_pb2.GetStatisticsRequest, _baton_pb2.StatisticsStatus]  # type: ignore[assignment]
+    DownloadFinalCheckpoint: _aio.UnaryStreamMultiCallable[_baton_pb2.DownloadFinalCheckpointRequest, _baton_pb2.Chunk]  # type: ignore[assignment]
+    """Streams a completed run's final checkpoint bundle (admins only)."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -258,5 +274,13 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _baton_pb2.GetStatisticsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.StatisticsStatus, _abc.Awaitable[_baton_pb2.StatisticsStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def DownloadFinalCheckpoint(
+        self,
+        request: _baton_pb2.DownloadFinalCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_baton_pb2.Chunk], _abc.AsyncIterator[_baton_pb2.Chunk]]:
+        """Streams a completed run's final checkpoint bundle (admins only)."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
