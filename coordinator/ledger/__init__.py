@@ -10,6 +10,8 @@ from coordinator.ledger._repository import (
     event_hash,
 )
 from coordinator.ledger.models import (
+    AccountRow,
+    ApiTokenRow,
     Base,
     CheckpointRow,
     EvaluationRow,
@@ -26,6 +28,8 @@ __all__ = [
     "GENESIS_HASH",
     "LIVE_HOP_STATES",
     "TERMINAL_RUN_STATES",
+    "AccountRow",
+    "ApiTokenRow",
     "Base",
     "ChainBreak",
     "CheckpointRow",
