@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 import grpc.aio
 
@@ -76,6 +77,7 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
 async def serve(settings: CoordinatorSettings) -> None:
     """Runs until SIGINT/SIGTERM."""
     coordinator = await build_server(settings)
+    dashboard = await _start_dashboard(settings, coordinator) if settings.dashboard else None
     if settings.port_file is not None:
         fsync_write(settings.port_file, str(coordinator.port).encode())
     stop = asyncio.Event()
@@ -85,4 +87,26 @@ async def serve(settings: CoordinatorSettings) -> None:
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("coordinator shutting down")
+    if dashboard is not None:
+        await dashboard.stop()
     await coordinator.stop()
+
+
+async def _start_dashboard(settings: CoordinatorSettings, coordinator: Coordinator) -> Any:
+    """Serves the dashboard in this event loop, beside the gRPC server (imported only if on)."""
+    from coordinator.dashboard import start_dashboard
+
+    try:
+        dashboard = await start_dashboard(
+            coordinator.engine,
+            host=settings.dashboard_host or settings.host,
+            port=settings.dashboard_port,
+            certificate=settings.certificate,
+            private_key=settings.private_key,
+        )
+    except BaseException:
+        await coordinator.stop()
+        raise
+    if settings.dashboard_port_file is not None:
+        fsync_write(settings.dashboard_port_file, str(dashboard.port).encode())
+    return dashboard

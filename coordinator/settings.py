@@ -34,6 +34,11 @@ class CoordinatorSettings(FileBackedSettings):
     port_file: Path | None = None  # write the bound port here once serving (for port 0)
     # Default minimum rows per released aggregate for statistics requests that name none.
     statistics_min_count: int = Field(default=10, ge=1)
+    # The admin dashboard (HTTPS with the coordinator's certificate); off with dashboard=false.
+    dashboard: bool = True
+    dashboard_host: str | None = None  # default: the same host as the gRPC server
+    dashboard_port: int = Field(default=8443, ge=0, le=65535)
+    dashboard_port_file: Path | None = None  # write the dashboard's bound port here
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:

@@ -1,0 +1,87 @@
+"""`baton coordinator serve` serves the dashboard over HTTPS beside gRPC; `baton admin` CLI."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from coordinator.processes import Cluster
+from tests.conftest import Pki
+
+
+def _baton(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True,
+                          text=True, timeout=60, input=stdin)  # fmt: skip
+
+
+def test_serve_offers_the_dashboard_over_https_with_the_consortium_certificate(
+    pki: Pki, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    (tmp_path / "pw").write_text("a long enough password\n")
+    added = _baton("admin", "add", "ops", "--role", "operator", "--password-file",
+                   str(tmp_path / "pw"), "--state-dir", str(state_dir))  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    token = _baton("admin", "token", "ops", "--state-dir", str(state_dir)).stdout.strip()
+    assert token.startswith("baton_")
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    with cluster.running():
+        cluster.start_coordinator(state_dir=state_dir, pki_dir=pki.directory,
+                                  port_file=tmp_path / "port",
+                                  dashboard_port_file=tmp_path / "dashboard.port")  # fmt: skip
+        port = int((tmp_path / "dashboard.port").read_text())
+        trust = ssl.create_default_context(cafile=str(pki.directory / "ca.crt"))
+        with httpx.Client(
+            base_url=f"https://localhost:{port}", verify=trust, follow_redirects=True
+        ) as client:
+            assert client.get("/login").status_code == 200
+            assert client.get("/api/v1/me").status_code == 401
+            me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+            assert me.json() == {"account": "ops", "role": "operator"}
+            link = _baton("admin", "login-link", "ops", "--url", f"https://localhost:{port}",
+                          "--state-dir", str(state_dir)).stdout.strip()  # fmt: skip
+            assert client.get(link.removeprefix(f"https://localhost:{port}")).status_code == 200
+            assert client.get("/api/v1/me").json()["account"] == "ops"
+
+        # A second coordinator cannot take the same dashboard port: one line, exit 2.
+        second = subprocess.run(
+            [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
+             "--state-dir", str(tmp_path / "other"), "--ca", str(pki.directory / "ca.crt"),
+             "--cert", str(pki.directory / "coordinator.crt"),
+             "--key", str(pki.directory / "coordinator.key"), "--dashboard-port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert second.returncode == 2
+    assert f"dashboard cannot listen on localhost:{port}" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_no_dashboard_serves_only_grpc(pki: Pki, tmp_path: Path) -> None:
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    with cluster.running():
+        cluster.start_coordinator(state_dir=tmp_path / "state", pki_dir=pki.directory,
+                                  port_file=tmp_path / "port")  # fmt: skip
+        log = cluster.process("coordinator").log_tail()
+    assert "coordinator listening on" in log
+    assert "dashboard on https://" not in log
+
+
+def test_admin_cli_refuses_bad_input_with_one_line(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    (tmp_path / "short").write_text("short\n")
+    weak = _baton("admin", "add", "a", "--password-file", str(tmp_path / "short"),
+                  "--state-dir", state)  # fmt: skip
+    assert weak.returncode == 2
+    assert "password must have at least 12 characters" in weak.stderr
+    role = _baton("admin", "add", "a", "--role", "root", "--state-dir", state)
+    assert role.returncode == 2 and "unknown role 'root'" in role.stderr
+    missing = _baton("admin", "token", "nobody", "--state-dir", state)
+    assert missing.returncode == 2 and "no account 'nobody'" in missing.stderr
+    prompted = _baton("admin", "add", "b", "--role", "admin", "--state-dir", state,
+                      stdin="a long enough password\na long enough password\n")  # fmt: skip
+    assert prompted.returncode == 0, prompted.stderr
+    assert "account b (admin) added" in prompted.stdout
