@@ -109,6 +109,8 @@ def fill(ledger: Ledger, n_runs: int, n_events: int) -> list[str]:
         while seq < min((number + 1) * per_run, n_events):
             event("site.hello", None, None, SITES[seq % len(SITES)], {"agent_version": "1"},
                   created)  # fmt: skip
+    while seq < n_events:
+        event("site.hello", None, None, SITES[seq % len(SITES)], {"agent_version": "1"}, start)
     with ledger.transaction() as session:
         now = datetime.now(UTC)
         session.execute(insert(SiteRow), [

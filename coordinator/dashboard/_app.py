@@ -14,7 +14,7 @@ from coordinator.dashboard._accounts import AccountStore
 from coordinator.dashboard._deps import CsrfRefused, DashboardState, Forbidden, LoginRequired
 from coordinator.dashboard._render import render
 from coordinator.dashboard._service import DashboardService
-from coordinator.dashboard.routes import auth, ledger, overview, runs, sites
+from coordinator.dashboard.routes import auth, ledger, overview, runs, sites, studies
 from coordinator.engine import RunEngine
 from coordinator.errors import CoordinatorError, NotFound
 from coordinator.plan import PlanError
@@ -80,7 +80,7 @@ def create_app(
     )
     app.add_middleware(_SecurityHeaders)
     app.mount("/static", StaticFiles(directory=str(package / "static")), name="static")
-    for module in (auth, overview, runs, ledger, sites):
+    for module in (auth, overview, runs, ledger, sites, studies):
         app.include_router(module.router)
         app.include_router(module.api, prefix="/api/v1")
 

@@ -74,3 +74,15 @@ def validation_svg(hops: list[HopView], metric: str, width: int = 560, height: i
                      f"{escape(site)}</text>")  # fmt: skip
     parts.append("</svg>")
     return "".join(parts)
+
+
+def series_svg(
+    series: dict[str, list[tuple[int, float]]], *, label: str, width: int = 560, height: int = 220
+) -> str:
+    """A line per named series over an integer x axis (e.g. a study's best-so-far by trial)."""
+    hops = [
+        HopView.model_construct(index=x, site=name, metrics={"y": y})
+        for name, points in series.items()
+        for x, y in points
+    ]
+    return validation_svg(hops, "y", width, height).replace(">hop ", f">{escape(label)} ")

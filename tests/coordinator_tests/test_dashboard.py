@@ -499,3 +499,80 @@ def test_create_app_builds_nothing_at_import_time() -> None:
 
     assert not any(type(v).__name__ == "FastAPI" for v in vars(module).values())
     asyncio.get_event_loop_policy()  # module import left no loop or server running
+
+
+# ---- studies -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def study(engine: RunEngine) -> str:
+    from coordinator.study import RunTemplate, attach_run_template, study_storage_url
+    from ordering import IntRange, OrderingStudy, SearchSpace, SyntheticObjective
+
+    objective = SyntheticObjective(2, seed=0)  # sites site-0 and site-1
+    for site in objective.sites:
+        engine.ledger.register_site(
+            site, agent_version="test", capabilities=["tabular"], base_models=[], datasets=[],
+            certificate_serial="1",
+        )  # fmt: skip
+    storage = study_storage_url(engine.ledger.url)
+    space = SearchSpace(sites=objective.sites, steps=IntRange(5, 20))
+    created = OrderingStudy.create(storage, "order-search", space, "lehmer", seed=0)
+    attach_run_template(created, RunTemplate(dataset="heart", labels=("0", "1"), task="tabular",
+                                             options={"model": "logistic"}))  # fmt: skip
+    created.optimize(objective, n_trials=4)
+    return "order-search"
+
+
+def test_study_view_shows_trials_best_so_far_and_compute_per_site(
+    client: TestClient, study: str
+) -> None:
+    login(client, "viewer")
+    assert [s["name"] for s in client.get("/api/v1/studies").json()] == [study]
+    detail = client.get(f"/api/v1/studies/{study}").json()
+    assert len(detail["trials"]) == 4
+    assert all(t["order"] in ("site-0 > site-1", "site-1 > site-0") for t in detail["trials"])
+    assert "steps" in detail["trials"][0]["hyperparameters"]
+    values = [v for _, v in detail["best_so_far"]]
+    assert values == sorted(values)  # maximize: never goes down
+    assert set(detail["compute_seconds_by_site"]) == {"site-0", "site-1"}
+    page = client.get(f"/studies/{study}").text
+    assert "Best so far" in page and "<svg" in page
+    assert detail["best_plan"].replace(">", "&gt;") in page
+    assert client.get("/studies").status_code == 200
+    assert client.get("/api/v1/studies/nope").status_code == 404
+
+
+def test_operator_starts_a_run_of_a_studys_best_plan(
+    client: TestClient, engine: RunEngine, study: str
+) -> None:
+    csrf = login(client, "operator")
+    response = client.post(f"/studies/{study}/start-best", data={"csrf_token": csrf},
+                           follow_redirects=False)  # fmt: skip
+    assert response.status_code == 303
+    run_id = response.headers["location"].rsplit("/", 1)[1]
+    created = next(e for e in engine.ledger.events(run_id) if e.kind == "run.created")
+    assert created.payload["by"] == "dashboard:operator"
+    assert created.payload["name"] == "order-search-best"
+    client.cookies.clear()
+    viewer_csrf = login(client, "viewer")
+    refused = client.post(f"/studies/{study}/start-best", data={"csrf_token": viewer_csrf})
+    assert refused.status_code == 403
+
+
+def test_no_study_storage_means_an_empty_list_and_no_file_created(
+    client: TestClient, engine: RunEngine
+) -> None:
+    login(client, "viewer")
+    assert client.get("/api/v1/studies").json() == []
+    assert not any("studies" in p.name for p in Path(engine.ledger.url[10:]).parent.iterdir())
+
+
+def test_the_dashboard_imports_optuna_only_when_a_study_page_is_asked_for() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, coordinator.dashboard, coordinator.server; "
+            "print('optuna' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
