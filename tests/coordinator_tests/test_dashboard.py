@@ -576,3 +576,27 @@ def test_the_dashboard_imports_optuna_only_when_a_study_page_is_asked_for() -> N
             "print('optuna' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_demo_login_link_makes_a_demo_admin_and_a_link_that_works_once(
+    tmp_path: Path, client: TestClient
+) -> None:
+    from coordinator.demo import demo_login_link
+
+    state = tmp_path / "demo-state"
+    state.mkdir()
+    ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
+    ledger.migrate()
+    ledger.close()
+    link = demo_login_link(state, "https://localhost:9999")
+    prefix = "https://localhost:9999/login/link?token="
+    assert link.startswith(prefix)
+    ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
+    try:
+        store = AccountStore(ledger)
+        assert store.get("demo-admin") == store.get("demo-admin") is not None
+        assert store.account_for_token(link.removeprefix(prefix), kind="login") is not None
+        assert store.account_for_token(link.removeprefix(prefix), kind="login") is None
+        assert "password" not in json.dumps([e.payload for e in ledger.events()])
+    finally:
+        ledger.close()

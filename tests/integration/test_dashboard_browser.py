@@ -179,8 +179,10 @@ def test_operator_steers_a_tabular_run_live_in_chromium(
                   timeout=180, cluster=cluster)  # fmt: skip
             _wait(lambda: _run_status(browser) == "completed", "completed")
             assert "<svg" in browser.page_source  # validation curves
+            browser.set_window_size(1280, 1450)  # the curves too
             browser.refresh()
             _shot(browser, "run-completed")
+            browser.set_window_size(1280, 1000)
 
             _click(browser, "download")
             archive = browser.downloads / f"baton-{run_id}-adapter.zip"  # type: ignore[attr-defined]
