@@ -600,3 +600,14 @@ def test_demo_login_link_makes_a_demo_admin_and_a_link_that_works_once(
         assert "password" not in json.dumps([e.payload for e in ledger.events()])
     finally:
         ledger.close()
+
+
+def test_bad_login_links_are_throttled_per_client_address(
+    client: TestClient, engine: RunEngine
+) -> None:
+    client.app.state.dashboard.throttle.max_per_client = 2  # type: ignore[attr-defined]
+    for _ in range(2):
+        assert client.get("/login/link?token=baton_guess").status_code == 401
+    assert client.get("/login/link?token=baton_guess").status_code == 429
+    failed = [e for e in engine.ledger.events() if e.kind == "dashboard.login-failed"]
+    assert len(failed) == 2  # throttled attempts do not grow the ledger

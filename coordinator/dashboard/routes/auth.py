@@ -89,11 +89,20 @@ def login(
 @router.get("/login/link", include_in_schema=False)
 def login_link(request: Request, state: StateDep, token: str = "") -> Response:
     """A one-time login link (printed by `baton demo` or `baton admin login-link`)."""
+    client = _client(request)
+    wait = state.throttle.retry_after("", client)
+    if wait > 0:
+        error = "too many failed logins from this address: try again later"
+        response = render(request, "login.html", None, status_code=429, next="/", login_csrf="",
+                          error=error)  # fmt: skip
+        response.headers["Retry-After"] = str(int(wait) + 1)
+        return response
     account = state.accounts.account_for_token(token, kind="login") if token else None
     if account is None:
+        state.throttle.failed("", client)
         state.service.ledger.record_event(
             "dashboard.login-failed",
-            payload={"account": None, "client": _client(request), "reason": "login link"},
+            payload={"account": None, "client": client, "reason": "login link"},
         )
         return render(request, "login.html", None, status_code=401, next="/", login_csrf="",
                       error="this login link is invalid, expired or used already")  # fmt: skip
