@@ -139,9 +139,12 @@ def run_demo(
         target = f"localhost:{port}"
         dashboard_url = f"https://localhost:{(directory / 'dashboard.port').read_text()}"
         link = demo_login_link(directory / "coordinator", dashboard_url)
+        # soft_wrap: the link must stay one line to be copied or clicked.
         console.print(
             f"dashboard: {dashboard_url}/ (certificate from the demo CA {pki_dir / 'ca.crt'})\n"
-            f"one-time login link for the demo admin account: {link}"
+            f"one-time login link for the demo admin account (valid 1 hour):\n{link}",
+            soft_wrap=True,
+            highlight=False,
         )
         for name in names:
             cluster.start_site(
