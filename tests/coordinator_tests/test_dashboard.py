@@ -464,6 +464,8 @@ def test_completed_run_offers_its_adapter_as_a_peft_zip(
     assert sorted(n.split("/")[1] for n in names) == ["adapter_config.json",
                                                       "adapter_model.safetensors"]  # fmt: skip
     assert "Download final adapter" in client.get(f"/runs/{run_id}").text
+    api = client.get(f"/api/v1/runs/{run_id}/adapter.zip")
+    assert api.status_code == 200 and api.content[:2] == b"PK"
 
 
 def test_run_stream_sends_the_live_timeline_as_server_sent_events(
@@ -611,3 +613,35 @@ def test_bad_login_links_are_throttled_per_client_address(
     assert client.get("/login/link?token=baton_guess").status_code == 429
     failed = [e for e in engine.ledger.events() if e.kind == "dashboard.login-failed"]
     assert len(failed) == 2  # throttled attempts do not grow the ledger
+
+
+def test_ledger_page_queries_work_on_every_backend(database_url: str) -> None:
+    from coordinator.ledger import HopRow
+
+    ledger = Ledger(database_url)
+    ledger.migrate()
+    try:
+        for number in range(3):
+            hops = [HopRow(id=f"h{number}{i}", index=i, site=f"s{i}", hyperparameters={},
+                           status="pending", metrics={}) for i in range(2)]  # fmt: skip
+            ledger.create_run(f"r{number}", f"run {number}", {}, hops, None, by="x")
+        ledger.transition_run("r1", expected=("running",), status="paused")
+        ledger.record_event("site.hello", site="s1")
+        assert [r.id for r in ledger.runs_page(limit=2)] == ["r2", "r1"]
+        assert [r.id for r in ledger.runs_page(limit=2, offset=2)] == ["r0"]
+        assert [r.id for r in ledger.runs_page(limit=5, status="paused")] == ["r1"]
+        assert ledger.run_status_counts() == {"running": 2, "paused": 1}
+        assert ledger.hop_counts(["r0", "r2"]) == {"r0": {"pending": 2}, "r2": {"pending": 2}}
+        assert ledger.hop_counts([]) == {}
+        newest = ledger.events_page(limit=2)
+        assert [e.kind for e in newest] == ["site.hello", "run.paused"]
+        older = ledger.events_page(limit=10, before=newest[-1].seq)
+        assert [e.kind for e in older] == ["run.created"] * 3
+        assert [e.seq for e in ledger.events_page(limit=10, after=2, ascending=True)] == [3, 4, 5]
+        assert [e.run_id for e in ledger.events_page(limit=10, run_id="r1")] == ["r1", "r1"]
+        assert [e.kind for e in ledger.events_page(limit=10, site="s1")] == ["site.hello"]
+        assert len(ledger.events_page(limit=10, kind="run.created")) == 3
+        assert ledger.event_count() == 5
+        assert ledger.checkpoints_of_run("r0") == []
+    finally:
+        ledger.close()
