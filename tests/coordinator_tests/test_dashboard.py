@@ -645,3 +645,32 @@ def test_ledger_page_queries_work_on_every_backend(database_url: str) -> None:
         assert ledger.checkpoints_of_run("r0") == []
     finally:
         ledger.close()
+
+
+def test_admin_cli_adds_accounts_and_refuses_bad_input_with_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from coordinator.cli import app
+
+    runner = CliRunner()
+    state = str(tmp_path / "state")
+    (tmp_path / "short").write_text("short\n")
+    weak = runner.invoke(app, ["admin", "add", "a", "--password-file", str(tmp_path / "short"),
+                               "--state-dir", state])  # fmt: skip
+    assert weak.exit_code == 2
+    assert "password must have at least 12 characters" in weak.output
+    role = runner.invoke(app, ["admin", "add", "a", "--role", "root", "--state-dir", state])
+    assert role.exit_code == 2 and "unknown role 'root'" in role.output
+    missing = runner.invoke(app, ["admin", "token", "nobody", "--state-dir", state])
+    assert missing.exit_code == 2 and "no account 'nobody'" in missing.output
+    prompted = runner.invoke(app, ["admin", "add", "b", "--role", "admin", "--state-dir", state],
+                             input="a long enough password\na long enough password\n")  # fmt: skip
+    assert prompted.exit_code == 0, prompted.output
+    assert "account b (admin) added" in prompted.output
+    again = runner.invoke(app, ["admin", "add", "b", "--state-dir", state],
+                          input="a long enough password\na long enough password\n")  # fmt: skip
+    assert again.exit_code == 2 and "account 'b' exists already" in again.output
+    assert "Traceback" not in weak.output + role.output + missing.output + again.output
+    link = runner.invoke(app, ["admin", "login-link", "b", "--url", "https://h:1/",
+                               "--state-dir", state])  # fmt: skip
+    assert link.stdout.startswith("https://h:1/login/link?token=baton_")
