@@ -103,6 +103,7 @@ async def _start_dashboard(settings: CoordinatorSettings, coordinator: Coordinat
             port=settings.dashboard_port,
             certificate=settings.certificate,
             private_key=settings.private_key,
+            ca_certificate=settings.ca_certificate,
         )
     except BaseException:
         await coordinator.stop()

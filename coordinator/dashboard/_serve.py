@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from coordinator.dashboard._app import create_app
 from coordinator.engine import RunEngine
@@ -24,6 +27,27 @@ class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class _ClientCertificateProtocol(H11Protocol):
+    """HTTP/1.1 that hands the TLS client certificate (verified against the consortium CA by the
+    handshake, when one was presented) to the app as the ASGI TLS extension's
+    ``client_cert_chain``: admins may log in with their `baton pki issue admin` certificate."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return
+        pem = ssl.DER_cert_to_PEM_cert(der)
+        app = self.app
+
+        async def with_certificate(scope: Any, receive: Any, send: Any) -> None:
+            scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": [pem]}
+            await app(scope, receive, send)
+
+        self.app = with_certificate
 
 
 class DashboardServer:
@@ -41,9 +65,17 @@ class DashboardServer:
 
 
 async def start_dashboard(
-    engine: RunEngine, *, host: str, port: int, certificate: Path, private_key: Path
+    engine: RunEngine,
+    *,
+    host: str,
+    port: int,
+    certificate: Path,
+    private_key: Path,
+    ca_certificate: Path | None = None,
 ) -> DashboardServer:
     """Binds `host:port` (0: a free port) and serves the dashboard with the given TLS identity.
+
+    With `ca_certificate`, browsers may present a client certificate of that CA (optional).
 
     Raises:
         OSError: The port cannot be bound.
@@ -63,6 +95,9 @@ async def start_dashboard(
         create_app(engine),
         ssl_certfile=str(certificate),
         ssl_keyfile=str(private_key),
+        ssl_ca_certs=str(ca_certificate) if ca_certificate else None,
+        ssl_cert_reqs=ssl.CERT_OPTIONAL if ca_certificate else ssl.CERT_NONE,
+        http=_ClientCertificateProtocol,
         log_config=None,
         access_log=False,
         lifespan="off",

@@ -674,3 +674,40 @@ def test_admin_cli_adds_accounts_and_refuses_bad_input_with_one_line(tmp_path: P
     link = runner.invoke(app, ["admin", "login-link", "b", "--url", "https://h:1/",
                                "--state-dir", state])  # fmt: skip
     assert link.stdout.startswith("https://h:1/login/link?token=baton_")
+
+
+def _presenting(app: object, pem: str) -> object:
+    """The app as the dashboard's TLS protocol hands it a verified client certificate."""
+
+    async def with_certificate(scope, receive, send):  # type: ignore[no-untyped-def]
+        scope.setdefault("extensions", {})["tls"] = {"client_cert_chain": [pem]}
+        await app(scope, receive, send)  # type: ignore[operator]
+
+    return with_certificate
+
+
+def test_admin_certificate_logs_in_as_admin_and_other_certificates_do_not(
+    engine: RunEngine, accounts: AccountStore, pki: Pki
+) -> None:
+    app = create_app(engine, accounts=accounts)
+    admin_pem = (pki.directory / "admin.crt").read_text()
+    with TestClient(_presenting(app, admin_pem), base_url="https://testserver") as client:  # type: ignore[arg-type]
+        assert client.get("/login/certificate").status_code == 200
+        assert client.get("/api/v1/me").json() == {"account": "admin", "role": "admin"}
+    site_pem = (pki.directory / "site-a.crt").read_text()
+    with TestClient(_presenting(app, site_pem), base_url="https://testserver") as client:  # type: ignore[arg-type]
+        response = client.get("/login/certificate")
+        assert response.status_code == 401
+        assert "certificate login refused: a site certificate cannot log in here" in response.text
+    from protocols.pki import identity_from_pem
+
+    serial = format(identity_from_pem(admin_pem.encode()).serial, "x")
+    with TestClient(_presenting(app, admin_pem), base_url="https://testserver") as client:  # type: ignore[arg-type]
+        assert client.portal is not None
+        client.portal.call(lambda: engine.revoke(serial, "lost", by="test"))
+        assert "this certificate is revoked" in client.get("/login/certificate").text
+    with TestClient(app, base_url="https://testserver") as client:
+        assert "presented no certificate" in client.get("/login/certificate").text
+    kinds = [e.kind for e in engine.ledger.events()]
+    assert kinds.count("dashboard.certificate-login") == 1
+    assert kinds.count("dashboard.login-failed") == 3

@@ -48,6 +48,12 @@ def test_serve_offers_the_dashboard_over_https_with_the_consortium_certificate(
                           "--state-dir", str(state_dir)).stdout.strip()  # fmt: skip
             assert client.get(link.removeprefix(f"https://localhost:{port}")).status_code == 200
             assert client.get("/api/v1/me").json()["account"] == "ops"
+        # An admin certificate from `baton pki issue admin`, presented in the TLS handshake.
+        with httpx.Client(base_url=f"https://localhost:{port}", verify=trust,
+                          cert=(str(pki.directory / "admin.crt"), str(pki.directory / "admin.key")),
+                          follow_redirects=True) as client:  # fmt: skip
+            assert client.get("/login/certificate").status_code == 200
+            assert client.get("/api/v1/me").json() == {"account": "admin", "role": "admin"}
 
         # A second coordinator cannot take the same dashboard port: one line, exit 2.
         second = subprocess.run(

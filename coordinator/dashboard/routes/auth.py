@@ -9,9 +9,11 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
 
+from coordinator.dashboard._accounts import Account, DashboardRole
 from coordinator.dashboard._auth import LOGIN_CSRF_COOKIE, SESSION_COOKIE, csrf_matches
 from coordinator.dashboard._deps import StateDep, Viewer
 from coordinator.dashboard._render import render
+from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem
 
 router = APIRouter(tags=["pages"])
 api = APIRouter(tags=["account"])
@@ -34,6 +36,10 @@ def _safe_next(target: str) -> str:
 def _start_session(state: StateDep, request: Request, name: str, target: str) -> Response:
     account = state.accounts.get(name)
     assert account is not None
+    return _session_response(state, account, target)
+
+
+def _session_response(state: StateDep, account: Account, target: str) -> Response:
     session = state.sessions.create(account)
     response = RedirectResponse(_safe_next(target), status_code=303)
     response.set_cookie(SESSION_COOKIE, session.id, httponly=True, secure=True,
@@ -107,6 +113,47 @@ def login_link(request: Request, state: StateDep, token: str = "") -> Response:
         return render(request, "login.html", None, status_code=401, next="/", login_csrf="",
                       error="this login link is invalid, expired or used already")  # fmt: skip
     return _start_session(state, request, account.name, "/")
+
+
+def _admin_identity(state: StateDep, pem: str | None) -> tuple[PeerIdentity | None, str]:
+    """The admin a client certificate names, or None and why it cannot log in."""
+    if not pem:
+        return None, "your browser presented no certificate of this consortium"
+    try:
+        identity = identity_from_pem(pem.encode())
+    except PkiError as exc:
+        return None, str(exc)
+    if identity.role != Role.ADMIN:
+        return None, f"a {identity.role} certificate cannot log in here"
+    if state.service.engine.revocation(identity.serial):
+        return None, "this certificate is revoked"
+    return identity, ""
+
+
+@router.get("/login/certificate", include_in_schema=False)
+def login_certificate(request: Request, state: StateDep) -> Response:
+    """Login by an admin client certificate (`baton pki issue admin`) shown in the handshake."""
+    chain = request.scope.get("extensions", {}).get("tls", {}).get("client_cert_chain") or []
+    client = _client(request)
+    if state.throttle.retry_after("", client) > 0:
+        error = "too many failed logins from this address: try again later"
+        return render(request, "login.html", None, status_code=429, next="/", login_csrf="",
+                      error=error)  # fmt: skip
+    identity, refusal = _admin_identity(state, chain[0] if chain else None)
+    if identity is not None:
+        state.service.ledger.record_event(
+            "dashboard.certificate-login",
+            payload={"account": identity.name, "serial": format(identity.serial, "x"),
+                     "client": client},
+        )  # fmt: skip
+        return _session_response(state, Account(identity.name, DashboardRole.ADMIN), "/")
+    state.throttle.failed("", client)
+    state.service.ledger.record_event(
+        "dashboard.login-failed",
+        payload={"account": None, "client": client, "reason": f"certificate: {refusal}"},
+    )
+    return render(request, "login.html", None, status_code=401, next="/", login_csrf="",
+                  error=f"certificate login refused: {refusal}")  # fmt: skip
 
 
 @router.post("/logout", include_in_schema=False)
