@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
+from coordinator.admin_cli import admin_app
 from coordinator.plan import PlanError, RunPlan, load_plan
 from coordinator.study_cli import StudyStorage, resolve_storage, study_app
 from protocols.logs import configure_logging
@@ -61,6 +62,7 @@ store_app = typer.Typer(help="The checkpoint store: retention and clean-up.", no
 app.add_typer(store_app, name="store")
 db_app = typer.Typer(help="Ledger schema migrations (Alembic).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(admin_app, name="admin")
 
 console = Console()
 err = Console(stderr=True)
@@ -265,8 +267,17 @@ def coordinator_serve(
     shutdown_grace: Annotated[
         float | None, typer.Option(help="SIGTERM: seconds calls in flight get to finish")
     ] = None,
+    dashboard: Annotated[
+        bool | None, typer.Option("--dashboard/--no-dashboard", help="Serve the admin dashboard")
+    ] = None,
+    dashboard_port: Annotated[
+        int | None, typer.Option(help="Dashboard HTTPS port (default 8443; 0 picks one)")
+    ] = None,
+    dashboard_port_file: Annotated[
+        Path | None, typer.Option(help="Write the dashboard's bound port here")
+    ] = None,
 ) -> None:
-    """Run the coordinator until SIGINT/SIGTERM."""
+    """Run the coordinator until SIGINT/SIGTERM (and its HTTPS dashboard, unless --no-dashboard)."""
     from pydantic import ValidationError
 
     from coordinator.server import serve
@@ -290,6 +301,9 @@ def coordinator_serve(
             metrics_port=metrics_port,
             metrics_port_file=metrics_port_file,
             shutdown_grace=shutdown_grace,
+            dashboard=dashboard,
+            dashboard_port=dashboard_port,
+            dashboard_port_file=dashboard_port_file,
         )
     except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
         raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
@@ -1118,13 +1132,17 @@ def demo(
     base_model: Annotated[
         Path | None, typer.Option(help="Base model folder (default: packaged all-MiniLM-L6-v2)")
     ] = None,
+    keep_serving: Annotated[
+        bool, typer.Option(help="Keep the coordinator and its dashboard up after the run")
+    ] = False,
 ) -> None:
     """Run a real multi-process sequential run on generated data, then print its summary."""
     from coordinator.demo import DemoError, run_demo
 
     configure_logging("WARNING")
     try:
-        run = run_demo(directory, n_sites=sites, cycles=cycles, steps=steps, base_model=base_model)
+        run = run_demo(directory, n_sites=sites, cycles=cycles, steps=steps, base_model=base_model,
+                       keep_serving=keep_serving)  # fmt: skip
     except DemoError as exc:
         raise _fail(str(exc), EXIT_RUN_FAILED) from exc
     if run.status != "completed":

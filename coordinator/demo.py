@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import secrets
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from coordinator.admin import AdminClient, handoff_seconds
@@ -18,7 +21,14 @@ from coordinator.processes import Cluster
 from protocols.pki import Role, init_ca, issue_certificate
 from protocols.v1 import baton_pb2 as pb
 
-__all__ = ["DemoError", "packaged_minilm", "prepare_pki", "run_demo", "write_site_data"]
+__all__ = [
+    "DemoError",
+    "demo_login_link",
+    "packaged_minilm",
+    "prepare_pki",
+    "run_demo",
+    "write_site_data",
+]
 
 MARKER = ".baton-demo"
 SITE_NAMES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e",
@@ -89,6 +99,7 @@ def run_demo(
     cycles: int = 2,
     steps: int = 15,
     base_model: Path | None = None,
+    keep_serving: bool = False,
 ) -> pb.RunStatus:
     """Runs the whole demo and leaves the ledger, logs and final adapter in `directory`."""
     started = time.monotonic()
@@ -123,8 +134,18 @@ def run_demo(
             state_dir=directory / "coordinator",
             pki_dir=pki_dir,
             port_file=directory / "coordinator.port",
+            dashboard_port_file=directory / "dashboard.port",
         )
         target = f"localhost:{port}"
+        dashboard_url = f"https://localhost:{(directory / 'dashboard.port').read_text()}"
+        link = demo_login_link(directory / "coordinator", dashboard_url)
+        # soft_wrap: the link must stay one line to be copied or clicked.
+        console.print(
+            f"dashboard: {dashboard_url}/ (certificate from the demo CA {pki_dir / 'ca.crt'})\n"
+            f"one-time login link for the demo admin account (valid 1 hour):\n{link}",
+            soft_wrap=True,
+            highlight=False,
+        )
         for name in names:
             cluster.start_site(
                 name,
@@ -155,6 +176,12 @@ def run_demo(
                 run = admin.wait_for_evaluations(run_id, timeout=300)
                 console.print(evaluation_table(run))
             rss = _rss_mb(cluster.processes[0].process.pid)
+            if keep_serving:
+                console.print(f"dashboard still serving at {dashboard_url}/ : Ctrl-C to stop")
+                with contextlib.suppress(KeyboardInterrupt):
+                    while True:
+                        cluster.check_alive()
+                        time.sleep(1)
     summary = {
         "run_id": run.run_id,
         "status": run.status,
@@ -173,6 +200,24 @@ def run_demo(
         f"demo wall time: {summary['wall_seconds']} s; summary: {directory / 'summary.json'}"
     )
     return run
+
+
+def demo_login_link(state_dir: Path, dashboard_url: str) -> str:
+    """Creates the demo admin account (random password, never shown) and a one-time link."""
+    from coordinator.dashboard import AccountStore, DashboardRole
+    from coordinator.ledger import Ledger
+
+    ledger = Ledger(f"sqlite:///{(state_dir / 'ledger.sqlite3').resolve()}")
+    try:
+        accounts = AccountStore(ledger)
+        if accounts.get("demo-admin") is None:
+            accounts.add("demo-admin", DashboardRole.ADMIN, secrets.token_urlsafe(24), by="demo")
+        token = accounts.issue_token(
+            "demo-admin", kind="login", valid_for=timedelta(hours=1), by="demo"
+        )
+    finally:
+        ledger.close()
+    return f"{dashboard_url}/login/link?token={token}"
 
 
 def _median_ms(values: list[float]) -> float | None:

@@ -196,6 +196,11 @@ def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return metrics
 
 
+def _actor(by: str | None) -> dict[str, str]:
+    """The acting account for an event's payload (nothing when the caller names none)."""
+    return {"by": by} if by else {}
+
+
 def statistics_bundle(request: StatisticsRequestRow) -> ApprovalBundle:
     """The bundle a statistics request's sites approve, rebuilt from the stored request."""
     return ApprovalBundle.for_statistics(
@@ -381,8 +386,13 @@ class RunEngine:
 
     # ---- runs ---------------------------------------------------------------------------------
 
-    async def start_run(self, plan: RunPlan) -> str:
-        """Records a new run and leases its first hop if the site is connected."""
+    async def start_run(self, plan: RunPlan, *, by: str | None = None) -> str:
+        """Records a new run and leases its first hop if the site is connected.
+
+        Args:
+            plan: The run plan.
+            by: Who started it (a dashboard account), recorded in the `run.created` event.
+        """
         known = {s.name for s in self.ledger.sites()}
         unknown = sorted({site for site, _ in plan.expanded_hops()} - known)
         if unknown:
@@ -403,7 +413,7 @@ class RunEngine:
             for index, (site, hp) in enumerate(plan.expanded_hops())
         ]
         self.ledger.create_run(
-            run_id, plan.name, json.loads(plan.to_json()), hops, plan.base_model_sha256
+            run_id, plan.name, json.loads(plan.to_json()), hops, plan.base_model_sha256, by=by
         )
         logger.info("run %s (%s) created with %d hops", run_id, plan.name, len(hops))
         await self.dispatch(run_id)
@@ -819,7 +829,7 @@ class RunEngine:
         await self._dispatch_locked(run.id)
         return "pending"
 
-    async def resume_run(self, run_id: str) -> None:
+    async def resume_run(self, run_id: str, *, by: str | None = None) -> None:
         """Resumes a paused run: its failed hop is tried again."""
         async with self._lock:
             try:
@@ -835,17 +845,19 @@ class RunEngine:
                     expected=("failed",),
                     status="pending",
                     event="hop.retry",
-                    payload={"action": "resume"},
+                    payload={"action": "resume", **_actor(by)},
                 )
-            self.ledger.transition_run(run_id, expected=("paused",), status="running", error=None)
+            self.ledger.transition_run(
+                run_id, expected=("paused",), status="running", payload=_actor(by), error=None
+            )
             await self._dispatch_locked(run_id)
 
-    async def abort_run(self, run_id: str, reason: str) -> None:
+    async def abort_run(self, run_id: str, reason: str, *, by: str | None = None) -> None:
         async with self._lock:
             try:
                 self.ledger.transition_run(
                     run_id, expected=("running", "paused"), status="aborted",
-                    payload={"reason": reason}, error=reason,
+                    payload={"reason": reason, **_actor(by)}, error=reason,
                 )  # fmt: skip
             except KeyError:
                 raise NotFound(f"no run {run_id!r}") from None
@@ -855,6 +867,51 @@ class RunEngine:
                 if hop.status in LIVE_HOP_STATES:
                     self._forget(hop.id)
                     self._hop_ended(hop.id, "run aborted")
+
+    async def pause_run(self, run_id: str, *, by: str | None = None) -> None:
+        """Pauses a running run; the hop in flight is called back and redone on resume.
+
+        Its lease is withdrawn, so the site's late upload or result is refused as stale.
+        """
+        async with self._lock:
+            try:
+                run = self.ledger.run(run_id)
+            except KeyError:
+                raise NotFound(f"no run {run_id!r}") from None
+            if run.status != "running":
+                raise InvalidInput(f"run {run_id} is {run.status}, not running")
+            hop = _current_hop(run)
+            if hop is not None and hop.status in LIVE_HOP_STATES:
+                self._forget(hop.id)
+                self.ledger.transition_hop(
+                    hop.id, expected=LIVE_HOP_STATES, status="pending", event="hop.recalled",
+                    payload={"action": "pause", **_actor(by)}, lease_token=None,
+                )  # fmt: skip
+                self._hop_ended(hop.id, "run paused")
+            self.ledger.transition_run(
+                run_id, expected=("running",), status="paused",
+                payload={"reason": "paused by an operator", **_actor(by)},
+                error=None,
+            )  # fmt: skip
+
+    async def skip_failed_hop(self, run_id: str, *, by: str | None = None) -> None:
+        """Skips the failed hop of a paused run and resumes the run from the next hop."""
+        async with self._lock:
+            try:
+                run = self.ledger.run(run_id)
+            except KeyError:
+                raise NotFound(f"no run {run_id!r}") from None
+            hop = next((h for h in run.hops if h.status == "failed"), None)
+            if run.status != "paused" or hop is None:
+                raise InvalidInput(f"run {run_id} is {run.status} with no failed hop to skip")
+            self.ledger.transition_hop(
+                hop.id, expected=("failed",), status="skipped", event="hop.skipped",
+                payload={"action": "skip", **_actor(by)},
+            )  # fmt: skip
+            self.ledger.transition_run(
+                run_id, expected=("paused",), status="running", payload=_actor(by), error=None
+            )
+            await self._dispatch_locked(run_id)
 
     # ---- watchdog -----------------------------------------------------------------------------
 
@@ -924,7 +981,9 @@ class RunEngine:
 
     # ---- evaluations --------------------------------------------------------------------------
 
-    async def evaluate_run(self, run_id: str, split: str, sites: list[str]) -> list[str]:
+    async def evaluate_run(
+        self, run_id: str, split: str, sites: list[str], *, by: str | None = None
+    ) -> list[str]:
         """Asks sites to evaluate a completed run's final checkpoint on their own data."""
         try:
             run = self.ledger.run(run_id)
@@ -965,7 +1024,7 @@ class RunEngine:
             )
             for site in chosen
         ]
-        self.ledger.create_evaluations(rows)
+        self.ledger.create_evaluations(rows, by=by)
         await self.dispatch_evaluations()
         return [row.id for row in rows]
 

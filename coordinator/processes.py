@@ -78,9 +78,19 @@ class Cluster:
         port: int = 0,
         timeout: float = 60.0,
         extra: Sequence[str] = (),
+        dashboard_port_file: Path | None = None,
     ) -> int:
-        """Starts `baton coordinator serve` on a free port; returns the port once it serves."""
+        """Starts `baton coordinator serve` on a free port; returns the port once it serves.
+
+        The dashboard is off unless `dashboard_port_file` is given: then it serves on a free
+        port, written to that file before the gRPC port file appears.
+        """
         port_file.unlink(missing_ok=True)
+        if dashboard_port_file is None:
+            dashboard = ["--no-dashboard"]
+        else:
+            dashboard_port_file.unlink(missing_ok=True)
+            dashboard = ["--dashboard-port", "0", "--dashboard-port-file", str(dashboard_port_file)]
         managed = self._spawn(
             "coordinator",
             [
@@ -91,6 +101,7 @@ class Cluster:
                 "--cert", str(pki_dir / "coordinator.crt"),
                 "--key", str(pki_dir / "coordinator.key"),
                 "--port-file", str(port_file),
+                *dashboard,
                 *extra,
             ],
         )  # fmt: skip

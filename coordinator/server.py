@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 import grpc.aio
 from sqlalchemy import make_url
@@ -133,6 +134,7 @@ async def serve(settings: CoordinatorSettings) -> None:
     coordinator = await build_server(settings)
     if settings.metrics_port_file is not None and coordinator.metrics_port is not None:
         fsync_write(settings.metrics_port_file, str(coordinator.metrics_port).encode())
+    dashboard = await _start_dashboard(settings, coordinator) if settings.dashboard else None
     if settings.port_file is not None:
         fsync_write(settings.port_file, str(coordinator.port).encode())
     stop = asyncio.Event()
@@ -142,5 +144,28 @@ async def serve(settings: CoordinatorSettings) -> None:
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     logger.info("coordinator shutting down (grace %.0f s)", settings.shutdown_grace)
+    if dashboard is not None:
+        await dashboard.stop()
     await coordinator.stop(settings.shutdown_grace)
     logger.info("coordinator stopped")
+
+
+async def _start_dashboard(settings: CoordinatorSettings, coordinator: Coordinator) -> Any:
+    """Serves the dashboard in this event loop, beside the gRPC server (imported only if on)."""
+    from coordinator.dashboard import start_dashboard
+
+    try:
+        dashboard = await start_dashboard(
+            coordinator.engine,
+            host=settings.dashboard_host or settings.host,
+            port=settings.dashboard_port,
+            certificate=settings.certificate,
+            private_key=settings.private_key,
+            ca_certificate=settings.ca_certificate,
+        )
+    except BaseException:
+        await coordinator.stop()
+        raise
+    if settings.dashboard_port_file is not None:
+        fsync_write(settings.dashboard_port_file, str(dashboard.port).encode())
+    return dashboard

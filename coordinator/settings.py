@@ -50,6 +50,11 @@ class CoordinatorSettings(FileBackedSettings):
     metrics_port_file: Path | None = None  # write the bound metrics port here (for port 0)
     # SIGTERM: seconds calls in flight (uploads, results) get to finish before the exit.
     shutdown_grace: float = Field(default=10.0, ge=0)
+    # The admin dashboard (HTTPS with the coordinator's certificate); off with dashboard=false.
+    dashboard: bool = True
+    dashboard_host: str | None = None  # default: the same host as the gRPC server
+    dashboard_port: int = Field(default=8443, ge=0, le=65535)
+    dashboard_port_file: Path | None = None  # write the dashboard's bound port here
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:

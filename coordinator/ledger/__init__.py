@@ -13,6 +13,8 @@ from coordinator.ledger._repository import (
     event_hash,
 )
 from coordinator.ledger.models import (
+    AccountRow,
+    ApiTokenRow,
     Base,
     CheckpointRow,
     EvaluationRow,
@@ -30,6 +32,8 @@ __all__ = [
     "HEADS_FILE",
     "LIVE_HOP_STATES",
     "TERMINAL_RUN_STATES",
+    "AccountRow",
+    "ApiTokenRow",
     "Base",
     "ChainBreak",
     "CheckpointRow",

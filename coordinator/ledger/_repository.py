@@ -14,7 +14,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -473,7 +473,14 @@ class Ledger:
     # ---- runs and hops --------------------------------------------------------------------------
 
     def create_run(
-        self, run_id: str, name: str, plan: dict[str, Any], hops: list[HopRow], pinned: str | None
+        self,
+        run_id: str,
+        name: str,
+        plan: dict[str, Any],
+        hops: list[HopRow],
+        pinned: str | None,
+        *,
+        by: str | None = None,
     ) -> RunRow:
         with self.transaction() as session:
             run = RunRow(
@@ -490,7 +497,12 @@ class Ledger:
                 session,
                 "run.created",
                 run_id=run_id,
-                payload={"name": name, "plan": plan, "hops": [h.id for h in hops]},
+                payload={
+                    "name": name,
+                    "plan": plan,
+                    "hops": [h.id for h in hops],
+                    **({"by": by} if by else {}),
+                },
             )
         return self.run(run_id)
 
@@ -690,7 +702,7 @@ class Ledger:
 
     # ---- evaluations ----------------------------------------------------------------------------
 
-    def create_evaluations(self, rows: list[EvaluationRow]) -> None:
+    def create_evaluations(self, rows: list[EvaluationRow], *, by: str | None = None) -> None:
         with self.transaction() as session:
             session.add_all(rows)
             for row in rows:
@@ -703,6 +715,7 @@ class Ledger:
                         "evaluation_id": row.id,
                         "checkpoint_sha256": row.checkpoint_sha256,
                         "split": row.split,
+                        **({"by": by} if by else {}),
                     },
                 )
 
@@ -930,3 +943,70 @@ class Ledger:
                 hop_id=row.hop_id if row is not None else None,
                 payload={"sha256": sha256, "size": size, "reason": reason},
             )
+
+    # ---- pages (the dashboard: bounded queries, never every row) ------------------------------
+
+    def runs_page(self, *, limit: int, offset: int = 0, status: str | None = None) -> list[RunRow]:
+        """Runs newest first, without their hops; only those in `status` when given."""
+        with self._sessions() as session:
+            query = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id)
+            if status is not None:
+                query = query.where(RunRow.status == status)
+            return list(session.scalars(query.limit(limit).offset(offset)))
+
+    def run_status_counts(self) -> dict[str, int]:
+        """How many runs are in each status."""
+        with self._sessions() as session:
+            rows = session.execute(select(RunRow.status, func.count()).group_by(RunRow.status))
+            return {status: count for status, count in rows}
+
+    def hop_counts(self, run_ids: Collection[str]) -> dict[str, dict[str, int]]:
+        """Per run: how many of its hops are in each status."""
+        if not run_ids:
+            return {}
+        with self._sessions() as session:
+            rows = session.execute(
+                select(HopRow.run_id, HopRow.status, func.count())
+                .where(HopRow.run_id.in_(list(run_ids)))
+                .group_by(HopRow.run_id, HopRow.status)
+            )
+            counts: dict[str, dict[str, int]] = {}
+            for run_id, status, count in rows:
+                counts.setdefault(run_id, {})[status] = count
+            return counts
+
+    def events_page(
+        self,
+        *,
+        limit: int,
+        before: int | None = None,
+        after: int | None = None,
+        run_id: str | None = None,
+        site: str | None = None,
+        kind: str | None = None,
+        ascending: bool = False,
+    ) -> list[EventRow]:
+        """Events by sequence number (keyset: `before`/`after` a seq), optionally filtered."""
+        with self._sessions() as session:
+            query = select(EventRow)
+            if before is not None:
+                query = query.where(EventRow.seq < before)
+            if after is not None:
+                query = query.where(EventRow.seq > after)
+            if run_id:
+                query = query.where(EventRow.run_id == run_id)
+            if site:
+                query = query.where(EventRow.site == site)
+            if kind:
+                query = query.where(EventRow.kind == kind)
+            order = EventRow.seq.asc() if ascending else EventRow.seq.desc()
+            return list(session.scalars(query.order_by(order).limit(limit)))
+
+    def event_count(self) -> int:
+        with self._sessions() as session:
+            return int(session.scalar(select(func.count()).select_from(EventRow)) or 0)
+
+    def checkpoints_of_run(self, run_id: str) -> list[CheckpointRow]:
+        with self._sessions() as session:
+            query = select(CheckpointRow).where(CheckpointRow.run_id == run_id)
+            return list(session.scalars(query.order_by(CheckpointRow.stored_at)))

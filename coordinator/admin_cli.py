@@ -1,0 +1,132 @@
+"""`baton admin`: dashboard accounts, API tokens and one-time login links (local, on the ledger)."""
+
+from __future__ import annotations
+
+import getpass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+if TYPE_CHECKING:
+    from coordinator.ledger import Ledger
+
+__all__ = ["admin_app"]
+
+admin_app = typer.Typer(
+    help="Dashboard accounts and API tokens (run where the ledger is).", no_args_is_help=True
+)
+console = Console()
+err = Console(stderr=True)
+EXIT_BAD_INPUT = 2
+
+StateDir = Annotated[Path | None, typer.Option(help="Coordinator state directory")]
+DbUrl = Annotated[str | None, typer.Option(envvar="BATON_DATABASE_URL", help="SQLAlchemy URL")]
+Name = Annotated[str, typer.Argument(help="Account name")]
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def _open_ledger(state_dir: Path | None, database_url: str | None) -> Ledger:
+    from coordinator.ledger import Ledger
+
+    if database_url is None:
+        if state_dir is None:
+            raise _fail("give --state-dir or --database-url")
+        state_dir.mkdir(parents=True, exist_ok=True)
+        database_url = f"sqlite:///{(state_dir / 'ledger.sqlite3').resolve()}"
+    ledger = Ledger(database_url)
+    ledger.migrate()
+    return ledger
+
+
+def _actor() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+@admin_app.command("add")
+def admin_add(
+    name: Name,
+    role: Annotated[str, typer.Option(help="viewer, operator or admin")] = "viewer",
+    password_file: Annotated[
+        Path | None, typer.Option(help="Read the password from this file (first line)")
+    ] = None,
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """Create a dashboard account (there are no default credentials)."""
+    from coordinator.dashboard import AccountError, AccountStore, DashboardRole
+
+    try:
+        parsed = DashboardRole.parse(role)
+    except AccountError as exc:
+        raise _fail(str(exc)) from exc
+    if password_file is not None:
+        try:
+            lines = password_file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise _fail(f"cannot read {password_file}: {exc.strerror}") from exc
+        password = lines[0] if lines else ""
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    ledger = _open_ledger(state_dir, database_url)
+    try:
+        AccountStore(ledger).add(name, parsed, password, by=_actor())
+    except AccountError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        ledger.close()
+    console.print(f"account {name} ({parsed.label}) added")
+
+
+@admin_app.command("token")
+def admin_token(
+    name: Name,
+    days: Annotated[int | None, typer.Option(min=1, help="Expire after this many days")] = None,
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """Issue an API token for scripts (printed once: `Authorization: Bearer TOKEN`)."""
+    from coordinator.dashboard import AccountError, AccountStore
+
+    ledger = _open_ledger(state_dir, database_url)
+    try:
+        token = AccountStore(ledger).issue_token(
+            name, valid_for=timedelta(days=days) if days else None, by=_actor()
+        )
+    except AccountError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        ledger.close()
+    typer.echo(token)
+
+
+@admin_app.command("login-link")
+def admin_login_link(
+    name: Name,
+    url: Annotated[str, typer.Option(help="The dashboard's address")] = "https://localhost:8443",
+    minutes: Annotated[int, typer.Option(min=1, max=24 * 60)] = 15,
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """Print a one-time login link for an account (valid for --minutes, usable once)."""
+    from coordinator.dashboard import AccountError, AccountStore
+
+    ledger = _open_ledger(state_dir, database_url)
+    try:
+        token = AccountStore(ledger).issue_token(
+            name, kind="login", valid_for=timedelta(minutes=minutes), by=_actor()
+        )
+    except AccountError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        ledger.close()
+    typer.echo(f"{url.rstrip('/')}/login/link?token={token}")

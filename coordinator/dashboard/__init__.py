@@ -1,0 +1,15 @@
+"""The admin dashboard: server-rendered pages and a JSON API over the coordinator's run engine."""
+
+from coordinator.dashboard._accounts import Account, AccountError, AccountStore, DashboardRole
+from coordinator.dashboard._app import create_app
+from coordinator.dashboard._serve import DashboardServer, start_dashboard
+
+__all__ = [
+    "Account",
+    "AccountError",
+    "AccountStore",
+    "DashboardRole",
+    "DashboardServer",
+    "create_app",
+    "start_dashboard",
+]

@@ -1,0 +1,38 @@
+"""Renders a page with the caller's account, CSRF token and pending messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+
+from coordinator.dashboard._deps import DashboardState, Principal
+
+__all__ = ["render"]
+
+
+def render(
+    request: Request,
+    template: str,
+    principal: Principal | None,
+    *,
+    status_code: int = 200,
+    **context: Any,
+) -> HTMLResponse:
+    state: DashboardState = request.app.state.dashboard
+    session = principal.session if principal else None
+    flash = session.flash if session else []
+    response = state.templates.TemplateResponse(
+        request,
+        template,
+        {
+            "account": principal.account if principal else None,
+            "csrf_token": session.csrf_token if session else "",
+            "flash": list(flash),
+            **context,
+        },
+        status_code=status_code,
+    )
+    flash.clear()
+    return response

@@ -1,0 +1,157 @@
+"""Request and response bodies of the dashboard's JSON API (never database rows)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "ActionResult",
+    "CheckpointView",
+    "EvaluateRequest",
+    "EvaluationView",
+    "EventPage",
+    "EventView",
+    "HopView",
+    "Overview",
+    "RevokeRequest",
+    "RunDetail",
+    "RunPage",
+    "RunSummary",
+    "SiteView",
+    "StartRunRequest",
+    "VerifyResult",
+]
+
+
+class SiteView(BaseModel):
+    name: str
+    online: bool
+    agent_version: str
+    last_seen_at: datetime
+    certificate_serial: str
+    certificate_expires_at: datetime | None
+    certificate_warning: str | None = Field(description="expired / expires soon, or null")
+    revoked: str | None = Field(description="why its certificate was revoked, or null")
+    datasets: list[str]
+
+
+class RunSummary(BaseModel):
+    run_id: str
+    name: str
+    status: str
+    created_at: datetime
+    finished_at: datetime | None
+    hops_total: int
+    hops_committed: int
+    error: str | None
+
+
+class RunPage(BaseModel):
+    runs: list[RunSummary]
+    total: int
+    offset: int
+    limit: int
+
+
+class HopView(BaseModel):
+    index: int
+    hop_id: str
+    site: str
+    status: str = Field(description="ledger status, or the live phase of a leased hop")
+    attempts: int
+    retries: int
+    step: int
+    total_steps: int
+    duration_seconds: float | None = Field(description="from lease to commit")
+    train_seconds: float | None
+    bytes: int | None = Field(description="size of the checkpoint this hop produced")
+    input_sha256: str | None
+    output_sha256: str | None
+    error_code: str | None
+    error: str | None
+    metrics: dict[str, float]
+
+
+class EvaluationView(BaseModel):
+    evaluation_id: str
+    site: str
+    split: str
+    status: str
+    metrics: dict[str, float]
+    error: str | None
+
+
+class CheckpointView(BaseModel):
+    sha256: str
+    size: int
+    producer_site: str
+    hop_id: str
+    parent_sha256: str | None
+    stored_at: datetime
+    signature: str = Field(description="verified, unsigned, or why it does not verify")
+
+
+class RunDetail(RunSummary):
+    holder: str = Field(description="where the model is now, in words")
+    approval_bundle_sha256: str
+    final_sha256: str | None
+    adapter_available: bool
+    plan: dict[str, Any]
+    hops: list[HopView]
+    evaluations: list[EvaluationView]
+    checkpoints: list[CheckpointView]
+
+
+class Overview(BaseModel):
+    sites: list[SiteView]
+    sites_online: int
+    active_runs: list[RunSummary]
+    run_counts: dict[str, int]
+
+
+class EventView(BaseModel):
+    seq: int
+    at: str
+    kind: str
+    run_id: str | None
+    hop_id: str | None
+    site: str | None
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class EventPage(BaseModel):
+    events: list[EventView]
+    next_before: int | None = Field(description="pass as `before` for the next (older) page")
+
+
+class VerifyResult(BaseModel):
+    ok: bool
+    events: int
+    head: str
+    broken_seq: int | None
+    reason: str | None
+
+
+class StartRunRequest(BaseModel):
+    plan: str = Field(description="the run plan as TOML or JSON text", max_length=200_000)
+
+
+class EvaluateRequest(BaseModel):
+    split: str = "validation"
+    sites: list[str] = Field(default_factory=list)
+
+
+class RevokeRequest(BaseModel):
+    serial: str = Field(max_length=64)
+    reason: str = Field(default="revoked from the dashboard", max_length=500)
+
+
+class ActionResult(BaseModel):
+    run_id: str | None = None
+    status: str
+    message: str
