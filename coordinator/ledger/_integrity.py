@@ -363,8 +363,17 @@ def append_baseline(
     (key columns, snapshot columns) frozen as of the calling revision. A baseline vouches only for
     what the rows hold at migration time.
     """
+    from alembic import context, op
+
     from coordinator.ledger._repository import GENESIS_HASH, event_hash
 
+    if context.is_offline_mode():  # --sql: no rows to read; say what the DBA's script lacks
+        op.execute(
+            f"-- ledger.baseline of {', '.join(tables)} is not written in offline mode: rows "
+            "that exist now will have no snapshot event (`baton ledger verify` names them); "
+            "run `baton db upgrade` online to write it"
+        )
+        return
     metadata = sa.MetaData()
     events = sa.Table("events", metadata, autoload_with=connection)
     last = connection.execute(
