@@ -129,12 +129,35 @@ class _Malformed:
         self.error = error
 
 
+def _nul_field(message: Any, prefix: str = "") -> str | None:
+    """The first text field holding a NUL character (no id, name or digest has one; PostgreSQL
+    cannot even compare such a string), or None."""
+    for descriptor, value in message.ListFields():
+        name = f"{prefix}{descriptor.name}"
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            items = [(k, v) for k, v in value.items()]
+            if any(isinstance(k, str) and "\x00" in k for k, _ in items):
+                return name
+            values = [v for _, v in items]
+        else:
+            values = list(value) if descriptor.is_repeated else [value]
+        for item in values:
+            if isinstance(item, str) and "\x00" in item:
+                return name
+            if hasattr(item, "ListFields") and (found := _nul_field(item, f"{name}.")):
+                return found
+    return None
+
+
 def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
-            return deserializer(data) if deserializer else data
+            message = deserializer(data) if deserializer else data
         except DecodeError as exc:
             return _Malformed(exc)
+        if hasattr(message, "ListFields") and (field := _nul_field(message)):
+            return _Malformed(ValueError(f"text field {field} holds a NUL character"))
+        return message
 
     return parse
 

@@ -7,6 +7,7 @@ and the service still answers a well-formed call afterwards.
 from __future__ import annotations
 
 import grpc
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -77,3 +78,23 @@ def test_arbitrary_upload_streams_get_a_status(
             assert exc.code() != grpc.StatusCode.UNKNOWN, exc.details()
         _still_serving(channel)
     assert coordinator.engine.ledger.checkpoint("0" * 64) is None
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pb.UploadRequest(header=pb.UploadHeader(hop_id="a\x00b", sha256="0" * 64)),
+        pb.UploadRequest(header=pb.UploadHeader(hop_id="a", lease_token="\x00")),
+    ],
+)
+def test_a_nul_in_a_text_field_is_refused_as_malformed_on_every_ledger(
+    pki: Pki, coordinator: Coordinator, message: pb.UploadRequest
+) -> None:
+    # PostgreSQL cannot compare a string holding NUL: before the guard this answered UNKNOWN.
+    with secure_channel(f"localhost:{coordinator.port}", pki.tls("site-a")) as channel:
+        call = channel.stream_unary("/baton.v1.SiteService/UploadCheckpoint")
+        with pytest.raises(grpc.RpcError) as refused:
+            call(iter([message.SerializeToString()]), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "holds a NUL character" in (refused.value.details() or "")
+        _still_serving(channel)
