@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import grpc
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
@@ -20,6 +21,7 @@ from coordinator.plan import PlanError, RunPlan, load_plan
 from coordinator.study_cli import StudyStorage, resolve_storage, study_app
 from protocols.logs import configure_logging
 from protocols.pki import (
+    FilesExist,
     PkiError,
     Role,
     expiry_report,
@@ -38,18 +40,35 @@ __all__ = ["app", "main"]
 T = TypeVar("T")
 
 app = typer.Typer(
-    help="Baton coordinator: sequential LoRA training across hospitals.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Baton coordinator: sequential LoRA training across hospitals.",
+    no_args_is_help=True,
 )
-pki_app = typer.Typer(help="Consortium CA and certificates.", no_args_is_help=True)
-coordinator_app = typer.Typer(help="The coordinator service.", no_args_is_help=True)
-run_app = typer.Typer(help="Start and watch sequential runs.", no_args_is_help=True)
+pki_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Consortium CA and certificates.",
+    no_args_is_help=True,
+)
+coordinator_app = typer.Typer(
+    pretty_exceptions_show_locals=False, help="The coordinator service.", no_args_is_help=True
+)
+run_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Start and watch sequential runs.",
+    no_args_is_help=True,
+)
 app.add_typer(pki_app, name="pki")
 app.add_typer(coordinator_app, name="coordinator")
-ledger_app = typer.Typer(help="Verify and export the tamper-evident ledger.", no_args_is_help=True)
+ledger_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Verify and export the tamper-evident ledger.",
+    no_args_is_help=True,
+)
 app.add_typer(run_app, name="run")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(study_app, name="study")
 statistics_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     help="Aggregate statistics of the sites' training rows (global normaliser).",
     no_args_is_help=True,
 )
@@ -79,7 +98,8 @@ Normaliser = Annotated[
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    # One line whatever the terminal width; the message is text, never rich markup.
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -87,10 +107,19 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 @pki_app.command("init")
-def pki_init(directory: PkiDir = Path("pki"), days: int = 3650) -> None:
+def pki_init(
+    directory: PkiDir = Path("pki"),
+    days: int = 3650,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing CA (its certificates stop working)")
+    ] = False,
+) -> None:
     """Create the consortium CA (ca.crt, ca.key with 0600 permissions)."""
     try:
-        files = init_ca(directory, days=days)
+        files = init_ca(directory, days=days, overwrite=force)
+    except FilesExist as exc:
+        message = f"{exc}; pass --force to replace it (every certificate it issued stops working)"
+        raise _fail(message, EXIT_BAD_INPUT) from exc
     except PkiError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
     console.print(f"CA certificate: {files.certificate}\nCA key: {files.private_key}")
@@ -105,6 +134,9 @@ def pki_issue(
     days: Annotated[int | None, typer.Option(help="Validity in days")] = None,
     dns: Annotated[list[str] | None, typer.Option(help="Extra DNS name (coordinator)")] = None,
     ip: Annotated[list[str] | None, typer.Option(help="Extra IP address (coordinator)")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing certificate and key of NAME")
+    ] = False,
 ) -> None:
     """Issue a certificate for the coordinator, a site or an admin."""
     if not name:
@@ -120,7 +152,10 @@ def pki_issue(
             days=days,
             dns_names=dns or (),
             ip_addresses=ip or (),
+            overwrite=force,
         )
+    except FilesExist as exc:
+        raise _fail(f"{exc}; pass --force to replace them", EXIT_BAD_INPUT) from exc
     except PkiError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
     console.print(f"{role.value} certificate: {files.certificate}\nkey: {files.private_key}")

@@ -25,7 +25,7 @@ from coordinator.errors import (
 from coordinator.ledger import Ledger, RunRow
 from coordinator.plan import PlanError, parse_plan
 from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_csr
-from protocols.transport import CHUNK_BYTES, peer_identity
+from protocols.transport import CHUNK_BYTES, peer_certificate, peer_identity
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
@@ -47,6 +47,13 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
 
 
 _CALL: ContextVar[tuple[str, PeerIdentity | None]] = ContextVar("_CALL", default=("", None))
+# Serial and subject of the caller's certificate, set before its role and name are checked.
+_CERTIFICATE: ContextVar[tuple[str, str] | None] = ContextVar("_CERTIFICATE", default=None)
+
+
+def _certificate_fields(certificate: tuple[str, str] | None) -> dict[str, str | None]:
+    serial, subject = certificate or (None, None)
+    return {"serial": serial, "subject": subject}
 
 
 class _Guarded:
@@ -66,7 +73,7 @@ class _Guarded:
                 "reason": reason,
                 "role": identity.role.value if identity else None,
                 "name": identity.name if identity else None,
-                "serial": format(identity.serial, "x") if identity else None,
+                **_certificate_fields(_CERTIFICATE.get()),
             },
         )
 
@@ -88,6 +95,7 @@ class _Guarded:
         self, context: grpc.aio.ServicerContext, role: Role, method: str
     ) -> PeerIdentity:
         _CALL.set((method, None))
+        _CERTIFICATE.set(peer_certificate(context))
         try:
             identity = peer_identity(context)
         except PkiError as exc:
@@ -133,11 +141,26 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
 
-    def _refuse_reason(self, method: str, malformed: _Malformed) -> str:
+    def _refuse_reason(
+        self, method: str, malformed: _Malformed, context: grpc.aio.ServicerContext
+    ) -> str:
         reason = f"malformed {method.rsplit('/', 1)[-1]} message: {malformed.error}"
+        certificate = peer_certificate(context)
+        try:
+            identity: PeerIdentity | None = peer_identity(context)
+        except PkiError:
+            identity = None
         self.ledger.record_event(
             "access.refused",
-            payload={"method": method, "code": "INVALID_ARGUMENT", "reason": reason},
+            site=identity.name if identity and identity.role is Role.SITE else None,
+            payload={
+                "method": method,
+                "code": "INVALID_ARGUMENT",
+                "reason": reason,
+                "role": identity.role.value if identity else None,
+                "name": identity.name if identity else None,
+                **_certificate_fields(certificate),
+            },
         )
         return reason
 
@@ -159,7 +182,8 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                     if isinstance(request, _Malformed):
                         await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, guard._refuse_reason(method, request)
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            guard._refuse_reason(method, request, context),
                         )
                     return await inner(request, context)
 
@@ -172,7 +196,8 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if isinstance(request, _Malformed):
                     await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, guard._refuse_reason(method, request)
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        guard._refuse_reason(method, request, context),
                     )
                 async for item in inner(request, context):
                     yield item
@@ -191,7 +216,7 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         if isinstance(request, _Malformed):
                             await context.abort(
                                 grpc.StatusCode.INVALID_ARGUMENT,
-                                guard._refuse_reason(method, request),
+                                guard._refuse_reason(method, request, context),
                             )
                         yield request
 

@@ -17,6 +17,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "TlsFiles",
     "aio_server",
+    "peer_certificate",
     "peer_identity",
     "secure_channel",
 ]
@@ -111,3 +112,23 @@ def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> P
     if not certs:
         raise PkiError("the peer presented no client certificate")
     return identity_from_pem(certs[0])
+
+
+def peer_certificate(
+    context: grpc.ServicerContext | grpc.aio.ServicerContext,
+) -> tuple[str, str] | None:
+    """The serial (hex) and subject of the caller's verified certificate, whatever its role/CN.
+
+    Refusals record these so an admin knows which certificate to revoke, even when the
+    certificate is one the CA issued with a name or role Baton does not accept.
+    """
+    from cryptography import x509
+
+    certs = context.auth_context().get("x509_pem_cert")
+    if not certs:
+        return None
+    try:
+        certificate = x509.load_pem_x509_certificate(certs[0])
+    except ValueError:
+        return None
+    return format(certificate.serial_number, "x"), certificate.subject.rfc4514_string()

@@ -17,14 +17,19 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 app = typer.Typer(
-    help="Baton site agent: trains the coordinator's hops on local data.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Baton site agent: trains the coordinator's hops on local data.",
+    no_args_is_help=True,
 )
 data_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     help="Register this site's datasets; only aggregate counts ever leave the site.",
     no_args_is_help=True,
 )
 cert_app = typer.Typer(
-    help="Renew this site's certificate (online or offline).", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Renew this site's certificate (online or offline).",
+    no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 app.add_typer(cert_app, name="cert")
