@@ -33,6 +33,8 @@ from protocols.pki import (
 from protocols.v1 import baton_pb2 as pb
 
 if TYPE_CHECKING:
+    from pydantic import ValidationError
+
     from coordinator.ledger import Ledger
 
 __all__ = ["app", "main"]
@@ -271,12 +273,27 @@ def coordinator_serve(
             port_file=port_file,
             ca_dir=ca_dir,
         )
-    except (ValidationError, FileNotFoundError) as exc:
+    except ValidationError as exc:
+        raise _fail(f"bad coordinator settings: {settings_problems(exc)}", EXIT_BAD_INPUT) from exc
+    except FileNotFoundError as exc:
         raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
+    from coordinator.startup import AlreadyRunning, StartupError
+    from protocols.transport import PortInUse
+
     try:
         asyncio.run(serve(settings))
-    except (PkiError, OSError) as exc:
+    except (PortInUse, AlreadyRunning) as exc:
+        raise _fail(str(exc), EXIT_RUN_FAILED) from exc
+    except (StartupError, PkiError, OSError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """A settings validation error as one line: `field: problem; field: problem`."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+        for error in exc.errors()
+    )
 
 
 # ---- runs ---------------------------------------------------------------------------------------
@@ -671,9 +688,28 @@ def _ledger(state_dir: Path | None, database_url: str | None) -> Ledger:
         if not path.is_file():
             raise _fail(f"no ledger at {path}", EXIT_BAD_INPUT)
         database_url = f"sqlite:///{path.resolve()}"
-    from coordinator.ledger import Ledger
+    from sqlalchemy.exc import SQLAlchemyError
 
-    return Ledger(database_url)
+    from coordinator.ledger import Ledger
+    from coordinator.startup import StartupError, database_error, parse_database_url
+
+    try:
+        url = parse_database_url(database_url)
+    except StartupError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    if url.get_backend_name() == "sqlite":
+        # Opening a missing SQLite file would create an empty one: say so, create nothing.
+        path = Path(url.database or "")
+        if not url.database or not path.is_file():
+            raise _fail(f"no ledger database at {path}: check --database-url", EXIT_BAD_INPUT)
+    ledger = Ledger(database_url)
+    try:
+        with ledger.engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        ledger.close()
+        raise _fail(str(database_error(database_url, exc)), EXIT_BAD_INPUT) from exc
+    return ledger
 
 
 StateDir = Annotated[Path | None, typer.Option(help="Coordinator state directory")]
