@@ -32,6 +32,8 @@ from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.examples import TASK_TYPES, DatasetError
+from site_agent.reconnect import ReconnectBackoff
+from site_agent.refusal import CertificateRefused, local_certificate_problem, probe_handshake
 from site_agent.registry import RegisteredDataset, list_registered, load_registered
 from site_agent.settings import SiteSettings
 from site_agent.state import SiteState
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
     from site_agent.tasks import TaskSpec, Trainer
 
-__all__ = ["AGENT_VERSION", "HistoryRewritten", "HopFailure", "SiteAgent"]
+__all__ = ["AGENT_VERSION", "CertificateRefused", "HistoryRewritten", "HopFailure", "SiteAgent"]
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +171,8 @@ class SiteAgent:
         self._stop = threading.Event()
         self._stream: grpc.Call | None = None
         self.site_name = ""
+        self.backoff = ReconnectBackoff(maximum=settings.reconnect_max_seconds)
+        self._session_started = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -200,14 +204,17 @@ class SiteAgent:
 
         Raises:
             HistoryRewritten: The coordinator's ledger lost an event this site acknowledged.
+            CertificateRefused: The coordinator refuses (or will refuse) this site's
+                certificate: expired, from another CA, revoked. Network faults are retried.
         """
+        self._check_certificate()
         if self.settings.preload and self.settings.base_model_dir is not None:
             self.trainer("seq-classification")
-        delay = 0.5
         while not self._stop.is_set():
+            self._check_certificate()
+            self._session_started = False
             try:
                 self._serve_once()
-                delay = 0.5
             except grpc.RpcError as exc:
                 if self._stop.is_set():
                     break
@@ -215,14 +222,38 @@ class SiteAgent:
                     exc.details() or ""
                 ):
                     raise HistoryRewritten(exc.details()) from exc
+                self._raise_if_refused(exc)
+                delay = self.backoff.failed()
                 logger.warning(
                     "connection to coordinator lost (%s: %s); retrying in %.1f s",
                     exc.code(),
                     exc.details(),
                     delay,
                 )
+            else:
+                delay = self.backoff.failed()
             self._stop.wait(delay)
-            delay = min(delay * 2, self.settings.reconnect_max_seconds)
+
+    def _check_certificate(self) -> None:
+        problem = local_certificate_problem(self.settings.tls)
+        if problem is not None:
+            raise CertificateRefused(problem)
+
+    def _raise_if_refused(self, exc: grpc.RpcError) -> None:
+        """Stops on a refusal that retrying cannot cure; transient faults return."""
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise CertificateRefused(
+                f"the coordinator refused this site's certificate: {exc.details()}"
+            ) from exc
+        if self._session_started or exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return
+        details = (exc.details() or "").lower()
+        if "socket closed" in details or "handshake" in details:
+            reason = probe_handshake(
+                self.settings.coordinator, self.settings.tls, self.settings.server_name
+            )
+            if reason is not None:
+                raise CertificateRefused(reason) from exc
 
     def _hello(self) -> pb.HelloRequest:
         from site_agent.tasks import hash_base_model
@@ -261,6 +292,8 @@ class SiteAgent:
         ) as channel:
             stub = pb_grpc.SiteServiceStub(channel)
             hello = stub.Hello(self._hello(), timeout=30)
+            self._session_started = True
+            self.backoff.connected()
             self.site_name = hello.site_name
             logger.info(
                 "connected to coordinator %s as site %s", self.settings.coordinator, self.site_name

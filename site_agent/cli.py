@@ -34,9 +34,10 @@ cert_app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(cert_app, name="cert")
 
-# Exit codes: 0 ok, 2 bad input (config, files), 3 the coordinator's history was rewritten.
+# Exit codes: 0 ok, 2 bad input (config, files), 3 refused: the coordinator's history was
+# rewritten, or the coordinator refuses this site's certificate (expired, other CA, revoked).
 EXIT_BAD_INPUT = 2
-EXIT_HISTORY_REWRITTEN = 3
+EXIT_HISTORY_REWRITTEN = EXIT_REFUSED = 3
 
 DataDir = Annotated[Path, typer.Option(envvar="BATON_SITE_DATA_DIR", help="The site's data folder")]
 StateDir = Annotated[
@@ -70,7 +71,7 @@ def serve(
     from pydantic import ValidationError
 
     from protocols.pki import PkiError
-    from site_agent.agent import HistoryRewritten, SiteAgent
+    from site_agent.agent import CertificateRefused, HistoryRewritten, SiteAgent
     from site_agent.settings import load_site_settings
 
     configure_logging(log_level, log_json)
@@ -106,6 +107,9 @@ def serve(
     except HistoryRewritten as exc:
         typer.echo(f"error: refusing this coordinator: {exc}", err=True)
         raise typer.Exit(EXIT_HISTORY_REWRITTEN) from exc
+    except CertificateRefused as exc:
+        typer.echo(f"error: certificate refused: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from exc
 
 
 def _approval_store(data_dir: Path, state_dir: Path | None) -> ApprovalStore:
