@@ -374,8 +374,18 @@ def run_start(
     key: AdminKey = Path("pki/admin.key"),
     follow: Annotated[bool, typer.Option(help="Watch the run until it ends")] = False,
     normaliser: Normaliser = None,
+    allow_offline: Annotated[
+        bool,
+        typer.Option(
+            "--allow-offline", help="Queue the run even if sites are offline (hops wait for them)"
+        ),
+    ] = False,
 ) -> None:
-    """Validate a plan (a file, or a study's best) and start it as a new run."""
+    """Validate a plan (a file, or a study's best) and start it as a new run.
+
+    The coordinator first checks what it knows of every site of the plan (connected, dataset
+    and labels, base model, bundle approved) and refuses the run with the list of problems.
+    """
     if (plan_file is None) == (from_study is None):
         raise _fail("give a PLAN_FILE or --from-study NAME", EXIT_BAD_INPUT)
     try:
@@ -392,13 +402,32 @@ def run_start(
         if normaliser is not None:
             plan = _with_normaliser(client, plan, normaliser)
         started = plan
-        run_id = _admin_call(lambda: client.start_run(started))
+        run_id = _start_checked(client, started, allow_offline)
         console.print(f"run started: {run_id}")
         if follow:
             run = follow_run(client, run_id)
             print_summary(run)
             if run.status != "completed":
                 raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _start_checked(client: AdminClient, plan: RunPlan, allow_offline: bool) -> str:
+    """Starts the run; a preflight refusal prints each problem on its own line (exit 2)."""
+    try:
+        return client.start_run(plan, allow_offline=allow_offline)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise _admin_call_error(exc) from exc
+        problems = (exc.details() or "").splitlines()
+        err.print(f"[red]error:[/red] run not started: {len(problems)} problem(s)", soft_wrap=True)
+        for problem in problems:
+            err.print(f"  {escape(problem)}", soft_wrap=True, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+
+
+def _admin_call_error(exc: grpc.RpcError) -> typer.Exit:
+    code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
+    return _fail(f"{exc.code().name}: {exc.details()}", code)
 
 
 def _with_normaliser(client: AdminClient, plan: RunPlan, statistics_id: str) -> RunPlan:
@@ -464,6 +493,9 @@ def run_status(
         run = _admin_call(lambda: follow_run(client, shown) if follow else client.run(shown))
         if not follow:
             console.print(run_table(run))
+            for hop in run.hops:
+                if hop.waiting_reason:
+                    console.print(f"hop {hop.index}: {escape(hop.waiting_reason)}")
         print_summary(run)
 
 

@@ -7,6 +7,7 @@ __all__ = [
     "InvalidInput",
     "NotFound",
     "PermissionDenied",
+    "PreflightFailed",
     "StaleLease",
 ]
 
@@ -29,3 +30,10 @@ class StaleLease(CoordinatorError):
 
 class InvalidInput(CoordinatorError):
     """Malformed plan, corrupt checkpoint, non-finite metrics and the like."""
+
+
+class PreflightFailed(CoordinatorError):
+    """A run would not go through: its sites are offline, lack its data, or did not approve it.
+
+    The message is one problem per line.
+    """

@@ -20,10 +20,12 @@ from coordinator.errors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
+    PreflightFailed,
     StaleLease,
 )
 from coordinator.ledger import Ledger, RunRow
 from coordinator.plan import PlanError, parse_plan
+from coordinator.preflight import SiteApprovals
 from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_csr
 from protocols.transport import CHUNK_BYTES, peer_certificate, peer_identity
 from protocols.v1 import baton_pb2 as pb
@@ -40,6 +42,7 @@ COORDINATOR_VERSION = "0.1.0"
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (PreflightFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (StaleLease, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (PlanError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -299,11 +302,20 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
                     "train_examples": d.train_examples,
                     "validation_examples": d.validation_examples,
                     "test_examples": d.test_examples,
+                    "labels": list(d.labels),
                 }
                 for d in request.datasets
             ],
             certificate_serial=format(identity.serial, "x"),
             certificate_expires_at=identity.not_valid_after,
+        )
+        self.engine.report_approvals(
+            identity.name,
+            SiteApprovals(
+                bundles=frozenset(request.approved_bundles),
+                by_policy=request.approval_by_policy,
+                not_required=request.approval_not_required,
+            ),
         )
         days_left = (identity.not_valid_after - datetime.now(UTC)).days
         if days_left < EXPIRY_WARNING_DAYS:
@@ -451,6 +463,7 @@ def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
             train_finished_at_ns=hop.train_finished_at_ns or 0,
             error=hop.error or "",
             error_code=hop.error_code or "",
+            waiting_reason=engine.waiting_reason(run, hop),
         )
         entry.metrics.update(hop.metrics or {})
         progress = engine.progress(hop.id)
@@ -484,6 +497,7 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
         identity = await self._caller(context, Role.ADMIN, "StartRun")
         try:
             plan = parse_plan(request.plan_json)
+            self.engine.preflight(plan, allow_offline=request.allow_offline)
             run_id = await self.engine.start_run(plan)
         except (CoordinatorError, PlanError) as exc:
             await self._refuse(context, exc)

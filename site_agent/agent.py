@@ -51,6 +51,7 @@ AGENT_VERSION = "0.1.0"
 PROTOCOL_VERSION = 1
 LORA_TASKS = ("seq-classification", "causal-lm")
 CERTIFICATE_WARNING_DAYS = 30
+APPROVAL_POLL_SECONDS = 1.0  # how soon a `baton-site approve` reaches the coordinator
 _RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -130,6 +131,14 @@ class _Heartbeat:
     def _loop(self) -> None:
         while not self._stop.wait(self._interval) and not self.cancelled.is_set():
             self._send()
+
+
+def _label_names(label_counts: object) -> list[str]:
+    """The label names of a registered dataset's splits (counts stay at the site)."""
+    if not isinstance(label_counts, dict):
+        return []
+    return sorted({str(label) for split in label_counts.values() if isinstance(split, dict)
+                   for label in split})  # fmt: skip
 
 
 def _task_spec(task_type: str, labels: Any, lora: pb.LoraConfig, options_json: str) -> TaskSpec:
@@ -283,8 +292,30 @@ class SiteAgent:
                 train_examples=int(counts.get("train", 0)),
                 validation_examples=int(counts.get("validation", 0)),
                 test_examples=int(counts.get("test", 0)),
+                labels=_label_names(entry.get("label_counts")),
             )
+        self._add_approvals(request)
         return request
+
+    def _add_approvals(self, request: pb.HelloRequest) -> None:
+        request.approved_bundles.extend(self.approvals.approved_hashes())
+        request.approval_by_policy = bool(self.approvals.policy.rules)
+        request.approval_not_required = not self.settings.require_approval
+
+    def _watch_approvals(self, stub: pb_grpc.SiteServiceStub, stop: threading.Event) -> None:
+        """Says hello again when this site's approvals change, so preflight knows them."""
+        known = self.approvals.approved_hashes()
+        while not stop.wait(APPROVAL_POLL_SECONDS):
+            current = self.approvals.approved_hashes()
+            if current == known:
+                continue
+            try:
+                stub.Hello(self._hello(), timeout=30)
+            except grpc.RpcError as exc:
+                logger.warning("could not report new approvals: %s", exc.code())
+                continue
+            known = current
+            logger.info("reported %d approved bundle(s) to the coordinator", len(current))
 
     def _serve_once(self) -> None:
         with secure_channel(
@@ -306,6 +337,10 @@ class SiteAgent:
                 )
             stream = stub.StreamTasks(pb.TaskStreamRequest())
             self._stream = stream
+            watching = threading.Event()
+            threading.Thread(
+                target=self._watch_approvals, args=(stub, watching), name="approvals", daemon=True
+            ).start()
             try:
                 for task in stream:
                     kind = task.WhichOneof("kind")
@@ -318,6 +353,7 @@ class SiteAgent:
                     if self._stop.is_set():
                         break
             finally:
+                watching.set()
                 self._stream = None
 
     # ---- calls that outlive a coordinator restart -------------------------------------------

@@ -33,10 +33,14 @@ def test_site_refuses_an_unapproved_bundle_before_loading_and_the_ledger_says_wh
         port = cluster.start_coordinator(
             state_dir=tmp_path / "coordinator", pki_dir=pki.directory, port_file=tmp_path / "port"
         )
-        # This site approved some other bundle, not this run's.
+        # This site approves by policy, and its rules cover another dataset: the coordinator
+        # cannot know that before the hop (preflight lets it through), the site refuses it.
+        policy = tmp_path / "policy.toml"
+        policy.write_text('[[allow]]\ntask_types = ["seq-classification"]\n'
+                          'datasets = ["another-dataset"]\nbase_models = ["*"]\n')  # fmt: skip
         cluster.start_site(SITES[0], coordinator=f"localhost:{port}", pki_dir=pki.directory,
                            data_dir=site_data[SITES[0]], base_model_dir=base_model, threads=1,
-                           approve=["0" * 64])  # fmt: skip
+                           extra=["--approval-policy", str(policy)])  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites({SITES[0]}, timeout=120)
             run = wait_for_run(admin, cluster, admin.start_run(plan))
