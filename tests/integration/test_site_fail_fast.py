@@ -19,7 +19,7 @@ from coordinator.admin import AdminClient
 from coordinator.processes import Cluster
 from protocols.transport import TlsFiles
 from site_agent.refusal import local_certificate_problem, probe_handshake
-from tests.conftest import Pki
+from tests.conftest import SITES, Pki
 from tests.coordinator_tests.test_refusals import _expired_certificate
 
 
@@ -195,3 +195,44 @@ def _wait_for(path: Path, condition: object, timeout: float = 60.0) -> None:
             return
         time.sleep(0.1)
     raise TimeoutError(f"{path} never showed the expected lines:\n{path.read_text()[-2000:]}")
+
+
+def test_an_approval_given_at_a_connected_site_reaches_the_coordinators_preflight(
+    pki: Pki, tmp_path: Path, base_model: Path, site_data: dict[str, Path]
+) -> None:
+    import grpc
+
+    from coordinator.plan import parse_plan
+    from site_agent._synthetic import SYNTHETIC_LABELS
+
+    site = SITES[0]
+    plan = parse_plan({
+        "name": "preflight", "dataset": "notes", "labels": list(SYNTHETIC_LABELS),
+        "sites": [site], "defaults": {"steps": 1, "batch_size": 8},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+    })  # fmt: skip
+    bundle = plan.approval_bundle().sha256
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    with cluster.running():
+        target = _coordinator(cluster, pki, tmp_path)
+        cluster.start_site(site, coordinator=target, pki_dir=pki.directory,
+                           data_dir=site_data[site], base_model_dir=base_model,
+                           threads=1)  # fmt: skip
+        with AdminClient(target, pki.tls("admin")) as admin:
+            admin.wait_for_sites({site}, timeout=120)
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.start_run(plan)
+            # The real site's hello told the dataset, its labels and the base model: only the
+            # approval is missing.
+            assert refused.value.details().splitlines() == [
+                f"{site}: has not approved the run bundle {bundle} "
+                f"(at the site, after review: baton-site approve {bundle})"
+            ]
+            approved = subprocess.run(
+                [sys.executable, "-m", "site_agent", "approve", bundle,
+                 "--data-dir", str(site_data[site])],
+                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            assert approved.returncode == 0, approved.stderr
+            _wait_for(cluster.process(site).log_path, lambda log: "reported 1 approved" in log)
+            assert admin.start_run(plan)
