@@ -30,11 +30,10 @@ from protocols.pki import (
     issue_certificate,
     sign_csr,
 )
+from protocols.settings import settings_problems
 from protocols.v1 import baton_pb2 as pb
 
 if TYPE_CHECKING:
-    from pydantic import ValidationError
-
     from coordinator.ledger import Ledger
 
 __all__ = ["app", "main"]
@@ -286,14 +285,6 @@ def coordinator_serve(
         raise _fail(str(exc), EXIT_RUN_FAILED) from exc
     except (StartupError, PkiError, OSError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
-
-
-def settings_problems(exc: ValidationError) -> str:
-    """A settings validation error as one line: `field: problem; field: problem`."""
-    return "; ".join(
-        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
-        for error in exc.errors()
-    )
 
 
 # ---- runs ---------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ def serve(
     from pydantic import ValidationError
 
     from protocols.pki import PkiError
+    from protocols.settings import settings_problems
     from site_agent.agent import CertificateRefused, HistoryRewritten, SiteAgent
     from site_agent.settings import load_site_settings
 
@@ -90,7 +91,10 @@ def serve(
             approved_bundles=approve,
             approval_policy=approval_policy,
         )
-    except (ValidationError, FileNotFoundError) as exc:
+    except ValidationError as exc:
+        typer.echo(f"error: bad site settings: {settings_problems(exc)}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except FileNotFoundError as exc:
         typer.echo(f"error: bad site settings: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():

@@ -236,3 +236,26 @@ def test_an_approval_given_at_a_connected_site_reaches_the_coordinators_prefligh
             assert approved.returncode == 0, approved.stderr
             _wait_for(cluster.process(site).log_path, lambda log: "reported 1 approved" in log)
             assert admin.start_run(plan)
+
+
+def test_site_with_a_key_that_does_not_match_its_certificate_exits_2_with_one_line(
+    pki: Pki, tmp_path: Path
+) -> None:
+    tls = TlsFiles(pki.directory / "ca.crt", pki.directory / "site-a.crt",
+                   pki.directory / "site-b.key")  # fmt: skip
+    code, stderr = _stopped(_site("localhost:1", tls, tmp_path / "data"))
+    assert code == 2
+    assert "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if line.strip()]
+    assert line.startswith("error: certificate ") and "do not match" in line
+
+
+def test_site_with_bad_settings_exits_2_with_one_line(tmp_path: Path) -> None:
+    process = subprocess.run(
+        [sys.executable, "-m", "site_agent", "serve", "--coordinator", "x"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.returncode == 2
+    [line] = [line for line in process.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: bad site settings: coordinator: ")
+    assert "ca_certificate: Field required" in line
