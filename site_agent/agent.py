@@ -249,12 +249,14 @@ class SiteAgent:
             raise CertificateRefused(problem)
 
     def _raise_if_refused(self, exc: grpc.RpcError) -> None:
-        """Stops on a refusal that retrying cannot cure; transient faults return."""
+        """Stops on a refusal of the hello that retrying cannot cure; transient faults return."""
+        if self._session_started:
+            return  # refusals of later calls concern that call, not the certificate
         if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             raise CertificateRefused(
                 f"the coordinator refused this site's certificate: {exc.details()}"
             ) from exc
-        if self._session_started or exc.code() != grpc.StatusCode.UNAVAILABLE:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
             return
         details = (exc.details() or "").lower()
         if "socket closed" in details or "handshake" in details:
