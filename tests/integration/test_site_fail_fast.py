@@ -259,3 +259,16 @@ def test_site_with_bad_settings_exits_2_with_one_line(tmp_path: Path) -> None:
     [line] = [line for line in process.stderr.splitlines() if line.strip()]
     assert line.startswith("error: bad site settings: coordinator: ")
     assert "ca_certificate: Field required" in line
+
+
+def test_site_that_does_not_trust_the_coordinator_stops_with_exit_3(
+    pki: Pki, tmp_path: Path
+) -> None:
+    # A site set up entirely under another CA: its own certificate chains, the coordinator's not.
+    tls = TlsFiles(pki.foreign / "ca.crt", pki.foreign / "site-a.crt", pki.foreign / "site-a.key")
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    with cluster.running():
+        target = _coordinator(cluster, pki, tmp_path)
+        code, stderr = _stopped(_site(target, tls, tmp_path / "data"))
+    assert code == 3
+    assert "does not trust the coordinator's certificate" in _refusal_line(stderr)
