@@ -44,8 +44,9 @@ class AdminClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start_run(self, plan: RunPlan, timeout: float = 30) -> str:
-        request = pb.StartRunRequest(plan_json=plan.to_json())
+    def start_run(self, plan: RunPlan, timeout: float = 30, *, allow_offline: bool = False) -> str:
+        """Starts a run; refused (FAILED_PRECONDITION, one problem per line) by preflight."""
+        request = pb.StartRunRequest(plan_json=plan.to_json(), allow_offline=allow_offline)
         response: pb.StartRunResponse = self._stub.StartRun(request, timeout=timeout)
         return response.run_id
 

@@ -15,6 +15,7 @@ import click
 import grpc
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -24,6 +25,7 @@ from coordinator.plan import PlanError, RunPlan, load_plan
 from coordinator.study_cli import StudyStorage, resolve_storage, study_app
 from protocols.logs import configure_logging
 from protocols.pki import (
+    FilesExist,
     PkiError,
     Role,
     expiry_report,
@@ -32,6 +34,7 @@ from protocols.pki import (
     issue_certificate,
     sign_csr,
 )
+from protocols.settings import settings_problems
 from protocols.v1 import baton_pb2 as pb
 
 if TYPE_CHECKING:
@@ -42,18 +45,35 @@ __all__ = ["app", "main"]
 T = TypeVar("T")
 
 app = typer.Typer(
-    help="Baton coordinator: sequential LoRA training across hospitals.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Baton coordinator: sequential LoRA training across hospitals.",
+    no_args_is_help=True,
 )
-pki_app = typer.Typer(help="Consortium CA and certificates.", no_args_is_help=True)
-coordinator_app = typer.Typer(help="The coordinator service.", no_args_is_help=True)
-run_app = typer.Typer(help="Start and watch sequential runs.", no_args_is_help=True)
+pki_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Consortium CA and certificates.",
+    no_args_is_help=True,
+)
+coordinator_app = typer.Typer(
+    pretty_exceptions_show_locals=False, help="The coordinator service.", no_args_is_help=True
+)
+run_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Start and watch sequential runs.",
+    no_args_is_help=True,
+)
 app.add_typer(pki_app, name="pki")
 app.add_typer(coordinator_app, name="coordinator")
-ledger_app = typer.Typer(help="Verify and export the tamper-evident ledger.", no_args_is_help=True)
+ledger_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Verify and export the tamper-evident ledger.",
+    no_args_is_help=True,
+)
 app.add_typer(run_app, name="run")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(study_app, name="study")
 statistics_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     help="Aggregate statistics of the sites' training rows (global normaliser).",
     no_args_is_help=True,
 )
@@ -98,7 +118,8 @@ Normaliser = Annotated[
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
+    # One line whatever the terminal width; the message is text, never rich markup.
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -106,10 +127,19 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 @pki_app.command("init")
-def pki_init(directory: PkiDir = Path("pki"), days: int = 3650) -> None:
+def pki_init(
+    directory: PkiDir = Path("pki"),
+    days: int = 3650,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing CA (its certificates stop working)")
+    ] = False,
+) -> None:
     """Create the consortium CA (ca.crt, ca.key with 0600 permissions)."""
     try:
-        files = init_ca(directory, days=days)
+        files = init_ca(directory, days=days, overwrite=force)
+    except FilesExist as exc:
+        message = f"{exc}; pass --force to replace it (every certificate it issued stops working)"
+        raise _fail(message, EXIT_BAD_INPUT) from exc
     except PkiError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
     console.print(f"CA certificate: {files.certificate}\nCA key: {files.private_key}")
@@ -124,6 +154,9 @@ def pki_issue(
     days: Annotated[int | None, typer.Option(help="Validity in days")] = None,
     dns: Annotated[list[str] | None, typer.Option(help="Extra DNS name (coordinator)")] = None,
     ip: Annotated[list[str] | None, typer.Option(help="Extra IP address (coordinator)")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing certificate and key of NAME")
+    ] = False,
 ) -> None:
     """Issue a certificate for the coordinator, a site or an admin."""
     if not name:
@@ -139,7 +172,10 @@ def pki_issue(
             days=days,
             dns_names=dns or (),
             ip_addresses=ip or (),
+            overwrite=force,
         )
+    except FilesExist as exc:
+        raise _fail(f"{exc}; pass --force to replace them", EXIT_BAD_INPUT) from exc
     except PkiError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
     console.print(f"{role.value} certificate: {files.certificate}\nkey: {files.private_key}")
@@ -305,11 +341,18 @@ def coordinator_serve(
             dashboard_port=dashboard_port,
             dashboard_port_file=dashboard_port_file,
         )
-    except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
+    except ValidationError as exc:
+        raise _fail(f"bad coordinator settings: {settings_problems(exc)}", EXIT_BAD_INPUT) from exc
+    except (FileNotFoundError, SettingsFileError) as exc:
         raise _fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
+    from coordinator.startup import AlreadyRunning, StartupError
+    from protocols.transport import PortInUse
+
     try:
         asyncio.run(serve(settings))
-    except (PkiError, OSError) as exc:
+    except (PortInUse, AlreadyRunning) as exc:
+        raise _fail(str(exc), EXIT_RUN_FAILED) from exc
+    except (StartupError, PkiError, OSError) as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
 
 
@@ -393,8 +436,18 @@ def run_start(
     key: AdminKey = Path("pki/admin.key"),
     follow: Annotated[bool, typer.Option(help="Watch the run until it ends")] = False,
     normaliser: Normaliser = None,
+    allow_offline: Annotated[
+        bool,
+        typer.Option(
+            "--allow-offline", help="Queue the run even if sites are offline (hops wait for them)"
+        ),
+    ] = False,
 ) -> None:
-    """Validate a plan (a file, or a study's best) and start it as a new run."""
+    """Validate a plan (a file, or a study's best) and start it as a new run.
+
+    The coordinator first checks what it knows of every site of the plan (connected, dataset
+    and labels, base model, bundle approved) and refuses the run with the list of problems.
+    """
     if (plan_file is None) == (from_study is None):
         raise _fail("give a PLAN_FILE or --from-study NAME", EXIT_BAD_INPUT)
     try:
@@ -411,13 +464,32 @@ def run_start(
         if normaliser is not None:
             plan = _with_normaliser(client, plan, normaliser)
         started = plan
-        run_id = _admin_call(lambda: client.start_run(started))
+        run_id = _start_checked(client, started, allow_offline)
         console.print(f"run started: {run_id}")
         if follow:
             run = follow_run(client, run_id)
             print_summary(run)
             if run.status != "completed":
                 raise typer.Exit(EXIT_RUN_FAILED)
+
+
+def _start_checked(client: AdminClient, plan: RunPlan, allow_offline: bool) -> str:
+    """Starts the run; a preflight refusal prints each problem on its own line (exit 2)."""
+    try:
+        return client.start_run(plan, allow_offline=allow_offline)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise _admin_call_error(exc) from exc
+        problems = (exc.details() or "").splitlines()
+        err.print(f"[red]error:[/red] run not started: {len(problems)} problem(s)", soft_wrap=True)
+        for problem in problems:
+            err.print(f"  {escape(problem)}", soft_wrap=True, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+
+
+def _admin_call_error(exc: grpc.RpcError) -> typer.Exit:
+    code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
+    return _fail(f"{exc.code().name}: {exc.details()}", code)
 
 
 def _with_normaliser(client: AdminClient, plan: RunPlan, statistics_id: str) -> RunPlan:
@@ -486,6 +558,9 @@ def run_status(
         run = _admin_call(lambda: follow_run(client, shown) if follow else client.run(shown))
         if not follow:
             console.print(run_table(run))
+            for hop in run.hops:
+                if hop.waiting_reason:
+                    console.print(f"hop {hop.index}: {escape(hop.waiting_reason)}")
         print_summary(run)
 
 
@@ -772,9 +847,28 @@ def _ledger(state_dir: Path | None, database_url: str | None) -> Ledger:
         if not path.is_file():
             raise _fail(f"no ledger at {path}", EXIT_BAD_INPUT)
         database_url = f"sqlite:///{path.resolve()}"
-    from coordinator.ledger import Ledger
+    from sqlalchemy.exc import SQLAlchemyError
 
-    return Ledger(database_url)
+    from coordinator.ledger import Ledger
+    from coordinator.startup import StartupError, database_error, parse_database_url
+
+    try:
+        url = parse_database_url(database_url)
+    except StartupError as exc:
+        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+    if url.get_backend_name() == "sqlite":
+        # Opening a missing SQLite file would create an empty one: say so, create nothing.
+        path = Path(url.database or "")
+        if not url.database or not path.is_file():
+            raise _fail(f"no ledger database at {path}: check --database-url", EXIT_BAD_INPUT)
+    ledger = Ledger(database_url)
+    try:
+        with ledger.engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        ledger.close()
+        raise _fail(str(database_error(database_url, exc)), EXIT_BAD_INPUT) from exc
+    return ledger
 
 
 StateDir = Annotated[Path | None, typer.Option(help="Coordinator state directory")]

@@ -21,7 +21,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import get_args
 
-from coordinator.errors import InvalidInput, NotFound, PermissionDenied, StaleLease, StorageFault
+from coordinator.errors import (
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    PreflightFailed,
+    StaleLease,
+    StorageFault,
+)
 from coordinator.ledger import (
     LIVE_HOP_STATES,
     CheckpointRow,
@@ -35,6 +42,7 @@ from coordinator.ledger import (
 )
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import FailurePolicy, RunPlan, TaskType
+from coordinator.preflight import SiteApprovals, SiteView, offline_text, preflight_problems
 from coordinator.statistics import (
     CombinedStatistics,
     SiteAggregates,
@@ -54,6 +62,8 @@ from protocols.v1 import baton_pb2 as pb
 __all__ = ["HopProgress", "RunEngine", "SiteSession"]
 
 logger = logging.getLogger(__name__)
+
+WAIT_LOG_SECONDS = 60.0  # "run waits for site" is logged at most this often per hop
 
 
 @dataclass
@@ -324,6 +334,9 @@ class RunEngine:
         self._lock = asyncio.Lock()
         self.metrics = CoordinatorMetrics()
         self.metrics.track_connected_sites(lambda: len(self._sessions))
+        self._approvals: dict[str, SiteApprovals] = {}  # site -> what it approved (last hello)
+        self._offline_since: dict[str, datetime] = {}  # site -> when its task stream closed
+        self._wait_logged: dict[str, float] = {}  # hop id -> when "waits for site" was logged
 
     # ---- certificates -------------------------------------------------------------------------
 
@@ -372,6 +385,7 @@ class RunEngine:
     def disconnect(self, session: SiteSession) -> None:
         if self._sessions.get(session.site) is session:
             del self._sessions[session.site]
+            self._offline_since[session.site] = datetime.now(UTC)
             logger.info("site %s task stream closed", session.site)
 
     def publish_head(self, head: SignedHead) -> None:
@@ -379,6 +393,48 @@ class RunEngine:
         self._signed_head = head
         for session in self._sessions.values():
             session.queue.put_nowait(pb.Task(ledger_head=head.to_proto()))
+
+    # ---- preflight ----------------------------------------------------------------------------
+
+    def report_approvals(self, site: str, approvals: SiteApprovals) -> None:
+        """Remembers what a site said at hello it approved (for preflight)."""
+        self._approvals[site] = approvals
+
+    def site_views(self) -> dict[str, SiteView]:
+        """Every registered site as this coordinator knows it: connection, data, approvals."""
+        views = {}
+        for row in self.ledger.sites():
+            dropped = self._offline_since.get(row.name)
+            views[row.name] = SiteView(
+                name=row.name,
+                connected=row.name in self._sessions,
+                offline_since=dropped or row.last_seen_at,
+                offline_since_exact=dropped is not None,
+                base_models=row.base_models,
+                datasets=row.datasets,
+                approvals=self._approvals.get(row.name),
+            )
+        return views
+
+    def preflight(self, plan: RunPlan, *, allow_offline: bool = False) -> None:
+        """Refuses a run its sites would not run, listing every problem (one per line).
+
+        Raises:
+            PreflightFailed: One problem per line of its message.
+        """
+        problems = preflight_problems(plan, self.site_views(), allow_offline=allow_offline)
+        if problems:
+            raise PreflightFailed("\n".join(problems))
+
+    def waiting_reason(self, run: RunRow, hop: HopRow) -> str:
+        """Why a run's next hop is not running ("waiting for riverside: offline since ...")."""
+        current = _current_hop(run)
+        if run.status != "running" or current is None or current.id != hop.id:
+            return ""
+        if hop.status != "pending" or hop.site in self._sessions:
+            return ""
+        view = self.site_views().get(hop.site)
+        return f"waiting for {hop.site}: {offline_text(view) if view else 'never connected'}"
 
     async def tasks(self, session: SiteSession) -> AsyncIterator[pb.Task]:
         while (task := await session.queue.get()) is not None:
@@ -443,9 +499,14 @@ class RunEngine:
         session = self._sessions.get(hop.site)
         if session is None:
             self._waiting_since.setdefault(hop.id, time.monotonic())
-            logger.info("run %s waits for site %s to connect", run_id, hop.site)
+            now = time.monotonic()
+            # Every connect and watchdog tick dispatches: say it once per hop per minute.
+            if now - self._wait_logged.get(hop.id, -math.inf) >= WAIT_LOG_SECONDS:
+                self._wait_logged[hop.id] = now
+                logger.info("run %s waits for site %s to connect", run_id, hop.site)
             return
         self._waiting_since.pop(hop.id, None)
+        self._wait_logged.pop(hop.id, None)
         if hop.status in LIVE_HOP_STATES and self._sent.get(hop.id) is session:
             return
         input_sha = _input_sha(run, hop)

@@ -7,6 +7,7 @@ __all__ = [
     "InvalidInput",
     "NotFound",
     "PermissionDenied",
+    "PreflightFailed",
     "StaleLease",
     "StorageFault",
     "UploadBusy",
@@ -39,3 +40,10 @@ class StorageFault(CoordinatorError):
 
 class UploadBusy(CoordinatorError):
     """Another upload for the same hop is in progress (one upload per hop at a time)."""
+
+
+class PreflightFailed(CoordinatorError):
+    """A run would not go through: its sites are offline, lack its data, or did not approve it.
+
+    The message is one problem per line.
+    """

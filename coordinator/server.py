@@ -9,15 +9,16 @@ import signal
 from typing import Any
 
 import grpc.aio
-from sqlalchemy import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from coordinator.engine import RunEngine
 from coordinator.health import GrpcHealth, HealthEndpoint, ledger_reachable
 from coordinator.ledger import HeadSigner, Ledger
 from coordinator.servicer import AdminServicer, MalformedMessageGuard, SiteServicer
 from coordinator.settings import CoordinatorSettings
+from coordinator.startup import InstanceLock, database_error, masked_url, parse_database_url
 from coordinator.store import CheckpointStore, fsync_write
-from protocols.transport import aio_server
+from protocols.transport import aio_server, check_port_free
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
 __all__ = ["Coordinator", "build_server", "serve"]
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 class Coordinator:
     """A started coordinator; `stop()` shuts it down."""
+
+    lock: InstanceLock | None = None  # its claim on the state directory and database
 
     def __init__(
         self,
@@ -78,18 +81,47 @@ class Coordinator:
         if self.http is not None:
             await self.http.stop()
         self.engine.ledger.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 async def build_server(settings: CoordinatorSettings) -> Coordinator:
-    """Opens the ledger (migrating it), binds the mTLS server and starts serving.
+    """Checks the configuration, claims the state, opens the ledger, binds and starts serving.
 
     Returns:
         The running coordinator, with the port actually bound (settings.port may be 0).
+
+    Raises:
+        StartupError: One line saying what to fix (AlreadyRunning: another coordinator holds
+            the state directory or database).
+        PkiError: The TLS files are missing, unreadable or do not match.
+        PortInUse: The port is taken.
     """
+    assert settings.database_url is not None
+    parse_database_url(settings.database_url)
+    settings.tls.read()
+    check_port_free(settings.address)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = InstanceLock(settings.state_dir, settings.database_url)
+    await asyncio.to_thread(lock.acquire)
+    try:
+        coordinator = await _build_server(settings)
+    except BaseException:
+        lock.release()
+        raise
+    coordinator.lock = lock
+    return coordinator
+
+
+async def _build_server(settings: CoordinatorSettings) -> Coordinator:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     assert settings.database_url is not None
     ledger = Ledger(settings.database_url)
-    await asyncio.to_thread(ledger.migrate)
+    try:
+        await asyncio.to_thread(ledger.migrate)
+    except SQLAlchemyError as exc:
+        ledger.close()
+        raise database_error(settings.database_url, exc) from exc
     engine = RunEngine(
         ledger,
         CheckpointStore(settings.checkpoint_dir),
@@ -119,8 +151,9 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
     health.add_to(server)
     await server.start()
     await health.serving()
-    shown_url = make_url(ledger.url).render_as_string(hide_password=True)
-    logger.info("coordinator listening on %s:%d (ledger %s)", settings.host, port, shown_url)
+    logger.info(
+        "coordinator listening on %s:%d (ledger %s)", settings.host, port, masked_url(ledger.url)
+    )
     # Runs in flight before a restart continue: their sites get their tasks when they reconnect.
     await engine.dispatch_all()
     coordinator = Coordinator(server, port, engine, asyncio.create_task(engine.watch()), health)

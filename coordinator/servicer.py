@@ -21,6 +21,7 @@ from coordinator.errors import (
     InvalidInput,
     NotFound,
     PermissionDenied,
+    PreflightFailed,
     StaleLease,
     StorageFault,
     UploadBusy,
@@ -28,9 +29,10 @@ from coordinator.errors import (
 from coordinator.ledger import Ledger, RunRow
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import PlanError, parse_plan
+from coordinator.preflight import SiteApprovals
 from protocols.logs import bind_log_context
 from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_csr
-from protocols.transport import CHUNK_BYTES, peer_identity
+from protocols.transport import CHUNK_BYTES, peer_certificate, peer_identity
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
@@ -45,6 +47,7 @@ COORDINATOR_VERSION = "0.1.0"
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (PreflightFailed, grpc.StatusCode.FAILED_PRECONDITION),
     (StaleLease, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (PlanError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -53,6 +56,13 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
 
 
 _CALL: ContextVar[tuple[str, PeerIdentity | None]] = ContextVar("_CALL", default=("", None))
+# Serial and subject of the caller's certificate, set before its role and name are checked.
+_CERTIFICATE: ContextVar[tuple[str, str] | None] = ContextVar("_CERTIFICATE", default=None)
+
+
+def _certificate_fields(certificate: tuple[str, str] | None) -> dict[str, str | None]:
+    serial, subject = certificate or (None, None)
+    return {"serial": serial, "subject": subject}
 
 
 class _Guarded:
@@ -73,7 +83,7 @@ class _Guarded:
                 "reason": reason,
                 "role": identity.role.value if identity else None,
                 "name": identity.name if identity else None,
-                "serial": format(identity.serial, "x") if identity else None,
+                **_certificate_fields(_CERTIFICATE.get()),
             },
         )
 
@@ -98,6 +108,7 @@ class _Guarded:
         self, context: grpc.aio.ServicerContext, role: Role, method: str
     ) -> PeerIdentity:
         _CALL.set((method, None))
+        _CERTIFICATE.set(peer_certificate(context))
         try:
             identity = peer_identity(context)
         except PkiError as exc:
@@ -169,13 +180,28 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.ledger = ledger
         self.metrics = metrics
 
-    def _refuse_reason(self, method: str, malformed: _Malformed) -> str:
+    def _refuse_reason(
+        self, method: str, malformed: _Malformed, context: grpc.aio.ServicerContext
+    ) -> str:
         reason = f"malformed {method.rsplit('/', 1)[-1]} message: {malformed.error}"
         if self.metrics is not None:
             self.metrics.refusal("INVALID_ARGUMENT")
+        certificate = peer_certificate(context)
+        try:
+            identity: PeerIdentity | None = peer_identity(context)
+        except PkiError:
+            identity = None
         self.ledger.record_event(
             "access.refused",
-            payload={"method": method, "code": "INVALID_ARGUMENT", "reason": reason},
+            site=identity.name if identity and identity.role is Role.SITE else None,
+            payload={
+                "method": method,
+                "code": "INVALID_ARGUMENT",
+                "reason": reason,
+                "role": identity.role.value if identity else None,
+                "name": identity.name if identity else None,
+                **_certificate_fields(certificate),
+            },
         )
         return reason
 
@@ -197,7 +223,8 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                     if isinstance(request, _Malformed):
                         await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, guard._refuse_reason(method, request)
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            guard._refuse_reason(method, request, context),
                         )
                     return await inner(request, context)
 
@@ -210,7 +237,8 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 if isinstance(request, _Malformed):
                     await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, guard._refuse_reason(method, request)
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        guard._refuse_reason(method, request, context),
                     )
                 async for item in inner(request, context):
                     yield item
@@ -229,7 +257,7 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         if isinstance(request, _Malformed):
                             await context.abort(
                                 grpc.StatusCode.INVALID_ARGUMENT,
-                                guard._refuse_reason(method, request),
+                                guard._refuse_reason(method, request, context),
                             )
                         yield request
 
@@ -319,11 +347,20 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
                     "train_examples": d.train_examples,
                     "validation_examples": d.validation_examples,
                     "test_examples": d.test_examples,
+                    "labels": list(d.labels),
                 }
                 for d in request.datasets
             ],
             certificate_serial=format(identity.serial, "x"),
             certificate_expires_at=identity.not_valid_after,
+        )
+        self.engine.report_approvals(
+            identity.name,
+            SiteApprovals(
+                bundles=frozenset(request.approved_bundles),
+                by_policy=request.approval_by_policy,
+                not_required=request.approval_not_required,
+            ),
         )
         days_left = (identity.not_valid_after - datetime.now(UTC)).days
         if days_left < EXPIRY_WARNING_DAYS:
@@ -492,6 +529,7 @@ def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
             train_finished_at_ns=hop.train_finished_at_ns or 0,
             error=hop.error or "",
             error_code=hop.error_code or "",
+            waiting_reason=engine.waiting_reason(run, hop),
         )
         entry.metrics.update(hop.metrics or {})
         progress = engine.progress(hop.id)
@@ -525,6 +563,7 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
         identity = await self._caller(context, Role.ADMIN, "StartRun")
         try:
             plan = parse_plan(request.plan_json)
+            self.engine.preflight(plan, allow_offline=request.allow_offline)
             run_id = await self.engine.start_run(plan)
         except (CoordinatorError, PlanError) as exc:
             await self._refuse(context, exc)

@@ -496,7 +496,7 @@ class RunExecutor:
         name = f"{self.run_name}: {plan.describe()}{suffix}"[:200]
         run_plan = self.template.run_plan(plan, name=name, budget=budget)
         self._bundle_sha256 = run_plan.approval_bundle().sha256
-        run_id = self.client.start_run(run_plan)
+        run_id = self._start(run_plan)
         self.runs.append(ExecutedRun(run_id, plan, budget))
         logger.info("run %s started for %s (budget %g)", run_id, plan.describe(), budget)
         intermediate: list[tuple[int, float]] = []
@@ -567,6 +567,20 @@ class RunExecutor:
                     raise
                 logger.warning("coordinator unreachable (%s); retrying", exc.code())
                 time.sleep(max(self.poll_seconds, 0.5))
+
+    def _start(self, run_plan: RunPlan) -> str:
+        """Starts the trial's run; a preflight refusal stops the search (every trial would be
+        refused alike): RunNotApproved when approvals are all that is missing, else PlanError."""
+        try:
+            return self.client.start_run(run_plan)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            problems = (exc.details() or "").splitlines()
+            refused = f"the coordinator refused run {run_plan.name!r}: {'; '.join(problems)}"
+            if problems and all("has not approved" in problem for problem in problems):
+                raise RunNotApproved(refused, self._bundle_sha256) from exc
+            raise PlanError(refused) from exc
 
     def _check_approved(self, run: pb.RunStatus) -> None:
         """Stops at the first refusal: the coordinator would retry the hop, to no avail."""

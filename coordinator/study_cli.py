@@ -57,7 +57,9 @@ __all__ = [
 ]
 
 study_app = typer.Typer(
-    help="Search site order and hyperparameters; every trial is a real run.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Search site order and hyperparameters; every trial is a real run.",
+    no_args_is_help=True,
 )
 
 console = Console()

@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "CertificateFiles",
+    "FilesExist",
     "PeerIdentity",
     "PkiError",
     "Role",
@@ -73,6 +74,10 @@ class PkiError(Exception):
     """A certificate or key could not be created, read or trusted."""
 
 
+class FilesExist(PkiError):
+    """The CA, certificate or key to write already exists (the caller decides how to replace)."""
+
+
 @dataclass(frozen=True)
 class CertificateFiles:
     """Where a certificate and its private key were written."""
@@ -120,7 +125,7 @@ def init_ca(
         certificate=directory / CA_CERTIFICATE_FILE, private_key=directory / CA_KEY_FILE
     )
     if not overwrite and (files.certificate.exists() or files.private_key.exists()):
-        raise PkiError(f"CA already exists at {directory}; pass overwrite=True to replace it")
+        raise FilesExist(f"a CA already exists at {directory}")
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name(
@@ -226,9 +231,7 @@ def issue_certificate(
     if not overwrite:
         existing = [str(path) for path in (files.certificate, files.private_key) if path.exists()]
         if existing:
-            raise PkiError(
-                f"refusing to overwrite {', '.join(existing)}; pass overwrite=True to replace"
-            )
+            raise FilesExist(f"refusing to overwrite {', '.join(existing)}: already there")
 
     ca_certificate, ca_key = _load_ca(ca_files)
     now = datetime.now(UTC)
@@ -436,7 +439,7 @@ def _write_file(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
-        raise PkiError(f"refusing to overwrite {path}; pass overwrite=True to replace it") from None
+        raise FilesExist(f"refusing to overwrite {path}: already there") from None
     except OSError as exc:
         raise PkiError(f"cannot create {target}: {exc.strerror or exc}") from exc
     try:

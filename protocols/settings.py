@@ -8,13 +8,14 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, get_args
 
+from pydantic import ValidationError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     TomlConfigSettingsSource,
 )
 
-__all__ = ["FileBackedSettings", "SettingsFileError", "load_settings"]
+__all__ = ["FileBackedSettings", "SettingsFileError", "load_settings", "settings_problems"]
 
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("_CONFIG_FILE", default=None)
 SettingsT = TypeVar("SettingsT", bound="FileBackedSettings")
@@ -94,3 +95,12 @@ def load_settings(cls: type[SettingsT], config: Path | None, **flags: Any) -> Se
         return cls(**{k: v for k, v in flags.items() if v is not None})
     finally:
         _CONFIG_FILE.reset(token)
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """A settings validation error as one line, `field: problem; ...`, without the input values
+    (which may hold a secret such as a database password)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+        for error in exc.errors()
+    )

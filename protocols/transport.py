@@ -17,8 +17,11 @@ from protocols.pki import PeerIdentity, PkiError, identity_from_pem
 __all__ = [
     "CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
+    "PortInUse",
     "TlsFiles",
     "aio_server",
+    "check_port_free",
+    "peer_certificate",
     "peer_identity",
     "proxy_for",
     "secure_channel",
@@ -43,11 +46,18 @@ _CLIENT_OPTIONS: list[tuple[str, Any]] = [
 ]
 _SERVER_OPTIONS: list[tuple[str, Any]] = [
     *_COMMON_OPTIONS,
+    # gRPC sets SO_REUSEPORT by default: a second coordinator would bind the same port and the
+    # kernel would split the sites between the two. One port, one coordinator.
+    ("grpc.so_reuseport", 0),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+class PortInUse(OSError):
+    """The server's port is already bound by another process."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +74,38 @@ class TlsFiles:
         ]
         if missing:
             raise PkiError("TLS file(s) not found: " + ", ".join(str(p) for p in missing))
-        return (
-            self.ca_certificate.read_bytes(),
-            self.certificate.read_bytes(),
-            self.private_key.read_bytes(),
+        contents = []
+        for path in (self.ca_certificate, self.certificate, self.private_key):
+            try:
+                contents.append(path.read_bytes())
+            except OSError as exc:
+                raise PkiError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        ca, certificate, key = contents
+        _check_pair(self, certificate, key)
+        return ca, certificate, key
+
+
+def _check_pair(tls: TlsFiles, certificate_pem: bytes, key_pem: bytes) -> None:
+    """Refuses a certificate and key that do not belong together (gRPC would fail obscurely)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+    except ValueError:
+        raise PkiError(f"{tls.certificate} is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise PkiError(f"{tls.private_key} is not an unencrypted PEM private key") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.DER
+    if key.public_key().public_bytes(encoding, public) != certificate.public_key().public_bytes(
+        encoding, public
+    ):
+        raise PkiError(
+            f"certificate {tls.certificate} and key {tls.private_key} do not match: give the key "
+            "the certificate was issued for"
         )
 
 
@@ -172,11 +210,38 @@ def aio_server(
     credentials = grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=True
     )
+    check_port_free(address)
     server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=list(interceptors))
-    port = server.add_secure_port(address, credentials)
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # gRPC >= 1.60 raises instead of returning 0
+        raise PortInUse(f"port {address.rsplit(':', 1)[-1]} is already in use") from exc
     if port == 0:
         raise OSError(f"could not bind the coordinator to {address}")
     return server, port
+
+
+def check_port_free(address: str) -> None:
+    """Raises PortInUse before gRPC tries (and logs its own multi-line error) on a taken port."""
+    import errno
+    import socket
+
+    host, _, port_text = address.rpartition(":")
+    port = int(port_text)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # gRPC reports unresolvable hosts itself
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(f"port {port} is already in use") from None
 
 
 def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> PeerIdentity:
@@ -185,3 +250,23 @@ def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> P
     if not certs:
         raise PkiError("the peer presented no client certificate")
     return identity_from_pem(certs[0])
+
+
+def peer_certificate(
+    context: grpc.ServicerContext | grpc.aio.ServicerContext,
+) -> tuple[str, str] | None:
+    """The serial (hex) and subject of the caller's verified certificate, whatever its role/CN.
+
+    Refusals record these so an admin knows which certificate to revoke, even when the
+    certificate is one the CA issued with a name or role Baton does not accept.
+    """
+    from cryptography import x509
+
+    certs = context.auth_context().get("x509_pem_cert")
+    if not certs:
+        return None
+    try:
+        certificate = x509.load_pem_x509_certificate(certs[0])
+    except ValueError:
+        return None
+    return format(certificate.serial_number, "x"), certificate.subject.rfc4514_string()

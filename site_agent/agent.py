@@ -35,6 +35,8 @@ from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.examples import TASK_TYPES, DatasetError
 from site_agent.heads import HEAD_FILE, KeptHead
 from site_agent.metrics import SiteMetrics
+from site_agent.reconnect import ReconnectBackoff
+from site_agent.refusal import CertificateRefused, local_certificate_problem, probe_handshake
 from site_agent.registry import RegisteredDataset, list_registered, load_registered
 from site_agent.releases import ReleaseLimits, ReleaseRefused, StatisticsReleases
 from site_agent.settings import SiteSettings
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 
     from site_agent.tasks import TaskSpec, Trainer
 
-__all__ = ["AGENT_VERSION", "HistoryRewritten", "HopFailure", "SiteAgent"]
+__all__ = ["AGENT_VERSION", "CertificateRefused", "HistoryRewritten", "HopFailure", "SiteAgent"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ AGENT_VERSION = "0.1.0"
 PROTOCOL_VERSION = 1
 LORA_TASKS = ("seq-classification", "causal-lm")
 CERTIFICATE_WARNING_DAYS = 30
+APPROVAL_POLL_SECONDS = 1.0  # how soon a `baton-site approve` reaches the coordinator
 _RETRYABLE = (
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -137,6 +140,14 @@ class _Heartbeat:
             self._send()
 
 
+def _label_names(label_counts: object) -> list[str]:
+    """The label names of a registered dataset's splits (counts stay at the site)."""
+    if not isinstance(label_counts, dict):
+        return []
+    return sorted({str(label) for split in label_counts.values() if isinstance(split, dict)
+                   for label in split})  # fmt: skip
+
+
 def _task_spec(task_type: str, labels: Any, lora: pb.LoraConfig, options_json: str) -> TaskSpec:
     from site_agent.tasks import LoraSettings, TaskSpec
 
@@ -188,6 +199,8 @@ class SiteAgent:
         self.metrics = SiteMetrics()
         self._draining = threading.Event()  # SIGTERM: no new task; the current one may finish
         self._grace_deadline = 0.0
+        self.backoff = ReconnectBackoff(maximum=settings.reconnect_max_seconds)
+        self._session_started = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -242,14 +255,17 @@ class SiteAgent:
 
         Raises:
             HistoryRewritten: The coordinator's ledger lost an event this site acknowledged.
+            CertificateRefused: The coordinator refuses (or will refuse) this site's
+                certificate: expired, from another CA, revoked. Network faults are retried.
         """
+        self._check_certificate()
         if self.settings.preload and self.settings.base_model_dir is not None:
             self.trainer("seq-classification")
-        delay = 0.5
         while not self._stopping():
+            self._check_certificate()
+            self._session_started = False
             try:
                 self._serve_once()
-                delay = 0.5
             except grpc.RpcError as exc:
                 if self._stopping():
                     break
@@ -257,14 +273,40 @@ class SiteAgent:
                     exc.details() or ""
                 ):
                     raise HistoryRewritten(exc.details()) from exc
+                self._raise_if_refused(exc)
+                delay = self.backoff.failed()
                 logger.warning(
                     "connection to coordinator lost (%s: %s); retrying in %.1f s",
                     exc.code(),
                     exc.details(),
                     delay,
                 )
+            else:
+                delay = self.backoff.failed()
             self._stop.wait(delay)
-            delay = min(delay * 2, self.settings.reconnect_max_seconds)
+
+    def _check_certificate(self) -> None:
+        problem = local_certificate_problem(self.settings.tls)
+        if problem is not None:
+            raise CertificateRefused(problem)
+
+    def _raise_if_refused(self, exc: grpc.RpcError) -> None:
+        """Stops on a refusal of the hello that retrying cannot cure; transient faults return."""
+        if self._session_started:
+            return  # refusals of later calls concern that call, not the certificate
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise CertificateRefused(
+                f"the coordinator refused this site's certificate: {exc.details()}"
+            ) from exc
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            return
+        details = (exc.details() or "").lower()
+        if "socket closed" in details or "handshake" in details:
+            reason = probe_handshake(
+                self.settings.coordinator, self.settings.tls, self.settings.server_name
+            )
+            if reason is not None:
+                raise CertificateRefused(reason) from exc
 
     def _hello(self) -> pb.HelloRequest:
         from site_agent.tasks import hash_base_model
@@ -297,8 +339,30 @@ class SiteAgent:
                 train_examples=int(counts.get("train", 0)),
                 validation_examples=int(counts.get("validation", 0)),
                 test_examples=int(counts.get("test", 0)),
+                labels=_label_names(entry.get("label_counts")),
             )
+        self._add_approvals(request)
         return request
+
+    def _add_approvals(self, request: pb.HelloRequest) -> None:
+        request.approved_bundles.extend(self.approvals.approved_hashes())
+        request.approval_by_policy = bool(self.approvals.policy.rules)
+        request.approval_not_required = not self.settings.require_approval
+
+    def _watch_approvals(self, stub: pb_grpc.SiteServiceStub, stop: threading.Event) -> None:
+        """Says hello again when this site's approvals change, so preflight knows them."""
+        known = self.approvals.approved_hashes()
+        while not stop.wait(APPROVAL_POLL_SECONDS):
+            current = self.approvals.approved_hashes()
+            if current == known:
+                continue
+            try:
+                stub.Hello(self._hello(), timeout=30)
+            except grpc.RpcError as exc:
+                logger.warning("could not report new approvals: %s", exc.code())
+                continue
+            known = current
+            logger.info("reported %d approved bundle(s) to the coordinator", len(current))
 
     def _serve_once(self) -> None:
         with secure_channel(
@@ -306,6 +370,8 @@ class SiteAgent:
         ) as channel:
             stub = pb_grpc.SiteServiceStub(channel)
             hello = stub.Hello(self._hello(), timeout=30)
+            self._session_started = True
+            self.backoff.connected()
             self.site_name = hello.site_name
             logger.info(
                 "connected to coordinator %s as site %s", self.settings.coordinator, self.site_name
@@ -318,6 +384,10 @@ class SiteAgent:
                 )
             stream = stub.StreamTasks(pb.TaskStreamRequest())
             self._stream = stream
+            watching = threading.Event()
+            threading.Thread(
+                target=self._watch_approvals, args=(stub, watching), name="approvals", daemon=True
+            ).start()
             try:
                 for task in stream:
                     kind = task.WhichOneof("kind")
@@ -334,6 +404,7 @@ class SiteAgent:
                     if self._stopping():
                         break
             finally:
+                watching.set()
                 self._stream = None
 
     # ---- calls that outlive a coordinator restart -------------------------------------------

@@ -155,6 +155,14 @@ class ApprovalStore:
             or self.policy.allows(bundle)
         )
 
+    def approved_hashes(self) -> list[str]:
+        """Every bundle approved by hash (file or settings), sorted; policy rules aside."""
+        try:
+            approved = set(self._read()["approved"])
+        except PolicyError:
+            approved = set()
+        return sorted(approved | set(self.preapproved))
+
     def listing(self) -> dict[str, Any]:
         """Seen bundles with their content, and which are approved."""
         document = self._read()

@@ -20,22 +20,28 @@ if TYPE_CHECKING:
 __all__ = ["app", "main"]
 
 app = typer.Typer(
-    help="Baton site agent: trains the coordinator's hops on local data.", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Baton site agent: trains the coordinator's hops on local data.",
+    no_args_is_help=True,
 )
 data_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     help="Register this site's datasets; only aggregate counts ever leave the site.",
     no_args_is_help=True,
 )
 cert_app = typer.Typer(
-    help="Renew this site's certificate (online or offline).", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Renew this site's certificate (online or offline).",
+    no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
 app.add_typer(cert_app, name="cert")
 
-# Exit codes: 0 ok, 2 bad input (config, files), 3 the coordinator's history was rewritten.
+# Exit codes: 0 ok, 2 bad input (config, files), 3 refused: the coordinator's history was
+# rewritten, or the coordinator refuses this site's certificate (expired, other CA, revoked).
 EXIT_BAD_INPUT = 2
 EXIT_CHECKS_FAILED = 1  # `doctor`: at least one check failed
-EXIT_HISTORY_REWRITTEN = 3
+EXIT_HISTORY_REWRITTEN = EXIT_REFUSED = 3
 
 LogFormat = Annotated[
     str | None,
@@ -94,8 +100,8 @@ def serve(
     from pydantic import ValidationError
 
     from protocols.pki import PkiError
-    from protocols.settings import SettingsFileError
-    from site_agent.agent import HistoryRewritten, SiteAgent
+    from protocols.settings import SettingsFileError, settings_problems
+    from site_agent.agent import CertificateRefused, HistoryRewritten, SiteAgent
     from site_agent.settings import load_site_settings
 
     quiet_progress_output()
@@ -120,7 +126,10 @@ def serve(
             metrics_port_file=metrics_port_file,
             shutdown_grace=shutdown_grace,
         )
-    except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
+    except ValidationError as exc:
+        typer.echo(f"error: bad site settings: {settings_problems(exc)}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except (FileNotFoundError, SettingsFileError) as exc:
         typer.echo(f"error: bad site settings: {exc}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():
@@ -146,6 +155,9 @@ def serve(
     except HistoryRewritten as exc:
         typer.echo(f"error: refusing this coordinator: {exc}", err=True)
         raise typer.Exit(EXIT_HISTORY_REWRITTEN) from exc
+    except CertificateRefused as exc:
+        typer.echo(f"error: certificate refused: {exc}", err=True)
+        raise typer.Exit(EXIT_REFUSED) from exc
 
 
 @app.command("doctor")

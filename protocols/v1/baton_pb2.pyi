@@ -61,6 +61,7 @@ class DatasetSummary(_message.Message):
     TRAIN_EXAMPLES_FIELD_NUMBER: _builtins.int
     VALIDATION_EXAMPLES_FIELD_NUMBER: _builtins.int
     TEST_EXAMPLES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """e.g. "seq-classification" """
@@ -68,6 +69,12 @@ class DatasetSummary(_message.Message):
     """aggregate counts only: no rows ever leave a site"""
     validation_examples: _builtins.int
     test_examples: _builtins.int
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The labels the dataset's rows carry (classification tasks): names only, no counts. The
+        coordinator refuses to start a run whose plan lacks one of them (preflight).
+        """
+
     def __init__(
         self,
         *,
@@ -76,10 +83,11 @@ class DatasetSummary(_message.Message):
         train_examples: _builtins.int = ...,
         validation_examples: _builtins.int = ...,
         test_examples: _builtins.int = ...,
+        labels: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "validation_examples", b"validation_examples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["labels", b"labels", "name", b"name", "task", b"task", "test_examples", b"test_examples", "train_examples", b"train_examples", "validation_examples", b"validation_examples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,6 +284,9 @@ class HelloRequest(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _builtins.int
     LAST_LEDGER_HASH_FIELD_NUMBER: _builtins.int
     KEPT_HEAD_FIELD_NUMBER: _builtins.int
+    APPROVED_BUNDLES_FIELD_NUMBER: _builtins.int
+    APPROVAL_BY_POLICY_FIELD_NUMBER: _builtins.int
+    APPROVAL_NOT_REQUIRED_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     protocol_version: _builtins.int
     """1 for this file"""
@@ -283,6 +294,10 @@ class HelloRequest(_message.Message):
     """Hash of the newest ledger event this site was told about (HopResultResponse.ledger_head).
     The coordinator refuses the site if its ledger no longer holds it: history was rewritten.
     """
+    approval_by_policy: _builtins.bool
+    """local policy rules may approve other bundles too"""
+    approval_not_required: _builtins.bool
+    """this site runs any bundle (approval switched off)"""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """task types this agent can run, e.g. "seq-classification" """
@@ -297,6 +312,13 @@ class HelloRequest(_message.Message):
         site if its ledger no longer holds that event with that hash: truncated or rewritten.
         """
 
+    @_builtins.property
+    def approved_bundles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What this site has approved, so `baton run start` can refuse a run a site would refuse.
+        Sent again whenever the site's approvals change. The site still checks every task itself.
+        sha256 of approved run/statistics bundles
+        """
+
     def __init__(
         self,
         *,
@@ -307,10 +329,13 @@ class HelloRequest(_message.Message):
         protocol_version: _builtins.int = ...,
         last_ledger_hash: _builtins.str = ...,
         kept_head: Global___SignedLedgerHead | None = ...,
+        approved_bundles: _abc.Iterable[_builtins.str] | None = ...,
+        approval_by_policy: _builtins.bool = ...,
+        approval_not_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kept_head", b"kept_head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "kept_head", b"kept_head", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "approval_by_policy", b"approval_by_policy", "approval_not_required", b"approval_not_required", "approved_bundles", b"approved_bundles", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "kept_head", b"kept_head", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1205,16 +1230,22 @@ class StartRunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PLAN_JSON_FIELD_NUMBER: _builtins.int
+    ALLOW_OFFLINE_FIELD_NUMBER: _builtins.int
     plan_json: _builtins.str
     """a RunPlan document; validated by the coordinator"""
+    allow_offline: _builtins.bool
+    """Start even if some of the plan's sites are offline (their hops wait for them). Every other
+    preflight problem (dataset, labels, base model, approval) still refuses the run.
+    """
     def __init__(
         self,
         *,
         plan_json: _builtins.str = ...,
+        allow_offline: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan_json", b"plan_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_offline", b"allow_offline", "plan_json", b"plan_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1295,6 +1326,7 @@ class HopStatus(_message.Message):
     TRAIN_FINISHED_AT_NS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     hop_id: _builtins.str
     site: _builtins.str
@@ -1308,6 +1340,8 @@ class HopStatus(_message.Message):
     error: _builtins.str
     error_code: _builtins.str
     """e.g. "not-approved", "lease-expired", "training-failed" """
+    waiting_reason: _builtins.str
+    """Why a pending hop is not running, e.g. "waiting for riverside: offline since 02:14 UTC"."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     def __init__(
@@ -1326,10 +1360,11 @@ class HopStatus(_message.Message):
         train_finished_at_ns: _builtins.int = ...,
         error: _builtins.str = ...,
         error_code: _builtins.str = ...,
+        waiting_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "error_code", b"error_code", "hop_id", b"hop_id", "index", b"index", "input_sha256", b"input_sha256", "metrics", b"metrics", "output_sha256", b"output_sha256", "site", b"site", "status", b"status", "step", b"step", "total_steps", b"total_steps", "train_finished_at_ns", b"train_finished_at_ns", "train_started_at_ns", b"train_started_at_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "error_code", b"error_code", "hop_id", b"hop_id", "index", b"index", "input_sha256", b"input_sha256", "metrics", b"metrics", "output_sha256", b"output_sha256", "site", b"site", "status", b"status", "step", b"step", "total_steps", b"total_steps", "train_finished_at_ns", b"train_finished_at_ns", "train_started_at_ns", b"train_started_at_ns", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

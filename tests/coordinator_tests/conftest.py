@@ -28,6 +28,12 @@ BASE = "ab" * 32
 class ScriptedSite:
     """A site client that follows the protocol by hand (the protocol is what is under test)."""
 
+    DATASETS = (
+        ("notes", "seq-classification", ["x", "y"]),
+        ("other", "seq-classification", ["x", "y"]),
+        ("heart", "tabular", []),
+    )
+
     def __init__(self, pki: Pki, name: str, port: int, *, foreign: bool = False) -> None:
         tls = pki.foreign_tls(name) if foreign else pki.tls(name)
         self.name = name
@@ -42,6 +48,12 @@ class ScriptedSite:
         request = pb.HelloRequest(agent_version="test", protocol_version=1,
                                   capabilities=["seq-classification"])  # fmt: skip
         request.base_models.add(name="tiny", sha256=BASE)
+        # What preflight checks: the datasets these tests' plans use; approval is the site's own
+        # business (not under test here).
+        for name, task, labels in self.DATASETS:
+            request.datasets.add(name=name, task=task, labels=labels, train_examples=10,
+                                 validation_examples=4)  # fmt: skip
+        request.approval_not_required = True
         return self.stub.Hello(request, timeout=5)
 
     def connect(self) -> None:

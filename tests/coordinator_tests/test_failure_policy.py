@@ -47,10 +47,12 @@ def cluster(
     loop_thread.run(coordinator.stop(0))
 
 
-def _start(admin: AdminClient, sites: list[str], **failure: object) -> str:
+def _start(
+    admin: AdminClient, sites: list[str], *, allow_offline: bool = False, **failure: object
+) -> str:
     document = {"name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": sites,
                 "failure": {"retry_backoff_seconds": 0, **failure}}  # fmt: skip
-    return admin.start_run(parse_plan(document))
+    return admin.start_run(parse_plan(document), allow_offline=allow_offline)
 
 
 def _wait(admin: AdminClient, run_id: str, predicate, timeout: float = 10) -> pb.RunStatus:  # type: ignore[no-untyped-def]
@@ -141,7 +143,8 @@ def test_pause_policy_waits_for_an_admin_to_resume(cluster) -> None:  # type: ig
 
 def test_offline_site_is_waited_for_then_the_policy_applies(cluster) -> None:  # type: ignore[no-untyped-def]
     admin, a = cluster["admin"], cluster["site-a"]
-    run_id = _start(admin, ["site-c", "site-a"], on_failure="skip", site_wait_seconds=0.5)
+    run_id = _start(admin, ["site-c", "site-a"], allow_offline=True, on_failure="skip",
+                    site_wait_seconds=0.5)  # fmt: skip
     task = a.next_task()  # arrives only once site-c's hop was skipped
     assert not task.HasField("input_checkpoint")
     _finish(a, task)

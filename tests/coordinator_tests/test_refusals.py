@@ -231,3 +231,98 @@ def test_site_anchor_unknown_to_the_ledger_is_refused_as_rewritten_history(
     assert "rewritten" in refused.value.details()
     [row] = _refusals(coordinator)
     assert row["method"] == "Hello" and "e" * 64 in str(row["reason"])
+
+
+def _certificate_of_our_ca(pki: Pki, tmp_path: Path, unit: str, name: str) -> TlsFiles:
+    """A current certificate signed by the consortium CA with the given role OU and CN."""
+    ca_key = serialization.load_pem_private_key((pki.directory / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((pki.directory / "ca.crt").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([
+        x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Baton"),
+        x509.NameAttribute(x509.NameOID.ORGANIZATIONAL_UNIT_NAME, unit),
+        x509.NameAttribute(x509.NameOID.COMMON_NAME, name),
+    ])  # fmt: skip
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=10))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert_path, key_path = tmp_path / "odd.crt", tmp_path / "odd.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return TlsFiles(pki.directory / "ca.crt", cert_path, key_path)
+
+
+def _serial_and_subject(path: Path) -> tuple[str, str]:
+    certificate = x509.load_pem_x509_certificate(path.read_bytes())
+    return format(certificate.serial_number, "x"), certificate.subject.rfc4514_string()
+
+
+@pytest.mark.parametrize(
+    ("unit", "name"), [("site", "bad name/../x"), ("janitor", "site-z")], ids=["cn", "role"]
+)
+def test_certificate_of_our_ca_with_invalid_name_or_role_is_recorded_with_its_serial(
+    pki: Pki, coordinator: Coordinator, tmp_path: Path, unit: str, name: str
+) -> None:
+    from protocols.transport import secure_channel
+    from protocols.v1 import baton_pb2_grpc as pb_grpc
+
+    tls = _certificate_of_our_ca(pki, tmp_path, unit, name)
+    with (
+        secure_channel(f"localhost:{coordinator.port}", tls) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        pb_grpc.SiteServiceStub(channel).Hello(pb.HelloRequest(protocol_version=1), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    [row] = _refusals(coordinator)
+    serial, subject = _serial_and_subject(tls.certificate)
+    assert (row["serial"], row["subject"]) == (serial, subject)
+    assert row["method"] == "Hello" and row["name"] is None
+
+
+def test_wrong_role_refusal_names_the_certificate_subject(
+    pki: Pki, coordinator: Coordinator
+) -> None:
+    with (
+        AdminClient(f"localhost:{coordinator.port}", pki.tls("site-b")) as impostor,
+        pytest.raises(grpc.RpcError),
+    ):
+        impostor.runs()
+    [row] = _refusals(coordinator)
+    assert (row["serial"], row["subject"]) == _serial_and_subject(pki.directory / "site-b.crt")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "upload-stream"])
+def test_malformed_message_refusal_names_the_certificate(
+    pki: Pki, coordinator: Coordinator, streaming: bool
+) -> None:
+    from protocols.transport import secure_channel
+
+    with (
+        secure_channel(f"localhost:{coordinator.port}", pki.tls("site-a")) as channel,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        if streaming:
+            upload = channel.stream_unary("/baton.v1.SiteService/UploadCheckpoint")
+            upload(iter([b"\xff\xff\xff"]), timeout=5)
+        else:
+            channel.unary_unary("/baton.v1.SiteService/ReportHopResult")(b"\xff\xff\xff", timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    [row] = _refusals(coordinator)
+    assert "malformed" in str(row["reason"])
+    assert (row["serial"], row["subject"]) == _serial_and_subject(pki.directory / "site-a.crt")
+    assert row["name"] == "site-a" and row["role"] == "site"

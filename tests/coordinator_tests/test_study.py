@@ -51,6 +51,7 @@ from ordering import (
 )
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import SITES, LoopThread, Pki
+from tests.coordinator_tests.conftest import BASE
 from tests.coordinator_tests.test_service import ScriptedSite
 
 TRAIN_SECONDS = {"site-a": 1.5, "site-b": 2.0, "site-c": 0.25}
@@ -292,6 +293,28 @@ def test_unapproved_bundle_stops_the_search_at_the_first_refusal(
     assert run.status in ("failed", "aborted")
     assert run.hops[0].error_code == "not-approved" and run.hops[0].status == "failed"
     assert [record.state for record in study.history()] == ["FAIL"]
+
+
+def test_a_study_whose_bundle_a_site_did_not_approve_stops_before_any_run(
+    admin: AdminClient, sites: ScriptedSites
+) -> None:
+    space = SearchSpace(sites=SITES, steps=5)
+    template = RunTemplate(dataset="notes", labels=("x", "y"), bounds=approval_bounds(space))
+    bundle = template.approval_bundle(space.plan(SITES)).sha256
+    # site-a tells the coordinator (at hello) that it approved some other bundle only.
+    request = pb.HelloRequest(protocol_version=1, approved_bundles=["0" * 64])
+    request.base_models.add(name="tiny", sha256=BASE)
+    request.datasets.add(name="notes", task="seq-classification", labels=["x", "y"])
+    sites.sites["site-a"].stub.Hello(request, timeout=5)
+    study = OrderingStudy.create(None, "preflight", space, "lehmer", seed=0)
+    executor = RunExecutor(admin, template, poll_seconds=0.02)
+
+    with pytest.raises(RunNotApproved) as refused:
+        run_search(study, executor, 3)
+
+    assert refused.value.bundle_sha256 == bundle
+    assert f"site-a: has not approved the run bundle {bundle}" in str(refused.value)
+    assert admin.runs() == [] and sites.hop_tasks == []
 
 
 def test_every_trial_of_a_study_shares_one_approval_bundle() -> None:

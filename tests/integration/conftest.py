@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient
+from coordinator.plan import RunPlan
 from coordinator.processes import Cluster
 from protocols.v1 import baton_pb2 as pb
 from site_agent._synthetic import generate_site_records, write_site_dataset
@@ -54,3 +56,23 @@ def wait_for_hop(
             return run
         time.sleep(0.05)
     raise TimeoutError(f"hop {index} of run {run_id} never reached {status}")
+
+
+def start_when_approved(admin: AdminClient, plan: RunPlan, timeout: float = 60) -> str:
+    """Starts the run once the sites' fresh approvals reached the coordinator.
+
+    A site reports a `baton-site approve` within about a second (it says hello again); until
+    then preflight refuses the run as unapproved. Any other refusal is raised at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return admin.start_run(plan)
+        except grpc.RpcError as exc:
+            problems = (exc.details() or "").splitlines()
+            unapproved = all("has not approved" in p for p in problems)
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or not unapproved:
+                raise
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)

@@ -6,10 +6,14 @@ import json
 import sqlite3
 from pathlib import Path
 
+import grpc
+import pytest
+
 from coordinator.admin import AdminClient
 from coordinator.plan import parse_plan
 from coordinator.processes import Cluster
 from site_agent._synthetic import SYNTHETIC_LABELS, generate_site_records, write_site_dataset
+from site_agent.tasks import hash_base_model
 from tests.conftest import SITES, Pki
 from tests.integration.conftest import wait_for_run
 
@@ -33,10 +37,14 @@ def test_site_refuses_an_unapproved_bundle_before_loading_and_the_ledger_says_wh
         port = cluster.start_coordinator(
             state_dir=tmp_path / "coordinator", pki_dir=pki.directory, port_file=tmp_path / "port"
         )
-        # This site approved some other bundle, not this run's.
+        # This site approves by policy, and its rules cover another dataset: the coordinator
+        # cannot know that before the hop (preflight lets it through), the site refuses it.
+        policy = tmp_path / "policy.toml"
+        policy.write_text('[[allow]]\ntask_types = ["seq-classification"]\n'
+                          'datasets = ["another-dataset"]\nbase_models = ["*"]\n')  # fmt: skip
         cluster.start_site(SITES[0], coordinator=f"localhost:{port}", pki_dir=pki.directory,
                            data_dir=site_data[SITES[0]], base_model_dir=base_model, threads=1,
-                           approve=["0" * 64])  # fmt: skip
+                           extra=["--approval-policy", str(policy)])  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites({SITES[0]}, timeout=120)
             run = wait_for_run(admin, cluster, admin.start_run(plan))
@@ -88,7 +96,7 @@ def test_a_canary_planted_in_site_data_never_leaves_the_site(
                 assert CANARY not in repr(row), table
 
 
-def test_site_with_a_different_base_model_refuses_the_pinned_run(
+def test_a_run_pinned_to_a_base_model_the_site_lacks_is_refused_before_it_starts(
     pki: Pki, tmp_path: Path, base_model: Path, site_data: dict[str, Path]
 ) -> None:
     pinned = "f" * 64  # the run is pinned to weights this site does not hold
@@ -103,8 +111,14 @@ def test_site_with_a_different_base_model_refuses_the_pinned_run(
                            approve=[plan.approval_bundle().sha256])  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites({SITES[0]}, timeout=120)
-            run = wait_for_run(admin, cluster, admin.start_run(plan))
-    assert run.status == "failed"
-    assert "base-model-mismatch" in run.error and pinned in run.error
-    assert run.hops[0].status == "failed"
+            # The site told its base model's hash at hello: preflight refuses the run. (The
+            # site's own check, base-model-mismatch, stays for a hop sent to it anyway.)
+            with pytest.raises(grpc.RpcError) as refused:
+                admin.start_run(plan)
+            assert admin.runs() == []
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    held = hash_base_model(base_model)
+    assert refused.value.details() == (
+        f"{SITES[0]}: base model {pinned[:12]} is not there (it has {held[:12]})"
+    )
     assert "hop on" not in cluster.process(SITES[0]).log_path.read_text()

@@ -21,7 +21,7 @@ from site_agent.cli import app as baton_site
 from site_agent.examples import TabularExample
 from site_agent.registry import load_registered, register_dataset
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_run
+from tests.integration.conftest import start_when_approved, wait_for_run
 
 ROWS = {"site-a": 90, "site-b": 70, "site-c": 40}  # about 60% of each is the train split
 runner = CliRunner()
@@ -138,7 +138,7 @@ def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
                     ["approve", plan.approval_bundle().sha256, "--data-dir", str(tmp_path / site)],
                 )
                 assert approved.exit_code == 0, approved.output
-            run = wait_for_run(admin, cluster, admin.start_run(plan), timeout=90)
+            run = wait_for_run(admin, cluster, start_when_approved(admin, plan), timeout=90)
 
     assert status.status == "done", status.error
     pooled = np.concatenate([matrices[site] for site in SITES])
