@@ -283,7 +283,10 @@ class DashboardService:
     # ---- actions (each one engine call; the engine writes the ledger event) ---------------------
 
     async def start_run(self, plan_text: str, *, by: str) -> str:
-        return await self.engine.start_run(parse_plan_text(plan_text), by=by)
+        """Starts a run after the same preflight as `baton run start` (PreflightFailed: why not)."""
+        plan = parse_plan_text(plan_text)
+        self.engine.preflight(plan)
+        return await self.engine.start_run(plan, by=by)
 
     async def pause(self, run_id: str, *, by: str) -> None:
         await self.engine.pause_run(run_id, by=by)

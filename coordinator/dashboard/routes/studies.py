@@ -40,6 +40,7 @@ async def _start_best(service: ServiceDep, name: str, by: str) -> str:
         raise NotFound(f"no study {name!r}") from None
     except (ValueError, StudyMismatch) as exc:
         raise InvalidInput(str(exc)) from exc
+    service.engine.preflight(plan)
     return await service.engine.start_run(plan, by=by)
 
 
