@@ -16,7 +16,9 @@ if TYPE_CHECKING:
 __all__ = ["admin_app"]
 
 admin_app = typer.Typer(
-    help="Dashboard accounts and API tokens (run where the ledger is).", no_args_is_help=True
+    pretty_exceptions_show_locals=False,
+    help="Dashboard accounts and API tokens (run where the ledger is).",
+    no_args_is_help=True,
 )
 console = Console()
 err = Console(stderr=True)

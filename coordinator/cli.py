@@ -78,9 +78,17 @@ statistics_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(statistics_app, name="statistics")
-store_app = typer.Typer(help="The checkpoint store: retention and clean-up.", no_args_is_help=True)
+store_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="The checkpoint store: retention and clean-up.",
+    no_args_is_help=True,
+)
 app.add_typer(store_app, name="store")
-db_app = typer.Typer(help="Ledger schema migrations (Alembic).", no_args_is_help=True)
+db_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
+    help="Ledger schema migrations (Alembic).",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(admin_app, name="admin")
 

@@ -282,10 +282,10 @@ class DashboardService:
 
     # ---- actions (each one engine call; the engine writes the ledger event) ---------------------
 
-    async def start_run(self, plan_text: str, *, by: str) -> str:
+    async def start_run(self, plan_text: str, *, by: str, allow_offline: bool = False) -> str:
         """Starts a run after the same preflight as `baton run start` (PreflightFailed: why not)."""
         plan = parse_plan_text(plan_text)
-        self.engine.preflight(plan)
+        self.engine.preflight(plan, allow_offline=allow_offline)
         return await self.engine.start_run(plan, by=by)
 
     async def pause(self, run_id: str, *, by: str) -> None:

@@ -139,6 +139,9 @@ class VerifyResult(BaseModel):
 
 class StartRunRequest(BaseModel):
     plan: str = Field(description="the run plan as TOML or JSON text", max_length=200_000)
+    allow_offline: bool = Field(
+        default=False, description="queue the run even if some of its sites are offline"
+    )
 
 
 class EvaluateRequest(BaseModel):

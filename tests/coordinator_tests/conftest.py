@@ -31,6 +31,7 @@ class ScriptedSite:
     DATASETS = (
         ("notes", "seq-classification", ["x", "y"]),
         ("other", "seq-classification", ["x", "y"]),
+        ("triage", "seq-classification", ["cardiac", "respiratory"]),
         ("heart", "tabular", []),
     )
 

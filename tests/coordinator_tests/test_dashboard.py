@@ -49,7 +49,8 @@ def engine(pki: Pki, tmp_path: Path) -> Iterator[RunEngine]:
     ledger.migrate()
     for site in ("site-a", "site-b"):
         ledger.register_site(site, agent_version="test", capabilities=["tabular"],
-                             base_models=[], datasets=[{"name": "heart"}],
+                             base_models=[],
+                             datasets=[{"name": "heart", "task": "tabular", "labels": ["0", "1"]}],
                              certificate_serial="abc1" if site == "site-a" else "abc2")  # fmt: skip
     engine = RunEngine(ledger, CheckpointStore(tmp_path / "checkpoints"), tmp_path / "runs",
                        ca_pem=(pki.directory / "ca.crt").read_bytes(),
@@ -192,6 +193,11 @@ def test_api_token_authenticates_scripts_without_csrf(
     headers = {"Authorization": f"Bearer {token}"}
     assert client.get("/api/v1/me", headers=headers).json()["role"] == "operator"
     response = client.post("/api/v1/runs", json={"plan": json.dumps(PLAN)}, headers=headers)
+    assert response.status_code == 409  # preflight: the sites are offline
+    assert "site-a: offline" in response.json()["detail"]
+    response = client.post(
+        "/api/v1/runs", json={"plan": json.dumps(PLAN), "allow_offline": True}, headers=headers
+    )
     assert response.status_code == 201, response.text
     run_id = response.json()["run_id"]
     created = [e for e in engine.ledger.events(run_id) if e.kind == "run.created"]
@@ -371,7 +377,8 @@ def test_verify_reports_a_tampered_event(client: TestClient, engine: RunEngine) 
 def test_operator_starts_a_run_from_pasted_toml(client: TestClient, engine: RunEngine) -> None:
     csrf = login(client, "operator")
     assert "Run plan (TOML or JSON)" in client.get("/runs/new").text
-    response = client.post("/runs", data={"plan": PLAN_TOML, "csrf_token": csrf},
+    response = client.post("/runs", data={"plan": PLAN_TOML, "csrf_token": csrf,
+                                          "allow_offline": "true"},
                            follow_redirects=False)  # fmt: skip
     assert response.status_code == 303
     run_id = response.headers["location"].rsplit("/", 1)[1]
@@ -514,7 +521,8 @@ def study(engine: RunEngine) -> str:
     objective = SyntheticObjective(2, seed=0)  # sites site-0 and site-1
     for site in objective.sites:
         engine.ledger.register_site(
-            site, agent_version="test", capabilities=["tabular"], base_models=[], datasets=[],
+            site, agent_version="test", capabilities=["tabular"], base_models=[],
+            datasets=[{"name": "heart", "task": "tabular", "labels": ["0", "1"]}],
             certificate_serial="1",
         )  # fmt: skip
     storage = study_storage_url(engine.ledger.url)
@@ -549,7 +557,8 @@ def test_operator_starts_a_run_of_a_studys_best_plan(
     client: TestClient, engine: RunEngine, study: str
 ) -> None:
     csrf = login(client, "operator")
-    response = client.post(f"/studies/{study}/start-best", data={"csrf_token": csrf},
+    response = client.post(f"/studies/{study}/start-best",
+                           data={"csrf_token": csrf, "allow_offline": "true"},
                            follow_redirects=False)  # fmt: skip
     assert response.status_code == 303
     run_id = response.headers["location"].rsplit("/", 1)[1]

@@ -318,7 +318,8 @@ def test_dispatch_from_an_edited_hop_row_pauses_the_run(
                     "labels": ["x", "y"],
                     "sites": ["site-a", "site-b"],
                 }
-            )
+            ),
+            allow_offline=True,  # site-b is known but not connected yet
         )
         task = site_a.next_task()
         ref = site_a.upload(task, site_a.bundle(task))
@@ -417,7 +418,7 @@ def test_pausing_and_resuming_never_adopts_an_edited_plan(
             "labels": ["x", "y"],
             "sites": ["site-a", "site-b"],
         }
-        run_id = admin.start_run(parse_plan(plan))
+        run_id = admin.start_run(parse_plan(plan), allow_offline=True)
         task = site_a.next_task()
         assert site_a.report(task, site_a.upload(task, site_a.bundle(task))) == "committed"
         ledger = coordinator.engine.ledger

@@ -18,7 +18,7 @@ from protocols.transport import secure_channel
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from tests.conftest import LoopThread, Pki
-from tests.coordinator_tests.conftest import ScriptedSite
+from tests.coordinator_tests.conftest import BASE, ScriptedSite
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -99,7 +99,7 @@ def test_connection_check_reports_the_coordinators_clock_and_what_runs_expect(
     pki: Pki, sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
     admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
-    pinned = "cd" * 32
+    pinned = BASE  # the base model site-b has (preflight refuses a pin no site holds)
     admin.start_run(parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
                                 "sites": ["site-b"], "base_model_sha256": pinned}))  # fmt: skip
     before = time.time_ns()

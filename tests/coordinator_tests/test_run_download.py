@@ -66,7 +66,7 @@ def test_lora_run_downloads_as_a_peft_folder_naming_the_base_model_and_labels(
     pki: Pki, sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    plan = {"name": "t", "dataset": "notes", "labels": ["cardiac", "respiratory"],
+    plan = {"name": "t", "dataset": "triage", "labels": ["cardiac", "respiratory"],
             "sites": ["site-a", "site-b"]}  # fmt: skip
     run_id, final = _run(sites, admin, plan, peft=True)
     out = tmp_path / "adapter"

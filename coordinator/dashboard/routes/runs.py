@@ -82,9 +82,10 @@ async def start_run_form(
     service: ServiceDep,
     principal: Operator,
     plan: Annotated[str, Form(max_length=200_000)],
+    allow_offline: Annotated[bool, Form()] = False,
 ) -> Response:
     try:
-        run_id = await service.start_run(plan, by=principal.actor)
+        run_id = await service.start_run(plan, by=principal.actor, allow_offline=allow_offline)
     except (PlanError, CoordinatorError) as exc:
         return render(request, "new_run.html", principal, status_code=422, plan=plan,
                       error=str(exc))  # fmt: skip
@@ -179,7 +180,9 @@ async def start_run(
     body: StartRunRequest, service: ServiceDep, principal: Operator
 ) -> ActionResult:
     """Starts a run from a plan given as TOML or JSON text."""
-    run_id = await service.start_run(body.plan, by=principal.actor)
+    run_id = await service.start_run(
+        body.plan, by=principal.actor, allow_offline=body.allow_offline
+    )
     return ActionResult(run_id=run_id, status="running", message="run started")
 
 

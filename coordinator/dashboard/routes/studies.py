@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
@@ -29,7 +31,7 @@ def study_page(request: Request, name: str, service: ServiceDep, principal: View
     return render(request, "study.html", principal, study=detail, curve=curve)
 
 
-async def _start_best(service: ServiceDep, name: str, by: str) -> str:
+async def _start_best(service: ServiceDep, name: str, by: str, allow_offline: bool = False) -> str:
     from coordinator.study import plan_from_study, study_storage_url
     from ordering import StudyMismatch
 
@@ -40,14 +42,19 @@ async def _start_best(service: ServiceDep, name: str, by: str) -> str:
         raise NotFound(f"no study {name!r}") from None
     except (ValueError, StudyMismatch) as exc:
         raise InvalidInput(str(exc)) from exc
-    service.engine.preflight(plan)
+    service.engine.preflight(plan, allow_offline=allow_offline)
     return await service.engine.start_run(plan, by=by)
 
 
 @router.post("/studies/{name}/start-best", include_in_schema=False)
-async def start_best_form(name: str, service: ServiceDep, principal: Operator) -> Response:
+async def start_best_form(
+    name: str,
+    service: ServiceDep,
+    principal: Operator,
+    allow_offline: Annotated[bool, Form()] = False,
+) -> Response:
     try:
-        run_id = await _start_best(service, name, principal.actor)
+        run_id = await _start_best(service, name, principal.actor, allow_offline)
     except CoordinatorError as exc:
         if principal.session is not None:
             principal.session.flash.append(f"start refused: {exc}")
@@ -68,7 +75,9 @@ def study(name: str, service: ServiceDep, _: Viewer) -> StudyDetail:
 
 
 @api.post("/studies/{name}/start-best", status_code=201)
-async def start_best(name: str, service: ServiceDep, principal: Operator) -> ActionResult:
-    """Starts a run of the study's best plan."""
-    run_id = await _start_best(service, name, principal.actor)
+async def start_best(
+    name: str, service: ServiceDep, principal: Operator, allow_offline: bool = False
+) -> ActionResult:
+    """Starts a run of the study's best plan (`allow_offline`: queue it for offline sites)."""
+    run_id = await _start_best(service, name, principal.actor, allow_offline)
     return ActionResult(run_id=run_id, status="running", message=f"best plan of {name} started")
