@@ -8,8 +8,6 @@ import pytest
 from coordinator.errors import InvalidInput
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread
-
-
 from tests.coordinator_tests.test_failure_policy import _fail, _finish, _start, _wait, cluster
 
 __all__ = ["cluster"]
