@@ -43,6 +43,7 @@ class CoordinatorEntry(_Entry):
     hosts: list[str] = Field(min_length=1)
     port: int = Field(default=50051, ge=1, le=65535)
     bind: str = "0.0.0.0"  # what coordinator.toml's `host` listens on
+    dashboard_port: int = Field(default=8443, ge=0, le=65535)  # HTTPS admin dashboard
     state_dir: str = "/var/lib/baton"
     database_url: str | None = None
     days: int = Field(default=365, ge=1)
@@ -209,6 +210,7 @@ def _write_kit(consortium: Consortium, out: Path) -> ProvisionedKit:
         settings: dict[str, object] = {
             "host": coordinator.bind,
             "port": coordinator.port,
+            "dashboard-port": coordinator.dashboard_port,
             "state-dir": coordinator.state_dir,
             "database-url": coordinator.database_url,
             "ca": "ca.crt",

@@ -26,6 +26,7 @@ def test_coordinator_and_site_start_from_their_kits_and_the_site_connects(
     consortium.write_text(
         'name = "pilot"\n'
         f'[coordinator]\nhosts = ["localhost"]\nbind = "127.0.0.1"\nport = {_free_port()}\n'
+        "dashboard-port = 0\n"
         f'state-dir = "{tmp_path / "coordinator-state"}"\n'
         f'[[sites]]\nname = "st-marys"\ndata-dir = "{tmp_path / "st-marys-data"}"\nthreads = 1\n'
         '[[admins]]\nname = "alice"\n'

@@ -51,7 +51,8 @@ def test_readme_manual_setup_runs_as_written(tmp_path: Path) -> None:
     bin_dir = str(Path(sys.executable).parent)  # where `baton` and `baton-site` are installed
     # This checkout's packages, whatever the working directory (PYTHONPATH may be relative).
     python_path = os.pathsep.join([str(README.parent), os.environ.get("PYTHONPATH", "")])
-    env = os.environ | {"PORT": str(_free_port()), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    env = os.environ | {"PORT": str(_free_port()), "DASHBOARD_PORT": "0",
+                        "PATH": f"{bin_dir}:{os.environ['PATH']}",
                         "PYTHONPATH": python_path, "COLUMNS": "200"}  # fmt: skip
     log = tmp_path / "manual-setup.log"
     with log.open("w") as sink:
