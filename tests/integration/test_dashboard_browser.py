@@ -152,6 +152,8 @@ def test_operator_steers_a_tabular_run_live_in_chromium(
 
             browser.get(f"{url}/runs/new")
             browser.find_element(By.ID, "plan").send_keys(json.dumps(plan))
+            # site-b is offline: without this the preflight refuses the run, as the CLI does.
+            browser.find_element(By.NAME, "allow_offline").click()
             _shot(browser, "new-run")
             browser.find_element(By.CSS_SELECTOR, "form button[type=submit]:not(header *)").click()
             _wait(lambda: "/runs/" in browser.current_url and "new" not in browser.current_url,
