@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from site_agent.examples import InstructionExample
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks._device import ComputeDevice
-from site_agent.tasks._lora_trainer import Features, LoraTrainer
+from site_agent.tasks._lora_trainer import Features, LoraTrainer, split_examples
 from site_agent.tasks._spec import TaskSpec
 
 TASK_TYPE = "causal-lm"
@@ -73,12 +73,7 @@ class CausalLanguageModelTask:
         self._eos_id, self._pad_id = _special_token_ids(tokenizer)
 
     def examples(self, dataset: RegisteredDataset, split: str) -> tuple[InstructionExample, ...]:
-        examples = getattr(dataset, split)
-        if not all(isinstance(example, InstructionExample) for example in examples):
-            raise ValueError(
-                f"dataset {dataset.name!r} holds {dataset.task_type} examples, not {TASK_TYPE} ones"
-            )
-        return tuple(examples)
+        return split_examples(dataset, split, InstructionExample, TASK_TYPE)
 
     def texts(self, example: InstructionExample) -> tuple[str, ...]:
         return (example.instruction, example.response)

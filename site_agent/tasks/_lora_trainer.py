@@ -370,3 +370,15 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         if len(self._encodings) > self._task.encoding_cache_entries:
             self._encodings.popitem(last=False)
         return features
+
+
+def split_examples(
+    dataset: RegisteredDataset, split: str, kind: type[ExampleT], task_type: str
+) -> tuple[ExampleT, ...]:
+    """A split's examples, refused if the dataset holds another task's examples."""
+    examples = getattr(dataset, split)
+    if not all(isinstance(example, kind) for example in examples):
+        raise ValueError(
+            f"dataset {dataset.name!r} holds {dataset.task_type} examples, not {task_type} ones"
+        )
+    return tuple(examples)

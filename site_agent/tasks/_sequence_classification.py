@@ -18,7 +18,7 @@ from site_agent.examples import TextExample
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks._device import ComputeDevice
 from site_agent.tasks._lora import max_length_option
-from site_agent.tasks._lora_trainer import Features, LoraTrainer
+from site_agent.tasks._lora_trainer import Features, LoraTrainer, split_examples
 from site_agent.tasks._metrics import classification_metrics
 from site_agent.tasks._spec import Split, TaskSpec
 
@@ -87,12 +87,7 @@ class SequenceClassificationTask:
         self._tokenizer = tokenizer
 
     def examples(self, dataset: RegisteredDataset, split: str) -> tuple[TextExample, ...]:
-        examples = getattr(dataset, split)
-        if not all(isinstance(example, TextExample) for example in examples):
-            raise ValueError(
-                f"dataset {dataset.name!r} holds {dataset.task_type} examples, not {TASK_TYPE} ones"
-            )
-        return tuple(examples)
+        return split_examples(dataset, split, TextExample, TASK_TYPE)
 
     def texts(self, example: TextExample) -> tuple[str, ...]:
         return (example.text,)

@@ -10,18 +10,26 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
+from peft import PeftModel
 from safetensors.torch import save
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks import (
     HopHyperparameters,
     LoraSettings,
+    LoraTrainer,
     SequenceClassificationTrainer,
     TaskSpec,
     create_trainer,
 )
+from site_agent.tasks._device import ComputeDevice
+from site_agent.tasks._lora_trainer import Features
+from site_agent.tasks._sequence_classification import SequenceClassificationTask
 
 FIRST = HopHyperparameters(learning_rate=1e-2, steps=5, batch_size=8, seed=11, warmup_steps=1)
 # The second hop exercises the incoming adapter, the proximal term and the constant schedule.
@@ -139,3 +147,103 @@ def test_causal_lm_hops_are_pinned(
         "examples": 8.0,
         "tokens": 80.0,
     }
+
+
+class _RecordingTask(SequenceClassificationTask):
+    """Text classification that records what the trainer asks of it, in order."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__(tokenizer)
+        self.calls: list[tuple[str, int, bool]] = []
+
+    def prepare_base(self, base: PreTrainedModel, seed: int) -> None:
+        self.calls.append(("prepare_base", seed, base.training))
+        super().prepare_base(base, seed)
+
+    def loss(
+        self,
+        model: PeftModel,
+        features: Features,
+        targets: torch.Tensor,
+        index: torch.Tensor,
+        compute: ComputeDevice,
+    ) -> torch.Tensor:
+        self.calls.append(("loss", len(index), model.training))
+        return super().loss(model, features, targets, index, compute)
+
+    def evaluate(
+        self,
+        model: PeftModel,
+        spec: TaskSpec,
+        features: Features,
+        targets: torch.Tensor,
+        compute: ComputeDevice,
+    ) -> dict[str, float]:
+        self.calls.append(("evaluate", len(targets), model.training))
+        return super().evaluate(model, spec, features, targets, compute)
+
+
+def test_the_lora_trainer_drives_a_task_through_its_hooks(
+    tiny_model_dir: Path, labels: tuple[str, ...], site_datasets: list[RegisteredDataset]
+) -> None:
+    built: list[_RecordingTask] = []
+
+    def recording_task(tokenizer: PreTrainedTokenizerBase) -> _RecordingTask:
+        built.append(_RecordingTask(tokenizer))
+        return built[-1]
+
+    trainer = LoraTrainer(tiny_model_dir, recording_task, device="cpu")
+    spec = TaskSpec("seq-classification", labels=labels, options={"max_length": 16})
+    dataset = site_datasets[1]
+    assert len(dataset.train) % FIRST.batch_size == 0  # every batch is full
+
+    outcome = trainer.run_hop(spec, dataset, FIRST, None)
+
+    (task,) = built
+    # The head is seeded from the hop's seed on the (evaluation-mode) base copy; every step
+    # scores one batch of a model in training mode; validation runs once, in evaluation mode.
+    assert task.calls == [
+        ("prepare_base", FIRST.seed, False),
+        *[("loss", FIRST.batch_size, True)] * FIRST.steps,
+        ("evaluate", len(dataset.validation), False),
+    ]
+    assert outcome.metrics["train_steps"] == FIRST.steps
+    assert [t.name for t in trainer.trainable_state(spec, dataset)] == list(outcome.tensors)
+
+
+def test_a_lora_trainer_refuses_another_task_type(
+    tiny_model_dir: Path, site_datasets: list[RegisteredDataset]
+) -> None:
+    trainer = LoraTrainer(tiny_model_dir, SequenceClassificationTask, device="cpu")
+    spec = TaskSpec("causal-lm", lora=LoraSettings(target_modules=("query", "value")))
+
+    with pytest.raises(ValueError, match="runs seq-classification tasks, not 'causal-lm'"):
+        trainer.run_hop(spec, site_datasets[0], FIRST, None)
+
+
+def test_the_cpu_runs_forward_passes_without_autocast() -> None:
+    compute = ComputeDevice.resolve("cpu")
+
+    assert compute.device == torch.device("cpu")
+    assert compute.autocast_dtype is None
+    assert not compute.fp16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_an_unavailable_cuda_device_is_refused() -> None:
+    with pytest.raises(ValueError, match="device 'cuda:1' requested but CUDA is not available"):
+        ComputeDevice.resolve("cuda:1")
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, values: torch.Tensor, factor: float) -> SimpleNamespace:
+        return SimpleNamespace(logits=values * factor)
+
+
+def test_logits_are_the_models_output_for_the_batch_and_options() -> None:
+    compute = ComputeDevice.resolve("cpu")
+
+    logits = compute.logits(_Scale(), {"values": torch.tensor([1.0, 2.0])}, factor=3.0)
+
+    assert logits.tolist() == [3.0, 6.0]
+    assert logits.device == compute.device
