@@ -8,6 +8,7 @@ from site_agent.examples import TASK_TYPES
 from site_agent.tasks._causal_lm import PROMPT_TEMPLATE, CausalLanguageModelTrainer
 from site_agent.tasks._cross_validation import CrossValidatedTrainer
 from site_agent.tasks._lora import hash_base_model
+from site_agent.tasks._lora_trainer import LoraTask, LoraTrainer
 from site_agent.tasks._sequence_classification import SequenceClassificationTrainer
 from site_agent.tasks._spec import (
     HopCancelled,
@@ -30,6 +31,8 @@ __all__ = [
     "HopHyperparameters",
     "HopOutcome",
     "LoraSettings",
+    "LoraTask",
+    "LoraTrainer",
     "SequenceClassificationTrainer",
     "TabularTrainer",
     "TaskSpec",

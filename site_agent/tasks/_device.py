@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -53,3 +56,35 @@ def synchronize(device: torch.device) -> None:
     """Waits for queued CUDA work, so that wall-clock timestamps mean something."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@dataclass(frozen=True)
+class ComputeDevice:
+    """A resolved training device and the mixed precision its forward passes run in."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+
+    @classmethod
+    def resolve(cls, device: str | None) -> ComputeDevice:
+        """See ``resolve_device``; bf16 (or fp16) autocast on CUDA, none on CPU."""
+        resolved = resolve_device(device)
+        return cls(resolved, autocast_dtype(resolved))
+
+    @property
+    def fp16(self) -> bool:
+        """Whether forward passes run under fp16 autocast (the optimizer then scales the loss)."""
+        return self.autocast_dtype == torch.float16
+
+    def logits(
+        self, model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], **options: Any
+    ) -> torch.Tensor:
+        """The model's logits for a batch, moved to the device and run under autocast."""
+        batch = {name: values.to(self.device) for name, values in inputs.items()}
+        with autocast(self.device, self.autocast_dtype):
+            logits: torch.Tensor = model(**batch, **options).logits
+        return logits
+
+    def forked_rng(self) -> AbstractContextManager[object]:
+        """See ``forked_rng``."""
+        return forked_rng(self.device)

@@ -29,6 +29,14 @@ class TrainingRun:
     started_ns: int
     finished_ns: int
 
+    def metrics(self, num_examples: int) -> dict[str, float]:
+        """The ``train_*`` metrics every hop reports, for a train split of ``num_examples``."""
+        return {
+            "train_loss": self.train_loss,
+            "train_steps": float(self.steps),
+            "train_examples": float(num_examples),
+        }
+
 
 def train(
     *,

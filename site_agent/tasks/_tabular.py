@@ -212,9 +212,7 @@ class TabularTrainer:
         metrics: dict[str, float] = {}
         if validation:
             metrics = self._evaluate_model(model, validation, normaliser, spec.labels)
-        metrics["train_loss"] = run.train_loss
-        metrics["train_steps"] = float(run.steps)
-        metrics["train_examples"] = float(len(train_examples))
+        metrics.update(run.metrics(len(train_examples)))
         return HopOutcome(
             tensors=tensors,
             adapter_config=architecture(spec, n_features),
