@@ -918,10 +918,18 @@ def ledger_verify(
             signed.extend((str(source), head) for head in read_heads(source))
     except HeadError as exc:
         raise _fail(str(exc), EXIT_BAD_INPUT) from exc
-    if signed and not ca.is_file():
-        raise _fail(
-            f"no CA certificate at {ca}: give --ca to check {len(signed)} signed head(s)",
-            EXIT_BAD_INPUT,
+    ca_pem: bytes | None = ca.read_bytes() if ca.is_file() else None
+    if anchor and ca_pem is None:
+        raise _fail(f"no CA certificate at {ca}: give --ca to check the anchor", EXIT_BAD_INPUT)
+    if signed and ca_pem is None:  # the state dir's own heads: truncation is still found
+        err.print(
+            Text.assemble(
+                ("note: ", "yellow"),
+                f"signatures of {len(signed)} signed head(s) not checked: no CA certificate at "
+                f"{ca} (give --ca)",
+            ),
+            highlight=False,
+            soft_wrap=True,
         )
     ledger = _ledger(state_dir, database_url)
     try:
@@ -930,9 +938,7 @@ def ledger_verify(
         problems: list[HeadProblem] = []
         newest = None
         if signed:
-            problems, newest = check_heads(
-                ledger, signed, ca_pem=ca.read_bytes(), last_seq=result.last_seq
-            )
+            problems, newest = check_heads(ledger, signed, ca_pem=ca_pem, last_seq=result.last_seq)
     finally:
         ledger.close()
     failures = [m.message for m in result.row_mismatches]

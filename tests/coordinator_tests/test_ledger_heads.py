@@ -192,6 +192,28 @@ def test_cli_verify_names_a_truncated_tail_from_the_heads_file_or_an_anchor(
     ledger.close()
 
 
+def test_cli_verify_without_a_ca_still_finds_truncation_but_refuses_unchecked_anchors(
+    pki: Pki, tmp_path: Path
+) -> None:
+    state, ledger, head = _state_with_heads(pki, tmp_path)
+    no_ca = ["--ca", str(tmp_path / "absent-ca.crt")]
+    ok = runner.invoke(app, ["ledger", "verify", "--state-dir", str(state), *no_ca])
+    assert ok.exit_code == 0, ok.output
+    assert "signatures of" in ok.output and "not checked" in ok.output
+    anchor = tmp_path / "anchor.json"
+    anchor.write_text(json.dumps(head.to_json()))
+    unchecked = runner.invoke(
+        app, ["ledger", "verify", "--state-dir", str(state), "--anchor", str(anchor), *no_ca]
+    )
+    assert unchecked.exit_code == 2 and "give --ca to check the anchor" in unchecked.output
+    with ledger.engine.begin() as connection:
+        connection.execute(text("DELETE FROM events WHERE seq > 2"))
+    cut = runner.invoke(app, ["ledger", "verify", "--state-dir", str(state), *no_ca])
+    assert cut.exit_code == 1
+    assert "error: ledger truncated: signed head #4" in cut.output
+    ledger.close()
+
+
 def test_cli_verify_refuses_an_anchor_with_a_tampered_signature(pki: Pki, tmp_path: Path) -> None:
     state, ledger, head = _state_with_heads(pki, tmp_path)
     ledger.close()
