@@ -472,13 +472,8 @@ class RunEngine:
 
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
         """A site may download only the input of its leased hop or of its pending evaluation."""
-        needed = any(
-            hop.site == site and hop.status in LIVE_HOP_STATES and hop.input_sha256 == sha256
-            for run in self.ledger.active_runs()
-            for hop in run.hops
-        ) or any(
-            row.site == site and row.checkpoint_sha256 == sha256
-            for row in self.ledger.pending_evaluations()
+        needed = self.ledger.live_hop_needs(site, sha256) or self.ledger.pending_evaluation_needs(
+            site, sha256
         )
         if not needed:
             raise PermissionDenied(f"site {site} holds no lease that needs checkpoint {sha256}")

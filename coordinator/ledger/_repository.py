@@ -515,7 +515,45 @@ class Ledger:
             return list(session.scalars(query))
 
     def active_runs(self) -> list[RunRow]:
-        return [r for r in self.runs() if r.status == "running"]
+        """The running runs with their hops and evaluations; finished runs are never read."""
+        with self._sessions() as session:
+            query = (
+                select(RunRow)
+                .where(RunRow.status == "running")
+                .options(selectinload(RunRow.hops), selectinload(RunRow.evaluations))
+                .order_by(RunRow.created_at)
+            )
+            return list(session.scalars(query))
+
+    def live_hop_needs(self, site: str, sha256: str) -> bool:
+        """Whether a live hop of a running run, leased to `site`, has input `sha256` (indexed)."""
+        with self._sessions() as session:
+            query = (
+                select(HopRow.id)
+                .join(RunRow, RunRow.id == HopRow.run_id)
+                .where(
+                    HopRow.input_sha256 == sha256,
+                    HopRow.site == site,
+                    HopRow.status.in_(LIVE_HOP_STATES),
+                    RunRow.status == "running",
+                )
+                .limit(1)
+            )
+            return session.scalars(query).first() is not None
+
+    def pending_evaluation_needs(self, site: str, sha256: str) -> bool:
+        """Whether a pending evaluation at `site` scores checkpoint `sha256` (indexed)."""
+        with self._sessions() as session:
+            query = (
+                select(EvaluationRow.id)
+                .where(
+                    EvaluationRow.checkpoint_sha256 == sha256,
+                    EvaluationRow.site == site,
+                    EvaluationRow.status == "pending",
+                )
+                .limit(1)
+            )
+            return session.scalars(query).first() is not None
 
     def hop(self, hop_id: str) -> HopRow | None:
         with self._sessions() as session:
