@@ -44,7 +44,13 @@ from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore, fsync_write
 from coordinator.uploads import UploadSpool
 from protocols.approval import ApprovalBundle
-from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
+from protocols.checkpoint import (
+    Bundle,
+    CheckpointError,
+    hash_prefix,
+    inspect_bundle,
+    inspect_bundle_file,
+)
 from protocols.ledger_head import SignedHead
 from protocols.signing import SignatureError, verify_custody
 from protocols.v1 import baton_pb2 as pb
@@ -507,7 +513,7 @@ class RunEngine:
             partial = self.spool.claim(hop.id, header.lease_token, header.sha256)
             resumable = False
             try:
-                received = await self._spool_chunks(partial, header, chunks)
+                received, digest = await self._spool_chunks(partial, header, chunks)
                 if received != header.total_size:
                     resumable = True
                     raise InvalidInput(
@@ -516,9 +522,13 @@ class RunEngine:
                     )
                 # The hop may have ended while the bytes arrived (lease expired, run aborted).
                 run, hop = self._leased_hop(site, header.hop_id, header.lease_token)
-                data = partial.read_bytes()
-                bundle = self._checked_upload(run, hop, site, certificate_pem, header, data)
-                await asyncio.to_thread(self.store.put, data)
+                # Checked from the file (bounded reads, off the event loop), then the spool file
+                # itself becomes the stored bundle: the bytes are written once.
+                inspected = await asyncio.to_thread(
+                    self._inspected_upload, partial, header.sha256, digest
+                )
+                bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
+                await asyncio.to_thread(self.store.adopt, partial, bundle.sha256)
             except asyncio.CancelledError:
                 raise  # a cut stream: kept to resume under the same lease (until the hop ends)
             except BaseException:
@@ -555,8 +565,12 @@ class RunEngine:
 
     async def _spool_chunks(
         self, partial: Path, header: pb.UploadHeader, chunks: AsyncIterator[bytes]
-    ) -> int:
-        """Writes chunks to the partial file as they arrive (a cut upload resumes from there)."""
+    ) -> tuple[int, str]:
+        """Writes chunks to the partial file as they arrive (a cut upload resumes from there).
+
+        Returns the bytes received and the sha256 of the whole file, hashed while it streamed
+        (a resumed upload's earlier bytes are hashed from the file first).
+        """
         received = partial.stat().st_size if partial.is_file() else 0
         if header.offset > received:
             raise InvalidInput(
@@ -564,6 +578,7 @@ class RunEngine:
             )
         with partial.open("r+b" if partial.is_file() else "wb") as fh:
             fh.truncate(header.offset)
+            hasher = await asyncio.to_thread(hash_prefix, partial, header.offset)
             fh.seek(header.offset)
             received = header.offset
             async for chunk in chunks:
@@ -572,8 +587,21 @@ class RunEngine:
                     raise InvalidInput("upload is longer than its header declared")
                 fh.write(chunk)
                 fh.flush()  # what UploadStatus reports is on disk, not in a buffer
-            os.fsync(fh.fileno())
-        return received
+                hasher.update(chunk)
+            await asyncio.to_thread(os.fsync, fh.fileno())
+        return received, hasher.hexdigest()
+
+    def _inspected_upload(self, partial: Path, expected_sha256: str, digest: str) -> Bundle:
+        """The spooled bundle's size, hash, format and values, checked from the file."""
+        try:
+            return inspect_bundle_file(
+                partial,
+                expected_sha256=expected_sha256,
+                max_bytes=self.max_checkpoint_bytes,
+                sha256=digest,
+            )
+        except CheckpointError as exc:
+            raise InvalidInput(str(exc)) from exc
 
     def _checked_upload(
         self,
@@ -582,15 +610,9 @@ class RunEngine:
         site: str,
         certificate_pem: bytes,
         header: pb.UploadHeader,
-        data: bytes,
+        bundle: Bundle,
     ) -> Bundle:
-        """The uploaded bundle once its hash, format, values, lineage and signature hold."""
-        try:
-            bundle = inspect_bundle(
-                data, expected_sha256=header.sha256, max_bytes=self.max_checkpoint_bytes
-            )
-        except CheckpointError as exc:
-            raise InvalidInput(str(exc)) from exc
+        """The inspected bundle once its lineage and its producer's signature hold."""
         self._check_lineage(run, hop, site, bundle)
         try:
             verify_custody(
