@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import get_args
+from typing import Any, BinaryIO, get_args
 
 from coordinator.errors import InvalidInput, NotFound, PermissionDenied, StaleLease, StorageFault
 from coordinator.ledger import (
@@ -286,6 +286,13 @@ def _released_aggregates(
                 f"{request.min_count}: {', '.join(small)}"
             )
     return released
+
+
+def _absorb(fh: BinaryIO, hasher: Any, chunk: bytes) -> None:
+    """Appends an upload chunk to its spool file and to the running hash."""
+    fh.write(chunk)
+    fh.flush()  # what UploadStatus reports is on disk, not in a buffer
+    hasher.update(chunk)
 
 
 class RunEngine:
@@ -581,13 +588,22 @@ class RunEngine:
             hasher = await asyncio.to_thread(hash_prefix, partial, header.offset)
             fh.seek(header.offset)
             received = header.offset
-            async for chunk in chunks:
-                received += len(chunk)
-                if received > header.total_size:
-                    raise InvalidInput("upload is longer than its header declared")
-                fh.write(chunk)
-                fh.flush()  # what UploadStatus reports is on disk, not in a buffer
-                hasher.update(chunk)
+            # Each chunk is written and hashed on a worker thread while the next one arrives.
+            loop = asyncio.get_running_loop()
+            pending: asyncio.Future[None] | None = None
+            try:
+                async for chunk in chunks:
+                    received += len(chunk)
+                    if received > header.total_size:
+                        raise InvalidInput("upload is longer than its header declared")
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(None, _absorb, fh, hasher, chunk)
+                if pending is not None:
+                    await pending
+            finally:
+                if pending is not None and not pending.done():
+                    await asyncio.wait([pending])  # the file stays open until its last write
             await asyncio.to_thread(os.fsync, fh.fileno())
         return received, hasher.hexdigest()
 
