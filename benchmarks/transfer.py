@@ -232,8 +232,10 @@ class RssSampler:
         self._thread.join(2)
 
 
-def _start(command: list[str], port_file: Path) -> tuple[subprocess.Popen[bytes], int, float]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+def _start(
+    command: list[str], port_file: Path, **extra_env: str
+) -> tuple[subprocess.Popen[bytes], int, float]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **extra_env}
     started = time.perf_counter()
     proc = subprocess.Popen(command, env=env)
     while not port_file.exists() or not port_file.read_text():
@@ -258,7 +260,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                        str(tmp / "state"), "--ca", str(pki / "ca.crt"), "--cert",
                        str(pki / "coordinator.crt"), "--key", str(pki / "coordinator.key"),
                        "--log-level", "WARNING"]  # fmt: skip
-    coord_proc, port, ready = _start(coordinator_cmd, tmp / "coordinator.port")
+    # As the systemd unit and the container image run it (0: glibc's default).
+    arenas = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
+    coord_proc, port, ready = _start(coordinator_cmd, tmp / "coordinator.port", **arenas)
     coordinator = psutil.Process(coord_proc.pid)
     sampler = RssSampler(coordinator)
     rss_idle = coordinator.memory_info().rss
@@ -275,7 +279,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 samples: dict[str, list[float]] = {k: [] for k in
                                                    ("raw_up", "raw_down", "baton_up",
                                                     "baton_down", "prepare")}  # fmt: skip
-                peak = 0
+                peak_up = peak_down = 0
                 raw_download(raw_channel, size, chunk)  # the raw server makes its payload
                 for _ in range(args.repeat):
                     payload = np.random.default_rng(2).bytes(size)
@@ -291,10 +295,12 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     data = sites["site-a"].bundle(task, size)
                     sampler.reset()
                     up, prepared, sha = sites["site-a"].upload(task, data, chunk)
+                    peak_up = max(peak_up, sampler.peak())
                     nxt = sites["site-b"].tasks.get(timeout=30)
                     assert nxt.input_checkpoint.sha256 == sha
+                    sampler.reset()
                     down = sites["site-b"].download(sha, len(data))
-                    peak = max(peak, sampler.peak())
+                    peak_down = max(peak_down, sampler.peak())
                     admin.control(run_id, "abort", "benchmark")
                     samples["baton_up"].append(up)
                     samples["baton_down"].append(down)
@@ -311,7 +317,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     "baton_download_mb_s": round(size / med["baton_down"] / 1e6, 1),
                     "download_ratio": round(med["raw_down"] / med["baton_down"], 2),
                     "site_hash_sign_s": round(med["prepare"], 3),
-                    "coordinator_peak_rss_mib": round(peak / MiB),
+                    "coordinator_peak_rss_mib_upload": round(peak_up / MiB),
+                    "coordinator_peak_rss_mib_download": round(peak_down / MiB),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -329,6 +336,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "coordinator_idle_rss_mib": round(rss_idle / MiB),
         "coordinator_chunk_bytes": CHUNK_BYTES,
         "repeat": args.repeat,
+        "malloc_arena_max": args.malloc_arena_max,
         "rows": rows,
     }
 
@@ -341,11 +349,12 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         "",
         f"Coordinator idle RSS {figures['coordinator_idle_rss_mib']} MiB, downloads in "
         f"{figures['coordinator_chunk_bytes'] // 1024} KiB chunks; medians of "
-        f"{figures['repeat']}. Ratio = Baton / raw throughput (target >= 0.8 at 100 MB; "
-        "coordinator RSS <= 150 MB).",
+        f"{figures['repeat']}; coordinator MALLOC_ARENA_MAX="
+        f"{figures['malloc_arena_max'] or 'default'}. Ratio = Baton / raw throughput "
+        "(target >= 0.8 at 100 MB; coordinator RSS <= 150 MB).",
         "",
         "| size | upload chunk | raw up MB/s | Baton up MB/s | up ratio | raw down MB/s "
-        "| Baton down MB/s | down ratio | coordinator peak RSS |",
+        "| Baton down MB/s | down ratio | coordinator peak RSS up / down |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in figures["rows"]:
@@ -353,7 +362,8 @@ def markdown(figures: dict[str, Any], command: str) -> str:
             f"| {r['size_mib']} MiB | {r['chunk_kib']} KiB | {r['raw_upload_mb_s']} "
             f"| {r['baton_upload_mb_s']} | {r['upload_ratio']} | {r['raw_download_mb_s']} "
             f"| {r['baton_download_mb_s']} | {r['download_ratio']} "
-            f"| {r['coordinator_peak_rss_mib']} MiB |"
+            f"| {r['coordinator_peak_rss_mib_upload']} / "
+            f"{r['coordinator_peak_rss_mib_download']} MiB |"
         )
     return "\n".join(lines) + "\n"
 
@@ -368,6 +378,8 @@ def main() -> None:
     parser.add_argument("--chunk-kib", type=lambda s: [int(x) for x in s.split(",")],
                         default=[CHUNK_BYTES // 1024], help="upload chunk sizes")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--malloc-arena-max", type=int, default=2,
+                        help="the coordinator's MALLOC_ARENA_MAX (0: glibc default)")  # fmt: skip
     parser.add_argument("--name", default="transfer")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -288,6 +288,14 @@ def _released_aggregates(
     return released
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _absorb(fh: BinaryIO, hasher: Any, chunk: bytes) -> None:
     """Appends an upload chunk to its spool file and to the running hash."""
     fh.write(chunk)
@@ -522,6 +530,7 @@ class RunEngine:
             try:
                 received, digest = await self._spool_chunks(partial, header, chunks)
                 if received != header.total_size:
+                    await asyncio.to_thread(_fsync_file, partial)
                     resumable = True
                     raise InvalidInput(
                         f"upload ended after {received} of {header.total_size} declared bytes; "
@@ -529,10 +538,12 @@ class RunEngine:
                     )
                 # The hop may have ended while the bytes arrived (lease expired, run aborted).
                 run, hop = self._leased_hop(site, header.hop_id, header.lease_token)
-                # Checked from the file (bounded reads, off the event loop), then the spool file
-                # itself becomes the stored bundle: the bytes are written once.
-                inspected = await asyncio.to_thread(
-                    self._inspected_upload, partial, header.sha256, digest
+                # Checked from the file (bounded reads, off the event loop) while it is made
+                # durable; then the spool file itself becomes the stored bundle: the bytes are
+                # written once.
+                _, inspected = await asyncio.gather(
+                    asyncio.to_thread(_fsync_file, partial),
+                    asyncio.to_thread(self._inspected_upload, partial, header.sha256, digest),
                 )
                 bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
                 await asyncio.to_thread(self.store.adopt, partial, bundle.sha256)
@@ -604,7 +615,6 @@ class RunEngine:
             finally:
                 if pending is not None and not pending.done():
                     await asyncio.wait([pending])  # the file stays open until its last write
-            await asyncio.to_thread(os.fsync, fh.fileno())
         return received, hasher.hexdigest()
 
     def _inspected_upload(self, partial: Path, expected_sha256: str, digest: str) -> Bundle:
