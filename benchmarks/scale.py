@@ -213,11 +213,20 @@ async def _agents_phase(port: int, pki: Path, names: list[str], args: argparse.N
     idle: list[float] = []
     live: list[float] = []
     until = time.monotonic() + args.idle_seconds
+    own = psutil.Process()
+    cpu_before = (coordinator.cpu_times(), own.cpu_times(), time.monotonic())
     await asyncio.gather(
         agents[0].beat(live, until, 0.2, "training"),
         *(agent.beat(idle, until, args.beat_seconds, "idle") for agent in agents[1:]),
     )
     rss_idle = coordinator.memory_info().rss
+    wall = time.monotonic() - cpu_before[2]
+    busy = [
+        (after.user + after.system - before.user - before.system) / wall
+        for before, after in zip(
+            cpu_before[:2], (coordinator.cpu_times(), own.cpu_times()), strict=True
+        )
+    ]
     admin.close()
     await asyncio.gather(*(agent.close() for agent in agents))
     return {
@@ -225,6 +234,9 @@ async def _agents_phase(port: int, pki: Path, names: list[str], args: argparse.N
         "hello": _quantiles(hello),
         "heartbeat_idle_agents": _quantiles(idle),
         "heartbeat_live_lease": _quantiles(live),
+        # CPU used while idle, in cores: saturation shows in the heartbeat tail.
+        "coordinator_cpu_cores_idle_phase": round(busy[0], 2),
+        "agents_process_cpu_cores_idle_phase": round(busy[1], 2),
         "coordinator_rss_mib_connected": round(rss_connected / 2**20),
         "coordinator_rss_mib_after_idle": round(rss_idle / 2**20),
     }
@@ -373,6 +385,9 @@ def markdown(figures: dict[str, Any], command: str) -> str:
             f"| heartbeat from idle agents p50 / p99 (every {agents['beat_seconds']} s each) | "
             f"{agents['heartbeat_idle_agents'].get('p50_ms')} / "
             f"{agents['heartbeat_idle_agents'].get('p99_ms')} ms | p99 <= 50 ms |",
+            f"| CPU in the idle phase, coordinator / agents' process | "
+            f"{agents.get('coordinator_cpu_cores_idle_phase')} / "
+            f"{agents.get('agents_process_cpu_cores_idle_phase')} cores | |",
             f"| coordinator RSS ready / all connected / after idle | "
             f"{agents['coordinator_rss_mib_ready']} / {agents['coordinator_rss_mib_connected']} / "
             f"{agents['coordinator_rss_mib_after_idle']} MiB | |",
