@@ -18,11 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
 from coordinator.admin_cli import admin_app
 from coordinator.plan import PlanError, RunPlan, load_plan
-from coordinator.study_cli import StudyStorage, resolve_storage, study_app
+from coordinator.study_storage import StudyStorage, resolve_storage
 from protocols.logs import configure_logging
 from protocols.pki import (
     FilesExist,
@@ -44,10 +45,29 @@ __all__ = ["app", "main"]
 
 T = TypeVar("T")
 
+
+class _LazyStudyGroup(TyperGroup):
+    """The root command group; `study` (Optuna, the search) is imported only when used,
+    so `baton coordinator serve` and the other commands start without it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "study"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "study" and cmd_name not in self.commands:
+            from coordinator.study_cli import study_app
+
+            study = typer.main.get_group(study_app)
+            study.name = "study"
+            self.add_command(study)
+        return super().get_command(ctx, cmd_name)
+
+
 app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Baton coordinator: sequential LoRA training across hospitals.",
     no_args_is_help=True,
+    cls=_LazyStudyGroup,
 )
 pki_app = typer.Typer(
     pretty_exceptions_show_locals=False,
@@ -71,7 +91,6 @@ ledger_app = typer.Typer(
 )
 app.add_typer(run_app, name="run")
 app.add_typer(ledger_app, name="ledger")
-app.add_typer(study_app, name="study")
 statistics_app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Aggregate statistics of the sites' training rows (global normaliser).",

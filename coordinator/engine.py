@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import get_args
+from typing import Any, BinaryIO, get_args
 
 from coordinator.errors import (
     InvalidInput,
@@ -53,7 +53,13 @@ from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore, fsync_write
 from coordinator.uploads import UploadSpool
 from protocols.approval import ApprovalBundle
-from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
+from protocols.checkpoint import (
+    Bundle,
+    CheckpointError,
+    hash_prefix,
+    inspect_bundle,
+    inspect_bundle_file,
+)
 from protocols.ledger_head import SignedHead
 from protocols.logs import bind_log_context
 from protocols.signing import SignatureError, verify_custody
@@ -297,6 +303,21 @@ def _released_aggregates(
                 f"{request.min_count}: {', '.join(small)}"
             )
     return released
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _absorb(fh: BinaryIO, hasher: Any, chunk: bytes) -> None:
+    """Appends an upload chunk to its spool file and to the running hash."""
+    fh.write(chunk)
+    fh.flush()  # what UploadStatus reports is on disk, not in a buffer
+    hasher.update(chunk)
 
 
 class RunEngine:
@@ -548,13 +569,8 @@ class RunEngine:
 
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
         """A site may download only the input of its leased hop or of its pending evaluation."""
-        needed = any(
-            hop.site == site and hop.status in LIVE_HOP_STATES and hop.input_sha256 == sha256
-            for run in self.ledger.active_runs()
-            for hop in run.hops
-        ) or any(
-            row.site == site and row.checkpoint_sha256 == sha256
-            for row in self.ledger.pending_evaluations()
+        needed = self.ledger.live_hop_needs(site, sha256) or self.ledger.pending_evaluation_needs(
+            site, sha256
         )
         if not needed:
             raise PermissionDenied(f"site {site} holds no lease that needs checkpoint {sha256}")
@@ -588,8 +604,9 @@ class RunEngine:
             partial = self.spool.claim(hop.id, header.lease_token, header.sha256)
             resumable = False
             try:
-                received = await self._spool_chunks(partial, header, chunks)
+                received, digest = await self._spool_chunks(partial, header, chunks)
                 if received != header.total_size:
+                    await asyncio.to_thread(_fsync_file, partial)
                     resumable = True
                     raise InvalidInput(
                         f"upload ended after {received} of {header.total_size} declared bytes; "
@@ -597,9 +614,15 @@ class RunEngine:
                     )
                 # The hop may have ended while the bytes arrived (lease expired, run aborted).
                 run, hop = self._leased_hop(site, header.hop_id, header.lease_token)
-                data = partial.read_bytes()
-                bundle = self._checked_upload(run, hop, site, certificate_pem, header, data)
-                await asyncio.to_thread(self.store.put, data)
+                # Checked from the file (bounded reads, off the event loop) while it is made
+                # durable; then the spool file itself becomes the stored bundle: the bytes are
+                # written once.
+                _, inspected = await asyncio.gather(
+                    asyncio.to_thread(_fsync_file, partial),
+                    asyncio.to_thread(self._inspected_upload, partial, header.sha256, digest),
+                )
+                bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
+                await asyncio.to_thread(self.store.adopt, partial, bundle.sha256)
             except asyncio.CancelledError:
                 raise  # a cut stream: kept to resume under the same lease (until the hop ends)
             except BaseException:
@@ -637,8 +660,12 @@ class RunEngine:
 
     async def _spool_chunks(
         self, partial: Path, header: pb.UploadHeader, chunks: AsyncIterator[bytes]
-    ) -> int:
-        """Writes chunks to the partial file as they arrive (a cut upload resumes from there)."""
+    ) -> tuple[int, str]:
+        """Writes chunks to the partial file as they arrive (a cut upload resumes from there).
+
+        Returns the bytes received and the sha256 of the whole file, hashed while it streamed
+        (a resumed upload's earlier bytes are hashed from the file first).
+        """
         received = partial.stat().st_size if partial.is_file() else 0
         if header.offset > received:
             raise InvalidInput(
@@ -646,17 +673,39 @@ class RunEngine:
             )
         with partial.open("r+b" if partial.is_file() else "wb") as fh:
             fh.truncate(header.offset)
+            hasher = await asyncio.to_thread(hash_prefix, partial, header.offset)
             fh.seek(header.offset)
             received = header.offset
-            async for chunk in chunks:
-                received += len(chunk)
-                if received > header.total_size:
-                    raise InvalidInput("upload is longer than its header declared")
-                fh.write(chunk)
-                fh.flush()  # what UploadStatus reports is on disk, not in a buffer
-            os.fsync(fh.fileno())
+            # Each chunk is written and hashed on a worker thread while the next one arrives.
+            loop = asyncio.get_running_loop()
+            pending: asyncio.Future[None] | None = None
+            try:
+                async for chunk in chunks:
+                    received += len(chunk)
+                    if received > header.total_size:
+                        raise InvalidInput("upload is longer than its header declared")
+                    if pending is not None:
+                        await pending
+                    pending = loop.run_in_executor(None, _absorb, fh, hasher, chunk)
+                if pending is not None:
+                    await pending
+            finally:
+                if pending is not None and not pending.done():
+                    await asyncio.wait([pending])  # the file stays open until its last write
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)
-        return received
+        return received, hasher.hexdigest()
+
+    def _inspected_upload(self, partial: Path, expected_sha256: str, digest: str) -> Bundle:
+        """The spooled bundle's size, hash, format and values, checked from the file."""
+        try:
+            return inspect_bundle_file(
+                partial,
+                expected_sha256=expected_sha256,
+                max_bytes=self.max_checkpoint_bytes,
+                sha256=digest,
+            )
+        except CheckpointError as exc:
+            raise InvalidInput(str(exc)) from exc
 
     def _checked_upload(
         self,
@@ -665,15 +714,9 @@ class RunEngine:
         site: str,
         certificate_pem: bytes,
         header: pb.UploadHeader,
-        data: bytes,
+        bundle: Bundle,
     ) -> Bundle:
-        """The uploaded bundle once its hash, format, values, lineage and signature hold."""
-        try:
-            bundle = inspect_bundle(
-                data, expected_sha256=header.sha256, max_bytes=self.max_checkpoint_bytes
-            )
-        except CheckpointError as exc:
-            raise InvalidInput(str(exc)) from exc
+        """The inspected bundle once its lineage and its producer's signature hold."""
         self._check_lineage(run, hop, site, bundle)
         try:
             verify_custody(

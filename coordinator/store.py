@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +38,21 @@ def fsync_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     _fsync_dir(path.parent)
 
 
+def _copy_durably(source: Path, target: Path) -> None:
+    """Copies a file across file systems: temp file, fsync, rename, fsync of the directory."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out, 4 * 1024 * 1024)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class CheckpointStore:
     """Stores bundles under `root/ab/abcdef...` by their sha256."""
 
@@ -58,6 +75,29 @@ class CheckpointStore:
         if not target.is_file():
             fsync_write(target, data, mode=0o444)
         return sha256
+
+    def adopt(self, path: Path, sha256: str) -> None:
+        """Moves a durable (fsynced) file whose bytes hash to `sha256` into the store.
+
+        A rename on the same file system: the bytes are not written again. Elsewhere they are
+        copied in bounded blocks (temp file, fsync, rename). The file is gone afterwards.
+        """
+        target = self.path(sha256)
+        if target.is_file():
+            path.unlink(missing_ok=True)  # content-addressed: the same bytes are stored already
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o444)
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_durably(path, target)
+            path.unlink(missing_ok=True)
+        else:
+            _fsync_dir(path.parent)
+        _fsync_dir(target.parent)
 
     def read(self, sha256: str) -> bytes:
         data = self.path(sha256).read_bytes()

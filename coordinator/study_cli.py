@@ -34,6 +34,7 @@ from coordinator.study import (
     trial_run_ids,
     warm_start_from_ledger,
 )
+from coordinator.study_storage import DEFAULT_STORAGE_FILE, StudyStorage, resolve_storage
 from ordering import (
     FloatRange,
     HopHyperparameters,
@@ -68,22 +69,11 @@ err = Console(stderr=True)
 # The same exit codes as `baton run`: 1 nothing completed, 2 bad input, 3 coordinator unreachable.
 EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 1, 2, 3
 
-DEFAULT_STORAGE_FILE = "baton-studies.sqlite3"
-
 # Identical to coordinator/cli.py's; redefined because cli.py registers this app (no cycle).
 Coord = Annotated[str, typer.Option("--coordinator", envvar="BATON_COORDINATOR", help="host:port")]
 AdminCa = Annotated[Path, typer.Option("--ca", envvar="BATON_ADMIN_CA", help="CA certificate")]
 AdminCert = Annotated[Path, typer.Option("--cert", envvar="BATON_ADMIN_CERT", help="Admin cert")]
 AdminKey = Annotated[Path, typer.Option("--key", envvar="BATON_ADMIN_KEY", help="Admin key")]
-StudyStorage = Annotated[
-    str | None,
-    typer.Option(
-        "--storage",
-        envvar="BATON_STUDY_STORAGE",
-        help=f"Optuna storage URL (default: sqlite file {DEFAULT_STORAGE_FILE} in the current "
-        "directory)",
-    ),
-]
 StudyName = Annotated[str, typer.Argument(help="Study name")]
 
 
@@ -117,13 +107,6 @@ _LOWER_IS_BETTER = ("loss", "perplexity")
 def _fail(message: str, code: int) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
-
-
-def resolve_storage(storage: str | None) -> str:
-    """The study storage URL: `storage`, or the default SQLite file in the current directory."""
-    if storage:
-        return storage
-    return f"sqlite:///{Path(DEFAULT_STORAGE_FILE).resolve()}"
 
 
 def _quiet_optuna() -> None:

@@ -84,7 +84,9 @@ def coordinator_unit(
         description="Baton coordinator (sequential LoRA training across hospitals)",
         config_dir=config_dir,
         exec_start=f"{prefix}/bin/baton coordinator serve --config {config_dir}/coordinator.toml",
-        environment="",
+        # Upload checks run on worker threads; glibc's per-thread arenas would keep ~40 MB more
+        # resident after a 100 MB transfer (benchmarks/transfer.py).
+        environment="Environment=MALLOC_ARENA_MAX=2\n",
         stop_seconds=60,
         state_name="baton",
         # The coordinator never needs devices nor writable-executable memory.

@@ -11,6 +11,7 @@ import json
 import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,10 @@ __all__ = [
     "CheckpointManifest",
     "TensorSpec",
     "bundle_metadata",
+    "hash_prefix",
     "inspect_bundle",
+    "inspect_bundle_file",
+    "sha256_file",
     "sha256_hex",
 ]
 
@@ -33,6 +37,8 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST_KEY = "baton.manifest"
 ADAPTER_CONFIG_KEY = "baton.adapter_config"
 DEFAULT_MAX_BUNDLE_BYTES = 2 * 1024**3
+# Reads of a bundle file are this large at most: memory stays flat whatever the bundle's size.
+_READ_BYTES = 4 * 1024 * 1024
 
 # safetensors dtype name -> numpy dtype used to check values are finite (None: integer, skip).
 _FLOAT_DTYPES: dict[str, str | None] = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "bf16"}
@@ -175,6 +181,125 @@ def inspect_bundle(
     return Bundle(
         sha256=digest,
         size=len(data),
+        manifest=manifest,
+        adapter_config=adapter_config,
+        tensors=tuple(sorted(specs, key=lambda s: s.name)),
+    )
+
+
+def sha256_file(path: Path, *, length: int | None = None) -> str:
+    """The sha256 of a file (or of its first `length` bytes), read in bounded blocks."""
+    return str(hash_prefix(path, length).hexdigest())
+
+
+def hash_prefix(path: Path, length: int | None) -> Any:
+    """A sha256 object fed with the file's first `length` bytes (all if None), to go on with."""
+    digest = hashlib.sha256()
+    remaining = path.stat().st_size if length is None else length
+    buffer = bytearray(min(_READ_BYTES, max(remaining, 1)))
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as fh:
+        while remaining > 0:
+            got = fh.readinto(view[: min(len(buffer), remaining)])
+            if not got:
+                break
+            digest.update(view[:got])
+            remaining -= got
+    return digest
+
+
+def _tensor_layout(
+    path: Path,
+) -> tuple[int, dict[str, str], list[tuple[str, str, list[int], int, int]]]:
+    """Header length, metadata and (name, dtype, shape, start, end) of each tensor, by offset.
+
+    safetensors' own parser validates the header first (dtypes, shapes against byte lengths,
+    contiguous offsets that cover the file exactly); the layout is then read from the same
+    header without touching the tensor bytes.
+    """
+    with safetensors.safe_open(str(path), framework="numpy") as opened:
+        opened.keys()
+    with path.open("rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(header_len))
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError("checkpoint metadata is not a string map")
+    tensors = [
+        (name, info["dtype"], list(info["shape"]), *info["data_offsets"])
+        for name, info in header.items()
+    ]
+    return header_len, metadata, sorted(tensors, key=lambda t: t[3])
+
+
+def _check_finite_file(path: Path, data_start: int, tensors: list[Any]) -> None:
+    """Checks every float tensor's values in bounded reads of the file (no whole-file copy)."""
+    buffer = bytearray(_READ_BYTES)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as fh:
+        for name, dtype, _shape, start, end in tensors:
+            if _FLOAT_DTYPES.get(dtype) is None:
+                continue
+            fh.seek(data_start + start)
+            remaining = end - start
+            while remaining > 0:
+                want = min(len(buffer), remaining)
+                got = fh.readinto(view[:want])
+                if got != want:
+                    raise CheckpointError(f"checkpoint ends inside tensor {name!r}")
+                # Reads are a multiple of 8 bytes until the tensor's end: whole elements only.
+                _check_finite(name, dtype, view[:got])  # type: ignore[arg-type]
+                remaining -= got
+
+
+def inspect_bundle_file(
+    path: Path,
+    *,
+    expected_sha256: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+    sha256: str | None = None,
+) -> Bundle:
+    """`inspect_bundle` for a bundle on disk, in bounded memory: the same checks, in order.
+
+    Args:
+        path: The bundle file.
+        expected_sha256: If given, the bundle must hash to it.
+        max_bytes: Size cap; larger bundles are refused before parsing.
+        sha256: The file's hash when the caller computed it already (while receiving it);
+            otherwise the file is hashed here.
+
+    Raises:
+        CheckpointError: On any size, hash, format, manifest or value problem.
+    """
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise CheckpointError(f"checkpoint is {size} bytes, over the {max_bytes}-byte cap")
+    digest = sha256 or sha256_file(path)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise CheckpointError(
+            f"checkpoint hash mismatch: expected {expected_sha256}, received bytes hash to {digest}"
+        )
+    try:
+        header_len, metadata, tensors = _tensor_layout(path)
+    except (safetensors.SafetensorError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise CheckpointError(f"checkpoint is not a valid safetensors file: {exc}") from exc
+    if MANIFEST_KEY not in metadata:
+        raise CheckpointError(f"checkpoint has no {MANIFEST_KEY!r} manifest")
+    manifest = CheckpointManifest.from_json(metadata[MANIFEST_KEY])
+    try:
+        adapter_config = json.loads(metadata.get(ADAPTER_CONFIG_KEY, "{}"))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint adapter config is not JSON: {exc}") from exc
+    if not tensors:
+        raise CheckpointError("checkpoint holds no tensors")
+    _check_finite_file(path, 8 + header_len, tensors)
+    specs = [
+        TensorSpec(name=name, dtype=dtype, shape=tuple(shape))
+        for name, dtype, shape, _, _ in tensors
+    ]
+    return Bundle(
+        sha256=digest,
+        size=size,
         manifest=manifest,
         adapter_config=adapter_config,
         tensors=tuple(sorted(specs, key=lambda s: s.name)),

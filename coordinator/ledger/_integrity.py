@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy import inspect, select
@@ -180,7 +180,18 @@ def compare_snapshot(
     return found
 
 
-def _entries(event: EventRow) -> Iterator[Mapping[str, Any]]:
+class _Event(Protocol):
+    """An event as stored: an `EventRow`, or a plain result row with the same columns."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def payload(self) -> dict[str, Any]: ...
+
+
+def _entries(event: _Event) -> Iterator[Mapping[str, Any]]:
     entries = event.payload.get(STATE_ROWS_KEY) if isinstance(event.payload, dict) else None
     if isinstance(entries, list):
         yield from (e for e in entries if isinstance(e, dict))
@@ -290,7 +301,7 @@ class StateIndex:
         self._newest: dict[tuple[str, str], _Newest] = {}
         self.mismatch_events: list[tuple[int, str]] = []  # (seq, first finding) recorded
 
-    def add(self, event: EventRow) -> None:
+    def add(self, event: _Event) -> None:
         if event.kind == MISMATCH_EVENT:
             findings = event.payload.get("mismatches") or [{"message": "(no detail)"}]
             self.mismatch_events.append((event.seq, str(findings[0].get("message", ""))))

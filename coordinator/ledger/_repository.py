@@ -342,8 +342,10 @@ class Ledger:
         prev, count, last_seq, broken = GENESIS_HASH, 0, 0, None
         index = StateIndex()
         with self._sessions() as session:
-            query = select(EventRow).order_by(EventRow.seq).execution_options(yield_per=chunk)
-            for row in session.scalars(query):
+            # Plain rows, not ORM objects: verify reads every event once and keeps none.
+            columns = EventRow.__table__.columns
+            query = select(*columns).order_by(EventRow.seq).execution_options(yield_per=chunk)
+            for row in session.execute(query):
                 count, last_seq = count + 1, row.seq
                 if broken is None:
                     if row.prev_hash != prev:
@@ -359,7 +361,6 @@ class Ledger:
                 prev = row.hash
                 if rows:
                     index.add(row)
-                session.expunge(row)
             mismatches = list(index.compare_tables(session, chunk)) if rows else []
         return LedgerVerification(
             chain_break=broken,
@@ -527,7 +528,45 @@ class Ledger:
             return list(session.scalars(query))
 
     def active_runs(self) -> list[RunRow]:
-        return [r for r in self.runs() if r.status == "running"]
+        """The running runs with their hops and evaluations; finished runs are never read."""
+        with self._sessions() as session:
+            query = (
+                select(RunRow)
+                .where(RunRow.status == "running")
+                .options(selectinload(RunRow.hops), selectinload(RunRow.evaluations))
+                .order_by(RunRow.created_at)
+            )
+            return list(session.scalars(query))
+
+    def live_hop_needs(self, site: str, sha256: str) -> bool:
+        """Whether a live hop of a running run, leased to `site`, has input `sha256` (indexed)."""
+        with self._sessions() as session:
+            query = (
+                select(HopRow.id)
+                .join(RunRow, RunRow.id == HopRow.run_id)
+                .where(
+                    HopRow.input_sha256 == sha256,
+                    HopRow.site == site,
+                    HopRow.status.in_(LIVE_HOP_STATES),
+                    RunRow.status == "running",
+                )
+                .limit(1)
+            )
+            return session.scalars(query).first() is not None
+
+    def pending_evaluation_needs(self, site: str, sha256: str) -> bool:
+        """Whether a pending evaluation at `site` scores checkpoint `sha256` (indexed)."""
+        with self._sessions() as session:
+            query = (
+                select(EvaluationRow.id)
+                .where(
+                    EvaluationRow.checkpoint_sha256 == sha256,
+                    EvaluationRow.site == site,
+                    EvaluationRow.status == "pending",
+                )
+                .limit(1)
+            )
+            return session.scalars(query).first() is not None
 
     def hop(self, hop_id: str) -> HopRow | None:
         with self._sessions() as session:

@@ -88,7 +88,7 @@ class HopRow(Base):
     lease_token: Mapped[str | None] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     leased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    input_sha256: Mapped[str | None] = mapped_column(String(64))
+    input_sha256: Mapped[str | None] = mapped_column(String(64), index=True)  # download checks
     output_sha256: Mapped[str | None] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     train_started_at_ns: Mapped[int | None] = mapped_column(BigInteger)
@@ -108,10 +108,10 @@ class EvaluationRow(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
-    checkpoint_sha256: Mapped[str] = mapped_column(String(64))
+    checkpoint_sha256: Mapped[str] = mapped_column(String(64), index=True)  # download checks
     site: Mapped[str] = mapped_column(String(64))
     split: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16))  # pending, done, failed
+    status: Mapped[str] = mapped_column(String(16), index=True)  # pending, done, failed
     lease_token: Mapped[str | None] = mapped_column(String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text)

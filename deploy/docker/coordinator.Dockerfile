@@ -22,7 +22,8 @@ RUN groupadd --system --gid 10001 baton \
 COPY --from=build /opt/baton /opt/baton
 ENV PATH=/opt/baton/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    MALLOC_ARENA_MAX=2
 USER baton:baton
 WORKDIR /var/lib/baton
 VOLUME ["/var/lib/baton/state"]

@@ -282,3 +282,77 @@ def test_watchdog_removes_spool_files_of_ended_hops_and_older_leases(
         leftover.write_bytes(b"x" * 1000)
     _until(lambda: not any(p.exists() for p in (older, ended, legacy)))
     assert current.exists()
+
+
+def _spooled(state: Path, size: int, timeout: float = 10) -> Path:
+    """The spool file once all `size` bytes of the upload are in it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in (state / "uploads").glob("*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size == size:
+                    return path
+        time.sleep(0.005)
+    raise AssertionError("the upload never reached the spool")
+
+
+def test_stored_bundle_is_the_spool_file_renamed_not_written_again(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    state = _state(coordinator)
+    data = _bundle(site, task, 3 * CHUNK_BYTES // 4, 0.5)  # a few chunks
+    stop = threading.Event()
+    future = _upload(site, task, data, stop=stop)
+    spooled = _spooled(state, len(data)).stat()
+    stop.set()
+    assert _outcome(future) == "OK"
+    stored = coordinator.engine.store.path(sha256_hex(data)).stat()
+    assert (stored.st_ino, stored.st_dev) == (spooled.st_ino, spooled.st_dev)
+    assert stored.st_mode & 0o777 == 0o444
+    assert not list((state / "uploads").iterdir())
+
+
+def _nan_bundle(site: ScriptedSite, task: pb.HopTask) -> bytes:
+    values = np.ones(CHUNK_BYTES // 2, np.float32)  # two chunks; the NaN is in the second
+    values[-1] = np.nan
+    manifest = CheckpointManifest(task_type=task.task_type, base_model_sha256=BASE,
+                                  run_id=task.run_id, hop_id=task.hop_id, producer_site=site.name,
+                                  parent_sha256=task.input_checkpoint.sha256)  # fmt: skip
+    return safetensors.numpy.save({"lora_A": values}, metadata=bundle_metadata(manifest, {}))
+
+
+@pytest.mark.parametrize(
+    ("case", "refusal"),
+    [
+        ("nan", "INVALID_ARGUMENT: tensor 'lora_A' holds NaN or infinite values"),
+        ("corrupt", "INVALID_ARGUMENT: checkpoint is not a valid safetensors file"),
+        ("over-cap", f"INVALID_ARGUMENT: checkpoint of {CAP + 8} bytes exceeds the {CAP}-byte cap"),
+        ("hash", "INVALID_ARGUMENT: checkpoint hash mismatch: expected " + "00" * 32),
+    ],
+)
+def test_bad_bundle_streamed_to_the_coordinator_is_refused_and_nothing_is_kept(
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    coordinator: Coordinator,
+    case: str,
+    refusal: str,
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    state = _state(coordinator)
+    coordinator.engine.max_checkpoint_bytes = CAP if case == "over-cap" else 8 * CHUNK_BYTES
+    good = _bundle(site, task, 1024, 0.5)
+    data, sha = {
+        "nan": (_nan_bundle(site, task), None),
+        "corrupt": (b"\xff" * 8 + good[8:], None),
+        "over-cap": (b"\x00" * (CAP + 8), None),
+        "hash": (good, "00" * 32),
+    }[case]
+    assert _outcome(_upload(site, task, data, sha=sha)).startswith(refusal)
+    assert not list(coordinator.engine.store.stored())
+    assert not list((state / "uploads").glob("*"))
+    assert coordinator.engine.ledger.checkpoints(task.run_id) == []
+    # The lease still holds: a good bundle is accepted afterwards.
+    assert _outcome(_upload(site, task, good)) == "OK"

@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +21,8 @@ from protocols.checkpoint import (
     CheckpointManifest,
     bundle_metadata,
     inspect_bundle,
+    inspect_bundle_file,
+    sha256_file,
     sha256_hex,
 )
 
@@ -107,3 +113,91 @@ def test_corrupting_a_valid_bundle_is_detected_or_harmless(position: int, noise:
     for array in loaded.values():
         if array.dtype.kind == "f":
             assert np.isfinite(array).all()
+
+
+# ---- the file path (the coordinator's upload check) agrees with the bytes path ------------------
+
+
+def _verdict(check: Callable[[], object]) -> str:
+    try:
+        bundle = check()
+    except CheckpointError as exc:
+        return f"refused: {exc}"
+    return f"accepted: {bundle}"
+
+
+def _both(tmp_path: Path, data: bytes, **kwargs: Any) -> tuple[str, str]:
+    path = tmp_path / "bundle.safetensors"
+    path.write_bytes(data)
+    return (
+        _verdict(lambda: inspect_bundle(data, **kwargs)),
+        _verdict(lambda: inspect_bundle_file(path, **kwargs)),
+    )
+
+
+def _bf16_nan() -> bytes:
+    raw = np.array([0x3F80, 0x7FC0], dtype="<u2").tobytes()
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]},
+                         "__metadata__": bundle_metadata(MANIFEST, {})}).encode()  # fmt: skip
+    return struct.pack("<Q", len(header)) + header + raw
+
+
+_NOT_SAFETENSORS = "refused: checkpoint is not a valid safetensors file: "
+
+_BAD_BUNDLES: dict[str, Callable[[], tuple[bytes, dict[str, Any]]]] = {
+    "nan": lambda: (_bundle({"w": np.array([1.0, np.nan], np.float32)}), {}),
+    "inf-float64": lambda: (_bundle({"w": np.array([np.inf], np.float64)}), {}),
+    "bf16-nan": lambda: (_bf16_nan(), {}),
+    "oversized": lambda: (_bundle({"w": np.ones(64, np.float32)}), {"max_bytes": 100}),
+    "hash": lambda: (_bundle({"w": np.ones(4, np.float32)}), {"expected_sha256": "00" * 32}),
+    "truncated": lambda: (_bundle({"w": np.ones(4, np.float32)})[:-3], {}),
+    "garbage": lambda: (b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}", {}),
+    "no-manifest": lambda: (safetensors.numpy.save({"w": np.ones(2, np.float32)}), {}),
+    "no-tensors": lambda: (safetensors.numpy.save({}, metadata=bundle_metadata(MANIFEST, {})), {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_BUNDLES))
+def test_file_check_refuses_what_the_bytes_check_refuses_with_the_same_message(
+    tmp_path: Path, case: str
+) -> None:
+    data, kwargs = _BAD_BUNDLES[case]()
+    from_bytes, from_file = _both(tmp_path, data, **kwargs)
+    assert from_bytes.startswith("refused: "), from_bytes
+    if from_bytes.startswith(_NOT_SAFETENSORS):
+        # The parser's own wording differs slightly between its bytes and file entry points.
+        assert from_file.startswith(_NOT_SAFETENSORS)
+    else:
+        assert from_file == from_bytes
+
+
+def test_file_check_reads_a_large_tensor_in_bounded_blocks_and_finds_a_late_nan(
+    tmp_path: Path,
+) -> None:
+    # 12 MiB of float32: three read blocks; the NaN sits in the last one.
+    values = np.ones(3 * 1024 * 1024, np.float32)
+    values[-5] = np.nan
+    data = _bundle({"a": np.zeros(3, np.float16), "big": values})
+    from_bytes, from_file = _both(tmp_path, data, expected_sha256=sha256_hex(data))
+    assert from_file == from_bytes == "refused: tensor 'big' holds NaN or infinite values"
+    values[-5] = 0.5
+    good = _bundle({"a": np.zeros(3, np.float16), "big": values})
+    (tmp_path / "good").write_bytes(good)
+    assert inspect_bundle_file(tmp_path / "good", sha256=sha256_hex(good)) == inspect_bundle(good)
+    assert sha256_file(tmp_path / "good") == sha256_hex(good)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(min_value=0, max_value=200), st.binary(min_size=1, max_size=8))
+def test_corrupted_bundle_gets_the_same_verdict_from_file_and_bytes(
+    position: int, noise: bytes
+) -> None:
+    data = bytearray(_bundle({"w": np.ones(8, np.float32), "v": np.ones(3, np.float64)}))
+    position %= len(data)
+    data[position : position + len(noise)] = noise
+    with tempfile.TemporaryDirectory() as tmp:
+        from_bytes, from_file = _both(Path(tmp), bytes(data))
+    if from_bytes.startswith("accepted"):
+        assert from_file == from_bytes
+    else:
+        assert from_file.startswith("refused: ")

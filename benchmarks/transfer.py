@@ -1,0 +1,395 @@
+"""Checkpoint transfers through the coordinator against raw gRPC over the same mTLS settings.
+
+For each size: a raw grpcio upload and download (a minimal servicer in its own process, built with
+Baton's own server and channel helpers, so the same mTLS and message-size options; sha256 on both
+sides) and Baton's upload and download of a real checkpoint bundle through `baton coordinator
+serve` in its own process (hash, format, values, lineage and signature checked; stored durably).
+Raw and Baton runs are interleaved; each figure is the median of `--repeat`. The coordinator's
+RSS is sampled every 10 ms (psutil) while the bundles move.
+
+Baton's upload time is the UploadCheckpoint call: the site hashes and signs its bundle when it
+makes it (reported apart as `site_hash_sign_s`); the coordinator hashes while receiving.
+
+    nice -n 10 .venv/bin/python benchmarks/transfer.py --sizes 1,10,100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+import psutil
+import safetensors.numpy
+
+from coordinator.admin import AdminClient
+from coordinator.plan import parse_plan
+from protocols.checkpoint import CheckpointManifest, bundle_metadata
+from protocols.pki import Role, init_ca, issue_certificate
+from protocols.signing import sign_digest
+from protocols.transport import CHUNK_BYTES, TlsFiles, aio_server, secure_channel
+from protocols.v1 import baton_pb2 as pb
+from protocols.v1 import baton_pb2_grpc as pb_grpc
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1024 * 1024
+_UPLOAD = "/bench.Raw/Upload"
+_DOWNLOAD = "/bench.Raw/Download"
+
+
+def _tls(pki: Path, name: str) -> TlsFiles:
+    return TlsFiles(pki / "ca.crt", pki / f"{name}.crt", pki / f"{name}.key")
+
+
+# ---- the raw servicer (own process) -------------------------------------------------------------
+
+
+async def _raw_server(pki: Path, port_file: Path) -> None:
+    async def upload(requests: Any, _context: Any) -> bytes:
+        digest = hashlib.sha256()
+        async for chunk in requests:
+            digest.update(chunk)
+        return digest.hexdigest().encode()
+
+    payloads: dict[int, bytes] = {}
+
+    async def download(request: bytes, _context: Any) -> Any:
+        size, chunk = (int(x) for x in request.decode().split(","))
+        if size not in payloads:  # made once, outside the timed calls that follow
+            payloads[size] = np.random.default_rng(1).bytes(size)
+        payload = payloads[size]
+        digest = hashlib.sha256()
+        for start in range(0, size, chunk):
+            part = payload[start : start + chunk]
+            digest.update(part)
+            yield part
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Raw",
+        {
+            "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            "Download": grpc.unary_stream_rpc_method_handler(download),
+        },
+    )
+    server, port = aio_server(_tls(pki, "coordinator"), "localhost:0")
+    server.add_generic_rpc_handlers((handler,))
+    await server.start()
+    port_file.write_text(str(port))
+    await server.wait_for_termination()
+
+
+# ---- measurements -------------------------------------------------------------------------------
+
+
+def _chunks(data: bytes, chunk: int) -> Iterator[bytes]:
+    for start in range(0, len(data), chunk):
+        yield data[start : start + chunk]
+
+
+def raw_upload(channel: grpc.Channel, data: bytes, chunk: int) -> float:
+    call = channel.stream_unary(_UPLOAD)
+    digest = hashlib.sha256()
+
+    def hashed() -> Iterator[bytes]:
+        for part in _chunks(data, chunk):
+            digest.update(part)
+            yield part
+
+    started = time.perf_counter()
+    answer = call(hashed(), timeout=300)
+    seconds = time.perf_counter() - started
+    assert answer.decode() == digest.hexdigest()
+    return seconds
+
+
+def raw_download(channel: grpc.Channel, size: int, chunk: int) -> float:
+    call = channel.unary_stream(_DOWNLOAD)
+    digest = hashlib.sha256()
+    started = time.perf_counter()
+    received = 0
+    for part in call(f"{size},{chunk}".encode(), timeout=300):
+        digest.update(part)
+        received += len(part)
+    seconds = time.perf_counter() - started
+    assert received == size
+    return seconds
+
+
+class Site:
+    """A site client following the protocol by hand: its task stream read on a thread."""
+
+    def __init__(self, port: int, pki: Path, name: str) -> None:
+        tls = _tls(pki, name)
+        self.name = name
+        self.key_pem = tls.private_key.read_bytes()
+        self.channel = secure_channel(f"localhost:{port}", tls)
+        self.stub = pb_grpc.SiteServiceStub(self.channel)
+        hello = pb.HelloRequest(agent_version="bench", protocol_version=1,
+                                capabilities=["seq-classification"])  # fmt: skip
+        hello.base_models.add(name="tiny", sha256="ab" * 32)
+        self.stub.Hello(hello, timeout=30)
+        self.tasks: queue.Queue[pb.HopTask] = queue.Queue()
+        self.stream = self.stub.StreamTasks(pb.TaskStreamRequest())
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        try:
+            for task in self.stream:
+                if task.WhichOneof("kind") == "hop":
+                    self.tasks.put(task.hop)
+        except grpc.RpcError:
+            pass
+
+    def bundle(self, task: pb.HopTask, size: int) -> bytes:
+        manifest = CheckpointManifest(task_type=task.task_type, base_model_sha256="ab" * 32,
+                                      run_id=task.run_id, hop_id=task.hop_id,
+                                      producer_site=self.name,
+                                      parent_sha256=task.input_checkpoint.sha256)  # fmt: skip
+        values = np.random.default_rng(0).standard_normal(max(1, (size - 512) // 4), np.float32)
+        return safetensors.numpy.save(
+            {"lora_A": values}, metadata=bundle_metadata(manifest, {"r": 8})
+        )
+
+    def upload(self, task: pb.HopTask, data: bytes, chunk: int) -> tuple[float, float, str]:
+        started = time.perf_counter()
+        digest = hashlib.sha256(data).hexdigest()
+        signature = sign_digest(self.key_pem, digest)
+        prepared = time.perf_counter() - started
+        header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
+                                 total_size=len(data), sha256=digest,
+                                 signature=signature)  # fmt: skip
+
+        def messages() -> Iterator[pb.UploadRequest]:
+            yield pb.UploadRequest(header=header)
+            for part in _chunks(data, chunk):
+                yield pb.UploadRequest(data=part)
+
+        started = time.perf_counter()
+        ref = self.stub.UploadCheckpoint(messages(), timeout=300).checkpoint
+        seconds = time.perf_counter() - started
+        assert ref.sha256 == digest
+        result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
+                              output_checkpoint=ref, metrics={"accuracy": 0.5},
+                              train_started_at_ns=1, train_finished_at_ns=2)  # fmt: skip
+        assert self.stub.ReportHopResult(result, timeout=60).hop_status == "committed"
+        return seconds, prepared, digest
+
+    def download(self, sha256: str, size: int) -> float:
+        digest = hashlib.sha256()
+        started = time.perf_counter()
+        received = 0
+        for chunk in self.stub.DownloadCheckpoint(pb.DownloadRequest(sha256=sha256), timeout=300):
+            digest.update(chunk.data)
+            received += len(chunk.data)
+        seconds = time.perf_counter() - started
+        assert received == size and digest.hexdigest() == sha256
+        return seconds
+
+    def close(self) -> None:
+        self.stream.cancel()
+        self.channel.close()
+
+
+class RssSampler:
+    """Samples a process's RSS every 10 ms on a thread; `peak()` since the last `reset()`."""
+
+    def __init__(self, process: psutil.Process) -> None:
+        self.process = process
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self.process.memory_info().rss)
+            time.sleep(0.01)
+
+    def reset(self) -> None:
+        self._peak = self.process.memory_info().rss
+
+    def peak(self) -> int:
+        return max(self._peak, self.process.memory_info().rss)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def _start(
+    command: list[str], port_file: Path, **extra_env: str
+) -> tuple[subprocess.Popen[bytes], int, float]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), **extra_env}
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env=env)
+    while not port_file.exists() or not port_file.read_text():
+        if proc.poll() is not None:
+            raise SystemExit(f"{command[2:5]} exited with {proc.returncode}")
+        time.sleep(0.01)
+    return proc, int(port_file.read_text()), time.perf_counter() - started
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    pki = tmp / "pki"
+    init_ca(pki)
+    for role, name in [(Role.COORDINATOR, "coordinator"), (Role.ADMIN, "admin"),
+                       (Role.SITE, "site-a"), (Role.SITE, "site-b")]:  # fmt: skip
+        issue_certificate(pki, pki, role, name)
+    raw_proc, raw_port, _ = _start(
+        [sys.executable, __file__, "--raw-server", str(pki), str(tmp / "raw.port")],
+        tmp / "raw.port",
+    )
+    coordinator_cmd = [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
+                       "--port-file", str(tmp / "coordinator.port"), "--state-dir",
+                       str(tmp / "state"), "--ca", str(pki / "ca.crt"), "--cert",
+                       str(pki / "coordinator.crt"), "--key", str(pki / "coordinator.key"),
+                       "--log-level", "WARNING"]  # fmt: skip
+    # As the systemd unit and the container image run it (0: glibc's default).
+    arenas = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
+    coord_proc, port, ready = _start(coordinator_cmd, tmp / "coordinator.port", **arenas)
+    coordinator = psutil.Process(coord_proc.pid)
+    sampler = RssSampler(coordinator)
+    rss_idle = coordinator.memory_info().rss
+    rows: list[dict[str, Any]] = []
+    try:
+        raw_channel = secure_channel(f"localhost:{raw_port}", _tls(pki, "site-a"))
+        sites = {name: Site(port, pki, name) for name in ("site-a", "site-b")}
+        admin = AdminClient(f"localhost:{port}", _tls(pki, "admin"))
+        admin.wait_for_sites({"site-a", "site-b"}, timeout=30)
+        for mib in args.sizes:
+            size = mib * MiB
+            for chunk_kib in args.chunk_kib:
+                chunk = chunk_kib * 1024
+                samples: dict[str, list[float]] = {k: [] for k in
+                                                   ("raw_up", "raw_down", "baton_up",
+                                                    "baton_down", "prepare")}  # fmt: skip
+                peak_up = peak_down = 0
+                raw_download(raw_channel, size, chunk)  # the raw server makes its payload
+                for _ in range(args.repeat):
+                    payload = np.random.default_rng(2).bytes(size)
+                    samples["raw_up"].append(raw_upload(raw_channel, payload, chunk))
+                    samples["raw_down"].append(raw_download(raw_channel, size, chunk))
+                    del payload
+                    plan = parse_plan({
+                        "name": f"transfer-{mib}", "dataset": "notes", "labels": ["x", "y"],
+                        "sites": ["site-a", "site-b"],
+                    })  # fmt: skip
+                    run_id = admin.start_run(plan)
+                    task = sites["site-a"].tasks.get(timeout=30)
+                    data = sites["site-a"].bundle(task, size)
+                    sampler.reset()
+                    up, prepared, sha = sites["site-a"].upload(task, data, chunk)
+                    peak_up = max(peak_up, sampler.peak())
+                    nxt = sites["site-b"].tasks.get(timeout=30)
+                    assert nxt.input_checkpoint.sha256 == sha
+                    sampler.reset()
+                    down = sites["site-b"].download(sha, len(data))
+                    peak_down = max(peak_down, sampler.peak())
+                    admin.control(run_id, "abort", "benchmark")
+                    samples["baton_up"].append(up)
+                    samples["baton_down"].append(down)
+                    samples["prepare"].append(prepared)
+                    del data
+                med = {k: statistics.median(v) for k, v in samples.items()}
+                row = {
+                    "size_mib": mib,
+                    "chunk_kib": chunk_kib,
+                    "raw_upload_mb_s": round(size / med["raw_up"] / 1e6, 1),
+                    "baton_upload_mb_s": round(size / med["baton_up"] / 1e6, 1),
+                    "upload_ratio": round(med["raw_up"] / med["baton_up"], 2),
+                    "raw_download_mb_s": round(size / med["raw_down"] / 1e6, 1),
+                    "baton_download_mb_s": round(size / med["baton_down"] / 1e6, 1),
+                    "download_ratio": round(med["raw_down"] / med["baton_down"], 2),
+                    "site_hash_sign_s": round(med["prepare"], 3),
+                    "coordinator_peak_rss_mib_upload": round(peak_up / MiB),
+                    "coordinator_peak_rss_mib_download": round(peak_down / MiB),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        for site in sites.values():
+            site.close()
+        admin.close()
+        raw_channel.close()
+    finally:
+        sampler.stop()
+        for proc in (coord_proc, raw_proc):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    return {
+        "coordinator_start_to_ready_s": round(ready, 2),
+        "coordinator_idle_rss_mib": round(rss_idle / MiB),
+        "coordinator_chunk_bytes": CHUNK_BYTES,
+        "repeat": args.repeat,
+        "malloc_arena_max": args.malloc_arena_max,
+        "rows": rows,
+    }
+
+
+def markdown(figures: dict[str, Any], command: str) -> str:
+    lines = [
+        "# Checkpoint transfer: Baton vs raw gRPC (same mTLS channel settings)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Coordinator idle RSS {figures['coordinator_idle_rss_mib']} MiB, downloads in "
+        f"{figures['coordinator_chunk_bytes'] // 1024} KiB chunks; medians of "
+        f"{figures['repeat']}; coordinator MALLOC_ARENA_MAX="
+        f"{figures['malloc_arena_max'] or 'default'}. Ratio = Baton / raw throughput "
+        "(target >= 0.8 at 100 MB; coordinator RSS <= 150 MB).",
+        "",
+        "| size | upload chunk | raw up MB/s | Baton up MB/s | up ratio | raw down MB/s "
+        "| Baton down MB/s | down ratio | coordinator peak RSS up / down |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in figures["rows"]:
+        lines.append(
+            f"| {r['size_mib']} MiB | {r['chunk_kib']} KiB | {r['raw_upload_mb_s']} "
+            f"| {r['baton_upload_mb_s']} | {r['upload_ratio']} | {r['raw_download_mb_s']} "
+            f"| {r['baton_download_mb_s']} | {r['download_ratio']} "
+            f"| {r['coordinator_peak_rss_mib_upload']} / "
+            f"{r['coordinator_peak_rss_mib_download']} MiB |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--raw-server":
+        asyncio.run(_raw_server(Path(sys.argv[2]), Path(sys.argv[3])))
+        return
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 10, 100], help="MiB, comma-separated")  # fmt: skip
+    parser.add_argument("--chunk-kib", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[CHUNK_BYTES // 1024], help="upload chunk sizes")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--malloc-arena-max", type=int, default=2,
+                        help="the coordinator's MALLOC_ARENA_MAX (0: glibc default)")  # fmt: skip
+    parser.add_argument("--name", default="transfer")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = run(args, Path(tmp))
+    command = "python benchmarks/transfer.py " + " ".join(sys.argv[1:])
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(figures, command))
+    print(markdown(figures, command))
+
+
+if __name__ == "__main__":
+    main()
