@@ -23,10 +23,12 @@ from ordering._objective import (
     Aggregation,
     Direction,
     PlanExecutor,
+    PlanFailed,
     PlanPruned,
     SiteScore,
     TrialOutcome,
     aggregate,
+    site_forgetting,
 )
 from ordering._plan import CandidatePlan, Hop, HopHyperparameters
 from ordering._pruning import PruningSettings, StagePruner, stage_key
@@ -51,6 +53,7 @@ __all__ = [
     "OrderingStudy",
     "PermutationEncoding",
     "PlanExecutor",
+    "PlanFailed",
     "PlanPruned",
     "PruningSettings",
     "RandomKeys",
@@ -73,6 +76,7 @@ __all__ = [
     "fixed_order_plan",
     "probe_order",
     "random_search",
+    "site_forgetting",
     "site_typicality",
     "stage_key",
 ]
