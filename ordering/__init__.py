@@ -19,6 +19,7 @@ from ordering._encodings import (
     encoding_by_name,
 )
 from ordering._heuristics import probe_order, site_typicality
+from ordering._importance import OrderImportance, order_importance
 from ordering._objective import (
     Aggregation,
     Direction,
@@ -50,6 +51,7 @@ __all__ = [
     "HopHyperparameters",
     "IntRange",
     "LehmerCode",
+    "OrderImportance",
     "OrderingStudy",
     "PermutationEncoding",
     "PlanExecutor",
@@ -74,6 +76,7 @@ __all__ = [
     "evaluate_plan",
     "exhaustive_ranking",
     "fixed_order_plan",
+    "order_importance",
     "probe_order",
     "random_search",
     "site_forgetting",

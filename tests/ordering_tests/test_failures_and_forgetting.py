@@ -15,6 +15,7 @@ from ordering import (
     SearchSpace,
     SiteScore,
     TrialOutcome,
+    order_importance,
     site_forgetting,
 )
 
@@ -149,3 +150,41 @@ def test_the_random_order_sampler_never_learns_the_order_but_tunes_the_rest() ->
 def test_an_unknown_sampler_is_refused() -> None:
     with pytest.raises(ValueError, match="random-order"):
         OrderingStudy.create(None, "x", _space(), sampler="cmaes")  # type: ignore[arg-type]
+
+
+class FirstSiteExecutor:
+    """Scores 1 when site "a" goes first, else 0, plus `lr_weight` times the learning rate."""
+
+    def __init__(self, order_weight: float) -> None:
+        self.order_weight = order_weight
+
+    def execute(
+        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
+    ) -> TrialOutcome:
+        first = 1.0 if plan.order[0] == "a" else 0.0
+        value = self.order_weight * first + plan.hops[0].hyperparameters.learning_rate
+        return TrialOutcome(tuple(SiteScore(s, value, 1) for s in SITES), {})
+
+
+def test_order_importance_is_large_when_only_the_order_matters_and_small_otherwise() -> None:
+    space = SearchSpace(sites=SITES, learning_rate=FloatRange(1e-4, 1e-1, log=True))
+    order_study = OrderingStudy.create(None, "order", space, "lehmer", sampler="random", seed=0)
+    order_study.optimize(FirstSiteExecutor(1.0), n_trials=40)
+    by_order = order_importance(order_study)
+    assert by_order.trials == 40 and by_order.order_share is not None
+    assert next(iter(by_order.importances)) == "order" and by_order.order_share > 0.5
+
+    lr_study = OrderingStudy.create(None, "lr", space, "lehmer", sampler="random", seed=0)
+    lr_study.optimize(FirstSiteExecutor(0.0), n_trials=40)
+    by_lr = order_importance(lr_study)
+    assert next(iter(by_lr.importances)) == "learning_rate"
+    assert by_lr.order_share is not None and by_lr.order_share < 0.5
+    assert sum(by_lr.importances.values()) == pytest.approx(1.0)
+
+
+def test_order_importance_says_why_when_there_are_too_few_trials() -> None:
+    study = OrderingStudy.create(None, "few", _space(), seed=0)
+    study.optimize(CollapsingExecutor(), n_trials=3)
+    few = order_importance(study)
+    assert few.importances == {} and few.order_share is None
+    assert few.note is not None and "at least 8 completed trials" in few.note
