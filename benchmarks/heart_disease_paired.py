@@ -78,6 +78,7 @@ from ordering import (
 from site_agent.registry import RegisteredDataset
 from site_agent.simulation import (
     CrossValidationResult,
+    collapse_reason,
     cross_validate,
     evaluate_sites,
     pooled_normalisation_spec,
@@ -95,7 +96,8 @@ SETTINGS = ("per-site", "global")
 COMPARATORS = ("random-search", "random-order", "fedavg", "pooled")
 METHODS = ("searched", *COMPARATORS)
 N_STARTUP_TRIALS = 3  # the study's default; the tuned baselines get the same TPE settings
-TEST_SHARE = "flamby"  # each centre keeps FLamby's test share in every resampled split
+# Set in a method's site_test_accuracy when its final model predicts one class on every test row.
+COLLAPSED_KEY = "collapsed"
 
 
 # ---- splits and specs ---------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def _final_sequential(
     setting: str,
     datasets: Sequence[RegisteredDataset],
     plan: CandidatePlan,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     spec = _spec_for(setting)(datasets)
     by_name = {d.name: d for d in datasets}
     visits = [(by_name[hop.site], _site_hp(hop.hyperparameters.as_dict())) for hop in plan.hops]
@@ -247,9 +249,12 @@ def _test_accuracy(
     spec: TaskSpec,
     tensors: Mapping[str, torch.Tensor],
     datasets: Sequence[RegisteredDataset],
-) -> dict[str, float]:
+) -> dict[str, Any]:
     scores = evaluate_sites(trainer, spec, tensors, datasets, "test")
-    return {site: metrics["accuracy"] for site, metrics in scores.items()}
+    accuracy = {site: metrics["accuracy"] for site, metrics in scores.items()}
+    # Reported, never used to select: is the final model a constant predictor on test?
+    collapsed = collapse_reason(trainer, spec, tensors, datasets, "test")
+    return {**accuracy, **({COLLAPSED_KEY: collapsed} if collapsed else {})}
 
 
 def _study_summary(records: Sequence[TrialRecord], chosen: TrialRecord) -> dict[str, Any]:
@@ -515,7 +520,9 @@ def run_cell(setting: str, split: int, config: Mapping[str, Any]) -> dict[str, A
     methods["pooled"] = _pooled(trainer, setting, datasets, split, trials, folds,
                                 config["max_pooled_steps"], objective)  # fmt: skip
     for method in methods.values():
-        method["test_avg"] = statistics.fmean(method["site_test_accuracy"].values())
+        scores = method["site_test_accuracy"]
+        method["final_collapsed"] = scores.pop(COLLAPSED_KEY, None)
+        method["test_avg"] = statistics.fmean(scores.values())
     seconds = time.perf_counter() - started
     logger.info("[%s] split %d in %.0f s: %s", setting, split, seconds, ", ".join(
         f"{m} {v['test_avg']:.3f}" for m, v in methods.items()))  # fmt: skip
@@ -576,6 +583,11 @@ def summarise(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 "worst_forgetting_mean": statistics.fmean(measured) if measured else None,
                 "worst_forgetting_max": max(measured) if measured else None,
                 "failed_trials": sum(len(c["methods"][method]["failed"]) for c in rows),
+                "final_collapsed": (
+                    sum(1 for c in rows if c["methods"][method]["final_collapsed"])
+                    if all("final_collapsed" in c["methods"][method] for c in rows)
+                    else None
+                ),
                 "trials": sum(c["methods"][method]["trials"] for c in rows),
             }
         paired = {
@@ -602,6 +614,7 @@ def verdict(settings: Mapping[str, Any]) -> list[str]:
         paired = result["paired"]
         rs, ro, pooled = paired["random-search"], paired["random-order"], paired["pooled"]
         forgetting = result["methods"]["searched"]["worst_forgetting_max"]
+        collapsed = result["methods"]["searched"]["final_collapsed"]
         checks = [
             (
                 "searched - random search >= 0 in the mean, lower bound >= -1 point",
@@ -614,9 +627,11 @@ def verdict(settings: Mapping[str, Any]) -> list[str]:
                 f"max over splits {forgetting:.3f}" if forgetting is not None else "n/a",
             ),
             (
-                "no selected schedule collapsed",
-                True,
-                "collapsed/diverged trials fail and are never selected",
+                "no selected schedule is a collapsed model (one class on every test row)",
+                collapsed == 0,
+                f"{collapsed} of {len(result['splits'])} splits"
+                if collapsed is not None
+                else "not measured",
             ),
         ]
         if setting == "per-site":
@@ -667,8 +682,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             "",
             "| method | test Avg (mean ± sd over splits) | CV mean accuracy | searched - method "
             "[95% CI] | Wilcoxon p | wins/ties/losses | worst-site forgetting mean (max) | "
-            "failed trials |",
-            "|---|---|---|---|---|---|---|---|",
+            "failed trials | final model collapsed |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for method in METHODS:
             summary = result["methods"][method]
@@ -688,7 +703,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {method} | {summary['test_avg_mean']:.3f} ± {summary['test_avg_std']:.3f} | "
                 f"{summary['cv_mean']:.3f} | {diff} | {forgetting} | "
-                f"{summary['failed_trials']}/{summary['trials']} |"
+                f"{summary['failed_trials']}/{summary['trials']} | "
+                f"{summary.get('final_collapsed')} |"
             )
         lines += ["", "| split | " + " | ".join(METHODS) + " | searched plan | s |",
                   "|---|" + "---|" * (len(METHODS) + 2)]  # fmt: skip
