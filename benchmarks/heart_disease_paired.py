@@ -647,7 +647,8 @@ def verdict(settings: Mapping[str, Any]) -> list[str]:
                 f"{pooled['mean']:+.3f} [{pooled['low']:+.3f}, {pooled['high']:+.3f}]",
             ))  # fmt: skip
         for text, met, figure in checks:
-            lines.append(f"- {setting}: {text}: **{'met' if met else 'missed'}** ({figure})")
+            status = "not measured" if figure == "not measured" else ("met" if met else "missed")
+            lines.append(f"- {setting}: {text}: **{status}** ({figure})")
     return lines
 
 
@@ -704,7 +705,7 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"| {method} | {summary['test_avg_mean']:.3f} ± {summary['test_avg_std']:.3f} | "
                 f"{summary['cv_mean']:.3f} | {diff} | {forgetting} | "
                 f"{summary['failed_trials']}/{summary['trials']} | "
-                f"{summary.get('final_collapsed')} |"
+                f"{_or_na(summary.get('final_collapsed'))} |"
             )
         lines += ["", "| split | " + " | ".join(METHODS) + " | searched plan | s |",
                   "|---|" + "---|" * (len(METHODS) + 2)]  # fmt: skip
@@ -719,6 +720,10 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
     lines += ["## Against BENCHMARKS.md §1", "", *report["verdict"], ""]
     return "\n".join(lines)
+
+
+def _or_na(value: object) -> str:
+    return "n/a" if value is None else str(value)
 
 
 def plot(report: Mapping[str, Any], out: Path) -> bool:

@@ -622,14 +622,18 @@ def test_cross_validation_names_a_collapsed_schedule_and_keeps_its_scores(
     assert healthy.failure_reason is None
 
 
-def test_divergence_is_a_non_finite_or_a_tenfold_grown_train_loss() -> None:
+def test_divergence_is_a_non_finite_loss_or_ten_times_a_chance_predictors() -> None:
     def visits(*losses: float) -> list[HopRecord]:
         return [HopRecord("north", {"train_loss": loss}) for loss in losses]
 
-    assert divergence_reason(visits(0.7, 0.6, 6.9)) is None
-    grown = divergence_reason(visits(0.7, 0.6, 7.5))
-    assert grown is not None and grown.startswith("diverged: train loss 7.5 at visit 3 (north)")
-    assert divergence_reason(visits(0.7, math.inf)) == (
+    # An easy first site's tiny loss is no reference: 0.03 then 0.6 has not diverged.
+    assert divergence_reason(visits(0.03, 0.6, 6.9), labels=2) is None
+    grown = divergence_reason(visits(0.7, 0.6, 7.5), labels=2)
+    assert grown == (
+        "diverged: train loss 7.5 at visit 3 (north) is above 10 times a chance predictor's 0.6931"
+    )
+    assert divergence_reason(visits(0.7, 7.5), labels=3) is None  # bound 10 ln 3
+    assert divergence_reason(visits(0.7, math.inf), labels=2) == (
         "diverged: train loss inf at visit 2 (north)"
     )
 
