@@ -19,14 +19,17 @@ from ordering._encodings import (
     encoding_by_name,
 )
 from ordering._heuristics import probe_order, site_typicality
+from ordering._importance import OrderImportance, order_importance
 from ordering._objective import (
     Aggregation,
     Direction,
     PlanExecutor,
+    PlanFailed,
     PlanPruned,
     SiteScore,
     TrialOutcome,
     aggregate,
+    site_forgetting,
 )
 from ordering._plan import CandidatePlan, Hop, HopHyperparameters
 from ordering._pruning import PruningSettings, StagePruner, stage_key
@@ -48,9 +51,11 @@ __all__ = [
     "HopHyperparameters",
     "IntRange",
     "LehmerCode",
+    "OrderImportance",
     "OrderingStudy",
     "PermutationEncoding",
     "PlanExecutor",
+    "PlanFailed",
     "PlanPruned",
     "PruningSettings",
     "RandomKeys",
@@ -71,8 +76,10 @@ __all__ = [
     "evaluate_plan",
     "exhaustive_ranking",
     "fixed_order_plan",
+    "order_importance",
     "probe_order",
     "random_search",
+    "site_forgetting",
     "site_typicality",
     "stage_key",
 ]

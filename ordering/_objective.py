@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
@@ -11,14 +11,20 @@ from typing import Any, Literal, Protocol
 from ordering._plan import CandidatePlan
 
 __all__ = [
+    "FAILURE_REASON_ATTR",
     "Aggregation",
     "Direction",
     "PlanExecutor",
+    "PlanFailed",
     "PlanPruned",
     "SiteScore",
     "TrialOutcome",
     "aggregate",
+    "site_forgetting",
 ]
+
+# The user attribute of a trial the executor declared a failure (collapse, divergence).
+FAILURE_REASON_ATTR = "failure_reason"
 
 Aggregation = Literal["mean", "weighted", "worst"]
 Direction = Literal["maximize", "minimize"]
@@ -59,11 +65,19 @@ class TrialOutcome:
         site_scores: One score per evaluating site.
         cost_seconds_by_site: Compute seconds each site spent (training and evaluation).
         intermediate: (cycle index, value) after each full cycle, as reported.
+        visit_scores: (site, score) right after each visit, in hop order: the visited site's
+            score of the model its visit produced (on the same held-out data as
+            `site_scores`). Gives each site's forgetting (`site_forgetting`).
+        failure_reason: Set when the run finished but its model must not count: it predicts
+            one class for every row (collapsed) or its loss diverged. The study marks such a
+            trial failed with this reason; it is never selected, reused or inherited.
     """
 
     site_scores: tuple[SiteScore, ...]
     cost_seconds_by_site: Mapping[str, float]
     intermediate: tuple[tuple[int, float], ...] = ()
+    visit_scores: tuple[tuple[str, float], ...] = ()
+    failure_reason: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "site_scores", tuple(self.site_scores))
@@ -77,11 +91,47 @@ class TrialOutcome:
             raise ValueError(f"a trial outcome scores each site once, got {sites}")
         if any(seconds < 0 for seconds in self.cost_seconds_by_site.values()):
             raise ValueError("compute seconds cannot be negative")
+        object.__setattr__(
+            self, "visit_scores", tuple((str(s), float(v)) for s, v in self.visit_scores)
+        )
+        if self.failure_reason is not None and not self.failure_reason.strip():
+            raise ValueError("a failure reason must say why")
 
     @property
     def compute_seconds(self) -> float:
         """Total compute seconds across sites."""
         return float(sum(self.cost_seconds_by_site.values()))
+
+    def forgetting(self, direction: Direction = "maximize") -> dict[str, float]:
+        """Each visited site's drop from its best post-visit score to its final score
+        (`site_forgetting`); empty without visit scores."""
+        return site_forgetting(self.visit_scores, self.site_scores, direction)
+
+
+def site_forgetting(
+    visit_scores: Sequence[tuple[str, float]],
+    final_scores: Sequence[SiteScore],
+    direction: Direction = "maximize",
+) -> dict[str, float]:
+    """How much of what each site's visits reached the final model lost.
+
+    Args:
+        visit_scores: (site, score) after each visit, in hop order.
+        final_scores: Every site's score of the final model.
+        direction: "maximize" when larger scores are better (accuracy), else "minimize".
+
+    Returns:
+        Site -> best post-visit score minus final score (final minus best when minimizing),
+        for each site with both; 0 or less means nothing was forgotten. The worst site is
+        ``max(result.values())``.
+    """
+    final = {score.site: score.value for score in final_scores}
+    best: dict[str, float] = {}
+    pick = max if direction == "maximize" else min
+    for site, value in visit_scores:
+        best[site] = pick(best[site], value) if site in best else value
+    sign = 1.0 if direction == "maximize" else -1.0
+    return {site: sign * (best[site] - final[site]) for site in best if site in final}
 
 
 class PlanPruned(Exception):
@@ -96,6 +146,24 @@ class PlanPruned(Exception):
         self, message: str = "", cost_seconds_by_site: Mapping[str, float] | None = None
     ) -> None:
         super().__init__(message)
+        self.cost_seconds_by_site = cost_seconds_by_site
+
+
+class PlanFailed(Exception):
+    """Raised by an executor when a plan's run produced no usable model, e.g. its training
+    loss diverged. The study records the trial as failed with the message as its
+    ``failure_reason`` and goes on with the next trial.
+
+    Attributes:
+        reason: Why, in one line.
+        cost_seconds_by_site: Compute the failed run cost, when known.
+    """
+
+    def __init__(self, reason: str, cost_seconds_by_site: Mapping[str, float] | None = None):
+        if not reason.strip():
+            raise ValueError("a failure reason must say why")
+        super().__init__(reason)
+        self.reason = reason
         self.cost_seconds_by_site = cost_seconds_by_site
 
 

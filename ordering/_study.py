@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -21,9 +22,11 @@ from ordering._encodings import (
 )
 from ordering._objective import (
     AGGREGATIONS,
+    FAILURE_REASON_ATTR,
     Aggregation,
     Direction,
     PlanExecutor,
+    PlanFailed,
     PlanPruned,
     SiteScore,
     TrialOutcome,
@@ -32,6 +35,7 @@ from ordering._objective import (
 )
 from ordering._plan import CandidatePlan
 from ordering._pruning import STAGE_ATTR, PruningSettings, stage_key
+from ordering._samplers import RandomOrderSampler
 from ordering._space import SearchSpace, SearchSpaceError
 
 __all__ = ["DEFAULT_PRUNING", "OrderingStudy", "StudyMismatch", "TrialRecord"]
@@ -39,7 +43,8 @@ __all__ = ["DEFAULT_PRUNING", "OrderingStudy", "StudyMismatch", "TrialRecord"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRUNING = PruningSettings()
-SamplerName = Literal["tpe", "random"]
+SamplerName = Literal["tpe", "random", "random-order"]
+SAMPLERS: tuple[SamplerName, ...] = ("tpe", "random", "random-order")
 
 _META_ATTR = "baton.ordering"  # study user attribute describing what the study searches
 _SCHEMA = 1
@@ -82,6 +87,10 @@ class TrialRecord:
             this trial reuses instead of running the plan again.
         warm_start: Set for a trial recorded from a run made before the trial (`add_prior`):
             the note naming that run. Its compute cost was paid by that run, not the study.
+        failure_reason: Why the executor declared the finished run a failure (a collapsed or
+            diverged model); such a trial is FAIL and never selected or reused.
+        forgetting: Site -> drop from its best post-visit score to its final score, when the
+            executor reported scores after each visit.
     """
 
     study_name: str
@@ -97,6 +106,13 @@ class TrialRecord:
     error: str | None = None
     duplicate_of: int | None = None
     warm_start: str | None = None
+    failure_reason: str | None = None
+    forgetting: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def worst_forgetting(self) -> float | None:
+        """The largest site's forgetting, when measured."""
+        return max(self.forgetting.values()) if self.forgetting else None
 
     @property
     def value(self) -> float | None:
@@ -129,6 +145,8 @@ class TrialRecord:
             error=attrs.get("error"),
             duplicate_of=attrs.get("duplicate_of"),
             warm_start=attrs.get("warm_start"),
+            failure_reason=attrs.get(FAILURE_REASON_ATTR),
+            forgetting=MappingProxyType(dict(attrs.get("forgetting", {}))),
         )
 
 
@@ -141,7 +159,7 @@ class _KnownOutcome:
     def execute(
         self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
     ) -> TrialOutcome:
-        return TrialOutcome(self.outcome.site_scores, {}, self.outcome.intermediate)
+        return dataclasses.replace(self.outcome, cost_seconds_by_site={})
 
 
 class _Stage:
@@ -221,7 +239,9 @@ class OrderingStudy:
             aggregation: How per-site scores become the objective: "mean", "weighted", "worst".
             direction: "maximize" for scores such as accuracy, "minimize" for losses.
             seed: Sampler seed.
-            sampler: "tpe" (the search) or "random" (the random-search baseline).
+            sampler: "tpe" (the search), "random" (the random-search baseline) or
+                "random-order" (TPE over the hyperparameters, a uniformly random order every
+                trial: the tuned random-order baseline).
             pruning: Pruning settings, or None for no pruning. Ignored for multi-objective
                 studies (Optuna cannot prune them).
             multi_objective: Optimise (aggregation, worst site) jointly.
@@ -243,8 +263,8 @@ class OrderingStudy:
         if multi_objective and aggregation == "worst":
             raise ValueError("multi-objective studies pair the aggregation with 'worst'; "
                              "choose 'mean' or 'weighted'")  # fmt: skip
-        if sampler not in ("tpe", "random"):
-            raise ValueError(f"sampler must be 'tpe' or 'random', got {sampler!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if bounds is not None:
             space.check_within(bounds)
         storage: optuna.storages.BaseStorage = (
@@ -323,6 +343,8 @@ class OrderingStudy:
     def _new_sampler(self) -> optuna.samplers.BaseSampler:
         if self._sampler_name == "random":
             return optuna.samplers.RandomSampler(seed=self._seed)
+        if self._sampler_name == "random-order":
+            return RandomOrderSampler(seed=self._seed, n_startup_trials=self._n_startup_trials)
         # Optuna 5 defaults: multivariate TPE for one objective, independent TPE for two.
         return optuna.samplers.TPESampler(seed=self._seed, n_startup_trials=self._n_startup_trials)
 
@@ -575,6 +597,14 @@ class OrderingStudy:
             study.tell(trial, state=TrialState.PRUNED)
             logger.info("%s trial %d pruned: %s", study.study_name, trial.number, plan.describe())
             return self._record(stage, trial.number)
+        except PlanFailed as exc:
+            cost = exc.cost_seconds_by_site or {"(unattributed)": time.monotonic() - began}
+            self._store_run(trial, cost, reported)
+            trial.set_user_attr(FAILURE_REASON_ATTR, exc.reason)
+            trial.set_user_attr("error", exc.reason)
+            study.tell(trial, state=TrialState.FAIL)
+            logger.warning("%s trial %d failed: %s", study.study_name, trial.number, exc.reason)
+            return self._record(stage, trial.number)
         except BaseException as exc:
             self._store_run(trial, {"(unattributed)": time.monotonic() - began}, reported)
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
@@ -592,7 +622,15 @@ class OrderingStudy:
             trial.set_user_attr("error", f"invalid outcome: {exc}")
             study.tell(trial, state=TrialState.FAIL)
             raise
-        if not all(math.isfinite(v) for v in values):
+        if outcome.failure_reason is not None:
+            # A collapsed or diverged model ran to the end but must never be the best plan,
+            # the twin a duplicate reuses, nor the settings a baseline inherits.
+            trial.set_user_attr(FAILURE_REASON_ATTR, outcome.failure_reason)
+            trial.set_user_attr("error", outcome.failure_reason)
+            study.tell(trial, state=TrialState.FAIL)
+            logger.warning("%s trial %d failed: %s", study.study_name, trial.number,
+                           outcome.failure_reason)  # fmt: skip
+        elif not all(math.isfinite(v) for v in values):
             trial.set_user_attr("error", f"non-finite objective {values}")
             study.tell(trial, state=TrialState.FAIL)
             logger.warning("%s trial %d scored %s", study.study_name, trial.number, values)
@@ -614,7 +652,7 @@ class OrderingStudy:
         return None
 
     def _reuse(self, stage: _Stage, trial: optuna.Trial, twin: FrozenTrial) -> TrialRecord:
-        for key in ("site_scores", "objectives", "intermediate"):
+        for key in ("site_scores", "objectives", "intermediate", "visit_scores", "forgetting"):
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])
         trial.set_user_attr("cost_seconds_by_site", {})
@@ -653,6 +691,9 @@ class OrderingStudy:
                     trial.report(value, cycle)
         self._store_run(trial, outcome.cost_seconds_by_site, reported)
         trial.set_user_attr("site_scores", [s.to_json_dict() for s in outcome.site_scores])
+        if outcome.visit_scores:
+            trial.set_user_attr("visit_scores", [list(v) for v in outcome.visit_scores])
+            trial.set_user_attr("forgetting", outcome.forgetting(self.direction))
         trial.set_user_attr(
             "objectives",
             {a: aggregate(outcome.site_scores, a, self.direction) for a in AGGREGATIONS},

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from site_agent.examples import TabularExample
+from site_agent.examples import TabularExample, TextExample
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks import HopHyperparameters, HopOutcome, TaskSpec, Trainer
 from site_agent.tasks._metrics import COUNT_KEYS, pool_metrics
@@ -39,13 +40,16 @@ __all__ = [
     "HyperparameterSchedule",
     "SequentialResult",
     "TrainSchedule",
+    "collapse_reason",
     "cross_validate",
     "cyclic_visits",
+    "divergence_reason",
     "evaluate_sites",
     "pool_metrics",
     "pooled_dataset",
     "pooled_normalisation_spec",
     "pooled_normaliser",
+    "prediction_shares",
     "train_fedavg",
     "train_local",
     "train_pooled",
@@ -57,8 +61,15 @@ logger = logging.getLogger(__name__)
 EvaluationSplit = Literal["validation", "test"]
 # Hyperparameters of one FedAvg client update: (round, counted from 1; site name) -> settings.
 HyperparameterSchedule = Callable[[int, str], HopHyperparameters]
-# Trains one schedule on the sites' datasets (in the order given) and returns its final tensors.
-TrainSchedule = Callable[[Sequence[RegisteredDataset]], Mapping[str, torch.Tensor]]
+# Trains one schedule on the sites' datasets (in the order given) and returns its final tensors,
+# or the whole sequential result (then cross-validation also scores each visit).
+TrainSchedule = Callable[
+    [Sequence[RegisteredDataset]], "Mapping[str, torch.Tensor] | SequentialResult"
+]
+# A visit whose train loss exceeds this many times a chance predictor's (ln of the label count)
+# has diverged. Not relative to an earlier visit: an easy first site (Switzerland's rows are
+# nearly all positive) trains to a loss far below what the next, harder site starts from.
+DIVERGENCE_GROWTH = 10.0
 
 # Keys of Flower's records and configs (FedAvg's defaults, written out so that both ends agree).
 _WEIGHT_KEY = "num-examples"
@@ -118,6 +129,23 @@ class CrossValidationResult:
     mean: dict[str, float]  # unweighted mean over sites (counts summed), as FLamby averages
     pooled: dict[str, float]  # every site's held-out rows together (``pool_metrics`` of sites)
     per_fold: tuple[dict[str, dict[str, float]], ...]  # fold -> site -> that fold's metrics
+    # (site, metrics) after each visit, pooled over the folds: the visited site's out-of-fold
+    # score of the model its visit produced. Empty unless ``train`` returned visits.
+    visits: tuple[tuple[str, dict[str, float]], ...] = ()
+    # Why the schedule's models must not count (collapsed or diverged), else None.
+    failure_reason: str | None = None
+
+    def visit_scores(self, metric: str = "accuracy") -> tuple[tuple[str, float], ...]:
+        """(site, score) after each visit, in hop order."""
+        return tuple((site, metrics[metric]) for site, metrics in self.visits)
+
+    def forgetting(self, metric: str = "accuracy") -> dict[str, float]:
+        """Site -> its best post-visit score minus its final out-of-fold score (larger is
+        better for ``metric``); empty without visits."""
+        best: dict[str, float] = {}
+        for site, value in self.visit_scores(metric):
+            best[site] = max(best.get(site, value), value)
+        return {site: best[site] - self.sites[site][metric] for site in best}
 
 
 # ---- sequential, local, pooled ---------------------------------------------------------------
@@ -565,6 +593,7 @@ def cross_validate(
     train: TrainSchedule,
     *,
     evaluation_spec: Callable[[Sequence[RegisteredDataset]], TaskSpec] | None = None,
+    guard: bool = True,
 ) -> CrossValidationResult:
     """Scores a schedule by k-fold cross-validation over the sites' training rows.
 
@@ -582,30 +611,146 @@ def cross_validate(
         train: Trains the schedule on the fold's views (in ``datasets`` order) and returns the
             tensors, e.g. ``lambda views: train_fedavg(trainer, spec, views, ...).tensors``.
         evaluation_spec: Gives the scoring spec from the fold's views, e.g.
-            ``lambda views: pooled_normalisation_spec(spec, views)``; None scores with ``spec``.
+            ``lambda views: pooled_normalisation_spec(spec, views)`` (a normaliser fitted on
+            the fold's training rows only); None scores with ``spec``.
+        guard: Check every fold's final model for collapse (``collapse_reason`` over all the
+            held-out rows) and, when ``train`` returns visits, the train losses for divergence
+            (``divergence_reason``); the first finding is ``failure_reason``.
 
     Returns:
-        Per-site and mean scores pooled over the folds, and each fold's scores.
+        Per-site and mean scores pooled over the folds, each fold's scores, and, when
+        ``train`` returns a ``SequentialResult``, the score after each visit.
 
     Raises:
         ValueError: If names repeat, ``folds`` is invalid for a site, or training fails.
     """
     _check_sites(datasets)
     per_fold: list[dict[str, dict[str, float]]] = []
+    fold_visits: list[tuple[HopRecord, ...]] = []
+    failure: str | None = None
     for fold in range(folds):
         views = [dataset.fold_view(fold, folds) for dataset in datasets]
-        tensors = train(views)
+        trained = train(views)
+        if isinstance(trained, SequentialResult):
+            tensors: Mapping[str, torch.Tensor] = trained.tensors
+            fold_visits.append(trained.visits)
+            if guard and failure is None:
+                failure = divergence_reason(trained.visits, labels=len(spec.labels))
+        else:
+            tensors = trained
         scoring = spec if evaluation_spec is None else evaluation_spec(views)
         per_fold.append(evaluate_sites(trainer, scoring, tensors, views, "validation"))
+        if guard and failure is None:
+            failure = collapse_reason(trainer, scoring, tensors, views, "validation")
+            if failure is not None:
+                failure = f"fold {fold}: {failure}"
         logger.info("cross-validation fold %d of %d done", fold + 1, folds)
     sites = {d.name: pool_metrics([scores[d.name] for scores in per_fold]) for d in datasets}
+    visits: list[tuple[str, dict[str, float]]] = []
+    if len(fold_visits) == folds:
+        for hops in zip(*fold_visits, strict=True):
+            names = {hop.site for hop in hops}
+            if len(names) != 1 or any("examples" not in hop.metrics for hop in hops):
+                visits = []  # folds visited differently or a visit was not scored
+                break
+            visits.append((hops[0].site, pool_metrics([hop.metrics for hop in hops])))
     return CrossValidationResult(
         folds=folds,
         sites=sites,
         mean=_mean_over_sites(list(sites.values())),
         pooled=pool_metrics(list(sites.values())),
         per_fold=tuple(per_fold),
+        visits=tuple(visits),
+        failure_reason=failure,
     )
+
+
+# ---- collapse and divergence -----------------------------------------------------------------
+
+
+def prediction_shares(
+    trainer: Trainer,
+    spec: TaskSpec,
+    tensors: Mapping[str, torch.Tensor],
+    dataset: RegisteredDataset,
+    split: EvaluationSplit,
+) -> dict[str, float]:
+    """The share of the split's rows the model predicts as each label.
+
+    Found with the trainer's own ``evaluate``: with every row of the split relabelled as
+    label j, its accuracy is the share of rows predicted as j (features and the train split,
+    hence the normaliser, are untouched).
+
+    Returns:
+        Label -> share, over ``spec.labels``.
+
+    Raises:
+        ValueError: If the split is empty or the trainer cannot evaluate.
+    """
+    rows = dataset.validation if split == "validation" else dataset.test
+    if not rows:
+        raise ValueError(f"dataset {dataset.name!r} has no {split} rows")
+    shares: dict[str, float] = {}
+    for label in spec.labels[:-1]:
+        relabelled: list[TabularExample | TextExample] = []
+        for row in rows:
+            if not isinstance(row, TabularExample | TextExample):
+                raise ValueError(f"dataset {dataset.name!r} is not a classification dataset")
+            relabelled.append(dataclasses.replace(row, label=label))
+        if split == "validation":
+            view = dataclasses.replace(dataset, validation=tuple(relabelled))
+        else:
+            view = dataclasses.replace(dataset, test=tuple(relabelled))
+        shares[label] = trainer.evaluate(spec, view, split, tensors)["accuracy"]
+    # The last label takes the rest (one evaluation fewer); rounding kept at 0.
+    shares[spec.labels[-1]] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
+
+
+def collapse_reason(
+    trainer: Trainer,
+    spec: TaskSpec,
+    tensors: Mapping[str, torch.Tensor],
+    datasets: Sequence[RegisteredDataset],
+    split: EvaluationSplit,
+) -> str | None:
+    """Says why the model is a constant predictor (one label for every row of ``split`` at
+    every site), or None when it predicts at least two labels somewhere."""
+    counts: dict[str, float] = {}
+    total = 0
+    for dataset in datasets:
+        rows = len(dataset.validation if split == "validation" else dataset.test)
+        for label, share in prediction_shares(trainer, spec, tensors, dataset, split).items():
+            counts[label] = counts.get(label, 0.0) + share * rows
+        total += rows
+    for label, count in counts.items():
+        if round(count) == total:
+            return (
+                f"collapsed: predicts label {label!r} for every one of the {total} {split} rows "
+                f"of {len(datasets)} site(s)"
+            )
+    return None
+
+
+def divergence_reason(
+    visits: Sequence[HopRecord], *, labels: int, growth: float = DIVERGENCE_GROWTH
+) -> str | None:
+    """Says why the visits' training diverged, or None: a train loss that is not finite, or
+    one above ``growth`` times a chance predictor's loss (``ln(labels)``, the cross-entropy of
+    uniform predictions; only non-finite losses count with fewer than 2 labels)."""
+    bound = growth * math.log(labels) if labels >= 2 else math.inf
+    for index, visit in enumerate(visits):
+        loss = visit.metrics.get("train_loss")
+        if loss is None:
+            continue
+        if not math.isfinite(loss):
+            return f"diverged: train loss {loss} at visit {index + 1} ({visit.site})"
+        if loss > bound:
+            return (
+                f"diverged: train loss {loss:.4g} at visit {index + 1} ({visit.site}) is above "
+                f"{growth:g} times a chance predictor's {math.log(labels):.4g}"
+            )
+    return None
 
 
 def _mean_over_sites(sites: Sequence[Mapping[str, float]]) -> dict[str, float]:

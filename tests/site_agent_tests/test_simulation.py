@@ -16,13 +16,18 @@ import torch
 from site_agent.examples import Example, TabularExample
 from site_agent.registry import RegisteredDataset, register_dataset
 from site_agent.simulation import (
+    HopRecord,
+    SequentialResult,
+    collapse_reason,
     cross_validate,
     cyclic_visits,
+    divergence_reason,
     evaluate_sites,
     pool_metrics,
     pooled_dataset,
     pooled_normalisation_spec,
     pooled_normaliser,
+    prediction_shares,
     train_fedavg,
     train_local,
     train_pooled,
@@ -563,3 +568,93 @@ def test_heart_disease_baselines_run_on_flambys_four_centers(
     assert set(consistent) == set(CENTERS)
     assert sorted(federated.tensors) == ["linear.bias", "linear.weight"]
     assert federated.tensors["linear.weight"].shape == (1, 13)
+
+
+# ---- collapse, divergence and forgetting -------------------------------------------------------
+
+
+def _constant(tensors: Mapping[str, torch.Tensor], bias: float) -> dict[str, torch.Tensor]:
+    """The same model with every weight zero and the given bias: one class for every row."""
+    return {
+        name: torch.full_like(t, bias) if name.endswith("bias") else torch.zeros_like(t)
+        for name, t in tensors.items()
+    }
+
+
+def test_prediction_shares_are_the_share_of_rows_predicted_as_each_label(
+    trainer: TabularTrainer, sites: list[RegisteredDataset]
+) -> None:
+    tensors = train_sequential(trainer, SPEC, cyclic_visits(sites, HP)).tensors
+    site = dataclasses.replace(sites[1], validation=sites[1].train[:20])
+    shares = prediction_shares(trainer, SPEC, tensors, site, "validation")
+    predicted_one = 0
+    for row in site.validation:
+        one = dataclasses.replace(site, validation=(dataclasses.replace(row, label="1"),))
+        predicted_one += int(trainer.evaluate(SPEC, one, "validation", tensors)["accuracy"])
+    assert shares["1"] == pytest.approx(predicted_one / 20)
+    assert shares["0"] == pytest.approx(1 - predicted_one / 20)
+
+
+def test_a_constant_predictor_is_reported_as_collapsed_and_a_trained_model_is_not(
+    trainer: TabularTrainer, sites: list[RegisteredDataset]
+) -> None:
+    tensors = train_sequential(trainer, SPEC, cyclic_visits(sites, HP)).tensors
+    assert collapse_reason(trainer, SPEC, tensors, sites, "test") is None
+    reason = collapse_reason(trainer, SPEC, _constant(tensors, 10.0), sites, "test")
+    assert reason == "collapsed: predicts label '1' for every one of the 18 test rows of 3 site(s)"
+
+
+def test_cross_validation_names_a_collapsed_schedule_and_keeps_its_scores(
+    trainer: TabularTrainer, sites: list[RegisteredDataset]
+) -> None:
+    def collapsing(views: Sequence[RegisteredDataset]) -> Mapping[str, torch.Tensor]:
+        return _constant(train_sequential(trainer, SPEC, cyclic_visits(views, HP)).tensors, -10)
+
+    result = cross_validate(trainer, SPEC, sites, 2, collapsing)
+    assert result.failure_reason is not None
+    assert result.failure_reason.startswith("fold 0: collapsed: predicts label '0'")
+    assert set(result.sites) == {s.name for s in sites}
+    unguarded = cross_validate(trainer, SPEC, sites, 2, collapsing, guard=False)
+    assert unguarded.failure_reason is None
+    healthy = cross_validate(
+        trainer, SPEC, sites, 2, lambda v: train_sequential(trainer, SPEC, cyclic_visits(v, HP))
+    )
+    assert healthy.failure_reason is None
+
+
+def test_divergence_is_a_non_finite_loss_or_ten_times_a_chance_predictors() -> None:
+    def visits(*losses: float) -> list[HopRecord]:
+        return [HopRecord("north", {"train_loss": loss}) for loss in losses]
+
+    # An easy first site's tiny loss is no reference: 0.03 then 0.6 has not diverged.
+    assert divergence_reason(visits(0.03, 0.6, 6.9), labels=2) is None
+    grown = divergence_reason(visits(0.7, 0.6, 7.5), labels=2)
+    assert grown == (
+        "diverged: train loss 7.5 at visit 3 (north) is above 10 times a chance predictor's 0.6931"
+    )
+    assert divergence_reason(visits(0.7, 7.5), labels=3) is None  # bound 10 ln 3
+    assert divergence_reason(visits(0.7, math.inf), labels=2) == (
+        "diverged: train loss inf at visit 2 (north)"
+    )
+
+
+def test_cross_validation_scores_each_visit_out_of_fold_and_measures_forgetting(
+    trainer: TabularTrainer, sites: list[RegisteredDataset]
+) -> None:
+    results: list[SequentialResult] = []
+
+    def schedule(views: Sequence[RegisteredDataset]) -> SequentialResult:
+        results.append(train_sequential(trainer, SPEC, cyclic_visits(views, HP, cycles=2)))
+        return results[-1]
+
+    result = cross_validate(trainer, SPEC, sites, 3, schedule)
+    assert [site for site, _ in result.visits] == [s.name for s in sites] * 2
+    for index, (_site, metrics) in enumerate(result.visits):
+        hops = [r.visits[index].metrics for r in results]
+        correct = sum(h["accuracy"] * h["examples"] for h in hops)
+        assert metrics["accuracy"] == pytest.approx(correct / sum(h["examples"] for h in hops))
+        assert metrics["examples"] == len(sites[index % 3].train)
+    forgetting = result.forgetting()
+    for site in sites:
+        best = max(v for s, v in result.visit_scores() if s == site.name)
+        assert forgetting[site.name] == pytest.approx(best - result.sites[site.name]["accuracy"])

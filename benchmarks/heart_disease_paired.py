@@ -1,0 +1,847 @@
+"""Fed-Heart-Disease, paired and equal-tuning (BENCHMARKS.md §1, issue 17).
+
+Every comparator gets the same trial budget and the same train-only objective (k-fold CV inside
+each centre's training rows, mean over the four centres), on many resampled per-centre
+train/test splits, and is scored once on each split's test rows:
+
+* ``searched``: Baton's search (``OrderingStudy``, TPE, its default encoding and seed order);
+* ``random-search``: the same space and executor with a random sampler;
+* ``random-order``: the same space, hyperparameters tuned by TPE, but the order drawn uniformly
+  at random in every trial (``sampler="random-order"``); the final model trains the tuned
+  settings on a fresh random order (the order is never selected);
+* ``fedavg``: FedAvg with Flower's aggregation, learning rate, local steps and rounds tuned by
+  TPE on the same CV;
+* ``pooled``: all training rows in one place, learning rate and steps tuned likewise.
+
+Split 0 is FLamby's fixed split (folds seeded 0, as the real-process benchmark registers it);
+split s > 0 redraws each centre's test rows, stratified by label with FLamby's test share,
+from an RNG seeded with s, and seeds the CV folds with s. Both normalisation settings:
+``per-site`` (each centre z-scores with its own training statistics) and ``global`` (one
+normaliser from the centres' pooled training statistics; inside CV it is fitted per fold, on
+the fold's training rows only, so held-out rows never inform it).
+
+Every run is the in-process twin (``site_agent.simulation``): the sites' own trainer code,
+with weights moving between hops as tensors. ``benchmarks/heart_disease.py`` checks that twin
+bit for bit against real site processes (its "cyclic twin max diff" column); this script does
+not start processes. A trial whose model predicts one class for every held-out row, or whose
+train loss diverges, fails with a reason and is never selected (``failure_reason``).
+
+Reported per setting: paired per-split differences (searched minus each comparator) with mean,
+95% t-interval over splits, Wilcoxon signed-rank p and wins; each selected schedule's worst-site
+forgetting (best post-visit CV score minus final CV score; CV only, never test); failed trials.
+
+    .venv/bin/python benchmarks/heart_disease_paired.py --splits 10 --trials 10 --jobs 2
+    .venv/bin/python benchmarks/heart_disease_paired.py --quick        # smoke run, seconds
+    .venv/bin/python benchmarks/heart_disease_paired.py --render results/heart_disease_paired.json
+
+Writes benchmarks/results/heart_disease_paired.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from heart_disease import DEFAULT_DATA, FLAMBY_BATCH, LABELS, SITES, _datasets, _register_sites
+
+from ordering import (
+    Aggregation,
+    CandidatePlan,
+    FloatRange,
+    IntRange,
+    OrderingStudy,
+    PlanFailed,
+    SearchSpace,
+    SiteScore,
+    TrialOutcome,
+    TrialRecord,
+    random_search,
+)
+from site_agent.registry import RegisteredDataset
+from site_agent.simulation import (
+    CrossValidationResult,
+    collapse_reason,
+    cross_validate,
+    evaluate_sites,
+    pooled_normalisation_spec,
+    train_fedavg,
+    train_pooled,
+    train_sequential,
+)
+from site_agent.tasks import HopHyperparameters as SiteHyperparameters
+from site_agent.tasks import TabularTrainer, TaskSpec, create_trainer
+
+logger = logging.getLogger("benchmarks.heart_disease_paired")
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SETTINGS = ("per-site", "global")
+COMPARATORS = ("random-search", "random-order", "fedavg", "pooled")
+METHODS = ("searched", *COMPARATORS)
+N_STARTUP_TRIALS = 3  # the study's default; the tuned baselines get the same TPE settings
+# Set in a method's site_test_accuracy when its final model predicts one class on every test row.
+COLLAPSED_KEY = "collapsed"
+
+
+# ---- splits and specs ---------------------------------------------------------------------------
+
+
+def resample_split(base: Sequence[RegisteredDataset], split: int) -> list[RegisteredDataset]:
+    """The centres' train/test rows of ``split``: FLamby's for 0, else redrawn per centre,
+    stratified by label with FLamby's test share; the CV folds are seeded with ``split``."""
+    if split == 0:
+        return [dataclasses.replace(d, seed=0) for d in base]
+    resampled = []
+    for dataset in base:
+        rows = dataset.train + dataset.test
+        share = len(dataset.test) / len(rows)
+        rng = random.Random(f"heart-split:{split}:{dataset.name}")
+        test_rows: set[int] = set()
+        labels = sorted({row.label for row in rows if hasattr(row, "label")})
+        for label in labels:
+            group = [i for i, row in enumerate(rows) if getattr(row, "label", None) == label]
+            rng.shuffle(group)
+            test_rows.update(group[: round(len(group) * share)])
+        resampled.append(
+            dataclasses.replace(
+                dataset,
+                train=tuple(r for i, r in enumerate(rows) if i not in test_rows),
+                test=tuple(r for i, r in enumerate(rows) if i in test_rows),
+                seed=split,
+            )
+        )
+    return resampled
+
+
+def _base_spec(setting: str) -> TaskSpec:
+    options: dict[str, Any] = {"model": "logistic"}
+    if setting == "per-site":
+        options["normalisation"] = "per-site"
+    return TaskSpec("tabular", labels=LABELS, options=options)
+
+
+def _spec_for(setting: str) -> Callable[[Sequence[RegisteredDataset]], TaskSpec]:
+    """The spec a model trains and scores with, from the datasets it may see: in ``global``,
+    a normaliser fitted on their training rows only (per CV fold, or the split's train)."""
+    base = _base_spec(setting)
+    if setting == "per-site":
+        return lambda datasets: base
+    return lambda datasets: pooled_normalisation_spec(base, datasets)
+
+
+def _site_hp(values: Mapping[str, Any]) -> SiteHyperparameters:
+    return SiteHyperparameters(**dict(values))
+
+
+def _run_cv(
+    trainer: TabularTrainer,
+    setting: str,
+    datasets: Sequence[RegisteredDataset],
+    folds: int,
+    train: Callable[[Sequence[RegisteredDataset], TaskSpec], Any],
+) -> CrossValidationResult:
+    spec_for = _spec_for(setting)
+    try:
+        return cross_validate(
+            trainer,
+            _base_spec(setting),
+            datasets,
+            folds,
+            lambda views: train(views, spec_for(views)),
+            evaluation_spec=spec_for,
+        )
+    except ValueError as exc:
+        if "diverged" in str(exc):
+            raise PlanFailed(f"diverged: {exc}") from exc
+        raise
+
+
+def _outcome(cv: CrossValidationResult, seconds: float) -> TrialOutcome:
+    return TrialOutcome(
+        tuple(
+            SiteScore(site, m["accuracy"], int(m["examples"]), cv.folds)
+            for site, m in cv.sites.items()
+        ),
+        {"in-process": seconds},
+        visit_scores=cv.visit_scores(),
+        failure_reason=cv.failure_reason,
+    )
+
+
+class TwinExecutor:
+    """Runs a plan as the in-process twin under k-fold CV (a ``PlanExecutor``)."""
+
+    def __init__(
+        self,
+        trainer: TabularTrainer,
+        setting: str,
+        datasets: Sequence[RegisteredDataset],
+        folds: int,
+    ) -> None:
+        self.trainer, self.setting, self.datasets, self.folds = trainer, setting, datasets, folds
+
+    def execute(
+        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
+    ) -> TrialOutcome:
+        started = time.perf_counter()
+
+        def train(views: Sequence[RegisteredDataset], spec: TaskSpec) -> Any:
+            by_name = {view.name: view for view in views}
+            visits = [
+                (by_name[hop.site], _site_hp(hop.hyperparameters.as_dict())) for hop in plan.hops
+            ]
+            return train_sequential(self.trainer, spec, visits)
+
+        cv = _run_cv(self.trainer, self.setting, self.datasets, self.folds, train)
+        return _outcome(cv, time.perf_counter() - started)
+
+
+# ---- comparators --------------------------------------------------------------------------------
+
+
+def search_space(seed: int, cycles: int, max_steps: int) -> SearchSpace:
+    """Order, cycles, visit length, learning rate, its per-hop decay and a proximal term."""
+    return SearchSpace(
+        sites=SITES,
+        cycles=IntRange(1, cycles),
+        learning_rate=FloatRange(3e-4, 3e-2, log=True),
+        learning_rate_decay=FloatRange(0.7, 1.0),
+        steps=IntRange(10, max_steps),
+        proximal_mu=FloatRange(0.0, 1.0),
+        batch_size=FLAMBY_BATCH,
+        max_grad_norm=0.0,
+        seed=seed,
+    )
+
+
+def _final_sequential(
+    trainer: TabularTrainer,
+    setting: str,
+    datasets: Sequence[RegisteredDataset],
+    plan: CandidatePlan,
+) -> dict[str, Any]:
+    spec = _spec_for(setting)(datasets)
+    by_name = {d.name: d for d in datasets}
+    visits = [(by_name[hop.site], _site_hp(hop.hyperparameters.as_dict())) for hop in plan.hops]
+    tensors = train_sequential(trainer, spec, visits).tensors
+    return _test_accuracy(trainer, spec, tensors, datasets)
+
+
+def _test_accuracy(
+    trainer: TabularTrainer,
+    spec: TaskSpec,
+    tensors: Mapping[str, torch.Tensor],
+    datasets: Sequence[RegisteredDataset],
+) -> dict[str, Any]:
+    scores = evaluate_sites(trainer, spec, tensors, datasets, "test")
+    accuracy = {site: metrics["accuracy"] for site, metrics in scores.items()}
+    # Reported, never used to select: is the final model a constant predictor on test?
+    collapsed = collapse_reason(trainer, spec, tensors, datasets, "test")
+    return {**accuracy, **({COLLAPSED_KEY: collapsed} if collapsed else {})}
+
+
+def _study_summary(records: Sequence[TrialRecord], chosen: TrialRecord) -> dict[str, Any]:
+    return {
+        "trials": len(records),
+        "failed": [
+            {"number": r.number, "reason": r.failure_reason or r.error}
+            for r in records
+            if r.state == "FAIL"
+        ],
+        "chosen_plan": chosen.plan.describe() if chosen.plan else None,
+        "chosen_hyperparameters": (
+            chosen.plan.hops[0].hyperparameters.as_dict() if chosen.plan else None
+        ),
+        "cv_accuracy": statistics.fmean(s.value for s in chosen.site_scores),
+        "cv_worst_site": min(s.value for s in chosen.site_scores),
+        "cv_forgetting": dict(chosen.forgetting),
+        "cv_worst_forgetting": chosen.worst_forgetting,
+        "trial_values": [r.value for r in records],
+    }
+
+
+def _best(records: Sequence[TrialRecord]) -> TrialRecord:
+    complete = [r for r in records if r.state == "COMPLETE" and r.value is not None]
+    if not complete:
+        raise RuntimeError("every trial failed")
+    return max(complete, key=lambda r: (r.value or 0.0, -r.number))
+
+
+def _sequential_studies(
+    trainer: TabularTrainer,
+    setting: str,
+    datasets: Sequence[RegisteredDataset],
+    split: int,
+    trials: int,
+    folds: int,
+    space: SearchSpace,
+    objective: Aggregation,
+) -> dict[str, dict[str, Any]]:
+    executor = TwinExecutor(trainer, setting, datasets, folds)
+    out: dict[str, dict[str, Any]] = {}
+    sizes = {d.name: len(d.train) for d in datasets}
+    # Baton's search: TPE, its default encoding, the coordinator's size-ordered seed first.
+    searched = OrderingStudy.create(None, f"searched-{split}", space, "auto", objective,
+                                    seed=split, pruning=None)  # fmt: skip
+    searched.enqueue(tuple(sorted(SITES, key=lambda s: (sizes[s], s))), note="seed: sizes")
+    started = time.perf_counter()
+    records = searched.optimize(executor, trials, catch=(PlanFailed,))
+    chosen = _best(records)
+    assert chosen.plan is not None
+    out["searched"] = {
+        **_study_summary(records, chosen),
+        "seconds": time.perf_counter() - started,
+        "site_test_accuracy": _final_sequential(trainer, setting, datasets, chosen.plan),
+    }
+    started = time.perf_counter()
+    study = random_search(executor, space, trials, seed=split, aggregation=objective)
+    records = study.history()
+    chosen = _best(records)
+    assert chosen.plan is not None
+    out["random-search"] = {
+        **_study_summary(records, chosen),
+        "seconds": time.perf_counter() - started,
+        "site_test_accuracy": _final_sequential(trainer, setting, datasets, chosen.plan),
+    }
+    started = time.perf_counter()
+    tuned = OrderingStudy.create(None, f"random-order-{split}", space, "lehmer", objective,
+                                 seed=split,
+                                 sampler="random-order", pruning=None)  # fmt: skip
+    records = tuned.optimize(executor, trials, catch=(PlanFailed,))
+    chosen = _best(records)
+    assert chosen.plan is not None
+    # The tuned settings on a fresh random order: the order itself is never selected.
+    order = list(SITES)
+    random.Random(f"random-order-final:{split}").shuffle(order)
+    final = CandidatePlan.build(
+        [tuple(order)] * chosen.plan.cycles,
+        chosen.plan.hops[0].hyperparameters,
+        learning_rate_decay=chosen.plan.learning_rate_decay,
+    )
+    out["random-order"] = {
+        **_study_summary(records, chosen),
+        "final_plan": final.describe(),
+        "seconds": time.perf_counter() - started,
+        "site_test_accuracy": _final_sequential(trainer, setting, datasets, final),
+    }
+    return out
+
+
+def _tuned(
+    name: str,
+    split: int,
+    trials: int,
+    suggest: Callable[[optuna.Trial], dict[str, Any]],
+    score: Callable[[dict[str, Any]], CrossValidationResult],
+    objective: Aggregation,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A TPE study with the search's sampler settings over a baseline's own hyperparameters."""
+    study = optuna.create_study(
+        study_name=f"{name}-{split}",
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=split, n_startup_trials=N_STARTUP_TRIALS),
+    )
+    history: list[dict[str, Any]] = []
+    for _ in range(trials):
+        trial = study.ask()
+        params = suggest(trial)
+        try:
+            cv = score(params)
+        except PlanFailed as exc:
+            trial.set_user_attr("failure_reason", exc.reason)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            history.append({"params": params, "failure_reason": exc.reason})
+            continue
+        if cv.failure_reason is not None:
+            trial.set_user_attr("failure_reason", cv.failure_reason)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            history.append({"params": params, "failure_reason": cv.failure_reason})
+            continue
+        worst = min(m["accuracy"] for m in cv.sites.values())
+        value = worst if objective == "worst" else cv.mean["accuracy"]
+        study.tell(trial, value)
+        history.append({"params": params, "cv_accuracy": value, "cv_worst_site": worst})
+    complete = [h for h in history if "cv_accuracy" in h]
+    if not complete:
+        raise RuntimeError(f"every {name} trial failed")
+    key = "cv_worst_site" if objective == "worst" else "cv_accuracy"
+    return max(complete, key=lambda h: h[key]), history
+
+
+def _fedavg(
+    trainer: TabularTrainer,
+    setting: str,
+    datasets: Sequence[RegisteredDataset],
+    split: int,
+    trials: int,
+    folds: int,
+    max_steps: int,
+    max_rounds: int,
+    objective: Aggregation,
+) -> dict[str, Any]:
+    def suggest(trial: optuna.Trial) -> dict[str, Any]:
+        return {
+            "learning_rate": trial.suggest_float("learning_rate", 3e-4, 3e-2, log=True),
+            "steps": trial.suggest_int("steps", 10, max_steps),
+            "rounds": trial.suggest_int("rounds", 2, max_rounds),
+        }
+
+    def train(params: Mapping[str, Any], views: Sequence[RegisteredDataset], spec: TaskSpec) -> Any:
+        def schedule(round_: int, site: str) -> SiteHyperparameters:
+            return SiteHyperparameters(learning_rate=params["learning_rate"],
+                                       steps=params["steps"], batch_size=FLAMBY_BATCH,
+                                       max_grad_norm=0.0, seed=split + round_ - 1)  # fmt: skip
+
+        return train_fedavg(
+            trainer, spec, views, rounds=params["rounds"], hyperparameters=schedule
+        ).tensors
+
+    started = time.perf_counter()
+    chosen, history = _tuned(
+        "fedavg",
+        split,
+        trials,
+        suggest,
+        lambda p: _run_cv(trainer, setting, datasets, folds, lambda v, s: train(p, v, s)),
+        objective,
+    )
+    spec = _spec_for(setting)(datasets)
+    tensors = train(chosen["params"], datasets, spec)
+    return {
+        "trials": trials,
+        "failed": [h for h in history if "failure_reason" in h],
+        "chosen_hyperparameters": chosen["params"],
+        "cv_accuracy": chosen["cv_accuracy"],
+        "cv_worst_site": chosen["cv_worst_site"],
+        "cv_worst_forgetting": None,
+        "trial_values": [h.get("cv_accuracy") for h in history],
+        "seconds": time.perf_counter() - started,
+        "site_test_accuracy": _test_accuracy(trainer, spec, tensors, datasets),
+    }
+
+
+def _pooled(
+    trainer: TabularTrainer,
+    setting: str,
+    datasets: Sequence[RegisteredDataset],
+    split: int,
+    trials: int,
+    folds: int,
+    max_steps: int,
+    objective: Aggregation,
+) -> dict[str, Any]:
+    def suggest(trial: optuna.Trial) -> dict[str, Any]:
+        return {
+            "learning_rate": trial.suggest_float("learning_rate", 3e-4, 3e-2, log=True),
+            "steps": trial.suggest_int("steps", 50, max_steps, log=True),
+        }
+
+    def train(params: Mapping[str, Any], views: Sequence[RegisteredDataset], spec: TaskSpec) -> Any:
+        hp = SiteHyperparameters(
+            learning_rate=params["learning_rate"],
+            steps=params["steps"],
+            batch_size=FLAMBY_BATCH,
+            max_grad_norm=0.0,
+            seed=split,
+        )
+        return train_pooled(trainer, spec, views, hp).tensors
+
+    started = time.perf_counter()
+    chosen, history = _tuned(
+        "pooled",
+        split,
+        trials,
+        suggest,
+        lambda p: _run_cv(trainer, setting, datasets, folds, lambda v, s: train(p, v, s)),
+        objective,
+    )
+    spec = _spec_for(setting)(datasets)
+    tensors = train(chosen["params"], datasets, spec)
+    return {
+        "trials": trials,
+        "failed": [h for h in history if "failure_reason" in h],
+        "chosen_hyperparameters": chosen["params"],
+        "cv_accuracy": chosen["cv_accuracy"],
+        "cv_worst_site": chosen["cv_worst_site"],
+        "cv_worst_forgetting": None,
+        "trial_values": [h.get("cv_accuracy") for h in history],
+        "seconds": time.perf_counter() - started,
+        "site_test_accuracy": _test_accuracy(trainer, spec, tensors, datasets),
+    }
+
+
+# ---- one (setting, split) in a worker -----------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(site_dirs: Mapping[str, Path]) -> None:
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    logging.getLogger("ordering").setLevel(logging.ERROR)
+    logging.getLogger("site_agent").setLevel(logging.ERROR)
+    _WORKER["datasets"] = _datasets(site_dirs)
+    trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
+    assert isinstance(trainer, TabularTrainer)
+    _WORKER["trainer"] = trainer
+
+
+def run_cell(setting: str, split: int, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every method on one split in one setting."""
+    started = time.perf_counter()
+    trainer: TabularTrainer = _WORKER["trainer"]
+    datasets = resample_split(_WORKER["datasets"], split)
+    trials, folds = config["trials"], config["folds"]
+    space = search_space(split, config["cycles"], config["max_steps"])
+    objective: Aggregation = "worst" if config.get("objective") == "worst" else "mean"
+    methods = _sequential_studies(
+        trainer, setting, datasets, split, trials, folds, space, objective
+    )
+    methods["fedavg"] = _fedavg(trainer, setting, datasets, split, trials, folds,
+                                config["max_fedavg_steps"], config["max_rounds"],
+                                objective)  # fmt: skip
+    methods["pooled"] = _pooled(trainer, setting, datasets, split, trials, folds,
+                                config["max_pooled_steps"], objective)  # fmt: skip
+    for method in methods.values():
+        scores = method["site_test_accuracy"]
+        method["final_collapsed"] = scores.pop(COLLAPSED_KEY, None)
+        method["test_avg"] = statistics.fmean(scores.values())
+    seconds = time.perf_counter() - started
+    logger.info("[%s] split %d in %.0f s: %s", setting, split, seconds, ", ".join(
+        f"{m} {v['test_avg']:.3f}" for m, v in methods.items()))  # fmt: skip
+    return {
+        "setting": setting,
+        "split": split,
+        "train_rows": {d.name: len(d.train) for d in datasets},
+        "test_rows": {d.name: len(d.test) for d in datasets},
+        "seconds": seconds,
+        "methods": methods,
+    }
+
+
+# ---- statistics and report ----------------------------------------------------------------------
+
+
+def paired_summary(differences: Sequence[float]) -> dict[str, Any]:
+    """Mean of paired differences, 95% t-interval over splits, Wilcoxon p, wins/ties/losses."""
+    from scipy import stats
+
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    if n > 1:
+        sd = statistics.stdev(differences)
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    else:
+        half = math.nan
+    nonzero = [d for d in differences if abs(d) > 1e-12]
+    p = float(stats.wilcoxon(nonzero).pvalue) if len(nonzero) >= 1 and n > 1 else math.nan
+    return {
+        "mean": mean,
+        "low": mean - half,
+        "high": mean + half,
+        "wilcoxon_p": p,
+        "wins": sum(d > 1e-12 for d in differences),
+        "ties": n - len(nonzero),
+        "losses": sum(d < -1e-12 for d in differences),
+        "splits": n,
+        "differences": list(differences),
+    }
+
+
+def summarise(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for setting in SETTINGS:
+        rows = sorted((c for c in cells if c["setting"] == setting), key=lambda c: c["split"])
+        if not rows:
+            continue
+        methods = {}
+        for method in METHODS:
+            values = [c["methods"][method]["test_avg"] for c in rows]
+            forgetting = [c["methods"][method].get("cv_worst_forgetting") for c in rows]
+            measured = [f for f in forgetting if f is not None]
+            methods[method] = {
+                "test_avg_mean": statistics.fmean(values),
+                "test_avg_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "cv_mean": statistics.fmean(c["methods"][method]["cv_accuracy"] for c in rows),
+                "worst_forgetting_mean": statistics.fmean(measured) if measured else None,
+                "worst_forgetting_max": max(measured) if measured else None,
+                "failed_trials": sum(len(c["methods"][method]["failed"]) for c in rows),
+                "final_collapsed": (
+                    sum(1 for c in rows if c["methods"][method]["final_collapsed"])
+                    if all("final_collapsed" in c["methods"][method] for c in rows)
+                    else None
+                ),
+                "trials": sum(c["methods"][method]["trials"] for c in rows),
+            }
+        paired = {
+            other: paired_summary(
+                [
+                    c["methods"]["searched"]["test_avg"] - c["methods"][other]["test_avg"]
+                    for c in rows
+                ]
+            )
+            for other in COMPARATORS
+        }
+        settings[setting] = {
+            "splits": [c["split"] for c in rows],
+            "methods": methods,
+            "paired": paired,
+        }
+    return settings
+
+
+def verdict(settings: Mapping[str, Any]) -> list[str]:
+    """BENCHMARKS.md §1 targets, met or not, per setting."""
+    lines = []
+    for setting, result in settings.items():
+        paired = result["paired"]
+        rs, ro, pooled = paired["random-search"], paired["random-order"], paired["pooled"]
+        forgetting = result["methods"]["searched"]["worst_forgetting_max"]
+        collapsed = result["methods"]["searched"]["final_collapsed"]
+        checks = [
+            (
+                "searched - random search >= 0 in the mean, lower bound >= -1 point",
+                rs["mean"] >= 0 and rs["low"] >= -0.01,
+                f"{rs['mean']:+.3f} [{rs['low']:+.3f}, {rs['high']:+.3f}]",
+            ),
+            (
+                "worst-site forgetting of the selected schedule ≤ 2 points (every split)",
+                forgetting is not None and forgetting <= 0.02,
+                f"max over splits {forgetting:.3f}" if forgetting is not None else "n/a",
+            ),
+            (
+                "no selected schedule is a collapsed model (one class on every test row)",
+                collapsed == 0,
+                f"{collapsed} of {len(result['splits'])} splits"
+                if collapsed is not None
+                else "not measured",
+            ),
+        ]
+        if setting == "per-site":
+            checks.insert(0, (
+                "searched - random order (tuned) > 0, interval above 0",
+                ro["mean"] > 0 and ro["low"] > 0,
+                f"{ro['mean']:+.3f} [{ro['low']:+.3f}, {ro['high']:+.3f}]",
+            ))  # fmt: skip
+        else:
+            checks.insert(0, (
+                "searched within 1 point of pooled (tuned) or above",
+                pooled["mean"] >= -0.01,
+                f"{pooled['mean']:+.3f} [{pooled['low']:+.3f}, {pooled['high']:+.3f}]",
+            ))  # fmt: skip
+        for text, met, figure in checks:
+            status = "not measured" if figure == "not measured" else ("met" if met else "missed")
+            lines.append(f"- {setting}: {text}: **{status}** ({figure})")
+    return lines
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    config = report["config"]
+    lines = [
+        "# Fed-Heart-Disease, paired equal-tuning comparison (in-process twin)",
+        "",
+        f"Generated {report['generated']} by `{report['command']}` on {report['machine']}; "
+        f"wall time {report['wall_seconds'] / 60:.1f} min with {config['jobs']} worker(s) at "
+        f"low priority on a shared machine. {len(report['splits'])} splits "
+        f"({', '.join(map(str, report['splits']))}; split 0 = FLamby's), "
+        f"{config['trials']} trials per method and split, {config['folds']}-fold CV inside each "
+        "centre's training rows as every method's objective ("
+        + ("worst centre, max-min" if config.get("objective") == "worst" else "mean over centres")
+        + "). Avg = "
+        "unweighted mean of the four centres' test accuracies. Differences are searched minus "
+        "method, paired by split; interval = 95% t-interval over splits; p = Wilcoxon "
+        "signed-rank (scipy). Forgetting = a site's best post-visit CV accuracy minus its "
+        "final CV accuracy, worst site, for the selected schedule (CV only).",
+        "",
+        f"Search space (searched, random search, random order): cycles 1-{config['cycles']}, "
+        f"learning rate 3e-4-3e-2 (log), per-hop decay 0.7-1.0, steps per visit "
+        f"10-{config['max_steps']}, proximal mu 0-1, batch {FLAMBY_BATCH}. FedAvg: learning "
+        f"rate, local steps 10-{config['max_fedavg_steps']}, rounds 2-{config['max_rounds']}. "
+        f"Pooled: learning rate, steps 50-{config['max_pooled_steps']}.",
+        "",
+    ]
+    for setting, result in report["settings"].items():
+        lines += [
+            f"## Normalisation: {setting}",
+            "",
+            "| method | test Avg (mean ± sd over splits) | CV mean accuracy | searched - method "
+            "[95% CI] | Wilcoxon p | wins/ties/losses | worst-site forgetting mean (max) | "
+            "failed trials | final model collapsed |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for method in METHODS:
+            summary = result["methods"][method]
+            paired = result["paired"].get(method)
+            diff = (
+                f"{paired['mean']:+.3f} [{paired['low']:+.3f}, {paired['high']:+.3f}] | "
+                f"{paired['wilcoxon_p']:.3f} | {paired['wins']}/{paired['ties']}/"
+                f"{paired['losses']}"
+                if paired
+                else "— | — | —"
+            )
+            forgetting = (
+                f"{summary['worst_forgetting_mean']:.3f} ({summary['worst_forgetting_max']:.3f})"
+                if summary["worst_forgetting_mean"] is not None
+                else "n/a"
+            )
+            lines.append(
+                f"| {method} | {summary['test_avg_mean']:.3f} ± {summary['test_avg_std']:.3f} | "
+                f"{summary['cv_mean']:.3f} | {diff} | {forgetting} | "
+                f"{summary['failed_trials']}/{summary['trials']} | "
+                f"{_or_na(summary.get('final_collapsed'))} |"
+            )
+        lines += ["", "| split | " + " | ".join(METHODS) + " | searched plan | s |",
+                  "|---|" + "---|" * (len(METHODS) + 2)]  # fmt: skip
+        for cell in sorted(
+            (c for c in report["cells"] if c["setting"] == setting), key=lambda c: c["split"]
+        ):
+            lines.append(
+                f"| {cell['split']} | "
+                + " | ".join(f"{cell['methods'][m]['test_avg']:.3f}" for m in METHODS)
+                + f" | {cell['methods']['searched']['chosen_plan']} | {cell['seconds']:.0f} |"
+            )
+        lines.append("")
+    lines += ["## Against BENCHMARKS.md §1", "", *report["verdict"], ""]
+    return "\n".join(lines)
+
+
+def _or_na(value: object) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def plot(report: Mapping[str, Any], out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    settings = list(report["settings"])
+    figure, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    for axis, setting in zip(axes[0], settings, strict=True):
+        paired = report["settings"][setting]["paired"]
+        data = [paired[m]["differences"] for m in COMPARATORS]
+        axis.boxplot(data, showmeans=True)
+        for index, values in enumerate(data, start=1):
+            axis.scatter([index] * len(values), values, s=12, alpha=0.6)
+        axis.set_xticks(range(1, len(COMPARATORS) + 1), COMPARATORS)
+        axis.axhline(0.0, color="black", linewidth=0.8)
+        axis.set_title(f"{setting}: searched - method, test Avg, per split")
+        axis.set_ylabel("paired difference")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    return True
+
+
+def _write(report: dict[str, Any], out: Path, name: str) -> None:
+    report["settings"] = summarise(report["cells"])
+    report["verdict"] = verdict(report["settings"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / f"{name}.md").write_text(markdown(report))
+    plot(report, out / f"{name}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--data", type=Path, default=Path(os.environ.get("BATON_HEART_DISEASE_DIR", DEFAULT_DATA))
+    )
+    parser.add_argument("--splits", type=int, default=10, help="Splits 0 .. N-1 (0 = FLamby's)")
+    parser.add_argument("--trials", type=int, default=10, help="Trial budget of every method")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--cycles", type=int, default=4, help="Largest cycle count searched")
+    parser.add_argument("--max-steps", type=int, default=150, help="Largest steps per visit")
+    parser.add_argument("--max-fedavg-steps", type=int, default=100)
+    parser.add_argument("--max-rounds", type=int, default=10)
+    parser.add_argument("--max-pooled-steps", type=int, default=2000)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--jobs", type=int, default=1, help="Worker processes")
+    parser.add_argument(
+        "--objective",
+        choices=("mean", "worst"),
+        default="mean",
+        help="Every method's CV objective: mean over centres, or the worst centre (max-min)",
+    )
+    parser.add_argument("--quick", action="store_true", help="2 splits, 3 trials, 2 folds, tiny")
+    parser.add_argument(
+        "--out", type=Path, help=f"Results directory (default {RESULTS_DIR}; --quick: a temp dir)"
+    )
+    parser.add_argument("--name", default="heart_disease_paired")
+    parser.add_argument("--render", type=Path, help="Only rewrite the report from this JSON")
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        rendered: dict[str, Any] = json.loads(args.render.read_text())
+        _write(rendered, args.render.parent, args.render.stem)
+        return 0
+    if args.quick:
+        args.splits, args.trials, args.folds, args.cycles = 2, 3, 2, 2
+        args.max_steps, args.max_fedavg_steps, args.max_rounds = 20, 10, 2
+        args.max_pooled_steps = 60
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="baton-heart-paired-"))
+    if args.out is None:
+        args.out = work / "results" if args.quick else RESULTS_DIR
+    site_dirs = _register_sites(args.data, work)
+    config = {
+        "trials": args.trials,
+        "folds": args.folds,
+        "cycles": args.cycles,
+        "max_steps": args.max_steps,
+        "max_fedavg_steps": args.max_fedavg_steps,
+        "max_rounds": args.max_rounds,
+        "max_pooled_steps": args.max_pooled_steps,
+        "jobs": args.jobs,
+        "objective": args.objective,
+    }
+    cells_wanted = [(s, split) for split in range(args.splits) for s in args.settings]
+    report: dict[str, Any] = {
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}, torch {torch.__version__}",
+        "splits": list(range(args.splits)),
+        "config": config,
+        "cells": [],
+    }
+    if args.jobs <= 1:
+        _init_worker(site_dirs)
+        for setting, split in cells_wanted:
+            report["cells"].append(run_cell(setting, split, config))
+            report["wall_seconds"] = time.perf_counter() - started
+            _write(report, args.out, args.name)
+    else:
+        with ProcessPoolExecutor(args.jobs, initializer=_init_worker,
+                                 initargs=(site_dirs,)) as pool:  # fmt: skip
+            futures = [pool.submit(run_cell, s, split, config) for s, split in cells_wanted]
+            for future in futures:
+                report["cells"].append(future.result())
+                report["wall_seconds"] = time.perf_counter() - started
+                _write(report, args.out, args.name)
+    report["wall_seconds"] = time.perf_counter() - started
+    _write(report, args.out, args.name)
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
