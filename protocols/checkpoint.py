@@ -137,6 +137,20 @@ def _check_finite(name: str, dtype: str, raw: bytes | bytearray) -> None:
         raise CheckpointError(f"tensor {name!r} holds NaN or infinite values")
 
 
+def _manifest_and_adapter_config(
+    metadata: dict[str, str],
+) -> tuple[CheckpointManifest, dict[str, Any]]:
+    """The bundle's manifest and adapter config from its safetensors header metadata."""
+    if MANIFEST_KEY not in metadata:
+        raise CheckpointError(f"checkpoint has no {MANIFEST_KEY!r} manifest")
+    manifest = CheckpointManifest.from_json(metadata[MANIFEST_KEY])
+    try:
+        adapter_config = json.loads(metadata.get(ADAPTER_CONFIG_KEY, "{}"))
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint adapter config is not JSON: {exc}") from exc
+    return manifest, adapter_config
+
+
 def inspect_bundle(
     data: bytes,
     *,
@@ -165,13 +179,7 @@ def inspect_bundle(
         metadata = _header_metadata(data)
     except (safetensors.SafetensorError, ValueError, struct.error) as exc:
         raise CheckpointError(f"checkpoint is not a valid safetensors file: {exc}") from exc
-    if MANIFEST_KEY not in metadata:
-        raise CheckpointError(f"checkpoint has no {MANIFEST_KEY!r} manifest")
-    manifest = CheckpointManifest.from_json(metadata[MANIFEST_KEY])
-    try:
-        adapter_config = json.loads(metadata.get(ADAPTER_CONFIG_KEY, "{}"))
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint adapter config is not JSON: {exc}") from exc
+    manifest, adapter_config = _manifest_and_adapter_config(metadata)
     if not tensors:
         raise CheckpointError("checkpoint holds no tensors")
     specs = []
@@ -283,13 +291,7 @@ def inspect_bundle_file(
         header_len, metadata, tensors = _tensor_layout(path)
     except (safetensors.SafetensorError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise CheckpointError(f"checkpoint is not a valid safetensors file: {exc}") from exc
-    if MANIFEST_KEY not in metadata:
-        raise CheckpointError(f"checkpoint has no {MANIFEST_KEY!r} manifest")
-    manifest = CheckpointManifest.from_json(metadata[MANIFEST_KEY])
-    try:
-        adapter_config = json.loads(metadata.get(ADAPTER_CONFIG_KEY, "{}"))
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint adapter config is not JSON: {exc}") from exc
+    manifest, adapter_config = _manifest_and_adapter_config(metadata)
     if not tensors:
         raise CheckpointError("checkpoint holds no tensors")
     _check_finite_file(path, 8 + header_len, tensors)

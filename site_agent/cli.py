@@ -60,17 +60,29 @@ StateDir = Annotated[
 ]
 
 
+# Options `serve` and `doctor` share (the keys of site.toml).
+ConfigFile = Annotated[Path | None, typer.Option(help="TOML settings file")]
+CoordinatorAddress = Annotated[str | None, typer.Option(help="Coordinator host:port")]
+ServerName = Annotated[str | None, typer.Option(help="Name on the coordinator cert")]
+CaFile = Annotated[Path | None, typer.Option("--ca")]
+CertFile = Annotated[Path | None, typer.Option("--cert")]
+KeyFile = Annotated[Path | None, typer.Option("--key")]
+SiteDataDir = Annotated[Path | None, typer.Option(help="Folder of registered datasets")]
+BaseModelDir = Annotated[Path | None, typer.Option(help="Local base model folder")]
+Device = Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: auto)")]
+
+
 @app.command("serve")
 def serve(
-    config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
-    coordinator: Annotated[str | None, typer.Option(help="Coordinator host:port")] = None,
-    server_name: Annotated[str | None, typer.Option(help="Name on the coordinator cert")] = None,
-    ca: Annotated[Path | None, typer.Option("--ca")] = None,
-    cert: Annotated[Path | None, typer.Option("--cert")] = None,
-    key: Annotated[Path | None, typer.Option("--key")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder of registered datasets")] = None,
-    base_model: Annotated[Path | None, typer.Option(help="Local base model folder")] = None,
-    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: auto)")] = None,
+    config: ConfigFile = None,
+    coordinator: CoordinatorAddress = None,
+    server_name: ServerName = None,
+    ca: CaFile = None,
+    cert: CertFile = None,
+    key: KeyFile = None,
+    data_dir: SiteDataDir = None,
+    base_model: BaseModelDir = None,
+    device: Device = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch")] = None,
     approve: Annotated[
         list[str] | None, typer.Option(help="sha256 of a reviewed run bundle (repeatable)")
@@ -162,15 +174,15 @@ def serve(
 
 @app.command("doctor")
 def doctor(
-    config: Annotated[Path | None, typer.Option(help="TOML settings file")] = None,
-    coordinator: Annotated[str | None, typer.Option(help="Coordinator host:port")] = None,
-    server_name: Annotated[str | None, typer.Option(help="Name on the coordinator cert")] = None,
-    ca: Annotated[Path | None, typer.Option("--ca")] = None,
-    cert: Annotated[Path | None, typer.Option("--cert")] = None,
-    key: Annotated[Path | None, typer.Option("--key")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder of registered datasets")] = None,
-    base_model: Annotated[Path | None, typer.Option(help="Local base model folder")] = None,
-    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: auto)")] = None,
+    config: ConfigFile = None,
+    coordinator: CoordinatorAddress = None,
+    server_name: ServerName = None,
+    ca: CaFile = None,
+    cert: CertFile = None,
+    key: KeyFile = None,
+    data_dir: SiteDataDir = None,
+    base_model: BaseModelDir = None,
+    device: Device = None,
     min_free_gb: Annotated[float, typer.Option(min=0, help="Disk space the data dir needs")] = 2,
 ) -> None:
     """Check DNS, proxy, TLS, certificate, clock, GPU, disk, data and base model (exit 1: fix)."""
