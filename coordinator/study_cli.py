@@ -387,6 +387,32 @@ def study_status(name: StudyName, storage: StudyStorage = None) -> None:
         console.print(f"best: {best.describe()}; compute so far: {total:.1f} s")
     except ValueError:
         console.print(f"no completed full-budget trial yet; compute so far: {total:.1f} s")
+    _print_importance(study)
+
+
+# The order's share of the importances from which `study status` calls it worth searching.
+ORDER_WORTH_SEARCHING = 0.3
+
+
+def _print_importance(study: OrderingStudy) -> None:
+    """Where the objective's spread comes from: is the order worth searching here?"""
+    from ordering import order_importance
+
+    measured = order_importance(study)
+    if not measured.importances:
+        console.print(f"parameter importances: not measured ({measured.note})")
+        return
+    shares = ", ".join(f"{name} {share:.0%}" for name, share in measured.importances.items())
+    console.print(f"parameter importances over {measured.trials} trials (PED-ANOVA): {shares}")
+    order = measured.order_share or 0.0
+    verdict = (
+        "the order matters here: keep searching it"
+        if order >= ORDER_WORTH_SEARCHING
+        else "the hyperparameters decide here: a fixed or random order would do about as well"
+    )
+    console.print(f"order share {order:.0%}: {verdict}")
+    if measured.note:
+        console.print(f"note: {measured.note}")
 
 
 @study_app.command("best")

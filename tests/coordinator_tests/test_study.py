@@ -573,3 +573,28 @@ def test_study_cli_dry_run_prints_the_bundle_the_sites_approve_once(
     assert not (tmp_path / "s.sqlite3").exists()  # nothing stored, nothing started
     bad = CliRunner().invoke(study_app, [*args[:-1], "--labels", "x"])
     assert bad.exit_code == 2 and "labels" in bad.output
+
+
+def test_study_status_reports_whether_the_order_is_worth_searching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ordering import IntRange, OrderingStudy, SearchSpace, SyntheticObjective
+
+    monkeypatch.setattr("coordinator.study_cli._quiet_optuna", lambda: None)
+    storage = f"sqlite:///{tmp_path / 'importance.sqlite3'}"
+    objective = SyntheticObjective(4, seed=0)  # the order decides; steps barely matter
+    space = SearchSpace(sites=objective.sites, steps=IntRange(5, 20))
+    study = OrderingStudy.create(storage, "orders", space, "lehmer", seed=0)
+    study.optimize(objective, n_trials=3)
+    runner = CliRunner()
+    early = runner.invoke(study_app, ["status", "orders", "--storage", storage])
+    assert early.exit_code == 0, early.output
+    assert "not measured (needs at least 8 completed trials, has 3)" in " ".join(
+        early.output.split()
+    )
+    study.optimize(objective, n_trials=9)
+    later = runner.invoke(study_app, ["status", "orders", "--storage", storage])
+    assert later.exit_code == 0, later.output
+    said = " ".join(later.output.split())
+    assert "parameter importances over 12 trials (PED-ANOVA): order" in said
+    assert "order share" in said
