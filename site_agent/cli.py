@@ -6,7 +6,7 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import click
 import typer
@@ -16,6 +16,7 @@ from protocols.logs import configure_logging, quiet_progress_output
 if TYPE_CHECKING:
     from site_agent.agent import SiteAgent
     from site_agent.approvals import ApprovalStore
+    from site_agent.settings import SiteSettings
 
 __all__ = ["app", "main"]
 
@@ -109,41 +110,30 @@ def serve(
     ] = None,
 ) -> None:
     """Connect out to the coordinator and run hops until SIGINT/SIGTERM."""
-    from pydantic import ValidationError
-
     from protocols.pki import PkiError
-    from protocols.settings import SettingsFileError, settings_problems
     from site_agent.agent import CertificateRefused, HistoryRewritten, SiteAgent
-    from site_agent.settings import load_site_settings
 
     quiet_progress_output()
     configure_logging(log_level, log_json or log_format == "json")
-    try:
-        settings = load_site_settings(
-            config,
-            coordinator=coordinator,
-            server_name=server_name,
-            ca_certificate=ca,
-            certificate=cert,
-            private_key=key,
-            data_dir=data_dir,
-            base_model_dir=base_model,
-            device=device,
-            num_threads=threads,
-            approved_bundles=approve,
-            approval_policy=approval_policy,
-            max_statistics_answers=max_statistics_answers,
-            metrics_host=metrics_host,
-            metrics_port=metrics_port,
-            metrics_port_file=metrics_port_file,
-            shutdown_grace=shutdown_grace,
-        )
-    except ValidationError as exc:
-        typer.echo(f"error: bad site settings: {settings_problems(exc)}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from exc
-    except (FileNotFoundError, SettingsFileError) as exc:
-        typer.echo(f"error: bad site settings: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    settings = _site_settings(
+        config,
+        coordinator=coordinator,
+        server_name=server_name,
+        ca_certificate=ca,
+        certificate=cert,
+        private_key=key,
+        data_dir=data_dir,
+        base_model_dir=base_model,
+        device=device,
+        num_threads=threads,
+        approved_bundles=approve,
+        approval_policy=approval_policy,
+        max_statistics_answers=max_statistics_answers,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+        metrics_port_file=metrics_port_file,
+        shutdown_grace=shutdown_grace,
+    )
     if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():
         typer.echo(f"error: base model folder not found: {settings.base_model_dir}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
@@ -172,6 +162,23 @@ def serve(
         raise typer.Exit(EXIT_REFUSED) from exc
 
 
+def _site_settings(config: Path | None, **overrides: Any) -> SiteSettings:
+    """The site's settings (file < environment < flags), or one line and exit 2."""
+    from pydantic import ValidationError
+
+    from protocols.settings import SettingsFileError, settings_problems
+    from site_agent.settings import load_site_settings
+
+    try:
+        return load_site_settings(config, **overrides)
+    except ValidationError as exc:
+        typer.echo(f"error: bad site settings: {settings_problems(exc)}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    except (FileNotFoundError, SettingsFileError) as exc:
+        typer.echo(f"error: bad site settings: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
+
+
 @app.command("doctor")
 def doctor(
     config: ConfigFile = None,
@@ -186,29 +193,21 @@ def doctor(
     min_free_gb: Annotated[float, typer.Option(min=0, help="Disk space the data dir needs")] = 2,
 ) -> None:
     """Check DNS, proxy, TLS, certificate, clock, GPU, disk, data and base model (exit 1: fix)."""
-    from pydantic import ValidationError
-
-    from protocols.settings import SettingsFileError
     from site_agent.doctor import run_checks
-    from site_agent.settings import load_site_settings
 
     quiet_progress_output()
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # its handshake logs repeat the tls line
-    try:
-        settings = load_site_settings(
-            config,
-            coordinator=coordinator,
-            server_name=server_name,
-            ca_certificate=ca,
-            certificate=cert,
-            private_key=key,
-            data_dir=data_dir,
-            base_model_dir=base_model,
-            device=device,
-        )
-    except (ValidationError, FileNotFoundError, SettingsFileError) as exc:
-        typer.echo(f"error: bad site settings: {exc}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from exc
+    settings = _site_settings(
+        config,
+        coordinator=coordinator,
+        server_name=server_name,
+        ca_certificate=ca,
+        certificate=cert,
+        private_key=key,
+        data_dir=data_dir,
+        base_model_dir=base_model,
+        device=device,
+    )
     failed = 0
     for check in run_checks(settings, min_free_bytes=int(min_free_gb * 1024**3)):
         typer.echo(check.line())
