@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib.resources import files
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -91,7 +92,7 @@ def create_app(
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
         if request.method != "GET":
             return HTMLResponse("log in first", status_code=401)
-        return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
+        return RedirectResponse(f"/login?next={quote(request.url.path)}", status_code=303)
 
     @app.exception_handler(Forbidden)
     async def _forbidden(request: Request, exc: Forbidden) -> Response:

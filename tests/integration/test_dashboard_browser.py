@@ -148,7 +148,13 @@ def test_operator_steers_a_tabular_run_live_in_chromium(
             browser.find_element(By.NAME, "name").send_keys("olivia")
             browser.find_element(By.NAME, "password").send_keys(PASSWORD)
             browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-            _wait(lambda: browser.current_url.endswith("/runs"), "the runs page after login")
+            # Not the login page's own URL (its ?next= names /runs too): the session is set.
+            _wait(
+                lambda: (
+                    "/login" not in browser.current_url and browser.current_url.endswith("/runs")
+                ),
+                "the runs page after login",
+            )
 
             browser.get(f"{url}/runs/new")
             browser.find_element(By.ID, "plan").send_keys(json.dumps(plan))
