@@ -385,6 +385,43 @@ def _tuned(
     return max(complete, key=lambda h: h[key]), history
 
 
+def _tune_and_score(
+    name: str,
+    trainer: TabularTrainer,
+    setting: str,
+    datasets: Sequence[RegisteredDataset],
+    split: int,
+    trials: int,
+    folds: int,
+    objective: Aggregation,
+    suggest: Callable[[optuna.Trial], dict[str, Any]],
+    train: Callable[[dict[str, Any], Sequence[RegisteredDataset], Any], Any],
+) -> dict[str, Any]:
+    """A baseline tuned on the CV objective with its own budget, then trained once and tested."""
+    started = time.perf_counter()
+    chosen, history = _tuned(
+        name,
+        split,
+        trials,
+        suggest,
+        lambda p: _run_cv(trainer, setting, datasets, folds, lambda v, s: train(p, v, s)),
+        objective,
+    )
+    spec = _spec_for(setting)(datasets)
+    tensors = train(chosen["params"], datasets, spec)
+    return {
+        "trials": trials,
+        "failed": [h for h in history if "failure_reason" in h],
+        "chosen_hyperparameters": chosen["params"],
+        "cv_accuracy": chosen["cv_accuracy"],
+        "cv_worst_site": chosen["cv_worst_site"],
+        "cv_worst_forgetting": None,
+        "trial_values": [h.get("cv_accuracy") for h in history],
+        "seconds": time.perf_counter() - started,
+        "site_test_accuracy": _test_accuracy(trainer, spec, tensors, datasets),
+    }
+
+
 def _fedavg(
     trainer: TabularTrainer,
     setting: str,
@@ -413,28 +450,9 @@ def _fedavg(
             trainer, spec, views, rounds=params["rounds"], hyperparameters=schedule
         ).tensors
 
-    started = time.perf_counter()
-    chosen, history = _tuned(
-        "fedavg",
-        split,
-        trials,
-        suggest,
-        lambda p: _run_cv(trainer, setting, datasets, folds, lambda v, s: train(p, v, s)),
-        objective,
+    return _tune_and_score(
+        "fedavg", trainer, setting, datasets, split, trials, folds, objective, suggest, train
     )
-    spec = _spec_for(setting)(datasets)
-    tensors = train(chosen["params"], datasets, spec)
-    return {
-        "trials": trials,
-        "failed": [h for h in history if "failure_reason" in h],
-        "chosen_hyperparameters": chosen["params"],
-        "cv_accuracy": chosen["cv_accuracy"],
-        "cv_worst_site": chosen["cv_worst_site"],
-        "cv_worst_forgetting": None,
-        "trial_values": [h.get("cv_accuracy") for h in history],
-        "seconds": time.perf_counter() - started,
-        "site_test_accuracy": _test_accuracy(trainer, spec, tensors, datasets),
-    }
 
 
 def _pooled(
@@ -463,28 +481,9 @@ def _pooled(
         )
         return train_pooled(trainer, spec, views, hp).tensors
 
-    started = time.perf_counter()
-    chosen, history = _tuned(
-        "pooled",
-        split,
-        trials,
-        suggest,
-        lambda p: _run_cv(trainer, setting, datasets, folds, lambda v, s: train(p, v, s)),
-        objective,
+    return _tune_and_score(
+        "pooled", trainer, setting, datasets, split, trials, folds, objective, suggest, train
     )
-    spec = _spec_for(setting)(datasets)
-    tensors = train(chosen["params"], datasets, spec)
-    return {
-        "trials": trials,
-        "failed": [h for h in history if "failure_reason" in h],
-        "chosen_hyperparameters": chosen["params"],
-        "cv_accuracy": chosen["cv_accuracy"],
-        "cv_worst_site": chosen["cv_worst_site"],
-        "cv_worst_forgetting": None,
-        "trial_values": [h.get("cv_accuracy") for h in history],
-        "seconds": time.perf_counter() - started,
-        "site_test_accuracy": _test_accuracy(trainer, spec, tensors, datasets),
-    }
 
 
 # ---- one (setting, split) in a worker -----------------------------------------------------------
