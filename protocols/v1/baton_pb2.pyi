@@ -135,6 +135,7 @@ class Hyperparameters(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     EPOCHS_FIELD_NUMBER: _builtins.int
     PROXIMAL_MU_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULE_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     steps: _builtins.int
     batch_size: _builtins.int
@@ -146,6 +147,11 @@ class Hyperparameters(_message.Message):
     """> 0: passes over the train split instead of `steps`"""
     proximal_mu: _builtins.float
     """> 0: FedProx-style pull toward the incoming weights"""
+    lr_schedule: _builtins.str
+    """Fields are named as in protocols.hyperparameters.HopHyperparameters (the one definition of
+    their types, defaults and bounds); a field with presence that is not set takes its default.
+    "linear" (default) or "constant"
+    """
     def __init__(
         self,
         *,
@@ -158,12 +164,15 @@ class Hyperparameters(_message.Message):
         seed: _builtins.int = ...,
         epochs: _builtins.float = ...,
         proximal_mu: _builtins.float = ...,
+        lr_schedule: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule", "lr_schedule", b"lr_schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "proximal_mu", b"proximal_mu", "seed", b"seed", "steps", b"steps", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "proximal_mu", b"proximal_mu", "seed", b"seed", "steps", b"steps", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__lr_schedule: _TypeAlias = _typing.Literal["lr_schedule"]  # noqa: Y015
+    _WhichOneofArgType__lr_schedule: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_schedule) -> _WhichOneofReturnType__lr_schedule | None: ...
 
 Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
 
