@@ -27,27 +27,34 @@ def _nudge(name: str, value: float, direction: int) -> int | float:
     return value + direction * max(abs(value) * 1e-6, 1e-9)
 
 
-def edges(name: str) -> tuple[int | float, int | float]:
-    """The smallest and largest value `name` accepts."""
-    low = high = None
+def _limits(name: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((smallest accepted, largest accepted), (just below, just above))."""
+    accepted: list[float | None] = [None, None]
+    refused: list[float | None] = [None, None]
     for rule in FIELDS[name].metadata:
         if isinstance(rule, annotated_types.Ge):
-            low = rule.ge
+            accepted[0], refused[0] = rule.ge, _nudge(name, float(rule.ge), -1)
         elif isinstance(rule, annotated_types.Gt):
-            low = _nudge(name, float(rule.gt), +1)
+            accepted[0], refused[0] = _nudge(name, float(rule.gt), +1), rule.gt
         elif isinstance(rule, annotated_types.Le):
-            high = rule.le
+            accepted[1], refused[1] = rule.le, _nudge(name, float(rule.le), +1)
         elif isinstance(rule, annotated_types.Lt):
-            high = _nudge(name, float(rule.lt), -1)
-    assert low is not None and high is not None, f"{name} needs a lower and an upper bound"
+            accepted[1], refused[1] = _nudge(name, float(rule.lt), -1), rule.lt
+    assert None not in accepted, f"{name} needs a lower and an upper bound"
     cast = FIELDS[name].annotation
-    return cast(low), cast(high)
+    low, high = (cast(value) for value in accepted)
+    below, above = (cast(value) for value in refused)
+    return (low, high), (below, above)
+
+
+def edges(name: str) -> tuple[int | float, int | float]:
+    """The smallest and largest value `name` accepts."""
+    return _limits(name)[0]
 
 
 def beyond(name: str) -> tuple[int | float, int | float]:
     """A value just below the smallest and one just above the largest `name` accepts."""
-    low, high = edges(name)
-    return _nudge(name, low, -1), _nudge(name, high, +1)
+    return _limits(name)[1]
 
 
 def out_of_bounds() -> list[tuple[str, int | float]]:

@@ -86,8 +86,12 @@ def test_an_unknown_schedule_on_the_wire_is_refused_in_one_line() -> None:
     assert str(refused.value) == "lr_schedule: Input should be 'linear' or 'constant'"
 
 
-def test_every_numeric_hyperparameter_but_the_seed_is_bounded_by_approvals() -> None:
-    assert set(BOUNDED_HYPERPARAMETERS) == set(NUMERIC) - {"seed"}
+def test_approvals_bound_the_numeric_hyperparameters_that_shape_what_a_hop_learns() -> None:
+    assert set(BOUNDED_HYPERPARAMETERS) <= set(NUMERIC)
+    assert {"learning_rate", "steps", "epochs", "batch_size", "proximal_mu"} <= set(
+        BOUNDED_HYPERPARAMETERS
+    )
+    assert "seed" not in BOUNDED_HYPERPARAMETERS  # it changes no data exposure
     assert HYPERPARAMETERS == BOUNDED_HYPERPARAMETERS
 
 
