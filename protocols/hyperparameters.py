@@ -5,9 +5,11 @@ bounds and the ordering search all use `HopHyperparameters`. Its wire form is th
 of the same name (converted in `protocols.hyperparameter_messages`, which this module does not
 import, so that `ordering` can use the model without the gRPC stubs).
 
-Adding a hyperparameter: a field here (type, default, bounds), a field of the same name in
-`HopHyperparameters` in protocols/v1/baton.proto, and the trainer code that reads it. The plan,
-the admin JSON, the agent, the approval bounds and the search pick it up from this model.
+Adding a hyperparameter: a field here (type, default, bounds; numeric fields are bounded by
+approval bundles unless marked `_NOT_BOUNDED`), an `optional` field of the same name in the proto
+message (unset on the wire: the default here), and the trainer code that reads it. The plan, the
+admin JSON, the engine, the agent, the approval bounds and the search pick it up from this model.
+LoRA settings are per run, not per hop: they stay in the plan's `lora` and the task spec.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class HopHyperparameters:
 
     Every field has finite upper and lower bounds: a value outside them is refused by the plan,
     the site agent and the trainers alike (a ``pydantic.ValidationError``, a ``ValueError``).
+    A pydantic dataclass: ``dataclasses.replace`` re-validates, and run plans (pydantic models)
+    embed it; ``model_dump`` / ``model_validate`` read as they do on those models.
     """
 
     learning_rate: float = Field(default=5e-4, gt=0, le=1)
