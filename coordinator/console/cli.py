@@ -20,10 +20,10 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
-from coordinator.admin_cli import admin_app
+from coordinator.console.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
+from coordinator.console.admin_cli import admin_app
+from coordinator.console.study_storage import StudyStorage, resolve_storage
 from coordinator.plan import PlanError, RunPlan, load_plan
-from coordinator.study_storage import StudyStorage, resolve_storage
 from protocols.logs import configure_logging
 from protocols.pki import (
     FilesExist,
@@ -55,7 +55,7 @@ class _LazyStudyGroup(TyperGroup):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "study" and cmd_name not in self.commands:
-            from coordinator.study_cli import study_app
+            from coordinator.console.study_cli import study_app
 
             study = typer.main.get_group(study_app)
             study.name = "study"
@@ -284,7 +284,7 @@ def provision_kit(
     out: Annotated[Path, typer.Option(help="New folder for the kits")] = Path("consortium-kit"),
 ) -> None:
     """Make a ready folder per participant: certificate, key, CA, settings, systemd unit, README."""
-    from coordinator.provision import ProvisionError, load_consortium, provision
+    from coordinator.console.provision import ProvisionError, load_consortium, provision
 
     try:
         kit = provision(load_consortium(consortium_file), out)
@@ -479,7 +479,7 @@ def run_start(
         raise _fail("give a PLAN_FILE or --from-study NAME", EXIT_BAD_INPUT)
     try:
         if from_study is not None:
-            from coordinator.study import plan_from_study
+            from coordinator.console.study import plan_from_study
 
             plan = plan_from_study(resolve_storage(storage), from_study)
         else:
@@ -657,7 +657,7 @@ def run_download(
     key: AdminKey = Path("pki/admin.key"),
 ) -> None:
     """Download a completed run's final adapter: a PEFT folder (LoRA) or safetensors (tabular)."""
-    from coordinator.adapter_export import ExportError, base_model_of, write_final_adapter
+    from coordinator.console.adapter_export import ExportError, base_model_of, write_final_adapter
     from protocols.checkpoint import CheckpointError, inspect_bundle
 
     with _admin(coordinator, ca, cert, key) as client:
@@ -1138,7 +1138,7 @@ def db_upgrade(
     ] = False,
 ) -> None:
     """Migrate the ledger schema (the coordinator also does this when it starts)."""
-    from coordinator import db
+    from coordinator.console import db
 
     url = _database_url(state_dir, database_url, create=not sql)
     output = _db_call(url, lambda: db.upgrade(url, revision, sql=sql))
@@ -1151,7 +1151,7 @@ def db_upgrade(
 @db_app.command("current")
 def db_current(state_dir: StateDir = None, database_url: DbUrl = None) -> None:
     """Print the ledger schema's revision ('(head)' when up to date)."""
-    from coordinator import db
+    from coordinator.console import db
 
     url = _database_url(state_dir, database_url, create=False)
     console.print(_db_call(url, lambda: db.current(url)) or "base (empty database)")
@@ -1160,7 +1160,7 @@ def db_current(state_dir: StateDir = None, database_url: DbUrl = None) -> None:
 @db_app.command("history")
 def db_history() -> None:
     """List the ledger schema's revisions, newest first."""
-    from coordinator import db
+    from coordinator.console import db
 
     sys.stdout.write(db.history())
 
@@ -1180,7 +1180,7 @@ def backup_command(
     ] = False,
 ) -> None:
     """Back up the ledger (SQLite online backup) and the checkpoint store, while serving."""
-    from coordinator.backup import BackupError, backup
+    from coordinator.console.backup import BackupError, backup
 
     url = database_url or f"sqlite:///{(state_dir / 'ledger.sqlite3').resolve()}"
     try:
@@ -1200,7 +1200,7 @@ def restore_command(
     ),
 ) -> None:
     """Restore a backup into an empty state directory (verified before anything is written)."""
-    from coordinator.backup import BackupError, restore
+    from coordinator.console.backup import BackupError, restore
 
     try:
         summary = restore(backup_dir, state_dir)
@@ -1264,7 +1264,7 @@ def demo(
     ] = False,
 ) -> None:
     """Run a real multi-process sequential run on generated data, then print its summary."""
-    from coordinator.demo import DemoError, run_demo
+    from coordinator.console.demo import DemoError, run_demo
 
     configure_logging("WARNING")
     try:

@@ -17,9 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import make_url
 
-from coordinator.admin import AdminClient
-from coordinator.plan import PlanError, RunPlan
-from coordinator.study import (
+from coordinator.console.admin import AdminClient
+from coordinator.console.study import (
     RunExecutor,
     RunNotApproved,
     RunTemplate,
@@ -34,7 +33,8 @@ from coordinator.study import (
     trial_run_ids,
     warm_start_from_ledger,
 )
-from coordinator.study_storage import DEFAULT_STORAGE_FILE, StudyStorage, resolve_storage
+from coordinator.console.study_storage import DEFAULT_STORAGE_FILE, StudyStorage, resolve_storage
+from coordinator.plan import PlanError, RunPlan
 from ordering import (
     FloatRange,
     HopHyperparameters,

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import grpc
 from sqlalchemy import create_engine, make_url, text
 
-from coordinator.admin import TERMINAL_RUN_STATES, AdminClient
+from coordinator.console.admin import TERMINAL_RUN_STATES, AdminClient
 from coordinator.plan import HyperparameterSpec, PlanError, RunPlan, parse_plan
 from ordering import (
     CandidatePlan,
