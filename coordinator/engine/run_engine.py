@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, get_args
 
+from coordinator.engine.spool import UploadSpool
 from coordinator.errors import (
     InvalidInput,
     NotFound,
@@ -51,7 +52,6 @@ from coordinator.statistics import (
 )
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore, fsync_write
-from coordinator.uploads import UploadSpool
 from protocols.approval import ApprovalBundle
 from protocols.checkpoint import (
     Bundle,
