@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from protocols.hyperparameters import BOUNDED_HYPERPARAMETERS
+from protocols.version import BATON_VERSION
 
 __all__ = [
     "BATON_VERSION",
@@ -23,7 +24,6 @@ __all__ = [
     "BundleViolation",
 ]
 
-BATON_VERSION = "0.1.0"
 # Hyperparameters every hop carries that bounds may cover (the model's numeric fields but `seed`).
 HYPERPARAMETERS = BOUNDED_HYPERPARAMETERS
 

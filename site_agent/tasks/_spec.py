@@ -9,6 +9,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from protocols.checkpoint import TensorSpec as TensorSpec
+
 # The trainers' hyperparameters are the model both ends share (re-exported for the tasks).
 from protocols.hyperparameters import HopHyperparameters as HopHyperparameters
 from site_agent.examples import TASK_TYPES
@@ -73,15 +75,6 @@ class TaskSpec:
         except (TypeError, ValueError) as error:
             raise ValueError(f"task options must be JSON-able: {error}") from error
         object.__setattr__(self, "options", options)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor that may move between sites."""
-
-    name: str
-    dtype: str  # as safetensors names it: "F32"
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)

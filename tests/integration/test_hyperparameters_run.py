@@ -9,9 +9,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from site_agent.registry import load_registered, register_dataset
 from site_agent.tasks import TaskSpec, create_trainer
 from tests.conftest import SITES, Pki
