@@ -20,12 +20,12 @@ class HyperparameterMessageError(ValueError):
     """A task's hyperparameters message holds a value outside the model's bounds."""
 
 
-def to_message(hyperparameters: HopHyperparameters) -> pb.Hyperparameters:
+def to_message(hyperparameters: HopHyperparameters) -> pb.HopHyperparameters:
     """The proto message carrying every field of `hyperparameters`."""
-    return pb.Hyperparameters(**hyperparameters.model_dump())
+    return pb.HopHyperparameters(**hyperparameters.model_dump())
 
 
-def from_message(message: pb.Hyperparameters) -> HopHyperparameters:
+def from_message(message: pb.HopHyperparameters) -> HopHyperparameters:
     """The model a message describes; a field with presence that is not set takes its default.
 
     Raises:

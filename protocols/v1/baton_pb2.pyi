@@ -123,7 +123,7 @@ class LoraConfig(_message.Message):
 Global___LoraConfig: _TypeAlias = LoraConfig  # noqa: Y015
 
 @_typing.final
-class Hyperparameters(_message.Message):
+class HopHyperparameters(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
@@ -174,7 +174,7 @@ class Hyperparameters(_message.Message):
     _WhichOneofArgType__lr_schedule: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_schedule) -> _WhichOneofReturnType__lr_schedule | None: ...
 
-Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
+Global___HopHyperparameters: _TypeAlias = HopHyperparameters  # noqa: Y015
 
 @_typing.final
 class CrossValidation(_message.Message):
@@ -449,7 +449,7 @@ class HopTask(_message.Message):
     @_builtins.property
     def lora(self) -> Global___LoraConfig: ...
     @_builtins.property
-    def hyperparameters(self) -> Global___Hyperparameters: ...
+    def hyperparameters(self) -> Global___HopHyperparameters: ...
     @_builtins.property
     def cross_validation(self) -> Global___CrossValidation:
         """as in the bundle; unset for an ordinary run"""
@@ -467,7 +467,7 @@ class HopTask(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         base_model_sha256: _builtins.str = ...,
         lora: Global___LoraConfig | None = ...,
-        hyperparameters: Global___Hyperparameters | None = ...,
+        hyperparameters: Global___HopHyperparameters | None = ...,
         task_options_json: _builtins.str = ...,
         approval_bundle_json: _builtins.str = ...,
         cross_validation: Global___CrossValidation | None = ...,

@@ -34,7 +34,7 @@ def _extreme(end: int) -> HopHyperparameters:
 
 
 def test_every_model_field_travels_in_the_message_field_of_the_same_name_and_kind() -> None:
-    message_fields = pb.Hyperparameters.DESCRIPTOR.fields_by_name
+    message_fields = pb.HopHyperparameters.DESCRIPTOR.fields_by_name
     model_fields = [field.name for field in dataclasses.fields(HopHyperparameters)]
     assert sorted(model_fields) == sorted(message_fields)
     for name in model_fields:
@@ -53,12 +53,12 @@ def test_every_model_field_travels_in_the_message_field_of_the_same_name_and_kin
     ids=["defaults", "lower-edges", "upper-edges", "fractional-epochs"],
 )
 def test_the_model_survives_the_wire_unchanged(hyperparameters: HopHyperparameters) -> None:
-    message = pb.Hyperparameters.FromString(to_message(hyperparameters).SerializeToString())
+    message = pb.HopHyperparameters.FromString(to_message(hyperparameters).SerializeToString())
     assert from_message(message) == hyperparameters
 
 
 def test_a_message_without_a_schedule_trains_with_the_models_default_schedule() -> None:
-    message = pb.Hyperparameters(learning_rate=0.01, steps=3, batch_size=4, max_grad_norm=1.0)
+    message = pb.HopHyperparameters(learning_rate=0.01, steps=3, batch_size=4, max_grad_norm=1.0)
     assert from_message(message) == HopHyperparameters(learning_rate=0.01, steps=3, batch_size=4)
     assert from_message(message).lr_schedule == "linear"
 
@@ -71,7 +71,7 @@ def test_a_value_outside_the_bounds_is_refused_by_the_model_and_the_wire(
         HopHyperparameters(**{name: value})  # type: ignore[arg-type]
     values = HopHyperparameters().model_dump() | {name: value}
     try:
-        message = pb.Hyperparameters(**values)
+        message = pb.HopHyperparameters(**values)
     except ValueError:
         return  # the wire type cannot even carry it (a negative unsigned integer)
     with pytest.raises(HyperparameterMessageError, match=f"^{name}: "):

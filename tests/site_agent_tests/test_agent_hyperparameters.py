@@ -83,7 +83,7 @@ def _agent(tmp_path: Path) -> SiteAgent:
     ))  # fmt: skip
 
 
-def _task(message: pb.Hyperparameters, bounds: Mapping[str, tuple[float, float]]) -> pb.HopTask:
+def _task(message: pb.HopHyperparameters, bounds: Mapping[str, tuple[float, float]]) -> pb.HopTask:
     bundle = ApprovalBundle("tabular", "heart", "", labels=LABELS, bounds=dict(bounds))
     return pb.HopTask(
         run_id="r", hop_id="h", lease_token="t", task_type="tabular", dataset="heart",
@@ -113,7 +113,7 @@ def test_the_agent_refuses_hyperparameters_outside_the_models_bounds(
 ) -> None:
     values = HopHyperparameters().model_dump() | {name: value}
     try:
-        message = pb.Hyperparameters(**values)
+        message = pb.HopHyperparameters(**values)
     except ValueError:
         pytest.skip(f"{name}={value} cannot be carried by its wire type")
     agent, trainer = _agent(tmp_path), _RecordingTrainer()
