@@ -70,6 +70,8 @@ class HopHyperparameters:
     seed: int = Field(default=0, ge=0, lt=2**63, json_schema_extra=_NOT_BOUNDED)
     proximal_mu: float = Field(default=0.0, ge=0, le=1e4)
     lr_schedule: LrSchedule = "linear"
+    # AdamW's second-moment decay; 0.95-0.98 steadies training on small, noisy batches.
+    adam_beta2: float = Field(default=0.999, gt=0, lt=1, json_schema_extra=_NOT_BOUNDED)
 
     def total_steps(self, train_examples: int) -> int:
         """Optimizer steps of the hop: ``steps``, or ``epochs`` passes over the train split."""

@@ -136,6 +136,7 @@ class HopHyperparameters(_message.Message):
     EPOCHS_FIELD_NUMBER: _builtins.int
     PROXIMAL_MU_FIELD_NUMBER: _builtins.int
     LR_SCHEDULE_FIELD_NUMBER: _builtins.int
+    ADAM_BETA2_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     steps: _builtins.int
     batch_size: _builtins.int
@@ -152,6 +153,8 @@ class HopHyperparameters(_message.Message):
     their types, defaults and bounds); a field with presence that is not set takes its default.
     "linear" (default) or "constant"
     """
+    adam_beta2: _builtins.float
+    """AdamW's second-moment decay (default 0.999)"""
     def __init__(
         self,
         *,
@@ -165,13 +168,19 @@ class HopHyperparameters(_message.Message):
         epochs: _builtins.float = ...,
         proximal_mu: _builtins.float = ...,
         lr_schedule: _builtins.str | None = ...,
+        adam_beta2: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule", "lr_schedule", b"lr_schedule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adam_beta2", b"_adam_beta2", "_lr_schedule", b"_lr_schedule", "adam_beta2", b"adam_beta2", "lr_schedule", b"lr_schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "proximal_mu", b"proximal_mu", "seed", b"seed", "steps", b"steps", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adam_beta2", b"_adam_beta2", "_lr_schedule", b"_lr_schedule", "adam_beta2", b"adam_beta2", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "proximal_mu", b"proximal_mu", "seed", b"seed", "steps", b"steps", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__adam_beta2: _TypeAlias = _typing.Literal["adam_beta2"]  # noqa: Y015
+    _WhichOneofArgType__adam_beta2: _TypeAlias = _typing.Literal["_adam_beta2", b"_adam_beta2"]  # noqa: Y015
     _WhichOneofReturnType__lr_schedule: _TypeAlias = _typing.Literal["lr_schedule"]  # noqa: Y015
     _WhichOneofArgType__lr_schedule: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__adam_beta2) -> _WhichOneofReturnType__adam_beta2 | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_schedule) -> _WhichOneofReturnType__lr_schedule | None: ...
 
 Global___HopHyperparameters: _TypeAlias = HopHyperparameters  # noqa: Y015
