@@ -14,7 +14,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import Engine, Text, cast, create_engine, event, func, select, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -71,6 +71,13 @@ class TransitionRefused(Exception):
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
+# One encoder, built once (json.dumps with keywords builds a new one per call): verify hashes
+# every event with it.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+).encode
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -85,7 +92,7 @@ def event_hash(
     payload: dict[str, Any],
 ) -> str:
     """Hash of one event over a canonical JSON encoding, chained to the previous event's hash."""
-    body = json.dumps(
+    body = _CANONICAL(
         {
             "prev": prev_hash,
             "at": at,
@@ -94,11 +101,7 @@ def event_hash(
             "hop_id": hop_id,
             "site": site,
             "payload": payload,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-        allow_nan=False,
+        }
     )
     return hashlib.sha256(body.encode("ascii")).hexdigest()
 
@@ -336,31 +339,40 @@ class Ledger:
     def verify(self, *, rows: bool = True, chunk: int = 1000) -> LedgerVerification:
         """Streams the event chain, then (with `rows`) checks every state row against it.
 
-        Events are read `chunk` at a time and only a (seq, digest) per state row is kept, so
+        Events are read `chunk` at a time as plain tuples with the payload as its stored text
+        (decoded once here, not by the ORM), and only the newest seq per state row is kept, so
         memory does not grow with the number of events.
         """
         prev, count, last_seq, broken = GENESIS_HASH, 0, 0, None
         index = StateIndex()
+        events = EventRow.__table__.c
+        query = select(
+            events.seq,
+            events.at,
+            events.kind,
+            events.run_id,
+            events.hop_id,
+            events.site,
+            cast(events.payload, Text),
+            events.prev_hash,
+            events.hash,
+        ).order_by(events.seq)
+        decode, note = json.loads, index.add
         with self._sessions() as session:
-            # Plain rows, not ORM objects: verify reads every event once and keeps none.
-            columns = EventRow.__table__.columns
-            query = select(*columns).order_by(EventRow.seq).execution_options(yield_per=chunk)
-            for row in session.execute(query):
-                count, last_seq = count + 1, row.seq
+            result = session.execute(query, execution_options={"yield_per": chunk})
+            for seq, at, kind, run_id, hop_id, site, text, prev_hash, digest in result:
+                payload = decode(text)
                 if broken is None:
-                    if row.prev_hash != prev:
+                    if prev_hash != prev:
                         broken = ChainBreak(
-                            row.seq, "previous-hash link broken (event deleted or inserted)"
+                            seq, "previous-hash link broken (event deleted or inserted)"
                         )
-                    elif row.hash != event_hash(
-                        prev, row.at, row.kind, row.run_id, row.hop_id, row.site, row.payload
-                    ):
-                        broken = ChainBreak(
-                            row.seq, "content does not match its hash (event altered)"
-                        )
-                prev = row.hash
+                    elif digest != event_hash(prev, at, kind, run_id, hop_id, site, payload):
+                        broken = ChainBreak(seq, "content does not match its hash (event altered)")
+                prev = digest
                 if rows:
-                    index.add(row)
+                    note(seq, kind, payload)
+                count, last_seq = count + 1, seq
             mismatches = list(index.compare_tables(session, chunk)) if rows else []
         return LedgerVerification(
             chain_break=broken,
