@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import signal
@@ -23,7 +24,7 @@ from coordinator.store import CheckpointStore, fsync_write
 from protocols.transport import aio_server, check_port_free
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
-__all__ = ["Coordinator", "bind_dashboard_socket", "build_server", "serve"]
+__all__ = ["Coordinator", "bind_dashboard_socket", "build_server", "serve", "settle_heap"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,7 @@ async def serve(settings: CoordinatorSettings) -> None:
     dashboard = None
     if listener is not None:
         dashboard = await _start_dashboard(settings, coordinator, listener)
+    settle_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -229,6 +231,16 @@ async def _start_dashboard(
     if settings.dashboard_port_file is not None:
         fsync_write(settings.dashboard_port_file, str(dashboard.port).encode())
     return dashboard
+
+
+def settle_heap() -> None:
+    """Moves every object alive after start-up out of the garbage collector's full passes.
+
+    Modules, the ORM's metadata, TLS and protobuf descriptors live as long as the process; left
+    in the oldest generation, each full collection walks them all again (200-500 ms measured
+    under load with 500 sites connected), and every call in flight waits.
+    """
+    gc.freeze()
 
 
 def bind_dashboard_socket(host: str, port: int) -> socket.socket:

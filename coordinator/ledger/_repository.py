@@ -627,6 +627,8 @@ class Ledger:
             return session.scalars(query).first() is not None
 
     def hop(self, hop_id: str) -> HopRow | None:
+        if not hop_id:  # no hop has an empty id (a site's beat between tasks): no query
+            return None
         with self._sessions() as session:
             return session.get(HopRow, hop_id)
 
