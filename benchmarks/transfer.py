@@ -143,6 +143,10 @@ class Site:
         hello = pb.HelloRequest(agent_version="bench", protocol_version=1,
                                 capabilities=["seq-classification"])  # fmt: skip
         hello.base_models.add(name="tiny", sha256="ab" * 32)
+        # What a real site reports, so that the run's preflight passes.
+        hello.datasets.add(name="notes", task="seq-classification", train_examples=100,
+                           validation_examples=20, labels=["x", "y"])  # fmt: skip
+        hello.approval_not_required = True
         self.stub.Hello(hello, timeout=30)
         self.tasks: queue.Queue[pb.HopTask] = queue.Queue()
         self.stream = self.stub.StreamTasks(pb.TaskStreamRequest())

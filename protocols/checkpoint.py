@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import safetensors
 
 __all__ = [
@@ -100,6 +99,8 @@ class Bundle:
 
     @property
     def parameter_count(self) -> int:
+        import numpy as np  # numpy is imported where values are read, not on import
+
         return sum(int(np.prod(t.shape, dtype=np.int64)) for t in self.tensors)
 
 
@@ -130,6 +131,8 @@ def _check_finite(name: str, dtype: str, raw: bytes | bytearray) -> None:
     kind = _FLOAT_DTYPES.get(dtype)
     if kind is None:
         return
+    import numpy as np  # numpy is imported where values are read, not on import
+
     if kind == "bf16":
         # bfloat16 is the top half of a float32: widen by shifting into the high bits.
         values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 from collections.abc import Mapping, Sequence
@@ -244,12 +245,33 @@ def check_port_free(address: str) -> None:
                     raise PortInUse(f"port {port} is already in use") from None
 
 
+# Every call presents its connection's certificate again: parse each distinct one once.
+# Bounded (a few KB per entry); failures are not cached and raise again on every call.
+_PARSED_CERTIFICATES = 4096
+
+
+@functools.lru_cache(maxsize=_PARSED_CERTIFICATES)
+def _identity_of(pem: bytes) -> PeerIdentity:
+    return identity_from_pem(pem)
+
+
+@functools.lru_cache(maxsize=_PARSED_CERTIFICATES)
+def _serial_and_subject(pem: bytes) -> tuple[str, str] | None:
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return None
+    return format(certificate.serial_number, "x"), certificate.subject.rfc4514_string()
+
+
 def peer_identity(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> PeerIdentity:
     """Reads the caller's role and name from its verified client certificate."""
     certs = context.auth_context().get("x509_pem_cert")
     if not certs:
         raise PkiError("the peer presented no client certificate")
-    return identity_from_pem(certs[0])
+    return _identity_of(certs[0])
 
 
 def peer_certificate(
@@ -260,13 +282,7 @@ def peer_certificate(
     Refusals record these so an admin knows which certificate to revoke, even when the
     certificate is one the CA issued with a name or role Baton does not accept.
     """
-    from cryptography import x509
-
     certs = context.auth_context().get("x509_pem_cert")
     if not certs:
         return None
-    try:
-        certificate = x509.load_pem_x509_certificate(certs[0])
-    except ValueError:
-        return None
-    return format(certificate.serial_number, "x"), certificate.subject.rfc4514_string()
+    return _serial_and_subject(certs[0])

@@ -278,13 +278,14 @@ class SiteAgent:
                 self._raise_if_refused(exc)
                 delay = self.backoff.failed()
                 logger.warning(
-                    "connection to coordinator lost (%s: %s); retrying in %.1f s",
+                    "connection to coordinator lost (%s: %s); retrying in %.2f s",
                     exc.code(),
                     exc.details(),
                     delay,
                 )
             else:
                 delay = self.backoff.failed()
+                logger.info("session with coordinator ended; retrying in %.2f s", delay)
             self._stop.wait(delay)
 
     def _check_certificate(self) -> None:

@@ -83,7 +83,7 @@ class Cluster:
         """Starts `baton coordinator serve` on a free port; returns the port once it serves.
 
         The dashboard is off unless `dashboard_port_file` is given: then it serves on a free
-        port, written to that file before the gRPC port file appears.
+        port, written to that file once it serves (after the gRPC port file).
         """
         port_file.unlink(missing_ok=True)
         if dashboard_port_file is None:
@@ -112,6 +112,16 @@ class Cluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"coordinator did not start in {timeout} s:\n{managed.log_tail()}"
+                )
+            time.sleep(0.05)
+        while dashboard_port_file is not None and not (
+            dashboard_port_file.is_file() and dashboard_port_file.read_text().strip()
+        ):
+            if managed.process.poll() is not None:
+                raise RuntimeError(f"coordinator exited early:\n{managed.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"coordinator's dashboard did not start in {timeout} s:\n{managed.log_tail()}"
                 )
             time.sleep(0.05)
         return int(port_file.read_text())

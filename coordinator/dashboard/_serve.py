@@ -16,6 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from coordinator.dashboard._app import create_app
 from coordinator.engine import RunEngine
+from coordinator.server import bind_dashboard_socket
 
 __all__ = ["DashboardServer", "start_dashboard"]
 
@@ -72,24 +73,19 @@ async def start_dashboard(
     certificate: Path,
     private_key: Path,
     ca_certificate: Path | None = None,
+    sock: socket.socket | None = None,
 ) -> DashboardServer:
     """Binds `host:port` (0: a free port) and serves the dashboard with the given TLS identity.
+
+    With `sock` (from `bind_dashboard_socket`), serves on that already bound socket instead.
 
     With `ca_certificate`, browsers may present a client certificate of that CA (optional).
 
     Raises:
         OSError: The port cannot be bound.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"dashboard cannot listen on {host}:{port}: {exc.strerror}") from exc
-    sock.listen(128)
-    sock.setblocking(False)
+    if sock is None:
+        sock = bind_dashboard_socket(host, port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
         create_app(engine),

@@ -44,7 +44,6 @@ __all__ = [
     "compare_snapshot",
     "row_entry",
     "row_key",
-    "snapshot_digest",
     "state_mismatches",
     "tracked",
     "values_entry",
@@ -85,8 +84,12 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+# One encoder, built once: json.dumps with keywords builds a new one per call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
+
+
 def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return _CANONICAL(value)
 
 
 def values_entry(table: str, key: str, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,12 +118,6 @@ def row_entry(row: Base, *, deleted: bool = False) -> dict[str, Any]:
         return {"table": table, "key": row_key(row), "deleted": True}
     columns = STATE_COLUMNS[type(row)]
     return values_entry(table, row_key(row), {c: getattr(row, c) for c in columns})
-
-
-def snapshot_digest(entry: Mapping[str, Any]) -> str:
-    """One hash of a snapshot's values, to keep the newest per row in little memory."""
-    body = {"values": entry.get("values", {}), "digests": entry.get("digests", {})}
-    return hashlib.sha256(_json(body).encode("ascii")).hexdigest()
 
 
 def _short(value: Any) -> str:
@@ -288,73 +285,109 @@ def state_mismatches(session: Session, rows: Sequence[Base]) -> list[RowMismatch
     return found
 
 
-@dataclass
-class _Newest:
-    seq: int
-    digest: str | None  # None: the newest event records the row's deletion
-
-
 class StateIndex:
-    """The newest snapshot of every row in the chain, as (seq, digest): small per row."""
+    """The seq of the newest event that wrote (or deleted) each row in the chain: small per row.
+
+    The chain walk only notes which event last touched each row; `compare_tables` then reads
+    those events' snapshots back, one batch of rows at a time, and compares them with the rows.
+    """
 
     def __init__(self) -> None:
-        self._newest: dict[tuple[str, str], _Newest] = {}
+        # (table, key) -> seq of the newest event recording the row; negative: it deleted it
+        self._newest: dict[tuple[str, str], int] = {}
         self.mismatch_events: list[tuple[int, str]] = []  # (seq, first finding) recorded
 
-    def add(self, event: _Event) -> None:
-        if event.kind == MISMATCH_EVENT:
-            findings = event.payload.get("mismatches") or [{"message": "(no detail)"}]
-            self.mismatch_events.append((event.seq, str(findings[0].get("message", ""))))
-        for entry in _entries(event):
-            name = (str(entry.get("table")), str(entry.get("key")))
-            digest = None if entry.get("deleted") else snapshot_digest(entry)
-            self._newest[name] = _Newest(event.seq, digest)
+    def add(self, seq: int, kind: str, payload: Any) -> None:
+        """Notes one event of the chain walk (its seq, kind and decoded payload)."""
+        if not isinstance(payload, dict):
+            return
+        if kind == MISMATCH_EVENT:
+            findings = payload.get("mismatches") or [{"message": "(no detail)"}]
+            self.mismatch_events.append((seq, str(findings[0].get("message", ""))))
+        entries = payload.get(STATE_ROWS_KEY)
+        if not isinstance(entries, list):
+            return
+        newest = self._newest
+        for entry in entries:
+            if isinstance(entry, dict):
+                name = (str(entry.get("table")), str(entry.get("key")))
+                newest[name] = -seq if entry.get("deleted") else seq
 
     def compare_tables(self, session: Session, chunk: int = 1000) -> Iterator[RowMismatch]:
         """Every row against its newest snapshot, and every snapshot against its row."""
         seen: set[tuple[str, str]] = set()
         for model in STATE_COLUMNS:
             table = model.__tablename__
+            batch: list[Base] = []
             for row in session.scalars(select(model).execution_options(yield_per=chunk)):
-                key = row_key(row)
-                seen.add((table, key))
-                newest = self._newest.get((table, key))
-                entry = row_entry(row)
-                if newest is None or newest.digest is None:
-                    yield RowMismatch(
-                        table,
-                        key,
-                        "",
-                        f"{table} row {key} has no ledger event that wrote it"
-                        + (f" (event #{newest.seq} deleted it)" if newest else ""),
-                    )
-                    continue
-                seq_column = getattr(row, "ledger_seq", None)
-                if snapshot_digest(entry) != newest.digest:
-                    event = session.get(EventRow, newest.seq)
-                    assert event is not None
-                    recorded = next(
-                        e for e in _entries(event) if (e.get("table"), e.get("key")) == (table, key)
-                    )
-                    yield from compare_snapshot(table, key, newest.seq, recorded, entry)
-                elif seq_column != newest.seq:
-                    yield RowMismatch(
-                        table,
-                        key,
-                        "ledger_seq",
-                        f"{table} row {key} column ledger_seq: ledger event #{newest.seq} last "
-                        f"wrote it, table says {seq_column}",
-                    )
-                session.expunge(row)
-        for (table, key), newest in self._newest.items():
-            if newest.digest is not None and (table, key) not in seen:
+                batch.append(row)
+                if len(batch) == chunk:
+                    yield from self._compare_batch(session, table, batch, seen)
+                    batch = []
+            yield from self._compare_batch(session, table, batch, seen)
+        for (table, key), seq in self._newest.items():
+            if seq > 0 and (table, key) not in seen:
                 yield RowMismatch(
                     table,
                     key,
                     "",
-                    f"{table} row {key}: ledger event #{newest.seq} wrote it, "
+                    f"{table} row {key}: ledger event #{seq} wrote it, "
                     "the table has no such row (deleted)",
                 )
+
+    def _compare_batch(
+        self, session: Session, table: str, rows: list[Base], seen: set[tuple[str, str]]
+    ) -> Iterator[RowMismatch]:
+        keyed = [(row, row_key(row)) for row in rows]
+        seqs = {s for _, key in keyed if (s := self._newest.get((table, key), 0)) > 0}
+        recorded = _recorded_entries(session, table, seqs)
+        for row, key in keyed:
+            seen.add((table, key))
+            newest = self._newest.get((table, key))
+            if newest is None or newest < 0:
+                yield RowMismatch(
+                    table,
+                    key,
+                    "",
+                    f"{table} row {key} has no ledger event that wrote it"
+                    + (f" (event #{-newest} deleted it)" if newest else ""),
+                )
+                continue
+            entry = recorded.get((newest, key))
+            assert entry is not None  # the chain walk saw it in that very event
+            found = compare_snapshot(table, key, newest, entry, row_entry(row))
+            seq_column = getattr(row, "ledger_seq", None)
+            if found:
+                yield from found
+            elif seq_column != newest:
+                yield RowMismatch(
+                    table,
+                    key,
+                    "ledger_seq",
+                    f"{table} row {key} column ledger_seq: ledger event #{newest} last "
+                    f"wrote it, table says {seq_column}",
+                )
+        for row, _ in keyed:
+            session.expunge(row)
+
+
+def _recorded_entries(
+    session: Session, table: str, seqs: set[int]
+) -> dict[tuple[int, str], Mapping[str, Any]]:
+    """The snapshots of `table`'s rows that events `seqs` carry, by (seq, key)."""
+    found: dict[tuple[int, str], Mapping[str, Any]] = {}
+    if not seqs:
+        return found
+    query = select(EventRow.seq, EventRow.payload).where(EventRow.seq.in_(seqs))
+    for seq, payload in session.execute(query):
+        if not isinstance(payload, dict):
+            continue
+        entries = payload.get(STATE_ROWS_KEY)
+        for entry in entries if isinstance(entries, list) else ():
+            if isinstance(entry, dict) and entry.get("table") == table:
+                # The last entry for a row within one event wins, as in the chain walk.
+                found[(seq, str(entry.get("key")))] = entry
+    return found
 
 
 def tracked(objects: Iterable[object]) -> Iterator[Base]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,9 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import Engine, Text, cast, create_engine, event, func, select, text
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -71,6 +70,40 @@ class TransitionRefused(Exception):
 _MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
+# One encoder, built once (json.dumps with keywords builds a new one per call): verify hashes
+# every event with it.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+).encode
+
+
+# `revision = "0015"` / `down_revision = "0011"` (or None) in a migration script.
+_REVISION_LINE = re.compile(
+    r"^(revision|down_revision)\s*(?::[^=\n]*)?=\s*(?:['\"]([\w-]+)['\"]|(None))\s*(?:#.*)?$",
+    re.MULTILINE,
+)
+
+
+def script_heads() -> set[str] | None:
+    """The head revisions of the migration scripts, read from the files without Alembic.
+
+    None when a script does not name its revisions in the plain form (a merge revision's tuple,
+    say): the caller then asks Alembic itself.
+    """
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for path in (_MIGRATIONS / "versions").glob("*.py"):
+        found = {name: value or None for name, value, _ in _REVISION_LINE.findall(path.read_text())}
+        if "revision" not in found or "down_revision" not in found:
+            return None
+        revision, parent = found["revision"], found["down_revision"]
+        assert revision is not None
+        revisions.add(revision)
+        if parent is not None:
+            parents.add(parent)
+    return revisions - parents
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -85,7 +118,7 @@ def event_hash(
     payload: dict[str, Any],
 ) -> str:
     """Hash of one event over a canonical JSON encoding, chained to the previous event's hash."""
-    body = json.dumps(
+    body = _CANONICAL(
         {
             "prev": prev_hash,
             "at": at,
@@ -94,11 +127,7 @@ def event_hash(
             "hop_id": hop_id,
             "site": site,
             "payload": payload,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-        allow_nan=False,
+        }
     )
     return hashlib.sha256(body.encode("ascii")).hexdigest()
 
@@ -200,12 +229,32 @@ class Ledger:
         self.head_observers: list[HeadObserver] = []
 
     def migrate(self) -> None:
-        """Brings the schema to the newest Alembic revision."""
+        """Brings the schema to the newest Alembic revision.
+
+        A ledger already at the head is recognised from its ``alembic_version`` row alone, so a
+        coordinator restart does not import Alembic (a quarter of its start-up time).
+        """
+        if self.at_head():
+            return
+        from alembic import command
+        from alembic.config import Config
+
         config = Config()
         config.set_main_option("script_location", str(_MIGRATIONS))
         with self.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
+
+    def at_head(self) -> bool:
+        """Whether the database's Alembic revision is the one head of the migration scripts."""
+        heads = script_heads()
+        if heads is None or len(heads) != 1:
+            return False  # let Alembic read the scripts and say what is wrong
+        with self.engine.connect() as connection:
+            if not sa_inspect(connection).has_table("alembic_version"):
+                return False
+            current = connection.execute(text("SELECT version_num FROM alembic_version"))
+            return {row[0] for row in current} == heads
 
     def covers_state_rows(self) -> bool:
         """Whether the schema has the state rows' ledger_seq (revision 0007 or later)."""
@@ -336,31 +385,40 @@ class Ledger:
     def verify(self, *, rows: bool = True, chunk: int = 1000) -> LedgerVerification:
         """Streams the event chain, then (with `rows`) checks every state row against it.
 
-        Events are read `chunk` at a time and only a (seq, digest) per state row is kept, so
+        Events are read `chunk` at a time as plain tuples with the payload as its stored text
+        (decoded once here, not by the ORM), and only the newest seq per state row is kept, so
         memory does not grow with the number of events.
         """
         prev, count, last_seq, broken = GENESIS_HASH, 0, 0, None
         index = StateIndex()
+        events = EventRow.__table__.c
+        query = select(
+            events.seq,
+            events.at,
+            events.kind,
+            events.run_id,
+            events.hop_id,
+            events.site,
+            cast(events.payload, Text),
+            events.prev_hash,
+            events.hash,
+        ).order_by(events.seq)
+        decode, note = json.loads, index.add
         with self._sessions() as session:
-            # Plain rows, not ORM objects: verify reads every event once and keeps none.
-            columns = EventRow.__table__.columns
-            query = select(*columns).order_by(EventRow.seq).execution_options(yield_per=chunk)
-            for row in session.execute(query):
-                count, last_seq = count + 1, row.seq
+            result = session.execute(query, execution_options={"yield_per": chunk})
+            for seq, at, kind, run_id, hop_id, site, text, prev_hash, digest in result:
+                payload = decode(text)
                 if broken is None:
-                    if row.prev_hash != prev:
+                    if prev_hash != prev:
                         broken = ChainBreak(
-                            row.seq, "previous-hash link broken (event deleted or inserted)"
+                            seq, "previous-hash link broken (event deleted or inserted)"
                         )
-                    elif row.hash != event_hash(
-                        prev, row.at, row.kind, row.run_id, row.hop_id, row.site, row.payload
-                    ):
-                        broken = ChainBreak(
-                            row.seq, "content does not match its hash (event altered)"
-                        )
-                prev = row.hash
+                    elif digest != event_hash(prev, at, kind, run_id, hop_id, site, payload):
+                        broken = ChainBreak(seq, "content does not match its hash (event altered)")
+                prev = digest
                 if rows:
-                    index.add(row)
+                    note(seq, kind, payload)
+                count, last_seq = count + 1, seq
             mismatches = list(index.compare_tables(session, chunk)) if rows else []
         return LedgerVerification(
             chain_break=broken,
@@ -569,6 +627,8 @@ class Ledger:
             return session.scalars(query).first() is not None
 
     def hop(self, hop_id: str) -> HopRow | None:
+        if not hop_id:  # no hop has an empty id (a site's beat between tasks): no query
+            return None
         with self._sessions() as session:
             return session.get(HopRow, hop_id)
 

@@ -475,3 +475,34 @@ def test_final_adapter_is_not_exported_from_an_edited_checkpoint_row(
         assert not coordinator.engine.final_adapter_dir(run_id).exists()
     finally:
         site.close()
+
+
+def test_verify_reads_rows_and_events_in_batches_and_names_the_same_findings(
+    ledger: Ledger,
+) -> None:
+    ids = populate(ledger)
+    _sql(ledger, "UPDATE hops SET output_sha256 = :bad WHERE id = :hop0", bad=OUT_B, **ids)
+    _sql(ledger, "UPDATE hops SET ledger_seq = 1 WHERE id = :hop1", **ids)
+    _sql(ledger, "UPDATE revocations SET reason = 'x' WHERE serial = '2a'")
+    whole = sorted(m.message for m in ledger.verify(chunk=1000).row_mismatches)
+    assert sorted(m.message for m in ledger.verify(chunk=1).row_mismatches) == whole
+    assert len(whole) == 3
+
+
+def test_a_row_put_back_after_its_deletion_was_recorded_is_named(ledger: Ledger) -> None:
+    populate(ledger)
+    with ledger.transaction() as session:
+        row = session.get(RevocationRow, "2a")
+        assert row is not None
+        session.delete(row)
+        deleted_at = ledger.append_event(session, "site.unrevoked", payload={"serial": "2a"})
+    assert ledger.verify().ok
+    _sql(
+        ledger,
+        "INSERT INTO revocations (serial, reason, revoked_by, revoked_at) "
+        "VALUES ('2a', 'lost laptop', 'admin', '2026-01-01 00:00:00')",
+    )
+    [mismatch] = ledger.verify().row_mismatches
+    assert mismatch.message == (
+        f"revocations row 2a has no ledger event that wrote it (event #{deleted_at.seq} deleted it)"
+    )

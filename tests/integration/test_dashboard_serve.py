@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import subprocess
 import sys
@@ -76,3 +77,23 @@ def test_no_dashboard_serves_only_grpc(pki: Pki, tmp_path: Path) -> None:
         log = cluster.process("coordinator").log_tail()
     assert "coordinator listening on" in log
     assert "dashboard on https://" not in log
+
+
+def test_a_taken_dashboard_port_is_refused_before_the_grpc_port_is_announced(
+    pki: Pki, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        second = subprocess.run(
+            [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
+             "--state-dir", str(tmp_path / "state"), "--ca", str(pki.directory / "ca.crt"),
+             "--cert", str(pki.directory / "coordinator.crt"),
+             "--key", str(pki.directory / "coordinator.key"), "--host", "127.0.0.1",
+             "--dashboard-port", str(port), "--port-file", str(tmp_path / "port")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert second.returncode == 2
+    assert f"dashboard cannot listen on 127.0.0.1:{port}" in second.stderr
+    assert not (tmp_path / "port").exists()  # no site was told to connect to it

@@ -18,19 +18,20 @@ def test_failures_before_any_session_double_up_to_the_maximum() -> None:
     assert [backoff.failed() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
 
 
-def test_the_first_wait_after_a_good_session_is_the_initial_delay() -> None:
-    backoff = ReconnectBackoff(initial=0.5, maximum=30.0, clock=Clock())
+def test_the_first_wait_after_a_good_session_is_the_first_retry_not_the_grown_delay() -> None:
+    backoff = ReconnectBackoff(initial=0.5, maximum=30.0, first_retry=0.2, clock=Clock(),
+                               jitter=lambda: 1.0)  # fmt: skip
     for _ in range(6):
         backoff.failed()
     assert backoff.next_delay == 30.0
     backoff.connected()
-    assert backoff.failed() == 0.5
+    assert backoff.failed() == 0.2
 
 
-def test_right_after_a_lost_session_waits_stay_under_the_recovery_cap() -> None:
+def test_right_after_a_lost_session_waits_start_fast_and_stay_under_the_recovery_cap() -> None:
     clock = Clock()
-    backoff = ReconnectBackoff(initial=0.5, maximum=30.0, recovery_cap=2.0,
-                               recovery_window=60.0, clock=clock)  # fmt: skip
+    backoff = ReconnectBackoff(initial=0.5, maximum=30.0, first_retry=0.2, recovery_cap=1.0,
+                               recovery_window=60.0, clock=clock, jitter=lambda: 1.0)  # fmt: skip
     clock.now = 1000.0  # a long session: the window counts from the loss, not the connect
     backoff.connected()
     clock.now = 5000.0
@@ -38,6 +39,24 @@ def test_right_after_a_lost_session_waits_stay_under_the_recovery_cap() -> None:
     for _ in range(8):
         waits.append(backoff.failed())
         clock.now += waits[-1]
-    assert waits == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    assert waits == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0]
     clock.now = 5000.0 + 61.0  # the coordinator stays away: poll ever more slowly again
-    assert [backoff.failed() for _ in range(3)] == [2.0, 4.0, 8.0]
+    assert [backoff.failed() for _ in range(3)] == [1.0, 2.0, 4.0]
+
+
+def test_waits_after_a_lost_session_are_spread_between_half_and_all_of_the_step() -> None:
+    draws = iter([0.0, 0.5, 0.999])
+    backoff = ReconnectBackoff(first_retry=0.2, recovery_cap=1.0, clock=Clock(),
+                               jitter=lambda: next(draws))  # fmt: skip
+    backoff.connected()
+    assert [round(backoff.failed(), 3) for _ in range(3)] == [0.1, 0.3, 0.8]
+
+
+def test_a_second_loss_in_the_window_starts_fast_again() -> None:
+    clock = Clock()
+    backoff = ReconnectBackoff(first_retry=0.2, recovery_cap=1.0, clock=clock, jitter=lambda: 1.0)
+    backoff.connected()
+    assert [backoff.failed() for _ in range(4)] == [0.2, 0.4, 0.8, 1.0]
+    clock.now += 3.0
+    backoff.connected()
+    assert backoff.failed() == 0.2

@@ -1,0 +1,73 @@
+"""Coordinator start to ready: `baton coordinator serve` until its gRPC port file is written.
+
+Starts the coordinator `--starts` times on one state directory (the ledger exists after the
+first start, as on a restart) and reports wall time and the process's CPU time to ready; the
+CPU figure is the steadier one on a busy machine.
+
+    .venv/bin/python benchmarks/startup.py --starts 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from protocols.pki import Role, init_ca, issue_certificate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--starts", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        pki = tmp / "pki"
+        init_ca(pki)
+        issue_certificate(pki, pki, Role.COORDINATOR, "coordinator")
+        port_file = tmp / "port"
+        command = [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
+                   "--port-file", str(port_file), "--state-dir", str(tmp / "state"),
+                   "--ca", str(pki / "ca.crt"), "--cert", str(pki / "coordinator.crt"),
+                   "--key", str(pki / "coordinator.key"), "--log-level", "WARNING",
+                   "--dashboard-port", "0"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))}
+        walls: list[float] = []
+        cpus: list[float] = []
+        for _ in range(args.starts):
+            port_file.unlink(missing_ok=True)
+            started = time.perf_counter()
+            proc = subprocess.Popen(command, env=env, cwd=tmp)
+            try:
+                while not port_file.exists():
+                    if proc.poll() is not None:
+                        raise SystemExit(f"coordinator exited with {proc.returncode}")
+                    time.sleep(0.005)
+                walls.append(time.perf_counter() - started)
+                times = psutil.Process(proc.pid).cpu_times()
+                cpus.append(times.user + times.system)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+    print(json.dumps({
+        "starts": args.starts,
+        "wall_seconds": [round(x, 2) for x in walls],
+        "cpu_seconds": [round(x, 2) for x in cpus],
+        "wall_median": round(statistics.median(walls), 2),
+        "cpu_median": round(statistics.median(cpus), 2),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""`Ledger.migrate` skips Alembic for a ledger already at the head, and only then."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
+
+from coordinator.ledger import Ledger
+from coordinator.ledger._repository import _MIGRATIONS, script_heads
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser syntax
+    return config
+
+
+def test_heads_read_from_the_scripts_are_alembics_heads() -> None:
+    scripts = ScriptDirectory.from_config(_config("sqlite://"))
+    assert script_heads() == set(scripts.get_heads())
+
+
+def test_a_fresh_database_is_not_at_head_and_migrate_creates_the_schema(database_url: str) -> None:
+    ledger = Ledger(database_url)
+    try:
+        assert not ledger.at_head()
+        ledger.migrate()
+        assert ledger.at_head()
+        assert inspect(ledger.engine).has_table("events")
+    finally:
+        ledger.close()
+
+
+def test_a_ledger_at_an_older_revision_is_upgraded(database_url: str) -> None:
+    command.upgrade(_config(database_url), "0011")
+    ledger = Ledger(database_url)
+    try:
+        assert not ledger.at_head()
+        ledger.migrate()
+        assert ledger.at_head()
+        with ledger.engine.connect() as connection:
+            [version] = connection.execute(text("SELECT version_num FROM alembic_version"))
+        assert {version[0]} == script_heads()
+    finally:
+        ledger.close()
+
+
+def test_restarting_on_a_ledger_at_head_does_not_import_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    ledger = Ledger(url)
+    ledger.migrate()
+    ledger.close()
+    check = (
+        "import sys\n"
+        "from coordinator.ledger import Ledger\n"
+        f"ledger = Ledger({url!r})\n"
+        "ledger.migrate()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
