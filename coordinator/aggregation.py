@@ -22,13 +22,17 @@ import safetensors
 import safetensors.numpy
 
 from coordinator.plan import FederatedSpec
-from protocols.checkpoint import CheckpointError, CheckpointManifest, bundle_metadata
+from protocols.checkpoint import (
+    AGGREGATOR,
+    CheckpointError,
+    CheckpointManifest,
+    bundle_metadata,
+)
 
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import FedAvg
 
 __all__ = [
-    "AGGREGATOR",
     "WEIGHT_KEY",
     "Aggregate",
     "AggregationError",
@@ -40,9 +44,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The producer a round's aggregate names in its manifest (no site has this name: a site name
-# must start with a letter or digit).
-AGGREGATOR = "@coordinator"
 WEIGHT_KEY = "num-examples"  # Flower's weighted_by_key default
 _ARRAYS_KEY = "arrays"
 _METRICS_KEY = "metrics"
@@ -252,8 +253,11 @@ def aggregate_bundle(
     adapter_config: Mapping[str, Any],
 ) -> bytes:
     """The aggregate as a checkpoint bundle (the format sites read and upload)."""
-    if not manifest.parents:
-        raise CheckpointError("an aggregate's manifest must name its contributions as parents")
+    if not manifest.parents or manifest.producer_site != AGGREGATOR:
+        raise CheckpointError(
+            f"an aggregate's manifest names its contributions as parents and {AGGREGATOR} as "
+            "its producer"
+        )
     metadata = bundle_metadata(manifest, adapter_config)
     tensors = {name: np.ascontiguousarray(a) for name, a in sorted(aggregate.tensors.items())}
     return bytes(safetensors.numpy.save(tensors, metadata=metadata))

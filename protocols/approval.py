@@ -124,13 +124,21 @@ class ApprovalBundle:
         """The run's mode: "sequential", "federated" or "hybrid"."""
         return str(self.federation.get("mode", "sequential"))
 
-    def check_round(self, mode: str, round_number: int) -> None:
-        """Raises BundleViolation when a task's mode or round is not what the bundle approved."""
-        if mode != self.mode:
-            raise BundleViolation(f"a {mode} task under a bundle approved for {self.mode} runs")
+    def check_round(self, round_number: int) -> None:
+        """Raises BundleViolation when a task's round (0: a sequential hop) is not one the
+        bundle approved."""
+        if self.mode == "sequential":
+            if round_number:
+                raise BundleViolation(
+                    f"a round {round_number} task under a bundle approved for sequential runs"
+                )
+            return
         rounds = int(self.federation.get("rounds", 0))
-        if mode != "sequential" and not 1 <= round_number <= rounds:
-            raise BundleViolation(f"round {round_number} is outside the approved {rounds} rounds")
+        if not 1 <= round_number <= rounds:
+            raise BundleViolation(
+                f"round {round_number} is outside the {rounds} rounds approved for this "
+                f"{self.mode} run"
+            )
 
     def check_hyperparameters(self, values: Mapping[str, float]) -> None:
         """Raises BundleViolation when a hop's hyperparameter leaves the approved bounds."""

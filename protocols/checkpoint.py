@@ -19,6 +19,7 @@ import safetensors
 
 __all__ = [
     "ADAPTER_CONFIG_KEY",
+    "AGGREGATOR",
     "BUNDLE_FORMAT_VERSION",
     "MANIFEST_KEY",
     "Bundle",
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT_VERSION = 1
+# The producer a round's aggregate names in its manifest: the coordinator made and signed it (no
+# site has this name: a site name starts with a letter or a digit).
+AGGREGATOR = "@coordinator"
 MANIFEST_KEY = "baton.manifest"
 ADAPTER_CONFIG_KEY = "baton.adapter_config"
 DEFAULT_MAX_BUNDLE_BYTES = 2 * 1024**3

@@ -414,6 +414,7 @@ class HopTask(_message.Message):
     TASK_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
     CROSS_VALIDATION_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     hop_id: _builtins.str
     hop_index: _builtins.int
@@ -428,6 +429,12 @@ class HopTask(_message.Message):
     approval_bundle_json: _builtins.str
     """The run's approval bundle (canonical JSON; its sha256 is what a site approves). The site
     checks that this task matches it and refuses it unless approved, before loading anything.
+    """
+    round: _builtins.int
+    """Federated and hybrid runs: the round (1-based) this hop trains in; 0 for a sequential hop.
+    The site refuses a round its approved bundle does not cover. Round r's first hops start
+    from round r-1's aggregate, produced and signed by the coordinator (input_checkpoint's
+    producer_certificate is then the coordinator's).
     """
     @_builtins.property
     def input_checkpoint(self) -> Global___CheckpointRef:
@@ -462,10 +469,11 @@ class HopTask(_message.Message):
         task_options_json: _builtins.str = ...,
         approval_bundle_json: _builtins.str = ...,
         cross_validation: Global___CrossValidation | None = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cross_validation", b"cross_validation", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "cross_validation", b"cross_validation", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "cross_validation", b"cross_validation", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "round", b"round", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

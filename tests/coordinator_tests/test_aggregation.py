@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from coordinator.aggregation import (
-    AGGREGATOR,
     AggregationError,
     Contribution,
     aggregate_bundle,
@@ -14,7 +13,7 @@ from coordinator.aggregation import (
     read_tensors,
 )
 from coordinator.plan import FederatedSpec
-from protocols.checkpoint import CheckpointError, CheckpointManifest, inspect_bundle
+from protocols.checkpoint import AGGREGATOR, CheckpointError, CheckpointManifest, inspect_bundle
 
 
 def _contributions(seed: int, sizes: tuple[float, ...] = (10.0, 30.0, 60.0)) -> list[Contribution]:

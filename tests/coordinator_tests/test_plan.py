@@ -185,11 +185,15 @@ def test_bundle_covers_mode_strategy_and_groups_and_sequential_hashes_are_unchan
 
 def test_bundle_refuses_a_task_of_another_mode_or_beyond_its_rounds() -> None:
     bundle = parse_plan(FEDERATED).approval_bundle()
-    bundle.check_round("federated", 4)
-    with pytest.raises(BundleViolation, match="approved for federated"):
-        bundle.check_round("sequential", 0)
-    with pytest.raises(BundleViolation, match="outside the approved 4 rounds"):
-        bundle.check_round("federated", 5)
+    bundle.check_round(4)
+    with pytest.raises(BundleViolation, match="round 0 is outside the 4 rounds approved"):
+        bundle.check_round(0)
+    with pytest.raises(BundleViolation, match="round 5 is outside"):
+        bundle.check_round(5)
+    sequential = parse_plan({**BASE, "sites": ["x"]}).approval_bundle()
+    sequential.check_round(0)
+    with pytest.raises(BundleViolation, match="approved for sequential runs"):
+        sequential.check_round(1)
 
 
 def test_plan_files_give_the_federated_table_in_toml(tmp_path: Path) -> None:
