@@ -14,8 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.ledger.models import HopRow, RoundRow
+from coordinator.ledger.models import HopRow, RoundRow, RunRow
 from coordinator.plan import RunPlan
+from protocols.v1 import baton_pb2 as pb
 
 __all__ = [
     "DEADLINE_CODE",
@@ -27,6 +28,7 @@ __all__ = [
     "member_progress",
     "previous_output",
     "round_rows",
+    "round_statuses",
     "stragglers",
 ]
 
@@ -170,3 +172,25 @@ def contributions(row: RoundRow, hops: Mapping[str, HopRow]) -> list[RoundContri
 def stragglers(row: RoundRow, hops: Mapping[str, HopRow]) -> list[MemberProgress]:
     """The members still training (for the deadline's wait, drop or abort)."""
     return [m for m in member_progress(row, hops) if not m.done]
+
+
+def round_statuses(run: RunRow, rounds: Sequence[RoundRow]) -> list[pb.RoundStatus]:
+    """The admin view of a run's rounds (empty for a sequential run)."""
+    index = {h.id: h.index for h in run.hops}
+    statuses = []
+    for row in rounds:
+        status = pb.RoundStatus(
+            number=row.number,
+            status=row.status,
+            input_sha256=row.input_sha256 or "",
+            output_sha256=row.output_sha256 or "",
+            dropped=[str(name) for name, _ in row.dropped],
+            error=row.error or "",
+        )
+        for name, ids in row.members:
+            status.members.add(name=str(name), hop_indices=[index[i] for i in ids if i in index])
+        for name, sha, examples in row.contributions:
+            status.contributions.add(member=str(name), sha256=str(sha), examples=float(examples))
+        status.metrics.update({k: float(v) for k, v in row.metrics.items()})
+        statuses.append(status)
+    return statuses

@@ -107,3 +107,21 @@ def test_rounds_run_in_order_each_from_the_aggregate_before_it() -> None:
     for row in rounds:
         row.status = "aggregated"
     assert current_round(rounds) is None
+
+
+def test_the_admin_view_names_members_hops_contributions_and_drops() -> None:
+    from coordinator.ledger.models import RunRow
+    from coordinator.rounds import round_statuses
+
+    hops, rounds = round_rows(_hybrid(), "run")
+    run = RunRow(id="run", hops=hops)
+    rounds[0].status, rounds[0].output_sha256 = "aggregated", "f" * 64
+    rounds[0].contributions = [["north", "a" * 64, 50.0]]
+    rounds[0].dropped = [["south", "round deadline"]]
+    rounds[0].metrics = {"train_loss": 0.25}
+    first, second = round_statuses(run, rounds)
+    assert [(m.name, list(m.hop_indices)) for m in first.members] == [("north", [0, 1]),
+                                                                     ("south", [2])]  # fmt: skip
+    assert [(c.member, c.examples) for c in first.contributions] == [("north", 50.0)]
+    assert list(first.dropped) == ["south"] and first.metrics["train_loss"] == 0.25
+    assert (second.status, second.input_sha256) == ("pending", "")
