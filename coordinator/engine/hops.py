@@ -203,6 +203,8 @@ class Hops:
 
     def _observe_commit(self, run: RunRow, hop: HopRow, result: pb.HopResult) -> None:
         self.metrics.hop_settled("committed")
+        if runs_in_rounds(run):
+            return  # a round's hops train side by side: no handoff between neighbours
         previous = next((h for h in run.hops if h.index == hop.index - 1), None)
         if (
             previous is not None
