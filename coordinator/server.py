@@ -15,6 +15,7 @@ import grpc.aio
 from sqlalchemy.exc import SQLAlchemyError
 
 from coordinator.engine import RunEngine
+from coordinator.federated import AggregateSigner
 from coordinator.health import GrpcHealth, HealthEndpoint, ledger_reachable
 from coordinator.ledger import HeadSigner, Ledger
 from coordinator.servicer import AdminServicer, MalformedMessageGuard, SiteServicer
@@ -133,6 +134,9 @@ async def _build_server(settings: CoordinatorSettings) -> Coordinator:
         max_checkpoint_bytes=settings.max_checkpoint_bytes,
         statistics_min_count=settings.statistics_min_count,
         statistics_expiry_seconds=settings.statistics_expiry_seconds,
+        aggregate_signer=AggregateSigner(
+            settings.private_key.read_bytes(), settings.certificate.read_bytes()
+        ),
     )
     signer = HeadSigner(
         settings.heads_path,

@@ -30,6 +30,7 @@ from coordinator.ledger import Ledger, RunRow
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import PlanError, parse_plan
 from coordinator.preflight import SiteApprovals
+from coordinator.rounds import round_statuses
 from protocols.logs import bind_log_context
 from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_csr
 from protocols.transport import CHUNK_BYTES, peer_certificate, peer_identity
@@ -538,6 +539,7 @@ def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
             if progress.phase and hop.status == "leased":
                 entry.status = progress.phase
         status.hops.append(entry)
+    status.rounds.extend(round_statuses(run, engine.ledger.rounds(run.id)))
     for row in run.evaluations:
         evaluation = status.evaluations.add(
             evaluation_id=row.id,

@@ -18,6 +18,7 @@ import safetensors
 
 __all__ = [
     "ADAPTER_CONFIG_KEY",
+    "AGGREGATOR",
     "BUNDLE_FORMAT_VERSION",
     "MANIFEST_KEY",
     "Bundle",
@@ -33,6 +34,9 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT_VERSION = 1
+# The producer a round's aggregate names in its manifest: the coordinator made and signed it (no
+# site has this name: a site name starts with a letter or a digit).
+AGGREGATOR = "@coordinator"
 MANIFEST_KEY = "baton.manifest"
 ADAPTER_CONFIG_KEY = "baton.adapter_config"
 DEFAULT_MAX_BUNDLE_BYTES = 2 * 1024**3
@@ -59,14 +63,24 @@ class CheckpointManifest:
     parent_sha256: str = ""
     created_at: str = ""
     format_version: int = BUNDLE_FORMAT_VERSION
+    # A round's aggregate: the contributions it averages (sorted); parent_sha256 is the round's
+    # input. Left out of the JSON when empty, so a hop's manifest is what it always was.
+    parents: tuple[str, ...] = ()
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        document = asdict(self)
+        if self.parents:
+            document["parents"] = list(self.parents)
+        else:
+            del document["parents"]
+        return json.dumps(document, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> CheckpointManifest:
         try:
             raw = json.loads(text)
+            if isinstance(raw, dict) and "parents" in raw:
+                raw["parents"] = tuple(str(sha) for sha in raw["parents"])
             manifest = cls(**raw)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint manifest is malformed: {exc}") from exc

@@ -16,7 +16,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from protocols.pki import PkiError, Role, identity_from_pem
 
-__all__ = ["SignatureError", "sign_digest", "verify_custody", "verify_signed_digest"]
+__all__ = [
+    "SignatureError",
+    "sign_digest",
+    "verify_aggregate_custody",
+    "verify_custody",
+    "verify_signed_digest",
+]
 
 
 class SignatureError(ValueError):
@@ -64,6 +70,24 @@ def verify_custody(
         at=datetime.now(UTC),
         what="checkpoint",
     )
+
+
+def verify_aggregate_custody(
+    sha256: str, signature: bytes, certificate_pem: bytes, *, ca_pem: bytes
+) -> str:
+    """Checks that a round's aggregate was made and signed by a coordinator of the consortium.
+
+    Returns:
+        The coordinator's name (certificate CN).
+
+    Raises:
+        SignatureError: If the certificate is not a coordinator certificate from the CA, or the
+            signature does not verify.
+    """
+    return verify_signed_digest(
+        sha256, signature, certificate_pem, ca_pem=ca_pem, role=Role.COORDINATOR,
+        at=datetime.now(UTC), what="round aggregate",
+    )  # fmt: skip
 
 
 def verify_signed_digest(

@@ -21,6 +21,7 @@ import grpc
 from protocols import hyperparameter_messages
 from protocols.approval import ApprovalBundle, BundleViolation
 from protocols.checkpoint import (
+    AGGREGATOR,
     CheckpointError,
     CheckpointManifest,
     bundle_metadata,
@@ -28,7 +29,12 @@ from protocols.checkpoint import (
     sha256_hex,
 )
 from protocols.logs import log_context
-from protocols.signing import SignatureError, sign_digest, verify_custody
+from protocols.signing import (
+    SignatureError,
+    sign_digest,
+    verify_aggregate_custody,
+    verify_custody,
+)
 from protocols.task_types import LORA_TASK_TYPES
 from protocols.transport import CHUNK_BYTES, secure_channel
 from protocols.v1 import baton_pb2 as pb
@@ -449,13 +455,19 @@ class SiteAgent:
         self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
         try:
             bundle = inspect_bundle(data, expected_sha256=ref.sha256)
-            verify_custody(
-                bundle.sha256,
-                ref.signature,
-                ref.producer_certificate,
-                ca_pem=self.settings.ca_certificate.read_bytes(),
-                producer=bundle.manifest.producer_site,
-            )
+            ca_pem = self.settings.ca_certificate.read_bytes()
+            if bundle.manifest.producer_site == AGGREGATOR:  # a round's aggregate
+                verify_aggregate_custody(
+                    bundle.sha256, ref.signature, ref.producer_certificate, ca_pem=ca_pem
+                )
+            else:
+                verify_custody(
+                    bundle.sha256,
+                    ref.signature,
+                    ref.producer_certificate,
+                    ca_pem=ca_pem,
+                    producer=bundle.manifest.producer_site,
+                )
         except (CheckpointError, SignatureError) as exc:
             raise HopFailure("checkpoint-integrity", str(exc)) from exc
         return data
@@ -535,6 +547,8 @@ class SiteAgent:
             bundle = ApprovalBundle.from_json(task.approval_bundle_json)
             if hyperparameters is not None:
                 bundle.check_hyperparameters(hyperparameters)
+            if isinstance(task, pb.HopTask):
+                bundle.check_round(task.round)
         except BundleViolation as exc:
             raise HopFailure("not-approved", f"task leaves its run's bundle: {exc}") from exc
         lora = {

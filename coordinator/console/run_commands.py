@@ -25,7 +25,13 @@ from coordinator.console._options import (
     rpc_error,
 )
 from coordinator.console.admin import AdminClient
-from coordinator.console.run_view import evaluation_table, follow_run, print_summary, run_table
+from coordinator.console.run_view import (
+    evaluation_table,
+    follow_run,
+    print_summary,
+    rounds_table,
+    run_table,
+)
 from coordinator.plan import PlanError, RunPlan, load_plan
 from protocols.exit_codes import EXIT_BAD_INPUT, EXIT_RUN_FAILED
 
@@ -177,6 +183,8 @@ def run_status(
         run = admin_call(lambda: follow_run(client, shown) if follow else client.run(shown))
         if not follow:
             console.print(run_table(run))
+            if run.rounds:
+                console.print(rounds_table(run))
             for hop in run.hops:
                 if hop.waiting_reason:
                     console.print(f"hop {hop.index}: {escape(hop.waiting_reason)}")

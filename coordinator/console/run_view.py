@@ -10,18 +10,24 @@ from coordinator.console._options import console, err
 from coordinator.console.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
 from protocols.v1 import baton_pb2 as pb
 
-__all__ = ["evaluation_table", "follow_run", "print_summary", "run_table"]
+__all__ = ["evaluation_table", "follow_run", "print_summary", "rounds_table", "run_table"]
 
 
 def run_table(run: pb.RunStatus) -> Table:
     """A table of a run's hops: site, status, progress, validation metrics."""
     table = Table(title=f"run {run.name} ({run.run_id[:8]}): {run.status}")
-    for column in ("hop", "site", "status", "step", "val acc", "val F1", "val loss", "output"):
+    # A federated or hybrid run's hop belongs to a round and a member (a site or a group).
+    member = {
+        i: f"{r.number} {m.name}" for r in run.rounds for m in r.members for i in m.hop_indices
+    }
+    columns = ("hop", "round", "site") if member else ("hop", "site")
+    for column in (*columns, "status", "step", "val acc", "val F1", "val loss", "output"):
         table.add_column(column)
     for hop in run.hops:
         metrics = hop.metrics
         table.add_row(
             str(hop.index),
+            *((member.get(hop.index, ""),) if member else ()),
             hop.site,
             hop.status,
             f"{hop.step}/{hop.total_steps}" if hop.total_steps else "",
@@ -29,6 +35,23 @@ def run_table(run: pb.RunStatus) -> Table:
             f"{metrics['macro_f1']:.3f}" if "macro_f1" in metrics else "",
             f"{metrics['loss']:.3f}" if "loss" in metrics else "",
             hop.output_sha256[:12],
+        )
+    return table
+
+
+def rounds_table(run: pb.RunStatus) -> Table:
+    """A federated or hybrid run's rounds: input, aggregate, contributions and their weights."""
+    table = Table("round", "status", "input", "aggregate", "contributions (examples)", "dropped",
+                  "train loss", title=f"rounds of run {run.run_id[:8]}")  # fmt: skip
+    for row in run.rounds:
+        table.add_row(
+            str(row.number),
+            row.status if not row.error else f"{row.status}: {row.error}",
+            row.input_sha256[:12] or "fresh",
+            row.output_sha256[:12],
+            ", ".join(f"{c.member} ({c.examples:.0f})" for c in row.contributions),
+            ", ".join(row.dropped),
+            f"{row.metrics['train_loss']:.3f}" if "train_loss" in row.metrics else "",
         )
     return table
 

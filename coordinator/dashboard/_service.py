@@ -18,6 +18,7 @@ from coordinator.dashboard.schemas import (
     EventView,
     HopView,
     Overview,
+    RoundView,
     RunDetail,
     RunPage,
     RunSummary,
@@ -29,7 +30,8 @@ from coordinator.errors import NotFound
 from coordinator.ledger import LIVE_HOP_STATES, CheckpointRow, EventRow, RunRow
 from coordinator.plan import PlanError, RunPlan, parse_plan
 from coordinator.servicer import run_status
-from protocols.signing import SignatureError, verify_custody
+from protocols.checkpoint import AGGREGATOR
+from protocols.signing import SignatureError, verify_aggregate_custody, verify_custody
 
 __all__ = ["CERTIFICATE_WARNING_DAYS", "DashboardService", "parse_plan_text"]
 
@@ -162,9 +164,14 @@ class DashboardService:
             signature = "unsigned"
         else:
             try:
-                verify_custody(row.sha256, bytes.fromhex(row.signature),
-                               row.producer_certificate.encode(), ca_pem=self.engine.ca_pem,
-                               producer=row.producer_site)  # fmt: skip
+                if row.producer_site == AGGREGATOR:  # a round's aggregate or server state
+                    verify_aggregate_custody(row.sha256, bytes.fromhex(row.signature),
+                                             row.producer_certificate.encode(),
+                                             ca_pem=self.engine.ca_pem)  # fmt: skip
+                else:
+                    verify_custody(row.sha256, bytes.fromhex(row.signature),
+                                   row.producer_certificate.encode(), ca_pem=self.engine.ca_pem,
+                                   producer=row.producer_site)  # fmt: skip
                 signature = "verified"
             except (SignatureError, ValueError) as exc:
                 signature = f"does not verify: {exc}"
@@ -210,6 +217,20 @@ class DashboardService:
             adapter_available=self.adapter_available(run_id),
             plan=run.plan,
             hops=hops,
+            rounds=[
+                RoundView(
+                    number=r.number,
+                    status=r.status,
+                    input_sha256=r.input_sha256 or None,
+                    output_sha256=r.output_sha256 or None,
+                    members=[m.name for m in r.members],
+                    contributions=[(c.member, c.sha256, c.examples) for c in r.contributions],
+                    dropped=list(r.dropped),
+                    metrics=dict(r.metrics),
+                    error=r.error or None,
+                )
+                for r in status.rounds
+            ],
             evaluations=[
                 EvaluationView(
                     evaluation_id=e.id,

@@ -94,6 +94,22 @@ class CheckpointView(BaseModel):
     signature: str = Field(description="verified, unsigned, or why it does not verify")
 
 
+class RoundView(BaseModel):
+    """One round of a federated or hybrid run."""
+
+    number: int
+    status: str
+    input_sha256: str | None
+    output_sha256: str | None
+    members: list[str]
+    contributions: list[tuple[str, str, float]] = Field(
+        description="(member, checkpoint sha256, examples it is weighted by)"
+    )
+    dropped: list[str]
+    metrics: dict[str, float]
+    error: str | None
+
+
 class RunDetail(RunSummary):
     holder: str = Field(description="where the model is now, in words")
     approval_bundle_sha256: str
@@ -103,6 +119,7 @@ class RunDetail(RunSummary):
     hops: list[HopView]
     evaluations: list[EvaluationView]
     checkpoints: list[CheckpointView]
+    rounds: list[RoundView] = Field(default_factory=list)  # federated and hybrid runs
 
 
 class Overview(BaseModel):

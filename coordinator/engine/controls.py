@@ -9,11 +9,13 @@ import uuid
 
 from coordinator.engine.hops import Hops
 from coordinator.engine.leases import HopLeases
+from coordinator.engine.rounds import runs_in_rounds
 from coordinator.engine.rules import actor, current_hop
 from coordinator.engine.uploads import UploadIntake
 from coordinator.errors import InvalidInput, NotFound
-from coordinator.ledger import LIVE_HOP_STATES, HopRow, Ledger, TransitionRefused
+from coordinator.ledger import LIVE_HOP_STATES, HopRow, Ledger, RoundRow, TransitionRefused
 from coordinator.plan import RunPlan
+from coordinator.rounds import round_rows
 
 __all__ = ["RunControls"]
 
@@ -52,20 +54,25 @@ class RunControls:
                 f"known sites: {', '.join(sorted(known)) or 'none'}"
             )
         run_id = uuid.uuid4().hex
-        hops = [
-            HopRow(
-                id=uuid.uuid4().hex,
-                index=index,
-                site=site,
-                hyperparameters=hp.model_dump(),
-                status="pending",
-                metrics={},
-            )
-            for index, (site, hp) in enumerate(plan.expanded_hops())
-        ]
+        rounds: list[RoundRow] = []
+        if plan.mode != "sequential":
+            hops, rounds = round_rows(plan, run_id)
+        else:
+            hops = [
+                HopRow(
+                    id=uuid.uuid4().hex,
+                    index=index,
+                    site=site,
+                    hyperparameters=hp.model_dump(),
+                    status="pending",
+                    metrics={},
+                )
+                for index, (site, hp) in enumerate(plan.expanded_hops())
+            ]
         self.ledger.create_run(
-            run_id, plan.name, json.loads(plan.to_json()), hops, plan.base_model_sha256, by=by
-        )
+            run_id, plan.name, json.loads(plan.to_json()), hops, plan.base_model_sha256, by=by,
+            rounds=rounds,
+        )  # fmt: skip
         logger.info("run %s (%s) created with %d hops", run_id, plan.name, len(hops))
         await self.hops.dispatch(run_id)
         return run_id
@@ -122,7 +129,10 @@ class RunControls:
             if run.status != "running":
                 raise InvalidInput(f"run {run_id} is {run.status}, not running")
             hop = current_hop(run)
-            if hop is not None and hop.status in LIVE_HOP_STATES:
+            live = [hop] if hop is not None and hop.status in LIVE_HOP_STATES else []
+            if runs_in_rounds(run):  # a round's hops train in parallel: recall each of them
+                live = self.hops.rounds.live_hops(run)
+            for hop in live:
                 self.leases.forget(hop.id)
                 self.ledger.transition_hop(
                     hop.id, expected=LIVE_HOP_STATES, status="pending", event="hop.recalled",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from coordinator.engine.export import export_final, final_adapter_dir
 from coordinator.engine.leases import HopLeases, HopProgress
+from coordinator.engine.rounds import Rounds, runs_in_rounds
 from coordinator.engine.rules import (
     DETERMINISTIC_FAILURES,
     current_hop,
@@ -52,6 +53,7 @@ class Hops:
         sessions: SiteSessions,
         leases: HopLeases,
         intake: UploadIntake,
+        rounds: Rounds,
     ) -> None:
         self.ledger = ledger
         self.store = store
@@ -62,6 +64,7 @@ class Hops:
         self.sessions = sessions
         self.leases = leases
         self.intake = intake
+        self.rounds = rounds  # federated and hybrid runs
 
     async def dispatch(self, run_id: str) -> None:
         """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
@@ -72,10 +75,21 @@ class Hops:
         run = self.ledger.run(run_id)
         if run.status != "running":
             return
+        if runs_in_rounds(run):
+            await self.rounds.dispatch_locked(run, self)
+            return
         hop = current_hop(run)
         if hop is None:
             await self._finish(run)
             return
+        await self.dispatch_hop(run, hop, input_sha(run, hop))
+
+    async def dispatch_hop(
+        self, run: RunRow, hop: HopRow, input_sha256: str | None, *, round_number: int = 0
+    ) -> None:
+        """Leases one hop to its site from `input_sha256`, or re-sends its leased task after a
+        reconnect (a federated round dispatches each of its hops so)."""
+        run_id = run.id
         if hop.status == "pending" and time.monotonic() < self.leases.not_before.get(hop.id, 0.0):
             return  # retry backoff: the watchdog dispatches it when due
         session = self.sessions.get(hop.site)
@@ -91,7 +105,6 @@ class Hops:
         self.leases.wait_logged.pop(hop.id, None)
         if hop.status in LIVE_HOP_STATES and self.leases.sent.get(hop.id) is session:
             return
-        input_sha256 = input_sha(run, hop)
         if self._refuse_tampered(run, input_sha256):
             return
         if hop.status == "pending":
@@ -101,7 +114,9 @@ class Hops:
         input_ref = self.ledger.checkpoint(input_sha256) if input_sha256 else None
         self.leases.sent[hop.id] = session
         self.leases.progress[hop.id] = HopProgress(phase="leased")
-        session.queue.put_nowait(hop_task(run, hop, input_ref))
+        task = hop_task(run, hop, input_ref)
+        task.hop.round = round_number
+        session.queue.put_nowait(task)
 
     def waiting_reason(self, run: RunRow, hop: HopRow) -> str:
         """Why a run's next hop is not running ("waiting for riverside: offline since ...")."""
@@ -188,6 +203,8 @@ class Hops:
 
     def _observe_commit(self, run: RunRow, hop: HopRow, result: pb.HopResult) -> None:
         self.metrics.hop_settled("committed")
+        if runs_in_rounds(run):
+            return  # a round's hops train side by side: no handoff between neighbours
         previous = next((h for h in run.hops if h.index == hop.index - 1), None)
         if (
             previous is not None
@@ -297,6 +314,12 @@ class Hops:
         """Expires leases, gives up on absent sites and dispatches hops whose backoff ended."""
         now = time.monotonic()
         for run in runs:
+            if runs_in_rounds(run):
+                async with self._lock:
+                    fresh = self.ledger.run(run.id)
+                    if fresh.status == "running":
+                        await self.rounds.check_deadlines(fresh, self)
+                continue
             hop = current_hop(run)
             if hop is None:
                 await self.dispatch(run.id)  # all hops settled: retries a failed export

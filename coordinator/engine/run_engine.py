@@ -16,10 +16,13 @@ from coordinator.engine.evaluations import Evaluations
 from coordinator.engine.export import final_adapter_dir
 from coordinator.engine.hops import Hops
 from coordinator.engine.leases import HopLeases, HopProgress
+from coordinator.engine.rounds import Rounds
 from coordinator.engine.sessions import SiteSession, SiteSessions
 from coordinator.engine.spool import UploadSpool
 from coordinator.engine.statistics_rounds import StatisticsRounds
 from coordinator.engine.uploads import UploadIntake
+from coordinator.errors import PreflightFailed
+from coordinator.federated import AggregateSigner
 from coordinator.ledger import CheckpointRow, HopRow, Ledger, RunRow
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import RunPlan
@@ -53,6 +56,7 @@ class RunEngine:
         max_checkpoint_bytes: int,
         statistics_min_count: int = 10,
         statistics_expiry_seconds: float = 3600.0,
+        aggregate_signer: AggregateSigner | None = None,
     ) -> None:
         self.ledger = ledger
         self.ca_pem = ca_pem
@@ -70,9 +74,13 @@ class RunEngine:
             ledger, store, self.spool, self.storage, self.metrics, self.leases, self._lock,
             ca_pem=ca_pem, max_checkpoint_bytes=max_checkpoint_bytes,
         )  # fmt: skip
+        self.rounds = Rounds(
+            ledger, store, runs_dir, self.storage, self.sessions, self.leases, self.intake,
+            aggregate_signer,
+        )  # fmt: skip
         self.hops = Hops(
             ledger, store, runs_dir, self.storage, self.metrics, self._lock,
-            self.sessions, self.leases, self.intake,
+            self.sessions, self.leases, self.intake, self.rounds,
         )  # fmt: skip
         self.controls = RunControls(ledger, self._lock, self.hops, self.leases, self.intake)
         self.evaluations = Evaluations(ledger, self.storage, self._lock, self.sessions)
@@ -154,6 +162,11 @@ class RunEngine:
         Raises:
             PreflightFailed: One problem per line of its message.
         """
+        if plan.mode != "sequential" and self.rounds.signer is None:
+            raise PreflightFailed(
+                f"this coordinator has no key to sign round aggregates: it cannot run {plan.mode} "
+                "plans"
+            )
         self.sessions.preflight(plan, allow_offline=allow_offline)
 
     def waiting_reason(self, run: RunRow, hop: HopRow) -> str:

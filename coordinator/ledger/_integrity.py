@@ -27,6 +27,7 @@ from coordinator.ledger.models import (
     EventRow,
     HopRow,
     RevocationRow,
+    RoundRow,
     RunRow,
     SiteRow,
     StatisticsAnswerRow,
@@ -72,6 +73,9 @@ STATE_COLUMNS: dict[type[Base], tuple[str, ...]] = {
                            "combined", "error", "created_at", "finished_at", "expires_at"),
     StatisticsAnswerRow: ("status", "lease_token", "aggregates", "error_code", "error",
                           "finished_at"),
+    RoundRow: ("run_id", "number", "status", "members", "input_sha256", "output_sha256",
+               "server_state_sha256", "contributions", "dropped", "metrics", "started_at",
+               "finished_at", "error"),
 }  # fmt: skip
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "EventRow",
     "HopRow",
     "RevocationRow",
+    "RoundRow",
     "RunRow",
     "SiteRow",
     "StatisticsAnswerRow",
@@ -120,6 +121,32 @@ class EvaluationRow(Base):
     ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     run: Mapped[RunRow] = relationship(back_populates="evaluations")
+
+
+class RoundRow(Base):
+    """One round of a federated or hybrid run: its hops, its input and its aggregate."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("run_id", "number"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)  # 1-based
+    # pending, training (its input is fixed and its hops dispatched), aggregated, failed
+    status: Mapped[str] = mapped_column(String(16))
+    # [[site or group, [hop id, ...] in chain order], ...]: who trains this round
+    members: Mapped[list[Any]] = mapped_column(default=list)
+    input_sha256: Mapped[str | None] = mapped_column(String(64))  # None: fresh adapters
+    output_sha256: Mapped[str | None] = mapped_column(String(64))  # the aggregate
+    server_state_sha256: Mapped[str | None] = mapped_column(String(64))  # FedAdam/FedYogi
+    # [[member, checkpoint sha256, examples], ...] in aggregation order
+    contributions: Mapped[list[Any]] = mapped_column(default=list)
+    dropped: Mapped[list[Any]] = mapped_column(default=list)  # [[member, reason], ...]
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
 
 class CheckpointRow(Base):

@@ -432,6 +432,7 @@ class HopTask(_message.Message):
     TASK_OPTIONS_JSON_FIELD_NUMBER: _builtins.int
     APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
     CROSS_VALIDATION_FIELD_NUMBER: _builtins.int
+    ROUND_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     hop_id: _builtins.str
     hop_index: _builtins.int
@@ -446,6 +447,12 @@ class HopTask(_message.Message):
     approval_bundle_json: _builtins.str
     """The run's approval bundle (canonical JSON; its sha256 is what a site approves). The site
     checks that this task matches it and refuses it unless approved, before loading anything.
+    """
+    round: _builtins.int
+    """Federated and hybrid runs: the round (1-based) this hop trains in; 0 for a sequential hop.
+    The site refuses a round its approved bundle does not cover. Round r's first hops start
+    from round r-1's aggregate, produced and signed by the coordinator (input_checkpoint's
+    producer_certificate is then the coordinator's).
     """
     @_builtins.property
     def input_checkpoint(self) -> Global___CheckpointRef:
@@ -480,10 +487,11 @@ class HopTask(_message.Message):
         task_options_json: _builtins.str = ...,
         approval_bundle_json: _builtins.str = ...,
         cross_validation: Global___CrossValidation | None = ...,
+        round: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cross_validation", b"cross_validation", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "cross_validation", b"cross_validation", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "cross_validation", b"cross_validation", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "round", b"round", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1461,6 +1469,7 @@ class RunStatus(_message.Message):
     APPROVAL_BUNDLE_SHA256_FIELD_NUMBER: _builtins.int
     PLAN_JSON_FIELD_NUMBER: _builtins.int
     STORAGE_FAULT_FIELD_NUMBER: _builtins.int
+    ROUNDS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     name: _builtins.str
     status: _builtins.str
@@ -1477,6 +1486,10 @@ class RunStatus(_message.Message):
     def hops(self) -> _containers.RepeatedCompositeFieldContainer[Global___HopStatus]: ...
     @_builtins.property
     def evaluations(self) -> _containers.RepeatedCompositeFieldContainer[Global___EvaluationStatus]: ...
+    @_builtins.property
+    def rounds(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundStatus]:
+        """federated and hybrid runs, in order"""
+
     def __init__(
         self,
         *,
@@ -1491,14 +1504,147 @@ class RunStatus(_message.Message):
         approval_bundle_sha256: _builtins.str = ...,
         plan_json: _builtins.str = ...,
         storage_fault: _builtins.str = ...,
+        rounds: _abc.Iterable[Global___RoundStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "error", b"error", "evaluations", b"evaluations", "final_adapter_dir", b"final_adapter_dir", "final_sha256", b"final_sha256", "hops", b"hops", "name", b"name", "plan_json", b"plan_json", "run_id", b"run_id", "status", b"status", "storage_fault", b"storage_fault"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "error", b"error", "evaluations", b"evaluations", "final_adapter_dir", b"final_adapter_dir", "final_sha256", b"final_sha256", "hops", b"hops", "name", b"name", "plan_json", b"plan_json", "rounds", b"rounds", "run_id", b"run_id", "status", b"status", "storage_fault", b"storage_fault"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
+
+@_typing.final
+class RoundStatus(_message.Message):
+    """One round of a federated or hybrid run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    INPUT_SHA256_FIELD_NUMBER: _builtins.int
+    OUTPUT_SHA256_FIELD_NUMBER: _builtins.int
+    CONTRIBUTIONS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    status: _builtins.str
+    """pending, training, aggregated, failed"""
+    input_sha256: _builtins.str
+    """empty: the first round, from fresh adapters"""
+    output_sha256: _builtins.str
+    """the aggregate, signed by the coordinator"""
+    error: _builtins.str
+    @_builtins.property
+    def contributions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundContribution]:
+        """in aggregation order"""
+
+    @_builtins.property
+    def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """members dropped at the round deadline"""
+
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Flower's example-weighted mean of the members' metrics"""
+
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___RoundMember]:
+        """who trains this round, with their hops' indices"""
+
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        status: _builtins.str = ...,
+        input_sha256: _builtins.str = ...,
+        output_sha256: _builtins.str = ...,
+        contributions: _abc.Iterable[Global___RoundContribution] | None = ...,
+        dropped: _abc.Iterable[_builtins.str] | None = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        members: _abc.Iterable[Global___RoundMember] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contributions", b"contributions", "dropped", b"dropped", "error", b"error", "input_sha256", b"input_sha256", "members", b"members", "metrics", b"metrics", "number", b"number", "output_sha256", b"output_sha256", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundStatus: _TypeAlias = RoundStatus  # noqa: Y015
+
+@_typing.final
+class RoundMember(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HOP_INDICES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a site (federated) or a group (hybrid)"""
+    @_builtins.property
+    def hop_indices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """in chain order"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        hop_indices: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop_indices", b"hop_indices", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundMember: _TypeAlias = RoundMember  # noqa: Y015
+
+@_typing.final
+class RoundContribution(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    member: _builtins.str
+    sha256: _builtins.str
+    examples: _builtins.float
+    """its weight: what its hops trained on"""
+    def __init__(
+        self,
+        *,
+        member: _builtins.str = ...,
+        sha256: _builtins.str = ...,
+        examples: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["examples", b"examples", "member", b"member", "sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoundContribution: _TypeAlias = RoundContribution  # noqa: Y015
 
 @_typing.final
 class EvaluateRunRequest(_message.Message):

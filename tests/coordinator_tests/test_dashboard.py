@@ -720,3 +720,17 @@ def test_admin_certificate_logs_in_as_admin_and_other_certificates_do_not(
     kinds = [e.kind for e in engine.ledger.events()]
     assert kinds.count("dashboard.certificate-login") == 1
     assert kinds.count("dashboard.login-failed") == 3
+
+
+def test_a_federated_runs_page_lists_its_rounds(client: TestClient, engine: RunEngine) -> None:
+    from coordinator.plan import parse_plan
+
+    plan = parse_plan({**PLAN, "name": "fed", "mode": "federated", "cycles": 1,
+                       "federated": {"rounds": 2}})  # fmt: skip
+    run_id = client.portal.call(lambda: engine.start_run(plan))  # type: ignore[union-attr]
+    login(client, "viewer")
+    detail = client.get(f"/api/v1/runs/{run_id}").json()
+    assert [(r["number"], r["status"], r["members"]) for r in detail["rounds"]] == [
+        (1, "training", ["site-a", "site-b"]), (2, "pending", ["site-a", "site-b"])]  # fmt: skip
+    page = client.get(f"/runs/{run_id}").text
+    assert 'id="rounds"' in page and "fresh" in page

@@ -81,3 +81,24 @@ def test_a_policy_cap_on_an_unknown_hyperparameter_is_a_clear_error(tmp_path: Pa
         refused.value
     )
     assert "max_proximal_mu," not in str(refused.value).split("(known")[0]
+
+
+def test_policy_rules_approve_federated_runs_only_when_they_list_the_mode(tmp_path: Path) -> None:
+    federated = ApprovalBundle(**{**BUNDLE.__dict__, "federation": {"mode": "federated",
+                                                                    "strategy": "fedavg",
+                                                                    "rounds": 3}})  # fmt: skip
+    rule = (
+        '[[allow]]\ntask_types = ["seq-classification"]\ndatasets = ["triage-notes"]\n'
+        'base_models = ["*"]\n'
+    )
+    sequential_only = tmp_path / "sequential.toml"
+    sequential_only.write_text(rule)
+    assert ApprovalPolicy.load(sequential_only).allows(BUNDLE)
+    assert not ApprovalPolicy.load(sequential_only).allows(federated)
+    listed = tmp_path / "federated.toml"
+    listed.write_text(rule + 'modes = ["sequential", "federated"]\n')
+    assert ApprovalPolicy.load(listed).allows(federated)
+    as_text = tmp_path / "text.toml"
+    as_text.write_text(rule + 'modes = "federated"\n')
+    with pytest.raises(PolicyError, match="'modes' must be a list"):
+        ApprovalPolicy.load(as_text)

@@ -1,0 +1,239 @@
+"""Federated and hybrid runs: each round's hops dispatched together, then aggregated.
+
+Within a round every member (a site; a hybrid group's chain) trains from the round's input in
+parallel, hop by hop, through the same lease, upload, lineage, signature and commit path as a
+sequential hop (`Hops`). Once every member is done, the round's aggregate is computed and
+committed (`coordinator.federated.commit_round`) and the next round starts from it. The round's
+deadline drops or aborts stragglers as the plan's `federated.stragglers` says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from coordinator.aggregation import AggregationError
+from coordinator.engine.export import export_final, final_adapter_dir
+from coordinator.engine.leases import HopLeases
+from coordinator.engine.rules import failure_policy
+from coordinator.engine.sessions import SiteSessions
+from coordinator.engine.uploads import UploadIntake
+from coordinator.federated import AggregateSigner, commit_round
+from coordinator.ledger import (
+    LIVE_HOP_STATES,
+    HopRow,
+    Ledger,
+    RoundRow,
+    RunRow,
+    TransitionRefused,
+)
+from coordinator.plan import RunPlan
+from coordinator.rounds import DEADLINE_CODE, current_round, leasable_hops, stragglers
+from coordinator.storage_faults import StorageHealth
+from coordinator.store import CheckpointStore
+
+__all__ = ["HopDispatcher", "Rounds", "runs_in_rounds"]
+
+logger = logging.getLogger(__name__)
+
+
+def runs_in_rounds(run: RunRow) -> bool:
+    """True for a federated or hybrid run."""
+    return str(run.plan.get("mode", "sequential")) != "sequential"
+
+
+class HopDispatcher(Protocol):
+    """What rounds need of the hop path (implemented by `Hops`)."""
+
+    async def dispatch_hop(
+        self, run: RunRow, hop: HopRow, input_sha256: str | None, *, round_number: int
+    ) -> None: ...
+
+    async def hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str: ...
+
+
+class Rounds:
+    """Moves federated and hybrid runs along their rounds."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        store: CheckpointStore,
+        runs_dir: Path,
+        storage: StorageHealth,
+        sessions: SiteSessions,
+        leases: HopLeases,
+        intake: UploadIntake,
+        signer: AggregateSigner | None,
+    ) -> None:
+        self.ledger = ledger
+        self.store = store
+        self.runs_dir = runs_dir
+        self.storage = storage
+        self.sessions = sessions
+        self.leases = leases
+        self.intake = intake
+        self.signer = signer
+
+    async def dispatch_locked(self, run: RunRow, hops: HopDispatcher) -> None:
+        """Starts, dispatches, aggregates or finishes the run's current round (engine lock held)."""
+        rounds = self.ledger.rounds(run.id)
+        mismatches = self.ledger.row_mismatches(list(rounds))
+        if mismatches:  # a round row edited outside the ledger: act on none of it
+            logger.error("run %s paused: %s", run.id, mismatches[0].message)
+            with contextlib.suppress(TransitionRefused):
+                self.ledger.pause_for_mismatch(run.id, mismatches)
+            return
+        row = current_round(rounds)
+        if row is None:
+            await self._finish(run, rounds)
+            return
+        if row.status == "failed":
+            return
+        if row.status == "pending":
+            before = [r for r in rounds if r.number < row.number]
+            row = self.ledger.start_round(row.id, before[-1].output_sha256 if before else None)
+            logger.info("run %s round %d started", run.id, row.number)
+        by_id = {h.id: h for h in run.hops}
+        leasable = leasable_hops(row, by_id)
+        if not leasable and not stragglers(row, by_id):
+            await self._aggregate(run, rounds, row, by_id, hops)
+            return
+        for hop, input_sha256 in leasable:
+            await hops.dispatch_hop(run, hop, input_sha256, round_number=row.number)
+
+    async def _aggregate(
+        self,
+        run: RunRow,
+        rounds: list[RoundRow],
+        row: RoundRow,
+        by_id: dict[str, HopRow],
+        hops: HopDispatcher,
+    ) -> None:
+        if self.signer is None:
+            self._fail(run, row, "this coordinator has no key to sign round aggregates")
+            return
+        current = [r if r.id != row.id else row for r in rounds]
+        try:
+            with self.storage.guard(f"aggregate of round {row.number} of run {run.id}"):
+                done = await asyncio.to_thread(
+                    commit_round, self.ledger, self.store, self.signer, run, current, row, by_id
+                )
+        except (AggregationError, OSError) as exc:
+            self._fail(run, row, f"round {row.number}: {exc}")
+            return
+        logger.info("run %s round %d aggregated from %d contribution(s)", run.id, done.number,
+                    len(done.contributions))  # fmt: skip
+        await self.dispatch_locked(self.ledger.run(run.id), hops)
+
+    def _fail(self, run: RunRow, row: RoundRow, error: str) -> None:
+        logger.error("run %s failed: %s", run.id, error)
+        self.ledger.fail_round(row.id, error, [])
+        self.ledger.transition_run(
+            run.id, expected=("running",), status="failed", error=error,
+            payload={"round": row.number, "message": error},
+        )  # fmt: skip
+
+    async def _finish(self, run: RunRow, rounds: Sequence[RoundRow]) -> None:
+        """Completes a run whose rounds are all aggregated: final = the last aggregate."""
+        final = rounds[-1].output_sha256 if rounds else None
+        if final is None:
+            self.ledger.transition_run(
+                run.id, expected=("running",), status="failed", error="no round was aggregated"
+            )
+            return
+        with self.storage.guard(f"export of run {run.id}'s final adapter"):
+            await asyncio.to_thread(
+                export_final, self.store, final_adapter_dir(self.runs_dir, run.id), final
+            )
+            self.ledger.transition_run(
+                run.id, expected=("running",), status="completed",
+                payload={"final_sha256": final}, final_sha256=final,
+            )  # fmt: skip
+        logger.info("run %s completed after %d rounds", run.id, len(rounds))
+
+    def live_hops(self, run: RunRow) -> list[HopRow]:
+        """The hops of the run's current round that hold a lease (to recall on pause)."""
+        row = current_round(self.ledger.rounds(run.id))
+        if row is None:
+            return []
+        ids = {i for _, chain in row.members for i in chain}
+        return [h for h in run.hops if h.id in ids and h.status in LIVE_HOP_STATES]
+
+    async def check_deadlines(self, run: RunRow, hops: HopDispatcher) -> None:
+        """Leases, absent sites and the round's deadline of one run (engine lock held)."""
+        row = current_round(self.ledger.rounds(run.id))
+        if row is None or row.status != "training":
+            await self.dispatch_locked(run, hops)
+            return
+        now = time.monotonic()
+        policy = failure_policy(run)
+        by_id = {h.id: h for h in run.hops}
+        for member in stragglers(row, by_id):
+            hop = member.next_hop
+            if hop is None:
+                continue
+            if hop.status in LIVE_HOP_STATES:
+                deadline = self.leases.deadlines.setdefault(
+                    hop.id, now + policy.lease_timeout_seconds
+                )
+                if now > deadline:
+                    await hops.hop_failed(run, hop, "lease-expired",
+                                          "no heartbeat before the lease deadline")  # fmt: skip
+                    return
+            waiting = self.leases.waiting_since.get(hop.id)
+            if (
+                hop.status == "pending"
+                and waiting is not None
+                and hop.site not in self.sessions
+                and now - waiting > policy.site_wait_seconds
+            ):
+                self.leases.waiting_since.pop(hop.id, None)
+                await hops.hop_failed(run, hop, "site-unavailable",
+                                      f"site {hop.site} stayed offline")  # fmt: skip
+                return
+        spec = RunPlan.model_validate(run.plan).federated
+        started = row.started_at
+        if spec is not None and spec.stragglers != "wait" and started is not None:
+            if started.tzinfo is None:
+                started = started.replace(tzinfo=UTC)
+            late = (datetime.now(UTC) - started).total_seconds() > spec.round_deadline_seconds
+            if late and stragglers(row, by_id):
+                await self._deadline(run, row, by_id, spec.stragglers, hops)
+                return
+        await self.dispatch_locked(run, hops)
+
+    async def _deadline(
+        self, run: RunRow, row: RoundRow, by_id: dict[str, HopRow], action: str,
+        hops: HopDispatcher,
+    ) -> None:  # fmt: skip
+        late = stragglers(row, by_id)
+        names = ", ".join(m.name for m in late)
+        if action == "abort":
+            for member in late:
+                for hop in member.hops:
+                    if hop.status in LIVE_HOP_STATES:
+                        self.leases.forget(hop.id)
+                        self.intake.hop_ended(hop.id, "run aborted at the round deadline")
+            self._fail(run, row, f"round {row.number}: {names} missed the round deadline")
+            return
+        for member in late:
+            for hop in member.hops:
+                if hop.status in ("committed", "skipped"):
+                    continue
+                self.leases.forget(hop.id)
+                self.ledger.transition_hop(
+                    hop.id, expected=(*LIVE_HOP_STATES, "pending"), status="skipped",
+                    event="hop.skipped", lease_token=None, error_code=DEADLINE_CODE,
+                    error="dropped at the round deadline",
+                    payload={"code": DEADLINE_CODE, "action": "drop", "round": row.number},
+                )  # fmt: skip
+                self.intake.hop_ended(hop.id, "hop dropped at the round deadline")
+        logger.warning("run %s round %d dropped %s at its deadline", run.id, row.number, names)
+        await self.dispatch_locked(self.ledger.run(run.id), hops)
