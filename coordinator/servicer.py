@@ -26,6 +26,7 @@ from coordinator.errors import (
     StorageFault,
     UploadBusy,
 )
+from coordinator.handoff import record_validation
 from coordinator.ledger import Ledger, RunRow
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import PlanError, parse_plan
@@ -450,6 +451,16 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
         except CoordinatorError as exc:
             await self._refuse(context, exc)
         return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
+
+    async def ReportHopValidation(
+        self, request: pb.HopValidation, context: grpc.aio.ServicerContext
+    ) -> pb.HopValidationResponse:
+        identity = await self._caller(context, Role.SITE, "ReportHopValidation")
+        try:
+            record_validation(self.engine.ledger, self.engine.storage, identity.name, request)
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
+        return pb.HopValidationResponse(ledger_head=self.engine.ledger.head())
 
     async def ReportEvaluation(
         self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
