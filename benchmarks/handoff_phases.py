@@ -174,28 +174,32 @@ def _prepare_data(task: str, work: Path, cycles: int, steps: int) -> tuple[RunPl
 
 def _profile_summary(raw: Path) -> dict[str, Any]:
     """Share of samples per hop activity in a py-spy raw (collapsed) profile of one site."""
+    # The first bucket whose needle is in a stack takes its samples (py-spy raw frames read
+    # "function (file:line)").
     buckets = {
-        "training steps": ("(site_agent/tasks/_loop.py)",),
-        "validation pass": ("evaluate (site_agent/tasks/_sequence_classification.py)",
-                            "_evaluate_model (site_agent/tasks/_tabular.py)",
-                            "post_commit_validation"),
-        "model set-up (copy + LoRA wrap)": ("_adapter_model (", "_model (site_agent/tasks/_tab",
-                                            "resident_model ("),
-        "adapter load": ("load_adapter (", "_load (site_agent/tasks/_tabular.py)",
-                         "load_in_place ("),
-        "encode data": ("_encode (site_agent",),
-        "download": ("_download (site_agent/agent.py)",),
-        "upload": ("upload (site_agent/agent.py)", "_upload_messages"),
-        "report result": ("_report_hop_result (site_agent/agent.py)",),
-        "egress check": ("_check_egress (",),
-        "phase heartbeat": ("phase (site_agent/agent.py)",),
-        "prepare (next site)": ("_prepare (site_agent/agent.py)",),
+        "training steps": ("train (site_agent/tasks/_loop.py:",),
+        "validation pass, after the commit": ("_report_validation (site_agent/agent.py:",),
+        "validation pass": ("evaluate (site_agent/tasks/_sequence_classification.py:",
+                            "_evaluate_model (site_agent/tasks/_tabular.py:"),
+        "preparation (next site, while the other trains)": ("_prepare (site_agent/agent.py:",),
+        "model set-up (base copy + LoRA wrap)": ("_adapter_model (site_agent/tasks/",
+                                                 "_model (site_agent/tasks/_tabular.py:"),
+        "adapter load": ("load_adapter (site_agent/tasks/_lora.py:",
+                         "_load (site_agent/tasks/_tabular.py:"),
+        "encode data": ("_encode (site_agent/tasks/",),
+        "download": ("_download (site_agent/agent.py:",),
+        "upload": ("upload (site_agent/agent.py:",),
+        "report result": ("_report_hop_result (site_agent/agent.py:",),
+        "egress check": ("_check_egress (site_agent/agent.py:",),
+        "phase heartbeat": ("phase (site_agent/agent.py:",),
     }  # fmt: skip
     counts: Counter[str] = Counter()
     busy = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not count_text.isdigit() or ("_run_hop" not in stack and "_prepare" not in stack):
+        if not count_text.isdigit() or (
+            "SiteAgent._run_hop" not in stack and "SiteAgent._prepare" not in stack
+        ):
             continue
         count = int(count_text)
         busy += count
@@ -204,7 +208,7 @@ def _profile_summary(raw: Path) -> dict[str, Any]:
                 counts[name] += count
                 break
         else:
-            counts["other (task stream, waits)"] += count
+            counts["other hop handling (task checks, serialisation, waits)"] += count
     return {
         "samples_in_hops": busy,
         "share": {k: round(v / busy, 3) for k, v in counts.most_common()} if busy else {},

@@ -16,6 +16,7 @@ from protocols.v1 import baton_pb2 as pb
 
 __all__ = [
     "INLINE_BUNDLE_BYTES",
+    "complete_hop_task",
     "finite_validation",
     "is_last_hop",
     "next_site_hop",
@@ -60,6 +61,18 @@ def prepare_task(hop_task: pb.Task) -> pb.Task:
 def wants_inline_bundle(checkpoint: CheckpointRow | None) -> bool:
     """Whether a hop's input is small enough to travel inside its task."""
     return checkpoint is not None and checkpoint.size <= INLINE_BUNDLE_BYTES
+
+
+def complete_hop_task(
+    task: pb.Task, run: RunRow, hop: HopRow, input_ref: CheckpointRow | None, bundle: bytes | None
+) -> pb.Task:
+    """A leased hop's task with what shortens its handoff: the input bundle when it is small
+    (``bundle``, read by the caller from the store), and whether validation may follow the
+    commit (every hop but the run's last)."""
+    if bundle is not None and input_ref is not None and len(bundle) == input_ref.size:
+        task.hop.input_bundle = bundle
+    task.hop.validation_after_commit = not is_last_hop(run, hop)
+    return task
 
 
 def finite_validation(report: pb.HopValidation) -> dict[str, float]:
