@@ -256,16 +256,17 @@ class SiteAgent:
             return self._trainers[task_type]
 
     def load_in_background(self) -> threading.Thread:
-        """Imports torch and loads the base model's tokenizer and config on a thread, so the
-        agent says hello at once; a task that needs the trainer waits for it."""
+        """Imports torch (and loads the base model's tokenizer and config, if the site has one)
+        on a thread, so the agent says hello at once; a task that needs the trainer waits."""
+        task_type = "seq-classification" if self.settings.base_model_dir else "tabular"
 
         def load() -> None:
             try:
-                self.trainer("seq-classification")
+                self.trainer(task_type)
             except Exception as exc:  # reported again, with its code, when a task needs it
                 logger.warning("could not preload the base model: %s", exc)
             else:
-                logger.info("base model loaded")
+                logger.info("%s trainer loaded", task_type)
 
         thread = threading.Thread(target=load, name="preload", daemon=True)
         thread.start()
@@ -310,7 +311,7 @@ class SiteAgent:
                 certificate: expired, from another CA, revoked. Network faults are retried.
         """
         self._check_certificate()
-        if self.settings.preload and self.settings.base_model_dir is not None:
+        if self.settings.preload:
             self.load_in_background()
         while not self._stopping():
             self._check_certificate()
