@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import random
 import shutil
 import statistics
@@ -209,9 +210,16 @@ def _profile_summary(raw: Path) -> dict[str, Any]:
                 break
         else:
             counts["other hop handling (task checks, serialisation, waits)"] += count
+    outside = busy - counts["training steps"]
     return {
         "samples_in_hops": busy,
         "share": {k: round(v / busy, 3) for k, v in counts.most_common()} if busy else {},
+        # Where a hop's time goes apart from its optimizer steps (what a handoff is made of).
+        "share_outside_training": {
+            k: round(v / outside, 3) for k, v in counts.most_common() if k != "training steps"
+        }
+        if outside
+        else {},
     }
 
 
@@ -230,6 +238,7 @@ def run_job(
     state = work / "coordinator"
     spies: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     started = time.monotonic()
+    started_ns = time.time_ns()
     with cluster.running():
         port = cluster.start_coordinator(state_dir=state, pki_dir=pki_dir, port_file=work / "port")
         for site in SITES:
@@ -267,6 +276,7 @@ def run_job(
     ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
     try:
         handoffs = phases(ledger, run_id)
+        first = min(ledger.run(run_id).hops, key=lambda h: h.index)
     finally:
         ledger.close()
     result: dict[str, Any] = {
@@ -275,7 +285,14 @@ def run_job(
         "cycles": cycles,
         "steps_per_hop": steps,
         "cluster_ready_seconds": round(ready, 2),
+        # Cold start: coordinator and sites started at once, the run started as soon as every
+        # site said hello; until the first hop's first training step.
+        "cold_start_to_first_step_seconds": round(
+            ((first.train_started_at_ns or started_ns) - started_ns) / 1e9, 2
+        ),
         "wall_seconds": round(time.monotonic() - started, 1),
+        # The machine is shared: its 1-minute load average when the run ended (2 cores).
+        "load_average_1m": round(os.getloadavg()[0], 1),
         "summary": summarise(handoffs),
         "handoffs": [asdict(h) for h in handoffs],
     }
@@ -298,8 +315,9 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`",
         "",
         "| task | handoffs | median ms | p99 ms | first visits median | later median "
-        "| result median | dispatch median | start median | cluster ready s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| result median | dispatch median | start median | sites connected s "
+        "| cold start to first step s | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for job in report["jobs"]:
         s = job["summary"]
@@ -308,15 +326,75 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{s['total_ms']['p99']} | {s['first_visit_total_ms']['median']} | "
             f"{s['later_total_ms']['median']} | {s['result_ms']['median']} | "
             f"{s['dispatch_ms']['median']} | {s['start_ms']['median']} | "
-            f"{job['cluster_ready_seconds']} |"
+            f"{job['cluster_ready_seconds']} | {job['cold_start_to_first_step_seconds']} | "
+            f"{job['load_average_1m']} |"
         )
     for job in report["jobs"]:
         for site, profile in job.get("profile", {}).items():
             lines += ["", f"## py-spy profile, {job['task']}, {site} "
                       f"({profile['samples_in_hops']} samples inside hop handling)", "",
-                      "| activity | share |", "|---|---|"]  # fmt: skip
-            lines += [f"| {name} | {share:.1%} |" for name, share in profile["share"].items()]
+                      "| activity | share | share outside training steps |",
+                      "|---|---|---|"]  # fmt: skip
+            outside = profile.get("share_outside_training", {})
+            lines += [
+                f"| {name} | {share:.1%} | "
+                + (f"{outside[name]:.1%}" if name in outside else "")
+                + " |"
+                for name, share in profile["share"].items()
+            ]
     return "\n".join(lines) + "\n"
+
+
+def _comparison(labels: Sequence[str]) -> int:
+    """handoff_report.md: the named results side by side (e.g. before-minilm after-minilm)."""
+    lines = [
+        "# Baton handoff: before and after",
+        "",
+        "Handoff = the finishing site's last training step to the next site's first training "
+        "step (site timestamps in the ledger's hop rows). 4 sites, loopback mTLS, one machine "
+        "(2 cores shared with other work: see the load average). Produced by "
+        "`benchmarks/handoff_phases.py --report " + " ".join(labels) + "` from the result files "
+        "named in the first column.",
+        "",
+        "| result | task | handoffs | median ms | p99 ms | first visits median | later median "
+        "| result phase median | dispatch median | start median | cold start to first step s "
+        "| load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    commands = []
+    for label in labels:
+        report = json.loads((RESULTS / f"handoff_phases_{label}.json").read_text())
+        for job in report["jobs"]:
+            s = job["summary"]
+            lines.append(
+                f"| {label} | {job['task']} | {s['handoffs']} | {s['total_ms']['median']} | "
+                f"{s['total_ms']['p99']} | {s['first_visit_total_ms']['median']} | "
+                f"{s['later_total_ms']['median']} | {s['result_ms']['median']} | "
+                f"{s['dispatch_ms']['median']} | {s['start_ms']['median']} | "
+                f"{job.get('cold_start_to_first_step_seconds')} | {job.get('load_average_1m')} |"
+            )
+        commands.append(f"- {label}: `{report['command']}`")
+    lines += ["", "Commands (`before` results: the same script run on main's code):", ""]
+    lines += commands
+    (RESULTS / "handoff_report.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / 'handoff_report.md'}")
+    return 0
+
+
+def _resummarise(label: str) -> int:
+    stem = RESULTS / f"handoff_phases_{label}"
+    report = json.loads(stem.with_suffix(".json").read_text())
+    for job in report["jobs"]:
+        profiles = sorted((RESULTS / f"handoff_profile_{label}").glob(f"{job['task']}-*.txt"))
+        job["profile"] = {
+            raw.stem.removeprefix(f"{job['task']}-"): _profile_summary(raw)
+            for raw in profiles
+            if not raw.stem.endswith("coordinator")
+        }
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(report))
+    print(f"rewrote {stem}.json and {stem}.md")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,7 +404,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="0: 15 (minilm), 30 (tabular)")
     parser.add_argument("--label", default="after", help="names the result files")
     parser.add_argument("--profile", action="store_true", help="record every process")
+    parser.add_argument(
+        "--resummarise",
+        action="store_true",
+        help="re-read the raw profiles of an existing result (--label) and rewrite its report",
+    )
+    parser.add_argument(
+        "--report", nargs="+", metavar="LABEL", help="compare existing results (no run)"
+    )
     args = parser.parse_args(argv)
+    if args.report:
+        return _comparison(args.report)
+    if args.resummarise:
+        return _resummarise(args.label)
     tasks = ("tabular", "minilm") if args.task == "both" else (args.task,)
     RESULTS.mkdir(parents=True, exist_ok=True)
     jobs = []
