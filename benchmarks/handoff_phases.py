@@ -49,7 +49,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.admin import AdminClient  # noqa: E402
+from coordinator.console.admin import AdminClient  # noqa: E402
 from coordinator.ledger import Ledger  # noqa: E402
 from coordinator.plan import RunPlan  # noqa: E402
 
@@ -148,7 +148,7 @@ def _write_tabular(path: Path, seed: int, shift: float) -> None:
 
 
 def _prepare_data(task: str, work: Path, cycles: int, steps: int) -> tuple[RunPlan, Path | None]:
-    from coordinator.demo import DATASET, packaged_minilm, write_site_data
+    from coordinator.console.demo import DATASET, packaged_minilm, write_site_data
     from site_agent.registry import register_dataset
 
     if task == "minilm":
@@ -227,8 +227,8 @@ def run_job(
     task: str, cycles: int, steps: int, work: Path, profile_dir: Path | None
 ) -> dict[str, Any]:
     """Runs the 4-site job once and returns its handoffs, phases and summary."""
-    from coordinator.demo import prepare_pki
-    from coordinator.processes import Cluster
+    from coordinator.console.demo import prepare_pki
+    from coordinator.console.processes import Cluster
     from protocols.transport import TlsFiles
 
     plan, model = _prepare_data(task, work, cycles, steps)

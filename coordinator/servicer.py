@@ -26,7 +26,6 @@ from coordinator.errors import (
     StorageFault,
     UploadBusy,
 )
-from coordinator.handoff import record_validation
 from coordinator.ledger import Ledger, RunRow
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import PlanError, parse_plan
@@ -457,7 +456,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
     ) -> pb.HopValidationResponse:
         identity = await self._caller(context, Role.SITE, "ReportHopValidation")
         try:
-            record_validation(self.engine.ledger, self.engine.storage, identity.name, request)
+            await self.engine.report_validation(identity.name, request)
         except CoordinatorError as exc:
             await self._refuse(context, exc)
         return pb.HopValidationResponse(ledger_head=self.engine.ledger.head())

@@ -6,9 +6,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.study import RunExecutor, RunTemplate
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
+from protocols.checkpoint import sha256_hex
 from protocols.v1 import baton_pb2 as pb
 from tests.coordinator_tests.conftest import ScriptedSite
 
@@ -67,3 +69,46 @@ def test_validation_is_refused_from_another_site_or_with_non_finite_metrics(
         )
     assert not_finite.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(admin.run(run_id).hops[0].metrics) == pytest.approx({"train_loss": 0.4})
+
+
+def test_the_next_site_prepares_and_gets_its_input_inside_its_task(
+    sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
+
+    first = sites["site-a"].next_task()
+    prepare = sites["site-b"].next_preparation()
+    # "You are next": the hop site-b will get, without a lease or an input yet.
+    assert (prepare.run_id, prepare.hop_index, prepare.dataset) == (run_id, 1, "notes")
+    assert prepare.approval_bundle_json == first.approval_bundle_json
+    assert not prepare.lease_token and not prepare.HasField("input_checkpoint")
+    assert first.validation_after_commit  # not the last hop
+
+    data = sites["site-a"].bundle(first, 1.0)
+    ref = sites["site-a"].upload(first, data)
+    assert sites["site-a"].report(first, ref, train_loss=0.4) == "committed"
+
+    second = sites["site-b"].next_task()
+    assert second.input_checkpoint.sha256 == ref.sha256
+    assert second.input_bundle == data and sha256_hex(second.input_bundle) == ref.sha256
+    assert second.input_checkpoint.signature  # the custody proof travels with it
+    assert not second.validation_after_commit  # the last hop's metrics complete the run
+
+
+def test_a_study_waits_for_a_cycles_validation_metrics_that_follow_its_commits() -> None:
+    executor = RunExecutor(
+        None,  # type: ignore[arg-type]  # only reads a run it is given
+        RunTemplate(dataset="notes", labels=("x", "y"), metric="accuracy"),
+    )
+    run = pb.RunStatus(hops=[
+        pb.HopStatus(index=0, status="committed", metrics={"train_loss": 0.5}),
+        pb.HopStatus(index=1, status="skipped"),
+        pb.HopStatus(index=2, status="committed", metrics={"accuracy": 0.7}),
+    ])  # fmt: skip
+
+    assert not executor._cycle_done(run, 0, 3)  # hop 0's validation has not arrived yet
+
+    run.hops[0].metrics["accuracy"] = 0.5
+    assert executor._cycle_done(run, 0, 3)
+    assert executor._cycle_value(run, 0, 3) == pytest.approx(0.6)

@@ -89,8 +89,7 @@ def record_validation(
 ) -> HopRow:
     """Records a committed hop's validation metrics (``hop.validated``) for its own site.
 
-    Synchronous on purpose: called on the event loop, it cannot interleave with the engine's
-    other ledger writes (the event chain stays one line).
+    The caller holds the engine's lock (the event chain stays one line).
 
     Raises:
         NotFound: No such hop.
