@@ -29,6 +29,7 @@ and summarises where the finishing and the next site spend their time around han
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import json
 import os
@@ -196,7 +197,8 @@ def _profile_summary(raw: Path) -> dict[str, Any]:
     }  # fmt: skip
     counts: Counter[str] = Counter()
     busy = 0
-    for line in raw.read_text().splitlines():
+    text = gzip.decompress(raw.read_bytes()).decode() if raw.suffix == ".gz" else raw.read_text()
+    for line in text.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not count_text.isdigit() or (
             "SiteAgent._run_hop" not in stack and "SiteAgent._prepare" not in stack
@@ -273,6 +275,12 @@ def run_job(
                 process.send_signal(2)  # SIGINT: py-spy writes its profile and exits
             for _, process, _ in spies:
                 process.wait(timeout=60)
+            for index, (name, process, out) in enumerate(spies):
+                # Collapsed stacks compress about 20x: only the compressed copy is kept.
+                packed = out.with_name(out.name + ".gz")
+                packed.write_bytes(gzip.compress(out.read_bytes()))
+                out.unlink()
+                spies[index] = (name, process, packed)
     ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
     try:
         handoffs = phases(ledger, run_id)
@@ -385,11 +393,10 @@ def _resummarise(label: str) -> int:
     stem = RESULTS / f"handoff_phases_{label}"
     report = json.loads(stem.with_suffix(".json").read_text())
     for job in report["jobs"]:
-        profiles = sorted((RESULTS / f"handoff_profile_{label}").glob(f"{job['task']}-*.txt"))
+        profiles = sorted((RESULTS / f"handoff_profile_{label}").glob(f"{job['task']}-*.txt*"))
+        names = {raw: raw.name.split(".")[0].removeprefix(f"{job['task']}-") for raw in profiles}
         job["profile"] = {
-            raw.stem.removeprefix(f"{job['task']}-"): _profile_summary(raw)
-            for raw in profiles
-            if not raw.stem.endswith("coordinator")
+            names[raw]: _profile_summary(raw) for raw in profiles if names[raw] != "coordinator"
         }
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(_markdown(report))
