@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from protocols import hyperparameter_messages
 from protocols.approval import ApprovalBundle, BundleViolation
 from protocols.checkpoint import (
     CheckpointError,
@@ -158,20 +159,6 @@ def _label_names(label_counts: object) -> list[str]:
         return []
     return sorted({str(label) for split in label_counts.values() if isinstance(split, dict)
                    for label in split})  # fmt: skip
-
-
-def _hyperparameter_values(hp: pb.Hyperparameters) -> dict[str, float]:
-    """A task's hyperparameters as its approval bundle bounds them."""
-    return {
-        "learning_rate": hp.learning_rate,
-        "steps": hp.steps,
-        "epochs": hp.epochs,
-        "batch_size": hp.batch_size,
-        "weight_decay": hp.weight_decay,
-        "warmup_steps": hp.warmup_steps,
-        "max_grad_norm": hp.max_grad_norm,
-        "proximal_mu": hp.proximal_mu,
-    }
 
 
 def _task_spec(task_type: str, labels: Any, lora: pb.LoraConfig, options_json: str) -> TaskSpec:
@@ -579,7 +566,7 @@ class SiteAgent:
     def _check_approval(
         self,
         task: pb.HopTask | pb.EvaluationTask,
-        hyperparameters: dict[str, float] | None,
+        hyperparameters: Mapping[str, object] | None,
     ) -> None:
         """Refuses a task unless it matches its run's bundle and that bundle is approved here.
 
@@ -695,11 +682,14 @@ class SiteAgent:
     ) -> pb.HopResult | None:
         import safetensors.torch
 
-        from site_agent.tasks import HopCancelled, HopHyperparameters, PreparingTrainer
+        from site_agent.tasks import HopCancelled, PreparingTrainer
 
-        hp = task.hyperparameters
         self._deferred_validation = None
-        self._check_approval(task, _hyperparameter_values(hp))
+        try:
+            hyperparameters = hyperparameter_messages.from_message(task.hyperparameters)
+        except hyperparameter_messages.HyperparameterMessageError as exc:
+            raise HopFailure("bad-task", f"invalid hyperparameters: {exc}") from exc
+        self._check_approval(task, hyperparameters.model_dump())
         spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
         trainer = self._task_trainer(
             task.task_type, task.cross_validation if task.HasField("cross_validation") else None
@@ -716,17 +706,6 @@ class SiteAgent:
             incoming = self._incoming(stub, task, held)
 
         beat.phase("training")
-        hyperparameters = HopHyperparameters(
-            learning_rate=hp.learning_rate,
-            steps=hp.steps,
-            epochs=hp.epochs,
-            batch_size=hp.batch_size,
-            weight_decay=hp.weight_decay,
-            warmup_steps=hp.warmup_steps,
-            max_grad_norm=hp.max_grad_norm,
-            seed=hp.seed,
-            proximal_mu=hp.proximal_mu,
-        )
 
         def should_cancel() -> bool:
             return beat.cancelled.is_set() or self._stop.is_set() or self._out_of_grace()
@@ -861,7 +840,11 @@ class SiteAgent:
 
         with log_context(run_id=hop.run_id, hop_id=hop.hop_id, site=self.site_name):
             try:
-                self._check_approval(hop, _hyperparameter_values(hop.hyperparameters))
+                try:
+                    hyperparameters = hyperparameter_messages.from_message(hop.hyperparameters)
+                except hyperparameter_messages.HyperparameterMessageError as exc:
+                    raise HopFailure("bad-task", f"invalid hyperparameters: {exc}") from exc
+                self._check_approval(hop, hyperparameters.model_dump())
                 spec = _task_spec(hop.task_type, hop.labels, hop.lora, hop.task_options_json)
                 trainer = self._task_trainer(
                     hop.task_type,
@@ -873,7 +856,7 @@ class SiteAgent:
                 self._check_base_model(
                     self._model_sha256(trainer, spec, dataset), hop.base_model_sha256
                 )
-                trainer.prepare(spec, dataset, hop.hyperparameters.seed)
+                trainer.prepare(spec, dataset, hyperparameters.seed)
             except HopFailure as failure:
                 logger.info("not preparing hop %d: %s", hop.hop_index, failure)
             except (ValueError, OSError) as exc:

@@ -3,6 +3,7 @@ pushed inside its task is checked exactly like a download."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from safetensors.torch import save
 
 from coordinator.plan import RunPlan
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
+from protocols.hyperparameter_messages import to_message
 from protocols.signing import sign_digest
 from protocols.v1 import baton_pb2 as pb
 from site_agent._synthetic import SYNTHETIC_LABELS, generate_site_records, write_site_dataset
@@ -72,8 +74,7 @@ def _next_hop(plan: RunPlan, seed: int = 5) -> pb.HopTask:
         run_id="run1", hop_id="hop1", hop_index=1, task_type="seq-classification",
         dataset="notes", labels=list(SYNTHETIC_LABELS),
         lora=pb.LoraConfig(r=4, alpha=16 // 2, dropout=0.0, target_modules=["query", "value"]),
-        hyperparameters=pb.Hyperparameters(**{**plan.expanded_hops()[1][1].model_dump(),
-                                              "seed": seed}),
+        hyperparameters=to_message(dataclasses.replace(plan.expanded_hops()[1][1], seed=seed)),
         task_options_json="{}", approval_bundle_json=plan.approval_bundle().canonical_json(),
     )  # fmt: skip
 
