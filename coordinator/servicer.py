@@ -452,6 +452,16 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             await self._refuse(context, exc)
         return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
 
+    async def ReportHopValidation(
+        self, request: pb.HopValidation, context: grpc.aio.ServicerContext
+    ) -> pb.HopValidationResponse:
+        identity = await self._caller(context, Role.SITE, "ReportHopValidation")
+        try:
+            await self.engine.report_validation(identity.name, request)
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
+        return pb.HopValidationResponse(ledger_head=self.engine.ledger.head())
+
     async def ReportEvaluation(
         self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
     ) -> pb.EvaluationResultResponse:

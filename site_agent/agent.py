@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -41,6 +42,7 @@ from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from protocols.version import BATON_VERSION, PROTOCOL_VERSION
 from site_agent.approvals import ApprovalPolicy, ApprovalStore
+from site_agent.base_model import hash_base_model
 from site_agent.examples import TASK_TYPES, DatasetError
 from site_agent.heads import HEAD_FILE, KeptHead
 from site_agent.metrics import SiteMetrics
@@ -73,6 +75,7 @@ _RETRYABLE = (
 # takes it within seconds of space being freed.
 _RESULT_RETRY_MAX_DELAY = 5.0
 T = TypeVar("T")
+Metrics = dict[str, float]
 
 
 class HopFailure(Exception):
@@ -104,6 +107,7 @@ class _Heartbeat:
         self._interval = interval
         self._progress = _Progress()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self.cancelled = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
@@ -113,11 +117,14 @@ class _Heartbeat:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=5)
 
     def phase(self, phase: str) -> None:
         self._progress = _Progress(phase, self._progress.step, self._progress.total)
-        self._send()  # phase changes are worth telling at once (e.g. "training" starts)
+        # Phase changes are worth telling at once (e.g. "training" starts), but from the
+        # heartbeat thread: the hop does not wait for the coordinator's answer.
+        self._wake.set()
 
     def training_step(self, step: int, total: int, loss: float) -> None:
         self._progress = _Progress("training", step, total, loss)
@@ -144,7 +151,11 @@ class _Heartbeat:
             self.cancelled.set()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self._interval) and not self.cancelled.is_set():
+        while not self.cancelled.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             self._send()
 
 
@@ -201,6 +212,10 @@ class SiteAgent:
             ),
         )
         self._trainers: dict[str, Trainer] = {}
+        self._trainers_lock = threading.Lock()  # the background load and a task may race
+        self._base_model_sha256: str | None = None
+        # "You are next" preparations run here, one at a time, beside the task stream.
+        self._preparations = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._stop = threading.Event()
         self._stream: grpc.Call | None = None
         self.site_name = ""
@@ -209,6 +224,8 @@ class SiteAgent:
         self._grace_deadline = 0.0
         self.backoff = ReconnectBackoff(maximum=settings.reconnect_max_seconds)
         self._session_started = False
+        # Set by a hop whose validation pass runs after its commit (see _report_validation).
+        self._deferred_validation: Callable[[], Metrics] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -218,19 +235,40 @@ class SiteAgent:
             raise HopFailure("unsupported-task", f"this site cannot run {task_type!r} tasks")
         if task_type in LORA_TASKS and self.settings.base_model_dir is None:
             raise HopFailure("no-base-model", f"this site has no base model for {task_type}")
-        if task_type not in self._trainers:
-            from site_agent.tasks import create_trainer
+        with self._trainers_lock:
+            if task_type not in self._trainers:
+                from site_agent.tasks import create_trainer
 
-            self._trainers[task_type] = create_trainer(
-                task_type,
-                base_model_dir=self.settings.base_model_dir if task_type in LORA_TASKS else None,
-                device=self.settings.device,
-                num_threads=self.settings.num_threads,
-            )
-        return self._trainers[task_type]
+                self._trainers[task_type] = create_trainer(
+                    task_type,
+                    base_model_dir=self.settings.base_model_dir
+                    if task_type in LORA_TASKS
+                    else None,
+                    device=self.settings.device,
+                    num_threads=self.settings.num_threads,
+                )
+            return self._trainers[task_type]
+
+    def load_in_background(self) -> threading.Thread:
+        """Imports torch (and loads the base model's tokenizer and config, if the site has one)
+        on a thread, so the agent says hello at once; a task that needs the trainer waits."""
+        task_type = "seq-classification" if self.settings.base_model_dir else "tabular"
+
+        def load() -> None:
+            try:
+                self.trainer(task_type)
+            except Exception as exc:  # reported again, with its code, when a task needs it
+                logger.warning("could not preload the base model: %s", exc)
+            else:
+                logger.info("%s trainer loaded", task_type)
+
+        thread = threading.Thread(target=load, name="preload", daemon=True)
+        thread.start()
+        return thread
 
     def stop(self) -> None:
         self._stop.set()
+        self._preparations.shutdown(wait=False, cancel_futures=True)
         stream = self._stream
         if stream is not None:
             stream.cancel()
@@ -267,8 +305,8 @@ class SiteAgent:
                 certificate: expired, from another CA, revoked. Network faults are retried.
         """
         self._check_certificate()
-        if self.settings.preload and self.settings.base_model_dir is not None:
-            self.trainer("seq-classification")
+        if self.settings.preload:
+            self.load_in_background()
         while not self._stopping():
             self._check_certificate()
             self._session_started = False
@@ -318,8 +356,6 @@ class SiteAgent:
                 raise CertificateRefused(reason) from exc
 
     def _hello(self) -> pb.HelloRequest:
-        from site_agent.tasks import hash_base_model
-
         request = pb.HelloRequest(
             agent_version=AGENT_VERSION,
             capabilities=[
@@ -332,12 +368,11 @@ class SiteAgent:
         if kept is not None:
             request.kept_head.CopyFrom(kept.to_proto())
         if self.settings.base_model_dir is not None:
-            digest = (
-                self._trainers["seq-classification"].base_model_sha256
-                if "seq-classification" in self._trainers
-                else hash_base_model(self.settings.base_model_dir)
+            if self._base_model_sha256 is None:  # read once: hello never waits for torch
+                self._base_model_sha256 = hash_base_model(self.settings.base_model_dir)
+            request.base_models.add(
+                name=self.settings.base_model_dir.name, sha256=self._base_model_sha256
             )
-            request.base_models.add(name=self.settings.base_model_dir.name, sha256=digest)
         for entry in list_registered(self.settings.data_dir):
             counts = entry.get("counts")
             if entry.get("status") != "ok" or not isinstance(counts, dict):
@@ -410,6 +445,8 @@ class SiteAgent:
                             self._run_statistics(stub, task.statistics)
                     elif kind == "ledger_head":
                         self.heads.keep(task.ledger_head)
+                    elif kind == "prepare":
+                        self._preparations.submit(self._prepare, task.prepare.hop)
                     if self._stopping():
                         break
             finally:
@@ -453,6 +490,10 @@ class SiteAgent:
 
         data = self._retrying("download", fetch)
         self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
+        return self._checked_bundle(data, ref)
+
+    def _checked_bundle(self, data: bytes, ref: pb.CheckpointRef) -> bytes:
+        """The bundle if it is the one referenced and its producer's custody signature holds."""
         try:
             bundle = inspect_bundle(data, expected_sha256=ref.sha256)
             ca_pem = self.settings.ca_certificate.read_bytes()
@@ -506,6 +547,9 @@ class SiteAgent:
         if result.ok:
             self.metrics.hop("trained")
         logger.info("hop %d of run %s: %s", task.hop_index, task.run_id, response.hop_status)
+        validate, self._deferred_validation = self._deferred_validation, None
+        if validate is not None and result.validation_follows:
+            self._report_validation(stub, task, validate)
 
     def _report_hop_result(
         self,
@@ -630,11 +674,15 @@ class SiteAgent:
             )
 
     def _incoming(
-        self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef, held: str
+        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, held: str
     ) -> dict[str, torch.Tensor]:
         import safetensors.torch
 
-        data = self._download(stub, ref)
+        ref = task.input_checkpoint
+        if task.input_bundle:  # pushed inside the task: checked exactly as a download
+            data = self._checked_bundle(task.input_bundle, ref)
+        else:
+            data = self._download(stub, ref)
         bundle = inspect_bundle(data)
         if bundle.manifest.base_model_sha256 != held:
             raise HopFailure(
@@ -649,8 +697,9 @@ class SiteAgent:
     ) -> pb.HopResult | None:
         import safetensors.torch
 
-        from site_agent.tasks import HopCancelled
+        from site_agent.tasks import HopCancelled, PreparingTrainer
 
+        self._deferred_validation = None
         try:
             hyperparameters = hyperparameter_messages.from_message(task.hyperparameters)
         except hyperparameter_messages.HyperparameterMessageError as exc:
@@ -666,22 +715,26 @@ class SiteAgent:
         incoming = None
         parent = ""
         if task.HasField("input_checkpoint"):
-            beat.phase("downloading")
+            if not task.input_bundle:
+                beat.phase("downloading")
             parent = task.input_checkpoint.sha256
-            incoming = self._incoming(stub, task.input_checkpoint, held)
+            incoming = self._incoming(stub, task, held)
 
         beat.phase("training")
+
+        def should_cancel() -> bool:
+            return beat.cancelled.is_set() or self._stop.is_set() or self._out_of_grace()
+
         try:
-            outcome = trainer.run_hop(
-                spec,
-                dataset,
-                hyperparameters,
-                incoming,
-                progress=beat.training_step,
-                should_cancel=lambda: (
-                    beat.cancelled.is_set() or self._stop.is_set() or self._out_of_grace()
-                ),
-            )
+            if self._validates_after_commit(task, trainer):
+                assert isinstance(trainer, PreparingTrainer)
+                outcome = trainer.run_hop(spec, dataset, hyperparameters, incoming,
+                                          beat.training_step, should_cancel,
+                                          defer_validation=True)  # fmt: skip
+            else:
+                outcome = trainer.run_hop(
+                    spec, dataset, hyperparameters, incoming, beat.training_step, should_cancel
+                )
         except HopCancelled:
             if self._out_of_grace() and not beat.cancelled.is_set() and not self._stop.is_set():
                 logger.warning("hop %s handed back to the coordinator: shutting down", task.hop_id)
@@ -725,9 +778,14 @@ class SiteAgent:
             signature=sign_digest(self.settings.private_key.read_bytes(), sha256_hex(payload)),
         )
 
+        attempts = 0
+
         def upload() -> pb.UploadResponse:
-            # Resume from whatever the coordinator already holds of this upload.
-            header.offset = stub.UploadStatus(header, timeout=30).received
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # a first attempt starts at 0: no round trip to ask
+                # Resume from whatever the coordinator already holds of this upload.
+                header.offset = stub.UploadStatus(header, timeout=30).received
             response: pb.UploadResponse = stub.UploadCheckpoint(
                 self._upload_messages(header, payload), timeout=600
             )
@@ -737,6 +795,7 @@ class SiteAgent:
             return response
 
         uploaded = self._retrying("upload", upload, lease_lost=beat.cancelled)
+        self._deferred_validation = outcome.validate
         return pb.HopResult(
             hop_id=task.hop_id,
             lease_token=task.lease_token,
@@ -745,7 +804,80 @@ class SiteAgent:
             metrics=outcome.metrics,
             train_started_at_ns=outcome.train_started_at_ns,
             train_finished_at_ns=outcome.train_finished_at_ns,
+            validation_follows=outcome.validate is not None,
         )
+
+    @staticmethod
+    def _validates_after_commit(task: pb.HopTask, trainer: Trainer) -> bool:
+        """Whether this hop's validation pass runs after its commit (off the handoff)."""
+        from site_agent.tasks import PreparingTrainer
+
+        return task.validation_after_commit and isinstance(trainer, PreparingTrainer)
+
+    def _report_validation(
+        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, validate: Callable[[], Metrics]
+    ) -> None:
+        """Runs a committed hop's validation pass and reports it as its own ledger event.
+
+        The hop is committed whatever happens here: a failed pass is reported as such, and a
+        coordinator that is away is retried like a hop result.
+        """
+        report = pb.HopValidation(hop_id=task.hop_id)
+        try:
+            report.metrics.update(validate())
+            report.ok = True
+        except ValueError as exc:
+            logger.error("hop %s: validation after the commit failed: %s", task.hop_id, exc)
+            report.error_message = str(exc)
+        try:
+            response: pb.HopValidationResponse = self._retrying(
+                "hop validation", lambda: stub.ReportHopValidation(report, timeout=60)
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in _RETRYABLE:
+                raise
+            logger.error("hop %s validation refused: %s %s", task.hop_id, exc.code(),
+                         exc.details())  # fmt: skip
+            return
+        if response.ledger_head:
+            self.state.acknowledge(response.ledger_head)
+        logger.info("hop %d of run %s: validation reported", task.hop_index, task.run_id)
+
+    # ---- getting ready for the next hop --------------------------------------------------------
+
+    def _prepare(self, hop: pb.HopTask) -> None:
+        """Gets ready for a hop this site is told it is next for: only for an approved run.
+
+        Nothing is reported: a refused or failed preparation just leaves the hop to load what
+        it needs when it arrives (and to refuse it then, with its code, if it must).
+        """
+        from site_agent.tasks import PreparingTrainer
+
+        with log_context(run_id=hop.run_id, hop_id=hop.hop_id, site=self.site_name):
+            try:
+                try:
+                    hyperparameters = hyperparameter_messages.from_message(hop.hyperparameters)
+                except hyperparameter_messages.HyperparameterMessageError as exc:
+                    raise HopFailure("bad-task", f"invalid hyperparameters: {exc}") from exc
+                self._check_approval(hop, hyperparameters.model_dump())
+                spec = _task_spec(hop.task_type, hop.labels, hop.lora, hop.task_options_json)
+                trainer = self._task_trainer(
+                    hop.task_type,
+                    hop.cross_validation if hop.HasField("cross_validation") else None,
+                )
+                if not isinstance(trainer, PreparingTrainer):
+                    return
+                dataset = self._dataset(hop.dataset, hop.task_type)
+                self._check_base_model(
+                    self._model_sha256(trainer, spec, dataset), hop.base_model_sha256
+                )
+                trainer.prepare(spec, dataset, hyperparameters.seed)
+            except HopFailure as failure:
+                logger.info("not preparing hop %d: %s", hop.hop_index, failure)
+            except (ValueError, OSError) as exc:
+                logger.warning("could not prepare hop %d: %s", hop.hop_index, exc)
+            else:
+                logger.info("hop %d of run %s: prepared", hop.hop_index, hop.run_id)
 
     @staticmethod
     def _check_egress(

@@ -41,7 +41,8 @@ class SiteSettings(FileBackedSettings):
     # How long a finished hop's upload and result are retried while the coordinator is away.
     result_retry_seconds: float = Field(default=3600.0, ge=0)
     state_dir: Path | None = None  # default: <data_dir>/.baton-site
-    preload: bool = True  # load the base model at start, not when the first hop arrives
+    # At start, in the background (hello does not wait): import torch, load the base model.
+    preload: bool = True
     # Approval is on by default: hops of unapproved run bundles are refused before any loading.
     require_approval: bool = True
     approved_bundles: list[str] = Field(default_factory=list)  # sha256 of approved bundles

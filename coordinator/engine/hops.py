@@ -11,6 +11,13 @@ import time
 from pathlib import Path
 
 from coordinator.engine.export import export_final, final_adapter_dir
+from coordinator.engine.handoff import (
+    complete_hop_task,
+    next_site_hop,
+    prepare_task,
+    record_validation,
+    wants_inline_bundle,
+)
 from coordinator.engine.leases import HopLeases, HopProgress
 from coordinator.engine.rounds import Rounds, runs_in_rounds
 from coordinator.engine.rules import (
@@ -20,11 +27,18 @@ from coordinator.engine.rules import (
     finite_metrics,
     input_sha,
 )
-from coordinator.engine.sessions import SiteSessions
+from coordinator.engine.sessions import SiteSession, SiteSessions
 from coordinator.engine.tasks import hop_task
 from coordinator.engine.uploads import UploadIntake
 from coordinator.errors import InvalidInput, StaleLease, StorageFault
-from coordinator.ledger import LIVE_HOP_STATES, HopRow, Ledger, RunRow, TransitionRefused
+from coordinator.ledger import (
+    LIVE_HOP_STATES,
+    CheckpointRow,
+    HopRow,
+    Ledger,
+    RunRow,
+    TransitionRefused,
+)
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.preflight import offline_text
 from coordinator.storage_faults import StorageHealth
@@ -65,6 +79,7 @@ class Hops:
         self.leases = leases
         self.intake = intake
         self.rounds = rounds  # federated and hybrid runs
+        self._told: dict[str, SiteSession] = {}  # hop id -> the session told it is next
 
     async def dispatch(self, run_id: str) -> None:
         """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
@@ -104,6 +119,7 @@ class Hops:
         self.leases.waiting_since.pop(hop.id, None)
         self.leases.wait_logged.pop(hop.id, None)
         if hop.status in LIVE_HOP_STATES and self.leases.sent.get(hop.id) is session:
+            self._tell_next(run, hop)
             return
         if self._refuse_tampered(run, input_sha256):
             return
@@ -114,9 +130,37 @@ class Hops:
         input_ref = self.ledger.checkpoint(input_sha256) if input_sha256 else None
         self.leases.sent[hop.id] = session
         self.leases.progress[hop.id] = HopProgress(phase="leased")
-        task = hop_task(run, hop, input_ref)
+        bundle = self._small_bundle(input_ref)
+        task = complete_hop_task(hop_task(run, hop, input_ref), run, hop, input_ref, bundle)
         task.hop.round = round_number
+        if round_number:
+            # A round's hops train side by side (no one is "next"), and the aggregate weighs
+            # each contribution's metrics as it commits: they come with the result.
+            task.hop.validation_after_commit = False
         session.queue.put_nowait(task)
+        if not round_number:
+            self._tell_next(run, hop)
+
+    def _small_bundle(self, input_ref: CheckpointRow | None) -> bytes | None:
+        """The input's bytes if it is small enough to ride inside its task."""
+        if input_ref is None or not wants_inline_bundle(input_ref):
+            return None
+        try:
+            return self.store.read(input_ref.sha256)
+        except OSError as exc:  # the site downloads it and meets the same fault, loudly
+            logger.warning("checkpoint %s not pushed inside its task: %s", input_ref.sha256, exc)
+            return None
+
+    def _tell_next(self, run: RunRow, hop: HopRow) -> None:
+        """Tells the site of the hop after ``hop`` that it is next, once per hop and session."""
+        following = next_site_hop(run, hop)
+        if following is None:
+            return
+        session = self.sessions.get(following.site)
+        if session is None or self._told.get(following.id) is session:
+            return
+        self._told[following.id] = session
+        session.queue.put_nowait(prepare_task(hop_task(run, following, None)))
 
     def waiting_reason(self, run: RunRow, hop: HopRow) -> str:
         """Why a run's next hop is not running ("waiting for riverside: offline since ...")."""
@@ -200,6 +244,13 @@ class Hops:
             except StorageFault:
                 pass  # committed; the watchdog leases the next hop once storage recovers
         return "committed"
+
+    async def report_validation(self, site: str, report: pb.HopValidation) -> None:
+        """Records a committed hop's validation metrics (``hop.validated``), measured by its
+        site after the commit; a retry of the same report writes nothing."""
+        async with self._lock:
+            hop = record_validation(self.ledger, self.storage, site, report)
+        logger.info("run %s hop %d validated (%s)", hop.run_id, hop.index, site)
 
     def _observe_commit(self, run: RunRow, hop: HopRow, result: pb.HopResult) -> None:
         self.metrics.hop_settled("committed")

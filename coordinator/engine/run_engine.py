@@ -246,6 +246,10 @@ class RunEngine:
         """Commits or fails a hop, then moves the run on. Returns the hop's new status."""
         return await self.hops.report_result(site, result)
 
+    async def report_validation(self, site: str, report: pb.HopValidation) -> None:
+        """Records a committed hop's validation metrics, measured by its site after the commit."""
+        await self.hops.report_validation(site, report)
+
     # ---- watchdog -----------------------------------------------------------------------------
 
     async def watch(self, interval: float = 0.5) -> None:

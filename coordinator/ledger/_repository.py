@@ -762,6 +762,45 @@ class Ledger:
             )
             return hop
 
+    def record_hop_validation(
+        self, hop_id: str, *, site: str, ok: bool, metrics: dict[str, float], error: str
+    ) -> HopRow:
+        """Adds a committed hop's validation metrics, measured by its site after the commit.
+
+        The ``hop.validated`` event carries them; the hop's metrics become the train metrics
+        of its commit plus these (a failed pass adds nothing). Recorded once: a retried report
+        of the same metrics writes nothing.
+
+        Raises:
+            KeyError: No such hop.
+            TransitionRefused: The hop is not committed, not this site's, or already validated
+                with other metrics.
+        """
+        with self.transaction() as session:
+            hop = session.get(HopRow, hop_id, with_for_update=True)
+            if hop is None:
+                raise KeyError(hop_id)
+            if hop.site != site or hop.status != "committed":
+                raise TransitionRefused(f"hop {hop_id} is not a committed hop of site {site}")
+            already = session.scalars(
+                select(EventRow).where(EventRow.hop_id == hop_id, EventRow.kind == "hop.validated")
+            ).first()
+            if already is not None:
+                if already.payload.get("metrics") == metrics and already.payload.get("ok") == ok:
+                    return hop
+                raise TransitionRefused(f"hop {hop_id} was already validated")
+            if ok:
+                hop.metrics = {**hop.metrics, **metrics}
+            self.append_event(
+                session,
+                "hop.validated",
+                run_id=hop.run_id,
+                hop_id=hop.id,
+                site=site,
+                payload={"index": hop.index, "ok": ok, "metrics": metrics, "error": error},
+            )
+            return hop
+
     def transition_run(
         self,
         run_id: str,

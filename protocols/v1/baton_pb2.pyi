@@ -433,6 +433,8 @@ class HopTask(_message.Message):
     APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
     CROSS_VALIDATION_FIELD_NUMBER: _builtins.int
     ROUND_FIELD_NUMBER: _builtins.int
+    INPUT_BUNDLE_FIELD_NUMBER: _builtins.int
+    VALIDATION_AFTER_COMMIT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     hop_id: _builtins.str
     hop_index: _builtins.int
@@ -453,6 +455,15 @@ class HopTask(_message.Message):
     The site refuses a round its approved bundle does not cover. Round r's first hops start
     from round r-1's aggregate, produced and signed by the coordinator (input_checkpoint's
     producer_certificate is then the coordinator's).
+    """
+    input_bundle: _builtins.bytes
+    """The input checkpoint's bundle itself when it is small (no DownloadCheckpoint call); the
+    site checks it against input_checkpoint (sha256, custody signature) exactly as a download.
+    """
+    validation_after_commit: _builtins.bool
+    """The coordinator takes this hop's validation metrics after its commit: the site may hand
+    the adapter back first (HopResult.validation_follows) and report them with
+    ReportHopValidation. Unset on a run's last hop (its metrics complete the run).
     """
     @_builtins.property
     def input_checkpoint(self) -> Global___CheckpointRef:
@@ -488,14 +499,41 @@ class HopTask(_message.Message):
         approval_bundle_json: _builtins.str = ...,
         cross_validation: Global___CrossValidation | None = ...,
         round: _builtins.int = ...,
+        input_bundle: _builtins.bytes = ...,
+        validation_after_commit: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cross_validation", b"cross_validation", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "cross_validation", b"cross_validation", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "round", b"round", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "cross_validation", b"cross_validation", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_bundle", b"input_bundle", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "round", b"round", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type", "validation_after_commit", b"validation_after_commit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HopTask: _TypeAlias = HopTask  # noqa: Y015
+
+@_typing.final
+class PrepareHop(_message.Message):
+    """"You are next": the hop this site will be leased once the current one commits. The site gets
+    ready (data, base model, seeded adapter model) if it approved the run; nothing is leased, and
+    the site answers nothing. `hop` carries no lease token and no input checkpoint.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hop(self) -> Global___HopTask: ...
+    def __init__(
+        self,
+        *,
+        hop: Global___HopTask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareHop: _TypeAlias = PrepareHop  # noqa: Y015
 
 @_typing.final
 class EvaluationTask(_message.Message):
@@ -656,6 +694,7 @@ class Task(_message.Message):
     EVALUATION_FIELD_NUMBER: _builtins.int
     STATISTICS_FIELD_NUMBER: _builtins.int
     LEDGER_HEAD_FIELD_NUMBER: _builtins.int
+    PREPARE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hop(self) -> Global___HopTask: ...
     @_builtins.property
@@ -666,6 +705,10 @@ class Task(_message.Message):
     def ledger_head(self) -> Global___SignedLedgerHead:
         """not work: a new signed head to keep"""
 
+    @_builtins.property
+    def prepare(self) -> Global___PrepareHop:
+        """not work yet: get ready for the next hop"""
+
     def __init__(
         self,
         *,
@@ -673,12 +716,13 @@ class Task(_message.Message):
         evaluation: Global___EvaluationTask | None = ...,
         statistics: Global___StatisticsTask | None = ...,
         ledger_head: Global___SignedLedgerHead | None = ...,
+        prepare: Global___PrepareHop | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "statistics", b"statistics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "statistics", b"statistics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "statistics", b"statistics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics", "ledger_head"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics", "ledger_head", "prepare"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -871,6 +915,7 @@ class HopResult(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     RELEASED_FIELD_NUMBER: _builtins.int
+    VALIDATION_FOLLOWS_FIELD_NUMBER: _builtins.int
     hop_id: _builtins.str
     lease_token: _builtins.str
     ok: _builtins.bool
@@ -883,6 +928,10 @@ class HopResult(_message.Message):
     released: _builtins.bool
     """The site hands the hop back unfinished (it is shutting down): the hop goes back to pending
     and does not count as a failed attempt. error_message says why.
+    """
+    validation_follows: _builtins.bool
+    """The site reports the validation pass after the commit (ReportHopValidation): `metrics`
+    then holds only the train_* keys. Only for a task with validation_after_commit.
     """
     @_builtins.property
     def output_checkpoint(self) -> Global___CheckpointRef:
@@ -905,14 +954,89 @@ class HopResult(_message.Message):
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
         released: _builtins.bool = ...,
+        validation_follows: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["output_checkpoint", b"output_checkpoint"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "hop_id", b"hop_id", "lease_token", b"lease_token", "metrics", b"metrics", "ok", b"ok", "output_checkpoint", b"output_checkpoint", "released", b"released", "train_finished_at_ns", b"train_finished_at_ns", "train_started_at_ns", b"train_started_at_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "hop_id", b"hop_id", "lease_token", b"lease_token", "metrics", b"metrics", "ok", b"ok", "output_checkpoint", b"output_checkpoint", "released", b"released", "train_finished_at_ns", b"train_finished_at_ns", "train_started_at_ns", b"train_started_at_ns", "validation_follows", b"validation_follows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HopResult: _TypeAlias = HopResult  # noqa: Y015
+
+@_typing.final
+class HopValidation(_message.Message):
+    """A committed hop's validation metrics, measured by its site after the commit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HOP_ID_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    hop_id: _builtins.str
+    ok: _builtins.bool
+    error_message: _builtins.str
+    """when !ok: why the pass failed (the hop stays committed)"""
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """aggregate validation metrics only"""
+
+    def __init__(
+        self,
+        *,
+        hop_id: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "hop_id", b"hop_id", "metrics", b"metrics", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HopValidation: _TypeAlias = HopValidation  # noqa: Y015
+
+@_typing.final
+class HopValidationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEDGER_HEAD_FIELD_NUMBER: _builtins.int
+    ledger_head: _builtins.str
+    """hash of the event that recorded the metrics"""
+    def __init__(
+        self,
+        *,
+        ledger_head: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ledger_head", b"ledger_head"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HopValidationResponse: _TypeAlias = HopValidationResponse  # noqa: Y015
 
 @_typing.final
 class HopResultResponse(_message.Message):

@@ -64,6 +64,11 @@ class SiteServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.HopResult.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
                 _registered_method=True)
+        self.ReportHopValidation = channel.unary_unary(
+                '/baton.v1.SiteService/ReportHopValidation',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.HopValidation.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.HopValidationResponse.FromString,
+                _registered_method=True)
         self.SendHeartbeat = channel.unary_unary(
                 '/baton.v1.SiteService/SendHeartbeat',
                 request_serializer=protocols_dot_v1_dot_baton__pb2.Heartbeat.SerializeToString,
@@ -132,6 +137,12 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportHopValidation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SendHeartbeat(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -195,6 +206,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
                     servicer.ReportHopResult,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.HopResult.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.SerializeToString,
+            ),
+            'ReportHopValidation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportHopValidation,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.HopValidation.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.HopValidationResponse.SerializeToString,
             ),
             'SendHeartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.SendHeartbeat,
@@ -384,6 +400,33 @@ class SiteService:
             '/baton.v1.SiteService/ReportHopResult',
             protocols_dot_v1_dot_baton__pb2.HopResult.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportHopValidation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.SiteService/ReportHopValidation',
+            protocols_dot_v1_dot_baton__pb2.HopValidation.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.HopValidationResponse.FromString,
             options,
             channel_credentials,
             insecure,

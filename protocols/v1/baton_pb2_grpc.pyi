@@ -44,6 +44,7 @@ class SiteServiceStub:
     UploadStatus: _grpc.UnaryUnaryMultiCallable[_baton_pb2.UploadHeader, _baton_pb2.UploadProgress]
     """How much of an interrupted upload arrived; the site resumes from there."""
     ReportHopResult: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]
+    ReportHopValidation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HopValidation, _baton_pb2.HopValidationResponse]
     SendHeartbeat: _grpc.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]
     ReportStatistics: _grpc.UnaryUnaryMultiCallable[_baton_pb2.StatisticsResult, _baton_pb2.StatisticsResultResponse]
@@ -62,6 +63,7 @@ class SiteServiceAsyncStub(SiteServiceStub):
     UploadStatus: _aio.UnaryUnaryMultiCallable[_baton_pb2.UploadHeader, _baton_pb2.UploadProgress]  # type: ignore[assignment]
     """How much of an interrupted upload arrived; the site resumes from there."""
     ReportHopResult: _aio.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]  # type: ignore[assignment]
+    ReportHopValidation: _aio.UnaryUnaryMultiCallable[_baton_pb2.HopValidation, _baton_pb2.HopValidationResponse]  # type: ignore[assignment]
     SendHeartbeat: _aio.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]  # type: ignore[assignment]
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]  # type: ignore[assignment]
     ReportStatistics: _aio.UnaryUnaryMultiCallable[_baton_pb2.StatisticsResult, _baton_pb2.StatisticsResultResponse]  # type: ignore[assignment]
@@ -113,6 +115,13 @@ class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _baton_pb2.HopResult,
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.HopResultResponse, _abc.Awaitable[_baton_pb2.HopResultResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ReportHopValidation(
+        self,
+        request: _baton_pb2.HopValidation,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.HopValidationResponse, _abc.Awaitable[_baton_pb2.HopValidationResponse]]: ...
 
     @_abc_1.abstractmethod
     def SendHeartbeat(

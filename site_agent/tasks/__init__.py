@@ -4,10 +4,10 @@ No code travels to a site: a run names a task type, its ``TaskSpec`` and per-hop
 ``HopHyperparameters``; the site trains with the Baton it has installed.
 """
 
+from site_agent.base_model import hash_base_model
 from site_agent.examples import TASK_TYPES
 from site_agent.tasks._causal_lm import PROMPT_TEMPLATE, CausalLanguageModelTrainer
 from site_agent.tasks._cross_validation import CrossValidatedTrainer
-from site_agent.tasks._lora import hash_base_model
 from site_agent.tasks._lora_trainer import LoraTask, LoraTrainer
 from site_agent.tasks._sequence_classification import SequenceClassificationTrainer
 from site_agent.tasks._spec import (
@@ -15,6 +15,7 @@ from site_agent.tasks._spec import (
     HopHyperparameters,
     HopOutcome,
     LoraSettings,
+    PreparingTrainer,
     TaskSpec,
     TensorSpec,
     Trainer,
@@ -33,6 +34,7 @@ __all__ = [
     "LoraSettings",
     "LoraTask",
     "LoraTrainer",
+    "PreparingTrainer",
     "SequenceClassificationTrainer",
     "TabularTrainer",
     "TaskSpec",

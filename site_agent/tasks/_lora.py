@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping
 from enum import Enum
@@ -23,55 +22,12 @@ from transformers import PretrainedConfig, PreTrainedModel
 from site_agent.tasks._spec import LoraSettings, TaskSpec
 from site_agent.tasks._state import checked_state, outgoing, preview
 
-_HASH_BLOCK_BYTES = 1 << 20
-
 
 class _LoadResult(Protocol):
     """What ``set_peft_model_state_dict`` returns (torch's ``_IncompatibleKeys``)."""
 
     missing_keys: list[str]
     unexpected_keys: list[str]
-
-
-def hash_base_model(directory: Path) -> str:
-    """Hashes a base model's weights so sites can prove they train on the same model.
-
-    A single ``model.safetensors`` hashes to the plain sha256 of its bytes (what ``sha256sum``
-    prints). Otherwise every ``*.safetensors`` file, or failing that every ``pytorch_model*.bin``
-    file, is hashed in name order, each as its name, size and bytes.
-
-    Args:
-        directory: The base model directory.
-
-    Returns:
-        The lowercase hex sha256 digest.
-
-    Raises:
-        FileNotFoundError: If the directory holds no weights file.
-    """
-    directory = Path(directory)
-    single = directory / "model.safetensors"
-    if single.is_file():
-        digest = hashlib.sha256()
-        _update_from_file(digest, single)
-        return digest.hexdigest()
-
-    files = sorted(directory.glob("*.safetensors"), key=lambda p: p.name) or sorted(
-        directory.glob("pytorch_model*.bin"), key=lambda p: p.name
-    )
-    if not files:
-        raise FileNotFoundError(
-            f"no weights files (*.safetensors or pytorch_model*.bin) in {directory}"
-        )
-    digest = hashlib.sha256()
-    for path in files:
-        name = path.name.encode("utf-8")
-        # Length-prefixed fields, so that no two file sets produce the same byte stream.
-        digest.update(len(name).to_bytes(8, "big"))
-        digest.update(name)
-        digest.update(path.stat().st_size.to_bytes(8, "big"))
-        _update_from_file(digest, path)
-    return digest.hexdigest()
 
 
 def max_length_option(spec: TaskSpec, default: int, config: PretrainedConfig) -> int:
@@ -165,9 +121,3 @@ def _jsonable(value: object) -> object:
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     raise TypeError(f"adapter config value of type {type(value).__name__} is not JSON-serialisable")
-
-
-def _update_from_file(digest: hashlib._Hash, path: Path) -> None:
-    with path.open("rb") as stream:
-        while block := stream.read(_HASH_BLOCK_BYTES):
-            digest.update(block)

@@ -10,8 +10,10 @@ import copy
 import hashlib
 import logging
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -25,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from site_agent.base_model import hash_base_model
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks._device import ComputeDevice, set_num_threads
 from site_agent.tasks._loop import proximal_anchors, train
@@ -32,7 +35,7 @@ from site_agent.tasks._lora import (
     adapter_config,
     adapter_tensors,
     build_adapter_model,
-    hash_base_model,
+    load_adapter,
     max_length_option,
 )
 from site_agent.tasks._spec import (
@@ -121,11 +124,28 @@ class LoraTask(Protocol[ExampleT, TargetsT]):
         ...
 
 
+@dataclass
+class _PreparedHop:
+    """A hop's freshly seeded adapter model, built before its input arrived.
+
+    ``rng_state`` is the generator state right after the build: a hop that starts from it
+    draws exactly what it would have drawn had it built the model itself.
+    """
+
+    key: tuple[int, LoraSettings]
+    seed: int
+    model: PeftModel
+    rng_state: torch.Tensor
+    cuda_rng_state: torch.Tensor | None
+
+
 class LoraTrainer(Generic[ExampleT, TargetsT]):
     """Runs hops of LoRA fine-tuning of one base model for one task type.
 
     The tokenizer is loaded once, the base model once per ``base_model_key``; every hop and
     every evaluation works on a deep copy of the cached base model, so hops never share state.
+    ``prepare`` makes that copy (and the encodings) ahead of a hop, while another site trains;
+    the hop then loads its incoming adapter into the prepared model in place.
     """
 
     def __init__(
@@ -165,6 +185,9 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         self._encodings: OrderedDict[tuple[str, str, int], Features] = OrderedDict()
         self._state_specs: dict[tuple[int, LoraSettings], tuple[TensorSpec, ...]] = {}
         self._base_model_sha256: str | None = None
+        self._prepared: _PreparedHop | None = None
+        # prepare() runs on a background thread while the agent may run a task.
+        self._lock = threading.RLock()
 
     @property
     def base_model_sha256(self) -> str:
@@ -191,6 +214,54 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
             self._state_specs[key] = tensor_specs(get_peft_model_state_dict(model))
         return self._state_specs[key]
 
+    def prepare(self, spec: TaskSpec, dataset: RegisteredDataset, seed: int) -> None:
+        """Gets a hop with this spec and seed ready: base model loaded, data encoded, a seeded
+        adapter model built. The hop itself then only loads its incoming tensors.
+
+        Raises:
+            ValueError: If the spec or the data does not fit (the hop would refuse them too).
+        """
+        task = self._task
+        with self._lock:
+            self._check_spec(spec)
+            max_length = max_length_option(spec, task.default_max_length, self._config)
+            for split in ("train", "validation"):
+                examples = task.examples(dataset, split)
+                task.targets(spec, examples)
+                if examples:
+                    self._encode(dataset.name, examples, max_length)
+            key = (task.base_model_key(spec), spec.lora)
+            prepared = self._prepared
+            if prepared is not None and prepared.key == key and prepared.seed == seed:
+                return
+            self._prepared = None  # one prepared model at a time: drop the old one first
+            with self._compute.forked_rng():
+                model = self._adapter_model(spec, seed, None)
+                cuda_state = (
+                    torch.cuda.get_rng_state(self._compute.device)
+                    if self._compute.device.type == "cuda"
+                    else None
+                )
+                self._prepared = _PreparedHop(key, seed, model, torch.get_rng_state(), cuda_state)
+            logger.info("prepared a hop on %s (seed %d)", dataset.name, seed)
+
+    def _take_prepared(
+        self, spec: TaskSpec, seed: int, incoming: Mapping[str, torch.Tensor] | None
+    ) -> PeftModel | None:
+        """The prepared model for this hop with ``incoming`` loaded in place, its RNG state
+        restored; None if nothing fits (the hop builds its own). The caller forks the RNG."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is None:
+            return None
+        if prepared.key != (self._task.base_model_key(spec), spec.lora) or prepared.seed != seed:
+            return None
+        if incoming is not None:
+            load_adapter(prepared.model, incoming)
+        torch.set_rng_state(prepared.rng_state)
+        if prepared.cuda_rng_state is not None:
+            torch.cuda.set_rng_state(prepared.cuda_rng_state, self._compute.device)
+        return prepared.model
+
     def run_hop(
         self,
         spec: TaskSpec,
@@ -199,6 +270,8 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         incoming: Mapping[str, torch.Tensor] | None,
         progress: ProgressCallback | None = None,
         should_cancel: CancelCheck | None = None,
+        *,
+        defer_validation: bool = False,
     ) -> HopOutcome:
         """Trains the adapter for one hop on the dataset's train split.
 
@@ -210,16 +283,33 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
             incoming: The previous hop's adapter tensors, or None for the first hop.
             progress: Called as ``progress(step, total_steps, loss)`` after each optimizer step.
             should_cancel: Checked before each optimizer step.
+            defer_validation: Leave the validation pass to the outcome's ``validate`` (the
+                site runs it after handing the adapter back).
 
         Returns:
             The trained adapter, its PEFT config and validation metrics (none but the train_*
-            keys when the dataset has no validation split).
+            keys when the dataset has no validation split or validation is deferred).
 
         Raises:
             HopCancelled: If ``should_cancel`` returned True.
             ValueError: If the incoming adapter does not fit the model or is not finite, the
                 data is empty, of another task or has unknown labels, or training diverged.
         """
+        with self._lock:
+            return self._run_hop(
+                spec, dataset, hyperparameters, incoming, progress, should_cancel, defer_validation
+            )
+
+    def _run_hop(
+        self,
+        spec: TaskSpec,
+        dataset: RegisteredDataset,
+        hyperparameters: HopHyperparameters,
+        incoming: Mapping[str, torch.Tensor] | None,
+        progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+        defer_validation: bool,
+    ) -> HopOutcome:
         task, compute, hp = self._task, self._compute, hyperparameters
         self._check_spec(spec)
         max_length = max_length_option(spec, task.default_max_length, self._config)
@@ -233,7 +323,9 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         validation_targets = task.targets(spec, validation)
 
         with compute.forked_rng():
-            model = self._adapter_model(spec, hp.seed, incoming)
+            model = self._take_prepared(spec, hp.seed, incoming)
+            if model is None:
+                model = self._adapter_model(spec, hp.seed, incoming)
             trainable = [p for p in model.parameters() if p.requires_grad]
             logger.info(
                 "hop on %s: %d train / %d validation examples, %d steps, %d trainable "
@@ -266,11 +358,33 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
 
         tensors = adapter_tensors(model)
         metrics: dict[str, float] = {}
+
+        def validate() -> dict[str, float]:
+            with self._lock:
+                features = self._encode(dataset.name, validation, max_length)
+                scores = task.evaluate(model, spec, features, validation_targets, compute)
+            if not math.isfinite(scores["loss"]):
+                raise ValueError(f"training diverged: validation loss is {scores['loss']}")
+            return scores
+
+        if validation and defer_validation:
+            metrics.update(run.metrics(len(train_examples)))
+            logger.info(
+                "hop on %s finished in %.2f s: train_loss %.4f (validation follows)",
+                dataset.name,
+                (run.finished_ns - run.started_ns) / 1e9,
+                run.train_loss,
+            )
+            return HopOutcome(
+                tensors=tensors,
+                adapter_config=adapter_config(model),
+                metrics=metrics,
+                train_started_at_ns=run.started_ns,
+                train_finished_at_ns=run.finished_ns,
+                validate=validate,
+            )
         if validation:
-            validation_features = self._encode(dataset.name, validation, max_length)
-            metrics = task.evaluate(model, spec, validation_features, validation_targets, compute)
-            if not math.isfinite(metrics["loss"]):
-                raise ValueError(f"training diverged: validation loss is {metrics['loss']}")
+            metrics = validate()
         metrics.update(run.metrics(len(train_examples)))
         headline = task.headline_metric
         logger.info(
@@ -305,6 +419,16 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
             ValueError: If the split is empty, does not fit the run (e.g. unknown labels), or
                 the tensors do not fit.
         """
+        with self._lock:
+            return self._evaluate(spec, dataset, split, tensors)
+
+    def _evaluate(
+        self,
+        spec: TaskSpec,
+        dataset: RegisteredDataset,
+        split: Split,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> dict[str, float]:
         self._check_spec(spec)
         max_length = max_length_option(spec, self._task.default_max_length, self._config)
         examples = self._task.examples(dataset, split)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -86,6 +86,9 @@ class HopOutcome:
     metrics: dict[str, float]  # evaluate() on validation + train_loss, train_steps, train_examples
     train_started_at_ns: int  # time.time_ns() right before the first optimizer step
     train_finished_at_ns: int  # time.time_ns() right after the last optimizer step
+    # Set when the validation pass was deferred (``run_hop(defer_validation=True)``): runs it
+    # on the trained model and returns its metrics (``metrics`` then holds only train_* keys).
+    validate: Callable[[], dict[str, float]] | None = field(default=None, compare=False)
 
 
 class HopCancelled(Exception):
@@ -95,6 +98,30 @@ class HopCancelled(Exception):
 ProgressCallback = Callable[[int, int, float], None]
 CancelCheck = Callable[[], bool]
 Split = Literal["validation", "test"]
+
+
+@runtime_checkable
+class PreparingTrainer(Protocol):
+    """A trainer that can get a hop ready before its input arrives (the site is next)."""
+
+    def prepare(self, spec: TaskSpec, dataset: RegisteredDataset, seed: int) -> None:
+        """Loads and encodes what a hop with this spec and seed needs, off the critical path."""
+        ...
+
+    def run_hop(
+        self,
+        spec: TaskSpec,
+        dataset: RegisteredDataset,
+        hyperparameters: HopHyperparameters,
+        incoming: Mapping[str, torch.Tensor] | None,
+        progress: ProgressCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+        *,
+        defer_validation: bool = False,
+    ) -> HopOutcome:
+        """As ``Trainer.run_hop``; with ``defer_validation`` the validation pass is left to
+        ``HopOutcome.validate`` (run after the hop is handed back)."""
+        ...
 
 
 class Trainer(Protocol):

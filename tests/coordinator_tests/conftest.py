@@ -43,6 +43,7 @@ class ScriptedSite:
         self.stub = pb_grpc.SiteServiceStub(self.channel)
         self.tasks: queue.Queue[pb.Task] = queue.Queue()
         self.heads: list[pb.SignedLedgerHead] = []  # signed ledger heads, kept apart from work
+        self.preparations: queue.Queue[pb.HopTask] = queue.Queue()  # "you are next": not work
         self._stream: grpc.Call | None = None
 
     def hello(self) -> pb.HelloResponse:
@@ -67,6 +68,8 @@ class ScriptedSite:
                 for task in stream:
                     if task.WhichOneof("kind") == "ledger_head":
                         self.heads.append(task.ledger_head)
+                    elif task.WhichOneof("kind") == "prepare":
+                        self.preparations.put(task.prepare.hop)
                     else:
                         self.tasks.put(task)
             except grpc.RpcError:
@@ -78,6 +81,9 @@ class ScriptedSite:
         task = self.tasks.get(timeout=10)
         assert task.WhichOneof("kind") == "hop", task
         return task.hop
+
+    def next_preparation(self) -> pb.HopTask:
+        return self.preparations.get(timeout=10)
 
     def next_evaluation(self) -> pb.EvaluationTask:
         task = self.tasks.get(timeout=10)

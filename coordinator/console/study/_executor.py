@@ -262,8 +262,11 @@ class RunExecutor:
         return hops[cycle * hops_per_cycle : (cycle + 1) * hops_per_cycle]
 
     def _cycle_done(self, run: pb.RunStatus, cycle: int, hops_per_cycle: int) -> bool:
+        # A hop's validation metrics may follow its commit (a `hop.validated` event).
         return all(
-            hop.status in _DONE_HOP_STATES for hop in self._cycle_hops(run, cycle, hops_per_cycle)
+            hop.status in _DONE_HOP_STATES
+            and (hop.status != "committed" or self.template.metric in hop.metrics)
+            for hop in self._cycle_hops(run, cycle, hops_per_cycle)
         )
 
     def _cycle_value(self, run: pb.RunStatus, cycle: int, hops_per_cycle: int) -> float | None:

@@ -1,0 +1,454 @@
+"""Baton's handoff, measured from the ledger and split into phases.
+
+A *handoff* is the time from the finishing site's last training step to the next site's first
+training step: ``train_started_at_ns`` of hop i+1 minus ``train_finished_at_ns`` of hop i, both
+taken by the sites around their optimizer loops and recorded in the ledger with each hop (the
+clocks agree here: every process runs on one machine). The phases between those two instants
+come from the ledger's hop events (coordinator clock):
+
+* ``result``: the finishing site's last step to its hop's ``hop.committed`` event (everything the
+  site does after training before the coordinator holds the hop: before the commit-first
+  redesign this includes the validation pass and the upload, then the commit);
+* ``dispatch``: ``hop.committed`` of hop i to ``hop.leased`` of hop i+1;
+* ``start``: ``hop.leased`` of hop i+1 to its first training step (task delivery, download,
+  model set-up at the next site).
+
+``phases(ledger, run_id)`` is the reusable part (a future benchmarks/handoff.py reads it); the
+script runs a 4-site sequential job on real processes (coordinator + sites on loopback mTLS) for
+the demo's model (all-MiniLM-L6-v2 + LoRA r=8) or a tabular logistic model and writes JSON and
+Markdown under benchmarks/results/:
+
+    nice -n 19 python benchmarks/handoff_phases.py --task minilm --label before
+    nice -n 19 python benchmarks/handoff_phases.py --task tabular --label before
+    nice -n 19 python benchmarks/handoff_phases.py --task minilm --label before --profile
+
+``--profile`` records every process with py-spy (raw collapsed stacks, idle threads included)
+and summarises where the finishing and the next site spend their time around handoffs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coordinator.console.admin import AdminClient  # noqa: E402
+from coordinator.ledger import Ledger  # noqa: E402
+from coordinator.plan import RunPlan  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SITES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
+
+
+@dataclass(frozen=True)
+class HandoffPhases:
+    """One handoff (hop ``index`` - 1 to hop ``index``), in milliseconds."""
+
+    index: int  # the receiving hop
+    first_visit: bool  # the receiving site trains for this run for the first time
+    total_ms: float
+    result_ms: float | None
+    dispatch_ms: float | None
+    start_ms: float | None
+
+
+def _event_ns(at: str) -> int:
+    moment = datetime.fromisoformat(at)
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1000
+
+
+def phases(ledger: Ledger, run_id: str) -> list[HandoffPhases]:
+    """Every handoff of a run with its phases, in hop order (committed hops only)."""
+    run = ledger.run(run_id)
+    hops = sorted((h for h in run.hops if h.status == "committed"), key=lambda h: h.index)
+    events: dict[tuple[str, str], int] = {}
+    for event in ledger.events(run_id):
+        if event.hop_id and event.kind in ("hop.committed", "hop.leased"):
+            # The last lease is the one that trained (earlier ones were retried).
+            events[(event.kind, event.hop_id)] = _event_ns(event.at)
+    seen: set[str] = set()
+    handoffs = []
+    for previous, current in itertools.pairwise(hops):
+        seen.add(previous.site)
+        finished, started = previous.train_finished_at_ns, current.train_started_at_ns
+        if not finished or not started:
+            continue
+        committed = events.get(("hop.committed", previous.id))
+        leased = events.get(("hop.leased", current.id))
+
+        def ms(start: int | None, end: int | None) -> float | None:
+            return None if start is None or end is None else round((end - start) / 1e6, 2)
+
+        handoffs.append(
+            HandoffPhases(
+                index=current.index,
+                first_visit=current.site not in seen,
+                total_ms=round((started - finished) / 1e6, 2),
+                result_ms=ms(finished, committed),
+                dispatch_ms=ms(committed, leased),
+                start_ms=ms(leased, started),
+            )
+        )
+    return handoffs
+
+
+def summarise(handoffs: Sequence[HandoffPhases]) -> dict[str, Any]:
+    """Median and p99 of the total and of each phase; first visits apart as well."""
+
+    def stats(values: Sequence[float | None]) -> dict[str, float | None]:
+        present = sorted(v for v in values if v is not None)
+        if not present:
+            return {"median": None, "p99": None, "max": None}
+        rank = max(0, min(len(present) - 1, round(0.99 * len(present) + 0.5) - 1))
+        return {
+            "median": round(statistics.median(present), 2),
+            "p99": present[rank],
+            "max": present[-1],
+        }
+
+    return {
+        "handoffs": len(handoffs),
+        "total_ms": stats([h.total_ms for h in handoffs]),
+        "first_visit_total_ms": stats([h.total_ms for h in handoffs if h.first_visit]),
+        "later_total_ms": stats([h.total_ms for h in handoffs if not h.first_visit]),
+        "result_ms": stats([h.result_ms for h in handoffs]),
+        "dispatch_ms": stats([h.dispatch_ms for h in handoffs]),
+        "start_ms": stats([h.start_ms for h in handoffs]),
+    }
+
+
+# ---- the job ----------------------------------------------------------------------------------
+
+
+def _write_tabular(path: Path, seed: int, shift: float) -> None:
+    rng = random.Random(seed)
+    lines = ["age,chol,label"]
+    for _ in range(200):
+        age, chol = rng.gauss(55 + shift, 8), rng.gauss(230, 40)
+        label = int(0.08 * (age - 55) + 0.01 * (chol - 230) + rng.gauss(0, 0.5) > 0)
+        lines.append(f"{age:.1f},{chol:.1f},{label}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _prepare_data(task: str, work: Path, cycles: int, steps: int) -> tuple[RunPlan, Path | None]:
+    from coordinator.console.demo import DATASET, packaged_minilm, write_site_data
+    from site_agent.registry import register_dataset
+
+    if task == "minilm":
+        labels: list[str] = []
+        for index, site in enumerate(SITES):
+            labels = write_site_data(work / site, index, len(SITES))
+        plan = {
+            "name": "handoff-minilm", "dataset": DATASET, "labels": labels,
+            "sites": list(SITES), "cycles": cycles,
+            "defaults": {"steps": steps, "batch_size": 16, "learning_rate": 2e-3},
+            "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]},
+        }  # fmt: skip
+        return RunPlan.model_validate(plan), packaged_minilm()
+    for index, site in enumerate(SITES):
+        _write_tabular(work / f"{site}.csv", seed=index, shift=3 * index)
+        register_dataset(work / site, "heart", work / f"{site}.csv", task_type="tabular")
+    plan = {
+        "name": "handoff-tabular", "task": "tabular", "dataset": "heart", "labels": ["0", "1"],
+        "sites": list(SITES), "cycles": cycles, "options": {"model": "logistic"},
+        "defaults": {"steps": steps, "batch_size": 16, "learning_rate": 0.05},
+    }  # fmt: skip
+    return RunPlan.model_validate(plan), None
+
+
+def _profile_summary(raw: Path) -> dict[str, Any]:
+    """Share of samples per hop activity in a py-spy raw (collapsed) profile of one site."""
+    # The first bucket whose needle is in a stack takes its samples (py-spy raw frames read
+    # "function (file:line)").
+    buckets = {
+        "training steps": ("train (site_agent/tasks/_loop.py:",),
+        "validation pass, after the commit": ("_report_validation (site_agent/agent.py:",),
+        "validation pass": ("evaluate (site_agent/tasks/_sequence_classification.py:",
+                            "_evaluate_model (site_agent/tasks/_tabular.py:"),
+        "preparation (next site, while the other trains)": ("_prepare (site_agent/agent.py:",),
+        "model set-up (base copy + LoRA wrap)": ("_adapter_model (site_agent/tasks/",
+                                                 "_model (site_agent/tasks/_tabular.py:"),
+        "adapter load": ("load_adapter (site_agent/tasks/_lora.py:",
+                         "_load (site_agent/tasks/_tabular.py:"),
+        "encode data": ("_encode (site_agent/tasks/",),
+        "download": ("_download (site_agent/agent.py:",),
+        "upload": ("upload (site_agent/agent.py:",),
+        "report result": ("_report_hop_result (site_agent/agent.py:",),
+        "egress check": ("_check_egress (site_agent/agent.py:",),
+        "phase heartbeat": ("phase (site_agent/agent.py:",),
+    }  # fmt: skip
+    counts: Counter[str] = Counter()
+    busy = 0
+    text = gzip.decompress(raw.read_bytes()).decode() if raw.suffix == ".gz" else raw.read_text()
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit() or (
+            "SiteAgent._run_hop" not in stack and "SiteAgent._prepare" not in stack
+        ):
+            continue
+        count = int(count_text)
+        busy += count
+        for name, needles in buckets.items():
+            if any(needle in stack for needle in needles):
+                counts[name] += count
+                break
+        else:
+            counts["other hop handling (task checks, serialisation, waits)"] += count
+    outside = busy - counts["training steps"]
+    return {
+        "samples_in_hops": busy,
+        "share": {k: round(v / busy, 3) for k, v in counts.most_common()} if busy else {},
+        # Where a hop's time goes apart from its optimizer steps (what a handoff is made of).
+        "share_outside_training": {
+            k: round(v / outside, 3) for k, v in counts.most_common() if k != "training steps"
+        }
+        if outside
+        else {},
+    }
+
+
+def run_job(
+    task: str, cycles: int, steps: int, work: Path, profile_dir: Path | None
+) -> dict[str, Any]:
+    """Runs the 4-site job once and returns its handoffs, phases and summary."""
+    from coordinator.console.demo import prepare_pki
+    from coordinator.console.processes import Cluster
+    from protocols.transport import TlsFiles
+
+    plan, model = _prepare_data(task, work, cycles, steps)
+    pki_dir = work / "pki"
+    prepare_pki(pki_dir, list(SITES))
+    cluster = Cluster(log_dir=work / "logs")
+    state = work / "coordinator"
+    spies: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+    started = time.monotonic()
+    started_ns = time.time_ns()
+    with cluster.running():
+        port = cluster.start_coordinator(state_dir=state, pki_dir=pki_dir, port_file=work / "port")
+        for site in SITES:
+            cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki_dir,
+                               data_dir=work / site, base_model_dir=model, threads=1,
+                               approve=[plan.approval_bundle().sha256])  # fmt: skip
+        tls = TlsFiles(pki_dir / "ca.crt", pki_dir / "admin.crt", pki_dir / "admin.key")
+        with AdminClient(f"localhost:{port}", tls) as admin:
+            admin.wait_for_sites(set(SITES), timeout=180)
+            ready = time.monotonic() - started
+            if profile_dir is not None:
+                spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+                for managed in cluster.processes:
+                    out = profile_dir / f"{task}-{managed.name}.txt"
+                    process = subprocess.Popen(
+                        [spy, "record", "--pid", str(managed.process.pid), "--format", "raw",
+                         "--idle", "--rate", "200", "--output", str(out)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    )  # fmt: skip
+                    spies.append((managed.name, process, out))
+                time.sleep(1.0)
+            run_id = admin.start_run(plan)
+            deadline = time.monotonic() + 1800
+            while (status := admin.run(run_id)).status not in ("completed", "failed", "aborted"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"run {run_id} did not finish")
+                cluster.check_alive()
+                time.sleep(0.2)
+            if status.status != "completed":
+                raise RuntimeError(f"run {run_id} {status.status}: {status.error}")
+            for _, process, _ in spies:
+                process.send_signal(2)  # SIGINT: py-spy writes its profile and exits
+            for _, process, _ in spies:
+                process.wait(timeout=60)
+            for index, (name, process, out) in enumerate(spies):
+                # Collapsed stacks compress about 20x: only the compressed copy is kept.
+                packed = out.with_name(out.name + ".gz")
+                packed.write_bytes(gzip.compress(out.read_bytes()))
+                out.unlink()
+                spies[index] = (name, process, packed)
+    ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
+    try:
+        handoffs = phases(ledger, run_id)
+        first = min(ledger.run(run_id).hops, key=lambda h: h.index)
+    finally:
+        ledger.close()
+    result: dict[str, Any] = {
+        "task": task,
+        "sites": len(SITES),
+        "cycles": cycles,
+        "steps_per_hop": steps,
+        "cluster_ready_seconds": round(ready, 2),
+        # Cold start: coordinator and sites started at once, the run started as soon as every
+        # site said hello; until the first hop's first training step.
+        "cold_start_to_first_step_seconds": round(
+            ((first.train_started_at_ns or started_ns) - started_ns) / 1e9, 2
+        ),
+        "wall_seconds": round(time.monotonic() - started, 1),
+        # The machine is shared: its 1-minute load average when the run ended (2 cores).
+        "load_average_1m": round(os.getloadavg()[0], 1),
+        "summary": summarise(handoffs),
+        "handoffs": [asdict(h) for h in handoffs],
+    }
+    if spies:
+        result["profile"] = {
+            name: _profile_summary(out) for name, _, out in spies if name != "coordinator"
+        }
+    return result
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Baton handoff phases ({report['label']})",
+        "",
+        "Handoff: the finishing site's last training step to the next site's first training "
+        "step (site timestamps in the ledger). Phases from the ledger's hop events: *result* "
+        "(last step to `hop.committed`), *dispatch* (`hop.committed` to the next "
+        "`hop.leased`), *start* (`hop.leased` to the next first step).",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| task | handoffs | median ms | p99 ms | first visits median | later median "
+        "| result median | dispatch median | start median | sites connected s "
+        "| cold start to first step s | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for job in report["jobs"]:
+        s = job["summary"]
+        lines.append(
+            f"| {job['task']} | {s['handoffs']} | {s['total_ms']['median']} | "
+            f"{s['total_ms']['p99']} | {s['first_visit_total_ms']['median']} | "
+            f"{s['later_total_ms']['median']} | {s['result_ms']['median']} | "
+            f"{s['dispatch_ms']['median']} | {s['start_ms']['median']} | "
+            f"{job['cluster_ready_seconds']} | {job['cold_start_to_first_step_seconds']} | "
+            f"{job['load_average_1m']} |"
+        )
+    for job in report["jobs"]:
+        for site, profile in job.get("profile", {}).items():
+            lines += ["", f"## py-spy profile, {job['task']}, {site} "
+                      f"({profile['samples_in_hops']} samples inside hop handling)", "",
+                      "| activity | share | share outside training steps |",
+                      "|---|---|---|"]  # fmt: skip
+            outside = profile.get("share_outside_training", {})
+            lines += [
+                f"| {name} | {share:.1%} | "
+                + (f"{outside[name]:.1%}" if name in outside else "")
+                + " |"
+                for name, share in profile["share"].items()
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def _comparison(labels: Sequence[str]) -> int:
+    """handoff_report.md: the named results side by side (e.g. before-minilm after-minilm)."""
+    lines = [
+        "# Baton handoff: before and after",
+        "",
+        "Handoff = the finishing site's last training step to the next site's first training "
+        "step (site timestamps in the ledger's hop rows). 4 sites, loopback mTLS, one machine "
+        "(2 cores shared with other work: see the load average). Produced by "
+        "`benchmarks/handoff_phases.py --report " + " ".join(labels) + "` from the result files "
+        "named in the first column.",
+        "",
+        "| result | task | handoffs | median ms | p99 ms | first visits median | later median "
+        "| result phase median | dispatch median | start median | cold start to first step s "
+        "| load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    commands = []
+    for label in labels:
+        report = json.loads((RESULTS / f"handoff_phases_{label}.json").read_text())
+        for job in report["jobs"]:
+            s = job["summary"]
+            lines.append(
+                f"| {label} | {job['task']} | {s['handoffs']} | {s['total_ms']['median']} | "
+                f"{s['total_ms']['p99']} | {s['first_visit_total_ms']['median']} | "
+                f"{s['later_total_ms']['median']} | {s['result_ms']['median']} | "
+                f"{s['dispatch_ms']['median']} | {s['start_ms']['median']} | "
+                f"{job.get('cold_start_to_first_step_seconds')} | {job.get('load_average_1m')} |"
+            )
+        commands.append(f"- {label}: `{report['command']}`")
+    lines += ["", "Commands (`before` results: the same script run on main's code):", ""]
+    lines += commands
+    (RESULTS / "handoff_report.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {RESULTS / 'handoff_report.md'}")
+    return 0
+
+
+def _resummarise(label: str) -> int:
+    stem = RESULTS / f"handoff_phases_{label}"
+    report = json.loads(stem.with_suffix(".json").read_text())
+    for job in report["jobs"]:
+        profiles = sorted((RESULTS / f"handoff_profile_{label}").glob(f"{job['task']}-*.txt*"))
+        names = {raw: raw.name.split(".")[0].removeprefix(f"{job['task']}-") for raw in profiles}
+        job["profile"] = {
+            names[raw]: _profile_summary(raw) for raw in profiles if names[raw] != "coordinator"
+        }
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(report))
+    print(f"rewrote {stem}.json and {stem}.md")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=("minilm", "tabular", "both"), default="both")
+    parser.add_argument("--cycles", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=0, help="0: 15 (minilm), 30 (tabular)")
+    parser.add_argument("--label", default="after", help="names the result files")
+    parser.add_argument("--profile", action="store_true", help="record every process")
+    parser.add_argument(
+        "--resummarise",
+        action="store_true",
+        help="re-read the raw profiles of an existing result (--label) and rewrite its report",
+    )
+    parser.add_argument(
+        "--report", nargs="+", metavar="LABEL", help="compare existing results (no run)"
+    )
+    args = parser.parse_args(argv)
+    if args.report:
+        return _comparison(args.report)
+    if args.resummarise:
+        return _resummarise(args.label)
+    tasks = ("tabular", "minilm") if args.task == "both" else (args.task,)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for task in tasks:
+        steps = args.steps or (15 if task == "minilm" else 30)
+        with tempfile.TemporaryDirectory(prefix=f"baton-handoff-{task}-") as tmp:
+            profile_dir = None
+            if args.profile:
+                profile_dir = RESULTS / f"handoff_profile_{args.label}"
+                profile_dir.mkdir(exist_ok=True)
+            job = run_job(task, args.cycles, steps, Path(tmp), profile_dir)
+        print(json.dumps({"task": task, **job["summary"]}, indent=1))
+        jobs.append(job)
+    report = {
+        "label": args.label,
+        "command": "nice -n 19 python benchmarks/handoff_phases.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "jobs": jobs,
+    }
+    stem = RESULTS / f"handoff_phases_{args.label}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(_markdown(report))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Commit first at the coordinator: the next site is told it is next, its small input rides in
+its task, and a hop's validation metrics arrive after its commit as their own ledger event."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from coordinator.console.admin import AdminClient
+from coordinator.console.study import RunExecutor, RunTemplate
+from coordinator.plan import parse_plan
+from coordinator.server import Coordinator
+from protocols.checkpoint import sha256_hex
+from protocols.v1 import baton_pb2 as pb
+from tests.coordinator_tests.conftest import ScriptedSite
+
+
+def _plan(*sites: str) -> dict[str, object]:
+    return {"name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": list(sites)}
+
+
+def test_validation_metrics_reported_after_the_commit_are_their_own_event(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
+    first = sites["site-a"].next_task()
+    ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
+    sites["site-a"].report(first, ref, train_loss=0.4)
+    sites["site-b"].next_task()  # the next hop is leased before validation arrives
+
+    sites["site-a"].stub.ReportHopValidation(
+        pb.HopValidation(hop_id=first.hop_id, ok=True, metrics={"accuracy": 0.75}), timeout=10
+    )
+
+    hop = admin.run(run_id).hops[0]
+    assert dict(hop.metrics) == pytest.approx({"train_loss": 0.4, "accuracy": 0.75})
+    ledger = coordinator.engine.ledger
+    assert ledger.verify_chain() is None
+    kinds = [(e.kind, e.hop_id) for e in ledger.events(run_id)]
+    committed = kinds.index(("hop.committed", first.hop_id))
+    validated = kinds.index(("hop.validated", first.hop_id))
+    assert committed < [k for k, _ in kinds].index("hop.leased", committed) < validated
+    # A retried report (the site did not see the answer) writes nothing more.
+    sites["site-a"].stub.ReportHopValidation(
+        pb.HopValidation(hop_id=first.hop_id, ok=True, metrics={"accuracy": 0.75}), timeout=10
+    )
+    assert [e.kind for e in ledger.events(run_id)].count("hop.validated") == 1
+
+
+def test_validation_is_refused_from_another_site_or_with_non_finite_metrics(
+    sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
+    first = sites["site-a"].next_task()
+    ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
+    sites["site-a"].report(first, ref, train_loss=0.4)
+
+    with pytest.raises(grpc.RpcError) as other_site:
+        sites["site-b"].stub.ReportHopValidation(
+            pb.HopValidation(hop_id=first.hop_id, ok=True, metrics={"accuracy": 1.0}), timeout=10
+        )
+    assert other_site.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as not_finite:
+        sites["site-a"].stub.ReportHopValidation(
+            pb.HopValidation(hop_id=first.hop_id, ok=True, metrics={"loss": float("nan")}),
+            timeout=10,
+        )
+    assert not_finite.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(admin.run(run_id).hops[0].metrics) == pytest.approx({"train_loss": 0.4})
+
+
+def test_the_next_site_prepares_and_gets_its_input_inside_its_task(
+    sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
+
+    first = sites["site-a"].next_task()
+    prepare = sites["site-b"].next_preparation()
+    # "You are next": the hop site-b will get, without a lease or an input yet.
+    assert (prepare.run_id, prepare.hop_index, prepare.dataset) == (run_id, 1, "notes")
+    assert prepare.approval_bundle_json == first.approval_bundle_json
+    assert not prepare.lease_token and not prepare.HasField("input_checkpoint")
+    assert first.validation_after_commit  # not the last hop
+
+    data = sites["site-a"].bundle(first, 1.0)
+    ref = sites["site-a"].upload(first, data)
+    assert sites["site-a"].report(first, ref, train_loss=0.4) == "committed"
+
+    second = sites["site-b"].next_task()
+    assert second.input_checkpoint.sha256 == ref.sha256
+    assert second.input_bundle == data and sha256_hex(second.input_bundle) == ref.sha256
+    assert second.input_checkpoint.signature  # the custody proof travels with it
+    assert not second.validation_after_commit  # the last hop's metrics complete the run
+
+
+def test_a_study_waits_for_a_cycles_validation_metrics_that_follow_its_commits() -> None:
+    executor = RunExecutor(
+        None,  # type: ignore[arg-type]  # only reads a run it is given
+        RunTemplate(dataset="notes", labels=("x", "y"), metric="accuracy"),
+    )
+    run = pb.RunStatus(hops=[
+        pb.HopStatus(index=0, status="committed", metrics={"train_loss": 0.5}),
+        pb.HopStatus(index=1, status="skipped"),
+        pb.HopStatus(index=2, status="committed", metrics={"accuracy": 0.7}),
+    ])  # fmt: skip
+
+    assert not executor._cycle_done(run, 0, 3)  # hop 0's validation has not arrived yet
+
+    run.hops[0].metrics["accuracy"] = 0.5
+    assert executor._cycle_done(run, 0, 3)
+    assert executor._cycle_value(run, 0, 3) == pytest.approx(0.6)

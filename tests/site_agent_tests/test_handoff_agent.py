@@ -1,0 +1,182 @@
+"""The agent's side of a short handoff: it prepares only for approved runs, and a small input
+pushed inside its task is checked exactly like a download."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from coordinator.plan import RunPlan
+from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
+from protocols.hyperparameter_messages import to_message
+from protocols.signing import sign_digest
+from protocols.v1 import baton_pb2 as pb
+from site_agent._synthetic import SYNTHETIC_LABELS, generate_site_records, write_site_dataset
+from site_agent.agent import HopFailure, SiteAgent
+from site_agent.base_model import hash_base_model
+from site_agent.registry import RegisteredDataset, register_dataset
+from site_agent.settings import SiteSettings
+from site_agent.tasks import HopOutcome, TaskSpec
+from tests.conftest import Pki
+
+
+class _RecordingTrainer:
+    """A preparing trainer that only records what it was asked (no model is loaded)."""
+
+    base_model_sha256 = ""
+
+    def __init__(self) -> None:
+        self.prepared: list[tuple[str, int]] = []
+
+    def model_sha256(self, spec: TaskSpec, dataset: RegisteredDataset) -> str:
+        return ""
+
+    def prepare(self, spec: TaskSpec, dataset: RegisteredDataset, seed: int) -> None:
+        self.prepared.append((dataset.name, seed))
+
+    def run_hop(self, *args: Any, **kwargs: Any) -> HopOutcome:
+        raise AssertionError("a preparation trains nothing")
+
+
+def _agent(tmp_path: Path, pki: Pki) -> SiteAgent:
+    records = generate_site_records(0, 3, n=30, seed=1)
+    path = write_site_dataset(tmp_path / "notes.jsonl", records)
+    register_dataset(tmp_path / "data", "notes", path, task_type="seq-classification")
+    (tmp_path / "model").mkdir()
+    return SiteAgent(SiteSettings(
+        coordinator="localhost:1", ca_certificate=pki.directory / "ca.crt",
+        certificate=pki.directory / "site-a.crt", private_key=pki.directory / "site-a.key",
+        data_dir=tmp_path / "data", base_model_dir=tmp_path / "model", require_approval=True,
+        state_dir=tmp_path / "state",
+    ))  # fmt: skip
+
+
+def _plan() -> RunPlan:
+    return RunPlan.model_validate({
+        "name": "prepare", "dataset": "notes", "labels": list(SYNTHETIC_LABELS),
+        "sites": ["site-a", "site-b"], "cycles": 1,
+        "defaults": {"steps": 3, "batch_size": 4, "learning_rate": 1e-3},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+    })  # fmt: skip
+
+
+def _next_hop(plan: RunPlan, seed: int = 5) -> pb.HopTask:
+    return pb.HopTask(
+        run_id="run1", hop_id="hop1", hop_index=1, task_type="seq-classification",
+        dataset="notes", labels=list(SYNTHETIC_LABELS),
+        lora=pb.LoraConfig(r=4, alpha=16 // 2, dropout=0.0, target_modules=["query", "value"]),
+        hyperparameters=to_message(dataclasses.replace(plan.expanded_hops()[1][1], seed=seed)),
+        task_options_json="{}", approval_bundle_json=plan.approval_bundle().canonical_json(),
+    )  # fmt: skip
+
+
+def test_a_site_prepares_only_for_a_run_it_approved(tmp_path: Path, pki: Pki) -> None:
+    agent = _agent(tmp_path, pki)
+    trainer = _RecordingTrainer()
+    agent._trainers["seq-classification"] = trainer  # type: ignore[assignment]
+    plan = _plan()
+
+    agent._prepare(_next_hop(plan))
+    assert trainer.prepared == []  # not approved: nothing of the site's data was read
+
+    agent.approvals.approve([plan.approval_bundle().sha256])
+    agent._prepare(_next_hop(plan, seed=7))
+    assert trainer.prepared == [("notes", 7)]
+
+
+def test_a_preparation_outside_the_approved_bundle_is_refused(tmp_path: Path, pki: Pki) -> None:
+    agent = _agent(tmp_path, pki)
+    trainer = _RecordingTrainer()
+    agent._trainers["seq-classification"] = trainer  # type: ignore[assignment]
+    plan = _plan()
+    agent.approvals.approve([plan.approval_bundle().sha256])
+    hop = _next_hop(plan)
+    hop.dataset = "other-notes"  # the task names another dataset than the approved bundle
+
+    agent._prepare(hop)
+
+    assert trainer.prepared == []
+
+
+class _NoDownloads:
+    def DownloadCheckpoint(self, request: object, timeout: float) -> object:
+        raise AssertionError("a pushed input is not downloaded")
+
+
+def _signed_input(pki: Pki, tensors: Mapping[str, torch.Tensor]) -> pb.HopTask:
+    manifest = CheckpointManifest(task_type="seq-classification", base_model_sha256="b" * 64,
+                                  run_id="run1", hop_id="hop0", producer_site="site-b")  # fmt: skip
+    data = save(dict(tensors), metadata=bundle_metadata(manifest, {"r": 4}))
+    digest = sha256_hex(data)
+    ref = pb.CheckpointRef(
+        sha256=digest,
+        size=len(data),
+        signature=sign_digest((pki.directory / "site-b.key").read_bytes(), digest),
+        producer_certificate=(pki.directory / "site-b.crt").read_bytes(),
+    )
+    return pb.HopTask(input_checkpoint=ref, input_bundle=data)
+
+
+def test_an_input_pushed_inside_the_task_is_loaded_without_a_download(
+    tmp_path: Path, pki: Pki
+) -> None:
+    agent = _agent(tmp_path, pki)
+    tensors = {"lora_A": torch.ones(2, 3), "lora_B": torch.zeros(3, 2)}
+    task = _signed_input(pki, tensors)
+
+    loaded = agent._incoming(_NoDownloads(), task, "b" * 64)  # type: ignore[arg-type]
+
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_a_tampered_pushed_input_is_refused_like_a_tampered_download(
+    tmp_path: Path, pki: Pki
+) -> None:
+    agent = _agent(tmp_path, pki)
+    task = _signed_input(pki, {"lora_A": torch.ones(2, 3)})
+    tampered = bytearray(task.input_bundle)
+    tampered[-1] ^= 0x01
+    task.input_bundle = bytes(tampered)
+
+    with pytest.raises(HopFailure) as refused:
+        agent._incoming(_NoDownloads(), task, "b" * 64)  # type: ignore[arg-type]
+
+    assert refused.value.code == "checkpoint-integrity"
+    assert json.dumps(str(refused.value))  # one readable line, no tensor data
+
+
+def test_the_hello_names_the_base_model_without_importing_torch(
+    tmp_path: Path, pki: Pki, tiny_model_dir: Path
+) -> None:
+    # A fresh interpreter: the hello (with the base model's hash) is ready before torch loads,
+    # so a site says hello at once and loads its model in the background.
+    script = f"""
+import sys
+from pathlib import Path
+from site_agent.agent import SiteAgent
+from site_agent.settings import SiteSettings
+agent = SiteAgent(SiteSettings(
+    coordinator="localhost:1", ca_certificate=Path({str(pki.directory / "ca.crt")!r}),
+    certificate=Path({str(pki.directory / "site-a.crt")!r}),
+    private_key=Path({str(pki.directory / "site-a.key")!r}),
+    data_dir=Path({str(tmp_path / "data")!r}), base_model_dir=Path({str(tiny_model_dir)!r}),
+))
+hello = agent._hello()
+assert "torch" not in sys.modules, "hello imported torch"
+print(hello.base_models[0].sha256)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == hash_base_model(tiny_model_dir)

@@ -1,0 +1,85 @@
+"""A hop prepared ahead (model built, data encoded) and loaded in place equals a fresh hop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from site_agent.registry import RegisteredDataset
+from site_agent.tasks import HopHyperparameters, LoraSettings, TaskSpec, create_trainer
+from site_agent.tasks._spec import PreparingTrainer
+
+FIRST = HopHyperparameters(learning_rate=1e-2, steps=3, batch_size=8, seed=11)
+SECOND = HopHyperparameters(learning_rate=5e-3, steps=3, batch_size=4, seed=12, proximal_mu=0.5)
+
+
+@pytest.fixture
+def spec(labels: tuple[str, ...]) -> TaskSpec:
+    return TaskSpec(
+        "seq-classification",
+        labels=labels,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.1),
+        options={"max_length": 24},
+    )
+
+
+def test_a_prepared_hop_loads_its_input_in_place_and_trains_exactly_like_a_fresh_one(
+    tiny_model_dir: Path, spec: TaskSpec, site_datasets: list[RegisteredDataset]
+) -> None:
+    fresh = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    prepared = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    assert isinstance(prepared, PreparingTrainer)
+    dataset = site_datasets[0]
+
+    first = fresh.run_hop(spec, dataset, FIRST, None)
+    second = fresh.run_hop(spec, dataset, SECOND, first.tensors)
+
+    prepared.prepare(spec, dataset, FIRST.seed)
+    torch.manual_seed(999)  # whatever ran in between must not change the hop
+    first_prepared = prepared.run_hop(spec, dataset, FIRST, None)
+    prepared.prepare(spec, dataset, SECOND.seed)
+    second_prepared = prepared.run_hop(spec, dataset, SECOND, first.tensors)
+
+    for expected, actual in ((first, first_prepared), (second, second_prepared)):
+        assert expected.metrics == actual.metrics
+        assert expected.tensors.keys() == actual.tensors.keys()
+        for name, tensor in expected.tensors.items():
+            assert torch.equal(tensor, actual.tensors[name]), name
+
+
+def test_in_place_load_gives_the_outputs_of_a_freshly_built_model(
+    tiny_model_dir: Path, spec: TaskSpec, site_datasets: list[RegisteredDataset]
+) -> None:
+    trainer = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    assert isinstance(trainer, PreparingTrainer)
+    dataset = site_datasets[1]
+    incoming = trainer.run_hop(spec, dataset, FIRST, None).tensors
+
+    trainer.prepare(spec, dataset, SECOND.seed)
+    in_place = trainer.run_hop(spec, dataset, SECOND, incoming, defer_validation=True)
+    fresh = trainer.run_hop(spec, dataset, SECOND, incoming)
+
+    # Same input, same seed: the in-place hop's deferred validation and tensors match a hop
+    # that built its model from a fresh copy of the base.
+    assert in_place.validate is not None
+    assert {**in_place.validate(), **in_place.metrics} == fresh.metrics
+    assert set(in_place.metrics) == {"train_loss", "train_steps", "train_examples"}
+    for name, tensor in fresh.tensors.items():
+        assert torch.equal(tensor, in_place.tensors[name]), name
+
+
+def test_a_preparation_for_another_seed_is_not_used(
+    tiny_model_dir: Path, spec: TaskSpec, site_datasets: list[RegisteredDataset]
+) -> None:
+    trainer = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    other = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    assert isinstance(trainer, PreparingTrainer)
+    dataset = site_datasets[2]
+
+    trainer.prepare(spec, dataset, seed=FIRST.seed + 1)
+    outcome = trainer.run_hop(spec, dataset, FIRST, None)
+
+    expected = other.run_hop(spec, dataset, FIRST, None)
+    assert outcome.metrics == expected.metrics
