@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 from coordinator.admin import TERMINAL_RUN_STATES, AdminClient, handoff_seconds
 from coordinator.admin_cli import admin_app
 from coordinator.plan import PlanError, RunPlan, load_plan
+from coordinator.simulate_cli import simulate
 from coordinator.study_storage import StudyStorage, resolve_storage
 from protocols.logs import configure_logging
 from protocols.pki import (
@@ -110,6 +111,7 @@ db_app = typer.Typer(
 )
 app.add_typer(db_app, name="db")
 app.add_typer(admin_app, name="admin")
+app.command("simulate")(simulate)
 
 console = Console()
 err = Console(stderr=True)
