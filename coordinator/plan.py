@@ -1,4 +1,5 @@
-"""Run plans: the ordered hops (site, hyperparameters) of one sequential run, validated."""
+"""Run plans: the ordered hops (site, hyperparameters) of one sequential run, or the rounds of a
+federated or hybrid run, validated."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from protocols.approval import HYPERPARAMETERS, ApprovalBundle, BundleViolation
 
 __all__ = [
+    "AGGREGATION_STRATEGIES",
+    "RUN_MODES",
     "CrossValidationSpec",
     "FailurePolicy",
+    "FederatedSpec",
+    "GroupSpec",
     "HopSpec",
     "HyperparameterSpec",
     "LoraSpec",
@@ -25,6 +30,15 @@ __all__ = [
 
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 TaskType = Literal["seq-classification", "causal-lm", "tabular"]
+RunMode = Literal["sequential", "federated", "hybrid"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
+RUN_MODES: tuple[RunMode, ...] = ("sequential", "federated", "hybrid")
+AGGREGATION_STRATEGIES: tuple[StrategyName, ...] = ("fedavg", "fedprox", "fedadam", "fedyogi")
+# Flower's defaults for the server-side optimisers (flwr.serverapp.strategy.FedAdam / FedYogi).
+_SERVER_OPTIMISER_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedadam": {"eta": 1e-1, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedyogi": {"eta": 1e-2, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+}
 _CLASSIFICATION_TASKS = ("seq-classification", "tabular")
 
 
@@ -79,14 +93,84 @@ class CrossValidationSpec(_Strict):
     min_validation_rows: int = Field(default=0, ge=0)
 
 
+class FederatedSpec(_Strict):
+    """How a federated or hybrid run trains and aggregates, round by round (`[federated]`).
+
+    Every round starts from one checkpoint (the previous round's aggregate; the base model for
+    round 1). Federated: each selected site trains from it in parallel. Hybrid: each selected
+    group trains a chain of hops from it (its sites in order). The contributions are then
+    aggregated by Flower's strategy, weighted by the examples each one trained on.
+    """
+
+    strategy: StrategyName = "fedavg"
+    rounds: int = Field(default=3, ge=1, le=10_000)
+    # Flower's sampling: max(int(fraction_train * available), min_sites) of the sites (hybrid:
+    # of the groups) train each round; a round needs `min_sites` contributions to aggregate.
+    fraction_train: float = Field(default=1.0, gt=0, le=1)
+    min_sites: int = Field(default=1, ge=1)
+    local_steps: int | None = Field(default=None, ge=1, le=1_000_000)  # None: defaults.steps
+    seed: int = Field(default=0, ge=0, lt=2**63)  # which sites a round samples
+    # FedProx: the sites' proximal term (mu/2)||w - w_round||^2.
+    proximal_mu: float = Field(default=0.0, ge=0)
+    # FedAdam / FedYogi (server-side optimiser; None: Flower's default for the strategy).
+    eta: float | None = Field(default=None, gt=0)
+    beta_1: float | None = Field(default=None, ge=0, lt=1)
+    beta_2: float | None = Field(default=None, ge=0, lt=1)
+    tau: float | None = Field(default=None, gt=0)
+    # A site (hybrid: a group) not done `round_deadline_seconds` after its round started:
+    # "wait" for it (only its lease and the failure policy end it), "drop" it from the round,
+    # or "abort" the run.
+    stragglers: Literal["wait", "drop", "abort"] = "wait"
+    round_deadline_seconds: float = Field(default=3600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_options(self) -> FederatedSpec:
+        if self.proximal_mu and self.strategy != "fedprox":
+            raise ValueError(f"'proximal_mu' applies to fedprox, not {self.strategy}")
+        if self.strategy not in _SERVER_OPTIMISER_DEFAULTS:
+            options = ("eta", "beta_1", "beta_2", "tau")
+            given = [name for name in options if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to fedadam and "
+                    f"fedyogi, not {self.strategy}"
+                )
+        return self
+
+    def server_optimiser(self) -> dict[str, float]:
+        """FedAdam / FedYogi: eta, beta_1, beta_2, tau (Flower's defaults filled in); else {}."""
+        defaults = _SERVER_OPTIMISER_DEFAULTS.get(self.strategy)
+        if defaults is None:
+            return {}
+        values = {name: getattr(self, name) for name in defaults}
+        return {name: float(defaults[name] if v is None else v) for name, v in values.items()}
+
+    def sample_size(self, available: int) -> int:
+        """How many of `available` sites (hybrid: groups) a round trains, as Flower samples."""
+        return min(available, max(int(available * self.fraction_train), self.min_sites))
+
+
+class GroupSpec(_Strict):
+    """A hybrid run's group: its sites train one after another within each round."""
+
+    name: SiteName
+    sites: tuple[SiteName, ...] = Field(min_length=1)
+
+
 class HopSpec(_Strict):
     site: SiteName
     hyperparameters: HyperparameterSpec | None = None  # None: the plan's defaults
 
 
 class RunPlan(_Strict):
-    """One sequential run. Either `hops` (explicit) or `sites` x `cycles` (shorthand)."""
+    """One run. Sequential: either `hops` (explicit) or `sites` x `cycles` (shorthand).
 
+    Federated (`mode = "federated"`): `sites` and a `[federated]` table. Hybrid
+    (`mode = "hybrid"`): `[[groups]]` and a `[federated]` table. Both train every round with the
+    plan's `defaults` (their steps replaced by `federated.local_steps` when set).
+    """
+
+    mode: RunMode = "sequential"
     name: str = Field(default="run", min_length=1, max_length=200)
     task: TaskType = "seq-classification"
     dataset: str = Field(min_length=1, max_length=200)
@@ -103,10 +187,48 @@ class RunPlan(_Strict):
     # values (so the approved bundle is exactly this plan).
     bounds: dict[str, tuple[float, float]] = Field(default_factory=dict)
     cross_validation: CrossValidationSpec | None = None  # set: a cross-validation run
+    federated: FederatedSpec | None = None  # federated and hybrid runs: rounds, strategy
+    groups: tuple[GroupSpec, ...] = ()  # hybrid runs: the groups, each a chain of sites
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> RunPlan:
+        if self.mode == "sequential":
+            if self.federated is not None or self.groups:
+                raise ValueError("'federated' and 'groups' need mode 'federated' or 'hybrid'")
+            return self
+        if self.federated is None:
+            raise ValueError(f"a {self.mode} run needs a 'federated' table (strategy, rounds)")
+        if self.hops or self.cycles != 1:
+            raise ValueError(f"a {self.mode} run takes no 'hops' or 'cycles'")
+        if self.cross_validation is not None:
+            raise ValueError(f"'cross_validation' applies to sequential runs, not {self.mode}")
+        if self.mode == "federated":
+            if self.groups:
+                raise ValueError("'groups' applies to hybrid runs; a federated run lists 'sites'")
+            members, what = list(self.sites), "sites"
+            if len(set(members)) != len(members):
+                raise ValueError("'sites' has duplicates")
+        else:
+            if self.sites:
+                raise ValueError("a hybrid run lists its sites in 'groups', not 'sites'")
+            if not self.groups:
+                raise ValueError("a hybrid run needs 'groups' (each a name and its sites)")
+            members, what = [g.name for g in self.groups], "groups"
+            if len(set(members)) != len(members):
+                raise ValueError("'groups' has duplicate names")
+            sites = [site for group in self.groups for site in group.sites]
+            if len(set(sites)) != len(sites):
+                raise ValueError("a site appears more than once in 'groups'")
+        if self.federated.min_sites > len(members):
+            raise ValueError(
+                f"federated.min_sites is {self.federated.min_sites} but the run has "
+                f"{len(members)} {what}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_shape(self) -> RunPlan:
-        if bool(self.sites) == bool(self.hops):
+        if self.mode == "sequential" and bool(self.sites) == bool(self.hops):
             raise ValueError("give either 'hops' or 'sites' (with optional 'cycles'), not both")
         if self.hops and self.cycles != 1:
             raise ValueError("'cycles' only applies to the 'sites' shorthand")
@@ -155,10 +277,55 @@ class RunPlan(_Strict):
             cross_validation=(
                 self.cross_validation.model_dump() if self.cross_validation is not None else {}
             ),
+            federation=self.federation(),
         )
 
+    def federation(self) -> dict[str, Any]:
+        """A federated or hybrid run's rounds as its sites approve them ({} when sequential)."""
+        if self.federated is None:
+            return {}
+        spec = self.federated
+        document: dict[str, Any] = {
+            "mode": self.mode,
+            "strategy": spec.strategy,
+            "rounds": spec.rounds,
+            "fraction_train": spec.fraction_train,
+            "min_sites": spec.min_sites,
+            **spec.server_optimiser(),
+        }
+        if spec.strategy == "fedprox":
+            document["proximal_mu"] = spec.proximal_mu
+        if self.groups:
+            document["groups"] = [[g.name, list(g.sites)] for g in self.groups]
+        return document
+
+    def round_hyperparameters(self) -> HyperparameterSpec:
+        """What every site trains with in each round of a federated or hybrid run."""
+        spec = self.federated
+        if spec is None:
+            raise ValueError("a sequential run has no rounds")
+        update: dict[str, Any] = {"proximal_mu": spec.proximal_mu}
+        if spec.local_steps is not None:
+            update["steps"] = spec.local_steps
+        return self.defaults.model_copy(update=update)
+
+    def round_members(self) -> list[tuple[str, tuple[str, ...]]]:
+        """Federated: each site as its own one-site chain; hybrid: each group and its chain."""
+        if self.mode == "hybrid":
+            return [(group.name, group.sites) for group in self.groups]
+        if self.mode == "federated":
+            return [(site, (site,)) for site in self.sites]
+        raise ValueError("a sequential run has no rounds")
+
     def expanded_hops(self) -> list[tuple[str, HyperparameterSpec]]:
-        """The hops in execution order, each with its effective hyperparameters."""
+        """The hops in execution order, each with its effective hyperparameters.
+
+        Federated and hybrid runs: the hops of one round (every site once, with the round's
+        hyperparameters), in group order.
+        """
+        if self.mode != "sequential":
+            hp = self.round_hyperparameters()
+            return [(site, hp) for _, chain in self.round_members() for site in chain]
         if self.sites:
             return [(site, self.defaults) for _ in range(self.cycles) for site in self.sites]
         return [(hop.site, hop.hyperparameters or self.defaults) for hop in self.hops]

@@ -67,6 +67,8 @@ def preflight_problems(
         allow_offline: Offline sites are no problem (their hops wait for them).
     """
     problems: list[str] = []
+    if plan.mode != "sequential":
+        problems.append(f"this coordinator cannot run {plan.mode} plans yet")
     bundle = plan.approval_bundle().sha256
     names = list(dict.fromkeys(site for site, _ in plan.expanded_hops()))
     for name in names:

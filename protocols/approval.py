@@ -2,7 +2,8 @@
 
 The bundle names everything about a run that a hospital's review cares about (task type, base
 model, LoRA configuration, the bounds every hop's hyperparameters stay within, dataset, Baton
-version). Its identity is the sha256 of its canonical JSON form; both ends compute it the same way.
+version, and for a federated or hybrid run its mode, aggregation strategy, rounds and groups).
+Its identity is the sha256 of its canonical JSON form; both ends compute it the same way.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class ApprovalBundle:
     # Cross-validation runs: {"folds": k, "min_validation_rows": m}; empty for ordinary runs.
     # Left out of the canonical form when empty, so ordinary runs keep their hashes.
     cross_validation: Mapping[str, int] = field(default_factory=dict)
+    # Federated and hybrid runs: {"mode", "strategy", "rounds", "fraction_train", "min_sites",
+    # the strategy's options, hybrid "groups": [[name, [sites...]], ...]}; empty for sequential
+    # runs and left out of the canonical form then, so their hashes stay what they were.
+    federation: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def for_statistics(
@@ -81,6 +86,8 @@ class ApprovalBundle:
         document["bounds"] = {k: [float(lo), float(hi)] for k, (lo, hi) in self.bounds.items()}
         if not self.cross_validation:
             del document["cross_validation"]
+        if not self.federation:
+            del document["federation"]
         return json.dumps(
             document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         )
@@ -107,9 +114,23 @@ class ApprovalBundle:
                 cross_validation={
                     str(k): int(v) for k, v in raw.get("cross_validation", {}).items()
                 },
+                federation=dict(raw.get("federation", {})),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleViolation(f"approval bundle is malformed: {exc}") from exc
+
+    @property
+    def mode(self) -> str:
+        """The run's mode: "sequential", "federated" or "hybrid"."""
+        return str(self.federation.get("mode", "sequential"))
+
+    def check_round(self, mode: str, round_number: int) -> None:
+        """Raises BundleViolation when a task's mode or round is not what the bundle approved."""
+        if mode != self.mode:
+            raise BundleViolation(f"a {mode} task under a bundle approved for {self.mode} runs")
+        rounds = int(self.federation.get("rounds", 0))
+        if mode != "sequential" and not 1 <= round_number <= rounds:
+            raise BundleViolation(f"round {round_number} is outside the approved {rounds} rounds")
 
     def check_hyperparameters(self, values: Mapping[str, float]) -> None:
         """Raises BundleViolation when a hop's hyperparameter leaves the approved bounds."""

@@ -37,6 +37,7 @@ class _Rule:
     datasets: frozenset[str]
     base_models: frozenset[str]
     max_values: dict[str, float]
+    modes: frozenset[str] = frozenset({"sequential"})
 
     def allows(self, bundle: ApprovalBundle) -> bool:
         def matches(allowed: frozenset[str], value: str) -> bool:
@@ -46,6 +47,7 @@ class _Rule:
             matches(self.task_types, bundle.task_type)
             and matches(self.datasets, bundle.dataset)
             and matches(self.base_models, bundle.base_model_sha256)
+            and matches(self.modes, bundle.mode)
         ):
             return False
         for name, limit in self.max_values.items():
@@ -55,12 +57,20 @@ class _Rule:
         return True
 
 
+def _modes(value: object) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(mode, str) for mode in value):
+        raise TypeError(f"'modes' must be a list of run modes, not {value!r}")
+    return frozenset(value)
+
+
 @dataclass(frozen=True)
 class ApprovalPolicy:
     """Rules (TOML `[[allow]]` tables) that approve bundles without a per-run review.
 
     Each rule lists `task_types`, `datasets` and `base_models` (sha256, or "*"), and may cap
     hyperparameters with `max_<name>` keys (e.g. `max_learning_rate = 0.01`, `max_steps = 500`).
+    A rule approves sequential runs only unless it lists `modes` (e.g. `["sequential",
+    "federated", "hybrid"]`, or "*").
     """
 
     rules: tuple[_Rule, ...] = ()
@@ -84,6 +94,7 @@ class ApprovalPolicy:
                             for k, v in raw.items()
                             if k.startswith("max_")
                         },
+                        modes=_modes(raw.get("modes", ["sequential"])),
                     )
                 )
             except (KeyError, TypeError, ValueError) as exc:

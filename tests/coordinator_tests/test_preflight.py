@@ -45,6 +45,12 @@ def test_a_plan_every_site_can_run_has_no_problem() -> None:
     assert preflight_problems(_plan("a", "b"), {"a": _view("a"), "b": _view("b")}) == []
 
 
+def test_a_federated_plan_is_refused_while_the_engine_runs_sequential_plans_only() -> None:
+    plan = _plan("a", "b", mode="federated", federated={"rounds": 2})
+    problems = preflight_problems(plan, {"a": _view("a"), "b": _view("b")})
+    assert problems == ["this coordinator cannot run federated plans yet"]
+
+
 def test_an_offline_site_is_a_problem_unless_offline_is_allowed() -> None:
     dropped = datetime(2026, 11, 30, 2, 14, tzinfo=UTC)
     sites = {"a": _view("a", connected=False, offline_since=dropped, offline_since_exact=True)}

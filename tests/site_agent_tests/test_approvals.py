@@ -67,3 +67,24 @@ def test_malformed_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text('[[allow]]\ntask_types = ["tabular"]\n')
     with pytest.raises(PolicyError, match="allow rule 1"):
         ApprovalPolicy.load(bad)
+
+
+def test_policy_rules_approve_federated_runs_only_when_they_list_the_mode(tmp_path: Path) -> None:
+    federated = ApprovalBundle(**{**BUNDLE.__dict__, "federation": {"mode": "federated",
+                                                                    "strategy": "fedavg",
+                                                                    "rounds": 3}})  # fmt: skip
+    rule = (
+        '[[allow]]\ntask_types = ["seq-classification"]\ndatasets = ["triage-notes"]\n'
+        'base_models = ["*"]\n'
+    )
+    sequential_only = tmp_path / "sequential.toml"
+    sequential_only.write_text(rule)
+    assert ApprovalPolicy.load(sequential_only).allows(BUNDLE)
+    assert not ApprovalPolicy.load(sequential_only).allows(federated)
+    listed = tmp_path / "federated.toml"
+    listed.write_text(rule + 'modes = ["sequential", "federated"]\n')
+    assert ApprovalPolicy.load(listed).allows(federated)
+    as_text = tmp_path / "text.toml"
+    as_text.write_text(rule + 'modes = "federated"\n')
+    with pytest.raises(PolicyError, match="'modes' must be a list"):
+        ApprovalPolicy.load(as_text)
