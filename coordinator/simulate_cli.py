@@ -149,8 +149,9 @@ def _show(report: SimulationReport) -> None:
                 _number(metrics.get("loss")),
             )
         console.print(scores)
+    rounds = f", {len(report.rounds)} rounds" if report.rounds else ""
     console.print(
-        f"{len(report.site_rows)} virtual sites, {len(report.hops)} hops in "
+        f"{len(report.site_rows)} virtual sites, {len(report.hops)} hops{rounds} in "
         f"{report.wall_seconds:.1f} s; final tensors sha256 {report.tensors_sha256}"
     )
 

@@ -8,6 +8,7 @@ Flower's simulation engine are installed (``baton-fl[site,simulation]``).
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -20,6 +21,7 @@ from protocols.simulation import (
     SIMULATOR_GROUP,
     SIMULATOR_NAME,
     DataSource,
+    Round,
     SimulationJob,
     Simulator,
 )
@@ -29,6 +31,7 @@ __all__ = [
     "SimulatorMissing",
     "data_source",
     "load_simulator",
+    "plan_rounds",
     "simulation_job",
     "virtual_site_names",
 ]
@@ -123,9 +126,12 @@ def virtual_site_names(
     if count == len(visited):
         return plan, tuple(visited)
     if not plan.sites:
+        shape = (
+            "hybrid plan's groups name" if plan.mode == "hybrid" else "plan with explicit hops has"
+        )
         raise PlanError(
-            f"a plan with explicit hops simulates its own {len(visited)} sites; "
-            f"--sites {count} needs a plan with 'sites' (and 'cycles')"
+            f"a {shape} its own {len(visited)} sites; --sites {count} needs a plan that "
+            f"lists 'sites'"
         )
     width = max(4, len(str(count)))
     virtual = tuple(f"site-{index:0{width}d}" for index in range(1, count + 1))
@@ -161,13 +167,16 @@ def simulation_job(
     if ray_cpus is not None and ray_cpus < 1:
         raise PlanError(f"--ray-cpus must be at least 1, got {ray_cpus}")
     plan, names = virtual_site_names(plan, sources, sites, partitioner)
+    sequential = plan.mode == "sequential"
     return SimulationJob(
         task_type=plan.task,
         dataset=plan.dataset,
         labels=plan.labels,
         options=plan.options,
         lora=plan.lora.model_dump(mode="json"),
-        hops=tuple((site, hp.model_dump()) for site, hp in plan.expanded_hops()),
+        hops=tuple((site, hp.model_dump()) for site, hp in plan.expanded_hops())
+        if sequential
+        else (),
         sites=names,
         sources=tuple(sources),
         partitioner=partitioner,  # type: ignore[arg-type]  # checked above
@@ -182,4 +191,24 @@ def simulation_job(
             plan.cross_validation.model_dump() if plan.cross_validation is not None else None
         ),
         base_model_dir=str(base_model_dir) if base_model_dir is not None else None,
+        mode=plan.mode,
+        rounds=() if sequential else plan_rounds(plan),
+        round_hyperparameters=None if sequential else plan.round_hyperparameters().model_dump(),
+        aggregation=None if sequential else plan.federation(),
     )
+
+
+def plan_rounds(plan: RunPlan) -> tuple[Round, ...]:
+    """The members each round of a federated or hybrid plan trains, as the engine selects them:
+    Flower's sample size (``FederatedSpec.sample_size``) drawn by a generator seeded with the
+    plan's ``federated.seed`` and the round number, in plan order."""
+    spec = plan.federated
+    if spec is None:
+        raise PlanError("a sequential plan has no rounds")
+    members = plan.round_members()
+    rounds: list[Round] = []
+    for number in range(1, spec.rounds + 1):
+        size = spec.sample_size(len(members))
+        chosen = sorted(random.Random(f"{spec.seed}:{number}").sample(range(len(members)), size))
+        rounds.append(tuple(members[position] for position in chosen))
+    return tuple(rounds)

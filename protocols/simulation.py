@@ -16,7 +16,9 @@ __all__ = [
     "SIMULATOR_GROUP",
     "SIMULATOR_NAME",
     "DataSource",
+    "Round",
     "SimulatedHop",
+    "SimulatedRound",
     "SimulationJob",
     "SimulationReport",
     "Simulator",
@@ -38,13 +40,20 @@ class DataSource:
     path: str
 
 
+# One round of a federated or hybrid run: (member, its chain of sites) for every member the
+# round selected, in plan order; a federated member is one site and its one-site chain.
+Round = tuple[tuple[str, tuple[str, ...]], ...]
+
+
 @dataclass(frozen=True)
 class SimulationJob:
     """One plan to simulate, as plain values.
 
-    ``hops`` is the sequential chain exactly as the engine would lease it: (site, the hop's
-    hyperparameters as the plan parser expanded them). ``sites`` are the virtual sites in
-    partition order; with the ``natural`` partitioner they are the sources' names.
+    Sequential: ``hops`` is the chain exactly as the engine would lease it: (site, the hop's
+    hyperparameters as the plan parser expanded them). Federated and hybrid: ``rounds`` are the
+    members each round trains, every hop with ``round_hyperparameters``, aggregated by the
+    Flower strategy ``aggregation`` names (the plan's approved ``federation``). ``sites`` are
+    the virtual sites in partition order; with ``natural`` they are the sources' names.
     """
 
     task_type: str
@@ -64,6 +73,10 @@ class SimulationJob:
     gpus_per_site: float = 0.0
     evaluate_split: Literal["test", "validation"] | None = "test"  # final model, every site
     cross_validation: Mapping[str, int] | None = None
+    mode: Literal["sequential", "federated", "hybrid"] = "sequential"
+    rounds: tuple[Round, ...] = ()
+    round_hyperparameters: Mapping[str, Any] | None = None
+    aggregation: Mapping[str, Any] | None = None  # strategy and its options
     base_model_dir: str | None = None  # LoRA tasks: the transformers model folder
 
 
@@ -76,6 +89,16 @@ class SimulatedHop:
 
 
 @dataclass(frozen=True)
+class SimulatedRound:
+    """One aggregated round: who contributed, with what weight, and Flower's train metrics."""
+
+    number: int
+    members: tuple[str, ...]
+    weights: tuple[float, ...]  # examples each member's chain trained on
+    metrics: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class SimulationReport:
     """What a simulation produced, in hop order; evaluations per site of the final model."""
 
@@ -84,6 +107,7 @@ class SimulationReport:
     tensors_sha256: str  # sha256 over the final tensors' names, shapes and float32 bytes
     site_rows: Mapping[str, Mapping[str, int]]  # site -> rows per split
     wall_seconds: float
+    rounds: tuple[SimulatedRound, ...] = ()
 
 
 class Simulator(Protocol):

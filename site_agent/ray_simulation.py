@@ -2,10 +2,12 @@
 SuperNode running the sites' own ``Trainer`` code in a Ray actor with its own CPU/GPU share.
 
 This is the simulator ``baton simulate`` loads through the ``baton.simulators`` entry point
-(``protocols.simulation``). The sequential chain is a Flower ``ServerApp`` that sends each hop,
-in the plan's order and with the plan's hyperparameters, to the node holding that hop's site,
-and passes the returned tensors on unchanged, as the coordinator passes a checkpoint on; the
-final model is then scored by every site. Data is cut by ``site_agent.virtual_sites`` and put
+(``protocols.simulation``). A sequential plan is a Flower ``ServerApp`` that sends each hop, in
+the plan's order and with the plan's hyperparameters, to the node holding that hop's site, and
+passes the returned tensors on unchanged, as the coordinator passes a checkpoint on. Federated
+and hybrid plans train each round's members in parallel (a hybrid group as a chain) and
+aggregate with the plan's Flower strategy, as the engine does. Every site then scores the
+final model. Data is cut by ``site_agent.virtual_sites`` and put
 into Ray's object store once; each actor loads it (and builds its trainer) once per job.
 """
 
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from protocols.simulation import SimulatedHop, SimulationJob, SimulationReport
+from protocols.simulation import SimulatedHop, SimulatedRound, SimulationJob, SimulationReport
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks import (
     CrossValidatedTrainer,
@@ -81,6 +83,7 @@ class _Chain:
     hops: list[SimulatedHop] = field(default_factory=list)
     evaluation: dict[str, dict[str, float]] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    rounds: list[SimulatedRound] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class _ActorJob:
 
 
 def simulate(job: SimulationJob) -> SimulationReport:
-    """Runs a plan's sequential chain over virtual sites on Flower's simulation engine.
+    """Runs a plan (sequential chain, or federated / hybrid rounds) over virtual sites on
+    Flower's simulation engine.
 
     Args:
         job: The plan as ``baton simulate`` expanded it, the data sources and the engine's
@@ -113,9 +117,16 @@ def simulate(job: SimulationJob) -> SimulationReport:
     started = time.monotonic()
     spec = _task_spec(job)
     hops = [(site, _hop_hyperparameters(values)) for site, values in job.hops]
-    if not hops:
-        raise ValueError("the plan has no hops")
-    strangers = sorted({site for site, _ in hops} - set(job.sites))
+    if job.mode == "sequential":
+        if not hops:
+            raise ValueError("the plan has no hops")
+        named = {site for site, _ in hops}
+    else:
+        if not job.rounds or job.round_hyperparameters is None or not job.aggregation:
+            raise ValueError(f"a {job.mode} job needs rounds, their hyperparameters and a strategy")
+        _strategy(job.aggregation)  # an unknown strategy fails before Ray starts
+        named = {site for members in job.rounds for _, chain in members for site in chain}
+    strangers = sorted(named - set(job.sites))
     if strangers:
         raise ValueError(f"hops name sites that are not simulated: {', '.join(strangers)}")
     sources = load_sources(job.sources, job.dataset, job.task_type, seed=job.seed)
@@ -144,7 +155,11 @@ def simulate(job: SimulationJob) -> SimulationReport:
 
         try:
             run_simulation(
-                server_app=_sequential_server_app(job, hops, chain),
+                server_app=(
+                    _sequential_server_app(job, hops, chain)
+                    if job.mode == "sequential"
+                    else _rounds_server_app(job, chain)
+                ),
                 client_app=_client_app(actor_job),
                 num_supernodes=len(sites),
                 backend_config={
@@ -163,6 +178,7 @@ def simulate(job: SimulationJob) -> SimulationReport:
         tensors_sha256=tensors_sha256(chain.tensors),
         site_rows=site_rows,
         wall_seconds=time.monotonic() - started,
+        rounds=tuple(chain.rounds),
     )
 
 
@@ -207,25 +223,169 @@ def _sequential_server_app(
                 SimulatedHop(site, {k: v for k, v in _scalars(metrics).items() if k != _WEIGHT})
             )
             logger.info("hop %d of %d done at %s", index + 1, len(hops), site)
-        chain.tensors = _tensors(arrays)
-        if job.evaluate_split is None:
-            return
-        messages = [
-            Message(
-                RecordDict({_ARRAYS: arrays, _CONFIG: ConfigRecord({_SPLIT: job.evaluate_split})}),
-                dst_node_id=node_of[site],
-                message_type=MessageType.EVALUATE,
-            )
-            for site in job.sites
-        ]
-        site_of = {node: site for site, node in node_of.items()}
-        for reply in _exchange(grid, messages, "the final evaluation"):
-            metrics = reply.content.metric_records[_METRICS]
-            if len(metrics):
-                chain.evaluation[site_of[reply.metadata.src_node_id]] = _scalars(metrics)
-        chain.evaluation = {s: chain.evaluation[s] for s in job.sites if s in chain.evaluation}
+        _finish(grid, job, node_of, arrays, chain)
 
     return app
+
+
+def _rounds_server_app(job: SimulationJob, chain: _Chain) -> ServerApp:
+    """Federated and hybrid rounds: every selected member trains its chain from the round's
+    input (members in parallel, each chain one site after another), and the plan's Flower
+    strategy aggregates the chains' outputs weighted by the examples each chain trained on."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.serverapp import Grid, ServerApp
+
+    assert job.round_hyperparameters is not None and job.aggregation is not None
+    hyperparameters = _hop_hyperparameters(job.round_hyperparameters)
+    config = {name: getattr(hyperparameters, name) for name in HOP_FIELDS}
+    aggregation = job.aggregation
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Any) -> None:
+        node_of = _nodes_by_site(grid, job.sites)
+        aggregator = _Aggregator(aggregation)
+        arrays = ArrayRecord()  # round 1 starts fresh from the hyperparameters' seed
+        for number, members in enumerate(job.rounds, start=1):
+            outputs = [arrays] * len(members)
+            weights = [0.0] * len(members)
+            metrics: list[dict[str, float]] = [{} for _ in members]
+            hops: list[list[SimulatedHop]] = [[] for _ in members]
+            for step in range(max(len(sites) for _, sites in members)):
+                active = [i for i, (_, sites) in enumerate(members) if step < len(sites)]
+                messages = [
+                    Message(
+                        RecordDict({_ARRAYS: outputs[i], _CONFIG: ConfigRecord(config)}),
+                        dst_node_id=node_of[members[i][1][step]],
+                        message_type=MessageType.TRAIN,
+                    )
+                    for i in active
+                ]
+                replies = _exchange(grid, messages, f"round {number}, hop {step + 1} of chains")
+                by_node = {reply.metadata.src_node_id: reply for reply in replies}
+                for i in active:
+                    site = members[i][1][step]
+                    reply = by_node[node_of[site]]
+                    outputs[i] = reply.content.array_records[_ARRAYS]
+                    found = _scalars(reply.content.metric_records[_METRICS])
+                    metrics[i] = {k: v for k, v in found.items() if k != _WEIGHT}
+                    weights[i] += metrics[i].get("train_examples", 0.0)
+                    hops[i].append(SimulatedHop(site, metrics[i]))
+            for member_hops in hops:  # the engine's hop order: member by member, in chain order
+                chain.hops.extend(member_hops)
+            arrays, aggregated = aggregator.aggregate(
+                number, outputs, weights, metrics, current=arrays if len(arrays) else None
+            )
+            chain.rounds.append(
+                SimulatedRound(number, tuple(n for n, _ in members), tuple(weights), aggregated)
+            )
+            logger.info("round %d of %d aggregated", number, len(job.rounds))
+        _finish(grid, job, node_of, arrays, chain)
+
+    return app
+
+
+class _Aggregator:
+    """The plan's Flower strategy, kept across rounds (FedAdam and FedYogi carry moments).
+
+    A first round that started from fresh tensors has no global model to take a server step
+    from: it is averaged as FedAvg does, as the engine aggregates it.
+    """
+
+    def __init__(self, aggregation: Mapping[str, Any]) -> None:
+        from flwr.serverapp.strategy import FedAvg
+
+        self.name = str(aggregation["strategy"])
+        self.strategy = _strategy(aggregation)
+        self.first = FedAvg(min_train_nodes=1, min_available_nodes=1)
+
+    def aggregate(
+        self,
+        number: int,
+        outputs: Sequence[ArrayRecord],
+        weights: Sequence[float],
+        metrics: Sequence[Mapping[str, float]],
+        *,
+        current: ArrayRecord | None,
+    ) -> tuple[ArrayRecord, dict[str, float]]:
+        from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+        optimiser = self.name in _SERVER_OPTIMISERS
+        strategy: Any = self.first if optimiser and current is None else self.strategy
+        if optimiser and current is not None:
+            # The global model the server optimiser steps from (Flower sets it in start()).
+            strategy.current_arrays = {k: a.numpy() for k, a in current.items()}
+        replies = [
+            Message(
+                RecordDict(
+                    {
+                        _ARRAYS: output,
+                        _METRICS: MetricRecord({**dict(sorted(m.items())), _WEIGHT: weight}),  # type: ignore[dict-item]
+                    }
+                ),
+                dst_node_id=0,
+                message_type=MessageType.TRAIN,
+            )
+            for output, weight, m in zip(outputs, weights, metrics, strict=True)
+        ]
+        arrays, aggregated = strategy.aggregate_train(number, replies)
+        if arrays is None:
+            raise ValueError(f"round {number}: Flower's {self.name} returned no aggregate")
+        return arrays, _scalars(aggregated or {})
+
+
+_SERVER_OPTIMISERS = ("fedadam", "fedyogi")
+
+
+def _strategy(aggregation: Mapping[str, Any]) -> Any:
+    """Flower's strategy for the plan's ``federation`` (its options as the plan filled them)."""
+    from flwr.serverapp import strategy
+
+    name = aggregation.get("strategy")
+    if name == "fedavg":
+        return strategy.FedAvg(min_train_nodes=1, min_available_nodes=1)
+    if name == "fedprox":
+        return strategy.FedProx(
+            min_train_nodes=1,
+            min_available_nodes=1,
+            proximal_mu=float(aggregation["proximal_mu"]),
+        )
+    if name in _SERVER_OPTIMISERS:
+        kind = strategy.FedAdam if name == "fedadam" else strategy.FedYogi
+        return kind(
+            min_train_nodes=1,
+            min_available_nodes=1,
+            eta=float(aggregation["eta"]),
+            beta_1=float(aggregation["beta_1"]),
+            beta_2=float(aggregation["beta_2"]),
+            tau=float(aggregation["tau"]),
+        )
+    raise ValueError(f"unknown aggregation strategy {name!r}")
+
+
+def _finish(
+    grid: Any, job: SimulationJob, node_of: Mapping[str, int], arrays: ArrayRecord, chain: _Chain
+) -> None:
+    """Keeps the final tensors and has every site score them on ``job.evaluate_split``."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    chain.tensors = _tensors(arrays)
+    if job.evaluate_split is None:
+        return
+    messages = [
+        Message(
+            RecordDict({_ARRAYS: arrays, _CONFIG: ConfigRecord({_SPLIT: job.evaluate_split})}),
+            dst_node_id=node_of[site],
+            message_type=MessageType.EVALUATE,
+        )
+        for site in job.sites
+    ]
+    site_of = {node: site for site, node in node_of.items()}
+    for reply in _exchange(grid, messages, "the final evaluation"):
+        metrics = reply.content.metric_records[_METRICS]
+        if len(metrics):
+            chain.evaluation[site_of[reply.metadata.src_node_id]] = _scalars(metrics)
+    chain.evaluation = {s: chain.evaluation[s] for s in job.sites if s in chain.evaluation}
 
 
 def _nodes_by_site(grid: Any, sites: Sequence[str]) -> dict[str, int]:
@@ -435,8 +595,10 @@ def _ray_session(job: SimulationJob) -> Iterator[Any]:
     }
     if job.address:
         arguments["address"] = job.address
-    elif job.ray_cpus is not None:
-        arguments["num_cpus"] = job.ray_cpus
+    else:
+        arguments["address"] = "local"  # a fresh instance, never one `ray start` left running
+        if job.ray_cpus is not None:
+            arguments["num_cpus"] = job.ray_cpus
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)

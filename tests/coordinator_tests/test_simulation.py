@@ -74,7 +74,7 @@ def test_as_many_virtual_sites_as_the_plan_keep_its_names_and_order() -> None:
 
 def test_explicit_hops_cannot_be_spread_over_other_sites() -> None:
     plan = _plan(sites=(), cycles=1, hops=[{"site": "north"}, {"site": "south"}])
-    with pytest.raises(PlanError, match="explicit hops simulates its own 2 sites"):
+    with pytest.raises(PlanError, match="plan with explicit hops has its own 2 sites"):
         virtual_site_names(plan, _sources("pool"), 10, "iid")
 
 
@@ -141,3 +141,36 @@ def test_a_simulator_whose_engine_is_not_installed_names_the_module(
     monkeypatch.setattr(coordinator.simulation, "entry_points", lambda **_: (Entry(),))
     with pytest.raises(SimulatorMissing, match=r"^baton simulate cannot import ray: pip install"):
         load_simulator()
+
+
+def test_a_federated_job_carries_rounds_sampled_as_flower_sizes_them() -> None:
+    plan = _plan(
+        mode="federated",
+        sites=["a", "b", "c", "d"],
+        cycles=1,
+        federated={"strategy": "fedadam", "rounds": 5, "fraction_train": 0.5, "local_steps": 9},
+    )
+    job = simulation_job(plan, _sources("a", "b", "c", "d"))
+    assert job.mode == "federated" and job.hops == ()
+    assert len(job.rounds) == 5
+    assert all(len(members) == 2 for members in job.rounds)
+    assert all(chain == (name,) for members in job.rounds for name, chain in members)
+    assert len({members for members in job.rounds}) > 1  # the draw differs by round
+    assert simulation_job(plan, _sources("a", "b", "c", "d")).rounds == job.rounds
+    assert job.round_hyperparameters is not None and job.round_hyperparameters["steps"] == 9
+    assert job.aggregation == plan.federation()
+    assert job.aggregation["eta"] == 0.1  # Flower's FedAdam default, as the sites approved
+
+
+def test_a_hybrid_job_trains_each_group_as_a_chain() -> None:
+    plan = _plan(
+        mode="hybrid",
+        sites=(),
+        cycles=1,
+        groups=[{"name": "n", "sites": ["b", "a"]}, {"name": "s", "sites": ["c"]}],
+        federated={"rounds": 2},
+    )
+    job = simulation_job(plan, _sources("a", "b", "c"))
+    assert job.rounds == ((("n", ("b", "a")), ("s", ("c",))),) * 2
+    with pytest.raises(PlanError, match="hybrid plan's groups name its own 3 sites"):
+        simulation_job(plan, _sources("pool"), sites=30, partitioner="iid")
