@@ -42,7 +42,8 @@ from protocols.simulation import DataSource
 from site_agent.ray_simulation import simulate
 
 SETTINGS = (
-    "rows_per_site", "steps", "partitioner", "alpha", "ray_cpus", "cpus_per_site", "address",
+    "mode", "rounds", "rows_per_site", "steps", "partitioner", "alpha", "ray_cpus",
+    "cpus_per_site", "address",
 )  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("benchmarks.simulation_scale")
@@ -114,6 +115,11 @@ def run_one(sites: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "options": {"model": "logistic"},
             "sites": ["placeholder"],
             "defaults": {"steps": args.steps, "batch_size": 8, "learning_rate": 0.05},
+            **(
+                {"mode": "federated", "federated": {"strategy": "fedavg", "rounds": args.rounds}}
+                if args.mode == "federated"
+                else {}
+            ),
         }
     )
     job = simulation_job(
@@ -161,7 +167,12 @@ def write_results(results: dict[str, Any], name: str) -> None:
         f"Machine: {results['machine']}. Ray CPUs: {settings['ray_cpus']}, "
         f"{settings['cpus_per_site']} CPU per virtual site (so "
         f"{int(settings['ray_cpus'] / settings['cpus_per_site'])} Ray actor(s) train at once). "
-        f"Sequential plan, sites x 1 cycle, logistic model, {settings['steps']} steps per hop, "
+        + (
+            "Sequential plan, sites x 1 cycle"
+            if settings["mode"] == "sequential"
+            else f"Federated plan (FedAvg), every site every round, {settings['rounds']} round(s)"
+        )
+        + f", logistic model, {settings['steps']} steps per hop, "
         f"{settings['rows_per_site']} synthetic rows per site cut {settings['partitioner']}; "
         "then every site scores the final model on its test rows.",
         "",
@@ -213,6 +224,11 @@ def main() -> None:
     parser.add_argument("--rows-per-site", type=int, default=30)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--partitioner", choices=["iid", "dirichlet"], default="iid")
+    parser.add_argument(
+        "--mode", choices=["sequential", "federated"], default="sequential",
+        help="federated: every site trains every round (FedAvg), --rounds rounds",
+    )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--ray-cpus", type=int, default=1)
     parser.add_argument("--cpus-per-site", type=float, default=1.0)

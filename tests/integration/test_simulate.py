@@ -1,8 +1,8 @@
 """`baton simulate` on Flower's simulation engine (Ray) against a real run of the same plan:
 real coordinator, real site processes, the same registered data, fixed seeds.
 
-One Ray session for the module (a simulation starts and stops its own Ray instance, which
-takes tens of seconds); every test reads the same two runs.
+The simulation joins a Ray head started for the module (`--address`); every test reads the
+same two runs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -28,6 +29,7 @@ from protocols.v1 import baton_pb2 as pb
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
 from tests.integration.conftest import wait_for_run
+from tests.ray_head import ray_head
 
 ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-6
@@ -104,7 +106,13 @@ def _write_csv(path: Path, seed: int, shift: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Runs:
+def address() -> Iterator[str]:
+    with ray_head(cpus=1) as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def runs(pki: Pki, tmp_path_factory: pytest.TempPathFactory, address: str) -> Runs:
     tmp = tmp_path_factory.mktemp("simulate")
     sites = list(SITES[:2])
     for index, site in enumerate(sites):
@@ -134,14 +142,14 @@ def runs(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Runs:
     done = baton(
         "simulate", str(plan_file),
         "--data", f"{sites[1]}={tmp / sites[1]}", "--data", f"{sites[0]}={tmp / sites[0]}",
-        "--ray-cpus", "1", "--json", str(report),
+        "--address", address, "--json", str(report),
         extra_path=simulator_path(tmp / "entry-point"),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return Runs(real=real, simulated=json.loads(report.read_text()))
 
 
-@pytest.mark.ray
+@pytest.mark.slow  # a real run and a Ray head: one to three minutes on 2 cores
 def test_simulated_chain_matches_the_real_run_hop_by_hop(runs: Runs) -> None:
     real_hops = sorted(runs.real.hops, key=lambda hop: hop.index)
     simulated = runs.simulated["hops"]
@@ -155,7 +163,7 @@ def test_simulated_chain_matches_the_real_run_hop_by_hop(runs: Runs) -> None:
     assert [hop["metrics"]["train_steps"] for hop in simulated[:2]] == [30.0, 25.0]
 
 
-@pytest.mark.ray
+@pytest.mark.slow
 def test_simulated_final_model_scores_as_the_real_one_at_every_site(runs: Runs) -> None:
     real = {e.site: dict(e.metrics) for e in runs.real.evaluations if e.status == "done"}
     assert set(real) == set(SITES[:2])

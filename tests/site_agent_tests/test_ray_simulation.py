@@ -1,14 +1,15 @@
 """Federated and hybrid plans simulated on Flower's simulation engine (Ray) against the
 in-process baselines (``site_agent.simulation``) on the same data with the same seeds.
 
-A simulation starts and stops its own Ray instance (tens of seconds): the federated
-comparison, in ``make test``, reads one module-scoped run; the hybrid one is marked slow.
+One Ray session for the module: a Ray head the simulations join (``--address``), since a
+simulation that starts its own Ray instance spends tens of seconds on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from site_agent.ray_simulation import simulate
 from site_agent.registry import RegisteredDataset, register_dataset
 from site_agent.simulation import evaluate_sites, train_fedavg, train_sequential
 from site_agent.tasks import HopHyperparameters, TabularTrainer, TaskSpec
+from tests.ray_head import ray_head
 
 SITES = ("north", "south", "east")
 TOLERANCE = 1e-6
@@ -30,6 +32,7 @@ SPEC = TaskSpec(task_type="tabular", labels=("0", "1"), options={"model": "mlp",
 
 @dataclasses.dataclass(frozen=True)
 class Sites:
+    address: str  # the module's Ray head
     folders: dict[str, Path]
     datasets: list[RegisteredDataset]  # named by site, in SITES order
 
@@ -46,21 +49,27 @@ def _csv(path: Path, seed: int, shift: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sites(tmp_path_factory: pytest.TempPathFactory) -> Sites:
+def address() -> Iterator[str]:
+    with ray_head(cpus=1) as head:
+        yield head
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory, address: str) -> Sites:
     tmp = tmp_path_factory.mktemp("ray-simulation")
     datasets = []
     for index, site in enumerate(SITES):
         csv = _csv(tmp / f"{site}.csv", index, 4 * index)
         registered = register_dataset(tmp / site, "heart", csv, task_type="tabular")
         datasets.append(dataclasses.replace(registered, name=site))
-    return Sites({site: tmp / site for site in SITES}, datasets)
+    return Sites(address, {site: tmp / site for site in SITES}, datasets)
 
 
 def _simulate(data: Sites, **plan: Any) -> SimulationReport:
     document = {"task": "tabular", "dataset": "heart", "labels": ["0", "1"],
                 "options": dict(SPEC.options), "defaults": DEFAULTS, **plan}  # fmt: skip
     sources = [DataSource(site, str(data.folders[site])) for site in SITES]
-    return simulate(simulation_job(parse_plan(document), sources, ray_cpus=1))
+    return simulate(simulation_job(parse_plan(document), sources, address=data.address))
 
 
 def _assert_scores_equal(report: SimulationReport, expected: dict[str, dict[str, float]]) -> None:
@@ -104,7 +113,7 @@ def test_federated_simulation_matches_flowers_fedavg_in_one_process(
     _assert_scores_equal(federated, scores)
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_hybrid_round_of_one_group_is_that_groups_sequential_chain(sites: Sites) -> None:
     report = _simulate(
         sites,
