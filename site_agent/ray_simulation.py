@@ -315,12 +315,17 @@ class _Aggregator:
         if optimiser and current is not None:
             # The global model the server optimiser steps from (Flower sets it in start()).
             strategy.current_arrays = {k: a.numpy() for k, a in current.items()}
+        # Flower aggregates only metrics every reply has (a site without validation rows
+        # reports no validation metrics): the keys all chains share.
+        shared = set.intersection(*(set(m) for m in metrics)) if metrics else set()
         replies = [
             Message(
                 RecordDict(
                     {
                         _ARRAYS: output,
-                        _METRICS: MetricRecord({**dict(sorted(m.items())), _WEIGHT: weight}),  # type: ignore[dict-item]
+                        _METRICS: MetricRecord(
+                            {**{k: m[k] for k in sorted(shared)}, _WEIGHT: weight}  # type: ignore[dict-item]
+                        ),
                     }
                 ),
                 dst_node_id=0,

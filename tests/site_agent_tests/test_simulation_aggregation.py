@@ -54,3 +54,18 @@ def test_fedadam_averages_a_fresh_first_round_then_steps_from_the_global_model()
 def test_an_unknown_strategy_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown aggregation strategy 'fedsgd'"):
         _Aggregator({"strategy": "fedsgd"})
+
+
+def test_chains_whose_sites_report_different_metrics_still_aggregate() -> None:
+    # A site without validation rows reports train metrics only; Flower refuses replies whose
+    # metric keys differ, so only the shared ones are handed to it.
+    with _server_app_identity():
+        arrays, metrics = _Aggregator({"strategy": "fedavg"}).aggregate(
+            1,
+            [_record([0.0]), _record([2.0])],
+            [1.0, 1.0],
+            [{"train_loss": 1.0, "accuracy": 0.5}, {"train_loss": 3.0}],
+            current=None,
+        )
+    np.testing.assert_allclose(arrays["w"].numpy(), [1.0])
+    assert metrics == {"train_loss": 2.0}
