@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import coordinator.simulation
-from coordinator.cli import app
+from coordinator.console.cli import app
 from coordinator.plan import PlanError, RunPlan, parse_plan
 from coordinator.simulation import (
     SimulatorMissing,

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
 from tests.integration.test_tabular_run import _write_csv

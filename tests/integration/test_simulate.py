@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.plan import load_plan
-from coordinator.processes import Cluster
 from protocols.simulation import SIMULATOR_GROUP, SIMULATOR_NAME
 from protocols.v1 import baton_pb2 as pb
 from site_agent.registry import register_dataset

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from coordinator.console._options import console, fail
 from coordinator.plan import PlanError, load_plan
 from coordinator.simulation import (
     SimulatorMissing,
@@ -22,14 +22,10 @@ from coordinator.simulation import (
     missing_module,
     simulation_job,
 )
+from protocols.exit_codes import EXIT_BAD_INPUT, EXIT_RUN_FAILED
 from protocols.simulation import SimulationReport
 
 __all__ = ["simulate"]
-
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
-console = Console()
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line
 
 
 class PartitionerChoice(StrEnum):
@@ -101,14 +97,14 @@ def simulate(
         )
         simulator = load_simulator()
     except (PlanError, SimulatorMissing) as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from None
+        raise fail(str(exc), EXIT_BAD_INPUT) from None
     logging.getLogger("site_agent").setLevel(logging.WARNING)
     try:
         report = simulator(job)
     except ImportError as exc:
-        raise _fail(str(missing_module(exc)), EXIT_BAD_INPUT) from None
+        raise fail(str(missing_module(exc)), EXIT_BAD_INPUT) from None
     except ValueError as exc:
-        raise _fail(str(exc).splitlines()[0], EXIT_FAILED) from None
+        raise fail(str(exc).splitlines()[0], EXIT_RUN_FAILED) from None
     _show(report)
     if json_out is not None:
         document = dataclasses.asdict(report)
@@ -158,8 +154,3 @@ def _show(report: SimulationReport) -> None:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}")
-    return typer.Exit(code)
