@@ -32,12 +32,18 @@ def ray_head(cpus: int = 1, timeout: float = 240) -> Iterator[str]:
         stdout=log, stderr=subprocess.STDOUT,
         env={**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"},
     )  # fmt: skip
+    started = False
     try:
         deadline = time.monotonic() + timeout
-        while not _listening(port):
+        # Ready once `ray start` says so: its GCS port may listen before the node fails to start
+        # (an overloaded machine), and `ray start` then exits.
+        while "Ray runtime started" not in (temp / "head.log").read_text(errors="replace"):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the Ray head did not start; see {temp / 'head.log'}")
             time.sleep(0.5)
+        if process.poll() is not None:
+            raise RuntimeError(f"the Ray head stopped; see {temp / 'head.log'}")
+        started = True
         yield f"127.0.0.1:{port}"
     finally:
         process.terminate()
@@ -47,10 +53,5 @@ def ray_head(cpus: int = 1, timeout: float = 240) -> Iterator[str]:
             process.kill()
             process.wait()
         log.close()
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as client:
-        client.settimeout(1.0)
-        return client.connect_ex(("127.0.0.1", port)) == 0
+        if started:
+            shutil.rmtree(temp, ignore_errors=True)  # else kept: its log says why

@@ -143,7 +143,7 @@ def runs(pki: Pki, tmp_path_factory: pytest.TempPathFactory, address: str) -> Ru
         "simulate", str(plan_file),
         "--data", f"{sites[1]}={tmp / sites[1]}", "--data", f"{sites[0]}={tmp / sites[0]}",
         "--address", address, "--json", str(report),
-        extra_path=simulator_path(tmp / "entry-point"),
+        extra_path=simulator_path(tmp / "entry-point"), timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return Runs(real=real, simulated=json.loads(report.read_text()))
