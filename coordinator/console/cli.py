@@ -26,6 +26,7 @@ from coordinator.console.db_commands import backup_command, db_app, restore_comm
 from coordinator.console.ledger_commands import ledger_app, store_app
 from coordinator.console.pki_commands import pki_app, provision_kit
 from coordinator.console.run_commands import run_app
+from coordinator.console.simulate_commands import simulate
 from coordinator.console.statistics_commands import statistics_app
 from protocols.exit_codes import EXIT_RUN_FAILED, EXIT_UNREACHABLE
 from protocols.logs import configure_logging
@@ -67,6 +68,7 @@ app.add_typer(admin_app, name="admin")
 app.command("provision")(provision_kit)
 app.command("backup")(backup_command)
 app.command("restore")(restore_command)
+app.command("simulate")(simulate)
 
 
 @app.command("sites")
