@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.study_request import StopMode
 
 __all__ = [
     "ActionResult",
@@ -22,6 +24,8 @@ __all__ = [
     "RunSummary",
     "SiteView",
     "StartRunRequest",
+    "StopStudyRequest",
+    "StudyWorkerView",
     "VerifyResult",
 ]
 
@@ -158,3 +162,26 @@ class ActionResult(BaseModel):
     run_id: str | None = None
     status: str
     message: str
+
+
+class StopStudyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: StopMode = Field(
+        description="finish-trial: stop after the current trial; abort-trial: abort its run now"
+    )
+
+
+class StudyWorkerView(BaseModel):
+    id: str
+    study: str
+    status: str = Field(description="running, stopping, finished, failed, stopped or orphaned")
+    pid: int | None
+    alive: bool
+    started_by: str
+    started_at: datetime
+    stop_mode: str | None
+    stopped_by: str | None
+    ended_at: datetime | None
+    exit_code: int | None
+    log_tail: str = Field(description="the end of the worker's output")

@@ -17,6 +17,7 @@ from coordinator.ledger.models import (
     ApiTokenRow,
     Base,
     CheckpointRow,
+    DashboardSessionRow,
     EvaluationRow,
     EventRow,
     HopRow,
@@ -25,6 +26,7 @@ from coordinator.ledger.models import (
     SiteRow,
     StatisticsAnswerRow,
     StatisticsRequestRow,
+    StudyWorkerRow,
 )
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "Base",
     "ChainBreak",
     "CheckpointRow",
+    "DashboardSessionRow",
     "EvaluationRow",
     "EventRow",
     "HeadProblem",
@@ -50,6 +53,7 @@ __all__ = [
     "SiteRow",
     "StatisticsAnswerRow",
     "StatisticsRequestRow",
+    "StudyWorkerRow",
     "TransitionRefused",
     "check_heads",
     "event_hash",
