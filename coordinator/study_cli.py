@@ -34,6 +34,7 @@ from coordinator.study import (
     trial_run_ids,
     warm_start_from_ledger,
 )
+from coordinator.study_request import FinishTrialThenStop
 from coordinator.study_storage import DEFAULT_STORAGE_FILE, StudyStorage, resolve_storage
 from ordering import (
     FloatRange,
@@ -331,6 +332,7 @@ def study_start(
             TimeElapsedColumn(),
             console=console,
         )
+        stop = FinishTrialThenStop().install()  # SIGTERM: finish this trial, then stop
         with progress:
             bar = progress.add_task("trials", total=trials)
 
@@ -341,9 +343,12 @@ def study_start(
                     f"{record.compute_seconds:.1f} s" + (f"  run {run_id}" if run_id else "")
                 )
                 progress.advance(bar)
+                stop.check()
 
             try:
                 run_search(study, executor, trials, on_trial=on_trial)
+            except FinishTrialThenStop.Stopped:
+                console.print("stopped after this trial, as asked")
             except (PlanError, RunNotApproved) as exc:
                 raise _fail(str(exc), EXIT_BAD_INPUT) from exc
             except grpc.RpcError as exc:

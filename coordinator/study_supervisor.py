@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -280,10 +281,10 @@ class StudySupervisor:
                     db, "study.stop-requested",
                     payload={"study": study, "worker": live.id, "mode": mode.value, "by": by},
                 )  # fmt: skip
-                try:
-                    process.send_signal(mode.signal)
-                except psutil.Error as exc:
-                    raise NotFound(f"study {study!r}'s worker ended already ({exc})") from exc
+            # Signalled once the request is committed, so the exit is recorded as "stopped"; a
+            # worker that ended meanwhile is recorded by its watcher all the same.
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(mode.signal)
         # (An orphan's exit is watched by pid since `adopt_orphans`.)
         if mode is StopMode.ABORT_TRIAL:
             threading.Thread(target=self._kill_later, args=(live.id, process),
@@ -292,15 +293,27 @@ class StudySupervisor:
         return self.worker(live.id)
 
     def _kill_later(self, worker_id: str, process: psutil.Process) -> None:
+        if self._gone(process, self.kill_after):
+            return
+        logger.warning("study worker %s ignored its stop for %.0f s: killed", worker_id,
+                       self.kill_after)  # fmt: skip
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+    @staticmethod
+    def _gone(process: psutil.Process, timeout: float | None) -> bool:
+        """Waits until `process` is gone (or a zombie), polling: never reaping it, which is the
+        child watcher's job; an orphan's zombie may never be reaped by a container's init."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            process.wait(self.kill_after)
-        except psutil.TimeoutExpired:
-            logger.warning("study worker %s ignored its stop for %.0f s: killed", worker_id,
-                           self.kill_after)  # fmt: skip
-            with contextlib.suppress(psutil.Error):
-                process.kill()
+            started = process.create_time()
         except psutil.Error:
-            pass
+            return True
+        while _process(process.pid, started) is not None:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+        return True
 
     # ---- watching -----------------------------------------------------------------------------
 
@@ -310,8 +323,7 @@ class StudySupervisor:
         self._ended(worker_id, code)
 
     def _watch_orphan(self, worker_id: str, process: psutil.Process) -> None:
-        with contextlib.suppress(psutil.Error):
-            process.wait()
+        self._gone(process, None)
         self._ended(worker_id, None)
 
     def _ended(self, worker_id: str, code: int | None) -> None:

@@ -16,7 +16,7 @@ from coordinator.dashboard._auth import SessionStore
 from coordinator.dashboard._deps import CsrfRefused, DashboardState, Forbidden, LoginRequired
 from coordinator.dashboard._render import render
 from coordinator.dashboard._service import DashboardService
-from coordinator.dashboard.routes import auth, ledger, overview, runs, sites, studies
+from coordinator.dashboard.routes import auth, ledger, overview, runs, sessions, sites, studies
 from coordinator.engine import RunEngine
 from coordinator.errors import CoordinatorError, NotFound
 from coordinator.plan import PlanError
@@ -95,7 +95,7 @@ def create_app(
     )
     app.add_middleware(_SecurityHeaders)
     app.mount("/static", StaticFiles(directory=str(package / "static")), name="static")
-    for module in (auth, overview, runs, ledger, sites, studies):
+    for module in (auth, overview, runs, ledger, sites, studies, sessions):
         app.include_router(module.router)
         app.include_router(module.api, prefix="/api/v1")
 

@@ -140,6 +140,11 @@ class SessionStore:
                 for row in rows
             ]  # fmt: skip
 
+    @staticmethod
+    def key_of(token: str) -> str:
+        """The key an admin sees for a session (see `SessionInfo.key`)."""
+        return _digest(token)[:16]
+
     def revoke(self, account: str, key: str | None, *, by: str) -> int:
         """Ends one session of an account (by its key) or all of them (`key` None), ledgered.
 

@@ -19,9 +19,11 @@ __all__ = [
     "HopView",
     "Overview",
     "RevokeRequest",
+    "RevokeSessionsRequest",
     "RunDetail",
     "RunPage",
     "RunSummary",
+    "SessionView",
     "SiteView",
     "StartRunRequest",
     "StopStudyRequest",
@@ -185,3 +187,23 @@ class StudyWorkerView(BaseModel):
     ended_at: datetime | None
     exit_code: int | None
     log_tail: str = Field(description="the end of the worker's output")
+
+
+class SessionView(BaseModel):
+    key: str = Field(description="names the session for revocation (not its token)")
+    account: str
+    role: str
+    via: str = Field(description="password, link or certificate")
+    client: str
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+
+
+class RevokeSessionsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    account: str = Field(min_length=1, max_length=64)
+    session: str | None = Field(
+        default=None, pattern="^[0-9a-f]{16}$", description="one session's key; null: all"
+    )
