@@ -11,6 +11,7 @@ from coordinator.study_request import StopMode
 
 __all__ = [
     "ActionResult",
+    "ActiveStudy",
     "CheckpointView",
     "EvaluateRequest",
     "EvaluationView",
@@ -42,6 +43,7 @@ class SiteView(BaseModel):
     certificate_warning: str | None = Field(description="expired / expires soon, or null")
     revoked: str | None = Field(description="why its certificate was revoked, or null")
     datasets: list[str]
+    approvals: str = Field(description="the run bundles the site said at hello it will run")
 
 
 class RunSummary(BaseModel):
@@ -111,11 +113,22 @@ class RunDetail(RunSummary):
     checkpoints: list[CheckpointView]
 
 
+class ActiveStudy(BaseModel):
+    name: str
+    status: str = Field(description="running, stopping or orphaned")
+    pid: int | None
+    started_by: str
+    started_at: datetime
+
+
 class Overview(BaseModel):
     sites: list[SiteView]
     sites_online: int
     active_runs: list[RunSummary]
     run_counts: dict[str, int]
+    active_studies: list[ActiveStudy] = Field(
+        default_factory=list, description="studies whose worker this coordinator runs"
+    )
 
 
 class EventView(BaseModel):

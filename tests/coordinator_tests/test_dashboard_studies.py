@@ -297,6 +297,9 @@ def test_operator_starts_and_stops_a_study_worker_from_the_dashboard(
     assert "study heart-order started (worker pid" in page
     assert "running" in page and 'id="stop-study"' in page
     assert "heart-order" in study_client.get("/studies").text
+    [active] = study_client.get("/api/v1/overview").json()["active_studies"]
+    assert (active["name"], active["started_by"]) == ("heart-order", "dashboard:operator")
+    assert 'href="/studies/heart-order"' in study_client.get("/").text
     [worker] = study_client.get("/api/v1/studies/heart-order/workers").json()
     assert worker["status"] == "running" and worker["alive"]
     assert worker["started_by"] == "dashboard:operator"
@@ -324,6 +327,7 @@ def test_operator_starts_and_stops_a_study_worker_from_the_dashboard(
         ("study.stop-requested", "dashboard:operator"),
         ("study.ended", None),
     ]
+    assert study_client.get("/api/v1/overview").json()["active_studies"] == []
     refused = study_client.post("/api/v1/studies/heart-order/stop", json={"mode": "finish-trial"},
                                 headers={"X-CSRF-Token": csrf})  # fmt: skip
     assert refused.status_code == 404 and "has no running worker" in refused.json()["detail"]
@@ -413,3 +417,17 @@ def test_study_pages_answer_every_role(
     for path in ("/studies", "/api/v1/studies", "/api/v1/studies/heart-order/workers"):
         assert study_client.get(path).status_code == 200, path
     assert study_client.get("/studies/heart-order").status_code == 404  # no study, no worker
+
+
+def test_sites_show_the_approvals_they_reported_at_hello(client: TestClient) -> None:
+    from coordinator.dashboard._service import _approvals_text
+    from coordinator.preflight import SiteApprovals
+
+    login(client, "viewer")
+    sites = client.get("/api/v1/sites").json()
+    assert {s["approvals"] for s in sites} == {"not reported since the coordinator started"}
+    assert "not reported since the coordinator started" in client.get("/sites").text
+    assert _approvals_text(SiteApprovals(frozenset({"a", "b"}))) == "2 bundle(s) approved"
+    assert _approvals_text(SiteApprovals(frozenset(), by_policy=True)) == (
+        "0 bundle(s) approved; local rules may approve others")  # fmt: skip
+    assert _approvals_text(SiteApprovals(not_required=True)).startswith("runs any bundle")
