@@ -37,7 +37,8 @@ __all__ = [
 
 _LOWER_IS_BETTER = ("loss", "perplexity")
 
-Name = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[^\x00-\x1f]+$")]
+# A study's name is part of its page's URL: letters, digits, '.', '_', '-' and spaces.
+Name = Annotated[str, StringConstraints(max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")]
 Short = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
 
 
