@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import delete, select
 
-from coordinator.dashboard._accounts import Account, DashboardRole
+from coordinator.dashboard._accounts import Account, DashboardRole, _aware, _digest, _now
 from coordinator.ledger import DashboardSessionRow, Ledger
 
 __all__ = ["LoginThrottle", "Session", "SessionInfo", "SessionStore", "csrf_matches"]
@@ -43,19 +42,6 @@ class SessionInfo:
     created_at: datetime
     last_seen_at: datetime
     expires_at: datetime
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes for timezone-aware columns.
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class SessionStore:
