@@ -431,3 +431,22 @@ def test_sites_show_the_approvals_they_reported_at_hello(client: TestClient) -> 
     assert _approvals_text(SiteApprovals(frozenset(), by_policy=True)) == (
         "0 bundle(s) approved; local rules may approve others")  # fmt: skip
     assert _approvals_text(SiteApprovals(not_required=True)).startswith("runs any bundle")
+
+
+def test_sigterm_lets_a_worker_finish_its_trial_then_stop() -> None:
+    import os
+    import signal
+
+    from coordinator.study_request import FinishTrialThenStop
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        stop = FinishTrialThenStop().install()
+        stop.check()  # nothing asked yet: the search goes on
+        os.kill(os.getpid(), signal.SIGTERM)  # not fatal any more: only noted
+        with pytest.raises(FinishTrialThenStop.Stopped):
+            stop.check()  # after the trial is recorded
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert StopMode.FINISH_TRIAL.signal is signal.SIGTERM
+    assert StopMode.ABORT_TRIAL.signal is signal.SIGINT
