@@ -450,3 +450,28 @@ def test_sigterm_lets_a_worker_finish_its_trial_then_stop() -> None:
         signal.signal(signal.SIGTERM, previous)
     assert StopMode.FINISH_TRIAL.signal is signal.SIGTERM
     assert StopMode.ABORT_TRIAL.signal is signal.SIGINT
+
+
+def test_sessions_and_worker_rows_work_on_every_backend(database_url: str, tmp_path: Path) -> None:
+    from coordinator.dashboard import Account
+    from coordinator.ledger import Ledger
+
+    ledger = Ledger(database_url)
+    ledger.migrate()
+    try:
+        store = SessionStore(ledger, touch_every=timedelta(0))
+        first = store.create(Account("ops", DashboardRole.OPERATOR), via="link", client="::1")
+        store.create(Account("ops", DashboardRole.OPERATOR), via="password", client="::1")
+        again = store.get(first.id)
+        assert again is not None and again.csrf_token == first.csrf_token
+        assert again.account == Account("ops", DashboardRole.OPERATOR)
+        assert [s.via for s in store.active("ops")] == ["link", "password"]  # last seen first
+        assert store.revoke("ops", SessionStore.key_of(first.id), by="test") == 1
+        assert store.get(first.id) is None and len(store.active()) == 1
+        assert store.revoke("ops", None, by="test") == 1 and store.active() == []
+        supervisor = StudySupervisor(ledger, database_url=database_url, credentials=None,
+                                     log_dir=tmp_path)  # fmt: skip
+        assert supervisor.workers() == [] and supervisor.adopt_orphans() == []
+        assert ledger.verify().ok
+    finally:
+        ledger.close()
