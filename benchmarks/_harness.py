@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
 from protocols.v1 import baton_pb2 as pb
 
 # Per seed (or per final model): site -> 1/0 per test row.

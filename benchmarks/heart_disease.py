@@ -60,11 +60,10 @@ import safetensors.torch
 import torch
 from _harness import paired_bootstrap, wait_for_completed_run
 
-from coordinator.admin import AdminClient
-from coordinator.demo import prepare_pki
-from coordinator.processes import Cluster
-from coordinator.statistics import normaliser_options
-from coordinator.study import (
+from coordinator.console.admin import AdminClient
+from coordinator.console.demo import prepare_pki
+from coordinator.console.processes import Cluster
+from coordinator.console.study import (
     RunExecutor,
     RunTemplate,
     approval_bounds,
@@ -74,6 +73,7 @@ from coordinator.study import (
     run_search,
     trial_run_ids,
 )
+from coordinator.statistics import normaliser_options
 from ordering import (
     CandidatePlan,
     FloatRange,

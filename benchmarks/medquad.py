@@ -48,10 +48,10 @@ import safetensors.torch
 import torch
 from _harness import mean_site_accuracy, paired_bootstrap, wait_for_completed_run
 
-from coordinator.admin import AdminClient
-from coordinator.demo import packaged_minilm, prepare_pki
-from coordinator.processes import Cluster
-from coordinator.study import (
+from coordinator.console.admin import AdminClient
+from coordinator.console.demo import packaged_minilm, prepare_pki
+from coordinator.console.processes import Cluster
+from coordinator.console.study import (
     RunExecutor,
     RunTemplate,
     approval_bounds,

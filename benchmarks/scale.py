@@ -195,7 +195,7 @@ def _tls(root: Path, name: str) -> TlsFiles:
 
 async def _agents_phase(port: int, pki: Path, names: list[str], args: argparse.Namespace,
                         coordinator: psutil.Process) -> dict[str, Any]:  # fmt: skip
-    from coordinator.admin import AdminClient
+    from coordinator.console.admin import AdminClient
     from coordinator.plan import parse_plan
 
     agents = [IdleAgent(name, port, _tls(pki, name)) for name in names]

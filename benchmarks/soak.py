@@ -32,11 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.admin import TERMINAL_RUN_STATES, AdminClient  # noqa: E402
-from coordinator.demo import prepare_pki  # noqa: E402
+from coordinator.console.admin import TERMINAL_RUN_STATES, AdminClient  # noqa: E402
+from coordinator.console.demo import prepare_pki  # noqa: E402
+from coordinator.console.processes import Cluster  # noqa: E402
 from coordinator.ledger import Ledger  # noqa: E402
 from coordinator.plan import parse_plan  # noqa: E402
-from coordinator.processes import Cluster  # noqa: E402
 from protocols.checkpoint import sha256_hex  # noqa: E402
 from protocols.transport import TlsFiles  # noqa: E402
 from site_agent._synthetic import (  # noqa: E402

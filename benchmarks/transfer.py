@@ -38,7 +38,7 @@ import numpy as np
 import psutil
 import safetensors.numpy
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
 from coordinator.plan import parse_plan
 from protocols.checkpoint import CheckpointManifest, bundle_metadata
 from protocols.pki import Role, init_ca, issue_certificate

@@ -1,3 +1,3 @@
-from coordinator.cli import main
+from coordinator.console.cli import main
 
 main()

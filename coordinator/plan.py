@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from protocols.approval import HYPERPARAMETERS, ApprovalBundle, BundleViolation
+from protocols.task_types import CLASSIFICATION_TASK_TYPES, TaskType
 
 __all__ = [
     "CrossValidationSpec",
@@ -19,13 +20,12 @@ __all__ = [
     "LoraSpec",
     "PlanError",
     "RunPlan",
+    "TaskType",
     "load_plan",
     "parse_plan",
 ]
 
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-TaskType = Literal["seq-classification", "causal-lm", "tabular"]
-_CLASSIFICATION_TASKS = ("seq-classification", "tabular")
 
 
 class PlanError(ValueError):
@@ -112,7 +112,7 @@ class RunPlan(_Strict):
             raise ValueError("'cycles' only applies to the 'sites' shorthand")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("'labels' has duplicates")
-        if self.task in _CLASSIFICATION_TASKS and len(self.labels) < 2:
+        if self.task in CLASSIFICATION_TASK_TYPES and len(self.labels) < 2:
             raise ValueError(f"a {self.task} run needs 'labels' with at least two labels")
         try:
             json.dumps(self.options, allow_nan=False)

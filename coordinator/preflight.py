@@ -14,10 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from coordinator.plan import RunPlan
+from protocols.task_types import LORA_TASK_TYPES
 
 __all__ = ["SiteApprovals", "SiteView", "offline_text", "preflight_problems"]
-
-_LORA_TASKS = ("seq-classification", "causal-lm")
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ def _data_problems(plan: RunPlan, view: SiteView) -> list[str]:
                 f"{view.name}: dataset {plan.dataset!r} has label(s) {', '.join(extra)} that the "
                 f"plan does not list ({', '.join(plan.labels)})"
             )
-    if plan.task in _LORA_TASKS:
+    if plan.task in LORA_TASK_TYPES:
         hashes = {str(m.get("sha256")) for m in view.base_models}
         if not hashes:
             problems.append(f"{view.name}: has no base model ({plan.task} needs one)")

@@ -35,14 +35,14 @@ from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_
 from protocols.transport import CHUNK_BYTES, peer_certificate, peer_identity
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
+from protocols.version import BATON_VERSION, PROTOCOL_VERSION
 
 __all__ = ["AdminServicer", "MalformedMessageGuard", "SiteServicer", "run_status"]
 
 logger = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
 EXPIRY_WARNING_DAYS = 30
-COORDINATOR_VERSION = "0.1.0"
+COORDINATOR_VERSION = BATON_VERSION
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),

@@ -8,7 +8,6 @@ deviation of the union of the sites' training rows, without any row leaving a si
 from __future__ import annotations
 
 import bisect
-import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -16,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from coordinator.plan import RunPlan, parse_plan
+from protocols.statistics import SiteAggregates, StatisticsMismatch
 
 __all__ = [
     "CombinedStatistics",
@@ -25,76 +25,6 @@ __all__ = [
     "normaliser_options",
     "plan_with_normaliser",
 ]
-
-
-class StatisticsMismatch(ValueError):
-    """Sites' aggregates cannot be pooled (other features, bins or units), or are too few."""
-
-
-@dataclass(frozen=True)
-class SiteAggregates:
-    """One site's released aggregates, as the coordinator stores them."""
-
-    site: str
-    count: float
-    feature_names: tuple[str, ...] = ()
-    feature_sums: tuple[float, ...] = ()
-    feature_sums_of_squares: tuple[float, ...] = ()
-    label_counts: Mapping[str, float] = field(default_factory=dict)
-    length_bin_edges: tuple[int, ...] = ()
-    length_histogram: tuple[float, ...] = ()
-    length_unit: str = ""
-
-    def __post_init__(self) -> None:
-        numbers = [
-            self.count,
-            *self.feature_sums,
-            *self.feature_sums_of_squares,
-            *self.label_counts.values(),
-            *self.length_histogram,
-        ]
-        if not all(math.isfinite(v) for v in numbers):
-            raise StatisticsMismatch(f"site {self.site} released non-finite aggregates")
-        n = len(self.feature_names)
-        if len(self.feature_sums) != n or len(self.feature_sums_of_squares) != n:
-            raise StatisticsMismatch(
-                f"site {self.site} released {len(self.feature_sums)} sums and "
-                f"{len(self.feature_sums_of_squares)} sums of squares for {n} features"
-            )
-        if len(self.length_histogram) != len(self.length_bin_edges):
-            raise StatisticsMismatch(
-                f"site {self.site} released {len(self.length_histogram)} histogram bins for "
-                f"{len(self.length_bin_edges)} bin edges"
-            )
-        edges = self.length_bin_edges
-        if any(low >= high for low, high in itertools.pairwise(edges)):
-            raise StatisticsMismatch(
-                f"site {self.site} released length bin edges that do not increase: {list(edges)}"
-            )
-
-    def to_json(self) -> dict[str, Any]:
-        document = asdict(self)
-        document["label_counts"] = dict(self.label_counts)
-        for key in ("feature_names", "feature_sums", "feature_sums_of_squares",
-                    "length_bin_edges", "length_histogram"):  # fmt: skip
-            document[key] = list(document[key])
-        return document
-
-    @classmethod
-    def from_json(cls, document: Mapping[str, Any]) -> SiteAggregates:
-        return cls(
-            site=str(document["site"]),
-            count=float(document["count"]),
-            feature_names=tuple(str(v) for v in document.get("feature_names", ())),
-            feature_sums=tuple(float(v) for v in document.get("feature_sums", ())),
-            feature_sums_of_squares=tuple(
-                float(v) for v in document.get("feature_sums_of_squares", ())
-            ),
-            label_counts={str(k): float(v) for k, v in document.get("label_counts", {}).items()},
-            length_bin_edges=tuple(int(v) for v in document.get("length_bin_edges", ())),
-            length_histogram=tuple(float(v) for v in document.get("length_histogram", ())),
-            length_unit=str(document.get("length_unit", "")),
-        )
 
 
 @dataclass(frozen=True)

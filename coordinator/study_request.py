@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 if TYPE_CHECKING:
+    from coordinator.console.study import RunTemplate
     from coordinator.plan import RunPlan
-    from coordinator.study import RunTemplate
     from ordering import SearchSpace
     from protocols.approval import ApprovalBundle
 
@@ -203,8 +203,8 @@ def prepare_search(request: StudyRequest) -> PreparedSearch:
     Raises:
         StudyRequestError: The search space or the runs' plan would be refused.
     """
+    from coordinator.console.study import RunTemplate, approval_bounds
     from coordinator.plan import PlanError
-    from coordinator.study import RunTemplate, approval_bounds
     from ordering import FloatRange, IntRange, SearchSpace, SearchSpaceError
 
     try:

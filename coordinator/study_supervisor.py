@@ -181,7 +181,8 @@ class StudySupervisor:
         return None
 
     def _storage_url(self) -> str:
-        from coordinator.study import study_storage_url  # imports Optuna: only when starting
+        # Imports Optuna: only when a study starts, never on the serve path.
+        from coordinator.console.study import study_storage_url
 
         try:
             return study_storage_url(self.database_url)

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from protocols.version import BATON_VERSION
+
 __all__ = [
     "BATON_VERSION",
     "HYPERPARAMETERS",
@@ -21,7 +23,6 @@ __all__ = [
     "BundleViolation",
 ]
 
-BATON_VERSION = "0.1.0"
 # Hyperparameters every hop carries; bounds may cover any of them.
 HYPERPARAMETERS = (
     "learning_rate",

@@ -81,8 +81,10 @@ class CheckpointManifest:
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """One tensor that may move between sites."""
+
     name: str
-    dtype: str
+    dtype: str  # as safetensors names it: "F32"
     shape: tuple[int, ...]
 
 

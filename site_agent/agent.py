@@ -28,9 +28,11 @@ from protocols.checkpoint import (
 )
 from protocols.logs import log_context
 from protocols.signing import SignatureError, sign_digest, verify_custody
+from protocols.task_types import LORA_TASK_TYPES
 from protocols.transport import CHUNK_BYTES, secure_channel
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
+from protocols.version import BATON_VERSION, PROTOCOL_VERSION
 from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.examples import TASK_TYPES, DatasetError
 from site_agent.heads import HEAD_FILE, KeptHead
@@ -51,9 +53,8 @@ __all__ = ["AGENT_VERSION", "CertificateRefused", "HistoryRewritten", "HopFailur
 
 logger = logging.getLogger(__name__)
 
-AGENT_VERSION = "0.1.0"
-PROTOCOL_VERSION = 1
-LORA_TASKS = ("seq-classification", "causal-lm")
+AGENT_VERSION = BATON_VERSION
+LORA_TASKS = LORA_TASK_TYPES
 CERTIFICATE_WARNING_DAYS = 30
 APPROVAL_POLL_SECONDS = 1.0  # how soon a `baton-site approve` reaches the coordinator
 _RETRYABLE = (

@@ -11,6 +11,12 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import click
 import typer
 
+from protocols.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECKS_FAILED,
+    EXIT_HISTORY_REWRITTEN,
+    EXIT_REFUSED,
+)
 from protocols.logs import configure_logging, quiet_progress_output
 
 if TYPE_CHECKING:
@@ -38,11 +44,6 @@ cert_app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(cert_app, name="cert")
 
-# Exit codes: 0 ok, 2 bad input (config, files), 3 refused: the coordinator's history was
-# rewritten, or the coordinator refuses this site's certificate (expired, other CA, revoked).
-EXIT_BAD_INPUT = 2
-EXIT_CHECKS_FAILED = 1  # `doctor`: at least one check failed
-EXIT_HISTORY_REWRITTEN = EXIT_REFUSED = 3
 
 LogFormat = Annotated[
     str | None,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protocols.task_types import TASK_TYPES
+
 __all__ = [
     "TASK_TYPES",
     "DatasetError",
@@ -15,9 +17,6 @@ __all__ = [
     "TabularExample",
     "TextExample",
 ]
-
-# The built-in task types a coordinator may name; no code ever travels to a site.
-TASK_TYPES: tuple[str, ...] = ("seq-classification", "causal-lm", "tabular")
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,11 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from protocols.statistics import SiteAggregates
 from site_agent.examples import Example, InstructionExample, TabularExample, TextExample
 from site_agent.registry import RegisteredDataset
 
@@ -48,20 +48,6 @@ SUPPRESSED_LABEL = "<suppressed>"
 
 class BelowMinimumCount(ValueError):
     """The training split holds fewer rows than the minimum any released aggregate must cover."""
-
-
-@dataclass(frozen=True)
-class SiteAggregates:
-    """What one site releases for a statistics request (floats: they may carry noise)."""
-
-    count: float
-    feature_names: tuple[str, ...] = ()
-    feature_sums: tuple[float, ...] = ()
-    feature_sums_of_squares: tuple[float, ...] = ()
-    label_counts: dict[str, float] = field(default_factory=dict)
-    length_bin_edges: tuple[int, ...] = ()
-    length_histogram: tuple[float, ...] = ()
-    length_unit: str = ""
 
 
 def compute_statistics(

@@ -42,7 +42,7 @@ class StudyDetail(BaseModel):
 
 def _storage(database_url: str) -> str | None:
     """The study storage beside this ledger, or None when no study was ever stored."""
-    from coordinator.study import study_storage_url
+    from coordinator.console.study import study_storage_url
 
     try:
         url = study_storage_url(database_url, create_schema=False)
@@ -88,7 +88,7 @@ def study_detail(database_url: str, name: str) -> StudyDetail:
     """
     import optuna
 
-    from coordinator.study import trial_run_ids
+    from coordinator.console.study import trial_run_ids
     from ordering import OrderingStudy, StudyMismatch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -10,6 +10,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from protocols.checkpoint import TensorSpec as TensorSpec
 from site_agent.examples import TASK_TYPES
 from site_agent.registry import RegisteredDataset
 
@@ -123,15 +124,6 @@ class HopHyperparameters:
             return self.steps
         batches_per_epoch = math.ceil(train_examples / self.batch_size)
         return max(1, math.ceil(self.epochs * batches_per_epoch))
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor that may move between sites."""
-
-    name: str
-    dtype: str  # as safetensors names it: "F32"
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)

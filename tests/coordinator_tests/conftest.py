@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex

@@ -141,7 +141,7 @@ print("heavy:", ",".join(sorted(heavy)))
     "command",
     [
         ["coordinator.server"],
-        ["coordinator.cli"],
+        ["coordinator.console.cli"],
         ["coordinator", "coordinator", "serve", "--help"],
     ],
 )

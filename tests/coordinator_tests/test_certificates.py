@@ -9,7 +9,7 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.cli import app
+from coordinator.console.cli import app
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
 from protocols.pki import Role, create_csr, identity_from_pem, init_ca, issue_certificate

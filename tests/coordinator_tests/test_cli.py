@@ -9,7 +9,7 @@ from pathlib import Path
 from sqlalchemy import update
 from typer.testing import CliRunner
 
-from coordinator.cli import app
+from coordinator.console.cli import app
 from coordinator.ledger import EventRow, Ledger
 
 runner = CliRunner()

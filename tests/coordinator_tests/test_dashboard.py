@@ -515,7 +515,7 @@ def test_create_app_builds_nothing_at_import_time() -> None:
 
 @pytest.fixture
 def study(engine: RunEngine) -> str:
-    from coordinator.study import RunTemplate, attach_run_template, study_storage_url
+    from coordinator.console.study import RunTemplate, attach_run_template, study_storage_url
     from ordering import IntRange, OrderingStudy, SearchSpace, SyntheticObjective
 
     objective = SyntheticObjective(2, seed=0)  # sites site-0 and site-1
@@ -592,7 +592,7 @@ def test_the_dashboard_imports_optuna_only_when_a_study_page_is_asked_for() -> N
 def test_demo_login_link_makes_a_demo_admin_and_a_link_that_works_once(
     tmp_path: Path, client: TestClient
 ) -> None:
-    from coordinator.demo import demo_login_link
+    from coordinator.console.demo import demo_login_link
 
     state = tmp_path / "demo-state"
     state.mkdir()
@@ -659,7 +659,7 @@ def test_ledger_page_queries_work_on_every_backend(database_url: str) -> None:
 def test_admin_cli_adds_accounts_and_refuses_bad_input_with_one_line(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from coordinator.cli import app
+    from coordinator.console.cli import app
 
     runner = CliRunner()
     state = str(tmp_path / "state")

@@ -182,7 +182,7 @@ def test_admin_sees_and_revokes_an_accounts_sessions(
 
 
 def test_admin_cli_lists_and_revokes_sessions(tmp_path: Path) -> None:
-    from coordinator.cli import app
+    from coordinator.console.cli import app
     from coordinator.dashboard import Account
     from coordinator.ledger import Ledger
 
@@ -233,7 +233,7 @@ def test_a_study_file_is_checked_as_the_cli_checks_it() -> None:
 def test_to_argv_is_what_baton_study_start_parses() -> None:
     from typer.main import get_command
 
-    from coordinator.study_cli import study_app
+    from coordinator.console.study_cli import study_app
 
     options = {k.replace("-", "_"): v for k, v in STUDY.items()}
     extra = {"seed": 3, "direction": "minimize", "lora": {"r": 4}, "cv_folds": 3}

@@ -10,7 +10,7 @@ from pathlib import Path
 from alembic.script import ScriptDirectory
 from typer.testing import CliRunner
 
-from coordinator.cli import app
+from coordinator.console.cli import app
 from coordinator.ledger import Ledger
 
 runner = CliRunner()

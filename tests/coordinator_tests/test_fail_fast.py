@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from coordinator.cli import app
+from coordinator.console.cli import app
 
 runner = CliRunner()
 

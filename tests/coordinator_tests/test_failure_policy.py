@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings

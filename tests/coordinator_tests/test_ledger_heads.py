@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
 from coordinator.ledger import HEADS_FILE, HeadSigner, Ledger, check_heads, read_heads
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator

@@ -15,8 +15,8 @@ from alembic.config import Config
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
 from coordinator.ledger import (
     CheckpointRow,
     EvaluationRow,

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.transport import secure_channel

@@ -11,8 +11,8 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
 from coordinator.plan import RunPlan, parse_plan
 from coordinator.preflight import SiteApprovals, SiteView, preflight_problems
 from coordinator.server import Coordinator

@@ -10,8 +10,8 @@ import typer
 from cryptography import x509
 from typer.testing import CliRunner
 
-from coordinator.cli import app as baton_app
-from coordinator.provision import ProvisionError, load_consortium, provision
+from coordinator.console.cli import app as baton_app
+from coordinator.console.provision import ProvisionError, load_consortium, provision
 from protocols.pki import Role, identity_from_pem
 from site_agent.cli import app as site_app
 

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
 from coordinator.ledger import CheckpointRow, EvaluationRow, HopRow, RunRow
 from coordinator.plan import parse_plan
 from coordinator.retention import Deletion, plan_deletions

@@ -12,8 +12,8 @@ import safetensors.numpy
 from peft import LoraConfig, PeftConfig
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.checkpoint import CheckpointManifest, bundle_metadata

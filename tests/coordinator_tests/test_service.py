@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator

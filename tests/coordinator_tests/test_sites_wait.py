@@ -6,7 +6,7 @@ import socket
 
 from typer.testing import CliRunner
 
-from coordinator.cli import app
+from coordinator.console.cli import app
 from tests.conftest import Pki
 
 

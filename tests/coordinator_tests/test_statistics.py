@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
 from coordinator.ledger import Ledger, StatisticsAnswerRow, StatisticsRequestRow
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator

@@ -21,8 +21,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings

@@ -15,12 +15,8 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.ledger import Ledger
-from coordinator.plan import parse_plan
-from coordinator.server import Coordinator, build_server
-from coordinator.settings import CoordinatorSettings
-from coordinator.study import (
+from coordinator.console.admin import AdminClient
+from coordinator.console.study import (
     RunExecutor,
     RunNotApproved,
     RunTemplate,
@@ -37,7 +33,11 @@ from coordinator.study import (
     trial_run_ids,
     warm_start_from_ledger,
 )
-from coordinator.study_cli import study_app
+from coordinator.console.study_cli import study_app
+from coordinator.ledger import Ledger
+from coordinator.plan import parse_plan
+from coordinator.server import Coordinator, build_server
+from coordinator.settings import CoordinatorSettings
 from ordering import (
     CandidatePlan,
     FloatRange,
@@ -378,8 +378,8 @@ def test_study_cli_runs_trials_then_shows_status_and_the_best_plan(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The CLI configures process-wide logging; keep the test process's own.
-    monkeypatch.setattr("coordinator.study_cli.configure_logging", lambda *args: None)
-    monkeypatch.setattr("coordinator.study_cli._quiet_optuna", lambda: None)
+    monkeypatch.setattr("coordinator.console.study_cli.configure_logging", lambda *args: None)
+    monkeypatch.setattr("coordinator.console.study_cli._quiet_optuna", lambda: None)
     runner = CliRunner()
     storage = f"sqlite:///{tmp_path / 'cli-studies.sqlite3'}"
     tls = pki.tls("admin")
@@ -456,7 +456,7 @@ def test_warm_start_adds_earlier_runs_of_the_same_computation_without_running_th
 
     study = OrderingStudy.create(None, "warm", space, seed=1)
     attach_run_template(study, template)
-    with caplog.at_level(logging.INFO, logger="coordinator.study"):
+    with caplog.at_level(logging.INFO, logger="coordinator.console.study"):
         added = warm_start_from_ledger(admin, study, template)
 
     [(run_id, record)] = added
@@ -495,7 +495,7 @@ def test_warm_start_adds_earlier_runs_of_the_same_computation_without_running_th
         admin.evaluate_run(by_hand_id, "validation")
         admin.wait_for_evaluations(by_hand_id, 30)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="coordinator.study"):
+    with caplog.at_level(logging.INFO, logger="coordinator.console.study"):
         [(again_id, again)] = warm_start_from_ledger(admin, study, template)
     assert again_id == by_hand_ids[0] and again.plan == replace(by_hand, encoding="lehmer")
     assert again.params["steps"] == 4 and again.plan.learning_rate_decay == 1.0
@@ -557,8 +557,8 @@ def test_study_storage_sits_beside_the_ledger_without_touching_its_schema(
 def test_study_cli_dry_run_prints_the_bundle_the_sites_approve_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("coordinator.study_cli.configure_logging", lambda *args: None)
-    monkeypatch.setattr("coordinator.study_cli._quiet_optuna", lambda: None)
+    monkeypatch.setattr("coordinator.console.study_cli.configure_logging", lambda *args: None)
+    monkeypatch.setattr("coordinator.console.study_cli._quiet_optuna", lambda: None)
     args = ["start", "--name", "dry", "--dataset", "notes", "--labels", "x", "--labels", "y",
             "--sites", "site-a", "--sites", "site-b", "--steps-min", "5", "--steps-max", "9",
             "--storage", f"sqlite:///{tmp_path / 's.sqlite3'}", "--dry-run"]  # fmt: skip
@@ -580,7 +580,7 @@ def test_study_status_reports_whether_the_order_is_worth_searching(
 ) -> None:
     from ordering import IntRange, OrderingStudy, SearchSpace, SyntheticObjective
 
-    monkeypatch.setattr("coordinator.study_cli._quiet_optuna", lambda: None)
+    monkeypatch.setattr("coordinator.console.study_cli._quiet_optuna", lambda: None)
     storage = f"sqlite:///{tmp_path / 'importance.sqlite3'}"
     objective = SyntheticObjective(4, seed=0)  # the order decides; steps barely matter
     space = SearchSpace(sites=objective.sites, steps=IntRange(5, 20))

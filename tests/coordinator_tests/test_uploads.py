@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex

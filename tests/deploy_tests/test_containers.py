@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 import yaml
 
-from coordinator.provision import load_consortium, provision
+from coordinator.console.provision import load_consortium, provision
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -10,7 +10,7 @@ import pytest
 import typer
 import yaml
 
-from coordinator.cli import app as baton_app
+from coordinator.console.cli import app as baton_app
 from coordinator.settings import load_coordinator_settings
 
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk (the dev extra) renders charts")

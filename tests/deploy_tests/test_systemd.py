@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from coordinator.units import coordinator_unit, site_unit
+from coordinator.console.units import coordinator_unit, site_unit
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 UNITS = {"baton-coordinator.service": coordinator_unit, "baton-site.service": site_unit}

@@ -8,9 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.admin import TERMINAL_RUN_STATES, AdminClient
+from coordinator.console.admin import TERMINAL_RUN_STATES, AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.plan import RunPlan
-from coordinator.processes import Cluster
 from protocols.v1 import baton_pb2 as pb
 from site_agent._synthetic import generate_site_records, write_site_dataset
 from site_agent._tiny_model import write_tiny_base_model

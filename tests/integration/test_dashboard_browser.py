@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from coordinator.study_request import parse_study_document, prepare_search
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki

@@ -11,8 +11,8 @@ import httpx
 from click.testing import Result
 from typer.testing import CliRunner
 
-from coordinator.cli import app
-from coordinator.processes import Cluster
+from coordinator.console.cli import app
+from coordinator.console.processes import Cluster
 from tests.conftest import Pki
 
 

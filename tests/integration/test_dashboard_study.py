@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app
-from coordinator.processes import Cluster
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
+from coordinator.console.processes import Cluster
 from coordinator.study_request import StudyRequest, prepare_search
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki

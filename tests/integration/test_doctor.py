@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.processes import Cluster
+from coordinator.console.processes import Cluster
 from site_agent.registry import register_dataset
 from tests.conftest import Pki
 from tests.connect_proxy import connect_proxy

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.processes import Cluster
+from coordinator.console.processes import Cluster
 from tests.conftest import Pki
 
 SECRET = "s3cr3t-Pa55"

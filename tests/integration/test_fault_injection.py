@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from protocols.checkpoint import sha256_hex
 from site_agent._synthetic import SYNTHETIC_LABELS
 from tests.conftest import SITES, Pki

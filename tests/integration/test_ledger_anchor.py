@@ -12,11 +12,11 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
+from coordinator.console.processes import Cluster
 from coordinator.ledger import HEADS_FILE, read_heads
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from protocols.ledger_head import SignedHead
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki

@@ -14,9 +14,9 @@ from pathlib import Path
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.plan import RunPlan, parse_plan
-from coordinator.processes import Cluster
 from protocols.transport import secure_channel
 from site_agent._synthetic import SYNTHETIC_LABELS
 from site_agent.registry import register_dataset

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.admin import AdminClient
-from coordinator.processes import Cluster
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from tests.conftest import Pki
 from tests.connect_proxy import connect_proxy
 

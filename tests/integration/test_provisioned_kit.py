@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from coordinator.admin import AdminClient
-from coordinator.processes import Cluster
-from coordinator.provision import load_consortium, provision
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
+from coordinator.console.provision import load_consortium, provision
 from protocols.transport import TlsFiles
 from site_agent.registry import register_dataset
 

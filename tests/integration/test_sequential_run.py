@@ -10,10 +10,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from protocols.checkpoint import inspect_bundle, sha256_hex
 from site_agent._synthetic import SYNTHETIC_LABELS
 from site_agent.tasks import hash_base_model

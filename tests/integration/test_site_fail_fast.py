@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from coordinator.admin import AdminClient
-from coordinator.processes import Cluster
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from protocols.transport import TlsFiles
 from site_agent.refusal import local_certificate_problem, probe_handshake
 from tests.conftest import SITES, Pki

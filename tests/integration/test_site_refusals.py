@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from site_agent._synthetic import SYNTHETIC_LABELS, generate_site_records, write_site_dataset
 from site_agent.tasks import hash_base_model
 from tests.conftest import SITES, Pki

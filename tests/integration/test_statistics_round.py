@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 from typer.testing import CliRunner
 
-from coordinator.admin import AdminClient
-from coordinator.cli import app as baton
+from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app as baton
+from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger, StatisticsAnswerRow
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from coordinator.statistics import plan_with_normaliser
 from protocols.approval import ApprovalBundle
 from site_agent.cli import app as baton_site

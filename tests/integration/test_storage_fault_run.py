@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from coordinator.server import build_server
 from coordinator.settings import CoordinatorSettings
 from protocols.checkpoint import sha256_hex

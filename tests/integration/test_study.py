@@ -7,9 +7,9 @@ from pathlib import Path
 
 import optuna
 
-from coordinator.admin import AdminClient
-from coordinator.processes import Cluster
-from coordinator.study import (
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
+from coordinator.console.study import (
     RunExecutor,
     RunTemplate,
     approval_bounds,

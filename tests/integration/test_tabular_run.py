@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from coordinator.admin import AdminClient
+from coordinator.console.admin import AdminClient
+from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
-from coordinator.processes import Cluster
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
 from tests.integration.conftest import wait_for_run

@@ -146,7 +146,7 @@ def study_page(request: Request, name: str, state: StateDep, principal: Viewer) 
 
 
 async def _start_best(service: ServiceDep, name: str, by: str, allow_offline: bool = False) -> str:
-    from coordinator.study import plan_from_study, study_storage_url
+    from coordinator.console.study import plan_from_study, study_storage_url
     from ordering import StudyMismatch
 
     try:

@@ -7,19 +7,29 @@ import math
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import grpc
 import optuna
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import make_url
 
-from coordinator.admin import AdminClient
-from coordinator.plan import PlanError, RunPlan
-from coordinator.study import (
+from coordinator.console._options import (
+    DEFAULT_STORAGE_FILE,
+    AdminCa,
+    AdminCert,
+    AdminKey,
+    Coord,
+    StudyStorage,
+    admin_client,
+    console,
+    fail,
+    resolve_storage,
+    rpc_error,
+)
+from coordinator.console.study import (
     RunExecutor,
     RunNotApproved,
     RunTemplate,
@@ -34,8 +44,8 @@ from coordinator.study import (
     trial_run_ids,
     warm_start_from_ledger,
 )
+from coordinator.plan import PlanError, RunPlan
 from coordinator.study_request import FinishTrialThenStop
-from coordinator.study_storage import DEFAULT_STORAGE_FILE, StudyStorage, resolve_storage
 from ordering import (
     FloatRange,
     HopHyperparameters,
@@ -47,8 +57,8 @@ from ordering import (
     TrialRecord,
     probe_order,
 )
+from protocols.exit_codes import EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_UNREACHABLE
 from protocols.logs import configure_logging
-from protocols.pki import PkiError
 
 __all__ = [
     "DEFAULT_STORAGE_FILE",
@@ -64,17 +74,6 @@ study_app = typer.Typer(
     no_args_is_help=True,
 )
 
-console = Console()
-err = Console(stderr=True)
-
-# The same exit codes as `baton run`: 1 nothing completed, 2 bad input, 3 coordinator unreachable.
-EXIT_RUN_FAILED, EXIT_BAD_INPUT, EXIT_UNREACHABLE = 1, 2, 3
-
-# Identical to coordinator/cli.py's; redefined because cli.py registers this app (no cycle).
-Coord = Annotated[str, typer.Option("--coordinator", envvar="BATON_COORDINATOR", help="host:port")]
-AdminCa = Annotated[Path, typer.Option("--ca", envvar="BATON_ADMIN_CA", help="CA certificate")]
-AdminCert = Annotated[Path, typer.Option("--cert", envvar="BATON_ADMIN_CERT", help="Admin cert")]
-AdminKey = Annotated[Path, typer.Option("--key", envvar="BATON_ADMIN_KEY", help="Admin key")]
 StudyName = Annotated[str, typer.Argument(help="Study name")]
 
 
@@ -105,11 +104,6 @@ class DirectionName(StrEnum):
 _LOWER_IS_BETTER = ("loss", "perplexity")
 
 
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code)
-
-
 def _quiet_optuna() -> None:
     """Optuna's own stderr handler would duplicate every line; let our handler show them."""
     optuna.logging.disable_default_handler()
@@ -123,7 +117,7 @@ def _existing_storage(storage: str | None) -> str:
     database = parsed.database or ""
     is_file = parsed.get_backend_name() == "sqlite" and database not in ("", ":memory:")
     if is_file and not Path(database).is_file():
-        raise _fail(f"no study storage at {database}", EXIT_BAD_INPUT)
+        raise fail(f"no study storage at {database}", EXIT_BAD_INPUT)
     return url
 
 
@@ -132,9 +126,9 @@ def _load(storage: str | None, name: str) -> OrderingStudy:
     try:
         return OrderingStudy.load(url, name)
     except KeyError as exc:
-        raise _fail(f"no study named {name!r} in {url}", EXIT_BAD_INPUT) from exc
+        raise fail(f"no study named {name!r} in {url}", EXIT_BAD_INPUT) from exc
     except StudyMismatch as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+        raise fail(str(exc), EXIT_BAD_INPUT) from exc
 
 
 def _json_object(raw: str | None, option: str) -> dict[str, Any] | None:
@@ -143,15 +137,10 @@ def _json_object(raw: str | None, option: str) -> dict[str, Any] | None:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise _fail(f"{option} is not valid JSON: {exc}", EXIT_BAD_INPUT) from exc
+        raise fail(f"{option} is not valid JSON: {exc}", EXIT_BAD_INPUT) from exc
     if not isinstance(value, dict):
-        raise _fail(f"{option} must be a JSON object", EXIT_BAD_INPUT)
+        raise fail(f"{option} must be a JSON object", EXIT_BAD_INPUT)
     return value
-
-
-def _rpc_failure(exc: grpc.RpcError) -> NoReturn:
-    code = EXIT_UNREACHABLE if exc.code() == grpc.StatusCode.UNAVAILABLE else EXIT_BAD_INPUT
-    raise _fail(f"{exc.code().name}: {exc.details()}", code) from exc
 
 
 def _value(record: TrialRecord) -> str:
@@ -273,25 +262,21 @@ def study_start(
         )
         attach_run_template(study, template)
     except (SearchSpaceError, PlanError, StudyMismatch) as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+        raise fail(str(exc), EXIT_BAD_INPUT) from exc
     console.print(
         f"approval bundle {bundle.sha256}: every site must have approved it "
         f"(baton-site approve {bundle.sha256}); --dry-run shows it"
     )
-    try:
-        client = AdminClient.from_files(coordinator, ca, cert, key)
-    except PkiError as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
-    with client:
+    with admin_client(coordinator, ca, cert, key) as client:
         try:
             client.wait_for_sites(set(sites), timeout=site_timeout)
         except TimeoutError as exc:
-            raise _fail(str(exc), EXIT_UNREACHABLE) from exc
+            raise fail(str(exc), EXIT_UNREACHABLE) from exc
         if warm_start:
             try:
                 added = warm_start_from_ledger(client, study, template)
             except grpc.RpcError as exc:
-                _rpc_failure(exc)
+                raise rpc_error(exc) from exc
             console.print(
                 f"warm start: {len(added)} earlier run(s) added as completed trials"
                 + "".join(f"\n  trial {r.number}: {_value(r)}  run {run_id}" for run_id, r in added)
@@ -300,7 +285,7 @@ def study_start(
             try:
                 sizes = train_examples_by_site(client, dataset)
             except grpc.RpcError as exc:
-                _rpc_failure(exc)
+                raise rpc_error(exc) from exc
             seeds = heuristic_seed_orders(sizes, sites)
             study.enqueue(*seeds, note="seed: training-set sizes")
             console.print("seed orders: " + "; ".join(" > ".join(order) for order in seeds))
@@ -314,9 +299,9 @@ def study_start(
                     client, template, sites, probe, run_name=f"{name} probe", timeout=run_timeout
                 )
             except TrialRunError as exc:
-                raise _fail(f"cross-site probe failed: {exc}", EXIT_RUN_FAILED) from exc
+                raise fail(f"cross-site probe failed: {exc}", EXIT_RUN_FAILED) from exc
             except grpc.RpcError as exc:
-                _rpc_failure(exc)
+                raise rpc_error(exc) from exc
             order = probe_order(scores, higher_is_better=not minimize)
             study.enqueue(order, note="seed: cross-site probe")
             console.print("seed orders: " + " > ".join(order))
@@ -350,13 +335,13 @@ def study_start(
             except FinishTrialThenStop.Stopped:
                 console.print("stopped after this trial, as asked")
             except (PlanError, RunNotApproved) as exc:
-                raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+                raise fail(str(exc), EXIT_BAD_INPUT) from exc
             except grpc.RpcError as exc:
-                _rpc_failure(exc)
+                raise rpc_error(exc) from exc
     try:
         best = study.best_plan()
     except ValueError as exc:
-        raise _fail(f"no trial of study {name!r} has completed", EXIT_RUN_FAILED) from exc
+        raise fail(f"no trial of study {name!r} has completed", EXIT_RUN_FAILED) from exc
     console.print(f"best plan so far: {best.describe()} (baton study best {name})")
 
 
@@ -432,11 +417,11 @@ def study_best(
     try:
         plan: RunPlan = plan_from_study(url, name)
     except KeyError as exc:
-        raise _fail(f"no study named {name!r} in {url}", EXIT_BAD_INPUT) from exc
+        raise fail(f"no study named {name!r} in {url}", EXIT_BAD_INPUT) from exc
     except StudyMismatch as exc:
-        raise _fail(str(exc), EXIT_BAD_INPUT) from exc
+        raise fail(str(exc), EXIT_BAD_INPUT) from exc
     except ValueError as exc:
-        raise _fail(str(exc), EXIT_RUN_FAILED) from exc
+        raise fail(str(exc), EXIT_RUN_FAILED) from exc
     text = json.dumps(json.loads(plan.to_json()), indent=2) + "\n"
     if out is None:
         sys.stdout.write(text)

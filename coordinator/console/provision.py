@@ -17,7 +17,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from coordinator.units import DEFAULT_CONFIG_DIR, DEFAULT_PREFIX, coordinator_unit, site_unit
+from coordinator.console.units import (
+    DEFAULT_CONFIG_DIR,
+    DEFAULT_PREFIX,
+    coordinator_unit,
+    site_unit,
+)
 from protocols.pki import PkiError, Role, identity_from_pem, init_ca, issue_certificate
 
 __all__ = ["Consortium", "ProvisionError", "ProvisionedKit", "load_consortium", "provision"]

@@ -14,10 +14,11 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from coordinator.admin import AdminClient, handoff_seconds
-from coordinator.cli import console, evaluation_table, follow_run, print_summary
+from coordinator.console._options import console
+from coordinator.console.admin import AdminClient, handoff_seconds
+from coordinator.console.processes import Cluster
+from coordinator.console.run_view import evaluation_table, follow_run, print_summary
 from coordinator.plan import RunPlan
-from coordinator.processes import Cluster
 from protocols.pki import Role, init_ca, issue_certificate
 from protocols.v1 import baton_pb2 as pb
 

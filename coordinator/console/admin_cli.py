@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
+
+from coordinator.console._options import DbUrl, StateDir, console, fail
+from protocols.exit_codes import EXIT_BAD_INPUT
 
 if TYPE_CHECKING:
     from coordinator.ledger import Ledger
@@ -20,18 +22,11 @@ admin_app = typer.Typer(
     help="Dashboard accounts and API tokens (run where the ledger is).",
     no_args_is_help=True,
 )
-console = Console()
-err = Console(stderr=True)
-EXIT_BAD_INPUT = 2
-
-StateDir = Annotated[Path | None, typer.Option(help="Coordinator state directory")]
-DbUrl = Annotated[str | None, typer.Option(envvar="BATON_DATABASE_URL", help="SQLAlchemy URL")]
 Name = Annotated[str, typer.Argument(help="Account name")]
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
-    return typer.Exit(EXIT_BAD_INPUT)
+    return fail(message, EXIT_BAD_INPUT)
 
 
 def _open_ledger(state_dir: Path | None, database_url: str | None) -> Ledger:

@@ -10,7 +10,7 @@ from alembic.config import Config
 
 __all__ = ["current", "history", "upgrade"]
 
-_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def _config(url: str, out: io.StringIO) -> Config:

@@ -1,0 +1,24 @@
+"""The final adapter of a completed run, exported as a PEFT directory beside the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from coordinator.store import CheckpointStore, fsync_write
+from protocols.checkpoint import inspect_bundle
+
+__all__ = ["export_final", "final_adapter_dir"]
+
+
+def final_adapter_dir(runs_dir: Path, run_id: str) -> Path:
+    return runs_dir / run_id / "final_adapter"
+
+
+def export_final(store: CheckpointStore, out: Path, sha256: str) -> None:
+    """Writes the final adapter as a PEFT directory (adapter_model.safetensors + config)."""
+    data = store.read(sha256)
+    bundle = inspect_bundle(data, expected_sha256=sha256)
+    fsync_write(out / "adapter_model.safetensors", data)
+    fsync_write(out / "adapter_config.json", json.dumps(bundle.adapter_config, indent=2).encode())
+    fsync_write(out / "baton_manifest.json", bundle.manifest.to_json().encode())

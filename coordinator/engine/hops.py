@@ -1,0 +1,327 @@
+"""Hops of a run: leasing them to their sites, committing results, the failure policy, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import secrets
+import time
+from pathlib import Path
+
+from coordinator.engine.export import export_final, final_adapter_dir
+from coordinator.engine.leases import HopLeases, HopProgress
+from coordinator.engine.rules import (
+    DETERMINISTIC_FAILURES,
+    current_hop,
+    failure_policy,
+    finite_metrics,
+    input_sha,
+)
+from coordinator.engine.sessions import SiteSessions
+from coordinator.engine.tasks import hop_task
+from coordinator.engine.uploads import UploadIntake
+from coordinator.errors import InvalidInput, StaleLease, StorageFault
+from coordinator.ledger import LIVE_HOP_STATES, HopRow, Ledger, RunRow, TransitionRefused
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.preflight import offline_text
+from coordinator.storage_faults import StorageHealth
+from coordinator.store import CheckpointStore
+from protocols.logs import bind_log_context
+from protocols.v1 import baton_pb2 as pb
+
+__all__ = ["WAIT_LOG_SECONDS", "Hops"]
+
+logger = logging.getLogger(__name__)
+
+WAIT_LOG_SECONDS = 60.0  # "run waits for site" is logged at most this often per hop
+
+
+class Hops:
+    """Moves each running run along its hops, one state transition at a time."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        store: CheckpointStore,
+        runs_dir: Path,
+        storage: StorageHealth,
+        metrics: CoordinatorMetrics,
+        lock: asyncio.Lock,
+        sessions: SiteSessions,
+        leases: HopLeases,
+        intake: UploadIntake,
+    ) -> None:
+        self.ledger = ledger
+        self.store = store
+        self.runs_dir = runs_dir
+        self.storage = storage
+        self.metrics = metrics
+        self._lock = lock  # the engine's one lock over state transitions
+        self.sessions = sessions
+        self.leases = leases
+        self.intake = intake
+
+    async def dispatch(self, run_id: str) -> None:
+        """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
+        async with self._lock:
+            await self.dispatch_locked(run_id)
+
+    async def dispatch_locked(self, run_id: str) -> None:
+        run = self.ledger.run(run_id)
+        if run.status != "running":
+            return
+        hop = current_hop(run)
+        if hop is None:
+            await self._finish(run)
+            return
+        if hop.status == "pending" and time.monotonic() < self.leases.not_before.get(hop.id, 0.0):
+            return  # retry backoff: the watchdog dispatches it when due
+        session = self.sessions.get(hop.site)
+        if session is None:
+            self.leases.waiting_since.setdefault(hop.id, time.monotonic())
+            now = time.monotonic()
+            # Every connect and watchdog tick dispatches: say it once per hop per minute.
+            if now - self.leases.wait_logged.get(hop.id, -math.inf) >= WAIT_LOG_SECONDS:
+                self.leases.wait_logged[hop.id] = now
+                logger.info("run %s waits for site %s to connect", run_id, hop.site)
+            return
+        self.leases.waiting_since.pop(hop.id, None)
+        self.leases.wait_logged.pop(hop.id, None)
+        if hop.status in LIVE_HOP_STATES and self.leases.sent.get(hop.id) is session:
+            return
+        input_sha256 = input_sha(run, hop)
+        if self._refuse_tampered(run, input_sha256):
+            return
+        if hop.status == "pending":
+            hop = self.ledger.lease_hop(hop.id, secrets.token_hex(16), input_sha256)
+            self.metrics.hop_phase(hop.id, "leased")
+        self.leases.extend(run, hop.id)
+        input_ref = self.ledger.checkpoint(input_sha256) if input_sha256 else None
+        self.leases.sent[hop.id] = session
+        self.leases.progress[hop.id] = HopProgress(phase="leased")
+        session.queue.put_nowait(hop_task(run, hop, input_ref))
+
+    def waiting_reason(self, run: RunRow, hop: HopRow) -> str:
+        """Why a run's next hop is not running ("waiting for riverside: offline since ...")."""
+        current = current_hop(run)
+        if run.status != "running" or current is None or current.id != hop.id:
+            return ""
+        if hop.status != "pending" or hop.site in self.sessions:
+            return ""
+        view = self.sessions.site_views().get(hop.site)
+        return f"waiting for {hop.site}: {offline_text(view) if view else 'never connected'}"
+
+    async def heartbeat(self, site: str, beat: pb.Heartbeat) -> None:
+        """Extends the lease; the first "training" beat moves the hop to training."""
+        async with self._lock:
+            run, hop = self.leases.leased_hop(site, beat.hop_id, beat.lease_token)
+            self.leases.extend(run, hop.id)
+            self.metrics.hop_phase(hop.id, beat.phase)
+            self.leases.progress[beat.hop_id] = HopProgress(
+                phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
+            )
+            if beat.phase == "training" and hop.status == "leased":
+                with self.storage.guard(f"heartbeat of hop {hop.index} of run {run.id}"):
+                    self.ledger.transition_hop(
+                        hop.id, expected=("leased",), status="training", event="hop.training"
+                    )
+
+    async def report_result(self, site: str, result: pb.HopResult) -> str:
+        """Commits or fails a hop, then moves the run on. Returns the hop's new status.
+
+        A retried report of a hop already committed with the same output is answered
+        "committed" again (the site may not have seen the first answer); nothing is written.
+        """
+        async with self._lock:
+            done = self.ledger.hop(result.hop_id)
+            if (
+                done is not None
+                and done.site == site
+                and done.status == "committed"
+                and result.ok
+                and done.output_sha256 == result.output_checkpoint.sha256
+            ):
+                return "committed"
+            run, hop = self.leases.leased_hop(site, result.hop_id, result.lease_token)
+            bind_log_context(run_id=run.id, hop_id=hop.id, site=site)
+            if result.released:
+                return await self._hop_released(run, hop, result.error_message)
+            if not result.ok:
+                code = result.error_code or "site-error"
+                with self.storage.guard(f"failure report of hop {hop.index} of run {run.id}"):
+                    status = await self.hop_failed(
+                        run, hop, code, result.error_message or "the site reported a failure"
+                    )
+                return status
+            metrics = finite_metrics(dict(result.metrics))
+            output = self.ledger.checkpoint(result.output_checkpoint.sha256)
+            if output is None or output.hop_id != hop.id or output.status != "stored":
+                raise InvalidInput(
+                    f"output checkpoint {result.output_checkpoint.sha256} was not uploaded "
+                    f"for hop {hop.id}"
+                )
+            try:
+                with self.storage.guard(f"commit of hop {hop.index} of run {run.id}"):
+                    self.ledger.commit_hop(
+                        hop.id,
+                        lease_token=result.lease_token,
+                        output_sha256=output.sha256,
+                        metrics=metrics,
+                        train_started_at_ns=result.train_started_at_ns,
+                        train_finished_at_ns=result.train_finished_at_ns,
+                        base_model_sha256=output.manifest["base_model_sha256"],
+                    )
+            except TransitionRefused as exc:
+                raise StaleLease(str(exc)) from exc
+            self.leases.forget(hop.id)
+            self._observe_commit(run, hop, result)
+            logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
+            self.intake.hop_ended(hop.id, "hop committed with another output")
+            try:
+                with self.storage.guard(f"dispatch after hop {hop.index} of run {run.id}"):
+                    await self.dispatch_locked(run.id)
+            except StorageFault:
+                pass  # committed; the watchdog leases the next hop once storage recovers
+        return "committed"
+
+    def _observe_commit(self, run: RunRow, hop: HopRow, result: pb.HopResult) -> None:
+        self.metrics.hop_settled("committed")
+        previous = next((h for h in run.hops if h.index == hop.index - 1), None)
+        if (
+            previous is not None
+            and previous.status == "committed"
+            and previous.train_finished_at_ns
+            and result.train_started_at_ns >= previous.train_finished_at_ns
+        ):
+            handoff = result.train_started_at_ns - previous.train_finished_at_ns
+            self.metrics.handoff.observe(handoff / 1e9)
+
+    async def _finish(self, run: RunRow) -> None:
+        """Completes a run whose hops are all settled: final = last committed output."""
+        final = next((h for h in reversed(run.hops) if h.status == "committed"), None)
+        if final is None or final.output_sha256 is None:
+            self.ledger.transition_run(
+                run.id, expected=("running",), status="failed", error="no hop was committed"
+            )
+            return
+        if self._refuse_tampered(run, final.output_sha256):
+            return
+        try:
+            with self.storage.guard(f"export of run {run.id}'s final adapter"):
+                await asyncio.to_thread(
+                    export_final, self.store, final_adapter_dir(self.runs_dir, run.id),
+                    final.output_sha256,
+                )  # fmt: skip
+                self.ledger.transition_run(
+                    run.id,
+                    expected=("running",),
+                    status="completed",
+                    payload={"final_sha256": final.output_sha256},
+                    final_sha256=final.output_sha256,
+                )
+        except StorageFault:
+            return  # still running: the watchdog retries the export once storage recovers
+        logger.info("run %s completed", run.id)
+
+    def _refuse_tampered(self, run: RunRow, checkpoint_sha: str | None) -> bool:
+        """Pauses the run (ledgered) if its rows or the checkpoint differ from their events."""
+        mismatches = self.ledger.run_mismatches(run, checkpoint_sha)
+        if not mismatches:
+            return False
+        logger.error("run %s paused: %s", run.id, mismatches[0].message)
+        with contextlib.suppress(TransitionRefused):
+            self.ledger.pause_for_mismatch(run.id, mismatches)
+        return True
+
+    async def hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str:
+        """Applies the run's failure policy to a hop that failed, expired or waited too long."""
+        policy = failure_policy(run)
+        self.leases.forget(hop.id)
+        action = policy.on_failure
+        if action == "retry":
+            retryable = code not in DETERMINISTIC_FAILURES and hop.attempts <= policy.max_retries
+            action = "retry" if retryable else policy.then
+        detail = {"code": code, "message": message, "action": action}
+        self.metrics.hop_settled({"retry": "retried", "skip": "skipped"}.get(action, "failed"))
+        logger.warning("run %s hop %d at %s: %s (%s) -> %s", run.id, hop.index, hop.site,
+                       code, message, action,
+                       extra={"run_id": run.id, "hop_id": hop.id, "site": hop.site})  # fmt: skip
+        live = (*LIVE_HOP_STATES, "pending")
+        if action == "retry":
+            delay = policy.retry_backoff_seconds * 2 ** max(hop.attempts - 1, 0)
+            self.ledger.transition_hop(
+                hop.id, expected=live, status="pending", event="hop.retry", payload=detail,
+                lease_token=None, error_code=code, error=message,
+            )  # fmt: skip
+            self.intake.hop_ended(hop.id, f"hop retried after {code}")
+            self.leases.not_before[hop.id] = time.monotonic() + delay
+            return "pending"
+        if action == "skip":
+            self.ledger.transition_hop(
+                hop.id, expected=live, status="skipped", event="hop.skipped", payload=detail,
+                lease_token=None, error_code=code, error=message,
+            )  # fmt: skip
+            self.intake.hop_ended(hop.id, f"hop skipped after {code}")
+            await self.dispatch_locked(run.id)
+            return "skipped"
+        self.ledger.transition_hop(
+            hop.id, expected=live, status="failed", event="hop.failed", payload=detail,
+            lease_token=None, error_code=code, error=message,
+        )  # fmt: skip
+        self.intake.hop_ended(hop.id, f"hop failed with {code}")
+        error = f"hop {hop.index} at {hop.site}: {code}: {message}"
+        if action == "pause":
+            self.ledger.transition_run(run.id, expected=("running",), status="paused",
+                                       payload=detail, error=error)  # fmt: skip
+            return "failed"
+        self.ledger.transition_run(run.id, expected=("running",), status="failed",
+                                   payload=detail, error=error)  # fmt: skip
+        return "failed"
+
+    async def _hop_released(self, run: RunRow, hop: HopRow, reason: str) -> str:
+        """A site handed its hop back unfinished: pending again, and not a failed attempt."""
+        self.leases.forget(hop.id)
+        self.ledger.transition_hop(
+            hop.id, expected=LIVE_HOP_STATES, status="pending", event="hop.released",
+            payload={"reason": reason[:500] or "released by the site"}, lease_token=None,
+            attempts=lambda row: max(row.attempts - 1, 0),
+        )  # fmt: skip
+        self.metrics.hop_settled("released")
+        logger.info("run %s hop %d released by %s: %s", run.id, hop.index, hop.site, reason)
+        await self.dispatch_locked(run.id)
+        return "pending"
+
+    async def check_deadlines(self, runs: list[RunRow]) -> None:
+        """Expires leases, gives up on absent sites and dispatches hops whose backoff ended."""
+        now = time.monotonic()
+        for run in runs:
+            hop = current_hop(run)
+            if hop is None:
+                await self.dispatch(run.id)  # all hops settled: retries a failed export
+                continue
+            policy = failure_policy(run)
+            async with self._lock:
+                if hop.status in LIVE_HOP_STATES:
+                    deadline = self.leases.deadlines.setdefault(
+                        hop.id, now + policy.lease_timeout_seconds
+                    )
+                    if now > deadline:
+                        message = "no heartbeat before the lease deadline"
+                        self.metrics.lease_expiries.inc()
+                        await self.hop_failed(run, hop, "lease-expired", message)
+                        continue
+                waiting = self.leases.waiting_since.get(hop.id)
+                if (
+                    hop.status == "pending"
+                    and waiting is not None
+                    and hop.site not in self.sessions
+                    and now - waiting > policy.site_wait_seconds
+                ):
+                    self.leases.waiting_since.pop(hop.id, None)
+                    await self.hop_failed(run, hop, "site-unavailable",
+                                           f"site {hop.site} stayed offline")  # fmt: skip
+                    continue
+            if hop.status == "pending":
+                await self.dispatch(run.id)

@@ -1,0 +1,71 @@
+"""The in-memory side of hop leases: whom a task went to, deadlines, backoffs and progress.
+
+The ledger holds each lease (its token and state); this holds what only matters while the
+coordinator runs, and checks that a site's call carries its hop's current lease.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from coordinator.engine.rules import failure_policy
+from coordinator.engine.sessions import SiteSession
+from coordinator.errors import NotFound, PermissionDenied, StaleLease
+from coordinator.ledger import LIVE_HOP_STATES, HopRow, Ledger, RunRow
+from coordinator.metrics import CoordinatorMetrics
+
+__all__ = ["HopLeases", "HopProgress"]
+
+
+@dataclass
+class HopProgress:
+    phase: str = ""
+    step: int = 0
+    total_steps: int = 0
+    loss: float = 0.0
+
+
+class HopLeases:
+    """Per-hop timers and the stream each hop's task was sent on, keyed by hop id."""
+
+    def __init__(self, ledger: Ledger, metrics: CoordinatorMetrics) -> None:
+        self.ledger = ledger
+        self.metrics = metrics
+        self.sent: dict[str, SiteSession] = {}  # hop id -> session its task went to
+        self.progress: dict[str, HopProgress] = {}
+        self.deadlines: dict[str, float] = {}  # hop id -> monotonic lease deadline
+        self.not_before: dict[str, float] = {}  # hop id -> retry backoff end
+        self.waiting_since: dict[str, float] = {}  # hop id -> when it began waiting for its site
+        self.wait_logged: dict[str, float] = {}  # hop id -> when "waits for site" was logged
+
+    def leased_hop(self, site: str, hop_id: str, lease_token: str) -> tuple[RunRow, HopRow]:
+        """The hop and its run, if `site` holds the hop's current lease under a running run."""
+        run, hop = self.find_hop(hop_id)
+        if hop.site != site:
+            raise PermissionDenied(f"hop {hop_id} is not leased to site {site}")
+        if hop.status not in LIVE_HOP_STATES or not lease_token or hop.lease_token != lease_token:
+            raise StaleLease(f"lease token for hop {hop_id} is not current")
+        if run.status != "running":
+            raise StaleLease(f"run {run.id} is {run.status}")
+        return run, hop
+
+    def find_hop(self, hop_id: str) -> tuple[RunRow, HopRow]:
+        """The hop and its run, by id: one lookup, not a scan of every active run."""
+        found = self.ledger.hop(hop_id)
+        if found is None:
+            raise NotFound(f"no active hop {hop_id}")
+        run = self.ledger.run(found.run_id)
+        if run.status != "running":
+            raise NotFound(f"no active hop {hop_id}")
+        return run, next(h for h in run.hops if h.id == hop_id)
+
+    def extend(self, run: RunRow, hop_id: str) -> None:
+        """Moves the hop's lease deadline to a full lease timeout from now."""
+        self.deadlines[hop_id] = time.monotonic() + failure_policy(run).lease_timeout_seconds
+
+    def forget(self, hop_id: str) -> None:
+        """Drops a hop that left its lease (its task, progress, deadline and backoff)."""
+        self.metrics.hop_phase(hop_id, None)
+        for table in (self.sent, self.progress, self.deadlines, self.not_before):
+            table.pop(hop_id, None)

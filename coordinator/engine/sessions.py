@@ -1,0 +1,146 @@
+"""Connected sites: their open task streams, revoked certificates, approvals and views."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from coordinator.errors import InvalidInput, PreflightFailed
+from coordinator.ledger import Ledger
+from coordinator.plan import RunPlan
+from coordinator.preflight import SiteApprovals, SiteView, preflight_problems
+from protocols.ledger_head import SignedHead
+from protocols.v1 import baton_pb2 as pb
+
+__all__ = ["SiteSession", "SiteSessions"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteSession:
+    """One open task stream of a connected site."""
+
+    site: str
+    serial: int = 0  # the certificate the stream was opened with
+    queue: asyncio.Queue[pb.Task | None] = field(default_factory=asyncio.Queue)
+
+    def close(self) -> None:
+        self.queue.put_nowait(None)
+
+
+class SiteSessions:
+    """The task stream of each connected site, and what the coordinator knows of every site."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._sessions: dict[str, SiteSession] = {}
+        self._revoked: dict[str, str] | None = None  # serial hex -> reason, cached
+        self._signed_head: SignedHead | None = None  # the newest, sent to every site stream
+        self._approvals: dict[str, SiteApprovals] = {}  # site -> what it approved (last hello)
+        self._offline_since: dict[str, datetime] = {}  # site -> when its task stream closed
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, site: object) -> bool:
+        return site in self._sessions
+
+    def get(self, site: str) -> SiteSession | None:
+        """The site's open task stream, or None while it is not connected."""
+        return self._sessions.get(site)
+
+    def connected_sites(self) -> set[str]:
+        return set(self._sessions)
+
+    # ---- certificates -------------------------------------------------------------------------
+
+    def revocation(self, serial: int) -> str | None:
+        """The reason a certificate serial was revoked, or None."""
+        if self._revoked is None:
+            self._revoked = self.ledger.revocations()
+        return self._revoked.get(format(serial, "x"))
+
+    def revoke(self, serial: str, reason: str, *, by: str) -> int:
+        """Revokes a certificate serial (hex) and closes the streams opened with it."""
+        try:
+            number = int(serial, 16)
+        except ValueError:
+            raise InvalidInput(f"not a hexadecimal certificate serial: {serial!r}") from None
+        self.ledger.revoke(format(number, "x"), reason=reason, by=by)
+        self._revoked = None
+        closed = 0
+        for session in list(self._sessions.values()):
+            if session.serial == number:
+                session.close()
+                self.disconnect(session)
+                closed += 1
+        logger.warning("certificate %x revoked by %s (%s); %d stream(s) closed",
+                       number, by, reason, closed)  # fmt: skip
+        return closed
+
+    # ---- connections --------------------------------------------------------------------------
+
+    def connect(self, site: str, serial: int = 0) -> SiteSession:
+        """Registers a site's new task stream, replacing (and closing) an older one."""
+        session = SiteSession(site, serial)
+        old = self._sessions.get(site)
+        if old is not None:
+            old.close()
+        self._sessions[site] = session
+        logger.info("site %s connected its task stream", site)
+        if self._signed_head is not None:
+            session.queue.put_nowait(pb.Task(ledger_head=self._signed_head.to_proto()))
+        return session
+
+    def disconnect(self, session: SiteSession) -> None:
+        if self._sessions.get(session.site) is session:
+            del self._sessions[session.site]
+            self._offline_since[session.site] = datetime.now(UTC)
+            logger.info("site %s task stream closed", session.site)
+
+    def publish_head(self, head: SignedHead) -> None:
+        """Hands a newly signed ledger head to every connected site (they keep the newest)."""
+        self._signed_head = head
+        for session in self._sessions.values():
+            session.queue.put_nowait(pb.Task(ledger_head=head.to_proto()))
+
+    @staticmethod
+    async def tasks(session: SiteSession) -> AsyncIterator[pb.Task]:
+        while (task := await session.queue.get()) is not None:
+            yield task
+
+    # ---- preflight ----------------------------------------------------------------------------
+
+    def report_approvals(self, site: str, approvals: SiteApprovals) -> None:
+        """Remembers what a site said at hello it approved (for preflight)."""
+        self._approvals[site] = approvals
+
+    def site_views(self) -> dict[str, SiteView]:
+        """Every registered site as this coordinator knows it: connection, data, approvals."""
+        views = {}
+        for row in self.ledger.sites():
+            dropped = self._offline_since.get(row.name)
+            views[row.name] = SiteView(
+                name=row.name,
+                connected=row.name in self._sessions,
+                offline_since=dropped or row.last_seen_at,
+                offline_since_exact=dropped is not None,
+                base_models=row.base_models,
+                datasets=row.datasets,
+                approvals=self._approvals.get(row.name),
+            )
+        return views
+
+    def preflight(self, plan: RunPlan, *, allow_offline: bool = False) -> None:
+        """Refuses a run its sites would not run, listing every problem (one per line).
+
+        Raises:
+            PreflightFailed: One problem per line of its message.
+        """
+        problems = preflight_problems(plan, self.site_views(), allow_offline=allow_offline)
+        if problems:
+            raise PreflightFailed("\n".join(problems))

@@ -1,0 +1,157 @@
+"""Pure builders of the task messages sent to sites, and the approval bundles they carry."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+
+from coordinator.ledger import (
+    CheckpointRow,
+    EvaluationRow,
+    HopRow,
+    RunRow,
+    StatisticsAnswerRow,
+    StatisticsRequestRow,
+)
+from coordinator.plan import RunPlan
+from protocols.approval import ApprovalBundle
+from protocols.v1 import baton_pb2 as pb
+
+__all__ = [
+    "approval_bundle",
+    "checkpoint_ref",
+    "evaluation_task",
+    "hop_task",
+    "statistics_bundle",
+    "statistics_expiry",
+    "statistics_key",
+    "statistics_task",
+    "unix_seconds",
+]
+
+
+def lora_config(plan: dict[str, object]) -> pb.LoraConfig:
+    lora = plan["lora"]
+    assert isinstance(lora, dict)
+    return pb.LoraConfig(
+        r=lora["r"],
+        alpha=lora["alpha"],
+        dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+    )
+
+
+def hop_task(run: RunRow, hop: HopRow, input_ref: CheckpointRow | None) -> pb.Task:
+    plan = run.plan
+    task = pb.HopTask(
+        run_id=run.id,
+        hop_id=hop.id,
+        hop_index=hop.index,
+        lease_token=hop.lease_token or "",
+        task_type=plan["task"],
+        dataset=plan["dataset"],
+        labels=plan["labels"],
+        base_model_sha256=run.base_model_sha256 or "",
+        lora=lora_config(plan),
+        hyperparameters=pb.Hyperparameters(**hop.hyperparameters),
+        task_options_json=json.dumps(plan.get("options", {}), sort_keys=True),
+        approval_bundle_json=approval_bundle(run).canonical_json(),
+    )
+    if input_ref is not None:
+        task.input_checkpoint.CopyFrom(checkpoint_ref(input_ref))
+    cv = cross_validation(run)
+    if cv is not None:
+        task.cross_validation.CopyFrom(cv)
+    return pb.Task(hop=task)
+
+
+def cross_validation(run: RunRow) -> pb.CrossValidation | None:
+    spec = run.plan.get("cross_validation")
+    if not spec:
+        return None
+    assert isinstance(spec, dict)
+    return pb.CrossValidation(
+        folds=int(spec["folds"]), min_validation_rows=int(spec["min_validation_rows"])
+    )
+
+
+def evaluation_task(run: RunRow, row: EvaluationRow, checkpoint: CheckpointRow) -> pb.Task:
+    plan = run.plan
+    task = pb.Task(
+        evaluation=pb.EvaluationTask(
+            evaluation_id=row.id,
+            lease_token=row.lease_token or "",
+            run_id=run.id,
+            checkpoint=checkpoint_ref(checkpoint),
+            task_type=plan["task"],
+            dataset=plan["dataset"],
+            labels=plan["labels"],
+            base_model_sha256=run.base_model_sha256 or "",
+            lora=lora_config(plan),
+            task_options_json=json.dumps(plan.get("options", {}), sort_keys=True),
+            split=row.split,
+            approval_bundle_json=approval_bundle(run).canonical_json(),
+        )
+    )
+    cv = cross_validation(run)
+    if cv is not None:
+        task.evaluation.cross_validation.CopyFrom(cv)
+    return task
+
+
+def checkpoint_ref(row: CheckpointRow) -> pb.CheckpointRef:
+    """Where a site finds a checkpoint, with what it needs to verify who produced it."""
+    return pb.CheckpointRef(
+        sha256=row.sha256,
+        size=row.size,
+        signature=bytes.fromhex(row.signature),
+        producer_certificate=row.producer_certificate.encode("ascii"),
+    )
+
+
+def approval_bundle(run: RunRow) -> ApprovalBundle:
+    """The bundle the run's sites approve, rebuilt from the plan stored with the run."""
+    return RunPlan.model_validate(run.plan).approval_bundle()
+
+
+def statistics_bundle(request: StatisticsRequestRow) -> ApprovalBundle:
+    """The bundle a statistics request's sites approve, rebuilt from the stored request."""
+    return ApprovalBundle.for_statistics(
+        request.task_type,
+        request.dataset,
+        min_count=request.min_count,
+        noise_std=request.noise_std,
+    )
+
+
+def statistics_task(request: StatisticsRequestRow, answer: StatisticsAnswerRow) -> pb.Task:
+    return pb.Task(
+        statistics=pb.StatisticsTask(
+            statistics_id=request.id,
+            lease_token=answer.lease_token or "",
+            task_type=request.task_type,
+            dataset=request.dataset,
+            min_count=request.min_count,
+            noise_std=request.noise_std,
+            approval_bundle_json=statistics_bundle(request).canonical_json(),
+            expires_at=unix_seconds(statistics_expiry(request)),
+        )
+    )
+
+
+def statistics_expiry(request: StatisticsRequestRow) -> datetime | None:
+    """When a pending request fails (aware UTC; SQLite returns naive datetimes), or None."""
+    expires_at = request.expires_at
+    if expires_at is not None and expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)
+    return expires_at
+
+
+def unix_seconds(moment: datetime | None) -> int:
+    return math.ceil(moment.timestamp()) if moment is not None else 0
+
+
+def statistics_key(request_id: str, site: str) -> str:
+    """Key of a site's statistics task among the tasks sent (hop and evaluation ids are bare)."""
+    return f"statistics:{request_id}:{site}"
