@@ -475,3 +475,44 @@ def test_sessions_and_worker_rows_work_on_every_backend(database_url: str, tmp_p
         assert ledger.verify().ok
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("steps-min", "9", "invalid range [9, 4]"),
+        ("cv-folds", "1", "cross_validation.folds: Input should be greater than or equal to 2"),
+        ("name", "a/b", "name: String should match pattern"),
+    ],
+)
+def test_the_cli_and_the_new_study_form_refuse_bad_input_with_the_same_message(
+    study_client: TestClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    option: str,
+    value: str,
+    message: str,
+) -> None:
+    from coordinator.console.study_cli import study_app
+
+    monkeypatch.setattr("coordinator.console.study_cli.configure_logging", lambda *args: None)
+    monkeypatch.setattr("coordinator.console.study_cli._quiet_optuna", lambda: None)
+    monkeypatch.setenv("COLUMNS", "400")  # one line per message
+    cli_options = {**STUDY, option: value}
+    argv = ["start", "--storage", f"sqlite:///{tmp_path / 's.sqlite3'}", "--dry-run"]
+    for key, given in cli_options.items():
+        if key == "options":
+            argv += [f"--{key}", json.dumps(given)]
+        elif isinstance(given, list):
+            argv += [a for item in given for a in (f"--{key}", item)]
+        else:
+            argv += [f"--{key}", str(given)]
+    cli = CliRunner().invoke(study_app, argv)
+    assert cli.exit_code == 2, cli.output
+    assert message in cli.output
+    csrf = login(study_client, "operator")
+    document = json.dumps({**STUDY, option: json.loads(value) if value.isdigit() else value})
+    page = study_client.post("/studies", data={"csrf_token": csrf, "study": document,
+                                               "allow_offline": "true"})  # fmt: skip
+    assert page.status_code == 422
+    assert message in page.text
