@@ -10,12 +10,13 @@ the coordinator's serve path imports this module).
 from __future__ import annotations
 
 import json
+import re
 import signal
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 if TYPE_CHECKING:
     from coordinator.console.study import RunTemplate
@@ -37,8 +38,20 @@ __all__ = [
 
 _LOWER_IS_BETTER = ("loss", "perplexity")
 
-# A study's name is part of its page's URL: letters, digits, '.', '_', '-' and spaces.
-Name = Annotated[str, StringConstraints(max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
+
+
+def _study_name(value: str) -> str:
+    # A study's name is part of its page's URL.
+    if not _NAME.match(value):
+        raise ValueError(
+            "a study name is 1-100 letters, digits, '.', '_', '-' or spaces, starting with a "
+            "letter or digit"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_study_name)]
 Short = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
 
 

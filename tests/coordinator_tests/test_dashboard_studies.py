@@ -482,7 +482,7 @@ def test_sessions_and_worker_rows_work_on_every_backend(database_url: str, tmp_p
     [
         ("steps-min", "9", "invalid range [9, 4]"),
         ("cv-folds", "1", "cross_validation.folds: Input should be greater than or equal to 2"),
-        ("name", "a/b", "name: String should match pattern"),
+        ("name", "a/b", "name: Value error, a study name is 1-100 letters, digits"),
     ],
 )
 def test_the_cli_and_the_new_study_form_refuse_bad_input_with_the_same_message(
