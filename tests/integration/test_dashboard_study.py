@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import ssl
 import time
 from collections.abc import Callable
@@ -115,21 +116,27 @@ def test_a_study_started_from_the_dashboard_runs_trials_and_stops_as_asked(
             assert statuses == {"completed"}
 
             # Started again, the study continues; stopped at once, its trial's run is aborted.
-            again = client.post("/api/v1/studies", json=STUDY)
-            assert again.status_code == 201, again.text
-            with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
-                running = _until(
-                    lambda: [r for r in admin.runs() if r.status == "running"],
-                    "a trial's run started",
-                )
-                abort = client.post("/api/v1/studies/dash-study/stop",
-                                    json={"mode": "abort-trial"})  # fmt: skip
-                assert abort.status_code == 200, abort.text
-                _until(
-                    lambda: client.get("/api/v1/studies/dash-study/workers").json()[0]["ended_at"],
-                    "the second worker ended",
-                )
-                aborted = admin.run(running[0].run_id)
+            # site-b is frozen first (still connected, its stream open): the trial's run waits
+            # at site-b's hop, as a long hop would, until the stop (tiny tabular runs would
+            # otherwise often complete before the stop arrives).
+            frozen = cluster.process(sites[1]).process
+            frozen.send_signal(signal.SIGSTOP)
+            try:
+                again = client.post("/api/v1/studies", json=STUDY)
+                assert again.status_code == 201, again.text
+                with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
+
+                    def waiting() -> list[Any]:
+                        return [r for r in admin.runs() if r.status == "running"]
+
+                    [run] = _until(waiting, "a trial's run waiting for the frozen site")
+                    abort = client.post("/api/v1/studies/dash-study/stop",
+                                        json={"mode": "abort-trial"})  # fmt: skip
+                    assert abort.status_code == 200, abort.text
+                    _until(lambda: ended() and len(ended()) == 2, "the second worker ended")
+                    aborted = admin.run(run.run_id)
+            finally:
+                frozen.send_signal(signal.SIGCONT)
             assert aborted.status == "aborted"
             assert "the ordering search stopped this trial" in aborted.error
         events = cluster.process("coordinator").log_tail()
