@@ -60,7 +60,12 @@ from ordering import (
     TrialRecord,
     probe_order,
 )
-from protocols.exit_codes import EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_UNREACHABLE
+from protocols.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_RUN_FAILED,
+    EXIT_UNREACHABLE,
+)
 from protocols.logs import configure_logging
 
 __all__ = [
@@ -316,6 +321,10 @@ def study_start(
                 run_search(study, executor, trials, on_trial=on_trial)
             except FinishTrialThenStop.Stopped:
                 console.print("stopped after this trial, as asked")
+            except KeyboardInterrupt:
+                # The executor aborted the trial's run on its way out; the trial is failed.
+                console.print("stopped at once, as asked: this trial's run is aborted")
+                raise typer.Exit(EXIT_INTERRUPTED) from None
             except (PlanError, RunNotApproved) as exc:
                 raise fail(str(exc), EXIT_BAD_INPUT) from exc
             except grpc.RpcError as exc:

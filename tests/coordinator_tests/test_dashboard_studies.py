@@ -516,3 +516,30 @@ def test_the_cli_and_the_new_study_form_refuse_bad_input_with_the_same_message(
                                                "allow_offline": "true"})  # fmt: skip
     assert page.status_code == 422
     assert message in page.text
+
+
+def test_pages_never_create_the_study_schema_a_starting_worker_is_creating(
+    database_url: str,
+) -> None:
+    from sqlalchemy import create_engine, inspect
+
+    from coordinator.console.study import study_storage_url
+    from coordinator.dashboard._studies import list_studies, study_detail
+    from coordinator.errors import NotFound
+    from coordinator.ledger import Ledger
+
+    ledger = Ledger(database_url)
+    ledger.migrate()
+    try:
+        storage = study_storage_url(database_url)  # PostgreSQL: the (empty) schema exists now
+        engine = create_engine(storage)
+        with engine.begin() as connection:  # SQLite: the file exists, as a worker just made it
+            connection.exec_driver_sql("CREATE TABLE IF NOT EXISTS placeholder (x INTEGER)")
+        assert list_studies(database_url) == []
+        with pytest.raises(NotFound):
+            study_detail(database_url, "starting")
+        with engine.connect() as connection:
+            assert not inspect(connection).has_table("alembic_version")  # left to the worker
+        engine.dispose()
+    finally:
+        ledger.close()

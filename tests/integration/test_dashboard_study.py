@@ -135,6 +135,10 @@ def test_a_study_started_from_the_dashboard_runs_trials_and_stops_as_asked(
                     assert abort.status_code == 200, abort.text
                     _until(lambda: ended() and len(ended()) == 2, "the second worker ended")
                     aborted = admin.run(run.run_id)
+                    [second, _] = ended()
+                    assert second["status"] == "stopped" and second["exit_code"] == 130
+                    assert "stopped at once, as asked: this trial's run is aborted" in (
+                        second["log_tail"])  # fmt: skip
             finally:
                 frozen.send_signal(signal.SIGCONT)
             assert aborted.status == "aborted"
