@@ -208,6 +208,31 @@ async def serve(settings: CoordinatorSettings) -> None:
     logger.info("coordinator stopped")
 
 
+def _study_supervisor(settings: CoordinatorSettings, coordinator: Coordinator) -> Any:
+    """The dashboard's study workers: `baton study start` with the configured admin identity."""
+    from coordinator.study_supervisor import StudySupervisor, StudyWorkerCredentials
+
+    credentials = None
+    if settings.study_admin_certificate is not None and settings.study_admin_key is not None:
+        host = "localhost" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        credentials = StudyWorkerCredentials(
+            coordinator=f"{host}:{coordinator.port}",
+            ca_certificate=settings.ca_certificate.resolve(),
+            certificate=settings.study_admin_certificate.resolve(),
+            private_key=settings.study_admin_key.resolve(),
+        )
+    assert settings.database_url is not None
+    supervisor = StudySupervisor(
+        coordinator.engine.ledger,
+        database_url=settings.database_url,
+        credentials=credentials,
+        log_dir=settings.state_dir / "study-workers",
+    )
+    for worker in supervisor.adopt_orphans():
+        logger.warning("study worker %s was started by an earlier coordinator: orphaned", worker)
+    return supervisor
+
+
 async def _start_dashboard(
     settings: CoordinatorSettings, coordinator: Coordinator, listener: socket.socket
 ) -> Any:
@@ -227,6 +252,7 @@ async def _start_dashboard(
             private_key=settings.private_key,
             ca_certificate=settings.ca_certificate,
             sock=listener,
+            supervisor=_study_supervisor(settings, coordinator),
         )
     except BaseException:
         listener.close()

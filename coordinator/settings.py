@@ -55,6 +55,10 @@ class CoordinatorSettings(FileBackedSettings):
     dashboard_host: str | None = None  # default: the same host as the gRPC server
     dashboard_port: int = Field(default=8443, ge=0, le=65535)
     dashboard_port_file: Path | None = None  # write the dashboard's bound port here
+    # An admin certificate (`baton pki issue admin`) for the `baton study start` workers the
+    # dashboard starts; without it the dashboard cannot start studies (and says so).
+    study_admin_certificate: Path | None = None
+    study_admin_key: Path | None = None
 
     @model_validator(mode="after")
     def _default_database(self) -> CoordinatorSettings:

@@ -11,6 +11,7 @@ __all__ = [
     "EXIT_BAD_INPUT",
     "EXIT_CHECKS_FAILED",
     "EXIT_HISTORY_REWRITTEN",
+    "EXIT_INTERRUPTED",
     "EXIT_REFUSED",
     "EXIT_RUN_FAILED",
     "EXIT_UNREACHABLE",
@@ -22,3 +23,4 @@ EXIT_BAD_INPUT = 2
 EXIT_UNREACHABLE = 3  # `baton`: the coordinator is unreachable
 EXIT_REFUSED = 3  # `baton-site`: the site refused the coordinator
 EXIT_HISTORY_REWRITTEN = EXIT_REFUSED
+EXIT_INTERRUPTED = 130  # `baton study start` stopped by SIGINT (as a shell reports it)

@@ -127,3 +127,49 @@ def admin_login_link(
     finally:
         ledger.close()
     typer.echo(f"{url.rstrip('/')}/login/link?token={token}")
+
+
+@admin_app.command("sessions")
+def admin_sessions(
+    name: Annotated[str | None, typer.Argument(help="Only this account's sessions")] = None,
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """List active dashboard sessions (key, account, login kind, client, last seen, expiry)."""
+    from coordinator.dashboard import SessionStore
+
+    ledger = _open_ledger(state_dir, database_url)
+    try:
+        active = SessionStore(ledger).active(name)
+    finally:
+        ledger.close()
+    if not active:
+        console.print("no active session")
+        return
+    for s in active:
+        console.print(
+            f"{s.key}  {s.account} ({s.role}, {s.via})  from {s.client}  "
+            f"last seen {s.last_seen_at:%Y-%m-%d %H:%M} UTC  expires {s.expires_at:%Y-%m-%d %H:%M}"
+        )
+
+
+@admin_app.command("revoke")
+def admin_revoke(
+    name: Name,
+    session: Annotated[
+        str | None, typer.Option(help="Only the session with this key (`baton admin sessions`)")
+    ] = None,
+    state_dir: StateDir = None,
+    database_url: DbUrl = None,
+) -> None:
+    """End an account's dashboard sessions (all, or one by its key): it must log in again."""
+    from coordinator.dashboard import SessionStore
+
+    ledger = _open_ledger(state_dir, database_url)
+    try:
+        ended = SessionStore(ledger).revoke(name, session, by=_actor())
+    finally:
+        ledger.close()
+    if session is not None and not ended:
+        raise _fail(f"no active session {session} of account {name!r}")
+    console.print(f"{ended} session(s) of {name} ended")

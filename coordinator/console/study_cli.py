@@ -7,11 +7,12 @@ import math
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import grpc
 import optuna
 import typer
+from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import make_url
@@ -32,9 +33,7 @@ from coordinator.console._options import (
 from coordinator.console.study import (
     RunExecutor,
     RunNotApproved,
-    RunTemplate,
     TrialRunError,
-    approval_bounds,
     attach_run_template,
     cross_site_probe,
     heuristic_seed_orders,
@@ -45,18 +44,28 @@ from coordinator.console.study import (
     warm_start_from_ledger,
 )
 from coordinator.plan import PlanError, RunPlan
+from coordinator.study_request import (
+    FinishTrialThenStop,
+    StudyRequest,
+    StudyRequestError,
+    json_object,
+    prepare_search,
+    validation_message,
+)
 from ordering import (
-    FloatRange,
     HopHyperparameters,
-    IntRange,
     OrderingStudy,
-    SearchSpace,
     SearchSpaceError,
     StudyMismatch,
     TrialRecord,
     probe_order,
 )
-from protocols.exit_codes import EXIT_BAD_INPUT, EXIT_RUN_FAILED, EXIT_UNREACHABLE
+from protocols.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    EXIT_RUN_FAILED,
+    EXIT_UNREACHABLE,
+)
 from protocols.logs import configure_logging
 
 __all__ = [
@@ -100,9 +109,6 @@ class DirectionName(StrEnum):
     minimize = "minimize"
 
 
-_LOWER_IS_BETTER = ("loss", "perplexity")
-
-
 def _quiet_optuna() -> None:
     """Optuna's own stderr handler would duplicate every line; let our handler show them."""
     optuna.logging.disable_default_handler()
@@ -128,18 +134,6 @@ def _load(storage: str | None, name: str) -> OrderingStudy:
         raise fail(f"no study named {name!r} in {url}", EXIT_BAD_INPUT) from exc
     except StudyMismatch as exc:
         raise fail(str(exc), EXIT_BAD_INPUT) from exc
-
-
-def _json_object(raw: str | None, option: str) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise fail(f"{option} is not valid JSON: {exc}", EXIT_BAD_INPUT) from exc
-    if not isinstance(value, dict):
-        raise fail(f"{option} must be a JSON object", EXIT_BAD_INPUT)
-    return value
 
 
 def _value(record: TrialRecord) -> str:
@@ -219,37 +213,31 @@ def study_start(
     configure_logging(log_level)
     _quiet_optuna()
     url = resolve_storage(storage)
-    minimize = (
-        direction is DirectionName.minimize if direction is not None else metric in _LOWER_IS_BETTER
-    )
     try:
-        space = SearchSpace(
-            sites=tuple(sites),
-            cycles=cycles,
-            learning_rate=lr_min if lr_min == lr_max else FloatRange(lr_min, lr_max, log=True),
-            steps=steps_min if steps_min == steps_max else IntRange(steps_min, steps_max),
-            batch_size=batch_size,
-        )
-        template = RunTemplate(
-            dataset=dataset,
-            labels=tuple(labels or ()),
-            task=task,
-            metric=metric,
-            lora=_json_object(lora, "--lora"),
-            options=_json_object(options, "--options") or {},
-            base_model_sha256=base_model_sha256,
-            bounds=approval_bounds(space),  # one approval covers every trial
-            cross_validation=(
-                {"folds": cv_folds, "min_validation_rows": min_validation_rows}
-                if cv_folds
-                else None
-            ),
-        )
-        bundle = template.approval_bundle(space.plan(tuple(sites)))  # refused before any run
-        if dry_run:
-            console.print_json(bundle.canonical_json())
-            console.print(f"approval bundle sha256: {bundle.sha256}")
-            return
+        # The dashboard's "New study" checks the same request with the same code.
+        request = StudyRequest(
+            name=name, dataset=dataset, sites=list(sites), labels=list(labels or ()), task=task,
+            cycles=cycles, lr_min=lr_min, lr_max=lr_max, steps_min=steps_min,
+            steps_max=steps_max, batch_size=batch_size, trials=trials, encoding=encoding.value,
+            aggregation=aggregation.value, metric=metric,
+            direction=direction.value if direction is not None else None,
+            lora=json_object(lora, "--lora"), options=json_object(options, "--options"),
+            base_model_sha256=base_model_sha256, seed=seed, seed_orders=seed_orders.value,
+            cv_folds=cv_folds, min_validation_rows=min_validation_rows, warm_start=warm_start,
+            run_timeout=run_timeout, site_timeout=site_timeout,
+        )  # fmt: skip
+        prepared = prepare_search(request)
+    except ValidationError as exc:
+        raise fail(validation_message(exc), EXIT_BAD_INPUT) from exc
+    except StudyRequestError as exc:
+        raise fail(str(exc), EXIT_BAD_INPUT) from exc
+    minimize = request.minimize
+    space, template, bundle = prepared.space, prepared.template, prepared.bundle
+    if dry_run:
+        console.print_json(bundle.canonical_json())
+        console.print(f"approval bundle sha256: {bundle.sha256}")
+        return
+    try:
         study = OrderingStudy.create(
             url,
             name,
@@ -316,6 +304,7 @@ def study_start(
             TimeElapsedColumn(),
             console=console,
         )
+        stop = FinishTrialThenStop().install()  # SIGTERM: finish this trial, then stop
         with progress:
             bar = progress.add_task("trials", total=trials)
 
@@ -326,9 +315,16 @@ def study_start(
                     f"{record.compute_seconds:.1f} s" + (f"  run {run_id}" if run_id else "")
                 )
                 progress.advance(bar)
+                stop.check()
 
             try:
                 run_search(study, executor, trials, on_trial=on_trial)
+            except FinishTrialThenStop.Stopped:
+                console.print("stopped after this trial, as asked")
+            except KeyboardInterrupt:
+                # The executor aborted the trial's run on its way out; the trial is failed.
+                console.print("stopped at once, as asked: this trial's run is aborted")
+                raise typer.Exit(EXIT_INTERRUPTED) from None
             except (PlanError, RunNotApproved) as exc:
                 raise fail(str(exc), EXIT_BAD_INPUT) from exc
             except grpc.RpcError as exc:

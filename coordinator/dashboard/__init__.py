@@ -2,6 +2,7 @@
 
 from coordinator.dashboard._accounts import Account, AccountError, AccountStore, DashboardRole
 from coordinator.dashboard._app import create_app
+from coordinator.dashboard._auth import SessionInfo, SessionStore
 from coordinator.dashboard._serve import DashboardServer, start_dashboard
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "AccountStore",
     "DashboardRole",
     "DashboardServer",
+    "SessionInfo",
+    "SessionStore",
     "create_app",
     "start_dashboard",
 ]

@@ -12,13 +12,16 @@ from fastapi.templating import Jinja2Templates
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from coordinator.dashboard._accounts import AccountStore
+from coordinator.dashboard._auth import SessionStore
 from coordinator.dashboard._deps import CsrfRefused, DashboardState, Forbidden, LoginRequired
 from coordinator.dashboard._render import render
 from coordinator.dashboard._service import DashboardService
-from coordinator.dashboard.routes import auth, ledger, overview, runs, sites, studies
+from coordinator.dashboard.routes import auth, ledger, overview, runs, sessions, sites, studies
 from coordinator.engine import RunEngine
 from coordinator.errors import CoordinatorError, NotFound
 from coordinator.plan import PlanError
+from coordinator.study_request import StudyRequestError
+from coordinator.study_supervisor import StudySupervisor
 
 __all__ = ["create_app"]
 
@@ -50,6 +53,7 @@ def create_app(
     engine: RunEngine,
     *,
     accounts: AccountStore | None = None,
+    supervisor: StudySupervisor | None = None,
     stream_seconds: float = 600.0,
     stream_interval: float = 1.0,
 ) -> FastAPI:
@@ -59,6 +63,8 @@ def create_app(
         engine: The coordinator's run engine: every read goes through its ledger, every action
             through one of its methods.
         accounts: Account store (default: over the engine's ledger).
+        supervisor: Starts and stops study workers (default: one without admin credentials,
+            which refuses to start studies and says why).
         stream_seconds: How long one server-sent-event stream lasts before the browser
             reconnects.
         stream_interval: How often a live view checks for changes.
@@ -76,12 +82,20 @@ def create_app(
         service=DashboardService(engine),
         accounts=accounts or AccountStore(engine.ledger),
         templates=templates,
+        sessions=SessionStore(engine.ledger),
+        supervisor=supervisor
+        or StudySupervisor(
+            engine.ledger,
+            database_url=engine.ledger.url,
+            credentials=None,
+            log_dir=engine.runs_dir.parent / "study-workers",
+        ),
         stream_seconds=stream_seconds,
         stream_interval=stream_interval,
     )
     app.add_middleware(_SecurityHeaders)
     app.mount("/static", StaticFiles(directory=str(package / "static")), name="static")
-    for module in (auth, overview, runs, ledger, sites, studies):
+    for module in (auth, overview, runs, ledger, sites, studies, sessions):
         app.include_router(module.router)
         app.include_router(module.api, prefix="/api/v1")
 
@@ -115,6 +129,10 @@ def create_app(
 
     @app.exception_handler(PlanError)
     async def _bad_plan(request: Request, exc: PlanError) -> Response:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(StudyRequestError)
+    async def _bad_study(request: Request, exc: StudyRequestError) -> Response:
         return JSONResponse({"detail": str(exc)}, status_code=422)
 
     return app

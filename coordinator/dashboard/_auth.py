@@ -1,16 +1,21 @@
-"""Sessions, CSRF tokens and the failed-login throttle of the dashboard (in memory)."""
+"""Sessions (in the ledger's database), CSRF tokens and the failed-login throttle (in memory)."""
 
 from __future__ import annotations
 
 import hmac
+import re
 import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
-from coordinator.dashboard._accounts import Account
+from sqlalchemy import delete, select
 
-__all__ = ["LoginThrottle", "Session", "SessionStore", "csrf_matches"]
+from coordinator.dashboard._accounts import Account, DashboardRole, _aware, _digest, _now
+from coordinator.ledger import DashboardSessionRow, Ledger
+
+__all__ = ["LoginThrottle", "Session", "SessionInfo", "SessionStore", "csrf_matches"]
 
 SESSION_COOKIE = "baton_session"
 LOGIN_CSRF_COOKIE = "baton_login_csrf"
@@ -18,45 +23,133 @@ LOGIN_CSRF_COOKIE = "baton_login_csrf"
 
 @dataclass
 class Session:
-    id: str
+    id: str  # the cookie's token; the database holds only its SHA-256
     account: Account
     csrf_token: str
-    expires_at: float
+    expires_at: datetime
     flash: list[str] = field(default_factory=list)  # messages for the next page shown
 
 
-@dataclass
+@dataclass(frozen=True)
+class SessionInfo:
+    """An active session as an admin sees it (never its token)."""
+
+    key: str  # the first 16 hex digits of the token's SHA-256: names it for revocation
+    account: str
+    role: str
+    via: str
+    client: str
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+
+
 class SessionStore:
-    """Server-side sessions: the cookie holds only a random id; logout really ends a session."""
+    """Server-side sessions kept in the ledger's database, so a coordinator restart keeps them.
 
-    lifetime_seconds: float = 12 * 3600
-    _sessions: dict[str, Session] = field(default_factory=dict)
+    The cookie holds a random token; the database only its SHA-256, so reading the database
+    does not give away a session. Logout and revocation delete the row.
+    """
 
-    def create(self, account: Account) -> Session:
-        self._expire()
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        lifetime: timedelta = timedelta(hours=12),
+        touch_every: timedelta = timedelta(seconds=60),
+    ) -> None:
+        self.ledger = ledger
+        self.lifetime = lifetime
+        self.touch_every = touch_every  # last_seen is written at most this often per session
+        self._flash: dict[str, list[str]] = {}  # by token digest; messages do not need to persist
+
+    def create(self, account: Account, *, via: str, client: str) -> Session:
+        token = secrets.token_urlsafe(32)
+        now = _now()
         session = Session(
-            id=secrets.token_urlsafe(32),
+            id=token,
             account=account,
             csrf_token=secrets.token_urlsafe(32),
-            expires_at=time.monotonic() + self.lifetime_seconds,
+            expires_at=now + self.lifetime,
         )
-        self._sessions[session.id] = session
+        with self.ledger.transaction() as db:
+            db.execute(delete(DashboardSessionRow).where(DashboardSessionRow.expires_at < now))
+            db.add(
+                DashboardSessionRow(
+                    token_sha256=_digest(token), account=account.name, role=account.role.label,
+                    via=via, csrf_token=session.csrf_token, client=client[:64], created_at=now,
+                    expires_at=session.expires_at, last_seen_at=now,
+                )
+            )  # fmt: skip
         return session
 
-    def get(self, session_id: str) -> Session | None:
-        session = self._sessions.get(session_id)
-        if session is None or session.expires_at < time.monotonic():
-            self._sessions.pop(session_id, None)
+    def get(self, token: str) -> Session | None:
+        if not token:
             return None
-        return session
+        digest = _digest(token)
+        now = _now()
+        with self.ledger.transaction() as db:
+            row = db.get(DashboardSessionRow, digest)
+            if row is None:
+                return None
+            if _aware(row.expires_at) < now:
+                db.delete(row)
+                self._flash.pop(digest, None)
+                return None
+            if now - _aware(row.last_seen_at) >= self.touch_every:
+                row.last_seen_at = now
+            account = Account(row.account, DashboardRole.parse(row.role))
+            return Session(token, account, row.csrf_token, _aware(row.expires_at),
+                           self._flash.setdefault(digest, []))  # fmt: skip
 
-    def end(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+    def end(self, token: str) -> None:
+        digest = _digest(token)
+        self._flash.pop(digest, None)
+        with self.ledger.transaction() as db:
+            db.execute(
+                delete(DashboardSessionRow).where(DashboardSessionRow.token_sha256 == digest)
+            )
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for key in [k for k, s in self._sessions.items() if s.expires_at < now]:
-            del self._sessions[key]
+    def active(self, account: str | None = None) -> list[SessionInfo]:
+        """Sessions not yet expired (of one account, or all), most recently seen first."""
+        query = select(DashboardSessionRow).where(DashboardSessionRow.expires_at >= _now())
+        if account is not None:
+            query = query.where(DashboardSessionRow.account == account)
+        with self.ledger.transaction() as db:
+            rows = db.scalars(query.order_by(DashboardSessionRow.last_seen_at.desc()).limit(500))
+            return [
+                SessionInfo(
+                    key=row.token_sha256[:16], account=row.account, role=row.role, via=row.via,
+                    client=row.client, created_at=_aware(row.created_at),
+                    last_seen_at=_aware(row.last_seen_at), expires_at=_aware(row.expires_at),
+                )
+                for row in rows
+            ]  # fmt: skip
+
+    @staticmethod
+    def key_of(token: str) -> str:
+        """The key an admin sees for a session (see `SessionInfo.key`)."""
+        return _digest(token)[:16]
+
+    def revoke(self, account: str, key: str | None, *, by: str) -> int:
+        """Ends one session of an account (by its key) or all of them (`key` None), ledgered.
+
+        Returns:
+            How many sessions ended.
+        """
+        query = delete(DashboardSessionRow).where(DashboardSessionRow.account == account)
+        if key is not None:
+            if not re.fullmatch(r"[0-9a-f]{16}", key):
+                return 0
+            query = query.where(DashboardSessionRow.token_sha256.startswith(key))
+        with self.ledger.transaction() as db:
+            ended = int(db.execute(query).rowcount or 0)  # type: ignore[attr-defined]
+            if ended:
+                self.ledger.append_event(
+                    db, "dashboard.sessions-revoked",
+                    payload={"account": account, "sessions": ended, "session": key, "by": by},
+                )  # fmt: skip
+        return ended
 
 
 def csrf_matches(expected: str, given: str | None) -> bool:

@@ -18,6 +18,7 @@ from coordinator.dashboard._auth import (
     csrf_matches,
 )
 from coordinator.dashboard._service import DashboardService
+from coordinator.study_supervisor import StudySupervisor
 
 __all__ = [
     "Admin",
@@ -42,7 +43,8 @@ class DashboardState:
     service: DashboardService
     accounts: AccountStore
     templates: Jinja2Templates
-    sessions: SessionStore = field(default_factory=SessionStore)
+    sessions: SessionStore
+    supervisor: StudySupervisor
     throttle: LoginThrottle = field(default_factory=LoginThrottle)
     stream_seconds: float = 600.0  # an SSE stream ends after this; EventSource reconnects
     stream_interval: float = 1.0

@@ -17,6 +17,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from coordinator.dashboard._app import create_app
 from coordinator.engine import RunEngine
 from coordinator.server import bind_dashboard_socket
+from coordinator.study_supervisor import StudySupervisor
 
 __all__ = ["DashboardServer", "start_dashboard"]
 
@@ -74,12 +75,14 @@ async def start_dashboard(
     private_key: Path,
     ca_certificate: Path | None = None,
     sock: socket.socket | None = None,
+    supervisor: StudySupervisor | None = None,
 ) -> DashboardServer:
     """Binds `host:port` (0: a free port) and serves the dashboard with the given TLS identity.
 
     With `sock` (from `bind_dashboard_socket`), serves on that already bound socket instead.
 
     With `ca_certificate`, browsers may present a client certificate of that CA (optional).
+    `supervisor` starts and stops the study workers (see `create_app`).
 
     Raises:
         OSError: The port cannot be bound.
@@ -88,7 +91,7 @@ async def start_dashboard(
         sock = bind_dashboard_socket(host, port)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
-        create_app(engine),
+        create_app(engine, supervisor=supervisor),
         ssl_certfile=str(certificate),
         ssl_keyfile=str(private_key),
         ssl_ca_certs=str(ca_certificate) if ca_certificate else None,

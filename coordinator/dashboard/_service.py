@@ -12,6 +12,7 @@ import zipfile
 from datetime import UTC, datetime, timedelta
 
 from coordinator.dashboard.schemas import (
+    ActiveStudy,
     CheckpointView,
     EvaluationView,
     EventPage,
@@ -29,6 +30,7 @@ from coordinator.engine import RunEngine, approval_bundle
 from coordinator.errors import NotFound
 from coordinator.ledger import LIVE_HOP_STATES, CheckpointRow, EventRow, RunRow
 from coordinator.plan import PlanError, RunPlan, parse_plan
+from coordinator.preflight import SiteApprovals
 from coordinator.servicer import run_status
 from protocols.checkpoint import AGGREGATOR
 from protocols.signing import SignatureError, verify_aggregate_custody, verify_custody
@@ -110,6 +112,7 @@ class DashboardService:
         now = datetime.now(UTC)
         online = self.engine.connected_sites()
         revoked = self.ledger.revocations()
+        views = self.engine.site_views()
         return [
             SiteView(
                 name=row.name,
@@ -123,6 +126,7 @@ class DashboardService:
                 certificate_warning=certificate_warning(row.certificate_expires_at, now),
                 revoked=revoked.get(row.certificate_serial),
                 datasets=[str(d.get("name", "")) for d in row.datasets],
+                approvals=_approvals_text(views[row.name].approvals if row.name in views else None),
             )
             for row in self.ledger.sites()
         ]
@@ -139,7 +143,7 @@ class DashboardService:
             limit=limit,
         )
 
-    def overview(self) -> Overview:
+    def overview(self, active_studies: list[ActiveStudy] | None = None) -> Overview:
         sites = self.sites()
         active = [
             *self.ledger.runs_page(limit=50, status="running"),
@@ -151,6 +155,7 @@ class DashboardService:
             sites_online=sum(s.online for s in sites),
             active_runs=[_summary(r, counts.get(r.id, {})) for r in active],
             run_counts=self.ledger.run_status_counts(),
+            active_studies=active_studies or [],
         )
 
     def _run(self, run_id: str) -> RunRow:
@@ -326,3 +331,13 @@ class DashboardService:
 
     async def revoke(self, serial: str, reason: str, *, by: str) -> int:
         return await self.engine.revoke(serial.lower(), reason, by=by)
+
+
+def _approvals_text(approvals: SiteApprovals | None) -> str:
+    """What a site said at its last hello about the run bundles it will run."""
+    if approvals is None:
+        return "not reported since the coordinator started"
+    if approvals.not_required:
+        return "runs any bundle (approval not required)"
+    listed = f"{len(approvals.bundles)} bundle(s) approved"
+    return f"{listed}; local rules may approve others" if approvals.by_policy else listed

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from sqlalchemy import make_url
+from sqlalchemy import create_engine, inspect, make_url, text
+from sqlalchemy.exc import SQLAlchemyError
 
 from coordinator.errors import NotFound
 
@@ -51,7 +52,26 @@ def _storage(database_url: str) -> str | None:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
         return None  # reading must not create an empty SQLite file
-    return url
+    return url if _initialized(url) else None
+
+
+def _initialized(url: str) -> bool:
+    """Whether Optuna has finished creating its tables in this storage.
+
+    Optuna creates its schema when it first opens a storage; a page opening it while a study
+    worker creates it would race the worker's own creation (and may make it fail), so a page
+    reads only a storage whose schema version is already recorded.
+    """
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            if not inspect(connection).has_table("alembic_version"):
+                return False
+            return connection.execute(text("SELECT COUNT(*) FROM alembic_version")).scalar() == 1
+    except SQLAlchemyError:
+        return False
+    finally:
+        engine.dispose()
 
 
 def list_studies(database_url: str) -> list[StudySummary]:

@@ -5,10 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from coordinator.study_request import StopMode
 
 __all__ = [
     "ActionResult",
+    "ActiveStudy",
     "CheckpointView",
     "EvaluateRequest",
     "EvaluationView",
@@ -17,11 +20,15 @@ __all__ = [
     "HopView",
     "Overview",
     "RevokeRequest",
+    "RevokeSessionsRequest",
     "RunDetail",
     "RunPage",
     "RunSummary",
+    "SessionView",
     "SiteView",
     "StartRunRequest",
+    "StopStudyRequest",
+    "StudyWorkerView",
     "VerifyResult",
 ]
 
@@ -36,6 +43,7 @@ class SiteView(BaseModel):
     certificate_warning: str | None = Field(description="expired / expires soon, or null")
     revoked: str | None = Field(description="why its certificate was revoked, or null")
     datasets: list[str]
+    approvals: str = Field(description="the run bundles the site said at hello it will run")
 
 
 class RunSummary(BaseModel):
@@ -122,11 +130,22 @@ class RunDetail(RunSummary):
     rounds: list[RoundView] = Field(default_factory=list)  # federated and hybrid runs
 
 
+class ActiveStudy(BaseModel):
+    name: str
+    status: str = Field(description="running, stopping or orphaned")
+    pid: int | None
+    started_by: str
+    started_at: datetime
+
+
 class Overview(BaseModel):
     sites: list[SiteView]
     sites_online: int
     active_runs: list[RunSummary]
     run_counts: dict[str, int]
+    active_studies: list[ActiveStudy] = Field(
+        default_factory=list, description="studies whose worker this coordinator runs"
+    )
 
 
 class EventView(BaseModel):
@@ -175,3 +194,46 @@ class ActionResult(BaseModel):
     run_id: str | None = None
     status: str
     message: str
+
+
+class StopStudyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: StopMode = Field(
+        description="finish-trial: stop after the current trial; abort-trial: abort its run now"
+    )
+
+
+class StudyWorkerView(BaseModel):
+    id: str
+    study: str
+    status: str = Field(description="running, stopping, finished, failed, stopped or orphaned")
+    pid: int | None
+    alive: bool
+    started_by: str
+    started_at: datetime
+    stop_mode: str | None
+    stopped_by: str | None
+    ended_at: datetime | None
+    exit_code: int | None
+    log_tail: str = Field(description="the end of the worker's output")
+
+
+class SessionView(BaseModel):
+    key: str = Field(description="names the session for revocation (not its token)")
+    account: str
+    role: str
+    via: str = Field(description="password, link or certificate")
+    client: str
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+
+
+class RevokeSessionsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    account: str = Field(min_length=1, max_length=64)
+    session: str | None = Field(
+        default=None, pattern="^[0-9a-f]{16}$", description="one session's key; null: all"
+    )

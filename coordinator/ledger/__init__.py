@@ -17,6 +17,7 @@ from coordinator.ledger.models import (
     ApiTokenRow,
     Base,
     CheckpointRow,
+    DashboardSessionRow,
     EvaluationRow,
     EventRow,
     HopRow,
@@ -26,6 +27,7 @@ from coordinator.ledger.models import (
     SiteRow,
     StatisticsAnswerRow,
     StatisticsRequestRow,
+    StudyWorkerRow,
 )
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "Base",
     "ChainBreak",
     "CheckpointRow",
+    "DashboardSessionRow",
     "EvaluationRow",
     "EventRow",
     "HeadProblem",
@@ -52,6 +55,7 @@ __all__ = [
     "SiteRow",
     "StatisticsAnswerRow",
     "StatisticsRequestRow",
+    "StudyWorkerRow",
     "TransitionRefused",
     "check_heads",
     "event_hash",

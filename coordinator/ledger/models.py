@@ -23,6 +23,7 @@ __all__ = [
     "ApiTokenRow",
     "Base",
     "CheckpointRow",
+    "DashboardSessionRow",
     "EvaluationRow",
     "EventRow",
     "HopRow",
@@ -32,6 +33,7 @@ __all__ = [
     "SiteRow",
     "StatisticsAnswerRow",
     "StatisticsRequestRow",
+    "StudyWorkerRow",
 ]
 
 
@@ -267,3 +269,44 @@ class ApiTokenRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class DashboardSessionRow(Base):
+    """A dashboard login session; only the SHA-256 of the cookie's token is stored.
+
+    Certificate logins have no account row, so the account is a name with the role it logged in
+    with, not a foreign key.
+    """
+
+    __tablename__ = "dashboard_sessions"
+
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    via: Mapped[str] = mapped_column(String(16))  # password, link or certificate
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    client: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StudyWorkerRow(Base):
+    """A `baton study start` process the coordinator launched for the dashboard."""
+
+    __tablename__ = "study_workers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    study: Mapped[str] = mapped_column(String(200), index=True)
+    # running, stopping, finished, failed, stopped, orphaned
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    process_started_at: Mapped[float | None] = mapped_column(Float)  # to recognise the pid
+    options: Mapped[dict[str, Any]]
+    started_by: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    stop_mode: Mapped[str | None] = mapped_column(String(16))  # finish-trial or abort-trial
+    stopped_by: Mapped[str | None] = mapped_column(String(128))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    log_path: Mapped[str] = mapped_column(Text)

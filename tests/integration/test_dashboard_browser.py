@@ -16,6 +16,7 @@ import pytest
 from coordinator.console.admin import AdminClient
 from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
+from coordinator.study_request import parse_study_document, prepare_search
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
 from tests.integration.test_tabular_run import _write_csv
@@ -24,6 +25,20 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 PASSWORD = "dashboard browser test"
+STUDY = """name = "browser-study"
+dataset = "heart"
+task = "tabular"
+labels = ["0", "1"]
+sites = ["site-a", "site-b"]
+trials = 20
+lr-min = 0.02
+lr-max = 0.2
+steps-min = 2
+steps-max = 6
+batch-size = 4
+seed = 1
+options = { model = "logistic" }
+"""
 
 pytestmark = [
     pytest.mark.browser,
@@ -114,6 +129,7 @@ def test_operator_steers_a_tabular_run_live_in_chromium(
             "sites": sites, "cycles": 2, "options": {"model": "logistic"},
             "defaults": {"steps": 30, "batch_size": 4, "learning_rate": 0.05}}  # fmt: skip
     bundle = parse_plan(plan).approval_bundle().sha256
+    study_bundle = prepare_search(parse_study_document(STUDY)).bundle.sha256
     state_dir = tmp_path / "coordinator"
     (tmp_path / "password").write_text(PASSWORD + "\n")
     added = subprocess.run(
@@ -124,6 +140,10 @@ def test_operator_steers_a_tabular_run_live_in_chromium(
     assert added.returncode == 0, added.stderr
     assert "account olivia (operator) added" in added.stdout
     cluster = Cluster(log_dir=tmp_path / "logs")
+    cluster.env.update({  # the coordinator's admin identity for the studies it starts
+        "BATON_STUDY_ADMIN_CERTIFICATE": str(pki.directory / "admin.crt"),
+        "BATON_STUDY_ADMIN_KEY": str(pki.directory / "admin.key"),
+    })  # fmt: skip
     with cluster.running():
         port = cluster.start_coordinator(
             state_dir=state_dir, pki_dir=pki.directory, port_file=tmp_path / "port",
@@ -133,7 +153,8 @@ def test_operator_steers_a_tabular_run_live_in_chromium(
 
         def start_site(site: str) -> None:
             cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
-                               data_dir=tmp_path / site, threads=1, approve=[bundle])  # fmt: skip
+                               data_dir=tmp_path / site, threads=1,
+                               approve=[bundle, study_bundle])  # fmt: skip
 
         for site in sites:
             start_site(site)
@@ -199,6 +220,37 @@ def test_operator_steers_a_tabular_run_live_in_chromium(
             names = {n.rsplit("/", 1)[1] for n in zipfile.ZipFile(archive).namelist()}
             assert {"adapter_model.safetensors", "adapter_config.json"} <= names
 
+            # A study from the New study form; stopped after its trial in flight.
+            browser.get(f"{url}/studies")
+            _click(browser, "new-study")
+            study_text = browser.find_element(By.ID, "study")
+            study_text.clear()
+            study_text.send_keys(STUDY)
+            _shot(browser, "new-study")
+            _click(browser, "start-study")
+            _wait(lambda: "study browser-study started (worker pid" in browser.page_source,
+                  "the study page", cluster=cluster)  # fmt: skip
+
+            def trial_completed() -> bool:
+                browser.refresh()
+                return "COMPLETE" in browser.page_source
+
+            _wait(trial_completed, "a completed trial", timeout=120, cluster=cluster)
+            _click(browser, "stop-study")  # "after the current trial" is the default
+            _wait(lambda: "study browser-study stops after its current trial"
+                  in browser.page_source, "the stop confirmed")  # fmt: skip
+
+            def worker_stopped() -> bool:
+                browser.refresh()
+                status = browser.find_element(By.ID, "worker-status").text
+                return status.startswith("stopped")
+
+            _wait(worker_stopped, "the worker stopped", timeout=120, cluster=cluster)
+            assert "by dashboard:olivia" in browser.find_element(By.ID, "worker-status").text
+            browser.set_window_size(1280, 1450)
+            _shot(browser, "study")
+            browser.set_window_size(1280, 1000)
+
             browser.get(f"{url}/ledger")
             _click(browser, "verify")
             result = browser.find_element(By.ID, "verify-result").text
@@ -212,6 +264,8 @@ def test_operator_steers_a_tabular_run_live_in_chromium(
             assert ("run.paused", "dashboard:olivia") in kinds
             assert ("run.running", "dashboard:olivia") in kinds
             assert ("run.created", "dashboard:olivia") in kinds
+            assert ("study.started", "dashboard:olivia") in kinds
+            assert ("study.stop-requested", "dashboard:olivia") in kinds
     assert shutil.which("true")  # the cluster stopped cleanly (no exception above)
 
 

@@ -33,14 +33,18 @@ def _safe_next(target: str) -> str:
     return target if target.startswith("/") and not target.startswith("//") else "/"
 
 
-def _start_session(state: StateDep, request: Request, name: str, target: str) -> Response:
+def _start_session(
+    state: StateDep, request: Request, name: str, target: str, *, via: str
+) -> Response:
     account = state.accounts.get(name)
     assert account is not None
-    return _session_response(state, account, target)
+    return _session_response(state, request, account, target, via=via)
 
 
-def _session_response(state: StateDep, account: Account, target: str) -> Response:
-    session = state.sessions.create(account)
+def _session_response(
+    state: StateDep, request: Request, account: Account, target: str, *, via: str
+) -> Response:
+    session = state.sessions.create(account, via=via, client=_client(request))
     response = RedirectResponse(_safe_next(target), status_code=303)
     response.set_cookie(SESSION_COOKIE, session.id, httponly=True, secure=True,
                         samesite="strict", path="/")  # fmt: skip
@@ -89,7 +93,7 @@ def login(
         return render(request, "login.html", None, status_code=401, next=_safe_next(next),
                       login_csrf=csrf_token, error="wrong account name or password")  # fmt: skip
     state.throttle.succeeded(name)
-    return _start_session(state, request, account.name, next)
+    return _start_session(state, request, account.name, next, via="password")
 
 
 @router.get("/login/link", include_in_schema=False)
@@ -112,7 +116,7 @@ def login_link(request: Request, state: StateDep, token: str = "") -> Response:
         )
         return render(request, "login.html", None, status_code=401, next="/", login_csrf="",
                       error="this login link is invalid, expired or used already")  # fmt: skip
-    return _start_session(state, request, account.name, "/")
+    return _start_session(state, request, account.name, "/", via="link")
 
 
 def _admin_identity(state: StateDep, pem: str | None) -> tuple[PeerIdentity | None, str]:
@@ -146,7 +150,9 @@ def login_certificate(request: Request, state: StateDep) -> Response:
             payload={"account": identity.name, "serial": format(identity.serial, "x"),
                      "client": client},
         )  # fmt: skip
-        return _session_response(state, Account(identity.name, DashboardRole.ADMIN), "/")
+        return _session_response(
+            state, request, Account(identity.name, DashboardRole.ADMIN), "/", via="certificate"
+        )
     state.throttle.failed("", client)
     state.service.ledger.record_event(
         "dashboard.login-failed",
