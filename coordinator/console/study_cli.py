@@ -37,6 +37,7 @@ from coordinator.console.study import (
     approval_bounds,
     attach_run_template,
     cross_site_probe,
+    forgetting_controls,
     heuristic_seed_orders,
     plan_from_study,
     run_search,
@@ -160,6 +161,35 @@ def study_start(
     lr_max: Annotated[float, typer.Option(help="Largest learning rate (= lr-min: fixed)")] = 1e-2,
     steps_min: Annotated[int, typer.Option(min=1, help="Fewest steps per visit")] = 10,
     steps_max: Annotated[int, typer.Option(min=1, help="Most steps (= steps-min: fixed)")] = 40,
+    split_steps_over_cycles: Annotated[
+        bool,
+        typer.Option(
+            help="Steps are each site's budget for the whole run, split over its cycles "
+            "(more cycles: shorter visits at equal compute)"
+        ),
+    ] = False,
+    lr_decay_min: Annotated[
+        float, typer.Option(min=0.0, help="Smallest per-hop learning-rate factor searched")
+    ] = 1.0,
+    lr_decay_max: Annotated[float, typer.Option(help="Largest (= lr-decay-min: fixed)")] = 1.0,
+    proximal_mu_max: Annotated[
+        float, typer.Option(min=0.0, help="Search a proximal term in [0, this] (0: none)")
+    ] = 0.0,
+    consolidation_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="End every plan with a consolidation cycle of 1 to this many steps per visit "
+            "(0: none)",
+        ),
+    ] = 0,
+    consolidation_lr_factor_min: Annotated[
+        float,
+        typer.Option(help="Smallest consolidation learning rate, as a fraction of the last hop's"),
+    ] = 0.05,
+    consolidation_lr_factor_max: Annotated[
+        float, typer.Option(help="Largest (= the min: fixed)")
+    ] = 0.5,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     trials: Annotated[int, typer.Option(min=1, help="Trials to run now")] = 10,
     encoding: Annotated[
@@ -229,6 +259,13 @@ def study_start(
             learning_rate=lr_min if lr_min == lr_max else FloatRange(lr_min, lr_max, log=True),
             steps=steps_min if steps_min == steps_max else IntRange(steps_min, steps_max),
             batch_size=batch_size,
+            **forgetting_controls(
+                split_steps_over_cycles=split_steps_over_cycles,
+                lr_decay=(lr_decay_min, lr_decay_max),
+                proximal_mu_max=proximal_mu_max,
+                consolidation_steps=consolidation_steps,
+                consolidation_lr_factor=(consolidation_lr_factor_min, consolidation_lr_factor_max),
+            ),
         )
         template = RunTemplate(
             dataset=dataset,

@@ -237,12 +237,17 @@ def approval_bounds(space: SearchSpace) -> dict[str, tuple[float, float]]:
     lr_low, lr_high = span(space.learning_rate)
     decay_low, decay_high = span(space.learning_rate_decay)
     last_hop = space.max_cycles * len(space.sites) - 1
+    steps_high = span(space.steps)[1]
+    if space.consolidates:
+        # The consolidation visits train at a fraction of the last regular hop's rate.
+        lr_low *= span(space.consolidation_learning_rate_factor)[0]
+        steps_high = max(steps_high, span(space.consolidation_steps)[1])
     return {
         "learning_rate": (
             lr_low * min(1.0, decay_low) ** last_hop,
             lr_high * max(1.0, decay_high) ** last_hop,
         ),
-        "steps": (1.0, span(space.steps)[1]),
+        "steps": (1.0, steps_high),
         "epochs": (0.0, span(space.epochs)[1]),
         "batch_size": span(space.batch_size),
         "weight_decay": span(space.weight_decay),
