@@ -465,7 +465,7 @@ def _setting(
         twin = train_sequential(
             trainer, spec,
             [(datasets[SITES.index(hop.site)],
-              SiteHyperparameters(**{k: v for k, v in hop.hyperparameters.as_dict().items()}))
+              SiteHyperparameters(**{k: v for k, v in hop.hyperparameters.model_dump().items()}))
              for hop in cyclic["plan"].hops],
         )  # fmt: skip
         twin_gap = max(float((twin.tensors[k] - cyclic["tensors"][k]).abs().max())

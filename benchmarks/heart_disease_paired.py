@@ -207,7 +207,7 @@ class TwinExecutor:
         def train(views: Sequence[RegisteredDataset], spec: TaskSpec) -> Any:
             by_name = {view.name: view for view in views}
             visits = [
-                (by_name[hop.site], _site_hp(hop.hyperparameters.as_dict())) for hop in plan.hops
+                (by_name[hop.site], _site_hp(hop.hyperparameters.model_dump())) for hop in plan.hops
             ]
             return train_sequential(self.trainer, spec, visits)
 
@@ -262,7 +262,7 @@ def _final_sequential(
 ) -> dict[str, Any]:
     spec = _spec_for(setting)(datasets)
     by_name = {d.name: d for d in datasets}
-    visits = [(by_name[hop.site], _site_hp(hop.hyperparameters.as_dict())) for hop in plan.hops]
+    visits = [(by_name[hop.site], _site_hp(hop.hyperparameters.model_dump())) for hop in plan.hops]
     tensors = train_sequential(trainer, spec, visits).tensors
     return _test_accuracy(trainer, spec, tensors, datasets)
 
@@ -290,7 +290,7 @@ def _study_summary(records: Sequence[TrialRecord], chosen: TrialRecord) -> dict[
         ],
         "chosen_plan": chosen.plan.describe() if chosen.plan else None,
         "chosen_hyperparameters": (
-            chosen.plan.hops[0].hyperparameters.as_dict() if chosen.plan else None
+            chosen.plan.hops[0].hyperparameters.model_dump() if chosen.plan else None
         ),
         "cv_accuracy": statistics.fmean(s.value for s in chosen.site_scores),
         "cv_worst_site": min(s.value for s in chosen.site_scores),

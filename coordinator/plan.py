@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from protocols.approval import HYPERPARAMETERS, ApprovalBundle, BundleViolation
+from protocols.hyperparameters import HopHyperparameters
 from protocols.task_types import CLASSIFICATION_TASK_TYPES, TaskType
 
 __all__ = [
@@ -36,16 +37,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class HyperparameterSpec(_Strict):
-    learning_rate: float = Field(default=5e-4, gt=0, le=1)
-    steps: int = Field(default=20, ge=1, le=1_000_000)
-    batch_size: int = Field(default=16, ge=1, le=4096)
-    weight_decay: float = Field(default=0.0, ge=0, le=1)
-    warmup_steps: int = Field(default=0, ge=0)
-    max_grad_norm: float = Field(default=1.0, ge=0)
-    seed: int = Field(default=0, ge=0, lt=2**63)
-    epochs: float = Field(default=0.0, ge=0, le=10_000)  # > 0 replaces `steps`
-    proximal_mu: float = Field(default=0.0, ge=0)
+# A hop's hyperparameters in a plan: the one model both ends share (types, defaults, bounds).
+HyperparameterSpec = HopHyperparameters
 
 
 class LoraSpec(_Strict):

@@ -4,48 +4,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
+
+from protocols.hyperparameters import HopHyperparameters
 
 __all__ = ["CandidatePlan", "Hop", "HopHyperparameters"]
 
+# Written for every hop; the model's other fields only when they differ from their defaults, so a
+# plan document reads as it did before those fields existed.
+_ALWAYS_WRITTEN = frozenset(
+    {
+        "learning_rate",
+        "steps",
+        "batch_size",
+        "weight_decay",
+        "warmup_steps",
+        "max_grad_norm",
+        "seed",
+    }
+)
+_DEFAULTS = HopHyperparameters().model_dump()
 
-@dataclass(frozen=True)
-class HopHyperparameters:
-    """What one site trains with during one visit (the coordinator's per-hop hyperparameters).
 
-    `epochs` and `proximal_mu` are optional extensions: they appear in the plan document only
-    when set.
-    """
-
-    learning_rate: float = 5e-4
-    steps: int = 20
-    batch_size: int = 16
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    epochs: int | None = None
-    proximal_mu: float | None = None
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be at least 1")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        if self.proximal_mu is not None and not self.proximal_mu >= 0:
-            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
-
-    def as_dict(self) -> dict[str, int | float]:
-        """The JSON-able hyperparameters, leaving out the optional ones that are not set."""
-        return {key: value for key, value in asdict(self).items() if value is not None}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> HopHyperparameters:
-        """The inverse of `as_dict`."""
-        return cls(**dict(values))
+def _document(hyperparameters: HopHyperparameters) -> dict[str, Any]:
+    """A hop's hyperparameters as a plan document holds them (`model_validate` reads them)."""
+    return {
+        name: value
+        for name, value in hyperparameters.model_dump().items()
+        if name in _ALWAYS_WRITTEN or value != _DEFAULTS[name]
+    }
 
 
 class Hop(NamedTuple):
@@ -182,7 +170,7 @@ class CandidatePlan:
             "dataset": dataset,
             "labels": list(labels),
             "hops": [
-                {"site": hop.site, "hyperparameters": hop.hyperparameters.as_dict()}
+                {"site": hop.site, "hyperparameters": _document(hop.hyperparameters)}
                 for hop in self.hops
             ],
         }
@@ -198,7 +186,7 @@ class CandidatePlan:
             "encoding": self.encoding,
             "cycle_orders": [list(order) for order in self.cycle_orders],
             "learning_rate_decay": self.learning_rate_decay,
-            "hops": [[hop.site, hop.hyperparameters.as_dict()] for hop in self.hops],
+            "hops": [[hop.site, _document(hop.hyperparameters)] for hop in self.hops],
         }
 
     @classmethod
@@ -206,7 +194,9 @@ class CandidatePlan:
         """The inverse of `to_json_dict`."""
         orders = tuple(tuple(order) for order in data["cycle_orders"])
         return cls(
-            hops=tuple(Hop(site, HopHyperparameters.from_dict(hp)) for site, hp in data["hops"]),
+            hops=tuple(
+                Hop(site, HopHyperparameters.model_validate(hp)) for site, hp in data["hops"]
+            ),
             cycles=len(orders),
             order=orders[0],
             encoding=str(data["encoding"]),

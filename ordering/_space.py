@@ -5,33 +5,26 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from optuna.trial import BaseTrial
+from pydantic import ValidationError
 
 from ordering._encodings import ParamValue, PermutationEncoding
 from ordering._forgetting import steps_per_visit, with_consolidation
 from ordering._plan import CandidatePlan, Hop, HopHyperparameters
+from protocols.hyperparameters import BOUNDED_HYPERPARAMETERS, describe_problems
 
 __all__ = ["FloatRange", "IntRange", "SearchSpace", "SearchSpaceError"]
 
 # The coordinator's site-name rule (it cannot be imported from here).
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Keys a site-approved bounds mapping may hold.
-BOUND_KEYS = frozenset(
-    {
-        "learning_rate",
-        "steps",
-        "epochs",
-        "proximal_mu",
-        "batch_size",
-        "weight_decay",
-        "warmup_steps",
-        "max_grad_norm",
-        "cycles",
-    }
-)
+BOUND_KEYS = frozenset({*BOUNDED_HYPERPARAMETERS, "cycles"})
+# Hyperparameters a space may search; every other one is fixed at the space's base value.
+_SEARCHED = ("learning_rate", "steps", "epochs", "proximal_mu")
+_MODEL_FIELDS = tuple(f.name for f in fields(HopHyperparameters))
 
 
 class SearchSpaceError(ValueError):
@@ -69,6 +62,11 @@ def _span(value: float | FloatRange | IntRange) -> tuple[float, float]:
     if isinstance(value, FloatRange | IntRange):
         return float(value.low), float(value.high)
     return float(value), float(value)
+
+
+def _typed(name: str, value: float) -> float:
+    """An end of a span as the model's field type (an int field's ends are whole)."""
+    return int(value) if isinstance(getattr(HopHyperparameters(), name), int) else value
 
 
 def _json(value: object) -> object:
@@ -110,8 +108,10 @@ class SearchSpace:
         learning_rate_decay: Per-hop learning-rate factor: fixed, or a range.
         steps: Optimiser steps per visit: fixed, or a range.
         steps_per_site: Search a visit length for each site instead of one for all.
-        epochs: Optional epochs per visit: fixed, a range, or None (not sent).
-        proximal_mu: Optional proximal term weight: fixed, a range, or None (not sent).
+        epochs: Optional epochs per visit: fixed, a range of whole epochs, or None (the model's
+            default: visits last `steps`).
+        proximal_mu: Optional proximal term weight: fixed, a range, or None (the model's
+            default: no proximal term).
         batch_size: Fixed batch size.
         weight_decay: Fixed weight decay.
         warmup_steps: Fixed warm-up steps per visit.
@@ -133,7 +133,7 @@ class SearchSpace:
     learning_rate_decay: float | FloatRange = 1.0
     steps: int | IntRange = 20
     steps_per_site: bool = False
-    epochs: int | IntRange | None = None
+    epochs: float | IntRange | None = None
     proximal_mu: float | FloatRange | None = None
     batch_size: int = 16
     weight_decay: float = 0.0
@@ -165,18 +165,10 @@ class SearchSpace:
             problems.append("  cycles: must be at least 1")
         if isinstance(self.learning_rate, FloatRange) and not self.learning_rate.log:
             problems.append("  learning_rate: a searched learning rate must be a log range")
-        if _span(self.learning_rate)[0] <= 0:
-            problems.append("  learning_rate: must be > 0")
         if _span(self.learning_rate_decay)[0] <= 0:
             problems.append("  learning_rate_decay: must be > 0")
-        if _span(self.steps)[0] < 1:
-            problems.append("  steps: must be at least 1")
         if self.epochs is not None and _span(self.epochs)[0] < 1:
             problems.append("  epochs: must be at least 1")
-        if self.proximal_mu is not None and _span(self.proximal_mu)[0] < 0:
-            problems.append("  proximal_mu: must be >= 0")
-        if self.batch_size < 1:
-            problems.append("  batch_size: must be at least 1")
         if self.steps_per_site and not isinstance(self.steps, IntRange):
             problems.append("  steps_per_site: needs a steps range to search")
         if self.consolidation_steps is not None and _span(self.consolidation_steps)[0] < 1:
@@ -184,7 +176,53 @@ class SearchSpace:
         factor_low, factor_high = _span(self.consolidation_learning_rate_factor)
         if not 0 < factor_low <= factor_high <= 1:
             problems.append("  consolidation_learning_rate_factor: must be within (0, 1]")
+        if not problems:
+            problems += self._model_problems()
         return problems
+
+    def _model_problems(self) -> list[str]:
+        """Every value the space can give a hop, checked against the hyperparameter model's
+        bounds (the learning rate at every hop, after decay)."""
+        problems: list[str] = []
+        try:
+            HopHyperparameters.model_validate(self._fixed())
+        except ValidationError as exc:
+            problems.append(f"  {describe_problems(exc)}")
+        for name, value in self._searched().items():
+            low, high = _span(value)
+            try:
+                for end in (low, high):
+                    HopHyperparameters.model_validate({name: _typed(name, end)})
+            except ValidationError as exc:
+                what = "per-hop values reach" if name == "learning_rate" else "the space allows"
+                problems.append(f"  {describe_problems(exc)} ({what} [{low:g}, {high:g}])")
+        return problems
+
+    def _fixed(self) -> dict[str, Any]:
+        """The hyperparameters the space fixes: its fields named as the model's."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name in _MODEL_FIELDS and f.name not in _SEARCHED
+        }
+
+    def _searched(self) -> dict[str, float | FloatRange | IntRange]:
+        """The hyperparameters the space may vary (the learning rate over every hop, after
+        decay), fixed or as ranges; those left unset (None) take the model's default."""
+        values = {
+            "learning_rate": self._hop_learning_rates(),
+            "steps": self._visit_steps(),
+            "epochs": self.epochs,
+            "proximal_mu": self.proximal_mu,
+        }
+        return {name: value for name, value in values.items() if value is not None}
+
+    def hyperparameter_spans(self) -> dict[str, float | FloatRange | IntRange]:
+        """Every hyperparameter an approval bundle bounds, as any hop of this space may train
+        with it: a range where searched (the learning rate over every hop, after decay), else the
+        fixed value (the model's default where the space does not set it)."""
+        values: dict[str, Any] = asdict(HopHyperparameters()) | self._fixed() | self._searched()
+        return {name: values[name] for name in BOUNDED_HYPERPARAMETERS}
 
     @property
     def consolidates(self) -> bool:
@@ -233,20 +271,8 @@ class SearchSpace:
         for key, (low, high) in bounds.items():
             if not low <= high:
                 problems.append(f"  {key}: approved bound [{low}, {high}] is empty")
-        values: dict[str, float | FloatRange | IntRange | None] = {
-            "cycles": self.cycles,
-            "learning_rate": self._hop_learning_rates(),
-            "steps": self._visit_steps(),
-            "epochs": self.epochs,
-            "proximal_mu": self.proximal_mu,
-            "batch_size": self.batch_size,
-            "weight_decay": self.weight_decay,
-            "warmup_steps": self.warmup_steps,
-            "max_grad_norm": self.max_grad_norm,
-        }
+        values = {"cycles": self.cycles, **self.hyperparameter_spans()}
         for key, value in values.items():
-            if value is None:
-                continue
             low, high = _span(value)
             if key not in bounds:
                 if low != high:
@@ -351,18 +377,18 @@ class SearchSpace:
         return value
 
     def _hyperparameters(
-        self, learning_rate: float, steps: int, epochs: int | None, proximal_mu: float | None
+        self,
+        learning_rate: float,
+        steps: int,
+        epochs: float | None = None,
+        proximal_mu: float | None = None,
     ) -> HopHyperparameters:
-        return HopHyperparameters(
-            learning_rate=learning_rate,
-            steps=steps,
-            batch_size=self.batch_size,
-            weight_decay=self.weight_decay,
-            warmup_steps=self.warmup_steps,
-            max_grad_norm=self.max_grad_norm,
-            seed=self.seed,
-            epochs=epochs,
-            proximal_mu=proximal_mu,
+        """Hop 0's hyperparameters; what the space leaves unset takes the model's default."""
+        optional = {"epochs": epochs, "proximal_mu": proximal_mu}
+        return HopHyperparameters.model_validate(
+            self._fixed()
+            | {"learning_rate": learning_rate, "steps": steps}
+            | {name: value for name, value in optional.items() if value is not None}
         )
 
     def plan(
@@ -373,7 +399,7 @@ class SearchSpace:
         learning_rate: float | None = None,
         learning_rate_decay: float | None = None,
         steps: int | Mapping[str, int] | None = None,
-        epochs: int | None = None,
+        epochs: float | None = None,
         proximal_mu: float | None = None,
         encoding: str = "fixed",
         consolidation_steps: int | None = None,
@@ -419,7 +445,11 @@ class SearchSpace:
         if self.steps_per_site and not steps_by_site:
             steps_by_site = {site: base_steps for site in self.sites}
         if epochs is None and self.epochs is not None:
-            epochs = int(sum(_span(self.epochs)) // 2)
+            epochs = (
+                float(sum(_span(self.epochs)) // 2)
+                if isinstance(self.epochs, IntRange)
+                else self.epochs
+            )
         if proximal_mu is None and self.proximal_mu is not None:
             proximal_mu = _span(self.proximal_mu)[0]
         if self.steps_split_over_cycles:
@@ -479,7 +509,7 @@ class SearchSpace:
             if not low <= value <= high:
                 problems.append(f"  {name}: {value} is outside the space's [{low:g}, {high:g}]")
             elif isinstance(allowed, FloatRange | IntRange):
-                params[name] = value
+                params[name] = int(value) if isinstance(allowed, IntRange) else value
 
         check("cycles", plan.cycles, self.cycles)
         if encoding is not None:
@@ -498,18 +528,19 @@ class SearchSpace:
             problems.append("  steps: the plan varies visit length by site; the space does not")
         else:
             check("steps", self._searched_steps(first.steps, plan), self.steps)
+        default = HopHyperparameters()
         for name in ("epochs", "proximal_mu"):
             value = getattr(first, name)
             allowed = getattr(self, name)
-            if value is None:
-                if allowed is not None:
-                    problems.append(f"  {name}: the space sets it, the plan does not")
-            else:
+            if allowed is not None:
                 check(name, value, allowed)
-        for name in ("batch_size", "weight_decay", "warmup_steps", "max_grad_norm", "seed"):
-            if getattr(first, name) != getattr(self, name):
+            elif value != getattr(default, name):
+                problems.append(f"  {name}: the space does not set it, the plan has {value}")
+        fixed = self._hyperparameters(first.learning_rate, first.steps)
+        for name in (f.name for f in fields(HopHyperparameters) if f.name not in _SEARCHED):
+            if getattr(first, name) != getattr(fixed, name):
                 problems.append(f"  {name}: plan has {getattr(first, name)}, the space fixes "
-                                f"{getattr(self, name)}")  # fmt: skip
+                                f"{getattr(fixed, name)}")  # fmt: skip
         rebuilt = CandidatePlan.build(
             plan.cycle_orders,
             first,
@@ -523,11 +554,11 @@ class SearchSpace:
         elif self.consolidates:
             tail = full.hops[len(plan.hops)].hyperparameters
             factor = tail.learning_rate / plan.hops[-1].hyperparameters.learning_rate
-            fixed = self.consolidation_learning_rate_factor
-            if isinstance(fixed, float) and math.isclose(factor, fixed, rel_tol=1e-9):
-                factor = fixed
+            allowed = self.consolidation_learning_rate_factor
+            if isinstance(allowed, float) and math.isclose(factor, allowed, rel_tol=1e-9):
+                factor = allowed
             check("consolidation_steps", tail.steps, self.consolidation_steps)
-            check("consolidation_learning_rate_factor", factor, fixed)
+            check("consolidation_learning_rate_factor", factor, allowed)
             if not problems:
                 rebuilt = with_consolidation(rebuilt, tail.steps, factor)
             plan = full

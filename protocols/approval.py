@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from protocols.hyperparameters import BOUNDED_HYPERPARAMETERS
 from protocols.version import BATON_VERSION
 
 __all__ = [
@@ -23,17 +24,8 @@ __all__ = [
     "BundleViolation",
 ]
 
-# Hyperparameters every hop carries; bounds may cover any of them.
-HYPERPARAMETERS = (
-    "learning_rate",
-    "steps",
-    "epochs",
-    "batch_size",
-    "weight_decay",
-    "warmup_steps",
-    "max_grad_norm",
-    "proximal_mu",
-)
+# Hyperparameters every hop carries that bounds may cover (the model's numeric fields but `seed`).
+HYPERPARAMETERS = BOUNDED_HYPERPARAMETERS
 
 
 # The option that marks a bundle as an aggregate-statistics request rather than a training run.
@@ -112,9 +104,17 @@ class ApprovalBundle:
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleViolation(f"approval bundle is malformed: {exc}") from exc
 
-    def check_hyperparameters(self, values: Mapping[str, float]) -> None:
-        """Raises BundleViolation when a hop's hyperparameter leaves the approved bounds."""
+    def check_hyperparameters(self, values: Mapping[str, object]) -> None:
+        """Raises BundleViolation when a hop's hyperparameter leaves the approved bounds.
+
+        Args:
+            values: A hop's hyperparameters by name (`HopHyperparameters.model_dump()`).
+        """
         for name, (low, high) in self.bounds.items():
             value = values.get(name)
-            if value is not None and not low <= float(value) <= high:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise BundleViolation(f"{name}={value!r} is not a number the bounds can cover")
+            if not low <= float(value) <= high:
                 raise BundleViolation(f"{name}={value} is outside the approved [{low}, {high}]")

@@ -11,13 +11,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from protocols import hyperparameter_messages
 from protocols.approval import ApprovalBundle, BundleViolation
 from protocols.checkpoint import (
     CheckpointError,
@@ -521,7 +522,7 @@ class SiteAgent:
     def _check_approval(
         self,
         task: pb.HopTask | pb.EvaluationTask,
-        hyperparameters: dict[str, float] | None,
+        hyperparameters: Mapping[str, object] | None,
     ) -> None:
         """Refuses a task unless it matches its run's bundle and that bundle is approved here.
 
@@ -633,22 +634,13 @@ class SiteAgent:
     ) -> pb.HopResult | None:
         import safetensors.torch
 
-        from site_agent.tasks import HopCancelled, HopHyperparameters
+        from site_agent.tasks import HopCancelled
 
-        hp = task.hyperparameters
-        self._check_approval(
-            task,
-            {
-                "learning_rate": hp.learning_rate,
-                "steps": hp.steps,
-                "epochs": hp.epochs,
-                "batch_size": hp.batch_size,
-                "weight_decay": hp.weight_decay,
-                "warmup_steps": hp.warmup_steps,
-                "max_grad_norm": hp.max_grad_norm,
-                "proximal_mu": hp.proximal_mu,
-            },
-        )
+        try:
+            hyperparameters = hyperparameter_messages.from_message(task.hyperparameters)
+        except hyperparameter_messages.HyperparameterMessageError as exc:
+            raise HopFailure("bad-task", f"invalid hyperparameters: {exc}") from exc
+        self._check_approval(task, hyperparameters.model_dump())
         spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
         trainer = self._task_trainer(
             task.task_type, task.cross_validation if task.HasField("cross_validation") else None
@@ -668,17 +660,7 @@ class SiteAgent:
             outcome = trainer.run_hop(
                 spec,
                 dataset,
-                HopHyperparameters(
-                    learning_rate=hp.learning_rate,
-                    steps=hp.steps,
-                    epochs=hp.epochs,
-                    batch_size=hp.batch_size,
-                    weight_decay=hp.weight_decay,
-                    warmup_steps=hp.warmup_steps,
-                    max_grad_norm=hp.max_grad_norm,
-                    seed=hp.seed,
-                    proximal_mu=hp.proximal_mu,
-                ),
+                hyperparameters,
                 incoming,
                 progress=beat.training_step,
                 should_cancel=lambda: (

@@ -20,7 +20,7 @@ from typing import Any
 
 import filelock
 
-from protocols.approval import ApprovalBundle
+from protocols.approval import HYPERPARAMETERS, ApprovalBundle
 
 __all__ = ["ApprovalPolicy", "ApprovalStore", "PolicyError"]
 
@@ -74,16 +74,21 @@ class ApprovalPolicy:
         rules = []
         for index, raw in enumerate(document.get("allow", [])):
             try:
+                max_values = {
+                    k.removeprefix("max_"): float(v) for k, v in raw.items() if k.startswith("max_")
+                }
+                unknown = sorted(set(max_values) - set(HYPERPARAMETERS))
+                if unknown:
+                    raise ValueError(
+                        f"{', '.join('max_' + name for name in unknown)} caps no hyperparameter "
+                        f"(known: {', '.join('max_' + name for name in HYPERPARAMETERS)})"
+                    )
                 rules.append(
                     _Rule(
                         task_types=frozenset(raw["task_types"]),
                         datasets=frozenset(raw["datasets"]),
                         base_models=frozenset(raw["base_models"]),
-                        max_values={
-                            k.removeprefix("max_"): float(v)
-                            for k, v in raw.items()
-                            if k.startswith("max_")
-                        },
+                        max_values=max_values,
                     )
                 )
             except (KeyError, TypeError, ValueError) as exc:

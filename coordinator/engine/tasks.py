@@ -16,6 +16,8 @@ from coordinator.ledger import (
 )
 from coordinator.plan import RunPlan
 from protocols.approval import ApprovalBundle
+from protocols.hyperparameter_messages import to_message
+from protocols.hyperparameters import HopHyperparameters
 from protocols.v1 import baton_pb2 as pb
 
 __all__ = [
@@ -54,7 +56,7 @@ def hop_task(run: RunRow, hop: HopRow, input_ref: CheckpointRow | None) -> pb.Ta
         labels=plan["labels"],
         base_model_sha256=run.base_model_sha256 or "",
         lora=lora_config(plan),
-        hyperparameters=pb.Hyperparameters(**hop.hyperparameters),
+        hyperparameters=to_message(HopHyperparameters.model_validate(hop.hyperparameters)),
         task_options_json=json.dumps(plan.get("options", {}), sort_keys=True),
         approval_bundle_json=approval_bundle(run).canonical_json(),
     )

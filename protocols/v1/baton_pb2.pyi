@@ -123,7 +123,7 @@ class LoraConfig(_message.Message):
 Global___LoraConfig: _TypeAlias = LoraConfig  # noqa: Y015
 
 @_typing.final
-class Hyperparameters(_message.Message):
+class HopHyperparameters(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEARNING_RATE_FIELD_NUMBER: _builtins.int
@@ -135,6 +135,8 @@ class Hyperparameters(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     EPOCHS_FIELD_NUMBER: _builtins.int
     PROXIMAL_MU_FIELD_NUMBER: _builtins.int
+    LR_SCHEDULE_FIELD_NUMBER: _builtins.int
+    ADAM_BETA2_FIELD_NUMBER: _builtins.int
     learning_rate: _builtins.float
     steps: _builtins.int
     batch_size: _builtins.int
@@ -146,6 +148,13 @@ class Hyperparameters(_message.Message):
     """> 0: passes over the train split instead of `steps`"""
     proximal_mu: _builtins.float
     """> 0: FedProx-style pull toward the incoming weights"""
+    lr_schedule: _builtins.str
+    """Fields are named as in protocols.hyperparameters.HopHyperparameters (the one definition of
+    their types, defaults and bounds); a field with presence that is not set takes its default.
+    "linear" (default) or "constant"
+    """
+    adam_beta2: _builtins.float
+    """AdamW's second-moment decay (default 0.999)"""
     def __init__(
         self,
         *,
@@ -158,14 +167,23 @@ class Hyperparameters(_message.Message):
         seed: _builtins.int = ...,
         epochs: _builtins.float = ...,
         proximal_mu: _builtins.float = ...,
+        lr_schedule: _builtins.str | None = ...,
+        adam_beta2: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_adam_beta2", b"_adam_beta2", "_lr_schedule", b"_lr_schedule", "adam_beta2", b"adam_beta2", "lr_schedule", b"lr_schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "max_grad_norm", b"max_grad_norm", "proximal_mu", b"proximal_mu", "seed", b"seed", "steps", b"steps", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_adam_beta2", b"_adam_beta2", "_lr_schedule", b"_lr_schedule", "adam_beta2", b"adam_beta2", "batch_size", b"batch_size", "epochs", b"epochs", "learning_rate", b"learning_rate", "lr_schedule", b"lr_schedule", "max_grad_norm", b"max_grad_norm", "proximal_mu", b"proximal_mu", "seed", b"seed", "steps", b"steps", "warmup_steps", b"warmup_steps", "weight_decay", b"weight_decay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__adam_beta2: _TypeAlias = _typing.Literal["adam_beta2"]  # noqa: Y015
+    _WhichOneofArgType__adam_beta2: _TypeAlias = _typing.Literal["_adam_beta2", b"_adam_beta2"]  # noqa: Y015
+    _WhichOneofReturnType__lr_schedule: _TypeAlias = _typing.Literal["lr_schedule"]  # noqa: Y015
+    _WhichOneofArgType__lr_schedule: _TypeAlias = _typing.Literal["_lr_schedule", b"_lr_schedule"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__adam_beta2) -> _WhichOneofReturnType__adam_beta2 | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_schedule) -> _WhichOneofReturnType__lr_schedule | None: ...
 
-Global___Hyperparameters: _TypeAlias = Hyperparameters  # noqa: Y015
+Global___HopHyperparameters: _TypeAlias = HopHyperparameters  # noqa: Y015
 
 @_typing.final
 class CrossValidation(_message.Message):
@@ -440,7 +458,7 @@ class HopTask(_message.Message):
     @_builtins.property
     def lora(self) -> Global___LoraConfig: ...
     @_builtins.property
-    def hyperparameters(self) -> Global___Hyperparameters: ...
+    def hyperparameters(self) -> Global___HopHyperparameters: ...
     @_builtins.property
     def cross_validation(self) -> Global___CrossValidation:
         """as in the bundle; unset for an ordinary run"""
@@ -458,7 +476,7 @@ class HopTask(_message.Message):
         labels: _abc.Iterable[_builtins.str] | None = ...,
         base_model_sha256: _builtins.str = ...,
         lora: Global___LoraConfig | None = ...,
-        hyperparameters: Global___Hyperparameters | None = ...,
+        hyperparameters: Global___HopHyperparameters | None = ...,
         task_options_json: _builtins.str = ...,
         approval_bundle_json: _builtins.str = ...,
         cross_validation: Global___CrossValidation | None = ...,

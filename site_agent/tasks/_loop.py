@@ -75,7 +75,9 @@ def train(
     hp = hyperparameters
     total = hp.total_steps(num_examples)
     params = list(trainable)
-    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=(0.9, hp.adam_beta2)
+    )
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
     mu = hp.proximal_mu if anchors is not None else 0.0
     batches = batch_indices(num_examples, hp.batch_size, hp.seed)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -11,12 +10,14 @@ from typing import Literal, Protocol
 import torch
 
 from protocols.checkpoint import TensorSpec as TensorSpec
+
+# The trainers' hyperparameters are the model both ends share (re-exported for the tasks).
+from protocols.hyperparameters import HopHyperparameters as HopHyperparameters
 from site_agent.examples import TASK_TYPES
 from site_agent.registry import RegisteredDataset
 
 # safetensors' dtype names for what may travel between sites; adapters always travel as float32.
 TENSOR_DTYPE = "F32"
-LR_SCHEDULES = ("linear", "constant")
 
 
 @dataclass(frozen=True)
@@ -74,56 +75,6 @@ class TaskSpec:
         except (TypeError, ValueError) as error:
             raise ValueError(f"task options must be JSON-able: {error}") from error
         object.__setattr__(self, "options", options)
-
-
-@dataclass(frozen=True)
-class HopHyperparameters:
-    """Optimisation settings for one hop.
-
-    The learning rate warms up linearly over ``warmup_steps`` optimizer steps, then (schedule
-    ``linear``) decays linearly so that it would reach 0 after the last step, or (``constant``)
-    stays put. With ``proximal_mu > 0`` and incoming weights, the loss gains
-    ``mu / 2 * sum ||w - w_incoming||^2`` over the trainable tensors (FedProx), which limits how
-    far one site pulls the model.
-    """
-
-    learning_rate: float = 5e-4
-    steps: int = 20
-    epochs: float = 0.0  # > 0: this many passes over the train split instead of ``steps``
-    batch_size: int = 16
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0  # <= 0 disables clipping
-    seed: int = 0
-    proximal_mu: float = 0.0
-    lr_schedule: str = "linear"  # "linear" or "constant"
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not (math.isfinite(self.epochs) and self.epochs >= 0):
-            raise ValueError(f"epochs must be finite and >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be finite and >= 0, got {self.weight_decay}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not math.isfinite(self.max_grad_norm):
-            raise ValueError(f"max_grad_norm must be finite, got {self.max_grad_norm}")
-        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
-            raise ValueError(f"proximal_mu must be finite and >= 0, got {self.proximal_mu}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-
-    def total_steps(self, train_examples: int) -> int:
-        """Optimizer steps of the hop: ``steps``, or ``epochs`` passes over the train split."""
-        if self.epochs <= 0:
-            return self.steps
-        batches_per_epoch = math.ceil(train_examples / self.batch_size)
-        return max(1, math.ceil(self.epochs * batches_per_epoch))
 
 
 @dataclass(frozen=True)

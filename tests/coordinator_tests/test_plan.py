@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from coordinator.plan import PlanError, load_plan, parse_plan
+from protocols.hyperparameters import HopHyperparameters
+from tests.hyperparameter_bounds import out_of_bounds
 
 BASE = {"dataset": "notes", "labels": ["a", "b"]}
 
@@ -60,3 +62,27 @@ def test_plan_files_are_read_as_toml_or_json(tmp_path: Path) -> None:
         load_plan(broken)
     with pytest.raises(PlanError, match="cannot read"):
         load_plan(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(("name", "value"), out_of_bounds())
+def test_a_plan_refuses_every_hyperparameter_outside_the_models_bounds(
+    name: str, value: float
+) -> None:
+    with pytest.raises(PlanError, match=rf"defaults\.{name}: "):
+        parse_plan({**BASE, "sites": ["x"], "defaults": {name: value}})
+    with pytest.raises(PlanError, match=rf"hops\.0\.hyperparameters\.{name}: "):
+        parse_plan({**BASE, "hops": [{"site": "x", "hyperparameters": {name: value}}]})
+
+
+def test_a_plan_sets_the_learning_rate_schedule_and_every_trainer_option() -> None:
+    every_option = {
+        "learning_rate": 0.01, "steps": 9, "epochs": 0.5, "batch_size": 4, "weight_decay": 0.1,
+        "warmup_steps": 2, "max_grad_norm": 0.0, "seed": 5, "proximal_mu": 0.2,
+        "lr_schedule": "constant",
+    }  # fmt: skip
+    plan = parse_plan({**BASE, "sites": ["x"], "defaults": every_option})
+    assert plan.defaults == HopHyperparameters(**every_option)  # type: ignore[arg-type]
+    assert parse_plan(plan.to_json()) == plan
+    assert parse_plan({**BASE, "sites": ["x"]}).defaults.lr_schedule == "linear"
+    with pytest.raises(PlanError, match=r"defaults\.lr_schedule: Input should be 'linear'"):
+        parse_plan({**BASE, "sites": ["x"], "defaults": {"lr_schedule": "cosine"}})

@@ -17,6 +17,7 @@ from ordering import (
     SearchSpace,
     SearchSpaceError,
 )
+from tests.hyperparameter_bounds import out_of_bounds
 
 APPROVED = {
     "learning_rate": (1e-5, 1e-2),
@@ -174,3 +175,49 @@ def test_a_space_survives_its_json_form(five_sites: tuple[str, ...]) -> None:
 def test_a_plan_survives_its_json_form(five_sites: tuple[str, ...]) -> None:
     plan = rich_space(five_sites).plan([five_sites, tuple(reversed(five_sites))])
     assert CandidatePlan.from_json_dict(json.loads(json.dumps(plan.to_json_dict()))) == plan
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [(name, value) for name, value in out_of_bounds() if name in SearchSpace.__dataclass_fields__],
+)
+def test_a_space_is_refused_when_it_could_give_a_hop_a_value_outside_the_models_bounds(
+    name: str, value: float
+) -> None:
+    with pytest.raises(SearchSpaceError, match=rf"\n  {name}: "):
+        SearchSpace(sites=("a", "b"), **{name: value})  # type: ignore[arg-type]
+
+
+def test_a_decayed_learning_rate_above_the_models_bound_refuses_the_space() -> None:
+    with pytest.raises(SearchSpaceError) as refused:
+        SearchSpace(sites=("a", "b"), cycles=2, learning_rate=FloatRange(1e-3, 0.5, log=True),
+                    learning_rate_decay=FloatRange(1.0, 2.0))  # fmt: skip
+    assert str(refused.value).endswith(
+        "learning_rate: Input should be less than or equal to 1 (per-hop values reach [0.001, 4])"
+    )
+    SearchSpace(sites=("a", "b"), cycles=2, learning_rate=FloatRange(1e-3, 0.1, log=True),
+                learning_rate_decay=FloatRange(1.0, 2.0))  # fmt: skip
+
+
+def test_hops_of_a_space_train_with_the_models_hyperparameters_and_fractional_epochs() -> None:
+    space = SearchSpace(sites=("a", "b"), epochs=1.5, weight_decay=0.01)
+    hop = space.plan(("a", "b")).hops[1].hyperparameters
+    assert hop == HopHyperparameters(learning_rate=5e-4, steps=20, epochs=1.5, weight_decay=0.01,
+                                     seed=1)  # fmt: skip
+    document = space.plan(("a", "b")).to_plan_document("d", ["x", "y"])
+    assert document["hops"][0]["hyperparameters"]["epochs"] == 1.5
+    stored = space.plan(("a", "b")).to_json_dict()
+    assert CandidatePlan.from_json_dict(json.loads(json.dumps(stored))) == space.plan(("a", "b"))
+
+
+def test_plans_stored_before_epochs_were_floats_still_read() -> None:
+    stored = {"encoding": "lehmer", "cycle_orders": [["a", "b"]], "learning_rate_decay": 1.0,
+              "hops": [["a", {"learning_rate": 1e-3, "steps": 5, "batch_size": 16,
+                              "weight_decay": 0.0, "warmup_steps": 0, "max_grad_norm": 1.0,
+                              "seed": 0, "epochs": 2}],
+                       ["b", {"learning_rate": 1e-3, "steps": 5, "batch_size": 16,
+                              "weight_decay": 0.0, "warmup_steps": 0, "max_grad_norm": 1.0,
+                              "seed": 1, "epochs": 2}]]}  # fmt: skip
+    plan = CandidatePlan.from_json_dict(stored)
+    assert [hop.hyperparameters.epochs for hop in plan.hops] == [2.0, 2.0]
+    assert plan.hops[0].hyperparameters.proximal_mu == 0.0

@@ -67,3 +67,17 @@ def test_malformed_policy_file_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text('[[allow]]\ntask_types = ["tabular"]\n')
     with pytest.raises(PolicyError, match="allow rule 1"):
         ApprovalPolicy.load(bad)
+
+
+def test_a_policy_cap_on_an_unknown_hyperparameter_is_a_clear_error(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(
+        '[[allow]]\ntask_types = ["*"]\ndatasets = ["*"]\nbase_models = ["*"]\n'
+        "max_learnig_rate = 0.01\nmax_proximal_mu = 1.0\n"
+    )
+    with pytest.raises(PolicyError, match="allow rule 1") as refused:
+        ApprovalPolicy.load(policy)
+    assert "max_learnig_rate caps no hyperparameter (known: max_learning_rate, " in str(
+        refused.value
+    )
+    assert "max_proximal_mu," not in str(refused.value).split("(known")[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -130,3 +131,34 @@ def test_auroc_is_left_out_when_only_one_class_is_present() -> None:
     assert "auroc" not in metrics
     assert metrics["accuracy"] == 0.5
     assert metrics["loss"] == 0.5
+
+
+def _adam_run(hyperparameters: HopHyperparameters) -> torch.Tensor:
+    weight = torch.nn.Parameter(torch.tensor([0.0, 3.0]))
+    train(
+        trainable=[weight],
+        batch_loss=lambda index: ((weight - 10.0) ** 2).sum(),
+        num_examples=1,
+        hyperparameters=hyperparameters,
+        device=torch.device("cpu"),
+        fp16=False,
+        anchors=None,
+        progress=None,
+        should_cancel=None,
+    )
+    return weight.detach()
+
+
+def test_adam_beta2_is_the_optimizers_second_moment_decay() -> None:
+    hp = HopHyperparameters(learning_rate=0.5, steps=20, batch_size=1, max_grad_norm=0,
+                            lr_schedule="constant", adam_beta2=0.6)  # fmt: skip
+    reference = torch.nn.Parameter(torch.tensor([0.0, 3.0]))
+    optimizer = torch.optim.AdamW([reference], lr=0.5, weight_decay=0.0, betas=(0.9, 0.6))
+    for _ in range(20):
+        optimizer.zero_grad()
+        ((reference - 10.0) ** 2).sum().backward()
+        optimizer.step()
+
+    torch.testing.assert_close(_adam_run(hp), reference.detach())
+    default = dataclasses.replace(hp, adam_beta2=HopHyperparameters().adam_beta2)
+    assert not torch.allclose(_adam_run(default), reference.detach(), atol=1e-3)

@@ -227,34 +227,17 @@ def approval_bounds(space: SearchSpace) -> dict[str, tuple[float, float]]:
     bundle with these bounds approves every trial of the study.
     """
 
-    def span(value: float | FloatRange | IntRange | None) -> tuple[float, float]:
-        if value is None:
-            return 0.0, 0.0
+    def span(value: float | FloatRange | IntRange) -> tuple[float, float]:
         if isinstance(value, FloatRange | IntRange):
             return float(value.low), float(value.high)
         return float(value), float(value)
 
-    lr_low, lr_high = span(space.learning_rate)
-    decay_low, decay_high = span(space.learning_rate_decay)
-    last_hop = space.max_cycles * len(space.sites) - 1
-    steps_high = span(space.steps)[1]
-    if space.consolidates:
-        # The consolidation visits train at a fraction of the last regular hop's rate.
-        lr_low *= span(space.consolidation_learning_rate_factor)[0]
-        steps_high = max(steps_high, span(space.consolidation_steps)[1])
-    return {
-        "learning_rate": (
-            lr_low * min(1.0, decay_low) ** last_hop,
-            lr_high * max(1.0, decay_high) ** last_hop,
-        ),
-        "steps": (1.0, steps_high),
-        "epochs": (0.0, span(space.epochs)[1]),
-        "batch_size": span(space.batch_size),
-        "weight_decay": span(space.weight_decay),
-        "warmup_steps": (0.0, float(space.warmup_steps)),
-        "max_grad_norm": span(space.max_grad_norm),
-        "proximal_mu": span(space.proximal_mu),
-    }
+    bounds = {name: span(value) for name, value in space.hyperparameter_spans().items()}
+    # Probe trials shorten every visit (scale_hyperparameters).
+    shortened = {"steps": 1.0, "epochs": 0.0, "warmup_steps": 0.0}
+    for name, low in shortened.items():
+        bounds[name] = (min(low, bounds[name][0]), bounds[name][1])
+    return bounds
 
 
 def attach_run_template(study: OrderingStudy, template: RunTemplate) -> None:

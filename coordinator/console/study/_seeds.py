@@ -23,6 +23,7 @@ from ordering import (
     CandidatePlan,
     FloatRange,
     HopHyperparameters,
+    IntRange,
     OrderingStudy,
     SearchSpace,
     SearchSpaceError,
@@ -183,35 +184,21 @@ def _candidate_of_hops(
         ):
             decay = float(space.learning_rate_decay)
     first = hops[0][1]
-    if first.epochs and not float(first.epochs).is_integer():
+    if isinstance(space.epochs, IntRange) and not float(first.epochs).is_integer():
         raise SearchSpaceError(f"its visits last {first.epochs:g} epochs, not a whole number")
-    base = HopHyperparameters(
-        learning_rate=first.learning_rate,
-        steps=first.steps,
-        batch_size=first.batch_size,
-        weight_decay=first.weight_decay,
-        warmup_steps=first.warmup_steps,
-        max_grad_norm=first.max_grad_norm,
-        seed=first.seed,
-        epochs=int(first.epochs) if first.epochs else None,
-        # The coordinator sends 0 when a plan leaves the proximal term out.
-        proximal_mu=(
-            None if first.proximal_mu == 0.0 and space.proximal_mu is None else first.proximal_mu
-        ),
-    )
     first_visit = {site: spec.steps for site, spec in reversed(hops)}
     plan = CandidatePlan.build(
         orders,
-        base,
+        first,
         learning_rate_decay=decay,
         steps_by_site=first_visit if len(set(first_visit.values())) > 1 else {},
         encoding=encoding,
     )
     for k, (hop, (_, spec)) in enumerate(zip(plan.hops, hops, strict=True)):
         actual = spec.model_dump()
-        expected = HyperparameterSpec.model_validate(hop.hyperparameters.as_dict()).model_dump()
+        expected = hop.hyperparameters.model_dump()
         differing = [
-            f"{name} {actual[name]:g} (the space's schedule: {expected[name]:g})"
+            f"{name} {_shown(actual[name])} (the space's schedule: {_shown(expected[name])})"
             for name in actual
             if actual[name] != expected[name]
             # The rate is rebuilt as rate * decay**k from the inferred decay: equal up to rounding.
@@ -221,6 +208,10 @@ def _candidate_of_hops(
             raise SearchSpaceError(f"hop {k} trains with " + ", ".join(differing))
     space.params_for(plan, None)  # ranges and fixed values
     return plan
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def heuristic_seed_orders(
