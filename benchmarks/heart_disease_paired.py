@@ -63,12 +63,14 @@ import torch
 from heart_disease import DEFAULT_DATA, FLAMBY_BATCH, LABELS, SITES, _datasets, _register_sites
 
 from ordering import (
+    SAMPLERS,
     Aggregation,
     CandidatePlan,
     FloatRange,
     IntRange,
     OrderingStudy,
     PlanFailed,
+    SamplerName,
     SearchSpace,
     SiteScore,
     TrialOutcome,
@@ -216,8 +218,29 @@ class TwinExecutor:
 # ---- comparators --------------------------------------------------------------------------------
 
 
-def search_space(seed: int, cycles: int, max_steps: int) -> SearchSpace:
-    """Order, cycles, visit length, learning rate, its per-hop decay and a proximal term."""
+def search_space(seed: int, cycles: int, max_steps: int, controls: bool = False) -> SearchSpace:
+    """Order, cycles, visit length, learning rate, its per-hop decay and a proximal term.
+
+    With ``controls`` (the forgetting controls): each site's visit budget, 10 to
+    ``cycles * max_steps`` steps (the largest run of the plain space), is split over 1 to
+    ``2 * cycles`` cycles, and every plan ends with a consolidation cycle of 1-10 steps per
+    visit at 0.05-1 times the last hop's learning rate.
+    """
+    if controls:
+        return SearchSpace(
+            sites=SITES,
+            cycles=IntRange(1, 2 * cycles),
+            learning_rate=FloatRange(3e-4, 3e-2, log=True),
+            learning_rate_decay=FloatRange(0.7, 1.0),
+            steps=IntRange(10, cycles * max_steps),
+            steps_split_over_cycles=True,
+            consolidation_steps=IntRange(1, 10),
+            consolidation_learning_rate_factor=FloatRange(0.05, 1.0, log=True),
+            proximal_mu=FloatRange(0.0, 1.0),
+            batch_size=FLAMBY_BATCH,
+            max_grad_norm=0.0,
+            seed=seed,
+        )
     return SearchSpace(
         sites=SITES,
         cycles=IntRange(1, cycles),
@@ -293,13 +316,15 @@ def _sequential_studies(
     folds: int,
     space: SearchSpace,
     objective: Aggregation,
+    sampler: SamplerName = "tpe",
+    encoding: str = "auto",
 ) -> dict[str, dict[str, Any]]:
     executor = TwinExecutor(trainer, setting, datasets, folds)
     out: dict[str, dict[str, Any]] = {}
     sizes = {d.name: len(d.train) for d in datasets}
     # Baton's search: TPE, its default encoding, the coordinator's size-ordered seed first.
-    searched = OrderingStudy.create(None, f"searched-{split}", space, "auto", objective,
-                                    seed=split, pruning=None)  # fmt: skip
+    searched = OrderingStudy.create(None, f"searched-{split}", space, encoding, objective,
+                                    seed=split, pruning=None, sampler=sampler)  # fmt: skip
     searched.enqueue(tuple(sorted(SITES, key=lambda s: (sizes[s], s))), note="seed: sizes")
     started = time.perf_counter()
     records = searched.optimize(executor, trials, catch=(PlanFailed,))
@@ -330,11 +355,7 @@ def _sequential_studies(
     # The tuned settings on a fresh random order: the order itself is never selected.
     order = list(SITES)
     random.Random(f"random-order-final:{split}").shuffle(order)
-    final = CandidatePlan.build(
-        [tuple(order)] * chosen.plan.cycles,
-        chosen.plan.hops[0].hyperparameters,
-        learning_rate_decay=chosen.plan.learning_rate_decay,
-    )
+    final = _reordered(chosen.plan, order)
     out["random-order"] = {
         **_study_summary(records, chosen),
         "final_plan": final.describe(),
@@ -342,6 +363,18 @@ def _sequential_studies(
         "site_test_accuracy": _final_sequential(trainer, setting, datasets, final),
     }
     return out
+
+
+def _reordered(plan: CandidatePlan, order: Sequence[str]) -> CandidatePlan:
+    """`plan`'s schedule (every hop's hyperparameters, a consolidation cycle included) with the
+    sites renamed so that its first cycle visits them in `order`."""
+    rename = dict(zip(plan.order, order, strict=True))
+    return dataclasses.replace(
+        plan,
+        hops=tuple(hop._replace(site=rename[hop.site]) for hop in plan.hops),
+        order=tuple(order),
+        cycle_orders=tuple(tuple(rename[s] for s in c) for c in plan.cycle_orders),
+    )
 
 
 def _tuned(
@@ -508,11 +541,13 @@ def run_cell(setting: str, split: int, config: Mapping[str, Any]) -> dict[str, A
     trainer: TabularTrainer = _WORKER["trainer"]
     datasets = resample_split(_WORKER["datasets"], split)
     trials, folds = config["trials"], config["folds"]
-    space = search_space(split, config["cycles"], config["max_steps"])
+    space = search_space(split, config["cycles"], config["max_steps"],
+                         bool(config.get("controls")))  # fmt: skip
     objective: Aggregation = "worst" if config.get("objective") == "worst" else "mean"
     methods = _sequential_studies(
-        trainer, setting, datasets, split, trials, folds, space, objective
-    )
+        trainer, setting, datasets, split, trials, folds, space, objective,
+        config.get("sampler", "tpe"), config.get("encoding", "auto"),
+    )  # fmt: skip
     methods["fedavg"] = _fedavg(trainer, setting, datasets, split, trials, folds,
                                 config["max_fedavg_steps"], config["max_rounds"],
                                 objective)  # fmt: skip
@@ -676,6 +711,18 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"Pooled: learning rate, steps 50-{config['max_pooled_steps']}.",
         "",
     ]
+    if config.get("controls"):
+        lines[-2:-1] = [
+            f"Search space (searched, random search, random order) with the forgetting "
+            f"controls: cycles 1-{2 * config['cycles']}, each site's visit budget "
+            f"10-{config['cycles'] * config['max_steps']} steps split over the cycles, then a "
+            "consolidation cycle of 1-10 steps per visit at 0.05-1x the last hop's learning rate "
+            "(log); learning rate 3e-4-3e-2 (log), per-hop decay 0.7-1.0, proximal mu 0-1, "
+            f"batch {FLAMBY_BATCH}; Baton's sampler {config.get('sampler', 'tpe')}, encoding "
+            f"{config.get('encoding', 'auto')}. FedAvg: learning rate, local steps "
+            f"10-{config['max_fedavg_steps']}, rounds 2-{config['max_rounds']}. Pooled: learning "
+            f"rate, steps 50-{config['max_pooled_steps']}."
+        ]
     for setting, result in report["settings"].items():
         lines += [
             f"## Normalisation: {setting}",
@@ -780,6 +827,14 @@ def main(argv: list[str] | None = None) -> int:
         default="mean",
         help="Every method's CV objective: mean over centres, or the worst centre (max-min)",
     )
+    parser.add_argument(
+        "--controls",
+        action="store_true",
+        help="Search the forgetting controls: visit budget split over up to 2x cycles and a "
+        "final consolidation cycle",
+    )
+    parser.add_argument("--sampler", choices=SAMPLERS, default="tpe", help="Baton's sampler")
+    parser.add_argument("--encoding", default="auto", help="Baton's permutation encoding")
     parser.add_argument("--quick", action="store_true", help="2 splits, 3 trials, 2 folds, tiny")
     parser.add_argument(
         "--out", type=Path, help=f"Results directory (default {RESULTS_DIR}; --quick: a temp dir)"
@@ -811,6 +866,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_pooled_steps": args.max_pooled_steps,
         "jobs": args.jobs,
         "objective": args.objective,
+        "controls": args.controls,
+        "sampler": args.sampler,
+        "encoding": args.encoding,
     }
     cells_wanted = [(s, split) for split in range(args.splits) for s in args.settings]
     report: dict[str, Any] = {

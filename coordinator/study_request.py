@@ -91,6 +91,14 @@ class StudyRequest(BaseModel):
     lr_max: float = Field(default=1e-2, gt=0, le=10)
     steps_min: int = Field(default=10, ge=1, le=10**7)
     steps_max: int = Field(default=40, ge=1, le=10**7)
+    # The forgetting controls (ordering/_forgetting.py), as `baton study start` takes them.
+    split_steps_over_cycles: bool = False
+    lr_decay_min: float = Field(default=1.0, ge=0, le=10)
+    lr_decay_max: float = Field(default=1.0, ge=0, le=10)
+    proximal_mu_max: float = Field(default=0.0, ge=0, le=10**4)
+    consolidation_steps: int = Field(default=0, ge=0, le=10**7)
+    consolidation_lr_factor_min: float = Field(default=0.05, gt=0, le=10)
+    consolidation_lr_factor_max: float = Field(default=0.5, gt=0, le=10)
     batch_size: int = Field(default=16, ge=1, le=10**6)
     trials: int = Field(default=10, ge=1, le=10_000)
     encoding: str = Field(default="auto", pattern="^(auto|lehmer|random-keys|all-orders)$")
@@ -132,7 +140,14 @@ class StudyRequest(BaseModel):
             "--min-validation-rows", str(self.min_validation_rows),
             "--run-timeout", repr(self.run_timeout), "--site-timeout", repr(self.site_timeout),
             "--warm-start" if self.warm_start else "--no-warm-start",
+            "--lr-decay-min", repr(self.lr_decay_min), "--lr-decay-max", repr(self.lr_decay_max),
+            "--proximal-mu-max", repr(self.proximal_mu_max),
+            "--consolidation-steps", str(self.consolidation_steps),
+            "--consolidation-lr-factor-min", repr(self.consolidation_lr_factor_min),
+            "--consolidation-lr-factor-max", repr(self.consolidation_lr_factor_max),
         ]  # fmt: skip
+        if self.split_steps_over_cycles:
+            argv.append("--split-steps-over-cycles")
         if self.direction is not None:
             argv += ["--direction", self.direction]
         if self.lora is not None:
@@ -216,7 +231,7 @@ def prepare_search(request: StudyRequest) -> PreparedSearch:
     Raises:
         StudyRequestError: The search space or the runs' plan would be refused.
     """
-    from coordinator.console.study import RunTemplate, approval_bounds
+    from coordinator.console.study import RunTemplate, approval_bounds, forgetting_controls
     from coordinator.plan import PlanError
     from ordering import FloatRange, IntRange, SearchSpace, SearchSpaceError
 
@@ -231,6 +246,16 @@ def prepare_search(request: StudyRequest) -> PreparedSearch:
             if request.steps_min == request.steps_max
             else IntRange(request.steps_min, request.steps_max),
             batch_size=request.batch_size,
+            **forgetting_controls(
+                split_steps_over_cycles=request.split_steps_over_cycles,
+                lr_decay=(request.lr_decay_min, request.lr_decay_max),
+                proximal_mu_max=request.proximal_mu_max,
+                consolidation_steps=request.consolidation_steps,
+                consolidation_lr_factor=(
+                    request.consolidation_lr_factor_min,
+                    request.consolidation_lr_factor_max,
+                ),
+            ),
         )
         template = RunTemplate(
             dataset=request.dataset,

@@ -34,13 +34,21 @@ from ordering._objective import (
 from ordering._plan import CandidatePlan, Hop, HopHyperparameters
 from ordering._pruning import PruningSettings, StagePruner, stage_key
 from ordering._space import FloatRange, IntRange, SearchSpace, SearchSpaceError
-from ordering._study import DEFAULT_PRUNING, OrderingStudy, StudyMismatch, TrialRecord
+from ordering._study import (
+    DEFAULT_PRUNING,
+    SAMPLERS,
+    OrderingStudy,
+    SamplerName,
+    StudyMismatch,
+    TrialRecord,
+)
 from ordering._synthetic import SyntheticObjective
 
 __all__ = [
     "DEFAULT_PRUNING",
     "ENCODINGS",
     "RANDOM_SEARCH",
+    "SAMPLERS",
     "Aggregation",
     "AllOrders",
     "CandidatePlan",
@@ -59,6 +67,7 @@ __all__ = [
     "PlanPruned",
     "PruningSettings",
     "RandomKeys",
+    "SamplerName",
     "SearchSpace",
     "SearchSpaceError",
     "SiteScore",

@@ -7,21 +7,59 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from optuna.distributions import BaseDistribution
-from optuna.samplers import BaseSampler, RandomSampler, TPESampler
+from optuna.samplers import (
+    BaseSampler,
+    CmaEsSampler,
+    GPSampler,
+    QMCSampler,
+    RandomSampler,
+    TPESampler,
+)
 from optuna.study import Study
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["RandomOrderSampler", "is_order_param"]
+__all__ = ["RandomOrderSampler", "alternative_sampler", "is_order_param"]
 
 # Parameters a SearchSpace suggests for hyperparameters; every other parameter encodes an order.
 _HYPERPARAMETER_PARAMS = frozenset(
-    {"cycles", "learning_rate", "learning_rate_decay", "steps", "epochs", "proximal_mu"}
+    {
+        "cycles",
+        "learning_rate",
+        "learning_rate_decay",
+        "steps",
+        "epochs",
+        "proximal_mu",
+        "consolidation_steps",
+        "consolidation_learning_rate_factor",
+    }
 )
 
 
 def is_order_param(name: str) -> bool:
     """Whether a trial parameter encodes the site order rather than a hyperparameter."""
     return name not in _HYPERPARAMETER_PARAMS and not name.startswith("steps_")
+
+
+def alternative_sampler(name: str, seed: int | None, n_startup_trials: int) -> BaseSampler:
+    """Optuna's Gaussian-process ("gp"), CMA-ES ("cmaes") or scrambled Sobol ("qmc") sampler,
+    with the study's seed and start-up trials; parameters they cannot model jointly (a
+    per-cycle order whose cycle count varies) are drawn at random, without a warning per trial.
+
+    "gp" imports torch when it first samples and "cmaes" needs the ``cmaes`` package: they are
+    for benchmarks and sites with the simulation extra, not the torch-free coordinator.
+    """
+    if name == "gp":
+        return GPSampler(seed=seed, n_startup_trials=n_startup_trials)
+    if name == "cmaes":
+        return CmaEsSampler(
+            seed=seed,
+            n_startup_trials=n_startup_trials,
+            warn_independent_sampling=False,
+            independent_sampler=RandomSampler(seed=None if seed is None else seed + 1),
+        )
+    if name == "qmc":
+        return QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {name!r}; known here: gp, cmaes, qmc")
 
 
 class RandomOrderSampler(BaseSampler):

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from optuna.trial import BaseTrial
 from pydantic import ValidationError
 
 from ordering._encodings import ParamValue, PermutationEncoding
-from ordering._plan import CandidatePlan, HopHyperparameters
+from ordering._forgetting import steps_per_visit, with_consolidation
+from ordering._plan import CandidatePlan, Hop, HopHyperparameters
 from protocols.hyperparameters import BOUNDED_HYPERPARAMETERS, describe_problems
 
 __all__ = ["FloatRange", "IntRange", "SearchSpace", "SearchSpaceError"]
@@ -78,6 +79,19 @@ def _json(value: object) -> object:
     return value
 
 
+def _same_hops(built: Sequence[Hop], given: Sequence[Hop]) -> bool:
+    """Equal hops, learning rates up to rounding (a factor read back from a plan is exact
+    only to the last bit)."""
+    return len(built) == len(given) and all(
+        a.site == b.site
+        and math.isclose(a.hyperparameters.learning_rate, b.hyperparameters.learning_rate,
+                         rel_tol=1e-9)
+        and replace(a.hyperparameters, learning_rate=b.hyperparameters.learning_rate)
+        == b.hyperparameters
+        for a, b in zip(built, given, strict=True)
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """What a search may vary: site order, cycles and per-hop hyperparameters.
@@ -103,6 +117,13 @@ class SearchSpace:
         warmup_steps: Fixed warm-up steps per visit.
         max_grad_norm: Fixed gradient clipping norm.
         seed: Seed of hop 0 (hop k uses seed + k).
+        steps_split_over_cycles: `steps` is each site's visit budget for the whole run, split
+            over its cycles (``ceil(steps / cycles)`` per visit), so more cycles means shorter
+            visits at equal compute.
+        consolidation_steps: Steps per visit of a final consolidation cycle (every site once
+            more, in the last cycle's order): fixed, a range, or None (no such cycle).
+        consolidation_learning_rate_factor: The consolidation visits' learning rate as a
+            fraction of the last regular hop's: fixed or a range within (0, 1].
     """
 
     sites: tuple[str, ...]
@@ -119,6 +140,9 @@ class SearchSpace:
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     seed: int = 0
+    steps_split_over_cycles: bool = False
+    consolidation_steps: int | IntRange | None = None
+    consolidation_learning_rate_factor: float | FloatRange = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", tuple(self.sites))
@@ -147,6 +171,11 @@ class SearchSpace:
             problems.append("  epochs: must be at least 1")
         if self.steps_per_site and not isinstance(self.steps, IntRange):
             problems.append("  steps_per_site: needs a steps range to search")
+        if self.consolidation_steps is not None and _span(self.consolidation_steps)[0] < 1:
+            problems.append("  consolidation_steps: must be at least 1")
+        factor_low, factor_high = _span(self.consolidation_learning_rate_factor)
+        if not 0 < factor_low <= factor_high <= 1:
+            problems.append("  consolidation_learning_rate_factor: must be within (0, 1]")
         if not problems:
             problems += self._model_problems()
         return problems
@@ -182,7 +211,7 @@ class SearchSpace:
         decay), fixed or as ranges; those left unset (None) take the model's default."""
         values = {
             "learning_rate": self._hop_learning_rates(),
-            "steps": self.steps,
+            "steps": self._visit_steps(),
             "epochs": self.epochs,
             "proximal_mu": self.proximal_mu,
         }
@@ -194,6 +223,22 @@ class SearchSpace:
         fixed value (the model's default where the space does not set it)."""
         values: dict[str, Any] = asdict(HopHyperparameters()) | self._fixed() | self._searched()
         return {name: values[name] for name in BOUNDED_HYPERPARAMETERS}
+
+    @property
+    def consolidates(self) -> bool:
+        """Whether every plan ends with a consolidation cycle (not counted in `cycles`)."""
+        return self.consolidation_steps is not None
+
+    def _visit_steps(self) -> float | IntRange:
+        """The span of steps any visit (regular or consolidation) may train for."""
+        low, high = _span(self.steps)
+        if self.steps_split_over_cycles:
+            low = steps_per_visit(int(low), self.max_cycles)
+            high = steps_per_visit(int(high), int(_span(self.cycles)[0]))
+        if self.consolidation_steps is not None:
+            c_low, c_high = _span(self.consolidation_steps)
+            low, high = min(low, c_low), max(high, c_high)
+        return low if low == high else IntRange(int(low), int(high))
 
     @property
     def max_cycles(self) -> int:
@@ -256,6 +301,8 @@ class SearchSpace:
         last_hop = self.max_cycles * len(self.sites) - 1
         low = lr_low * min(1.0, decay_low) ** last_hop
         high = lr_high * max(1.0, decay_high) ** last_hop
+        if self.consolidates:
+            low *= _span(self.consolidation_learning_rate_factor)[0]
         return low if low == high else FloatRange(low, high)
 
     def suggest_plan(self, trial: BaseTrial, encoding: PermutationEncoding) -> CandidatePlan:
@@ -299,13 +346,29 @@ class SearchSpace:
             if self.proximal_mu is None
             else self._suggest_float(trial, "proximal_mu", self.proximal_mu)
         )
-        return CandidatePlan.build(
+        if self.steps_split_over_cycles:
+            steps = steps_per_visit(steps, cycles)
+            steps_by_site = {s: steps_per_visit(n, cycles) for s, n in steps_by_site.items()}
+        plan = CandidatePlan.build(
             orders,
             self._hyperparameters(learning_rate, steps, epochs, proximal_mu),
             learning_rate_decay=decay,
             steps_by_site=steps_by_site,
             encoding=encoding.name,
         )
+        if self.consolidation_steps is None:
+            return plan
+        consolidation_steps = (
+            trial.suggest_int(
+                "consolidation_steps", self.consolidation_steps.low, self.consolidation_steps.high
+            )
+            if isinstance(self.consolidation_steps, IntRange)
+            else self.consolidation_steps
+        )
+        factor = self._suggest_float(
+            trial, "consolidation_learning_rate_factor", self.consolidation_learning_rate_factor
+        )
+        return with_consolidation(plan, consolidation_steps, factor)
 
     @staticmethod
     def _suggest_float(trial: BaseTrial, name: str, value: float | FloatRange) -> float:
@@ -339,6 +402,8 @@ class SearchSpace:
         epochs: float | None = None,
         proximal_mu: float | None = None,
         encoding: str = "fixed",
+        consolidation_steps: int | None = None,
+        consolidation_learning_rate_factor: float | None = None,
     ) -> CandidatePlan:
         """A plan of this space built by hand (a heuristic seed or a warm start).
 
@@ -351,6 +416,10 @@ class SearchSpace:
             epochs: Defaults to the fixed value or the range middle.
             proximal_mu: Defaults to the fixed value or the range low end.
             encoding: Recorded with the plan.
+            consolidation_steps: When the space consolidates; defaults to the fixed value or
+                the range low end.
+            consolidation_learning_rate_factor: Defaults to the fixed value or the range low
+                end.
 
         Raises:
             SearchSpaceError: If the plan would not be one this space can propose.
@@ -383,6 +452,9 @@ class SearchSpace:
             )
         if proximal_mu is None and self.proximal_mu is not None:
             proximal_mu = _span(self.proximal_mu)[0]
+        if self.steps_split_over_cycles:
+            base_steps = steps_per_visit(base_steps, len(orders))
+            steps_by_site = {s: steps_per_visit(n, len(orders)) for s, n in steps_by_site.items()}
         plan = CandidatePlan.build(
             orders,
             self._hyperparameters(learning_rate, base_steps, epochs, proximal_mu),
@@ -390,6 +462,16 @@ class SearchSpace:
             steps_by_site=steps_by_site,
             encoding=encoding,
         )
+        if self.consolidation_steps is not None:
+            plan = with_consolidation(
+                plan,
+                consolidation_steps
+                if consolidation_steps is not None
+                else int(_span(self.consolidation_steps)[0]),
+                consolidation_learning_rate_factor
+                if consolidation_learning_rate_factor is not None
+                else _span(self.consolidation_learning_rate_factor)[0],
+            )
         self.params_for(plan, None)  # refuses plans outside the space
         return plan
 
@@ -408,6 +490,9 @@ class SearchSpace:
         """
         problems: list[str] = []
         params: dict[str, ParamValue] = {}
+        full = plan
+        if self.consolidates:
+            plan = self._without_consolidation(plan)
         first = plan.hops[0].hyperparameters
         if sorted(plan.order) != sorted(self.sites):
             raise SearchSpaceError(
@@ -438,11 +523,11 @@ class SearchSpace:
         first_visit = {hop.site: hop.hyperparameters.steps for hop in reversed(plan.hops)}
         if self.steps_per_site:
             for site in self.sites:
-                check(f"steps_{site}", first_visit[site], self.steps)
+                check(f"steps_{site}", self._searched_steps(first_visit[site], plan), self.steps)
         elif len(set(first_visit.values())) != 1:
             problems.append("  steps: the plan varies visit length by site; the space does not")
         else:
-            check("steps", first.steps, self.steps)
+            check("steps", self._searched_steps(first.steps, plan), self.steps)
         default = HopHyperparameters()
         for name in ("epochs", "proximal_mu"):
             value = getattr(first, name)
@@ -463,13 +548,52 @@ class SearchSpace:
             steps_by_site=first_visit,
             encoding=plan.encoding,
         )
-        if not problems and rebuilt.hops != plan.hops:
+        if self.consolidates and plan is full:
+            problems.append("  cycles: the space ends every plan with a consolidation cycle; "
+                            "the plan has none")  # fmt: skip
+        elif self.consolidates:
+            tail = full.hops[len(plan.hops)].hyperparameters
+            factor = tail.learning_rate / plan.hops[-1].hyperparameters.learning_rate
+            allowed = self.consolidation_learning_rate_factor
+            if isinstance(allowed, float) and math.isclose(factor, allowed, rel_tol=1e-9):
+                factor = allowed
+            check("consolidation_steps", tail.steps, self.consolidation_steps)
+            check("consolidation_learning_rate_factor", factor, allowed)
+            if not problems:
+                rebuilt = with_consolidation(rebuilt, tail.steps, factor)
+            plan = full
+        if not problems and not _same_hops(rebuilt.hops, plan.hops):
             problems.append("  hops: not the schedule this space builds (per-hop values differ)")
         if problems:
             raise SearchSpaceError(
                 "plan does not fit the search space:\n" + "\n".join(dict.fromkeys(problems))
             )
         return params
+
+    def _without_consolidation(self, plan: CandidatePlan) -> CandidatePlan:
+        """`plan` without its consolidation cycle (the last one), or `plan` itself when it
+        has no regular cycle before it (the caller then reports the mismatch)."""
+        n = len(self.sites)
+        if plan.cycles < 2 or len(plan.hops) != plan.cycles * n:
+            return plan
+        return CandidatePlan(
+            hops=plan.hops[:-n],
+            cycles=plan.cycles - 1,
+            order=plan.order,
+            encoding=plan.encoding,
+            cycle_orders=plan.cycle_orders[:-1],
+            learning_rate_decay=plan.learning_rate_decay,
+        )
+
+    def _searched_steps(self, visit_steps: int, plan: CandidatePlan) -> int:
+        """The `steps` parameter that gives visits of `visit_steps` in `plan`."""
+        if not self.steps_split_over_cycles:
+            return visit_steps
+        total = visit_steps * plan.cycles
+        high = int(_span(self.steps)[1])
+        if total > high and steps_per_visit(high, plan.cycles) == visit_steps:
+            total = high
+        return total
 
     def to_json_dict(self) -> dict[str, Any]:
         """A JSON-able description, stored with a study so a reopened study can be checked."""
@@ -502,4 +626,14 @@ class SearchSpace:
             warmup_steps=int(data["warmup_steps"]),
             max_grad_norm=float(data["max_grad_norm"]),
             seed=int(data["seed"]),
+            # Absent from studies stored before these fields existed.
+            steps_split_over_cycles=bool(data.get("steps_split_over_cycles", False)),
+            consolidation_steps=(
+                value("consolidation_steps", IntRange) if "consolidation_steps" in data else None
+            ),
+            consolidation_learning_rate_factor=(
+                value("consolidation_learning_rate_factor", FloatRange)
+                if "consolidation_learning_rate_factor" in data
+                else 0.1
+            ),
         )

@@ -35,7 +35,7 @@ from ordering._objective import (
 )
 from ordering._plan import CandidatePlan
 from ordering._pruning import STAGE_ATTR, PruningSettings, stage_key
-from ordering._samplers import RandomOrderSampler
+from ordering._samplers import RandomOrderSampler, alternative_sampler
 from ordering._space import SearchSpace, SearchSpaceError
 
 __all__ = ["DEFAULT_PRUNING", "OrderingStudy", "StudyMismatch", "TrialRecord"]
@@ -43,8 +43,8 @@ __all__ = ["DEFAULT_PRUNING", "OrderingStudy", "StudyMismatch", "TrialRecord"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRUNING = PruningSettings()
-SamplerName = Literal["tpe", "random", "random-order"]
-SAMPLERS: tuple[SamplerName, ...] = ("tpe", "random", "random-order")
+SamplerName = Literal["tpe", "random", "random-order", "gp", "cmaes", "qmc"]
+SAMPLERS: tuple[SamplerName, ...] = ("tpe", "random", "random-order", "gp", "cmaes", "qmc")
 
 _META_ATTR = "baton.ordering"  # study user attribute describing what the study searches
 _SCHEMA = 1
@@ -241,7 +241,9 @@ class OrderingStudy:
             seed: Sampler seed.
             sampler: "tpe" (the search), "random" (the random-search baseline) or
                 "random-order" (TPE over the hyperparameters, a uniformly random order every
-                trial: the tuned random-order baseline).
+                trial: the tuned random-order baseline); "gp", "cmaes" or "qmc" for Optuna's
+                Gaussian-process (needs torch), CMA-ES (needs the ``cmaes`` package; pair it
+                with the "random-keys" encoding) and quasi-Monte-Carlo samplers.
             pruning: Pruning settings, or None for no pruning. Ignored for multi-objective
                 studies (Optuna cannot prune them).
             multi_objective: Optimise (aggregation, worst site) jointly.
@@ -345,6 +347,8 @@ class OrderingStudy:
             return optuna.samplers.RandomSampler(seed=self._seed)
         if self._sampler_name == "random-order":
             return RandomOrderSampler(seed=self._seed, n_startup_trials=self._n_startup_trials)
+        if self._sampler_name in ("gp", "cmaes", "qmc"):
+            return alternative_sampler(self._sampler_name, self._seed, self._n_startup_trials)
         # Optuna 5 defaults: multivariate TPE for one objective, independent TPE for two.
         return optuna.samplers.TPESampler(seed=self._seed, n_startup_trials=self._n_startup_trials)
 

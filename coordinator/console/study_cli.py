@@ -154,6 +154,35 @@ def study_start(
     lr_max: Annotated[float, typer.Option(help="Largest learning rate (= lr-min: fixed)")] = 1e-2,
     steps_min: Annotated[int, typer.Option(min=1, help="Fewest steps per visit")] = 10,
     steps_max: Annotated[int, typer.Option(min=1, help="Most steps (= steps-min: fixed)")] = 40,
+    split_steps_over_cycles: Annotated[
+        bool,
+        typer.Option(
+            help="Steps are each site's budget for the whole run, split over its cycles "
+            "(more cycles: shorter visits at equal compute)"
+        ),
+    ] = False,
+    lr_decay_min: Annotated[
+        float, typer.Option(min=0.0, help="Smallest per-hop learning-rate factor searched")
+    ] = 1.0,
+    lr_decay_max: Annotated[float, typer.Option(help="Largest (= lr-decay-min: fixed)")] = 1.0,
+    proximal_mu_max: Annotated[
+        float, typer.Option(min=0.0, help="Search a proximal term in [0, this] (0: none)")
+    ] = 0.0,
+    consolidation_steps: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="End every plan with a consolidation cycle of 1 to this many steps per visit "
+            "(0: none)",
+        ),
+    ] = 0,
+    consolidation_lr_factor_min: Annotated[
+        float,
+        typer.Option(help="Smallest consolidation learning rate, as a fraction of the last hop's"),
+    ] = 0.05,
+    consolidation_lr_factor_max: Annotated[
+        float, typer.Option(help="Largest (= the min: fixed)")
+    ] = 0.5,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     trials: Annotated[int, typer.Option(min=1, help="Trials to run now")] = 10,
     encoding: Annotated[
@@ -218,7 +247,12 @@ def study_start(
         request = StudyRequest(
             name=name, dataset=dataset, sites=list(sites), labels=list(labels or ()), task=task,
             cycles=cycles, lr_min=lr_min, lr_max=lr_max, steps_min=steps_min,
-            steps_max=steps_max, batch_size=batch_size, trials=trials, encoding=encoding.value,
+            steps_max=steps_max, split_steps_over_cycles=split_steps_over_cycles,
+            lr_decay_min=lr_decay_min, lr_decay_max=lr_decay_max,
+            proximal_mu_max=proximal_mu_max, consolidation_steps=consolidation_steps,
+            consolidation_lr_factor_min=consolidation_lr_factor_min,
+            consolidation_lr_factor_max=consolidation_lr_factor_max, batch_size=batch_size,
+            trials=trials, encoding=encoding.value,
             aggregation=aggregation.value, metric=metric,
             direction=direction.value if direction is not None else None,
             lora=json_object(lora, "--lora"), options=json_object(options, "--options"),

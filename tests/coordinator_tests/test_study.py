@@ -598,3 +598,40 @@ def test_study_status_reports_whether_the_order_is_worth_searching(
     said = " ".join(later.output.split())
     assert "parameter importances over 12 trials (PED-ANOVA): order" in said
     assert "order share" in said
+
+
+def test_approval_bounds_cover_the_consolidation_cycle() -> None:
+    space = SearchSpace(
+        sites=SITES, cycles=3, learning_rate=FloatRange(1e-4, 1e-2, log=True),
+        steps=IntRange(5, 9), steps_split_over_cycles=True, consolidation_steps=IntRange(1, 12),
+        consolidation_learning_rate_factor=FloatRange(0.05, 0.5, log=True),
+    )  # fmt: skip
+    bounds = approval_bounds(space)
+    space.check_within(bounds)  # every hop of every plan is within what the sites approve
+    assert bounds["steps"] == (1.0, 12.0)
+    assert bounds["learning_rate"][0] == pytest.approx(1e-4 * 0.05)
+
+
+def test_study_cli_searches_the_forgetting_controls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("coordinator.console.study_cli.configure_logging", lambda *args: None)
+    monkeypatch.setattr("coordinator.console.study_cli._quiet_optuna", lambda: None)
+    args = ["start", "--name", "dry", "--dataset", "notes", "--labels", "x", "--labels", "y",
+            "--sites", "site-a", "--sites", "site-b", "--cycles", "2", "--steps-min", "5",
+            "--steps-max", "9", "--split-steps-over-cycles", "--lr-decay-min", "0.8",
+            "--proximal-mu-max", "0.5", "--consolidation-steps", "4",
+            "--storage", f"sqlite:///{tmp_path / 's.sqlite3'}", "--dry-run"]  # fmt: skip
+    result = CliRunner().invoke(study_app, args)
+    assert result.exit_code == 0, result.output
+    space = SearchSpace(
+        sites=("site-a", "site-b"), cycles=2, learning_rate=FloatRange(1e-4, 1e-2, log=True),
+        steps=IntRange(5, 9), steps_split_over_cycles=True,
+        learning_rate_decay=FloatRange(0.8, 1.0), proximal_mu=FloatRange(0.0, 0.5),
+        consolidation_steps=IntRange(1, 4),
+        consolidation_learning_rate_factor=FloatRange(0.05, 0.5, log=True),
+    )  # fmt: skip
+    template = RunTemplate(dataset="notes", labels=("x", "y"), bounds=approval_bounds(space))
+    assert template.approval_bundle(space.plan(space.sites)).sha256 in result.output
+    bad = CliRunner().invoke(study_app, [*args[:-1], "--consolidation-lr-factor-max", "2"])
+    assert bad.exit_code == 2 and "consolidation_learning_rate_factor" in bad.output

@@ -6,6 +6,7 @@ every site of the run score the final adapter on its own *validation* split. Tes
 never asked for here: they are for the final report of the plan the search picks.
 """
 
+from coordinator.console.study._controls import forgetting_controls
 from coordinator.console.study._executor import (
     ExecutedRun,
     RunExecutor,
@@ -42,6 +43,7 @@ __all__ = [
     "approval_bounds",
     "attach_run_template",
     "cross_site_probe",
+    "forgetting_controls",
     "heuristic_seed_orders",
     "hop_training_seconds",
     "plan_from_study",
