@@ -598,6 +598,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Generated {report['generated']} by `{report['command']}` on {report['machine']}.",
         f"Job: {report['job']}.",
+        f"Load average (1, 5, 15 min) before: {report.get('load_average_before')}, after: "
+        f"{report.get('load_average_after')}.",
         "",
         "| peer | status | hops | median handoff (ms) | p99 handoff (ms) | start to first hop (s)"
         " | total wall (s) | summed peak RSS (MB) |",
@@ -731,6 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "job": f"tabular Linear({tabular_job.N_FEATURES}, 1), {args.sites} sites x {args.cycles} "
         f"cycles, {args.steps} steps of batch 16 per visit",
         "definitions": {p: DEFINITIONS[p] for p in args.peers},
+        "load_average_before": [round(x, 1) for x in os.getloadavg()],
         "peers": {},
     }
     payload = 1024
@@ -740,6 +743,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["peers"][name] = result = run_peer(name, peer_work, args, payload)
         if name == "baton" and result["status"] == "ok" and result.get("checkpoint_bytes"):
             payload = int(result["checkpoint_bytes"])
+    report["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     report["plot"] = plot(report, args.out / f"{args.name}.png")

@@ -63,4 +63,4 @@ def train_visit(model: Any, site_index: int, steps: int, batch_size: int = 16) -
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    return {"train_start": started, "train_end": time.time(), "loss": float(loss)}
+    return {"train_start": started, "train_end": time.time(), "loss": float(loss.detach())}
