@@ -1,0 +1,42 @@
+"""benchmarks/handoff.py on a small real run: Baton's ledger breakdown and the raw floor."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "handoff.py"
+
+
+def test_handoff_benchmark_breaks_batons_handoffs_into_ledger_phases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = importlib.util.spec_from_file_location("handoff_benchmark", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+
+    argv = ["--peers", "baton,raw", "--quick", "--sites", "2", "--out", str(tmp_path)]
+    assert module.main(argv) == 0
+
+    report = json.loads((tmp_path / "handoff.json").read_text())
+    baton, raw = report["peers"]["baton"], report["peers"]["raw"]
+    assert baton["status"] == raw["status"] == "ok"
+    assert baton["visits"] == 4 and len(baton["handoffs_ms"]) == 3
+    # Every handoff is split into phases between ledger events that add up to it.
+    per_hop = baton["phases"]["per_hop"]
+    assert len(per_hop) == 3
+    for handoff, phases in zip(baton["handoffs_ms"], per_hop, strict=True):
+        assert sum(phases.values()) == pytest.approx(handoff, abs=0.05)
+        assert len(phases) >= 2  # at least one ledger event (the commit) inside the handoff
+    assert next(iter(baton["phases"]["phases"])).startswith("this.train_finished -> ")
+    # The floor moves a payload of the size of Baton's stored checkpoint.
+    assert raw["payload_bytes"] == baton["checkpoint_bytes"] > 0
+    assert len(raw["handoffs_ms"]) == 3 and raw["peak_rss_mb"] > 0
+    markdown = (tmp_path / "handoff.md").read_text()
+    assert "| baton | ok | 3 |" in markdown and "| raw | ok | 3 |" in markdown
