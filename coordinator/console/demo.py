@@ -129,7 +129,14 @@ def run_demo(
     )
     console.print(f"run bundle {plan.approval_bundle().sha256[:16]}... approved at every site")
 
-    cluster = Cluster(log_dir=directory / "logs")
+    # The dashboard's "New study" runs `baton study start` as the demo admin.
+    cluster = Cluster(
+        log_dir=directory / "logs",
+        env={
+            "BATON_STUDY_ADMIN_CERTIFICATE": str((pki_dir / "admin.crt").resolve()),
+            "BATON_STUDY_ADMIN_KEY": str((pki_dir / "admin.key").resolve()),
+        },
+    )
     with cluster.running():
         port = cluster.start_coordinator(
             state_dir=directory / "coordinator",
