@@ -375,27 +375,13 @@ class Hops:
             if hop is None:
                 await self.dispatch(run.id)  # all hops settled: retries a failed export
                 continue
-            policy = failure_policy(run)
             async with self._lock:
-                if hop.status in LIVE_HOP_STATES:
-                    deadline = self.leases.deadlines.setdefault(
-                        hop.id, now + policy.lease_timeout_seconds
-                    )
-                    if now > deadline:
-                        message = "no heartbeat before the lease deadline"
+                overdue = self.leases.overdue(run, hop, self.sessions, now)
+                if overdue is not None:
+                    code, message = overdue
+                    if code == "lease-expired":
                         self.metrics.lease_expiries.inc()
-                        await self.hop_failed(run, hop, "lease-expired", message)
-                        continue
-                waiting = self.leases.waiting_since.get(hop.id)
-                if (
-                    hop.status == "pending"
-                    and waiting is not None
-                    and hop.site not in self.sessions
-                    and now - waiting > policy.site_wait_seconds
-                ):
-                    self.leases.waiting_since.pop(hop.id, None)
-                    await self.hop_failed(run, hop, "site-unavailable",
-                                           f"site {hop.site} stayed offline")  # fmt: skip
+                    await self.hop_failed(run, hop, code, message)
                     continue
             if hop.status == "pending":
                 await self.dispatch(run.id)

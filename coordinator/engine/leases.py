@@ -7,6 +7,7 @@ coordinator runs, and checks that a site's call carries its hop's current lease.
 from __future__ import annotations
 
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 
 from coordinator.engine.rules import failure_policy
@@ -63,6 +64,31 @@ class HopLeases:
     def extend(self, run: RunRow, hop_id: str) -> None:
         """Moves the hop's lease deadline to a full lease timeout from now."""
         self.deadlines[hop_id] = time.monotonic() + failure_policy(run).lease_timeout_seconds
+
+    def overdue(
+        self, run: RunRow, hop: HopRow, online: Container[str], now: float
+    ) -> tuple[str, str] | None:
+        """Why `hop` must fail now, as (code, message), or None.
+
+        A live hop whose lease passed its deadline (the clock starts at its first check) has
+        expired; a pending hop that waited longer than the run's site wait for its offline site
+        gives up on it (and stops waiting). `now` is `time.monotonic()`.
+        """
+        policy = failure_policy(run)
+        if hop.status in LIVE_HOP_STATES:
+            deadline = self.deadlines.setdefault(hop.id, now + policy.lease_timeout_seconds)
+            if now > deadline:
+                return "lease-expired", "no heartbeat before the lease deadline"
+        waiting = self.waiting_since.get(hop.id)
+        if (
+            hop.status == "pending"
+            and waiting is not None
+            and hop.site not in online
+            and now - waiting > policy.site_wait_seconds
+        ):
+            self.waiting_since.pop(hop.id, None)
+            return "site-unavailable", f"site {hop.site} stayed offline"
+        return None
 
     def forget(self, hop_id: str) -> None:
         """Drops a hop that left its lease (its task, progress, deadline and backoff)."""

@@ -21,7 +21,6 @@ from typing import Protocol
 from coordinator.aggregation import AggregationError
 from coordinator.engine.export import export_final, final_adapter_dir
 from coordinator.engine.leases import HopLeases
-from coordinator.engine.rules import failure_policy
 from coordinator.engine.sessions import SiteSessions
 from coordinator.engine.uploads import UploadIntake
 from coordinator.federated import AggregateSigner, commit_round
@@ -173,30 +172,14 @@ class Rounds:
             await self.dispatch_locked(run, hops)
             return
         now = time.monotonic()
-        policy = failure_policy(run)
         by_id = {h.id: h for h in run.hops}
         for member in stragglers(row, by_id):
             hop = member.next_hop
             if hop is None:
                 continue
-            if hop.status in LIVE_HOP_STATES:
-                deadline = self.leases.deadlines.setdefault(
-                    hop.id, now + policy.lease_timeout_seconds
-                )
-                if now > deadline:
-                    await hops.hop_failed(run, hop, "lease-expired",
-                                          "no heartbeat before the lease deadline")  # fmt: skip
-                    return
-            waiting = self.leases.waiting_since.get(hop.id)
-            if (
-                hop.status == "pending"
-                and waiting is not None
-                and hop.site not in self.sessions
-                and now - waiting > policy.site_wait_seconds
-            ):
-                self.leases.waiting_since.pop(hop.id, None)
-                await hops.hop_failed(run, hop, "site-unavailable",
-                                      f"site {hop.site} stayed offline")  # fmt: skip
+            overdue = self.leases.overdue(run, hop, self.sessions, now)
+            if overdue is not None:
+                await hops.hop_failed(run, hop, *overdue)
                 return
         spec = RunPlan.model_validate(run.plan).federated
         started = row.started_at
