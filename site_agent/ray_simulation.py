@@ -31,6 +31,7 @@ import torch
 
 from protocols.simulation import SimulatedHop, SimulatedRound, SimulationJob, SimulationReport
 from site_agent.registry import RegisteredDataset
+from site_agent.simulation import flower_logs_held_back, record_from_tensors, tensors_from_record
 from site_agent.tasks import (
     CrossValidatedTrainer,
     HopHyperparameters,
@@ -374,7 +375,7 @@ def _finish(
     """Keeps the final tensors and has every site score them on ``job.evaluate_split``."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    chain.tensors = _tensors(arrays)
+    chain.tensors = tensors_from_record(arrays)
     if job.evaluate_split is None:
         return
     messages = [
@@ -472,13 +473,13 @@ def _train(actor_job: _ActorJob, message: Message, context: Any) -> Message:
     try:
         hyperparameters = _hop_hyperparameters(dict(config))
         arrays = message.content.array_records[_ARRAYS]
-        incoming = _tensors(arrays) if len(arrays) else None
+        incoming = tensors_from_record(arrays) if len(arrays) else None
         outcome = trainer.run_hop(actor_job.spec, dataset, hyperparameters, incoming)
     except ValueError as exc:
         return _failure(message, str(exc))
     metrics = {**outcome.metrics, _WEIGHT: len(dataset.train)}
     reply = RecordDict(
-        {_ARRAYS: _record(outcome.tensors), _METRICS: MetricRecord(metrics)}  # type: ignore[arg-type]
+        {_ARRAYS: record_from_tensors(outcome.tensors), _METRICS: MetricRecord(metrics)}  # type: ignore[arg-type]
     )
     return Message(reply, reply_to=message)
 
@@ -497,7 +498,7 @@ def _evaluate(actor_job: _ActorJob, message: Message, context: Any) -> Message:
                 actor_job.spec,
                 dataset,
                 "test" if split == "test" else "validation",
-                _tensors(message.content.array_records[_ARRAYS]),
+                tensors_from_record(message.content.array_records[_ARRAYS]),
             )
         except ValueError as exc:
             return _failure(message, str(exc))
@@ -569,17 +570,6 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
 
-def _record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    from flwr.app import ArrayRecord
-
-    return ArrayRecord.from_torch_state_dict({name: tensors[name] for name in sorted(tensors)})
-
-
-def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    state = record.to_torch_state_dict()
-    return {name: state[name].contiguous() for name in sorted(state)}
-
-
 # ---- Ray and Flower's process-wide settings --------------------------------------------------
 
 
@@ -625,10 +615,5 @@ def _quiet_flower() -> Iterator[None]:
     from flwr.supercore import telemetry
 
     telemetry.FLWR_TELEMETRY_ENABLED = "0"  # read at every event; set once at import
-    flower = logging.getLogger("flwr")
-    previous = flower.level
-    flower.setLevel(logging.ERROR)
-    try:
+    with flower_logs_held_back():
         yield
-    finally:
-        flower.setLevel(previous)

@@ -45,11 +45,14 @@ __all__ = [
     "cyclic_visits",
     "divergence_reason",
     "evaluate_sites",
+    "flower_logs_held_back",
     "pool_metrics",
     "pooled_dataset",
     "pooled_normalisation_spec",
     "pooled_normaliser",
     "prediction_shares",
+    "record_from_tensors",
+    "tensors_from_record",
     "train_fedavg",
     "train_local",
     "train_pooled",
@@ -379,13 +382,13 @@ def _flower_fedavg(
         if not isinstance(server_round, int):
             raise ValueError(f"Flower sent round {server_round!r}, not a round number")
         arrays = message.content.array_records[_ARRAYS_KEY]
-        incoming = _tensors_from_record(arrays) if len(arrays) else None
+        incoming = tensors_from_record(arrays) if len(arrays) else None
         outcome = trainer.run_hop(spec, dataset, schedule(server_round, dataset.name), incoming)
         hops[(server_round, index)] = HopRecord(dataset.name, dict(outcome.metrics))
         update_names[(server_round, index)] = sorted(outcome.tensors)
         reply = RecordDict(
             {
-                _ARRAYS_KEY: _record_from_tensors(outcome.tensors),
+                _ARRAYS_KEY: record_from_tensors(outcome.tensors),
                 _METRICS_KEY: MetricRecord(
                     {_WEIGHT_KEY: len(dataset.train), "train_loss": outcome.metrics["train_loss"]}
                 ),
@@ -465,11 +468,11 @@ def _flower_fedavg(
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if evaluate_split is None or server_round == 0:
             return None
-        tensors = _tensors_from_record(arrays)
+        tensors = tensors_from_record(arrays)
         evaluations[server_round] = evaluate_sites(trainer, spec, tensors, datasets, evaluate_split)
         return None
 
-    with contextlib.nullcontext() if flower_logs else _flower_logs_held_back():
+    with contextlib.nullcontext() if flower_logs else flower_logs_held_back():
         # Every site trains every round and none is optional: a missing one would stall
         # Flower's sampler (it waits for min_available_nodes) instead of being skipped.
         strategy = FedAvg(
@@ -487,9 +490,7 @@ def _flower_fedavg(
         with _python_random_state_kept(), _server_app_identity():
             result = strategy.start(
                 grid=InProcessGrid(),
-                initial_arrays=(
-                    ArrayRecord() if initial is None else _record_from_tensors(initial)
-                ),
+                initial_arrays=(ArrayRecord() if initial is None else record_from_tensors(initial)),
                 num_rounds=rounds,
                 train_config=ConfigRecord(),
                 evaluate_fn=evaluate_global,
@@ -513,7 +514,7 @@ def _flower_fedavg(
                 evaluation=evaluations.get(server_round, {}),
             )
         )
-    tensors = _tensors_from_record(result.arrays)
+    tensors = tensors_from_record(result.arrays)
     expected = update_names[(rounds, 0)]
     if sorted(tensors) != expected:
         raise ValueError(f"Flower returned tensors {sorted(tensors)}, expected {expected}")
@@ -783,21 +784,21 @@ def _schedule(
     return hyperparameters
 
 
-def _record_from_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+def record_from_tensors(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Tensors as a Flower ``ArrayRecord``, keyed by name in sorted order."""
     from flwr.app import ArrayRecord
 
     return ArrayRecord.from_torch_state_dict({name: tensors[name] for name in sorted(tensors)})
 
 
-def _tensors_from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+def tensors_from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """A Flower ``ArrayRecord`` as CPU tensors, keyed by name in sorted order."""
     state = record.to_torch_state_dict()
     return {name: state[name].contiguous() for name in sorted(state)}
 
 
 @contextlib.contextmanager
-def _flower_logs_held_back() -> Iterator[None]:
+def flower_logs_held_back() -> Iterator[None]:
     """Flower logs a dozen INFO lines a round to its own console handler; let only errors by."""
     flower = logging.getLogger("flwr")
     previous = flower.level
