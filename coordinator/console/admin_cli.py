@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -13,6 +15,7 @@ from coordinator.console._options import DbUrl, StateDir, console, fail
 from protocols.exit_codes import EXIT_BAD_INPUT
 
 if TYPE_CHECKING:
+    from coordinator.dashboard import AccountStore
     from coordinator.ledger import Ledger
 
 __all__ = ["admin_app"]
@@ -42,6 +45,20 @@ def _open_ledger(state_dir: Path | None, database_url: str | None) -> Ledger:
     return ledger
 
 
+@contextlib.contextmanager
+def _accounts(state_dir: Path | None, database_url: str | None) -> Iterator[AccountStore]:
+    """The ledger's account store; a refused account change fails the command, one line."""
+    from coordinator.dashboard import AccountError, AccountStore
+
+    ledger = _open_ledger(state_dir, database_url)
+    try:
+        yield AccountStore(ledger)
+    except AccountError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        ledger.close()
+
+
 def _actor() -> str:
     try:
         return f"cli:{getpass.getuser()}"
@@ -60,7 +77,7 @@ def admin_add(
     database_url: DbUrl = None,
 ) -> None:
     """Create a dashboard account (there are no default credentials)."""
-    from coordinator.dashboard import AccountError, AccountStore, DashboardRole
+    from coordinator.dashboard import AccountError, DashboardRole
 
     try:
         parsed = DashboardRole.parse(role)
@@ -74,13 +91,8 @@ def admin_add(
         password = lines[0] if lines else ""
     else:
         password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    ledger = _open_ledger(state_dir, database_url)
-    try:
-        AccountStore(ledger).add(name, parsed, password, by=_actor())
-    except AccountError as exc:
-        raise _fail(str(exc)) from exc
-    finally:
-        ledger.close()
+    with _accounts(state_dir, database_url) as accounts:
+        accounts.add(name, parsed, password, by=_actor())
     console.print(f"account {name} ({parsed.label}) added")
 
 
@@ -92,17 +104,10 @@ def admin_token(
     database_url: DbUrl = None,
 ) -> None:
     """Issue an API token for scripts (printed once: `Authorization: Bearer TOKEN`)."""
-    from coordinator.dashboard import AccountError, AccountStore
-
-    ledger = _open_ledger(state_dir, database_url)
-    try:
-        token = AccountStore(ledger).issue_token(
+    with _accounts(state_dir, database_url) as accounts:
+        token = accounts.issue_token(
             name, valid_for=timedelta(days=days) if days else None, by=_actor()
         )
-    except AccountError as exc:
-        raise _fail(str(exc)) from exc
-    finally:
-        ledger.close()
     typer.echo(token)
 
 
@@ -115,17 +120,10 @@ def admin_login_link(
     database_url: DbUrl = None,
 ) -> None:
     """Print a one-time login link for an account (valid for --minutes, usable once)."""
-    from coordinator.dashboard import AccountError, AccountStore
-
-    ledger = _open_ledger(state_dir, database_url)
-    try:
-        token = AccountStore(ledger).issue_token(
+    with _accounts(state_dir, database_url) as accounts:
+        token = accounts.issue_token(
             name, kind="login", valid_for=timedelta(minutes=minutes), by=_actor()
         )
-    except AccountError as exc:
-        raise _fail(str(exc)) from exc
-    finally:
-        ledger.close()
     typer.echo(f"{url.rstrip('/')}/login/link?token={token}")
 
 
