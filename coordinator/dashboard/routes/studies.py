@@ -46,12 +46,7 @@ options = { model = "logistic" }
 
 
 def _worker_view(worker: StudyWorker) -> StudyWorkerView:
-    return StudyWorkerView(
-        id=worker.id, study=worker.study, status=worker.status, pid=worker.pid,
-        alive=worker.alive, started_by=worker.started_by, started_at=worker.started_at,
-        stop_mode=worker.stop_mode, stopped_by=worker.stopped_by, ended_at=worker.ended_at,
-        exit_code=worker.exit_code, log_tail=worker.log_tail,
-    )  # fmt: skip
+    return StudyWorkerView.model_validate(worker, from_attributes=True)
 
 
 def _summaries(service: ServiceDep, supervisor: StudySupervisor) -> list[StudySummary]:
