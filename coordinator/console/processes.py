@@ -106,24 +106,11 @@ class Cluster:
             ],
         )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while not port_file.is_file() or not port_file.read_text().strip():
-            if managed.process.poll() is not None:
-                raise RuntimeError(f"coordinator exited early:\n{managed.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"coordinator did not start in {timeout} s:\n{managed.log_tail()}"
-                )
-            time.sleep(0.05)
-        while dashboard_port_file is not None and not (
-            dashboard_port_file.is_file() and dashboard_port_file.read_text().strip()
-        ):
-            if managed.process.poll() is not None:
-                raise RuntimeError(f"coordinator exited early:\n{managed.log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"coordinator's dashboard did not start in {timeout} s:\n{managed.log_tail()}"
-                )
-            time.sleep(0.05)
+        _await_port_file(managed, port_file, "coordinator", deadline, timeout)
+        if dashboard_port_file is not None:
+            _await_port_file(
+                managed, dashboard_port_file, "coordinator's dashboard", deadline, timeout
+            )
         return int(port_file.read_text())
 
     def start_site(
@@ -182,3 +169,16 @@ class Cluster:
             yield self
         finally:
             self.stop()
+
+
+def _await_port_file(
+    managed: ManagedProcess, port_file: Path, what: str, deadline: float, timeout: float
+) -> None:
+    """Waits until the coordinator wrote its port to `port_file`; fails if it exits first or
+    the `deadline` (monotonic; `timeout` seconds after the start) passes."""
+    while not (port_file.is_file() and port_file.read_text().strip()):
+        if managed.process.poll() is not None:
+            raise RuntimeError(f"coordinator exited early:\n{managed.log_tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not start in {timeout} s:\n{managed.log_tail()}")
+        time.sleep(0.05)
