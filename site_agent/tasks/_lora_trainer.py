@@ -367,40 +367,35 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                 raise ValueError(f"training diverged: validation loss is {scores['loss']}")
             return scores
 
-        if validation and defer_validation:
-            metrics.update(run.metrics(len(train_examples)))
+        deferred = bool(validation) and defer_validation
+        if validation and not deferred:
+            metrics = validate()
+        metrics.update(run.metrics(len(train_examples)))
+        seconds = (run.finished_ns - run.started_ns) / 1e9
+        if deferred:
             logger.info(
                 "hop on %s finished in %.2f s: train_loss %.4f (validation follows)",
                 dataset.name,
-                (run.finished_ns - run.started_ns) / 1e9,
+                seconds,
                 run.train_loss,
             )
-            return HopOutcome(
-                tensors=tensors,
-                adapter_config=adapter_config(model),
-                metrics=metrics,
-                train_started_at_ns=run.started_ns,
-                train_finished_at_ns=run.finished_ns,
-                validate=validate,
+        else:
+            headline = task.headline_metric
+            logger.info(
+                "hop on %s finished in %.2f s: train_loss %.4f, validation %s %s",
+                dataset.name,
+                seconds,
+                run.train_loss,
+                headline,
+                f"{metrics[headline]:.4f}" if headline in metrics else "n/a",
             )
-        if validation:
-            metrics = validate()
-        metrics.update(run.metrics(len(train_examples)))
-        headline = task.headline_metric
-        logger.info(
-            "hop on %s finished in %.2f s: train_loss %.4f, validation %s %s",
-            dataset.name,
-            (run.finished_ns - run.started_ns) / 1e9,
-            run.train_loss,
-            headline,
-            f"{metrics[headline]:.4f}" if headline in metrics else "n/a",
-        )
         return HopOutcome(
             tensors=tensors,
             adapter_config=adapter_config(model),
             metrics=metrics,
             train_started_at_ns=run.started_ns,
             train_finished_at_ns=run.finished_ns,
+            validate=validate if deferred else None,
         )
 
     def evaluate(
