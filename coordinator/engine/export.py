@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
+from coordinator.ledger import Ledger
+from coordinator.storage_faults import StorageHealth
 from coordinator.store import CheckpointStore, fsync_write
 from protocols.checkpoint import inspect_bundle
 
-__all__ = ["export_final", "final_adapter_dir"]
+__all__ = ["complete_run", "export_final", "final_adapter_dir"]
 
 
 def final_adapter_dir(runs_dir: Path, run_id: str) -> Path:
@@ -22,3 +25,28 @@ def export_final(store: CheckpointStore, out: Path, sha256: str) -> None:
     fsync_write(out / "adapter_model.safetensors", data)
     fsync_write(out / "adapter_config.json", json.dumps(bundle.adapter_config, indent=2).encode())
     fsync_write(out / "baton_manifest.json", bundle.manifest.to_json().encode())
+
+
+async def complete_run(
+    ledger: Ledger,
+    store: CheckpointStore,
+    storage: StorageHealth,
+    runs_dir: Path,
+    run_id: str,
+    final_sha256: str,
+) -> None:
+    """Exports a running run's final adapter beside it, then marks the run completed.
+
+    Raises:
+        StorageFault: The export could not be written; the run is still running.
+    """
+    with storage.guard(f"export of run {run_id}'s final adapter"):
+        out = final_adapter_dir(runs_dir, run_id)
+        await asyncio.to_thread(export_final, store, out, final_sha256)
+        ledger.transition_run(
+            run_id,
+            expected=("running",),
+            status="completed",
+            payload={"final_sha256": final_sha256},
+            final_sha256=final_sha256,
+        )

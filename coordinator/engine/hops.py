@@ -10,7 +10,7 @@ import secrets
 import time
 from pathlib import Path
 
-from coordinator.engine.export import export_final, final_adapter_dir
+from coordinator.engine.export import complete_run
 from coordinator.engine.handoff import (
     complete_hop_task,
     next_site_hop,
@@ -277,18 +277,8 @@ class Hops:
         if self._refuse_tampered(run, final.output_sha256):
             return
         try:
-            with self.storage.guard(f"export of run {run.id}'s final adapter"):
-                await asyncio.to_thread(
-                    export_final, self.store, final_adapter_dir(self.runs_dir, run.id),
-                    final.output_sha256,
-                )  # fmt: skip
-                self.ledger.transition_run(
-                    run.id,
-                    expected=("running",),
-                    status="completed",
-                    payload={"final_sha256": final.output_sha256},
-                    final_sha256=final.output_sha256,
-                )
+            await complete_run(self.ledger, self.store, self.storage, self.runs_dir, run.id,
+                               final.output_sha256)  # fmt: skip
         except StorageFault:
             return  # still running: the watchdog retries the export once storage recovers
         logger.info("run %s completed", run.id)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from coordinator.aggregation import AggregationError
-from coordinator.engine.export import export_final, final_adapter_dir
+from coordinator.engine.export import complete_run
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.sessions import SiteSessions
 from coordinator.engine.uploads import UploadIntake
@@ -147,14 +147,7 @@ class Rounds:
                 run.id, expected=("running",), status="failed", error="no round was aggregated"
             )
             return
-        with self.storage.guard(f"export of run {run.id}'s final adapter"):
-            await asyncio.to_thread(
-                export_final, self.store, final_adapter_dir(self.runs_dir, run.id), final
-            )
-            self.ledger.transition_run(
-                run.id, expected=("running",), status="completed",
-                payload={"final_sha256": final}, final_sha256=final,
-            )  # fmt: skip
+        await complete_run(self.ledger, self.store, self.storage, self.runs_dir, run.id, final)
         logger.info("run %s completed after %d rounds", run.id, len(rounds))
 
     def live_hops(self, run: RunRow) -> list[HopRow]:
