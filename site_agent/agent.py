@@ -681,6 +681,7 @@ class SiteAgent:
         ref = task.input_checkpoint
         if task.input_bundle:  # pushed inside the task: checked exactly as a download
             data = self._checked_bundle(task.input_bundle, ref)
+            self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
         else:
             data = self._download(stub, ref)
         bundle = inspect_bundle(data)

@@ -137,6 +137,10 @@ class Hops:
             # A round's hops train side by side (no one is "next"), and the aggregate weighs
             # each contribution's metrics as it commits: they come with the result.
             task.hop.validation_after_commit = False
+        if task.hop.input_bundle:  # sent to the site inside its task: a download all the same
+            self.metrics.checkpoint_bytes.labels(direction="download").inc(
+                len(task.hop.input_bundle)
+            )
         session.queue.put_nowait(task)
         if not round_number:
             self._tell_next(run, hop)
