@@ -229,7 +229,7 @@ def state_mismatches(session: Session, rows: Sequence[Base]) -> list[RowMismatch
     Each event is also checked against its own hash and its successor's link, so an event
     edited to match an edited row is caught here too, not only by a full verify.
     """
-    from coordinator.ledger._repository import event_hash
+    from coordinator.ledger._chain import event_hash
 
     seqs: set[int] = {s for row in rows if (s := getattr(row, "ledger_seq", None)) is not None}
     events = {e.seq: e for e in session.scalars(select(EventRow).where(EventRow.seq.in_(seqs)))}
@@ -413,7 +413,7 @@ def append_baseline(
     """
     from alembic import context, op
 
-    from coordinator.ledger._repository import GENESIS_HASH, event_hash
+    from coordinator.ledger._chain import GENESIS_HASH, event_hash
 
     if context.is_offline_mode():  # --sql: no rows to read; say what the DBA's script lacks
         op.execute(

@@ -1,0 +1,171 @@
+"""Reading and verifying the event chain, and checking state rows against their events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from sqlalchemy import Text, cast, select
+
+from coordinator.ledger._chain import (
+    GENESIS_HASH,
+    ChainBreak,
+    LedgerCore,
+    LedgerVerification,
+    TransitionRefused,
+    event_hash,
+)
+from coordinator.ledger._integrity import MISMATCH_EVENT, RowMismatch, StateIndex, state_mismatches
+from coordinator.ledger.models import Base, CheckpointRow, EventRow, RunRow
+
+
+class EventLog(LedgerCore):
+    """The event log: reads, the chain walk, and the state rows' checks."""
+
+    if TYPE_CHECKING:
+
+        def checkpoint(self, sha256: str) -> CheckpointRow | None: ...
+
+    def events(self, run_id: str | None = None) -> list[EventRow]:
+        with self._sessions() as session:
+            query = select(EventRow).order_by(EventRow.seq)
+            if run_id is not None:
+                query = query.where(EventRow.run_id == run_id)
+            return list(session.scalars(query))
+
+    def head(self) -> str:
+        """Hash of the newest event (the genesis hash for an empty ledger)."""
+        with self._sessions() as session:
+            last = session.scalars(select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1))
+            return last.first() or GENESIS_HASH
+
+    def head_problem(self, seq: int, head_hash: str) -> str | None:
+        """Why the ledger does not reach event `seq` with hash `head_hash` (None if it does)."""
+        event = self.event_at(seq)
+        if event is None:
+            last = self.last_event()
+            return (
+                f"the ledger ends at #{last.seq if last else 0}, short of event #{seq}"
+                if last is None or last.seq < seq
+                else f"the ledger has no event #{seq}"
+            )
+        if event.hash != head_hash:
+            return (
+                f"the ledger's event #{seq} has hash {event.hash[:12]}..., not {head_hash[:12]}..."
+            )
+        return None
+
+    def has_event(self, event_hash: str) -> bool:
+        with self._sessions() as session:
+            found = session.scalars(select(EventRow.seq).where(EventRow.hash == event_hash))
+            return found.first() is not None
+
+    def verify_chain(self) -> ChainBreak | None:
+        """Walks the event log; returns the first event that does not verify, or None."""
+        return self.verify(rows=False).chain_break
+
+    def verify(self, *, rows: bool = True, chunk: int = 1000) -> LedgerVerification:
+        """Streams the event chain, then (with `rows`) checks every state row against it.
+
+        Events are read `chunk` at a time as plain tuples with the payload as its stored text
+        (decoded once here, not by the ORM), and only the newest seq per state row is kept, so
+        memory does not grow with the number of events.
+        """
+        prev, count, last_seq, broken = GENESIS_HASH, 0, 0, None
+        index = StateIndex()
+        events = EventRow.__table__.c
+        query = select(
+            events.seq,
+            events.at,
+            events.kind,
+            events.run_id,
+            events.hop_id,
+            events.site,
+            cast(events.payload, Text),
+            events.prev_hash,
+            events.hash,
+        ).order_by(events.seq)
+        decode, note = json.loads, index.add
+        with self._sessions() as session:
+            result = session.execute(query, execution_options={"yield_per": chunk})
+            for seq, at, kind, run_id, hop_id, site, text, prev_hash, digest in result:
+                payload = decode(text)
+                if broken is None:
+                    if prev_hash != prev:
+                        broken = ChainBreak(
+                            seq, "previous-hash link broken (event deleted or inserted)"
+                        )
+                    elif digest != event_hash(prev, at, kind, run_id, hop_id, site, payload):
+                        broken = ChainBreak(seq, "content does not match its hash (event altered)")
+                prev = digest
+                if rows:
+                    note(seq, kind, payload)
+                count, last_seq = count + 1, seq
+            mismatches = list(index.compare_tables(session, chunk)) if rows else []
+        return LedgerVerification(
+            chain_break=broken,
+            events=count,
+            last_seq=last_seq,
+            head=prev,
+            row_mismatches=mismatches,
+            recorded_mismatches=index.mismatch_events,
+        )
+
+    def event_at(self, seq: int) -> EventRow | None:
+        with self._sessions() as session:
+            return session.get(EventRow, seq)
+
+    def last_event(self) -> EventRow | None:
+        with self._sessions() as session:
+            return session.scalars(select(EventRow).order_by(EventRow.seq.desc()).limit(1)).first()
+
+    def row_mismatches(self, rows: Sequence[Base]) -> list[RowMismatch]:
+        """The rows (as read) that differ from the ledger event that last wrote each."""
+        with self._sessions() as session:
+            return state_mismatches(session, rows)
+
+    def run_mismatches(self, run: RunRow, checkpoint_sha256: str | None) -> list[RowMismatch]:
+        """The engine's check before it acts on a run: the run, its hops and the checkpoint
+        it is about to hand out (a hop's input or the final adapter) against their events."""
+        rows: list[Base] = [run, *run.hops]
+        found: list[RowMismatch] = []
+        if checkpoint_sha256 is not None:
+            checkpoint = self.checkpoint(checkpoint_sha256)
+            if checkpoint is None:
+                found.append(
+                    RowMismatch(
+                        "checkpoints",
+                        checkpoint_sha256,
+                        "",
+                        f"checkpoints row {checkpoint_sha256} is missing",
+                    )
+                )
+            else:
+                rows.append(checkpoint)
+        return self.row_mismatches(rows) + found
+
+    def pause_for_mismatch(self, run_id: str, mismatches: Sequence[RowMismatch]) -> RunRow:
+        """Pauses a running run whose rows differ from their events; one `ledger.mismatch` event.
+
+        Raises:
+            TransitionRefused: The run is not running any more.
+        """
+        error = "ledger mismatch: " + "; ".join(m.message for m in mismatches[:3])
+        if len(mismatches) > 3:
+            error += f"; and {len(mismatches) - 3} more"
+        with self.transaction() as session:
+            run = session.get(RunRow, run_id, with_for_update=True)
+            if run is None:
+                raise KeyError(run_id)
+            if run.status != "running":
+                raise TransitionRefused(f"run {run_id} is {run.status}; cannot pause it")
+            run.status = "paused"
+            run.error = error
+            self.append_event(
+                session,
+                MISMATCH_EVENT,
+                run_id=run_id,
+                payload={"status": "paused", "mismatches": [m.to_json() for m in mismatches]},
+            )
+            return run
