@@ -180,20 +180,20 @@ def _profile_summary(raw: Path) -> dict[str, Any]:
     # "function (file:line)").
     buckets = {
         "training steps": ("train (site_agent/tasks/_loop.py:",),
-        "validation pass, after the commit": ("_report_validation (site_agent/agent.py:",),
+        "validation pass, after the commit": ("_report_validation (site_agent/hop_runner.py:",),
         "validation pass": ("evaluate (site_agent/tasks/_sequence_classification.py:",
                             "_evaluate_model (site_agent/tasks/_tabular.py:"),
-        "preparation (next site, while the other trains)": ("_prepare (site_agent/agent.py:",),
+        "preparation (next site, while the other trains)": ("_prepare (site_agent/hop_runner.py:",),
         "model set-up (base copy + LoRA wrap)": ("_adapter_model (site_agent/tasks/",
                                                  "_model (site_agent/tasks/_tabular.py:"),
         "adapter load": ("load_adapter (site_agent/tasks/_lora.py:",
                          "_load (site_agent/tasks/_tabular.py:"),
         "encode data": ("_encode (site_agent/tasks/",),
-        "download": ("_download (site_agent/agent.py:",),
-        "upload": ("upload (site_agent/agent.py:",),
-        "report result": ("_report_hop_result (site_agent/agent.py:",),
-        "egress check": ("_check_egress (site_agent/agent.py:",),
-        "phase heartbeat": ("phase (site_agent/agent.py:",),
+        "download": ("_download (site_agent/transfers.py:",),
+        "upload": ("upload (site_agent/hop_runner.py:",),
+        "report result": ("_report_hop_result (site_agent/hop_runner.py:",),
+        "egress check": ("_check_egress (site_agent/hop_runner.py:",),
+        "phase heartbeat": ("phase (site_agent/hop_runner.py:",),
     }  # fmt: skip
     counts: Counter[str] = Counter()
     busy = 0
@@ -201,7 +201,7 @@ def _profile_summary(raw: Path) -> dict[str, Any]:
     for line in text.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not count_text.isdigit() or (
-            "SiteAgent._run_hop" not in stack and "SiteAgent._prepare" not in stack
+            "HopRunner._run_hop" not in stack and "HopRunner._prepare" not in stack
         ):
             continue
         count = int(count_text)

@@ -1,0 +1,409 @@
+"""One hop at a site: incoming checkpoint, (prepared) training, egress check, upload, result."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import grpc
+
+from protocols import hyperparameter_messages
+from protocols.checkpoint import (
+    CheckpointError,
+    CheckpointManifest,
+    bundle_metadata,
+    inspect_bundle,
+    sha256_hex,
+)
+from protocols.logs import log_context
+from protocols.signing import sign_digest
+from protocols.v1 import baton_pb2 as pb
+from protocols.v1 import baton_pb2_grpc as pb_grpc
+from site_agent.registry import RegisteredDataset
+from site_agent.state import SiteState
+from site_agent.task_checks import HopFailure, TaskChecks, _task_spec
+from site_agent.transfers import _RETRYABLE, Transfers
+
+if TYPE_CHECKING:
+    import torch
+
+    from protocols.hyperparameters import HopHyperparameters
+    from site_agent.tasks import TaskSpec, Trainer
+
+logger = logging.getLogger("site_agent.agent")
+Metrics = dict[str, float]
+
+
+@dataclass
+class _Progress:
+    phase: str = "starting"
+    step: int = 0
+    total: int = 0
+    loss: float = 0.0
+
+
+class _Heartbeat:
+    """Sends progress on a background thread; remembers if the coordinator asked to cancel."""
+
+    def __init__(self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float) -> None:
+        self._stub = stub
+        self._task = task
+        self._interval = interval
+        self._progress = _Progress()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    def phase(self, phase: str) -> None:
+        self._progress = _Progress(phase, self._progress.step, self._progress.total)
+        # Phase changes are worth telling at once (e.g. "training" starts), but from the
+        # heartbeat thread: the hop does not wait for the coordinator's answer.
+        self._wake.set()
+
+    def training_step(self, step: int, total: int, loss: float) -> None:
+        self._progress = _Progress("training", step, total, loss)
+
+    def _send(self) -> None:
+        progress = self._progress
+        try:
+            response = self._stub.SendHeartbeat(
+                pb.Heartbeat(
+                    hop_id=self._task.hop_id,
+                    lease_token=self._task.lease_token,
+                    phase=progress.phase,
+                    step=progress.step,
+                    total_steps=progress.total,
+                    loss=progress.loss,
+                ),
+                timeout=10,
+            )
+        except grpc.RpcError as exc:
+            logger.warning("heartbeat failed: %s", exc.code())
+            return
+        if response.cancel and not self.cancelled.is_set():
+            logger.warning("coordinator cancelled hop %s", self._task.hop_id)
+            self.cancelled.set()
+
+    def _loop(self) -> None:
+        while not self.cancelled.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._send()
+
+
+class HopRunner(TaskChecks, Transfers):
+    """Runs the hops (and "you are next" preparations) the coordinator gives this site."""
+
+    state: SiteState
+    site_name: str
+    _deferred_validation: Callable[[], Metrics] | None
+
+    # ---- one hop ------------------------------------------------------------------------------
+
+    def _run_hop(self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float) -> None:
+        with log_context(run_id=task.run_id, hop_id=task.hop_id, site=self.site_name):
+            self._run_hop_logged(stub, task, interval)
+
+    def _run_hop_logged(
+        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float
+    ) -> None:
+        logger.info("hop %d of run %s: starting", task.hop_index, task.run_id)
+        with _Heartbeat(stub, task, interval) as beat:
+            try:
+                result = self._train_hop(stub, task, beat)
+            except HopFailure as failure:
+                logger.error("hop %s refused: %s (%s)", task.hop_id, failure, failure.code)
+                self.metrics.hop("refused")
+                result = pb.HopResult(
+                    hop_id=task.hop_id,
+                    lease_token=task.lease_token,
+                    ok=False,
+                    error_code=failure.code,
+                    error_message=str(failure),
+                )
+            if result is None:
+                return
+            # Still heartbeating: the lease holds while the coordinator cannot take the result.
+            response = self._report_hop_result(stub, task, result, beat)
+            if response is None:
+                return
+        if response.ledger_head:
+            self.state.acknowledge(response.ledger_head)
+        if result.ok:
+            self.metrics.hop("trained")
+        logger.info("hop %d of run %s: %s", task.hop_index, task.run_id, response.hop_status)
+        validate, self._deferred_validation = self._deferred_validation, None
+        if validate is not None and result.validation_follows:
+            self._report_validation(stub, task, validate)
+
+    def _report_hop_result(
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        task: pb.HopTask,
+        result: pb.HopResult,
+        beat: _Heartbeat,
+    ) -> pb.HopResultResponse | None:
+        """Reports a hop's result, retrying while the coordinator cannot take it; None: refused."""
+        try:
+            response: pb.HopResultResponse = self._retrying(
+                "hop result",
+                lambda: stub.ReportHopResult(result, timeout=60),
+                lease_lost=beat.cancelled,
+            )
+        except grpc.RpcError as exc:
+            if beat.cancelled.is_set():
+                logger.error("hop %s: lease lost before the coordinator took its result (%s)",
+                             task.hop_id, exc.details())  # fmt: skip
+                return None
+            if exc.code() in _RETRYABLE:
+                raise
+            logger.error("hop %s result refused: %s %s", task.hop_id, exc.code(), exc.details())
+            return None
+        return response
+
+    def _hop_setup(self, task: pb.HopTask) -> tuple[HopHyperparameters, TaskSpec, Trainer]:
+        """A hop's hyperparameters, spec and trainer, once its run's approval is checked.
+
+        Shared by the hop and its preparation: both refuse the same tasks the same way.
+        """
+        try:
+            hyperparameters = hyperparameter_messages.from_message(task.hyperparameters)
+        except hyperparameter_messages.HyperparameterMessageError as exc:
+            raise HopFailure("bad-task", f"invalid hyperparameters: {exc}") from exc
+        self._check_approval(task, hyperparameters.model_dump())
+        spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
+        trainer = self._task_trainer(
+            task.task_type, task.cross_validation if task.HasField("cross_validation") else None
+        )
+        return hyperparameters, spec, trainer
+
+    def _incoming(
+        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, held: str
+    ) -> dict[str, torch.Tensor]:
+        import safetensors.torch
+
+        ref = task.input_checkpoint
+        if task.input_bundle:  # pushed inside the task: checked exactly as a download
+            data = self._checked_bundle(task.input_bundle, ref)
+            self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
+        else:
+            data = self._download(stub, ref)
+        bundle = inspect_bundle(data)
+        if bundle.manifest.base_model_sha256 != held:
+            raise HopFailure(
+                "base-model-mismatch",
+                f"incoming adapter was trained on base model {bundle.manifest.base_model_sha256}; "
+                f"this site holds {held}",
+            )
+        return safetensors.torch.load(data)
+
+    def _train_hop(
+        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, beat: _Heartbeat
+    ) -> pb.HopResult | None:
+        import safetensors.torch
+
+        from site_agent.tasks import HopCancelled, PreparingTrainer
+
+        self._deferred_validation = None
+        hyperparameters, spec, trainer = self._hop_setup(task)
+        dataset = self._dataset(task.dataset, task.task_type)
+        held = self._model_sha256(trainer, spec, dataset)
+        self._check_base_model(held, task.base_model_sha256)
+        incoming = None
+        parent = ""
+        if task.HasField("input_checkpoint"):
+            if not task.input_bundle:
+                beat.phase("downloading")
+            parent = task.input_checkpoint.sha256
+            incoming = self._incoming(stub, task, held)
+
+        beat.phase("training")
+
+        def should_cancel() -> bool:
+            return beat.cancelled.is_set() or self._stop.is_set() or self._out_of_grace()
+
+        try:
+            if self._validates_after_commit(task, trainer):
+                assert isinstance(trainer, PreparingTrainer)
+                outcome = trainer.run_hop(spec, dataset, hyperparameters, incoming,
+                                          beat.training_step, should_cancel,
+                                          defer_validation=True)  # fmt: skip
+            else:
+                outcome = trainer.run_hop(
+                    spec, dataset, hyperparameters, incoming, beat.training_step, should_cancel
+                )
+        except HopCancelled:
+            if self._out_of_grace() and not beat.cancelled.is_set() and not self._stop.is_set():
+                logger.warning("hop %s handed back to the coordinator: shutting down", task.hop_id)
+                self.metrics.hop("released")
+                return pb.HopResult(
+                    hop_id=task.hop_id,
+                    lease_token=task.lease_token,
+                    ok=False,
+                    released=True,
+                    error_code="released",
+                    error_message=f"site {self.site_name} shut down before the hop finished",
+                )
+            logger.warning("hop %s cancelled; no result is reported", task.hop_id)
+            self.metrics.hop("cancelled")
+            return None
+        except ValueError as exc:
+            raise HopFailure("training-failed", str(exc)) from exc
+        self.metrics.training.observe(
+            max(outcome.train_finished_at_ns - outcome.train_started_at_ns, 0) / 1e9
+        )
+
+        beat.phase("uploading")
+        manifest = CheckpointManifest(
+            task_type=task.task_type,
+            base_model_sha256=held,
+            run_id=task.run_id,
+            hop_id=task.hop_id,
+            producer_site=self.site_name,
+            parent_sha256=parent,
+            created_at=datetime.now(UTC).isoformat(),
+        )
+        payload = safetensors.torch.save(
+            outcome.tensors, metadata=bundle_metadata(manifest, outcome.adapter_config)
+        )
+        self._check_egress(trainer, spec, dataset, payload, self.settings.max_upload_bytes)
+        header = pb.UploadHeader(
+            hop_id=task.hop_id,
+            lease_token=task.lease_token,
+            total_size=len(payload),
+            sha256=sha256_hex(payload),
+            signature=sign_digest(self.settings.private_key.read_bytes(), sha256_hex(payload)),
+        )
+
+        attempts = 0
+
+        def upload() -> pb.UploadResponse:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # a first attempt starts at 0: no round trip to ask
+                # Resume from whatever the coordinator already holds of this upload.
+                header.offset = stub.UploadStatus(header, timeout=30).received
+            response: pb.UploadResponse = stub.UploadCheckpoint(
+                self._upload_messages(header, payload), timeout=600
+            )
+            self.metrics.checkpoint_bytes.labels(direction="upload").inc(
+                len(payload) - header.offset
+            )
+            return response
+
+        uploaded = self._retrying("upload", upload, lease_lost=beat.cancelled)
+        self._deferred_validation = outcome.validate
+        return pb.HopResult(
+            hop_id=task.hop_id,
+            lease_token=task.lease_token,
+            ok=True,
+            output_checkpoint=uploaded.checkpoint,
+            metrics=outcome.metrics,
+            train_started_at_ns=outcome.train_started_at_ns,
+            train_finished_at_ns=outcome.train_finished_at_ns,
+            validation_follows=outcome.validate is not None,
+        )
+
+    @staticmethod
+    def _validates_after_commit(task: pb.HopTask, trainer: Trainer) -> bool:
+        """Whether this hop's validation pass runs after its commit (off the handoff)."""
+        from site_agent.tasks import PreparingTrainer
+
+        return task.validation_after_commit and isinstance(trainer, PreparingTrainer)
+
+    def _report_validation(
+        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, validate: Callable[[], Metrics]
+    ) -> None:
+        """Runs a committed hop's validation pass and reports it as its own ledger event.
+
+        The hop is committed whatever happens here: a failed pass is reported as such, and a
+        coordinator that is away is retried like a hop result.
+        """
+        report = pb.HopValidation(hop_id=task.hop_id)
+        try:
+            report.metrics.update(validate())
+            report.ok = True
+        except ValueError as exc:
+            logger.error("hop %s: validation after the commit failed: %s", task.hop_id, exc)
+            report.error_message = str(exc)
+        try:
+            response: pb.HopValidationResponse = self._retrying(
+                "hop validation", lambda: stub.ReportHopValidation(report, timeout=60)
+            )
+        except grpc.RpcError as exc:
+            if exc.code() in _RETRYABLE:
+                raise
+            logger.error("hop %s validation refused: %s %s", task.hop_id, exc.code(),
+                         exc.details())  # fmt: skip
+            return
+        if response.ledger_head:
+            self.state.acknowledge(response.ledger_head)
+        logger.info("hop %d of run %s: validation reported", task.hop_index, task.run_id)
+
+    # ---- getting ready for the next hop --------------------------------------------------------
+
+    def _prepare(self, hop: pb.HopTask) -> None:
+        """Gets ready for a hop this site is told it is next for: only for an approved run.
+
+        Nothing is reported: a refused or failed preparation just leaves the hop to load what
+        it needs when it arrives (and to refuse it then, with its code, if it must).
+        """
+        from site_agent.tasks import PreparingTrainer
+
+        with log_context(run_id=hop.run_id, hop_id=hop.hop_id, site=self.site_name):
+            try:
+                hyperparameters, spec, trainer = self._hop_setup(hop)
+                if not isinstance(trainer, PreparingTrainer):
+                    return
+                dataset = self._dataset(hop.dataset, hop.task_type)
+                self._check_base_model(
+                    self._model_sha256(trainer, spec, dataset), hop.base_model_sha256
+                )
+                trainer.prepare(spec, dataset, hyperparameters.seed)
+            except HopFailure as failure:
+                logger.info("not preparing hop %d: %s", hop.hop_index, failure)
+            except (ValueError, OSError) as exc:
+                logger.warning("could not prepare hop %d: %s", hop.hop_index, exc)
+            else:
+                logger.info("hop %d of run %s: prepared", hop.hop_index, hop.run_id)
+
+    @staticmethod
+    def _check_egress(
+        trainer: Trainer,
+        spec: TaskSpec,
+        dataset: RegisteredDataset,
+        payload: bytes,
+        max_bytes: int,
+    ) -> None:
+        """Only a well-formed, finite bundle of exactly the declared trainable state leaves."""
+        try:
+            bundle = inspect_bundle(payload, max_bytes=max_bytes)
+        except CheckpointError as exc:
+            raise HopFailure("egress-refused", str(exc)) from exc
+        declared = [
+            (t.name, t.dtype, tuple(t.shape)) for t in trainer.trainable_state(spec, dataset)
+        ]
+        actual = [(t.name, t.dtype, tuple(t.shape)) for t in bundle.tensors]
+        if sorted(declared) != actual:
+            extra = sorted({n for n, _, _ in actual} - {n for n, _, _ in declared})
+            raise HopFailure(
+                "egress-refused",
+                "adapter differs from the task's declared trainable state"
+                + (f" (undeclared: {', '.join(extra[:5])})" if extra else ""),
+            )

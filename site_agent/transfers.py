@@ -1,0 +1,111 @@
+"""Checkpoint transfer with the coordinator, and calls that outlive a coordinator restart."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+
+from protocols.checkpoint import AGGREGATOR, CheckpointError, inspect_bundle
+from protocols.signing import SignatureError, verify_aggregate_custody, verify_custody
+from protocols.transport import CHUNK_BYTES
+from protocols.v1 import baton_pb2 as pb
+from protocols.v1 import baton_pb2_grpc as pb_grpc
+from site_agent.metrics import SiteMetrics
+from site_agent.settings import SiteSettings
+from site_agent.task_checks import HopFailure
+
+logger = logging.getLogger("site_agent.agent")
+
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
+# A finished result is asked about at least this often: a coordinator whose disk was full
+# takes it within seconds of space being freed.
+_RESULT_RETRY_MAX_DELAY = 5.0
+T = TypeVar("T")
+
+
+class Transfers:
+    """Downloads, upload chunking and retries of the site agent."""
+
+    settings: SiteSettings
+    metrics: SiteMetrics
+    _stop: threading.Event
+
+    if TYPE_CHECKING:
+
+        def _out_of_grace(self) -> bool: ...
+
+    # ---- calls that outlive a coordinator restart -------------------------------------------
+
+    def _retrying(
+        self, what: str, call: Callable[[], T], *, lease_lost: threading.Event | None = None
+    ) -> T:
+        """Retries `call` while the coordinator is unreachable or cannot store (e.g. its disk is
+        full), with backoff, up to result_retry_seconds and, for a hop, while its lease holds."""
+        deadline = time.monotonic() + self.settings.result_retry_seconds
+        delay = 0.5
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise
+                if lease_lost is not None and lease_lost.is_set():
+                    raise
+                logger.warning("%s not taken by the coordinator now (%s: %s); again in %.1f s",
+                               what, exc.code().name, exc.details(), delay)  # fmt: skip
+                if self._stop.wait(delay) or self._out_of_grace():
+                    raise
+                delay = min(delay * 2, self.settings.reconnect_max_seconds, _RESULT_RETRY_MAX_DELAY)
+
+    def _download(self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef) -> bytes:
+        """Downloads a bundle, resuming from the last received byte after an interruption."""
+        buffer = bytearray()
+
+        def fetch() -> bytes:
+            request = pb.DownloadRequest(sha256=ref.sha256, offset=len(buffer))
+            for chunk in stub.DownloadCheckpoint(request, timeout=600):
+                if chunk.offset != len(buffer) or chunk.total_size != ref.size:
+                    raise HopFailure("checkpoint-integrity", "download chunks out of order")
+                buffer.extend(chunk.data)
+            return bytes(buffer)
+
+        data = self._retrying("download", fetch)
+        self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
+        return self._checked_bundle(data, ref)
+
+    def _checked_bundle(self, data: bytes, ref: pb.CheckpointRef) -> bytes:
+        """The bundle if it is the one referenced and its producer's custody signature holds."""
+        try:
+            bundle = inspect_bundle(data, expected_sha256=ref.sha256)
+            ca_pem = self.settings.ca_certificate.read_bytes()
+            if bundle.manifest.producer_site == AGGREGATOR:  # a round's aggregate
+                verify_aggregate_custody(
+                    bundle.sha256, ref.signature, ref.producer_certificate, ca_pem=ca_pem
+                )
+            else:
+                verify_custody(
+                    bundle.sha256,
+                    ref.signature,
+                    ref.producer_certificate,
+                    ca_pem=ca_pem,
+                    producer=bundle.manifest.producer_site,
+                )
+        except (CheckpointError, SignatureError) as exc:
+            raise HopFailure("checkpoint-integrity", str(exc)) from exc
+        return data
+
+    @staticmethod
+    def _upload_messages(header: pb.UploadHeader, payload: bytes) -> Iterator[pb.UploadRequest]:
+        yield pb.UploadRequest(header=header)
+        view = memoryview(payload)
+        for start in range(header.offset, len(payload), CHUNK_BYTES):
+            yield pb.UploadRequest(data=bytes(view[start : start + CHUNK_BYTES]))
