@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -310,6 +311,23 @@ class RunPlan(_Strict):
         if self.mode == "federated":
             return [(site, (site,)) for site in self.sites]
         raise ValueError("a sequential run has no rounds")
+
+    def round_selection(self) -> list[list[tuple[str, tuple[str, ...]]]]:
+        """The members each round trains, round by round: Flower's sample size
+        (`FederatedSpec.sample_size`) drawn by a generator seeded with `federated.seed` and the
+        round number, in plan order. The engine and the simulator both select with this."""
+        spec = self.federated
+        if spec is None:
+            raise ValueError("a sequential run has no rounds")
+        members = self.round_members()
+        size = spec.sample_size(len(members))
+        return [
+            [
+                members[i]
+                for i in sorted(random.Random(f"{spec.seed}:{n}").sample(range(len(members)), size))
+            ]
+            for n in range(1, spec.rounds + 1)
+        ]
 
     def expanded_hops(self) -> list[tuple[str, HyperparameterSpec]]:
         """The hops in execution order, each with its effective hyperparameters.

@@ -8,7 +8,6 @@ aggregates are decided here from the rows alone; the engine does the writing.
 
 from __future__ import annotations
 
-import random
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,16 +47,12 @@ def round_rows(plan: RunPlan, run_id: str) -> tuple[list[HopRow], list[RoundRow]
     spec = plan.federated
     if spec is None:
         raise ValueError("a sequential run has no rounds")
-    members = plan.round_members()
     hp = plan.round_hyperparameters().model_dump()
     hops: list[HopRow] = []
     rounds: list[RoundRow] = []
-    for number in range(1, spec.rounds + 1):
-        size = spec.sample_size(len(members))
-        chosen = sorted(random.Random(f"{spec.seed}:{number}").sample(range(len(members)), size))
+    for number, selected in enumerate(plan.round_selection(), start=1):
         listing: list[list[Any]] = []
-        for position in chosen:
-            name, chain = members[position]
+        for name, chain in selected:
             ids = []
             for site in chain:
                 hop = HopRow(id=uuid.uuid4().hex, index=len(hops), site=site,

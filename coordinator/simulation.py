@@ -8,7 +8,6 @@ Flower's simulation engine are installed (``baton-fl[site,simulation]``).
 
 from __future__ import annotations
 
-import random
 import re
 from collections.abc import Sequence
 from importlib.metadata import entry_points
@@ -205,10 +204,4 @@ def plan_rounds(plan: RunPlan) -> tuple[Round, ...]:
     spec = plan.federated
     if spec is None:
         raise PlanError("a sequential plan has no rounds")
-    members = plan.round_members()
-    rounds: list[Round] = []
-    for number in range(1, spec.rounds + 1):
-        size = spec.sample_size(len(members))
-        chosen = sorted(random.Random(f"{spec.seed}:{number}").sample(range(len(members)), size))
-        rounds.append(tuple(members[position] for position in chosen))
-    return tuple(rounds)
+    return tuple(tuple(selected) for selected in plan.round_selection())
