@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from coordinator.plan import RunPlan
+from protocols.approval import ApprovalBundle, ApprovalRule
 from protocols.task_types import LORA_TASK_TYPES
 
 __all__ = ["SiteApprovals", "SiteView", "offline_text", "preflight_problems"]
@@ -26,12 +27,21 @@ class SiteApprovals:
     bundles: frozenset[str] = frozenset()
     by_policy: bool = False  # local rules may approve bundles not listed
     not_required: bool = False  # the site runs any bundle
+    rules: tuple[ApprovalRule, ...] = ()  # its policy's rules (empty from older sites)
 
     def covers(self, sha256: str) -> bool | None:
         """True: approved; False: the site would refuse it; None: only the site can tell."""
         if self.not_required or sha256 in self.bundles:
             return True
         return None if self.by_policy else False
+
+    def approves(self, bundle: ApprovalBundle) -> bool | None:
+        """As `covers`, deciding policy approvals by the rules the site reported (None: it
+        reported policy approvals but no rules, as sites did before they reported them)."""
+        covered = self.covers(bundle.sha256)
+        if covered is not None or not self.rules:
+            return covered
+        return any(rule.allows(bundle) for rule in self.rules)
 
 
 @dataclass(frozen=True)

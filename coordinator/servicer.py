@@ -15,6 +15,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
+from coordinator.approval_reports import approval_rule, report_approvals
 from coordinator.engine import RunEngine, approval_bundle
 from coordinator.errors import (
     CoordinatorError,
@@ -361,6 +362,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
                 bundles=frozenset(request.approved_bundles),
                 by_policy=request.approval_by_policy,
                 not_required=request.approval_not_required,
+                rules=tuple(approval_rule(rule) for rule in request.approval_rules),
             ),
         )
         days_left = (identity.not_valid_after - datetime.now(UTC)).days
@@ -707,6 +709,7 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
     ) -> pb.ListSitesResponse:
         await self._caller(context, Role.ADMIN, "ListSites")
         connected = self.engine.connected_sites()
+        views = self.engine.site_views()
         response = pb.ListSitesResponse()
         for row in self.engine.ledger.sites():
             site = response.sites.add(
@@ -723,4 +726,5 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
                 site.base_models.add(name=model["name"], sha256=model["sha256"])
             for dataset in row.datasets:
                 site.datasets.add(**dataset)
+            report_approvals(site.approvals, views.get(row.name))
         return response

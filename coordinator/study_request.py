@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import re
 import signal
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 if TYPE_CHECKING:
     from coordinator.console.study import RunTemplate
     from coordinator.plan import RunPlan
-    from ordering import SearchSpace
+    from coordinator.preflight import SiteApprovals
+    from ordering import CandidatePlan, ModeSearchSpace, SearchSpace
     from protocols.approval import ApprovalBundle
 
 __all__ = [
@@ -53,6 +55,8 @@ def _study_name(value: str) -> str:
 
 Name = Annotated[str, AfterValidator(_study_name)]
 Short = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f]+$")]
+Mode = Literal["sequential", "federated", "hybrid"]
+Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi"]
 
 
 class StudyRequestError(ValueError):
@@ -115,6 +119,24 @@ class StudyRequest(BaseModel):
     warm_start: bool = False
     run_timeout: float = Field(default=3600.0, gt=0, le=30 * 86400)
     site_timeout: float = Field(default=60.0, gt=0, le=86400)
+    # The run modes a trial may choose among, and for federated and hybrid trials the
+    # strategies, rounds and (hybrid) the most groups (ordering.ModeSearchSpace).
+    modes: list[Mode] = Field(
+        default_factory=lambda: list[Mode](["sequential"]), min_length=1, max_length=3
+    )
+    strategies: list[Strategy] = Field(
+        default_factory=lambda: list[Strategy](["fedavg"]), min_length=1, max_length=4
+    )
+    rounds_min: int = Field(default=1, ge=1, le=10_000)
+    rounds_max: int = Field(default=4, ge=1, le=10_000)
+    max_groups: int = Field(default=2, ge=2, le=63)
+    fedprox_mu_min: float = Field(default=0.001, gt=0, le=10**4)
+    fedprox_mu_max: float = Field(default=1.0, gt=0, le=10**4)
+
+    @property
+    def searches_modes(self) -> bool:
+        """Whether trials may be federated or hybrid runs (else: the plain sequential search)."""
+        return self.modes != ["sequential"]
 
     @property
     def minimize(self) -> bool:
@@ -158,6 +180,14 @@ class StudyRequest(BaseModel):
             argv += ["--base-model-sha256", self.base_model_sha256]
         if self.seed is not None:
             argv += ["--seed", str(self.seed)]
+        if self.searches_modes:
+            argv += [
+                "--modes", ",".join(self.modes), "--strategies", ",".join(self.strategies),
+                "--rounds-min", str(self.rounds_min), "--rounds-max", str(self.rounds_max),
+                "--max-groups", str(self.max_groups),
+                "--fedprox-mu-min", repr(self.fedprox_mu_min),
+                "--fedprox-mu-max", repr(self.fedprox_mu_max),
+            ]  # fmt: skip
         return argv
 
 
@@ -216,13 +246,48 @@ def json_object(raw: str | None, option: str) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class PreparedSearch:
-    """A checked study request: its search space, run template and approval bundle."""
+    """A checked study request: its search space, run template and approval bundle.
+
+    `bundle` is the first plan's. A study over modes also has `mode_bundles`: for each mode and
+    strategy a trial may run, one trial's bundle (every trial of that mode and strategy differs
+    from it only in rounds and groups, which approval rules do not look at).
+    """
 
     request: StudyRequest
     space: SearchSpace
     template: RunTemplate
     first_plan: RunPlan  # the sites in the order given: what preflight checks
     bundle: ApprovalBundle
+    mode_bundles: dict[str, ApprovalBundle] = field(default_factory=dict)
+
+    def approval_refusals(self, approvals: Mapping[str, SiteApprovals | None]) -> list[str]:
+        """Every mode or strategy the study offers that a site's reported approvals refuse,
+        one line each, naming the site; [] when none (or when only the site can tell).
+
+        Args:
+            approvals: What each site of the study reported (None: nothing reported yet).
+        """
+        problems: list[str] = []
+        for site in self.request.sites:
+            reported = approvals.get(site)
+            if reported is None:
+                continue
+            for what, bundle in self.mode_bundles.items():
+                if reported.approves(bundle) is False:
+                    mode = what.split(" ")[0]
+                    problems.append(
+                        f"{site}: its approvals do not allow {what} runs of dataset "
+                        f"{bundle.dataset!r} ({bundle.task_type}) within the study's bounds: "
+                        f"leave {mode} out of --modes"
+                        + (" (or that strategy out of --strategies)" if mode != "sequential"
+                           else "")
+                        + f", or have the site allow them (an approval policy rule with "
+                        f"modes = [\"{mode}\"]"
+                        + (f", strategies = [\"{bundle.federation.get('strategy')}\"]"
+                           if mode != "sequential" else "")
+                        + ")"
+                    )  # fmt: skip
+        return problems
 
 
 def prepare_search(request: StudyRequest) -> PreparedSearch:
@@ -233,10 +298,30 @@ def prepare_search(request: StudyRequest) -> PreparedSearch:
     """
     from coordinator.console.study import RunTemplate, approval_bounds, forgetting_controls
     from coordinator.plan import PlanError
-    from ordering import FloatRange, IntRange, SearchSpace, SearchSpaceError
+    from ordering import FloatRange, IntRange, ModeSearchSpace, SearchSpace, SearchSpaceError
 
+    if request.searches_modes:
+        problems = []
+        if request.cv_folds:
+            problems.append(
+                "cv-folds: cross-validation runs are sequential; federated and "
+                "hybrid trials are scored on validation splits (use --cv-folds 0)"
+            )
+        if "sequential" not in request.modes and request.seed_orders != "none":
+            problems.append("seed-orders: seeds are sequential orders; add sequential to --modes")
+        if "sequential" not in request.modes and request.warm_start:
+            problems.append(
+                "warm-start: earlier runs join as sequential trials; add sequential to --modes"
+            )
+        if request.rounds_min > request.rounds_max:
+            problems.append(
+                f"rounds-min: {request.rounds_min} is above rounds-max {request.rounds_max}"
+            )
+        if problems:
+            raise StudyRequestError("\n".join(problems))
     try:
-        space = SearchSpace(
+        space_type = ModeSearchSpace if request.searches_modes else SearchSpace
+        space = space_type(
             sites=tuple(request.sites),
             cycles=request.cycles,
             learning_rate=request.lr_min
@@ -256,6 +341,7 @@ def prepare_search(request: StudyRequest) -> PreparedSearch:
                     request.consolidation_lr_factor_max,
                 ),
             ),
+            **(_mode_fields(request) if request.searches_modes else {}),
         )
         template = RunTemplate(
             dataset=request.dataset,
@@ -272,10 +358,72 @@ def prepare_search(request: StudyRequest) -> PreparedSearch:
                 else None
             ),
         )
-        first_plan = template.run_plan(space.plan(tuple(request.sites)), name=request.name)
+        mode_plans = (
+            {
+                what: template.run_plan(plan, name=request.name)
+                for what, plan in _mode_examples(space, request).items()
+            }
+            if isinstance(space, ModeSearchSpace)
+            else {}
+        )
+        first_plan = (
+            template.run_plan(space.plan(tuple(request.sites)), name=request.name)
+            if "sequential" in request.modes
+            else next(iter(mode_plans.values()))
+        )
     except (SearchSpaceError, PlanError, ValueError) as exc:
         raise StudyRequestError(str(exc)) from exc
-    return PreparedSearch(request, space, template, first_plan, first_plan.approval_bundle())
+    return PreparedSearch(
+        request,
+        space,
+        template,
+        first_plan,
+        first_plan.approval_bundle(),
+        {what: plan.approval_bundle() for what, plan in mode_plans.items()},
+    )
+
+
+def _mode_fields(request: StudyRequest) -> dict[str, Any]:
+    """The `ModeSearchSpace` fields a request asks for."""
+    from ordering import FloatRange, IntRange
+
+    return {
+        "modes": tuple(request.modes),
+        "strategies": tuple(request.strategies),
+        "rounds": request.rounds_min
+        if request.rounds_min == request.rounds_max
+        else IntRange(request.rounds_min, request.rounds_max),
+        "max_groups": request.max_groups,
+        "fedprox_mu": request.fedprox_mu_min
+        if request.fedprox_mu_min == request.fedprox_mu_max
+        else FloatRange(request.fedprox_mu_min, request.fedprox_mu_max, log=True),
+    }
+
+
+def _mode_examples(space: ModeSearchSpace, request: StudyRequest) -> dict[str, CandidatePlan]:
+    """One plan per mode and strategy the study offers ("sequential", "federated (fedavg)",
+    ...): what the sites' approvals are checked against before any trial."""
+    from ordering import CandidatePlan, Federation, balanced_groups
+
+    examples: dict[str, CandidatePlan] = {}
+    if "sequential" in space.modes:
+        examples["sequential"] = space.plan(tuple(request.sites))
+    hyperparameters = examples["sequential"].hops[0].hyperparameters if examples else None
+    for mode in (m for m in space.modes if m != "sequential"):
+        for strategy in space.strategies:
+            federation = Federation(
+                mode=mode,
+                strategy=strategy,
+                rounds=request.rounds_min,
+                local_steps=request.steps_min,
+                groups=balanced_groups(request.sites, 2) if mode == "hybrid" else (),
+                proximal_mu=request.fedprox_mu_min if strategy == "fedprox" else 0.0,
+            )
+            base = hyperparameters or space._hyperparameters(request.lr_min, request.steps_min)
+            examples[f"{mode} ({strategy})"] = CandidatePlan.federated(
+                federation, request.sites, base
+            )
+    return examples
 
 
 class FinishTrialThenStop:

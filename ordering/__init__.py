@@ -20,6 +20,7 @@ from ordering._encodings import (
 )
 from ordering._heuristics import probe_order, site_typicality
 from ordering._importance import OrderImportance, order_importance
+from ordering._modes import MODES, ModeSearchSpace, balanced_groups
 from ordering._objective import (
     Aggregation,
     Direction,
@@ -31,7 +32,7 @@ from ordering._objective import (
     aggregate,
     site_forgetting,
 )
-from ordering._plan import CandidatePlan, Hop, HopHyperparameters
+from ordering._plan import STRATEGIES, CandidatePlan, Federation, Hop, HopHyperparameters
 from ordering._pruning import PruningSettings, StagePruner, stage_key
 from ordering._space import FloatRange, IntRange, SearchSpace, SearchSpaceError
 from ordering._study import (
@@ -47,18 +48,22 @@ from ordering._synthetic import SyntheticObjective
 __all__ = [
     "DEFAULT_PRUNING",
     "ENCODINGS",
+    "MODES",
     "RANDOM_SEARCH",
     "SAMPLERS",
+    "STRATEGIES",
     "Aggregation",
     "AllOrders",
     "CandidatePlan",
     "Direction",
     "Evaluation",
+    "Federation",
     "FloatRange",
     "Hop",
     "HopHyperparameters",
     "IntRange",
     "LehmerCode",
+    "ModeSearchSpace",
     "OrderImportance",
     "OrderingStudy",
     "PermutationEncoding",
@@ -77,6 +82,7 @@ __all__ = [
     "TrialOutcome",
     "TrialRecord",
     "aggregate",
+    "balanced_groups",
     "best_so_far",
     "compare_encodings",
     "cyclic_random_plan",

@@ -9,7 +9,19 @@ from typing import Any, NamedTuple
 
 from protocols.hyperparameters import HopHyperparameters
 
-__all__ = ["CandidatePlan", "Hop", "HopHyperparameters"]
+__all__ = [
+    "FEDERATED_MODES",
+    "STRATEGIES",
+    "CandidatePlan",
+    "Federation",
+    "Hop",
+    "HopHyperparameters",
+]
+
+# The modes and aggregation strategies a plan may have beside sequential (the coordinator's
+# RunPlan names them; it cannot be imported from here).
+FEDERATED_MODES = ("federated", "hybrid")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 
 # Written for every hop; the model's other fields only when they differ from their defaults, so a
 # plan document reads as it did before those fields existed.
@@ -36,6 +48,78 @@ def _document(hyperparameters: HopHyperparameters) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Federation:
+    """How a federated or hybrid candidate trains: rounds from one shared checkpoint, each
+    member's contribution aggregated by a Flower strategy.
+
+    Attributes:
+        mode: "federated" (every site trains in parallel) or "hybrid" (each group trains its
+            sites as a chain, the groups in parallel).
+        strategy: "fedavg", "fedprox", "fedadam" or "fedyogi".
+        rounds: How many rounds.
+        local_steps: Optimiser steps of each site's hop in a round.
+        groups: Hybrid: the chains, each site in exactly one; federated: empty.
+        proximal_mu: FedProx's proximal term (0 for the other strategies).
+    """
+
+    mode: str
+    strategy: str
+    rounds: int
+    local_steps: int
+    groups: tuple[tuple[str, ...], ...] = ()
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "groups", tuple(tuple(g) for g in self.groups))
+        if self.mode not in FEDERATED_MODES:
+            raise ValueError(f"mode must be one of {', '.join(FEDERATED_MODES)}, got {self.mode!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, "
+                             f"got {self.strategy!r}")  # fmt: skip
+        if self.rounds < 1 or self.local_steps < 1:
+            raise ValueError("rounds and local steps must be at least 1")
+        if (self.mode == "hybrid") != bool(self.groups):
+            raise ValueError("a hybrid plan has groups; a federated plan has none")
+        sites = [site for group in self.groups for site in group]
+        if any(not group for group in self.groups) or len(set(sites)) != len(sites):
+            raise ValueError(f"groups must be non-empty and name each site once: {self.groups}")
+        if self.proximal_mu < 0 or (self.proximal_mu and self.strategy != "fedprox"):
+            raise ValueError("a proximal term needs the fedprox strategy and must be >= 0")
+
+    def describe(self) -> str:
+        """E.g. ``"hybrid fedavg [a > b | c] 3 rounds x 10 steps"``."""
+        chains = (
+            " [" + " | ".join(" > ".join(group) for group in self.groups) + "]"
+            if self.groups
+            else ""
+        )
+        mu = f" mu={self.proximal_mu:g}" if self.strategy == "fedprox" else ""
+        return (f"{self.mode} {self.strategy}{mu}{chains} {self.rounds} round"
+                f"{'s' if self.rounds != 1 else ''} x {self.local_steps} steps")  # fmt: skip
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "strategy": self.strategy,
+            "rounds": self.rounds,
+            "local_steps": self.local_steps,
+            "groups": [list(group) for group in self.groups],
+            "proximal_mu": self.proximal_mu,
+        }
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any]) -> Federation:
+        return cls(
+            mode=str(data["mode"]),
+            strategy=str(data["strategy"]),
+            rounds=int(data["rounds"]),
+            local_steps=int(data["local_steps"]),
+            groups=tuple(tuple(str(s) for s in group) for group in data.get("groups", ())),
+            proximal_mu=float(data.get("proximal_mu", 0.0)),
+        )
+
+
 class Hop(NamedTuple):
     """One visit: the site and what it trains with."""
 
@@ -45,7 +129,8 @@ class Hop(NamedTuple):
 
 @dataclass(frozen=True)
 class CandidatePlan:
-    """One sequential run the search proposes: `cycles` passes over the sites.
+    """One run the search proposes: `cycles` passes over the sites (sequential), or the rounds
+    of a federated or hybrid run (`federation` set).
 
     Attributes:
         hops: Every visit in execution order.
@@ -56,6 +141,8 @@ class CandidatePlan:
         cycle_orders: The order of each cycle.
         learning_rate_decay: The factor applied to the learning rate at every hop
             (hop k trains with ``hops[0].learning_rate * learning_rate_decay**k``).
+        federation: Set for a federated or hybrid plan (see `federated`); its hops are then
+            every round's hops (each site once per round, in chain order), `cycles` its rounds.
     """
 
     hops: tuple[Hop, ...]
@@ -64,6 +151,7 @@ class CandidatePlan:
     encoding: str = "fixed"
     cycle_orders: tuple[tuple[str, ...], ...] = field(default=())
     learning_rate_decay: float = 1.0
+    federation: Federation | None = None
 
     def __post_init__(self) -> None:
         if not self.cycle_orders:
@@ -127,6 +215,47 @@ class CandidatePlan:
             learning_rate_decay=learning_rate_decay,
         )
 
+    @classmethod
+    def federated(
+        cls,
+        federation: Federation,
+        sites: Sequence[str],
+        hyperparameters: HopHyperparameters,
+        *,
+        encoding: str = "fixed",
+    ) -> CandidatePlan:
+        """A federated or hybrid plan: every round each site trains one hop of
+        `federation.local_steps` steps with `hyperparameters` (hybrid: in its group's chain).
+
+        Args:
+            federation: Mode, strategy, rounds, local steps and (hybrid) groups.
+            sites: The run's sites (federated: in plan order; hybrid: the groups' sites).
+            hyperparameters: What every hop trains with (its steps replaced by the local steps).
+            encoding: Recorded with the plan.
+        """
+        order = (
+            tuple(site for group in federation.groups for site in group)
+            if federation.groups
+            else tuple(sites)
+        )
+        if sorted(order) != sorted(sites) or len(set(order)) != len(order):
+            raise ValueError(f"the groups {federation.groups} do not partition {list(sites)}")
+        hp = replace(
+            hyperparameters, steps=federation.local_steps, proximal_mu=federation.proximal_mu
+        )
+        return cls(
+            hops=tuple(Hop(site, hp) for _ in range(federation.rounds) for site in order),
+            cycles=federation.rounds,
+            order=order,
+            encoding=encoding,
+            federation=federation,
+        )
+
+    @property
+    def mode(self) -> str:
+        """ "sequential", "federated" or "hybrid"."""
+        return "sequential" if self.federation is None else self.federation.mode
+
     @property
     def sites(self) -> tuple[str, ...]:
         """The sites the plan visits, in the order of the first cycle."""
@@ -139,6 +268,8 @@ class CandidatePlan:
 
     def describe(self) -> str:
         """A short human-readable form, e.g. ``"a > b > c x2"``."""
+        if self.federation is not None:
+            return self.federation.describe()
         if self.reshuffles:
             return " | ".join(" > ".join(order) for order in self.cycle_orders)
         return " > ".join(self.order) + (f" x{self.cycles}" if self.cycles > 1 else "")
@@ -169,25 +300,54 @@ class CandidatePlan:
             "task": task,
             "dataset": dataset,
             "labels": list(labels),
-            "hops": [
+        }
+        if self.federation is None:
+            document["hops"] = [
                 {"site": hop.site, "hyperparameters": _document(hop.hyperparameters)}
                 for hop in self.hops
-            ],
-        }
+            ]
+        else:
+            document.update(self._federated_document())
         if lora is not None:
             document["lora"] = dict(lora)
         if base_model_sha256 is not None:
             document["base_model_sha256"] = base_model_sha256
         return document
 
+    def _federated_document(self) -> dict[str, Any]:
+        """The mode, members, defaults and `[federated]` table of a federated or hybrid plan."""
+        federation = self.federation
+        assert federation is not None
+        spec: dict[str, Any] = {
+            "strategy": federation.strategy,
+            "rounds": federation.rounds,
+            "local_steps": federation.local_steps,
+        }
+        if federation.strategy == "fedprox":
+            spec["proximal_mu"] = federation.proximal_mu
+        defaults = _document(replace(self.hops[0].hyperparameters, proximal_mu=0.0))
+        document: dict[str, Any] = {"mode": federation.mode, "defaults": defaults}
+        if federation.groups:
+            document["groups"] = [
+                {"name": f"group{index + 1}", "sites": list(group)}
+                for index, group in enumerate(federation.groups)
+            ]
+        else:
+            document["sites"] = list(self.order)
+        document["federated"] = spec
+        return document
+
     def to_json_dict(self) -> dict[str, Any]:
         """A JSON-able form (stored in trial user attributes); `from_json_dict` reads it back."""
-        return {
+        document: dict[str, Any] = {
             "encoding": self.encoding,
             "cycle_orders": [list(order) for order in self.cycle_orders],
             "learning_rate_decay": self.learning_rate_decay,
             "hops": [[hop.site, _document(hop.hyperparameters)] for hop in self.hops],
         }
+        if self.federation is not None:
+            document["federation"] = self.federation.to_json_dict()
+        return document
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any]) -> CandidatePlan:
@@ -202,4 +362,7 @@ class CandidatePlan:
             encoding=str(data["encoding"]),
             cycle_orders=orders,
             learning_rate_decay=float(data["learning_rate_decay"]),
+            federation=(
+                Federation.from_json_dict(data["federation"]) if "federation" in data else None
+            ),
         )

@@ -607,6 +607,10 @@ class SearchSpace:
             raw = data[name]
             return kind(**raw) if isinstance(raw, Mapping) else raw
 
+        if cls is SearchSpace and "modes" in data:
+            from ordering._modes import ModeSearchSpace  # a space over run modes
+
+            return ModeSearchSpace.from_json_dict(data)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -22,6 +22,7 @@ __all__ = [
     "HYPERPARAMETERS",
     "STATISTICS_OPTION",
     "ApprovalBundle",
+    "ApprovalRule",
     "BundleViolation",
 ]
 
@@ -147,3 +148,52 @@ class ApprovalBundle:
                 raise BundleViolation(f"{name}={value!r} is not a number the bounds can cover")
             if not low <= float(value) <= high:
                 raise BundleViolation(f"{name}={value} is outside the approved [{low}, {high}]")
+
+
+def _matches(allowed: frozenset[str], value: str) -> bool:
+    return "*" in allowed or value in allowed
+
+
+@dataclass(frozen=True)
+class ApprovalRule:
+    """One rule of a site's approval policy: the bundles it approves without a per-run review.
+
+    The site applies it to every task; it reports it at hello so that the coordinator and a
+    search can tell in advance which runs the site would approve. "*" in a set matches anything.
+
+    Attributes:
+        task_types: Task types approved.
+        datasets: Datasets approved.
+        base_models: Base model sha256 approved.
+        max_values: Hyperparameter -> the largest upper bound a bundle may declare for it (a
+            bundle without a bound for it needs a human).
+        modes: Run modes approved (sequential only unless the rule lists others).
+        strategies: Aggregation strategies of approved federated and hybrid runs (any by
+            default).
+    """
+
+    task_types: frozenset[str]
+    datasets: frozenset[str]
+    base_models: frozenset[str]
+    max_values: Mapping[str, float] = field(default_factory=dict)
+    modes: frozenset[str] = frozenset({"sequential"})
+    strategies: frozenset[str] = frozenset({"*"})
+
+    def allows(self, bundle: ApprovalBundle) -> bool:
+        """Whether this rule approves `bundle`."""
+        if not (
+            _matches(self.task_types, bundle.task_type)
+            and _matches(self.datasets, bundle.dataset)
+            and _matches(self.base_models, bundle.base_model_sha256)
+            and _matches(self.modes, bundle.mode)
+        ):
+            return False
+        if bundle.mode != "sequential" and not _matches(
+            self.strategies, str(bundle.federation.get("strategy", ""))
+        ):
+            return False
+        for name, limit in self.max_values.items():
+            bound = bundle.bounds.get(name)
+            if bound is None or bound[1] > limit:
+                return False  # an unbounded or too-wide hyperparameter needs a human
+        return True

@@ -267,6 +267,12 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         request.approved_bundles.extend(self.approvals.approved_hashes())
         request.approval_by_policy = bool(self.approvals.policy.rules)
         request.approval_not_required = not self.settings.require_approval
+        for rule in self.approvals.policy.rules:
+            request.approval_rules.add(
+                task_types=sorted(rule.task_types), datasets=sorted(rule.datasets),
+                base_models=sorted(rule.base_models), modes=sorted(rule.modes),
+                strategies=sorted(rule.strategies), max_values=dict(rule.max_values),
+            )  # fmt: skip
 
     def _watch_approvals(self, stub: pb_grpc.SiteServiceStub, stop: threading.Event) -> None:
         """Says hello again when this site's approvals change, so preflight knows them."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import filelock
 
-from protocols.approval import HYPERPARAMETERS, ApprovalBundle
+from protocols.approval import HYPERPARAMETERS, ApprovalBundle, ApprovalRule
 
 __all__ = ["ApprovalPolicy", "ApprovalStore", "PolicyError"]
 
@@ -31,35 +31,9 @@ class PolicyError(ValueError):
     """The approval policy file is malformed."""
 
 
-@dataclass(frozen=True)
-class _Rule:
-    task_types: frozenset[str]
-    datasets: frozenset[str]
-    base_models: frozenset[str]
-    max_values: dict[str, float]
-    modes: frozenset[str] = frozenset({"sequential"})
-
-    def allows(self, bundle: ApprovalBundle) -> bool:
-        def matches(allowed: frozenset[str], value: str) -> bool:
-            return "*" in allowed or value in allowed
-
-        if not (
-            matches(self.task_types, bundle.task_type)
-            and matches(self.datasets, bundle.dataset)
-            and matches(self.base_models, bundle.base_model_sha256)
-            and matches(self.modes, bundle.mode)
-        ):
-            return False
-        for name, limit in self.max_values.items():
-            bound = bundle.bounds.get(name)
-            if bound is None or bound[1] > limit:
-                return False  # an unbounded or too-wide hyperparameter needs a human
-        return True
-
-
-def _modes(value: object) -> frozenset[str]:
+def _modes(value: object, what: str = "modes") -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(mode, str) for mode in value):
-        raise TypeError(f"'modes' must be a list of run modes, not {value!r}")
+        raise TypeError(f"{what!r} must be a list of run {what}, not {value!r}")
     return frozenset(value)
 
 
@@ -70,10 +44,11 @@ class ApprovalPolicy:
     Each rule lists `task_types`, `datasets` and `base_models` (sha256, or "*"), and may cap
     hyperparameters with `max_<name>` keys (e.g. `max_learning_rate = 0.01`, `max_steps = 500`).
     A rule approves sequential runs only unless it lists `modes` (e.g. `["sequential",
-    "federated", "hybrid"]`, or "*").
+    "federated", "hybrid"]`, or "*"); it approves federated and hybrid runs of any aggregation
+    strategy unless it lists `strategies` (e.g. `["fedavg", "fedprox"]`).
     """
 
-    rules: tuple[_Rule, ...] = ()
+    rules: tuple[ApprovalRule, ...] = ()
 
     @classmethod
     def load(cls, path: Path) -> ApprovalPolicy:
@@ -94,12 +69,13 @@ class ApprovalPolicy:
                         f"(known: {', '.join('max_' + name for name in HYPERPARAMETERS)})"
                     )
                 rules.append(
-                    _Rule(
+                    ApprovalRule(
                         task_types=frozenset(raw["task_types"]),
                         datasets=frozenset(raw["datasets"]),
                         base_models=frozenset(raw["base_models"]),
                         max_values=max_values,
                         modes=_modes(raw.get("modes", ["sequential"])),
+                        strategies=_modes(raw.get("strategies", ["*"]), "strategies"),
                     )
                 )
             except (KeyError, TypeError, ValueError) as exc:

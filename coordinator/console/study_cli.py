@@ -7,7 +7,7 @@ import math
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import grpc
 import optuna
@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy import make_url
 
+from coordinator.approval_reports import site_approvals
 from coordinator.console._options import (
     DEFAULT_STORAGE_FILE,
     AdminCa,
@@ -54,6 +55,7 @@ from coordinator.study_request import (
 )
 from ordering import (
     HopHyperparameters,
+    ModeSearchSpace,
     OrderingStudy,
     SearchSpaceError,
     StudyMismatch,
@@ -134,6 +136,23 @@ def _load(storage: str | None, name: str) -> OrderingStudy:
         raise fail(f"no study named {name!r} in {url}", EXIT_BAD_INPUT) from exc
     except StudyMismatch as exc:
         raise fail(str(exc), EXIT_BAD_INPUT) from exc
+
+
+def _listed(value: str) -> list[Any]:
+    """A comma-separated option as its items (`--modes sequential,federated`); the request
+    model checks them."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _mode(record: TrialRecord) -> str:
+    """A trial's mode, with its strategy and grouping when federated or hybrid."""
+    if record.plan is None:
+        return ""
+    federation = record.plan.federation
+    if federation is None:
+        return "sequential"
+    groups = f" {len(federation.groups)} groups" if federation.groups else ""
+    return f"{federation.mode} {federation.strategy}{groups}"
 
 
 def _value(record: TrialRecord) -> str:
@@ -227,6 +246,26 @@ def study_start(
             "task and space (scored on validation) as completed trials, without re-running them"
         ),
     ] = False,
+    modes: Annotated[
+        str,
+        typer.Option(
+            help="Run modes a trial may choose among, comma-separated: sequential, federated, "
+            "hybrid (federated and hybrid train each site for the same total steps)"
+        ),
+    ] = "sequential",
+    strategies: Annotated[
+        str,
+        typer.Option(
+            help="Federated/hybrid aggregation strategies: fedavg,fedprox,fedadam,fedyogi"
+        ),
+    ] = "fedavg",
+    rounds_min: Annotated[int, typer.Option(min=1, help="Fewest federated/hybrid rounds")] = 1,
+    rounds_max: Annotated[int, typer.Option(min=1, help="Most rounds (= rounds-min: fixed)")] = 4,
+    max_groups: Annotated[
+        int, typer.Option(min=2, help="Most groups a hybrid trial cuts the sites into")
+    ] = 2,
+    fedprox_mu_min: Annotated[float, typer.Option(help="Smallest FedProx proximal term")] = 0.001,
+    fedprox_mu_max: Annotated[float, typer.Option(help="Largest (= the min: fixed)")] = 1.0,
     run_timeout: Annotated[float, typer.Option(help="Abort a trial's run after (s)")] = 3600.0,
     site_timeout: Annotated[float, typer.Option(help="Wait for the sites to connect (s)")] = 60.0,
     dry_run: Annotated[
@@ -259,6 +298,9 @@ def study_start(
             base_model_sha256=base_model_sha256, seed=seed, seed_orders=seed_orders.value,
             cv_folds=cv_folds, min_validation_rows=min_validation_rows, warm_start=warm_start,
             run_timeout=run_timeout, site_timeout=site_timeout,
+            modes=_listed(modes), strategies=_listed(strategies), rounds_min=rounds_min,
+            rounds_max=rounds_max, max_groups=max_groups, fedprox_mu_min=fedprox_mu_min,
+            fedprox_mu_max=fedprox_mu_max,
         )  # fmt: skip
         prepared = prepare_search(request)
     except ValidationError as exc:
@@ -284,15 +326,35 @@ def study_start(
         attach_run_template(study, template)
     except (SearchSpaceError, PlanError, StudyMismatch) as exc:
         raise fail(str(exc), EXIT_BAD_INPUT) from exc
-    console.print(
-        f"approval bundle {bundle.sha256}: every site must have approved it "
-        f"(baton-site approve {bundle.sha256}); --dry-run shows it"
-    )
+    mode_bundles = prepared.mode_bundles
+    if mode_bundles:
+        console.print(
+            f"trials choose among {', '.join(request.modes)}: each trial's run has its own "
+            "approval bundle, approved by the sites' approval policies ("
+            + "; ".join(
+                f"{what}: e.g. {b.sha256[:12]}" for what, b in prepared.mode_bundles.items()
+            )
+            + ")"
+        )
+    else:
+        console.print(
+            f"approval bundle {bundle.sha256}: every site must have approved it "
+            f"(baton-site approve {bundle.sha256}); --dry-run shows it"
+        )
     with admin_client(coordinator, ca, cert, key) as client:
         try:
             client.wait_for_sites(set(sites), timeout=site_timeout)
         except TimeoutError as exc:
             raise fail(str(exc), EXIT_UNREACHABLE) from exc
+        if prepared.mode_bundles:
+            try:
+                reported = {s.name: site_approvals(s.approvals) for s in client.sites()}
+            except grpc.RpcError as exc:
+                raise rpc_error(exc) from exc
+            refusals = prepared.approval_refusals(reported)
+            if refusals:
+                raise fail("the study offers runs its sites would refuse:\n" + "\n".join(refusals),
+                           EXIT_BAD_INPUT)  # fmt: skip
         if warm_start:
             try:
                 added = warm_start_from_ledger(client, study, template)
@@ -377,7 +439,10 @@ def study_status(name: StudyName, storage: StudyStorage = None) -> None:
     study = _load(storage, name)
     links = trial_run_ids(study)
     table = Table(title=f"study {name} ({study.encoding.name}, {study.aggregation})")
-    for column in ("trial", "state", "value", "order", "compute s", "run"):
+    modes = isinstance(study.space, ModeSearchSpace)
+    columns = ("trial", "state", "value", *(("mode",) if modes else ()), "order", "compute s",
+               "run")  # fmt: skip
+    for column in columns:
         table.add_column(column)
     history = study.history()
     for record in history:
@@ -391,6 +456,7 @@ def study_status(name: StudyName, storage: StudyStorage = None) -> None:
             f"{record.number}{stage}",
             state,
             _value(record),
+            *((_mode(record),) if modes else ()),
             record.plan.describe() if record.plan is not None else "",
             f"{record.compute_seconds:.1f}",
             links.get((record.study_name, record.number), "")[:12],
@@ -399,7 +465,8 @@ def study_status(name: StudyName, storage: StudyStorage = None) -> None:
     total = sum(record.compute_seconds for record in history)
     try:
         best = study.best_plan()
-        console.print(f"best: {best.describe()}; compute so far: {total:.1f} s")
+        mode = f" ({best.mode})" if modes else ""
+        console.print(f"best{mode}: {best.describe()}; compute so far: {total:.1f} s")
     except ValueError:
         console.print(f"no completed full-budget trial yet; compute so far: {total:.1f} s")
     _print_importance(study)

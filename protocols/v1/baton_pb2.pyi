@@ -305,6 +305,7 @@ class HelloRequest(_message.Message):
     APPROVED_BUNDLES_FIELD_NUMBER: _builtins.int
     APPROVAL_BY_POLICY_FIELD_NUMBER: _builtins.int
     APPROVAL_NOT_REQUIRED_FIELD_NUMBER: _builtins.int
+    APPROVAL_RULES_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     protocol_version: _builtins.int
     """1 for this file"""
@@ -337,6 +338,10 @@ class HelloRequest(_message.Message):
         sha256 of approved run/statistics bundles
         """
 
+    @_builtins.property
+    def approval_rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalRule]:
+        """The local policy's rules, so a search knows which modes and strategies they approve."""
+
     def __init__(
         self,
         *,
@@ -350,14 +355,121 @@ class HelloRequest(_message.Message):
         approved_bundles: _abc.Iterable[_builtins.str] | None = ...,
         approval_by_policy: _builtins.bool = ...,
         approval_not_required: _builtins.bool = ...,
+        approval_rules: _abc.Iterable[Global___ApprovalRule] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kept_head", b"kept_head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "approval_by_policy", b"approval_by_policy", "approval_not_required", b"approval_not_required", "approved_bundles", b"approved_bundles", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "kept_head", b"kept_head", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "approval_by_policy", b"approval_by_policy", "approval_not_required", b"approval_not_required", "approval_rules", b"approval_rules", "approved_bundles", b"approved_bundles", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "kept_head", b"kept_head", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HelloRequest: _TypeAlias = HelloRequest  # noqa: Y015
+
+@_typing.final
+class ApprovalRule(_message.Message):
+    """One rule of a site's local approval policy (site_agent/approvals.py): the bundles it approves
+    without a per-run review. "*" in a list matches anything.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MaxValuesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TASK_TYPES_FIELD_NUMBER: _builtins.int
+    DATASETS_FIELD_NUMBER: _builtins.int
+    BASE_MODELS_FIELD_NUMBER: _builtins.int
+    MODES_FIELD_NUMBER: _builtins.int
+    STRATEGIES_FIELD_NUMBER: _builtins.int
+    MAX_VALUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def datasets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def base_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def modes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """run modes ("sequential", "federated", "hybrid")"""
+
+    @_builtins.property
+    def strategies(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """aggregation strategies of federated and hybrid runs"""
+
+    @_builtins.property
+    def max_values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """hyperparameter -> largest upper bound approved"""
+
+    def __init__(
+        self,
+        *,
+        task_types: _abc.Iterable[_builtins.str] | None = ...,
+        datasets: _abc.Iterable[_builtins.str] | None = ...,
+        base_models: _abc.Iterable[_builtins.str] | None = ...,
+        modes: _abc.Iterable[_builtins.str] | None = ...,
+        strategies: _abc.Iterable[_builtins.str] | None = ...,
+        max_values: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_models", b"base_models", "datasets", b"datasets", "max_values", b"max_values", "modes", b"modes", "strategies", b"strategies", "task_types", b"task_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRule: _TypeAlias = ApprovalRule  # noqa: Y015
+
+@_typing.final
+class SiteApprovalReport(_message.Message):
+    """What a site reported at its last hello about the bundles it will run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTED_FIELD_NUMBER: _builtins.int
+    APPROVED_BUNDLES_FIELD_NUMBER: _builtins.int
+    BY_POLICY_FIELD_NUMBER: _builtins.int
+    NOT_REQUIRED_FIELD_NUMBER: _builtins.int
+    RULES_FIELD_NUMBER: _builtins.int
+    reported: _builtins.bool
+    """false: not reported since the coordinator started"""
+    by_policy: _builtins.bool
+    not_required: _builtins.bool
+    @_builtins.property
+    def approved_bundles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def rules(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApprovalRule]: ...
+    def __init__(
+        self,
+        *,
+        reported: _builtins.bool = ...,
+        approved_bundles: _abc.Iterable[_builtins.str] | None = ...,
+        by_policy: _builtins.bool = ...,
+        not_required: _builtins.bool = ...,
+        rules: _abc.Iterable[Global___ApprovalRule] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved_bundles", b"approved_bundles", "by_policy", b"by_policy", "not_required", b"not_required", "reported", b"reported", "rules", b"rules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteApprovalReport: _TypeAlias = SiteApprovalReport  # noqa: Y015
 
 @_typing.final
 class HelloResponse(_message.Message):
@@ -1945,6 +2057,7 @@ class SiteStatus(_message.Message):
     DATASETS_FIELD_NUMBER: _builtins.int
     CERTIFICATE_SERIAL_FIELD_NUMBER: _builtins.int
     CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     connected: _builtins.bool
     agent_version: _builtins.str
@@ -1957,6 +2070,10 @@ class SiteStatus(_message.Message):
     def base_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___BaseModel]: ...
     @_builtins.property
     def datasets(self) -> _containers.RepeatedCompositeFieldContainer[Global___DatasetSummary]: ...
+    @_builtins.property
+    def approvals(self) -> Global___SiteApprovalReport:
+        """what the site approved, for a search's preflight"""
+
     def __init__(
         self,
         *,
@@ -1968,10 +2085,11 @@ class SiteStatus(_message.Message):
         datasets: _abc.Iterable[Global___DatasetSummary] | None = ...,
         certificate_serial: _builtins.str = ...,
         certificate_expires_at: _builtins.int = ...,
+        approvals: Global___SiteApprovalReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approvals", b"approvals"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "base_models", b"base_models", "capabilities", b"capabilities", "certificate_expires_at", b"certificate_expires_at", "certificate_serial", b"certificate_serial", "connected", b"connected", "datasets", b"datasets", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "approvals", b"approvals", "base_models", b"base_models", "capabilities", b"capabilities", "certificate_expires_at", b"certificate_expires_at", "certificate_serial", b"certificate_serial", "connected", b"connected", "datasets", b"datasets", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

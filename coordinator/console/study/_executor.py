@@ -195,7 +195,13 @@ class RunExecutor:
                 raise TrialRunError(
                     f"run {run_id} has {len(run.hops)} hops; the plan has {len(plan.hops)}"
                 )
-            while next_cycle < plan.cycles and self._cycle_done(run, next_cycle, hops_per_cycle):
+            # Federated and hybrid trials report nothing before they end: their round values
+            # are not comparable with cycle values, and the pruner compares trials by cycle.
+            while (
+                plan.federation is None
+                and next_cycle < plan.cycles
+                and self._cycle_done(run, next_cycle, hops_per_cycle)
+            ):
                 value = self._cycle_value(run, next_cycle, hops_per_cycle)
                 if value is not None:
                     intermediate.append((next_cycle, value))

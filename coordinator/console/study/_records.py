@@ -131,8 +131,13 @@ class RunTemplate:
         if self.cross_validation is not None and not final:
             document["cross_validation"] = dict(self.cross_validation)
         if budget != 1.0:
-            for hop in document["hops"]:
+            for hop in document.get("hops", ()):
                 hop["hyperparameters"] = scale_hyperparameters(hop["hyperparameters"], budget)
+            if plan.federation is not None:  # a federated or hybrid plan: its rounds' hops
+                document["defaults"] = scale_hyperparameters(document["defaults"], budget)
+                document["federated"]["local_steps"] = scale_hyperparameters(
+                    {"steps": document["federated"]["local_steps"]}, budget
+                )["steps"]
         return document
 
     def run_plan(
