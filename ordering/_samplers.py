@@ -30,6 +30,13 @@ _HYPERPARAMETER_PARAMS = frozenset(
         "epochs",
         "proximal_mu",
         "consolidation_steps",
+        # A mode search's choices (ordering/_modes.py); its hybrid grouping's parameters
+        # ("hybrid_...") are an order, cut into groups.
+        "mode",
+        "strategy",
+        "rounds",
+        "groups",
+        "fedprox_mu",
         "consolidation_learning_rate_factor",
     }
 )

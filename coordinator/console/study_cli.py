@@ -13,6 +13,7 @@ import grpc
 import optuna
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import make_url
@@ -405,7 +406,7 @@ def study_start(
             bar = progress.add_task("trials", total=trials)
 
             def on_trial(record: TrialRecord, run_id: str | None) -> None:
-                order = record.plan.describe() if record.plan is not None else ""
+                order = escape(record.plan.describe()) if record.plan is not None else ""
                 progress.console.print(
                     f"trial {record.number}: {record.state:<8} {_value(record):<10} {order}  "
                     f"{record.compute_seconds:.1f} s" + (f"  run {run_id}" if run_id else "")
@@ -429,7 +430,7 @@ def study_start(
         best = study.best_plan()
     except ValueError as exc:
         raise fail(f"no trial of study {name!r} has completed", EXIT_RUN_FAILED) from exc
-    console.print(f"best plan so far: {best.describe()} (baton study best {name})")
+    console.print(f"best plan so far: {escape(best.describe())} (baton study best {name})")
 
 
 @study_app.command("status")
@@ -457,7 +458,7 @@ def study_status(name: StudyName, storage: StudyStorage = None) -> None:
             state,
             _value(record),
             *((_mode(record),) if modes else ()),
-            record.plan.describe() if record.plan is not None else "",
+            escape(record.plan.describe()) if record.plan is not None else "",
             f"{record.compute_seconds:.1f}",
             links.get((record.study_name, record.number), "")[:12],
         )
@@ -466,7 +467,7 @@ def study_status(name: StudyName, storage: StudyStorage = None) -> None:
     try:
         best = study.best_plan()
         mode = f" ({best.mode})" if modes else ""
-        console.print(f"best{mode}: {best.describe()}; compute so far: {total:.1f} s")
+        console.print(f"best{mode}: {escape(best.describe())}; compute so far: {total:.1f} s")
     except ValueError:
         console.print(f"no completed full-budget trial yet; compute so far: {total:.1f} s")
     _print_importance(study)
