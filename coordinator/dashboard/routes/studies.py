@@ -80,6 +80,10 @@ async def _start_study(
         raise InvalidInput(refusal)
     prepared = await run_in_threadpool(prepare_search, request)
     state.service.engine.preflight(prepared.first_plan, allow_offline=allow_offline)
+    views = state.service.engine.site_views()
+    refusals = prepared.approval_refusals({name: view.approvals for name, view in views.items()})
+    if refusals:
+        raise InvalidInput("the study offers runs its sites would refuse:\n" + "\n".join(refusals))
     return await run_in_threadpool(state.supervisor.start, request, by=by)
 
 
