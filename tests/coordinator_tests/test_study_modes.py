@@ -229,3 +229,23 @@ def test_study_status_shows_each_trials_mode_and_grouping_and_the_best(
     best = study.best_plan()
     assert best.mode == "hybrid"
     assert f"best (hybrid): {best.describe()}" in " ".join(status.output.split())
+
+
+def test_a_federated_run_in_the_ledger_is_never_warm_started_as_a_sequential_trial() -> None:
+    from coordinator.console.study._seeds import _NotAPrior, _prior_of
+
+    prepared = prepare_search(_request())
+    one_round = next(
+        plan
+        for plan, run_plan in _trial_plans(prepared)
+        if plan.mode == "federated" and run_plan.federated and run_plan.federated.rounds == 1
+    )
+    run_plan = prepared.template.run_plan(one_round, name="earlier")
+    # One round of every site: its hops look like one sequential cycle.
+    run = pb.RunStatus(run_id="r1", status="completed", plan_json=run_plan.to_json())
+    for index, (site, _) in enumerate(run_plan.expanded_hops()):
+        run.hops.add(index=index, site=site, status="committed")
+    study = OrderingStudy.create(None, "warm", prepared.space, seed=0)
+    reference = prepared.template.run_plan(prepared.space.plan(tuple(SITES)))
+    with pytest.raises(_NotAPrior, match="it is a federated run"):
+        _prior_of(run, study, prepared.template, reference)

@@ -99,6 +99,8 @@ def _prior_of(
         stored = parse_plan(run.plan_json)
     except PlanError as exc:
         raise _NotAPrior(f"its plan cannot be read: {exc}") from exc
+    if stored.mode != "sequential":  # its hops are rounds', not a sequential schedule's
+        raise _NotAPrior(f"it is a {stored.mode} run; warm starts take sequential runs")
     differing = [
         name for name in _TEMPLATE_FIELDS if getattr(stored, name) != getattr(reference, name)
     ]
