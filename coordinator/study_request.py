@@ -405,10 +405,10 @@ def _mode_examples(space: ModeSearchSpace, request: StudyRequest) -> dict[str, C
     ...): what the sites' approvals are checked against before any trial."""
     from ordering import CandidatePlan, Federation, balanced_groups
 
+    sequential = space.plan(tuple(request.sites))
     examples: dict[str, CandidatePlan] = {}
     if "sequential" in space.modes:
-        examples["sequential"] = space.plan(tuple(request.sites))
-    hyperparameters = examples["sequential"].hops[0].hyperparameters if examples else None
+        examples["sequential"] = sequential
     for mode in (m for m in space.modes if m != "sequential"):
         for strategy in space.strategies:
             federation = Federation(
@@ -419,7 +419,7 @@ def _mode_examples(space: ModeSearchSpace, request: StudyRequest) -> dict[str, C
                 groups=balanced_groups(request.sites, 2) if mode == "hybrid" else (),
                 proximal_mu=request.fedprox_mu_min if strategy == "fedprox" else 0.0,
             )
-            base = hyperparameters or space._hyperparameters(request.lr_min, request.steps_min)
+            base = sequential.hops[0].hyperparameters
             examples[f"{mode} ({strategy})"] = CandidatePlan.federated(
                 federation, request.sites, base
             )

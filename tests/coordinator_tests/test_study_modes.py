@@ -249,3 +249,11 @@ def test_a_federated_run_in_the_ledger_is_never_warm_started_as_a_sequential_tri
     reference = prepared.template.run_plan(prepared.space.plan(tuple(SITES)))
     with pytest.raises(_NotAPrior, match="it is a federated run"):
         _prior_of(run, study, prepared.template, reference)
+
+
+def test_a_study_without_sequential_trials_preflights_its_first_federated_plan() -> None:
+    prepared = prepare_search(_request(modes=["federated"], strategies=["fedavg", "fedyogi"]))
+    assert prepared.first_plan.mode == "federated"
+    assert list(prepared.mode_bundles) == ["federated (fedavg)", "federated (fedyogi)"]
+    assert prepared.bundle == prepared.mode_bundles["federated (fedavg)"]
+    assert prepared.mode_bundles["federated (fedyogi)"].federation["strategy"] == "fedyogi"
