@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from coordinator.approval_reports import report_approvals, site_approvals
 from coordinator.console._options import console
+from coordinator.console.study import attach_run_template, plan_from_study
 from coordinator.console.study_cli import study_app
 from coordinator.plan import RunPlan
 from coordinator.preflight import SiteApprovals, SiteView
@@ -88,9 +89,7 @@ def test_every_trial_becomes_a_run_plan_of_its_mode_that_the_coordinator_accepts
         assert run_plan.round_hyperparameters().steps == plan.federation.local_steps
         if plan.mode == "hybrid":
             chains = [chain for _, chain in run_plan.round_members()]
-            assert chains == [list(g) for g in plan.federation.groups] or chains == list(
-                plan.federation.groups
-            )
+            assert chains == list(plan.federation.groups)
             assert sorted(site for chain in chains for site in chain) == sorted(SITES)
         else:
             assert list(run_plan.sites) == SITES
@@ -229,6 +228,11 @@ def test_study_status_shows_each_trials_mode_and_grouping_and_the_best(
     best = study.best_plan()
     assert best.mode == "hybrid"
     assert f"best (hybrid): {best.describe()}" in " ".join(status.output.split())
+    # `baton study best` / `baton run start --from-study`: the best trial's hybrid run plan.
+    attach_run_template(study, prepared.template)
+    plan = plan_from_study(storage, "modes")
+    assert best.federation is not None and plan.mode == "hybrid"
+    assert [chain for _, chain in plan.round_members()] == list(best.federation.groups)
 
 
 def test_a_federated_run_in_the_ledger_is_never_warm_started_as_a_sequential_trial() -> None:
