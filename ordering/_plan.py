@@ -253,7 +253,7 @@ class CandidatePlan:
 
     @property
     def mode(self) -> str:
-        """ "sequential", "federated" or "hybrid"."""
+        """The run mode: "sequential", "federated" or "hybrid"."""
         return "sequential" if self.federation is None else self.federation.mode
 
     @property
