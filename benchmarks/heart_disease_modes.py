@@ -293,6 +293,23 @@ def markdown(report: Mapping[str, Any]) -> str:
         record = f"{p['wins']} / {p['ties']} / {p['losses']}"
         lines.append(f"| {name} | {p['mean']:+.3f} | {interval} | {p['wilcoxon_p']:.2f} | "
                      f"{record} |")  # fmt: skip
+    verdicts = []
+    for name in MODES:
+        p = summary["paired_modes_minus"][name]
+        if p["low"] > 0:
+            verdicts.append(f"better than {name} alone")
+        elif p["high"] < 0:
+            verdicts.append(f"worse than {name} alone")
+        else:
+            verdicts.append(f"not distinguishable from {name} alone")
+    lines += ["", "Verdict (95% interval over splits): searching the mode is "
+              + "; ".join(verdicts) + ". At an equal trial budget each mode of the `modes` "
+              "study gets about a third of the trials to tune its own settings.",
+              "", "Cut to fit a small budget: splits, trials and folds as above (issue 17's "
+              "design uses >= 10 splits), per-site normalisation only, sequential schedules of "
+              f"{config['cycles']} cycles x 10-{config['max_steps']} steps, 1-"
+              f"{config['max_rounds']} rounds, FedAdam/FedYogi server options at Flower's "
+              "defaults, every member trains every round (fraction_train 1)."]  # fmt: skip
     by_mode = summary["modes_study_trials_by_mode"]
     lines += ["", "Trials of the `modes` study by mode: "
               + ", ".join(f"{m} {n}" for m, n in by_mode.items()) + ".", "",
