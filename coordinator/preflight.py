@@ -76,8 +76,7 @@ def preflight_problems(
         allow_offline: Offline sites are no problem (their hops wait for them).
     """
     problems: list[str] = []
-    approval = plan.approval_bundle()
-    bundle = approval.sha256
+    bundle = plan.approval_bundle().sha256
     names = list(dict.fromkeys(site for site, _ in plan.expanded_hops()))
     for name in names:
         view = sites.get(name)
@@ -86,15 +85,10 @@ def preflight_problems(
         if not view.connected and not allow_offline:
             problems.append(f"{name}: {offline_text(view)} (--allow-offline queues the run)")
         problems += _data_problems(plan, view)
-        if view.approvals is not None and view.approvals.approves(approval) is False:
-            rules = (
-                f"no rule of its approval policy covers this {approval.mode} run; "
-                if view.approvals.rules
-                else ""
-            )
+        if view.approvals is not None and view.approvals.covers(bundle) is False:
             problems.append(
                 f"{name}: has not approved the run bundle {bundle} "
-                f"({rules}at the site, after review: baton-site approve {bundle})"
+                f"(at the site, after review: baton-site approve {bundle})"
             )
     return problems
 

@@ -261,26 +261,3 @@ def test_a_study_without_sequential_trials_preflights_its_first_federated_plan()
     assert list(prepared.mode_bundles) == ["federated (fedavg)", "federated (fedyogi)"]
     assert prepared.bundle == prepared.mode_bundles["federated (fedavg)"]
     assert prepared.mode_bundles["federated (fedyogi)"].federation["strategy"] == "fedyogi"
-
-
-def test_run_preflight_decides_policy_approvals_by_the_rules_a_site_reported() -> None:
-    from coordinator.preflight import preflight_problems
-
-    prepared = prepare_search(_request(modes=["sequential", "federated"]))
-    federated = next(
-        run_plan for plan, run_plan in _trial_plans(prepared) if plan.mode == "federated"
-    )
-    sequential_only = SiteApprovals(by_policy=True, rules=(_rule(),))
-    every_mode = SiteApprovals(by_policy=True, rules=(_rule(modes=frozenset({"*"})),))
-    datasets = [{"name": "heart", "task": "tabular", "labels": ["0", "1"]}]
-    views = {
-        site: SiteView(site, connected=True, datasets=datasets,
-                       approvals=sequential_only if site == "north" else every_mode)
-        for site in SITES
-    }  # fmt: skip
-    bundle = federated.approval_bundle().sha256
-    assert preflight_problems(federated, views) == [
-        f"north: has not approved the run bundle {bundle} (no rule of its approval policy "
-        f"covers this federated run; at the site, after review: baton-site approve {bundle})"
-    ]
-    assert preflight_problems(prepared.first_plan, views) == []
