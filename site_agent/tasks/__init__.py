@@ -21,7 +21,7 @@ from site_agent.tasks._spec import (
     Trainer,
 )
 from site_agent.tasks._tabular import TabularTrainer, architecture_sha256
-from site_agent.tasks._trainers import create_trainer
+from site_agent.tasks._trainers import create_trainer, load_base_models
 
 __all__ = [
     "PROMPT_TEMPLATE",
@@ -43,4 +43,5 @@ __all__ = [
     "architecture_sha256",
     "create_trainer",
     "hash_base_model",
+    "load_base_models",
 ]

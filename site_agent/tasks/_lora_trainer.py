@@ -201,6 +201,16 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         """The device training runs on."""
         return self._compute.device
 
+    def load_base_model(self, spec: TaskSpec) -> None:
+        """Loads (once) the base model a spec needs, ahead of the hops that will use it.
+
+        Raises:
+            ValueError: If the spec is not this trainer's.
+        """
+        self._check_spec(spec)
+        with self._lock:
+            self._base_model(spec)
+
     def model_sha256(self, spec: TaskSpec, dataset: RegisteredDataset) -> str:
         """What a run pins: the base model's hash."""
         return self.base_model_sha256
@@ -465,7 +475,13 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         key = self._task.base_model_key(spec)
         model = self._base_models.get(key)
         if model is None:
-            model = self._task.load_base_model(self._base_model_dir, spec)
+            try:
+                model = self._task.load_base_model(self._base_model_dir, spec)
+            except Exception as exc:  # any library's error about a broken model folder
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise ValueError(
+                    f"cannot load the base model from {self._base_model_dir}: {reason}"
+                ) from exc
             model.requires_grad_(False)
             torch.nn.Module.eval(model)
             self._base_models[key] = model

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from site_agent.tasks._causal_lm import CausalLanguageModelTrainer
+from site_agent.tasks._lora_trainer import LoraTrainer
 from site_agent.tasks._sequence_classification import SequenceClassificationTrainer
-from site_agent.tasks._spec import Trainer
+from site_agent.tasks._spec import TaskSpec, Trainer
 from site_agent.tasks._tabular import TabularTrainer
 
 
@@ -43,3 +45,24 @@ def create_trainer(
     if task_type == "seq-classification":
         return SequenceClassificationTrainer(base_model_dir, device=device, num_threads=num_threads)
     return CausalLanguageModelTrainer(base_model_dir, device=device, num_threads=num_threads)
+
+
+def load_base_models(trainer: Trainer, label_sets: Sequence[Sequence[str]]) -> None:
+    """Loads a LoRA trainer's base model for each label set (one per number of labels), so
+    that a first hop on a dataset with these labels does not load it; other trainers have
+    nothing to load. A label set no run could use (fewer than two labels) is skipped.
+
+    Raises:
+        Exception: Whatever the base model's loading raises (a corrupt weights file...).
+    """
+    if not isinstance(trainer, LoraTrainer):
+        return
+    specs: list[TaskSpec] = []
+    if isinstance(trainer, CausalLanguageModelTrainer):
+        specs.append(TaskSpec("causal-lm"))
+    else:
+        for labels in label_sets:
+            if len(set(labels)) >= 2:
+                specs.append(TaskSpec("seq-classification", labels=tuple(labels)))
+    for spec in specs:
+        trainer.load_base_model(spec)
