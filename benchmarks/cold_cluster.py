@@ -173,10 +173,22 @@ def cold_start(work: Path, steps: int, extra_site_args: Sequence[str]) -> dict[s
     def rel(instant: float | None) -> float | None:
         return None if instant is None else round(instant - t0, 2)
 
+    hello = {site: _log_instant(logs[site], HELLO) for site in SITES}
+    loaded = {site: _log_instant(logs[site], LOADED) for site in SITES}
+
+    def cpu_at(instants: dict[str, float | None]) -> dict[str, float | None]:
+        return {
+            site: None if at is None else round(cpu.at(at).get(site, 0.0), 2)
+            for site, at in instants.items()
+        }
+
     return {
         "coordinator_ready_s": rel(coordinator_ready),
-        "hello_s": {site: rel(_log_instant(logs[site], HELLO)) for site in SITES},
-        "base_model_loaded_s": {site: rel(_log_instant(logs[site], LOADED)) for site in SITES},
+        "hello_s": {site: rel(at) for site, at in hello.items()},
+        "base_model_loaded_s": {site: rel(at) for site, at in loaded.items()},
+        # Each site's own CPU seconds (all its threads) when it said hello / had loaded.
+        "site_cpu_s_at_hello": cpu_at(hello),
+        "site_cpu_s_at_loaded": cpu_at(loaded),
         "all_connected_s": rel(connected),
         "run_started_s": rel(run_started),
         "first_step_s": rel(first_step),
@@ -186,6 +198,11 @@ def cold_start(work: Path, steps: int, extra_site_args: Sequence[str]) -> dict[s
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _max(values: dict[str, float | None]) -> float | str:
+    present = [v for v in values.values() if v is not None]
+    return max(present) if present else "-"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -200,12 +217,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"step / {report['cores']} cores.",
         "",
         "| start | coordinator ready | hello (max) | model (max) | all connected | first step "
-        "| CPU site 1 | CPU all | CPU floor | load avg before |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| CPU site 1 | CPU all | CPU floor | site CPU at hello (max) | site CPU at loaded (max) "
+        "| load avg before |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for index, start in enumerate(report["starts"], 1):
         if "error" in start:
-            lines.append(f"| {index} | failed: {start['error']} | | | | | | | | |")
+            lines.append(f"| {index} | failed: {start['error']} | | | | | | | | | | |")
             continue
         hello = [v for v in start["hello_s"].values() if v is not None]
         loaded = [v for v in start["base_model_loaded_s"].values() if v is not None]
@@ -214,7 +232,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {index} | {start['coordinator_ready_s']} | {max(hello, default='-')} "
             f"| {max(loaded, default='-')} | {start['all_connected_s']} | {start['first_step_s']} "
             f"| {cpu.get(start['first_site'], '-')} | {round(sum(cpu.values()), 2)} "
-            f"| {start['cpu_floor_s']} | {start['load_average_before']} |"
+            f"| {start['cpu_floor_s']} | {_max(start['site_cpu_s_at_hello'])} "
+            f"| {_max(start['site_cpu_s_at_loaded'])} | {start['load_average_before']} |"
         )
     ok = [s for s in report["starts"] if "error" not in s]
     if ok:
