@@ -140,9 +140,10 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
     def _load_trainer(self, task_type: str) -> Trainer:
         """Imports torch and the task's libraries, builds the trainer and loads the base model
         for the label sets of this site's registered datasets (what a first hop needs)."""
-        from site_agent._library_logs import route_library_output
+        if task_type in LORA_TASKS:  # tabular trainers never import transformers
+            from site_agent._library_logs import route_library_output
 
-        route_library_output()  # before transformers logs anything; off the hello path
+            route_library_output()  # before transformers logs anything; off the hello path
         from site_agent.tasks import create_trainer, load_base_models
 
         trainer = create_trainer(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,16 @@ def test_a_corrupt_base_model_is_one_log_line_and_hops_are_refused_with_no_base_
         agent.trainer("seq-classification")
     assert refused.value.code == "no-base-model"
     assert "cannot load its base model" in str(refused.value)
+
+
+def test_a_tabular_trainer_never_imports_transformers_or_peft() -> None:
+    code = (
+        "import sys\n"
+        "from site_agent.tasks import create_trainer, load_base_models\n"
+        "trainer = create_trainer('tabular', base_model_dir=None, device='cpu')\n"
+        "load_base_models(trainer, [('0', '1')])\n"
+        "assert 'torch' in sys.modules\n"
+        "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
