@@ -192,7 +192,10 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                     logger.error("could not load the %s trainer: %s", task_type, one_line(exc))
                 else:
                     logger.info(
-                        "%s trainer loaded in %.2f s", task_type, time.monotonic() - started
+                        "%s trainer loaded in %.2f s (process CPU so far %.2f s)",
+                        task_type,
+                        time.monotonic() - started,
+                        time.process_time(),
                     )
 
         thread = threading.Thread(target=load, name="preload", daemon=True)
