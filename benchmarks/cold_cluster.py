@@ -209,7 +209,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Cold cluster: coordinator + 4 sites to the first training step",
         "",
-        f"Generated {report['generated']} by `{report['command']}` on {report['machine']}.",
+        f"Generated {report['generated']} by `{report['command']}` on {report['machine']}"
+        f" (PYTHONPATH={report.get('pythonpath') or '-'}).",
         "Seconds from spawning the coordinator. *hello*: slowest site's `connected to "
         "coordinator` line; *model*: slowest site's `trainer loaded` line (torch, transformers, "
         "peft imported, tokenizer and base model loaded); *first step*: the first hop's "
@@ -262,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
         f"{platform.python_version()}",
         "cores": os.cpu_count() or 1,
+        # The processes run the code PYTHONPATH names (e.g. another checkout, for a before/after).
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
         "starts": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
