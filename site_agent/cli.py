@@ -138,9 +138,7 @@ def serve(
     if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():
         typer.echo(f"error: base model folder not found: {settings.base_model_dir}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
-    from site_agent._library_logs import route_library_output
-
-    route_library_output()
+    # The ML libraries' output is routed by the agent's background load, which imports them.
     agent = SiteAgent(settings)
     _graceful_signals(agent, settings.shutdown_grace)
     try:

@@ -92,6 +92,38 @@ def load_adapter(model: PeftModel, incoming: Mapping[str, torch.Tensor]) -> None
         raise ValueError(f"incoming adapter tensors did not load: {preview(differing)}")
 
 
+def adapter_slots(model: PeftModel) -> dict[str, torch.nn.Parameter] | None:
+    """Each adapter tensor's name mapped to the trainable parameter that holds it, found once
+    per model (peft's state dict shares the parameters' storage), so that an incoming adapter
+    can be copied in place with no state-dict round trip; None if the names do not map one to
+    one onto the trainable parameters (then ``load_adapter`` is the way)."""
+    trainable = {
+        (parameter.data_ptr(), tuple(parameter.shape)): parameter
+        for parameter in model.parameters()
+        if parameter.requires_grad
+    }
+    slots: dict[str, torch.nn.Parameter] = {}
+    for key, tensor in get_peft_model_state_dict(model).items():
+        parameter = trainable.get((tensor.data_ptr(), tuple(tensor.shape)))
+        if parameter is None or tensor.dtype != parameter.dtype:
+            return None
+        slots[key] = parameter
+    if len({id(p) for p in slots.values()}) != len(slots) or len(slots) != len(trainable):
+        return None
+    return slots
+
+
+def load_adapter_in_place(
+    slots: Mapping[str, torch.nn.Parameter], incoming: Mapping[str, torch.Tensor]
+) -> None:
+    """Copies adapter tensors into the parameters ``adapter_slots`` found, after the checks
+    ``load_adapter`` makes (names, shapes, finiteness): the same values, no state-dict copies."""
+    state = checked_state(incoming, {key: tuple(p.shape) for key, p in slots.items()})
+    with torch.no_grad():
+        for key, parameter in slots.items():
+            parameter.copy_(state[key])
+
+
 def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
     """The adapter's tensors as CPU float32 copies (never aliases of live parameters)."""
     return outgoing(get_peft_model_state_dict(model))

@@ -33,9 +33,11 @@ from site_agent.tasks._device import ComputeDevice, set_num_threads
 from site_agent.tasks._loop import proximal_anchors, train
 from site_agent.tasks._lora import (
     adapter_config,
+    adapter_slots,
     adapter_tensors,
     build_adapter_model,
     load_adapter,
+    load_adapter_in_place,
     max_length_option,
 )
 from site_agent.tasks._spec import (
@@ -49,7 +51,7 @@ from site_agent.tasks._spec import (
     TensorSpec,
     check_task_options,
 )
-from site_agent.tasks._state import tensor_specs
+from site_agent.tasks._state import outgoing, tensor_specs
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +139,8 @@ class _PreparedHop:
     model: PeftModel
     rng_state: torch.Tensor
     cuda_rng_state: torch.Tensor | None
+    # Where each incoming adapter tensor goes (found while preparing, off the handoff).
+    slots: dict[str, torch.nn.Parameter] | None
 
 
 class LoraTrainer(Generic[ExampleT, TargetsT]):
@@ -201,6 +205,16 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         """The device training runs on."""
         return self._compute.device
 
+    def load_base_model(self, spec: TaskSpec) -> None:
+        """Loads (once) the base model a spec needs, ahead of the hops that will use it.
+
+        Raises:
+            ValueError: If the spec is not this trainer's.
+        """
+        self._check_spec(spec)
+        with self._lock:
+            self._base_model(spec)
+
     def model_sha256(self, spec: TaskSpec, dataset: RegisteredDataset) -> str:
         """What a run pins: the base model's hash."""
         return self.base_model_sha256
@@ -242,7 +256,10 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                     if self._compute.device.type == "cuda"
                     else None
                 )
-                self._prepared = _PreparedHop(key, seed, model, torch.get_rng_state(), cuda_state)
+                rng_state = torch.get_rng_state()
+            self._prepared = _PreparedHop(
+                key, seed, model, rng_state, cuda_state, adapter_slots(model)
+            )
             logger.info("prepared a hop on %s (seed %d)", dataset.name, seed)
 
     def _take_prepared(
@@ -256,7 +273,10 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         if prepared.key != (self._task.base_model_key(spec), spec.lora) or prepared.seed != seed:
             return None
         if incoming is not None:
-            load_adapter(prepared.model, incoming)
+            if prepared.slots is not None:
+                load_adapter_in_place(prepared.slots, incoming)
+            else:
+                load_adapter(prepared.model, incoming)
         torch.set_rng_state(prepared.rng_state)
         if prepared.cuda_rng_state is not None:
             torch.cuda.set_rng_state(prepared.cuda_rng_state, self._compute.device)
@@ -323,8 +343,10 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         validation_targets = task.targets(spec, validation)
 
         with compute.forked_rng():
+            slots = self._prepared.slots if self._prepared is not None else None
             model = self._take_prepared(spec, hp.seed, incoming)
             if model is None:
+                slots = None
                 model = self._adapter_model(spec, hp.seed, incoming)
             trainable = [p for p in model.parameters() if p.requires_grad]
             logger.info(
@@ -356,7 +378,8 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
             )
             model.eval()
 
-        tensors = adapter_tensors(model)
+        # The prepared model's slots hold the adapter: no state-dict walk on the handoff.
+        tensors = outgoing(slots) if slots is not None else adapter_tensors(model)
         metrics: dict[str, float] = {}
 
         def validate() -> dict[str, float]:
@@ -465,7 +488,13 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         key = self._task.base_model_key(spec)
         model = self._base_models.get(key)
         if model is None:
-            model = self._task.load_base_model(self._base_model_dir, spec)
+            try:
+                model = self._task.load_base_model(self._base_model_dir, spec)
+            except Exception as exc:  # any library's error about a broken model folder
+                reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+                raise ValueError(
+                    f"cannot load the base model from {self._base_model_dir}: {reason}"
+                ) from exc
             model.requires_grad_(False)
             torch.nn.Module.eval(model)
             self._base_models[key] = model

@@ -1,0 +1,287 @@
+"""Cold cluster: a coordinator and 4 sites started from nothing to the first training step.
+
+Starts processes as ``baton demo`` does (``baton coordinator serve``, then one ``baton-site
+serve`` per site with the packaged all-MiniLM-L6-v2 and the demo's LoRA run, ``--threads 2``),
+then, as soon as every site has connected, starts a one-cycle run. Per start it reports, from
+``t0`` (just before the coordinator is spawned):
+
+* coordinator ready (its port file written) and each site's hello (its ``connected to
+  coordinator`` log line) and base model loaded (``trainer loaded`` log line);
+* all sites connected and the run started (admin API);
+* the first training step: the first hop's ``train_started_at_ns`` in the ledger (the site's
+  clock just before its first optimizer step);
+* CPU seconds (user + system) of every process up to that instant, and the load average.
+
+On a 2-core machine four sites that import torch, transformers and peft at the same moment
+share two cores: the CPU columns show that floor (the sum of all processes' CPU seconds up to
+the first step, divided by the number of cores).
+
+    nice -n 19 .venv/bin/python benchmarks/cold_cluster.py --starts 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from coordinator.console.admin import AdminClient  # noqa: E402
+from coordinator.console.demo import DATASET, packaged_minilm, prepare_pki, write_site_data  # noqa: E402
+from coordinator.console.processes import Cluster  # noqa: E402
+from coordinator.plan import RunPlan  # noqa: E402
+from protocols.transport import TlsFiles  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+SITES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
+HELLO = "connected to coordinator"
+LOADED = "trainer loaded"
+
+
+class CpuSampler:
+    """CPU seconds of some processes every 50 ms, kept with the wall time they were read at."""
+
+    def __init__(self) -> None:
+        self.pids: dict[str, int] = {}
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._processes: dict[int, psutil.Process] = {}
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self) -> None:
+        now = time.time()
+        cpu: dict[str, float] = {}
+        for name, pid in list(self.pids.items()):
+            try:
+                process = self._processes.setdefault(pid, psutil.Process(pid))
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            cpu[name] = times.user + times.system
+        self.samples.append((now, cpu))
+
+    def at(self, instant: float) -> dict[str, float]:
+        """The last sample taken at or before ``instant``."""
+        before = [cpu for at, cpu in self.samples if at <= instant]
+        return before[-1] if before else {}
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.05):
+            self.sample()
+
+
+def _log_instant(log: Path, needle: str) -> float | None:
+    """Wall time of the first JSON log line of a site whose message contains ``needle``."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if needle in str(entry.get("message", "")):
+            return datetime.fromisoformat(entry["time"]).timestamp()
+    return None
+
+
+def _plan(labels: list[str], steps: int) -> RunPlan:
+    return RunPlan.model_validate({
+        "name": "cold-cluster", "dataset": DATASET, "labels": labels, "sites": list(SITES),
+        "cycles": 1, "defaults": {"steps": steps, "batch_size": 16, "learning_rate": 2e-3},
+        "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]},
+    })  # fmt: skip
+
+
+def cold_start(work: Path, steps: int, extra_site_args: Sequence[str]) -> dict[str, Any]:
+    """One cold start of a coordinator and the sites; figures relative to ``t0``."""
+    labels: list[str] = []
+    for index, site in enumerate(SITES):
+        labels = write_site_data(work / site, index, len(SITES))
+    plan = _plan(labels, steps)
+    pki = work / "pki"
+    prepare_pki(pki, list(SITES))
+    model = packaged_minilm()
+    cluster = Cluster(log_dir=work / "logs")
+    load_before = os.getloadavg()
+    with CpuSampler() as cpu, cluster.running():
+        t0 = time.time()
+        port = cluster.start_coordinator(
+            state_dir=work / "coordinator", pki_dir=pki, port_file=work / "port"
+        )
+        coordinator_ready = time.time()
+        cpu.pids["coordinator"] = cluster.processes[0].process.pid
+        for site in SITES:
+            managed = cluster.start_site(
+                site, coordinator=f"localhost:{port}", pki_dir=pki, data_dir=work / site,
+                base_model_dir=model, threads=2, approve=[plan.approval_bundle().sha256],
+                extra=["--log-format", "json", *extra_site_args],
+            )  # fmt: skip
+            cpu.pids[site] = managed.process.pid
+        tls = TlsFiles(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
+        with AdminClient(f"localhost:{port}", tls) as admin:
+            deadline = time.monotonic() + 300
+            while {s.name for s in admin.sites() if s.connected} != set(SITES):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("sites did not connect within 300 s")
+                cluster.check_alive()
+                time.sleep(0.02)
+            connected = time.time()
+            run_id = admin.start_run(plan)
+            run_started = time.time()
+            while True:
+                run = admin.run(run_id)
+                if run.status in ("completed", "failed", "aborted"):
+                    break
+                cluster.check_alive()
+                time.sleep(0.1)
+        if run.status != "completed":
+            raise RuntimeError(f"run {run.status}: {run.error}")
+        cpu.sample()
+        logs = {p.name: p.log_path for p in cluster.processes}
+    hops = sorted(run.hops, key=lambda h: h.index)
+    first_step = hops[0].train_started_at_ns / 1e9
+    at_first_step = cpu.at(first_step)
+    cores = os.cpu_count() or 1
+
+    def rel(instant: float | None) -> float | None:
+        return None if instant is None else round(instant - t0, 2)
+
+    hello = {site: _log_instant(logs[site], HELLO) for site in SITES}
+    loaded = {site: _log_instant(logs[site], LOADED) for site in SITES}
+
+    def cpu_at(instants: dict[str, float | None]) -> dict[str, float | None]:
+        return {
+            site: None if at is None else round(cpu.at(at).get(site, 0.0), 2)
+            for site, at in instants.items()
+        }
+
+    return {
+        "coordinator_ready_s": rel(coordinator_ready),
+        "hello_s": {site: rel(at) for site, at in hello.items()},
+        "base_model_loaded_s": {site: rel(at) for site, at in loaded.items()},
+        # Each site's own CPU seconds (all its threads) when it said hello / had loaded.
+        "site_cpu_s_at_hello": cpu_at(hello),
+        "site_cpu_s_at_loaded": cpu_at(loaded),
+        "all_connected_s": rel(connected),
+        "run_started_s": rel(run_started),
+        "first_step_s": rel(first_step),
+        "first_site": hops[0].site,
+        "cpu_s_at_first_step": {name: round(value, 2) for name, value in at_first_step.items()},
+        "cpu_floor_s": round(sum(at_first_step.values()) / cores, 2),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _max(values: dict[str, float | None]) -> float | str:
+    present = [v for v in values.values() if v is not None]
+    return max(present) if present else "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Cold cluster: coordinator + 4 sites to the first training step",
+        "",
+        f"Generated {report['generated']} by `{report['command']}` on {report['machine']}"
+        f" (PYTHONPATH={report.get('pythonpath') or '-'}).",
+        "Seconds from spawning the coordinator. *hello*: slowest site's `connected to "
+        "coordinator` line; *model*: slowest site's `trainer loaded` line (torch, transformers, "
+        "peft imported, tokenizer and base model loaded); *first step*: the first hop's "
+        "`train_started_at_ns` (ledger). *CPU floor*: all processes' CPU seconds up to the first "
+        f"step / {report['cores']} cores.",
+        "",
+        "| start | coordinator ready | hello (max) | model (max) | all connected | first step "
+        "| CPU site 1 | CPU all | CPU floor | site CPU at hello (max) | site CPU at loaded (max) "
+        "| load avg before |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for index, start in enumerate(report["starts"], 1):
+        if "error" in start:
+            lines.append(f"| {index} | failed: {start['error']} | | | | | | | | | | |")
+            continue
+        hello = [v for v in start["hello_s"].values() if v is not None]
+        loaded = [v for v in start["base_model_loaded_s"].values() if v is not None]
+        cpu = start["cpu_s_at_first_step"]
+        lines.append(
+            f"| {index} | {start['coordinator_ready_s']} | {max(hello, default='-')} "
+            f"| {max(loaded, default='-')} | {start['all_connected_s']} | {start['first_step_s']} "
+            f"| {cpu.get(start['first_site'], '-')} | {round(sum(cpu.values()), 2)} "
+            f"| {start['cpu_floor_s']} | {_max(start['site_cpu_s_at_hello'])} "
+            f"| {_max(start['site_cpu_s_at_loaded'])} | {start['load_average_before']} |"
+        )
+    ok = [s for s in report["starts"] if "error" not in s]
+    if ok:
+        lines += [
+            "",
+            f"Median first step: {statistics.median(s['first_step_s'] for s in ok)} s; "
+            f"median CPU floor: {statistics.median(s['cpu_floor_s'] for s in ok)} s.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--starts", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per visit")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="cold_cluster")
+    parser.add_argument("--site-arg", action="append", default=[],
+                        help="extra argument of every `baton-site serve`")  # fmt: skip
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    report: dict[str, Any] = {
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(["benchmarks/cold_cluster.py", *(argv or sys.argv[1:])]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}",
+        "cores": os.cpu_count() or 1,
+        # The processes run the code PYTHONPATH names (e.g. another checkout, for a before/after).
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "starts": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    for index in range(args.starts):
+        with tempfile.TemporaryDirectory(prefix="baton-cold-") as name:
+            try:
+                start = cold_start(Path(name), args.steps, args.site_arg)
+            except (RuntimeError, TimeoutError) as exc:
+                start = {"error": str(exc).splitlines()[0][:300]}
+        report["starts"].append(start)
+        print(f"start {index + 1}: {json.dumps(start)}", flush=True)
+        # Written after every start, so a run cut short keeps what it measured.
+        (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (args.out / f"{args.name}.md").write_text(markdown(report))
+    print(markdown(report))
+    return 0 if all("error" not in s for s in report["starts"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The agent's background load: base models loaded ahead of a first hop change nothing in it,
+and a base model that cannot load is one line and a `no-base-model` refusal."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from site_agent._synthetic import generate_site_records, write_site_dataset
+from site_agent.agent import SiteAgent
+from site_agent.registry import RegisteredDataset, register_dataset
+from site_agent.settings import SiteSettings
+from site_agent.task_checks import HopFailure
+from site_agent.tasks import HopHyperparameters, TaskSpec, create_trainer, load_base_models
+
+HOP = HopHyperparameters(learning_rate=1e-2, steps=3, batch_size=8, seed=5)
+
+
+def _agent(tmp_path: Path, base_model: Path) -> tuple[SiteAgent, RegisteredDataset]:
+    """An agent (never connected) with one registered text dataset."""
+    data_dir = tmp_path / "data"
+    source = write_site_dataset(tmp_path / "notes.jsonl", generate_site_records(0, 3, n=30, seed=2))
+    dataset = register_dataset(data_dir, "notes", source, task_type="seq-classification")
+    settings = SiteSettings(
+        coordinator="localhost:1",
+        ca_certificate=tmp_path / "ca.crt",
+        certificate=tmp_path / "site.crt",
+        private_key=tmp_path / "site.key",
+        data_dir=data_dir,
+        base_model_dir=base_model,
+        device="cpu",
+    )
+    return SiteAgent(settings), dataset
+
+
+def test_a_base_model_loaded_ahead_trains_a_first_hop_exactly_like_one_loaded_by_the_hop(
+    tiny_model_dir: Path, labels: tuple[str, ...], site_datasets: list[RegisteredDataset]
+) -> None:
+    spec = TaskSpec("seq-classification", labels=labels, options={"max_length": 24})
+    at_hop = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    ahead = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    load_base_models(ahead, [labels, ("only-one",)])
+    torch.manual_seed(1234)  # the load ahead ran on another thread, at another time
+
+    expected = at_hop.run_hop(spec, site_datasets[0], HOP, None)
+    actual = ahead.run_hop(spec, site_datasets[0], HOP, None)
+
+    assert expected.metrics == actual.metrics
+    assert expected.tensors.keys() == actual.tensors.keys()
+    for name, tensor in expected.tensors.items():
+        assert torch.equal(tensor, actual.tensors[name]), name
+
+
+def test_the_background_load_loads_the_base_model_of_the_registered_datasets(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    agent, dataset = _agent(tmp_path, tiny_model_dir)
+    assert agent._task_types_to_load() == ["seq-classification"]
+    agent.load_in_background().join(timeout=120)
+
+    trainer = agent._trainers["seq-classification"]
+    # The base model for the registered label count is resident: a first hop only copies it.
+    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
+
+
+def test_a_corrupt_base_model_is_one_log_line_and_hops_are_refused_with_no_base_model(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated: the header is incomplete
+    agent, _ = _agent(tmp_path, broken)
+
+    with caplog.at_level(logging.ERROR, logger="site_agent.agent"):
+        agent.load_in_background().join(timeout=120)
+
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"this site cannot load its base model {broken}: ")
+    assert errors[0].endswith("; its hops will be refused")
+    assert "\n" not in errors[0] and "Traceback" not in errors[0]
+    with pytest.raises(HopFailure) as refused:
+        agent.trainer("seq-classification")
+    assert refused.value.code == "no-base-model"
+    assert "cannot load its base model" in str(refused.value)
+
+
+def test_a_tabular_trainer_never_imports_transformers_or_peft() -> None:
+    code = (
+        "import sys\n"
+        "from site_agent.tasks import create_trainer, load_base_models\n"
+        "trainer = create_trainer('tabular', base_model_dir=None, device='cpu')\n"
+        "load_base_models(trainer, [('0', '1')])\n"
+        "assert 'torch' in sys.modules\n"
+        "print(sorted(m for m in ('transformers', 'peft') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
