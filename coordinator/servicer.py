@@ -421,16 +421,29 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidInput("an upload must start with its header")
             certificate = context.auth_context()["x509_pem_cert"][0]
-            bundle = await self.engine.receive_upload(
+            checkpoint = await self.engine.receive_upload(
                 identity.name, certificate, first.header, chunks()
             )
         except CoordinatorError as exc:
             await self._refuse(context, exc)
-        return pb.UploadResponse(
-            checkpoint=pb.CheckpointRef(
-                sha256=bundle.sha256, size=bundle.size, signature=first.header.signature
-            )
-        )
+        return pb.UploadResponse(checkpoint=checkpoint)
+
+    async def HandBackHop(
+        self,
+        request_iterator: AsyncIterator[pb.HandBackRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.HopResultResponse:
+        identity = await self._caller(context, Role.SITE, "HandBackHop")
+        messages = aiter(request_iterator)
+        try:
+            first = await anext(messages, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidInput("a hand back must start with its upload header")
+            certificate = context.auth_context()["x509_pem_cert"][0]
+            status = await self.engine.hand_back(identity.name, certificate, first.header, messages)
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
+        return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
 
     async def UploadStatus(
         self, request: pb.UploadHeader, context: grpc.aio.ServicerContext

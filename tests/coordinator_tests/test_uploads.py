@@ -166,14 +166,12 @@ def test_site_uploading_many_made_up_bundles_never_holds_more_than_twice_the_cap
     assert len(list(coordinator.engine.store.stored())) == 1
 
 
-def _cut_upload(site: ScriptedSite, task: pb.HopTask, data: bytes) -> None:
+def _cut_upload(site: ScriptedSite, task: pb.HopTask, data: bytes, state: Path) -> None:
     """A site killed mid-upload: half the bundle arrives, then the stream is cut."""
     stall = threading.Event()
     future = _upload(site, task, data[: len(data) // 2], declared=len(data),
                      sha=sha256_hex(data), stop=stall)  # fmt: skip
-    header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
-                             sha256=sha256_hex(data))  # fmt: skip
-    _until(lambda: site.stub.UploadStatus(header, timeout=5).received == len(data) // 2)
+    _spooled(state, len(data) // 2)
     future.cancel()
     stall.set()
 
@@ -191,7 +189,7 @@ def test_partial_upload_of_a_killed_site_is_removed_once_its_lease_expires(
     site = sites["site-a"]
     task = _start(admin, site, lease_timeout_seconds=3, max_retries=1)
     uploads = _state(coordinator) / "uploads"
-    _cut_upload(site, task, _bundle(site, task, 20_000, 1.0))
+    _cut_upload(site, task, _bundle(site, task, 20_000, 1.0), uploads.parent)
     assert [p.stat().st_size for p in uploads.iterdir()] == [len(_bundle(site, task, 20_000, 1.0))
                                                             // 2]  # fmt: skip
     retried = site.next_task()  # no heartbeat: the lease expires, the hop is leased again
@@ -208,7 +206,7 @@ def test_every_spool_file_and_unused_upload_goes_when_the_hop_ends(
     state = _state(coordinator)
     data = site.bundle(task)
     ref = site.upload(task, data)
-    _cut_upload(site, task, data)  # the same bytes again, cut: a resumable partial
+    _cut_upload(site, task, data, state)  # the same bytes again, cut: a resumable partial
     assert list((state / "uploads").iterdir())
     if ending == "commit":
         assert site.report(task, ref) == "committed"
@@ -272,7 +270,7 @@ def test_watchdog_removes_spool_files_of_ended_hops_and_older_leases(
     task = _start(admin, site)
     uploads = _state(coordinator) / "uploads"
     data = site.bundle(task)
-    _cut_upload(site, task, data)  # the live lease's partial: kept to be resumed
+    _cut_upload(site, task, data, uploads.parent)  # the live lease's partial: kept to be resumed
     [current] = list(uploads.iterdir())
     # Left by a crash: an older lease of this hop, and a hop that no longer holds a lease.
     older = uploads / f"{task.hop_id}.{'0' * 16}.{'1' * 64}.part"
