@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from coordinator.engine import RunEngine, approval_bundle
@@ -144,7 +145,15 @@ class _Malformed:
 def _nul_field(message: Any, prefix: str = "") -> str | None:
     """The first text field holding a NUL character (no id, name or digest has one; PostgreSQL
     cannot even compare such a string), or None."""
-    for descriptor, value in message.ListFields():
+    for descriptor in message.DESCRIPTOR.fields:
+        # Bytes may hold NUL and are never read here: reading a field copies it (a whole
+        # upload chunk per message).
+        if descriptor.type == FieldDescriptor.TYPE_BYTES:
+            continue
+        singular_message = descriptor.message_type is not None and not descriptor.is_repeated
+        if singular_message and not message.HasField(descriptor.name):
+            continue
+        value = getattr(message, descriptor.name)
         name = f"{prefix}{descriptor.name}"
         if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
             items = [(k, v) for k, v in value.items()]
