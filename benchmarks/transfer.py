@@ -237,17 +237,29 @@ class RssSampler:
     def __init__(self, process: psutil.Process) -> None:
         self.process = process
         self._peak = 0
+        # A sample read before a reset must not land after it (the coordinator's start-up
+        # transient was once reported as the first transfer's peak).
+        self._lock = threading.Lock()
+        self._generation = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, self.process.memory_info().rss)
+            generation = self._generation
+            rss = self.process.memory_info().rss
+            with self._lock:
+                if generation == self._generation:
+                    self._peak = max(self._peak, rss)
             time.sleep(0.01)
 
-    def reset(self) -> None:
-        self._peak = self.process.memory_info().rss
+    def reset(self) -> int:
+        """Starts a new peak from the current RSS, which it returns."""
+        with self._lock:
+            self._generation += 1
+            self._peak = self.process.memory_info().rss
+            return self._peak
 
     def peak(self) -> int:
         return max(self._peak, self.process.memory_info().rss)
@@ -306,6 +318,8 @@ def run(
     coordinator = psutil.Process(coord_proc.pid)
     raw_server = psutil.Process(raw_proc.pid)
     sampler = RssSampler(coordinator)
+    raw_sampler = RssSampler(raw_server)
+    time.sleep(2)  # start-up's own transient (ledger checks) settles first
     rss_idle = coordinator.memory_info().rss
     rows: list[dict[str, Any]] = []
     figures: dict[str, Any] = {
@@ -334,13 +348,15 @@ def run(
                                                     "baton_down", "prepare", "cpu_up",
                                                     "cpu_down", "raw_cpu_up",
                                                     "raw_cpu_down")}  # fmt: skip
-                peak_up = peak_down = 0
+                peak_up = peak_down = growth_up = raw_growth_up = 0
                 before = coordinator.memory_info().rss
                 raw_download(raw_channel, size, chunk)  # the raw server makes its payload
                 for _ in range(args.repeat):
                     payload = np.random.default_rng(2).bytes(size)
                     cpu = _cpu_seconds(raw_server)
+                    base = raw_sampler.reset()
                     samples["raw_up"].append(raw_upload(raw_channel, payload, chunk))
+                    raw_growth_up = max(raw_growth_up, raw_sampler.peak() - base)
                     samples["raw_cpu_up"].append(_cpu_seconds(raw_server) - cpu)
                     cpu = _cpu_seconds(raw_server)
                     samples["raw_down"].append(raw_download(raw_channel, size, chunk))
@@ -353,12 +369,13 @@ def run(
                     run_id = admin.start_run(plan)
                     task = sites["site-a"].tasks.get(timeout=30)
                     data = sites["site-a"].bundle(task, size)
-                    sampler.reset()
+                    base = sampler.reset()
                     cpu = _cpu_seconds(coordinator)
                     up, prepared, sha = sites["site-a"].upload(task, data, chunk,
                                                                legacy=args.legacy)  # fmt: skip
                     samples["cpu_up"].append(_cpu_seconds(coordinator) - cpu)
                     peak_up = max(peak_up, sampler.peak())
+                    growth_up = max(growth_up, sampler.peak() - base)
                     nxt = sites["site-b"].tasks.get(timeout=30)
                     assert nxt.input_checkpoint.sha256 == sha
                     sampler.reset()
@@ -388,6 +405,8 @@ def run(
                     "coordinator_cpu_s_download": round(med["cpu_down"], 3),
                     "coordinator_rss_mib_before": round(before / MiB),
                     "coordinator_peak_rss_mib_upload": round(peak_up / MiB),
+                    "coordinator_rss_growth_mib_upload": round(growth_up / MiB),
+                    "raw_server_rss_growth_mib_upload": round(raw_growth_up / MiB),
                     "coordinator_peak_rss_mib_download": round(peak_down / MiB),
                     "load_average_1m": round(os.getloadavg()[0], 2),
                 }
@@ -400,6 +419,7 @@ def run(
         raw_channel.close()
     finally:
         sampler.stop()
+        raw_sampler.stop()
         for proc in (coord_proc, raw_proc):
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
@@ -432,8 +452,9 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         "",
         "| size | upload chunk | raw up MB/s | Baton up MB/s | up ratio | raw down MB/s "
         "| Baton down MB/s | down ratio | coordinator RSS before; peak up / down "
-        "| raw server CPU s up / down | coordinator CPU s up / down | load 1m |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| raw server CPU s up / down | coordinator CPU s up / down "
+        "| RSS growth while uploading: raw / coordinator | load 1m |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in figures["rows"]:
         lines.append(
@@ -447,6 +468,8 @@ def markdown(figures: dict[str, Any], command: str) -> str:
             f"{r.get('raw_server_cpu_s_download', '')} "
             f"| {r.get('coordinator_cpu_s_upload', '')} / "
             f"{r.get('coordinator_cpu_s_download', '')} "
+            f"| {r.get('raw_server_rss_growth_mib_upload', '?')} / "
+            f"{r.get('coordinator_rss_growth_mib_upload', '?')} MiB "
             f"| {r.get('load_average_1m', '')} |"
         )
     return "\n".join(lines) + "\n"
