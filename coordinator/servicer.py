@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
@@ -407,9 +408,11 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             await self._deny(
                 context, grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end"
             )
-        for offset, data in self.engine.store.iter_chunks(row.sha256, request.offset, CHUNK_BYTES):
-            yield pb.Chunk(data=data, offset=offset, total_size=row.size)
-            self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
+        chunks = self.engine.store.read_chunks(row.sha256, request.offset, CHUNK_BYTES)
+        async with aclosing(chunks):  # a cut download closes its file at once
+            async for offset, data in chunks:
+                yield pb.Chunk(data=data, offset=offset, total_size=row.size)
+                self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
 
     async def UploadCheckpoint(
         self,
@@ -712,9 +715,11 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
                 context, grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end"
             )
         logger.info("admin %s downloads the final adapter of run %s", identity.name, run.id)
-        for offset, data in self.engine.store.iter_chunks(row.sha256, request.offset, CHUNK_BYTES):
-            yield pb.Chunk(data=data, offset=offset, total_size=row.size)
-            self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
+        chunks = self.engine.store.read_chunks(row.sha256, request.offset, CHUNK_BYTES)
+        async with aclosing(chunks):  # a cut download closes its file at once
+            async for offset, data in chunks:
+                yield pb.Chunk(data=data, offset=offset, total_size=row.size)
+                self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
 
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext

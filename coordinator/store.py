@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 __all__ = ["CheckpointStore", "fsync_write"]
@@ -105,15 +106,27 @@ class CheckpointStore:
             raise OSError(f"checkpoint {sha256} is corrupt on disk")
         return data
 
-    def iter_chunks(
+    async def read_chunks(
         self, sha256: str, offset: int, chunk_bytes: int
-    ) -> Iterator[tuple[int, bytes]]:
-        """Yields (offset, bytes) from `offset` to the end of the stored bundle."""
-        with self.path(sha256).open("rb") as fh:
-            fh.seek(offset)
-            while chunk := fh.read(chunk_bytes):
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
+        """Yields (offset, bytes) from `offset` to the end of the stored bundle.
+
+        Reads run on a worker thread, one chunk ahead of the one being sent: the event loop
+        never waits for the disk.
+        """
+        fd = await asyncio.to_thread(os.open, self.path(sha256), os.O_RDONLY)
+        loop = asyncio.get_running_loop()
+        ahead = loop.run_in_executor(None, os.pread, fd, chunk_bytes, offset)
+        try:
+            while chunk := await ahead:
+                ahead = loop.run_in_executor(None, os.pread, fd, chunk_bytes, offset + len(chunk))
                 yield offset, chunk
                 offset += len(chunk)
+        finally:
+            await asyncio.wait([ahead])  # the descriptor stays open until its last read
+            if not ahead.cancelled():
+                ahead.exception()
+            os.close(fd)
 
     def delete(self, sha256: str) -> int:
         """Removes a bundle's bytes; returns the bytes freed (0 if it was not stored)."""
