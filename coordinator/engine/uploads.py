@@ -70,6 +70,18 @@ def _write(fd: int, chunk: bytes, sync: bool) -> None:
         os.fdatasync(fd)
 
 
+def _open_at(path: Path, offset: int) -> int:
+    """The partial upload file open for writing at `offset` (what follows it is dropped)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _feed_file(stream: BundleStream, path: Path, length: int) -> None:
     """Feeds the first `length` bytes of a partial upload to `stream` (a resumed upload)."""
     buffer = bytearray(min(_READ_BYTES, max(length, 1)))
@@ -287,10 +299,8 @@ class UploadIntake:
                 f"cannot resume at byte {header.offset}: {received} bytes were received"
             )
         stream = BundleStream()
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o600)
+        fd = await asyncio.to_thread(_open_at, partial, header.offset)
         try:
-            os.ftruncate(fd, header.offset)
-            os.lseek(fd, header.offset, os.SEEK_SET)
             if header.offset:
                 await asyncio.to_thread(_feed_file, stream, partial, header.offset)
             received = synced = header.offset
