@@ -69,9 +69,14 @@ class CheckpointStore:
     def __contains__(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def put(self, data: bytes) -> str:
-        """Stores bytes durably and returns their sha256 (idempotent)."""
-        sha256 = hashlib.sha256(data).hexdigest()
+    def put(self, data: bytes, *, sha256: str | None = None) -> str:
+        """Stores bytes durably and returns their sha256 (idempotent).
+
+        Args:
+            data: The bytes.
+            sha256: Their sha256 when the caller computed it already (it is not checked).
+        """
+        sha256 = sha256 or hashlib.sha256(data).hexdigest()
         target = self.path(sha256)
         if not target.is_file():
             fsync_write(target, data, mode=0o444)

@@ -32,9 +32,10 @@ from coordinator.ledger import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
-from protocols.checkpoint import Bundle, CheckpointError
+from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
 from protocols.signing import SignatureError, verify_custody
+from protocols.transport import CHUNK_BYTES
 from protocols.v1 import baton_pb2 as pb
 
 __all__ = ["UploadIntake", "tensor_specs"]
@@ -173,34 +174,10 @@ class UploadIntake:
             return _ref(header)
         where = f"upload for hop {hop.index} of run {run.id}"
         with self.spool.writing(hop.id), self.storage.guard(where):
-            partial = self.spool.claim(hop.id, header.lease_token, header.sha256)
-            resumable = False
-            try:
-                received, stream = await self._spool_chunks(partial, header, chunks)
-                if received != header.total_size:
-                    await asyncio.to_thread(_fsync_file, partial)
-                    resumable = True
-                    raise InvalidInput(
-                        f"upload ended after {received} of {header.total_size} declared bytes; "
-                        f"resume from byte {received}"
-                    )
-                # The hop may have ended while the bytes arrived (lease expired, run aborted).
-                run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
-                # Checked from the header alone (the values were checked as they streamed in)
-                # while the file is made durable; then the spool file itself is renamed into
-                # the store: the bytes are written once and never read back.
-                _, inspected = await asyncio.gather(
-                    asyncio.to_thread(_fsync_file, partial),
-                    asyncio.to_thread(self._inspected_upload, partial, header.sha256, stream),
-                )
-                bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-                await asyncio.to_thread(self.store.adopt, partial, bundle.sha256)
-            except asyncio.CancelledError:
-                raise  # a cut stream: kept to resume under the same lease (until the hop ends)
-            except BaseException:
-                if not resumable:
-                    self.spool.discard(hop.id)  # rejected, or storage failed: nothing kept
-                raise
+            if header.offset == 0 and header.total_size <= CHUNK_BYTES:
+                run, hop, bundle = await self._store_whole(site, certificate_pem, header, chunks)
+            else:
+                run, hop, bundle = await self._store_spooled(site, certificate_pem, header, chunks)
             self.spool.discard(hop.id)
             self.ledger.record_checkpoint(
                 CheckpointRow(
@@ -229,6 +206,82 @@ class UploadIntake:
                 self.metrics.hop_phase(hop.id, "committing")
                 self.leases.extend(run, hop.id)
         return _ref(header)
+
+    async def _store_whole(
+        self,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        chunks: AsyncIterator[bytes],
+    ) -> tuple[RunRow, HopRow, Bundle]:
+        """A bundle that arrives in one message: checked in memory and written once, straight
+        into the store (a message arrives whole or not at all: there is nothing to resume)."""
+        self.spool.path(header.hop_id, header.lease_token, header.sha256)  # a hex digest
+        data = bytearray()
+        async for chunk in chunks:
+            data += chunk
+            if len(data) > header.total_size:
+                raise InvalidInput("upload is longer than its header declared")
+        if len(data) != header.total_size:
+            raise InvalidInput(
+                f"upload ended after {len(data)} of {header.total_size} declared bytes; "
+                "resume from byte 0"
+            )
+        self.metrics.checkpoint_bytes.labels(direction="upload").inc(len(data))
+        inspected = await asyncio.to_thread(self._inspected_bytes, bytes(data), header.sha256)
+        # The hop may have ended while the bytes arrived (lease expired, run aborted).
+        run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
+        bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
+        await asyncio.to_thread(self.store.put, bytes(data), sha256=bundle.sha256)
+        return run, hop, bundle
+
+    async def _store_spooled(
+        self,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        chunks: AsyncIterator[bytes],
+    ) -> tuple[RunRow, HopRow, Bundle]:
+        """A bundle streamed into its spool file, checked as it arrives, renamed into the store."""
+        hop_id = header.hop_id
+        partial = self.spool.claim(hop_id, header.lease_token, header.sha256)
+        resumable = False
+        try:
+            received, stream = await self._spool_chunks(partial, header, chunks)
+            if received != header.total_size:
+                await asyncio.to_thread(_fsync_file, partial)
+                resumable = True
+                raise InvalidInput(
+                    f"upload ended after {received} of {header.total_size} declared bytes; "
+                    f"resume from byte {received}"
+                )
+            # The hop may have ended while the bytes arrived (lease expired, run aborted).
+            run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
+            # Checked from the header alone (the values were checked as they streamed in)
+            # while the file is made durable; then the spool file itself is renamed into
+            # the store: the bytes are written once and never read back.
+            _, inspected = await asyncio.gather(
+                asyncio.to_thread(_fsync_file, partial),
+                asyncio.to_thread(self._inspected_upload, partial, header.sha256, stream),
+            )
+            bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
+            await asyncio.to_thread(self.store.adopt, partial, bundle.sha256)
+        except asyncio.CancelledError:
+            raise  # a cut stream: kept to resume under the same lease (until the hop ends)
+        except BaseException:
+            if not resumable:
+                self.spool.discard(hop_id)  # rejected, or storage failed: nothing kept
+            raise
+        return run, hop, bundle
+
+    def _inspected_bytes(self, data: bytes, expected_sha256: str) -> Bundle:
+        """A bundle's size, hash, format and values, checked in memory."""
+        try:
+            return inspect_bundle(
+                data, expected_sha256=expected_sha256, max_bytes=self.max_checkpoint_bytes
+            )
+        except CheckpointError as exc:
+            raise InvalidInput(str(exc)) from exc
 
     async def hand_back(
         self,

@@ -287,3 +287,26 @@ def test_hand_back_must_end_with_the_result_of_its_own_hop(
     header.offset = site.stub.UploadStatus(header, timeout=5).received
     assert header.offset == len(data)
     assert _hand_back(site, task, data, header=header) == "committed"
+
+
+def test_a_bundle_of_one_message_goes_straight_into_the_store(
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+
+    def spooled(*_: object) -> None:
+        raise AssertionError("a one-message bundle went through the spool")
+
+    monkeypatch.setattr(coordinator.engine.spool, "claim", spooled)
+    cut = _nan_bundle(site, task)[: CHUNK_BYTES // 2]  # one message, not safetensors
+    assert _hand_back(site, task, cut).startswith(
+        "INVALID_ARGUMENT: checkpoint is not a valid safetensors file"
+    )
+    data = _bundle(site, task, 75_000)  # a LoRA adapter's size (~300 KB)
+    assert _hand_back(site, task, data) == "committed"
+    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(data)]
+    assert _files(_state(coordinator) / "uploads") == []

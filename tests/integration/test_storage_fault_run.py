@@ -151,7 +151,9 @@ def test_site_keeps_its_hop_through_a_full_disk_and_the_run_completes(
         assert [(h.status, h.attempts) for h in hops] == [("committed", 1)] * len(sites)
         kinds = [e.kind for e in reopened.events()]
         assert "hop.retry" not in kinds
-        assert kinds.count("storage.fault") == kinds.count("storage.recovered") >= 2
+        # The disk and the database faults may be one episode: the hand back stores the bundle
+        # and commits within one call, before the watchdog notes the disk's recovery.
+        assert kinds.count("storage.fault") == kinds.count("storage.recovered") >= 1
     finally:
         reopened.close()
     final = settings.runs_dir / run_id / "final_adapter" / "adapter_model.safetensors"
