@@ -7,10 +7,14 @@ serve` in its own process (hash, format, values, lineage and signature checked; 
 Raw and Baton runs are interleaved; each figure is the median of `--repeat`. The coordinator's
 RSS is sampled every 10 ms (psutil) while the bundles move.
 
-Baton's upload time is the UploadCheckpoint call: the site hashes and signs its bundle when it
-makes it (reported apart as `site_hash_sign_s`); the coordinator hashes while receiving.
+Baton's upload time is the HandBackHop call: the bundle and the hop's result in one call, the
+coordinator hashing and checking the values while the bytes stream into the spool file, then
+renaming it into the store and committing the hop (`--legacy` times the older UploadCheckpoint
+call instead, without the commit). The site hashes and signs its bundle when it makes it
+(reported apart as `site_hash_sign_s`). The coordinator's CPU seconds per transfer and the load
+average (`uptime`) before and after are recorded; results are written after every row.
 
-    nice -n 10 .venv/bin/python benchmarks/transfer.py --sizes 1,10,100
+    nice -n 19 .venv/bin/python benchmarks/transfer.py --sizes 1,10,100
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,7 +174,11 @@ class Site:
             {"lora_A": values}, metadata=bundle_metadata(manifest, {"r": 8})
         )
 
-    def upload(self, task: pb.HopTask, data: bytes, chunk: int) -> tuple[float, float, str]:
+    def upload(
+        self, task: pb.HopTask, data: bytes, chunk: int, *, legacy: bool
+    ) -> tuple[float, float, str]:
+        """Hands the hop back (one call: bundle, result, commit), or with `legacy` times only
+        the older UploadCheckpoint call (its ReportHopResult follows, untimed)."""
         started = time.perf_counter()
         digest = hashlib.sha256(data).hexdigest()
         signature = sign_digest(self.key_pem, digest)
@@ -178,20 +186,33 @@ class Site:
         header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
                                  total_size=len(data), sha256=digest,
                                  signature=signature)  # fmt: skip
+        result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
+                              metrics={"accuracy": 0.5}, train_started_at_ns=1,
+                              train_finished_at_ns=2)  # fmt: skip
+        if legacy:
 
-        def messages() -> Iterator[pb.UploadRequest]:
-            yield pb.UploadRequest(header=header)
+            def uploads() -> Iterator[pb.UploadRequest]:
+                yield pb.UploadRequest(header=header)
+                for part in _chunks(data, chunk):
+                    yield pb.UploadRequest(data=part)
+
+            started = time.perf_counter()
+            ref = self.stub.UploadCheckpoint(uploads(), timeout=300).checkpoint
+            seconds = time.perf_counter() - started
+            result.output_checkpoint.CopyFrom(ref)
+            assert self.stub.ReportHopResult(result, timeout=60).hop_status == "committed"
+            return seconds, prepared, digest
+
+        def messages() -> Iterator[pb.HandBackRequest]:
+            yield pb.HandBackRequest(header=header)
             for part in _chunks(data, chunk):
-                yield pb.UploadRequest(data=part)
+                yield pb.HandBackRequest(data=part)
+            yield pb.HandBackRequest(result=result)
 
         started = time.perf_counter()
-        ref = self.stub.UploadCheckpoint(messages(), timeout=300).checkpoint
+        status = self.stub.HandBackHop(messages(), timeout=300).hop_status
         seconds = time.perf_counter() - started
-        assert ref.sha256 == digest
-        result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
-                              output_checkpoint=ref, metrics={"accuracy": 0.5},
-                              train_started_at_ns=1, train_finished_at_ns=2)  # fmt: skip
-        assert self.stub.ReportHopResult(result, timeout=60).hop_status == "committed"
+        assert status == "committed", status
         return seconds, prepared, digest
 
     def download(self, sha256: str, size: int) -> float:
@@ -216,17 +237,29 @@ class RssSampler:
     def __init__(self, process: psutil.Process) -> None:
         self.process = process
         self._peak = 0
+        # A sample read before a reset must not land after it (the coordinator's start-up
+        # transient was once reported as the first transfer's peak).
+        self._lock = threading.Lock()
+        self._generation = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, self.process.memory_info().rss)
+            generation = self._generation
+            rss = self.process.memory_info().rss
+            with self._lock:
+                if generation == self._generation:
+                    self._peak = max(self._peak, rss)
             time.sleep(0.01)
 
-    def reset(self) -> None:
-        self._peak = self.process.memory_info().rss
+    def reset(self) -> int:
+        """Starts a new peak from the current RSS, which it returns."""
+        with self._lock:
+            self._generation += 1
+            self._peak = self.process.memory_info().rss
+            return self._peak
 
     def peak(self) -> int:
         return max(self._peak, self.process.memory_info().rss)
@@ -249,7 +282,18 @@ def _start(
     return proc, int(port_file.read_text()), time.perf_counter() - started
 
 
-def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def run(
+    args: argparse.Namespace, tmp: Path, report: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
     pki = tmp / "pki"
     init_ca(pki)
     for role, name in [(Role.COORDINATOR, "coordinator"), (Role.ADMIN, "admin"),
@@ -264,13 +308,32 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                        str(tmp / "state"), "--ca", str(pki / "ca.crt"), "--cert",
                        str(pki / "coordinator.crt"), "--key", str(pki / "coordinator.key"),
                        "--log-level", "WARNING"]  # fmt: skip
-    # As the systemd unit and the container image run it (0: glibc's default).
-    arenas = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
-    coord_proc, port, ready = _start(coordinator_cmd, tmp / "coordinator.port", **arenas)
+    # As the systemd unit and the container image run it (0: glibc's default): a fixed mmap
+    # threshold hands each freed 1 MiB message buffer back to the kernel instead of letting
+    # glibc's sliding threshold keep them in fragmented arenas.
+    malloc = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
+    if args.malloc_mmap_threshold:
+        malloc["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    coord_proc, port, ready = _start(coordinator_cmd, tmp / "coordinator.port", **malloc)
     coordinator = psutil.Process(coord_proc.pid)
+    raw_server = psutil.Process(raw_proc.pid)
     sampler = RssSampler(coordinator)
+    raw_sampler = RssSampler(raw_server)
+    time.sleep(2)  # start-up's own transient (ledger checks) settles first
     rss_idle = coordinator.memory_info().rss
     rows: list[dict[str, Any]] = []
+    figures: dict[str, Any] = {
+        "coordinator_start_to_ready_s": round(ready, 2),
+        "coordinator_idle_rss_mib": round(rss_idle / MiB),
+        "coordinator_chunk_bytes": CHUNK_BYTES,
+        "repeat": args.repeat,
+        "malloc_arena_max": args.malloc_arena_max,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "baton_call": "UploadCheckpoint" if args.legacy else "HandBackHop",
+        "uptime_before": _uptime(),
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "rows": rows,
+    }
     try:
         raw_channel = secure_channel(f"localhost:{raw_port}", _tls(pki, "site-a"))
         sites = {name: Site(port, pki, name) for name in ("site-a", "site-b")}
@@ -282,13 +345,22 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 chunk = chunk_kib * 1024
                 samples: dict[str, list[float]] = {k: [] for k in
                                                    ("raw_up", "raw_down", "baton_up",
-                                                    "baton_down", "prepare")}  # fmt: skip
-                peak_up = peak_down = 0
+                                                    "baton_down", "prepare", "cpu_up",
+                                                    "cpu_down", "raw_cpu_up",
+                                                    "raw_cpu_down")}  # fmt: skip
+                peak_up = peak_down = growth_up = raw_growth_up = 0
+                before = coordinator.memory_info().rss
                 raw_download(raw_channel, size, chunk)  # the raw server makes its payload
                 for _ in range(args.repeat):
                     payload = np.random.default_rng(2).bytes(size)
+                    cpu = _cpu_seconds(raw_server)
+                    base = raw_sampler.reset()
                     samples["raw_up"].append(raw_upload(raw_channel, payload, chunk))
+                    raw_growth_up = max(raw_growth_up, raw_sampler.peak() - base)
+                    samples["raw_cpu_up"].append(_cpu_seconds(raw_server) - cpu)
+                    cpu = _cpu_seconds(raw_server)
                     samples["raw_down"].append(raw_download(raw_channel, size, chunk))
+                    samples["raw_cpu_down"].append(_cpu_seconds(raw_server) - cpu)
                     del payload
                     plan = parse_plan({
                         "name": f"transfer-{mib}", "dataset": "notes", "labels": ["x", "y"],
@@ -297,13 +369,19 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     run_id = admin.start_run(plan)
                     task = sites["site-a"].tasks.get(timeout=30)
                     data = sites["site-a"].bundle(task, size)
-                    sampler.reset()
-                    up, prepared, sha = sites["site-a"].upload(task, data, chunk)
+                    base = sampler.reset()
+                    cpu = _cpu_seconds(coordinator)
+                    up, prepared, sha = sites["site-a"].upload(task, data, chunk,
+                                                               legacy=args.legacy)  # fmt: skip
+                    samples["cpu_up"].append(_cpu_seconds(coordinator) - cpu)
                     peak_up = max(peak_up, sampler.peak())
+                    growth_up = max(growth_up, sampler.peak() - base)
                     nxt = sites["site-b"].tasks.get(timeout=30)
                     assert nxt.input_checkpoint.sha256 == sha
                     sampler.reset()
+                    cpu = _cpu_seconds(coordinator)
                     down = sites["site-b"].download(sha, len(data))
+                    samples["cpu_down"].append(_cpu_seconds(coordinator) - cpu)
                     peak_down = max(peak_down, sampler.peak())
                     admin.control(run_id, "abort", "benchmark")
                     samples["baton_up"].append(up)
@@ -321,28 +399,33 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     "baton_download_mb_s": round(size / med["baton_down"] / 1e6, 1),
                     "download_ratio": round(med["raw_down"] / med["baton_down"], 2),
                     "site_hash_sign_s": round(med["prepare"], 3),
+                    "raw_server_cpu_s_upload": round(med["raw_cpu_up"], 3),
+                    "raw_server_cpu_s_download": round(med["raw_cpu_down"], 3),
+                    "coordinator_cpu_s_upload": round(med["cpu_up"], 3),
+                    "coordinator_cpu_s_download": round(med["cpu_down"], 3),
+                    "coordinator_rss_mib_before": round(before / MiB),
                     "coordinator_peak_rss_mib_upload": round(peak_up / MiB),
+                    "coordinator_rss_growth_mib_upload": round(growth_up / MiB),
+                    "raw_server_rss_growth_mib_upload": round(raw_growth_up / MiB),
                     "coordinator_peak_rss_mib_download": round(peak_down / MiB),
+                    "load_average_1m": round(os.getloadavg()[0], 2),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                report(figures)  # written after every row: a run cut short keeps its rows
         for site in sites.values():
             site.close()
         admin.close()
         raw_channel.close()
     finally:
         sampler.stop()
+        raw_sampler.stop()
         for proc in (coord_proc, raw_proc):
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
-    return {
-        "coordinator_start_to_ready_s": round(ready, 2),
-        "coordinator_idle_rss_mib": round(rss_idle / MiB),
-        "coordinator_chunk_bytes": CHUNK_BYTES,
-        "repeat": args.repeat,
-        "malloc_arena_max": args.malloc_arena_max,
-        "rows": rows,
-    }
+    figures["uptime_after"] = _uptime()
+    figures["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    return figures
 
 
 def markdown(figures: dict[str, Any], command: str) -> str:
@@ -354,22 +437,71 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         f"Coordinator idle RSS {figures['coordinator_idle_rss_mib']} MiB, downloads in "
         f"{figures['coordinator_chunk_bytes'] // 1024} KiB chunks; medians of "
         f"{figures['repeat']}; coordinator MALLOC_ARENA_MAX="
-        f"{figures['malloc_arena_max'] or 'default'}. Ratio = Baton / raw throughput "
-        "(target >= 0.8 at 100 MB; coordinator RSS <= 150 MB).",
+        f"{figures['malloc_arena_max'] or 'default'}, MALLOC_MMAP_THRESHOLD_="
+        f"{figures.get('malloc_mmap_threshold') or 'default'}. Ratio = Baton / raw throughput "
+        "(target >= 0.8 at 100 MB; coordinator RSS <= 150 MB). Baton's upload is the "
+        f"{figures.get('baton_call', 'UploadCheckpoint')} call"
+        + (
+            " (bundle + hop result in one call, timed to its commit)."
+            if figures.get("baton_call") == "HandBackHop"
+            else "."
+        ),
+        "",
+        f"Load before: `{figures.get('uptime_before', '')}`; after: "
+        f"`{figures.get('uptime_after', '(run cut short)')}`.",
         "",
         "| size | upload chunk | raw up MB/s | Baton up MB/s | up ratio | raw down MB/s "
-        "| Baton down MB/s | down ratio | coordinator peak RSS up / down |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Baton down MB/s | down ratio | coordinator RSS before; peak up / down "
+        "| raw server CPU s up / down | coordinator CPU s up / down "
+        "| RSS growth while uploading: raw / coordinator | load 1m |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in figures["rows"]:
         lines.append(
             f"| {r['size_mib']} MiB | {r['chunk_kib']} KiB | {r['raw_upload_mb_s']} "
             f"| {r['baton_upload_mb_s']} | {r['upload_ratio']} | {r['raw_download_mb_s']} "
             f"| {r['baton_download_mb_s']} | {r['download_ratio']} "
-            f"| {r['coordinator_peak_rss_mib_upload']} / "
-            f"{r['coordinator_peak_rss_mib_download']} MiB |"
+            f"| {r.get('coordinator_rss_mib_before', '?')}; "
+            f"{r['coordinator_peak_rss_mib_upload']} / "
+            f"{r['coordinator_peak_rss_mib_download']} MiB "
+            f"| {r.get('raw_server_cpu_s_upload', '')} / "
+            f"{r.get('raw_server_cpu_s_download', '')} "
+            f"| {r.get('coordinator_cpu_s_upload', '')} / "
+            f"{r.get('coordinator_cpu_s_download', '')} "
+            f"| {r.get('raw_server_rss_growth_mib_upload', '?')} / "
+            f"{r.get('coordinator_rss_growth_mib_upload', '?')} MiB "
+            f"| {r.get('load_average_1m', '')} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def plot(figures: dict[str, Any], path: Path) -> None:
+    """Throughput by size: raw gRPC and Baton, upload and download (largest chunk size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chunk = max(r["chunk_kib"] for r in figures["rows"])
+    rows = sorted((r for r in figures["rows"] if r["chunk_kib"] == chunk),
+                  key=lambda r: r["size_mib"])  # fmt: skip
+    sizes = [r["size_mib"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label, style in [
+        ("raw_upload_mb_s", "raw gRPC upload", "k--"),
+        ("baton_upload_mb_s", f"Baton {figures.get('baton_call', 'upload')}", "C0-o"),
+        ("raw_download_mb_s", "raw gRPC download", "k:"),
+        ("baton_download_mb_s", "Baton download", "C1-s"),
+    ]:
+        ax.plot(sizes, [r[key] for r in rows], style, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(sizes, [f"{s} MiB" for s in sizes])
+    ax.set_ylabel("MB/s (median)")
+    ax.set_title(f"Checkpoint transfer over mTLS, {chunk} KiB chunks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -384,14 +516,25 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--malloc-arena-max", type=int, default=2,
                         help="the coordinator's MALLOC_ARENA_MAX (0: glibc default)")  # fmt: skip
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
+                        help="the coordinator's MALLOC_MMAP_THRESHOLD_ (0: glibc's sliding "
+                             "default)")  # fmt: skip
+    parser.add_argument("--legacy", action="store_true",
+                        help="time UploadCheckpoint (then ReportHopResult) instead of "
+                             "HandBackHop")  # fmt: skip
     parser.add_argument("--name", default="transfer")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        figures = run(args, Path(tmp))
     command = "python benchmarks/transfer.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(figures, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(figures, command))
+
+    def report(figures: dict[str, Any]) -> None:
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(markdown(figures, command))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = run(args, Path(tmp), report)
+    report(figures)
+    plot(figures, RESULTS / f"{args.name}.png")
     print(markdown(figures, command))
 
 

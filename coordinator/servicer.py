@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from coordinator.approval_reports import approval_rule, report_approvals
@@ -145,7 +147,15 @@ class _Malformed:
 def _nul_field(message: Any, prefix: str = "") -> str | None:
     """The first text field holding a NUL character (no id, name or digest has one; PostgreSQL
     cannot even compare such a string), or None."""
-    for descriptor, value in message.ListFields():
+    for descriptor in message.DESCRIPTOR.fields:
+        # Bytes may hold NUL and are never read here: reading a field copies it (a whole
+        # upload chunk per message).
+        if descriptor.type == FieldDescriptor.TYPE_BYTES:
+            continue
+        singular_message = descriptor.message_type is not None and not descriptor.is_repeated
+        if singular_message and not message.HasField(descriptor.name):
+            continue
+        value = getattr(message, descriptor.name)
         name = f"{prefix}{descriptor.name}"
         if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
             items = [(k, v) for k, v in value.items()]
@@ -400,9 +410,11 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             await self._deny(
                 context, grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end"
             )
-        for offset, data in self.engine.store.iter_chunks(row.sha256, request.offset, CHUNK_BYTES):
-            yield pb.Chunk(data=data, offset=offset, total_size=row.size)
-            self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
+        chunks = self.engine.store.read_chunks(row.sha256, request.offset, CHUNK_BYTES)
+        async with aclosing(chunks):  # a cut download closes its file at once
+            async for offset, data in chunks:
+                yield pb.Chunk(data=data, offset=offset, total_size=row.size)
+                self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
 
     async def UploadCheckpoint(
         self,
@@ -423,16 +435,29 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidInput("an upload must start with its header")
             certificate = context.auth_context()["x509_pem_cert"][0]
-            bundle = await self.engine.receive_upload(
+            checkpoint = await self.engine.receive_upload(
                 identity.name, certificate, first.header, chunks()
             )
         except CoordinatorError as exc:
             await self._refuse(context, exc)
-        return pb.UploadResponse(
-            checkpoint=pb.CheckpointRef(
-                sha256=bundle.sha256, size=bundle.size, signature=first.header.signature
-            )
-        )
+        return pb.UploadResponse(checkpoint=checkpoint)
+
+    async def HandBackHop(
+        self,
+        request_iterator: AsyncIterator[pb.HandBackRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.HopResultResponse:
+        identity = await self._caller(context, Role.SITE, "HandBackHop")
+        messages = aiter(request_iterator)
+        try:
+            first = await anext(messages, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidInput("a hand back must start with its upload header")
+            certificate = context.auth_context()["x509_pem_cert"][0]
+            status = await self.engine.hand_back(identity.name, certificate, first.header, messages)
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
+        return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
 
     async def UploadStatus(
         self, request: pb.UploadHeader, context: grpc.aio.ServicerContext
@@ -692,9 +717,11 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
                 context, grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end"
             )
         logger.info("admin %s downloads the final adapter of run %s", identity.name, run.id)
-        for offset, data in self.engine.store.iter_chunks(row.sha256, request.offset, CHUNK_BYTES):
-            yield pb.Chunk(data=data, offset=offset, total_size=row.size)
-            self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
+        chunks = self.engine.store.read_chunks(row.sha256, request.offset, CHUNK_BYTES)
+        async with aclosing(chunks):  # a cut download closes its file at once
+            async for offset, data in chunks:
+                yield pb.Chunk(data=data, offset=offset, total_size=row.size)
+                self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
 
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext

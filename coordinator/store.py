@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
 __all__ = ["CheckpointStore", "fsync_write"]
@@ -68,9 +69,14 @@ class CheckpointStore:
     def __contains__(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def put(self, data: bytes) -> str:
-        """Stores bytes durably and returns their sha256 (idempotent)."""
-        sha256 = hashlib.sha256(data).hexdigest()
+    def put(self, data: bytes, *, sha256: str | None = None) -> str:
+        """Stores bytes durably and returns their sha256 (idempotent).
+
+        Args:
+            data: The bytes.
+            sha256: Their sha256 when the caller computed it already (it is not checked).
+        """
+        sha256 = sha256 or hashlib.sha256(data).hexdigest()
         target = self.path(sha256)
         if not target.is_file():
             fsync_write(target, data, mode=0o444)
@@ -105,15 +111,27 @@ class CheckpointStore:
             raise OSError(f"checkpoint {sha256} is corrupt on disk")
         return data
 
-    def iter_chunks(
+    async def read_chunks(
         self, sha256: str, offset: int, chunk_bytes: int
-    ) -> Iterator[tuple[int, bytes]]:
-        """Yields (offset, bytes) from `offset` to the end of the stored bundle."""
-        with self.path(sha256).open("rb") as fh:
-            fh.seek(offset)
-            while chunk := fh.read(chunk_bytes):
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
+        """Yields (offset, bytes) from `offset` to the end of the stored bundle.
+
+        Reads run on a worker thread, one chunk ahead of the one being sent: the event loop
+        never waits for the disk.
+        """
+        fd = await asyncio.to_thread(os.open, self.path(sha256), os.O_RDONLY)
+        loop = asyncio.get_running_loop()
+        ahead = loop.run_in_executor(None, os.pread, fd, chunk_bytes, offset)
+        try:
+            while chunk := await ahead:
+                ahead = loop.run_in_executor(None, os.pread, fd, chunk_bytes, offset + len(chunk))
                 yield offset, chunk
                 offset += len(chunk)
+        finally:
+            await asyncio.wait([ahead])  # the descriptor stays open until its last read
+            if not ahead.cancelled():
+                ahead.exception()
+            os.close(fd)
 
     def delete(self, sha256: str) -> int:
         """Removes a bundle's bytes; returns the bytes freed (0 if it was not stored)."""

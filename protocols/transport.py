@@ -45,8 +45,15 @@ _CLIENT_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+# What a client may send ahead of the server reading it, per stream: a fixed window instead of
+# gRPC's BDP-grown one, so a coordinator whose disk is slower than the network holds a few MiB of
+# an upload in memory, not tens (benchmarks/transfer.py). Loopback and LAN uploads still run at
+# wire speed; over a 20 ms WAN path the window allows ~400 MB/s.
+UPLOAD_WINDOW_BYTES = 8 * CHUNK_BYTES
 _SERVER_OPTIONS: list[tuple[str, Any]] = [
     *_COMMON_OPTIONS,
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", UPLOAD_WINDOW_BYTES),
     # gRPC sets SO_REUSEPORT by default: a second coordinator would bind the same port and the
     # kernel would split the sites between the two. One port, one coordinator.
     ("grpc.so_reuseport", 0),

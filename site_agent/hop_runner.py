@@ -113,6 +113,7 @@ class HopRunner(TaskChecks, Transfers):
     state: SiteState
     site_name: str
     _deferred_validation: Callable[[], Metrics] | None
+    _handing_back: tuple[pb.UploadHeader, bytes] | None = None  # a finished hop's bundle
 
     # ---- one hop ------------------------------------------------------------------------------
 
@@ -140,9 +141,10 @@ class HopRunner(TaskChecks, Transfers):
             if result is None:
                 return
             # Still heartbeating: the lease holds while the coordinator cannot take the result.
-            response = self._report_hop_result(stub, task, result, beat)
-            if response is None:
+            reported = self._report_hop_result(stub, task, result, beat)
+            if reported is None:
                 return
+            result, response = reported
         if response.ledger_head:
             self.state.acknowledge(response.ledger_head)
         if result.ok:
@@ -158,14 +160,24 @@ class HopRunner(TaskChecks, Transfers):
         task: pb.HopTask,
         result: pb.HopResult,
         beat: _Heartbeat,
-    ) -> pb.HopResultResponse | None:
-        """Reports a hop's result, retrying while the coordinator cannot take it; None: refused."""
+    ) -> tuple[pb.HopResult, pb.HopResultResponse] | None:
+        """Reports a hop's result (a finished hop: hands its bundle back with it, one call),
+        retrying while the coordinator cannot take it; None: refused.
+
+        A bundle the coordinator refuses is reported as the hop's failure (code
+        "handback-refused"), so that the run's failure policy applies at once.
+        """
+        handing_back, self._handing_back = self._handing_back, None
         try:
-            response: pb.HopResultResponse = self._retrying(
-                "hop result",
-                lambda: stub.ReportHopResult(result, timeout=60),
-                lease_lost=beat.cancelled,
-            )
+            if result.ok and handing_back is not None:
+                header, payload = handing_back
+                response = self._hand_back(stub, header, payload, result, beat.cancelled)
+            else:
+                response = self._retrying(
+                    "hop result",
+                    lambda: stub.ReportHopResult(result, timeout=60),
+                    lease_lost=beat.cancelled,
+                )
         except grpc.RpcError as exc:
             if beat.cancelled.is_set():
                 logger.error("hop %s: lease lost before the coordinator took its result (%s)",
@@ -174,8 +186,15 @@ class HopRunner(TaskChecks, Transfers):
             if exc.code() in _RETRYABLE:
                 raise
             logger.error("hop %s result refused: %s %s", task.hop_id, exc.code(), exc.details())
+            if handing_back is not None and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                self._deferred_validation = None
+                failed = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
+                                      error_code="handback-refused",
+                                      error_message=f"the coordinator refused the hop's "
+                                                    f"bundle: {exc.details()}")  # fmt: skip
+                return self._report_hop_result(stub, task, failed, beat)
             return None
-        return response
+        return result, response
 
     def _hop_setup(self, task: pb.HopTask) -> tuple[HopHyperparameters, TaskSpec, Trainer]:
         """A hop's hyperparameters, spec and trainer, once its run's approval is checked.
@@ -283,37 +302,24 @@ class HopRunner(TaskChecks, Transfers):
             outcome.tensors, metadata=bundle_metadata(manifest, outcome.adapter_config)
         )
         self._check_egress(trainer, spec, dataset, payload, self.settings.max_upload_bytes)
+        digest = sha256_hex(payload)
         header = pb.UploadHeader(
             hop_id=task.hop_id,
             lease_token=task.lease_token,
             total_size=len(payload),
-            sha256=sha256_hex(payload),
-            signature=sign_digest(self.settings.private_key.read_bytes(), sha256_hex(payload)),
+            sha256=digest,
+            signature=sign_digest(self.settings.private_key.read_bytes(), digest),
         )
-
-        attempts = 0
-
-        def upload() -> pb.UploadResponse:
-            nonlocal attempts
-            attempts += 1
-            if attempts > 1:  # a first attempt starts at 0: no round trip to ask
-                # Resume from whatever the coordinator already holds of this upload.
-                header.offset = stub.UploadStatus(header, timeout=30).received
-            response: pb.UploadResponse = stub.UploadCheckpoint(
-                self._upload_messages(header, payload), timeout=600
-            )
-            self.metrics.checkpoint_bytes.labels(direction="upload").inc(
-                len(payload) - header.offset
-            )
-            return response
-
-        uploaded = self._retrying("upload", upload, lease_lost=beat.cancelled)
+        # Handed back with the result, in one call (`_report_hop_result`).
+        self._handing_back = (header, payload)
         self._deferred_validation = outcome.validate
         return pb.HopResult(
             hop_id=task.hop_id,
             lease_token=task.lease_token,
             ok=True,
-            output_checkpoint=uploaded.checkpoint,
+            output_checkpoint=pb.CheckpointRef(
+                sha256=digest, size=len(payload), signature=header.signature
+            ),
             metrics=outcome.metrics,
             train_started_at_ns=outcome.train_started_at_ns,
             train_finished_at_ns=outcome.train_finished_at_ns,

@@ -38,6 +38,7 @@ class Transfers:
     settings: SiteSettings
     metrics: SiteMetrics
     _stop: threading.Event
+    _hand_back_unimplemented = False  # the coordinator predates HandBackHop: two calls
 
     if TYPE_CHECKING:
 
@@ -109,3 +110,74 @@ class Transfers:
         view = memoryview(payload)
         for start in range(header.offset, len(payload), CHUNK_BYTES):
             yield pb.UploadRequest(data=bytes(view[start : start + CHUNK_BYTES]))
+
+    @staticmethod
+    def _hand_back_messages(
+        header: pb.UploadHeader, payload: bytes, result: pb.HopResult
+    ) -> Iterator[pb.HandBackRequest]:
+        yield pb.HandBackRequest(header=header)
+        view = memoryview(payload)
+        for start in range(header.offset, len(payload), CHUNK_BYTES):
+            yield pb.HandBackRequest(data=bytes(view[start : start + CHUNK_BYTES]))
+        yield pb.HandBackRequest(result=result)
+
+    def _hand_back(
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        header: pb.UploadHeader,
+        payload: bytes,
+        result: pb.HopResult,
+        lease_lost: threading.Event,
+    ) -> pb.HopResultResponse:
+        """Hands a finished hop back: its bundle and its result in one call (HandBackHop).
+
+        A cut or unanswered call is resumed from what the coordinator holds (UploadStatus): a
+        retry after the commit is answered "committed" again, nothing is sent twice over. A
+        coordinator without HandBackHop gets the upload and the result in two calls.
+        """
+        attempts = 0
+
+        def call() -> pb.HopResultResponse:
+            nonlocal attempts
+            attempts += 1
+            uploaded = self._hand_back_unimplemented and header.offset == len(payload)
+            if attempts > 1 and not uploaded:  # a first attempt starts at 0: nothing to ask
+                header.offset = stub.UploadStatus(header, timeout=30).received
+            if self._hand_back_unimplemented:
+                return self._upload_then_report(stub, header, payload, result)
+            try:
+                response: pb.HopResultResponse = stub.HandBackHop(
+                    self._hand_back_messages(header, payload, result), timeout=600
+                )
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                logger.info("the coordinator takes no hand back in one call: upload, then report")
+                self._hand_back_unimplemented = True
+                return self._upload_then_report(stub, header, payload, result)
+            self.metrics.checkpoint_bytes.labels(direction="upload").inc(
+                len(payload) - header.offset
+            )
+            return response
+
+        return self._retrying("hand back", call, lease_lost=lease_lost)
+
+    def _upload_then_report(
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        header: pb.UploadHeader,
+        payload: bytes,
+        result: pb.HopResult,
+    ) -> pb.HopResultResponse:
+        """The two-call hand back of older coordinators: UploadCheckpoint, then ReportHopResult."""
+        if header.offset < len(payload):
+            uploaded: pb.UploadResponse = stub.UploadCheckpoint(
+                self._upload_messages(header, payload), timeout=600
+            )
+            self.metrics.checkpoint_bytes.labels(direction="upload").inc(
+                len(payload) - header.offset
+            )
+            header.offset = len(payload)
+            result.output_checkpoint.CopyFrom(uploaded.checkpoint)
+        response: pb.HopResultResponse = stub.ReportHopResult(result, timeout=60)
+        return response

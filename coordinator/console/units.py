@@ -85,8 +85,9 @@ def coordinator_unit(
         config_dir=config_dir,
         exec_start=f"{prefix}/bin/baton coordinator serve --config {config_dir}/coordinator.toml",
         # Upload checks run on worker threads; glibc's per-thread arenas would keep ~40 MB more
-        # resident after a 100 MB transfer (benchmarks/transfer.py).
-        environment="Environment=MALLOC_ARENA_MAX=2\n",
+        # resident after a 100 MB transfer, and its sliding mmap threshold would keep freed
+        # 1 MiB message buffers in fragmented arenas (benchmarks/transfer.py).
+        environment="Environment=MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072\n",
         stop_seconds=60,
         state_name="baton",
         # The coordinator never needs devices nor writable-executable memory.

@@ -29,7 +29,6 @@ from coordinator.plan import RunPlan
 from coordinator.preflight import SiteApprovals, SiteView
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
-from protocols.checkpoint import Bundle
 from protocols.ledger_head import SignedHead
 from protocols.v1 import baton_pb2 as pb
 
@@ -230,9 +229,22 @@ class RunEngine:
         certificate_pem: bytes,
         header: pb.UploadHeader,
         chunks: AsyncIterator[bytes],
-    ) -> Bundle:
+    ) -> pb.CheckpointRef:
         """Accepts a hop's output bundle: size, hash, signature, format, values and lineage."""
         return await self.intake.receive_upload(site, certificate_pem, header, chunks)
+
+    async def hand_back(
+        self,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        parts: AsyncIterator[pb.HandBackRequest],
+    ) -> str:
+        """Stores a finished hop's bundle and commits the hop with the result that follows it
+        (an upload and a hop result in one call). Returns the hop's new status."""
+        return await self.intake.hand_back(
+            site, certificate_pem, header, parts, self.hops.report_result
+        )
 
     def upload_progress(self, site: str, header: pb.UploadHeader) -> int:
         """Bytes of a hop's upload already received (to resume a cut upload from there)."""

@@ -1,7 +1,10 @@
 """Hop outputs coming in: resumable upload intake into the spool, lineage and custody checks.
 
-A bundle is checked from its spool file (size, hash, format, values), then against the hop's
-lineage and its producer's signature, before the spool file becomes the stored checkpoint.
+A bundle is hashed and its values checked while it streams into its spool file (size, hash,
+format and values are then checked from the header alone: the bytes are never read back), then
+checked against the hop's lineage and its producer's signature, before the spool file is renamed
+into the store. A hand back (`hand_back`) is an upload whose last message is the hop's result:
+the hop is committed in the same call.
 """
 
 from __future__ import annotations
@@ -11,10 +14,9 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
 
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.spool import UploadSpool
@@ -30,13 +32,21 @@ from coordinator.ledger import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
-from protocols.checkpoint import Bundle, CheckpointError, hash_prefix, inspect_bundle_file
+from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
+from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
 from protocols.signing import SignatureError, verify_custody
+from protocols.transport import CHUNK_BYTES
 from protocols.v1 import baton_pb2 as pb
 
 __all__ = ["UploadIntake", "tensor_specs"]
 
 logger = logging.getLogger(__name__)
+
+# While an upload streams, its spool file is made durable every this many bytes (on the writing
+# thread), so the fsync before the commit has little left to write.
+_SYNC_BYTES = 16 * 1024 * 1024
+_READ_BYTES = 4 * 1024 * 1024
+CommitResult = Callable[[str, pb.HopResult], Awaitable[str]]
 
 
 def tensor_specs(bundle: Bundle) -> list[list[object]]:
@@ -52,11 +62,50 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _absorb(fh: BinaryIO, hasher: Any, chunk: bytes) -> None:
-    """Appends an upload chunk to its spool file and to the running hash."""
-    fh.write(chunk)
-    fh.flush()  # what UploadStatus reports is on disk, not in a buffer
-    hasher.update(chunk)
+def _absorb(fd: int, stream: BundleStream, chunk: bytes, sync: bool) -> None:
+    """Appends an upload chunk to its spool file (and makes the file durable so far if `sync`),
+    and feeds it to the running hash and value check."""
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view) :]
+    if sync:
+        os.fdatasync(fd)
+    stream.feed(chunk)
+
+
+def _open_at(path: Path, offset: int) -> int:
+    """The partial upload file open for writing at `offset` (what follows it is dropped)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _feed_file(stream: BundleStream, path: Path, length: int) -> None:
+    """Feeds the first `length` bytes of a partial upload to `stream` (a resumed upload)."""
+    buffer = bytearray(min(_READ_BYTES, max(length, 1)))
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as fh:
+        while length > 0:
+            got = fh.readinto(view[: min(len(buffer), length)])
+            if not got:
+                raise InvalidInput("the partial upload is shorter than its resume point")
+            stream.feed(view[:got])
+            length -= got
+
+
+async def _settle(*futures: asyncio.Future[None] | None) -> None:
+    """Waits for worker-thread futures still running (their chunk and file stay alive until)."""
+    pending = [f for f in futures if f is not None]
+    if pending:
+        await asyncio.wait(pending)
+    for future in pending:
+        if not future.cancelled():
+            future.exception()  # retrieved: the first error is already on its way up
 
 
 class UploadIntake:
@@ -103,50 +152,34 @@ class UploadIntake:
         certificate_pem: bytes,
         header: pb.UploadHeader,
         chunks: AsyncIterator[bytes],
-    ) -> Bundle:
-        """Accepts a hop's output bundle: size, hash, signature, format, values and lineage."""
+    ) -> pb.CheckpointRef:
+        """Accepts a hop's output bundle: size, hash, signature, format, values and lineage.
+
+        An upload the hop holds already (an answer lost, then resumed at its end) is answered
+        with the stored checkpoint: nothing is written again.
+        """
         run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
         if header.total_size > self.max_checkpoint_bytes:
             raise InvalidInput(
                 f"checkpoint of {header.total_size} bytes exceeds the "
                 f"{self.max_checkpoint_bytes}-byte cap"
             )
-        held = [row.sha256 for row in self.ledger.stored_checkpoints(hop.id)]
+        held = {row.sha256: row for row in self.ledger.stored_checkpoints(hop.id)}
         if held and header.sha256 not in held:
             raise InvalidInput(
-                f"hop {hop.id} already holds uploaded output {held[0]} under this lease; "
-                "report it, or let the lease lapse, instead of uploading another"
+                f"hop {hop.id} already holds uploaded output {next(iter(held))} under this "
+                "lease; report it, or let the lease lapse, instead of uploading another"
             )
+        stored = held.get(header.sha256)
+        if stored is not None and header.offset == stored.size == header.total_size:
+            await _drain(chunks, 0)
+            return _ref(header)
         where = f"upload for hop {hop.index} of run {run.id}"
         with self.spool.writing(hop.id), self.storage.guard(where):
-            partial = self.spool.claim(hop.id, header.lease_token, header.sha256)
-            resumable = False
-            try:
-                received, digest = await self._spool_chunks(partial, header, chunks)
-                if received != header.total_size:
-                    await asyncio.to_thread(_fsync_file, partial)
-                    resumable = True
-                    raise InvalidInput(
-                        f"upload ended after {received} of {header.total_size} declared bytes; "
-                        f"resume from byte {received}"
-                    )
-                # The hop may have ended while the bytes arrived (lease expired, run aborted).
-                run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
-                # Checked from the file (bounded reads, off the event loop) while it is made
-                # durable; then the spool file itself becomes the stored bundle: the bytes are
-                # written once.
-                _, inspected = await asyncio.gather(
-                    asyncio.to_thread(_fsync_file, partial),
-                    asyncio.to_thread(self._inspected_upload, partial, header.sha256, digest),
-                )
-                bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-                await asyncio.to_thread(self.store.adopt, partial, bundle.sha256)
-            except asyncio.CancelledError:
-                raise  # a cut stream: kept to resume under the same lease (until the hop ends)
-            except BaseException:
-                if not resumable:
-                    self.spool.discard(hop.id)  # rejected, or storage failed: nothing kept
-                raise
+            if header.offset == 0 and header.total_size <= CHUNK_BYTES:
+                run, hop, bundle = await self._store_whole(site, certificate_pem, header, chunks)
+            else:
+                run, hop, bundle = await self._store_spooled(site, certificate_pem, header, chunks)
             self.spool.discard(hop.id)
             self.ledger.record_checkpoint(
                 CheckpointRow(
@@ -174,27 +207,161 @@ class UploadIntake:
                     )
                 self.metrics.hop_phase(hop.id, "committing")
                 self.leases.extend(run, hop.id)
-        return bundle
+        return _ref(header)
+
+    async def _store_whole(
+        self,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        chunks: AsyncIterator[bytes],
+    ) -> tuple[RunRow, HopRow, Bundle]:
+        """A bundle that arrives in one message: checked in memory and written once, straight
+        into the store (a message arrives whole or not at all: there is nothing to resume)."""
+        self.spool.path(header.hop_id, header.lease_token, header.sha256)  # a hex digest
+        data = bytearray()
+        async for chunk in chunks:
+            data += chunk
+            if len(data) > header.total_size:
+                raise InvalidInput("upload is longer than its header declared")
+        if len(data) != header.total_size:
+            raise InvalidInput(
+                f"upload ended after {len(data)} of {header.total_size} declared bytes; "
+                "resume from byte 0"
+            )
+        self.metrics.checkpoint_bytes.labels(direction="upload").inc(len(data))
+        inspected = await asyncio.to_thread(self._inspected_bytes, bytes(data), header.sha256)
+        # The hop may have ended while the bytes arrived (lease expired, run aborted).
+        run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
+        bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
+        await asyncio.to_thread(self.store.put, bytes(data), sha256=bundle.sha256)
+        return run, hop, bundle
+
+    async def _store_spooled(
+        self,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        chunks: AsyncIterator[bytes],
+    ) -> tuple[RunRow, HopRow, Bundle]:
+        """A bundle streamed into its spool file, checked as it arrives, renamed into the store."""
+        hop_id = header.hop_id
+        partial = self.spool.claim(hop_id, header.lease_token, header.sha256)
+        resumable = False
+        try:
+            received, stream = await self._spool_chunks(partial, header, chunks)
+            if received != header.total_size:
+                await asyncio.to_thread(_fsync_file, partial)
+                resumable = True
+                raise InvalidInput(
+                    f"upload ended after {received} of {header.total_size} declared bytes; "
+                    f"resume from byte {received}"
+                )
+            # The hop may have ended while the bytes arrived (lease expired, run aborted).
+            run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
+            # Checked from the header alone (the values were checked as they streamed in)
+            # while the file is made durable; then the spool file itself is renamed into
+            # the store: the bytes are written once and never read back.
+            _, inspected = await asyncio.gather(
+                asyncio.to_thread(_fsync_file, partial),
+                asyncio.to_thread(self._inspected_upload, partial, header.sha256, stream),
+            )
+            bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
+            await asyncio.to_thread(self.store.adopt, partial, bundle.sha256)
+        except asyncio.CancelledError:
+            raise  # a cut stream: kept to resume under the same lease (until the hop ends)
+        except BaseException:
+            if not resumable:
+                self.spool.discard(hop_id)  # rejected, or storage failed: nothing kept
+            raise
+        return run, hop, bundle
+
+    def _inspected_bytes(self, data: bytes, expected_sha256: str) -> Bundle:
+        """A bundle's size, hash, format and values, checked in memory."""
+        try:
+            return inspect_bundle(
+                data, expected_sha256=expected_sha256, max_bytes=self.max_checkpoint_bytes
+            )
+        except CheckpointError as exc:
+            raise InvalidInput(str(exc)) from exc
+
+    async def hand_back(
+        self,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        parts: AsyncIterator[pb.HandBackRequest],
+        commit: CommitResult,
+    ) -> str:
+        """Stores a finished hop's bundle and commits the hop with the result that follows it.
+
+        The bundle is received and checked exactly as an upload (`receive_upload`), then the
+        result goes through `commit` (the engine's one commit path). A retry after a lost
+        answer, for a hop committed with this very bundle, writes nothing and is answered
+        "committed" again. Returns the hop's status.
+        """
+        results: list[pb.HopResult] = []
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for part in parts:
+                kind = part.WhichOneof("part")
+                if kind == "data":
+                    yield part.data
+                elif kind == "result":
+                    results.append(part.result)
+                    return
+                else:
+                    raise InvalidInput("only data chunks, then the hop result, may follow the "
+                                       "hand back header")  # fmt: skip
+
+        if self._committed_with(site, header):
+            await _drain(chunks(), header.total_size - header.offset)
+        else:
+            await self.receive_upload(site, certificate_pem, header, chunks())
+        if not results:
+            raise InvalidInput(
+                "a hand back ends with the hop's result and none came; the bundle is stored: "
+                "hand the hop back again (from its end) or report its result"
+            )
+        if await anext(parts, None) is not None:
+            raise InvalidInput("nothing may follow the hop result of a hand back")
+        result = results[0]
+        _check_hand_back_result(header, result)
+        result.output_checkpoint.CopyFrom(_ref(header))
+        return await commit(site, result)
+
+    def _committed_with(self, site: str, header: pb.UploadHeader) -> bool:
+        """Whether `site`'s hop is committed already, with the bundle this header names."""
+        hop = self.ledger.hop(header.hop_id)
+        return (
+            hop is not None
+            and hop.site == site
+            and hop.status == "committed"
+            and hop.output_sha256 == header.sha256
+        )
 
     async def _spool_chunks(
         self, partial: Path, header: pb.UploadHeader, chunks: AsyncIterator[bytes]
-    ) -> tuple[int, str]:
+    ) -> tuple[int, BundleStream]:
         """Writes chunks to the partial file as they arrive (a cut upload resumes from there).
 
-        Returns the bytes received and the sha256 of the whole file, hashed while it streamed
-        (a resumed upload's earlier bytes are hashed from the file first).
+        Returns the bytes received and the stream that hashed the whole file and checked its
+        values as it arrived (a resumed upload's earlier bytes are fed to it from the file first).
         """
         received = partial.stat().st_size if partial.is_file() else 0
         if header.offset > received:
             raise InvalidInput(
                 f"cannot resume at byte {header.offset}: {received} bytes were received"
             )
-        with partial.open("r+b" if partial.is_file() else "wb") as fh:
-            fh.truncate(header.offset)
-            hasher = await asyncio.to_thread(hash_prefix, partial, header.offset)
-            fh.seek(header.offset)
-            received = header.offset
-            # Each chunk is written and hashed on a worker thread while the next one arrives.
+        stream = BundleStream()
+        fd = await asyncio.to_thread(_open_at, partial, header.offset)
+        try:
+            if header.offset:
+                await asyncio.to_thread(_feed_file, stream, partial, header.offset)
+            received = synced = header.offset
+            # Each chunk is written, hashed and checked on a worker thread while the next one
+            # arrives (one hand-off per chunk: each costs the event loop more than a memcpy);
+            # no more than one chunk is in flight.
             loop = asyncio.get_running_loop()
             pending: asyncio.Future[None] | None = None
             try:
@@ -204,23 +371,28 @@ class UploadIntake:
                         raise InvalidInput("upload is longer than its header declared")
                     if pending is not None:
                         await pending
-                    pending = loop.run_in_executor(None, _absorb, fh, hasher, chunk)
+                    sync = received - synced >= _SYNC_BYTES
+                    synced = received if sync else synced
+                    pending = loop.run_in_executor(None, _absorb, fd, stream, chunk, sync)
                 if pending is not None:
                     await pending
             finally:
-                if pending is not None and not pending.done():
-                    await asyncio.wait([pending])  # the file stays open until its last write
+                await _settle(pending)  # the file stays open until its last write
+        finally:
+            os.close(fd)
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)
-        return received, hasher.hexdigest()
+        return received, stream
 
-    def _inspected_upload(self, partial: Path, expected_sha256: str, digest: str) -> Bundle:
-        """The spooled bundle's size, hash, format and values, checked from the file."""
+    def _inspected_upload(
+        self, partial: Path, expected_sha256: str, stream: BundleStream
+    ) -> Bundle:
+        """The spooled bundle's size, hash, format and values, from its header and `stream`."""
         try:
-            return inspect_bundle_file(
+            return inspect_streamed_bundle(
                 partial,
+                stream,
                 expected_sha256=expected_sha256,
                 max_bytes=self.max_checkpoint_bytes,
-                sha256=digest,
             )
         except CheckpointError as exc:
             raise InvalidInput(str(exc)) from exc
@@ -245,8 +417,17 @@ class UploadIntake:
         return bundle
 
     def upload_progress(self, site: str, header: pb.UploadHeader) -> int:
-        """Bytes of a hop's upload already received (to resume a cut upload from there)."""
+        """Bytes of a hop's upload already received (to resume a cut upload from there).
+
+        All of them once the bundle is stored for the hop (also after its commit: a hand back
+        whose answer was lost is resumed at its end and answered "committed").
+        """
+        if self._committed_with(site, header):
+            return header.total_size
         self.leases.leased_hop(site, header.hop_id, header.lease_token)
+        for row in self.ledger.stored_checkpoints(header.hop_id):
+            if row.sha256 == header.sha256:
+                return row.size
         return self.spool.received(header.hop_id, header.lease_token, header.sha256)
 
     def hop_ended(self, hop_id: str, reason: str) -> None:
@@ -300,3 +481,33 @@ class UploadIntake:
         freed = self.spool.sweep(live)
         if freed:
             logger.info("removed %d bytes of abandoned partial uploads", freed)
+
+
+def _ref(header: pb.UploadHeader) -> pb.CheckpointRef:
+    return pb.CheckpointRef(
+        sha256=header.sha256, size=header.total_size, signature=header.signature
+    )
+
+
+async def _drain(chunks: AsyncIterator[bytes], allowed: int) -> None:
+    """Reads what a client sends of a bundle the coordinator holds already (nothing is kept)."""
+    async for chunk in chunks:
+        allowed -= len(chunk)
+        if allowed < 0:
+            raise InvalidInput("upload is longer than its header declared")
+
+
+def _check_hand_back_result(header: pb.UploadHeader, result: pb.HopResult) -> None:
+    """A hand back's result is the successful result of the hop its header names."""
+    if result.hop_id != header.hop_id or result.lease_token != header.lease_token:
+        raise InvalidInput("the hand back's result names another hop or lease than its header")
+    if not result.ok or result.released:
+        raise InvalidInput(
+            "a hand back carries a successful hop's result; report a failed or released hop "
+            "with ReportHopResult"
+        )
+    named = result.output_checkpoint.sha256
+    if named and named != header.sha256:
+        raise InvalidInput(
+            f"the hand back's result names output {named}; its bundle is {header.sha256}"
+        )

@@ -23,7 +23,8 @@ COPY --from=build /opt/baton /opt/baton
 ENV PATH=/opt/baton/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    MALLOC_ARENA_MAX=2
+    MALLOC_ARENA_MAX=2 \
+    MALLOC_MMAP_THRESHOLD_=131072
 USER baton:baton
 WORKDIR /var/lib/baton
 VOLUME ["/var/lib/baton/state"]

@@ -994,6 +994,48 @@ class UploadResponse(_message.Message):
 Global___UploadResponse: _TypeAlias = UploadResponse  # noqa: Y015
 
 @_typing.final
+class HandBackRequest(_message.Message):
+    """A finished hop handed back in one call (HandBackHop): its output bundle, then its result. The
+    coordinator stores the bundle (hashed and checked while it streams), commits the hop and
+    answers with the outcome. A cut hand back resumes like an upload (UploadStatus, then a new
+    call whose header carries the offset); a retry after a lost answer is answered "committed".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """then the bundle, in order, from header.offset"""
+    @_builtins.property
+    def header(self) -> Global___UploadHeader:
+        """first message"""
+
+    @_builtins.property
+    def result(self) -> Global___HopResult:
+        """Last message: the hop's result (ok). output_checkpoint may be left unset; when set it
+        must name the bundle of this call's header.
+        """
+
+    def __init__(
+        self,
+        *,
+        header: Global___UploadHeader | None = ...,
+        data: _builtins.bytes = ...,
+        result: Global___HopResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "part", b"part", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "part", b"part", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["header", "data", "result"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___HandBackRequest: _TypeAlias = HandBackRequest  # noqa: Y015
+
+@_typing.final
 class HopResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

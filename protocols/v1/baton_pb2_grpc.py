@@ -64,6 +64,11 @@ class SiteServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.HopResult.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
                 _registered_method=True)
+        self.HandBackHop = channel.stream_unary(
+                '/baton.v1.SiteService/HandBackHop',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.HandBackRequest.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
+                _registered_method=True)
         self.ReportHopValidation = channel.unary_unary(
                 '/baton.v1.SiteService/ReportHopValidation',
                 request_serializer=protocols_dot_v1_dot_baton__pb2.HopValidation.SerializeToString,
@@ -137,6 +142,14 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandBackHop(self, request_iterator, context):
+        """Upload + ReportHopResult in one round trip (a successful hop only). A coordinator without it
+        answers UNIMPLEMENTED: the site then uploads and reports in two calls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportHopValidation(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -205,6 +218,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
             'ReportHopResult': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportHopResult,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.HopResult.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.SerializeToString,
+            ),
+            'HandBackHop': grpc.stream_unary_rpc_method_handler(
+                    servicer.HandBackHop,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.HandBackRequest.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.SerializeToString,
             ),
             'ReportHopValidation': grpc.unary_unary_rpc_method_handler(
@@ -399,6 +417,33 @@ class SiteService:
             target,
             '/baton.v1.SiteService/ReportHopResult',
             protocols_dot_v1_dot_baton__pb2.HopResult.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandBackHop(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/baton.v1.SiteService/HandBackHop',
+            protocols_dot_v1_dot_baton__pb2.HandBackRequest.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
             options,
             channel_credentials,

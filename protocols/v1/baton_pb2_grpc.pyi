@@ -44,6 +44,10 @@ class SiteServiceStub:
     UploadStatus: _grpc.UnaryUnaryMultiCallable[_baton_pb2.UploadHeader, _baton_pb2.UploadProgress]
     """How much of an interrupted upload arrived; the site resumes from there."""
     ReportHopResult: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]
+    HandBackHop: _grpc.StreamUnaryMultiCallable[_baton_pb2.HandBackRequest, _baton_pb2.HopResultResponse]
+    """Upload + ReportHopResult in one round trip (a successful hop only). A coordinator without it
+    answers UNIMPLEMENTED: the site then uploads and reports in two calls.
+    """
     ReportHopValidation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HopValidation, _baton_pb2.HopValidationResponse]
     SendHeartbeat: _grpc.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]
@@ -63,6 +67,10 @@ class SiteServiceAsyncStub(SiteServiceStub):
     UploadStatus: _aio.UnaryUnaryMultiCallable[_baton_pb2.UploadHeader, _baton_pb2.UploadProgress]  # type: ignore[assignment]
     """How much of an interrupted upload arrived; the site resumes from there."""
     ReportHopResult: _aio.UnaryUnaryMultiCallable[_baton_pb2.HopResult, _baton_pb2.HopResultResponse]  # type: ignore[assignment]
+    HandBackHop: _aio.StreamUnaryMultiCallable[_baton_pb2.HandBackRequest, _baton_pb2.HopResultResponse]  # type: ignore[assignment]
+    """Upload + ReportHopResult in one round trip (a successful hop only). A coordinator without it
+    answers UNIMPLEMENTED: the site then uploads and reports in two calls.
+    """
     ReportHopValidation: _aio.UnaryUnaryMultiCallable[_baton_pb2.HopValidation, _baton_pb2.HopValidationResponse]  # type: ignore[assignment]
     SendHeartbeat: _aio.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]  # type: ignore[assignment]
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]  # type: ignore[assignment]
@@ -115,6 +123,16 @@ class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _baton_pb2.HopResult,
         context: _ServicerContext,
     ) -> _typing.Union[_baton_pb2.HopResultResponse, _abc.Awaitable[_baton_pb2.HopResultResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def HandBackHop(
+        self,
+        request_iterator: _MaybeAsyncIterator[_baton_pb2.HandBackRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.HopResultResponse, _abc.Awaitable[_baton_pb2.HopResultResponse]]:
+        """Upload + ReportHopResult in one round trip (a successful hop only). A coordinator without it
+        answers UNIMPLEMENTED: the site then uploads and reports in two calls.
+        """
 
     @_abc_1.abstractmethod
     def ReportHopValidation(

@@ -104,7 +104,7 @@ def test_full_disk_answers_retryable_and_the_run_completes_once_space_is_freed(
         # An upload into a full disk: retryable, and the partial file is not kept.
         ballast.fill()
         assert "No space left on device" in _unavailable(lambda: a.upload(first, data))
-        assert not list((settings.state_dir / "uploads").iterdir())
+        assert not list((settings.state_dir / "uploads").glob("*"))
         fault = admin.run(run_id).storage_fault
         assert fault.startswith("since ") and "coordinator storage full" in fault
         ballast.free()

@@ -24,6 +24,7 @@ from protocols.v1 import baton_pb2 as pb
 from tests.coordinator_tests.conftest import BASE, ScriptedSite
 
 CAP = 256 * 1024
+SPOOLED = 300_000  # floats: a bundle of more than one chunk, streamed through the spool
 
 
 def _start(admin: AdminClient, site: ScriptedSite, **failure: object) -> pb.HopTask:
@@ -162,18 +163,16 @@ def test_site_uploading_many_made_up_bundles_never_holds_more_than_twice_the_cap
     assert all(o.startswith("RESOURCE_EXHAUSTED: another upload for hop") for o in concurrent[1:])
     assert all("already holds uploaded output" in o for o in more), more
     # What stays: the one accepted bundle, no partial upload.
-    assert not list((state / "uploads").iterdir())
+    assert not list((state / "uploads").glob("*"))
     assert len(list(coordinator.engine.store.stored())) == 1
 
 
-def _cut_upload(site: ScriptedSite, task: pb.HopTask, data: bytes) -> None:
+def _cut_upload(site: ScriptedSite, task: pb.HopTask, data: bytes, state: Path) -> None:
     """A site killed mid-upload: half the bundle arrives, then the stream is cut."""
     stall = threading.Event()
     future = _upload(site, task, data[: len(data) // 2], declared=len(data),
                      sha=sha256_hex(data), stop=stall)  # fmt: skip
-    header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
-                             sha256=sha256_hex(data))  # fmt: skip
-    _until(lambda: site.stub.UploadStatus(header, timeout=5).received == len(data) // 2)
+    _spooled(state, len(data) // 2)
     future.cancel()
     stall.set()
 
@@ -191,8 +190,8 @@ def test_partial_upload_of_a_killed_site_is_removed_once_its_lease_expires(
     site = sites["site-a"]
     task = _start(admin, site, lease_timeout_seconds=3, max_retries=1)
     uploads = _state(coordinator) / "uploads"
-    _cut_upload(site, task, _bundle(site, task, 20_000, 1.0))
-    assert [p.stat().st_size for p in uploads.iterdir()] == [len(_bundle(site, task, 20_000, 1.0))
+    _cut_upload(site, task, _bundle(site, task, SPOOLED, 1.0), uploads.parent)
+    assert [p.stat().st_size for p in uploads.iterdir()] == [len(_bundle(site, task, SPOOLED, 1.0))
                                                             // 2]  # fmt: skip
     retried = site.next_task()  # no heartbeat: the lease expires, the hop is leased again
     assert retried.hop_id == task.hop_id and retried.lease_token != task.lease_token
@@ -206,10 +205,10 @@ def test_every_spool_file_and_unused_upload_goes_when_the_hop_ends(
     site = sites["site-a"]
     task = _start(admin, site, on_failure="abort")
     state = _state(coordinator)
-    data = site.bundle(task)
+    data = _bundle(site, task, SPOOLED, 1.0)
     ref = site.upload(task, data)
-    _cut_upload(site, task, data)  # the same bytes again, cut: a resumable partial
-    assert list((state / "uploads").iterdir())
+    _cut_upload(site, task, data, state)  # the same bytes again, cut: a resumable partial
+    assert list((state / "uploads").glob("*"))
     if ending == "commit":
         assert site.report(task, ref) == "committed"
         assert [sha for sha, _, _ in coordinator.engine.store.stored()] == [ref.sha256]
@@ -219,7 +218,7 @@ def test_every_spool_file_and_unused_upload_goes_when_the_hop_ends(
         assert site.stub.ReportHopResult(result, timeout=5).hop_status == "failed"
         assert not list(coordinator.engine.store.stored())
         assert coordinator.engine.ledger.checkpoint(ref.sha256).status == "superseded"
-    assert not list((state / "uploads").iterdir())
+    assert not list((state / "uploads").glob("*"))
 
 
 def test_checkpoint_of_a_retried_hop_is_marked_superseded_and_its_bytes_freed(
@@ -252,7 +251,7 @@ def test_upload_in_flight_when_its_run_is_aborted_is_refused_and_nothing_is_kept
     site = sites["site-a"]
     task = _start(admin, site)
     stall = threading.Event()
-    data = site.bundle(task)
+    data = _bundle(site, task, SPOOLED, 1.0)
     future = _upload(site, task, data, stop=stall)  # all bytes sent, the stream still open
     header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
                              sha256=sha256_hex(data))  # fmt: skip
@@ -260,7 +259,7 @@ def test_upload_in_flight_when_its_run_is_aborted_is_refused_and_nothing_is_kept
     assert admin.control(task.run_id, "abort", "stop").status == "aborted"
     stall.set()
     assert _outcome(future) == f"NOT_FOUND: no active hop {task.hop_id}"
-    assert not list((_state(coordinator) / "uploads").iterdir())
+    assert not list((_state(coordinator) / "uploads").glob("*"))
     assert not list(coordinator.engine.store.stored())
     assert coordinator.engine.ledger.checkpoints(task.run_id) == []
 
@@ -271,8 +270,8 @@ def test_watchdog_removes_spool_files_of_ended_hops_and_older_leases(
     site = sites["site-a"]
     task = _start(admin, site)
     uploads = _state(coordinator) / "uploads"
-    data = site.bundle(task)
-    _cut_upload(site, task, data)  # the live lease's partial: kept to be resumed
+    data = _bundle(site, task, SPOOLED, 1.0)
+    _cut_upload(site, task, data, uploads.parent)  # the live lease's partial: kept to be resumed
     [current] = list(uploads.iterdir())
     # Left by a crash: an older lease of this hop, and a hop that no longer holds a lease.
     older = uploads / f"{task.hop_id}.{'0' * 16}.{'1' * 64}.part"
@@ -311,7 +310,7 @@ def test_stored_bundle_is_the_spool_file_renamed_not_written_again(
     stored = coordinator.engine.store.path(sha256_hex(data)).stat()
     assert (stored.st_ino, stored.st_dev) == (spooled.st_ino, spooled.st_dev)
     assert stored.st_mode & 0o777 == 0o444
-    assert not list((state / "uploads").iterdir())
+    assert not list((state / "uploads").glob("*"))
 
 
 def _nan_bundle(site: ScriptedSite, task: pb.HopTask) -> bytes:

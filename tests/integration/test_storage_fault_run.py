@@ -133,13 +133,14 @@ def test_site_keeps_its_hop_through_a_full_disk_and_the_run_completes(
         loop_thread.run(coordinator.stop(0))
     assert stalled.status == "running" and stalled.storage_fault.startswith("since ")
     assert run.status == "completed", run.error
-    assert full_database.refused >= 3
+    # One hand back (bundle and result in one call), retried through both faults.
+    assert full_database.refused >= 1
     assert (
-        "upload not taken by the coordinator now (UNAVAILABLE: coordinator storage full: "
+        "hand back not taken by the coordinator now (UNAVAILABLE: coordinator storage full: "
         "No space left on device" in site_log
     )
     assert (
-        "hop result not taken by the coordinator now (UNAVAILABLE: coordinator storage "
+        "hand back not taken by the coordinator now (UNAVAILABLE: coordinator storage "
         "full: ledger database: database or disk is full" in site_log
     )
     reopened = Ledger(ledger.url)
@@ -150,7 +151,9 @@ def test_site_keeps_its_hop_through_a_full_disk_and_the_run_completes(
         assert [(h.status, h.attempts) for h in hops] == [("committed", 1)] * len(sites)
         kinds = [e.kind for e in reopened.events()]
         assert "hop.retry" not in kinds
-        assert kinds.count("storage.fault") == kinds.count("storage.recovered") >= 2
+        # The disk and the database faults may be one episode: the hand back stores the bundle
+        # and commits within one call, before the watchdog notes the disk's recovery.
+        assert kinds.count("storage.fault") == kinds.count("storage.recovered") >= 1
     finally:
         reopened.close()
     final = settings.runs_dir / run_id / "final_adapter" / "adapter_model.safetensors"

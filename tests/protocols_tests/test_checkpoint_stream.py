@@ -1,0 +1,89 @@
+"""A bundle checked as it streams gets the file check's verdict, without being read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import protocols.checkpoint_stream as checkpoint_stream
+from protocols.checkpoint import (
+    CheckpointError,
+    CheckpointManifest,
+    bundle_metadata,
+    inspect_bundle_file,
+)
+from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
+
+MANIFEST = CheckpointManifest(task_type="t", base_model_sha256="ab" * 32, run_id="r", hop_id="h",
+                              producer_site="s", parent_sha256="")  # fmt: skip
+
+
+def _streamed(data: bytes, rng: np.random.Generator) -> BundleStream:
+    stream, position = BundleStream(), 0
+    while position < len(data):
+        step = int(rng.integers(1, 3000))  # chunk edges fall inside header and elements
+        stream.feed(data[position : position + step])
+        position += step
+    return stream
+
+
+def _verdict(check: object) -> object:
+    try:
+        return check()  # type: ignore[operator]
+    except CheckpointError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_streamed_check_agrees_with_the_file_check_whatever_the_chunking(
+    tmp_path: Path, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for index in range(int(rng.integers(1, 5))):
+        dtype = [np.float32, np.float16, np.float64, np.int32][int(rng.integers(4))]
+        values = rng.standard_normal(int(rng.integers(1, 3000))).astype(dtype)
+        if dtype != np.int32 and rng.random() < 0.4:
+            values[int(rng.integers(len(values)))] = [np.nan, np.inf][int(rng.integers(2))]
+        tensors[f"t{index}"] = values
+    data = safetensors.numpy.save(tensors, metadata=bundle_metadata(MANIFEST, {}))
+    if rng.random() < 0.2:
+        data = data[:8] + b"{" + data[9:]  # a header that is not JSON
+    path = tmp_path / "bundle"
+    path.write_bytes(data)
+    stream = _streamed(data, rng)
+    assert _verdict(lambda: inspect_streamed_bundle(path, stream)) == _verdict(
+        lambda: inspect_bundle_file(path)
+    )
+
+
+def test_values_checked_on_the_way_in_are_not_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = np.ones(100_000, np.float32)
+    values[-1] = np.nan
+    data = safetensors.numpy.save({"w": values}, metadata=bundle_metadata(MANIFEST, {}))
+    path = tmp_path / "bundle"
+    path.write_bytes(data)
+    stream = _streamed(data, np.random.default_rng(0))
+
+    def read_back(*_: object) -> None:
+        raise AssertionError("the values were read back from the file")
+
+    monkeypatch.setattr(checkpoint_stream, "_check_finite_file", read_back)
+    with pytest.raises(CheckpointError, match="tensor 'w' holds NaN or infinite values"):
+        inspect_streamed_bundle(path, stream)
+
+
+def test_a_bundle_not_wholly_streamed_is_refused(tmp_path: Path) -> None:
+    data = safetensors.numpy.save({"w": np.ones(8, np.float32)},
+                                  metadata=bundle_metadata(MANIFEST, {}))  # fmt: skip
+    path = tmp_path / "bundle"
+    path.write_bytes(data)
+    stream = BundleStream()
+    stream.feed(data[:-4])
+    with pytest.raises(CheckpointError, match=f"checkpoint is {len(data)} bytes; "):
+        inspect_streamed_bundle(path, stream)

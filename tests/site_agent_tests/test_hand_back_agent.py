@@ -1,0 +1,148 @@
+"""The agent hands a finished hop back in one call, reports a refused bundle as the hop's failure,
+and still hands back in two calls (upload, then result) to a coordinator that predates it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from coordinator.console.admin import AdminClient
+from coordinator.plan import parse_plan
+from coordinator.server import Coordinator
+from coordinator.servicer import SiteServicer
+from protocols.checkpoint import sha256_hex
+from protocols.signing import sign_digest
+from protocols.transport import secure_channel
+from protocols.v1 import baton_pb2 as pb
+from protocols.v1 import baton_pb2_grpc as pb_grpc
+from site_agent.agent import SiteAgent
+from site_agent.hop_runner import _Heartbeat
+from site_agent.settings import SiteSettings
+from tests.conftest import Pki
+from tests.coordinator_tests.conftest import ScriptedSite, admin, coordinator, sites
+
+__all__ = ["admin", "coordinator", "sites"]  # fixtures
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the coordinator's upload, result and hand-back calls."""
+    counted: dict[str, int] = {}
+    for name in ("UploadCheckpoint", "ReportHopResult", "HandBackHop"):
+        original = getattr(SiteServicer, name)
+
+        def counting(self: Any, request: Any, context: Any, _o: Any = original, _n: str = name):  # type: ignore[no-untyped-def]
+            counted[_n] = counted.get(_n, 0) + 1
+            return _o(self, request, context)
+
+        monkeypatch.setattr(SiteServicer, name, counting)
+    return counted
+
+
+@pytest.fixture
+def older_coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator without HandBackHop answers UNIMPLEMENTED, as gRPC does for any unknown rpc."""
+
+    async def unknown(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+    monkeypatch.setattr(SiteServicer, "HandBackHop", unknown)
+
+
+def _agent(tmp_path: Path, pki: Pki, port: int) -> SiteAgent:
+    (tmp_path / "data").mkdir()
+    return SiteAgent(SiteSettings(
+        coordinator=f"localhost:{port}", ca_certificate=pki.directory / "ca.crt",
+        certificate=pki.directory / "site-a.crt", private_key=pki.directory / "site-a.key",
+        data_dir=tmp_path / "data", result_retry_seconds=5,
+    ))  # fmt: skip
+
+
+@pytest.fixture
+def stub(pki: Pki, coordinator: Coordinator) -> Iterator[pb_grpc.SiteServiceStub]:
+    with secure_channel(f"localhost:{coordinator.port}", pki.tls("site-a")) as channel:
+        yield pb_grpc.SiteServiceStub(channel)
+
+
+def _task(admin: AdminClient, site: ScriptedSite) -> pb.HopTask:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.start_run(parse_plan({
+        "name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a", "site-b"],
+        "failure": {"retry_backoff_seconds": 0, "max_retries": 1},
+    }))  # fmt: skip
+    return site.next_task()
+
+
+def _finished(agent: SiteAgent, site: ScriptedSite, task: pb.HopTask, data: bytes) -> pb.HopResult:
+    """What `_train_hop` leaves for `_report_hop_result`: the bundle to hand back, the result."""
+    digest = sha256_hex(data)
+    header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
+                             total_size=len(data), sha256=digest,
+                             signature=sign_digest(site.key_pem, digest))  # fmt: skip
+    agent._handing_back = (header, data)
+    return pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
+                        metrics={"accuracy": 0.5}, train_started_at_ns=1, train_finished_at_ns=2,
+                        output_checkpoint=pb.CheckpointRef(sha256=digest, size=len(data),
+                                                           signature=header.signature))  # fmt: skip
+
+
+def _report(
+    agent: SiteAgent, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, result: pb.HopResult
+) -> tuple[pb.HopResult, pb.HopResultResponse] | None:
+    agent.site_name = "site-a"
+    return agent._report_hop_result(stub, task, result, _Heartbeat(stub, task, 1.0))
+
+
+def test_a_finished_hop_is_handed_back_in_one_call(
+    tmp_path: Path, pki: Pki, calls: dict[str, int], coordinator: Coordinator,
+    sites: dict[str, ScriptedSite], admin: AdminClient, stub: pb_grpc.SiteServiceStub,
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    reported = _report(agent, stub, task, _finished(agent, site, task, site.bundle(task)))
+    assert reported is not None and reported[1].hop_status == "committed"
+    assert calls == {"HandBackHop": 1}
+    assert coordinator.engine.ledger.hop(task.hop_id).status == "committed"  # type: ignore[union-attr]
+
+
+def test_a_site_hands_back_in_two_calls_to_a_coordinator_that_predates_hand_back(
+    tmp_path: Path, pki: Pki, older_coordinator: None, calls: dict[str, int],
+    coordinator: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient,
+    stub: pb_grpc.SiteServiceStub,
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    reported = _report(agent, stub, task, _finished(agent, site, task, site.bundle(task)))
+    assert reported is not None and reported[1].hop_status == "committed"
+    assert calls == {"HandBackHop": 1, "UploadCheckpoint": 1, "ReportHopResult": 1}
+    # Known from then on: the next hand back goes straight to the two calls.
+    assert agent._hand_back_unimplemented
+
+
+def test_a_bundle_the_coordinator_refuses_is_reported_as_the_hops_failure(
+    tmp_path: Path, pki: Pki, coordinator: Coordinator, sites: dict[str, ScriptedSite],
+    admin: AdminClient, stub: pb_grpc.SiteServiceStub,
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    foreign = site.bundle(task, hop_id="0" * 32)  # lineage of another hop
+    reported = _report(agent, stub, task, _finished(agent, site, task, foreign))
+    assert reported is not None
+    result, response = reported
+    assert not result.ok and result.error_code == "handback-refused"
+    assert result.error_message.startswith(
+        "the coordinator refused the hop's bundle: checkpoint manifest hop_id is"
+    )
+    assert response.hop_status == "pending"  # the failure policy retries the hop at once
+    hop = coordinator.engine.ledger.hop(task.hop_id)
+    assert hop is not None and hop.error_code == "handback-refused"
+    assert coordinator.engine.ledger.checkpoints(task.run_id) == []
+    retried = site.next_task()
+    assert retried.hop_id == task.hop_id and retried.lease_token != task.lease_token
