@@ -979,7 +979,13 @@ def markdown(report: Mapping[str, Any]) -> str:
         "# MedQuAD, paired and equal-tuning, with and without label skew",
         "",
         f"Generated {report['generated']} by `{report['command']}` on {report['machine']}; "
-        f"wall {report['wall_seconds'] / 60:.1f} min, CPU {report['cpu_seconds'] / 60:.1f} min, "
+        f"wall {report['wall_seconds'] / 60:.1f} min"
+        + (
+            f" (summed over {report['processes']} processes, one per split group)"
+            if report.get("processes", 1) > 1
+            else ""
+        )
+        + f", CPU {report['cpu_seconds'] / 60:.1f} min, "
         f"load at start {report['load_start']}, now {report.get('load_now', 'n/a')}. "
         f"{report['pool_rows']} questions ({config['rows_per_source']} at most per NIH source), "
         f"{len(report['labels'])} question types; {config['trials']} trials per comparator, "
@@ -1125,6 +1131,7 @@ def merge(reports: Sequence[Mapping[str, Any]], out: Path, name: str) -> None:
     merged["cells"] = sorted(cells, key=lambda c: (c["split"], SETTINGS.index(c["setting"])))
     merged["command"] = " + ".join(r["command"] for r in reports)
     merged["cpu_seconds"] = sum(r["cpu_seconds"] for r in reports)
+    merged["processes"] = len(reports)
     merged["load_start"] = ", ".join(r["load_start"] for r in reports)
     merged["_started"] = time.perf_counter() - sum(r["wall_seconds"] for r in reports)
     _write(merged, out, name)
