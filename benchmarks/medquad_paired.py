@@ -1081,6 +1081,8 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 
 def plot(report: Mapping[str, Any], out: Path) -> bool:
+    """Top: per-split differences, searched minus each comparator. Bottom: per split, the test
+    scores of the 24 random orders at tuned settings (box) and the searched schedule's (star)."""
     try:
         import matplotlib
     except ImportError:
@@ -1089,10 +1091,10 @@ def plot(report: Mapping[str, Any], out: Path) -> bool:
     import matplotlib.pyplot as plt
 
     settings = report["settings"]
-    figure, axes = plt.subplots(
-        1, max(1, len(settings)), figsize=(4.5 * max(1, len(settings)), 4), squeeze=False
-    )
-    for axis, (setting, s) in zip(axes[0], settings.items(), strict=False):
+    columns = max(1, len(settings))
+    figure, axes = plt.subplots(2, columns, figsize=(4.5 * columns, 7.5), squeeze=False)
+    for column, (setting, s) in enumerate(settings.items()):
+        axis = axes[0][column]
         data = [s["paired"][m]["differences"] for m in COMPARATORS]
         axis.boxplot(data, showmeans=True)
         for i, values in enumerate(data, start=1):
@@ -1101,6 +1103,25 @@ def plot(report: Mapping[str, Any], out: Path) -> bool:
         axis.axhline(0.0, color="grey", linewidth=0.8)
         axis.set_title(f"{setting}: searched - comparator")
         axis.set_ylabel("test accuracy difference (per split)")
+        axis = axes[1][column]
+        cells = sorted(
+            (c for c in report["cells"] if c["setting"] == setting), key=lambda c: c["split"]
+        )
+        orders = [[o["test_avg"] for o in c["methods"]["random-order"]["orders"]] for c in cells]
+        axis.boxplot(orders)
+        axis.scatter(
+            range(1, len(cells) + 1),
+            [c["methods"]["searched"]["test_avg"] for c in cells],
+            marker="*",
+            s=80,
+            color="tab:red",
+            label="searched",
+        )
+        axis.set_xticks(range(1, len(cells) + 1), [str(c["split"]) for c in cells])
+        axis.set_xlabel("split")
+        axis.set_ylabel("test accuracy (mean over sites)")
+        axis.set_title(f"{setting}: random orders at tuned settings")
+        axis.legend(loc="lower left")
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)
