@@ -22,6 +22,12 @@ final adapters; they match what the sites reported).
     BATON_MEDQUAD_DIR=/path/to/medquad ...                             # data elsewhere
 
 Writes benchmarks/results/medquad.{json,md} and medquad.png.
+
+Not a paired, equal-tuning comparison: the random orders reuse the searched plan's
+hyperparameters and the bootstrap resamples test rows only (issue 17). For that comparison (five
+resampled splits, every comparator tuned with the same budget and CV objective, label skew) see
+``benchmarks/medquad_paired.py``; this script remains the end-to-end run of MiniLM + LoRA through
+real site processes.
 """
 
 from __future__ import annotations

@@ -1,0 +1,148 @@
+"""benchmarks/medquad_paired.py: its label-skew sites, its fast scorer and its trial guard, on a
+synthetic pool (no MiniLM)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from site_agent.simulation import HopRecord, SequentialResult, collapse_reason
+from site_agent.tasks import HopHyperparameters, TabularTrainer, create_trainer
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "medquad_paired.py"
+LABELS = (
+    "causes",
+    "exams and tests",
+    "information",
+    "inheritance",
+    "outlook",
+    "prevention",
+    "symptoms",
+    "treatment",
+)
+SOURCES = ("GARD", "NIDDK", "NINDS", "SeniorHealth", "CancerGov", "NHLBI")
+
+
+@pytest.fixture(scope="module")
+def bench() -> Any:
+    sys.path.insert(0, str(BENCHMARK.parent))
+    spec = importlib.util.spec_from_file_location("medquad_paired_benchmark", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(BENCHMARK.parent))
+
+
+def _pool(bench: ModuleType, rows: int = 480) -> list[Any]:
+    rng = random.Random(0)
+    pool = []
+    for i in range(rows):
+        label = LABELS[i % len(LABELS)]
+        centre = [1.0 if j == LABELS.index(label) else 0.0 for j in range(len(LABELS))]
+        features = tuple(c + rng.gauss(0, 0.3) for c in centre)
+        pool.append(bench.Row(SOURCES[i % len(SOURCES)], f"q{i} {label}", label, features))
+    return pool
+
+
+def test_dirichlet_sites_cut_the_pool_by_question_type_and_change_with_the_split(
+    bench: Any,
+) -> None:
+    pool = _pool(bench)
+    datasets, rows = bench.split_sites(pool, "dirichlet-0.1", 0)
+    assert [d.name for d in datasets] == list(bench.VIRTUAL_SITES)
+    texts = [r.text for site_rows in rows.values() for r in site_rows]
+    assert sorted(texts) == sorted(r.text for r in pool)  # every row at exactly one site
+    # Label skew: two question types hold most of a site's rows at alpha 0.1 (about a quarter
+    # of them without skew), and fewer at alpha 1.0.
+    assert {d.seed for d in datasets} == {0}  # CV folds seeded with the split
+    assert _top_two_share(datasets) >= 0.7
+    milder, _ = bench.split_sites(pool, "dirichlet-1.0", 0)
+    assert _top_two_share(milder) < _top_two_share(datasets)
+    test_share = sum(len(d.test) for d in datasets) / len(pool)
+    assert abs(test_share - bench.TEST_SHARE) < 0.01
+    # Another split redraws the test rows, the partition and the folds.
+    other, _ = bench.split_sites(pool, "dirichlet-0.1", 1)
+    assert [len(d.train) for d in other] != [len(d.train) for d in datasets]
+    assert {d.seed for d in other} == {1}
+    by_source, source_rows = bench.split_sites(pool, "sources", 0)
+    assert [d.name for d in by_source] == [s.lower() for s in SOURCES]
+    assert all({r.source.lower() for r in source_rows[d.name]} == {d.name} for d in by_source)
+
+
+def _top_two_share(datasets: Any) -> float:
+    shares = []
+    for dataset in datasets:
+        counts = sorted(Counter(e.label for e in dataset.train).values(), reverse=True)
+        shares.append(sum(counts[:2]) / sum(counts))
+    return sum(shares) / len(shares)
+
+
+def _trainer() -> TabularTrainer:
+    trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
+    assert isinstance(trainer, TabularTrainer)
+    return trainer
+
+
+def test_the_fast_scorer_equals_the_trainer_and_names_a_constant_model(bench: Any) -> None:
+    trainer = _trainer()
+    datasets, _ = bench.split_sites(_pool(bench), "sources", 0)
+    spec = bench._spec(LABELS)
+    scorer = bench.Scorer(spec.labels)
+    hop = HopHyperparameters(learning_rate=0.05, steps=20, batch_size=8, seed=0)
+    tensors = trainer.run_hop(spec, datasets[0], hop, None).tensors
+    for dataset in datasets:
+        expected = trainer.evaluate(spec, dataset, "test", tensors)["accuracy"]
+        assert scorer.accuracy(tensors, dataset.test) == pytest.approx(expected, abs=1e-12)
+    assert scorer.collapse(tensors, [d.test for d in datasets], "test") is None
+    constant = {
+        "linear.weight": torch.zeros_like(tensors["linear.weight"]),
+        "linear.bias": 5.0 * (torch.arange(len(LABELS)) == 2).float(),
+    }
+    found = scorer.collapse(constant, [d.test for d in datasets], "test")
+    assert found == collapse_reason(trainer, spec, constant, datasets, "test")
+    assert found is not None and "'information'" in found
+
+
+def test_a_collapsed_or_diverged_trial_fails_with_its_reason(bench: Any) -> None:
+    trainer = _trainer()
+    datasets, _ = bench.split_sites(_pool(bench), "sources", 0)
+    spec = bench._spec(LABELS)
+    scorer = bench.Scorer(spec.labels)
+    hop = HopHyperparameters(learning_rate=0.05, steps=5, batch_size=8, seed=0)
+    shape = trainer.run_hop(spec, datasets[0], hop, None).tensors
+
+    def constant(views: Any) -> dict[str, torch.Tensor]:
+        return {
+            "linear.weight": torch.zeros_like(shape["linear.weight"]),
+            "linear.bias": 5.0 * (torch.arange(len(LABELS)) == 6).float(),
+        }
+
+    cv = bench._run_cv(trainer, spec, datasets, 2, constant, scorer)
+    assert cv.failure_reason is not None
+    assert cv.failure_reason.startswith("fold 0: collapsed: predicts label 'symptoms'")
+
+    def diverged(views: Any) -> SequentialResult:
+        visits = tuple(HopRecord(v.name, {"train_loss": math.inf}) for v in views)
+        return SequentialResult(tensors=dict(shape), visits=visits)
+
+    cv = bench._run_cv(trainer, spec, datasets, 2, diverged, scorer)
+    assert cv.failure_reason is not None and cv.failure_reason.startswith("diverged")
+
+    def sound(views: Any) -> dict[str, torch.Tensor]:
+        return dict(trainer.run_hop(spec, views[0], hop, None).tensors)
+
+    assert bench._run_cv(trainer, spec, datasets, 2, sound, scorer).failure_reason is None
