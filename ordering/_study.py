@@ -38,7 +38,13 @@ from ordering._pruning import STAGE_ATTR, PruningSettings, stage_key
 from ordering._samplers import RandomOrderSampler, alternative_sampler
 from ordering._space import SearchSpace, SearchSpaceError
 
-__all__ = ["DEFAULT_PRUNING", "OrderingStudy", "StudyMismatch", "TrialRecord"]
+__all__ = [
+    "DEFAULT_PRUNING",
+    "OrderingStudy",
+    "StudyMismatch",
+    "TrialRecord",
+    "forgetting_constraint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,9 @@ DEFAULT_PRUNING = PruningSettings()
 SamplerName = Literal["tpe", "random", "random-order", "gp", "cmaes", "qmc"]
 SAMPLERS: tuple[SamplerName, ...] = ("tpe", "random", "random-order", "gp", "cmaes", "qmc")
 
+# The trial user attribute holding its constraint value (worst-site forgetting minus the limit;
+# <= 0 is feasible), read by the samplers' ``constraints_func``.
+CONSTRAINT_ATTR = "forgetting_constraint"
 _META_ATTR = "baton.ordering"  # study user attribute describing what the study searches
 _SCHEMA = 1
 _FULL = 1.0
@@ -150,6 +159,13 @@ class TrialRecord:
         )
 
 
+def forgetting_constraint(trial: FrozenTrial) -> tuple[float]:
+    """Optuna's ``constraints_func`` of a study with a forgetting limit: the stored constraint
+    value (worst-site forgetting minus the limit, <= 0 is feasible), 0 for a trial that never
+    finished (pruned or failed: the samplers rank those apart anyway)."""
+    return (float(trial.user_attrs.get(CONSTRAINT_ATTR, 0.0)),)
+
+
 @dataclass(frozen=True)
 class _KnownOutcome:
     """A `PlanExecutor` for a plan that has already run: its outcome, at no compute cost."""
@@ -196,6 +212,7 @@ class OrderingStudy:
         sampler: SamplerName,
         pruning: PruningSettings | None,
         n_startup_trials: int,
+        max_forgetting: float | None = None,
     ) -> None:
         self._storage = storage
         self.study_name = study_name
@@ -208,6 +225,7 @@ class OrderingStudy:
         self._sampler_name: SamplerName = sampler
         self._pruning = None if multi_objective else pruning
         self._n_startup_trials = n_startup_trials
+        self.max_forgetting = max_forgetting
         self._stages: dict[float, _Stage] = {}
 
     @classmethod
@@ -226,6 +244,7 @@ class OrderingStudy:
         multi_objective: bool = False,
         bounds: Mapping[str, tuple[float, float]] | None = None,
         n_startup_trials: int | None = None,
+        max_forgetting: float | None = None,
     ) -> OrderingStudy:
         """Creates the study, or reopens it (with its trials) if one of that name exists.
 
@@ -249,6 +268,12 @@ class OrderingStudy:
             multi_objective: Optimise (aggregation, worst site) jointly.
             bounds: The hyperparameter bounds the sites approved; the space must stay within.
             n_startup_trials: Random trials before TPE starts modelling; by default 3.
+            max_forgetting: A limit on the worst site's forgetting (its best post-visit score
+                minus its final score, `TrialOutcome.forgetting`), or None for none. A trial
+                above it is infeasible: the TPE, GP and random-order samplers model the limit
+                as an Optuna constraint, and `best_plan` picks the best feasible trial (the
+                least-forgetting one when none is feasible). The executor must then report
+                visit scores.
 
         Raises:
             SearchSpaceError: If the space leaves `bounds`.
@@ -269,6 +294,11 @@ class OrderingStudy:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if bounds is not None:
             space.check_within(bounds)
+        if max_forgetting is not None and not (math.isfinite(max_forgetting)
+                                               and max_forgetting >= 0):  # fmt: skip
+            raise ValueError(f"max_forgetting must be a finite value >= 0, got {max_forgetting}")
+        if max_forgetting is not None and multi_objective:
+            raise ValueError("a forgetting limit applies to single-objective studies")
         storage: optuna.storages.BaseStorage = (
             optuna.storages.InMemoryStorage()
             if storage_url is None
@@ -290,6 +320,7 @@ class OrderingStudy:
                 # (benchmarks/ordering_search.py, 4 and 6 sites).
                 3 if n_startup_trials is None else n_startup_trials
             ),
+            max_forgetting=max_forgetting,
         )
         study._stage(_FULL)
         return study
@@ -304,6 +335,7 @@ class OrderingStudy:
         sampler: SamplerName = "tpe",
         pruning: PruningSettings | None = DEFAULT_PRUNING,
         n_startup_trials: int | None = None,
+        max_forgetting: float | None = None,
     ) -> OrderingStudy:
         """Reopens an existing study with the space, encoding and objective it was created with.
 
@@ -328,6 +360,7 @@ class OrderingStudy:
             pruning=pruning,
             multi_objective=bool(meta["multi_objective"]),
             n_startup_trials=n_startup_trials,
+            max_forgetting=max_forgetting,
         )
 
     # -- stages ---------------------------------------------------------------------------
@@ -343,14 +376,18 @@ class OrderingStudy:
         }
 
     def _new_sampler(self) -> optuna.samplers.BaseSampler:
+        constraints = None if self.max_forgetting is None else forgetting_constraint
         if self._sampler_name == "random":
             return optuna.samplers.RandomSampler(seed=self._seed)
         if self._sampler_name == "random-order":
-            return RandomOrderSampler(seed=self._seed, n_startup_trials=self._n_startup_trials)
+            return RandomOrderSampler(seed=self._seed, n_startup_trials=self._n_startup_trials,
+                                      constraints_func=constraints)  # fmt: skip
         if self._sampler_name in ("gp", "cmaes", "qmc"):
-            return alternative_sampler(self._sampler_name, self._seed, self._n_startup_trials)
+            return alternative_sampler(self._sampler_name, self._seed, self._n_startup_trials,
+                                       constraints_func=constraints)  # fmt: skip
         # Optuna 5 defaults: multivariate TPE for one objective, independent TPE for two.
-        return optuna.samplers.TPESampler(seed=self._seed, n_startup_trials=self._n_startup_trials)
+        return optuna.samplers.TPESampler(seed=self._seed, n_startup_trials=self._n_startup_trials,
+                                          constraints_func=constraints)  # fmt: skip
 
     def _stage(self, budget: float) -> _Stage:
         budget = _check_budget(budget)
@@ -656,7 +693,8 @@ class OrderingStudy:
         return None
 
     def _reuse(self, stage: _Stage, trial: optuna.Trial, twin: FrozenTrial) -> TrialRecord:
-        for key in ("site_scores", "objectives", "intermediate", "visit_scores", "forgetting"):
+        for key in ("site_scores", "objectives", "intermediate", "visit_scores", "forgetting",
+                    CONSTRAINT_ATTR):  # fmt: skip
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])
         trial.set_user_attr("cost_seconds_by_site", {})
@@ -698,6 +736,11 @@ class OrderingStudy:
         if outcome.visit_scores:
             trial.set_user_attr("visit_scores", [list(v) for v in outcome.visit_scores])
             trial.set_user_attr("forgetting", outcome.forgetting(self.direction))
+        if self.max_forgetting is not None and outcome.failure_reason is None:
+            forgetting = outcome.forgetting(self.direction)
+            if not forgetting:
+                raise ValueError("a study with a forgetting limit needs the sites' visit scores")
+            trial.set_user_attr(CONSTRAINT_ATTR, max(forgetting.values()) - self.max_forgetting)
         trial.set_user_attr(
             "objectives",
             {a: aggregate(outcome.site_scores, a, self.direction) for a in AGGREGATIONS},
@@ -753,9 +796,33 @@ class OrderingStudy:
     # -- results --------------------------------------------------------------------------
 
     def _ranked(self, budget: float) -> list[TrialRecord]:
+        """Completed trials, best first: with a forgetting limit, the feasible ones by value,
+        then the infeasible ones by how far they exceed it."""
         complete = [r for r in self.history(budget=budget) if r.state == TrialState.COMPLETE.name]
         sign = -1.0 if self.direction == "maximize" else 1.0
-        return sorted(complete, key=lambda r: (sign * (r.value or 0.0), r.number))
+        limit = self.max_forgetting
+
+        def key(record: TrialRecord) -> tuple[float, float, int]:
+            excess = 0.0
+            if limit is not None:
+                worst = record.worst_forgetting
+                excess = math.inf if worst is None else max(0.0, worst - limit)
+            return (excess, sign * (record.value or 0.0), record.number)
+
+        return sorted(complete, key=key)
+
+    def best_record(self, budget: float = _FULL) -> TrialRecord:
+        """The best completed trial at `budget` (the record of `best_plan`).
+
+        Raises:
+            ValueError: As `best_plan`.
+        """
+        if self.multi_objective:
+            raise ValueError("a multi-objective study has a Pareto front: use best_plans()")
+        ranked = self._ranked(budget)
+        if not ranked or ranked[0].plan is None:
+            raise ValueError(f"no completed trial at budget {budget:g} in {self.study_name!r}")
+        return ranked[0]
 
     def best_plan(self, budget: float = _FULL) -> CandidatePlan:
         """The plan of the best completed trial at `budget` (full budget unless asked).
@@ -764,12 +831,9 @@ class OrderingStudy:
             ValueError: If no trial completed at that budget, or the study is multi-objective
                 (use `best_plans`).
         """
-        if self.multi_objective:
-            raise ValueError("a multi-objective study has a Pareto front: use best_plans()")
-        ranked = self._ranked(budget)
-        if not ranked or ranked[0].plan is None:
-            raise ValueError(f"no completed trial at budget {budget:g} in {self.study_name!r}")
-        return ranked[0].plan
+        plan = self.best_record(budget).plan
+        assert plan is not None  # best_record returns planned trials only
+        return plan
 
     def best_plans(self, budget: float = _FULL) -> list[CandidatePlan]:
         """The distinct plans of the Pareto-optimal completed trials at `budget` (the best plan
