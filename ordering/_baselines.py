@@ -153,7 +153,7 @@ def random_search(
         direction: As the search.
         storage_url: Where to store it (in memory by default).
         study_name: Defaults to ``"random-search-<seed>"``.
-        max_forgetting: As the search's (selection only: the random sampler ignores it).
+        max_forgetting: As the search's (selection only: a random sampler models nothing).
     """
     study = OrderingStudy.create(
         storage_url,

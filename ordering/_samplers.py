@@ -40,29 +40,16 @@ def is_order_param(name: str) -> bool:
     return name not in _HYPERPARAMETER_PARAMS and not name.startswith("steps_")
 
 
-ConstraintsFunc = Callable[[FrozenTrial], Sequence[float]]
-
-
-def alternative_sampler(
-    name: str,
-    seed: int | None,
-    n_startup_trials: int,
-    *,
-    constraints_func: ConstraintsFunc | None = None,
-) -> BaseSampler:
+def alternative_sampler(name: str, seed: int | None, n_startup_trials: int) -> BaseSampler:
     """Optuna's Gaussian-process ("gp"), CMA-ES ("cmaes") or scrambled Sobol ("qmc") sampler,
     with the study's seed and start-up trials; parameters they cannot model jointly (a
     per-cycle order whose cycle count varies) are drawn at random, without a warning per trial.
 
     "gp" imports torch when it first samples and "cmaes" needs the ``cmaes`` package: they are
     for benchmarks and sites with the simulation extra, not the torch-free coordinator.
-    ``constraints_func`` reaches the GP sampler only (CMA-ES and QMC take none; the study's
-    selection still prefers feasible trials).
     """
     if name == "gp":
-        return GPSampler(
-            seed=seed, n_startup_trials=n_startup_trials, constraints_func=constraints_func
-        )
+        return GPSampler(seed=seed, n_startup_trials=n_startup_trials)
     if name == "cmaes":
         return CmaEsSampler(
             seed=seed,
@@ -89,11 +76,8 @@ class RandomOrderSampler(BaseSampler):
         seed: int | None,
         n_startup_trials: int,
         is_order: Callable[[str], bool] = is_order_param,
-        constraints_func: ConstraintsFunc | None = None,
     ) -> None:
-        self._tpe = TPESampler(
-            seed=seed, n_startup_trials=n_startup_trials, constraints_func=constraints_func
-        )
+        self._tpe = TPESampler(seed=seed, n_startup_trials=n_startup_trials)
         self._random = RandomSampler(seed=None if seed is None else seed + 1)
         self._is_order = is_order
 

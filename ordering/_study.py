@@ -38,13 +38,7 @@ from ordering._pruning import STAGE_ATTR, PruningSettings, stage_key
 from ordering._samplers import RandomOrderSampler, alternative_sampler
 from ordering._space import SearchSpace, SearchSpaceError
 
-__all__ = [
-    "DEFAULT_PRUNING",
-    "OrderingStudy",
-    "StudyMismatch",
-    "TrialRecord",
-    "forgetting_constraint",
-]
+__all__ = ["DEFAULT_PRUNING", "OrderingStudy", "StudyMismatch", "TrialRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +46,9 @@ DEFAULT_PRUNING = PruningSettings()
 SamplerName = Literal["tpe", "random", "random-order", "gp", "cmaes", "qmc"]
 SAMPLERS: tuple[SamplerName, ...] = ("tpe", "random", "random-order", "gp", "cmaes", "qmc")
 
-# The trial user attribute holding its constraint value (worst-site forgetting minus the limit;
-# <= 0 is feasible), read by the samplers' ``constraints_func``.
-CONSTRAINT_ATTR = "forgetting_constraint"
+# The Optuna constraint of a study with a forgetting limit: worst-site forgetting minus the
+# limit (<= 0 is feasible), set with ``Trial.set_constraint``; TPE and GP model it.
+CONSTRAINT_KEY = "worst_site_forgetting"
 _META_ATTR = "baton.ordering"  # study user attribute describing what the study searches
 _SCHEMA = 1
 _FULL = 1.0
@@ -157,13 +151,6 @@ class TrialRecord:
             failure_reason=attrs.get(FAILURE_REASON_ATTR),
             forgetting=MappingProxyType(dict(attrs.get("forgetting", {}))),
         )
-
-
-def forgetting_constraint(trial: FrozenTrial) -> tuple[float]:
-    """Optuna's ``constraints_func`` of a study with a forgetting limit: the stored constraint
-    value (worst-site forgetting minus the limit, <= 0 is feasible), 0 for a trial that never
-    finished (pruned or failed: the samplers rank those apart anyway)."""
-    return (float(trial.user_attrs.get(CONSTRAINT_ATTR, 0.0)),)
 
 
 @dataclass(frozen=True)
@@ -270,10 +257,10 @@ class OrderingStudy:
             n_startup_trials: Random trials before TPE starts modelling; by default 3.
             max_forgetting: A limit on the worst site's forgetting (its best post-visit score
                 minus its final score, `TrialOutcome.forgetting`), or None for none. A trial
-                above it is infeasible: the TPE, GP and random-order samplers model the limit
-                as an Optuna constraint, and `best_plan` picks the best feasible trial (the
-                least-forgetting one when none is feasible). The executor must then report
-                visit scores.
+                above it is infeasible: it is stored as the trial's Optuna constraint (which
+                the TPE, GP and random-order samplers model), and `best_plan` picks the best
+                feasible trial (the least-forgetting one when none is feasible). The executor
+                must then report visit scores.
 
         Raises:
             SearchSpaceError: If the space leaves `bounds`.
@@ -376,18 +363,14 @@ class OrderingStudy:
         }
 
     def _new_sampler(self) -> optuna.samplers.BaseSampler:
-        constraints = None if self.max_forgetting is None else forgetting_constraint
         if self._sampler_name == "random":
             return optuna.samplers.RandomSampler(seed=self._seed)
         if self._sampler_name == "random-order":
-            return RandomOrderSampler(seed=self._seed, n_startup_trials=self._n_startup_trials,
-                                      constraints_func=constraints)  # fmt: skip
+            return RandomOrderSampler(seed=self._seed, n_startup_trials=self._n_startup_trials)
         if self._sampler_name in ("gp", "cmaes", "qmc"):
-            return alternative_sampler(self._sampler_name, self._seed, self._n_startup_trials,
-                                       constraints_func=constraints)  # fmt: skip
+            return alternative_sampler(self._sampler_name, self._seed, self._n_startup_trials)
         # Optuna 5 defaults: multivariate TPE for one objective, independent TPE for two.
-        return optuna.samplers.TPESampler(seed=self._seed, n_startup_trials=self._n_startup_trials,
-                                          constraints_func=constraints)  # fmt: skip
+        return optuna.samplers.TPESampler(seed=self._seed, n_startup_trials=self._n_startup_trials)
 
     def _stage(self, budget: float) -> _Stage:
         budget = _check_budget(budget)
@@ -693,10 +676,11 @@ class OrderingStudy:
         return None
 
     def _reuse(self, stage: _Stage, trial: optuna.Trial, twin: FrozenTrial) -> TrialRecord:
-        for key in ("site_scores", "objectives", "intermediate", "visit_scores", "forgetting",
-                    CONSTRAINT_ATTR):  # fmt: skip
+        for key in ("site_scores", "objectives", "intermediate", "visit_scores", "forgetting"):
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])
+        for name, value in twin.constraints.items():
+            trial.set_constraint(name, value)
         trial.set_user_attr("cost_seconds_by_site", {})
         trial.set_user_attr("compute_seconds", 0.0)
         trial.set_user_attr("duplicate_of", twin.number)
@@ -740,7 +724,7 @@ class OrderingStudy:
             forgetting = outcome.forgetting(self.direction)
             if not forgetting:
                 raise ValueError("a study with a forgetting limit needs the sites' visit scores")
-            trial.set_user_attr(CONSTRAINT_ATTR, max(forgetting.values()) - self.max_forgetting)
+            trial.set_constraint(CONSTRAINT_KEY, max(forgetting.values()) - self.max_forgetting)
         trial.set_user_attr(
             "objectives",
             {a: aggregate(outcome.site_scores, a, self.direction) for a in AGGREGATIONS},
