@@ -194,16 +194,11 @@ def _outcome(cv: CrossValidationResult, seconds: float) -> TrialOutcome:
 
 
 def plan_cycles(plan: CandidatePlan) -> list[list[tuple[str, SiteHyperparameters]]]:
-    """The plan's hops as (site, site hyperparameters), grouped by cycle (a consolidation cycle
-    is the last)."""
-    cycles, start = [], 0
-    for order in plan.cycle_orders:
-        hops = plan.hops[start : start + len(order)]
-        cycles.append([(h.site, _site_hp(h.hyperparameters.model_dump())) for h in hops])
-        start += len(order)
-    if start != len(plan.hops):
-        raise ValueError(f"the plan's {len(plan.hops)} hops do not fill its cycles")
-    return cycles
+    """The plan's hops as (site, site hyperparameters), grouped by cycle."""
+    return [
+        [(hop.site, _site_hp(hop.hyperparameters.model_dump())) for hop in cycle]
+        for cycle in plan.cycle_hops()
+    ]
 
 
 class TwinExecutor:

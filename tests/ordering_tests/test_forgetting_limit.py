@@ -164,3 +164,14 @@ def test_the_pruner_receives_per_cycle_values_and_stops_a_poor_partial_schedule(
     assert [v for _, v in records[0].intermediate] == pytest.approx([0.05, 0.1, 0.15])
     assert [c for c, _ in records[2].intermediate] == [0]
     assert executor.cycles_run == 3 + 3 + 1
+
+
+def test_a_plans_hops_grouped_by_cycle_follow_its_cycle_orders() -> None:
+    space = SearchSpace(sites=SITES, cycles=IntRange(2, 2), consolidation_steps=IntRange(3, 3),
+                        learning_rate=FloatRange(1e-3, 1e-2, log=True))  # fmt: skip
+    plan = space.plan(SITES, cycles=2, learning_rate=5e-3)
+    groups = plan.cycle_hops()
+    assert len(groups) == plan.cycles == 3  # the consolidation cycle is the last group
+    assert [h.hyperparameters.steps for h in groups[-1]] == [3] * len(SITES)
+    assert [tuple(h.site for h in g) for g in groups] == list(plan.cycle_orders)
+    assert tuple(h for g in groups for h in g) == plan.hops
