@@ -134,6 +134,7 @@ def random_search(
     direction: Direction = "maximize",
     storage_url: str | None = None,
     study_name: str | None = None,
+    max_forgetting: float | None = None,
 ) -> OrderingStudy:
     """Random search over the same space with the same executor, for equal-budget comparisons.
 
@@ -152,6 +153,7 @@ def random_search(
         direction: As the search.
         storage_url: Where to store it (in memory by default).
         study_name: Defaults to ``"random-search-<seed>"``.
+        max_forgetting: As the search's (selection only: a random sampler models nothing).
     """
     study = OrderingStudy.create(
         storage_url,
@@ -163,6 +165,7 @@ def random_search(
         seed=seed,
         sampler="random",
         pruning=None,
+        max_forgetting=max_forgetting,
     )
     study.optimize(
         executor, n_trials, budget_per_trial=budget, max_compute_seconds=max_compute_seconds

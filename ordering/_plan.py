@@ -266,6 +266,16 @@ class CandidatePlan:
         """Whether some cycle visits the sites in a different order than the first."""
         return any(order != self.order for order in self.cycle_orders)
 
+    def cycle_hops(self) -> tuple[tuple[Hop, ...], ...]:
+        """The hops grouped by cycle (a consolidation cycle is the last group): what a
+        per-cycle report or pruning decision follows."""
+        groups: list[tuple[Hop, ...]] = []
+        start = 0
+        for order in self.cycle_orders:
+            groups.append(self.hops[start : start + len(order)])
+            start += len(order)
+        return tuple(groups)
+
     def describe(self) -> str:
         """A short human-readable form, e.g. ``"a > b > c x2"``."""
         if self.federation is not None:

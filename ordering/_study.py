@@ -46,6 +46,9 @@ DEFAULT_PRUNING = PruningSettings()
 SamplerName = Literal["tpe", "random", "random-order", "gp", "cmaes", "qmc"]
 SAMPLERS: tuple[SamplerName, ...] = ("tpe", "random", "random-order", "gp", "cmaes", "qmc")
 
+# The Optuna constraint of a study with a forgetting limit: worst-site forgetting minus the
+# limit (<= 0 is feasible), set with ``Trial.set_constraint``; TPE and GP model it.
+CONSTRAINT_KEY = "worst_site_forgetting"
 _META_ATTR = "baton.ordering"  # study user attribute describing what the study searches
 _SCHEMA = 1
 _FULL = 1.0
@@ -196,6 +199,7 @@ class OrderingStudy:
         sampler: SamplerName,
         pruning: PruningSettings | None,
         n_startup_trials: int,
+        max_forgetting: float | None = None,
     ) -> None:
         self._storage = storage
         self.study_name = study_name
@@ -208,6 +212,7 @@ class OrderingStudy:
         self._sampler_name: SamplerName = sampler
         self._pruning = None if multi_objective else pruning
         self._n_startup_trials = n_startup_trials
+        self.max_forgetting = max_forgetting
         self._stages: dict[float, _Stage] = {}
 
     @classmethod
@@ -226,6 +231,7 @@ class OrderingStudy:
         multi_objective: bool = False,
         bounds: Mapping[str, tuple[float, float]] | None = None,
         n_startup_trials: int | None = None,
+        max_forgetting: float | None = None,
     ) -> OrderingStudy:
         """Creates the study, or reopens it (with its trials) if one of that name exists.
 
@@ -249,6 +255,12 @@ class OrderingStudy:
             multi_objective: Optimise (aggregation, worst site) jointly.
             bounds: The hyperparameter bounds the sites approved; the space must stay within.
             n_startup_trials: Random trials before TPE starts modelling; by default 3.
+            max_forgetting: A limit on the worst site's forgetting (its best post-visit score
+                minus its final score, `TrialOutcome.forgetting`), or None for none. A trial
+                above it is infeasible: it is stored as the trial's Optuna constraint (which
+                the TPE, GP and random-order samplers model), and `best_plan` picks the best
+                feasible trial (the least-forgetting one when none is feasible). The executor
+                must then report visit scores.
 
         Raises:
             SearchSpaceError: If the space leaves `bounds`.
@@ -269,6 +281,11 @@ class OrderingStudy:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         if bounds is not None:
             space.check_within(bounds)
+        if max_forgetting is not None and not (math.isfinite(max_forgetting)
+                                               and max_forgetting >= 0):  # fmt: skip
+            raise ValueError(f"max_forgetting must be a finite value >= 0, got {max_forgetting}")
+        if max_forgetting is not None and multi_objective:
+            raise ValueError("a forgetting limit applies to single-objective studies")
         storage: optuna.storages.BaseStorage = (
             optuna.storages.InMemoryStorage()
             if storage_url is None
@@ -290,6 +307,7 @@ class OrderingStudy:
                 # (benchmarks/ordering_search.py, 4 and 6 sites).
                 3 if n_startup_trials is None else n_startup_trials
             ),
+            max_forgetting=max_forgetting,
         )
         study._stage(_FULL)
         return study
@@ -304,6 +322,7 @@ class OrderingStudy:
         sampler: SamplerName = "tpe",
         pruning: PruningSettings | None = DEFAULT_PRUNING,
         n_startup_trials: int | None = None,
+        max_forgetting: float | None = None,
     ) -> OrderingStudy:
         """Reopens an existing study with the space, encoding and objective it was created with.
 
@@ -328,6 +347,7 @@ class OrderingStudy:
             pruning=pruning,
             multi_objective=bool(meta["multi_objective"]),
             n_startup_trials=n_startup_trials,
+            max_forgetting=max_forgetting,
         )
 
     # -- stages ---------------------------------------------------------------------------
@@ -659,6 +679,8 @@ class OrderingStudy:
         for key in ("site_scores", "objectives", "intermediate", "visit_scores", "forgetting"):
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])
+        for name, value in twin.constraints.items():
+            trial.set_constraint(name, value)
         trial.set_user_attr("cost_seconds_by_site", {})
         trial.set_user_attr("compute_seconds", 0.0)
         trial.set_user_attr("duplicate_of", twin.number)
@@ -698,6 +720,11 @@ class OrderingStudy:
         if outcome.visit_scores:
             trial.set_user_attr("visit_scores", [list(v) for v in outcome.visit_scores])
             trial.set_user_attr("forgetting", outcome.forgetting(self.direction))
+        if self.max_forgetting is not None and outcome.failure_reason is None:
+            forgetting = outcome.forgetting(self.direction)
+            if not forgetting:
+                raise ValueError("a study with a forgetting limit needs the sites' visit scores")
+            trial.set_constraint(CONSTRAINT_KEY, max(forgetting.values()) - self.max_forgetting)
         trial.set_user_attr(
             "objectives",
             {a: aggregate(outcome.site_scores, a, self.direction) for a in AGGREGATIONS},
@@ -753,9 +780,33 @@ class OrderingStudy:
     # -- results --------------------------------------------------------------------------
 
     def _ranked(self, budget: float) -> list[TrialRecord]:
+        """Completed trials, best first: with a forgetting limit, the feasible ones by value,
+        then the infeasible ones by how far they exceed it."""
         complete = [r for r in self.history(budget=budget) if r.state == TrialState.COMPLETE.name]
         sign = -1.0 if self.direction == "maximize" else 1.0
-        return sorted(complete, key=lambda r: (sign * (r.value or 0.0), r.number))
+        limit = self.max_forgetting
+
+        def key(record: TrialRecord) -> tuple[float, float, int]:
+            excess = 0.0
+            if limit is not None:
+                worst = record.worst_forgetting
+                excess = math.inf if worst is None else max(0.0, worst - limit)
+            return (excess, sign * (record.value or 0.0), record.number)
+
+        return sorted(complete, key=key)
+
+    def best_record(self, budget: float = _FULL) -> TrialRecord:
+        """The best completed trial at `budget` (the record of `best_plan`).
+
+        Raises:
+            ValueError: As `best_plan`.
+        """
+        if self.multi_objective:
+            raise ValueError("a multi-objective study has a Pareto front: use best_plans()")
+        ranked = self._ranked(budget)
+        if not ranked or ranked[0].plan is None:
+            raise ValueError(f"no completed trial at budget {budget:g} in {self.study_name!r}")
+        return ranked[0]
 
     def best_plan(self, budget: float = _FULL) -> CandidatePlan:
         """The plan of the best completed trial at `budget` (full budget unless asked).
@@ -764,12 +815,9 @@ class OrderingStudy:
             ValueError: If no trial completed at that budget, or the study is multi-objective
                 (use `best_plans`).
         """
-        if self.multi_objective:
-            raise ValueError("a multi-objective study has a Pareto front: use best_plans()")
-        ranked = self._ranked(budget)
-        if not ranked or ranked[0].plan is None:
-            raise ValueError(f"no completed trial at budget {budget:g} in {self.study_name!r}")
-        return ranked[0].plan
+        plan = self.best_record(budget).plan
+        assert plan is not None  # best_record returns planned trials only
+        return plan
 
     def best_plans(self, budget: float = _FULL) -> list[CandidatePlan]:
         """The distinct plans of the Pareto-optimal completed trials at `budget` (the best plan

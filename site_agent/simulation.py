@@ -42,6 +42,7 @@ __all__ = [
     "TrainSchedule",
     "collapse_reason",
     "cross_validate",
+    "cross_validate_cycles",
     "cyclic_visits",
     "divergence_reason",
     "evaluate_sites",
@@ -664,6 +665,80 @@ def cross_validate(
         visits=tuple(visits),
         failure_reason=failure,
     )
+
+
+def cross_validate_cycles(
+    trainer: Trainer,
+    spec: TaskSpec,
+    datasets: Sequence[RegisteredDataset],
+    folds: int,
+    cycles: Sequence[Sequence[tuple[str, HopHyperparameters]]],
+    *,
+    training_spec: Callable[[Sequence[RegisteredDataset]], TaskSpec] | None = None,
+    evaluation_spec: Callable[[Sequence[RegisteredDataset]], TaskSpec] | None = None,
+    after_cycle: Callable[[int, float], None] | None = None,
+    metric: str = "accuracy",
+) -> CrossValidationResult:
+    """`cross_validate` of a sequential schedule, run cycle by cycle across the folds so that
+    a search can see (and stop) a partial schedule.
+
+    Every fold's model goes through cycle 0 (``train_sequential`` on the fold's views), then
+    every fold's through cycle 1 from where it stopped, and so on; after each cycle
+    ``after_cycle(cycle, value)`` gets the mean over sites of ``metric`` pooled over the folds'
+    held-out rows (the value the final result's ``mean`` holds after the last cycle). It may
+    raise to stop the run (a search's pruner); nothing else is trained then. The finished
+    result, collapse and divergence guard included, equals ``cross_validate`` with
+    ``train_sequential`` over all the visits.
+
+    Args:
+        trainer, spec, datasets, folds, evaluation_spec: As for `cross_validate`.
+        cycles: The schedule's visits, (site name, hyperparameters), grouped by cycle.
+        training_spec: The spec a fold trains with, from its views (e.g. a fold-fitted
+            normaliser); None trains with ``spec``.
+        after_cycle: Called after each cycle, the last included.
+        metric: The metric reported to ``after_cycle``.
+
+    Raises:
+        ValueError: As `cross_validate`, or if a cycle is empty or names an unknown site.
+    """
+    if not cycles or any(not cycle for cycle in cycles):
+        raise ValueError("every cycle of a sequential schedule needs at least one visit")
+    _check_sites(datasets)
+    known = {dataset.name for dataset in datasets}
+    unknown = sorted({site for cycle in cycles for site, _ in cycle} - known)
+    if unknown:
+        raise ValueError(f"the schedule visits unknown sites: {', '.join(unknown)}")
+    fold_views = [[dataset.fold_view(fold, folds) for dataset in datasets] for fold in range(folds)]
+    trained: list[SequentialResult | None] = [None] * folds
+    for index, cycle in enumerate(cycles):
+        per_fold: list[dict[str, dict[str, float]]] = []
+        for fold, views in enumerate(fold_views):
+            by_name = {view.name: view for view in views}
+            previous = trained[fold]
+            result = train_sequential(
+                trainer,
+                spec if training_spec is None else training_spec(views),
+                [(by_name[site], hyperparameters) for site, hyperparameters in cycle],
+                incoming=None if previous is None else previous.tensors,
+            )
+            earlier = () if previous is None else previous.visits
+            trained[fold] = SequentialResult(result.tensors, earlier + result.visits)
+            if after_cycle is not None:
+                scoring = spec if evaluation_spec is None else evaluation_spec(views)
+                per_fold.append(
+                    evaluate_sites(trainer, scoring, result.tensors, views, "validation")
+                )
+        if after_cycle is not None:
+            sites = [pool_metrics([scores[d.name] for scores in per_fold]) for d in datasets]
+            after_cycle(index, _mean_over_sites(sites)[metric])
+    finished = iter(trained)
+
+    def replay(views: Sequence[RegisteredDataset]) -> SequentialResult:
+        result = next(finished)
+        assert result is not None  # every fold ran every cycle
+        return result
+
+    return cross_validate(trainer, spec, datasets, folds, replay, evaluation_spec=evaluation_spec)
 
 
 # ---- collapse and divergence -----------------------------------------------------------------

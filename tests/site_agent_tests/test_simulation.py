@@ -20,6 +20,7 @@ from site_agent.simulation import (
     SequentialResult,
     collapse_reason,
     cross_validate,
+    cross_validate_cycles,
     cyclic_visits,
     divergence_reason,
     evaluate_sites,
@@ -658,3 +659,86 @@ def test_cross_validation_scores_each_visit_out_of_fold_and_measures_forgetting(
     for site in sites:
         best = max(v for s, v in result.visit_scores() if s == site.name)
         assert forgetting[site.name] == pytest.approx(best - result.sites[site.name]["accuracy"])
+
+
+# ---- cross-validation cycle by cycle (the twin's per-cycle reports) ----------------------------
+
+
+def _cycles(sites: Sequence[RegisteredDataset]) -> list[list[tuple[str, HopHyperparameters]]]:
+    first = [(site.name, HP) for site in sites]
+    second = [(site.name, dataclasses.replace(HP, seed=HP.seed + 1)) for site in reversed(sites)]
+    return [first, second]
+
+
+def test_cross_validation_cycle_by_cycle_equals_the_whole_schedule_and_reports_each_cycle(
+    trainer: TabularTrainer, sites: list[RegisteredDataset]
+) -> None:
+    cycles = _cycles(sites)
+    by_name = {site.name: site for site in sites}
+
+    def whole(views: Sequence[RegisteredDataset]) -> SequentialResult:
+        named = {view.name: view for view in views}
+        return train_sequential(trainer, SPEC, [(named[s], hp) for c in cycles for s, hp in c])
+
+    expected = cross_validate(trainer, SPEC, sites, 2, whole)
+    reported: list[tuple[int, float]] = []
+    staged = cross_validate_cycles(
+        trainer, SPEC, sites, 2, cycles, after_cycle=lambda c, v: reported.append((c, v))
+    )
+
+    assert staged == expected
+    assert [c for c, _ in reported] == [0, 1]
+    assert reported[1][1] == pytest.approx(expected.mean["accuracy"])
+    # The value after cycle 0 is the CV score of the one-cycle schedule.
+    one_cycle = cross_validate_cycles(trainer, SPEC, sites, 2, cycles[:1])
+    assert reported[0][1] == pytest.approx(one_cycle.mean["accuracy"])
+    assert len(staged.visits) == 2 * len(by_name)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_cross_validation_cycle_by_cycle_stops_training_when_the_report_raises(
+    trainer: TabularTrainer, sites: list[RegisteredDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops: list[str] = []
+    run_hop = trainer.run_hop
+
+    def counting(spec: TaskSpec, dataset: RegisteredDataset, *args: object) -> object:
+        hops.append(dataset.name)
+        return run_hop(spec, dataset, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer, "run_hop", counting)
+
+    def stop(cycle: int, value: float) -> None:
+        raise _Stop(f"pruned after cycle {cycle}")
+
+    with pytest.raises(_Stop, match="after cycle 0"):
+        cross_validate_cycles(trainer, SPEC, sites, 2, _cycles(sites), after_cycle=stop)
+    assert len(hops) == 2 * len(sites)  # one cycle in each of the 2 folds, no more
+
+
+def test_cross_validation_cycle_by_cycle_trains_each_fold_with_its_own_spec(
+    trainer: TabularTrainer, sites: list[RegisteredDataset]
+) -> None:
+    trained_with: list[list[str]] = []
+
+    def fold_normaliser(views: Sequence[RegisteredDataset]) -> TaskSpec:
+        trained_with.append([f"{v.name}:{len(v.train)}" for v in views])
+        return pooled_normalisation_spec(SPEC, views)
+
+    cross_validate_cycles(trainer, SPEC, sites, 2, _cycles(sites), training_spec=fold_normaliser)
+    folds = [[f"{v.name}:{len(v.train)}" for v in (s.fold_view(f, 2) for s in sites)]
+             for f in range(2)]  # fmt: skip
+    # Built from each fold's views (its training rows only), once per cycle and fold.
+    assert trained_with == [folds[0], folds[1], folds[0], folds[1]]
+
+
+def test_cross_validation_cycle_by_cycle_refuses_an_unknown_site_or_an_empty_cycle(
+    trainer: TabularTrainer, sites: list[RegisteredDataset]
+) -> None:
+    with pytest.raises(ValueError, match="unknown sites: nowhere"):
+        cross_validate_cycles(trainer, SPEC, sites, 2, [[("nowhere", HP)]])
+    with pytest.raises(ValueError, match="at least one visit"):
+        cross_validate_cycles(trainer, SPEC, sites, 2, [[(sites[0].name, HP)], []])
