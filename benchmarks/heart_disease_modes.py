@@ -209,7 +209,7 @@ def _study(
     records: list[TrialRecord] = study.optimize(
         ModeExecutor(trainer, datasets, config["folds"]), config["trials"]
     )
-    chosen = _best(records)
+    chosen = _best(study)
     assert chosen.plan is not None
     spec, tensors = final_tensors(trainer, datasets, chosen.plan)
     scores = _test_accuracy(trainer, spec, tensors, datasets)
