@@ -38,6 +38,7 @@ from coordinator.ledger import (
     CheckpointRow,
     HopRow,
     Ledger,
+    RowMismatch,
     RunRow,
     TransitionRefused,
 )
@@ -127,7 +128,7 @@ class Hops:
         if hop.status in LIVE_HOP_STATES and self.leases.sent.get(hop.id) is session:
             self._tell_next(run, hop)
             return
-        if self._refuse_tampered(run, input_sha256):
+        if await self._refuse_tampered(run, input_sha256):
             return
         if hop.status == "pending":
             hop = await self.writer.run(
@@ -256,7 +257,7 @@ class Hops:
                     f"output checkpoint {result.output_checkpoint.sha256} was not uploaded "
                     f"for hop {hop.id}"
                 )
-            following = self._next_to_lease(run, hop, output.sha256)
+            following = await self._next_to_lease(run, hop, output.sha256)
             token = secrets.token_hex(16)
             try:
                 with self.storage.guard(f"commit of hop {hop.index} of run {run.id}"):
@@ -281,7 +282,7 @@ class Hops:
                 pass  # committed; the watchdog leases the next hop once storage recovers
         return "committed"
 
-    def _next_to_lease(
+    async def _next_to_lease(
         self, run: RunRow, hop: HopRow, output_sha256: str
     ) -> tuple[HopRow, SiteSession] | None:
         """The hop to lease in the same transaction as `hop`'s commit, with its site's stream.
@@ -303,7 +304,7 @@ class Hops:
         session = self.sessions.get(following.site)
         if session is None:
             return None
-        if self.ledger.run_mismatches(self.ledger.run(run.id), output_sha256):
+        if await self.writer.run(self._mismatches, run, output_sha256):
             return None  # dispatch after the commit pauses the run, as for any tampering
         self.leases.waiting_since.pop(following.id, None)
         self.leases.wait_logged.pop(following.id, None)
@@ -362,11 +363,12 @@ class Hops:
         """Completes a run whose hops are all settled: final = last committed output."""
         final = next((h for h in reversed(run.hops) if h.status == "committed"), None)
         if final is None or final.output_sha256 is None:
-            self.ledger.transition_run(
-                run.id, expected=("running",), status="failed", error="no hop was committed"
-            )
+            await self.writer.run(
+                self.ledger.transition_run,
+                run.id, expected=("running",), status="failed", error="no hop was committed",
+            )  # fmt: skip
             return
-        if self._refuse_tampered(run, final.output_sha256):
+        if await self._refuse_tampered(run, final.output_sha256):
             return
         try:
             await complete_run(self.ledger, self.store, self.storage, self.runs_dir, run.id,
@@ -375,23 +377,27 @@ class Hops:
             return  # still running: the watchdog retries the export once storage recovers
         logger.info("run %s completed", run.id)
 
-    def _refuse_tampered(self, run: RunRow, checkpoint_sha: str | None) -> bool:
-        """Pauses the run (ledgered) if its rows or the checkpoint differ from their events.
+    async def _refuse_tampered(self, run: RunRow, checkpoint_sha: str | None) -> bool:
+        """Pauses the run (ledgered) if its rows or the checkpoint differ from their events."""
+        mismatches = await self.writer.run(self._mismatches, run, checkpoint_sha)
+        if not mismatches:
+            return False
+        logger.error("run %s paused: %s", run.id, mismatches[0].message)
+        with contextlib.suppress(TransitionRefused):
+            await self.writer.run(self.ledger.pause_for_mismatch, run.id, mismatches)
+        return True
 
-        The rows are read from SQL (not the ones held in memory): an edit made behind the
+    def _mismatches(self, run: RunRow, checkpoint_sha: str | None) -> list[RowMismatch]:
+        """The run's rows and the checkpoint that differ from their events (writer thread).
+
+        The rows are read from SQL, not the ones held in memory: an edit made behind the
         ledger's back is in the database. Once per checkpoint handed out, not per call.
         """
         try:
             fresh = self.ledger.run(run.id)
         except KeyError:
             fresh = run  # deleted behind the ledger's back: its events still name it
-        mismatches = self.ledger.run_mismatches(fresh, checkpoint_sha)
-        if not mismatches:
-            return False
-        logger.error("run %s paused: %s", run.id, mismatches[0].message)
-        with contextlib.suppress(TransitionRefused):
-            self.ledger.pause_for_mismatch(run.id, mismatches)
-        return True
+        return self.ledger.run_mismatches(fresh, checkpoint_sha)
 
     async def hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str:
         """Applies the run's failure policy to a hop that failed, expired or waited too long."""
@@ -409,7 +415,8 @@ class Hops:
         live = (*LIVE_HOP_STATES, "pending")
         if action == "retry":
             delay = policy.retry_backoff_seconds * 2 ** max(hop.attempts - 1, 0)
-            self.ledger.transition_hop(
+            await self.writer.run(
+                self.ledger.transition_hop,
                 hop.id, expected=live, status="pending", event="hop.retry", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
@@ -417,31 +424,45 @@ class Hops:
             self.leases.not_before[hop.id] = time.monotonic() + delay
             return "pending"
         if action == "skip":
-            self.ledger.transition_hop(
+            await self.writer.run(
+                self.ledger.transition_hop,
                 hop.id, expected=live, status="skipped", event="hop.skipped", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
             self.intake.hop_ended(hop.id, f"hop skipped after {code}")
             await self.dispatch_locked(run.id)
             return "skipped"
-        self.ledger.transition_hop(
-            hop.id, expected=live, status="failed", event="hop.failed", payload=detail,
-            lease_token=None, error_code=code, error=message,
+        error = f"hop {hop.index} at {hop.site}: {code}: {message}"
+        await self.writer.run(
+            self._fail_hop_and_run, hop.id, run.id, live, detail,
+            "paused" if action == "pause" else "failed", error,
         )  # fmt: skip
         self.intake.hop_ended(hop.id, f"hop failed with {code}")
-        error = f"hop {hop.index} at {hop.site}: {code}: {message}"
-        if action == "pause":
-            self.ledger.transition_run(run.id, expected=("running",), status="paused",
-                                       payload=detail, error=error)  # fmt: skip
-            return "failed"
-        self.ledger.transition_run(run.id, expected=("running",), status="failed",
-                                   payload=detail, error=error)  # fmt: skip
         return "failed"
+
+    def _fail_hop_and_run(
+        self,
+        hop_id: str,
+        run_id: str,
+        live: tuple[str, ...],
+        detail: dict[str, str],
+        run_status: str,
+        error: str,
+    ) -> None:
+        """The hop fails and its run pauses or fails: one transaction, two chained events."""
+        with self.ledger.transaction():
+            self.ledger.transition_hop(
+                hop_id, expected=live, status="failed", event="hop.failed", payload=detail,
+                lease_token=None, error_code=detail["code"], error=detail["message"],
+            )  # fmt: skip
+            self.ledger.transition_run(run_id, expected=("running",), status=run_status,
+                                       payload=detail, error=error)  # fmt: skip
 
     async def _hop_released(self, run: RunRow, hop: HopRow, reason: str) -> str:
         """A site handed its hop back unfinished: pending again, and not a failed attempt."""
         self.leases.forget(hop.id)
-        self.ledger.transition_hop(
+        await self.writer.run(
+            self.ledger.transition_hop,
             hop.id, expected=LIVE_HOP_STATES, status="pending", event="hop.released",
             payload={"reason": reason[:500] or "released by the site"}, lease_token=None,
             attempts=lambda row: max(row.attempts - 1, 0),
