@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm.attributes import set_committed_value
 
+from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.ledger import Base, HopRow, Ledger, RunRow
 
 __all__ = ["ActiveRuns"]
@@ -34,8 +35,9 @@ def _copy_columns(target: Base, source: Base) -> None:
 class ActiveRuns:
     """Every running run with its hops, by run id; and each of their hops by hop id."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, writer: LedgerWriter | None = None) -> None:
         self.ledger = ledger
+        self.writer = writer  # its thread commits; what it wrote is applied on the loop
         self._runs: dict[str, RunRow] | None = None  # None: not loaded yet
         self._hops: dict[str, tuple[RunRow, HopRow]] = {}
         self._unread: set[str] = set()  # running runs written here but not yet held
@@ -129,7 +131,7 @@ class ActiveRuns:
 
     def on_loop(self, callback: Callable[..., None], *args: Any) -> None:
         """Runs `callback` on the event loop that reads the rows (a writer thread commits)."""
-        loop = self.loop
+        loop = self.writer.loop if self.writer is not None and self.writer.loop else self.loop
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:

@@ -23,10 +23,11 @@ class LedgerWriter:
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop that awaits the writes
 
     async def run(self, write: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Runs `write(*args, **kwargs)` on the writer thread; returns (or raises) its outcome."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(write, *args, **kwargs))
 
     def close(self) -> None:

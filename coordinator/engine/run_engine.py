@@ -72,8 +72,8 @@ class RunEngine:
         self.storage = StorageHealth(ledger, runs_dir.parent)
         self.metrics = CoordinatorMetrics()
         self._lock = asyncio.Lock()  # one lock over every state transition of every part
-        self.runs = ActiveRuns(ledger)
         self.writer = LedgerWriter()
+        self.runs = ActiveRuns(ledger, self.writer)
         self.sessions = SiteSessions(ledger)
         self.metrics.track_connected_sites(lambda: len(self.sessions))
         self.leases = HopLeases(self.runs, self.metrics)
