@@ -420,6 +420,7 @@ class Hops:
                 hop.id, expected=live, status="pending", event="hop.retry", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
+            self.leases.forget(hop.id)  # what a beat answered during the write extended
             self.intake.hop_ended(hop.id, f"hop retried after {code}")
             self.leases.not_before[hop.id] = time.monotonic() + delay
             return "pending"
@@ -429,6 +430,7 @@ class Hops:
                 hop.id, expected=live, status="skipped", event="hop.skipped", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
+            self.leases.forget(hop.id)
             self.intake.hop_ended(hop.id, f"hop skipped after {code}")
             await self.dispatch_locked(run.id)
             return "skipped"
@@ -437,6 +439,7 @@ class Hops:
             self._fail_hop_and_run, hop.id, run.id, live, detail,
             "paused" if action == "pause" else "failed", error,
         )  # fmt: skip
+        self.leases.forget(hop.id)
         self.intake.hop_ended(hop.id, f"hop failed with {code}")
         return "failed"
 
@@ -467,6 +470,7 @@ class Hops:
             payload={"reason": reason[:500] or "released by the site"}, lease_token=None,
             attempts=lambda row: max(row.attempts - 1, 0),
         )  # fmt: skip
+        self.leases.forget(hop.id)  # what a beat answered during the write extended
         self.metrics.hop_settled("released")
         logger.info("run %s hop %d released by %s: %s", run.id, hop.index, hop.site, reason)
         await self.dispatch_locked(run.id)
