@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from sqlalchemy import event
 
 from coordinator.console.admin import AdminClient
-from coordinator.ledger import Ledger
+from coordinator.ledger import HopRow, Ledger
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.v1 import baton_pb2 as pb
@@ -237,3 +238,40 @@ def test_a_heartbeat_is_answered_while_a_commit_is_being_written(
         reporter.join(30)
     assert outcome == ["committed"]
     assert _beat(sites["site-a"], first)  # committed: the lease is over
+
+
+def test_a_transaction_opened_inside_another_joins_it_and_reports_its_rows_once(
+    database_url: str,
+) -> None:
+    ledger = Ledger(database_url)
+    ledger.migrate()
+    try:
+        hops = [HopRow(id=uuid.uuid4().hex, index=i, site="site-a", hyperparameters={},
+                       status="pending", metrics={}) for i in range(2)]  # fmt: skip
+        run_id = uuid.uuid4().hex
+        ledger.create_run(run_id, "t", {"name": "t"}, hops, None)
+        ledger.lease_hop(hops[0].id, "token", None)
+        written: list[list[str]] = []
+        ledger.row_observers.append(lambda rows: written.append([type(r).__name__ for r in rows]))
+        events = len(ledger.events(run_id))
+
+        def commit() -> None:
+            ledger.commit_hop(hops[0].id, lease_token="token", output_sha256="ef" * 32,
+                              metrics={}, train_started_at_ns=1, train_finished_at_ns=2,
+                              base_model_sha256="ab" * 32)  # fmt: skip
+
+        with pytest.raises(RuntimeError, match="between"), ledger.transaction():
+            commit()
+            raise RuntimeError("a failure between the commit and the lease")
+        assert [h.status for h in ledger.run(run_id).hops] == ["leased", "pending"]
+        assert len(ledger.events(run_id)) == events and written == []
+
+        with ledger.transaction():
+            commit()
+            ledger.lease_hop(hops[1].id, "next", "ef" * 32)
+        assert [h.status for h in ledger.run(run_id).hops] == ["committed", "leased"]
+        assert [e.kind for e in ledger.events(run_id)][events:] == ["hop.committed", "hop.leased"]
+        assert len(written) == 1 and written[0].count("HopRow") == 2  # once, after the commit
+        assert ledger.verify().ok
+    finally:
+        ledger.close()
