@@ -336,8 +336,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
                                  f"this site's signed ledger head #{request.kept_head.seq} does "
                                  f"not match the ledger ({problem}): the coordinator's ledger "
                                  "was truncated or rewritten")  # fmt: skip
-        await self.engine.writer.run(  # the commit (an fsync) off the event loop
-            self.engine.ledger.register_site,
+        self.engine.ledger.register_site(
             identity.name,
             agent_version=request.agent_version,
             capabilities=list(request.capabilities),
