@@ -527,7 +527,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
         identity = await self._caller(context, Role.SITE, "CheckConnection")
         runs = [
             run
-            for run in self.engine.ledger.active_runs()
+            for run in self.engine.runs.all()
             if any(hop.site == identity.name for hop in run.hops)
         ]
         return pb.ConnectionCheck(

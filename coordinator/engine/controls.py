@@ -7,6 +7,7 @@ import json
 import logging
 import uuid
 
+from coordinator.engine.active_runs import ActiveRuns
 from coordinator.engine.hops import Hops
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.rounds import runs_in_rounds
@@ -32,8 +33,10 @@ class RunControls:
         hops: Hops,
         leases: HopLeases,
         intake: UploadIntake,
+        runs: ActiveRuns,
     ) -> None:
         self.ledger = ledger
+        self.runs = runs  # a running run is read from memory; any other from the ledger
         self._lock = lock  # the engine's one lock over state transitions
         self.hops = hops
         self.leases = leases
@@ -81,7 +84,7 @@ class RunControls:
         """Resumes a paused run: its failed hop is tried again."""
         async with self._lock:
             try:
-                run = self.ledger.run(run_id)
+                run = self.runs.run(run_id)
             except KeyError:
                 raise NotFound(f"no run {run_id!r}") from None
             if run.status != "paused":
@@ -103,6 +106,7 @@ class RunControls:
     async def abort_run(self, run_id: str, reason: str, *, by: str | None = None) -> None:
         async with self._lock:
             try:
+                run = self.runs.run(run_id)  # before it leaves the running runs
                 self.ledger.transition_run(
                     run_id, expected=("running", "paused"), status="aborted",
                     payload={"reason": reason, **actor(by)}, error=reason,
@@ -111,7 +115,7 @@ class RunControls:
                 raise NotFound(f"no run {run_id!r}") from None
             except TransitionRefused as exc:
                 raise InvalidInput(str(exc)) from exc
-            for hop in self.ledger.run(run_id).hops:
+            for hop in run.hops:
                 if hop.status in LIVE_HOP_STATES:
                     self.leases.forget(hop.id)
                     self.intake.hop_ended(hop.id, "run aborted")
@@ -123,7 +127,7 @@ class RunControls:
         """
         async with self._lock:
             try:
-                run = self.ledger.run(run_id)
+                run = self.runs.run(run_id)
             except KeyError:
                 raise NotFound(f"no run {run_id!r}") from None
             if run.status != "running":
@@ -149,7 +153,7 @@ class RunControls:
         """Skips the failed hop of a paused run and resumes the run from the next hop."""
         async with self._lock:
             try:
-                run = self.ledger.run(run_id)
+                run = self.runs.run(run_id)
             except KeyError:
                 raise NotFound(f"no run {run_id!r}") from None
             hop = next((h for h in run.hops if h.status == "failed"), None)

@@ -10,6 +10,7 @@ import secrets
 import time
 from pathlib import Path
 
+from coordinator.engine.active_runs import ActiveRuns
 from coordinator.engine.export import complete_run
 from coordinator.engine.handoff import (
     complete_hop_task,
@@ -19,6 +20,7 @@ from coordinator.engine.handoff import (
     wants_inline_bundle,
 )
 from coordinator.engine.leases import HopLeases, HopProgress
+from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.engine.rounds import Rounds, runs_in_rounds
 from coordinator.engine.rules import (
     DETERMINISTIC_FAILURES,
@@ -36,6 +38,7 @@ from coordinator.ledger import (
     CheckpointRow,
     HopRow,
     Ledger,
+    RowMismatch,
     RunRow,
     TransitionRefused,
 )
@@ -68,8 +71,12 @@ class Hops:
         leases: HopLeases,
         intake: UploadIntake,
         rounds: Rounds,
+        runs: ActiveRuns,
+        writer: LedgerWriter,
     ) -> None:
         self.ledger = ledger
+        self.runs = runs  # the running runs, in memory (written through by every commit)
+        self.writer = writer  # hop transitions commit on its thread, off the event loop
         self.store = store
         self.runs_dir = runs_dir
         self.storage = storage
@@ -87,9 +94,9 @@ class Hops:
             await self.dispatch_locked(run_id)
 
     async def dispatch_locked(self, run_id: str) -> None:
-        run = self.ledger.run(run_id)
-        if run.status != "running":
-            return
+        run = self.runs.get(run_id)
+        if run is None:
+            return  # not running
         if runs_in_rounds(run):
             await self.rounds.dispatch_locked(run, self)
             return
@@ -121,11 +128,25 @@ class Hops:
         if hop.status in LIVE_HOP_STATES and self.leases.sent.get(hop.id) is session:
             self._tell_next(run, hop)
             return
-        if self._refuse_tampered(run, input_sha256):
+        if await self._refuse_tampered(run, input_sha256):
             return
         if hop.status == "pending":
-            hop = self.ledger.lease_hop(hop.id, secrets.token_hex(16), input_sha256)
+            hop = await self.writer.run(
+                self.ledger.lease_hop, hop.id, secrets.token_hex(16), input_sha256
+            )
             self.metrics.hop_phase(hop.id, "leased")
+        self.send_hop(run, hop, input_sha256, session, round_number=round_number)
+
+    def send_hop(
+        self,
+        run: RunRow,
+        hop: HopRow,
+        input_sha256: str | None,
+        session: SiteSession,
+        *,
+        round_number: int = 0,
+    ) -> None:
+        """Puts a leased hop's task on its site's stream (and tells the next site it is next)."""
         self.leases.extend(run, hop.id)
         input_ref = self.ledger.checkpoint(input_sha256) if input_sha256 else None
         self.leases.sent[hop.id] = session
@@ -177,19 +198,28 @@ class Hops:
         return f"waiting for {hop.site}: {offline_text(view) if view else 'never connected'}"
 
     async def heartbeat(self, site: str, beat: pb.Heartbeat) -> None:
-        """Extends the lease; the first "training" beat moves the hop to training."""
+        """Extends the lease; the first "training" beat moves the hop to training.
+
+        Read from the runs held in memory, without the engine's lock: a beat is answered while
+        a transition (a commit) is being written. Only the one beat that moves the hop to
+        training waits for the lock and writes.
+        """
+        run, hop = self.leases.leased_hop(site, beat.hop_id, beat.lease_token)
+        self.leases.extend(run, hop.id)
+        self.metrics.hop_phase(hop.id, beat.phase)
+        self.leases.progress[beat.hop_id] = HopProgress(
+            phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
+        )
+        if beat.phase != "training" or hop.status != "leased":
+            return
         async with self._lock:
             run, hop = self.leases.leased_hop(site, beat.hop_id, beat.lease_token)
-            self.leases.extend(run, hop.id)
-            self.metrics.hop_phase(hop.id, beat.phase)
-            self.leases.progress[beat.hop_id] = HopProgress(
-                phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
-            )
-            if beat.phase == "training" and hop.status == "leased":
+            if hop.status == "leased":
                 with self.storage.guard(f"heartbeat of hop {hop.index} of run {run.id}"):
-                    self.ledger.transition_hop(
-                        hop.id, expected=("leased",), status="training", event="hop.training"
-                    )
+                    await self.writer.run(
+                        self.ledger.transition_hop,
+                        hop.id, expected=("leased",), status="training", event="hop.training",
+                    )  # fmt: skip
 
     async def report_result(self, site: str, result: pb.HopResult) -> str:
         """Commits or fails a hop, then moves the run on. Returns the hop's new status.
@@ -198,7 +228,9 @@ class Hops:
         "committed" again (the site may not have seen the first answer); nothing is written.
         """
         async with self._lock:
-            done = self.ledger.hop(result.hop_id)
+            held = self.runs.hop(result.hop_id)
+            # A hop no running run holds (its run finished with it): the one lookup in SQL.
+            done = held[1] if held is not None else self.ledger.hop(result.hop_id)
             if (
                 done is not None
                 and done.site == site
@@ -225,23 +257,24 @@ class Hops:
                     f"output checkpoint {result.output_checkpoint.sha256} was not uploaded "
                     f"for hop {hop.id}"
                 )
+            following = await self._next_to_lease(run, hop, output.sha256)
+            token = secrets.token_hex(16)
             try:
                 with self.storage.guard(f"commit of hop {hop.index} of run {run.id}"):
-                    self.ledger.commit_hop(
-                        hop.id,
-                        lease_token=result.lease_token,
-                        output_sha256=output.sha256,
-                        metrics=metrics,
-                        train_started_at_ns=result.train_started_at_ns,
-                        train_finished_at_ns=result.train_finished_at_ns,
-                        base_model_sha256=output.manifest["base_model_sha256"],
-                    )
+                    leased = await self.writer.run(
+                        self._commit_and_lease, hop.id, result, output, metrics,
+                        following[0].id if following else None, token,
+                    )  # fmt: skip
             except TransitionRefused as exc:
                 raise StaleLease(str(exc)) from exc
             self.leases.forget(hop.id)
             self._observe_commit(run, hop, result)
             logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
             self.intake.hop_ended(hop.id, "hop committed with another output")
+            if leased is not None and following is not None:
+                self.metrics.hop_phase(leased.id, "leased")
+                self.send_hop(run, leased, output.sha256, following[1])
+                return "committed"
             try:
                 with self.storage.guard(f"dispatch after hop {hop.index} of run {run.id}"):
                     await self.dispatch_locked(run.id)
@@ -249,11 +282,67 @@ class Hops:
                 pass  # committed; the watchdog leases the next hop once storage recovers
         return "committed"
 
+    async def _next_to_lease(
+        self, run: RunRow, hop: HopRow, output_sha256: str
+    ) -> tuple[HopRow, SiteSession] | None:
+        """The hop to lease in the same transaction as `hop`'s commit, with its site's stream.
+
+        Only the plain case: a sequential run whose next hop is pending, not backing off, at a
+        connected site, with every row and the output checkpoint matching their events. Any
+        other case commits alone and dispatches as usual after the commit.
+        """
+        if runs_in_rounds(run):
+            return None
+        settled = ("committed", "skipped")
+        following = next(
+            (h for h in run.hops if h.index > hop.index and h.status not in settled), None
+        )
+        if following is None or following.status != "pending":
+            return None
+        if time.monotonic() < self.leases.not_before.get(following.id, 0.0):
+            return None
+        session = self.sessions.get(following.site)
+        if session is None:
+            return None
+        if await self.writer.run(self._mismatches, run, output_sha256):
+            return None  # dispatch after the commit pauses the run, as for any tampering
+        self.leases.waiting_since.pop(following.id, None)
+        self.leases.wait_logged.pop(following.id, None)
+        return following, session
+
+    def _commit_and_lease(
+        self,
+        hop_id: str,
+        result: pb.HopResult,
+        output: CheckpointRow,
+        metrics: dict[str, float],
+        following_id: str | None,
+        token: str,
+    ) -> HopRow | None:
+        """Commits the hop and leases the next one (if given) in one ledger transaction.
+
+        Two chained events (``hop.committed``, ``hop.leased``), one commit: both or neither.
+        Runs on the ledger writer's thread. Returns the leased hop, if one was leased.
+        """
+        with self.ledger.transaction():
+            self.ledger.commit_hop(
+                hop_id,
+                lease_token=result.lease_token,
+                output_sha256=output.sha256,
+                metrics=metrics,
+                train_started_at_ns=result.train_started_at_ns,
+                train_finished_at_ns=result.train_finished_at_ns,
+                base_model_sha256=output.manifest["base_model_sha256"],
+            )
+            if following_id is None:
+                return None
+            return self.ledger.lease_hop(following_id, token, output.sha256)
+
     async def report_validation(self, site: str, report: pb.HopValidation) -> None:
         """Records a committed hop's validation metrics (``hop.validated``), measured by its
         site after the commit; a retry of the same report writes nothing."""
         async with self._lock:
-            hop = record_validation(self.ledger, self.storage, site, report)
+            hop = await self.writer.run(record_validation, self.ledger, self.storage, site, report)
         logger.info("run %s hop %d validated (%s)", hop.run_id, hop.index, site)
 
     def _observe_commit(self, run: RunRow, hop: HopRow, result: pb.HopResult) -> None:
@@ -274,11 +363,12 @@ class Hops:
         """Completes a run whose hops are all settled: final = last committed output."""
         final = next((h for h in reversed(run.hops) if h.status == "committed"), None)
         if final is None or final.output_sha256 is None:
-            self.ledger.transition_run(
-                run.id, expected=("running",), status="failed", error="no hop was committed"
-            )
+            await self.writer.run(
+                self.ledger.transition_run,
+                run.id, expected=("running",), status="failed", error="no hop was committed",
+            )  # fmt: skip
             return
-        if self._refuse_tampered(run, final.output_sha256):
+        if await self._refuse_tampered(run, final.output_sha256):
             return
         try:
             await complete_run(self.ledger, self.store, self.storage, self.runs_dir, run.id,
@@ -287,15 +377,27 @@ class Hops:
             return  # still running: the watchdog retries the export once storage recovers
         logger.info("run %s completed", run.id)
 
-    def _refuse_tampered(self, run: RunRow, checkpoint_sha: str | None) -> bool:
+    async def _refuse_tampered(self, run: RunRow, checkpoint_sha: str | None) -> bool:
         """Pauses the run (ledgered) if its rows or the checkpoint differ from their events."""
-        mismatches = self.ledger.run_mismatches(run, checkpoint_sha)
+        mismatches = await self.writer.run(self._mismatches, run, checkpoint_sha)
         if not mismatches:
             return False
         logger.error("run %s paused: %s", run.id, mismatches[0].message)
         with contextlib.suppress(TransitionRefused):
-            self.ledger.pause_for_mismatch(run.id, mismatches)
+            await self.writer.run(self.ledger.pause_for_mismatch, run.id, mismatches)
         return True
+
+    def _mismatches(self, run: RunRow, checkpoint_sha: str | None) -> list[RowMismatch]:
+        """The run's rows and the checkpoint that differ from their events (writer thread).
+
+        The rows are read from SQL, not the ones held in memory: an edit made behind the
+        ledger's back is in the database. Once per checkpoint handed out, not per call.
+        """
+        try:
+            fresh = self.ledger.run(run.id)
+        except KeyError:
+            fresh = run  # deleted behind the ledger's back: its events still name it
+        return self.ledger.run_mismatches(fresh, checkpoint_sha)
 
     async def hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str:
         """Applies the run's failure policy to a hop that failed, expired or waited too long."""
@@ -313,43 +415,62 @@ class Hops:
         live = (*LIVE_HOP_STATES, "pending")
         if action == "retry":
             delay = policy.retry_backoff_seconds * 2 ** max(hop.attempts - 1, 0)
-            self.ledger.transition_hop(
+            await self.writer.run(
+                self.ledger.transition_hop,
                 hop.id, expected=live, status="pending", event="hop.retry", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
+            self.leases.forget(hop.id)  # what a beat answered during the write extended
             self.intake.hop_ended(hop.id, f"hop retried after {code}")
             self.leases.not_before[hop.id] = time.monotonic() + delay
             return "pending"
         if action == "skip":
-            self.ledger.transition_hop(
+            await self.writer.run(
+                self.ledger.transition_hop,
                 hop.id, expected=live, status="skipped", event="hop.skipped", payload=detail,
                 lease_token=None, error_code=code, error=message,
             )  # fmt: skip
+            self.leases.forget(hop.id)
             self.intake.hop_ended(hop.id, f"hop skipped after {code}")
             await self.dispatch_locked(run.id)
             return "skipped"
-        self.ledger.transition_hop(
-            hop.id, expected=live, status="failed", event="hop.failed", payload=detail,
-            lease_token=None, error_code=code, error=message,
-        )  # fmt: skip
-        self.intake.hop_ended(hop.id, f"hop failed with {code}")
         error = f"hop {hop.index} at {hop.site}: {code}: {message}"
-        if action == "pause":
-            self.ledger.transition_run(run.id, expected=("running",), status="paused",
-                                       payload=detail, error=error)  # fmt: skip
-            return "failed"
-        self.ledger.transition_run(run.id, expected=("running",), status="failed",
-                                   payload=detail, error=error)  # fmt: skip
+        await self.writer.run(
+            self._fail_hop_and_run, hop.id, run.id, live, detail,
+            "paused" if action == "pause" else "failed", error,
+        )  # fmt: skip
+        self.leases.forget(hop.id)
+        self.intake.hop_ended(hop.id, f"hop failed with {code}")
         return "failed"
+
+    def _fail_hop_and_run(
+        self,
+        hop_id: str,
+        run_id: str,
+        live: tuple[str, ...],
+        detail: dict[str, str],
+        run_status: str,
+        error: str,
+    ) -> None:
+        """The hop fails and its run pauses or fails: one transaction, two chained events."""
+        with self.ledger.transaction():
+            self.ledger.transition_hop(
+                hop_id, expected=live, status="failed", event="hop.failed", payload=detail,
+                lease_token=None, error_code=detail["code"], error=detail["message"],
+            )  # fmt: skip
+            self.ledger.transition_run(run_id, expected=("running",), status=run_status,
+                                       payload=detail, error=error)  # fmt: skip
 
     async def _hop_released(self, run: RunRow, hop: HopRow, reason: str) -> str:
         """A site handed its hop back unfinished: pending again, and not a failed attempt."""
         self.leases.forget(hop.id)
-        self.ledger.transition_hop(
+        await self.writer.run(
+            self.ledger.transition_hop,
             hop.id, expected=LIVE_HOP_STATES, status="pending", event="hop.released",
             payload={"reason": reason[:500] or "released by the site"}, lease_token=None,
             attempts=lambda row: max(row.attempts - 1, 0),
         )  # fmt: skip
+        self.leases.forget(hop.id)  # what a beat answered during the write extended
         self.metrics.hop_settled("released")
         logger.info("run %s hop %d released by %s: %s", run.id, hop.index, hop.site, reason)
         await self.dispatch_locked(run.id)
@@ -361,8 +482,8 @@ class Hops:
         for run in runs:
             if runs_in_rounds(run):
                 async with self._lock:
-                    fresh = self.ledger.run(run.id)
-                    if fresh.status == "running":
+                    fresh = self.runs.get(run.id)
+                    if fresh is not None:
                         await self.rounds.check_deadlines(fresh, self)
                 continue
             hop = current_hop(run)
@@ -370,6 +491,8 @@ class Hops:
                 await self.dispatch(run.id)  # all hops settled: retries a failed export
                 continue
             async with self._lock:
+                if self.runs.get(run.id) is not run or current_hop(run) is not hop:
+                    continue  # moved on while this pass waited for the lock
                 overdue = self.leases.overdue(run, hop, self.sessions, now)
                 if overdue is not None:
                     code, message = overdue

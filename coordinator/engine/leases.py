@@ -1,7 +1,8 @@
 """The in-memory side of hop leases: whom a task went to, deadlines, backoffs and progress.
 
-The ledger holds each lease (its token and state); this holds what only matters while the
-coordinator runs, and checks that a site's call carries its hop's current lease.
+The ledger holds each lease (its token and state, held in memory by `ActiveRuns`); this holds
+what only matters while the coordinator runs, and checks that a site's call carries its hop's
+current lease.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import time
 from collections.abc import Container
 from dataclasses import dataclass
 
+from coordinator.engine.active_runs import ActiveRuns
 from coordinator.engine.rules import failure_policy
 from coordinator.engine.sessions import SiteSession
 from coordinator.errors import NotFound, PermissionDenied, StaleLease
-from coordinator.ledger import LIVE_HOP_STATES, HopRow, Ledger, RunRow
+from coordinator.ledger import LIVE_HOP_STATES, HopRow, RunRow
 from coordinator.metrics import CoordinatorMetrics
 
 __all__ = ["HopLeases", "HopProgress"]
@@ -30,8 +32,8 @@ class HopProgress:
 class HopLeases:
     """Per-hop timers and the stream each hop's task was sent on, keyed by hop id."""
 
-    def __init__(self, ledger: Ledger, metrics: CoordinatorMetrics) -> None:
-        self.ledger = ledger
+    def __init__(self, runs: ActiveRuns, metrics: CoordinatorMetrics) -> None:
+        self.runs = runs
         self.metrics = metrics
         self.sent: dict[str, SiteSession] = {}  # hop id -> session its task went to
         self.progress: dict[str, HopProgress] = {}
@@ -52,14 +54,11 @@ class HopLeases:
         return run, hop
 
     def find_hop(self, hop_id: str) -> tuple[RunRow, HopRow]:
-        """The hop and its run, by id: one lookup, not a scan of every active run."""
-        found = self.ledger.hop(hop_id)
+        """The hop and its running run, by id, from the runs held in memory (no query)."""
+        found = self.runs.hop(hop_id)
         if found is None:
             raise NotFound(f"no active hop {hop_id}")
-        run = self.ledger.run(found.run_id)
-        if run.status != "running":
-            raise NotFound(f"no active hop {hop_id}")
-        return run, next(h for h in run.hops if h.id == hop_id)
+        return found
 
     def extend(self, run: RunRow, hop_id: str) -> None:
         """Moves the hop's lease deadline to a full lease timeout from now."""

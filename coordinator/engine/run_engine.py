@@ -11,11 +11,13 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from coordinator.engine.active_runs import ActiveRuns
 from coordinator.engine.controls import RunControls
 from coordinator.engine.evaluations import Evaluations
 from coordinator.engine.export import final_adapter_dir
 from coordinator.engine.hops import Hops
 from coordinator.engine.leases import HopLeases, HopProgress
+from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.engine.rounds import Rounds
 from coordinator.engine.sessions import SiteSession, SiteSessions
 from coordinator.engine.spool import UploadSpool
@@ -41,8 +43,11 @@ class RunEngine:
     """Drives sequential runs over the sites that are connected.
 
     All state transitions run on the coordinator's event loop under one lock, each as one ledger
-    transaction with one event. Tasks are pushed onto a site's open stream the moment they are
-    ready.
+    transaction with one event (a hop's commit and the next hop's lease: one transaction, two
+    events). The running runs are held in memory (`ActiveRuns`, written through by every
+    commit); hop transitions commit on the ledger writer's thread, so the event loop keeps
+    answering heartbeats meanwhile. Tasks are pushed onto a site's open stream the moment they
+    are ready.
     """
 
     def __init__(
@@ -66,9 +71,11 @@ class RunEngine:
         self.storage = StorageHealth(ledger, runs_dir.parent)
         self.metrics = CoordinatorMetrics()
         self._lock = asyncio.Lock()  # one lock over every state transition of every part
+        self.writer = LedgerWriter()
+        self.runs = ActiveRuns(ledger, self.writer)
         self.sessions = SiteSessions(ledger)
         self.metrics.track_connected_sites(lambda: len(self.sessions))
-        self.leases = HopLeases(ledger, self.metrics)
+        self.leases = HopLeases(self.runs, self.metrics)
         self.intake = UploadIntake(
             ledger, store, self.spool, self.storage, self.metrics, self.leases, self._lock,
             ca_pem=ca_pem, max_checkpoint_bytes=max_checkpoint_bytes,
@@ -79,9 +86,11 @@ class RunEngine:
         )  # fmt: skip
         self.hops = Hops(
             ledger, store, runs_dir, self.storage, self.metrics, self._lock,
-            self.sessions, self.leases, self.intake, self.rounds,
+            self.sessions, self.leases, self.intake, self.rounds, self.runs, self.writer,
         )  # fmt: skip
-        self.controls = RunControls(ledger, self._lock, self.hops, self.leases, self.intake)
+        self.controls = RunControls(
+            ledger, self._lock, self.hops, self.leases, self.intake, self.runs
+        )
         self.evaluations = Evaluations(ledger, self.storage, self._lock, self.sessions)
         self.statistics = StatisticsRounds(
             ledger, self._lock, self.sessions,
@@ -138,8 +147,11 @@ class RunEngine:
         self.sessions.disconnect(session)
 
     def publish_head(self, head: SignedHead) -> None:
-        """Hands a newly signed ledger head to every connected site (they keep the newest)."""
-        self.sessions.publish_head(head)
+        """Hands a newly signed ledger head to every connected site (they keep the newest).
+
+        A head signed on the ledger writer's thread is handed over on the event loop.
+        """
+        self.runs.on_loop(self.sessions.publish_head, head)
 
     async def tasks(self, session: SiteSession) -> AsyncIterator[pb.Task]:
         async for task in self.sessions.tasks(session):
@@ -176,7 +188,7 @@ class RunEngine:
 
     async def dispatch_all(self) -> None:
         """Sends every connected site the work that is due: hops, evaluations, statistics."""
-        for run in self.ledger.active_runs():
+        for run in self.runs.all():
             await self.dispatch(run.id)
         await self.dispatch_evaluations()
         await self.dispatch_statistics()
@@ -280,7 +292,8 @@ class RunEngine:
     async def check_deadlines(self) -> None:
         """One watchdog pass: storage health, abandoned spool files, hop and statistics expiry."""
         self.storage.check()
-        runs = self.ledger.active_runs()
+        self.runs.check_outside_writes()
+        runs = self.runs.all()
         self.intake.sweep_spool(runs)
         await self.hops.check_deadlines(runs)
         await self.expire_statistics()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -102,9 +103,12 @@ class LedgerVerification:
 
 # Called after a transaction that appended events commits: (seq, hash, kinds appended).
 HeadObserver = Callable[[int, str, tuple[str, ...]], None]
+# Called after a transaction commits with the state rows it wrote (as committed, detached).
+RowObserver = Callable[[Sequence[Base]], None]
 _TOUCHED = "ledger_touched"  # session.info: state rows written since the last event
 _STAMPING = "ledger_stamping"  # session.info: True while rows get their ledger_seq
 _APPENDED = "ledger_appended"  # session.info: (seq, hash, kinds) of this transaction's events
+_WRITTEN = "ledger_written"  # session.info: state rows this transaction's events recorded
 
 
 @dataclass
@@ -170,6 +174,8 @@ class LedgerCore:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _track_state_rows)
         self.head_observers: list[HeadObserver] = []
+        self.row_observers: list[RowObserver] = []
+        self._open = threading.local()  # .session: the transaction this thread has open
 
     def migrate(self) -> None:
         """Brings the schema to the newest Alembic revision.
@@ -211,9 +217,22 @@ class LedgerCore:
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
+        """One database transaction (one commit); a transaction opened inside it joins it.
+
+        So several state changes, each with its own chained event, commit together or not at
+        all (a hop's commit and the next hop's lease: one fsync per handoff).
+        """
+        outer: Session | None = getattr(self._open, "session", None)
+        if outer is not None:
+            yield outer
+            return
         with self._sessions.begin() as session:
-            yield session
-            session.flush()
+            self._open.session = session
+            try:
+                yield session
+                session.flush()
+            finally:
+                self._open.session = None
             unrecorded: dict[int, _Touched] = session.info.get(_TOUCHED, {})
             if unrecorded:
                 # Every state row write must ride with an event, or verify would flag it later.
@@ -222,6 +241,10 @@ class LedgerCore:
                 )
                 raise RuntimeError(f"state rows written without a ledger event: {', '.join(names)}")
             appended = session.info.pop(_APPENDED, None)
+            written: list[Base] = session.info.pop(_WRITTEN, [])
+        if written:
+            for row_observer in self.row_observers:
+                row_observer(written)
         if appended is not None:
             for observer in self.head_observers:
                 observer(*appended)
@@ -279,6 +302,8 @@ class LedgerCore:
                 session.flush()
             finally:
                 session.info[_STAMPING] = False
+        rows: list[Base] = session.info.setdefault(_WRITTEN, [])
+        rows.extend(t.row for t in touched.values() if not t.deleted)
         _, _, kinds = session.info.get(_APPENDED, (0, "", ()))
         session.info[_APPENDED] = (row.seq, row.hash, (*kinds, kind))
         return row

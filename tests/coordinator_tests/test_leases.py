@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from coordinator.engine.active_runs import ActiveRuns
 from coordinator.engine.leases import HopLeases
 from coordinator.ledger import HopRow, Ledger, RunRow
 from coordinator.metrics import CoordinatorMetrics
@@ -12,7 +13,8 @@ FAILURE = {"lease_timeout_seconds": 10, "site_wait_seconds": 5}
 
 
 def _leases(tmp_path: Path) -> HopLeases:
-    return HopLeases(Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}"), CoordinatorMetrics())
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    return HopLeases(ActiveRuns(ledger), CoordinatorMetrics())
 
 
 def _run() -> RunRow:

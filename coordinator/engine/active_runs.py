@@ -1,0 +1,172 @@
+"""The running runs, held in memory: read by every call, written through by every ledger commit.
+
+Loaded once from SQL (only running runs) on first use; every transaction this process commits
+through the engine's `Ledger` updates the rows it wrote here (`Ledger.row_observers`), so no
+heartbeat, connect, download, report or watchdog pass reads a run from SQL. The ledger stays the
+source of truth: a restart loads it again, and a ledger event written by anything else (another
+process or `Ledger` object) is noticed by its sequence number and the runs are read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.orm.attributes import set_committed_value
+
+from coordinator.engine.ledger_writer import LedgerWriter
+from coordinator.ledger import Base, HopRow, Ledger, RunRow
+
+__all__ = ["ActiveRuns"]
+
+logger = logging.getLogger(__name__)
+
+
+def _copy_columns(target: Base, source: Base) -> None:
+    """Gives a held row the committed column values of the same row as a transaction wrote it."""
+    for column in sa_inspect(type(source)).column_attrs:
+        set_committed_value(target, column.key, getattr(source, column.key))
+
+
+class ActiveRuns:
+    """Every running run with its hops, by run id; and each of their hops by hop id."""
+
+    def __init__(self, ledger: Ledger, writer: LedgerWriter | None = None) -> None:
+        self.ledger = ledger
+        self.writer = writer  # its thread commits; what it wrote is applied on the loop
+        self._runs: dict[str, RunRow] | None = None  # None: not loaded yet
+        self._hops: dict[str, tuple[RunRow, HopRow]] = {}
+        self._unread: set[str] = set()  # running runs written here but not yet held
+        self._seq = 0  # the newest ledger event this view has accounted for
+        self.loads = 0  # full loads from SQL (start, or after a change made elsewhere)
+        self.loop: asyncio.AbstractEventLoop | None = None  # where the rows are read
+        ledger.row_observers.append(self._written)
+        ledger.head_observers.append(self._appended)
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    def all(self) -> list[RunRow]:
+        """The running runs, oldest first."""
+        runs = self._held()
+        return sorted(runs.values(), key=lambda run: run.created_at)
+
+    def get(self, run_id: str) -> RunRow | None:
+        """The run if it is running, else None."""
+        return self._held().get(run_id)
+
+    def run(self, run_id: str) -> RunRow:
+        """The run: held if it is running, else read from the ledger (paused, finished).
+
+        Raises:
+            KeyError: No such run.
+        """
+        held = self.get(run_id)
+        return held if held is not None else self.ledger.run(run_id)
+
+    def hop(self, hop_id: str) -> tuple[RunRow, HopRow] | None:
+        """A hop of a running run, with its run; None for any other hop."""
+        self._held()
+        return self._hops.get(hop_id)
+
+    # ---- keeping in step with the ledger ------------------------------------------------------
+
+    def reload(self) -> None:
+        """Reads every running run from SQL again (start-up, or after a change made elsewhere)."""
+        last = self.ledger.last_event()
+        runs = self.ledger.active_runs()
+        self.loads += 1
+        self._seq = max(self._seq, last.seq if last is not None else 0)
+        self._runs = {run.id: run for run in runs}
+        self._unread.clear()
+        self._hops = {hop.id: (run, hop) for run in runs for hop in run.hops}
+
+    def check_outside_writes(self) -> None:
+        """Reads the runs again if the ledger has events this view did not see written.
+
+        One indexed query (the newest event's seq): admin actions reach the engine in this
+        process, but a ledger written by another process or `Ledger` must not be missed.
+        """
+        if self._runs is None:
+            return
+        last = self.ledger.last_event()
+        if last is not None and last.seq > self._seq:
+            logger.info("ledger written outside this engine (event #%d); reading runs again",
+                        last.seq)  # fmt: skip
+            self.reload()
+
+    def _held(self) -> dict[str, RunRow]:
+        # Read outside an event loop (a test, the CLI): rows written later apply at once.
+        with contextlib.suppress(RuntimeError):
+            self.loop = asyncio.get_running_loop()
+        if self._runs is None:
+            self.reload()
+        assert self._runs is not None
+        for run_id in list(self._unread):
+            self._unread.discard(run_id)
+            try:
+                run = self.ledger.run(run_id)
+            except KeyError:
+                continue
+            if run.status == "running":
+                self._hold(run)
+        return self._runs
+
+    def _hold(self, run: RunRow) -> None:
+        assert self._runs is not None
+        self._drop(run.id)
+        self._runs[run.id] = run
+        for hop in run.hops:
+            self._hops[hop.id] = (run, hop)
+
+    def _drop(self, run_id: str) -> None:
+        assert self._runs is not None
+        old = self._runs.pop(run_id, None)
+        if old is not None:
+            for hop in old.hops:
+                self._hops.pop(hop.id, None)
+
+    def on_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """Runs `callback` on the event loop that reads the rows (a writer thread commits)."""
+        loop = self.writer.loop if self.writer is not None and self.writer.loop else self.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop or not loop.is_running():
+            callback(*args)
+        else:
+            loop.call_soon_threadsafe(callback, *args)
+
+    def _written(self, rows: Sequence[Base]) -> None:
+        self.on_loop(self._apply, list(rows))
+
+    def _appended(self, seq: int, _hash: str, _kinds: tuple[str, ...]) -> None:
+        self.on_loop(self._saw, seq)
+
+    def _saw(self, seq: int) -> None:
+        self._seq = max(self._seq, seq)
+
+    def _apply(self, rows: list[Base]) -> None:
+        """Writes committed rows through to the held runs (a run that stops running leaves)."""
+        if self._runs is None:
+            return  # nothing held yet: the first read loads the committed state
+        for row in rows:
+            if isinstance(row, RunRow):
+                held = self._runs.get(row.id)
+                if row.status != "running":
+                    self._drop(row.id)
+                    self._unread.discard(row.id)
+                elif held is not None:
+                    _copy_columns(held, row)
+                else:
+                    self._unread.add(row.id)  # created or resumed: read once, with its hops
+            elif isinstance(row, HopRow):
+                found = self._hops.get(row.id)
+                if found is not None:
+                    _copy_columns(found[1], row)
+                elif row.run_id in self._runs:
+                    self._unread.add(row.run_id)  # a hop added to a held run
