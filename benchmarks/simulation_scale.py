@@ -1,16 +1,22 @@
-"""Simulation at scale (issue 16 item 5): a plan's sequential chain over 100 and 1,000 virtual
-sites on Flower's simulation engine (Ray), with wall time and peak memory.
+"""Simulation at scale (issue 16 item 5): a sequential chain or federated (FedAvg) rounds over
+100 and 1,000 virtual sites on Flower's simulation engine (Ray), with wall time, CPU seconds and
+peak memory.
 
     nice -n 19 .venv/bin/python benchmarks/simulation_scale.py                  # 100 and 1000
+    nice -n 19 .venv/bin/python benchmarks/simulation_scale.py --mode federated \
+        --name simulation_scale_federated                                           # 1 round
     nice -n 19 .venv/bin/python benchmarks/simulation_scale.py --sites 10 --quick
     .venv/bin/python benchmarks/simulation_scale.py --ray-cpus 2 --partitioner dirichlet
 
 Data: a synthetic tabular CSV (``--rows-per-site`` rows per virtual site, two features and a
 noisy linear label), registered in memory and cut IID (or Dirichlet over the label) by Flower
 Datasets; or ``--data`` a heart-disease file / site folder. The plan is ``sites`` x 1 cycle of a
-logistic model, every hop ``--steps`` steps: each virtual site trains once, in order, and every
-site scores the final model on its test rows. Memory is sampled every 0.2 s: the summed RSS of
-every process this one started (Ray's GCS, raylet and workers) and of this driver.
+logistic model, every hop ``--steps`` steps: each virtual site trains once, in order (or, with
+``--mode federated``, every site trains from the round's model and FedAvg averages them), and
+every site scores the final model on its test rows. The simulator batches the work into a few
+Flower messages (``site_agent.ray_simulation``); the hops are the same as one message a hop.
+Memory is sampled every 0.2 s: the summed RSS of every process this one started (Ray's GCS,
+raylet and workers) and of this driver; CPU seconds are this driver's and every Ray process's.
 
 Writes benchmarks/results/simulation_scale.{json,md} and simulation_scale.png (matplotlib).
 """
