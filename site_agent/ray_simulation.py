@@ -215,8 +215,9 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 
 @dataclass(frozen=True)
 class _Work:
-    """Chains one message runs: each chain's sites and their hops' hyperparameters, from
-    ``inputs[index]`` (``None``: fresh tensors from the first hop's seed)."""
+    """Chains one message runs: each chain's sites and their hops' hyperparameters, each chain
+    from one of the message's input records (an empty one: fresh tensors from the first hop's
+    seed)."""
 
     chains: tuple[tuple[tuple[str, Mapping[str, Any]], ...], ...]
     inputs: tuple[int, ...]  # per chain, an index into the message's input records
@@ -230,9 +231,7 @@ class _ChainResult:
     hops: tuple[tuple[str, dict[str, float]], ...]
 
 
-def _work_message(
-    work: _Work, inputs: Sequence[ArrayRecord], node: int, kind: str = "train"
-) -> Message:
+def _work_message(work: _Work, inputs: Sequence[ArrayRecord], node: int) -> Message:
     """A training message: ``chains`` and, per chain, its sites, input and hop values."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
