@@ -1,10 +1,10 @@
-"""Plans simulated at scale on Flower's simulation engine (Ray): every virtual site is a Flower
-SuperNode running the sites' own ``Trainer`` code in a Ray actor with its own CPU/GPU share.
+"""Plans simulated at scale on Flower's simulation engine (Ray): every virtual site trains with
+the sites' own ``Trainer`` code in a Flower ClientApp, in a Ray actor with its own CPU/GPU share.
 
 This is the simulator ``baton simulate`` loads through the ``baton.simulators`` entry point
-(``protocols.simulation``). A sequential plan is a Flower ``ServerApp`` that sends each hop, in
-the plan's order and with the plan's hyperparameters, to the node holding that hop's site, and
-passes the returned tensors on unchanged, as the coordinator passes a checkpoint on. Federated
+(``protocols.simulation``). A sequential plan is a Flower ``ServerApp`` that sends the hops, in
+the plan's order and with the plan's hyperparameters, to the ClientApps, and passes the
+returned tensors on unchanged, as the coordinator passes a checkpoint on. Federated
 and hybrid plans train each round's members in parallel (a hybrid group as a chain) and
 aggregate with the plan's Flower strategy, as the engine does. Every site then scores the
 final model. Data is cut by ``site_agent.virtual_sites`` and put
@@ -16,6 +16,7 @@ its sites and every hop's hyperparameters, from one input), and its reply carrie
 metrics and every chain's output. A round's members are split over the engine's lanes (the Ray
 actors that can run at once), at most ``_CHAINS_PER_MESSAGE`` chains a message; a sequential
 chain goes ``_HOPS_PER_MESSAGE`` hops a message; the final scoring is batched the same way.
+Flower runs as many SuperNodes as the largest exchange has messages (``_supernodes``).
 Every hop runs exactly as it would one message a hop (its input passes through a Flower
 ``ArrayRecord`` either way), so the metrics do not change; Flower's simulation engine scans every
 queued message for every node every 0.1 s, which a message per virtual site made quadratic.
@@ -179,7 +180,7 @@ def simulate(job: SimulationJob) -> SimulationReport:
                     else _rounds_server_app(job, chain, lanes)
                 ),
                 client_app=_client_app(actor_job),
-                num_supernodes=len(sites),
+                num_supernodes=_supernodes(len(sites), lanes),
                 backend_config={
                     "client_resources": {
                         "num_cpus": job.cpus_per_site,
@@ -279,7 +280,7 @@ def _sequential_server_app(
 
     @app.main()
     def main(grid: Grid, context: Any) -> None:
-        node_of = _nodes_by_site(grid, job.sites)
+        nodes = _nodes(grid, _supernodes(len(job.sites), lanes))
         arrays = ArrayRecord()  # empty: the first hop starts fresh from its seed, as in a run
         for segment in _batches(len(hops), 1, _HOPS_PER_MESSAGE):
             part = tuple(
@@ -288,7 +289,7 @@ def _sequential_server_app(
             )
             work = _Work((part,), (0,))
             what = f"hops {segment.start}-{segment.stop - 1}"
-            message = _work_message(work, [arrays], node_of[part[0][0]])
+            message = _work_message(work, [arrays], nodes[0])
             (reply,) = _exchange(grid, [message], what)
             (result,) = _chain_results(reply, work)
             arrays = result.output
@@ -297,7 +298,7 @@ def _sequential_server_app(
                 for site, metrics in result.hops
             )
             logger.info("hops %d of %d done", segment.stop, len(hops))
-        _finish(grid, job, node_of, arrays, chain, lanes)
+        _finish(grid, job, nodes, arrays, chain, lanes)
 
     return app
 
@@ -317,7 +318,7 @@ def _rounds_server_app(job: SimulationJob, chain: _Chain, lanes: int) -> ServerA
 
     @app.main()
     def main(grid: Grid, context: Any) -> None:
-        node_of = _nodes_by_site(grid, job.sites)
+        nodes = _nodes(grid, _supernodes(len(job.sites), lanes))
         aggregator = _Aggregator(aggregation)
         arrays = ArrayRecord()  # round 1 starts fresh from the hyperparameters' seed
         for number, members in enumerate(job.rounds, start=1):
@@ -328,13 +329,14 @@ def _rounds_server_app(job: SimulationJob, chain: _Chain, lanes: int) -> ServerA
                 )
                 for batch in _batches(len(members), lanes, _CHAINS_PER_MESSAGE)
             ]
-            messages = [_work_message(w, [arrays], node_of[w.chains[0][0][0]]) for w in works]
+            messages = [
+                _work_message(w, [arrays], nodes[k % len(nodes)]) for k, w in enumerate(works)
+            ]
             replies = _exchange(grid, messages, f"round {number}")
-            by_node = {reply.metadata.src_node_id: reply for reply in replies}
             results = [
                 result
-                for work, message in zip(works, messages, strict=True)
-                for result in _chain_results(by_node[message.metadata.dst_node_id], work)
+                for work, reply in zip(works, replies, strict=True)
+                for result in _chain_results(reply, work)
             ]
             outputs, weights, metrics = [], [], []
             for result in results:  # the engine's hop order: member by member, in chain order
@@ -353,7 +355,7 @@ def _rounds_server_app(job: SimulationJob, chain: _Chain, lanes: int) -> ServerA
                 SimulatedRound(number, tuple(n for n, _ in members), tuple(weights), aggregated)
             )
             logger.info("round %d of %d aggregated", number, len(job.rounds))
-        _finish(grid, job, node_of, arrays, chain, lanes)
+        _finish(grid, job, nodes, arrays, chain, lanes)
 
     return app
 
@@ -444,7 +446,7 @@ def _strategy(aggregation: Mapping[str, Any]) -> Any:
 def _finish(
     grid: Any,
     job: SimulationJob,
-    node_of: Mapping[str, int],
+    nodes: Sequence[int],
     arrays: ArrayRecord,
     chain: _Chain,
     lanes: int,
@@ -468,46 +470,58 @@ def _finish(
                     _CONFIG: ConfigRecord({_SPLIT: job.evaluate_split, _SITES: sites}),
                 }
             ),
-            dst_node_id=node_of[sites[0]],
+            dst_node_id=nodes[index % len(nodes)],
             message_type=MessageType.EVALUATE,
         )
-        for sites in batches
+        for index, sites in enumerate(batches)
     ]
     replies = _exchange(grid, messages, "the final evaluation")
-    by_node = {reply.metadata.src_node_id: reply for reply in replies}
-    for sites, message in zip(batches, messages, strict=True):
-        content = by_node[message.metadata.dst_node_id].content
+    for sites, reply in zip(batches, replies, strict=True):
+        content = reply.content
         for k, site in enumerate(sites):
             metrics = content.metric_records[f"{_METRICS}.{k}"]
             if len(metrics):
                 chain.evaluation[site] = _scalars(metrics)
 
 
-def _nodes_by_site(grid: Any, sites: Sequence[str]) -> dict[str, int]:
-    """A SuperNode per virtual site, once all have come up: site -> node id, in id order.
+def _supernodes(sites: int, lanes: int) -> int:
+    """Flower SuperNodes to start: as many as the largest exchange sends messages at once.
 
-    Any node can serve any site (every actor holds every partition, and a message names its
-    sites), so no roll call is needed to learn which partition a node was given.
+    A SuperNode is a slot for a message, not a site: every actor holds every partition and a
+    message names its sites, so any node serves any site. Flower's engine walks every queued
+    message for every node every 0.1 s, so a node per virtual site would cost
+    O(sites x messages) a tick for nothing.
     """
+    largest = max(
+        len(_batches(sites, lanes, _CHAINS_PER_MESSAGE)),
+        len(_batches(sites, lanes, _SITES_PER_MESSAGE)),
+    )
+    return max(1, min(sites, largest))
+
+
+def _nodes(grid: Any, count: int) -> list[int]:
+    """The SuperNodes' ids, in id order, once all ``count`` have come up."""
     deadline = time.monotonic() + _NODE_WAIT_SECONDS
     nodes = list(grid.get_node_ids())
-    while len(nodes) < len(sites):
+    while len(nodes) < count:
         if time.monotonic() > deadline:
-            raise ValueError(f"only {len(nodes)} of {len(sites)} virtual sites came up")
+            raise ValueError(f"only {len(nodes)} of {count} Flower SuperNodes came up")
         time.sleep(0.1)
         nodes = list(grid.get_node_ids())
-    return dict(zip(sites, sorted(nodes), strict=False))
+    return sorted(nodes)
 
 
 def _exchange(grid: Any, messages: list[Message], what: str) -> list[Message]:
-    """Sends and waits for every reply; a site's error stops the run with its reason."""
+    """Sends and waits for every reply, returned in the messages' order; a site's error stops
+    the run with its reason."""
     replies = list(grid.send_and_receive(messages))
     if len(replies) != len(messages):
         raise ValueError(f"{what}: {len(replies)} of {len(messages)} messages were answered")
     for reply in replies:
         if reply.has_error():
             raise ValueError(f"{what}: {reply.error.reason}")
-    return replies
+    by_message = {reply.metadata.reply_to_message_id: reply for reply in replies}
+    return [by_message[message.metadata.message_id] for message in messages]
 
 
 def _lanes(resources: Mapping[str, float], cpus_per_site: float, gpus_per_site: float) -> int:

@@ -149,6 +149,14 @@ def test_lanes_are_the_sites_ray_can_run_at_once() -> None:
     assert lanes({"CPU": 1.0}, 2.0, 0.0) == 1  # never none: Flower then runs one actor
 
 
+def test_flower_runs_a_supernode_per_message_of_the_largest_exchange() -> None:
+    supernodes = ray_simulation._supernodes
+    assert supernodes(1000, 1) == 8  # 1,000 sites, 128 a message
+    assert supernodes(1000, 16) == 16  # one message per lane
+    assert supernodes(3, 8) == 3  # never more than the sites
+    assert supernodes(1, 1) == 1
+
+
 @pytest.mark.ray
 def test_smaller_batches_change_no_hop_round_or_score(
     sites: Sites, federated: SimulationReport, monkeypatch: pytest.MonkeyPatch
