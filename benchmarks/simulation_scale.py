@@ -1,16 +1,22 @@
-"""Simulation at scale (issue 16 item 5): a plan's sequential chain over 100 and 1,000 virtual
-sites on Flower's simulation engine (Ray), with wall time and peak memory.
+"""Simulation at scale (issue 16 item 5): a sequential chain or federated (FedAvg) rounds over
+100 and 1,000 virtual sites on Flower's simulation engine (Ray), with wall time, CPU seconds and
+peak memory.
 
     nice -n 19 .venv/bin/python benchmarks/simulation_scale.py                  # 100 and 1000
+    nice -n 19 .venv/bin/python benchmarks/simulation_scale.py --mode federated \
+        --name simulation_scale_federated                                           # 1 round
     nice -n 19 .venv/bin/python benchmarks/simulation_scale.py --sites 10 --quick
     .venv/bin/python benchmarks/simulation_scale.py --ray-cpus 2 --partitioner dirichlet
 
 Data: a synthetic tabular CSV (``--rows-per-site`` rows per virtual site, two features and a
 noisy linear label), registered in memory and cut IID (or Dirichlet over the label) by Flower
 Datasets; or ``--data`` a heart-disease file / site folder. The plan is ``sites`` x 1 cycle of a
-logistic model, every hop ``--steps`` steps: each virtual site trains once, in order, and every
-site scores the final model on its test rows. Memory is sampled every 0.2 s: the summed RSS of
-every process this one started (Ray's GCS, raylet and workers) and of this driver.
+logistic model, every hop ``--steps`` steps: each virtual site trains once, in order (or, with
+``--mode federated``, every site trains from the round's model and FedAvg averages them), and
+every site scores the final model on its test rows. The simulator batches the work into a few
+Flower messages (``site_agent.ray_simulation``); the hops are the same as one message a hop.
+Memory is sampled every 0.2 s: the summed RSS of every process this one started (Ray's GCS,
+raylet and workers) and of this driver; CPU seconds are this driver's and every Ray process's.
 
 Writes benchmarks/results/simulation_scale.{json,md} and simulation_scale.png (matplotlib).
 """
@@ -57,6 +63,7 @@ class MemoryPeak:
     driver: int = 0
     ray_processes: int = 0
     samples: list[float] = field(default_factory=list)
+    cpu_seconds: dict[int, float] = field(default_factory=dict)  # pid -> user + system, last seen
 
 
 @contextmanager
@@ -71,6 +78,8 @@ def sampled_memory(every: float = 0.2) -> Iterator[MemoryPeak]:
             for child in me.children(recursive=True):
                 try:
                     total += child.memory_info().rss
+                    times = child.cpu_times()
+                    peak.cpu_seconds[child.pid] = times.user + times.system
                     count += 1
                 except psutil.Error:
                     continue
@@ -134,9 +143,11 @@ def run_one(sites: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         cpus_per_site=args.cpus_per_site,
     )
     started = time.monotonic()
+    driver_cpu = sum(psutil.Process().cpu_times()[:2])
     with sampled_memory() as memory:
         report = simulate(job)
     wall = time.monotonic() - started
+    driver_cpu = sum(psutil.Process().cpu_times()[:2]) - driver_cpu
     accuracy = [m["accuracy"] for m in report.evaluation.values() if "accuracy" in m]
     return {
         "sites": sites,
@@ -148,6 +159,9 @@ def run_one(sites: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "peak_ray_rss_mib": round(memory.ray / 2**20, 1),
         "peak_driver_rss_mib": round(memory.driver / 2**20, 1),
         "peak_ray_processes": memory.ray_processes,
+        "driver_cpu_seconds": round(driver_cpu, 1),
+        "ray_cpu_seconds": round(sum(memory.cpu_seconds.values()), 1),
+        "load_average_after": round(os.getloadavg()[0], 1),
         "evaluated_sites": len(report.evaluation),
         "mean_site_test_accuracy": round(statistics.fmean(accuracy), 4) if accuracy else None,
         "final_train_loss": round(report.hops[-1].metrics["train_loss"], 4),
@@ -176,26 +190,30 @@ def write_results(results: dict[str, Any], name: str) -> None:
         f"{settings['rows_per_site']} synthetic rows per site cut {settings['partitioner']}; "
         "then every site scores the final model on its test rows.",
         "",
-        "| virtual sites | hops | rows | wall (s) | s / hop | peak Ray RSS (MiB) "
-        "| Ray processes | driver RSS (MiB) | mean site test accuracy |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| virtual sites | hops | rows | wall (s) | s / hop | CPU s (driver + Ray) "
+        "| peak Ray RSS (MiB) | Ray processes | driver RSS (MiB) | load after "
+        "| mean site test accuracy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["runs"]:
         if "error" in row:
-            lines.append(f"| {row['sites']} | failed: {row['error']} |||||||")
+            lines.append(f"| {row['sites']} | failed: {row['error']} |||||||||")
             continue
         lines.append(
             f"| {row['sites']} | {row['hops']} | {row['rows']} | {row['wall_seconds']} "
-            f"| {row['seconds_per_hop']} | {row['peak_ray_rss_mib']} "
+            f"| {row['seconds_per_hop']} "
+            f"| {row['driver_cpu_seconds']} + {row['ray_cpu_seconds']} "
+            f"| {row['peak_ray_rss_mib']} "
             f"| {row['peak_ray_processes']} | {row['peak_driver_rss_mib']} "
-            f"| {row['mean_site_test_accuracy']} |"
+            f"| {row['load_average_after']} | {row['mean_site_test_accuracy']} |"
         )
     lines += [
         "",
         "Wall time includes starting and stopping Ray (10-20 s here) and the partitioning. "
         "Peak Ray RSS sums the resident memory of every Ray process (GCS, raylet, workers) at "
         "the sampled moment of largest total; shared pages count once per process, so it "
-        "overstates the physical memory.",
+        "overstates the physical memory. CPU seconds: this driver's, and every Ray process's "
+        "user + system time as last sampled (0.2 s before it exited at the latest).",
         "",
     ]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))

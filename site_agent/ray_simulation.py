@@ -1,14 +1,25 @@
-"""Plans simulated at scale on Flower's simulation engine (Ray): every virtual site is a Flower
-SuperNode running the sites' own ``Trainer`` code in a Ray actor with its own CPU/GPU share.
+"""Plans simulated at scale on Flower's simulation engine (Ray): every virtual site trains with
+the sites' own ``Trainer`` code in a Flower ClientApp, in a Ray actor with its own CPU/GPU share.
 
 This is the simulator ``baton simulate`` loads through the ``baton.simulators`` entry point
-(``protocols.simulation``). A sequential plan is a Flower ``ServerApp`` that sends each hop, in
-the plan's order and with the plan's hyperparameters, to the node holding that hop's site, and
-passes the returned tensors on unchanged, as the coordinator passes a checkpoint on. Federated
+(``protocols.simulation``). A sequential plan is a Flower ``ServerApp`` that sends the hops, in
+the plan's order and with the plan's hyperparameters, to the ClientApps, and passes the
+returned tensors on unchanged, as the coordinator passes a checkpoint on. Federated
 and hybrid plans train each round's members in parallel (a hybrid group as a chain) and
 aggregate with the plan's Flower strategy, as the engine does. Every site then scores the
 final model. Data is cut by ``site_agent.virtual_sites`` and put
 into Ray's object store once; each actor loads it (and builds its trainer) once per job.
+
+Work goes to the SuperNodes in batches, so that a thousand virtual sites cost a handful of
+Flower messages a round rather than a thousand: a message names the chains it runs (each chain
+its sites and every hop's hyperparameters, from one input), and its reply carries every hop's
+metrics and every chain's output. A round's members are split over the engine's lanes (the Ray
+actors that can run at once), at most ``_CHAINS_PER_MESSAGE`` chains a message; a sequential
+chain goes ``_HOPS_PER_MESSAGE`` hops a message; the final scoring is batched the same way.
+Flower runs as many SuperNodes as the largest exchange has messages (``_supernodes``).
+Every hop runs exactly as it would one message a hop (its input passes through a Flower
+``ArrayRecord`` either way), so the metrics do not change; Flower's simulation engine scans every
+queued message for every node every 0.1 s, which a message per virtual site made quadratic.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -68,9 +79,15 @@ _ARRAYS = "arrays"
 _CONFIG = "config"
 _METRICS = "metrics"
 _SPLIT = "split"
-_PARTITION = "partition-id"
+_SITES = "sites"
+_CHAINS = "chains"
 _WEIGHT = "num-examples"
 _NODE_WAIT_SECONDS = 600.0
+# Batching (module docstring): chains a training message runs, hops of a sequential chain a
+# message runs, sites a scoring message covers.
+_CHAINS_PER_MESSAGE = 128
+_HOPS_PER_MESSAGE = 128
+_SITES_PER_MESSAGE = 128
 
 # Per Ray actor: job token -> (datasets by site, trainer), loaded on the actor's first message.
 _ACTOR_JOBS: dict[str, tuple[dict[str, RegisteredDataset], Trainer]] = {}
@@ -154,15 +171,16 @@ def simulate(job: SimulationJob) -> SimulationReport:
         )
         from flwr.simulation import run_simulation
 
+        lanes = _lanes(ray.cluster_resources(), job.cpus_per_site, job.gpus_per_site)
         try:
             run_simulation(
                 server_app=(
-                    _sequential_server_app(job, hops, chain)
+                    _sequential_server_app(job, hops, chain, lanes)
                     if job.mode == "sequential"
-                    else _rounds_server_app(job, chain)
+                    else _rounds_server_app(job, chain, lanes)
                 ),
                 client_app=_client_app(actor_job),
-                num_supernodes=len(sites),
+                num_supernodes=_supernodes(len(sites), lanes),
                 backend_config={
                     "client_resources": {
                         "num_cpus": job.cpus_per_site,
@@ -196,44 +214,100 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
 # ---- the ServerApp: the coordinator's part ---------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Work:
+    """Chains one message runs: each chain's sites and their hops' hyperparameters, each chain
+    from one of the message's input records (an empty one: fresh tensors from the first hop's
+    seed)."""
+
+    chains: tuple[tuple[tuple[str, Mapping[str, Any]], ...], ...]
+    inputs: tuple[int, ...]  # per chain, an index into the message's input records
+
+
+@dataclass(frozen=True)
+class _ChainResult:
+    """One chain's output and every hop's metrics (with the examples the hop trained on)."""
+
+    output: ArrayRecord
+    hops: tuple[tuple[str, dict[str, float]], ...]
+
+
+def _work_message(work: _Work, inputs: Sequence[ArrayRecord], node: int) -> Message:
+    """A training message: ``chains`` and, per chain, its sites, input and hop values."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    config: dict[str, Any] = {_CHAINS: len(work.chains)}
+    for c, (hops, source) in enumerate(zip(work.chains, work.inputs, strict=True)):
+        config[f"{c}.{_SITES}"] = [site for site, _ in hops]
+        config[f"{c}.input"] = source
+        for j, (_, values) in enumerate(hops):
+            for name in HOP_FIELDS:
+                config[f"{c}.{j}.{name}"] = values[name]
+    records: dict[str, Any] = {f"{_ARRAYS}.{i}": record for i, record in enumerate(inputs)}
+    records[_CONFIG] = ConfigRecord(config)
+    return Message(RecordDict(records), dst_node_id=node, message_type=MessageType.TRAIN)
+
+
+def _chain_results(reply: Message, work: _Work) -> list[_ChainResult]:
+    content = reply.content
+    results = []
+    for c, hops in enumerate(work.chains):
+        found = [
+            (site, _scalars(content.metric_records[f"{_METRICS}.{c}.{j}"]))
+            for j, (site, _) in enumerate(hops)
+        ]
+        results.append(_ChainResult(content.array_records[f"{_ARRAYS}.{c}"], tuple(found)))
+    return results
+
+
+def _batches(count: int, lanes: int, largest: int) -> list[range]:
+    """``range(count)`` cut into contiguous batches: one per lane, at most ``largest`` each."""
+    if count <= 0:
+        return []
+    size = min(largest, max(1, -(-count // max(1, lanes))))
+    return [range(start, min(start + size, count)) for start in range(0, count, size)]
+
+
 def _sequential_server_app(
-    job: SimulationJob, hops: Sequence[tuple[str, HopHyperparameters]], chain: _Chain
+    job: SimulationJob, hops: Sequence[tuple[str, HopHyperparameters]], chain: _Chain, lanes: int
 ) -> ServerApp:
-    """Sends the hops in order, each from the last one's tensors, then has every site score
-    the final model on ``job.evaluate_split``."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    """Sends the hops in order, ``_HOPS_PER_MESSAGE`` a message, each segment from the last
+    one's tensors, then has every site score the final model on ``job.evaluate_split``."""
+    from flwr.app import ArrayRecord
     from flwr.serverapp import Grid, ServerApp
 
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Any) -> None:
-        node_of = _nodes_by_site(grid, job.sites)
+        nodes = _nodes(grid, _supernodes(len(job.sites), lanes))
         arrays = ArrayRecord()  # empty: the first hop starts fresh from its seed, as in a run
-        for index, (site, hyperparameters) in enumerate(hops):
-            config = {name: getattr(hyperparameters, name) for name in HOP_FIELDS}
-            message = Message(
-                RecordDict({_ARRAYS: arrays, _CONFIG: ConfigRecord(config)}),
-                dst_node_id=node_of[site],
-                message_type=MessageType.TRAIN,
+        for segment in _batches(len(hops), 1, _HOPS_PER_MESSAGE):
+            part = tuple(
+                (site, {name: getattr(hp, name) for name in HOP_FIELDS})
+                for site, hp in hops[segment.start : segment.stop]
             )
-            (reply,) = _exchange(grid, [message], f"hop {index} at {site}")
-            arrays = reply.content.array_records[_ARRAYS]
-            metrics = reply.content.metric_records[_METRICS]
-            chain.hops.append(
-                SimulatedHop(site, {k: v for k, v in _scalars(metrics).items() if k != _WEIGHT})
+            work = _Work((part,), (0,))
+            what = f"hops {segment.start}-{segment.stop - 1}"
+            message = _work_message(work, [arrays], nodes[0])
+            (reply,) = _exchange(grid, [message], what)
+            (result,) = _chain_results(reply, work)
+            arrays = result.output
+            chain.hops.extend(
+                SimulatedHop(site, {k: v for k, v in metrics.items() if k != _WEIGHT})
+                for site, metrics in result.hops
             )
-            logger.info("hop %d of %d done at %s", index + 1, len(hops), site)
-        _finish(grid, job, node_of, arrays, chain)
+            logger.info("hops %d of %d done", segment.stop, len(hops))
+        _finish(grid, job, nodes, arrays, chain, lanes)
 
     return app
 
 
-def _rounds_server_app(job: SimulationJob, chain: _Chain) -> ServerApp:
+def _rounds_server_app(job: SimulationJob, chain: _Chain, lanes: int) -> ServerApp:
     """Federated and hybrid rounds: every selected member trains its chain from the round's
     input (members in parallel, each chain one site after another), and the plan's Flower
     strategy aggregates the chains' outputs weighted by the examples each chain trained on."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+    from flwr.app import ArrayRecord
     from flwr.serverapp import Grid, ServerApp
 
     assert job.round_hyperparameters is not None and job.aggregation is not None
@@ -244,36 +318,36 @@ def _rounds_server_app(job: SimulationJob, chain: _Chain) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Any) -> None:
-        node_of = _nodes_by_site(grid, job.sites)
+        nodes = _nodes(grid, _supernodes(len(job.sites), lanes))
         aggregator = _Aggregator(aggregation)
         arrays = ArrayRecord()  # round 1 starts fresh from the hyperparameters' seed
         for number, members in enumerate(job.rounds, start=1):
-            outputs = [arrays] * len(members)
-            weights = [0.0] * len(members)
-            metrics: list[dict[str, float]] = [{} for _ in members]
-            hops: list[list[SimulatedHop]] = [[] for _ in members]
-            for step in range(max(len(sites) for _, sites in members)):
-                active = [i for i, (_, sites) in enumerate(members) if step < len(sites)]
-                messages = [
-                    Message(
-                        RecordDict({_ARRAYS: outputs[i], _CONFIG: ConfigRecord(config)}),
-                        dst_node_id=node_of[members[i][1][step]],
-                        message_type=MessageType.TRAIN,
-                    )
-                    for i in active
-                ]
-                replies = _exchange(grid, messages, f"round {number}, hop {step + 1} of chains")
-                by_node = {reply.metadata.src_node_id: reply for reply in replies}
-                for i in active:
-                    site = members[i][1][step]
-                    reply = by_node[node_of[site]]
-                    outputs[i] = reply.content.array_records[_ARRAYS]
-                    found = _scalars(reply.content.metric_records[_METRICS])
-                    metrics[i] = {k: v for k, v in found.items() if k != _WEIGHT}
-                    weights[i] += metrics[i].get("train_examples", 0.0)
-                    hops[i].append(SimulatedHop(site, metrics[i]))
-            for member_hops in hops:  # the engine's hop order: member by member, in chain order
-                chain.hops.extend(member_hops)
+            works = [
+                _Work(
+                    tuple(tuple((site, config) for site in members[i][1]) for i in batch),
+                    tuple(0 for _ in batch),
+                )
+                for batch in _batches(len(members), lanes, _CHAINS_PER_MESSAGE)
+            ]
+            messages = [
+                _work_message(w, [arrays], nodes[k % len(nodes)]) for k, w in enumerate(works)
+            ]
+            replies = _exchange(grid, messages, f"round {number}")
+            results = [
+                result
+                for work, reply in zip(works, replies, strict=True)
+                for result in _chain_results(reply, work)
+            ]
+            outputs, weights, metrics = [], [], []
+            for result in results:  # the engine's hop order: member by member, in chain order
+                chain.hops.extend(
+                    SimulatedHop(site, {k: v for k, v in m.items() if k != _WEIGHT})
+                    for site, m in result.hops
+                )
+                outputs.append(result.output)
+                weights.append(sum(m.get("train_examples", 0.0) for _, m in result.hops))
+                last = result.hops[-1][1]
+                metrics.append({k: v for k, v in last.items() if k != _WEIGHT})
             arrays, aggregated = aggregator.aggregate(
                 number, outputs, weights, metrics, current=arrays if len(arrays) else None
             )
@@ -281,7 +355,7 @@ def _rounds_server_app(job: SimulationJob, chain: _Chain) -> ServerApp:
                 SimulatedRound(number, tuple(n for n, _ in members), tuple(weights), aggregated)
             )
             logger.info("round %d of %d aggregated", number, len(job.rounds))
-        _finish(grid, job, node_of, arrays, chain)
+        _finish(grid, job, nodes, arrays, chain, lanes)
 
     return app
 
@@ -370,66 +444,92 @@ def _strategy(aggregation: Mapping[str, Any]) -> Any:
 
 
 def _finish(
-    grid: Any, job: SimulationJob, node_of: Mapping[str, int], arrays: ArrayRecord, chain: _Chain
+    grid: Any,
+    job: SimulationJob,
+    nodes: Sequence[int],
+    arrays: ArrayRecord,
+    chain: _Chain,
+    lanes: int,
 ) -> None:
-    """Keeps the final tensors and has every site score them on ``job.evaluate_split``."""
+    """Keeps the final tensors and has every site score them on ``job.evaluate_split``,
+    ``_SITES_PER_MESSAGE`` sites a message."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     chain.tensors = tensors_from_record(arrays)
     if job.evaluate_split is None:
         return
+    batches = [
+        list(job.sites[b.start : b.stop])
+        for b in _batches(len(job.sites), lanes, _SITES_PER_MESSAGE)
+    ]
     messages = [
         Message(
-            RecordDict({_ARRAYS: arrays, _CONFIG: ConfigRecord({_SPLIT: job.evaluate_split})}),
-            dst_node_id=node_of[site],
+            RecordDict(
+                {
+                    _ARRAYS: arrays,
+                    _CONFIG: ConfigRecord({_SPLIT: job.evaluate_split, _SITES: sites}),
+                }
+            ),
+            dst_node_id=nodes[index % len(nodes)],
             message_type=MessageType.EVALUATE,
         )
-        for site in job.sites
+        for index, sites in enumerate(batches)
     ]
-    site_of = {node: site for site, node in node_of.items()}
-    for reply in _exchange(grid, messages, "the final evaluation"):
-        metrics = reply.content.metric_records[_METRICS]
-        if len(metrics):
-            chain.evaluation[site_of[reply.metadata.src_node_id]] = _scalars(metrics)
-    chain.evaluation = {s: chain.evaluation[s] for s in job.sites if s in chain.evaluation}
+    replies = _exchange(grid, messages, "the final evaluation")
+    for sites, reply in zip(batches, replies, strict=True):
+        content = reply.content
+        for k, site in enumerate(sites):
+            metrics = content.metric_records[f"{_METRICS}.{k}"]
+            if len(metrics):
+                chain.evaluation[site] = _scalars(metrics)
 
 
-def _nodes_by_site(grid: Any, sites: Sequence[str]) -> dict[str, int]:
-    """Asks every SuperNode which partition it holds: site name -> node id."""
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+def _supernodes(sites: int, lanes: int) -> int:
+    """Flower SuperNodes to start: as many as the largest exchange sends messages at once.
 
+    A SuperNode is a slot for a message, not a site: every actor holds every partition and a
+    message names its sites, so any node serves any site. Flower's engine walks every queued
+    message for every node every 0.1 s, so a node per virtual site would cost
+    O(sites x messages) a tick for nothing.
+    """
+    largest = max(
+        len(_batches(sites, lanes, _CHAINS_PER_MESSAGE)),
+        len(_batches(sites, lanes, _SITES_PER_MESSAGE)),
+    )
+    return max(1, min(sites, largest))
+
+
+def _nodes(grid: Any, count: int) -> list[int]:
+    """The SuperNodes' ids, in id order, once all ``count`` have come up."""
     deadline = time.monotonic() + _NODE_WAIT_SECONDS
     nodes = list(grid.get_node_ids())
-    while len(nodes) < len(sites):
+    while len(nodes) < count:
         if time.monotonic() > deadline:
-            raise ValueError(f"only {len(nodes)} of {len(sites)} virtual sites came up")
+            raise ValueError(f"only {len(nodes)} of {count} Flower SuperNodes came up")
         time.sleep(0.1)
         nodes = list(grid.get_node_ids())
-    messages = [
-        Message(
-            RecordDict({_CONFIG: ConfigRecord()}),
-            dst_node_id=node,
-            message_type=MessageType.QUERY,
-        )
-        for node in nodes
-    ]
-    node_of: dict[str, int] = {}
-    for reply in _exchange(grid, messages, "the roll call"):
-        partition = reply.content.config_records[_CONFIG][_PARTITION]
-        assert isinstance(partition, int)
-        node_of[sites[partition]] = reply.metadata.src_node_id
-    return node_of
+    return sorted(nodes)
 
 
 def _exchange(grid: Any, messages: list[Message], what: str) -> list[Message]:
-    """Sends and waits for every reply; a site's error stops the run with its reason."""
+    """Sends and waits for every reply, returned in the messages' order; a site's error stops
+    the run with its reason."""
     replies = list(grid.send_and_receive(messages))
     if len(replies) != len(messages):
-        raise ValueError(f"{what}: {len(replies)} of {len(messages)} sites replied")
+        raise ValueError(f"{what}: {len(replies)} of {len(messages)} messages were answered")
     for reply in replies:
         if reply.has_error():
             raise ValueError(f"{what}: {reply.error.reason}")
-    return replies
+    by_message = {reply.metadata.reply_to_message_id: reply for reply in replies}
+    return [by_message[message.metadata.message_id] for message in messages]
+
+
+def _lanes(resources: Mapping[str, float], cpus_per_site: float, gpus_per_site: float) -> int:
+    """How many virtual sites Ray can run at once: its actors, one per site's resources."""
+    lanes = int(float(resources.get("CPU", 1.0)) // cpus_per_site)
+    if gpus_per_site > 0:
+        lanes = min(lanes, int(float(resources.get("GPU", 0.0)) // gpus_per_site))
+    return max(1, lanes)
 
 
 # ---- the ClientApp: the sites' part ----------------------------------------------------------
@@ -442,67 +542,75 @@ def _client_app(actor_job: _ActorJob) -> ClientApp:
 
     app = ClientApp()
 
-    @app.query()
-    def roll_call(message: Message, context: Context) -> Message:
-        return _answer_roll_call(message, context)
-
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        return _train(actor_job, message, context)
+        return _train(actor_job, message)
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        return _evaluate(actor_job, message, context)
+        return _evaluate(actor_job, message)
 
     return app
 
 
-def _answer_roll_call(message: Message, context: Any) -> Message:
-    from flwr.app import ConfigRecord, Message, RecordDict
-
-    partition = int(context.node_config[_PARTITION])
-    return Message(RecordDict({_CONFIG: ConfigRecord({_PARTITION: partition})}), reply_to=message)
-
-
-def _train(actor_job: _ActorJob, message: Message, context: Any) -> Message:
-    """One hop at this node's site: ``run_hop`` from the tensors the ServerApp sent."""
+def _train(actor_job: _ActorJob, message: Message) -> Message:
+    """Runs the message's chains: every hop ``run_hop`` at its site from the last hop's
+    tensors, passed on through an ``ArrayRecord`` as a message would carry them."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    dataset, trainer = _site(actor_job, context)
-    config = message.content.config_records[_CONFIG]
-    try:
-        hyperparameters = _hop_hyperparameters(dict(config))
-        arrays = message.content.array_records[_ARRAYS]
-        incoming = tensors_from_record(arrays) if len(arrays) else None
-        outcome = trainer.run_hop(actor_job.spec, dataset, hyperparameters, incoming)
-    except ValueError as exc:
-        return _failure(message, str(exc))
-    metrics = {**outcome.metrics, _WEIGHT: len(dataset.train)}
-    reply = RecordDict(
-        {_ARRAYS: record_from_tensors(outcome.tensors), _METRICS: MetricRecord(metrics)}  # type: ignore[arg-type]
-    )
+    content = message.content
+    config = content.config_records[_CONFIG]
+    reply = RecordDict()
+    for c in range(_int(config[_CHAINS])):
+        arrays = content.array_records[f"{_ARRAYS}.{_int(config[f'{c}.input'])}"]
+        for j, site in enumerate(_names(config[f"{c}.{_SITES}"])):
+            values = {name: config.get(f"{c}.{j}.{name}") for name in HOP_FIELDS}
+            try:
+                dataset, trainer = _site(actor_job, site)
+                hyperparameters = _hop_hyperparameters(
+                    {name: value for name, value in values.items() if value is not None}
+                )
+                incoming = tensors_from_record(arrays) if len(arrays) else None
+                outcome = trainer.run_hop(actor_job.spec, dataset, hyperparameters, incoming)
+            except ValueError as exc:
+                return _failure(message, f"hop at {site}: {exc}")
+            arrays = record_from_tensors(outcome.tensors)
+            metrics = {**outcome.metrics, _WEIGHT: len(dataset.train)}
+            reply[f"{_METRICS}.{c}.{j}"] = MetricRecord(metrics)  # type: ignore[arg-type]
+        reply[f"{_ARRAYS}.{c}"] = arrays
     return Message(reply, reply_to=message)
 
 
-def _evaluate(actor_job: _ActorJob, message: Message, context: Any) -> Message:
-    """Scores the tensors sent on this site's split; no metrics if the split is empty."""
+def _evaluate(actor_job: _ActorJob, message: Message) -> Message:
+    """Scores the tensors sent on each named site's split; no metrics if a split is empty."""
     from flwr.app import Message, MetricRecord, RecordDict
 
-    dataset, trainer = _site(actor_job, context)
-    split = message.content.config_records[_CONFIG][_SPLIT]
-    rows = dataset.test if split == "test" else dataset.validation
-    metrics: dict[str, float] = {}
-    if rows:
+    config = message.content.config_records[_CONFIG]
+    split: Literal["test", "validation"] = "test" if config[_SPLIT] == "test" else "validation"
+    tensors = tensors_from_record(message.content.array_records[_ARRAYS])
+    reply = RecordDict()
+    for k, site in enumerate(_names(config[_SITES])):
+        metrics: dict[str, float] = {}
         try:
-            metrics = trainer.evaluate(
-                actor_job.spec,
-                dataset,
-                "test" if split == "test" else "validation",
-                tensors_from_record(message.content.array_records[_ARRAYS]),
-            )
+            dataset, trainer = _site(actor_job, site)
+            if dataset.test if split == "test" else dataset.validation:
+                metrics = trainer.evaluate(actor_job.spec, dataset, split, tensors)
         except ValueError as exc:
-            return _failure(message, str(exc))
-    return Message(RecordDict({_METRICS: MetricRecord(metrics)}), reply_to=message)  # type: ignore[arg-type]
+            return _failure(message, f"scoring at {site}: {exc}")
+        reply[f"{_METRICS}.{k}"] = MetricRecord(metrics)  # type: ignore[arg-type]
+    return Message(reply, reply_to=message)
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"a simulation message holds {value!r} where a count belongs")
+    return value
+
+
+def _names(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"a simulation message holds {value!r} where site names belong")
+    return [str(v) for v in value]
 
 
 def _failure(message: Message, reason: str) -> Message:
@@ -511,8 +619,8 @@ def _failure(message: Message, reason: str) -> Message:
     return Message(Error(code=0, reason=reason), reply_to=message)
 
 
-def _site(actor_job: _ActorJob, context: Any) -> tuple[RegisteredDataset, Trainer]:
-    """This node's dataset and the actor's trainer, loaded on the actor's first message."""
+def _site(actor_job: _ActorJob, site: str) -> tuple[RegisteredDataset, Trainer]:
+    """The site's dataset and the actor's trainer, loaded on the actor's first message."""
     with _ACTOR_LOCK:
         if actor_job.token not in _ACTOR_JOBS:
             import ray
@@ -535,7 +643,8 @@ def _site(actor_job: _ActorJob, context: Any) -> tuple[RegisteredDataset, Traine
                 )
             _ACTOR_JOBS[actor_job.token] = (datasets, trainer)
         datasets, trainer = _ACTOR_JOBS[actor_job.token]
-    site = actor_job.sites[int(context.node_config[_PARTITION])]
+    if site not in datasets:
+        raise ValueError(f"no virtual site {site!r} in this job")
     return datasets[site], trainer
 
 

@@ -18,6 +18,7 @@ import pytest
 from coordinator.plan import parse_plan
 from coordinator.simulation import simulation_job
 from protocols.simulation import DataSource, SimulationReport
+from site_agent import ray_simulation
 from site_agent.ray_simulation import simulate
 from site_agent.registry import RegisteredDataset, register_dataset
 from site_agent.simulation import evaluate_sites, train_fedavg, train_sequential
@@ -126,6 +127,73 @@ def test_hybrid_round_of_one_group_is_that_groups_sequential_chain(sites: Sites)
     chain = train_sequential(trainer, SPEC, [(d, hyperparameters) for d in sites.datasets])
     assert [hop.site for hop in report.hops] == list(SITES)
     assert report.rounds[0].weights == (float(sum(len(d.train) for d in sites.datasets)),)
+    _assert_scores_equal(
+        report, evaluate_sites(trainer, SPEC, chain.tensors, sites.datasets, "test")
+    )
+
+
+def test_work_is_cut_into_one_batch_per_lane_and_at_most_the_cap() -> None:
+    batches = ray_simulation._batches
+    assert batches(10, 2, 128) == [range(0, 5), range(5, 10)]
+    assert batches(1000, 1, 128)[0] == range(0, 128) and len(batches(1000, 1, 128)) == 8
+    assert batches(3, 8, 128) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert batches(0, 2, 128) == []
+    assert sum(len(b) for b in batches(1001, 3, 100)) == 1001
+
+
+def test_lanes_are_the_sites_ray_can_run_at_once() -> None:
+    lanes = ray_simulation._lanes
+    assert lanes({"CPU": 4.0}, 1.0, 0.0) == 4
+    assert lanes({"CPU": 4.0}, 1.5, 0.0) == 2
+    assert lanes({"CPU": 8.0, "GPU": 1.0}, 1.0, 0.5) == 2
+    assert lanes({"CPU": 1.0}, 2.0, 0.0) == 1  # never none: Flower then runs one actor
+
+
+def test_flower_runs_a_supernode_per_message_of_the_largest_exchange() -> None:
+    supernodes = ray_simulation._supernodes
+    assert supernodes(1000, 1) == 8  # 1,000 sites, 128 a message
+    assert supernodes(1000, 16) == 16  # one message per lane
+    assert supernodes(3, 8) == 3  # never more than the sites
+    assert supernodes(1, 1) == 1
+
+
+@pytest.mark.ray
+def test_smaller_batches_change_no_hop_round_or_score(
+    sites: Sites, federated: SimulationReport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One chain a message and two sites a scoring message: three training messages a round
+    and two scoring messages instead of one each; the same numbers."""
+    monkeypatch.setattr(ray_simulation, "_CHAINS_PER_MESSAGE", 1)
+    monkeypatch.setattr(ray_simulation, "_SITES_PER_MESSAGE", 2)
+    report = _simulate(
+        sites,
+        mode="federated",
+        sites=list(SITES),
+        federated={"strategy": "fedavg", "rounds": 3, "min_sites": 3},
+    )
+    assert [hop.site for hop in report.hops] == [hop.site for hop in federated.hops]
+    for hop, expected in zip(report.hops, federated.hops, strict=True):
+        assert hop.metrics == pytest.approx(expected.metrics, abs=TOLERANCE)
+    assert [r.weights for r in report.rounds] == [r.weights for r in federated.rounds]
+    assert report.tensors_sha256 == federated.tensors_sha256
+    _assert_scores_equal(report, federated.evaluation)
+
+
+@pytest.mark.ray
+def test_sequential_chain_in_segments_is_the_in_process_chain(
+    sites: Sites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six hops, four a message: the second message starts from the first one's output."""
+    monkeypatch.setattr(ray_simulation, "_HOPS_PER_MESSAGE", 4)
+    report = _simulate(sites, sites=list(SITES), cycles=2)
+    trainer = TabularTrainer(num_threads=1)
+    hyperparameters = HopHyperparameters(**DEFAULTS)
+    chain = train_sequential(trainer, SPEC, [(d, hyperparameters) for d in sites.datasets] * 2)
+    assert [hop.site for hop in report.hops] == list(SITES) * 2
+    for hop, record in zip(report.hops, chain.visits, strict=True):
+        assert hop.metrics["train_loss"] == pytest.approx(
+            record.metrics["train_loss"], abs=TOLERANCE
+        )
     _assert_scores_equal(
         report, evaluate_sites(trainer, SPEC, chain.tensors, sites.datasets, "test")
     )
