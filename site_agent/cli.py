@@ -114,7 +114,7 @@ def serve(
     from protocols.pki import PkiError
     from site_agent.agent import CertificateRefused, HistoryRewritten, SiteAgent
 
-    quiet_progress_output()
+    quiet_progress_output()  # before any thread starts: setenv races getenv on gRPC's threads
     configure_logging(log_level, log_json or log_format == "json")
     settings = _site_settings(
         config,
