@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from protocols.logs import quiet_progress_output
-
 __all__ = ["route_library_output"]
 
 
 def route_library_output() -> None:
-    """No progress bars and no load reports in a service log; library errors become records.
+    """No load reports in a service log; library errors become records.
 
     transformers logs through its own stderr handler by default: it is removed and its records
     propagate to the service's handler (JSON or text), at ERROR and above only, so per-load
     reports ("weights newly initialized") stay out of the log while real errors stay in.
+
+    Safe on any thread: it never writes the environment (``setenv`` races ``getenv`` on gRPC's
+    threads). The environment part, ``protocols.logs.quiet_progress_output``, is the CLI's, run
+    before any thread starts.
     """
-    quiet_progress_output()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -62,6 +63,16 @@ def one_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether an error is, or was caused by, running out of memory."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, MemoryError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def _label_names(label_counts: object) -> list[str]:
     """The label names of a registered dataset's splits (counts stay at the site)."""
     if not isinstance(label_counts, dict):
@@ -93,7 +104,9 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             ),
         )
         self._trainers: dict[str, Trainer] = {}
-        self._trainers_lock = threading.Lock()  # the background load and a task may race
+        # One lock per task type: the background load and a task may race for a trainer, and a
+        # base model loading never holds up a tabular hop.
+        self._trainers_lock = {task_type: threading.Lock() for task_type in TASK_TYPES}
         self._base_model_sha256: str | None = None
         # "You are next" preparations run here, one at a time, beside the task stream.
         self._preparations = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
@@ -123,7 +136,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             raise HopFailure("unsupported-task", f"this site cannot run {task_type!r} tasks")
         if task_type in LORA_TASKS and self.settings.base_model_dir is None:
             raise HopFailure("no-base-model", f"this site has no base model for {task_type}")
-        with self._trainers_lock:
+        with self._trainers_lock[task_type]:
             if task_type not in self._trainers:
                 try:
                     self._trainers[task_type] = self._load_trainer(task_type)
@@ -138,8 +151,17 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             return self._trainers[task_type]
 
     def _load_trainer(self, task_type: str) -> Trainer:
-        """Imports torch and the task's libraries, builds the trainer and loads the base model
-        for the label sets of this site's registered datasets (what a first hop needs)."""
+        """Imports torch and the task's libraries, builds the trainer and loads one base model
+        ahead of a first hop: for the label set most of this site's registered datasets share.
+
+        Bounded to one base model (one copy in memory); other label counts load at their first
+        hop. A label set no run could use is one log line and skipped; running out of memory
+        while loading ahead is one log line and the trainer is kept (its hops load the model).
+
+        Raises:
+            Exception: The trainer cannot be built or the base model folder cannot load (missing
+                or corrupt weights...): ``trainer`` refuses with ``no-base-model``.
+        """
         if task_type in LORA_TASKS:  # tabular trainers never import transformers
             from site_agent._library_logs import route_library_output
 
@@ -152,16 +174,43 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             device=self.settings.device,
             num_threads=self.settings.num_threads,
         )
-        load_base_models(trainer, self._registered_label_sets(task_type))
+        labels = self._labels_to_load(task_type)
+        try:
+            load_base_models(trainer, [labels] if labels else [])
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            logger.warning(
+                "could not load the %s base model ahead (out of memory); its first hop loads it",
+                task_type,
+            )
         return trainer
 
-    def _registered_label_sets(self, task_type: str) -> list[tuple[str, ...]]:
-        """The label sets of this site's registered datasets of a task type (aggregates only)."""
-        return [
-            tuple(_label_names(entry.get("label_counts")))
-            for entry in list_registered(self.settings.data_dir)
-            if entry.get("status") == "ok" and entry.get("task_type") == task_type
-        ]
+    def _labels_to_load(self, task_type: str) -> tuple[str, ...] | None:
+        """The label set of this site's registered datasets of a task type whose base model a
+        first hop most likely needs: the label count most of them share (ties: the first
+        registered). A label set no run could use is one log line and skipped."""
+        from site_agent.tasks import TaskSpec
+
+        if task_type != "seq-classification":
+            return None
+        usable: list[tuple[str, ...]] = []
+        for entry in list_registered(self.settings.data_dir):
+            if entry.get("status") != "ok" or entry.get("task_type") != task_type:
+                continue
+            labels = tuple(_label_names(entry.get("label_counts")))
+            try:
+                TaskSpec(task_type, labels=labels)
+            except ValueError as exc:
+                logger.warning(
+                    "dataset %s: its base model is not loaded ahead: %s",
+                    entry.get("name"),
+                    one_line(exc),
+                )
+                continue
+            usable.append(labels)
+        counts = Counter(len(labels) for labels in usable)
+        return max(usable, key=lambda labels: counts[len(labels)], default=None)
 
     def _task_types_to_load(self) -> list[str]:
         """What the background load prepares: the task types of this site's datasets that it

@@ -34,6 +34,8 @@ class PolicyError(ValueError):
 def _modes(value: object, what: str = "modes") -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(mode, str) for mode in value):
         raise TypeError(f"{what!r} must be a list of run {what}, not {value!r}")
+    if not value:  # it would approve nothing here, yet read back as the default elsewhere
+        raise ValueError(f'{what!r} is empty: list at least one, or "*" for any')
     return frozenset(value)
 
 

@@ -113,8 +113,9 @@ def serve(
     """Connect out to the coordinator and run hops until SIGINT/SIGTERM."""
     from protocols.pki import PkiError
     from site_agent.agent import CertificateRefused, HistoryRewritten, SiteAgent
+    from site_agent.approvals import PolicyError
 
-    quiet_progress_output()
+    quiet_progress_output()  # before any thread starts: setenv races getenv on gRPC's threads
     configure_logging(log_level, log_json or log_format == "json")
     settings = _site_settings(
         config,
@@ -139,7 +140,11 @@ def serve(
         typer.echo(f"error: base model folder not found: {settings.base_model_dir}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
     # The ML libraries' output is routed by the agent's background load, which imports them.
-    agent = SiteAgent(settings)
+    try:
+        agent = SiteAgent(settings)
+    except PolicyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
     _graceful_signals(agent, settings.shutdown_grace)
     try:
         bound = agent.serve_metrics()

@@ -281,6 +281,9 @@ def length_histogram(lengths: Sequence[int]) -> tuple[float, ...]:
 
 
 def _token_lengths(texts: Sequence[str], base_model_dir: Path) -> list[int]:
+    from site_agent._library_logs import route_library_output
+
+    route_library_output()  # a site with only tabular trainers loads transformers here first
     from transformers import AutoTokenizer
 
     try:

@@ -54,7 +54,7 @@ class TaskChecks:
     settings: SiteSettings
     approvals: ApprovalStore
     _trainers: dict[str, Trainer]
-    _trainers_lock: threading.Lock
+    _trainers_lock: dict[str, threading.Lock]
 
     if TYPE_CHECKING:
 

@@ -53,7 +53,8 @@ def create_trainer(
 def load_base_models(trainer: Trainer, label_sets: Sequence[Sequence[str]]) -> None:
     """Loads a LoRA trainer's base model for each label set (one per number of labels), so
     that a first hop on a dataset with these labels does not load it; other trainers have
-    nothing to load. A label set no run could use (fewer than two labels) is skipped.
+    nothing to load. A label set no run could use (fewer than two labels, an empty or a
+    repeated name) is skipped.
 
     Raises:
         Exception: Whatever the base model's loading raises (a corrupt weights file...).
@@ -70,7 +71,9 @@ def load_base_models(trainer: Trainer, label_sets: Sequence[Sequence[str]]) -> N
         specs.append(TaskSpec("causal-lm"))
     else:
         for labels in label_sets:
-            if len(set(labels)) >= 2:
+            try:
                 specs.append(TaskSpec("seq-classification", labels=tuple(labels)))
+            except ValueError:  # one label, an empty or a repeated name: no run can use it
+                continue
     for spec in specs:
         trainer.load_base_model(spec)

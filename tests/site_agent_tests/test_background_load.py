@@ -14,7 +14,7 @@ import torch
 
 from site_agent._synthetic import generate_site_records, write_site_dataset
 from site_agent.agent import SiteAgent
-from site_agent.registry import RegisteredDataset, register_dataset
+from site_agent.registry import RegisteredDataset, list_registered, register_dataset
 from site_agent.settings import SiteSettings
 from site_agent.task_checks import HopFailure
 from site_agent.tasks import HopHyperparameters, TaskSpec, create_trainer, load_base_models
@@ -105,3 +105,82 @@ def test_a_tabular_trainer_never_imports_transformers_or_peft() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def _register_notes(
+    agent: SiteAgent, tmp_path: Path, name: str, records: list[dict[str, str]]
+) -> None:
+    source = write_site_dataset(tmp_path / f"{name}.jsonl", records)
+    register_dataset(agent.settings.data_dir, name, source, task_type="seq-classification")
+
+
+def test_a_label_set_no_run_can_use_is_one_line_and_the_trainer_still_loads(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    agent, dataset = _agent(tmp_path, tiny_model_dir)
+    registered = list_registered(agent.settings.data_dir)
+    # A registration today's loaders refuse (written by an older version or by hand).
+    blank = {**registered[0], "name": "blank", "label_counts": {"train": {"": 3, "a": 4}}}
+    monkeypatch.setattr("site_agent.agent.list_registered", lambda data_dir: [blank, *registered])
+
+    with caplog.at_level(logging.WARNING, logger="site_agent.agent"):
+        agent.load_in_background().join(timeout=120)
+
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert problems == [
+        "dataset blank: its base model is not loaded ahead: "
+        "need at least two non-empty label names, got ('', 'a')"
+    ]
+    trainer = agent.trainer("seq-classification")  # cached: no refusal, no second load
+    assert agent._trainers["seq-classification"] is trainer
+    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
+
+
+def test_the_background_load_loads_one_base_model_for_the_label_count_most_datasets_share(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    agent, dataset = _agent(tmp_path, tiny_model_dir)  # three labels
+    two = [r for r in generate_site_records(1, 3, n=60, seed=4) if r["label"] != dataset.labels[0]]
+    _register_notes(agent, tmp_path, "two-a", two)
+    _register_notes(agent, tmp_path, "two-b", two[::-1])
+
+    agent.load_in_background().join(timeout=120)
+
+    trainer = agent._trainers["seq-classification"]
+    assert list(trainer._base_models) == [2]  # type: ignore[attr-defined]
+
+
+def test_running_out_of_memory_loading_ahead_is_one_line_and_keeps_the_trainer(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from site_agent.tasks._sequence_classification import SequenceClassificationTrainer
+
+    def out_of_memory(self: object, spec: TaskSpec) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(SequenceClassificationTrainer, "load_base_model", out_of_memory)
+    agent, _ = _agent(tmp_path, tiny_model_dir)
+
+    with caplog.at_level(logging.WARNING, logger="site_agent.agent"):
+        agent.load_in_background().join(timeout=120)
+
+    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert problems == [
+        "could not load the seq-classification base model ahead (out of memory); "
+        "its first hop loads it"
+    ]
+    assert isinstance(agent.trainer("seq-classification"), SequenceClassificationTrainer)
+
+
+def test_a_base_model_loading_does_not_hold_up_the_tabular_trainer(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    agent, _ = _agent(tmp_path, tiny_model_dir)
+    with agent._trainers_lock["seq-classification"]:  # a base model loading
+        assert agent.trainer("tabular") is agent._trainers["tabular"]
