@@ -32,6 +32,7 @@ from coordinator.ledger import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
+from coordinator.worker_threads import run_to_end, settle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
 from protocols.signing import SignatureError, verify_custody
@@ -96,16 +97,6 @@ def _feed_file(stream: BundleStream, path: Path, length: int) -> None:
                 raise InvalidInput("the partial upload is shorter than its resume point")
             stream.feed(view[:got])
             length -= got
-
-
-async def _settle(*futures: asyncio.Future[None] | None) -> None:
-    """Waits for worker-thread futures still running (their chunk and file stay alive until)."""
-    pending = [f for f in futures if f is not None]
-    if pending:
-        await asyncio.wait(pending)
-    for future in pending:
-        if not future.cancelled():
-            future.exception()  # retrieved: the first error is already on its way up
 
 
 class UploadIntake:
@@ -354,7 +345,7 @@ class UploadIntake:
                 f"cannot resume at byte {header.offset}: {received} bytes were received"
             )
         stream = BundleStream()
-        fd = await asyncio.to_thread(_open_at, partial, header.offset)
+        fd = await run_to_end(_open_at, partial, header.offset, undo=os.close)
         try:
             if header.offset:
                 await asyncio.to_thread(_feed_file, stream, partial, header.offset)
@@ -370,14 +361,15 @@ class UploadIntake:
                     if received > header.total_size:
                         raise InvalidInput("upload is longer than its header declared")
                     if pending is not None:
-                        await pending
+                        # Shielded: a cancelled handler never detaches from the write (below).
+                        await asyncio.shield(pending)
                     sync = received - synced >= _SYNC_BYTES
                     synced = received if sync else synced
                     pending = loop.run_in_executor(None, _absorb, fd, stream, chunk, sync)
                 if pending is not None:
-                    await pending
+                    await asyncio.shield(pending)
             finally:
-                await _settle(pending)  # the file stays open until its last write
+                await settle(pending)  # the file stays open until its last write
         finally:
             os.close(fd)
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)
