@@ -20,7 +20,7 @@ from pathlib import Path
 
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.spool import UploadSpool
-from coordinator.errors import InvalidInput, NotFound, PermissionDenied
+from coordinator.errors import InvalidInput, NotFound, PermissionDenied, ResumePointLost
 from coordinator.ledger import (
     LIVE_HOP_STATES,
     CheckpointRow,
@@ -94,7 +94,8 @@ def _feed_file(stream: BundleStream, path: Path, length: int) -> None:
         while length > 0:
             got = fh.readinto(view[: min(len(buffer), length)])
             if not got:
-                raise InvalidInput("the partial upload is shorter than its resume point")
+                raise ResumePointLost("the partial upload is shorter than its resume point; "
+                                      "upload again from byte 0")  # fmt: skip
             stream.feed(view[:got])
             length -= got
 
@@ -341,8 +342,9 @@ class UploadIntake:
         """
         received = partial.stat().st_size if partial.is_file() else 0
         if header.offset > received:
-            raise InvalidInput(
-                f"cannot resume at byte {header.offset}: {received} bytes were received"
+            raise ResumePointLost(
+                f"cannot resume at byte {header.offset}: {received} bytes were received; "
+                "upload again from byte 0"
             )
         stream = BundleStream()
         fd = await run_to_end(_open_at, partial, header.offset, undo=os.close)
