@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
-__all__ = ["run_to_end", "settle"]
+__all__ = ["run_to_end", "run_whole", "settle"]
 
 T = TypeVar("T")
 
@@ -50,4 +50,15 @@ async def run_to_end(
         finally:
             if undo is not None and not future.cancelled() and future.exception() is None:
                 undo(future.result())
+        raise
+
+
+async def run_whole(work: Coroutine[Any, Any, T]) -> T:
+    """Runs `work` to its end even if the caller is cancelled meanwhile (the cancellation is
+    raised once it has): for steps that must not stop half done."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await settle(task)
         raise

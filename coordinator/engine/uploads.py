@@ -32,7 +32,7 @@ from coordinator.ledger import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
-from coordinator.worker_threads import run_to_end, settle
+from coordinator.worker_threads import run_to_end, run_whole, settle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
 from protocols.signing import SignatureError, verify_custody
@@ -72,6 +72,11 @@ def _absorb(fd: int, stream: BundleStream, chunk: bytes, sync: bool) -> None:
     if sync:
         os.fdatasync(fd)
     stream.feed(chunk)
+
+
+def _size(path: Path) -> int:
+    """Bytes in a partial upload file (0 if there is none)."""
+    return path.stat().st_size if path.is_file() else 0
 
 
 def _open_at(path: Path, offset: int) -> int:
@@ -172,7 +177,36 @@ class UploadIntake:
                 run, hop, bundle = await self._store_whole(site, certificate_pem, header, chunks)
             else:
                 run, hop, bundle = await self._store_spooled(site, certificate_pem, header, chunks)
-            self.spool.discard(hop.id)
+            async with self._lock:
+                with contextlib.suppress(TransitionRefused):
+                    self.ledger.transition_hop(
+                        hop.id,
+                        expected=("leased", "training"),
+                        status="uploaded",
+                        event="hop.uploaded",
+                        payload={"output_sha256": bundle.sha256},
+                    )
+                self.metrics.hop_phase(hop.id, "committing")
+                self.leases.extend(run, hop.id)
+        return _ref(header)
+
+    async def _keep(
+        self,
+        run: RunRow,
+        hop: HopRow,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        bundle: Bundle,
+        write: Callable[[], object],
+    ) -> None:
+        """Writes a checked bundle into the store (`write`, on a worker thread), frees its spool
+        files and records its checkpoint row: run whole even if the stream is cut meanwhile, so
+        that bytes in the store always have their row."""
+
+        async def keep() -> None:
+            await asyncio.to_thread(write)
+            await asyncio.to_thread(self.spool.discard, hop.id)
             self.ledger.record_checkpoint(
                 CheckpointRow(
                     sha256=bundle.sha256,
@@ -188,18 +222,8 @@ class UploadIntake:
                     stored_at=datetime.now(UTC),
                 )
             )
-            async with self._lock:
-                with contextlib.suppress(TransitionRefused):
-                    self.ledger.transition_hop(
-                        hop.id,
-                        expected=("leased", "training"),
-                        status="uploaded",
-                        event="hop.uploaded",
-                        payload={"output_sha256": bundle.sha256},
-                    )
-                self.metrics.hop_phase(hop.id, "committing")
-                self.leases.extend(run, hop.id)
-        return _ref(header)
+
+        await run_whole(keep())
 
     async def _store_whole(
         self,
@@ -226,7 +250,8 @@ class UploadIntake:
         # The hop may have ended while the bytes arrived (lease expired, run aborted).
         run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
         bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-        await asyncio.to_thread(self.store.put, bytes(data), sha256=bundle.sha256)
+        await self._keep(run, hop, site, certificate_pem, header, bundle,
+                         lambda: self.store.put(bytes(data), sha256=bundle.sha256))  # fmt: skip
         return run, hop, bundle
 
     async def _store_spooled(
@@ -238,7 +263,9 @@ class UploadIntake:
     ) -> tuple[RunRow, HopRow, Bundle]:
         """A bundle streamed into its spool file, checked as it arrives, renamed into the store."""
         hop_id = header.hop_id
-        partial = self.spool.claim(hop_id, header.lease_token, header.sha256)
+        partial = await asyncio.to_thread(
+            self.spool.claim, hop_id, header.lease_token, header.sha256
+        )
         resumable = False
         try:
             received, stream = await self._spool_chunks(partial, header, chunks)
@@ -259,12 +286,14 @@ class UploadIntake:
                 asyncio.to_thread(self._inspected_upload, partial, header.sha256, stream),
             )
             bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-            await asyncio.to_thread(self.store.adopt, partial, bundle.sha256)
+            await self._keep(run, hop, site, certificate_pem, header, bundle,
+                             lambda: self.store.adopt(partial, bundle.sha256))  # fmt: skip
         except asyncio.CancelledError:
             raise  # a cut stream: kept to resume under the same lease (until the hop ends)
         except BaseException:
             if not resumable:
-                self.spool.discard(hop_id)  # rejected, or storage failed: nothing kept
+                # rejected, or storage failed: nothing kept
+                await asyncio.to_thread(self.spool.discard, hop_id)
             raise
         return run, hop, bundle
 
@@ -340,7 +369,7 @@ class UploadIntake:
         Returns the bytes received and the stream that hashed the whole file and checked its
         values as it arrived (a resumed upload's earlier bytes are fed to it from the file first).
         """
-        received = partial.stat().st_size if partial.is_file() else 0
+        received = await asyncio.to_thread(_size, partial)
         if header.offset > received:
             raise ResumePointLost(
                 f"cannot resume at byte {header.offset}: {received} bytes were received; "
