@@ -8,6 +8,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "PreflightFailed",
+    "ResumePointLost",
     "StaleLease",
     "StorageFault",
     "UploadBusy",
@@ -32,6 +33,11 @@ class StaleLease(CoordinatorError):
 
 class InvalidInput(CoordinatorError):
     """Malformed plan, corrupt checkpoint, non-finite metrics and the like."""
+
+
+class ResumePointLost(CoordinatorError):
+    """An upload resumes past the bytes the coordinator holds (e.g. it restarted with a shorter
+    partial file): the sender starts again from byte 0."""
 
 
 class StorageFault(CoordinatorError):

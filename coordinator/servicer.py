@@ -25,6 +25,7 @@ from coordinator.errors import (
     NotFound,
     PermissionDenied,
     PreflightFailed,
+    ResumePointLost,
     StaleLease,
     StorageFault,
     UploadBusy,
@@ -56,6 +57,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (PlanError, grpc.StatusCode.INVALID_ARGUMENT),
     (UploadBusy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ResumePointLost, grpc.StatusCode.OUT_OF_RANGE),
 ]
 
 

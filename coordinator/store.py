@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 
+from coordinator.worker_threads import run_to_end, settle
+
 __all__ = ["CheckpointStore", "fsync_write"]
 
 
@@ -119,19 +121,20 @@ class CheckpointStore:
         Reads run on a worker thread, one chunk ahead of the one being sent: the event loop
         never waits for the disk.
         """
-        fd = await asyncio.to_thread(os.open, self.path(sha256), os.O_RDONLY)
+        fd = await run_to_end(os.open, self.path(sha256), os.O_RDONLY, undo=os.close)
         loop = asyncio.get_running_loop()
         ahead = loop.run_in_executor(None, os.pread, fd, chunk_bytes, offset)
         try:
-            while chunk := await ahead:
+            # Shielded: a cancelled reader never detaches from the read in flight (below).
+            while chunk := await asyncio.shield(ahead):
                 ahead = loop.run_in_executor(None, os.pread, fd, chunk_bytes, offset + len(chunk))
                 yield offset, chunk
                 offset += len(chunk)
         finally:
-            await asyncio.wait([ahead])  # the descriptor stays open until its last read
-            if not ahead.cancelled():
-                ahead.exception()
-            os.close(fd)
+            try:
+                await settle(ahead)  # the descriptor stays open until its last read
+            finally:
+                os.close(fd)
 
     def delete(self, sha256: str) -> int:
         """Removes a bundle's bytes; returns the bytes freed (0 if it was not stored)."""

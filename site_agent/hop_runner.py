@@ -164,8 +164,10 @@ class HopRunner(TaskChecks, Transfers):
         """Reports a hop's result (a finished hop: hands its bundle back with it, one call),
         retrying while the coordinator cannot take it; None: refused.
 
-        A bundle the coordinator refuses is reported as the hop's failure (code
-        "handback-refused"), so that the run's failure policy applies at once.
+        A bundle the coordinator refuses (size, hash, format, values, lineage, signature) is
+        reported as the hop's failure (code "handback-refused"), so that the run's failure policy
+        applies at once. A refused result whose bundle the coordinator stored (non-finite
+        metrics, say) is logged and left to the lease, as a refused ReportHopResult.
         """
         handing_back, self._handing_back = self._handing_back, None
         try:
@@ -186,7 +188,11 @@ class HopRunner(TaskChecks, Transfers):
             if exc.code() in _RETRYABLE:
                 raise
             logger.error("hop %s result refused: %s %s", task.hop_id, exc.code(), exc.details())
-            if handing_back is not None and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            if (
+                handing_back is not None
+                and exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+                and not self._bundle_stored(stub, handing_back[0])
+            ):
                 self._deferred_validation = None
                 failed = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
                                       error_code="handback-refused",
@@ -195,6 +201,16 @@ class HopRunner(TaskChecks, Transfers):
                 return self._report_hop_result(stub, task, failed, beat)
             return None
         return result, response
+
+    @staticmethod
+    def _bundle_stored(stub: pb_grpc.SiteServiceStub, header: pb.UploadHeader) -> bool:
+        """Whether the coordinator holds the whole bundle a refused hand back carried (then the
+        refusal concerns the result, not the bundle)."""
+        try:
+            progress: pb.UploadProgress = stub.UploadStatus(header, timeout=30)
+        except grpc.RpcError:
+            return False
+        return progress.received >= header.total_size > 0
 
     def _hop_setup(self, task: pb.HopTask) -> tuple[HopHyperparameters, TaskSpec, Trainer]:
         """A hop's hyperparameters, spec and trainer, once its run's approval is checked.

@@ -137,12 +137,7 @@ class Transfers:
         """
         attempts = 0
 
-        def call() -> pb.HopResultResponse:
-            nonlocal attempts
-            attempts += 1
-            uploaded = self._hand_back_unimplemented and header.offset == len(payload)
-            if attempts > 1 and not uploaded:  # a first attempt starts at 0: nothing to ask
-                header.offset = stub.UploadStatus(header, timeout=30).received
+        def send() -> pb.HopResultResponse:
             if self._hand_back_unimplemented:
                 return self._upload_then_report(stub, header, payload, result)
             try:
@@ -159,6 +154,25 @@ class Transfers:
                 len(payload) - header.offset
             )
             return response
+
+        def call() -> pb.HopResultResponse:
+            nonlocal attempts
+            attempts += 1
+            uploaded = self._hand_back_unimplemented and header.offset == len(payload)
+            if attempts > 1 and not uploaded:  # a first attempt starts at 0: nothing to ask
+                header.offset = stub.UploadStatus(header, timeout=30).received
+            try:
+                return send()
+            except grpc.RpcError as exc:
+                # The coordinator holds fewer bytes than the resume point (it restarted with a
+                # shorter partial file, say): the whole bundle again, not a failed hop.
+                if exc.code() != grpc.StatusCode.OUT_OF_RANGE or header.offset == 0:
+                    raise
+                logger.warning("the coordinator cannot resume the hand back at byte %d (%s); "
+                               "sending the bundle again from byte 0",
+                               header.offset, exc.details())  # fmt: skip
+                header.offset = 0
+                return send()
 
         return self._retrying("hand back", call, lease_lost=lease_lost)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.spool import UploadSpool
-from coordinator.errors import InvalidInput, NotFound, PermissionDenied
+from coordinator.errors import InvalidInput, NotFound, PermissionDenied, ResumePointLost
 from coordinator.ledger import (
     LIVE_HOP_STATES,
     CheckpointRow,
@@ -32,6 +32,7 @@ from coordinator.ledger import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
+from coordinator.worker_threads import run_to_end, run_whole, settle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
 from protocols.signing import SignatureError, verify_custody
@@ -73,6 +74,11 @@ def _absorb(fd: int, stream: BundleStream, chunk: bytes, sync: bool) -> None:
     stream.feed(chunk)
 
 
+def _size(path: Path) -> int:
+    """Bytes in a partial upload file (0 if there is none)."""
+    return path.stat().st_size if path.is_file() else 0
+
+
 def _open_at(path: Path, offset: int) -> int:
     """The partial upload file open for writing at `offset` (what follows it is dropped)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
@@ -93,19 +99,10 @@ def _feed_file(stream: BundleStream, path: Path, length: int) -> None:
         while length > 0:
             got = fh.readinto(view[: min(len(buffer), length)])
             if not got:
-                raise InvalidInput("the partial upload is shorter than its resume point")
+                raise ResumePointLost("the partial upload is shorter than its resume point; "
+                                      "upload again from byte 0")  # fmt: skip
             stream.feed(view[:got])
             length -= got
-
-
-async def _settle(*futures: asyncio.Future[None] | None) -> None:
-    """Waits for worker-thread futures still running (their chunk and file stay alive until)."""
-    pending = [f for f in futures if f is not None]
-    if pending:
-        await asyncio.wait(pending)
-    for future in pending:
-        if not future.cancelled():
-            future.exception()  # retrieved: the first error is already on its way up
 
 
 class UploadIntake:
@@ -180,7 +177,36 @@ class UploadIntake:
                 run, hop, bundle = await self._store_whole(site, certificate_pem, header, chunks)
             else:
                 run, hop, bundle = await self._store_spooled(site, certificate_pem, header, chunks)
-            self.spool.discard(hop.id)
+            async with self._lock:
+                with contextlib.suppress(TransitionRefused):
+                    self.ledger.transition_hop(
+                        hop.id,
+                        expected=("leased", "training"),
+                        status="uploaded",
+                        event="hop.uploaded",
+                        payload={"output_sha256": bundle.sha256},
+                    )
+                self.metrics.hop_phase(hop.id, "committing")
+                self.leases.extend(run, hop.id)
+        return _ref(header)
+
+    async def _keep(
+        self,
+        run: RunRow,
+        hop: HopRow,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        bundle: Bundle,
+        write: Callable[[], object],
+    ) -> None:
+        """Writes a checked bundle into the store (`write`, on a worker thread), frees its spool
+        files and records its checkpoint row: run whole even if the stream is cut meanwhile, so
+        that bytes in the store always have their row."""
+
+        async def keep() -> None:
+            await asyncio.to_thread(write)
+            await asyncio.to_thread(self.spool.discard, hop.id)
             self.ledger.record_checkpoint(
                 CheckpointRow(
                     sha256=bundle.sha256,
@@ -196,18 +222,8 @@ class UploadIntake:
                     stored_at=datetime.now(UTC),
                 )
             )
-            async with self._lock:
-                with contextlib.suppress(TransitionRefused):
-                    self.ledger.transition_hop(
-                        hop.id,
-                        expected=("leased", "training"),
-                        status="uploaded",
-                        event="hop.uploaded",
-                        payload={"output_sha256": bundle.sha256},
-                    )
-                self.metrics.hop_phase(hop.id, "committing")
-                self.leases.extend(run, hop.id)
-        return _ref(header)
+
+        await run_whole(keep())
 
     async def _store_whole(
         self,
@@ -234,7 +250,8 @@ class UploadIntake:
         # The hop may have ended while the bytes arrived (lease expired, run aborted).
         run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
         bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-        await asyncio.to_thread(self.store.put, bytes(data), sha256=bundle.sha256)
+        await self._keep(run, hop, site, certificate_pem, header, bundle,
+                         lambda: self.store.put(bytes(data), sha256=bundle.sha256))  # fmt: skip
         return run, hop, bundle
 
     async def _store_spooled(
@@ -246,7 +263,9 @@ class UploadIntake:
     ) -> tuple[RunRow, HopRow, Bundle]:
         """A bundle streamed into its spool file, checked as it arrives, renamed into the store."""
         hop_id = header.hop_id
-        partial = self.spool.claim(hop_id, header.lease_token, header.sha256)
+        partial = await asyncio.to_thread(
+            self.spool.claim, hop_id, header.lease_token, header.sha256
+        )
         resumable = False
         try:
             received, stream = await self._spool_chunks(partial, header, chunks)
@@ -267,12 +286,14 @@ class UploadIntake:
                 asyncio.to_thread(self._inspected_upload, partial, header.sha256, stream),
             )
             bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-            await asyncio.to_thread(self.store.adopt, partial, bundle.sha256)
+            await self._keep(run, hop, site, certificate_pem, header, bundle,
+                             lambda: self.store.adopt(partial, bundle.sha256))  # fmt: skip
         except asyncio.CancelledError:
             raise  # a cut stream: kept to resume under the same lease (until the hop ends)
         except BaseException:
             if not resumable:
-                self.spool.discard(hop_id)  # rejected, or storage failed: nothing kept
+                # rejected, or storage failed: nothing kept
+                await asyncio.to_thread(self.spool.discard, hop_id)
             raise
         return run, hop, bundle
 
@@ -348,13 +369,14 @@ class UploadIntake:
         Returns the bytes received and the stream that hashed the whole file and checked its
         values as it arrived (a resumed upload's earlier bytes are fed to it from the file first).
         """
-        received = partial.stat().st_size if partial.is_file() else 0
+        received = await asyncio.to_thread(_size, partial)
         if header.offset > received:
-            raise InvalidInput(
-                f"cannot resume at byte {header.offset}: {received} bytes were received"
+            raise ResumePointLost(
+                f"cannot resume at byte {header.offset}: {received} bytes were received; "
+                "upload again from byte 0"
             )
         stream = BundleStream()
-        fd = await asyncio.to_thread(_open_at, partial, header.offset)
+        fd = await run_to_end(_open_at, partial, header.offset, undo=os.close)
         try:
             if header.offset:
                 await asyncio.to_thread(_feed_file, stream, partial, header.offset)
@@ -370,14 +392,15 @@ class UploadIntake:
                     if received > header.total_size:
                         raise InvalidInput("upload is longer than its header declared")
                     if pending is not None:
-                        await pending
+                        # Shielded: a cancelled handler never detaches from the write (below).
+                        await asyncio.shield(pending)
                     sync = received - synced >= _SYNC_BYTES
                     synced = received if sync else synced
                     pending = loop.run_in_executor(None, _absorb, fd, stream, chunk, sync)
                 if pending is not None:
-                    await pending
+                    await asyncio.shield(pending)
             finally:
-                await _settle(pending)  # the file stays open until its last write
+                await settle(pending)  # the file stays open until its last write
         finally:
             os.close(fd)
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)

@@ -355,3 +355,60 @@ def test_bad_bundle_streamed_to_the_coordinator_is_refused_and_nothing_is_kept(
     assert coordinator.engine.ledger.checkpoints(task.run_id) == []
     # The lease still holds: a good bundle is accepted afterwards.
     assert _outcome(_upload(site, task, good)) == "OK"
+
+
+@pytest.mark.parametrize("floats", [1000, SPOOLED], ids=["whole", "spooled"])
+def test_bundle_stored_as_its_stream_is_cut_keeps_its_checkpoint_row(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch, floats: int,
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _start(admin, site)
+    data = _bundle(site, task, floats, 0.5)
+    store = coordinator.engine.intake.store
+    storing, release = threading.Event(), threading.Event()
+
+    def slowly(write: Callable[..., object]) -> Callable[..., object]:
+        def slow(*args: object, **kwargs: object) -> object:
+            storing.set()
+            release.wait(10)
+            return write(*args, **kwargs)
+
+        return slow
+
+    monkeypatch.setattr(store, "put", slowly(store.put))
+    monkeypatch.setattr(store, "adopt", slowly(store.adopt))
+    future = _upload(site, task, data)
+    assert storing.wait(10)
+    future.cancel()  # the site goes away while the checked bundle is written into the store
+    time.sleep(0.3)  # the handler's cancellation arrives (the unfixed one returns at once)
+    release.set()
+    ledger = coordinator.engine.ledger
+    _until(lambda: bool(ledger.checkpoints(task.run_id)), timeout=5)
+    assert [row.sha256 for row in ledger.checkpoints(task.run_id)] == [sha256_hex(data)]
+    assert store.path(sha256_hex(data)).read_bytes() == data
+    assert not list((_state(coordinator) / "uploads").glob("*.part"))
+
+
+def test_upload_spool_files_are_claimed_and_freed_off_the_event_loop(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import asyncio
+
+    site = sites["site-a"]
+    task = _start(admin, site)
+    spool = coordinator.engine.intake.spool
+    on_loop: dict[str, bool] = {}
+
+    def recording(name: str, call: Callable[..., object]) -> Callable[..., object]:
+        def record(*args: object) -> object:
+            on_loop[name] = on_loop.get(name, False) or asyncio._get_running_loop() is not None
+            return call(*args)
+
+        return record
+
+    monkeypatch.setattr(spool, "claim", recording("claim", spool.claim))
+    monkeypatch.setattr(spool, "discard", recording("discard", spool.discard))
+    assert _outcome(_upload(site, task, _bundle(site, task, SPOOLED, 0.5))) == "OK"
+    assert on_loop == {"claim": False, "discard": False}

@@ -51,7 +51,8 @@ def test_streamed_check_agrees_with_the_file_check_whatever_the_chunking(
         tensors[f"t{index}"] = values
     data = safetensors.numpy.save(tensors, metadata=bundle_metadata(MANIFEST, {}))
     if rng.random() < 0.2:
-        data = data[:8] + b"{" + data[9:]  # a header that is not JSON
+        assert data[8:9] == b"{"
+        data = data[:8] + b"[" + data[9:]  # a header that is not JSON
     path = tmp_path / "bundle"
     path.write_bytes(data)
     stream = _streamed(data, rng)
@@ -87,3 +88,29 @@ def test_a_bundle_not_wholly_streamed_is_refused(tmp_path: Path) -> None:
     stream.feed(data[:-4])
     with pytest.raises(CheckpointError, match=f"checkpoint is {len(data)} bytes; "):
         inspect_streamed_bundle(path, stream)
+
+
+def test_values_are_read_from_the_file_when_the_streamed_layout_differs_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clean = np.ones(1000, np.float32)
+    poisoned = clean.copy()
+    poisoned[-1] = np.inf
+    streamed = safetensors.numpy.save({"v": clean}, metadata=bundle_metadata(MANIFEST, {}))
+    on_disk = safetensors.numpy.save({"w": poisoned}, metadata=bundle_metadata(MANIFEST, {}))
+    assert len(streamed) == len(on_disk)  # the same size, another layout (tensor name)
+    path = tmp_path / "bundle"
+    path.write_bytes(on_disk)
+    stream = _streamed(streamed, np.random.default_rng(0))
+    assert stream.value_error is None and stream.layout is not None
+    read_back: list[str] = []
+    check_file = checkpoint_stream._check_finite_file
+
+    def spy(*args: object) -> None:
+        read_back.append("file")
+        check_file(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint_stream, "_check_finite_file", spy)
+    with pytest.raises(CheckpointError, match="tensor 'w' holds NaN or infinite values"):
+        inspect_streamed_bundle(path, stream)
+    assert read_back == ["file"]

@@ -146,3 +146,55 @@ def test_a_bundle_the_coordinator_refuses_is_reported_as_the_hops_failure(
     assert coordinator.engine.ledger.checkpoints(task.run_id) == []
     retried = site.next_task()
     assert retried.hop_id == task.hop_id and retried.lease_token != task.lease_token
+
+
+def test_a_hand_back_the_coordinator_cannot_resume_starts_again_from_byte_0(
+    tmp_path: Path, pki: Pki, calls: dict[str, int], coordinator: Coordinator,
+    sites: dict[str, ScriptedSite], admin: AdminClient, stub: pb_grpc.SiteServiceStub,
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    result = _finished(agent, site, task, site.bundle(task))
+    header, data = agent._handing_back  # type: ignore[misc]
+    # Resumed at a point the coordinator no longer holds (it restarted without the partial).
+    header.offset = len(data) // 2
+    reported = _report(agent, stub, task, result)
+    assert reported is not None and reported[1].hop_status == "committed"
+    assert calls == {"HandBackHop": 2}
+    assert coordinator.engine.ledger.hop(task.hop_id).status == "committed"  # type: ignore[union-attr]
+
+
+def test_an_upload_the_older_coordinator_cannot_resume_starts_again_from_byte_0(
+    tmp_path: Path, pki: Pki, older_coordinator: None, calls: dict[str, int],
+    coordinator: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient,
+    stub: pb_grpc.SiteServiceStub,
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    agent._hand_back_unimplemented = True
+    result = _finished(agent, site, task, site.bundle(task))
+    header, data = agent._handing_back  # type: ignore[misc]
+    header.offset = len(data) // 2
+    reported = _report(agent, stub, task, result)
+    assert reported is not None and reported[1].hop_status == "committed"
+    assert calls == {"UploadCheckpoint": 2, "ReportHopResult": 1}
+
+
+def test_a_refused_result_of_a_stored_bundle_is_not_reported_as_a_refused_bundle(
+    tmp_path: Path, pki: Pki, coordinator: Coordinator, sites: dict[str, ScriptedSite],
+    admin: AdminClient, stub: pb_grpc.SiteServiceStub,
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    result = _finished(agent, site, task, site.bundle(task))
+    result.metrics["accuracy"] = float("nan")
+    # Logged and left to the lease, as a refused ReportHopResult: the hop does not fail.
+    assert _report(agent, stub, task, result) is None
+    hop = coordinator.engine.ledger.hop(task.hop_id)
+    assert hop is not None and hop.status == "uploaded" and not hop.error_code
+    assert [row.sha256 for row in coordinator.engine.ledger.checkpoints(task.run_id)] == [
+        result.output_checkpoint.sha256
+    ]
