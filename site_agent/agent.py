@@ -167,7 +167,9 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
 
             route_library_output()  # before transformers logs anything; off the hello path
         from site_agent.tasks import create_trainer, load_base_models
+        from site_agent.tasks._loop import warm_up_optimizer
 
+        warm_up_optimizer()  # the first hop's optimizer then costs no lazy import
         trainer = create_trainer(
             task_type,
             base_model_dir=self.settings.base_model_dir if task_type in LORA_TASKS else None,

@@ -38,6 +38,18 @@ class TrainingRun:
         }
 
 
+def warm_up_optimizer() -> None:
+    """Builds and steps a throw-away AdamW once, so a hop's first optimizer pays no lazy import.
+
+    Creating torch's first optimizer imports ``torch._dynamo`` and its dependencies (about a
+    second of CPU on a small machine); done while the site starts, not in the handoff. No random
+    number generator is touched.
+    """
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    parameter.grad = torch.zeros(1)
+    torch.optim.AdamW([parameter], lr=1e-3).step()
+
+
 def train(
     *,
     trainable: Sequence[torch.nn.Parameter],

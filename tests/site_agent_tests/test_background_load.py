@@ -184,3 +184,26 @@ def test_a_base_model_loading_does_not_hold_up_the_tabular_trainer(
     agent, _ = _agent(tmp_path, tiny_model_dir)
     with agent._trainers_lock["seq-classification"]:  # a base model loading
         assert agent.trainer("tabular") is agent._trainers["tabular"]
+
+
+def test_after_the_background_load_a_hops_first_optimizer_imports_nothing(tmp_path: Path) -> None:
+    """torch imports ~800 modules (torch._dynamo...) when its first optimizer is built: a
+    second in a handoff. The site's background load pays it instead."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import torch\n"
+        "from site_agent.agent import SiteAgent\n"
+        "from site_agent.settings import SiteSettings\n"
+        f"tmp = Path({str(tmp_path)!r})\n"
+        "settings = SiteSettings(coordinator='localhost:1', ca_certificate=tmp / 'ca.crt',\n"
+        "    certificate=tmp / 'site.crt', private_key=tmp / 'site.key', data_dir=tmp / 'data',\n"
+        "    device='cpu')\n"
+        "agent = SiteAgent(settings)\n"
+        "agent.trainer('tabular')\n"
+        "before = set(sys.modules)\n"
+        "torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=0.1)\n"
+        "print(len(set(sys.modules) - before))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "0"
