@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,13 +298,36 @@ def inspect_bundle_file(
     Raises:
         CheckpointError: On any size, hash, format, manifest or value problem.
     """
+    return _inspect_file(
+        path,
+        digest=lambda size: sha256 or sha256_file(path),
+        check_values=lambda header_len, tensors: _check_finite_file(path, 8 + header_len, tensors),
+        expected_sha256=expected_sha256,
+        max_bytes=max_bytes,
+    )
+
+
+_Layout = list[tuple[str, str, list[int], int, int]]
+
+
+def _inspect_file(
+    path: Path,
+    *,
+    digest: Callable[[int], str],
+    check_values: Callable[[int, _Layout], None],
+    expected_sha256: str | None,
+    max_bytes: int,
+) -> Bundle:
+    """The bundle file checks in their order (size, hash, format, manifest, values): how the
+    hash is had (``digest(size)``) and the values checked (``check_values(header_len,
+    tensors)``) are the caller's."""
     size = path.stat().st_size
     if size > max_bytes:
         raise CheckpointError(f"checkpoint is {size} bytes, over the {max_bytes}-byte cap")
-    digest = sha256 or sha256_file(path)
-    if expected_sha256 is not None and digest != expected_sha256:
+    found = digest(size)
+    if expected_sha256 is not None and found != expected_sha256:
         raise CheckpointError(
-            f"checkpoint hash mismatch: expected {expected_sha256}, received bytes hash to {digest}"
+            f"checkpoint hash mismatch: expected {expected_sha256}, received bytes hash to {found}"
         )
     try:
         header_len, metadata, tensors = _tensor_layout(path)
@@ -313,13 +336,13 @@ def inspect_bundle_file(
     manifest, adapter_config = _manifest_and_adapter_config(metadata)
     if not tensors:
         raise CheckpointError("checkpoint holds no tensors")
-    _check_finite_file(path, 8 + header_len, tensors)
+    check_values(header_len, tensors)
     specs = [
         TensorSpec(name=name, dtype=dtype, shape=tuple(shape))
         for name, dtype, shape, _, _ in tensors
     ]
     return Bundle(
-        sha256=digest,
+        sha256=found,
         size=size,
         manifest=manifest,
         adapter_config=adapter_config,

@@ -16,18 +16,15 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors
-
 from protocols.checkpoint import (
     _FLOAT_DTYPES,
     DEFAULT_MAX_BUNDLE_BYTES,
     Bundle,
     CheckpointError,
-    TensorSpec,
     _check_finite,
     _check_finite_file,
-    _manifest_and_adapter_config,
-    _tensor_layout,
+    _inspect_file,
+    _Layout,
 )
 
 __all__ = ["BundleStream", "inspect_streamed_bundle"]
@@ -163,36 +160,23 @@ def inspect_streamed_bundle(
     Raises:
         CheckpointError: On any size, hash, format, manifest or value problem.
     """
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise CheckpointError(f"checkpoint is {size} bytes, over the {max_bytes}-byte cap")
-    if stream.position != size:
-        raise CheckpointError(f"checkpoint is {size} bytes; {stream.position} were checked")
-    digest = stream.hasher.hexdigest()
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise CheckpointError(
-            f"checkpoint hash mismatch: expected {expected_sha256}, received bytes hash to {digest}"
-        )
-    try:
-        header_len, metadata, tensors = _tensor_layout(path)
-    except (safetensors.SafetensorError, ValueError, KeyError, TypeError, struct.error) as exc:
-        raise CheckpointError(f"checkpoint is not a valid safetensors file: {exc}") from exc
-    manifest, adapter_config = _manifest_and_adapter_config(metadata)
-    if not tensors:
-        raise CheckpointError("checkpoint holds no tensors")
-    if stream.layout == tensors:
-        if stream.value_error is not None:
-            raise CheckpointError(stream.value_error)
-    else:  # never expected: the values are read from the file instead
-        _check_finite_file(path, 8 + header_len, tensors)
-    specs = [
-        TensorSpec(name=name, dtype=dtype, shape=tuple(shape))
-        for name, dtype, shape, _, _ in tensors
-    ]
-    return Bundle(
-        sha256=digest,
-        size=size,
-        manifest=manifest,
-        adapter_config=adapter_config,
-        tensors=tuple(sorted(specs, key=lambda s: s.name)),
+
+    def digest(size: int) -> str:
+        if stream.position != size:
+            raise CheckpointError(f"checkpoint is {size} bytes; {stream.position} were checked")
+        return stream.hasher.hexdigest()
+
+    def check_values(header_len: int, tensors: _Layout) -> None:
+        if stream.layout == tensors:
+            if stream.value_error is not None:
+                raise CheckpointError(stream.value_error)
+        else:  # never expected: the values are read from the file instead
+            _check_finite_file(path, 8 + header_len, tensors)
+
+    return _inspect_file(
+        path,
+        digest=digest,
+        check_values=check_values,
+        expected_sha256=expected_sha256,
+        max_bytes=max_bytes,
     )
