@@ -75,6 +75,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from heart_disease_paired import _reordered, paired_summary
 
 from coordinator.console.demo import packaged_minilm
 from ordering import (
@@ -473,18 +474,6 @@ def search_space(sites: Sequence[str], seed: int, max_steps: int) -> SearchSpace
     )
 
 
-def _reordered(plan: CandidatePlan, order: Sequence[str]) -> CandidatePlan:
-    """``plan``'s schedule with the sites renamed so that its first cycle visits them in
-    ``order``."""
-    rename = dict(zip(plan.order, order, strict=True))
-    return dataclasses.replace(
-        plan,
-        hops=tuple(hop._replace(site=rename[hop.site]) for hop in plan.hops),
-        order=tuple(order),
-        cycle_orders=tuple(tuple(rename[s] for s in c) for c in plan.cycle_orders),
-    )
-
-
 def run_plan_on_test(
     trainer: TabularTrainer,
     spec: TaskSpec,
@@ -845,32 +834,6 @@ def run_cell(
 
 
 # ---- statistics and report --------------------------------------------------------------------
-
-
-def paired_summary(differences: Sequence[float]) -> dict[str, Any]:
-    """Mean of paired differences, 95% t-interval over splits, Wilcoxon p, wins/ties/losses."""
-    from scipy import stats
-
-    n = len(differences)
-    mean = statistics.fmean(differences)
-    half = (
-        float(stats.t.ppf(0.975, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
-        if n > 1
-        else math.nan
-    )
-    nonzero = [d for d in differences if abs(d) > 1e-12]
-    p = float(stats.wilcoxon(nonzero).pvalue) if nonzero and n > 1 else math.nan
-    return {
-        "mean": mean,
-        "low": mean - half,
-        "high": mean + half,
-        "wilcoxon_p": p,
-        "wins": sum(d > 1e-12 for d in differences),
-        "ties": n - len(nonzero),
-        "losses": sum(d < -1e-12 for d in differences),
-        "splits": n,
-        "differences": list(differences),
-    }
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
