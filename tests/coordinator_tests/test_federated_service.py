@@ -93,7 +93,7 @@ def test_stragglers_abort_the_run_at_the_round_deadline(
     sites: dict[str, ScriptedSite], admin: AdminClient
 ) -> None:
     admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
-    run_id = admin.start_run(parse_plan(_plan(stragglers="abort", round_deadline_seconds=1)))
+    run_id = admin.start_run(parse_plan(_plan(stragglers="abort", round_deadline_seconds=5)))
     a, _ = sites["site-a"].next_task(), sites["site-b"].next_task()
     ref_a = sites["site-a"].upload(a, sites["site-a"].bundle(a, 1.0))
     sites["site-a"].report(a, ref_a, train_examples=10.0)
