@@ -14,9 +14,13 @@ then, as soon as every site has connected, starts a one-cycle run. Per start it 
 
 On a 2-core machine four sites that import torch, transformers and peft at the same moment
 share two cores: the CPU columns show that floor (the sum of all processes' CPU seconds up to
-the first step, divided by the number of cores).
+the first step, divided by the number of cores). With the default ``preload = "when-next"`` only
+the first hop's site (given the hop) and the second's (told it is next) load before the first
+step; ``--site-arg=--preload=eager`` measures sites that all load right after their hello.
 
     nice -n 19 .venv/bin/python benchmarks/cold_cluster.py --starts 3
+    nice -n 19 .venv/bin/python benchmarks/cold_cluster.py --starts 3 --name cold_cluster_eager \
+        --site-arg=--preload=eager
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -130,10 +135,11 @@ def cold_start(work: Path, steps: int, extra_site_args: Sequence[str]) -> dict[s
     model = packaged_minilm()
     cluster = Cluster(log_dir=work / "logs")
     load_before = os.getloadavg()
+    uptime_before = _uptime()
     with CpuSampler() as cpu, cluster.running():
         t0 = time.time()
-        port = cluster.start_coordinator(
-            state_dir=work / "coordinator", pki_dir=pki, port_file=work / "port"
+        port = cluster.start_coordinator(  # a generous timeout: the machine may be loaded
+            state_dir=work / "coordinator", pki_dir=pki, port_file=work / "port", timeout=600
         )
         coordinator_ready = time.time()
         cpu.pids["coordinator"] = cluster.processes[0].process.pid
@@ -193,11 +199,22 @@ def cold_start(work: Path, steps: int, extra_site_args: Sequence[str]) -> dict[s
         "run_started_s": rel(run_started),
         "first_step_s": rel(first_step),
         "first_site": hops[0].site,
+        # The first hop's site: its base model loaded (before or during its first hop).
+        "first_site_model_loaded_s": rel(loaded[hops[0].site]),
         "cpu_s_at_first_step": {name: round(value, 2) for name, value in at_first_step.items()},
         "cpu_floor_s": round(sum(at_first_step.values()) / cores, 2),
+        "uptime_before": uptime_before,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _uptime() -> str:
+    """What `uptime` prints (the machine is shared: every figure comes with its load)."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
 
 def _max(values: dict[str, float | None]) -> float | str:
@@ -213,25 +230,28 @@ def markdown(report: dict[str, Any]) -> str:
         f" (PYTHONPATH={report.get('pythonpath') or '-'}).",
         "Seconds from spawning the coordinator. *hello*: slowest site's `connected to "
         "coordinator` line; *model*: slowest site's `trainer loaded` line (torch, transformers, "
-        "peft imported, tokenizer and base model loaded); *first step*: the first hop's "
+        "peft imported, tokenizer and base model loaded; with `preload = when-next` the later "
+        "hops' sites load when told they are next); *first site's model*: the same line of the "
+        "first hop's site; *first step*: the first hop's "
         "`train_started_at_ns` (ledger). *CPU floor*: all processes' CPU seconds up to the first "
-        f"step / {report['cores']} cores.",
+        f"step / {report['cores']} cores. Site arguments: `{report.get('site_args') or '-'}`.",
         "",
-        "| start | coordinator ready | hello (max) | model (max) | all connected | first step "
-        "| CPU site 1 | CPU all | CPU floor | site CPU at hello (max) | site CPU at loaded (max) "
-        "| load avg before |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| start | coordinator ready | hello (max) | model (max) | first site's model "
+        "| all connected | first step | CPU site 1 | CPU all | CPU floor "
+        "| site CPU at hello (max) | site CPU at loaded (max) | load avg before |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for index, start in enumerate(report["starts"], 1):
         if "error" in start:
-            lines.append(f"| {index} | failed: {start['error']} | | | | | | | | | | |")
+            lines.append(f"| {index} | failed: {start['error']} | | | | | | | | | | | |")
             continue
         hello = [v for v in start["hello_s"].values() if v is not None]
         loaded = [v for v in start["base_model_loaded_s"].values() if v is not None]
         cpu = start["cpu_s_at_first_step"]
         lines.append(
             f"| {index} | {start['coordinator_ready_s']} | {max(hello, default='-')} "
-            f"| {max(loaded, default='-')} | {start['all_connected_s']} | {start['first_step_s']} "
+            f"| {max(loaded, default='-')} | {start.get('first_site_model_loaded_s', '-')} "
+            f"| {start['all_connected_s']} | {start['first_step_s']} "
             f"| {cpu.get(start['first_site'], '-')} | {round(sum(cpu.values()), 2)} "
             f"| {start['cpu_floor_s']} | {_max(start['site_cpu_s_at_hello'])} "
             f"| {_max(start['site_cpu_s_at_loaded'])} | {start['load_average_before']} |"
@@ -265,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cores": os.cpu_count() or 1,
         # The processes run the code PYTHONPATH names (e.g. another checkout, for a before/after).
         "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "site_args": shlex.join(args.site_arg),
         "starts": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         self._session_started = False
         # Set by a hop whose validation pass runs after its commit (see _report_validation).
         self._deferred_validation: Callable[[], Metrics] | None = None
+        self._preload_decided = False  # see _said_hello
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -138,6 +139,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             raise HopFailure("no-base-model", f"this site has no base model for {task_type}")
         with self._trainers_lock[task_type]:
             if task_type not in self._trainers:
+                started = time.monotonic()
                 try:
                     self._trainers[task_type] = self._load_trainer(task_type)
                 except Exception as exc:  # a site's model folder: any library's error
@@ -148,6 +150,12 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                         f"this site cannot load its base model {self.settings.base_model_dir}: "
                         f"{one_line(exc)}",
                     ) from exc
+                logger.info(
+                    "%s trainer loaded in %.2f s (process CPU so far %.2f s)",
+                    task_type,
+                    time.monotonic() - started,
+                    time.process_time(),
+                )
             return self._trainers[task_type]
 
     def _load_trainer(self, task_type: str) -> Trainer:
@@ -234,24 +242,29 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
 
         def load() -> None:
             for task_type in self._task_types_to_load():
-                started = time.monotonic()
                 try:
                     self.trainer(task_type)
                 except HopFailure as failure:
                     logger.error("%s; its hops will be refused", failure)
                 except Exception as exc:  # reported again, with its code, when a task needs it
                     logger.error("could not load the %s trainer: %s", task_type, one_line(exc))
-                else:
-                    logger.info(
-                        "%s trainer loaded in %.2f s (process CPU so far %.2f s)",
-                        task_type,
-                        time.monotonic() - started,
-                        time.process_time(),
-                    )
 
         thread = threading.Thread(target=load, name="preload", daemon=True)
         thread.start()
         return thread
+
+    def _said_hello(self) -> threading.Thread | None:
+        """After this process's first hello (answered or not): with ``preload = "eager"`` the
+        background load starts now, so that it does not slow the hello down; with
+        ``"when-next"`` nothing loads until the coordinator says this site is next or sends it
+        a task. Returns the background load's thread if it started one."""
+        if self._preload_decided:
+            return None
+        self._preload_decided = True
+        if self.settings.preload == "eager":
+            return self.load_in_background()
+        logger.info("torch and the base model load when this site is next (preload = when-next)")
+        return None
 
     def stop(self) -> None:
         self._stop.set()
@@ -292,8 +305,6 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                 certificate: expired, from another CA, revoked. Network faults are retried.
         """
         self._check_certificate()
-        if self.settings.preload:
-            self.load_in_background()
         while not self._stopping():
             self._check_certificate()
             self._session_started = False
@@ -307,6 +318,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                 ):
                     raise HistoryRewritten(exc.details()) from exc
                 self._raise_if_refused(exc)
+                self._said_hello()  # the coordinator is away: load as if it had answered
                 delay = self.backoff.failed()
                 logger.warning(
                     "connection to coordinator lost (%s: %s); retrying in %.2f s",
@@ -413,6 +425,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             logger.info(
                 "connected to coordinator %s as site %s", self.settings.coordinator, self.site_name
             )
+            self._said_hello()
             days_left = (hello.certificate_expires_at - time.time()) / 86400
             if hello.certificate_expires_at and days_left < CERTIFICATE_WARNING_DAYS:
                 logger.warning(

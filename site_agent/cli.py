@@ -109,6 +109,14 @@ def serve(
         float | None,
         typer.Option(help="SIGTERM: seconds a hop may finish before it is handed back"),
     ] = None,
+    preload: Annotated[
+        str | None,
+        typer.Option(
+            click_type=click.Choice(["eager", "when-next"]),
+            help="Load torch and the base model after hello (eager) or once this site is next "
+            "(when-next, the default)",
+        ),
+    ] = None,
 ) -> None:
     """Connect out to the coordinator and run hops until SIGINT/SIGTERM."""
     from protocols.pki import PkiError
@@ -135,6 +143,7 @@ def serve(
         metrics_port=metrics_port,
         metrics_port_file=metrics_port_file,
         shutdown_grace=shutdown_grace,
+        preload=preload,
     )
     if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():
         typer.echo(f"error: base model folder not found: {settings.base_model_dir}", err=True)

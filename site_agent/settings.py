@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from protocols.settings import FileBackedSettings, load_settings
 from protocols.transport import TlsFiles
 
-__all__ = ["SiteSettings", "load_site_settings"]
+__all__ = ["Preload", "SiteSettings", "load_site_settings"]
+
+# When a site imports torch and loads its base model (hello never waits for either):
+# "eager": in the background as soon as it has said hello; "when-next": only once the
+# coordinator tells it that it is next, or sends it a task (a cold cluster's sites then do
+# not share the cores loading models while the first hop's site needs them).
+Preload = Literal["eager", "when-next"]
+
+
+_BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 class SiteSettings(FileBackedSettings):
@@ -41,8 +50,9 @@ class SiteSettings(FileBackedSettings):
     # How long a finished hop's upload and result are retried while the coordinator is away.
     result_retry_seconds: float = Field(default=3600.0, ge=0)
     state_dir: Path | None = None  # default: <data_dir>/.baton-site
-    # At start, in the background (hello does not wait): import torch, load the base model.
-    preload: bool = True
+    # When to import torch and load the base model (see `Preload`); true/false as before
+    # mean "eager"/"when-next" (false already left the loading to the first task).
+    preload: Preload = "when-next"
     # Approval is on by default: hops of unapproved run bundles are refused before any loading.
     require_approval: bool = True
     approved_bundles: list[str] = Field(default_factory=list)  # sha256 of approved bundles
@@ -63,6 +73,15 @@ class SiteSettings(FileBackedSettings):
     metrics_port_file: Path | None = None  # write the bound metrics port here (for port 0)
     # SIGTERM: how long a hop in training may run on before it is handed back to the coordinator.
     shutdown_grace: float = Field(default=30.0, ge=0)
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _preload_from_bool(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "eager" if value else "when-next"
+        if isinstance(value, str) and value.strip().lower() in _BOOLEAN_WORDS:
+            return "eager" if _BOOLEAN_WORDS[value.strip().lower()] else "when-next"
+        return value
 
     @property
     def state_path(self) -> Path:

@@ -1,5 +1,5 @@
-"""A real site process says hello before torch is imported, and a hop that arrives while the
-background load is still running waits for it and trains correctly."""
+"""A real site process (``--preload eager``) says hello before torch is imported, and a hop that
+arrives while the background load is still running waits for it and trains correctly."""
 
 from __future__ import annotations
 
@@ -71,11 +71,14 @@ def test_site_says_hello_while_torch_is_still_loading_and_its_first_hop_waits_fo
             "--key", str(pki.directory / f"{site}.key"),
             "--data-dir", str(site_data[site]), "--base-model", str(base_model),
             "--threads", "1", "--approve", plan.approval_bundle().sha256,
-            "--log-format", "json",
+            "--log-format", "json", "--preload", "eager",
         ])  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites({site}, timeout=60)
-            # Connected, with torch asked for by the background load and still held.
+            # Connected, then torch asked for by the background load (and still held).
+            deadline = time.monotonic() + 60
+            while not asked.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert asked.exists() and not release.exists()
             sites = {s.name: s for s in admin.sites()}
             assert sites[site].base_models[0].sha256 == hash_base_model(base_model)

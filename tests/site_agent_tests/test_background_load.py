@@ -7,11 +7,16 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from coordinator.plan import RunPlan
+from protocols.hyperparameter_messages import to_message
+from protocols.v1 import baton_pb2 as pb
 from site_agent._synthetic import generate_site_records, write_site_dataset
 from site_agent.agent import SiteAgent
 from site_agent.registry import RegisteredDataset, list_registered, register_dataset
@@ -22,12 +27,14 @@ from site_agent.tasks import HopHyperparameters, TaskSpec, create_trainer, load_
 HOP = HopHyperparameters(learning_rate=1e-2, steps=3, batch_size=8, seed=5)
 
 
-def _agent(tmp_path: Path, base_model: Path) -> tuple[SiteAgent, RegisteredDataset]:
+def _agent(
+    tmp_path: Path, base_model: Path, **settings: Any
+) -> tuple[SiteAgent, RegisteredDataset]:
     """An agent (never connected) with one registered text dataset."""
     data_dir = tmp_path / "data"
     source = write_site_dataset(tmp_path / "notes.jsonl", generate_site_records(0, 3, n=30, seed=2))
     dataset = register_dataset(data_dir, "notes", source, task_type="seq-classification")
-    settings = SiteSettings(
+    site = SiteSettings(
         coordinator="localhost:1",
         ca_certificate=tmp_path / "ca.crt",
         certificate=tmp_path / "site.crt",
@@ -35,8 +42,9 @@ def _agent(tmp_path: Path, base_model: Path) -> tuple[SiteAgent, RegisteredDatas
         data_dir=data_dir,
         base_model_dir=base_model,
         device="cpu",
+        **settings,
     )
-    return SiteAgent(settings), dataset
+    return SiteAgent(site), dataset
 
 
 def test_a_base_model_loaded_ahead_trains_a_first_hop_exactly_like_one_loaded_by_the_hop(
@@ -207,3 +215,85 @@ def test_after_the_background_load_a_hops_first_optimizer_imports_nothing(tmp_pa
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "0"
+
+
+def _prepare_task(labels: tuple[str, ...], sites: list[str]) -> tuple[pb.HopTask, str]:
+    """The "you are next" task of a one-cycle run's second hop, and its bundle's sha256."""
+    plan = RunPlan.model_validate({
+        "name": "next", "dataset": "notes", "labels": list(labels), "sites": sites, "cycles": 1,
+        "defaults": {"steps": 3, "batch_size": 4, "learning_rate": 1e-3},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
+    })  # fmt: skip
+    task = pb.HopTask(
+        run_id="run1", hop_id="hop1", hop_index=1, task_type="seq-classification",
+        dataset="notes", labels=list(labels),
+        lora=pb.LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"]),
+        hyperparameters=to_message(plan.expanded_hops()[1][1]),
+        task_options_json="{}", approval_bundle_json=plan.approval_bundle().canonical_json(),
+    )  # fmt: skip
+    return task, plan.approval_bundle().sha256
+
+
+def test_a_when_next_site_loads_nothing_after_its_hello_until_it_is_told_it_is_next(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    agent, dataset = _agent(tmp_path, tiny_model_dir)
+    assert agent.settings.preload == "when-next"  # the default
+
+    assert agent._said_hello() is None
+    assert agent._trainers == {}
+    assert "preload" not in {thread.name for thread in threading.enumerate()}
+
+    task, bundle = _prepare_task(dataset.labels, ["site-a", "site-b"])
+    agent.approvals.approve([bundle])
+    agent._prepare(task)  # the coordinator says this site is next
+
+    trainer = agent._trainers["seq-classification"]
+    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
+    assert trainer._prepared is not None  # type: ignore[attr-defined]
+
+
+def test_an_eager_site_starts_its_background_load_once_after_its_first_hello(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    agent, dataset = _agent(tmp_path, tiny_model_dir, preload="eager")
+    assert agent._trainers == {}  # nothing loads before the hello
+
+    thread = agent._said_hello()
+    assert thread is not None
+    thread.join(timeout=120)
+    assert agent._said_hello() is None  # a reconnect's hello starts no second load
+
+    trainer = agent._trainers["seq-classification"]
+    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [(True, "eager"), (False, "when-next"), ("true", "eager"), ("false", "when-next"),
+     ("eager", "eager"), ("when-next", "when-next")],
+)  # fmt: skip
+def test_preload_takes_its_two_modes_and_the_booleans_it_was_before(
+    tmp_path: Path, given: object, expected: str
+) -> None:
+    settings = SiteSettings(
+        coordinator="localhost:1", ca_certificate=tmp_path / "ca.crt",
+        certificate=tmp_path / "site.crt", private_key=tmp_path / "site.key",
+        data_dir=tmp_path / "data", preload=given,
+    )  # fmt: skip
+    assert settings.preload == expected
+
+
+def test_an_unknown_preload_mode_is_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text('preload = "lazy"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "site_agent", "serve", "--config", str(config),
+         "--coordinator", "localhost:1", "--ca", "ca.crt", "--cert", "s.crt", "--key", "s.key",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: bad site settings: preload: ")
+    assert "'eager' or 'when-next'" in done.stderr
+    assert "Traceback" not in done.stderr

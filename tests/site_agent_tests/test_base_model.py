@@ -1,0 +1,60 @@
+"""The base model's hash: read once per process while its weights files are unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+import site_agent.base_model as base_model
+from site_agent.base_model import hash_base_model
+
+
+def _written(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    reads: list[Path] = []
+    read = base_model._update_from_file
+
+    def counted(digest: object, path: Path) -> None:
+        reads.append(path)
+        read(digest, path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(base_model, "_update_from_file", counted)
+    return reads
+
+
+def test_the_base_model_is_read_once_per_process_while_its_files_are_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hello and the first hop's trainer ask for the same hash: ~90 MB are read once."""
+    weights = _written(tmp_path / "model.safetensors", b"weights")
+    reads = _count_reads(monkeypatch)
+    monkeypatch.setattr(base_model, "_SETTLED_NS", 0)  # as if written long ago
+
+    assert hash_base_model(tmp_path) == hash_base_model(tmp_path)
+    assert hash_base_model(tmp_path) == hashlib.sha256(b"weights").hexdigest()
+    assert reads == [weights]
+
+    os.replace(_written(tmp_path / "new", b"changed"), weights)  # another file in its place
+    assert hash_base_model(tmp_path) == hashlib.sha256(b"changed").hexdigest()
+    assert reads == [weights, weights]
+
+
+def test_a_weights_file_written_just_now_is_read_again_every_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A timestamp moves once per clock tick: a file rewritten (same size) within the tick of
+    # its hashing would keep its stamp, so a file this fresh is never remembered.
+    weights = _written(tmp_path / "model.safetensors", b"first")
+    reads = _count_reads(monkeypatch)
+
+    first = hash_base_model(tmp_path)
+    weights.write_bytes(b"secon")
+    assert hash_base_model(tmp_path) == hashlib.sha256(b"secon").hexdigest() != first
+    assert reads == [weights, weights]
