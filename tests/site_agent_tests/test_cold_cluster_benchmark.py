@@ -1,0 +1,41 @@
+"""The cold-cluster benchmark's report: every row has the header's columns."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "cold_cluster.py"
+
+
+def test_the_report_table_has_one_cell_per_column_for_a_start_and_a_failed_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = importlib.util.spec_from_file_location("cold_cluster_benchmark", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    sites = {"a": 2.5, "b": 2.75, "c": None, "d": 2.0}
+    start = {
+        "coordinator_ready_s": 1.0, "hello_s": sites, "hello_after_spawn_s": sites,
+        "base_model_loaded_s": {"a": 7.0, "b": 7.25, "c": None, "d": None},
+        "first_site_model_loaded_s": 7.0, "site_cpu_s_at_hello": sites,
+        "site_cpu_s_at_loaded": sites, "all_connected_s": 2.8, "run_started_s": 2.9,
+        "first_step_s": 7.5, "first_site": "a", "cpu_s_at_first_step": {"a": 5.5, "b": 5.0},
+        "cpu_floor_s": 5.25, "load_average_before": [1.0, 1.0, 1.0],
+    }  # fmt: skip
+    report = {
+        "generated": "now", "command": "cold_cluster.py", "machine": "x", "cores": 2,
+        "site_args": "--preload=eager", "starts": [start, {"error": "run failed: boom"}],
+    }  # fmt: skip
+
+    table = [line for line in module.markdown(report).splitlines() if line.startswith("|")]
+
+    assert len({line.count("|") for line in table}) == 1, table
+    assert table[2].startswith("| 1 | 1.0 | 2.75 | 2.75 | 7.25 | 7.0 | 2.8 | 7.5 | 5.5 | 10.5 |")
+    assert table[3].startswith("| 2 | failed: run failed: boom |")
+    assert "`--preload=eager`" in module.markdown(report)
