@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
@@ -297,3 +298,38 @@ def test_an_unknown_preload_mode_is_one_clear_line(tmp_path: Path) -> None:
     assert done.stderr.startswith("error: bad site settings: preload: ")
     assert "'eager' or 'when-next'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+class _Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "failed to connect to all addresses; last error: connection refused"
+
+
+@pytest.mark.parametrize("coordinator_up", [True, False])
+def test_an_eager_site_starts_loading_only_after_its_first_hello_answered_or_not(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, coordinator_up: bool
+) -> None:
+    """The load (a few CPU seconds of imports) never slows the hello down, and a coordinator
+    that is away does not keep an eager site from loading."""
+    agent, _ = _agent(tmp_path, tiny_model_dir, preload="eager")
+    events: list[str] = []
+    monkeypatch.setattr(agent, "_check_certificate", lambda: None)
+    monkeypatch.setattr(agent, "load_in_background", lambda: events.append("load"))
+
+    def serve_once() -> None:  # the hello, then (as _serve_once does) what follows it
+        events.append("hello")
+        if len(events) > 2:
+            agent.stop()
+            return
+        if not coordinator_up:
+            raise _Unavailable()
+        agent._said_hello()
+
+    monkeypatch.setattr(agent, "_serve_once", serve_once)
+    monkeypatch.setattr(agent.backoff, "failed", lambda: 0.0)
+    agent.run()
+
+    assert events == ["hello", "load", "hello"]
