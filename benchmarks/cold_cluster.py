@@ -273,8 +273,11 @@ def markdown(report: dict[str, Any]) -> str:
     if ok:
         lines += [
             "",
-            f"Median first step: {statistics.median(s['first_step_s'] for s in ok)} s; "
-            f"median CPU floor: {statistics.median(s['cpu_floor_s'] for s in ok)} s.",
+            f"Median first step: {statistics.median(s['first_step_s'] for s in ok):.2f} s; "
+            f"median CPU floor: {statistics.median(s['cpu_floor_s'] for s in ok):.2f} s; "
+            "median CPU seconds of the first hop's site up to its first step: "
+            f"{statistics.median(s['cpu_s_at_first_step'].get(s['first_site'], 0) for s in ok):.2f}"
+            " s.",
         ]
     return "\n".join(lines) + "\n"
 
