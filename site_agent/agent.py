@@ -263,7 +263,8 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         self._preload_decided = True
         if self.settings.preload == "eager":
             return self.load_in_background()
-        logger.info("torch and the base model load when this site is next (preload = when-next)")
+        loads = "torch and the base model load" if self.settings.base_model_dir else "torch loads"
+        logger.info("%s when this site is next (preload = when-next)", loads)
         return None
 
     def stop(self) -> None:

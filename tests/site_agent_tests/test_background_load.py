@@ -236,12 +236,16 @@ def _prepare_task(labels: tuple[str, ...], sites: list[str]) -> tuple[pb.HopTask
 
 
 def test_a_when_next_site_loads_nothing_after_its_hello_until_it_is_told_it_is_next(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     agent, dataset = _agent(tmp_path, tiny_model_dir)
     assert agent.settings.preload == "when-next"  # the default
 
-    assert agent._said_hello() is None
+    with caplog.at_level(logging.INFO, logger="site_agent.agent"):
+        assert agent._said_hello() is None
+    assert caplog.messages == [
+        "torch and the base model load when this site is next (preload = when-next)"
+    ]
     assert agent._trainers == {}
     assert "preload" not in {thread.name for thread in threading.enumerate()}
 
