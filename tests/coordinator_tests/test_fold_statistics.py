@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
+from coordinator.console.cli import app
 from coordinator.console.study._records import RunTemplate
 from coordinator.ledger import Ledger, StatisticsRequestRow
 from coordinator.plan import PlanError, parse_plan
@@ -27,9 +31,11 @@ from protocols.approval import ApprovalBundle
 from protocols.hyperparameters import HopHyperparameters
 from protocols.statistics import FOLD_NORMALISERS_OPTION
 from protocols.v1 import baton_pb2 as pb
+from tests.conftest import Pki
 from tests.coordinator_tests.conftest import ScriptedSite
 
 FEATURES = ("age", "chol", "bp")
+runner = CliRunner()
 
 
 def _site(seed: int, n: int, folds: int) -> tuple[np.ndarray, np.ndarray]:
@@ -314,3 +320,61 @@ def test_bad_per_fold_requests_are_refused(
             admin.collect_statistics("heart", task_type, ["site-a"], cv_folds=folds)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in (error.value.details() or "")
+
+
+# ---- the CLI ------------------------------------------------------------------------------------
+
+
+def test_cli_collects_shows_and_bundles_a_cross_validation_run_with_fold_normalisers(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator, pki: Pki,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    tls = pki.tls("admin")
+    connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
+                  str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
+                  str(tls.private_key)]  # fmt: skip
+    bundle = runner.invoke(app, ["statistics", "bundle", "heart", "--cv-folds", "3"])
+    expected = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0,
+                                             cv_folds=3)  # fmt: skip
+    assert bundle.exit_code == 0 and '"cv_folds": 3' in bundle.output
+    assert f"baton-site approve {expected.sha256}" in bundle.output.replace("\n", "")
+
+    def collect(*extra: str) -> str:
+        collected = runner.invoke(app, ["statistics", "collect", "heart", "--site", "site-a",
+                                        "--site", "site-b", *extra, *connection])  # fmt: skip
+        assert collected.exit_code == 0, collected.output
+        data = {"site-a": _site(5, 70, 3), "site-b": _site(6, 50, 3)}
+        for name, site in sites.items():
+            task = _next_statistics(site)
+            released = _aggregates(name, *data[name], task.cv_folds)
+            site.stub.ReportStatistics(_result(task, released), timeout=5)
+        return task.statistics_id
+
+    per_fold = collect("--cv-folds", "3")
+    shown = runner.invoke(app, ["statistics", "show", per_fold, "--json", *connection])
+    document = json.loads(shown.output)
+    assert document["cv_folds"] == 3 and [f["fold"] for f in document["folds"]] == [0, 1, 2]
+    assert document["fold_normaliser_options"][FOLD_NORMALISERS_OPTION][2] == {
+        "mean": document["folds"][2]["mean"], "std": document["folds"][2]["std"]}  # fmt: skip
+    table = runner.invoke(app, ["statistics", "show", per_fold, *connection])
+    text = " ".join(table.output.split())
+    assert table.exit_code == 0 and "3 folds" in text
+    assert f"fold 1 normaliser ({document['folds'][1]['count']:g} rows outside fold 1)" in text
+
+    plan_file = tmp_path / "cv.json"
+    plan_file.write_text(json.dumps(_plan({"folds": 3})))
+    bundled = runner.invoke(app, ["run", "bundle", str(plan_file), "--normaliser", per_fold,
+                                  *connection])  # fmt: skip
+    assert bundled.exit_code == 0, bundled.output
+    assert "and one per cross-validation fold (3 folds)" in " ".join(bundled.output.split())
+
+    # Statistics without folds still normalise a cross-validation plan, with a note.
+    global_only = collect()
+    noted = runner.invoke(app, ["run", "bundle", str(plan_file), "--normaliser", global_only,
+                                *connection])  # fmt: skip
+    assert noted.exit_code == 0, noted.output
+    assert (
+        "note: the fold models use the global normaliser, fitted on their held-out rows "
+        "too; collect with --cv-folds 3 for per-fold ones" in " ".join(noted.output.split())
+    )
