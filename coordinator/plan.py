@@ -232,7 +232,7 @@ class RunPlan(_Strict):
                 f"option {FOLD_NORMALISERS_OPTION!r} applies to cross-validation runs; a run "
                 "without 'cross_validation' uses the global 'mean' and 'std'"
             )
-        if self.options.get("normalisation", "global") != "global":
+        if self.options.get("normalisation", "per-site") != "global":  # the task's default
             raise ValueError(f"option {FOLD_NORMALISERS_OPTION!r} needs normalisation 'global'")
         if not isinstance(normalisers, list) or len(normalisers) != self.cross_validation.folds:
             raise ValueError(

@@ -176,6 +176,9 @@ def test_cross_validation_plans_get_the_fold_normalisers_and_final_plans_the_glo
         parse_plan({**_plan(None), "options": dict(cv.options)})
     with pytest.raises(PlanError, match="one normaliser per fold \\(5\\)"):
         parse_plan({**_plan({"folds": 5}), "options": dict(cv.options)})
+    with pytest.raises(PlanError, match="needs normalisation 'global'"):
+        parse_plan({**_plan({"folds": 3}), "options": {
+            FOLD_NORMALISERS_OPTION: cv.options[FOLD_NORMALISERS_OPTION]}})  # fmt: skip
 
     # A study's trials cross-validate with the folds' normalisers; its final run has none.
     template = RunTemplate(
