@@ -148,7 +148,7 @@ class _RecordingStub:
         self.results.append(result)
 
 
-def test_the_site_answers_a_per_fold_task_and_refuses_a_bundle_without_its_folds(
+def test_the_site_answers_a_per_fold_task_and_refuses_one_that_differs_from_its_bundle(
     tmp_path: Path,
 ) -> None:
     rng = random.Random(5)
@@ -164,25 +164,30 @@ def test_the_site_answers_a_per_fold_task_and_refuses_a_bundle_without_its_folds
         data_dir=tmp_path / "data", require_approval=False,
     ))  # fmt: skip
 
-    def task(bundle_folds: int) -> pb.StatisticsTask:
+    def task(bundle_folds: int, task_folds: int = 3) -> pb.StatisticsTask:
         bundle = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0,
                                                cv_folds=bundle_folds)  # fmt: skip
         return pb.StatisticsTask(
             statistics_id="s1", lease_token="t", task_type="tabular", dataset="heart",
             min_count=10, approval_bundle_json=bundle.canonical_json(),
-            expires_at=int(time.time() + 3600), cv_folds=3,
+            expires_at=int(time.time() + 3600), cv_folds=task_folds,
         )  # fmt: skip
 
     stub = _RecordingStub()
     agent._run_statistics(stub, task(3))  # type: ignore[arg-type]
     agent._run_statistics(stub, task(0))  # type: ignore[arg-type]
-    answered, refused = stub.results
+    # What an agent that predates per-fold statistics sees: no cv_folds field, a bundle with it.
+    agent._run_statistics(stub, task(3, task_folds=0))  # type: ignore[arg-type]
+    answered, refused, old = stub.results
     assert answered.ok and [f.fold for f in answered.folds] == [0, 1, 2]
     expected = compute_statistics(dataset, min_count=10, cv_folds=3)
     assert [f.count for f in answered.folds] == [f.count for f in expected.folds]
     assert list(answered.folds[2].feature_sums) == list(expected.folds[2].feature_sums)
     assert (refused.ok, refused.error_code) == (False, "not-approved")
     assert not refused.folds
+    assert (old.ok, old.error_code, old.error_message) == (
+        False, "not-approved", "the statistics request differs from its bundle")  # fmt: skip
+    assert not old.count and not old.folds
 
 
 # ---- the twin computes the real system's per-fold normalisers -----------------------------------
