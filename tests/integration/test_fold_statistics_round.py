@@ -86,14 +86,14 @@ def test_per_fold_statistics_reach_the_cross_validation_run(pki: Pki, tmp_path: 
         connection = ["--coordinator", f"localhost:{port}", "--ca", str(tls.ca_certificate),
                       "--cert", str(tls.certificate), "--key", str(tls.private_key)]  # fmt: skip
         with AdminClient(f"localhost:{port}", tls) as admin:
-            admin.wait_for_sites(set(SITES), timeout=60)
+            admin.wait_for_sites(set(SITES), timeout=120)
 
             # 1. Every site releases its split's and each fold's training-part aggregates.
             sites = [arg for site in SITES for arg in ("--site", site)]
             collected = runner.invoke(
                 baton,
                 ["statistics", "collect", "heart", *sites, "--min-count", "10", "--cv-folds",
-                 str(FOLDS), "--wait", "60", *connection],
+                 str(FOLDS), "--wait", "120", *connection],
             )  # fmt: skip
             assert collected.exit_code == 0, collected.output
             statistics_id = collected.output.split("statistics requested: ")[1].split()[0]
@@ -104,7 +104,7 @@ def test_per_fold_statistics_reach_the_cross_validation_run(pki: Pki, tmp_path: 
             datasets["site-a"] = _register(tmp_path / "site-a", tmp_path / "site-a.csv")
             second = admin.wait_for_statistics(
                 admin.collect_statistics("heart", "tabular", list(SITES), min_count=10,
-                                         cv_folds=FOLDS).statistics_id, timeout=60,
+                                         cv_folds=FOLDS).statistics_id, timeout=120,
             )  # fmt: skip
 
             # 3. A cross-validation run normalises fold k's model with fold k's normaliser.
@@ -120,7 +120,7 @@ def test_per_fold_statistics_reach_the_cross_validation_run(pki: Pki, tmp_path: 
                     ["approve", plan.approval_bundle().sha256, "--data-dir", str(tmp_path / site)],
                 )
                 assert approved.exit_code == 0, approved.output
-            run = wait_for_run(admin, cluster, start_when_approved(admin, plan), timeout=90)
+            run = wait_for_run(admin, cluster, start_when_approved(admin, plan), timeout=180)
 
     assert "fold 2 normaliser" in collected.output and "3 folds" in collected.output
     assert first.status == "done" and second.status == "done", (first.error, second.error)
