@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
@@ -264,7 +265,14 @@ def test_a_per_fold_request_pools_and_records_each_folds_normaliser(
     assert [len(e.payload["aggregates"]["folds"]) for e in events[1:3]] == [3, 3]
     assert events[-1].kind == "statistics.done"
     assert events[-1].payload["combined"]["folds"] == row.combined["folds"]
-    assert ledger.verify_chain() is None
+    assert ledger.verify_chain() is None and ledger.verify().ok
+
+    # The fold count is a snapshotted column: editing it in the table is caught.
+    with ledger.engine.begin() as connection:
+        connection.execute(text("UPDATE statistics_requests SET cv_folds = 5 WHERE id = :id"),
+                           {"id": requested.statistics_id})  # fmt: skip
+    [mismatch] = ledger.verify().row_mismatches
+    assert (mismatch.table, mismatch.column) == ("statistics_requests", "cv_folds")
 
 
 def test_per_fold_answers_without_folds_or_over_small_folds_are_refused(
