@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from protocols.approval import HYPERPARAMETERS, ApprovalBundle, BundleViolation
 from protocols.hyperparameters import HopHyperparameters
+from protocols.statistics import FOLD_NORMALISERS_OPTION
 from protocols.task_types import CLASSIFICATION_TASK_TYPES, TaskType
 
 __all__ = [
@@ -218,6 +219,25 @@ class RunPlan(_Strict):
             raise ValueError(
                 f"federated.min_sites is {self.federated.min_sites} but the run has "
                 f"{len(members)} {what}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_fold_normalisers(self) -> RunPlan:
+        normalisers = self.options.get(FOLD_NORMALISERS_OPTION)
+        if normalisers is None:
+            return self
+        if self.cross_validation is None:
+            raise ValueError(
+                f"option {FOLD_NORMALISERS_OPTION!r} applies to cross-validation runs; a run "
+                "without 'cross_validation' uses the global 'mean' and 'std'"
+            )
+        if self.options.get("normalisation", "per-site") != "global":  # the task's default
+            raise ValueError(f"option {FOLD_NORMALISERS_OPTION!r} needs normalisation 'global'")
+        if not isinstance(normalisers, list) or len(normalisers) != self.cross_validation.folds:
+            raise ValueError(
+                f"option {FOLD_NORMALISERS_OPTION!r} must list one normaliser per fold "
+                f"({self.cross_validation.folds})"
             )
         return self
 

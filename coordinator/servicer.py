@@ -682,6 +682,7 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
                 min_count=request.min_count,
                 noise_std=request.noise_std,
                 expires_in_seconds=request.expires_in_seconds,
+                cv_folds=request.cv_folds,
             )
             status = self.engine.statistics_status(statistics_id)
         except CoordinatorError as exc:

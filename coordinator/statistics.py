@@ -2,7 +2,9 @@
 
 Sites release counts, per-feature sums and sums of squares, label counts and text-length
 histograms (see ``site_agent.statistics``); pooled they give the mean and sample standard
-deviation of the union of the sites' training rows, without any row leaving a site.
+deviation of the union of the sites' training rows, without any row leaving a site. A per-fold
+request also pools, per cross-validation fold, the sites' training parts of that fold: fold k's
+normaliser never sees a row that fold k's model is scored on.
 """
 
 from __future__ import annotations
@@ -15,16 +17,49 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from coordinator.plan import RunPlan, parse_plan
-from protocols.statistics import SiteAggregates, StatisticsMismatch
+from protocols.statistics import (
+    FOLD_NORMALISERS_OPTION,
+    FoldAggregates,
+    SiteAggregates,
+    StatisticsMismatch,
+)
 
 __all__ = [
+    "FOLD_NORMALISERS_OPTION",
     "CombinedStatistics",
+    "FoldAggregates",
+    "FoldNormaliser",
     "SiteAggregates",
     "StatisticsMismatch",
     "combine",
+    "fold_normaliser_options",
     "normaliser_options",
     "plan_with_normaliser",
 ]
+
+
+@dataclass(frozen=True)
+class FoldNormaliser:
+    """The pooled mean and sample std of one fold's training parts (every site's rows outside
+    fold ``fold``): what fold ``fold``'s model normalises with in a cross-validation run."""
+
+    fold: int
+    count: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fold": self.fold, "count": self.count, "mean": list(self.mean),
+                "std": list(self.std)}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> FoldNormaliser:
+        return cls(
+            fold=int(document["fold"]),
+            count=float(document["count"]),
+            mean=tuple(float(v) for v in document["mean"]),
+            std=tuple(float(v) for v in document["std"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -39,10 +74,15 @@ class CombinedStatistics:
     length_bin_edges: tuple[int, ...] = ()
     length_histogram: tuple[float, ...] = ()
     length_unit: str = ""
+    folds: tuple[FoldNormaliser, ...] = ()  # per-fold requests: fold k's normaliser
 
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
         document["label_counts"] = dict(self.label_counts)
+        if self.folds:
+            document["folds"] = [fold.to_json() for fold in self.folds]
+        else:
+            del document["folds"]  # results without folds keep the shape they always had
         for key in ("feature_names", "mean", "std", "length_bin_edges", "length_histogram"):
             document[key] = list(document[key])
         return document
@@ -58,10 +98,11 @@ class CombinedStatistics:
             length_bin_edges=tuple(int(v) for v in document.get("length_bin_edges", ())),
             length_histogram=tuple(float(v) for v in document.get("length_histogram", ())),
             length_unit=str(document.get("length_unit", "")),
+            folds=tuple(FoldNormaliser.from_json(f) for f in document.get("folds", ())),
         )
 
 
-def combine(aggregates: Sequence[SiteAggregates]) -> CombinedStatistics:
+def combine(aggregates: Sequence[SiteAggregates], *, cv_folds: int = 0) -> CombinedStatistics:
     """Pools per-site aggregates.
 
     count = sum of counts; mean = sum of sums / count; sample variance =
@@ -72,10 +113,13 @@ def combine(aggregates: Sequence[SiteAggregates]) -> CombinedStatistics:
     bins, so their bins may differ: the pooled histogram has the bins every site's bins fit in
     (the lower edges all sites released) and sums each site's bins into them.
 
+    With ``cv_folds`` every site must have released that many folds; fold k's normaliser pools
+    the sites' fold-k training parts the same way (count, mean, sample std).
+
     Raises:
         StatisticsMismatch: If there are no aggregates, sites report different feature names,
-            units or histograms of different first edges, or the pooled count is too small for
-            a sample variance.
+            units or histograms of different first edges, a site released other folds than
+            asked for, or a pooled count is too small for a sample variance.
     """
     if not aggregates:
         raise StatisticsMismatch("no site aggregates to combine")
@@ -109,6 +153,21 @@ def combine(aggregates: Sequence[SiteAggregates]) -> CombinedStatistics:
         )
     labels = sorted({label for a in aggregates for label in a.label_counts})
     edges, histogram = _pooled_histogram(aggregates)
+    folds: list[FoldNormaliser] = []
+    for a in aggregates:
+        if len(a.folds) != cv_folds:
+            raise StatisticsMismatch(
+                f"site {a.site} released {len(a.folds)} folds; the request asked for {cv_folds}"
+            )
+    for fold in range(cv_folds):
+        pooled = combine([
+            SiteAggregates(site=a.site, count=a.folds[fold].count,
+                           feature_names=a.feature_names,
+                           feature_sums=a.folds[fold].feature_sums,
+                           feature_sums_of_squares=a.folds[fold].feature_sums_of_squares)
+            for a in aggregates
+        ])  # fmt: skip
+        folds.append(FoldNormaliser(fold, pooled.count, pooled.mean, pooled.std))
     return CombinedStatistics(
         count=count,
         feature_names=first.feature_names,
@@ -120,6 +179,7 @@ def combine(aggregates: Sequence[SiteAggregates]) -> CombinedStatistics:
         length_bin_edges=edges,
         length_histogram=histogram,
         length_unit=first.length_unit,
+        folds=tuple(folds),
     )
 
 
@@ -172,7 +232,40 @@ def normaliser_options(statistics: _Normaliser) -> dict[str, Any]:
     }
 
 
-class _StatisticsView(_Normaliser, Protocol):
+class _FoldNormaliserView(Protocol):
+    @property
+    def fold(self) -> int: ...
+    @property
+    def mean(self) -> Sequence[float]: ...
+    @property
+    def std(self) -> Sequence[float]: ...
+
+
+class _FoldsView(Protocol):
+    @property
+    def feature_names(self) -> Sequence[str]: ...
+    @property
+    def folds(self) -> Sequence[_FoldNormaliserView]: ...
+
+
+def fold_normaliser_options(statistics: _FoldsView) -> dict[str, Any]:
+    """A cross-validation run's option holding the per-fold normalisers (empty without folds).
+
+    Fold k's model then normalises with fold k's entry; the run's ``mean`` and ``std`` (the
+    global normaliser, which a final run keeps) are not used by its fold models.
+    Accepts ``CombinedStatistics`` or the admin view (``StatisticsStatus``).
+    """
+    if not statistics.folds:
+        return {}
+    return {
+        FOLD_NORMALISERS_OPTION: [
+            {"mean": [float(v) for v in fold.mean], "std": [float(v) for v in fold.std]}
+            for fold in sorted(statistics.folds, key=lambda f: f.fold)
+        ]
+    }
+
+
+class _StatisticsView(_Normaliser, _FoldsView, Protocol):
     @property
     def status(self) -> str: ...
     @property
@@ -184,11 +277,15 @@ class _StatisticsView(_Normaliser, Protocol):
 def plan_with_normaliser(plan: RunPlan, statistics: _StatisticsView) -> RunPlan:
     """The tabular plan with global normalisation by a done statistics request of its dataset.
 
-    The mean and std become plan options, so they are part of the run's approval bundle.
+    The mean and std become plan options, so they are part of the run's approval bundle. A
+    cross-validation plan also gets the per-fold normalisers (``fold_normalisers``) when the
+    statistics hold them for its number of folds; without them its fold models use the global
+    normaliser, fitted on their held-out rows too (slightly optimistic scores).
 
     Raises:
         ValueError: If the plan is not tabular, the statistics are not done, are of another
-            dataset or task, or the plan already chose another normalisation.
+            dataset or task, hold folds for another number of folds than the plan's
+            cross-validation, or the plan already chose another normalisation.
     """
     if plan.task != "tabular":
         raise ValueError(f"a global normaliser applies to tabular runs, not {plan.task}")
@@ -199,13 +296,21 @@ def plan_with_normaliser(plan: RunPlan, statistics: _StatisticsView) -> RunPlan:
         )
     options = normaliser_options(statistics)
     chosen = plan.options.get("normalisation", "global")
-    clashing = sorted(set(plan.options) & {"mean", "std"})
+    clashing = sorted(set(plan.options) & {"mean", "std", FOLD_NORMALISERS_OPTION})
     if chosen != "global" or clashing:
         raise ValueError(
             "the plan's options already set "
             + (f"normalisation {chosen!r}" if chosen != "global" else ", ".join(clashing))
             + "; remove them to use the collected normaliser"
         )
+    if plan.cross_validation is not None and statistics.folds:
+        if len(statistics.folds) != plan.cross_validation.folds:
+            raise ValueError(
+                f"the statistics hold normalisers for {len(statistics.folds)} folds; the plan "
+                f"cross-validates over {plan.cross_validation.folds} (collect with --cv-folds "
+                f"{plan.cross_validation.folds})"
+            )
+        options.update(fold_normaliser_options(statistics))
     document = json.loads(plan.to_json())
     document["options"] = {**plan.options, **options}
     return parse_plan(document)

@@ -58,15 +58,22 @@ class ApprovalBundle:
 
     @classmethod
     def for_statistics(
-        cls, task_type: str, dataset: str, *, min_count: int, noise_std: float
+        cls, task_type: str, dataset: str, *, min_count: int, noise_std: float, cv_folds: int = 0
     ) -> ApprovalBundle:
         """The bundle of an aggregate-statistics request: what a site approves before any
-        aggregate of its training rows is computed."""
+        aggregate of its training rows is computed.
+
+        ``cv_folds`` > 1 (per-fold aggregates too) is part of the bundle; without it the bundle
+        is the one requests have always had.
+        """
+        request: dict[str, Any] = {"min_count": min_count, "noise_std": float(noise_std)}
+        if cv_folds:
+            request["cv_folds"] = cv_folds
         return cls(
             task_type=task_type,
             dataset=dataset,
             base_model_sha256="",
-            options={STATISTICS_OPTION: {"min_count": min_count, "noise_std": float(noise_std)}},
+            options={STATISTICS_OPTION: request},
         )
 
     @property

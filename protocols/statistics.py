@@ -8,11 +8,43 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["SiteAggregates", "StatisticsMismatch"]
+__all__ = ["FOLD_NORMALISERS_OPTION", "FoldAggregates", "SiteAggregates", "StatisticsMismatch"]
+
+# The tabular task option a cross-validation run's fold models read their normalisers from: a
+# list whose entry k is {"mean": [...], "std": [...]}, pooled over every site's training rows
+# outside fold k (a per-fold statistics request's result).
+FOLD_NORMALISERS_OPTION = "fold_normalisers"
 
 
 class StatisticsMismatch(ValueError):
     """Sites' aggregates cannot be pooled (other features, bins or units), or are too few."""
+
+
+@dataclass(frozen=True)
+class FoldAggregates:
+    """A site's aggregates of one cross-validation fold's training part (the rows outside it)."""
+
+    fold: int
+    count: float
+    feature_sums: tuple[float, ...]
+    feature_sums_of_squares: tuple[float, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "fold": self.fold,
+            "count": self.count,
+            "feature_sums": list(self.feature_sums),
+            "feature_sums_of_squares": list(self.feature_sums_of_squares),
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> FoldAggregates:
+        return cls(
+            fold=int(document["fold"]),
+            count=float(document["count"]),
+            feature_sums=tuple(float(v) for v in document["feature_sums"]),
+            feature_sums_of_squares=tuple(float(v) for v in document["feature_sums_of_squares"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -32,6 +64,8 @@ class SiteAggregates:
     length_histogram: tuple[float, ...] = ()
     length_unit: str = ""
     site: str = ""
+    # Per cross-validation fold, in fold order (tabular requests with cv_folds only).
+    folds: tuple[FoldAggregates, ...] = ()
 
     def __post_init__(self) -> None:
         numbers = [
@@ -40,7 +74,9 @@ class SiteAggregates:
             *self.feature_sums_of_squares,
             *self.label_counts.values(),
             *self.length_histogram,
-        ]
+            *(v for f in self.folds for v in (f.count, *f.feature_sums,
+                                              *f.feature_sums_of_squares)),
+        ]  # fmt: skip
         if not all(math.isfinite(v) for v in numbers):
             raise StatisticsMismatch(f"site {self.site} released non-finite aggregates")
         n = len(self.feature_names)
@@ -54,6 +90,17 @@ class SiteAggregates:
                 f"site {self.site} released {len(self.length_histogram)} histogram bins for "
                 f"{len(self.length_bin_edges)} bin edges"
             )
+        if [f.fold for f in self.folds] != list(range(len(self.folds))):
+            raise StatisticsMismatch(
+                f"site {self.site} released folds {[f.fold for f in self.folds]}, not 0, 1, ..."
+            )
+        for fold in self.folds:
+            if len(fold.feature_sums) != n or len(fold.feature_sums_of_squares) != n:
+                raise StatisticsMismatch(
+                    f"site {self.site} released {len(fold.feature_sums)} sums and "
+                    f"{len(fold.feature_sums_of_squares)} sums of squares for {n} features in "
+                    f"fold {fold.fold}"
+                )
         edges = self.length_bin_edges
         if any(low >= high for low, high in itertools.pairwise(edges)):
             raise StatisticsMismatch(
@@ -63,6 +110,10 @@ class SiteAggregates:
     def to_json(self) -> dict[str, Any]:
         document = {"site": self.site, **asdict(self)}
         document["label_counts"] = dict(self.label_counts)
+        if self.folds:
+            document["folds"] = [fold.to_json() for fold in self.folds]
+        else:
+            del document["folds"]  # answers without folds keep the shape they always had
         for key in ("feature_names", "feature_sums", "feature_sums_of_squares",
                     "length_bin_edges", "length_histogram"):  # fmt: skip
             document[key] = list(document[key])
@@ -82,4 +133,5 @@ class SiteAggregates:
             length_bin_edges=tuple(int(v) for v in document.get("length_bin_edges", ())),
             length_histogram=tuple(float(v) for v in document.get("length_histogram", ())),
             length_unit=str(document.get("length_unit", "")),
+            folds=tuple(FoldAggregates.from_json(f) for f in document.get("folds", ())),
         )

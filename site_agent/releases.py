@@ -33,6 +33,7 @@ from site_agent.registry import RegisteredDataset
 from site_agent.statistics import (
     BelowMinimumCount,
     SiteAggregates,
+    check_fold_sizes,
     coarsened_histogram,
     compute_statistics,
     l2_sensitivity,
@@ -92,6 +93,7 @@ class StatisticsReleases:
         *,
         min_count: int,
         compute: Callable[[list[list[int]]], tuple[SiteAggregates, float]],
+        fold_parts: Sequence[Sequence[Example]] = (),
     ) -> SiteAggregates:
         """Checks the guards, computes the answer and records it, under the file lock.
 
@@ -102,6 +104,8 @@ class StatisticsReleases:
             compute: Given the histogram bin edges already released over these exact rows,
                 returns the answer and its privacy cost rho (0 without noise); it is called
                 only when the answer and differencing guards pass.
+            fold_parts: The further row sets a per-fold answer covers (each cross-validation
+                fold's training part); each is checked and recorded like ``rows``.
 
         Raises:
             ReleaseRefused: ``statistics-budget-exhausted``, ``differencing-risk`` or
@@ -120,6 +124,12 @@ class StatisticsReleases:
             digests = _row_digests(document["salt"], rows)
             row_set = hashlib.sha256("\n".join(digests).encode()).hexdigest()
             self._check_differencing(document, dataset, digests, row_set, min_count)
+            parts = []
+            for part in fold_parts:
+                part_digests = _row_digests(document["salt"], part)
+                part_set = hashlib.sha256("\n".join(part_digests).encode()).hexdigest()
+                self._check_differencing(document, dataset, part_digests, part_set, min_count)
+                parts.append((part_set, part_digests))
             previous = document["row_sets"].get(row_set, {}).get("edges", [])
             answer, rho = compute(previous)
             if rho > 0:
@@ -142,6 +152,13 @@ class StatisticsReleases:
             edges = list(answer.length_bin_edges)
             if edges and edges not in recorded["edges"]:
                 recorded["edges"].append(edges)
+            for part_set, part_digests in parts:
+                part_record = document["row_sets"].setdefault(
+                    part_set,
+                    {"dataset": dataset, "min_count": min_count, "digests": part_digests,
+                     "edges": []},
+                )  # fmt: skip
+                part_record["min_count"] = max(part_record["min_count"], min_count)
             self._write(document)
             logger.info("statistics answer %d about %s recorded (rho spent %.4g)",
                         spent["answers"], dataset, spent["rho"])  # fmt: skip
@@ -210,6 +227,7 @@ def answer_request(
     noise_std: float = 0.0,
     base_model_dir: Path | None = None,
     rng: np.random.Generator | None = None,
+    cv_folds: int = 0,
 ) -> SiteAggregates:
     """A statistics request's answer, behind every guard of the site's release record.
 
@@ -219,10 +237,13 @@ def answer_request(
     histogram bins so that only edges every earlier answer released remain (two groupings of
     the same rows would otherwise give the counts of their finer common grouping); with noise,
     charges the Gaussian mechanism's zCDP cost, rho = sensitivity^2 / (2 noise_std^2), before
-    adding the noise.
+    adding the noise. With ``cv_folds`` the answer also holds each fold's training-part
+    aggregates (``compute_statistics``); every fold must hold ``min_count`` rows, and each
+    fold's training part passes the differencing guard and is recorded like the split.
+    One answer, whatever the folds, counts once against the answer budget.
 
     Raises:
-        BelowMinimumCount: Fewer training rows than ``min_count``.
+        BelowMinimumCount: Fewer training rows than ``min_count``, or a fold holds fewer.
         ReleaseRefused: A guard refuses; nothing is released or recorded.
         ValueError: As ``compute_statistics``.
     """
@@ -233,9 +254,15 @@ def answer_request(
             f"dataset {dataset.name!r} has {len(dataset.train)} training rows, fewer than the "
             f"{min_count} any released aggregate must cover"
         )
+    fold_parts: list[tuple[Example, ...]] = []
+    if cv_folds:
+        check_fold_sizes(dataset, cv_folds, min_count)
+        fold_parts = [dataset.fold_view(fold, cv_folds).train for fold in range(cv_folds)]
 
     def compute(previous_edges: list[list[int]]) -> tuple[SiteAggregates, float]:
-        exact = compute_statistics(dataset, min_count=min_count, base_model_dir=base_model_dir)
+        exact = compute_statistics(
+            dataset, min_count=min_count, base_model_dir=base_model_dir, cv_folds=cv_folds
+        )
         for edges in previous_edges:
             exact = coarsened_histogram(exact, edges)
         if noise_std == 0:
@@ -243,7 +270,9 @@ def answer_request(
         rho = gaussian_rho(l2_sensitivity(dataset, exact), noise_std)
         return noised(exact, noise_std, rng or np.random.default_rng()), rho
 
-    return releases.release(dataset.name, dataset.train, min_count=min_count, compute=compute)
+    return releases.release(
+        dataset.name, dataset.train, min_count=min_count, compute=compute, fold_parts=fold_parts
+    )
 
 
 def _row_digests(salt: str, rows: Sequence[Example]) -> list[str]:

@@ -569,8 +569,10 @@ def pooled_normaliser(datasets: Sequence[RegisteredDataset]) -> tuple[list[float
         raise ValueError("no datasets to pool")
     if len({len(row) for row in rows}) != 1:
         raise ValueError("the sites' rows have different numbers of features")
-    # Float32 like the trainer, so the pooled statistics are the ones it computes itself.
-    matrix = torch.tensor(rows, dtype=torch.float32)
+    # Float64, as the real statistics round pools the sites' sums (coordinator/statistics.py):
+    # the twin's normalisers then equal the real system's to ~1e-12 (the task casts both to
+    # float32 when it applies them).
+    matrix = torch.tensor(rows, dtype=torch.float64)
     mean = matrix.mean(dim=0)
     std = matrix.std(dim=0) if len(matrix) > 1 else torch.zeros(matrix.shape[1])
     return [float(v) for v in mean], [float(v) for v in std]

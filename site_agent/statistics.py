@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protocols.statistics import SiteAggregates
+from protocols.statistics import FoldAggregates, SiteAggregates
 from site_agent.examples import Example, InstructionExample, TabularExample, TextExample
 from site_agent.registry import RegisteredDataset
 
@@ -27,7 +27,9 @@ __all__ = [
     "LENGTH_BIN_EDGES",
     "SUPPRESSED_LABEL",
     "BelowMinimumCount",
+    "FoldAggregates",
     "SiteAggregates",
+    "check_fold_sizes",
     "coarsened_histogram",
     "compute_statistics",
     "l2_sensitivity",
@@ -57,6 +59,7 @@ def compute_statistics(
     noise_std: float = 0.0,
     base_model_dir: Path | None = None,
     rng: np.random.Generator | None = None,
+    cv_folds: int = 0,
 ) -> SiteAggregates:
     """Aggregates of the dataset's training rows, refused below ``min_count`` rows.
 
@@ -76,15 +79,20 @@ def compute_statistics(
             (count, sums, sums of squares, label counts, histogram bins).
         base_model_dir: Where the base model's tokenizer lives (text tasks; local files only).
         rng: The noise generator; default a fresh one seeded by the operating system.
+        cv_folds: > 1 (tabular only): also, per cross-validation fold as
+            ``RegisteredDataset.fold_ids`` deals them, the count, sums and sums of squares of
+            the training rows outside that fold (what fold k's model trains on); each fold
+            must hold at least ``min_count`` rows (``check_fold_sizes``).
 
     Returns:
         The aggregates to release.
 
     Raises:
-        BelowMinimumCount: If the training split holds fewer than ``min_count`` rows; nothing
-            is computed then.
-        ValueError: If ``min_count`` or ``noise_std`` is invalid, the rows are of mixed kinds
-            or lengths, a value is not finite, or the tokenizer cannot be loaded.
+        BelowMinimumCount: If the training split holds fewer than ``min_count`` rows, or a
+            fold does; nothing is computed then.
+        ValueError: If ``min_count``, ``noise_std`` or ``cv_folds`` is invalid, the rows are
+            of mixed kinds or lengths, a value is not finite, or the tokenizer cannot be
+            loaded.
     """
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
@@ -101,8 +109,15 @@ def compute_statistics(
         names = ", ".join(sorted(kind.__name__ for kind in kinds))
         raise ValueError(f"dataset {dataset.name!r} mixes example kinds: {names}")
     [kind] = kinds
+    if cv_folds and kind is not TabularExample:
+        raise ValueError(
+            f"per-fold statistics are for tabular datasets; {dataset.name!r} holds "
+            f"{kind.__name__} rows"
+        )
+    if cv_folds:
+        check_fold_sizes(dataset, cv_folds, min_count)
     if kind is TabularExample:
-        aggregates = _tabular(dataset, rows)
+        aggregates = _tabular(dataset, rows, cv_folds)
     elif kind in (TextExample, InstructionExample):
         aggregates = _text(rows, base_model_dir)
     else:
@@ -125,6 +140,27 @@ def compute_statistics(
     if noise_std > 0:
         aggregates = noised(aggregates, noise_std, rng or np.random.default_rng())
     return aggregates
+
+
+def check_fold_sizes(dataset: RegisteredDataset, folds: int, min_count: int) -> None:
+    """Refuses per-fold statistics unless every fold holds at least ``min_count`` rows.
+
+    The answer for fold k's training part differs from the whole training split's by exactly
+    fold k's rows, and two folds' training parts by those two folds' rows: every difference of
+    two released aggregates then covers at least ``min_count`` rows, as one answer does.
+
+    Raises:
+        BelowMinimumCount: If a fold holds fewer rows.
+        ValueError: If ``folds`` < 2 or exceeds the training rows.
+    """
+    sizes = Counter(dataset.fold_ids(folds))
+    smallest = min(sizes[fold] for fold in range(folds))
+    if smallest < min_count:
+        raise BelowMinimumCount(
+            f"dataset {dataset.name!r} has {len(dataset.train)} training rows: with {folds} "
+            f"folds its smallest fold holds {smallest}, fewer than the {min_count} any released "
+            "aggregate (or difference of two) must cover"
+        )
 
 
 def suppress_small_labels(counts: Mapping[str, float], min_count: int) -> dict[str, float]:
@@ -211,6 +247,8 @@ def l2_sensitivity(dataset: RegisteredDataset, aggregates: SiteAggregates) -> fl
     The count, one label cell and one histogram bin each move by 1; each feature's sum by
     up to B and its sum of squares by up to B^2, where B is the largest absolute feature value
     in the training split (a bound taken from the data itself: see docs/statistics.md).
+    Per-fold aggregates add, for k folds, the count, sums and sums of squares of the k - 1
+    fold training parts a row belongs to.
     """
     squared = 1.0
     if aggregates.label_counts:
@@ -223,11 +261,16 @@ def l2_sensitivity(dataset: RegisteredDataset, aggregates: SiteAggregates) -> fl
              for v in row.features),
             default=0.0,
         )  # fmt: skip
-        squared += len(aggregates.feature_names) * (bound**2 + bound**4)
+        per_row = len(aggregates.feature_names) * (bound**2 + bound**4)
+        squared += per_row
+        if aggregates.folds:
+            squared += (len(aggregates.folds) - 1) * (1.0 + per_row)
     return math.sqrt(squared)
 
 
-def _tabular(dataset: RegisteredDataset, rows: Sequence[Example]) -> SiteAggregates:
+def _tabular(
+    dataset: RegisteredDataset, rows: Sequence[Example], cv_folds: int = 0
+) -> SiteAggregates:
     tabular = [row for row in rows if isinstance(row, TabularExample)]
     widths = {len(row.features) for row in tabular}
     if len(widths) != 1:
@@ -241,12 +284,26 @@ def _tabular(dataset: RegisteredDataset, rows: Sequence[Example]) -> SiteAggrega
             f"dataset {dataset.name!r} names {len(names)} features but its rows hold "
             f"{matrix.shape[1]}"
         )
+    folds: list[FoldAggregates] = []
+    if cv_folds:
+        ids = np.asarray(dataset.fold_ids(cv_folds))
+        for fold in range(cv_folds):
+            part = matrix[ids != fold]  # what fold k's model trains on
+            folds.append(
+                FoldAggregates(
+                    fold=fold,
+                    count=float(len(part)),
+                    feature_sums=tuple(float(v) for v in part.sum(axis=0)),
+                    feature_sums_of_squares=tuple(float(v) for v in np.square(part).sum(axis=0)),
+                )
+            )
     return SiteAggregates(
         count=float(len(tabular)),
         feature_names=tuple(names),
         feature_sums=tuple(float(v) for v in matrix.sum(axis=0)),
         feature_sums_of_squares=tuple(float(v) for v in np.square(matrix).sum(axis=0)),
         label_counts=_label_counts(row.label for row in tabular),
+        folds=tuple(folds),
     )
 
 
@@ -322,4 +379,13 @@ def noised(aggregates: SiteAggregates, std: float, rng: np.random.Generator) -> 
         length_bin_edges=aggregates.length_bin_edges,
         length_histogram=noisy(aggregates.length_histogram),
         length_unit=aggregates.length_unit,
+        folds=tuple(
+            FoldAggregates(
+                fold=f.fold,
+                count=noisy([f.count])[0],
+                feature_sums=noisy(f.feature_sums),
+                feature_sums_of_squares=noisy(f.feature_sums_of_squares),
+            )
+            for f in aggregates.folds
+        ),
     )

@@ -32,7 +32,11 @@ class StatisticsRunner(TaskChecks, Transfers):
         except BundleViolation as exc:
             raise HopFailure("not-approved", str(exc)) from exc
         expected = ApprovalBundle.for_statistics(
-            task.task_type, task.dataset, min_count=task.min_count, noise_std=task.noise_std
+            task.task_type,
+            task.dataset,
+            min_count=task.min_count,
+            noise_std=task.noise_std,
+            cv_folds=task.cv_folds,
         )
         if bundle != expected:
             raise HopFailure("not-approved", "the statistics request differs from its bundle")
@@ -73,6 +77,7 @@ class StatisticsRunner(TaskChecks, Transfers):
                     min_count=max(task.min_count, self.settings.min_aggregate_rows),
                     noise_std=task.noise_std,
                     base_model_dir=self.settings.base_model_dir,
+                    cv_folds=task.cv_folds,
                 )
             except BelowMinimumCount as exc:
                 raise HopFailure("below-minimum-count", str(exc)) from exc
@@ -89,6 +94,13 @@ class StatisticsRunner(TaskChecks, Transfers):
             result.length_bin_edges.extend(aggregates.length_bin_edges)
             result.length_histogram.extend(aggregates.length_histogram)
             result.length_unit = aggregates.length_unit
+            for fold in aggregates.folds:
+                result.folds.add(
+                    fold=fold.fold,
+                    count=fold.count,
+                    feature_sums=fold.feature_sums,
+                    feature_sums_of_squares=fold.feature_sums_of_squares,
+                )
         except HopFailure as failure:
             logger.error("statistics %s refused: %s", task.statistics_id, failure)
             result.ok = False

@@ -81,9 +81,10 @@ class AdminClient:
         min_count: int = 0,
         noise_std: float = 0.0,
         expires_in_seconds: float = 0.0,
+        cv_folds: int = 0,
     ) -> pb.StatisticsStatus:
         """Asks sites for aggregate statistics; min_count and expires_in_seconds 0 take the
-        coordinator's defaults."""
+        coordinator's defaults; cv_folds > 1 asks for per-fold normalisers too (tabular)."""
         request = pb.CollectStatisticsRequest(
             dataset=dataset,
             task_type=task_type,
@@ -91,6 +92,7 @@ class AdminClient:
             min_count=min_count,
             noise_std=noise_std,
             expires_in_seconds=expires_in_seconds,
+            cv_folds=cv_folds,
         )
         status: pb.StatisticsStatus = self._stub.CollectStatistics(request, timeout=30)
         return status

@@ -127,10 +127,19 @@ def _with_normaliser(client: AdminClient, plan: RunPlan, statistics_id: str) -> 
     except ValueError as exc:
         raise fail(f"cannot use statistics {statistics_id} as normaliser: {exc}",
                     EXIT_BAD_INPUT) from exc  # fmt: skip
+    from coordinator.statistics import FOLD_NORMALISERS_OPTION
+
+    folds = len(plan.options.get(FOLD_NORMALISERS_OPTION, ()))
     console.print(
-        f"global normaliser from statistics {statistics_id} ({statistics.count:g} rows); "
-        f"run bundle sha256: {plan.approval_bundle().sha256}"
+        f"global normaliser from statistics {statistics_id} ({statistics.count:g} rows)"
+        + (f", and one per cross-validation fold ({folds} folds)" if folds else "")
+        + f"; run bundle sha256: {plan.approval_bundle().sha256}"
     )
+    if plan.cross_validation is not None and not folds:
+        err.print(
+            "note: the fold models use the global normaliser, fitted on their held-out rows "
+            f"too; collect with --cv-folds {plan.cross_validation.folds} for per-fold ones"
+        )
     return plan
 
 

@@ -34,6 +34,16 @@ statistics_app = typer.Typer(
 )
 
 StatisticsTask = Annotated[str, typer.Option("--task", help="The dataset's task type")]
+CvFolds = Annotated[
+    int,
+    typer.Option(
+        "--cv-folds",
+        min=0,
+        max=20,
+        help="Also one normaliser per cross-validation fold, over the training rows outside "
+        "it, for cross-validation runs with this many folds (tabular; 0: global only)",
+    ),
+]
 
 
 @statistics_app.command("bundle")
@@ -44,11 +54,14 @@ def statistics_bundle(
         int, typer.Option(min=1, help="Minimum rows per aggregate; use the same in `collect`")
     ] = 10,
     noise_std: Annotated[float, typer.Option(min=0.0, help="Gaussian noise std")] = 0.0,
+    cv_folds: CvFolds = 0,
 ) -> None:
     """Print a statistics request's approval bundle and its sha256 (before collecting)."""
     from protocols.approval import ApprovalBundle
 
-    bundle = ApprovalBundle.for_statistics(task, dataset, min_count=min_count, noise_std=noise_std)
+    bundle = ApprovalBundle.for_statistics(
+        task, dataset, min_count=min_count, noise_std=noise_std, cv_folds=cv_folds
+    )
     console.print_json(bundle.canonical_json())
     console.print(f"sha256: {bundle.sha256}")
     console.print(f"at each site, after review: baton-site approve {bundle.sha256}")
@@ -64,6 +77,7 @@ def statistics_collect(
         typer.Option(min=1, help="Minimum rows per aggregate (default: the coordinator's)"),
     ] = None,
     noise_std: Annotated[float, typer.Option(min=0.0, help="Gaussian noise std")] = 0.0,
+    cv_folds: CvFolds = 0,
     expires_in: Annotated[
         float | None,
         typer.Option(
@@ -91,6 +105,7 @@ def statistics_collect(
                 min_count=min_count or 0,
                 noise_std=noise_std,
                 expires_in_seconds=expires_in or 0.0,
+                cv_folds=cv_folds,
             )
         )
         console.print(f"statistics requested: {status.statistics_id}")
@@ -129,7 +144,7 @@ def statistics_show(
 
 def statistics_document(status: pb.StatisticsStatus) -> dict[str, object]:
     """A statistics request as plain JSON; with the tabular run options once done."""
-    from coordinator.statistics import normaliser_options
+    from coordinator.statistics import fold_normaliser_options, normaliser_options
 
     document: dict[str, object] = {
         "statistics_id": status.statistics_id,
@@ -140,6 +155,7 @@ def statistics_document(status: pb.StatisticsStatus) -> dict[str, object]:
         "noise_std": status.noise_std,
         "approval_bundle_sha256": status.approval_bundle_sha256,
         "expires_at": status.expires_at,
+        "cv_folds": status.cv_folds,
         "error": status.error,
         "sites": [
             {"site": s.site, "status": s.status, "count": s.count, "error": s.error}
@@ -156,9 +172,15 @@ def statistics_document(status: pb.StatisticsStatus) -> dict[str, object]:
             "length_bin_edges": list(status.length_bin_edges),
             "length_histogram": list(status.length_histogram),
             "length_unit": status.length_unit,
+            "folds": [
+                {"fold": f.fold, "count": f.count, "mean": list(f.mean), "std": list(f.std)}
+                for f in status.folds
+            ],
         }
         if status.feature_names:
             document["normaliser_options"] = normaliser_options(status)
+            # What a cross-validation run's options add (baton run ... --normaliser does it).
+            document["fold_normaliser_options"] = fold_normaliser_options(status)
     return document
 
 
@@ -173,7 +195,8 @@ def _print_statistics(status: pb.StatisticsStatus) -> None:
     console.print(
         f"statistics {status.statistics_id}: {status.status} ({status.task_type} dataset "
         f"{status.dataset!r}, min count {status.min_count}, noise std {status.noise_std:g}, "
-        f"bundle {status.approval_bundle_sha256[:12]}{_expiry_note(status)})"
+        + (f"{status.cv_folds} folds, " if status.cv_folds else "")
+        + f"bundle {status.approval_bundle_sha256[:12]}{_expiry_note(status)})"
     )
     sites = Table("site", "status", "rows", "error", title="site answers")
     for site in status.sites:
@@ -190,6 +213,12 @@ def _print_statistics(status: pb.StatisticsStatus) -> None:
         for name, mean, std in zip(status.feature_names, status.mean, status.std, strict=True):
             features.add_row(name, f"{mean:.6g}", f"{std:.6g}")
         console.print(features)
+    for fold in status.folds:
+        table = Table("feature", "mean", "std", title=f"fold {fold.fold} normaliser "
+                      f"({fold.count:g} rows outside fold {fold.fold})")  # fmt: skip
+        for name, mean, std in zip(status.feature_names, fold.mean, fold.std, strict=True):
+            table.add_row(name, f"{mean:.6g}", f"{std:.6g}")
+        console.print(table)
     if status.label_counts:
         labels = Table("label", "rows", title="label counts")
         for label, count in sorted(status.label_counts.items()):

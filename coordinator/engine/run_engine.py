@@ -328,6 +328,7 @@ class RunEngine:
         min_count: int = 0,
         noise_std: float = 0.0,
         expires_in_seconds: float = 0.0,
+        cv_folds: int = 0,
     ) -> str:
         """Asks sites for aggregate statistics of a dataset's training rows; returns the id.
 
@@ -335,7 +336,7 @@ class RunEngine:
         """
         return await self.statistics.collect_statistics(
             dataset, task_type, sites, min_count=min_count, noise_std=noise_std,
-            expires_in_seconds=expires_in_seconds,
+            expires_in_seconds=expires_in_seconds, cv_folds=cv_folds,
         )  # fmt: skip
 
     async def dispatch_statistics(self) -> None:

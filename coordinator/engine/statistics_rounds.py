@@ -28,6 +28,7 @@ from coordinator.ledger import (
 from coordinator.plan import TaskType
 from coordinator.statistics import (
     CombinedStatistics,
+    FoldAggregates,
     SiteAggregates,
     StatisticsMismatch,
     combine,
@@ -41,6 +42,7 @@ logger = logging.getLogger(__name__)
 _TASK_TYPES: tuple[str, ...] = get_args(TaskType)
 _MAX_MIN_COUNT = 1_000_000_000  # StatisticsTask.min_count is a uint32
 _MAX_STATISTICS_EXPIRY_SECONDS = 30 * 86400
+_MAX_CV_FOLDS = 20  # as a run plan's cross_validation.folds
 
 
 def _released_aggregates(
@@ -58,9 +60,36 @@ def _released_aggregates(
             length_bin_edges=tuple(result.length_bin_edges),
             length_histogram=tuple(result.length_histogram),
             length_unit=result.length_unit,
+            folds=tuple(
+                FoldAggregates(
+                    fold=f.fold,
+                    count=f.count,
+                    feature_sums=tuple(f.feature_sums),
+                    feature_sums_of_squares=tuple(f.feature_sums_of_squares),
+                )
+                for f in result.folds
+            ),
         )
     except StatisticsMismatch as exc:
         raise InvalidInput(str(exc)) from exc
+    cv_folds = request.cv_folds or 0
+    if len(released.folds) != cv_folds:
+        raise InvalidInput(
+            f"site {site} released {len(released.folds)} folds; the request asked for "
+            f"{cv_folds}" + (" (an agent that predates per-fold statistics answers without "
+                             "folds: upgrade it)" if cv_folds and not released.folds else "")
+        )  # fmt: skip
+    if request.noise_std == 0:
+        # Fold k's training part differs from the whole split by fold k's rows: both, and so
+        # every difference of two released aggregates, must reach the minimum.
+        for fold in released.folds:
+            held_out = released.count - fold.count
+            if fold.count < request.min_count or held_out < request.min_count:
+                raise InvalidInput(
+                    f"site {site} released fold {fold.fold} over {fold.count:g} training rows "
+                    f"and {held_out:g} held-out rows; both must reach the request's minimum of "
+                    f"{request.min_count}"
+                )
     if request.task_type == "tabular" and not released.feature_names:
         raise InvalidInput("tabular statistics must name their features")
     if request.noise_std == 0 and released.count < request.min_count:
@@ -112,6 +141,7 @@ class StatisticsRounds:
         min_count: int = 0,
         noise_std: float = 0.0,
         expires_in_seconds: float = 0.0,
+        cv_folds: int = 0,
     ) -> str:
         """Asks sites for aggregate statistics of a dataset's training rows; returns the id.
 
@@ -124,6 +154,9 @@ class StatisticsRounds:
             noise_std: > 0: sites add Gaussian noise of this std to every aggregate.
             expires_in_seconds: The request fails if not every site answered by then; 0: the
                 coordinator's default (``statistics_expiry_seconds``).
+            cv_folds: 2 to 20 (tabular only): sites also answer per cross-validation fold, as
+                their registrations deal the folds, and the result holds one normaliser per
+                fold over the training rows outside it; 0: one global answer only.
         """
         if not dataset or len(dataset) > 200:
             raise InvalidInput("a statistics request needs a dataset name (at most 200 characters)")
@@ -143,6 +176,13 @@ class StatisticsRounds:
             raise InvalidInput(f"min_count must be in [1, {_MAX_MIN_COUNT}], got {min_count}")
         if not (math.isfinite(noise_std) and noise_std >= 0):
             raise InvalidInput(f"noise_std must be finite and >= 0, got {noise_std}")
+        if cv_folds and not 2 <= cv_folds <= _MAX_CV_FOLDS:
+            raise InvalidInput(f"cv_folds must be 0 or in [2, {_MAX_CV_FOLDS}], got {cv_folds}")
+        if cv_folds and task_type != "tabular":
+            raise InvalidInput(
+                f"per-fold statistics (cv_folds) are for tabular datasets, not {task_type}: "
+                "only tabular runs use a normaliser"
+            )
         expires_in = expires_in_seconds or self.statistics_expiry_seconds
         if not (math.isfinite(expires_in) and 1 <= expires_in <= _MAX_STATISTICS_EXPIRY_SECONDS):
             raise InvalidInput(
@@ -161,6 +201,7 @@ class StatisticsRounds:
             combined={},
             created_at=created_at,
             expires_at=created_at + timedelta(seconds=expires_in),
+            cv_folds=cv_folds,
         )
         answers = [
             StatisticsAnswerRow(
@@ -171,8 +212,9 @@ class StatisticsRounds:
         self.ledger.create_statistics(
             request, answers, approval_bundle_sha256=statistics_bundle(request).sha256
         )
-        logger.info("statistics %s of %s requested from %s (min count %d, noise std %g)",
-                    request.id, dataset, ", ".join(chosen), min_count, noise_std)  # fmt: skip
+        logger.info("statistics %s of %s requested from %s (min count %d, noise std %g, "
+                    "folds %d)", request.id, dataset, ", ".join(chosen), min_count, noise_std,
+                    cv_folds)  # fmt: skip
         await self.dispatch_statistics()
         return request.id
 
@@ -260,6 +302,14 @@ class StatisticsRounds:
         try:
             if failed:
                 error = "; ".join(f"{a.site}: {a.error_code}: {a.error}" for a in failed)
+                if request.cv_folds and any(
+                    a.error_code == "not-approved" and "differs from its bundle" in (a.error or "")
+                    for a in failed
+                ):
+                    error += (
+                        " (a per-fold request: a site agent that predates per-fold statistics "
+                        "refuses it this way; upgrade that site, or collect without --cv-folds)"
+                    )
                 self.ledger.settle_statistics(request.id, status="failed", error=error)
                 logger.warning("statistics %s failed: %s", request.id, error)
                 return
@@ -267,7 +317,8 @@ class StatisticsRounds:
                 return
             try:
                 combined = combine(
-                    [SiteAggregates.from_json(a.aggregates) for a in request.answers]
+                    [SiteAggregates.from_json(a.aggregates) for a in request.answers],
+                    cv_folds=request.cv_folds or 0,
                 )
             except StatisticsMismatch as exc:
                 self.ledger.settle_statistics(request.id, status="failed", error=str(exc))
@@ -318,6 +369,7 @@ class StatisticsRounds:
             approval_bundle_sha256=statistics_bundle(request).sha256,
             error=request.error or "",
             expires_at=unix_seconds(statistics_expiry(request)),
+            cv_folds=request.cv_folds or 0,
         )
         for answer in request.answers:
             status.sites.add(
@@ -336,4 +388,6 @@ class StatisticsRounds:
             status.length_bin_edges.extend(combined.length_bin_edges)
             status.length_histogram.extend(combined.length_histogram)
             status.length_unit = combined.length_unit
+            for fold in combined.folds:
+                status.folds.add(fold=fold.fold, count=fold.count, mean=fold.mean, std=fold.std)
         return status

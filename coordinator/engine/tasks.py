@@ -124,6 +124,7 @@ def statistics_bundle(request: StatisticsRequestRow) -> ApprovalBundle:
         request.dataset,
         min_count=request.min_count,
         noise_std=request.noise_std,
+        cv_folds=request.cv_folds or 0,
     )
 
 
@@ -138,6 +139,7 @@ def statistics_task(request: StatisticsRequestRow, answer: StatisticsAnswerRow) 
             noise_std=request.noise_std,
             approval_bundle_json=statistics_bundle(request).canonical_json(),
             expires_at=unix_seconds(statistics_expiry(request)),
+            cv_folds=request.cv_folds or 0,
         )
     )
 

@@ -97,6 +97,8 @@ class EvaluationRecords(LedgerCore):
                     "sites": list(request.sites),
                     "approval_bundle_sha256": approval_bundle_sha256,
                     "expires_at": request.expires_at.isoformat() if request.expires_at else None,
+                    # Per-fold requests only: the other events keep the shape they always had.
+                    **({"cv_folds": request.cv_folds} if request.cv_folds else {}),
                 },
             )
 

@@ -201,6 +201,8 @@ class StatisticsRequestRow(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A pending request fails after this; None (requests older than expiry): never.
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    # > 1: sites also answer per cross-validation fold (tabular); 0: one global answer.
+    cv_folds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     ledger_seq: Mapped[int | None] = mapped_column(Integer)  # the event that last wrote it
 
     answers: Mapped[list[StatisticsAnswerRow]] = relationship(

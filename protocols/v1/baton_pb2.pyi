@@ -729,6 +729,7 @@ class StatisticsTask(_message.Message):
     NOISE_STD_FIELD_NUMBER: _builtins.int
     APPROVAL_BUNDLE_JSON_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CV_FOLDS_FIELD_NUMBER: _builtins.int
     statistics_id: _builtins.str
     lease_token: _builtins.str
     task_type: _builtins.str
@@ -740,6 +741,11 @@ class StatisticsTask(_message.Message):
     """the request's bundle; sites approve it like a run's"""
     expires_at: _builtins.int
     """unix seconds (coordinator clock); sites refuse the task after it"""
+    cv_folds: _builtins.int
+    """> 1: also release, per cross-validation fold (the registration's seeded folds, as a
+    cross-validation run deals them), the aggregates of the training rows outside that fold.
+    Tabular only; sites refuse when a fold holds fewer rows than the minimum count.
+    """
     def __init__(
         self,
         *,
@@ -751,10 +757,11 @@ class StatisticsTask(_message.Message):
         noise_std: _builtins.float = ...,
         approval_bundle_json: _builtins.str = ...,
         expires_at: _builtins.int = ...,
+        cv_folds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "dataset", b"dataset", "expires_at", b"expires_at", "lease_token", b"lease_token", "min_count", b"min_count", "noise_std", b"noise_std", "statistics_id", b"statistics_id", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "cv_folds", b"cv_folds", "dataset", b"dataset", "expires_at", b"expires_at", "lease_token", b"lease_token", "min_count", b"min_count", "noise_std", b"noise_std", "statistics_id", b"statistics_id", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1330,6 +1337,7 @@ class StatisticsResult(_message.Message):
     LENGTH_UNIT_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    FOLDS_FIELD_NUMBER: _builtins.int
     statistics_id: _builtins.str
     lease_token: _builtins.str
     ok: _builtins.bool
@@ -1362,6 +1370,10 @@ class StatisticsResult(_message.Message):
     def length_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """text: rows per length bin"""
 
+    @_builtins.property
+    def folds(self) -> _containers.RepeatedCompositeFieldContainer[Global___FoldAggregates]:
+        """StatisticsTask.cv_folds > 1: one per fold"""
+
     def __init__(
         self,
         *,
@@ -1378,14 +1390,47 @@ class StatisticsResult(_message.Message):
         length_unit: _builtins.str = ...,
         error_code: _builtins.str = ...,
         error_message: _builtins.str = ...,
+        folds: _abc.Iterable[Global___FoldAggregates] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "error_code", b"error_code", "error_message", b"error_message", "feature_names", b"feature_names", "feature_sums", b"feature_sums", "feature_sums_of_squares", b"feature_sums_of_squares", "label_counts", b"label_counts", "lease_token", b"lease_token", "length_bin_edges", b"length_bin_edges", "length_histogram", b"length_histogram", "length_unit", b"length_unit", "ok", b"ok", "statistics_id", b"statistics_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "error_code", b"error_code", "error_message", b"error_message", "feature_names", b"feature_names", "feature_sums", b"feature_sums", "feature_sums_of_squares", b"feature_sums_of_squares", "folds", b"folds", "label_counts", b"label_counts", "lease_token", b"lease_token", "length_bin_edges", b"length_bin_edges", "length_histogram", b"length_histogram", "length_unit", b"length_unit", "ok", b"ok", "statistics_id", b"statistics_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatisticsResult: _TypeAlias = StatisticsResult  # noqa: Y015
+
+@_typing.final
+class FoldAggregates(_message.Message):
+    """Aggregates of one cross-validation fold's training part (the training rows outside the fold)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLD_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FEATURE_SUMS_FIELD_NUMBER: _builtins.int
+    FEATURE_SUMS_OF_SQUARES_FIELD_NUMBER: _builtins.int
+    fold: _builtins.int
+    count: _builtins.float
+    @_builtins.property
+    def feature_sums(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def feature_sums_of_squares(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        fold: _builtins.int = ...,
+        count: _builtins.float = ...,
+        feature_sums: _abc.Iterable[_builtins.float] | None = ...,
+        feature_sums_of_squares: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "feature_sums", b"feature_sums", "feature_sums_of_squares", b"feature_sums_of_squares", "fold", b"fold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FoldAggregates: _TypeAlias = FoldAggregates  # noqa: Y015
 
 @_typing.final
 class StatisticsResultResponse(_message.Message):
@@ -2169,6 +2214,7 @@ class CollectStatisticsRequest(_message.Message):
     MIN_COUNT_FIELD_NUMBER: _builtins.int
     NOISE_STD_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    CV_FOLDS_FIELD_NUMBER: _builtins.int
     dataset: _builtins.str
     task_type: _builtins.str
     min_count: _builtins.int
@@ -2176,6 +2222,8 @@ class CollectStatisticsRequest(_message.Message):
     noise_std: _builtins.float
     expires_in_seconds: _builtins.float
     """0: the coordinator's default"""
+    cv_folds: _builtins.int
+    """> 1: also per-fold normalisers for cross-validation (tabular)"""
     @_builtins.property
     def sites(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """required: which sites"""
@@ -2189,10 +2237,11 @@ class CollectStatisticsRequest(_message.Message):
         min_count: _builtins.int = ...,
         noise_std: _builtins.float = ...,
         expires_in_seconds: _builtins.float = ...,
+        cv_folds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dataset", b"dataset", "expires_in_seconds", b"expires_in_seconds", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cv_folds", b"cv_folds", "dataset", b"dataset", "expires_in_seconds", b"expires_in_seconds", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2290,6 +2339,8 @@ class StatisticsStatus(_message.Message):
     LENGTH_UNIT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CV_FOLDS_FIELD_NUMBER: _builtins.int
+    FOLDS_FIELD_NUMBER: _builtins.int
     statistics_id: _builtins.str
     status: _builtins.str
     """"pending", "done", "failed" """
@@ -2304,6 +2355,8 @@ class StatisticsStatus(_message.Message):
     error: _builtins.str
     expires_at: _builtins.int
     """unix seconds; a pending request fails after it"""
+    cv_folds: _builtins.int
+    """> 1: per-fold normalisers were asked for"""
     @_builtins.property
     def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteStatisticsStatus]: ...
     @_builtins.property
@@ -2322,6 +2375,10 @@ class StatisticsStatus(_message.Message):
     def length_bin_edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def length_histogram(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def folds(self) -> _containers.RepeatedCompositeFieldContainer[Global___FoldNormaliser]:
+        """once done: fold k's normaliser, over every site's"""
+
     def __init__(
         self,
         *,
@@ -2343,14 +2400,50 @@ class StatisticsStatus(_message.Message):
         length_unit: _builtins.str = ...,
         error: _builtins.str = ...,
         expires_at: _builtins.int = ...,
+        cv_folds: _builtins.int = ...,
+        folds: _abc.Iterable[Global___FoldNormaliser] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "count", b"count", "dataset", b"dataset", "error", b"error", "expires_at", b"expires_at", "feature_names", b"feature_names", "label_counts", b"label_counts", "length_bin_edges", b"length_bin_edges", "length_histogram", b"length_histogram", "length_unit", b"length_unit", "mean", b"mean", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "statistics_id", b"statistics_id", "status", b"status", "std", b"std", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_sha256", b"approval_bundle_sha256", "count", b"count", "cv_folds", b"cv_folds", "dataset", b"dataset", "error", b"error", "expires_at", b"expires_at", "feature_names", b"feature_names", "folds", b"folds", "label_counts", b"label_counts", "length_bin_edges", b"length_bin_edges", "length_histogram", b"length_histogram", "length_unit", b"length_unit", "mean", b"mean", "min_count", b"min_count", "noise_std", b"noise_std", "sites", b"sites", "statistics_id", b"statistics_id", "status", b"status", "std", b"std", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatisticsStatus: _TypeAlias = StatisticsStatus  # noqa: Y015
+
+@_typing.final
+class FoldNormaliser(_message.Message):
+    """The pooled statistics of one cross-validation fold's training parts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOLD_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    STD_FIELD_NUMBER: _builtins.int
+    fold: _builtins.int
+    count: _builtins.float
+    @_builtins.property
+    def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def std(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """sample standard deviation (n - 1)"""
+
+    def __init__(
+        self,
+        *,
+        fold: _builtins.int = ...,
+        count: _builtins.float = ...,
+        mean: _abc.Iterable[_builtins.float] | None = ...,
+        std: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "fold", b"fold", "mean", b"mean", "std", b"std"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FoldNormaliser: _TypeAlias = FoldNormaliser  # noqa: Y015
 
 @_typing.final
 class DownloadFinalCheckpointRequest(_message.Message):

@@ -5,15 +5,20 @@ cross-validation inside each site's training split is not. Running the whole seq
 once per fold would cost k runs, so a cross-validation run carries the k fold models together:
 at every hop, fold i's model trains on the site's training rows outside fold i and is scored on
 fold i. The site's score is the example-weighted mean over folds (for accuracy: the out-of-fold
-accuracy over all training rows). Test splits are never read.
+accuracy over all training rows). Test splits are never read. A tabular run with per-fold
+normalisers (option ``fold_normalisers``, from a per-fold statistics request) gives fold i's
+model fold i's mean and std, pooled over the training rows outside fold i only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 
+from protocols.statistics import FOLD_NORMALISERS_OPTION
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks._metrics import pool_metrics
 from site_agent.tasks._spec import (
@@ -27,12 +32,65 @@ from site_agent.tasks._spec import (
     Trainer,
 )
 
-__all__ = ["CrossValidatedTrainer", "fold_prefix"]
+__all__ = ["CrossValidatedTrainer", "fold_prefix", "fold_spec"]
 
 
 def fold_prefix(fold: int) -> str:
     """The tensor-name prefix of fold ``fold``'s model in a cross-validation checkpoint."""
     return f"fold{fold}."
+
+
+def fold_spec(spec: TaskSpec, fold: int, folds: int) -> TaskSpec:
+    """The task fold ``fold``'s model trains and is scored with.
+
+    With option ``fold_normalisers`` (one ``{"mean": [...], "std": [...]}`` per fold, pooled
+    over every site's training rows outside that fold), that fold's mean and std replace the
+    run's global ones; the option itself is removed, so the inner trainer sees a plain
+    ``global`` task. Without it, ``spec`` itself.
+
+    Raises:
+        ValueError: If the option is not one normaliser per fold of numbers, or the task's
+            normalisation is not ``global``.
+    """
+    if FOLD_NORMALISERS_OPTION not in spec.options:
+        return spec
+    options = dict(spec.options)
+    normalisers = options.pop(FOLD_NORMALISERS_OPTION)
+    if options.get("normalisation", "per-site") != "global":
+        raise ValueError(f"option {FOLD_NORMALISERS_OPTION!r} needs normalisation 'global'")
+    if (
+        not isinstance(normalisers, list)
+        or len(normalisers) != folds
+        or not all(_is_normaliser(entry) for entry in normalisers)
+    ):
+        raise ValueError(
+            f"option {FOLD_NORMALISERS_OPTION!r} must list {folds} normalisers (one per fold), "
+            'each {"mean": [numbers], "std": [numbers]}'
+        )
+    options["mean"] = list(normalisers[fold]["mean"])
+    options["std"] = list(normalisers[fold]["std"])
+    return dataclasses.replace(spec, options=options)
+
+
+def _is_normaliser(entry: object) -> bool:
+    if not isinstance(entry, dict) or set(entry) != {"mean", "std"}:
+        return False
+    return all(
+        isinstance(values, list)
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values
+        )
+        for values in entry.values()
+    )
+
+
+def _without_fold_normalisers(spec: TaskSpec) -> TaskSpec:
+    """The run's task with its global normaliser only (what describes the model's shape)."""
+    if FOLD_NORMALISERS_OPTION not in spec.options:
+        return spec
+    options = {k: v for k, v in spec.options.items() if k != FOLD_NORMALISERS_OPTION}
+    return dataclasses.replace(spec, options=options)
 
 
 class CrossValidatedTrainer:
@@ -61,7 +119,8 @@ class CrossValidatedTrainer:
         return self.inner.base_model_sha256
 
     def model_sha256(self, spec: TaskSpec, dataset: RegisteredDataset) -> str:
-        return self.inner.model_sha256(spec, dataset)
+        fold_spec(spec, 0, self.folds)  # refuses malformed per-fold normalisers before the pin
+        return self.inner.model_sha256(_without_fold_normalisers(spec), dataset)
 
     def uses_validation_split(self, dataset: RegisteredDataset) -> bool:
         """Whether this dataset scores on its validation split rather than on folds."""
@@ -74,7 +133,7 @@ class CrossValidatedTrainer:
         return [dataset.fold_view(fold, self.folds) for fold in range(self.folds)]
 
     def trainable_state(self, spec: TaskSpec, dataset: RegisteredDataset) -> tuple[TensorSpec, ...]:
-        inner = self.inner.trainable_state(spec, dataset)
+        inner = self.inner.trainable_state(_without_fold_normalisers(spec), dataset)
         specs = [
             TensorSpec(name=fold_prefix(fold) + t.name, dtype=t.dtype, shape=t.shape)
             for fold in range(self.folds)
@@ -113,7 +172,7 @@ class CrossValidatedTrainer:
         adapter_config: dict[str, object] = {}
         for fold, view in enumerate(views):
             outcome = self.inner.run_hop(
-                spec,
+                fold_spec(spec, fold, self.folds),
                 view,
                 hyperparameters,
                 None if per_fold is None else per_fold[fold],
@@ -126,6 +185,8 @@ class CrossValidatedTrainer:
             started = started or outcome.train_started_at_ns
             finished = outcome.train_finished_at_ns
             adapter_config = outcome.adapter_config
+        if "options" in adapter_config:  # the run's options, not the last fold's normaliser
+            adapter_config = {**adapter_config, "options": dict(spec.options)}
         metrics = self._combined(dataset, fold_metrics)
         metrics["train_examples"] = float(len(dataset.train))
         return HopOutcome(
@@ -162,7 +223,9 @@ class CrossValidatedTrainer:
         views = self.views(dataset)
         per_fold = split_folds(tensors, self.folds)
         fold_metrics = [
-            self.inner.evaluate(spec, view, "validation", per_fold[fold])
+            self.inner.evaluate(
+                fold_spec(spec, fold, self.folds), view, "validation", per_fold[fold]
+            )
             for fold, view in enumerate(views)
         ]
         metrics = self._combined(dataset, fold_metrics)

@@ -22,6 +22,7 @@ from ordering import (
     StudyMismatch,
 )
 from protocols.approval import ApprovalBundle
+from protocols.statistics import FOLD_NORMALISERS_OPTION
 
 __all__ = [
     "STUDY_SCHEMA",
@@ -124,6 +125,8 @@ class RunTemplate:
         )
         if self.options:
             document["options"] = _plain_json(dict(self.options))
+            if final:  # the final model keeps the global normaliser, not the folds'
+                document["options"].pop(FOLD_NORMALISERS_OPTION, None)
         if self.failure is not None:
             document["failure"] = _plain_json(dict(self.failure))
         if self.bounds is not None:
