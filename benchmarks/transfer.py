@@ -322,8 +322,9 @@ def run(
         # py-spy samples the coordinator (all its threads) from start to end; the upload's
         # stacks dominate the samples of a run of large transfers (idle time is not sampled).
         spy = Path(sys.executable).with_name("py-spy")
-        coordinator_cmd = [str(spy), "record", "--rate", "200", "--threads", "--format", "raw",
-                           "--output", str(profile_out), "--", *coordinator_cmd]  # fmt: skip
+        native = ["--native"] if args.profile == "native" else []
+        coordinator_cmd = [str(spy), "record", "--rate", "200", "--threads", *native, "--format",
+                           "raw", "--output", str(profile_out), "--", *coordinator_cmd]  # fmt: skip
     coord_proc, port, ready = _start(coordinator_cmd, tmp / "coordinator.port", **malloc)
     coordinator = psutil.Process(coord_proc.pid)
     if profile_out is not None:
@@ -545,9 +546,9 @@ def main() -> None:
     parser.add_argument("--legacy", action="store_true",
                         help="time UploadCheckpoint (then ReportHopResult) instead of "
                              "HandBackHop")  # fmt: skip
-    parser.add_argument("--profile", action="store_true",
+    parser.add_argument("--profile", nargs="?", const="python", choices=["python", "native"],
                         help="sample the coordinator with py-spy into results/NAME_profile.txt "
-                             "(collapsed stacks)")  # fmt: skip
+                             "(collapsed stacks; `native`: with C frames)")  # fmt: skip
     parser.add_argument("--name", default="transfer")
     args = parser.parse_args()
     command = "python benchmarks/transfer.py " + " ".join(sys.argv[1:])
