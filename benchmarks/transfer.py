@@ -7,12 +7,19 @@ serve` in its own process (hash, format, values, lineage and signature checked; 
 Raw and Baton runs are interleaved; each figure is the median of `--repeat`. The coordinator's
 RSS is sampled every 10 ms (psutil) while the bundles move.
 
-Baton's upload time is the HandBackHop call: the bundle and the hop's result in one call, the
-coordinator hashing and checking the values while the bytes stream into the spool file, then
+"Through the coordinator" is, for an upload, the HandBackHop call from its first message to
+its answer: the bundle and the hop's result in one call, the coordinator hashing and checking
+the values while the bytes stream into the spool file, making the file durable (fsync),
 renaming it into the store and committing the hop (`--legacy` times the older UploadCheckpoint
-call instead, without the commit). The site hashes and signs its bundle when it makes it
-(reported apart as `site_hash_sign_s`). The coordinator's CPU seconds per transfer and the load
-average (`uptime`) before and after are recorded; results are written after every row.
+call instead, without the commit); for a download, DownloadCheckpoint from the request to the
+last chunk, read from the store. The raw comparator does the same transfers with no protocol:
+bytes messages of the same chunk size, over a channel and a server built by the same helpers
+(`protocols.transport`: the same mTLS, message-size, window and keep-alive options), its server
+hashing what it receives (sha256) and writing nothing. On both sides the client hashes before
+the call (a site signs its bundle's digest when it makes it; reported apart as
+`site_hash_sign_s`). The coordinator's CPU seconds per transfer and the load (`uptime`) before,
+after and with every row are recorded; results are written after every row. `--profile` samples
+the coordinator with py-spy (collapsed stacks in `results/NAME_profile.txt`).
 
     nice -n 19 .venv/bin/python benchmarks/transfer.py --sizes 1,10,100
 """
@@ -107,18 +114,14 @@ def _chunks(data: bytes, chunk: int) -> Iterator[bytes]:
 
 
 def raw_upload(channel: grpc.Channel, data: bytes, chunk: int) -> float:
+    """As Baton's site, the client hashes before the call (a site signs its bundle's digest in
+    the upload header); the server hashes what it receives, as the coordinator does."""
     call = channel.stream_unary(_UPLOAD)
-    digest = hashlib.sha256()
-
-    def hashed() -> Iterator[bytes]:
-        for part in _chunks(data, chunk):
-            digest.update(part)
-            yield part
-
+    digest = hashlib.sha256(data).hexdigest()
     started = time.perf_counter()
-    answer = call(hashed(), timeout=300)
+    answer = call(_chunks(data, chunk), timeout=300)
     seconds = time.perf_counter() - started
-    assert answer.decode() == digest.hexdigest()
+    assert answer.decode() == digest
     return seconds
 
 
@@ -314,8 +317,18 @@ def run(
     malloc = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
     if args.malloc_mmap_threshold:
         malloc["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    profile_out = RESULTS / f"{args.name}_profile.txt" if args.profile else None
+    if profile_out is not None:
+        # py-spy samples the coordinator (all its threads) from start to end; the upload's
+        # stacks dominate the samples of a run of large transfers (idle time is not sampled).
+        spy = Path(sys.executable).with_name("py-spy")
+        native = ["--native"] if args.profile == "native" else []
+        coordinator_cmd = [str(spy), "record", "--rate", "200", "--threads", *native, "--format",
+                           "raw", "--output", str(profile_out), "--", *coordinator_cmd]  # fmt: skip
     coord_proc, port, ready = _start(coordinator_cmd, tmp / "coordinator.port", **malloc)
     coordinator = psutil.Process(coord_proc.pid)
+    if profile_out is not None:
+        coordinator = coordinator.children()[0]
     raw_server = psutil.Process(raw_proc.pid)
     sampler = RssSampler(coordinator)
     raw_sampler = RssSampler(raw_server)
@@ -409,6 +422,7 @@ def run(
                     "raw_server_rss_growth_mib_upload": round(raw_growth_up / MiB),
                     "coordinator_peak_rss_mib_download": round(peak_down / MiB),
                     "load_average_1m": round(os.getloadavg()[0], 2),
+                    "uptime": _uptime(),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -420,6 +434,9 @@ def run(
     finally:
         sampler.stop()
         raw_sampler.stop()
+        if profile_out is not None:
+            coordinator.send_signal(signal.SIGTERM)  # py-spy then writes its profile and exits
+            coord_proc.wait(60)
         for proc in (coord_proc, raw_proc):
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
@@ -446,6 +463,13 @@ def markdown(figures: dict[str, Any], command: str) -> str:
             if figures.get("baton_call") == "HandBackHop"
             else "."
         ),
+        "",
+        "Through the coordinator: the upload is HandBackHop from its first message to its answer "
+        "(the bundle streamed into the spool file while hashed and value-checked, fsync, rename "
+        "into the store, hop commit); the download is DownloadCheckpoint from the store. Raw: "
+        "bytes messages of the same chunk size over a channel and server built by the same "
+        "helpers (same mTLS, message-size, window and keep-alive options), the server hashing "
+        "(sha256) and writing nothing. Both clients hash before the call.",
         "",
         f"Load before: `{figures.get('uptime_before', '')}`; after: "
         f"`{figures.get('uptime_after', '(run cut short)')}`.",
@@ -522,6 +546,9 @@ def main() -> None:
     parser.add_argument("--legacy", action="store_true",
                         help="time UploadCheckpoint (then ReportHopResult) instead of "
                              "HandBackHop")  # fmt: skip
+    parser.add_argument("--profile", nargs="?", const="python", choices=["python", "native"],
+                        help="sample the coordinator with py-spy into results/NAME_profile.txt "
+                             "(collapsed stacks; `native`: with C frames)")  # fmt: skip
     parser.add_argument("--name", default="transfer")
     args = parser.parse_args()
     command = "python benchmarks/transfer.py " + " ".join(sys.argv[1:])

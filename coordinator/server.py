@@ -25,7 +25,14 @@ from coordinator.store import CheckpointStore, fsync_write
 from protocols.transport import aio_server, check_port_free
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
-__all__ = ["Coordinator", "bind_dashboard_socket", "build_server", "serve", "settle_heap"]
+__all__ = [
+    "Coordinator",
+    "DashboardOnDemand",
+    "bind_dashboard_socket",
+    "build_server",
+    "serve",
+    "settle_heap",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +179,9 @@ async def _build_server(settings: CoordinatorSettings) -> Coordinator:
 async def serve(settings: CoordinatorSettings) -> None:
     """Runs until SIGINT/SIGTERM.
 
-    The gRPC port file is written as soon as sites can connect; the dashboard (FastAPI, a third
-    of the start-up imports) comes up right after on the socket bound at the start, its port
-    file last.
+    The gRPC port file is written as soon as sites can connect, then the dashboard's: its
+    socket is bound at the start and the dashboard (FastAPI, a third of the start-up imports)
+    starts on its first connection (`DashboardOnDemand`).
     """
     listener = None
     if settings.dashboard:  # bound first: a taken port is refused before anything starts
@@ -191,21 +198,88 @@ async def serve(settings: CoordinatorSettings) -> None:
         fsync_write(settings.metrics_port_file, str(coordinator.metrics_port).encode())
     if settings.port_file is not None:
         fsync_write(settings.port_file, str(coordinator.port).encode())
+    stop = asyncio.Event()
     dashboard = None
     if listener is not None:
-        dashboard = await _start_dashboard(settings, coordinator, listener)
+        dashboard = DashboardOnDemand(settings, coordinator, listener, stop)
+        dashboard.arm()
     settle_heap()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if dashboard is not None and dashboard.error is not None:
+        raise dashboard.error  # it stopped the coordinator, as a dashboard failing at start does
     logger.info("coordinator shutting down (grace %.0f s)", settings.shutdown_grace)
     if dashboard is not None:
         await dashboard.stop()
     await coordinator.stop(settings.shutdown_grace)
     logger.info("coordinator stopped")
+
+
+class DashboardOnDemand:
+    """The dashboard, started on its first connection: FastAPI, uvicorn and the pages hold
+    ~17 MiB that a coordinator nobody browses would keep for nothing (benchmarks/transfer.py).
+
+    Its socket is bound and listening from the start and its port file written at once: the
+    first visitor's connection waits in the socket's backlog while the dashboard starts (about
+    a second), then is served. Study workers an earlier coordinator left are adopted at start.
+    """
+
+    def __init__(
+        self,
+        settings: CoordinatorSettings,
+        coordinator: Coordinator,
+        listener: socket.socket,
+        stop: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.coordinator = coordinator
+        self.listener = listener
+        self._stop = stop
+        self._supervisor = _study_supervisor(settings, coordinator)
+        self._starting: asyncio.Task[Any] | None = None
+        self._armed = False
+        self.server: Any = None  # the running dashboard, once started
+        self.error: BaseException | None = None
+
+    def arm(self) -> None:
+        """Writes the port file and waits for the first connection."""
+        if self.settings.dashboard_port_file is not None:
+            port = self.listener.getsockname()[1]
+            fsync_write(self.settings.dashboard_port_file, str(port).encode())
+        asyncio.get_running_loop().add_reader(self.listener.fileno(), self._connection)
+        self._armed = True
+
+    def _connection(self) -> None:
+        self._disarm()
+        self._starting = asyncio.create_task(self._start())
+
+    def _disarm(self) -> None:
+        if self._armed:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self._armed = False
+
+    async def _start(self) -> None:
+        try:
+            self.server = await _start_dashboard(
+                self.settings, self.coordinator, self.listener, self._supervisor
+            )
+        except Exception as exc:  # the coordinator is stopped: serve() raises it
+            logger.error("dashboard failed to start: %s", exc)
+            self.error = exc
+            self._stop.set()
+
+    async def stop(self) -> None:
+        self._disarm()
+        if self._starting is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._starting
+        if self.server is not None:
+            await self.server.stop()
+        else:
+            self.listener.close()
 
 
 def _study_supervisor(settings: CoordinatorSettings, coordinator: Coordinator) -> Any:
@@ -234,7 +308,10 @@ def _study_supervisor(settings: CoordinatorSettings, coordinator: Coordinator) -
 
 
 async def _start_dashboard(
-    settings: CoordinatorSettings, coordinator: Coordinator, listener: socket.socket
+    settings: CoordinatorSettings,
+    coordinator: Coordinator,
+    listener: socket.socket,
+    supervisor: Any,
 ) -> Any:
     """Serves the dashboard in this event loop, beside the gRPC server (imported only if on).
 
@@ -252,14 +329,12 @@ async def _start_dashboard(
             private_key=settings.private_key,
             ca_certificate=settings.ca_certificate,
             sock=listener,
-            supervisor=_study_supervisor(settings, coordinator),
+            supervisor=supervisor,
         )
     except BaseException:
         listener.close()
         await coordinator.stop()
         raise
-    if settings.dashboard_port_file is not None:
-        fsync_write(settings.dashboard_port_file, str(dashboard.port).encode())
     return dashboard
 
 

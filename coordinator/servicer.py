@@ -42,7 +42,7 @@ from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from protocols.version import BATON_VERSION, PROTOCOL_VERSION
 
-__all__ = ["AdminServicer", "MalformedMessageGuard", "SiteServicer", "run_status"]
+__all__ = ["AdminServicer", "DataChunk", "MalformedMessageGuard", "SiteServicer", "run_status"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,62 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
     return parse
 
 
+# The two calls that stream a bundle: every message but the first and last is one chunk,
+# `bytes data = 2` of the `part` oneof and nothing else (tag 0x12, then its length).
+_CHUNK_STREAMS = frozenset(
+    {"/baton.v1.SiteService/UploadCheckpoint", "/baton.v1.SiteService/HandBackHop"}
+)
+_DATA_TAG = 0x12
+
+
+class DataChunk:
+    """A chunk message (`data` set, no other field) taken without copying its bytes: `data` is
+    a view into the message gRPC received. Reads as the parsed message does: `WhichOneof("part")`
+    and `data` (a full parse copies the chunk into the message, then again on each `data` read)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+
+    @staticmethod
+    def WhichOneof(group: str) -> str | None:  # the protobuf message's name
+        return "data" if group == "part" else None
+
+
+def _data_chunk(message: bytes) -> DataChunk | None:
+    """The chunk `message` holds when it is a data chunk alone; None for anything else (the
+    header, the result, other encodings of a chunk: those get the full parse)."""
+    if len(message) < 2 or message[0] != _DATA_TAG:
+        return None
+    length = shift = 0
+    position = 1
+    while position < min(len(message), 11):  # a varint length takes at most 10 bytes
+        byte = message[position]
+        position += 1
+        length |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+    else:
+        return None
+    if position + length != len(message):
+        return None
+    return DataChunk(memoryview(message)[position:])
+
+
+def _chunks_first(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """`deserializer` with data chunks taken as views (`DataChunk`), not parsed."""
+
+    def parse(data: bytes) -> Any:
+        chunk = _data_chunk(data)
+        if chunk is not None:
+            return chunk
+        return deserializer(data) if deserializer else data
+
+    return parse
+
+
 class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Turns undecodable messages into INVALID_ARGUMENT (recorded), instead of gRPC's UNKNOWN."""
 
@@ -277,9 +333,12 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
                 return await inner_stream(checked(), context)
 
+            deserializer = handler.request_deserializer
+            if method in _CHUNK_STREAMS:
+                deserializer = _chunks_first(deserializer)
             return grpc.stream_unary_rpc_method_handler(
                 stream_unary,
-                request_deserializer=_safe(handler.request_deserializer),
+                request_deserializer=_safe(deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

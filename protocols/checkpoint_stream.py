@@ -138,11 +138,26 @@ class BundleStream:
                         _check_finite(tensor.name, tensor.dtype, self._carry)
                         self._carry = b""
                 whole = len(part) - len(part) % tensor.item
-                _check_finite(tensor.name, tensor.dtype, part[:whole])  # type: ignore[arg-type]
+                _check_finite_summed(tensor, part[:whole])
                 self._carry += bytes(part[whole:])
             except CheckpointError as exc:
                 self.value_error = str(exc)
                 return
+
+
+def _check_finite_summed(tensor: _FloatTensor, raw: memoryview) -> None:
+    """`_check_finite` (same refusal), faster for float32 and float64 values: a finite sum
+    proves every value finite (a NaN or an infinity makes the sum NaN or infinite) and needs
+    no element-wise temporary array; only a sum that is not finite (a bad value, or finite
+    values that overflow it) gets the element-wise test."""
+    kind = _FLOAT_DTYPES.get(tensor.dtype)
+    if kind in ("<f4", "<f8") and len(raw):
+        import numpy as np  # imported where values are read, as protocols.checkpoint does
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            if np.isfinite(np.frombuffer(raw, dtype=kind).sum()):
+                return
+    _check_finite(tensor.name, tensor.dtype, raw)  # type: ignore[arg-type]
 
 
 def inspect_streamed_bundle(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -38,8 +40,9 @@ def test_serve_offers_the_dashboard_over_https_with_the_consortium_certificate(
                                   dashboard_port_file=tmp_path / "dashboard.port")  # fmt: skip
         port = int((tmp_path / "dashboard.port").read_text())
         trust = ssl.create_default_context(cafile=str(pki.directory / "ca.crt"))
+        # The first connection starts the dashboard (imports): a generous timeout.
         with httpx.Client(
-            base_url=f"https://localhost:{port}", verify=trust, follow_redirects=True
+            base_url=f"https://localhost:{port}", verify=trust, follow_redirects=True, timeout=60
         ) as client:
             assert client.get("/login").status_code == 200
             assert client.get("/api/v1/me").status_code == 401
@@ -97,3 +100,43 @@ def test_a_taken_dashboard_port_is_refused_before_the_grpc_port_is_announced(
     assert second.returncode == 2
     assert f"dashboard cannot listen on 127.0.0.1:{port}" in second.stderr
     assert not (tmp_path / "port").exists()  # no site was told to connect to it
+
+
+def test_the_dashboard_starts_on_its_first_connection(pki: Pki, tmp_path: Path) -> None:
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    with cluster.running():
+        cluster.start_coordinator(state_dir=tmp_path / "state", pki_dir=pki.directory,
+                                  port_file=tmp_path / "port",
+                                  dashboard_port_file=tmp_path / "dashboard.port")  # fmt: skip
+        port = int((tmp_path / "dashboard.port").read_text())
+        coordinator = cluster.process("coordinator")
+        assert "dashboard on https://" not in coordinator.log_tail()  # not started: not browsed
+        trust = ssl.create_default_context(cafile=str(pki.directory / "ca.crt"))
+        with httpx.Client(base_url=f"https://localhost:{port}", verify=trust,
+                          timeout=60) as client:  # fmt: skip
+            assert client.get("/login").status_code == 200
+            assert client.get("/login").status_code == 200
+        assert f"dashboard on https://localhost:{port}/" in coordinator.log_tail()
+
+
+def test_a_dashboard_failing_at_its_first_connection_stops_the_coordinator_in_one_line(
+    pki: Pki, tmp_path: Path
+) -> None:
+    own = tmp_path / "pki"
+    shutil.copytree(pki.directory, own)
+    cluster = Cluster(log_dir=tmp_path / "logs")
+    with cluster.running():
+        cluster.start_coordinator(state_dir=tmp_path / "state", pki_dir=own,
+                                  port_file=tmp_path / "port",
+                                  dashboard_port_file=tmp_path / "dashboard.port")  # fmt: skip
+        port = int((tmp_path / "dashboard.port").read_text())
+        (own / "coordinator.key").unlink()  # the dashboard's TLS key is gone when it starts
+        with socket.create_connection(("localhost", port), timeout=60):
+            coordinator = cluster.process("coordinator")
+            deadline = time.monotonic() + 60
+            while coordinator.process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+        log = coordinator.log_tail()
+        assert coordinator.process.returncode == 2, log
+    assert "dashboard failed to start" in log
+    assert "Traceback" not in log

@@ -114,3 +114,40 @@ def test_values_are_read_from_the_file_when_the_streamed_layout_differs_from_it(
     with pytest.raises(CheckpointError, match="tensor 'w' holds NaN or infinite values"):
         inspect_streamed_bundle(path, stream)
     assert read_back == ["file"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_finite_values_whose_sum_overflows_pass_and_any_bad_value_is_refused(
+    tmp_path: Path, dtype: type
+) -> None:
+    huge = np.full(4096, np.finfo(dtype).max, dtype)  # finite, but their sum is infinite
+    for bad in (None, np.nan, np.inf, -np.inf):
+        values = huge.copy()
+        if bad is not None:
+            values[1234] = bad
+        values[:2] = [np.finfo(dtype).max, -np.finfo(dtype).max]
+        data = safetensors.numpy.save({"w": values}, metadata=bundle_metadata(MANIFEST, {}))
+        path = tmp_path / "bundle"
+        path.write_bytes(data)
+        stream = _streamed(data, np.random.default_rng(1))
+        if bad is None:
+            assert stream.value_error is None
+            assert inspect_streamed_bundle(path, stream).tensors[0].name == "w"
+        else:
+            assert stream.value_error == "tensor 'w' holds NaN or infinite values"
+
+
+def test_values_whose_sum_is_finite_are_not_tested_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    values = np.random.default_rng(0).standard_normal(50_000).astype(np.float32)
+    data = safetensors.numpy.save({"w": values}, metadata=bundle_metadata(MANIFEST, {}))
+    tested: list[str] = []
+    monkeypatch.setattr(checkpoint_stream, "_check_finite", lambda name, *_: tested.append(name))
+    stream = BundleStream()
+    stream.feed(data)
+    assert stream.value_error is None and tested == []
+    values[7] = np.nan
+    stream = BundleStream()
+    stream.feed(safetensors.numpy.save({"w": values}, metadata=bundle_metadata(MANIFEST, {})))
+    assert tested == ["w"]
