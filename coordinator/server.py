@@ -201,7 +201,7 @@ async def serve(settings: CoordinatorSettings) -> None:
     stop = asyncio.Event()
     dashboard = None
     if listener is not None:
-        dashboard = DashboardOnDemand(settings, coordinator, listener, stop)
+        dashboard = DashboardOnDemand(settings, coordinator, listener)
         dashboard.arm()
     settle_heap()
     loop = asyncio.get_running_loop()
@@ -209,8 +209,6 @@ async def serve(settings: CoordinatorSettings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    if dashboard is not None and dashboard.error is not None:
-        raise dashboard.error  # it stopped the coordinator, as a dashboard failing at start does
     logger.info("coordinator shutting down (grace %.0f s)", settings.shutdown_grace)
     if dashboard is not None:
         await dashboard.stop()
@@ -232,12 +230,10 @@ class DashboardOnDemand:
         settings: CoordinatorSettings,
         coordinator: Coordinator,
         listener: socket.socket,
-        stop: asyncio.Event,
     ) -> None:
         self.settings = settings
         self.coordinator = coordinator
         self.listener = listener
-        self._stop = stop
         self._supervisor = _study_supervisor(settings, coordinator)
         self._starting: asyncio.Task[Any] | None = None
         self._armed = False
@@ -266,10 +262,15 @@ class DashboardOnDemand:
             self.server = await _start_dashboard(
                 self.settings, self.coordinator, self.listener, self._supervisor
             )
-        except Exception as exc:  # the coordinator is stopped: serve() raises it
-            logger.error("dashboard failed to start: %s", exc)
+        except Exception as exc:
+            # Runs in flight go on: a visitor's first page must not stop the sites' work. The
+            # dashboard's port is closed, so later visitors are refused, not left hanging.
+            logger.error(
+                "dashboard failed to start: %s; the coordinator goes on without it "
+                "(fix the cause and restart the coordinator to get it back)",
+                exc,
+            )
             self.error = exc
-            self._stop.set()
 
     async def stop(self) -> None:
         self._disarm()
@@ -278,7 +279,7 @@ class DashboardOnDemand:
                 await self._starting
         if self.server is not None:
             await self.server.stop()
-        else:
+        elif self.listener.fileno() != -1:
             self.listener.close()
 
 
@@ -333,7 +334,6 @@ async def _start_dashboard(
         )
     except BaseException:
         listener.close()
-        await coordinator.stop()
         raise
     return dashboard
 
