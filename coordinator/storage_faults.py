@@ -60,6 +60,7 @@ class _Fault:
     reason: str
     operation: str
     ledgered: bool = False
+    needs_bytes: int = 0
 
 
 class StorageHealth:
@@ -87,8 +88,16 @@ class StorageHealth:
         )
 
     @contextmanager
-    def guard(self, operation: str) -> Iterator[None]:
-        """Turns a storage error inside the block into `StorageFault` (retryable) and notes it."""
+    def guard(self, operation: str, *, needs_bytes: int = 0) -> Iterator[None]:
+        """Turns a storage error inside the block into `StorageFault` (retryable) and notes it.
+
+        Args:
+            operation: What the block does, for the fault's message.
+            needs_bytes: What the block writes, if known and larger than the probe: a fault it
+                raises ends only once that much is free (a small probe write succeeding in a
+                disk that still cannot take the block would end and start the fault again with
+                every retry).
+        """
         try:
             yield
         except StorageFault:
@@ -97,13 +106,15 @@ class StorageHealth:
             reason = storage_fault_reason(exc)
             if reason is None:
                 raise
-            self.report(operation, reason)
+            self.report(operation, reason, needs_bytes=needs_bytes)
             raise StorageFault(f"coordinator storage full: {reason}; retrying") from exc
 
-    def report(self, operation: str, reason: str) -> None:
+    def report(self, operation: str, reason: str, *, needs_bytes: int = 0) -> None:
         """Notes a storage fault; ledgers it now if the ledger can write, else on recovery."""
+        if self._fault is not None:
+            self._fault.needs_bytes = max(self._fault.needs_bytes, needs_bytes)
         if self._fault is None:
-            self._fault = _Fault(datetime.now(UTC), reason, operation)
+            self._fault = _Fault(datetime.now(UTC), reason, operation, needs_bytes=needs_bytes)
             logger.error("coordinator storage fault during %s: %s", operation, reason)
             self._write_fault_event()
         elif time.monotonic() - self._last_log > 30:
@@ -143,6 +154,10 @@ class StorageHealth:
         probe = self.probe_dir / ".storage-probe"
         try:
             self.probe_dir.mkdir(parents=True, exist_ok=True)
+            if fault.needs_bytes > _PROBE_BYTES:
+                disk = os.statvfs(self.probe_dir)
+                if disk.f_bavail * disk.f_frsize < fault.needs_bytes:
+                    return False
             with probe.open("wb") as fh:
                 fh.write(b"\0" * _PROBE_BYTES)
                 fh.flush()

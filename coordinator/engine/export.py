@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -40,7 +41,11 @@ async def complete_run(
     Raises:
         StorageFault: The export could not be written; the run is still running.
     """
-    with storage.guard(f"export of run {run_id}'s final adapter"):
+    # The export writes the adapter once more beside the run (plus two small files).
+    needs = 0
+    with contextlib.suppress(OSError):  # a missing bundle fails below, as before
+        needs = store.path(final_sha256).stat().st_size + 64 * 1024
+    with storage.guard(f"export of run {run_id}'s final adapter", needs_bytes=needs):
         out = final_adapter_dir(runs_dir, run_id)
         await asyncio.to_thread(export_final, store, out, final_sha256)
         ledger.transition_run(

@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.cli import app
+from coordinator.errors import StorageFault
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage_faults import storage_fault_reason
+from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread, Pki
@@ -229,3 +230,27 @@ def test_failure_and_evaluation_reports_into_a_full_disk_are_retryable(
         admin.close()
         site.close()
         loop_thread.run(coordinator.stop(0))
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.kinds: list[str] = []
+
+    def record_event(self, kind: str, **fields: object) -> None:
+        self.kinds.append(kind)
+
+
+def test_a_fault_of_a_large_write_ends_only_once_its_size_is_free(disk: Path) -> None:
+    events = _Events()
+    health = StorageHealth(events, disk / "probe")
+    ballast = Ballast(disk)
+    ballast.fill(room=256 * 1024)  # room for the probe, not for the 1 MiB write below
+    try:
+        with pytest.raises(StorageFault), health.guard("export", needs_bytes=1024 * 1024):
+            (disk / "export").write_bytes(b"\0" * 1024 * 1024)
+        assert not health.check() and health.fault is not None  # the small probe would succeed
+        ballast.free()
+        assert health.check() and health.fault is None
+        assert events.kinds == ["storage.fault", "storage.recovered"]
+    finally:
+        ballast.free()
