@@ -126,7 +126,8 @@ class Hops:
         self.leases.waiting_since.pop(hop.id, None)
         self.leases.wait_logged.pop(hop.id, None)
         if hop.status in LIVE_HOP_STATES and self.leases.sent.get(hop.id) is session:
-            self._tell_next(run, hop)
+            if hop.status != "leased":  # it trains (or hands back): the next site may prepare
+                self._tell_next(run, hop)
             return
         if await self._refuse_tampered(run, input_sha256):
             return
@@ -163,8 +164,6 @@ class Hops:
                 len(task.hop.input_bundle)
             )
         session.queue.put_nowait(task)
-        if not round_number:
-            self._tell_next(run, hop)
 
     def _small_bundle(self, input_ref: CheckpointRow | None) -> bytes | None:
         """The input's bytes if it is small enough to ride inside its task."""
@@ -177,7 +176,14 @@ class Hops:
             return None
 
     def _tell_next(self, run: RunRow, hop: HopRow) -> None:
-        """Tells the site of the hop after ``hop`` that it is next, once per hop and session."""
+        """Tells the site of the hop after ``hop`` that it is next, once per hop and session.
+
+        Called once ``hop`` trains (its "training" beat), not when it is leased: a lease is
+        a handoff, and a preparation then (a model copy, the data encoded) would take CPU from
+        the site starting its hop at that very moment.
+        """
+        if runs_in_rounds(run):
+            return  # a round's hops train side by side: no one is next
         following = next_site_hop(run, hop)
         if following is None:
             return
@@ -216,10 +222,13 @@ class Hops:
             run, hop = self.leases.leased_hop(site, beat.hop_id, beat.lease_token)
             if hop.status == "leased":
                 with self.storage.guard(f"heartbeat of hop {hop.index} of run {run.id}"):
-                    await self.writer.run(
+                    hop = await self.writer.run(
                         self.ledger.transition_hop,
                         hop.id, expected=("leased",), status="training", event="hop.training",
                     )  # fmt: skip
+                held = self.runs.hop(hop.id)
+                if held is not None:
+                    self._tell_next(*held)
 
     async def report_result(self, site: str, result: pb.HopResult) -> str:
         """Commits or fails a hop, then moves the run on. Returns the hop's new status.

@@ -5,6 +5,7 @@ trains and gets its (small) input inside its task."""
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 from coordinator.console.admin import AdminClient
@@ -65,6 +66,11 @@ def _check_validated(state: Path, run_id: str) -> None:
             following = run.hops[hop.index + 1]
             leases = [e for e in events if e.hop_id == following.id and e.kind == "hop.leased"]
             assert leases and leases[0].seq < validation.seq
+        for hop in run.hops:
+            # "Training" is told after the first step (the next site prepares only then).
+            for event in (e for e in events if e.hop_id == hop.id and e.kind == "hop.training"):
+                told = datetime.fromisoformat(event.at).timestamp() * 1e9
+                assert hop.train_started_at_ns and told >= hop.train_started_at_ns
     finally:
         ledger.close()
 
