@@ -311,7 +311,8 @@ class HopRunner(TaskChecks, Transfers):
             parent = task.input_checkpoint.sha256
             incoming = self._incoming(stub, task, held)
 
-        beat.phase("training", tell=False)  # told after the first step (`training_step`)
+        # The phase stays what it was while the hop sets up: "training" comes with its first
+        # step (`training_step`), so that no regular beat tells it early either.
 
         def should_cancel() -> bool:
             return beat.cancelled.is_set() or self._stop.is_set() or self._out_of_grace()
