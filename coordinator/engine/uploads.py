@@ -197,6 +197,7 @@ class UploadIntake:
                     site, certificate_pem, header, chunks, record
                 )
             if not record:
+                self.metrics.hop_phase(hop.id, "committing")  # the commit writes the row
                 return row
             async with self._lock:
                 with contextlib.suppress(TransitionRefused):
