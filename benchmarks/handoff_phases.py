@@ -29,6 +29,7 @@ and summarises where the finishing and the next site spend their time around han
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import itertools
 import json
@@ -41,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -311,6 +312,137 @@ def run_job(
     return result
 
 
+# ---- CPU time of the sites' steps of a handoff (one process, no cluster) ---------------------
+
+
+def site_cpu(work: Path, repeats: int, steps: int) -> dict[str, Any]:
+    """Thread CPU time and wall time (ms, medians over ``repeats`` hops) of each step a site
+    takes inside a handoff, on the demo's model, measured in one process with the agent's own
+    functions: the finishing site's serialisation, egress check and signature, the next site's
+    bundle and custody checks, tensor load, data view and set-up up to its first training step.
+    CPU time is what a loaded machine cannot inflate; wall time shows what waiting adds.
+    """
+    import safetensors.torch
+    import torch
+
+    from coordinator.console.demo import DATASET, packaged_minilm, prepare_pki, write_site_data
+    from protocols.checkpoint import CheckpointManifest, bundle_metadata, inspect_bundle
+    from protocols.signing import sign_digest, verify_custody
+    from site_agent.hop_runner import HopRunner
+    from site_agent.registry import load_registered
+    from site_agent.tasks import (
+        HopHyperparameters,
+        LoraSettings,
+        TaskSpec,
+        _lora_trainer,
+        create_trainer,
+    )
+    from site_agent.tasks._loop import warm_up_optimizer
+
+    prepare_pki(work / "pki", ["hospital-a"])
+    labels = write_site_data(work / "hospital-a", 0, len(SITES))
+    key, ca = (work / "pki" / "hospital-a.key"), (work / "pki" / "ca.crt").read_bytes()
+    certificate = (work / "pki" / "hospital-a.crt").read_bytes()
+    torch.set_num_threads(1)
+    warm_up_optimizer()
+    trainer = create_trainer(
+        "seq-classification", base_model_dir=packaged_minilm(), device="cpu", num_threads=1
+    )
+    spec = TaskSpec(task_type="seq-classification", labels=tuple(labels),
+                    lora=LoraSettings(8, 16, 0.0, ("query", "value")), options={})  # fmt: skip
+    dataset = load_registered(work / "hospital-a", DATASET)
+    hyperparameters = HopHyperparameters(steps=steps, batch_size=16, learning_rate=2e-3, seed=1)
+    held = trainer.base_model_sha256
+    samples: dict[str, list[tuple[float, float]]] = {}
+    entered: list[tuple[float, int]] = []  # (thread CPU, wall ns) when the optimizer loop starts
+    real_train = _lora_trainer.train
+
+    def train(**kwargs: Any) -> Any:
+        entered.append((time.thread_time(), time.time_ns()))
+        return real_train(**kwargs)
+
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        cpu, wall = time.thread_time(), time.perf_counter()
+        yield
+        samples.setdefault(name, []).append(
+            ((time.thread_time() - cpu) * 1000, (time.perf_counter() - wall) * 1000)
+        )
+
+    _lora_trainer.train = train  # type: ignore[assignment]
+    try:
+        incoming = None
+        for repeat in range(repeats + 1):  # the first hop warms up and is not counted
+            with timed("next: prepare (while the other site trains)"):
+                trainer.prepare(spec, dataset, hyperparameters.seed)
+            with timed("next: data view (load_registered)"):
+                load_registered(work / "hospital-a", DATASET)
+            cpu, wall = time.thread_time(), time.time_ns()
+            outcome = trainer.run_hop(spec, dataset, hyperparameters, incoming,
+                                      defer_validation=True)  # fmt: skip
+            samples.setdefault("next: run_hop up to its first step", []).append(
+                ((entered[-1][0] - cpu) * 1000, (outcome.train_started_at_ns - wall) / 1e6)
+            )
+            manifest = CheckpointManifest(
+                task_type="seq-classification", base_model_sha256=held, run_id="r",
+                hop_id=f"h{repeat}", producer_site="hospital-a", created_at="now",
+            )  # fmt: skip
+            with timed("finishing: serialise (safetensors)"):
+                payload = safetensors.torch.save(
+                    outcome.tensors, metadata=bundle_metadata(manifest, outcome.adapter_config)
+                )
+            with timed("finishing: egress check (hash, format, values)"):
+                digest = HopRunner._check_egress(trainer, spec, dataset, payload, 1 << 30)
+            with timed("finishing: sign"):
+                signature = sign_digest(key.read_bytes(), digest)
+            with timed("next: bundle check (hash, format, values)"):
+                inspect_bundle(payload, expected_sha256=digest)
+            with timed("next: custody signature check"):
+                verify_custody(digest, signature, certificate, ca_pem=ca, producer="hospital-a")
+            with timed("next: tensors loaded"):
+                incoming = safetensors.torch.load(payload)
+            if repeat == 0:
+                samples.clear()
+    finally:
+        _lora_trainer.train = real_train  # type: ignore[assignment]
+    table = {
+        name: {
+            "cpu_ms": round(statistics.median(c for c, _ in values), 3),
+            "wall_ms": round(statistics.median(w for _, w in values), 3),
+        }
+        for name, values in samples.items()
+    }
+    on_path = [name for name in table if "prepare" not in name]
+    return {
+        "repeats": repeats,
+        "bundle_bytes": len(payload),
+        "steps": table,
+        "on_the_handoff_cpu_ms": round(sum(table[n]["cpu_ms"] for n in on_path), 3),
+        "load_average_1m": round(os.getloadavg()[0], 1),
+    }
+
+
+def _site_cpu_markdown(report: dict[str, Any]) -> str:
+    cpu = report["site_cpu"]
+    lines = [
+        f"# Baton handoff: the sites' steps in CPU time ({report['label']})",
+        "",
+        "Each step a site takes inside a handoff, on all-MiniLM-L6-v2 + LoRA r=8 "
+        f"({cpu['bundle_bytes']} bytes bundle), in one process with the agent's functions; "
+        f"medians of {cpu['repeats']} hops. Thread CPU time is what the load cannot inflate. "
+        f"1-minute load average at the end: {cpu['load_average_1m']} (2 cores).",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        "| step | CPU ms | wall ms |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {n} | {v['cpu_ms']} | {v['wall_ms']} |" for n, v in cpu["steps"].items()]
+    lines += ["", f"On the handoff (all but the preparation): {cpu['on_the_handoff_cpu_ms']} ms "
+              "of CPU at the two sites."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Baton handoff phases ({report['label']})",
@@ -419,7 +551,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report", nargs="+", metavar="LABEL", help="compare existing results (no run)"
     )
+    parser.add_argument(
+        "--site-cpu",
+        type=int,
+        metavar="HOPS",
+        default=0,
+        help="no cluster: CPU time of each site step of a handoff, median over HOPS hops",
+    )
     args = parser.parse_args(argv)
+    command = "python benchmarks/handoff_phases.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
+    if args.site_cpu:
+        with tempfile.TemporaryDirectory(prefix="baton-handoff-cpu-") as tmp:
+            cpu = site_cpu(Path(tmp), args.site_cpu, args.steps or 5)
+        report = {"label": args.label, "command": command, "site_cpu": cpu}
+        stem = RESULTS / f"handoff_phases_{args.label}"
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(_site_cpu_markdown(report))
+        print(f"wrote {stem}.json and {stem}.md")
+        return 0
     if args.report:
         return _comparison(args.report)
     if args.resummarise:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -17,7 +19,6 @@ from protocols.checkpoint import (
     CheckpointManifest,
     bundle_metadata,
     inspect_bundle,
-    sha256_hex,
 )
 from protocols.logs import log_context
 from protocols.signing import sign_digest
@@ -36,6 +37,41 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("site_agent.agent")
 Metrics = dict[str, float]
+T = TypeVar("T")
+# How much lower than the agent's a deferred validation pass runs (a thread's nice value).
+_VALIDATION_NICENESS = 10
+
+
+def at_low_priority(work: Callable[[], T]) -> T:
+    """Runs ``work`` on a thread of its own at a lower CPU priority and waits for it.
+
+    A committed hop's validation pass runs while the next site starts its hop and while the
+    coordinator commits: on a machine with few cores, it yields to them. Linux only (there a
+    thread has a nice value of its own); elsewhere it runs at the agent's priority. torch's
+    intra-op worker threads, if more than one is configured, keep theirs.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        if sys.platform.startswith("linux"):
+            try:
+                thread_id = threading.get_native_id()
+                niceness = os.getpriority(os.PRIO_PROCESS, thread_id) + _VALIDATION_NICENESS
+                os.setpriority(os.PRIO_PROCESS, thread_id, niceness)
+            except OSError as exc:  # a container may forbid it: the pass runs all the same
+                logger.debug("validation runs at the agent's priority: %s", exc)
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # re-raised on the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="validation", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 @dataclass
@@ -68,14 +104,21 @@ class _Heartbeat:
         self._wake.set()
         self._thread.join(timeout=5)
 
-    def phase(self, phase: str) -> None:
+    def phase(self, phase: str, *, tell: bool = True) -> None:
+        """Enters a phase; ``tell``: beat at once (from the heartbeat thread: the hop does not
+        wait for the coordinator's answer), else with the next regular beat."""
         self._progress = _Progress(phase, self._progress.step, self._progress.total)
-        # Phase changes are worth telling at once (e.g. "training" starts), but from the
-        # heartbeat thread: the hop does not wait for the coordinator's answer.
-        self._wake.set()
+        if tell:
+            self._wake.set()
 
     def training_step(self, step: int, total: int, loss: float) -> None:
         self._progress = _Progress("training", step, total, loss)
+        if step == 1:
+            # "Training" is told once the first step is done, not while the hop sets up: the
+            # coordinator then tells the site after this one that it is next, and its
+            # preparation (a model copy, the data encoded) no longer competes for the CPU
+            # with this site's start.
+            self._wake.set()
 
     def _send(self) -> None:
         progress = self._progress
@@ -268,7 +311,8 @@ class HopRunner(TaskChecks, Transfers):
             parent = task.input_checkpoint.sha256
             incoming = self._incoming(stub, task, held)
 
-        beat.phase("training")
+        # The phase stays what it was while the hop sets up: "training" comes with its first
+        # step (`training_step`), so that no regular beat tells it early either.
 
         def should_cancel() -> bool:
             return beat.cancelled.is_set() or self._stop.is_set() or self._out_of_grace()
@@ -304,7 +348,8 @@ class HopRunner(TaskChecks, Transfers):
             max(outcome.train_finished_at_ns - outcome.train_started_at_ns, 0) / 1e9
         )
 
-        beat.phase("uploading")
+        # Not told at once: the hand back follows at once, and is what the coordinator waits for.
+        beat.phase("uploading", tell=False)
         manifest = CheckpointManifest(
             task_type=task.task_type,
             base_model_sha256=held,
@@ -317,8 +362,8 @@ class HopRunner(TaskChecks, Transfers):
         payload = safetensors.torch.save(
             outcome.tensors, metadata=bundle_metadata(manifest, outcome.adapter_config)
         )
-        self._check_egress(trainer, spec, dataset, payload, self.settings.max_upload_bytes)
-        digest = sha256_hex(payload)
+        # The egress check hashes the bundle: that digest is the one signed and sent.
+        digest = self._check_egress(trainer, spec, dataset, payload, self.settings.max_upload_bytes)
         header = pb.UploadHeader(
             hop_id=task.hop_id,
             lease_token=task.lease_token,
@@ -359,7 +404,7 @@ class HopRunner(TaskChecks, Transfers):
         """
         report = pb.HopValidation(hop_id=task.hop_id)
         try:
-            report.metrics.update(validate())
+            report.metrics.update(at_low_priority(validate))
             report.ok = True
         except ValueError as exc:
             logger.error("hop %s: validation after the commit failed: %s", task.hop_id, exc)
@@ -412,8 +457,9 @@ class HopRunner(TaskChecks, Transfers):
         dataset: RegisteredDataset,
         payload: bytes,
         max_bytes: int,
-    ) -> None:
-        """Only a well-formed, finite bundle of exactly the declared trainable state leaves."""
+    ) -> str:
+        """Only a well-formed, finite bundle of exactly the declared trainable state leaves;
+        returns its sha256 (hex)."""
         try:
             bundle = inspect_bundle(payload, max_bytes=max_bytes)
         except CheckpointError as exc:
@@ -429,3 +475,4 @@ class HopRunner(TaskChecks, Transfers):
                 "adapter differs from the task's declared trainable state"
                 + (f" (undeclared: {', '.join(extra[:5])})" if extra else ""),
             )
+        return bundle.sha256

@@ -126,7 +126,8 @@ class Hops:
         self.leases.waiting_since.pop(hop.id, None)
         self.leases.wait_logged.pop(hop.id, None)
         if hop.status in LIVE_HOP_STATES and self.leases.sent.get(hop.id) is session:
-            self._tell_next(run, hop)
+            if hop.status != "leased":  # it trains (or hands back): the next site may prepare
+                self._tell_next(run, hop)
             return
         if await self._refuse_tampered(run, input_sha256):
             return
@@ -163,8 +164,6 @@ class Hops:
                 len(task.hop.input_bundle)
             )
         session.queue.put_nowait(task)
-        if not round_number:
-            self._tell_next(run, hop)
 
     def _small_bundle(self, input_ref: CheckpointRow | None) -> bytes | None:
         """The input's bytes if it is small enough to ride inside its task."""
@@ -177,7 +176,14 @@ class Hops:
             return None
 
     def _tell_next(self, run: RunRow, hop: HopRow) -> None:
-        """Tells the site of the hop after ``hop`` that it is next, once per hop and session."""
+        """Tells the site of the hop after ``hop`` that it is next, once per hop and session.
+
+        Called once ``hop`` trains (its "training" beat), not when it is leased: a lease is
+        a handoff, and a preparation then (a model copy, the data encoded) would take CPU from
+        the site starting its hop at that very moment.
+        """
+        if runs_in_rounds(run):
+            return  # a round's hops train side by side: no one is next
         following = next_site_hop(run, hop)
         if following is None:
             return
@@ -216,16 +222,23 @@ class Hops:
             run, hop = self.leases.leased_hop(site, beat.hop_id, beat.lease_token)
             if hop.status == "leased":
                 with self.storage.guard(f"heartbeat of hop {hop.index} of run {run.id}"):
-                    await self.writer.run(
+                    hop = await self.writer.run(
                         self.ledger.transition_hop,
                         hop.id, expected=("leased",), status="training", event="hop.training",
                     )  # fmt: skip
+                held = self.runs.hop(hop.id)
+                if held is not None:
+                    self._tell_next(*held)
 
-    async def report_result(self, site: str, result: pb.HopResult) -> str:
+    async def report_result(
+        self, site: str, result: pb.HopResult, stored: CheckpointRow | None = None
+    ) -> str:
         """Commits or fails a hop, then moves the run on. Returns the hop's new status.
 
         A retried report of a hop already committed with the same output is answered
         "committed" again (the site may not have seen the first answer); nothing is written.
+        `stored`: the output's checkpoint row when the bundle was handed back with the result
+        (checked and durable in the store, not yet recorded): written with the commit.
         """
         async with self._lock:
             held = self.runs.hop(result.hop_id)
@@ -251,19 +264,25 @@ class Hops:
                     )
                 return status
             metrics = finite_metrics(dict(result.metrics))
-            output = self.ledger.checkpoint(result.output_checkpoint.sha256)
-            if output is None or output.hop_id != hop.id or output.status != "stored":
+            output = stored or self.ledger.checkpoint(result.output_checkpoint.sha256)
+            if (
+                output is None
+                or output.hop_id != hop.id
+                or output.sha256 != result.output_checkpoint.sha256
+                or output.status != "stored"
+            ):
                 raise InvalidInput(
                     f"output checkpoint {result.output_checkpoint.sha256} was not uploaded "
                     f"for hop {hop.id}"
                 )
-            following = await self._next_to_lease(run, hop, output.sha256)
+            # A row written in the commit's own transaction has no event yet to differ from.
+            following = await self._next_to_lease(run, hop, None if stored else output.sha256)
             token = secrets.token_hex(16)
             try:
                 with self.storage.guard(f"commit of hop {hop.index} of run {run.id}"):
                     leased = await self.writer.run(
                         self._commit_and_lease, hop.id, result, output, metrics,
-                        following[0].id if following else None, token,
+                        following[0].id if following else None, token, stored is not None,
                     )  # fmt: skip
             except TransitionRefused as exc:
                 raise StaleLease(str(exc)) from exc
@@ -283,7 +302,7 @@ class Hops:
         return "committed"
 
     async def _next_to_lease(
-        self, run: RunRow, hop: HopRow, output_sha256: str
+        self, run: RunRow, hop: HopRow, output_sha256: str | None
     ) -> tuple[HopRow, SiteSession] | None:
         """The hop to lease in the same transaction as `hop`'s commit, with its site's stream.
 
@@ -318,13 +337,24 @@ class Hops:
         metrics: dict[str, float],
         following_id: str | None,
         token: str,
+        record_output: bool = False,
     ) -> HopRow | None:
         """Commits the hop and leases the next one (if given) in one ledger transaction.
 
         Two chained events (``hop.committed``, ``hop.leased``), one commit: both or neither.
-        Runs on the ledger writer's thread. Returns the leased hop, if one was leased.
+        With `record_output` (a hand back), the output's checkpoint row and the hop's move to
+        "uploaded" go first in the same transaction (``checkpoint.stored``, ``hop.uploaded``):
+        one durable commit per handoff instead of three. Runs on the ledger writer's thread.
+        Returns the leased hop, if one was leased.
         """
         with self.ledger.transaction():
+            if record_output:
+                self.ledger.record_checkpoint(output)
+                with contextlib.suppress(TransitionRefused):  # uploaded by an earlier call
+                    self.ledger.transition_hop(
+                        hop_id, expected=("leased", "training"), status="uploaded",
+                        event="hop.uploaded", payload={"output_sha256": output.sha256},
+                    )  # fmt: skip
             self.ledger.commit_hop(
                 hop_id,
                 lease_token=result.lease_token,

@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 # thread), so the fsync before the commit has little left to write.
 _SYNC_BYTES = 16 * 1024 * 1024
 _READ_BYTES = 4 * 1024 * 1024
-CommitResult = Callable[[str, pb.HopResult], Awaitable[str]]
+CommitResult = Callable[[str, pb.HopResult, CheckpointRow | None], Awaitable[str]]
 
 
 def tensor_specs(bundle: Bundle) -> list[list[object]]:
@@ -155,6 +155,21 @@ class UploadIntake:
         An upload the hop holds already (an answer lost, then resumed at its end) is answered
         with the stored checkpoint: nothing is written again.
         """
+        await self._receive(site, certificate_pem, header, chunks, record=True)
+        return _ref(header)
+
+    async def _receive(
+        self,
+        site: str,
+        certificate_pem: bytes,
+        header: pb.UploadHeader,
+        chunks: AsyncIterator[bytes],
+        *,
+        record: bool,
+    ) -> CheckpointRow | None:
+        """`receive_upload`; with `record` False, the checked bundle is made durable in the
+        store but its checkpoint row (and the hop's move to "uploaded") is returned, to be
+        written by the hop's commit in the same transaction. None: the hop held it already."""
         run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
         if header.total_size > self.max_checkpoint_bytes:
             raise InvalidInput(
@@ -170,13 +185,20 @@ class UploadIntake:
         stored = held.get(header.sha256)
         if stored is not None and header.offset == stored.size == header.total_size:
             await _drain(chunks, 0)
-            return _ref(header)
+            return None
         where = f"upload for hop {hop.index} of run {run.id}"
         with self.spool.writing(hop.id), self.storage.guard(where):
             if header.offset == 0 and header.total_size <= CHUNK_BYTES:
-                run, hop, bundle = await self._store_whole(site, certificate_pem, header, chunks)
+                run, hop, row = await self._store_whole(
+                    site, certificate_pem, header, chunks, record
+                )
             else:
-                run, hop, bundle = await self._store_spooled(site, certificate_pem, header, chunks)
+                run, hop, row = await self._store_spooled(
+                    site, certificate_pem, header, chunks, record
+                )
+            if not record:
+                self.metrics.hop_phase(hop.id, "committing")  # the commit writes the row
+                return row
             async with self._lock:
                 with contextlib.suppress(TransitionRefused):
                     self.ledger.transition_hop(
@@ -184,11 +206,11 @@ class UploadIntake:
                         expected=("leased", "training"),
                         status="uploaded",
                         event="hop.uploaded",
-                        payload={"output_sha256": bundle.sha256},
+                        payload={"output_sha256": row.sha256},
                     )
                 self.metrics.hop_phase(hop.id, "committing")
                 self.leases.extend(run, hop.id)
-        return _ref(header)
+        return row
 
     async def _keep(
         self,
@@ -199,31 +221,58 @@ class UploadIntake:
         header: pb.UploadHeader,
         bundle: Bundle,
         write: Callable[[], object],
-    ) -> None:
-        """Writes a checked bundle into the store (`write`, on a worker thread), frees its spool
-        files and records its checkpoint row: run whole even if the stream is cut meanwhile, so
-        that bytes in the store always have their row."""
+        record: bool,
+    ) -> CheckpointRow:
+        """Writes a checked bundle into the store (`write`, on a worker thread, durable when it
+        returns), frees its spool files and records its checkpoint row (if `record`; else the
+        caller writes the row returned): run whole even if the stream is cut meanwhile, so that
+        bytes in the store always have their row."""
+        row = CheckpointRow(
+            sha256=bundle.sha256,
+            size=bundle.size,
+            run_id=run.id,
+            hop_id=hop.id,
+            producer_site=site,
+            parent_sha256=hop.input_sha256,
+            manifest=json.loads(bundle.manifest.to_json()),
+            tensors=tensor_specs(bundle),
+            signature=header.signature.hex(),
+            producer_certificate=certificate_pem.decode("ascii"),
+            stored_at=datetime.now(UTC),
+            status="stored",
+        )
 
         async def keep() -> None:
             await asyncio.to_thread(write)
             await asyncio.to_thread(self.spool.discard, hop.id)
-            self.ledger.record_checkpoint(
-                CheckpointRow(
-                    sha256=bundle.sha256,
-                    size=bundle.size,
-                    run_id=run.id,
-                    hop_id=hop.id,
-                    producer_site=site,
-                    parent_sha256=hop.input_sha256,
-                    manifest=json.loads(bundle.manifest.to_json()),
-                    tensors=tensor_specs(bundle),
-                    signature=header.signature.hex(),
-                    producer_certificate=certificate_pem.decode("ascii"),
-                    stored_at=datetime.now(UTC),
-                )
-            )
+            if record:
+                self.ledger.record_checkpoint(row)
 
         await run_whole(keep())
+        return row
+
+    async def record_alone(self, row: CheckpointRow) -> None:
+        """Records a stored bundle's checkpoint row (and its hop's move to "uploaded") on its
+        own, when the commit that was to write it with the hop did not: bytes in the store keep
+        their row. Writes nothing if the row is recorded already."""
+        copy = CheckpointRow(**{c.key: getattr(row, c.key) for c in CheckpointRow.__table__.c})
+        async with self._lock:
+            hop = self.ledger.hop(row.hop_id)
+            if hop is None or hop.status not in LIVE_HOP_STATES:
+                # Committed (its commit wrote the row), or ended while its result was checked:
+                # then its bytes go, as `hop_ended` frees an ended hop's uploads.
+                if self.ledger.checkpoint(row.sha256) is None:
+                    await asyncio.to_thread(self.store.delete, row.sha256)
+                return
+            self.ledger.record_checkpoint(copy)
+            with contextlib.suppress(TransitionRefused, KeyError):
+                self.ledger.transition_hop(
+                    row.hop_id,
+                    expected=("leased", "training"),
+                    status="uploaded",
+                    event="hop.uploaded",
+                    payload={"output_sha256": row.sha256},
+                )
 
     async def _store_whole(
         self,
@@ -231,7 +280,8 @@ class UploadIntake:
         certificate_pem: bytes,
         header: pb.UploadHeader,
         chunks: AsyncIterator[bytes],
-    ) -> tuple[RunRow, HopRow, Bundle]:
+        record: bool,
+    ) -> tuple[RunRow, HopRow, CheckpointRow]:
         """A bundle that arrives in one message: checked in memory and written once, straight
         into the store (a message arrives whole or not at all: there is nothing to resume)."""
         self.spool.path(header.hop_id, header.lease_token, header.sha256)  # a hex digest
@@ -250,9 +300,10 @@ class UploadIntake:
         # The hop may have ended while the bytes arrived (lease expired, run aborted).
         run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
         bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-        await self._keep(run, hop, site, certificate_pem, header, bundle,
-                         lambda: self.store.put(bytes(data), sha256=bundle.sha256))  # fmt: skip
-        return run, hop, bundle
+        row = await self._keep(run, hop, site, certificate_pem, header, bundle,
+                               lambda: self.store.put(bytes(data), sha256=bundle.sha256),
+                               record)  # fmt: skip
+        return run, hop, row
 
     async def _store_spooled(
         self,
@@ -260,7 +311,8 @@ class UploadIntake:
         certificate_pem: bytes,
         header: pb.UploadHeader,
         chunks: AsyncIterator[bytes],
-    ) -> tuple[RunRow, HopRow, Bundle]:
+        record: bool,
+    ) -> tuple[RunRow, HopRow, CheckpointRow]:
         """A bundle streamed into its spool file, checked as it arrives, renamed into the store."""
         hop_id = header.hop_id
         partial = await asyncio.to_thread(
@@ -286,8 +338,9 @@ class UploadIntake:
                 asyncio.to_thread(self._inspected_upload, partial, header.sha256, stream),
             )
             bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-            await self._keep(run, hop, site, certificate_pem, header, bundle,
-                             lambda: self.store.adopt(partial, bundle.sha256))  # fmt: skip
+            row = await self._keep(run, hop, site, certificate_pem, header, bundle,
+                                   lambda: self.store.adopt(partial, bundle.sha256),
+                                   record)  # fmt: skip
         except asyncio.CancelledError:
             raise  # a cut stream: kept to resume under the same lease (until the hop ends)
         except BaseException:
@@ -295,7 +348,7 @@ class UploadIntake:
                 # rejected, or storage failed: nothing kept
                 await asyncio.to_thread(self.spool.discard, hop_id)
             raise
-        return run, hop, bundle
+        return run, hop, row
 
     def _inspected_bytes(self, data: bytes, expected_sha256: str) -> Bundle:
         """A bundle's size, hash, format and values, checked in memory."""
@@ -316,10 +369,14 @@ class UploadIntake:
     ) -> str:
         """Stores a finished hop's bundle and commits the hop with the result that follows it.
 
-        The bundle is received and checked exactly as an upload (`receive_upload`), then the
-        result goes through `commit` (the engine's one commit path). A retry after a lost
-        answer, for a hop committed with this very bundle, writes nothing and is answered
-        "committed" again. Returns the hop's status.
+        The bundle is received and checked exactly as an upload (`receive_upload`) and made
+        durable in the store, then the result goes through `commit` (the engine's one commit
+        path) with the bundle's checkpoint row: the row, the hop's "uploaded" and "committed"
+        states and the next hop's lease are one ledger transaction (one durable commit, the
+        events chained one by one). A result refused before that commit still leaves the
+        bundle recorded, as an upload. A retry after a lost answer, for a hop committed with
+        this very bundle, writes nothing and is answered "committed" again. Returns the hop's
+        status.
         """
         results: list[pb.HopResult] = []
 
@@ -335,21 +392,27 @@ class UploadIntake:
                     raise InvalidInput("only data chunks, then the hop result, may follow the "
                                        "hand back header")  # fmt: skip
 
+        stored: CheckpointRow | None = None
         if self._committed_with(site, header):
             await _drain(chunks(), header.total_size - header.offset)
         else:
-            await self.receive_upload(site, certificate_pem, header, chunks())
-        if not results:
-            raise InvalidInput(
-                "a hand back ends with the hop's result and none came; the bundle is stored: "
-                "hand the hop back again (from its end) or report its result"
-            )
-        if await anext(parts, None) is not None:
-            raise InvalidInput("nothing may follow the hop result of a hand back")
-        result = results[0]
-        _check_hand_back_result(header, result)
-        result.output_checkpoint.CopyFrom(_ref(header))
-        return await commit(site, result)
+            stored = await self._receive(site, certificate_pem, header, chunks(), record=False)
+        try:
+            if not results:
+                raise InvalidInput(
+                    "a hand back ends with the hop's result and none came; the bundle is "
+                    "stored: hand the hop back again (from its end) or report its result"
+                )
+            if await anext(parts, None) is not None:
+                raise InvalidInput("nothing may follow the hop result of a hand back")
+            result = results[0]
+            _check_hand_back_result(header, result)
+            result.output_checkpoint.CopyFrom(_ref(header))
+            return await commit(site, result, stored)
+        except BaseException:
+            if stored is not None:
+                await run_whole(self.record_alone(stored))
+            raise
 
     def _committed_with(self, site: str, header: pb.UploadHeader) -> bool:
         """Whether `site`'s hop is committed already, with the bundle this header names."""

@@ -131,6 +131,24 @@ def test_hand_back_commits_in_one_call_with_the_events_of_upload_then_report(
     assert coordinator.engine.ledger.verify_chain() is None
 
 
+def test_hand_back_writes_the_checkpoint_the_commit_and_the_next_lease_in_one_transaction(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    site_a = sites["site-a"]
+    first = _start(admin, site_a)
+    ledger = coordinator.engine.ledger
+    transactions: list[tuple[str, ...]] = []
+    ledger.head_observers.append(lambda _seq, _hash, kinds: transactions.append(kinds))
+    try:
+        assert _hand_back(site_a, first, _bundle(site_a, first, 1024)) == "committed"
+    finally:
+        ledger.head_observers.pop()
+    # One durable commit for the whole handoff, its events still chained one by one.
+    assert ("checkpoint.stored", "hop.uploaded", "hop.committed", "hop.leased") in transactions
+    assert sites["site-b"].next_task().input_checkpoint.sha256
+    assert ledger.verify_chain() is None and ledger.verify().ok
+
+
 def _nan_bundle(site: ScriptedSite, task: pb.HopTask) -> bytes:
     values = np.ones(CHUNK_BYTES // 2, np.float32)  # two chunks; the NaN is in the second
     values[-1] = np.nan

@@ -78,6 +78,7 @@ def test_the_next_site_prepares_and_gets_its_input_inside_its_task(
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
 
     first = sites["site-a"].next_task()
+    _training_beat(sites["site-a"], first)
     prepare = sites["site-b"].next_preparation()
     # "You are next": the hop site-b will get, without a lease or an input yet.
     assert (prepare.run_id, prepare.hop_index, prepare.dataset) == (run_id, 1, "notes")
@@ -94,6 +95,39 @@ def test_the_next_site_prepares_and_gets_its_input_inside_its_task(
     assert second.input_bundle == data and sha256_hex(second.input_bundle) == ref.sha256
     assert second.input_checkpoint.signature  # the custody proof travels with it
     assert not second.validation_after_commit  # the last hop's metrics complete the run
+
+
+def _training_beat(site: ScriptedSite, task: pb.HopTask) -> None:
+    site.stub.SendHeartbeat(
+        pb.Heartbeat(hop_id=task.hop_id, lease_token=task.lease_token, phase="training"),
+        timeout=10,
+    )
+
+
+def test_the_next_site_is_told_it_is_next_only_once_the_current_hop_trains(
+    sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.start_run(parse_plan(_plan("site-a", "site-b", "site-a")))
+    first = sites["site-a"].next_task()
+    # Leased but not training: a preparation now would take CPU from site-a's start.
+    site_a = sites["site-a"]
+    site_a.stub.SendHeartbeat(
+        pb.Heartbeat(hop_id=first.hop_id, lease_token=first.lease_token, phase="downloading"),
+        timeout=10,
+    )
+    assert sites["site-b"].preparations.empty()
+
+    _training_beat(site_a, first)
+    assert sites["site-b"].next_preparation().hop_index == 1
+    _training_beat(site_a, first)  # told once per hop and session
+    ref = site_a.upload(first, site_a.bundle(first))
+    assert site_a.report(first, ref, train_loss=0.4) == "committed"
+    second = sites["site-b"].next_task()
+    assert site_a.preparations.empty()  # site-a's next hop: only once site-b trains
+    _training_beat(sites["site-b"], second)
+    assert site_a.next_preparation().hop_index == 2
+    assert sites["site-b"].preparations.empty()
 
 
 def test_a_study_waits_for_a_cycles_validation_metrics_that_follow_its_commits() -> None:

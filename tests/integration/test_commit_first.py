@@ -5,6 +5,7 @@ trains and gets its (small) input inside its task."""
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 from coordinator.console.admin import AdminClient
@@ -65,6 +66,14 @@ def _check_validated(state: Path, run_id: str) -> None:
             following = run.hops[hop.index + 1]
             leases = [e for e in events if e.hop_id == following.id and e.kind == "hop.leased"]
             assert leases and leases[0].seq < validation.seq
+        for hop in run.hops:
+            # "Training" is told after the first step (the next site prepares only then): the
+            # committed attempt's (after the hop's last lease; a retried one had its own).
+            leased = max(e.seq for e in events if e.hop_id == hop.id and e.kind == "hop.leased")
+            for event in events:
+                if event.hop_id == hop.id and event.kind == "hop.training" and event.seq > leased:
+                    told = datetime.fromisoformat(event.at).timestamp() * 1e9
+                    assert hop.train_started_at_ns and told >= hop.train_started_at_ns
     finally:
         ledger.close()
 

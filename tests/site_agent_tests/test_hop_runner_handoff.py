@@ -1,0 +1,72 @@
+"""The finishing and the next site's share of a handoff: no beat while a hop sets up or hands
+back, and a committed hop's validation pass yields the CPU to the handoff."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+from protocols.v1 import baton_pb2 as pb
+from site_agent.hop_runner import _Heartbeat, at_low_priority
+
+
+class _BeatRecorder:
+    """A stub whose SendHeartbeat records each beat it is sent."""
+
+    def __init__(self) -> None:
+        self.beats: queue.Queue[pb.Heartbeat] = queue.Queue()
+
+    def SendHeartbeat(self, beat: pb.Heartbeat, timeout: float) -> pb.HeartbeatResponse:
+        self.beats.put(beat)
+        return pb.HeartbeatResponse()
+
+
+def test_training_is_told_after_the_first_step_and_uploading_not_at_once() -> None:
+    stub = _BeatRecorder()
+    task = pb.HopTask(hop_id="h", lease_token="t")
+    # A regular beat would come only after an hour: every beat seen here was woken.
+    with _Heartbeat(stub, task, interval=3600) as beat:  # type: ignore[arg-type]
+        beat.phase("downloading")
+        assert stub.beats.get(timeout=30).phase == "downloading"
+        beat.phase("training", tell=False)
+        beat.phase("uploading", tell=False)
+        beat.phase("training", tell=False)
+        beat.training_step(1, 10, 0.5)
+        first = stub.beats.get(timeout=30)
+        beat.training_step(2, 10, 0.4)  # later steps ride on regular beats
+        beat.phase("done")
+        last = stub.beats.get(timeout=30)
+    # The first beat after "downloading" is the one the first step woke.
+    assert (first.phase, first.step, first.total_steps) == ("training", 1, 10)
+    assert last.phase == "done"
+    assert stub.beats.empty()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's nice value: Linux")
+def test_a_deferred_validation_runs_at_a_lower_priority_than_the_agent() -> None:
+    seen: dict[str, Any] = {}
+
+    def validate() -> dict[str, float]:
+        seen["thread"] = threading.get_ident()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return {"accuracy": 0.5}
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert at_low_priority(validate) == {"accuracy": 0.5}
+    assert seen["thread"] != threading.get_ident()
+    assert seen["nice"] > before
+    # The caller (the agent's task stream) keeps its own priority.
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_a_failed_validation_at_low_priority_is_raised_to_the_caller() -> None:
+    def validate() -> dict[str, float]:
+        raise ValueError("training diverged: validation loss is nan")
+
+    with pytest.raises(ValueError, match="validation loss is nan"):
+        at_low_priority(validate)
