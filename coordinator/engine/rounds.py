@@ -119,7 +119,18 @@ class Rounds:
         if leases_now and not checked and self._tampered(run):
             return
         for hop, input_sha256 in leasable:
+            if self._on_its_stream(hop):
+                continue  # leased and sent already: nothing to send (and no site is "next")
             await hops.dispatch_hop(run, hop, input_sha256, round_number=row.number)
+
+    def _on_its_stream(self, hop: HopRow) -> bool:
+        """Whether the hop is leased and its task is on its site's current stream."""
+        session = self.sessions.get(hop.site)
+        return (
+            hop.status in LIVE_HOP_STATES
+            and session is not None
+            and self.leases.sent.get(hop.id) is session
+        )
 
     def _leases_now(self, hop: HopRow) -> bool:
         """Whether dispatching this hop writes a lease now (pending, its site here, no backoff)."""

@@ -107,6 +107,8 @@ def test_federated_beats_dispatches_and_contributions_read_no_run_or_round_from_
     loop_thread.run(engine.check_deadlines())  # a watchdog pass over the round
     assert statements.state_reads() == []
     assert sites["site-b"].tasks.empty()  # site-b's hop is still the one it holds
+    # A round's hops train side by side: no site is told that a later round's hop is next.
+    assert sites["site-a"].preparations.empty() and sites["site-b"].preparations.empty()
 
     ref_a = sites["site-a"].upload(a, sites["site-a"].bundle(a, 1.0))
     statements.clear()
