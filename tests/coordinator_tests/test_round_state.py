@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import event, text
 
 from coordinator.console.admin import AdminClient
+from coordinator.engine.active_runs import ActiveRuns
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.v1 import baton_pb2 as pb
@@ -128,6 +129,10 @@ def test_federated_beats_dispatches_and_contributions_read_no_run_or_round_from_
     assert a2.input_checkpoint.sha256 == b2.input_checkpoint.sha256 == first.output_sha256
     assert engine.runs.loads == loads  # loaded once, never again
     assert engine.ledger.verify().ok
+    restarted = ActiveRuns(engine.ledger)  # what a restarted coordinator holds: one load
+    held = [(r.id, r.status, r.output_sha256) for r in restarted.rounds(run_id)]
+    assert held == [(r.id, r.status, r.output_sha256) for r in (first, second)]
+    assert restarted.loads == 1
 
 
 def test_a_round_row_edited_behind_the_ledger_pauses_the_run_before_it_aggregates(
