@@ -313,7 +313,8 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         with AdminClient(f"localhost:{port}", tls) as admin:
             try:
                 admin.wait_for_sites(set(sites), timeout=300)
-                run = wait_for_completed_run(admin, admin.start_run(plan), timeout=900)
+                run = wait_for_completed_run(admin, admin.start_run(plan),
+                                             timeout=args.timeout)  # fmt: skip
             except (RuntimeError, TimeoutError) as exc:
                 cluster.check_alive()
                 raise PeerFailed(str(exc).splitlines()[0]) from exc
@@ -574,7 +575,7 @@ def run_flower(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             run = spawn("flwr-run", [str(bin_dir / "flwr"), "run", str(app), "bench", "--stream",
                                      "--run-config", config])  # fmt: skip
             rss.roots = [p.pid for _, p, _ in procs]
-            wait_for(lambda: out.is_file() or run.poll() is not None, 900,
+            wait_for(lambda: out.is_file() or run.poll() is not None, args.timeout,
                      "the Flower run's end", procs[:-1])  # fmt: skip
             if not out.is_file():
                 log = (work / "flwr-run.log").read_text()
@@ -624,10 +625,11 @@ def run_nvflare(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         rss.roots = [process.pid]
         try:
-            process.wait(timeout=900)
+            process.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired as exc:
             process.kill()
-            raise PeerFailed("the FLARE simulator did not finish within 900 s") from exc
+            message = f"the FLARE simulator did not finish within {args.timeout:.0f} s"
+            raise PeerFailed(message) from exc
         done = time.time()
     visits = (
         [json.loads(line) for line in visits_file.read_text().splitlines() if line.strip()]
@@ -774,6 +776,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="handoff")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--timeout", type=float, default=2700,
+                        help="seconds a peer's job may take once started (a loaded machine "
+                        "needs long: Flower starts a process per visit)")  # fmt: skip
     args = parser.parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = sorted(set(peers) - set(ALL_PEERS))
