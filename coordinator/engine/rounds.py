@@ -5,6 +5,11 @@ parallel, hop by hop, through the same lease, upload, lineage, signature and com
 sequential hop (`Hops`). Once every member is done, the round's aggregate is computed and
 committed (`coordinator.federated.commit_round`) and the next round starts from it. The round's
 deadline drops or aborts stragglers as the plan's `federated.stragglers` says.
+
+The rounds are read from the runs the engine holds in memory (`ActiveRuns`, written through by
+every commit), never from SQL per dispatch, beat or contribution. The round rows are checked
+against their ledger events (read from SQL, where an edit made behind the ledger's back is) only
+before the engine acts on them: starting a round, leasing its hops, aggregating, finishing.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from coordinator.aggregation import AggregationError
+from coordinator.engine.active_runs import ActiveRuns
 from coordinator.engine.export import complete_run
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.sessions import SiteSessions
@@ -70,8 +76,10 @@ class Rounds:
         leases: HopLeases,
         intake: UploadIntake,
         signer: AggregateSigner | None,
+        runs: ActiveRuns,
     ) -> None:
         self.ledger = ledger
+        self.runs = runs  # the running runs and their rounds, in memory (written through)
         self.store = store
         self.runs_dir = runs_dir
         self.storage = storage
@@ -81,31 +89,70 @@ class Rounds:
         self.signer = signer
 
     async def dispatch_locked(self, run: RunRow, hops: HopDispatcher) -> None:
-        """Starts, dispatches, aggregates or finishes the run's current round (engine lock held)."""
-        rounds = self.ledger.rounds(run.id)
-        mismatches = self.ledger.row_mismatches(list(rounds))
-        if mismatches:  # a round row edited outside the ledger: act on none of it
-            logger.error("run %s paused: %s", run.id, mismatches[0].message)
-            with contextlib.suppress(TransitionRefused):
-                self.ledger.pause_for_mismatch(run.id, mismatches)
-            return
+        """Starts, dispatches, aggregates or finishes the run's current round (engine lock held).
+
+        Reads the rounds held in memory; a call that only finds the round's hops leased and
+        sent (a reconnect, a watchdog pass, a contribution while others train) reads no SQL.
+        """
+        rounds = self.runs.rounds(run.id)
         row = current_round(rounds)
         if row is None:
-            await self._finish(run, rounds)
+            if not self._tampered(run):
+                await self._finish(run, rounds)
             return
         if row.status == "failed":
             return
+        checked = row.status == "pending"  # its rows are checked before it starts
         if row.status == "pending":
+            if self._tampered(run):
+                return
             before = [r for r in rounds if r.number < row.number]
             row = self.ledger.start_round(row.id, before[-1].output_sha256 if before else None)
             logger.info("run %s round %d started", run.id, row.number)
         by_id = {h.id: h for h in run.hops}
         leasable = leasable_hops(row, by_id)
         if not leasable and not stragglers(row, by_id):
-            await self._aggregate(run, rounds, row, by_id, hops)
+            if not self._tampered(run):
+                await self._aggregate(run, rounds, row, by_id, hops)
+            return
+        leases_now = any(self._leases_now(hop) for hop, _ in leasable)
+        if leases_now and not checked and self._tampered(run):
             return
         for hop, input_sha256 in leasable:
+            if self._on_its_stream(hop):
+                continue  # leased and sent already: nothing to send (and no site is "next")
             await hops.dispatch_hop(run, hop, input_sha256, round_number=row.number)
+
+    def _on_its_stream(self, hop: HopRow) -> bool:
+        """Whether the hop is leased and its task is on its site's current stream."""
+        session = self.sessions.get(hop.site)
+        return (
+            hop.status in LIVE_HOP_STATES
+            and session is not None
+            and self.leases.sent.get(hop.id) is session
+        )
+
+    def _leases_now(self, hop: HopRow) -> bool:
+        """Whether dispatching this hop writes a lease now (pending, its site here, no backoff)."""
+        return (
+            hop.status == "pending"
+            and hop.site in self.sessions
+            and time.monotonic() >= self.leases.not_before.get(hop.id, 0.0)
+        )
+
+    def _tampered(self, run: RunRow) -> bool:
+        """Pauses the run (ledgered) if a round row in SQL differs from its ledger event.
+
+        Read from SQL, not memory: an edit made behind the ledger's back is in the database.
+        Called only before the engine acts on the rounds, never per beat or re-dispatch.
+        """
+        mismatches = self.ledger.row_mismatches(list(self.ledger.rounds(run.id)))
+        if not mismatches:
+            return False
+        logger.error("run %s paused: %s", run.id, mismatches[0].message)
+        with contextlib.suppress(TransitionRefused):
+            self.ledger.pause_for_mismatch(run.id, mismatches)
+        return True
 
     async def _aggregate(
         self,
@@ -129,7 +176,13 @@ class Rounds:
             return
         logger.info("run %s round %d aggregated from %d contribution(s)", run.id, done.number,
                     len(done.contributions))  # fmt: skip
-        await self.dispatch_locked(self.ledger.run(run.id), hops)
+        await self._dispatch_again(run.id, hops)
+
+    async def _dispatch_again(self, run_id: str, hops: HopDispatcher) -> None:
+        """Moves the run on from its rows as the last write left them (held, written through)."""
+        fresh = self.runs.get(run_id)
+        if fresh is not None:  # still running
+            await self.dispatch_locked(fresh, hops)
 
     def _fail(self, run: RunRow, row: RoundRow, error: str) -> None:
         logger.error("run %s failed: %s", run.id, error)
@@ -152,7 +205,7 @@ class Rounds:
 
     def live_hops(self, run: RunRow) -> list[HopRow]:
         """The hops of the run's current round that hold a lease (to recall on pause)."""
-        row = current_round(self.ledger.rounds(run.id))
+        row = current_round(self.runs.rounds(run.id))
         if row is None:
             return []
         ids = {i for _, chain in row.members for i in chain}
@@ -160,7 +213,7 @@ class Rounds:
 
     async def check_deadlines(self, run: RunRow, hops: HopDispatcher) -> None:
         """Leases, absent sites and the round's deadline of one run (engine lock held)."""
-        row = current_round(self.ledger.rounds(run.id))
+        row = current_round(self.runs.rounds(run.id))
         if row is None or row.status != "training":
             await self.dispatch_locked(run, hops)
             return
@@ -212,4 +265,4 @@ class Rounds:
                 )  # fmt: skip
                 self.intake.hop_ended(hop.id, "hop dropped at the round deadline")
         logger.warning("run %s round %d dropped %s at its deadline", run.id, row.number, names)
-        await self.dispatch_locked(self.ledger.run(run.id), hops)
+        await self._dispatch_again(run.id, hops)

@@ -82,7 +82,7 @@ class RunEngine:
         )  # fmt: skip
         self.rounds = Rounds(
             ledger, store, runs_dir, self.storage, self.sessions, self.leases, self.intake,
-            aggregate_signer,
+            aggregate_signer, self.runs,
         )  # fmt: skip
         self.hops = Hops(
             ledger, store, runs_dir, self.storage, self.metrics, self._lock,

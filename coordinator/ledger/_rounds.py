@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -21,6 +22,17 @@ class RoundRecords(LedgerCore):
         with self._sessions() as session:
             query = select(RoundRow).where(RoundRow.run_id == run_id)
             return list(session.scalars(query.order_by(RoundRow.number)))
+
+    def rounds_of(self, run_ids: Collection[str]) -> dict[str, list[RoundRow]]:
+        """The rounds of several runs in one query, by run id, each run's in order."""
+        found: dict[str, list[RoundRow]] = defaultdict(list)
+        if not run_ids:
+            return {}
+        with self._sessions() as session:
+            query = select(RoundRow).where(RoundRow.run_id.in_(list(run_ids)))
+            for row in session.scalars(query.order_by(RoundRow.run_id, RoundRow.number)):
+                found[row.run_id].append(row)
+        return dict(found)
 
     def start_round(self, round_id: str, input_sha256: str | None) -> RoundRow:
         """Fixes a pending round's input (event `round.started`); its hops may then be leased."""

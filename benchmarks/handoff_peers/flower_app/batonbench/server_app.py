@@ -9,9 +9,18 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from batonbench.tabular_job import new_model
-
 app = ServerApp()
+
+
+def initial_arrays(context: Context) -> ArrayRecord:
+    """The first site's starting weights: the tabular model, or a fresh MiniLM adapter + head."""
+    if context.run_config["task"] == "minilm":
+        from batonbench.minilm_job import initial_adapter
+
+        return ArrayRecord(initial_adapter(str(context.run_config["base_model"])))
+    from batonbench.tabular_job import new_model
+
+    return ArrayRecord(new_model().state_dict())
 
 
 @app.main()
@@ -23,7 +32,7 @@ def main(grid: Grid, context: Context) -> None:
     while len(list(grid.get_node_ids())) < sites:
         time.sleep(0.05)
     nodes = sorted(grid.get_node_ids())[:sites]
-    arrays = ArrayRecord(new_model().state_dict())
+    arrays = initial_arrays(context)
     visits = []
     for cycle in range(cycles):
         for position, node in enumerate(nodes):
