@@ -482,6 +482,7 @@ def _sequential_studies(
     max_forgetting: float | None = MAX_FORGETTING,
     repeats: int = 1,
     audit: bool = False,
+    forgetting_tolerance: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     executor = TwinExecutor(trainer, setting, datasets, folds, repeats)
     out: dict[str, dict[str, Any]] = {}
@@ -489,7 +490,8 @@ def _sequential_studies(
     # Baton's search: TPE, its default encoding, the coordinator's size-ordered seed first.
     searched = OrderingStudy.create(None, f"searched-{split}", space, encoding, objective,
                                     seed=split, pruning=None, sampler=sampler,
-                                    max_forgetting=max_forgetting)  # fmt: skip
+                                    max_forgetting=max_forgetting,
+                                    forgetting_tolerance=forgetting_tolerance)  # fmt: skip
     searched.enqueue(tuple(sorted(SITES, key=lambda s: (sizes[s], s))), note="seed: sizes")
     started = time.perf_counter()
     records = searched.optimize(executor, trials, catch=(PlanFailed,))
@@ -503,7 +505,8 @@ def _sequential_studies(
     }
     started = time.perf_counter()
     study = random_search(executor, space, trials, seed=split, aggregation=objective,
-                          max_forgetting=max_forgetting)  # fmt: skip
+                          max_forgetting=max_forgetting,
+                          forgetting_tolerance=forgetting_tolerance)  # fmt: skip
     records = study.history()
     chosen = _best(study)
     assert chosen.plan is not None
@@ -516,7 +519,8 @@ def _sequential_studies(
     started = time.perf_counter()
     tuned = OrderingStudy.create(None, f"random-order-{split}", space, "lehmer", objective,
                                  seed=split, sampler="random-order", pruning=None,
-                                 max_forgetting=max_forgetting)  # fmt: skip
+                                 max_forgetting=max_forgetting,
+                                 forgetting_tolerance=forgetting_tolerance)  # fmt: skip
     records = tuned.optimize(executor, trials, catch=(PlanFailed,))
     chosen = _best(tuned)
     assert chosen.plan is not None
@@ -722,6 +726,7 @@ def run_cell(setting: str, split: int, config: Mapping[str, Any]) -> dict[str, A
         trainer, setting, datasets, split, trials, folds, space, objective,
         config.get("sampler", "tpe"), config.get("encoding", "auto"),
         config.get("max_forgetting"), repeats, bool(config.get("audit")),
+        config.get("forgetting_tolerance"),
     )  # fmt: skip
     methods["fedavg"] = _fedavg(trainer, setting, datasets, split, trials, folds,
                                 config["max_fedavg_steps"], config["max_rounds"],
@@ -796,6 +801,31 @@ def _limited_choice(trials: Sequence[Mapping[str, Any]], limit: float) -> Mappin
     return min(trials, key=lambda t: (t.get("cv_forgetting") or 0.0, -t["cv"]))
 
 
+def _within(key: str, tolerance: float) -> Callable[[Sequence[Mapping[str, Any]]], Any]:
+    """Selection by CV only: the least `key` forgetting among trials within `tolerance` of the
+    best CV (as ``OrderingStudy``'s forgetting_tolerance for accuracy forgetting)."""
+
+    def pick(trials: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+        best = max(t["cv"] for t in trials)
+        close = [t for t in trials if t["cv"] >= best - tolerance - 1e-12]
+        return min(close, key=lambda t: (t.get(key) or 0.0, -t["cv"]))
+
+    return pick
+
+
+_SELECTION_RULES: dict[str, Callable[[Sequence[Mapping[str, Any]]], Any]] = {
+    "best CV": lambda trials: max(trials, key=lambda t: t["cv"]),
+    f"CV forgetting limit {MAX_FORGETTING:g}": lambda trials: _limited_choice(
+        trials, MAX_FORGETTING
+    ),
+    **{
+        f"least {label} forgetting within {tol:g} of the best CV": _within(key, tol)
+        for key, label in (("cv_forgetting", "accuracy"), ("loss_forgetting", "loss"))
+        for tol in (0.01, 0.02)
+    },
+}
+
+
 def audit_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """From the per-trial audit (every completed trial of searched and random search tested,
     reported only): per split, the Spearman rank correlation across those trials of CV and
@@ -848,6 +878,20 @@ def audit_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
         return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
                 "positive": sum(v > 0 for v in values), "splits": len(values)}  # fmt: skip
 
+    rules: dict[str, dict[str, float]] = {}
+    for name, pick in _SELECTION_RULES.items():
+        chosen = [
+            pick(audited)
+            for cell in rows
+            for m in AUDITED
+            if (audited := [t for t in cell["methods"][m].get("trial_audit", []) if "test" in t])
+        ]
+        rules[name] = {
+            "test_avg": statistics.fmean(t["test"] for t in chosen),
+            "test_forgetting_mean": statistics.fmean(t["test_forgetting"] for t in chosen),
+            "test_forgetting_max": max(t["test_forgetting"] for t in chosen),
+            "studies": len(chosen),
+        }
     costs = [c for e in per_split for c in e["limit"]]
     return {
         "per_split": per_split,
@@ -867,6 +911,7 @@ def audit_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
             c["test_forgetting_change"] for c in costs
         ),
         "limit_studies": len(costs),
+        "selection_rules": rules,
     }
 
 
@@ -999,6 +1044,12 @@ def markdown(report: Mapping[str, Any]) -> str:
             if config.get("max_forgetting") is not None
             else "no forgetting limit in selection. "
         )
+        + (
+            f"Among trials within {config['forgetting_tolerance']:g} of a study's best CV, the "
+            "least-forgetting one is selected. "
+            if config.get("forgetting_tolerance") is not None
+            else ""
+        )
         + "Test forgetting is the same drop on the test rows of the final training, reported "
         "only.",
         "",
@@ -1105,6 +1156,21 @@ def _audit_lines(audit: Mapping[str, Any] | None) -> list[str]:
         f"test forgetting {audit['limit_test_forgetting_change']:+.3f} (mean change)",
         "",
     ]
+    rules = audit.get("selection_rules")
+    if rules:
+        lines += [
+            "Selection rules recomputed on the same audited trials (searched and random search; "
+            "each rule reads CV only, test is read to report):",
+            "",
+            "| rule | test Avg | test forgetting, mean (max) | studies |",
+            "|---|---|---|---|",
+            *(
+                f"| {name} | {r['test_avg']:.3f} | {r['test_forgetting_mean']:.3f} "
+                f"({r['test_forgetting_max']:.3f}) | {r['studies']} |"
+                for name, r in rules.items()
+            ),
+            "",
+        ]
     return lines
 
 
@@ -1188,6 +1254,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--encoding", default="auto", help="Baton's permutation encoding")
     parser.add_argument(
+        "--forgetting-tolerance",
+        type=float,
+        help="The sequential methods select the least-forgetting trial within this much CV "
+        "of their best one (OrderingStudy's forgetting_tolerance); default: the best CV",
+    )
+    parser.add_argument(
         "--audit",
         action="store_true",
         help="Also test every completed trial of searched and random search (reported only: "
@@ -1219,6 +1291,7 @@ def main(argv: list[str] | None = None) -> int:
         "folds": args.folds,
         "repeats": args.repeats,
         "audit": args.audit,
+        "forgetting_tolerance": args.forgetting_tolerance,
         "cycles": args.cycles,
         "max_steps": args.max_steps,
         "max_fedavg_steps": args.max_fedavg_steps,

@@ -161,3 +161,25 @@ def test_audit_recomputes_a_forgetting_limits_choice_from_cv_only(bench: Any) ->
     assert summary["limit_test_cost"] == pytest.approx((0.03 + 0.0) / 2)
     assert summary["cv_test"]["splits"] == 1
     assert bench.audit_summary([{"split": 0, "methods": {m: {} for m in bench.AUDITED}}]) is None
+
+
+def test_audit_tolerance_rules_trade_at_most_the_tolerance_of_cv_for_less_forgetting(
+    bench: Any,
+) -> None:
+    trials = [
+        {"cv": 0.80, "cv_forgetting": 0.05, "loss_forgetting": 0.01, "test": 0.75,
+         "test_forgetting": 0.06},
+        {"cv": 0.79, "cv_forgetting": 0.00, "loss_forgetting": 0.09, "test": 0.70,
+         "test_forgetting": 0.00},
+        {"cv": 0.70, "cv_forgetting": 0.00, "loss_forgetting": 0.00, "test": 0.90,
+         "test_forgetting": 0.00},
+    ]  # fmt: skip
+    assert bench._within("cv_forgetting", 0.02)(trials) is trials[1]
+    assert bench._within("loss_forgetting", 0.02)(trials) is trials[0]
+    assert bench._within("cv_forgetting", 0.0)(trials) is trials[0]
+    cell = {"split": 0, "methods": {m: {"trial_audit": trials} for m in bench.AUDITED}}
+    rules = bench.audit_summary([cell])["selection_rules"]
+    assert rules["best CV"]["test_avg"] == pytest.approx(0.75)
+    assert rules["least accuracy forgetting within 0.02 of the best CV"]["test_avg"] == (
+        pytest.approx(0.70)
+    )
