@@ -1026,8 +1026,9 @@ def markdown(report: Mapping[str, Any]) -> str:
             else ""
         )
         + f". {len(report['splits'])} splits "
-        f"({', '.join(map(str, report['splits']))}; split 0 = FLamby's), "
-        f"{config['trials']} trials per method and split, {config['folds']}-fold CV"
+        f"({', '.join(map(str, report['splits']))}"
+        + ("; split 0 = FLamby's), " if 0 in report["splits"] else "), ")
+        + f"{config['trials']} trials per method and split, {config['folds']}-fold CV"
         + (f" repeated {config['repeats']}x (fold draws)" if config.get("repeats", 1) > 1 else "")
         + " inside each "
         "centre's training rows as every method's objective ("
@@ -1218,6 +1219,12 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=Path(os.environ.get("BATON_HEART_DISEASE_DIR", DEFAULT_DATA))
     )
     parser.add_argument("--splits", type=int, default=10, help="Splits 0 .. N-1 (0 = FLamby's)")
+    parser.add_argument(
+        "--first-split",
+        type=int,
+        default=0,
+        help="Start at this split (fresh splits to confirm a choice made on earlier ones)",
+    )
     parser.add_argument("--trials", type=int, default=10, help="Trial budget of every method")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument(
@@ -1308,13 +1315,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     # Setting by setting (per-site first: its target is the open one), so a run cut short
     # still leaves one setting's full paired table.
-    cells_wanted = [(s, split) for s in args.settings for split in range(args.splits)]
+    splits = list(range(args.first_split, args.first_split + args.splits))
+    cells_wanted = [(s, split) for s in args.settings for split in splits]
     report: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
         f"{platform.python_version()}, torch {torch.__version__}",
-        "splits": list(range(args.splits)),
+        "splits": splits,
         "config": config,
         "cells": [],
     }
