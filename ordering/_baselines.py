@@ -135,6 +135,7 @@ def random_search(
     storage_url: str | None = None,
     study_name: str | None = None,
     max_forgetting: float | None = None,
+    forgetting_tolerance: float | None = None,
 ) -> OrderingStudy:
     """Random search over the same space with the same executor, for equal-budget comparisons.
 
@@ -154,6 +155,7 @@ def random_search(
         storage_url: Where to store it (in memory by default).
         study_name: Defaults to ``"random-search-<seed>"``.
         max_forgetting: As the search's (selection only: a random sampler models nothing).
+        forgetting_tolerance: As the search's (selection only).
     """
     study = OrderingStudy.create(
         storage_url,
@@ -166,6 +168,7 @@ def random_search(
         sampler="random",
         pruning=None,
         max_forgetting=max_forgetting,
+        forgetting_tolerance=forgetting_tolerance,
     )
     study.optimize(
         executor, n_trials, budget_per_trial=budget, max_compute_seconds=max_compute_seconds

@@ -200,6 +200,7 @@ class OrderingStudy:
         pruning: PruningSettings | None,
         n_startup_trials: int,
         max_forgetting: float | None = None,
+        forgetting_tolerance: float | None = None,
     ) -> None:
         self._storage = storage
         self.study_name = study_name
@@ -213,6 +214,7 @@ class OrderingStudy:
         self._pruning = None if multi_objective else pruning
         self._n_startup_trials = n_startup_trials
         self.max_forgetting = max_forgetting
+        self.forgetting_tolerance = forgetting_tolerance
         self._stages: dict[float, _Stage] = {}
 
     @classmethod
@@ -232,6 +234,7 @@ class OrderingStudy:
         bounds: Mapping[str, tuple[float, float]] | None = None,
         n_startup_trials: int | None = None,
         max_forgetting: float | None = None,
+        forgetting_tolerance: float | None = None,
     ) -> OrderingStudy:
         """Creates the study, or reopens it (with its trials) if one of that name exists.
 
@@ -261,6 +264,11 @@ class OrderingStudy:
                 the TPE, GP and random-order samplers model), and `best_plan` picks the best
                 feasible trial (the least-forgetting one when none is feasible). The executor
                 must then report visit scores.
+            forgetting_tolerance: Selection only: among the completed trials whose value is
+                within this much of the best one (of the feasible ones, with a limit), pick
+                the one whose worst site forgets least (then by value). None picks the best
+                value. Unlike a hard limit it never gives up more than the tolerance of the
+                objective; the executor must report visit scores.
 
         Raises:
             SearchSpaceError: If the space leaves `bounds`.
@@ -286,6 +294,14 @@ class OrderingStudy:
             raise ValueError(f"max_forgetting must be a finite value >= 0, got {max_forgetting}")
         if max_forgetting is not None and multi_objective:
             raise ValueError("a forgetting limit applies to single-objective studies")
+        if forgetting_tolerance is not None and not (
+            math.isfinite(forgetting_tolerance) and forgetting_tolerance >= 0
+        ):
+            raise ValueError(
+                f"forgetting_tolerance must be a finite value >= 0, got {forgetting_tolerance}"
+            )
+        if forgetting_tolerance is not None and multi_objective:
+            raise ValueError("a forgetting tolerance applies to single-objective studies")
         storage: optuna.storages.BaseStorage = (
             optuna.storages.InMemoryStorage()
             if storage_url is None
@@ -308,6 +324,7 @@ class OrderingStudy:
                 3 if n_startup_trials is None else n_startup_trials
             ),
             max_forgetting=max_forgetting,
+            forgetting_tolerance=forgetting_tolerance,
         )
         study._stage(_FULL)
         return study
@@ -323,6 +340,7 @@ class OrderingStudy:
         pruning: PruningSettings | None = DEFAULT_PRUNING,
         n_startup_trials: int | None = None,
         max_forgetting: float | None = None,
+        forgetting_tolerance: float | None = None,
     ) -> OrderingStudy:
         """Reopens an existing study with the space, encoding and objective it was created with.
 
@@ -348,6 +366,7 @@ class OrderingStudy:
             multi_objective=bool(meta["multi_objective"]),
             n_startup_trials=n_startup_trials,
             max_forgetting=max_forgetting,
+            forgetting_tolerance=forgetting_tolerance,
         )
 
     # -- stages ---------------------------------------------------------------------------
@@ -781,7 +800,9 @@ class OrderingStudy:
 
     def _ranked(self, budget: float) -> list[TrialRecord]:
         """Completed trials, best first: with a forgetting limit, the feasible ones by value,
-        then the infeasible ones by how far they exceed it."""
+        then the infeasible ones by how far they exceed it; with a forgetting tolerance, the
+        trials within it of the first one's value (and as feasible) lead, least forgetting
+        first."""
         complete = [r for r in self.history(budget=budget) if r.state == TrialState.COMPLETE.name]
         sign = -1.0 if self.direction == "maximize" else 1.0
         limit = self.max_forgetting
@@ -793,7 +814,21 @@ class OrderingStudy:
                 excess = math.inf if worst is None else max(0.0, worst - limit)
             return (excess, sign * (record.value or 0.0), record.number)
 
-        return sorted(complete, key=key)
+        ranked = sorted(complete, key=key)
+        tolerance = self.forgetting_tolerance
+        if tolerance is None or not ranked:
+            return ranked
+        excess, best = key(ranked[0])[0], ranked[0].value or 0.0
+        close = [
+            r for r in ranked
+            if key(r)[0] == excess and abs((r.value or 0.0) - best) <= tolerance
+        ]  # fmt: skip
+
+        def forgets(record: TrialRecord) -> tuple[float, float, int]:
+            worst = record.worst_forgetting
+            return (math.inf if worst is None else worst, *key(record)[1:])
+
+        return sorted(close, key=forgets) + [r for r in ranked if r not in close]
 
     def best_record(self, budget: float = _FULL) -> TrialRecord:
         """The best completed trial at `budget` (the record of `best_plan`).

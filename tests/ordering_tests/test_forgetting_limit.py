@@ -175,3 +175,39 @@ def test_a_plans_hops_grouped_by_cycle_follow_its_cycle_orders() -> None:
     assert [h.hyperparameters.steps for h in groups[-1]] == [3] * len(SITES)
     assert [tuple(h.site for h in g) for g in groups] == list(plan.cycle_orders)
     assert tuple(h for g in groups for h in g) == plan.hops
+
+
+@pytest.mark.parametrize(("tolerance", "chosen_lr"), [(0.0, 0.05), (0.03, 0.03), (0.1, 0.001)])
+def test_a_forgetting_tolerance_picks_the_least_forgetting_trial_close_to_the_best(
+    tolerance: float, chosen_lr: float
+) -> None:
+    # Values 0.55, 0.501, 0.5015, 0.53; worst-site forgetting 10 x the learning rate.
+    study = OrderingStudy.create(None, "tolerance", _space(), seed=0, pruning=None,
+                                 forgetting_tolerance=tolerance)  # fmt: skip
+    study.enqueue(*_plans())
+    study.optimize(ForgettingExecutor(), n_trials=4)
+    assert study.best_plan().hops[0].hyperparameters.learning_rate == pytest.approx(chosen_lr)
+    ranked = study._ranked(1.0)
+    assert len(ranked) == 4 and ranked[0] == study.best_record()
+
+
+def test_a_forgetting_tolerance_applies_among_the_feasible_trials_and_in_random_search() -> None:
+    study = OrderingStudy.create(None, "both", _space(), seed=0, pruning=None,
+                                 max_forgetting=0.02, forgetting_tolerance=0.1)  # fmt: skip
+    study.enqueue(*_plans())
+    study.optimize(ForgettingExecutor(), n_trials=4)
+    # Feasible: lr 0.001 (forgets 0.01) and 0.0015 (0.015); the tolerance picks the former.
+    assert study.best_record().worst_forgetting == pytest.approx(0.01)
+
+    searched = random_search(ForgettingExecutor(), _space(), 6, seed=1, forgetting_tolerance=1.0)
+    least = min(r.worst_forgetting or 0.0 for r in searched.history())
+    assert searched.best_record().worst_forgetting == pytest.approx(least)
+
+
+@pytest.mark.parametrize("tolerance", [-0.01, float("nan")])
+def test_a_bad_forgetting_tolerance_is_refused(tolerance: float) -> None:
+    with pytest.raises(ValueError, match="forgetting_tolerance must be a finite value >= 0"):
+        OrderingStudy.create(None, "bad", _space(), forgetting_tolerance=tolerance)
+    with pytest.raises(ValueError, match="single-objective"):
+        OrderingStudy.create(None, "multi", _space(), multi_objective=True,
+                             forgetting_tolerance=0.01)  # fmt: skip
