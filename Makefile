@@ -20,11 +20,12 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/baton demo --dir demo
 
+# PYTEST_ARGS: more pytest options (.ci/run adds --durations=25).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-all: install
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
 
 lint: install check-protos
 	$(VENV)/bin/ruff check .

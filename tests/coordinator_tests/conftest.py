@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -13,6 +15,10 @@ import pytest
 import safetensors.numpy
 
 from coordinator.console.admin import AdminClient
+from coordinator.engine import hops as engine_hops
+from coordinator.engine import leases as engine_leases
+from coordinator.engine import rounds as engine_rounds
+from coordinator.engine import statistics_rounds as engine_statistics
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
@@ -23,6 +29,9 @@ from protocols.v1 import baton_pb2_grpc as pb_grpc
 from tests.conftest import LoopThread, Pki
 
 BASE = "ab" * 32
+# How long a scripted site waits for a task or a call: generous, since only a failing test waits
+# it out, and a slow step on a loaded CI machine must never look like a failure.
+WAIT = 60.0
 
 
 class ScriptedSite:
@@ -56,7 +65,7 @@ class ScriptedSite:
             request.datasets.add(name=name, task=task, labels=labels, train_examples=10,
                                  validation_examples=4)  # fmt: skip
         request.approval_not_required = True
-        return self.stub.Hello(request, timeout=5)
+        return self.stub.Hello(request, timeout=WAIT)
 
     def connect(self) -> None:
         self.hello()
@@ -78,15 +87,15 @@ class ScriptedSite:
         threading.Thread(target=pump, daemon=True).start()
 
     def next_task(self) -> pb.HopTask:
-        task = self.tasks.get(timeout=10)
+        task = self.tasks.get(timeout=WAIT)
         assert task.WhichOneof("kind") == "hop", task
         return task.hop
 
     def next_preparation(self) -> pb.HopTask:
-        return self.preparations.get(timeout=10)
+        return self.preparations.get(timeout=WAIT)
 
     def next_evaluation(self) -> pb.EvaluationTask:
-        task = self.tasks.get(timeout=10)
+        task = self.tasks.get(timeout=WAIT)
         assert task.WhichOneof("kind") == "evaluation", task
         return task.evaluation
 
@@ -119,22 +128,60 @@ class ScriptedSite:
             for start in range(0, len(data), CHUNK_BYTES):
                 yield pb.UploadRequest(data=data[start : start + CHUNK_BYTES])
 
-        return self.stub.UploadCheckpoint(messages(), timeout=10).checkpoint
+        return self.stub.UploadCheckpoint(messages(), timeout=WAIT).checkpoint
 
     def report(self, task: pb.HopTask, ref: pb.CheckpointRef, **metrics: float) -> str:
         result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
                               output_checkpoint=ref, metrics=metrics or {"accuracy": 0.5},
                               train_started_at_ns=1, train_finished_at_ns=2)  # fmt: skip
-        return self.stub.ReportHopResult(result, timeout=10).hop_status
+        return self.stub.ReportHopResult(result, timeout=WAIT).hop_status
 
     def download(self, sha256: str) -> bytes:
-        chunks = self.stub.DownloadCheckpoint(pb.DownloadRequest(sha256=sha256), timeout=10)
+        chunks = self.stub.DownloadCheckpoint(pb.DownloadRequest(sha256=sha256), timeout=WAIT)
         return b"".join(c.data for c in chunks)
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.cancel()
         self.channel.close()
+
+
+class EngineClock:
+    """The run engine's clocks (leases, backoffs, round deadlines, statistics expiry), moved on.
+
+    A test of an expiry sets a generous timeout and advances this clock past it instead of
+    waiting: a slow step on a loaded machine can then never overrun the timeout by accident.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.offset
+
+    def datetime(self) -> type[datetime]:
+        clock = self
+
+        class _Shifted(datetime):
+            @classmethod
+            def now(cls, tz=None):  # type: ignore[no-untyped-def]
+                return datetime.now(tz) + timedelta(seconds=clock.offset)
+
+        return _Shifted
+
+
+@pytest.fixture
+def engine_clock(monkeypatch: pytest.MonkeyPatch) -> EngineClock:
+    """Replaces the clocks the run engine's deadlines read (the watchdog included)."""
+    clock = EngineClock()
+    for module in (engine_hops, engine_leases, engine_rounds):
+        monkeypatch.setattr(module, "time", clock)
+    for module in (engine_rounds, engine_statistics):
+        monkeypatch.setattr(module, "datetime", clock.datetime())
+    return clock
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def _said(result: object) -> str:
 
 
 def _complete_a_run(sites: dict[str, ScriptedSite], admin: AdminClient) -> str:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
                                          "sites": ["site-a", "site-b"]}))  # fmt: skip
     for name in ("site-a", "site-b"):

@@ -38,7 +38,7 @@ def renewing_coordinator(
 def _renew(port: int, tls: TlsFiles, csr: bytes) -> pb.RenewResponse:
     with secure_channel(f"localhost:{port}", tls) as channel:
         response: pb.RenewResponse = pb_grpc.SiteServiceStub(channel).RenewCertificate(
-            pb.RenewRequest(csr_pem=csr), timeout=5
+            pb.RenewRequest(csr_pem=csr), timeout=30
         )
         return response
 
@@ -56,7 +56,7 @@ def test_site_renews_online_with_a_new_key_and_the_new_certificate_works(
     fresh = TlsFiles(pki.directory / "ca.crt", new_cert, csr.private_key)
     with secure_channel(f"localhost:{renewing_coordinator.port}", fresh) as channel:
         hello = pb_grpc.SiteServiceStub(channel).Hello(
-            pb.HelloRequest(protocol_version=1), timeout=5
+            pb.HelloRequest(protocol_version=1), timeout=30
         )
     assert hello.site_name == "site-c" and hello.certificate_expires_at > 0
     events = [e.kind for e in renewing_coordinator.engine.ledger.events()]

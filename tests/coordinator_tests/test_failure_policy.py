@@ -15,7 +15,9 @@ from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread, Pki
-from tests.coordinator_tests.conftest import ScriptedSite
+from tests.coordinator_tests.conftest import EngineClock, ScriptedSite
+
+LEASE = 60.0  # seconds: the tests move the engine's clock past it instead of waiting
 
 
 def _settings(pki: Pki, state_dir: Path, url: str, port: int = 0) -> CoordinatorSettings:
@@ -39,7 +41,7 @@ def cluster(
     offline.hello()
     offline.close()
     admin = AdminClient(f"localhost:{coordinator.port}", pki.tls("admin"))
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     yield {"coordinator": coordinator, "admin": admin, **sites}
     admin.close()
     for site in sites.values():
@@ -55,7 +57,7 @@ def _start(
     return admin.start_run(parse_plan(document), allow_offline=allow_offline)
 
 
-def _wait(admin: AdminClient, run_id: str, predicate, timeout: float = 10) -> pb.RunStatus:  # type: ignore[no-untyped-def]
+def _wait(admin: AdminClient, run_id: str, predicate, timeout: float = 60) -> pb.RunStatus:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = admin.run(run_id)
@@ -68,18 +70,21 @@ def _wait(admin: AdminClient, run_id: str, predicate, timeout: float = 10) -> pb
 def _fail(site: ScriptedSite, task: pb.HopTask, code: str = "training-failed") -> str:
     result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
                           error_code=code, error_message="boom")  # fmt: skip
-    return site.stub.ReportHopResult(result, timeout=5).hop_status
+    return site.stub.ReportHopResult(result, timeout=30).hop_status
 
 
 def _finish(site: ScriptedSite, task: pb.HopTask) -> None:
     assert site.report(task, site.upload(task, site.bundle(task))) == "committed"
 
 
-def test_expired_lease_is_retried_with_a_new_token_and_the_old_one_is_fenced(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_expired_lease_is_retried_with_a_new_token_and_the_old_one_is_fenced(
+    cluster, engine_clock: EngineClock
+) -> None:  # type: ignore[no-untyped-def]
     admin, site = cluster["admin"], cluster["site-a"]
-    run_id = _start(admin, ["site-a"], lease_timeout_seconds=0.5, max_retries=1)
+    run_id = _start(admin, ["site-a"], lease_timeout_seconds=LEASE, max_retries=1)
     first = site.next_task()
-    second = site.next_task()  # no heartbeat: the lease expires and the hop is leased again
+    engine_clock.advance(LEASE + 1)  # no heartbeat: the lease expires and the hop is leased again
+    second = site.next_task()
     assert second.hop_id == first.hop_id and second.lease_token != first.lease_token
     with pytest.raises(grpc.RpcError) as fenced:
         site.upload(first, site.bundle(first))
@@ -93,15 +98,16 @@ def test_expired_lease_is_retried_with_a_new_token_and_the_old_one_is_fenced(clu
     assert run.hops[0].status == "committed"
 
 
-def test_heartbeats_keep_a_lease_alive(cluster) -> None:  # type: ignore[no-untyped-def]
+def test_heartbeats_keep_a_lease_alive(cluster, engine_clock: EngineClock, loop_thread) -> None:  # type: ignore[no-untyped-def]
     admin, site = cluster["admin"], cluster["site-a"]
-    run_id = _start(admin, ["site-a"], lease_timeout_seconds=0.6)
+    run_id = _start(admin, ["site-a"], lease_timeout_seconds=LEASE)
     task = site.next_task()
-    for step in range(8):  # 1.6 s of work, well past the 0.6 s lease
+    for step in range(4):  # 4 x 2/3 of a lease: well past it, a beat within each lease
         beat = pb.Heartbeat(hop_id=task.hop_id, lease_token=task.lease_token,
-                            phase="training", step=step, total_steps=8)  # fmt: skip
-        assert not site.stub.SendHeartbeat(beat, timeout=5).cancel
-        time.sleep(0.2)
+                            phase="training", step=step, total_steps=4)  # fmt: skip
+        assert not site.stub.SendHeartbeat(beat, timeout=30).cancel
+        engine_clock.advance(LEASE * 2 / 3)
+        loop_thread.run(cluster["coordinator"].engine.check_deadlines())  # a watchdog pass
     assert admin.run(run_id).hops[0].status == "training"
     _finish(site, task)
     assert _wait(admin, run_id, lambda r: r.status == "completed").hops[0].status == "committed"
@@ -136,7 +142,7 @@ def test_pause_policy_waits_for_an_admin_to_resume(cluster) -> None:  # type: ig
     run_id = _start(admin, ["site-a"], on_failure="pause")
     _fail(a, a.next_task())
     assert admin.run(run_id).status == "paused"
-    admin._stub.ResumeRun(pb.RunControlRequest(run_id=run_id), timeout=5)
+    admin._stub.ResumeRun(pb.RunControlRequest(run_id=run_id), timeout=30)
     _finish(a, a.next_task())
     assert _wait(admin, run_id, lambda r: r.status == "completed").status == "completed"
 
@@ -172,7 +178,7 @@ def test_run_continues_after_the_coordinator_restarts(
     site = ScriptedSite(pki, "site-a", port)
     site.connect()
     with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
-        admin.wait_for_sites({"site-a"}, timeout=10)
+        admin.wait_for_sites({"site-a"}, timeout=60)
         run_id = _start(admin, ["site-a", "site-a"])
     task = site.next_task()
     loop_thread.run(coordinator.stop(0))  # the coordinator dies while the site trains

@@ -23,7 +23,7 @@ from tests.coordinator_tests.conftest import BASE, ScriptedSite
 
 
 def _start(admin: AdminClient, site: ScriptedSite) -> pb.HopTask:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan({
         "name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a", "site-b"],
         "failure": {"retry_backoff_seconds": 0},
@@ -224,7 +224,7 @@ def test_hand_back_retried_after_a_lost_answer_is_committed_once(
     header = _header(site, task, data)
     assert _hand_back(site, task, data, header=header) == "committed"
     # The answer was lost: the site asks what the coordinator holds, and resumes from there.
-    assert site.stub.UploadStatus(header, timeout=5).received == len(data)
+    assert site.stub.UploadStatus(header, timeout=30).received == len(data)
     header.offset = len(data)
     assert _hand_back(site, task, data, header=header) == "committed"
     header.offset = 0  # or sends everything again
@@ -279,7 +279,7 @@ def test_cut_hand_back_resumes_from_what_the_coordinator_holds(
         stall.wait(0.05)
     cut.cancel()
     stall.set()
-    header.offset = site.stub.UploadStatus(header, timeout=5).received
+    header.offset = site.stub.UploadStatus(header, timeout=30).received
     assert header.offset == 2 * CHUNK_BYTES
     assert _hand_back(site, task, data, header=header) == "committed"
     assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(data)]
@@ -302,7 +302,7 @@ def test_hand_back_must_end_with_the_result_of_its_own_hop(
         "INVALID_ARGUMENT: a hand back carries a successful hop's result"
     )
     # The bundle stayed stored: the hop is handed back from its end, without its bytes again.
-    header.offset = site.stub.UploadStatus(header, timeout=5).received
+    header.offset = site.stub.UploadStatus(header, timeout=30).received
     assert header.offset == len(data)
     assert _hand_back(site, task, data, header=header) == "committed"
 

@@ -22,7 +22,7 @@ def _plan(*sites: str) -> dict[str, object]:
 def test_validation_metrics_reported_after_the_commit_are_their_own_event(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
     first = sites["site-a"].next_task()
     ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
@@ -51,7 +51,7 @@ def test_validation_metrics_reported_after_the_commit_are_their_own_event(
 def test_validation_is_refused_from_another_site_or_with_non_finite_metrics(
     sites: dict[str, ScriptedSite], admin: AdminClient
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
     first = sites["site-a"].next_task()
     ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
@@ -74,7 +74,7 @@ def test_validation_is_refused_from_another_site_or_with_non_finite_metrics(
 def test_the_next_site_prepares_and_gets_its_input_inside_its_task(
     sites: dict[str, ScriptedSite], admin: AdminClient
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
 
     first = sites["site-a"].next_task()

@@ -18,7 +18,7 @@ from protocols.transport import secure_channel
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from tests.conftest import LoopThread, Pki
-from tests.coordinator_tests.conftest import BASE, ScriptedSite
+from tests.coordinator_tests.conftest import BASE, EngineClock, ScriptedSite
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -32,7 +32,7 @@ def _get(url: str) -> tuple[int, str]:
 def _health(pki: Pki, port: int) -> int:
     with secure_channel(f"localhost:{port}", pki.tls("admin")) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=30)
         return int(response.status)
 
 
@@ -67,7 +67,7 @@ def test_readyz_fails_when_the_ledger_is_unreachable(
 def test_released_hop_goes_back_to_pending_without_counting_as_a_failed_attempt(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(
         parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
                     "sites": ["site-a", "site-b"], "failure": {"max_retries": 0}})
@@ -98,7 +98,7 @@ def test_released_hop_goes_back_to_pending_without_counting_as_a_failed_attempt(
 def test_connection_check_reports_the_coordinators_clock_and_what_runs_expect(
     pki: Pki, sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     pinned = BASE  # the base model site-b has (preflight refuses a pin no site holds)
     admin.start_run(parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
                                 "sites": ["site-b"], "base_model_sha256": pinned}))  # fmt: skip
@@ -119,16 +119,18 @@ def test_connection_check_reports_the_coordinators_clock_and_what_runs_expect(
 
 
 def test_lease_expiries_retries_and_refusals_are_counted_without_run_labels(
-    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
-) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator,
+    engine_clock: EngineClock,
+) -> None:  # fmt: skip
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan({
         "name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a"],
-        "failure": {"lease_timeout_seconds": 0.5, "max_retries": 1, "retry_backoff_seconds": 0},
+        "failure": {"lease_timeout_seconds": 60, "max_retries": 1, "retry_backoff_seconds": 0},
     }))  # fmt: skip
     site = sites["site-a"]
     first = site.next_task()
-    second = site.next_task()  # no heartbeat: the lease expired and the hop was leased again
+    engine_clock.advance(61)  # no heartbeat: the lease expired and the hop was leased again
+    second = site.next_task()
     with pytest.raises(grpc.RpcError):
         site.upload(first, site.bundle(first))  # the old lease is fenced: a refusal
     site.report(second, site.upload(second, site.bundle(second)))

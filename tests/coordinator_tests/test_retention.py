@@ -39,7 +39,7 @@ def test_gc_keeps_each_finished_runs_final_and_n_last_and_everything_a_live_run_
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
     a, b = sites["site-a"], sites["site-b"]
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     plan = {"name": "t", "dataset": "notes", "labels": ["x", "y"]}
     finished = admin.start_run(parse_plan({**plan, "sites": ["site-a", "site-b"] * 2}))
     outputs = [_commit(site) for site in (a, b, a, b)]

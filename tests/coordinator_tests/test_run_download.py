@@ -50,7 +50,7 @@ def _admin_args(pki: Pki, coordinator: Coordinator) -> list[str]:
 
 def _run(sites: dict[str, ScriptedSite], admin: AdminClient, plan: dict[str, object],
          peft: bool) -> tuple[str, bytes]:  # fmt: skip
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(plan))
     data = b""
     for name in ("site-a", "site-b"):
@@ -121,7 +121,7 @@ def test_final_checkpoint_is_for_admins_and_completed_runs_only(
     pki: Pki, sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
                                          "sites": ["site-a"]}))  # fmt: skip
     result = runner.invoke(app, ["run", "download", run_id, "--out", str(tmp_path / "x"),

@@ -64,7 +64,7 @@ def test_heartbeats_and_connects_read_no_run_from_sql(
     statements: list[str],
     loop_thread: LoopThread,
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan(_plan("site-a", "site-b")))
     task = sites["site-a"].next_task()
     assert not _beat(sites["site-a"], task)  # the first training beat writes hop.training
@@ -88,7 +88,7 @@ def test_heartbeats_and_connects_read_no_run_from_sql(
 def test_a_commit_and_the_next_lease_are_one_transaction_with_two_chained_events(
     sites: dict[str, ScriptedSite], admin: AdminClient, quiet: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
     first = sites["site-a"].next_task()
     ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
@@ -129,7 +129,7 @@ def test_a_failure_between_the_commit_and_the_lease_leaves_neither(
     monkeypatch: pytest.MonkeyPatch,
     database_url: str,
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
     first = sites["site-a"].next_task()
     ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
@@ -166,7 +166,7 @@ def test_pause_resume_and_abort_reach_a_run_held_in_memory(
     quiet: Coordinator,
     loop_thread: LoopThread,
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
     task = sites["site-a"].next_task()
     assert not _beat(sites["site-a"], task)
@@ -189,7 +189,7 @@ def test_a_ledger_change_made_elsewhere_is_noticed_by_the_next_watchdog_pass(
     loop_thread: LoopThread,
     database_url: str,
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
     task = sites["site-a"].next_task()
     assert not _beat(sites["site-a"], task)
@@ -211,7 +211,7 @@ def test_a_heartbeat_is_answered_while_a_commit_is_being_written(
     quiet: Coordinator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan(_plan("site-a", "site-b")))
     first = sites["site-a"].next_task()
     ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))

@@ -33,7 +33,7 @@ def _ledger(coordinator: Coordinator) -> Ledger:
 def test_two_hop_run_chains_checkpoints_and_records_every_step(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
 
     first = sites["site-a"].next_task()
@@ -67,7 +67,7 @@ def test_two_hop_run_chains_checkpoints_and_records_every_step(
 def test_site_cannot_upload_or_report_for_another_sites_hop(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan(_plan("site-a", "site-b")))
     task = sites["site-a"].next_task()
     with pytest.raises(grpc.RpcError) as refused:
@@ -79,7 +79,7 @@ def test_site_cannot_upload_or_report_for_another_sites_hop(
 def test_upload_with_stale_lease_token_is_refused(
     sites: dict[str, ScriptedSite], admin: AdminClient
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan(_plan("site-a", "site-b")))
     task = sites["site-a"].next_task()
     stale = pb.HopTask()
@@ -107,7 +107,7 @@ def test_bad_upload_is_refused_and_nothing_is_committed(
     mutate,  # type: ignore[no-untyped-def]
     message: str,
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
     site = sites["site-a"]
     task = site.next_task()
@@ -127,7 +127,7 @@ def test_malformed_plan_gets_a_clear_error(
     sites: dict[str, ScriptedSite], admin: AdminClient
 ) -> None:
     with pytest.raises(grpc.RpcError) as refused:
-        admin._stub.StartRun(pb.StartRunRequest(plan_json='{"dataset": "x"}'), timeout=5)
+        admin._stub.StartRun(pb.StartRunRequest(plan_json='{"dataset": "x"}'), timeout=30)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "either 'hops' or 'sites'" in refused.value.details()
     with pytest.raises(grpc.RpcError) as unknown:
@@ -157,7 +157,7 @@ def test_certificate_from_another_ca_is_refused(pki: Pki, coordinator: Coordinat
 def test_site_may_only_download_the_input_of_its_current_hop(
     sites: dict[str, ScriptedSite], admin: AdminClient
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan(_plan("site-a", "site-b", "site-a")))
     first = sites["site-a"].next_task()
     ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
@@ -171,7 +171,7 @@ def test_site_may_only_download_the_input_of_its_current_hop(
 def test_task_is_resent_when_a_site_reconnects(
     pki: Pki, sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan(_plan("site-a", "site-b")))
     task = sites["site-a"].next_task()
     sites["site-a"].close()
@@ -187,7 +187,7 @@ def test_task_is_resent_when_a_site_reconnects(
 def test_sites_evaluate_the_final_checkpoint_and_the_ledger_records_it(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a")))
     with pytest.raises(grpc.RpcError) as early:
         admin.evaluate_run(run_id, "test")
@@ -212,17 +212,17 @@ def test_sites_evaluate_the_final_checkpoint_and_the_ledger_records_it(
         )
 
     with pytest.raises(grpc.RpcError) as wrong_site:
-        sites["site-b"].stub.ReportEvaluation(result(1.0), timeout=5)
+        sites["site-b"].stub.ReportEvaluation(result(1.0), timeout=30)
     assert wrong_site.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    sites["site-a"].stub.ReportEvaluation(result(0.75), timeout=5)
-    run = admin.wait_for_evaluations(run_id, timeout=5)
+    sites["site-a"].stub.ReportEvaluation(result(0.75), timeout=30)
+    run = admin.wait_for_evaluations(run_id, timeout=30)
     [done] = run.evaluations
     assert (done.site, done.split, done.status) == ("site-a", "test", "done")
     assert done.metrics["accuracy"] == pytest.approx(0.75)
     assert [e.kind for e in _ledger(coordinator).events(run_id)][-2:] == [
         "evaluation.requested", "evaluation.done"]  # fmt: skip
     with pytest.raises(grpc.RpcError) as replay:
-        sites["site-a"].stub.ReportEvaluation(result(0.1), timeout=5)
+        sites["site-a"].stub.ReportEvaluation(result(0.1), timeout=30)
     assert replay.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -230,7 +230,7 @@ def test_sites_evaluate_the_final_checkpoint_and_the_ledger_records_it(
 def test_upload_without_its_producers_signature_is_refused(
     pki: Pki, sites: dict[str, ScriptedSite], admin: AdminClient, signer: str
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a")))
     site = sites["site-a"]
     task = site.next_task()
@@ -252,7 +252,7 @@ def test_next_site_receives_the_producers_signature_and_certificate(
 ) -> None:
     from protocols.signing import verify_custody
 
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan(_plan("site-a", "site-b")))
     first = sites["site-a"].next_task()
     ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
@@ -269,7 +269,7 @@ def test_upload_cut_mid_stream_resumes_from_the_bytes_received(
 
     from protocols.transport import CHUNK_BYTES
 
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     run_id = admin.start_run(parse_plan(_plan("site-a")))
     site = sites["site-a"]
     task = site.next_task()
@@ -283,15 +283,21 @@ def test_upload_cut_mid_stream_resumes_from_the_bytes_received(
                              total_size=len(data), sha256=sha256_hex(data),
                              signature=sign_digest(site.key_pem, sha256_hex(data)))  # fmt: skip
 
+    uploads = coordinator.engine.uploads_dir
+
     def cut_after_one_chunk() -> Iterator[pb.UploadRequest]:
         yield pb.UploadRequest(header=header)
         yield pb.UploadRequest(data=data[:CHUNK_BYTES])
-        time.sleep(0.5)  # let the first chunk land, then the connection drops
+        # The first chunk lands (its spool file holds it), then the connection drops.
+        deadline = time.monotonic() + 60
+        while CHUNK_BYTES not in [p.stat().st_size for p in uploads.glob("*.part")]:
+            assert time.monotonic() < deadline, "the first chunk never landed"
+            time.sleep(0.02)
         raise ConnectionError("cable pulled")
 
     with pytest.raises(grpc.RpcError):
-        site.stub.UploadCheckpoint(cut_after_one_chunk(), timeout=10)
-    received = site.stub.UploadStatus(header, timeout=5).received
+        site.stub.UploadCheckpoint(cut_after_one_chunk(), timeout=120)
+    received = site.stub.UploadStatus(header, timeout=30).received
     assert received == CHUNK_BYTES
     header.offset = received
 
@@ -300,7 +306,7 @@ def test_upload_cut_mid_stream_resumes_from_the_bytes_received(
         for start in range(received, len(data), CHUNK_BYTES):
             yield pb.UploadRequest(data=data[start : start + CHUNK_BYTES])
 
-    ref = site.stub.UploadCheckpoint(rest(), timeout=10).checkpoint
+    ref = site.stub.UploadCheckpoint(rest(), timeout=120).checkpoint
     assert ref.sha256 == sha256_hex(data)
     assert site.report(task, ref) == "committed"
     assert admin.run(run_id).status == "completed"

@@ -27,7 +27,7 @@ from coordinator.statistics import (
 from protocols.approval import ApprovalBundle
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import Pki
-from tests.coordinator_tests.conftest import ScriptedSite
+from tests.coordinator_tests.conftest import WAIT, EngineClock, ScriptedSite
 
 FEATURES = ("age", "chol", "bp")
 runner = CliRunner()
@@ -168,7 +168,7 @@ def test_plan_with_normaliser_puts_mean_and_std_into_the_approved_bundle() -> No
 
 
 def _next_statistics(site: ScriptedSite) -> pb.StatisticsTask:
-    task = site.tasks.get(timeout=10)
+    task = site.tasks.get(timeout=WAIT)
     assert task.WhichOneof("kind") == "statistics", task
     return task.statistics
 
@@ -209,7 +209,7 @@ def test_sites_report_aggregates_and_the_ledger_records_the_pooled_normaliser(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
     ledger = coordinator.engine.ledger
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"])
     assert requested.status == "pending" and requested.min_count == 10  # the default
     bundle = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0)
@@ -226,10 +226,10 @@ def test_sites_report_aggregates_and_the_ledger_records_the_pooled_normaliser(
 
     for index, name in enumerate(("site-a", "site-b")):
         aggregates = _aggregates(name, rows[index], labels[index][: len(rows[index])])
-        answer = sites[name].stub.ReportStatistics(_result(tasks[name], aggregates), timeout=5)
+        answer = sites[name].stub.ReportStatistics(_result(tasks[name], aggregates), timeout=30)
         assert answer.status == "done"
 
-    status = admin.wait_for_statistics(requested.statistics_id, timeout=5)
+    status = admin.wait_for_statistics(requested.statistics_id, timeout=30)
     pooled = np.concatenate(rows)
     assert status.status == "done" and status.count == len(pooled)
     assert list(status.feature_names) == list(FEATURES)
@@ -254,7 +254,7 @@ def test_sites_report_aggregates_and_the_ledger_records_the_pooled_normaliser(
     # A replayed answer is fenced and recorded like any refusal; nothing changes.
     with pytest.raises(grpc.RpcError) as replay:
         sites["site-a"].stub.ReportStatistics(
-            _result(tasks["site-a"], _aggregates("site-a", rows[1])), timeout=5
+            _result(tasks["site-a"], _aggregates("site-a", rows[1])), timeout=30
         )
     assert replay.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     refusal = ledger.events()[-1]
@@ -267,7 +267,7 @@ def test_one_refusal_fails_the_request_and_keeps_the_other_answers(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
     ledger = coordinator.engine.ledger
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"], min_count=30)
     tasks = {name: _next_statistics(site) for name, site in sites.items()}
     assert tasks["site-a"].min_count == 30
@@ -277,7 +277,7 @@ def test_one_refusal_fails_the_request_and_keeps_the_other_answers(
         error_code="below-minimum-count", error_message="12 training rows, fewer than the 30",
         count=12.0, feature_sums=[1.0, 2.0, 3.0],  # ignored: a refusal releases nothing
     )  # fmt: skip
-    assert sites["site-a"].stub.ReportStatistics(refusal, timeout=5).status == "failed"
+    assert sites["site-a"].stub.ReportStatistics(refusal, timeout=30).status == "failed"
     failed = admin.statistics(requested.statistics_id)
     assert failed.status == "failed" and "site-a: below-minimum-count" in failed.error
     assert not failed.mean
@@ -285,7 +285,7 @@ def test_one_refusal_fails_the_request_and_keeps_the_other_answers(
     # site-b was already at work: its answer is still recorded; the request stays failed.
     rows = _site_rows(3)[0]
     sites["site-b"].stub.ReportStatistics(
-        _result(tasks["site-b"], _aggregates("site-b", rows)), timeout=5
+        _result(tasks["site-b"], _aggregates("site-b", rows)), timeout=30
     )
     status = admin.statistics(requested.statistics_id)
     assert status.status == "failed"
@@ -304,14 +304,14 @@ def test_one_refusal_fails_the_request_and_keeps_the_other_answers(
 def test_answers_are_refused_from_other_sites_with_stale_tokens_or_too_few_rows(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     requested = admin.collect_statistics("heart", "tabular", ["site-a"], min_count=50)
     task = _next_statistics(sites["site-a"])
     rows = _site_rows(1)[0]
 
     def refused(site: str, result: pb.StatisticsResult) -> grpc.StatusCode:
         with pytest.raises(grpc.RpcError) as error:
-            sites[site].stub.ReportStatistics(result, timeout=5)
+            sites[site].stub.ReportStatistics(result, timeout=30)
         return error.value.code()
 
     good = _result(task, _aggregates("site-a", rows[:60]))
@@ -334,21 +334,21 @@ def test_answers_are_refused_from_other_sites_with_stale_tokens_or_too_few_rows(
     # Nor a cell below the minimum (sites suppress them; an agent that does not is refused).
     small_cell = _result(task, _aggregates("site-a", rows[:60], ["0"] * 55 + ["1"] * 5))
     with pytest.raises(grpc.RpcError) as cell:
-        sites["site-a"].stub.ReportStatistics(small_cell, timeout=5)
+        sites["site-a"].stub.ReportStatistics(small_cell, timeout=30)
     assert cell.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "cells below the request's minimum of 50: label '1'" in cell.value.details()
     methods = [e.payload.get("method") for e in coordinator.engine.ledger.events()
                if e.kind == "access.refused"]  # fmt: skip
     assert methods.count("ReportStatistics") == 6
     assert admin.statistics(requested.statistics_id).status == "pending"
-    assert sites["site-a"].stub.ReportStatistics(good, timeout=5).status == "done"
+    assert sites["site-a"].stub.ReportStatistics(good, timeout=30).status == "done"
     assert admin.statistics(requested.statistics_id).status == "done"
 
 
 def test_bad_requests_are_refused(
     sites: dict[str, ScriptedSite], admin: AdminClient, pki: Pki, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     for args, kwargs, message in [
         (("heart", "tabular", []), {}, "at least one site"),
         (("heart", "tabular", ["nowhere"]), {}, "no site named nowhere"),
@@ -375,7 +375,7 @@ def test_a_site_that_connects_later_gets_its_pending_statistics_task(
 ) -> None:
     late = ScriptedSite(pki, "site-c", coordinator.port)
     late.hello()  # known to the coordinator, but no task stream open
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-c"])
     _next_statistics(sites["site-a"])
     try:
@@ -404,7 +404,7 @@ def test_cli_collects_shows_and_starts_a_run_with_the_normaliser(
     pki: Pki,
     tmp_path: Path,
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     tls = pki.tls("admin")
     connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
                   str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
@@ -420,7 +420,7 @@ def test_cli_collects_shows_and_starts_a_run_with_the_normaliser(
     rows = _site_rows(11)[:2]
     for name, site_rows in zip(("site-a", "site-b"), rows, strict=True):
         task = _next_statistics(sites[name])
-        sites[name].stub.ReportStatistics(_result(task, _aggregates(name, site_rows)), timeout=5)
+        sites[name].stub.ReportStatistics(_result(task, _aggregates(name, site_rows)), timeout=30)
     statistics_id = task.statistics_id
 
     shown = runner.invoke(app, ["statistics", "show", statistics_id, "--json", *connection])
@@ -454,7 +454,7 @@ def test_cli_collects_shows_and_starts_a_run_with_the_normaliser(
 
 
 def _hop_task(site: ScriptedSite) -> pb.HopTask:
-    task = site.tasks.get(timeout=10)
+    task = site.tasks.get(timeout=WAIT)
     assert task.WhichOneof("kind") == "hop", task
     return task.hop
 
@@ -482,10 +482,11 @@ def test_merged_histograms_and_suppressed_labels_pool_over_what_was_released() -
 
 
 def test_a_pending_request_expires_is_ledgered_and_refuses_late_answers(
-    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
-) -> None:
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator,
+    engine_clock: EngineClock,
+) -> None:  # fmt: skip
     ledger = coordinator.engine.ledger
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     with pytest.raises(grpc.RpcError) as bad:
         admin.collect_statistics("heart", "tabular", ["site-a"], expires_in_seconds=0.5)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -496,13 +497,14 @@ def test_a_pending_request_expires_is_ledgered_and_refuses_late_answers(
         _next_statistics(sites[name])
 
     requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"],
-                                         expires_in_seconds=1)  # fmt: skip
+                                         expires_in_seconds=60)  # fmt: skip
     tasks = {name: _next_statistics(site) for name, site in sites.items()}
     assert all(t.expires_at == requested.expires_at > 0 for t in tasks.values())
     rows = _site_rows(5)[:2]
     on_time = _result(tasks["site-a"], _aggregates("site-a", rows[0]))
-    assert sites["site-a"].stub.ReportStatistics(on_time, timeout=5).status == "done"
+    assert sites["site-a"].stub.ReportStatistics(on_time, timeout=30).status == "done"
 
+    engine_clock.advance(61)  # site-b never answers in time
     expired = admin.wait_for_statistics(requested.statistics_id, timeout=30)
     assert expired.status == "failed"
     assert expired.error.startswith("expired at ") and "before site-b answered" in expired.error
@@ -512,7 +514,7 @@ def test_a_pending_request_expires_is_ledgered_and_refuses_late_answers(
 
     late = _result(tasks["site-b"], _aggregates("site-b", rows[1]))
     with pytest.raises(grpc.RpcError) as refused:
-        sites["site-b"].stub.ReportStatistics(late, timeout=5)
+        sites["site-b"].stub.ReportStatistics(late, timeout=30)
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "expired at" in refused.value.details() and "too late" in refused.value.details()
     assert ledger.events()[-1].kind == "access.refused"
@@ -524,7 +526,7 @@ def test_a_pending_request_expires_is_ledgered_and_refuses_late_answers(
 def test_cli_collect_expires_in_fails_a_request_no_site_answers(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator, pki: Pki
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     tls = pki.tls("admin")
     connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
                   str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",

@@ -54,7 +54,7 @@ def _bundle(site: ScriptedSite, task: pb.HopTask) -> bytes:
     )
 
 
-def _until(predicate: Callable[[], object], timeout: float = 10) -> None:
+def _until(predicate: Callable[[], object], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition never held"
@@ -96,7 +96,7 @@ def test_full_disk_answers_retryable_and_the_run_completes_once_space_is_freed(
     try:
         a.connect()
         b.connect()
-        admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+        admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
         run_id = admin.start_run(parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
                                              "sites": ["site-a", "site-b"]}))  # fmt: skip
         first = a.next_task()
@@ -202,7 +202,7 @@ def test_failure_and_evaluation_reports_into_a_full_disk_are_retryable(
             "failure": {"on_failure": "abort"}}  # fmt: skip
     try:
         site.connect()
-        admin.wait_for_sites({"site-a"}, timeout=10)
+        admin.wait_for_sites({"site-a"}, timeout=60)
         done = admin.start_run(parse_plan(plan))
         task = site.next_task()
         assert site.report(task, site.upload(task, site.bundle(task))) == "committed"
@@ -219,11 +219,11 @@ def test_failure_and_evaluation_reports_into_a_full_disk_are_retryable(
 
         _truncate_wal(coordinator)
         ballast.fill()
-        _unavailable(lambda: site.stub.ReportEvaluation(scored, timeout=5))
-        _unavailable(lambda: site.stub.ReportHopResult(failed, timeout=5))
+        _unavailable(lambda: site.stub.ReportEvaluation(scored, timeout=30))
+        _unavailable(lambda: site.stub.ReportHopResult(failed, timeout=30))
         ballast.free()
-        assert site.stub.ReportEvaluation(scored, timeout=5).status == "done"
-        assert site.stub.ReportHopResult(failed, timeout=5).hop_status == "failed"
+        assert site.stub.ReportEvaluation(scored, timeout=30).status == "done"
+        assert site.stub.ReportHopResult(failed, timeout=30).hop_status == "failed"
         assert admin.run(failing).status == "failed"
     finally:
         ballast.free()

@@ -305,7 +305,7 @@ def test_a_study_whose_bundle_a_site_did_not_approve_stops_before_any_run(
     request = pb.HelloRequest(protocol_version=1, approved_bundles=["0" * 64])
     request.base_models.add(name="tiny", sha256=BASE)
     request.datasets.add(name="notes", task="seq-classification", labels=["x", "y"])
-    sites.sites["site-a"].stub.Hello(request, timeout=5)
+    sites.sites["site-a"].stub.Hello(request, timeout=30)
     study = OrderingStudy.create(None, "preflight", space, "lehmer", seed=0)
     executor = RunExecutor(admin, template, poll_seconds=0.02)
 
@@ -420,7 +420,7 @@ def test_study_cli_runs_trials_then_shows_status_and_the_best_plan(
 
 
 def _completed(admin: AdminClient, run_id: str) -> pb.RunStatus:
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while (run := admin.run(run_id)).status != "completed":
         assert run.status == "running" and time.monotonic() < deadline, run
         time.sleep(0.02)

@@ -34,7 +34,7 @@ def test_cancelled_upload_waits_for_the_chunk_write_in_flight_before_closing_its
 
     def slow_absorb(fd: int, *args: Any) -> None:
         writing.set()
-        release.wait(10)
+        release.wait(60)
         try:
             os.fstat(fd)  # the descriptor is still this upload's file
             absorb(fd, *args)
@@ -49,7 +49,7 @@ def test_cancelled_upload_waits_for_the_chunk_write_in_flight_before_closing_its
 
     async def chunks() -> AsyncIterator[bytes]:
         yield b"first"
-        await asyncio.to_thread(writing.wait, 10)
+        await asyncio.to_thread(writing.wait, 60)
         second_chunk.set()
         yield b"again"  # the handler now awaits the first chunk's write
         await asyncio.Event().wait()
@@ -79,7 +79,7 @@ def test_cancelled_upload_closes_the_file_whose_open_was_in_flight(
 
     def slow_open_at(path: Path, offset: int) -> int:
         opening.set()
-        release.wait(10)
+        release.wait(60)
         opened.append(open_at(path, offset))
         return opened[-1]
 
@@ -91,7 +91,7 @@ def test_cancelled_upload_closes_the_file_whose_open_was_in_flight(
     async def scenario() -> None:
         header = pb.UploadHeader(hop_id="h", total_size=10)
         task = asyncio.create_task(_intake()._spool_chunks(tmp_path / "p", header, chunks()))
-        await asyncio.to_thread(opening.wait, 10)
+        await asyncio.to_thread(opening.wait, 60)
         task.cancel()
         await asyncio.wait([task], timeout=0.5)
         release.set()
@@ -117,7 +117,7 @@ def test_cancelled_download_waits_for_the_read_in_flight_before_closing_the_bund
     def slow_pread(fd: int, size: int, offset: int) -> bytes:
         if offset:  # the read ahead, after the first chunk was handed out
             reading.set()
-            release.wait(10)
+            release.wait(60)
         try:
             data = pread(fd, size, offset)
         except OSError as exc:
@@ -131,10 +131,10 @@ def test_cancelled_download_waits_for_the_read_in_flight_before_closing_the_bund
     async def scenario() -> None:
         async def consume() -> None:
             async for _ in store.read_chunks(sha, 0, 4):
-                await asyncio.to_thread(reading.wait, 10)
+                await asyncio.to_thread(reading.wait, 60)
 
         task = asyncio.create_task(consume())
-        await asyncio.to_thread(reading.wait, 10)
+        await asyncio.to_thread(reading.wait, 60)
         await asyncio.sleep(0.05)
         task.cancel()
         await asyncio.wait([task], timeout=0.5)

@@ -21,14 +21,14 @@ from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
 from protocols.signing import sign_digest
 from protocols.transport import CHUNK_BYTES
 from protocols.v1 import baton_pb2 as pb
-from tests.coordinator_tests.conftest import BASE, ScriptedSite
+from tests.coordinator_tests.conftest import BASE, EngineClock, ScriptedSite
 
 CAP = 256 * 1024
 SPOOLED = 300_000  # floats: a bundle of more than one chunk, streamed through the spool
 
 
 def _start(admin: AdminClient, site: ScriptedSite, **failure: object) -> pb.HopTask:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan({
         "name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a", "site-b"],
         "failure": {"retry_backoff_seconds": 0, **failure},
@@ -74,9 +74,9 @@ def _upload(
         for start in range(0, len(data), CHUNK_BYTES):
             yield pb.UploadRequest(data=data[start : start + CHUNK_BYTES])
         if stop is not None:
-            stop.wait(10)
+            stop.wait(60)
 
-    return site.stub.UploadCheckpoint.future(messages(), timeout=15)
+    return site.stub.UploadCheckpoint.future(messages(), timeout=120)
 
 
 def _disk_bytes(state: Path) -> int:
@@ -150,7 +150,8 @@ def test_site_uploading_many_made_up_bundles_never_holds_more_than_twice_the_cap
             _upload(site, task, _bundle(site, task, floats, 100.0 + n), stop=stall)
             for n in range(8)
         ]
-        time.sleep(1.0)
+        # Every stream but the one held is refused while that one still stalls.
+        _until(lambda: sum(f.done() for f in futures) >= len(futures) - 1)
         stall.set()
         concurrent = sorted(_outcome(f) for f in futures)
         # Valid bundles, one after another, once one is held.
@@ -177,7 +178,7 @@ def _cut_upload(site: ScriptedSite, task: pb.HopTask, data: bytes, state: Path) 
     stall.set()
 
 
-def _until(predicate: Callable[[], bool], timeout: float = 10) -> None:
+def _until(predicate: Callable[[], bool], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition never held"
@@ -185,15 +186,17 @@ def _until(predicate: Callable[[], bool], timeout: float = 10) -> None:
 
 
 def test_partial_upload_of_a_killed_site_is_removed_once_its_lease_expires(
-    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
-) -> None:
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator,
+    engine_clock: EngineClock,
+) -> None:  # fmt: skip
     site = sites["site-a"]
-    task = _start(admin, site, lease_timeout_seconds=3, max_retries=1)
+    task = _start(admin, site, lease_timeout_seconds=60, max_retries=1)
     uploads = _state(coordinator) / "uploads"
     _cut_upload(site, task, _bundle(site, task, SPOOLED, 1.0), uploads.parent)
     assert [p.stat().st_size for p in uploads.iterdir()] == [len(_bundle(site, task, SPOOLED, 1.0))
                                                             // 2]  # fmt: skip
-    retried = site.next_task()  # no heartbeat: the lease expires, the hop is leased again
+    engine_clock.advance(61)  # no heartbeat: the lease expires, the hop is leased again
+    retried = site.next_task()
     assert retried.hop_id == task.hop_id and retried.lease_token != task.lease_token
     assert not list(uploads.iterdir())
 
@@ -215,7 +218,7 @@ def test_every_spool_file_and_unused_upload_goes_when_the_hop_ends(
     else:
         result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
                               error_code="training-failed", error_message="boom")  # fmt: skip
-        assert site.stub.ReportHopResult(result, timeout=5).hop_status == "failed"
+        assert site.stub.ReportHopResult(result, timeout=30).hop_status == "failed"
         assert not list(coordinator.engine.store.stored())
         assert coordinator.engine.ledger.checkpoint(ref.sha256).status == "superseded"
     assert not list((state / "uploads").glob("*"))
@@ -230,7 +233,7 @@ def test_checkpoint_of_a_retried_hop_is_marked_superseded_and_its_bytes_freed(
     first = site.upload(task, site.bundle(task, 1.0))
     result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=False,
                           error_code="training-failed", error_message="boom")  # fmt: skip
-    assert site.stub.ReportHopResult(result, timeout=5).hop_status == "pending"
+    assert site.stub.ReportHopResult(result, timeout=30).hop_status == "pending"
     assert ledger.checkpoint(first.sha256).status == "superseded"
     [event] = [e for e in ledger.events() if e.kind == "checkpoint.superseded"]
     assert event.payload["sha256"] == first.sha256 and "retried" in event.payload["reason"]
@@ -255,7 +258,7 @@ def test_upload_in_flight_when_its_run_is_aborted_is_refused_and_nothing_is_kept
     future = _upload(site, task, data, stop=stall)  # all bytes sent, the stream still open
     header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
                              sha256=sha256_hex(data))  # fmt: skip
-    _until(lambda: site.stub.UploadStatus(header, timeout=5).received == len(data))
+    _until(lambda: site.stub.UploadStatus(header, timeout=30).received == len(data))
     assert admin.control(task.run_id, "abort", "stop").status == "aborted"
     stall.set()
     assert _outcome(future) == f"NOT_FOUND: no active hop {task.hop_id}"
@@ -283,7 +286,7 @@ def test_watchdog_removes_spool_files_of_ended_hops_and_older_leases(
     assert current.exists()
 
 
-def _spooled(state: Path, size: int, timeout: float = 10) -> Path:
+def _spooled(state: Path, size: int, timeout: float = 60) -> Path:
     """The spool file once all `size` bytes of the upload are in it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -371,7 +374,7 @@ def test_bundle_stored_as_its_stream_is_cut_keeps_its_checkpoint_row(
     def slowly(write: Callable[..., object]) -> Callable[..., object]:
         def slow(*args: object, **kwargs: object) -> object:
             storing.set()
-            release.wait(10)
+            release.wait(60)
             return write(*args, **kwargs)
 
         return slow
@@ -379,12 +382,12 @@ def test_bundle_stored_as_its_stream_is_cut_keeps_its_checkpoint_row(
     monkeypatch.setattr(store, "put", slowly(store.put))
     monkeypatch.setattr(store, "adopt", slowly(store.adopt))
     future = _upload(site, task, data)
-    assert storing.wait(10)
+    assert storing.wait(60)
     future.cancel()  # the site goes away while the checked bundle is written into the store
     time.sleep(0.3)  # the handler's cancellation arrives (the unfixed one returns at once)
     release.set()
     ledger = coordinator.engine.ledger
-    _until(lambda: bool(ledger.checkpoints(task.run_id)), timeout=5)
+    _until(lambda: bool(ledger.checkpoints(task.run_id)), timeout=30)
     assert [row.sha256 for row in ledger.checkpoints(task.run_id)] == [sha256_hex(data)]
     assert store.path(sha256_hex(data)).read_bytes() == data
     assert not list((_state(coordinator) / "uploads").glob("*.part"))

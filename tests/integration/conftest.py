@@ -47,7 +47,7 @@ def wait_for_run(
 
 
 def wait_for_hop(
-    admin: AdminClient, run_id: str, index: int, status: str, timeout: float = 120
+    admin: AdminClient, run_id: str, index: int, status: str, timeout: float = 240
 ) -> pb.RunStatus:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -90,7 +90,7 @@ def test_validation_is_reported_after_the_commit_as_its_own_ledger_event(
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites(set(SITES), timeout=120)
             run = wait_for_run(admin, cluster, admin.start_run(parse_plan(_plan(steps=10))))
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not all(
                 "loss" in hop.metrics for hop in admin.run(run.run_id).hops
             ):
@@ -123,7 +123,7 @@ def test_a_coordinator_killed_between_a_commit_and_its_validation_loses_nothing(
                                   port_file=tmp_path / "port", port=port)  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             run = wait_for_run(admin, cluster, run_id)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not all(
                 "loss" in hop.metrics for hop in admin.run(run_id).hops
             ):

@@ -215,8 +215,8 @@ def test_operator_steers_a_tabular_run_live_in_chromium(
 
             _click(browser, "download")
             archive = browser.downloads / f"baton-{run_id}-adapter.zip"  # type: ignore[attr-defined]
-            _wait(archive.is_file, "the adapter download")
-            time.sleep(0.5)
+            # Chromium writes a .crdownload and renames it once complete: a whole zip, then.
+            _wait(lambda: archive.is_file() and zipfile.is_zipfile(archive), "the adapter download")
             names = {n.rsplit("/", 1)[1] for n in zipfile.ZipFile(archive).namelist()}
             assert {"adapter_model.safetensors", "adapter_config.json"} <= names
 

@@ -38,7 +38,7 @@ def _serve(
 def _refused(process: subprocess.Popen[str]) -> tuple[int, str]:
     """Exit code and stderr of a coordinator that should refuse to start."""
     try:
-        _, stderr = process.communicate(timeout=60)
+        _, stderr = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()

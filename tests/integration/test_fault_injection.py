@@ -29,7 +29,7 @@ def _plan(steps: int) -> dict[str, object]:
         "sites": list(SITES), "defaults": {"steps": steps, "batch_size": 8},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
         "failure": {"on_failure": "retry", "max_retries": 3, "retry_backoff_seconds": 0.2,
-                    "lease_timeout_seconds": 4},
+                    "lease_timeout_seconds": 10},
     }  # fmt: skip
 
 

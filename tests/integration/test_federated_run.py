@@ -49,7 +49,7 @@ def _plan(steps: int = 30, **federated: object) -> RunPlan:
         "defaults": {"steps": steps, "batch_size": 4, "learning_rate": 0.05},
         "federated": {"strategy": "fedavg", "rounds": 2, "min_sites": 3, **federated},
         "failure": {"on_failure": "retry", "max_retries": 3, "retry_backoff_seconds": 0.2,
-                    "lease_timeout_seconds": 4},
+                    "lease_timeout_seconds": 10},
     })  # fmt: skip
 
 

@@ -40,7 +40,7 @@ def _site(coordinator: str, tls: TlsFiles, data_dir: Path) -> subprocess.Popen[s
 
 def _stopped(process: subprocess.Popen[str]) -> tuple[int, str]:
     try:
-        _, stderr = process.communicate(timeout=60)
+        _, stderr = process.communicate(timeout=180)
     except subprocess.TimeoutExpired:
         process.kill()
         _, stderr = process.communicate()

@@ -29,6 +29,8 @@ from tests.conftest import SITES, LoopThread, Pki
 from tests.integration.conftest import wait_for_hop, wait_for_run
 from tests.small_disk import Ballast, small_disk
 
+LEASE = 5.0  # seconds; the sites heartbeat every 0.5 s
+
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
@@ -87,8 +89,9 @@ def test_site_keeps_its_hop_through_a_full_disk_and_the_run_completes(
         "name": "disk-full", "task": "tabular", "dataset": "heart", "labels": ["0", "1"],
         "sites": sites, "options": {"model": "logistic"},
         "defaults": {"steps": 2000, "batch_size": 4, "learning_rate": 0.05},
-        # Shorter than each stall below: only heartbeats during the retries keep the lease.
-        "failure": {"lease_timeout_seconds": 3},
+        # Shorter than each stall below: only heartbeats during the retries keep the lease. Ten
+        # heartbeat intervals long: a beat delayed on a loaded machine does not expire it.
+        "failure": {"lease_timeout_seconds": LEASE},
     })  # fmt: skip
     tls = pki.tls("coordinator")
     settings = CoordinatorSettings(
@@ -120,10 +123,10 @@ def test_site_keeps_its_hop_through_a_full_disk_and_the_run_completes(
             ballast.fill()
             try:
                 _wait(lambda: admin.run(run_id).storage_fault, "a storage fault")
-                time.sleep(3.5)  # longer than the lease: the site keeps it by heartbeating
+                time.sleep(LEASE + 0.5)  # longer than the lease: the site keeps it by heartbeating
                 stalled = admin.run(run_id)
                 # Space comes back, but the database refuses commits for a while longer.
-                full_database.refuse_for(4)
+                full_database.refuse_for(LEASE + 1)
             finally:
                 ballast.free()
             run = wait_for_run(admin, cluster, run_id, timeout=120)

@@ -28,7 +28,7 @@ from protocols.pki import (
 )
 
 _WHOAMI = "/baton.test.Identity/WhoAmI"
-_TIMEOUT_SECONDS = 5
+_TIMEOUT_SECONDS = 30
 
 
 def _certificate(files: CertificateFiles) -> x509.Certificate:

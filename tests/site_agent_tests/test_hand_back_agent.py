@@ -69,7 +69,7 @@ def stub(pki: Pki, coordinator: Coordinator) -> Iterator[pb_grpc.SiteServiceStub
 
 
 def _task(admin: AdminClient, site: ScriptedSite) -> pb.HopTask:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan({
         "name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a", "site-b"],
         "failure": {"retry_backoff_seconds": 0, "max_retries": 1},
