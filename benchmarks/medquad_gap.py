@@ -206,6 +206,44 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(report: Mapping[str, Any], out: Path) -> bool:
+    """Per setting, each schedule's gap to pooled as stacked bars: learning gap, forgetting."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [s for s in SETTINGS if any(c["setting"] == s for c in report["cells"])]
+    figure, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 5), squeeze=False)
+    for axis, setting in zip(axes[0], settings, strict=True):
+        cells = [c for c in report["cells"] if c["setting"] == setting]
+        names = [r["schedule"] for r in cells[0]["schedules"]]
+        means = {
+            key: [
+                statistics.fmean(
+                    r[key] for c in cells for r in c["schedules"] if r["schedule"] == name
+                )
+                for name in names
+            ]
+            for key in ("learning_gap", "forgetting")
+        }
+        positions = range(len(names))
+        axis.barh(positions, means["learning_gap"], label="never learnt (learning gap)")
+        axis.barh(positions, means["forgetting"], left=means["learning_gap"], label="forgotten")
+        axis.set_yticks(list(positions), names, fontsize=7)
+        axis.invert_yaxis()
+        axis.axvline(0.0, color="grey", linewidth=0.8)
+        axis.set_xlabel("pooled minus sequential, test accuracy")
+        axis.set_title(f"{setting} ({len(cells)} splits)")
+        axis.legend(loc="lower right", fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -220,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="medquad_paired_session6_gap")
+    parser.add_argument("--render", type=Path, help="re-render a JSON report's Markdown and plot")
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(report))
+        plot(report, args.render.with_suffix(".png"))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     memoise_feature_matrices()
@@ -247,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             report["load_now"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
             (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
             (args.out / f"{args.name}.md").write_text(markdown(report))
+            plot(report, args.out / f"{args.name}.png")
     print((args.out / f"{args.name}.md").read_text(), flush=True)
     return 0
 

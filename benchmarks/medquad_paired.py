@@ -30,6 +30,16 @@ site agent's ``tabular`` task, ``model=logistic``, no normalisation), instead of
 plus the head. Rows: at most ``--rows-per-source`` questions per NIH source (drawn once, seed 0);
 every row of that pool takes part in every split.
 
+The plan space (``--space``): ``controls`` (default) holds what limits forgetting, as issue 17
+asks: each site's step budget (``--max-steps``, default 120) split over 1-12 cycles (more cycles,
+shorter visits at equal compute), a per-hop learning-rate decay, a proximal term and a final
+consolidation cycle; ``narrow`` is session 5's (1-2 cycles of up to 30 steps per visit).
+``--max-forgetting`` makes the three sequential studies select as ``OrderingStudy`` does under a
+forgetting limit (within it first, then by CV value). ``--model lora-top`` trains LoRA on
+MiniLM's top layer(s) instead of the head over frozen embeddings (``medquad_lora.py``).
+``benchmarks/medquad_gap.py`` splits the gap to pooled into what was never learnt and what was
+forgotten, for fixed schedules.
+
 Every run is the in-process twin (``site_agent.simulation``): the sites' own trainer code with
 weights moving as tensors; ``benchmarks/heart_disease.py`` checks that twin for the ``tabular``
 trainer bit for bit against real site processes. A trial whose model predicts one class on every
@@ -43,6 +53,7 @@ drop from its post-visit peak; Optuna's importances of the order against the hyp
 lookup floor.
 
     .venv/bin/python benchmarks/medquad_paired.py                  # 5 splits x 3 settings
+    .venv/bin/python benchmarks/medquad_paired.py --model lora-top --max-steps 60
     .venv/bin/python benchmarks/medquad_paired.py --quick          # smoke run
     .venv/bin/python benchmarks/medquad_paired.py --render benchmarks/results/medquad_paired.json
     BATON_MEDQUAD_DIR=/path/to/medquad ...                         # data elsewhere
@@ -106,7 +117,7 @@ from site_agent.simulation import (
     train_sequential,
 )
 from site_agent.tasks import HopHyperparameters as SiteHyperparameters
-from site_agent.tasks import HopOutcome, TabularTrainer, TaskSpec, create_trainer
+from site_agent.tasks import HopOutcome, TabularTrainer, TaskSpec, Trainer, create_trainer
 from site_agent.virtual_sites import partition_sources
 
 logger = logging.getLogger("benchmarks.medquad_paired")
@@ -330,14 +341,21 @@ class Scorer:
     call: the twin's trainer spends most of a trial in ``evaluate``'s model set-up. Every
     final model's test accuracy is also taken from ``Trainer.evaluate`` and checked equal."""
 
-    def __init__(self, labels: Sequence[str]) -> None:
+    def __init__(
+        self,
+        labels: Sequence[str],
+        predict: Callable[[Mapping[str, torch.Tensor], Sequence[Any]], torch.Tensor] | None = None,
+    ) -> None:
         self.labels = {label: i for i, label in enumerate(labels)}
+        self._predict = predict  # another model's predictions (``--model lora-top``)
         # id -> (the examples, kept alive so that the id stays theirs; their feature matrix)
         self._rows: dict[int, tuple[Sequence[Any], torch.Tensor]] = {}
 
     def predictions(
         self, tensors: Mapping[str, torch.Tensor], examples: Sequence[Any]
     ) -> torch.Tensor:
+        if self._predict is not None:
+            return self._predict(tensors, examples)
         cached = self._rows.get(id(examples))
         if cached is None or cached[0] is not examples:
             if len(self._rows) > 64:
@@ -401,6 +419,11 @@ def memoise_feature_matrices() -> Callable[[], None]:
     return undo
 
 
+def _scorer(trainer: Trainer, spec: TaskSpec) -> Scorer:
+    """The fast scorer of the trainer's model: its own ``predictions`` where it has them."""
+    return Scorer(spec.labels, getattr(trainer, "predictions", None))
+
+
 def _losses(trained: Any) -> list[HopRecord]:
     """The hop records whose train losses the divergence guard reads."""
     if isinstance(trained, SequentialResult):
@@ -417,7 +440,7 @@ def _tensors(trained: Any) -> Mapping[str, torch.Tensor]:
 
 
 def _run_cv(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     folds: int,
@@ -456,7 +479,7 @@ class TwinExecutor:
 
     def __init__(
         self,
-        trainer: TabularTrainer,
+        trainer: Trainer,
         spec: TaskSpec,
         datasets: Sequence[RegisteredDataset],
         folds: int,
@@ -534,7 +557,7 @@ def search_space(sites: Sequence[str], seed: int, max_steps: int, kind: str) -> 
 
 
 def run_plan_on_test(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     plan: CandidatePlan,
@@ -570,7 +593,7 @@ def run_plan_on_test(
 
 
 def _final_scores(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     tensors: Mapping[str, torch.Tensor],
@@ -620,7 +643,7 @@ def _importance(study: OrderingStudy) -> dict[str, Any]:
 
 
 def sequential_methods(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     split: int,
@@ -636,7 +659,7 @@ def sequential_methods(
     whose worst CV forgetting stays within it first, then by value)."""
     sites = [d.name for d in datasets]
     space = search_space(sites, split, max_steps, space_kind)
-    scorer = Scorer(spec.labels)
+    scorer = _scorer(trainer, spec)
     executor = TwinExecutor(trainer, spec, datasets, folds, scorer)
     sizes = {d.name: len(d.train) for d in datasets}
     out: dict[str, Any] = {}
@@ -770,7 +793,7 @@ def _tuned(
 
 def _tune_and_score(
     name: str,
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     split: int,
@@ -780,7 +803,7 @@ def _tune_and_score(
     train: Callable[[Mapping[str, Any], Sequence[RegisteredDataset]], Any],
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    scorer = Scorer(spec.labels)
+    scorer = _scorer(trainer, spec)
     chosen, history = _tuned(
         name,
         split,
@@ -810,7 +833,7 @@ def _tune_and_score(
 
 
 def fedavg(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     split: int,
@@ -845,7 +868,7 @@ def fedavg(
 
 
 def pooled(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     split: int,
@@ -875,7 +898,7 @@ def pooled(
 
 
 def run_cell(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     pool: Sequence[Row],
     setting: str,
     split: int,
@@ -1060,9 +1083,16 @@ def markdown(report: Mapping[str, Any]) -> str:
         )
         + f", batch {BATCH}, max forgetting for selection "
         f"{_fmt(config.get('max_forgetting'))}, "
-        f"{config['random_orders']} random orders per split. Model: frozen all-MiniLM-L6-v2 "
-        "sentence embeddings + a softmax head trained across the sites (see the script's "
-        "docstring for what is cut). Score: mean over the six sites of test accuracy.",
+        f"{config['random_orders']} random orders per split. Model: "
+        + (
+            f"all-MiniLM-L6-v2 with LoRA (r=8, query/value) on its top {config['top_layers']} "
+            "layer(s) + the classification head, lower layers frozen and cached, no dropout "
+            "(benchmarks/medquad_lora.py)"
+            if config.get("model") == "lora-top"
+            else "frozen all-MiniLM-L6-v2 sentence embeddings + a softmax head trained across "
+            "the sites (see the script's docstring for what is cut)"
+        )
+        + ". Score: mean over the six sites of test accuracy.",
         "",
         "## Targets",
         "",
@@ -1264,6 +1294,15 @@ def main(argv: list[str] | None = None) -> int:
         "consolidation cycle; narrow: session 5's 1-2 cycles of up to --max-steps per visit",
     )
     parser.add_argument(
+        "--model",
+        choices=("frozen", "lora-top"),
+        default="frozen",
+        help="frozen: a softmax head over frozen MiniLM sentence embeddings; lora-top: LoRA "
+        "(r=8, query/value) on MiniLM's top layer(s) + the classification head, lower layers "
+        "cached (benchmarks/medquad_lora.py)",
+    )
+    parser.add_argument("--top-layers", type=int, default=1, help="lora-top: layers with LoRA")
+    parser.add_argument(
         "--max-forgetting",
         type=float,
         default=None,
@@ -1303,9 +1342,17 @@ def main(argv: list[str] | None = None) -> int:
     started, cpu = time.perf_counter(), time.process_time()
     load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
     pool = load_pool(args.data, args.rows_per_source, args.cache)
-    trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
-    assert isinstance(trainer, TabularTrainer)
+    trainer: Trainer
+    if args.model == "lora-top":
+        from medquad_lora import pool_trainer
+
+        trainer, pool = pool_trainer(pool, args.top_layers, MAX_LENGTH)
+    else:
+        trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
+        assert isinstance(trainer, TabularTrainer)
     config = {
+        "model": args.model,
+        "top_layers": args.top_layers if args.model == "lora-top" else None,
         "trials": args.trials,
         "folds": args.folds,
         "max_steps": args.max_steps,
