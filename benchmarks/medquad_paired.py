@@ -30,6 +30,16 @@ site agent's ``tabular`` task, ``model=logistic``, no normalisation), instead of
 plus the head. Rows: at most ``--rows-per-source`` questions per NIH source (drawn once, seed 0);
 every row of that pool takes part in every split.
 
+The plan space (``--space``): ``controls`` (default) holds what limits forgetting, as issue 17
+asks: each site's step budget (``--max-steps``, default 120) split over 1-12 cycles (more cycles,
+shorter visits at equal compute), a per-hop learning-rate decay, a proximal term and a final
+consolidation cycle; ``narrow`` is session 5's (1-2 cycles of up to 30 steps per visit).
+``--max-forgetting`` makes the three sequential studies select as ``OrderingStudy`` does under a
+forgetting limit (within it first, then by CV value). ``--model lora-top`` trains LoRA on
+MiniLM's top layer(s) instead of the head over frozen embeddings (``medquad_lora.py``).
+``benchmarks/medquad_gap.py`` splits the gap to pooled into what was never learnt and what was
+forgotten, for fixed schedules.
+
 Every run is the in-process twin (``site_agent.simulation``): the sites' own trainer code with
 weights moving as tensors; ``benchmarks/heart_disease.py`` checks that twin for the ``tabular``
 trainer bit for bit against real site processes. A trial whose model predicts one class on every
@@ -43,6 +53,7 @@ drop from its post-visit peak; Optuna's importances of the order against the hyp
 lookup floor.
 
     .venv/bin/python benchmarks/medquad_paired.py                  # 5 splits x 3 settings
+    .venv/bin/python benchmarks/medquad_paired.py --model lora-top --max-steps 60
     .venv/bin/python benchmarks/medquad_paired.py --quick          # smoke run
     .venv/bin/python benchmarks/medquad_paired.py --render benchmarks/results/medquad_paired.json
     BATON_MEDQUAD_DIR=/path/to/medquad ...                         # data elsewhere
@@ -106,7 +117,7 @@ from site_agent.simulation import (
     train_sequential,
 )
 from site_agent.tasks import HopHyperparameters as SiteHyperparameters
-from site_agent.tasks import HopOutcome, TabularTrainer, TaskSpec, create_trainer
+from site_agent.tasks import HopOutcome, TabularTrainer, TaskSpec, Trainer, create_trainer
 from site_agent.virtual_sites import partition_sources
 
 logger = logging.getLogger("benchmarks.medquad_paired")
@@ -330,14 +341,21 @@ class Scorer:
     call: the twin's trainer spends most of a trial in ``evaluate``'s model set-up. Every
     final model's test accuracy is also taken from ``Trainer.evaluate`` and checked equal."""
 
-    def __init__(self, labels: Sequence[str]) -> None:
+    def __init__(
+        self,
+        labels: Sequence[str],
+        predict: Callable[[Mapping[str, torch.Tensor], Sequence[Any]], torch.Tensor] | None = None,
+    ) -> None:
         self.labels = {label: i for i, label in enumerate(labels)}
+        self._predict = predict  # another model's predictions (``--model lora-top``)
         # id -> (the examples, kept alive so that the id stays theirs; their feature matrix)
         self._rows: dict[int, tuple[Sequence[Any], torch.Tensor]] = {}
 
     def predictions(
         self, tensors: Mapping[str, torch.Tensor], examples: Sequence[Any]
     ) -> torch.Tensor:
+        if self._predict is not None:
+            return self._predict(tensors, examples)
         cached = self._rows.get(id(examples))
         if cached is None or cached[0] is not examples:
             if len(self._rows) > 64:
@@ -371,6 +389,41 @@ class Scorer:
         return None
 
 
+def memoise_feature_matrices() -> Callable[[], None]:
+    """Makes the tabular trainer build each example tuple's float32 feature matrix once.
+
+    ``TabularTrainer`` turns a dataset's examples into a tensor at every hop and every
+    validation pass; with 384 features per row that costs more CPU than the hop's optimizer
+    steps. The trainer only reads the matrix (``normalisation=none`` returns it unchanged), so
+    one shared tensor per example tuple gives the same values (tests check the tensors a plan
+    trains to are identical). Returns the function that undoes it."""
+    from site_agent.tasks import _tabular
+
+    original = _tabular._matrix
+    built: dict[int, tuple[Sequence[TabularExample], torch.Tensor]] = {}
+
+    def matrix(examples: Sequence[TabularExample]) -> torch.Tensor:
+        hit = built.get(id(examples))
+        if hit is not None and hit[0] is examples:
+            return hit[1]
+        if len(built) > 256:
+            built.clear()
+        value = original(examples)
+        built[id(examples)] = (examples, value)  # kept alive so that the id stays theirs
+        return value
+
+    def undo() -> None:
+        _tabular._matrix = original
+
+    _tabular._matrix = matrix
+    return undo
+
+
+def _scorer(trainer: Trainer, spec: TaskSpec) -> Scorer:
+    """The fast scorer of the trainer's model: its own ``predictions`` where it has them."""
+    return Scorer(spec.labels, getattr(trainer, "predictions", None))
+
+
 def _losses(trained: Any) -> list[HopRecord]:
     """The hop records whose train losses the divergence guard reads."""
     if isinstance(trained, SequentialResult):
@@ -387,7 +440,7 @@ def _tensors(trained: Any) -> Mapping[str, torch.Tensor]:
 
 
 def _run_cv(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     folds: int,
@@ -426,7 +479,7 @@ class TwinExecutor:
 
     def __init__(
         self,
-        trainer: TabularTrainer,
+        trainer: Trainer,
         spec: TaskSpec,
         datasets: Sequence[RegisteredDataset],
         folds: int,
@@ -459,8 +512,37 @@ class TwinExecutor:
         )
 
 
-def search_space(sites: Sequence[str], seed: int, max_steps: int) -> SearchSpace:
-    """Order, cycles, visit length, learning rate, its per-hop decay and a proximal term."""
+SPACES = ("controls", "narrow")
+MAX_CYCLES = 12  # the ``controls`` space's most cycles
+FEDAVG_MAX_ROUNDS = {"controls": MAX_CYCLES, "narrow": 4}
+
+
+def search_space(sites: Sequence[str], seed: int, max_steps: int, kind: str) -> SearchSpace:
+    """The plan space of ``kind``.
+
+    ``narrow`` (session 5): order, 1-2 cycles, ``max_steps`` steps at most per visit, learning
+    rate, its per-hop decay and a proximal term. ``controls`` adds what limits forgetting:
+    ``max_steps`` is each site's step budget for the whole run, split over 1-12 cycles (more
+    cycles, shorter visits at equal compute), the learning rate decays per hop (up to 72 hops, so
+    down to 0.9**71 of its start), and a final consolidation cycle of 1-10 steps per site at
+    5-100% of the last hop's learning rate."""
+    if kind == "controls":
+        return SearchSpace(
+            sites=tuple(sites),
+            cycles=IntRange(1, MAX_CYCLES),
+            learning_rate=FloatRange(*LR, log=True),
+            learning_rate_decay=FloatRange(0.9, 1.0),
+            steps=IntRange(6, max_steps),
+            steps_split_over_cycles=True,
+            proximal_mu=FloatRange(0.0, 1.0),
+            consolidation_steps=IntRange(1, 10),
+            consolidation_learning_rate_factor=FloatRange(0.05, 1.0),
+            batch_size=BATCH,
+            max_grad_norm=0.0,
+            seed=seed,
+        )
+    if kind != "narrow":
+        raise ValueError(f"unknown space {kind!r} (known: {', '.join(SPACES)})")
     return SearchSpace(
         sites=tuple(sites),
         cycles=IntRange(1, 2),
@@ -475,7 +557,7 @@ def search_space(sites: Sequence[str], seed: int, max_steps: int) -> SearchSpace
 
 
 def run_plan_on_test(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     plan: CandidatePlan,
@@ -511,7 +593,7 @@ def run_plan_on_test(
 
 
 def _final_scores(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     tensors: Mapping[str, torch.Tensor],
@@ -547,11 +629,12 @@ def _study_summary(records: Sequence[TrialRecord], chosen: TrialRecord) -> dict[
     }
 
 
-def _best(records: Sequence[TrialRecord]) -> TrialRecord:
-    complete = [r for r in records if r.state == "COMPLETE" and r.value is not None]
-    if not complete:
-        raise RuntimeError("every trial failed")
-    return max(complete, key=lambda r: (r.value or 0.0, -r.number))
+def _best(study: OrderingStudy) -> TrialRecord:
+    """The study's own choice (best value; under a forgetting limit, within it first)."""
+    try:
+        return study.best_record()
+    except ValueError as exc:
+        raise RuntimeError(f"every trial failed: {exc}") from exc
 
 
 def _importance(study: OrderingStudy) -> dict[str, Any]:
@@ -560,7 +643,7 @@ def _importance(study: OrderingStudy) -> dict[str, Any]:
 
 
 def sequential_methods(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     split: int,
@@ -568,21 +651,33 @@ def sequential_methods(
     folds: int,
     max_steps: int,
     random_orders: int,
+    space_kind: str = "narrow",
+    max_forgetting: float | None = None,
 ) -> dict[str, Any]:
+    """Searched, random search and random order (tuned) on one split. With `max_forgetting`
+    every one of the three studies selects as ``OrderingStudy`` does under that limit (trials
+    whose worst CV forgetting stays within it first, then by value)."""
     sites = [d.name for d in datasets]
-    space = search_space(sites, split, max_steps)
-    scorer = Scorer(spec.labels)
+    space = search_space(sites, split, max_steps, space_kind)
+    scorer = _scorer(trainer, spec)
     executor = TwinExecutor(trainer, spec, datasets, folds, scorer)
     sizes = {d.name: len(d.train) for d in datasets}
     out: dict[str, Any] = {}
 
     started = time.perf_counter()
     searched = OrderingStudy.create(
-        None, f"searched-{split}", space, "auto", "mean", seed=split, pruning=None
+        None,
+        f"searched-{split}",
+        space,
+        "auto",
+        "mean",
+        seed=split,
+        pruning=None,
+        max_forgetting=max_forgetting,
     )
     searched.enqueue(tuple(sorted(sites, key=lambda s: (sizes[s], s))), note="seed: sizes")
     records = searched.optimize(executor, trials, catch=(PlanFailed,))
-    chosen = _best(records)
+    chosen = _best(searched)
     assert chosen.plan is not None
     out["searched"] = {
         **_study_summary(records, chosen),
@@ -592,9 +687,11 @@ def sequential_methods(
     }
 
     started = time.perf_counter()
-    study = random_search(executor, space, trials, seed=split, aggregation="mean")
+    study = random_search(
+        executor, space, trials, seed=split, aggregation="mean", max_forgetting=max_forgetting
+    )
     records = study.history()
-    chosen = _best(records)
+    chosen = _best(study)
     assert chosen.plan is not None
     out["random-search"] = {
         **_study_summary(records, chosen),
@@ -613,9 +710,10 @@ def sequential_methods(
         seed=split,
         sampler="random-order",
         pruning=None,
+        max_forgetting=max_forgetting,
     )
     records = tuned.optimize(executor, trials, catch=(PlanFailed,))
-    chosen = _best(records)
+    chosen = _best(tuned)
     assert chosen.plan is not None
     # The tuned settings on fresh random orders: the order itself is never selected.
     rng = random.Random(f"random-orders:{split}")
@@ -695,7 +793,7 @@ def _tuned(
 
 def _tune_and_score(
     name: str,
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     split: int,
@@ -705,7 +803,7 @@ def _tune_and_score(
     train: Callable[[Mapping[str, Any], Sequence[RegisteredDataset]], Any],
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    scorer = Scorer(spec.labels)
+    scorer = _scorer(trainer, spec)
     chosen, history = _tuned(
         name,
         split,
@@ -735,19 +833,23 @@ def _tune_and_score(
 
 
 def fedavg(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     split: int,
     trials: int,
     folds: int,
     max_steps: int,
+    max_rounds: int = 4,
 ) -> dict[str, Any]:
+    """FedAvg with learning rate, local steps (5 to `max_steps`) and rounds (1 to `max_rounds`)
+    tuned by TPE."""
+
     def suggest(trial: optuna.Trial) -> dict[str, Any]:
         return {
             "learning_rate": trial.suggest_float("learning_rate", *LR, log=True),
             "steps": trial.suggest_int("steps", 5, max_steps),
-            "rounds": trial.suggest_int("rounds", 1, 4),
+            "rounds": trial.suggest_int("rounds", 1, max_rounds),
         }
 
     def train(params: Mapping[str, Any], views: Sequence[RegisteredDataset]) -> Any:
@@ -766,18 +868,20 @@ def fedavg(
 
 
 def pooled(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     split: int,
     trials: int,
     folds: int,
-    max_steps: int,
+    max_total_steps: int,
 ) -> dict[str, Any]:
+    """Pooled training with learning rate and steps (10 to `max_total_steps`) tuned by TPE."""
+
     def suggest(trial: optuna.Trial) -> dict[str, Any]:
         return {
             "learning_rate": trial.suggest_float("learning_rate", *LR, log=True),
-            "steps": trial.suggest_int("steps", 10, 12 * max_steps, log=True),
+            "steps": trial.suggest_int("steps", 10, max_total_steps, log=True),
         }
 
     def train(params: Mapping[str, Any], views: Sequence[RegisteredDataset]) -> Any:
@@ -794,7 +898,7 @@ def pooled(
 
 
 def run_cell(
-    trainer: TabularTrainer,
+    trainer: Trainer,
     pool: Sequence[Row],
     setting: str,
     split: int,
@@ -805,11 +909,28 @@ def run_cell(
     datasets, rows = split_sites(pool, setting, split)
     spec = _spec(sorted({r.label for r in pool}))
     trials, folds, steps = config["trials"], config["folds"], config["max_steps"]
+    kind = config.get("space", "narrow")
     methods = sequential_methods(
-        trainer, spec, datasets, split, trials, folds, steps, config["random_orders"]
+        trainer,
+        spec,
+        datasets,
+        split,
+        trials,
+        folds,
+        steps,
+        config["random_orders"],
+        kind,
+        config.get("max_forgetting"),
     )
-    methods["fedavg"] = fedavg(trainer, spec, datasets, split, trials, folds, steps)
-    methods["pooled"] = pooled(trainer, spec, datasets, split, trials, folds, steps)
+    # Equal or larger compute for the baselines: under ``controls`` `steps` is a site's budget
+    # for the whole run, so FedAvg gets up to 12 rounds of up to 30 local steps and pooled
+    # training every site's budget together; under ``narrow`` a visit's (session 5's ranges).
+    local = min(steps, 30) if kind == "controls" else steps
+    pooled_steps = len(datasets) * steps if kind == "controls" else 12 * steps
+    methods["fedavg"] = fedavg(
+        trainer, spec, datasets, split, trials, folds, local, FEDAVG_MAX_ROUNDS[kind]
+    )
+    methods["pooled"] = pooled(trainer, spec, datasets, split, trials, folds, pooled_steps)
     seconds = time.perf_counter() - started
     logger.info(
         "[%s] split %d in %.0f s: %s",
@@ -952,10 +1073,26 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"load at start {report['load_start']}, now {report.get('load_now', 'n/a')}. "
         f"{report['pool_rows']} questions ({config['rows_per_source']} at most per NIH source), "
         f"{len(report['labels'])} question types; {config['trials']} trials per comparator, "
-        f"{config['folds']}-fold CV, up to {config['max_steps']} steps per visit (batch {BATCH}), "
-        f"{config['random_orders']} random orders per split. Model: frozen all-MiniLM-L6-v2 "
-        "sentence embeddings + a softmax head trained across the sites (see the script's "
-        "docstring for what is cut). Score: mean over the six sites of test accuracy.",
+        f"{config['folds']}-fold CV, "
+        + (
+            f"space `controls` (each site's {config['max_steps']} steps at most split over 1-"
+            f"{MAX_CYCLES} cycles, lr decay per hop 0.9-1, proximal term 0-1, a consolidation "
+            "cycle of 1-10 steps per site at 5-100% of the last learning rate)"
+            if config.get("space") == "controls"
+            else f"space `narrow` (1-2 cycles, up to {config['max_steps']} steps per visit)"
+        )
+        + f", batch {BATCH}, max forgetting for selection "
+        f"{_fmt(config.get('max_forgetting'))}, "
+        f"{config['random_orders']} random orders per split. Model: "
+        + (
+            f"all-MiniLM-L6-v2 with LoRA (r=8, query/value) on its top {config['top_layers']} "
+            "layer(s) + the classification head, lower layers frozen and cached, no dropout "
+            "(benchmarks/medquad_lora.py)"
+            if config.get("model") == "lora-top"
+            else "frozen all-MiniLM-L6-v2 sentence embeddings + a softmax head trained across "
+            "the sites (see the script's docstring for what is cut)"
+        )
+        + ". Score: mean over the six sites of test accuracy.",
         "",
         "## Targets",
         "",
@@ -1024,12 +1161,22 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += [
             "",
             f"Selected schedule of split {first['split']}: {searched['plan']}. "
-            "Each site's test accuracy after each visit:",
+            "Each site's test accuracy after each visit"
+            + (
+                " (after each cycle's last visit shown)"
+                if len(searched["after_each_visit"]) > 4 * len(searched["site_test_accuracy"])
+                else ""
+            )
+            + ":",
             "",
             "| visit | " + " | ".join(sites) + " |",
             "|---|" + "---|" * len(sites),
         ]
-        for index, visit in enumerate(searched["after_each_visit"], start=1):
+        visits = searched["after_each_visit"]
+        for index, visit in enumerate(visits, start=1):
+            # Long plans: the visits that end a cycle (every visit is in the JSON).
+            if len(visits) > 4 * len(sites) and index % len(sites) and index != len(visits):
+                continue
             lines.append(
                 f"| {index} {visit['site']} | "
                 + " | ".join(f"{visit['test'][s]:.3f}" for s in sites)
@@ -1131,9 +1278,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-split", type=int, default=0, help="to share splits out")
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=30)
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="a site's step budget for the run (controls, default 120) or per visit (narrow, 30)",
+    )
     parser.add_argument("--rows-per-source", type=int, default=300)
     parser.add_argument("--random-orders", type=int, default=RANDOM_ORDERS)
+    parser.add_argument(
+        "--space",
+        choices=SPACES,
+        default="controls",
+        help="controls: 1-12 cycles sharing each site's --max-steps, lr decay, proximal term, "
+        "consolidation cycle; narrow: session 5's 1-2 cycles of up to --max-steps per visit",
+    )
+    parser.add_argument(
+        "--model",
+        choices=("frozen", "lora-top"),
+        default="frozen",
+        help="frozen: a softmax head over frozen MiniLM sentence embeddings; lora-top: LoRA "
+        "(r=8, query/value) on MiniLM's top layer(s) + the classification head, lower layers "
+        "cached (benchmarks/medquad_lora.py)",
+    )
+    parser.add_argument("--top-layers", type=int, default=1, help="lora-top: layers with LoRA")
+    parser.add_argument(
+        "--max-forgetting",
+        type=float,
+        default=None,
+        help="select within this worst-site CV forgetting first (OrderingStudy(max_forgetting))",
+    )
     parser.add_argument(
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "baton-medquad-cache"
     )
@@ -1153,6 +1327,8 @@ def main(argv: list[str] | None = None) -> int:
         args.render.with_suffix(".md").write_text(markdown(report))
         plot(report, args.render.with_suffix(".png"))
         return 0
+    if args.max_steps is None:
+        args.max_steps = 120 if args.space == "controls" else 30
     if args.quick:
         args.splits, args.trials, args.folds, args.random_orders = 1, 3, 2, 3
         args.rows_per_source, args.name = 60, f"{args.name}_quick"
@@ -1162,17 +1338,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("ordering").setLevel(logging.ERROR)
     logging.getLogger("site_agent").setLevel(logging.ERROR)
     torch.set_num_threads(1)
+    memoise_feature_matrices()
     started, cpu = time.perf_counter(), time.process_time()
     load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
     pool = load_pool(args.data, args.rows_per_source, args.cache)
-    trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
-    assert isinstance(trainer, TabularTrainer)
+    trainer: Trainer
+    if args.model == "lora-top":
+        from medquad_lora import pool_trainer
+
+        trainer, pool = pool_trainer(pool, args.top_layers, MAX_LENGTH)
+    else:
+        trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
+        assert isinstance(trainer, TabularTrainer)
     config = {
+        "model": args.model,
+        "top_layers": args.top_layers if args.model == "lora-top" else None,
         "trials": args.trials,
         "folds": args.folds,
         "max_steps": args.max_steps,
         "rows_per_source": args.rows_per_source,
         "random_orders": args.random_orders,
+        "space": args.space,
+        "max_forgetting": args.max_forgetting,
     }
     report: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -146,3 +146,42 @@ def test_a_collapsed_or_diverged_trial_fails_with_its_reason(bench: Any) -> None
         return dict(trainer.run_hop(spec, views[0], hop, None).tensors)
 
     assert bench._run_cv(trainer, spec, datasets, 2, sound, scorer).failure_reason is None
+
+
+def test_the_controls_space_splits_each_sites_budget_over_cycles_and_consolidates(
+    bench: Any,
+) -> None:
+    sites = [s.lower() for s in SOURCES]
+    space = bench.search_space(sites, 0, 60, "controls")
+    plan = space.plan(sites, cycles=6, steps=60, consolidation_steps=2)
+    regular, consolidation = plan.hops[: 6 * 6], plan.hops[6 * 6 :]
+    assert {h.hyperparameters.steps for h in regular} == {10}  # 60 steps over 6 cycles
+    assert [h.site for h in consolidation] == sites
+    assert {h.hyperparameters.steps for h in consolidation} == {2}
+    assert space.max_cycles == bench.MAX_CYCLES
+    narrow = bench.search_space(sites, 0, 30, "narrow")
+    assert narrow.max_cycles == 2 and not narrow.consolidates
+    with pytest.raises(ValueError, match="unknown space 'wide'"):
+        bench.search_space(sites, 0, 30, "wide")
+
+
+def test_memoised_feature_matrices_train_to_the_same_tensors(bench: Any) -> None:
+    trainer = _trainer()
+    datasets, _ = bench.split_sites(_pool(bench), "sources", 0)
+    spec = bench._spec(LABELS)
+    hop = HopHyperparameters(learning_rate=0.05, steps=6, batch_size=8, seed=0)
+    visits = [(d, hop) for d in datasets * 2]
+    plain = bench.train_sequential(trainer, spec, visits).tensors
+    from site_agent.tasks import _tabular
+
+    original = _tabular._matrix
+    undo = bench.memoise_feature_matrices()
+    try:
+        assert _tabular._matrix is not original
+        memoised = bench.train_sequential(trainer, spec, visits).tensors
+        examples = datasets[0].train
+        assert _tabular._matrix(examples) is _tabular._matrix(examples)  # built once
+    finally:
+        undo()
+    assert _tabular._matrix is original
+    assert all(torch.equal(plain[k], memoised[k]) for k in plain)
