@@ -33,7 +33,7 @@ from protocols.hyperparameters import HopHyperparameters
 from protocols.statistics import FOLD_NORMALISERS_OPTION
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import Pki
-from tests.coordinator_tests.conftest import ScriptedSite
+from tests.coordinator_tests.conftest import WAIT, ScriptedSite
 
 FEATURES = ("age", "chol", "bp")
 runner = CliRunner()
@@ -201,7 +201,7 @@ def test_cross_validation_plans_get_the_fold_normalisers_and_final_plans_the_glo
 
 
 def _next_statistics(site: ScriptedSite) -> pb.StatisticsTask:
-    task = site.tasks.get(timeout=10)
+    task = site.tasks.get(timeout=WAIT)
     assert task.WhichOneof("kind") == "statistics", task
     return task.statistics
 
@@ -229,7 +229,7 @@ def test_a_per_fold_request_pools_and_records_each_folds_normaliser(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
     ledger = coordinator.engine.ledger
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
     requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"], cv_folds=3)
     bundle = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0,
                                            cv_folds=3)  # fmt: skip
@@ -242,9 +242,9 @@ def test_a_per_fold_request_pools_and_records_each_folds_normaliser(
         task = _next_statistics(site)
         assert task.cv_folds == 3 and task.approval_bundle_json == bundle.canonical_json()
         released = _aggregates(name, *data[name], 3)
-        assert site.stub.ReportStatistics(_result(task, released), timeout=5).status == "done"
+        assert site.stub.ReportStatistics(_result(task, released), timeout=WAIT).status == "done"
 
-    status = admin.wait_for_statistics(requested.statistics_id, timeout=5)
+    status = admin.wait_for_statistics(requested.statistics_id, timeout=WAIT)
     assert status.status == "done", status.error
     assert [f.fold for f in status.folds] == [0, 1, 2]
     for fold in status.folds:
@@ -278,14 +278,14 @@ def test_a_per_fold_request_pools_and_records_each_folds_normaliser(
 def test_per_fold_answers_without_folds_or_over_small_folds_are_refused(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
     requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"], cv_folds=3)
     tasks = {name: _next_statistics(site) for name, site in sites.items()}
     rows, ids = _site(2, 60, 3)
 
     def refused(result: pb.StatisticsResult) -> str:
         with pytest.raises(grpc.RpcError) as error:
-            sites["site-a"].stub.ReportStatistics(result, timeout=5)
+            sites["site-a"].stub.ReportStatistics(result, timeout=WAIT)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         return error.value.details() or ""
 
@@ -306,7 +306,7 @@ def test_per_fold_answers_without_folds_or_over_small_folds_are_refused(
         statistics_id=requested.statistics_id, lease_token=tasks["site-b"].lease_token, ok=False,
         error_code="not-approved", error_message="the statistics request differs from its bundle",
     )  # fmt: skip
-    assert sites["site-b"].stub.ReportStatistics(refusal, timeout=5).status == "failed"
+    assert sites["site-b"].stub.ReportStatistics(refusal, timeout=WAIT).status == "failed"
     failed = admin.statistics(requested.statistics_id)
     assert failed.status == "failed" and not failed.folds
     assert failed.error == (
@@ -320,7 +320,7 @@ def test_per_fold_answers_without_folds_or_over_small_folds_are_refused(
 def test_bad_per_fold_requests_are_refused(
     sites: dict[str, ScriptedSite], admin: AdminClient
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
     for task_type, folds, message in [
         ("tabular", 1, "cv_folds must be 0 or in [2, 20], got 1"),
         ("tabular", 21, "cv_folds must be 0 or in [2, 20], got 21"),
@@ -340,7 +340,7 @@ def test_cli_collects_shows_and_bundles_a_cross_validation_run_with_fold_normali
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator, pki: Pki,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
     tls = pki.tls("admin")
     connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
                   str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
@@ -359,7 +359,7 @@ def test_cli_collects_shows_and_bundles_a_cross_validation_run_with_fold_normali
         for name, site in sites.items():
             task = _next_statistics(site)
             released = _aggregates(name, *data[name], task.cv_folds)
-            site.stub.ReportStatistics(_result(task, released), timeout=5)
+            site.stub.ReportStatistics(_result(task, released), timeout=WAIT)
         return task.statistics_id
 
     per_fold = collect("--cv-folds", "3")

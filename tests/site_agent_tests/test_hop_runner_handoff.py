@@ -59,7 +59,7 @@ def test_a_deferred_validation_runs_at_a_lower_priority_than_the_agent() -> None
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert at_low_priority(validate) == {"accuracy": 0.5}
     assert seen["thread"] != threading.get_ident()
-    assert seen["nice"] > before
+    assert seen["nice"] == min(before + 10, 19)  # the kernel clamps at 19 (a suite run niced)
     # The caller (the agent's task stream) keeps its own priority.
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
