@@ -130,6 +130,22 @@ def test_fold_training_parts_are_guarded_and_recorded_against_differencing(
     assert releases.spent("heart") == (2, 0.0)
 
 
+def test_fold_training_parts_are_checked_against_earlier_global_answers(tmp_path: Path) -> None:
+    releases = StatisticsReleases(tmp_path / "releases.json")
+    dataset = _tabular(_rows(60, seed=3))
+    part = dataset.fold_view(0, 3).train
+    answer_request(_tabular(list(part[3:]), name="heart-subset"), releases,  # type: ignore[arg-type]
+                   min_count=10)  # fmt: skip
+    # Fold 0's training part would differ from that global answer by 3 rows: refused.
+    with pytest.raises(ReleaseRefused, match="differ by 3 rows") as refused:
+        answer_request(dataset, releases, min_count=10, cv_folds=3)
+    assert refused.value.code == "differencing-risk"
+    # A global answer over the split itself differs from each training part by a whole fold.
+    other = _tabular(_rows(60, seed=13), name="other")
+    answer_request(other, releases, min_count=10)
+    assert len(answer_request(other, releases, min_count=10, cv_folds=3).folds) == 3
+
+
 def test_training_rows_are_released_per_fold_at_one_fold_count_only(tmp_path: Path) -> None:
     """Partitions at several fold counts each pass the differencing guard, but together their
     training parts nearly determine single rows: the first per-fold answer fixes the count."""
