@@ -88,7 +88,9 @@ class RegisteredDataset:
         ``causal-lm``), rows are shuffled by an RNG seeded from the registration seed, the fold
         count and the label, then dealt round-robin, the deal continuing from label to label in
         sorted order, so fold sizes differ by at most one and each fold holds about 1/folds of
-        every label. The same registration always gives the same folds.
+        every label. The same registration always gives the same folds; another fold count
+        gives an independent partition, which is why a site releases per-fold statistics of a
+        training set at one fold count only (``site_agent.releases``).
 
         Raises:
             ValueError: If ``folds`` < 2 or there are fewer training rows than folds.

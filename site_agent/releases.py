@@ -3,10 +3,12 @@
 Per dataset the site keeps, in ``<state_dir>/statistics_releases.json`` under a file lock, how
 many requests it answered, the privacy loss its noised answers spent (zero-concentrated
 differential privacy, rho), and for each answered row set a salted digest of every row and the
-histogram bins released over it. Before computing an answer it refuses when the dataset's
-answer budget or privacy budget is spent, or when the rows differ from an already answered row
-set by fewer rows than the minimum count (differencing); over rows answered before, it releases
-histogram bins no finer than those released then.
+histogram bins released over it, and, once a per-fold answer covered it, the digests of its
+fold partition's training parts. Before computing an answer it refuses when the dataset's
+answer budget or privacy budget is spent, when the rows differ from an already answered row
+set by fewer rows than the minimum count (differencing), or when a per-fold answer would
+partition rows already released per fold in another way (another fold count); over rows
+answered before, it releases histogram bins no finer than those released then.
 """
 
 from __future__ import annotations
@@ -105,11 +107,15 @@ class StatisticsReleases:
                 returns the answer and its privacy cost rho (0 without noise); it is called
                 only when the answer and differencing guards pass.
             fold_parts: The further row sets a per-fold answer covers (each cross-validation
-                fold's training part); each is checked and recorded like ``rows``.
+                fold's training part, in fold order); each is checked and recorded like
+                ``rows``, and the partition is recorded with ``rows``: a later per-fold answer
+                over the same rows (under any name) must cover exactly these parts.
 
         Raises:
-            ReleaseRefused: ``statistics-budget-exhausted``, ``differencing-risk`` or
-                ``privacy-budget-exhausted``; nothing is recorded then.
+            ReleaseRefused: ``statistics-budget-exhausted``, ``fold-count-released`` (the
+                rows were released per fold at another fold count or in another partition),
+                ``differencing-risk`` or ``privacy-budget-exhausted``; nothing is recorded
+                then.
         """
         with self._locked():
             document = self._read()
@@ -123,13 +129,17 @@ class StatisticsReleases:
                 )
             digests = _row_digests(document["salt"], rows)
             row_set = hashlib.sha256("\n".join(digests).encode()).hexdigest()
-            self._check_differencing(document, dataset, digests, row_set, min_count)
             parts = []
             for part in fold_parts:
                 part_digests = _row_digests(document["salt"], part)
                 part_set = hashlib.sha256("\n".join(part_digests).encode()).hexdigest()
-                self._check_differencing(document, dataset, part_digests, part_set, min_count)
                 parts.append((part_set, part_digests))
+            partition = [part_set for part_set, _ in parts]
+            if partition:
+                self._check_partition(document, dataset, row_set, partition)
+            self._check_differencing(document, dataset, digests, row_set, min_count)
+            for part_set, part_digests in parts:
+                self._check_differencing(document, dataset, part_digests, part_set, min_count)
             previous = document["row_sets"].get(row_set, {}).get("edges", [])
             answer, rho = compute(previous)
             if rho > 0:
@@ -152,6 +162,10 @@ class StatisticsReleases:
             edges = list(answer.length_bin_edges)
             if edges and edges not in recorded["edges"]:
                 recorded["edges"].append(edges)
+            if partition:
+                recorded.setdefault(
+                    "folds", {"count": len(partition), "parts": partition, "dataset": dataset}
+                )
             for part_set, part_digests in parts:
                 part_record = document["row_sets"].setdefault(
                     part_set,
@@ -173,6 +187,34 @@ class StatisticsReleases:
         with self._locked():
             datasets = self._read()["datasets"]
         return {name: (int(v["answers"]), float(v["rho"])) for name, v in sorted(datasets.items())}
+
+    @staticmethod
+    def _check_partition(
+        document: dict[str, Any], dataset: str, row_set: str, partition: list[str]
+    ) -> None:
+        """Refuses per-fold statistics over training rows already released in another partition.
+
+        Each partition of the same rows passes the differencing guard on its own, but the
+        training parts of many partitions together (K = 2, 3, ...) form a system of sums that
+        nearly determines single rows; so these rows get one fold count, dealt one way, ever.
+        """
+        released = document["row_sets"].get(row_set, {}).get("folds")
+        if released is None or released["parts"] == partition:
+            return
+        count = int(released["count"])
+        how = (
+            f"at {count} folds"
+            if count != len(partition)
+            else f"in another {count}-fold partition (a registration with another seed)"
+        )
+        raise ReleaseRefused(
+            "fold-count-released",
+            f"per-fold statistics of the training rows of dataset {dataset!r} were already "
+            f"released {how} as dataset {released['dataset']!r}, and this site releases one "
+            "fold partition per training set (several together would describe single rows): "
+            f"request --cv-folds {count}, or re-register the dataset with a new split "
+            "(`baton-site register --replace --seed N`) to choose again",
+        )
 
     @staticmethod
     def _check_differencing(
@@ -240,6 +282,10 @@ def answer_request(
     adding the noise. With ``cv_folds`` the answer also holds each fold's training-part
     aggregates (``compute_statistics``); every fold must hold ``min_count`` rows, and each
     fold's training part passes the differencing guard and is recorded like the split.
+    Those guards bound each difference of two released aggregates, not what many partitions
+    of the same rows reveal together, so the training rows are released per fold in one
+    partition only: the first per-fold answer fixes the fold count (and deal) for those rows,
+    under any dataset name, and another is refused as ``fold-count-released``.
     One answer, whatever the folds, counts once against the answer budget.
 
     Raises:

@@ -145,9 +145,12 @@ def compute_statistics(
 def check_fold_sizes(dataset: RegisteredDataset, folds: int, min_count: int) -> None:
     """Refuses per-fold statistics unless every fold holds at least ``min_count`` rows.
 
-    The answer for fold k's training part differs from the whole training split's by exactly
+    Within one answer, fold k's training part differs from the whole training split by exactly
     fold k's rows, and two folds' training parts by those two folds' rows: every difference of
-    two released aggregates then covers at least ``min_count`` rows, as one answer does.
+    two aggregates of that answer then covers at least ``min_count`` rows. That bound is per
+    partition only: answers at several fold counts partition the same rows independently and
+    together nearly determine single rows, so the site releases one fold count per training
+    set (``site_agent.releases``, ``fold-count-released``).
 
     Raises:
         BelowMinimumCount: If a fold holds fewer rows.

@@ -19,7 +19,12 @@ from protocols.v1 import baton_pb2 as pb
 from site_agent.agent import SiteAgent
 from site_agent.examples import TabularExample, TextExample
 from site_agent.registry import RegisteredDataset, register_dataset
-from site_agent.releases import ReleaseRefused, StatisticsReleases, answer_request
+from site_agent.releases import (
+    ReleaseLimits,
+    ReleaseRefused,
+    StatisticsReleases,
+    answer_request,
+)
 from site_agent.settings import SiteSettings
 from site_agent.simulation import pooled_normalisation_spec
 from site_agent.statistics import BelowMinimumCount, compute_statistics, l2_sensitivity
@@ -125,6 +130,83 @@ def test_fold_training_parts_are_guarded_and_recorded_against_differencing(
     assert releases.spent("heart") == (2, 0.0)
 
 
+def test_fold_training_parts_are_checked_against_earlier_global_answers(tmp_path: Path) -> None:
+    releases = StatisticsReleases(tmp_path / "releases.json")
+    dataset = _tabular(_rows(60, seed=3))
+    part = dataset.fold_view(0, 3).train
+    answer_request(_tabular(list(part[3:]), name="heart-subset"), releases,  # type: ignore[arg-type]
+                   min_count=10)  # fmt: skip
+    # Fold 0's training part would differ from that global answer by 3 rows: refused.
+    with pytest.raises(ReleaseRefused, match="differ by 3 rows") as refused:
+        answer_request(dataset, releases, min_count=10, cv_folds=3)
+    assert refused.value.code == "differencing-risk"
+    # A global answer over the split itself differs from each training part by a whole fold.
+    other = _tabular(_rows(60, seed=13), name="other")
+    answer_request(other, releases, min_count=10)
+    assert len(answer_request(other, releases, min_count=10, cv_folds=3).folds) == 3
+
+
+def test_training_rows_are_released_per_fold_at_one_fold_count_only(tmp_path: Path) -> None:
+    """Partitions at several fold counts each pass the differencing guard, but together their
+    training parts nearly determine single rows: the first per-fold answer fixes the count."""
+    releases = StatisticsReleases(tmp_path / "releases.json", ReleaseLimits(max_answers=3))
+    dataset = _tabular(_rows(60, seed=3))
+    answer_request(dataset, releases, min_count=10, cv_folds=3)
+
+    with pytest.raises(ReleaseRefused) as refused:
+        answer_request(dataset, releases, min_count=10, cv_folds=2)
+    assert refused.value.code == "fold-count-released"
+    assert str(refused.value) == (
+        "per-fold statistics of the training rows of dataset 'heart' were already released at "
+        "3 folds as dataset 'heart', and this site releases one fold partition per training "
+        "set (several together would describe single rows): request --cv-folds 3, or "
+        "re-register the dataset with a new split (`baton-site register --replace --seed N`) "
+        "to choose again"
+    )
+    # The same rows under another name, or dealt by another seed at the same count: refused.
+    with pytest.raises(ReleaseRefused, match="already released at 3 folds as dataset 'heart'"):
+        answer_request(dataclasses.replace(dataset, name="heart-b"), releases, min_count=10,
+                       cv_folds=5)  # fmt: skip
+    with pytest.raises(ReleaseRefused, match=(
+        "already released in another 3-fold partition \\(a registration with another seed\\)"
+    )):  # fmt: skip
+        answer_request(dataclasses.replace(dataset, seed=8), releases, min_count=10, cv_folds=3)
+    assert releases.spent("heart") == (1, 0.0)  # refusals spend nothing
+    assert releases.spent("heart-b") == (0, 0.0)
+
+    # The released count again, and the global answer alone, are answered within the budget.
+    again = answer_request(dataset, releases, min_count=10, cv_folds=3)
+    assert len(again.folds) == 3
+    assert not answer_request(dataset, releases, min_count=10).folds
+    with pytest.raises(ReleaseRefused) as exhausted:
+        answer_request(dataset, releases, min_count=10, cv_folds=3)
+    assert exhausted.value.code == "statistics-budget-exhausted"
+
+
+def test_a_dataset_re_registered_with_a_new_split_chooses_its_fold_count_anew(
+    tmp_path: Path,
+) -> None:
+    rng = random.Random(9)
+    lines = ["age,chol,label"] + [
+        f"{rng.gauss(55, 8):.3f},{rng.gauss(230, 40):.3f},{rng.randint(0, 1)}" for _ in range(120)
+    ]
+    (tmp_path / "heart.csv").write_text("\n".join(lines) + "\n")
+    releases = StatisticsReleases(tmp_path / "releases.json")
+
+    def register(seed: int) -> RegisteredDataset:
+        return register_dataset(tmp_path / "data", "heart", tmp_path / "heart.csv",
+                                task_type="tabular", seed=seed, replace=True)  # fmt: skip
+
+    answer_request(register(4), releases, min_count=10, cv_folds=3)
+    # Re-registered with the same split: the same training rows, so the same fold count.
+    with pytest.raises(ReleaseRefused, match="request --cv-folds 3"):
+        answer_request(register(4), releases, min_count=10, cv_folds=2)
+    # A new split holds other training rows: its first per-fold answer chooses again.
+    assert len(answer_request(register(5), releases, min_count=10, cv_folds=2).folds) == 2
+    with pytest.raises(ReleaseRefused, match="already released at 2 folds"):
+        answer_request(register(5), releases, min_count=10, cv_folds=3)
+
+
 def test_noised_per_fold_answers_are_charged_for_every_fold_a_row_is_in() -> None:
     dataset = _tabular(_rows(60, seed=4))
     plain = compute_statistics(dataset, min_count=10)
@@ -178,7 +260,8 @@ def test_the_site_answers_a_per_fold_task_and_refuses_one_that_differs_from_its_
     agent._run_statistics(stub, task(0))  # type: ignore[arg-type]
     # What an agent that predates per-fold statistics sees: no cv_folds field, a bundle with it.
     agent._run_statistics(stub, task(3, task_folds=0))  # type: ignore[arg-type]
-    answered, refused, old = stub.results
+    agent._run_statistics(stub, task(2, task_folds=2))  # type: ignore[arg-type]
+    answered, refused, old, other_count = stub.results
     assert answered.ok and [f.fold for f in answered.folds] == [0, 1, 2]
     expected = compute_statistics(dataset, min_count=10, cv_folds=3)
     assert [f.count for f in answered.folds] == [f.count for f in expected.folds]
@@ -188,6 +271,10 @@ def test_the_site_answers_a_per_fold_task_and_refuses_one_that_differs_from_its_
     assert (old.ok, old.error_code, old.error_message) == (
         False, "not-approved", "the statistics request differs from its bundle")  # fmt: skip
     assert not old.count and not old.folds
+    # Another fold count over rows released per fold at 3: refused in one line, nothing sent.
+    assert (other_count.ok, other_count.error_code) == (False, "fold-count-released")
+    assert "were already released at 3 folds" in other_count.error_message
+    assert "\n" not in other_count.error_message and not other_count.folds
 
 
 # ---- the twin computes the real system's per-fold normalisers -----------------------------------
