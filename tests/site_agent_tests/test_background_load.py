@@ -241,6 +241,7 @@ def test_a_when_next_site_loads_nothing_after_its_hello_until_it_is_told_it_is_n
     agent, dataset = _agent(tmp_path, tiny_model_dir)
     assert agent.settings.preload == "when-next"  # the default
 
+    caplog.clear()  # the registration's own line, where an earlier test left INFO on
     with caplog.at_level(logging.INFO, logger="site_agent.agent"):
         assert agent._said_hello() is None
     assert caplog.messages == [
