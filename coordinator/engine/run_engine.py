@@ -78,7 +78,7 @@ class RunEngine:
         self.leases = HopLeases(self.runs, self.metrics)
         self.intake = UploadIntake(
             ledger, store, self.spool, self.storage, self.metrics, self.leases, self._lock,
-            ca_pem=ca_pem, max_checkpoint_bytes=max_checkpoint_bytes,
+            self.writer, ca_pem=ca_pem, max_checkpoint_bytes=max_checkpoint_bytes,
         )  # fmt: skip
         self.rounds = Rounds(
             ledger, store, runs_dir, self.storage, self.sessions, self.leases, self.intake,

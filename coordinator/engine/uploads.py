@@ -19,8 +19,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from coordinator.engine.leases import HopLeases
+from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.engine.spool import UploadSpool
-from coordinator.errors import InvalidInput, NotFound, PermissionDenied, ResumePointLost
+from coordinator.errors import (
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    ResumePointLost,
+    StorageFault,
+)
 from coordinator.ledger import (
     LIVE_HOP_STATES,
     CheckpointRow,
@@ -117,6 +124,7 @@ class UploadIntake:
         metrics: CoordinatorMetrics,
         leases: HopLeases,
         lock: asyncio.Lock,
+        writer: LedgerWriter,
         *,
         ca_pem: bytes,
         max_checkpoint_bytes: int,
@@ -128,6 +136,7 @@ class UploadIntake:
         self.metrics = metrics
         self.leases = leases
         self._lock = lock  # the engine's one lock over state transitions
+        self.writer = writer  # the engine's ledger writes, one at a time in order
         self.ca_pem = ca_pem
         self.max_checkpoint_bytes = max_checkpoint_bytes
 
@@ -155,7 +164,7 @@ class UploadIntake:
         An upload the hop holds already (an answer lost, then resumed at its end) is answered
         with the stored checkpoint: nothing is written again.
         """
-        await self._receive(site, certificate_pem, header, chunks, record=True)
+        await self._receive(site, certificate_pem, header, chunks, record=True, kept=[])
         return _ref(header)
 
     async def _receive(
@@ -166,10 +175,13 @@ class UploadIntake:
         chunks: AsyncIterator[bytes],
         *,
         record: bool,
+        kept: list[CheckpointRow],
     ) -> CheckpointRow | None:
         """`receive_upload`; with `record` False, the checked bundle is made durable in the
         store but its checkpoint row (and the hop's move to "uploaded") is returned, to be
-        written by the hop's commit in the same transaction. None: the hop held it already."""
+        written by the hop's commit in the same transaction. None: the hop held it already.
+        The row is also appended to `kept` as soon as the bundle is in the store, also when
+        the call is cancelled or fails afterwards (its caller then records it alone)."""
         run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
         if header.total_size > self.max_checkpoint_bytes:
             raise InvalidInput(
@@ -190,11 +202,11 @@ class UploadIntake:
         with self.spool.writing(hop.id), self.storage.guard(where):
             if header.offset == 0 and header.total_size <= CHUNK_BYTES:
                 run, hop, row = await self._store_whole(
-                    site, certificate_pem, header, chunks, record
+                    site, certificate_pem, header, chunks, record, kept
                 )
             else:
                 run, hop, row = await self._store_spooled(
-                    site, certificate_pem, header, chunks, record
+                    site, certificate_pem, header, chunks, record, kept
                 )
             if not record:
                 self.metrics.hop_phase(hop.id, "committing")  # the commit writes the row
@@ -222,11 +234,13 @@ class UploadIntake:
         bundle: Bundle,
         write: Callable[[], object],
         record: bool,
+        kept: list[CheckpointRow],
     ) -> CheckpointRow:
         """Writes a checked bundle into the store (`write`, on a worker thread, durable when it
         returns), frees its spool files and records its checkpoint row (if `record`; else the
-        caller writes the row returned): run whole even if the stream is cut meanwhile, so that
-        bytes in the store always have their row."""
+        caller writes the row returned, and finds it in `kept` from the moment the bytes are
+        in the store, even if this call is then cancelled or fails): run whole even if the
+        stream is cut meanwhile, so that bytes in the store always have their row."""
         row = CheckpointRow(
             sha256=bundle.sha256,
             size=bundle.size,
@@ -244,6 +258,7 @@ class UploadIntake:
 
         async def keep() -> None:
             await asyncio.to_thread(write)
+            kept.append(row)
             await asyncio.to_thread(self.spool.discard, hop.id)
             if record:
                 self.ledger.record_checkpoint(row)
@@ -254,25 +269,48 @@ class UploadIntake:
     async def record_alone(self, row: CheckpointRow) -> None:
         """Records a stored bundle's checkpoint row (and its hop's move to "uploaded") on its
         own, when the commit that was to write it with the hop did not: bytes in the store keep
-        their row. Writes nothing if the row is recorded already."""
+        their row. Writes nothing if the row is recorded already.
+
+        On the ledger writer's thread, so after any commit still in flight (one whose caller was
+        cancelled: it may yet write the row); a storage error is raised as `StorageFault`.
+        """
         copy = CheckpointRow(**{c.key: getattr(row, c.key) for c in CheckpointRow.__table__.c})
+        where = f"record of checkpoint {row.sha256} of hop {row.hop_id}"
         async with self._lock:
-            hop = self.ledger.hop(row.hop_id)
-            if hop is None or hop.status not in LIVE_HOP_STATES:
-                # Committed (its commit wrote the row), or ended while its result was checked:
-                # then its bytes go, as `hop_ended` frees an ended hop's uploads.
-                if self.ledger.checkpoint(row.sha256) is None:
+            with self.storage.guard(where):
+                if await self.writer.run(self._record_alone_locked, copy):
                     await asyncio.to_thread(self.store.delete, row.sha256)
-                return
-            self.ledger.record_checkpoint(copy)
-            with contextlib.suppress(TransitionRefused, KeyError):
-                self.ledger.transition_hop(
-                    row.hop_id,
-                    expected=("leased", "training"),
-                    status="uploaded",
-                    event="hop.uploaded",
-                    payload={"output_sha256": row.sha256},
-                )
+
+    def _record_alone_locked(self, row: CheckpointRow) -> bool:
+        """`record_alone`'s ledger writes (writer thread). True: the bundle's bytes are to go."""
+        hop = self.ledger.hop(row.hop_id)
+        if hop is None or hop.status not in LIVE_HOP_STATES:
+            # Committed (its commit wrote the row), or ended while its result was checked:
+            # then its bytes go, as `hop_ended` frees an ended hop's uploads.
+            return self.ledger.checkpoint(row.sha256) is None
+        self.ledger.record_checkpoint(row)
+        with contextlib.suppress(TransitionRefused, KeyError):
+            self.ledger.transition_hop(
+                row.hop_id,
+                expected=("leased", "training"),
+                status="uploaded",
+                event="hop.uploaded",
+                payload={"output_sha256": row.sha256},
+            )
+        return False
+
+    async def _record_after_failure(self, row: CheckpointRow) -> None:
+        """`record_alone` after a hand back failed, run whole; its own failure is logged, never
+        raised (the caller raises the hand back's error: a retryable fault stays retryable)."""
+        try:
+            await run_whole(self.record_alone(row))
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, StorageFault) else type(exc).__name__
+            logger.error(
+                "checkpoint %s of hop %s stays in the store without its row (%s); a retried "
+                "hand back records it",
+                row.sha256, row.hop_id, reason,
+            )  # fmt: skip
 
     async def _store_whole(
         self,
@@ -281,6 +319,7 @@ class UploadIntake:
         header: pb.UploadHeader,
         chunks: AsyncIterator[bytes],
         record: bool,
+        kept: list[CheckpointRow],
     ) -> tuple[RunRow, HopRow, CheckpointRow]:
         """A bundle that arrives in one message: checked in memory and written once, straight
         into the store (a message arrives whole or not at all: there is nothing to resume)."""
@@ -302,7 +341,7 @@ class UploadIntake:
         bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
         row = await self._keep(run, hop, site, certificate_pem, header, bundle,
                                lambda: self.store.put(bytes(data), sha256=bundle.sha256),
-                               record)  # fmt: skip
+                               record, kept)  # fmt: skip
         return run, hop, row
 
     async def _store_spooled(
@@ -312,6 +351,7 @@ class UploadIntake:
         header: pb.UploadHeader,
         chunks: AsyncIterator[bytes],
         record: bool,
+        kept: list[CheckpointRow],
     ) -> tuple[RunRow, HopRow, CheckpointRow]:
         """A bundle streamed into its spool file, checked as it arrives, renamed into the store."""
         hop_id = header.hop_id
@@ -340,7 +380,7 @@ class UploadIntake:
             bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
             row = await self._keep(run, hop, site, certificate_pem, header, bundle,
                                    lambda: self.store.adopt(partial, bundle.sha256),
-                                   record)  # fmt: skip
+                                   record, kept)  # fmt: skip
         except asyncio.CancelledError:
             raise  # a cut stream: kept to resume under the same lease (until the hop ends)
         except BaseException:
@@ -373,10 +413,12 @@ class UploadIntake:
         durable in the store, then the result goes through `commit` (the engine's one commit
         path) with the bundle's checkpoint row: the row, the hop's "uploaded" and "committed"
         states and the next hop's lease are one ledger transaction (one durable commit, the
-        events chained one by one). A result refused before that commit still leaves the
-        bundle recorded, as an upload. A retry after a lost answer, for a hop committed with
-        this very bundle, writes nothing and is answered "committed" again. Returns the hop's
-        status.
+        events chained one by one). A hand back that fails (or is cut) once its bundle is in
+        the store still leaves the bundle recorded, as an upload (`record_alone`, after any
+        commit in flight); if that fails too (a full disk), it is logged and the hand back's
+        own error is raised, so a storage fault stays retryable. A retry after a lost answer,
+        for a hop committed with this very bundle, writes nothing and is answered "committed"
+        again. Returns the hop's status.
         """
         results: list[pb.HopResult] = []
 
@@ -392,12 +434,15 @@ class UploadIntake:
                     raise InvalidInput("only data chunks, then the hop result, may follow the "
                                        "hand back header")  # fmt: skip
 
-        stored: CheckpointRow | None = None
-        if self._committed_with(site, header):
-            await _drain(chunks(), header.total_size - header.offset)
-        else:
-            stored = await self._receive(site, certificate_pem, header, chunks(), record=False)
+        # The bundle's row once it is in the store (set even if the stream is cut right then).
+        stored: list[CheckpointRow] = []
         try:
+            if self._committed_with(site, header):
+                await _drain(chunks(), header.total_size - header.offset)
+            else:
+                await self._receive(
+                    site, certificate_pem, header, chunks(), record=False, kept=stored
+                )
             if not results:
                 raise InvalidInput(
                     "a hand back ends with the hop's result and none came; the bundle is "
@@ -408,11 +453,11 @@ class UploadIntake:
             result = results[0]
             _check_hand_back_result(header, result)
             result.output_checkpoint.CopyFrom(_ref(header))
-            return await commit(site, result, stored)
+            return await commit(site, result, stored[0] if stored else None)
         except BaseException:
-            if stored is not None:
-                await run_whole(self.record_alone(stored))
-            raise
+            if stored:
+                await self._record_after_failure(stored[0])
+            raise  # the hand back's own error, whatever became of the clean-up
 
     def _committed_with(self, site: str, header: pb.UploadHeader) -> bool:
         """Whether `site`'s hop is committed already, with the bundle this header names."""

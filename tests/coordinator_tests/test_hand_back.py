@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import numpy as np
 import pytest
 import safetensors.numpy
+from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 
 from coordinator.console.admin import AdminClient
+from coordinator.ledger import CheckpointRow
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
@@ -20,6 +27,8 @@ from protocols.signing import sign_digest
 from protocols.transport import CHUNK_BYTES
 from protocols.v1 import baton_pb2 as pb
 from tests.coordinator_tests.conftest import BASE, ScriptedSite
+
+T = TypeVar("T")
 
 
 def _start(admin: AdminClient, site: ScriptedSite) -> pb.HopTask:
@@ -328,3 +337,178 @@ def test_a_bundle_of_one_message_goes_straight_into_the_store(
     assert _hand_back(site, task, data) == "committed"
     assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(data)]
     assert _files(_state(coordinator) / "uploads") == []
+
+
+def _until(predicate: Callable[[], object], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.05)
+
+
+def _held_until(release: threading.Event, entered: threading.Event) -> Callable[..., object]:
+    """A wrapper that signals `entered`, then waits for `release` before calling through."""
+
+    def wrap(real: Callable[..., object]) -> Callable[..., object]:
+        def held(*args: object, **kwargs: object) -> object:
+            entered.set()
+            assert release.wait(60), "never released"
+            return real(*args, **kwargs)
+
+        return held
+
+    return wrap  # type: ignore[return-value]
+
+
+def _recorded_alone(coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once the intake's `record_alone` (the clean-up after a failed hand back) has ended."""
+    done = threading.Event()
+    intake = coordinator.engine.intake
+    real = intake.record_alone
+
+    async def record_alone(row: CheckpointRow) -> None:
+        try:
+            await real(row)
+        finally:
+            done.set()
+
+    monkeypatch.setattr(intake, "record_alone", record_alone)
+    return done
+
+
+def test_hand_back_into_a_full_ledger_is_retryable_even_when_its_clean_up_fails_too(
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    coordinator: Coordinator,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    data = _bundle(site, task, 1024)
+    ledger = coordinator.engine.ledger
+
+    def full(_conn: object, _cursor: object, statement: str, params: object, *_: object) -> None:
+        if statement.lstrip().split(" ", 1)[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+            raise OperationalError(
+                statement, params, sqlite3.OperationalError("database or disk is full")
+            )
+
+    # The disk fills once the bundle is in the store: the commit fails, and so does the
+    # clean-up that records the bundle's row alone.
+    event.listen(ledger.engine, "before_cursor_execute", full)
+    try:
+        with caplog.at_level(logging.ERROR, logger="coordinator.engine.uploads"):
+            refused = _hand_back(site, task, data)
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", full)
+    # The site is told to retry (it keeps its finished hop), not refused for good.
+    assert refused == (
+        "UNAVAILABLE: coordinator storage full: ledger database: database or disk is full; retrying"
+    )
+    assert (
+        f"checkpoint {sha256_hex(data)} of hop {task.hop_id} stays in the store without its row"
+        in caplog.text
+    )
+    hop = ledger.hop(task.hop_id)
+    assert hop is not None and hop.status in ("leased", "training")
+    # Space is back: the retried hand back commits the hop, bytes and row as one.
+    assert _hand_back(site, task, data) == "committed"
+    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(data)]
+    row = ledger.checkpoint(sha256_hex(data))
+    assert row is not None and row.status == "stored" and row.hop_id == task.hop_id
+    hop = ledger.hop(task.hop_id)
+    assert hop is not None and hop.status == "committed" and hop.output_sha256 == row.sha256
+    events = _hop_events(coordinator, task.run_id, task.hop_id)
+    assert events.count("checkpoint.stored") == 1 and events.count("hop.committed") == 1
+    assert ledger.verify_chain() is None and ledger.verify().ok
+
+
+def test_hand_back_cut_while_its_bundle_is_stored_keeps_the_bundles_row(
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    data = _bundle(site, task, 1024)  # one message: written with `store.put`
+    header = _header(site, task, data)
+    entered, release = threading.Event(), threading.Event()
+    store = coordinator.engine.store
+    monkeypatch.setattr(store, "put", _held_until(release, entered)(store.put))
+    cleaned = _recorded_alone(coordinator, monkeypatch)
+    call = site.stub.HandBackHop.future(_messages(header, data, _result(task)))
+    try:
+        assert entered.wait(60), "the bundle was never written"
+        call.cancel()  # the site's deadline passed while the bundle was being written
+    finally:
+        release.set()
+    assert cleaned.wait(60), "the bundle's row was never recorded"
+    ledger = coordinator.engine.ledger
+    row = ledger.checkpoint(sha256_hex(data))
+    assert row is not None and row.status == "stored" and row.hop_id == task.hop_id
+    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [row.sha256]
+    # The site resumes at the bundle's end, without sending its bytes again.
+    header.offset = site.stub.UploadStatus(header, timeout=30).received
+    assert header.offset == len(data)
+    assert _hand_back(site, task, data, header=header) == "committed"
+    events = _hop_events(coordinator, task.run_id, task.hop_id)
+    assert events.count("checkpoint.stored") == 1 and events.count("hop.committed") == 1
+    assert ledger.verify_chain() is None
+
+
+def test_clean_up_after_a_hand_back_cut_during_its_commit_waits_for_that_commit(
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    site = sites["site-a"]
+    task = _start(admin, site)
+    data = _bundle(site, task, 1024)
+    ledger = coordinator.engine.ledger
+    entered, release = threading.Event(), threading.Event()
+    # The commit holds its transaction open (its checkpoint row written, not yet committed).
+    monkeypatch.setattr(ledger, "commit_hop", _held_until(release, entered)(ledger.commit_hop))
+    writers: list[str] = []
+    real_record = ledger.record_checkpoint
+
+    def record_checkpoint(row: CheckpointRow) -> None:
+        writers.append(threading.current_thread().name)
+        real_record(row)
+
+    monkeypatch.setattr(ledger, "record_checkpoint", record_checkpoint)
+    cleaning = threading.Event()
+    intake, writer = coordinator.engine.intake, coordinator.engine.writer
+    real_alone, real_run = intake.record_alone, writer.run
+
+    async def record_alone(row: CheckpointRow) -> None:
+        cleaning.set()
+        await real_alone(row)
+
+    async def run(write: Callable[..., T], *args: object, **kwargs: object) -> T:
+        if cleaning.is_set():
+            queued.set()  # the clean-up waits for the writer thread
+        return await real_run(write, *args, **kwargs)
+
+    queued = threading.Event()
+    monkeypatch.setattr(intake, "record_alone", record_alone)
+    monkeypatch.setattr(writer, "run", run)
+    cleaned = _recorded_alone(coordinator, monkeypatch)
+    call = site.stub.HandBackHop.future(_messages(_header(site, task, data), data, _result(task)))
+    try:
+        assert entered.wait(60), "the hop was never committed"
+        call.cancel()  # the site's deadline passed during the commit
+        # The clean-up either writes beside the commit in flight, or waits for it.
+        _until(lambda: queued.is_set() or len(writers) > 1)
+    finally:
+        release.set()
+    assert cleaned.wait(60), "the clean-up never ended"
+    # Only the commit wrote the row (on the writer thread); the clean-up found it committed.
+    assert writers == ["ledger-writer_0"]
+    hop = ledger.hop(task.hop_id)
+    assert hop is not None and hop.status == "committed"
+    events = _hop_events(coordinator, task.run_id, task.hop_id)
+    assert events.count("checkpoint.stored") == 1 and events.count("hop.committed") == 1
+    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(data)]
+    assert ledger.verify_chain() is None
