@@ -31,8 +31,8 @@ from protocols.approval import ApprovalBundle
 from protocols.hyperparameters import HopHyperparameters
 from protocols.statistics import FOLD_NORMALISERS_OPTION
 from protocols.v1 import baton_pb2 as pb
-from tests.conftest import Pki
-from tests.coordinator_tests.conftest import ScriptedSite, request_heart_statistics
+from tests.conftest import Pki, admin_options
+from tests.coordinator_tests.conftest import WAIT, ScriptedSite, request_heart_statistics
 from tests.coordinator_tests.conftest import next_statistics_task as _next_statistics
 from tests.coordinator_tests.conftest import statistics_request as _request
 from tests.coordinator_tests.conftest import statistics_result as _result
@@ -315,11 +315,8 @@ def test_cli_collects_shows_and_bundles_a_cross_validation_run_with_fold_normali
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator, pki: Pki,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=10)
-    tls = pki.tls("admin")
-    connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
-                  str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
-                  str(tls.private_key)]  # fmt: skip
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
+    connection = admin_options(coordinator.port, pki.tls("admin"))
     bundle = runner.invoke(app, ["statistics", "bundle", "heart", "--cv-folds", "3"])
     expected = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0,
                                              cv_folds=3)  # fmt: skip

@@ -26,7 +26,7 @@ from coordinator.statistics import (
 )
 from protocols.approval import ApprovalBundle
 from protocols.v1 import baton_pb2 as pb
-from tests.conftest import Pki
+from tests.conftest import Pki, admin_options
 from tests.coordinator_tests.conftest import (
     WAIT,
     EngineClock,
@@ -382,11 +382,8 @@ def test_cli_collects_shows_and_starts_a_run_with_the_normaliser(
     pki: Pki,
     tmp_path: Path,
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
-    tls = pki.tls("admin")
-    connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
-                  str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
-                  str(tls.private_key)]  # fmt: skip
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
+    connection = admin_options(coordinator.port, pki.tls("admin"))
     bundle = runner.invoke(app, ["statistics", "bundle", "heart", "--min-count", "12"])
     expected = ApprovalBundle.for_statistics("tabular", "heart", min_count=12, noise_std=0.0)
     assert f"baton-site approve {expected.sha256}" in bundle.output.replace("\n", "")
@@ -504,11 +501,8 @@ def test_a_pending_request_expires_is_ledgered_and_refuses_late_answers(
 def test_cli_collect_expires_in_fails_a_request_no_site_answers(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator, pki: Pki
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
-    tls = pki.tls("admin")
-    connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
-                  str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
-                  str(tls.private_key)]  # fmt: skip
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
+    connection = admin_options(coordinator.port, pki.tls("admin"))
     collected = runner.invoke(app, ["statistics", "collect", "heart", "--site", "site-a",
                                     "--expires-in", "1", "--wait", "30", *connection])  # fmt: skip
     assert collected.exit_code == 1, collected.output

@@ -16,7 +16,6 @@ from coordinator.console.admin import TERMINAL_RUN_STATES, AdminClient
 from coordinator.console.cli import app as baton
 from coordinator.console.processes import Cluster
 from coordinator.plan import RunPlan
-from protocols.transport import TlsFiles
 from protocols.v1 import baton_pb2 as pb
 from site_agent._synthetic import generate_site_records, write_site_dataset
 from site_agent._tiny_model import write_tiny_base_model
@@ -94,12 +93,6 @@ def write_heart_csv(path: Path, rows: int, seed: int, shift: float) -> None:
         label = int(0.08 * (age - 55) + 0.01 * (chol - 230) + rng.gauss(0, 0.5) > 0)
         lines.append(f"{age:.2f},{chol:.2f},{bp:.2f},{label}")
     path.write_text("\n".join(lines) + "\n")
-
-
-def admin_options(port: int, tls: TlsFiles) -> list[str]:
-    """The `baton` CLI options that reach the coordinator on ``port`` as the admin ``tls``."""
-    return ["--coordinator", f"localhost:{port}", "--ca", str(tls.ca_certificate),
-            "--cert", str(tls.certificate), "--key", str(tls.private_key)]  # fmt: skip
 
 
 def approve_at_every_site(plan: RunPlan, data_dirs: Path) -> None:

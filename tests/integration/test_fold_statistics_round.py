@@ -19,9 +19,8 @@ from protocols.v1 import baton_pb2 as pb
 from site_agent.examples import TabularExample
 from site_agent.registry import RegisteredDataset, load_registered, register_dataset
 from site_agent.tasks import CrossValidatedTrainer, TaskSpec, create_trainer
-from tests.conftest import SITES, Pki
+from tests.conftest import SITES, Pki, admin_options
 from tests.integration.conftest import (
-    admin_options,
     approve_at_every_site,
     collect_heart_statistics,
     start_tabular_sites,

@@ -18,9 +18,8 @@ from coordinator.statistics import plan_with_normaliser
 from protocols.approval import ApprovalBundle
 from site_agent.examples import TabularExample
 from site_agent.registry import load_registered, register_dataset
-from tests.conftest import SITES, Pki
+from tests.conftest import SITES, Pki, admin_options
 from tests.integration.conftest import (
-    admin_options,
     approve_at_every_site,
     collect_heart_statistics,
     start_tabular_sites,
