@@ -261,3 +261,21 @@ def request_heart_statistics(
     ``sites`` (``options``: the admin client's min_count, cv_folds, ...)."""
     admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
     return admin.collect_statistics("heart", "tabular", list(sites), **options)
+
+
+@pytest.fixture
+def quiet(coordinator: Coordinator, loop_thread: LoopThread) -> Coordinator:
+    """The coordinator without its watchdog, so every query a test sees is the call's own."""
+
+    async def stop() -> None:
+        coordinator._watchdog.cancel()
+
+    loop_thread.run(stop())
+    return coordinator
+
+
+def heartbeat(site: ScriptedSite, task: pb.HopTask, phase: str = "training") -> bool:
+    """Sends one heartbeat for ``task``'s hop; returns whether the coordinator cancels it."""
+    beat = pb.Heartbeat(hop_id=task.hop_id, lease_token=task.lease_token, phase=phase)
+    response: pb.HeartbeatResponse = site.stub.SendHeartbeat(beat, timeout=10)
+    return response.cancel
