@@ -95,14 +95,18 @@ def write_heart_csv(path: Path, rows: int, seed: int, shift: float) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def approve_at_every_site(plan: RunPlan, data_dirs: Path) -> None:
-    """Every site approves ``plan``'s bundle with `baton-site approve` in its data directory."""
+def run_when_approved(
+    admin: AdminClient, cluster: Cluster, plan: RunPlan, data_dirs: Path, timeout: float
+) -> pb.RunStatus:
+    """Every site approves ``plan``'s bundle with `baton-site approve` in its data directory
+    (``data_dirs / site``); then the run starts and this waits until it ends."""
     for site in SITES:
         bundle = plan.approval_bundle().sha256
         approved = CliRunner().invoke(
             baton_site, ["approve", bundle, "--data-dir", str(data_dirs / site)]
         )
         assert approved.exit_code == 0, approved.output
+    return wait_for_run(admin, cluster, start_when_approved(admin, plan), timeout=timeout)
 
 
 def start_tabular_sites(

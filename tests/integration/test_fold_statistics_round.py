@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import safetensors.torch
-from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.processes import Cluster
@@ -21,17 +20,14 @@ from site_agent.registry import RegisteredDataset, load_registered, register_dat
 from site_agent.tasks import CrossValidatedTrainer, TaskSpec, create_trainer
 from tests.conftest import SITES, Pki, admin_options
 from tests.integration.conftest import (
-    approve_at_every_site,
     collect_heart_statistics,
+    run_when_approved,
     start_tabular_sites,
-    start_when_approved,
-    wait_for_run,
     write_heart_csv,
 )
 
 ROWS = {"site-a": 60, "site-b": 45, "site-c": 40}  # every row is a training row
 FOLDS = 3
-runner = CliRunner()
 
 
 def _register(data_dir: Path, source: Path) -> RegisteredDataset:
@@ -98,8 +94,7 @@ def test_per_fold_statistics_reach_the_cross_validation_run(pki: Pki, tmp_path: 
                 "defaults": {"steps": 6, "batch_size": 8, "learning_rate": 0.1},
                 "cross_validation": {"folds": FOLDS},
             }), second)  # fmt: skip
-            approve_at_every_site(plan, tmp_path)
-            run = wait_for_run(admin, cluster, start_when_approved(admin, plan), timeout=180)
+            run = run_when_approved(admin, cluster, plan, tmp_path, timeout=180)
 
     assert "fold 2 normaliser" in collected.output and "3 folds" in collected.output
     assert first.status == "done" and second.status == "done", (first.error, second.error)

@@ -20,11 +20,9 @@ from site_agent.examples import TabularExample
 from site_agent.registry import load_registered, register_dataset
 from tests.conftest import SITES, Pki, admin_options
 from tests.integration.conftest import (
-    approve_at_every_site,
     collect_heart_statistics,
+    run_when_approved,
     start_tabular_sites,
-    start_when_approved,
-    wait_for_run,
     write_heart_csv,
 )
 
@@ -109,8 +107,7 @@ def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
                 "labels": ["0", "1"], "sites": list(SITES), "options": {"model": "logistic"},
                 "defaults": {"steps": 15, "batch_size": 8, "learning_rate": 0.1},
             }), status)  # fmt: skip
-            approve_at_every_site(plan, tmp_path)
-            run = wait_for_run(admin, cluster, start_when_approved(admin, plan), timeout=90)
+            run = run_when_approved(admin, cluster, plan, tmp_path, timeout=90)
 
     assert status.status == "done", status.error
     pooled = np.concatenate([matrices[site] for site in SITES])
