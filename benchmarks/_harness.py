@@ -1,4 +1,4 @@
-"""What the real-process benchmarks share: waiting for a run, paired bootstrap over test rows."""
+"""What the benchmarks share: waiting for a run, paired bootstrap over test rows, Markdown rows."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from protocols.v1 import baton_pb2 as pb
 
 # Per seed (or per final model): site -> 1/0 per test row.
 RowScores = Mapping[str, Sequence[int]]
+
+
+def markdown_row(*cells: object) -> str:
+    """One row of a Markdown table: ``| a | b |``."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
 def wait_for_completed_run(admin: AdminClient, run_id: str, timeout: float) -> pb.RunStatus:

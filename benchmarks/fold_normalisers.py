@@ -44,6 +44,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from heart_disease import (  # FLamby's data files and cyclic settings
+    CYCLIC_CYCLES,
+    DEFAULT_DATA,
+    FLAMBY_BATCH,
+    FLAMBY_LR,
+    FLAMBY_UPDATES,
+    LABELS,
+    SITE_FILES,
+)
+
 from coordinator.statistics import combine
 from site_agent.registry import RegisteredDataset, register_dataset
 from site_agent.simulation import (
@@ -55,16 +65,7 @@ from site_agent.statistics import compute_statistics
 from site_agent.tasks import HopHyperparameters, TabularTrainer, TaskSpec, create_trainer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "heart_disease"
-SITE_FILES = {
-    "cleveland": "processed.cleveland.data",
-    "hungary": "processed.hungarian.data",
-    "switzerland": "processed.switzerland.data",
-    "va": "processed.va.data",
-}
-LABELS = ("0", "1")
 MIN_COUNT = 10  # the coordinator's and the sites' default minimum count
-CYCLES, UPDATES, LR, BATCH = 4, 100, 1e-3, 4  # FLamby's cyclic settings
 
 
 def _register(data: Path, work: Path, seed: int) -> list[RegisteredDataset]:
@@ -112,10 +113,11 @@ def _cv(
     def spec_for(views: Sequence[RegisteredDataset]) -> TaskSpec:
         return pooled_normalisation_spec(base, views) if per_fold else everything
 
-    hp = HopHyperparameters(learning_rate=LR, steps=UPDATES, batch_size=BATCH, seed=0)
+    hp = HopHyperparameters(learning_rate=FLAMBY_LR, steps=FLAMBY_UPDATES, batch_size=FLAMBY_BATCH,
+                            seed=0)  # fmt: skip
 
     def train(views: Sequence[RegisteredDataset]) -> Any:
-        visits = [(view, hp) for _ in range(CYCLES) for view in views]
+        visits = [(view, hp) for _ in range(CYCLIC_CYCLES) for view in views]
         return train_sequential(trainer, spec_for(views), visits)
 
     result = cross_validate(trainer, base, datasets, folds, train, evaluation_spec=spec_for,

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import markdown_row
 from medquad_paired import (
     BATCH,
     DEFAULT_DATA,
@@ -196,13 +197,13 @@ def markdown(report: Mapping[str, Any]) -> str:
             def mean(key: str, rows: list[dict[str, Any]] = rows) -> float:
                 return statistics.fmean(r[key] for r in rows)
 
-            lines.append(
-                f"| {name} | {rows[0]['steps_per_visit']} | {mean('test_avg'):.3f} | "
-                f"{mean('pooled_same_lr'):.3f} | {mean('gap_to_pooled'):+.3f} | "
-                f"{mean('learning_gap'):+.3f} | {mean('forgetting'):.3f} | "
-                f"{mean('worst_site_forgetting'):.3f} "
-                f"({max(r['worst_site_forgetting'] for r in rows):.3f}) |"
-            )
+            worst = max(r["worst_site_forgetting"] for r in rows)
+            lines.append(markdown_row(
+                name, rows[0]["steps_per_visit"], f"{mean('test_avg'):.3f}",
+                f"{mean('pooled_same_lr'):.3f}", f"{mean('gap_to_pooled'):+.3f}",
+                f"{mean('learning_gap'):+.3f}", f"{mean('forgetting'):.3f}",
+                f"{mean('worst_site_forgetting'):.3f} ({worst:.3f})",
+            ))  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

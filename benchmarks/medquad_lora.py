@@ -35,11 +35,12 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from site_agent.registry import RegisteredDataset
-from site_agent.tasks import HopHyperparameters, HopOutcome, TaskSpec
+from site_agent.tasks import HopHyperparameters, HopOutcome, LoraSettings, TaskSpec
 from site_agent.tasks._loop import proximal_anchors, train
+from site_agent.tasks._spec import CancelCheck, ProgressCallback
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-LORA_R, LORA_ALPHA, TARGETS = 8, 16, ("query", "value")
+LORA = LoraSettings()  # a seq-classification run's default adapter (r 8, alpha 16, query/value)
 
 
 def _layer_output(output: Any) -> torch.Tensor:
@@ -72,10 +73,10 @@ def build_model(model_dir: Path | None, labels: int, top_layers: int, seed: int,
     layers = base.config.num_hidden_layers
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
-        r=LORA_R,
-        lora_alpha=LORA_ALPHA,
-        lora_dropout=0.0,
-        target_modules=list(TARGETS),
+        r=LORA.r,
+        lora_alpha=LORA.alpha,
+        lora_dropout=LORA.dropout,
+        target_modules=list(LORA.target_modules),
         layers_to_transform=list(range(layers - top_layers, layers)),
     )
     model = get_peft_model(base, lora)
@@ -160,14 +161,11 @@ class TopLayerLoraTrainer:
         with torch.inference_mode():
             return self.cache.logits(_indices(examples)).argmax(dim=-1)
 
-    def run_hop(
-        self,
-        spec: TaskSpec,
-        dataset: RegisteredDataset,
-        hyperparameters: HopHyperparameters,
-        incoming: Mapping[str, torch.Tensor] | None,
-        **_: Any,
-    ) -> HopOutcome:
+    def run_hop(self, spec: TaskSpec, dataset: RegisteredDataset, hp: HopHyperparameters,
+                incoming: Mapping[str, torch.Tensor] | None,
+                progress: ProgressCallback | None = None,
+                should_cancel: CancelCheck | None = None) -> HopOutcome:  # fmt: skip
+        """One hop of the site agent's optimisation loop (``_loop.train``) over cached states."""
         self.cache.load(self.initial if incoming is None else incoming)
         rows = _indices(dataset.train)
         targets = self.targets(dataset.train)
@@ -176,36 +174,18 @@ class TopLayerLoraTrainer:
             logits = self.cache.logits(rows[index])
             return torch.nn.functional.cross_entropy(logits, targets[index])
 
-        run = train(
-            trainable=self.cache.trainable,
-            batch_loss=batch_loss,
-            num_examples=len(rows),
-            hyperparameters=hyperparameters,
-            device=torch.device("cpu"),
-            fp16=False,
-            anchors=proximal_anchors(self.cache.trainable, hyperparameters, incoming is not None),
-            progress=None,
-            should_cancel=None,
-        )
-        return HopOutcome(
-            tensors=self.cache.state(),
-            adapter_config={"r": LORA_R, "alpha": LORA_ALPHA, "top_layers": self.cache.top_layers},
-            metrics={
-                "train_loss": run.train_loss,
-                "train_steps": float(run.steps),
-                "train_examples": float(len(rows)),
-            },
-            train_started_at_ns=run.started_ns,
-            train_finished_at_ns=run.finished_ns,
-        )
+        trainable = self.cache.trainable
+        anchors = proximal_anchors(trainable, hp, incoming is not None)
+        run = train(trainable=trainable, batch_loss=batch_loss, num_examples=len(rows),
+                    hyperparameters=hp, device=torch.device("cpu"), fp16=False, anchors=anchors,
+                    progress=progress, should_cancel=should_cancel)  # fmt: skip
+        config = {"r": LORA.r, "alpha": LORA.alpha, "top_layers": self.cache.top_layers}
+        return HopOutcome(tensors=self.cache.state(), adapter_config=config,
+                          metrics=run.metrics(len(rows)), train_started_at_ns=run.started_ns,
+                          train_finished_at_ns=run.finished_ns)  # fmt: skip
 
-    def evaluate(
-        self,
-        spec: TaskSpec,
-        dataset: RegisteredDataset,
-        split: str,
-        tensors: Mapping[str, torch.Tensor],
-    ) -> dict[str, float]:
+    def evaluate(self, spec: TaskSpec, dataset: RegisteredDataset, split: str,
+                 tensors: Mapping[str, torch.Tensor]) -> dict[str, float]:  # fmt: skip
         examples = dataset.validation if split == "validation" else dataset.test
         if not examples:
             return {"examples": 0.0}

@@ -526,24 +526,19 @@ def search_space(sites: Sequence[str], seed: int, max_steps: int, kind: str) -> 
     cycles, shorter visits at equal compute), the learning rate decays per hop (up to 72 hops, so
     down to 0.9**71 of its start), and a final consolidation cycle of 1-10 steps per site at
     5-100% of the last hop's learning rate."""
-    if kind == "controls":
-        return SearchSpace(
-            sites=tuple(sites),
-            cycles=IntRange(1, MAX_CYCLES),
-            learning_rate=FloatRange(*LR, log=True),
-            learning_rate_decay=FloatRange(0.9, 1.0),
-            steps=IntRange(6, max_steps),
-            steps_split_over_cycles=True,
-            proximal_mu=FloatRange(0.0, 1.0),
-            consolidation_steps=IntRange(1, 10),
-            consolidation_learning_rate_factor=FloatRange(0.05, 1.0),
-            batch_size=BATCH,
-            max_grad_norm=0.0,
-            seed=seed,
-        )
-    if kind != "narrow":
+    if kind not in SPACES:
         raise ValueError(f"unknown space {kind!r} (known: {', '.join(SPACES)})")
-    return SearchSpace(
+    controls: dict[str, Any] = {}
+    if kind == "controls":
+        controls = {
+            "cycles": IntRange(1, MAX_CYCLES),
+            "learning_rate_decay": FloatRange(0.9, 1.0),
+            "steps": IntRange(6, max_steps),
+            "steps_split_over_cycles": True,
+            "consolidation_steps": IntRange(1, 10),
+            "consolidation_learning_rate_factor": FloatRange(0.05, 1.0),
+        }
+    narrow = SearchSpace(
         sites=tuple(sites),
         cycles=IntRange(1, 2),
         learning_rate=FloatRange(*LR, log=True),
@@ -554,6 +549,7 @@ def search_space(sites: Sequence[str], seed: int, max_steps: int, kind: str) -> 
         max_grad_norm=0.0,
         seed=seed,
     )
+    return dataclasses.replace(narrow, **controls)
 
 
 def run_plan_on_test(

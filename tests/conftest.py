@@ -166,3 +166,9 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         yield url
     finally:
         databases.give_back(url)
+
+
+def admin_options(port: int, tls: TlsFiles) -> list[str]:
+    """The `baton` CLI options that reach the coordinator on ``port`` as the admin ``tls``."""
+    return ["--coordinator", f"localhost:{port}", "--ca", str(tls.ca_certificate),
+            "--cert", str(tls.certificate), "--key", str(tls.private_key)]  # fmt: skip

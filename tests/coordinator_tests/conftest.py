@@ -19,8 +19,10 @@ from coordinator.engine import hops as engine_hops
 from coordinator.engine import leases as engine_leases
 from coordinator.engine import rounds as engine_rounds
 from coordinator.engine import statistics_rounds as engine_statistics
+from coordinator.ledger import Ledger, StatisticsRequestRow
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
+from coordinator.statistics import SiteAggregates
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
 from protocols.signing import sign_digest
 from protocols.transport import CHUNK_BYTES, secure_channel
@@ -218,3 +220,62 @@ def admin(pki: Pki, coordinator: Coordinator) -> Iterator[AdminClient]:
     client = AdminClient(f"localhost:{coordinator.port}", pki.tls("admin"))
     yield client
     client.close()
+
+
+def next_statistics_task(site: ScriptedSite) -> pb.StatisticsTask:
+    """The next task the coordinator sends ``site``, which must be a statistics task."""
+    task = site.tasks.get(timeout=WAIT)
+    assert task.WhichOneof("kind") == "statistics", task
+    return task.statistics
+
+
+def statistics_result(task: pb.StatisticsTask, aggregates: SiteAggregates) -> pb.StatisticsResult:
+    """A site's answer to ``task`` releasing ``aggregates`` (with their label counts and folds)."""
+    result = pb.StatisticsResult(
+        statistics_id=task.statistics_id,
+        lease_token=task.lease_token,
+        ok=True,
+        count=aggregates.count,
+        feature_names=aggregates.feature_names,
+        feature_sums=aggregates.feature_sums,
+        feature_sums_of_squares=aggregates.feature_sums_of_squares,
+    )
+    result.label_counts.update(aggregates.label_counts)
+    for fold in aggregates.folds:
+        result.folds.add(fold=fold.fold, count=fold.count, feature_sums=fold.feature_sums,
+                         feature_sums_of_squares=fold.feature_sums_of_squares)  # fmt: skip
+    return result
+
+
+def statistics_request(ledger: Ledger, statistics_id: str) -> StatisticsRequestRow:
+    """The ledger's row of a statistics request that must exist."""
+    row = ledger.statistics_request(statistics_id)
+    assert row is not None
+    return row
+
+
+def request_heart_statistics(
+    admin: AdminClient, sites: tuple[str, ...] = ("site-a", "site-b"), **options: int
+) -> pb.StatisticsStatus:
+    """Once both scripted sites are connected, requests tabular statistics of "heart" at
+    ``sites`` (``options``: the admin client's min_count, cv_folds, ...)."""
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
+    return admin.collect_statistics("heart", "tabular", list(sites), **options)
+
+
+@pytest.fixture
+def quiet(coordinator: Coordinator, loop_thread: LoopThread) -> Coordinator:
+    """The coordinator without its watchdog, so every query a test sees is the call's own."""
+
+    async def stop() -> None:
+        coordinator._watchdog.cancel()
+
+    loop_thread.run(stop())
+    return coordinator
+
+
+def heartbeat(site: ScriptedSite, task: pb.HopTask, phase: str = "training") -> bool:
+    """Sends one heartbeat for ``task``'s hop; returns whether the coordinator cancels it."""
+    beat = pb.Heartbeat(hop_id=task.hop_id, lease_token=task.lease_token, phase=phase)
+    response: pb.HeartbeatResponse = site.stub.SendHeartbeat(beat, timeout=10)
+    return response.cancel

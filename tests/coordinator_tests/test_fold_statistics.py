@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from coordinator.console.admin import AdminClient
 from coordinator.console.cli import app
 from coordinator.console.study._records import RunTemplate
-from coordinator.ledger import Ledger, StatisticsRequestRow
 from coordinator.plan import PlanError, parse_plan
 from coordinator.server import Coordinator
 from coordinator.statistics import (
@@ -32,8 +31,11 @@ from protocols.approval import ApprovalBundle
 from protocols.hyperparameters import HopHyperparameters
 from protocols.statistics import FOLD_NORMALISERS_OPTION
 from protocols.v1 import baton_pb2 as pb
-from tests.conftest import Pki
-from tests.coordinator_tests.conftest import WAIT, ScriptedSite
+from tests.conftest import Pki, admin_options
+from tests.coordinator_tests.conftest import WAIT, ScriptedSite, request_heart_statistics
+from tests.coordinator_tests.conftest import next_statistics_task as _next_statistics
+from tests.coordinator_tests.conftest import statistics_request as _request
+from tests.coordinator_tests.conftest import statistics_result as _result
 
 FEATURES = ("age", "chol", "bp")
 runner = CliRunner()
@@ -200,37 +202,11 @@ def test_cross_validation_plans_get_the_fold_normalisers_and_final_plans_the_glo
 # ---- the round over gRPC, recorded in the ledger ------------------------------------------------
 
 
-def _next_statistics(site: ScriptedSite) -> pb.StatisticsTask:
-    task = site.tasks.get(timeout=WAIT)
-    assert task.WhichOneof("kind") == "statistics", task
-    return task.statistics
-
-
-def _result(task: pb.StatisticsTask, aggregates: SiteAggregates) -> pb.StatisticsResult:
-    result = pb.StatisticsResult(
-        statistics_id=task.statistics_id, lease_token=task.lease_token, ok=True,
-        count=aggregates.count, feature_names=aggregates.feature_names,
-        feature_sums=aggregates.feature_sums,
-        feature_sums_of_squares=aggregates.feature_sums_of_squares,
-    )  # fmt: skip
-    for fold in aggregates.folds:
-        result.folds.add(fold=fold.fold, count=fold.count, feature_sums=fold.feature_sums,
-                         feature_sums_of_squares=fold.feature_sums_of_squares)  # fmt: skip
-    return result
-
-
-def _request(ledger: Ledger, statistics_id: str) -> StatisticsRequestRow:
-    row = ledger.statistics_request(statistics_id)
-    assert row is not None
-    return row
-
-
 def test_a_per_fold_request_pools_and_records_each_folds_normaliser(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
     ledger = coordinator.engine.ledger
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
-    requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"], cv_folds=3)
+    requested = request_heart_statistics(admin, cv_folds=3)
     bundle = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0,
                                            cv_folds=3)  # fmt: skip
     assert requested.cv_folds == 3 and requested.approval_bundle_sha256 == bundle.sha256
@@ -278,8 +254,7 @@ def test_a_per_fold_request_pools_and_records_each_folds_normaliser(
 def test_per_fold_answers_without_folds_or_over_small_folds_are_refused(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
-    requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"], cv_folds=3)
+    requested = request_heart_statistics(admin, cv_folds=3)
     tasks = {name: _next_statistics(site) for name, site in sites.items()}
     rows, ids = _site(2, 60, 3)
 
@@ -341,10 +316,7 @@ def test_cli_collects_shows_and_bundles_a_cross_validation_run_with_fold_normali
     tmp_path: Path,
 ) -> None:  # fmt: skip
     admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
-    tls = pki.tls("admin")
-    connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
-                  str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
-                  str(tls.private_key)]  # fmt: skip
+    connection = admin_options(coordinator.port, pki.tls("admin"))
     bundle = runner.invoke(app, ["statistics", "bundle", "heart", "--cv-folds", "3"])
     expected = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0,
                                              cv_folds=3)  # fmt: skip

@@ -13,6 +13,7 @@ from coordinator.server import Coordinator
 from protocols.checkpoint import sha256_hex
 from protocols.v1 import baton_pb2 as pb
 from tests.coordinator_tests.conftest import ScriptedSite
+from tests.coordinator_tests.conftest import heartbeat as _training_beat
 
 
 def _plan(*sites: str) -> dict[str, object]:
@@ -95,13 +96,6 @@ def test_the_next_site_prepares_and_gets_its_input_inside_its_task(
     assert second.input_bundle == data and sha256_hex(second.input_bundle) == ref.sha256
     assert second.input_checkpoint.signature  # the custody proof travels with it
     assert not second.validation_after_commit  # the last hop's metrics complete the run
-
-
-def _training_beat(site: ScriptedSite, task: pb.HopTask) -> None:
-    site.stub.SendHeartbeat(
-        pb.Heartbeat(hop_id=task.hop_id, lease_token=task.lease_token, phase="training"),
-        timeout=10,
-    )
 
 
 def test_the_next_site_is_told_it_is_next_only_once_the_current_hop_trains(

@@ -15,9 +15,9 @@ from coordinator.console.admin import AdminClient
 from coordinator.engine.active_runs import ActiveRuns
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
-from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread
 from tests.coordinator_tests.conftest import ScriptedSite
+from tests.coordinator_tests.conftest import heartbeat as _beat
 
 STATE = (" runs", " hops", " rounds")  # what a statement about a run's state names
 WRITES = ("INSERT", "UPDATE", "DELETE")
@@ -27,17 +27,6 @@ PENDING = "test_statements"  # connection.info: the open transaction's statement
 def _plan() -> dict[str, object]:
     return {"name": "fed", "dataset": "notes", "labels": ["x", "y"], "mode": "federated",
             "sites": ["site-a", "site-b"], "federated": {"rounds": 2, "min_sites": 2}}  # fmt: skip
-
-
-@pytest.fixture
-def quiet(coordinator: Coordinator, loop_thread: LoopThread) -> Coordinator:
-    """The coordinator without its watchdog, so every query a test sees is the call's own."""
-
-    async def stop() -> None:
-        coordinator._watchdog.cancel()
-
-    loop_thread.run(stop())
-    return coordinator
 
 
 @dataclass
@@ -77,12 +66,6 @@ def statements(quiet: Coordinator) -> Iterator[Statements]:
     yield seen
     for name, hook in hooks:
         event.remove(engine, name, hook)
-
-
-def _beat(site: ScriptedSite, task: pb.HopTask) -> bool:
-    beat = pb.Heartbeat(hop_id=task.hop_id, lease_token=task.lease_token, phase="training")
-    response: pb.HeartbeatResponse = site.stub.SendHeartbeat(beat, timeout=10)
-    return response.cancel
 
 
 def test_federated_beats_dispatches_and_contributions_read_no_run_or_round_from_sql(

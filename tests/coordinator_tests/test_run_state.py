@@ -20,21 +20,11 @@ from coordinator.server import Coordinator
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread
 from tests.coordinator_tests.conftest import ScriptedSite
+from tests.coordinator_tests.conftest import heartbeat as _beat
 
 
 def _plan(*sites: str) -> dict[str, object]:
     return {"name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": list(sites)}
-
-
-@pytest.fixture
-def quiet(coordinator: Coordinator, loop_thread: LoopThread) -> Coordinator:
-    """The coordinator without its watchdog, so every query a test sees is the call's own."""
-
-    async def stop() -> None:
-        coordinator._watchdog.cancel()
-
-    loop_thread.run(stop())
-    return coordinator
 
 
 @pytest.fixture
@@ -49,12 +39,6 @@ def statements(quiet: Coordinator) -> Iterator[list[str]]:
     event.listen(engine, "before_cursor_execute", on_execute)
     yield seen
     event.remove(engine, "before_cursor_execute", on_execute)
-
-
-def _beat(site: ScriptedSite, task: pb.HopTask, phase: str = "training") -> bool:
-    beat = pb.Heartbeat(hop_id=task.hop_id, lease_token=task.lease_token, phase=phase)
-    response: pb.HeartbeatResponse = site.stub.SendHeartbeat(beat, timeout=10)
-    return response.cancel
 
 
 def test_heartbeats_and_connects_read_no_run_from_sql(

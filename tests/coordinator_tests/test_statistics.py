@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.cli import app
-from coordinator.ledger import Ledger, StatisticsAnswerRow, StatisticsRequestRow
+from coordinator.ledger import Ledger, StatisticsAnswerRow
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from coordinator.statistics import (
@@ -26,8 +26,16 @@ from coordinator.statistics import (
 )
 from protocols.approval import ApprovalBundle
 from protocols.v1 import baton_pb2 as pb
-from tests.conftest import Pki
-from tests.coordinator_tests.conftest import WAIT, EngineClock, ScriptedSite
+from tests.conftest import Pki, admin_options
+from tests.coordinator_tests.conftest import (
+    WAIT,
+    EngineClock,
+    ScriptedSite,
+    request_heart_statistics,
+)
+from tests.coordinator_tests.conftest import next_statistics_task as _next_statistics
+from tests.coordinator_tests.conftest import statistics_request as _request
+from tests.coordinator_tests.conftest import statistics_result as _result
 
 FEATURES = ("age", "chol", "bp")
 runner = CliRunner()
@@ -167,32 +175,6 @@ def test_plan_with_normaliser_puts_mean_and_std_into_the_approved_bundle() -> No
 # ---- the round over gRPC, recorded in the ledger ------------------------------------------------
 
 
-def _next_statistics(site: ScriptedSite) -> pb.StatisticsTask:
-    task = site.tasks.get(timeout=WAIT)
-    assert task.WhichOneof("kind") == "statistics", task
-    return task.statistics
-
-
-def _result(task: pb.StatisticsTask, aggregates: SiteAggregates) -> pb.StatisticsResult:
-    result = pb.StatisticsResult(
-        statistics_id=task.statistics_id,
-        lease_token=task.lease_token,
-        ok=True,
-        count=aggregates.count,
-        feature_names=aggregates.feature_names,
-        feature_sums=aggregates.feature_sums,
-        feature_sums_of_squares=aggregates.feature_sums_of_squares,
-    )
-    result.label_counts.update(aggregates.label_counts)
-    return result
-
-
-def _request(ledger: Ledger, statistics_id: str) -> StatisticsRequestRow:
-    row = ledger.statistics_request(statistics_id)
-    assert row is not None
-    return row
-
-
 def _answer(ledger: Ledger, statistics_id: str, site: str) -> StatisticsAnswerRow:
     return next(a for a in _request(ledger, statistics_id).answers if a.site == site)
 
@@ -209,8 +191,7 @@ def test_sites_report_aggregates_and_the_ledger_records_the_pooled_normaliser(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
     ledger = coordinator.engine.ledger
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
-    requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"])
+    requested = request_heart_statistics(admin)
     assert requested.status == "pending" and requested.min_count == 10  # the default
     bundle = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0)
     assert requested.approval_bundle_sha256 == bundle.sha256
@@ -267,8 +248,7 @@ def test_one_refusal_fails_the_request_and_keeps_the_other_answers(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
     ledger = coordinator.engine.ledger
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
-    requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-b"], min_count=30)
+    requested = request_heart_statistics(admin, min_count=30)
     tasks = {name: _next_statistics(site) for name, site in sites.items()}
     assert tasks["site-a"].min_count == 30
 
@@ -304,8 +284,7 @@ def test_one_refusal_fails_the_request_and_keeps_the_other_answers(
 def test_answers_are_refused_from_other_sites_with_stale_tokens_or_too_few_rows(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
-    requested = admin.collect_statistics("heart", "tabular", ["site-a"], min_count=50)
+    requested = request_heart_statistics(admin, ("site-a",), min_count=50)
     task = _next_statistics(sites["site-a"])
     rows = _site_rows(1)[0]
 
@@ -375,8 +354,7 @@ def test_a_site_that_connects_later_gets_its_pending_statistics_task(
 ) -> None:
     late = ScriptedSite(pki, "site-c", coordinator.port)
     late.hello()  # known to the coordinator, but no task stream open
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
-    requested = admin.collect_statistics("heart", "tabular", ["site-a", "site-c"])
+    requested = request_heart_statistics(admin, ("site-a", "site-c"))
     _next_statistics(sites["site-a"])
     try:
         late.connect()
@@ -404,11 +382,8 @@ def test_cli_collects_shows_and_starts_a_run_with_the_normaliser(
     pki: Pki,
     tmp_path: Path,
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
-    tls = pki.tls("admin")
-    connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
-                  str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
-                  str(tls.private_key)]  # fmt: skip
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
+    connection = admin_options(coordinator.port, pki.tls("admin"))
     bundle = runner.invoke(app, ["statistics", "bundle", "heart", "--min-count", "12"])
     expected = ApprovalBundle.for_statistics("tabular", "heart", min_count=12, noise_std=0.0)
     assert f"baton-site approve {expected.sha256}" in bundle.output.replace("\n", "")
@@ -526,11 +501,8 @@ def test_a_pending_request_expires_is_ledgered_and_refuses_late_answers(
 def test_cli_collect_expires_in_fails_a_request_no_site_answers(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator, pki: Pki
 ) -> None:
-    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
-    tls = pki.tls("admin")
-    connection = ["--coordinator", f"localhost:{coordinator.port}", "--ca",
-                  str(tls.ca_certificate), "--cert", str(tls.certificate), "--key",
-                  str(tls.private_key)]  # fmt: skip
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=WAIT)
+    connection = admin_options(coordinator.port, pki.tls("admin"))
     collected = runner.invoke(app, ["statistics", "collect", "heart", "--site", "site-a",
                                     "--expires-in", "1", "--wait", "30", *connection])  # fmt: skip
     assert collected.exit_code == 1, collected.output

@@ -3,41 +3,31 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import safetensors.torch
-from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.cli import app as baton
 from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
 from coordinator.statistics import plan_with_normaliser
 from protocols.approval import ApprovalBundle
 from protocols.statistics import FOLD_NORMALISERS_OPTION
 from protocols.v1 import baton_pb2 as pb
-from site_agent.cli import app as baton_site
 from site_agent.examples import TabularExample
 from site_agent.registry import RegisteredDataset, load_registered, register_dataset
 from site_agent.tasks import CrossValidatedTrainer, TaskSpec, create_trainer
-from tests.conftest import SITES, Pki
-from tests.integration.conftest import start_when_approved, wait_for_run
+from tests.conftest import SITES, Pki, admin_options
+from tests.integration.conftest import (
+    collect_heart_statistics,
+    run_when_approved,
+    start_tabular_sites,
+    write_heart_csv,
+)
 
 ROWS = {"site-a": 60, "site-b": 45, "site-c": 40}  # every row is a training row
 FOLDS = 3
-runner = CliRunner()
-
-
-def _write_csv(path: Path, rows: int, seed: int, shift: float) -> None:
-    rng = random.Random(seed)
-    lines = ["age,chol,bp,label"]
-    for _ in range(rows):
-        age, chol, bp = rng.gauss(55 + shift, 8), rng.gauss(230 - shift, 40), rng.gauss(130, 15)
-        label = int(0.08 * (age - 55) + 0.01 * (chol - 230) + rng.gauss(0, 0.5) > 0)
-        lines.append(f"{age:.2f},{chol:.2f},{bp:.2f},{label}")
-    path.write_text("\n".join(lines) + "\n")
 
 
 def _register(data_dir: Path, source: Path) -> RegisteredDataset:
@@ -68,7 +58,7 @@ def _fold_training_rows(datasets: dict[str, RegisteredDataset], fold: int) -> np
 def test_per_fold_statistics_reach_the_cross_validation_run(pki: Pki, tmp_path: Path) -> None:
     datasets: dict[str, RegisteredDataset] = {}
     for index, site in enumerate(SITES):
-        _write_csv(tmp_path / f"{site}.csv", ROWS[site], seed=index, shift=6 * index)
+        write_heart_csv(tmp_path / f"{site}.csv", ROWS[site], seed=index, shift=6 * index)
         datasets[site] = _register(tmp_path / site, tmp_path / f"{site}.csv")
         assert len(datasets[site].train) == ROWS[site]
     bundle = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0,
@@ -76,27 +66,17 @@ def test_per_fold_statistics_reach_the_cross_validation_run(pki: Pki, tmp_path: 
 
     cluster = Cluster(log_dir=tmp_path / "logs")
     with cluster.running():
-        port = cluster.start_coordinator(
-            state_dir=tmp_path / "coordinator", pki_dir=pki.directory, port_file=tmp_path / "port"
-        )
-        for site in SITES:
-            cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
-                               data_dir=tmp_path / site, threads=1, approve=[bundle])  # fmt: skip
+        port = start_tabular_sites(cluster, pki, tmp_path, approve=[bundle])
         tls = pki.tls("admin")
-        connection = ["--coordinator", f"localhost:{port}", "--ca", str(tls.ca_certificate),
-                      "--cert", str(tls.certificate), "--key", str(tls.private_key)]  # fmt: skip
+        connection = admin_options(port, tls)
         with AdminClient(f"localhost:{port}", tls) as admin:
             admin.wait_for_sites(set(SITES), timeout=120)
 
             # 1. Every site releases its split's and each fold's training-part aggregates.
-            sites = [arg for site in SITES for arg in ("--site", site)]
-            collected = runner.invoke(
-                baton,
-                ["statistics", "collect", "heart", *sites, "--min-count", "10", "--cv-folds",
-                 str(FOLDS), "--wait", "120", *connection],
-            )  # fmt: skip
+            collected, statistics_id = collect_heart_statistics(
+                connection, "--cv-folds", str(FOLDS), "--wait", "120"
+            )
             assert collected.exit_code == 0, collected.output
-            statistics_id = collected.output.split("statistics requested: ")[1].split()[0]
             first = admin.statistics(statistics_id)
 
             # 2. site-a's fold-1 rows change (re-registered): fold 1's normaliser does not.
@@ -114,13 +94,7 @@ def test_per_fold_statistics_reach_the_cross_validation_run(pki: Pki, tmp_path: 
                 "defaults": {"steps": 6, "batch_size": 8, "learning_rate": 0.1},
                 "cross_validation": {"folds": FOLDS},
             }), second)  # fmt: skip
-            for site in SITES:
-                approved = runner.invoke(
-                    baton_site,
-                    ["approve", plan.approval_bundle().sha256, "--data-dir", str(tmp_path / site)],
-                )
-                assert approved.exit_code == 0, approved.output
-            run = wait_for_run(admin, cluster, start_when_approved(admin, plan), timeout=180)
+            run = run_when_approved(admin, cluster, plan, tmp_path, timeout=180)
 
     assert "fold 2 normaliser" in collected.output and "3 folds" in collected.output
     assert first.status == "done" and second.status == "done", (first.error, second.error)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -17,24 +16,18 @@ from coordinator.ledger import Ledger, StatisticsAnswerRow
 from coordinator.plan import parse_plan
 from coordinator.statistics import plan_with_normaliser
 from protocols.approval import ApprovalBundle
-from site_agent.cli import app as baton_site
 from site_agent.examples import TabularExample
 from site_agent.registry import load_registered, register_dataset
-from tests.conftest import SITES, Pki
-from tests.integration.conftest import start_when_approved, wait_for_run
+from tests.conftest import SITES, Pki, admin_options
+from tests.integration.conftest import (
+    collect_heart_statistics,
+    run_when_approved,
+    start_tabular_sites,
+    write_heart_csv,
+)
 
 ROWS = {"site-a": 90, "site-b": 70, "site-c": 40}  # about 60% of each is the train split
 runner = CliRunner()
-
-
-def _write_csv(path: Path, rows: int, seed: int, shift: float) -> None:
-    rng = random.Random(seed)
-    lines = ["age,chol,bp,label"]
-    for _ in range(rows):
-        age, chol, bp = rng.gauss(55 + shift, 8), rng.gauss(230 - shift, 40), rng.gauss(130, 15)
-        label = int(0.08 * (age - 55) + 0.01 * (chol - 230) + rng.gauss(0, 0.5) > 0)
-        lines.append(f"{age:.2f},{chol:.2f},{bp:.2f},{label}")
-    path.write_text("\n".join(lines) + "\n")
 
 
 def _train_matrix(data_dir: Path) -> np.ndarray:
@@ -57,7 +50,7 @@ def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
     pki: Pki, tmp_path: Path
 ) -> None:
     for index, site in enumerate(SITES):
-        _write_csv(tmp_path / f"{site}.csv", ROWS[site], seed=index, shift=6 * index)
+        write_heart_csv(tmp_path / f"{site}.csv", ROWS[site], seed=index, shift=6 * index)
         register_dataset(tmp_path / site, "heart", tmp_path / f"{site}.csv", task_type="tabular")
     matrices = {site: _train_matrix(tmp_path / site) for site in SITES}
     assert len(matrices["site-c"]) < 30 <= min(len(matrices["site-a"]), len(matrices["site-b"]))
@@ -68,30 +61,17 @@ def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
 
     cluster = Cluster(log_dir=tmp_path / "logs")
     with cluster.running():
-        port = cluster.start_coordinator(
-            state_dir=tmp_path / "coordinator", pki_dir=pki.directory, port_file=tmp_path / "port"
-        )
-        for site in SITES:
-            cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
-                               data_dir=tmp_path / site, threads=1,
-                               approve=[bundle(10), bundle(30)],
-                               extra=["--max-statistics-answers", "2"])  # fmt: skip
+        port = start_tabular_sites(cluster, pki, tmp_path, approve=[bundle(10), bundle(30)],
+                                   extra=["--max-statistics-answers", "2"])  # fmt: skip
         tls = pki.tls("admin")
-        connection = ["--coordinator", f"localhost:{port}", "--ca", str(tls.ca_certificate),
-                      "--cert", str(tls.certificate), "--key", str(tls.private_key)]  # fmt: skip
+        connection = admin_options(port, tls)
         with AdminClient(f"localhost:{port}", tls) as admin:
             admin.wait_for_sites(set(SITES), timeout=60)
 
             # 1. Every site releases aggregates of its train split; the coordinator pools them.
-            sites = [arg for site in SITES for arg in ("--site", site)]
-            collected = runner.invoke(
-                baton,
-                ["statistics", "collect", "heart", *sites, "--min-count", "10", "--wait", "60",
-                 *connection],
-            )  # fmt: skip
+            collected, statistics_id = collect_heart_statistics(connection, "--wait", "60")
             assert collected.exit_code == 0, collected.output
             assert bundle(10) in collected.output.replace("\n", "")
-            statistics_id = collected.output.split("statistics requested: ")[1].split()[0]
             status = admin.statistics(statistics_id)
 
             # 2. site-c holds fewer training rows than 30: it refuses, the request fails.
@@ -113,13 +93,8 @@ def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
 
             # 4. site-a and site-b have answered 2 requests about heart, their limit; site-c
             #    answered 1 (its refusal below the minimum count released nothing).
-            exhausted = runner.invoke(
-                baton,
-                ["statistics", "collect", "heart", *sites, "--min-count", "10", "--wait", "60",
-                 *connection],
-            )  # fmt: skip
+            exhausted, exhausted_id = collect_heart_statistics(connection, "--wait", "60")
             assert exhausted.exit_code == 1, exhausted.output
-            exhausted_id = exhausted.output.split("statistics requested: ")[1].split()[0]
             deadline = time.monotonic() + 60
             while any(s.status == "pending" for s in admin.statistics(exhausted_id).sites):
                 assert time.monotonic() < deadline
@@ -132,13 +107,7 @@ def test_sites_pool_a_global_normaliser_that_a_tabular_run_then_uses(
                 "labels": ["0", "1"], "sites": list(SITES), "options": {"model": "logistic"},
                 "defaults": {"steps": 15, "batch_size": 8, "learning_rate": 0.1},
             }), status)  # fmt: skip
-            for site in SITES:
-                approved = runner.invoke(
-                    baton_site,
-                    ["approve", plan.approval_bundle().sha256, "--data-dir", str(tmp_path / site)],
-                )
-                assert approved.exit_code == 0, approved.output
-            run = wait_for_run(admin, cluster, start_when_approved(admin, plan), timeout=90)
+            run = run_when_approved(admin, cluster, plan, tmp_path, timeout=90)
 
     assert status.status == "done", status.error
     pooled = np.concatenate([matrices[site] for site in SITES])

@@ -4,12 +4,10 @@ shares), forgetting on validation loss and the per-trial audit, on tiny syntheti
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import random
 import statistics
-import sys
 from collections.abc import Iterator
-from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -18,31 +16,19 @@ from ordering import FloatRange, IntRange, SearchSpace
 from site_agent.examples import TabularExample
 from site_agent.registry import RegisteredDataset
 from site_agent.simulation import CrossValidationResult
-from site_agent.tasks import TabularTrainer, create_trainer
-
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "heart_disease_paired.py"
+from site_agent.tasks import TabularTrainer
+from tests.benchmark_module import benchmark_module, tabular_trainer
 
 
 @pytest.fixture(scope="module")
-def bench() -> Iterator[Any]:
-    sys.path.insert(0, str(BENCHMARK.parent))
-    spec = importlib.util.spec_from_file_location("heart_disease_paired_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
+def bench() -> Iterator[ModuleType]:
+    with benchmark_module("heart_disease_paired.py", "heart_disease_paired_benchmark") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.path.remove(str(BENCHMARK.parent))
 
 
 @pytest.fixture(scope="module")
 def trainer() -> TabularTrainer:
-    made = create_trainer("tabular", base_model_dir=None, device="cpu")
-    assert isinstance(made, TabularTrainer)
-    return made
+    return tabular_trainer()
 
 
 def _site(name: str, rows: int, shift: float, seed: int = 3) -> RegisteredDataset:

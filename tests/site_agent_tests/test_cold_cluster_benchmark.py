@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "cold_cluster.py"
+from tests.benchmark_module import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    with benchmark_module("cold_cluster.py", "cold_cluster_benchmark") as module:
+        yield module
 
 
 def test_the_report_table_has_one_cell_per_column_for_a_start_and_a_failed_start(
-    monkeypatch: pytest.MonkeyPatch,
+    bench: ModuleType,
 ) -> None:
-    spec = importlib.util.spec_from_file_location("cold_cluster_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
     sites = {"a": 2.5, "b": 2.75, "c": None, "d": 2.0}
     start = {
         "coordinator_ready_s": 1.0, "hello_s": sites, "hello_after_spawn_s": sites,
@@ -33,9 +33,9 @@ def test_the_report_table_has_one_cell_per_column_for_a_start_and_a_failed_start
         "site_args": "--preload=eager", "starts": [start, {"error": "run failed: boom"}],
     }  # fmt: skip
 
-    table = [line for line in module.markdown(report).splitlines() if line.startswith("|")]
+    table = [line for line in bench.markdown(report).splitlines() if line.startswith("|")]
 
     assert len({line.count("|") for line in table}) == 1, table
     assert table[2].startswith("| 1 | 1.0 | 2.75 | 2.75 | 7.25 | 7.0 | 2.8 | 7.5 | 5.5 | 10.5 |")
     assert table[3].startswith("| 2 | failed: run failed: boom |")
-    assert "`--preload=eager`" in module.markdown(report)
+    assert "`--preload=eager`" in bench.markdown(report)

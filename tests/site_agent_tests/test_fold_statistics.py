@@ -16,16 +16,14 @@ from coordinator.statistics import combine, fold_normaliser_options
 from protocols.approval import ApprovalBundle
 from protocols.statistics import FOLD_NORMALISERS_OPTION
 from protocols.v1 import baton_pb2 as pb
-from site_agent.agent import SiteAgent
 from site_agent.examples import TabularExample, TextExample
-from site_agent.registry import RegisteredDataset, register_dataset
+from site_agent.registry import RegisteredDataset, load_registered, register_dataset
 from site_agent.releases import (
     ReleaseLimits,
     ReleaseRefused,
     StatisticsReleases,
     answer_request,
 )
-from site_agent.settings import SiteSettings
 from site_agent.simulation import pooled_normalisation_spec
 from site_agent.statistics import BelowMinimumCount, compute_statistics, l2_sensitivity
 from site_agent.tasks import (
@@ -36,6 +34,7 @@ from site_agent.tasks import (
     create_trainer,
 )
 from site_agent.tasks._cross_validation import fold_spec, split_folds
+from tests.site_agent_tests.helpers import RecordingStub, statistics_agent
 
 
 def _rows(count: int, seed: int, shift: float = 0.0) -> list[TabularExample]:
@@ -222,29 +221,11 @@ def test_noised_per_fold_answers_are_charged_for_every_fold_a_row_is_in() -> Non
     assert all(n.count != f.count for n, f in zip(noisy.folds, folded.folds, strict=True))
 
 
-class _RecordingStub:
-    def __init__(self) -> None:
-        self.results: list[pb.StatisticsResult] = []
-
-    def ReportStatistics(self, result: pb.StatisticsResult, timeout: float) -> None:
-        self.results.append(result)
-
-
 def test_the_site_answers_a_per_fold_task_and_refuses_one_that_differs_from_its_bundle(
     tmp_path: Path,
 ) -> None:
-    rng = random.Random(5)
-    lines = ["age,chol,label"] + [
-        f"{rng.gauss(55, 8):.3f},{rng.gauss(230, 40):.3f},{rng.randint(0, 1)}" for _ in range(90)
-    ]
-    (tmp_path / "heart.csv").write_text("\n".join(lines) + "\n")
-    dataset = register_dataset(tmp_path / "data", "heart", tmp_path / "heart.csv",
-                               task_type="tabular", seed=4)  # fmt: skip
-    agent = SiteAgent(SiteSettings(
-        coordinator="localhost:1", ca_certificate=tmp_path / "ca.crt",
-        certificate=tmp_path / "site.crt", private_key=tmp_path / "site.key",
-        data_dir=tmp_path / "data", require_approval=False,
-    ))  # fmt: skip
+    agent = statistics_agent(tmp_path, csv_seed=5, dataset_seed=4)
+    dataset = load_registered(tmp_path / "data", "heart")
 
     def task(bundle_folds: int, task_folds: int = 3) -> pb.StatisticsTask:
         bundle = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0,
@@ -255,7 +236,7 @@ def test_the_site_answers_a_per_fold_task_and_refuses_one_that_differs_from_its_
             expires_at=int(time.time() + 3600), cv_folds=task_folds,
         )  # fmt: skip
 
-    stub = _RecordingStub()
+    stub = RecordingStub()
     agent._run_statistics(stub, task(3))  # type: ignore[arg-type]
     agent._run_statistics(stub, task(0))  # type: ignore[arg-type]
     # What an agent that predates per-fold statistics sees: no cv_folds field, a bundle with it.

@@ -3,12 +3,10 @@ synthetic pool (no MiniLM)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
-import sys
 from collections import Counter
-from pathlib import Path
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
@@ -16,9 +14,9 @@ import pytest
 import torch
 
 from site_agent.simulation import HopRecord, SequentialResult, collapse_reason
-from site_agent.tasks import HopHyperparameters, TabularTrainer, create_trainer
+from site_agent.tasks import HopHyperparameters
+from tests.benchmark_module import benchmark_module, tabular_trainer
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "medquad_paired.py"
 LABELS = (
     "causes",
     "exams and tests",
@@ -33,18 +31,9 @@ SOURCES = ("GARD", "NIDDK", "NINDS", "SeniorHealth", "CancerGov", "NHLBI")
 
 
 @pytest.fixture(scope="module")
-def bench() -> Any:
-    sys.path.insert(0, str(BENCHMARK.parent))
-    spec = importlib.util.spec_from_file_location("medquad_paired_benchmark", BENCHMARK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
+def bench() -> Iterator[ModuleType]:
+    with benchmark_module("medquad_paired.py", "medquad_paired_benchmark") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.path.remove(str(BENCHMARK.parent))
 
 
 def _pool(bench: ModuleType, rows: int = 480) -> list[Any]:
@@ -91,14 +80,8 @@ def _top_two_share(datasets: Any) -> float:
     return sum(shares) / len(shares)
 
 
-def _trainer() -> TabularTrainer:
-    trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
-    assert isinstance(trainer, TabularTrainer)
-    return trainer
-
-
 def test_the_fast_scorer_equals_the_trainer_and_names_a_constant_model(bench: Any) -> None:
-    trainer = _trainer()
+    trainer = tabular_trainer()
     datasets, _ = bench.split_sites(_pool(bench), "sources", 0)
     spec = bench._spec(LABELS)
     scorer = bench.Scorer(spec.labels)
@@ -118,7 +101,7 @@ def test_the_fast_scorer_equals_the_trainer_and_names_a_constant_model(bench: An
 
 
 def test_a_collapsed_or_diverged_trial_fails_with_its_reason(bench: Any) -> None:
-    trainer = _trainer()
+    trainer = tabular_trainer()
     datasets, _ = bench.split_sites(_pool(bench), "sources", 0)
     spec = bench._spec(LABELS)
     scorer = bench.Scorer(spec.labels)
@@ -166,7 +149,7 @@ def test_the_controls_space_splits_each_sites_budget_over_cycles_and_consolidate
 
 
 def test_memoised_feature_matrices_train_to_the_same_tensors(bench: Any) -> None:
-    trainer = _trainer()
+    trainer = tabular_trainer()
     datasets, _ = bench.split_sites(_pool(bench), "sources", 0)
     spec = bench._spec(LABELS)
     hop = HopHyperparameters(learning_rate=0.05, steps=6, batch_size=8, seed=0)

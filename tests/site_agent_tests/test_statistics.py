@@ -20,6 +20,7 @@ from site_agent.statistics import (
     length_histogram,
     merge_small_bins,
 )
+from tests.site_agent_tests.helpers import write_age_chol_csv
 
 
 def _tabular(
@@ -58,13 +59,8 @@ class _UnusedGenerator:
 def test_tabular_sums_and_label_counts_are_exact_over_registered_training_rows(
     tmp_path: Path,
 ) -> None:
-    rng = random.Random(3)
-    lines = ["age,chol,label"] + [
-        f"{rng.gauss(55, 8):.3f},{rng.gauss(230, 40):.3f},{rng.randint(0, 1)}" for _ in range(90)
-    ]
-    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
-    dataset = register_dataset(tmp_path / "registry", "rows", tmp_path / "rows.csv",
-                               task_type="tabular")  # fmt: skip
+    source = write_age_chol_csv(tmp_path / "rows.csv", seed=3)
+    dataset = register_dataset(tmp_path / "registry", "rows", source, task_type="tabular")
 
     aggregates = compute_statistics(dataset, min_count=10)
 

@@ -13,9 +13,8 @@ import pytest
 
 from protocols.approval import ApprovalBundle
 from protocols.v1 import baton_pb2 as pb
-from site_agent.agent import SiteAgent
 from site_agent.examples import TabularExample, TextExample
-from site_agent.registry import RegisteredDataset, register_dataset
+from site_agent.registry import RegisteredDataset
 from site_agent.releases import (
     ReleaseLimits,
     ReleaseRefused,
@@ -24,7 +23,6 @@ from site_agent.releases import (
     epsilon_of,
     gaussian_rho,
 )
-from site_agent.settings import SiteSettings
 from site_agent.statistics import (
     LENGTH_BIN_EDGES,
     SUPPRESSED_LABEL,
@@ -35,6 +33,7 @@ from site_agent.statistics import (
     merge_small_bins,
     suppress_small_labels,
 )
+from tests.site_agent_tests.helpers import RecordingStub, statistics_agent
 
 
 def _tabular(rows: list[TabularExample], name: str = "heart") -> RegisteredDataset:
@@ -273,28 +272,6 @@ def test_zcdp_conversion_is_bun_and_steinkes() -> None:
 # ---- the agent: expiry and reason codes ---------------------------------------------------------
 
 
-class _RecordingStub:
-    def __init__(self) -> None:
-        self.results: list[pb.StatisticsResult] = []
-
-    def ReportStatistics(self, result: pb.StatisticsResult, timeout: float) -> None:
-        self.results.append(result)
-
-
-def _agent(tmp_path: Path, **settings: object) -> SiteAgent:
-    rng = random.Random(11)
-    lines = ["age,chol,label"] + [
-        f"{rng.gauss(55, 8):.3f},{rng.gauss(230, 40):.3f},{rng.randint(0, 1)}" for _ in range(90)
-    ]
-    (tmp_path / "heart.csv").write_text("\n".join(lines) + "\n")
-    register_dataset(tmp_path / "data", "heart", tmp_path / "heart.csv", task_type="tabular")
-    return SiteAgent(SiteSettings(
-        coordinator="localhost:1", ca_certificate=tmp_path / "ca.crt",
-        certificate=tmp_path / "site.crt", private_key=tmp_path / "site.key",
-        data_dir=tmp_path / "data", require_approval=False, **settings,
-    ))  # fmt: skip
-
-
 def _task(expires_at: float) -> pb.StatisticsTask:
     bundle = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0)
     return pb.StatisticsTask(
@@ -306,8 +283,8 @@ def _task(expires_at: float) -> pb.StatisticsTask:
 def test_the_site_refuses_an_expired_request_beyond_its_clock_skew_tolerance(
     tmp_path: Path,
 ) -> None:
-    agent = _agent(tmp_path, clock_skew_seconds=60)
-    stub = _RecordingStub()
+    agent = statistics_agent(tmp_path, csv_seed=11, clock_skew_seconds=60)
+    stub = RecordingStub()
 
     agent._run_statistics(stub, _task(time.time() - 3600))  # type: ignore[arg-type]
     agent._run_statistics(stub, _task(time.time() - 10))  # type: ignore[arg-type]  # within skew
@@ -323,8 +300,8 @@ def test_the_site_refuses_an_expired_request_beyond_its_clock_skew_tolerance(
 
 
 def test_guard_refusals_reach_the_coordinator_with_their_reason_code(tmp_path: Path) -> None:
-    agent = _agent(tmp_path, max_statistics_answers=1)
-    stub = _RecordingStub()
+    agent = statistics_agent(tmp_path, csv_seed=11, max_statistics_answers=1)
+    stub = RecordingStub()
     for _ in range(2):
         agent._run_statistics(stub, _task(time.time() + 3600))  # type: ignore[arg-type]
     answered, refused = stub.results
