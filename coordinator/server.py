@@ -238,7 +238,6 @@ class DashboardOnDemand:
         self._starting: asyncio.Task[Any] | None = None
         self._armed = False
         self.server: Any = None  # the running dashboard, once started
-        self.error: BaseException | None = None
 
     def arm(self) -> None:
         """Writes the port file and waits for the first connection."""
@@ -270,7 +269,6 @@ class DashboardOnDemand:
                 "(fix the cause and restart the coordinator to get it back)",
                 exc,
             )
-            self.error = exc
 
     async def stop(self) -> None:
         self._disarm()
