@@ -15,10 +15,13 @@ call instead, without the commit); for a download, DownloadCheckpoint from the r
 last chunk, read from the store. The raw comparator does the same transfers with no protocol:
 bytes messages of the same chunk size, over a channel and a server built by the same helpers
 (`protocols.transport`: the same mTLS, message-size, window and keep-alive options), its server
-hashing what it receives (sha256) and writing nothing. On both sides the client hashes before
-the call (a site signs its bundle's digest when it makes it; reported apart as
-`site_hash_sign_s`). The coordinator's CPU seconds per transfer and the load (`uptime`) before,
-after and with every row are recorded; results are written after every row. `--profile` samples
+hashing what it receives (sha256) and writing nothing (and once more hashing nothing: the floor
+of the floor), serving downloads from memory unhashed (as the coordinator serves its store).
+Baton's client is the site agent's own stub (`SiteStub`, hand-framed chunks). On both sides the
+client hashes before the call (a site signs its bundle's digest when it makes it; reported apart
+as `site_hash_sign_s`); `sha256_cpu_s` is what hashing the size alone costs on one core. The
+coordinator's CPU seconds per transfer and the load (`uptime`) before, after and with every row
+are recorded; results are written after every row. `--profile` samples
 the coordinator with py-spy (collapsed stacks in `results/NAME_profile.txt`).
 
     nice -n 19 .venv/bin/python benchmarks/transfer.py --sizes 1,10,100
@@ -61,6 +64,7 @@ from site_agent.transfers import SiteStub, hand_back_frames, upload_frames
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
 _UPLOAD = "/bench.Raw/Upload"
+_UPLOAD_UNHASHED = "/bench.Raw/UploadUnhashed"
 _DOWNLOAD = "/bench.Raw/Download"
 
 
@@ -78,6 +82,12 @@ async def _raw_server(pki: Path, port_file: Path) -> None:
             digest.update(chunk)
         return digest.hexdigest().encode()
 
+    async def upload_unhashed(requests: Any, _context: Any) -> bytes:
+        received = 0
+        async for chunk in requests:
+            received += len(chunk)
+        return str(received).encode()
+
     payloads: dict[int, bytes] = {}
 
     async def download(request: bytes, _context: Any) -> Any:
@@ -85,16 +95,16 @@ async def _raw_server(pki: Path, port_file: Path) -> None:
         if size not in payloads:  # made once, outside the timed calls that follow
             payloads[size] = np.random.default_rng(1).bytes(size)
         payload = payloads[size]
-        digest = hashlib.sha256()
+        # Served as they are, unhashed: the coordinator serves a download from its store
+        # without hashing it (it hashed the bundle when it came in).
         for start in range(0, size, chunk):
-            part = payload[start : start + chunk]
-            digest.update(part)
-            yield part
+            yield payload[start : start + chunk]
 
     handler = grpc.method_handlers_generic_handler(
         "bench.Raw",
         {
             "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            "UploadUnhashed": grpc.stream_unary_rpc_method_handler(upload_unhashed),
             "Download": grpc.unary_stream_rpc_method_handler(download),
         },
     )
@@ -122,6 +132,16 @@ def raw_upload(channel: grpc.Channel, data: bytes, chunk: int) -> float:
     answer = call(_chunks(data, chunk), timeout=300)
     seconds = time.perf_counter() - started
     assert answer.decode() == digest
+    return seconds
+
+
+def raw_upload_unhashed(channel: grpc.Channel, data: bytes, chunk: int) -> float:
+    """The floor of the floor: the same upload, the server hashing nothing."""
+    call = channel.stream_unary(_UPLOAD_UNHASHED)
+    started = time.perf_counter()
+    answer = call(_chunks(data, chunk), timeout=300)
+    seconds = time.perf_counter() - started
+    assert int(answer.decode()) == len(data)
     return seconds
 
 
@@ -350,7 +370,8 @@ def run(
             for chunk_kib in args.chunk_kib:
                 chunk = chunk_kib * 1024
                 samples: dict[str, list[float]] = {k: [] for k in
-                                                   ("raw_up", "raw_down", "baton_up",
+                                                   ("raw_up", "raw_up_unhashed",
+                                                    "raw_down", "baton_up",
                                                     "baton_down", "prepare", "cpu_up",
                                                     "cpu_down", "raw_cpu_up",
                                                     "raw_cpu_down")}  # fmt: skip
@@ -364,6 +385,9 @@ def run(
                     samples["raw_up"].append(raw_upload(raw_channel, payload, chunk))
                     raw_growth_up = max(raw_growth_up, raw_sampler.peak() - base)
                     samples["raw_cpu_up"].append(_cpu_seconds(raw_server) - cpu)
+                    samples["raw_up_unhashed"].append(
+                        raw_upload_unhashed(raw_channel, payload, chunk)
+                    )
                     cpu = _cpu_seconds(raw_server)
                     samples["raw_down"].append(raw_download(raw_channel, size, chunk))
                     samples["raw_cpu_down"].append(_cpu_seconds(raw_server) - cpu)
@@ -410,6 +434,8 @@ def run(
                     "raw_upload_mb_s": round(size / med["raw_up"] / 1e6, 1),
                     "baton_upload_mb_s": round(size / med["baton_up"] / 1e6, 1),
                     "upload_ratio": round(med["raw_up"] / med["baton_up"], 2),
+                    "raw_upload_unhashed_mb_s": round(size / med["raw_up_unhashed"] / 1e6, 1),
+                    "upload_ratio_unhashed": round(med["raw_up_unhashed"] / med["baton_up"], 2),
                     "raw_download_mb_s": round(size / med["raw_down"] / 1e6, 1),
                     "baton_download_mb_s": round(size / med["baton_down"] / 1e6, 1),
                     "download_ratio": round(med["raw_down"] / med["baton_down"], 2),
@@ -472,23 +498,28 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         "into the store, hop commit); the download is DownloadCheckpoint from the store. Raw: "
         "bytes messages of the same chunk size over a channel and server built by the same "
         "helpers (same mTLS, message-size, window and keep-alive options), the server hashing "
-        "(sha256) and writing nothing. Both clients hash before the call. Baton's client is "
+        "(sha256) what it receives and writing nothing (`raw up unhashed`: not even hashing), "
+        "serving downloads from memory unhashed. Both clients hash before the call. Baton's "
+        "client is "
         "the site agent's own call (`site_agent.transfers.SiteStub`: hand-framed chunk "
         "messages). sha256 CPU s: hashing the size alone on one core (what both servers pay).",
         "",
         f"Load before: `{figures.get('uptime_before', '')}`; after: "
         f"`{figures.get('uptime_after', '(run cut short)')}`.",
         "",
-        "| size | upload chunk | raw up MB/s | Baton up MB/s | up ratio | raw down MB/s "
+        "| size | upload chunk | raw up MB/s | Baton up MB/s | up ratio "
+        "| raw up unhashed MB/s; ratio | raw down MB/s "
         "| Baton down MB/s | down ratio | coordinator RSS before; peak up / down "
         "| raw server CPU s up / down | coordinator CPU s up / down "
         "| RSS growth while uploading: raw / coordinator | sha256 CPU s | load 1m |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in figures["rows"]:
         lines.append(
             f"| {r['size_mib']} MiB | {r['chunk_kib']} KiB | {r['raw_upload_mb_s']} "
-            f"| {r['baton_upload_mb_s']} | {r['upload_ratio']} | {r['raw_download_mb_s']} "
+            f"| {r['baton_upload_mb_s']} | {r['upload_ratio']} "
+            f"| {r.get('raw_upload_unhashed_mb_s', '')}; {r.get('upload_ratio_unhashed', '')} "
+            f"| {r['raw_download_mb_s']} "
             f"| {r['baton_download_mb_s']} | {r['download_ratio']} "
             f"| {r.get('coordinator_rss_mib_before', '?')}; "
             f"{r['coordinator_peak_rss_mib_upload']} / "
