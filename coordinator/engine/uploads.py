@@ -15,9 +15,7 @@ import ctypes
 import json
 import logging
 import os
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,9 +54,6 @@ logger = logging.getLogger(__name__)
 # While an upload streams, the kernel is asked to start writing its spool file out every this
 # many bytes (without waiting for it), so the fsync before the commit has little left to write.
 _WRITEBACK_BYTES = 8 * 1024 * 1024
-# Chunks of an upload being written (one thread) and hashed and checked (another) while the next
-# ones arrive: at most this many per thread, each a view of a received message.
-_CHUNKS_IN_FLIGHT = 3
 _READ_BYTES = 4 * 1024 * 1024
 CommitResult = Callable[[str, pb.HopResult, CheckpointRow | None], Awaitable[str]]
 
@@ -531,34 +526,30 @@ class UploadIntake:
             if header.offset:
                 await asyncio.to_thread(_feed_file, stream, partial, header.offset)
             received = header.offset
-            # Each chunk is written on one thread and hashed and value-checked on another (both
-            # release the GIL) while the next ones arrive; a handful in flight at most, taken in
-            # order. A future is dropped only once done: a cancelled handler never detaches from
-            # a write (below).
+            # Each chunk is written (on a worker thread) while it is hashed and value-checked (on
+            # another; both release the GIL) and the next one arrives: one write and one check
+            # in flight at most, so each stays in order. A future is dropped only once done: a
+            # cancelled handler never detaches from a write (below).
             loop = asyncio.get_running_loop()
             spool = _SpoolWriter(fd, header.offset)
-            writer = ThreadPoolExecutor(1, thread_name_prefix="upload-write")
-            checker = ThreadPoolExecutor(1, thread_name_prefix="upload-check")
-            in_flight: deque[asyncio.Future[None]] = deque()
+            writing: asyncio.Future[None] | None = None
+            checking: asyncio.Future[None] | None = None
             try:
                 async for chunk in chunks:
                     received += len(chunk)
                     if received > header.total_size:
                         raise InvalidInput("upload is longer than its header declared")
-                    while len(in_flight) >= 2 * _CHUNKS_IN_FLIGHT:
-                        await asyncio.shield(in_flight[0])
-                        in_flight.popleft()
-                    in_flight.append(loop.run_in_executor(writer, spool.write, chunk))
-                    in_flight.append(loop.run_in_executor(checker, stream.feed, chunk))
-                while in_flight:
-                    await asyncio.shield(in_flight[0])
-                    in_flight.popleft()
+                    if writing is not None:
+                        await asyncio.shield(writing)
+                    writing = loop.run_in_executor(None, spool.write, chunk)
+                    if checking is not None:
+                        await asyncio.shield(checking)
+                    checking = loop.run_in_executor(None, stream.feed, chunk)
+                for future in (writing, checking):
+                    if future is not None:
+                        await asyncio.shield(future)
             finally:
-                try:
-                    await settle(*in_flight)  # the file stays open until its last write
-                finally:
-                    writer.shutdown(wait=False)
-                    checker.shutdown(wait=False)
+                await settle(writing, checking)  # the file stays open until its last write
         finally:
             os.close(fd)
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)
