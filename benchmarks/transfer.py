@@ -59,7 +59,12 @@ from protocols.pki import Role, init_ca, issue_certificate
 from protocols.signing import sign_digest
 from protocols.transport import CHUNK_BYTES, TlsFiles, aio_server, secure_channel
 from protocols.v1 import baton_pb2 as pb
-from site_agent.transfers import SiteStub, hand_back_frames, upload_frames
+from protocols.v1 import baton_pb2_grpc as pb_grpc
+
+try:
+    from site_agent.transfers import SiteStub, hand_back_frames, upload_frames
+except ImportError:  # an older checkout measured with this script (A/B): protobuf per chunk
+    SiteStub = None  # type: ignore[assignment,misc]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
@@ -166,7 +171,9 @@ class Site:
         self.name = name
         self.key_pem = tls.private_key.read_bytes()
         self.channel = secure_channel(f"localhost:{port}", tls)
-        self.stub = SiteStub(self.channel)  # the site agent's own calls (hand-framed chunks)
+        # The site agent's own stub (hand-framed chunks), or the generated one of older code.
+        self.framed = SiteStub is not None
+        self.stub = SiteStub(self.channel) if self.framed else pb_grpc.SiteServiceStub(self.channel)
         hello = pb.HelloRequest(agent_version="bench", protocol_version=1,
                                 capabilities=["seq-classification"])  # fmt: skip
         hello.base_models.add(name="tiny", sha256="ab" * 32)
@@ -212,6 +219,8 @@ class Site:
         result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
                               metrics={"accuracy": 0.5}, train_started_at_ns=1,
                               train_finished_at_ns=2)  # fmt: skip
+        if not self.framed:
+            return self._upload_messages(header, result, data, chunk, legacy), prepared, digest
         if legacy:
             started = time.perf_counter()
             ref = self.stub.UploadCheckpointFramed(
@@ -229,12 +238,48 @@ class Site:
         assert status == "committed", status
         return seconds, prepared, digest
 
+    def _upload_messages(
+        self, header: pb.UploadHeader, result: pb.HopResult, data: bytes, chunk: int, legacy: bool
+    ) -> float:
+        """`upload` as older site agents did it: a protobuf message built per chunk."""
+        view = memoryview(data)
+        if legacy:
+
+            def uploads() -> Iterator[pb.UploadRequest]:
+                yield pb.UploadRequest(header=header)
+                for start in range(0, len(data), chunk):
+                    yield pb.UploadRequest(data=bytes(view[start : start + chunk]))
+
+            started = time.perf_counter()
+            ref = self.stub.UploadCheckpoint(uploads(), timeout=300).checkpoint
+            seconds = time.perf_counter() - started
+            result.output_checkpoint.CopyFrom(ref)
+            assert self.stub.ReportHopResult(result, timeout=60).hop_status == "committed"
+            return seconds
+
+        def messages() -> Iterator[pb.HandBackRequest]:
+            yield pb.HandBackRequest(header=header)
+            for start in range(0, len(data), chunk):
+                yield pb.HandBackRequest(data=bytes(view[start : start + chunk]))
+            yield pb.HandBackRequest(result=result)
+
+        started = time.perf_counter()
+        status = self.stub.HandBackHop(messages(), timeout=300).hop_status
+        seconds = time.perf_counter() - started
+        assert status == "committed", status
+        return seconds
+
     def download(self, sha256: str, size: int) -> float:
         digest = hashlib.sha256()
         started = time.perf_counter()
         received = 0
         request = pb.DownloadRequest(sha256=sha256)
-        for data, offset, _ in self.stub.DownloadCheckpointFramed(request, timeout=300):
+        if self.framed:
+            chunks = self.stub.DownloadCheckpointFramed(request, timeout=300)
+        else:
+            chunks = ((c.data, c.offset, c.total_size)
+                      for c in self.stub.DownloadCheckpoint(request, timeout=300))  # fmt: skip
+        for data, offset, _ in chunks:
             assert offset == received
             digest.update(data)
             received += len(data)
@@ -343,6 +388,7 @@ def run(
     if profile_out is not None:
         coordinator = coordinator.children()[0]
     raw_server = psutil.Process(raw_proc.pid)
+    client = psutil.Process()  # this process: the site's side of both (hashing before the call)
     sampler = RssSampler(coordinator)
     raw_sampler = RssSampler(raw_server)
     time.sleep(2)  # start-up's own transient (ledger checks) settles first
@@ -374,23 +420,29 @@ def run(
                                                     "raw_down", "baton_up",
                                                     "baton_down", "prepare", "cpu_up",
                                                     "cpu_down", "raw_cpu_up",
-                                                    "raw_cpu_down")}  # fmt: skip
+                                                    "raw_cpu_down", "client_cpu_up",
+                                                    "client_cpu_down", "raw_client_cpu_up",
+                                                    "raw_client_cpu_down")}  # fmt: skip
                 peak_up = peak_down = growth_up = raw_growth_up = 0
                 before = coordinator.memory_info().rss
                 raw_download(raw_channel, size, chunk)  # the raw server makes its payload
                 for _ in range(args.repeat):
                     payload = np.random.default_rng(2).bytes(size)
                     cpu = _cpu_seconds(raw_server)
+                    mine = _cpu_seconds(client)
                     base = raw_sampler.reset()
                     samples["raw_up"].append(raw_upload(raw_channel, payload, chunk))
                     raw_growth_up = max(raw_growth_up, raw_sampler.peak() - base)
                     samples["raw_cpu_up"].append(_cpu_seconds(raw_server) - cpu)
+                    samples["raw_client_cpu_up"].append(_cpu_seconds(client) - mine)
                     samples["raw_up_unhashed"].append(
                         raw_upload_unhashed(raw_channel, payload, chunk)
                     )
                     cpu = _cpu_seconds(raw_server)
+                    mine = _cpu_seconds(client)
                     samples["raw_down"].append(raw_download(raw_channel, size, chunk))
                     samples["raw_cpu_down"].append(_cpu_seconds(raw_server) - cpu)
+                    samples["raw_client_cpu_down"].append(_cpu_seconds(client) - mine)
                     del payload
                     plan = parse_plan({
                         "name": f"transfer-{mib}", "dataset": "notes", "labels": ["x", "y"],
@@ -401,17 +453,21 @@ def run(
                     data = sites["site-a"].bundle(task, size)
                     base = sampler.reset()
                     cpu = _cpu_seconds(coordinator)
+                    mine = _cpu_seconds(client)
                     up, prepared, sha = sites["site-a"].upload(task, data, chunk,
                                                                legacy=args.legacy)  # fmt: skip
                     samples["cpu_up"].append(_cpu_seconds(coordinator) - cpu)
+                    samples["client_cpu_up"].append(_cpu_seconds(client) - mine)
                     peak_up = max(peak_up, sampler.peak())
                     growth_up = max(growth_up, sampler.peak() - base)
                     nxt = sites["site-b"].tasks.get(timeout=30)
                     assert nxt.input_checkpoint.sha256 == sha
                     sampler.reset()
                     cpu = _cpu_seconds(coordinator)
+                    mine = _cpu_seconds(client)
                     down = sites["site-b"].download(sha, len(data))
                     samples["cpu_down"].append(_cpu_seconds(coordinator) - cpu)
+                    samples["client_cpu_down"].append(_cpu_seconds(client) - mine)
                     peak_down = max(peak_down, sampler.peak())
                     admin.control(run_id, "abort", "benchmark")
                     samples["baton_up"].append(up)
@@ -445,6 +501,10 @@ def run(
                     "raw_server_cpu_s_download": round(med["raw_cpu_down"], 3),
                     "coordinator_cpu_s_upload": round(med["cpu_up"], 3),
                     "coordinator_cpu_s_download": round(med["cpu_down"], 3),
+                    "site_cpu_s_upload": round(med["client_cpu_up"], 3),
+                    "raw_client_cpu_s_upload": round(med["raw_client_cpu_up"], 3),
+                    "site_cpu_s_download": round(med["client_cpu_down"], 3),
+                    "raw_client_cpu_s_download": round(med["raw_client_cpu_down"], 3),
                     "coordinator_rss_mib_before": round(before / MiB),
                     "coordinator_peak_rss_mib_upload": round(peak_up / MiB),
                     "coordinator_rss_growth_mib_upload": round(growth_up / MiB),
@@ -502,7 +562,8 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         "serving downloads from memory unhashed. Both clients hash before the call. Baton's "
         "client is "
         "the site agent's own call (`site_agent.transfers.SiteStub`: hand-framed chunk "
-        "messages). sha256 CPU s: hashing the size alone on one core (what both servers pay).",
+        "messages). sha256 CPU s: hashing the size alone on one core (what both servers pay). "
+        "Client CPU s: this process (the clients' side, hashing before the call included).",
         "",
         f"Load before: `{figures.get('uptime_before', '')}`; after: "
         f"`{figures.get('uptime_after', '(run cut short)')}`.",
@@ -511,8 +572,9 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         "| raw up unhashed MB/s; ratio | raw down MB/s "
         "| Baton down MB/s | down ratio | coordinator RSS before; peak up / down "
         "| raw server CPU s up / down | coordinator CPU s up / down "
-        "| RSS growth while uploading: raw / coordinator | sha256 CPU s | load 1m |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| RSS growth while uploading: raw / coordinator | client CPU s up: raw / site "
+        "| client CPU s down: raw / site | sha256 CPU s | load 1m |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in figures["rows"]:
         lines.append(
@@ -530,6 +592,8 @@ def markdown(figures: dict[str, Any], command: str) -> str:
             f"{r.get('coordinator_cpu_s_download', '')} "
             f"| {r.get('raw_server_rss_growth_mib_upload', '?')} / "
             f"{r.get('coordinator_rss_growth_mib_upload', '?')} MiB "
+            f"| {r.get('raw_client_cpu_s_upload', '')} / {r.get('site_cpu_s_upload', '')} "
+            f"| {r.get('raw_client_cpu_s_download', '')} / {r.get('site_cpu_s_download', '')} "
             f"| {r.get('sha256_cpu_s', '')} | {r.get('load_average_1m', '')} |"
         )
     return "\n".join(lines) + "\n"

@@ -1,10 +1,13 @@
 """Interleaved A/B of `benchmarks/transfer.py` between two checkouts, in one session.
 
 Each round runs one checkout's own `transfer.py` (its coordinator, its site client, its raw
-comparator) and then the other's, back to back; every run measures its own raw gRPC floor, so
-each ratio compares figures taken seconds apart. The table gives, per checkout and size, the
-median over rounds of each run's medians, with the range of the ratios; the load (`uptime`) of
-every run is kept. Wall-clock ratios need a quiet machine; CPU seconds hold under load.
+comparator) and then the other's, back to back (`--same-script` copies this checkout's
+transfer.py into the others first, so that every checkout is measured by the same script: its
+coordinator and its site code, the same raw comparator); every run measures its own raw gRPC
+floor, so each ratio compares figures taken seconds apart. The table gives, per checkout and
+size, the median over rounds of each run's medians, with the range of the ratios; the load
+(`uptime`) of every run is kept. Wall-clock ratios need a quiet machine; CPU seconds hold under
+load.
 
     nice -n 19 .venv/bin/python benchmarks/transfer_ab.py --root /tmp/main --root . --rounds 3
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,6 +37,10 @@ _FIGURES = [
     ("raw_server_cpu_s_upload", "raw server CPU s up"),
     ("coordinator_cpu_s_download", "coordinator CPU s down"),
     ("raw_server_cpu_s_download", "raw server CPU s down"),
+    ("site_cpu_s_upload", "site (client) CPU s up"),
+    ("raw_client_cpu_s_upload", "raw client CPU s up"),
+    ("site_cpu_s_download", "site (client) CPU s down"),
+    ("raw_client_cpu_s_download", "raw client CPU s down"),
     ("coordinator_peak_rss_mib_upload", "coordinator peak RSS MiB up"),
     ("coordinator_peak_rss_mib_download", "coordinator peak RSS MiB down"),
 ]
@@ -57,7 +65,16 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,10,100")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--name", default="transfer-ab")
+    parser.add_argument("--same-script", action="store_true",
+                        help="measure every checkout with this checkout's transfer.py (copied "
+                             "into the others' benchmarks/: use throwaway copies)")  # fmt: skip
     args = parser.parse_args()
+    if args.same_script:
+        script = Path(__file__).resolve().with_name("transfer.py")
+        for root in args.root:
+            target = root.resolve() / "benchmarks" / "transfer.py"
+            if target != script:
+                shutil.copyfile(script, target)
     labels = args.label or [_label(root) for root in args.root]
     runs: list[dict[str, Any]] = []
     uptime_before = _uptime()
@@ -76,6 +93,7 @@ def main() -> None:
             print(json.dumps({"label": label, "round": round_index,
                               "load": figures["load_average_before"]}), flush=True)  # fmt: skip
     summary = {"command": "python benchmarks/transfer_ab.py " + " ".join(sys.argv[1:]),
+               "same_script": args.same_script,
                "uptime_before": uptime_before, "uptime_after": _uptime(), "labels": labels,
                "runs": runs}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
@@ -92,7 +110,12 @@ def markdown(summary: dict[str, Any]) -> str:
         "",
         f"Load before: `{summary['uptime_before']}`; after: `{summary['uptime_after']}`. "
         "Each figure: the median over rounds of one run's median (ratios: min-max over rounds "
-        "in brackets). Each run measured its own raw gRPC floor (see benchmarks/transfer.py).",
+        "in brackets). Each run measured its own raw gRPC floor (see benchmarks/transfer.py)"
+        + (
+            "; every checkout measured by the same transfer.py."
+            if summary.get("same_script")
+            else "; each checkout measured by its own transfer.py."
+        ),
         "",
     ]
     sizes = sorted({row["size_mib"] for run in summary["runs"] for row in run["rows"]})
