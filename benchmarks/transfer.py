@@ -15,10 +15,13 @@ call instead, without the commit); for a download, DownloadCheckpoint from the r
 last chunk, read from the store. The raw comparator does the same transfers with no protocol:
 bytes messages of the same chunk size, over a channel and a server built by the same helpers
 (`protocols.transport`: the same mTLS, message-size, window and keep-alive options), its server
-hashing what it receives (sha256) and writing nothing. On both sides the client hashes before
-the call (a site signs its bundle's digest when it makes it; reported apart as
-`site_hash_sign_s`). The coordinator's CPU seconds per transfer and the load (`uptime`) before,
-after and with every row are recorded; results are written after every row. `--profile` samples
+hashing what it receives (sha256) and writing nothing (and once more hashing nothing: the floor
+of the floor), serving downloads from memory unhashed (as the coordinator serves its store).
+Baton's client is the site agent's own stub (`SiteStub`, hand-framed chunks). On both sides the
+client hashes before the call (a site signs its bundle's digest when it makes it; reported apart
+as `site_hash_sign_s`); `sha256_cpu_s` is what hashing the size alone costs on one core. The
+coordinator's CPU seconds per transfer and the load (`uptime`) before, after and with every row
+are recorded; results are written after every row. `--profile` samples
 the coordinator with py-spy (collapsed stacks in `results/NAME_profile.txt`).
 
     nice -n 19 .venv/bin/python benchmarks/transfer.py --sizes 1,10,100
@@ -58,9 +61,15 @@ from protocols.transport import CHUNK_BYTES, TlsFiles, aio_server, secure_channe
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
+try:
+    from site_agent.transfers import SiteStub, hand_back_frames, upload_frames
+except ImportError:  # an older checkout measured with this script (A/B): protobuf per chunk
+    SiteStub = None  # type: ignore[assignment,misc]
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
 _UPLOAD = "/bench.Raw/Upload"
+_UPLOAD_UNHASHED = "/bench.Raw/UploadUnhashed"
 _DOWNLOAD = "/bench.Raw/Download"
 
 
@@ -78,6 +87,12 @@ async def _raw_server(pki: Path, port_file: Path) -> None:
             digest.update(chunk)
         return digest.hexdigest().encode()
 
+    async def upload_unhashed(requests: Any, _context: Any) -> bytes:
+        received = 0
+        async for chunk in requests:
+            received += len(chunk)
+        return str(received).encode()
+
     payloads: dict[int, bytes] = {}
 
     async def download(request: bytes, _context: Any) -> Any:
@@ -85,16 +100,16 @@ async def _raw_server(pki: Path, port_file: Path) -> None:
         if size not in payloads:  # made once, outside the timed calls that follow
             payloads[size] = np.random.default_rng(1).bytes(size)
         payload = payloads[size]
-        digest = hashlib.sha256()
+        # Served as they are, unhashed: the coordinator serves a download from its store
+        # without hashing it (it hashed the bundle when it came in).
         for start in range(0, size, chunk):
-            part = payload[start : start + chunk]
-            digest.update(part)
-            yield part
+            yield payload[start : start + chunk]
 
     handler = grpc.method_handlers_generic_handler(
         "bench.Raw",
         {
             "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            "UploadUnhashed": grpc.stream_unary_rpc_method_handler(upload_unhashed),
             "Download": grpc.unary_stream_rpc_method_handler(download),
         },
     )
@@ -125,6 +140,16 @@ def raw_upload(channel: grpc.Channel, data: bytes, chunk: int) -> float:
     return seconds
 
 
+def raw_upload_unhashed(channel: grpc.Channel, data: bytes, chunk: int) -> float:
+    """The floor of the floor: the same upload, the server hashing nothing."""
+    call = channel.stream_unary(_UPLOAD_UNHASHED)
+    started = time.perf_counter()
+    answer = call(_chunks(data, chunk), timeout=300)
+    seconds = time.perf_counter() - started
+    assert int(answer.decode()) == len(data)
+    return seconds
+
+
 def raw_download(channel: grpc.Channel, size: int, chunk: int) -> float:
     call = channel.unary_stream(_DOWNLOAD)
     digest = hashlib.sha256()
@@ -146,7 +171,9 @@ class Site:
         self.name = name
         self.key_pem = tls.private_key.read_bytes()
         self.channel = secure_channel(f"localhost:{port}", tls)
-        self.stub = pb_grpc.SiteServiceStub(self.channel)
+        # The site agent's own stub (hand-framed chunks), or the generated one of older code.
+        self.framed = SiteStub is not None
+        self.stub = SiteStub(self.channel) if self.framed else pb_grpc.SiteServiceStub(self.channel)
         hello = pb.HelloRequest(agent_version="bench", protocol_version=1,
                                 capabilities=["seq-classification"])  # fmt: skip
         hello.base_models.add(name="tiny", sha256="ab" * 32)
@@ -192,39 +219,70 @@ class Site:
         result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
                               metrics={"accuracy": 0.5}, train_started_at_ns=1,
                               train_finished_at_ns=2)  # fmt: skip
+        if not self.framed:
+            return self._upload_messages(header, result, data, chunk, legacy), prepared, digest
+        if legacy:
+            started = time.perf_counter()
+            ref = self.stub.UploadCheckpointFramed(
+                upload_frames(header, data, chunk), timeout=300
+            ).checkpoint
+            seconds = time.perf_counter() - started
+            result.output_checkpoint.CopyFrom(ref)
+            assert self.stub.ReportHopResult(result, timeout=60).hop_status == "committed"
+            return seconds, prepared, digest
+
+        started = time.perf_counter()
+        frames = hand_back_frames(header, data, result, chunk)
+        status = self.stub.HandBackHopFramed(frames, timeout=300).hop_status
+        seconds = time.perf_counter() - started
+        assert status == "committed", status
+        return seconds, prepared, digest
+
+    def _upload_messages(
+        self, header: pb.UploadHeader, result: pb.HopResult, data: bytes, chunk: int, legacy: bool
+    ) -> float:
+        """`upload` as older site agents did it: a protobuf message built per chunk."""
+        view = memoryview(data)
         if legacy:
 
             def uploads() -> Iterator[pb.UploadRequest]:
                 yield pb.UploadRequest(header=header)
-                for part in _chunks(data, chunk):
-                    yield pb.UploadRequest(data=part)
+                for start in range(0, len(data), chunk):
+                    yield pb.UploadRequest(data=bytes(view[start : start + chunk]))
 
             started = time.perf_counter()
             ref = self.stub.UploadCheckpoint(uploads(), timeout=300).checkpoint
             seconds = time.perf_counter() - started
             result.output_checkpoint.CopyFrom(ref)
             assert self.stub.ReportHopResult(result, timeout=60).hop_status == "committed"
-            return seconds, prepared, digest
+            return seconds
 
         def messages() -> Iterator[pb.HandBackRequest]:
             yield pb.HandBackRequest(header=header)
-            for part in _chunks(data, chunk):
-                yield pb.HandBackRequest(data=part)
+            for start in range(0, len(data), chunk):
+                yield pb.HandBackRequest(data=bytes(view[start : start + chunk]))
             yield pb.HandBackRequest(result=result)
 
         started = time.perf_counter()
         status = self.stub.HandBackHop(messages(), timeout=300).hop_status
         seconds = time.perf_counter() - started
         assert status == "committed", status
-        return seconds, prepared, digest
+        return seconds
 
     def download(self, sha256: str, size: int) -> float:
         digest = hashlib.sha256()
         started = time.perf_counter()
         received = 0
-        for chunk in self.stub.DownloadCheckpoint(pb.DownloadRequest(sha256=sha256), timeout=300):
-            digest.update(chunk.data)
-            received += len(chunk.data)
+        request = pb.DownloadRequest(sha256=sha256)
+        if self.framed:
+            chunks = self.stub.DownloadCheckpointFramed(request, timeout=300)
+        else:
+            chunks = ((c.data, c.offset, c.total_size)
+                      for c in self.stub.DownloadCheckpoint(request, timeout=300))  # fmt: skip
+        for data, offset, _ in chunks:
+            assert offset == received
+            digest.update(data)
+            received += len(data)
         seconds = time.perf_counter() - started
         assert received == size and digest.hexdigest() == sha256
         return seconds
@@ -330,6 +388,7 @@ def run(
     if profile_out is not None:
         coordinator = coordinator.children()[0]
     raw_server = psutil.Process(raw_proc.pid)
+    client = psutil.Process()  # this process: the site's side of both (hashing before the call)
     sampler = RssSampler(coordinator)
     raw_sampler = RssSampler(raw_server)
     time.sleep(2)  # start-up's own transient (ledger checks) settles first
@@ -357,23 +416,33 @@ def run(
             for chunk_kib in args.chunk_kib:
                 chunk = chunk_kib * 1024
                 samples: dict[str, list[float]] = {k: [] for k in
-                                                   ("raw_up", "raw_down", "baton_up",
+                                                   ("raw_up", "raw_up_unhashed",
+                                                    "raw_down", "baton_up",
                                                     "baton_down", "prepare", "cpu_up",
                                                     "cpu_down", "raw_cpu_up",
-                                                    "raw_cpu_down")}  # fmt: skip
+                                                    "raw_cpu_down", "client_cpu_up",
+                                                    "client_cpu_down", "raw_client_cpu_up",
+                                                    "raw_client_cpu_down")}  # fmt: skip
                 peak_up = peak_down = growth_up = raw_growth_up = 0
                 before = coordinator.memory_info().rss
                 raw_download(raw_channel, size, chunk)  # the raw server makes its payload
                 for _ in range(args.repeat):
                     payload = np.random.default_rng(2).bytes(size)
                     cpu = _cpu_seconds(raw_server)
+                    mine = _cpu_seconds(client)
                     base = raw_sampler.reset()
                     samples["raw_up"].append(raw_upload(raw_channel, payload, chunk))
                     raw_growth_up = max(raw_growth_up, raw_sampler.peak() - base)
                     samples["raw_cpu_up"].append(_cpu_seconds(raw_server) - cpu)
+                    samples["raw_client_cpu_up"].append(_cpu_seconds(client) - mine)
+                    samples["raw_up_unhashed"].append(
+                        raw_upload_unhashed(raw_channel, payload, chunk)
+                    )
                     cpu = _cpu_seconds(raw_server)
+                    mine = _cpu_seconds(client)
                     samples["raw_down"].append(raw_download(raw_channel, size, chunk))
                     samples["raw_cpu_down"].append(_cpu_seconds(raw_server) - cpu)
+                    samples["raw_client_cpu_down"].append(_cpu_seconds(client) - mine)
                     del payload
                     plan = parse_plan({
                         "name": f"transfer-{mib}", "dataset": "notes", "labels": ["x", "y"],
@@ -384,23 +453,36 @@ def run(
                     data = sites["site-a"].bundle(task, size)
                     base = sampler.reset()
                     cpu = _cpu_seconds(coordinator)
+                    mine = _cpu_seconds(client)
                     up, prepared, sha = sites["site-a"].upload(task, data, chunk,
                                                                legacy=args.legacy)  # fmt: skip
                     samples["cpu_up"].append(_cpu_seconds(coordinator) - cpu)
+                    samples["client_cpu_up"].append(_cpu_seconds(client) - mine)
                     peak_up = max(peak_up, sampler.peak())
                     growth_up = max(growth_up, sampler.peak() - base)
                     nxt = sites["site-b"].tasks.get(timeout=30)
                     assert nxt.input_checkpoint.sha256 == sha
                     sampler.reset()
                     cpu = _cpu_seconds(coordinator)
+                    mine = _cpu_seconds(client)
                     down = sites["site-b"].download(sha, len(data))
                     samples["cpu_down"].append(_cpu_seconds(coordinator) - cpu)
+                    samples["client_cpu_down"].append(_cpu_seconds(client) - mine)
                     peak_down = max(peak_down, sampler.peak())
                     admin.control(run_id, "abort", "benchmark")
                     samples["baton_up"].append(up)
                     samples["baton_down"].append(down)
                     samples["prepare"].append(prepared)
                     del data
+                # What hashing alone costs (both servers hash what they receive): sha256 of the
+                # size on one core of this process, best of 3 (CPU seconds, not wall time).
+                hash_payload = np.random.default_rng(3).bytes(size)
+                hash_cpu = []
+                for _ in range(3):
+                    cpu_started = time.thread_time()
+                    hashlib.sha256(hash_payload).digest()
+                    hash_cpu.append(time.thread_time() - cpu_started)
+                del hash_payload
                 med = {k: statistics.median(v) for k, v in samples.items()}
                 row = {
                     "size_mib": mib,
@@ -408,14 +490,21 @@ def run(
                     "raw_upload_mb_s": round(size / med["raw_up"] / 1e6, 1),
                     "baton_upload_mb_s": round(size / med["baton_up"] / 1e6, 1),
                     "upload_ratio": round(med["raw_up"] / med["baton_up"], 2),
+                    "raw_upload_unhashed_mb_s": round(size / med["raw_up_unhashed"] / 1e6, 1),
+                    "upload_ratio_unhashed": round(med["raw_up_unhashed"] / med["baton_up"], 2),
                     "raw_download_mb_s": round(size / med["raw_down"] / 1e6, 1),
                     "baton_download_mb_s": round(size / med["baton_down"] / 1e6, 1),
                     "download_ratio": round(med["raw_down"] / med["baton_down"], 2),
                     "site_hash_sign_s": round(med["prepare"], 3),
+                    "sha256_cpu_s": round(min(hash_cpu), 3),
                     "raw_server_cpu_s_upload": round(med["raw_cpu_up"], 3),
                     "raw_server_cpu_s_download": round(med["raw_cpu_down"], 3),
                     "coordinator_cpu_s_upload": round(med["cpu_up"], 3),
                     "coordinator_cpu_s_download": round(med["cpu_down"], 3),
+                    "site_cpu_s_upload": round(med["client_cpu_up"], 3),
+                    "raw_client_cpu_s_upload": round(med["raw_client_cpu_up"], 3),
+                    "site_cpu_s_download": round(med["client_cpu_down"], 3),
+                    "raw_client_cpu_s_download": round(med["raw_client_cpu_down"], 3),
                     "coordinator_rss_mib_before": round(before / MiB),
                     "coordinator_peak_rss_mib_upload": round(peak_up / MiB),
                     "coordinator_rss_growth_mib_upload": round(growth_up / MiB),
@@ -469,21 +558,30 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         "into the store, hop commit); the download is DownloadCheckpoint from the store. Raw: "
         "bytes messages of the same chunk size over a channel and server built by the same "
         "helpers (same mTLS, message-size, window and keep-alive options), the server hashing "
-        "(sha256) and writing nothing. Both clients hash before the call.",
+        "(sha256) what it receives and writing nothing (`raw up unhashed`: not even hashing), "
+        "serving downloads from memory unhashed. Both clients hash before the call. Baton's "
+        "client is "
+        "the site agent's own call (`site_agent.transfers.SiteStub`: hand-framed chunk "
+        "messages). sha256 CPU s: hashing the size alone on one core (what both servers pay). "
+        "Client CPU s: this process (the clients' side, hashing before the call included).",
         "",
         f"Load before: `{figures.get('uptime_before', '')}`; after: "
         f"`{figures.get('uptime_after', '(run cut short)')}`.",
         "",
-        "| size | upload chunk | raw up MB/s | Baton up MB/s | up ratio | raw down MB/s "
+        "| size | upload chunk | raw up MB/s | Baton up MB/s | up ratio "
+        "| raw up unhashed MB/s; ratio | raw down MB/s "
         "| Baton down MB/s | down ratio | coordinator RSS before; peak up / down "
         "| raw server CPU s up / down | coordinator CPU s up / down "
-        "| RSS growth while uploading: raw / coordinator | load 1m |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| RSS growth while uploading: raw / coordinator | client CPU s up: raw / site "
+        "| client CPU s down: raw / site | sha256 CPU s | load 1m |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in figures["rows"]:
         lines.append(
             f"| {r['size_mib']} MiB | {r['chunk_kib']} KiB | {r['raw_upload_mb_s']} "
-            f"| {r['baton_upload_mb_s']} | {r['upload_ratio']} | {r['raw_download_mb_s']} "
+            f"| {r['baton_upload_mb_s']} | {r['upload_ratio']} "
+            f"| {r.get('raw_upload_unhashed_mb_s', '')}; {r.get('upload_ratio_unhashed', '')} "
+            f"| {r['raw_download_mb_s']} "
             f"| {r['baton_download_mb_s']} | {r['download_ratio']} "
             f"| {r.get('coordinator_rss_mib_before', '?')}; "
             f"{r['coordinator_peak_rss_mib_upload']} / "
@@ -494,7 +592,9 @@ def markdown(figures: dict[str, Any], command: str) -> str:
             f"{r.get('coordinator_cpu_s_download', '')} "
             f"| {r.get('raw_server_rss_growth_mib_upload', '?')} / "
             f"{r.get('coordinator_rss_growth_mib_upload', '?')} MiB "
-            f"| {r.get('load_average_1m', '')} |"
+            f"| {r.get('raw_client_cpu_s_upload', '')} / {r.get('site_cpu_s_upload', '')} "
+            f"| {r.get('raw_client_cpu_s_download', '')} / {r.get('site_cpu_s_download', '')} "
+            f"| {r.get('sha256_cpu_s', '')} | {r.get('load_average_1m', '')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -60,7 +60,61 @@ def measure(size_mib: int, chunk: int, repeat: int) -> dict[str, float]:
                     stream.feed(chunk_data)
             best[what] = min(best[what], time.thread_time() - started)
             assert what == "deserialize" or stream.position == len(data)
-    return {k: round(v, 4) for k, v in best.items()}
+    figures = {k: round(v, 4) for k, v in best.items()}
+    figures.update(_wire_cpu(data, chunk, repeat))
+    return figures
+
+
+def _wire_cpu(data: bytes, chunk: int, repeat: int) -> dict[str, float]:
+    """Best-of-`repeat` thread CPU seconds of the other per-chunk work on the wire, as this
+    checkout does it: the site serializing its upload chunks, the coordinator serializing its
+    download chunks, the site reading them back. Hand-framed (`protocols.chunk_wire`) where the
+    checkout has it, else one protobuf message per chunk (the generated stubs' serializers)."""
+    from protocols.v1 import baton_pb2 as pb
+
+    try:
+        from protocols import chunk_wire
+    except ImportError:
+        chunk_wire = None  # type: ignore[assignment]
+    view = memoryview(data)
+    parts = [bytes(view[i : i + chunk]) for i in range(0, len(data), chunk)]
+    wire = [pb.Chunk(data=p, offset=i * chunk, total_size=len(data)).SerializeToString()
+            for i, p in enumerate(parts)]  # fmt: skip
+
+    def site_serialize() -> None:
+        for start in range(0, len(data), chunk):
+            if chunk_wire is not None:
+                chunk_wire.hand_back_chunk(view[start : start + chunk])
+            else:
+                pb.HandBackRequest(data=bytes(view[start : start + chunk])).SerializeToString()
+
+    def coordinator_download_serialize() -> None:
+        for i, part in enumerate(parts):
+            if chunk_wire is not None:
+                chunk_wire.download_chunk(part, i * chunk, len(data))
+            else:
+                pb.Chunk(data=part, offset=i * chunk, total_size=len(data)).SerializeToString()
+
+    def site_download_parse() -> None:
+        buffer = bytearray()
+        for message in wire:
+            if chunk_wire is not None:
+                buffer.extend(chunk_wire.read_download_chunk(message)[0])
+            else:
+                buffer.extend(pb.Chunk.FromString(message).data)
+        assert len(buffer) == len(data)
+
+    out = {}
+    for name, work in [("site_serialize", site_serialize),
+                       ("coordinator_download_serialize", coordinator_download_serialize),
+                       ("site_download_parse", site_download_parse)]:  # fmt: skip
+        seconds = float("inf")
+        for _ in range(repeat):
+            started = time.thread_time()
+            work()
+            seconds = min(seconds, time.thread_time() - started)
+        out[name] = round(seconds, 4)
+    return out
 
 
 def _child(root: Path, size_mib: int, chunk: int, repeat: int) -> dict[str, Any]:
@@ -118,13 +172,21 @@ def main() -> None:
         "MALLOC_MMAP_THRESHOLD_=131072 (as deployed). Load before: "
         f"`{uptime}`.",
         "",
-        "| code | deserialize s | deserialize + sha256 + value check s | load |",
-        "|---|---|---|---|",
+        "Also per 100 MiB: the site serializing its upload chunks, the coordinator serializing "
+        "its download chunks and the site reading them (hand-framed where the code has "
+        "`protocols.chunk_wire`, else a protobuf message per chunk).",
+        "",
+        "| code | deserialize s | deserialize + sha256 + value check s "
+        "| site upload serialize s | coordinator download serialize s "
+        "| site download parse s | load |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         load = row["uptime"].split("load average:")[-1].strip()
         lines.append(f"| {row['root']} ({row['commit']}) | {row['deserialize']} "
-                     f"| {row['deserialize_hash_check']} | {load} |")  # fmt: skip
+                     f"| {row['deserialize_hash_check']} | {row['site_serialize']} "
+                     f"| {row['coordinator_download_serialize']} "
+                     f"| {row['site_download_parse']} | {load} |")  # fmt: skip
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

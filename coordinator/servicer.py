@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -30,11 +30,12 @@ from coordinator.errors import (
     StorageFault,
     UploadBusy,
 )
-from coordinator.ledger import Ledger, RunRow
+from coordinator.ledger import CheckpointRow, Ledger, RunRow
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import PlanError, parse_plan
 from coordinator.preflight import SiteApprovals
 from coordinator.rounds import round_statuses
+from protocols.chunk_wire import download_chunk
 from protocols.logs import bind_log_context
 from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_csr
 from protocols.transport import CHUNK_BYTES, peer_certificate, peer_identity
@@ -42,7 +43,14 @@ from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from protocols.version import BATON_VERSION, PROTOCOL_VERSION
 
-__all__ = ["AdminServicer", "DataChunk", "MalformedMessageGuard", "SiteServicer", "run_status"]
+__all__ = [
+    "AdminServicer",
+    "DataChunk",
+    "FramedChunk",
+    "MalformedMessageGuard",
+    "SiteServicer",
+    "run_status",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +239,49 @@ def _data_chunk(message: bytes) -> DataChunk | None:
     return DataChunk(memoryview(message)[position:])
 
 
+# The two calls that stream a stored bundle out: their handlers yield `FramedChunk`s.
+_FRAMED_DOWNLOADS = frozenset(
+    {"/baton.v1.SiteService/DownloadCheckpoint", "/baton.v1.AdminService/DownloadFinalCheckpoint"}
+)
+
+
+class FramedChunk:
+    """A download's `Chunk` message already serialized (`protocols.chunk_wire.download_chunk`,
+    framed on the store's reading thread): sent as it is, no message built per chunk."""
+
+    __slots__ = ("wire",)
+
+    def __init__(self, wire: bytes) -> None:
+        self.wire = wire
+
+
+def _framed_first(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """`serializer` with `FramedChunk`s passed through as their bytes."""
+
+    def serialize(message: Any) -> bytes:
+        if isinstance(message, FramedChunk):
+            return message.wire
+        return serializer(message) if serializer else message  # type: ignore[no-any-return]
+
+    return serialize
+
+
+async def _download_frames(
+    engine: RunEngine, row: CheckpointRow, offset: int
+) -> AsyncGenerator[FramedChunk, None]:
+    """A stored bundle's `Chunk` messages from `offset`, framed as they are read."""
+    total_size = row.size
+
+    def frame(data: bytes, at: int) -> bytes:
+        return download_chunk(data, at, total_size)
+
+    frames = engine.store.read_framed(row.sha256, offset, CHUNK_BYTES, frame)
+    async with aclosing(frames):  # a cut download closes its file at once
+        async for _, length, wire in frames:
+            yield FramedChunk(wire)
+            engine.metrics.checkpoint_bytes.labels(direction="download").inc(length)
+
+
 def _chunks_first(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     """`deserializer` with data chunks taken as views (`DataChunk`), not parsed."""
 
@@ -244,7 +295,8 @@ def _chunks_first(deserializer: Callable[[bytes], Any] | None) -> Callable[[byte
 
 
 class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Turns undecodable messages into INVALID_ARGUMENT (recorded), instead of gRPC's UNKNOWN."""
+    """Turns undecodable messages into INVALID_ARGUMENT (recorded), instead of gRPC's UNKNOWN;
+    takes bundle chunks in as views (`DataChunk`), sends downloads' `FramedChunk`s as they are."""
 
     def __init__(self, ledger: Ledger, metrics: CoordinatorMetrics | None = None) -> None:
         self.ledger = ledger
@@ -313,10 +365,13 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 async for item in inner(request, context):
                     yield item
 
+            serializer = handler.response_serializer
+            if method in _FRAMED_DOWNLOADS:
+                serializer = _framed_first(serializer)
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
                 request_deserializer=_safe(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
+                response_serializer=serializer,
             )
         if handler.stream_unary is not None:
             inner_stream = handler.stream_unary
@@ -459,9 +514,9 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
         finally:
             self.engine.disconnect(session)
 
-    async def DownloadCheckpoint(
+    async def DownloadCheckpoint(  # type: ignore[override]  # framed chunks (MalformedMessageGuard)
         self, request: pb.DownloadRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.Chunk]:
+    ) -> AsyncIterator[FramedChunk]:
         identity = await self._caller(context, Role.SITE, "DownloadCheckpoint")
         try:
             row = self.engine.checkpoint_for_download(identity.name, request.sha256)
@@ -471,11 +526,9 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             await self._deny(
                 context, grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end"
             )
-        chunks = self.engine.store.read_chunks(row.sha256, request.offset, CHUNK_BYTES)
-        async with aclosing(chunks):  # a cut download closes its file at once
-            async for offset, data in chunks:
-                yield pb.Chunk(data=data, offset=offset, total_size=row.size)
-                self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
+        async with aclosing(_download_frames(self.engine, row, request.offset)) as frames:
+            async for frame in frames:
+                yield frame
 
     async def UploadCheckpoint(
         self,
@@ -759,9 +812,9 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
         except CoordinatorError as exc:
             await self._refuse(context, exc)
 
-    async def DownloadFinalCheckpoint(
+    async def DownloadFinalCheckpoint(  # type: ignore[override]  # framed (MalformedMessageGuard)
         self, request: pb.DownloadFinalCheckpointRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.Chunk]:
+    ) -> AsyncIterator[FramedChunk]:
         identity = await self._caller(context, Role.ADMIN, "DownloadFinalCheckpoint")
         try:
             run = self.engine.ledger.run(request.run_id)
@@ -779,11 +832,9 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
                 context, grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end"
             )
         logger.info("admin %s downloads the final adapter of run %s", identity.name, run.id)
-        chunks = self.engine.store.read_chunks(row.sha256, request.offset, CHUNK_BYTES)
-        async with aclosing(chunks):  # a cut download closes its file at once
-            async for offset, data in chunks:
-                yield pb.Chunk(data=data, offset=offset, total_size=row.size)
-                self.engine.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
+        async with aclosing(_download_frames(self.engine, row, request.offset)) as frames:
+            async for frame in frames:
+                yield frame
 
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext

@@ -8,7 +8,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
+from contextlib import aclosing
 from pathlib import Path
 
 from coordinator.worker_threads import run_to_end, settle
@@ -22,6 +23,18 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _as_read(chunk: bytes, offset: int) -> bytes:
+    return chunk
+
+
+def _read_frame(
+    fd: int, chunk_bytes: int, offset: int, frame: Callable[[bytes, int], bytes]
+) -> tuple[int, bytes]:
+    """(length, framed) of the chunk at `offset`; (0, b"") at the end of the file."""
+    chunk = os.pread(fd, chunk_bytes, offset)
+    return len(chunk), frame(chunk, offset) if chunk else b""
 
 
 def fsync_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
@@ -121,15 +134,28 @@ class CheckpointStore:
         Reads run on a worker thread, one chunk ahead of the one being sent: the event loop
         never waits for the disk.
         """
+        async with aclosing(self.read_framed(sha256, offset, chunk_bytes, _as_read)) as chunks:
+            async for start, _, data in chunks:
+                yield start, data
+
+    async def read_framed(
+        self, sha256: str, offset: int, chunk_bytes: int, frame: Callable[[bytes, int], bytes]
+    ) -> AsyncGenerator[tuple[int, int, bytes], None]:
+        """Yields (offset, length, `frame(chunk, offset)`) for each chunk from `offset` to the
+        end of the stored bundle: the chunk read and framed (e.g. serialized into its message)
+        on a worker thread, one chunk ahead of the one being sent."""
         fd = await run_to_end(os.open, self.path(sha256), os.O_RDONLY, undo=os.close)
         loop = asyncio.get_running_loop()
-        ahead = loop.run_in_executor(None, os.pread, fd, chunk_bytes, offset)
+        ahead = loop.run_in_executor(None, _read_frame, fd, chunk_bytes, offset, frame)
         try:
             # Shielded: a cancelled reader never detaches from the read in flight (below).
-            while chunk := await asyncio.shield(ahead):
-                ahead = loop.run_in_executor(None, os.pread, fd, chunk_bytes, offset + len(chunk))
-                yield offset, chunk
-                offset += len(chunk)
+            while (read := await asyncio.shield(ahead))[0]:
+                length, framed = read
+                ahead = loop.run_in_executor(
+                    None, _read_frame, fd, chunk_bytes, offset + length, frame
+                )
+                yield offset, length, framed
+                offset += length
         finally:
             try:
                 await settle(ahead)  # the descriptor stays open until its last read

@@ -38,6 +38,7 @@ from site_agent.settings import SiteSettings
 from site_agent.state import SiteState
 from site_agent.statistics_task import StatisticsRunner
 from site_agent.task_checks import HopFailure
+from site_agent.transfers import SiteStub
 
 if TYPE_CHECKING:
     from site_agent.tasks import Trainer
@@ -418,7 +419,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         with secure_channel(
             self.settings.coordinator, self.settings.tls, server_name=self.settings.server_name
         ) as channel:
-            stub = pb_grpc.SiteServiceStub(channel)
+            stub = SiteStub(channel)  # bundles move as hand-framed chunk messages
             hello = stub.Hello(self._hello(), timeout=30)
             self._session_started = True
             self.backoff.connected()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 import grpc
 
 from protocols.checkpoint import AGGREGATOR, CheckpointError, inspect_bundle
+from protocols.chunk_wire import hand_back_chunk, read_download_chunk
 from protocols.signing import SignatureError, verify_aggregate_custody, verify_custody
 from protocols.transport import CHUNK_BYTES
 from protocols.v1 import baton_pb2 as pb
@@ -30,6 +31,50 @@ _RETRYABLE = (
 # takes it within seconds of space being freed.
 _RESULT_RETRY_MAX_DELAY = 5.0
 T = TypeVar("T")
+_SERVICE = "/baton.v1.SiteService/"
+
+
+class SiteStub(pb_grpc.SiteServiceStub):
+    """The generated stub, plus the calls that move bundles with hand-framed chunk messages
+    (`protocols.chunk_wire`: the bytes protobuf would write, without a message per chunk)."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        super().__init__(channel)  # type: ignore[call-arg]  # typed as a __new__ overload
+        # Requests already serialized (bytes, passed through as they are).
+        self.HandBackHopFramed = channel.stream_unary(
+            _SERVICE + "HandBackHop", response_deserializer=pb.HopResultResponse.FromString
+        )
+        self.UploadCheckpointFramed = channel.stream_unary(
+            _SERVICE + "UploadCheckpoint", response_deserializer=pb.UploadResponse.FromString
+        )
+        # Responses read as (data view, offset, total size), the chunk never copied out.
+        self.DownloadCheckpointFramed = channel.unary_stream(
+            _SERVICE + "DownloadCheckpoint",
+            request_serializer=pb.DownloadRequest.SerializeToString,
+            response_deserializer=read_download_chunk,
+        )
+
+
+def hand_back_frames(
+    header: pb.UploadHeader, payload: bytes, result: pb.HopResult, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """The serialized messages of a hand back: its header, the bundle from `header.offset` in
+    chunks, its result."""
+    yield pb.HandBackRequest(header=header).SerializeToString()
+    view = memoryview(payload)
+    for start in range(header.offset, len(payload), chunk_bytes):
+        yield hand_back_chunk(view[start : start + chunk_bytes])
+    yield pb.HandBackRequest(result=result).SerializeToString()
+
+
+def upload_frames(
+    header: pb.UploadHeader, payload: bytes, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """The serialized messages of an upload: its header, then the bundle from `header.offset`."""
+    yield pb.UploadRequest(header=header).SerializeToString()
+    view = memoryview(payload)
+    for start in range(header.offset, len(payload), chunk_bytes):
+        yield hand_back_chunk(view[start : start + chunk_bytes])  # the same field number
 
 
 class Transfers:
@@ -73,10 +118,19 @@ class Transfers:
 
         def fetch() -> bytes:
             request = pb.DownloadRequest(sha256=ref.sha256, offset=len(buffer))
-            for chunk in stub.DownloadCheckpoint(request, timeout=600):
-                if chunk.offset != len(buffer) or chunk.total_size != ref.size:
+            if isinstance(stub, SiteStub):
+                chunks: Iterator[tuple[memoryview | bytes, int, int]] = (
+                    stub.DownloadCheckpointFramed(request, timeout=600)
+                )
+            else:
+                chunks = (
+                    (c.data, c.offset, c.total_size)
+                    for c in stub.DownloadCheckpoint(request, timeout=600)
+                )
+            for data, offset, total_size in chunks:
+                if offset != len(buffer) or total_size != ref.size:
                     raise HopFailure("checkpoint-integrity", "download chunks out of order")
-                buffer.extend(chunk.data)
+                buffer.extend(data)
             return bytes(buffer)
 
         data = self._retrying("download", fetch)
@@ -141,9 +195,15 @@ class Transfers:
             if self._hand_back_unimplemented:
                 return self._upload_then_report(stub, header, payload, result)
             try:
-                response: pb.HopResultResponse = stub.HandBackHop(
-                    self._hand_back_messages(header, payload, result), timeout=600
-                )
+                response: pb.HopResultResponse
+                if isinstance(stub, SiteStub):
+                    response = stub.HandBackHopFramed(
+                        hand_back_frames(header, payload, result), timeout=600
+                    )
+                else:
+                    response = stub.HandBackHop(
+                        self._hand_back_messages(header, payload, result), timeout=600
+                    )
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
@@ -185,9 +245,13 @@ class Transfers:
     ) -> pb.HopResultResponse:
         """The two-call hand back of older coordinators: UploadCheckpoint, then ReportHopResult."""
         if header.offset < len(payload):
-            uploaded: pb.UploadResponse = stub.UploadCheckpoint(
-                self._upload_messages(header, payload), timeout=600
-            )
+            uploaded: pb.UploadResponse
+            if isinstance(stub, SiteStub):
+                uploaded = stub.UploadCheckpointFramed(upload_frames(header, payload), timeout=600)
+            else:
+                uploaded = stub.UploadCheckpoint(
+                    self._upload_messages(header, payload), timeout=600
+                )
             self.metrics.checkpoint_bytes.labels(direction="upload").inc(
                 len(payload) - header.offset
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -50,9 +51,9 @@ __all__ = ["UploadIntake", "tensor_specs"]
 
 logger = logging.getLogger(__name__)
 
-# While an upload streams, its spool file is made durable every this many bytes (on the writing
-# thread), so the fsync before the commit has little left to write.
-_SYNC_BYTES = 16 * 1024 * 1024
+# While an upload streams, the kernel is asked to start writing its spool file out every this
+# many bytes (without waiting for it), so the fsync before the commit has little left to write.
+_WRITEBACK_BYTES = 8 * 1024 * 1024
 _READ_BYTES = 4 * 1024 * 1024
 CommitResult = Callable[[str, pb.HopResult, CheckpointRow | None], Awaitable[str]]
 
@@ -70,15 +71,51 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _absorb(fd: int, stream: BundleStream, chunk: bytes, sync: bool) -> None:
-    """Appends an upload chunk to its spool file (and makes the file durable so far if `sync`),
-    and feeds it to the running hash and value check."""
-    view = memoryview(chunk)
-    while view:
-        view = view[os.write(fd, view) :]
-    if sync:
-        os.fdatasync(fd)
-    stream.feed(chunk)
+def _sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): starts writing a file range out without
+    waiting for it (no durability by itself: the fsync before the commit provides that)."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):  # not Linux
+        return None
+    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    call.restype = ctypes.c_int
+    write_flag = 2  # SYNC_FILE_RANGE_WRITE
+
+    def start(fd: int, offset: int, length: int) -> None:
+        call(fd, offset, length, write_flag)  # advisory: a failure only means a longer fsync
+
+    return start
+
+
+_start_writeback = _sync_file_range()
+
+
+class _SpoolWriter:
+    """Appends an upload's chunks to its spool file, in order, on one thread; starts their
+    writeback every `_WRITEBACK_BYTES`. After a failed write it writes nothing more, so the
+    file always holds a prefix of the upload (a cut upload resumes from its end)."""
+
+    def __init__(self, fd: int, offset: int) -> None:
+        self.fd = fd
+        self.unstarted = offset  # the first byte whose writeback is not started yet
+        self.position = offset
+        self.failed: OSError | None = None
+
+    def write(self, chunk: memoryview | bytes) -> None:
+        if self.failed is not None:
+            raise self.failed
+        view = memoryview(chunk)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.failed = exc
+            raise
+        self.position += len(chunk)
+        if _start_writeback is not None and self.position - self.unstarted >= _WRITEBACK_BYTES:
+            _start_writeback(self.fd, self.unstarted, self.position - self.unstarted)
+            self.unstarted = self.position
 
 
 def _size(path: Path) -> int:
@@ -488,27 +525,31 @@ class UploadIntake:
         try:
             if header.offset:
                 await asyncio.to_thread(_feed_file, stream, partial, header.offset)
-            received = synced = header.offset
-            # Each chunk is written, hashed and checked on a worker thread while the next one
-            # arrives (one hand-off per chunk: each costs the event loop more than a memcpy);
-            # no more than one chunk is in flight.
+            received = header.offset
+            # Each chunk is written (on a worker thread) while it is hashed and value-checked (on
+            # another; both release the GIL) and the next one arrives: one write and one check
+            # in flight at most, so each stays in order. A future is dropped only once done: a
+            # cancelled handler never detaches from a write (below).
             loop = asyncio.get_running_loop()
-            pending: asyncio.Future[None] | None = None
+            spool = _SpoolWriter(fd, header.offset)
+            writing: asyncio.Future[None] | None = None
+            checking: asyncio.Future[None] | None = None
             try:
                 async for chunk in chunks:
                     received += len(chunk)
                     if received > header.total_size:
                         raise InvalidInput("upload is longer than its header declared")
-                    if pending is not None:
-                        # Shielded: a cancelled handler never detaches from the write (below).
-                        await asyncio.shield(pending)
-                    sync = received - synced >= _SYNC_BYTES
-                    synced = received if sync else synced
-                    pending = loop.run_in_executor(None, _absorb, fd, stream, chunk, sync)
-                if pending is not None:
-                    await asyncio.shield(pending)
+                    if writing is not None:
+                        await asyncio.shield(writing)
+                    writing = loop.run_in_executor(None, spool.write, chunk)
+                    if checking is not None:
+                        await asyncio.shield(checking)
+                    checking = loop.run_in_executor(None, stream.feed, chunk)
+                for future in (writing, checking):
+                    if future is not None:
+                        await asyncio.shield(future)
             finally:
-                await settle(pending)  # the file stays open until its last write
+                await settle(writing, checking)  # the file stays open until its last write
         finally:
             os.close(fd)
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)

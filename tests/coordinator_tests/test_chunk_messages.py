@@ -1,4 +1,5 @@
-"""Bundle chunks are taken from the received message without a parse (no copy of the bytes)."""
+"""Bundle chunks are taken from the received message without a parse (no copy of the bytes), and
+download chunks framed by the store go out as they are (no message built per chunk)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.servicer import DataChunk, MalformedMessageGuard
+from coordinator.servicer import DataChunk, FramedChunk, MalformedMessageGuard
+from protocols.chunk_wire import download_chunk
 from protocols.v1 import baton_pb2 as pb
 
 HAND_BACK = "/baton.v1.SiteService/HandBackHop"
@@ -81,3 +83,35 @@ def test_a_chunk_taken_as_a_view_is_what_the_full_parse_reads(received: bytes) -
     if isinstance(parsed, DataChunk):
         full = pb.HandBackRequest.FromString(received)
         assert full.WhichOneof("part") == "data" and full.data == parsed.data
+
+
+def _response_serializer(method: str) -> Any:
+    """The response serializer the coordinator's interceptor puts on server-streaming `method`."""
+    inner = grpc.unary_stream_rpc_method_handler(
+        lambda request, context: None,
+        request_deserializer=pb.DownloadRequest.FromString,
+        response_serializer=pb.Chunk.SerializeToString,
+    )
+
+    async def continuation(details: Any) -> grpc.RpcMethodHandler:
+        return inner
+
+    guard = MalformedMessageGuard(ledger=None)  # type: ignore[arg-type]  # refusals not reached
+    handler = asyncio.run(guard.intercept_service(continuation, SimpleNamespace(method=method)))
+    return handler.response_serializer
+
+
+@pytest.mark.parametrize("method", ["/baton.v1.SiteService/DownloadCheckpoint",
+                                    "/baton.v1.AdminService/DownloadFinalCheckpoint"])  # fmt: skip
+def test_download_chunks_framed_by_the_store_go_out_as_they_are(method: str) -> None:
+    wire = download_chunk(b"abc", 7, 10)
+    serialize = _response_serializer(method)
+    assert serialize(FramedChunk(wire)) is wire  # no copy, no message built
+    chunk = pb.Chunk(data=b"abc", offset=7, total_size=10)
+    assert serialize(chunk) == chunk.SerializeToString() == wire
+
+
+def test_other_streams_keep_their_serializer() -> None:
+    serialize = _response_serializer("/baton.v1.SiteService/StreamTasks")
+    with pytest.raises(TypeError):
+        serialize(FramedChunk(b"\x0a\x01x"))

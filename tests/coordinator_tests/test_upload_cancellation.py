@@ -30,19 +30,19 @@ def test_cancelled_upload_waits_for_the_chunk_write_in_flight_before_closing_its
     release = threading.Event()
     writing = threading.Event()
     outcome: list[str] = []
-    absorb = uploads._absorb
+    write = uploads._SpoolWriter.write
 
-    def slow_absorb(fd: int, *args: Any) -> None:
+    def slow_write(self: uploads._SpoolWriter, chunk: Any) -> None:
         writing.set()
         release.wait(60)
         try:
-            os.fstat(fd)  # the descriptor is still this upload's file
-            absorb(fd, *args)
+            os.fstat(self.fd)  # the descriptor is still this upload's file
+            write(self, chunk)
             outcome.append("written")
         except OSError as exc:
             outcome.append(f"failed: {exc}")
 
-    monkeypatch.setattr(uploads, "_absorb", slow_absorb)
+    monkeypatch.setattr(uploads._SpoolWriter, "write", slow_write)
     partial = tmp_path / "partial"
     header = pb.UploadHeader(hop_id="h", total_size=10)
     second_chunk = asyncio.Event()

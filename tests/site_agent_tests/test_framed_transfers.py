@@ -1,0 +1,114 @@
+"""The agent's own stub (`SiteStub`) moves bundles as hand-framed chunk messages: a multi-chunk
+hand back commits and the next site downloads it (also from a resume point) byte for byte, and a
+bad bundle is refused with the very message the generated stub's messages get."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from coordinator.console.admin import AdminClient
+from coordinator.server import Coordinator
+from protocols.checkpoint import CheckpointManifest, bundle_metadata
+from protocols.transport import CHUNK_BYTES, secure_channel
+from protocols.v1 import baton_pb2 as pb
+from protocols.v1 import baton_pb2_grpc as pb_grpc
+from site_agent.transfers import SiteStub
+from tests.conftest import Pki
+from tests.coordinator_tests.conftest import BASE, ScriptedSite, admin, coordinator, sites
+from tests.site_agent_tests.test_hand_back_agent import (
+    _agent,
+    _finished,
+    _report,
+    _task,
+    calls,
+    older_coordinator,
+)
+
+__all__ = ["admin", "calls", "coordinator", "older_coordinator", "sites"]  # fixtures
+
+MiB = 1024 * 1024
+
+
+def _large_bundle(site: ScriptedSite, task: pb.HopTask, mib: int, value: float = 1.0) -> bytes:
+    """A bundle of several chunks (larger than the inline limit: downloaded, not pushed)."""
+    manifest = CheckpointManifest(task_type=task.task_type, base_model_sha256=BASE,
+                                  run_id=task.run_id, hop_id=task.hop_id,
+                                  producer_site=site.name,
+                                  parent_sha256=task.input_checkpoint.sha256)  # fmt: skip
+    values = np.full((mib * MiB // 8, 2), value, dtype=np.float32)
+    values[-1, -1] = 2.0  # the last chunk differs from the others
+    return safetensors.numpy.save({"lora_A": values}, metadata=bundle_metadata(manifest, {"r": 4}))
+
+
+@pytest.fixture
+def site_stubs(pki: Pki, coordinator: Coordinator) -> Iterator[dict[str, SiteStub]]:
+    channels = {n: secure_channel(f"localhost:{coordinator.port}", pki.tls(n))
+                for n in ("site-a", "site-b")}  # fmt: skip
+    yield {name: SiteStub(channel) for name, channel in channels.items()}
+    for channel in channels.values():
+        channel.close()
+
+
+def test_a_multi_chunk_hand_back_in_framed_messages_commits_and_downloads_byte_for_byte(
+    tmp_path: Path, pki: Pki, coordinator: Coordinator, sites: dict[str, ScriptedSite],
+    admin: AdminClient, site_stubs: dict[str, SiteStub],
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    data = _large_bundle(site, task, 5)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    reported = _report(agent, site_stubs["site-a"], task, _finished(agent, site, task, data))
+    assert reported is not None and reported[1].hop_status == "committed"
+    ref = sites["site-b"].next_task().input_checkpoint
+    assert ref.size == len(data) > 4 * CHUNK_BYTES
+    # The next site downloads it in framed chunks, and checks hash and custody as ever.
+    assert agent._download(site_stubs["site-b"], ref) == data
+    # From a resume point: the chunks say where they start, as protobuf's would.
+    resume = 3 * CHUNK_BYTES + 5
+    chunks = list(site_stubs["site-b"].DownloadCheckpointFramed(
+        pb.DownloadRequest(sha256=ref.sha256, offset=resume), timeout=30))  # fmt: skip
+    starts = [offset for _, offset, _ in chunks]
+    assert starts == list(range(resume, len(data), CHUNK_BYTES))
+    assert {total for _, _, total in chunks} == {len(data)}
+    assert b"".join(bytes(view) for view, _, _ in chunks) == data[resume:]
+
+
+@pytest.mark.parametrize("framed", [True, False], ids=["framed", "generated-stub"])
+def test_a_bundle_with_nan_values_is_refused_with_the_same_message_either_way(
+    framed: bool, tmp_path: Path, pki: Pki, coordinator: Coordinator,
+    sites: dict[str, ScriptedSite], admin: AdminClient, site_stubs: dict[str, SiteStub],
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    data = _large_bundle(site, task, 2, value=float("nan"))
+    agent = _agent(tmp_path, pki, coordinator.port)
+    stub = site_stubs["site-a"] if framed else pb_grpc.SiteServiceStub(site.channel)
+    reported = _report(agent, stub, task, _finished(agent, site, task, data))
+    assert reported is not None
+    result, _ = reported
+    assert not result.ok and result.error_code == "handback-refused"
+    assert result.error_message == (
+        "the coordinator refused the hop's bundle: tensor 'lora_A' holds NaN or infinite values"
+    )
+    assert coordinator.engine.ledger.checkpoints(task.run_id) == []
+
+
+def test_framed_messages_upload_then_report_to_a_coordinator_that_predates_hand_back(
+    tmp_path: Path, pki: Pki, older_coordinator: None, calls: dict[str, int],
+    coordinator: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient,
+    site_stubs: dict[str, SiteStub],
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    data = _large_bundle(site, task, 2)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    reported = _report(agent, site_stubs["site-a"], task, _finished(agent, site, task, data))
+    assert reported is not None and reported[1].hop_status == "committed"
+    assert calls == {"HandBackHop": 1, "UploadCheckpoint": 1, "ReportHopResult": 1}
+    stored = coordinator.engine.store.path(reported[0].output_checkpoint.sha256)
+    assert stored.read_bytes() == data
