@@ -1,5 +1,6 @@
-"""Commit first at the coordinator: the next site is told it is next, its small input rides in
-its task, and a hop's validation metrics arrive after its commit as their own ledger event."""
+"""Commit first at the coordinator: the sites of a run's first visits load ahead, the next site
+is told it is next, its small input rides in its task, and a hop's validation metrics arrive
+after its commit as their own ledger event."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.checkpoint import sha256_hex
 from protocols.v1 import baton_pb2 as pb
+from tests.conftest import Pki
 from tests.coordinator_tests.conftest import ScriptedSite
 from tests.coordinator_tests.conftest import heartbeat as _training_beat
 
@@ -140,3 +142,43 @@ def test_a_study_waits_for_a_cycles_validation_metrics_that_follow_its_commits()
     run.hops[0].metrics["accuracy"] = 0.5
     assert executor._cycle_done(run, 0, 3)
     assert executor._cycle_value(run, 0, 3) == pytest.approx(0.6)
+
+
+def _commit(site: ScriptedSite, task: pb.HopTask) -> None:
+    assert site.report(task, site.upload(task, site.bundle(task)), train_loss=0.4) == "committed"
+
+
+def test_every_site_of_a_run_is_told_its_first_visit_is_coming_when_the_first_hop_is_leased(
+    pki: Pki, coordinator: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    site_c = ScriptedSite(pki, "site-c", coordinator.port)  # in no run: told nothing
+    site_c.connect()
+    try:
+        admin.wait_for_sites({"site-a", "site-b", "site-c"}, timeout=60)
+        plan = {**_plan("site-a", "site-b"), "cycles": 2}  # a0 b1 a2 b3
+        run_id = admin.start_run(parse_plan(plan))
+        first = sites["site-a"].next_task()
+
+        # Before site-a's first training beat: site-b learns it is one hop ahead.
+        ahead = sites["site-b"].loads_ahead.get(timeout=60)
+        assert (ahead.hop.run_id, ahead.hop.hop_index, ahead.hops_ahead) == (run_id, 1, 1)
+        assert ahead.hop.approval_bundle_json == first.approval_bundle_json  # the site checks it
+        assert not ahead.hop.lease_token and not ahead.hop.HasField("input_checkpoint")
+        assert sites["site-b"].preparations.empty()  # "you are next" still waits for training
+
+        _training_beat(sites["site-a"], first)
+        assert sites["site-b"].next_preparation().hop_index == 1
+        _commit(sites["site-a"], first)
+        second = sites["site-b"].next_task()
+        _training_beat(sites["site-b"], second)
+        _commit(sites["site-b"], second)
+        third = sites["site-a"].next_task()
+        assert third.hop_index == 2
+
+        # Once per first visit: nothing more for site-b (the stream keeps its order, so a
+        # second notice would have come before its task), nor for site-a, which has visited.
+        assert sites["site-b"].loads_ahead.empty()
+        assert sites["site-a"].loads_ahead.empty()
+        assert site_c.loads_ahead.empty() and site_c.preparations.empty()
+    finally:
+        site_c.close()
