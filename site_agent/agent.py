@@ -181,6 +181,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         from site_agent.tasks._loop import warm_up_optimizer
 
         warm_up_optimizer()  # the first hop's optimizer then costs no lazy import
+        self._warm_up_signing()
         trainer = create_trainer(
             task_type,
             base_model_dir=self.settings.base_model_dir if task_type in LORA_TASKS else None,
@@ -198,6 +199,16 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                 task_type,
             )
         return trainer
+
+    def _warm_up_signing(self) -> None:
+        """Signs a throwaway digest with this site's key: a first hand-back's custody signature
+        otherwise pays for loading the signing code (tens of ms in a first visit's handoff)."""
+        from protocols.signing import sign_digest
+
+        try:
+            sign_digest(self.settings.private_key.read_bytes(), "0" * 64)
+        except (OSError, ValueError) as exc:  # the hop reports it, with its code, if it lasts
+            logger.debug("custody signing not warmed up: %s", one_line(exc))
 
     def _labels_to_load(self, task_type: str) -> tuple[str, ...] | None:
         """The label set of this site's registered datasets of a task type whose base model a

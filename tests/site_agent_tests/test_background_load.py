@@ -220,6 +220,39 @@ def test_after_the_background_load_a_hops_first_optimizer_imports_nothing(tmp_pa
     assert done.stdout.strip() == "0"
 
 
+def test_after_the_background_load_a_hops_first_custody_signature_imports_nothing(
+    tmp_path: Path,
+) -> None:
+    """The custody signature of a first hand-back loads the signing code (tens of ms in a
+    first visit's handoff): the background load pays it instead."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    (tmp_path / "site.key").write_bytes(key)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from site_agent.agent import SiteAgent\n"
+        "from site_agent.settings import SiteSettings\n"
+        "from protocols.signing import sign_digest\n"
+        f"tmp = Path({str(tmp_path)!r})\n"
+        "settings = SiteSettings(coordinator='localhost:1', ca_certificate=tmp / 'ca.crt',\n"
+        "    certificate=tmp / 'site.crt', private_key=tmp / 'site.key', data_dir=tmp / 'data',\n"
+        "    device='cpu')\n"
+        "agent = SiteAgent(settings)\n"
+        "agent.trainer('tabular')\n"
+        "before = set(sys.modules)\n"
+        "sign_digest(settings.private_key.read_bytes(), 'ab' * 32)\n"
+        "print(len(set(sys.modules) - before))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "0"
+
+
 def _prepare_task(labels: tuple[str, ...], sites: list[str]) -> tuple[pb.HopTask, str]:
     """The "you are next" task of a one-cycle run's second hop, and its bundle's sha256."""
     plan = RunPlan.model_validate({
