@@ -16,7 +16,7 @@ logger = logging.getLogger("site_agent.agent")
 # How much lower than the agent's a load for a hop k hops ahead runs (a thread's nice value,
 # Linux): the next site's load gets most of what the training site leaves of the cores, the
 # sites further ahead the rest, in their order.
-AHEAD_NICENESS = (5, 10, 15, 19)
+AHEAD_NICENESS = (10, 15, 19)
 
 
 def ahead_niceness(hops_ahead: int) -> int:
