@@ -16,10 +16,10 @@ has committed. Per start it reports, from
 On a 2-core machine four sites that import torch, transformers and peft at the same moment
 share two cores: the CPU columns show that floor (the sum of all processes' CPU seconds up to
 the first step, divided by the number of cores). With the default ``preload = "when-scheduled"``
-the first hop's site (given the hop) loads at its normal priority and the run's other sites (told
-they are in its schedule) at a low CPU priority; ``--site-arg=--preload=when-next`` measures sites
-that load only once told they are next, ``--site-arg=--preload=eager`` sites that all load right
-after their hello.
+only the first hop's site (given the hop) loads before the first step; at that step the second
+site is told it is next and the others that they are in the schedule (they load at a low CPU
+priority). ``--site-arg=--preload=when-next``: the later sites load only once told they are next;
+``--site-arg=--preload=eager``: all sites load right after their hello.
 
     nice -n 19 .venv/bin/python benchmarks/cold_cluster.py --starts 3
     nice -n 19 .venv/bin/python benchmarks/cold_cluster.py --starts 3 --name cold_cluster_eager \
@@ -244,8 +244,9 @@ def markdown(report: dict[str, Any]) -> str:
         "coordinator` line, from t0 and from the site's own spawn; *model*: slowest site's "
         "`trainer loaded` line (torch, transformers, "
         "peft imported, tokenizer and base model loaded; with `preload = when-scheduled` the "
-        "later hops' sites load at a low CPU priority once the run starts, with `when-next` "
-        "when told they are next); *first site's model*: the same line of the "
+        "later hops' sites load from the first hop's first training beat, at a low CPU priority "
+        "until told they are next; with `when-next` once told they are next); "
+        "*first site's model*: the same line of the "
         "first hop's site; *first step*: the first hop's "
         "`train_started_at_ns` (ledger). *CPU floor*: all processes' CPU seconds up to the first "
         f"step / {report['cores']} cores. Site arguments: `{report.get('site_args') or '-'}`.",

@@ -170,7 +170,6 @@ class Hops:
         session.queue.put_nowait(task)
         self._told.pop(hop.id, None)
         self._told_ahead.pop(hop.id, None)
-        self._tell_first_visits(run, hop)
 
     def _small_bundle(self, input_ref: CheckpointRow | None) -> bytes | None:
         """The input's bytes if it is small enough to ride inside its task."""
@@ -191,6 +190,7 @@ class Hops:
         """
         if runs_in_rounds(run):
             return  # a round's hops train side by side: no one is next
+        self._tell_first_visits(run, hop)
         following = next_site_hop(run, hop)
         if following is None:
             return
@@ -201,17 +201,19 @@ class Hops:
         session.queue.put_nowait(prepare_task(hop_task(run, following, None)))
 
     def _tell_first_visits(self, run: RunRow, hop: HopRow) -> None:
-        """Tells each other site of a sequential run whose first visit is still to come that it
-        is in the schedule, and how many hops ahead, once per hop and session (from the run's
-        first lease on, and to a site that connects later at the next lease).
+        """Tells each site of a sequential run whose first visit is still to come, beyond the
+        next one (told it is next), that it is in the schedule and how many hops ahead, once per
+        hop and session: from the run's first training beat on (a site that connects later
+        hears it at the next hop's).
 
-        The site loads at a low CPU priority (lower the further ahead it is), so that the site
-        leased ``hop`` keeps the cores, and is ready when its short first visit comes; it loads
-        nothing for a run it has not approved.
+        Not at the first lease: the first hop's site then loads alone, so a cold cluster's first
+        step waits for no one else's load. The sites load at a low CPU priority (lower the
+        further ahead), and are ready when their short first visits come; a site loads nothing
+        for a run it has not approved.
         """
-        if runs_in_rounds(run):
-            return  # a round's hops are all leased at once
         for following, hops_ahead in first_visits_ahead(run, hop):
+            if hops_ahead == 1:
+                continue  # the next hop: "you are next" gets its site ready
             session = self.sessions.get(following.site)
             if session is None or self._told_ahead.get(following.id) is session:
                 continue
