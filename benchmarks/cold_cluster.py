@@ -15,9 +15,11 @@ has committed. Per start it reports, from
 
 On a 2-core machine four sites that import torch, transformers and peft at the same moment
 share two cores: the CPU columns show that floor (the sum of all processes' CPU seconds up to
-the first step, divided by the number of cores). With the default ``preload = "when-next"`` only
-the first hop's site (given the hop) and the second's (told it is next) load before the first
-step; ``--site-arg=--preload=eager`` measures sites that all load right after their hello.
+the first step, divided by the number of cores). With the default ``preload = "when-scheduled"``
+only the first hop's site (given the hop) loads before the first step; at that step the second
+site is told it is next and the others that they are in the schedule (they load at a low CPU
+priority). ``--site-arg=--preload=when-next``: the later sites load only once told they are next;
+``--site-arg=--preload=eager``: all sites load right after their hello.
 
     nice -n 19 .venv/bin/python benchmarks/cold_cluster.py --starts 3
     nice -n 19 .venv/bin/python benchmarks/cold_cluster.py --starts 3 --name cold_cluster_eager \
@@ -241,8 +243,10 @@ def markdown(report: dict[str, Any]) -> str:
         "Seconds from spawning the coordinator. *hello*: slowest site's `connected to "
         "coordinator` line, from t0 and from the site's own spawn; *model*: slowest site's "
         "`trainer loaded` line (torch, transformers, "
-        "peft imported, tokenizer and base model loaded; with `preload = when-next` the later "
-        "hops' sites load when told they are next); *first site's model*: the same line of the "
+        "peft imported, tokenizer and base model loaded; with `preload = when-scheduled` the "
+        "later hops' sites load from the first hop's first training beat, at a low CPU priority "
+        "until told they are next; with `when-next` once told they are next); "
+        "*first site's model*: the same line of the "
         "first hop's site; *first step*: the first hop's "
         "`train_started_at_ns` (ledger). *CPU floor*: all processes' CPU seconds up to the first "
         f"step / {report['cores']} cores. Site arguments: `{report.get('site_args') or '-'}`.",

@@ -23,6 +23,7 @@ from protocols.transport import secure_channel
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from protocols.version import BATON_VERSION, PROTOCOL_VERSION
+from site_agent._load_ahead import LowPriorityLoader, ahead_niceness
 from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.base_model import hash_base_model
 from site_agent.evaluation_task import EvaluationRunner
@@ -111,6 +112,8 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         self._base_model_sha256: str | None = None
         # "You are next" preparations run here, one at a time, beside the task stream.
         self._preparations = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        # Loads ahead of this site's first visit of a run, at a low CPU priority (see _load_ahead).
+        self._loads_ahead = LowPriorityLoader()
         self._stop = threading.Event()
         self._stream: grpc.Call | None = None
         self.site_name = ""
@@ -179,6 +182,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         from site_agent.tasks._loop import warm_up_optimizer
 
         warm_up_optimizer()  # the first hop's optimizer then costs no lazy import
+        self._warm_up_signing()
         trainer = create_trainer(
             task_type,
             base_model_dir=self.settings.base_model_dir if task_type in LORA_TASKS else None,
@@ -196,6 +200,16 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                 task_type,
             )
         return trainer
+
+    def _warm_up_signing(self) -> None:
+        """Signs a throwaway digest with this site's key: a first hand-back's custody signature
+        otherwise pays for loading the signing code (tens of ms in a first visit's handoff)."""
+        from protocols.signing import sign_digest
+
+        try:
+            sign_digest(self.settings.private_key.read_bytes(), "0" * 64)
+        except (OSError, ValueError) as exc:  # the hop reports it, with its code, if it lasts
+            logger.debug("custody signing not warmed up: %s", one_line(exc))
 
     def _labels_to_load(self, task_type: str) -> tuple[str, ...] | None:
         """The label set of this site's registered datasets of a task type whose base model a
@@ -265,12 +279,39 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         if self.settings.preload == "eager":
             return self.load_in_background()
         loads = "torch and the base model load" if self.settings.base_model_dir else "torch loads"
-        logger.info("%s when this site is next (preload = when-next)", loads)
+        if self.settings.preload == "when-scheduled":
+            logger.info("%s when a run this site is in starts (preload = when-scheduled)", loads)
+        else:
+            logger.info("%s when this site is next (preload = when-next)", loads)
         return None
+
+    def _load_ahead(self, notice: pb.PrepareAhead) -> None:
+        """Queues the load of what this site's first visit of a run needs, at a low CPU
+        priority (the further ahead, the lower), if ``preload = "when-scheduled"``."""
+        if self.settings.preload != "when-scheduled":
+            return
+        hop = notice.hop
+        if hop.task_type in self._trainers:
+            return  # loaded: its preparation comes with "you are next"
+
+        def load() -> None:
+            with log_context(run_id=hop.run_id, site=self.site_name):
+                try:
+                    self._hop_setup(hop)  # the run's approval first, then the trainer
+                except HopFailure as failure:
+                    logger.info("not loading ahead of hop %d: %s", hop.hop_index, failure)
+                except (ValueError, OSError) as exc:
+                    logger.warning("could not load ahead of hop %d: %s", hop.hop_index, exc)
+                else:
+                    logger.info("loaded ahead of hop %d of run %s (%d hops ahead)",
+                                hop.hop_index, hop.run_id, notice.hops_ahead)  # fmt: skip
+
+        self._loads_ahead.submit(load, ahead_niceness(notice.hops_ahead))
 
     def stop(self) -> None:
         self._stop.set()
         self._preparations.shutdown(wait=False, cancel_futures=True)
+        self._loads_ahead.stop()
         stream = self._stream
         if stream is not None:
             stream.cancel()
@@ -443,6 +484,8 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             try:
                 for task in stream:
                     kind = task.WhichOneof("kind")
+                    if kind in ("hop", "prepare"):
+                        self._loads_ahead.hurry()  # needed now: at the agent's priority
                     if kind == "hop":
                         self._run_hop(stub, task.hop, hello.heartbeat_interval_ms / 1000)
                     elif kind == "evaluation":
@@ -455,6 +498,8 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                         self.heads.keep(task.ledger_head)
                     elif kind == "prepare":
                         self._preparations.submit(self._prepare, task.prepare.hop)
+                    elif kind == "prepare_ahead":
+                        self._load_ahead(task.prepare_ahead)
                     if self._stopping():
                         break
             finally:

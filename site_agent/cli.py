@@ -112,9 +112,10 @@ def serve(
     preload: Annotated[
         str | None,
         typer.Option(
-            click_type=click.Choice(["eager", "when-next"]),
-            help="Load torch and the base model after hello (eager) or once this site is next "
-            "(when-next, the default)",
+            click_type=click.Choice(["eager", "when-scheduled", "when-next"]),
+            help="Load torch and the base model after hello (eager), once a run this site is "
+            "in starts (when-scheduled, the default; low CPU priority until it is next) or once "
+            "this site is next (when-next)",
         ),
     ] = None,
 ) -> None:

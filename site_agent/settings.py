@@ -14,10 +14,12 @@ from protocols.transport import TlsFiles
 __all__ = ["Preload", "SiteSettings", "load_site_settings"]
 
 # When a site imports torch and loads its base model (hello never waits for either):
-# "eager": in the background as soon as it has said hello; "when-next": only once the
-# coordinator tells it that it is next, or sends it a task (a cold cluster's sites then do
-# not share the cores loading models while the first hop's site needs them).
-Preload = Literal["eager", "when-next"]
+# "eager": in the background as soon as it has said hello; "when-scheduled": once a run this
+# site is in (and approved) starts, at a low CPU priority until it is next, so that a short
+# first visit does not wait for the load; "when-next": only once the coordinator tells it that
+# it is next, or sends it a task. A site loads nothing for runs it is not in before either
+# (a cold cluster's sites then do not share the cores while the first hop's site loads).
+Preload = Literal["eager", "when-scheduled", "when-next"]
 
 
 _BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -52,7 +54,7 @@ class SiteSettings(FileBackedSettings):
     state_dir: Path | None = None  # default: <data_dir>/.baton-site
     # When to import torch and load the base model (see `Preload`); true/false as before
     # mean "eager"/"when-next" (false already left the loading to the first task).
-    preload: Preload = "when-next"
+    preload: Preload = "when-scheduled"
     # Approval is on by default: hops of unapproved run bundles are refused before any loading.
     require_approval: bool = True
     approved_bundles: list[str] = Field(default_factory=list)  # sha256 of approved bundles

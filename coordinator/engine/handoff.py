@@ -1,5 +1,6 @@
-"""What keeps a handoff short: the next site is told it is next, a small input rides inside the
-task, and a hop's validation metrics may arrive after its commit as their own ledger event.
+"""What keeps a handoff short: the sites of a run's first visits load ahead, the next site is
+told it is next, a small input rides inside the task, and a hop's validation metrics may arrive
+after its commit as their own ledger event.
 
 Pure decisions over ledger rows; the engine does the I/O.
 """
@@ -18,8 +19,10 @@ __all__ = [
     "INLINE_BUNDLE_BYTES",
     "complete_hop_task",
     "finite_validation",
+    "first_visits_ahead",
     "is_last_hop",
     "next_site_hop",
+    "prepare_ahead_task",
     "prepare_task",
     "record_validation",
     "wants_inline_bundle",
@@ -43,6 +46,19 @@ def next_site_hop(run: RunRow, hop: HopRow) -> HopRow | None:
     return following
 
 
+def first_visits_ahead(run: RunRow, hop: HopRow) -> list[tuple[HopRow, int]]:
+    """The first hop of each site of the run whose first visit is still to come, with how many
+    hops ahead of it ``hop`` is: every site but ``hop``'s that no hop of the run has been
+    leased to yet. A site that has visited holds what the run needs already."""
+    visited = {h.site for h in run.hops if h.status != "pending"} | {hop.site}
+    ahead: list[tuple[HopRow, int]] = []
+    for later in _later_hops(run, hop):
+        if later.site not in visited and later.status == "pending":
+            visited.add(later.site)
+            ahead.append((later, later.index - hop.index))
+    return ahead
+
+
 def is_last_hop(run: RunRow, hop: HopRow) -> bool:
     """No hop of the run is left to train after this one (its metrics complete the run)."""
     return not any(h.status in ("pending", "leased", "training", "uploaded")
@@ -56,6 +72,13 @@ def prepare_task(hop_task: pb.Task) -> pb.Task:
     for name in ("lease_token", "input_checkpoint", "input_bundle", "validation_after_commit"):
         hop.ClearField(name)
     return pb.Task(prepare=pb.PrepareHop(hop=hop))
+
+
+def prepare_ahead_task(hop_task: pb.Task, hops_ahead: int) -> pb.Task:
+    """A "you are in this run's schedule" task from a later hop's task (as `prepare_task`)."""
+    return pb.Task(
+        prepare_ahead=pb.PrepareAhead(hop=prepare_task(hop_task).prepare.hop, hops_ahead=hops_ahead)
+    )
 
 
 def wants_inline_bundle(checkpoint: CheckpointRow | None) -> bool:

@@ -14,7 +14,9 @@ from coordinator.engine.active_runs import ActiveRuns
 from coordinator.engine.export import complete_run
 from coordinator.engine.handoff import (
     complete_hop_task,
+    first_visits_ahead,
     next_site_hop,
+    prepare_ahead_task,
     prepare_task,
     record_validation,
     wants_inline_bundle,
@@ -87,6 +89,8 @@ class Hops:
         self.intake = intake
         self.rounds = rounds  # federated and hybrid runs
         self._told: dict[str, SiteSession] = {}  # hop id -> the session told it is next
+        # hop id -> the session told to load ahead of it (a site's first visit of a run)
+        self._told_ahead: dict[str, SiteSession] = {}
 
     async def dispatch(self, run_id: str) -> None:
         """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
@@ -164,6 +168,8 @@ class Hops:
                 len(task.hop.input_bundle)
             )
         session.queue.put_nowait(task)
+        self._told.pop(hop.id, None)
+        self._told_ahead.pop(hop.id, None)
 
     def _small_bundle(self, input_ref: CheckpointRow | None) -> bytes | None:
         """The input's bytes if it is small enough to ride inside its task."""
@@ -184,6 +190,7 @@ class Hops:
         """
         if runs_in_rounds(run):
             return  # a round's hops train side by side: no one is next
+        self._tell_first_visits(run, hop)
         following = next_site_hop(run, hop)
         if following is None:
             return
@@ -192,6 +199,27 @@ class Hops:
             return
         self._told[following.id] = session
         session.queue.put_nowait(prepare_task(hop_task(run, following, None)))
+
+    def _tell_first_visits(self, run: RunRow, hop: HopRow) -> None:
+        """Tells each site of a sequential run whose first visit is still to come, beyond the
+        next one (told it is next), that it is in the schedule and how many hops ahead, once per
+        hop and session: from the run's first training beat on (a site that connects later
+        hears it at the next hop's).
+
+        Not at the first lease: the first hop's site then loads alone, so a cold cluster's first
+        step waits for no one else's load. The sites load at a low CPU priority (lower the
+        further ahead), and are ready when their short first visits come; a site loads nothing
+        for a run it has not approved.
+        """
+        for following, hops_ahead in first_visits_ahead(run, hop):
+            if hops_ahead == 1:
+                continue  # the next hop: "you are next" gets its site ready
+            session = self.sessions.get(following.site)
+            if session is None or self._told_ahead.get(following.id) is session:
+                continue
+            self._told_ahead[following.id] = session
+            task = prepare_ahead_task(hop_task(run, following, None), hops_ahead)
+            session.queue.put_nowait(task)
 
     def waiting_reason(self, run: RunRow, hop: HopRow) -> str:
         """Why a run's next hop is not running ("waiting for riverside: offline since ...")."""

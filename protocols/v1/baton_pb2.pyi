@@ -648,6 +648,39 @@ class PrepareHop(_message.Message):
 Global___PrepareHop: _TypeAlias = PrepareHop  # noqa: Y015
 
 @_typing.final
+class PrepareAhead(_message.Message):
+    """"You are in this run's schedule": sent to each other site of a sequential run once its hops
+    start, with the site's first hop still to come. A site that approved the run loads what its
+    hops need (torch, its trainer, its base model) at a low CPU priority, lower the more hops
+    ahead it is, so that its first visit does not wait for the load; a site that is told it is
+    next (`PrepareHop`) then gets ready at its normal priority. Nothing is leased or answered.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOP_FIELD_NUMBER: _builtins.int
+    HOPS_AHEAD_FIELD_NUMBER: _builtins.int
+    hops_ahead: _builtins.int
+    """how many hops come before it (1: it is the next one)"""
+    @_builtins.property
+    def hop(self) -> Global___HopTask:
+        """as in `PrepareHop`: the site's first hop still to come"""
+
+    def __init__(
+        self,
+        *,
+        hop: Global___HopTask | None = ...,
+        hops_ahead: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop", "hops_ahead", b"hops_ahead"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareAhead: _TypeAlias = PrepareAhead  # noqa: Y015
+
+@_typing.final
 class EvaluationTask(_message.Message):
     """Evaluate a committed checkpoint on one split of this site's data; nothing is trained."""
 
@@ -814,6 +847,7 @@ class Task(_message.Message):
     STATISTICS_FIELD_NUMBER: _builtins.int
     LEDGER_HEAD_FIELD_NUMBER: _builtins.int
     PREPARE_FIELD_NUMBER: _builtins.int
+    PREPARE_AHEAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hop(self) -> Global___HopTask: ...
     @_builtins.property
@@ -828,6 +862,10 @@ class Task(_message.Message):
     def prepare(self) -> Global___PrepareHop:
         """not work yet: get ready for the next hop"""
 
+    @_builtins.property
+    def prepare_ahead(self) -> Global___PrepareAhead:
+        """not work yet: load ahead of a later hop"""
+
     def __init__(
         self,
         *,
@@ -836,12 +874,13 @@ class Task(_message.Message):
         statistics: Global___StatisticsTask | None = ...,
         ledger_head: Global___SignedLedgerHead | None = ...,
         prepare: Global___PrepareHop | None = ...,
+        prepare_ahead: Global___PrepareAhead | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "statistics", b"statistics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "statistics", b"statistics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics", "ledger_head", "prepare"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics", "ledger_head", "prepare", "prepare_ahead"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -55,6 +55,7 @@ class ScriptedSite:
         self.tasks: queue.Queue[pb.Task] = queue.Queue()
         self.heads: list[pb.SignedLedgerHead] = []  # signed ledger heads, kept apart from work
         self.preparations: queue.Queue[pb.HopTask] = queue.Queue()  # "you are next": not work
+        self.loads_ahead: queue.Queue[pb.PrepareAhead] = queue.Queue()  # a first visit to come
         self._stream: grpc.Call | None = None
 
     def hello(self) -> pb.HelloResponse:
@@ -81,6 +82,8 @@ class ScriptedSite:
                         self.heads.append(task.ledger_head)
                     elif task.WhichOneof("kind") == "prepare":
                         self.preparations.put(task.prepare.hop)
+                    elif task.WhichOneof("kind") == "prepare_ahead":
+                        self.loads_ahead.put(task.prepare_ahead)
                     else:
                         self.tasks.put(task)
             except grpc.RpcError:

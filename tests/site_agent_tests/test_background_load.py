@@ -4,6 +4,7 @@ and a base model that cannot load is one line and a `no-base-model` refusal."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import torch
 from coordinator.plan import RunPlan
 from protocols.hyperparameter_messages import to_message
 from protocols.v1 import baton_pb2 as pb
+from site_agent._load_ahead import LowPriorityLoader, ahead_niceness
 from site_agent._synthetic import generate_site_records, write_site_dataset
 from site_agent.agent import SiteAgent
 from site_agent.registry import RegisteredDataset, list_registered, register_dataset
@@ -218,6 +220,39 @@ def test_after_the_background_load_a_hops_first_optimizer_imports_nothing(tmp_pa
     assert done.stdout.strip() == "0"
 
 
+def test_after_the_background_load_a_hops_first_custody_signature_imports_nothing(
+    tmp_path: Path,
+) -> None:
+    """The custody signature of a first hand-back loads the signing code (tens of ms in a
+    first visit's handoff): the background load pays it instead."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    (tmp_path / "site.key").write_bytes(key)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from site_agent.agent import SiteAgent\n"
+        "from site_agent.settings import SiteSettings\n"
+        "from protocols.signing import sign_digest\n"
+        f"tmp = Path({str(tmp_path)!r})\n"
+        "settings = SiteSettings(coordinator='localhost:1', ca_certificate=tmp / 'ca.crt',\n"
+        "    certificate=tmp / 'site.crt', private_key=tmp / 'site.key', data_dir=tmp / 'data',\n"
+        "    device='cpu')\n"
+        "agent = SiteAgent(settings)\n"
+        "agent.trainer('tabular')\n"
+        "before = set(sys.modules)\n"
+        "sign_digest(settings.private_key.read_bytes(), 'ab' * 32)\n"
+        "print(len(set(sys.modules) - before))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "0"
+
+
 def _prepare_task(labels: tuple[str, ...], sites: list[str]) -> tuple[pb.HopTask, str]:
     """The "you are next" task of a one-cycle run's second hop, and its bundle's sha256."""
     plan = RunPlan.model_validate({
@@ -238,8 +273,7 @@ def _prepare_task(labels: tuple[str, ...], sites: list[str]) -> tuple[pb.HopTask
 def test_a_when_next_site_loads_nothing_after_its_hello_until_it_is_told_it_is_next(
     tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    agent, dataset = _agent(tmp_path, tiny_model_dir)
-    assert agent.settings.preload == "when-next"  # the default
+    agent, dataset = _agent(tmp_path, tiny_model_dir, preload="when-next")
 
     caplog.clear()  # the registration's own line, where an earlier test left INFO on
     with caplog.at_level(logging.INFO, logger="site_agent.agent"):
@@ -252,6 +286,9 @@ def test_a_when_next_site_loads_nothing_after_its_hello_until_it_is_told_it_is_n
 
     task, bundle = _prepare_task(dataset.labels, ["site-a", "site-b"])
     agent.approvals.approve([bundle])
+    agent._load_ahead(pb.PrepareAhead(hop=task, hops_ahead=1))  # "in the schedule": ignored
+    assert agent._loads_ahead.idle(timeout=120)
+    assert agent._trainers == {}
     agent._prepare(task)  # the coordinator says this site is next
 
     trainer = agent._trainers["seq-classification"]
@@ -277,9 +314,9 @@ def test_an_eager_site_starts_its_background_load_once_after_its_first_hello(
 @pytest.mark.parametrize(
     ("given", "expected"),
     [(True, "eager"), (False, "when-next"), ("true", "eager"), ("false", "when-next"),
-     ("eager", "eager"), ("when-next", "when-next")],
+     ("eager", "eager"), ("when-next", "when-next"), ("when-scheduled", "when-scheduled")],
 )  # fmt: skip
-def test_preload_takes_its_two_modes_and_the_booleans_it_was_before(
+def test_preload_takes_its_three_modes_and_the_booleans_it_was_before(
     tmp_path: Path, given: object, expected: str
 ) -> None:
     settings = SiteSettings(
@@ -301,8 +338,98 @@ def test_an_unknown_preload_mode_is_one_clear_line(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: bad site settings: preload: ")
-    assert "'eager' or 'when-next'" in done.stderr
+    assert "'eager', 'when-scheduled' or 'when-next'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_when_scheduled_site_loads_ahead_only_for_a_run_it_approved(
+    tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent, dataset = _agent(tmp_path, tiny_model_dir)
+    assert agent.settings.preload == "when-scheduled"  # the default
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="site_agent.agent"):
+        assert agent._said_hello() is None  # nothing loads for runs this site is not in
+    assert caplog.messages == [
+        "torch and the base model load when a run this site is in starts (preload = when-scheduled)"
+    ]
+    task, bundle = _prepare_task(dataset.labels, ["site-a", "site-b"])
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="site_agent.agent"):
+        agent._load_ahead(pb.PrepareAhead(hop=task, hops_ahead=2))  # not approved here
+        assert agent._loads_ahead.idle(timeout=120)
+    assert agent._trainers == {}
+    assert len(caplog.messages) == 1
+    assert caplog.messages[0].startswith(
+        f"not loading ahead of hop 1: run bundle {bundle} is not approved at this site; "
+    )
+
+    agent.approvals.approve([bundle])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="site_agent.agent"):
+        agent._load_ahead(pb.PrepareAhead(hop=task, hops_ahead=2))
+        assert agent._loads_ahead.idle(timeout=120)
+    trainer = agent._trainers["seq-classification"]
+    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
+    assert caplog.messages[-1] == "loaded ahead of hop 1 of run run1 (2 hops ahead)"
+
+
+def _nice(native_id: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, native_id)
+
+
+def _can_raise_priority() -> bool:
+    """Whether this process may lower a thread's nice value back (root or RLIMIT_NICE)."""
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        me = threading.get_native_id()
+        base = _nice(me)
+        os.setpriority(os.PRIO_PROCESS, me, min(19, base + 1))
+        try:
+            os.setpriority(os.PRIO_PROCESS, me, base)
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    return outcome[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's nice value: Linux")
+def test_loads_ahead_run_at_a_lower_priority_the_further_ahead_until_hurried() -> None:
+    loader = LowPriorityLoader()
+    base = _nice(os.getpid())
+    seen: list[int] = []
+    hold = threading.Event()
+    running = threading.Event()
+
+    def load() -> None:
+        seen.append(_nice(threading.get_native_id()))
+        running.set()
+        assert hold.wait(timeout=120)
+        seen.append(_nice(threading.get_native_id()))
+
+    loader.submit(load, ahead_niceness(1))
+    assert running.wait(timeout=120)
+    loader.hurry()  # told it is next (or given its hop): back at the agent's priority
+    hold.set()
+    assert loader.idle(timeout=120)
+    loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(3))
+    assert loader.idle(timeout=120)
+    loader.stop()
+
+    assert ahead_niceness(1) < ahead_niceness(2) < ahead_niceness(3) <= ahead_niceness(9) == 19
+    assert seen[0] == min(19, base + ahead_niceness(1))
+    # Once the hurried load is done, the next run's loads are low again.
+    assert seen[2] == min(19, base + ahead_niceness(3))
+    if _can_raise_priority():
+        assert seen[1] == base
+    else:  # without the privilege the load finishes at its low priority
+        assert seen[1] == seen[0]
 
 
 class _Unavailable(grpc.RpcError):

@@ -1,0 +1,106 @@
+"""Loading ahead of a run's first visit: one thread that loads at a lower CPU priority, and is
+put back at the agent's priority when the site is told it is next or given its hop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+__all__ = ["AHEAD_NICENESS", "LowPriorityLoader", "ahead_niceness"]
+
+logger = logging.getLogger("site_agent.agent")
+
+# How much lower than the agent's a load for a hop k hops ahead runs (a thread's nice value,
+# Linux): the next site's load gets most of what the training site leaves of the cores, the
+# sites further ahead the rest, in their order.
+AHEAD_NICENESS = (10, 15, 19)
+
+
+def ahead_niceness(hops_ahead: int) -> int:
+    """The nice value added to a load for a hop ``hops_ahead`` hops ahead (1: the next one)."""
+    return AHEAD_NICENESS[min(max(hops_ahead, 1), len(AHEAD_NICENESS)) - 1]
+
+
+class LowPriorityLoader:
+    """Runs loads one at a time on its own thread, each at a lower CPU priority than the
+    agent's, until `hurry` puts the one running back at the agent's priority.
+
+    Linux only (there a thread has a nice value of its own); elsewhere loads run at the
+    agent's priority. Raising a priority back may need privileges a site does not have: the
+    load then finishes at its low priority (one debug line).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: list[tuple[Callable[[], None], int]] = []
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+        self._running_on: int | None = None  # native id of the thread while a load runs
+        self._hurried = False
+
+    def submit(self, load: Callable[[], None], niceness: int) -> None:
+        """Queues ``load`` to run at ``niceness`` above the agent's nice value."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._jobs.append((load, niceness))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="load-ahead", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def hurry(self) -> None:
+        """Puts the load running now (if any), and those queued, at the agent's priority."""
+        with self._lock:
+            self._hurried = True
+            if self._running_on is not None:
+                self._set(self._running_on, 0)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            self._jobs.clear()
+            self._wake.notify()
+
+    def idle(self, timeout: float) -> bool:
+        """Waits until no load is queued or running (tests); False if ``timeout`` passed."""
+        with self._wake:
+            return self._wake.wait_for(
+                lambda: not self._jobs and self._running_on is None, timeout=timeout
+            )
+
+    def _loop(self) -> None:
+        native_id = threading.get_native_id()
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._jobs or self._stopped)
+                if self._stopped:
+                    return
+                load, niceness = self._jobs.pop(0)
+                self._running_on = native_id
+                self._set(native_id, 0 if self._hurried else niceness)
+            try:
+                load()
+            except Exception as exc:  # a load reports its own failures; this is a last guard
+                logger.error("loading ahead failed: %s", exc)
+            finally:
+                with self._wake:
+                    self._running_on = None
+                    if not self._jobs:
+                        self._hurried = False  # the next run's loads are low again
+                    self._wake.notify_all()
+
+    @staticmethod
+    def _set(native_id: int, niceness: int) -> None:
+        """Sets a thread's nice value to the agent's (the process's) plus ``niceness``."""
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+            os.setpriority(os.PRIO_PROCESS, native_id, min(19, base + niceness))
+        except OSError as exc:  # raising it back may need CAP_SYS_NICE: the load runs on
+            logger.debug("a load ahead keeps its CPU priority: %s", exc)
