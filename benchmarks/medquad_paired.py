@@ -33,7 +33,17 @@ every row of that pool takes part in every split.
 The plan space (``--space``): ``controls`` (default) holds what limits forgetting, as issue 17
 asks: each site's step budget (``--max-steps``, default 120) split over 1-12 cycles (more cycles,
 shorter visits at equal compute), a per-hop learning-rate decay, a proximal term and a final
-consolidation cycle; ``narrow`` is session 5's (1-2 cycles of up to 30 steps per visit).
+consolidation cycle; ``budget`` is ``controls`` at a fixed compute (every trial spends each site's
+whole budget, so the sampler trades cycles against visit length, not against compute; per-hop
+decay 0.97-1); ``narrow`` is session 5's (1-2 cycles of up to 30 steps per visit).
+
+``--seed-default`` gives every comparator the same kind of first trial, Baton's documented
+default start (``ordering.short_cycles_seed``: the space's most cycles, each site's whole budget,
+the learning rate at the top of its range decayed to 0.3 of it by the last regular hop, chosen on
+development splits 100-101 by ``benchmarks/medquad_default_dev.py``): searched and random search
+run that very plan (size order) first, the tuned random order its hyperparameters with a random
+order, FedAvg and pooled their counterparts (``baseline_defaults``). ``--plain-random-search``
+adds random search without it; ``--startup`` sets TPE's random start-up trials.
 ``--max-forgetting`` makes the three sequential studies select as ``OrderingStudy`` does under a
 forgetting limit (within it first, then by CV value). ``--model lora-top`` trains LoRA on
 MiniLM's top layer(s) instead of the head over frozen embeddings (``medquad_lora.py``).
@@ -54,6 +64,7 @@ lookup floor.
 
     .venv/bin/python benchmarks/medquad_paired.py                  # 5 splits x 3 settings
     .venv/bin/python benchmarks/medquad_paired.py --model lora-top --max-steps 60
+    .venv/bin/python benchmarks/medquad_paired.py --space budget --seed-default --max-steps 60
     .venv/bin/python benchmarks/medquad_paired.py --quick          # smoke run
     .venv/bin/python benchmarks/medquad_paired.py --render benchmarks/results/medquad_paired.json
     BATON_MEDQUAD_DIR=/path/to/medquad ...                         # data elsewhere
@@ -1021,11 +1032,14 @@ def run_cell(
         int(config.get("startup", N_STARTUP_TRIALS)),
         bool(config.get("plain_random_search")),
     )
-    # Equal or larger compute for the baselines: under ``controls`` `steps` is a site's budget
-    # for the whole run, so FedAvg gets up to 12 rounds of up to 30 local steps and pooled
+    # Equal or larger compute for the baselines: under ``controls`` / ``budget`` `steps` is a
+    # site's budget for the whole run, so FedAvg gets up to 12 rounds of up to 30 (``budget``:
+    # twice the budget over 12 rounds) local steps and pooled
     # training every site's budget together; under ``narrow`` a visit's (session 5's ranges).
     budgeted = kind in ("controls", "budget")
     local = min(steps, 30) if budgeted else steps
+    if kind == "budget":  # at most twice the sequential compute: 12 rounds of up to 10 steps
+        local = max(5, math.ceil(2 * steps / FEDAVG_MAX_ROUNDS[kind]))
     pooled_steps = len(datasets) * steps if budgeted else 12 * steps
     startup = int(config.get("startup", N_STARTUP_TRIALS))
     firsts = baseline_defaults(steps, local, FEDAVG_MAX_ROUNDS[kind], pooled_steps)
