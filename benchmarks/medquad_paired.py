@@ -33,7 +33,17 @@ every row of that pool takes part in every split.
 The plan space (``--space``): ``controls`` (default) holds what limits forgetting, as issue 17
 asks: each site's step budget (``--max-steps``, default 120) split over 1-12 cycles (more cycles,
 shorter visits at equal compute), a per-hop learning-rate decay, a proximal term and a final
-consolidation cycle; ``narrow`` is session 5's (1-2 cycles of up to 30 steps per visit).
+consolidation cycle; ``budget`` is ``controls`` at a fixed compute (every trial spends each site's
+whole budget, so the sampler trades cycles against visit length, not against compute; per-hop
+decay 0.97-1); ``narrow`` is session 5's (1-2 cycles of up to 30 steps per visit).
+
+``--seed-default`` gives every comparator the same kind of first trial, Baton's documented
+default start (``ordering.short_cycles_seed``: the space's most cycles, each site's whole budget,
+the learning rate at the top of its range decayed to 0.3 of it by the last regular hop, chosen on
+development splits 100-101 by ``benchmarks/medquad_default_dev.py``): searched and random search
+run that very plan (size order) first, the tuned random order its hyperparameters with a random
+order, FedAvg and pooled their counterparts (``baseline_defaults``). ``--plain-random-search``
+adds random search without it; ``--startup`` sets TPE's random start-up trials.
 ``--max-forgetting`` makes the three sequential studies select as ``OrderingStudy`` does under a
 forgetting limit (within it first, then by CV value). ``--model lora-top`` trains LoRA on
 MiniLM's top layer(s) instead of the head over frozen embeddings (``medquad_lora.py``).
@@ -54,6 +64,7 @@ lookup floor.
 
     .venv/bin/python benchmarks/medquad_paired.py                  # 5 splits x 3 settings
     .venv/bin/python benchmarks/medquad_paired.py --model lora-top --max-steps 60
+    .venv/bin/python benchmarks/medquad_paired.py --space budget --seed-default --max-steps 60
     .venv/bin/python benchmarks/medquad_paired.py --quick          # smoke run
     .venv/bin/python benchmarks/medquad_paired.py --render benchmarks/results/medquad_paired.json
     BATON_MEDQUAD_DIR=/path/to/medquad ...                         # data elsewhere
@@ -90,6 +101,7 @@ from heart_disease_paired import _reordered, paired_summary
 
 from coordinator.console.demo import packaged_minilm
 from ordering import (
+    SHORT_CYCLES_LEARNING_RATE_POSITION,
     CandidatePlan,
     FloatRange,
     IntRange,
@@ -101,7 +113,9 @@ from ordering import (
     TrialRecord,
     order_importance,
     random_search,
+    short_cycles_seed,
 )
+from ordering._samplers import is_order_param
 from site_agent.examples import TabularExample, TextExample
 from site_agent.registry import RegisteredDataset, register_dataset
 from site_agent.simulation import (
@@ -135,6 +149,8 @@ DEFAULT_DATA = next(
 SOURCES = ("GARD", "NIDDK", "NINDS", "SeniorHealth", "CancerGov", "NHLBI")
 SETTINGS = ("sources", "dirichlet-0.1", "dirichlet-1.0")
 COMPARATORS = ("random-search", "random-order", "fedavg", "pooled")
+# With --seed-default: random search without the enqueued default (the other comparators get it).
+PLAIN = "random-search-plain"
 METHODS = ("searched", *COMPARATORS)
 VIRTUAL_SITES = tuple(f"site-{i}" for i in range(1, 7))
 TEST_SHARE = 0.3
@@ -512,9 +528,10 @@ class TwinExecutor:
         )
 
 
-SPACES = ("controls", "narrow")
-MAX_CYCLES = 12  # the ``controls`` space's most cycles
-FEDAVG_MAX_ROUNDS = {"controls": MAX_CYCLES, "narrow": 4}
+SPACES = ("controls", "narrow", "budget")
+MAX_CYCLES = 12  # the ``controls`` and ``budget`` spaces' most cycles
+FEDAVG_MAX_ROUNDS = {"controls": MAX_CYCLES, "budget": MAX_CYCLES, "narrow": 4}
+BUDGET_DECAY = (0.97, 1.0)  # ``budget``: per-hop decay (0.97**71 = 0.11 over 12 cycles)
 
 
 def search_space(sites: Sequence[str], seed: int, max_steps: int, kind: str) -> SearchSpace:
@@ -525,10 +542,22 @@ def search_space(sites: Sequence[str], seed: int, max_steps: int, kind: str) -> 
     ``max_steps`` is each site's step budget for the whole run, split over 1-12 cycles (more
     cycles, shorter visits at equal compute), the learning rate decays per hop (up to 72 hops, so
     down to 0.9**71 of its start), and a final consolidation cycle of 1-10 steps per site at
-    5-100% of the last hop's learning rate."""
+    5-100% of the last hop's learning rate. ``budget`` is ``controls`` at a fixed compute: every
+    trial spends each site's whole ``max_steps`` (split over its 1-12 cycles), so the sampler
+    trades cycles against visit length rather than against compute, and the per-hop decay is
+    0.97-1 (0.9**71 left almost nothing of the learning rate in ``controls``' long plans)."""
     if kind not in SPACES:
         raise ValueError(f"unknown space {kind!r} (known: {', '.join(SPACES)})")
     controls: dict[str, Any] = {}
+    if kind == "budget":
+        controls = {
+            "cycles": IntRange(1, MAX_CYCLES),
+            "learning_rate_decay": FloatRange(*BUDGET_DECAY),
+            "steps": max_steps,
+            "steps_split_over_cycles": True,
+            "consolidation_steps": IntRange(1, 10),
+            "consolidation_learning_rate_factor": FloatRange(0.05, 1.0),
+        }
     if kind == "controls":
         controls = {
             "cycles": IntRange(1, MAX_CYCLES),
@@ -649,15 +678,26 @@ def sequential_methods(
     random_orders: int,
     space_kind: str = "narrow",
     max_forgetting: float | None = None,
+    seed_default: bool = False,
+    startup: int = N_STARTUP_TRIALS,
+    plain_random_search: bool = False,
 ) -> dict[str, Any]:
     """Searched, random search and random order (tuned) on one split. With `max_forgetting`
     every one of the three studies selects as ``OrderingStudy`` does under that limit (trials
-    whose worst CV forgetting stays within it first, then by value)."""
+    whose worst CV forgetting stays within it first, then by value).
+
+    The searched study's first trial is the size-ordered seed: the order alone, or with
+    `seed_default` Baton's default starting schedule (``ordering.short_cycles_seed``) in that
+    order. With `seed_default` random search runs that same plan first too, and the tuned random
+    order its hyperparameters (with a random order); `plain_random_search` adds random search
+    without it (``random-search-plain``). `startup`: TPE's random start-up trials."""
     sites = [d.name for d in datasets]
     space = search_space(sites, split, max_steps, space_kind)
     scorer = _scorer(trainer, spec)
     executor = TwinExecutor(trainer, spec, datasets, folds, scorer)
     sizes = {d.name: len(d.train) for d in datasets}
+    by_size = tuple(sorted(sites, key=lambda s: (sizes[s], s)))
+    default = short_cycles_seed(space, by_size) if seed_default else None
     out: dict[str, Any] = {}
 
     started = time.perf_counter()
@@ -670,8 +710,12 @@ def sequential_methods(
         seed=split,
         pruning=None,
         max_forgetting=max_forgetting,
+        n_startup_trials=startup,
     )
-    searched.enqueue(tuple(sorted(sites, key=lambda s: (sizes[s], s))), note="seed: sizes")
+    if default is None:
+        searched.enqueue(by_size, note="seed: sizes")
+    else:
+        searched.enqueue(default, note="seed: short cycles, sizes")
     records = searched.optimize(executor, trials, catch=(PlanFailed,))
     chosen = _best(searched)
     assert chosen.plan is not None
@@ -682,19 +726,43 @@ def sequential_methods(
         "seconds": time.perf_counter() - started,
     }
 
-    started = time.perf_counter()
-    study = random_search(
-        executor, space, trials, seed=split, aggregation="mean", max_forgetting=max_forgetting
-    )
-    records = study.history()
-    chosen = _best(study)
-    assert chosen.plan is not None
-    out["random-search"] = {
-        **_study_summary(records, chosen),
-        "importance": _importance(study),
-        **run_plan_on_test(trainer, spec, datasets, chosen.plan, scorer),
-        "seconds": time.perf_counter() - started,
-    }
+    for name, seeded in (("random-search", default), (PLAIN, None)):
+        if name == PLAIN and not (plain_random_search and default is not None):
+            continue
+        started = time.perf_counter()
+        if seeded is None:
+            study = random_search(
+                executor,
+                space,
+                trials,
+                seed=split,
+                aggregation="mean",
+                max_forgetting=max_forgetting,
+            )
+        else:
+            # ``random_search``'s study, with the searched study's first plan queued first.
+            study = OrderingStudy.create(
+                None,
+                f"random-search-{split}",
+                space,
+                "lehmer",
+                "mean",
+                seed=split,
+                sampler="random",
+                pruning=None,
+                max_forgetting=max_forgetting,
+            )
+            study.enqueue(seeded, note="seed: short cycles, sizes")
+            study.optimize(executor, trials, catch=(PlanFailed,))
+        records = study.history()
+        chosen = _best(study)
+        assert chosen.plan is not None
+        out[name] = {
+            **_study_summary(records, chosen),
+            "importance": _importance(study),
+            **run_plan_on_test(trainer, spec, datasets, chosen.plan, scorer),
+            "seconds": time.perf_counter() - started,
+        }
 
     started = time.perf_counter()
     tuned = OrderingStudy.create(
@@ -707,7 +775,14 @@ def sequential_methods(
         sampler="random-order",
         pruning=None,
         max_forgetting=max_forgetting,
+        n_startup_trials=startup,
     )
+    if default is not None:
+        # The default's hyperparameters; its order parameters are left to the sampler (random).
+        tuned.optuna_study.enqueue_trial(
+            {k: v for k, v in tuned.params_for(default).items() if not is_order_param(k)},
+            user_attrs={"enqueued": "seed: short cycles, random order"},
+        )
     records = tuned.optimize(executor, trials, catch=(PlanFailed,))
     chosen = _best(tuned)
     assert chosen.plan is not None
@@ -758,13 +833,18 @@ def _tuned(
     trials: int,
     suggest: Callable[[optuna.Trial], dict[str, Any]],
     score: Callable[[dict[str, Any]], CrossValidationResult],
+    startup: int = N_STARTUP_TRIALS,
+    first: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A TPE study with the search's sampler settings over a baseline's own hyperparameters."""
+    """A TPE study with the search's sampler settings over a baseline's own hyperparameters,
+    `first` (the baseline's counterpart of the search's default start) queued first."""
     study = optuna.create_study(
         study_name=f"{name}-{split}",
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=split, n_startup_trials=N_STARTUP_TRIALS),
+        sampler=optuna.samplers.TPESampler(seed=split, n_startup_trials=startup),
     )
+    if first is not None:
+        study.enqueue_trial(dict(first))
     history: list[dict[str, Any]] = []
     for _ in range(trials):
         trial = study.ask()
@@ -797,6 +877,8 @@ def _tune_and_score(
     folds: int,
     suggest: Callable[[optuna.Trial], dict[str, Any]],
     train: Callable[[Mapping[str, Any], Sequence[RegisteredDataset]], Any],
+    startup: int = N_STARTUP_TRIALS,
+    first: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     scorer = _scorer(trainer, spec)
@@ -806,6 +888,8 @@ def _tune_and_score(
         trials,
         suggest,
         lambda p: _run_cv(trainer, spec, datasets, folds, lambda views: train(p, views), scorer),
+        startup,
+        first,
     )
     tensors = _tensors(train(chosen["params"], datasets))
     final = _final_scores(trainer, spec, datasets, tensors, scorer)
@@ -837,9 +921,11 @@ def fedavg(
     folds: int,
     max_steps: int,
     max_rounds: int = 4,
+    startup: int = N_STARTUP_TRIALS,
+    first: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """FedAvg with learning rate, local steps (5 to `max_steps`) and rounds (1 to `max_rounds`)
-    tuned by TPE."""
+    tuned by TPE, `first` queued first."""
 
     def suggest(trial: optuna.Trial) -> dict[str, Any]:
         return {
@@ -860,7 +946,9 @@ def fedavg(
 
         return train_fedavg(trainer, spec, views, rounds=params["rounds"], hyperparameters=schedule)
 
-    return _tune_and_score("fedavg", trainer, spec, datasets, split, trials, folds, suggest, train)
+    return _tune_and_score(
+        "fedavg", trainer, spec, datasets, split, trials, folds, suggest, train, startup, first
+    )
 
 
 def pooled(
@@ -871,8 +959,11 @@ def pooled(
     trials: int,
     folds: int,
     max_total_steps: int,
+    startup: int = N_STARTUP_TRIALS,
+    first: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Pooled training with learning rate and steps (10 to `max_total_steps`) tuned by TPE."""
+    """Pooled training with learning rate and steps (10 to `max_total_steps`) tuned by TPE,
+    `first` queued first."""
 
     def suggest(trial: optuna.Trial) -> dict[str, Any]:
         return {
@@ -890,7 +981,27 @@ def pooled(
         )
         return train_pooled(trainer, spec, views, hp)
 
-    return _tune_and_score("pooled", trainer, spec, datasets, split, trials, folds, suggest, train)
+    return _tune_and_score(
+        "pooled", trainer, spec, datasets, split, trials, folds, suggest, train, startup, first
+    )
+
+
+def baseline_defaults(
+    site_budget: int, max_local: int, max_rounds: int, max_pooled: int
+) -> dict[str, dict[str, Any]]:
+    """The tuned baselines' counterparts of the search's default start
+    (``ordering.short_cycles_seed``), by the same rule: the learning rate at the same position of
+    the same range; FedAvg in its most rounds, each site's budget spread over them (as the
+    default's visits); pooled training with every site's budget together."""
+    low, high = LR
+    rate = math.exp(
+        math.log(low) + SHORT_CYCLES_LEARNING_RATE_POSITION * (math.log(high) - math.log(low))
+    )
+    local = min(max(5, math.ceil(site_budget / max_rounds)), max_local)
+    return {
+        "fedavg": {"learning_rate": rate, "steps": local, "rounds": max_rounds},
+        "pooled": {"learning_rate": rate, "steps": max_pooled},
+    }
 
 
 def run_cell(
@@ -917,16 +1028,30 @@ def run_cell(
         config["random_orders"],
         kind,
         config.get("max_forgetting"),
+        bool(config.get("seed_default")),
+        int(config.get("startup", N_STARTUP_TRIALS)),
+        bool(config.get("plain_random_search")),
     )
-    # Equal or larger compute for the baselines: under ``controls`` `steps` is a site's budget
-    # for the whole run, so FedAvg gets up to 12 rounds of up to 30 local steps and pooled
+    # Equal or larger compute for the baselines: under ``controls`` / ``budget`` `steps` is a
+    # site's budget for the whole run, so FedAvg gets up to 12 rounds of up to 30 (``budget``:
+    # twice the budget over 12 rounds) local steps and pooled
     # training every site's budget together; under ``narrow`` a visit's (session 5's ranges).
-    local = min(steps, 30) if kind == "controls" else steps
-    pooled_steps = len(datasets) * steps if kind == "controls" else 12 * steps
+    budgeted = kind in ("controls", "budget")
+    local = min(steps, 30) if budgeted else steps
+    if kind == "budget":  # at most twice the sequential compute: 12 rounds of up to 10 steps
+        local = max(5, math.ceil(2 * steps / FEDAVG_MAX_ROUNDS[kind]))
+    pooled_steps = len(datasets) * steps if budgeted else 12 * steps
+    startup = int(config.get("startup", N_STARTUP_TRIALS))
+    firsts = baseline_defaults(steps, local, FEDAVG_MAX_ROUNDS[kind], pooled_steps)
+    seeded = bool(config.get("seed_default"))
     methods["fedavg"] = fedavg(
-        trainer, spec, datasets, split, trials, folds, local, FEDAVG_MAX_ROUNDS[kind]
-    )
-    methods["pooled"] = pooled(trainer, spec, datasets, split, trials, folds, pooled_steps)
+        trainer, spec, datasets, split, trials, folds, local, FEDAVG_MAX_ROUNDS[kind], startup,
+        firsts["fedavg"] if seeded else None,
+    )  # fmt: skip
+    methods["pooled"] = pooled(
+        trainer, spec, datasets, split, trials, folds, pooled_steps, startup,
+        firsts["pooled"] if seeded else None,
+    )  # fmt: skip
     seconds = time.perf_counter() - started
     logger.info(
         "[%s] split %d in %.0f s: %s",
@@ -953,6 +1078,13 @@ def run_cell(
 # ---- statistics and report --------------------------------------------------------------------
 
 
+def _methods(cells: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+    """The methods every cell measured: `METHODS`, plus random search without the default start
+    when the run had one."""
+    extra = (PLAIN,) if all(PLAIN in c["methods"] for c in cells) else ()
+    return (*METHODS, *extra)
+
+
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
     measured = [v for v in values if v is not None]
     return statistics.fmean(measured) if measured else None
@@ -965,7 +1097,8 @@ def summarise(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not rows:
             continue
         methods = {}
-        for method in METHODS:
+        present = _methods(rows)
+        for method in present:
             values = [c["methods"][method]["test_avg"] for c in rows]
             forgetting = [c["methods"][method]["test_worst_forgetting"] for c in rows]
             methods[method] = {
@@ -990,7 +1123,7 @@ def summarise(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     for c in rows
                 ]
             )
-            for other in COMPARATORS
+            for other in present[1:]
         }
         spreads = [c["methods"]["random-order"]["spread"] for c in rows]
         importance = {
@@ -1075,8 +1208,28 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"{MAX_CYCLES} cycles, lr decay per hop 0.9-1, proximal term 0-1, a consolidation "
             "cycle of 1-10 steps per site at 5-100% of the last learning rate)"
             if config.get("space") == "controls"
+            else (
+                f"space `budget` (each site's {config['max_steps']} steps exactly, split over 1-"
+                f"{MAX_CYCLES} cycles, lr decay per hop {BUDGET_DECAY[0]:g}-{BUDGET_DECAY[1]:g}, "
+                "proximal term 0-1, a consolidation cycle of 1-10 steps per site at 5-100% of "
+                "the last learning rate)"
+            )
+            if config.get("space") == "budget"
             else f"space `narrow` (1-2 cycles, up to {config['max_steps']} steps per visit)"
         )
+        + (
+            "; every comparator's first trial is the default start (searched and random search: "
+            "`ordering.short_cycles_seed` in size order; random order: its hyperparameters; "
+            "FedAvg and pooled: `baseline_defaults`)"
+            + (
+                f", and `{PLAIN}` is random search without it"
+                if config.get("plain_random_search")
+                else ""
+            )
+            if config.get("seed_default")
+            else ""
+        )
+        + f", TPE start-up {config.get('startup', N_STARTUP_TRIALS)} trials"
         + f", batch {BATCH}, max forgetting for selection "
         f"{_fmt(config.get('max_forgetting'))}, "
         f"{config['random_orders']} random orders per split. Model: "
@@ -1111,7 +1264,7 @@ def markdown(report: Mapping[str, Any]) -> str:
             "collapsed finals |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for method in METHODS:
+        for method in s["methods"]:
             m = s["methods"][method]
             if method == "searched":
                 paired_cells = "— | — | —"
@@ -1201,11 +1354,12 @@ def plot(report: Mapping[str, Any], out: Path) -> bool:
     figure, axes = plt.subplots(2, columns, figsize=(4.5 * columns, 7.5), squeeze=False)
     for column, (setting, s) in enumerate(settings.items()):
         axis = axes[0][column]
-        data = [s["paired"][m]["differences"] for m in COMPARATORS]
+        others = list(s["paired"])
+        data = [s["paired"][m]["differences"] for m in others]
         axis.boxplot(data, showmeans=True)
         for i, values in enumerate(data, start=1):
             axis.scatter([i] * len(values), values, s=10, alpha=0.6)
-        axis.set_xticks(range(1, len(COMPARATORS) + 1), COMPARATORS, rotation=20)
+        axis.set_xticks(range(1, len(others) + 1), others, rotation=20)
         axis.axhline(0.0, color="grey", linewidth=0.8)
         axis.set_title(f"{setting}: searched - comparator")
         axis.set_ylabel("test accuracy difference (per split)")
@@ -1287,7 +1441,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=SPACES,
         default="controls",
         help="controls: 1-12 cycles sharing each site's --max-steps, lr decay, proximal term, "
-        "consolidation cycle; narrow: session 5's 1-2 cycles of up to --max-steps per visit",
+        "consolidation cycle; budget: controls with every trial spending the whole --max-steps; "
+        "narrow: session 5's 1-2 cycles of up to --max-steps per visit",
     )
     parser.add_argument(
         "--model",
@@ -1298,6 +1453,20 @@ def main(argv: list[str] | None = None) -> int:
         "cached (benchmarks/medquad_lora.py)",
     )
     parser.add_argument("--top-layers", type=int, default=1, help="lora-top: layers with LoRA")
+    parser.add_argument(
+        "--seed-default",
+        action="store_true",
+        help="every comparator's first trial is Baton's default start (ordering.short_cycles_seed"
+        ", in size order; the tuned baselines get its counterpart, baseline_defaults)",
+    )
+    parser.add_argument(
+        "--plain-random-search",
+        action="store_true",
+        help="with --seed-default, also random search without the default (random-search-plain)",
+    )
+    parser.add_argument(
+        "--startup", type=int, default=N_STARTUP_TRIALS, help="TPE's random start-up trials"
+    )
     parser.add_argument(
         "--max-forgetting",
         type=float,
@@ -1324,7 +1493,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(report, args.render.with_suffix(".png"))
         return 0
     if args.max_steps is None:
-        args.max_steps = 120 if args.space == "controls" else 30
+        args.max_steps = 120 if args.space in ("controls", "budget") else 30
     if args.quick:
         args.splits, args.trials, args.folds, args.random_orders = 1, 3, 2, 3
         args.rows_per_source, args.name = 60, f"{args.name}_quick"
@@ -1356,6 +1525,9 @@ def main(argv: list[str] | None = None) -> int:
         "random_orders": args.random_orders,
         "space": args.space,
         "max_forgetting": args.max_forgetting,
+        "seed_default": args.seed_default,
+        "plain_random_search": args.plain_random_search and args.seed_default,
+        "startup": args.startup,
     }
     report: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -18,7 +18,13 @@ from ordering._encodings import (
     default_encoding,
     encoding_by_name,
 )
-from ordering._heuristics import probe_order, site_typicality
+from ordering._heuristics import (
+    SHORT_CYCLES_FINAL_FRACTION,
+    SHORT_CYCLES_LEARNING_RATE_POSITION,
+    probe_order,
+    short_cycles_seed,
+    site_typicality,
+)
 from ordering._importance import OrderImportance, order_importance
 from ordering._modes import MODES, ModeSearchSpace, balanced_groups
 from ordering._objective import (
@@ -51,6 +57,8 @@ __all__ = [
     "MODES",
     "RANDOM_SEARCH",
     "SAMPLERS",
+    "SHORT_CYCLES_FINAL_FRACTION",
+    "SHORT_CYCLES_LEARNING_RATE_POSITION",
     "STRATEGIES",
     "Aggregation",
     "AllOrders",
@@ -94,6 +102,7 @@ __all__ = [
     "order_importance",
     "probe_order",
     "random_search",
+    "short_cycles_seed",
     "site_forgetting",
     "site_typicality",
     "stage_key",

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["probe_order", "site_typicality"]
+if TYPE_CHECKING:
+    from ordering._plan import CandidatePlan
+    from ordering._space import SearchSpace
+
+__all__ = [
+    "SHORT_CYCLES_FINAL_FRACTION",
+    "SHORT_CYCLES_LEARNING_RATE_POSITION",
+    "probe_order",
+    "short_cycles_seed",
+    "site_typicality",
+]
 
 
 def site_typicality(
@@ -55,3 +66,74 @@ def probe_order(
     """
     typicality = site_typicality(cross_scores, higher_is_better=higher_is_better)
     return tuple(sorted(typicality, key=lambda site: (typicality[site], site)))
+
+
+# Baton's default starting schedule (`short_cycles_seed`): where in the learning-rate range it
+# starts (0 = low end, 1 = high end, on the log scale) and the fraction of that rate its last
+# regular hop trains at. Chosen on development splits of MedQuAD (splits 100-102, never the
+# reported ones; benchmarks/results/mq7-default-dev.md).
+SHORT_CYCLES_LEARNING_RATE_POSITION = 1.0
+SHORT_CYCLES_FINAL_FRACTION = 0.3
+
+
+def short_cycles_seed(
+    space: SearchSpace,
+    order: Sequence[str],
+    *,
+    learning_rate_position: float = SHORT_CYCLES_LEARNING_RATE_POSITION,
+    final_fraction: float = SHORT_CYCLES_FINAL_FRACTION,
+) -> CandidatePlan:
+    """A data-independent first trial for a search: many short cycles, a decaying learning rate.
+
+    Sequential training forgets what early sites taught when visits are long; many short
+    visits at a high learning rate, decayed over the run, reach pooled training's accuracy
+    where one or two long cycles do not (benchmarks/medquad_gap.py). A search of a few trials
+    rarely samples that corner (the most cycles and a learning rate near the top at once), so
+    this plan is queued first and the sampler goes on from it.
+
+    The plan depends on the space alone: its most cycles; each site's largest step budget
+    (``steps``' high end, split over the cycles when the space splits it); the learning rate at
+    `learning_rate_position` of the range on the log scale; a per-hop decay that brings the
+    last regular hop to `final_fraction` of that rate (clipped into the space's decay range);
+    the shortest consolidation cycle at its lowest factor, when the space has one; the proximal
+    term at its low end. Fixed values stay as the space fixes them.
+
+    Args:
+        space: The study's space.
+        order: The order every cycle repeats (e.g. a size or probe heuristic's).
+        learning_rate_position: In [0, 1].
+        final_fraction: In (0, 1].
+
+    Raises:
+        ValueError: If a fraction is outside its interval.
+        SearchSpaceError: If the space cannot build the plan (e.g. it reshuffles every cycle).
+    """
+    from ordering._space import _span
+
+    if not 0.0 <= learning_rate_position <= 1.0:
+        raise ValueError(f"learning_rate_position must be in [0, 1], got {learning_rate_position}")
+    if not 0.0 < final_fraction <= 1.0:
+        raise ValueError(f"final_fraction must be in (0, 1], got {final_fraction}")
+    cycles = space.max_cycles
+    lr_low, lr_high = _span(space.learning_rate)
+    learning_rate = min(
+        max(
+            lr_low,
+            math.exp(
+                math.log(lr_low) + learning_rate_position * (math.log(lr_high) - math.log(lr_low))
+            ),
+        ),
+        lr_high,
+    )  # exp(log(x)) may leave the range by a rounding
+    hops = cycles * len(space.sites)
+    decay_low, decay_high = _span(space.learning_rate_decay)
+    wanted = final_fraction ** (1.0 / (hops - 1)) if hops > 1 else 1.0
+    decay = min(max(wanted, decay_low), decay_high)
+    return space.plan(
+        tuple(order),
+        cycles=cycles,
+        learning_rate=learning_rate,
+        learning_rate_decay=decay,
+        steps=int(_span(space.steps)[1]),
+        encoding="short-cycles",
+    )

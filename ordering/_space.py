@@ -557,6 +557,9 @@ class SearchSpace:
             allowed = self.consolidation_learning_rate_factor
             if isinstance(allowed, float) and math.isclose(factor, allowed, rel_tol=1e-9):
                 factor = allowed
+            for end in _span(allowed):  # a factor at a range's end, read back with a rounding
+                if math.isclose(factor, end, rel_tol=1e-9):
+                    factor = end
             check("consolidation_steps", tail.steps, self.consolidation_steps)
             check("consolidation_learning_rate_factor", factor, allowed)
             if not problems:

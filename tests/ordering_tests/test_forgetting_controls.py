@@ -143,3 +143,55 @@ def test_alternative_samplers_run_a_study(sampler: str) -> None:
     records = study.optimize(objective, 4)
     assert [r.state for r in records] == ["COMPLETE"] * 4
     assert type(study._stage(1.0).study.sampler).__name__.lower().startswith(sampler[:2])
+
+
+def test_the_short_cycles_seed_is_the_spaces_many_short_cycles_corner(
+    five_sites: tuple[str, ...],
+) -> None:
+    from ordering import short_cycles_seed
+
+    space = controlled_space(five_sites, learning_rate_decay=FloatRange(0.97, 1.0))
+    order = tuple(reversed(five_sites))
+    plan = short_cycles_seed(space, order, learning_rate_position=1.0, final_fraction=0.7)
+    regular, consolidation = plan.hops[: 4 * 5], plan.hops[4 * 5 :]
+    assert plan.cycles == 5 and plan.cycle_orders == (order,) * 5  # 4 cycles + consolidation
+    assert {h.hyperparameters.steps for h in regular} == {20}  # 80 steps over 4 cycles
+    assert regular[0].hyperparameters.learning_rate == pytest.approx(1e-2)
+    assert regular[-1].hyperparameters.learning_rate == pytest.approx(0.7e-2)
+    assert [h.site for h in consolidation] == list(order)
+    assert {h.hyperparameters.steps for h in consolidation} == {1}
+    assert consolidation[0].hyperparameters.learning_rate == pytest.approx(0.05 * 0.7e-2)
+    assert regular[0].hyperparameters.proximal_mu == 0.0
+    space.params_for(plan, LehmerCode())  # a plan the space can propose (else it raises)
+    # The middle of the log range, and a decay the space cannot reach clipped into it.
+    middle = short_cycles_seed(space, order, learning_rate_position=0.5, final_fraction=0.01)
+    assert middle.hops[0].hyperparameters.learning_rate == pytest.approx(1e-3)
+    assert middle.learning_rate_decay == pytest.approx(0.97)
+    with pytest.raises(ValueError, match="final_fraction must be in"):
+        short_cycles_seed(space, order, final_fraction=0.0)
+    with pytest.raises(ValueError, match="learning_rate_position must be in"):
+        short_cycles_seed(space, order, learning_rate_position=1.5)
+
+
+def test_a_study_runs_the_short_cycles_seed_first(five_sites: tuple[str, ...]) -> None:
+    from ordering import short_cycles_seed
+
+    space = controlled_space(five_sites)
+    objective = SyntheticObjective(5, seed=0)
+    space = controlled_space(objective.sites)
+    seed = short_cycles_seed(space, objective.sites)
+    study = OrderingStudy.create(None, "seeded", space, "lehmer", "mean", seed=0, pruning=None)
+    study.enqueue(seed, note="seed: short cycles")
+    records = study.optimize(objective, 3)
+    assert records[0].plan is not None and records[0].plan.hops == seed.hops
+    assert records[1].plan is not None and records[1].plan.hops != seed.hops
+
+
+def test_a_plan_consolidating_at_the_factor_ranges_low_end_fits_its_space(
+    five_sites: tuple[str, ...],
+) -> None:
+    # The factor read back from the plan (a ratio of learning rates) is 0.049999999999999996.
+    space = controlled_space(five_sites, consolidation_learning_rate_factor=FloatRange(0.05, 1.0))
+    plan = space.plan(five_sites, cycles=3, learning_rate=0.003)
+    assert plan.hops[-1].hyperparameters.steps == 1
+    assert space.params_for(plan, LehmerCode())["consolidation_learning_rate_factor"] == 0.05

@@ -168,3 +168,35 @@ def test_memoised_feature_matrices_train_to_the_same_tensors(bench: Any) -> None
         undo()
     assert _tabular._matrix is original
     assert all(torch.equal(plain[k], memoised[k]) for k in plain)
+
+
+@pytest.mark.slow  # ~25 CPU s: five studies of real (tiny) sequential training
+def test_with_the_default_start_every_comparator_runs_it_first(
+    bench: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ordering import short_cycles_seed
+
+    monkeypatch.setattr(bench, "MAX_CYCLES", 2)  # short plans: a cheap test
+    trainer = tabular_trainer()
+    datasets, _ = bench.split_sites(_pool(bench, rows=240), "sources", 0)
+    spec = bench._spec(LABELS)
+    out = bench.sequential_methods(
+        trainer, spec, datasets, 0, 1, 2, 12, 1, "budget", seed_default=True,
+        plain_random_search=True,
+    )  # fmt: skip
+    sites = [d.name for d in datasets]
+    sizes = {d.name: len(d.train) for d in datasets}
+    space = bench.search_space(sites, 0, 12, "budget")
+    default = short_cycles_seed(space, sorted(sites, key=lambda s: (sizes[s], s)))
+    assert default.cycles == 3  # the space's 2 cycles and a consolidation cycle
+    # One trial each: searched and random search ran the default; random search without it
+    # did not; the tuned random order ran its hyperparameters with a random order.
+    assert out["searched"]["chosen_plan"] == out["random-search"]["chosen_plan"]
+    assert out["searched"]["chosen_plan"] == default.describe()
+    assert out["searched"]["trial_values"] == out["random-search"]["trial_values"]
+    assert out[bench.PLAIN]["chosen_plan"] != default.describe()
+    tuned = out["random-order"]["chosen_hyperparameters"]
+    assert tuned == default.hops[0].hyperparameters.model_dump()
+    firsts = bench.baseline_defaults(12, 12, 12, 6 * 12)
+    assert firsts["pooled"] == {"learning_rate": pytest.approx(bench.LR[1]), "steps": 72}
+    assert firsts["fedavg"]["rounds"] == 12 and firsts["fedavg"]["steps"] == 5
