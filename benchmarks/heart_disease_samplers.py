@@ -1,29 +1,34 @@
-"""Which sampler should Baton's search use? Measured on the real objective (issue 17, item 4).
+"""Which sampler, and is pruning worth it? Measured on the real objective (issue 17, item 4).
 
-Fed-Heart-Disease, per-site normalisation, the forgetting-control space of
-``heart_disease_paired.py --controls``, 3-fold CV inside each centre's training rows (mean over
-centres) as the objective, the in-process twin. Every sampler gets the same trial budget on the
-same resampled splits (paired by split) and its selected schedule is scored once on the split's
-test rows:
+Fed-Heart-Disease, the forgetting-control space of ``heart_disease_paired.py --controls``
+(1-4 cycles splitting each site's visit budget, per-hop learning-rate decay, proximal term,
+consolidation cycle), 3-fold CV inside each centre's training rows with per-fold normalisers
+(``global``) or each centre's own (``per-site``), the in-process twin; the objective is the
+mean CV accuracy over centres, as ``heart_disease_paired.py`` optimises it. Every sampler gets
+the same trial budget on the same resampled splits (paired by split; splits 200+ by default,
+never the 0-9 that ``heart_disease_paired.py`` reports on). At each budget (``--budgets``) the
+best trial so far is selected on CV and scored once on the split's test rows. No seed order is
+enqueued and no forgetting limit applies: the measurement is of the samplers alone.
 
-* ``tpe``: Baton's default (TPE, 3 start-up trials, the default encoding, size-ordered seed);
-* ``tpe-startup8``: the same with 8 random start-up trials;
-* ``gp``: Optuna's Gaussian-process sampler (3 start-up trials, default encoding);
-* ``cmaes``: CMA-ES over random keys (3 start-up trials);
-* ``qmc``: scrambled Sobol over random keys;
-* ``random``: random search (default encoding);
-* ``tpe-pruned``: ``tpe`` with median pruning of partial schedules (the twin reports the CV
-  objective after every cycle; a trial is compared only with trials of its own cycle count,
-  from 2 such trials on): reported at the same trial count (``tpe-pruned``) and continued to
-  the training steps ``tpe`` spent on that split (``tpe-pruned@steps``, equal compute).
+* ``random``: random search (the comparator every row is paired with);
+* ``tpe``: Baton's default (multivariate TPE, 3 random start-up trials, default encoding);
+* ``tpe-startup5``: the same with 5 start-up trials (half of a 10-trial budget);
+* ``tpe-group``: multivariate TPE with ``group=True`` (models each conditional sub-space, here
+  the per-cycle order parameters, jointly), 3 start-up trials;
+* ``gp``: Optuna's Gaussian-process sampler, 3 start-up trials, default encoding;
+* ``cmaes``: CMA-ES over random keys for the order, 3 start-up trials;
+* ``qmc``: scrambled Sobol over random keys.
 
-Every study selects the best trial whose worst-site CV forgetting is <= ``--max-forgetting``
-(the least-forgetting one if none is), as ``heart_disease_paired.py`` does.
+Pruning at equal compute (``--pruning``): ``tpe`` again with a stage-keyed median pruner on the
+twin's per-cycle CV values (``tpe-pruned``: Baton's default ``PruningSettings()``, 5 comparable
+trials before pruning; ``tpe-pruned2``: 2), run until it has trained as many hops as ``tpe``
+did at each budget (hops = fold x site visits actually trained, pruned trials' partial runs
+included); it is selected and tested at the hop counts where ``tpe`` was at 10 and 20 trials.
 
-    .venv/bin/python benchmarks/heart_disease_samplers.py --splits 5 --trials 16
-    .venv/bin/python benchmarks/heart_disease_samplers.py --quick
+    nice -n 19 .venv/bin/python benchmarks/heart_disease_samplers.py --splits 10 --jobs 2
+    .venv/bin/python benchmarks/heart_disease_samplers.py --quick        # smoke run
 
-Writes benchmarks/results/<name>.{json,md}.
+Writes benchmarks/results/<name>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -38,200 +43,575 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import optuna
 import torch
-from heart_disease import DEFAULT_DATA, SITES, _register_sites
+from heart_disease import DEFAULT_DATA, _register_sites
 from heart_disease_paired import (
     _WORKER,
     COLLAPSED_KEY,
-    MAX_FORGETTING,
     RESULTS_DIR,
     TEST_FORGETTING_KEY,
     TwinExecutor,
-    _best,
     _final_sequential,
     _init_worker,
-    _study_summary,
     paired_summary,
+    plan_cycles,
+    plan_key,
     resample_split,
     search_space,
 )
 
-from ordering import OrderingStudy, PlanFailed, PruningSettings, SamplerName, TrialRecord
+from ordering import (
+    DEFAULT_PRUNING,
+    CandidatePlan,
+    OrderingStudy,
+    PlanFailed,
+    PruningSettings,
+    SamplerName,
+    TrialOutcome,
+    TrialRecord,
+)
 
 logger = logging.getLogger("benchmarks.heart_disease_samplers")
 
-# name -> (sampler, encoding, start-up trials)
-SAMPLERS: dict[str, tuple[SamplerName, str, int]] = {
-    "tpe": ("tpe", "auto", 3),
-    "tpe-startup8": ("tpe", "auto", 8),
-    "gp": ("gp", "auto", 3),
-    "cmaes": ("cmaes", "random-keys", 3),
-    "qmc": ("qmc", "random-keys", 3),
-    "random": ("random", "auto", 3),
-    "tpe-pruned": ("tpe", "auto", 3),
+SETTINGS = ("per-site", "global")
+BASELINE = "random"
+UNPRUNED = "tpe"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One searcher of the comparison."""
+
+    sampler: SamplerName
+    encoding: str = "auto"
+    n_startup_trials: int = 3
+    group: bool = False  # multivariate TPE with group=True (not a named sampler of the study)
+    pruning: PruningSettings | None = None
+
+
+SAMPLERS: dict[str, Variant] = {
+    "random": Variant("random"),
+    "tpe": Variant("tpe"),
+    "tpe-startup5": Variant("tpe", n_startup_trials=5),
+    "tpe-group": Variant("tpe", group=True),
+    "gp": Variant("gp"),
+    "cmaes": Variant("cmaes", encoding="random-keys"),
+    "qmc": Variant("qmc", encoding="random-keys"),
 }
-PRUNED = "tpe-pruned"
-PRUNING = PruningSettings(percentile=50.0, n_startup_trials=2)
-# Rows of the report: every sampler, and the pruned search at equal training steps.
-ROWS = (*SAMPLERS, f"{PRUNED}@steps")
-SETTING = "per-site"
+PRUNED: dict[str, Variant] = {
+    "tpe-pruned": Variant("tpe", pruning=DEFAULT_PRUNING),
+    "tpe-pruned2": Variant("tpe", pruning=PruningSettings(percentile=50.0, n_startup_trials=2)),
+}
 
 
-def _scored(
-    name: str,
-    split: int,
-    study: OrderingStudy,
-    records: list[TrialRecord],
-    steps: int,
-    started: float,
-) -> dict[str, Any]:
-    """The study's selected schedule (so far), scored once on the split's test rows."""
-    trainer = _WORKER["trainer"]
-    datasets = resample_split(_WORKER["datasets"], split)
-    chosen = _best(study)
-    assert chosen.plan is not None
-    search_seconds = time.perf_counter() - started
-    scores = _final_sequential(trainer, SETTING, datasets, chosen.plan)
-    collapsed = scores.pop(COLLAPSED_KEY, None)
-    test_forgetting = scores.pop(TEST_FORGETTING_KEY, None)
-    result = {
-        "sampler": name,
-        "split": split,
-        **_study_summary(records, chosen),
-        "pruned": sum(1 for r in records if r.state == "PRUNED"),
-        "steps": steps,
-        "search_seconds": search_seconds,
-        "site_test_accuracy": scores,
-        "final_collapsed": collapsed,
-        "test_worst_forgetting": test_forgetting,
-        "test_avg": statistics.fmean(scores.values()),
-    }
-    logger.info("%s split %d: cv %.3f test %.3f, %d trials, %d steps in %.0f s", name, split,
-                result["cv_accuracy"], result["test_avg"], len(records), steps,
-                search_seconds)  # fmt: skip
-    return result
+class _GroupTPEStudy(OrderingStudy):
+    """An OrderingStudy whose TPE models each conditional sub-space jointly (``group=True``)."""
 
-
-def run_cell(name: str, split: int, config: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One sampler's search on one split, and its selected schedule's test scores; for the
-    pruned search also the same search continued to ``config["step_budget"]`` steps."""
-    started = time.perf_counter()
-    datasets = resample_split(_WORKER["datasets"], split)
-    space = search_space(split, config["cycles"], config["max_steps"], controls=True)
-    sampler, encoding, startup = SAMPLERS[name]
-    executor = TwinExecutor(_WORKER["trainer"], SETTING, datasets, config["folds"])
-    study = OrderingStudy.create(None, f"{name}-{split}", space, encoding, "mean", seed=split,
-                                 sampler=sampler, pruning=PRUNING if name == PRUNED else None,
-                                 n_startup_trials=startup,
-                                 max_forgetting=config["max_forgetting"])  # fmt: skip
-    if sampler != "random":
-        sizes = {d.name: len(d.train) for d in datasets}
-        study.enqueue(tuple(sorted(SITES, key=lambda s: (sizes[s], s))), note="seed: sizes")
-    records = study.optimize(executor, config["trials"], catch=(PlanFailed,))
-    results = [_scored(name, split, study, records, executor.steps_run, started)]
-    budget = config.get("step_budget")
-    if name == PRUNED and budget is not None:
-        # Equal compute: go on until the pruned search has trained as many steps as the
-        # unpruned one did on this split (at most 4x its trials).
-        while executor.steps_run < budget and len(records) < 4 * config["trials"]:
-            records += study.optimize(executor, 1, catch=(PlanFailed,))
-        results.append(
-            _scored(f"{PRUNED}@steps", split, study, records, executor.steps_run, started)
+    def _new_sampler(self) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(
+            seed=self._seed,
+            n_startup_trials=self._n_startup_trials,
+            multivariate=True,
+            group=True,
+            warn_independent_sampling=False,
         )
-    return results
 
 
-def summarise(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    by = {(c["sampler"], c["split"]): c for c in cells}
-    splits = sorted({c["split"] for c in cells})
+class HopCounter:
+    """Wraps the twin executor and counts hops trained (folds x visits of every cycle run)."""
+
+    def __init__(self, inner: TwinExecutor) -> None:
+        self.inner = inner
+        self.hops = 0
+
+    def execute(
+        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
+    ) -> TrialOutcome:
+        cycles = plan_cycles(plan)
+
+        def counted(cycle: int, value: float) -> None:
+            self.hops += self.inner.folds * len(cycles[cycle])
+            report(cycle, value)
+
+        return self.inner.execute(plan, budget=budget, report=counted)
+
+
+def _selected(records: Sequence[TrialRecord]) -> TrialRecord | None:
+    """The best completed trial (no forgetting limit), first one on ties."""
+    complete = [r for r in records if r.state == "COMPLETE" and r.value is not None]
+    return max(complete, key=lambda r: r.value or 0.0) if complete else None
+
+
+def trials_at_hops(curve: Sequence[Mapping[str, Any]], hops: int) -> int:
+    """The first trial count at which a study's curve has trained ``hops`` hops (all of its
+    trials if it never did)."""
+    return next((i + 1 for i, point in enumerate(curve) if point["hops"] >= hops), len(curve))
+
+
+def replay_pruning(
+    curve: Sequence[Mapping[str, Any]], n_startup_trials: int, percentile: float = 50.0
+) -> list[int | None]:
+    """Which of an unpruned study's trials a stage-keyed percentile pruner would have stopped,
+    and after which cycle (None: run to the end), replaying its recorded per-cycle values in
+    trial order the way ``StagePruner(PercentilePruner(...))`` decides (maximising): a trial is
+    compared only with earlier completed, unpruned trials of its own cycle count, from
+    ``n_startup_trials`` of them on; after cycle c (not the last) it is stopped when the best
+    value it reported so far is below the ``percentile`` of their values at cycle c.
+
+    A counterfactual: the sampler would have seen the pruned trials as pruned and proposed
+    differently afterwards; it tells how much compute the pruner saves and whether it would
+    have stopped the selected trial.
+    """
+    completed: dict[int, list[list[float]]] = {}
+    decisions: list[int | None] = []
+    for point in curve:
+        stage, values = point.get("cycles"), point.get("intermediate") or []
+        decision: int | None = None
+        peers = completed.get(stage, []) if stage is not None else []
+        if stage is not None and len(peers) >= n_startup_trials:
+            for cycle in range(min(len(values), stage - 1)):
+                at_cycle = [p[cycle] for p in peers if len(p) > cycle]
+                if at_cycle and max(values[: cycle + 1]) < float(
+                    np.percentile(at_cycle, 100.0 - percentile)
+                ):
+                    decision = cycle
+                    break
+        decisions.append(decision)
+        if decision is None and point.get("value") is not None and stage is not None:
+            completed.setdefault(stage, []).append(list(values))
+    return decisions
+
+
+def _replayed(curve: Sequence[Mapping[str, Any]], budget: int, n_startup: int) -> dict[str, Any]:
+    points = list(curve[:budget])
+    decisions = replay_pruning(points, n_startup)
+    full = sum(sum(p.get("cycle_hops") or []) for p in points)
+    spent = sum(
+        sum((p.get("cycle_hops") or [])[: (len(p.get("cycle_hops") or []) if d is None else d + 1)])
+        for p, d in zip(points, decisions, strict=True)
+    )
+    kept = [p["value"] for p, d in zip(points, decisions, strict=True)
+            if d is None and p.get("value") is not None]  # fmt: skip
+    best = max((p["value"] for p in points if p.get("value") is not None), default=None)
+    return {
+        "pruned": sum(d is not None for d in decisions),
+        "hops_saved_share": 1.0 - spent / full if full else 0.0,
+        "best_kept": best is not None and bool(kept) and max(kept) >= best,
+    }
+
+
+def _study(name: str, variant: Variant, split: int, config: Mapping[str, Any]) -> OrderingStudy:
+    space = search_space(split, config["cycles"], config["max_steps"], controls=True)
+    cls = _GroupTPEStudy if variant.group else OrderingStudy
+    return cls.create(
+        None,
+        f"{name}-{split}",
+        space,
+        variant.encoding,
+        "mean",
+        seed=split,
+        sampler=variant.sampler,
+        pruning=variant.pruning,
+        n_startup_trials=variant.n_startup_trials,
+    )
+
+
+def _search(
+    name: str,
+    variant: Variant,
+    setting: str,
+    split: int,
+    config: Mapping[str, Any],
+    stop: Callable[[int, int], bool],
+) -> tuple[list[TrialRecord], list[dict[str, Any]], float]:
+    """Runs one study a trial at a time until ``stop(trials, hops)``; the curve holds the hops
+    and best CV so far after every trial."""
+    datasets = resample_split(_WORKER["datasets"], split)
+    executor = HopCounter(TwinExecutor(_WORKER["trainer"], setting, datasets, config["folds"]))
+    study = _study(name, variant, split, config)
+    records: list[TrialRecord] = []
+    curve: list[dict[str, Any]] = []
+    started = time.process_time()
+    while not stop(len(records), executor.hops):
+        records += study.optimize(executor, 1, catch=(PlanFailed,))
+        best = _selected(records)
+        last = records[-1]
+        curve.append(
+            {
+                "trial": len(records),
+                "hops": executor.hops,
+                "steps": executor.inner.steps_run,
+                "best_cv": None if best is None else best.value,
+                "state": last.state,
+                "cycles": None if last.plan is None else last.plan.cycles,
+                "cycle_hops": []
+                if last.plan is None
+                else [config["folds"] * len(c) for c in last.plan.cycle_hops()],
+                "intermediate": [v for _, v in sorted(last.intermediate)],
+                "value": last.value if last.state == "COMPLETE" else None,
+            }
+        )
+    return records, curve, time.process_time() - started
+
+
+def _tested(setting: str, split: int, chosen: TrialRecord | None, cache: dict[str, Any]) -> Any:
+    if chosen is None or chosen.plan is None:
+        return None
+    key = plan_key(chosen.plan)
+    if key not in cache:
+        datasets = resample_split(_WORKER["datasets"], split)
+        scores = _final_sequential(_WORKER["trainer"], setting, datasets, chosen.plan)
+        collapsed = scores.pop(COLLAPSED_KEY, None)
+        forgetting = scores.pop(TEST_FORGETTING_KEY, None)
+        cache[key] = {
+            "test_avg": statistics.fmean(scores.values()),
+            "site_test": scores,
+            "test_collapsed": collapsed,
+            "test_worst_forgetting": forgetting,
+            "cv": chosen.value,
+            "plan": chosen.plan.describe(),
+        }
+    return cache[key]
+
+
+def run_cell(setting: str, split: int, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Every sampler (and pruned variant) on one split in one setting."""
+    started = time.process_time()
+    budgets: list[int] = config["budgets"]
+    cache: dict[str, Any] = {}
+    out: dict[str, Any] = {"setting": setting, "split": split, "samplers": {}}
+    for name in config["samplers"]:
+        records, curve, cpu = _search(
+            name,
+            SAMPLERS[name],
+            setting,
+            split,
+            config,
+            lambda trials, hops: trials >= max(budgets),
+        )
+        out["samplers"][name] = {
+            "curve": curve,
+            "cpu_seconds": cpu,
+            "failed": sum(1 for r in records if r.state == "FAIL"),
+            "at": {
+                str(b): {
+                    "hops": curve[b - 1]["hops"],
+                    **(_tested(setting, split, _selected(records[:b]), cache) or {}),
+                }
+                for b in budgets
+            },
+        }
+    if UNPRUNED in out["samplers"]:
+        curve = out["samplers"][UNPRUNED]["curve"]
+        out["samplers"][UNPRUNED]["replay"] = {
+            f"{name}@{b}": _replayed(curve, b, variant.pruning.n_startup_trials)
+            for name, variant in PRUNED.items()
+            if variant.pruning is not None
+            for b in budgets
+        }
+    if config["pruning"] and UNPRUNED in out["samplers"]:
+        reference = out["samplers"][UNPRUNED]["at"]
+        compared = [b for b in budgets if b <= config["pruning_budget"]] or budgets[:1]
+        targets = {b: reference[str(b)]["hops"] for b in compared}
+        cap = 4 * max(compared)
+        for name in config["pruning"]:
+            records, curve, cpu = _search(
+                name,
+                PRUNED[name],
+                setting,
+                split,
+                config,
+                lambda trials, hops: hops >= max(targets.values()) or trials >= cap,
+            )
+            at: dict[str, Any] = {}
+            for b in compared:
+                n = trials_at_hops(curve, targets[b])
+                at[str(b)] = {
+                    "hops": curve[n - 1]["hops"],
+                    "trials": n,
+                    **(_tested(setting, split, _selected(records[:n]), cache) or {}),
+                }
+            out["samplers"][name] = {
+                "curve": curve,
+                "cpu_seconds": cpu,
+                "failed": sum(1 for r in records if r.state == "FAIL"),
+                "pruned": sum(1 for r in records if r.state == "PRUNED"),
+                "at": at,
+            }
+    out["cpu_seconds"] = time.process_time() - started
+    logger.info(
+        "[%s] split %d in %.0f CPU s: %s",
+        setting,
+        split,
+        out["cpu_seconds"],
+        ", ".join(
+            f"{n} {s['at'][max(s['at'], key=int)].get('test_avg', float('nan')):.3f}"
+            for n, s in out["samplers"].items()
+        ),
+    )
+    return out
+
+
+def _cell_worker(args: tuple[str, int, Mapping[str, Any]]) -> dict[str, Any]:
+    return run_cell(*args)
+
+
+# ---- summary ------------------------------------------------------------------------------------
+
+
+def summarise(cells: Sequence[Mapping[str, Any]], budgets: Sequence[int]) -> dict[str, Any]:
+    """Per setting, sampler and budget: means, and paired differences against random search
+    (pruned variants: against unpruned TPE at equal hops too)."""
     out: dict[str, Any] = {}
-    for name in ROWS:
-        rows = [by[(name, s)] for s in splits if (name, s) in by]
+    for setting in SETTINGS:
+        rows = sorted((c for c in cells if c["setting"] == setting), key=lambda c: c["split"])
         if not rows:
             continue
-        entry: dict[str, Any] = {
-            "splits": len(rows),
-            "test_avg": statistics.fmean(r["test_avg"] for r in rows),
-            "cv_accuracy": statistics.fmean(r["cv_accuracy"] for r in rows),
-            "worst_forgetting_mean": statistics.fmean(r["cv_worst_forgetting"] for r in rows),
-            "worst_forgetting_max": max(r["cv_worst_forgetting"] for r in rows),
-            "test_forgetting_mean": statistics.fmean(r["test_worst_forgetting"] for r in rows),
-            "test_forgetting_max": max(r["test_worst_forgetting"] for r in rows),
-            "selected_feasible": sum(
-                1 for r in rows if r["cv_worst_forgetting"] <= MAX_FORGETTING + 1e-12
-            ),
-            "search_seconds": statistics.fmean(r["search_seconds"] for r in rows),
-            "failed": sum(len(r["failed"]) for r in rows),
-            "trials": statistics.fmean(r["trials"] for r in rows),
-            "pruned": sum(r["pruned"] for r in rows),
-            "steps": statistics.fmean(r["steps"] for r in rows),
-            "cv_per_ksteps": statistics.fmean(1000 * r["cv_accuracy"] / r["steps"] for r in rows),
-        }
-        if name != "tpe":
-            pairs = [s for s in splits if ("tpe", s) in by and (name, s) in by]
-            if len(pairs) > 1:
-                entry["cv_vs_tpe"] = paired_summary(
-                    [by[(name, s)]["cv_accuracy"] - by[("tpe", s)]["cv_accuracy"] for s in pairs]
-                )
-                entry["test_vs_tpe"] = paired_summary(
-                    [by[(name, s)]["test_avg"] - by[("tpe", s)]["test_avg"] for s in pairs]
-                )
-        out[name] = entry
+        names = list(dict.fromkeys(n for c in rows for n in c["samplers"]))
+        table: dict[str, Any] = {}
+        for name in names:
+            per_budget: dict[str, Any] = {}
+            for b in budgets:
+                key = str(b)
+                have = [
+                    c
+                    for c in rows
+                    if name in c["samplers"]
+                    and "test_avg" in c["samplers"][name]["at"].get(key, {})
+                ]
+                if not have:
+                    continue
+                entry: dict[str, Any] = {
+                    "splits": len(have),
+                    "test_avg": statistics.fmean(
+                        c["samplers"][name]["at"][key]["test_avg"] for c in have
+                    ),
+                    "cv": statistics.fmean(c["samplers"][name]["at"][key]["cv"] for c in have),
+                    "hops": statistics.fmean(c["samplers"][name]["at"][key]["hops"] for c in have),
+                }
+                for against in (BASELINE, UNPRUNED):
+                    if name == against:
+                        continue
+                    pairs = [
+                        c
+                        for c in have
+                        if against in c["samplers"]
+                        and "test_avg" in c["samplers"][against]["at"].get(key, {})
+                    ]
+                    if len(pairs) < 2:
+                        continue
+                    for metric in ("test_avg", "cv"):
+                        entry[f"{metric}_vs_{against}"] = paired_summary(
+                            [
+                                c["samplers"][name]["at"][key][metric]
+                                - c["samplers"][against]["at"][key][metric]
+                                for c in pairs
+                            ]
+                        )
+                per_budget[key] = entry
+            table[name] = {
+                "budgets": per_budget,
+                "cpu_seconds": statistics.fmean(
+                    c["samplers"][name]["cpu_seconds"] for c in rows if name in c["samplers"]
+                ),
+                "failed": sum(c["samplers"][name]["failed"] for c in rows if name in c["samplers"]),
+                "pruned": sum(
+                    c["samplers"][name].get("pruned", 0) for c in rows if name in c["samplers"]
+                ),
+                "trials": statistics.fmean(
+                    len(c["samplers"][name]["curve"]) for c in rows if name in c["samplers"]
+                ),
+            }
+        replays = [c["samplers"][UNPRUNED]["replay"] for c in rows
+                   if "replay" in c["samplers"].get(UNPRUNED, {})]  # fmt: skip
+        if replays and UNPRUNED in table:
+            table[UNPRUNED]["replay"] = {
+                key: {
+                    "splits": len(replays),
+                    "pruned": statistics.fmean(r[key]["pruned"] for r in replays),
+                    "hops_saved_share": statistics.fmean(
+                        r[key]["hops_saved_share"] for r in replays
+                    ),
+                    "best_kept": sum(r[key]["best_kept"] for r in replays),
+                }
+                for key in replays[0]
+            }
+        out[setting] = table
     return out
 
 
 def _interval(p: Mapping[str, Any] | None) -> str:
     if p is None:
         return "—"
-    return (f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], p={p['wilcoxon_p']:.3f}, "
-            f"{p['wins']}/{p['ties']}/{p['losses']}")  # fmt: skip
+    return (
+        f"{p['mean']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}], p={p['wilcoxon_p']:.2f}, "
+        f"{p['wins']}/{p['ties']}/{p['losses']}"
+    )
 
 
 def markdown(report: Mapping[str, Any]) -> str:
     config = report["config"]
+    budgets = config["budgets"]
     lines = [
-        "# Samplers on the real objective: Fed-Heart-Disease, per-site, forgetting controls",
+        "# Samplers and pruning on the real objective: Fed-Heart-Disease, forgetting controls",
         "",
         f"Generated {report['generated']} by `{report['command']}` on {report['machine']}; "
-        f"wall time {report['wall_seconds'] / 60:.1f} min with {config['jobs']} worker(s) at "
-        f"low priority on a shared machine. Splits {report['splits']} (0 = FLamby's), "
-        f"{config['trials']} trials per sampler and split, {config['folds']}-fold CV mean "
-        "accuracy over centres as the objective; test Avg = unweighted mean of the centres' "
-        "test accuracies of the selected schedule. Differences are sampler minus tpe (Baton's "
-        "default), paired by split: mean [95% t-interval], Wilcoxon p, wins/ties/losses. "
-        "Forgetting = worst site's best post-visit CV accuracy minus its final one; every "
-        f"study selects the best trial with CV forgetting <= {config['max_forgetting']:g} "
-        "(the least-forgetting one if none is); test forgetting is reported only. Steps = "
-        "training steps of all trials (every fold's hops, pruned trials' partial runs "
-        "included), mean per split.",
+        f"wall {report['wall_seconds'] / 60:.1f} min, {report['cpu_seconds'] / 60:.1f} CPU min "
+        f"(searches and test runs, all workers) with {config['jobs']} worker(s) at nice 19 on "
+        f"a shared machine. Splits {report['splits']} (never the 0-9 of "
+        f"heart_disease_paired.py), {config['folds']}-fold CV with per-fold normalisers, mean "
+        "accuracy over centres as the objective, no seed order, no forgetting limit. At each "
+        "budget the best CV trial so far is tested once: test Avg = unweighted mean of the "
+        "centres' test accuracies. Differences are sampler minus random search at the same "
+        "trial budget, paired by split: mean [95% t-interval over splits], Wilcoxon p, "
+        "wins/ties/losses. Hops = fold x site visits trained, summed over the study's trials.",
         "",
-        "| sampler | best CV accuracy | CV - tpe | test Avg | test - tpe | worst-site "
-        "forgetting CV mean (max) | on test mean (max) | selected feasible | trials (pruned) | "
-        "steps | search s per split | failed trials |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, s in report["summary"].items():
-        lines.append(
-            f"| {name} | {s['cv_accuracy']:.3f} | {_interval(s.get('cv_vs_tpe'))} | "
-            f"{s['test_avg']:.3f} | {_interval(s.get('test_vs_tpe'))} | "
-            f"{s['worst_forgetting_mean']:.3f} ({s['worst_forgetting_max']:.3f}) | "
-            f"{s['test_forgetting_mean']:.3f} ({s['test_forgetting_max']:.3f}) | "
-            f"{s['selected_feasible']}/{s['splits']} | {s['trials']:.1f} ({s['pruned']}) | "
-            f"{s['steps']:.0f} | {s['search_seconds']:.0f} | {s['failed']} |"
-        )
+    for setting, table in report["summary"].items():
+        lines += [f"## Normalisation: {setting}", ""]
+        for b in budgets:
+            key = str(b)
+            lines += [
+                f"### {b} trials",
+                "",
+                "| sampler | splits | CV (selected) | CV - random | test Avg | test - random "
+                "| test - tpe | hops | CPU s per study |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for name, s in table.items():
+                if name in PRUNED or key not in s["budgets"]:
+                    continue
+                e = s["budgets"][key]
+                lines.append(
+                    f"| {name} | {e['splits']} | {e['cv']:.3f} | "
+                    f"{_interval(e.get('cv_vs_' + BASELINE))} | {e['test_avg']:.3f} | "
+                    f"{_interval(e.get('test_avg_vs_' + BASELINE))} | "
+                    f"{_interval(e.get('test_avg_vs_' + UNPRUNED))} | {e['hops']:.0f} | "
+                    f"{s['cpu_seconds']:.0f} |"
+                )
+            lines.append("")
+        replay = table.get(UNPRUNED, {}).get("replay")
+        if replay:
+            lines += [
+                "### Pruning replayed on unpruned TPE's own trials (counterfactual)",
+                "",
+                "Each pruner's decisions replayed on the per-cycle CV values TPE's trials "
+                "reported (a trial is compared only with earlier completed trials of its own "
+                "cycle count), at equal trials: how many it would stop, the share of hops it "
+                "would save, and in how many splits the selected (best CV) trial survives.",
+                "",
+                "| pruner @ trials | splits | trials pruned (mean) | hops saved | best trial "
+                "kept |",
+                "|---|---|---|---|---|",
+            ]
+            for key, r in replay.items():
+                lines.append(
+                    f"| {key} | {r['splits']} | {r['pruned']:.1f} | "
+                    f"{100 * r['hops_saved_share']:.0f}% | {r['best_kept']}/{r['splits']} |"
+                )
+            lines.append("")
+        pruned = [n for n in table if n in PRUNED]
+        if pruned:
+            lines += [
+                "### Pruning at equal compute (hops of unpruned TPE at each budget)",
+                "",
+                "| searcher | at tpe's hops of | splits | trials run | hops | CV (selected) "
+                "| CV - tpe | test Avg | test - tpe | pruned trials (all splits) |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for name in [UNPRUNED, *pruned]:
+                s = table[name]
+                for b in budgets:
+                    e = s["budgets"].get(str(b))
+                    if e is None:
+                        continue
+                    trials = statistics.fmean(
+                        c["samplers"][name]["at"].get(str(b), {}).get("trials", b)
+                        for c in report["cells"]
+                        if c["setting"] == setting and name in c["samplers"]
+                    )
+                    lines.append(
+                        f"| {name} | {b} trials | {e['splits']} | {trials:.1f} | "
+                        f"{e['hops']:.0f} | {e['cv']:.3f} | "
+                        f"{_interval(e.get('cv_vs_' + UNPRUNED))} | {e['test_avg']:.3f} | "
+                        f"{_interval(e.get('test_avg_vs_' + UNPRUNED))} | {s['pruned']} |"
+                    )
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
+def plot(report: Mapping[str, Any], out: Path) -> bool:
+    """Best CV so far minus random search's, mean over splits, against trials (samplers) and
+    against hops (pruned and unpruned TPE)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    settings = list(report["summary"])
+    if not settings:
+        return False
+    figure, axes = plt.subplots(2, len(settings), figsize=(6.5 * len(settings), 8), squeeze=False)
+    for column, setting in enumerate(settings):
+        cells = [c for c in report["cells"] if c["setting"] == setting]
+        axis = axes[0][column]
+        for name in SAMPLERS:
+            runs = [c for c in cells if name in c["samplers"] and BASELINE in c["samplers"]]
+            if not runs:
+                continue
+            n = min(len(c["samplers"][name]["curve"]) for c in runs)
+            ys = []
+            for t in range(n):
+                diffs = [
+                    (c["samplers"][name]["curve"][t]["best_cv"] or 0.0)
+                    - (c["samplers"][BASELINE]["curve"][t]["best_cv"] or 0.0)
+                    for c in runs
+                ]
+                ys.append(statistics.fmean(diffs))
+            axis.plot(range(1, n + 1), ys, marker="o", markersize=3, label=name)
+        axis.axhline(0.0, color="black", linewidth=0.8)
+        axis.set_title(f"{setting}: best CV so far - random search's (mean over splits)")
+        axis.set_xlabel("trials")
+        axis.legend(fontsize=8)
+        axis = axes[1][column]
+        for name in (UNPRUNED, *PRUNED):
+            runs = [c for c in cells if name in c["samplers"]]
+            for index, c in enumerate(runs):
+                curve = c["samplers"][name]["curve"]
+                axis.plot(
+                    [p["hops"] for p in curve],
+                    [p["best_cv"] or 0.0 for p in curve],
+                    color=f"C{[UNPRUNED, *PRUNED].index(name)}",
+                    alpha=0.35,
+                    label=name if index == 0 else None,
+                )
+        axis.set_title(f"{setting}: best CV so far against hops trained, per split")
+        axis.set_xlabel("hops (fold x visits)")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return True
+
+
 def _write(report: dict[str, Any], out: Path, name: str) -> None:
-    report["summary"] = summarise(report["cells"])
+    report["summary"] = summarise(report["cells"], report["config"]["budgets"])
+    report["cpu_seconds"] = sum(c["cpu_seconds"] for c in report["cells"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / f"{name}.md").write_text(markdown(report))
+    plot(report, out / f"{name}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,45 +619,78 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data", type=Path, default=Path(os.environ.get("BATON_HEART_DISEASE_DIR", DEFAULT_DATA))
     )
-    parser.add_argument("--splits", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--splits", type=int, default=10)
+    parser.add_argument("--first-split", type=int, default=200)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--cycles", type=int, default=2, help="the space has 1 to 2x cycles")
+    parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
-    parser.add_argument("--max-forgetting", type=float, default=MAX_FORGETTING)
-    parser.add_argument("--quick", action="store_true", help="2 splits, 4 trials, 2 folds")
+    parser.add_argument("--pruning", nargs="*", default=list(PRUNED), choices=list(PRUNED))
+    parser.add_argument(
+        "--pruning-budget",
+        type=int,
+        default=None,
+        help="run the pruned searches to unpruned TPE's hops at this trial budget (default: "
+        "the largest budget)",
+    )
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="1 split, budgets 3 and 5, 2 folds")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--name", default="heart_disease_samplers")
+    parser.add_argument("--render", type=Path, help="re-render an existing JSON report")
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        _write(report, args.render.parent, args.render.stem)
+        print(markdown(report))
+        return 0
     if args.quick:
-        args.splits, args.trials, args.folds, args.cycles, args.max_steps = 2, 4, 2, 2, 20
+        args.splits, args.budgets, args.folds, args.max_steps = 1, [3, 5], 2, 20
+    if sorted(args.budgets) != args.budgets or args.budgets[0] < 1:
+        parser.error("--budgets must be increasing positive trial counts")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="baton-heart-samplers-"))
     out = args.out or (work / "results" if args.quick else RESULTS_DIR)
     site_dirs = _register_sites(args.data, work)
-    config: dict[str, Any] = {"trials": args.trials, "folds": args.folds, "cycles": args.cycles,
-                              "max_steps": args.max_steps, "jobs": 1,
-                              "max_forgetting": args.max_forgetting}  # fmt: skip
+    samplers = list(dict.fromkeys([BASELINE, UNPRUNED, *args.samplers]))
+    config: dict[str, Any] = {
+        "budgets": args.budgets,
+        "folds": args.folds,
+        "cycles": args.cycles,
+        "max_steps": args.max_steps,
+        "samplers": samplers,
+        "pruning": args.pruning,
+        "pruning_budget": args.pruning_budget or max(args.budgets),
+        "jobs": args.jobs,
+    }
+    splits = list(range(args.first_split, args.first_split + args.splits))
     report: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}, torch {torch.__version__}",
-        "splits": list(range(args.splits)),
+        f"{platform.python_version()}, torch {torch.__version__}, optuna {optuna.__version__}",
+        "splits": splits,
         "config": config,
         "cells": [],
     }
-    # Unpruned TPE first on each split: the pruned search's equal-steps budget is what it spent.
-    order = sorted(args.samplers, key=lambda n: (n == PRUNED, n != "tpe"))
-    _init_worker(site_dirs)
-    for split in range(args.splits):
-        for name in order:
-            spent = [c["steps"] for c in report["cells"]
-                     if c["sampler"] == "tpe" and c["split"] == split]  # fmt: skip
-            cell_config = {**config, "step_budget": spent[0] if spent else None}
-            report["cells"] += run_cell(name, split, cell_config)
+    # Setting by setting (per-site first: there the order matters), so a run cut short still
+    # leaves one setting's paired tables over every split.
+    wanted = [(setting, split, config) for setting in args.settings for split in splits]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(
+            args.jobs, initializer=_init_worker, initargs=(site_dirs,)
+        ) as pool:
+            for cell in pool.map(_cell_worker, wanted):
+                report["cells"].append(cell)
+                report["wall_seconds"] = time.perf_counter() - started
+                _write(report, out, args.name)
+    else:
+        _init_worker(site_dirs)
+        for item in wanted:
+            report["cells"].append(_cell_worker(item))
             report["wall_seconds"] = time.perf_counter() - started
             _write(report, out, args.name)
     report["wall_seconds"] = time.perf_counter() - started

@@ -193,3 +193,19 @@ def test_a_finished_run_is_never_pruned_after_its_last_cycle(
     study.enqueue(synthetic.best_order, synthetic.best_order[::-1])
     records = study.optimize(synthetic, n_trials=2)
     assert [r.state for r in records] == ["COMPLETE", "COMPLETE"]
+
+
+def test_default_pruning_compares_from_two_completed_trials_of_the_stage() -> None:
+    study = optuna.create_study(direction="maximize", pruner=PruningSettings().pruner())
+    key = stage_key(1.0, 3)
+    _finished(study, key, [0.7, 0.8, 0.85])
+    low = study.ask()
+    low.set_user_attr(STAGE_ATTR, key)
+    low.report(0.2, 0)
+    assert not low.should_prune()  # one comparable trial: not yet
+    study.tell(low, state=TrialState.PRUNED)
+    _finished(study, key, [0.75, 0.8, 0.9])
+    low = study.ask()
+    low.set_user_attr(STAGE_ATTR, key)
+    low.report(0.2, 0)
+    assert low.should_prune()  # below the median of the stage's two completed trials
