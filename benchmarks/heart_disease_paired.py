@@ -36,7 +36,16 @@ fold draw, sites' and visits' scores averaged, the first repeat being the split'
 set it for every comparator alike. ``--audit`` also trains every completed trial of searched
 and random search on the split's training rows and tests it, reported only: the Spearman
 rank correlation of CV and test across a split's trials, of CV forgetting (on accuracy and on
-validation loss) and test forgetting, and what a CV forgetting limit would have cost.
+validation loss) and test forgetting, and what a CV forgetting limit would have cost. It
+audits random order's trials too, each on the fresh random order its final model trains on.
+
+Test forgetting is reported on three scales: accuracy (the target's; one Swiss test row is
+6.25 points, and a peak over noisy post-visit scores is biased upward), log-loss (rise from
+the lowest post-visit value, nats) and AUROC. ``--select RULE`` makes the three sequential
+methods select by one CV-only rule (least CV forgetting within a tolerance of the best CV, or
+CV minus a forgetting penalty); ``--render RUN.json --select RULE --name NEW`` applies a rule
+afterwards to an audited run, exactly (a selection rule never changes which trials run).
+``--order-spread N`` runs N orders at the tuned random-order settings: does the order matter?
 
     .venv/bin/python benchmarks/heart_disease_paired.py --splits 10 --trials 10 --jobs 2
     .venv/bin/python benchmarks/heart_disease_paired.py --quick        # smoke run, seconds
