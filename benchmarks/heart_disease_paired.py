@@ -848,12 +848,20 @@ def run_cell(setting: str, split: int, config: Mapping[str, Any]) -> dict[str, A
         config.get("forgetting_tolerance"), config.get("select"),
         int(config.get("order_spread") or 0),
     )  # fmt: skip
-    methods["fedavg"] = _fedavg(trainer, setting, datasets, split, trials, folds,
-                                config["max_fedavg_steps"], config["max_rounds"],
-                                objective, repeats)  # fmt: skip
-    methods["pooled"] = _pooled(trainer, setting, datasets, split, trials, folds,
-                                config["max_pooled_steps"], objective, repeats)  # fmt: skip
+    reused = (config.get("reuse_baselines") or {}).get(f"{setting}:{split}")
+    if reused is not None:
+        # FedAvg and pooled of an earlier run of this split with the same settings: every run
+        # is deterministic (seeded), so running them again gives the same figures.
+        methods.update({m: {**reused[m], "reused": True} for m in ("fedavg", "pooled")})
+    else:
+        methods["fedavg"] = _fedavg(trainer, setting, datasets, split, trials, folds,
+                                    config["max_fedavg_steps"], config["max_rounds"],
+                                    objective, repeats)  # fmt: skip
+        methods["pooled"] = _pooled(trainer, setting, datasets, split, trials, folds,
+                                    config["max_pooled_steps"], objective, repeats)  # fmt: skip
     for method in methods.values():
+        if method.get("reused"):
+            continue
         scores = method["site_test_accuracy"]
         method["final_collapsed"] = scores.pop(COLLAPSED_KEY, None)
         for key in TEST_FORGETTING_KEYS:
@@ -1558,6 +1566,15 @@ def _write(report: dict[str, Any], out: Path, name: str) -> None:
     plot(report, out / f"{name}.png")
 
 
+def _baselines(path: Path) -> dict[str, dict[str, Any]]:
+    """FedAvg and pooled of every cell of an earlier run, by "setting:split"."""
+    cells = json.loads(path.read_text())["cells"]
+    return {
+        f"{c['setting']}:{c['split']}": {m: c["methods"][m] for m in ("fedavg", "pooled")}
+        for c in cells
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -1630,6 +1647,12 @@ def main(argv: list[str] | None = None) -> int:
         "hyperparameters are tuned?",
     )
     parser.add_argument(
+        "--reuse-baselines",
+        type=Path,
+        help="Take FedAvg and pooled of each (setting, split) from this earlier run's JSON "
+        "instead of running them again (same seeds and settings give the same figures)",
+    )
+    parser.add_argument(
         "--audit",
         action="store_true",
         help="Also test every completed trial of searched and random search (reported only: "
@@ -1677,6 +1700,7 @@ def main(argv: list[str] | None = None) -> int:
         "forgetting_tolerance": args.forgetting_tolerance,
         "select": args.select,
         "order_spread": args.order_spread,
+        "reuse_baselines": _baselines(args.reuse_baselines) if args.reuse_baselines else None,
         "cycles": args.cycles,
         "max_steps": args.max_steps,
         "max_fedavg_steps": args.max_fedavg_steps,
@@ -1699,7 +1723,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
         f"{platform.python_version()}, torch {torch.__version__}",
         "splits": splits,
-        "config": config,
+        # The reused baselines by path, not their figures (those land in the cells).
+        "config": {**config, "reuse_baselines": args.reuse_baselines and str(args.reuse_baselines)},
         "cells": [],
     }
     if args.jobs <= 1:
