@@ -1318,8 +1318,14 @@ def markdown(report: Mapping[str, Any]) -> str:
             else "no forgetting limit in selection. "
         )
         + (
-            f"Selection (searched, random search, random order): rule `{config['select']}` "
-            "(reads CV only). "
+            f"Selection ({', '.join(config.get('reselected_methods', SEQUENTIAL))}): rule "
+            f"`{config['select']}` (reads CV only"
+            + (
+                "; applied afterwards to the audited trials; the other methods keep the "
+                "study's best CV). "
+                if "reselected_methods" in config
+                else "). "
+            )
             if config.get("select")
             else ""
         )
@@ -1525,10 +1531,23 @@ def plot(report: Mapping[str, Any], out: Path) -> bool:
 SEQUENTIAL = ("searched", "random-search", "random-order")
 
 
-def reselect(report: Mapping[str, Any], rule: str) -> dict[str, Any]:
-    """`report` with every sequential method's selection redone by `rule` (`selection_rule`,
-    CV only) from its audited trials: exact, because a selection rule never changes which
-    trials a study runs. Needs a run with ``--audit``.
+def audited_methods(report: Mapping[str, Any]) -> tuple[str, ...]:
+    """The sequential methods with tested trials in every cell of `report` (random order's
+    trials are audited since session 7 only)."""
+    return tuple(
+        m
+        for m in SEQUENTIAL
+        if all(any("test" in t for t in c["methods"][m].get("trial_audit", []))
+               for c in report["cells"])
+    )  # fmt: skip
+
+
+def reselect(
+    report: Mapping[str, Any], rule: str, methods: Sequence[str] = SEQUENTIAL
+) -> dict[str, Any]:
+    """`report` with `methods`' selections redone by `rule` (`selection_rule`, CV only) from
+    their audited trials: exact, because a selection rule never changes which trials a study
+    runs. Needs a run with ``--audit``; other methods keep their selection.
 
     Raises:
         ValueError: If the rule is unknown or a method of a cell has no audited trials.
@@ -1536,14 +1555,14 @@ def reselect(report: Mapping[str, Any], rule: str) -> dict[str, Any]:
     pick = selection_rule(rule)
     cells = []
     for cell in report["cells"]:
-        methods = dict(cell["methods"])
-        for name in SEQUENTIAL:
-            audited = [t for t in methods[name].get("trial_audit", []) if "test" in t]
+        updated = dict(cell["methods"])
+        for name in methods:
+            audited = [t for t in updated[name].get("trial_audit", []) if "test" in t]
             if not audited:
                 raise ValueError(f"split {cell['split']} {name}: no audited trials to reselect")
             chosen = pick(audited)
-            methods[name] = {
-                **methods[name],
+            updated[name] = {
+                **updated[name],
                 "reselected": {"rule": rule, "trial": chosen["number"]},
                 "test_avg": chosen["test"],
                 "cv_accuracy": chosen["cv"],
@@ -1552,8 +1571,8 @@ def reselect(report: Mapping[str, Any], rule: str) -> dict[str, Any]:
                 TEST_LOSS_FORGETTING_KEY: chosen.get("test_loss_forgetting"),
                 TEST_AUROC_FORGETTING_KEY: chosen.get("test_auroc_forgetting"),
             }
-        cells.append({**cell, "methods": methods})
-    config = {**report["config"], "select": rule}
+        cells.append({**cell, "methods": updated})
+    config = {**report["config"], "select": rule, "reselected_methods": list(methods)}
     return {**report, "cells": cells, "config": config}
 
 
@@ -1678,7 +1697,8 @@ def main(argv: list[str] | None = None) -> int:
         name = args.render.stem
         if args.select is not None:
             # Reselect from the audited trials: written under --name, the run's JSON untouched.
-            rendered, name = reselect(rendered, args.select), args.name
+            methods = audited_methods(rendered)
+            rendered, name = reselect(rendered, args.select, methods), args.name
             rendered["command"] += f" (reselected: --render --select {args.select})"
         _write(rendered, args.render.parent, name)
         return 0

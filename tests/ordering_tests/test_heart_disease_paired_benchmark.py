@@ -282,3 +282,24 @@ def test_choose_applies_a_rule_to_a_studys_trials_with_the_executors_loss_forget
     )
     with pytest.raises(RuntimeError, match="every trial failed"):
         bench.choose([], executor, "best")
+
+
+def test_reselect_of_an_older_run_leaves_random_order_without_audited_trials_as_it_was(
+    bench: Any,
+) -> None:
+    cell = {
+        "setting": "global",
+        "split": 0,
+        "methods": {
+            "searched": {"trial_audit": _TRIALS, "test_avg": 0.75},
+            "random-search": {"trial_audit": _TRIALS, "test_avg": 0.75},
+            "random-order": {"trial_audit": [{"number": 0, "cv": 0.8}], "test_avg": 0.77},
+        },
+    }
+    report = {"cells": [cell], "config": {}}
+    methods = bench.audited_methods(report)
+    assert methods == ("searched", "random-search")
+    out = bench.reselect(report, "accuracy-within:0.02", methods)
+    assert out["cells"][0]["methods"]["random-order"] == cell["methods"]["random-order"]
+    assert out["cells"][0]["methods"]["searched"]["test_avg"] == 0.74
+    assert out["config"]["reselected_methods"] == ["searched", "random-search"]
