@@ -1240,8 +1240,11 @@ def verdict(settings: Mapping[str, Any]) -> list[str]:
     for setting, result in settings.items():
         paired = result["paired"]
         rs, ro, pooled = paired["random-search"], paired["random-order"], paired["pooled"]
-        forgetting = result["methods"]["searched"]["worst_forgetting_max"]
-        collapsed = result["methods"]["searched"]["final_collapsed"]
+        searched = result["methods"]["searched"]
+        # Judged on test accuracy, as the issue defines it (CV beside it, never instead).
+        forgetting = searched.get("test_forgetting_max")
+        cv_forgetting = searched["worst_forgetting_max"]
+        collapsed = searched["final_collapsed"]
         checks = [
             (
                 "searched - random search >= 0 in the mean, lower bound >= -1 point",
@@ -1249,14 +1252,19 @@ def verdict(settings: Mapping[str, Any]) -> list[str]:
                 f"{rs['mean']:+.3f} [{rs['low']:+.3f}, {rs['high']:+.3f}]",
             ),
             (
-                "worst-site forgetting of the selected schedule ≤ 2 points (every split)",
+                "worst-site forgetting of the selected schedule on test accuracy ≤ 2 points "
+                "(every split)",
                 forgetting is not None and forgetting <= 0.02,
-                f"CV max over splits {forgetting:.3f}; on test (reported only) mean "
-                f"{result['methods']['searched']['test_forgetting_mean']:.3f}, max "
-                f"{result['methods']['searched']['test_forgetting_max']:.3f}"
+                f"on test max over splits {forgetting:.3f}, mean "
+                f"{searched['test_forgetting_mean']:.3f}; on CV max {_num(cv_forgetting)}"
+                + (
+                    f"; on test log-loss mean {searched[f'{TEST_LOSS_FORGETTING_KEY}_mean']:.3f} "
+                    "nats"
+                    if searched.get(f"{TEST_LOSS_FORGETTING_KEY}_mean") is not None
+                    else ""
+                )
                 if forgetting is not None
-                and result["methods"]["searched"].get("test_forgetting_max") is not None
-                else (f"max over splits {forgetting:.3f}" if forgetting is not None else "n/a"),
+                else "not measured",
             ),
             (
                 "no selected schedule is a collapsed model (one class on every test row)",

@@ -303,3 +303,25 @@ def test_reselect_of_an_older_run_leaves_random_order_without_audited_trials_as_
     assert out["cells"][0]["methods"]["random-order"] == cell["methods"]["random-order"]
     assert out["cells"][0]["methods"]["searched"]["test_avg"] == 0.74
     assert out["config"]["reselected_methods"] == ["searched", "random-search"]
+
+
+def test_the_forgetting_target_is_judged_on_test_accuracy_not_on_cv(bench: Any) -> None:
+    paired = {"mean": 0.01, "low": 0.001, "high": 0.02}
+    searched = {
+        "worst_forgetting_max": 0.01,  # within the target on CV
+        "test_forgetting_max": 0.0625,  # one Swiss test row lost
+        "test_forgetting_mean": 0.03,
+        "final_collapsed": 0,
+    }
+    settings = {
+        "global": {
+            "splits": [0],
+            "methods": {"searched": searched},
+            "paired": {m: paired for m in ("random-search", "random-order", "pooled")},
+        }
+    }
+    line = next(v for v in bench.verdict(settings) if "forgetting" in v)
+    assert "**missed**" in line and "on test max over splits 0.062" in line
+    searched["test_forgetting_max"] = 0.0
+    line = next(v for v in bench.verdict(settings) if "forgetting" in v)
+    assert "**met**" in line
