@@ -1593,6 +1593,35 @@ def _write(report: dict[str, Any], out: Path, name: str) -> None:
     plot(report, out / f"{name}.png")
 
 
+# Config keys that may differ between runs merged into one report (how, not what, was run).
+_RUN_KEYS = ("jobs", "reuse_baselines")
+
+
+def merge(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One report from runs of the same configuration over different (setting, split) cells.
+
+    Raises:
+        ValueError: If the runs' configurations differ (beyond workers and reused baselines) or
+            a cell appears twice.
+    """
+    configs = {
+        json.dumps({k: v for k, v in r["config"].items() if k not in _RUN_KEYS}, sort_keys=True)
+        for r in reports
+    }
+    if len(configs) != 1:
+        raise ValueError(f"cannot merge runs of different configurations: {sorted(configs)}")
+    cells = [c for r in reports for c in r["cells"]]
+    keys = [(c["setting"], c["split"]) for c in cells]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a (setting, split) appears in more than one run: {sorted(keys)}")
+    merged = dict(reports[0])
+    merged["cells"] = sorted(cells, key=lambda c: (SETTINGS.index(c["setting"]), c["split"]))
+    merged["splits"] = sorted({c["split"] for c in cells})
+    merged["command"] = " + ".join(r["command"] for r in reports)
+    merged["wall_seconds"] = sum(r["wall_seconds"] for r in reports)
+    return merged
+
+
 def _baselines(path: Path) -> dict[str, dict[str, Any]]:
     """FedAvg and pooled of every cell of an earlier run, by "setting:split"."""
     cells = json.loads(path.read_text())["cells"]
@@ -1691,7 +1720,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--name", default="heart_disease_paired")
     parser.add_argument("--render", type=Path, help="Only rewrite the report from this JSON")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="Combine runs of one configuration into --name"
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            merged = merge([json.loads(path.read_text()) for path in args.merge])
+        except ValueError as exc:
+            parser.error(str(exc))
+        _write(merged, args.out or RESULTS_DIR, args.name)
+        return 0
     if args.select is not None:
         try:
             selection_rule(args.select)

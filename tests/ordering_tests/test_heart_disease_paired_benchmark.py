@@ -325,3 +325,21 @@ def test_the_forgetting_target_is_judged_on_test_accuracy_not_on_cv(bench: Any) 
     searched["test_forgetting_max"] = 0.0
     line = next(v for v in bench.verdict(settings) if "forgetting" in v)
     assert "**met**" in line
+
+
+def test_merge_combines_runs_of_one_configuration_and_refuses_others(bench: Any) -> None:
+    def run(split: int, **config: Any) -> dict[str, Any]:
+        return {
+            "command": f"run {split}",
+            "wall_seconds": 10.0,
+            "config": {"trials": 10, "jobs": 1, **config},
+            "cells": [{"setting": "global", "split": split}],
+        }
+
+    merged = bench.merge([run(3, jobs=2, reuse_baselines="x.json"), run(0)])
+    assert [c["split"] for c in merged["cells"]] == [0, 3]
+    assert merged["splits"] == [0, 3] and merged["wall_seconds"] == 20.0
+    with pytest.raises(ValueError, match="different configurations"):
+        bench.merge([run(0), run(1, trials=8)])
+    with pytest.raises(ValueError, match="more than one run"):
+        bench.merge([run(0), run(0)])
