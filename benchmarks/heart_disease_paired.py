@@ -1025,12 +1025,14 @@ def choose(records: Sequence[TrialRecord], executor: TwinExecutor, rule: str) ->
 
 
 def _smooth_means(chosen: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Mean test forgetting on log-loss and AUROC of the chosen trials, where measured."""
+    """Mean and median test forgetting on log-loss and AUROC of the chosen trials, where
+    measured (log-loss is heavy-tailed: a model with extreme logits on a few test rows)."""
     out = {}
     for key in ("test_loss_forgetting", "test_auroc_forgetting"):
         values = [t[key] for t in chosen if t.get(key) is not None]
         if values:
             out[f"{key}_mean"] = statistics.fmean(values)
+            out[f"{key}_median"] = statistics.median(values)
     return out
 
 
@@ -1198,7 +1200,11 @@ def summarise(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 **{
                     f"{key}_{name}": fn(values) if values else None
                     for key, values in smooth.items()
-                    for name, fn in (("mean", statistics.fmean), ("max", max))
+                    for name, fn in (
+                        ("mean", statistics.fmean),
+                        ("median", statistics.median),
+                        ("max", max),
+                    )
                 },
                 "order_importance_mean": statistics.fmean(shares) if shares else None,
                 "order_importance_studies": len(shares),
@@ -1371,7 +1377,7 @@ def markdown(report: Mapping[str, Any]) -> str:
             "",
             "| method | test Avg (mean ± sd over splits) | CV mean accuracy | searched - method "
             "[95% CI] | Wilcoxon p | wins/ties/losses | worst-site forgetting, CV, mean (max) | "
-            "on test, mean (max) | on test log-loss (nats), mean (max) | on test AUROC, mean "
+            "on test, mean (max) | on test log-loss (nats), median (max) | on test AUROC, mean "
             "(max) | order importance (mean share) | failed trials | final model collapsed |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -1398,7 +1404,7 @@ def markdown(report: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {method} | {summary['test_avg_mean']:.3f} ± {summary['test_avg_std']:.3f} | "
                 f"{summary['cv_mean']:.3f} | {diff} | {forgetting} | {test_forgetting} | "
-                f"{_mean_max(summary, TEST_LOSS_FORGETTING_KEY)} | "
+                f"{_mean_max(summary, TEST_LOSS_FORGETTING_KEY, 'median')} | "
                 f"{_mean_max(summary, TEST_AUROC_FORGETTING_KEY)} | "
                 f"{_num(summary.get('order_importance_mean'))} | "
                 f"{summary['failed_trials']}/{summary['trials']} | "
@@ -1460,12 +1466,12 @@ def _audit_lines(audit: Mapping[str, Any] | None) -> list[str]:
             "Selection rules recomputed on the same audited trials (searched and random search; "
             "each rule reads CV only, test is read to report):",
             "",
-            "| rule | test Avg | test forgetting (accuracy), mean (max) | on log-loss, mean "
+            "| rule | test Avg | test forgetting (accuracy), mean (max) | on log-loss, median "
             "(nats) | on AUROC, mean | studies |",
             "|---|---|---|---|---|---|",
             *(
                 f"| {name} | {r['test_avg']:.3f} | {r['test_forgetting_mean']:.3f} "
-                f"({r['test_forgetting_max']:.3f}) | {_num(r.get('test_loss_forgetting_mean'))} "
+                f"({r['test_forgetting_max']:.3f}) | {_num(r.get('test_loss_forgetting_median'))} "
                 f"| {_num(r.get('test_auroc_forgetting_mean'))} | {r['studies']} |"
                 for name, r in rules.items()
             ),
@@ -1474,8 +1480,8 @@ def _audit_lines(audit: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
-def _mean_max(summary: Mapping[str, Any], key: str) -> str:
-    mean, top = summary.get(f"{key}_mean"), summary.get(f"{key}_max")
+def _mean_max(summary: Mapping[str, Any], key: str, centre: str = "mean") -> str:
+    mean, top = summary.get(f"{key}_{centre}"), summary.get(f"{key}_max")
     return "n/a" if mean is None or top is None else f"{mean:.3f} ({top:.3f})"
 
 
@@ -1572,6 +1578,9 @@ def reselect(
             updated[name] = {
                 **updated[name],
                 "reselected": {"rule": rule, "trial": chosen["number"]},
+                # The audit keeps no plans: name the trial rather than show the old choice's.
+                "chosen_plan": f"trial {chosen['number']} ({rule})",
+                "chosen_hyperparameters": None,
                 "test_avg": chosen["test"],
                 "cv_accuracy": chosen["cv"],
                 "cv_worst_forgetting": chosen.get("cv_forgetting"),
