@@ -1264,9 +1264,9 @@ def verdict(settings: Mapping[str, Any]) -> list[str]:
                 f"on test max over splits {forgetting:.3f}, mean "
                 f"{searched['test_forgetting_mean']:.3f}; on CV max {_num(cv_forgetting)}"
                 + (
-                    f"; on test log-loss mean {searched[f'{TEST_LOSS_FORGETTING_KEY}_mean']:.3f} "
-                    "nats"
-                    if searched.get(f"{TEST_LOSS_FORGETTING_KEY}_mean") is not None
+                    "; on test log-loss median "
+                    f"{searched[f'{TEST_LOSS_FORGETTING_KEY}_median']:.3f} nats"
+                    if searched.get(f"{TEST_LOSS_FORGETTING_KEY}_median") is not None
                     else ""
                 )
                 if forgetting is not None
