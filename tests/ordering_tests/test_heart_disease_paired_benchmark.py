@@ -4,6 +4,7 @@ shares), forgetting on validation loss and the per-trial audit, on tiny syntheti
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import statistics
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ordering import FloatRange, IntRange, SearchSpace
+from ordering import FloatRange, IntRange, OrderingStudy, SearchSpace
 from site_agent.examples import TabularExample
 from site_agent.registry import RegisteredDataset
 from site_agent.simulation import CrossValidationResult
@@ -169,3 +170,176 @@ def test_audit_tolerance_rules_trade_at_most_the_tolerance_of_cv_for_less_forget
     assert rules["least accuracy forgetting within 0.02 of the best CV"]["test_avg"] == (
         pytest.approx(0.70)
     )
+
+
+def test_test_forgetting_is_the_worst_sites_drop_on_accuracy_loss_and_auroc(bench: Any) -> None:
+    visits = [
+        ("a", {"accuracy": 0.75, "loss": 0.50, "auroc": 0.80}),
+        ("b", {"accuracy": 0.60, "loss": 0.60, "auroc": math.nan}),  # one-class test rows
+        ("a", {"accuracy": 0.70, "loss": 0.40, "auroc": 0.90}),
+    ]
+    final = {
+        "a": {"accuracy": 0.70, "loss": 0.45, "auroc": 0.85},
+        "b": {"accuracy": 0.50, "loss": 0.62, "auroc": math.nan},
+    }
+    out = bench.test_forgetting(visits, final)
+    assert out[bench.TEST_FORGETTING_KEY] == pytest.approx(0.10)  # b: 0.60 -> 0.50
+    assert out[bench.TEST_LOSS_FORGETTING_KEY] == pytest.approx(0.05)  # a: 0.40 -> 0.45
+    assert out[bench.TEST_AUROC_FORGETTING_KEY] == pytest.approx(0.05)  # b left out
+    only_b = bench.test_forgetting(visits[1:2], {"b": final["b"]})
+    assert bench.TEST_AUROC_FORGETTING_KEY not in only_b
+
+
+_TRIALS = [
+    {"number": 0, "cv": 0.80, "cv_forgetting": 0.10, "loss_forgetting": 0.30, "test": 0.75,
+     "test_forgetting": 0.12},
+    {"number": 1, "cv": 0.78, "cv_forgetting": 0.00, "loss_forgetting": 0.05, "test": 0.74,
+     "test_forgetting": 0.00},
+    {"number": 2, "cv": 0.70, "cv_forgetting": 0.00, "loss_forgetting": 0.00, "test": 0.90,
+     "test_forgetting": 0.00},
+]  # fmt: skip
+
+
+def test_selection_rules_read_cv_only_and_trade_cv_for_less_forgetting(bench: Any) -> None:
+    assert bench.selection_rule("best")(_TRIALS) is _TRIALS[0]
+    assert bench.selection_rule("accuracy-within:0.01")(_TRIALS) is _TRIALS[0]
+    assert bench.selection_rule("accuracy-within:0.02")(_TRIALS) is _TRIALS[1]
+    assert bench.selection_rule("loss-within:0.1")(_TRIALS) is _TRIALS[2]
+    # 0.80 - 0.5 x 0.10 = 0.75 < 0.78: the penalty moves the choice; 0.1 does not.
+    assert bench.selection_rule("accuracy-penalty:0.5")(_TRIALS) is _TRIALS[1]
+    assert bench.selection_rule("accuracy-penalty:0.1")(_TRIALS) is _TRIALS[0]
+    flipped = [dict(t, test=1 - t["test"]) for t in _TRIALS]  # test never changes a choice
+    assert bench.selection_rule("accuracy-penalty:0.5")(flipped)["number"] == 1
+    for bad in ("worst", "accuracy-within", "loss-penalty:-1", "auroc-within:0.1"):
+        with pytest.raises(ValueError, match="unknown selection rule"):
+            bench.selection_rule(bad)
+
+
+def test_reselect_redoes_every_sequential_methods_choice_from_its_audited_trials(
+    bench: Any,
+) -> None:
+    cell = {
+        "setting": "per-site",
+        "split": 0,
+        "methods": {
+            **{m: {"trial_audit": _TRIALS, "test_avg": 0.75} for m in bench.SEQUENTIAL},
+            "fedavg": {"test_avg": 0.70},
+        },
+    }
+    report = {"cells": [cell], "config": {"select": None}}
+    out = bench.reselect(report, "accuracy-within:0.02")
+    for method in bench.SEQUENTIAL:
+        chosen = out["cells"][0]["methods"][method]
+        assert chosen["test_avg"] == 0.74 and chosen["reselected"]["trial"] == 1
+        assert chosen[bench.TEST_FORGETTING_KEY] == 0.0
+    assert out["cells"][0]["methods"]["fedavg"] == {"test_avg": 0.70}
+    assert out["config"]["select"] == "accuracy-within:0.02"
+    assert cell["methods"]["searched"]["test_avg"] == 0.75  # the run's report is untouched
+    del cell["methods"]["random-order"]["trial_audit"]
+    with pytest.raises(ValueError, match="random-order: no audited trials"):
+        bench.reselect(report, "best")
+
+
+def test_order_spread_summary_reports_what_the_cv_best_order_gains_over_the_mean_order(
+    bench: Any,
+) -> None:
+    def cell(split: int, tests: list[float], cvs: list[float]) -> dict[str, Any]:
+        spread = [
+            {"order": [str(i)], "cv": cv, "test": t, "test_forgetting": 0.01 * i}
+            for i, (t, cv) in enumerate(zip(tests, cvs, strict=True))
+        ]
+        spread.append({"order": ["x"], "failure_reason": "collapsed"})  # left out
+        return {"split": split, "methods": {"random-order": {"order_spread": spread}}}
+
+    rows = [cell(0, [0.70, 0.80, 0.75], [0.6, 0.9, 0.7]), cell(1, [0.70, 0.72], [0.8, 0.7])]
+    summary = bench.order_spread_summary(rows)
+    gains = summary["cv_best_gain"]["differences"]
+    assert gains == [pytest.approx(0.80 - 0.75), pytest.approx(0.70 - 0.71)]
+    assert summary["orders"] == pytest.approx(2.5)
+    assert summary["oracle_gain_mean"] == pytest.approx((0.05 + 0.01) / 2)
+    assert summary["test_range_mean"] == pytest.approx((0.10 + 0.02) / 2)
+    assert bench.order_spread_summary([{"split": 0, "methods": {"random-order": {}}}]) is None
+
+
+@pytest.mark.slow  # a 4-trial study on the twin: seconds on a quiet machine, more under load
+def test_choose_applies_a_rule_to_a_studys_trials_with_the_executors_loss_forgetting(
+    bench: Any, trainer: TabularTrainer
+) -> None:
+    datasets = [_site("a", 16, 0.0), _site("b", 12, 0.7)]
+    space = SearchSpace(
+        sites=("a", "b"), cycles=IntRange(1, 2), learning_rate=FloatRange(1e-2, 3e-1, log=True),
+        steps=IntRange(2, 8), batch_size=4, max_grad_norm=0.0, seed=0,
+    )  # fmt: skip
+    executor = bench.TwinExecutor(trainer, "per-site", datasets, 2)
+    study = OrderingStudy.create(None, "choose", space, seed=1, pruning=None)
+    records = study.optimize(executor, 4)
+    complete = [r for r in records if r.state == "COMPLETE"]
+    loss = {r.number: executor.audit[bench.plan_key(r.plan)]["loss_forgetting"] for r in complete}
+    assert bench.choose(records, executor, "best").number == study.best_record().number
+    assert (
+        bench.choose(records, executor, "loss-within:1").number
+        == min(complete, key=lambda r: (loss[r.number], -(r.value or 0.0))).number
+    )
+    with pytest.raises(RuntimeError, match="every trial failed"):
+        bench.choose([], executor, "best")
+
+
+def test_reselect_of_an_older_run_leaves_random_order_without_audited_trials_as_it_was(
+    bench: Any,
+) -> None:
+    cell = {
+        "setting": "global",
+        "split": 0,
+        "methods": {
+            "searched": {"trial_audit": _TRIALS, "test_avg": 0.75},
+            "random-search": {"trial_audit": _TRIALS, "test_avg": 0.75},
+            "random-order": {"trial_audit": [{"number": 0, "cv": 0.8}], "test_avg": 0.77},
+        },
+    }
+    report = {"cells": [cell], "config": {}}
+    methods = bench.audited_methods(report)
+    assert methods == ("searched", "random-search")
+    out = bench.reselect(report, "accuracy-within:0.02", methods)
+    assert out["cells"][0]["methods"]["random-order"] == cell["methods"]["random-order"]
+    assert out["cells"][0]["methods"]["searched"]["test_avg"] == 0.74
+    assert out["config"]["reselected_methods"] == ["searched", "random-search"]
+
+
+def test_the_forgetting_target_is_judged_on_test_accuracy_not_on_cv(bench: Any) -> None:
+    paired = {"mean": 0.01, "low": 0.001, "high": 0.02}
+    searched = {
+        "worst_forgetting_max": 0.01,  # within the target on CV
+        "test_forgetting_max": 0.0625,  # one Swiss test row lost
+        "test_forgetting_mean": 0.03,
+        "final_collapsed": 0,
+    }
+    settings = {
+        "global": {
+            "splits": [0],
+            "methods": {"searched": searched},
+            "paired": {m: paired for m in ("random-search", "random-order", "pooled")},
+        }
+    }
+    line = next(v for v in bench.verdict(settings) if "forgetting" in v)
+    assert "**missed**" in line and "on test max over splits 0.062" in line
+    searched["test_forgetting_max"] = 0.0
+    line = next(v for v in bench.verdict(settings) if "forgetting" in v)
+    assert "**met**" in line
+
+
+def test_merge_combines_runs_of_one_configuration_and_refuses_others(bench: Any) -> None:
+    def run(split: int, **config: Any) -> dict[str, Any]:
+        return {
+            "command": f"run {split}",
+            "wall_seconds": 10.0,
+            "config": {"trials": 10, "jobs": 1, **config},
+            "cells": [{"setting": "global", "split": split}],
+        }
+
+    merged = bench.merge([run(3, jobs=2, reuse_baselines="x.json"), run(0)])
+    assert [c["split"] for c in merged["cells"]] == [0, 3]
+    assert merged["splits"] == [0, 3] and merged["wall_seconds"] == 20.0
+    with pytest.raises(ValueError, match="different configurations"):
+        bench.merge([run(0), run(1, trials=8)])
+    with pytest.raises(ValueError, match="more than one run"):
+        bench.merge([run(0), run(0)])
