@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import gzip
 import itertools
 import json
@@ -339,6 +340,15 @@ def site_cpu(work: Path, repeats: int, steps: int) -> dict[str, Any]:
     )
     from site_agent.tasks._loop import warm_up_optimizer
 
+    collections: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    collecting: list[float] = []
+
+    def note_collection(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collecting[:] = [time.perf_counter()]
+        elif collecting:
+            collections[info["generation"]].append((time.perf_counter() - collecting[0]) * 1000)
+
     prepare_pki(work / "pki", ["hospital-a"])
     labels = write_site_data(work / "hospital-a", 0, len(SITES))
     key, ca = (work / "pki" / "hospital-a.key"), (work / "pki" / "ca.crt").read_bytes()
@@ -353,6 +363,16 @@ def site_cpu(work: Path, repeats: int, steps: int) -> dict[str, Any]:
     dataset = load_registered(work / "hospital-a", DATASET)
     hyperparameters = HopHyperparameters(steps=steps, batch_size=16, learning_rate=2e-3, seed=1)
     held = trainer.base_model_sha256
+    trainer.load_base_model(spec)
+    try:  # as the agent does once a trainer has loaded (where its code has it)
+        from site_agent.hop_runner import settle_heap
+    except ImportError:
+        settle = "no"
+    else:
+        settle_heap()
+        settle = "yes"
+    frozen = gc.get_freeze_count()
+    tracked = len(gc.get_objects())
     samples: dict[str, list[tuple[float, float]]] = {}
     entered: list[tuple[float, int]] = []  # (thread CPU, wall ns) when the optimizer loop starts
     real_train = _lora_trainer.train
@@ -370,6 +390,7 @@ def site_cpu(work: Path, repeats: int, steps: int) -> dict[str, Any]:
         )
 
     _lora_trainer.train = train  # type: ignore[assignment]
+    gc.callbacks.append(note_collection)
     try:
         incoming = None
         for repeat in range(repeats + 1):  # the first hop warms up and is not counted
@@ -405,6 +426,7 @@ def site_cpu(work: Path, repeats: int, steps: int) -> dict[str, Any]:
                 samples.clear()
     finally:
         _lora_trainer.train = real_train  # type: ignore[assignment]
+        gc.callbacks.remove(note_collection)
     table = {
         name: {
             "cpu_ms": round(statistics.median(c for c, _ in values), 3),
@@ -419,6 +441,21 @@ def site_cpu(work: Path, repeats: int, steps: int) -> dict[str, Any]:
         "steps": table,
         "on_the_handoff_cpu_ms": round(sum(table[n]["cpu_ms"] for n in on_path), 3),
         "load_average_1m": round(os.getloadavg()[0], 1),
+        # The cyclic garbage collector over all the hops (warm-up included): a collection that
+        # falls inside a handoff holds it up by its whole wall time.
+        "garbage_collector": {
+            "heap_settled_after_load": settle,
+            "frozen_objects": frozen,
+            "tracked_objects": tracked,
+            "collections": {
+                f"generation {generation}": {
+                    "count": len(ms),
+                    "total_ms": round(sum(ms), 1),
+                    "max_ms": round(max(ms), 1) if ms else 0.0,
+                }
+                for generation, ms in collections.items()
+            },
+        },
     }
 
 
@@ -440,6 +477,16 @@ def _site_cpu_markdown(report: dict[str, Any]) -> str:
     lines += [f"| {n} | {v['cpu_ms']} | {v['wall_ms']} |" for n, v in cpu["steps"].items()]
     lines += ["", f"On the handoff (all but the preparation): {cpu['on_the_handoff_cpu_ms']} ms "
               "of CPU at the two sites."]  # fmt: skip
+    collector = cpu.get("garbage_collector")
+    if collector:
+        lines += ["", f"Garbage collector over all {cpu['repeats'] + 1} hops (warm-up included): "
+                  f"heap settled after the load: {collector['heap_settled_after_load']}, "
+                  f"{collector['frozen_objects']} objects frozen, "
+                  f"{collector['tracked_objects']} tracked outside them.", "",
+                  "| generation | collections | total ms | max ms |",
+                  "|---|---:|---:|---:|"]  # fmt: skip
+        lines += [f"| {g} | {v['count']} | {v['total_ms']} | {v['max_ms']} |"
+                  for g, v in collector["collections"].items()]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,7 @@ from site_agent.base_model import hash_base_model
 from site_agent.evaluation_task import EvaluationRunner
 from site_agent.examples import TASK_TYPES
 from site_agent.heads import HEAD_FILE, KeptHead
-from site_agent.hop_runner import HopRunner
+from site_agent.hop_runner import HopRunner, settle_heap
 from site_agent.metrics import SiteMetrics
 from site_agent.reconnect import ReconnectBackoff
 from site_agent.refusal import CertificateRefused, local_certificate_problem, probe_handshake
@@ -160,6 +160,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                     time.monotonic() - started,
                     time.process_time(),
                 )
+                settle_heap()  # what lives as long as the process: out of full collections
             return self._trainers[task_type]
 
     def _load_trainer(self, task_type: str) -> Trainer:

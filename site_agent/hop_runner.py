@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -38,29 +39,82 @@ if TYPE_CHECKING:
 logger = logging.getLogger("site_agent.agent")
 Metrics = dict[str, float]
 T = TypeVar("T")
-# How much lower than the agent's a deferred validation pass runs (a thread's nice value).
+# How much lower than the agent's a deferred validation pass runs (a thread's nice value), where
+# the idle scheduling class is not available.
 _VALIDATION_NICENESS = 10
 
 
-def at_low_priority(work: Callable[[], T]) -> T:
-    """Runs ``work`` on a thread of its own at a lower CPU priority and waits for it.
+def settle_heap() -> None:
+    """Collects once, then moves every object alive now out of the collector's full passes.
 
-    A committed hop's validation pass runs while the next site starts its hop and while the
-    coordinator commits: on a machine with few cores, it yields to them. Linux only (there a
-    thread has a nice value of its own); elsewhere it runs at the agent's priority. torch's
-    intra-op worker threads, if more than one is configured, keep theirs.
+    A site keeps torch, its task libraries and its base model for its lifetime: some 480,000
+    tracked objects that each full (generation 2) collection walks again, 100-500 ms on a loaded
+    2-core machine, about once per MiniLM hop, wherever it falls (a handoff too). Called once a
+    trainer has loaded, off the handoff; what is created later (a hop's model copy...) stays
+    collectable.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+class _CollectorHold:
+    """Keeps the cyclic garbage collector off from a hop's last step until its hand back is
+    answered: the span of a handoff the next site waits on this one.
+
+    A collection that falls there holds the handoff up by its whole length; held, it runs at
+    the start of the validation pass (on its idle-priority thread) or once the hop is over,
+    while the next site trains. Only the agent's task thread holds it.
+    """
+
+    def __init__(self) -> None:
+        self._held = False
+        self._was_enabled = False
+
+    def hold(self) -> None:
+        if not self._held:
+            self._was_enabled = gc.isenabled()
+            gc.disable()
+            self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            if self._was_enabled:
+                gc.enable()
+
+
+def _lower_this_threads_priority() -> None:
+    """Puts the calling thread in the idle scheduling class (Linux): it runs only on a core
+    nothing else of normal priority wants, and any such thread that wakes takes its core at
+    once; where that is refused, a nice value ``_VALIDATION_NICENESS`` higher."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        thread_id = threading.get_native_id()
+        niceness = os.getpriority(os.PRIO_PROCESS, thread_id) + _VALIDATION_NICENESS
+        os.setpriority(os.PRIO_PROCESS, thread_id, niceness)
+    except OSError as exc:  # a container may forbid it: the pass runs all the same
+        logger.debug("validation runs at the agent's priority: %s", exc)
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
+    except (OSError, AttributeError) as exc:
+        logger.debug("validation runs at a higher nice value, not idle: %s", exc)
+
+
+def at_low_priority(work: Callable[[], T]) -> T:
+    """Runs ``work`` on a thread of its own at the lowest CPU priority and waits for it.
+
+    A committed hop's validation pass starts as the coordinator commits and the next site
+    starts its hop: on a machine with few cores, it must not delay them. Linux only (there a
+    thread has a scheduling class and a nice value of its own); elsewhere it runs at the
+    agent's priority. torch's intra-op worker threads, if more than one is configured, keep
+    theirs.
     """
     outcome: list[T] = []
     failure: list[BaseException] = []
 
     def run() -> None:
-        if sys.platform.startswith("linux"):
-            try:
-                thread_id = threading.get_native_id()
-                niceness = os.getpriority(os.PRIO_PROCESS, thread_id) + _VALIDATION_NICENESS
-                os.setpriority(os.PRIO_PROCESS, thread_id, niceness)
-            except OSError as exc:  # a container may forbid it: the pass runs all the same
-                logger.debug("validation runs at the agent's priority: %s", exc)
+        _lower_this_threads_priority()
         try:
             outcome.append(work())
         except BaseException as exc:  # re-raised on the caller's thread
@@ -168,9 +222,34 @@ class HopRunner(TaskChecks, Transfers):
         self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float
     ) -> None:
         logger.info("hop %d of run %s: starting", task.hop_index, task.run_id)
+        collector = _CollectorHold()  # held by `_train_hop` from the last step
+        try:
+            reported = self._train_and_report(stub, task, interval, collector)
+            if reported is None:
+                return
+            result, response = reported
+            if response.ledger_head:
+                self.state.acknowledge(response.ledger_head)
+            if result.ok:
+                self.metrics.hop("trained")
+            logger.info("hop %d of run %s: %s", task.hop_index, task.run_id, response.hop_status)
+            validate, self._deferred_validation = self._deferred_validation, None
+            if validate is not None and result.validation_follows:
+                self._report_validation(stub, task, validate, collector)
+        finally:
+            collector.release()
+
+    def _train_and_report(
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        task: pb.HopTask,
+        interval: float,
+        collector: _CollectorHold,
+    ) -> tuple[pb.HopResult, pb.HopResultResponse] | None:
+        """Trains a hop and reports its result (hands it back); None: nothing was taken."""
         with _Heartbeat(stub, task, interval) as beat:
             try:
-                result = self._train_hop(stub, task, beat)
+                result = self._train_hop(stub, task, beat, collector)
             except HopFailure as failure:
                 logger.error("hop %s refused: %s (%s)", task.hop_id, failure, failure.code)
                 self.metrics.hop("refused")
@@ -182,20 +261,9 @@ class HopRunner(TaskChecks, Transfers):
                     error_message=str(failure),
                 )
             if result is None:
-                return
+                return None
             # Still heartbeating: the lease holds while the coordinator cannot take the result.
-            reported = self._report_hop_result(stub, task, result, beat)
-            if reported is None:
-                return
-            result, response = reported
-        if response.ledger_head:
-            self.state.acknowledge(response.ledger_head)
-        if result.ok:
-            self.metrics.hop("trained")
-        logger.info("hop %d of run %s: %s", task.hop_index, task.run_id, response.hop_status)
-        validate, self._deferred_validation = self._deferred_validation, None
-        if validate is not None and result.validation_follows:
-            self._report_validation(stub, task, validate)
+            return self._report_hop_result(stub, task, result, beat)
 
     def _report_hop_result(
         self,
@@ -292,7 +360,11 @@ class HopRunner(TaskChecks, Transfers):
         return safetensors.torch.load(data)
 
     def _train_hop(
-        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, beat: _Heartbeat
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        task: pb.HopTask,
+        beat: _Heartbeat,
+        collector: _CollectorHold | None = None,
     ) -> pb.HopResult | None:
         import safetensors.torch
 
@@ -317,15 +389,20 @@ class HopRunner(TaskChecks, Transfers):
         def should_cancel() -> bool:
             return beat.cancelled.is_set() or self._stop.is_set() or self._out_of_grace()
 
+        def progress(step: int, total: int, loss: float) -> None:
+            beat.training_step(step, total, loss)
+            if step == total and collector is not None:  # the handoff from this site begins
+                collector.hold()
+
         try:
             if self._validates_after_commit(task, trainer):
                 assert isinstance(trainer, PreparingTrainer)
                 outcome = trainer.run_hop(spec, dataset, hyperparameters, incoming,
-                                          beat.training_step, should_cancel,
+                                          progress, should_cancel,
                                           defer_validation=True)  # fmt: skip
             else:
                 outcome = trainer.run_hop(
-                    spec, dataset, hyperparameters, incoming, beat.training_step, should_cancel
+                    spec, dataset, hyperparameters, incoming, progress, should_cancel
                 )
         except HopCancelled:
             if self._out_of_grace() and not beat.cancelled.is_set() and not self._stop.is_set():
@@ -395,16 +472,28 @@ class HopRunner(TaskChecks, Transfers):
         return task.validation_after_commit and isinstance(trainer, PreparingTrainer)
 
     def _report_validation(
-        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, validate: Callable[[], Metrics]
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        task: pb.HopTask,
+        validate: Callable[[], Metrics],
+        collector: _CollectorHold | None = None,
     ) -> None:
         """Runs a committed hop's validation pass and reports it as its own ledger event.
 
         The hop is committed whatever happens here: a failed pass is reported as such, and a
-        coordinator that is away is retried like a hop result.
+        coordinator that is away is retried like a hop result. A collection ``collector``
+        held off the handoff runs first, at the pass's low priority.
         """
+
+        def collect_then_validate() -> Metrics:
+            if collector is not None:
+                collector.release()
+                gc.collect()
+            return validate()
+
         report = pb.HopValidation(hop_id=task.hop_id)
         try:
-            report.metrics.update(at_low_priority(validate))
+            report.metrics.update(at_low_priority(collect_then_validate))
             report.ok = True
         except ValueError as exc:
             logger.error("hop %s: validation after the commit failed: %s", task.hop_id, exc)
@@ -443,6 +532,9 @@ class HopRunner(TaskChecks, Transfers):
                     self._model_sha256(trainer, spec, dataset), hop.base_model_sha256
                 )
                 trainer.prepare(spec, dataset, hyperparameters.seed)
+                # While another site trains: the handoff to this site then starts with no
+                # collection owed (it would fall in the set-up or the first steps).
+                gc.collect()
             except HopFailure as failure:
                 logger.info("not preparing hop %d: %s", hop.hop_index, failure)
             except (ValueError, OSError) as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,14 @@ from tests.site_agent_tests.helpers import instruction_rows
 
 N_SITES = 3
 EXAMPLES_PER_SITE = 40
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_heap() -> Iterator[None]:
+    """A test whose agent loads a trainer freezes the heap (`settle_heap`): the next test
+    starts with every object collectable again."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ and a base model that cannot load is one line and a `no-base-model` refusal."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -465,3 +466,15 @@ def test_an_eager_site_starts_loading_only_after_its_first_hello_answered_or_not
     agent.run()
 
     assert events == ["hello", "load", "hello"]
+
+
+def test_a_loaded_trainer_leaves_the_heap_out_of_full_collections(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    agent, _ = _agent(tmp_path, tiny_model_dir)
+    gc.unfreeze()
+    agent.load_in_background().join(timeout=120)
+    assert "seq-classification" in agent._trainers
+    # torch, transformers and the base model stay for the process's life: a full collection
+    # (one per hop or so, wherever it falls) no longer walks them.
+    assert gc.get_freeze_count() > 0

@@ -4,6 +4,7 @@ pushed inside its task is checked exactly like a download."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from site_agent.agent import HopFailure, SiteAgent
 from site_agent.base_model import hash_base_model
 from site_agent.registry import RegisteredDataset, register_dataset
 from site_agent.settings import SiteSettings
-from site_agent.tasks import HopOutcome, TaskSpec
+from site_agent.tasks import HopOutcome, TaskSpec, TensorSpec
 from tests.conftest import Pki
 
 
@@ -180,3 +181,101 @@ print(hello.base_models[0].sha256)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == hash_base_model(tiny_model_dir)
+
+
+class _HandoffTrainer(_RecordingTrainer):
+    """Trains two steps of one tensor, noting whether the garbage collector may run at each."""
+
+    def __init__(self, seen: dict[str, bool]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def model_sha256(self, spec: TaskSpec, dataset: RegisteredDataset) -> str:
+        return "b" * 64
+
+    def trainable_state(self, spec: TaskSpec, dataset: RegisteredDataset) -> tuple[TensorSpec]:
+        return (TensorSpec(name="w", dtype="F32", shape=(2, 2)),)
+
+    def run_hop(self, *args: Any, **kwargs: Any) -> HopOutcome:
+        progress = args[4]
+        self.seen["setting up"] = gc.isenabled()
+        progress(1, 2, 0.5)
+        self.seen["training"] = gc.isenabled()
+        progress(2, 2, 0.4)
+        self.seen["after the last step"] = gc.isenabled()
+
+        def validate() -> dict[str, float]:
+            self.seen["validating"] = gc.isenabled()
+            return {"accuracy": 0.5}
+
+        deferred = validate if kwargs.get("defer_validation") else None
+        return HopOutcome(tensors={"w": torch.ones(2, 2)}, adapter_config={"r": 4}, metrics={},
+                          train_started_at_ns=1, train_finished_at_ns=2,
+                          validate=deferred)  # fmt: skip
+
+
+class _Coordinator:
+    """Takes heartbeats, hand backs and validations, noting whether the collector may run."""
+
+    def __init__(self, seen: dict[str, bool]) -> None:
+        self.seen = seen
+
+    def SendHeartbeat(self, beat: pb.Heartbeat, timeout: float) -> pb.HeartbeatResponse:
+        return pb.HeartbeatResponse()
+
+    def HandBackHop(self, parts: Any, timeout: float) -> pb.HopResultResponse:
+        assert list(parts)[-1].result.ok
+        self.seen["handing back"] = gc.isenabled()
+        return pb.HopResultResponse(hop_status="committed")
+
+    def ReportHopValidation(
+        self, report: pb.HopValidation, timeout: float
+    ) -> pb.HopValidationResponse:
+        self.seen["reporting the validation"] = gc.isenabled()
+        return pb.HopValidationResponse()
+
+
+def test_no_garbage_collection_holds_up_the_hand_back_of_a_finished_hop(
+    tmp_path: Path, pki: Pki
+) -> None:
+    seen: dict[str, bool] = {}
+    agent = _agent(tmp_path, pki)
+    agent._trainers["seq-classification"] = _HandoffTrainer(seen)  # type: ignore[assignment]
+    plan = _plan()
+    agent.approvals.approve([plan.approval_bundle().sha256])
+    task = _next_hop(plan)
+    task.validation_after_commit = True
+    assert gc.isenabled()
+
+    agent._run_hop(_Coordinator(seen), task, 3600)  # type: ignore[arg-type]
+
+    # Off from the last step to the hand back's answer (what the next site waits for); on
+    # again for the validation pass (whose thread runs the collection held off) and after.
+    assert seen == {"setting up": True, "training": True, "after the last step": False,
+                    "handing back": False, "validating": True,
+                    "reporting the validation": True}  # fmt: skip
+    assert gc.isenabled()
+
+
+def test_a_prepared_site_collects_its_garbage_before_the_handoff_to_it(
+    tmp_path: Path, pki: Pki
+) -> None:
+    agent = _agent(tmp_path, pki)
+    trainer = _RecordingTrainer()
+    agent._trainers["seq-classification"] = trainer  # type: ignore[assignment]
+    plan = _plan()
+    agent.approvals.approve([plan.approval_bundle().sha256])
+    full: list[int] = []
+
+    def note(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            full.append(len(trainer.prepared))
+
+    gc.callbacks.append(note)
+    try:
+        agent._prepare(_next_hop(plan))
+    finally:
+        gc.callbacks.remove(note)
+
+    # A full collection, once the model is prepared: none is owed when the hop arrives.
+    assert 1 in full

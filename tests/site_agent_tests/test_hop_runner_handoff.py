@@ -54,14 +54,20 @@ def test_a_deferred_validation_runs_at_a_lower_priority_than_the_agent() -> None
     def validate() -> dict[str, float]:
         seen["thread"] = threading.get_ident()
         seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen["policy"] = os.sched_getscheduler(0)
         return {"accuracy": 0.5}
 
     before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    policy = os.sched_getscheduler(0)
     assert at_low_priority(validate) == {"accuracy": 0.5}
     assert seen["thread"] != threading.get_ident()
     assert seen["nice"] == min(before + 10, 19)  # the kernel clamps at 19 (a suite run niced)
+    # The idle class: any thread of normal priority that wakes (the next site's, the
+    # coordinator's) takes the core from the pass at once.
+    assert seen["policy"] == os.SCHED_IDLE
     # The caller (the agent's task stream) keeps its own priority.
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    assert os.sched_getscheduler(0) == policy
 
 
 def test_a_failed_validation_at_low_priority_is_raised_to_the_caller() -> None:
