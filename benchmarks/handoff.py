@@ -648,8 +648,9 @@ def run_nvflare(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 DEFINITIONS = {
     "baton": "end of site i's training to start of site i+1's training, site clocks, from the "
     "ledger's hops table (train_finished_at_ns -> train_started_at_ns): the finishing site's "
-    "validation pass and upload, the coordinator's commit, the next lease, the download and "
-    "model set-up at the next site",
+    "serialisation, signature and hand back (adapter + result), the coordinator's commit, the "
+    "next lease, the download and model set-up at the next site (the finishing site's "
+    "validation runs after the commit, off this path)",
     "raw": "site i's unary Put of the model's bytes plus site i+1's unary Get of them, each on "
     "its own mTLS channel (already connected) to a minimal grpcio server with Baton's options",
     "flower": "end of one SuperNode's ClientApp training to the start of the next one's "
