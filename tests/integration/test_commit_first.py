@@ -9,12 +9,11 @@ from datetime import datetime
 from pathlib import Path
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
 from site_agent._synthetic import SYNTHETIC_LABELS, generate_site_records, write_site_dataset
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_run
+from tests.integration.conftest import Cluster, wait_for_run
 
 TRAIN_KEYS = {"train_loss", "train_steps", "train_examples"}
 

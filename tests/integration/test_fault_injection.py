@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
 from protocols.checkpoint import sha256_hex
 from site_agent._synthetic import SYNTHETIC_LABELS
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_hop, wait_for_run
+from tests.integration.conftest import Cluster, wait_for_hop, wait_for_run
 
 STEPS = 100
 
