@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, make_url, text
 
+from coordinator.ledger import Ledger
 from protocols.pki import Role, init_ca, issue_certificate
 from protocols.transport import TlsFiles
 
@@ -73,19 +74,39 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 class PostgresDatabases:
-    """Empty PostgreSQL databases for tests: each made ahead and dropped afterwards on threads.
+    """PostgreSQL databases for tests: each made ahead and dropped afterwards on threads.
 
     CREATE DATABASE copies a template and DROP DATABASE forces a checkpoint: a second or more
     each on a busy machine, mostly waiting on the disk. Made one test ahead and dropped behind,
     that wait overlaps the tests instead of adding to them. Every test still gets a database no
     other test has used.
+
+    The databases are copies of one migrated once per session, so they are at the ledger's
+    newest revision, with no rows: a coordinator or `Ledger.migrate` finds nothing to do, as on
+    a restart. Migrating every test's database cost more than the rest of a short test; the
+    migrations themselves run on `take_empty` databases (tests/coordinator_tests/
+    test_ledger_migrate.py and the upgrade tests).
     """
 
     def __init__(self, admin_url: str) -> None:
         self.admin_url = admin_url
         self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", pool_size=2)
+        self.template = self._create(f"baton_test_template_{uuid.uuid4().hex[:12]}")
+        try:
+            ledger = Ledger(self._url(self.template))
+            try:
+                ledger.migrate()
+            finally:
+                ledger.close()  # CREATE DATABASE ... TEMPLATE needs it unused
+        except BaseException:
+            self._drop_now(self.template)
+            self.admin.dispose()
+            raise
         self.ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=1)
-        self.spent: queue.Queue[str | None] = queue.Queue()
+        # At most two drops wait: a test that gives back faster than DROP DATABASE (a forced
+        # checkpoint) goes then waits in its teardown instead of leaving a backlog that the
+        # session's end would wait out (past the per-test timeout on a loaded machine).
+        self.spent: queue.Queue[str | None] = queue.Queue(maxsize=2)
         self.closing = threading.Event()
         self.failures: list[str] = []
         self.threads = [threading.Thread(target=self._make, daemon=True),
@@ -94,11 +115,16 @@ class PostgresDatabases:
             thread.start()
 
     def take(self) -> str:
-        """The URL of a new, empty database; give it back with `give_back` once done."""
+        """The URL of a new database at the ledger's head revision; give it back with
+        `give_back` once done."""
         made = self.ready.get(timeout=300)
         if isinstance(made, BaseException):
             raise made
-        return make_url(self.admin_url).set(database=made).render_as_string(hide_password=False)
+        return self._url(made)
+
+    def take_empty(self) -> str:
+        """The URL of a new, empty database (no tables); give it back with `give_back`."""
+        return self._url(self._create(f"baton_test_{uuid.uuid4().hex[:12]}"))
 
     def give_back(self, url: str) -> None:
         self.spent.put(make_url(url).database)
@@ -114,16 +140,31 @@ class PostgresDatabases:
                     self.spent.put(made)
         self.spent.put(None)
         dropper.join(300)
+        try:
+            self._drop_now(self.template)
+        except Exception as exc:
+            self.failures.append(f"{self.template}: {exc}")
         self.admin.dispose()
         if self.failures:
             raise RuntimeError(f"test databases not dropped: {self.failures}")
 
+    def _url(self, database: str) -> str:
+        return make_url(self.admin_url).set(database=database).render_as_string(hide_password=False)
+
+    def _create(self, name: str, template: str | None = None) -> str:
+        copy = f' TEMPLATE "{template}"' if template else ""
+        with self.admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"{copy}'))
+        return name
+
+    def _drop_now(self, name: str) -> None:
+        with self.admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
     def _make(self) -> None:
         while not self.closing.is_set():
-            name = f"baton_test_{uuid.uuid4().hex[:12]}"
             try:
-                with self.admin.connect() as connection:
-                    connection.execute(text(f'CREATE DATABASE "{name}"'))
+                name = self._create(f"baton_test_{uuid.uuid4().hex[:12]}", self.template)
             except Exception as exc:
                 self.ready.put(exc)
                 return
@@ -132,8 +173,7 @@ class PostgresDatabases:
     def _drop(self) -> None:
         while (name := self.spent.get()) is not None:
             try:
-                with self.admin.connect() as connection:
-                    connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+                self._drop_now(name)
             except Exception as exc:
                 self.failures.append(f"{name}: {exc}")
 
@@ -150,9 +190,9 @@ def postgres_databases() -> Iterator[PostgresDatabases | None]:
     databases.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty ledger database: SQLite always, PostgreSQL where a server is given."""
+def _ledger_database(
+    request: pytest.FixtureRequest, tmp_path: Path, *, empty: bool
+) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
         return
@@ -161,11 +201,25 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         if os.environ.get("BATON_REQUIRE_POSTGRES"):
             pytest.fail("BATON_REQUIRE_POSTGRES is set but BATON_TEST_POSTGRES_URL is not")
         pytest.skip("no PostgreSQL server given (BATON_TEST_POSTGRES_URL; .ci/run starts one)")
-    url = databases.take()
+    url = databases.take_empty() if empty else databases.take()
     try:
         yield url
     finally:
         databases.give_back(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh ledger database no other test used: SQLite always (an empty file, migrated by
+    its first user), PostgreSQL where a server is given (already at the newest revision, with
+    no rows; see `PostgresDatabases`)."""
+    yield from _ledger_database(request, tmp_path, empty=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database (no tables) on SQLite and PostgreSQL: for migration tests."""
+    yield from _ledger_database(request, tmp_path, empty=True)
 
 
 def admin_options(port: int, tls: TlsFiles) -> list[str]:

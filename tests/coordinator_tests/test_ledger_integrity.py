@@ -260,8 +260,8 @@ def test_engine_check_refuses_an_event_edited_to_match_its_row(ledger: Ledger) -
     }
 
 
-def test_rows_from_before_the_upgrade_get_a_baseline_event(database_url: str) -> None:
-    ledger = Ledger(database_url)
+def test_rows_from_before_the_upgrade_get_a_baseline_event(empty_database_url: str) -> None:
+    ledger = Ledger(empty_database_url)
     config = Config()
     config.set_main_option("script_location", str(_MIGRATIONS))
     with ledger.engine.begin() as connection:

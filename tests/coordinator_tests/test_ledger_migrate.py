@@ -30,8 +30,10 @@ def test_heads_read_from_the_scripts_are_alembics_heads() -> None:
     assert script_heads() == set(scripts.get_heads())
 
 
-def test_a_fresh_database_is_not_at_head_and_migrate_creates_the_schema(database_url: str) -> None:
-    ledger = Ledger(database_url)
+def test_a_fresh_database_is_not_at_head_and_migrate_creates_the_schema(
+    empty_database_url: str,
+) -> None:
+    ledger = Ledger(empty_database_url)
     try:
         assert not ledger.at_head()
         ledger.migrate()
@@ -41,9 +43,9 @@ def test_a_fresh_database_is_not_at_head_and_migrate_creates_the_schema(database
         ledger.close()
 
 
-def test_a_ledger_at_an_older_revision_is_upgraded(database_url: str) -> None:
-    command.upgrade(_config(database_url), "0011")
-    ledger = Ledger(database_url)
+def test_a_ledger_at_an_older_revision_is_upgraded(empty_database_url: str) -> None:
+    command.upgrade(_config(empty_database_url), "0011")
+    ledger = Ledger(empty_database_url)
     try:
         assert not ledger.at_head()
         ledger.migrate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,15 +13,35 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
+from coordinator.console import processes
 from coordinator.console.admin import TERMINAL_RUN_STATES, AdminClient
 from coordinator.console.cli import app as baton
-from coordinator.console.processes import Cluster
 from coordinator.plan import RunPlan
 from protocols.v1 import baton_pb2 as pb
 from site_agent._synthetic import generate_site_records, write_site_dataset
 from site_agent._tiny_model import write_tiny_base_model
 from site_agent.cli import app as baton_site
 from tests.conftest import SITES, Pki
+
+
+class Cluster(processes.Cluster):
+    """The product's `Cluster`, stopped sooner: every other process at once, then coordinators.
+
+    `processes.Cluster.stop` stops processes newest first, one after the other. A coordinator
+    restarted by a test is the newest: stopped while its sites are connected it waits out its
+    whole shutdown grace (10 s) for their task streams. Sites also stop faster together than in
+    turn (each exits on its own SIGTERM).
+    """
+
+    def stop(self) -> None:
+        others = [p for p in self.processes if p.name != "coordinator"]
+        for managed in others:
+            if managed.process.poll() is None:
+                managed.process.send_signal(signal.SIGTERM)
+        for managed in others:
+            managed.stop()  # waits for the exit; SIGKILL after its timeout
+        for managed in reversed(self.processes):
+            managed.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import optuna
 import pytest
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.console.study import (
     RunExecutor,
     RunTemplate,
@@ -26,7 +25,7 @@ from coordinator.console.study import (
 from ordering import FloatRange, OrderingStudy, SearchSpace, TrialRecord
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_run
+from tests.integration.conftest import Cluster, wait_for_run
 
 FOLDS = 4
 

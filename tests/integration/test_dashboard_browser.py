@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
 from coordinator.study_request import parse_study_document, prepare_search
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
+from tests.integration.conftest import Cluster
 from tests.integration.test_tabular_run import _write_csv
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -16,8 +16,8 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from coordinator.console.cli import app
-from coordinator.console.processes import Cluster
 from tests.conftest import Pki
+from tests.integration.conftest import Cluster
 
 
 def _baton(*args: str) -> Result:

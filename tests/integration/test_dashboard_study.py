@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.cli import app
-from coordinator.console.processes import Cluster
 from coordinator.study_request import StudyRequest, prepare_search
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
+from tests.integration.conftest import Cluster
 
 STUDY = {
     "name": "dash-study", "dataset": "heart", "task": "tabular", "labels": ["0", "1"],

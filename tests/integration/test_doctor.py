@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.console.processes import Cluster
 from site_agent.registry import register_dataset
 from tests.conftest import Pki
 from tests.connect_proxy import connect_proxy
+from tests.integration.conftest import Cluster
 
 _PROXY_VARS = ("grpc_proxy", "https_proxy", "http_proxy", "no_proxy", "no_grpc_proxy")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.console.processes import Cluster
 from tests.conftest import Pki
+from tests.integration.conftest import Cluster
 
 SECRET = "s3cr3t-Pa55"
 

@@ -17,13 +17,12 @@ import pytest
 import safetensors.numpy
 
 from coordinator.console.admin import TERMINAL_RUN_STATES, AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger
 from coordinator.plan import RunPlan, parse_plan
 from protocols.checkpoint import AGGREGATOR, inspect_bundle, sha256_hex
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_hop, wait_for_run
+from tests.integration.conftest import Cluster, wait_for_hop, wait_for_run
 
 
 def _write_csv(path: Path, seed: int, shift: float, rows: int) -> None:

@@ -9,7 +9,6 @@ import numpy as np
 import safetensors.torch
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
 from coordinator.statistics import plan_with_normaliser
 from protocols.approval import ApprovalBundle
@@ -20,6 +19,7 @@ from site_agent.registry import RegisteredDataset, load_registered, register_dat
 from site_agent.tasks import CrossValidatedTrainer, TaskSpec, create_trainer
 from tests.conftest import SITES, Pki, admin_options
 from tests.integration.conftest import (
+    Cluster,
     collect_heart_statistics,
     run_when_approved,
     start_tabular_sites,

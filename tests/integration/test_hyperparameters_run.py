@@ -10,12 +10,11 @@ import safetensors.torch
 import torch
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
 from site_agent.registry import load_registered, register_dataset
 from site_agent.tasks import TaskSpec, create_trainer
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_run
+from tests.integration.conftest import Cluster, wait_for_run
 
 
 def _write_csv(path: Path) -> None:

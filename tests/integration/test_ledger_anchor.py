@@ -14,13 +14,12 @@ from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.cli import app
-from coordinator.console.processes import Cluster
 from coordinator.ledger import HEADS_FILE, read_heads
 from coordinator.plan import parse_plan
 from protocols.ledger_head import SignedHead
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_run
+from tests.integration.conftest import Cluster, wait_for_run
 
 
 def _write_csv(path: Path, seed: int) -> None:

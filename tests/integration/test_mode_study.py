@@ -11,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from coordinator.console._options import console
-from coordinator.console.processes import Cluster
 from coordinator.console.study import trial_run_ids
 from coordinator.console.study_cli import study_app
 from coordinator.ledger import Ledger
@@ -19,6 +18,7 @@ from ordering import OrderingStudy
 from protocols.exit_codes import EXIT_BAD_INPUT
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
+from tests.integration.conftest import Cluster
 
 POLICY = (
     '[[allow]]\ntask_types = ["tabular"]\ndatasets = ["heart"]\nbase_models = ["*"]\n'

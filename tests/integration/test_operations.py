@@ -15,13 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.plan import RunPlan, parse_plan
 from protocols.transport import secure_channel
 from site_agent._synthetic import SYNTHETIC_LABELS
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_hop, wait_for_run
+from tests.integration.conftest import Cluster, wait_for_hop, wait_for_run
 
 
 def _write_csv(path: Path, seed: int, rows: int = 80) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from tests.conftest import Pki
 from tests.connect_proxy import connect_proxy
+from tests.integration.conftest import Cluster
 
 _NO_PROXY_ENV = {k: "" for k in ("grpc_proxy", "GRPC_PROXY", "http_proxy", "HTTP_PROXY",
                                   "HTTPS_PROXY", "no_grpc_proxy", "NO_GRPC_PROXY",

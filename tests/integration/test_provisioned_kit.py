@@ -6,10 +6,10 @@ import socket
 from pathlib import Path
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.console.provision import load_consortium, provision
 from protocols.transport import TlsFiles
 from site_agent.registry import register_dataset
+from tests.integration.conftest import Cluster
 
 
 def _free_port() -> int:

@@ -11,14 +11,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
 from protocols.checkpoint import inspect_bundle, sha256_hex
 from site_agent._synthetic import SYNTHETIC_LABELS
 from site_agent.tasks import hash_base_model
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_run
+from tests.integration.conftest import Cluster, wait_for_run
 
 
 def test_three_site_processes_run_a_sequential_plan_over_mtls(

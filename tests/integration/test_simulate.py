@@ -22,13 +22,12 @@ from typing import Any
 import pytest
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.plan import load_plan
 from protocols.simulation import SIMULATOR_GROUP, SIMULATOR_NAME
 from protocols.v1 import baton_pb2 as pb
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_run
+from tests.integration.conftest import Cluster, wait_for_run
 from tests.ray_head import ray_head
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,11 +16,11 @@ import pytest
 from cryptography import x509
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from protocols.transport import TlsFiles
 from site_agent.refusal import local_certificate_problem, probe_handshake
 from tests.conftest import SITES, Pki
 from tests.coordinator_tests.test_refusals import _expired_certificate
+from tests.integration.conftest import Cluster
 
 
 def _site(coordinator: str, tls: TlsFiles, data_dir: Path) -> subprocess.Popen[str]:

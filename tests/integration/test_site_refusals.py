@@ -10,12 +10,11 @@ import grpc
 import pytest
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
 from site_agent._synthetic import SYNTHETIC_LABELS, generate_site_records, write_site_dataset
 from site_agent.tasks import hash_base_model
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_run
+from tests.integration.conftest import Cluster, wait_for_run
 
 CANARY = "zqxcanary7731"
 

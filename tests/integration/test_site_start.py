@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
 from site_agent._synthetic import SYNTHETIC_LABELS
 from site_agent.tasks import hash_base_model
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_hop, wait_for_run
+from tests.integration.conftest import Cluster, wait_for_hop, wait_for_run
 
 # Run as `python -c HOLD_TORCH serve ...`: the site agent's CLI, with `import torch` held (on
 # whichever thread asks first) until the file named by BATON_TEST_RELEASE_TORCH exists. The

@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.cli import app as baton
-from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger, StatisticsAnswerRow
 from coordinator.plan import parse_plan
 from coordinator.statistics import plan_with_normaliser
@@ -20,6 +19,7 @@ from site_agent.examples import TabularExample
 from site_agent.registry import load_registered, register_dataset
 from tests.conftest import SITES, Pki, admin_options
 from tests.integration.conftest import (
+    Cluster,
     collect_heart_statistics,
     run_when_approved,
     start_tabular_sites,

@@ -18,7 +18,6 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
 from coordinator.server import build_server
@@ -26,7 +25,7 @@ from coordinator.settings import CoordinatorSettings
 from protocols.checkpoint import sha256_hex
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, LoopThread, Pki
-from tests.integration.conftest import wait_for_hop, wait_for_run
+from tests.integration.conftest import Cluster, wait_for_hop, wait_for_run
 from tests.small_disk import Ballast, small_disk
 
 LEASE = 5.0  # seconds; the sites heartbeat every 0.5 s

@@ -8,7 +8,6 @@ from pathlib import Path
 import optuna
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.console.study import (
     RunExecutor,
     RunTemplate,
@@ -22,6 +21,7 @@ from ordering import FloatRange, IntRange, OrderingStudy, SearchSpace
 from site_agent._synthetic import SYNTHETIC_LABELS
 from site_agent.tasks import hash_base_model
 from tests.conftest import SITES, Pki
+from tests.integration.conftest import Cluster
 
 
 def test_search_trials_are_real_runs_and_the_best_plan_becomes_a_run_plan(

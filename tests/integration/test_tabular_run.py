@@ -6,11 +6,10 @@ import random
 from pathlib import Path
 
 from coordinator.console.admin import AdminClient
-from coordinator.console.processes import Cluster
 from coordinator.plan import parse_plan
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import wait_for_run
+from tests.integration.conftest import Cluster, wait_for_run
 
 
 def _write_csv(path: Path, seed: int, shift: float) -> None:
