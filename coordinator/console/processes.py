@@ -159,7 +159,17 @@ class Cluster:
                 raise RuntimeError(f"{managed.name} exited with code {code}:\n{managed.log_tail()}")
 
     def stop(self) -> None:
-        """Stops sites first, then the coordinator."""
+        """Stops every site at once, then the coordinator(s), newest first.
+
+        A coordinator stopped while its sites are connected waits out its shutdown grace for
+        their task streams; sites exit faster together than in turn (each on its own SIGTERM).
+        """
+        sites = [p for p in self.processes if p.name != "coordinator"]
+        for managed in sites:
+            if managed.process.poll() is None:
+                managed.process.send_signal(signal.SIGTERM)
+        for managed in sites:
+            managed.stop()  # waits for the exit; SIGKILL after its timeout
         for managed in reversed(self.processes):
             managed.stop()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,25 +22,9 @@ from site_agent._tiny_model import write_tiny_base_model
 from site_agent.cli import app as baton_site
 from tests.conftest import SITES, Pki
 
-
-class Cluster(processes.Cluster):
-    """The product's `Cluster`, stopped sooner: every other process at once, then coordinators.
-
-    `processes.Cluster.stop` stops processes newest first, one after the other. A coordinator
-    restarted by a test is the newest: stopped while its sites are connected it waits out its
-    whole shutdown grace (10 s) for their task streams. Sites also stop faster together than in
-    turn (each exits on its own SIGTERM).
-    """
-
-    def stop(self) -> None:
-        others = [p for p in self.processes if p.name != "coordinator"]
-        for managed in others:
-            if managed.process.poll() is None:
-                managed.process.send_signal(signal.SIGTERM)
-        for managed in others:
-            managed.stop()  # waits for the exit; SIGKILL after its timeout
-        for managed in reversed(self.processes):
-            managed.stop()
+# The product's `Cluster` (sites stopped together, then the coordinators); kept under this
+# name for the integration tests that import it from here.
+Cluster = processes.Cluster
 
 
 @pytest.fixture(scope="session")
