@@ -39,8 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("site_agent.agent")
 Metrics = dict[str, float]
 T = TypeVar("T")
-# How much lower than the agent's a deferred validation pass runs (a thread's nice value), where
-# the idle scheduling class is not available.
+# How much lower than the agent's a deferred validation pass runs (a thread's nice value).
 _VALIDATION_NICENESS = 10
 
 
@@ -62,7 +61,7 @@ class _CollectorHold:
     answered: the span of a handoff the next site waits on this one.
 
     A collection that falls there holds the handoff up by its whole length; held, it runs at
-    the start of the validation pass (on its idle-priority thread) or once the hop is over,
+    the start of the validation pass (on its low-priority thread) or once the hop is over,
     while the next site trains. Only the agent's task thread holds it.
     """
 
@@ -84,9 +83,13 @@ class _CollectorHold:
 
 
 def _lower_this_threads_priority() -> None:
-    """Puts the calling thread in the idle scheduling class (Linux): it runs only on a core
-    nothing else of normal priority wants, and any such thread that wakes takes its core at
-    once; where that is refused, a nice value ``_VALIDATION_NICENESS`` higher."""
+    """Raises the calling thread's nice value by ``_VALIDATION_NICENESS`` (Linux).
+
+    Not the idle scheduling class: the task thread waits for this pass, and on a saturated
+    host an idle-class thread gets ~0.3% of a core, so the site would read no task (its next
+    hop's lease included) until the host calmed down; nice +10 still yields ~90% to the next
+    site's start and the coordinator's commit.
+    """
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -95,20 +98,15 @@ def _lower_this_threads_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, thread_id, niceness)
     except OSError as exc:  # a container may forbid it: the pass runs all the same
         logger.debug("validation runs at the agent's priority: %s", exc)
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
-    except (OSError, AttributeError) as exc:
-        logger.debug("validation runs at a higher nice value, not idle: %s", exc)
 
 
 def at_low_priority(work: Callable[[], T]) -> T:
-    """Runs ``work`` on a thread of its own at the lowest CPU priority and waits for it.
+    """Runs ``work`` on a thread of its own at a lower CPU priority and waits for it.
 
     A committed hop's validation pass starts as the coordinator commits and the next site
-    starts its hop: on a machine with few cores, it must not delay them. Linux only (there a
-    thread has a scheduling class and a nice value of its own); elsewhere it runs at the
-    agent's priority. torch's intra-op worker threads, if more than one is configured, keep
-    theirs.
+    starts its hop: on a machine with few cores, it yields to them. Linux only (there a
+    thread has a nice value of its own); elsewhere it runs at the agent's priority. torch's
+    intra-op worker threads, if more than one is configured, keep theirs.
     """
     outcome: list[T] = []
     failure: list[BaseException] = []

@@ -14,6 +14,8 @@ from pathlib import Path
 
 __all__ = ["Cluster", "ManagedProcess"]
 
+_STOP_TIMEOUT = 10.0  # seconds a process has to exit after SIGTERM before SIGKILL
+
 
 @dataclass
 class ManagedProcess:
@@ -21,7 +23,7 @@ class ManagedProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
 
-    def stop(self, timeout: float = 10.0) -> int:
+    def stop(self, timeout: float = _STOP_TIMEOUT) -> int:
         """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -168,8 +170,11 @@ class Cluster:
         for managed in sites:
             if managed.process.poll() is None:
                 managed.process.send_signal(signal.SIGTERM)
-        for managed in sites:
-            managed.stop()  # waits for the exit; SIGKILL after its timeout
+        for managed in sites:  # one SIGTERM only: a second one makes a site stop at once
+            try:
+                managed.process.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                managed.kill()
         for managed in reversed(self.processes):
             managed.stop()
 

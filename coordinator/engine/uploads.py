@@ -15,6 +15,7 @@ import ctypes
 import json
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,9 +75,11 @@ def _fsync_file(path: Path) -> None:
 def _sync_file_range() -> Callable[[int, int, int], None] | None:
     """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): starts writing a file range out without
     waiting for it (no durability by itself: the fsync before the commit provides that)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):  # not Linux
+    except (AttributeError, OSError, TypeError):  # an unusual libc: fdatasync before commit only
         return None
     call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     call.restype = ctypes.c_int

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
+from typing import Any
 
 from coordinator.console.processes import Cluster
 
-# Each process writes "<name> ready" once its handler is set, and its name when SIGTERM comes.
+# Each process writes "<name> ready" once its handler is set, and its name on every SIGTERM;
+# it exits 1 s after the first (as a site hands back its hop), so a second SIGTERM is seen.
 _SCRIPT = """
 import signal, sys, time
 name, path = sys.argv[1], sys.argv[2]
+terms = []
 def stop(*_):
     with open(path, "a") as out:
         out.write(name + "\\n")
-    sys.exit(0)
+    terms.append(time.monotonic())
 signal.signal(signal.SIGTERM, stop)
 with open(path, "a") as out:
     out.write(name + " ready\\n")
-while True:
+while not terms or time.monotonic() < terms[0] + 1:
     time.sleep(0.05)
 """
 
@@ -27,7 +31,7 @@ def _lines(record: Path) -> list[str]:
     return record.read_text().splitlines() if record.exists() else []
 
 
-def test_sites_stop_before_any_coordinator_even_a_restarted_one(tmp_path: Path) -> None:
+def test_sites_stop_together_with_one_sigterm_each_before_any_coordinator(tmp_path: Path) -> None:
     record = tmp_path / "record"
     script = tmp_path / "process.py"
     script.write_text(_SCRIPT)
@@ -41,7 +45,20 @@ def test_sites_stop_before_any_coordinator_even_a_restarted_one(tmp_path: Path) 
         assert time.monotonic() < deadline, "the test processes did not start"
         time.sleep(0.05)
 
+    sent: list[tuple[str, int]] = []
+    for managed in cluster.processes:
+        send = managed.process.send_signal
+
+        def counted(signum: int, name: str = managed.name, send: Any = send) -> None:
+            sent.append((name, signum))
+            send(signum)
+
+        managed.process.send_signal = counted  # type: ignore[method-assign]
+
     cluster.stop()
+
+    # A second SIGTERM makes a site stop at once (its hop cancelled, not handed back).
+    assert sorted(sent) == sorted((name, signal.SIGTERM) for name in names)
 
     stopped = [line for line in _lines(record) if not line.endswith(" ready")]
     assert sorted(stopped[:2]) == ["site-a-1", "site-b-2"]

@@ -77,3 +77,15 @@ def test_after_a_failed_write_nothing_more_is_written(
     finally:
         os.close(writer.fd)
     assert (tmp_path / "partial").read_bytes() == b"a" * 10 + b"b" * 5
+
+
+@pytest.mark.parametrize("platform", ["win32", "darwin", "linux"])
+def test_without_the_kernel_call_uploads_go_on_with_the_fsync_alone(
+    monkeypatch: pytest.MonkeyPatch, platform: str
+) -> None:
+    def no_libc(*_: object, **__: object) -> object:
+        raise TypeError("expected str, bytes or os.PathLike object, not NoneType")  # Windows
+
+    monkeypatch.setattr(uploads.sys, "platform", platform)
+    monkeypatch.setattr(uploads.ctypes, "CDLL", no_libc)
+    assert uploads._sync_file_range() is None

@@ -62,9 +62,9 @@ def test_a_deferred_validation_runs_at_a_lower_priority_than_the_agent() -> None
     assert at_low_priority(validate) == {"accuracy": 0.5}
     assert seen["thread"] != threading.get_ident()
     assert seen["nice"] == min(before + 10, 19)  # the kernel clamps at 19 (a suite run niced)
-    # The idle class: any thread of normal priority that wakes (the next site's, the
-    # coordinator's) takes the core from the pass at once.
-    assert seen["policy"] == os.SCHED_IDLE
+    # Not the idle class: the task thread waits for this pass, and an idle-class pass on a
+    # saturated host (~0.3% of a core) would keep the site from reading its next hop.
+    assert seen["policy"] == policy
     # The caller (the agent's task stream) keeps its own priority.
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
     assert os.sched_getscheduler(0) == policy
