@@ -29,8 +29,10 @@ class LowPriorityLoader:
     agent's, until `hurry` puts the one running back at the agent's priority.
 
     Linux only (there a thread has a nice value of its own); elsewhere loads run at the
-    agent's priority. Raising a priority back may need privileges a site does not have: the
-    load then finishes at its low priority (one debug line).
+    agent's priority. Raising a priority back needs CAP_SYS_NICE or RLIMIT_NICE (systemd's
+    LimitNICE), which a site's service user usually lacks: the loader checks once, before its
+    first load, and without it runs every load at the agent's priority (one INFO line), as a
+    load it could not hurry would hold a hop up.
     """
 
     def __init__(self) -> None:
@@ -41,6 +43,7 @@ class LowPriorityLoader:
         self._stopped = False
         self._running_on: int | None = None  # native id of the thread while a load runs
         self._hurried = False
+        self._lowers: bool | None = None  # whether loads run lowered: known once the thread runs
 
     def submit(self, load: Callable[[], None], niceness: int) -> None:
         """Queues ``load`` to run at ``niceness`` above the agent's nice value."""
@@ -54,10 +57,13 @@ class LowPriorityLoader:
             self._wake.notify()
 
     def hurry(self) -> None:
-        """Puts the load running now (if any), and those queued, at the agent's priority."""
+        """Puts the load running now (if any), and those queued, at the agent's priority; the
+        loads submitted after those run low again."""
         with self._lock:
+            if self._running_on is None and not self._jobs:
+                return  # nothing to hurry: a hurry does not carry over to a later run's loads
             self._hurried = True
-            if self._running_on is not None:
+            if self._running_on is not None and self._lowers:
                 self._set(self._running_on, 0)
 
     def stop(self) -> None:
@@ -75,6 +81,14 @@ class LowPriorityLoader:
 
     def _loop(self) -> None:
         native_id = threading.get_native_id()
+        lowers = _may_raise_priority_back()
+        if not lowers:
+            logger.info(
+                "loads ahead run at the agent's priority: this process may not raise a thread's "
+                "priority back (needs CAP_SYS_NICE or LimitNICE)"
+            )
+        with self._lock:
+            self._lowers = lowers
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._jobs or self._stopped)
@@ -82,7 +96,8 @@ class LowPriorityLoader:
                     return
                 load, niceness = self._jobs.pop(0)
                 self._running_on = native_id
-                self._set(native_id, 0 if self._hurried else niceness)
+                # From the agent's nice value each time, never from the last load's.
+                self._set(native_id, 0 if self._hurried or not lowers else niceness)
             try:
                 load()
             except Exception as exc:  # a load reports its own failures; this is a last guard
@@ -102,5 +117,29 @@ class LowPriorityLoader:
         try:
             base = os.getpriority(os.PRIO_PROCESS, os.getpid())
             os.setpriority(os.PRIO_PROCESS, native_id, min(19, base + niceness))
-        except OSError as exc:  # raising it back may need CAP_SYS_NICE: the load runs on
+        except OSError as exc:  # checked ahead (_may_raise_priority_back): a last guard
             logger.debug("a load ahead keeps its CPU priority: %s", exc)
+
+
+def _may_raise_priority_back() -> bool:
+    """Whether this process may put a thread it lowered back at the agent's priority (Linux:
+    root, CAP_SYS_NICE or RLIMIT_NICE). Tried on a scratch thread, which may keep the lower
+    priority. Elsewhere True: no load is lowered there."""
+    if not sys.platform.startswith("linux"):
+        return True
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        me = threading.get_native_id()
+        try:
+            base = os.getpriority(os.PRIO_PROCESS, me)
+            os.setpriority(os.PRIO_PROCESS, me, min(19, base + 1))
+            os.setpriority(os.PRIO_PROCESS, me, base)
+            outcome.append(True)
+        except OSError:  # PermissionError (EACCES) without the privilege
+            outcome.append(False)
+
+    scratch = threading.Thread(target=probe, name="load-ahead-priority-check", daemon=True)
+    scratch.start()
+    scratch.join()
+    return outcome == [True]

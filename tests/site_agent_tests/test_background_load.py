@@ -3,6 +3,7 @@ and a base model that cannot load is one line and a `no-base-model` refusal."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -400,8 +401,15 @@ def _can_raise_priority() -> bool:
     return outcome[0]
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's nice value: Linux")
+_LINUX_ONLY = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="a thread's nice value: Linux"
+)
+
+
+@_LINUX_ONLY
 def test_loads_ahead_run_at_a_lower_priority_the_further_ahead_until_hurried() -> None:
+    if not _can_raise_priority():  # see ..._where_it_may_not_raise_a_priority_back
+        pytest.skip("this process may not raise a thread's priority back")
     loader = LowPriorityLoader()
     base = _nice(os.getpid())
     seen: list[int] = []
@@ -421,16 +429,80 @@ def test_loads_ahead_run_at_a_lower_priority_the_further_ahead_until_hurried() -
     assert loader.idle(timeout=120)
     loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(3))
     assert loader.idle(timeout=120)
+    loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(1))
+    assert loader.idle(timeout=120)
     loader.stop()
 
     assert ahead_niceness(1) < ahead_niceness(2) < ahead_niceness(3) <= ahead_niceness(9) == 19
     assert seen[0] == min(19, base + ahead_niceness(1))
-    # Once the hurried load is done, the next run's loads are low again.
-    assert seen[2] == min(19, base + ahead_niceness(3))
-    if _can_raise_priority():
-        assert seen[1] == base
-    else:  # without the privilege the load finishes at its low priority
-        assert seen[1] == seen[0]
+    assert seen[1] == base
+    # Once the hurried load is done, the next run's loads are low again, each from the
+    # agent's nice value (not from the last load's).
+    assert seen[2:] == [min(19, base + ahead_niceness(3)), min(19, base + ahead_niceness(1))]
+
+
+@_LINUX_ONLY
+def test_loads_ahead_run_at_the_agents_priority_where_it_may_not_raise_a_priority_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site's service user (no CAP_SYS_NICE, no LimitNICE) could lower a load but never
+    hurry it: a hop would wait on a load finishing at nice +10..+19."""
+    set_priority = os.setpriority
+
+    def unprivileged(which: int, who: int, priority: int) -> None:
+        if priority < os.getpriority(which, who):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        set_priority(which, who, priority)
+
+    monkeypatch.setattr("site_agent._load_ahead.os.setpriority", unprivileged)
+    loader = LowPriorityLoader()
+    base = _nice(os.getpid())
+    seen: list[int] = []
+    hold = threading.Event()
+    running = threading.Event()
+
+    def load() -> None:
+        running.set()
+        assert hold.wait(timeout=120)
+        seen.append(_nice(threading.get_native_id()))
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="site_agent.agent"):
+        loader.submit(load, ahead_niceness(1))
+        assert running.wait(timeout=120)
+        loader.hurry()
+        hold.set()
+        assert loader.idle(timeout=120)
+        loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(3))
+        assert loader.idle(timeout=120)
+    loader.stop()
+
+    assert seen == [base, base]
+    assert caplog.messages == [
+        "loads ahead run at the agent's priority: this process may not raise a thread's "
+        "priority back (needs CAP_SYS_NICE or LimitNICE)"
+    ]
+
+
+@_LINUX_ONLY
+def test_a_hurry_with_no_load_ahead_leaves_the_next_load_low() -> None:
+    """Every hop and every "you are next" hurries: the next load ahead (another run's, maybe
+    hours later) still runs low."""
+    if not _can_raise_priority():
+        pytest.skip("this process may not raise a thread's priority back")
+    loader = LowPriorityLoader()
+    base = _nice(os.getpid())
+    seen: list[int] = []
+
+    loader.hurry()  # nothing queued or running
+    loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(2))
+    assert loader.idle(timeout=120)
+    loader.hurry()  # and once the loader's thread is idle
+    loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(2))
+    assert loader.idle(timeout=120)
+    loader.stop()
+
+    assert seen == [min(19, base + ahead_niceness(2))] * 2
 
 
 class _Unavailable(grpc.RpcError):
