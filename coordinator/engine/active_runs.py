@@ -99,7 +99,8 @@ class ActiveRuns:
         """Reads the runs again if the ledger has events this view did not see written.
 
         One indexed query (the newest event's seq): admin actions reach the engine in this
-        process, but a ledger written by another process or `Ledger` must not be missed.
+        process, but a ledger written by another process or `Ledger` must not be missed. Call
+        it under the engine's lock: a transition's own commit is not an outside write.
         """
         if self._runs is None:
             return

@@ -292,7 +292,11 @@ class RunEngine:
     async def check_deadlines(self) -> None:
         """One watchdog pass: storage health, abandoned spool files, hop and statistics expiry."""
         self.storage.check()
-        self.runs.check_outside_writes()
+        async with self._lock:
+            # Never mid-transition: its commit's event is in the ledger before the loop applies
+            # its rows, and taken for an outside write it would swap the rows the transition
+            # holds for fresh ones (it would go on with stale rows, e.g. an unpinned base model).
+            self.runs.check_outside_writes()
         runs = self.runs.all()
         self.intake.sweep_spool(runs)
         await self.hops.check_deadlines(runs)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -12,14 +15,15 @@ import pytest
 import safetensors.numpy
 
 from coordinator.console.admin import AdminClient
-from coordinator.ledger import Ledger
+from coordinator.engine.hops import Hops
+from coordinator.ledger import EventRow, HopRow, Ledger
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
 from protocols.signing import sign_digest
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import Pki
-from tests.coordinator_tests.conftest import BASE, ScriptedSite
+from tests.coordinator_tests.conftest import BASE, WAIT, ScriptedSite
 
 
 def _plan(*sites: str) -> dict[str, object]:
@@ -62,6 +66,59 @@ def test_two_hop_run_chains_checkpoints_and_records_every_step(
     kinds = [e.kind for e in ledger.events(run_id)]
     hop_events = ["hop.leased", "checkpoint.stored", "hop.uploaded", "hop.committed"]
     assert kinds == ["run.created", *hop_events, *hop_events, "run.completed"]
+
+
+def test_a_watchdog_pass_during_a_commit_leaves_the_next_task_pinned(
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A watchdog pass starts while the first hop's commit is on the ledger writer's thread; its
+    # outside-write check is held back until the commit is durable, but not yet applied on the
+    # loop. Taken for an outside write, it would read the runs again and the commit would go on
+    # with stale rows: the next task sent without the base model the first hop pinned.
+    engine = coordinator.engine
+    ledger_type = type(engine.ledger)
+    original_commit = Hops._commit_and_lease
+    original_last_event = ledger_type.last_event
+    original_check = engine.storage.check
+    in_commit, pass_started, committed = threading.Event(), threading.Event(), threading.Event()
+
+    def storage_check() -> None:  # the first step of every watchdog pass
+        original_check()
+        pass_started.set()
+
+    def last_event(ledger: Ledger) -> EventRow | None:  # the outside-write check's one query
+        if in_commit.is_set():
+            assert committed.wait(WAIT)
+        return original_last_event(ledger)
+
+    def commit_during_a_watchdog_pass(self: Hops, *args: Any, **kwargs: Any) -> HopRow | None:
+        assert self.writer.loop is not None
+        in_commit.set()
+        pass_started.clear()
+        asyncio.run_coroutine_threadsafe(engine.check_deadlines(), self.writer.loop)
+        assert pass_started.wait(WAIT)  # it is now at its outside-write check, or waiting
+        try:
+            return original_commit(self, *args, **kwargs)
+        finally:
+            committed.set()
+            in_commit.clear()
+
+    monkeypatch.setattr(engine.storage, "check", storage_check)
+    monkeypatch.setattr(ledger_type, "last_event", last_event)
+    monkeypatch.setattr(Hops, "_commit_and_lease", commit_during_a_watchdog_pass)
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
+    admin.start_run(parse_plan(_plan("site-a", "site-b")))
+    first = sites["site-a"].next_task()
+    ref = sites["site-a"].upload(first, sites["site-a"].bundle(first, 1.0))
+    assert sites["site-a"].report(first, ref) == "committed"
+    assert committed.is_set()  # the commit did run during a watchdog pass
+
+    second = sites["site-b"].next_task()
+    assert second.input_checkpoint.sha256 == ref.sha256
+    assert second.base_model_sha256 == BASE
 
 
 def test_site_cannot_upload_or_report_for_another_sites_hop(
