@@ -4,6 +4,8 @@ after its commit as their own ledger event."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 import pytest
 
@@ -13,7 +15,7 @@ from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.checkpoint import sha256_hex
 from protocols.v1 import baton_pb2 as pb
-from tests.conftest import Pki
+from tests.conftest import LoopThread, Pki
 from tests.coordinator_tests.conftest import ScriptedSite
 from tests.coordinator_tests.conftest import heartbeat as _training_beat
 
@@ -148,42 +150,74 @@ def _commit(site: ScriptedSite, task: pb.HopTask) -> None:
     assert site.report(task, site.upload(task, site.bundle(task)), train_loss=0.4) == "committed"
 
 
+@pytest.fixture
+def site_c(pki: Pki, coordinator: Coordinator) -> Iterator[ScriptedSite]:
+    """A third scripted site: the one whose first visit of an a-b-c run is two hops ahead."""
+    site = ScriptedSite(pki, "site-c", coordinator.port)
+    site.connect()
+    yield site
+    site.close()
+
+
 def test_every_later_site_of_a_run_is_told_its_first_visit_is_coming_when_the_first_hop_trains(
-    pki: Pki, coordinator: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient
+    sites: dict[str, ScriptedSite], site_c: ScriptedSite, admin: AdminClient
 ) -> None:
-    site_c = ScriptedSite(pki, "site-c", coordinator.port)
-    site_c.connect()
-    try:
-        admin.wait_for_sites({"site-a", "site-b", "site-c"}, timeout=60)
-        plan = {**_plan("site-a", "site-b", "site-c"), "cycles": 2}  # a0 b1 c2 a3 b4 c5
-        run_id = admin.start_run(parse_plan(plan))
-        first = sites["site-a"].next_task()
-        # Leased, not training: the first hop's site loads alone (a cold cluster's first step).
-        site_a = sites["site-a"]
-        site_a.stub.SendHeartbeat(
-            pb.Heartbeat(hop_id=first.hop_id, lease_token=first.lease_token, phase="downloading"),
-            timeout=10,
-        )
-        assert site_c.loads_ahead.empty() and sites["site-b"].loads_ahead.empty()
+    admin.wait_for_sites({"site-a", "site-b", "site-c"}, timeout=60)
+    plan = {**_plan("site-a", "site-b", "site-c"), "cycles": 2}  # a0 b1 c2 a3 b4 c5
+    run_id = admin.start_run(parse_plan(plan))
+    first = sites["site-a"].next_task()
+    # Leased, not training: the first hop's site loads alone (a cold cluster's first step).
+    site_a = sites["site-a"]
+    site_a.stub.SendHeartbeat(
+        pb.Heartbeat(hop_id=first.hop_id, lease_token=first.lease_token, phase="downloading"),
+        timeout=10,
+    )
+    assert site_c.loads_ahead.empty() and sites["site-b"].loads_ahead.empty()
 
-        _training_beat(site_a, first)
-        ahead = site_c.loads_ahead.get(timeout=60)  # two hops ahead: loads at low priority
-        assert (ahead.hop.run_id, ahead.hop.hop_index, ahead.hops_ahead) == (run_id, 2, 2)
-        assert ahead.hop.approval_bundle_json == first.approval_bundle_json  # the site checks it
-        assert not ahead.hop.lease_token and not ahead.hop.HasField("input_checkpoint")
-        assert sites["site-b"].next_preparation().hop_index == 1  # the next one: "you are next"
+    _training_beat(site_a, first)
+    ahead = site_c.loads_ahead.get(timeout=60)  # two hops ahead: loads at low priority
+    assert (ahead.hop.run_id, ahead.hop.hop_index, ahead.hops_ahead) == (run_id, 2, 2)
+    assert ahead.hop.approval_bundle_json == first.approval_bundle_json  # the site checks it
+    assert not ahead.hop.lease_token and not ahead.hop.HasField("input_checkpoint")
+    assert sites["site-b"].next_preparation().hop_index == 1  # the next one: "you are next"
 
-        _commit(site_a, first)
-        second = sites["site-b"].next_task()
-        _training_beat(sites["site-b"], second)
-        assert site_c.next_preparation().hop_index == 2
-        _commit(sites["site-b"], second)
-        third = site_c.next_task()
-        assert third.hop_index == 2
+    _commit(site_a, first)
+    second = sites["site-b"].next_task()
+    _training_beat(sites["site-b"], second)
+    assert site_c.next_preparation().hop_index == 2
+    _commit(sites["site-b"], second)
+    third = site_c.next_task()
+    assert third.hop_index == 2
 
-        # Once per first visit, and only for one: site-c's stream keeps its order, so a second
-        # notice would have come before its task; site-b, told it is next, needs none.
-        assert site_c.loads_ahead.empty()
-        assert sites["site-b"].loads_ahead.empty() and site_a.loads_ahead.empty()
-    finally:
-        site_c.close()
+    # Once per first visit, and only for one: site-c's stream keeps its order, so a second
+    # notice would have come before its task; site-b, told it is next, needs none.
+    assert site_c.loads_ahead.empty()
+    assert sites["site-b"].loads_ahead.empty() and site_a.loads_ahead.empty()
+
+
+def test_an_aborted_run_leaves_no_notice_records_of_hops_it_never_sent(
+    sites: dict[str, ScriptedSite],
+    site_c: ScriptedSite,
+    admin: AdminClient,
+    coordinator: Coordinator,
+    loop_thread: LoopThread,
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b", "site-c"}, timeout=60)
+    run_id = admin.start_run(parse_plan(_plan("site-a", "site-b", "site-c")))
+    first = sites["site-a"].next_task()
+    _training_beat(sites["site-a"], first)
+    assert sites["site-b"].next_preparation().hop_index == 1
+    assert site_c.loads_ahead.get(timeout=60).hop.hop_index == 2
+    hops = coordinator.engine.hops
+    told = {hop.index: hop.hop_id for hop in admin.run(run_id).hops}
+
+    loop_thread.run(coordinator.engine.check_deadlines())  # a watchdog pass
+    # The run goes on: its hops' notices stay (each is sent once per hop and session).
+    assert set(hops._told) == {told[1]} and set(hops._told_ahead) == {told[2]}
+    _training_beat(sites["site-a"], first)
+    assert sites["site-b"].preparations.empty() and site_c.loads_ahead.empty()
+
+    assert admin.control(run_id, "abort", "stop").status == "aborted"
+    loop_thread.run(coordinator.engine.check_deadlines())
+    # Neither hop will be sent now: their records go with the run, not one entry a run for good.
+    assert not hops._told and not hops._told_ahead
