@@ -31,7 +31,15 @@ from tests.coordinator_tests.conftest import BASE, ScriptedSite
 T = TypeVar("T")
 
 
-def _start(admin: AdminClient, site: ScriptedSite) -> pb.HopTask:
+@pytest.fixture
+def site(sites: dict[str, ScriptedSite]) -> ScriptedSite:
+    """site-a: the site of the run's first hop."""
+    return sites["site-a"]
+
+
+@pytest.fixture
+def task(admin: AdminClient, site: ScriptedSite) -> pb.HopTask:
+    """The first hop of a site-a, site-b run, leased to site-a."""
     admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan({
         "name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a", "site-b"],
@@ -92,12 +100,32 @@ def _hand_back(
     return str(response.hop_status)
 
 
+def _bundle_of(
+    site: ScriptedSite,
+    task: pb.HopTask,
+    values: np.ndarray,
+    adapter_config: dict[str, int],
+    **manifest_overrides: str,
+) -> bytes:
+    """A bundle of one tensor, `values`, made by `site` for `task`'s hop."""
+    fields = dict(task_type=task.task_type, base_model_sha256=BASE, run_id=task.run_id,
+                  hop_id=task.hop_id, producer_site=site.name,
+                  parent_sha256=task.input_checkpoint.sha256)  # fmt: skip
+    fields.update(manifest_overrides)
+    manifest = CheckpointManifest(**fields)
+    return safetensors.numpy.save(
+        {"lora_A": values}, metadata=bundle_metadata(manifest, adapter_config)
+    )
+
+
 def _bundle(site: ScriptedSite, task: pb.HopTask, floats: int, value: float = 0.5) -> bytes:
-    manifest = CheckpointManifest(task_type=task.task_type, base_model_sha256=BASE,
-                                  run_id=task.run_id, hop_id=task.hop_id, producer_site=site.name,
-                                  parent_sha256=task.input_checkpoint.sha256)  # fmt: skip
-    values = np.full((floats,), value, np.float32)
-    return safetensors.numpy.save({"lora_A": values}, metadata=bundle_metadata(manifest, {"r": 4}))
+    return _bundle_of(site, task, np.full((floats,), value, np.float32), {"r": 4})
+
+
+def _nan_bundle(site: ScriptedSite, task: pb.HopTask) -> bytes:
+    values = np.ones(CHUNK_BYTES // 2, np.float32)  # two chunks; the NaN is in the second
+    values[-1] = np.nan
+    return _bundle_of(site, task, values, {})
 
 
 def _state(coordinator: Coordinator) -> Path:
@@ -108,63 +136,78 @@ def _files(folder: Path) -> list[Path]:
     return [Path(root) / name for root, _, names in os.walk(folder) for name in names]
 
 
+def _stored(coordinator: Coordinator) -> list[str]:
+    """The names (hashes) of the checkpoint files in the coordinator's store, sorted."""
+    return sorted(p.name for p in _files(_state(coordinator) / "checkpoints"))
+
+
+def _spooled(coordinator: Coordinator) -> list[Path]:
+    """The upload spool's files (partial bundles)."""
+    return _files(_state(coordinator) / "uploads")
+
+
 def _hop_events(coordinator: Coordinator, run_id: str, hop_id: str) -> list[str]:
     return [e.kind for e in coordinator.engine.ledger.events(run_id) if e.hop_id == hop_id]
 
 
+def _stored_and_committed(coordinator: Coordinator, task: pb.HopTask) -> tuple[int, int]:
+    """How many times the ledger has the hop's bundle stored, and the hop committed."""
+    events = _hop_events(coordinator, task.run_id, task.hop_id)
+    return events.count("checkpoint.stored"), events.count("hop.committed")
+
+
+def _stored_row(coordinator: Coordinator, task: pb.HopTask, data: bytes) -> CheckpointRow:
+    """The ledger's row of bundle `data`: stored, the output of `task`'s hop."""
+    row = coordinator.engine.ledger.checkpoint(sha256_hex(data))
+    assert row is not None and row.status == "stored" and row.hop_id == task.hop_id
+    return row
+
+
+def _resume_offset(site: ScriptedSite, header: pb.UploadHeader) -> int:
+    """Sets `header` to resume from what the coordinator holds of the bundle (as a site whose
+    call was cut asks), and returns that offset."""
+    header.offset = site.stub.UploadStatus(header, timeout=30).received
+    return header.offset
+
+
 def test_hand_back_commits_in_one_call_with_the_events_of_upload_then_report(
-    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+    sites: dict[str, ScriptedSite], site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
-    site_a, site_b = sites["site-a"], sites["site-b"]
-    first = _start(admin, site_a)
-    data = _bundle(site_a, first, 3 * CHUNK_BYTES // 4)  # a few chunks
-    assert _hand_back(site_a, first, data) == "committed"
+    site_b = sites["site-b"]
+    data = _bundle(site, task, 3 * CHUNK_BYTES // 4)  # a few chunks
+    assert _hand_back(site, task, data) == "committed"
     second = site_b.next_task()  # the next hop is leased from the handed-back output
     assert second.input_checkpoint.sha256 == sha256_hex(data)
     assert sha256_hex(site_b.download(second.input_checkpoint.sha256)) == sha256_hex(data)
     # The same hop done the older way (upload, then report) leaves the same events.
     ref = site_b.upload(second, _bundle(site_b, second, 3 * CHUNK_BYTES // 4, 2.0))
     assert site_b.report(second, ref) == "committed"
-    handed = _hop_events(coordinator, first.run_id, first.hop_id)
-    assert handed == _hop_events(coordinator, first.run_id, second.hop_id)
+    handed = _hop_events(coordinator, task.run_id, task.hop_id)
+    assert handed == _hop_events(coordinator, task.run_id, second.hop_id)
     assert handed[-3:] == ["checkpoint.stored", "hop.uploaded", "hop.committed"]
-    hop = coordinator.engine.ledger.hop(first.hop_id)
+    hop = coordinator.engine.ledger.hop(task.hop_id)
     assert hop is not None and hop.metrics == {"accuracy": 0.5}
     assert (hop.train_started_at_ns, hop.train_finished_at_ns) == (1, 2)
     # One file per checkpoint in the store, nothing left in the spool.
-    state = _state(coordinator)
-    assert sorted(p.name for p in _files(state / "checkpoints")) == sorted(
-        [sha256_hex(data), ref.sha256]
-    )
-    assert _files(state / "uploads") == []
+    assert _stored(coordinator) == sorted([sha256_hex(data), ref.sha256])
+    assert _spooled(coordinator) == []
     assert coordinator.engine.ledger.verify_chain() is None
 
 
 def test_hand_back_writes_the_checkpoint_the_commit_and_the_next_lease_in_one_transaction(
-    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+    sites: dict[str, ScriptedSite], site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
-    site_a = sites["site-a"]
-    first = _start(admin, site_a)
     ledger = coordinator.engine.ledger
     transactions: list[tuple[str, ...]] = []
     ledger.head_observers.append(lambda _seq, _hash, kinds: transactions.append(kinds))
     try:
-        assert _hand_back(site_a, first, _bundle(site_a, first, 1024)) == "committed"
+        assert _hand_back(site, task, _bundle(site, task, 1024)) == "committed"
     finally:
         ledger.head_observers.pop()
     # One durable commit for the whole handoff, its events still chained one by one.
     assert ("checkpoint.stored", "hop.uploaded", "hop.committed", "hop.leased") in transactions
     assert sites["site-b"].next_task().input_checkpoint.sha256
     assert ledger.verify_chain() is None and ledger.verify().ok
-
-
-def _nan_bundle(site: ScriptedSite, task: pb.HopTask) -> bytes:
-    values = np.ones(CHUNK_BYTES // 2, np.float32)  # two chunks; the NaN is in the second
-    values[-1] = np.nan
-    manifest = CheckpointManifest(task_type=task.task_type, base_model_sha256=BASE,
-                                  run_id=task.run_id, hop_id=task.hop_id, producer_site=site.name,
-                                  parent_sha256=task.input_checkpoint.sha256)  # fmt: skip
-    return safetensors.numpy.save({"lora_A": values}, metadata=bundle_metadata(manifest, {}))
 
 
 @pytest.mark.parametrize(
@@ -180,14 +223,8 @@ def _nan_bundle(site: ScriptedSite, task: pb.HopTask) -> bytes:
     ],
 )
 def test_refused_hand_back_commits_nothing_and_the_hop_can_be_handed_back_again(
-    sites: dict[str, ScriptedSite],
-    admin: AdminClient,
-    coordinator: Coordinator,
-    case: str,
-    refusal: str,
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, case: str, refusal: str
 ) -> None:
-    site = sites["site-a"]
-    task = _start(admin, site)
     good = _bundle(site, task, 1024)
     data, header, result = good, None, None
     if case == "nan":
@@ -197,11 +234,7 @@ def test_refused_hand_back_commits_nothing_and_the_hop_can_be_handed_back_again(
     elif case == "hash":
         header = _header(site, task, good, sha256="00" * 32)
     elif case == "lineage":
-        manifest = CheckpointManifest(task_type=task.task_type, base_model_sha256=BASE,
-                                      run_id=task.run_id, hop_id="f00", producer_site=site.name,
-                                      parent_sha256="")  # fmt: skip
-        data = safetensors.numpy.save({"lora_A": np.ones(4, np.float32)},
-                                      metadata=bundle_metadata(manifest, {}))  # fmt: skip
+        data = _bundle_of(site, task, np.ones(4, np.float32), {}, hop_id="f00", parent_sha256="")
     elif case == "signature":
         header = _header(site, task, good, signature=sign_digest(site.key_pem, "22" * 32))
     elif case == "result":
@@ -213,35 +246,31 @@ def test_refused_hand_back_commits_nothing_and_the_hop_can_be_handed_back_again(
     hop = ledger.hop(task.hop_id)
     assert hop is not None and hop.status != "committed"
     assert "hop.committed" not in _hop_events(coordinator, task.run_id, task.hop_id)
-    assert _files(_state(coordinator) / "uploads") == []
+    assert _spooled(coordinator) == []
     if case in ("result", "metrics"):  # the bundle was good: stored, waiting for a result
-        assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(good)]
+        assert _stored(coordinator) == [sha256_hex(good)]
     else:
-        assert _files(_state(coordinator) / "checkpoints") == []
+        assert _stored(coordinator) == []
         assert ledger.checkpoints(task.run_id) == []
     # The lease still holds: the good bundle is handed back and committed.
     assert _hand_back(site, task, good) == "committed"
-    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(good)]
+    assert _stored(coordinator) == [sha256_hex(good)]
 
 
 def test_hand_back_retried_after_a_lost_answer_is_committed_once(
-    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
-    site = sites["site-a"]
-    task = _start(admin, site)
     data = _bundle(site, task, CHUNK_BYTES // 2)
     header = _header(site, task, data)
     assert _hand_back(site, task, data, header=header) == "committed"
     # The answer was lost: the site asks what the coordinator holds, and resumes from there.
-    assert site.stub.UploadStatus(header, timeout=30).received == len(data)
-    header.offset = len(data)
+    assert _resume_offset(site, header) == len(data)
     assert _hand_back(site, task, data, header=header) == "committed"
     header.offset = 0  # or sends everything again
     assert _hand_back(site, task, data, header=header) == "committed"
-    events = _hop_events(coordinator, task.run_id, task.hop_id)
-    assert events.count("hop.committed") == 1 and events.count("checkpoint.stored") == 1
-    assert len(_files(_state(coordinator) / "checkpoints")) == 1
-    assert _files(_state(coordinator) / "uploads") == []
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+    assert len(_stored(coordinator)) == 1
+    assert _spooled(coordinator) == []
     # Another bundle for the committed hop is refused, as any upload after the commit.
     other = _bundle(site, task, 16, 2.0)
     assert _hand_back(site, task, other).startswith(
@@ -250,37 +279,32 @@ def test_hand_back_retried_after_a_lost_answer_is_committed_once(
 
 
 def test_hand_back_of_another_sites_hop_or_an_old_lease_is_refused(
-    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+    sites: dict[str, ScriptedSite], site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
-    site_a, site_b = sites["site-a"], sites["site-b"]
-    task = _start(admin, site_a)
-    data = _bundle(site_a, task, 64)
-    assert _hand_back(site_b, task, data) == (
+    data = _bundle(site, task, 64)
+    assert _hand_back(sites["site-b"], task, data) == (
         f"PERMISSION_DENIED: hop {task.hop_id} is not leased to site site-b"
     )
     stale = pb.HopTask()
     stale.CopyFrom(task)
     stale.lease_token = "0" * 32
-    assert _hand_back(site_a, stale, data) == (
+    assert _hand_back(site, stale, data) == (
         f"FAILED_PRECONDITION: lease token for hop {task.hop_id} is not current"
     )
-    assert _files(_state(coordinator) / "checkpoints") == []
-    assert _hand_back(site_a, task, data) == "committed"
+    assert _stored(coordinator) == []
+    assert _hand_back(site, task, data) == "committed"
 
 
 def test_cut_hand_back_resumes_from_what_the_coordinator_holds(
-    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
-    site = sites["site-a"]
-    task = _start(admin, site)
     data = _bundle(site, task, CHUNK_BYTES)  # four chunks
     header = _header(site, task, data)
     stall = threading.Event()
     cut = site.stub.HandBackHop.future(_messages(header, data[: 2 * CHUNK_BYTES], None, stall))
-    uploads = _state(coordinator) / "uploads"
 
     def spooled() -> int:
-        return sum(p.stat().st_size for p in _files(uploads))
+        return sum(p.stat().st_size for p in _spooled(coordinator))
 
     for _ in range(200):
         if spooled() == 2 * CHUNK_BYTES:
@@ -288,18 +312,15 @@ def test_cut_hand_back_resumes_from_what_the_coordinator_holds(
         stall.wait(0.05)
     cut.cancel()
     stall.set()
-    header.offset = site.stub.UploadStatus(header, timeout=30).received
-    assert header.offset == 2 * CHUNK_BYTES
+    assert _resume_offset(site, header) == 2 * CHUNK_BYTES
     assert _hand_back(site, task, data, header=header) == "committed"
-    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(data)]
-    assert _files(uploads) == []
+    assert _stored(coordinator) == [sha256_hex(data)]
+    assert _spooled(coordinator) == []
 
 
 def test_hand_back_must_end_with_the_result_of_its_own_hop(
-    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+    site: ScriptedSite, task: pb.HopTask
 ) -> None:
-    site = sites["site-a"]
-    task = _start(admin, site)
     data = _bundle(site, task, 64)
     header = _header(site, task, data)
     with pytest.raises(grpc.RpcError) as missing:
@@ -311,20 +332,16 @@ def test_hand_back_must_end_with_the_result_of_its_own_hop(
         "INVALID_ARGUMENT: a hand back carries a successful hop's result"
     )
     # The bundle stayed stored: the hop is handed back from its end, without its bytes again.
-    header.offset = site.stub.UploadStatus(header, timeout=30).received
-    assert header.offset == len(data)
+    assert _resume_offset(site, header) == len(data)
     assert _hand_back(site, task, data, header=header) == "committed"
 
 
 def test_a_bundle_of_one_message_goes_straight_into_the_store(
-    sites: dict[str, ScriptedSite],
-    admin: AdminClient,
+    site: ScriptedSite,
+    task: pb.HopTask,
     coordinator: Coordinator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    site = sites["site-a"]
-    task = _start(admin, site)
-
     def spooled(*_: object) -> None:
         raise AssertionError("a one-message bundle went through the spool")
 
@@ -335,8 +352,8 @@ def test_a_bundle_of_one_message_goes_straight_into_the_store(
     )
     data = _bundle(site, task, 75_000)  # a LoRA adapter's size (~300 KB)
     assert _hand_back(site, task, data) == "committed"
-    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(data)]
-    assert _files(_state(coordinator) / "uploads") == []
+    assert _stored(coordinator) == [sha256_hex(data)]
+    assert _spooled(coordinator) == []
 
 
 def _until(predicate: Callable[[], object], timeout: float = 60) -> None:
@@ -377,13 +394,11 @@ def _recorded_alone(coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_hand_back_into_a_full_ledger_is_retryable_even_when_its_clean_up_fails_too(
-    sites: dict[str, ScriptedSite],
-    admin: AdminClient,
+    site: ScriptedSite,
+    task: pb.HopTask,
     coordinator: Coordinator,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    site = sites["site-a"]
-    task = _start(admin, site)
     data = _bundle(site, task, 1024)
     ledger = coordinator.engine.ledger
 
@@ -413,24 +428,20 @@ def test_hand_back_into_a_full_ledger_is_retryable_even_when_its_clean_up_fails_
     assert hop is not None and hop.status in ("leased", "training")
     # Space is back: the retried hand back commits the hop, bytes and row as one.
     assert _hand_back(site, task, data) == "committed"
-    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(data)]
-    row = ledger.checkpoint(sha256_hex(data))
-    assert row is not None and row.status == "stored" and row.hop_id == task.hop_id
+    assert _stored(coordinator) == [sha256_hex(data)]
+    row = _stored_row(coordinator, task, data)
     hop = ledger.hop(task.hop_id)
     assert hop is not None and hop.status == "committed" and hop.output_sha256 == row.sha256
-    events = _hop_events(coordinator, task.run_id, task.hop_id)
-    assert events.count("checkpoint.stored") == 1 and events.count("hop.committed") == 1
+    assert _stored_and_committed(coordinator, task) == (1, 1)
     assert ledger.verify_chain() is None and ledger.verify().ok
 
 
 def test_hand_back_cut_while_its_bundle_is_stored_keeps_the_bundles_row(
-    sites: dict[str, ScriptedSite],
-    admin: AdminClient,
+    site: ScriptedSite,
+    task: pb.HopTask,
     coordinator: Coordinator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    site = sites["site-a"]
-    task = _start(admin, site)
     data = _bundle(site, task, 1024)  # one message: written with `store.put`
     header = _header(site, task, data)
     entered, release = threading.Event(), threading.Event()
@@ -444,27 +455,21 @@ def test_hand_back_cut_while_its_bundle_is_stored_keeps_the_bundles_row(
     finally:
         release.set()
     assert cleaned.wait(60), "the bundle's row was never recorded"
-    ledger = coordinator.engine.ledger
-    row = ledger.checkpoint(sha256_hex(data))
-    assert row is not None and row.status == "stored" and row.hop_id == task.hop_id
-    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [row.sha256]
+    row = _stored_row(coordinator, task, data)
+    assert _stored(coordinator) == [row.sha256]
     # The site resumes at the bundle's end, without sending its bytes again.
-    header.offset = site.stub.UploadStatus(header, timeout=30).received
-    assert header.offset == len(data)
+    assert _resume_offset(site, header) == len(data)
     assert _hand_back(site, task, data, header=header) == "committed"
-    events = _hop_events(coordinator, task.run_id, task.hop_id)
-    assert events.count("checkpoint.stored") == 1 and events.count("hop.committed") == 1
-    assert ledger.verify_chain() is None
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+    assert coordinator.engine.ledger.verify_chain() is None
 
 
 def test_clean_up_after_a_hand_back_cut_during_its_commit_waits_for_that_commit(
-    sites: dict[str, ScriptedSite],
-    admin: AdminClient,
+    site: ScriptedSite,
+    task: pb.HopTask,
     coordinator: Coordinator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    site = sites["site-a"]
-    task = _start(admin, site)
     data = _bundle(site, task, 1024)
     ledger = coordinator.engine.ledger
     entered, release = threading.Event(), threading.Event()
@@ -508,7 +513,6 @@ def test_clean_up_after_a_hand_back_cut_during_its_commit_waits_for_that_commit(
     assert writers == ["ledger-writer_0"]
     hop = ledger.hop(task.hop_id)
     assert hop is not None and hop.status == "committed"
-    events = _hop_events(coordinator, task.run_id, task.hop_id)
-    assert events.count("checkpoint.stored") == 1 and events.count("hop.committed") == 1
-    assert [p.name for p in _files(_state(coordinator) / "checkpoints")] == [sha256_hex(data)]
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+    assert _stored(coordinator) == [sha256_hex(data)]
     assert ledger.verify_chain() is None
