@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +33,31 @@ from site_agent.tasks import HopHyperparameters, TaskSpec, create_trainer, load_
 HOP = HopHyperparameters(learning_rate=1e-2, steps=3, batch_size=8, seed=5)
 
 
-def _agent(
-    tmp_path: Path, base_model: Path, **settings: Any
-) -> tuple[SiteAgent, RegisteredDataset]:
-    """An agent (never connected) with one registered text dataset."""
-    data_dir = tmp_path / "data"
-    source = write_site_dataset(tmp_path / "notes.jsonl", generate_site_records(0, 3, n=30, seed=2))
-    dataset = register_dataset(data_dir, "notes", source, task_type="seq-classification")
-    site = SiteSettings(
+def _settings(tmp_path: Path, **settings: Any) -> SiteSettings:
+    """A site's settings with its files under `tmp_path` (nothing connects to localhost:1)."""
+    return SiteSettings(
         coordinator="localhost:1",
         ca_certificate=tmp_path / "ca.crt",
         certificate=tmp_path / "site.crt",
         private_key=tmp_path / "site.key",
-        data_dir=data_dir,
-        base_model_dir=base_model,
-        device="cpu",
+        data_dir=tmp_path / "data",
         **settings,
     )
+
+
+def _agent(
+    tmp_path: Path, base_model: Path, **settings: Any
+) -> tuple[SiteAgent, RegisteredDataset]:
+    """An agent (never connected) with one registered text dataset."""
+    source = write_site_dataset(tmp_path / "notes.jsonl", generate_site_records(0, 3, n=30, seed=2))
+    dataset = register_dataset(tmp_path / "data", "notes", source, task_type="seq-classification")
+    site = _settings(tmp_path, base_model_dir=base_model, device="cpu", **settings)
     return SiteAgent(site), dataset
+
+
+def _base_models(agent: SiteAgent) -> list[int]:
+    """The label counts of the base models the agent's text trainer holds loaded."""
+    return list(agent._trainers["seq-classification"]._base_models)  # type: ignore[attr-defined]
 
 
 def test_a_base_model_loaded_ahead_trains_a_first_hop_exactly_like_one_loaded_by_the_hop(
@@ -77,9 +85,8 @@ def test_the_background_load_loads_the_base_model_of_the_registered_datasets(
     assert agent._task_types_to_load() == ["seq-classification"]
     agent.load_in_background().join(timeout=120)
 
-    trainer = agent._trainers["seq-classification"]
     # The base model for the registered label count is resident: a first hop only copies it.
-    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
+    assert _base_models(agent) == [len(dataset.labels)]
 
 
 def test_a_corrupt_base_model_is_one_log_line_and_hops_are_refused_with_no_base_model(
@@ -149,7 +156,7 @@ def test_a_label_set_no_run_can_use_is_one_line_and_the_trainer_still_loads(
     ]
     trainer = agent.trainer("seq-classification")  # cached: no refusal, no second load
     assert agent._trainers["seq-classification"] is trainer
-    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
+    assert _base_models(agent) == [len(dataset.labels)]
 
 
 def test_the_background_load_loads_one_base_model_for_the_label_count_most_datasets_share(
@@ -162,8 +169,7 @@ def test_the_background_load_loads_one_base_model_for_the_label_count_most_datas
 
     agent.load_in_background().join(timeout=120)
 
-    trainer = agent._trainers["seq-classification"]
-    assert list(trainer._base_models) == [2]  # type: ignore[attr-defined]
+    assert _base_models(agent) == [2]
 
 
 def test_running_out_of_memory_loading_ahead_is_one_line_and_keeps_the_trainer(
@@ -199,13 +205,13 @@ def test_a_base_model_loading_does_not_hold_up_the_tabular_trainer(
         assert agent.trainer("tabular") is agent._trainers["tabular"]
 
 
-def test_after_the_background_load_a_hops_first_optimizer_imports_nothing(tmp_path: Path) -> None:
-    """torch imports ~800 modules (torch._dynamo...) when its first optimizer is built: a
-    second in a handoff. The site's background load pays it instead."""
+def _imports_after_the_background_load(tmp_path: Path, imports: str, call: str) -> int:
+    """How many modules ``call`` imports in a fresh process once an agent has built its
+    tabular trainer (what the background load does); ``imports`` run before all that."""
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "import torch\n"
+        f"{imports}\n"
         "from site_agent.agent import SiteAgent\n"
         "from site_agent.settings import SiteSettings\n"
         f"tmp = Path({str(tmp_path)!r})\n"
@@ -215,11 +221,18 @@ def test_after_the_background_load_a_hops_first_optimizer_imports_nothing(tmp_pa
         "agent = SiteAgent(settings)\n"
         "agent.trainer('tabular')\n"
         "before = set(sys.modules)\n"
-        "torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=0.1)\n"
+        f"{call}\n"
         "print(len(set(sys.modules) - before))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "0"
+    return int(done.stdout)
+
+
+def test_after_the_background_load_a_hops_first_optimizer_imports_nothing(tmp_path: Path) -> None:
+    """torch imports ~800 modules (torch._dynamo...) when its first optimizer is built: a
+    second in a handoff. The site's background load pays it instead."""
+    optimizer = "torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=0.1)"
+    assert _imports_after_the_background_load(tmp_path, "import torch", optimizer) == 0
 
 
 def test_after_the_background_load_a_hops_first_custody_signature_imports_nothing(
@@ -235,24 +248,9 @@ def test_after_the_background_load_a_hops_first_custody_signature_imports_nothin
         serialization.NoEncryption(),
     )  # fmt: skip
     (tmp_path / "site.key").write_bytes(key)
-    code = (
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from site_agent.agent import SiteAgent\n"
-        "from site_agent.settings import SiteSettings\n"
-        "from protocols.signing import sign_digest\n"
-        f"tmp = Path({str(tmp_path)!r})\n"
-        "settings = SiteSettings(coordinator='localhost:1', ca_certificate=tmp / 'ca.crt',\n"
-        "    certificate=tmp / 'site.crt', private_key=tmp / 'site.key', data_dir=tmp / 'data',\n"
-        "    device='cpu')\n"
-        "agent = SiteAgent(settings)\n"
-        "agent.trainer('tabular')\n"
-        "before = set(sys.modules)\n"
-        "sign_digest(settings.private_key.read_bytes(), 'ab' * 32)\n"
-        "print(len(set(sys.modules) - before))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "0"
+    signature = "sign_digest(settings.private_key.read_bytes(), 'ab' * 32)"
+    imports = "from protocols.signing import sign_digest"
+    assert _imports_after_the_background_load(tmp_path, imports, signature) == 0
 
 
 def _prepare_task(labels: tuple[str, ...], sites: list[str]) -> tuple[pb.HopTask, str]:
@@ -293,9 +291,8 @@ def test_a_when_next_site_loads_nothing_after_its_hello_until_it_is_told_it_is_n
     assert agent._trainers == {}
     agent._prepare(task)  # the coordinator says this site is next
 
-    trainer = agent._trainers["seq-classification"]
-    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
-    assert trainer._prepared is not None  # type: ignore[attr-defined]
+    assert _base_models(agent) == [len(dataset.labels)]
+    assert agent._trainers["seq-classification"]._prepared is not None  # type: ignore[attr-defined]
 
 
 def test_an_eager_site_starts_its_background_load_once_after_its_first_hello(
@@ -309,8 +306,7 @@ def test_an_eager_site_starts_its_background_load_once_after_its_first_hello(
     thread.join(timeout=120)
     assert agent._said_hello() is None  # a reconnect's hello starts no second load
 
-    trainer = agent._trainers["seq-classification"]
-    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
+    assert _base_models(agent) == [len(dataset.labels)]
 
 
 @pytest.mark.parametrize(
@@ -321,12 +317,7 @@ def test_an_eager_site_starts_its_background_load_once_after_its_first_hello(
 def test_preload_takes_its_three_modes_and_the_booleans_it_was_before(
     tmp_path: Path, given: object, expected: str
 ) -> None:
-    settings = SiteSettings(
-        coordinator="localhost:1", ca_certificate=tmp_path / "ca.crt",
-        certificate=tmp_path / "site.crt", private_key=tmp_path / "site.key",
-        data_dir=tmp_path / "data", preload=given,
-    )  # fmt: skip
-    assert settings.preload == expected
+    assert _settings(tmp_path, preload=given).preload == expected
 
 
 def test_an_unknown_preload_mode_is_one_clear_line(tmp_path: Path) -> None:
@@ -372,8 +363,7 @@ def test_a_when_scheduled_site_loads_ahead_only_for_a_run_it_approved(
     with caplog.at_level(logging.INFO, logger="site_agent.agent"):
         agent._load_ahead(pb.PrepareAhead(hop=task, hops_ahead=2))
         assert agent._loads_ahead.idle(timeout=120)
-    trainer = agent._trainers["seq-classification"]
-    assert list(trainer._base_models) == [len(dataset.labels)]  # type: ignore[attr-defined]
+    assert _base_models(agent) == [len(dataset.labels)]
     assert caplog.messages[-1] == "loaded ahead of hop 1 of run run1 (2 hops ahead)"
 
 
@@ -406,33 +396,58 @@ _LINUX_ONLY = pytest.mark.skipif(
 )
 
 
+class _NicedLoads:
+    """A `LowPriorityLoader` whose loads note the nice value they run at, in order."""
+
+    def __init__(self) -> None:
+        self.loader = LowPriorityLoader()
+        self.base = _nice(os.getpid())  # the agent's nice value
+        self.seen: list[int] = []
+
+    def _note(self) -> None:
+        self.seen.append(_nice(threading.get_native_id()))
+
+    def load(self, hops_ahead: int) -> None:
+        """Runs one load ahead of a first visit ``hops_ahead`` hops ahead, to its end."""
+        self.loader.submit(self._note, ahead_niceness(hops_ahead))
+        assert self.loader.idle(timeout=120)
+
+    def hurried_load(self, hops_ahead: int) -> None:
+        """Runs one load hurried while it runs (the site is told it is next, or given its
+        hop): it notes its nice value before the hurry and after."""
+        hold, running = threading.Event(), threading.Event()
+
+        def load() -> None:
+            self._note()
+            running.set()
+            assert hold.wait(timeout=120)
+            self._note()
+
+        self.loader.submit(load, ahead_niceness(hops_ahead))
+        assert running.wait(timeout=120)
+        self.loader.hurry()
+        hold.set()
+        assert self.loader.idle(timeout=120)
+
+
+@pytest.fixture
+def loads() -> Iterator[_NicedLoads]:
+    niced = _NicedLoads()
+    yield niced
+    niced.loader.stop()
+
+
 @_LINUX_ONLY
-def test_loads_ahead_run_at_a_lower_priority_the_further_ahead_until_hurried() -> None:
+def test_loads_ahead_run_at_a_lower_priority_the_further_ahead_until_hurried(
+    loads: _NicedLoads,
+) -> None:
     if not _can_raise_priority():  # see ..._where_it_may_not_raise_a_priority_back
         pytest.skip("this process may not raise a thread's priority back")
-    loader = LowPriorityLoader()
-    base = _nice(os.getpid())
-    seen: list[int] = []
-    hold = threading.Event()
-    running = threading.Event()
+    loads.hurried_load(1)  # told it is next (or given its hop): back at the agent's priority
+    loads.load(3)
+    loads.load(1)
 
-    def load() -> None:
-        seen.append(_nice(threading.get_native_id()))
-        running.set()
-        assert hold.wait(timeout=120)
-        seen.append(_nice(threading.get_native_id()))
-
-    loader.submit(load, ahead_niceness(1))
-    assert running.wait(timeout=120)
-    loader.hurry()  # told it is next (or given its hop): back at the agent's priority
-    hold.set()
-    assert loader.idle(timeout=120)
-    loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(3))
-    assert loader.idle(timeout=120)
-    loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(1))
-    assert loader.idle(timeout=120)
-    loader.stop()
-
+    base, seen = loads.base, loads.seen
     assert ahead_niceness(1) < ahead_niceness(2) < ahead_niceness(3) <= ahead_niceness(9) == 19
     assert seen[0] == min(19, base + ahead_niceness(1))
     assert seen[1] == base
@@ -443,7 +458,7 @@ def test_loads_ahead_run_at_a_lower_priority_the_further_ahead_until_hurried() -
 
 @_LINUX_ONLY
 def test_loads_ahead_run_at_the_agents_priority_where_it_may_not_raise_a_priority_back(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, loads: _NicedLoads
 ) -> None:
     """A site's service user (no CAP_SYS_NICE, no LimitNICE) could lower a load but never
     hurry it: a hop would wait on a load finishing at nice +10..+19."""
@@ -455,29 +470,12 @@ def test_loads_ahead_run_at_the_agents_priority_where_it_may_not_raise_a_priorit
         set_priority(which, who, priority)
 
     monkeypatch.setattr("site_agent._load_ahead.os.setpriority", unprivileged)
-    loader = LowPriorityLoader()
-    base = _nice(os.getpid())
-    seen: list[int] = []
-    hold = threading.Event()
-    running = threading.Event()
-
-    def load() -> None:
-        running.set()
-        assert hold.wait(timeout=120)
-        seen.append(_nice(threading.get_native_id()))
-
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="site_agent.agent"):
-        loader.submit(load, ahead_niceness(1))
-        assert running.wait(timeout=120)
-        loader.hurry()
-        hold.set()
-        assert loader.idle(timeout=120)
-        loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(3))
-        assert loader.idle(timeout=120)
-    loader.stop()
+        loads.hurried_load(1)
+        loads.load(3)
 
-    assert seen == [base, base]
+    assert loads.seen == [loads.base] * 3  # never lowered: before the hurry, after, and next
     assert caplog.messages == [
         "loads ahead run at the agent's priority: this process may not raise a thread's "
         "priority back (needs CAP_SYS_NICE or LimitNICE)"
@@ -485,24 +483,17 @@ def test_loads_ahead_run_at_the_agents_priority_where_it_may_not_raise_a_priorit
 
 
 @_LINUX_ONLY
-def test_a_hurry_with_no_load_ahead_leaves_the_next_load_low() -> None:
+def test_a_hurry_with_no_load_ahead_leaves_the_next_load_low(loads: _NicedLoads) -> None:
     """Every hop and every "you are next" hurries: the next load ahead (another run's, maybe
     hours later) still runs low."""
     if not _can_raise_priority():
         pytest.skip("this process may not raise a thread's priority back")
-    loader = LowPriorityLoader()
-    base = _nice(os.getpid())
-    seen: list[int] = []
+    loads.loader.hurry()  # nothing queued or running
+    loads.load(2)
+    loads.loader.hurry()  # and once the loader's thread is idle
+    loads.load(2)
 
-    loader.hurry()  # nothing queued or running
-    loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(2))
-    assert loader.idle(timeout=120)
-    loader.hurry()  # and once the loader's thread is idle
-    loader.submit(lambda: seen.append(_nice(threading.get_native_id())), ahead_niceness(2))
-    assert loader.idle(timeout=120)
-    loader.stop()
-
-    assert seen == [min(19, base + ahead_niceness(2))] * 2
+    assert loads.seen == [min(19, loads.base + ahead_niceness(2))] * 2
 
 
 class _Unavailable(grpc.RpcError):
