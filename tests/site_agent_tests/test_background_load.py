@@ -55,6 +55,15 @@ def _agent(
     return SiteAgent(site), dataset
 
 
+def _logged_by_the_background_load(
+    agent: SiteAgent, caplog: pytest.LogCaptureFixture, level: int
+) -> list[str]:
+    """Runs the agent's background load to its end; the lines it logged at ``level`` or above."""
+    with caplog.at_level(level, logger="site_agent.agent"):
+        agent.load_in_background().join(timeout=120)
+    return [r.getMessage() for r in caplog.records if r.levelno >= level]
+
+
 def _base_models(agent: SiteAgent) -> list[int]:
     """The label counts of the base models the agent's text trainer holds loaded."""
     return list(agent._trainers["seq-classification"]._base_models)  # type: ignore[attr-defined]
@@ -100,10 +109,7 @@ def test_a_corrupt_base_model_is_one_log_line_and_hops_are_refused_with_no_base_
     weights.write_bytes(weights.read_bytes()[:200])  # truncated: the header is incomplete
     agent, _ = _agent(tmp_path, broken)
 
-    with caplog.at_level(logging.ERROR, logger="site_agent.agent"):
-        agent.load_in_background().join(timeout=120)
-
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    errors = _logged_by_the_background_load(agent, caplog, logging.ERROR)
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"this site cannot load its base model {broken}: ")
     assert errors[0].endswith("; its hops will be refused")
@@ -146,10 +152,7 @@ def test_a_label_set_no_run_can_use_is_one_line_and_the_trainer_still_loads(
     blank = {**registered[0], "name": "blank", "label_counts": {"train": {"": 3, "a": 4}}}
     monkeypatch.setattr("site_agent.agent.list_registered", lambda data_dir: [blank, *registered])
 
-    with caplog.at_level(logging.WARNING, logger="site_agent.agent"):
-        agent.load_in_background().join(timeout=120)
-
-    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    problems = _logged_by_the_background_load(agent, caplog, logging.WARNING)
     assert problems == [
         "dataset blank: its base model is not loaded ahead: "
         "need at least two non-empty label names, got ('', 'a')"
@@ -186,10 +189,7 @@ def test_running_out_of_memory_loading_ahead_is_one_line_and_keeps_the_trainer(
     monkeypatch.setattr(SequenceClassificationTrainer, "load_base_model", out_of_memory)
     agent, _ = _agent(tmp_path, tiny_model_dir)
 
-    with caplog.at_level(logging.WARNING, logger="site_agent.agent"):
-        agent.load_in_background().join(timeout=120)
-
-    problems = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    problems = _logged_by_the_background_load(agent, caplog, logging.WARNING)
     assert problems == [
         "could not load the seq-classification base model ahead (out of memory); "
         "its first hop loads it"
