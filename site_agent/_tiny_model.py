@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import inspect
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -19,6 +20,7 @@ from transformers import (  # type: ignore[attr-defined,unused-ignore]
     BertTokenizerFast,
     LlamaConfig,
     LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -56,6 +58,8 @@ _BUILTIN_WORDS: tuple[str, ...] = (
 # tokenizes (into pieces) instead of collapsing to [UNK].
 _CHARACTERS = string.ascii_lowercase + string.digits
 _PUNCTUATION = string.punctuation
+
+_Config = TypeVar("_Config", bound=PretrainedConfig)
 
 _HIDDEN_SIZE = 32
 _NUM_LAYERS = 2
@@ -101,16 +105,27 @@ def write_tiny_base_model(directory: Path, *, words: Iterable[str] = (), seed: i
         initializer_range=_INITIALIZER_RANGE,
         architectures=["BertModel"],
     )
-    # fork_rng keeps the caller's global RNG stream untouched.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = BertModel(config)
-    config.save_pretrained(directory)
-    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _write_seeded_model(BertModel, config, seed, directory)
 
     _tokenizer(vocabulary, directory / "vocab.txt").save_pretrained(directory)
     return directory
+
+
+def _write_seeded_model(
+    model_class: Callable[[_Config], torch.nn.Module],
+    config: _Config,
+    seed: int,
+    directory: Path,
+) -> None:
+    """Writes ``config`` and a ``model_class(config)`` initialised from ``seed`` (the same seed
+    gives the same bytes) into ``directory``."""
+    # fork_rng keeps the caller's global RNG stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    config.save_pretrained(directory)
+    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _vocabulary(words: Iterable[str]) -> list[str]:
@@ -190,12 +205,7 @@ def write_tiny_causal_lm(directory: Path, *, words: Iterable[str] = (), seed: in
         tie_word_embeddings=False,
         architectures=["LlamaForCausalLM"],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    config.save_pretrained(directory)
-    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _write_seeded_model(LlamaForCausalLM, config, seed, directory)
 
     backend = Tokenizer(models.WordLevel(vocab=vocabulary, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()
