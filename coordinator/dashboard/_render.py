@@ -1,15 +1,16 @@
-"""Renders a page with the caller's account, CSRF token and pending messages."""
+"""Renders a page with the caller's account, CSRF token and pending messages; redirects after
+a form's action with the message to show next."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from coordinator.dashboard._deps import DashboardState, Principal
 
-__all__ = ["render"]
+__all__ = ["redirect", "render"]
 
 
 def render(
@@ -36,3 +37,10 @@ def render(
     )
     flash.clear()
     return response
+
+
+def redirect(url: str, principal: Principal, message: str) -> RedirectResponse:
+    """Where a form's action goes next (303 See Other), with ``message`` shown on that page."""
+    if principal.session is not None:  # an API token's caller sees no page
+        principal.session.flash.append(message)
+    return RedirectResponse(url, status_code=303)

@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 from coordinator.dashboard._deps import Operator, Principal, ServiceDep, StateDep, Viewer
 from coordinator.dashboard._live import live_fragment
 from coordinator.dashboard._plot import curve_metrics, validation_svg
-from coordinator.dashboard._render import render
+from coordinator.dashboard._render import redirect, render
 from coordinator.dashboard._service import DashboardService
 from coordinator.dashboard.schemas import (
     ActionResult,
@@ -127,9 +127,7 @@ async def evaluate_form(
         message = f"{len(ids)} {split} evaluation(s) requested"
     except CoordinatorError as exc:
         message = f"evaluation refused: {exc}"
-    if principal.session is not None:
-        principal.session.flash.append(message)
-    return RedirectResponse(f"/runs/{run_id}", status_code=303)
+    return redirect(f"/runs/{run_id}", principal, message)
 
 
 @router.post("/runs/{run_id}/{action}", include_in_schema=False)
@@ -144,9 +142,7 @@ async def run_action_form(
         message = await _act(service, principal, run_id, action, reason)
     except CoordinatorError as exc:
         message = f"{action} refused: {exc}"
-    if principal.session is not None:
-        principal.session.flash.append(message)
-    return RedirectResponse(f"/runs/{run_id}", status_code=303)
+    return redirect(f"/runs/{run_id}", principal, message)
 
 
 @router.get("/runs/{run_id}/adapter.zip", include_in_schema=False)

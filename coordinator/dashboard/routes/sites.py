@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from coordinator.dashboard._deps import Admin, ServiceDep, Viewer
-from coordinator.dashboard._render import render
+from coordinator.dashboard._render import redirect, render
 from coordinator.dashboard.schemas import ActionResult, RevokeRequest, SiteView
 from coordinator.errors import CoordinatorError
 
@@ -33,9 +33,7 @@ async def revoke_form(
         message = f"certificate {serial} revoked; {closed} stream(s) closed"
     except CoordinatorError as exc:
         message = f"revocation refused: {exc}"
-    if principal.session is not None:
-        principal.session.flash.append(message)
-    return RedirectResponse("/sites", status_code=303)
+    return redirect("/sites", principal, message)
 
 
 @api.get("/sites")

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from coordinator.dashboard._deps import Operator, ServiceDep, StateDep, Viewer
 from coordinator.dashboard._plot import series_svg
-from coordinator.dashboard._render import render
+from coordinator.dashboard._render import redirect, render
 from coordinator.dashboard._studies import StudyDetail, StudySummary, list_studies, study_detail
 from coordinator.dashboard.schemas import ActionResult, StopStudyRequest, StudyWorkerView
 from coordinator.errors import CoordinatorError, InvalidInput, NotFound
@@ -101,12 +101,12 @@ async def start_study_form(
     except (StudyRequestError, CoordinatorError) as exc:
         return render(request, "new_study.html", principal, status_code=422, study=study,
                       error=str(exc), refusal=state.supervisor.refusal())  # fmt: skip
-    if principal.session is not None:
-        principal.session.flash.append(
-            f"study {worker.study} started (worker pid {worker.pid}): the sites must have "
-            "approved its bundle"
-        )
-    return RedirectResponse(f"/studies/{worker.study}", status_code=303)
+    return redirect(
+        f"/studies/{worker.study}",
+        principal,
+        f"study {worker.study} started (worker pid {worker.pid}): the sites must have "
+        "approved its bundle",
+    )
 
 
 @router.post("/studies/{name}/stop", include_in_schema=False)
@@ -125,9 +125,7 @@ async def stop_study_form(
         )
     except CoordinatorError as exc:
         message = f"stop refused: {exc}"
-    if principal.session is not None:
-        principal.session.flash.append(message)
-    return RedirectResponse(f"/studies/{name}", status_code=303)
+    return redirect(f"/studies/{name}", principal, message)
 
 
 @router.get("/studies/{name}", response_class=HTMLResponse, include_in_schema=False)
@@ -169,9 +167,7 @@ async def start_best_form(
     try:
         run_id = await _start_best(service, name, principal.actor, allow_offline)
     except CoordinatorError as exc:
-        if principal.session is not None:
-            principal.session.flash.append(f"start refused: {exc}")
-        return RedirectResponse(f"/studies/{name}", status_code=303)
+        return redirect(f"/studies/{name}", principal, f"start refused: {exc}")
     return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
 
