@@ -221,16 +221,19 @@ class Hops:
             task = prepare_ahead_task(hop_task(run, following, None), hops_ahead)
             session.queue.put_nowait(task)
 
-    def _forget_told_of_ended_hops(self) -> None:
-        """Drops the "next" and "ahead" notices of hops no running run holds any more.
+    def _forget_ended_hops(self) -> None:
+        """Drops what is held in memory about hops no running run holds any more: the "next"
+        and "ahead" notices sent for them, and since when they waited for their site.
 
-        A hop's notices are dropped when its task is sent; a hop that never is (its run
-        aborted, failed, paused or completed first) would otherwise keep them for good. A run
-        resumed after a pause tells its sites again, as after a reconnect.
+        A hop's notices are dropped when its task is sent, its wait when its site connects; a
+        hop that gets neither (its run aborted, failed, paused or completed first) would
+        otherwise keep them for good. A run resumed after a pause tells its sites again, as
+        after a reconnect, and waits for an absent site from the resume on.
         """
-        for told in (self._told, self._told_ahead):
-            for hop_id in [hop_id for hop_id in told if self.runs.hop(hop_id) is None]:
-                del told[hop_id]
+        for held in (self._told, self._told_ahead, self.leases.waiting_since,
+                     self.leases.wait_logged):  # fmt: skip
+            for hop_id in [hop_id for hop_id in held if self.runs.hop(hop_id) is None]:
+                del held[hop_id]
 
     def waiting_reason(self, run: RunRow, hop: HopRow) -> str:
         """Why a run's next hop is not running ("waiting for riverside: offline since ...")."""
@@ -547,7 +550,7 @@ class Hops:
 
     async def check_deadlines(self, runs: list[RunRow]) -> None:
         """Expires leases, gives up on absent sites and dispatches hops whose backoff ended."""
-        self._forget_told_of_ended_hops()
+        self._forget_ended_hops()
         now = time.monotonic()
         for run in runs:
             if runs_in_rounds(run):

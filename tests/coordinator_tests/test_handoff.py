@@ -195,7 +195,7 @@ def test_every_later_site_of_a_run_is_told_its_first_visit_is_coming_when_the_fi
     assert sites["site-b"].loads_ahead.empty() and site_a.loads_ahead.empty()
 
 
-def test_an_aborted_run_leaves_no_notice_records_of_hops_it_never_sent(
+def test_an_aborted_run_leaves_no_record_of_the_notices_of_hops_it_never_sent(
     sites: dict[str, ScriptedSite],
     site_c: ScriptedSite,
     admin: AdminClient,
@@ -221,3 +221,25 @@ def test_an_aborted_run_leaves_no_notice_records_of_hops_it_never_sent(
     loop_thread.run(coordinator.engine.check_deadlines())
     # Neither hop will be sent now: their records go with the run, not one entry a run for good.
     assert not hops._told and not hops._told_ahead
+
+
+def test_an_aborted_run_leaves_no_record_of_its_hop_waiting_for_an_absent_site(
+    pki: Pki,
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    coordinator: Coordinator,
+    loop_thread: LoopThread,
+) -> None:
+    site_c = ScriptedSite(pki, "site-c", coordinator.port)
+    site_c.hello()  # registered, then away: no task stream
+    site_c.close()
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
+    run_id = admin.start_run(parse_plan(_plan("site-c", "site-a")), allow_offline=True)
+    first = admin.run(run_id).hops[0].hop_id
+    leases = coordinator.engine.leases
+    loop_thread.run(coordinator.engine.check_deadlines())  # a watchdog pass: site-c is away
+    assert first in leases.waiting_since and first in leases.wait_logged
+
+    assert admin.control(run_id, "abort", "stop").status == "aborted"
+    loop_thread.run(coordinator.engine.check_deadlines())
+    assert first not in leases.waiting_since and first not in leases.wait_logged
