@@ -48,6 +48,12 @@ def task(admin: AdminClient, site: ScriptedSite) -> pb.HopTask:
     return site.next_task()
 
 
+@pytest.fixture
+def bundle(site: ScriptedSite, task: pb.HopTask) -> bytes:
+    """A good bundle of the first hop, of one message (the store writes it with `put`)."""
+    return _bundle(site, task, 1024)
+
+
 def _header(site: ScriptedSite, task: pb.HopTask, data: bytes, **fields: object) -> pb.UploadHeader:
     digest = str(fields.pop("sha256", sha256_hex(data)))
     header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
@@ -195,13 +201,17 @@ def test_hand_back_commits_in_one_call_with_the_events_of_upload_then_report(
 
 
 def test_hand_back_writes_the_checkpoint_the_commit_and_the_next_lease_in_one_transaction(
-    sites: dict[str, ScriptedSite], site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
+    sites: dict[str, ScriptedSite],
+    site: ScriptedSite,
+    task: pb.HopTask,
+    bundle: bytes,
+    coordinator: Coordinator,
 ) -> None:
     ledger = coordinator.engine.ledger
     transactions: list[tuple[str, ...]] = []
     ledger.head_observers.append(lambda _seq, _hash, kinds: transactions.append(kinds))
     try:
-        assert _hand_back(site, task, _bundle(site, task, 1024)) == "committed"
+        assert _hand_back(site, task, bundle) == "committed"
     finally:
         ledger.head_observers.pop()
     # One durable commit for the whole handoff, its events still chained one by one.
@@ -396,10 +406,10 @@ def _recorded_alone(coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch) -
 def test_hand_back_into_a_full_ledger_is_retryable_even_when_its_clean_up_fails_too(
     site: ScriptedSite,
     task: pb.HopTask,
+    bundle: bytes,
     coordinator: Coordinator,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    data = _bundle(site, task, 1024)
     ledger = coordinator.engine.ledger
 
     def full(_conn: object, _cursor: object, statement: str, params: object, *_: object) -> None:
@@ -413,7 +423,7 @@ def test_hand_back_into_a_full_ledger_is_retryable_even_when_its_clean_up_fails_
     event.listen(ledger.engine, "before_cursor_execute", full)
     try:
         with caplog.at_level(logging.ERROR, logger="coordinator.engine.uploads"):
-            refused = _hand_back(site, task, data)
+            refused = _hand_back(site, task, bundle)
     finally:
         event.remove(ledger.engine, "before_cursor_execute", full)
     # The site is told to retry (it keeps its finished hop), not refused for good.
@@ -421,15 +431,15 @@ def test_hand_back_into_a_full_ledger_is_retryable_even_when_its_clean_up_fails_
         "UNAVAILABLE: coordinator storage full: ledger database: database or disk is full; retrying"
     )
     assert (
-        f"checkpoint {sha256_hex(data)} of hop {task.hop_id} stays in the store without its row"
+        f"checkpoint {sha256_hex(bundle)} of hop {task.hop_id} stays in the store without its row"
         in caplog.text
     )
     hop = ledger.hop(task.hop_id)
     assert hop is not None and hop.status in ("leased", "training")
     # Space is back: the retried hand back commits the hop, bytes and row as one.
-    assert _hand_back(site, task, data) == "committed"
-    assert _stored(coordinator) == [sha256_hex(data)]
-    row = _stored_row(coordinator, task, data)
+    assert _hand_back(site, task, bundle) == "committed"
+    assert _stored(coordinator) == [sha256_hex(bundle)]
+    row = _stored_row(coordinator, task, bundle)
     hop = ledger.hop(task.hop_id)
     assert hop is not None and hop.status == "committed" and hop.output_sha256 == row.sha256
     assert _stored_and_committed(coordinator, task) == (1, 1)
@@ -439,27 +449,27 @@ def test_hand_back_into_a_full_ledger_is_retryable_even_when_its_clean_up_fails_
 def test_hand_back_cut_while_its_bundle_is_stored_keeps_the_bundles_row(
     site: ScriptedSite,
     task: pb.HopTask,
+    bundle: bytes,
     coordinator: Coordinator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    data = _bundle(site, task, 1024)  # one message: written with `store.put`
-    header = _header(site, task, data)
+    header = _header(site, task, bundle)
     entered, release = threading.Event(), threading.Event()
     store = coordinator.engine.store
     monkeypatch.setattr(store, "put", _held_until(release, entered)(store.put))
     cleaned = _recorded_alone(coordinator, monkeypatch)
-    call = site.stub.HandBackHop.future(_messages(header, data, _result(task)))
+    call = site.stub.HandBackHop.future(_messages(header, bundle, _result(task)))
     try:
         assert entered.wait(60), "the bundle was never written"
         call.cancel()  # the site's deadline passed while the bundle was being written
     finally:
         release.set()
     assert cleaned.wait(60), "the bundle's row was never recorded"
-    row = _stored_row(coordinator, task, data)
+    row = _stored_row(coordinator, task, bundle)
     assert _stored(coordinator) == [row.sha256]
     # The site resumes at the bundle's end, without sending its bytes again.
-    assert _resume_offset(site, header) == len(data)
-    assert _hand_back(site, task, data, header=header) == "committed"
+    assert _resume_offset(site, header) == len(bundle)
+    assert _hand_back(site, task, bundle, header=header) == "committed"
     assert _stored_and_committed(coordinator, task) == (1, 1)
     assert coordinator.engine.ledger.verify_chain() is None
 
@@ -467,10 +477,10 @@ def test_hand_back_cut_while_its_bundle_is_stored_keeps_the_bundles_row(
 def test_clean_up_after_a_hand_back_cut_during_its_commit_waits_for_that_commit(
     site: ScriptedSite,
     task: pb.HopTask,
+    bundle: bytes,
     coordinator: Coordinator,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    data = _bundle(site, task, 1024)
     ledger = coordinator.engine.ledger
     entered, release = threading.Event(), threading.Event()
     # The commit holds its transaction open (its checkpoint row written, not yet committed).
@@ -500,7 +510,8 @@ def test_clean_up_after_a_hand_back_cut_during_its_commit_waits_for_that_commit(
     monkeypatch.setattr(intake, "record_alone", record_alone)
     monkeypatch.setattr(writer, "run", run)
     cleaned = _recorded_alone(coordinator, monkeypatch)
-    call = site.stub.HandBackHop.future(_messages(_header(site, task, data), data, _result(task)))
+    messages = _messages(_header(site, task, bundle), bundle, _result(task))
+    call = site.stub.HandBackHop.future(messages)
     try:
         assert entered.wait(60), "the hop was never committed"
         call.cancel()  # the site's deadline passed during the commit
@@ -514,5 +525,5 @@ def test_clean_up_after_a_hand_back_cut_during_its_commit_waits_for_that_commit(
     hop = ledger.hop(task.hop_id)
     assert hop is not None and hop.status == "committed"
     assert _stored_and_committed(coordinator, task) == (1, 1)
-    assert _stored(coordinator) == [sha256_hex(data)]
+    assert _stored(coordinator) == [sha256_hex(bundle)]
     assert ledger.verify_chain() is None
