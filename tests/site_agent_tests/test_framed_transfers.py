@@ -4,6 +4,7 @@ bad bundle is refused with the very message the generated stub's messages get.""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from coordinator import heap
 from coordinator.console.admin import AdminClient
 from coordinator.server import Coordinator
 from protocols.checkpoint import CheckpointManifest, bundle_metadata
@@ -132,3 +134,17 @@ def test_framed_messages_upload_then_report_to_a_coordinator_that_predates_hand_
     assert calls == {"HandBackHop": 1, "UploadCheckpoint": 1, "ReportHopResult": 1}
     stored = coordinator.engine.store.path(handed.reported[0].output_checkpoint.sha256)
     assert stored.read_bytes() == handed.data
+
+
+def test_the_coordinator_gives_free_heap_memory_back_once_a_large_transfer_ends(
+    monkeypatch: pytest.MonkeyPatch, hand_back: Callable[..., HandedBack],
+    sites: dict[str, ScriptedSite], site_stubs: dict[str, SiteStub],
+) -> None:  # fmt: skip
+    released = threading.Event()
+    monkeypatch.setattr(heap, "release_free_memory", released.set)
+    handed = hand_back(5)  # 5 MiB up: under the 8 MiB that make a release worth it
+    assert handed.reported is not None and handed.reported[1].hop_status == "committed"
+    assert not released.is_set()
+    ref = sites["site-b"].next_task().input_checkpoint
+    assert handed.agent._download(site_stubs["site-b"], ref) == handed.data  # and 5 MiB down
+    assert released.wait(30)
