@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from coordinator.engine.chunk_pipeline import ChunkPipeline
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.engine.spool import UploadSpool
@@ -42,7 +41,7 @@ from coordinator.ledger import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
-from coordinator.worker_threads import run_to_end, run_whole
+from coordinator.worker_threads import run_to_end, run_whole, settle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
 from protocols.signing import SignatureError, verify_custody
@@ -530,17 +529,30 @@ class UploadIntake:
             if header.offset:
                 await asyncio.to_thread(_feed_file, stream, partial, header.offset)
             received = header.offset
-            # Each chunk is written on one thread while it is hashed and value-checked on another
-            # (both release the GIL) and the next ones arrive; a cancelled handler waits for
-            # both threads' ends: the file stays open until its last write.
+            # Each chunk is written (on a worker thread) while it is hashed and value-checked (on
+            # another; both release the GIL) and the next one arrives: one write and one check
+            # in flight at most, so each stays in order. A future is dropped only once done: a
+            # cancelled handler never detaches from a write (below).
+            loop = asyncio.get_running_loop()
             spool = _SpoolWriter(fd, header.offset)
-            async with ChunkPipeline([spool.write, stream.feed]) as pipeline:
+            writing: asyncio.Future[None] | None = None
+            checking: asyncio.Future[None] | None = None
+            try:
                 async for chunk in chunks:
                     received += len(chunk)
                     if received > header.total_size:
                         raise InvalidInput("upload is longer than its header declared")
-                    await pipeline.put(chunk)
-                await pipeline.finish()
+                    if writing is not None:
+                        await asyncio.shield(writing)
+                    writing = loop.run_in_executor(None, spool.write, chunk)
+                    if checking is not None:
+                        await asyncio.shield(checking)
+                    checking = loop.run_in_executor(None, stream.feed, chunk)
+                for future in (writing, checking):
+                    if future is not None:
+                        await asyncio.shield(future)
+            finally:
+                await settle(writing, checking)  # the file stays open until its last write
         finally:
             os.close(fd)
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)
