@@ -21,7 +21,7 @@ Baton's client is the site agent's own stub (`SiteStub`, hand-framed chunks). On
 client hashes before the call (a site signs its bundle's digest when it makes it; reported apart
 as `site_hash_sign_s`); `sha256_cpu_s` is what hashing the size alone costs on one core. The
 coordinator's CPU seconds per transfer and the load (`uptime`) before, after and with every row
-are recorded; results are written after every row. The coordinator's RSS is also read 1 s after
+are recorded; results are written after every row. The coordinator's RSS is also read 6 s after
 each size's last transfer (`after`): what it keeps once transfers are over. The raw server runs
 with glibc's default allocator settings, the coordinator with the deployed ones (MALLOC_ARENA_MAX,
 MALLOC_MMAP_THRESHOLD_); given the coordinator's, the raw server's CPU per 100 MiB upload was no
@@ -488,8 +488,8 @@ def run(
                     hash_cpu.append(time.thread_time() - cpu_started)
                 del hash_payload
                 # What the coordinator keeps once its transfers of this size are over: retained
-                # heap shows here (it frees its heap 0.2 s after the last transfer ends).
-                time.sleep(1.0)
+                # heap shows here (it frees its heap once no transfer has moved for 5 s).
+                time.sleep(6.0)
                 settled = coordinator.memory_info().rss
                 med = {k: statistics.median(v) for k, v in samples.items()}
                 row = {
@@ -580,7 +580,7 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         "| size | upload chunk | raw up MB/s | Baton up MB/s | up ratio "
         "| raw up unhashed MB/s; ratio | raw down MB/s "
         "| Baton down MB/s | down ratio "
-        "| coordinator RSS before; after (1 s later); peak up / down "
+        "| coordinator RSS before; after (6 s later); peak up / down "
         "| raw server CPU s up / down | coordinator CPU s up / down "
         "| RSS growth while uploading: raw / coordinator | client CPU s up: raw / site "
         "| client CPU s down: raw / site | sha256 CPU s | load 1m |",

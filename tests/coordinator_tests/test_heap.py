@@ -227,3 +227,17 @@ def test_other_calls_are_not_transfers() -> None:
 
     asyncio.run(scenario())
     assert recorder.events == []
+
+
+def test_by_default_the_heap_is_released_after_5_quiet_seconds_not_within_a_burst() -> None:
+    async def scenario() -> float:
+        trim = TransferTrim(trim=_Trims())
+        trim.started()
+        trim.ended(100 * MiB)
+        assert trim._timer is not None
+        wait = trim._timer.when() - asyncio.get_running_loop().time()
+        trim.started()  # the next site's download of it, within the 5 s: no release yet
+        assert not trim.scheduled
+        return wait
+
+    assert 4 < asyncio.run(scenario()) <= heap.QUIET_SECONDS == 5

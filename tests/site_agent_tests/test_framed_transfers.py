@@ -142,6 +142,7 @@ def test_the_coordinator_gives_free_heap_memory_back_once_a_large_transfer_ends(
 ) -> None:  # fmt: skip
     released = threading.Event()
     monkeypatch.setattr(heap, "release_free_memory", released.set)
+    monkeypatch.setattr(heap, "QUIET_SECONDS", 0.1)  # not the 5 s a coordinator waits
     handed = hand_back(5)  # 5 MiB up: under the 8 MiB that make a release worth it
     assert handed.reported is not None and handed.reported[1].hop_status == "committed"
     assert not released.is_set()
