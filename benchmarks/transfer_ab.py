@@ -41,6 +41,8 @@ _FIGURES = [
     ("raw_client_cpu_s_upload", "raw client CPU s up"),
     ("site_cpu_s_download", "site (client) CPU s down"),
     ("raw_client_cpu_s_download", "raw client CPU s down"),
+    ("coordinator_rss_mib_before", "coordinator RSS MiB before the size"),
+    ("coordinator_rss_mib_settled", "coordinator RSS MiB 6 s after the size"),
     ("coordinator_peak_rss_mib_upload", "coordinator peak RSS MiB up"),
     ("coordinator_peak_rss_mib_download", "coordinator peak RSS MiB down"),
 ]

@@ -30,6 +30,7 @@ from coordinator.errors import (
     StorageFault,
     UploadBusy,
 )
+from coordinator.heap import TransferTrim
 from coordinator.ledger import CheckpointRow, Ledger, RunRow
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import PlanError, parse_plan
@@ -298,9 +299,15 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Turns undecodable messages into INVALID_ARGUMENT (recorded), instead of gRPC's UNKNOWN;
     takes bundle chunks in as views (`DataChunk`), sends downloads' `FramedChunk`s as they are."""
 
-    def __init__(self, ledger: Ledger, metrics: CoordinatorMetrics | None = None) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        metrics: CoordinatorMetrics | None = None,
+        transfers: TransferTrim | None = None,
+    ) -> None:
         self.ledger = ledger
         self.metrics = metrics
+        self.transfers = transfers  # told when bundle transfers start and end
 
     def _refuse_reason(
         self, method: str, malformed: _Malformed, context: grpc.aio.ServicerContext
@@ -337,6 +344,8 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         method = handler_call_details.method
         guard = self
+        bulk = method in _CHUNK_STREAMS or method in _FRAMED_DOWNLOADS
+        transfers = self.transfers if bulk else None  # bundle transfers only
         if handler.unary_unary is not None or handler.unary_stream is not None:
             inner = handler.unary_unary or handler.unary_stream
 
@@ -362,8 +371,18 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         grpc.StatusCode.INVALID_ARGUMENT,
                         guard._refuse_reason(method, request, context),
                     )
-                async for item in inner(request, context):
-                    yield item
+                if transfers is None:
+                    async for item in inner(request, context):
+                        yield item
+                    return
+                moved = 0
+                transfers.started()
+                try:
+                    async for item in inner(request, context):
+                        moved += len(item.wire) if isinstance(item, FramedChunk) else 0
+                        yield item
+                finally:
+                    transfers.ended(moved)
 
             serializer = handler.response_serializer
             if method in _FRAMED_DOWNLOADS:
@@ -377,16 +396,27 @@ class MalformedMessageGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             inner_stream = handler.stream_unary
 
             async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                moved = 0
+
                 async def checked() -> AsyncIterator[Any]:
+                    nonlocal moved
                     async for request in requests:
                         if isinstance(request, _Malformed):
                             await context.abort(
                                 grpc.StatusCode.INVALID_ARGUMENT,
                                 guard._refuse_reason(method, request, context),
                             )
+                        if isinstance(request, DataChunk):
+                            moved += len(request.data)
                         yield request
 
-                return await inner_stream(checked(), context)
+                if transfers is None:
+                    return await inner_stream(checked(), context)
+                transfers.started()
+                try:
+                    return await inner_stream(checked(), context)
+                finally:
+                    transfers.ended(moved)
 
             deserializer = handler.request_deserializer
             if method in _CHUNK_STREAMS:

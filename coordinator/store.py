@@ -9,7 +9,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncGenerator, Callable, Iterator
-from contextlib import aclosing
 from pathlib import Path
 
 from coordinator.worker_threads import run_to_end, settle
@@ -23,10 +22,6 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _as_read(chunk: bytes, offset: int) -> bytes:
-    return chunk
 
 
 def _read_frame(
@@ -125,18 +120,6 @@ class CheckpointStore:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise OSError(f"checkpoint {sha256} is corrupt on disk")
         return data
-
-    async def read_chunks(
-        self, sha256: str, offset: int, chunk_bytes: int
-    ) -> AsyncGenerator[tuple[int, bytes], None]:
-        """Yields (offset, bytes) from `offset` to the end of the stored bundle.
-
-        Reads run on a worker thread, one chunk ahead of the one being sent: the event loop
-        never waits for the disk.
-        """
-        async with aclosing(self.read_framed(sha256, offset, chunk_bytes, _as_read)) as chunks:
-            async for start, _, data in chunks:
-                yield start, data
 
     async def read_framed(
         self, sha256: str, offset: int, chunk_bytes: int, frame: Callable[[bytes, int], bytes]

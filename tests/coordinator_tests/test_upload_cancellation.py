@@ -130,7 +130,7 @@ def test_cancelled_download_waits_for_the_read_in_flight_before_closing_the_bund
 
     async def scenario() -> None:
         async def consume() -> None:
-            async for _ in store.read_chunks(sha, 0, 4):
+            async for _ in store.read_framed(sha, 0, 4, lambda chunk, _offset: chunk):
                 await asyncio.to_thread(reading.wait, 60)
 
         task = asyncio.create_task(consume())
