@@ -122,3 +122,26 @@ def test_an_optimizer_that_stepped_is_refused_as_a_prepared_one() -> None:
         train(trainable=[parameter], batch_loss=lambda index: parameter.sum(), num_examples=4,
               hyperparameters=FIRST, device=torch.device("cpu"), fp16=False, anchors=None,
               progress=None, should_cancel=None, optimizer=optimizer)  # fmt: skip
+
+
+def test_a_prepared_hops_egress_check_builds_no_second_model(
+    tiny_model_dir: Path,
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    other = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    assert isinstance(trainer, PreparingTrainer)
+    dataset = site_datasets[0]
+    trainer.prepare(spec, dataset, FIRST.seed)
+    trainer.run_hop(spec, dataset, FIRST, None, defer_validation=True)
+    built: list[object] = []
+    monkeypatch.setattr(trainer, "adapter_model", lambda *a, **k: built.append(a))
+
+    declared = trainer.trainable_state(spec, dataset)
+
+    # Found while preparing: the hand back's check copies no base model (the first hand back
+    # of a site used to pay a whole model build here). The same as a fresh trainer finds.
+    assert built == []
+    assert declared == other.trainable_state(spec, dataset)
