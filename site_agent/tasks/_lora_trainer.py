@@ -397,7 +397,10 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         metrics: dict[str, float] = {}
 
         def validate() -> dict[str, float]:
-            with self._lock:  # the task's evaluate puts the model in evaluation mode
+            with self._lock:
+                # Evaluation mode here, not after the last step: the hand back (validation
+                # deferred) does not wait for the module walk.
+                model.eval()
                 features = self._encode(dataset.name, validation, max_length)
                 scores = task.evaluate(model, spec, features, validation_targets, compute)
             if not math.isfinite(scores["loss"]):
