@@ -46,6 +46,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
@@ -299,6 +300,8 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "defaults": {"steps": args.steps, "batch_size": 16, "learning_rate": 0.01},
         })  # fmt: skip
     cluster = Cluster(log_dir=work / "logs")
+    spies: list[dict[str, Any]] = []
+    warm: dict[str, Any] | None = None
     with RssSampler() as rss, cluster.running():
         t0 = time.time()
         port = cluster.start_coordinator(
@@ -313,24 +316,98 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         with AdminClient(f"localhost:{port}", tls) as admin:
             try:
                 admin.wait_for_sites(set(sites), timeout=300)
+                if args.profile:
+                    from benchmarks.handoff_profile import start_spies
+
+                    spies = start_spies(
+                        [(p.name, p.process.pid) for p in cluster.processes],
+                        args.out / f"{args.report_name}-traces",
+                    )
                 run = wait_for_completed_run(admin, admin.start_run(plan),
                                              timeout=args.timeout)  # fmt: skip
+                done = time.time()
+                rss.sample()
+                if args.warm:  # the same job again, on the cluster still running
+                    warm_t0 = time.time()
+                    warm_run = wait_for_completed_run(admin, admin.start_run(plan),
+                                                      timeout=args.timeout)  # fmt: skip
+                    warm = baton_figures(work, warm_run, warm_t0, time.time(), args.task)
             except (RuntimeError, TimeoutError) as exc:
                 cluster.check_alive()
                 raise PeerFailed(str(exc).splitlines()[0]) from exc
-        done = time.time()
-        rss.sample()
+            finally:
+                if spies:
+                    from benchmarks.handoff_profile import stop_spies
+
+                    stop_spies(spies)
+    figures = baton_figures(work, run, t0, done, args.task)
+    figures["peak_rss_mb"] = rss.peak_mb
+    if warm is not None:
+        figures["warm"] = warm
+    if spies:
+        figures["profile"] = {
+            "dir": str(spies[0]["out"].parent),
+            "started": {spy["name"]: spy["started"] for spy in spies},
+        }
+    return figures
+
+
+def baton_figures(work: Path, run: Any, t0: float, done: float, task: str) -> dict[str, Any]:
+    """One Baton run's handoffs, phases, and which handoffs' next site had prepared."""
     breakdown = ledger_breakdown(work / "coordinator" / "ledger.sqlite3", run.run_id)
     visits = [
         {"train_start": h.train_started_at_ns / 1e9, "train_end": h.train_finished_at_ns / 1e9}
         for h in run.hops
     ]
+    figures = visits_to_figures(visits, t0, done)
+    prepared = prepared_before_task(work / "logs", run.run_id, task)
+    ordered = sorted(run.hops, key=lambda h: h.train_started_at_ns)
+    flags = [prepared.get(nxt.index) for nxt in ordered[1:]]
+    ready = [h for h, flag in zip(figures["handoffs_ms"], flags, strict=True) if flag]
+    summary = summarise([h / 1000 for h in ready])
     return {
-        **visits_to_figures(visits, t0, done),
-        "peak_rss_mb": rss.peak_mb,
+        **figures,
+        "next_site_prepared": flags,
+        "prepared": {
+            "handoffs": len(ready),
+            "median_ms": summary["median_ms"],
+            "p99_ms": summary["p99_ms"],
+        },
         "checkpoint_bytes": breakdown.pop("checkpoint_bytes"),
         "phases": breakdown,
     }
+
+
+_STARTING = re.compile(r"hop (\d+) of run (\w+): starting")
+_PREPARED = re.compile(r"hop (\d+) of run (\w+): prepared")
+_LOADED = re.compile(r"(\S+) trainer loaded in")
+
+
+def prepared_before_task(log_dir: Path, run_id: str, task: str) -> dict[int, bool]:
+    """Per hop index of a run: whether its site had finished preparing it before the hop's
+    task reached it (its "hop N of run R: starting" line), from the sites' own logs.
+
+    Prepared means: for the MiniLM job, the site's "hop N of run R: prepared" line came first
+    (model built, data encoded, adapter slots found); for the tabular job, whose trainer
+    prepares nothing per hop, its "tabular trainer loaded" line came first (torch imported,
+    trainer built). Both lines come from one process through one handler, so their order in
+    its log is the order they happened in.
+    """
+    out: dict[int, bool] = {}
+    for log in sorted(log_dir.glob("*.log")):
+        if log.name.startswith("coordinator"):
+            continue
+        prepared: set[int] = set()
+        loaded = False
+        for line in log.read_text(errors="replace").splitlines():
+            if (match := _PREPARED.search(line)) and match.group(2) == run_id:
+                prepared.add(int(match.group(1)))
+            elif (match := _LOADED.search(line)) and match.group(1) == "tabular":
+                loaded = True
+            elif (match := _STARTING.search(line)) and match.group(2) == run_id:
+                index = int(match.group(1))
+                out[index] = index in prepared if task == "minilm" else loaded
+    return out
 
 
 def ledger_breakdown(ledger: Path, run_id: str) -> dict[str, Any]:
@@ -347,7 +424,7 @@ def ledger_breakdown(ledger: Path, run_id: str) -> dict[str, Any]:
     connection = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
     try:
         hops = connection.execute(
-            'SELECT id, "index", train_started_at_ns, train_finished_at_ns FROM hops '
+            'SELECT id, "index", train_started_at_ns, train_finished_at_ns, site FROM hops '
             'WHERE run_id = ? ORDER BY "index"',
             (run_id,),
         ).fetchall()
@@ -367,7 +444,14 @@ def ledger_breakdown(ledger: Path, run_id: str) -> dict[str, Any]:
     order: dict[str, float] = {}
     ahead: dict[str, int] = defaultdict(int)
     per_hop: list[dict[str, float]] = []
-    for (cur_id, _, _, finished), (nxt_id, _, started, _) in itertools.pairwise(hops):
+    instants: list[dict[str, Any]] = []
+    for (cur_id, _, _, finished, cur_site), (
+        nxt_id,
+        nxt_index,
+        started,
+        _,
+        nxt_site,
+    ) in itertools.pairwise(hops):
         if not finished or not started:
             continue
         end, start = finished / 1e9, started / 1e9
@@ -379,6 +463,15 @@ def ledger_breakdown(ledger: Path, run_id: str) -> dict[str, Any]:
                 ahead[f"next.{kind}"] += 1
         points.sort(key=lambda p: p[1])
         points.append(("next.train_started", start))
+        moments: dict[str, Any] = {"index": nxt_index, "this_site": cur_site,
+                                   "next_site": nxt_site}  # fmt: skip
+        for kind, t in points:
+            moments.setdefault(kind, t)
+        if "next.hop.leased" not in moments:  # leased before the handoff began
+            moments["next.hop.leased"] = max(
+                (t for kind, t in by_hop[nxt_id] if kind == "hop.leased"), default=None
+            )
+        instants.append(moments)
         hop_phases: dict[str, float] = {}
         for position, ((a, ta), (b, tb)) in enumerate(itertools.pairwise(points)):
             name = f"{a} -> {b}"
@@ -398,6 +491,7 @@ def ledger_breakdown(ledger: Path, run_id: str) -> dict[str, Any]:
         "phases": table,
         "prepared_ahead": dict(ahead),
         "per_hop": per_hop,
+        "instants": instants,
         "checkpoint_bytes": int(statistics.median([s for (s,) in sizes])) if sizes else None,
     }
 
@@ -684,6 +778,42 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {name} | ok | {len(peer['handoffs_ms'])} | {peer['median_ms']} | {peer['p99_ms']}"
             f" | {peer['start_to_first_hop_s']} | {peer['wall_s']} | {peer['peak_rss_mb']} |"
         )
+    baton_ok = report["peers"].get("baton", {})
+    if baton_ok.get("status") == "ok" and "prepared" in baton_ok:
+        lines += [
+            "",
+            "## Baton: every handoff, and those whose next site had prepared",
+            "",
+            "A handoff's next site *had prepared* when its site log says, before `hop N of run "
+            "R: starting` (the task reached it): `hop N of run R: prepared` (MiniLM: model "
+            "built, data encoded) or, for the tabular job (nothing to prepare per hop), "
+            "`tabular trainer loaded`. No handoff is left out of the first columns.",
+            "",
+            "| run | handoffs | median (ms) | p99 (ms) | next site prepared | median (ms) "
+            "| p99 (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        runs = [("first run (cold cluster)", baton_ok)]
+        if "warm" in baton_ok:
+            runs.append(("same job again, warm cluster", baton_ok["warm"]))
+        for label, figures in runs:
+            ready = figures["prepared"]
+            lines.append(
+                f"| {label} | {len(figures['handoffs_ms'])} | {figures['median_ms']} | "
+                f"{figures['p99_ms']} | {ready['handoffs']} | {ready['median_ms']} | "
+                f"{ready['p99_ms']} |"
+            )
+        for label, figures in runs:
+            marks = ", ".join(
+                f"{h}{'' if flag else ' (not prepared)' if flag is False else ' (?)'}"
+                for h, flag in zip(figures["handoffs_ms"], figures["next_site_prepared"],
+                                   strict=True)
+            )  # fmt: skip
+            lines += ["", f"{label}, handoffs in order (ms): {marks}"]
+        if "warm" in baton_ok:
+            lines += ["", "Warm run's phases (median / p99 ms): " + "; ".join(
+                f"{phase} {f['median_ms']} / {f['p99_ms']}"
+                for phase, f in baton_ok["warm"]["phases"]["phases"].items())]  # fmt: skip
     lines += ["", "## What each handoff is", ""]
     lines += [f"* **{name}**: {DEFINITIONS[name]}." for name in report["peers"]]
     baton = report["peers"].get("baton", {})
@@ -777,6 +907,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="handoff")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--warm", action="store_true",
+                        help="Baton: run the same job a second time on the same cluster, still "
+                        "running (sites are long-running services), reported apart")  # fmt: skip
+    parser.add_argument("--profile", action="store_true",
+                        help="Baton: record every process with py-spy and cut the traces at "
+                        "each handoff's phases (benchmarks/handoff_profile.py)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=2700,
                         help="seconds a peer's job may take once started (a loaded machine "
                         "needs long: Flower starts a process per visit)")  # fmt: skip
@@ -812,6 +948,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick:
             task_args.cycles, task_args.steps = 2, 5
         name = args.name if task == "tabular" else f"{args.name}-{task}"
+        task_args.report_name = name
         ok &= run_task(task_args, raw_argv, name)
     return 0 if ok else 1
 
@@ -856,6 +993,10 @@ def run_task(args: argparse.Namespace, raw_argv: Sequence[str], name: str) -> bo
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
+    if args.profile and "profile" in report["peers"].get("baton", {}):
+        from benchmarks.handoff_profile import main as profile_main
+
+        profile_main(["--report", str(args.out / f"{name}.json")])
     if args.keep:
         print(f"work directory kept: {work}")
     else:

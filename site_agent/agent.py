@@ -29,7 +29,7 @@ from site_agent.base_model import hash_base_model
 from site_agent.evaluation_task import EvaluationRunner
 from site_agent.examples import TASK_TYPES
 from site_agent.heads import HEAD_FILE, KeptHead
-from site_agent.hop_runner import HopRunner, settle_heap
+from site_agent.hop_runner import HopRunner
 from site_agent.metrics import SiteMetrics
 from site_agent.reconnect import ReconnectBackoff
 from site_agent.refusal import CertificateRefused, local_certificate_problem, probe_handshake
@@ -125,6 +125,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         # Set by a hop whose validation pass runs after its commit (see _report_validation).
         self._deferred_validation: Callable[[], Metrics] | None = None
         self._preload_decided = False  # see _said_hello
+        self._heap_lock = threading.Lock()  # see HopRunner._settle_heap_between_hops
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -160,7 +161,8 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                     time.monotonic() - started,
                     time.process_time(),
                 )
-                settle_heap()  # what lives as long as the process: out of full collections
+                # What lives as long as the process: out of full collections (once no hop runs).
+                self._settle_heap_between_hops()
             return self._trainers[task_type]
 
     def _load_trainer(self, task_type: str) -> Trainer:

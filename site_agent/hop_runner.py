@@ -209,12 +209,35 @@ class HopRunner(TaskChecks, Transfers):
     site_name: str
     _deferred_validation: Callable[[], Metrics] | None
     _handing_back: tuple[pb.UploadHeader, bytes] | None = None  # a finished hop's bundle
+    # Whether a hop runs (from its task to its validation's report), and whether the heap is
+    # to be settled once it is over: no `gc.freeze` while a hop's objects are alive.
+    _heap_lock: threading.Lock
+    _hop_running = False
+    _settle_owed = False
+
+    def _settle_heap_between_hops(self) -> None:
+        """`settle_heap` now, or once the hop running now is over (its model, tensors and
+        messages would otherwise stay out of every collection for good)."""
+        with self._heap_lock:
+            if self._hop_running:
+                self._settle_owed = True
+                return
+            settle_heap()
 
     # ---- one hop ------------------------------------------------------------------------------
 
     def _run_hop(self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float) -> None:
-        with log_context(run_id=task.run_id, hop_id=task.hop_id, site=self.site_name):
-            self._run_hop_logged(stub, task, interval)
+        with self._heap_lock:
+            self._hop_running = True
+        try:
+            with log_context(run_id=task.run_id, hop_id=task.hop_id, site=self.site_name):
+                self._run_hop_logged(stub, task, interval)
+        finally:
+            with self._heap_lock:
+                self._hop_running = False
+                owed, self._settle_owed = self._settle_owed, False
+                if owed:  # a trainer loaded during the hop: its heap, now the hop is over
+                    settle_heap()
 
     def _run_hop_logged(
         self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float
@@ -261,7 +284,7 @@ class HopRunner(TaskChecks, Transfers):
             if result is None:
                 return None
             # Still heartbeating: the lease holds while the coordinator cannot take the result.
-            return self._report_hop_result(stub, task, result, beat)
+            return self._report_hop_result(stub, task, result, beat, collector)
 
     def _report_hop_result(
         self,
@@ -269,9 +292,13 @@ class HopRunner(TaskChecks, Transfers):
         task: pb.HopTask,
         result: pb.HopResult,
         beat: _Heartbeat,
+        collector: _CollectorHold | None = None,
     ) -> tuple[pb.HopResult, pb.HopResultResponse] | None:
         """Reports a hop's result (a finished hop: hands its bundle back with it, one call),
         retrying while the coordinator cannot take it; None: refused.
+
+        The collector ``collector`` holds off the handoff is released at the first retry: a
+        coordinator that is away is no handoff to hurry, and garbage would pile up meanwhile.
 
         A bundle the coordinator refuses (size, hash, format, values, lineage, signature) is
         reported as the hop's failure (code "handback-refused"), so that the run's failure policy
@@ -279,15 +306,19 @@ class HopRunner(TaskChecks, Transfers):
         metrics, say) is logged and left to the lease, as a refused ReportHopResult.
         """
         handing_back, self._handing_back = self._handing_back, None
+        release = collector.release if collector is not None else None
         try:
             if result.ok and handing_back is not None:
                 header, payload = handing_back
-                response = self._hand_back(stub, header, payload, result, beat.cancelled)
+                response = self._hand_back(
+                    stub, header, payload, result, beat.cancelled, on_retry=release
+                )
             else:
                 response = self._retrying(
                     "hop result",
                     lambda: stub.ReportHopResult(result, timeout=60),
                     lease_lost=beat.cancelled,
+                    on_retry=release,
                 )
         except grpc.RpcError as exc:
             if beat.cancelled.is_set():
@@ -307,7 +338,7 @@ class HopRunner(TaskChecks, Transfers):
                                       error_code="handback-refused",
                                       error_message=f"the coordinator refused the hop's "
                                                     f"bundle: {exc.details()}")  # fmt: skip
-                return self._report_hop_result(stub, task, failed, beat)
+                return self._report_hop_result(stub, task, failed, beat, collector)
             return None
         return result, response
 
@@ -344,11 +375,12 @@ class HopRunner(TaskChecks, Transfers):
 
         ref = task.input_checkpoint
         if task.input_bundle:  # pushed inside the task: checked exactly as a download
-            data = self._checked_bundle(task.input_bundle, ref)
+            data = task.input_bundle
+            bundle = self._checked_bundle(data, ref)
             self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
         else:
-            data = self._download(stub, ref)
-        bundle = inspect_bundle(data)
+            data, bundle = self._download_checked(stub, ref)
+        # The checks above parsed, hashed and read every value once: not again here.
         if bundle.manifest.base_model_sha256 != held:
             raise HopFailure(
                 "base-model-mismatch",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from protocols.checkpoint import AGGREGATOR, CheckpointError, inspect_bundle
+from protocols.checkpoint import AGGREGATOR, Bundle, CheckpointError, inspect_bundle
 from protocols.chunk_wire import hand_back_chunk, read_download_chunk
 from protocols.signing import SignatureError, verify_aggregate_custody, verify_custody
 from protocols.transport import CHUNK_BYTES
@@ -92,10 +92,16 @@ class Transfers:
     # ---- calls that outlive a coordinator restart -------------------------------------------
 
     def _retrying(
-        self, what: str, call: Callable[[], T], *, lease_lost: threading.Event | None = None
+        self,
+        what: str,
+        call: Callable[[], T],
+        *,
+        lease_lost: threading.Event | None = None,
+        on_retry: Callable[[], None] | None = None,
     ) -> T:
         """Retries `call` while the coordinator is unreachable or cannot store (e.g. its disk is
-        full), with backoff, up to result_retry_seconds and, for a hop, while its lease holds."""
+        full), with backoff, up to result_retry_seconds and, for a hop, while its lease holds.
+        ``on_retry`` is called before each wait for a retry."""
         deadline = time.monotonic() + self.settings.result_retry_seconds
         delay = 0.5
         while True:
@@ -106,6 +112,8 @@ class Transfers:
                     raise
                 if lease_lost is not None and lease_lost.is_set():
                     raise
+                if on_retry is not None:
+                    on_retry()
                 logger.warning("%s not taken by the coordinator now (%s: %s); again in %.1f s",
                                what, exc.code().name, exc.details(), delay)  # fmt: skip
                 if self._stop.wait(delay) or self._out_of_grace():
@@ -114,6 +122,12 @@ class Transfers:
 
     def _download(self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef) -> bytes:
         """Downloads a bundle, resuming from the last received byte after an interruption."""
+        return self._download_checked(stub, ref)[0]
+
+    def _download_checked(
+        self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef
+    ) -> tuple[bytes, Bundle]:
+        """`_download`, with what the bundle's checks found in it."""
         buffer = bytearray()
 
         def fetch() -> bytes:
@@ -135,10 +149,11 @@ class Transfers:
 
         data = self._retrying("download", fetch)
         self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
-        return self._checked_bundle(data, ref)
+        return data, self._checked_bundle(data, ref)
 
-    def _checked_bundle(self, data: bytes, ref: pb.CheckpointRef) -> bytes:
-        """The bundle if it is the one referenced and its producer's custody signature holds."""
+    def _checked_bundle(self, data: bytes, ref: pb.CheckpointRef) -> Bundle:
+        """What the bundle holds, if it is the one referenced (hash, format, finite values) and
+        its producer's custody signature holds."""
         try:
             bundle = inspect_bundle(data, expected_sha256=ref.sha256)
             ca_pem = self.settings.ca_certificate.read_bytes()
@@ -156,7 +171,7 @@ class Transfers:
                 )
         except (CheckpointError, SignatureError) as exc:
             raise HopFailure("checkpoint-integrity", str(exc)) from exc
-        return data
+        return bundle
 
     @staticmethod
     def _upload_messages(header: pb.UploadHeader, payload: bytes) -> Iterator[pb.UploadRequest]:
@@ -182,12 +197,14 @@ class Transfers:
         payload: bytes,
         result: pb.HopResult,
         lease_lost: threading.Event,
+        on_retry: Callable[[], None] | None = None,
     ) -> pb.HopResultResponse:
         """Hands a finished hop back: its bundle and its result in one call (HandBackHop).
 
         A cut or unanswered call is resumed from what the coordinator holds (UploadStatus): a
         retry after the commit is answered "committed" again, nothing is sent twice over. A
         coordinator without HandBackHop gets the upload and the result in two calls.
+        ``on_retry``: called before each wait for a retry.
         """
         attempts = 0
 
@@ -234,7 +251,7 @@ class Transfers:
                 header.offset = 0
                 return send()
 
-        return self._retrying("hand back", call, lease_lost=lease_lost)
+        return self._retrying("hand back", call, lease_lost=lease_lost, on_retry=on_retry)
 
     def _upload_then_report(
         self,

@@ -61,6 +61,7 @@ def train(
     anchors: Sequence[torch.Tensor] | None,
     progress: ProgressCallback | None,
     should_cancel: CancelCheck | None,
+    optimizer: torch.optim.AdamW | None = None,
 ) -> TrainingRun:
     """Runs the optimizer steps of one hop with AdamW.
 
@@ -76,6 +77,9 @@ def train(
             weights) for the proximal term, or None for no proximal term.
         progress: Called as ``progress(step, total_steps, loss)`` after each optimizer step.
         should_cancel: Checked before each optimizer step.
+        optimizer: An AdamW built ahead over exactly ``trainable`` that has not stepped (see
+            ``idle_optimizer``); its settings are set from ``hyperparameters`` here. None:
+            built here.
 
     Returns:
         Loss summary, step count and wall-clock start/end.
@@ -87,9 +91,12 @@ def train(
     hp = hyperparameters
     total = hp.total_steps(num_examples)
     params = list(trainable)
-    optimizer = torch.optim.AdamW(
-        params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=(0.9, hp.adam_beta2)
-    )
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(
+            params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=(0.9, hp.adam_beta2)
+        )
+    else:
+        _configure(optimizer, params, hp)
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
     mu = hp.proximal_mu if anchors is not None else 0.0
     batches = batch_indices(num_examples, hp.batch_size, hp.seed)
@@ -141,6 +148,28 @@ def train(
         started_ns=started_ns,
         finished_ns=finished_ns,
     )
+
+
+def idle_optimizer(trainable: Sequence[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """An AdamW over ``trainable``, built before the hop's settings are known (a prepared hop):
+    ``train`` sets them. AdamW keeps no state until its first step, so this is the optimizer
+    ``train`` would have built."""
+    return torch.optim.AdamW(list(trainable))
+
+
+def _configure(
+    optimizer: torch.optim.AdamW, params: Sequence[torch.nn.Parameter], hp: HopHyperparameters
+) -> None:
+    """Gives an idle AdamW built ahead the hop's settings; refuses one that stepped or holds
+    other parameters (it would not be the optimizer a fresh hop builds)."""
+    groups = optimizer.param_groups
+    if (
+        optimizer.state
+        or len(groups) != 1
+        or [id(p) for p in groups[0]["params"]] != [id(p) for p in params]
+    ):
+        raise ValueError("a prepared optimizer must be idle and hold exactly the hop's parameters")
+    groups[0].update(lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=(0.9, hp.adam_beta2))
 
 
 def proximal_anchors(

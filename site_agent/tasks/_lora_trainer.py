@@ -30,7 +30,7 @@ from transformers import (
 from site_agent.base_model import hash_base_model
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks._device import ComputeDevice, set_num_threads
-from site_agent.tasks._loop import proximal_anchors, train
+from site_agent.tasks._loop import idle_optimizer, proximal_anchors, train
 from site_agent.tasks._lora import (
     adapter_config,
     adapter_slots,
@@ -141,6 +141,10 @@ class _PreparedHop:
     cuda_rng_state: torch.Tensor | None
     # Where each incoming adapter tensor goes (found while preparing, off the handoff).
     slots: dict[str, torch.nn.Parameter] | None
+    # The PEFT config the hand back carries (the same for every hop with this key).
+    adapter_config: dict[str, object]
+    # The hop's AdamW over the model's trainable parameters, idle (settings come with the hop).
+    optimizer: torch.optim.AdamW
 
 
 class LoraTrainer(Generic[ExampleT, TargetsT]):
@@ -257,16 +261,23 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                     else None
                 )
                 rng_state = torch.get_rng_state()
-            self._prepared = _PreparedHop(
-                key, seed, model, rng_state, cuda_state, adapter_slots(model)
-            )
+            # What its egress check declares, from this fresh model: the hand back then
+            # builds no second model (a base copy) to find it.
+            self._state_specs.setdefault(key, tensor_specs(get_peft_model_state_dict(model)))
+            # In training mode, its optimizer built: the hop's start only loads its input.
+            model.train()
+            optimizer = idle_optimizer([p for p in model.parameters() if p.requires_grad])
+            self._prepared = _PreparedHop(key, seed, model, rng_state, cuda_state,
+                                          adapter_slots(model), adapter_config(model),
+                                          optimizer)  # fmt: skip
             logger.info("prepared a hop on %s (seed %d)", dataset.name, seed)
 
     def _take_prepared(
         self, spec: TaskSpec, seed: int, incoming: Mapping[str, torch.Tensor] | None
-    ) -> PeftModel | None:
-        """The prepared model for this hop with ``incoming`` loaded in place, its RNG state
-        restored; None if nothing fits (the hop builds its own). The caller forks the RNG."""
+    ) -> _PreparedHop | None:
+        """The prepared hop for this hop with ``incoming`` loaded in place into its model (in
+        training mode), its RNG state restored; None if nothing fits (the hop builds its own).
+        The caller forks the RNG."""
         prepared, self._prepared = self._prepared, None
         if prepared is None:
             return None
@@ -280,7 +291,7 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         torch.set_rng_state(prepared.rng_state)
         if prepared.cuda_rng_state is not None:
             torch.cuda.set_rng_state(prepared.cuda_rng_state, self._compute.device)
-        return prepared.model
+        return prepared
 
     def run_hop(
         self,
@@ -343,11 +354,15 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         validation_targets = task.targets(spec, validation)
 
         with compute.forked_rng():
-            slots = self._prepared.slots if self._prepared is not None else None
-            model = self._take_prepared(spec, hp.seed, incoming)
-            if model is None:
-                slots = None
+            prepared = self._take_prepared(spec, hp.seed, incoming)
+            optimizer = None
+            if prepared is not None:
+                model, slots, config = prepared.model, prepared.slots, prepared.adapter_config
+                optimizer = prepared.optimizer
+            else:
                 model = self._adapter_model(spec, hp.seed, incoming)
+                slots, config = None, adapter_config(model)
+                model.train()
             trainable = [p for p in model.parameters() if p.requires_grad]
             logger.info(
                 "hop on %s: %d train / %d validation examples, %d steps, %d trainable "
@@ -364,7 +379,6 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
             def batch_loss(index: torch.Tensor) -> torch.Tensor:
                 return task.loss(model, features, targets, index, compute)
 
-            model.train()
             run = train(
                 trainable=trainable,
                 batch_loss=batch_loss,
@@ -375,8 +389,8 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                 anchors=proximal_anchors(trainable, hp, incoming is not None),
                 progress=progress,
                 should_cancel=should_cancel,
+                optimizer=optimizer,
             )
-            model.eval()
 
         # The prepared model's slots hold the adapter: no state-dict walk on the handoff.
         tensors = outgoing(slots) if slots is not None else adapter_tensors(model)
@@ -384,6 +398,9 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
 
         def validate() -> dict[str, float]:
             with self._lock:
+                # Evaluation mode here, not after the last step: the hand back (validation
+                # deferred) does not wait for the module walk.
+                model.eval()
                 features = self._encode(dataset.name, validation, max_length)
                 scores = task.evaluate(model, spec, features, validation_targets, compute)
             if not math.isfinite(scores["loss"]):
@@ -414,7 +431,7 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
             )
         return HopOutcome(
             tensors=tensors,
-            adapter_config=adapter_config(model),
+            adapter_config=config,
             metrics=metrics,
             train_started_at_ns=run.started_ns,
             train_finished_at_ns=run.finished_ns,

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_handoff_benchmark_breaks_batons_handoffs_into_ledger_phases(
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)
 
-    argv = ["--peers", "baton,raw", "--quick", "--sites", "2", "--out", str(tmp_path)]
+    argv = ["--peers", "baton,raw", "--quick", "--sites", "2", "--out", str(tmp_path), "--warm"]
     assert module.main(argv) == 0
 
     report = json.loads((tmp_path / "handoff.json").read_text())
@@ -40,6 +41,50 @@ def test_handoff_benchmark_breaks_batons_handoffs_into_ledger_phases(
     assert len(raw["handoffs_ms"]) == 3 and raw["peak_rss_mb"] > 0
     markdown = (tmp_path / "handoff.md").read_text()
     assert "| baton | ok | 3 |" in markdown and "| raw | ok | 3 |" in markdown
+    # Each handoff says whether its next site had prepared; none is dropped from the figures.
+    assert len(baton["next_site_prepared"]) == 3
+    assert baton["prepared"]["handoffs"] == sum(bool(f) for f in baton["next_site_prepared"])
+    # The same job again on the cluster still running: every next site has its trainer.
+    warm = baton["warm"]
+    assert warm["visits"] == 4 and len(warm["handoffs_ms"]) == 3
+    assert warm["next_site_prepared"] == [True, True, True]
+    assert warm["prepared"]["handoffs"] == 3
+    assert "| same job again, warm cluster | 3 |" in markdown
+
+
+def _benchmark(monkeypatch: pytest.MonkeyPatch) -> Any:
+    spec = importlib.util.spec_from_file_location("handoff_benchmark_logs", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_handoff_counts_as_prepared_only_if_the_preparation_ended_before_the_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _benchmark(monkeypatch)
+    (tmp_path / "coordinator.0.log").write_text("hop 1 of run r1: prepared\n")
+    (tmp_path / "site-a.0.log").write_text(
+        "INFO site_agent.agent: hop 1 of run r1: prepared\n"
+        "INFO site_agent.agent: hop 1 of run r1: starting\n"
+        "INFO site_agent.agent: hop 3 of run r1: starting\n"  # prepared after its task came
+        "INFO site_agent.agent: hop 3 of run r1: prepared\n"
+        "INFO site_agent.agent: hop 5 of run r0: prepared\n"  # another run's hop 5
+        "INFO site_agent.agent: hop 5 of run r1: starting\n"
+    )
+    (tmp_path / "site-b.0.log").write_text(
+        "INFO site_agent.agent: hop 2 of run r1: starting\n"
+        "INFO site_agent.agent: tabular trainer loaded in 2.00 s (process CPU so far 2.1 s)\n"
+        "INFO site_agent.agent: hop 4 of run r1: starting\n"
+    )
+
+    assert module.prepared_before_task(tmp_path, "r1", "minilm") == {
+        1: True, 2: False, 3: False, 4: False, 5: False}  # fmt: skip
+    # Tabular hops prepare nothing: the trainer loaded before the task is what counts.
+    assert module.prepared_before_task(tmp_path, "r1", "tabular") == {
+        1: False, 2: False, 3: False, 4: True, 5: False}  # fmt: skip
 
 
 @pytest.mark.slow

@@ -8,10 +8,12 @@ import gc
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import save
@@ -279,3 +281,108 @@ def test_a_prepared_site_collects_its_garbage_before_the_handoff_to_it(
 
     # A full collection, once the model is prepared: none is owed when the hop arrives.
     assert 1 in full
+
+
+def test_an_incoming_bundle_is_parsed_and_checked_once(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bundle's hash, format and finite-value checks run once at the next site (in the
+    # integrity check before the signature), not again before the load.
+    import protocols.checkpoint
+    import site_agent.hop_runner
+    import site_agent.transfers
+
+    agent = _agent(tmp_path, pki)
+    task = _signed_input(pki, {"lora_A": torch.ones(2, 3)})
+    inspected: list[int] = []
+
+    def counting(data: bytes, **kwargs: Any) -> protocols.checkpoint.Bundle:
+        inspected.append(len(data))
+        return protocols.checkpoint.inspect_bundle(data, **kwargs)
+
+    monkeypatch.setattr(site_agent.transfers, "inspect_bundle", counting)
+    monkeypatch.setattr(site_agent.hop_runner, "inspect_bundle", counting)
+
+    agent._incoming(_NoDownloads(), task, "b" * 64)  # type: ignore[arg-type]
+
+    assert inspected == [len(task.input_bundle)]
+
+
+class _AwayOnce(_Coordinator):
+    """A coordinator that is away for the first hand back, then takes it."""
+
+    def __init__(self, seen: dict[str, bool]) -> None:
+        super().__init__(seen)
+        self.attempts = 0
+
+    def UploadStatus(self, header: pb.UploadHeader, timeout: float) -> pb.UploadProgress:
+        return pb.UploadProgress(received=0)
+
+    def HandBackHop(self, parts: Any, timeout: float) -> pb.HopResultResponse:
+        self.attempts += 1
+        if self.attempts == 1:
+            self.seen["first hand back"] = gc.isenabled()
+            raise _Unavailable(grpc.StatusCode.UNAVAILABLE)
+        self.seen["retried hand back"] = gc.isenabled()
+        return super().HandBackHop(parts, timeout)
+
+
+class _Unavailable(grpc.RpcError):
+    """What a channel raises while the coordinator is away."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__(str(code))
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "coordinator away"
+
+
+def test_a_hand_back_retried_through_an_outage_lets_the_collector_run(
+    tmp_path: Path, pki: Pki
+) -> None:
+    seen: dict[str, bool] = {}
+    agent = _agent(tmp_path, pki)
+    agent._trainers["seq-classification"] = _HandoffTrainer(seen)  # type: ignore[assignment]
+    plan = _plan()
+    agent.approvals.approve([plan.approval_bundle().sha256])
+    task = _next_hop(plan)
+    coordinator = _AwayOnce(seen)
+
+    agent._run_hop(coordinator, task, 3600)  # type: ignore[arg-type]
+
+    # Held for the first attempt (the handoff); an outage is no handoff: released at its retry.
+    assert coordinator.attempts == 2
+    assert seen["first hand back"] is False
+    assert seen["retried hand back"] is True
+    assert gc.isenabled()
+
+
+def test_a_trainer_loaded_during_a_hop_freezes_the_heap_only_once_the_hop_is_over(
+    tmp_path: Path, pki: Pki
+) -> None:
+    seen: dict[str, bool] = {}
+    agent = _agent(tmp_path, pki)
+    plan = _plan()
+    agent.approvals.approve([plan.approval_bundle().sha256])
+    frozen: dict[str, int] = {"before": gc.get_freeze_count()}
+
+    class _LoadsBeside(_HandoffTrainer):
+        def run_hop(self, *args: Any, **kwargs: Any) -> HopOutcome:
+            # Another task type's trainer finishes loading on another thread mid-hop.
+            loader = threading.Thread(target=agent.trainer, args=("tabular",))
+            loader.start()
+            loader.join()
+            frozen["during the hop"] = gc.get_freeze_count()
+            return super().run_hop(*args, **kwargs)
+
+    agent._trainers["seq-classification"] = _LoadsBeside(seen)  # type: ignore[assignment]
+
+    agent._run_hop(_Coordinator(seen), _next_hop(plan), 3600)  # type: ignore[arg-type]
+
+    assert "tabular" in agent._trainers
+    assert frozen["during the hop"] == frozen["before"]  # nothing of the hop's frozen
+    assert gc.get_freeze_count() > frozen["before"]  # settled once the hop was over

@@ -83,3 +83,65 @@ def test_a_preparation_for_another_seed_is_not_used(
 
     expected = other.run_hop(spec, dataset, FIRST, None)
     assert outcome.metrics == expected.metrics
+
+
+def test_a_prepared_hop_builds_no_optimizer_once_its_task_has_come(
+    tiny_model_dir: Path,
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    assert isinstance(trainer, PreparingTrainer)
+    dataset = site_datasets[0]
+    trainer.prepare(spec, dataset, FIRST.seed)
+    built: list[object] = []
+    real = torch.optim.AdamW
+
+    class _Counting(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            built.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", _Counting)
+    trainer.run_hop(spec, dataset, FIRST, None, defer_validation=True)
+
+    # Built (in training mode, with its optimizer) while another site trained.
+    assert built == []
+
+
+def test_an_optimizer_that_stepped_is_refused_as_a_prepared_one() -> None:
+    from site_agent.tasks._loop import idle_optimizer, train
+
+    parameter = torch.nn.Parameter(torch.ones(2))
+    optimizer = idle_optimizer([parameter])
+    parameter.grad = torch.ones(2)
+    optimizer.step()
+
+    with pytest.raises(ValueError, match="idle"):
+        train(trainable=[parameter], batch_loss=lambda index: parameter.sum(), num_examples=4,
+              hyperparameters=FIRST, device=torch.device("cpu"), fp16=False, anchors=None,
+              progress=None, should_cancel=None, optimizer=optimizer)  # fmt: skip
+
+
+def test_a_prepared_hops_egress_check_builds_no_second_model(
+    tiny_model_dir: Path,
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    other = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    assert isinstance(trainer, PreparingTrainer)
+    dataset = site_datasets[0]
+    trainer.prepare(spec, dataset, FIRST.seed)
+    trainer.run_hop(spec, dataset, FIRST, None, defer_validation=True)
+    built: list[object] = []
+    monkeypatch.setattr(trainer, "adapter_model", lambda *a, **k: built.append(a))
+
+    declared = trainer.trainable_state(spec, dataset)
+
+    # Found while preparing: the hand back's check copies no base model (the first hand back
+    # of a site used to pay a whole model build here). The same as a fresh trainer finds.
+    assert built == []
+    assert declared == other.trainable_state(spec, dataset)
