@@ -1171,6 +1171,53 @@ def order_spread_summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | 
     }
 
 
+def forgetting_rows(value: float | None, test_rows: Mapping[str, int]) -> tuple[str, int] | None:
+    """The worst site's test-accuracy forgetting as whole test rows: ``(site, rows)`` with
+    ``rows / test_rows[site] == value`` (``("", 0)`` for no forgetting). Where two sites fit
+    (2 of Switzerland's 16 rows = 13 of Cleveland's 104), the fewest rows win; None when no
+    site's row count fits (or nothing was measured)."""
+    if value is None:
+        return None
+    if abs(value) < 1e-9:
+        return ("", 0)
+    fits = [
+        (round(value * n), site)
+        for site, n in test_rows.items()
+        if n > 0 and round(value * n) >= 1 and abs(round(value * n) / n - value) < 1e-9
+    ]
+    if not fits:
+        return None
+    rows, site = min(fits)
+    return (site, rows)
+
+
+def forgetting_rows_summary(
+    rows: Sequence[Mapping[str, Any]], method: str
+) -> dict[str, Any] | None:
+    """Over splits, the selected schedule's worst-site test forgetting counted in test rows:
+    splits losing 0, 1, 2 or more rows (and at which site), and within the 2-point target."""
+    decoded = [
+        forgetting_rows(c["methods"][method].get(TEST_FORGETTING_KEY), c.get("test_rows") or {})
+        for c in rows
+    ]
+    known = [d for d in decoded if d is not None]
+    if not known:
+        return None
+    by_rows: dict[str, int] = {"0": 0, "1": 0, "2": 0, "3+": 0}
+    sites: dict[str, int] = {}
+    for site, lost in known:
+        by_rows[str(lost) if lost < 3 else "3+"] += 1
+        if lost:
+            sites[site] = sites.get(site, 0) + 1
+    within = sum(
+        1
+        for c in rows
+        if (f := c["methods"][method].get(TEST_FORGETTING_KEY)) is not None and f <= MAX_FORGETTING
+    )
+    return {"splits": len(rows), "decoded": len(known), "rows": by_rows, "sites": sites,
+            "within_target": within}  # fmt: skip
+
+
 def summarise(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     settings: dict[str, Any] = {}
     for setting in SETTINGS:
@@ -1220,6 +1267,9 @@ def summarise(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                     else None
                 ),
                 "trials": sum(c["methods"][method]["trials"] for c in rows),
+                "test_forgetting_rows": (
+                    forgetting_rows_summary(rows, method) if method in SEQUENTIAL else None
+                ),
             }
         paired = {
             other: paired_summary(
@@ -1421,10 +1471,45 @@ def markdown(report: Mapping[str, Any]) -> str:
                 + f" | {cell['methods']['searched']['chosen_plan']} | {cell['seconds']:.0f} |"
             )
         lines.append("")
+        lines += _forgetting_rows_lines(report["cells"], setting, result["methods"])
         lines += _audit_lines(result.get("audit"))
         lines += _order_spread_lines(result.get("order_spread"))
     lines += ["## Against BENCHMARKS.md §1", "", *report["verdict"], ""]
     return "\n".join(lines)
+
+
+def _forgetting_rows_lines(
+    cells: Sequence[Mapping[str, Any]], setting: str, methods: Mapping[str, Any]
+) -> list[str]:
+    summaries = {m: s for m in SEQUENTIAL if (s := methods[m].get("test_forgetting_rows"))}
+    first = next((c for c in cells if c["setting"] == setting and c.get("test_rows")), None)
+    if not summaries or first is None:
+        return []
+    lines = [
+        "Worst-site test forgetting (accuracy) of the selected schedule in whole test rows "
+        "(one row = "
+        + ", ".join(
+            f"{100 / n:.1f} points at {site}" for site, n in first["test_rows"].items() if n
+        )
+        + f" on split {first['split']}'s test sets; each split's are within a row of them; "
+        "where two sites fit a drop, the fewer rows are counted):",
+        "",
+    ]
+    for method, summary in summaries.items():
+        by_rows, total = summary["rows"], summary["splits"]
+        where = ", ".join(f"{site} {n}" for site, n in sorted(summary["sites"].items()))
+        lines.append(
+            f"- {method}: 0 rows in {by_rows['0']}/{total} splits, 1 row in {by_rows['1']}, "
+            f"2 rows in {by_rows['2']}, 3 or more in {by_rows['3+']}"
+            + (f" (worst site: {where})" if where else "")
+            + (
+                f", {total - summary['decoded']} not whole rows"
+                if summary["decoded"] < total
+                else ""
+            )
+            + f"; <= 2 points in {summary['within_target']}/{total}"
+        )
+    return [*lines, ""]
 
 
 def _audit_lines(audit: Mapping[str, Any] | None) -> list[str]:
@@ -1593,6 +1678,31 @@ def reselect(
     return {**report, "cells": cells, "config": config}
 
 
+def only_splits(report: Mapping[str, Any], spec: str) -> dict[str, Any]:
+    """`report` with the cells of splits ``A-B`` (inclusive) or ``A`` only, to render a
+    subset of a run (e.g. the splits of an earlier session inside a merged report).
+
+    Raises:
+        ValueError: If `spec` is not ``A`` or ``A-B`` with A <= B, or no cell is in it.
+    """
+    first, _, last = spec.partition("-")
+    try:
+        low, high = int(first), int(last or first)
+    except ValueError:
+        low, high = 1, 0
+    if not 0 <= low <= high:
+        raise ValueError(f"splits {spec!r}: use A or A-B (0 <= A <= B)")
+    cells = [c for c in report["cells"] if low <= c["split"] <= high]
+    if not cells:
+        raise ValueError(f"splits {spec!r}: the report has none of them")
+    return {
+        **report,
+        "cells": cells,
+        "splits": sorted({c["split"] for c in cells}),
+        "command": f"{report['command']} (splits {spec} only)",
+    }
+
+
 def _write(report: dict[str, Any], out: Path, name: str) -> None:
     report["settings"] = summarise(report["cells"])
     report["verdict"] = verdict(report["settings"])
@@ -1732,6 +1842,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--merge", type=Path, nargs="+", help="Combine runs of one configuration into --name"
     )
+    parser.add_argument(
+        "--only-splits",
+        metavar="A-B",
+        help="With --render: report only splits A to B (inclusive), written under --name",
+    )
     args = parser.parse_args(argv)
     if args.merge:
         try:
@@ -1748,9 +1863,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.forgetting_tolerance is not None or args.max_forgetting >= 0:
             parser.error("--select replaces the studies' selection: drop --forgetting-tolerance "
                          "and --max-forgetting")  # fmt: skip
+    if args.only_splits is not None and args.render is None:
+        parser.error("--only-splits needs --render")
     if args.render is not None:
         rendered: dict[str, Any] = json.loads(args.render.read_text())
         name = args.render.stem
+        if args.only_splits is not None:
+            try:
+                rendered, name = only_splits(rendered, args.only_splits), args.name
+            except ValueError as exc:
+                parser.error(str(exc))
         if args.select is not None:
             # Reselect from the audited trials: written under --name, the run's JSON untouched.
             methods = audited_methods(rendered)

@@ -343,3 +343,72 @@ def test_merge_combines_runs_of_one_configuration_and_refuses_others(bench: Any)
         bench.merge([run(0), run(1, trials=8)])
     with pytest.raises(ValueError, match="more than one run"):
         bench.merge([run(0), run(0)])
+
+
+SIZES = {"cleveland": 104, "hungary": 89, "switzerland": 16, "va": 45}
+
+
+def test_forgetting_rows_names_the_site_and_rows_a_test_accuracy_drop_is_made_of(
+    bench: Any,
+) -> None:
+    assert bench.forgetting_rows(1 / 16, SIZES) == ("switzerland", 1)
+    assert bench.forgetting_rows(2 / 45, SIZES) == ("va", 2)
+    assert bench.forgetting_rows(3 / 89, SIZES) == ("hungary", 3)
+    # 2 of 16 Swiss rows is also 13 of 104 Cleveland rows: the fewer rows are counted.
+    assert bench.forgetting_rows(0.125, SIZES) == ("switzerland", 2)
+    assert bench.forgetting_rows(0.0, SIZES) == ("", 0)
+    assert bench.forgetting_rows(0.03, SIZES) is None  # no whole number of any site's rows
+    assert bench.forgetting_rows(None, SIZES) is None
+
+
+def _forgetting_cell(split: int, forgetting: float | None) -> dict[str, Any]:
+    method = {"test_worst_forgetting": forgetting}
+    methods = {m: method for m in ("searched", "random-search", "random-order")}
+    return {"setting": "per-site", "split": split, "test_rows": SIZES, "methods": methods}
+
+
+def test_forgetting_rows_summary_counts_splits_by_rows_lost_and_the_two_point_target(
+    bench: Any,
+) -> None:
+    cells = [
+        _forgetting_cell(0, 0.0),
+        _forgetting_cell(1, 1 / 104),  # one Cleveland row: within 2 points
+        _forgetting_cell(2, 1 / 16),
+        _forgetting_cell(3, 0.125),
+        _forgetting_cell(4, 4 / 45),
+        _forgetting_cell(5, 0.03),
+    ]
+    summary = bench.forgetting_rows_summary(cells, "searched")
+    assert summary["rows"] == {"0": 1, "1": 2, "2": 1, "3+": 1}
+    assert summary["sites"] == {"cleveland": 1, "switzerland": 2, "va": 1}
+    assert summary["decoded"] == 5 and summary["splits"] == 6
+    assert summary["within_target"] == 2
+    methods = {m: {"test_forgetting_rows": summary} for m in ("searched", "random-search",
+                                                              "random-order")}  # fmt: skip
+    lines = bench._forgetting_rows_lines(cells, "per-site", methods)
+    assert "6.2 points at switzerland" in lines[0]
+    assert any(
+        line.startswith("- searched: 0 rows in 1/6 splits, 1 row in 2, 2 rows in 1, 3 or more in 1")
+        and "1 not whole rows" in line
+        and "<= 2 points in 2/6" in line
+        for line in lines
+    )
+
+
+def test_only_splits_keeps_a_range_of_a_reports_splits_and_refuses_an_empty_one(
+    bench: Any,
+) -> None:
+    report = {"command": "run", "splits": list(range(12)),
+              "cells": [{"setting": s, "split": i} for s in ("per-site", "global")
+                        for i in range(12)]}  # fmt: skip
+    subset = bench.only_splits(report, "0-9")
+    assert subset["splits"] == list(range(10)) and len(subset["cells"]) == 20
+    assert subset["command"] == "run (splits 0-9 only)"
+    assert [c["split"] for c in bench.only_splits(report, "11")["cells"]] == [11, 11]
+    for spec in ("9-3", "a-b", "-1"):
+        with pytest.raises(ValueError, match="use A or A-B"):
+            bench.only_splits(report, spec)
+    with pytest.raises(ValueError, match="has none of them"):
+        bench.only_splits(report, "20-29")
+    with pytest.raises(SystemExit):
+        bench.main(["--only-splits", "0-9"])  # only with --render: refused before any work
