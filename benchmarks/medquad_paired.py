@@ -101,6 +101,7 @@ from heart_disease_paired import _reordered, paired_summary
 
 from coordinator.console.demo import packaged_minilm
 from ordering import (
+    SHORT_CYCLES_FINAL_FRACTION,
     SHORT_CYCLES_LEARNING_RATE_POSITION,
     CandidatePlan,
     FloatRange,
@@ -667,6 +668,24 @@ def _importance(study: OrderingStudy) -> dict[str, Any]:
     return {**measured.to_json_dict(), "order_share": measured.order_share}
 
 
+def default_start(
+    space: SearchSpace,
+    order: Sequence[str],
+    final_fraction: float | None = None,
+    consolidation: tuple[int, float] | None = None,
+) -> CandidatePlan:
+    """Baton's default start (``short_cycles_seed``) in `order`; `final_fraction` and
+    `consolidation` (steps, factor) replace its own (0.3, the space's shortest cycle)."""
+    steps, factor = consolidation or (None, None)
+    return short_cycles_seed(
+        space,
+        order,
+        final_fraction=SHORT_CYCLES_FINAL_FRACTION if final_fraction is None else final_fraction,
+        consolidation_steps=steps,
+        consolidation_learning_rate_factor=factor,
+    )
+
+
 def sequential_methods(
     trainer: Trainer,
     spec: TaskSpec,
@@ -681,6 +700,8 @@ def sequential_methods(
     seed_default: bool = False,
     startup: int = N_STARTUP_TRIALS,
     plain_random_search: bool = False,
+    default_final_fraction: float | None = None,
+    default_consolidation: tuple[int, float] | None = None,
 ) -> dict[str, Any]:
     """Searched, random search and random order (tuned) on one split. With `max_forgetting`
     every one of the three studies selects as ``OrderingStudy`` does under that limit (trials
@@ -690,14 +711,20 @@ def sequential_methods(
     `seed_default` Baton's default starting schedule (``ordering.short_cycles_seed``) in that
     order. With `seed_default` random search runs that same plan first too, and the tuned random
     order its hyperparameters (with a random order); `plain_random_search` adds random search
-    without it (``random-search-plain``). `startup`: TPE's random start-up trials."""
+    without it (``random-search-plain``). `startup`: TPE's random start-up trials.
+    `default_final_fraction` and `default_consolidation` (steps, factor) change that default
+    start (``short_cycles_seed``'s `final_fraction` and consolidation cycle) for all three."""
     sites = [d.name for d in datasets]
     space = search_space(sites, split, max_steps, space_kind)
     scorer = _scorer(trainer, spec)
     executor = TwinExecutor(trainer, spec, datasets, folds, scorer)
     sizes = {d.name: len(d.train) for d in datasets}
     by_size = tuple(sorted(sites, key=lambda s: (sizes[s], s)))
-    default = short_cycles_seed(space, by_size) if seed_default else None
+    default = (
+        default_start(space, by_size, default_final_fraction, default_consolidation)
+        if seed_default
+        else None
+    )
     out: dict[str, Any] = {}
 
     started = time.perf_counter()
@@ -986,6 +1013,24 @@ def pooled(
     )
 
 
+def parse_consolidation(text: str | None) -> tuple[int, float] | None:
+    """``STEPS:FACTOR`` as (steps, factor); None for ``shortest`` (the space's shortest cycle at
+    its lowest factor, the default start's own) or None.
+
+    Raises:
+        ValueError: If the text is neither.
+    """
+    if text is None or text == "shortest":
+        return None
+    try:
+        steps, factor = text.split(":")
+        return int(steps), float(factor)
+    except ValueError:
+        raise ValueError(
+            f"a consolidation is 'shortest' or STEPS:FACTOR (e.g. 5:0.3), got {text!r}"
+        ) from None
+
+
 def baseline_defaults(
     site_budget: int, max_local: int, max_rounds: int, max_pooled: int
 ) -> dict[str, dict[str, Any]]:
@@ -1031,6 +1076,8 @@ def run_cell(
         bool(config.get("seed_default")),
         int(config.get("startup", N_STARTUP_TRIALS)),
         bool(config.get("plain_random_search")),
+        config.get("default_final_fraction"),
+        parse_consolidation(config.get("default_consolidation")),
     )
     # Equal or larger compute for the baselines: under ``controls`` / ``budget`` `steps` is a
     # site's budget for the whole run, so FedAvg gets up to 12 rounds of up to 30 (``budget``:
@@ -1221,6 +1268,14 @@ def markdown(report: Mapping[str, Any]) -> str:
             "; every comparator's first trial is the default start (searched and random search: "
             "`ordering.short_cycles_seed` in size order; random order: its hyperparameters; "
             "FedAvg and pooled: `baseline_defaults`)"
+            + (
+                f", the default start's last regular hop at "
+                f"{config.get('default_final_fraction', SHORT_CYCLES_FINAL_FRACTION):g} of its "
+                "learning rate (clipped into the space's decay range) and consolidation "
+                f"{config.get('default_consolidation', 'shortest')} (steps:factor)"
+                if "default_final_fraction" in config or "default_consolidation" in config
+                else ""
+            )
             + (
                 f", and `{PLAIN}` is random search without it"
                 if config.get("plain_random_search")
@@ -1465,6 +1520,19 @@ def main(argv: list[str] | None = None) -> int:
         help="with --seed-default, also random search without the default (random-search-plain)",
     )
     parser.add_argument(
+        "--default-final-fraction",
+        type=float,
+        default=None,
+        help="with --seed-default: the default start's last regular hop's fraction of its "
+        f"learning rate (default {SHORT_CYCLES_FINAL_FRACTION:g}, clipped into the space's decay)",
+    )
+    parser.add_argument(
+        "--default-consolidation",
+        default=None,
+        help="with --seed-default: the default start's consolidation cycle, STEPS:FACTOR "
+        "(default: the space's shortest at its lowest factor)",
+    )
+    parser.add_argument(
         "--startup", type=int, default=N_STARTUP_TRIALS, help="TPE's random start-up trials"
     )
     parser.add_argument(
@@ -1492,6 +1560,10 @@ def main(argv: list[str] | None = None) -> int:
         args.render.with_suffix(".md").write_text(markdown(report))
         plot(report, args.render.with_suffix(".png"))
         return 0
+    try:
+        parse_consolidation(args.default_consolidation)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.max_steps is None:
         args.max_steps = 120 if args.space in ("controls", "budget") else 30
     if args.quick:
@@ -1529,6 +1601,11 @@ def main(argv: list[str] | None = None) -> int:
         "plain_random_search": args.plain_random_search and args.seed_default,
         "startup": args.startup,
     }
+    # Only when set: reports of runs without them merge with older ones.
+    if args.default_final_fraction is not None:
+        config["default_final_fraction"] = args.default_final_fraction
+    if args.default_consolidation is not None:
+        config["default_consolidation"] = args.default_consolidation
     report: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["medquad_paired.py", *(argv if argv is not None else sys.argv[1:])]),

@@ -200,3 +200,34 @@ def test_with_the_default_start_every_comparator_runs_it_first(
     firsts = bench.baseline_defaults(12, 12, 12, 6 * 12)
     assert firsts["pooled"] == {"learning_rate": pytest.approx(bench.LR[1]), "steps": 72}
     assert firsts["fedavg"]["rounds"] == 12 and firsts["fedavg"]["steps"] == 5
+
+
+def test_the_default_start_can_decay_further_and_consolidate_longer(bench: Any) -> None:
+    sites = [f"site-{i}" for i in range(1, 7)]
+    space = bench.search_space(sites, 0, 60, "budget")
+    own = bench.default_start(space, sites)
+    changed = bench.default_start(space, sites, 0.1, (6, 0.3))
+    regular = 12 * 6  # 12 cycles of 5 steps at every site, then the consolidation cycle
+    assert own.hops[:regular] != changed.hops[:regular]
+    assert {h.hyperparameters.steps for h in own.hops[regular:]} == {1}
+    assert {h.hyperparameters.steps for h in changed.hops[regular:]} == {6}
+    last = changed.hops[regular - 1].hyperparameters.learning_rate
+    assert changed.hops[regular].hyperparameters.learning_rate == pytest.approx(0.3 * last)
+    # 0.1 is below what the space's per-hop decay (0.97 at least) reaches in 72 hops.
+    assert changed.learning_rate_decay == pytest.approx(bench.BUDGET_DECAY[0])
+    assert own.learning_rate_decay == pytest.approx(0.3 ** (1 / (regular - 1)))
+    space.params_for(changed, None)  # a plan every comparator's space can propose
+
+
+def test_a_default_consolidation_is_shortest_or_steps_and_factor(
+    bench: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench.parse_consolidation(None) is None
+    assert bench.parse_consolidation("shortest") is None
+    assert bench.parse_consolidation("6:0.3") == (6, 0.3)
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--default-consolidation", "six"])
+    assert exited.value.code == 2
+    assert "a consolidation is 'shortest' or STEPS:FACTOR (e.g. 5:0.3), got 'six'" in (
+        capsys.readouterr().err
+    )
