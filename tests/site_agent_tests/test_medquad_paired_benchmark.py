@@ -231,3 +231,46 @@ def test_a_default_consolidation_is_shortest_or_steps_and_factor(
     assert "a consolidation is 'shortest' or STEPS:FACTOR (e.g. 5:0.3), got 'six'" in (
         capsys.readouterr().err
     )
+
+
+def test_a_run_takes_the_methods_it_did_not_run_from_an_earlier_run_of_its_design(
+    bench: Any, tmp_path: Any
+) -> None:
+    design = {"trials": 10, "folds": 3, "max_steps": 60, "seed_default": True}
+    earlier = {
+        "config": design,
+        "cells": [
+            {"setting": "sources", "split": 15, "methods": {"searched": 1, "pooled": 2}},
+            {"setting": "dirichlet-0.1", "split": 15, "methods": {"searched": 3, "pooled": 4}},
+        ],
+    }
+    path = tmp_path / "earlier.json"
+    forgetting_aware = {**design, "default_consolidation": "10:0.3", "only_searched": True}
+    bench.check_reusable(forgetting_aware, earlier, path)  # the default start may differ
+    cell = {"setting": "dirichlet-0.1", "split": 15, "methods": {"searched": 5}}
+    bench.reuse_methods(cell, earlier, path)
+    assert cell["methods"] == {"searched": 5, "pooled": 4}  # its own searched study kept
+    assert cell["reused_methods"] == ["pooled"]
+    assert "pooled (earlier.json)" in " ".join(bench._reuse_note([cell]))
+    with pytest.raises(SystemExit, match=r"differs in folds \(3 vs 2\), trials \(10 vs 6\)"):
+        bench.check_reusable({**design, "folds": 2, "trials": 6}, earlier, path)
+    with pytest.raises(SystemExit, match=r"has no dirichlet-1\.0 split 15 to reuse"):
+        bench.reuse_methods({"setting": "dirichlet-1.0", "split": 15, "methods": {}}, earlier, path)
+
+
+@pytest.mark.slow  # ~5 CPU s: one study of real (tiny) sequential training
+def test_only_the_searched_study_runs_when_asked(
+    bench: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench, "MAX_CYCLES", 2)
+    datasets, _ = bench.split_sites(_pool(bench, rows=240), "sources", 0)
+    out = bench.sequential_methods(
+        tabular_trainer(), bench._spec(LABELS), datasets, 0, 1, 2, 12, 1, "budget",
+        seed_default=True, default_consolidation=(3, 0.5), only_searched=True,
+    )  # fmt: skip
+    assert list(out) == ["searched"]
+    assert out["searched"]["chosen_plan"].endswith("x3")  # 2 cycles and the consolidation
+    consolidation = out["searched"]["after_each_visit"][-6:]
+    assert [v["site"] for v in consolidation] == out["searched"]["chosen_plan"].split(" x")[
+        0
+    ].split(" > ")
