@@ -7,7 +7,10 @@ regular hop. This script scores a small grid of (position, final fraction) on Me
 search's own objective (k-fold CV inside the training rows, mean over sites) and, for the
 record, on the development splits' test rows. The grid point with the best mean CV over every
 setting and development split becomes ``SHORT_CYCLES_LEARNING_RATE_POSITION`` /
-``SHORT_CYCLES_FINAL_FRACTION``.
+``SHORT_CYCLES_FINAL_FRACTION``. ``--consolidations`` adds the default's consolidation cycle to
+the grid (``shortest`` or STEPS:FACTOR); each grid point also reports its worst-site forgetting
+(mean and maximum over the development cells, per setting, on test and on CV), which is how
+``results/mq8-prereg.md`` judged a forgetting-aware default.
 
     .venv/bin/python benchmarks/medquad_default_dev.py --dev-splits 100 --name dev100
     .venv/bin/python benchmarks/medquad_default_dev.py --dev-splits 101 --name dev101

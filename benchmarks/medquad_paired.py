@@ -44,6 +44,11 @@ development splits 100-101 by ``benchmarks/medquad_default_dev.py``): searched a
 run that very plan (size order) first, the tuned random order its hyperparameters with a random
 order, FedAvg and pooled their counterparts (``baseline_defaults``). ``--plain-random-search``
 adds random search without it; ``--startup`` sets TPE's random start-up trials.
+``--default-final-fraction`` and ``--default-consolidation STEPS:FACTOR`` change that default
+start (its last regular hop's fraction of the learning rate, its consolidation cycle).
+``--only-searched`` runs the searched study alone and ``--reuse-baselines REPORT`` (with a run or
+with ``--merge``) takes the other methods from an earlier report of the same design and splits:
+a default start's variant is then measured at the cost of one study.
 ``--max-forgetting`` makes the three sequential studies select as ``OrderingStudy`` does under a
 forgetting limit (within it first, then by CV value). ``--model lora-top`` trains LoRA on
 MiniLM's top layer(s) instead of the head over frozen embeddings (``medquad_lora.py``).
