@@ -7,7 +7,10 @@ regular hop. This script scores a small grid of (position, final fraction) on Me
 search's own objective (k-fold CV inside the training rows, mean over sites) and, for the
 record, on the development splits' test rows. The grid point with the best mean CV over every
 setting and development split becomes ``SHORT_CYCLES_LEARNING_RATE_POSITION`` /
-``SHORT_CYCLES_FINAL_FRACTION``.
+``SHORT_CYCLES_FINAL_FRACTION``. ``--consolidations`` adds the default's consolidation cycle to
+the grid (``shortest`` or STEPS:FACTOR); each grid point also reports its worst-site forgetting
+(mean and maximum over the development cells, per setting, on test and on CV), which is how
+``results/mq8-prereg.md`` judged a forgetting-aware default.
 
     .venv/bin/python benchmarks/medquad_default_dev.py --dev-splits 100 --name dev100
     .venv/bin/python benchmarks/medquad_default_dev.py --dev-splits 101 --name dev101
@@ -30,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
+from medquad_gap import frozen_setup
 from medquad_paired import (
     DEFAULT_DATA,
     RESULTS_DIR,
@@ -38,19 +41,17 @@ from medquad_paired import (
     SPACES,
     TwinExecutor,
     _scorer,
-    _spec,
-    load_pool,
-    memoise_feature_matrices,
+    parse_consolidation,
     run_plan_on_test,
     search_space,
     split_sites,
 )
 
 from ordering import short_cycles_seed
-from site_agent.tasks import TabularTrainer, create_trainer
 
 POSITIONS = (0.8, 1.0)
 FINAL_FRACTIONS = (1.0, 0.3)
+CONSOLIDATIONS = ("shortest",)  # or STEPS:FACTOR (--default-consolidation of medquad_paired.py)
 
 
 def write(
@@ -59,23 +60,46 @@ def write(
     """The grid's means over every setting and development split, the choice, JSON + Markdown."""
     positions = sorted({r["position"] for r in rows})
     fractions = sorted({r["final_fraction"] for r in rows}, reverse=True)
+    consolidations = list(dict.fromkeys(r.get("consolidation", "shortest") for r in rows))
     splits = sorted({r["split"] for r in rows})
     settings = [s for s in SETTINGS if any(r["setting"] == s for r in rows)]
     grid = []
     for position in positions:
         for fraction in fractions:
-            mine = [r for r in rows if (r["position"], r["final_fraction"]) == (position, fraction)]
-            grid.append(
-                {
-                    "position": position,
-                    "final_fraction": fraction,
-                    "cv_mean": statistics.fmean(r["cv"] for r in mine),
-                    "test_mean": statistics.fmean(r["test"] for r in mine),
-                    "worst_forgetting_mean": statistics.fmean(
-                        r["test_worst_forgetting"] for r in mine
-                    ),
-                }
-            )
+            for consolidation in consolidations:
+                key = (position, fraction, consolidation)
+                mine = [
+                    r
+                    for r in rows
+                    if (r["position"], r["final_fraction"], r.get("consolidation", "shortest"))
+                    == key
+                ]
+                if not mine:
+                    continue
+                grid.append(
+                    {
+                        "position": position,
+                        "final_fraction": fraction,
+                        "consolidation": consolidation,
+                        "cv_mean": statistics.fmean(r["cv"] for r in mine),
+                        "test_mean": statistics.fmean(r["test"] for r in mine),
+                        "worst_forgetting_mean": statistics.fmean(
+                            r["test_worst_forgetting"] for r in mine
+                        ),
+                        # The worst (setting, split): the forgetting target is a maximum.
+                        "worst_forgetting_max": max(r["test_worst_forgetting"] for r in mine),
+                        "cv_worst_forgetting_max": max(
+                            (r["cv_worst_forgetting"] for r in mine if "cv_worst_forgetting" in r),
+                            default=None,
+                        ),
+                        "worst_forgetting_max_by_setting": {
+                            setting: max(
+                                r["test_worst_forgetting"] for r in mine if r["setting"] == setting
+                            )
+                            for setting in settings
+                        },
+                    }
+                )
     chosen = max(grid, key=lambda g: g["cv_mean"])
     report = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -99,16 +123,30 @@ def write(
         f"site, {args.folds}-fold CV. Selection by mean CV over every setting and split; test "
         "of the development splits shown for the record.",
         "",
-        "| lr position in range (log) | last hop's lr fraction | CV mean | dev test mean | "
-        "worst-site forgetting (dev test, mean) |",
-        "|---|---|---|---|---|",
+        "| lr position in range (log) | last hop's lr fraction | consolidation (steps:factor) | "
+        "CV mean | dev test mean | worst-site forgetting (dev test, mean / max) | "
+        "max per setting (dev test) | worst-site forgetting (CV, max) |",
+        "|---|---|---|---|---|---|---|---|",
         *(
-            f"| {g['position']:g} | {g['final_fraction']:g} | {g['cv_mean']:.4f} | "
-            f"{g['test_mean']:.3f} | {g['worst_forgetting_mean']:.3f} |"
+            f"| {g['position']:g} | {g['final_fraction']:g} | "
+            f"{g.get('consolidation', 'shortest')} | {g['cv_mean']:.4f} | "
+            f"{g['test_mean']:.3f} | {g['worst_forgetting_mean']:.3f} / "
+            f"{g.get('worst_forgetting_max', float('nan')):.3f} | "
+            + ", ".join(
+                f"{k} {v:.3f}" for k, v in g.get("worst_forgetting_max_by_setting", {}).items()
+            )
+            + " | "
+            + (
+                "n/a"
+                if g.get("cv_worst_forgetting_max") is None
+                else f"{g['cv_worst_forgetting_max']:.3f}"
+            )
+            + " |"
             for g in grid
         ),
         "",
-        f"Chosen: position {chosen['position']:g}, final fraction {chosen['final_fraction']:g}.",
+        f"Best CV mean: position {chosen['position']:g}, final fraction "
+        f"{chosen['final_fraction']:g}, consolidation {chosen.get('consolidation', 'shortest')}.",
     ]
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
@@ -132,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="mq7-default-dev")
     parser.add_argument("--positions", type=float, nargs="+", default=list(POSITIONS))
     parser.add_argument("--fractions", type=float, nargs="+", default=list(FINAL_FRACTIONS))
+    parser.add_argument(
+        "--consolidations",
+        nargs="+",
+        default=list(CONSOLIDATIONS),
+        help="the default's consolidation cycle: 'shortest' or STEPS:FACTOR",
+    )
     parser.add_argument("--merge", type=Path, nargs="+", help="combine runs' JSON reports")
     args = parser.parse_args(argv)
     if args.merge:
@@ -146,14 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if min(args.dev_splits) < 100:
         raise SystemExit("development splits are 100 and up (the paired runs report 0-99)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
-    memoise_feature_matrices()
     cpu = time.process_time()
-    pool = load_pool(args.data, args.rows_per_source, args.cache)
-    trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
-    assert isinstance(trainer, TabularTrainer)
-    spec = _spec(sorted({r.label for r in pool}))
+    pool, trainer, spec = frozen_setup(args.data, args.rows_per_source, args.cache)
     rows: list[dict[str, Any]] = []
     for split in args.dev_splits:
         for setting in args.settings:
@@ -164,27 +202,40 @@ def main(argv: list[str] | None = None) -> int:
             space = search_space(sites, split, args.max_steps, args.space)
             scorer = _scorer(trainer, spec)
             executor = TwinExecutor(trainer, spec, datasets, args.folds, scorer)
-            for position in args.positions:
-                for fraction in args.fractions:
-                    plan = short_cycles_seed(
-                        space, order, learning_rate_position=position, final_fraction=fraction
-                    )
-                    outcome = executor.execute(plan, budget=1.0, report=lambda c, v: None)
-                    test = run_plan_on_test(trainer, spec, datasets, plan, scorer)
-                    rows.append(
-                        {
-                            "split": split,
-                            "setting": setting,
-                            "position": position,
-                            "final_fraction": fraction,
-                            "plan": plan.describe(),
-                            "cv": statistics.fmean(s.value for s in outcome.site_scores),
-                            "cv_failed": outcome.failure_reason,
-                            "test": test["test_avg"],
-                            "test_worst_forgetting": test["test_worst_forgetting"],
-                        }
-                    )
-                    print(json.dumps(rows[-1]), flush=True)
+            grid = [
+                (p, f, c)
+                for p in args.positions
+                for f in args.fractions
+                for c in args.consolidations
+            ]  # fmt: skip
+            for position, fraction, consolidation in grid:
+                steps, factor = parse_consolidation(consolidation) or (None, None)
+                plan = short_cycles_seed(
+                    space,
+                    order,
+                    learning_rate_position=position,
+                    final_fraction=fraction,
+                    consolidation_steps=steps,
+                    consolidation_learning_rate_factor=factor,
+                )
+                outcome = executor.execute(plan, budget=1.0, report=lambda c, v: None)
+                test = run_plan_on_test(trainer, spec, datasets, plan, scorer)
+                rows.append(
+                    {
+                        "split": split,
+                        "setting": setting,
+                        "position": position,
+                        "final_fraction": fraction,
+                        "consolidation": consolidation,
+                        "plan": plan.describe(),
+                        "cv": statistics.fmean(s.value for s in outcome.site_scores),
+                        "cv_failed": outcome.failure_reason,
+                        "cv_worst_forgetting": max(outcome.forgetting().values(), default=0.0),
+                        "test": test["test_avg"],
+                        "test_worst_forgetting": test["test_worst_forgetting"],
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
     write(rows, args, time.process_time() - cpu, argv)
     return 0
 

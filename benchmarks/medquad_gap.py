@@ -47,6 +47,7 @@ from medquad_paired import (
     DEFAULT_DATA,
     RESULTS_DIR,
     SETTINGS,
+    Row,
     Scorer,
     _final_scores,
     _spec,
@@ -245,6 +246,20 @@ def plot(report: Mapping[str, Any], out: Path) -> bool:
     return True
 
 
+def frozen_setup(
+    data: Path, rows_per_source: int, cache: Path
+) -> tuple[list[Row], TabularTrainer, TaskSpec]:
+    """The question pool with its frozen MiniLM embeddings, the twin's tabular trainer and the
+    task, as ``medquad_paired.py`` trains them (offline, one thread, memoised matrices)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    memoise_feature_matrices()
+    pool = load_pool(data, rows_per_source, cache)
+    trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
+    assert isinstance(trainer, TabularTrainer)
+    return pool, trainer, _spec(sorted({r.label for r in pool}))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -266,14 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         args.render.with_suffix(".md").write_text(markdown(report))
         plot(report, args.render.with_suffix(".png"))
         return 0
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
-    memoise_feature_matrices()
     cpu = time.process_time()
-    pool = load_pool(args.data, args.rows_per_source, args.cache)
-    trainer = create_trainer("tabular", base_model_dir=None, device="cpu")
-    assert isinstance(trainer, TabularTrainer)
-    spec = _spec(sorted({r.label for r in pool}))
+    pool, trainer, spec = frozen_setup(args.data, args.rows_per_source, args.cache)
     report: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["medquad_gap.py", *(argv if argv is not None else sys.argv[1:])]),

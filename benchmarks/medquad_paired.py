@@ -44,6 +44,11 @@ development splits 100-101 by ``benchmarks/medquad_default_dev.py``): searched a
 run that very plan (size order) first, the tuned random order its hyperparameters with a random
 order, FedAvg and pooled their counterparts (``baseline_defaults``). ``--plain-random-search``
 adds random search without it; ``--startup`` sets TPE's random start-up trials.
+``--default-final-fraction`` and ``--default-consolidation STEPS:FACTOR`` change that default
+start (its last regular hop's fraction of the learning rate, its consolidation cycle).
+``--only-searched`` runs the searched study alone and ``--reuse-baselines REPORT`` (with a run or
+with ``--merge``) takes the other methods from an earlier report of the same design and splits:
+a default start's variant is then measured at the cost of one study.
 ``--max-forgetting`` makes the three sequential studies select as ``OrderingStudy`` does under a
 forgetting limit (within it first, then by CV value). ``--model lora-top`` trains LoRA on
 MiniLM's top layer(s) instead of the head over frozen embeddings (``medquad_lora.py``).
@@ -101,6 +106,7 @@ from heart_disease_paired import _reordered, paired_summary
 
 from coordinator.console.demo import packaged_minilm
 from ordering import (
+    SHORT_CYCLES_FINAL_FRACTION,
     SHORT_CYCLES_LEARNING_RATE_POSITION,
     CandidatePlan,
     FloatRange,
@@ -667,6 +673,24 @@ def _importance(study: OrderingStudy) -> dict[str, Any]:
     return {**measured.to_json_dict(), "order_share": measured.order_share}
 
 
+def default_start(
+    space: SearchSpace,
+    order: Sequence[str],
+    final_fraction: float | None = None,
+    consolidation: tuple[int, float] | None = None,
+) -> CandidatePlan:
+    """Baton's default start (``short_cycles_seed``) in `order`; `final_fraction` and
+    `consolidation` (steps, factor) replace its own (0.3, the space's shortest cycle)."""
+    steps, factor = consolidation or (None, None)
+    return short_cycles_seed(
+        space,
+        order,
+        final_fraction=SHORT_CYCLES_FINAL_FRACTION if final_fraction is None else final_fraction,
+        consolidation_steps=steps,
+        consolidation_learning_rate_factor=factor,
+    )
+
+
 def sequential_methods(
     trainer: Trainer,
     spec: TaskSpec,
@@ -681,8 +705,12 @@ def sequential_methods(
     seed_default: bool = False,
     startup: int = N_STARTUP_TRIALS,
     plain_random_search: bool = False,
+    default_final_fraction: float | None = None,
+    default_consolidation: tuple[int, float] | None = None,
+    only_searched: bool = False,
 ) -> dict[str, Any]:
-    """Searched, random search and random order (tuned) on one split. With `max_forgetting`
+    """Searched, random search and random order (tuned) on one split (`only_searched`: the
+    searched study alone). With `max_forgetting`
     every one of the three studies selects as ``OrderingStudy`` does under that limit (trials
     whose worst CV forgetting stays within it first, then by value).
 
@@ -690,14 +718,20 @@ def sequential_methods(
     `seed_default` Baton's default starting schedule (``ordering.short_cycles_seed``) in that
     order. With `seed_default` random search runs that same plan first too, and the tuned random
     order its hyperparameters (with a random order); `plain_random_search` adds random search
-    without it (``random-search-plain``). `startup`: TPE's random start-up trials."""
+    without it (``random-search-plain``). `startup`: TPE's random start-up trials.
+    `default_final_fraction` and `default_consolidation` (steps, factor) change that default
+    start (``short_cycles_seed``'s `final_fraction` and consolidation cycle) for all three."""
     sites = [d.name for d in datasets]
     space = search_space(sites, split, max_steps, space_kind)
     scorer = _scorer(trainer, spec)
     executor = TwinExecutor(trainer, spec, datasets, folds, scorer)
     sizes = {d.name: len(d.train) for d in datasets}
     by_size = tuple(sorted(sites, key=lambda s: (sizes[s], s)))
-    default = short_cycles_seed(space, by_size) if seed_default else None
+    default = (
+        default_start(space, by_size, default_final_fraction, default_consolidation)
+        if seed_default
+        else None
+    )
     out: dict[str, Any] = {}
 
     started = time.perf_counter()
@@ -725,6 +759,8 @@ def sequential_methods(
         **run_plan_on_test(trainer, spec, datasets, chosen.plan, scorer),
         "seconds": time.perf_counter() - started,
     }
+    if only_searched:
+        return out
 
     for name, seeded in (("random-search", default), (PLAIN, None)):
         if name == PLAIN and not (plain_random_search and default is not None):
@@ -986,6 +1022,24 @@ def pooled(
     )
 
 
+def parse_consolidation(text: str | None) -> tuple[int, float] | None:
+    """``STEPS:FACTOR`` as (steps, factor); None for ``shortest`` (the space's shortest cycle at
+    its lowest factor, the default start's own) or None.
+
+    Raises:
+        ValueError: If the text is neither.
+    """
+    if text is None or text == "shortest":
+        return None
+    try:
+        steps, factor = text.split(":")
+        return int(steps), float(factor)
+    except ValueError:
+        raise ValueError(
+            f"a consolidation is 'shortest' or STEPS:FACTOR (e.g. 5:0.3), got {text!r}"
+        ) from None
+
+
 def baseline_defaults(
     site_budget: int, max_local: int, max_rounds: int, max_pooled: int
 ) -> dict[str, dict[str, Any]]:
@@ -1031,7 +1085,12 @@ def run_cell(
         bool(config.get("seed_default")),
         int(config.get("startup", N_STARTUP_TRIALS)),
         bool(config.get("plain_random_search")),
+        config.get("default_final_fraction"),
+        parse_consolidation(config.get("default_consolidation")),
+        bool(config.get("only_searched")),
     )
+    if config.get("only_searched"):
+        return _cell(pool, setting, split, datasets, rows, started, cpu, methods)
     # Equal or larger compute for the baselines: under ``controls`` / ``budget`` `steps` is a
     # site's budget for the whole run, so FedAvg gets up to 12 rounds of up to 30 (``budget``:
     # twice the budget over 12 rounds) local steps and pooled
@@ -1052,6 +1111,19 @@ def run_cell(
         trainer, spec, datasets, split, trials, folds, pooled_steps, startup,
         firsts["pooled"] if seeded else None,
     )  # fmt: skip
+    return _cell(pool, setting, split, datasets, rows, started, cpu, methods)
+
+
+def _cell(
+    pool: Sequence[Row],
+    setting: str,
+    split: int,
+    datasets: Sequence[RegisteredDataset],
+    rows: Mapping[str, Sequence[Row]],
+    started: float,
+    cpu: float,
+    methods: dict[str, Any],
+) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     logger.info(
         "[%s] split %d in %.0f s: %s",
@@ -1079,10 +1151,9 @@ def run_cell(
 
 
 def _methods(cells: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
-    """The methods every cell measured: `METHODS`, plus random search without the default start
-    when the run had one."""
-    extra = (PLAIN,) if all(PLAIN in c["methods"] for c in cells) else ()
-    return (*METHODS, *extra)
+    """The methods every cell measured, in `METHODS` order (random search without the default
+    start last): all of them, unless a run ran the searched study alone."""
+    return tuple(m for m in (*METHODS, PLAIN) if all(m in c["methods"] for c in cells))
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:
@@ -1125,17 +1196,22 @@ def summarise(cells: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             )
             for other in present[1:]
         }
-        spreads = [c["methods"]["random-order"]["spread"] for c in rows]
+        spreads = (
+            [c["methods"]["random-order"]["spread"] for c in rows]
+            if "random-order" in present
+            else []
+        )
         importance = {
             study: [c["methods"][study]["importance"] for c in rows]
             for study in ("searched", "random-search")
+            if study in present
         }
         settings[setting] = {
             "splits": [c["split"] for c in rows],
             "methods": methods,
             "paired": paired,
-            "random_order_range_mean": statistics.fmean(s["range"] for s in spreads),
-            "random_order_std_mean": statistics.fmean(s["std"] for s in spreads),
+            "random_order_range_mean": _mean_or_none([s["range"] for s in spreads]),
+            "random_order_std_mean": _mean_or_none([s["std"] for s in spreads]),
             "order_share_mean": {
                 study: _mean_or_none([i["order_share"] for i in values])
                 for study, values in importance.items()
@@ -1150,24 +1226,30 @@ def verdict(settings: Mapping[str, Any]) -> list[str]:
     lines = []
     for setting, s in settings.items():
         p = s["paired"]
-        ro, rs = p["random-order"], p["random-search"]
-        lines.append(
-            f"- {setting}: searched - random order (tuned) {ro['mean']:+.3f} "
-            f"[{ro['low']:+.3f}, {ro['high']:+.3f}]: "
-            + ("met (interval above 0)" if ro["low"] > 0 else "not met (interval reaches 0)")
-        )
-        lines.append(
-            f"- {setting}: searched - random search {rs['mean']:+.3f} "
-            f"[{rs['low']:+.3f}, {rs['high']:+.3f}]: "
-            + ("met" if rs["mean"] >= 0 and rs["low"] >= -0.01 else "not met")
-            + " (target: mean >= 0, lower bound >= -0.01)"
-        )
-        pooled_gap = p["pooled"]["mean"]
-        lines.append(
-            f"- {setting}: searched - pooled (tuned) {pooled_gap:+.3f}: "
-            + ("met" if pooled_gap >= -0.01 else "not met")
-            + " (target: >= -0.01)"
-        )
+        if "random-order" in p:
+            ro = p["random-order"]
+            lines.append(
+                f"- {setting}: searched - random order (tuned) {ro['mean']:+.3f} "
+                f"[{ro['low']:+.3f}, {ro['high']:+.3f}]: "
+                + ("met (interval above 0)" if ro["low"] > 0 else "not met (interval reaches 0)")
+            )
+        for name in ("random-search", PLAIN):
+            if name not in p:
+                continue
+            rs = p[name]
+            lines.append(
+                f"- {setting}: searched - {name} {rs['mean']:+.3f} "
+                f"[{rs['low']:+.3f}, {rs['high']:+.3f}]: "
+                + ("met" if rs["mean"] >= 0 and rs["low"] >= -0.01 else "not met")
+                + " (target: mean >= 0, lower bound >= -0.01)"
+            )
+        if "pooled" in p:
+            pooled_gap = p["pooled"]["mean"]
+            lines.append(
+                f"- {setting}: searched - pooled (tuned) {pooled_gap:+.3f}: "
+                + ("met" if pooled_gap >= -0.01 else "not met")
+                + " (target: >= -0.01)"
+            )
         worst = s["methods"]["searched"]["test_worst_forgetting_max"]
         lines.append(
             f"- {setting}: selected schedule's worst-site forgetting on test, max over splits "
@@ -1184,6 +1266,19 @@ def _fmt(value: float | None, digits: int = 3) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value))
         else f"{value:.{digits}f}"
     )
+
+
+def _reuse_note(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    reused = list(dict.fromkeys(m for c in cells for m in c.get("reused_methods", ())))
+    if not reused:
+        return []
+    sources = sorted({Path(c["reused_from"]).name for c in cells if "reused_from" in c})
+    return [
+        f"Reused from an earlier run of the same design (same splits, trials, folds, rows): "
+        f"{', '.join(reused)} ({', '.join(sources)}); only the methods not listed ran here, so "
+        "a reused comparator that starts from the default start started from that run's.",
+        "",
+    ]
 
 
 def markdown(report: Mapping[str, Any]) -> str:
@@ -1222,6 +1317,14 @@ def markdown(report: Mapping[str, Any]) -> str:
             "`ordering.short_cycles_seed` in size order; random order: its hyperparameters; "
             "FedAvg and pooled: `baseline_defaults`)"
             + (
+                f", the default start's last regular hop at "
+                f"{config.get('default_final_fraction', SHORT_CYCLES_FINAL_FRACTION):g} of its "
+                "learning rate (clipped into the space's decay range) and consolidation "
+                f"{config.get('default_consolidation', 'shortest')} (steps:factor)"
+                if "default_final_fraction" in config or "default_consolidation" in config
+                else ""
+            )
+            + (
                 f", and `{PLAIN}` is random search without it"
                 if config.get("plain_random_search")
                 else ""
@@ -1243,6 +1346,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         )
         + ". Score: mean over the six sites of test accuracy.",
         "",
+        *_reuse_note(report["cells"]),
         "## Targets",
         "",
         *verdict(report["settings"]),
@@ -1254,10 +1358,10 @@ def markdown(report: Mapping[str, Any]) -> str:
             "",
             f"Lookup floor (first three words): {s['lookup_floor']:.3f}. Spread of "
             f"{config['random_orders']} random orders at tuned settings, mean over splits: range "
-            f"{s['random_order_range_mean']:.3f}, std {s['random_order_std_mean']:.3f}. Order's "
-            f"share of the parameter importance (PED-ANOVA): searched study "
-            f"{_fmt(s['order_share_mean']['searched'], 2)}, random-search study "
-            f"{_fmt(s['order_share_mean']['random-search'], 2)}.",
+            f"{_fmt(s['random_order_range_mean'])}, std {_fmt(s['random_order_std_mean'])}. "
+            f"Order's share of the parameter importance (PED-ANOVA): searched study "
+            f"{_fmt(s['order_share_mean'].get('searched'), 2)}, random-search study "
+            f"{_fmt(s['order_share_mean'].get('random-search'), 2)}.",
             "",
             "| method | test avg (mean ± sd) | CV | searched - method [95% CI] | Wilcoxon p | "
             "wins/ties/losses | worst-site forgetting on test (mean, max) | failed trials | "
@@ -1292,16 +1396,25 @@ def markdown(report: Mapping[str, Any]) -> str:
             if cell["setting"] != setting:
                 continue
             ms = cell["methods"]
-            spread = ms["random-order"]["spread"]
-            shares = [ms[k]["importance"]["order_share"] for k in ("searched", "random-search")]
+            order_cell = "n/a"
+            if "random-order" in ms:
+                spread = ms["random-order"]["spread"]
+                order_cell = (
+                    f"{ms['random-order']['test_avg']:.3f} "
+                    f"[{spread['min']:.3f}, {spread['max']:.3f}]"
+                )
+            shares = [
+                ms[k]["importance"]["order_share"] if k in ms else None
+                for k in ("searched", "random-search")
+            ]
             top = ", ".join(
                 f"{k} {v:.2f}"
-                for k, v in list(ms["random-search"]["importance"]["importances"].items())[:3]
+                for k, v in list(
+                    ms.get("random-search", {}).get("importance", {}).get("importances", {}).items()
+                )[:3]
             )
             lines.append(
-                f"| {cell['split']} | {ms['searched']['test_avg']:.3f} | "
-                f"{ms['random-order']['test_avg']:.3f} "
-                f"[{spread['min']:.3f}, {spread['max']:.3f}] | "
+                f"| {cell['split']} | {ms['searched']['test_avg']:.3f} | {order_cell} | "
                 f"{_fmt(shares[0], 2)}, {_fmt(shares[1], 2)} | {top or 'n/a'} |"
             )
         first = next(c for c in report["cells"] if c["setting"] == setting)
@@ -1367,8 +1480,12 @@ def plot(report: Mapping[str, Any], out: Path) -> bool:
         cells = sorted(
             (c for c in report["cells"] if c["setting"] == setting), key=lambda c: c["split"]
         )
-        orders = [[o["test_avg"] for o in c["methods"]["random-order"]["orders"]] for c in cells]
-        axis.boxplot(orders)
+        orders = [
+            [o["test_avg"] for o in c["methods"].get("random-order", {}).get("orders", [])]
+            for c in cells
+        ]
+        if all(orders):
+            axis.boxplot(orders)
         axis.scatter(
             range(1, len(cells) + 1),
             [c["methods"]["searched"]["test_avg"] for c in cells],
@@ -1398,9 +1515,56 @@ def _write(report: dict[str, Any], out: Path, name: str) -> None:
     plot(report, out / f"{name}.png")
 
 
-def merge(reports: Sequence[Mapping[str, Any]], out: Path, name: str) -> None:
+# What a run of other default-start settings (or of the searched study alone) may take from
+# an earlier run of the same design: everything but the default start and the methods run.
+REUSE_MAY_DIFFER = ("default_final_fraction", "default_consolidation", "only_searched")
+
+
+def reuse_methods(cell: dict[str, Any], earlier: Mapping[str, Any], path: Path) -> None:
+    """Fills in `cell`'s methods it did not run from `earlier`'s report cell of the same setting
+    and split (noted in ``reused_methods``).
+
+    Raises:
+        SystemExit: If `earlier` has no such cell.
+    """
+    match = [
+        c
+        for c in earlier["cells"]
+        if (c["setting"], c["split"]) == (cell["setting"], cell["split"])
+    ]
+    if not match:
+        raise SystemExit(f"{path} has no {cell['setting']} split {cell['split']} to reuse")
+    reused = [m for m in match[0]["methods"] if m not in cell["methods"]]
+    cell["methods"].update({m: match[0]["methods"][m] for m in reused})
+    cell["reused_methods"] = reused
+    cell["reused_from"] = str(path)
+
+
+def check_reusable(config: Mapping[str, Any], earlier: Mapping[str, Any], path: Path) -> None:
+    """Refuses to reuse methods from a run of another design (trials, folds, steps, rows...).
+
+    Raises:
+        SystemExit: Naming the settings that differ.
+    """
+    keys = (set(config) | set(earlier["config"])) - set(REUSE_MAY_DIFFER)
+    differ = sorted(k for k in keys if config.get(k) != earlier["config"].get(k))
+    if differ:
+        raise SystemExit(
+            f"cannot reuse methods from {path}: its run differs in "
+            + ", ".join(f"{k} ({earlier['config'].get(k)} vs {config.get(k)})" for k in differ)
+        )
+
+
+def merge(
+    reports: Sequence[Mapping[str, Any]],
+    out: Path,
+    name: str,
+    reuse: tuple[Mapping[str, Any], Path] | None = None,
+) -> None:
     """One report from runs of the same configuration over different splits: their cells (a
-    (setting, split) measured twice is refused), summed wall and CPU time, every command."""
+    (setting, split) measured twice is refused), summed wall and CPU time, every command.
+    `reuse`: an earlier report (and its path) to take the methods the runs did not run from
+    (`reuse_methods`)."""
     configs = {json.dumps(r["config"], sort_keys=True) for r in reports}
     if len(configs) != 1:
         raise SystemExit(f"cannot merge reports of different configs: {sorted(configs)}")
@@ -1409,6 +1573,10 @@ def merge(reports: Sequence[Mapping[str, Any]], out: Path, name: str) -> None:
     if len(set(keys)) != len(keys):
         raise SystemExit("a (setting, split) appears in more than one report")
     merged = dict(reports[0])
+    if reuse is not None:
+        check_reusable(reports[0]["config"], *reuse)
+        for cell in cells:
+            reuse_methods(cell, *reuse)
     merged["cells"] = sorted(cells, key=lambda c: (c["split"], SETTINGS.index(c["setting"])))
     merged["command"] = " + ".join(r["command"] for r in reports)
     merged["cpu_seconds"] = sum(r["cpu_seconds"] for r in reports)
@@ -1465,7 +1633,28 @@ def main(argv: list[str] | None = None) -> int:
         help="with --seed-default, also random search without the default (random-search-plain)",
     )
     parser.add_argument(
+        "--default-final-fraction",
+        type=float,
+        default=None,
+        help="with --seed-default: the default start's last regular hop's fraction of its "
+        f"learning rate (default {SHORT_CYCLES_FINAL_FRACTION:g}, clipped into the space's decay)",
+    )
+    parser.add_argument(
+        "--default-consolidation",
+        default=None,
+        help="with --seed-default: the default start's consolidation cycle, STEPS:FACTOR "
+        "(default: the space's shortest at its lowest factor)",
+    )
+    parser.add_argument(
         "--startup", type=int, default=N_STARTUP_TRIALS, help="TPE's random start-up trials"
+    )
+    parser.add_argument("--only-searched", action="store_true", help="run the searched study alone")
+    parser.add_argument(
+        "--reuse-baselines",
+        type=Path,
+        default=None,
+        help="take the methods this run does not run from this earlier report of the same "
+        "design (e.g. with --only-searched and another default start)",
     )
     parser.add_argument(
         "--max-forgetting",
@@ -1485,13 +1674,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.merge:
-        merge([json.loads(path.read_text()) for path in args.merge], args.out, args.name)
+        reuse = (
+            None
+            if args.reuse_baselines is None
+            else (json.loads(args.reuse_baselines.read_text()), args.reuse_baselines)
+        )
+        merge([json.loads(path.read_text()) for path in args.merge], args.out, args.name, reuse)
         return 0
     if args.render:
         report = json.loads(args.render.read_text())
         args.render.with_suffix(".md").write_text(markdown(report))
         plot(report, args.render.with_suffix(".png"))
         return 0
+    try:
+        parse_consolidation(args.default_consolidation)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.max_steps is None:
         args.max_steps = 120 if args.space in ("controls", "budget") else 30
     if args.quick:
@@ -1529,6 +1727,17 @@ def main(argv: list[str] | None = None) -> int:
         "plain_random_search": args.plain_random_search and args.seed_default,
         "startup": args.startup,
     }
+    # Only when set: reports of runs without them merge with older ones.
+    if args.default_final_fraction is not None:
+        config["default_final_fraction"] = args.default_final_fraction
+    if args.default_consolidation is not None:
+        config["default_consolidation"] = args.default_consolidation
+    if args.only_searched:
+        config["only_searched"] = True
+    earlier = None
+    if args.reuse_baselines is not None:
+        earlier = json.loads(args.reuse_baselines.read_text())
+        check_reusable(config, earlier, args.reuse_baselines)
     report: dict[str, Any] = {
         "generated": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["medquad_paired.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -1544,7 +1753,10 @@ def main(argv: list[str] | None = None) -> int:
     # Split-major: a run cut short still covers every setting.
     for split in range(args.first_split, args.splits):
         for setting in args.settings:
-            report["cells"].append(run_cell(trainer, pool, setting, split, config))
+            cell = run_cell(trainer, pool, setting, split, config)
+            if earlier is not None:
+                reuse_methods(cell, earlier, args.reuse_baselines)
+            report["cells"].append(cell)
             report["cpu_seconds"] = time.process_time() - cpu
             report["_started"] = started
             _write(report, args.out, args.name)

@@ -82,6 +82,8 @@ def short_cycles_seed(
     *,
     learning_rate_position: float = SHORT_CYCLES_LEARNING_RATE_POSITION,
     final_fraction: float = SHORT_CYCLES_FINAL_FRACTION,
+    consolidation_steps: int | None = None,
+    consolidation_learning_rate_factor: float | None = None,
 ) -> CandidatePlan:
     """A data-independent first trial for a search: many short cycles, a decaying learning rate.
 
@@ -96,13 +98,17 @@ def short_cycles_seed(
     `learning_rate_position` of the range on the log scale; a per-hop decay that brings the
     last regular hop to `final_fraction` of that rate (clipped into the space's decay range);
     the shortest consolidation cycle at its lowest factor, when the space has one; the proximal
-    term at its low end. Fixed values stay as the space fixes them.
+    term at its low end. Fixed values stay as the space fixes them. A consolidation cycle other
+    than the shortest (longer, or at a higher factor) can be asked for instead.
 
     Args:
         space: The study's space.
         order: The order every cycle repeats (e.g. a size or probe heuristic's).
         learning_rate_position: In [0, 1].
         final_fraction: In (0, 1].
+        consolidation_steps: The consolidation cycle's steps per site, when the space has one;
+            by default its shortest.
+        consolidation_learning_rate_factor: Its learning-rate factor; by default the lowest.
 
     Raises:
         ValueError: If a fraction is outside its interval.
@@ -135,5 +141,7 @@ def short_cycles_seed(
         learning_rate=learning_rate,
         learning_rate_decay=decay,
         steps=int(_span(space.steps)[1]),
+        consolidation_steps=consolidation_steps,
+        consolidation_learning_rate_factor=consolidation_learning_rate_factor,
         encoding="short-cycles",
     )

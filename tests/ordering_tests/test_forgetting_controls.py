@@ -173,6 +173,29 @@ def test_the_short_cycles_seed_is_the_spaces_many_short_cycles_corner(
         short_cycles_seed(space, order, learning_rate_position=1.5)
 
 
+def test_the_short_cycles_seed_can_consolidate_longer_and_at_a_higher_factor(
+    five_sites: tuple[str, ...],
+) -> None:
+    from ordering import short_cycles_seed
+
+    space = controlled_space(five_sites, learning_rate_decay=FloatRange(0.97, 1.0))
+    plan = short_cycles_seed(
+        space,
+        five_sites,
+        final_fraction=0.7,
+        consolidation_steps=6,
+        consolidation_learning_rate_factor=0.5,
+    )
+    consolidation = plan.hops[4 * 5 :]
+    assert [h.site for h in consolidation] == list(five_sites)
+    assert {h.hyperparameters.steps for h in consolidation} == {6}
+    last_regular = plan.hops[4 * 5 - 1].hyperparameters.learning_rate
+    assert consolidation[0].hyperparameters.learning_rate == pytest.approx(0.5 * last_regular)
+    space.params_for(plan, LehmerCode())  # still a plan the space can propose
+    with pytest.raises(SearchSpaceError):
+        short_cycles_seed(space, five_sites, consolidation_steps=11)  # the range is 1-10
+
+
 def test_a_study_runs_the_short_cycles_seed_first(five_sites: tuple[str, ...]) -> None:
     from ordering import short_cycles_seed
 

@@ -200,3 +200,77 @@ def test_with_the_default_start_every_comparator_runs_it_first(
     firsts = bench.baseline_defaults(12, 12, 12, 6 * 12)
     assert firsts["pooled"] == {"learning_rate": pytest.approx(bench.LR[1]), "steps": 72}
     assert firsts["fedavg"]["rounds"] == 12 and firsts["fedavg"]["steps"] == 5
+
+
+def test_the_default_start_can_decay_further_and_consolidate_longer(bench: Any) -> None:
+    sites = [f"site-{i}" for i in range(1, 7)]
+    space = bench.search_space(sites, 0, 60, "budget")
+    own = bench.default_start(space, sites)
+    changed = bench.default_start(space, sites, 0.1, (6, 0.3))
+    regular = 12 * 6  # 12 cycles of 5 steps at every site, then the consolidation cycle
+    assert own.hops[:regular] != changed.hops[:regular]
+    assert {h.hyperparameters.steps for h in own.hops[regular:]} == {1}
+    assert {h.hyperparameters.steps for h in changed.hops[regular:]} == {6}
+    last = changed.hops[regular - 1].hyperparameters.learning_rate
+    assert changed.hops[regular].hyperparameters.learning_rate == pytest.approx(0.3 * last)
+    # 0.1 is below what the space's per-hop decay (0.97 at least) reaches in 72 hops.
+    assert changed.learning_rate_decay == pytest.approx(bench.BUDGET_DECAY[0])
+    assert own.learning_rate_decay == pytest.approx(0.3 ** (1 / (regular - 1)))
+    space.params_for(changed, None)  # a plan every comparator's space can propose
+
+
+def test_a_default_consolidation_is_shortest_or_steps_and_factor(
+    bench: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench.parse_consolidation(None) is None
+    assert bench.parse_consolidation("shortest") is None
+    assert bench.parse_consolidation("6:0.3") == (6, 0.3)
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--default-consolidation", "six"])
+    assert exited.value.code == 2
+    assert "a consolidation is 'shortest' or STEPS:FACTOR (e.g. 5:0.3), got 'six'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_a_run_takes_the_methods_it_did_not_run_from_an_earlier_run_of_its_design(
+    bench: Any, tmp_path: Any
+) -> None:
+    design = {"trials": 10, "folds": 3, "max_steps": 60, "seed_default": True}
+    earlier = {
+        "config": design,
+        "cells": [
+            {"setting": "sources", "split": 15, "methods": {"searched": 1, "pooled": 2}},
+            {"setting": "dirichlet-0.1", "split": 15, "methods": {"searched": 3, "pooled": 4}},
+        ],
+    }
+    path = tmp_path / "earlier.json"
+    forgetting_aware = {**design, "default_consolidation": "10:0.3", "only_searched": True}
+    bench.check_reusable(forgetting_aware, earlier, path)  # the default start may differ
+    cell = {"setting": "dirichlet-0.1", "split": 15, "methods": {"searched": 5}}
+    bench.reuse_methods(cell, earlier, path)
+    assert cell["methods"] == {"searched": 5, "pooled": 4}  # its own searched study kept
+    assert cell["reused_methods"] == ["pooled"]
+    assert "pooled (earlier.json)" in " ".join(bench._reuse_note([cell]))
+    with pytest.raises(SystemExit, match=r"differs in folds \(3 vs 2\), trials \(10 vs 6\)"):
+        bench.check_reusable({**design, "folds": 2, "trials": 6}, earlier, path)
+    with pytest.raises(SystemExit, match=r"has no dirichlet-1\.0 split 15 to reuse"):
+        bench.reuse_methods({"setting": "dirichlet-1.0", "split": 15, "methods": {}}, earlier, path)
+
+
+@pytest.mark.slow  # ~5 CPU s: one study of real (tiny) sequential training
+def test_only_the_searched_study_runs_when_asked(
+    bench: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench, "MAX_CYCLES", 2)
+    datasets, _ = bench.split_sites(_pool(bench, rows=240), "sources", 0)
+    out = bench.sequential_methods(
+        tabular_trainer(), bench._spec(LABELS), datasets, 0, 1, 2, 12, 1, "budget",
+        seed_default=True, default_consolidation=(3, 0.5), only_searched=True,
+    )  # fmt: skip
+    assert list(out) == ["searched"]
+    assert out["searched"]["chosen_plan"].endswith("x3")  # 2 cycles and the consolidation
+    consolidation = out["searched"]["after_each_visit"][-6:]
+    assert [v["site"] for v in consolidation] == out["searched"]["chosen_plan"].split(" x")[
+        0
+    ].split(" > ")
