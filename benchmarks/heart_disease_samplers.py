@@ -63,7 +63,6 @@ from heart_disease_paired import (
     _final_sequential,
     _init_worker,
     paired_summary,
-    plan_cycles,
     plan_key,
     resample_split,
     search_space,
@@ -75,9 +74,11 @@ from ordering import (
     OrderingStudy,
     PlanFailed,
     PruningSettings,
+    Reporter,
     SamplerName,
     TrialOutcome,
     TrialRecord,
+    cycle_end_steps,
 )
 
 logger = logging.getLogger("benchmarks.heart_disease_samplers")
@@ -96,6 +97,7 @@ class Variant:
     n_startup_trials: int = 3
     group: bool = False  # multivariate TPE with group=True (not a named sampler of the study)
     pruning: PruningSettings | None = None
+    per_hop: bool = False  # the twin reports (and the pruner may stop) after every hop
 
 
 SAMPLERS: dict[str, Variant] = {
@@ -110,6 +112,9 @@ SAMPLERS: dict[str, Variant] = {
 PRUNED: dict[str, Variant] = {
     "tpe-pruned": Variant("tpe", pruning=DEFAULT_PRUNING),
     "tpe-pruned2": Variant("tpe", pruning=PruningSettings(percentile=50.0, n_startup_trials=2)),
+    "tpe-pruned2-hop": Variant(
+        "tpe", pruning=PruningSettings(percentile=50.0, n_startup_trials=2), per_hop=True
+    ),
 }
 
 
@@ -127,20 +132,26 @@ class _GroupTPEStudy(OrderingStudy):
 
 
 class HopCounter:
-    """Wraps the twin executor and counts hops trained (folds x visits of every cycle run)."""
+    """Wraps the twin executor and counts hops trained (folds x visits run, whether the twin
+    reports after each cycle or after each hop)."""
 
     def __init__(self, inner: TwinExecutor) -> None:
         self.inner = inner
         self.hops = 0
 
-    def execute(
-        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
-    ) -> TrialOutcome:
-        cycles = plan_cycles(plan)
+    def execute(self, plan: CandidatePlan, *, budget: float, report: Reporter) -> TrialOutcome:
+        ends = cycle_end_steps(plan)
+        done = 0  # hops of this plan trained so far
 
-        def counted(cycle: int, value: float) -> None:
-            self.hops += self.inner.folds * len(cycles[cycle])
-            report(cycle, value)
+        def counted(cycle: int, value: float, *, hop: int | None = None) -> None:
+            nonlocal done
+            reached = ends[cycle] + 1 if hop is None else hop + 1
+            self.hops += self.inner.folds * max(0, reached - done)
+            done = max(done, reached)
+            if hop is None:
+                report(cycle, value)
+            else:
+                report(cycle, value, hop=hop)
 
         return self.inner.execute(plan, budget=budget, report=counted)
 
@@ -236,7 +247,11 @@ def _search(
     """Runs one study a trial at a time until ``stop(trials, hops)``; the curve holds the hops
     and best CV so far after every trial."""
     datasets = resample_split(_WORKER["datasets"], split)
-    executor = HopCounter(TwinExecutor(_WORKER["trainer"], setting, datasets, config["folds"]))
+    executor = HopCounter(
+        TwinExecutor(
+            _WORKER["trainer"], setting, datasets, config["folds"], per_hop=variant.per_hop
+        )
+    )
     study = _study(name, variant, split, config)
     records: list[TrialRecord] = []
     curve: list[dict[str, Any]] = []
@@ -257,6 +272,7 @@ def _search(
                 if last.plan is None
                 else [config["folds"] * len(c) for c in last.plan.cycle_hops()],
                 "intermediate": [v for _, v in sorted(last.intermediate)],
+                "hop_values": [v for _, v in sorted(last.hop_values)],
                 "value": last.value if last.state == "COMPLETE" else None,
             }
         )
