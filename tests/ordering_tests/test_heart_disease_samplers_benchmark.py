@@ -210,3 +210,16 @@ def test_replay_accounts_the_hops_a_pruned_trial_did_not_train(bench: Any) -> No
     assert replay["pruned"] == 1  # the third, after its first cycle
     assert replay["hops_saved_share"] == pytest.approx(6 / 36)
     assert replay["best_kept"] is True
+
+
+def test_test_avg_is_the_mean_of_the_four_centres_only(bench: Any) -> None:
+    scores = {"cleveland": 0.8, "hungary": 0.7, "switzerland": 0.5, "va": 0.6}
+    with_forgetting = {**scores, "test_worst_loss_forgetting": 6.0e6}
+    assert bench.centre_mean(with_forgetting) == pytest.approx(0.65)
+    cells = [
+        {"samplers": {"tpe": {"at": {"10": {"test_avg": 1.0e6, "site_test": with_forgetting}}}}}
+    ]
+    bench._recompute_test_avg(cells)
+    assert cells[0]["samplers"]["tpe"]["at"]["10"]["test_avg"] == pytest.approx(0.65)
+    with pytest.raises(ValueError, match="no test accuracy for va"):
+        bench.centre_mean({k: v for k, v in scores.items() if k != "va"})
