@@ -20,10 +20,12 @@ enqueued and no forgetting limit applies: the measurement is of the samplers alo
 * ``qmc``: scrambled Sobol over random keys.
 
 Pruning at equal compute (``--pruning``): ``tpe`` again with a stage-keyed median pruner on the
-twin's per-cycle CV values (``tpe-pruned``: Baton's default ``PruningSettings()``, 5 comparable
-trials before pruning; ``tpe-pruned2``: 2), run until it has trained as many hops as ``tpe``
-did at each budget (hops = fold x site visits actually trained, pruned trials' partial runs
-included); it is selected and tested at the hop counts where ``tpe`` was at 10 and 20 trials.
+twin's per-cycle CV values (``tpe-pruned``: Baton's default ``PruningSettings()``;
+``tpe-pruned2``: 2 comparable trials before pruning, the default since session 7) or on its
+per-hop CV values (``tpe-pruned2-hop``: the twin reports, and the pruner may stop, after every
+hop), run until it has trained as many hops as ``tpe`` did at each budget (hops = fold x site
+visits actually trained, pruned trials' partial runs included); it is selected and tested at
+the hop counts where ``tpe`` was at 10 and 20 trials.
 
     nice -n 19 .venv/bin/python benchmarks/heart_disease_samplers.py --splits 10 --jobs 2
     .venv/bin/python benchmarks/heart_disease_samplers.py --quick        # smoke run
@@ -351,7 +353,7 @@ def run_cell(setting: str, split: int, config: Mapping[str, Any]) -> dict[str, A
         out["samplers"][UNPRUNED]["replay"] = {
             f"{name}@{b}": _replayed(curve, b, variant.pruning.n_startup_trials)
             for name, variant in PRUNED.items()
-            if variant.pruning is not None
+            if variant.pruning is not None and not variant.per_hop  # the replay is per cycle
             for b in budgets
         }
     if config["pruning"] and UNPRUNED in out["samplers"]:
