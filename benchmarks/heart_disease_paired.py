@@ -89,6 +89,7 @@ from ordering import (
     OrderingStudy,
     PlanFailed,
     PlanPruned,
+    Reporter,
     SamplerName,
     SearchSpace,
     SiteScore,
@@ -286,7 +287,8 @@ def plan_cycles(plan: CandidatePlan) -> list[list[tuple[str, SiteHyperparameters
 
 class TwinExecutor:
     """Runs a plan as the in-process twin under k-fold CV (a ``PlanExecutor``), cycle by cycle
-    over the folds, reporting the CV objective after each cycle so a pruner can stop it."""
+    over the folds, reporting the CV objective after each cycle so a pruner can stop it (with
+    ``per_hop``: hop by hop, reporting it after each hop)."""
 
     def __init__(
         self,
@@ -295,20 +297,29 @@ class TwinExecutor:
         datasets: Sequence[RegisteredDataset],
         folds: int,
         repeats: int = 1,
+        per_hop: bool = False,
     ) -> None:
         self.trainer, self.setting, self.datasets, self.folds = trainer, setting, datasets, folds
         self.repeats = repeats
+        self.per_hop = per_hop
         self.steps_run = 0  # training steps of every fold's hops, pruned trials included
         # plan_key(plan) -> each repeat's CV mean and worst-site forgetting, and the worst
         # site's forgetting on validation loss (the audit of how noisy the objective is).
         self.audit: dict[str, dict[str, Any]] = {}
 
-    def execute(
-        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
-    ) -> TrialOutcome:
+    def execute(self, plan: CandidatePlan, *, budget: float, report: Reporter) -> TrialOutcome:
         started = time.perf_counter()
         cycles = plan_cycles(plan)
+        visits = [hp for cycle in cycles for _, hp in cycle]
         spec_for = _spec_for(self.setting)
+
+        def after_hop(cycle: int, hop: int, value: float) -> None:
+            self.steps_run += self.folds * visits[hop].steps
+            try:
+                report(cycle, value, hop=hop)
+            except PlanPruned as exc:
+                seconds = {"in-process": time.perf_counter() - started}
+                raise PlanPruned(str(exc), seconds) from None
 
         def after_cycle(cycle: int, value: float) -> None:
             self.steps_run += self.folds * sum(hp.steps for _, hp in cycles[cycle])
@@ -329,7 +340,8 @@ class TwinExecutor:
                     self.trainer, _base_spec(self.setting),
                     [dataclasses.replace(d, seed=seed) for d in self.datasets], self.folds,
                     cycles, training_spec=spec_for, evaluation_spec=spec_for,
-                    after_cycle=after_cycle if index == 0 else count_steps,
+                    after_cycle=count_steps if index else None if self.per_hop else after_cycle,
+                    after_hop=after_hop if index == 0 and self.per_hop else None,
                 ))  # fmt: skip
         except ValueError as exc:
             if "diverged" in str(exc):

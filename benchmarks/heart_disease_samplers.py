@@ -20,10 +20,12 @@ enqueued and no forgetting limit applies: the measurement is of the samplers alo
 * ``qmc``: scrambled Sobol over random keys.
 
 Pruning at equal compute (``--pruning``): ``tpe`` again with a stage-keyed median pruner on the
-twin's per-cycle CV values (``tpe-pruned``: Baton's default ``PruningSettings()``, 5 comparable
-trials before pruning; ``tpe-pruned2``: 2), run until it has trained as many hops as ``tpe``
-did at each budget (hops = fold x site visits actually trained, pruned trials' partial runs
-included); it is selected and tested at the hop counts where ``tpe`` was at 10 and 20 trials.
+twin's per-cycle CV values (``tpe-pruned``: Baton's default ``PruningSettings()``;
+``tpe-pruned2``: 2 comparable trials before pruning, the default since session 7) or on its
+per-hop CV values (``tpe-pruned2-hop``: the twin reports, and the pruner may stop, after every
+hop), run until it has trained as many hops as ``tpe`` did at each budget (hops = fold x site
+visits actually trained, pruned trials' partial runs included); it is selected and tested at
+the hop counts where ``tpe`` was at 10 and 20 trials.
 
     nice -n 19 .venv/bin/python benchmarks/heart_disease_samplers.py --splits 10 --jobs 2
     .venv/bin/python benchmarks/heart_disease_samplers.py --quick        # smoke run
@@ -53,7 +55,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from heart_disease import DEFAULT_DATA, _register_sites
+from heart_disease import DEFAULT_DATA, SITES, _register_sites
 from heart_disease_paired import (
     _WORKER,
     COLLAPSED_KEY,
@@ -63,7 +65,6 @@ from heart_disease_paired import (
     _final_sequential,
     _init_worker,
     paired_summary,
-    plan_cycles,
     plan_key,
     resample_split,
     search_space,
@@ -75,9 +76,11 @@ from ordering import (
     OrderingStudy,
     PlanFailed,
     PruningSettings,
+    Reporter,
     SamplerName,
     TrialOutcome,
     TrialRecord,
+    cycle_end_steps,
 )
 
 logger = logging.getLogger("benchmarks.heart_disease_samplers")
@@ -96,6 +99,7 @@ class Variant:
     n_startup_trials: int = 3
     group: bool = False  # multivariate TPE with group=True (not a named sampler of the study)
     pruning: PruningSettings | None = None
+    per_hop: bool = False  # the twin reports (and the pruner may stop) after every hop
 
 
 SAMPLERS: dict[str, Variant] = {
@@ -110,6 +114,9 @@ SAMPLERS: dict[str, Variant] = {
 PRUNED: dict[str, Variant] = {
     "tpe-pruned": Variant("tpe", pruning=DEFAULT_PRUNING),
     "tpe-pruned2": Variant("tpe", pruning=PruningSettings(percentile=50.0, n_startup_trials=2)),
+    "tpe-pruned2-hop": Variant(
+        "tpe", pruning=PruningSettings(percentile=50.0, n_startup_trials=2), per_hop=True
+    ),
 }
 
 
@@ -127,20 +134,26 @@ class _GroupTPEStudy(OrderingStudy):
 
 
 class HopCounter:
-    """Wraps the twin executor and counts hops trained (folds x visits of every cycle run)."""
+    """Wraps the twin executor and counts hops trained (folds x visits run, whether the twin
+    reports after each cycle or after each hop)."""
 
     def __init__(self, inner: TwinExecutor) -> None:
         self.inner = inner
         self.hops = 0
 
-    def execute(
-        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
-    ) -> TrialOutcome:
-        cycles = plan_cycles(plan)
+    def execute(self, plan: CandidatePlan, *, budget: float, report: Reporter) -> TrialOutcome:
+        ends = cycle_end_steps(plan)
+        done = 0  # hops of this plan trained so far
 
-        def counted(cycle: int, value: float) -> None:
-            self.hops += self.inner.folds * len(cycles[cycle])
-            report(cycle, value)
+        def counted(cycle: int, value: float, *, hop: int | None = None) -> None:
+            nonlocal done
+            reached = ends[cycle] + 1 if hop is None else hop + 1
+            self.hops += self.inner.folds * max(0, reached - done)
+            done = max(done, reached)
+            if hop is None:
+                report(cycle, value)
+            else:
+                report(cycle, value, hop=hop)
 
         return self.inner.execute(plan, budget=budget, report=counted)
 
@@ -236,7 +249,11 @@ def _search(
     """Runs one study a trial at a time until ``stop(trials, hops)``; the curve holds the hops
     and best CV so far after every trial."""
     datasets = resample_split(_WORKER["datasets"], split)
-    executor = HopCounter(TwinExecutor(_WORKER["trainer"], setting, datasets, config["folds"]))
+    executor = HopCounter(
+        TwinExecutor(
+            _WORKER["trainer"], setting, datasets, config["folds"], per_hop=variant.per_hop
+        )
+    )
     study = _study(name, variant, split, config)
     records: list[TrialRecord] = []
     curve: list[dict[str, Any]] = []
@@ -257,10 +274,30 @@ def _search(
                 if last.plan is None
                 else [config["folds"] * len(c) for c in last.plan.cycle_hops()],
                 "intermediate": [v for _, v in sorted(last.intermediate)],
+                "hop_values": [v for _, v in sorted(last.hop_values)],
                 "value": last.value if last.state == "COMPLETE" else None,
             }
         )
     return records, curve, time.process_time() - started
+
+
+def centre_mean(scores: Mapping[str, float]) -> float:
+    """Test Avg: the unweighted mean of the four centres' test accuracies (and nothing else
+    ``_final_sequential`` reports beside them, such as forgetting on other scales)."""
+    missing = [site for site in SITES if site not in scores]
+    if missing:
+        raise ValueError(f"no test accuracy for {', '.join(missing)}")
+    return statistics.fmean(scores[site] for site in SITES)
+
+
+def _recompute_test_avg(cells: Sequence[Mapping[str, Any]]) -> None:
+    """Re-derives every test Avg from its centres' accuracies (reports written before the
+    forgetting scales were split off averaged those in too)."""
+    for cell in cells:
+        for sampler in cell["samplers"].values():
+            for at in sampler["at"].values():
+                if "site_test" in at:
+                    at["test_avg"] = centre_mean(at["site_test"])
 
 
 def _tested(setting: str, split: int, chosen: TrialRecord | None, cache: dict[str, Any]) -> Any:
@@ -273,8 +310,9 @@ def _tested(setting: str, split: int, chosen: TrialRecord | None, cache: dict[st
         collapsed = scores.pop(COLLAPSED_KEY, None)
         forgetting = scores.pop(TEST_FORGETTING_KEY, None)
         cache[key] = {
-            "test_avg": statistics.fmean(scores.values()),
-            "site_test": scores,
+            "test_avg": centre_mean(scores),
+            "site_test": {site: scores[site] for site in SITES},
+            "test_other": {k: v for k, v in scores.items() if k not in SITES},
             "test_collapsed": collapsed,
             "test_worst_forgetting": forgetting,
             "cv": chosen.value,
@@ -315,7 +353,7 @@ def run_cell(setting: str, split: int, config: Mapping[str, Any]) -> dict[str, A
         out["samplers"][UNPRUNED]["replay"] = {
             f"{name}@{b}": _replayed(curve, b, variant.pruning.n_startup_trials)
             for name, variant in PRUNED.items()
-            if variant.pruning is not None
+            if variant.pruning is not None and not variant.per_hop  # the replay is per cycle
             for b in budgets
         }
     if config["pruning"] and UNPRUNED in out["samplers"]:
@@ -606,6 +644,7 @@ def plot(report: Mapping[str, Any], out: Path) -> bool:
 
 
 def _write(report: dict[str, Any], out: Path, name: str) -> None:
+    _recompute_test_avg(report["cells"])
     report["summary"] = summarise(report["cells"], report["config"]["budgets"])
     report["cpu_seconds"] = sum(c["cpu_seconds"] for c in report["cells"])
     out.mkdir(parents=True, exist_ok=True)

@@ -33,13 +33,14 @@ from ordering._objective import (
     PlanExecutor,
     PlanFailed,
     PlanPruned,
+    Reporter,
     SiteScore,
     TrialOutcome,
     aggregate,
     site_forgetting,
 )
 from ordering._plan import STRATEGIES, CandidatePlan, Federation, Hop, HopHyperparameters
-from ordering._pruning import PruningSettings, StagePruner, stage_key
+from ordering._pruning import PruningSettings, StagePruner, cycle_end_steps, stage_key
 from ordering._space import FloatRange, IntRange, SearchSpace, SearchSpaceError
 from ordering._study import (
     DEFAULT_PRUNING,
@@ -80,6 +81,7 @@ __all__ = [
     "PlanPruned",
     "PruningSettings",
     "RandomKeys",
+    "Reporter",
     "SamplerName",
     "SearchSpace",
     "SearchSpaceError",
@@ -93,6 +95,7 @@ __all__ = [
     "balanced_groups",
     "best_so_far",
     "compare_encodings",
+    "cycle_end_steps",
     "cyclic_random_plan",
     "default_encoding",
     "encoding_by_name",

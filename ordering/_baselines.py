@@ -67,7 +67,7 @@ def cyclic_random_plan(
     return CandidatePlan.build(orders, hyperparameters, encoding="random-cyclic")
 
 
-def _ignore_report(cycle: int, value: float) -> None:
+def _ignore_report(cycle: int, value: float, *, hop: int | None = None) -> None:
     """Baselines run every plan to the end."""
 
 

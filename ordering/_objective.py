@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
@@ -17,6 +17,7 @@ __all__ = [
     "PlanExecutor",
     "PlanFailed",
     "PlanPruned",
+    "Reporter",
     "SiteScore",
     "TrialOutcome",
     "aggregate",
@@ -167,21 +168,34 @@ class PlanFailed(Exception):
         self.cost_seconds_by_site = cost_seconds_by_site
 
 
+class Reporter(Protocol):
+    """What an executor calls with a partial schedule's value so a pruner can stop the trial.
+
+    ``report(cycle, value)`` after a full cycle (counted from 0); ``report(cycle, value,
+    hop=h)`` after hop ``h`` (its index in ``plan.hops``, counted from 0, within ``cycle``).
+    Every value is the same kind of summary (e.g. the mean CV score over all sites of the
+    model trained so far), so a value after the last hop of a cycle is that cycle's value.
+    It raises `PlanPruned` when the trial should stop.
+    """
+
+    def __call__(self, cycle: int, value: float, *, hop: int | None = None) -> None: ...
+
+
 class PlanExecutor(Protocol):
     """Runs one candidate plan and scores it; a real coordinator run or a simulator."""
 
-    def execute(
-        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
-    ) -> TrialOutcome:
+    def execute(self, plan: CandidatePlan, *, budget: float, report: Reporter) -> TrialOutcome:
         """Runs `plan` and returns its per-site scores and costs.
 
         Args:
             plan: The hops to run.
             budget: Fraction of the full training budget (1.0 = as planned; a probe trial gets
                 less). Values from different budgets are never compared.
-            report: Call ``report(cycle, value)`` at the end of each full cycle (cycle counted
-                from 0) with the same kind of summary value every trial reports; it raises
-                `PlanPruned` when the trial should stop.
+            report: Call ``report(cycle, value)`` at the end of each full cycle, or
+                ``report(cycle, value, hop=h)`` after each hop (see `Reporter`), with the same
+                kind of summary value every trial reports; it raises `PlanPruned` when the
+                trial should stop. An executor whose per-hop values would not be comparable
+                between orders (e.g. only the visited site's own score) reports per cycle.
         """
         ...
 

@@ -14,7 +14,9 @@ from optuna.trial import FrozenTrial, TrialState
 if TYPE_CHECKING:
     from optuna.study import StudyDirection
 
-__all__ = ["STAGE_ATTR", "PruningSettings", "StagePruner", "stage_key"]
+    from ordering._plan import CandidatePlan
+
+__all__ = ["STAGE_ATTR", "PruningSettings", "StagePruner", "cycle_end_steps", "stage_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -22,15 +24,31 @@ STAGE_ATTR = "stage"
 
 
 def stage_key(budget: float, cycles: int) -> str:
-    """The comparability class of a trial: intermediate values at cycle c mean the same thing
+    """The comparability class of a trial: intermediate values at step s mean the same thing
     only between trials with the same budget fraction and the same number of cycles (the
-    learning-rate schedule and remaining work depend on both)."""
-    return f"budget={budget:g}/cycles={cycles}"
+    learning-rate schedule and remaining work depend on both).
+
+    Steps are hop indices (`cycle_end_steps`); the ``/step=hop`` suffix keeps trials stored
+    before that (whose steps were cycle indices) out of any comparison with newer ones.
+    """
+    return f"budget={budget:g}/cycles={cycles}/step=hop"
+
+
+def cycle_end_steps(plan: CandidatePlan) -> list[int]:
+    """The Optuna step of each cycle's value: the index in ``plan.hops`` of the cycle's last
+    hop. A value reported after hop h is stored at step h, so after the same number of hops
+    trained every trial of a stage has its value at the same step, whether its executor
+    reports per hop or per cycle."""
+    ends: list[int] = []
+    for cycle in plan.cycle_hops():
+        ends.append((ends[-1] if ends else -1) + len(cycle))
+    return ends
 
 
 @dataclass(frozen=True)
 class PruningSettings:
-    """When to stop a trial early, from the values it reports after each full cycle.
+    """When to stop a trial early, from the values it reports after each full cycle (or
+    after each hop, when its executor reports per hop; steps are hop indices either way).
 
     Attributes:
         percentile: Prune a trial whose best value so far is below this percentile of the
@@ -40,7 +58,8 @@ class PruningSettings:
             trials in a 10-trial study (1% of the hops); with 2, pruning on Fed-Heart-Disease
             at equal hops found a better CV objective in 7 of 10 splits and a worse one in
             none (benchmarks/results/samplers7-heart_disease.md).
-        n_warmup_cycles: Never prune before this cycle index.
+        n_warmup_cycles: Never prune within a cycle whose index is below this (the study
+            applies it: steps are hops, and hops per cycle vary between plans).
     """
 
     percentile: float = 50.0
@@ -59,7 +78,6 @@ class PruningSettings:
             PercentilePruner(
                 self.percentile,
                 n_startup_trials=self.n_startup_trials,
-                n_warmup_steps=self.n_warmup_cycles,
             )
         )
 

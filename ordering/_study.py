@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Literal
@@ -28,13 +28,14 @@ from ordering._objective import (
     PlanExecutor,
     PlanFailed,
     PlanPruned,
+    Reporter,
     SiteScore,
     TrialOutcome,
     aggregate,
     objective_values,
 )
 from ordering._plan import CandidatePlan
-from ordering._pruning import STAGE_ATTR, PruningSettings, stage_key
+from ordering._pruning import STAGE_ATTR, PruningSettings, cycle_end_steps, stage_key
 from ordering._samplers import RandomOrderSampler, alternative_sampler
 from ordering._space import SearchSpace, SearchSpaceError
 
@@ -49,6 +50,7 @@ SAMPLERS: tuple[SamplerName, ...] = ("tpe", "random", "random-order", "gp", "cma
 # The Optuna constraint of a study with a forgetting limit: worst-site forgetting minus the
 # limit (<= 0 is feasible), set with ``Trial.set_constraint``; TPE and GP model it.
 CONSTRAINT_KEY = "worst_site_forgetting"
+_HOP_VALUES_ATTR = "hop_values"  # [hop index, value] reported after single hops
 _META_ATTR = "baton.ordering"  # study user attribute describing what the study searches
 _SCHEMA = 1
 _FULL = 1.0
@@ -84,6 +86,10 @@ class TrialRecord:
         cost_seconds_by_site: Compute seconds per site.
         budget_fraction: The fraction of the full budget the trial ran with.
         intermediate: (cycle, value) reported after each full cycle.
+        hop_values: (hop index in the plan, value) reported after single hops, when the
+            executor reports per hop. Optuna stores every value at step = the hop index after
+            which it was measured (a cycle's value at its last hop), so steps mean the same
+            thing in every trial of a stage.
         params: The Optuna parameters.
         error: Why the trial failed, when it did.
         duplicate_of: The earlier trial of the same stage with the identical plan whose result
@@ -105,6 +111,7 @@ class TrialRecord:
     cost_seconds_by_site: Mapping[str, float]
     budget_fraction: float
     intermediate: tuple[tuple[int, float], ...] = ()
+    hop_values: tuple[tuple[int, float], ...] = ()
     params: Mapping[str, Any] = field(default_factory=dict)
     error: str | None = None
     duplicate_of: int | None = None
@@ -144,6 +151,7 @@ class TrialRecord:
             cost_seconds_by_site=MappingProxyType(dict(attrs.get("cost_seconds_by_site", {}))),
             budget_fraction=float(attrs.get("budget_fraction", budget_fraction)),
             intermediate=tuple((int(c), float(v)) for c, v in attrs.get("intermediate", ())),
+            hop_values=tuple((int(h), float(v)) for h, v in attrs.get(_HOP_VALUES_ATTR, ())),
             params=MappingProxyType(dict(trial.params)),
             error=attrs.get("error"),
             duplicate_of=attrs.get("duplicate_of"),
@@ -159,9 +167,7 @@ class _KnownOutcome:
 
     outcome: TrialOutcome
 
-    def execute(
-        self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
-    ) -> TrialOutcome:
+    def execute(self, plan: CandidatePlan, *, budget: float, report: Reporter) -> TrialOutcome:
         return dataclasses.replace(self.outcome, cost_seconds_by_site={})
 
 
@@ -618,38 +624,59 @@ class OrderingStudy:
             if twin is not None:
                 return self._reuse(stage, trial, twin)
         reported: dict[int, float] = {}
+        hop_values: dict[int, float] = {}
+        ends = cycle_end_steps(plan)
+        steps: set[int] = set()
+        warmup = 0 if self._pruning is None else self._pruning.n_warmup_cycles
 
-        def report(cycle: int, value: float) -> None:
+        def report(cycle: int, value: float, *, hop: int | None = None) -> None:
             cycle, value = int(cycle), float(value)
             if cycle < 0 or cycle >= plan.cycles:
                 raise ValueError(f"cycle {cycle} is outside the plan's {plan.cycles} cycles")
-            reported[cycle] = value
-            if self.multi_objective:
+            step = ends[cycle]
+            if hop is not None:
+                step, first = int(hop), ends[cycle - 1] + 1 if cycle else 0
+                if not first <= step <= ends[cycle]:
+                    raise ValueError(
+                        f"hop {step} is not in cycle {cycle} of the plan (its hops {first} to "
+                        f"{ends[cycle]})"
+                    )
+                hop_values[step] = value
+            if step == ends[cycle]:
+                reported.setdefault(cycle, value)
+            if self.multi_objective or step in steps:
                 return  # Optuna cannot prune multi-objective trials; values are still stored.
-            trial.report(value, cycle)
-            # After the last cycle the run is paid for: keep its result whatever the pruner says.
-            if cycle < plan.cycles - 1 and trial.should_prune():
-                raise PlanPruned(f"trial {trial.number} pruned after cycle {cycle}")
+            steps.add(step)
+            trial.report(value, step)
+            # After the last hop the run is paid for: keep its result whatever the pruner says.
+            if cycle >= warmup and step < ends[-1] and trial.should_prune():
+                raise PlanPruned(
+                    f"trial {trial.number} pruned after hop {step} (cycle {cycle})"
+                    if hop is not None
+                    else f"trial {trial.number} pruned after cycle {cycle}"
+                )
 
         began = time.monotonic()
         try:
             outcome = executor.execute(plan, budget=stage.budget, report=report)
         except PlanPruned as exc:
             cost = exc.cost_seconds_by_site or {"(unattributed)": time.monotonic() - began}
-            self._store_run(trial, cost, reported)
+            self._store_run(trial, cost, reported, hop_values)
             study.tell(trial, state=TrialState.PRUNED)
             logger.info("%s trial %d pruned: %s", study.study_name, trial.number, plan.describe())
             return self._record(stage, trial.number)
         except PlanFailed as exc:
             cost = exc.cost_seconds_by_site or {"(unattributed)": time.monotonic() - began}
-            self._store_run(trial, cost, reported)
+            self._store_run(trial, cost, reported, hop_values)
             trial.set_user_attr(FAILURE_REASON_ATTR, exc.reason)
             trial.set_user_attr("error", exc.reason)
             study.tell(trial, state=TrialState.FAIL)
             logger.warning("%s trial %d failed: %s", study.study_name, trial.number, exc.reason)
             return self._record(stage, trial.number)
         except BaseException as exc:
-            self._store_run(trial, {"(unattributed)": time.monotonic() - began}, reported)
+            self._store_run(
+                trial, {"(unattributed)": time.monotonic() - began}, reported, hop_values
+            )
             trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
             study.tell(trial, state=TrialState.FAIL)
             if isinstance(exc, catch):
@@ -657,7 +684,7 @@ class OrderingStudy:
                 return self._record(stage, trial.number)
             raise
         try:
-            self._store_outcome(trial, plan, outcome, reported)
+            self._store_outcome(trial, plan, outcome, reported, hop_values, steps)
             values = objective_values(
                 outcome, self.aggregation, self.direction, self.multi_objective
             )
@@ -695,7 +722,14 @@ class OrderingStudy:
         return None
 
     def _reuse(self, stage: _Stage, trial: optuna.Trial, twin: FrozenTrial) -> TrialRecord:
-        for key in ("site_scores", "objectives", "intermediate", "visit_scores", "forgetting"):
+        for key in (
+            "site_scores",
+            "objectives",
+            "intermediate",
+            _HOP_VALUES_ATTR,
+            "visit_scores",
+            "forgetting",
+        ):
             if key in twin.user_attrs:
                 trial.set_user_attr(key, twin.user_attrs[key])
         for name, value in twin.constraints.items():
@@ -713,11 +747,17 @@ class OrderingStudy:
         return self._record(stage, trial.number)
 
     def _store_run(
-        self, trial: optuna.Trial, cost: Mapping[str, float], reported: Mapping[int, float]
+        self,
+        trial: optuna.Trial,
+        cost: Mapping[str, float],
+        reported: Mapping[int, float],
+        hop_values: Mapping[int, float],
     ) -> None:
         trial.set_user_attr("cost_seconds_by_site", {k: float(v) for k, v in cost.items()})
         trial.set_user_attr("compute_seconds", float(sum(cost.values())))
         trial.set_user_attr("intermediate", sorted([c, v] for c, v in reported.items()))
+        if hop_values:
+            trial.set_user_attr(_HOP_VALUES_ATTR, sorted([h, v] for h, v in hop_values.items()))
 
     def _store_outcome(
         self,
@@ -725,16 +765,20 @@ class OrderingStudy:
         plan: CandidatePlan,
         outcome: TrialOutcome,
         reported: dict[int, float],
+        hop_values: Mapping[int, float],
+        steps: set[int],
     ) -> None:
         unknown = {score.site for score in outcome.site_scores} - set(plan.sites)
         if unknown:
             raise ValueError(f"executor scored sites the plan does not visit: {sorted(unknown)}")
+        ends = cycle_end_steps(plan)
         for cycle, value in outcome.intermediate:
             if cycle not in reported:
                 reported[cycle] = value
-                if not self.multi_objective:
-                    trial.report(value, cycle)
-        self._store_run(trial, outcome.cost_seconds_by_site, reported)
+                if not self.multi_objective and ends[cycle] not in steps:
+                    steps.add(ends[cycle])
+                    trial.report(value, ends[cycle])
+        self._store_run(trial, outcome.cost_seconds_by_site, reported, hop_values)
         trial.set_user_attr("site_scores", [s.to_json_dict() for s in outcome.site_scores])
         if outcome.visit_scores:
             trial.set_user_attr("visit_scores", [list(v) for v in outcome.visit_scores])

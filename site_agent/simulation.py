@@ -679,6 +679,7 @@ def cross_validate_cycles(
     training_spec: Callable[[Sequence[RegisteredDataset]], TaskSpec] | None = None,
     evaluation_spec: Callable[[Sequence[RegisteredDataset]], TaskSpec] | None = None,
     after_cycle: Callable[[int, float], None] | None = None,
+    after_hop: Callable[[int, int, float], None] | None = None,
     metric: str = "accuracy",
 ) -> CrossValidationResult:
     """`cross_validate` of a sequential schedule, run cycle by cycle across the folds so that
@@ -692,12 +693,18 @@ def cross_validate_cycles(
     result, collapse and divergence guard included, equals ``cross_validate`` with
     ``train_sequential`` over all the visits.
 
+    With ``after_hop`` the schedule runs hop by hop across the folds instead, and after each
+    hop ``after_hop(cycle, hop, value)`` gets the same kind of value (``hop`` counted over the
+    whole schedule from 0), so a pruner can stop a partial cycle; after a cycle's last hop the
+    value equals the one ``after_cycle`` then gets.
+
     Args:
         trainer, spec, datasets, folds, evaluation_spec: As for `cross_validate`.
         cycles: The schedule's visits, (site name, hyperparameters), grouped by cycle.
         training_spec: The spec a fold trains with, from its views (e.g. a fold-fitted
             normaliser); None trains with ``spec``.
         after_cycle: Called after each cycle, the last included.
+        after_hop: Called after each hop, the last included (before ``after_cycle``).
         metric: The metric reported to ``after_cycle``.
 
     Raises:
@@ -712,27 +719,38 @@ def cross_validate_cycles(
         raise ValueError(f"the schedule visits unknown sites: {', '.join(unknown)}")
     fold_views = [[dataset.fold_view(fold, folds) for dataset in datasets] for fold in range(folds)]
     trained: list[SequentialResult | None] = [None] * folds
+    hops_before = 0
     for index, cycle in enumerate(cycles):
-        per_fold: list[dict[str, dict[str, float]]] = []
-        for fold, views in enumerate(fold_views):
-            by_name = {view.name: view for view in views}
-            previous = trained[fold]
-            result = train_sequential(
-                trainer,
-                spec if training_spec is None else training_spec(views),
-                [(by_name[site], hyperparameters) for site, hyperparameters in cycle],
-                incoming=None if previous is None else previous.tensors,
-            )
-            earlier = () if previous is None else previous.visits
-            trained[fold] = SequentialResult(result.tensors, earlier + result.visits)
-            if after_cycle is not None:
-                scoring = spec if evaluation_spec is None else evaluation_spec(views)
-                per_fold.append(
-                    evaluate_sites(trainer, scoring, result.tensors, views, "validation")
+        # Hop by hop when someone listens after each hop, else the whole cycle at once.
+        parts = [[visit] for visit in cycle] if after_hop is not None else [list(cycle)]
+        specs = [spec if training_spec is None else training_spec(v) for v in fold_views]
+        value = math.nan
+        for part_index, part in enumerate(parts):
+            per_fold: list[dict[str, dict[str, float]]] = []
+            for fold, views in enumerate(fold_views):
+                by_name = {view.name: view for view in views}
+                previous = trained[fold]
+                result = train_sequential(
+                    trainer,
+                    specs[fold],
+                    [(by_name[site], hyperparameters) for site, hyperparameters in part],
+                    incoming=None if previous is None else previous.tensors,
                 )
+                earlier = () if previous is None else previous.visits
+                trained[fold] = SequentialResult(result.tensors, earlier + result.visits)
+                if after_cycle is not None or after_hop is not None:
+                    scoring = spec if evaluation_spec is None else evaluation_spec(views)
+                    per_fold.append(
+                        evaluate_sites(trainer, scoring, result.tensors, views, "validation")
+                    )
+            if per_fold:
+                sites = [pool_metrics([scores[d.name] for scores in per_fold]) for d in datasets]
+                value = _mean_over_sites(sites)[metric]
+            if after_hop is not None:
+                after_hop(index, hops_before + part_index, value)
+        hops_before += len(cycle)
         if after_cycle is not None:
-            sites = [pool_metrics([scores[d.name] for scores in per_fold]) for d in datasets]
-            after_cycle(index, _mean_over_sites(sites)[metric])
+            after_cycle(index, value)
     finished = iter(trained)
 
     def replay(views: Sequence[RegisteredDataset]) -> SequentialResult:

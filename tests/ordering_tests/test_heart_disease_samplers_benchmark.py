@@ -82,6 +82,31 @@ def test_hops_count_every_folds_visits_of_every_cycle_run(
     assert counter.hops == 12 + 2 * 2  # the pruned run's one cycle is compute spent too
 
 
+def test_hops_count_a_per_hop_twins_pruned_run_to_the_hop_it_stopped_at(
+    bench: Any, trainer: TabularTrainer
+) -> None:
+    datasets = [_site("a", 16, 0.0), _site("b", 12, 0.7)]
+    twin = bench.TwinExecutor(trainer, "per-site", datasets, 2, per_hop=True)
+    counter = bench.HopCounter(twin)
+    plan = _space().plan(("b", "a"), cycles=3, learning_rate=0.05)
+    seen: list[tuple[int, int | None]] = []
+
+    def record(cycle: int, value: float, *, hop: int | None = None) -> None:
+        seen.append((cycle, hop))
+
+    counter.execute(plan, budget=1.0, report=record)
+    assert seen == [(h // 2, h) for h in range(6)]  # every hop, never a bare cycle report
+    assert counter.hops == 2 * 2 * 3
+
+    def prune_at_hop_2(cycle: int, value: float, *, hop: int | None = None) -> None:
+        if hop == 2:
+            raise PlanPruned("pruned")
+
+    with pytest.raises(PlanPruned):
+        counter.execute(plan, budget=1.0, report=prune_at_hop_2)
+    assert counter.hops == 12 + 2 * 3  # folds x the three hops it trained
+
+
 def test_equal_compute_checkpoint_is_the_first_trial_reaching_the_hops(bench: Any) -> None:
     curve = [{"hops": h} for h in (24, 30, 54, 80)]
     assert bench.trials_at_hops(curve, 54) == 3
@@ -185,3 +210,16 @@ def test_replay_accounts_the_hops_a_pruned_trial_did_not_train(bench: Any) -> No
     assert replay["pruned"] == 1  # the third, after its first cycle
     assert replay["hops_saved_share"] == pytest.approx(6 / 36)
     assert replay["best_kept"] is True
+
+
+def test_test_avg_is_the_mean_of_the_four_centres_only(bench: Any) -> None:
+    scores = {"cleveland": 0.8, "hungary": 0.7, "switzerland": 0.5, "va": 0.6}
+    with_forgetting = {**scores, "test_worst_loss_forgetting": 6.0e6}
+    assert bench.centre_mean(with_forgetting) == pytest.approx(0.65)
+    cells = [
+        {"samplers": {"tpe": {"at": {"10": {"test_avg": 1.0e6, "site_test": with_forgetting}}}}}
+    ]
+    bench._recompute_test_avg(cells)
+    assert cells[0]["samplers"]["tpe"]["at"]["10"]["test_avg"] == pytest.approx(0.65)
+    with pytest.raises(ValueError, match="no test accuracy for va"):
+        bench.centre_mean({k: v for k, v in scores.items() if k != "va"})

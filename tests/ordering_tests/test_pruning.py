@@ -14,11 +14,13 @@ from ordering import (
     OrderingStudy,
     PlanPruned,
     PruningSettings,
+    Reporter,
     SearchSpace,
     SiteScore,
     StagePruner,
     SyntheticObjective,
     TrialOutcome,
+    cycle_end_steps,
     stage_key,
 )
 from ordering._pruning import STAGE_ATTR
@@ -209,3 +211,100 @@ def test_default_pruning_compares_from_two_completed_trials_of_the_stage() -> No
     low.set_user_attr(STAGE_ATTR, key)
     low.report(0.2, 0)
     assert low.should_prune()  # below the median of the stage's two completed trials
+
+
+# ---- per-hop intermediate values -------------------------------------------------------------
+
+
+class HopReporting:
+    """Three sites, values reported after every hop (or after every cycle with ``per_cycle``):
+    a plan starting at "a" scores 0.9 at every step, any other 0.1. Counts the hops trained."""
+
+    def __init__(self, per_cycle: bool = False) -> None:
+        self.per_cycle = per_cycle
+        self.hops_trained = 0
+
+    def execute(self, plan: CandidatePlan, *, budget: float, report: Reporter) -> TrialOutcome:
+        value = 0.9 if plan.order[0] == "a" else 0.1
+        hop = 0
+        for cycle, hops in enumerate(plan.cycle_hops()):
+            for _ in hops:
+                self.hops_trained += 1
+                if not self.per_cycle:
+                    report(cycle, value, hop=hop)
+                hop += 1
+            if self.per_cycle:
+                report(cycle, value)
+        return TrialOutcome((SiteScore("a", value, 10),), {"a": 1.0})
+
+
+def _hop_study(name: str, pruning: PruningSettings) -> OrderingStudy:
+    space = SearchSpace(sites=("a", "b", "c"), cycles=2)
+    return OrderingStudy.create(None, name, space, pruning=pruning, seed=0)
+
+
+def test_a_trial_reporting_per_hop_is_pruned_inside_its_first_cycle() -> None:
+    study = _hop_study("per-hop", PruningSettings(percentile=50.0, n_startup_trials=1))
+    study.enqueue(("a", "b", "c"), ("b", "c", "a"))
+    executor = HopReporting()
+    good, bad = study.optimize(executor, n_trials=2)
+    assert good.state == "COMPLETE" and bad.state == "PRUNED"
+    assert executor.hops_trained == 6 + 1  # the bad plan stopped after its first hop
+    assert good.hop_values == tuple((h, 0.9) for h in range(6))
+    assert good.intermediate == ((0, 0.9), (1, 0.9))  # a cycle's value is its last hop's
+    assert bad.hop_values == ((0, 0.1),) and bad.intermediate == ()
+    frozen = study.optuna_study.trials
+    assert frozen[0].intermediate_values == {h: 0.9 for h in range(6)}
+    assert frozen[1].intermediate_values == {0: 0.1}
+
+
+def test_cycle_values_sit_at_their_last_hops_step_so_per_cycle_and_per_hop_trials_compare() -> None:
+    study = _hop_study("mixed", PruningSettings(percentile=50.0, n_startup_trials=1))
+    study.enqueue(("a", "b", "c"), ("b", "c", "a"))
+    per_cycle = HopReporting(per_cycle=True)
+    study.optimize(per_cycle, n_trials=1)
+    assert study.optuna_study.trials[0].intermediate_values == {2: 0.9, 5: 0.9}
+    assert cycle_end_steps(study.history()[0].plan) == [2, 5]  # type: ignore[arg-type]
+    # The per-cycle peer has no values at hops 0 and 1: nothing to compare, no pruning there;
+    # at hop 2 (the end of cycle 0) both trials have one, and the low one stops.
+    per_hop = HopReporting()
+    (bad,) = study.optimize(per_hop, n_trials=1)
+    assert bad.state == "PRUNED" and per_hop.hops_trained == 3
+    assert study.optuna_study.trials[1].intermediate_values == {0: 0.1, 1: 0.1, 2: 0.1}
+
+
+def test_warmup_cycles_hold_pruning_for_every_hop_of_those_cycles() -> None:
+    study = _hop_study(
+        "warmup", PruningSettings(percentile=50.0, n_startup_trials=1, n_warmup_cycles=1)
+    )
+    study.enqueue(("a", "b", "c"), ("b", "c", "a"))
+    executor = HopReporting()
+    _, bad = study.optimize(executor, n_trials=2)
+    assert bad.state == "PRUNED"
+    assert executor.hops_trained == 6 + 4  # all of cycle 0, then stopped at its first hop of 1
+    assert [h for h, _ in bad.hop_values] == [0, 1, 2, 3]
+
+
+def test_a_hop_reported_outside_its_cycle_fails_the_trial_with_the_reason() -> None:
+    class Misplaced:
+        def execute(self, plan: CandidatePlan, *, budget: float, report: Reporter) -> TrialOutcome:
+            report(0, 0.5, hop=3)  # hop 3 is the first of cycle 1
+            raise AssertionError("not reached")
+
+    study = _hop_study("misplaced", PruningSettings())
+    with pytest.raises(
+        ValueError, match=r"hop 3 is not in cycle 0 of the plan \(its hops 0 to 2\)"
+    ):
+        study.optimize(Misplaced(), n_trials=1)
+    assert study.history()[0].state == "FAIL"
+
+
+def test_trials_stored_with_cycle_indexed_steps_are_never_peers_of_hop_indexed_ones() -> None:
+    study = optuna.create_study(
+        direction="maximize", pruner=PruningSettings(n_startup_trials=1).pruner()
+    )
+    _finished(study, "budget=1/cycles=2", [0.9, 0.95])  # a stage key from before hop steps
+    low = study.ask()
+    low.set_user_attr(STAGE_ATTR, stage_key(1.0, 2))
+    low.report(0.1, 1)
+    assert not low.should_prune()

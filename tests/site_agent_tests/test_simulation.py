@@ -695,8 +695,61 @@ def test_cross_validation_cycle_by_cycle_equals_the_whole_schedule_and_reports_e
     assert len(staged.visits) == 2 * len(by_name)
 
 
+def test_cross_validation_hop_by_hop_equals_the_whole_schedule_and_reports_each_hop(
+    trainer: TabularTrainer, sites: list[RegisteredDataset]
+) -> None:
+    cycles = _cycles(sites)
+    by_cycle: list[tuple[int, float]] = []
+    whole = cross_validate_cycles(
+        trainer, SPEC, sites, 2, cycles, after_cycle=lambda c, v: by_cycle.append((c, v))
+    )
+    by_hop: list[tuple[int, int, float]] = []
+    also: list[tuple[int, float]] = []
+    staged = cross_validate_cycles(
+        trainer,
+        SPEC,
+        sites,
+        2,
+        cycles,
+        after_cycle=lambda c, v: also.append((c, v)),
+        after_hop=lambda c, h, v: by_hop.append((c, h, v)),
+    )
+
+    assert staged == whole
+    n = len(sites)
+    assert [(c, h) for c, h, _ in by_hop] == [(h // n, h) for h in range(2 * n)]
+    # After a cycle's last hop the value is that cycle's; after hop 0, the CV score of the
+    # one-visit schedule.
+    assert [by_hop[n - 1][2], by_hop[-1][2]] == pytest.approx([v for _, v in by_cycle])
+    assert [c for c, _ in also] == [0, 1]
+    assert [v for _, v in also] == pytest.approx([v for _, v in by_cycle])
+    first_visit = cross_validate_cycles(trainer, SPEC, sites, 2, [cycles[0][:1]])
+    assert by_hop[0][2] == pytest.approx(first_visit.mean["accuracy"])
+
+
 class _Stop(Exception):
     pass
+
+
+def test_cross_validation_hop_by_hop_stops_training_when_the_report_raises(
+    trainer: TabularTrainer, sites: list[RegisteredDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops: list[str] = []
+    run_hop = trainer.run_hop
+
+    def counting(spec: TaskSpec, dataset: RegisteredDataset, *args: object) -> object:
+        hops.append(dataset.name)
+        return run_hop(spec, dataset, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer, "run_hop", counting)
+
+    def stop(cycle: int, hop: int, value: float) -> None:
+        if hop == 1:
+            raise _Stop(f"pruned after hop {hop}")
+
+    with pytest.raises(_Stop, match="after hop 1"):
+        cross_validate_cycles(trainer, SPEC, sites, 2, _cycles(sites), after_hop=stop)
+    assert len(hops) == 2 * 2  # two hops in each of the 2 folds, no more
 
 
 def test_cross_validation_cycle_by_cycle_stops_training_when_the_report_raises(
