@@ -53,9 +53,11 @@ class TransferTrim:
 
     Transfers report their start and end (`started`, `ended`). When the last one in flight ends
     and `min_bytes` or more moved since the last release, `trim` runs on a worker thread after
-    `quiet_seconds` in which no transfer started: never while bytes are moving (it holds the
-    allocator's lock while it walks the heap), and once for a burst of transfers (a hand back
-    and the next site's download of it; a round's uploads). The pages it returns are faulted in
+    `quiet_seconds` in which no transfer started: it never starts while bytes are moving (it
+    holds the allocator's lock while it walks the heap, a few ms; a transfer starting during a
+    release waits that long for its first allocations), and once for a burst of transfers (a
+    hand back and the next site's download of it; a round's uploads). The pages it returns are
+    faulted in
     again by the next large transfer (about 6,000 minor faults, a few ms, per 100 MiB upload):
     worth it once the coordinator goes quiet, not between the transfers of a burst.
     """

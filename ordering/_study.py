@@ -622,7 +622,7 @@ class OrderingStudy:
         if reuse_duplicates:
             twin = self._completed_twin(stage, plan)
             if twin is not None:
-                return self._reuse(stage, trial, twin)
+                return self._reuse(stage, trial, twin, plan)
         reported: dict[int, float] = {}
         hop_values: dict[int, float] = {}
         ends = cycle_end_steps(plan)
@@ -721,7 +721,9 @@ class OrderingStudy:
                 return earlier
         return None
 
-    def _reuse(self, stage: _Stage, trial: optuna.Trial, twin: FrozenTrial) -> TrialRecord:
+    def _reuse(
+        self, stage: _Stage, trial: optuna.Trial, twin: FrozenTrial, plan: CandidatePlan
+    ) -> TrialRecord:
         for key in (
             "site_scores",
             "objectives",
@@ -738,8 +740,14 @@ class OrderingStudy:
         trial.set_user_attr("compute_seconds", 0.0)
         trial.set_user_attr("duplicate_of", twin.number)
         if not self.multi_objective:
-            for step, value in sorted(twin.intermediate_values.items()):
-                trial.report(value, step)
+            if twin.user_attrs.get(STAGE_ATTR) == trial.user_attrs.get(STAGE_ATTR):
+                for step, value in sorted(twin.intermediate_values.items()):
+                    trial.report(value, step)
+            else:  # stored before steps were hop indices: its per-cycle values at their hops
+                ends = cycle_end_steps(plan)
+                for cycle, value in twin.user_attrs.get("intermediate", []):
+                    if 0 <= int(cycle) < len(ends):
+                        trial.report(float(value), ends[int(cycle)])
         assert twin.values is not None
         stage.study.tell(trial, list(twin.values))
         logger.info("%s trial %d repeats trial %d; reusing its result",
@@ -773,6 +781,8 @@ class OrderingStudy:
             raise ValueError(f"executor scored sites the plan does not visit: {sorted(unknown)}")
         ends = cycle_end_steps(plan)
         for cycle, value in outcome.intermediate:
+            if not 0 <= cycle < plan.cycles:
+                raise ValueError(f"cycle {cycle} is outside the plan's {plan.cycles} cycles")
             if cycle not in reported:
                 reported[cycle] = value
                 if not self.multi_objective and ends[cycle] not in steps:

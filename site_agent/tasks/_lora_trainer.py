@@ -263,7 +263,8 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                 rng_state = torch.get_rng_state()
             # What its egress check declares, from this fresh model: the hand back then
             # builds no second model (a base copy) to find it.
-            self._state_specs.setdefault(key, tensor_specs(get_peft_model_state_dict(model)))
+            if key not in self._state_specs:
+                self._state_specs[key] = tensor_specs(get_peft_model_state_dict(model))
             # In training mode, its optimizer built: the hop's start only loads its input.
             model.train()
             optimizer = idle_optimizer([p for p in model.parameters() if p.requires_grad])

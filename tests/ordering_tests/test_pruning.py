@@ -308,3 +308,40 @@ def test_trials_stored_with_cycle_indexed_steps_are_never_peers_of_hop_indexed_o
     low.set_user_attr(STAGE_ATTR, stage_key(1.0, 2))
     low.report(0.1, 1)
     assert not low.should_prune()
+
+
+def test_a_duplicate_of_a_trial_stored_with_cycle_steps_reports_its_values_at_hop_steps() -> None:
+    # A study created before steps were hop indices: its trial holds cycle values at steps 0, 1.
+    first = _hop_study("before", PruningSettings())
+    first.enqueue(("a", "b", "c"))
+    first.optimize(HopReporting(per_cycle=True), n_trials=1)
+    done = first.optuna_study.trials[0]
+    old = optuna.trial.create_trial(
+        params=done.params,
+        distributions=done.distributions,
+        value=done.value,
+        user_attrs={**done.user_attrs, STAGE_ATTR: "budget=1/cycles=2"},
+        intermediate_values={0: 0.9, 1: 0.9},
+    )
+    resumed = _hop_study("resumed", PruningSettings())
+    resumed.optuna_study.add_trial(old)
+    resumed.optuna_study.enqueue_trial(done.params)  # the sampler proposes the same plan
+    executor = HopReporting(per_cycle=True)
+    resumed.optimize(executor, n_trials=1)
+
+    assert executor.hops_trained == 0  # reused, not trained
+    duplicate = resumed.optuna_study.trials[1]
+    assert duplicate.user_attrs["duplicate_of"] == 0
+    # Cycle 0 ends at hop 2, cycle 1 at hop 5: no cycle value at a hop-1 peer's step.
+    assert duplicate.intermediate_values == {2: 0.9, 5: 0.9}
+
+
+def test_an_outcome_with_a_cycle_outside_the_plan_fails_its_trial_with_the_reason() -> None:
+    class Beyond:
+        def execute(self, plan: CandidatePlan, *, budget: float, report: Reporter) -> TrialOutcome:
+            return TrialOutcome((SiteScore("a", 0.5, 10),), {"a": 1.0}, intermediate=((5, 0.5),))
+
+    study = _hop_study("beyond", PruningSettings())
+    with pytest.raises(ValueError, match="cycle 5 is outside the plan's 2 cycles"):
+        study.optimize(Beyond(), n_trials=1)
+    assert study.history()[0].state == "FAIL"
