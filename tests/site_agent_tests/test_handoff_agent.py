@@ -237,15 +237,22 @@ class _Coordinator:
         return pb.HopValidationResponse()
 
 
-def test_no_garbage_collection_holds_up_the_hand_back_of_a_finished_hop(
-    tmp_path: Path, pki: Pki
-) -> None:
-    seen: dict[str, bool] = {}
+def _agent_with_a_handoff_trainer(
+    tmp_path: Path, pki: Pki, seen: dict[str, bool]
+) -> tuple[SiteAgent, pb.HopTask]:
+    """An agent whose trainer notes the collector's state in ``seen``, and an approved hop."""
     agent = _agent(tmp_path, pki)
     agent._trainers["seq-classification"] = _HandoffTrainer(seen)  # type: ignore[assignment]
     plan = _plan()
     agent.approvals.approve([plan.approval_bundle().sha256])
-    task = _next_hop(plan)
+    return agent, _next_hop(plan)
+
+
+def test_no_garbage_collection_holds_up_the_hand_back_of_a_finished_hop(
+    tmp_path: Path, pki: Pki
+) -> None:
+    seen: dict[str, bool] = {}
+    agent, task = _agent_with_a_handoff_trainer(tmp_path, pki, seen)
     task.validation_after_commit = True
     assert gc.isenabled()
 
@@ -345,11 +352,7 @@ def test_a_hand_back_retried_through_an_outage_lets_the_collector_run(
     tmp_path: Path, pki: Pki
 ) -> None:
     seen: dict[str, bool] = {}
-    agent = _agent(tmp_path, pki)
-    agent._trainers["seq-classification"] = _HandoffTrainer(seen)  # type: ignore[assignment]
-    plan = _plan()
-    agent.approvals.approve([plan.approval_bundle().sha256])
-    task = _next_hop(plan)
+    agent, task = _agent_with_a_handoff_trainer(tmp_path, pki, seen)
     coordinator = _AwayOnce(seen)
 
     agent._run_hop(coordinator, task, 3600)  # type: ignore[arg-type]

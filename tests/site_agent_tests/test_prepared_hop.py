@@ -85,16 +85,23 @@ def test_a_preparation_for_another_seed_is_not_used(
     assert outcome.metrics == expected.metrics
 
 
+def _prepared_for_the_first_hop(
+    tiny_model_dir: Path, spec: TaskSpec, dataset: RegisteredDataset
+) -> PreparingTrainer:
+    trainer = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    assert isinstance(trainer, PreparingTrainer)
+    trainer.prepare(spec, dataset, FIRST.seed)
+    return trainer
+
+
 def test_a_prepared_hop_builds_no_optimizer_once_its_task_has_come(
     tiny_model_dir: Path,
     spec: TaskSpec,
     site_datasets: list[RegisteredDataset],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    trainer = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
-    assert isinstance(trainer, PreparingTrainer)
     dataset = site_datasets[0]
-    trainer.prepare(spec, dataset, FIRST.seed)
+    trainer = _prepared_for_the_first_hop(tiny_model_dir, spec, dataset)
     built: list[object] = []
     real = torch.optim.AdamW
 
@@ -130,11 +137,9 @@ def test_a_prepared_hops_egress_check_builds_no_second_model(
     site_datasets: list[RegisteredDataset],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    trainer = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
-    other = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
-    assert isinstance(trainer, PreparingTrainer)
     dataset = site_datasets[0]
-    trainer.prepare(spec, dataset, FIRST.seed)
+    trainer = _prepared_for_the_first_hop(tiny_model_dir, spec, dataset)
+    other = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
     trainer.run_hop(spec, dataset, FIRST, None, defer_validation=True)
     built: list[object] = []
     monkeypatch.setattr(trainer, "adapter_model", lambda *a, **k: built.append(a))

@@ -731,9 +731,8 @@ class _Stop(Exception):
     pass
 
 
-def test_cross_validation_hop_by_hop_stops_training_when_the_report_raises(
-    trainer: TabularTrainer, sites: list[RegisteredDataset], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _counting_hops(trainer: TabularTrainer, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The sites of the hops ``trainer`` trains from now on, in order."""
     hops: list[str] = []
     run_hop = trainer.run_hop
 
@@ -742,6 +741,13 @@ def test_cross_validation_hop_by_hop_stops_training_when_the_report_raises(
         return run_hop(spec, dataset, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(trainer, "run_hop", counting)
+    return hops
+
+
+def test_cross_validation_hop_by_hop_stops_training_when_the_report_raises(
+    trainer: TabularTrainer, sites: list[RegisteredDataset], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops = _counting_hops(trainer, monkeypatch)
 
     def stop(cycle: int, hop: int, value: float) -> None:
         if hop == 1:
@@ -755,14 +761,7 @@ def test_cross_validation_hop_by_hop_stops_training_when_the_report_raises(
 def test_cross_validation_cycle_by_cycle_stops_training_when_the_report_raises(
     trainer: TabularTrainer, sites: list[RegisteredDataset], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hops: list[str] = []
-    run_hop = trainer.run_hop
-
-    def counting(spec: TaskSpec, dataset: RegisteredDataset, *args: object) -> object:
-        hops.append(dataset.name)
-        return run_hop(spec, dataset, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(trainer, "run_hop", counting)
+    hops = _counting_hops(trainer, monkeypatch)
 
     def stop(cycle: int, value: float) -> None:
         raise _Stop(f"pruned after cycle {cycle}")
