@@ -668,7 +668,7 @@ def summarise(report: Mapping[str, Any], paired: Mapping[str, Any] | None) -> di
             "observed hd8 mean": statistics.fmean(paired_differences(paired)),
             "CV one draw (model)": point["gain_one_draw"],
             "CV limit (model)": point["gain_cv_limit"],
-            "best design (realised)": best_design["gain_seed0"]["mean"],
+            "best dev design (picked on noise)": best_design["gain_seed0"]["mean"],
             "oracle: true order effect": point["gain_oracle_true"],
         })  # fmt: skip
     return out
