@@ -682,9 +682,10 @@ def plot(report: Mapping[str, Any], path: Path) -> None:
                 )
         axis.set_xticks(range(len(rows)), [str(c["split"]) for c in rows])
         axis.axhline(0, color="grey", linewidth=0.5)
+        s = report["settings"][setting]
         axis.set_title(
-            f"{setting}: sigma_o {report['settings'][setting]['nested']['sd']:.4f}, "
-            f"seed SD {report['settings'][setting]['nested']['seed_sd']:.4f}",
+            f"{setting}: SD of orders {s['order_std_mean']:.4f}, of one order's seeds "
+            f"{s['seed_std_mean']:.4f}\nsigma_o (b) {_interval(s['nested'])}",
             fontsize=9,
         )
         axis.set_xlabel("split")
@@ -724,6 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="mqord9-medquad-order")
     parser.add_argument("--render", type=Path, help="re-render a JSON report's Markdown and plot")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", help="one report of these reports' cells, as NAME"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("site_agent", "ordering", "optuna"):
@@ -732,6 +736,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         report = json.loads(args.render.read_text())
         write(report, args.render.parent, args.render.stem)
+        return 0
+    if args.merge:
+        parts = [json.loads(p.read_text()) for p in args.merge]
+        if any(p["config"] != parts[0]["config"] for p in parts):
+            parser.error("the reports were run with different configs")
+        merged = {
+            **parts[0],
+            "command": " + ".join(p["command"] for p in parts),
+            "load_start": ", ".join(p["load_start"] for p in parts),
+            "cells": [c for p in parts for c in p["cells"]],
+        }
+        write(merged, args.out, args.name)
         return 0
     if args.quick:
         args.splits, args.trials, args.rows_per_source = args.splits[:1], 2, 60
@@ -752,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = args.out / f"{args.name}.json"
     cells: list[dict[str, Any]] = []
+    previous: dict[str, Any] | None = None
     if args.resume and path.exists():
         previous = json.loads(path.read_text())
         if previous["config"] != config:
@@ -766,6 +783,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": config,
         "cells": cells,
     }
+    if previous is not None:  # the report's command and load name every run that made it
+        report["command"] = f"{previous['command']} + {report['command']}"
+        report["load_start"] = f"{previous['load_start']}, {report['load_start']}"
     done = {(c["setting"], c["split"]) for c in cells}
     for split in args.splits:
         for setting in args.settings:
