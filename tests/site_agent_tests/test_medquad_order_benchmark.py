@@ -23,17 +23,25 @@ def bench() -> Iterator[ModuleType]:
         yield module
 
 
-def _groups(rng: random.Random, orders: int, seeds: int, sd_order: float, sd_seed: float) -> Any:
+def _groups(
+    rng: random.Random, orders: int, seeds: int, sd_order: float, sd_seed: float, shared: float
+) -> Any:
+    """Orders x seed shifts: an order effect, a seed-shift effect every order shares (sd
+    `shared`) and noise."""
+    shifts = [rng.gauss(0, shared) for _ in range(seeds)]
     groups = []
     for _ in range(orders):
         effect = rng.gauss(0, sd_order)
-        groups.append([effect + rng.gauss(0, sd_seed) for _ in range(seeds)])
+        groups.append([effect + shift + rng.gauss(0, sd_seed) for shift in shifts])
     return groups
 
 
 def test_mean_squares_of_groups_are_the_one_way_anova_ones(bench: Any) -> None:
     # Means 2 and 6: between 2 * var(2, 6) = 16 on 1 df; within (1+1+1+1) / 2 = 2 on 2 df.
     assert bench.mean_squares([[1.0, 3.0], [5.0, 7.0]]) == (16.0, 1, 2.0, 2, 2)
+    # Crossed: both groups' second run is 2 higher (replicate means 3 and 5, a shared effect
+    # of 2 * ((3 - 4)**2 + (5 - 4)**2) = 4), which leaves 4 - 4 = 0 on 2 - 1 df.
+    assert bench.mean_squares([[1.0, 3.0], [5.0, 7.0]], crossed=True) == (16.0, 1, 0.0, 1, 2)
     with pytest.raises(ValueError, match="same size"):
         bench.mean_squares([[1.0, 2.0], [3.0]])
 
@@ -56,14 +64,15 @@ def test_an_order_spread_far_above_the_seeds_is_detected(bench: Any) -> None:
     assert result["ratio_low"] > 1.0
 
 
-@pytest.mark.parametrize(("sd_order", "seeds"), [(1.0, 2), (0.5, 4)])
+@pytest.mark.parametrize(("sd_order", "seeds", "shared"), [(1.0, 2, 0.0), (0.5, 4, 2.0)])
 def test_the_order_variance_interval_covers_the_true_component_about_95_percent(
-    bench: Any, sd_order: float, seeds: int
+    bench: Any, sd_order: float, seeds: int, shared: float
 ) -> None:
+    # A seed shift shared by every order (sd 2, twice the noise) must not bias the estimate.
     rng = random.Random(17)
     runs, covered, covered_ratio = 400, 0, 0
     for _ in range(runs):
-        result = bench.nested(_groups(rng, 24, seeds, sd_order, 1.0))
+        result = bench.nested(_groups(rng, 24, seeds, sd_order, 1.0, shared))
         covered += result["var_low"] <= sd_order**2 <= result["var_high"]
         covered_ratio += result["ratio_low"] <= sd_order**2 <= result["ratio_high"]
     # Binomial SD of a 95% coverage over 400 runs is about 1.1 points.
