@@ -36,7 +36,7 @@ def _groups(
     return groups
 
 
-def test_mean_squares_of_groups_are_the_one_way_anova_ones(bench: Any) -> None:
+def test_mean_squares_are_the_one_way_and_the_crossed_anova_ones(bench: Any) -> None:
     # Means 2 and 6: between 2 * var(2, 6) = 16 on 1 df; within (1+1+1+1) / 2 = 2 on 2 df.
     assert bench.mean_squares([[1.0, 3.0], [5.0, 7.0]]) == (16.0, 1, 2.0, 2, 2)
     # Crossed: both groups' second run is 2 higher (replicate means 3 and 5, a shared effect
