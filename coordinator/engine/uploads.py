@@ -176,7 +176,13 @@ class _SpoolPipe:
                 self._until_end = False
         if start:
             self.jobs += 1
-            _SPOOL_THREADS.submit(self._drain)
+            try:
+                _SPOOL_THREADS.submit(self._drain)
+            except BaseException:  # shutting down: no job drains, so nothing is waited for
+                with self._lock:
+                    self._chunks.clear()
+                    self._draining = False
+                raise
         if waiter is not None:
             await asyncio.shield(waiter)  # `settle` waits for the end if cancelled meanwhile
 

@@ -6,10 +6,12 @@ import asyncio
 import hashlib
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from coordinator.engine import uploads
 from coordinator.engine.uploads import _SpoolPipe, _SpoolWriter
 from protocols.checkpoint_stream import BundleStream
 
@@ -86,3 +88,23 @@ def test_a_failed_write_stops_the_writes_after_it_and_is_raised(tmp_path: Path) 
     finally:
         os.close(fd)
     assert path.read_bytes() == b"one"  # a prefix of the upload
+
+
+def test_a_pipe_whose_job_cannot_start_raises_and_waits_for_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = ThreadPoolExecutor(max_workers=1)
+    closed.shutdown()
+    monkeypatch.setattr(uploads, "_SPOOL_THREADS", closed)
+    fd = os.open(tmp_path / "partial", os.O_WRONLY | os.O_CREAT, 0o600)
+
+    async def scenario() -> None:
+        pipe = _SpoolPipe(_SpoolWriter(fd, 0), BundleStream())
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await pipe.put(b"chunk")
+        await asyncio.wait_for(pipe.settle(), 30)  # no job drains: nothing to wait for
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        os.close(fd)
