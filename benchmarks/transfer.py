@@ -379,6 +379,8 @@ def run(
     malloc = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
     if args.malloc_mmap_threshold:
         malloc["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    if args.malloc_trim_threshold:
+        malloc["MALLOC_TRIM_THRESHOLD_"] = str(args.malloc_trim_threshold)
     profile_out = RESULTS / f"{args.name}_profile.txt" if args.profile else None
     if profile_out is not None:
         # py-spy samples the coordinator (all its threads) from start to end; the upload's
@@ -405,6 +407,7 @@ def run(
         "repeat": args.repeat,
         "malloc_arena_max": args.malloc_arena_max,
         "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "malloc_trim_threshold": args.malloc_trim_threshold,
         "baton_call": "UploadCheckpoint" if args.legacy else "HandBackHop",
         "uptime_before": _uptime(),
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
@@ -553,7 +556,8 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         f"{figures['coordinator_chunk_bytes'] // 1024} KiB chunks; medians of "
         f"{figures['repeat']}; coordinator MALLOC_ARENA_MAX="
         f"{figures['malloc_arena_max'] or 'default'}, MALLOC_MMAP_THRESHOLD_="
-        f"{figures.get('malloc_mmap_threshold') or 'default'}. Ratio = Baton / raw throughput "
+        f"{figures.get('malloc_mmap_threshold') or 'default'}, MALLOC_TRIM_THRESHOLD_="
+        f"{figures.get('malloc_trim_threshold') or 'default'}. Ratio = Baton / raw throughput "
         "(target >= 0.8 at 100 MB; coordinator RSS <= 150 MB). Baton's upload is the "
         f"{figures.get('baton_call', 'UploadCheckpoint')} call"
         + (
@@ -651,6 +655,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--malloc-arena-max", type=int, default=2,
                         help="the coordinator's MALLOC_ARENA_MAX (0: glibc default)")  # fmt: skip
+    parser.add_argument("--malloc-trim-threshold", type=int, default=0,
+                        help="the coordinator's MALLOC_TRIM_THRESHOLD_ (0: glibc's default); "
+                             "with a fixed mmap threshold above the chunk size, one above a few "
+                             "chunks keeps freed message buffers for reuse")  # fmt: skip
     parser.add_argument("--malloc-mmap-threshold", type=int, default=131072,
                         help="the coordinator's MALLOC_MMAP_THRESHOLD_ (0: glibc's sliding "
                              "default)")  # fmt: skip

@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, action="append", required=True,
                         help="checkout whose transfer.py runs (twice: A, then B)")  # fmt: skip
     parser.add_argument("--label", action="append", help="a name per --root, in order")
+    parser.add_argument("--root-args", action="append",
+                        help="more transfer.py options per --root, in order (one string each, "
+                             "e.g. '--malloc-mmap-threshold 2097152'; '' for none)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="1,10,100")
     parser.add_argument("--repeat", type=int, default=3)
@@ -78,14 +81,15 @@ def main() -> None:
             if target != script:
                 shutil.copyfile(script, target)
     labels = args.label or [_label(root) for root in args.root]
+    extra = [a.split() for a in args.root_args] if args.root_args else [[] for _ in args.root]
     runs: list[dict[str, Any]] = []
     uptime_before = _uptime()
     for round_index in range(args.rounds):
-        for label, root in zip(labels, args.root, strict=True):
+        for label, root, more in zip(labels, args.root, extra, strict=True):
             name = f"{args.name}-run"
             env = {**os.environ, "PYTHONPATH": str(root.resolve())}
             subprocess.run([sys.executable, "benchmarks/transfer.py", "--sizes", args.sizes,
-                            "--repeat", str(args.repeat), "--name", name],
+                            "--repeat", str(args.repeat), "--name", name, *more],
                            cwd=root, env=env, check=True, capture_output=True)  # fmt: skip
             out = root / "benchmarks" / "results"
             figures = json.loads((out / f"{name}.json").read_text())

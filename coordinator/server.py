@@ -97,8 +97,13 @@ class Coordinator:
             self.lock.release()
 
 
-async def build_server(settings: CoordinatorSettings) -> Coordinator:
+async def build_server(
+    settings: CoordinatorSettings, *, migrate_apart: bool = False
+) -> Coordinator:
     """Checks the configuration, claims the state, opens the ledger, binds and starts serving.
+
+    With `migrate_apart`, a ledger not at the newest revision is migrated by a child process
+    (`coordinator.ledger_apart`: Alembic is then never imported here), as `serve` does.
 
     Returns:
         The running coordinator, with the port actually bound (settings.port may be 0).
@@ -117,7 +122,7 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
     lock = InstanceLock(settings.state_dir, settings.database_url)
     await asyncio.to_thread(lock.acquire)
     try:
-        coordinator = await _build_server(settings)
+        coordinator = await _build_server(settings, migrate_apart=migrate_apart)
     except BaseException:
         lock.release()
         raise
@@ -125,15 +130,22 @@ async def build_server(settings: CoordinatorSettings) -> Coordinator:
     return coordinator
 
 
-async def _build_server(settings: CoordinatorSettings) -> Coordinator:
+async def _build_server(settings: CoordinatorSettings, *, migrate_apart: bool) -> Coordinator:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     assert settings.database_url is not None
     ledger = Ledger(settings.database_url)
     try:
-        await asyncio.to_thread(ledger.migrate)
+        if migrate_apart:
+            from coordinator.ledger_apart import migrate_apart as migrate_in_child
+
+            await migrate_in_child(ledger)
+        await asyncio.to_thread(ledger.migrate)  # at the head after the child: nothing to do
     except SQLAlchemyError as exc:
         ledger.close()
         raise database_error(settings.database_url, exc) from exc
+    except BaseException:
+        ledger.close()
+        raise
     engine = RunEngine(
         ledger,
         CheckpointStore(settings.checkpoint_dir),
@@ -190,7 +202,7 @@ async def serve(settings: CoordinatorSettings) -> None:
             settings.dashboard_host or settings.host, settings.dashboard_port
         )
     try:
-        coordinator = await build_server(settings)
+        coordinator = await build_server(settings, migrate_apart=True)
     except BaseException:
         if listener is not None:
             listener.close()

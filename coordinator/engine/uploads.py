@@ -16,7 +16,10 @@ import json
 import logging
 import os
 import sys
+import threading
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,7 +44,7 @@ from coordinator.ledger import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
-from coordinator.worker_threads import run_to_end, run_whole, settle
+from coordinator.worker_threads import run_to_end, run_whole
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
 from protocols.signing import SignatureError, verify_custody
@@ -119,6 +122,115 @@ class _SpoolWriter:
         if _start_writeback is not None and self.position - self.unstarted >= _WRITEBACK_BYTES:
             _start_writeback(self.fd, self.unstarted, self.position - self.unstarted)
             self.unstarted = self.position
+
+
+# Chunks an upload may have waiting for its spool thread (beside the one being written): the
+# event loop waits for room past this, so an upload holds at most this many + 2 chunks.
+_QUEUED_CHUNKS = 2
+# Where uploads' chunks are written and checked. A job drains one upload's queue and ends when
+# it is empty, so more uploads than threads only wait their turn.
+_SPOOL_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="upload-spool")
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _SpoolPipe:
+    """Hands an upload's chunks from the event loop to a spool thread that writes each one to
+    the spool file, then feeds it to the upload's `BundleStream` (hash, values), in order.
+
+    No round trip per chunk: the loop queues a chunk and goes back to receiving the next; a job
+    on `_SPOOL_THREADS` is started only when none is draining the queue (when the disk and the
+    hash keep up with the network, one per chunk; otherwise one per burst), and the loop is
+    woken only when it waits: for room (more than `depth` chunks queued) or for the end
+    (`finish`, `settle`). After a failed write or check nothing more is written (the file
+    holds a prefix of the upload) and the error is raised by the next `put` or by `finish`.
+    """
+
+    def __init__(self, spool: _SpoolWriter, stream: BundleStream, depth: int = _QUEUED_CHUNKS):
+        self._loop = asyncio.get_running_loop()
+        self._spool = spool
+        self._stream = stream
+        self._depth = depth
+        self._lock = threading.Lock()
+        self._chunks: deque[memoryview | bytes] = deque()
+        self._draining = False
+        self._waiter: asyncio.Future[None] | None = None  # the loop waits for room or the end
+        self._until_end = False  # the waiter waits for the end, not for room
+        self.jobs = 0  # drain jobs started (one per burst of chunks)
+        self.error: BaseException | None = None
+
+    async def put(self, chunk: memoryview | bytes) -> None:
+        """Queues `chunk` after the ones before it; waits while the queue is full."""
+        waiter = None
+        with self._lock:
+            if self.error is not None:
+                raise self.error
+            self._chunks.append(chunk)
+            start = not self._draining
+            self._draining = True
+            if len(self._chunks) > self._depth:
+                waiter = self._waiter = self._loop.create_future()
+                self._until_end = False
+        if start:
+            self.jobs += 1
+            try:
+                _SPOOL_THREADS.submit(self._drain)
+            except BaseException:  # shutting down: no job drains, so nothing is waited for
+                with self._lock:
+                    self._chunks.clear()
+                    self._draining = False
+                raise
+        if waiter is not None:
+            await asyncio.shield(waiter)  # `settle` waits for the end if cancelled meanwhile
+
+    async def finish(self) -> None:
+        """Waits until every queued chunk is written and checked; raises the first error."""
+        await self.settle()
+        if self.error is not None:
+            raise self.error
+
+    async def settle(self) -> None:
+        """Waits until no job drains the queue (even if cancelled meanwhile: the cancellation
+        is raised then), so that the spool file can be closed. Raises no write error."""
+        cancelled = False
+        while True:
+            with self._lock:
+                if not self._draining:
+                    break
+                waiter = self._waiter = self._loop.create_future()
+                self._until_end = True
+            try:
+                await asyncio.shield(waiter)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+
+    def _drain(self) -> None:
+        while True:
+            woken = None
+            with self._lock:
+                if not self._chunks or self.error is not None:
+                    self._chunks.clear()  # after a failure nothing more is written
+                    self._draining = False
+                    woken, self._waiter = self._waiter, None
+                    break
+                chunk = self._chunks.popleft()
+                if self._waiter is not None and not self._until_end:
+                    woken, self._waiter = self._waiter, None  # room again
+            if woken is not None:
+                self._loop.call_soon_threadsafe(_wake, woken)
+            try:
+                self._spool.write(chunk)
+                self._stream.feed(chunk)
+            except BaseException as exc:
+                with self._lock:
+                    self.error = exc
+        if woken is not None:
+            self._loop.call_soon_threadsafe(_wake, woken)
 
 
 def _size(path: Path) -> int:
@@ -529,30 +641,19 @@ class UploadIntake:
             if header.offset:
                 await asyncio.to_thread(_feed_file, stream, partial, header.offset)
             received = header.offset
-            # Each chunk is written (on a worker thread) while it is hashed and value-checked (on
-            # another; both release the GIL) and the next one arrives: one write and one check
-            # in flight at most, so each stays in order. A future is dropped only once done: a
-            # cancelled handler never detaches from a write (below).
-            loop = asyncio.get_running_loop()
-            spool = _SpoolWriter(fd, header.offset)
-            writing: asyncio.Future[None] | None = None
-            checking: asyncio.Future[None] | None = None
+            # Each chunk is written, then hashed and value-checked, on a spool thread while the
+            # next ones arrive (`_SpoolPipe`: in order, no round trip per chunk). A cancelled
+            # handler never detaches from a write (below).
+            pipe = _SpoolPipe(_SpoolWriter(fd, header.offset), stream)
             try:
                 async for chunk in chunks:
                     received += len(chunk)
                     if received > header.total_size:
                         raise InvalidInput("upload is longer than its header declared")
-                    if writing is not None:
-                        await asyncio.shield(writing)
-                    writing = loop.run_in_executor(None, spool.write, chunk)
-                    if checking is not None:
-                        await asyncio.shield(checking)
-                    checking = loop.run_in_executor(None, stream.feed, chunk)
-                for future in (writing, checking):
-                    if future is not None:
-                        await asyncio.shield(future)
+                    await pipe.put(chunk)
+                await pipe.finish()
             finally:
-                await settle(writing, checking)  # the file stays open until its last write
+                await pipe.settle()  # the file stays open until its last write
         finally:
             os.close(fd)
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)

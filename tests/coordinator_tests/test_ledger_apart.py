@@ -1,0 +1,117 @@
+"""`coordinator serve` migrates a ledger in a child process: Alembic never enters its memory."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import make_url, text
+
+from coordinator.ledger import Ledger
+from coordinator.ledger_apart import migrate_apart
+from coordinator.startup import StartupError
+from tests.conftest import Pki
+
+
+def _serve(pki: Pki, state_dir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """A coordinator listing its imports (-X importtime) in the file returned."""
+    stderr = state_dir.parent / "serve.stderr"
+    with stderr.open("wb") as sink:
+        return subprocess.Popen(
+        [
+            sys.executable, "-X", "importtime", "-m", "coordinator", "coordinator", "serve",
+            "--port", "0", "--port-file", str(state_dir / "port"),
+            "--state-dir", str(state_dir),
+            "--ca", str(pki.directory / "ca.crt"),
+            "--cert", str(pki.directory / "coordinator.crt"),
+            "--key", str(pki.directory / "coordinator.key"),
+            "--log-level", "WARNING", *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=sink,
+        stdin=subprocess.DEVNULL,
+    ), stderr  # fmt: skip
+
+
+def _unknown_revision(url: str) -> None:
+    """A ledger stamped with a revision no migration script has."""
+    ledger = Ledger(url)
+    try:
+        with ledger.engine.begin() as connection:
+            connection.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32))"))
+            connection.execute(text("INSERT INTO alembic_version VALUES ('zzzz')"))
+    finally:
+        ledger.close()
+
+
+def test_serve_migrates_a_new_ledger_without_importing_alembic(pki: Pki, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    process, stderr = _serve(pki, state)
+    try:
+        deadline = time.monotonic() + 120
+        port_file = state / "port"
+        while not (port_file.is_file() and port_file.read_text()):
+            assert process.poll() is None, stderr.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the coordinator did not start"
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    imports = stderr.read_text()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in imports.splitlines()
+                if line.startswith("import time:")}  # fmt: skip
+    assert "coordinator.server" in imported  # -X importtime listed the serving process's imports
+    assert not {name for name in imported if name.split(".")[0] in ("alembic", "mako")}
+    ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
+    try:
+        assert ledger.at_head()
+    finally:
+        ledger.close()
+
+
+def test_a_ledger_the_child_cannot_migrate_stops_serve_with_one_line(
+    pki: Pki, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    _unknown_revision(url)
+    process, stderr = _serve(pki, state, "--database-url", url)
+    process.wait(timeout=180)
+    lines = [line for line in stderr.read_text().splitlines()
+             if not line.startswith("import time:")]  # fmt: skip
+    assert process.returncode != 0
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert "cannot migrate the ledger database" in lines[0] and "zzzz" in lines[0]
+
+
+def test_migrate_apart_brings_an_empty_ledger_to_the_head(empty_database_url: str) -> None:
+    ledger = Ledger(empty_database_url)
+    try:
+        assert not ledger.at_head()
+        assert asyncio.run(migrate_apart(ledger)) is True
+        assert ledger.at_head()
+        assert asyncio.run(migrate_apart(ledger)) is False  # at the head: no child
+        ledger.record_event("test.after-migration", payload={})  # the pool works afterwards
+    finally:
+        ledger.close()
+
+
+def test_migrate_apart_refuses_an_unknown_revision_in_one_line(empty_database_url: str) -> None:
+    _unknown_revision(empty_database_url)
+    ledger = Ledger(empty_database_url)
+    try:
+        with pytest.raises(StartupError) as refused:
+            asyncio.run(migrate_apart(ledger))
+    finally:
+        ledger.close()
+    message = str(refused.value)
+    assert "\n" not in message and "zzzz" in message
+    assert message.startswith("cannot migrate the ledger database ")
+    password = make_url(empty_database_url).password
+    assert not password or str(password) not in message
