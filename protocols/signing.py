@@ -7,6 +7,7 @@ is a site certificate of the producer named in the bundle's manifest, and the si
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -14,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocols.pki import PkiError, Role, identity_from_pem
+from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem
 
 __all__ = [
     "SignatureError",
@@ -131,16 +132,7 @@ def _verify_signer(
     at: datetime,
     what: str,
 ) -> str:
-    try:
-        certificate = x509.load_pem_x509_certificate(certificate_pem)
-        ca = x509.load_pem_x509_certificate(ca_pem)
-        certificate.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise SignatureError(f"signer certificate is not from the consortium CA: {exc}") from exc
-    try:
-        identity = identity_from_pem(certificate_pem)
-    except PkiError as exc:
-        raise SignatureError(str(exc)) from exc
+    certificate, identity = _issued_by_ca(certificate_pem, ca_pem)
     if role is Role.SITE and name is not None:
         if identity.role is not Role.SITE or identity.name != name:
             raise SignatureError(
@@ -162,3 +154,25 @@ def _verify_signer(
     except InvalidSignature as exc:
         raise SignatureError(f"{what} signature of {signer!r} does not verify") from exc
     return identity.name
+
+
+@functools.lru_cache(maxsize=64)
+def _issued_by_ca(certificate_pem: bytes, ca_pem: bytes) -> tuple[x509.Certificate, PeerIdentity]:
+    """A signer's certificate, checked as issued by the CA, and who it names.
+
+    Cached by the exact bytes of both certificates: a producer signs every hop with the same
+    certificate, and the answer depends on nothing else (the validity period, role, name and
+    signature are checked on every call by the caller). A refusal raises, so it is never
+    cached: a certificate refused once is checked again the next time.
+    """
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise SignatureError(f"signer certificate is not from the consortium CA: {exc}") from exc
+    try:
+        identity = identity_from_pem(certificate_pem)
+    except PkiError as exc:
+        raise SignatureError(str(exc)) from exc
+    return certificate, identity

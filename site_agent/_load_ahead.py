@@ -28,6 +28,13 @@ class LowPriorityLoader:
     """Runs loads one at a time on its own thread, each at a lower CPU priority than the
     agent's, until `hurry` puts the one running back at the agent's priority.
 
+    Each load runs on a thread of its own, started at the load's priority: the threads the
+    load starts in turn (transformers' loading pool, torch's intra-op workers, which a thread
+    creates once, at its first parallel operation) inherit that priority when they are
+    created, and a later setting of the caller's would not reach them. A hurry puts the load's
+    thread and every thread of the process still below the agent's priority back at it (the
+    only other thread a site lowers, its validation pass, never runs while a task is read).
+
     Linux only (there a thread has a nice value of its own); elsewhere loads run at the
     agent's priority. Raising a priority back needs CAP_SYS_NICE or RLIMIT_NICE (systemd's
     LimitNICE), which a site's service user usually lacks: the loader checks once, before its
@@ -64,7 +71,7 @@ class LowPriorityLoader:
                 return  # nothing to hurry: a hurry does not carry over to a later run's loads
             self._hurried = True
             if self._running_on is not None and self._lowers:
-                self._set(self._running_on, 0)
+                _raise_lowered_threads()
 
     def stop(self) -> None:
         with self._lock:
@@ -96,18 +103,26 @@ class LowPriorityLoader:
                     return
                 load, niceness = self._jobs.pop(0)
                 self._running_on = native_id
-                # From the agent's nice value each time, never from the last load's.
+                # From the agent's nice value each time, never from the last load's. Set on
+                # this thread before the load's own thread starts: that one inherits it.
                 self._set(native_id, 0 if self._hurried or not lowers else niceness)
-            try:
-                load()
-            except Exception as exc:  # a load reports its own failures; this is a last guard
-                logger.error("loading ahead failed: %s", exc)
-            finally:
-                with self._wake:
-                    self._running_on = None
-                    if not self._jobs:
-                        self._hurried = False  # the next run's loads are low again
-                    self._wake.notify_all()
+                worker = threading.Thread(
+                    target=self._run, args=(load,), name="load-ahead-job", daemon=True
+                )
+                worker.start()
+            worker.join()
+            with self._wake:
+                self._running_on = None
+                if not self._jobs:
+                    self._hurried = False  # the next run's loads are low again
+                self._wake.notify_all()
+
+    @staticmethod
+    def _run(load: Callable[[], None]) -> None:
+        try:
+            load()
+        except Exception as exc:  # a load reports its own failures; this is a last guard
+            logger.error("loading ahead failed: %s", exc)
 
     @staticmethod
     def _set(native_id: int, niceness: int) -> None:
@@ -119,6 +134,25 @@ class LowPriorityLoader:
             os.setpriority(os.PRIO_PROCESS, native_id, min(19, base + niceness))
         except OSError as exc:  # checked ahead (_may_raise_priority_back): a last guard
             logger.debug("a load ahead keeps its CPU priority: %s", exc)
+
+
+def _raise_lowered_threads() -> None:
+    """Puts every thread of this process whose nice value is above the agent's (the
+    process's) back at the agent's (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError as exc:
+        logger.debug("a load ahead keeps its CPU priority: %s", exc)
+        return
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > base:
+                os.setpriority(os.PRIO_PROCESS, tid, base)
+        except OSError:  # the thread ended meanwhile (ESRCH), or a last guard
+            continue
 
 
 def _may_raise_priority_back() -> bool:

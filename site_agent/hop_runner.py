@@ -106,7 +106,10 @@ def at_low_priority(work: Callable[[], T]) -> T:
     A committed hop's validation pass starts as the coordinator commits and the next site
     starts its hop: on a machine with few cores, it yields to them. Linux only (there a
     thread has a nice value of its own); elsewhere it runs at the agent's priority. torch's
-    intra-op worker threads, if more than one is configured, keep theirs.
+    intra-op (OpenMP) workers are made by the thread that first runs a parallel operation,
+    and inherit its priority then: the pass's thread is new, lowered before it runs anything,
+    so its workers run at its priority too, while the task thread's own workers (training)
+    keep the agent's.
     """
     outcome: list[T] = []
     failure: list[BaseException] = []

@@ -17,8 +17,9 @@ import os
 import random
 import re
 import tempfile
-from collections import Counter
-from collections.abc import Mapping, Sequence
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,6 +66,8 @@ _ECHO_CHARS = 40
 # The agent's old layout: <data_dir>/<name>.jsonl, registered on first use with these settings.
 _LEGACY_SUFFIX = ".jsonl"
 _LEGACY_OPTIONS = {"dedupe": "true"}
+# Parsed datasets kept by `load_registered`, at most this many (a site trains on a few).
+_PARSED_ENTRIES = 4
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,46 @@ class RegisteredDataset:
     def without_test(self) -> RegisteredDataset:
         """The same dataset with its test split removed (what a search may see)."""
         return dataclasses.replace(self, test=())
+
+
+class _ParsedDatasets:
+    """Datasets parsed by `load_registered`, so that a site's hops do not parse the same file
+    again and again: a few, the most recently used.
+
+    A key is the registration file (its path and exact text, which holds the source's sha256)
+    and the source path. An entry is used only once the caller has read the source again and
+    found the registered sha256: a changed file, or a registration written again, is parsed
+    afresh (or refused), never served from here. A `RegisteredDataset` is immutable (frozen,
+    tuples of frozen examples), so hops may share one.
+    """
+
+    def __init__(self, entries: int) -> None:
+        self._entries = entries
+        self._lock = threading.Lock()
+        self._parsed: OrderedDict[tuple[str, str, str], RegisteredDataset] = OrderedDict()
+
+    def get_or_parse(
+        self, key: tuple[str, str, str], parse: Callable[[], RegisteredDataset]
+    ) -> RegisteredDataset:
+        with self._lock:
+            dataset = self._parsed.get(key)
+            if dataset is not None:
+                self._parsed.move_to_end(key)
+                return dataset
+        dataset = parse()  # outside the lock: another dataset's hop need not wait for it
+        with self._lock:
+            self._parsed[key] = dataset
+            self._parsed.move_to_end(key)
+            while len(self._parsed) > self._entries:
+                self._parsed.popitem(last=False)
+        return dataset
+
+    def clear(self) -> None:
+        with self._lock:
+            self._parsed.clear()
+
+
+_PARSED = _ParsedDatasets(_PARSED_ENTRIES)
 
 
 def register_dataset(
@@ -222,7 +265,8 @@ def load_registered(data_dir: Path, name: str) -> RegisteredDataset:
         if legacy.is_file():
             return _register_legacy(data_dir, name, legacy)
         raise DatasetError(f"no dataset named {name!r} is registered in {data_dir}")
-    registration = _read_registration(registration_path)
+    registration_text = _read_registration_text(registration_path)
+    registration = _parse_registration(registration_text, registration_path)
     source = Path(str(registration["source"]))
     data = _read_bytes(source)
     if _sha256(data) != registration["fingerprint"]:
@@ -233,7 +277,10 @@ def load_registered(data_dir: Path, name: str) -> RegisteredDataset:
             f"{source}: file changed since dataset {name!r} was registered (sha256 "
             f"{registration['fingerprint']}); register it again with --replace"
         )
-    return _load(registration, data, source, registration_path)
+    # The source's bytes were just read and matched the registered fingerprint: what they
+    # parse to under this exact registration is known if it was parsed before.
+    key = (str(registration_path.resolve()), registration_text, str(source))
+    return _PARSED.get_or_parse(key, lambda: _load(registration, data, source, registration_path))
 
 
 def list_registered(data_dir: Path) -> list[dict[str, object]]:
@@ -607,9 +654,20 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _read_registration(path: Path) -> dict[str, object]:
+    return _parse_registration(_read_registration_text(path), path)
+
+
+def _read_registration_text(path: Path) -> str:
     try:
-        registration = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: unreadable registration: {error}") from error
+
+
+def _parse_registration(text: str, path: Path) -> dict[str, object]:
+    try:
+        registration = json.loads(text)
+    except json.JSONDecodeError as error:
         raise DatasetError(f"{path}: unreadable registration: {error}") from error
     if not isinstance(registration, dict):
         raise DatasetError(f"{path}: registration must be a JSON object")

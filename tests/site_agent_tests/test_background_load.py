@@ -496,6 +496,101 @@ def test_a_hurry_with_no_load_ahead_leaves_the_next_load_low(loads: _NicedLoads)
     assert loads.seen == [min(19, loads.base + ahead_niceness(2))] * 2
 
 
+_helper_of_thread = threading.local()
+
+
+def _helper_nice() -> int:
+    """The nice value of a helper thread the calling thread creates once and keeps, as torch's
+    intra-op workers are (one team per thread, made at its first parallel operation)."""
+    helper = getattr(_helper_of_thread, "nice", None)
+    if helper is None:
+        seen: list[int] = []
+        started = threading.Thread(target=lambda: seen.append(_nice(threading.get_native_id())))
+        started.start()
+        started.join()
+        helper = _helper_of_thread.nice = seen[0]
+    return helper
+
+
+@_LINUX_ONLY
+def test_each_load_ahead_starts_its_helper_threads_at_its_own_priority(
+    loads: _NicedLoads,
+) -> None:
+    """A helper a load's thread made for an earlier load (at +19) would run a later, nearer
+    load (+10) at the earlier one's priority: each load has a thread of its own."""
+    helpers: list[int] = []
+    for hops_ahead in (3, 1):
+        loads.loader.submit(lambda: helpers.append(_helper_nice()), ahead_niceness(hops_ahead))
+        assert loads.loader.idle(timeout=120)
+
+    base = loads.base
+    assert helpers == [min(19, base + ahead_niceness(3)), min(19, base + ahead_niceness(1))]
+
+
+@_LINUX_ONLY
+def test_a_hurry_puts_a_loads_helper_threads_back_at_the_agents_priority(
+    loads: _NicedLoads,
+) -> None:
+    """transformers loads a model's tensors on a pool of threads the load starts: a hurry
+    that raised only the load's own thread would leave the copying low."""
+    if not _can_raise_priority():
+        pytest.skip("this process may not raise a thread's priority back")
+    hold, running = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def helper() -> None:
+        seen.append(_nice(threading.get_native_id()))
+        running.set()
+        assert hold.wait(timeout=120)
+        seen.append(_nice(threading.get_native_id()))
+
+    def load() -> None:
+        pool = threading.Thread(target=helper)
+        pool.start()
+        pool.join()
+
+    loads.loader.submit(load, ahead_niceness(1))
+    assert running.wait(timeout=120)
+    loads.loader.hurry()
+    hold.set()
+    assert loads.loader.idle(timeout=120)
+
+    assert seen == [min(19, loads.base + ahead_niceness(1)), loads.base]
+
+
+@_LINUX_ONLY
+def test_torch_intra_op_workers_of_a_load_ahead_run_at_its_priority(loads: _NicedLoads) -> None:
+    """torch's OpenMP workers belong to the thread that first runs a parallel operation and
+    are created by it: a load's workers are lowered with it, whatever ran before."""
+    workers: list[dict[int, int]] = []
+    matrix = torch.ones(256, 256)
+
+    def load() -> None:
+        torch.set_num_threads(2)  # this thread's team only (OpenMP settings are per thread)
+        before = set(_threads())
+        for _ in range(20):
+            matrix @ matrix
+        me = threading.get_native_id()
+        workers.append({tid: _nice(tid) for tid in _threads() if tid not in before | {me}})
+
+    kept = torch.get_num_threads()
+    try:
+        for hops_ahead in (3, 1):
+            loads.loader.submit(load, ahead_niceness(hops_ahead))
+            assert loads.loader.idle(timeout=120)
+    finally:
+        torch.set_num_threads(kept)
+
+    base = loads.base
+    assert all(workers), "torch started no intra-op worker for a load"
+    assert set(workers[0].values()) == {min(19, base + ahead_niceness(3))}
+    assert set(workers[1].values()) == {min(19, base + ahead_niceness(1))}
+
+
+def _threads() -> list[int]:
+    return [int(tid) for tid in os.listdir("/proc/self/task")]
+
+
 class _Unavailable(grpc.RpcError):
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE

@@ -76,3 +76,36 @@ def test_a_failed_validation_at_low_priority_is_raised_to_the_caller() -> None:
 
     with pytest.raises(ValueError, match="validation loss is nan"):
         at_low_priority(validate)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's nice value: Linux")
+def test_torch_intra_op_workers_of_a_validation_pass_run_at_its_lower_priority() -> None:
+    """torch's OpenMP workers are made by the thread that first runs a parallel operation:
+    a pass runs on a fresh thread, so its workers are made, and stay, at the pass's priority
+    while the agent's own (training) workers keep the agent's."""
+    import torch
+
+    matrix = torch.ones(256, 256)
+    agent_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    workers: dict[int, int] = {}
+
+    def threads() -> set[int]:
+        return {int(tid) for tid in os.listdir("/proc/self/task")}
+
+    def validate() -> dict[str, float]:
+        torch.set_num_threads(2)  # this thread's team only (OpenMP settings are per thread)
+        before = threads()
+        for _ in range(20):
+            matrix @ matrix
+        me = threading.get_native_id()
+        workers.update({t: os.getpriority(os.PRIO_PROCESS, t) for t in threads() - before - {me}})
+        return {"accuracy": 0.5}
+
+    kept = torch.get_num_threads()
+    try:
+        at_low_priority(validate)
+    finally:
+        torch.set_num_threads(kept)
+
+    assert workers, "torch started no intra-op worker for the pass"
+    assert set(workers.values()) == {min(agent_nice + 10, 19)}

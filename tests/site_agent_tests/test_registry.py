@@ -8,10 +8,12 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from site_agent.examples import InstructionExample, TabularExample, TextExample
+from site_agent.loaders import SourceRows
 from site_agent.registry import (
     REGISTRATION_FILE,
     DatasetError,
@@ -281,6 +283,81 @@ def test_changed_source_is_refused_at_load(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="no dataset named 'other'"):
         load_registered(tmp_path / "d", "other")
     assert list_registered(tmp_path / "d")[0]["status"] == "changed"
+
+
+def _counting_parses(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Counts the source parses `load_registered` makes (their paths)."""
+    import site_agent.registry as registry
+
+    parsed: list[Path] = []
+    real = registry.parse_source
+
+    def parse_source(data: bytes, *, path: Path, **kwargs: Any) -> SourceRows:
+        parsed.append(path)
+        return real(data, path=path, **kwargs)
+
+    monkeypatch.setattr(registry, "parse_source", parse_source)
+    return parsed
+
+
+def test_loading_again_reuses_the_parsed_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 8, "b": 8}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    parsed = _counting_parses(monkeypatch)
+
+    first = load_registered(tmp_path / "d", "notes")
+    again = load_registered(tmp_path / "d", "notes")
+
+    assert again is first
+    assert parsed == [source.resolve()]
+
+
+def test_a_changed_source_is_refused_after_a_cached_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 5, "b": 5}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    load_registered(tmp_path / "d", "notes")
+    parsed = _counting_parses(monkeypatch)
+
+    write_jsonl(source, _text_rows({"a": 5, "b": 6}))  # same size class, other bytes
+
+    with pytest.raises(DatasetError, match="changed since dataset 'notes' was registered"):
+        load_registered(tmp_path / "d", "notes")
+    assert parsed == []
+    # Put back byte for byte, the registered file is the cached one again.
+    write_jsonl(source, _text_rows({"a": 5, "b": 5}))
+    assert len(load_registered(tmp_path / "d", "notes").train) == 6
+    assert parsed == []
+
+
+def test_a_registration_written_again_is_parsed_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 30, "b": 30}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification", seed=1)
+    before = load_registered(tmp_path / "d", "notes")
+    replaced = register_dataset(
+        tmp_path / "d", "notes", source, task_type="seq-classification", seed=2, replace=True
+    )
+    parsed = _counting_parses(monkeypatch)
+
+    after = load_registered(tmp_path / "d", "notes")
+
+    assert after == replaced and after.seed == 2
+    assert after.train != before.train
+    assert parsed == [source.resolve()]
+
+
+def test_a_rewritten_legacy_file_is_not_served_from_the_cache(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "triage.jsonl", _text_rows({"a": 10, "b": 10}))
+    assert len(load_registered(tmp_path, "triage").train) == 12
+
+    write_jsonl(tmp_path / "triage.jsonl", _text_rows({"a": 10, "b": 12}))
+
+    assert len(load_registered(tmp_path, "triage").train) == 13
 
 
 def test_legacy_jsonl_files_are_registered_on_first_use(tmp_path: Path) -> None:

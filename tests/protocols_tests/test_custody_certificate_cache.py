@@ -1,0 +1,88 @@
+"""A producer's certificate is checked against the CA once per exact certificate and CA; every
+signature, validity period, role and name is still checked on every call."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from protocols.pki import Role
+from protocols.signing import SignatureError, sign_digest, verify_custody, verify_signed_digest
+from tests.conftest import Pki
+
+FIRST, SECOND = "ab" * 32, "cd" * 32
+
+
+def _counting_certificate_loads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    loaded: list[bytes] = []
+    real = x509.load_pem_x509_certificate
+
+    def load(data: bytes, *args: Any, **kwargs: Any) -> x509.Certificate:
+        loaded.append(data)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(x509, "load_pem_x509_certificate", load)
+    return loaded
+
+
+def test_a_producers_certificate_is_checked_once_across_hops(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls = pki.tls("site-b")
+    key, certificate = tls.private_key.read_bytes(), tls.certificate.read_bytes()
+    ca = tls.ca_certificate.read_bytes()
+    verify_custody(FIRST, sign_digest(key, FIRST), certificate, ca_pem=ca, producer="site-b")
+    loaded = _counting_certificate_loads(monkeypatch)
+
+    verify_custody(SECOND, sign_digest(key, SECOND), certificate, ca_pem=ca, producer="site-b")
+
+    assert loaded == []
+
+
+def test_a_cached_certificate_still_has_each_signature_name_and_validity_checked(
+    pki: Pki,
+) -> None:
+    tls = pki.tls("site-b")
+    key, certificate = tls.private_key.read_bytes(), tls.certificate.read_bytes()
+    ca = tls.ca_certificate.read_bytes()
+    signature = sign_digest(key, FIRST)
+    verify_custody(FIRST, signature, certificate, ca_pem=ca, producer="site-b")
+
+    with pytest.raises(SignatureError, match="does not verify"):
+        verify_custody(SECOND, signature, certificate, ca_pem=ca, producer="site-b")
+    with pytest.raises(SignatureError, match="not by its producer site 'site-a'"):
+        verify_custody(FIRST, signature, certificate, ca_pem=ca, producer="site-a")
+    with pytest.raises(SignatureError, match="outside its validity"):
+        verify_signed_digest(FIRST, signature, certificate, ca_pem=ca, role=Role.SITE,
+                             at=datetime.now(UTC) + timedelta(days=40_000),
+                             what="checkpoint")  # fmt: skip
+
+
+def test_a_certificate_is_checked_again_against_another_ca_or_when_it_differs(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tls, foreign = pki.tls("site-a"), pki.foreign_tls("site-a")
+    ca = tls.ca_certificate.read_bytes()
+    key, certificate = tls.private_key.read_bytes(), tls.certificate.read_bytes()
+    verify_custody(FIRST, sign_digest(key, FIRST), certificate, ca_pem=ca, producer="site-a")
+    loaded = _counting_certificate_loads(monkeypatch)
+    foreign_ca = (pki.foreign / "ca.crt").read_bytes()
+
+    # The same certificate against another CA: checked, and refused.
+    with pytest.raises(SignatureError, match="not from the consortium CA"):
+        verify_custody(FIRST, sign_digest(key, FIRST), certificate, ca_pem=foreign_ca,
+                       producer="site-a")  # fmt: skip
+    # A certificate of the same name from another CA: checked, and refused, every time.
+    foreign_key, foreign_certificate = (
+        foreign.private_key.read_bytes(), foreign.certificate.read_bytes(),
+    )  # fmt: skip
+    for _ in range(2):
+        with pytest.raises(SignatureError, match="not from the consortium CA"):
+            verify_custody(FIRST, sign_digest(foreign_key, FIRST), foreign_certificate,
+                           ca_pem=ca, producer="site-a")  # fmt: skip
+
+    assert loaded.count(certificate) == 1
+    assert loaded.count(foreign_certificate) == 2
