@@ -7,6 +7,7 @@ is a site certificate of the producer named in the bundle's manifest, and the si
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 from cryptography import x509
@@ -14,7 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from protocols.pki import PkiError, Role, identity_from_pem
+from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem
 
 __all__ = [
     "SignatureError",
@@ -131,16 +132,7 @@ def _verify_signer(
     at: datetime,
     what: str,
 ) -> str:
-    try:
-        certificate = x509.load_pem_x509_certificate(certificate_pem)
-        ca = x509.load_pem_x509_certificate(ca_pem)
-        certificate.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise SignatureError(f"signer certificate is not from the consortium CA: {exc}") from exc
-    try:
-        identity = identity_from_pem(certificate_pem)
-    except PkiError as exc:
-        raise SignatureError(str(exc)) from exc
+    certificate, identity = _certified(certificate_pem, ca_pem)
     if role is Role.SITE and name is not None:
         if identity.role is not Role.SITE or identity.name != name:
             raise SignatureError(
@@ -162,3 +154,22 @@ def _verify_signer(
     except InvalidSignature as exc:
         raise SignatureError(f"{what} signature of {signer!r} does not verify") from exc
     return identity.name
+
+
+# A site signs every hop with the same certificate: its parse and its check against the CA are
+# done once per (certificate, CA) pair. Only certificates that passed are kept (a refusal raises,
+# and is checked again next time); the validity period and the signature are checked every call.
+@functools.lru_cache(maxsize=256)
+def _certified(certificate_pem: bytes, ca_pem: bytes) -> tuple[x509.Certificate, PeerIdentity]:
+    """The certificate, parsed, and its holder, once it is known to be issued by the CA."""
+    try:
+        certificate = x509.load_pem_x509_certificate(certificate_pem)
+        ca = x509.load_pem_x509_certificate(ca_pem)
+        certificate.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise SignatureError(f"signer certificate is not from the consortium CA: {exc}") from exc
+    try:
+        identity = identity_from_pem(certificate_pem)
+    except PkiError as exc:
+        raise SignatureError(str(exc)) from exc
+    return certificate, identity
