@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                "--ca", str(pki / "ca.crt"), "--cert", str(pki / "coordinator.crt"),
                "--key", str(pki / "coordinator.key"), "--log-level", "WARNING",
                "--no-dashboard"]  # fmt: skip
+    os.chdir(root)  # `python -m` puts the working directory first on the import path
     proc, port, _ = _start(command, tmp / "coordinator.port", PYTHONPATH=str(root))
     samples: dict[str, list[float]] = {call: [] for call in CALLS}
     calls = list(CALLS)
