@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             site = sites["site-a" if index % 2 == 0 else "site-b"]
             task = site.tasks.get(timeout=60)
             data = site.bundle(task, args.kib * 1024)
-            call = calls[(index // 2 + index) % 2]  # A B B A ...: each call at each site
+            call = calls[(index // 2 + index) % len(calls)]  # A B B A ...: each call at each site
             try:
                 seconds = _hand_back(site, task, data, call)
             except grpc.RpcError as exc:
