@@ -603,6 +603,17 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             await self._refuse(context, exc)
         return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
 
+    async def HandBackHopWhole(
+        self, request: pb.HandBackWhole, context: grpc.aio.ServicerContext
+    ) -> pb.HopResultResponse:
+        identity = await self._caller(context, Role.SITE, "HandBackHopWhole")
+        try:
+            certificate = context.auth_context()["x509_pem_cert"][0]
+            status = await self.engine.hand_back_whole(identity.name, certificate, request)
+        except CoordinatorError as exc:
+            await self._refuse(context, exc)
+        return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
+
     async def UploadStatus(
         self, request: pb.UploadHeader, context: grpc.aio.ServicerContext
     ) -> pb.UploadProgress:

@@ -18,6 +18,7 @@ from protocols.pki import PeerIdentity, PkiError, identity_from_pem
 __all__ = [
     "CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
+    "WHOLE_HAND_BACK_BYTES",
     "PortInUse",
     "TlsFiles",
     "aio_server",
@@ -31,6 +32,9 @@ __all__ = [
 # 1 MiB chunks sit on gRPC's bulk-throughput plateau; messages stay well under the cap.
 CHUNK_BYTES = 1024 * 1024
 MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
+# A finished hop whose bundle is at most this size is handed back in one message (LoRA adapters
+# are hundreds of KB); a larger one streams in chunks, resumably.
+WHOLE_HAND_BACK_BYTES = CHUNK_BYTES
 
 _COMMON_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

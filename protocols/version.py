@@ -9,5 +9,6 @@ BATON_VERSION = "0.1.0"
 # Additions that older peers can ignore keep the version: HandBackHop (a finished hop's bundle
 # and result in one call) is one. A coordinator still takes the two-call hand back of older
 # sites (UploadCheckpoint, then ReportHopResult); a site falls back to it when an older
-# coordinator answers HandBackHop with UNIMPLEMENTED.
+# coordinator answers HandBackHop with UNIMPLEMENTED. HandBackHopWhole (a small hop's hand back
+# in one message) is another: a site falls back to HandBackHop when it is UNIMPLEMENTED.
 PROTOCOL_VERSION = 1

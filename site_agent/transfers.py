@@ -13,7 +13,7 @@ import grpc
 from protocols.checkpoint import AGGREGATOR, Bundle, CheckpointError, inspect_bundle
 from protocols.chunk_wire import hand_back_chunk, read_download_chunk
 from protocols.signing import SignatureError, verify_aggregate_custody, verify_custody
-from protocols.transport import CHUNK_BYTES
+from protocols.transport import CHUNK_BYTES, WHOLE_HAND_BACK_BYTES
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from site_agent.metrics import SiteMetrics
@@ -84,6 +84,7 @@ class Transfers:
     metrics: SiteMetrics
     _stop: threading.Event
     _hand_back_unimplemented = False  # the coordinator predates HandBackHop: two calls
+    _whole_unimplemented = False  # the coordinator predates HandBackHopWhole: the stream
 
     if TYPE_CHECKING:
 
@@ -199,16 +200,25 @@ class Transfers:
         lease_lost: threading.Event,
         on_retry: Callable[[], None] | None = None,
     ) -> pb.HopResultResponse:
-        """Hands a finished hop back: its bundle and its result in one call (HandBackHop).
+        """Hands a finished hop back: its bundle and its result in one call (HandBackHop; a
+        bundle up to `WHOLE_HAND_BACK_BYTES` in one message, HandBackHopWhole).
 
         A cut or unanswered call is resumed from what the coordinator holds (UploadStatus): a
         retry after the commit is answered "committed" again, nothing is sent twice over. A
-        coordinator without HandBackHop gets the upload and the result in two calls.
-        ``on_retry``: called before each wait for a retry.
+        coordinator without HandBackHopWhole gets the stream; one without HandBackHop gets the
+        upload and the result in two calls. ``on_retry``: called before each wait for a retry.
         """
         attempts = 0
 
         def send() -> pb.HopResultResponse:
+            if len(payload) <= WHOLE_HAND_BACK_BYTES and not self._whole_unimplemented:
+                try:
+                    return self._hand_back_whole(stub, header, payload, result)
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    logger.info("the coordinator takes no hand back in one message: streaming it")
+                    self._whole_unimplemented = True
             if self._hand_back_unimplemented:
                 return self._upload_then_report(stub, header, payload, result)
             try:
@@ -252,6 +262,20 @@ class Transfers:
                 return send()
 
         return self._retrying("hand back", call, lease_lost=lease_lost, on_retry=on_retry)
+
+    def _hand_back_whole(
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        header: pb.UploadHeader,
+        payload: bytes,
+        result: pb.HopResult,
+    ) -> pb.HopResultResponse:
+        """A small bundle (from `header.offset`) and its result in one unary call: gRPC sends it
+        from the calling thread (a request stream is consumed on a thread of its own)."""
+        request = pb.HandBackWhole(header=header, bundle=payload[header.offset :], result=result)
+        response: pb.HopResultResponse = stub.HandBackHopWhole(request, timeout=600)
+        self.metrics.checkpoint_bytes.labels(direction="upload").inc(len(payload) - header.offset)
+        return response
 
     def _upload_then_report(
         self,

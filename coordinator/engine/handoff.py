@@ -8,11 +8,13 @@ Pure decisions over ledger rows; the engine does the I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import AsyncIterator
 
 from coordinator.errors import InvalidInput, NotFound, PermissionDenied
 from coordinator.ledger import Ledger, TransitionRefused
 from coordinator.ledger.models import CheckpointRow, HopRow, RunRow
 from coordinator.storage_faults import StorageHealth
+from protocols.transport import WHOLE_HAND_BACK_BYTES
 from protocols.v1 import baton_pb2 as pb
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "prepare_task",
     "record_validation",
     "wants_inline_bundle",
+    "whole_hand_back_parts",
 ]
 
 # An input checkpoint up to this size travels inside its task (no DownloadCheckpoint call);
@@ -96,6 +99,31 @@ def complete_hop_task(
         task.hop.input_bundle = bundle
     task.hop.validation_after_commit = not is_last_hop(run, hop)
     return task
+
+
+def whole_hand_back_parts(request: pb.HandBackWhole) -> AsyncIterator[pb.HandBackRequest]:
+    """A hand back in one message (HandBackHopWhole) as the parts of a streamed one that follow
+    its header (the bundle, then the result), so it goes through every check of HandBackHop.
+
+    Raises:
+        InvalidInput: The header or the result is missing, or the bundle is over
+            `WHOLE_HAND_BACK_BYTES` (those stream with HandBackHop).
+    """
+    if not request.HasField("header") or not request.HasField("result"):
+        raise InvalidInput("a hand back in one message carries its upload header and its result")
+    size = max(request.header.total_size, len(request.bundle))
+    if size > WHOLE_HAND_BACK_BYTES:
+        raise InvalidInput(
+            f"a hand back in one message carries at most {WHOLE_HAND_BACK_BYTES} bytes of bundle, "
+            f"this one {size}; stream it with HandBackHop"
+        )
+
+    async def parts() -> AsyncIterator[pb.HandBackRequest]:
+        if request.bundle:
+            yield pb.HandBackRequest(data=request.bundle)
+        yield pb.HandBackRequest(result=request.result)
+
+    return parts()
 
 
 def finite_validation(report: pb.HopValidation) -> dict[str, float]:

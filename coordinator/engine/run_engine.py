@@ -15,6 +15,7 @@ from coordinator.engine.active_runs import ActiveRuns
 from coordinator.engine.controls import RunControls
 from coordinator.engine.evaluations import Evaluations
 from coordinator.engine.export import final_adapter_dir
+from coordinator.engine.handoff import whole_hand_back_parts
 from coordinator.engine.hops import Hops
 from coordinator.engine.leases import HopLeases, HopProgress
 from coordinator.engine.ledger_writer import LedgerWriter
@@ -257,6 +258,14 @@ class RunEngine:
         return await self.intake.hand_back(
             site, certificate_pem, header, parts, self.hops.report_result
         )
+
+    async def hand_back_whole(
+        self, site: str, certificate_pem: bytes, request: pb.HandBackWhole
+    ) -> str:
+        """`hand_back` of a small hop in one message (its bundle and its result): the same
+        checks and the same ledger events. Returns the hop's new status."""
+        parts = whole_hand_back_parts(request)
+        return await self.hand_back(site, certificate_pem, request.header, parts)
 
     def upload_progress(self, site: str, header: pb.UploadHeader) -> int:
         """Bytes of a hop's upload already received (to resume a cut upload from there)."""

@@ -1082,6 +1082,43 @@ class HandBackRequest(_message.Message):
 Global___HandBackRequest: _TypeAlias = HandBackRequest  # noqa: Y015
 
 @_typing.final
+class HandBackWhole(_message.Message):
+    """A small finished hop handed back in one message (HandBackHopWhole): its whole bundle and its
+    result. The coordinator checks, stores and commits exactly as for HandBackHop (same checks,
+    same ledger events); a bundle over WHOLE_HAND_BACK_BYTES (protocols/transport.py, 1 MiB) is
+    refused here and streams with HandBackHop. A retry after a lost answer asks UploadStatus
+    first, then sends the bundle from that offset (nothing, if the coordinator holds it all).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEADER_FIELD_NUMBER: _builtins.int
+    BUNDLE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    bundle: _builtins.bytes
+    """the bundle from header.offset to its end"""
+    @_builtins.property
+    def header(self) -> Global___UploadHeader: ...
+    @_builtins.property
+    def result(self) -> Global___HopResult:
+        """the hop's result (ok); output_checkpoint as in HandBackRequest"""
+
+    def __init__(
+        self,
+        *,
+        header: Global___UploadHeader | None = ...,
+        bundle: _builtins.bytes = ...,
+        result: Global___HopResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "header", b"header", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandBackWhole: _TypeAlias = HandBackWhole  # noqa: Y015
+
+@_typing.final
 class HopResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -69,6 +69,11 @@ class SiteServiceStub:
                 request_serializer=protocols_dot_v1_dot_baton__pb2.HandBackRequest.SerializeToString,
                 response_deserializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
                 _registered_method=True)
+        self.HandBackHopWhole = channel.unary_unary(
+                '/baton.v1.SiteService/HandBackHopWhole',
+                request_serializer=protocols_dot_v1_dot_baton__pb2.HandBackWhole.SerializeToString,
+                response_deserializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
+                _registered_method=True)
         self.ReportHopValidation = channel.unary_unary(
                 '/baton.v1.SiteService/ReportHopValidation',
                 request_serializer=protocols_dot_v1_dot_baton__pb2.HopValidation.SerializeToString,
@@ -150,6 +155,13 @@ class SiteServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandBackHopWhole(self, request, context):
+        """A small hop's hand back in one message: one unary call, no request stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportHopValidation(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -223,6 +235,11 @@ def add_SiteServiceServicer_to_server(servicer, server):
             'HandBackHop': grpc.stream_unary_rpc_method_handler(
                     servicer.HandBackHop,
                     request_deserializer=protocols_dot_v1_dot_baton__pb2.HandBackRequest.FromString,
+                    response_serializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.SerializeToString,
+            ),
+            'HandBackHopWhole': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandBackHopWhole,
+                    request_deserializer=protocols_dot_v1_dot_baton__pb2.HandBackWhole.FromString,
                     response_serializer=protocols_dot_v1_dot_baton__pb2.HopResultResponse.SerializeToString,
             ),
             'ReportHopValidation': grpc.unary_unary_rpc_method_handler(
@@ -444,6 +461,33 @@ class SiteService:
             target,
             '/baton.v1.SiteService/HandBackHop',
             protocols_dot_v1_dot_baton__pb2.HandBackRequest.SerializeToString,
+            protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandBackHopWhole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.SiteService/HandBackHopWhole',
+            protocols_dot_v1_dot_baton__pb2.HandBackWhole.SerializeToString,
             protocols_dot_v1_dot_baton__pb2.HopResultResponse.FromString,
             options,
             channel_credentials,

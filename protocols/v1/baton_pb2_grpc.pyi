@@ -48,6 +48,8 @@ class SiteServiceStub:
     """Upload + ReportHopResult in one round trip (a successful hop only). A coordinator without it
     answers UNIMPLEMENTED: the site then uploads and reports in two calls.
     """
+    HandBackHopWhole: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HandBackWhole, _baton_pb2.HopResultResponse]
+    """A small hop's hand back in one message: one unary call, no request stream."""
     ReportHopValidation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.HopValidation, _baton_pb2.HopValidationResponse]
     SendHeartbeat: _grpc.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]
     ReportEvaluation: _grpc.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]
@@ -71,6 +73,8 @@ class SiteServiceAsyncStub(SiteServiceStub):
     """Upload + ReportHopResult in one round trip (a successful hop only). A coordinator without it
     answers UNIMPLEMENTED: the site then uploads and reports in two calls.
     """
+    HandBackHopWhole: _aio.UnaryUnaryMultiCallable[_baton_pb2.HandBackWhole, _baton_pb2.HopResultResponse]  # type: ignore[assignment]
+    """A small hop's hand back in one message: one unary call, no request stream."""
     ReportHopValidation: _aio.UnaryUnaryMultiCallable[_baton_pb2.HopValidation, _baton_pb2.HopValidationResponse]  # type: ignore[assignment]
     SendHeartbeat: _aio.UnaryUnaryMultiCallable[_baton_pb2.Heartbeat, _baton_pb2.HeartbeatResponse]  # type: ignore[assignment]
     ReportEvaluation: _aio.UnaryUnaryMultiCallable[_baton_pb2.EvaluationResult, _baton_pb2.EvaluationResultResponse]  # type: ignore[assignment]
@@ -133,6 +137,14 @@ class SiteServiceServicer(metaclass=_abc_1.ABCMeta):
         """Upload + ReportHopResult in one round trip (a successful hop only). A coordinator without it
         answers UNIMPLEMENTED: the site then uploads and reports in two calls.
         """
+
+    @_abc_1.abstractmethod
+    def HandBackHopWhole(
+        self,
+        request: _baton_pb2.HandBackWhole,
+        context: _ServicerContext,
+    ) -> _typing.Union[_baton_pb2.HopResultResponse, _abc.Awaitable[_baton_pb2.HopResultResponse]]:
+        """A small hop's hand back in one message: one unary call, no request stream."""
 
     @_abc_1.abstractmethod
     def ReportHopValidation(

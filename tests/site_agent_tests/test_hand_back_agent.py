@@ -1,5 +1,6 @@
-"""The agent hands a finished hop back in one call, reports a refused bundle as the hop's failure,
-and still hands back in two calls (upload, then result) to a coordinator that predates it."""
+"""The agent hands a finished hop back in one call (a small bundle in one message), reports a
+refused bundle as the hop's failure, streams to a coordinator without the one-message call and
+still hands back in two calls (upload, then result) to a coordinator that predates both."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
+import site_agent.transfers
 from coordinator.console.admin import AdminClient
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
@@ -32,7 +34,7 @@ __all__ = ["admin", "coordinator", "sites"]  # fixtures
 def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts the coordinator's upload, result and hand-back calls."""
     counted: dict[str, int] = {}
-    for name in ("UploadCheckpoint", "ReportHopResult", "HandBackHop"):
+    for name in ("UploadCheckpoint", "ReportHopResult", "HandBackHop", "HandBackHopWhole"):
         original = getattr(SiteServicer, name)
 
         def counting(self: Any, request: Any, context: Any, _o: Any = original, _n: str = name):  # type: ignore[no-untyped-def]
@@ -43,14 +45,22 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counted
 
 
+async def _unknown(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+
 @pytest.fixture
 def older_coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A coordinator without HandBackHop answers UNIMPLEMENTED, as gRPC does for any unknown rpc."""
+    """A coordinator without HandBackHop (nor HandBackHopWhole) answers UNIMPLEMENTED, as gRPC
+    does for any unknown rpc."""
+    monkeypatch.setattr(SiteServicer, "HandBackHop", _unknown)
+    monkeypatch.setattr(SiteServicer, "HandBackHopWhole", _unknown)
 
-    async def unknown(self: Any, request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
-    monkeypatch.setattr(SiteServicer, "HandBackHop", unknown)
+@pytest.fixture
+def streaming_coordinator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coordinator with HandBackHop but without HandBackHopWhole."""
+    monkeypatch.setattr(SiteServicer, "HandBackHopWhole", _unknown)
 
 
 def _agent(tmp_path: Path, pki: Pki, port: int) -> SiteAgent:
@@ -106,8 +116,38 @@ def test_a_finished_hop_is_handed_back_in_one_call(
     agent = _agent(tmp_path, pki, coordinator.port)
     reported = _report(agent, stub, task, _finished(agent, site, task, site.bundle(task)))
     assert reported is not None and reported[1].hop_status == "committed"
-    assert calls == {"HandBackHop": 1}
+    assert calls == {"HandBackHopWhole": 1}  # a small bundle: one message
     assert coordinator.engine.ledger.hop(task.hop_id).status == "committed"  # type: ignore[union-attr]
+
+
+def test_a_bundle_over_the_one_message_size_is_streamed(
+    tmp_path: Path, pki: Pki, calls: dict[str, int], coordinator: Coordinator,
+    sites: dict[str, ScriptedSite], admin: AdminClient, stub: pb_grpc.SiteServiceStub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    data = site.bundle(task)
+    monkeypatch.setattr(site_agent.transfers, "WHOLE_HAND_BACK_BYTES", len(data) - 1)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    reported = _report(agent, stub, task, _finished(agent, site, task, data))
+    assert reported is not None and reported[1].hop_status == "committed"
+    assert calls == {"HandBackHop": 1}
+
+
+def test_a_site_streams_its_hand_back_to_a_coordinator_without_the_one_message_call(
+    tmp_path: Path, pki: Pki, streaming_coordinator: None, calls: dict[str, int],
+    coordinator: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient,
+    stub: pb_grpc.SiteServiceStub,
+) -> None:  # fmt: skip
+    site = sites["site-a"]
+    task = _task(admin, site)
+    agent = _agent(tmp_path, pki, coordinator.port)
+    reported = _report(agent, stub, task, _finished(agent, site, task, site.bundle(task)))
+    assert reported is not None and reported[1].hop_status == "committed"
+    assert calls == {"HandBackHopWhole": 1, "HandBackHop": 1}
+    # Known from then on: the next hand back streams at once.
+    assert agent._whole_unimplemented and not agent._hand_back_unimplemented
 
 
 def test_a_site_hands_back_in_two_calls_to_a_coordinator_that_predates_hand_back(
@@ -120,7 +160,9 @@ def test_a_site_hands_back_in_two_calls_to_a_coordinator_that_predates_hand_back
     agent = _agent(tmp_path, pki, coordinator.port)
     reported = _report(agent, stub, task, _finished(agent, site, task, site.bundle(task)))
     assert reported is not None and reported[1].hop_status == "committed"
-    assert calls == {"HandBackHop": 1, "UploadCheckpoint": 1, "ReportHopResult": 1}
+    assert calls == {
+        "HandBackHopWhole": 1, "HandBackHop": 1, "UploadCheckpoint": 1, "ReportHopResult": 1
+    }  # fmt: skip
     # Known from then on: the next hand back goes straight to the two calls.
     assert agent._hand_back_unimplemented
 
@@ -161,7 +203,7 @@ def test_a_hand_back_the_coordinator_cannot_resume_starts_again_from_byte_0(
     header.offset = len(data) // 2
     reported = _report(agent, stub, task, result)
     assert reported is not None and reported[1].hop_status == "committed"
-    assert calls == {"HandBackHop": 2}
+    assert calls == {"HandBackHopWhole": 2}
     assert coordinator.engine.ledger.hop(task.hop_id).status == "committed"  # type: ignore[union-attr]
 
 
@@ -179,7 +221,7 @@ def test_an_upload_the_older_coordinator_cannot_resume_starts_again_from_byte_0(
     header.offset = len(data) // 2
     reported = _report(agent, stub, task, result)
     assert reported is not None and reported[1].hop_status == "committed"
-    assert calls == {"UploadCheckpoint": 2, "ReportHopResult": 1}
+    assert calls == {"HandBackHopWhole": 1, "UploadCheckpoint": 2, "ReportHopResult": 1}
 
 
 def test_a_refused_result_of_a_stored_bundle_is_not_reported_as_a_refused_bundle(

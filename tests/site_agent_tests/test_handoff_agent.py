@@ -227,6 +227,13 @@ class _Coordinator:
 
     def HandBackHop(self, parts: Any, timeout: float) -> pb.HopResultResponse:
         assert list(parts)[-1].result.ok
+        return self._handed_back()
+
+    def HandBackHopWhole(self, request: pb.HandBackWhole, timeout: float) -> pb.HopResultResponse:
+        assert request.result.ok
+        return self._handed_back()
+
+    def _handed_back(self) -> pb.HopResultResponse:
         self.seen["handing back"] = gc.isenabled()
         return pb.HopResultResponse(hop_status="committed")
 
@@ -325,13 +332,13 @@ class _AwayOnce(_Coordinator):
     def UploadStatus(self, header: pb.UploadHeader, timeout: float) -> pb.UploadProgress:
         return pb.UploadProgress(received=0)
 
-    def HandBackHop(self, parts: Any, timeout: float) -> pb.HopResultResponse:
+    def _handed_back(self) -> pb.HopResultResponse:
         self.attempts += 1
         if self.attempts == 1:
             self.seen["first hand back"] = gc.isenabled()
             raise _Unavailable(grpc.StatusCode.UNAVAILABLE)
         self.seen["retried hand back"] = gc.isenabled()
-        return super().HandBackHop(parts, timeout)
+        return super()._handed_back()
 
 
 class _Unavailable(grpc.RpcError):

@@ -1,0 +1,170 @@
+"""The hand back of a small adapter, call by call: one message (HandBackHopWhole) against the
+stream (HandBackHop, the site agent's framed stub), interleaved in one run.
+
+A coordinator (`baton coordinator serve`, its own process) runs a two-site sequential job; two
+scripted sites hand each hop back with a bundle of `--kib` KiB (a MiniLM r=8 adapter is ~300 KB),
+alternating the call per hop (A B B A ...), so both calls see the same load. Each figure is the
+call's wall time at the site, from the call to its answer: the coordinator receives the bundle,
+checks it (hash, format, values, lineage, signature), stores it durably, commits the hop and
+leases the next one in one transaction, then answers. The bundle's hash and signature are made
+before the call, as the agent does. `--coordinator-root` runs the coordinator from another
+checkout (an A/B of the coordinator's side; a checkout without HandBackHopWhole gets the stream
+only). Writes JSON + Markdown under benchmarks/results/.
+
+    nice -n 19 .venv/bin/python benchmarks/hand_back_call.py --hops 80
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from benchmarks.transfer import RESULTS, Site, _start, _tls, _uptime
+from coordinator.console.admin import AdminClient
+from coordinator.plan import parse_plan
+from protocols.pki import Role, init_ca, issue_certificate
+from protocols.signing import sign_digest
+from protocols.v1 import baton_pb2 as pb
+from site_agent.transfers import hand_back_frames
+
+CALLS = ("whole", "stream")
+
+
+def _hand_back(site: Site, task: pb.HopTask, data: bytes, call: str) -> float:
+    """Hands `task`'s hop back with `data` by `call`; the call's seconds."""
+    digest = hashlib.sha256(data).hexdigest()
+    header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
+                             total_size=len(data), sha256=digest,
+                             signature=sign_digest(site.key_pem, digest))  # fmt: skip
+    result = pb.HopResult(hop_id=task.hop_id, lease_token=task.lease_token, ok=True,
+                          metrics={"accuracy": 0.5}, train_started_at_ns=1,
+                          train_finished_at_ns=2)  # fmt: skip
+    started = time.perf_counter()
+    if call == "whole":
+        request = pb.HandBackWhole(header=header, bundle=data, result=result)
+        status = site.stub.HandBackHopWhole(request, timeout=60).hop_status
+    else:
+        status = site.stub.HandBackHopFramed(
+            hand_back_frames(header, data, result), timeout=60
+        ).hop_status
+    seconds = time.perf_counter() - started
+    assert status == "committed", status
+    return seconds
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    pki = tmp / "pki"
+    init_ca(pki)
+    for role, name in [(Role.COORDINATOR, "coordinator"), (Role.ADMIN, "admin"),
+                       (Role.SITE, "site-a"), (Role.SITE, "site-b")]:  # fmt: skip
+        issue_certificate(pki, pki, role, name)
+    root = args.coordinator_root or Path(__file__).resolve().parent.parent
+    command = [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
+               "--port-file", str(tmp / "coordinator.port"), "--state-dir", str(tmp / "state"),
+               "--ca", str(pki / "ca.crt"), "--cert", str(pki / "coordinator.crt"),
+               "--key", str(pki / "coordinator.key"), "--log-level", "WARNING",
+               "--no-dashboard"]  # fmt: skip
+    os.chdir(root)  # `python -m` puts the working directory first on the import path
+    proc, port, _ = _start(command, tmp / "coordinator.port", PYTHONPATH=str(root))
+    samples: dict[str, list[float]] = {call: [] for call in CALLS}
+    calls = list(CALLS)
+    try:
+        sites = {name: Site(port, pki, name) for name in ("site-a", "site-b")}
+        admin = AdminClient(f"localhost:{port}", _tls(pki, "admin"))
+        admin.wait_for_sites(set(sites), timeout=30)
+        admin.start_run(parse_plan({
+            "name": "hand-back-call", "dataset": "notes", "labels": ["x", "y"],
+            "sites": ["site-a", "site-b"], "cycles": args.hops // 2,
+        }))  # fmt: skip
+        for index in range(args.hops):
+            site = sites["site-a" if index % 2 == 0 else "site-b"]
+            task = site.tasks.get(timeout=60)
+            data = site.bundle(task, args.kib * 1024)
+            call = calls[(index // 2 + index) % len(calls)]  # A B B A ...: each call at each site
+            try:
+                seconds = _hand_back(site, task, data, call)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                calls = ["stream"]  # an older coordinator: the stream only
+                seconds = _hand_back(site, task, data, "stream")
+                call = "stream"
+            if index >= args.warmup:
+                samples[call].append(seconds)
+        for site in sites.values():
+            site.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {
+        "kib": args.kib,
+        "hops": args.hops,
+        "warmup": args.warmup,
+        "coordinator_root": str(root),
+        "uptime": _uptime(),
+        "calls": {
+            call: {
+                "n": len(values),
+                "median_ms": round(statistics.median(values) * 1e3, 2),
+                "p90_ms": round(_quantile(values, 0.9) * 1e3, 2),
+                "p99_ms": round(_quantile(values, 0.99) * 1e3, 2),
+                "samples_ms": [round(v * 1e3, 2) for v in values],
+            }
+            for call, values in samples.items()
+            if values
+        },
+    }
+
+
+def markdown(figures: dict[str, Any], command: str) -> str:
+    lines = [
+        f"# Hand back of a {figures['kib']} KiB adapter, call by call",
+        "",
+        f"Command: `{command}`. Coordinator from `{figures['coordinator_root']}`. "
+        f"{figures['hops']} hops, the first {figures['warmup']} not counted; calls alternate "
+        f"per hop. Load: `{figures['uptime']}`.",
+        "",
+        "| call | n | median ms | p90 ms | p99 ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for call, row in figures["calls"].items():
+        lines.append(f"| {call} | {row['n']} | {row['median_ms']} | {row['p90_ms']} | "
+                     f"{row['p99_ms']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hops", type=int, default=80)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--kib", type=int, default=300)
+    parser.add_argument("--coordinator-root", type=Path, default=None)
+    parser.add_argument("--name", default="hand-back-call")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = run(args, Path(tmp))
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/hand_back_call.py " + " ".join(sys.argv[1:])
+    (args.out / f"{args.name}.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(figures, command))
+    print(markdown(figures, command))
+
+
+if __name__ == "__main__":
+    main()
