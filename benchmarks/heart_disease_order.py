@@ -817,13 +817,14 @@ def _write(report: dict[str, Any], out: Path, name: str, paired: Mapping[str, An
     if len(report["splits_data"]) >= 2:
         report["summary"] = summarise(report, paired)
         (out / f"{name}.md").write_text(markdown(report))
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    _write_json(report, out, name)
 
 
 def _write_json(report: Mapping[str, Any], out: Path, name: str) -> None:
-    """The measurements so far (a run cut short keeps its finished splits)."""
+    """The measurements so far (a run cut short keeps its finished splits), written compact: a
+    12-split run's per-order, per-draw and per-site rows are 6 MB indented, 4 MB compact."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(report, separators=(",", ":")) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
