@@ -73,7 +73,6 @@ import torch
 from heart_disease_paired import _reordered, _spearman
 from medquad_paired import (
     DEFAULT_DATA,
-    N_STARTUP_TRIALS,
     RANDOM_ORDERS,
     RESULTS_DIR,
     SETTINGS,
@@ -84,14 +83,15 @@ from medquad_paired import (
     _site_hp,
     _spec,
     default_start,
+    fresh_random_orders,
     load_pool,
     memoise_feature_matrices,
     search_space,
     split_sites,
+    tuned_random_order_study,
 )
 
-from ordering import CandidatePlan, OrderingStudy, PlanFailed
-from ordering._samplers import is_order_param
+from ordering import CandidatePlan
 from site_agent.registry import RegisteredDataset
 from site_agent.simulation import train_sequential
 from site_agent.tasks import TabularTrainer, TaskSpec, Trainer, create_trainer
@@ -303,32 +303,10 @@ def tuned_random_order(
     executor = TwinExecutor(trainer, spec, datasets, folds, _scorer(trainer, spec))
     sizes = {d.name: len(d.train) for d in datasets}
     default = default_start(space, tuple(sorted(sites, key=lambda s: (sizes[s], s))))
-    study = OrderingStudy.create(
-        None,
-        f"random-order-{split}",
-        space,
-        "lehmer",
-        "mean",
-        seed=split,
-        sampler="random-order",
-        pruning=None,
-        n_startup_trials=N_STARTUP_TRIALS,
-    )
-    study.optuna_study.enqueue_trial(
-        {k: v for k, v in study.params_for(default).items() if not is_order_param(k)},
-        user_attrs={"enqueued": "seed: short cycles, random order"},
-    )
-    study.optimize(executor, trials, catch=(PlanFailed,))
+    study, _ = tuned_random_order_study(executor, space, split, trials, default)
     chosen = _best(study)
     assert chosen.plan is not None and chosen.value is not None
-    rng = random.Random(f"random-orders:{split}")
-    orders: list[tuple[str, ...]] = []
-    while len(orders) < RANDOM_ORDERS:
-        order = list(sites)
-        rng.shuffle(order)
-        if tuple(order) not in orders:
-            orders.append(tuple(order))
-    return chosen.plan, float(chosen.value), orders
+    return chosen.plan, float(chosen.value), fresh_random_orders(sites, split, RANDOM_ORDERS)
 
 
 def cv_accuracy(

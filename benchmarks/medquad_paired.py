@@ -691,6 +691,52 @@ def default_start(
     )
 
 
+def tuned_random_order_study(
+    executor: TwinExecutor,
+    space: SearchSpace,
+    split: int,
+    trials: int,
+    default: CandidatePlan | None,
+    max_forgetting: float | None = None,
+    startup: int = N_STARTUP_TRIALS,
+) -> tuple[OrderingStudy, list[TrialRecord]]:
+    """The random order's study on `split`, run for `trials` trials: hyperparameters tuned by
+    TPE, the order drawn at random in every trial; with a `default` its hyperparameters first.
+    Returns the study and the records of its trials."""
+    study = OrderingStudy.create(
+        None,
+        f"random-order-{split}",
+        space,
+        "lehmer",
+        "mean",
+        seed=split,
+        sampler="random-order",
+        pruning=None,
+        max_forgetting=max_forgetting,
+        n_startup_trials=startup,
+    )
+    if default is not None:
+        # The default's hyperparameters; its order parameters are left to the sampler (random).
+        study.optuna_study.enqueue_trial(
+            {k: v for k, v in study.params_for(default).items() if not is_order_param(k)},
+            user_attrs={"enqueued": "seed: short cycles, random order"},
+        )
+    return study, study.optimize(executor, trials, catch=(PlanFailed,))
+
+
+def fresh_random_orders(sites: Sequence[str], split: int, count: int) -> list[tuple[str, ...]]:
+    """`count` distinct random orders of `sites`, drawn from the split's own RNG (the tuned
+    random order is scored on these, never on the orders its study tried)."""
+    rng = random.Random(f"random-orders:{split}")
+    orders: list[tuple[str, ...]] = []
+    while len(orders) < count:
+        order = list(sites)
+        rng.shuffle(order)
+        if tuple(order) not in orders:
+            orders.append(tuple(order))
+    return orders
+
+
 def sequential_methods(
     trainer: Trainer,
     spec: TaskSpec,
@@ -801,38 +847,15 @@ def sequential_methods(
         }
 
     started = time.perf_counter()
-    tuned = OrderingStudy.create(
-        None,
-        f"random-order-{split}",
-        space,
-        "lehmer",
-        "mean",
-        seed=split,
-        sampler="random-order",
-        pruning=None,
-        max_forgetting=max_forgetting,
-        n_startup_trials=startup,
+    tuned, records = tuned_random_order_study(
+        executor, space, split, trials, default, max_forgetting, startup
     )
-    if default is not None:
-        # The default's hyperparameters; its order parameters are left to the sampler (random).
-        tuned.optuna_study.enqueue_trial(
-            {k: v for k, v in tuned.params_for(default).items() if not is_order_param(k)},
-            user_attrs={"enqueued": "seed: short cycles, random order"},
-        )
-    records = tuned.optimize(executor, trials, catch=(PlanFailed,))
     chosen = _best(tuned)
     assert chosen.plan is not None
     # The tuned settings on fresh random orders: the order itself is never selected.
-    rng = random.Random(f"random-orders:{split}")
-    orders: list[tuple[str, ...]] = []
-    while len(orders) < random_orders:
-        order = list(sites)
-        rng.shuffle(order)
-        if tuple(order) not in orders:
-            orders.append(tuple(order))
     runs = [
         run_plan_on_test(trainer, spec, datasets, _reordered(chosen.plan, o), scorer)
-        for o in orders
+        for o in fresh_random_orders(sites, split, random_orders)
     ]
     values = [r["test_avg"] for r in runs]
     out["random-order"] = {
