@@ -1,4 +1,5 @@
-"""Ordering test fixtures: quiet Optuna, sites, a synthetic objective."""
+"""Ordering test fixtures: quiet Optuna, sites, a synthetic objective, the tabular trainer the
+benchmarks' tests train with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import optuna
 import pytest
 
 from ordering import SyntheticObjective
+from site_agent.tasks import TabularTrainer
+from tests.benchmark_module import tabular_trainer
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,3 +30,9 @@ def five_sites() -> tuple[str, ...]:
 @pytest.fixture
 def synthetic() -> SyntheticObjective:
     return SyntheticObjective(5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trainer() -> TabularTrainer:
+    """The CPU tabular trainer the heart disease benchmarks train with."""
+    return tabular_trainer()

@@ -5,7 +5,6 @@ tiny synthetic sites."""
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -14,11 +13,10 @@ import pytest
 import torch
 
 from ordering import FloatRange, IntRange, SearchSpace
-from site_agent.examples import TabularExample
 from site_agent.registry import RegisteredDataset
 from site_agent.simulation import evaluate_sites, train_sequential
 from site_agent.tasks import TabularTrainer
-from tests.benchmark_module import benchmark_module, tabular_trainer
+from tests.benchmark_module import benchmark_module, tabular_site
 
 
 @pytest.fixture(scope="module")
@@ -27,32 +25,24 @@ def bench() -> Iterator[ModuleType]:
         yield m
 
 
-@pytest.fixture(scope="module")
-def trainer() -> TabularTrainer:
-    return tabular_trainer()
-
-
-def _site(name: str, rows: int, shift: float, seed: int = 3) -> RegisteredDataset:
-    rng = random.Random(f"{name}:{seed}")
-    examples = []
-    for i in range(rows):
-        label = i % 2
-        features = (label + shift + rng.gauss(0, 0.8), rng.gauss(0, 1.0))
-        examples.append(TabularExample(features=features, label=str(label)))
-    return RegisteredDataset(
-        name=name, task_type="tabular", fingerprint="0" * 64, train=tuple(examples),
-        validation=(), test=tuple(examples[:8]), feature_names=("x", "y"), labels=("0", "1"),
-        seed=seed,
-    )  # fmt: skip
-
-
-def _cycles(bench: Any) -> tuple[list[RegisteredDataset], Any]:
-    datasets = [_site("a", 16, 0.0), _site("b", 12, 0.7)]
+def _two_sites(bench: Any) -> tuple[list[RegisteredDataset], Any, Any]:
+    """Sites a and b, their per-site task spec and the cycles of the plan b > a x2."""
+    datasets = [tabular_site("a", 16, 0.0), tabular_site("b", 12, 0.7)]
     space = SearchSpace(
         sites=("a", "b"), cycles=IntRange(1, 2), learning_rate=FloatRange(1e-2, 1e-1, log=True),
         steps=5, batch_size=4, max_grad_norm=0.0, seed=0,
     )  # fmt: skip
-    return datasets, bench.plan_cycles(space.plan(("b", "a"), cycles=2, learning_rate=0.05))
+    cycles = bench.plan_cycles(space.plan(("b", "a"), cycles=2, learning_rate=0.05))
+    return datasets, bench._spec_for("per-site")(datasets), cycles
+
+
+def _trained(
+    bench: Any, trainer: TabularTrainer, final: str
+) -> tuple[tuple[list[RegisteredDataset], Any, Any], Any, Any]:
+    """`_two_sites`, and their plan trained with the plain final ("seq") and with `final`."""
+    datasets, spec, cycles = _two_sites(bench)
+    plain = bench.train_plan(trainer, spec, datasets, cycles, "seq")
+    return (datasets, spec, cycles), plain, bench.train_plan(trainer, spec, datasets, cycles, final)
 
 
 def test_weighted_average_weights_models_by_their_examples(bench: Any) -> None:
@@ -68,10 +58,7 @@ def test_weighted_average_weights_models_by_their_examples(bench: Any) -> None:
 def test_the_average_final_is_the_last_cycles_post_visit_models_weighted_by_train_rows(
     bench: Any, trainer: TabularTrainer
 ) -> None:
-    datasets, cycles = _cycles(bench)
-    spec = bench._spec_for("per-site")(datasets)
-    plain = bench.train_plan(trainer, spec, datasets, cycles, "seq")
-    averaged = bench.train_plan(trainer, spec, datasets, cycles, "avg")
+    (datasets, spec, cycles), plain, averaged = _trained(bench, trainer, "avg")
     # The same visits (the mechanism trains nothing more), a different final model.
     assert [s for s, _, _ in averaged.visits] == ["b", "a", "b", "a"]
     for (_, mine, _), (_, theirs, _) in zip(averaged.visits, plain.visits, strict=True):
@@ -88,10 +75,7 @@ def test_the_average_final_is_the_last_cycles_post_visit_models_weighted_by_trai
 def test_the_fedavg_final_averages_one_parallel_round_from_the_sequential_model(
     bench: Any, trainer: TabularTrainer
 ) -> None:
-    datasets, cycles = _cycles(bench)
-    spec = bench._spec_for("per-site")(datasets)
-    plain = bench.train_plan(trainer, spec, datasets, cycles, "seq")
-    fed = bench.train_plan(trainer, spec, datasets, cycles, "fed")
+    (datasets, spec, cycles), plain, fed = _trained(bench, trainer, "fed")
     # The round's two local updates are visits too, each from the sequential model.
     assert [s for s, _, _ in fed.visits] == ["b", "a", "b", "a", "b", "a"]
     by_name = {d.name: d for d in datasets}
@@ -109,8 +93,7 @@ def test_the_fedavg_final_averages_one_parallel_round_from_the_sequential_model(
 def test_row_scores_are_the_trainers_evaluation_row_by_row(
     bench: Any, trainer: TabularTrainer
 ) -> None:
-    datasets, cycles = _cycles(bench)
-    spec = bench._spec_for("per-site")(datasets)
+    datasets, spec, cycles = _two_sites(bench)
     tensors = bench.train_plan(trainer, spec, datasets, cycles, "seq").tensors
     scores = evaluate_sites(trainer, spec, tensors, datasets, "test")
     for dataset in datasets:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 import statistics
 from collections.abc import Iterator
 from types import ModuleType
@@ -14,36 +13,15 @@ from typing import Any
 import pytest
 
 from ordering import FloatRange, IntRange, OrderingStudy, SearchSpace
-from site_agent.examples import TabularExample
-from site_agent.registry import RegisteredDataset
 from site_agent.simulation import CrossValidationResult
 from site_agent.tasks import TabularTrainer
-from tests.benchmark_module import benchmark_module, tabular_trainer
+from tests.benchmark_module import benchmark_module, tabular_site
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
     with benchmark_module("heart_disease_paired.py", "heart_disease_paired_benchmark") as module:
         yield module
-
-
-@pytest.fixture(scope="module")
-def trainer() -> TabularTrainer:
-    return tabular_trainer()
-
-
-def _site(name: str, rows: int, shift: float, seed: int = 3) -> RegisteredDataset:
-    rng = random.Random(f"{name}:{seed}")
-    examples = []
-    for i in range(rows):
-        label = i % 2
-        features = (label + shift + rng.gauss(0, 0.8), rng.gauss(0, 1.0))
-        examples.append(TabularExample(features=features, label=str(label)))
-    return RegisteredDataset(
-        name=name, task_type="tabular", fingerprint="0" * 64, train=tuple(examples),
-        validation=(), test=tuple(examples[:8]), feature_names=("x", "y"), labels=("0", "1"),
-        seed=seed,
-    )  # fmt: skip
 
 
 def _result(
@@ -62,7 +40,7 @@ def _result(
 
 
 def test_repeat_seeds_start_with_the_split_seed_and_never_reuse_another_splits(bench: Any) -> None:
-    datasets = [_site("a", 12, 0.0, seed=4)]
+    datasets = [tabular_site("a", 12, 0.0, seed=4)]
     assert bench.repeat_seeds(datasets, 1) == [4]
     seeds = bench.repeat_seeds(datasets, 3)
     assert seeds[0] == 4 and len(set(seeds)) == 3
@@ -95,7 +73,7 @@ def test_loss_forgetting_is_the_worst_sites_rise_from_its_lowest_post_visit_loss
 def test_twin_executor_with_repeats_scores_the_mean_of_the_single_draws(
     bench: Any, trainer: TabularTrainer
 ) -> None:
-    datasets = [_site("a", 16, 0.0), _site("b", 12, 0.7)]
+    datasets = [tabular_site("a", 16, 0.0), tabular_site("b", 12, 0.7)]
     space = SearchSpace(
         sites=("a", "b"), cycles=IntRange(1, 2), learning_rate=FloatRange(1e-2, 1e-1, log=True),
         steps=5, batch_size=4, max_grad_norm=0.0, seed=0,
@@ -265,7 +243,7 @@ def test_order_spread_summary_reports_what_the_cv_best_order_gains_over_the_mean
 def test_choose_applies_a_rule_to_a_studys_trials_with_the_executors_loss_forgetting(
     bench: Any, trainer: TabularTrainer
 ) -> None:
-    datasets = [_site("a", 16, 0.0), _site("b", 12, 0.7)]
+    datasets = [tabular_site("a", 16, 0.0), tabular_site("b", 12, 0.7)]
     space = SearchSpace(
         sites=("a", "b"), cycles=IntRange(1, 2), learning_rate=FloatRange(1e-2, 3e-1, log=True),
         steps=IntRange(2, 8), batch_size=4, max_grad_norm=0.0, seed=0,

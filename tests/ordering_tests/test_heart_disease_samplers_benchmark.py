@@ -17,18 +17,13 @@ from ordering._pruning import STAGE_ATTR
 from site_agent.examples import TabularExample
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks import TabularTrainer
-from tests.benchmark_module import benchmark_module, tabular_trainer
+from tests.benchmark_module import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
     with benchmark_module("heart_disease_samplers.py", "heart_disease_samplers_benchmark") as m:
         yield m
-
-
-@pytest.fixture(scope="module")
-def trainer() -> TabularTrainer:
-    return tabular_trainer()
 
 
 def _site(name: str, rows: int, shift: float) -> RegisteredDataset:
