@@ -4,6 +4,7 @@ still hands back in two calls (upload, then result) to a coordinator that predat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,75 +108,78 @@ def _report(
     return agent._report_hop_result(stub, task, result, _Heartbeat(stub, task, 1.0))
 
 
-def test_a_finished_hop_is_handed_back_in_one_call(
-    tmp_path: Path, pki: Pki, calls: dict[str, int], coordinator: Coordinator,
-    sites: dict[str, ScriptedSite], admin: AdminClient, stub: pb_grpc.SiteServiceStub,
-) -> None:  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class _LeasedHop:
+    """site-a's lease of a run's first hop, and an agent of site-a to hand it back over `stub`."""
+
+    coordinator: Coordinator
+    site: ScriptedSite
+    task: pb.HopTask
+    agent: SiteAgent
+    stub: pb_grpc.SiteServiceStub
+
+    def finished(self, data: bytes | None = None) -> pb.HopResult:
+        """`_finished` with `data`, by default a good bundle of the hop."""
+        bundle = self.site.bundle(self.task) if data is None else data
+        return _finished(self.agent, self.site, self.task, bundle)
+
+    def report(self, result: pb.HopResult) -> tuple[pb.HopResult, pb.HopResultResponse] | None:
+        return _report(self.agent, self.stub, self.task, result)
+
+
+@pytest.fixture
+def hop(
+    tmp_path: Path, pki: Pki, coordinator: Coordinator, sites: dict[str, ScriptedSite],
+    admin: AdminClient, stub: pb_grpc.SiteServiceStub,
+) -> _LeasedHop:  # fmt: skip
     site = sites["site-a"]
     task = _task(admin, site)
-    agent = _agent(tmp_path, pki, coordinator.port)
-    reported = _report(agent, stub, task, _finished(agent, site, task, site.bundle(task)))
+    return _LeasedHop(coordinator, site, task, _agent(tmp_path, pki, coordinator.port), stub)
+
+
+def test_a_finished_hop_is_handed_back_in_one_call(calls: dict[str, int], hop: _LeasedHop) -> None:
+    reported = hop.report(hop.finished())
     assert reported is not None and reported[1].hop_status == "committed"
     assert calls == {"HandBackHopWhole": 1}  # a small bundle: one message
-    assert coordinator.engine.ledger.hop(task.hop_id).status == "committed"  # type: ignore[union-attr]
+    assert hop.coordinator.engine.ledger.hop(hop.task.hop_id).status == "committed"  # type: ignore[union-attr]
 
 
 def test_a_bundle_over_the_one_message_size_is_streamed(
-    tmp_path: Path, pki: Pki, calls: dict[str, int], coordinator: Coordinator,
-    sites: dict[str, ScriptedSite], admin: AdminClient, stub: pb_grpc.SiteServiceStub,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
-    site = sites["site-a"]
-    task = _task(admin, site)
-    data = site.bundle(task)
+    calls: dict[str, int], hop: _LeasedHop, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = hop.site.bundle(hop.task)
     monkeypatch.setattr(site_agent.transfers, "WHOLE_HAND_BACK_BYTES", len(data) - 1)
-    agent = _agent(tmp_path, pki, coordinator.port)
-    reported = _report(agent, stub, task, _finished(agent, site, task, data))
+    reported = hop.report(hop.finished(data))
     assert reported is not None and reported[1].hop_status == "committed"
     assert calls == {"HandBackHop": 1}
 
 
 def test_a_site_streams_its_hand_back_to_a_coordinator_without_the_one_message_call(
-    tmp_path: Path, pki: Pki, streaming_coordinator: None, calls: dict[str, int],
-    coordinator: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient,
-    stub: pb_grpc.SiteServiceStub,
-) -> None:  # fmt: skip
-    site = sites["site-a"]
-    task = _task(admin, site)
-    agent = _agent(tmp_path, pki, coordinator.port)
-    reported = _report(agent, stub, task, _finished(agent, site, task, site.bundle(task)))
+    streaming_coordinator: None, calls: dict[str, int], hop: _LeasedHop
+) -> None:
+    reported = hop.report(hop.finished())
     assert reported is not None and reported[1].hop_status == "committed"
     assert calls == {"HandBackHopWhole": 1, "HandBackHop": 1}
     # Known from then on: the next hand back streams at once.
-    assert agent._whole_unimplemented and not agent._hand_back_unimplemented
+    assert hop.agent._whole_unimplemented and not hop.agent._hand_back_unimplemented
 
 
 def test_a_site_hands_back_in_two_calls_to_a_coordinator_that_predates_hand_back(
-    tmp_path: Path, pki: Pki, older_coordinator: None, calls: dict[str, int],
-    coordinator: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient,
-    stub: pb_grpc.SiteServiceStub,
-) -> None:  # fmt: skip
-    site = sites["site-a"]
-    task = _task(admin, site)
-    agent = _agent(tmp_path, pki, coordinator.port)
-    reported = _report(agent, stub, task, _finished(agent, site, task, site.bundle(task)))
+    older_coordinator: None, calls: dict[str, int], hop: _LeasedHop
+) -> None:
+    reported = hop.report(hop.finished())
     assert reported is not None and reported[1].hop_status == "committed"
     assert calls == {
         "HandBackHopWhole": 1, "HandBackHop": 1, "UploadCheckpoint": 1, "ReportHopResult": 1
     }  # fmt: skip
     # Known from then on: the next hand back goes straight to the two calls.
-    assert agent._hand_back_unimplemented
+    assert hop.agent._hand_back_unimplemented
 
 
-def test_a_bundle_the_coordinator_refuses_is_reported_as_the_hops_failure(
-    tmp_path: Path, pki: Pki, coordinator: Coordinator, sites: dict[str, ScriptedSite],
-    admin: AdminClient, stub: pb_grpc.SiteServiceStub,
-) -> None:  # fmt: skip
-    site = sites["site-a"]
-    task = _task(admin, site)
-    agent = _agent(tmp_path, pki, coordinator.port)
-    foreign = site.bundle(task, hop_id="0" * 32)  # lineage of another hop
-    reported = _report(agent, stub, task, _finished(agent, site, task, foreign))
+def test_a_bundle_the_coordinator_refuses_is_reported_as_the_hops_failure(hop: _LeasedHop) -> None:
+    task, ledger = hop.task, hop.coordinator.engine.ledger
+    foreign = hop.site.bundle(task, hop_id="0" * 32)  # lineage of another hop
+    reported = hop.report(hop.finished(foreign))
     assert reported is not None
     result, response = reported
     assert not result.ok and result.error_code == "handback-refused"
@@ -183,60 +187,48 @@ def test_a_bundle_the_coordinator_refuses_is_reported_as_the_hops_failure(
         "the coordinator refused the hop's bundle: checkpoint manifest hop_id is"
     )
     assert response.hop_status == "pending"  # the failure policy retries the hop at once
-    hop = coordinator.engine.ledger.hop(task.hop_id)
-    assert hop is not None and hop.error_code == "handback-refused"
-    assert coordinator.engine.ledger.checkpoints(task.run_id) == []
-    retried = site.next_task()
+    refused = ledger.hop(task.hop_id)
+    assert refused is not None and refused.error_code == "handback-refused"
+    assert ledger.checkpoints(task.run_id) == []
+    retried = hop.site.next_task()
     assert retried.hop_id == task.hop_id and retried.lease_token != task.lease_token
 
 
 def test_a_hand_back_the_coordinator_cannot_resume_starts_again_from_byte_0(
-    tmp_path: Path, pki: Pki, calls: dict[str, int], coordinator: Coordinator,
-    sites: dict[str, ScriptedSite], admin: AdminClient, stub: pb_grpc.SiteServiceStub,
-) -> None:  # fmt: skip
-    site = sites["site-a"]
-    task = _task(admin, site)
-    agent = _agent(tmp_path, pki, coordinator.port)
-    result = _finished(agent, site, task, site.bundle(task))
-    header, data = agent._handing_back  # type: ignore[misc]
+    calls: dict[str, int], hop: _LeasedHop
+) -> None:
+    result = hop.finished()
+    header, data = hop.agent._handing_back  # type: ignore[misc]
     # Resumed at a point the coordinator no longer holds (it restarted without the partial).
     header.offset = len(data) // 2
-    reported = _report(agent, stub, task, result)
+    reported = hop.report(result)
     assert reported is not None and reported[1].hop_status == "committed"
     assert calls == {"HandBackHopWhole": 2}
-    assert coordinator.engine.ledger.hop(task.hop_id).status == "committed"  # type: ignore[union-attr]
+    assert hop.coordinator.engine.ledger.hop(hop.task.hop_id).status == "committed"  # type: ignore[union-attr]
 
 
 def test_an_upload_the_older_coordinator_cannot_resume_starts_again_from_byte_0(
-    tmp_path: Path, pki: Pki, older_coordinator: None, calls: dict[str, int],
-    coordinator: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient,
-    stub: pb_grpc.SiteServiceStub,
-) -> None:  # fmt: skip
-    site = sites["site-a"]
-    task = _task(admin, site)
-    agent = _agent(tmp_path, pki, coordinator.port)
-    agent._hand_back_unimplemented = True
-    result = _finished(agent, site, task, site.bundle(task))
-    header, data = agent._handing_back  # type: ignore[misc]
+    older_coordinator: None, calls: dict[str, int], hop: _LeasedHop
+) -> None:
+    hop.agent._hand_back_unimplemented = True
+    result = hop.finished()
+    header, data = hop.agent._handing_back  # type: ignore[misc]
     header.offset = len(data) // 2
-    reported = _report(agent, stub, task, result)
+    reported = hop.report(result)
     assert reported is not None and reported[1].hop_status == "committed"
     assert calls == {"HandBackHopWhole": 1, "UploadCheckpoint": 2, "ReportHopResult": 1}
 
 
 def test_a_refused_result_of_a_stored_bundle_is_not_reported_as_a_refused_bundle(
-    tmp_path: Path, pki: Pki, coordinator: Coordinator, sites: dict[str, ScriptedSite],
-    admin: AdminClient, stub: pb_grpc.SiteServiceStub,
-) -> None:  # fmt: skip
-    site = sites["site-a"]
-    task = _task(admin, site)
-    agent = _agent(tmp_path, pki, coordinator.port)
-    result = _finished(agent, site, task, site.bundle(task))
+    hop: _LeasedHop,
+) -> None:
+    ledger = hop.coordinator.engine.ledger
+    result = hop.finished()
     result.metrics["accuracy"] = float("nan")
     # Logged and left to the lease, as a refused ReportHopResult: the hop does not fail.
-    assert _report(agent, stub, task, result) is None
-    hop = coordinator.engine.ledger.hop(task.hop_id)
-    assert hop is not None and hop.status == "uploaded" and not hop.error_code
-    assert [row.sha256 for row in coordinator.engine.ledger.checkpoints(task.run_id)] == [
+    assert hop.report(result) is None
+    stored = ledger.hop(hop.task.hop_id)
+    assert stored is not None and stored.status == "uploaded" and not stored.error_code
+    assert [row.sha256 for row in ledger.checkpoints(hop.task.run_id)] == [
         result.output_checkpoint.sha256
     ]
