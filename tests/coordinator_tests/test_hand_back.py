@@ -93,13 +93,19 @@ def _hand_back(
     *,
     header: pb.UploadHeader | None = None,
     result: pb.HopResult | None = None,
+    whole: bool = False,
 ) -> str:
-    """Hands `data` back with a good result; the hop's status, or "CODE: details" if refused."""
+    """Hands `data` (from the header's offset) back with a good result, streamed (HandBackHop)
+    or, `whole`, in one message (HandBackHopWhole); the hop's status, or "CODE: details" if
+    refused."""
     header = header or _header(site, task, data)
+    result = result or _result(task)
     try:
-        response = site.stub.HandBackHop(
-            _messages(header, data, result or _result(task)), timeout=15
-        )
+        if whole:
+            request = pb.HandBackWhole(header=header, bundle=data[header.offset :], result=result)
+            response = site.stub.HandBackHopWhole(request, timeout=15)
+        else:
+            response = site.stub.HandBackHop(_messages(header, data, result), timeout=15)
     except grpc.RpcError as exc:
         return f"{exc.code().name}: {exc.details()}"
     assert response.ledger_head
@@ -176,6 +182,64 @@ def _resume_offset(site: ScriptedSite, header: pb.UploadHeader) -> int:
     return header.offset
 
 
+def _refused_parts(
+    site: ScriptedSite, task: pb.HopTask, good: bytes, case: str
+) -> tuple[bytes, pb.UploadHeader | None, pb.HopResult | None]:
+    """The bundle, header (None: the bundle's own) and result (None: a good one) of a hand back
+    refused for `case`, one of corrupt, hash, lineage, signature (the bundle), failed, other
+    lease, result and metrics (the result); `good`: a good bundle of the hop."""
+    data, header, result = good, None, None
+    if case == "corrupt":
+        data = b"\xff" * 8 + good[8:]
+    elif case == "hash":
+        header = _header(site, task, good, sha256="00" * 32)
+    elif case == "lineage":
+        data = _bundle_of(site, task, np.ones(4, np.float32), {}, hop_id="f00", parent_sha256="")
+    elif case == "signature":
+        header = _header(site, task, good, signature=sign_digest(site.key_pem, "22" * 32))
+    elif case == "failed":
+        result = _result(task, ok=False, error_code="training-failed")
+    elif case == "other lease":
+        result = _result(task, lease_token="0" * 32)
+    elif case == "result":
+        result = _result(task, output_checkpoint=pb.CheckpointRef(sha256="11" * 32))
+    elif case == "metrics":
+        result = _result(task, metrics={"accuracy": float("nan")})
+    else:
+        raise ValueError(f"no refusal case {case!r}")
+    return data, header, result
+
+
+def _committed_once_after_a_lost_answer(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, data: bytes, whole: bool
+) -> None:
+    """Hands `data` back (`whole`: in one message) and, the answer lost, again twice; each time
+    committed, the bundle stored and the hop committed once. Then another bundle for the
+    committed hop is refused, as any upload after the commit."""
+    header = _header(site, task, data)
+    assert _hand_back(site, task, data, header=header, whole=whole) == "committed"
+    # The answer was lost: the site asks what the coordinator holds and resumes from there
+    # (nothing more to send)...
+    assert _resume_offset(site, header) == len(data)
+    assert _hand_back(site, task, data, header=header, whole=whole) == "committed"
+    header.offset = 0  # ...or sends everything again
+    assert _hand_back(site, task, data, header=header, whole=whole) == "committed"
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+    other = _bundle(site, task, 16, 2.0)
+    assert _hand_back(site, task, other, whole=whole).startswith(
+        f"FAILED_PRECONDITION: lease token for hop {task.hop_id} is not current"
+    )
+
+
+def _refused_to_another_site(
+    sites: dict[str, ScriptedSite], task: pb.HopTask, data: bytes, whole: bool
+) -> None:
+    """site-b hands back site-a's hop (`whole`: in one message) and is refused."""
+    assert _hand_back(sites["site-b"], task, data, whole=whole) == (
+        f"PERMISSION_DENIED: hop {task.hop_id} is not leased to site site-b"
+    )
+
+
 def test_hand_back_commits_in_one_call_with_the_events_of_upload_then_report(
     sites: dict[str, ScriptedSite], site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
@@ -236,21 +300,10 @@ def test_refused_hand_back_commits_nothing_and_the_hop_can_be_handed_back_again(
     site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, case: str, refusal: str
 ) -> None:
     good = _bundle(site, task, 1024)
-    data, header, result = good, None, None
     if case == "nan":
-        data = _nan_bundle(site, task)
-    elif case == "corrupt":
-        data = b"\xff" * 8 + good[8:]
-    elif case == "hash":
-        header = _header(site, task, good, sha256="00" * 32)
-    elif case == "lineage":
-        data = _bundle_of(site, task, np.ones(4, np.float32), {}, hop_id="f00", parent_sha256="")
-    elif case == "signature":
-        header = _header(site, task, good, signature=sign_digest(site.key_pem, "22" * 32))
-    elif case == "result":
-        result = _result(task, output_checkpoint=pb.CheckpointRef(sha256="11" * 32))
+        data, header, result = _nan_bundle(site, task), None, None
     else:
-        result = _result(task, metrics={"accuracy": float("nan")})
+        data, header, result = _refused_parts(site, task, good, case)
     assert _hand_back(site, task, data, header=header, result=result).startswith(refusal)
     ledger = coordinator.engine.ledger
     hop = ledger.hop(task.hop_id)
@@ -270,31 +323,18 @@ def test_refused_hand_back_commits_nothing_and_the_hop_can_be_handed_back_again(
 def test_hand_back_retried_after_a_lost_answer_is_committed_once(
     site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
-    data = _bundle(site, task, CHUNK_BYTES // 2)
-    header = _header(site, task, data)
-    assert _hand_back(site, task, data, header=header) == "committed"
-    # The answer was lost: the site asks what the coordinator holds, and resumes from there.
-    assert _resume_offset(site, header) == len(data)
-    assert _hand_back(site, task, data, header=header) == "committed"
-    header.offset = 0  # or sends everything again
-    assert _hand_back(site, task, data, header=header) == "committed"
-    assert _stored_and_committed(coordinator, task) == (1, 1)
+    _committed_once_after_a_lost_answer(
+        site, task, coordinator, _bundle(site, task, CHUNK_BYTES // 2), whole=False
+    )
     assert len(_stored(coordinator)) == 1
     assert _spooled(coordinator) == []
-    # Another bundle for the committed hop is refused, as any upload after the commit.
-    other = _bundle(site, task, 16, 2.0)
-    assert _hand_back(site, task, other).startswith(
-        f"FAILED_PRECONDITION: lease token for hop {task.hop_id} is not current"
-    )
 
 
 def test_hand_back_of_another_sites_hop_or_an_old_lease_is_refused(
     sites: dict[str, ScriptedSite], site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
     data = _bundle(site, task, 64)
-    assert _hand_back(sites["site-b"], task, data) == (
-        f"PERMISSION_DENIED: hop {task.hop_id} is not leased to site site-b"
-    )
+    _refused_to_another_site(sites, task, data, whole=False)
     stale = pb.HopTask()
     stale.CopyFrom(task)
     stale.lease_token = "0" * 32

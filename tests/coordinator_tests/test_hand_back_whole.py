@@ -3,23 +3,25 @@ events and the one transaction of the streamed hand back (HandBackHop), over rea
 
 from __future__ import annotations
 
+import functools
+
 import grpc
-import numpy as np
 import pytest
 
 from coordinator.server import Coordinator
 from protocols.checkpoint import sha256_hex
-from protocols.signing import sign_digest
 from protocols.transport import WHOLE_HAND_BACK_BYTES
 from protocols.v1 import baton_pb2 as pb
 from tests.coordinator_tests.conftest import ScriptedSite
 from tests.coordinator_tests.test_hand_back import (
     _bundle,
-    _bundle_of,
+    _committed_once_after_a_lost_answer,
+    _hand_back,
     _header,
     _hop_events,
+    _refused_parts,
+    _refused_to_another_site,
     _result,
-    _resume_offset,
     _spooled,
     _stored,
     _stored_and_committed,
@@ -30,26 +32,7 @@ from tests.coordinator_tests.test_hand_back import (
 __all__ = ["site", "task"]  # fixtures
 
 
-def _whole(
-    site: ScriptedSite,
-    task: pb.HopTask,
-    data: bytes,
-    *,
-    header: pb.UploadHeader | None = None,
-    result: pb.HopResult | None = None,
-) -> str:
-    """Hands `data` (from the header's offset) back in one message with a good result; the
-    hop's status, or "CODE: details" if refused."""
-    header = header or _header(site, task, data)
-    request = pb.HandBackWhole(
-        header=header, bundle=data[header.offset :], result=result or _result(task)
-    )
-    try:
-        response = site.stub.HandBackHopWhole(request, timeout=15)
-    except grpc.RpcError as exc:
-        return f"{exc.code().name}: {exc.details()}"
-    assert response.ledger_head
-    return str(response.hop_status)
+_whole = functools.partial(_hand_back, whole=True)
 
 
 def test_a_hand_back_in_one_message_leaves_the_events_and_the_transaction_of_the_stream(
@@ -113,36 +96,23 @@ def _refused_request(
     site: ScriptedSite, task: pb.HopTask, good: bytes, case: str
 ) -> pb.HandBackWhole:
     """A hand back in one message that is refused for `case` (`good`: a good bundle)."""
-    data, header, result = good, _header(site, task, good), _result(task)
+    header = _header(site, task, good)
+    if case == "no result":
+        return pb.HandBackWhole(header=header, bundle=good)
+    data, result = good, _result(task)
     if case == "nan":
         data = _bundle(site, task, 1024, float("nan"))
         header = _header(site, task, data)
-    elif case == "corrupt":
-        data = b"\xff" * 8 + good[8:]
-        header = _header(site, task, data)
-    elif case == "hash":
-        header = _header(site, task, good, sha256="00" * 32)
-    elif case == "lineage":
-        data = _bundle_of(site, task, np.ones(4, np.float32), {}, hop_id="f00", parent_sha256="")
-        header = _header(site, task, data)
-    elif case == "signature":
-        header = _header(site, task, good, signature=sign_digest(site.key_pem, "22" * 32))
     elif case == "short":
         data = good[:1000]
     elif case == "long":
         data = good + b"\0"
     elif case == "oversized":
         header.total_size = WHOLE_HAND_BACK_BYTES + 1
-    elif case == "no result":
-        return pb.HandBackWhole(header=header, bundle=data)
-    elif case == "failed":
-        result = _result(task, ok=False, error_code="training-failed")
-    elif case == "other lease":
-        result = _result(task, lease_token="0" * 32)
-    elif case == "result":
-        result = _result(task, output_checkpoint=pb.CheckpointRef(sha256="11" * 32))
     else:
-        result = _result(task, metrics={"accuracy": float("nan")})
+        data, own_header, own_result = _refused_parts(site, task, good, case)
+        header = _header(site, task, data) if own_header is None else own_header
+        result = _result(task) if own_result is None else own_result
     return pb.HandBackWhole(header=header, bundle=data, result=result)
 
 
@@ -178,28 +148,15 @@ def test_a_hand_back_in_one_message_retried_after_a_lost_answer_is_committed_onc
     site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
     data = _bundle(site, task, 4096)
-    header = _header(site, task, data)
-    assert _whole(site, task, data, header=header) == "committed"
-    # The answer was lost: the site asks what the coordinator holds and sends nothing more...
-    assert _resume_offset(site, header) == len(data)
-    assert _whole(site, task, data, header=header) == "committed"
-    header.offset = 0  # ...or sends everything again
-    assert _whole(site, task, data, header=header) == "committed"
-    assert _stored_and_committed(coordinator, task) == (1, 1)
+    _committed_once_after_a_lost_answer(site, task, coordinator, data, whole=True)
     assert _stored(coordinator) == [sha256_hex(data)]
-    other = _bundle(site, task, 16, 2.0)
-    assert _whole(site, task, other).startswith(
-        f"FAILED_PRECONDITION: lease token for hop {task.hop_id} is not current"
-    )
 
 
 def test_a_hand_back_in_one_message_of_another_sites_hop_is_refused(
     sites: dict[str, ScriptedSite], site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator
 ) -> None:
     data = _bundle(site, task, 64)
-    assert _whole(sites["site-b"], task, data) == (
-        f"PERMISSION_DENIED: hop {task.hop_id} is not leased to site site-b"
-    )
+    _refused_to_another_site(sites, task, data, whole=True)
     assert _stored(coordinator) == []
     assert _whole(site, task, data) == "committed"
 
