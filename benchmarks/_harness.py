@@ -1,10 +1,17 @@
-"""What the benchmarks share: waiting for a run, paired bootstrap over test rows, Markdown rows."""
+"""What the benchmarks share: waiting for a run, paired bootstrap over test rows, a report's head
+and its Markdown rows and sections."""
 
 from __future__ import annotations
 
+import os
+import platform
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +25,33 @@ RowScores = Mapping[str, Sequence[int]]
 def markdown_row(*cells: object) -> str:
     """One row of a Markdown table: ``| a | b |``."""
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def markdown_section(title: str, *paragraphs: str, columns: Sequence[str]) -> list[str]:
+    """The lines of a report's section up to its table's rows: a blank line, ``## title``, each
+    paragraph after a blank line, then after one more the table's head (`columns`)."""
+    lines = ["", f"## {title}"]
+    for paragraph in paragraphs:
+        lines += ["", paragraph]
+    return [*lines, "", markdown_row(*columns), "|" + "---|" * len(columns)]
+
+
+def report_head(argv: Sequence[str] | None, *versions: str) -> dict[str, str]:
+    """The first fields of a benchmark's JSON report: when it was generated, the command (the
+    script's name and `argv`, or the process's arguments if `argv` is empty or None) and the
+    machine (architecture, cores, Python, then `versions` such as ``torch 2.6.0``)."""
+    return {
+        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "machine": ", ".join(
+            [
+                platform.machine(),
+                f"{os.cpu_count()} cores",
+                f"python {platform.python_version()}",
+                *versions,
+            ]
+        ),
+    }
 
 
 def wait_for_completed_run(admin: AdminClient, run_id: str, timeout: float) -> pb.RunStatus:

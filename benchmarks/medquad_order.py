@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import markdown_section
 from heart_disease_paired import _reordered, _spearman
 from medquad_paired import (
     DEFAULT_DATA,
@@ -82,6 +83,7 @@ from medquad_paired import (
     _scorer,
     _site_hp,
     _spec,
+    add_report_arguments,
     default_start,
     fresh_random_orders,
     load_pool,
@@ -291,19 +293,17 @@ def tuned_random_order(
     spec: TaskSpec,
     datasets: Sequence[RegisteredDataset],
     split: int,
-    trials: int,
-    folds: int,
-    max_steps: int,
+    config: Mapping[str, Any],
 ) -> tuple[CandidatePlan, float, list[tuple[str, ...]]]:
     """``medquad_paired.sequential_methods``' tuned random order under ``--space budget
-    --seed-default`` (the same study, seed and enqueued default), its CV value and its
-    ``RANDOM_ORDERS`` random orders (the same RNG)."""
+    --seed-default`` (the same study, seed and enqueued default) with the config's trials,
+    folds and max steps, its CV value and its ``RANDOM_ORDERS`` random orders (the same RNG)."""
     sites = [d.name for d in datasets]
-    space = search_space(sites, split, max_steps, "budget")
-    executor = TwinExecutor(trainer, spec, datasets, folds, _scorer(trainer, spec))
+    space = search_space(sites, split, config["max_steps"], "budget")
+    executor = TwinExecutor(trainer, spec, datasets, config["folds"], _scorer(trainer, spec))
     sizes = {d.name: len(d.train) for d in datasets}
     default = default_start(space, tuple(sorted(sites, key=lambda s: (sizes[s], s))))
-    study, _ = tuned_random_order_study(executor, space, split, trials, default)
+    study, _ = tuned_random_order_study(executor, space, split, config["trials"], default)
     chosen = _best(study)
     assert chosen.plan is not None and chosen.value is not None
     return chosen.plan, float(chosen.value), fresh_random_orders(sites, split, RANDOM_ORDERS)
@@ -331,9 +331,7 @@ def run_cell(
     spec = _spec(sorted({r.label for r in pool}))
     scorer = _scorer(trainer, spec)
     folds = config["folds"]
-    plan, tuned_cv, orders = tuned_random_order(
-        trainer, spec, datasets, split, config["trials"], folds, config["max_steps"]
-    )
+    plan, tuned_cv, orders = tuned_random_order(trainer, spec, datasets, split, config)
     tuning_cpu = time.process_time() - cpu
     plans = [_reordered(plan, o) for o in orders]
     test = [
@@ -556,13 +554,13 @@ def markdown(report: Mapping[str, Any]) -> str:
         "(the seed shift's shared effect removed). "
         "Pooled over the splits (mean squares pooled). sigma_o on CV: the same as (b) on the CV "
         "score, draws A and B as each order's two replicates.",
-        "",
-        "## Spread: orders against seeds",
-        "",
-        "| setting | splits | orders: range / std | one order, 24 seeds: range / std | "
-        "sigma_o (a) | p (a) | sigma_o (b) | p (b) | seed SD (b) | sigma_o on CV | p (CV) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        *markdown_section(
+            "Spread: orders against seeds",
+            columns=["setting", "splits", "orders: range / std",
+                     "one order, 24 seeds: range / std", "sigma_o (a)", "p (a)", "sigma_o (b)",
+                     "p (b)", "seed SD (b)", "sigma_o on CV", "p (CV)"],
+        ),
+    ]  # fmt: skip
     for setting, s in report["settings"].items():
         lines.append(
             f"| {setting} | {s['splits']} | {s['order_range_mean']:.3f} / "
@@ -572,16 +570,13 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"{s['nested']['seed_sd']:.4f} | {_interval(s['cv_nested'])} | "
             f"{s['cv_nested']['p']:.3g} |"
         )
-    lines += [
-        "",
-        "## Can CV see the order?",
-        "",
+    lines += markdown_section(
+        "Can CV see the order?",
         "Spearman rank correlation over the 24 orders, mean [min, max] over splits.",
-        "",
-        "| setting | CV draw A vs draw B | CV A vs test (seed 0) | CV A vs test (2 seeds) | "
-        "test seed 0 vs seed 1 | CV pick - mean order, test | test-seed-0 pick - mean, seed 1 |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        columns=["setting", "CV draw A vs draw B", "CV A vs test (seed 0)",
+                 "CV A vs test (2 seeds)", "test seed 0 vs seed 1", "CV pick - mean order, test",
+                 "test-seed-0 pick - mean, seed 1"],
+    )  # fmt: skip
     for setting, s in report["settings"].items():
         rho = s["rho"]
 
@@ -597,19 +592,15 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"{cell(rho['test_seed0_seed1'], sign='+')} | "
             f"{cell(s['gain_cv_pick'], 4, '+')} | {cell(s['gain_test_pick'], 4, '+')} |"
         )
-    lines += [
-        "",
-        "## Power: splits a searched - random order interval needs",
-        "",
+    lines += markdown_section(
+        "Power: splits a searched - random order interval needs",
         "80% power for a two-sided 95% t-interval over splits to lie above 0, with session 8's "
         "per-split SD of searched - random order (tuned). Oracle: the best of 24 orders known "
         f"exactly ({EXPECTED_MAX_OF_24} x sigma_o (b)); CV pick: the measured gain of the order "
         "CV ranks first.",
-        "",
-        "| setting | mq8 difference SD | oracle gain (upper 95%) | splits (oracle) | "
-        "splits (oracle, upper) | CV-pick gain | splits (CV pick) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        columns=["setting", "mq8 difference SD", "oracle gain (upper 95%)", "splits (oracle)",
+                 "splits (oracle, upper)", "CV-pick gain", "splits (CV pick)"],
+    )  # fmt: skip
     for setting, s in report["settings"].items():
         need = s["splits_needed"]
         lines.append(
@@ -618,14 +609,12 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"{_needed(need['oracle_high'])} | {s['gain_cv_pick']['mean']:+.4f} | "
             f"{_needed(need['cv_pick'])} |"
         )
-    lines += [
-        "",
-        "## Per split",
-        "",
-        "| setting | split | tuned plan | tuned CV | orders: range / std | seeds: range / std | "
-        "sigma_o (a), p | sigma_o (b), p | rho CV A/B | rho CV A/test | rho test 0/1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines += markdown_section(
+        "Per split",
+        columns=["setting", "split", "tuned plan", "tuned CV", "orders: range / std",
+                 "seeds: range / std", "sigma_o (a), p", "sigma_o (b), p", "rho CV A/B",
+                 "rho CV A/test", "rho test 0/1"],
+    )  # fmt: skip
     for c in report["cells"]:
         a, b = c["against_seeds"], c["nested"]
         lines.append(
@@ -725,11 +714,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="1 split, 2 trials, 60 rows")
     parser.add_argument("--resume", action="store_true", help="keep the cells NAME.json holds")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="mqord9-medquad-order")
-    parser.add_argument("--render", type=Path, help="re-render a JSON report's Markdown and plot")
-    parser.add_argument(
-        "--merge", type=Path, nargs="+", help="one report of these reports' cells, as NAME"
+    add_report_arguments(
+        parser, "mqord9-medquad-order", merge="one report of these reports' cells, as NAME"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

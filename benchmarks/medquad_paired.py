@@ -1609,6 +1609,15 @@ def merge(
     _write(merged, out, name)
 
 
+def add_report_arguments(parser: argparse.ArgumentParser, name: str, merge: str) -> None:
+    """--out, --name (default `name`), --render and --merge (help `merge`): where a MedQuAD
+    benchmark writes its report, and its report-only runs."""
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--name", default=name)
+    parser.add_argument("--render", type=Path, help="re-render a JSON report's Markdown and plot")
+    parser.add_argument("--merge", type=Path, nargs="+", help=merge)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
@@ -1689,11 +1698,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cache", type=Path, default=Path(tempfile.gettempdir()) / "baton-medquad-cache"
     )
     parser.add_argument("--quick", action="store_true", help="1 split, 3 trials, 2 folds")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default="medquad_paired")
-    parser.add_argument("--render", type=Path, help="re-render a JSON report's Markdown and plot")
-    parser.add_argument(
-        "--merge", type=Path, nargs="+", help="combine reports of the same config into --out/--name"
+    add_report_arguments(
+        parser, "medquad_paired", merge="combine reports of the same config into --out/--name"
     )
     args = parser.parse_args(argv)
     if args.merge:
