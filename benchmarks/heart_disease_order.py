@@ -42,22 +42,19 @@ import itertools
 import json
 import logging
 import math
-import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from heart_disease import DEFAULT_DATA, SITES, _register_sites
+from _harness import markdown_section, report_head
+from heart_disease import DEFAULT_DATA, RESULTS_DIR, SITES, _register_sites
 from heart_disease_paired import (
     _WORKER,
     PlanFailed,
@@ -79,7 +76,6 @@ from site_agent.tasks import TabularTrainer, TaskSpec
 
 logger = logging.getLogger("benchmarks.heart_disease_order")
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SETTING = "per-site"
 SEED_STRIDE = 10_000  # hop seeds are the split's plus the visit index: far apart per draw
 OBJECTIVES = ("accuracy", "brier", "clipped_loss", "auroc")  # CV objectives, ranked by avg
@@ -701,14 +697,12 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"CV draws {report['config']['draws']} per fold count {report['config']['cv_folds']}; "
         f"model seeds {report['config']['model_seeds']}. Worker CPU {cpu:.0f} s "
         f"(tuning {sum(x['tune_cpu_seconds'] for x in splits):.0f} s).",
-        "",
-        "## Variance components of an order's test Avg (accuracy), over orders within a split",
-        "",
-        "SD in accuracy points x 100 is the square root of the split-averaged (co)variance "
-        "(negative covariance shown as a negative SD); intervals: bootstrap over splits.",
-        "",
-        "| quantity | 3-fold CV | interval |",
-        "|---|---|---|",
+        *markdown_section(
+            "Variance components of an order's test Avg (accuracy), over orders within a split",
+            "SD in accuracy points x 100 is the square root of the split-averaged (co)variance "
+            "(negative covariance shown as a negative SD); intervals: bootstrap over splits.",
+            columns=["quantity", "3-fold CV", "interval"],
+        ),
     ]
     comp = s["components"][str(report["config"]["cv_folds"][0])]
     point, interval = comp["point"], comp["interval"]
@@ -751,20 +745,16 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"and scored on half b {_ci(o['replicate'])}.",
         f"Spread over orders, seed 0 full test: range {_ci(s['spread']['range_seed0'])}, "
         f"SD {_ci(s['spread']['sd_seed0'])}.",
-        "",
-        "## Order main effect across splits (does a given order win on every split?)",
-        "",
     ]
     me = s["main_effect"]
-    lines += [
+    lines += markdown_section(
+        "Order main effect across splits (does a given order win on every split?)",
         f"Two-way split x order on test Avg (mean over seeds): F {me['f']:.2f}, p {me['p']:.3f}; "
         f"SD of the order main effect {_n(me['sd_main'] * 100, 2)} points; best order "
         f"{' > '.join(me['best_order'])} at {_n(me['best_order_effect'] * 100, 2)} points "
         "(selected on these splits).",
-        "",
-        "| site | first: mean centred test Avg | last: mean centred test Avg |",
-        "|---|---|---|",
-    ]
+        columns=["site", "first: mean centred test Avg", "last: mean centred test Avg"],
+    )
     for site in SITES:
         lines.append(f"| {site} | {_ci(me['position']['first'][site])} | "
                      f"{_ci(me['position']['last'][site])} |")  # fmt: skip
@@ -774,19 +764,15 @@ def markdown(report: Mapping[str, Any]) -> str:
                   "| site | first | last |", "|---|---|---|"]  # fmt: skip
         for site in SITES:
             lines.append(f"| {site} | {_ci(hd8['first'][site])} | {_ci(hd8['last'][site])} |")
-    lines += [
-        "",
-        "## CV designs: ranking the 24 orders",
-        "",
+    lines += markdown_section(
+        "CV designs: ranking the 24 orders",
         "Per split: Spearman over orders of the design's CV score and the test Avg (seed 0 = the "
         "final model the benchmark trains; seed mean = 4 seeds averaged), and the test gain of "
         "the design's best order over the mean order (what a random order scores on average); "
         "mean [95% t-interval] over splits. Cost: fold trainings per order.",
-        "",
-        "| objective | folds | draws | cost | rho (seed 0) | rho (seed mean) | gain seed 0 | "
-        "gain seed mean |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        columns=["objective", "folds", "draws", "cost", "rho (seed 0)", "rho (seed mean)",
+                 "gain seed 0", "gain seed mean"],
+    )  # fmt: skip
     for r in s["designs"]:
         lines.append(
             f"| {r['objective']} | {'+'.join(r['folds'])} | {r['per']} | {r['cost']} | "
@@ -795,17 +781,13 @@ def markdown(report: Mapping[str, Any]) -> str:
         )
     if "power" in s:
         pw = s["power"]
-        lines += [
-            "",
-            "## Power: splits needed for searched - random order (tuned) to exclude 0",
-            "",
+        lines += markdown_section(
+            "Power: splits needed for searched - random order (tuned) to exclude 0",
             f"From the paired run's {pw['splits']} per-split differences: mean "
             f"{_n(pw['mean'])}, SD {pw['sd']:.3f}. n50: the interval's expected lower bound "
             "reaches 0; n80: 80% power.",
-            "",
-            "| assumed true gain | points | n50 | n80 |",
-            "|---|---|---|---|",
-        ]
+            columns=["assumed true gain", "points", "n50", "n80"],
+        )
         for name, need in pw["needed"].items():
             lines.append(f"| {name} | {_n(need['effect'] * 100, 2)} | {need['n50'] or 'never'} | "
                          f"{need['n80'] or 'never'} |")  # fmt: skip
@@ -864,10 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     splits = list(range(args.first_split, args.first_split + args.splits))
     report: dict[str, Any] = {
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}, torch {torch.__version__}",
+        **report_head(argv, f"torch {torch.__version__}"),
         "config": config,
         "splits_data": [],
     }

@@ -63,21 +63,19 @@ import json
 import logging
 import math
 import os
-import platform
 import random
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
+from _harness import report_head
 from heart_disease import DEFAULT_DATA, FLAMBY_BATCH, LABELS, SITES, _datasets, _register_sites
 
 from ordering import (
@@ -1928,10 +1926,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = list(range(args.first_split, args.first_split + args.splits))
     cells_wanted = [(s, split) for s in args.settings for split in splits]
     report: dict[str, Any] = {
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}, torch {torch.__version__}",
+        **report_head(argv, f"torch {torch.__version__}"),
         "splits": splits,
         # The reused baselines by path, not their figures (those land in the cells).
         "config": {**config, "reuse_baselines": args.reuse_baselines and str(args.reuse_baselines)},

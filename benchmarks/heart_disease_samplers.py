@@ -39,8 +39,6 @@ import argparse
 import json
 import logging
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -48,13 +46,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 import torch
+from _harness import report_head
 from heart_disease import DEFAULT_DATA, SITES, _register_sites
 from heart_disease_paired import (
     _WORKER,
@@ -707,10 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     splits = list(range(args.first_split, args.first_split + args.splits))
     report: dict[str, Any] = {
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}, torch {torch.__version__}, optuna {optuna.__version__}",
+        **report_head(argv, f"torch {torch.__version__}", f"optuna {optuna.__version__}"),
         "splits": splits,
         "config": config,
         "cells": [],
