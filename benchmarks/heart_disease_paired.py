@@ -460,7 +460,9 @@ def _test_accuracy(
     return {**accuracy, **({COLLAPSED_KEY: collapsed} if collapsed else {})}
 
 
-def _study_summary(records: Sequence[TrialRecord], chosen: TrialRecord) -> dict[str, Any]:
+def study_choice(records: Sequence[TrialRecord], chosen: TrialRecord) -> dict[str, Any]:
+    """A study's trials, its failed ones, and the plan it chose with its CV accuracy (the mean
+    over sites): how every searched method's summary starts (medquad_paired's too)."""
     return {
         "trials": len(records),
         "failed": [
@@ -473,6 +475,12 @@ def _study_summary(records: Sequence[TrialRecord], chosen: TrialRecord) -> dict[
             chosen.plan.hops[0].hyperparameters.model_dump() if chosen.plan else None
         ),
         "cv_accuracy": statistics.fmean(s.value for s in chosen.site_scores),
+    }
+
+
+def _study_summary(records: Sequence[TrialRecord], chosen: TrialRecord) -> dict[str, Any]:
+    return {
+        **study_choice(records, chosen),
         "cv_worst_site": min(s.value for s in chosen.site_scores),
         "cv_forgetting": dict(chosen.forgetting),
         "cv_worst_forgetting": chosen.worst_forgetting,

@@ -102,7 +102,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from heart_disease_paired import _reordered, paired_summary
+from heart_disease_paired import _reordered, paired_summary, study_choice
 
 from coordinator.console.demo import packaged_minilm
 from ordering import (
@@ -644,17 +644,7 @@ def _final_scores(
 
 def _study_summary(records: Sequence[TrialRecord], chosen: TrialRecord) -> dict[str, Any]:
     return {
-        "trials": len(records),
-        "failed": [
-            {"number": r.number, "reason": r.failure_reason or r.error}
-            for r in records
-            if r.state == "FAIL"
-        ],
-        "chosen_plan": chosen.plan.describe() if chosen.plan else None,
-        "chosen_hyperparameters": (
-            chosen.plan.hops[0].hyperparameters.model_dump() if chosen.plan else None
-        ),
-        "cv_accuracy": statistics.fmean(s.value for s in chosen.site_scores),
+        **study_choice(records, chosen),
         "cv_worst_forgetting": chosen.worst_forgetting,
         "trial_values": [r.value for r in records],
     }
