@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -189,19 +190,22 @@ def engine_clock(monkeypatch: pytest.MonkeyPatch) -> EngineClock:
     return clock
 
 
+def coordinator_settings(pki: Pki, state_dir: Path, **fields: Any) -> CoordinatorSettings:
+    """A coordinator's settings on port 0 with the test PKI's coordinator certificate and its
+    state in `state_dir`; `fields` set (or override) the others."""
+    tls = pki.tls("coordinator")
+    return CoordinatorSettings(**{
+        "port": 0, "state_dir": state_dir, "ca_certificate": tls.ca_certificate,
+        "certificate": tls.certificate, "private_key": tls.private_key, **fields,
+    })  # fmt: skip
+
+
 @pytest.fixture
 def coordinator(
     pki: Pki, tmp_path: Path, loop_thread: LoopThread, database_url: str
 ) -> Iterator[Coordinator]:
-    tls = pki.tls("coordinator")
-    settings = CoordinatorSettings(
-        port=0,
-        database_url=database_url,
-        state_dir=tmp_path / "state",
-        ca_certificate=tls.ca_certificate,
-        certificate=tls.certificate,
-        private_key=tls.private_key,
-        heartbeat_interval_ms=200,
+    settings = coordinator_settings(
+        pki, tmp_path / "state", database_url=database_url, heartbeat_interval_ms=200
     )
     server = loop_thread.run(build_server(settings))
     yield server

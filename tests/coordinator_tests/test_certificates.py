@@ -11,12 +11,12 @@ from typer.testing import CliRunner
 
 from coordinator.console.cli import app
 from coordinator.server import Coordinator, build_server
-from coordinator.settings import CoordinatorSettings
 from protocols.pki import Role, create_csr, identity_from_pem, init_ca, issue_certificate
 from protocols.transport import TlsFiles, secure_channel
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from tests.conftest import LoopThread, Pki
+from tests.coordinator_tests.conftest import coordinator_settings
 
 runner = CliRunner()
 
@@ -25,11 +25,7 @@ runner = CliRunner()
 def renewing_coordinator(
     pki: Pki, tmp_path: Path, loop_thread: LoopThread
 ) -> Iterator[Coordinator]:
-    tls = pki.tls("coordinator")
-    settings = CoordinatorSettings(
-        port=0, state_dir=tmp_path / "state", ca_certificate=tls.ca_certificate,
-        certificate=tls.certificate, private_key=tls.private_key, ca_dir=pki.directory,
-    )  # fmt: skip
+    settings = coordinator_settings(pki, tmp_path / "state", ca_dir=pki.directory)
     coordinator = loop_thread.run(build_server(settings))
     yield coordinator
     loop_thread.run(coordinator.stop(0))

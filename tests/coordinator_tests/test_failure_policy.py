@@ -15,17 +15,15 @@ from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread, Pki
-from tests.coordinator_tests.conftest import EngineClock, ScriptedSite
+from tests.coordinator_tests.conftest import EngineClock, ScriptedSite, coordinator_settings
 
 LEASE = 60.0  # seconds: the tests move the engine's clock past it instead of waiting
 
 
 def _settings(pki: Pki, state_dir: Path, url: str, port: int = 0) -> CoordinatorSettings:
-    tls = pki.tls("coordinator")
-    return CoordinatorSettings(
-        port=port, state_dir=state_dir, database_url=url, ca_certificate=tls.ca_certificate,
-        certificate=tls.certificate, private_key=tls.private_key, heartbeat_interval_ms=200,
-    )  # fmt: skip
+    return coordinator_settings(
+        pki, state_dir, port=port, database_url=url, heartbeat_interval_ms=200
+    )
 
 
 @pytest.fixture

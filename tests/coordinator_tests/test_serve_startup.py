@@ -9,19 +9,15 @@ import signal
 from pathlib import Path
 
 from coordinator.server import serve
-from coordinator.settings import CoordinatorSettings
 from tests.conftest import Pki
+from tests.coordinator_tests.conftest import coordinator_settings
 
 
 def test_serve_freezes_the_start_up_heap_out_of_full_collections(pki: Pki, tmp_path: Path) -> None:
-    tls = pki.tls("coordinator")
-    settings = CoordinatorSettings(
-        port=0,
+    settings = coordinator_settings(
+        pki,
+        tmp_path / "state",
         database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
-        state_dir=tmp_path / "state",
-        ca_certificate=tls.ca_certificate,
-        certificate=tls.certificate,
-        private_key=tls.private_key,
         port_file=tmp_path / "port",
         dashboard=False,
         shutdown_grace=0,

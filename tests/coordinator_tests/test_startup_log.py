@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import make_url
 
 from coordinator.server import build_server
-from coordinator.settings import CoordinatorSettings
 from tests.conftest import LoopThread, Pki
+from tests.coordinator_tests.conftest import coordinator_settings
 
 
 def test_startup_log_hides_the_database_password(
@@ -25,11 +25,7 @@ def test_startup_log_hides_the_database_password(
     # The test server authenticates by socket or trust, so a password in the URL is carried,
     # not checked: exactly what a leak would print.
     url = make_url(database_url).set(password="s3cret-pw").render_as_string(hide_password=False)
-    tls = pki.tls("coordinator")
-    settings = CoordinatorSettings(
-        port=0, database_url=url, state_dir=tmp_path / "state", ca_certificate=tls.ca_certificate,
-        certificate=tls.certificate, private_key=tls.private_key,
-    )  # fmt: skip
+    settings = coordinator_settings(pki, tmp_path / "state", database_url=url)
     with caplog.at_level(logging.INFO, logger="coordinator.server"):
         server = loop_thread.run(build_server(settings))
         loop_thread.run(server.stop(0))

@@ -26,12 +26,11 @@ from coordinator.console.cli import app
 from coordinator.errors import StorageFault
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator, build_server
-from coordinator.settings import CoordinatorSettings
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread, Pki
-from tests.coordinator_tests.conftest import BASE, ScriptedSite
+from tests.coordinator_tests.conftest import BASE, ScriptedSite, coordinator_settings
 from tests.small_disk import Ballast, small_disk
 
 FLOATS = 128 * 1024  # 512 KiB bundles: an export needs more than the room a commit needs
@@ -79,15 +78,7 @@ def _truncate_wal(coordinator: Coordinator) -> None:
 def test_full_disk_answers_retryable_and_the_run_completes_once_space_is_freed(
     pki: Pki, disk: Path, loop_thread: LoopThread
 ) -> None:
-    tls = pki.tls("coordinator")
-    settings = CoordinatorSettings(
-        port=0,
-        state_dir=disk / "state",
-        ca_certificate=tls.ca_certificate,
-        certificate=tls.certificate,
-        private_key=tls.private_key,
-        heartbeat_interval_ms=200,
-    )
+    settings = coordinator_settings(pki, disk / "state", heartbeat_interval_ms=200)
     coordinator = loop_thread.run(build_server(settings))
     a, b = (ScriptedSite(pki, name, coordinator.port) for name in ("site-a", "site-b"))
     admin = AdminClient(f"localhost:{coordinator.port}", pki.tls("admin"))
@@ -186,14 +177,7 @@ def test_storage_faults_are_told_apart_from_other_errors(error: Exception, stora
 def test_failure_and_evaluation_reports_into_a_full_disk_are_retryable(
     pki: Pki, disk: Path, loop_thread: LoopThread
 ) -> None:
-    tls = pki.tls("coordinator")
-    settings = CoordinatorSettings(
-        port=0,
-        state_dir=disk / "state",
-        ca_certificate=tls.ca_certificate,
-        certificate=tls.certificate,
-        private_key=tls.private_key,
-    )
+    settings = coordinator_settings(pki, disk / "state")
     coordinator = loop_thread.run(build_server(settings))
     site = ScriptedSite(pki, "site-a", coordinator.port)
     admin = AdminClient(f"localhost:{coordinator.port}", pki.tls("admin"))

@@ -37,7 +37,6 @@ from coordinator.console.study_cli import study_app
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator, build_server
-from coordinator.settings import CoordinatorSettings
 from ordering import (
     CandidatePlan,
     FloatRange,
@@ -51,7 +50,7 @@ from ordering import (
 )
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import SITES, LoopThread, Pki
-from tests.coordinator_tests.conftest import BASE
+from tests.coordinator_tests.conftest import BASE, coordinator_settings
 from tests.coordinator_tests.test_service import ScriptedSite
 
 TRAIN_SECONDS = {"site-a": 1.5, "site-b": 2.0, "site-c": 0.25}
@@ -154,14 +153,10 @@ class ScriptedSites:
 
 @pytest.fixture
 def coordinator(pki: Pki, tmp_path: Path, loop_thread: LoopThread) -> Iterator[Coordinator]:
-    tls = pki.tls("coordinator")
-    settings = CoordinatorSettings(
-        port=0,
+    settings = coordinator_settings(
+        pki,
+        tmp_path / "state",
         database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
-        state_dir=tmp_path / "state",
-        ca_certificate=tls.ca_certificate,
-        certificate=tls.certificate,
-        private_key=tls.private_key,
         heartbeat_interval_ms=200,
     )
     server = loop_thread.run(build_server(settings))
