@@ -1,5 +1,5 @@
-"""What the benchmarks share: waiting for a run, paired bootstrap over test rows, a report's head
-and its Markdown rows and sections."""
+"""What the benchmarks share: waiting for a run and its sites' test scores, paired bootstrap over
+test rows, a report's head and its Markdown rows and sections."""
 
 from __future__ import annotations
 
@@ -71,6 +71,24 @@ def wait_for_completed_run(admin: AdminClient, run_id: str, timeout: float) -> p
         if time.monotonic() > deadline:
             raise TimeoutError(f"run {run_id} did not finish in {timeout} s")
         time.sleep(0.1)
+
+
+def site_test_accuracy(admin: AdminClient, run_id: str, timeout: float) -> dict[str, float]:
+    """Each site's accuracy on its test split of the run's final model, in the order the run
+    lists its evaluations: every site is asked to score it (the one touch of test data).
+
+    Raises:
+        RuntimeError: If a site's test evaluation did not end done.
+    """
+    wanted = set(admin.evaluate_run(run_id, "test"))
+    run = admin.wait_for_evaluations(run_id, timeout=timeout)
+    scores = {}
+    for evaluation in run.evaluations:
+        if evaluation.evaluation_id in wanted:
+            if evaluation.status != "done":
+                raise RuntimeError(f"test evaluation at {evaluation.site}: {evaluation.error}")
+            scores[evaluation.site] = float(evaluation.metrics["accuracy"])
+    return scores
 
 
 def mean_site_accuracy(correct: RowScores) -> float:

@@ -44,18 +44,14 @@ import dataclasses
 import json
 import logging
 import os
-import platform
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _harness import wait_for_completed_run
+from _harness import report_head, site_test_accuracy, wait_for_completed_run
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.demo import prepare_pki
@@ -194,14 +190,7 @@ def _plan(
 
 
 def _test_accuracy(admin: AdminClient, run_id: str, sites: tuple[str, ...]) -> dict[str, float]:
-    wanted = set(admin.evaluate_run(run_id, "test"))
-    run = admin.wait_for_evaluations(run_id, timeout=1800)
-    scores = {}
-    for evaluation in run.evaluations:
-        if evaluation.evaluation_id in wanted:
-            if evaluation.status != "done":
-                raise RuntimeError(f"test evaluation at {evaluation.site}: {evaluation.error}")
-            scores[evaluation.site] = float(evaluation.metrics["accuracy"])
+    scores = site_test_accuracy(admin, run_id, 1800)
     return {site: scores[site] for site in sites}
 
 
@@ -353,10 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     pki = work / "pki"
     prepare_pki(pki, list(task.sites))
     report: dict[str, Any] = {
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}",
+        **report_head(argv),
         "load_at_start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "task": task.name,
         "strategy": args.strategy,

@@ -43,22 +43,19 @@ import json
 import logging
 import math
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import optuna
 import safetensors.torch
 import torch
-from _harness import paired_bootstrap, wait_for_completed_run
+from _harness import paired_bootstrap, report_head, site_test_accuracy, wait_for_completed_run
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.demo import prepare_pki
@@ -220,14 +217,7 @@ def _final_tensors(state_dir: Path, run_id: str) -> dict[str, torch.Tensor]:
 
 def _test_accuracy(admin: AdminClient, run_id: str) -> dict[str, float]:
     """Each site scores the run's final model on its test split (the one touch of test data)."""
-    wanted = set(admin.evaluate_run(run_id, "test"))
-    run = admin.wait_for_evaluations(run_id, timeout=300)
-    scores = {}
-    for evaluation in run.evaluations:
-        if evaluation.evaluation_id in wanted:
-            if evaluation.status != "done":
-                raise RuntimeError(f"test evaluation at {evaluation.site}: {evaluation.error}")
-            scores[evaluation.site] = float(evaluation.metrics["accuracy"])
+    scores = site_test_accuracy(admin, run_id, 300)
     return {site: scores[site] for site in SITES}
 
 
@@ -750,10 +740,7 @@ def main(argv: list[str] | None = None) -> int:
     state_dir = work / "coordinator"
     storage = f"sqlite:///{work / 'studies.sqlite3'}"
     report: dict[str, Any] = {
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}, torch {torch.__version__}",
+        **report_head(argv, f"torch {torch.__version__}"),
         "seeds": args.seeds,
         "trials": args.trials,
         "folds": FOLDS,

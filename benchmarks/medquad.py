@@ -37,14 +37,11 @@ import dataclasses
 import json
 import logging
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +49,13 @@ import numpy as np
 import optuna
 import safetensors.torch
 import torch
-from _harness import mean_site_accuracy, paired_bootstrap, wait_for_completed_run
+from _harness import (
+    mean_site_accuracy,
+    paired_bootstrap,
+    report_head,
+    site_test_accuracy,
+    wait_for_completed_run,
+)
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.demo import packaged_minilm, prepare_pki
@@ -125,14 +128,7 @@ def _final_run(
     """Runs a plan, has every site score its final adapter on test (once), keeps the tensors."""
     run_id = admin.start_run(template.run_plan(plan, name=name))
     wait_for_completed_run(admin, run_id, 3600.0)
-    wanted = set(admin.evaluate_run(run_id, "test"))
-    run = admin.wait_for_evaluations(run_id, timeout=900)
-    scores = {}
-    for evaluation in run.evaluations:
-        if evaluation.evaluation_id in wanted:
-            if evaluation.status != "done":
-                raise RuntimeError(f"test evaluation at {evaluation.site}: {evaluation.error}")
-            scores[evaluation.site] = float(evaluation.metrics["accuracy"])
+    scores = site_test_accuracy(admin, run_id, 900)
     path = state_dir / "runs" / run_id / "final_adapter" / "adapter_model.safetensors"
     return {
         "run": run_id,
@@ -244,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = f"sqlite:///{work / 'studies.sqlite3'}"
     sizes = {d.name: len(d.train) for d in datasets}
     report: dict[str, Any] = {
-        "generated": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, python "
-        f"{platform.python_version()}, torch {torch.__version__}",
+        **report_head(argv, f"torch {torch.__version__}"),
         "seeds": args.seeds,
         "trials": args.trials,
         "sites": {
