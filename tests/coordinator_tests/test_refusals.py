@@ -39,36 +39,8 @@ def _started(admin: AdminClient, site: ScriptedSite, *sites: str) -> pb.HopTask:
 
 
 def _expired_certificate(pki: Pki, tmp_path: Path) -> TlsFiles:
-    ca_key = serialization.load_pem_private_key((pki.directory / "ca.key").read_bytes(), None)
-    ca = x509.load_pem_x509_certificate((pki.directory / "ca.crt").read_bytes())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    subject = x509.Name([
-        x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "Baton"),
-        x509.NameAttribute(x509.NameOID.ORGANIZATIONAL_UNIT_NAME, "site"),
-        x509.NameAttribute(x509.NameOID.COMMON_NAME, "site-a"),
-    ])  # fmt: skip
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=100))
-        .not_valid_after(now - dt.timedelta(days=10))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-    )
-    cert_path, key_path = tmp_path / "expired.crt", tmp_path / "expired.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return TlsFiles(pki.directory / "ca.crt", cert_path, key_path)
+    """site-a's certificate signed by the consortium CA, expired ten days ago."""
+    return _certificate_of_our_ca(pki, tmp_path, "site", "site-a", valid_days=(-100, -10))
 
 
 def test_expired_certificate_is_refused_in_the_tls_handshake(
@@ -233,8 +205,11 @@ def test_site_anchor_unknown_to_the_ledger_is_refused_as_rewritten_history(
     assert row["method"] == "Hello" and "e" * 64 in str(row["reason"])
 
 
-def _certificate_of_our_ca(pki: Pki, tmp_path: Path, unit: str, name: str) -> TlsFiles:
-    """A current certificate signed by the consortium CA with the given role OU and CN."""
+def _certificate_of_our_ca(
+    pki: Pki, tmp_path: Path, unit: str, name: str, valid_days: tuple[int, int] = (-1, 10)
+) -> TlsFiles:
+    """A certificate signed by the consortium CA with the given role OU and CN, valid from and
+    until the given days from now (by default a current one)."""
     ca_key = serialization.load_pem_private_key((pki.directory / "ca.key").read_bytes(), None)
     ca = x509.load_pem_x509_certificate((pki.directory / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
@@ -250,12 +225,12 @@ def _certificate_of_our_ca(pki: Pki, tmp_path: Path, unit: str, name: str) -> Tl
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=10))
+        .not_valid_before(now + dt.timedelta(days=valid_days[0]))
+        .not_valid_after(now + dt.timedelta(days=valid_days[1]))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    cert_path, key_path = tmp_path / "odd.crt", tmp_path / "odd.key"
+    cert_path, key_path = tmp_path / "ours.crt", tmp_path / "ours.key"
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(
