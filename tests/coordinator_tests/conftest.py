@@ -190,6 +190,15 @@ def engine_clock(monkeypatch: pytest.MonkeyPatch) -> EngineClock:
     return clock
 
 
+@pytest.fixture
+def ledger(database_url: str) -> Iterator[Ledger]:
+    """A migrated ledger on the test database (each of the databases `database_url` names)."""
+    ledger = Ledger(database_url)
+    ledger.migrate()
+    yield ledger
+    ledger.close()
+
+
 def coordinator_settings(pki: Pki, state_dir: Path, **fields: Any) -> CoordinatorSettings:
     """A coordinator's settings on port 0 with the test PKI's coordinator certificate and its
     state in `state_dir`; `fields` set (or override) the others."""

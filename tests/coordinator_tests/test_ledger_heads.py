@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -33,14 +32,6 @@ def _signer(pki: Pki, path: Path, name: str = "coordinator", every: int = 100) -
         certificate_pem=(pki.directory / f"{name}.crt").read_bytes(),
         every=every,
     )
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[Ledger]:
-    ledger = Ledger(database_url)
-    ledger.migrate()
-    yield ledger
-    ledger.close()
 
 
 def test_signed_head_verifies_against_the_ca_and_refuses_any_change(pki: Pki) -> None:

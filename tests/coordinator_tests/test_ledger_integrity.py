@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -127,14 +126,6 @@ def populate(ledger: Ledger) -> dict[str, str]:
         "evaluation": evaluation.id,
         "statistics": request.id,
     }
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[Ledger]:
-    ledger = Ledger(database_url)
-    ledger.migrate()
-    yield ledger
-    ledger.close()
 
 
 def _sql(ledger: Ledger, statement: str, **params: object) -> None:

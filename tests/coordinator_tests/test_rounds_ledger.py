@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -15,14 +14,6 @@ from coordinator.ledger import CheckpointRow, HopRow, Ledger, RoundRow, Transiti
 from coordinator.ledger._repository import _MIGRATIONS
 
 IN, OUT_A, OUT_B, AGG, STATE = ("a" * 64, "b" * 64, "c" * 64, "d" * 64, "e" * 64)
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[Ledger]:
-    ledger = Ledger(database_url)
-    ledger.migrate()
-    yield ledger
-    ledger.close()
 
 
 def _federated_run(ledger: Ledger) -> tuple[str, list[RoundRow]]:
