@@ -7,9 +7,10 @@ import io
 import json
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from argon2 import PasswordHasher
@@ -87,6 +88,25 @@ def login(client: TestClient, name: str, password: str = PASSWORD) -> str:
                                            "csrf_token": _form_token(page.text)})  # fmt: skip
     assert response.status_code == 200, response.text[:300]
     return _form_token(client.get("/").text)
+
+
+def refused_below(
+    client: TestClient,
+    method: str,
+    path: str,
+    role: DashboardRole,
+    body: Callable[[str], dict[str, Any]],
+) -> None:
+    """Checks that every role below `role` is refused `method path` (sent with `body(csrf)`) with
+    403 and the role it needs."""
+    for lower in DashboardRole:
+        if lower >= role:
+            continue
+        client.cookies.clear()
+        csrf = login(client, lower.label)
+        response = client.request(method, path, headers={"X-CSRF-Token": csrf}, **body(csrf))
+        assert response.status_code == 403, (lower, response.text[:200])
+        assert f"this needs the {role.label} role" in response.text
 
 
 def _start(engine: RunEngine, client: TestClient) -> str:
@@ -264,17 +284,13 @@ def test_each_action_is_refused_below_its_role_and_changes_nothing(
 ) -> None:
     run_id = _start(engine, client)
     before = len(engine.ledger.events())
-    for lower in DashboardRole:
-        if lower >= role:
-            continue
-        client.cookies.clear()
-        csrf = login(client, lower.label)
-        body = {"json": {"plan": "{}", "serial": "abc1"}} if "/api/" in path else {
-            "data": {"csrf_token": csrf, "plan": "x", "serial": "abc1"}}  # fmt: skip
-        response = client.request(method, path.replace("RUN", run_id),
-                                  headers={"X-CSRF-Token": csrf}, **body)  # fmt: skip
-        assert response.status_code == 403, (lower, response.text[:200])
-        assert f"this needs the {role.label} role" in response.text
+
+    def body(csrf: str) -> dict[str, Any]:
+        if "/api/" in path:
+            return {"json": {"plan": "{}", "serial": "abc1"}}
+        return {"data": {"csrf_token": csrf, "plan": "x", "serial": "abc1"}}
+
+    refused_below(client, method, path.replace("RUN", run_id), role, body)
     assert len(engine.ledger.events()) == before
     assert engine.ledger.run(run_id).status == "running"
 
