@@ -82,7 +82,7 @@ def site_test_accuracy(admin: AdminClient, run_id: str, timeout: float) -> dict[
     """
     wanted = set(admin.evaluate_run(run_id, "test"))
     run = admin.wait_for_evaluations(run_id, timeout=timeout)
-    scores = {}
+    scores: dict[str, float] = {}
     for evaluation in run.evaluations:
         if evaluation.evaluation_id in wanted:
             if evaluation.status != "done":
