@@ -12,6 +12,7 @@ standard input (never on its command line, where `ps` would show a password).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -19,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from coordinator.ledger import Ledger
 from coordinator.startup import StartupError, database_error, masked_url
 
-__all__ = ["migrate_apart"]
+__all__ = ["MigrationChild", "migrate_apart"]
 
 
 async def migrate_apart(ledger: Ledger) -> bool:
@@ -31,25 +32,74 @@ async def migrate_apart(ledger: Ledger) -> bool:
         StartupError: The child could not migrate (its one-line reason).
         SQLAlchemyError: The database cannot be reached to read its revision.
     """
-    if await asyncio.to_thread(ledger.at_head):
+    child = await MigrationChild.start(ledger)
+    if child is None:
         return False
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "coordinator.ledger_apart",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await child.communicate(ledger.url.encode())
-    if child.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines()
-        raise StartupError(
-            lines[-1] if lines else f"the ledger migration exited with code {child.returncode}"
-        )
-    # What this process's pool opened before the schema changed is not used again.
-    await asyncio.to_thread(ledger.engine.dispose)
+    await child.finish()
     return True
+
+
+class MigrationChild:
+    """A ledger migration running in a child process, so its parent can go on meanwhile.
+
+    `coordinator serve` starts it before it imports the run engine and the servicer (a second of
+    CPU), so the two run side by side on a first start instead of one after the other.
+    """
+
+    def __init__(self, ledger: Ledger, process: asyncio.subprocess.Process) -> None:
+        self.ledger = ledger
+        self.process = process
+
+    @classmethod
+    async def start(cls, ledger: Ledger) -> MigrationChild | None:
+        """The started child, or None when the ledger is at the newest revision already.
+
+        Raises:
+            SQLAlchemyError: The database cannot be reached to read its revision.
+        """
+        if await asyncio.to_thread(ledger.at_head):
+            return None
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "coordinator.ledger_apart",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stdin is not None
+        # The URL goes on standard input, never on the command line (where `ps` shows it).
+        process.stdin.write(ledger.url.encode())
+        await process.stdin.drain()
+        process.stdin.close()
+        return cls(ledger, process)
+
+    async def finish(self) -> None:
+        """Waits for the child.
+
+        Raises:
+            StartupError: The child could not migrate (its one-line reason).
+        """
+        _, err = await self.process.communicate()
+        if self.process.returncode != 0:
+            lines = err.decode(errors="replace").strip().splitlines()
+            raise StartupError(
+                lines[-1]
+                if lines
+                else f"the ledger migration exited with code {self.process.returncode}"
+            )
+        # What this process's pool opened before the schema changed is not used again.
+        await asyncio.to_thread(self.ledger.engine.dispose)
+
+    async def abandon(self) -> None:
+        """Stops the child when its parent gives up starting (another check refused it).
+
+        A migration is one transaction: stopped half way, it leaves the ledger as it was.
+        """
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
 
 
 def _migrate(url: str) -> str | None:

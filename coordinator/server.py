@@ -18,12 +18,14 @@ from coordinator.engine import RunEngine
 from coordinator.federated import AggregateSigner
 from coordinator.health import GrpcHealth, HealthEndpoint, ledger_reachable
 from coordinator.heap import TransferTrim, release_free_memory
+from coordinator.launch import bind_dashboard_socket, claim_state, open_ledger
 from coordinator.ledger import HeadSigner, Ledger
+from coordinator.ledger_apart import MigrationChild
 from coordinator.servicer import AdminServicer, MalformedMessageGuard, SiteServicer
 from coordinator.settings import CoordinatorSettings
-from coordinator.startup import InstanceLock, database_error, masked_url, parse_database_url
+from coordinator.startup import InstanceLock, database_error, masked_url
 from coordinator.store import CheckpointStore, fsync_write
-from protocols.transport import aio_server, check_port_free
+from protocols.transport import aio_server
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
 __all__ = [
@@ -114,15 +116,10 @@ async def build_server(
         PkiError: The TLS files are missing, unreadable or do not match.
         PortInUse: The port is taken.
     """
-    assert settings.database_url is not None
-    parse_database_url(settings.database_url)
-    settings.tls.read()
-    check_port_free(settings.address)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    lock = InstanceLock(settings.state_dir, settings.database_url)
-    await asyncio.to_thread(lock.acquire)
+    lock = await claim_state(settings)
     try:
-        coordinator = await _build_server(settings, migrate_apart=migrate_apart)
+        ledger, child = await open_ledger(settings, migrate_apart=migrate_apart)
+        coordinator = await build_claimed(settings, ledger, child)
     except BaseException:
         lock.release()
         raise
@@ -130,20 +127,24 @@ async def build_server(
     return coordinator
 
 
-async def _build_server(settings: CoordinatorSettings, *, migrate_apart: bool) -> Coordinator:
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    assert settings.database_url is not None
-    ledger = Ledger(settings.database_url)
-    try:
-        if migrate_apart:
-            from coordinator.ledger_apart import migrate_apart as migrate_in_child
+async def build_claimed(
+    settings: CoordinatorSettings, ledger: Ledger, child: MigrationChild | None
+) -> Coordinator:
+    """`build_server` once the state is claimed and the ledger opened (its migration started).
 
-            await migrate_in_child(ledger)
+    Closes the ledger (and stops the child) if it cannot start.
+    """
+    assert settings.database_url is not None
+    try:
+        if child is not None:
+            await child.finish()
         await asyncio.to_thread(ledger.migrate)  # at the head after the child: nothing to do
     except SQLAlchemyError as exc:
         ledger.close()
         raise database_error(settings.database_url, exc) from exc
     except BaseException:
+        if child is not None:
+            await child.abandon()
         ledger.close()
         raise
     engine = RunEngine(
@@ -190,23 +191,33 @@ async def _build_server(settings: CoordinatorSettings, *, migrate_apart: bool) -
 
 
 async def serve(settings: CoordinatorSettings) -> None:
-    """Runs until SIGINT/SIGTERM.
+    """Runs until SIGINT/SIGTERM (`coordinator.launch.serve` with this module imported)."""
+    from coordinator.launch import serve as launch
+
+    await launch(settings)
+
+
+async def serve_claimed(
+    settings: CoordinatorSettings,
+    listener: socket.socket | None,
+    lock: InstanceLock,
+    ledger: Ledger,
+    child: MigrationChild | None,
+) -> None:
+    """Builds the coordinator on what `coordinator.launch.serve` claimed, runs until a signal.
 
     The gRPC port file is written as soon as sites can connect, then the dashboard's: its
     socket is bound at the start and the dashboard (FastAPI, a third of the start-up imports)
     starts on its first connection (`DashboardOnDemand`).
     """
-    listener = None
-    if settings.dashboard:  # bound first: a taken port is refused before anything starts
-        listener = bind_dashboard_socket(
-            settings.dashboard_host or settings.host, settings.dashboard_port
-        )
     try:
-        coordinator = await build_server(settings, migrate_apart=True)
+        coordinator = await build_claimed(settings, ledger, child)
     except BaseException:
+        lock.release()
         if listener is not None:
             listener.close()
         raise
+    coordinator.lock = lock
     if settings.metrics_port_file is not None and coordinator.metrics_port is not None:
         fsync_write(settings.metrics_port_file, str(coordinator.metrics_port).encode())
     if settings.port_file is not None:
@@ -359,22 +370,3 @@ def settle_heap() -> None:
     """
     gc.freeze()
     release_free_memory()  # what start-up freed (a migration's, the ledger checks')
-
-
-def bind_dashboard_socket(host: str, port: int) -> socket.socket:
-    """The dashboard's listening socket on `host:port` (0: a free port), bound and listening.
-
-    Raises:
-        OSError: The port cannot be bound; the message names the dashboard and the address.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(f"dashboard cannot listen on {host}:{port}: {exc.strerror}") from exc
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock

@@ -64,7 +64,7 @@ def coordinator_serve(
     """Run the coordinator until SIGINT/SIGTERM (and its HTTPS dashboard, unless --no-dashboard)."""
     from pydantic import ValidationError
 
-    from coordinator.server import serve
+    from coordinator.launch import serve
     from coordinator.settings import load_coordinator_settings
     from protocols.settings import SettingsFileError
 

@@ -16,7 +16,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from coordinator.dashboard._app import create_app
 from coordinator.engine import RunEngine
-from coordinator.server import bind_dashboard_socket
+from coordinator.launch import bind_dashboard_socket
 from coordinator.study_supervisor import StudySupervisor
 
 __all__ = ["DashboardServer", "start_dashboard"]
