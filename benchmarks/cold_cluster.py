@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -127,8 +128,11 @@ def _plan(labels: list[str], steps: int) -> RunPlan:
     })  # fmt: skip
 
 
-def cold_start(work: Path, steps: int, extra_site_args: Sequence[str]) -> dict[str, Any]:
-    """One cold start of a coordinator and the sites; figures relative to ``t0``."""
+def cold_start(
+    work: Path, steps: int, extra_site_args: Sequence[str], keep_logs: Path | None = None
+) -> dict[str, Any]:
+    """One cold start of a coordinator and the sites; figures relative to ``t0``; the
+    processes' logs copied under ``keep_logs`` if given."""
     labels: list[str] = []
     for index, site in enumerate(SITES):
         labels = write_site_data(work / site, index, len(SITES))
@@ -179,6 +183,10 @@ def cold_start(work: Path, steps: int, extra_site_args: Sequence[str]) -> dict[s
                 time.sleep(0.1)
         cpu.sample()
         logs = {p.name: p.log_path for p in cluster.processes}
+    if keep_logs is not None:
+        keep_logs.mkdir(parents=True, exist_ok=True)
+        for log in logs.values():
+            shutil.copy(log, keep_logs / log.name)
     hops = sorted(run.hops, key=lambda h: h.index)
     first_step = hops[0].train_started_at_ns / 1e9
     at_first_step = cpu.at(first_step)
@@ -292,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="training steps per visit")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="cold_cluster")
+    parser.add_argument("--keep-logs", type=Path, default=None,
+                        help="copy each start's process logs to DIR/start-N")  # fmt: skip
     parser.add_argument("--site-arg", action="append", default=[],
                         help="extra argument of every `baton-site serve`")  # fmt: skip
     args = parser.parse_args(argv)
@@ -312,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for index in range(args.starts):
         with tempfile.TemporaryDirectory(prefix="baton-cold-") as name:
             try:
-                start = cold_start(Path(name), args.steps, args.site_arg)
+                logs = None if args.keep_logs is None else args.keep_logs / f"start-{index + 1}"
+                start = cold_start(Path(name), args.steps, args.site_arg, logs)
             except (RuntimeError, TimeoutError) as exc:
                 start = {"error": str(exc).splitlines()[0][:300]}
         report["starts"].append(start)

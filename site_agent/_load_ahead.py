@@ -34,6 +34,10 @@ class LowPriorityLoader:
     created, and a later setting of the caller's would not reach them. A hurry puts the load's
     thread and every thread of the process still below the agent's priority back at it (the
     only other thread a site lowers, its validation pass, never runs while a task is read).
+    A load that ends unhurried puts the threads it started and left running back at the
+    agent's priority: a process-wide pool made at a library's first use (as the tokenizers'
+    Rust pool is, which every later encoding of the process runs on) would otherwise keep the
+    load's low priority for as long as the process lives.
 
     Linux only (there a thread has a nice value of its own); elsewhere loads run at the
     agent's priority. Raising a priority back needs CAP_SYS_NICE or RLIMIT_NICE (systemd's
@@ -105,12 +109,16 @@ class LowPriorityLoader:
                 self._running_on = native_id
                 # From the agent's nice value each time, never from the last load's. Set on
                 # this thread before the load's own thread starts: that one inherits it.
-                self._set(native_id, 0 if self._hurried or not lowers else niceness)
+                lowered = lowers and not self._hurried
+                self._set(native_id, niceness if lowered else 0)
+                before = _thread_ids()
                 worker = threading.Thread(
                     target=self._run, args=(load,), name="load-ahead-job", daemon=True
                 )
                 worker.start()
             worker.join()
+            if lowered:
+                _raise_threads_left_by_a_load(before, niceness)
             with self._wake:
                 self._running_on = None
                 if not self._jobs:
@@ -134,6 +142,38 @@ class LowPriorityLoader:
             os.setpriority(os.PRIO_PROCESS, native_id, min(19, base + niceness))
         except OSError as exc:  # checked ahead (_may_raise_priority_back): a last guard
             logger.debug("a load ahead keeps its CPU priority: %s", exc)
+
+
+def _thread_ids() -> frozenset[int]:
+    """The native ids of this process's threads (Linux; elsewhere none)."""
+    if not sys.platform.startswith("linux"):
+        return frozenset()
+    try:
+        return frozenset(int(tid) for tid in os.listdir("/proc/self/task"))
+    except OSError:
+        return frozenset()
+
+
+def _raise_threads_left_by_a_load(before: frozenset[int], niceness: int) -> None:
+    """Puts the threads a load ahead started and left running (not there before it, still at
+    its nice value) back at the agent's priority (Linux). A thread lowered on purpose meanwhile
+    (a validation pass, at its own nice value) keeps its priority."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    except OSError as exc:
+        logger.debug("threads a load ahead left keep its CPU priority: %s", exc)
+        return
+    left_at = min(19, base + niceness)
+    if left_at == base:
+        return  # the agent already runs at nice 19: nothing was lowered
+    for tid in _thread_ids() - before:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) == left_at:
+                os.setpriority(os.PRIO_PROCESS, tid, base)
+        except OSError:  # the thread ended meanwhile (ESRCH), or a last guard
+            continue
 
 
 def _raise_lowered_threads() -> None:

@@ -25,6 +25,7 @@ from protocols.v1 import baton_pb2 as pb
 from site_agent._load_ahead import LowPriorityLoader, ahead_niceness
 from site_agent._synthetic import generate_site_records, write_site_dataset
 from site_agent.agent import SiteAgent
+from site_agent.hop_runner import at_low_priority
 from site_agent.registry import RegisteredDataset, list_registered, register_dataset
 from site_agent.settings import SiteSettings
 from site_agent.task_checks import HopFailure
@@ -589,6 +590,90 @@ def test_torch_intra_op_workers_of_a_load_ahead_run_at_its_priority(loads: _Nice
 
 def _threads() -> list[int]:
     return [int(tid) for tid in os.listdir("/proc/self/task")]
+
+
+class _Pool:
+    """A helper thread a load starts at a library's first use and leaves running for the
+    whole process, as the tokenizers' Rust pool is: it runs work handed to it by any thread
+    later, and notes its nice value as it does."""
+
+    def __init__(self) -> None:
+        self._work: list[threading.Event] = []
+        self._wake = threading.Condition()
+        self.seen: list[int] = []
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._work)
+                done = self._work.pop(0)
+            self.seen.append(_nice(threading.get_native_id()))
+            done.set()
+
+    def run(self) -> None:
+        done = threading.Event()
+        with self._wake:
+            self._work.append(done)
+            self._wake.notify()
+        assert done.wait(timeout=120)
+
+
+@_LINUX_ONLY
+@pytest.mark.parametrize("hops_ahead", [2, 3])
+def test_a_pool_a_load_ahead_starts_runs_the_sites_later_work_at_the_agents_priority(
+    loads: _NicedLoads, hops_ahead: int
+) -> None:
+    """A load ahead that ends before the site is told it is next (nothing hurries it) may
+    leave a process-wide pool behind (tokenizers' encoding threads): every later hop's
+    encoding runs on it, and must not run at the load's +15/+19 for the rest of the process."""
+    if not _can_raise_priority():
+        pytest.skip("this process may not raise a thread's priority back")
+    pools: list[_Pool] = []
+
+    def load() -> None:
+        pool = _Pool()
+        pool.run()  # the load's own use of it, at the load's priority
+        pools.append(pool)
+
+    loads.loader.submit(load, ahead_niceness(hops_ahead))
+    assert loads.loader.idle(timeout=120)
+    pools[0].run()  # a later hop's work, handed over from the agent's threads
+
+    base = loads.base
+    assert pools[0].seen == [min(19, base + ahead_niceness(hops_ahead)), base]
+
+
+@_LINUX_ONLY
+def test_a_validation_pass_lowered_during_a_load_ahead_stays_low_after_it(
+    loads: _NicedLoads,
+) -> None:
+    """Only what the load left at its own priority goes back up: a validation pass that
+    started meanwhile keeps yielding to the next site's start."""
+    if not _can_raise_priority():
+        pytest.skip("this process may not raise a thread's priority back")
+    loading, validating, load_done = threading.Event(), threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def load() -> None:
+        loading.set()
+        assert validating.wait(timeout=120)
+
+    def validation() -> None:
+        validating.set()
+        assert load_done.wait(timeout=120)
+        seen.append(_nice(threading.get_native_id()))
+
+    loads.loader.submit(load, ahead_niceness(3))
+    assert loading.wait(timeout=120)
+    # Started by the agent's task thread, as a committed hop's pass is, while the load runs.
+    passing = threading.Thread(target=at_low_priority, args=(validation,))
+    passing.start()
+    assert loads.loader.idle(timeout=120)
+    load_done.set()
+    passing.join(timeout=120)
+
+    assert seen == [min(19, loads.base + 10)]
 
 
 class _Unavailable(grpc.RpcError):
