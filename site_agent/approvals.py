@@ -138,11 +138,16 @@ class ApprovalStore:
     def is_approved(self, bundle: ApprovalBundle) -> bool:
         """Approved by hash (file or settings) or by policy; records the bundle as seen."""
         digest = bundle.sha256
-        with self._locked():
-            document = self._read()
-            if digest not in document["seen"]:
-                document["seen"][digest] = json.loads(bundle.canonical_json())
-                self._write(document)
+        # Every write replaces the file whole (`_write`): a read needs no lock, and sees an
+        # approval or a revocation made a moment ago. The lock (10 ms on a loaded host, on
+        # each hop's start) is taken only to record a bundle not seen before.
+        document = self._read()
+        if digest not in document["seen"]:
+            with self._locked():
+                document = self._read()
+                if digest not in document["seen"]:
+                    document["seen"][digest] = json.loads(bundle.canonical_json())
+                    self._write(document)
         return (
             digest in self.preapproved
             or digest in document["approved"]

@@ -145,6 +145,9 @@ class _PreparedHop:
     adapter_config: dict[str, object]
     # The hop's AdamW over the model's trainable parameters, idle (settings come with the hop).
     optimizer: torch.optim.AdamW
+    # Those parameters in the model's order: the hop's start does not walk the module tree
+    # (~130 modules, 6 ms under load) to find them again.
+    trainable: list[torch.nn.Parameter]
 
 
 class LoraTrainer(Generic[ExampleT, TargetsT]):
@@ -267,10 +270,11 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                 self._state_specs[key] = tensor_specs(get_peft_model_state_dict(model))
             # In training mode, its optimizer built: the hop's start only loads its input.
             model.train()
-            optimizer = idle_optimizer([p for p in model.parameters() if p.requires_grad])
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            optimizer = idle_optimizer(trainable)
             self._prepared = _PreparedHop(key, seed, model, rng_state, cuda_state,
                                           adapter_slots(model), adapter_config(model),
-                                          optimizer)  # fmt: skip
+                                          optimizer, trainable)  # fmt: skip
             logger.info("prepared a hop on %s (seed %d)", dataset.name, seed)
 
     def _take_prepared(
@@ -359,12 +363,12 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
             optimizer = None
             if prepared is not None:
                 model, slots, config = prepared.model, prepared.slots, prepared.adapter_config
-                optimizer = prepared.optimizer
+                optimizer, trainable = prepared.optimizer, prepared.trainable
             else:
                 model = self._adapter_model(spec, hp.seed, incoming)
                 slots, config = None, adapter_config(model)
                 model.train()
-            trainable = [p for p in model.parameters() if p.requires_grad]
+                trainable = [p for p in model.parameters() if p.requires_grad]
             logger.info(
                 "hop on %s: %d train / %d validation examples, %d steps, %d trainable "
                 "parameters, device %s, incoming adapter: %s",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -23,7 +23,6 @@ def checked_state(
             f"missing keys {preview(missing)}"
         )
     state: dict[str, torch.Tensor] = {}
-    non_finite: list[str] = []
     for key in sorted(incoming):
         tensor = incoming[key]
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
@@ -33,10 +32,9 @@ def checked_state(
                 f"incoming tensor {key!r} has shape {tuple(tensor.shape)}, "
                 f"expected {expected_shapes[key]}"
             )
-        if not is_finite(tensor):
-            non_finite.append(key)
         state[key] = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    if non_finite:
+    if not all_finite(incoming[key] for key in state):
+        non_finite = [key for key in state if not is_finite(incoming[key])]
         raise ValueError(f"incoming tensors have non-finite values in {preview(non_finite)}")
     return state
 
@@ -65,6 +63,16 @@ def tensor_specs(state: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
 
 def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of every tensor is finite: one check per dtype and device over
+    the tensors laid end to end, not two operations per tensor (an adapter has dozens, and
+    each operation costs torch's dispatch, ~0.15 ms on a loaded host)."""
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor.detach().reshape(-1))
+    return all(is_finite(torch.cat(group)) for group in groups.values())
 
 
 def preview(keys: Sequence[str]) -> str:

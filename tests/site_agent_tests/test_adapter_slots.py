@@ -55,3 +55,30 @@ def test_in_place_load_refuses_what_does_not_fit(
         load_adapter_in_place(slots, {**good, key: torch.zeros(1, 1)})
     with pytest.raises(ValueError, match="non-finite"):
         load_adapter_in_place(slots, {**good, key: torch.full_like(good[key], float("nan"))})
+
+
+def test_incoming_values_are_checked_finite_in_one_pass_per_dtype_and_a_bad_one_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from site_agent.tasks import _state
+
+    shapes = {f"t{i:02d}": (3, 2) for i in range(30)}
+    incoming = {key: torch.randn(shape) for key, shape in shapes.items()}
+    incoming["t07"] = incoming["t07"].double() * 1e300  # finite in float64
+    incoming["t08"] = incoming["t08"].half()
+    checked: list[int] = []
+    is_finite = _state.is_finite
+    monkeypatch.setattr(
+        _state, "is_finite", lambda tensor: checked.append(tensor.numel()) or is_finite(tensor)
+    )
+
+    state = _state.checked_state(incoming, shapes)
+
+    assert sorted(checked) == [6, 6, 28 * 6]  # float64, float16, then the 28 float32 together
+    assert all(t.dtype == torch.float32 for t in state.values())
+    for bad in (float("nan"), float("inf")):
+        broken = {**incoming, "t03": incoming["t03"].clone(), "t20": incoming["t20"].clone()}
+        broken["t03"][1, 0] = bad
+        broken["t20"][0, 1] = -bad
+        with pytest.raises(ValueError, match=r"non-finite values in \['t03', 't20'\]"):
+            _state.checked_state(broken, shapes)

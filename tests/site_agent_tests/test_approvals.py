@@ -32,6 +32,24 @@ def test_settings_preapproval_and_revoking_an_approval(tmp_path: Path) -> None:
     assert other.revoke(BUNDLE.sha256) and not other.is_approved(BUNDLE)
 
 
+def test_a_seen_bundle_is_checked_without_the_file_lock_and_a_revocation_still_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = ApprovalStore(tmp_path / "approvals.json")
+    cli = ApprovalStore(tmp_path / "approvals.json")  # `baton-site approve` / `revoke`
+    assert not agent.is_approved(BUNDLE)  # first sight: recorded under the lock
+    cli.approve([BUNDLE.sha256])
+
+    def no_lock() -> None:
+        raise AssertionError("the lock is for recording a bundle not seen before")
+
+    monkeypatch.setattr(agent, "_locked", no_lock)
+    assert agent.is_approved(BUNDLE)
+    assert cli.revoke(BUNDLE.sha256)
+    assert not agent.is_approved(BUNDLE)  # the revocation is read at once
+    assert agent.listing()[BUNDLE.sha256]["bundle"]["dataset"] == "triage-notes"
+
+
 def test_bundle_hash_covers_every_field() -> None:
     widened = ApprovalBundle(**{**BUNDLE.__dict__, "bounds": {"learning_rate": (1e-4, 1e-2)}})
     assert widened.sha256 != BUNDLE.sha256
