@@ -22,6 +22,7 @@ from coordinator.ledger._integrity import (
     STATE_COLUMNS,
     STATE_ROWS_KEY,
     RowMismatch,
+    VerifiedEvents,
     carry_forward,
     row_entry,
     row_key,
@@ -176,6 +177,8 @@ class LedgerCore:
         self.head_observers: list[HeadObserver] = []
         self.row_observers: list[RowObserver] = []
         self._open = threading.local()  # .session: the transaction this thread has open
+        # Events the engine's row checks found sound, as stored then: not hashed again unchanged.
+        self.verified_events = VerifiedEvents()
 
     def migrate(self) -> None:
         """Brings the schema to the newest Alembic revision.
