@@ -275,14 +275,20 @@ class LedgerCore:
         if touched:
             entries = [_snapshot(session, t) for t in touched.values()]
             payload = {**payload, STATE_ROWS_KEY: entries}
-        if session.bind is not None and session.get_bind().dialect.name == "postgresql":
-            # Serialise appenders across processes: row locks cannot stop two transactions
-            # from chaining to the same predecessor, a transaction-scoped advisory lock can.
-            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
-        last = session.scalars(
-            select(EventRow).order_by(EventRow.seq.desc()).limit(1).with_for_update()
-        ).first()
-        prev = last.hash if last else GENESIS_HASH
+        ours = session.info.get(_APPENDED)
+        if ours is not None:
+            # This transaction appended the newest event and holds the chain (PostgreSQL: the
+            # advisory lock; SQLite: the write lock) until it commits: that event is the head.
+            prev = ours[1]
+        else:
+            if session.bind is not None and session.get_bind().dialect.name == "postgresql":
+                # Serialise appenders across processes: row locks cannot stop two transactions
+                # from chaining to the same predecessor, a transaction-scoped advisory lock can.
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+            last = session.scalars(
+                select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1).with_for_update()
+            ).first()
+            prev = last or GENESIS_HASH
         at = utcnow().isoformat(timespec="microseconds")
         row = EventRow(
             at=at,
