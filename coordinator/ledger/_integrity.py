@@ -48,6 +48,7 @@ __all__ = [
     "compare_snapshot",
     "row_entry",
     "row_key",
+    "row_values",
     "state_mismatches",
     "tracked",
     "values_entry",
@@ -243,12 +244,16 @@ class VerifiedEvents:
     most of those events are the same from one commit to the next. An event whose stored columns
     (the payload compared as its stored text) are exactly those verified before verifies again
     without its hash being recomputed; any difference in any column recomputes it. Row snapshots
-    are read from the event as verified. At most `limit` events are kept (oldest dropped first).
+    are read from the event as verified. Likewise a row read holding exactly the values that
+    matched that same (still identical) event before is not compared column by column again.
+    At most `limit` events (and four times as many rows) are kept, oldest dropped first.
     """
 
     def __init__(self, limit: int = 4096) -> None:
         self._limit = limit
         self._events: dict[int, tuple[StoredEvent, dict[tuple[str, str], Mapping[str, Any]]]] = {}
+        # (table, key) -> (seq, row_values) of a row found matching that event's snapshot
+        self._rows: dict[tuple[str, str], tuple[int, str]] = {}
         self._lock = threading.Lock()
 
     def entries(
@@ -270,6 +275,26 @@ class VerifiedEvents:
 
     def __contains__(self, seq: object) -> bool:
         return seq in self._events
+
+    def row_matched(self, table: str, key: str, seq: int, values: str) -> bool:
+        """Whether the row, holding exactly `values` (`row_values`), matched event `seq`."""
+        with self._lock:
+            return self._rows.get((table, key)) == (seq, values)
+
+    def add_row(self, table: str, key: str, seq: int, values: str) -> None:
+        """Notes that the row, holding exactly `values`, matched its snapshot in event `seq`."""
+        with self._lock:
+            self._rows.pop((table, key), None)
+            self._rows[(table, key)] = (seq, values)
+            while len(self._rows) > 4 * self._limit:
+                del self._rows[next(iter(self._rows))]
+
+
+def row_values(row: Base) -> str:
+    """A row's snapshotted columns as one exact text: `repr` tells 1, 1.0 and True apart,
+    -0.0 from 0.0, '5' from 5 and a naive from an aware datetime, so equal texts give equal
+    snapshots."""
+    return repr(tuple(getattr(row, column) for column in STATE_COLUMNS[type(row)]))
 
 
 def _sound_entries(
@@ -356,6 +381,9 @@ def state_mismatches(
                 )
             )
             continue
+        values = row_values(row) if verified is not None else ""
+        if verified is not None and verified.row_matched(table, key, seq, values):
+            continue  # the same values against the same sound event: it matched then
         entry = entries.get((table, key))
         if entry is None or entry.get("deleted"):
             found.append(
@@ -367,7 +395,11 @@ def state_mismatches(
                 )
             )
             continue
-        found.extend(compare_snapshot(table, key, seq, entry, row_entry(row)))
+        differences = compare_snapshot(table, key, seq, entry, row_entry(row))
+        if differences:
+            found.extend(differences)
+        elif verified is not None:
+            verified.add_row(table, key, seq, values)
     return found
 
 

@@ -661,3 +661,16 @@ def test_engine_check_refuses_an_event_that_is_no_json_any_more(ledger: Ledger) 
     assert f"hops row {ids['hop0']}: its ledger event #{hop.ledger_seq} does not verify " in (
         " ".join(found)
     )
+
+
+def test_engine_check_names_a_value_equal_in_python_but_not_in_its_snapshot(
+    ledger: Ledger,
+) -> None:
+    ids = populate(ledger)
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []  # every row matched
+    # 3 == 3.0 in Python; the ledger recorded 3: a row matched before must be compared again.
+    _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop1",
+         value='{"learning_rate": 0.0001, "steps": 3.0}', **ids)  # fmt: skip
+    found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    assert [(m.table, m.key, m.column) for m in found] == [("hops", ids["hop1"], "hyperparameters")]
+    assert '"steps":3.0' in found[0].message
