@@ -26,6 +26,7 @@ from coordinator.ledger._integrity import (
     carry_forward,
     row_entry,
     row_key,
+    stored_event,
     tracked,
 )
 from coordinator.ledger._migrations import _MIGRATIONS, script_heads
@@ -138,16 +139,26 @@ def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
         touched[id(row)] = _Touched(row, deleted=True)
 
 
-def _snapshot(session: Session, touched: _Touched) -> dict[str, Any]:
+def _snapshot(
+    session: Session, touched: _Touched, verified: VerifiedEvents | None = None
+) -> dict[str, Any]:
     """The row's snapshot; columns this write did not set keep the value the ledger recorded.
 
     So an edit made outside the ledger is never adopted by a later, unrelated write to the row
-    (pausing a run whose plan was edited must not make the edited plan look recorded).
+    (pausing a run whose plan was edited must not make the edited plan look recorded). The
+    recorded entry comes from `verified` when that event is stored exactly as it was verified
+    (a run's first event holds every hop's snapshot: not decoded again per lease).
     """
     entry = row_entry(touched.row, deleted=touched.deleted)
     seq = getattr(touched.row, "ledger_seq", None)
     if touched.deleted or touched.assigned is None or seq is None:
         return entry
+    if verified is not None:
+        stored = stored_event(session, seq)
+        known = verified.entries(seq, stored) if stored is not None else None
+        if known is not None:
+            recorded = known.get((entry["table"], entry["key"]))
+            return carry_forward(None, entry, touched.assigned, recorded)
     previous = session.get(EventRow, seq)
     if previous is None:
         return entry
@@ -273,7 +284,7 @@ class LedgerCore:
         session.flush()  # every pending state row passes _track_state_rows
         touched: dict[int, _Touched] = session.info.pop(_TOUCHED, {})
         if touched:
-            entries = [_snapshot(session, t) for t in touched.values()]
+            entries = [_snapshot(session, t, self.verified_events) for t in touched.values()]
             payload = {**payload, STATE_ROWS_KEY: entries}
         ours = session.info.get(_APPENDED)
         if ours is not None:

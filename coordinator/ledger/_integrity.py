@@ -50,6 +50,7 @@ __all__ = [
     "row_key",
     "row_values",
     "state_mismatches",
+    "stored_event",
     "tracked",
     "values_entry",
 ]
@@ -208,16 +209,23 @@ def _entries(event: _Event) -> Iterator[Mapping[str, Any]]:
         yield from (e for e in entries if isinstance(e, dict))
 
 
-def carry_forward(previous: EventRow, entry: dict[str, Any], assigned: set[str]) -> dict[str, Any]:
-    """`entry` with every column not in `assigned` as `previous` recorded it for the same row."""
-    recorded = next(
-        (
-            e
-            for e in _entries(previous)
-            if (e.get("table"), e.get("key")) == (entry["table"], entry["key"])
-        ),
-        None,
-    )
+def carry_forward(
+    previous: EventRow | None,
+    entry: dict[str, Any],
+    assigned: set[str],
+    recorded: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`entry` with every column not in `assigned` as `previous` recorded it for the same row
+    (or as `recorded`, that row's entry in it, when the caller found it already)."""
+    if previous is not None:
+        recorded = next(
+            (
+                e
+                for e in _entries(previous)
+                if (e.get("table"), e.get("key")) == (entry["table"], entry["key"])
+            ),
+            None,
+        )
     if recorded is None or recorded.get("deleted"):
         return entry
     values, digests = dict(entry["values"]), dict(entry["digests"])
@@ -295,6 +303,23 @@ def row_values(row: Base) -> str:
     -0.0 from 0.0, '5' from 5 and a naive from an aware datetime, so equal texts give equal
     snapshots."""
     return repr(tuple(getattr(row, column) for column in STATE_COLUMNS[type(row)]))
+
+
+def stored_event(session: Session, seq: int) -> StoredEvent | None:
+    """Event `seq` as stored (`StoredEvent`), or None if there is none."""
+    columns = EventRow.__table__.c
+    query = select(
+        columns.at,
+        columns.kind,
+        columns.run_id,
+        columns.hop_id,
+        columns.site,
+        sa.cast(columns.payload, sa.Text),
+        columns.prev_hash,
+        columns.hash,
+    ).where(columns.seq == seq)
+    found = session.execute(query).first()
+    return tuple(found) if found is not None else None  # type: ignore[return-value]
 
 
 def _sound_entries(

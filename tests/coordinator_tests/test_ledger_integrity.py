@@ -674,3 +674,19 @@ def test_engine_check_names_a_value_equal_in_python_but_not_in_its_snapshot(
     found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
     assert [(m.table, m.key, m.column) for m in found] == [("hops", ids["hop1"], "hyperparameters")]
     assert '"steps":3.0' in found[0].message
+
+
+def test_a_write_after_a_check_does_not_adopt_a_column_edited_behind_the_ledger(
+    ledger: Ledger,
+) -> None:
+    ids = populate(ledger)
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    hop = ledger.hop(ids["hop1"])
+    assert hop is not None and hop.ledger_seq in ledger.verified_events  # recorded entry known
+    _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop1",
+         value='{"learning_rate": 0.5, "steps": 3}', **ids)  # fmt: skip
+    ledger.lease_hop(ids["hop1"], "tok1", OUT_A)  # writes the row's lease columns only
+    found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    assert [(m.table, m.key, m.column) for m in found] == [("hops", ids["hop1"], "hyperparameters")]
+    assert '\'{"learning_rate":0.0001' in found[0].message
+    assert ledger.verify().row_mismatches == found
