@@ -150,10 +150,18 @@ class Hops:
         session: SiteSession,
         *,
         round_number: int = 0,
+        input_row: CheckpointRow | None = None,
     ) -> None:
-        """Puts a leased hop's task on its site's stream (and tells the next site it is next)."""
+        """Puts a leased hop's task on its site's stream (and tells the next site it is next).
+
+        `input_row`: the input's checkpoint row when the caller holds it (the output the same
+        transaction committed), instead of reading it again.
+        """
         self.leases.extend(run, hop.id)
-        input_ref = self.ledger.checkpoint(input_sha256) if input_sha256 else None
+        if input_row is not None and input_row.sha256 == input_sha256:
+            input_ref: CheckpointRow | None = input_row
+        else:
+            input_ref = self.ledger.checkpoint(input_sha256) if input_sha256 else None
         self.leases.sent[hop.id] = session
         self.leases.progress[hop.id] = HopProgress(phase="leased")
         bundle = self._small_bundle(input_ref)
@@ -334,7 +342,7 @@ class Hops:
             self.intake.hop_ended(hop.id, "hop committed with another output")
             if leased is not None and following is not None:
                 self.metrics.hop_phase(leased.id, "leased")
-                self.send_hop(run, leased, output.sha256, following[1])
+                self.send_hop(run, leased, output.sha256, following[1], input_row=output)
                 return "committed"
             try:
                 with self.storage.guard(f"dispatch after hop {hop.index} of run {run.id}"):
@@ -466,7 +474,7 @@ class Hops:
         ledger's back is in the database. Once per checkpoint handed out, not per call.
         """
         try:
-            fresh = self.ledger.run(run.id)
+            fresh = self.ledger.run(run.id, evaluations=False)  # the check reads run and hops
         except KeyError:
             fresh = run  # deleted behind the ledger's back: its events still name it
         return self.ledger.run_mismatches(fresh, checkpoint_sha)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from datetime import UTC, datetime
 
 from coordinator.ledger import (
@@ -22,6 +23,7 @@ from protocols.v1 import baton_pb2 as pb
 
 __all__ = [
     "approval_bundle",
+    "approval_json",
     "checkpoint_ref",
     "evaluation_task",
     "hop_task",
@@ -58,7 +60,7 @@ def hop_task(run: RunRow, hop: HopRow, input_ref: CheckpointRow | None) -> pb.Ta
         lora=lora_config(plan),
         hyperparameters=to_message(HopHyperparameters.model_validate(hop.hyperparameters)),
         task_options_json=json.dumps(plan.get("options", {}), sort_keys=True),
-        approval_bundle_json=approval_bundle(run).canonical_json(),
+        approval_bundle_json=approval_json(run),
     )
     if input_ref is not None:
         task.input_checkpoint.CopyFrom(checkpoint_ref(input_ref))
@@ -93,7 +95,7 @@ def evaluation_task(run: RunRow, row: EvaluationRow, checkpoint: CheckpointRow) 
             lora=lora_config(plan),
             task_options_json=json.dumps(plan.get("options", {}), sort_keys=True),
             split=row.split,
-            approval_bundle_json=approval_bundle(run).canonical_json(),
+            approval_bundle_json=approval_json(run),
         )
     )
     cv = cross_validation(run)
@@ -115,6 +117,30 @@ def checkpoint_ref(row: CheckpointRow) -> pb.CheckpointRef:
 def approval_bundle(run: RunRow) -> ApprovalBundle:
     """The bundle the run's sites approve, rebuilt from the plan stored with the run."""
     return RunPlan.model_validate(run.plan).approval_bundle()
+
+
+# Plan (as its JSON text, keys in stored order) -> its approval bundle's canonical JSON.
+_APPROVALS: dict[str, str] = {}
+_APPROVALS_LOCK = threading.Lock()
+_APPROVALS_KEPT = 64
+
+
+def approval_json(run: RunRow) -> str:
+    """`approval_bundle(run).canonical_json()`, built once per distinct stored plan.
+
+    Every hop task carries it, and building it (validating the plan, expanding its bounds)
+    costs milliseconds; it depends on the plan's content alone, which keys the cache.
+    """
+    key = json.dumps(run.plan)
+    with _APPROVALS_LOCK:
+        found = _APPROVALS.get(key)
+    if found is None:
+        found = approval_bundle(run).canonical_json()
+        with _APPROVALS_LOCK:
+            if len(_APPROVALS) >= _APPROVALS_KEPT:
+                _APPROVALS.clear()
+            _APPROVALS[key] = found
+    return found
 
 
 def statistics_bundle(request: StatisticsRequestRow) -> ApprovalBundle:

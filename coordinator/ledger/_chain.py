@@ -22,9 +22,11 @@ from coordinator.ledger._integrity import (
     STATE_COLUMNS,
     STATE_ROWS_KEY,
     RowMismatch,
+    VerifiedEvents,
     carry_forward,
     row_entry,
     row_key,
+    stored_event,
     tracked,
 )
 from coordinator.ledger._migrations import _MIGRATIONS, script_heads
@@ -137,16 +139,26 @@ def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
         touched[id(row)] = _Touched(row, deleted=True)
 
 
-def _snapshot(session: Session, touched: _Touched) -> dict[str, Any]:
+def _snapshot(
+    session: Session, touched: _Touched, verified: VerifiedEvents | None = None
+) -> dict[str, Any]:
     """The row's snapshot; columns this write did not set keep the value the ledger recorded.
 
     So an edit made outside the ledger is never adopted by a later, unrelated write to the row
-    (pausing a run whose plan was edited must not make the edited plan look recorded).
+    (pausing a run whose plan was edited must not make the edited plan look recorded). The
+    recorded entry comes from `verified` when that event is stored exactly as it was verified
+    (a run's first event holds every hop's snapshot: not decoded again per lease).
     """
     entry = row_entry(touched.row, deleted=touched.deleted)
     seq = getattr(touched.row, "ledger_seq", None)
     if touched.deleted or touched.assigned is None or seq is None:
         return entry
+    if verified is not None:
+        stored = stored_event(session, seq)
+        known = verified.entries(seq, stored) if stored is not None else None
+        if known is not None:
+            recorded = known.get((entry["table"], entry["key"]))
+            return carry_forward(None, entry, touched.assigned, recorded)
     previous = session.get(EventRow, seq)
     if previous is None:
         return entry
@@ -176,6 +188,8 @@ class LedgerCore:
         self.head_observers: list[HeadObserver] = []
         self.row_observers: list[RowObserver] = []
         self._open = threading.local()  # .session: the transaction this thread has open
+        # Events the engine's row checks found sound, as stored then: not hashed again unchanged.
+        self.verified_events = VerifiedEvents()
 
     def migrate(self) -> None:
         """Brings the schema to the newest Alembic revision.
@@ -270,16 +284,22 @@ class LedgerCore:
         session.flush()  # every pending state row passes _track_state_rows
         touched: dict[int, _Touched] = session.info.pop(_TOUCHED, {})
         if touched:
-            entries = [_snapshot(session, t) for t in touched.values()]
+            entries = [_snapshot(session, t, self.verified_events) for t in touched.values()]
             payload = {**payload, STATE_ROWS_KEY: entries}
-        if session.bind is not None and session.get_bind().dialect.name == "postgresql":
-            # Serialise appenders across processes: row locks cannot stop two transactions
-            # from chaining to the same predecessor, a transaction-scoped advisory lock can.
-            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
-        last = session.scalars(
-            select(EventRow).order_by(EventRow.seq.desc()).limit(1).with_for_update()
-        ).first()
-        prev = last.hash if last else GENESIS_HASH
+        ours = session.info.get(_APPENDED)
+        if ours is not None:
+            # This transaction appended the newest event and holds the chain (PostgreSQL: the
+            # advisory lock; SQLite: the write lock) until it commits: that event is the head.
+            prev = ours[1]
+        else:
+            if session.bind is not None and session.get_bind().dialect.name == "postgresql":
+                # Serialise appenders across processes: row locks cannot stop two transactions
+                # from chaining to the same predecessor, a transaction-scoped advisory lock can.
+                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+            last = session.scalars(
+                select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1).with_for_update()
+            ).first()
+            prev = last or GENESIS_HASH
         at = utcnow().isoformat(timespec="microseconds")
         row = EventRow(
             at=at,

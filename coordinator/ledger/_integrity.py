@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,12 +41,16 @@ __all__ = [
     "STATE_ROWS_KEY",
     "RowMismatch",
     "StateIndex",
+    "StoredEvent",
+    "VerifiedEvents",
     "append_baseline",
     "carry_forward",
     "compare_snapshot",
     "row_entry",
     "row_key",
+    "row_values",
     "state_mismatches",
+    "stored_event",
     "tracked",
     "values_entry",
 ]
@@ -152,6 +157,11 @@ def compare_snapshot(
     table: str, key: str, seq: int, entry: Mapping[str, Any], current: Mapping[str, Any]
 ) -> list[RowMismatch]:
     """Names every column where the current row (its snapshot entry) differs from event `seq`'s."""
+    recorded_values, recorded_digests = entry.get("values", {}), entry.get("digests", {})
+    if current["digests"] == recorded_digests and _json(current["values"]) == _json(
+        recorded_values
+    ):
+        return []  # the same canonical text column for column: nothing to name
     found: list[RowMismatch] = []
     prefix = f"{table} row {key}"
     for column, value in entry.get("values", {}).items():
@@ -199,16 +209,23 @@ def _entries(event: _Event) -> Iterator[Mapping[str, Any]]:
         yield from (e for e in entries if isinstance(e, dict))
 
 
-def carry_forward(previous: EventRow, entry: dict[str, Any], assigned: set[str]) -> dict[str, Any]:
-    """`entry` with every column not in `assigned` as `previous` recorded it for the same row."""
-    recorded = next(
-        (
-            e
-            for e in _entries(previous)
-            if (e.get("table"), e.get("key")) == (entry["table"], entry["key"])
-        ),
-        None,
-    )
+def carry_forward(
+    previous: EventRow | None,
+    entry: dict[str, Any],
+    assigned: set[str],
+    recorded: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`entry` with every column not in `assigned` as `previous` recorded it for the same row
+    (or as `recorded`, that row's entry in it, when the caller found it already)."""
+    if previous is not None:
+        recorded = next(
+            (
+                e
+                for e in _entries(previous)
+                if (e.get("table"), e.get("key")) == (entry["table"], entry["key"])
+            ),
+            None,
+        )
     if recorded is None or recorded.get("deleted"):
         return entry
     values, digests = dict(entry["values"]), dict(entry["digests"])
@@ -224,69 +241,190 @@ def carry_forward(previous: EventRow, entry: dict[str, Any], assigned: set[str])
     return {**entry, "values": values, "digests": digests}
 
 
-def state_mismatches(session: Session, rows: Sequence[Base]) -> list[RowMismatch]:
+# One event as stored: every column its hash covers, the payload as its stored text, and the hash.
+StoredEvent = tuple[str, str, str | None, str | None, str | None, str | None, str, str]
+
+
+class VerifiedEvents:
+    """Events whose hash this process recomputed from their stored columns and found sound.
+
+    The engine checks a run's rows against the events that wrote them before each commit, and
+    most of those events are the same from one commit to the next. An event whose stored columns
+    (the payload compared as its stored text) are exactly those verified before verifies again
+    without its hash being recomputed; any difference in any column recomputes it. Row snapshots
+    are read from the event as verified. Likewise a row read holding exactly the values that
+    matched that same (still identical) event before is not compared column by column again.
+    At most `limit` events (and four times as many rows) are kept, oldest dropped first.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._events: dict[int, tuple[StoredEvent, dict[tuple[str, str], Mapping[str, Any]]]] = {}
+        # (table, key) -> (seq, row_values) of a row found matching that event's snapshot
+        self._rows: dict[tuple[str, str], tuple[int, str]] = {}
+        self._lock = threading.Lock()
+
+    def entries(
+        self, seq: int, stored: StoredEvent
+    ) -> dict[tuple[str, str], Mapping[str, Any]] | None:
+        """Event `seq`'s row snapshots if it was verified stored exactly as `stored`, else None."""
+        with self._lock:
+            known = self._events.get(seq)
+        return known[1] if known is not None and known[0] == stored else None
+
+    def add(
+        self, seq: int, stored: StoredEvent, entries: dict[tuple[str, str], Mapping[str, Any]]
+    ) -> None:
+        with self._lock:
+            self._events.pop(seq, None)
+            self._events[seq] = (stored, entries)
+            while len(self._events) > self._limit:
+                del self._events[next(iter(self._events))]
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self._events
+
+    def row_matched(self, table: str, key: str, seq: int, values: str) -> bool:
+        """Whether the row, holding exactly `values` (`row_values`), matched event `seq`."""
+        with self._lock:
+            return self._rows.get((table, key)) == (seq, values)
+
+    def add_row(self, table: str, key: str, seq: int, values: str) -> None:
+        """Notes that the row, holding exactly `values`, matched its snapshot in event `seq`."""
+        with self._lock:
+            self._rows.pop((table, key), None)
+            self._rows[(table, key)] = (seq, values)
+            while len(self._rows) > 4 * self._limit:
+                del self._rows[next(iter(self._rows))]
+
+
+def row_values(row: Base) -> str:
+    """A row's snapshotted columns as one exact text: `repr` tells 1, 1.0 and True apart,
+    -0.0 from 0.0, '5' from 5 and a naive from an aware datetime, so equal texts give equal
+    snapshots."""
+    return repr(tuple(getattr(row, column) for column in STATE_COLUMNS[type(row)]))
+
+
+def stored_event(session: Session, seq: int) -> StoredEvent | None:
+    """Event `seq` as stored (`StoredEvent`), or None if there is none."""
+    columns = EventRow.__table__.c
+    query = select(
+        columns.at,
+        columns.kind,
+        columns.run_id,
+        columns.hop_id,
+        columns.site,
+        sa.cast(columns.payload, sa.Text),
+        columns.prev_hash,
+        columns.hash,
+    ).where(columns.seq == seq)
+    found = session.execute(query).first()
+    return tuple(found) if found is not None else None  # type: ignore[return-value]
+
+
+def _sound_entries(
+    seq: int, stored: StoredEvent, verified: VerifiedEvents | None
+) -> dict[tuple[str, str], Mapping[str, Any]] | None:
+    """The row snapshots of an event whose content matches its hash (None if it does not)."""
+    from coordinator.ledger._chain import event_hash
+
+    if verified is not None and (known := verified.entries(seq, stored)) is not None:
+        return known
+    at, kind, run_id, hop_id, site, text, prev_hash, digest = stored
+    try:
+        payload = json.loads(text) if text is not None else None
+    except ValueError:
+        return None  # not even JSON any more: altered
+    if event_hash(prev_hash, at, kind, run_id, hop_id, site, payload) != digest:  # type: ignore[arg-type]
+        return None
+    entries: dict[tuple[str, str], Mapping[str, Any]] = {}
+    if isinstance(payload, dict) and isinstance(found := payload.get(STATE_ROWS_KEY), list):
+        for entry in found:
+            if isinstance(entry, dict):  # the first entry for a row within one event counts
+                entries.setdefault((entry.get("table"), entry.get("key")), entry)  # type: ignore[arg-type]
+    if verified is not None:
+        verified.add(seq, stored, entries)
+    return entries
+
+
+def state_mismatches(
+    session: Session, rows: Sequence[Base], verified: VerifiedEvents | None = None
+) -> list[RowMismatch]:
     """Checks rows against the events their ``ledger_seq`` names (the engine's check).
 
     Each event is also checked against its own hash and its successor's link, so an event
-    edited to match an edited row is caught here too, not only by a full verify.
+    edited to match an edited row is caught here too, not only by a full verify. With
+    `verified`, an event stored exactly as when its hash was last recomputed is not hashed again
+    (the rows are always read and compared, and every successor's link is always read).
     """
-    from coordinator.ledger._chain import event_hash
-
     seqs: set[int] = {s for row in rows if (s := getattr(row, "ledger_seq", None)) is not None}
-    events = {e.seq: e for e in session.scalars(select(EventRow).where(EventRow.seq.in_(seqs)))}
-    successors = {
-        e.seq: e
-        for e in session.scalars(
-            select(EventRow).where(EventRow.seq.in_({seq + 1 for seq in seqs}))
+    columns = EventRow.__table__.c
+    query = select(
+        columns.seq,
+        columns.at,
+        columns.kind,
+        columns.run_id,
+        columns.hop_id,
+        columns.site,
+        sa.cast(columns.payload, sa.Text),
+        columns.prev_hash,
+        columns.hash,
+    ).where(columns.seq.in_(seqs))
+    events: dict[int, StoredEvent] = {row[0]: tuple(row[1:]) for row in session.execute(query)}  # type: ignore[misc]
+    links: dict[int, str] = {
+        seq: prev_hash
+        for seq, prev_hash in session.execute(
+            select(columns.seq, columns.prev_hash).where(
+                columns.seq.in_({seq + 1 for seq in events})
+            )
         )
     }
+    sound: dict[int, dict[tuple[str, str], Mapping[str, Any]] | None] = {}
+    for number, stored in events.items():
+        successor = links.get(number + 1)
+        linked = successor is None or successor == stored[7]
+        sound[number] = _sound_entries(number, stored, verified) if linked else None
     found: list[RowMismatch] = []
     for row in rows:
         table, key = type(row).__tablename__, row_key(row)
         seq = getattr(row, "ledger_seq", None)
-        event = events.get(seq) if seq is not None else None
-        if event is None:
+        if seq is None or seq not in events:
             found.append(
                 RowMismatch(
                     table, key, "", f"{table} row {key} names no ledger event (ledger_seq {seq})"
                 )
             )
             continue
-        nxt = successors.get(event.seq + 1)
-        recomputed = event_hash(
-            event.prev_hash,
-            event.at,
-            event.kind,
-            event.run_id,
-            event.hop_id,
-            event.site,
-            event.payload,
-        )
-        if recomputed != event.hash or (nxt is not None and nxt.prev_hash != event.hash):
+        entries = sound[seq]
+        if entries is None:
             found.append(
                 RowMismatch(
                     table,
                     key,
                     "",
-                    f"{table} row {key}: its ledger event #{event.seq} does not verify "
-                    "(event altered)",
+                    f"{table} row {key}: its ledger event #{seq} does not verify (event altered)",
                 )
             )
             continue
-        entry = next(
-            (e for e in _entries(event) if e.get("table") == table and e.get("key") == key), None
-        )
+        values = row_values(row) if verified is not None else ""
+        if verified is not None and verified.row_matched(table, key, seq, values):
+            continue  # the same values against the same sound event: it matched then
+        entry = entries.get((table, key))
         if entry is None or entry.get("deleted"):
             found.append(
                 RowMismatch(
                     table,
                     key,
                     "",
-                    f"{table} row {key}: ledger event #{event.seq} does not record it",
+                    f"{table} row {key}: ledger event #{seq} does not record it",
                 )
             )
             continue
-        found.extend(compare_snapshot(table, key, event.seq, entry, row_entry(row)))
+        differences = compare_snapshot(table, key, seq, entry, row_entry(row))
+        if differences:
+            found.extend(differences)
+        elif verified is not None:
+            verified.add_row(table, key, seq, values)
     return found
 
 

@@ -113,13 +113,13 @@ class RunRecords(LedgerCore):
             )
         return self.run(run_id)
 
-    def run(self, run_id: str) -> RunRow:
+    def run(self, run_id: str, *, evaluations: bool = True) -> RunRow:
+        """The run with its hops, and (unless told not to) its evaluations."""
         with self._sessions() as session:
-            run = session.scalars(
-                select(RunRow)
-                .where(RunRow.id == run_id)
-                .options(selectinload(RunRow.hops), selectinload(RunRow.evaluations))
-            ).first()
+            loads = [selectinload(RunRow.hops)]
+            if evaluations:
+                loads.append(selectinload(RunRow.evaluations))
+            run = session.scalars(select(RunRow).where(RunRow.id == run_id).options(*loads)).first()
             if run is None:
                 raise KeyError(run_id)
             return run

@@ -123,7 +123,7 @@ class EventLog(LedgerCore):
     def row_mismatches(self, rows: Sequence[Base]) -> list[RowMismatch]:
         """The rows (as read) that differ from the ledger event that last wrote each."""
         with self._sessions() as session:
-            return state_mismatches(session, rows)
+            return state_mismatches(session, rows, self.verified_events)
 
     def run_mismatches(self, run: RunRow, checkpoint_sha256: str | None) -> list[RowMismatch]:
         """The engine's check before it acts on a run: the run, its hops and the checkpoint

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from coordinator.engine.tasks import hop_task
+import pytest
+
+from coordinator.engine import tasks
+from coordinator.engine.tasks import approval_bundle, hop_task
 from coordinator.ledger import HopRow, RunRow
 from coordinator.plan import RunPlan, parse_plan
+from protocols.approval import ApprovalBundle
 from protocols.hyperparameter_messages import from_message
 from protocols.hyperparameters import HopHyperparameters
 from protocols.v1 import baton_pb2 as pb
@@ -48,3 +52,28 @@ def test_hops_stored_before_a_field_existed_are_sent_with_its_default() -> None:
     sent = _sent(*_rows(plan, legacy))
     assert from_message(sent) == HopHyperparameters(learning_rate=1e-3, steps=30)
     assert sent.HasField("lr_schedule") and sent.lr_schedule == "linear"
+
+
+def test_the_approval_bundle_is_built_once_per_plan_and_follows_a_changed_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plan = parse_plan({"task": "tabular", "dataset": "heart", "labels": ["0", "1"],
+                       "sites": ["a", "b"], "cycles": 2})  # fmt: skip
+    run, hop = _rows(plan, plan.expanded_hops()[0][1].model_dump())
+    built: list[str] = []
+    real = tasks.approval_bundle
+
+    def counting(row: RunRow) -> ApprovalBundle:
+        built.append(row.id)
+        return real(row)
+
+    monkeypatch.setattr(tasks, "approval_bundle", counting)
+    monkeypatch.setattr(tasks, "_APPROVALS", {})  # nothing built by an earlier test
+    first = hop_task(run, hop, None).hop.approval_bundle_json
+    assert first == approval_bundle(run).canonical_json() and len(built) == 1
+    assert hop_task(run, hop, None).hop.approval_bundle_json == first
+    assert len(built) == 1  # the same plan: not built again
+    run.plan = {**run.plan, "dataset": "other"}
+    changed = hop_task(run, hop, None).hop.approval_bundle_json
+    assert len(built) == 2 and changed != first
+    assert changed == approval_bundle(run).canonical_json()

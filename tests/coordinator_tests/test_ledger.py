@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, event, select, update
 
 from coordinator.ledger import EventRow, Ledger
 
@@ -46,3 +46,26 @@ def test_migration_is_idempotent(ledger: Ledger) -> None:
     ledger.migrate()
     with ledger.transaction() as session:
         assert len(list(session.scalars(select(EventRow)))) == 5
+
+
+def test_events_of_one_transaction_chain_to_each_other_reading_the_head_once(
+    ledger: Ledger,
+) -> None:
+    reads: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "FROM events" in statement:
+            reads.append(statement)
+
+    event.listen(ledger.engine, "before_cursor_execute", note)
+    try:
+        with ledger.transaction() as session:
+            for index in range(3):
+                ledger.append_event(session, "test.batch", payload={"index": index})
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", note)
+    assert len(reads) == 1  # the head before the first; then this transaction's own event
+    assert ledger.verify_chain() is None
+    events = ledger.events()
+    assert [e.kind for e in events[-4:]] == ["test.event", *["test.batch"] * 3]
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(events))

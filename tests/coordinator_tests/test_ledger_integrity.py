@@ -7,6 +7,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -24,6 +25,7 @@ from coordinator.ledger import (
     RevocationRow,
     StatisticsAnswerRow,
     StatisticsRequestRow,
+    _chain,
 )
 from coordinator.ledger._repository import _MIGRATIONS
 from coordinator.plan import parse_plan
@@ -339,6 +341,42 @@ def test_dispatch_from_an_edited_hop_row_pauses_the_run(
         site_b.close()
 
 
+def test_a_committed_hop_edited_between_two_commits_pauses_the_run_at_the_next(
+    pki: Pki, coordinator: Coordinator, admin: AdminClient
+) -> None:
+    """Hop 0's row is edited after later commits checked it (its event is known sound)."""
+    sites = {name: ScriptedSite(pki, name, coordinator.port) for name in ("site-a", "site-b")}
+    try:
+        for site in sites.values():
+            site.connect()
+        run_id = admin.start_run(
+            parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
+                        "sites": ["site-a", "site-b"], "cycles": 2})
+        )  # fmt: skip
+        tasks = []
+        for name in ("site-a", "site-b"):
+            task = sites[name].next_task()
+            ref = sites[name].upload(task, sites[name].bundle(task))
+            assert sites[name].report(task, ref) == "committed"
+            tasks.append(task)
+        ledger = coordinator.engine.ledger
+        assert ledger.hop(tasks[0].hop_id).ledger_seq in ledger.verified_events  # type: ignore[union-attr]
+        _sql(ledger, "UPDATE hops SET metrics = '{\"accuracy\": 0.99}' WHERE id = :hop",
+             hop=tasks[0].hop_id)  # fmt: skip
+        task = sites["site-a"].next_task()  # hop 2, leased with hop 1's commit
+        ref = sites["site-a"].upload(task, sites["site-a"].bundle(task))
+        sites["site-a"].report(task, ref)
+        status = _paused(admin, run_id)
+        assert status.error.startswith(
+            f"ledger mismatch: hops row {tasks[0].hop_id} column metrics: ledger event #"
+        )
+        assert [h.status for h in status.hops][3] == "pending"
+        assert sites["site-b"].tasks.empty()
+    finally:
+        for site in sites.values():
+            site.close()
+
+
 def _paused(admin: AdminClient, run_id: str) -> pb.RunStatus:
     deadline = time.monotonic() + 60
     while (status := admin.run(run_id)).status != "paused" and time.monotonic() < deadline:
@@ -497,3 +535,149 @@ def test_a_row_put_back_after_its_deletion_was_recorded_is_named(ledger: Ledger)
     assert mismatch.message == (
         f"revocations row 2a has no ledger event that wrote it (event #{deleted_at.seq} deleted it)"
     )
+
+
+def test_engine_check_hashes_an_unchanged_event_once(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = populate(ledger)
+    hashed: list[str] = []
+    real = _chain.event_hash
+
+    def counting(*fields: Any) -> str:
+        hashed.append(fields[2])
+        return real(*fields)
+
+    monkeypatch.setattr(_chain, "event_hash", counting)
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert hashed  # the first check recomputes every event it reads
+    hashed.clear()
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert hashed == []  # stored as verified: not hashed again
+    hop = ledger.hop(ids["hop0"])
+    assert hop is not None and hop.ledger_seq is not None
+    _sql(ledger, "UPDATE events SET payload = '{}' WHERE seq = :seq", seq=hop.ledger_seq)
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    assert hashed  # changed: recomputed, and refused
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE events SET payload = '{}' WHERE seq = :seq",
+        "UPDATE events SET at = '2000-01-01T00:00:00.000000+00:00' WHERE seq = :seq",
+        "UPDATE events SET kind = 'hop.leased' WHERE seq = :seq",
+        "UPDATE events SET site = 'site-b' WHERE seq = :seq",
+        "UPDATE events SET run_id = NULL WHERE seq = :seq",
+        "UPDATE events SET prev_hash = :bad WHERE seq = :seq",
+        "UPDATE events SET hash = :bad WHERE seq = :seq",
+    ],
+    ids=["payload", "at", "kind", "site", "run_id", "prev_hash", "hash"],
+)
+def test_engine_check_refuses_an_event_altered_after_it_verified(
+    ledger: Ledger, statement: str
+) -> None:
+    ids = populate(ledger)
+    hop = ledger.hop(ids["hop0"])
+    assert hop is not None and hop.ledger_seq is not None
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert hop.ledger_seq in ledger.verified_events
+    _sql(ledger, statement, seq=hop.ledger_seq, bad=OUT_B)
+    found = {m.message for m in ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)}
+    # (an altered prev_hash also breaks the link from the event before: its rows are named too)
+    assert found >= {
+        f"{table} row {key}: its ledger event #{hop.ledger_seq} does not verify (event altered)"
+        for table, key in (("hops", ids["hop0"]), ("runs", ids["run"]))
+    }
+    assert all(message.endswith("does not verify (event altered)") for message in found)
+
+
+def test_engine_check_refuses_a_row_and_its_event_rewritten_with_a_new_hash_after_it_verified(
+    ledger: Ledger,
+) -> None:
+    ids = populate(ledger)
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    hop = ledger.hop(ids["hop0"])
+    assert hop is not None and hop.ledger_seq is not None
+    event = ledger.event_at(hop.ledger_seq)
+    assert event is not None
+    payload = json.loads(json.dumps(event.payload))
+    [entry] = [e for e in payload["state_rows"] if e["key"] == ids["hop0"]]
+    entry["values"]["output_sha256"] = OUT_B
+    digest = _chain.event_hash(
+        event.prev_hash, event.at, event.kind, event.run_id, event.hop_id, event.site, payload
+    )
+    # Row, event and the event's hash agree again: only the next event's link tells.
+    _sql(
+        ledger,
+        "UPDATE events SET payload = :payload, hash = :digest WHERE seq = :seq",
+        payload=json.dumps(payload),
+        digest=digest,
+        seq=event.seq,
+    )
+    _sql(ledger, "UPDATE hops SET output_sha256 = :bad WHERE id = :hop0", bad=OUT_B, **ids)
+    found = {m.message for m in ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)}
+    assert f"hops row {ids['hop0']}: its ledger event #{event.seq} does not verify " in (
+        " ".join(found)
+    )
+
+
+def test_engine_check_names_a_row_edited_between_two_checks_and_follows_it_back(
+    ledger: Ledger,
+) -> None:
+    ids = populate(ledger)
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    # hop 0 committed before the last check: its event verified and is not hashed again
+    _sql(ledger, "UPDATE hops SET metrics = '{\"accuracy\": 0.99}' WHERE id = :hop0", **ids)
+    _sql(ledger, "UPDATE checkpoints SET producer_site = 'site-b' WHERE sha256 = :good", good=OUT_A)
+    found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    assert [(m.table, m.key, m.column) for m in found] == [
+        ("hops", ids["hop0"], "metrics"),
+        ("checkpoints", OUT_A, "producer_site"),
+    ]
+    _sql(ledger, "UPDATE hops SET metrics = '{\"accuracy\": 0.5}' WHERE id = :hop0", **ids)
+    _sql(ledger, "UPDATE checkpoints SET producer_site = 'site-a' WHERE sha256 = :good", good=OUT_A)
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []  # no finding remembered
+
+
+def test_engine_check_refuses_an_event_that_is_no_json_any_more(ledger: Ledger) -> None:
+    ids = populate(ledger)
+    hop = ledger.hop(ids["hop0"])
+    assert hop is not None and hop.ledger_seq is not None
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    if ledger.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's json type refuses text that is not JSON")
+    _sql(ledger, "UPDATE events SET payload = 'not json' WHERE seq = :seq", seq=hop.ledger_seq)
+    found = {m.message for m in ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)}
+    assert f"hops row {ids['hop0']}: its ledger event #{hop.ledger_seq} does not verify " in (
+        " ".join(found)
+    )
+
+
+def test_engine_check_names_a_value_equal_in_python_but_not_in_its_snapshot(
+    ledger: Ledger,
+) -> None:
+    ids = populate(ledger)
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []  # every row matched
+    # 3 == 3.0 in Python; the ledger recorded 3: a row matched before must be compared again.
+    _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop1",
+         value='{"learning_rate": 0.0001, "steps": 3.0}', **ids)  # fmt: skip
+    found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    assert [(m.table, m.key, m.column) for m in found] == [("hops", ids["hop1"], "hyperparameters")]
+    assert '"steps":3.0' in found[0].message
+
+
+def test_a_write_after_a_check_does_not_adopt_a_column_edited_behind_the_ledger(
+    ledger: Ledger,
+) -> None:
+    ids = populate(ledger)
+    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    hop = ledger.hop(ids["hop1"])
+    assert hop is not None and hop.ledger_seq in ledger.verified_events  # recorded entry known
+    _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop1",
+         value='{"learning_rate": 0.5, "steps": 3}', **ids)  # fmt: skip
+    ledger.lease_hop(ids["hop1"], "tok1", OUT_A)  # writes the row's lease columns only
+    found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    assert [(m.table, m.key, m.column) for m in found] == [("hops", ids["hop1"], "hyperparameters")]
+    assert '\'{"learning_rate":0.0001' in found[0].message
+    assert ledger.verify().row_mismatches == found
