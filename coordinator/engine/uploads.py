@@ -408,10 +408,13 @@ class UploadIntake:
             status="stored",
         )
 
-        async def keep() -> None:
-            await asyncio.to_thread(write)
+        def write_then_free() -> None:  # one worker-thread call: no second round trip
+            write()
             kept.append(row)
-            await asyncio.to_thread(self.spool.discard, hop.id)
+            self.spool.discard(hop.id)
+
+        async def keep() -> None:
+            await asyncio.to_thread(write_then_free)
             if record:
                 self.ledger.record_checkpoint(row)
 
