@@ -7,7 +7,9 @@ child process run with the coordinator's deployed malloc settings (MALLOC_ARENA_
 MALLOC_MMAP_THRESHOLD_=131072: every allocation of a chunk's size is a fresh mmap, so each copy
 of a chunk also costs its page faults). CPU seconds, not wall time: the figure holds on a loaded
 machine. `--root` imports the code from another checkout (e.g. an older commit's `git archive`)
-to compare before and after in one command:
+to compare before and after in one command. `--tensors N` splits the values into N tensors
+laid end to end (a LoRA adapter holds hundreds: 2 per adapted module per layer), `--dtype` picks
+float32 or float16; `value check s` is `BundleStream.feed` without the hash:
 
     nice -n 19 .venv/bin/python benchmarks/transfer_chunk_cpu.py --root /tmp/before --root .
 """
@@ -28,8 +30,18 @@ MiB = 1024 * 1024
 _MALLOC = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def measure(size_mib: int, chunk: int, repeat: int) -> dict[str, float]:
-    """(In the child.) Best-of-`repeat` thread CPU seconds: deserialize alone, and with feed."""
+class _NoHash:
+    """Stands in for sha256 to time the value check alone."""
+
+    def update(self, data: object) -> None:
+        pass
+
+
+def measure(
+    size_mib: int, chunk: int, repeat: int, tensors: int = 1, dtype: str = "float32"
+) -> dict[str, float]:
+    """(In the child.) Best-of-`repeat` thread CPU seconds: deserialize alone, and with feed;
+    feed without its hash (the value check)."""
     import numpy as np
     import safetensors.numpy
 
@@ -40,8 +52,10 @@ def measure(size_mib: int, chunk: int, repeat: int) -> dict[str, float]:
 
     manifest = CheckpointManifest(task_type="t", base_model_sha256="ab" * 32, run_id="r",
                                   hop_id="h", producer_site="s")  # fmt: skip
-    values = np.random.default_rng(0).standard_normal(size_mib * MiB // 4, np.float32)
-    data = safetensors.numpy.save({"w": values}, metadata=bundle_metadata(manifest, {}))
+    values = np.random.default_rng(0).standard_normal(size_mib * MiB // 4).astype(dtype)
+    parts = np.array_split(values, tensors)
+    data = safetensors.numpy.save({f"w{i:04d}": part for i, part in enumerate(parts)},
+                                  metadata=bundle_metadata(manifest, {}))  # fmt: skip
     messages = [pb.HandBackRequest(data=data[i : i + chunk]).SerializeToString()
                 for i in range(0, len(data), chunk)]  # fmt: skip
     deserializer: Any = pb.HandBackRequest.FromString
@@ -49,11 +63,21 @@ def measure(size_mib: int, chunk: int, repeat: int) -> dict[str, float]:
     if chunks_first is not None:
         deserializer = chunks_first(deserializer)
     parse = servicer._safe(deserializer)
-    best = {"deserialize": float("inf"), "deserialize_hash_check": float("inf")}
+    best = {"deserialize": float("inf"), "deserialize_hash_check": float("inf"),
+            "value_check": float("inf")}  # fmt: skip
+    chunks = [parse(message).data for message in messages]
     for _ in range(repeat):
         for what in best:
-            started = time.thread_time()
             stream = BundleStream()
+            if what == "value_check":
+                stream.hasher = _NoHash()  # type: ignore[assignment]
+                started = time.thread_time()
+                for chunk_data in chunks:
+                    stream.feed(chunk_data)
+                best[what] = min(best[what], time.thread_time() - started)
+                assert stream.value_error is None
+                continue
+            started = time.thread_time()
             for message in messages:
                 chunk_data = parse(message).data
                 if what == "deserialize_hash_check":
@@ -117,10 +141,13 @@ def _wire_cpu(data: bytes, chunk: int, repeat: int) -> dict[str, float]:
     return out
 
 
-def _child(root: Path, size_mib: int, chunk: int, repeat: int) -> dict[str, Any]:
+def _child(
+    root: Path, size_mib: int, chunk: int, repeat: int, tensors: int, dtype: str
+) -> dict[str, Any]:
     env = {**os.environ, **_MALLOC, "PYTHONPATH": str(root.resolve())}
     out = subprocess.run(
-        [sys.executable, __file__, "--child", str(size_mib), str(chunk), str(repeat)],
+        [sys.executable, __file__, "--child", str(size_mib), str(chunk), str(repeat),
+         str(tensors), dtype],
         env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
@@ -134,9 +161,9 @@ def _uptime() -> str:
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        size, chunk, repeat = (int(x) for x in sys.argv[2:])
-        print(json.dumps(measure(size, chunk, repeat)))
+    if len(sys.argv) == 7 and sys.argv[1] == "--child":
+        size, chunk, repeat, tensors = (int(x) for x in sys.argv[2:6])
+        print(json.dumps(measure(size, chunk, repeat, tensors, sys.argv[6])))
         return
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--root", type=Path, action="append",
@@ -144,6 +171,8 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=100)
     parser.add_argument("--chunk-kib", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--tensors", type=int, default=1, help="tensors the values are split in")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--rounds", type=int, default=2, help="roots measured in turn, N times")
     parser.add_argument("--name", default="transfer_chunk_cpu")
     args = parser.parse_args()
@@ -152,14 +181,16 @@ def main() -> None:
     rows = []
     for _ in range(args.rounds):
         for root in roots:
-            row = _child(root, args.size_mib, args.chunk_kib * 1024, args.repeat)
+            row = _child(root, args.size_mib, args.chunk_kib * 1024, args.repeat, args.tensors,
+                         args.dtype)  # fmt: skip
             row["uptime"] = subprocess.run(
                 ["uptime"], capture_output=True, text=True
             ).stdout.strip()
             rows.append(row)
             print(json.dumps(row), flush=True)
     figures = {"size_mib": args.size_mib, "chunk_kib": args.chunk_kib, "repeat": args.repeat,
-               "malloc": _MALLOC, "uptime_before": uptime, "rows": rows}  # fmt: skip
+               "tensors": args.tensors, "dtype": args.dtype, "malloc": _MALLOC,
+               "uptime_before": uptime, "rows": rows}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(figures, indent=2) + "\n")
     lines = [
@@ -167,7 +198,8 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/transfer_chunk_cpu.py {' '.join(sys.argv[1:])}`",
         "",
-        f"A {args.size_mib} MiB float32 bundle in {args.chunk_kib} KiB HandBackRequest chunks; "
+        f"A {args.size_mib} MiB {args.dtype} bundle ({args.tensors} tensors end to end) in "
+        f"{args.chunk_kib} KiB HandBackRequest chunks; "
         f"thread CPU seconds, best of {args.repeat}; MALLOC_ARENA_MAX=2, "
         "MALLOC_MMAP_THRESHOLD_=131072 (as deployed). Load before: "
         f"`{uptime}`.",
@@ -176,15 +208,16 @@ def main() -> None:
         "its download chunks and the site reading them (hand-framed where the code has "
         "`protocols.chunk_wire`, else a protobuf message per chunk).",
         "",
-        "| code | deserialize s | deserialize + sha256 + value check s "
+        "| code | deserialize s | deserialize + sha256 + value check s | value check s "
         "| site upload serialize s | coordinator download serialize s "
         "| site download parse s | load |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         load = row["uptime"].split("load average:")[-1].strip()
         lines.append(f"| {row['root']} ({row['commit']}) | {row['deserialize']} "
-                     f"| {row['deserialize_hash_check']} | {row['site_serialize']} "
+                     f"| {row['deserialize_hash_check']} | {row['value_check']} "
+                     f"| {row['site_serialize']} "
                      f"| {row['coordinator_download_serialize']} "
                      f"| {row['site_download_parse']} | {load} |")  # fmt: skip
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")

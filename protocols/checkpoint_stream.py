@@ -10,11 +10,13 @@ file (it never should), the values are read from the file after all.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from protocols.checkpoint import (
     _FLOAT_DTYPES,
@@ -44,6 +46,40 @@ class _FloatTensor:
     item: int  # bytes per element
 
 
+@dataclass
+class _Run:
+    """Float tensors of one dtype laid end to end in the file (safetensors groups tensors by
+    dtype): the part of a chunk inside a run is checked with one sum, whatever the number of
+    tensors it spans; a tensor is looked at alone only when that sum is not finite."""
+
+    dtype: str
+    item: int
+    start: int
+    end: int
+    tensors: list[_FloatTensor]
+    starts: list[int]  # the tensors' starts, to find a tensor by offset
+
+
+def _runs(floats: list[_FloatTensor]) -> list[_Run]:
+    """`floats` (in file order) grouped into runs of adjoining tensors of one dtype. A tensor
+    that is not a whole number of elements (a bundle the format check refuses) stands alone."""
+    runs: list[_Run] = []
+    joinable = False  # whether the last run may take the next tensor
+    for tensor in floats:
+        if tensor.end == tensor.start:
+            continue  # no values
+        run = runs[-1] if runs else None
+        if joinable and run is not None and (run.dtype, run.end) == (tensor.dtype, tensor.start):
+            run.tensors.append(tensor)
+            run.starts.append(tensor.start)
+            run.end = tensor.end
+        else:
+            runs.append(_Run(tensor.dtype, tensor.item, tensor.start, tensor.end, [tensor],
+                             [tensor.start]))  # fmt: skip
+        joinable = (tensor.end - tensor.start) % tensor.item == 0
+    return runs
+
+
 class BundleStream:
     """Hashes a bundle's bytes and checks its float values as they arrive, in order.
 
@@ -58,8 +94,12 @@ class BundleStream:
         self._header_len = 0
         self._header_state = "reading"  # then "parsed", or "failed" (the file check says why)
         self.layout: list[tuple[str, str, list[int], int, int]] | None = None
-        self._floats: list[_FloatTensor] = []
+        self._runs: list[_Run] = []
+        self._run_ends: list[int] = []
         self._carry = b""  # a float element split across two chunks
+        self._carry_at = 0  # the file offset of its first byte
+        self._carry_run: _Run | None = None  # the run it lies in
+        self._scratch: list[Any] = []  # the half-precision check's array, once needed
         self.value_error: str | None = None  # the first non-finite tensor's refusal
 
     def feed(self, chunk: bytes | memoryview) -> None:
@@ -117,47 +157,80 @@ class BundleStream:
             floats.append(_FloatTensor(name, dtype, data_start + begin, data_start + end,
                                        _ITEM_BYTES[kind]))  # fmt: skip
         self.layout = tensors
-        self._floats = floats
+        self._runs = _runs(floats)
+        self._run_ends = [run.end for run in self._runs]
         self._header_state = "parsed"
 
     def _check_values(self, view: memoryview, start: int) -> None:
         """Checks the float values in `view` (the bundle's bytes from offset `start`)."""
         end = start + len(view)
-        for tensor in self._floats:
-            if tensor.end <= start or tensor.start >= end:
-                continue
-            lo, hi = max(tensor.start, start), min(tensor.end, end)
-            part = view[lo - start : hi - start]
-            try:
-                if self._carry:
+        index = bisect.bisect_right(self._run_ends, start)  # the first run ending after start
+        try:
+            while index < len(self._runs) and self._runs[index].start < end:
+                run = self._runs[index]
+                index += 1
+                at = max(run.start, start)
+                part = view[at - start : min(run.end, end) - start]
+                if self._carry and self._carry_run is run:
                     # The element split by the previous chunk, completed from this one.
-                    need = tensor.item - len(self._carry)
+                    need = run.item - len(self._carry)
                     self._carry += bytes(part[:need])
-                    part = part[need:]
-                    if len(self._carry) == tensor.item:
-                        _check_finite(tensor.name, tensor.dtype, self._carry)
-                        self._carry = b""
-                whole = len(part) - len(part) % tensor.item
-                _check_finite_summed(tensor, part[:whole])
-                self._carry += bytes(part[whole:])
-            except CheckpointError as exc:
-                self.value_error = str(exc)
-                return
+                    part, at = part[need:], at + need
+                    if len(self._carry) < run.item:
+                        continue
+                    _check_span(run, self._carry_at, memoryview(self._carry), self._scratch)
+                self._carry = b""
+                whole = len(part) - len(part) % run.item
+                _check_span(run, at, part[:whole], self._scratch)
+                if whole < len(part):
+                    self._carry, self._carry_at = bytes(part[whole:]), at + whole
+                    self._carry_run = run
+        except CheckpointError as exc:
+            self.value_error = str(exc)
 
 
-def _check_finite_summed(tensor: _FloatTensor, raw: memoryview) -> None:
-    """`_check_finite` (same refusal), faster for float32 and float64 values: a finite sum
-    proves every value finite (a NaN or an infinity makes the sum NaN or infinite) and needs
-    no element-wise temporary array; only a sum that is not finite (a bad value, or finite
-    values that overflow it) gets the element-wise test."""
-    kind = _FLOAT_DTYPES.get(tensor.dtype)
-    if kind in ("<f4", "<f8") and len(raw):
-        import numpy as np  # imported where values are read, as protocols.checkpoint does
+# float32 and float64 values are checked by their sum; half-precision ones (float16, bfloat16:
+# no numpy sum of them is both fast and safe from overflow) by their exponent bits, all set only
+# in an infinity or a NaN, looked at through a reused scratch array, this many values at a time.
+_SUMMED = ("<f4", "<f8")
+_EXPONENT_BITS = {"<f2": 0x7C00, "bf16": 0x7F80}
+_HALF_BLOCK = 64 * 1024
 
+
+def _check_span(run: _Run, at: int, raw: memoryview, scratch: list[Any]) -> None:
+    """Checks whole elements of `run` (file offset `at` on) with no copy and no temporary array
+    of their size: one sum of them all proves float32/float64 values finite (a NaN or an
+    infinity makes it NaN or infinite); half-precision values are proven finite by their
+    exponents (in `scratch`'s array, made on first use). Only values not proven so (a bad value,
+    or finite values whose sum overflows) get each tensor's element-wise test, which names the
+    first tensor holding a bad value."""
+    if not len(raw):
+        return
+    import numpy as np  # imported where values are read, as protocols.checkpoint does
+
+    kind = _FLOAT_DTYPES.get(run.dtype) or ""
+    if kind in _SUMMED:
         with np.errstate(over="ignore", invalid="ignore"):
             if np.isfinite(np.frombuffer(raw, dtype=kind).sum()):
                 return
-    _check_finite(tensor.name, tensor.dtype, raw)  # type: ignore[arg-type]
+    elif kind in _EXPONENT_BITS:
+        if not scratch:
+            scratch.append(np.empty(_HALF_BLOCK, np.uint16))
+        block, bits = scratch[0], _EXPONENT_BITS[kind]
+        halves = np.frombuffer(raw, dtype="<u2")
+        for first in range(0, len(halves), _HALF_BLOCK):
+            part = halves[first : first + _HALF_BLOCK]
+            if np.bitwise_and(part, bits, out=block[: len(part)]).max() == bits:
+                break
+        else:
+            return
+    end = at + len(raw)
+    for position in range(max(bisect.bisect_right(run.starts, at) - 1, 0), len(run.tensors)):
+        tensor = run.tensors[position]
+        if tensor.start >= end:
+            break
+        lo, hi = max(tensor.start, at), min(tensor.end, end)
+        _check_finite(tensor.name, tensor.dtype, raw[lo - at : hi - at])  # type: ignore[arg-type]
 
 
 def inspect_streamed_bundle(

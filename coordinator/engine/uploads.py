@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import json
 import logging
+import mmap
 import os
 import sys
 import threading
@@ -97,31 +99,156 @@ def _sync_file_range() -> Callable[[int, int, int], None] | None:
 _start_writeback = _sync_file_range()
 
 
-class _SpoolWriter:
-    """Appends an upload's chunks to its spool file, in order, on one thread; starts their
-    writeback every `_WRITEBACK_BYTES`. After a failed write it writes nothing more, so the
-    file always holds a prefix of the upload (a cut upload resumes from its end)."""
+# Direct I/O (O_DIRECT): a spool file's bytes go from an aligned staging buffer to the disk
+# without the copy into the page cache, which is the upload's largest CPU cost beside sha256
+# (benchmarks/upload_threads.py). Writes are of whole staging buffers, at offsets and lengths
+# that are multiples of `_DIRECT_ALIGN` (enough for 512- and 4096-byte sectors).
+_DIRECT_ALIGN = 4096
+_STAGE_BYTES = 1024 * 1024
 
-    def __init__(self, fd: int, offset: int) -> None:
+
+def _open_direct(path: Path) -> int | None:
+    """`path` opened for direct writes, or None where the platform or file system has none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:  # EINVAL: a file system without direct I/O (tmpfs, some FUSE ones)
+        return None
+
+
+class _SpoolWriter:
+    """Appends an upload's chunks to its spool file, in order, on one thread. After a failed
+    write it writes nothing more, so the file always holds a prefix of the upload (a cut upload
+    resumes from its end).
+
+    Given the file's `path` and an aligned start, the bytes are written with direct I/O through
+    an aligned staging buffer; `flush` (once the last chunk is in, or the stream is cut) writes
+    what is staged, so the file then holds every byte received. Where direct I/O is refused (at
+    open or at a write), or the start is not aligned (a resumed upload), writes go through the
+    page cache and their writeback is started every `_WRITEBACK_BYTES`.
+    """
+
+    def __init__(self, fd: int, offset: int, path: Path | None = None) -> None:
         self.fd = fd
         self.unstarted = offset  # the first byte whose writeback is not started yet
-        self.position = offset
+        self.position = offset  # the bytes written or staged
         self.failed: OSError | None = None
+        self._direct: int | None = None
+        self._buffer: mmap.mmap | None = None  # the staging buffer (page-aligned)
+        self._staged = 0  # bytes in the staging buffer; they go to file offset `_at`
+        self._at = offset
+        if path is not None and offset % _DIRECT_ALIGN == 0:
+            self._direct = _open_direct(path)
+            if self._direct is not None:
+                self._buffer = mmap.mmap(-1, _STAGE_BYTES)
+
+    @property
+    def direct(self) -> bool:
+        """Whether writes still go straight to the disk."""
+        return self._direct is not None
 
     def write(self, chunk: memoryview | bytes) -> None:
         if self.failed is not None:
             raise self.failed
         view = memoryview(chunk)
         try:
-            while view:
-                view = view[os.write(self.fd, view) :]
+            if self._direct is not None:
+                self._stage_bytes(view)
+            else:
+                self._write_buffered(view)
         except OSError as exc:
             self.failed = exc
             raise
         self.position += len(chunk)
-        if _start_writeback is not None and self.position - self.unstarted >= _WRITEBACK_BYTES:
+        if self._direct is not None or _start_writeback is None:
+            return
+        if self.position - self.unstarted >= _WRITEBACK_BYTES:
             _start_writeback(self.fd, self.unstarted, self.position - self.unstarted)
             self.unstarted = self.position
+
+    def idle(self) -> None:
+        """Puts every staged byte in the file (while no chunk waits: a stalled stream's bytes
+        are in its file, as with writes through the page cache): the aligned part directly,
+        the unaligned rest through the page cache, staged still (rewritten directly with
+        what follows it)."""
+        if self._buffer is None or not self._staged or self.failed is not None:
+            return
+        try:
+            with memoryview(self._buffer) as stage:
+                aligned = self._staged - self._staged % _DIRECT_ALIGN
+                if aligned and self._direct is not None:
+                    rest = self._staged - aligned
+                    self._write_out(stage[:aligned])
+                    stage[:rest] = stage[aligned : aligned + rest]
+                    self._staged = rest
+                if self._staged and self._direct is not None:
+                    tail, done = stage[: self._staged], 0
+                    while done < len(tail):
+                        done += os.pwrite(self.fd, tail[done:], self._at + done)
+                elif self._staged:  # direct I/O ended meanwhile: what is staged goes as is
+                    self._write_out(stage[: self._staged])
+        except OSError as exc:
+            self.failed = exc
+            raise
+
+    def flush(self) -> None:
+        """Writes the staged bytes (none after a failure) and ends direct I/O. Never raises: a
+        failure is kept in `failed`."""
+        try:
+            if self._buffer is not None and self._staged and self.failed is None:
+                with memoryview(self._buffer) as stage:
+                    self._write_out(stage[: self._staged])
+        except OSError as exc:
+            self.failed = exc
+        finally:
+            self._close_direct()
+            if self._buffer is not None:
+                # A view of it may live on in a failed write's traceback: freed with that.
+                with contextlib.suppress(BufferError):
+                    self._buffer.close()
+                self._buffer = None
+
+    def _stage_bytes(self, view: memoryview) -> None:
+        assert self._buffer is not None
+        with memoryview(self._buffer) as stage:
+            while view and self._direct is not None:
+                take = min(len(view), _STAGE_BYTES - self._staged)
+                stage[self._staged : self._staged + take] = view[:take]
+                self._staged += take
+                view = view[take:]
+                if self._staged == _STAGE_BYTES:
+                    self._write_out(stage)
+        if view:  # direct I/O was refused: the rest goes through the page cache
+            self._write_buffered(view)
+
+    def _write_out(self, staged: memoryview) -> None:
+        """Writes `staged` at `_at`: its aligned part directly, the rest through the page cache.
+        A direct write refused (EINVAL) ends direct I/O for the rest of the upload."""
+        aligned = len(staged) - len(staged) % _DIRECT_ALIGN
+        done = 0
+        while self._direct is not None and done < aligned:
+            try:
+                done += os.pwrite(self._direct, staged[done:aligned], self._at + done)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._close_direct()
+        if done < len(staged):
+            os.lseek(self.fd, self._at + done, os.SEEK_SET)
+            self._write_buffered(staged[done:])
+        self._at += len(staged)
+        self._staged = 0
+
+    def _write_buffered(self, view: memoryview) -> None:
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def _close_direct(self) -> None:
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            os.close(direct)
 
 
 # Chunks an upload may have waiting for its spool thread (beside the one being written): the
@@ -210,20 +337,26 @@ class _SpoolPipe:
             raise asyncio.CancelledError
 
     def _drain(self) -> None:
+        idle = False  # the writer was told the queue is empty, and none came since
         while True:
             woken = None
             with self._lock:
-                if not self._chunks or self.error is not None:
+                if self.error is not None or (idle and not self._chunks):
                     self._chunks.clear()  # after a failure nothing more is written
                     self._draining = False
                     woken, self._waiter = self._waiter, None
                     break
-                chunk = self._chunks.popleft()
-                if self._waiter is not None and not self._until_end:
+                chunk = self._chunks.popleft() if self._chunks else None
+                if chunk is not None and self._waiter is not None and not self._until_end:
                     woken, self._waiter = self._waiter, None  # room again
             if woken is not None:
                 self._loop.call_soon_threadsafe(_wake, woken)
             try:
+                if chunk is None:
+                    self._spool.idle()  # what it holds back goes to the file
+                    idle = True
+                    continue
+                idle = False
                 self._spool.write(chunk)
                 self._stream.feed(chunk)
             except BaseException as exc:
@@ -408,10 +541,13 @@ class UploadIntake:
             status="stored",
         )
 
-        async def keep() -> None:
-            await asyncio.to_thread(write)
+        def write_then_free() -> None:  # one worker-thread call: no second round trip
+            write()
             kept.append(row)
-            await asyncio.to_thread(self.spool.discard, hop.id)
+            self.spool.discard(hop.id)
+
+        async def keep() -> None:
+            await asyncio.to_thread(write_then_free)
             if record:
                 self.ledger.record_checkpoint(row)
 
@@ -644,7 +780,8 @@ class UploadIntake:
             # Each chunk is written, then hashed and value-checked, on a spool thread while the
             # next ones arrive (`_SpoolPipe`: in order, no round trip per chunk). A cancelled
             # handler never detaches from a write (below).
-            pipe = _SpoolPipe(_SpoolWriter(fd, header.offset), stream)
+            writer = _SpoolWriter(fd, header.offset, partial)
+            pipe = _SpoolPipe(writer, stream)
             try:
                 async for chunk in chunks:
                     received += len(chunk)
@@ -654,6 +791,10 @@ class UploadIntake:
                 await pipe.finish()
             finally:
                 await pipe.settle()  # the file stays open until its last write
+                # What is staged is written also when the stream is cut (it resumes from there).
+                await run_to_end(writer.flush)
+            if writer.failed is not None:
+                raise writer.failed
         finally:
             os.close(fd)
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(received - header.offset)

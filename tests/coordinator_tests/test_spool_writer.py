@@ -6,6 +6,7 @@ import errno
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from coordinator.engine import uploads
@@ -89,3 +90,160 @@ def test_without_the_kernel_call_uploads_go_on_with_the_fsync_alone(
     monkeypatch.setattr(uploads.sys, "platform", platform)
     monkeypatch.setattr(uploads.ctypes, "CDLL", no_libc)
     assert uploads._sync_file_range() is None
+
+
+def _direct_writer(path: Path, offset: int = 0) -> uploads._SpoolWriter:
+    fd = uploads._open_at(path, offset)
+    writer = uploads._SpoolWriter(fd, offset, path)
+    if offset % uploads._DIRECT_ALIGN == 0 and not writer.direct:
+        os.close(fd)
+        pytest.skip("no direct I/O on this file system")
+    return writer
+
+
+def _upload(size: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).bytes(size)
+
+
+def _feed(writer: uploads._SpoolWriter, data: bytes, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    position = 0
+    while position < len(data):
+        step = int(rng.integers(1, 300_000))
+        writer.write(data[position : position + step])
+        position += step
+
+
+def test_bytes_go_to_the_disk_directly_all_but_the_unaligned_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "partial"
+    data = _upload(3 * MiB + 12_345)
+    writer = _direct_writer(path)
+    through_page_cache: list[int] = []
+    real_write = os.write
+
+    def buffered(fd: int, view: memoryview) -> int:
+        through_page_cache.append(len(view))
+        return real_write(fd, view)
+
+    monkeypatch.setattr(uploads.os, "write", buffered)
+    try:
+        _feed(writer, data)
+        writer.flush()
+    finally:
+        os.close(writer.fd)
+    assert writer.failed is None and not writer.direct
+    assert path.read_bytes() == data
+    assert sum(through_page_cache) == len(data) % uploads._DIRECT_ALIGN
+
+
+def test_a_cut_upload_keeps_every_byte_received_once_flushed(tmp_path: Path) -> None:
+    path = tmp_path / "partial"
+    data = _upload(MiB + MiB // 2 + 7)
+    writer = _direct_writer(path)
+    try:
+        _feed(writer, data)  # then the stream is cut: half a staging buffer is staged
+        writer.flush()
+    finally:
+        os.close(writer.fd)
+    assert path.read_bytes() == data
+
+
+def test_a_resumed_upload_at_an_unaligned_offset_goes_through_the_page_cache(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "partial"
+    data = _upload(2 * MiB + 100)
+    path.write_bytes(data[:1001])
+    writer = _direct_writer(path, 1001)
+    assert not writer.direct
+    try:
+        _feed(writer, data[1001:])
+        writer.flush()
+    finally:
+        os.close(writer.fd)
+    assert path.read_bytes() == data
+
+
+def test_direct_io_refused_at_open_or_at_a_write_falls_back_to_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _upload(3 * MiB + 5)
+    path = tmp_path / "refused-at-write"
+    writer = _direct_writer(path)
+    real_pwrite = os.pwrite
+    calls: list[int] = []
+
+    def refuse_the_second(fd: int, view: memoryview, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, view, offset)
+
+    monkeypatch.setattr(uploads.os, "pwrite", refuse_the_second)
+    try:
+        _feed(writer, data)
+        assert not writer.direct
+        writer.flush()
+    finally:
+        os.close(writer.fd)
+    assert writer.failed is None and path.read_bytes() == data
+    assert calls == [0, MiB]  # no direct write after the refusal
+
+    monkeypatch.setattr(uploads, "_open_direct", lambda _path: None)
+    path = tmp_path / "refused-at-open"
+    writer = uploads._SpoolWriter(uploads._open_at(path, 0), 0, path)
+    assert not writer.direct
+    try:
+        _feed(writer, data)
+        writer.flush()
+    finally:
+        os.close(writer.fd)
+    assert path.read_bytes() == data
+
+
+def test_after_a_failed_direct_write_nothing_more_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "partial"
+    writer = _direct_writer(path)
+    real_pwrite = os.pwrite
+
+    def full_disk(fd: int, view: memoryview, offset: int) -> int:
+        if offset >= MiB:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, view, offset)
+
+    monkeypatch.setattr(uploads.os, "pwrite", full_disk)
+    data = _upload(3 * MiB)
+    try:
+        writer.write(data[:MiB])
+        with pytest.raises(OSError, match="No space left"):
+            writer.write(data[MiB:])
+        monkeypatch.setattr(uploads.os, "pwrite", real_pwrite)  # space is back
+        with pytest.raises(OSError, match="No space left"):
+            writer.write(b"late")
+        writer.flush()  # writes nothing: the failure stays
+    finally:
+        os.close(writer.fd)
+    assert isinstance(writer.failed, OSError)
+    assert path.read_bytes() == data[:MiB]
+
+
+def test_a_stalled_upload_has_every_byte_received_in_its_file(tmp_path: Path) -> None:
+    """While no chunk waits (a stalled stream), what is staged is put in the file: a site that
+    asks how far its upload got is told every byte received; the upload then goes on."""
+    path = tmp_path / "partial"
+    data = _upload(3 * MiB + 999)
+    writer = _direct_writer(path)
+    try:
+        for stall in (MiB + MiB // 2 + 3, 2 * MiB + 4096, len(data)):
+            writer.write(data[writer.position : stall])
+            writer.idle()
+            assert path.read_bytes() == data[:stall]
+        assert writer.direct
+        writer.flush()
+    finally:
+        os.close(writer.fd)
+    assert path.read_bytes() == data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -151,3 +153,98 @@ def test_values_whose_sum_is_finite_are_not_tested_one_by_one(
     stream = BundleStream()
     stream.feed(safetensors.numpy.save({"w": values}, metadata=bundle_metadata(MANIFEST, {})))
     assert tested == ["w"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_many_adjoining_tensors_get_the_file_checks_verdict_whatever_the_chunking(
+    tmp_path: Path, seed: int
+) -> None:
+    """A LoRA-like layout (tens of small tensors, mostly of one dtype, laid end to end) is
+    checked run by run; a bad value is still pinned on the first tensor holding one."""
+    rng = np.random.default_rng(1000 + seed)
+    tensors = {}
+    for index in range(int(rng.integers(20, 60))):
+        dtype = [np.float32, np.float32, np.float16, np.float64, np.int64][int(rng.integers(5))]
+        values = rng.standard_normal(int(rng.integers(0, 400))).astype(dtype)
+        if dtype != np.int64 and len(values) and rng.random() < 0.05:
+            values[int(rng.integers(len(values)))] = [np.nan, np.inf, -np.inf][int(rng.integers(3))]
+        tensors[f"layer{index:02d}"] = values
+    data = safetensors.numpy.save(tensors, metadata=bundle_metadata(MANIFEST, {}))
+    path = tmp_path / "bundle"
+    path.write_bytes(data)
+    stream = _streamed(data, rng)
+    assert _verdict(lambda: inspect_streamed_bundle(path, stream)) == _verdict(
+        lambda: inspect_bundle_file(path)
+    )
+
+
+def test_a_chunk_spanning_many_tensors_of_one_dtype_is_summed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(0)
+    tensors = {f"lora_{i:02d}": rng.standard_normal(1000).astype(np.float32) for i in range(50)}
+    data = safetensors.numpy.save(tensors, metadata=bundle_metadata(MANIFEST, {}))
+    spans: list[int] = []
+    check_span = checkpoint_stream._check_span
+
+    def spy(run: object, at: int, raw: memoryview, scratch: list[object]) -> None:
+        spans.append(len(raw))
+        check_span(run, at, raw, scratch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint_stream, "_check_span", spy)
+    stream = BundleStream()
+    stream.feed(data)
+    assert stream.value_error is None
+    assert spans == [50 * 1000 * 4]  # the 50 tensors' values in one sum
+    tensors["lora_31"][999] = np.inf
+    stream = BundleStream()
+    stream.feed(safetensors.numpy.save(tensors, metadata=bundle_metadata(MANIFEST, {})))
+    assert stream.value_error == "tensor 'lora_31' holds NaN or infinite values"
+
+
+def test_finite_float16_values_are_not_tested_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The largest float16 values (any sum of them overflows), then a bad one past the first
+    # block of exponents looked at.
+    values = np.full(150_000, np.finfo(np.float16).max, np.float16)
+    values[::2] = -np.finfo(np.float16).max
+    tested: list[str] = []
+    check_finite = checkpoint_stream._check_finite
+
+    def spy(name: str, dtype: str, raw: bytes) -> None:
+        tested.append(name)
+        check_finite(name, dtype, raw)
+
+    monkeypatch.setattr(checkpoint_stream, "_check_finite", spy)
+    stream = BundleStream()
+    stream.feed(safetensors.numpy.save({"h": values}, metadata=bundle_metadata(MANIFEST, {})))
+    assert stream.value_error is None and tested == []
+    values[140_001] = np.nan
+    stream = BundleStream()
+    stream.feed(safetensors.numpy.save({"h": values}, metadata=bundle_metadata(MANIFEST, {})))
+    assert stream.value_error == "tensor 'h' holds NaN or infinite values" and tested == ["h"]
+
+
+def _bf16_bundle(tensors: dict[str, np.ndarray]) -> bytes:
+    """A bundle of bfloat16 tensors (numpy has no bfloat16: the top halves of float32s)."""
+    header: dict[str, object] = {"__metadata__": bundle_metadata(MANIFEST, {})}
+    blobs, offset = [], 0
+    for name, values in tensors.items():
+        blob = (values.astype(np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": [len(values)],
+                        "data_offsets": [offset, offset + len(blob)]}  # fmt: skip
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + b"".join(blobs)
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_bfloat16_values_are_checked_by_their_exponents(bad: float | None) -> None:
+    rng = np.random.default_rng(3)
+    tensors = {f"b{i}": rng.standard_normal(40_000).astype(np.float32) * 1e37 for i in range(4)}
+    if bad is not None:
+        tensors["b2"][39_999] = bad
+    stream = _streamed(_bf16_bundle(tensors), rng)
+    assert stream.layout is not None
+    expected = None if bad is None else "tensor 'b2' holds NaN or infinite values"
+    assert stream.value_error == expected
