@@ -232,7 +232,7 @@ def test_pooled_training_normalises_with_the_pooled_statistics(
     global_ = train_pooled(trainer, consistent, sites, HP)
 
     assert consistent.options["normalisation"] == "global"
-    assert _equal(per_site.tensors, global_.tensors)
+    assert _close(per_site.tensors, global_.tensors)  # one normaliser, rounded two ways
     assert per_site.metrics["train_examples"] == 128
 
 
