@@ -191,7 +191,8 @@ class InstanceLock:
                 text(
                     "SELECT a.application_name, a.client_addr FROM pg_locks l "
                     "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
-                    "AND l.granted AND l.classid = :high AND l.objid = :low"
+                    "AND l.granted AND l.classid = :high AND l.objid = :low AND l.database = "
+                    "(SELECT oid FROM pg_database WHERE datname = current_database())"
                 ),
                 {"high": _INSTANCE_LOCK >> 32, "low": _INSTANCE_LOCK & 0xFFFFFFFF},
             ).first()
