@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from coordinator.console.study import (
 )
 from coordinator.console.study_cli import study_app
 from coordinator.ledger import Ledger
-from coordinator.plan import parse_plan
+from coordinator.plan import RunPlan, parse_plan
 from coordinator.server import Coordinator, build_server
 from ordering import (
     CandidatePlan,
@@ -247,6 +248,29 @@ def test_pruned_trial_aborts_its_run_and_reports_what_it_cost(
     assert [hop.status for hop in run.hops[:3]] == ["committed"] * 3
     assert pruned.value.cost_seconds_by_site == pytest.approx(TRAIN_SECONDS)
     assert sites.evaluations == []
+
+
+def test_an_interrupt_while_the_trials_run_is_created_still_aborts_that_run(
+    admin: AdminClient, sites: ScriptedSites, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sites.hold_from = 0  # the run stays running until it is aborted
+    start_run = admin.start_run
+
+    def start_then_interrupted(run_plan: RunPlan) -> str:
+        run_id = start_run(run_plan)  # the coordinator has created the run ...
+        signal.raise_signal(signal.SIGINT)  # ... and Ctrl-C comes before its id is returned
+        return run_id
+
+    monkeypatch.setattr(admin, "start_run", start_then_interrupted)
+    executor = RunExecutor(admin, TEMPLATE, poll_seconds=0.02)
+
+    with pytest.raises(KeyboardInterrupt):
+        executor.execute(_plan(), budget=1.0, report=lambda cycle, value: None)
+
+    [run] = admin.runs()
+    assert [r.run_id for r in executor.runs] == [run.run_id]
+    assert run.status == "aborted"
+    assert "the ordering search stopped this trial" in admin.run(run.run_id).error
 
 
 def test_failed_run_fails_the_trial_and_the_search_goes_on(

@@ -4,9 +4,12 @@ validation metric (so the search can prune), then has the run's sites score its 
 from __future__ import annotations
 
 import logging
+import signal
 import statistics
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -159,11 +162,17 @@ class RunExecutor:
         name = f"{self.run_name}: {plan.describe()}{suffix}"[:200]
         run_plan = self.template.run_plan(plan, name=name, budget=budget)
         self._bundle_sha256 = run_plan.approval_bundle().sha256
-        run_id = self._start(run_plan)
-        self.runs.append(ExecutedRun(run_id, plan, budget))
-        logger.info("run %s started for %s (budget %g)", run_id, plan.describe(), budget)
+        started: list[str] = []
         intermediate: list[tuple[int, float]] = []
         try:
+            # A Ctrl-C (or the dashboard's abort-trial) waits for the start's answer: arriving
+            # while the run was being created, it would otherwise leave that run running with
+            # no id to abort it by.
+            with _interrupt_after():
+                started.append(self._start(run_plan))
+                run_id = started[0]
+                self.runs.append(ExecutedRun(run_id, plan, budget))
+            logger.info("run %s started for %s (budget %g)", run_id, plan.describe(), budget)
             run = self._follow(run_id, plan, report, intermediate)
             scores = self._evaluate(run_id, plan)
         except PlanPruned as exc:
@@ -172,7 +181,8 @@ class RunExecutor:
             logger.info("run %s aborted: trial pruned (%s)", run_id, exc)
             raise PlanPruned(str(exc), cost_seconds_by_site=cost) from exc
         except BaseException:
-            self._abort(run_id, "the ordering search stopped this trial")
+            if started:
+                self._abort(started[0], "the ordering search stopped this trial")
             raise
         return TrialOutcome(scores, self._cost(run, plan), tuple(intermediate))
 
@@ -357,6 +367,29 @@ class RunExecutor:
             logger.info("run %s aborted: %s", run_id, reason)
         except grpc.RpcError as exc:
             logger.warning("could not abort run %s: %s", run_id, exc.details())
+
+
+@contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Holds back SIGINT's KeyboardInterrupt until the block ends (main thread only; a
+    second SIGINT interrupts at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 # ---- running a search --------------------------------------------------------------------------
