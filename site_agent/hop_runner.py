@@ -181,9 +181,9 @@ class _BeatThreads:
             except Exception:  # a loop's failure ends its hop's beats, not this thread
                 logger.exception("heartbeat loop failed")
             finally:
-                done.set()
-                with self._lock:
+                with self._lock:  # idle before done: the next hop's start finds this thread
                     self._idle.append(inbox)
+                done.set()
 
 
 class _Heartbeat:
