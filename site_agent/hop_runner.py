@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import queue
 import sys
 import threading
 from collections.abc import Callable
@@ -137,10 +138,67 @@ class _Progress:
     loss: float = 0.0
 
 
-class _Heartbeat:
-    """Sends progress on a background thread; remembers if the coordinator asked to cancel."""
+class _BeatThreads:
+    """Long-lived daemon threads that run hops' heartbeat loops, one loop at a time each.
 
-    def __init__(self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float) -> None:
+    A hop's start hands its loop to an idle one: `Thread.start` waits until the new thread
+    has been scheduled, up to milliseconds of a handoff on a loaded host. A thread still in a
+    loop (a beat stuck on an unreachable coordinator) is not waited for: another one runs.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[tuple[Callable[[], None], threading.Event]]] = []
+
+    def run(self, loop: Callable[[], None]) -> threading.Event:
+        """Runs ``loop`` on an idle thread (a new one if none is idle); the event is set once
+        it has returned."""
+        done = threading.Event()
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        (inbox or self._spawn()).put((loop, done))
+        return done
+
+    def warm(self) -> None:
+        """Starts an idle thread if there is none (off the handoff: the agent connecting)."""
+        with self._lock:
+            if self._idle:
+                return
+        inbox = self._spawn()
+        with self._lock:
+            self._idle.append(inbox)
+
+    def _spawn(self) -> queue.SimpleQueue[tuple[Callable[[], None], threading.Event]]:
+        inbox: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, args=(inbox,), name="heartbeat", daemon=True).start()
+        return inbox
+
+    def _serve(self, inbox: queue.SimpleQueue[tuple[Callable[[], None], threading.Event]]) -> None:
+        while True:
+            loop, done = inbox.get()
+            try:
+                loop()
+            except Exception:  # a loop's failure ends its hop's beats, not this thread
+                logger.exception("heartbeat loop failed")
+            finally:
+                with self._lock:  # idle before done: the next hop's start finds this thread
+                    self._idle.append(inbox)
+                done.set()
+
+
+class _Heartbeat:
+    """Sends progress on a background thread; remembers if the coordinator asked to cancel.
+
+    ``threads``: where the loop runs (the agent's `_BeatThreads`); None: a thread of its own.
+    """
+
+    def __init__(
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        task: pb.HopTask,
+        interval: float,
+        threads: _BeatThreads | None = None,
+    ) -> None:
         self._stub = stub
         self._task = task
         self._interval = interval
@@ -148,16 +206,25 @@ class _Heartbeat:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.cancelled = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._threads = threads
+        self._done: threading.Event | None = None
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> _Heartbeat:
-        self._thread.start()
+        if self._threads is not None:
+            self._done = self._threads.run(self._loop)
+        else:
+            self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=5)
+        if self._done is not None:
+            self._done.wait(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     def phase(self, phase: str, *, tell: bool = True) -> None:
         """Enters a phase; ``tell``: beat at once (from the heartbeat thread: the hop does not
@@ -215,6 +282,7 @@ class HopRunner(TaskChecks, Transfers):
     # Whether a hop runs (from its task to its validation's report), and whether the heap is
     # to be settled once it is over: no `gc.freeze` while a hop's objects are alive.
     _heap_lock: threading.Lock
+    _beat_threads: _BeatThreads | None = None  # None: a thread per hop
     _hop_running = False
     _settle_owed = False
 
@@ -271,7 +339,7 @@ class HopRunner(TaskChecks, Transfers):
         collector: _CollectorHold,
     ) -> tuple[pb.HopResult, pb.HopResultResponse] | None:
         """Trains a hop and reports its result (hands it back); None: nothing was taken."""
-        with _Heartbeat(stub, task, interval) as beat:
+        with _Heartbeat(stub, task, interval, self._beat_threads) as beat:
             try:
                 result = self._train_hop(stub, task, beat, collector)
             except HopFailure as failure:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from site_agent.tasks._spec import TENSOR_DTYPE, TensorSpec
@@ -65,14 +66,31 @@ def is_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+# The dtypes whose CPU values numpy reads as they are (``Tensor.numpy()`` shares the memory).
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every value of every tensor is finite: one check per dtype and device over
     the tensors laid end to end, not two operations per tensor (an adapter has dozens, and
-    each operation costs torch's dispatch, ~0.15 ms on a loaded host)."""
+    each operation costs torch's dispatch, ~0.15 ms on a loaded host).
+
+    CPU tensors numpy can read are checked by numpy, on the calling thread: torch runs an
+    operation over an adapter's ~75,000 values (its concatenation, ``isfinite``, ``all``) on
+    its intra-op thread pool, and on a loaded host each of those waits for a pool thread to be
+    scheduled (8.5 ms instead of 0.5 ms for a MiniLM adapter at load 5 on 2 cores).
+    """
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for tensor in tensors:
         groups.setdefault((tensor.dtype, tensor.device), []).append(tensor.detach().reshape(-1))
-    return all(is_finite(torch.cat(group)) for group in groups.values())
+    for (dtype, device), group in groups.items():
+        if device.type == "cpu" and dtype in _NUMPY_DTYPES:
+            values = np.concatenate([t.numpy() for t in group]) if len(group) > 1 else None
+            if not np.isfinite(group[0].numpy() if values is None else values).all():
+                return False
+        elif not is_finite(torch.cat(group)):
+            return False
+    return True
 
 
 def preview(keys: Sequence[str]) -> str:

@@ -102,6 +102,41 @@ def test_the_next_site_prepares_and_gets_its_input_inside_its_task(
     assert not second.validation_after_commit  # the last hop's metrics complete the run
 
 
+def test_the_next_task_leaves_for_its_site_before_the_committed_hops_clean_up(
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
+    admin.start_run(parse_plan(_plan("site-a", "site-b")))
+    first = sites["site-a"].next_task()
+    engine = coordinator.engine
+    session = engine.sessions.get("site-b")
+    assert session is not None
+    at_clean_up: list[tuple[set[str], list[str | None]]] = []
+    hop_ended = engine.intake.hop_ended
+
+    def clean_up(hop_id: str, reason: str) -> None:
+        # When the committed hop is cleaned up (a ledger transaction on the event loop), the
+        # next hop's task was sent, and site-b's stream took it from its queue already.
+        queued = list(session.queue._queue)  # type: ignore[attr-defined]
+        at_clean_up.append(
+            (set(engine.hops.leases.sent), [t.WhichOneof("kind") if t else None for t in queued])
+        )
+        hop_ended(hop_id, reason)
+
+    monkeypatch.setattr(engine.intake, "hop_ended", clean_up)
+    ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
+    assert sites["site-a"].report(first, ref, train_loss=0.4) == "committed"
+
+    second = sites["site-b"].next_task()
+    assert second.hop_index == 1
+    sent, queued = at_clean_up[0]
+    assert second.hop_id in sent
+    assert "hop" not in queued
+
+
 def test_the_next_site_is_told_it_is_next_only_once_the_current_hop_trains(
     sites: dict[str, ScriptedSite], admin: AdminClient
 ) -> None:

@@ -66,15 +66,22 @@ def test_incoming_values_are_checked_finite_in_one_pass_per_dtype_and_a_bad_one_
     incoming = {key: torch.randn(shape) for key, shape in shapes.items()}
     incoming["t07"] = incoming["t07"].double() * 1e300  # finite in float64
     incoming["t08"] = incoming["t08"].half()
+    incoming["t09"] = incoming["t09"].bfloat16()  # numpy has no bfloat16: torch checks it
     checked: list[int] = []
     is_finite = _state.is_finite
     monkeypatch.setattr(
         _state, "is_finite", lambda tensor: checked.append(tensor.numel()) or is_finite(tensor)
     )
+    passes: list[int] = []
+    isfinite = _state.np.isfinite
+    monkeypatch.setattr(
+        _state.np, "isfinite", lambda values: passes.append(values.size) or isfinite(values)
+    )
 
     state = _state.checked_state(incoming, shapes)
 
-    assert sorted(checked) == [6, 6, 28 * 6]  # float64, float16, then the 28 float32 together
+    # float64, float16 and the 27 float32 together by numpy; bfloat16 alone by torch.
+    assert sorted(passes) == [6, 6, 27 * 6] and checked == [6]
     assert all(t.dtype == torch.float32 for t in state.values())
     for bad in (float("nan"), float("inf")):
         broken = {**incoming, "t03": incoming["t03"].clone(), "t20": incoming["t20"].clone()}
@@ -82,3 +89,28 @@ def test_incoming_values_are_checked_finite_in_one_pass_per_dtype_and_a_bad_one_
         broken["t20"][0, 1] = -bad
         with pytest.raises(ValueError, match=r"non-finite values in \['t03', 't20'\]"):
             _state.checked_state(broken, shapes)
+    broken = {**incoming, "t09": incoming["t09"].clone()}
+    broken["t09"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"non-finite values in \['t09'\]"):
+        _state.checked_state(broken, shapes)
+
+
+def test_cpu_values_are_checked_on_the_calling_thread_not_torchs_thread_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from site_agent.tasks import _state
+
+    # An adapter's worth of values: torch would run its concatenation and isfinite on its
+    # intra-op pool, each waiting for a pool thread on a loaded host.
+    tensors = [torch.randn(384, 8) for _ in range(30)]
+
+    def no_torch(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a torch operation checked CPU values")
+
+    monkeypatch.setattr(_state.torch, "cat", no_torch)
+    monkeypatch.setattr(_state.torch, "isfinite", no_torch)
+
+    assert _state.all_finite(tensors)
+    tensors[17][3, 5] = float("-inf")
+    assert not _state.all_finite(tensors)
+    assert not _state.all_finite([tensors[17]])

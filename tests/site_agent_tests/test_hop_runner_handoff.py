@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from protocols.v1 import baton_pb2 as pb
-from site_agent.hop_runner import _Heartbeat, at_low_priority
+from site_agent.hop_runner import _BeatThreads, _Heartbeat, at_low_priority
 
 
 class _BeatRecorder:
@@ -45,6 +45,52 @@ def test_training_is_told_after_the_first_step_and_uploading_not_at_once() -> No
     assert (first.phase, first.step, first.total_steps) == ("training", 1, 10)
     assert last.phase == "done"
     assert stub.beats.empty()
+
+
+class _StuckBeat(_BeatRecorder):
+    """A stub whose first SendHeartbeat hangs until released (an unreachable coordinator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self._calls = 0
+
+    def SendHeartbeat(self, beat: pb.Heartbeat, timeout: float) -> pb.HeartbeatResponse:
+        self._calls += 1
+        if self._calls == 1:
+            self.release.wait(30)
+        return super().SendHeartbeat(beat, timeout)
+
+
+def test_hops_beat_from_a_thread_started_ahead_and_a_stuck_one_is_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads = _BeatThreads()
+    threads.warm()
+    started: list[str] = []
+    start = threading.Thread.start
+    monkeypatch.setattr(
+        threading.Thread, "start", lambda thread: started.append(thread.name) or start(thread)
+    )
+    stub = _BeatRecorder()
+    for hop in ("h1", "h2"):
+        task = pb.HopTask(hop_id=hop, lease_token="t")
+        with _Heartbeat(stub, task, 3600, threads) as beat:  # type: ignore[arg-type]
+            beat.phase("downloading")
+            assert stub.beats.get(timeout=30).hop_id == hop
+    # A hop's start hands its beats to the thread started ahead: no thread is started (and
+    # waited for until it is scheduled) on the handoff.
+    assert started == []
+
+    stuck = _StuckBeat()
+    with _Heartbeat(stuck, pb.HopTask(hop_id="h3"), 3600, threads) as beat:  # type: ignore[arg-type]
+        beat.phase("downloading")  # its thread hangs in this beat
+        with _Heartbeat(stub, pb.HopTask(hop_id="h4"), 3600, threads) as other:  # type: ignore[arg-type]
+            other.phase("downloading")
+            assert stub.beats.get(timeout=30).hop_id == "h4"
+        assert started == ["heartbeat"]  # a second thread, the first one being busy
+        stuck.release.set()
+    assert stuck.beats.get(timeout=30).hop_id == "h3"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's nice value: Linux")
