@@ -29,7 +29,7 @@ from site_agent.base_model import hash_base_model
 from site_agent.evaluation_task import EvaluationRunner
 from site_agent.examples import TASK_TYPES
 from site_agent.heads import HEAD_FILE, KeptHead
-from site_agent.hop_runner import HopRunner, _BeatThreads
+from site_agent.hop_runner import BeatThreads, HopRunner
 from site_agent.metrics import SiteMetrics
 from site_agent.reconnect import ReconnectBackoff
 from site_agent.refusal import CertificateRefused, local_certificate_problem, probe_handshake
@@ -126,7 +126,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         self._deferred_validation: Callable[[], Metrics] | None = None
         self._preload_decided = False  # see _said_hello
         self._heap_lock = threading.Lock()  # see HopRunner._settle_heap_between_hops
-        self._beat_threads = _BeatThreads()  # hops' heartbeats, on threads started ahead
+        self._beat_threads = BeatThreads()  # hops' heartbeats, on threads started ahead
 
     # ---- lifecycle ----------------------------------------------------------------------------
 

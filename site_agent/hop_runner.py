@@ -138,7 +138,7 @@ class _Progress:
     loss: float = 0.0
 
 
-class _BeatThreads:
+class BeatThreads:
     """Long-lived daemon threads that run hops' heartbeat loops, one loop at a time each.
 
     A hop's start hands its loop to an idle one: `Thread.start` waits until the new thread
@@ -189,7 +189,7 @@ class _BeatThreads:
 class _Heartbeat:
     """Sends progress on a background thread; remembers if the coordinator asked to cancel.
 
-    ``threads``: where the loop runs (the agent's `_BeatThreads`); None: a thread of its own.
+    ``threads``: where the loop runs (the agent's `BeatThreads`); None: a thread of its own.
     """
 
     def __init__(
@@ -197,7 +197,7 @@ class _Heartbeat:
         stub: pb_grpc.SiteServiceStub,
         task: pb.HopTask,
         interval: float,
-        threads: _BeatThreads | None = None,
+        threads: BeatThreads | None = None,
     ) -> None:
         self._stub = stub
         self._task = task
@@ -282,7 +282,7 @@ class HopRunner(TaskChecks, Transfers):
     # Whether a hop runs (from its task to its validation's report), and whether the heap is
     # to be settled once it is over: no `gc.freeze` while a hop's objects are alive.
     _heap_lock: threading.Lock
-    _beat_threads: _BeatThreads | None = None  # None: a thread per hop
+    _beat_threads: BeatThreads | None = None  # None: a thread per hop
     _hop_running = False
     _settle_owed = False
 

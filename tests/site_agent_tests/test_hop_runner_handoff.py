@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from protocols.v1 import baton_pb2 as pb
-from site_agent.hop_runner import _BeatThreads, _Heartbeat, at_low_priority
+from site_agent.hop_runner import BeatThreads, _Heartbeat, at_low_priority
 
 
 class _BeatRecorder:
@@ -65,7 +65,7 @@ class _StuckBeat(_BeatRecorder):
 def test_hops_beat_from_a_thread_started_ahead_and_a_stuck_one_is_not_waited_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    threads = _BeatThreads()
+    threads = BeatThreads()
     threads.warm()
     started: list[str] = []
     start = threading.Thread.start
