@@ -46,7 +46,7 @@ from coordinator.ledger import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
-from coordinator.worker_threads import run_to_end, run_whole
+from coordinator.worker_threads import run_to_end, run_whole, settle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
 from protocols.signing import SignatureError, verify_custody
@@ -623,14 +623,37 @@ class UploadIntake:
                 "resume from byte 0"
             )
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(len(data))
-        inspected = await asyncio.to_thread(self._inspected_bytes, bytes(data), header.sha256)
-        # The hop may have ended while the bytes arrived (lease expired, run aborted).
-        run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
-        bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-        row = await self._keep(run, hop, site, certificate_pem, header, bundle,
-                               lambda: self.store.put(bytes(data), sha256=bundle.sha256),
-                               record, kept)  # fmt: skip
+        whole = bytes(data)
+        # Written and fsynced beside the store while it is checked, under no name the store
+        # knows: once the checks hold, a rename stores it (no write and no file fsync left
+        # between the checks and the commit); refused, it is dropped.
+        staging = asyncio.ensure_future(run_to_end(self.store.stage, whole, header.sha256))
+        try:
+            inspected = await asyncio.to_thread(self._inspected_bytes, whole, header.sha256)
+            # The hop may have ended while the bytes arrived (lease expired, run aborted).
+            run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
+            bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
+            staged = await asyncio.shield(staging)
+        except BaseException:
+            await self._unstage(staging)
+            raise
+        try:
+            row = await self._keep(run, hop, site, certificate_pem, header, bundle,
+                                   lambda: self.store.place(staged, bundle.sha256),
+                                   record, kept)  # fmt: skip
+        except BaseException:
+            await run_to_end(self.store.unstage, staged)  # gone already once it is placed
+            raise
         return run, hop, row
+
+    async def _unstage(self, staging: asyncio.Future[Path | None]) -> None:
+        """Drops what `CheckpointStore.stage` wrote for a refused (or cut) bundle, once it has
+        ended; a failed staging has left nothing. Raises a cancellation that came meanwhile."""
+        try:
+            await settle(staging)
+        finally:
+            if staging.done() and not staging.cancelled() and staging.exception() is None:
+                await run_to_end(self.store.unstage, staging.result())
 
     async def _store_spooled(
         self,
@@ -748,8 +771,12 @@ class UploadIntake:
             raise  # the hand back's own error, whatever became of the clean-up
 
     def _committed_with(self, site: str, header: pb.UploadHeader) -> bool:
-        """Whether `site`'s hop is committed already, with the bundle this header names."""
-        hop = self.ledger.hop(header.hop_id)
+        """Whether `site`'s hop is committed already, with the bundle this header names.
+
+        A hop of a running run is read as the engine holds it (written through by every
+        commit); only another hop is looked up in SQL."""
+        held = self.leases.runs.hop(header.hop_id)
+        hop = held[1] if held is not None else self.ledger.hop(header.hop_id)
         return (
             hop is not None
             and hop.site == site
