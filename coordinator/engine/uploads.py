@@ -19,7 +19,7 @@ import mmap
 import os
 import sys
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 # many bytes (without waiting for it), so the fsync before the commit has little left to write.
 _WRITEBACK_BYTES = 8 * 1024 * 1024
 _READ_BYTES = 4 * 1024 * 1024
+# Tensor specs of this many recently stored bundles are kept for the next hops' lineage checks.
+_KEPT_TENSORS = 64
 CommitResult = Callable[[str, pb.HopResult, CheckpointRow | None], Awaitable[str]]
 
 
@@ -424,6 +426,10 @@ class UploadIntake:
         self.writer = writer  # the engine's ledger writes, one at a time in order
         self.ca_pem = ca_pem
         self.max_checkpoint_bytes = max_checkpoint_bytes
+        # sha256 -> tensor specs of the bundles this intake checked and stored lately: the
+        # next hop's lineage check compares its output with its input's without a query.
+        self._kept_tensors: OrderedDict[str, list[list[object]]] = OrderedDict()
+        self._kept_lock = threading.Lock()  # written on worker threads, read on the loop
 
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
         """A site may download only the input of its leased hop or of its pending evaluation."""
@@ -545,6 +551,7 @@ class UploadIntake:
             write()
             kept.append(row)
             self.spool.discard(hop.id)
+            self._remember_tensors(row.sha256, row.tensors)
 
         async def keep() -> None:
             await asyncio.to_thread(write_then_free)
@@ -908,11 +915,29 @@ class UploadIntake:
                 f"checkpoint was trained on base model {manifest.base_model_sha256}, "
                 f"the run is pinned to {run.base_model_sha256}"
             )
-        parent = self.ledger.checkpoint(hop.input_sha256) if hop.input_sha256 else None
-        if parent is not None and sorted(parent.tensors) != tensor_specs(bundle):
+        parent = self._parent_tensors(hop.input_sha256) if hop.input_sha256 else None
+        if parent is not None and sorted(parent) != tensor_specs(bundle):
             raise InvalidInput(
                 "checkpoint tensors (names, dtypes, shapes) differ from the hop's input"
             )
+
+    def _remember_tensors(self, sha256: str, tensors: list[list[object]]) -> None:
+        with self._kept_lock:
+            self._kept_tensors[sha256] = tensors
+            self._kept_tensors.move_to_end(sha256)
+            while len(self._kept_tensors) > _KEPT_TENSORS:
+                self._kept_tensors.popitem(last=False)
+
+    def _parent_tensors(self, sha256: str) -> list[list[object]] | None:
+        """A hop input's tensor specs: as this intake stored that bundle (checked, and the
+        same bytes whatever row names them), else from its checkpoint row (an aggregate, a
+        bundle stored before a restart); None if there is no such row."""
+        with self._kept_lock:
+            known = self._kept_tensors.get(sha256)
+        if known is not None:
+            return known
+        row = self.ledger.checkpoint(sha256)
+        return None if row is None else list(row.tensors)
 
     def sweep_spool(self, runs: list[RunRow]) -> None:
         """Removes spool files whose hop no longer holds that lease (ended, expired, crashed)."""
