@@ -92,6 +92,47 @@ class CheckpointStore:
             fsync_write(target, data, mode=0o444)
         return sha256
 
+    def stage(self, data: bytes, sha256: str) -> Path | None:
+        """The first half of `put`, for bytes still being checked: written and fsynced to a
+        temporary file beside their place in the store, not under their name (so not stored:
+        `stored` and `path` do not see it). `place` then names it, `unstage` drops it.
+
+        Returns the temporary file, or None if the store holds `sha256` already.
+        """
+        target = self.path(sha256)
+        if target.is_file():
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o444)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return Path(tmp)
+
+    def place(self, staged: Path | None, sha256: str) -> None:
+        """The second half of `put`: a file from `stage` named `sha256` in the store, durable
+        when this returns (a rename and one fsync of its directory; the bytes are not written
+        again). Nothing to do for None (the store held the bytes already)."""
+        if staged is None:
+            return
+        target = self.path(sha256)
+        if staged.parent != target.parent or not staged.name.startswith(f".{sha256}."):
+            raise ValueError(f"{staged.name} was not staged for checkpoint {sha256}")
+        os.replace(staged, target)
+        _fsync_dir(target.parent)
+
+    @staticmethod
+    def unstage(staged: Path | None) -> None:
+        """Drops a file from `stage` that is not to be stored (its bytes were refused)."""
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+
     def adopt(self, path: Path, sha256: str) -> None:
         """Moves a durable (fsynced) file whose bytes hash to `sha256` into the store.
 

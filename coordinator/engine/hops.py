@@ -34,7 +34,7 @@ from coordinator.engine.rules import (
 from coordinator.engine.sessions import SiteSession, SiteSessions
 from coordinator.engine.tasks import hop_task
 from coordinator.engine.uploads import UploadIntake
-from coordinator.errors import InvalidInput, StaleLease, StorageFault
+from coordinator.errors import CoordinatorError, InvalidInput, StaleLease, StorageFault
 from coordinator.ledger import (
     LIVE_HOP_STATES,
     CheckpointRow,
@@ -56,6 +56,15 @@ __all__ = ["WAIT_LOG_SECONDS", "Hops"]
 logger = logging.getLogger(__name__)
 
 WAIT_LOG_SECONDS = 60.0  # "run waits for site" is logged at most this often per hop
+
+# A run's rows checked against their events (`Hops._mismatches`), on the ledger writer's thread.
+TamperCheck = asyncio.Future[list[RowMismatch]]
+
+
+def _retrieve(check: TamperCheck) -> None:
+    """Retrieves a finished check's error, so that one nobody awaits is not reported as lost."""
+    if not check.cancelled():
+        check.exception()
 
 
 class Hops:
@@ -280,8 +289,32 @@ class Hops:
                 if held is not None:
                     self._tell_next(*held)
 
+    def check_ahead(self, site: str, header: pb.UploadHeader) -> TamperCheck | None:
+        """The tamper check a hand back's commit makes before it leases the next hop in its
+        own transaction (`_next_to_lease`), started as the hand back arrives: on the ledger
+        writer's thread while the bundle is checked and written, not after that.
+
+        The check reads the run and its hops from SQL then, as it would a few milliseconds
+        later; an edit made behind the ledger's back in between is found by the next check
+        (the next handoff's, the run's end). None where no lease would follow in the commit's
+        transaction (the commit then checks as it always did), or the caller holds no lease.
+        """
+        try:
+            run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
+        except CoordinatorError:
+            return None  # refused by the hand back itself, with its own error
+        if self._following(run, hop) is None:
+            return None
+        check = asyncio.ensure_future(self.writer.run(self._mismatches, run, None))
+        check.add_done_callback(_retrieve)  # a hand back refused meanwhile never awaits it
+        return check
+
     async def report_result(
-        self, site: str, result: pb.HopResult, stored: CheckpointRow | None = None
+        self,
+        site: str,
+        result: pb.HopResult,
+        stored: CheckpointRow | None = None,
+        checked: TamperCheck | None = None,
     ) -> str:
         """Commits or fails a hop, then moves the run on. Returns the hop's new status.
 
@@ -289,6 +322,8 @@ class Hops:
         "committed" again (the site may not have seen the first answer); nothing is written.
         `stored`: the output's checkpoint row when the bundle was handed back with the result
         (checked and durable in the store, not yet recorded): written with the commit.
+        `checked`: with `stored`, the run's tamper check started when the hand back arrived
+        (`check_ahead`), used instead of checking again.
         """
         async with self._lock:
             held = self.runs.hop(result.hop_id)
@@ -326,7 +361,9 @@ class Hops:
                     f"for hop {hop.id}"
                 )
             # A row written in the commit's own transaction has no event yet to differ from.
-            following = await self._next_to_lease(run, hop, None if stored else output.sha256)
+            following = await self._next_to_lease(
+                run, hop, None if stored else output.sha256, checked if stored else None
+            )
             token = secrets.token_hex(16)
             try:
                 with self.storage.guard(f"commit of hop {hop.index} of run {run.id}"):
@@ -358,14 +395,35 @@ class Hops:
         return "committed"
 
     async def _next_to_lease(
-        self, run: RunRow, hop: HopRow, output_sha256: str | None
+        self,
+        run: RunRow,
+        hop: HopRow,
+        output_sha256: str | None,
+        checked: TamperCheck | None = None,
     ) -> tuple[HopRow, SiteSession] | None:
         """The hop to lease in the same transaction as `hop`'s commit, with its site's stream.
 
-        Only the plain case: a sequential run whose next hop is pending, not backing off, at a
-        connected site, with every row and the output checkpoint matching their events. Any
-        other case commits alone and dispatches as usual after the commit.
+        Only the plain case (`_following`), with every row and the output checkpoint matching
+        their events (`checked`: that check of the rows, started earlier, when there is no
+        output checkpoint to check). Any other case commits alone and dispatches as usual
+        after the commit.
         """
+        following = self._following(run, hop)
+        if following is None:
+            return None
+        if checked is not None and output_sha256 is None:
+            mismatches = await checked
+        else:
+            mismatches = await self.writer.run(self._mismatches, run, output_sha256)
+        if mismatches:
+            return None  # dispatch after the commit pauses the run, as for any tampering
+        self.leases.waiting_since.pop(following[0].id, None)
+        self.leases.wait_logged.pop(following[0].id, None)
+        return following
+
+    def _following(self, run: RunRow, hop: HopRow) -> tuple[HopRow, SiteSession] | None:
+        """The hop after `hop` with its site's stream, in the plain case: a sequential run whose
+        next hop is pending, not backing off, at a connected site."""
         if runs_in_rounds(run):
             return None
         settled = ("committed", "skipped")
@@ -379,10 +437,6 @@ class Hops:
         session = self.sessions.get(following.site)
         if session is None:
             return None
-        if await self.writer.run(self._mismatches, run, output_sha256):
-            return None  # dispatch after the commit pauses the run, as for any tampering
-        self.leases.waiting_since.pop(following.id, None)
-        self.leases.wait_logged.pop(following.id, None)
         return following, session
 
     def _commit_and_lease(

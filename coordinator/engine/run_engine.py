@@ -254,10 +254,16 @@ class RunEngine:
         parts: AsyncIterator[pb.HandBackRequest],
     ) -> str:
         """Stores a finished hop's bundle and commits the hop with the result that follows it
-        (an upload and a hop result in one call). Returns the hop's new status."""
-        return await self.intake.hand_back(
-            site, certificate_pem, header, parts, self.hops.report_result
-        )
+        (an upload and a hop result in one call). Returns the hop's new status.
+
+        The run's tamper check that precedes the next lease starts now, beside the bundle's
+        checks and store write (`Hops.check_ahead`)."""
+        checked = self.hops.check_ahead(site, header)
+
+        async def commit(site: str, result: pb.HopResult, stored: CheckpointRow | None) -> str:
+            return await self.hops.report_result(site, result, stored, checked)
+
+        return await self.intake.hand_back(site, certificate_pem, header, parts, commit)
 
     async def hand_back_whole(
         self, site: str, certificate_pem: bytes, request: pb.HandBackWhole

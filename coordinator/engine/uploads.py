@@ -19,7 +19,7 @@ import mmap
 import os
 import sys
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -46,7 +46,7 @@ from coordinator.ledger import (
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.storage_faults import StorageHealth, storage_fault_reason
 from coordinator.store import CheckpointStore
-from coordinator.worker_threads import run_to_end, run_whole
+from coordinator.worker_threads import run_to_end, run_whole, settle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
 from protocols.signing import SignatureError, verify_custody
@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 # many bytes (without waiting for it), so the fsync before the commit has little left to write.
 _WRITEBACK_BYTES = 8 * 1024 * 1024
 _READ_BYTES = 4 * 1024 * 1024
+# Tensor specs of this many recently stored bundles are kept for the next hops' lineage checks.
+_KEPT_TENSORS = 64
 CommitResult = Callable[[str, pb.HopResult, CheckpointRow | None], Awaitable[str]]
 
 
@@ -424,6 +426,10 @@ class UploadIntake:
         self.writer = writer  # the engine's ledger writes, one at a time in order
         self.ca_pem = ca_pem
         self.max_checkpoint_bytes = max_checkpoint_bytes
+        # sha256 -> tensor specs of the bundles this intake checked and stored lately: the
+        # next hop's lineage check compares its output with its input's without a query.
+        self._kept_tensors: OrderedDict[str, list[list[object]]] = OrderedDict()
+        self._kept_lock = threading.Lock()  # written on worker threads, read on the loop
 
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
         """A site may download only the input of its leased hop or of its pending evaluation."""
@@ -545,6 +551,7 @@ class UploadIntake:
             write()
             kept.append(row)
             self.spool.discard(hop.id)
+            self._remember_tensors(row.sha256, row.tensors)
 
         async def keep() -> None:
             await asyncio.to_thread(write_then_free)
@@ -623,14 +630,37 @@ class UploadIntake:
                 "resume from byte 0"
             )
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(len(data))
-        inspected = await asyncio.to_thread(self._inspected_bytes, bytes(data), header.sha256)
-        # The hop may have ended while the bytes arrived (lease expired, run aborted).
-        run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
-        bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-        row = await self._keep(run, hop, site, certificate_pem, header, bundle,
-                               lambda: self.store.put(bytes(data), sha256=bundle.sha256),
-                               record, kept)  # fmt: skip
+        whole = bytes(data)
+        # Written and fsynced beside the store while it is checked, under no name the store
+        # knows: once the checks hold, a rename stores it (no write and no file fsync left
+        # between the checks and the commit); refused, it is dropped.
+        staging = asyncio.ensure_future(run_to_end(self.store.stage, whole, header.sha256))
+        try:
+            inspected = await asyncio.to_thread(self._inspected_bytes, whole, header.sha256)
+            # The hop may have ended while the bytes arrived (lease expired, run aborted).
+            run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
+            bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
+            staged = await asyncio.shield(staging)
+        except BaseException:
+            await self._unstage(staging)
+            raise
+        try:
+            row = await self._keep(run, hop, site, certificate_pem, header, bundle,
+                                   lambda: self.store.place(staged, bundle.sha256),
+                                   record, kept)  # fmt: skip
+        except BaseException:
+            await run_to_end(self.store.unstage, staged)  # gone already once it is placed
+            raise
         return run, hop, row
+
+    async def _unstage(self, staging: asyncio.Future[Path | None]) -> None:
+        """Drops what `CheckpointStore.stage` wrote for a refused (or cut) bundle, once it has
+        ended; a failed staging has left nothing. Raises a cancellation that came meanwhile."""
+        try:
+            await settle(staging)
+        finally:
+            if staging.done() and not staging.cancelled() and staging.exception() is None:
+                await run_to_end(self.store.unstage, staging.result())
 
     async def _store_spooled(
         self,
@@ -748,8 +778,12 @@ class UploadIntake:
             raise  # the hand back's own error, whatever became of the clean-up
 
     def _committed_with(self, site: str, header: pb.UploadHeader) -> bool:
-        """Whether `site`'s hop is committed already, with the bundle this header names."""
-        hop = self.ledger.hop(header.hop_id)
+        """Whether `site`'s hop is committed already, with the bundle this header names.
+
+        A hop of a running run is read as the engine holds it (written through by every
+        commit); only another hop is looked up in SQL."""
+        held = self.leases.runs.hop(header.hop_id)
+        hop = held[1] if held is not None else self.ledger.hop(header.hop_id)
         return (
             hop is not None
             and hop.site == site
@@ -881,11 +915,29 @@ class UploadIntake:
                 f"checkpoint was trained on base model {manifest.base_model_sha256}, "
                 f"the run is pinned to {run.base_model_sha256}"
             )
-        parent = self.ledger.checkpoint(hop.input_sha256) if hop.input_sha256 else None
-        if parent is not None and sorted(parent.tensors) != tensor_specs(bundle):
+        parent = self._parent_tensors(hop.input_sha256) if hop.input_sha256 else None
+        if parent is not None and sorted(parent) != tensor_specs(bundle):
             raise InvalidInput(
                 "checkpoint tensors (names, dtypes, shapes) differ from the hop's input"
             )
+
+    def _remember_tensors(self, sha256: str, tensors: list[list[object]]) -> None:
+        with self._kept_lock:
+            self._kept_tensors[sha256] = tensors
+            self._kept_tensors.move_to_end(sha256)
+            while len(self._kept_tensors) > _KEPT_TENSORS:
+                self._kept_tensors.popitem(last=False)
+
+    def _parent_tensors(self, sha256: str) -> list[list[object]] | None:
+        """A hop input's tensor specs: as this intake stored that bundle (checked, and the
+        same bytes whatever row names them), else from its checkpoint row (an aggregate, a
+        bundle stored before a restart); None if there is no such row."""
+        with self._kept_lock:
+            known = self._kept_tensors.get(sha256)
+        if known is not None:
+            return known
+        row = self.ledger.checkpoint(sha256)
+        return None if row is None else list(row.tensors)
 
     def sweep_spool(self, runs: list[RunRow]) -> None:
         """Removes spool files whose hop no longer holds that lease (ended, expired, crashed)."""

@@ -41,11 +41,19 @@ def checked_state(
 
 
 def outgoing(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous float32 clones, refused if training left a non-finite value."""
+    """CPU, contiguous float32 copies, refused if training left a non-finite value.
+
+    One operation per tensor for the copy and one check per dtype for the values (this runs
+    between a hop's last step and its hand back); tensors are looked at one by one only to
+    name those that are not finite."""
     tensors = {
-        key: tensor.detach().to(device="cpu", dtype=torch.float32).clone().contiguous()
+        key: tensor.detach().to(
+            device="cpu", dtype=torch.float32, copy=True, memory_format=torch.contiguous_format
+        )
         for key, tensor in sorted(state.items())
     }
+    if all_finite(tensors.values()):
+        return tensors
     non_finite = sorted(key for key, tensor in tensors.items() if not is_finite(tensor))
     if non_finite:
         raise ValueError(

@@ -496,7 +496,7 @@ def test_hand_back_cut_while_its_bundle_is_stored_keeps_the_bundles_row(
     header = _header(site, task, bundle)
     entered, release = threading.Event(), threading.Event()
     store = coordinator.engine.store
-    monkeypatch.setattr(store, "put", _held_until(release, entered)(store.put))
+    monkeypatch.setattr(store, "place", _held_until(release, entered)(store.place))
     cleaned = _recorded_alone(coordinator, monkeypatch)
     call = site.stub.HandBackHop.future(_messages(header, bundle, _result(task)))
     try:

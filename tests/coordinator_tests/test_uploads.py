@@ -379,7 +379,7 @@ def test_bundle_stored_as_its_stream_is_cut_keeps_its_checkpoint_row(
 
         return slow
 
-    monkeypatch.setattr(store, "put", slowly(store.put))
+    monkeypatch.setattr(store, "place", slowly(store.place))
     monkeypatch.setattr(store, "adopt", slowly(store.adopt))
     future = _upload(site, task, data)
     assert storing.wait(60)

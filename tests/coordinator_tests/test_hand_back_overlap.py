@@ -1,0 +1,205 @@
+"""What a hand back does side by side before its commit: the bundle written beside the store
+while it is checked, and the run's tamper check on the ledger writer's thread meanwhile; none
+of it lets a refused bundle into the store or a tampered run lease its next hop."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.console.admin import AdminClient
+from coordinator.ledger import RunRow
+from coordinator.plan import parse_plan
+from coordinator.server import Coordinator
+from coordinator.store import CheckpointStore
+from protocols.checkpoint import sha256_hex
+from protocols.v1 import baton_pb2 as pb
+from tests.coordinator_tests.conftest import ScriptedSite
+from tests.coordinator_tests.test_hand_back import (
+    _bundle,
+    _bundle_of,
+    _files,
+    _hand_back,
+    _state,
+    _stored,
+    _stored_and_committed,
+    site,
+    task,
+)
+from tests.coordinator_tests.test_ledger_integrity import _paused, _sql
+
+__all__ = ["site", "task"]  # fixtures
+
+WAIT = 10.0
+
+
+def _entering(event: threading.Event, call: Callable[..., object]) -> Callable[..., object]:
+    def entered(*args: object, **kwargs: object) -> object:
+        event.set()
+        return call(*args, **kwargs)
+
+    return entered
+
+
+def _waiting_for(
+    event: threading.Event, seen: list[bool], call: Callable[..., object]
+) -> Callable[..., object]:
+    """`call`, once `event` is set (or WAIT seconds passed); `seen` notes which it was."""
+
+    def waited(*args: object, **kwargs: object) -> object:
+        seen.append(event.wait(WAIT))
+        return call(*args, **kwargs)
+
+    return waited
+
+
+def test_a_staged_bundle_is_stored_only_once_placed(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    data = b"adapter bytes"
+    sha = sha256_hex(data)
+    staged = store.stage(data, sha)
+    assert staged is not None and staged.read_bytes() == data
+    assert sha not in store and list(store.stored()) == []  # not stored under its name yet
+    store.place(staged, sha)
+    assert store.read(sha) == data and not staged.exists()
+    assert store.stage(data, sha) is None  # content-addressed: stored already
+    store.place(None, sha)
+
+
+def test_a_staged_bundle_is_dropped_or_refused_under_another_name(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "store")
+    data, other = b"refused bytes", sha256_hex(b"other bytes")
+    staged = store.stage(data, sha256_hex(data))
+    assert staged is not None
+    with pytest.raises(ValueError, match="was not staged for checkpoint"):
+        store.place(staged, other)
+    store.unstage(staged)
+    assert not staged.exists() and _files(tmp_path / "store") == []
+    store.unstage(None)
+
+
+def test_a_bundle_in_one_message_is_written_while_it_is_checked(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    intake = coordinator.engine.intake
+    staging, seen = threading.Event(), list[bool]()
+    monkeypatch.setattr(intake.store, "stage", _entering(staging, intake.store.stage))
+    monkeypatch.setattr(
+        intake, "_inspected_bytes", _waiting_for(staging, seen, intake._inspected_bytes)
+    )
+    data = _bundle(site, task, 75_000)
+    assert _hand_back(site, task, data, whole=True) == "committed"
+    assert seen == [True]  # the write had begun before the check was over
+    assert _stored(coordinator) == [sha256_hex(data)]  # no temporary file left beside it
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+
+
+def test_a_bundle_refused_while_it_was_written_leaves_nothing_in_the_store(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = coordinator.engine.intake.store
+    staged = threading.Event()
+
+    def stage_noting(data: bytes, sha256: str) -> Path | None:
+        path = CheckpointStore.stage(store, data, sha256)
+        staged.set()
+        return path
+
+    monkeypatch.setattr(store, "stage", stage_noting)
+    good = _bundle(site, task, 4096)
+    tampered = _bundle(site, task, 4096, 2.0)
+    # Named and signed for another digest than its bytes': refused while it is written.
+    refused = _hand_back(site, task, tampered, whole=True,
+                         header=_header_for(site, task, tampered, sha256_hex(good)))  # fmt: skip
+    assert refused.startswith("INVALID_ARGUMENT: checkpoint hash mismatch"), refused
+    assert staged.wait(WAIT)
+    assert _stored(coordinator) == []
+    assert list(Path(_state(coordinator) / "checkpoints").rglob("*.tmp")) == []
+    assert _hand_back(site, task, good, whole=True) == "committed"
+    assert _stored(coordinator) == [sha256_hex(good)]
+
+
+def _header_for(site: ScriptedSite, task: pb.HopTask, data: bytes, sha256: str) -> pb.UploadHeader:
+    from protocols.signing import sign_digest
+
+    return pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
+                           total_size=len(data), sha256=sha256,
+                           signature=sign_digest(site.key_pem, sha256))  # fmt: skip
+
+
+def test_the_run_is_checked_against_its_events_while_the_bundle_is_checked(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops, store = coordinator.engine.hops, coordinator.engine.intake.store
+    checking, seen, checks = threading.Event(), list[bool](), list[str]()
+
+    def mismatches(run: RunRow, checkpoint_sha: str | None) -> object:
+        checks.append(threading.current_thread().name)
+        checking.set()
+        return real(run, checkpoint_sha)
+
+    real = hops._mismatches
+    monkeypatch.setattr(hops, "_mismatches", mismatches)
+    monkeypatch.setattr(store, "place", _waiting_for(checking, seen, store.place))
+    data = _bundle(site, task, 75_000)
+    assert _hand_back(site, task, data, whole=True) == "committed"
+    assert seen == [True]  # checked before the bundle was in the store, not after
+    assert len(checks) == 1 and checks[0].startswith("ledger-writer")  # once, off the loop
+    hop = coordinator.engine.ledger.hop(task.hop_id)
+    assert hop is not None and hop.status == "committed"
+
+
+def test_a_hop_edited_before_a_hand_back_pauses_the_run_instead_of_leasing_the_next(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
+    run_id = admin.start_run(parse_plan({
+        "name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a", "site-b"],
+        "cycles": 2,
+    }))  # fmt: skip
+    first = sites["site-a"].next_task()
+    assert _hand_back(sites["site-a"], first, _bundle(sites["site-a"], first, 64), whole=True) == (
+        "committed"
+    )
+    ledger = coordinator.engine.ledger
+    _sql(ledger, "UPDATE hops SET metrics = '{\"accuracy\": 0.99}' WHERE id = :hop",
+         hop=first.hop_id)  # fmt: skip
+    second = sites["site-b"].next_task()  # leased with the first hop's commit
+    data = _bundle(sites["site-b"], second, 64)
+    assert _hand_back(sites["site-b"], second, data, whole=True) == "committed"
+    status = _paused(admin, run_id)
+    assert status.error.startswith(
+        f"ledger mismatch: hops row {first.hop_id} column metrics: ledger event #"
+    )
+    assert [h.status for h in status.hops] == ["committed", "committed", "pending", "pending"]
+    assert sites["site-a"].tasks.empty()
+
+
+def test_the_next_hops_lineage_check_reads_its_input_as_it_was_stored(
+    sites: dict[str, ScriptedSite], site: ScriptedSite, task: pb.HopTask,
+    coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    first = _bundle(site, task, 64)
+    assert _hand_back(site, task, first, whole=True) == "committed"
+    ledger = coordinator.engine.ledger
+    looked_up: list[str] = []
+
+    def checkpoint(sha256: str) -> object:
+        looked_up.append(sha256)
+        return real(sha256)
+
+    real = ledger.checkpoint
+    monkeypatch.setattr(ledger, "checkpoint", checkpoint)
+    site_b = sites["site-b"]
+    second = site_b.next_task()
+    reshaped = _bundle_of(site_b, second, np.ones((8, 8), np.float32), {"r": 4})
+    refused = _hand_back(site_b, second, reshaped, whole=True)
+    assert refused.startswith("INVALID_ARGUMENT: checkpoint tensors (names, dtypes, shapes) "
+                              "differ from the hop's input"), refused  # fmt: skip
+    good = _bundle(site_b, second, 64, 2.0)
+    assert _hand_back(site_b, second, good, whole=True) == "committed"
+    assert sha256_hex(first) not in looked_up  # held as it was stored, not queried
