@@ -35,6 +35,18 @@ def _read_frame(
 def fsync_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Writes `data` to `path` atomically: temp file, fsync, rename, fsync of the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _durable_temp(path, data, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _durable_temp(path: Path, data: bytes, mode: int) -> Path:
+    """`data` written and fsynced to a new temporary file beside `path` (not under its name),
+    with `mode`; nothing is left behind if that fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -42,11 +54,10 @@ def fsync_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    return Path(tmp)
 
 
 def _copy_durably(source: Path, target: Path) -> None:
@@ -103,17 +114,7 @@ class CheckpointStore:
         if target.is_file():
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o444)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return Path(tmp)
+        return _durable_temp(target, data, 0o444)
 
     def place(self, staged: Path | None, sha256: str) -> None:
         """The second half of `put`: a file from `stage` named `sha256` in the store, durable

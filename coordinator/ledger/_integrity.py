@@ -305,19 +305,16 @@ def row_values(row: Base) -> str:
     return repr(tuple(getattr(row, column) for column in STATE_COLUMNS[type(row)]))
 
 
+def _stored_columns() -> list[sa.ColumnElement[Any]]:
+    """The columns of a `StoredEvent`, in its order (the payload as its stored text)."""
+    columns = EventRow.__table__.c
+    return [columns.at, columns.kind, columns.run_id, columns.hop_id, columns.site,
+            sa.cast(columns.payload, sa.Text), columns.prev_hash, columns.hash]  # fmt: skip
+
+
 def stored_event(session: Session, seq: int) -> StoredEvent | None:
     """Event `seq` as stored (`StoredEvent`), or None if there is none."""
-    columns = EventRow.__table__.c
-    query = select(
-        columns.at,
-        columns.kind,
-        columns.run_id,
-        columns.hop_id,
-        columns.site,
-        sa.cast(columns.payload, sa.Text),
-        columns.prev_hash,
-        columns.hash,
-    ).where(columns.seq == seq)
+    query = select(*_stored_columns()).where(EventRow.__table__.c.seq == seq)
     found = session.execute(query).first()
     return tuple(found) if found is not None else None  # type: ignore[return-value]
 
@@ -359,17 +356,7 @@ def state_mismatches(
     """
     seqs: set[int] = {s for row in rows if (s := getattr(row, "ledger_seq", None)) is not None}
     columns = EventRow.__table__.c
-    query = select(
-        columns.seq,
-        columns.at,
-        columns.kind,
-        columns.run_id,
-        columns.hop_id,
-        columns.site,
-        sa.cast(columns.payload, sa.Text),
-        columns.prev_hash,
-        columns.hash,
-    ).where(columns.seq.in_(seqs))
+    query = select(columns.seq, *_stored_columns()).where(columns.seq.in_(seqs))
     events: dict[int, StoredEvent] = {row[0]: tuple(row[1:]) for row in session.execute(query)}  # type: ignore[misc]
     links: dict[int, str] = {
         seq: prev_hash
