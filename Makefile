@@ -21,11 +21,20 @@ demo: install
 	$(VENV)/bin/baton demo --dir demo
 
 # PYTEST_ARGS: more pytest options (.ci/run adds --durations=25).
+# XDIST: pytest-xdist workers (2 halves the suite's time on 2 cores); XDIST=0 runs serially in
+# one process. loadgroup keeps together the tests tests/conftest.py groups (Ray, module fixtures).
+XDIST ?= 2
+ifeq ($(XDIST),0)
+XDIST_ARGS :=
+else
+XDIST_ARGS := -n $(XDIST) --dist loadgroup
+endif
+
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS)
 
 test-all: install
-	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m '' $(XDIST_ARGS) $(PYTEST_ARGS)
 
 lint: install check-protos
 	$(VENV)/bin/ruff check .

@@ -25,6 +25,7 @@ def _serve(pki: Pki, state_dir: Path, *extra: str) -> tuple[subprocess.Popen[byt
         [
             sys.executable, "-X", "importtime", "-m", "coordinator", "coordinator", "serve",
             "--port", "0", "--port-file", str(state_dir / "port"),
+            "--dashboard-port", "0",  # not 8443: another test's coordinator may hold it
             "--state-dir", str(state_dir),
             "--ca", str(pki.directory / "ca.crt"),
             "--cert", str(pki.directory / "coordinator.crt"),

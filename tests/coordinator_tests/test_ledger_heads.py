@@ -245,6 +245,7 @@ def test_connected_sites_receive_each_signed_head_and_the_newest_on_connect(
     try:
         site_a.connect()
         site_b.hello()
+        admin.wait_for_sites({"site-a"}, timeout=60)  # its stream open: online, not just known
         run_id = admin.start_run(
             parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a"]})
         )

@@ -349,6 +349,7 @@ def test_a_committed_hop_edited_between_two_commits_pauses_the_run_at_the_next(
     try:
         for site in sites.values():
             site.connect()
+        admin.wait_for_sites(set(sites), timeout=60)  # streams open: online, not just known
         run_id = admin.start_run(
             parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
                         "sites": ["site-a", "site-b"], "cycles": 2})
@@ -486,6 +487,7 @@ def test_final_adapter_is_not_exported_from_an_edited_checkpoint_row(
     site = ScriptedSite(pki, "site-a", coordinator.port)
     try:
         site.connect()
+        admin.wait_for_sites({"site-a"}, timeout=60)  # its stream open: online, not just known
         plan = {"name": "t", "dataset": "notes", "labels": ["x", "y"], "sites": ["site-a"]}
         run_id = admin.start_run(parse_plan(plan))
         task = site.next_task()

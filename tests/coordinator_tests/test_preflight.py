@@ -132,6 +132,7 @@ def test_a_site_that_did_not_approve_the_bundle_refuses_the_start(
     request.base_models.add(name="tiny", sha256=BASE)
     request.datasets.add(name="notes", task="seq-classification", labels=["x", "y"])
     site.connect()
+    admin.wait_for_sites({"site-a"}, timeout=60)  # online: the refusal is the approval's
     site.stub.Hello(request, timeout=30)  # this site's approvals: some other bundle
     plan = _plan("site-a")
     with pytest.raises(grpc.RpcError) as refused:

@@ -25,6 +25,9 @@ def _serve(
             "--ca", str(pki.directory / "ca.crt"),
             "--cert", str(pki.directory / "coordinator.crt"),
             "--key", str(key or pki.directory / "coordinator.key"),
+            # Not the default 8443: a coordinator of another test (another xdist worker) or
+            # of anything else on the machine may hold it.
+            "--dashboard-port", "0",
             *extra,
         ],
         stdout=subprocess.PIPE,

@@ -463,6 +463,8 @@ def test_loads_ahead_run_at_the_agents_priority_where_it_may_not_raise_a_priorit
 ) -> None:
     """A site's service user (no CAP_SYS_NICE, no LimitNICE) could lower a load but never
     hurry it: a hop would wait on a load finishing at nice +10..+19."""
+    if loads.base >= 19:  # e.g. the suite run under `nice -n 19`
+        pytest.skip("the agent runs at nice 19: no load is lowered, so none needs raising back")
     set_priority = os.setpriority
 
     def unprivileged(which: int, who: int, priority: int) -> None:
