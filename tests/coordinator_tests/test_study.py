@@ -80,6 +80,8 @@ class ScriptedSites:
         self.sites = {name: ScriptedSite(pki, name, port) for name in SITES}
         self.hold_from: int | None = None
         self.fail = ""
+        # Seconds after its commit that a hop's validation metrics come (None: with the result).
+        self.validate_after: float | None = None
         self.release = threading.Event()
         self.stop = threading.Event()
         self.hop_tasks: list[pb.HopTask] = []
@@ -128,12 +130,17 @@ class ScriptedSites:
                                   error_code=self.fail, error_message=message)  # fmt: skip
         else:
             ref = site.upload(task, site.bundle(task, float(task.hop_index)))
+            validation = {"accuracy": 0.1 * (task.hop_index + 1)}
             result = pb.HopResult(
                 hop_id=task.hop_id, lease_token=task.lease_token, ok=True, output_checkpoint=ref,
-                metrics={"accuracy": 0.1 * (task.hop_index + 1), "examples": 5},
+                metrics={**(validation if self.validate_after is None else {}), "examples": 5},
                 train_started_at_ns=started, train_finished_at_ns=finished,
             )  # fmt: skip
         site.stub.ReportHopResult(result, timeout=10)
+        if self.validate_after is not None and not self.fail:
+            time.sleep(self.validate_after)  # as a site's validation pass after its commit
+            report = pb.HopValidation(hop_id=task.hop_id, ok=True, metrics=validation)
+            site.stub.ReportHopValidation(report, timeout=10)
 
     def _evaluate(self, site: ScriptedSite, task: pb.EvaluationTask) -> None:
         self.evaluations.append((site.name, task.split))
@@ -217,6 +224,31 @@ def test_trial_is_scored_by_validation_evaluations_and_costs_are_summed_per_site
     # After each cycle: the mean of that cycle's hop validation accuracies (0.1 * (index + 1)).
     assert reported == [(0, pytest.approx(0.2)), (1, pytest.approx(0.5))]
     assert [task.hyperparameters.steps for task in sites.hop_tasks] == [20] * 6
+
+
+def test_the_last_cycle_is_reported_once_its_validation_comes_after_the_run_completed(
+    admin: AdminClient, sites: ScriptedSites
+) -> None:
+    sites.validate_after = 0.5  # the last hop's metrics come well after the run completed
+    executor = RunExecutor(admin, TEMPLATE, poll_seconds=0.02)
+    reported: list[tuple[int, float]] = []
+
+    outcome = executor.execute(
+        _plan(cycles=2), budget=1.0, report=lambda c, v: reported.append((c, v))
+    )
+
+    assert reported == [(0, pytest.approx(0.2)), (1, pytest.approx(0.5))]
+    assert outcome.intermediate == tuple(reported)
+
+
+def test_a_hop_whose_validation_never_comes_fails_the_trial_after_the_grace(
+    admin: AdminClient, sites: ScriptedSites
+) -> None:
+    sites.validate_after = 3.0  # longer than the grace: never, for this trial
+    executor = RunExecutor(admin, TEMPLATE, poll_seconds=0.02, validation_grace_seconds=0.5)
+
+    with pytest.raises(TrialRunError, match="reported no 'accuracy' metric"):
+        executor.execute(_plan(cycles=1), budget=1.0, report=_no_report)
 
 
 def test_reduced_budget_runs_shorter_visits_of_the_same_schedule() -> None:

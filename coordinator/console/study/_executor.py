@@ -124,6 +124,7 @@ class RunExecutor:
         run_timeout: float | None = None,
         evaluation_timeout: float = 600.0,
         reconnect_seconds: float = 600.0,
+        validation_grace_seconds: float = 120.0,
     ) -> None:
         """Builds an executor.
 
@@ -136,6 +137,8 @@ class RunExecutor:
             evaluation_timeout: How long the sites get to evaluate the final adapter.
             reconnect_seconds: How long a trial keeps following its run while the coordinator
                 is unreachable (a coordinator restart resumes the run, and the trial with it).
+            validation_grace_seconds: How long after its run completes a trial waits for the
+                validation metrics of the last hops (sites validate after their commit).
         """
         self.client = client
         self.template = template
@@ -144,6 +147,7 @@ class RunExecutor:
         self.run_timeout = run_timeout
         self.evaluation_timeout = evaluation_timeout
         self.reconnect_seconds = reconnect_seconds
+        self.validation_grace_seconds = validation_grace_seconds
         self.runs: list[ExecutedRun] = []
         self._bundle_sha256 = ""
 
@@ -198,6 +202,7 @@ class RunExecutor:
         hops_per_cycle = len(plan.order)
         next_cycle = 0
         deadline = None if self.run_timeout is None else time.monotonic() + self.run_timeout
+        validated_by: float | None = None  # once the run completed: see below
         while True:
             run = self._reconnecting(lambda: self.client.run(run_id))
             self._check_approved(run)
@@ -218,7 +223,21 @@ class RunExecutor:
                     report(next_cycle, value)
                 next_cycle += 1
             if run.status == "completed":
-                return run
+                if plan.federation is not None or next_cycle >= plan.cycles:
+                    return run
+                # A hop's validation may come after the run completes (the site validates
+                # once its hop is committed): the last cycles are reported when it has come,
+                # or, past the grace, `_cycle_value` names the hop that reported nothing.
+                if validated_by is None:
+                    validated_by = time.monotonic() + self.validation_grace_seconds
+                elif time.monotonic() > validated_by:
+                    for cycle in range(next_cycle, plan.cycles):
+                        if (value := self._cycle_value(run, cycle, hops_per_cycle)) is not None:
+                            intermediate.append((cycle, value))
+                            report(cycle, value)
+                    return run
+                time.sleep(self.poll_seconds)
+                continue
             if run.status in TERMINAL_RUN_STATES:
                 raise TrialRunError(f"run {run_id} {run.status}: {run.error or 'no reason given'}")
             if run.status == "paused":
