@@ -21,9 +21,10 @@ demo: install
 	$(VENV)/bin/baton demo --dir demo
 
 # PYTEST_ARGS: more pytest options (.ci/run adds --durations=25).
-# XDIST: pytest-xdist workers (2 halves the suite's time on 2 cores); XDIST=0 runs serially in
-# one process. loadgroup keeps together the tests tests/conftest.py groups (Ray, module fixtures).
-XDIST ?= 2
+# XDIST: pytest-xdist workers. 0 (default): serially in one process. XDIST=2 on 2 cores (a worker
+# died once in a CI-equivalent run: not the default until that is understood); loadgroup keeps
+# together the tests tests/conftest.py groups (Ray, module fixtures).
+XDIST ?= 0
 ifeq ($(XDIST),0)
 XDIST_ARGS :=
 else
