@@ -33,27 +33,29 @@ async def serve(settings: CoordinatorSettings) -> None:
         PortInUse: The port is taken.
         OSError: The dashboard's port cannot be bound.
     """
-    listener = None
-    if settings.dashboard:  # bound first: a taken port is refused before anything starts
-        listener = bind_dashboard_socket(
-            settings.dashboard_host or settings.host, settings.dashboard_port
-        )
+    listener: socket.socket | None = None
+    lock: InstanceLock | None = None
+    ledger: Ledger | None = None
+    child: MigrationChild | None = None
     try:
+        if settings.dashboard:  # bound first: a taken port is refused before anything starts
+            listener = bind_dashboard_socket(
+                settings.dashboard_host or settings.host, settings.dashboard_port
+            )
         lock = await claim_state(settings)
-    except BaseException:
-        if listener is not None:
-            listener.close()
-        raise
-    try:
         ledger, child = await open_ledger(settings, migrate_apart=True)
-    except BaseException:
-        lock.release()
+        # The heavy import, while the child (if any) migrates.
+        from coordinator.server import serve_claimed
+    except BaseException:  # e.g. a refusal, or Ctrl-C during the import: nothing left behind
+        if child is not None:
+            await child.abandon()
+        if ledger is not None:
+            ledger.close()
+        if lock is not None:
+            lock.release()
         if listener is not None:
             listener.close()
         raise
-    # The heavy import, while the child (if any) migrates.
-    from coordinator.server import serve_claimed
-
     await serve_claimed(settings, listener, lock, ledger, child)
 
 

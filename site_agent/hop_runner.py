@@ -178,7 +178,7 @@ class BeatThreads:
             loop, done = inbox.get()
             try:
                 loop()
-            except Exception:  # a loop's failure ends its hop's beats, not this thread
+            except BaseException:  # a loop's failure ends its hop's beats, not this thread
                 logger.exception("heartbeat loop failed")
             finally:
                 with self._lock:  # idle before done: the next hop's start finds this thread

@@ -374,17 +374,20 @@ class Hops:
             except TransitionRefused as exc:
                 raise StaleLease(str(exc)) from exc
             sent = leased is not None and following is not None
-            if leased is not None and following is not None:
-                # The next site waits on this task: it goes out before the committed hop's
-                # bookkeeping (its clean-up is a ledger transaction, and a log line). One turn
-                # of the event loop lets its stream take it from the queue and hand it to gRPC.
-                self.metrics.hop_phase(leased.id, "leased")
-                self.send_hop(run, leased, output.sha256, following[1], input_row=output)
-                await asyncio.sleep(0)
-            self.leases.forget(hop.id)
-            self._observe_commit(run, hop, result)
-            logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
-            self.intake.hop_ended(hop.id, "hop committed with another output")
+            try:
+                if leased is not None and following is not None:
+                    # The next site waits on this task: it goes out before the committed hop's
+                    # bookkeeping (its clean-up is a ledger transaction, and a log line). One
+                    # turn of the event loop lets its stream take it from the queue and hand it
+                    # to gRPC.
+                    self.metrics.hop_phase(leased.id, "leased")
+                    self.send_hop(run, leased, output.sha256, following[1], input_row=output)
+                    await asyncio.sleep(0)
+            finally:  # committed: its clean-up runs even if the call is cancelled meanwhile
+                self.leases.forget(hop.id)
+                self._observe_commit(run, hop, result)
+                logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
+                self.intake.hop_ended(hop.id, "hop committed with another output")
             if sent:
                 return "committed"
             try:

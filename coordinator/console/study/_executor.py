@@ -406,7 +406,8 @@ def _interrupt_after() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # None: a handler not set from Python (restored as the default).
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
     if pending:
         raise KeyboardInterrupt
 
