@@ -241,14 +241,23 @@ def test_the_last_cycle_is_reported_once_its_validation_comes_after_the_run_comp
     assert outcome.intermediate == tuple(reported)
 
 
-def test_a_hop_whose_validation_never_comes_fails_the_trial_after_the_grace(
-    admin: AdminClient, sites: ScriptedSites
+def test_a_cycle_whose_validation_never_comes_is_left_out_after_the_grace_not_the_trial(
+    admin: AdminClient, sites: ScriptedSites, caplog: pytest.LogCaptureFixture
 ) -> None:
     sites.validate_after = 3.0  # longer than the grace: never, for this trial
     executor = RunExecutor(admin, TEMPLATE, poll_seconds=0.02, validation_grace_seconds=0.5)
+    reported: list[tuple[int, float]] = []
 
-    with pytest.raises(TrialRunError, match="reported no 'accuracy' metric"):
-        executor.execute(_plan(cycles=1), budget=1.0, report=_no_report)
+    with caplog.at_level(logging.WARNING, logger="coordinator.console.study"):
+        outcome = executor.execute(
+            _plan(cycles=1), budget=1.0, report=lambda c, v: reported.append((c, v))
+        )
+
+    assert reported == [] and outcome.intermediate == ()
+    assert {score.site for score in outcome.site_scores} == {"site-a", "site-b", "site-c"}
+    warning = next(r.getMessage() for r in caplog.records if "not reported" in r.getMessage())
+    assert "cycle 0" in warning and "'accuracy'" in warning
+    assert all(f"at {site}" in warning for site in ("site-a", "site-b", "site-c"))
 
 
 def test_reduced_budget_runs_shorter_visits_of_the_same_schedule() -> None:

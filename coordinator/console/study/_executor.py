@@ -226,13 +226,23 @@ class RunExecutor:
                 if plan.federation is not None or next_cycle >= plan.cycles:
                     return run
                 # A hop's validation may come after the run completes (the site validates
-                # once its hop is committed): the last cycles are reported when it has come,
-                # or, past the grace, `_cycle_value` names the hop that reported nothing.
+                # once its hop is committed): the last cycles are reported when it has come.
+                # Past the grace, a cycle whose validation never came (a failed or lost pass)
+                # is left out of the intermediate values, with a warning naming its hops; the
+                # trial goes on to its score, which the final evaluation gives.
                 if validated_by is None:
                     validated_by = time.monotonic() + self.validation_grace_seconds
                 elif time.monotonic() > validated_by:
                     for cycle in range(next_cycle, plan.cycles):
-                        if (value := self._cycle_value(run, cycle, hops_per_cycle)) is not None:
+                        missing = self._unvalidated(run, cycle, hops_per_cycle)
+                        if missing:
+                            logger.warning(
+                                "run %s: cycle %d is not reported to the search: no %r "
+                                "validation metric came within %g s from %s",
+                                run_id, cycle, self.template.metric,
+                                self.validation_grace_seconds, ", ".join(missing),
+                            )  # fmt: skip
+                        elif (value := self._cycle_value(run, cycle, hops_per_cycle)) is not None:
                             intermediate.append((cycle, value))
                             report(cycle, value)
                     return run
@@ -303,6 +313,14 @@ class RunExecutor:
             and (hop.status != "committed" or self.template.metric in hop.metrics)
             for hop in self._cycle_hops(run, cycle, hops_per_cycle)
         )
+
+    def _unvalidated(self, run: pb.RunStatus, cycle: int, hops_per_cycle: int) -> list[str]:
+        """The cycle's committed hops without the template's metric, as 'hop N at SITE'."""
+        return [
+            f"hop {hop.index} at {hop.site}"
+            for hop in self._cycle_hops(run, cycle, hops_per_cycle)
+            if hop.status == "committed" and self.template.metric not in hop.metrics
+        ]
 
     def _cycle_value(self, run: pb.RunStatus, cycle: int, hops_per_cycle: int) -> float | None:
         """The mean of the cycle's committed hops' validation metric (None: all skipped)."""
