@@ -56,6 +56,7 @@ class MigrationChild:
 
         Raises:
             SQLAlchemyError: The database cannot be reached to read its revision.
+            StartupError: The child exited before it read the database URL (one line: why).
         """
         if await asyncio.to_thread(ledger.at_head):
             return None
@@ -68,11 +69,29 @@ class MigrationChild:
             stderr=asyncio.subprocess.PIPE,
         )
         assert process.stdin is not None
-        # The URL goes on standard input, never on the command line (where `ps` shows it).
-        process.stdin.write(ledger.url.encode())
-        await process.stdin.drain()
-        process.stdin.close()
-        return cls(ledger, process)
+        child = cls(ledger, process)
+        try:
+            # The URL goes on standard input, never on the command line (where `ps` shows it).
+            process.stdin.write(ledger.url.encode())
+            await process.stdin.drain()
+            process.stdin.close()
+        except (BrokenPipeError, ConnectionResetError) as exc:  # the child died at once
+            raise await child._died_at_once() from exc
+        except BaseException:
+            await child.abandon()
+            raise
+        return child
+
+    async def _died_at_once(self) -> StartupError:
+        """Why the child exited before it read the URL: its last line of output, in one line."""
+        await self.abandon()  # it closed its input: it has exited, or is about to
+        assert self.process.stderr is not None
+        lines = (await self.process.stderr.read()).decode(errors="replace").strip().splitlines()
+        reason = " ".join(lines[-1].split()) if lines else "no output"
+        return StartupError(
+            f"the ledger migration process ({sys.executable} -m coordinator.ledger_apart) exited "
+            f"with code {self.process.returncode} before it read the database URL: {reason}"
+        )
 
     async def finish(self) -> None:
         """Waits for the child.
