@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sys
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -137,6 +138,9 @@ def _migrate(url: str) -> str | None:
 
 
 def main() -> None:
+    # A process that migrates and exits: the cyclic collector's passes over Alembic's and the
+    # scripts' imports would find nothing (~7% of the child's CPU, which a first start waits for).
+    gc.disable()
     problem = _migrate(sys.stdin.read().strip())
     if problem is not None:
         print(problem, file=sys.stderr)
