@@ -7,6 +7,7 @@ import gc
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from coordinator.console._options import LogFormat, fail
@@ -64,53 +65,50 @@ def coordinator_serve(
 ) -> None:
     """Run the coordinator until SIGINT/SIGTERM (and its HTTPS dashboard, unless --no-dashboard)."""
     # What start-up imports and builds lives as long as the process: the cyclic collector's
-    # passes over it (8% of the start's CPU) find nothing. Back on, after one collection, once
-    # the coordinator is ready (coordinator.server.settle_heap), or when start-up is refused.
-    collecting = gc.isenabled()
-    gc.disable()
+    # passes over it (8% of the start's CPU) find nothing. On again, after one collection, once
+    # the coordinator is ready (coordinator.server.settle_heap); a refused start (an in-process
+    # caller) gets it back when the command ends.
+    context = click.get_current_context(silent=True)
+    if context is not None and gc.isenabled():
+        gc.disable()
+        context.call_on_close(gc.enable)
+    from pydantic import ValidationError
+
+    from coordinator.launch import serve
+    from coordinator.settings import load_coordinator_settings
+    from protocols.settings import SettingsFileError
+
+    configure_logging(log_level, log_json or log_format == "json")
     try:
-        from pydantic import ValidationError
+        settings = load_coordinator_settings(
+            config,
+            host=host,
+            port=port,
+            state_dir=state_dir,
+            database_url=database_url,
+            ca_certificate=ca,
+            certificate=cert,
+            private_key=key,
+            port_file=port_file,
+            ca_dir=ca_dir,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
+            metrics_port_file=metrics_port_file,
+            shutdown_grace=shutdown_grace,
+            dashboard=dashboard,
+            dashboard_port=dashboard_port,
+            dashboard_port_file=dashboard_port_file,
+        )
+    except ValidationError as exc:
+        raise fail(f"bad coordinator settings: {settings_problems(exc)}", EXIT_BAD_INPUT) from exc
+    except (FileNotFoundError, SettingsFileError) as exc:
+        raise fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
+    from coordinator.startup import AlreadyRunning, StartupError
+    from protocols.transport import PortInUse
 
-        from coordinator.launch import serve
-        from coordinator.settings import load_coordinator_settings
-        from protocols.settings import SettingsFileError
-
-        configure_logging(log_level, log_json or log_format == "json")
-        try:
-            settings = load_coordinator_settings(
-                config,
-                host=host,
-                port=port,
-                state_dir=state_dir,
-                database_url=database_url,
-                ca_certificate=ca,
-                certificate=cert,
-                private_key=key,
-                port_file=port_file,
-                ca_dir=ca_dir,
-                metrics_host=metrics_host,
-                metrics_port=metrics_port,
-                metrics_port_file=metrics_port_file,
-                shutdown_grace=shutdown_grace,
-                dashboard=dashboard,
-                dashboard_port=dashboard_port,
-                dashboard_port_file=dashboard_port_file,
-            )
-        except ValidationError as exc:
-            raise fail(
-                f"bad coordinator settings: {settings_problems(exc)}", EXIT_BAD_INPUT
-            ) from exc
-        except (FileNotFoundError, SettingsFileError) as exc:
-            raise fail(f"bad coordinator settings: {exc}", EXIT_BAD_INPUT) from exc
-        from coordinator.startup import AlreadyRunning, StartupError
-        from protocols.transport import PortInUse
-
-        try:
-            asyncio.run(serve(settings))
-        except (PortInUse, AlreadyRunning) as exc:
-            raise fail(str(exc), EXIT_RUN_FAILED) from exc
-        except (StartupError, PkiError, OSError) as exc:
-            raise fail(str(exc), EXIT_BAD_INPUT) from exc
-    finally:  # refused (an in-process caller): the collector as it was
-        if collecting:
-            gc.enable()
+    try:
+        asyncio.run(serve(settings))
+    except (PortInUse, AlreadyRunning) as exc:
+        raise fail(str(exc), EXIT_RUN_FAILED) from exc
+    except (StartupError, PkiError, OSError) as exc:
+        raise fail(str(exc), EXIT_BAD_INPUT) from exc
