@@ -6,6 +6,8 @@ weight under Flower's `num-examples` key. Flower's `aggregate_train` (FedAvg, Fe
 FedYogi) does the rest, example-weighted as Flower computes it. FedAdam and FedYogi keep server
 state across rounds (their moments m_t and v_t): it is read from and returned as bytes, so a
 resumed run continues from exactly the state the last round committed. No torch: arrays only.
+numpy and safetensors are imported by the first aggregation: a coordinator that runs no federated
+round never loads them (a tenth of `coordinator serve`'s start-up).
 """
 
 from __future__ import annotations
@@ -17,10 +19,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import safetensors
-import safetensors.numpy
-
 from coordinator.plan import FederatedSpec
 from protocols.checkpoint import (
     AGGREGATOR,
@@ -30,6 +28,7 @@ from protocols.checkpoint import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     from flwr.serverapp.strategy import FedAvg
 
 __all__ = [
@@ -48,7 +47,6 @@ WEIGHT_KEY = "num-examples"  # Flower's weighted_by_key default
 _ARRAYS_KEY = "arrays"
 _METRICS_KEY = "metrics"
 _STATE_KINDS = ("m_t", "v_t")
-_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 # Flower's Message reads the process's task identity; aggregation sets it, one at a time.
 _IDENTITY_LOCK = threading.Lock()
 
@@ -79,12 +77,16 @@ class Aggregate:
 
 def read_tensors(data: bytes) -> dict[str, np.ndarray]:
     """A checkpoint bundle's tensors as numpy arrays (float16/32/64 only: what is averaged)."""
+    import numpy as np
+    import safetensors
+    import safetensors.numpy
+
     try:
         tensors = safetensors.numpy.load(data)
     except (safetensors.SafetensorError, ValueError, TypeError) as exc:
         raise AggregationError(f"checkpoint cannot be read as numpy arrays: {exc}") from exc
     for name, array in tensors.items():
-        if array.dtype not in _FLOAT_DTYPES:
+        if array.dtype not in (np.float16, np.float32, np.float64):
             raise AggregationError(f"tensor {name!r} is {array.dtype}; only floats are averaged")
     return tensors
 
@@ -129,6 +131,8 @@ def _flower_identity() -> Iterator[None]:
 def _check_shapes(
     contributions: Sequence[Contribution], current: Mapping[str, np.ndarray] | None
 ) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+    import numpy as np
+
     if not contributions:
         raise AggregationError("a round needs at least one contribution to aggregate")
     first = contributions[0]
@@ -155,6 +159,9 @@ def _check_shapes(
 def _load_state(strategy: Any, data: bytes | None) -> None:
     if data is None:
         return
+    import safetensors
+    import safetensors.numpy
+
     try:
         arrays = safetensors.numpy.load(data)
     except (safetensors.SafetensorError, ValueError) as exc:
@@ -169,6 +176,9 @@ def _load_state(strategy: Any, data: bytes | None) -> None:
 
 
 def _dump_state(strategy: Any, spec: FederatedSpec, round_number: int) -> bytes:
+    import numpy as np
+    import safetensors.numpy
+
     arrays: dict[str, np.ndarray] = {}
     for kind in _STATE_KINDS:
         for name, value in (getattr(strategy, kind) or {}).items():
@@ -199,6 +209,8 @@ def aggregate_round(
     Raises:
         AggregationError: Contributions that do not fit together, or unreadable state.
     """
+    import numpy as np
+
     layout = _check_shapes(contributions, current)
     from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
@@ -253,6 +265,9 @@ def aggregate_bundle(
     adapter_config: Mapping[str, Any],
 ) -> bytes:
     """The aggregate as a checkpoint bundle (the format sites read and upload)."""
+    import numpy as np
+    import safetensors.numpy
+
     if not manifest.parents or manifest.producer_site != AGGREGATOR:
         raise CheckpointError(
             f"an aggregate's manifest names its contributions as parents and {AGGREGATOR} as "

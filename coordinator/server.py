@@ -365,8 +365,12 @@ def settle_heap() -> None:
 
     Modules, the ORM's metadata, TLS and protobuf descriptors live as long as the process; left
     in the oldest generation, each full collection walks them all again (200-500 ms measured
-    under load with 500 sites connected), and every call in flight waits. The heap pages
-    start-up freed go back to the kernel.
+    under load with 500 sites connected), and every call in flight waits. `coordinator serve`
+    starts with the collector off (its passes over start-up's allocations find nothing): the
+    garbage start-up left is collected once, here, and the collector is on again. The heap
+    pages start-up freed go back to the kernel.
     """
+    gc.collect()  # what start-up left in cycles: not frozen with the rest
     gc.freeze()
+    gc.enable()
     release_free_memory()  # what start-up freed (a migration's, the ledger checks')

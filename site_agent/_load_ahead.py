@@ -1,15 +1,18 @@
 """Loading ahead of a run's first visit: one thread that loads at a lower CPU priority, and is
-put back at the agent's priority when the site is told it is next or given its hop."""
+put back at the agent's priority when the site is told it is next or given its hop. Loads run
+with the cyclic garbage collector paused (`collector_paused`)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-__all__ = ["AHEAD_NICENESS", "LowPriorityLoader", "ahead_niceness"]
+__all__ = ["AHEAD_NICENESS", "LowPriorityLoader", "ahead_niceness", "collector_paused"]
 
 logger = logging.getLogger("site_agent.agent")
 
@@ -17,6 +20,34 @@ logger = logging.getLogger("site_agent.agent")
 # Linux): the next site's load gets most of what the training site leaves of the cores, the
 # sites further ahead the rest, in their order.
 AHEAD_NICENESS = (10, 15, 19)
+
+
+_pause_lock = threading.Lock()
+_pauses = 0  # loads running with the collector paused
+_resume = False  # whether the collector was on when the first of them began
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Keeps the cyclic garbage collector off while a trainer loads: torch, transformers, peft
+    and the base model are some 480,000 objects that live as long as the process, and the
+    collector's passes over them while they are made find nothing (about a tenth of a first
+    load's CPU, which a first hop waits for). The collector is back as it was once the last
+    load running ends; the agent then collects once and freezes what loaded (`settle_heap`).
+    """
+    global _pauses, _resume
+    with _pause_lock:
+        if _pauses == 0:
+            _resume = gc.isenabled()
+            gc.disable()
+        _pauses += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses -= 1
+            if _pauses == 0 and _resume:
+                gc.enable()
 
 
 def ahead_niceness(hops_ahead: int) -> int:
@@ -128,7 +159,8 @@ class LowPriorityLoader:
     @staticmethod
     def _run(load: Callable[[], None]) -> None:
         try:
-            load()
+            with collector_paused():
+                load()
         except Exception as exc:  # a load reports its own failures; this is a last guard
             logger.error("loading ahead failed: %s", exc)
 

@@ -23,7 +23,7 @@ from protocols.transport import secure_channel
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from protocols.version import BATON_VERSION, PROTOCOL_VERSION
-from site_agent._load_ahead import LowPriorityLoader, ahead_niceness
+from site_agent._load_ahead import LowPriorityLoader, ahead_niceness, collector_paused
 from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.base_model import hash_base_model
 from site_agent.evaluation_task import EvaluationRunner
@@ -147,7 +147,8 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             if task_type not in self._trainers:
                 started = time.monotonic()
                 try:
-                    self._trainers[task_type] = self._load_trainer(task_type)
+                    with collector_paused():
+                        self._trainers[task_type] = self._load_trainer(task_type)
                 except Exception as exc:  # a site's model folder: any library's error
                     if task_type not in LORA_TASKS:
                         raise

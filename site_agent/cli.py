@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -120,6 +121,7 @@ def serve(
     ] = None,
 ) -> None:
     """Connect out to the coordinator and run hops until SIGINT/SIGTERM."""
+    paused = _collector_off_until_connecting()
     from protocols.pki import PkiError
     from site_agent.agent import CertificateRefused, HistoryRewritten, SiteAgent
     from site_agent.approvals import PolicyError
@@ -163,6 +165,8 @@ def serve(
         raise typer.Exit(EXIT_BAD_INPUT) from exc
     if bound is not None and settings.metrics_port_file is not None:
         settings.metrics_port_file.write_text(str(bound))
+    if paused:
+        gc.enable()
     try:
         agent.run()
     except PkiError as exc:
@@ -174,6 +178,19 @@ def serve(
     except CertificateRefused as exc:
         typer.echo(f"error: certificate refused: {exc}", err=True)
         raise typer.Exit(EXIT_REFUSED) from exc
+
+
+def _collector_off_until_connecting() -> bool:
+    """Pauses the cyclic collector for start-up, whose imports live as long as the process: its
+    passes over them find nothing (~8% of a site's CPU to its hello). Returns whether it did:
+    `serve` then turns it on again before the agent connects, and a refused start (an
+    in-process caller) gets it back when the command ends."""
+    context = click.get_current_context(silent=True)
+    if context is None or not gc.isenabled():
+        return False
+    gc.disable()
+    context.call_on_close(gc.enable)
+    return True
 
 
 def _site_settings(config: Path | None, **overrides: Any) -> SiteSettings:

@@ -26,6 +26,7 @@ from protocols.logs import log_context
 from protocols.signing import sign_digest
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
+from site_agent._load_ahead import collector_paused
 from site_agent.registry import RegisteredDataset
 from site_agent.state import SiteState
 from site_agent.task_checks import HopFailure, TaskChecks, _task_spec
@@ -467,9 +468,10 @@ class HopRunner(TaskChecks, Transfers):
         beat: _Heartbeat,
         collector: _CollectorHold | None = None,
     ) -> pb.HopResult | None:
-        import safetensors.torch
+        with collector_paused():  # a first hop's torch import: see collector_paused
+            import safetensors.torch
 
-        from site_agent.tasks import HopCancelled, PreparingTrainer
+            from site_agent.tasks import HopCancelled, PreparingTrainer
 
         self._deferred_validation = None
         hyperparameters, spec, trainer = self._hop_setup(task)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import make_url, text
@@ -103,19 +104,26 @@ def test_migrate_apart_brings_an_empty_ledger_to_the_head(empty_database_url: st
         ledger.close()
 
 
-def test_migrate_apart_refuses_an_unknown_revision_in_one_line(empty_database_url: str) -> None:
-    _unknown_revision(empty_database_url)
-    ledger = Ledger(empty_database_url)
+def _refusal(url: str) -> str:
+    """What `migrate_apart` refuses the ledger at `url` with: one line, no password."""
+    ledger = Ledger(url)
     try:
         with pytest.raises(StartupError) as refused:
             asyncio.run(migrate_apart(ledger))
     finally:
         ledger.close()
     message = str(refused.value)
-    assert "\n" not in message and "zzzz" in message
-    assert message.startswith("cannot migrate the ledger database ")
-    password = make_url(empty_database_url).password
+    assert "\n" not in message
+    password = make_url(url).password
     assert not password or str(password) not in message
+    return message
+
+
+def test_migrate_apart_refuses_an_unknown_revision_in_one_line(empty_database_url: str) -> None:
+    _unknown_revision(empty_database_url)
+    message = _refusal(empty_database_url)
+    assert "zzzz" in message
+    assert message.startswith("cannot migrate the ledger database ")
 
 
 def test_the_migration_child_imports_the_ledger_not_the_engine(tmp_path: Path) -> None:
@@ -136,3 +144,25 @@ def test_the_migration_child_imports_the_ledger_not_the_engine(tmp_path: Path) -
         assert ledger.at_head()
     finally:
         ledger.close()
+
+
+def test_a_migration_child_that_dies_at_once_is_one_line(
+    empty_database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A child that cannot start (a broken interpreter or environment) exits before the URL is
+    # written to it: that write fails, and serve refuses in one line instead of a traceback.
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'Fatal Python error: init_fs_encoding' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(broken))
+    spawn = asyncio.create_subprocess_exec
+
+    async def spawn_and_let_die(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        process = await spawn(*args, **kwargs)
+        await process.wait()  # dead before its URL is written, every time
+        return process
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn_and_let_die)
+    message = _refusal(empty_database_url)
+    assert "exited with code 1 before it read the database URL" in message
+    assert message.endswith("Fatal Python error: init_fs_encoding")

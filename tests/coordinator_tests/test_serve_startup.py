@@ -1,4 +1,5 @@
-"""`serve` announces its gRPC port, then settles the heap of everything start-up built."""
+"""`serve` announces its gRPC port, then settles the heap of everything start-up built (it starts
+with the cyclic collector off, and is ready with it on)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import asyncio
 import gc
 import os
 import signal
+import subprocess
+import sys
+import time
+import weakref
 from pathlib import Path
 
-from coordinator.server import serve
+from typer.testing import CliRunner
+
+from coordinator.console.cli import app
+from coordinator.server import serve, settle_heap
 from tests.conftest import Pki
 from tests.coordinator_tests.conftest import coordinator_settings
 
@@ -42,3 +50,76 @@ def test_serve_freezes_the_start_up_heap_out_of_full_collections(pki: Pki, tmp_p
     finally:
         gc.unfreeze()
     assert frozen[-1] > 0
+
+
+def test_settle_heap_collects_start_up_garbage_before_freezing_and_turns_the_collector_on() -> None:
+    class Node:
+        other: object = None
+
+    collecting = gc.isenabled()
+    gc.disable()  # as `coordinator serve` starts
+    garbage = Node()
+    garbage.other = Node()
+    garbage.other.other = garbage  # type: ignore[attr-defined]
+    left = weakref.ref(garbage)
+    del garbage
+    try:
+        settle_heap()
+        assert gc.isenabled()
+        assert left() is None  # collected, not frozen for the process's lifetime
+    finally:
+        gc.unfreeze()
+        if not collecting:
+            gc.disable()
+
+
+_COLLECTIONS_PROBE = """
+import gc, os, runpy, sys
+port_file = sys.argv[1]
+before_ready = []
+def note(phase, info):
+    # from the serve command on (it imports coordinator.launch first) until its port file
+    if phase == "start" and "coordinator.launch" in sys.modules and not os.path.exists(port_file):
+        before_ready.append(info["generation"])
+gc.callbacks.append(note)
+sys.argv = ["baton", "coordinator", "serve", "--port-file", port_file, *sys.argv[2:]]
+try:
+    runpy.run_module("coordinator", run_name="__main__")
+except SystemExit:
+    pass
+print("collections before ready:", len(before_ready), "collector on:", gc.isenabled())
+"""
+
+
+def test_serve_starts_with_the_collector_off_and_is_ready_with_it_on(
+    pki: Pki, tmp_path: Path
+) -> None:
+    port_file = tmp_path / "port"
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _COLLECTIONS_PROBE, str(port_file), "--port", "0",
+         "--state-dir", str(state), "--no-dashboard", "--log-level", "WARNING",
+         "--ca", str(pki.directory / "ca.crt"), "--cert", str(pki.directory / "coordinator.crt"),
+         "--key", str(pki.directory / "coordinator.key")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the coordinator did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)  # past its settle_heap
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=60)
+    assert out.splitlines()[-1] == "collections before ready: 0 collector on: True", err[-2000:]
+
+
+def test_a_refused_serve_leaves_an_in_process_caller_collecting(tmp_path: Path) -> None:
+    assert gc.isenabled()
+    refused = CliRunner().invoke(
+        app, ["coordinator", "serve", "--config", str(tmp_path / "missing.toml")]
+    )
+    assert refused.exit_code == 2, refused.output
+    assert gc.isenabled()

@@ -22,7 +22,7 @@ import torch
 from coordinator.plan import RunPlan
 from protocols.hyperparameter_messages import to_message
 from protocols.v1 import baton_pb2 as pb
-from site_agent._load_ahead import LowPriorityLoader, ahead_niceness
+from site_agent._load_ahead import LowPriorityLoader, ahead_niceness, collector_paused
 from site_agent._synthetic import generate_site_records, write_site_dataset
 from site_agent.agent import SiteAgent
 from site_agent.hop_runner import at_low_priority
@@ -723,3 +723,59 @@ def test_a_loaded_trainer_leaves_the_heap_out_of_full_collections(
     # torch, transformers and the base model stay for the process's life: a full collection
     # (one per hop or so, wherever it falls) no longer walks them.
     assert gc.get_freeze_count() > 0
+
+
+def test_a_load_ahead_runs_with_the_collector_paused_and_leaves_it_on() -> None:
+    assert gc.isenabled()
+    loader = LowPriorityLoader()
+    seen: list[bool] = []
+    try:
+        loader.submit(lambda: seen.append(gc.isenabled()), ahead_niceness(1))
+        assert loader.idle(timeout=120)
+    finally:
+        loader.stop()
+    assert seen == [False]  # torch's and the model's objects: no collector passes over them
+    assert gc.isenabled()
+
+
+def test_a_trainer_loads_with_the_collector_paused(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent, _ = _agent(tmp_path, tiny_model_dir)
+    load = agent._load_trainer
+    seen: list[bool] = []
+
+    def noted(task_type: str) -> Any:
+        seen.append(gc.isenabled())
+        return load(task_type)
+
+    monkeypatch.setattr(agent, "_load_trainer", noted)
+    agent.trainer("seq-classification")
+    assert seen == [False]
+    assert gc.isenabled()
+
+
+def test_collector_pauses_nest_and_put_the_collector_back_as_it_was() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # another load still runs
+    assert gc.isenabled()
+    gc.disable()  # someone else's pause (a hop's hand back) outlives this one
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_a_refused_site_serve_leaves_an_in_process_caller_collecting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from site_agent.cli import app
+
+    refused = CliRunner().invoke(app, ["serve", "--config", str(tmp_path / "missing.toml")])
+    assert refused.exit_code == 2, refused.output
+    assert gc.isenabled()
