@@ -120,7 +120,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         self.metrics = SiteMetrics()
         self._draining = threading.Event()  # SIGTERM: no new task; the current one may finish
         self._grace_deadline = 0.0
-        self.backoff = ReconnectBackoff(maximum=settings.reconnect_max_seconds)
+        self.backoff = ReconnectBackoff(maximum=settings.reconnect_max_seconds, from_start=True)
         self._session_started = False
         # Set by a hop whose validation pass runs after its commit (see _report_validation).
         self._deferred_validation: Callable[[], Metrics] | None = None

@@ -19,6 +19,10 @@ class ReconnectBackoff:
     so sites are back within that cap of the coordinator's return; each of those waits is
     jittered (between half and all of it) so that hundreds of sites do not dial in lockstep.
     A coordinator that stays away is then polled ever more slowly, up to `maximum`.
+
+    With `from_start`, the agent's own start opens such a window too: sites started together
+    with their coordinator (compose's `service_started`, a host booting every service at once)
+    find it within `recovery_cap` of it serving, not after a wait grown meanwhile.
     """
 
     initial: float = 0.5
@@ -28,12 +32,15 @@ class ReconnectBackoff:
     recovery_window: float = 60.0
     clock: Callable[[], float] = time.monotonic
     jitter: Callable[[], float] = random.random  # a fraction in [0, 1)
+    from_start: bool = False
     next_delay: float = field(init=False)
     _lost_at: float | None = field(init=False, default=None)
     _in_session: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.next_delay = self.initial
+        if self.from_start:
+            self._lost_at = self.clock()
 
     def connected(self) -> None:
         """A session got through (hello answered): the next wait starts from `initial`."""

@@ -28,6 +28,19 @@ def test_the_first_wait_after_a_good_session_is_the_first_retry_not_the_grown_de
     assert backoff.failed() == 0.2
 
 
+def test_from_start_a_coordinator_not_yet_serving_is_polled_under_the_recovery_cap() -> None:
+    clock = Clock()
+    backoff = ReconnectBackoff(initial=0.5, maximum=30.0, recovery_cap=1.0, recovery_window=60.0,
+                               clock=clock, jitter=lambda: 1.0, from_start=True)  # fmt: skip
+    waits = []
+    for _ in range(5):
+        waits.append(backoff.failed())
+        clock.now += waits[-1]
+    assert waits == [0.5, 1.0, 1.0, 1.0, 1.0]  # not 0.5, 1, 2, 4, 8: sites started with it
+    clock.now = 61.0  # it stays away: poll ever more slowly again
+    assert [backoff.failed() for _ in range(3)] == [1.0, 2.0, 4.0]
+
+
 def test_right_after_a_lost_session_waits_start_fast_and_stay_under_the_recovery_cap() -> None:
     clock = Clock()
     backoff = ReconnectBackoff(initial=0.5, maximum=30.0, first_retry=0.2, recovery_cap=1.0,
