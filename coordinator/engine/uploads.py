@@ -998,15 +998,38 @@ class UploadIntake:
 
     def sweep_spool(self, runs: list[RunRow]) -> None:
         """Removes spool files whose hop no longer holds that lease (ended, expired, crashed)."""
-        live = {
-            hop.id: hop.lease_token
-            for run in runs
-            for hop in run.hops
-            if hop.status in LIVE_HOP_STATES and hop.lease_token
-        }
-        freed = self.spool.sweep(live)
+        _, freed = self.spool.sweep(_live_leases(runs))
         if freed:
             logger.info("removed %d bytes of abandoned partial uploads", freed)
+
+    def sweep_at_start(self, runs: list[RunRow], before: float) -> None:
+        """What an earlier coordinator left when it stopped mid-write (a crash, a kill): the
+        store's temporary files from before `before` (a `time.time()` taken before serving,
+        so none is this process's) and partial uploads no live lease of `runs` holds (a live
+        lease's stays: its upload resumes). Logs how many went; a failure is logged, not
+        raised (the watchdog sweeps the spool again, the next start the store)."""
+        try:
+            temporary, temporary_bytes = self.store.sweep_temporary(before)
+            partial, partial_bytes = self.spool.sweep(_live_leases(runs))
+        except OSError as exc:
+            logger.warning("start-up: could not sweep stale files of the store or spool: %s", exc)
+            return
+        if temporary or partial:
+            logger.info(
+                "start-up: removed %d stale temporary files (%d bytes) from the checkpoint "
+                "store and %d abandoned partial uploads (%d bytes) from the upload spool",
+                temporary, temporary_bytes, partial, partial_bytes,
+            )  # fmt: skip
+
+
+def _live_leases(runs: list[RunRow]) -> dict[str, str]:
+    """Hop id -> lease token of every live hop of `runs` that holds a lease."""
+    return {
+        hop.id: hop.lease_token
+        for run in runs
+        for hop in run.hops
+        if hop.status in LIVE_HOP_STATES and hop.lease_token
+    }
 
 
 def _ref(header: pb.UploadHeader) -> pb.CheckpointRef:
