@@ -157,7 +157,7 @@ class _SpoolWriter:
         self._staged = 0  # bytes in the staging buffer; they go to file offset `_at`
         self._at = offset
         # The direct write in flight: its buffer and file offset, until `_settle` sees it end.
-        self._pending: tuple[Future[None], mmap.mmap, int] | None = None
+        self._pending: tuple[Future[None], mmap.mmap, int, int] | None = None
         if path is not None and offset % _DIRECT_ALIGN == 0:
             self._direct = _open_direct(path)
             if self._direct is not None:
@@ -189,26 +189,34 @@ class _SpoolWriter:
 
     def idle(self) -> None:
         """Puts every staged byte in the file (while no chunk waits: a stalled stream's bytes
-        are in its file, as with writes through the page cache): the aligned part directly,
-        the unaligned rest through the page cache, staged still (rewritten directly with
-        what follows it). A full buffer's write in flight is left to end on its own."""
+        are in its file, as with writes through the page cache): the aligned part directly, on
+        a disk thread as a full buffer is (`settle` waits for it), the unaligned rest through
+        the page cache once the bytes before it are in, staged still (rewritten directly with
+        what follows it)."""
         if self._buffer is None or not self._staged or self.failed is not None:
             return
         try:
-            self._settle()
+            aligned = self._staged - self._staged % _DIRECT_ALIGN
+            if aligned:
+                self._send(aligned)
+            if not self._staged:
+                return
+            self._settle()  # the file stays a prefix of the upload
             with memoryview(self._buffer) as stage:
-                aligned = self._staged - self._staged % _DIRECT_ALIGN
-                if aligned and self._direct is not None:
-                    rest = self._staged - aligned
-                    self._write_out(stage[:aligned])
-                    stage[:rest] = stage[aligned : aligned + rest]
-                    self._staged = rest
-                if self._staged and self._direct is not None:
+                if self._direct is not None:
                     tail, done = stage[: self._staged], 0
                     while done < len(tail):
                         done += os.pwrite(self.fd, tail[done:], self._at + done)
-                elif self._staged:  # direct I/O ended meanwhile: what is staged goes as is
+                else:  # direct I/O ended meanwhile: what is staged goes as is
                     self._write_out(stage[: self._staged])
+        except OSError as exc:
+            self.failed = exc
+            raise
+
+    def settle(self) -> None:
+        """Waits for the direct write in flight (raises its failure)."""
+        try:
+            self._settle()
         except OSError as exc:
             self.failed = exc
             raise
@@ -243,33 +251,37 @@ class _SpoolWriter:
             self._staged += take
             view = view[take:]
             if self._staged == _STAGE_BYTES:
-                self._send()
+                self._send(_STAGE_BYTES)
         if view:  # direct I/O was refused: the rest goes through the page cache
             self._write_buffered(view)
 
-    def _send(self) -> None:
-        """Starts the full staging buffer's direct write on a disk thread (after the one in
-        flight has ended) and stages into the other buffer meanwhile."""
+    def _send(self, length: int) -> None:
+        """Starts the direct write of the staging buffer's first `length` bytes (aligned) on a
+        disk thread, once the write in flight has ended, and stages into the other buffer
+        meanwhile (from what was staged past `length`)."""
         self._settle()
         buffer = self._buffer
         assert buffer is not None
-        if self._direct is None:  # refused at the write in flight: this one goes as it is
+        if self._direct is None:  # refused at the write in flight: what is staged goes as is
             with memoryview(buffer) as stage:
-                self._write_out(stage)
+                self._write_out(stage[: self._staged])
             return
-        future = _DISK_THREADS.submit(_pwrite_all, self._direct, buffer, _STAGE_BYTES, self._at)
-        self._pending = (future, buffer, self._at)
-        self._at += _STAGE_BYTES
-        self._staged = 0
-        self._buffer = self._spare if self._spare is not None else mmap.mmap(-1, _STAGE_BYTES)
-        self._spare = buffer
+        future = _DISK_THREADS.submit(_pwrite_all, self._direct, buffer, length, self._at)
+        self._pending = (future, buffer, length, self._at)
+        following = self._spare if self._spare is not None else mmap.mmap(-1, _STAGE_BYTES)
+        rest = self._staged - length
+        if rest:  # read while the disk thread reads the same buffer: both only read it
+            following[:rest] = buffer[length : self._staged]
+        self._buffer, self._spare = following, buffer
+        self._at += length
+        self._staged = rest
 
     def _settle(self) -> None:
         """Waits for the direct write in flight. Refused (EINVAL), its bytes are written
         through the page cache and direct I/O ends; any other failure is raised."""
         if self._pending is None:
             return
-        future, buffer, at = self._pending
+        future, buffer, length, at = self._pending
         try:
             future.result()
         except OSError as exc:
@@ -278,7 +290,7 @@ class _SpoolWriter:
             self._close_direct()
             os.lseek(self.fd, at, os.SEEK_SET)
             with memoryview(buffer) as stage:
-                self._write_buffered(stage)
+                self._write_buffered(stage[:length])
         finally:
             self._pending = None  # ended either way: its buffer is free
 
