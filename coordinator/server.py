@@ -9,6 +9,7 @@ import importlib
 import logging
 import signal
 import socket
+import time
 from typing import Any
 
 import grpc.aio
@@ -159,6 +160,8 @@ async def build_claimed(
             settings.private_key.read_bytes(), settings.certificate.read_bytes()
         ),
     )
+    # What a crash of the last coordinator left half-written (before this one serves anything).
+    await asyncio.to_thread(engine.intake.sweep_at_start, engine.runs.all(), time.time())
     signer = HeadSigner(
         settings.heads_path,
         private_key_pem=settings.private_key.read_bytes(),

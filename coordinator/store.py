@@ -6,6 +6,7 @@ import asyncio
 import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -14,6 +15,10 @@ from pathlib import Path
 from coordinator.worker_threads import run_to_end, settle
 
 __all__ = ["CheckpointStore", "fsync_write"]
+
+# The temporary file `tempfile.mkstemp` makes beside a bundle while it is written (`put`, `stage`,
+# a copy across file systems): `.<sha256>.<8 random characters>.tmp`.
+_TEMPORARY = re.compile(r"\.[0-9a-f]{64}\.[a-z0-9_]{8}\.tmp")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -196,6 +201,29 @@ class CheckpointStore:
             return 0
         path.unlink(missing_ok=True)
         return size
+
+    def sweep_temporary(self, before: float) -> tuple[int, int]:
+        """Removes the temporary files a crash left beside the bundles (named as this store
+        names them, in a shard of the store, last modified before `before`, a `time.time()`):
+        only for a store no process writes to meanwhile (the coordinator's, at its start).
+        Returns the files and bytes removed."""
+        files = freed = 0
+        for shard in self.root.iterdir() if self.root.is_dir() else []:
+            if len(shard.name) != 2 or not shard.is_dir():
+                continue
+            for path in shard.iterdir():
+                if not _TEMPORARY.fullmatch(path.name) or path.name[1:3] != shard.name:
+                    continue
+                try:
+                    stat = path.stat()
+                    if stat.st_mtime >= before:
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                files += 1
+                freed += stat.st_size
+        return files, freed
 
     def stored(self) -> Iterator[tuple[str, int, float]]:
         """(sha256, size, modification time) of every bundle in the store."""

@@ -79,20 +79,21 @@ class UploadSpool:
             freed += _unlink(path)
         return freed
 
-    def sweep(self, live: Mapping[str, str]) -> int:
+    def sweep(self, live: Mapping[str, str]) -> tuple[int, int]:
         """Removes files of hops not in `live` (hop id -> lease token) or of an older lease.
 
-        Hops with an upload stream open are left alone. Returns the bytes freed.
+        Hops with an upload stream open are left alone. Returns the files and bytes freed.
         """
-        freed = 0
+        files = freed = 0
         for path in self._all_files():
             hop_id, lease_key = path.name.split(".")[:2]
             if hop_id in self._writing:
                 continue
             token = live.get(hop_id)
             if token is None or _lease_key(token) != lease_key:
+                files += 1
                 freed += _unlink(path)
-        return freed
+        return files, freed
 
     def _files(self, hop_id: str) -> list[Path]:
         if not _HEX.fullmatch(hop_id) or not self.root.is_dir():

@@ -21,7 +21,7 @@ import sys
 import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -107,6 +107,10 @@ _start_writeback = _sync_file_range()
 # that are multiples of `_DIRECT_ALIGN` (enough for 512- and 4096-byte sectors).
 _DIRECT_ALIGN = 4096
 _STAGE_BYTES = 1024 * 1024
+# A direct write returns once the disk has the bytes (~3 ms per MiB here): a full staging buffer
+# is written on one of these threads while the spool thread hashes, checks and stages the next
+# chunk into a second buffer (one direct write in flight per upload, in file order).
+_DISK_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="upload-disk")
 
 
 def _open_direct(path: Path) -> int | None:
@@ -120,16 +124,26 @@ def _open_direct(path: Path) -> int | None:
         return None
 
 
+def _pwrite_all(fd: int, buffer: mmap.mmap, length: int, at: int) -> None:
+    """`length` bytes of `buffer` written at file offset `at` (a disk thread's job)."""
+    with memoryview(buffer) as view:
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, view[done:length], at + done)
+
+
 class _SpoolWriter:
     """Appends an upload's chunks to its spool file, in order, on one thread. After a failed
     write it writes nothing more, so the file always holds a prefix of the upload (a cut upload
     resumes from its end).
 
     Given the file's `path` and an aligned start, the bytes are written with direct I/O through
-    an aligned staging buffer; `flush` (once the last chunk is in, or the stream is cut) writes
-    what is staged, so the file then holds every byte received. Where direct I/O is refused (at
-    open or at a write), or the start is not aligned (a resumed upload), writes go through the
-    page cache and their writeback is started every `_WRITEBACK_BYTES`.
+    aligned staging buffers: a full one is written on a disk thread (`_DISK_THREADS`) while the
+    next one fills, one write in flight at a time, so the file still grows in order. `flush`
+    (once the last chunk is in, or the stream is cut) waits for that write and writes what is
+    staged, so the file then holds every byte received. Where direct I/O is refused (at open or
+    at a write), or the start is not aligned (a resumed upload), writes go through the page
+    cache and their writeback is started every `_WRITEBACK_BYTES`.
     """
 
     def __init__(self, fd: int, offset: int, path: Path | None = None) -> None:
@@ -139,8 +153,11 @@ class _SpoolWriter:
         self.failed: OSError | None = None
         self._direct: int | None = None
         self._buffer: mmap.mmap | None = None  # the staging buffer (page-aligned)
+        self._spare: mmap.mmap | None = None  # the other one (made on first use)
         self._staged = 0  # bytes in the staging buffer; they go to file offset `_at`
         self._at = offset
+        # The direct write in flight: its buffer and file offset, until `_settle` sees it end.
+        self._pending: tuple[Future[None], mmap.mmap, int, int] | None = None
         if path is not None and offset % _DIRECT_ALIGN == 0:
             self._direct = _open_direct(path)
             if self._direct is not None:
@@ -172,58 +189,110 @@ class _SpoolWriter:
 
     def idle(self) -> None:
         """Puts every staged byte in the file (while no chunk waits: a stalled stream's bytes
-        are in its file, as with writes through the page cache): the aligned part directly,
-        the unaligned rest through the page cache, staged still (rewritten directly with
+        are in its file, as with writes through the page cache): the aligned part directly, on
+        a disk thread as a full buffer is (`settle` waits for it), the unaligned rest through
+        the page cache once the bytes before it are in, staged still (rewritten directly with
         what follows it)."""
         if self._buffer is None or not self._staged or self.failed is not None:
             return
         try:
+            aligned = self._staged - self._staged % _DIRECT_ALIGN
+            if aligned:
+                self._send(aligned)
+            if not self._staged:
+                return
+            self._settle()  # the file stays a prefix of the upload
             with memoryview(self._buffer) as stage:
-                aligned = self._staged - self._staged % _DIRECT_ALIGN
-                if aligned and self._direct is not None:
-                    rest = self._staged - aligned
-                    self._write_out(stage[:aligned])
-                    stage[:rest] = stage[aligned : aligned + rest]
-                    self._staged = rest
-                if self._staged and self._direct is not None:
+                if self._direct is not None:
                     tail, done = stage[: self._staged], 0
                     while done < len(tail):
                         done += os.pwrite(self.fd, tail[done:], self._at + done)
-                elif self._staged:  # direct I/O ended meanwhile: what is staged goes as is
+                else:  # direct I/O ended meanwhile: what is staged goes as is
                     self._write_out(stage[: self._staged])
         except OSError as exc:
             self.failed = exc
             raise
 
-    def flush(self) -> None:
-        """Writes the staged bytes (none after a failure) and ends direct I/O. Never raises: a
-        failure is kept in `failed`."""
+    def settle(self) -> None:
+        """Waits for the direct write in flight (raises its failure)."""
         try:
-            if self._buffer is not None and self._staged and self.failed is None:
-                with memoryview(self._buffer) as stage:
-                    self._write_out(stage[: self._staged])
+            self._settle()
         except OSError as exc:
             self.failed = exc
+            raise
+
+    def flush(self) -> None:
+        """Waits for the write in flight, writes the staged bytes (none after a failure) and
+        ends direct I/O. Never raises: a failure is kept in `failed`."""
+        try:
+            if self._buffer is not None:
+                self._settle()
+                if self._staged and self.failed is None:
+                    with memoryview(self._buffer) as stage:
+                        self._write_out(stage[: self._staged])
+        except OSError as exc:
+            if self.failed is None:
+                self.failed = exc
         finally:
             self._close_direct()
-            if self._buffer is not None:
-                # A view of it may live on in a failed write's traceback: freed with that.
-                with contextlib.suppress(BufferError):
-                    self._buffer.close()
-                self._buffer = None
+            for buffer in (self._buffer, self._spare):
+                if buffer is not None:
+                    # A view of it may live on in a failed write's traceback: freed with that.
+                    with contextlib.suppress(BufferError):
+                        buffer.close()
+            self._buffer = self._spare = None
 
     def _stage_bytes(self, view: memoryview) -> None:
-        assert self._buffer is not None
-        with memoryview(self._buffer) as stage:
-            while view and self._direct is not None:
+        while view and self._direct is not None:
+            assert self._buffer is not None
+            with memoryview(self._buffer) as stage:
                 take = min(len(view), _STAGE_BYTES - self._staged)
                 stage[self._staged : self._staged + take] = view[:take]
-                self._staged += take
-                view = view[take:]
-                if self._staged == _STAGE_BYTES:
-                    self._write_out(stage)
+            self._staged += take
+            view = view[take:]
+            if self._staged == _STAGE_BYTES:
+                self._send(_STAGE_BYTES)
         if view:  # direct I/O was refused: the rest goes through the page cache
             self._write_buffered(view)
+
+    def _send(self, length: int) -> None:
+        """Starts the direct write of the staging buffer's first `length` bytes (aligned) on a
+        disk thread, once the write in flight has ended, and stages into the other buffer
+        meanwhile (from what was staged past `length`)."""
+        self._settle()
+        buffer = self._buffer
+        assert buffer is not None
+        if self._direct is None:  # refused at the write in flight: what is staged goes as is
+            with memoryview(buffer) as stage:
+                self._write_out(stage[: self._staged])
+            return
+        future = _DISK_THREADS.submit(_pwrite_all, self._direct, buffer, length, self._at)
+        self._pending = (future, buffer, length, self._at)
+        following = self._spare if self._spare is not None else mmap.mmap(-1, _STAGE_BYTES)
+        rest = self._staged - length
+        if rest:  # read while the disk thread reads the same buffer: both only read it
+            following[:rest] = buffer[length : self._staged]
+        self._buffer, self._spare = following, buffer
+        self._at += length
+        self._staged = rest
+
+    def _settle(self) -> None:
+        """Waits for the direct write in flight. Refused (EINVAL), its bytes are written
+        through the page cache and direct I/O ends; any other failure is raised."""
+        if self._pending is None:
+            return
+        future, buffer, length, at = self._pending
+        try:
+            future.result()
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._close_direct()
+            os.lseek(self.fd, at, os.SEEK_SET)
+            with memoryview(buffer) as stage:
+                self._write_buffered(stage[:length])
+        finally:
+            self._pending = None  # ended either way: its buffer is free
 
     def _write_out(self, staged: memoryview) -> None:
         """Writes `staged` at `_at`: its aligned part directly, the rest through the page cache.
@@ -941,15 +1010,38 @@ class UploadIntake:
 
     def sweep_spool(self, runs: list[RunRow]) -> None:
         """Removes spool files whose hop no longer holds that lease (ended, expired, crashed)."""
-        live = {
-            hop.id: hop.lease_token
-            for run in runs
-            for hop in run.hops
-            if hop.status in LIVE_HOP_STATES and hop.lease_token
-        }
-        freed = self.spool.sweep(live)
+        _, freed = self.spool.sweep(_live_leases(runs))
         if freed:
             logger.info("removed %d bytes of abandoned partial uploads", freed)
+
+    def sweep_at_start(self, runs: list[RunRow], before: float) -> None:
+        """What an earlier coordinator left when it stopped mid-write (a crash, a kill): the
+        store's temporary files from before `before` (a `time.time()` taken before serving,
+        so none is this process's) and partial uploads no live lease of `runs` holds (a live
+        lease's stays: its upload resumes). Logs how many went; a failure is logged, not
+        raised (the watchdog sweeps the spool again, the next start the store)."""
+        try:
+            temporary, temporary_bytes = self.store.sweep_temporary(before)
+            partial, partial_bytes = self.spool.sweep(_live_leases(runs))
+        except OSError as exc:
+            logger.warning("start-up: could not sweep stale files of the store or spool: %s", exc)
+            return
+        if temporary or partial:
+            logger.info(
+                "start-up: removed %d stale temporary files (%d bytes) from the checkpoint "
+                "store and %d abandoned partial uploads (%d bytes) from the upload spool",
+                temporary, temporary_bytes, partial, partial_bytes,
+            )  # fmt: skip
+
+
+def _live_leases(runs: list[RunRow]) -> dict[str, str]:
+    """Hop id -> lease token of every live hop of `runs` that holds a lease."""
+    return {
+        hop.id: hop.lease_token
+        for run in runs
+        for hop in run.hops
+        if hop.status in LIVE_HOP_STATES and hop.lease_token
+    }
 
 
 def _ref(header: pb.UploadHeader) -> pb.CheckpointRef:

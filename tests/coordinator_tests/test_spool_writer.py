@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -240,10 +241,79 @@ def test_a_stalled_upload_has_every_byte_received_in_its_file(tmp_path: Path) ->
     try:
         for stall in (MiB + MiB // 2 + 3, 2 * MiB + 4096, len(data)):
             writer.write(data[writer.position : stall])
-            writer.idle()
+            writer.idle()  # the aligned part goes on a disk thread, as a full buffer does
+            writer.settle()
             assert path.read_bytes() == data[:stall]
         assert writer.direct
         writer.flush()
     finally:
         os.close(writer.fd)
     assert path.read_bytes() == data
+
+
+def test_a_full_buffer_is_written_while_the_next_chunk_is_staged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct write waits for the disk: the spool thread hands a full staging buffer to a disk
+    thread and goes on with the next chunk (hashing and checking it meanwhile); the next full
+    buffer's write starts only once that one has ended, so the file still grows in order."""
+    path = tmp_path / "partial"
+    writer = _direct_writer(path)
+    data = _upload(2 * MiB + 10)
+    gate = threading.Event()
+    offsets: list[int] = []
+    real_pwrite = os.pwrite
+
+    def slow_disk(fd: int, view: memoryview, offset: int) -> int:
+        if fd == writer._direct and offset == 0:
+            gate.wait(60)
+        offsets.append(offset)
+        return real_pwrite(fd, view, offset)
+
+    monkeypatch.setattr(uploads.os, "pwrite", slow_disk)
+    staged = threading.Event()
+
+    def spool_thread() -> None:
+        writer.write(data[:MiB])  # full: handed to a disk thread, which waits on the gate
+        writer.write(data[MiB : MiB + MiB // 2])  # staged meanwhile
+        staged.set()
+        writer.write(data[MiB + MiB // 2 :])  # the second buffer fills: waits for the first
+
+    thread = threading.Thread(target=spool_thread)
+    try:
+        thread.start()
+        assert staged.wait(60), "the spool thread waited for the disk before staging on"
+        assert offsets == [] and path.stat().st_size == 0
+    finally:
+        gate.set()
+        thread.join(60)
+    try:
+        writer.flush()
+    finally:
+        os.close(writer.fd)
+    assert writer.failed is None
+    assert offsets[:2] == [0, MiB]  # in file order, one after the other
+    assert path.read_bytes() == data
+
+
+def test_a_failed_write_in_flight_is_kept_by_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "partial"
+    writer = _direct_writer(path)
+    real_pwrite = os.pwrite
+
+    def full_disk(fd: int, view: memoryview, offset: int) -> int:
+        if fd == writer._direct:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, view, offset)
+
+    monkeypatch.setattr(uploads.os, "pwrite", full_disk)
+    try:
+        writer.write(_upload(MiB))  # its write fails on the disk thread, after this returns
+        writer.write(b"tail")
+        writer.flush()  # waits for it: the failure is kept, the tail is not written
+    finally:
+        os.close(writer.fd)
+    assert isinstance(writer.failed, OSError) and writer.failed.errno == errno.ENOSPC
+    assert path.read_bytes() == b""
