@@ -1,10 +1,11 @@
 """Cold cluster: a coordinator and 4 sites started from nothing to the first training step.
 
-Starts processes as ``baton demo`` does (``baton coordinator serve``, then one ``baton-site
-serve`` per site with the packaged all-MiniLM-L6-v2 and the demo's LoRA run, ``--threads 2``),
-then, as soon as every site has connected, starts a one-cycle run and stops once its first hop
-has committed. Per start it reports, from
-``t0`` (just before the coordinator is spawned):
+Starts ``baton coordinator serve`` and, right after it (as deploy/compose.yaml's
+``service_started`` does; ``--sites-after-ready``: once it serves, as ``baton demo`` does), one
+``baton-site serve`` per site with the packaged all-MiniLM-L6-v2 and the demo's LoRA run
+(``--threads 2``); then, as soon as every site has connected, starts a one-cycle run and stops
+once its first hop has committed. Per start it reports, from ``t0`` (just before the
+coordinator is spawned):
 
 * coordinator ready (its port file written) and each site's hello (its ``connected to
   coordinator`` log line) and base model loaded (``trainer loaded`` log line);
@@ -34,6 +35,7 @@ import os
 import platform
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -128,11 +130,23 @@ def _plan(labels: list[str], steps: int) -> RunPlan:
     })  # fmt: skip
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return int(probe.getsockname()[1])
+
+
 def cold_start(
-    work: Path, steps: int, extra_site_args: Sequence[str], keep_logs: Path | None = None
+    work: Path,
+    steps: int,
+    extra_site_args: Sequence[str],
+    keep_logs: Path | None = None,
+    sites_after_ready: bool = False,
 ) -> dict[str, Any]:
     """One cold start of a coordinator and the sites; figures relative to ``t0``; the
-    processes' logs copied under ``keep_logs`` if given."""
+    processes' logs copied under ``keep_logs`` if given. The sites are spawned right after
+    the coordinator (compose's ``service_started``), or once it serves (``sites_after_ready``,
+    as ``baton demo`` does)."""
     labels: list[str] = []
     for index, site in enumerate(SITES):
         labels = write_site_data(work / site, index, len(SITES))
@@ -144,10 +158,12 @@ def cold_start(
     load_before = os.getloadavg()
     uptime_before = _uptime()
     with CpuSampler() as cpu, cluster.running():
+        port = 0 if sites_after_ready else _free_port()
         t0 = time.time()
         port = cluster.start_coordinator(  # a generous timeout: the machine may be loaded
-            state_dir=work / "coordinator", pki_dir=pki, port_file=work / "port", timeout=600
-        )
+            state_dir=work / "coordinator", pki_dir=pki, port_file=work / "port", timeout=600,
+            port=port, wait=sites_after_ready,
+        )  # fmt: skip
         coordinator_ready = time.time()
         cpu.pids["coordinator"] = cluster.processes[0].process.pid
         spawned: dict[str, float] = {}
@@ -159,6 +175,9 @@ def cold_start(
                 extra=["--log-format", "json", *extra_site_args],
             )  # fmt: skip
             cpu.pids[site] = managed.process.pid
+        if not sites_after_ready:
+            cluster.await_coordinator(work / "port", timeout=600)
+            coordinator_ready = time.time()
         tls = TlsFiles(pki / "ca.crt", pki / "admin.crt", pki / "admin.key")
         with AdminClient(f"localhost:{port}", tls) as admin:
             deadline = time.monotonic() + 300
@@ -257,7 +276,9 @@ def markdown(report: dict[str, Any]) -> str:
         "*first site's model*: the same line of the "
         "first hop's site; *first step*: the first hop's "
         "`train_started_at_ns` (ledger). *CPU floor*: all processes' CPU seconds up to the first "
-        f"step / {report['cores']} cores. Site arguments: `{report.get('site_args') or '-'}`.",
+        f"step / {report['cores']} cores. Sites spawned "
+        f"{report.get('sites_spawned', 'once the coordinator serves')}. "
+        f"Site arguments: `{report.get('site_args') or '-'}`.",
         "",
         "| start | coordinator ready | hello (max) | hello after spawn (max) | model (max) "
         "| first site's model "
@@ -302,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--name", default="cold_cluster")
     parser.add_argument("--keep-logs", type=Path, default=None,
                         help="copy each start's process logs to DIR/start-N")  # fmt: skip
+    parser.add_argument("--sites-after-ready", action="store_true",
+                        help="spawn the sites once the coordinator serves (as `baton demo` "
+                        "does), not right after it (compose's service_started)")  # fmt: skip
     parser.add_argument("--site-arg", action="append", default=[],
                         help="extra argument of every `baton-site serve`")  # fmt: skip
     args = parser.parse_args(argv)
@@ -316,6 +340,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The processes run the code PYTHONPATH names (e.g. another checkout, for a before/after).
         "pythonpath": os.environ.get("PYTHONPATH", ""),
         "site_args": shlex.join(args.site_arg),
+        "sites_spawned": "once the coordinator serves"
+        if args.sites_after_ready
+        else "right after the coordinator",
         "starts": [],
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -323,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="baton-cold-") as name:
             try:
                 logs = None if args.keep_logs is None else args.keep_logs / f"start-{index + 1}"
-                start = cold_start(Path(name), args.steps, args.site_arg, logs)
+                start = cold_start(
+                    Path(name), args.steps, args.site_arg, logs, args.sites_after_ready
+                )
             except (RuntimeError, TimeoutError) as exc:
                 start = {"error": str(exc).splitlines()[0][:300]}
         report["starts"].append(start)

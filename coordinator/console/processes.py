@@ -81,12 +81,17 @@ class Cluster:
         timeout: float = 60.0,
         extra: Sequence[str] = (),
         dashboard_port_file: Path | None = None,
+        wait: bool = True,
     ) -> int:
         """Starts `baton coordinator serve` on a free port; returns the port once it serves.
 
         The dashboard is off unless `dashboard_port_file` is given: then it serves on a free
-        port, written to that file once it serves (after the gRPC port file).
+        port, written to that file once it serves (after the gRPC port file). With `wait`
+        false (a fixed `port` only) it returns the port at once, so that sites can be started
+        beside it (as compose's `service_started` does); `await_coordinator` then waits.
         """
+        if not wait and (port == 0 or dashboard_port_file is not None):
+            raise ValueError("start_coordinator(wait=False) needs a fixed port and no dashboard")
         port_file.unlink(missing_ok=True)
         if dashboard_port_file is None:
             dashboard = ["--no-dashboard"]
@@ -107,12 +112,20 @@ class Cluster:
                 *extra,
             ],
         )  # fmt: skip
+        if not wait:
+            return port
         deadline = time.monotonic() + timeout
         _await_port_file(managed, port_file, "coordinator", deadline, timeout)
         if dashboard_port_file is not None:
             _await_port_file(
                 managed, dashboard_port_file, "coordinator's dashboard", deadline, timeout
             )
+        return int(port_file.read_text())
+
+    def await_coordinator(self, port_file: Path, timeout: float = 60.0) -> int:
+        """Waits for a coordinator started with `wait=False` to serve; returns its port."""
+        managed = next(p for p in reversed(self.processes) if p.name == "coordinator")
+        _await_port_file(managed, port_file, "coordinator", time.monotonic() + timeout, timeout)
         return int(port_file.read_text())
 
     def start_site(
