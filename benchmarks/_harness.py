@@ -36,6 +36,32 @@ def markdown_section(title: str, *paragraphs: str, columns: Sequence[str]) -> li
     return [*lines, "", markdown_row(*columns), "|" + "---|" * len(columns)]
 
 
+PACKAGES = ("coordinator", "protocols", "site_agent", "ordering")
+
+
+def project_bytecode(root: Path, *, compiled: bool) -> str:
+    """Prepares how the started processes import the project's own modules, and says how.
+
+    ``compiled``: every module compiled to bytecode first, as an installed wheel and the
+    images ship it (pip compiles on install), so a start measures what a deployment starts.
+    Otherwise every ``__pycache__`` of the project is removed, and with PYTHONDONTWRITEBYTECODE
+    (as set here) each start compiles the project's source again.
+    """
+    import compileall
+    import shutil
+
+    for package in PACKAGES:
+        if compiled:
+            compileall.compile_dir(root / package, quiet=1, workers=1)
+        else:
+            for cache in (root / package).rglob("__pycache__"):
+                shutil.rmtree(cache, ignore_errors=True)
+    if compiled:
+        return "project modules compiled to bytecode first (as an installed wheel ships them)"
+    writes = "not written back" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "written back"
+    return f"project modules from source (no bytecode; {writes})"
+
+
 def report_head(argv: Sequence[str] | None, *versions: str) -> dict[str, str]:
     """The first fields of a benchmark's JSON report: when it was generated, the command (the
     script's name and `argv`, or the process's arguments if `argv` is empty or None) and the

@@ -50,7 +50,9 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from _harness import project_bytecode  # noqa: E402
 
 from coordinator.console.admin import AdminClient  # noqa: E402
 from coordinator.console.demo import DATASET, packaged_minilm, prepare_pki, write_site_data  # noqa: E402
@@ -277,7 +279,8 @@ def markdown(report: dict[str, Any]) -> str:
         "first hop's site; *first step*: the first hop's "
         "`train_started_at_ns` (ledger). *CPU floor*: all processes' CPU seconds up to the first "
         f"step / {report['cores']} cores. Sites spawned "
-        f"{report.get('sites_spawned', 'once the coordinator serves')}. "
+        f"{report.get('sites_spawned', 'once the coordinator serves')}; "
+        f"{report.get('bytecode', 'project modules from source')}. "
         f"Site arguments: `{report.get('site_args') or '-'}`.",
         "",
         "| start | coordinator ready | hello (max) | hello after spawn (max) | model (max) "
@@ -328,7 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "does), not right after it (compose's service_started)")  # fmt: skip
     parser.add_argument("--site-arg", action="append", default=[],
                         help="extra argument of every `baton-site serve`")  # fmt: skip
+    parser.add_argument("--from-source", action="store_true",
+                        help="no project bytecode: every process compiles the source")  # fmt: skip
     args = parser.parse_args(argv)
+    checkout = Path(os.environ.get("PYTHONPATH", str(ROOT)).split(os.pathsep)[0])
+    bytecode = project_bytecode(checkout, compiled=not args.from_source)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     report: dict[str, Any] = {
@@ -340,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The processes run the code PYTHONPATH names (e.g. another checkout, for a before/after).
         "pythonpath": os.environ.get("PYTHONPATH", ""),
         "site_args": shlex.join(args.site_arg),
+        "bytecode": bytecode,
         "sites_spawned": "once the coordinator serves"
         if args.sites_after_ready
         else "right after the coordinator",
