@@ -537,10 +537,9 @@ class Hops:
         ledger's back is in the database. Once per checkpoint handed out, not per call.
         """
         try:
-            fresh = self.ledger.run(run.id, evaluations=False)  # the check reads run and hops
-        except KeyError:
-            fresh = run  # deleted behind the ledger's back: its events still name it
-        return self.ledger.run_mismatches(fresh, checkpoint_sha)
+            return self.ledger.stored_run_mismatches(run.id, checkpoint_sha)
+        except KeyError:  # deleted behind the ledger's back: its events still name it
+            return self.ledger.run_mismatches(run, checkpoint_sha)
 
     async def hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str:
         """Applies the run's failure policy to a hop that failed, expired or waited too long."""
