@@ -9,6 +9,7 @@ matches the newest snapshot of it in the chain was changed outside the ledger.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -352,28 +353,37 @@ class StateRow:
         return values_entry(self.model.__tablename__, self.key, named)
 
 
-def state_rows(
-    connection: Session | sa.Connection,
-    model: type[Base],
-    where: sa.ColumnElement[bool],
-    order_by: str | None = None,
-) -> list[StateRow]:
-    """The `model` rows matching `where` (ordered by column `order_by`) as `StateRow`s, in one
-    query of plain columns, the JSON ones as their stored text."""
+@functools.cache
+def _state_rows_query(model: type[Base], column: str, order_by: str | None) -> sa.Select[Any]:
+    """`state_rows`' query, built once: keys, ``ledger_seq``, then the state columns (JSON ones
+    cast to text) of the rows whose `column` equals the bound parameter ``value``."""
     table = model.__table__
-    keys = [column.name for column in table.primary_key.columns]
     positions = _JSON_POSITIONS[model]
     columns = [
         sa.cast(table.c[c], sa.Text) if i in positions else table.c[c]
         for i, c in enumerate(STATE_COLUMNS[model])
     ]
-    query = select(*(table.c[k] for k in keys), table.c.ledger_seq, *columns).where(where)
-    if order_by is not None:
-        query = query.order_by(table.c[order_by])
+    keys = [table.c[k.name] for k in table.primary_key.columns]
+    query = select(*keys, table.c.ledger_seq, *columns).where(
+        table.c[column] == sa.bindparam("value")
+    )
+    return query.order_by(table.c[order_by]) if order_by is not None else query
+
+
+def state_rows(
+    connection: Session | sa.Connection,
+    model: type[Base],
+    column: str,
+    value: object,
+    order_by: str | None = None,
+) -> list[StateRow]:
+    """The `model` rows whose `column` equals `value` (ordered by column `order_by`) as
+    `StateRow`s, in one query of plain columns, the JSON ones as their stored text."""
+    keys = len(model.__table__.primary_key.columns)
     found: list[StateRow] = []
-    for row in connection.execute(query):
-        key = "/".join(str(part) for part in row[: len(keys)])
-        found.append(StateRow(model, key, row[len(keys)], tuple(row[len(keys) + 1 :]), True))
+    for row in connection.execute(_state_rows_query(model, column, order_by), {"value": value}):
+        key = "/".join(str(part) for part in row[:keys])
+        found.append(StateRow(model, key, row[keys], tuple(row[keys + 1 :]), True))
     return found
 
 
@@ -416,6 +426,18 @@ def _sound_entries(
     return entries
 
 
+@functools.cache
+def _linked_events_query() -> sa.Select[Any]:
+    """Events ``seqs`` as stored (`StoredEvent`), each with its successor's ``prev_hash``."""
+    columns = EventRow.__table__.c
+    successor = EventRow.__table__.alias("successor")
+    return (
+        select(columns.seq, *_stored_columns(), successor.c.prev_hash)
+        .outerjoin(successor, successor.c.seq == columns.seq + 1)
+        .where(columns.seq.in_(sa.bindparam("seqs", expanding=True)))
+    )
+
+
 def state_mismatches(
     session: Session | sa.Connection,
     rows: Sequence[Base | StateRow],
@@ -430,17 +452,9 @@ def state_mismatches(
     """
     states = [row if isinstance(row, StateRow) else StateRow.of(row) for row in rows]
     seqs: set[int] = {s.ledger_seq for s in states if s.ledger_seq is not None}
-    columns = EventRow.__table__.c
-    successor = EventRow.__table__.alias("successor")
-    # Each event with its successor's link, in one query.
-    query = (
-        select(columns.seq, *_stored_columns(), successor.c.prev_hash)
-        .outerjoin(successor, successor.c.seq == columns.seq + 1)
-        .where(columns.seq.in_(seqs))
-    )
     events: dict[int, StoredEvent] = {}
     sound: dict[int, dict[tuple[str, str], Mapping[str, Any]] | None] = {}
-    for number, *stored, link in session.execute(query):
+    for number, *stored, link in session.execute(_linked_events_query(), {"seqs": list(seqs)}):
         events[number] = tuple(stored)  # type: ignore[assignment]
         linked = link is None or link == stored[7]
         sound[number] = _sound_entries(number, events[number], verified) if linked else None

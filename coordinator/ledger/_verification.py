@@ -163,17 +163,13 @@ class EventLog(LedgerCore):
             KeyError: The run has no row.
         """
         with self.engine.connect() as connection:
-            rows: list[StateRow] = state_rows(connection, RunRow, RunRow.__table__.c.id == run_id)
+            rows: list[StateRow] = state_rows(connection, RunRow, "id", run_id)
             if not rows:
                 raise KeyError(run_id)
-            rows += state_rows(
-                connection, HopRow, HopRow.__table__.c.run_id == run_id, order_by="index"
-            )
+            rows += state_rows(connection, HopRow, "run_id", run_id, order_by="index")
             found: list[RowMismatch] = []
             if checkpoint_sha256 is not None:
-                checkpoint = state_rows(
-                    connection, CheckpointRow, CheckpointRow.__table__.c.sha256 == checkpoint_sha256
-                )
+                checkpoint = state_rows(connection, CheckpointRow, "sha256", checkpoint_sha256)
                 if not checkpoint:
                     found.append(
                         RowMismatch(
