@@ -334,7 +334,14 @@ class Hops:
             return None  # refused by the hand back itself, with its own error
         if self._following(run, hop) is None:
             return None
-        check = asyncio.ensure_future(self.writer.run(self._early_check, run))
+
+        async def early_check() -> EarlyCheck:
+            # One turn of the loop first: the bundle's store write, started in that turn,
+            # goes to its thread before this check takes the interpreter's lock for its part.
+            await asyncio.sleep(0)
+            return await self.writer.run(self._early_check, run)
+
+        check = asyncio.ensure_future(early_check())
         check.add_done_callback(_retrieve)  # a hand back refused meanwhile never awaits it
         return check
 
