@@ -309,6 +309,11 @@ def _json_positions(model: type[Base]) -> frozenset[int]:
 
 
 _JSON_POSITIONS = {model: _json_positions(model) for model in STATE_COLUMNS}
+# Each state table's primary key columns, in their order (`row_key` joins them with "/").
+_KEY_COLUMNS = {
+    model: tuple(str(column.name) for column in inspect(model).primary_key)
+    for model in STATE_COLUMNS
+}
 _AS_STORED = "stored:"  # `StateRow.exact` of a row read with its JSON columns as stored text
 
 
@@ -363,7 +368,7 @@ def _state_rows_query(model: type[Base], column: str, order_by: str | None) -> s
         sa.cast(table.c[c], sa.Text) if i in positions else table.c[c]
         for i, c in enumerate(STATE_COLUMNS[model])
     ]
-    keys = [table.c[k.name] for k in table.primary_key.columns]
+    keys = [table.c[k] for k in _KEY_COLUMNS[model]]
     query = select(*keys, table.c.ledger_seq, *columns).where(
         table.c[column] == sa.bindparam("value")
     )
@@ -379,7 +384,7 @@ def state_rows(
 ) -> list[StateRow]:
     """The `model` rows whose `column` equals `value` (ordered by column `order_by`) as
     `StateRow`s, in one query of plain columns, the JSON ones as their stored text."""
-    keys = len(model.__table__.primary_key.columns)
+    keys = len(_KEY_COLUMNS[model])
     found: list[StateRow] = []
     for row in connection.execute(_state_rows_query(model, column, order_by), {"value": value}):
         key = "/".join(str(part) for part in row[:keys])
