@@ -27,6 +27,10 @@ from coordinator.ledger._integrity import (
 from coordinator.ledger.models import Base, CheckpointRow, EventRow, HopRow, RunRow
 
 
+def _missing_checkpoint(sha256: str) -> RowMismatch:
+    return RowMismatch("checkpoints", sha256, "", f"checkpoints row {sha256} is missing")
+
+
 class EventLog(LedgerCore):
     """The event log: reads, the chain walk, and the state rows' checks."""
 
@@ -140,14 +144,7 @@ class EventLog(LedgerCore):
         if checkpoint_sha256 is not None:
             checkpoint = self.checkpoint(checkpoint_sha256)
             if checkpoint is None:
-                found.append(
-                    RowMismatch(
-                        "checkpoints",
-                        checkpoint_sha256,
-                        "",
-                        f"checkpoints row {checkpoint_sha256} is missing",
-                    )
-                )
+                found.append(_missing_checkpoint(checkpoint_sha256))
             else:
                 rows.append(checkpoint)
         return self.row_mismatches(rows) + found
@@ -171,14 +168,7 @@ class EventLog(LedgerCore):
             if checkpoint_sha256 is not None:
                 checkpoint = state_rows(connection, CheckpointRow, "sha256", checkpoint_sha256)
                 if not checkpoint:
-                    found.append(
-                        RowMismatch(
-                            "checkpoints",
-                            checkpoint_sha256,
-                            "",
-                            f"checkpoints row {checkpoint_sha256} is missing",
-                        )
-                    )
+                    found.append(_missing_checkpoint(checkpoint_sha256))
                 rows += checkpoint
             return state_mismatches(connection, rows, self.verified_events) + found
 

@@ -253,6 +253,17 @@ def test_engine_check_names_the_edited_hop_of_a_run(ledger: Ledger, check: Engin
     ]
 
 
+def test_engine_check_names_a_checkpoint_deleted_behind_the_ledger(
+    ledger: Ledger, check: EngineCheck
+) -> None:
+    ids = populate(ledger)
+    assert check(ids["run"], OUT_A) == []
+    _sql(ledger, "DELETE FROM evaluations")  # they refer to the checkpoint
+    _sql(ledger, "DELETE FROM checkpoints WHERE sha256 = :good", good=OUT_A)
+    found = check(ids["run"], OUT_A)
+    assert [m.message for m in found] == [f"checkpoints row {OUT_A} is missing"]
+
+
 def test_engine_check_refuses_an_event_edited_to_match_its_row(
     ledger: Ledger, check: EngineCheck
 ) -> None:
