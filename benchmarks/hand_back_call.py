@@ -6,10 +6,11 @@ scripted sites hand each hop back with a bundle of `--kib` KiB (a MiniLM r=8 ada
 alternating the call per hop (A B B A ...), so both calls see the same load. Each figure is the
 call's wall time at the site, from the call to its answer: the coordinator receives the bundle,
 checks it (hash, format, values, lineage, signature), stores it durably, commits the hop and
-leases the next one in one transaction, then answers. The bundle's hash and signature are made
-before the call, as the agent does. `--coordinator-root` runs the coordinator from another
-checkout (an A/B of the coordinator's side; a checkout without HandBackHopWhole gets the stream
-only). Writes JSON + Markdown under benchmarks/results/.
+leases the next one in one transaction, then answers. Also the coordinator process's CPU time
+(user + system, psutil) over the counted hops, per hop: steady on a busy machine. The bundle's
+hash and signature are made before the call, as the agent does. `--coordinator-root` runs the
+coordinator from another checkout (an A/B of the coordinator's side; a checkout without
+HandBackHopWhole gets the stream only). Writes JSON + Markdown under benchmarks/results/.
 
     nice -n 19 .venv/bin/python benchmarks/hand_back_call.py --hops 80
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 
 from benchmarks.transfer import RESULTS, Site, _start, _tls, _uptime
 from coordinator.console.admin import AdminClient
@@ -91,7 +93,11 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "name": "hand-back-call", "dataset": "notes", "labels": ["x", "y"],
             "sites": ["site-a", "site-b"], "cycles": args.hops // 2,
         }))  # fmt: skip
+        coordinator = psutil.Process(proc.pid)
+        cpu_from = 0.0
         for index in range(args.hops):
+            if index == args.warmup:
+                cpu_from = sum(coordinator.cpu_times()[:2])
             site = sites["site-a" if index % 2 == 0 else "site-b"]
             task = site.tasks.get(timeout=60)
             data = site.bundle(task, args.kib * 1024)
@@ -106,6 +112,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 call = "stream"
             if index >= args.warmup:
                 samples[call].append(seconds)
+        cpu_seconds = sum(coordinator.cpu_times()[:2]) - cpu_from
         for site in sites.values():
             site.close()
     finally:
@@ -117,6 +124,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "warmup": args.warmup,
         "coordinator_root": str(root),
         "uptime": _uptime(),
+        "coordinator_cpu_ms_per_hop": round(cpu_seconds / (args.hops - args.warmup) * 1e3, 2),
         "calls": {
             call: {
                 "n": len(values),
@@ -137,7 +145,8 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         "",
         f"Command: `{command}`. Coordinator from `{figures['coordinator_root']}`. "
         f"{figures['hops']} hops, the first {figures['warmup']} not counted; calls alternate "
-        f"per hop. Load: `{figures['uptime']}`.",
+        f"per hop. Load: `{figures['uptime']}`. Coordinator CPU per counted hop: "
+        f"{figures['coordinator_cpu_ms_per_hop']} ms.",
         "",
         "| call | n | median ms | p90 ms | p99 ms |",
         "|---|---:|---:|---:|---:|",

@@ -8,6 +8,7 @@ import logging
 import math
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.engine.active_runs import ActiveRuns
@@ -51,14 +52,33 @@ from coordinator.store import CheckpointStore
 from protocols.logs import bind_log_context
 from protocols.v1 import baton_pb2 as pb
 
-__all__ = ["WAIT_LOG_SECONDS", "Hops"]
+__all__ = ["CHECK_AHEAD_SECONDS", "WAIT_LOG_SECONDS", "EarlyCheck", "Hops"]
 
 logger = logging.getLogger(__name__)
 
 WAIT_LOG_SECONDS = 60.0  # "run waits for site" is logged at most this often per hop
 
-# A run's rows checked against their events (`Hops._mismatches`), on the ledger writer's thread.
-TamperCheck = asyncio.Future[list[RowMismatch]]
+# An early tamper check (`Hops.check_ahead`) is used by its commit only while it is this
+# recent and no ledger event was appended since; otherwise the commit checks the rows again. A
+# bundle in one message commits milliseconds after its check; one streamed for long does not.
+CHECK_AHEAD_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class EarlyCheck:
+    """A run's rows checked against their events ahead of its commit (`Hops.check_ahead`)."""
+
+    mismatches: list[RowMismatch]
+    head_seq: int  # the newest event this process had appended when the rows were read
+    checked_at: float  # time.monotonic() then
+
+    def current(self, head_seq: int, now: float) -> bool:
+        """Whether it still stands for the rows: no event appended since, and recent."""
+        return head_seq == self.head_seq and now - self.checked_at <= CHECK_AHEAD_SECONDS
+
+
+# A run's rows checked against their events (`Hops._early_check`), on the ledger writer's thread.
+TamperCheck = asyncio.Future[EarlyCheck]
 
 
 def _retrieve(check: TamperCheck) -> None:
@@ -100,6 +120,12 @@ class Hops:
         self._told: dict[str, SiteSession] = {}  # hop id -> the session told it is next
         # hop id -> the session told to load ahead of it (a site's first visit of a run)
         self._told_ahead: dict[str, SiteSession] = {}
+        # The newest event this process appended (set on the thread that committed it).
+        self._head_seq = 0
+        ledger.head_observers.append(self._appended)
+
+    def _appended(self, seq: int, _hash: str, _kinds: tuple[str, ...]) -> None:
+        self._head_seq = max(self._head_seq, seq)
 
     async def dispatch(self, run_id: str) -> None:
         """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
@@ -295,9 +321,12 @@ class Hops:
         writer's thread while the bundle is checked and written, not after that.
 
         The check reads the run and its hops from SQL then, as it would a few milliseconds
-        later; an edit made behind the ledger's back in between is found by the next check
-        (the next handoff's, the run's end). None where no lease would follow in the commit's
-        transaction (the commit then checks as it always did), or the caller holds no lease.
+        later. The commit uses it only while it is current (`EarlyCheck.current`: no event
+        appended since, and at most `CHECK_AHEAD_SECONDS` old; a bundle streamed for long
+        is checked again at its commit); an edit made behind the ledger's back in between is
+        found by the next check (the next handoff's, the run's end). None where no lease would
+        follow in the commit's transaction (the commit then checks as it always did), or the
+        caller holds no lease.
         """
         try:
             run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
@@ -305,7 +334,14 @@ class Hops:
             return None  # refused by the hand back itself, with its own error
         if self._following(run, hop) is None:
             return None
-        check = asyncio.ensure_future(self.writer.run(self._mismatches, run, None))
+
+        async def early_check() -> EarlyCheck:
+            # One turn of the loop first: the bundle's store write, started in that turn,
+            # goes to its thread before this check takes the interpreter's lock for its part.
+            await asyncio.sleep(0)
+            return await self.writer.run(self._early_check, run)
+
+        check = asyncio.ensure_future(early_check())
         check.add_done_callback(_retrieve)  # a hand back refused meanwhile never awaits it
         return check
 
@@ -414,8 +450,9 @@ class Hops:
         following = self._following(run, hop)
         if following is None:
             return None
-        if checked is not None and output_sha256 is None:
-            mismatches = await checked
+        early = await checked if checked is not None and output_sha256 is None else None
+        if early is not None and early.current(self._head_seq, time.monotonic()):
+            mismatches = early.mismatches
         else:
             mismatches = await self.writer.run(self._mismatches, run, output_sha256)
         if mismatches:
@@ -530,6 +567,12 @@ class Hops:
             await self.writer.run(self.ledger.pause_for_mismatch, run.id, mismatches)
         return True
 
+    def _early_check(self, run: RunRow) -> EarlyCheck:
+        """`_mismatches` of the run's rows, with when and at which ledger head (writer thread:
+        no commit of this process runs meanwhile)."""
+        head_seq, checked_at = self._head_seq, time.monotonic()
+        return EarlyCheck(self._mismatches(run, None), head_seq, checked_at)
+
     def _mismatches(self, run: RunRow, checkpoint_sha: str | None) -> list[RowMismatch]:
         """The run's rows and the checkpoint that differ from their events (writer thread).
 
@@ -537,10 +580,9 @@ class Hops:
         ledger's back is in the database. Once per checkpoint handed out, not per call.
         """
         try:
-            fresh = self.ledger.run(run.id, evaluations=False)  # the check reads run and hops
-        except KeyError:
-            fresh = run  # deleted behind the ledger's back: its events still name it
-        return self.ledger.run_mismatches(fresh, checkpoint_sha)
+            return self.ledger.stored_run_mismatches(run.id, checkpoint_sha)
+        except KeyError:  # deleted behind the ledger's back: its events still name it
+            return self.ledger.run_mismatches(run, checkpoint_sha)
 
     async def hop_failed(self, run: RunRow, hop: HopRow, code: str, message: str) -> str:
         """Applies the run's failure policy to a hop that failed, expired or waited too long."""

@@ -703,7 +703,10 @@ class UploadIntake:
         # Written and fsynced beside the store while it is checked, under no name the store
         # knows: once the checks hold, a rename stores it (no write and no file fsync left
         # between the checks and the commit); refused, it is dropped.
-        staging = asyncio.ensure_future(run_to_end(self.store.stage, whole, header.sha256))
+        # Handed to its thread now, ahead of the inspection: its write and fsync are the
+        # longest step before the commit.
+        loop = asyncio.get_running_loop()
+        staging = loop.run_in_executor(None, self.store.stage, whole, header.sha256)
         try:
             inspected = await asyncio.to_thread(self._inspected_bytes, whole, header.sha256)
             # The hop may have ended while the bytes arrived (lease expired, run aborted).

@@ -9,6 +9,7 @@ matches the newest snapshot of it in the chain was changed outside the ledger.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -41,6 +42,7 @@ __all__ = [
     "STATE_ROWS_KEY",
     "RowMismatch",
     "StateIndex",
+    "StateRow",
     "StoredEvent",
     "VerifiedEvents",
     "append_baseline",
@@ -48,8 +50,8 @@ __all__ = [
     "compare_snapshot",
     "row_entry",
     "row_key",
-    "row_values",
     "state_mismatches",
+    "state_rows",
     "stored_event",
     "tracked",
     "values_entry",
@@ -260,7 +262,7 @@ class VerifiedEvents:
     def __init__(self, limit: int = 4096) -> None:
         self._limit = limit
         self._events: dict[int, tuple[StoredEvent, dict[tuple[str, str], Mapping[str, Any]]]] = {}
-        # (table, key) -> (seq, row_values) of a row found matching that event's snapshot
+        # (table, key) -> (seq, StateRow.exact()) of a row found matching that event's snapshot
         self._rows: dict[tuple[str, str], tuple[int, str]] = {}
         self._lock = threading.Lock()
 
@@ -285,7 +287,7 @@ class VerifiedEvents:
         return seq in self._events
 
     def row_matched(self, table: str, key: str, seq: int, values: str) -> bool:
-        """Whether the row, holding exactly `values` (`row_values`), matched event `seq`."""
+        """Whether the row, holding exactly `values` (`StateRow.exact`), matched event `seq`."""
         with self._lock:
             return self._rows.get((table, key)) == (seq, values)
 
@@ -298,11 +300,96 @@ class VerifiedEvents:
                 del self._rows[next(iter(self._rows))]
 
 
-def row_values(row: Base) -> str:
-    """A row's snapshotted columns as one exact text: `repr` tells 1, 1.0 and True apart,
-    -0.0 from 0.0, '5' from 5 and a naive from an aware datetime, so equal texts give equal
-    snapshots."""
-    return repr(tuple(getattr(row, column) for column in STATE_COLUMNS[type(row)]))
+def _json_positions(model: type[Base]) -> frozenset[int]:
+    """Where `model`'s JSON columns are among its `STATE_COLUMNS`."""
+    table = model.__table__
+    return frozenset(
+        i for i, c in enumerate(STATE_COLUMNS[model]) if isinstance(table.c[c].type, sa.JSON)
+    )
+
+
+_JSON_POSITIONS = {model: _json_positions(model) for model in STATE_COLUMNS}
+# Each state table's primary key columns, in their order (`row_key` joins them with "/").
+_KEY_COLUMNS = {
+    model: tuple(str(column.name) for column in inspect(model).primary_key)
+    for model in STATE_COLUMNS
+}
+_AS_STORED = "stored:"  # `StateRow.exact` of a row read with its JSON columns as stored text
+
+
+@dataclass(frozen=True)
+class StateRow:
+    """A state row as the engine's check reads it: its snapshotted columns (`STATE_COLUMNS`
+    order) and the event it names, read as plain values (no ORM object is built).
+
+    `state_rows` reads the JSON columns as their stored text, decoded only for a row that has
+    to be compared column by column (one that did not match exactly so before).
+    """
+
+    model: type[Base]
+    key: str
+    ledger_seq: int | None
+    read: tuple[Any, ...]  # the columns as read
+    json_as_text: bool = False  # the JSON columns in `read` are their stored text
+
+    @classmethod
+    def of(cls, row: Base) -> StateRow:
+        columns = STATE_COLUMNS[type(row)]
+        return cls(type(row), row_key(row), getattr(row, "ledger_seq", None),
+                   tuple(getattr(row, column) for column in columns))  # fmt: skip
+
+    def exact(self) -> str:
+        """The columns as one exact text: `repr` tells 1, 1.0 and True apart, -0.0 from 0.0,
+        '5' from 5 and a naive from an aware datetime, and a row read with its JSON as text is
+        told apart by a prefix, so equal texts give equal snapshots."""
+        text = repr(self.read)
+        return _AS_STORED + text if self.json_as_text else text
+
+    def entry(self) -> dict[str, Any]:
+        """The row's snapshot (as `row_entry`)."""
+        values = self.read
+        if self.json_as_text:
+            positions = _JSON_POSITIONS[self.model]
+            values = tuple(
+                json.loads(v) if i in positions and v is not None else v
+                for i, v in enumerate(values)
+            )
+        named = dict(zip(STATE_COLUMNS[self.model], values, strict=True))
+        return values_entry(self.model.__tablename__, self.key, named)
+
+
+@functools.cache
+def _state_rows_query(model: type[Base], column: str, order_by: str | None) -> sa.Select[Any]:
+    """`state_rows`' query, built once: keys, ``ledger_seq``, then the state columns (JSON ones
+    cast to text) of the rows whose `column` equals the bound parameter ``value``."""
+    table = model.__table__
+    positions = _JSON_POSITIONS[model]
+    columns = [
+        sa.cast(table.c[c], sa.Text) if i in positions else table.c[c]
+        for i, c in enumerate(STATE_COLUMNS[model])
+    ]
+    keys = [table.c[k] for k in _KEY_COLUMNS[model]]
+    query = select(*keys, table.c.ledger_seq, *columns).where(
+        table.c[column] == sa.bindparam("value")
+    )
+    return query.order_by(table.c[order_by]) if order_by is not None else query
+
+
+def state_rows(
+    connection: Session | sa.Connection,
+    model: type[Base],
+    column: str,
+    value: object,
+    order_by: str | None = None,
+) -> list[StateRow]:
+    """The `model` rows whose `column` equals `value` (ordered by column `order_by`) as
+    `StateRow`s, in one query of plain columns, the JSON ones as their stored text."""
+    keys = len(_KEY_COLUMNS[model])
+    found: list[StateRow] = []
+    for row in connection.execute(_state_rows_query(model, column, order_by), {"value": value}):
+        key = "/".join(str(part) for part in row[:keys])
+        found.append(StateRow(model, key, row[keys], tuple(row[keys + 1 :]), True))
+    return found
 
 
 def _stored_columns() -> list[sa.ColumnElement[Any]]:
@@ -344,8 +431,22 @@ def _sound_entries(
     return entries
 
 
+@functools.cache
+def _linked_events_query() -> sa.Select[Any]:
+    """Events ``seqs`` as stored (`StoredEvent`), each with its successor's ``prev_hash``."""
+    columns = EventRow.__table__.c
+    successor = EventRow.__table__.alias("successor")
+    return (
+        select(columns.seq, *_stored_columns(), successor.c.prev_hash)
+        .outerjoin(successor, successor.c.seq == columns.seq + 1)
+        .where(columns.seq.in_(sa.bindparam("seqs", expanding=True)))
+    )
+
+
 def state_mismatches(
-    session: Session, rows: Sequence[Base], verified: VerifiedEvents | None = None
+    session: Session | sa.Connection,
+    rows: Sequence[Base | StateRow],
+    verified: VerifiedEvents | None = None,
 ) -> list[RowMismatch]:
     """Checks rows against the events their ``ledger_seq`` names (the engine's check).
 
@@ -354,27 +455,17 @@ def state_mismatches(
     `verified`, an event stored exactly as when its hash was last recomputed is not hashed again
     (the rows are always read and compared, and every successor's link is always read).
     """
-    seqs: set[int] = {s for row in rows if (s := getattr(row, "ledger_seq", None)) is not None}
-    columns = EventRow.__table__.c
-    query = select(columns.seq, *_stored_columns()).where(columns.seq.in_(seqs))
-    events: dict[int, StoredEvent] = {row[0]: tuple(row[1:]) for row in session.execute(query)}  # type: ignore[misc]
-    links: dict[int, str] = {
-        seq: prev_hash
-        for seq, prev_hash in session.execute(
-            select(columns.seq, columns.prev_hash).where(
-                columns.seq.in_({seq + 1 for seq in events})
-            )
-        )
-    }
+    states = [row if isinstance(row, StateRow) else StateRow.of(row) for row in rows]
+    seqs: set[int] = {s.ledger_seq for s in states if s.ledger_seq is not None}
+    events: dict[int, StoredEvent] = {}
     sound: dict[int, dict[tuple[str, str], Mapping[str, Any]] | None] = {}
-    for number, stored in events.items():
-        successor = links.get(number + 1)
-        linked = successor is None or successor == stored[7]
-        sound[number] = _sound_entries(number, stored, verified) if linked else None
+    for number, *stored, link in session.execute(_linked_events_query(), {"seqs": list(seqs)}):
+        events[number] = tuple(stored)  # type: ignore[assignment]
+        linked = link is None or link == stored[7]
+        sound[number] = _sound_entries(number, events[number], verified) if linked else None
     found: list[RowMismatch] = []
-    for row in rows:
-        table, key = type(row).__tablename__, row_key(row)
-        seq = getattr(row, "ledger_seq", None)
+    for state in states:
+        table, key, seq = state.model.__tablename__, state.key, state.ledger_seq
         if seq is None or seq not in events:
             found.append(
                 RowMismatch(
@@ -393,7 +484,7 @@ def state_mismatches(
                 )
             )
             continue
-        values = row_values(row) if verified is not None else ""
+        values = state.exact() if verified is not None else ""
         if verified is not None and verified.row_matched(table, key, seq, values):
             continue  # the same values against the same sound event: it matched then
         entry = entries.get((table, key))
@@ -407,7 +498,7 @@ def state_mismatches(
                 )
             )
             continue
-        differences = compare_snapshot(table, key, seq, entry, row_entry(row))
+        differences = compare_snapshot(table, key, seq, entry, state.entry())
         if differences:
             found.extend(differences)
         elif verified is not None:

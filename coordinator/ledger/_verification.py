@@ -16,8 +16,19 @@ from coordinator.ledger._chain import (
     TransitionRefused,
     event_hash,
 )
-from coordinator.ledger._integrity import MISMATCH_EVENT, RowMismatch, StateIndex, state_mismatches
-from coordinator.ledger.models import Base, CheckpointRow, EventRow, RunRow
+from coordinator.ledger._integrity import (
+    MISMATCH_EVENT,
+    RowMismatch,
+    StateIndex,
+    StateRow,
+    state_mismatches,
+    state_rows,
+)
+from coordinator.ledger.models import Base, CheckpointRow, EventRow, HopRow, RunRow
+
+
+def _missing_checkpoint(sha256: str) -> RowMismatch:
+    return RowMismatch("checkpoints", sha256, "", f"checkpoints row {sha256} is missing")
 
 
 class EventLog(LedgerCore):
@@ -133,17 +144,33 @@ class EventLog(LedgerCore):
         if checkpoint_sha256 is not None:
             checkpoint = self.checkpoint(checkpoint_sha256)
             if checkpoint is None:
-                found.append(
-                    RowMismatch(
-                        "checkpoints",
-                        checkpoint_sha256,
-                        "",
-                        f"checkpoints row {checkpoint_sha256} is missing",
-                    )
-                )
+                found.append(_missing_checkpoint(checkpoint_sha256))
             else:
                 rows.append(checkpoint)
         return self.row_mismatches(rows) + found
+
+    def stored_run_mismatches(
+        self, run_id: str, checkpoint_sha256: str | None
+    ) -> list[RowMismatch]:
+        """`run_mismatches` of the run as stored now: the run, its hops and the checkpoint read
+        from SQL as plain columns in one read transaction (no ORM objects: the engine runs
+        this check before every lease).
+
+        Raises:
+            KeyError: The run has no row.
+        """
+        with self.engine.connect() as connection:
+            rows: list[StateRow] = state_rows(connection, RunRow, "id", run_id)
+            if not rows:
+                raise KeyError(run_id)
+            rows += state_rows(connection, HopRow, "run_id", run_id, order_by="index")
+            found: list[RowMismatch] = []
+            if checkpoint_sha256 is not None:
+                checkpoint = state_rows(connection, CheckpointRow, "sha256", checkpoint_sha256)
+                if not checkpoint:
+                    found.append(_missing_checkpoint(checkpoint_sha256))
+                rows += checkpoint
+            return state_mismatches(connection, rows, self.verified_events) + found
 
     def pause_for_mismatch(self, run_id: str, mismatches: Sequence[RowMismatch]) -> RunRow:
         """Pauses a running run whose rows differ from their events; one `ledger.mismatch` event.

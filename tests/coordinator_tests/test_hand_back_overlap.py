@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from coordinator.console.admin import AdminClient
+from coordinator.engine import hops as hops_module
 from coordinator.ledger import RunRow
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
@@ -203,3 +204,46 @@ def test_the_next_hops_lineage_check_reads_its_input_as_it_was_stored(
     good = _bundle(site_b, second, 64, 2.0)
     assert _hand_back(site_b, second, good, whole=True) == "committed"
     assert sha256_hex(first) not in looked_up  # held as it was stored, not queried
+
+
+@pytest.mark.parametrize("stale_by", ["age", "event"])
+def test_an_early_check_gone_stale_is_made_again_before_the_next_lease(
+    site: ScriptedSite, task: pb.HopTask, admin: AdminClient, coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch, stale_by: str,
+) -> None:  # fmt: skip
+    """A row edited after the early check, before the commit: found by the commit's own check
+    when the early one is older than CHECK_AHEAD_SECONDS (a bundle streamed for long) or an
+    event was appended since it read the rows."""
+    hops, store, ledger = (
+        coordinator.engine.hops,
+        coordinator.engine.intake.store,
+        coordinator.engine.ledger,
+    )
+    hop = ledger.hop(task.hop_id)
+    assert hop is not None
+    following = ledger.run(hop.run_id).hops[1].id
+    checked = threading.Event()
+
+    def early_check(run: RunRow) -> object:
+        try:
+            return real_check(run)
+        finally:
+            checked.set()
+
+    def edited_then_placed(staged: Path | None, sha256: str) -> None:
+        assert checked.wait(WAIT)  # the early check has read the rows
+        _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop",
+             value='{"learning_rate": 0.5}', hop=following)  # fmt: skip
+        if stale_by == "event":
+            ledger.record_event("test.marker")
+        real_place(staged, sha256)
+
+    real_check, real_place = hops._early_check, store.place
+    monkeypatch.setattr(hops, "_early_check", early_check)
+    monkeypatch.setattr(store, "place", edited_then_placed)
+    if stale_by == "age":
+        monkeypatch.setattr(hops_module, "CHECK_AHEAD_SECONDS", -1.0)
+    assert _hand_back(site, task, _bundle(site, task, 64), whole=True) == "committed"
+    status = _paused(admin, hop.run_id)
+    assert f"hops row {following} column hyperparameters" in status.error
+    assert [h.status for h in status.hops] == ["committed", "pending"]

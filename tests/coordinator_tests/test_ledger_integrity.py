@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from coordinator.ledger import (
     HopRow,
     Ledger,
     RevocationRow,
+    RowMismatch,
     StatisticsAnswerRow,
     StatisticsRequestRow,
     _chain,
@@ -35,6 +37,18 @@ from tests.conftest import Pki
 from tests.coordinator_tests.conftest import ScriptedSite
 
 OUT_A, OUT_B = "a1" * 32, "b2" * 32
+
+# The engine's check of a run (its id) and a checkpoint: the rows and their events it names.
+EngineCheck = Callable[[str, str | None], list[RowMismatch]]
+
+
+@pytest.fixture(params=["objects", "stored"])
+def check(request: pytest.FixtureRequest, ledger: Ledger) -> EngineCheck:
+    """The check on the run's rows read as ORM objects (`run_mismatches`), or read as stored,
+    plain columns with JSON as text (`stored_run_mismatches`, the engine's): same findings."""
+    if request.param == "objects":
+        return lambda run_id, sha: ledger.run_mismatches(ledger.run(run_id), sha)
+    return ledger.stored_run_mismatches
 
 
 def _hop(run_id: str, index: int, site: str) -> HopRow:
@@ -227,25 +241,37 @@ def test_pointing_a_row_at_an_older_event_is_named(ledger: Ledger) -> None:
     )
 
 
-def test_engine_check_names_the_edited_hop_of_a_run(ledger: Ledger) -> None:
+def test_engine_check_names_the_edited_hop_of_a_run(ledger: Ledger, check: EngineCheck) -> None:
     ids = populate(ledger)
-    run = ledger.run(ids["run"])
-    assert ledger.run_mismatches(run, OUT_A) == []
+    assert check(ids["run"], OUT_A) == []
     _sql(ledger, "UPDATE hops SET output_sha256 = :bad WHERE id = :hop0", bad=OUT_B, **ids)
     _sql(ledger, "UPDATE checkpoints SET size = 1 WHERE sha256 = :good", good=OUT_A)
-    found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    found = check(ids["run"], OUT_A)
     assert [(m.table, m.column) for m in found] == [
         ("hops", "output_sha256"),
         ("checkpoints", "size"),
     ]
 
 
-def test_engine_check_refuses_an_event_edited_to_match_its_row(ledger: Ledger) -> None:
+def test_engine_check_names_a_checkpoint_deleted_behind_the_ledger(
+    ledger: Ledger, check: EngineCheck
+) -> None:
+    ids = populate(ledger)
+    assert check(ids["run"], OUT_A) == []
+    _sql(ledger, "DELETE FROM evaluations")  # they refer to the checkpoint
+    _sql(ledger, "DELETE FROM checkpoints WHERE sha256 = :good", good=OUT_A)
+    found = check(ids["run"], OUT_A)
+    assert [m.message for m in found] == [f"checkpoints row {OUT_A} is missing"]
+
+
+def test_engine_check_refuses_an_event_edited_to_match_its_row(
+    ledger: Ledger, check: EngineCheck
+) -> None:
     ids = populate(ledger)
     hop = ledger.hop(ids["hop0"])
     assert hop is not None and hop.ledger_seq is not None
     _sql(ledger, "UPDATE events SET payload = '{}' WHERE seq = :seq", seq=hop.ledger_seq)
-    found = {m.message for m in ledger.run_mismatches(ledger.run(ids["run"]), None)}
+    found = {m.message for m in check(ids["run"], None)}
     # The commit event also pinned the run's base model: both rows name the altered event.
     assert found == {
         f"{table} row {key}: its ledger event #{hop.ledger_seq} does not verify (event altered)"
@@ -540,7 +566,7 @@ def test_a_row_put_back_after_its_deletion_was_recorded_is_named(ledger: Ledger)
 
 
 def test_engine_check_hashes_an_unchanged_event_once(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+    ledger: Ledger, check: EngineCheck, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ids = populate(ledger)
     hashed: list[str] = []
@@ -551,15 +577,15 @@ def test_engine_check_hashes_an_unchanged_event_once(
         return real(*fields)
 
     monkeypatch.setattr(_chain, "event_hash", counting)
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert check(ids["run"], OUT_A) == []
     assert hashed  # the first check recomputes every event it reads
     hashed.clear()
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert check(ids["run"], OUT_A) == []
     assert hashed == []  # stored as verified: not hashed again
     hop = ledger.hop(ids["hop0"])
     assert hop is not None and hop.ledger_seq is not None
     _sql(ledger, "UPDATE events SET payload = '{}' WHERE seq = :seq", seq=hop.ledger_seq)
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    assert check(ids["run"], OUT_A)
     assert hashed  # changed: recomputed, and refused
 
 
@@ -577,15 +603,15 @@ def test_engine_check_hashes_an_unchanged_event_once(
     ids=["payload", "at", "kind", "site", "run_id", "prev_hash", "hash"],
 )
 def test_engine_check_refuses_an_event_altered_after_it_verified(
-    ledger: Ledger, statement: str
+    ledger: Ledger, check: EngineCheck, statement: str
 ) -> None:
     ids = populate(ledger)
     hop = ledger.hop(ids["hop0"])
     assert hop is not None and hop.ledger_seq is not None
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert check(ids["run"], OUT_A) == []
     assert hop.ledger_seq in ledger.verified_events
     _sql(ledger, statement, seq=hop.ledger_seq, bad=OUT_B)
-    found = {m.message for m in ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)}
+    found = {m.message for m in check(ids["run"], OUT_A)}
     # (an altered prev_hash also breaks the link from the event before: its rows are named too)
     assert found >= {
         f"{table} row {key}: its ledger event #{hop.ledger_seq} does not verify (event altered)"
@@ -596,9 +622,10 @@ def test_engine_check_refuses_an_event_altered_after_it_verified(
 
 def test_engine_check_refuses_a_row_and_its_event_rewritten_with_a_new_hash_after_it_verified(
     ledger: Ledger,
+    check: EngineCheck,
 ) -> None:
     ids = populate(ledger)
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert check(ids["run"], OUT_A) == []
     hop = ledger.hop(ids["hop0"])
     assert hop is not None and hop.ledger_seq is not None
     event = ledger.event_at(hop.ledger_seq)
@@ -618,7 +645,7 @@ def test_engine_check_refuses_a_row_and_its_event_rewritten_with_a_new_hash_afte
         seq=event.seq,
     )
     _sql(ledger, "UPDATE hops SET output_sha256 = :bad WHERE id = :hop0", bad=OUT_B, **ids)
-    found = {m.message for m in ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)}
+    found = {m.message for m in check(ids["run"], OUT_A)}
     assert f"hops row {ids['hop0']}: its ledger event #{event.seq} does not verify " in (
         " ".join(found)
     )
@@ -626,31 +653,34 @@ def test_engine_check_refuses_a_row_and_its_event_rewritten_with_a_new_hash_afte
 
 def test_engine_check_names_a_row_edited_between_two_checks_and_follows_it_back(
     ledger: Ledger,
+    check: EngineCheck,
 ) -> None:
     ids = populate(ledger)
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert check(ids["run"], OUT_A) == []
     # hop 0 committed before the last check: its event verified and is not hashed again
     _sql(ledger, "UPDATE hops SET metrics = '{\"accuracy\": 0.99}' WHERE id = :hop0", **ids)
     _sql(ledger, "UPDATE checkpoints SET producer_site = 'site-b' WHERE sha256 = :good", good=OUT_A)
-    found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    found = check(ids["run"], OUT_A)
     assert [(m.table, m.key, m.column) for m in found] == [
         ("hops", ids["hop0"], "metrics"),
         ("checkpoints", OUT_A, "producer_site"),
     ]
     _sql(ledger, "UPDATE hops SET metrics = '{\"accuracy\": 0.5}' WHERE id = :hop0", **ids)
     _sql(ledger, "UPDATE checkpoints SET producer_site = 'site-a' WHERE sha256 = :good", good=OUT_A)
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []  # no finding remembered
+    assert check(ids["run"], OUT_A) == []  # no finding remembered
 
 
-def test_engine_check_refuses_an_event_that_is_no_json_any_more(ledger: Ledger) -> None:
+def test_engine_check_refuses_an_event_that_is_no_json_any_more(
+    ledger: Ledger, check: EngineCheck
+) -> None:
     ids = populate(ledger)
     hop = ledger.hop(ids["hop0"])
     assert hop is not None and hop.ledger_seq is not None
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert check(ids["run"], OUT_A) == []
     if ledger.engine.dialect.name != "sqlite":
         pytest.skip("PostgreSQL's json type refuses text that is not JSON")
     _sql(ledger, "UPDATE events SET payload = 'not json' WHERE seq = :seq", seq=hop.ledger_seq)
-    found = {m.message for m in ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)}
+    found = {m.message for m in check(ids["run"], OUT_A)}
     assert f"hops row {ids['hop0']}: its ledger event #{hop.ledger_seq} does not verify " in (
         " ".join(found)
     )
@@ -658,28 +688,30 @@ def test_engine_check_refuses_an_event_that_is_no_json_any_more(ledger: Ledger) 
 
 def test_engine_check_names_a_value_equal_in_python_but_not_in_its_snapshot(
     ledger: Ledger,
+    check: EngineCheck,
 ) -> None:
     ids = populate(ledger)
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []  # every row matched
+    assert check(ids["run"], OUT_A) == []  # every row matched
     # 3 == 3.0 in Python; the ledger recorded 3: a row matched before must be compared again.
     _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop1",
          value='{"learning_rate": 0.0001, "steps": 3.0}', **ids)  # fmt: skip
-    found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    found = check(ids["run"], OUT_A)
     assert [(m.table, m.key, m.column) for m in found] == [("hops", ids["hop1"], "hyperparameters")]
     assert '"steps":3.0' in found[0].message
 
 
 def test_a_write_after_a_check_does_not_adopt_a_column_edited_behind_the_ledger(
     ledger: Ledger,
+    check: EngineCheck,
 ) -> None:
     ids = populate(ledger)
-    assert ledger.run_mismatches(ledger.run(ids["run"]), OUT_A) == []
+    assert check(ids["run"], OUT_A) == []
     hop = ledger.hop(ids["hop1"])
     assert hop is not None and hop.ledger_seq in ledger.verified_events  # recorded entry known
     _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop1",
          value='{"learning_rate": 0.5, "steps": 3}', **ids)  # fmt: skip
     ledger.lease_hop(ids["hop1"], "tok1", OUT_A)  # writes the row's lease columns only
-    found = ledger.run_mismatches(ledger.run(ids["run"]), OUT_A)
+    found = check(ids["run"], OUT_A)
     assert [(m.table, m.key, m.column) for m in found] == [("hops", ids["hop1"], "hyperparameters")]
     assert '\'{"learning_rate":0.0001' in found[0].message
     assert ledger.verify().row_mismatches == found
