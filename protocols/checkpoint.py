@@ -187,15 +187,8 @@ def inspect_bundle(
     expected_sha256: str | None = None,
     max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
 ) -> Bundle:
-    """Validates a bundle's bytes and returns what it holds.
-
-    Args:
-        data: The whole bundle.
-        expected_sha256: If given, the bundle must hash to it.
-        max_bytes: Size cap; larger bundles are refused before parsing.
-
-    Raises:
-        CheckpointError: On any size, hash, format, manifest or value problem.
+    """Validates a bundle's bytes and returns what it holds (`read_bundle`'s checks, the same
+    errors).
     """
     return read_bundle(data, expected_sha256=expected_sha256, max_bytes=max_bytes)[0]
 
@@ -206,8 +199,9 @@ def read_bundle(
     expected_sha256: str | None = None,
     max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
 ) -> tuple[Bundle, dict[str, TensorValues]]:
-    """`inspect_bundle`, with each tensor's values as the checks read them (by name): a caller
-    that loads the tensors builds them from these, and the bundle is parsed once.
+    """Validates a bundle's bytes; returns what it holds and each tensor's values as the checks
+    read them (by name): a caller that loads the tensors builds them from these, and the bundle
+    is parsed once.
 
     Args:
         data: The whole bundle.
