@@ -25,10 +25,12 @@ __all__ = [
     "CheckpointError",
     "CheckpointManifest",
     "TensorSpec",
+    "TensorValues",
     "bundle_metadata",
     "hash_prefix",
     "inspect_bundle",
     "inspect_bundle_file",
+    "read_bundle",
     "sha256_file",
     "sha256_hex",
 ]
@@ -99,6 +101,15 @@ class TensorSpec:
     name: str
     dtype: str  # as safetensors names it: "F32"
     shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorValues:
+    """One tensor's values as a bundle holds them: little-endian, row-major (safetensors)."""
+
+    dtype: str  # as safetensors names it: "F32"
+    shape: tuple[int, ...]
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -176,7 +187,21 @@ def inspect_bundle(
     expected_sha256: str | None = None,
     max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
 ) -> Bundle:
-    """Validates a bundle's bytes and returns what it holds.
+    """Validates a bundle's bytes and returns what it holds (`read_bundle`'s checks, the same
+    errors).
+    """
+    return read_bundle(data, expected_sha256=expected_sha256, max_bytes=max_bytes)[0]
+
+
+def read_bundle(
+    data: bytes,
+    *,
+    expected_sha256: str | None = None,
+    max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+) -> tuple[Bundle, dict[str, TensorValues]]:
+    """Validates a bundle's bytes; returns what it holds and each tensor's values as the checks
+    read them (by name): a caller that loads the tensors builds them from these, and the bundle
+    is parsed once.
 
     Args:
         data: The whole bundle.
@@ -201,17 +226,37 @@ def inspect_bundle(
     manifest, adapter_config = _manifest_and_adapter_config(metadata)
     if not tensors:
         raise CheckpointError("checkpoint holds no tensors")
-    specs = []
-    for name, info in tensors:
-        _check_finite(name, info["dtype"], info["data"])
-        specs.append(TensorSpec(name=name, dtype=info["dtype"], shape=tuple(info["shape"])))
-    return Bundle(
+    values = {
+        name: TensorValues(dtype=info["dtype"], shape=tuple(info["shape"]), data=info["data"])
+        for name, info in tensors
+    }
+    _check_all_finite(values)
+    specs = [TensorSpec(name=name, dtype=v.dtype, shape=v.shape) for name, v in values.items()]
+    bundle = Bundle(
         sha256=digest,
         size=len(data),
         manifest=manifest,
         adapter_config=adapter_config,
         tensors=tuple(sorted(specs, key=lambda s: s.name)),
     )
+    return bundle, values
+
+
+def _check_all_finite(values: Mapping[str, TensorValues]) -> None:
+    """`_check_finite` for every tensor, one pass per dtype over the tensors laid end to end
+    (an adapter has dozens); a dtype that fails is looked at tensor by tensor for its name."""
+    by_dtype: dict[str, list[str]] = {}
+    for name, tensor in values.items():
+        by_dtype.setdefault(tensor.dtype, []).append(name)
+    for dtype, names in by_dtype.items():
+        if _FLOAT_DTYPES.get(dtype) is None:
+            continue
+        try:
+            _check_finite(names[0], dtype, b"".join(values[name].data for name in names))
+        except CheckpointError:
+            for name in names:
+                _check_finite(name, dtype, values[name].data)
+            raise
 
 
 def sha256_file(path: Path, *, length: int | None = None) -> str:

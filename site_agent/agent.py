@@ -112,6 +112,8 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         self._base_model_sha256: str | None = None
         # "You are next" preparations run here, one at a time, beside the task stream.
         self._preparations = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        # Signed ledger heads are checked and kept here, in order, beside the task stream.
+        self._head_keeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-head")
         # Loads ahead of this site's first visit of a run, at a low CPU priority (see _load_ahead).
         self._loads_ahead = LowPriorityLoader()
         self._stop = threading.Event()
@@ -316,6 +318,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
     def stop(self) -> None:
         self._stop.set()
         self._preparations.shutdown(wait=False, cancel_futures=True)
+        self._head_keeper.shutdown(wait=False)  # a head received is still kept
         self._loads_ahead.stop()
         stream = self._stream
         if stream is not None:
@@ -461,6 +464,19 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             known = current
             logger.info("reported %d approved bundle(s) to the coordinator", len(current))
 
+    def _keep_head(self, head: pb.SignedLedgerHead) -> None:
+        """Keeps a signed ledger head on a thread of its own, heads in the order received.
+
+        Its signature check and durable write (an fsync) would otherwise hold up the task read
+        after it: the coordinator signs a head when a run moves and every 100 events, so now
+        and then right after a hop's commit, and the head then reaches the next hop's site just
+        before its task.
+        """
+        try:
+            self._head_keeper.submit(self.heads.keep, head)
+        except RuntimeError:  # stopped: this head is not kept (the next session sends one)
+            logger.debug("ledger head not kept: the agent is stopping")
+
     def _serve_once(self) -> None:
         with secure_channel(
             self.settings.coordinator, self.settings.tls, server_name=self.settings.server_name
@@ -502,7 +518,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                         with log_context(site=self.site_name):
                             self._run_statistics(stub, task.statistics)
                     elif kind == "ledger_head":
-                        self.heads.keep(task.ledger_head)
+                        self._keep_head(task.ledger_head)
                     elif kind == "prepare":
                         self._preparations.submit(self._prepare, task.prepare.hop)
                     elif kind == "prepare_ahead":

@@ -445,13 +445,15 @@ class HopRunner(TaskChecks, Transfers):
     ) -> dict[str, torch.Tensor]:
         import safetensors.torch
 
+        from site_agent.tasks import tensors_from_values
+
         ref = task.input_checkpoint
-        if task.input_bundle:  # pushed inside the task: checked exactly as a download
-            data = task.input_bundle
-            bundle = self._checked_bundle(data, ref)
+        data = task.input_bundle  # a copy out of the message: taken once
+        if data:  # pushed inside the task: checked exactly as a download
+            bundle, values = self._checked_bundle(data, ref)
             self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
         else:
-            data, bundle = self._download_checked(stub, ref)
+            data, bundle, values = self._download_checked(stub, ref)
         # The checks above parsed, hashed and read every value once: not again here.
         if bundle.manifest.base_model_sha256 != held:
             raise HopFailure(
@@ -459,7 +461,8 @@ class HopRunner(TaskChecks, Transfers):
                 f"incoming adapter was trained on base model {bundle.manifest.base_model_sha256}; "
                 f"this site holds {held}",
             )
-        return safetensors.torch.load(data)
+        tensors = tensors_from_values(values)
+        return tensors if tensors is not None else safetensors.torch.load(data)
 
     def _train_hop(
         self,

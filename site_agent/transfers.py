@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
-from protocols.checkpoint import AGGREGATOR, Bundle, CheckpointError, inspect_bundle
+from protocols.checkpoint import AGGREGATOR, Bundle, CheckpointError, TensorValues, read_bundle
 from protocols.chunk_wire import hand_back_chunk, read_download_chunk
 from protocols.signing import SignatureError, verify_aggregate_custody, verify_custody
 from protocols.transport import CHUNK_BYTES, WHOLE_HAND_BACK_BYTES
@@ -127,8 +127,8 @@ class Transfers:
 
     def _download_checked(
         self, stub: pb_grpc.SiteServiceStub, ref: pb.CheckpointRef
-    ) -> tuple[bytes, Bundle]:
-        """`_download`, with what the bundle's checks found in it."""
+    ) -> tuple[bytes, Bundle, dict[str, TensorValues]]:
+        """`_download`, with what the bundle's checks found in it and its tensors' values."""
         buffer = bytearray()
 
         def fetch() -> bytes:
@@ -150,13 +150,16 @@ class Transfers:
 
         data = self._retrying("download", fetch)
         self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
-        return data, self._checked_bundle(data, ref)
+        return (data, *self._checked_bundle(data, ref))
 
-    def _checked_bundle(self, data: bytes, ref: pb.CheckpointRef) -> Bundle:
-        """What the bundle holds, if it is the one referenced (hash, format, finite values) and
-        its producer's custody signature holds."""
+    def _checked_bundle(
+        self, data: bytes, ref: pb.CheckpointRef
+    ) -> tuple[Bundle, dict[str, TensorValues]]:
+        """What the bundle holds and its tensors' values (as read by its checks, once), if it
+        is the one referenced (hash, format, finite values) and its producer's custody
+        signature holds."""
         try:
-            bundle = inspect_bundle(data, expected_sha256=ref.sha256)
+            bundle, values = read_bundle(data, expected_sha256=ref.sha256)
             ca_pem = self.settings.ca_certificate.read_bytes()
             if bundle.manifest.producer_site == AGGREGATOR:  # a round's aggregate
                 verify_aggregate_custody(
@@ -172,7 +175,7 @@ class Transfers:
                 )
         except (CheckpointError, SignatureError) as exc:
             raise HopFailure("checkpoint-integrity", str(exc)) from exc
-        return bundle
+        return bundle, values
 
     @staticmethod
     def _upload_messages(header: pb.UploadHeader, payload: bytes) -> Iterator[pb.UploadRequest]:

@@ -218,6 +218,9 @@ class Hops:
         """The input's bytes if it is small enough to ride inside its task."""
         if input_ref is None or not wants_inline_bundle(input_ref):
             return None
+        kept = self.intake.recent_bundles.take(input_ref.sha256)  # handed back a moment ago
+        if kept is not None:
+            return kept
         try:
             return self.store.read(input_ref.sha256)
         except OSError as exc:  # the site downloads it and meets the same fault, loudly

@@ -1,12 +1,15 @@
-"""Pure builders of the task messages sent to sites, and the approval bundles they carry."""
+"""Pure builders of the task messages sent to sites, the approval bundles they carry, and the
+small input bundles kept in memory for the next hop's task to carry."""
 
 from __future__ import annotations
 
 import json
 import math
 import threading
+from collections import OrderedDict
 from datetime import UTC, datetime
 
+from coordinator.engine.handoff import INLINE_BUNDLE_BYTES
 from coordinator.ledger import (
     CheckpointRow,
     EvaluationRow,
@@ -22,6 +25,7 @@ from protocols.hyperparameters import HopHyperparameters
 from protocols.v1 import baton_pb2 as pb
 
 __all__ = [
+    "RecentBundles",
     "approval_bundle",
     "approval_json",
     "checkpoint_ref",
@@ -185,3 +189,36 @@ def unix_seconds(moment: datetime | None) -> int:
 def statistics_key(request_id: str, site: str) -> str:
     """Key of a site's statistics task among the tasks sent (hop and evaluation ids are bare)."""
     return f"statistics:{request_id}:{site}"
+
+
+class RecentBundles:
+    """The bytes of the small bundles stored lately, each taken once by the task that carries
+    it inside (the next hop's input): the coordinator held them a moment before, and reading
+    them back from the store (a file read and a hash) would be on the handoff.
+
+    Bounded: at most `kept` bundles of at most `max_bytes` each, the oldest dropped first;
+    a bundle not found here (dropped, or after a restart) is read from the store as before.
+    The bytes are the ones checked before they were stored (content-addressed: their hash is
+    their key), so a task carries exactly what the store holds.
+    """
+
+    def __init__(self, max_bytes: int = INLINE_BUNDLE_BYTES, kept: int = 4) -> None:
+        self.max_bytes = max_bytes
+        self.kept = kept
+        self._bundles: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, sha256: str, data: bytes) -> None:
+        """Keeps a stored bundle's bytes for its next task, if it is small enough to ride in it."""
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            self._bundles[sha256] = data
+            self._bundles.move_to_end(sha256)
+            while len(self._bundles) > self.kept:
+                self._bundles.popitem(last=False)
+
+    def take(self, sha256: str) -> bytes | None:
+        """The kept bytes of a bundle (dropped from here), or None."""
+        with self._lock:
+            return self._bundles.pop(sha256, None)

@@ -28,6 +28,7 @@ from pathlib import Path
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.engine.spool import UploadSpool
+from coordinator.engine.tasks import RecentBundles
 from coordinator.errors import (
     InvalidInput,
     NotFound,
@@ -499,6 +500,8 @@ class UploadIntake:
         # next hop's lineage check compares its output with its input's without a query.
         self._kept_tensors: OrderedDict[str, list[list[object]]] = OrderedDict()
         self._kept_lock = threading.Lock()  # written on worker threads, read on the loop
+        # The small bundles stored lately, for the next hop's task (no store read on the handoff).
+        self.recent_bundles = RecentBundles()
 
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
         """A site may download only the input of its leased hop or of its pending evaluation."""
@@ -723,6 +726,7 @@ class UploadIntake:
         except BaseException:
             await run_to_end(self.store.unstage, staged)  # gone already once it is placed
             raise
+        self.recent_bundles.keep(row.sha256, whole)  # the next hop's task carries it
         return run, hop, row
 
     async def _unstage(self, staging: asyncio.Future[Path | None]) -> None:

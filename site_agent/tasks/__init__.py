@@ -23,6 +23,7 @@ from site_agent.tasks._spec import (
     TensorSpec,
     Trainer,
 )
+from site_agent.tasks._state import tensors_from_values
 from site_agent.tasks._tabular import TabularTrainer, architecture_sha256
 from site_agent.tasks._trainers import create_trainer, load_base_models
 
@@ -69,4 +70,5 @@ __all__ = [
     "create_trainer",
     "hash_base_model",
     "load_base_models",
+    "tensors_from_values",
 ]

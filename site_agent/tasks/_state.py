@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from protocols.checkpoint import TensorValues
 from site_agent.tasks._spec import TENSOR_DTYPE, TensorSpec
 
 _KEYS_SHOWN_IN_ERRORS = 20
+
+
+# safetensors dtype names -> torch dtypes (those safetensors' own torch loader knows).
+_TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def tensors_from_values(values: Mapping[str, TensorValues]) -> dict[str, torch.Tensor] | None:
+    """CPU tensors (writable copies) of a checked bundle's values, as `safetensors.torch.load`
+    builds them from the same bytes, without parsing the bundle again; None where it would
+    not build them so (a dtype torch has no name for here, a big-endian host)."""
+    if sys.byteorder != "little":
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in values.items():
+        dtype = _TORCH_DTYPES.get(value.dtype)
+        if dtype is None:
+            return None
+        if not value.data:  # frombuffer takes no empty buffer
+            tensors[name] = torch.empty(value.shape, dtype=dtype)
+        else:
+            buffer = bytearray(value.data)
+            tensors[name] = torch.frombuffer(buffer, dtype=dtype).reshape(value.shape)
+    return tensors
 
 
 def checked_state(

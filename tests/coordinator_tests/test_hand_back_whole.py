@@ -92,6 +92,29 @@ _RESULT_REFUSALS = {
 }
 
 
+def test_the_next_task_carries_a_bundle_handed_back_a_moment_ago_without_reading_the_store(
+    sites: dict[str, ScriptedSite],
+    site: ScriptedSite,
+    task: pb.HopTask,
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = coordinator.engine.store
+    read_back: list[str] = []
+    read = store.read
+    monkeypatch.setattr(store, "read", lambda sha256: read_back.append(sha256) or read(sha256))
+    data = _bundle(site, task, 75_000)
+
+    assert _whole(site, task, data) == "committed"
+
+    second = sites["site-b"].next_task()
+    assert second.input_bundle == data  # the bytes the coordinator checked and stored
+    assert read_back == []  # kept in memory from the hand back, not read back from the store
+    assert _stored(coordinator) == [sha256_hex(data)]
+    # Taken once: a task sent again (a reconnect) reads the store, as any later read does.
+    assert coordinator.engine.intake.recent_bundles.take(sha256_hex(data)) is None
+
+
 def _refused_request(
     site: ScriptedSite, task: pb.HopTask, good: bytes, case: str
 ) -> pb.HandBackWhole:

@@ -301,25 +301,39 @@ def test_an_incoming_bundle_is_parsed_and_checked_once(
     tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The bundle's hash, format and finite-value checks run once at the next site (in the
-    # integrity check before the signature), not again before the load.
+    # integrity check before the signature), and its tensors are built from what that one
+    # parse read: safetensors parses the bundle once, not again for the load.
+    import safetensors
+    import safetensors.torch
+
     import protocols.checkpoint
-    import site_agent.hop_runner
     import site_agent.transfers
 
     agent = _agent(tmp_path, pki)
-    task = _signed_input(pki, {"lora_A": torch.ones(2, 3)})
+    tensors = {"lora_A": torch.arange(6.0).reshape(2, 3), "lora_B": torch.zeros(3, 2)}
+    task = _signed_input(pki, tensors)
     inspected: list[int] = []
+    parsed: list[str] = []
 
-    def counting(data: bytes, **kwargs: Any) -> protocols.checkpoint.Bundle:
+    def counting(data: bytes, **kwargs: Any) -> Any:
         inspected.append(len(data))
-        return protocols.checkpoint.inspect_bundle(data, **kwargs)
+        return protocols.checkpoint.read_bundle(data, **kwargs)
 
-    monkeypatch.setattr(site_agent.transfers, "inspect_bundle", counting)
-    monkeypatch.setattr(site_agent.hop_runner, "inspect_bundle", counting)
+    deserialize, load = safetensors.deserialize, safetensors.torch.load
+    monkeypatch.setattr(site_agent.transfers, "read_bundle", counting)
+    monkeypatch.setattr(safetensors, "deserialize",
+                        lambda data: parsed.append("deserialize") or deserialize(data))  # fmt: skip
+    monkeypatch.setattr(safetensors.torch, "load",
+                        lambda data: parsed.append("load") or load(data))  # fmt: skip
 
-    agent._incoming(_NoDownloads(), task, "b" * 64)  # type: ignore[arg-type]
+    loaded = agent._incoming(_NoDownloads(), task, "b" * 64)  # type: ignore[arg-type]
 
     assert inspected == [len(task.input_bundle)]
+    assert parsed == ["deserialize"]
+    assert sorted(loaded) == ["lora_A", "lora_B"]
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor) and loaded[name].dtype == torch.float32
+    loaded["lora_A"].add_(1.0)  # writable: the prepared model's slots copy from it, no alias
 
 
 class _AwayOnce(_Coordinator):
@@ -396,3 +410,36 @@ def test_a_trainer_loaded_during_a_hop_freezes_the_heap_only_once_the_hop_is_ove
     assert "tabular" in agent._trainers
     assert frozen["during the hop"] == frozen["before"]  # nothing of the hop's frozen
     assert gc.get_freeze_count() > frozen["before"]  # settled once the hop was over
+
+
+class _SlowHeads:
+    """Kept heads whose keep waits until released (a slow disk's fsync), in the order kept."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.kept: list[int] = []
+
+    def keep(self, message: pb.SignedLedgerHead) -> None:
+        self.started.set()
+        assert self.release.wait(30)
+        self.kept.append(message.seq)
+
+
+def test_a_signed_head_is_kept_beside_the_task_stream_in_the_order_received(
+    tmp_path: Path, pki: Pki
+) -> None:
+    # A head reaches the next site just before its hop's task now and then (signed after a
+    # commit): its check and fsync must not hold the task up.
+    agent = _agent(tmp_path, pki)
+    heads = _SlowHeads()
+    agent.heads = heads  # type: ignore[assignment]
+
+    agent._keep_head(pb.SignedLedgerHead(seq=100))
+    agent._keep_head(pb.SignedLedgerHead(seq=200))  # returned while the first is being kept
+
+    assert heads.started.wait(30) and heads.kept == []
+    heads.release.set()
+    agent.stop()  # a head received is still kept
+    agent._head_keeper.shutdown(wait=True)
+    assert heads.kept == [100, 200]
