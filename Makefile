@@ -21,10 +21,11 @@ demo: install
 	$(VENV)/bin/baton demo --dir demo
 
 # PYTEST_ARGS: more pytest options (.ci/run adds --durations=25).
-# XDIST: pytest-xdist workers. 0 (default): serially in one process. XDIST=2 on 2 cores; loadgroup
-# keeps together the tests tests/xdist_groups.py groups (Ray, module fixtures). A worker that dies
-# ends the run (--max-worker-restart=0): xdist's loadgroup hangs when it replaces a crashed worker
-# (pytest-dev/pytest-xdist#1323, #1327), and the crash is reported against the test it ran.
+# XDIST: pytest-xdist workers. 0 (default): serially in one process. XDIST=2 on 2 cores (not the
+# default until it is measured faster than serial on a quiet machine); loadgroup keeps together the
+# tests tests/xdist_groups.py groups (Ray, module fixtures). A worker that dies ends the run
+# (--max-worker-restart=0): xdist's loadgroup hangs when it replaces a crashed worker
+# (pytest-dev/pytest-xdist#1323, #1327); the crash is reported against the test it ran.
 XDIST ?= 0
 ifeq ($(XDIST),0)
 XDIST_ARGS :=
