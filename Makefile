@@ -21,14 +21,16 @@ demo: install
 	$(VENV)/bin/baton demo --dir demo
 
 # PYTEST_ARGS: more pytest options (.ci/run adds --durations=25).
-# XDIST: pytest-xdist workers. 0 (default): serially in one process. XDIST=2 on 2 cores (a worker
-# died once in a CI-equivalent run: not the default until that is understood); loadgroup keeps
-# together the tests tests/conftest.py groups (Ray, module fixtures).
+# XDIST: pytest-xdist workers. 0 (default): serially in one process. XDIST=2 on 2 cores (not the
+# default until it is measured faster than serial on a quiet machine); loadgroup keeps together the
+# tests tests/xdist_groups.py groups (Ray, module fixtures). A worker that dies ends the run
+# (--max-worker-restart=0): xdist's loadgroup hangs when it replaces a crashed worker
+# (pytest-dev/pytest-xdist#1323, #1327); the crash is reported against the test it ran.
 XDIST ?= 0
 ifeq ($(XDIST),0)
 XDIST_ARGS :=
 else
-XDIST_ARGS := -n $(XDIST) --dist loadgroup
+XDIST_ARGS := -n $(XDIST) --dist loadgroup --max-worker-restart=0
 endif
 
 test: install

@@ -22,30 +22,9 @@ from protocols.transport import TlsFiles
 SITES = ("site-a", "site-b", "site-c")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`), keeps together on one worker
-    the tests that share something costly: all Ray tests (one Ray head at a time on the
-    machine), and the tests of a module that share a module- or class-scoped fixture (a trained
-    model, a Ray head), which would otherwise be built once on each worker. The other tests go
-    one by one to whichever worker is free."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        fixtures = getattr(item, "_fixtureinfo", None)
-        shared = fixtures is not None and any(
-            definitions[-1].scope in ("class", "module", "package")
-            for definitions in fixtures.name2fixturedefs.values()
-        )
-        module = getattr(item, "module", None)
-        if item.get_closest_marker("ray") is not None or (
-            shared and module is not None and hasattr(module, "ray_head")
-        ):
-            item.add_marker(pytest.mark.xdist_group("ray"))
-        elif shared and module is not None:
-            item.add_marker(pytest.mark.xdist_group(module.__name__))
+def pytest_configure(config: pytest.Config) -> None:
+    # Which tests pytest-xdist runs together on one worker (make test XDIST=2).
+    config.pluginmanager.import_plugin("tests.xdist_groups")
 
 
 @dataclass(frozen=True)
