@@ -165,6 +165,21 @@ def _snapshot(
     return carry_forward(previous, entry, touched.assigned)
 
 
+def _hold_sqlite_write_lock(session: Session) -> None:
+    """Takes SQLite's write lock for the session's transaction, unless it holds it already.
+
+    The sqlite3 driver opens a transaction only at the first INSERT, UPDATE or DELETE: a
+    transaction that appends an event before any other write (``storage.fault``, a refusal)
+    would read the chain's head outside any lock, and another thread or process could append
+    and commit before its INSERT, both events chained to the same predecessor. `BEGIN
+    IMMEDIATE` takes the lock first (waiting out the busy timeout), so the head read is the
+    head this event follows.
+    """
+    driver = session.connection().connection.driver_connection
+    if driver is not None and not driver.in_transaction:
+        session.execute(text("BEGIN IMMEDIATE"))
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL keeps readers (CLI, dashboard) off the writer's back; FULL makes each commit durable.
@@ -292,10 +307,13 @@ class LedgerCore:
             # advisory lock; SQLite: the write lock) until it commits: that event is the head.
             prev = ours[1]
         else:
-            if session.bind is not None and session.get_bind().dialect.name == "postgresql":
+            dialect = session.get_bind().dialect.name if session.bind is not None else None
+            if dialect == "postgresql":
                 # Serialise appenders across processes: row locks cannot stop two transactions
                 # from chaining to the same predecessor, a transaction-scoped advisory lock can.
                 session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+            elif dialect == "sqlite":
+                _hold_sqlite_write_lock(session)
             last = session.scalars(
                 select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1).with_for_update()
             ).first()
