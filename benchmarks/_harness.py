@@ -36,6 +36,16 @@ def markdown_section(title: str, *paragraphs: str, columns: Sequence[str]) -> li
     return [*lines, "", markdown_row(*columns), "|" + "---|" * len(columns)]
 
 
+def free_port() -> int:
+    """A loopback TCP port free now (for a process told its port before it starts)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 PACKAGES = ("coordinator", "protocols", "site_agent", "ordering")
 
 

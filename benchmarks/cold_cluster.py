@@ -35,7 +35,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _harness import project_bytecode  # noqa: E402
+from _harness import free_port, project_bytecode  # noqa: E402
 
 from coordinator.console.admin import AdminClient  # noqa: E402
 from coordinator.console.demo import DATASET, packaged_minilm, prepare_pki, write_site_data  # noqa: E402
@@ -132,12 +131,6 @@ def _plan(labels: list[str], steps: int) -> RunPlan:
     })  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return int(probe.getsockname()[1])
-
-
 def cold_start(
     work: Path,
     steps: int,
@@ -160,7 +153,7 @@ def cold_start(
     load_before = os.getloadavg()
     uptime_before = _uptime()
     with CpuSampler() as cpu, cluster.running():
-        port = 0 if sites_after_ready else _free_port()
+        port = 0 if sites_after_ready else free_port()
         t0 = time.time()
         port = cluster.start_coordinator(  # a generous timeout: the machine may be loaded
             state_dir=work / "coordinator", pki_dir=pki, port_file=work / "port", timeout=600,

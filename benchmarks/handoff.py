@@ -71,8 +71,10 @@ PEERS_DIR = HERE / "handoff_peers"
 RESULTS = HERE / "results"
 sys.path.insert(0, str(PEERS_DIR))
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))  # its sibling helpers (_harness), also when loaded as a module
 
 import tabular_job  # noqa: E402
+from _harness import free_port  # noqa: E402
 
 ALL_PEERS = ("baton", "raw", "flower", "nvflare")
 TASKS = ("tabular", "minilm")
@@ -170,13 +172,6 @@ def visits_to_figures(visits: Sequence[dict[str, Any]], t0: float, done: float) 
         "start_to_first_hop_s": round(ordered[0]["train_start"] - t0, 2) if ordered else None,
         "wall_s": round(done - t0, 2),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def stop_trees(pids: Sequence[int]) -> None:
