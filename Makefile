@@ -33,10 +33,17 @@ else
 XDIST_ARGS := -n $(XDIST) --dist loadgroup --max-worker-restart=0
 endif
 
+# The project's own modules are compiled to bytecode first, as an installed wheel ships them (pip
+# compiles on install; the editable checkout is not): where PYTHONDONTWRITEBYTECODE is set, every
+# coordinator and site process a test starts would otherwise compile them again from source.
+BYTECODE := $(PY) -m compileall -q -j 0 protocols coordinator site_agent ordering benchmarks tests
+
 test: install
+	$(BYTECODE)
 	$(PY) -m pytest -q $(XDIST_ARGS) $(PYTEST_ARGS)
 
 test-all: install
+	$(BYTECODE)
 	$(PY) -m pytest -q -m '' $(XDIST_ARGS) $(PYTEST_ARGS)
 
 lint: install check-protos
