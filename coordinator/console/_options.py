@@ -1,21 +1,27 @@
 """What the `baton` commands share: the consoles, one-line failures, and the options naming the
-coordinator, the admin identity, the ledger and the study storage (defined once here)."""
+coordinator, the admin identity, the ledger and the study storage (defined once here).
+
+`coordinator serve` imports this module for its failures: rich (the consoles) and the admin client
+are imported when first used, not on its way to ready.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import click
 import grpc
 import typer
-from rich.console import Console
-from rich.markup import escape
 
-from coordinator.console.admin import AdminClient
 from protocols.exit_codes import EXIT_BAD_INPUT, EXIT_UNREACHABLE
 from protocols.pki import PkiError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from coordinator.console.admin import AdminClient
 
 __all__ = [
     "DEFAULT_STORAGE_FILE",
@@ -38,8 +44,21 @@ __all__ = [
 
 T = TypeVar("T")
 
-console = Console()
-err = Console(stderr=True)
+console: Console  # standard output: made by __getattr__ when first used
+err: Console  # standard error, likewise
+
+
+def __getattr__(name: str) -> Console:
+    """`console` (standard output) and `err` (standard error), each made once, on first use."""
+    if name not in ("console", "err"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    made: Console | None = globals().get(name)
+    if made is None:
+        from rich.console import Console
+
+        made = globals()[name] = Console(stderr=name == "err")
+    return made
+
 
 Coord = Annotated[str, typer.Option("--coordinator", envvar="BATON_COORDINATOR", help="host:port")]
 AdminCa = Annotated[Path, typer.Option("--ca", envvar="BATON_ADMIN_CA", help="CA certificate")]
@@ -79,13 +98,17 @@ def resolve_storage(storage: str | None) -> str:
 
 def fail(message: str, code: int) -> typer.Exit:
     """Prints `message` as one error line on stderr; raise the returned exit with `from exc`."""
+    from rich.markup import escape
+
     # One line whatever the terminal width; the message is text, never rich markup.
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    __getattr__("err").print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
 def admin_client(coordinator: str, ca: Path, cert: Path, key: Path) -> AdminClient:
     """An admin connection to the coordinator; unreadable certificate files are bad input."""
+    from coordinator.console.admin import AdminClient
+
     try:
         return AdminClient.from_files(coordinator, ca, cert, key)
     except PkiError as exc:

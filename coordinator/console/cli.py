@@ -1,140 +1,71 @@
-"""The `baton` command: PKI, the coordinator service, runs, sites and the demo."""
+"""The `baton` command: `baton GROUP ...` builds and imports that command group alone.
+
+Typer turns every command of the tree into a click command before it parses the first argument,
+and the tree's modules import rich tables, the simulators' registry and the rest: a third of
+`baton coordinator serve`'s CPU to ready, for commands it never runs. The whole tree
+(`coordinator.console.root`, also `app` here) answers the rest: the root's help and the
+top-level commands.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+import importlib
+import sys
+from typing import TYPE_CHECKING, Any
 
-import click
-import grpc
-import typer
-from rich.table import Table
-from typer.core import TyperGroup
+if TYPE_CHECKING:
+    import typer
 
-from coordinator.console._options import (
-    AdminCa,
-    AdminCert,
-    AdminKey,
-    Coord,
-    admin_client,
-    console,
-    fail,
-)
-from coordinator.console.admin_cli import admin_app
-from coordinator.console.coordinator_commands import coordinator_app
-from coordinator.console.db_commands import backup_command, db_app, restore_command
-from coordinator.console.ledger_commands import ledger_app, store_app
-from coordinator.console.pki_commands import pki_app, provision_kit
-from coordinator.console.run_commands import run_app
-from coordinator.console.simulate_commands import simulate
-from coordinator.console.statistics_commands import statistics_app
-from protocols.exit_codes import EXIT_RUN_FAILED, EXIT_UNREACHABLE
-from protocols.logs import configure_logging
+__all__ = ["GROUPS", "app", "group_app", "main", "new_root"]
 
-__all__ = ["app", "main"]
+app: typer.Typer  # the whole tree (coordinator.console.root), built by __getattr__ when first used
+
+# Each command group of `baton`: the module and the name of its Typer app.
+GROUPS: dict[str, tuple[str, str]] = {
+    "pki": ("coordinator.console.pki_commands", "pki_app"),
+    "coordinator": ("coordinator.console.coordinator_commands", "coordinator_app"),
+    "run": ("coordinator.console.run_commands", "run_app"),
+    "ledger": ("coordinator.console.ledger_commands", "ledger_app"),
+    "statistics": ("coordinator.console.statistics_commands", "statistics_app"),
+    "store": ("coordinator.console.ledger_commands", "store_app"),
+    "db": ("coordinator.console.db_commands", "db_app"),
+    "admin": ("coordinator.console.admin_cli", "admin_app"),
+    "study": ("coordinator.console.study_cli", "study_app"),  # Optuna: imported when named
+}
 
 
-class _LazyStudyGroup(TyperGroup):
-    """The root command group; `study` (Optuna, the search) is imported only when used,
-    so `baton coordinator serve` and the other commands start without it."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), "study"})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name == "study" and cmd_name not in self.commands:
-            from coordinator.console.study_cli import study_app
-
-            study = typer.main.get_group(study_app)
-            study.name = "study"
-            self.add_command(study)
-        return super().get_command(ctx, cmd_name)
+def group_app(name: str) -> typer.Typer:
+    """The Typer app of the command group `name` (its module imported now)."""
+    module, attribute = GROUPS[name]
+    group: typer.Typer = getattr(importlib.import_module(module), attribute)
+    return group
 
 
-app = typer.Typer(
-    pretty_exceptions_show_locals=False,
-    help="Baton coordinator: sequential LoRA training across hospitals.",
-    no_args_is_help=True,
-    cls=_LazyStudyGroup,
-)
-app.add_typer(pki_app, name="pki")
-app.add_typer(coordinator_app, name="coordinator")
-app.add_typer(run_app, name="run")
-app.add_typer(ledger_app, name="ledger")
-app.add_typer(statistics_app, name="statistics")
-app.add_typer(store_app, name="store")
-app.add_typer(db_app, name="db")
-app.add_typer(admin_app, name="admin")
-app.command("provision")(provision_kit)
-app.command("backup")(backup_command)
-app.command("restore")(restore_command)
-app.command("simulate")(simulate)
+def new_root(**options: Any) -> typer.Typer:
+    """The `baton` root, without its commands (the whole tree's and a single group's)."""
+    import typer
 
-
-@app.command("sites")
-def sites(
-    coordinator: Coord = "localhost:50051",
-    ca: AdminCa = Path("pki/ca.crt"),
-    cert: AdminCert = Path("pki/admin.crt"),
-    key: AdminKey = Path("pki/admin.key"),
-    wait_for: Annotated[
-        list[str] | None,
-        typer.Option(help="First wait until this site is connected (repeatable)"),
-    ] = None,
-    timeout: Annotated[float, typer.Option(help="How long --wait-for waits (seconds)")] = 120.0,
-) -> None:
-    """List registered sites and whether they are connected."""
-    with admin_client(coordinator, ca, cert, key) as client:
-        if wait_for:
-            try:
-                client.wait_for_sites(set(wait_for), timeout)
-            except TimeoutError as exc:
-                raise fail(str(exc), EXIT_UNREACHABLE) from exc
-        try:
-            rows = client.sites()
-        except grpc.RpcError as exc:
-            raise fail(f"{exc.code().name}: {exc.details()}", EXIT_UNREACHABLE) from exc
-    table = Table("site", "connected", "agent", "base model", "datasets")
-    for site in rows:
-        table.add_row(
-            site.name,
-            "yes" if site.connected else "no",
-            site.agent_version,
-            ", ".join(m.sha256[:12] for m in site.base_models),
-            ", ".join(
-                f"{d.name} ({d.train_examples}/{d.validation_examples})" for d in site.datasets
-            ),
-        )
-    console.print(table)
-
-
-@app.command("demo")
-def demo(
-    directory: Annotated[Path, typer.Option("--dir", help="Demo directory (recreated)")] = Path(
-        "demo"
-    ),
-    sites: Annotated[int, typer.Option(min=2, max=8)] = 3,
-    cycles: Annotated[int, typer.Option(min=1)] = 2,
-    steps: Annotated[int, typer.Option(min=1)] = 15,
-    base_model: Annotated[
-        Path | None, typer.Option(help="Base model folder (default: packaged all-MiniLM-L6-v2)")
-    ] = None,
-    keep_serving: Annotated[
-        bool, typer.Option(help="Keep the coordinator and its dashboard up after the run")
-    ] = False,
-) -> None:
-    """Run a real multi-process sequential run on generated data, then print its summary."""
-    from coordinator.console.demo import DemoError, run_demo
-
-    configure_logging("WARNING")
-    try:
-        run = run_demo(directory, n_sites=sites, cycles=cycles, steps=steps, base_model=base_model,
-                       keep_serving=keep_serving)  # fmt: skip
-    except DemoError as exc:
-        raise fail(str(exc), EXIT_RUN_FAILED) from exc
-    if run.status != "completed":
-        raise typer.Exit(EXIT_RUN_FAILED)
+    return typer.Typer(
+        pretty_exceptions_show_locals=False,
+        help="Baton coordinator: sequential LoRA training across hospitals.",
+        no_args_is_help=True,
+        **options,
+    )
 
 
 def main() -> None:
-    app()
+    name = sys.argv[1] if len(sys.argv) > 1 else ""
+    if name in GROUPS:
+        root = new_root()
+        root.add_typer(group_app(name), name=name)
+    else:
+        from coordinator.console.root import app as root
+    root()
+
+
+def __getattr__(name: str) -> typer.Typer:
+    if name == "app":  # the whole tree, built on first use
+        from coordinator.console.root import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
