@@ -78,25 +78,31 @@ def _label(root: Path) -> str:
     return f"{root} ({commit})" if commit else str(root)
 
 
-def _tree_rss_mib(pid: int) -> float:
-    """The resident memory of process `pid` and all its descendants (0 once it is gone)."""
-    total, pending = 0, [pid]
+def _tree_memory_mib(pid: int) -> tuple[float, float]:
+    """The resident memory (RSS, and PSS: shared pages split between their processes) of
+    process `pid` and all its descendants; (0, 0) once it is gone."""
+    rss = pss = 0
+    pending = [pid]
     while pending:
         current = pending.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
             children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except OSError:
             continue
-        total += next((int(line.split()[1]) for line in status.splitlines()
-                       if line.startswith("VmRSS:")), 0)  # fmt: skip
+        for line in rollup.splitlines():
+            if line.startswith("Rss:"):
+                rss += int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss += int(line.split()[1])
         pending += [int(child) for child in children]
-    return total / 1024
+    return rss / 1024, pss / 1024
 
 
-def _sample_tree_rss(pid: int, peak: list[float], done: threading.Event) -> None:
+def _sample_tree_memory(pid: int, peak: list[float], done: threading.Event) -> None:
     while not done.wait(0.1):
-        peak[0] = max(peak[0], _tree_rss_mib(pid))
+        rss, pss = _tree_memory_mib(pid)
+        peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
 
 
 def verify_once(url: str, root: Path) -> dict[str, Any]:
@@ -107,8 +113,8 @@ def verify_once(url: str, root: Path) -> dict[str, Any]:
     with tempfile.TemporaryFile("w+") as out:
         start = time.perf_counter()
         process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-        peak, done = [0.0], threading.Event()
-        sampler = threading.Thread(target=_sample_tree_rss, args=(process.pid, peak, done))
+        peak, done = [0.0, 0.0], threading.Event()
+        sampler = threading.Thread(target=_sample_tree_memory, args=(process.pid, peak, done))
         sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.perf_counter() - start
@@ -125,23 +131,29 @@ def verify_once(url: str, root: Path) -> dict[str, Any]:
         "user_s": round(usage.ru_utime, 2),
         "sys_s": round(usage.ru_stime, 2),
         "peak_rss_mib": round(usage.ru_maxrss / 1024),  # of the largest process
-        "peak_tree_rss_mib": round(peak[0]),  # of all its processes together, sampled 10/s
+        # of all its processes together, sampled 10/s
+        "peak_tree_rss_mib": round(peak[0]),
+        "peak_tree_pss_mib": round(peak[1]),
         "load_1min_before": round(load, 2),
         "output": output.strip().splitlines()[0] if output.strip() else "",
     }
 
 
 def markdown(figures: dict[str, Any]) -> str:
+    head = (
+        f"Command: `{figures['command']}`  \nLedger: {figures['ledger']}, {figures['events']} "
+        f"events; machine: {figures['machine']}"
+    )
     lines = [
         "# `baton ledger verify` on a large ledger",
         "",
-        f"Command: `{figures['command']}`  ",
-        f"Ledger: {figures['ledger']}, {figures['events']} events; machine: {figures['machine']}",
+        head,
         "",
         "Medians over the rounds (each round runs every checkout once, in turn; CPU = user + sys "
         "of the verify process and the processes it started).",
         "",
-        "| checkout | wall s | CPU s | peak RSS MiB (largest process / all) | runs: wall s "
+        "| checkout | wall s | CPU s | peak MiB: RSS largest process / RSS all / PSS all | "
+        "runs: wall s "
         "(CPU s) | 1-min load before each |",
         "|---|---|---|---|---|---|",
     ]
@@ -150,7 +162,8 @@ def markdown(figures: dict[str, Any]) -> str:
         each = ", ".join(f"{r['wall_s']} ({r['cpu_s']})" for r in runs)
         lines.append(
             f"| {label} | {summary['median_wall_s']} | {summary['median_cpu_s']} | "
-            f"{summary['max_peak_rss_mib']} / {summary['max_peak_tree_rss_mib']} | "
+            f"{summary['max_peak_rss_mib']} / {summary['max_peak_tree_rss_mib']} / "
+            f"{summary['max_peak_tree_pss_mib']} | "
             f"{each} | "
             f"{', '.join(str(r['load_1min_before']) for r in runs)} |"
         )
@@ -170,6 +183,7 @@ def measure(url: str, roots: list[Path], rounds: int) -> dict[str, Any]:
             "median_cpu_s": round(statistics.median(r["cpu_s"] for r in found), 2),
             "max_peak_rss_mib": max(r["peak_rss_mib"] for r in found),
             "max_peak_tree_rss_mib": max(r["peak_tree_rss_mib"] for r in found),
+            "max_peak_tree_pss_mib": max(r.get("peak_tree_pss_mib", 0) for r in found),
             "runs": found,
         }
         for label, found in runs.items()

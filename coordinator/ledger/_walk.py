@@ -10,11 +10,11 @@ import hashlib
 import json
 import json.encoder
 import multiprocessing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, NoReturn
 
-from sqlalchemy import Connection, Row, Text, cast, func, select
+from sqlalchemy import URL, Connection, Text, cast, func, select
 
 from coordinator.ledger._chain import GENESIS_HASH, ChainBreak, LedgerCore, event_hash
 from coordinator.ledger._integrity import StateIndex
@@ -57,7 +57,8 @@ _ENCODE = (
 )
 # `event_hash`'s body: its seven keys in sorted order.
 _BODY = '{"at":%s,"hop_id":%s,"kind":%s,"payload":%s,"prev":%s,"run_id":%s,"site":%s}'
-_SCAN = json.JSONDecoder().scan_once  # the C scanner `json.loads` ends in, without its wrappers
+# The C scanner `json.loads` ends in, without its wrappers.
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _UNREADABLE = object()  # a payload whose stored text is not JSON
 
 
@@ -134,7 +135,7 @@ class ChainWalk:
         self.last_seq = 0
         self.broken: ChainBreak | None = None  # the first event that does not verify
 
-    def add(self, events: Sequence[Row[Any]]) -> None:
+    def add(self, events: Sequence[Sequence[Any]]) -> None:
         if not events:
             return
         if self.first is None:
@@ -198,6 +199,15 @@ def _walk_apart(url: str, after: int, upto: int | None, rows: bool, chunk: int) 
         core.close()
 
 
+def _in_memory(url: URL) -> bool:
+    """Whether `url` is an in-memory SQLite database (another process would open another)."""
+    database = url.database or ""
+    return url.get_backend_name() == "sqlite" and (
+        database in ("", ":memory:") or database.startswith("file::memory:")
+        or url.query.get("mode") == "memory"
+    )  # fmt: skip
+
+
 def walk_chain(
     connection: Connection, url: str, *, rows: bool, chunk: int, processes: int = 1
 ) -> ChainWalk:
@@ -207,7 +217,7 @@ def walk_chain(
     """
     walk = ChainWalk(RowIndex() if rows else None)
     cuts: list[int] = []
-    if processes > 1:
+    if processes > 1 and not _in_memory(connection.engine.url):
         low, high = connection.execute(select(func.min(_EVENTS.seq), func.max(_EVENTS.seq))).one()
         if low is not None:
             parts = min(processes, (high - low + 1) // SPLIT_MIN_EVENTS)

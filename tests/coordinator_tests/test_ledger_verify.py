@@ -164,3 +164,19 @@ def test_the_last_event_of_a_part_deleted_is_named_at_the_next_part(populated: L
     assert result.chain_break is not None and result.chain_break.seq == cut + 1
     assert "deleted or inserted" in result.chain_break.reason
     assert result == populated.verify()
+
+
+def test_an_in_memory_ledger_is_walked_by_this_process_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another process would open an empty database of its own: its part would have no events.
+    ledger = Ledger("sqlite://")
+    ledger.migrate()
+    for index in range(9):
+        ledger.record_event("test.event", payload={"index": index})
+    monkeypatch.setattr(_walk, "SPLIT_MIN_EVENTS", 3)
+    monkeypatch.setattr(_walk, "ProcessPoolExecutor", _CountingPool)
+    _CountingPool.ranges = []
+    result = ledger.verify(processes=3)
+    ledger.close()
+    assert result.ok and result.events == 9 and not _CountingPool.ranges
