@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -77,6 +78,14 @@ def ledger_verify(
     ca: Annotated[
         Path, typer.Option("--ca", envvar="BATON_CA", help="CA certificate (to check signed heads)")
     ] = Path("pki/ca.crt"),
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes that walk a long chain, one seq range each (default: 2, or 1 on "
+            "one CPU)",
+        ),
+    ] = None,
 ) -> None:
     """Check the event chain, every state row against it, and that it reaches its signed heads.
 
@@ -114,7 +123,9 @@ def ledger_verify(
     ledger = _ledger(state_dir, database_url)
     try:
         rows_covered = ledger.covers_state_rows()
-        result = ledger.verify(rows=rows_covered)
+        if processes is None:
+            processes = min(2, len(os.sched_getaffinity(0)))
+        result = ledger.verify(rows=rows_covered, processes=processes)
         problems: list[HeadProblem] = []
         newest = None
         if signed:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Text, cast, select
+from sqlalchemy import select
 
 from coordinator.ledger._chain import (
     GENESIS_HASH,
@@ -14,16 +13,15 @@ from coordinator.ledger._chain import (
     LedgerCore,
     LedgerVerification,
     TransitionRefused,
-    event_hash,
 )
 from coordinator.ledger._integrity import (
     MISMATCH_EVENT,
     RowMismatch,
-    StateIndex,
     StateRow,
     state_mismatches,
     state_rows,
 )
+from coordinator.ledger._walk import walk_chain
 from coordinator.ledger.models import Base, CheckpointRow, EventRow, HopRow, RunRow
 
 
@@ -76,51 +74,29 @@ class EventLog(LedgerCore):
         """Walks the event log; returns the first event that does not verify, or None."""
         return self.verify(rows=False).chain_break
 
-    def verify(self, *, rows: bool = True, chunk: int = 1000) -> LedgerVerification:
+    def verify(
+        self, *, rows: bool = True, chunk: int = 1000, processes: int = 1
+    ) -> LedgerVerification:
         """Streams the event chain, then (with `rows`) checks every state row against it.
 
         Events are read `chunk` at a time as plain tuples with the payload as its stored text
-        (decoded once here, not by the ORM), and only the newest seq per state row is kept, so
-        memory does not grow with the number of events.
+        (decoded once, not by the ORM), and only the newest seq per state row is kept, so
+        memory does not grow with the number of events. With `processes` > 1 a long chain is
+        cut into that many seq ranges, each walked by a process of its own (`walk_chain`).
         """
-        prev, count, last_seq, broken = GENESIS_HASH, 0, 0, None
-        index = StateIndex()
-        events = EventRow.__table__.c
-        query = select(
-            events.seq,
-            events.at,
-            events.kind,
-            events.run_id,
-            events.hop_id,
-            events.site,
-            cast(events.payload, Text),
-            events.prev_hash,
-            events.hash,
-        ).order_by(events.seq)
-        decode, note = json.loads, index.add
         with self._sessions() as session:
-            result = session.execute(query, execution_options={"yield_per": chunk})
-            for seq, at, kind, run_id, hop_id, site, text, prev_hash, digest in result:
-                payload = decode(text)
-                if broken is None:
-                    if prev_hash != prev:
-                        broken = ChainBreak(
-                            seq, "previous-hash link broken (event deleted or inserted)"
-                        )
-                    elif digest != event_hash(prev, at, kind, run_id, hop_id, site, payload):
-                        broken = ChainBreak(seq, "content does not match its hash (event altered)")
-                prev = digest
-                if rows:
-                    note(seq, kind, payload)
-                count, last_seq = count + 1, seq
-            mismatches = list(index.compare_tables(session, chunk)) if rows else []
+            walk = walk_chain(
+                session.connection(), self.url, rows=rows, chunk=chunk, processes=processes
+            )
+            index = walk.index
+            mismatches = list(index.compare_tables(session, chunk)) if index is not None else []
         return LedgerVerification(
-            chain_break=broken,
-            events=count,
-            last_seq=last_seq,
-            head=prev,
+            chain_break=walk.broken,
+            events=walk.count,
+            last_seq=walk.last_seq,
+            head=walk.prev if walk.prev is not None else GENESIS_HASH,
             row_mismatches=mismatches,
-            recorded_mismatches=index.mismatch_events,
+            recorded_mismatches=index.mismatch_events if index is not None else [],
         )
 
     def event_at(self, seq: int) -> EventRow | None:
