@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import threading
+import weakref
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
@@ -40,6 +43,44 @@ def max_length_option(spec: TaskSpec, default: int, config: PretrainedConfig) ->
     if upper is not None and value > upper:
         raise ValueError(f"max_length must be <= {upper} for this model, got {value}")
     return value
+
+
+# The version counters of each cached base model's parameters, read at its first private copy.
+_base_versions: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, ...]] = (
+    weakref.WeakKeyDictionary()
+)
+_base_versions_lock = threading.Lock()
+
+
+def private_copy(base: PreTrainedModel) -> PreTrainedModel:
+    """A copy of a cached base model for one adapter model (peft edits its module tree in place):
+    its own modules, buffers and parameter objects over the base's parameter storage.
+
+    The base's weights are frozen and nothing writes into them: LoRA adds its own tensors, a
+    task re-draws its head as new tensors (``prepare_base``), ``.to(device)`` replaces a copy's
+    tensors and leaves the base's. Sharing them saves cloning ~90 MB (MiniLM; about 0.3 s of
+    CPU, most of a copy's cost, and that memory) per hop, preparation and evaluation. Checked,
+    not assumed: any in-place write into a shared tensor moves its version counter (shared with
+    the base's), and a copy of a base changed since its first copy is refused.
+
+    Raises:
+        ValueError: If the base's weights were written in place since its first copy.
+    """
+    parameters = list(base.parameters())  # tied weights once: the copy keeps them tied
+    versions = tuple(parameter._version for parameter in parameters)
+    with _base_versions_lock:
+        first = _base_versions.setdefault(base, versions)
+    if first != versions:
+        changed = sum(a != b for a, b in zip(first, versions, strict=True))
+        raise ValueError(
+            f"the base model held in memory was written in place ({changed} weight tensors "
+            "changed since its first use): restart the site to load it again"
+        )
+    shared = {
+        id(parameter): torch.nn.Parameter(parameter.detach(), requires_grad=parameter.requires_grad)
+        for parameter in parameters
+    }
+    return copy.deepcopy(base, shared)
 
 
 def build_adapter_model(

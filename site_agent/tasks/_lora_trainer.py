@@ -6,7 +6,6 @@ and how a batch is scored; ``LoraTrainer`` does everything else the same way for
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import math
@@ -39,6 +38,7 @@ from site_agent.tasks._lora import (
     load_adapter,
     load_adapter_in_place,
     max_length_option,
+    private_copy,
 )
 from site_agent.tasks._spec import (
     CancelCheck,
@@ -154,7 +154,8 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
     """Runs hops of LoRA fine-tuning of one base model for one task type.
 
     The tokenizer is loaded once, the base model once per ``base_model_key``; every hop and
-    every evaluation works on a deep copy of the cached base model, so hops never share state.
+    every evaluation works on a copy of the cached base model (``private_copy``: its own
+    modules over the base's frozen, never written weights), so hops never share state.
     ``prepare`` makes that copy (and the encodings) ahead of a hop, while another site trains;
     the hop then loads its incoming adapter into the prepared model in place.
     """
@@ -500,7 +501,7 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
 
         The caller forks the RNG around this call.
         """
-        base = copy.deepcopy(self._base_model(spec))
+        base = private_copy(self._base_model(spec))
         self._task.prepare_base(base, seed)
         return build_adapter_model(
             base, spec.lora, self._task.peft_task_type, seed, incoming, self._compute.device

@@ -180,7 +180,8 @@ def _reinitialise_classifier(model: PreTrainedModel, seed: int) -> None:
     """Re-draws the classification head from ``seed``.
 
     transformers initialises a missing head from the global generator at load time, so without
-    this a first hop would not be reproducible.
+    this a first hop would not be reproducible. The head gets new tensors: the ones it had are
+    the cached base's, which its copies share (``private_copy``) and nothing writes into.
     """
     heads = [
         module
@@ -198,7 +199,13 @@ def _reinitialise_classifier(model: PreTrainedModel, seed: int) -> None:
         for head in heads:
             for layer in head.modules():
                 if isinstance(layer, torch.nn.Linear):
-                    weight = torch.randn(layer.weight.shape, generator=generator) * std
-                    layer.weight.copy_(weight)
+                    old = layer.weight
+                    weight = torch.randn(old.shape, generator=generator) * std
+                    layer.weight = torch.nn.Parameter(
+                        weight.to(dtype=old.dtype, device=old.device),
+                        requires_grad=old.requires_grad,
+                    )
                     if layer.bias is not None:
-                        layer.bias.zero_()
+                        layer.bias = torch.nn.Parameter(
+                            torch.zeros_like(layer.bias), requires_grad=layer.bias.requires_grad
+                        )
