@@ -426,7 +426,7 @@ class Hops:
                 self.leases.forget(hop.id)
                 self._observe_commit(run, hop, result)
                 logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
-                self.intake.hop_ended(hop.id, "hop committed with another output")
+                self.intake.hop_committed(hop.id)  # its other uploads go after the answer
             if sent:
                 return "committed"
             try:

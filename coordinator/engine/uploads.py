@@ -502,6 +502,8 @@ class UploadIntake:
         self._kept_lock = threading.Lock()  # written on worker threads, read on the loop
         # The small bundles stored lately, for the next hop's task (no store read on the handoff).
         self.recent_bundles = RecentBundles()
+        # Committed hops' clean-ups on the ledger writer's thread, still running (`hop_committed`).
+        self._clean_ups: set[asyncio.Future[None]] = set()
 
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
         """A site may download only the input of its leased hop or of its pending evaluation."""
@@ -971,6 +973,44 @@ class UploadIntake:
             if fault is None:
                 raise
             self.storage.report(f"clean-up of hop {hop_id}", fault)
+
+    def hop_committed(self, hop_id: str) -> None:
+        """`hop_ended` for a hop just committed, off its hand back's answer: its spool files go
+        now; its other stored uploads (none, but for a second upload under the same lease) are
+        superseded and their bytes freed on the ledger writer's thread, after the commit and
+        before any later ledger write (one transaction less between a commit and its answer).
+        A failure is logged (the watchdog's sweep and `baton store gc` finish it)."""
+        try:
+            self.spool.discard(hop_id)
+        except OSError as exc:
+            fault = storage_fault_reason(exc)
+            if fault is None:
+                raise
+            self.storage.report(f"clean-up of hop {hop_id}", fault)
+        clean_up = asyncio.ensure_future(self.writer.run(self._supersede, hop_id))
+        self._clean_ups.add(clean_up)
+        clean_up.add_done_callback(self._clean_up_ended)
+
+    def _supersede(self, hop_id: str) -> None:
+        """A committed hop's other stored uploads superseded, their bytes freed (writer thread)."""
+        try:
+            for row in self.ledger.supersede_checkpoints(hop_id, "hop committed with another output"):
+                self.store.delete(row.sha256)
+        except Exception as exc:
+            fault = storage_fault_reason(exc)
+            if fault is None:
+                raise
+            self.storage.report(f"clean-up of hop {hop_id}", fault)
+
+    def _clean_up_ended(self, clean_up: asyncio.Future[None]) -> None:
+        self._clean_ups.discard(clean_up)
+        if not clean_up.cancelled() and (exc := clean_up.exception()) is not None:
+            logger.error("clean-up of a committed hop failed: %s", exc, exc_info=exc)
+
+    async def settle_clean_ups(self) -> None:
+        """Waits for the committed hops' clean-ups handed to the ledger writer so far."""
+        if self._clean_ups:
+            await asyncio.gather(*self._clean_ups, return_exceptions=True)
 
     def _check_lineage(self, run: RunRow, hop: HopRow, site: str, bundle: Bundle) -> None:
         manifest = bundle.manifest
