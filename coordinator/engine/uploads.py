@@ -323,6 +323,9 @@ class _SpoolWriter:
             os.close(direct)
 
 
+# Where a placed bundle's directory is fsynced beside its commit's SQL (`_sync_name_later`).
+_SYNC_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-sync")
+
 # Chunks an upload may have waiting for its spool thread (beside the one being written): the
 # event loop waits for room past this, so an upload holds at most this many + 2 chunks.
 _QUEUED_CHUNKS = 2
@@ -502,6 +505,8 @@ class UploadIntake:
         self._kept_lock = threading.Lock()  # written on worker threads, read on the loop
         # The small bundles stored lately, for the next hop's task (no store read on the handoff).
         self.recent_bundles = RecentBundles()
+        # sha256 -> the fsync making a placed bundle's name durable, until it succeeded.
+        self._syncing: dict[str, Future[None]] = {}
         # Committed hops' clean-ups on the ledger writer's thread, still running (`hop_committed`).
         self._clean_ups: set[asyncio.Future[None]] = set()
 
@@ -650,8 +655,40 @@ class UploadIntake:
                 if await self.writer.run(self._record_alone_locked, copy):
                     await asyncio.to_thread(self.store.delete, row.sha256)
 
+    def _sync_name_later(self, sha256: str) -> None:
+        """Starts the fsync that makes a just placed bundle's name durable, on its own thread:
+        it runs beside the commit's SQL, which waits for it (`wait_durable`) before COMMIT."""
+        syncing = _SYNC_THREADS.submit(self.store.sync_name, sha256)
+        with self._kept_lock:
+            self._syncing[sha256] = syncing
+
+        def synced(done: Future[None]) -> None:
+            if done.exception() is None:  # a failed one stays: `wait_durable` tries again
+                with self._kept_lock:
+                    if self._syncing.get(sha256) is done:
+                        del self._syncing[sha256]
+
+        syncing.add_done_callback(synced)
+
+    def wait_durable(self, sha256: str) -> None:
+        """Returns once a bundle's name in the store is durable (blocking: the ledger writer's
+        thread, before the COMMIT of the row that refers to it). Raises if it cannot be made so.
+        """
+        with self._kept_lock:
+            syncing = self._syncing.get(sha256)
+        if syncing is None:
+            return  # synced already (or placed with its fsync)
+        try:
+            syncing.result()
+        except OSError:
+            self.store.sync_name(sha256)  # once more, here: raises if it fails again
+        with self._kept_lock:
+            if self._syncing.get(sha256) is syncing:
+                del self._syncing[sha256]
+
     def _record_alone_locked(self, row: CheckpointRow) -> bool:
         """`record_alone`'s ledger writes (writer thread). True: the bundle's bytes are to go."""
+        self.wait_durable(row.sha256)  # its name durable before its row
         hop = self.ledger.hop(row.hop_id)
         if hop is None or hop.status not in LIVE_HOP_STATES:
             # Committed (its commit wrote the row), or ended while its result was checked:
@@ -721,9 +758,16 @@ class UploadIntake:
         except BaseException:
             await self._unstage(staging)
             raise
+
+        def place() -> None:
+            # A hand back's commit fsyncs the name beside its SQL (`wait_durable` before
+            # COMMIT); a bundle recorded here alone is durable before its row.
+            self.store.place(staged, bundle.sha256, sync=record)
+            if not record and staged is not None:
+                self._sync_name_later(bundle.sha256)
+
         try:
-            row = await self._keep(run, hop, site, certificate_pem, header, bundle,
-                                   lambda: self.store.place(staged, bundle.sha256),
+            row = await self._keep(run, hop, site, certificate_pem, header, bundle, place,
                                    record, kept)  # fmt: skip
         except BaseException:
             await run_to_end(self.store.unstage, staged)  # gone already once it is placed
@@ -994,7 +1038,9 @@ class UploadIntake:
     def _supersede(self, hop_id: str) -> None:
         """A committed hop's other stored uploads superseded, their bytes freed (writer thread)."""
         try:
-            for row in self.ledger.supersede_checkpoints(hop_id, "hop committed with another output"):
+            for row in self.ledger.supersede_checkpoints(
+                hop_id, "hop committed with another output"
+            ):
                 self.store.delete(row.sha256)
         except Exception as exc:
             fault = storage_fault_reason(exc)

@@ -13,11 +13,24 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, Select, create_engine, event, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    create_engine,
+    event,
+    select,
+    text,
+)
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from coordinator.ledger._integrity import (
     STATE_COLUMNS,
@@ -111,7 +124,6 @@ HeadObserver = Callable[[int, str, tuple[str, ...]], None]
 # Called after a transaction commits with the state rows it wrote (as committed, detached).
 RowObserver = Callable[[Sequence[Base]], None]
 _TOUCHED = "ledger_touched"  # session.info: state rows written since the last event
-_STAMPING = "ledger_stamping"  # session.info: True while rows get their ledger_seq
 _APPENDED = "ledger_appended"  # session.info: (seq, hash, kinds) of this transaction's events
 _WRITTEN = "ledger_written"  # session.info: state rows this transaction's events recorded
 # session.info: seq -> {(table, key): snapshot} of the events this transaction appended
@@ -120,9 +132,15 @@ _LOCKED = "ledger_locked"  # session.info: (model, key) of the rows this transac
 
 
 @functools.cache
-def _last_seq_query() -> Select[tuple[int]]:
+def _last_seq_query() -> Select[Any]:
     """The newest event's seq, built once."""
     return select(EventRow.__table__.c.seq).order_by(EventRow.__table__.c.seq.desc()).limit(1)
+
+
+@functools.cache
+def _head_hash_query() -> Select[Any]:
+    """The newest event's hash, locked (where the database locks rows), built once."""
+    return select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1).with_for_update()
 
 
 @dataclass
@@ -134,8 +152,6 @@ class _Touched:
 
 def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
     """Remembers every state row a flush writes (and which columns), for the next event."""
-    if session.info.get(_STAMPING):
-        return
     touched: dict[int, _Touched] = session.info.setdefault(_TOUCHED, {})
     for row in tracked(session.new):
         touched[id(row)] = _Touched(row)
@@ -180,6 +196,28 @@ def _snapshot(
     if previous is None:
         return entry
     return carry_forward(previous, entry, touched.assigned)
+
+
+@functools.cache
+def _stamp_statement(model: type[Base]) -> Update:
+    """UPDATE of one `model` row's ledger_seq by its primary key, built once."""
+    table = cast(Table, model.__table__)
+    keys = [table.c[column.name] for column in sa_inspect(model).primary_key]
+    condition = and_(*(column == bindparam(f"key_{column.name}") for column in keys))
+    return table.update().where(condition).values(ledger_seq=bindparam("stamp_seq"))
+
+
+def _stamp(connection: Connection, row: Base, seq: int) -> None:
+    """Gives a flushed state row the seq of the event that recorded it: one plain UPDATE (no
+    flush of the session), the row object told it holds that value as committed."""
+    mapper = sa_inspect(row).mapper
+    params: dict[str, object] = {"stamp_seq": seq}
+    for column, value in zip(
+        mapper.primary_key, mapper.primary_key_from_instance(row), strict=True
+    ):
+        params[f"key_{column.name}"] = value
+    connection.execute(_stamp_statement(type(row)), params)
+    set_committed_value(row, "ledger_seq", seq)
 
 
 def _entry_key(entry: dict[str, Any]) -> tuple[str, str]:
@@ -356,9 +394,7 @@ class LedgerCore:
                 session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
             elif dialect == "sqlite":
                 _hold_sqlite_write_lock(session)
-            last = session.scalars(
-                select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1).with_for_update()
-            ).first()
+            last = session.scalars(_head_hash_query()).first()
             prev = last or GENESIS_HASH
         at = utcnow().isoformat(timespec="microseconds")
         row = EventRow(
@@ -378,14 +414,10 @@ class LedgerCore:
             for snapshot in payload[STATE_ROWS_KEY]:
                 own.setdefault(_entry_key(snapshot), snapshot)  # the first one counts
             session.info.setdefault(_OWN_ENTRIES, {})[row.seq] = own
-            session.info[_STAMPING] = True
-            try:
-                for written in touched.values():
-                    if not written.deleted:
-                        written.row.ledger_seq = row.seq  # type: ignore[attr-defined]
-                session.flush()
-            finally:
-                session.info[_STAMPING] = False
+            connection = session.connection()
+            for written in touched.values():
+                if not written.deleted:
+                    _stamp(connection, written.row, row.seq)
         rows: list[Base] = session.info.setdefault(_WRITTEN, [])
         rows.extend(t.row for t in touched.values() if not t.deleted)
         _, _, kinds = session.info.get(_APPENDED, (0, "", ()))
