@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1008,15 +1008,9 @@ class UploadIntake:
 
         Best effort under a storage fault: the watchdog's sweep and `baton store gc` finish it.
         """
-        try:
+        with self._best_effort(hop_id):
             self.spool.discard(hop_id)
-            for row in self.ledger.supersede_checkpoints(hop_id, reason):
-                self.store.delete(row.sha256)
-        except Exception as exc:
-            fault = storage_fault_reason(exc)
-            if fault is None:
-                raise
-            self.storage.report(f"clean-up of hop {hop_id}", fault)
+            self._supersede(hop_id, reason)
 
     def hop_committed(self, hop_id: str) -> None:
         """`hop_ended` for a hop just committed, off its hand back's answer: its spool files go
@@ -1024,24 +1018,27 @@ class UploadIntake:
         superseded and their bytes freed on the ledger writer's thread, after the commit and
         before any later ledger write (one transaction less between a commit and its answer).
         A failure is logged (the watchdog's sweep and `baton store gc` finish it)."""
-        try:
+        with self._best_effort(hop_id):
             self.spool.discard(hop_id)
-        except OSError as exc:
-            fault = storage_fault_reason(exc)
-            if fault is None:
-                raise
-            self.storage.report(f"clean-up of hop {hop_id}", fault)
-        clean_up = asyncio.ensure_future(self.writer.run(self._supersede, hop_id))
+        clean_up = asyncio.ensure_future(self.writer.run(self._supersede_committed, hop_id))
         self._clean_ups.add(clean_up)
         clean_up.add_done_callback(self._clean_up_ended)
 
-    def _supersede(self, hop_id: str) -> None:
-        """A committed hop's other stored uploads superseded, their bytes freed (writer thread)."""
+    def _supersede(self, hop_id: str, reason: str) -> None:
+        """Supersedes a hop's stored uploads other than its output and frees their bytes."""
+        for row in self.ledger.supersede_checkpoints(hop_id, reason):
+            self.store.delete(row.sha256)
+
+    def _supersede_committed(self, hop_id: str) -> None:
+        """`_supersede` of a committed hop (on the ledger writer's thread)."""
+        with self._best_effort(hop_id):
+            self._supersede(hop_id, "hop committed with another output")
+
+    @contextlib.contextmanager
+    def _best_effort(self, hop_id: str) -> Iterator[None]:
+        """A clean-up of `hop_id`: a storage fault is reported, not raised."""
         try:
-            for row in self.ledger.supersede_checkpoints(
-                hop_id, "hop committed with another output"
-            ):
-                self.store.delete(row.sha256)
+            yield
         except Exception as exc:
             fault = storage_fault_reason(exc)
             if fault is None:

@@ -232,13 +232,13 @@ def test_an_early_check_gone_stale_is_made_again_before_the_next_lease(
         finally:
             checked.set()
 
-    def edited_then_placed(staged: Path | None, sha256: str) -> None:
+    def edited_then_placed(staged: Path | None, sha256: str, **options: bool) -> None:
         assert checked.wait(WAIT)  # the early check has read the rows
         _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop",
              value='{"learning_rate": 0.5}', hop=following)  # fmt: skip
         if stale_by == "event":
             ledger.record_event("test.marker")
-        real_place(staged, sha256)
+        real_place(staged, sha256, **options)
 
     real_check, real_place = hops._early_check, store.place
     monkeypatch.setattr(hops, "_early_check", early_check)
