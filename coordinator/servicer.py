@@ -102,6 +102,12 @@ class _Guarded:
             },
         )
 
+    def _ledger_head(self) -> str:
+        """The newest event hash this coordinator committed (held in memory: no query per
+        answer), or the ledger's head read from SQL before its first commit."""
+        ledger = self.engine.ledger
+        return ledger.known_head() or ledger.head()
+
     async def _refuse(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
         if isinstance(exc, StorageFault):
             # Not a refusal of the caller, and the ledger may be what is full: the site retries.
@@ -601,7 +607,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             status = await self.engine.hand_back(identity.name, certificate, first.header, messages)
         except CoordinatorError as exc:
             await self._refuse(context, exc)
-        return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
+        return pb.HopResultResponse(hop_status=status, ledger_head=self._ledger_head())
 
     async def HandBackHopWhole(
         self, request: pb.HandBackWhole, context: grpc.aio.ServicerContext
@@ -612,7 +618,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             status = await self.engine.hand_back_whole(identity.name, certificate, request)
         except CoordinatorError as exc:
             await self._refuse(context, exc)
-        return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
+        return pb.HopResultResponse(hop_status=status, ledger_head=self._ledger_head())
 
     async def UploadStatus(
         self, request: pb.UploadHeader, context: grpc.aio.ServicerContext
@@ -632,7 +638,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             status = await self.engine.report_result(identity.name, request)
         except CoordinatorError as exc:
             await self._refuse(context, exc)
-        return pb.HopResultResponse(hop_status=status, ledger_head=self.engine.ledger.head())
+        return pb.HopResultResponse(hop_status=status, ledger_head=self._ledger_head())
 
     async def ReportHopValidation(
         self, request: pb.HopValidation, context: grpc.aio.ServicerContext
@@ -642,7 +648,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             await self.engine.report_validation(identity.name, request)
         except CoordinatorError as exc:
             await self._refuse(context, exc)
-        return pb.HopValidationResponse(ledger_head=self.engine.ledger.head())
+        return pb.HopValidationResponse(ledger_head=self._ledger_head())
 
     async def ReportEvaluation(
         self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext

@@ -121,17 +121,26 @@ class CheckpointStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         return _durable_temp(target, data, 0o444)
 
-    def place(self, staged: Path | None, sha256: str) -> None:
+    def place(self, staged: Path | None, sha256: str, *, sync: bool = True) -> None:
         """The second half of `put`: a file from `stage` named `sha256` in the store, durable
         when this returns (a rename and one fsync of its directory; the bytes are not written
-        again). Nothing to do for None (the store held the bytes already)."""
+        again). Nothing to do for None (the store held the bytes already).
+
+        With `sync` False the directory is not fsynced: the name is durable only once
+        `sync_name` has returned (the caller calls it before anything refers to the bytes).
+        """
         if staged is None:
             return
         target = self.path(sha256)
         if staged.parent != target.parent or not staged.name.startswith(f".{sha256}."):
             raise ValueError(f"{staged.name} was not staged for checkpoint {sha256}")
         os.replace(staged, target)
-        _fsync_dir(target.parent)
+        if sync:
+            _fsync_dir(target.parent)
+
+    def sync_name(self, sha256: str) -> None:
+        """Makes a stored bundle's name durable (an fsync of its directory)."""
+        _fsync_dir(self.path(sha256).parent)
 
     @staticmethod
     def unstage(staged: Path | None) -> None:

@@ -86,10 +86,10 @@ class ActiveRuns:
 
     def reload(self) -> None:
         """Reads every running run from SQL again (start-up, or after a change made elsewhere)."""
-        last = self.ledger.last_event()
+        last = self.ledger.last_seq()
         runs = self.ledger.active_runs()
         self.loads += 1
-        self._seq = max(self._seq, last.seq if last is not None else 0)
+        self._seq = max(self._seq, last)
         self._runs = {run.id: run for run in runs}
         self._unread.clear()
         self._hops = {hop.id: (run, hop) for run in runs for hop in run.hops}
@@ -104,10 +104,10 @@ class ActiveRuns:
         """
         if self._runs is None:
             return
-        last = self.ledger.last_event()
-        if last is not None and last.seq > self._seq:
+        last = self.ledger.last_seq()  # the seq alone: no event row built per pass
+        if last > self._seq:
             logger.info("ledger written outside this engine (event #%d); reading runs again",
-                        last.seq)  # fmt: skip
+                        last)  # fmt: skip
             self.reload()
 
     def _held(self) -> dict[str, RunRow]:

@@ -426,7 +426,7 @@ class Hops:
                 self.leases.forget(hop.id)
                 self._observe_commit(run, hop, result)
                 logger.info("run %s hop %d committed (%s)", run.id, hop.index, site)
-                self.intake.hop_ended(hop.id, "hop committed with another output")
+                self.intake.hop_committed(hop.id)  # its other uploads go after the answer
             if sent:
                 return "committed"
             try:
@@ -517,9 +517,16 @@ class Hops:
                 train_finished_at_ns=result.train_finished_at_ns,
                 base_model_sha256=output.manifest["base_model_sha256"],
             )
-            if following_id is None:
-                return None
-            return self.ledger.lease_hop(following_id, token, output.sha256)
+            leased = (
+                self.ledger.lease_hop(following_id, token, output.sha256)
+                if following_id is not None
+                else None
+            )
+            if record_output:
+                # The bundle's name in the store, fsynced beside these statements, is durable
+                # before the COMMIT that refers to it (raises, rolling back, if it cannot be).
+                self.intake.wait_durable(output.sha256)
+        return leased
 
     async def report_validation(self, site: str, report: pb.HopValidation) -> None:
         """Records a committed hop's validation metrics (``hop.validated``), measured by its

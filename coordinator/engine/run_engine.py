@@ -318,9 +318,11 @@ class RunEngine:
         await self.expire_statistics()
 
     async def quiesce(self) -> None:
-        """Returns once no state transition is in progress (the one in flight has committed)."""
+        """Returns once no state transition is in progress (the one in flight has committed)
+        and the committed hops' clean-ups handed to the ledger writer have ended."""
         async with self._lock:
             pass
+        await self.intake.settle_clean_ups()
 
     # ---- evaluations --------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -323,6 +323,9 @@ class _SpoolWriter:
             os.close(direct)
 
 
+# Where a placed bundle's directory is fsynced beside its commit's SQL (`_sync_name_later`).
+_SYNC_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-sync")
+
 # Chunks an upload may have waiting for its spool thread (beside the one being written): the
 # event loop waits for room past this, so an upload holds at most this many + 2 chunks.
 _QUEUED_CHUNKS = 2
@@ -502,6 +505,10 @@ class UploadIntake:
         self._kept_lock = threading.Lock()  # written on worker threads, read on the loop
         # The small bundles stored lately, for the next hop's task (no store read on the handoff).
         self.recent_bundles = RecentBundles()
+        # sha256 -> the fsync making a placed bundle's name durable, until it succeeded.
+        self._syncing: dict[str, Future[None]] = {}
+        # Committed hops' clean-ups on the ledger writer's thread, still running (`hop_committed`).
+        self._clean_ups: set[asyncio.Future[None]] = set()
 
     def checkpoint_for_download(self, site: str, sha256: str) -> CheckpointRow:
         """A site may download only the input of its leased hop or of its pending evaluation."""
@@ -648,8 +655,40 @@ class UploadIntake:
                 if await self.writer.run(self._record_alone_locked, copy):
                     await asyncio.to_thread(self.store.delete, row.sha256)
 
+    def _sync_name_later(self, sha256: str) -> None:
+        """Starts the fsync that makes a just placed bundle's name durable, on its own thread:
+        it runs beside the commit's SQL, which waits for it (`wait_durable`) before COMMIT."""
+        syncing = _SYNC_THREADS.submit(self.store.sync_name, sha256)
+        with self._kept_lock:
+            self._syncing[sha256] = syncing
+
+        def synced(done: Future[None]) -> None:
+            if done.exception() is None:  # a failed one stays: `wait_durable` tries again
+                with self._kept_lock:
+                    if self._syncing.get(sha256) is done:
+                        del self._syncing[sha256]
+
+        syncing.add_done_callback(synced)
+
+    def wait_durable(self, sha256: str) -> None:
+        """Returns once a bundle's name in the store is durable (blocking: the ledger writer's
+        thread, before the COMMIT of the row that refers to it). Raises if it cannot be made so.
+        """
+        with self._kept_lock:
+            syncing = self._syncing.get(sha256)
+        if syncing is None:
+            return  # synced already (or placed with its fsync)
+        try:
+            syncing.result()
+        except OSError:
+            self.store.sync_name(sha256)  # once more, here: raises if it fails again
+        with self._kept_lock:
+            if self._syncing.get(sha256) is syncing:
+                del self._syncing[sha256]
+
     def _record_alone_locked(self, row: CheckpointRow) -> bool:
         """`record_alone`'s ledger writes (writer thread). True: the bundle's bytes are to go."""
+        self.wait_durable(row.sha256)  # its name durable before its row
         hop = self.ledger.hop(row.hop_id)
         if hop is None or hop.status not in LIVE_HOP_STATES:
             # Committed (its commit wrote the row), or ended while its result was checked:
@@ -719,9 +758,16 @@ class UploadIntake:
         except BaseException:
             await self._unstage(staging)
             raise
+
+        def place() -> None:
+            # A hand back's commit fsyncs the name beside its SQL (`wait_durable` before
+            # COMMIT); a bundle recorded here alone is durable before its row.
+            self.store.place(staged, bundle.sha256, sync=record)
+            if not record and staged is not None:
+                self._sync_name_later(bundle.sha256)
+
         try:
-            row = await self._keep(run, hop, site, certificate_pem, header, bundle,
-                                   lambda: self.store.place(staged, bundle.sha256),
+            row = await self._keep(run, hop, site, certificate_pem, header, bundle, place,
                                    record, kept)  # fmt: skip
         except BaseException:
             await run_to_end(self.store.unstage, staged)  # gone already once it is placed
@@ -962,15 +1008,52 @@ class UploadIntake:
 
         Best effort under a storage fault: the watchdog's sweep and `baton store gc` finish it.
         """
-        try:
+        with self._best_effort(hop_id):
             self.spool.discard(hop_id)
-            for row in self.ledger.supersede_checkpoints(hop_id, reason):
-                self.store.delete(row.sha256)
+            self._supersede(hop_id, reason)
+
+    def hop_committed(self, hop_id: str) -> None:
+        """`hop_ended` for a hop just committed, off its hand back's answer: its spool files go
+        now; its other stored uploads (none, but for a second upload under the same lease) are
+        superseded and their bytes freed on the ledger writer's thread, after the commit and
+        before any later ledger write (one transaction less between a commit and its answer).
+        A failure is logged (the watchdog's sweep and `baton store gc` finish it)."""
+        with self._best_effort(hop_id):
+            self.spool.discard(hop_id)
+        clean_up = asyncio.ensure_future(self.writer.run(self._supersede_committed, hop_id))
+        self._clean_ups.add(clean_up)
+        clean_up.add_done_callback(self._clean_up_ended)
+
+    def _supersede(self, hop_id: str, reason: str) -> None:
+        """Supersedes a hop's stored uploads other than its output and frees their bytes."""
+        for row in self.ledger.supersede_checkpoints(hop_id, reason):
+            self.store.delete(row.sha256)
+
+    def _supersede_committed(self, hop_id: str) -> None:
+        """`_supersede` of a committed hop (on the ledger writer's thread)."""
+        with self._best_effort(hop_id):
+            self._supersede(hop_id, "hop committed with another output")
+
+    @contextlib.contextmanager
+    def _best_effort(self, hop_id: str) -> Iterator[None]:
+        """A clean-up of `hop_id`: a storage fault is reported, not raised."""
+        try:
+            yield
         except Exception as exc:
             fault = storage_fault_reason(exc)
             if fault is None:
                 raise
             self.storage.report(f"clean-up of hop {hop_id}", fault)
+
+    def _clean_up_ended(self, clean_up: asyncio.Future[None]) -> None:
+        self._clean_ups.discard(clean_up)
+        if not clean_up.cancelled() and (exc := clean_up.exception()) is not None:
+            logger.error("clean-up of a committed hop failed: %s", exc, exc_info=exc)
+
+    async def settle_clean_ups(self) -> None:
+        """Waits for the committed hops' clean-ups handed to the ledger writer so far."""
+        if self._clean_ups:
+            await asyncio.gather(*self._clean_ups, return_exceptions=True)
 
     def _check_lineage(self, run: RunRow, hop: HopRow, site: str, bundle: Bundle) -> None:
         manifest = bundle.manifest

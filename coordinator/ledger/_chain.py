@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -12,11 +13,24 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, create_engine, event, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Select,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    create_engine,
+    event,
+    select,
+    text,
+)
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.attributes import set_committed_value
 
 from coordinator.ledger._integrity import (
     STATE_COLUMNS,
@@ -31,6 +45,8 @@ from coordinator.ledger._integrity import (
 )
 from coordinator.ledger._migrations import _MIGRATIONS, script_heads
 from coordinator.ledger.models import Base, EventRow
+
+T = TypeVar("T", bound=Base)
 
 GENESIS_HASH = "0" * 64
 _CHAIN_LOCK = 0x6261746F6E  # "baton": the advisory lock key of the event chain
@@ -108,9 +124,23 @@ HeadObserver = Callable[[int, str, tuple[str, ...]], None]
 # Called after a transaction commits with the state rows it wrote (as committed, detached).
 RowObserver = Callable[[Sequence[Base]], None]
 _TOUCHED = "ledger_touched"  # session.info: state rows written since the last event
-_STAMPING = "ledger_stamping"  # session.info: True while rows get their ledger_seq
 _APPENDED = "ledger_appended"  # session.info: (seq, hash, kinds) of this transaction's events
 _WRITTEN = "ledger_written"  # session.info: state rows this transaction's events recorded
+# session.info: seq -> {(table, key): snapshot} of the events this transaction appended
+_OWN_ENTRIES = "ledger_own_entries"
+_LOCKED = "ledger_locked"  # session.info: (model, key) of the rows this transaction locked
+
+
+@functools.cache
+def _last_seq_query() -> Select[Any]:
+    """The newest event's seq, built once."""
+    return select(EventRow.__table__.c.seq).order_by(EventRow.__table__.c.seq.desc()).limit(1)
+
+
+@functools.cache
+def _head_hash_query() -> Select[Any]:
+    """The newest event's hash, locked (where the database locks rows), built once."""
+    return select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1).with_for_update()
 
 
 @dataclass
@@ -122,8 +152,6 @@ class _Touched:
 
 def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
     """Remembers every state row a flush writes (and which columns), for the next event."""
-    if session.info.get(_STAMPING):
-        return
     touched: dict[int, _Touched] = session.info.setdefault(_TOUCHED, {})
     for row in tracked(session.new):
         touched[id(row)] = _Touched(row)
@@ -153,6 +181,11 @@ def _snapshot(
     seq = getattr(touched.row, "ledger_seq", None)
     if touched.deleted or touched.assigned is None or seq is None:
         return entry
+    own = session.info.get(_OWN_ENTRIES)
+    if own is not None and seq in own:
+        # Written by this very transaction (a hop's upload, then its commit): the snapshot it
+        # recorded is at hand, no read of the event it has not committed yet.
+        return carry_forward(None, entry, touched.assigned, own[seq].get(_entry_key(entry)))
     if verified is not None:
         stored = stored_event(session, seq)
         known = verified.entries(seq, stored) if stored is not None else None
@@ -163,6 +196,47 @@ def _snapshot(
     if previous is None:
         return entry
     return carry_forward(previous, entry, touched.assigned)
+
+
+@functools.cache
+def _stamp_statement(model: type[Base]) -> Update:
+    """UPDATE of one `model` row's ledger_seq by its primary key, built once."""
+    table = cast(Table, model.__table__)
+    keys = [table.c[column.name] for column in sa_inspect(model).primary_key]
+    condition = and_(*(column == bindparam(f"key_{column.name}") for column in keys))
+    return table.update().where(condition).values(ledger_seq=bindparam("stamp_seq"))
+
+
+def _stamp(connection: Connection, row: Base, seq: int) -> None:
+    """Gives a flushed state row the seq of the event that recorded it: one plain UPDATE (no
+    flush of the session), the row object told it holds that value as committed."""
+    mapper = sa_inspect(row).mapper
+    params: dict[str, object] = {"stamp_seq": seq}
+    for column, value in zip(
+        mapper.primary_key, mapper.primary_key_from_instance(row), strict=True
+    ):
+        params[f"key_{column.name}"] = value
+    connection.execute(_stamp_statement(type(row)), params)
+    set_committed_value(row, "ledger_seq", seq)
+
+
+def _entry_key(entry: dict[str, Any]) -> tuple[str, str]:
+    return entry["table"], entry["key"]
+
+
+def locked_get(session: Session, model: type[T], key: object) -> T | None:
+    """`session.get(model, key, with_for_update=True)`: the row, locked for the transaction.
+    A row this transaction locked already is its own (it holds the lock until it commits):
+    taken as held, without a second SELECT."""
+    locked: set[tuple[type[Base], object]] = session.info.setdefault(_LOCKED, set())
+    if (model, key) in locked:
+        held = session.get(model, key)  # the identity map's: no SQL
+        if held is not None:
+            return held
+    row = session.get(model, key, with_for_update=True)
+    if row is not None:
+        locked.add((model, key))
+    return row
 
 
 def _hold_sqlite_write_lock(session: Session) -> None:
@@ -203,6 +277,9 @@ class LedgerCore:
         self.head_observers: list[HeadObserver] = []
         self.row_observers: list[RowObserver] = []
         self._open = threading.local()  # .session: the transaction this thread has open
+        # (seq, hash) of the newest event this object committed (`known_head`).
+        self._newest: tuple[int, str] | None = None
+        self._newest_lock = threading.Lock()
         # Events the engine's row checks found sound, as stored then: not hashed again unchanged.
         self.verified_events = VerifiedEvents()
 
@@ -275,6 +352,9 @@ class LedgerCore:
             for row_observer in self.row_observers:
                 row_observer(written)
         if appended is not None:
+            with self._newest_lock:
+                if self._newest is None or appended[0] > self._newest[0]:
+                    self._newest = (appended[0], appended[1])
             for observer in self.head_observers:
                 observer(*appended)
 
@@ -314,9 +394,7 @@ class LedgerCore:
                 session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
             elif dialect == "sqlite":
                 _hold_sqlite_write_lock(session)
-            last = session.scalars(
-                select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1).with_for_update()
-            ).first()
+            last = session.scalars(_head_hash_query()).first()
             prev = last or GENESIS_HASH
         at = utcnow().isoformat(timespec="microseconds")
         row = EventRow(
@@ -332,14 +410,14 @@ class LedgerCore:
         session.add(row)
         session.flush()
         if touched:
-            session.info[_STAMPING] = True
-            try:
-                for written in touched.values():
-                    if not written.deleted:
-                        written.row.ledger_seq = row.seq  # type: ignore[attr-defined]
-                session.flush()
-            finally:
-                session.info[_STAMPING] = False
+            own: dict[tuple[str, str], dict[str, Any]] = {}
+            for snapshot in payload[STATE_ROWS_KEY]:
+                own.setdefault(_entry_key(snapshot), snapshot)  # the first one counts
+            session.info.setdefault(_OWN_ENTRIES, {})[row.seq] = own
+            connection = session.connection()
+            for written in touched.values():
+                if not written.deleted:
+                    _stamp(connection, written.row, row.seq)
         rows: list[Base] = session.info.setdefault(_WRITTEN, [])
         rows.extend(t.row for t in touched.values() if not t.deleted)
         _, _, kinds = session.info.get(_APPENDED, (0, "", ()))
@@ -349,3 +427,16 @@ class LedgerCore:
     def record_event(self, kind: str, **fields: Any) -> None:
         with self.transaction() as session:
             self.append_event(session, kind, **fields)
+
+    def last_seq(self) -> int:
+        """The newest event's seq (0 for an empty ledger): one indexed read of one integer,
+        for a caller that only asks whether the chain grew (no event row is built)."""
+        with self.engine.connect() as connection:
+            return int(connection.execute(_last_seq_query()).scalar() or 0)
+
+    def known_head(self) -> str | None:
+        """The hash of the newest event this `Ledger` committed, from memory (None before its
+        first commit): an event the ledger holds, answered without a query. Another process
+        may have appended since; `head` reads the database's newest."""
+        newest = self._newest
+        return newest[1] if newest is not None else None

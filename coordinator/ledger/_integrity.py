@@ -399,10 +399,15 @@ def _stored_columns() -> list[sa.ColumnElement[Any]]:
             sa.cast(columns.payload, sa.Text), columns.prev_hash, columns.hash]  # fmt: skip
 
 
+@functools.cache
+def _stored_event_query() -> sa.Select[Any]:
+    """`stored_event`'s query, built once (the seq a bound parameter)."""
+    return select(*_stored_columns()).where(EventRow.__table__.c.seq == sa.bindparam("seq"))
+
+
 def stored_event(session: Session, seq: int) -> StoredEvent | None:
     """Event `seq` as stored (`StoredEvent`), or None if there is none."""
-    query = select(*_stored_columns()).where(EventRow.__table__.c.seq == seq)
-    found = session.execute(query).first()
+    found = session.execute(_stored_event_query(), {"seq": seq}).first()
     return tuple(found) if found is not None else None  # type: ignore[return-value]
 
 

@@ -14,6 +14,7 @@ from coordinator.ledger._chain import (
     TERMINAL_RUN_STATES,
     LedgerCore,
     TransitionRefused,
+    locked_get,
     utcnow,
 )
 from coordinator.ledger.models import (
@@ -199,7 +200,7 @@ class RunRecords(LedgerCore):
             TransitionRefused: The hop is not in an expected state (e.g. committed already).
         """
         with self.transaction() as session:
-            hop = session.get(HopRow, hop_id, with_for_update=True)
+            hop = locked_get(session, HopRow, hop_id)
             if hop is None:
                 raise KeyError(hop_id)
             if hop.status not in expected:
@@ -248,7 +249,7 @@ class RunRecords(LedgerCore):
     ) -> HopRow:
         """Commits a hop exactly once: only from a live lease with the same token."""
         with self.transaction() as session:
-            hop = session.get(HopRow, hop_id, with_for_update=True)
+            hop = locked_get(session, HopRow, hop_id)
             if hop is None:
                 raise KeyError(hop_id)
             if hop.status not in LIVE_HOP_STATES or hop.lease_token != lease_token:
@@ -297,7 +298,7 @@ class RunRecords(LedgerCore):
                 with other metrics.
         """
         with self.transaction() as session:
-            hop = session.get(HopRow, hop_id, with_for_update=True)
+            hop = locked_get(session, HopRow, hop_id)
             if hop is None:
                 raise KeyError(hop_id)
             if hop.site != site or hop.status != "committed":

@@ -4,6 +4,8 @@ of it lets a refused bundle into the store or a tampered run lease its next hop.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -230,13 +232,13 @@ def test_an_early_check_gone_stale_is_made_again_before_the_next_lease(
         finally:
             checked.set()
 
-    def edited_then_placed(staged: Path | None, sha256: str) -> None:
+    def edited_then_placed(staged: Path | None, sha256: str, **options: bool) -> None:
         assert checked.wait(WAIT)  # the early check has read the rows
         _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop",
              value='{"learning_rate": 0.5}', hop=following)  # fmt: skip
         if stale_by == "event":
             ledger.record_event("test.marker")
-        real_place(staged, sha256)
+        real_place(staged, sha256, **options)
 
     real_check, real_place = hops._early_check, store.place
     monkeypatch.setattr(hops, "_early_check", early_check)
@@ -247,3 +249,80 @@ def test_an_early_check_gone_stale_is_made_again_before_the_next_lease(
     status = _paused(admin, hop.run_id)
     assert f"hops row {following} column hyperparameters" in status.error
     assert [h.status for h in status.hops] == ["committed", "pending"]
+
+
+def test_the_bundles_name_is_made_durable_beside_the_commit_and_before_it(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The directory fsync that makes the placed bundle's name durable runs on its own thread
+    # while the commit's statements run on the ledger writer's; the COMMIT waits for it.
+    engine = coordinator.engine
+    store, ledger = engine.intake.store, engine.ledger
+    in_commit, synced, overlapped = threading.Event(), threading.Event(), list[bool]()
+    original_sync, original_commit = store.sync_name, ledger.commit_hop
+
+    def sync_name(sha256: str) -> None:
+        overlapped.append(in_commit.wait(WAIT))  # the commit's statements have begun
+        original_sync(sha256)
+        synced.set()
+
+    def commit_hop(hop_id: str, **fields: object) -> object:
+        in_commit.set()
+        return original_commit(hop_id, **fields)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "sync_name", sync_name)
+    monkeypatch.setattr(ledger, "commit_hop", commit_hop)
+    committed_before_synced: list[bool] = []
+
+    def observe(_seq: int, _hash: str, kinds: tuple[str, ...]) -> None:
+        if "hop.committed" in kinds:
+            committed_before_synced.append(not synced.is_set())
+
+    ledger.head_observers.append(observe)
+    data = _bundle(site, task, 4096)
+    assert _hand_back(site, task, data, whole=True) == "committed"
+    assert overlapped == [True] and committed_before_synced == [False]
+    assert _stored(coordinator) == [sha256_hex(data)]
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+
+
+def test_a_bundle_whose_name_cannot_be_made_durable_is_not_committed(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = coordinator.engine.intake.store
+    calls: list[str] = []
+
+    def failing_sync(sha256: str) -> None:
+        calls.append(sha256)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store, "sync_name", failing_sync)
+    data = _bundle(site, task, 4096)
+    refused = _hand_back(site, task, data, whole=True)
+    assert refused.startswith("UNAVAILABLE"), refused  # a storage fault: the site retries
+    assert len(calls) >= 2  # tried beside the commit, then once more before giving up
+    assert _stored_and_committed(coordinator, task) == (0, 0)
+    assert coordinator.engine.ledger.checkpoint(sha256_hex(data)) is None
+    monkeypatch.undo()  # the disk is back: the same hand back commits
+    assert _hand_back(site, task, data, whole=True) == "committed"
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+
+
+def test_a_committed_hops_clean_up_does_not_hold_back_its_answer(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = coordinator.engine
+    release, answered = threading.Event(), list[bool]()
+    original = engine.ledger.supersede_checkpoints
+
+    def supersede_checkpoints(hop_id: str, reason: str) -> object:
+        answered.append(release.wait(WAIT))  # set once the site has its answer
+        return original(hop_id, reason)
+
+    monkeypatch.setattr(engine.ledger, "supersede_checkpoints", supersede_checkpoints)
+    assert _hand_back(site, task, _bundle(site, task, 4096), whole=True) == "committed"
+    release.set()
+    loop = engine.writer.loop
+    assert loop is not None
+    asyncio.run_coroutine_threadsafe(engine.quiesce(), loop).result(WAIT)
+    assert answered == [True]

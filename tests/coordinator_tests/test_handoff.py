@@ -115,18 +115,19 @@ def test_the_next_task_leaves_for_its_site_before_the_committed_hops_clean_up(
     session = engine.sessions.get("site-b")
     assert session is not None
     at_clean_up: list[tuple[set[str], list[str | None]]] = []
-    hop_ended = engine.intake.hop_ended
+    hop_committed = engine.intake.hop_committed
 
-    def clean_up(hop_id: str, reason: str) -> None:
-        # When the committed hop is cleaned up (a ledger transaction on the event loop), the
-        # next hop's task was sent, and site-b's stream took it from its queue already.
+    def clean_up(hop_id: str) -> None:
+        # When the committed hop is cleaned up (its spool files, then a ledger transaction on
+        # the writer's thread), the next hop's task was sent, and site-b's stream took it from
+        # its queue already.
         queued = list(session.queue._queue)  # type: ignore[attr-defined]
         at_clean_up.append(
             (set(engine.hops.leases.sent), [t.WhichOneof("kind") if t else None for t in queued])
         )
-        hop_ended(hop_id, reason)
+        hop_committed(hop_id)
 
-    monkeypatch.setattr(engine.intake, "hop_ended", clean_up)
+    monkeypatch.setattr(engine.intake, "hop_committed", clean_up)
     ref = sites["site-a"].upload(first, sites["site-a"].bundle(first))
     assert sites["site-a"].report(first, ref, train_loss=0.4) == "committed"
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import text
+from sqlalchemy import event, text
 from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
@@ -715,3 +715,52 @@ def test_a_write_after_a_check_does_not_adopt_a_column_edited_behind_the_ledger(
     assert [(m.table, m.key, m.column) for m in found] == [("hops", ids["hop1"], "hyperparameters")]
     assert '\'{"learning_rate":0.0001' in found[0].message
     assert ledger.verify().row_mismatches == found
+
+
+def test_a_hand_backs_transaction_reads_its_hop_once_and_records_it_as_written_apart(
+    ledger: Ledger,
+) -> None:
+    # One transaction moves the hop to uploaded, then commits it: the hop is read (and locked)
+    # once, the commit's snapshot carries the upload's forward without reading that event back,
+    # and the rows still match their events (the engine's check and a full verify).
+    run_id = uuid.uuid4().hex
+    hops = [_hop(run_id, 0, "site-a"), _hop(run_id, 1, "site-b")]
+    ledger.create_run(run_id, "r", {"task": "tabular", "dataset": "notes"}, hops, None)
+    ledger.lease_hop(hops[0].id, "tok", None)
+    statements: list[tuple[str, object]] = []
+
+    def note(
+        _conn: object, _cursor: object, statement: str, parameters: object, *_: object
+    ) -> None:
+        statements.append((" ".join(statement.split()), parameters))
+
+    event.listen(ledger.engine, "before_cursor_execute", note)
+    try:
+        with ledger.transaction():
+            ledger.record_checkpoint(_checkpoint(OUT_A, run_id, hops[0].id, None))
+            ledger.transition_hop(
+                hops[0].id, expected=("leased",), status="uploaded", event="hop.uploaded",
+                payload={"output_sha256": OUT_A},
+            )  # fmt: skip
+            ledger.commit_hop(hops[0].id, lease_token="tok", output_sha256=OUT_A,
+                              metrics={"accuracy": 0.5}, train_started_at_ns=1,
+                              train_finished_at_ns=2, base_model_sha256="ab" * 32)  # fmt: skip
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", note)
+    hop_reads = [s for s, _ in statements if s.startswith("SELECT") and "FROM hops" in s]
+    assert len(hop_reads) == 1, hop_reads
+    uploaded_seq = max(e.seq for e in ledger.events() if e.kind == "hop.uploaded")
+    event_reads = [p for s, p in statements if s.startswith("SELECT") and "FROM events" in s]
+    assert event_reads and all(_names(p, uploaded_seq) is False for p in event_reads)
+    committed = next(e for e in ledger.events() if e.kind == "hop.committed")
+    [entry] = [e for e in committed.payload["state_rows"] if e["table"] == "hops"]
+    assert entry["values"]["status"] == "committed" and entry["values"]["lease_token"] is None
+    assert ledger.stored_run_mismatches(run_id, OUT_A) == []
+    assert ledger.verify().ok
+    assert ledger.last_seq() == committed.seq and ledger.known_head() == committed.hash
+
+
+def _names(parameters: object, seq: int) -> bool:
+    """Whether a statement's bound parameters hold `seq`."""
+    values = parameters.values() if isinstance(parameters, dict) else parameters
+    return seq in tuple(values)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ import safetensors.numpy
 
 from coordinator.console.admin import AdminClient
 from coordinator.engine.hops import Hops
-from coordinator.ledger import EventRow, HopRow, Ledger
+from coordinator.ledger import HopRow, Ledger
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
@@ -81,7 +81,7 @@ def test_a_watchdog_pass_during_a_commit_leaves_the_next_task_pinned(
     engine = coordinator.engine
     ledger_type = type(engine.ledger)
     original_commit = Hops._commit_and_lease
-    original_last_event = ledger_type.last_event
+    original_last_seq = ledger_type.last_seq
     original_check = engine.storage.check
     in_commit, pass_started, committed = threading.Event(), threading.Event(), threading.Event()
 
@@ -89,10 +89,10 @@ def test_a_watchdog_pass_during_a_commit_leaves_the_next_task_pinned(
         original_check()
         pass_started.set()
 
-    def last_event(ledger: Ledger) -> EventRow | None:  # the outside-write check's one query
+    def last_seq(ledger: Ledger) -> int:  # the outside-write check's one query
         if in_commit.is_set():
             assert committed.wait(WAIT)
-        return original_last_event(ledger)
+        return original_last_seq(ledger)
 
     def commit_during_a_watchdog_pass(self: Hops, *args: Any, **kwargs: Any) -> HopRow | None:
         assert self.writer.loop is not None
@@ -107,7 +107,7 @@ def test_a_watchdog_pass_during_a_commit_leaves_the_next_task_pinned(
             in_commit.clear()
 
     monkeypatch.setattr(engine.storage, "check", storage_check)
-    monkeypatch.setattr(ledger_type, "last_event", last_event)
+    monkeypatch.setattr(ledger_type, "last_seq", last_seq)
     monkeypatch.setattr(Hops, "_commit_and_lease", commit_during_a_watchdog_pass)
     admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
     admin.start_run(parse_plan(_plan("site-a", "site-b")))
