@@ -89,9 +89,9 @@ def _site(work: Path, threads: int) -> Any:
     return agent, labels, pki
 
 
-def _task(agent: Any, labels: list[str], pki: Path) -> Any:
+def _task(agent: Any, labels: list[str], pki: Path, steps: int = 15) -> Any:
     """A hop's task as the coordinator sends it: its input (a site-b adapter of this model)
-    inside it, signed by site-b."""
+    inside it, signed by site-b; ``steps`` per hop."""
     from coordinator.plan import parse_plan
     from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
     from protocols.hyperparameter_messages import to_message
@@ -102,7 +102,7 @@ def _task(agent: Any, labels: list[str], pki: Path) -> Any:
     plan = parse_plan({
         "name": "hop-start", "dataset": "triage-notes", "labels": labels,
         "sites": ["site-b", "site-a"], "cycles": 1,
-        "defaults": {"steps": 15, "batch_size": 16, "learning_rate": 2e-3},
+        "defaults": {"steps": steps, "batch_size": 16, "learning_rate": 2e-3},
         "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]},
     })  # fmt: skip
     hyperparameters = plan.expanded_hops()[1][1]

@@ -1,0 +1,162 @@
+"""The finishing site's end, in process: a hop's last training step to its hand back call.
+
+The counterpart of `hop_start.py` (same site, same job: the packaged all-MiniLM-L6-v2, LoRA r=8
+on query/value and the head, the demo's triage notes, ``--threads`` torch threads). Per
+repeat, the hop is prepared (as "you are next" does, not timed), then `_train_and_report` runs
+a hop of ``--steps`` steps (validation deferred, as after a commit) through everything the
+agent does after the last step: the adapter copied out of the model and checked finite, the
+bundle serialised, the egress check (format, values, declared tensors) and its hash, the
+custody signature, the hand back message (adapter + result) built and serialised as gRPC
+sends it. A stand-in for the coordinator's stub takes the call there: the figures are the wall
+time from the last step (where the agent holds the collector off the handoff) to that call,
+and the task thread's CPU time over the same span. Nothing is sent over a network.
+
+    PYTHONPATH=. nice -n 19 .venv/bin/python benchmarks/hop_end.py --repeat 30 --name hop-end
+    PYTHONPATH=/other/checkout .venv/bin/python benchmarks/hop_end.py --json-only  # A/B
+
+``--contend`` runs a torch pass meanwhile, as `hop_start.py`'s. Writes `results/<name>.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling hop_start
+
+from hop_start import RESULTS, _commit, _contention, _site, _summary, _task
+
+
+class _Coordinator:
+    """Stands in for the coordinator's stub: answers heartbeats, and takes the hand back where
+    gRPC would send its first byte (the request serialised)."""
+
+    def __init__(self) -> None:
+        self.sent_ns = 0
+        self.sent_cpu_ns = 0
+        self.bundle_bytes = 0
+
+    def SendHeartbeat(self, request: Any, timeout: float) -> Any:
+        from protocols.v1 import baton_pb2 as pb
+
+        return pb.HeartbeatResponse(cancel=False)
+
+    def HandBackHopWhole(self, request: Any, timeout: float) -> Any:
+        from protocols.v1 import baton_pb2 as pb
+
+        wire = request.SerializeToString()
+        self.sent_ns = time.time_ns()
+        self.sent_cpu_ns = time.thread_time_ns()
+        self.bundle_bytes = len(request.bundle)
+        assert len(wire) > self.bundle_bytes
+        return pb.HopResultResponse(hop_status="committed")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from site_agent.hop_runner import _CollectorHold
+    from site_agent.tasks import HopCancelled  # noqa: F401  (imports torch before timing)
+
+    class LastStep(_CollectorHold):
+        """The agent's collector hold, which its hop takes at the last step: the instant."""
+
+        at_ns = 0
+        cpu_ns = 0
+
+        def hold(self) -> None:
+            self.at_ns = time.time_ns()
+            self.cpu_ns = time.thread_time_ns()
+            super().hold()
+
+    with tempfile.TemporaryDirectory(prefix="hop-end-") as tmp:
+        agent, labels, pki = _site(Path(tmp), args.threads)
+        task, _spec, _dataset, _seed = _task(agent, labels, pki, steps=args.steps)
+        preparation = type(task)()
+        preparation.CopyFrom(task)
+        for name in ("lease_token", "input_checkpoint", "input_bundle"):
+            preparation.ClearField(name)
+        stop = threading.Event()
+        if args.contend:
+            contention = (stop, args.contend_threads, args.contend_nice)
+            threading.Thread(target=_contention, args=contention, daemon=True).start()
+        walls: list[float] = []
+        cpus: list[float] = []
+        sizes: set[int] = set()
+        try:
+            for repeat in range(args.warmup + args.repeat):
+                agent._prepare(preparation)  # "you are next", its collection included
+                time.sleep(0.05)
+                coordinator = _Coordinator()
+                collector = LastStep()
+                try:
+                    reported = agent._train_and_report(coordinator, task, 30.0, collector)
+                finally:
+                    collector.release()
+                    agent._deferred_validation = None  # its pass is not this figure
+                assert reported is not None and reported[0].ok, "the hop was not handed back"
+                assert collector.at_ns and coordinator.sent_ns, "no last step or no hand back"
+                sizes.add(coordinator.bundle_bytes)
+                if repeat >= args.warmup:
+                    walls.append((coordinator.sent_ns - collector.at_ns) / 1e6)
+                    cpus.append((coordinator.sent_cpu_ns - collector.cpu_ns) / 1e6)
+        finally:
+            stop.set()
+    return {"wall_ms": walls, "cpu_ms": cpus, "bundle_bytes": sorted(sizes)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2,
+                        help="steps per hop (its step-1 beat ends before the last)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="the site's torch threads")
+    parser.add_argument("--contend", action="store_true",
+                        help="a torch pass runs meanwhile on a thread of its own")  # fmt: skip
+    parser.add_argument("--contend-threads", type=int, default=2)
+    parser.add_argument("--contend-nice", type=int, default=0)
+    parser.add_argument("--name", default="hop-end")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--json-only", action="store_true", help="print the JSON, write nothing")
+    args = parser.parse_args(argv)
+    figures = run(args)
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "commit": _commit(),
+        "load_before": os.getloadavg(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "bundle_bytes": figures["bundle_bytes"],
+        "wall_ms": _summary(figures["wall_ms"]),
+        "cpu_ms": _summary(figures["cpu_ms"]),
+        "raw": {k: figures[k] for k in ("wall_ms", "cpu_ms")},
+    }
+    if args.json_only:
+        print(json.dumps(report))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# The finishing site's end, in process (`{report['command']}`)",
+        "",
+        f"Commit {report['commit']}, load average before {report['load_before']}, "
+        f"bundle {report['bundle_bytes']} bytes.",
+        "",
+        "| figure | median | p90 | max |",
+        "|---|---:|---:|---:|",
+        *(f"| {what} | {s['median']} | {s['p90']} | {s['max']} |"
+          for what, s in (("wall ms (last step -> hand back call)", report["wall_ms"]),
+                          ("CPU ms of the task thread", report["cpu_ms"]))),
+    ]  # fmt: skip
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
