@@ -14,7 +14,10 @@ and the task thread's CPU time over the same span. Nothing is sent over a networ
     PYTHONPATH=. nice -n 19 .venv/bin/python benchmarks/hop_end.py --repeat 30 --name hop-end
     PYTHONPATH=/other/checkout .venv/bin/python benchmarks/hop_end.py --json-only  # A/B
 
-``--contend`` runs a torch pass meanwhile, as `hop_start.py`'s. Writes `results/<name>.{json,md}`.
+``--contend`` runs a torch pass meanwhile, as `hop_start.py`'s. ``--parts N`` instead times, on the
+same adapter, N interleaved rounds of the two steps this checkout changed against what they
+replace: the bundle by `safetensors.torch.save` / by `serialized`, the custody signature with
+the key parsed per hop / parsed once. Writes `results/<name>.{json,md}`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +114,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"wall_ms": walls, "cpu_ms": cpus, "bundle_bytes": sorted(sizes)}
 
 
+def parts(rounds: int, threads: int) -> dict[str, list[float]]:
+    """CPU ms per call of each step and what it replaced, interleaved (`--parts`)."""
+    import safetensors.torch
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from protocols.checkpoint import CheckpointManifest, bundle_metadata
+    from protocols.signing import sign_digest
+    from site_agent.tasks import serialized
+    from site_agent.tasks._lora import adapter_config, adapter_slots
+    from site_agent.tasks._state import outgoing
+
+    with tempfile.TemporaryDirectory(prefix="hop-end-") as tmp:
+        agent, labels, pki = _site(Path(tmp), threads)
+        _hop, spec, _dataset, _seed = _task(agent, labels, pki)
+        model = agent.trainer("seq-classification").adapter_model(spec, None)
+        tensors = outgoing(adapter_slots(model))
+        manifest = CheckpointManifest(task_type="seq-classification", base_model_sha256="0" * 64,
+                                      run_id="r", hop_id="h", producer_site="site-a")  # fmt: skip
+        metadata = bundle_metadata(manifest, adapter_config(model))
+        key = (pki / "site-a.key").read_bytes()
+
+    def sign_parsing() -> bytes:
+        parsed = serialization.load_pem_private_key(key, password=None)
+        assert isinstance(parsed, ec.EllipticCurvePrivateKey)
+        return parsed.sign(b"0" * 64, ec.ECDSA(hashes.SHA256()))
+
+    steps: dict[str, Callable[[], object]] = {
+        "bundle: safetensors.torch.save": lambda: safetensors.torch.save(tensors, metadata),
+        "bundle: serialized": lambda: serialized(tensors, metadata),
+        "signature: key parsed per hop": sign_parsing,
+        "signature: sign_digest": lambda: sign_digest(key, "0" * 64),
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for index in range(rounds):
+        for name, step in list(steps.items())[:: 1 if index % 2 else -1]:
+            started = time.thread_time_ns()
+            step()
+            times[name].append((time.thread_time_ns() - started) / 1e6)
+    return times
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=30)
@@ -121,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="a torch pass runs meanwhile on a thread of its own")  # fmt: skip
     parser.add_argument("--contend-threads", type=int, default=2)
     parser.add_argument("--contend-nice", type=int, default=0)
+    parser.add_argument("--parts", type=int, default=0, metavar="N",
+                        help="time the changed steps, N interleaved rounds, instead")  # fmt: skip
     parser.add_argument("--name", default="hop-end")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--json-only", action="store_true", help="print the JSON, write nothing")
     args = parser.parse_args(argv)
+    if args.parts:
+        return _report_parts(args, parts(args.parts, args.threads))
     figures = run(args)
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
@@ -153,6 +203,33 @@ def main(argv: list[str] | None = None) -> int:
           for what, s in (("wall ms (last step -> hand back call)", report["wall_ms"]),
                           ("CPU ms of the task thread", report["cpu_ms"]))),
     ]  # fmt: skip
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _report_parts(args: argparse.Namespace, times: dict[str, list[float]]) -> int:
+    report: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": _commit(),
+        "load_before": os.getloadavg(),
+        "cpu_ms": {name: _summary(values) for name, values in times.items()},
+    }
+    if args.json_only:
+        print(json.dumps(report))
+        return 0
+    lines = [
+        f"# The finishing site's changed steps, CPU ms per call (`{report['command']}`)",
+        "",
+        f"Commit {report['commit']}, load average before {report['load_before']}.",
+        "",
+        "| step | median | p90 | max |",
+        "|---|---:|---:|---:|",
+        *(f"| {name} | {s['median']} | {s['p90']} | {s['max']} |"
+          for name, s in report["cpu_ms"].items()),
+    ]  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
