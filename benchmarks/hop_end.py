@@ -23,11 +23,9 @@ the key parsed per hop / parsed once. Writes `results/<name>.{json,md}`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,7 +33,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling hop_start
 
-from hop_start import RESULTS, _commit, _contention, _site, _summary, _task
+from hop_start import (
+    RESULTS,
+    _commit,
+    _preparation,
+    _publish,
+    _report_head,
+    _site,
+    _start_contention,
+    _summary,
+    _task,
+)
 
 
 class _Coordinator:
@@ -81,14 +89,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hop-end-") as tmp:
         agent, labels, pki = _site(Path(tmp), args.threads)
         task, _spec, _dataset, _seed = _task(agent, labels, pki, steps=args.steps)
-        preparation = type(task)()
-        preparation.CopyFrom(task)
-        for name in ("lease_token", "input_checkpoint", "input_bundle"):
-            preparation.ClearField(name)
-        stop = threading.Event()
-        if args.contend:
-            contention = (stop, args.contend_threads, args.contend_nice)
-            threading.Thread(target=_contention, args=contention, daemon=True).start()
+        preparation = _preparation(task)
+        stop = _start_contention(args)
         walls: list[float] = []
         cpus: list[float] = []
         sizes: set[int] = set()
@@ -177,35 +179,16 @@ def main(argv: list[str] | None = None) -> int:
         return _report_parts(args, parts(args.parts, args.threads))
     figures = run(args)
     report: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "commit": _commit(),
-        "load_before": os.getloadavg(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        **_report_head(args, argv),
         "bundle_bytes": figures["bundle_bytes"],
         "wall_ms": _summary(figures["wall_ms"]),
         "cpu_ms": _summary(figures["cpu_ms"]),
         "raw": {k: figures[k] for k in ("wall_ms", "cpu_ms")},
     }
-    if args.json_only:
-        print(json.dumps(report))
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"# The finishing site's end, in process (`{report['command']}`)",
-        "",
-        f"Commit {report['commit']}, load average before {report['load_before']}, "
-        f"bundle {report['bundle_bytes']} bytes.",
-        "",
-        "| figure | median | p90 | max |",
-        "|---|---:|---:|---:|",
-        *(f"| {what} | {s['median']} | {s['p90']} | {s['max']} |"
-          for what, s in (("wall ms (last step -> hand back call)", report["wall_ms"]),
-                          ("CPU ms of the task thread", report["cpu_ms"]))),
-    ]  # fmt: skip
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    rows = [("wall ms (last step -> hand back call)", report["wall_ms"]),
+            ("CPU ms of the task thread", report["cpu_ms"])]  # fmt: skip
+    note = f", bundle {report['bundle_bytes']} bytes"
+    return _publish(args, report, "The finishing site's end, in process", note, rows)
 
 
 def _report_parts(args: argparse.Namespace, times: dict[str, list[float]]) -> int:
@@ -215,24 +198,8 @@ def _report_parts(args: argparse.Namespace, times: dict[str, list[float]]) -> in
         "load_before": os.getloadavg(),
         "cpu_ms": {name: _summary(values) for name, values in times.items()},
     }
-    if args.json_only:
-        print(json.dumps(report))
-        return 0
-    lines = [
-        f"# The finishing site's changed steps, CPU ms per call (`{report['command']}`)",
-        "",
-        f"Commit {report['commit']}, load average before {report['load_before']}.",
-        "",
-        "| step | median | p90 | max |",
-        "|---|---:|---:|---:|",
-        *(f"| {name} | {s['median']} | {s['p90']} | {s['max']} |"
-          for name, s in report["cpu_ms"].items()),
-    ]  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    title = "The finishing site's changed steps, CPU ms per call"
+    return _publish(args, report, title, "", list(report["cpu_ms"].items()))
 
 
 if __name__ == "__main__":

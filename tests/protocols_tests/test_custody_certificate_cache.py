@@ -16,16 +16,21 @@ from tests.conftest import Pki
 FIRST, SECOND = "ab" * 32, "cd" * 32
 
 
-def _counting_certificate_loads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+def _counting_loads(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[bytes]:
+    """The PEM bytes `owner.name` (a cryptography loader) is called with from now on."""
     loaded: list[bytes] = []
-    real = x509.load_pem_x509_certificate
+    real = getattr(owner, name)
 
-    def load(data: bytes, *args: Any, **kwargs: Any) -> x509.Certificate:
+    def load(data: bytes, *args: Any, **kwargs: Any) -> Any:
         loaded.append(data)
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(x509, "load_pem_x509_certificate", load)
+    monkeypatch.setattr(owner, name, load)
     return loaded
+
+
+def _counting_certificate_loads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    return _counting_loads(monkeypatch, x509, "load_pem_x509_certificate")
 
 
 def test_a_producers_certificate_is_checked_once_across_hops(
@@ -91,15 +96,7 @@ def test_a_certificate_is_checked_again_against_another_ca_or_when_it_differs(
 def _counting_key_loads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
     from cryptography.hazmat.primitives import serialization
 
-    loaded: list[bytes] = []
-    real = serialization.load_pem_private_key
-
-    def load(data: bytes, *args: Any, **kwargs: Any) -> Any:
-        loaded.append(data)
-        return real(data, *args, **kwargs)
-
-    monkeypatch.setattr(serialization, "load_pem_private_key", load)
-    return loaded
+    return _counting_loads(monkeypatch, serialization, "load_pem_private_key")
 
 
 def test_a_sites_signing_key_is_parsed_once_across_hops_and_a_renewed_one_anew(
