@@ -68,6 +68,24 @@ def _contention(stop: threading.Event, threads: int, niceness: int) -> None:
             a = torch.tanh(a @ a.T / 384.0)
 
 
+def _start_contention(args: argparse.Namespace) -> threading.Event:
+    """Starts ``--contend``'s torch pass if asked; setting the event stops it."""
+    stop = threading.Event()
+    if args.contend:
+        contention = (stop, args.contend_threads, args.contend_nice)
+        threading.Thread(target=_contention, args=contention, daemon=True).start()
+    return stop
+
+
+def _preparation(task: Any) -> Any:
+    """The "you are next" notice of a hop task: the task without its lease and its input."""
+    preparation = type(task)()
+    preparation.CopyFrom(task)
+    for name in ("lease_token", "input_checkpoint", "input_bundle"):
+        preparation.ClearField(name)
+    return preparation
+
+
 def _site(work: Path, threads: int) -> Any:
     from coordinator.console.demo import packaged_minilm, write_site_data
     from protocols.pki import Role, init_ca, issue_certificate
@@ -89,9 +107,9 @@ def _site(work: Path, threads: int) -> Any:
     return agent, labels, pki
 
 
-def _task(agent: Any, labels: list[str], pki: Path) -> Any:
+def _task(agent: Any, labels: list[str], pki: Path, steps: int = 15) -> Any:
     """A hop's task as the coordinator sends it: its input (a site-b adapter of this model)
-    inside it, signed by site-b."""
+    inside it, signed by site-b; ``steps`` per hop."""
     from coordinator.plan import parse_plan
     from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
     from protocols.hyperparameter_messages import to_message
@@ -102,7 +120,7 @@ def _task(agent: Any, labels: list[str], pki: Path) -> Any:
     plan = parse_plan({
         "name": "hop-start", "dataset": "triage-notes", "labels": labels,
         "sites": ["site-b", "site-a"], "cycles": 1,
-        "defaults": {"steps": 15, "batch_size": 16, "learning_rate": 2e-3},
+        "defaults": {"steps": steps, "batch_size": 16, "learning_rate": 2e-3},
         "lora": {"r": 8, "alpha": 16, "target_modules": ["query", "value"]},
     })  # fmt: skip
     hyperparameters = plan.expanded_hops()[1][1]
@@ -141,14 +159,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hop-start-") as tmp:
         agent, labels, pki = _site(Path(tmp), args.threads)
         task, _spec, _dataset, _seed = _task(agent, labels, pki)
-        preparation = type(task)()
-        preparation.CopyFrom(task)
-        for name in ("lease_token", "input_checkpoint", "input_bundle"):
-            preparation.ClearField(name)
-        stop = threading.Event()
-        if args.contend:
-            contention = (stop, args.contend_threads, args.contend_nice)
-            threading.Thread(target=_contention, args=contention, daemon=True).start()
+        preparation = _preparation(task)
+        stop = _start_contention(args)
         walls: list[float] = []
         cpus: list[float] = []
         try:
@@ -183,6 +195,44 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def _report_head(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """What every report of these scripts starts with: command, commit, load, settings."""
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
+        "commit": _commit(),
+        "load_before": os.getloadavg(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+    }
+
+
+def _publish(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    title: str,
+    note: str,
+    rows: list[tuple[str, dict[str, float]]],
+) -> int:
+    """Prints the report's JSON (``--json-only``), or writes ``results/<name>.{json,md}`` (a
+    table of ``rows``: name, median, p90, max) and prints the Markdown."""
+    if args.json_only:
+        print(json.dumps(report))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# {title} (`{report['command']}`)",
+        "",
+        f"Commit {report['commit']}, load average before {report['load_before']}{note}.",
+        "",
+        "| figure | median | p90 | max |",
+        "|---|---:|---:|---:|",
+        *(f"| {what} | {s['median']} | {s['p90']} | {s['max']} |" for what, s in rows),
+    ]
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=30)
@@ -198,33 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     figures = run(args)
     report: dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "commit": _commit(),
-        "load_before": os.getloadavg(),
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        **_report_head(args, argv),
         "wall_ms": _summary(figures["wall_ms"]),
         "cpu_ms": _summary(figures["cpu_ms"]),
         "raw": figures,
     }
-    if args.json_only:
-        print(json.dumps(report))
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"# The next site's start, in process (`{report['command']}`)",
-        "",
-        f"Commit {report['commit']}, load average before {report['load_before']}.",
-        "",
-        "| figure | median | p90 | max |",
-        "|---|---:|---:|---:|",
-        *(f"| {what} | {s['median']} | {s['p90']} | {s['max']} |"
-          for what, s in (("wall ms (task -> first step)", report["wall_ms"]),
-                          ("CPU ms of the task thread", report["cpu_ms"]))),
-    ]  # fmt: skip
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    rows = [("wall ms (task -> first step)", report["wall_ms"]),
+            ("CPU ms of the task thread", report["cpu_ms"])]  # fmt: skip
+    return _publish(args, report, "The next site's start, in process", "", rows)
 
 
 if __name__ == "__main__":

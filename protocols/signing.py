@@ -32,10 +32,17 @@ class SignatureError(ValueError):
 
 def sign_digest(private_key_pem: bytes, sha256: str) -> bytes:
     """Signs a bundle's sha256 (hex) with a site's private key."""
+    return _signing_key(private_key_pem).sign(sha256.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+
+
+@functools.lru_cache(maxsize=4)
+def _signing_key(private_key_pem: bytes) -> ec.EllipticCurvePrivateKey:
+    """A private key, parsed once per key: a site signs every hop's bundle with the same one
+    (a renewed key is other bytes, parsed anew). A refusal raises, so it is never cached."""
     key = serialization.load_pem_private_key(private_key_pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SignatureError("checkpoint signing needs an ECDSA key")
-    return key.sign(sha256.encode("ascii"), ec.ECDSA(hashes.SHA256()))
+    return key
 
 
 def verify_custody(

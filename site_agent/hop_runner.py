@@ -472,9 +472,7 @@ class HopRunner(TaskChecks, Transfers):
         collector: _CollectorHold | None = None,
     ) -> pb.HopResult | None:
         with collector_paused():  # a first hop's torch import: see collector_paused
-            import safetensors.torch
-
-            from site_agent.tasks import HopCancelled, PreparingTrainer
+            from site_agent.tasks import HopCancelled, PreparingTrainer, serialized
 
         self._deferred_validation = None
         hyperparameters, spec, trainer = self._hop_setup(task)
@@ -542,9 +540,7 @@ class HopRunner(TaskChecks, Transfers):
             parent_sha256=parent,
             created_at=datetime.now(UTC).isoformat(),
         )
-        payload = safetensors.torch.save(
-            outcome.tensors, metadata=bundle_metadata(manifest, outcome.adapter_config)
-        )
+        payload = serialized(outcome.tensors, bundle_metadata(manifest, outcome.adapter_config))
         # The egress check hashes the bundle: that digest is the one signed and sent.
         digest = self._check_egress(trainer, spec, dataset, payload, self.settings.max_upload_bytes)
         header = pb.UploadHeader(

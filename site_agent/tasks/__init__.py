@@ -23,7 +23,7 @@ from site_agent.tasks._spec import (
     TensorSpec,
     Trainer,
 )
-from site_agent.tasks._state import tensors_from_values
+from site_agent.tasks._state import serialized, tensors_from_values
 from site_agent.tasks._tabular import TabularTrainer, architecture_sha256
 from site_agent.tasks._trainers import create_trainer, load_base_models
 
@@ -70,5 +70,6 @@ __all__ = [
     "create_trainer",
     "hash_base_model",
     "load_base_models",
+    "serialized",
     "tensors_from_values",
 ]

@@ -6,6 +6,8 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
 from protocols.checkpoint import TensorValues
@@ -89,6 +91,43 @@ def outgoing(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             f"training diverged: trained tensors have non-finite values in {preview(non_finite)}"
         )
     return tensors
+
+
+def serialized(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """``safetensors.torch.save(tensors, metadata)``, byte for byte, for a hop's hand back.
+
+    Dense contiguous CPU tensors that each own their whole storage (what ``outgoing`` makes)
+    go to safetensors' serializer by pointer, without the checks its torch ``save`` makes
+    for any state dict (shared or overlapping storage, sparse layouts, with ctypes and numpy
+    views per tensor): 2 ms of a MiniLM hand back's ~4 ms at the finishing site. Anything
+    else, or a safetensors without that serializer, takes ``save`` itself.
+    """
+    spec = getattr(safetensors, "TensorSpec", None)
+    specs = {}
+    seen: set[int] = set()
+    for name, tensor in tensors.items():
+        size = _ITEM_BYTES.get(tensor.dtype)
+        pointer = tensor.data_ptr()
+        if (
+            spec is None
+            or size is None
+            or tensor.device.type != "cpu"
+            or tensor.layout != torch.strided
+            or not tensor.is_contiguous()
+            or tensor.storage_offset() != 0
+            or tensor.untyped_storage().nbytes() != tensor.numel() * size
+            or (pointer in seen and tensor.numel())
+        ):
+            return safetensors.torch.save(dict(tensors), metadata=dict(metadata))
+        seen.add(pointer)
+        specs[name] = spec(dtype=str(tensor.dtype).removeprefix("torch."), shape=list(tensor.shape),
+                           data_ptr=pointer, data_len=tensor.numel() * size)  # fmt: skip
+    # The tensors (in ``tensors``) stay alive while the serializer reads their memory.
+    return bytes(safetensors.serialize(specs, metadata=dict(metadata)))
+
+
+# Bytes per element of the dtypes ``serialized`` hands over by pointer.
+_ITEM_BYTES = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2}
 
 
 def tensor_specs(state: Mapping[str, torch.Tensor]) -> tuple[TensorSpec, ...]:

@@ -16,16 +16,21 @@ from tests.conftest import Pki
 FIRST, SECOND = "ab" * 32, "cd" * 32
 
 
-def _counting_certificate_loads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+def _counting_loads(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[bytes]:
+    """The PEM bytes `owner.name` (a cryptography loader) is called with from now on."""
     loaded: list[bytes] = []
-    real = x509.load_pem_x509_certificate
+    real = getattr(owner, name)
 
-    def load(data: bytes, *args: Any, **kwargs: Any) -> x509.Certificate:
+    def load(data: bytes, *args: Any, **kwargs: Any) -> Any:
         loaded.append(data)
         return real(data, *args, **kwargs)
 
-    monkeypatch.setattr(x509, "load_pem_x509_certificate", load)
+    monkeypatch.setattr(owner, name, load)
     return loaded
+
+
+def _counting_certificate_loads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    return _counting_loads(monkeypatch, x509, "load_pem_x509_certificate")
 
 
 def test_a_producers_certificate_is_checked_once_across_hops(
@@ -86,3 +91,51 @@ def test_a_certificate_is_checked_again_against_another_ca_or_when_it_differs(
 
     assert loaded.count(certificate) == 1
     assert loaded.count(foreign_certificate) == 2
+
+
+def _counting_key_loads(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    from cryptography.hazmat.primitives import serialization
+
+    return _counting_loads(monkeypatch, serialization, "load_pem_private_key")
+
+
+def test_a_sites_signing_key_is_parsed_once_across_hops_and_a_renewed_one_anew(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    site_a = pki.tls("site-a")
+    key, ca = site_a.private_key.read_bytes(), site_a.ca_certificate.read_bytes()
+    renewed_key = ec.generate_private_key(ec.SECP256R1())
+    renewed = renewed_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    sign_digest(key, FIRST)
+    loaded = _counting_key_loads(monkeypatch)
+
+    signature = sign_digest(key, SECOND)
+    assert loaded == []  # the same key's bytes: not parsed again
+    verify_custody(SECOND, signature, site_a.certificate.read_bytes(), ca_pem=ca,
+                   producer="site-a")  # fmt: skip
+    # Other key bytes (a renewed key) are parsed, and sign with that key.
+    renewed_signature = sign_digest(renewed, SECOND)
+    assert loaded == [renewed]
+    renewed_key.public_key().verify(renewed_signature, SECOND.encode("ascii"),
+                                    ec.ECDSA(hashes.SHA256()))  # fmt: skip
+
+
+def test_a_key_that_cannot_sign_is_refused_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )  # fmt: skip
+    loaded = _counting_key_loads(monkeypatch)
+    for _ in range(2):
+        with pytest.raises(SignatureError, match="needs an ECDSA key"):
+            sign_digest(pem, FIRST)
+    assert loaded == [pem, pem]
