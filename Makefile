@@ -21,12 +21,12 @@ demo: install
 	$(VENV)/bin/baton demo --dir demo
 
 # PYTEST_ARGS: more pytest options (.ci/run adds --durations=25).
-# XDIST: pytest-xdist workers, 2 by default (this machine's 2 cores: the serial run took 1242 s on
-# a quiet machine in session 13, over the 15-minute budget; most tests wait on the processes they
-# start, using about one core of two). XDIST=0 runs serially in one process. loadgroup keeps together the tests
-# tests/xdist_groups.py groups (Ray, module fixtures). A worker that dies ends the run
-# (--max-worker-restart=0): xdist's loadgroup hangs when it replaces a crashed worker
-# (pytest-dev/pytest-xdist#1323, #1327); the crash is reported against the test it ran.
+# XDIST: pytest-xdist workers, 2 by default (this machine's 2 cores: serially the suite took 1242 s
+# on a quiet machine in session 13, over its 15-minute budget, with about one core of two busy).
+# XDIST=0 runs serially in one process. loadgroup keeps together the tests tests/xdist_groups.py
+# groups (Ray, module fixtures). A worker that dies ends the run (--max-worker-restart=0): xdist's
+# loadgroup hangs when it replaces a crashed worker (pytest-dev/pytest-xdist#1323, #1327); the
+# crash is reported against the test it ran.
 XDIST ?= 2
 ifeq ($(XDIST),0)
 XDIST_ARGS :=
