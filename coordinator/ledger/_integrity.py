@@ -539,6 +539,13 @@ class StateIndex:
                 name = (str(entry.get("table")), str(entry.get("key")))
                 newest[name] = -seq if entry.get("deleted") else seq
 
+    def absorb(self, later: StateIndex) -> None:
+        """Takes over the notes of the walk of the events right after this index's own (a
+        chain walked in parts): later events win, as in one walk; a row first seen later keeps
+        its place in the order."""
+        self._newest.update(later._newest)
+        self.mismatch_events.extend(later.mismatch_events)
+
     def compare_tables(self, session: Session, chunk: int = 1000) -> Iterator[RowMismatch]:
         """Every row against its newest snapshot, and every snapshot against its row."""
         seen: set[tuple[str, str]] = set()

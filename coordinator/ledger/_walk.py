@@ -20,7 +20,7 @@ from coordinator.ledger._chain import GENESIS_HASH, ChainBreak, LedgerCore, even
 from coordinator.ledger._integrity import StateIndex
 from coordinator.ledger.models import EventRow
 
-__all__ = ["ChainWalk", "RowIndex", "walk_chain"]
+__all__ = ["ChainWalk", "walk_chain"]
 
 # A range shorter than this is walked by the process that has it (a process starts in ~0.5 s).
 SPLIT_MIN_EVENTS = 50_000
@@ -115,19 +115,10 @@ def _hash_matches(
         return False
 
 
-class RowIndex(StateIndex):
-    """A `StateIndex` that takes over the notes of the range walked right after its own."""
-
-    def absorb(self, later: StateIndex) -> None:
-        # Later events win, as in one walk; a row first seen later keeps its place in the order.
-        self._newest.update(later._newest)
-        self.mismatch_events.extend(later.mismatch_events)
-
-
 class ChainWalk:
     """A walk over consecutive events, fed in seq order one batch at a time."""
 
-    def __init__(self, index: RowIndex | None, prev: str | None = GENESIS_HASH) -> None:
+    def __init__(self, index: StateIndex | None, prev: str | None = GENESIS_HASH) -> None:
         self.index = index  # notes each event's row snapshots (None: rows not checked)
         self.prev = prev  # the newest event's hash; None: the first event's link is taken as is
         self.first: tuple[int, str] | None = None  # (seq, prev_hash) of the first event walked
@@ -191,7 +182,7 @@ def _walk_apart(url: str, after: int, upto: int | None, rows: bool, chunk: int) 
     """The walk of one range, in a process of its own (its own engine and connection)."""
     core = LedgerCore(url)
     try:
-        walk = ChainWalk(RowIndex() if rows else None, prev=None)
+        walk = ChainWalk(StateIndex() if rows else None, prev=None)
         with core.engine.connect() as connection:
             _walk_range(connection, walk, after, upto, chunk)
         return walk
@@ -215,7 +206,7 @@ def walk_chain(
     that many parts: this process walks the first while the others walk one each, and each
     part is joined to the one before it (its first link checked against that one's head).
     """
-    walk = ChainWalk(RowIndex() if rows else None)
+    walk = ChainWalk(StateIndex() if rows else None)
     cuts: list[int] = []
     if processes > 1 and not _in_memory(connection.engine.url):
         low, high = connection.execute(select(func.min(_EVENTS.seq), func.max(_EVENTS.seq))).one()
