@@ -491,6 +491,8 @@ class Hops:
                             # Built while the transaction runs; pushed the moment it commits.
                             task = self._hop_task(run, lease.hop, output.sha256,
                                                   input_row=output, lease_token=token)  # fmt: skip
+                            if not task.hop.base_model_sha256:  # the run's first commit pins it
+                                task.hop.base_model_sha256 = output.manifest["base_model_sha256"]
                             self._lease_built(lease, task)
                     finally:
                         leased = await commit
