@@ -34,8 +34,8 @@ from typing import Any
 import grpc
 import psutil
 
-from benchmarks.transfer import RESULTS, Site, _start, _tls, _uptime
 from benchmarks.handoff_phases import _event_ns
+from benchmarks.transfer import RESULTS, Site, _start, _tls, _uptime
 from coordinator.console.admin import AdminClient
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
@@ -247,10 +247,13 @@ def markdown(figures: dict[str, Any], command: str) -> str:
     lines.append(f"| next site holds its task, from `hop.leased` | {row['n']} | "
                  f"{row['from_lease_median_ms']} | {row['from_lease_p90_ms']} | "
                  f"{row['from_lease_p99_ms']} |")  # fmt: skip
-    lines += ["", "The last rows: from the hand back's start (or from the next hop's `hop.leased` "
-              "event, wall clock, in the commit's transaction) to the next hop's task arriving at "
-              f"its site (median {row['ahead_of_answer_median_ms']} ms before the hand back's "
-              "answer)."]
+    lines += [
+        "",
+        "The last rows: from the hand back's start (or from the next hop's `hop.leased` "
+        "event, wall clock, in the commit's transaction) to the next hop's task arriving at "
+        f"its site (median {row['ahead_of_answer_median_ms']} ms before the hand back's "
+        "answer).",
+    ]
     return "\n".join(lines) + "\n"
 
 
