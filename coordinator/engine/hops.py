@@ -589,49 +589,35 @@ class Hops:
         """
         self._committing.lease = lease
         try:
-            return self._commit_and_lease_in_one(
-                hop_id, result, output, metrics, following_id, token, record_output
-            )
+            with self.ledger.transaction():
+                if record_output:
+                    self.ledger.record_checkpoint(output)
+                    with contextlib.suppress(TransitionRefused):  # uploaded by an earlier call
+                        self.ledger.transition_hop(
+                            hop_id, expected=("leased", "training"), status="uploaded",
+                            event="hop.uploaded", payload={"output_sha256": output.sha256},
+                        )  # fmt: skip
+                self.ledger.commit_hop(
+                    hop_id,
+                    lease_token=result.lease_token,
+                    output_sha256=output.sha256,
+                    metrics=metrics,
+                    train_started_at_ns=result.train_started_at_ns,
+                    train_finished_at_ns=result.train_finished_at_ns,
+                    base_model_sha256=output.manifest["base_model_sha256"],
+                )
+                leased = (
+                    self.ledger.lease_hop(following_id, token, output.sha256)
+                    if following_id is not None
+                    else None
+                )
+                if record_output:
+                    # The bundle's name in the store, fsynced beside these statements, is durable
+                    # before the COMMIT that refers to it (raises, rolling back, if it cannot be).
+                    self.intake.wait_durable(output.sha256)
+            return leased
         finally:
             self._committing.lease = None
-
-    def _commit_and_lease_in_one(
-        self,
-        hop_id: str,
-        result: pb.HopResult,
-        output: CheckpointRow,
-        metrics: dict[str, float],
-        following_id: str | None,
-        token: str,
-        record_output: bool,
-    ) -> HopRow | None:
-        with self.ledger.transaction():
-            if record_output:
-                self.ledger.record_checkpoint(output)
-                with contextlib.suppress(TransitionRefused):  # uploaded by an earlier call
-                    self.ledger.transition_hop(
-                        hop_id, expected=("leased", "training"), status="uploaded",
-                        event="hop.uploaded", payload={"output_sha256": output.sha256},
-                    )  # fmt: skip
-            self.ledger.commit_hop(
-                hop_id,
-                lease_token=result.lease_token,
-                output_sha256=output.sha256,
-                metrics=metrics,
-                train_started_at_ns=result.train_started_at_ns,
-                train_finished_at_ns=result.train_finished_at_ns,
-                base_model_sha256=output.manifest["base_model_sha256"],
-            )
-            leased = (
-                self.ledger.lease_hop(following_id, token, output.sha256)
-                if following_id is not None
-                else None
-            )
-            if record_output:
-                # The bundle's name in the store, fsynced beside these statements, is durable
-                # before the COMMIT that refers to it (raises, rolling back, if it cannot be).
-                self.intake.wait_durable(output.sha256)
-        return leased
 
     async def report_validation(self, site: str, report: pb.HopValidation) -> None:
         """Records a committed hop's validation metrics (``hop.validated``), measured by its
