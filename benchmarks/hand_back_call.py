@@ -21,7 +21,10 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,8 +34,10 @@ from typing import Any
 import grpc
 import psutil
 
+from benchmarks.handoff_phases import _event_ns
 from benchmarks.transfer import RESULTS, Site, _start, _tls, _uptime
 from coordinator.console.admin import AdminClient
+from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
 from protocols.pki import Role, init_ca, issue_certificate
 from protocols.signing import sign_digest
@@ -42,8 +47,27 @@ from site_agent.transfers import hand_back_frames
 CALLS = ("whole", "stream")
 
 
-def _hand_back(site: Site, task: pb.HopTask, data: bytes, call: str) -> float:
-    """Hands `task`'s hop back with `data` by `call`; the call's seconds."""
+class TimedSite(Site):
+    """A scripted site that notes when each hop task reaches it (`received`, perf_counter)."""
+
+    def __init__(self, port: int, pki: Path, name: str) -> None:
+        self.received: dict[str, float] = {}
+        self.received_ns: dict[str, int] = {}  # wall clock, beside the ledger's event times
+        super().__init__(port, pki, name)
+
+    def _pump(self) -> None:
+        try:
+            for task in self.stream:
+                if task.WhichOneof("kind") == "hop":
+                    self.received[task.hop.hop_id] = time.perf_counter()
+                    self.received_ns[task.hop.hop_id] = time.time_ns()
+                    self.tasks.put(task.hop)
+        except grpc.RpcError:
+            pass
+
+
+def _hand_back(site: Site, task: pb.HopTask, data: bytes, call: str) -> tuple[float, float]:
+    """Hands `task`'s hop back with `data` by `call`; when the call started and its seconds."""
     digest = hashlib.sha256(data).hexdigest()
     header = pb.UploadHeader(hop_id=task.hop_id, lease_token=task.lease_token,
                              total_size=len(data), sha256=digest,
@@ -61,7 +85,32 @@ def _hand_back(site: Site, task: pb.HopTask, data: bytes, call: str) -> float:
         ).hop_status
     seconds = time.perf_counter() - started
     assert status == "committed", status
-    return seconds
+    return started, seconds
+
+
+def _spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording the coordinator's CPU (collapsed stacks, one line per stack) to `out`."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([spy, "record", "--nonblocking", "--rate", "250", "--format", "raw",
+                                "--output", str(out), "--pid", str(pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(0.5)  # attached before the counted hops
+    return process
+
+
+def _leased_ns(database: Path) -> dict[str, int]:
+    """Each hop's `hop.leased` event time (ns since the epoch), from the coordinator's ledger."""
+    ledger = Ledger(f"sqlite:///{database}")
+    try:
+        return {
+            event.hop_id: _event_ns(event.at)
+            for run in ledger.runs()
+            for event in ledger.events(run.id)
+            if event.kind == "hop.leased" and event.hop_id
+        }
+    finally:
+        ledger.close()
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -84,9 +133,14 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     os.chdir(root)  # `python -m` puts the working directory first on the import path
     proc, port, _ = _start(command, tmp / "coordinator.port", PYTHONPATH=str(root))
     samples: dict[str, list[float]] = {call: [] for call in CALLS}
+    # The next site's task after each counted hand back: from the call's start to the task's
+    # arrival there, and how long before the finishing site's answer it arrived.
+    delivery: list[float] = []
+    pushed: list[str] = []  # the hops whose task followed a counted hand back
+    ahead_of_answer: list[float] = []
     calls = list(CALLS)
     try:
-        sites = {name: Site(port, pki, name) for name in ("site-a", "site-b")}
+        sites = {name: TimedSite(port, pki, name) for name in ("site-a", "site-b")}
         admin = AdminClient(f"localhost:{port}", _tls(pki, "admin"))
         admin.wait_for_sites(set(sites), timeout=30)
         admin.start_run(parse_plan({
@@ -95,24 +149,45 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         }))  # fmt: skip
         coordinator = psutil.Process(proc.pid)
         cpu_from = 0.0
+        previous: tuple[float, float] | None = None  # the last counted call: start, seconds
+        spy: subprocess.Popen[bytes] | None = None
         for index in range(args.hops):
             if index == args.warmup:
                 cpu_from = sum(coordinator.cpu_times()[:2])
+                if args.profile is not None:
+                    spy = _spy(proc.pid, args.profile)
             site = sites["site-a" if index % 2 == 0 else "site-b"]
             task = site.tasks.get(timeout=60)
+            if previous is not None:
+                pushed.append(task.hop_id)
+                arrived = site.received[task.hop_id] - previous[0]
+                delivery.append(arrived)
+                ahead_of_answer.append(previous[1] - arrived)
             data = site.bundle(task, args.kib * 1024)
             call = calls[(index // 2 + index) % len(calls)]  # A B B A ...: each call at each site
             try:
-                seconds = _hand_back(site, task, data, call)
+                started, seconds = _hand_back(site, task, data, call)
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise
                 calls = ["stream"]  # an older coordinator: the stream only
-                seconds = _hand_back(site, task, data, "stream")
+                started, seconds = _hand_back(site, task, data, "stream")
                 call = "stream"
+            previous = None
             if index >= args.warmup:
                 samples[call].append(seconds)
+                if index < args.hops - 1:
+                    previous = (started, seconds)
         cpu_seconds = sum(coordinator.cpu_times()[:2]) - cpu_from
+        # The ledger's `hop.leased` of each counted next hop to its task's arrival: the rest of
+        # the commit's transaction, its COMMIT, the push and gRPC's delivery.
+        leased_at = _leased_ns(tmp / "state" / "ledger.sqlite3")
+        counted = [hop_id for hop_id in pushed if hop_id in leased_at]
+        site_of = {h: s for s in sites.values() for h in s.received_ns}
+        from_lease = [(site_of[h].received_ns[h] - leased_at[h]) / 1e9 for h in counted]
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its stacks and exits
+            spy.wait(60)
         for site in sites.values():
             site.close()
     finally:
@@ -125,6 +200,18 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "coordinator_root": str(root),
         "uptime": _uptime(),
         "coordinator_cpu_ms_per_hop": round(cpu_seconds / (args.hops - args.warmup) * 1e3, 2),
+        "next_task": {
+            "n": len(delivery),
+            "median_ms": round(statistics.median(delivery) * 1e3, 2),
+            "p90_ms": round(_quantile(delivery, 0.9) * 1e3, 2),
+            "p99_ms": round(_quantile(delivery, 0.99) * 1e3, 2),
+            "ahead_of_answer_median_ms": round(statistics.median(ahead_of_answer) * 1e3, 2),
+            "from_lease_median_ms": round(statistics.median(from_lease) * 1e3, 2),
+            "from_lease_p90_ms": round(_quantile(from_lease, 0.9) * 1e3, 2),
+            "from_lease_p99_ms": round(_quantile(from_lease, 0.99) * 1e3, 2),
+            "from_lease_samples_ms": [round(v * 1e3, 2) for v in from_lease],
+            "samples_ms": [round(v * 1e3, 2) for v in delivery],
+        },
         "calls": {
             call: {
                 "n": len(values),
@@ -154,6 +241,19 @@ def markdown(figures: dict[str, Any], command: str) -> str:
     for call, row in figures["calls"].items():
         lines.append(f"| {call} | {row['n']} | {row['median_ms']} | {row['p90_ms']} | "
                      f"{row['p99_ms']} |")  # fmt: skip
+    row = figures["next_task"]
+    lines.append(f"| next site holds its task | {row['n']} | {row['median_ms']} | "
+                 f"{row['p90_ms']} | {row['p99_ms']} |")  # fmt: skip
+    lines.append(f"| next site holds its task, from `hop.leased` | {row['n']} | "
+                 f"{row['from_lease_median_ms']} | {row['from_lease_p90_ms']} | "
+                 f"{row['from_lease_p99_ms']} |")  # fmt: skip
+    lines += [
+        "",
+        "The last rows: from the hand back's start (or from the next hop's `hop.leased` "
+        "event, wall clock, in the commit's transaction) to the next hop's task arriving at "
+        f"its site (median {row['ahead_of_answer_median_ms']} ms before the hand back's "
+        "answer).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +263,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--kib", type=int, default=300)
     parser.add_argument("--coordinator-root", type=Path, default=None)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record the coordinator's CPU over the counted hops with py-spy "
+                        "(collapsed stacks) to this file")  # fmt: skip
     parser.add_argument("--name", default="hand-back-call")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,21 @@ class EarlyCheck:
 TamperCheck = asyncio.Future[EarlyCheck]
 
 
+@dataclass
+class _Lease:
+    """The next hop leased by a commit's transaction, its task put on its site's stream the
+    moment that transaction commits (`Hops._lease_committed`), not once the writer thread is
+    done with what follows the commit and the engine's call has resumed."""
+
+    run: RunRow
+    hop: HopRow  # as held: pending until the transaction's rows are applied on the loop
+    session: SiteSession
+    loop: asyncio.AbstractEventLoop
+    task: pb.Task | None = None  # built on the loop while the transaction runs
+    committed: bool = False  # set on the writer thread once the transaction committed
+    pushed: bool = False
+
+
 def _retrieve(check: TamperCheck) -> None:
     """Retrieves a finished check's error, so that one nobody awaits is not reported as lost."""
     if not check.cancelled():
@@ -122,10 +138,44 @@ class Hops:
         self._told_ahead: dict[str, SiteSession] = {}
         # The newest event this process appended (set on the thread that committed it).
         self._head_seq = 0
+        # .lease: the `_Lease` of the commit the writer thread runs (`_commit_and_lease`).
+        self._committing = threading.local()
+        self._lease_lock = threading.Lock()  # a `_Lease`'s task and commit meet under it
         ledger.head_observers.append(self._appended)
 
-    def _appended(self, seq: int, _hash: str, _kinds: tuple[str, ...]) -> None:
+    def _appended(self, seq: int, _hash: str, kinds: tuple[str, ...]) -> None:
+        """A transaction committed (on its thread): the newest event; a lease it granted goes
+        out now, ahead of the head observers after this one (a head's signature and fsync)."""
         self._head_seq = max(self._head_seq, seq)
+        lease: _Lease | None = getattr(self._committing, "lease", None)
+        if lease is not None and "hop.leased" in kinds:
+            self._committing.lease = None
+            self._lease_committed(lease)
+
+    def _lease_committed(self, lease: _Lease) -> None:
+        """The transaction leasing `lease` committed (writer thread): its task goes to the loop
+        now if it is built, else as soon as it is (`_lease_built`)."""
+        with self._lease_lock:
+            lease.committed = True
+            built = lease.task is not None
+        if built:
+            lease.loop.call_soon_threadsafe(self._push, lease)
+
+    def _lease_built(self, lease: _Lease, task: pb.Task) -> None:
+        """`lease`'s task is built (loop): pushed now if its transaction committed already."""
+        with self._lease_lock:
+            lease.task = task
+            committed = lease.committed
+        if committed:
+            self._push(lease)
+
+    def _push(self, lease: _Lease) -> None:
+        """Puts a committed lease's task on its site's stream, once (loop)."""
+        if lease.pushed or lease.task is None:
+            return
+        lease.pushed = True
+        lease.session.queue.put_nowait(lease.task)
+        self._sent(lease.run, lease.hop, lease.session, lease.task)
 
     async def dispatch(self, run_id: str) -> None:
         """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
@@ -174,7 +224,6 @@ class Hops:
             hop = await self.writer.run(
                 self.ledger.lease_hop, hop.id, secrets.token_hex(16), input_sha256
             )
-            self.metrics.hop_phase(hop.id, "leased")
         self.send_hop(run, hop, input_sha256, session, round_number=round_number)
 
     def send_hop(
@@ -185,32 +234,54 @@ class Hops:
         session: SiteSession,
         *,
         round_number: int = 0,
-        input_row: CheckpointRow | None = None,
     ) -> None:
-        """Puts a leased hop's task on its site's stream (and tells the next site it is next).
+        """Puts a leased hop's task on its site's stream."""
+        task = self._hop_task(run, hop, input_sha256, round_number=round_number)
+        session.queue.put_nowait(task)
+        self._sent(run, hop, session, task)
+
+    def _hop_task(
+        self,
+        run: RunRow,
+        hop: HopRow,
+        input_sha256: str | None,
+        *,
+        round_number: int = 0,
+        input_row: CheckpointRow | None = None,
+        lease_token: str | None = None,
+    ) -> pb.Task:
+        """A leased hop's task from `input_sha256`.
 
         `input_row`: the input's checkpoint row when the caller holds it (the output the same
-        transaction committed), instead of reading it again.
+        transaction commits), instead of reading it again. `lease_token`: the lease the task
+        carries when `hop` is the row as it was before its lease (the task is built while the
+        transaction that leases it runs).
         """
-        self.leases.extend(run, hop.id)
         if input_row is not None and input_row.sha256 == input_sha256:
             input_ref: CheckpointRow | None = input_row
         else:
             input_ref = self.ledger.checkpoint(input_sha256) if input_sha256 else None
-        self.leases.sent[hop.id] = session
-        self.leases.progress[hop.id] = HopProgress(phase="leased")
         bundle = self._small_bundle(input_ref)
         task = complete_hop_task(hop_task(run, hop, input_ref), run, hop, input_ref, bundle)
+        if lease_token is not None:
+            task.hop.lease_token = lease_token
         task.hop.round = round_number
         if round_number:
             # A round's hops train side by side (no one is "next"), and the aggregate weighs
             # each contribution's metrics as it commits: they come with the result.
             task.hop.validation_after_commit = False
+        return task
+
+    def _sent(self, run: RunRow, hop: HopRow, session: SiteSession, task: pb.Task) -> None:
+        """What the engine holds about a hop whose task went on `session`'s stream."""
+        self.leases.extend(run, hop.id)
+        self.leases.sent[hop.id] = session
+        self.leases.progress[hop.id] = HopProgress(phase="leased")
+        self.metrics.hop_phase(hop.id, "leased")
         if task.hop.input_bundle:  # sent to the site inside its task: a download all the same
             self.metrics.checkpoint_bytes.labels(direction="download").inc(
                 len(task.hop.input_bundle)
             )
-        session.queue.put_nowait(task)
         self._told.pop(hop.id, None)
         self._told_ahead.pop(hop.id, None)
 
@@ -404,23 +475,36 @@ class Hops:
                 run, hop, None if stored else output.sha256, checked if stored else None
             )
             token = secrets.token_hex(16)
+            lease = (
+                _Lease(run, following[0], following[1], asyncio.get_running_loop())
+                if following is not None
+                else None
+            )
             try:
                 with self.storage.guard(f"commit of hop {hop.index} of run {run.id}"):
-                    leased = await self.writer.run(
+                    commit = self.writer.submit(
                         self._commit_and_lease, hop.id, result, output, metrics,
-                        following[0].id if following else None, token, stored is not None,
+                        following[0].id if following else None, token, stored is not None, lease,
                     )  # fmt: skip
+                    try:
+                        if lease is not None:
+                            # Built while the transaction runs; pushed the moment it commits.
+                            task = self._hop_task(run, lease.hop, output.sha256,
+                                                  input_row=output, lease_token=token)  # fmt: skip
+                            if not task.hop.base_model_sha256:  # the run's first commit pins it
+                                task.hop.base_model_sha256 = output.manifest["base_model_sha256"]
+                            self._lease_built(lease, task)
+                    finally:
+                        leased = await commit
             except TransitionRefused as exc:
                 raise StaleLease(str(exc)) from exc
-            sent = leased is not None and following is not None
+            sent = leased is not None and lease is not None
             try:
-                if leased is not None and following is not None:
-                    # The next site waits on this task: it goes out before the committed hop's
-                    # bookkeeping (its clean-up is a ledger transaction, and a log line). One
-                    # turn of the event loop lets its stream take it from the queue and hand it
-                    # to gRPC.
-                    self.metrics.hop_phase(leased.id, "leased")
-                    self.send_hop(run, leased, output.sha256, following[1], input_row=output)
+                if sent and lease is not None:
+                    # Pushed on the commit already (`_appended`); one turn of the event loop
+                    # lets its stream hand it to gRPC before the committed hop's bookkeeping
+                    # (its clean-up is a ledger transaction, and a log line) and the answer.
+                    self._push(lease)
                     await asyncio.sleep(0)
             finally:  # committed: its clean-up runs even if the call is cancelled meanwhile
                 self.leases.forget(hop.id)
@@ -491,6 +575,7 @@ class Hops:
         following_id: str | None,
         token: str,
         record_output: bool = False,
+        lease: _Lease | None = None,
     ) -> HopRow | None:
         """Commits the hop and leases the next one (if given) in one ledger transaction.
 
@@ -498,35 +583,41 @@ class Hops:
         With `record_output` (a hand back), the output's checkpoint row and the hop's move to
         "uploaded" go first in the same transaction (``checkpoint.stored``, ``hop.uploaded``):
         one durable commit per handoff instead of three. Runs on the ledger writer's thread.
-        Returns the leased hop, if one was leased.
+        `lease`: the next hop's task goes on its stream as the transaction commits, from this
+        thread's head observer (`_appended`), before the other observers. Returns the leased
+        hop, if one was leased.
         """
-        with self.ledger.transaction():
-            if record_output:
-                self.ledger.record_checkpoint(output)
-                with contextlib.suppress(TransitionRefused):  # uploaded by an earlier call
-                    self.ledger.transition_hop(
-                        hop_id, expected=("leased", "training"), status="uploaded",
-                        event="hop.uploaded", payload={"output_sha256": output.sha256},
-                    )  # fmt: skip
-            self.ledger.commit_hop(
-                hop_id,
-                lease_token=result.lease_token,
-                output_sha256=output.sha256,
-                metrics=metrics,
-                train_started_at_ns=result.train_started_at_ns,
-                train_finished_at_ns=result.train_finished_at_ns,
-                base_model_sha256=output.manifest["base_model_sha256"],
-            )
-            leased = (
-                self.ledger.lease_hop(following_id, token, output.sha256)
-                if following_id is not None
-                else None
-            )
-            if record_output:
-                # The bundle's name in the store, fsynced beside these statements, is durable
-                # before the COMMIT that refers to it (raises, rolling back, if it cannot be).
-                self.intake.wait_durable(output.sha256)
-        return leased
+        self._committing.lease = lease
+        try:
+            with self.ledger.transaction():
+                if record_output:
+                    self.ledger.record_checkpoint(output)
+                    with contextlib.suppress(TransitionRefused):  # uploaded by an earlier call
+                        self.ledger.transition_hop(
+                            hop_id, expected=("leased", "training"), status="uploaded",
+                            event="hop.uploaded", payload={"output_sha256": output.sha256},
+                        )  # fmt: skip
+                self.ledger.commit_hop(
+                    hop_id,
+                    lease_token=result.lease_token,
+                    output_sha256=output.sha256,
+                    metrics=metrics,
+                    train_started_at_ns=result.train_started_at_ns,
+                    train_finished_at_ns=result.train_finished_at_ns,
+                    base_model_sha256=output.manifest["base_model_sha256"],
+                )
+                leased = (
+                    self.ledger.lease_hop(following_id, token, output.sha256)
+                    if following_id is not None
+                    else None
+                )
+                if record_output:
+                    # The bundle's name in the store, fsynced beside these statements, is durable
+                    # before the COMMIT that refers to it (raises, rolling back, if it cannot be).
+                    self.intake.wait_durable(output.sha256)
+            return leased
+        finally:
+            self._committing.lease = None
 
     async def report_validation(self, site: str, report: pb.HopValidation) -> None:
         """Records a committed hop's validation metrics (``hop.validated``), measured by its

@@ -27,8 +27,13 @@ class LedgerWriter:
 
     async def run(self, write: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Runs `write(*args, **kwargs)` on the writer thread; returns (or raises) its outcome."""
+        return await self.submit(write, *args, **kwargs)
+
+    def submit(self, write: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[T]:
+        """Hands `write(*args, **kwargs)` to the writer thread now, before the caller's next
+        await (so the caller can work on the loop while it commits); its outcome's future."""
         loop = self.loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(write, *args, **kwargs))
+        return loop.run_in_executor(self._executor, functools.partial(write, *args, **kwargs))
 
     def close(self) -> None:
         """Waits for the writes handed over so far, then stops the thread."""
