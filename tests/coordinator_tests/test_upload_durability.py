@@ -8,7 +8,6 @@ import errno
 import os
 import stat
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -28,18 +27,12 @@ from tests.coordinator_tests.test_hand_back import (
     site,
     task,
 )
+from tests.coordinator_tests.test_uploads import _until
 
 __all__ = ["site", "task"]  # fixtures
 
 MiB = 1024 * 1024
 FLOATS = 5 * MiB  # a 20 MiB bundle: 20 chunks, two fdatasyncs behind the stream at least
-
-
-def _until(predicate: Callable[[], object], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.05)
 
 
 def test_the_spool_file_is_synced_as_it_streams_and_fsynced_before_the_commit(
@@ -129,77 +122,5 @@ def test_a_spool_file_sync_that_fails_commits_nothing_and_the_hop_is_handed_back
     _until(lambda: not coordinator.engine.storage.fault)  # the watchdog's probe: recovered
     assert _hand_back(site, task, data) == "committed"
     assert _stored(coordinator) == [sha256_hex(data)]
-    assert _stored_and_committed(coordinator, task) == (1, 1)
-    assert coordinator.engine.ledger.verify_chain() is None
-
-
-def test_a_streamed_bundles_name_is_made_durable_beside_the_commit_and_before_it(
-    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The spool file renamed into the store, its directory's fsync runs on its own thread
-    while the commit's statements run on the ledger writer's (not before them, on the hand
-    back's path); the COMMIT waits for it."""
-    engine = coordinator.engine
-    store, ledger = engine.intake.store, engine.ledger
-    in_commit, synced, overlapped = threading.Event(), threading.Event(), list[bool]()
-    original_sync, original_commit = store.sync_name, ledger.commit_hop
-    directory_syncs: list[str] = []
-    real_fsync = os.fsync
-
-    def sync_name(sha256: str) -> None:
-        overlapped.append(in_commit.wait(30))  # the commit's statements have begun
-        original_sync(sha256)
-        synced.set()
-
-    def commit_hop(hop_id: str, **fields: object) -> object:
-        in_commit.set()
-        return original_commit(hop_id, **fields)  # type: ignore[arg-type]
-
-    def fsync(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode) and not in_commit.is_set():
-            directory_syncs.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(store, "sync_name", sync_name)
-    monkeypatch.setattr(ledger, "commit_hop", commit_hop)
-    monkeypatch.setattr(uploads.os, "fsync", fsync)
-    committed_before_synced: list[bool] = []
-
-    def observe(_seq: int, _hash: str, kinds: tuple[str, ...]) -> None:
-        if "hop.committed" in kinds:
-            committed_before_synced.append(not synced.is_set())
-
-    ledger.head_observers.append(observe)
-    data = _bundle(site, task, MiB)  # 4 MiB: streamed into the spool, renamed into the store
-    try:
-        assert _hand_back(site, task, data) == "committed"
-    finally:
-        ledger.head_observers.remove(observe)
-    assert overlapped == [True] and committed_before_synced == [False]
-    store_dir = str(store.root)
-    assert not [d for d in directory_syncs if d.startswith(store_dir)]  # none before the commit
-    assert _stored(coordinator) == [sha256_hex(data)]
-    assert _stored_and_committed(coordinator, task) == (1, 1)
-
-
-def test_a_streamed_bundle_whose_name_cannot_be_made_durable_is_not_committed(
-    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = coordinator.engine.intake.store
-    calls: list[str] = []
-
-    def failing_sync(sha256: str) -> None:
-        calls.append(sha256)
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(store, "sync_name", failing_sync)
-    data = _bundle(site, task, MiB)
-    refused = _hand_back(site, task, data)
-    assert refused.startswith("UNAVAILABLE"), refused  # a storage fault: the site retries
-    assert len(calls) >= 2  # tried beside the commit, then once more before giving up
-    assert _stored_and_committed(coordinator, task) == (0, 0)
-    monkeypatch.undo()  # the disk is back: the same hand back commits
-    _until(lambda: not coordinator.engine.storage.fault)
-    assert _hand_back(site, task, data) == "committed"
     assert _stored_and_committed(coordinator, task) == (1, 1)
     assert coordinator.engine.ledger.verify_chain() is None
