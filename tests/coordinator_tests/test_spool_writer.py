@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import threading
@@ -49,7 +50,7 @@ def test_the_file_is_made_durable_every_8_mib_behind_the_stream_without_waiting(
     sync = _GatedSync()
     monkeypatch.setattr(uploads.os, "fdatasync", sync)
     path = tmp_path / "partial"
-    data = _upload(30 * MiB)
+    data = _upload(28 * MiB)
     writer = _writer(path)
     try:
         for at in range(0, 20 * MiB, MiB):
@@ -60,7 +61,7 @@ def test_the_file_is_made_durable_every_8_mib_behind_the_stream_without_waiting(
         assert path.stat().st_size == 20 * MiB
         sync.gate.set()
         writer.flush()  # waits for the sync in flight
-        for at in range(20 * MiB, 30 * MiB, MiB):
+        for at in range(20 * MiB, 28 * MiB, MiB):
             writer.write(data[at : at + MiB])
         writer.flush()
     finally:
@@ -110,12 +111,13 @@ def test_a_failed_sync_fails_the_upload_and_nothing_more_is_written(
     try:
         for _ in range(8):
             writer.write(b"a" * MiB)  # the sync starts here, and fails
-        uploads._DATA_SYNC_THREADS.submit(lambda: None).result()  # (it has run by now)
-        for _ in range(8):  # the next one would start at the 16th MiB
-            try:
-                writer.write(b"b" * MiB)
-            except OSError:
-                break
+        syncing = writer._syncing
+        assert syncing is not None
+        concurrent.futures.wait([syncing])  # it has failed by now
+        for _ in range(7):
+            writer.write(b"b" * MiB)
+        with pytest.raises(OSError, match="Input/output error"):
+            writer.write(b"b" * MiB)  # the 16th MiB would start the next sync: it raises
         with pytest.raises(OSError, match="Input/output error"):
             writer.write(b"c" * MiB)
         writer.flush()
