@@ -7,9 +7,13 @@ cache write, numpy, memcpy, page faults, ...), timing only the upload calls. Raw
 alternate; both servers, both clients and the payload come from `benchmarks/transfer.py` (same
 channel helpers, chunk size, malloc settings). Thread CPU from /proc (Linux); `--perf` needs
 `perf` and permission to sample the two processes. Nothing is written but the printed summary
-and, with `--perf`, the two perf.data files in that directory.
+and, with `--perf`, the two perf.data files in that directory. `--download` times downloads
+instead: the raw server's from memory, and the next site's DownloadCheckpoint of the bundle just
+handed back (`--settle S`: S seconds after the hand back's answer, so that what the coordinator
+does after an answer runs before the timed download, not during it).
 
     python benchmarks/upload_threads.py --uploads 6 --perf /tmp/upload-perf
+    python benchmarks/upload_threads.py --download --settle 2 --uploads 6
 """
 
 from __future__ import annotations
@@ -134,6 +138,14 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=6)
     parser.add_argument("--size-mib", type=int, default=100)
     parser.add_argument("--perf", type=Path, help="directory for perf.data files (and a summary)")
+    parser.add_argument("--download", action="store_true",
+                        help="time downloads instead: the raw server's, and the next site's "
+                             "DownloadCheckpoint of the bundle just handed back")  # fmt: skip
+    parser.add_argument("--settle", type=float, default=0.0,
+                        help="with --download, seconds between the hand back's answer (and the "
+                             "next site's task) and the download: what the coordinator does "
+                             "after the answer (a committed hop's clean-up, the watchdog) then "
+                             "runs before the download, not during it")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         run(args, Path(tmp_name))
@@ -201,6 +213,15 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             threads[side].append(_by_thread(before, _thread_cpu(pid), pid))
 
         for _ in range(args.uploads):
+            if args.download:
+                timed("raw", raw.pid, transfer.raw_download, raw_channel, size, CHUNK_BYTES)
+                run_id, task, data = hop()
+                _, _, sha = sites["site-a"].upload(task, data, CHUNK_BYTES, legacy=False)
+                sites["site-b"].tasks.get(timeout=30)
+                time.sleep(args.settle)
+                timed("coordinator", coordinator.pid, sites["site-b"].download, sha, len(data))
+                admin.control(run_id, "abort", "benchmark")
+                continue
             timed("raw", raw.pid, transfer.raw_upload, raw_channel, payload, CHUNK_BYTES)
             run_id, task, data = hop()
             timed("coordinator", coordinator.pid, baton, task, data)
@@ -214,14 +235,16 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         for proc in (coordinator, raw):
             proc.send_signal(15)
             proc.wait(30)
-    print(f"{args.uploads} uploads of {args.size_mib} MiB each side, load {os.getloadavg()[0]:.1f}")
+    kind = f"downloads (settle {args.settle:g} s)" if args.download else "uploads"
+    print(f"{args.uploads} {kind} of {args.size_mib} MiB each side, "
+          f"load {os.getloadavg()[0]:.1f}")  # fmt: skip
     for side in ("raw", "coordinator"):
         wall = statistics.median(seconds[side])
         names = sorted({n for t in threads[side] for n in t})
         split = {n: round(statistics.median(t.get(n, 0.0) for t in threads[side]) * 1000)
                  for n in names}  # fmt: skip
         total = round(statistics.median(sum(t.values()) for t in threads[side]) * 1000)
-        print(f"{side}: median {wall * 1000:.0f} ms wall; CPU ms per upload {total}: {split}")
+        print(f"{side}: median {wall * 1000:.0f} ms wall; CPU ms per transfer {total}: {split}")
         if side in perfs:
             pid = raw.pid if side == "raw" else coordinator.pid
             data_file = args.perf / ("raw.data" if side == "raw" else "coordinator.data")

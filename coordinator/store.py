@@ -148,11 +148,15 @@ class CheckpointStore:
         if staged is not None:
             staged.unlink(missing_ok=True)
 
-    def adopt(self, path: Path, sha256: str) -> None:
+    def adopt(self, path: Path, sha256: str, *, sync: bool = True) -> None:
         """Moves a durable (fsynced) file whose bytes hash to `sha256` into the store.
 
         A rename on the same file system: the bytes are not written again. Elsewhere they are
         copied in bounded blocks (temp file, fsync, rename). The file is gone afterwards.
+
+        With `sync` False no directory is fsynced: the name is durable only once `sync_name`
+        has returned (the caller calls it before anything refers to the bytes; the file's old
+        name, should a crash keep it, is a spool file that the spool's sweep removes).
         """
         target = self.path(sha256)
         if target.is_file():
@@ -168,8 +172,10 @@ class CheckpointStore:
             _copy_durably(path, target)
             path.unlink(missing_ok=True)
         else:
-            _fsync_dir(path.parent)
-        _fsync_dir(target.parent)
+            if sync:
+                _fsync_dir(path.parent)
+        if sync:
+            _fsync_dir(target.parent)
 
     def read(self, sha256: str) -> bytes:
         data = self.path(sha256).read_bytes()

@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import errno
 import json
 import logging
-import mmap
 import os
-import sys
 import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -58,9 +54,10 @@ __all__ = ["UploadIntake", "tensor_specs"]
 
 logger = logging.getLogger(__name__)
 
-# While an upload streams, the kernel is asked to start writing its spool file out every this
-# many bytes (without waiting for it), so the fsync before the commit has little left to write.
-_WRITEBACK_BYTES = 8 * 1024 * 1024
+# While an upload streams, its spool file is made durable behind it: an fdatasync of what was
+# written is started on its own thread every this many bytes (one at a time per upload), so the
+# fsync before the commit has only the last few MiB left to write and flush.
+_SYNC_BYTES = 8 * 1024 * 1024
 _READ_BYTES = 4 * 1024 * 1024
 # Tensor specs of this many recently stored bundles are kept for the next hops' lineage checks.
 _KEPT_TENSORS = 64
@@ -80,57 +77,8 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _sync_file_range() -> Callable[[int, int, int], None] | None:
-    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): starts writing a file range out without
-    waiting for it (no durability by itself: the fsync before the commit provides that)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        call = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError, TypeError):  # an unusual libc: fdatasync before commit only
-        return None
-    call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    call.restype = ctypes.c_int
-    write_flag = 2  # SYNC_FILE_RANGE_WRITE
-
-    def start(fd: int, offset: int, length: int) -> None:
-        call(fd, offset, length, write_flag)  # advisory: a failure only means a longer fsync
-
-    return start
-
-
-_start_writeback = _sync_file_range()
-
-
-# Direct I/O (O_DIRECT): a spool file's bytes go from an aligned staging buffer to the disk
-# without the copy into the page cache, which is the upload's largest CPU cost beside sha256
-# (benchmarks/upload_threads.py). Writes are of whole staging buffers, at offsets and lengths
-# that are multiples of `_DIRECT_ALIGN` (enough for 512- and 4096-byte sectors).
-_DIRECT_ALIGN = 4096
-_STAGE_BYTES = 1024 * 1024
-# A direct write returns once the disk has the bytes (~3 ms per MiB here): a full staging buffer
-# is written on one of these threads while the spool thread hashes, checks and stages the next
-# chunk into a second buffer (one direct write in flight per upload, in file order).
-_DISK_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="upload-disk")
-
-
-def _open_direct(path: Path) -> int | None:
-    """`path` opened for direct writes, or None where the platform or file system has none."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return None
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError:  # EINVAL: a file system without direct I/O (tmpfs, some FUSE ones)
-        return None
-
-
-def _pwrite_all(fd: int, buffer: mmap.mmap, length: int, at: int) -> None:
-    """`length` bytes of `buffer` written at file offset `at` (a disk thread's job)."""
-    with memoryview(buffer) as view:
-        done = 0
-        while done < length:
-            done += os.pwrite(fd, view[done:length], at + done)
+# Where spool files' bytes are made durable while their uploads stream (`_SpoolWriter`).
+_DATA_SYNC_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="upload-sync")
 
 
 class _SpoolWriter:
@@ -138,189 +86,59 @@ class _SpoolWriter:
     write it writes nothing more, so the file always holds a prefix of the upload (a cut upload
     resumes from its end).
 
-    Given the file's `path` and an aligned start, the bytes are written with direct I/O through
-    aligned staging buffers: a full one is written on a disk thread (`_DISK_THREADS`) while the
-    next one fills, one write in flight at a time, so the file still grows in order. `flush`
-    (once the last chunk is in, or the stream is cut) waits for that write and writes what is
-    staged, so the file then holds every byte received. Where direct I/O is refused (at open or
-    at a write), or the start is not aligned (a resumed upload), writes go through the page
-    cache and their writeback is started every `_WRITEBACK_BYTES`.
+    Writes go through the page cache. Every `_SYNC_BYTES` an fdatasync of the file is started
+    on a `_DATA_SYNC_THREADS` thread, one at a time (the next starts once it has ended and
+    covers all written meanwhile): the disk takes the bytes while the next ones arrive, so the
+    fsync before the commit finds little left. Durability is still that fsync's alone; a failed
+    fdatasync fails the upload (raised by the next `write`, or kept in `failed` by `flush`),
+    since the error it took is not reported again to a later fsync.
     """
 
-    def __init__(self, fd: int, offset: int, path: Path | None = None) -> None:
+    def __init__(self, fd: int, offset: int) -> None:
         self.fd = fd
-        self.unstarted = offset  # the first byte whose writeback is not started yet
-        self.position = offset  # the bytes written or staged
+        self.position = offset  # the bytes written
+        self.unsynced = offset  # the first byte no fdatasync was started for
         self.failed: OSError | None = None
-        self._direct: int | None = None
-        self._buffer: mmap.mmap | None = None  # the staging buffer (page-aligned)
-        self._spare: mmap.mmap | None = None  # the other one (made on first use)
-        self._staged = 0  # bytes in the staging buffer; they go to file offset `_at`
-        self._at = offset
-        # The direct write in flight: its buffer and file offset, until `_settle` sees it end.
-        self._pending: tuple[Future[None], mmap.mmap, int, int] | None = None
-        if path is not None and offset % _DIRECT_ALIGN == 0:
-            self._direct = _open_direct(path)
-            if self._direct is not None:
-                self._buffer = mmap.mmap(-1, _STAGE_BYTES)
-
-    @property
-    def direct(self) -> bool:
-        """Whether writes still go straight to the disk."""
-        return self._direct is not None
+        self.syncs = 0  # fdatasyncs started
+        self._syncing: Future[None] | None = None
 
     def write(self, chunk: memoryview | bytes) -> None:
         if self.failed is not None:
             raise self.failed
         view = memoryview(chunk)
         try:
-            if self._direct is not None:
-                self._stage_bytes(view)
-            else:
-                self._write_buffered(view)
-        except OSError as exc:
-            self.failed = exc
-            raise
-        self.position += len(chunk)
-        if self._direct is not None or _start_writeback is None:
-            return
-        if self.position - self.unstarted >= _WRITEBACK_BYTES:
-            _start_writeback(self.fd, self.unstarted, self.position - self.unstarted)
-            self.unstarted = self.position
-
-    def idle(self) -> None:
-        """Puts every staged byte in the file (while no chunk waits: a stalled stream's bytes
-        are in its file, as with writes through the page cache): the aligned part directly, on
-        a disk thread as a full buffer is (`settle` waits for it), the unaligned rest through
-        the page cache once the bytes before it are in, staged still (rewritten directly with
-        what follows it)."""
-        if self._buffer is None or not self._staged or self.failed is not None:
-            return
-        try:
-            aligned = self._staged - self._staged % _DIRECT_ALIGN
-            if aligned:
-                self._send(aligned)
-            if not self._staged:
-                return
-            self._settle()  # the file stays a prefix of the upload
-            with memoryview(self._buffer) as stage:
-                if self._direct is not None:
-                    tail, done = stage[: self._staged], 0
-                    while done < len(tail):
-                        done += os.pwrite(self.fd, tail[done:], self._at + done)
-                else:  # direct I/O ended meanwhile: what is staged goes as is
-                    self._write_out(stage[: self._staged])
+            while view:
+                view = view[os.write(self.fd, view) :]
+            self.position += len(chunk)
+            if self.position - self.unsynced >= _SYNC_BYTES:
+                self._sync_behind()
         except OSError as exc:
             self.failed = exc
             raise
 
-    def settle(self) -> None:
-        """Waits for the direct write in flight (raises its failure)."""
-        try:
-            self._settle()
-        except OSError as exc:
-            self.failed = exc
-            raise
+    def _sync_behind(self) -> None:
+        """Starts an fdatasync of the bytes written so far unless one is still running."""
+        syncing = self._syncing
+        if syncing is not None:
+            if not syncing.done():
+                return  # the next chunk's write tries again
+            self._syncing = None
+            syncing.result()  # its failure is the upload's
+        self._syncing = _DATA_SYNC_THREADS.submit(os.fdatasync, self.fd)
+        self.syncs += 1
+        self.unsynced = self.position
 
     def flush(self) -> None:
-        """Waits for the write in flight, writes the staged bytes (none after a failure) and
-        ends direct I/O. Never raises: a failure is kept in `failed`."""
+        """Waits for the fdatasync in flight (the file may be closed then). Never raises: a
+        failure is kept in `failed`."""
+        syncing, self._syncing = self._syncing, None
+        if syncing is None:
+            return
         try:
-            if self._buffer is not None:
-                self._settle()
-                if self._staged and self.failed is None:
-                    with memoryview(self._buffer) as stage:
-                        self._write_out(stage[: self._staged])
+            syncing.result()
         except OSError as exc:
             if self.failed is None:
                 self.failed = exc
-        finally:
-            self._close_direct()
-            for buffer in (self._buffer, self._spare):
-                if buffer is not None:
-                    # A view of it may live on in a failed write's traceback: freed with that.
-                    with contextlib.suppress(BufferError):
-                        buffer.close()
-            self._buffer = self._spare = None
-
-    def _stage_bytes(self, view: memoryview) -> None:
-        while view and self._direct is not None:
-            assert self._buffer is not None
-            with memoryview(self._buffer) as stage:
-                take = min(len(view), _STAGE_BYTES - self._staged)
-                stage[self._staged : self._staged + take] = view[:take]
-            self._staged += take
-            view = view[take:]
-            if self._staged == _STAGE_BYTES:
-                self._send(_STAGE_BYTES)
-        if view:  # direct I/O was refused: the rest goes through the page cache
-            self._write_buffered(view)
-
-    def _send(self, length: int) -> None:
-        """Starts the direct write of the staging buffer's first `length` bytes (aligned) on a
-        disk thread, once the write in flight has ended, and stages into the other buffer
-        meanwhile (from what was staged past `length`)."""
-        self._settle()
-        buffer = self._buffer
-        assert buffer is not None
-        if self._direct is None:  # refused at the write in flight: what is staged goes as is
-            with memoryview(buffer) as stage:
-                self._write_out(stage[: self._staged])
-            return
-        future = _DISK_THREADS.submit(_pwrite_all, self._direct, buffer, length, self._at)
-        self._pending = (future, buffer, length, self._at)
-        following = self._spare if self._spare is not None else mmap.mmap(-1, _STAGE_BYTES)
-        rest = self._staged - length
-        if rest:  # read while the disk thread reads the same buffer: both only read it
-            following[:rest] = buffer[length : self._staged]
-        self._buffer, self._spare = following, buffer
-        self._at += length
-        self._staged = rest
-
-    def _settle(self) -> None:
-        """Waits for the direct write in flight. Refused (EINVAL), its bytes are written
-        through the page cache and direct I/O ends; any other failure is raised."""
-        if self._pending is None:
-            return
-        future, buffer, length, at = self._pending
-        try:
-            future.result()
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self._close_direct()
-            os.lseek(self.fd, at, os.SEEK_SET)
-            with memoryview(buffer) as stage:
-                self._write_buffered(stage[:length])
-        finally:
-            self._pending = None  # ended either way: its buffer is free
-
-    def _write_out(self, staged: memoryview) -> None:
-        """Writes `staged` at `_at`: its aligned part directly, the rest through the page cache.
-        A direct write refused (EINVAL) ends direct I/O for the rest of the upload."""
-        aligned = len(staged) - len(staged) % _DIRECT_ALIGN
-        done = 0
-        while self._direct is not None and done < aligned:
-            try:
-                done += os.pwrite(self._direct, staged[done:aligned], self._at + done)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                self._close_direct()
-        if done < len(staged):
-            os.lseek(self.fd, self._at + done, os.SEEK_SET)
-            self._write_buffered(staged[done:])
-        self._at += len(staged)
-        self._staged = 0
-
-    def _write_buffered(self, view: memoryview) -> None:
-        while view:
-            view = view[os.write(self.fd, view) :]
-
-    def _close_direct(self) -> None:
-        direct, self._direct = self._direct, None
-        if direct is not None:
-            os.close(direct)
 
 
 # Where a placed bundle's directory is fsynced beside its commit's SQL (`_sync_name_later`).
@@ -412,26 +230,20 @@ class _SpoolPipe:
             raise asyncio.CancelledError
 
     def _drain(self) -> None:
-        idle = False  # the writer was told the queue is empty, and none came since
         while True:
             woken = None
             with self._lock:
-                if self.error is not None or (idle and not self._chunks):
+                if self.error is not None or not self._chunks:
                     self._chunks.clear()  # after a failure nothing more is written
                     self._draining = False
                     woken, self._waiter = self._waiter, None
                     break
-                chunk = self._chunks.popleft() if self._chunks else None
-                if chunk is not None and self._waiter is not None and not self._until_end:
+                chunk = self._chunks.popleft()
+                if self._waiter is not None and not self._until_end:
                     woken, self._waiter = self._waiter, None  # room again
             if woken is not None:
                 self._loop.call_soon_threadsafe(_wake, woken)
             try:
-                if chunk is None:
-                    self._spool.idle()  # what it holds back goes to the file
-                    idle = True
-                    continue
-                idle = False
                 self._spool.write(chunk)
                 self._stream.feed(chunk)
             except BaseException as exc:
@@ -818,8 +630,15 @@ class UploadIntake:
                 asyncio.to_thread(self._inspected_upload, partial, header.sha256, stream),
             )
             bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)
-            row = await self._keep(run, hop, site, certificate_pem, header, bundle,
-                                   lambda: self.store.adopt(partial, bundle.sha256),
+
+            def adopt() -> None:
+                # As `_store_whole`'s place: a hand back's commit fsyncs the name beside its
+                # SQL; a bundle recorded here alone is durable before its row.
+                self.store.adopt(partial, bundle.sha256, sync=record)
+                if not record:
+                    self._sync_name_later(bundle.sha256)
+
+            row = await self._keep(run, hop, site, certificate_pem, header, bundle, adopt,
                                    record, kept)  # fmt: skip
         except asyncio.CancelledError:
             raise  # a cut stream: kept to resume under the same lease (until the hop ends)
@@ -936,7 +755,7 @@ class UploadIntake:
             # Each chunk is written, then hashed and value-checked, on a spool thread while the
             # next ones arrive (`_SpoolPipe`: in order, no round trip per chunk). A cancelled
             # handler never detaches from a write (below).
-            writer = _SpoolWriter(fd, header.offset, partial)
+            writer = _SpoolWriter(fd, header.offset)
             pipe = _SpoolPipe(writer, stream)
             try:
                 async for chunk in chunks:
@@ -947,8 +766,7 @@ class UploadIntake:
                 await pipe.finish()
             finally:
                 await pipe.settle()  # the file stays open until its last write
-                # What is staged is written also when the stream is cut (it resumes from there).
-                await run_to_end(writer.flush)
+                await run_to_end(writer.flush)  # no fdatasync still uses the file
             if writer.failed is not None:
                 raise writer.failed
         finally:

@@ -251,10 +251,22 @@ def test_an_early_check_gone_stale_is_made_again_before_the_next_lease(
     assert [h.status for h in status.hops] == ["committed", "pending"]
 
 
+# A bundle of one message (placed from its staged file) and a streamed one (its spool file
+# renamed into the store): the name's fsync is the commit's in both.
+_SIZES = pytest.mark.parametrize(("whole", "floats"), [(True, 4096), (False, 1024 * 1024)],
+                                 ids=["one message", "streamed"])  # fmt: skip
+
+
+@_SIZES
 def test_the_bundles_name_is_made_durable_beside_the_commit_and_before_it(
-    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+    site: ScriptedSite,
+    task: pb.HopTask,
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+    whole: bool,
+    floats: int,
 ) -> None:
-    # The directory fsync that makes the placed bundle's name durable runs on its own thread
+    # The directory fsync that makes the stored bundle's name durable runs on its own thread
     # while the commit's statements run on the ledger writer's; the COMMIT waits for it.
     engine = coordinator.engine
     store, ledger = engine.intake.store, engine.ledger
@@ -279,15 +291,21 @@ def test_the_bundles_name_is_made_durable_beside_the_commit_and_before_it(
             committed_before_synced.append(not synced.is_set())
 
     ledger.head_observers.append(observe)
-    data = _bundle(site, task, 4096)
-    assert _hand_back(site, task, data, whole=True) == "committed"
+    data = _bundle(site, task, floats)
+    assert _hand_back(site, task, data, whole=whole) == "committed"
     assert overlapped == [True] and committed_before_synced == [False]
     assert _stored(coordinator) == [sha256_hex(data)]
     assert _stored_and_committed(coordinator, task) == (1, 1)
 
 
+@_SIZES
 def test_a_bundle_whose_name_cannot_be_made_durable_is_not_committed(
-    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+    site: ScriptedSite,
+    task: pb.HopTask,
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+    whole: bool,
+    floats: int,
 ) -> None:
     store = coordinator.engine.intake.store
     calls: list[str] = []
@@ -297,14 +315,14 @@ def test_a_bundle_whose_name_cannot_be_made_durable_is_not_committed(
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(store, "sync_name", failing_sync)
-    data = _bundle(site, task, 4096)
-    refused = _hand_back(site, task, data, whole=True)
+    data = _bundle(site, task, floats)
+    refused = _hand_back(site, task, data, whole=whole)
     assert refused.startswith("UNAVAILABLE"), refused  # a storage fault: the site retries
     assert len(calls) >= 2  # tried beside the commit, then once more before giving up
     assert _stored_and_committed(coordinator, task) == (0, 0)
     assert coordinator.engine.ledger.checkpoint(sha256_hex(data)) is None
     monkeypatch.undo()  # the disk is back: the same hand back commits
-    assert _hand_back(site, task, data, whole=True) == "committed"
+    assert _hand_back(site, task, data, whole=whole) == "committed"
     assert _stored_and_committed(coordinator, task) == (1, 1)
 
 

@@ -1,7 +1,8 @@
-"""An upload's spool file: writeback started as it grows, and only ever a prefix of the upload."""
+"""An upload's spool file: made durable behind the stream, and only ever a prefix of the upload."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import os
 import threading
@@ -13,42 +14,138 @@ import pytest
 from coordinator.engine import uploads
 
 MiB = 1024 * 1024
+WAIT = 30.0
 
 
-def _writer(path: Path) -> uploads._SpoolWriter:
-    return uploads._SpoolWriter(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), 0)
+def _writer(path: Path, offset: int = 0) -> uploads._SpoolWriter:
+    return uploads._SpoolWriter(uploads._open_at(path, offset), offset)
 
 
-def test_writeback_is_started_every_8_mib_without_waiting_for_it(
+def _upload(size: int, seed: int = 0) -> bytes:
+    return np.random.default_rng(seed).bytes(size)
+
+
+class _GatedSync:
+    """`os.fdatasync` that waits for `gate` (a slow disk), then syncs."""
+
+    def __init__(self, real: object = os.fdatasync) -> None:
+        self.gate = threading.Event()
+        self.called = threading.Event()
+        self.threads: list[str] = []
+        self._real = real
+
+    def __call__(self, fd: int) -> None:
+        self.threads.append(threading.current_thread().name)
+        self.called.set()
+        assert self.gate.wait(WAIT)
+        os.fsync(fd)
+
+
+def test_the_file_is_made_durable_every_8_mib_behind_the_stream_without_waiting(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started: list[tuple[int, int]] = []
-    monkeypatch.setattr(uploads, "_start_writeback",
-                        lambda fd, offset, length: started.append((offset, length)))  # fmt: skip
-    writer = _writer(tmp_path / "partial")
+    """The disk takes an upload's bytes while the next ones arrive (an fdatasync every 8 MiB
+    on a sync thread), so the fsync before its commit finds little left: writes go on while a
+    sync runs (one at a time per upload; the next covers all written meanwhile)."""
+    sync = _GatedSync()
+    monkeypatch.setattr(uploads.os, "fdatasync", sync)
+    path = tmp_path / "partial"
+    data = _upload(28 * MiB)
+    writer = _writer(path)
     try:
-        for _ in range(20):
-            writer.write(bytes(MiB))
+        for at in range(0, 20 * MiB, MiB):
+            writer.write(data[at : at + MiB])
+        assert sync.called.wait(WAIT)
+        # One in flight, of the first 8 MiB: the writes after it did not wait for it.
+        assert (writer.syncs, writer.unsynced) == (1, 8 * MiB)
+        assert path.stat().st_size == 20 * MiB
+        sync.gate.set()
+        writer.flush()  # waits for the sync in flight
+        for at in range(20 * MiB, 28 * MiB, MiB):
+            writer.write(data[at : at + MiB])
+        writer.flush()
     finally:
         os.close(writer.fd)
-    assert started == [(0, 8 * MiB), (8 * MiB, 8 * MiB)]
-    assert (tmp_path / "partial").stat().st_size == 20 * MiB
+    # The second started at the first write after the first had ended: all written meanwhile.
+    assert (writer.syncs, writer.unsynced) == (2, 21 * MiB)
+    assert all(name.startswith("upload-sync") for name in sync.threads)
+    assert path.read_bytes() == data
 
 
-def test_the_kernel_call_that_starts_writeback_is_found_and_takes_a_file_range(
-    tmp_path: Path,
+def test_the_file_is_not_closed_under_a_sync_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    start = uploads._sync_file_range()
-    if start is None:
-        pytest.skip("sync_file_range is Linux's")
-    path = tmp_path / "partial"
-    path.write_bytes(b"x" * 3 * MiB)
-    fd = os.open(path, os.O_WRONLY)
+    """`flush` (before the file is closed) returns only once the sync in flight has ended: an
+    fdatasync must never run on a closed (or reused) descriptor."""
+    sync = _GatedSync()
+    monkeypatch.setattr(uploads.os, "fdatasync", sync)
+    writer = _writer(tmp_path / "partial")
     try:
-        start(fd, 0, 3 * MiB)  # no error, and the file is untouched
+        for _ in range(8):
+            writer.write(bytes(MiB))
+        assert sync.called.wait(WAIT)
+        flushed = threading.Event()
+        flushing = threading.Thread(target=lambda: (writer.flush(), flushed.set()))
+        flushing.start()
+        assert not flushed.wait(0.2)
+        sync.gate.set()
+        assert flushed.wait(WAIT)
+        flushing.join()
     finally:
-        os.close(fd)
-    assert path.read_bytes() == b"x" * 3 * MiB
+        os.close(writer.fd)
+    assert writer.failed is None
+
+
+def test_a_failed_sync_fails_the_upload_and_nothing_more_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An fdatasync's error is reported once (a later fsync of the file may not see it): the
+    upload fails with it, at the next write or at `flush`, and the file stays a prefix."""
+
+    def io_error(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(uploads.os, "fdatasync", io_error)
+    path = tmp_path / "partial"
+    writer = _writer(path)
+    try:
+        for _ in range(8):
+            writer.write(b"a" * MiB)  # the sync starts here, and fails
+        syncing = writer._syncing
+        assert syncing is not None
+        concurrent.futures.wait([syncing])  # it has failed by now
+        for _ in range(7):
+            writer.write(b"b" * MiB)
+        with pytest.raises(OSError, match="Input/output error"):
+            writer.write(b"b" * MiB)  # the 16th MiB would start the next sync: it raises
+        with pytest.raises(OSError, match="Input/output error"):
+            writer.write(b"c" * MiB)
+        writer.flush()
+    finally:
+        os.close(writer.fd)
+    assert isinstance(writer.failed, OSError) and writer.failed.errno == errno.EIO
+    assert path.read_bytes() == b"a" * 8 * MiB + b"b" * 8 * MiB  # no "c"
+
+
+def test_a_sync_failing_after_the_last_chunk_is_kept_by_flush(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = _GatedSync()
+
+    def gated_then_failing(fd: int) -> None:
+        sync(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(uploads.os, "fdatasync", gated_then_failing)
+    writer = _writer(tmp_path / "partial")
+    try:
+        for _ in range(9):
+            writer.write(bytes(MiB))
+        sync.gate.set()
+        writer.flush()  # never raises
+    finally:
+        os.close(writer.fd)
+    assert isinstance(writer.failed, OSError) and writer.failed.errno == errno.EIO
 
 
 def test_after_a_failed_write_nothing_more_is_written(
@@ -79,241 +176,21 @@ def test_after_a_failed_write_nothing_more_is_written(
     finally:
         os.close(writer.fd)
     assert (tmp_path / "partial").read_bytes() == b"a" * 10 + b"b" * 5
+    assert writer.position == 10
 
 
-@pytest.mark.parametrize("platform", ["win32", "darwin", "linux"])
-def test_without_the_kernel_call_uploads_go_on_with_the_fsync_alone(
-    monkeypatch: pytest.MonkeyPatch, platform: str
-) -> None:
-    def no_libc(*_: object, **__: object) -> object:
-        raise TypeError("expected str, bytes or os.PathLike object, not NoneType")  # Windows
-
-    monkeypatch.setattr(uploads.sys, "platform", platform)
-    monkeypatch.setattr(uploads.ctypes, "CDLL", no_libc)
-    assert uploads._sync_file_range() is None
-
-
-def _direct_writer(path: Path, offset: int = 0) -> uploads._SpoolWriter:
-    fd = uploads._open_at(path, offset)
-    writer = uploads._SpoolWriter(fd, offset, path)
-    if offset % uploads._DIRECT_ALIGN == 0 and not writer.direct:
-        os.close(fd)
-        pytest.skip("no direct I/O on this file system")
-    return writer
-
-
-def _upload(size: int, seed: int = 0) -> bytes:
-    return np.random.default_rng(seed).bytes(size)
-
-
-def _feed(writer: uploads._SpoolWriter, data: bytes, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    position = 0
-    while position < len(data):
-        step = int(rng.integers(1, 300_000))
-        writer.write(data[position : position + step])
-        position += step
-
-
-def test_bytes_go_to_the_disk_directly_all_but_the_unaligned_tail(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_resumed_upload_goes_on_from_its_offset(tmp_path: Path) -> None:
     path = tmp_path / "partial"
-    data = _upload(3 * MiB + 12_345)
-    writer = _direct_writer(path)
-    through_page_cache: list[int] = []
-    real_write = os.write
-
-    def buffered(fd: int, view: memoryview) -> int:
-        through_page_cache.append(len(view))
-        return real_write(fd, view)
-
-    monkeypatch.setattr(uploads.os, "write", buffered)
+    data = _upload(9 * MiB + 100)
+    path.write_bytes(data[:1001] + b"stale bytes past the resume point")
+    writer = _writer(path, 1001)
     try:
-        _feed(writer, data)
+        rng = np.random.default_rng(1)
+        while writer.position < len(data):
+            step = int(rng.integers(1, 3 * MiB))
+            writer.write(data[writer.position : writer.position + step])
         writer.flush()
     finally:
         os.close(writer.fd)
-    assert writer.failed is None and not writer.direct
+    assert writer.syncs == 1 and writer.failed is None
     assert path.read_bytes() == data
-    assert sum(through_page_cache) == len(data) % uploads._DIRECT_ALIGN
-
-
-def test_a_cut_upload_keeps_every_byte_received_once_flushed(tmp_path: Path) -> None:
-    path = tmp_path / "partial"
-    data = _upload(MiB + MiB // 2 + 7)
-    writer = _direct_writer(path)
-    try:
-        _feed(writer, data)  # then the stream is cut: half a staging buffer is staged
-        writer.flush()
-    finally:
-        os.close(writer.fd)
-    assert path.read_bytes() == data
-
-
-def test_a_resumed_upload_at_an_unaligned_offset_goes_through_the_page_cache(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "partial"
-    data = _upload(2 * MiB + 100)
-    path.write_bytes(data[:1001])
-    writer = _direct_writer(path, 1001)
-    assert not writer.direct
-    try:
-        _feed(writer, data[1001:])
-        writer.flush()
-    finally:
-        os.close(writer.fd)
-    assert path.read_bytes() == data
-
-
-def test_direct_io_refused_at_open_or_at_a_write_falls_back_to_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data = _upload(3 * MiB + 5)
-    path = tmp_path / "refused-at-write"
-    writer = _direct_writer(path)
-    real_pwrite = os.pwrite
-    calls: list[int] = []
-
-    def refuse_the_second(fd: int, view: memoryview, offset: int) -> int:
-        calls.append(offset)
-        if len(calls) == 2:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, view, offset)
-
-    monkeypatch.setattr(uploads.os, "pwrite", refuse_the_second)
-    try:
-        _feed(writer, data)
-        assert not writer.direct
-        writer.flush()
-    finally:
-        os.close(writer.fd)
-    assert writer.failed is None and path.read_bytes() == data
-    assert calls == [0, MiB]  # no direct write after the refusal
-
-    monkeypatch.setattr(uploads, "_open_direct", lambda _path: None)
-    path = tmp_path / "refused-at-open"
-    writer = uploads._SpoolWriter(uploads._open_at(path, 0), 0, path)
-    assert not writer.direct
-    try:
-        _feed(writer, data)
-        writer.flush()
-    finally:
-        os.close(writer.fd)
-    assert path.read_bytes() == data
-
-
-def test_after_a_failed_direct_write_nothing_more_is_written(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "partial"
-    writer = _direct_writer(path)
-    real_pwrite = os.pwrite
-
-    def full_disk(fd: int, view: memoryview, offset: int) -> int:
-        if offset >= MiB:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, view, offset)
-
-    monkeypatch.setattr(uploads.os, "pwrite", full_disk)
-    data = _upload(3 * MiB)
-    try:
-        writer.write(data[:MiB])
-        with pytest.raises(OSError, match="No space left"):
-            writer.write(data[MiB:])
-        monkeypatch.setattr(uploads.os, "pwrite", real_pwrite)  # space is back
-        with pytest.raises(OSError, match="No space left"):
-            writer.write(b"late")
-        writer.flush()  # writes nothing: the failure stays
-    finally:
-        os.close(writer.fd)
-    assert isinstance(writer.failed, OSError)
-    assert path.read_bytes() == data[:MiB]
-
-
-def test_a_stalled_upload_has_every_byte_received_in_its_file(tmp_path: Path) -> None:
-    """While no chunk waits (a stalled stream), what is staged is put in the file: a site that
-    asks how far its upload got is told every byte received; the upload then goes on."""
-    path = tmp_path / "partial"
-    data = _upload(3 * MiB + 999)
-    writer = _direct_writer(path)
-    try:
-        for stall in (MiB + MiB // 2 + 3, 2 * MiB + 4096, len(data)):
-            writer.write(data[writer.position : stall])
-            writer.idle()  # the aligned part goes on a disk thread, as a full buffer does
-            writer.settle()
-            assert path.read_bytes() == data[:stall]
-        assert writer.direct
-        writer.flush()
-    finally:
-        os.close(writer.fd)
-    assert path.read_bytes() == data
-
-
-def test_a_full_buffer_is_written_while_the_next_chunk_is_staged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A direct write waits for the disk: the spool thread hands a full staging buffer to a disk
-    thread and goes on with the next chunk (hashing and checking it meanwhile); the next full
-    buffer's write starts only once that one has ended, so the file still grows in order."""
-    path = tmp_path / "partial"
-    writer = _direct_writer(path)
-    data = _upload(2 * MiB + 10)
-    gate = threading.Event()
-    offsets: list[int] = []
-    real_pwrite = os.pwrite
-
-    def slow_disk(fd: int, view: memoryview, offset: int) -> int:
-        if fd == writer._direct and offset == 0:
-            gate.wait(60)
-        offsets.append(offset)
-        return real_pwrite(fd, view, offset)
-
-    monkeypatch.setattr(uploads.os, "pwrite", slow_disk)
-    staged = threading.Event()
-
-    def spool_thread() -> None:
-        writer.write(data[:MiB])  # full: handed to a disk thread, which waits on the gate
-        writer.write(data[MiB : MiB + MiB // 2])  # staged meanwhile
-        staged.set()
-        writer.write(data[MiB + MiB // 2 :])  # the second buffer fills: waits for the first
-
-    thread = threading.Thread(target=spool_thread)
-    try:
-        thread.start()
-        assert staged.wait(60), "the spool thread waited for the disk before staging on"
-        assert offsets == [] and path.stat().st_size == 0
-    finally:
-        gate.set()
-        thread.join(60)
-    try:
-        writer.flush()
-    finally:
-        os.close(writer.fd)
-    assert writer.failed is None
-    assert offsets[:2] == [0, MiB]  # in file order, one after the other
-    assert path.read_bytes() == data
-
-
-def test_a_failed_write_in_flight_is_kept_by_flush(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "partial"
-    writer = _direct_writer(path)
-    real_pwrite = os.pwrite
-
-    def full_disk(fd: int, view: memoryview, offset: int) -> int:
-        if fd == writer._direct:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_pwrite(fd, view, offset)
-
-    monkeypatch.setattr(uploads.os, "pwrite", full_disk)
-    try:
-        writer.write(_upload(MiB))  # its write fails on the disk thread, after this returns
-        writer.write(b"tail")
-        writer.flush()  # waits for it: the failure is kept, the tail is not written
-    finally:
-        os.close(writer.fd)
-    assert isinstance(writer.failed, OSError) and writer.failed.errno == errno.ENOSPC
-    assert path.read_bytes() == b""
