@@ -10,6 +10,8 @@ coordinator is spawned):
 * coordinator ready (its port file written) and each site's hello (its ``connected to
   coordinator`` log line) and base model loaded (``trainer loaded`` log line);
 * all sites connected and the run started (admin API);
+* the first hop's arrival at its site (its ``hop 0 of run ...: starting`` log line) and that
+  site's CPU seconds then: what it had loaded ahead (``preload``) shows there;
 * the first training step: the first hop's ``train_started_at_ns`` in the ledger (the site's
   clock just before its first optimizer step);
 * CPU seconds (user + system) of every process up to that instant, and the load average.
@@ -63,6 +65,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SITES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
 HELLO = "connected to coordinator"
 LOADED = "trainer loaded"
+FIRST_HOP = "hop 0 of run"  # the first hop's site's "hop 0 of run ...: starting" line
 
 
 class CpuSampler:
@@ -211,6 +214,7 @@ def cold_start(
 
     hello = {site: _log_instant(logs[site], HELLO) for site in SITES}
     loaded = {site: _log_instant(logs[site], LOADED) for site in SITES}
+    first_hop = _log_instant(logs[hops[0].site], FIRST_HOP)
 
     def cpu_at(instants: dict[str, float | None]) -> dict[str, float | None]:
         return {
@@ -235,6 +239,11 @@ def cold_start(
         "first_site": hops[0].site,
         # The first hop's site: its base model loaded (before or during its first hop).
         "first_site_model_loaded_s": rel(loaded[hops[0].site]),
+        # Its hop's arrival, and its CPU seconds then (its start, hello and any load ahead).
+        "first_site_hop_s": rel(first_hop),
+        "first_site_cpu_s_at_hop": None
+        if first_hop is None
+        else round(cpu.at(first_hop).get(hops[0].site, 0.0), 2),
         "cpu_s_at_first_step": {name: round(value, 2) for name, value in at_first_step.items()},
         "cpu_floor_s": round(sum(at_first_step.values()) / cores, 2),
         "uptime_before": uptime_before,
@@ -269,7 +278,9 @@ def markdown(report: dict[str, Any]) -> str:
         "later hops' sites load from the first hop's first training beat, at a low CPU priority "
         "until told they are next; with `when-next` once told they are next); "
         "*first site's model*: the same line of the "
-        "first hop's site; *first step*: the first hop's "
+        "first hop's site; *first hop*: its `hop 0 of run ... starting` line, and that site's "
+        "CPU seconds then (*CPU site 1 at hop*: what it loaded ahead shows there); "
+        "*first step*: the first hop's "
         "`train_started_at_ns` (ledger). *CPU floor*: all processes' CPU seconds up to the first "
         f"step / {report['cores']} cores. Sites spawned "
         f"{report.get('sites_spawned', 'once the coordinator serves')}; "
@@ -279,12 +290,13 @@ def markdown(report: dict[str, Any]) -> str:
         "| start | coordinator ready | hello (max) | hello after spawn (max) | model (max) "
         "| first site's model "
         "| all connected | first step | CPU site 1 | CPU all | CPU floor "
-        "| site CPU at hello (max) | site CPU at loaded (max) | load avg before |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| site CPU at hello (max) | site CPU at loaded (max) | load avg before "
+        "| first hop | CPU site 1 at hop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for index, start in enumerate(report["starts"], 1):
         if "error" in start:
-            lines.append(f"| {index} | failed: {start['error']} | | | | | | | | | | | | |")
+            lines.append(f"| {index} | failed: {start['error']} | | | | | | | | | | | | | | |")
             continue
         hello = [v for v in start["hello_s"].values() if v is not None]
         loaded = [v for v in start["base_model_loaded_s"].values() if v is not None]
@@ -296,7 +308,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {start['all_connected_s']} | {start['first_step_s']} "
             f"| {cpu.get(start['first_site'], '-')} | {round(sum(cpu.values()), 2)} "
             f"| {start['cpu_floor_s']} | {_max(start['site_cpu_s_at_hello'])} "
-            f"| {_max(start['site_cpu_s_at_loaded'])} | {start['load_average_before']} |"
+            f"| {_max(start['site_cpu_s_at_loaded'])} | {start['load_average_before']} "
+            f"| {start.get('first_site_hop_s', '-')} "
+            f"| {start.get('first_site_cpu_s_at_hop', '-')} |"
         )
     ok = [s for s in report["starts"] if "error" not in s]
     if ok:
