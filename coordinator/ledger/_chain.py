@@ -1,4 +1,4 @@
-"""The event chain: hashing, and appending one chained event per state change.
+"""The event chain: appending one chained event per state change (hashed by `_canonical`).
 
 `LedgerCore` is the core of `Ledger`: its engine, sessions, transactions and schema migration.
 """
@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
+from coordinator.ledger._canonical import event_hash as event_hash  # the hash appends chain with
 from coordinator.ledger._integrity import (
     STATE_COLUMNS,
     STATE_ROWS_KEY,
@@ -59,39 +58,8 @@ class TransitionRefused(Exception):
     """A state change whose precondition no longer holds (stale lease, double commit...)."""
 
 
-# One encoder, built once (json.dumps with keywords builds a new one per call): verify hashes
-# every event with it.
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-).encode
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def event_hash(
-    prev_hash: str,
-    at: str,
-    kind: str,
-    run_id: str | None,
-    hop_id: str | None,
-    site: str | None,
-    payload: dict[str, Any],
-) -> str:
-    """Hash of one event over a canonical JSON encoding, chained to the previous event's hash."""
-    body = _CANONICAL(
-        {
-            "prev": prev_hash,
-            "at": at,
-            "kind": kind,
-            "run_id": run_id,
-            "hop_id": hop_id,
-            "site": site,
-            "payload": payload,
-        }
-    )
-    return hashlib.sha256(body.encode("ascii")).hexdigest()
 
 
 @dataclass(frozen=True)
