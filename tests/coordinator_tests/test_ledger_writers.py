@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,14 +34,6 @@ else:
 # for an unlocked writer to read, write and commit; a locked one waits it out (no verdict is
 # timed: without the lock both writers win, whenever the first resumes).
 _HOLD_SECONDS = 3.0
-
-
-@pytest.fixture
-def ledger(database_url: str) -> Iterator[Ledger]:
-    ledger = Ledger(database_url)
-    ledger.migrate()
-    yield ledger
-    ledger.close()
 
 
 def _pending_hop(ledger: Ledger) -> str:
