@@ -1,4 +1,4 @@
-"""The event chain: hashing, and appending one chained event per state change.
+"""The event chain: appending one chained event per state change (hashed by `_canonical`).
 
 `LedgerCore` is the core of `Ledger`: its engine, sessions, transactions and schema migration.
 """
@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 
+from coordinator.ledger._canonical import event_hash as event_hash  # the hash appends chain with
 from coordinator.ledger._integrity import (
     STATE_COLUMNS,
     STATE_ROWS_KEY,
@@ -59,39 +58,8 @@ class TransitionRefused(Exception):
     """A state change whose precondition no longer holds (stale lease, double commit...)."""
 
 
-# One encoder, built once (json.dumps with keywords builds a new one per call): verify hashes
-# every event with it.
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-).encode
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def event_hash(
-    prev_hash: str,
-    at: str,
-    kind: str,
-    run_id: str | None,
-    hop_id: str | None,
-    site: str | None,
-    payload: dict[str, Any],
-) -> str:
-    """Hash of one event over a canonical JSON encoding, chained to the previous event's hash."""
-    body = _CANONICAL(
-        {
-            "prev": prev_hash,
-            "at": at,
-            "kind": kind,
-            "run_id": run_id,
-            "hop_id": hop_id,
-            "site": site,
-            "payload": payload,
-        }
-    )
-    return hashlib.sha256(body.encode("ascii")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -225,7 +193,8 @@ def _entry_key(entry: dict[str, Any]) -> tuple[str, str]:
 
 
 def locked_get(session: Session, model: type[T], key: object) -> T | None:
-    """`session.get(model, key, with_for_update=True)`: the row, locked for the transaction.
+    """`session.get(model, key, with_for_update=True)`: the row, locked for the transaction
+    (on SQLite, which has no row locks, by the database's write lock, taken before the read).
     A row this transaction locked already is its own (it holds the lock until it commits):
     taken as held, without a second SELECT."""
     locked: set[tuple[type[Base], object]] = session.info.setdefault(_LOCKED, set())
@@ -233,22 +202,26 @@ def locked_get(session: Session, model: type[T], key: object) -> T | None:
         held = session.get(model, key)  # the identity map's: no SQL
         if held is not None:
             return held
+    hold_sqlite_write_lock(session)
     row = session.get(model, key, with_for_update=True)
     if row is not None:
         locked.add((model, key))
     return row
 
 
-def _hold_sqlite_write_lock(session: Session) -> None:
-    """Takes SQLite's write lock for the session's transaction, unless it holds it already.
+def hold_sqlite_write_lock(session: Session) -> None:
+    """On SQLite, takes the database's write lock for the session's transaction (unless it
+    holds it already), before a read the transaction writes on; elsewhere does nothing.
 
-    The sqlite3 driver opens a transaction only at the first INSERT, UPDATE or DELETE: a
-    transaction that appends an event before any other write (``storage.fault``, a refusal)
-    would read the chain's head outside any lock, and another thread or process could append
-    and commit before its INSERT, both events chained to the same predecessor. `BEGIN
-    IMMEDIATE` takes the lock first (waiting out the busy timeout), so the head read is the
-    head this event follows.
+    SQLite ignores FOR UPDATE, and the sqlite3 driver opens a transaction only at the first
+    INSERT, UPDATE or DELETE: what a transaction reads before (a transition's compare, the
+    chain's head) is read outside any lock, and another thread or process could write and
+    commit in between: two writers both moving a row out of one state, two events chained to
+    one predecessor. `BEGIN IMMEDIATE` takes the lock first (waiting out the busy timeout), as
+    FOR UPDATE and the chain's advisory lock do on PostgreSQL.
     """
+    if session.get_bind().dialect.name != "sqlite":
+        return
     driver = session.connection().connection.driver_connection
     if driver is not None and not driver.in_transaction:
         session.execute(text("BEGIN IMMEDIATE"))
@@ -393,7 +366,7 @@ class LedgerCore:
                 # from chaining to the same predecessor, a transaction-scoped advisory lock can.
                 session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
             elif dialect == "sqlite":
-                _hold_sqlite_write_lock(session)
+                hold_sqlite_write_lock(session)
             last = session.scalars(_head_hash_query()).first()
             prev = last or GENESIS_HASH
         at = utcnow().isoformat(timespec="microseconds")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from coordinator.ledger._chain import LedgerCore
+from coordinator.ledger._chain import LedgerCore, hold_sqlite_write_lock, locked_get
 from coordinator.ledger.models import CheckpointRow, HopRow
 
 
@@ -13,7 +13,7 @@ class CheckpointRecords(LedgerCore):
 
     def record_checkpoint(self, row: CheckpointRow) -> None:
         with self.transaction() as session:
-            existing = session.get(CheckpointRow, row.sha256, with_for_update=True)
+            existing = locked_get(session, CheckpointRow, row.sha256)
             if existing is not None and existing.status == "stored":
                 return  # content-addressed: the same bytes are already recorded
             if existing is not None:
@@ -58,6 +58,7 @@ class CheckpointRecords(LedgerCore):
         removes their bytes from the store.
         """
         with self.transaction() as session:
+            hold_sqlite_write_lock(session)  # before the reads its writes rest on
             hop = session.get(HopRow, hop_id)
             if hop is None:
                 return []
@@ -86,7 +87,7 @@ class CheckpointRecords(LedgerCore):
     ) -> None:
         """Ledgers the deletion of a checkpoint's bytes (row marked "deleted" if there is one)."""
         with self.transaction() as session:
-            row = session.get(CheckpointRow, sha256, with_for_update=True)
+            row = locked_get(session, CheckpointRow, sha256)
             if row is not None:
                 row.status = "deleted"
                 run_id = row.run_id

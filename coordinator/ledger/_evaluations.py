@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
-from coordinator.ledger._chain import LedgerCore, TransitionRefused, utcnow
+from coordinator.ledger._chain import LedgerCore, TransitionRefused, locked_get, utcnow
 from coordinator.ledger.models import EvaluationRow, StatisticsAnswerRow, StatisticsRequestRow
 
 
@@ -134,7 +134,7 @@ class EvaluationRecords(LedgerCore):
             TransitionRefused: The answer is no longer pending under that lease token.
         """
         with self.transaction() as session:
-            answer = session.get(StatisticsAnswerRow, (request_id, site), with_for_update=True)
+            answer = locked_get(session, StatisticsAnswerRow, (request_id, site))
             if answer is None:
                 raise KeyError((request_id, site))
             if answer.status != "pending" or answer.lease_token != lease_token:
@@ -177,7 +177,7 @@ class EvaluationRecords(LedgerCore):
             TransitionRefused: The request is no longer pending.
         """
         with self.transaction() as session:
-            request = session.get(StatisticsRequestRow, request_id, with_for_update=True)
+            request = locked_get(session, StatisticsRequestRow, request_id)
             if request is None:
                 raise KeyError(request_id)
             if request.status != "pending":

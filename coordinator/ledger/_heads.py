@@ -1,8 +1,9 @@
 """Signed head checkpoints: the coordinator signs its ledger's head, keeps and hands out the heads.
 
-A head is signed at every run transition and at least every `every` events, appended (fsync'd)
-to ``ledger-heads.jsonl`` in the state directory, and passed to listeners (the engine sends it
-to every connected site). `check_heads` holds a ledger against the heads it can find.
+A head is signed at every run transition and at least every `every` events (off the committing
+thread), appended (fsync'd) to ``ledger-heads.jsonl`` in the state directory, and passed to
+listeners (the engine sends it to every connected site). `check_heads` holds a ledger against
+the heads it can find.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,13 @@ def _signs_now(kind: str) -> bool:
 
 
 class HeadSigner:
-    """Signs the ledger head when due; appends each signed head to the heads file."""
+    """Signs the ledger head when due; appends each signed head to the heads file.
+
+    The signing, the fsync of the heads file and the listeners run on a thread of their own,
+    in the order the heads fell due: a ledger transaction that makes a head due returns at its
+    commit, not one signature and one fsync later (a hand back's answer waits for its commit).
+    The thread is not a daemon: an orderly exit keeps every head that fell due.
+    """
 
     def __init__(
         self, path: Path, *, private_key_pem: bytes, certificate_pem: bytes, every: int = 100
@@ -48,16 +56,53 @@ class HeadSigner:
             for head in read_heads(path):
                 if self.newest is None or head.seq >= self.newest.seq:
                     self.newest = head
+        # The heads due and not yet signed, oldest first; the seq of the newest head that fell
+        # due; the thread signing them (None when none are waiting).
+        self._due_changed = threading.Condition()
+        self._due: deque[tuple[int, str]] = deque()
+        self._handed = self.newest.seq if self.newest is not None else 0
+        self._worker: threading.Thread | None = None
 
     def observe(self, seq: int, head_hash: str, kinds: tuple[str, ...]) -> None:
         """Called after each ledger transaction commits (a `Ledger.head_observers` entry)."""
-        signed = self.newest.seq if self.newest is not None else 0
-        if any(_signs_now(kind) for kind in kinds) or seq - signed >= self.every:
-            try:
-                self.sign(seq, head_hash)
-            except (OSError, SignatureError) as exc:
-                # The event is committed already; a head that cannot be kept must not undo it.
-                logger.error("could not sign or keep ledger head #%d: %s", seq, exc)
+        with self._due_changed:
+            if not any(_signs_now(kind) for kind in kinds) and seq - self._handed < self.every:
+                return
+            self._handed = seq
+            self._due.append((seq, head_hash))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._sign_due, name="ledger-head-signer")
+                self._worker.start()
+
+    def wait(self) -> None:
+        """Returns once every head that fell due so far is signed, kept and handed out."""
+        with self._due_changed:
+            self._due_changed.wait_for(lambda: self._worker is None)
+
+    def _next_due(self) -> tuple[int, str] | None:
+        with self._due_changed:
+            if self._due:
+                return self._due.popleft()
+            self._worker = None
+            self._due_changed.notify_all()
+            return None
+
+    def _sign_due(self) -> None:
+        try:
+            while (due := self._next_due()) is not None:
+                try:
+                    self.sign(*due)
+                except (OSError, SignatureError) as exc:
+                    # The event is committed already; a head that cannot be kept must not undo
+                    # it. The next transaction tries again (as if this head were never due).
+                    logger.error("could not sign or keep ledger head #%d: %s", due[0], exc)
+                    with self._due_changed:
+                        self._handed = self.newest.seq if self.newest is not None else 0
+        finally:
+            with self._due_changed:
+                if self._worker is threading.current_thread():  # left by an error: free
+                    self._worker = None
+                    self._due_changed.notify_all()
 
     def sign(self, seq: int, head_hash: str) -> SignedHead:
         """Signs event `seq`, appends the head to the file (fsync'd), then tells the listeners."""

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
+from coordinator.ledger._canonical import snapshot_json
 from coordinator.ledger.models import (
     Base,
     CheckpointRow,
@@ -96,21 +97,13 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-# One encoder, built once: json.dumps with keywords builds a new one per call.
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
-
-
-def _json(value: Any) -> str:
-    return _CANONICAL(value)
-
-
 def values_entry(table: str, key: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """The snapshot of one row from its column values."""
     verbatim: dict[str, Any] = {}
     digests: dict[str, str] = {}
     for column, raw in values.items():
         value = _canonical(raw)
-        text = _json(value)
+        text = snapshot_json(value)
         if len(text) > _VERBATIM_CHARS:
             digests[column] = hashlib.sha256(text.encode("ascii")).hexdigest()
         else:
@@ -133,7 +126,7 @@ def row_entry(row: Base, *, deleted: bool = False) -> dict[str, Any]:
 
 
 def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else _json(value)
+    text = value if isinstance(value, str) else snapshot_json(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -160,7 +153,7 @@ def compare_snapshot(
 ) -> list[RowMismatch]:
     """Names every column where the current row (its snapshot entry) differs from event `seq`'s."""
     recorded_values, recorded_digests = entry.get("values", {}), entry.get("digests", {})
-    if current["digests"] == recorded_digests and _json(current["values"]) == _json(
+    if current["digests"] == recorded_digests and snapshot_json(current["values"]) == snapshot_json(
         recorded_values
     ):
         return []  # the same canonical text column for column: nothing to name
@@ -168,7 +161,7 @@ def compare_snapshot(
     prefix = f"{table} row {key}"
     for column, value in entry.get("values", {}).items():
         now = current["values"].get(column, current["digests"].get(column))
-        if column not in current["values"] or _json(now) != _json(value):
+        if column not in current["values"] or snapshot_json(now) != snapshot_json(value):
             found.append(
                 RowMismatch(
                     table,

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from coordinator.ledger._chain import LedgerCore, TransitionRefused, utcnow
+from coordinator.ledger._chain import LedgerCore, TransitionRefused, locked_get, utcnow
 from coordinator.ledger.models import CheckpointRow, RoundRow
 
 
@@ -37,7 +37,7 @@ class RoundRecords(LedgerCore):
     def start_round(self, round_id: str, input_sha256: str | None) -> RoundRow:
         """Fixes a pending round's input (event `round.started`); its hops may then be leased."""
         with self.transaction() as session:
-            row = session.get(RoundRow, round_id, with_for_update=True)
+            row = locked_get(session, RoundRow, round_id)
             if row is None:
                 raise KeyError(round_id)
             if row.status != "pending":
@@ -68,13 +68,13 @@ class RoundRecords(LedgerCore):
         transaction as `round.aggregated`: a round is aggregated exactly once.
         """
         with self.transaction() as session:
-            row = session.get(RoundRow, round_id, with_for_update=True)
+            row = locked_get(session, RoundRow, round_id)
             if row is None:
                 raise KeyError(round_id)
             if row.status != "training":
                 raise TransitionRefused(f"round {row.number} is {row.status}; cannot aggregate")
             for checkpoint in checkpoints:
-                existing = session.get(CheckpointRow, checkpoint.sha256, with_for_update=True)
+                existing = locked_get(session, CheckpointRow, checkpoint.sha256)
                 if existing is None:
                     session.add(checkpoint)
                 else:
@@ -97,7 +97,7 @@ class RoundRecords(LedgerCore):
     def fail_round(self, round_id: str, error: str, dropped: list[list[Any]]) -> RoundRow:
         """Marks a round failed (event `round.failed`): too few contributions, or an abort."""
         with self.transaction() as session:
-            row = session.get(RoundRow, round_id, with_for_update=True)
+            row = locked_get(session, RoundRow, round_id)
             if row is None:
                 raise KeyError(round_id)
             if row.status not in ("pending", "training"):

@@ -333,7 +333,7 @@ class RunRecords(LedgerCore):
     ) -> RunRow:
         """Moves a run to `status` (event `run.<status>`) if it is in an expected state."""
         with self.transaction() as session:
-            run = session.get(RunRow, run_id, with_for_update=True)
+            run = locked_get(session, RunRow, run_id)
             if run is None:
                 raise KeyError(run_id)
             if run.status not in expected:

@@ -13,6 +13,7 @@ from coordinator.ledger._chain import (
     LedgerCore,
     LedgerVerification,
     TransitionRefused,
+    locked_get,
 )
 from coordinator.ledger._integrity import (
     MISMATCH_EVENT,
@@ -158,7 +159,7 @@ class EventLog(LedgerCore):
         if len(mismatches) > 3:
             error += f"; and {len(mismatches) - 3} more"
         with self.transaction() as session:
-            run = session.get(RunRow, run_id, with_for_update=True)
+            run = locked_get(session, RunRow, run_id)
             if run is None:
                 raise KeyError(run_id)
             if run.status != "running":

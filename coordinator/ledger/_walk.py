@@ -6,17 +6,16 @@ Each event's payload is decoded once, from its stored text, for its hash and its
 
 from __future__ import annotations
 
-import hashlib
 import json
-import json.encoder
 import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, NoReturn
+from typing import Any
 
 from sqlalchemy import URL, Connection, Text, cast, func, select
 
-from coordinator.ledger._chain import GENESIS_HASH, ChainBreak, LedgerCore, event_hash
+from coordinator.ledger._canonical import event_hash
+from coordinator.ledger._chain import GENESIS_HASH, ChainBreak, LedgerCore
 from coordinator.ledger._integrity import StateIndex
 from coordinator.ledger.models import EventRow
 
@@ -42,21 +41,6 @@ _LINK_BROKEN = "previous-hash link broken (event deleted or inserted)"
 _ALTERED = "content does not match its hash (event altered)"
 
 
-def _refuse(value: object) -> NoReturn:
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-_ESCAPE = json.encoder.encode_basestring_ascii
-_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)
-# `event_hash`'s canonical JSON (sorted keys, no spaces, ASCII, no NaN) as the C encoder itself,
-# built once (`JSONEncoder.encode` builds it again per call); no cycle check: decoded JSON has none.
-_ENCODE = (
-    _MAKE_ENCODER(None, _refuse, _ESCAPE, None, ":", ",", True, False, False)
-    if _MAKE_ENCODER is not None
-    else None
-)
-# `event_hash`'s body: its seven keys in sorted order.
-_BODY = '{"at":%s,"hop_id":%s,"kind":%s,"payload":%s,"prev":%s,"run_id":%s,"site":%s}'
 # The C scanner `json.loads` ends in, without its wrappers.
 _SCAN: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 _UNREADABLE = object()  # a payload whose stored text is not JSON
@@ -86,29 +70,9 @@ def _hash_matches(
     site: str | None,
     payload: Any,
 ) -> bool:
-    """Whether `digest` is `event_hash` of the event's stored fields.
-
-    The body is first built here without `event_hash`'s per-call set-up; it encodes the same
-    fields as JSON, so a match proves the content is what was hashed. Anything else (a column
-    of another type, a mismatch) is decided by `event_hash` itself, so the verdict is its own.
-    """
+    """Whether `digest` is `event_hash` of the event's stored fields."""
     if payload is _UNREADABLE:
         return False
-    if _ENCODE is not None:
-        try:
-            body = _BODY % (
-                _ESCAPE(at),
-                "null" if hop_id is None else _ESCAPE(hop_id),
-                _ESCAPE(kind),
-                "".join(_ENCODE(payload, 0)),
-                _ESCAPE(prev),
-                "null" if run_id is None else _ESCAPE(run_id),
-                "null" if site is None else _ESCAPE(site),
-            )
-            if hashlib.sha256(body.encode("ascii")).hexdigest() == digest:
-                return True
-        except (TypeError, ValueError):
-            pass
     try:
         return event_hash(prev, at, kind, run_id, hop_id, site, payload) == digest
     except (TypeError, ValueError):  # not JSON-encodable (NaN): never hashed like that

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -86,6 +87,7 @@ def test_heads_are_signed_at_run_transitions_and_every_n_events(
     for index in range(7):
         ledger.record_event("test.event", payload={"index": index})
     ledger.record_event("run.paused")
+    signer.wait()
     kept = list(read_heads(tmp_path / HEADS_FILE))
     assert [h.seq for h in kept] == [3, 6, 8] and kept == received
     events = {e.seq: e.hash for e in ledger.events()}
@@ -94,6 +96,33 @@ def test_heads_are_signed_at_run_transitions_and_every_n_events(
         HeadSigner(tmp_path / HEADS_FILE, private_key_pem=b"", certificate_pem=b"").newest
         == (kept[-1])
     )
+
+
+def test_a_head_is_signed_off_the_committing_thread_and_the_same_heads_are_kept(
+    pki: Pki, ledger: Ledger, tmp_path: Path
+) -> None:
+    signer = _signer(pki, tmp_path / HEADS_FILE, every=2)
+    held = threading.Event()
+    signed_on: list[threading.Thread] = []
+
+    def slow_listener(head: SignedHead) -> None:
+        signed_on.append(threading.current_thread())
+        held.wait(10)  # a slow signature or fsync: the commits below must not wait for it
+
+    signer.listeners.append(slow_listener)
+    ledger.head_observers.append(signer.observe)
+    for index in range(5):
+        ledger.record_event("test.event", payload={"index": index})
+    ledger.record_event("run.paused")
+    held.set()
+    signer.wait()
+    assert signed_on and threading.current_thread() not in signed_on
+    kept = list(read_heads(tmp_path / HEADS_FILE))
+    assert [h.seq for h in kept] == [2, 4, 6]  # as signed on the committing thread: in order
+    events = {e.seq: e.hash for e in ledger.events()}
+    assert all(events[h.seq] == h.hash for h in kept)
+    for head in kept:
+        head.verify((pki.directory / "ca.crt").read_bytes())
 
 
 def test_deleting_the_last_events_after_a_signed_head_is_named(
@@ -153,6 +182,7 @@ def _state_with_heads(pki: Pki, tmp_path: Path) -> tuple[Path, Ledger, SignedHea
     ledger.head_observers.append(signer.observe)
     for index in range(4):
         ledger.record_event("test.event", payload={"index": index})
+    signer.wait()
     assert signer.newest is not None
     return state, ledger, signer.newest
 
@@ -252,10 +282,14 @@ def test_connected_sites_receive_each_signed_head_and_the_newest_on_connect(
         task = site_a.next_task()
         site_a.report(task, site_a.upload(task, site_a.bundle(task)))
         assert admin.run(run_id).status == "completed"
-        kept = list(read_heads(coordinator.engine.runs_dir.parent / HEADS_FILE))
         events = {e.seq: e for e in coordinator.engine.ledger.events()}
-        assert [events[h.seq].kind for h in kept[-2:]] == ["run.created", "run.completed"]
         deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # signed off the commit's thread, soon after it
+            kept = list(read_heads(coordinator.engine.runs_dir.parent / HEADS_FILE))
+            if events[kept[-1].seq].kind == "run.completed":
+                break
+            time.sleep(0.02)
+        assert [events[h.seq].kind for h in kept[-2:]] == ["run.created", "run.completed"]
         while len(site_a.heads) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         received = [SignedHead.from_proto(h) for h in site_a.heads]

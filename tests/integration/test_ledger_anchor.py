@@ -64,8 +64,13 @@ def test_sites_keep_signed_heads_and_their_anchor_exposes_a_truncated_ledger(
             admin.wait_for_sites(set(sites), timeout=120)
             run = wait_for_run(admin, cluster, admin.start_run(plan), timeout=120)
         assert run.status == "completed", run.error
-        newest = list(read_heads(state / HEADS_FILE))[-1]
+        with sqlite3.connect(state / "ledger.sqlite3") as db:
+            (completed,) = db.execute("SELECT max(seq) FROM events WHERE kind = 'run.completed'")
         deadline = time.monotonic() + 120
+        # The run.completed head is signed off the committing thread, soon after the commit.
+        while (newest := list(read_heads(state / HEADS_FILE))[-1]).seq < completed[0]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         while any(_kept(tmp_path / s) != newest for s in sites) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert all(_kept(tmp_path / s) == newest for s in sites)  # the run.completed head

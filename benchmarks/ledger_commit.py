@@ -1,0 +1,169 @@
+"""The ledger side of a hand back's commit transaction, per hop, in-process: an A/B of checkouts.
+
+Each hop is what the engine's `_commit_and_lease` writes in one transaction on the ledger
+writer's thread: the output's checkpoint row, the hop's move to "uploaded", its commit and the
+next hop's lease (four chained events, one SQLite commit), with a `HeadSigner` observing the
+ledger (a head every 100 events, as `serve` signs). Per hop: the committing thread's CPU time
+(`time.thread_time`: what the writer thread spends, a signature off it not counted) and the
+transaction's wall time (p50, p99: a head signed and fsync'd on that thread shows at p99). Each
+checkout (`--root`, repeatable) runs in a fresh process per round, in turn (an interleaved A/B:
+all see the same load). Writes JSON + Markdown under benchmarks/results/.
+
+    nice -n 19 .venv/bin/python benchmarks/ledger_commit.py --root /work/main --root . --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Run in the checkout's own process (PYTHONPATH: that checkout): argv = hops, state directory.
+_CHILD = r"""
+import contextlib, hashlib, json, sys, time, uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from coordinator.ledger import CheckpointRow, HeadSigner, HopRow, Ledger, TransitionRefused
+from protocols.pki import Role, init_ca, issue_certificate
+
+hops, state = int(sys.argv[1]), Path(sys.argv[2])
+init_ca(state / "pki")
+issue_certificate(state / "pki", state / "pki", Role.COORDINATOR, "coordinator")
+ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
+ledger.migrate()
+signer = HeadSigner(state / "ledger-heads.jsonl", every=100,
+                    private_key_pem=(state / "pki" / "coordinator.key").read_bytes(),
+                    certificate_pem=(state / "pki" / "coordinator.crt").read_bytes())
+ledger.head_observers.append(signer.observe)
+run_id = uuid.uuid4().hex
+rows = [HopRow(id=uuid.uuid4().hex, index=i, site=f"site-{i % 2}", status="pending",
+               hyperparameters={"learning_rate": 1e-3, "steps": 30}, metrics={})
+        for i in range(hops + 1)]
+ids = [h.id for h in rows]
+ledger.create_run(run_id, "bench", {"task": "tabular", "dataset": "d"}, rows, None)
+ledger.lease_hop(ids[0], "t0", None)
+tensors = [{"name": f"layer.{k}.lora_A", "shape": [8, 384], "dtype": "F32"} for k in range(24)]
+
+
+def hand_back(i):
+    sha = hashlib.sha256(f"{run_id}{i}".encode()).hexdigest()
+    output = CheckpointRow(
+        sha256=sha, run_id=run_id, hop_id=ids[i], producer_site=f"site-{i % 2}", size=300_000,
+        parent_sha256=None, manifest={"base_model_sha256": "b" * 64, "format": "peft"},
+        tensors=tensors, signature="5" * 142, producer_certificate="c" * 900,
+        stored_at=datetime.now(UTC))
+    with ledger.transaction():
+        ledger.record_checkpoint(output)
+        with contextlib.suppress(TransitionRefused):
+            ledger.transition_hop(ids[i], expected=("leased", "training"), status="uploaded",
+                                  event="hop.uploaded", payload={"output_sha256": sha})
+        ledger.commit_hop(ids[i], lease_token=f"t{i}", output_sha256=sha,
+                          metrics={"accuracy": 0.5, "loss": 0.7}, train_started_at_ns=1,
+                          train_finished_at_ns=2, base_model_sha256="b" * 64)
+        ledger.lease_hop(ids[i + 1], f"t{i + 1}", sha)
+
+
+warmup = 5
+cpu, wall = [], []
+for i in range(hops):
+    c0, w0 = time.thread_time(), time.perf_counter()
+    hand_back(i)
+    if i >= warmup:
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - w0)
+if hasattr(signer, "wait"):
+    signer.wait()
+heads = sum(1 for _ in open(state / "ledger-heads.jsonl"))
+print(json.dumps({"cpu_ms": [c * 1e3 for c in cpu], "wall_ms": [w * 1e3 for w in wall],
+                  "heads": heads, "events": ledger.last_seq()}))
+"""
+
+
+def _p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _one(root: Path, hops: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="ledger-commit-") as state:
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        command = [sys.executable, "-c", _CHILD, str(hops), state]
+        out = subprocess.run(
+            command, env=env, cwd=root, check=True, capture_output=True, text=True
+        ).stdout
+    found: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    found["load_1min_before"] = os.getloadavg()[0]
+    return found
+
+
+def _label(root: Path) -> str:
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return f"{root} ({head})" if head else str(root)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, action="append", help="checkout (repeatable)")
+    parser.add_argument("--hops", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--name", default="ledger_commit")
+    args = parser.parse_args()
+    roots = [r.resolve() for r in (args.root or [Path(__file__).resolve().parent.parent])]
+    runs: dict[str, list[dict[str, Any]]] = {_label(r): [] for r in roots}
+    for _ in range(args.rounds):
+        for root, label in zip(roots, runs, strict=True):
+            found = _one(root, args.hops)
+            runs[label].append(found)
+            cpu, wall = found["cpu_ms"], found["wall_ms"]
+            print(
+                label,
+                f"cpu/hop median {statistics.median(cpu):.2f} ms, wall p50 {_p(wall, 0.5):.1f} "
+                f"p99 {_p(wall, 0.99):.1f} ms, heads {found['heads']}, "
+                f"load {found['load_1min_before']:.1f}",
+                flush=True,
+            )
+    rows = []
+    for label, found in runs.items():
+        cpu = [c for f in found for c in f["cpu_ms"]]
+        wall = [w for f in found for w in f["wall_ms"]]
+        rows.append(
+            {
+                "checkout": label,
+                "cpu_ms_median": round(statistics.median(cpu), 2),
+                "cpu_ms_p99": round(_p(cpu, 0.99), 2),
+                "wall_ms_p50": round(_p(wall, 0.5), 2),
+                "wall_ms_p99": round(_p(wall, 0.99), 2),
+                "heads": [f["heads"] for f in found],
+                "events": found[0]["events"],
+                "load_1min_before": [round(f["load_1min_before"], 2) for f in found],
+            }
+        )
+    RESULTS.mkdir(exist_ok=True)
+    command = " ".join(["benchmarks/ledger_commit.py", *sys.argv[1:]])
+    (RESULTS / f"{args.name}.json").write_text(
+        json.dumps({"command": command, "rows": rows}, indent=2) + "\n"
+    )
+    lines = [
+        "# The ledger side of a hand back's commit transaction, per hop", "",
+        f"Command: `{command}`  ", f"{args.hops} hops per run (5 warm-up hops not counted), "
+        f"{args.rounds} rounds, checkouts interleaved; machine: {os.cpu_count()} cores.", "",
+        "| checkout | committing thread CPU ms/hop: median / p99 | transaction wall ms: p50 / p99 "
+        "| heads signed per run | 1-min load before each |", "|---|---|---|---|---|",
+        *(f"| {r['checkout']} | {r['cpu_ms_median']} / {r['cpu_ms_p99']} | {r['wall_ms_p50']} / "
+          f"{r['wall_ms_p99']} | {r['heads']} | {r['load_1min_before']} |" for r in rows),
+    ]  # fmt: skip
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
