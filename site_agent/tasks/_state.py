@@ -57,7 +57,7 @@ class FlatTensors(dict[str, torch.Tensor]):
         return dict, (dict(self),)
 
 
-def flat_parameters(slots: Mapping[str, torch.nn.Parameter]) -> FlatTensors | None:
+def flat_parameters(slots: Mapping[str, torch.Tensor]) -> FlatTensors | None:
     """Moves trainable parameters' values into one buffer (`FlatTensors`, in name order), each
     parameter now a view of it: the same values, the same Parameter objects (modules and an
     optimizer keep theirs), so that a hop's input is loaded and its output copied out in one

@@ -79,7 +79,7 @@ def test_a_prepared_hop_moves_its_adapter_in_one_buffer_bit_for_bit_as_a_fresh_h
 def test_parameters_moved_into_one_buffer_keep_their_values_and_objects() -> None:
     torch.manual_seed(0)
     layer = torch.nn.Linear(3, 2)
-    slots: dict[str, torch.nn.Parameter] = {"w": layer.weight, "b": layer.bias}
+    slots = {"w": layer.weight, "b": layer.bias}
     before = {name: p.detach().clone() for name, p in slots.items()}
     flat = flat_parameters(slots)
     assert flat is not None and list(flat) == ["b", "w"]
@@ -92,7 +92,7 @@ def test_parameters_moved_into_one_buffer_keep_their_values_and_objects() -> Non
 
 def test_a_non_finite_adapter_is_refused_with_the_per_tensor_paths_messages() -> None:
     layer = torch.nn.Linear(3, 2)
-    slots: dict[str, torch.nn.Parameter] = {"w": layer.weight, "b": layer.bias}
+    slots = {"w": layer.weight, "b": layer.bias}
     flat = flat_parameters(slots)
     assert flat is not None
     with torch.no_grad():
