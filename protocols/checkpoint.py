@@ -234,7 +234,7 @@ def read_bundle(
         name: TensorValues(dtype=dtype, shape=shape, data=view[start:end])
         for name, dtype, shape, start, end in entries
     }
-    return _bundle(digest, len(data), manifest, adapter_config, values), values
+    return _bundle(digest, len(data), manifest, adapter_config, _specs(values)), values
 
 
 def _bundle(
@@ -242,9 +242,9 @@ def _bundle(
     size: int,
     manifest: CheckpointManifest,
     adapter_config: dict[str, Any],
-    values: Mapping[str, TensorValues],
+    specs: list[TensorSpec],
 ) -> Bundle:
-    specs = [TensorSpec(name=name, dtype=v.dtype, shape=v.shape) for name, v in values.items()]
+    """A checked bundle's description, its tensors by name."""
     return Bundle(
         sha256=digest,
         size=size,
@@ -252,6 +252,10 @@ def _bundle(
         adapter_config=adapter_config,
         tensors=tuple(sorted(specs, key=lambda s: s.name)),
     )
+
+
+def _specs(values: Mapping[str, TensorValues]) -> list[TensorSpec]:
+    return [TensorSpec(name=name, dtype=v.dtype, shape=v.shape) for name, v in values.items()]
 
 
 def _read_parsed(data: bytes, digest: str) -> tuple[Bundle, dict[str, TensorValues]]:
@@ -269,7 +273,7 @@ def _read_parsed(data: bytes, digest: str) -> tuple[Bundle, dict[str, TensorValu
         for name, info in tensors
     }
     _check_all_finite(values)
-    return _bundle(digest, len(data), manifest, adapter_config, values), values
+    return _bundle(digest, len(data), manifest, adapter_config, _specs(values)), values
 
 
 # Bytes per element of the dtypes `_plain_layout` takes (safetensors knows more: those go to it).
@@ -513,10 +517,4 @@ def _inspect_file(
         TensorSpec(name=name, dtype=dtype, shape=tuple(shape))
         for name, dtype, shape, _, _ in tensors
     ]
-    return Bundle(
-        sha256=found,
-        size=size,
-        manifest=manifest,
-        adapter_config=adapter_config,
-        tensors=tuple(sorted(specs, key=lambda s: s.name)),
-    )
+    return _bundle(found, size, manifest, adapter_config, specs)
