@@ -17,18 +17,14 @@ from hypothesis import strategies as st
 
 from protocols.checkpoint import (
     CheckpointError,
-    CheckpointManifest,
     _plain_layout,
     _read_parsed,
     bundle_metadata,
     read_bundle,
     sha256_hex,
 )
+from tests.protocols_tests.test_checkpoint import MANIFEST
 
-MANIFEST = CheckpointManifest(
-    task_type="seq-classification", base_model_sha256="ab" * 32, run_id="r", hop_id="h",
-    producer_site="site-a",
-)  # fmt: skip
 METADATA = bundle_metadata(MANIFEST, {"r": 8})
 
 

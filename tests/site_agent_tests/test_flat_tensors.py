@@ -47,8 +47,8 @@ def _received(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def test_a_prepared_hop_moves_its_adapter_in_one_buffer_bit_for_bit_as_a_fresh_hop(
     tiny_model_dir: Path, spec: TaskSpec, site_datasets: list[RegisteredDataset]
 ) -> None:
-    fresh = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
-    prepared = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    fresh, prepared = (create_trainer("seq-classification", base_model_dir=tiny_model_dir,
+                                      device="cpu") for _ in range(2))  # fmt: skip
     assert isinstance(prepared, PreparingTrainer)
     dataset = site_datasets[0]
     first = fresh.run_hop(spec, dataset, FIRST, None)
