@@ -109,7 +109,7 @@ class TensorValues:
 
     dtype: str  # as safetensors names it: "F32"
     shape: tuple[int, ...]
-    data: bytes
+    data: bytes | memoryview  # a view of the checked bundle's bytes where it lay plainly
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _header_metadata(data: bytes) -> dict[str, str]:
     return metadata
 
 
-def _check_finite(name: str, dtype: str, raw: bytes | bytearray) -> None:
+def _check_finite(name: str, dtype: str, raw: bytes | bytearray | memoryview) -> None:
     kind = _FLOAT_DTYPES.get(dtype)
     if kind is None:
         return
@@ -203,6 +203,12 @@ def read_bundle(
     read them (by name): a caller that loads the tensors builds them from these, and the bundle
     is parsed once.
 
+    A bundle laid out plainly (`_plain_layout`: what safetensors writes) is checked where it
+    lies: its header parsed once, its values read as views of ``data`` (no copy per tensor),
+    the finite check one pass per run of same-dtype tensors. Anything else, and any bundle that
+    fails a check there, goes through safetensors' own parser: the verdicts and their messages
+    are that parser's.
+
     Args:
         data: The whole bundle.
         expected_sha256: If given, the bundle must hash to it.
@@ -218,6 +224,42 @@ def read_bundle(
         raise CheckpointError(
             f"checkpoint hash mismatch: expected {expected_sha256}, received bytes hash to {digest}"
         )
+    layout = _plain_layout(data)
+    if layout is None or not layout[2] or not _runs_finite(data, layout):
+        return _read_parsed(data, digest)
+    header_len, metadata, entries = layout
+    manifest, adapter_config = _manifest_and_adapter_config(metadata)
+    view = memoryview(data)[8 + header_len :]
+    values = {
+        name: TensorValues(dtype=dtype, shape=shape, data=view[start:end])
+        for name, dtype, shape, start, end in entries
+    }
+    return _bundle(digest, len(data), manifest, adapter_config, _specs(values)), values
+
+
+def _bundle(
+    digest: str,
+    size: int,
+    manifest: CheckpointManifest,
+    adapter_config: dict[str, Any],
+    specs: list[TensorSpec],
+) -> Bundle:
+    """A checked bundle's description, its tensors by name."""
+    return Bundle(
+        sha256=digest,
+        size=size,
+        manifest=manifest,
+        adapter_config=adapter_config,
+        tensors=tuple(sorted(specs, key=lambda s: s.name)),
+    )
+
+
+def _specs(values: Mapping[str, TensorValues]) -> list[TensorSpec]:
+    return [TensorSpec(name=name, dtype=v.dtype, shape=v.shape) for name, v in values.items()]
+
+
+def _read_parsed(data: bytes, digest: str) -> tuple[Bundle, dict[str, TensorValues]]:
+    """`read_bundle`'s checks after the hash, by safetensors' own parser (values copied out)."""
     try:
         tensors = safetensors.deserialize(bytes(data))
         metadata = _header_metadata(data)
@@ -231,15 +273,104 @@ def read_bundle(
         for name, info in tensors
     }
     _check_all_finite(values)
-    specs = [TensorSpec(name=name, dtype=v.dtype, shape=v.shape) for name, v in values.items()]
-    bundle = Bundle(
-        sha256=digest,
-        size=len(data),
-        manifest=manifest,
-        adapter_config=adapter_config,
-        tensors=tuple(sorted(specs, key=lambda s: s.name)),
-    )
-    return bundle, values
+    return _bundle(digest, len(data), manifest, adapter_config, _specs(values)), values
+
+
+# Bytes per element of the dtypes `_plain_layout` takes (safetensors knows more: those go to it).
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}  # fmt: skip
+# safetensors' own bounds: its header size cap, and its sizes are u64 (usize) products.
+_MAX_HEADER_BYTES = 100_000_000
+_USIZE_LIMIT = 2**64
+_TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
+_Entry = tuple[str, str, tuple[int, ...], int, int]
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("duplicate key")
+    return document
+
+
+def _plain_layout(data: bytes) -> tuple[int, dict[str, str], list[_Entry]] | None:
+    """Header length, metadata and (name, dtype, shape, start, end) of each tensor by offset
+    (``start``, ``end``: from the end of the header), for a bundle safetensors' parser would
+    take as it is: a UTF-8 JSON object header with no duplicate key, a string map for
+    metadata, and for each tensor exactly a known dtype, a shape and offsets that are
+    non-negative integers, with its bytes its shape's size, laid end to end up to the file's
+    end. None for anything else (stricter than safetensors: then its parser decides)."""
+    if len(data) < 8:
+        return None
+    (header_len,) = struct.unpack_from("<Q", data)
+    if header_len > _MAX_HEADER_BYTES or 8 + header_len > len(data):
+        return None
+    try:
+        text = bytes(data[8 : 8 + header_len]).decode("utf-8")
+        header = json.loads(text, object_pairs_hook=_unique_keys) if text[:1] == "{" else None
+        if not isinstance(header, dict):
+            return None
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict) or not all(type(v) is str for v in metadata.values()):
+            return None
+        # JSON may escape a lone surrogate, which Rust's strings refuse.
+        "".join([*header, *metadata, *metadata.values()]).encode("utf-8")
+    except (ValueError, RecursionError):  # UnicodeError and JSONDecodeError are ValueErrors
+        return None
+    entries: list[_Entry] = []
+    for name, info in header.items():
+        if type(info) is not dict or info.keys() != _TENSOR_KEYS:
+            return None
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if type(dtype) is not str or dtype not in _ITEM_BYTES:
+            return None
+        if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+            return None
+        size = 1
+        for dim in shape:
+            if type(dim) is not int or dim < 0:
+                return None
+            size *= dim
+            if size >= _USIZE_LIMIT:
+                return None
+        start, end = offsets
+        if type(start) is not int or type(end) is not int or not 0 <= start <= end:
+            return None
+        if (
+            size * _ITEM_BYTES[dtype] * 8 >= _USIZE_LIMIT
+            or end - start != size * _ITEM_BYTES[dtype]
+        ):
+            return None
+        entries.append((name, dtype, tuple(shape), start, end))
+    entries.sort(key=lambda entry: (entry[3], entry[4]))
+    at = 0
+    for entry in entries:
+        if entry[3] != at:
+            return None
+        at = entry[4]
+    if 8 + header_len + at != len(data):
+        return None
+    return header_len, metadata, entries
+
+
+def _runs_finite(data: bytes, layout: tuple[int, dict[str, str], list[_Entry]]) -> bool:
+    """Whether every float value of a plainly laid out bundle is finite: one check per run of
+    tensors of one dtype lying end to end, over the bundle's own bytes (no copy)."""
+    header_len, _, entries = layout
+    view = memoryview(data)[8 + header_len :]
+    index = 0
+    while index < len(entries):
+        dtype, start, end = entries[index][1], entries[index][3], entries[index][4]
+        index += 1
+        while index < len(entries) and entries[index][1] == dtype:
+            end = entries[index][4]
+            index += 1
+        try:
+            _check_finite("", dtype, view[start:end])
+        except CheckpointError:
+            return False
+    return True
 
 
 def _check_all_finite(values: Mapping[str, TensorValues]) -> None:
@@ -320,7 +451,7 @@ def _check_finite_file(path: Path, data_start: int, tensors: list[Any]) -> None:
                 if got != want:
                     raise CheckpointError(f"checkpoint ends inside tensor {name!r}")
                 # Reads are a multiple of 8 bytes until the tensor's end: whole elements only.
-                _check_finite(name, dtype, view[:got])  # type: ignore[arg-type]
+                _check_finite(name, dtype, view[:got])
                 remaining -= got
 
 
@@ -386,10 +517,4 @@ def _inspect_file(
         TensorSpec(name=name, dtype=dtype, shape=tuple(shape))
         for name, dtype, shape, _, _ in tensors
     ]
-    return Bundle(
-        sha256=found,
-        size=size,
-        manifest=manifest,
-        adapter_config=adapter_config,
-        tensors=tuple(sorted(specs, key=lambda s: s.name)),
-    )
+    return _bundle(found, size, manifest, adapter_config, specs)

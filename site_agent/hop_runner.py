@@ -280,6 +280,10 @@ class HopRunner(TaskChecks, Transfers):
     site_name: str
     _deferred_validation: Callable[[], Metrics] | None
     _handing_back: tuple[pb.UploadHeader, bytes] | None = None  # a finished hop's bundle
+    # What a finished hop leaves to free (its input and output tensors), freed once its hand
+    # back is answered: a buffer of an adapter's size is unmapped when freed, and on a loaded
+    # (virtual) host that can wait milliseconds for the other cores, inside the handoff.
+    _freed_after_hand_back: tuple[object, ...] = ()
     # Whether a hop runs (from its task to its validation's report), and whether the heap is
     # to be settled once it is over: no `gc.freeze` while a hop's objects are alive.
     _heap_lock: threading.Lock
@@ -305,6 +309,7 @@ class HopRunner(TaskChecks, Transfers):
             with log_context(run_id=task.run_id, hop_id=task.hop_id, site=self.site_name):
                 self._run_hop_logged(stub, task, interval)
         finally:
+            self._freed_after_hand_back = ()  # a hop not handed back (cancelled, say)
             with self._heap_lock:
                 self._hop_running = False
                 owed, self._settle_owed = self._settle_owed, False
@@ -379,6 +384,7 @@ class HopRunner(TaskChecks, Transfers):
         """
         handing_back, self._handing_back = self._handing_back, None
         release = collector.release if collector is not None else None
+        _freed, self._freed_after_hand_back = self._freed_after_hand_back, ()
         try:
             if result.ok and handing_back is not None:
                 header, payload = handing_back
@@ -552,6 +558,7 @@ class HopRunner(TaskChecks, Transfers):
         )
         # Handed back with the result, in one call (`_report_hop_result`).
         self._handing_back = (header, payload)
+        self._freed_after_hand_back = (outcome, incoming)
         self._deferred_validation = outcome.validate
         return pb.HopResult(
             hop_id=task.hop_id,

@@ -51,7 +51,13 @@ from site_agent.tasks._spec import (
     TensorSpec,
     check_task_options,
 )
-from site_agent.tasks._state import outgoing, tensor_specs
+from site_agent.tasks._state import (
+    FlatTensors,
+    flat_parameters,
+    load_flat,
+    outgoing,
+    tensor_specs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +154,9 @@ class _PreparedHop:
     # Those parameters in the model's order: the hop's start does not walk the module tree
     # (~130 modules, 6 ms under load) to find them again.
     trainable: list[torch.nn.Parameter]
+    # The slots' values in one buffer (each slot a view of it), in the order a bundle lays
+    # them out: the input loaded, the output copied out, in one operation each. None: per slot.
+    flat: FlatTensors | None = None
 
 
 class LoraTrainer(Generic[ExampleT, TargetsT]):
@@ -271,11 +280,13 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                 self._state_specs[key] = tensor_specs(get_peft_model_state_dict(model))
             # In training mode, its optimizer built: the hop's start only loads its input.
             model.train()
+            slots = adapter_slots(model)
+            flat = flat_parameters(slots) if slots is not None else None
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = idle_optimizer(trainable)
-            self._prepared = _PreparedHop(key, seed, model, rng_state, cuda_state,
-                                          adapter_slots(model), adapter_config(model),
-                                          optimizer, trainable)  # fmt: skip
+            self._prepared = _PreparedHop(key, seed, model, rng_state, cuda_state, slots,
+                                          adapter_config(model), optimizer, trainable,
+                                          flat)  # fmt: skip
             logger.info("prepared a hop on %s (seed %d)", dataset.name, seed)
 
     def _take_prepared(
@@ -290,7 +301,9 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         if prepared.key != (self._task.base_model_key(spec), spec.lora) or prepared.seed != seed:
             return None
         if incoming is not None:
-            if prepared.slots is not None:
+            if prepared.flat is not None and load_flat(prepared.flat, incoming):
+                pass  # loaded in one copy
+            elif prepared.slots is not None:
                 load_adapter_in_place(prepared.slots, incoming)
             else:
                 load_adapter(prepared.model, incoming)
@@ -362,9 +375,10 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
         with compute.forked_rng():
             prepared = self._take_prepared(spec, hp.seed, incoming)
             optimizer = None
+            flat = None
             if prepared is not None:
                 model, slots, config = prepared.model, prepared.slots, prepared.adapter_config
-                optimizer, trainable = prepared.optimizer, prepared.trainable
+                optimizer, trainable, flat = prepared.optimizer, prepared.trainable, prepared.flat
             else:
                 model = self._adapter_model(spec, hp.seed, incoming)
                 slots, config = None, adapter_config(model)
@@ -398,8 +412,10 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                 optimizer=optimizer,
             )
 
-        # The prepared model's slots hold the adapter: no state-dict walk on the handoff.
-        tensors = outgoing(slots) if slots is not None else adapter_tensors(model)
+        # The prepared model's slots hold the adapter (in one buffer): no state-dict walk, one
+        # copy on the handoff.
+        state = flat if flat is not None else slots
+        tensors = outgoing(state) if state is not None else adapter_tensors(model)
         metrics: dict[str, float] = {}
 
         def validate() -> dict[str, float]:

@@ -1,0 +1,136 @@
+"""A prepared hop keeps its adapter in one buffer: its input comes in, and its output goes out,
+in one copy each, bit for bit what the per-tensor path moves, with the same refusals."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from protocols.checkpoint import CheckpointError, CheckpointManifest, bundle_metadata, read_bundle
+from site_agent.registry import RegisteredDataset
+from site_agent.tasks import HopHyperparameters, LoraSettings, TaskSpec, create_trainer
+from site_agent.tasks._spec import PreparingTrainer
+from site_agent.tasks._state import (
+    FlatTensors,
+    flat_parameters,
+    load_flat,
+    outgoing,
+    serialized,
+    tensors_from_values,
+)
+
+FIRST = HopHyperparameters(learning_rate=1e-2, steps=3, batch_size=8, seed=11)
+SECOND = HopHyperparameters(learning_rate=5e-3, steps=3, batch_size=4, seed=12, proximal_mu=0.5)
+MANIFEST = CheckpointManifest(task_type="seq-classification", base_model_sha256="ab" * 32,
+                              run_id="r", hop_id="h", producer_site="site-a")  # fmt: skip
+METADATA = bundle_metadata(MANIFEST, {"r": 4})
+
+
+@pytest.fixture
+def spec(labels: tuple[str, ...]) -> TaskSpec:
+    return TaskSpec("seq-classification", labels=labels, options={"max_length": 24},
+                    lora=LoraSettings(r=4, alpha=8, dropout=0.1))  # fmt: skip
+
+
+def _received(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the next site builds from a hand back's bundle (`_incoming`)."""
+    _, values = read_bundle(serialized(tensors, METADATA))
+    received = tensors_from_values(values)
+    assert received is not None
+    return received
+
+
+def test_a_prepared_hop_moves_its_adapter_in_one_buffer_bit_for_bit_as_a_fresh_hop(
+    tiny_model_dir: Path, spec: TaskSpec, site_datasets: list[RegisteredDataset]
+) -> None:
+    fresh, prepared = (create_trainer("seq-classification", base_model_dir=tiny_model_dir,
+                                      device="cpu") for _ in range(2))  # fmt: skip
+    assert isinstance(prepared, PreparingTrainer)
+    dataset = site_datasets[0]
+    first = fresh.run_hop(spec, dataset, FIRST, None)
+    expected = fresh.run_hop(spec, dataset, SECOND, dict(first.tensors))
+
+    incoming = _received(first.tensors)
+    assert isinstance(incoming, FlatTensors)  # one copy out of the bundle's bytes
+    prepared.prepare(spec, dataset, SECOND.seed)
+    slab = prepared._prepared.flat  # type: ignore[attr-defined]
+    assert isinstance(slab, FlatTensors)
+    outcome = prepared.run_hop(spec, dataset, SECOND, incoming)
+
+    assert outcome.metrics == expected.metrics
+    assert isinstance(outcome.tensors, FlatTensors)  # copied out in one copy
+    assert outcome.tensors.flat.data_ptr() != slab.flat.data_ptr()
+    assert list(outcome.tensors) == sorted(expected.tensors)
+    for name, tensor in expected.tensors.items():
+        assert torch.equal(tensor, outcome.tensors[name]), name
+    # The bundle's tensor bytes are those safetensors' own save writes for the fresh hop's.
+    payload = serialized(outcome.tensors, METADATA)
+    reference = safetensors.torch.save(dict(expected.tensors), metadata=METADATA)
+    size = outcome.tensors.flat.numel() * 4
+    assert payload[-size:] == reference[-size:] == outcome.tensors.flat.numpy().tobytes()
+    loaded = safetensors.torch.load(payload)
+    assert all(torch.equal(loaded[n], t) for n, t in expected.tensors.items())
+
+
+def test_parameters_moved_into_one_buffer_keep_their_values_and_objects() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    slots = {"w": layer.weight, "b": layer.bias}
+    before = {name: p.detach().clone() for name, p in slots.items()}
+    flat = flat_parameters(slots)
+    assert flat is not None and list(flat) == ["b", "w"]
+    assert layer.weight is slots["w"] and torch.equal(layer.weight, before["w"])
+    assert layer.weight.data_ptr() == flat["w"].data_ptr()
+    with torch.no_grad():
+        flat.flat.zero_()
+    assert float(layer.weight.detach().abs().sum()) == 0.0
+
+
+def test_a_non_finite_adapter_is_refused_with_the_per_tensor_paths_messages() -> None:
+    layer = torch.nn.Linear(3, 2)
+    slots = {"w": layer.weight, "b": layer.bias}
+    flat = flat_parameters(slots)
+    assert flat is not None
+    with torch.no_grad():
+        layer.weight[1, 1] = float("nan")
+    with pytest.raises(ValueError) as out:
+        outgoing(flat)
+    with pytest.raises(ValueError) as per_tensor:
+        outgoing({"w": layer.weight, "b": layer.bias})
+    assert (
+        str(out.value)
+        == str(per_tensor.value)
+        == ("training diverged: trained tensors have non-finite values in ['w']")
+    )
+    incoming = FlatTensors(torch.tensor([1.0, float("inf"), 0, 0, 0, 0, 0, 0]),
+                           [("b", (2,)), ("w", (2, 3))])  # fmt: skip
+    with pytest.raises(ValueError, match=r"incoming tensors have non-finite values in \['b'\]"):
+        load_flat(flat, incoming)
+    # A bundle holding one is refused before any of this, with its one-line error.
+    bad = {"b": torch.zeros(2), "w": torch.tensor([[1.0, 2, 3], [4, float("nan"), 6]])}
+    with pytest.raises(CheckpointError, match=r"^tensor 'w' holds NaN or infinite values$"):
+        read_bundle(serialized(bad, METADATA))
+
+
+def test_another_layout_is_not_loaded_in_one_copy() -> None:
+    flat = flat_parameters({"w": torch.nn.Parameter(torch.zeros(2, 3))})
+    assert flat is not None
+    assert not load_flat(flat, {"w": torch.ones(2, 3)})
+    assert not load_flat(flat, FlatTensors(torch.ones(6), [("w", (3, 2))]))
+    assert float(flat.flat.sum()) == 0.0
+    assert load_flat(flat, FlatTensors(torch.ones(6), [("w", (2, 3))]))
+    assert float(flat.flat.sum()) == 6.0
+
+
+def test_flat_tensors_are_read_only_and_copy_out_as_plain_dicts() -> None:
+    tensors = FlatTensors(torch.arange(5.0), [("a", (2,)), ("b", (3,))])
+    with pytest.raises(TypeError, match="read-only"):
+        tensors["a"] = torch.zeros(2)
+    copied = pickle.loads(pickle.dumps(tensors))
+    assert type(copied) is dict and torch.equal(copied["b"], torch.tensor([2.0, 3, 4]))
+    with pytest.raises(ValueError, match="name order"):
+        FlatTensors(torch.arange(5.0), [("b", (2,)), ("a", (3,))])
