@@ -1,5 +1,6 @@
 """What a real site process imports before its hello to a real coordinator (mTLS on loopback):
-not the settings libraries' providers (pydantic-settings, dotenv, argparse)."""
+not the settings libraries' providers (pydantic-settings, dotenv, argparse), nor the dataset
+parsers (the hello lists the registrations, it parses no data file)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tests.integration.conftest import Cluster
 
 HELLO = "connected to coordinator"
 # pydantic-settings imported every settings source and provider it has (dotenv, argparse...).
-NOT_BEFORE_HELLO = {"pydantic_settings", "dotenv", "argparse"}
+NOT_BEFORE_HELLO = {"pydantic_settings", "dotenv", "argparse", "site_agent.loaders"}
 
 
 def imported_before(log: str, line_part: str) -> set[str]:
@@ -22,7 +23,7 @@ def imported_before(log: str, line_part: str) -> set[str]:
             if line.startswith("import time:")}  # fmt: skip
 
 
-def test_a_site_says_hello_without_the_settings_libraries_providers(
+def test_a_site_says_hello_without_the_settings_providers_or_the_dataset_parsers(
     pki: Pki, tmp_path: Path, site_data: dict[str, Path]
 ) -> None:
     site = SITES[0]
