@@ -121,7 +121,9 @@ def _resolved(target: str) -> list[_Address]:
         found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
     except (OSError, UnicodeError):
         return []
-    return list(dict.fromkeys((family, address[:2]) for family, _, _, _, address in found))
+    return list(dict.fromkeys(
+        (family, (str(address[0]), int(address[1]))) for family, _, _, _, address in found
+    ))  # fmt: skip
 
 
 def _accepts(addresses: list[_Address], timeout: float) -> bool:
