@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
 from protocols.settings import FileBackedSettings, load_settings
 from protocols.transport import TlsFiles
@@ -17,7 +16,7 @@ __all__ = ["CoordinatorSettings", "load_coordinator_settings"]
 class CoordinatorSettings(FileBackedSettings):
     """Everything `baton coordinator serve` needs."""
 
-    model_config = SettingsConfigDict(env_prefix="BATON_", extra="forbid")
+    env_prefix = "BATON_"
     # Config-file keys may be the `baton coordinator serve` flag names.
     flag_names = {"ca": "ca_certificate", "cert": "certificate", "key": "private_key"}
 

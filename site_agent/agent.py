@@ -31,7 +31,7 @@ from site_agent.examples import TASK_TYPES
 from site_agent.heads import HEAD_FILE, KeptHead
 from site_agent.hop_runner import BeatThreads, HopRunner
 from site_agent.metrics import SiteMetrics
-from site_agent.reconnect import ReconnectBackoff
+from site_agent.reconnect import ReconnectBackoff, wait_for_port
 from site_agent.refusal import CertificateRefused, local_certificate_problem, probe_handshake
 from site_agent.registry import list_registered
 from site_agent.releases import ReleaseLimits, StatisticsReleases
@@ -380,7 +380,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             else:
                 delay = self.backoff.failed()
                 logger.info("session with coordinator ended; retrying in %.2f s", delay)
-            self._stop.wait(delay)
+            wait_for_port(self.settings.coordinator, delay, self._stop)
 
     def _check_certificate(self) -> None:
         problem = local_certificate_problem(self.settings.tls)

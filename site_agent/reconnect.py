@@ -1,13 +1,23 @@
-"""How long the agent waits before dialling the coordinator again (pure decisions, no I/O)."""
+"""How long the agent waits before dialling the coordinator again, and the wait itself.
+
+`ReconnectBackoff` decides (no I/O); `wait_for_port` waits, returning early when a coordinator
+whose port was closed starts listening.
+"""
 
 from __future__ import annotations
 
 import random
+import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["ReconnectBackoff"]
+__all__ = ["PORT_POLL_SECONDS", "ReconnectBackoff", "wait_for_port"]
+
+# How often a site waiting for a coordinator whose port is closed tries that port: one TCP
+# connect (refused at once by the coordinator's host while it is down), about 0.1 ms of CPU.
+PORT_POLL_SECONDS = 0.1
 
 
 @dataclass
@@ -64,3 +74,66 @@ class ReconnectBackoff:
         if recovering:
             return delay * (0.5 + 0.5 * self.jitter())
         return delay
+
+
+def wait_for_port(
+    target: str,
+    seconds: float,
+    stop: threading.Event,
+    *,
+    poll: float = PORT_POLL_SECONDS,
+    jitter: Callable[[], float] = random.random,
+) -> bool:
+    """Waits `seconds` (or until `stop`), returning early once the port of `target` (host:port)
+    that refused a connection when the wait began accepts one: a site whose coordinator is not
+    serving yet (or restarting) then dials within about `poll` of it serving, not after the rest
+    of a backoff of up to a second. A port that accepts at the start (a coordinator up but
+    failing the call, or a proxy in between), or a target that does not resolve, gets the whole
+    wait: the backoff still spaces the calls. Polls are jittered (half to all of `poll`).
+
+    Returns:
+        Whether it returned early because the port opened.
+    """
+    deadline = time.monotonic() + seconds
+    addresses = _resolved(target)
+    if not addresses or _accepts(addresses, min(seconds, poll)):
+        stop.wait(max(0.0, deadline - time.monotonic()))
+        return False
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        stop.wait(min(left, poll * (0.5 + 0.5 * jitter())))
+        if not stop.is_set() and time.monotonic() < deadline and _accepts(addresses, poll):
+            return True
+    return False
+
+
+_Address = tuple[socket.AddressFamily, tuple[str, int]]
+
+
+def _resolved(target: str) -> list[_Address]:
+    """The addresses of `host:port` (`[v6]:port` too); none if it does not resolve."""
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return []
+    try:
+        found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return []
+    return list(dict.fromkeys(
+        (family, (str(address[0]), int(address[1]))) for family, _, _, _, address in found
+    ))  # fmt: skip
+
+
+def _accepts(addresses: list[_Address], timeout: float) -> bool:
+    """Whether one of `addresses` accepts a TCP connection (closed at once)."""
+    for family, where in addresses:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(max(timeout, 0.01))
+            try:
+                probe.connect(where)
+            except OSError:
+                continue
+        return True
+    return False

@@ -3,7 +3,9 @@
 A registration is ``<data_dir>/<name>/registration.json``: the source's absolute path and sha256,
 the format and options, the seeded train/validation/test assignment (row indices) and aggregate
 counts. The data itself is never copied; loading re-reads the source and refuses it if its bytes
-changed. Only aggregate counts ever leave this module's callers. Stdlib and numpy only.
+changed. Only aggregate counts ever leave this module's callers. Stdlib and numpy only; the
+parsers (`site_agent.loaders`, numpy) are imported when a file is registered or loaded, not
+by the hello's listing of the registrations.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from site_agent.examples import (
     TASK_TYPES,
@@ -32,14 +35,9 @@ from site_agent.examples import (
     TabularExample,
     TextExample,
 )
-from site_agent.loaders import (
-    FLAMBY_TRAIN_FRACTION,
-    FORMAT_OPTIONS,
-    FORMATS,
-    SourceRows,
-    detect_format,
-    parse_source,
-)
+
+if TYPE_CHECKING:
+    from site_agent.loaders import SourceRows
 
 __all__ = [
     "REGISTRATION_FILE",
@@ -367,6 +365,8 @@ def _register(
             raise DatasetError(f"{label} fraction must be in [0, 1), got {fraction}")
     if validation_fraction + test_fraction >= 1.0:
         raise DatasetError("validation and test fractions must leave rows for training")
+    from site_agent.loaders import FLAMBY_TRAIN_FRACTION, FORMATS, detect_format
+
     source = source.resolve()
     if fmt == "auto":
         fmt = detect_format(source, task_type)
@@ -514,6 +514,8 @@ def _usable_rows(
     data: bytes, source: Path, task_type: str, fmt: str, options: Mapping[str, str]
 ) -> tuple[SourceRows, dict[str, int]]:
     """Parses the file and applies the registry options: label set, duplicates."""
+    from site_agent.loaders import SourceRows, parse_source
+
     rows = parse_source(data, path=source, task_type=task_type, fmt=fmt, options=options)
     allowed = _allowed_labels(options)
     if allowed is not None:
@@ -615,6 +617,8 @@ def _check_name(name: str) -> None:
 
 
 def _check_options(options: Mapping[str, str], fmt: str) -> None:
+    from site_agent.loaders import FORMAT_OPTIONS
+
     known = set(_REGISTRY_OPTIONS) | set(FORMAT_OPTIONS[fmt])
     unknown = sorted(set(options) - known)
     if unknown:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import SettingsConfigDict
 
 from protocols.settings import FileBackedSettings, load_settings
 from protocols.transport import TlsFiles
@@ -28,7 +27,7 @@ _BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": Fal
 class SiteSettings(FileBackedSettings):
     """Everything `baton-site serve` needs. The agent only ever dials out to `coordinator`."""
 
-    model_config = SettingsConfigDict(env_prefix="BATON_SITE_", extra="forbid")
+    env_prefix = "BATON_SITE_"
     # Config-file keys may be the `baton-site serve` flag names.
     flag_names = {
         "ca": "ca_certificate",

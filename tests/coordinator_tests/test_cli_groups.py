@@ -1,5 +1,6 @@
 """`baton GROUP ...` builds that group alone: `coordinator serve` reaches ready without the other
-groups' modules or rich, and each group alone is the group of the whole tree."""
+groups' modules, rich or the settings libraries'
+providers, and each group alone is the group of the whole tree."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from tests.conftest import Pki
 # What only the other command groups (and the whole tree) import.
 _OTHER_GROUPS = {module for name, (module, _) in GROUPS.items() if name != "coordinator"}
 _TREE_ONLY = {"coordinator.console.root", "coordinator.console.simulate_commands", "rich"}
+# pydantic-settings imported every settings source and provider it has (dotenv, argparse...).
+_SETTINGS_PROVIDERS = {"pydantic_settings", "dotenv", "argparse"}
 
 
 def test_serve_reaches_ready_without_the_other_groups_or_rich(pki: Pki, tmp_path: Path) -> None:
@@ -46,6 +49,7 @@ def test_serve_reaches_ready_without_the_other_groups_or_rich(pki: Pki, tmp_path
     assert "coordinator.server" in imported  # importtime listed the serving process's imports
     assert not {name for name in imported
                 if name in _OTHER_GROUPS | _TREE_ONLY or name.startswith("rich.")}  # fmt: skip
+    assert not imported & _SETTINGS_PROVIDERS
 
 
 def _shape(command: click.Command) -> object:

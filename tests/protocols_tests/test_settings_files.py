@@ -110,3 +110,41 @@ def test_relative_paths_in_a_file_are_beside_the_file(tmp_path: Path) -> None:
     assert settings.data_dir == folder / "../data"
     assert settings.certificate == Path("flag.crt")  # flags stay relative to the working dir
     assert settings.coordinator == "c:1"
+
+
+def test_the_environment_is_between_the_file_and_the_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _write(
+        tmp_path / "site.toml",
+        'coordinator = "file:1"\nca = "ca.crt"\ncert = "s.crt"\nkey = "s.key"\ndata-dir = "d"\n'
+        "threads = 2\n",
+    )
+    monkeypatch.setenv("BATON_SITE_COORDINATOR", "env:1")
+    monkeypatch.setenv("baton_site_num_threads", "3")  # names in any case
+    monkeypatch.setenv("BATON_SITE_APPROVED_BUNDLES", '["' + "b" * 64 + '"]')  # a list: JSON
+    monkeypatch.setenv("BATON_SITE_PRELOAD", "false")
+    monkeypatch.setenv("BATON_SITE_NOT_A_SETTING", "ignored")
+    settings = load_site_settings(config, num_threads=4)
+    assert settings.coordinator == "env:1"
+    assert settings.num_threads == 4
+    assert settings.approved_bundles == ["b" * 64]
+    assert settings.preload == "when-next"
+    monkeypatch.setenv("BATON_PORT", "not-a-port")
+    with pytest.raises(ValidationError, match="port"):
+        load_coordinator_settings(_write(tmp_path / "c.toml", 'ca = "a"\ncert = "c"\nkey = "k"\n'))
+
+
+def test_a_list_setting_whose_variable_is_not_json_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATON_SITE_APPROVED_BUNDLES", "abc,def")
+    config = _write(
+        tmp_path / "site.toml",
+        'coordinator = "c:1"\nca = "ca.crt"\ncert = "s.crt"\nkey = "s.key"\ndata-dir = "d"\n',
+    )
+    with pytest.raises(SettingsFileError, match="BATON_SITE_APPROVED_BUNDLES is not JSON"):
+        load_site_settings(config)
+    result = CliRunner().invoke(site_app, ["serve", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "error: bad site settings: environment variable" in result.output

@@ -1,8 +1,13 @@
-"""The site agent's reconnect backoff: capped growth, and a fresh start after a good session."""
+"""The site agent's reconnect backoff: capped growth, a fresh start after a good session, and the
+wait that ends once a closed coordinator port listens."""
 
 from __future__ import annotations
 
-from site_agent.reconnect import ReconnectBackoff
+import socket
+import threading
+import time
+
+from site_agent.reconnect import ReconnectBackoff, wait_for_port
 
 
 class Clock:
@@ -73,3 +78,51 @@ def test_a_second_loss_in_the_window_starts_fast_again() -> None:
     clock.now += 3.0
     backoff.connected()
     assert backoff.failed() == 0.2
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_a_wait_on_a_closed_port_ends_once_the_port_listens() -> None:
+    port = _closed_port()
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def listen_soon() -> None:
+        time.sleep(0.3)
+        listener.bind(("127.0.0.1", port))
+        listener.listen()
+
+    opener = threading.Thread(target=listen_soon)
+    opener.start()
+    try:
+        # 600 s: returning at all means it noticed the port open (not the whole wait).
+        assert wait_for_port(f"localhost:{port}", 600.0, stop) is True
+    finally:
+        opener.join()
+        listener.close()
+
+
+def test_a_port_that_accepts_at_the_start_or_no_address_gets_the_whole_wait() -> None:
+    stop = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        started = time.monotonic()
+        assert wait_for_port(f"127.0.0.1:{listener.getsockname()[1]}", 0.3, stop) is False
+        assert time.monotonic() - started >= 0.3  # the backoff still spaces the calls
+    started = time.monotonic()
+    assert wait_for_port("no-port-here", 0.2, stop) is False
+    assert time.monotonic() - started >= 0.2
+
+
+def test_a_wait_on_a_closed_port_ends_when_stopped() -> None:
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    assert wait_for_port(f"127.0.0.1:{_closed_port()}", 600.0, stop) is False
+    assert stop.is_set()

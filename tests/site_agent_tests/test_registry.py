@@ -287,16 +287,16 @@ def test_changed_source_is_refused_at_load(tmp_path: Path) -> None:
 
 def _counting_parses(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Counts the source parses `load_registered` makes (their paths)."""
-    import site_agent.registry as registry
+    import site_agent.loaders as loaders  # the registry imports its parser when it parses
 
     parsed: list[Path] = []
-    real = registry.parse_source
+    real = loaders.parse_source
 
     def parse_source(data: bytes, *, path: Path, **kwargs: Any) -> SourceRows:
         parsed.append(path)
         return real(data, path=path, **kwargs)
 
-    monkeypatch.setattr(registry, "parse_source", parse_source)
+    monkeypatch.setattr(loaders, "parse_source", parse_source)
     return parsed
 
 
