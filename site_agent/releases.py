@@ -25,10 +25,9 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import filelock
-import numpy as np
 
 from site_agent.examples import Example
 from site_agent.registry import RegisteredDataset
@@ -41,6 +40,9 @@ from site_agent.statistics import (
     l2_sensitivity,
     noised,
 )
+
+if TYPE_CHECKING:  # numpy is imported where a release is noised, not by a site's hello
+    import numpy as np
 
 __all__ = [
     "ReleaseLimits",
@@ -313,6 +315,8 @@ def answer_request(
             exact = coarsened_histogram(exact, edges)
         if noise_std == 0:
             return exact, 0.0
+        import numpy as np
+
         rho = gaussian_rho(l2_sensitivity(dataset, exact), noise_std)
         return noised(exact, noise_std, rng or np.random.default_rng()), rho
 

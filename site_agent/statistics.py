@@ -16,12 +16,14 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from protocols.statistics import FoldAggregates, SiteAggregates
 from site_agent.examples import Example, InstructionExample, TabularExample, TextExample
 from site_agent.registry import RegisteredDataset
+
+if TYPE_CHECKING:  # numpy is imported where statistics are computed, not by a site's hello
+    import numpy as np
 
 __all__ = [
     "LENGTH_BIN_EDGES",
@@ -138,6 +140,8 @@ def compute_statistics(
         length_histogram=histogram,
     )
     if noise_std > 0:
+        import numpy as np
+
         aggregates = noised(aggregates, noise_std, rng or np.random.default_rng())
     return aggregates
 
@@ -274,6 +278,8 @@ def l2_sensitivity(dataset: RegisteredDataset, aggregates: SiteAggregates) -> fl
 def _tabular(
     dataset: RegisteredDataset, rows: Sequence[Example], cv_folds: int = 0
 ) -> SiteAggregates:
+    import numpy as np
+
     tabular = [row for row in rows if isinstance(row, TabularExample)]
     widths = {len(row.features) for row in tabular}
     if len(widths) != 1:
@@ -334,6 +340,8 @@ def _text(rows: Sequence[Example], base_model_dir: Path | None) -> SiteAggregate
 
 def length_histogram(lengths: Sequence[int]) -> tuple[float, ...]:
     """Rows per ``LENGTH_BIN_EDGES`` bin: bin i holds lengths in [edge i, edge i+1)."""
+    import numpy as np
+
     edges = np.asarray(LENGTH_BIN_EDGES)
     bins = np.searchsorted(edges, np.asarray(lengths, dtype=np.int64), side="right") - 1
     counts = np.bincount(bins, minlength=len(LENGTH_BIN_EDGES))
@@ -367,6 +375,7 @@ def _label_counts(labels: Iterable[str]) -> dict[str, float]:
 
 def noised(aggregates: SiteAggregates, std: float, rng: np.random.Generator) -> SiteAggregates:
     """Every released number plus independent N(0, std^2) noise."""
+    import numpy as np
 
     def noisy(values: Sequence[float]) -> tuple[float, ...]:
         return tuple(float(v) for v in np.asarray(values) + rng.normal(0.0, std, len(values)))
