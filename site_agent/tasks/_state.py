@@ -102,7 +102,7 @@ def tensors_from_values(values: Mapping[str, TensorValues]) -> dict[str, torch.T
         return None
     if values and all(value.dtype == "F32" for value in values.values()):
         names = sorted(values)
-        flat = torch.empty(sum(len(values[name].data) for name in names) // 4)
+        flat = torch.empty(sum(len(values[name].data) for name in names) // 4, dtype=torch.float32)
         out, at = flat.numpy(), 0
         for name in names:  # one copy of the bytes, from where the checks read them
             part = np.frombuffer(values[name].data, dtype="<f4")
