@@ -26,6 +26,8 @@ each size's last transfer (`after`): what it keeps once transfers are over. The 
 with glibc's default allocator settings, the coordinator with the deployed ones (MALLOC_ARENA_MAX,
 MALLOC_MMAP_THRESHOLD_); given the coordinator's, the raw server's CPU per 100 MiB upload was no
 higher (0.175 s against 0.20 s, session 8), so the comparator is not favoured by them.
+The coordinator's CPU per Baton transfer is also split by thread (`coordinator_cpu_ms_*_by_thread`
+in the JSON: named as Python names them, via `py-spy dump`), to tell what runs beside a transfer.
 `--profile` samples the coordinator with py-spy (collapsed stacks in `results/NAME_profile.txt`).
 
     nice -n 19 .venv/bin/python benchmarks/transfer.py --sizes 1,10,100
@@ -72,6 +74,7 @@ except ImportError:  # an older checkout measured with this script (A/B): protob
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
+_TICK = os.sysconf("SC_CLK_TCK")
 _UPLOAD = "/bench.Raw/Upload"
 _UPLOAD_UNHASHED = "/bench.Raw/UploadUnhashed"
 _DOWNLOAD = "/bench.Raw/Download"
@@ -352,6 +355,56 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return float(times.user + times.system)
 
 
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each of a process's threads (tid -> user + system), from /proc (Linux)."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+def _thread_names(pid: int) -> dict[int, str]:
+    """tid -> the Python thread's name (py-spy dump), else the OS thread name (comm)."""
+    names = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            names[int(tid)] = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+    spy = Path(sys.executable).with_name("py-spy")
+    try:
+        command = [str(spy), "dump", "--pid", str(pid), "--json"]
+        dump = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30)
+        for thread in json.loads(dump.stdout):
+            if thread.get("os_thread_id") in names and thread.get("thread_name"):
+                names[thread["os_thread_id"]] = thread["thread_name"]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass  # no py-spy here: the OS names
+    return names
+
+
+def _spent(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
+    return {tid: seconds - before.get(tid, 0.0) for tid, seconds in after.items()}
+
+
+def _by_name(spent: list[dict[int, float]], names: dict[int, str]) -> dict[str, float]:
+    """Median ms per transfer of each named thread (threads of one name summed), largest first."""
+    per_name: list[dict[str, float]] = []
+    for one in spent:
+        summed: dict[str, float] = {}
+        for tid, seconds in one.items():
+            name = names.get(tid, "(exited)")
+            summed[name] = summed.get(name, 0.0) + seconds
+        per_name.append(summed)
+    medians = {name: round(statistics.median(s.get(name, 0.0) for s in per_name) * 1000)
+               for name in {n for s in per_name for n in s}}  # fmt: skip
+    return dict(sorted(((n, ms) for n, ms in medians.items() if ms), key=lambda x: -x[1]))
+
+
 def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
@@ -431,6 +484,7 @@ def run(
                                                     "client_cpu_down", "raw_client_cpu_up",
                                                     "raw_client_cpu_down")}  # fmt: skip
                 peak_up = peak_down = growth_up = raw_growth_up = 0
+                by_thread: dict[str, list[dict[int, float]]] = {"up": [], "down": []}
                 before = coordinator.memory_info().rss
                 raw_download(raw_channel, size, chunk)  # the raw server makes its payload
                 for _ in range(args.repeat):
@@ -461,9 +515,11 @@ def run(
                     base = sampler.reset()
                     cpu = _cpu_seconds(coordinator)
                     mine = _cpu_seconds(client)
+                    threads = _thread_cpu(coordinator.pid)
                     up, prepared, sha = sites["site-a"].upload(task, data, chunk,
                                                                legacy=args.legacy)  # fmt: skip
                     samples["cpu_up"].append(_cpu_seconds(coordinator) - cpu)
+                    by_thread["up"].append(_spent(threads, _thread_cpu(coordinator.pid)))
                     samples["client_cpu_up"].append(_cpu_seconds(client) - mine)
                     peak_up = max(peak_up, sampler.peak())
                     growth_up = max(growth_up, sampler.peak() - base)
@@ -472,8 +528,10 @@ def run(
                     sampler.reset()
                     cpu = _cpu_seconds(coordinator)
                     mine = _cpu_seconds(client)
+                    threads = _thread_cpu(coordinator.pid)
                     down = sites["site-b"].download(sha, len(data))
                     samples["cpu_down"].append(_cpu_seconds(coordinator) - cpu)
+                    by_thread["down"].append(_spent(threads, _thread_cpu(coordinator.pid)))
                     samples["client_cpu_down"].append(_cpu_seconds(client) - mine)
                     peak_down = max(peak_down, sampler.peak())
                     admin.control(run_id, "abort", "benchmark")
@@ -495,6 +553,7 @@ def run(
                 time.sleep(6.0)
                 settled = coordinator.memory_info().rss
                 med = {k: statistics.median(v) for k, v in samples.items()}
+                names = _thread_names(coordinator.pid)
                 row = {
                     "size_mib": mib,
                     "chunk_kib": chunk_kib,
@@ -516,6 +575,10 @@ def run(
                     "raw_client_cpu_s_upload": round(med["raw_client_cpu_up"], 3),
                     "site_cpu_s_download": round(med["client_cpu_down"], 3),
                     "raw_client_cpu_s_download": round(med["raw_client_cpu_down"], 3),
+                    # The coordinator's CPU per transfer by thread (median ms; its threads
+                    # named as Python names them, else by the OS).
+                    "coordinator_cpu_ms_upload_by_thread": _by_name(by_thread["up"], names),
+                    "coordinator_cpu_ms_download_by_thread": _by_name(by_thread["down"], names),
                     "coordinator_rss_mib_before": round(before / MiB),
                     "coordinator_rss_mib_settled": round(settled / MiB),
                     "coordinator_peak_rss_mib_upload": round(peak_up / MiB),

@@ -12,7 +12,11 @@ answer waits for), and this process's CPU. Strategies, interleaved round by roun
 - `page-cache+writeback`: page cache writes, `sync_file_range(SYNC_FILE_RANGE_WRITE)` every
   8 MiB (writeback started, not waited for: the fallback of session 13's writer);
 - `page-cache+fdatasync`: page cache writes, an fdatasync every 8 MiB on its own thread, one at
-  a time (the writer since session 14: `coordinator/engine/uploads.py`).
+  a time (the writer of session 14);
+- `page-cache+fdatasync+reserved`: the same, the file's blocks allocated first (fallocate,
+  size kept);
+- `page-cache+fdatasync+eager`: the same, each chunk's writeback started as it is written
+  (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on the writing thread).
 
 A virtual disk whose host caches writes (virtio, write-back) makes the fsync flush the host's
 cache: its cost grows with the bytes not yet flushed, which is what an fdatasync behind the
@@ -93,17 +97,31 @@ def direct(path: Path, chunks: list[bytes], stream: _Stream) -> float:
     return last
 
 
-def page_cache(hint: str | None) -> Callable[[Path, list[bytes], _Stream], float]:
+def _fallocate_keep_size() -> Callable[[int, int, int], None]:
+    call = ctypes.CDLL(None, use_errno=True).fallocate
+    call.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return lambda fd, offset, length: call(fd, 1, offset, length)  # FALLOC_FL_KEEP_SIZE
+
+
+def page_cache(
+    hint: str | None, *, reserve: bool = False, eager: bool = False
+) -> Callable[[Path, list[bytes], _Stream], float]:
     start_writeback = _sync_file_range() if hint == "writeback" else None
+    eager = _sync_file_range() if eager else None
+    allocate = _fallocate_keep_size() if reserve else None
 
     def run(path: Path, chunks: list[bytes], stream: _Stream) -> float:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        if allocate is not None:
+            allocate(fd, 0, sum(len(chunk) for chunk in chunks))
         syncing: Future[None] | None = None
         behind = position = 0
         try:
             for index, chunk in enumerate(chunks):
                 stream.wait(index)
                 _write_all(fd, chunk)
+                if eager is not None:
+                    eager(fd, position, len(chunk))  # its writeback started at once
                 position += len(chunk)
                 if hint is None or position - behind < _EVERY:
                     continue
@@ -131,6 +149,8 @@ STRATEGIES: dict[str, Callable[[Path, list[bytes], _Stream], float]] = {
     "page-cache": page_cache(None),
     "page-cache+writeback": page_cache("writeback"),
     "page-cache+fdatasync": page_cache("fdatasync"),
+    "page-cache+fdatasync+reserved": page_cache("fdatasync", reserve=True),
+    "page-cache+fdatasync+eager": page_cache("fdatasync", eager=True),
 }
 
 
@@ -140,15 +160,18 @@ def main() -> None:
     parser.add_argument("--mb-s", type=float, default=450.0, help="the chunks' arrival rate")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", type=Path, default=None, help="on the disk to measure")
+    parser.add_argument("--strategies", type=lambda s: s.split(","), default=list(STRATEGIES),
+                        help="comma-separated, of: " + ", ".join(STRATEGIES))  # fmt: skip
     args = parser.parse_args()
+    strategies = {name: STRATEGIES[name] for name in args.strategies}
     if not sys.platform.startswith("linux"):
         raise SystemExit("Linux only (O_DIRECT, sync_file_range)")
     chunks = [os.urandom(MiB) for _ in range(args.mib)]
     step = MiB / (args.mb_s * 1e6)
-    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in STRATEGIES}
+    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in strategies}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for _ in range(args.rounds):
-            for name, strategy in STRATEGIES.items():
+            for name, strategy in strategies.items():
                 path = Path(tmp) / name
                 cpu = time.process_time()
                 stream = _Stream(step)
