@@ -16,7 +16,9 @@ answer waits for), and this process's CPU. Strategies, interleaved round by roun
 - `page-cache+fdatasync+reserved`: the same, the file's blocks allocated first (fallocate,
   size kept);
 - `page-cache+fdatasync+eager`: the same, each chunk's writeback started as it is written
-  (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on the writing thread).
+  (`sync_file_range(SYNC_FILE_RANGE_WRITE)` on the writing thread);
+- `page-cache+fdatasync+eager-behind`: the same writeback started from another thread, one
+  call at a time, for all the chunks written since the last (the writing thread never waits).
 
 A virtual disk whose host caches writes (virtio, write-back) makes the fsync flush the host's
 cache: its cost grows with the bytes not yet flushed, which is what an fdatasync behind the
@@ -41,7 +43,7 @@ from pathlib import Path
 
 MiB = 1024 * 1024
 _EVERY = 8 * MiB
-_THREADS = ThreadPoolExecutor(max_workers=2)
+_THREADS = ThreadPoolExecutor(max_workers=3)
 
 
 def _pwrite_all(fd: int, buffer: mmap.mmap, length: int, at: int) -> None:
@@ -104,10 +106,10 @@ def _fallocate_keep_size() -> Callable[[int, int, int], None]:
 
 
 def page_cache(
-    hint: str | None, *, reserve: bool = False, eager: bool = False
+    hint: str | None, *, reserve: bool = False, eager: str | None = None
 ) -> Callable[[Path, list[bytes], _Stream], float]:
     start_writeback = _sync_file_range() if hint == "writeback" else None
-    eager = _sync_file_range() if eager else None
+    write_back = _sync_file_range() if eager else None
     allocate = _fallocate_keep_size() if reserve else None
 
     def run(path: Path, chunks: list[bytes], stream: _Stream) -> float:
@@ -115,14 +117,19 @@ def page_cache(
         if allocate is not None:
             allocate(fd, 0, sum(len(chunk) for chunk in chunks))
         syncing: Future[None] | None = None
-        behind = position = 0
+        starting: Future[None] | None = None  # eager="behind": the writeback being started
+        started = behind = position = 0
         try:
             for index, chunk in enumerate(chunks):
                 stream.wait(index)
                 _write_all(fd, chunk)
-                if eager is not None:
-                    eager(fd, position, len(chunk))  # its writeback started at once
                 position += len(chunk)
+                if write_back is not None and eager == "here":
+                    write_back(fd, position - len(chunk), len(chunk))  # started at once
+                elif write_back is not None and (starting is None or starting.done()):
+                    # Started on another thread, one call at a time, for all written since.
+                    starting = _THREADS.submit(write_back, fd, started, position - started)
+                    started = position
                 if hint is None or position - behind < _EVERY:
                     continue
                 if start_writeback is not None:
@@ -134,8 +141,9 @@ def page_cache(
                     syncing = _THREADS.submit(os.fdatasync, fd)
                     behind = position
             last = time.perf_counter()
-            if syncing is not None:
-                syncing.result()
+            for pending in (starting, syncing):
+                if pending is not None:
+                    pending.result()
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -150,7 +158,8 @@ STRATEGIES: dict[str, Callable[[Path, list[bytes], _Stream], float]] = {
     "page-cache+writeback": page_cache("writeback"),
     "page-cache+fdatasync": page_cache("fdatasync"),
     "page-cache+fdatasync+reserved": page_cache("fdatasync", reserve=True),
-    "page-cache+fdatasync+eager": page_cache("fdatasync", eager=True),
+    "page-cache+fdatasync+eager": page_cache("fdatasync", eager="here"),
+    "page-cache+fdatasync+eager-behind": page_cache("fdatasync", eager="behind"),
 }
 
 
