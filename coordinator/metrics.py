@@ -62,9 +62,7 @@ class CoordinatorMetrics:
             Counter("baton_lease_expiries", "Hop leases that expired without a heartbeat")
         )
         self.refusals = add(Counter("baton_refusals", "Calls refused, by gRPC status", ["reason"]))
-        self.connected_sites = add(
-            Gauge("baton_connected_sites", "Sites with an open task stream")
-        )
+        self.connected_sites = add(Gauge("baton_connected_sites", "Sites with an open task stream"))
         # Every known label value exists from the start, so rate() sees the first increment.
         for status in HOP_STATUSES:
             self.hops.labels(status=status)

@@ -67,7 +67,8 @@ def test_counting_does_not_import_prometheus_client_and_reading_does() -> None:
         "coordinator.hop_settled('committed'); coordinator.handoff.observe(0.2)\n"
         "print('prometheus_client' in sys.modules)\n"
         "text = coordinator.exposition().decode()\n"
-        "print('prometheus_client' in sys.modules, 'baton_hops_total{status=\"committed\"} 1.0' in text)\n"
+        "line = 'baton_hops_total{status=\"committed\"} 1.0'\n"
+        "print('prometheus_client' in sys.modules, line in text)\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
