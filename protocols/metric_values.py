@@ -148,7 +148,7 @@ class Histogram(_Metric):
             cumulative, buckets = 0.0, []
             for bound, count in zip(self.bounds, counts, strict=True):
                 cumulative += count
-                buckets.append((floatToGoString(bound), cumulative))
+                buckets.append((floatToGoString(bound), cumulative))  # type: ignore[no-untyped-call]
             family.add_metric(list(key), buckets, total)
             if created:
                 labels = dict(zip(self.labelnames, key, strict=True))
