@@ -55,17 +55,22 @@ def test_serve_freezes_the_start_up_heap_out_of_full_collections(pki: Pki, tmp_p
     assert frozen[-1] > 0
 
 
-def test_settle_heap_collects_start_up_garbage_before_freezing_and_turns_the_collector_on() -> None:
-    class Node:
-        other: object = None
+class _Node:
+    other: object = None
 
+
+def _garbage_cycle() -> weakref.ref[_Node]:
+    """A reference cycle nothing else holds (garbage only a full pass frees), watched."""
+    garbage = _Node()
+    garbage.other = _Node()
+    garbage.other.other = garbage  # type: ignore[attr-defined]
+    return weakref.ref(garbage)
+
+
+def test_settle_heap_collects_start_up_garbage_before_freezing_and_turns_the_collector_on() -> None:
     collecting = gc.isenabled()
     gc.disable()  # as `coordinator serve` starts
-    garbage = Node()
-    garbage.other = Node()
-    garbage.other.other = garbage  # type: ignore[attr-defined]
-    left = weakref.ref(garbage)
-    del garbage
+    left = _garbage_cycle()
     try:
         settle_heap()
         assert gc.isenabled()
@@ -83,16 +88,9 @@ def test_ready_freezes_without_a_full_pass_which_waits_until_the_hellos_are_over
     monkeypatch.setattr(server, "SETTLE_QUIET_SECONDS", 2.0)
     monkeypatch.setattr(server, "SETTLE_LATEST_SECONDS", 60.0)
 
-    class Node:
-        other: object = None
-
     collecting = gc.isenabled()
     gc.disable()  # as `coordinator serve` starts
-    garbage = Node()
-    garbage.other = Node()
-    garbage.other.other = garbage  # type: ignore[attr-defined]
-    left = weakref.ref(garbage)
-    del garbage
+    left = _garbage_cycle()
     connected = [0]
     seen: list[tuple[int, bool]] = []
 
