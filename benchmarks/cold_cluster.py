@@ -24,6 +24,11 @@ site is told it is next and the others that they are in the schedule (they load 
 priority). ``--site-arg=--preload=when-next``: the later sites load only once told they are next;
 ``--site-arg=--preload=eager``: all sites load right after their hello.
 
+The sites run as deployed: in a venv holding only `baton-fl[site]`'s dependencies (built once
+under ``--cache-dir``, symlinks to this venv's packages: see ``_site_venv``), not in the
+benchmark's venv, whose dev and demo extras (scipy, trio...) a site's first load would import
+(~0.45 s CPU); ``--sites-in-this-venv``: in this venv, as sessions up to 14 measured.
+
     nice -n 19 .venv/bin/python benchmarks/cold_cluster.py --starts 3
     nice -n 19 .venv/bin/python benchmarks/cold_cluster.py --starts 3 --name cold_cluster_eager \
         --site-arg=--preload=eager
@@ -54,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from _harness import free_port, project_bytecode  # noqa: E402
+from _site_venv import site_python  # noqa: E402
 
 from coordinator.console.admin import AdminClient  # noqa: E402
 from coordinator.console.demo import DATASET, packaged_minilm, prepare_pki, write_site_data  # noqa: E402
@@ -66,6 +72,25 @@ SITES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
 HELLO = "connected to coordinator"
 LOADED = "trainer loaded"
 FIRST_HOP = "hop 0 of run"  # the first hop's site's "hop 0 of run ...: starting" line
+CACHE = ROOT / "benchmarks" / ".peers"  # git-ignored; handoff.py's peer venvs live there too
+
+
+class SiteVenvCluster(Cluster):
+    """A cluster whose sites run on another interpreter (the `baton-fl[site]` venv)."""
+
+    def __init__(self, log_dir: Path, site_interpreter: Path, env: dict[str, str]) -> None:
+        super().__init__(log_dir=log_dir, env=env)
+        self.site_interpreter = site_interpreter
+
+    def _spawn(self, name: str, args: Sequence[str]) -> Any:
+        if name not in SITES:
+            return super()._spawn(name, args)
+        real = sys.executable
+        sys.executable = str(self.site_interpreter)  # what Cluster._spawn starts
+        try:
+            return super()._spawn(name, args)
+        finally:
+            sys.executable = real
 
 
 class CpuSampler:
@@ -140,6 +165,7 @@ def cold_start(
     extra_site_args: Sequence[str],
     keep_logs: Path | None = None,
     sites_after_ready: bool = False,
+    site_interpreter: Path | None = None,
 ) -> dict[str, Any]:
     """One cold start of a coordinator and the sites; figures relative to ``t0``; the
     processes' logs copied under ``keep_logs`` if given. The sites are spawned right after
@@ -152,7 +178,11 @@ def cold_start(
     pki = work / "pki"
     prepare_pki(pki, list(SITES))
     model = packaged_minilm()
-    cluster = Cluster(log_dir=work / "logs")
+    if site_interpreter is None:
+        cluster = Cluster(log_dir=work / "logs")
+    else:  # the project from PYTHONPATH: the site venv holds its dependencies only
+        checkout = os.environ.get("PYTHONPATH", str(ROOT))
+        cluster = SiteVenvCluster(work / "logs", site_interpreter, {"PYTHONPATH": checkout})
     load_before = os.getloadavg()
     uptime_before = _uptime()
     with CpuSampler() as cpu, cluster.running():
@@ -284,7 +314,8 @@ def markdown(report: dict[str, Any]) -> str:
         "`train_started_at_ns` (ledger). *CPU floor*: all processes' CPU seconds up to the first "
         f"step / {report['cores']} cores. Sites spawned "
         f"{report.get('sites_spawned', 'once the coordinator serves')}; "
-        f"{report.get('bytecode', 'project modules from source')}. "
+        f"{report.get('bytecode', 'project modules from source')}; sites' venv: "
+        f"{report.get('site_venv', 'this venv')}. "
         f"Site arguments: `{report.get('site_args') or '-'}`.",
         "",
         "| start | coordinator ready | hello (max) | hello after spawn (max) | model (max) "
@@ -340,9 +371,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="extra argument of every `baton-site serve`")  # fmt: skip
     parser.add_argument("--from-source", action="store_true",
                         help="no project bytecode: every process compiles the source")  # fmt: skip
+    parser.add_argument("--sites-in-this-venv", action="store_true",
+                        help="sites on this interpreter, not in a baton-fl[site] venv")  # fmt: skip
+    parser.add_argument("--cache-dir", type=Path, default=CACHE,
+                        help="where the baton-fl[site] venv is made (once)")  # fmt: skip
     args = parser.parse_args(argv)
     checkout = Path(os.environ.get("PYTHONPATH", str(ROOT)).split(os.pathsep)[0])
     bytecode = project_bytecode(checkout, compiled=not args.from_source)
+    interpreter = None if args.sites_in_this_venv else site_python(ROOT, args.cache_dir)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     report: dict[str, Any] = {
@@ -355,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pythonpath": os.environ.get("PYTHONPATH", ""),
         "site_args": shlex.join(args.site_arg),
         "bytecode": bytecode,
+        "site_venv": "this venv" if interpreter is None else "baton-fl[site] only",
         "sites_spawned": "once the coordinator serves"
         if args.sites_after_ready
         else "right after the coordinator",
@@ -366,8 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 logs = None if args.keep_logs is None else args.keep_logs / f"start-{index + 1}"
                 start = cold_start(
-                    Path(name), args.steps, args.site_arg, logs, args.sites_after_ready
-                )
+                    Path(name), args.steps, args.site_arg, logs, args.sites_after_ready,
+                    interpreter,
+                )  # fmt: skip
             except (RuntimeError, TimeoutError) as exc:
                 start = {"error": str(exc).splitlines()[0][:300]}
         report["starts"].append(start)

@@ -125,6 +125,7 @@ def serve(
     from protocols.pki import PkiError
     from site_agent.agent import CertificateRefused, HistoryRewritten, SiteAgent
     from site_agent.approvals import PolicyError
+    from site_agent.base_model import remember_hashes_in
 
     quiet_progress_output()  # before any thread starts: setenv races getenv on gRPC's threads
     configure_logging(log_level, log_json or log_format == "json")
@@ -151,6 +152,8 @@ def serve(
     if settings.base_model_dir is not None and not settings.base_model_dir.is_dir():
         typer.echo(f"error: base model folder not found: {settings.base_model_dir}", err=True)
         raise typer.Exit(EXIT_BAD_INPUT)
+    # A restarted site hashes its base model's weights again only if they changed.
+    remember_hashes_in(settings.state_path.parent / "base-model-hashes.json")
     # The ML libraries' output is routed by the agent's background load, which imports them.
     try:
         agent = SiteAgent(settings)

@@ -1,5 +1,6 @@
-"""`serve` announces its gRPC port, then settles the heap of everything start-up built (it starts
-with the cyclic collector off, and is ready with it on)."""
+"""`serve` announces its gRPC port, then freezes everything start-up built out of the collector's
+passes (it starts with the cyclic collector off, and is ready with it on); the full pass that
+frees start-up's garbage waits until the first sites' hellos are over."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import time
 import weakref
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
+import coordinator.server as server
 from coordinator.console.cli import app
-from coordinator.server import serve, settle_heap
+from coordinator.server import freeze_start_up, serve, settle_heap, settle_when_quiet
 from tests.conftest import Pki
 from tests.coordinator_tests.conftest import coordinator_settings
 
@@ -52,21 +55,61 @@ def test_serve_freezes_the_start_up_heap_out_of_full_collections(pki: Pki, tmp_p
     assert frozen[-1] > 0
 
 
-def test_settle_heap_collects_start_up_garbage_before_freezing_and_turns_the_collector_on() -> None:
-    class Node:
-        other: object = None
+class _Node:
+    other: object = None
 
+
+def _garbage_cycle() -> weakref.ref[_Node]:
+    """A reference cycle nothing else holds (garbage only a full pass frees), watched."""
+    garbage = _Node()
+    garbage.other = _Node()
+    garbage.other.other = garbage  # type: ignore[attr-defined]
+    return weakref.ref(garbage)
+
+
+def test_settle_heap_collects_start_up_garbage_before_freezing_and_turns_the_collector_on() -> None:
     collecting = gc.isenabled()
     gc.disable()  # as `coordinator serve` starts
-    garbage = Node()
-    garbage.other = Node()
-    garbage.other.other = garbage  # type: ignore[attr-defined]
-    left = weakref.ref(garbage)
-    del garbage
+    left = _garbage_cycle()
     try:
         settle_heap()
         assert gc.isenabled()
         assert left() is None  # collected, not frozen for the process's lifetime
+    finally:
+        gc.unfreeze()
+        if not collecting:
+            gc.disable()
+
+
+def test_ready_freezes_without_a_full_pass_which_waits_until_the_hellos_are_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Quiet for 2 s (a loaded machine may hold the loop a few hundred ms between the hellos).
+    monkeypatch.setattr(server, "SETTLE_QUIET_SECONDS", 2.0)
+    monkeypatch.setattr(server, "SETTLE_LATEST_SECONDS", 60.0)
+
+    collecting = gc.isenabled()
+    gc.disable()  # as `coordinator serve` starts
+    left = _garbage_cycle()
+    connected = [0]
+    seen: list[tuple[int, bool]] = []
+
+    async def hellos() -> None:
+        settling = asyncio.create_task(settle_when_quiet(lambda: connected[0]))
+        for count in (1, 2, 3):  # sites connecting one after the other
+            await asyncio.sleep(0.05)
+            connected[0] = count
+            seen.append((count, left() is None))
+        await asyncio.wait_for(settling, 30)
+
+    try:
+        freeze_start_up()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+        assert left() is not None  # frozen, not walked: no full pass at ready
+        asyncio.run(hellos())
+        assert seen == [(1, False), (2, False), (3, False)]  # none while sites came in
+        assert left() is None  # then collected
+        assert gc.isenabled() and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
         if not collecting:
@@ -109,7 +152,7 @@ def test_serve_starts_with_the_collector_off_and_is_ready_with_it_on(
             assert process.poll() is None, process.communicate()[1][-2000:]
             assert time.monotonic() < deadline, "the coordinator did not start"
             time.sleep(0.05)
-        time.sleep(0.5)  # past its settle_heap
+        time.sleep(0.5)  # past its freeze_start_up
     finally:
         process.terminate()
         out, err = process.communicate(timeout=60)

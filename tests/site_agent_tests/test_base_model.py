@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -58,3 +59,50 @@ def test_a_weights_file_written_just_now_is_read_again_every_time(
     weights.write_bytes(b"secon")
     assert hash_base_model(tmp_path) == hashlib.sha256(b"secon").hexdigest() != first
     assert reads == [weights, weights]
+
+
+def _remembering(memory: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A process that has hashed nothing yet, keeping its hashes in ``memory`` (files written
+    long ago, as far as the settling rule goes)."""
+    monkeypatch.setattr(base_model, "_SETTLED_NS", 0)
+    monkeypatch.setattr(base_model, "_computed", {})
+    monkeypatch.setattr(base_model, "_memory_file", None)  # put back after the test
+    base_model.remember_hashes_in(memory)
+    return memory
+
+
+def test_a_restarted_site_trusts_the_hash_it_kept_while_the_weights_are_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = _written(model / "model.safetensors", b"weights")
+    memory = _remembering(tmp_path / "state" / "base-model-hashes.json", monkeypatch)
+    reads = _count_reads(monkeypatch)
+    digest = hash_base_model(model)
+    assert memory.stat().st_mode & 0o777 == 0o600
+
+    monkeypatch.setattr(base_model, "_computed", {})  # a new process of the same site
+    assert hash_base_model(model) == digest == hashlib.sha256(b"weights").hexdigest()
+    assert reads == [weights]
+
+    monkeypatch.setattr(base_model, "_computed", {})
+    os.replace(_written(model / "new", b"changed"), weights)  # changed: its stamp is another
+    assert hash_base_model(model) == hashlib.sha256(b"changed").hexdigest()
+    assert reads == [weights, weights]
+
+
+def test_a_kept_hash_others_may_write_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = _written(tmp_path / "model.safetensors", b"weights")
+    memory = _remembering(tmp_path / "base-model-hashes.json", monkeypatch)
+    hash_base_model(tmp_path)
+    # Someone who may write the file puts another model's hash against these weights' stamp.
+    kept = json.loads(memory.read_text())
+    memory.write_text(json.dumps(dict.fromkeys(kept, "0" * 64)))
+    memory.chmod(0o666)
+    monkeypatch.setattr(base_model, "_computed", {})
+    reads = _count_reads(monkeypatch)
+    assert hash_base_model(tmp_path) == hashlib.sha256(b"weights").hexdigest()
+    assert reads == [weights]

@@ -1,13 +1,19 @@
-"""The cold-cluster benchmark's report: every row has the header's columns."""
+"""The cold-cluster benchmark's report: every row has the header's columns; its sites' venv
+holds `baton-fl[site]`'s dependencies only."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import pytest
+from packaging.utils import canonicalize_name
 
 from tests.benchmark_module import benchmark_module
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +47,13 @@ def test_the_report_table_has_one_cell_per_column_for_a_start_and_a_failed_start
     assert table[2].endswith("| [1.0, 1.0, 1.0] | 3.0 | 1.5 |")
     assert table[3].startswith("| 2 | failed: run failed: boom |")
     assert "`--preload=eager`" in bench.markdown(report)
+
+
+def test_the_sites_venv_holds_the_site_extras_closure_not_the_dev_or_coordinator_ones(
+    bench: ModuleType,
+) -> None:
+    closure = sys.modules["_site_venv"].site_closure(ROOT / "pyproject.toml")
+    names = {canonicalize_name(d.metadata["Name"]) for d in closure}
+    assert {"torch", "transformers", "peft", "grpcio", "prometheus-client", "sympy"} <= names
+    # dev / demo extras (sentence-transformers pulls scipy) and the coordinator's
+    assert not names & {"scipy", "trio", "scikit-learn", "sqlalchemy", "fastapi", "pytest"}
