@@ -254,7 +254,9 @@ class RunRecords(LedgerCore):
                 raise KeyError(hop_id)
             if hop.status not in LIVE_HOP_STATES or hop.lease_token != lease_token:
                 raise TransitionRefused(f"hop {hop_id} is {hop.status}; cannot commit it")
-            run = session.get(RunRow, hop.run_id)
+            # Locked as every writer of the run reads it: a commit running meanwhile (a
+            # round's other member, another process) must see the base model pinned here.
+            run = locked_get(session, RunRow, hop.run_id)
             assert run is not None
             hop.status = "committed"
             hop.output_sha256 = output_sha256
