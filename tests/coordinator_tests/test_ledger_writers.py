@@ -155,8 +155,10 @@ def test_two_first_commits_of_one_run_keep_the_base_model_the_first_one_pinned(
 
     reached, threads = _blocked_at(
         ledger,
-        lambda sql: sql.startswith(("BEGIN IMMEDIATE", "UPDATE runs"))
-        or (" FROM runs " in f"{sql} " and "FOR UPDATE" in sql),
+        lambda sql: (
+            sql.startswith(("BEGIN IMMEDIATE", "UPDATE runs"))
+            or (" FROM runs " in f"{sql} " and "FOR UPDATE" in sql)
+        ),
     )
 
     def commit_second() -> None:
