@@ -136,15 +136,47 @@ def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
         touched[id(row)] = _Touched(row, deleted=True)
 
 
+class RecordedEntries:
+    """The snapshot of each state row in the newest event this process committed for it, by
+    (table, key): what a later write of the row carries forward is then taken from memory, not
+    read back from that event. At most `limit` rows, the least recently written dropped first.
+    """
+
+    def __init__(self, limit: int = 16384) -> None:
+        self._limit = limit
+        self._entries: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, table: str, key: str, seq: int) -> dict[str, Any] | None:
+        """The row's snapshot in event `seq`, if that event is the one this process recorded."""
+        with self._lock:
+            found = self._entries.get((table, key))
+        return found[1] if found is not None and found[0] == seq else None
+
+    def committed(self, own: dict[int, dict[tuple[str, str], dict[str, Any]]]) -> None:
+        """A transaction committed the events `own` holds (seq -> its rows' snapshots)."""
+        with self._lock:
+            for seq in sorted(own):
+                for row, entry in own[seq].items():
+                    self._entries.pop(row, None)
+                    self._entries[row] = (seq, entry)
+            while len(self._entries) > self._limit:
+                del self._entries[next(iter(self._entries))]
+
+
 def _snapshot(
-    session: Session, touched: _Touched, verified: VerifiedEvents | None = None
+    session: Session,
+    touched: _Touched,
+    verified: VerifiedEvents | None = None,
+    recorded: RecordedEntries | None = None,
 ) -> dict[str, Any]:
     """The row's snapshot; columns this write did not set keep the value the ledger recorded.
 
     So an edit made outside the ledger is never adopted by a later, unrelated write to the row
     (pausing a run whose plan was edited must not make the edited plan look recorded). The
     recorded entry comes from `verified` when that event is stored exactly as it was verified
-    (a run's first event holds every hop's snapshot: not decoded again per lease).
+    (a run's first event holds every hop's snapshot: not decoded again per lease), or from
+    `recorded` when this process appended that event (not read at all).
     """
     entry = row_entry(touched.row, deleted=touched.deleted)
     seq = getattr(touched.row, "ledger_seq", None)
@@ -155,6 +187,10 @@ def _snapshot(
         # Written by this very transaction (a hop's upload, then its commit): the snapshot it
         # recorded is at hand, no read of the event it has not committed yet.
         return carry_forward(None, entry, touched.assigned, own[seq].get(_entry_key(entry)))
+    if recorded is not None and (known_entry := recorded.get(*_entry_key(entry), seq)) is not None:
+        # The newest event of the row is one this process appended and committed: its
+        # snapshot as recorded then (an edit of that event since is the chain check's to find).
+        return carry_forward(None, entry, touched.assigned, known_entry)
     if verified is not None:
         stored = stored_event(session, seq)
         known = verified.entries(seq, stored) if stored is not None else None
@@ -277,6 +313,8 @@ class LedgerCore:
         self._newest_lock = threading.Lock()
         # Events the engine's row checks found sound, as stored then: not hashed again unchanged.
         self.verified_events = VerifiedEvents()
+        # Each row's snapshot in the newest event this object committed for it.
+        self.recorded_entries = RecordedEntries()
 
     def migrate(self) -> None:
         """Brings the schema to the newest Alembic revision.
@@ -344,6 +382,9 @@ class LedgerCore:
                 raise RuntimeError(f"state rows written without a ledger event: {', '.join(names)}")
             appended = session.info.pop(_APPENDED, None)
             written: list[Base] = session.info.pop(_WRITTEN, [])
+            own = session.info.pop(_OWN_ENTRIES, None)
+        if own:
+            self.recorded_entries.committed(own)
         if written:
             for row_observer in self.row_observers:
                 row_observer(written)
@@ -375,7 +416,10 @@ class LedgerCore:
         session.flush()  # every pending state row passes _track_state_rows
         touched: dict[int, _Touched] = session.info.pop(_TOUCHED, {})
         if touched:
-            entries = [_snapshot(session, t, self.verified_events) for t in touched.values()]
+            entries = [
+                _snapshot(session, t, self.verified_events, self.recorded_entries)
+                for t in touched.values()
+            ]
             payload = {**payload, STATE_ROWS_KEY: entries}
         ours = session.info.get(_APPENDED)
         if ours is not None:
