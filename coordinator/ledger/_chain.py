@@ -168,7 +168,7 @@ def _snapshot(
     session: Session,
     touched: _Touched,
     verified: VerifiedEvents | None = None,
-    recorded: RecordedEntries | None = None,
+    ours: RecordedEntries | None = None,
 ) -> dict[str, Any]:
     """The row's snapshot; columns this write did not set keep the value the ledger recorded.
 
@@ -176,7 +176,7 @@ def _snapshot(
     (pausing a run whose plan was edited must not make the edited plan look recorded). The
     recorded entry comes from `verified` when that event is stored exactly as it was verified
     (a run's first event holds every hop's snapshot: not decoded again per lease), or from
-    `recorded` when this process appended that event (not read at all).
+    `ours` when this process appended that event (not read at all).
     """
     entry = row_entry(touched.row, deleted=touched.deleted)
     seq = getattr(touched.row, "ledger_seq", None)
@@ -187,7 +187,7 @@ def _snapshot(
         # Written by this very transaction (a hop's upload, then its commit): the snapshot it
         # recorded is at hand, no read of the event it has not committed yet.
         return carry_forward(None, entry, touched.assigned, own[seq].get(_entry_key(entry)))
-    if recorded is not None and (known_entry := recorded.get(*_entry_key(entry), seq)) is not None:
+    if ours is not None and (known_entry := ours.get(*_entry_key(entry), seq)) is not None:
         # The newest event of the row is one this process appended and committed: its
         # snapshot as recorded then (an edit of that event since is the chain check's to find).
         return carry_forward(None, entry, touched.assigned, known_entry)
@@ -455,7 +455,9 @@ class LedgerCore:
             {"at": at, "kind": kind, "run_id": run_id, "hop_id": hop_id, "site": site,
              "payload": payload, "prev_hash": prev, "hash": row.hash},
         )  # fmt: skip
-        row.seq = int(inserted.inserted_primary_key[0])
+        key = inserted.inserted_primary_key
+        assert key is not None
+        row.seq = int(key[0])
         if touched:
             own: dict[tuple[str, str], dict[str, Any]] = {}
             for snapshot in payload[STATE_ROWS_KEY]:

@@ -30,9 +30,10 @@ from coordinator.ledger.models import (
 
 
 @functools.cache
-def _pin_query() -> Select[tuple[str | None]]:
+def _pin_query() -> Select[Any]:
     """A run's base model pin alone, built once."""
-    return select(RunRow.base_model_sha256).where(RunRow.id == bindparam("run_id"))
+    runs = RunRow.__table__.c  # the table's columns: a plain statement, no ORM compilation
+    return select(runs.base_model_sha256).where(runs.id == bindparam("run_id"))
 
 
 class RunRecords(LedgerCore):
@@ -265,7 +266,7 @@ class RunRecords(LedgerCore):
             # built). Unpinned, the run is read under its lock, as every writer of the run
             # reads it: a commit running meanwhile (a round's other member, another process)
             # must see the base model pinned here.
-            pinned = session.execute(_pin_query(), {"run_id": hop.run_id}).scalar()
+            pinned = session.connection().execute(_pin_query(), {"run_id": hop.run_id}).scalar()
             run = locked_get(session, RunRow, hop.run_id) if pinned is None else None
             hop.status = "committed"
             hop.output_sha256 = output_sha256

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from argon2 import PasswordHasher
 
-from coordinator.dashboard import AccountError, AccountStore, DashboardRole
+from coordinator.dashboard import Account, AccountError, AccountStore, DashboardRole
 from coordinator.dashboard._auth import SessionStore
 from coordinator.ledger import Ledger
 from tests.coordinator_tests.test_ledger_writers import _blocked_at
@@ -65,7 +65,7 @@ def test_a_login_link_used_twice_at_once_lets_one_in(ledger: Ledger) -> None:
         lambda: accounts.account_for_token(token, kind="login"),
         lambda: accounts.account_for_token(token, kind="login"),
     )  # fmt: skip
-    assert first is not None and first.name == "olivia"
+    assert first == Account("olivia", DashboardRole.OPERATOR)
     assert second is None
 
 
