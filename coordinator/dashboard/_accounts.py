@@ -11,8 +11,9 @@ from enum import IntEnum
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy.exc import IntegrityError
 
-from coordinator.ledger import AccountRow, ApiTokenRow, Ledger
+from coordinator.ledger import AccountRow, ApiTokenRow, Ledger, locked_get
 
 __all__ = ["Account", "AccountError", "AccountStore", "DashboardRole"]
 
@@ -84,22 +85,24 @@ class AccountStore:
             )
         if len(password) < MIN_PASSWORD_LENGTH:
             raise AccountError(f"password must have at least {MIN_PASSWORD_LENGTH} characters")
-        with self.ledger.transaction() as session:
-            if session.get(AccountRow, name) is not None:
-                raise AccountError(f"account {name!r} exists already")
-            session.add(
-                AccountRow(
-                    name=name,
-                    role=role.label,
-                    password_hash=self.hasher.hash(password),
-                    created_at=_now(),
+        password_hash = self.hasher.hash(password)  # slow: not while holding a lock
+        try:
+            with self.ledger.transaction() as session:
+                if locked_get(session, AccountRow, name) is not None:
+                    raise AccountError(f"account {name!r} exists already")
+                session.add(
+                    AccountRow(
+                        name=name, role=role.label, password_hash=password_hash,
+                        created_at=_now(),
+                    )
+                )  # fmt: skip
+                self.ledger.append_event(
+                    session,
+                    "dashboard.account-added",
+                    payload={"account": name, "role": role.label, "by": by},
                 )
-            )
-            self.ledger.append_event(
-                session,
-                "dashboard.account-added",
-                payload={"account": name, "role": role.label, "by": by},
-            )
+        except IntegrityError:  # added meanwhile (PostgreSQL locks no row that is not there)
+            raise AccountError(f"account {name!r} exists already") from None
         return Account(name, role)
 
     def get(self, name: str) -> Account | None:
@@ -118,9 +121,14 @@ class AccountStore:
                 return None
             if row is None:
                 return None
-            if self.hasher.check_needs_rehash(stored):
-                row.password_hash = self.hasher.hash(password)
-            return Account(row.name, DashboardRole.parse(row.role))
+            account = Account(row.name, DashboardRole.parse(row.role))
+        if self.hasher.check_needs_rehash(stored):
+            rehashed = self.hasher.hash(password)
+            with self.ledger.transaction() as session:
+                row = locked_get(session, AccountRow, name)
+                if row is not None and row.password_hash == stored:  # not changed meanwhile
+                    row.password_hash = rehashed
+        return account
 
     def issue_token(
         self, name: str, *, kind: str = "api", valid_for: timedelta | None = None, by: str
@@ -150,7 +158,14 @@ class AccountStore:
     def account_for_token(self, token: str, *, kind: str = "api") -> Account | None:
         """The account a token belongs to; a login token works once."""
         with self.ledger.transaction() as session:
-            row = session.get(ApiTokenRow, _digest(token))
+            # A login token is spent by its first use: read under the lock, so that two uses
+            # at once cannot both find it unused. An API token is only read.
+            digest = _digest(token)
+            row = (
+                locked_get(session, ApiTokenRow, digest)
+                if kind == "login"
+                else session.get(ApiTokenRow, digest)
+            )
             if row is None or row.kind != kind:
                 return None
             now = _now()

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, select
 
 from coordinator.dashboard._accounts import Account, DashboardRole, _aware, _digest, _now
-from coordinator.ledger import DashboardSessionRow, Ledger
+from coordinator.ledger import DashboardSessionRow, Ledger, locked_get
 
 __all__ = ["LoginThrottle", "Session", "SessionInfo", "SessionStore", "csrf_matches"]
 
@@ -92,15 +92,32 @@ class SessionStore:
             row = db.get(DashboardSessionRow, digest)
             if row is None:
                 return None
+            if not self._writes(row, now):
+                return self._session(token, digest, row)
+        # Expired or due a touch: read again under the lock, so a logout or revocation
+        # committed meanwhile is seen (not updated or deleted a second time).
+        with self.ledger.transaction() as db:
+            row = locked_get(db, DashboardSessionRow, digest)
+            if row is None:
+                self._flash.pop(digest, None)
+                return None
             if _aware(row.expires_at) < now:
                 db.delete(row)
                 self._flash.pop(digest, None)
                 return None
-            if now - _aware(row.last_seen_at) >= self.touch_every:
+            if self._writes(row, now):
                 row.last_seen_at = now
-            account = Account(row.account, DashboardRole.parse(row.role))
-            return Session(token, account, row.csrf_token, _aware(row.expires_at),
-                           self._flash.setdefault(digest, []))  # fmt: skip
+            return self._session(token, digest, row)
+
+    def _writes(self, row: DashboardSessionRow, now: datetime) -> bool:
+        """Whether reading the session writes its row: deleted (expired) or touched."""
+        expired = _aware(row.expires_at) < now
+        return expired or now - _aware(row.last_seen_at) >= self.touch_every
+
+    def _session(self, token: str, digest: str, row: DashboardSessionRow) -> Session:
+        account = Account(row.account, DashboardRole.parse(row.role))
+        return Session(token, account, row.csrf_token, _aware(row.expires_at),
+                       self._flash.setdefault(digest, []))  # fmt: skip
 
     def end(self, token: str) -> None:
         digest = _digest(token)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,6 +46,7 @@ class ActiveRuns:
         self._rounds: dict[str, list[RoundRow]] = {}  # run id -> its rounds in order
         self._unread: set[str] = set()  # running runs written here but not yet held
         self._seq = 0  # the newest ledger event this view has accounted for
+        self._seq_lock = threading.Lock()  # a commit's thread raises it, the loop reads it
         self.loads = 0  # full loads from SQL (start, or after a change made elsewhere)
         self.loop: asyncio.AbstractEventLoop | None = None  # where the rows are read
         ledger.row_observers.append(self._written)
@@ -89,7 +91,7 @@ class ActiveRuns:
         last = self.ledger.last_seq()
         runs = self.ledger.active_runs()
         self.loads += 1
-        self._seq = max(self._seq, last)
+        self._saw(last)
         self._runs = {run.id: run for run in runs}
         self._unread.clear()
         self._hops = {hop.id: (run, hop) for run in runs for hop in run.hops}
@@ -160,10 +162,14 @@ class ActiveRuns:
         self.on_loop(self._apply, list(rows))
 
     def _appended(self, seq: int, _hash: str, _kinds: tuple[str, ...]) -> None:
-        self.on_loop(self._saw, seq)
+        # On the committing thread, not through the loop: one wake-up of the loop per commit
+        # (its rows, `_written`), not two. A pass of `check_outside_writes` under the engine's
+        # lock runs before or after a whole transition (its rows and this seq), never between.
+        self._saw(seq)
 
     def _saw(self, seq: int) -> None:
-        self._seq = max(self._seq, seq)
+        with self._seq_lock:
+            self._seq = max(self._seq, seq)
 
     def _apply(self, rows: list[Base]) -> None:
         """Writes committed rows through to the held runs (a run that stops running leaves)."""

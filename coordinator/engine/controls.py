@@ -41,6 +41,9 @@ class RunControls:
         self.hops = hops
         self.leases = leases
         self.intake = intake
+        # Operators' transitions commit on the thread hop transitions commit on, in the order
+        # handed over: ledger I/O stays off the event loop, and all writes keep one order.
+        self.writer = hops.writer
 
     async def start_run(self, plan: RunPlan, *, by: str | None = None) -> str:
         """Records a new run and leases its first hop if the site is connected.
@@ -72,7 +75,8 @@ class RunControls:
                 )
                 for index, (site, hp) in enumerate(plan.expanded_hops())
             ]
-        self.ledger.create_run(
+        await self.writer.run(
+            self.ledger.create_run,
             run_id, plan.name, json.loads(plan.to_json()), hops, plan.base_model_sha256, by=by,
             rounds=rounds,
         )  # fmt: skip
@@ -90,24 +94,18 @@ class RunControls:
             if run.status != "paused":
                 raise InvalidInput(f"run {run_id} is {run.status}, not paused")
             hop = next((h for h in run.hops if h.status == "failed"), None)
-            if hop is not None:
-                self.ledger.transition_hop(
-                    hop.id,
-                    expected=("failed",),
-                    status="pending",
-                    event="hop.retry",
-                    payload={"action": "resume", **actor(by)},
-                )
-            self.ledger.transition_run(
-                run_id, expected=("paused",), status="running", payload=actor(by), error=None
-            )
+            await self.writer.run(
+                self._settle_failed_hop_and_run_on, run_id, hop.id if hop is not None else None,
+                "pending", "hop.retry", {"action": "resume", **actor(by)}, by,
+            )  # fmt: skip
             await self.hops.dispatch_locked(run_id)
 
     async def abort_run(self, run_id: str, reason: str, *, by: str | None = None) -> None:
         async with self._lock:
             try:
                 run = self.runs.run(run_id)  # before it leaves the running runs
-                self.ledger.transition_run(
+                await self.writer.run(
+                    self.ledger.transition_run,
                     run_id, expected=("running", "paused"), status="aborted",
                     payload={"reason": reason, **actor(by)}, error=reason,
                 )  # fmt: skip
@@ -138,16 +136,10 @@ class RunControls:
                 live = self.hops.rounds.live_hops(run)
             for hop in live:
                 self.leases.forget(hop.id)
-                self.ledger.transition_hop(
-                    hop.id, expected=LIVE_HOP_STATES, status="pending", event="hop.recalled",
-                    payload={"action": "pause", **actor(by)}, lease_token=None,
-                )  # fmt: skip
+            await self.writer.run(self._pause, run_id, [hop.id for hop in live], by)
+            for hop in live:
+                self.leases.forget(hop.id)  # what a beat answered during the write extended
                 self.intake.hop_ended(hop.id, "run paused")
-            self.ledger.transition_run(
-                run_id, expected=("running",), status="paused",
-                payload={"reason": "paused by an operator", **actor(by)},
-                error=None,
-            )  # fmt: skip
 
     async def skip_failed_hop(self, run_id: str, *, by: str | None = None) -> None:
         """Skips the failed hop of a paused run and resumes the run from the next hop."""
@@ -159,11 +151,43 @@ class RunControls:
             hop = next((h for h in run.hops if h.status == "failed"), None)
             if run.status != "paused" or hop is None:
                 raise InvalidInput(f"run {run_id} is {run.status} with no failed hop to skip")
-            self.ledger.transition_hop(
-                hop.id, expected=("failed",), status="skipped", event="hop.skipped",
-                payload={"action": "skip", **actor(by)},
+            await self.writer.run(
+                self._settle_failed_hop_and_run_on, run_id, hop.id, "skipped", "hop.skipped",
+                {"action": "skip", **actor(by)}, by,
             )  # fmt: skip
+            await self.hops.dispatch_locked(run_id)
+
+    def _pause(self, run_id: str, recalled: list[str], by: str | None) -> None:
+        """The hops in flight recalled and the run paused: one transaction, chained events
+        (ledger writer's thread)."""
+        with self.ledger.transaction():
+            for hop_id in recalled:
+                self.ledger.transition_hop(
+                    hop_id, expected=LIVE_HOP_STATES, status="pending", event="hop.recalled",
+                    payload={"action": "pause", **actor(by)}, lease_token=None,
+                )  # fmt: skip
+            self.ledger.transition_run(
+                run_id, expected=("running",), status="paused",
+                payload={"reason": "paused by an operator", **actor(by)},
+                error=None,
+            )  # fmt: skip
+
+    def _settle_failed_hop_and_run_on(
+        self,
+        run_id: str,
+        hop_id: str | None,
+        status: str,
+        event: str,
+        payload: dict[str, str],
+        by: str | None,
+    ) -> None:
+        """A paused run's failed hop (if any) to `status`, and the run running again: one
+        transaction, chained events (ledger writer's thread)."""
+        with self.ledger.transaction():
+            if hop_id is not None:
+                self.ledger.transition_hop(
+                    hop_id, expected=("failed",), status=status, event=event, payload=payload
+                )
             self.ledger.transition_run(
                 run_id, expected=("paused",), status="running", payload=actor(by), error=None
             )
-            await self.hops.dispatch_locked(run_id)

@@ -11,6 +11,7 @@ from coordinator.ledger._repository import (
     LedgerVerification,
     TransitionRefused,
     event_hash,
+    locked_get,
 )
 from coordinator.ledger.models import (
     AccountRow,
@@ -59,5 +60,6 @@ __all__ = [
     "TransitionRefused",
     "check_heads",
     "event_hash",
+    "locked_get",
     "read_heads",
 ]

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
-    Connection,
     Engine,
+    Insert,
     Select,
     Table,
     Update,
@@ -97,6 +97,7 @@ _WRITTEN = "ledger_written"  # session.info: state rows this transaction's event
 # session.info: seq -> {(table, key): snapshot} of the events this transaction appended
 _OWN_ENTRIES = "ledger_own_entries"
 _LOCKED = "ledger_locked"  # session.info: (model, key) of the rows this transaction locked
+_STAMPS = "ledger_stamps"  # session.info: model -> key -> the newest ledger_seq to write
 
 
 @functools.cache
@@ -135,15 +136,47 @@ def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
         touched[id(row)] = _Touched(row, deleted=True)
 
 
+class RecordedEntries:
+    """The snapshot of each state row in the newest event this process committed for it, by
+    (table, key): what a later write of the row carries forward is then taken from memory, not
+    read back from that event. At most `limit` rows, the least recently written dropped first.
+    """
+
+    def __init__(self, limit: int = 16384) -> None:
+        self._limit = limit
+        self._entries: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, table: str, key: str, seq: int) -> dict[str, Any] | None:
+        """The row's snapshot in event `seq`, if that event is the one this process recorded."""
+        with self._lock:
+            found = self._entries.get((table, key))
+        return found[1] if found is not None and found[0] == seq else None
+
+    def committed(self, own: dict[int, dict[tuple[str, str], dict[str, Any]]]) -> None:
+        """A transaction committed the events `own` holds (seq -> its rows' snapshots)."""
+        with self._lock:
+            for seq in sorted(own):
+                for row, entry in own[seq].items():
+                    self._entries.pop(row, None)
+                    self._entries[row] = (seq, entry)
+            while len(self._entries) > self._limit:
+                del self._entries[next(iter(self._entries))]
+
+
 def _snapshot(
-    session: Session, touched: _Touched, verified: VerifiedEvents | None = None
+    session: Session,
+    touched: _Touched,
+    verified: VerifiedEvents | None = None,
+    ours: RecordedEntries | None = None,
 ) -> dict[str, Any]:
     """The row's snapshot; columns this write did not set keep the value the ledger recorded.
 
     So an edit made outside the ledger is never adopted by a later, unrelated write to the row
     (pausing a run whose plan was edited must not make the edited plan look recorded). The
     recorded entry comes from `verified` when that event is stored exactly as it was verified
-    (a run's first event holds every hop's snapshot: not decoded again per lease).
+    (a run's first event holds every hop's snapshot: not decoded again per lease), or from
+    `ours` when this process appended that event (not read at all).
     """
     entry = row_entry(touched.row, deleted=touched.deleted)
     seq = getattr(touched.row, "ledger_seq", None)
@@ -154,6 +187,10 @@ def _snapshot(
         # Written by this very transaction (a hop's upload, then its commit): the snapshot it
         # recorded is at hand, no read of the event it has not committed yet.
         return carry_forward(None, entry, touched.assigned, own[seq].get(_entry_key(entry)))
+    if ours is not None and (known_entry := ours.get(*_entry_key(entry), seq)) is not None:
+        # The newest event of the row is one this process appended and committed: its
+        # snapshot as recorded then (an edit of that event since is the chain check's to find).
+        return carry_forward(None, entry, touched.assigned, known_entry)
     if verified is not None:
         stored = stored_event(session, seq)
         known = verified.entries(seq, stored) if stored is not None else None
@@ -175,17 +212,38 @@ def _stamp_statement(model: type[Base]) -> Update:
     return table.update().where(condition).values(ledger_seq=bindparam("stamp_seq"))
 
 
-def _stamp(connection: Connection, row: Base, seq: int) -> None:
-    """Gives a flushed state row the seq of the event that recorded it: one plain UPDATE (no
-    flush of the session), the row object told it holds that value as committed."""
+def _stamp(session: Session, row: Base, seq: int) -> None:
+    """Gives a flushed state row the seq of the event that recorded it: the row object told it
+    holds that value as committed at once, the database by `_write_stamps` before the commit
+    (one UPDATE per table, each row once with its newest seq: a hop uploaded, committed and
+    leased in one transaction is stamped once; no flush of the session)."""
     mapper = sa_inspect(row).mapper
     params: dict[str, object] = {"stamp_seq": seq}
     for column, value in zip(
         mapper.primary_key, mapper.primary_key_from_instance(row), strict=True
     ):
         params[f"key_{column.name}"] = value
-    connection.execute(_stamp_statement(type(row)), params)
+    stamps: dict[type[Base], dict[tuple[object, ...], dict[str, object]]]
+    stamps = session.info.setdefault(_STAMPS, {})
+    stamps.setdefault(type(row), {})[tuple(mapper.primary_key_from_instance(row))] = params
     set_committed_value(row, "ledger_seq", seq)
+
+
+def _write_stamps(session: Session) -> None:
+    """Writes the stamps `_stamp` noted: one executemany UPDATE per table."""
+    stamps: dict[type[Base], dict[tuple[object, ...], dict[str, object]]] | None
+    stamps = session.info.pop(_STAMPS, None)
+    if not stamps:
+        return
+    connection = session.connection()
+    for model, rows in stamps.items():
+        connection.execute(_stamp_statement(model), list(rows.values()))
+
+
+@functools.cache
+def _event_insert() -> Insert:
+    """The INSERT of one event row (Core: no unit-of-work flush per event), built once."""
+    return cast(Table, EventRow.__table__).insert()
 
 
 def _entry_key(entry: dict[str, Any]) -> tuple[str, str]:
@@ -255,6 +313,8 @@ class LedgerCore:
         self._newest_lock = threading.Lock()
         # Events the engine's row checks found sound, as stored then: not hashed again unchanged.
         self.verified_events = VerifiedEvents()
+        # Each row's snapshot in the newest event this object committed for it.
+        self.recorded_entries = RecordedEntries()
 
     def migrate(self) -> None:
         """Brings the schema to the newest Alembic revision.
@@ -310,6 +370,7 @@ class LedgerCore:
             try:
                 yield session
                 session.flush()
+                _write_stamps(session)
             finally:
                 self._open.session = None
             unrecorded: dict[int, _Touched] = session.info.get(_TOUCHED, {})
@@ -321,6 +382,9 @@ class LedgerCore:
                 raise RuntimeError(f"state rows written without a ledger event: {', '.join(names)}")
             appended = session.info.pop(_APPENDED, None)
             written: list[Base] = session.info.pop(_WRITTEN, [])
+            own = session.info.pop(_OWN_ENTRIES, None)
+        if own:
+            self.recorded_entries.committed(own)
         if written:
             for row_observer in self.row_observers:
                 row_observer(written)
@@ -352,7 +416,10 @@ class LedgerCore:
         session.flush()  # every pending state row passes _track_state_rows
         touched: dict[int, _Touched] = session.info.pop(_TOUCHED, {})
         if touched:
-            entries = [_snapshot(session, t, self.verified_events) for t in touched.values()]
+            entries = [
+                _snapshot(session, t, self.verified_events, self.recorded_entries)
+                for t in touched.values()
+            ]
             payload = {**payload, STATE_ROWS_KEY: entries}
         ours = session.info.get(_APPENDED)
         if ours is not None:
@@ -380,17 +447,27 @@ class LedgerCore:
             prev_hash=prev,
             hash=event_hash(prev, at, kind, run_id, hop_id, site, payload),
         )
-        session.add(row)
-        session.flush()
+        # Inserted as a plain statement, not added to the session: an event is never updated,
+        # and a flush of the unit of work per event was a third of a commit's CPU. The row
+        # object returned is not in the session (its seq is set).
+        inserted = session.connection().execute(
+            _event_insert(),
+            {"at": at, "kind": kind, "run_id": run_id, "hop_id": hop_id, "site": site,
+             "payload": payload, "prev_hash": prev, "hash": row.hash},
+        )  # fmt: skip
+        key = inserted.inserted_primary_key
+        assert key is not None
+        row.seq = int(key[0])
         if touched:
             own: dict[tuple[str, str], dict[str, Any]] = {}
             for snapshot in payload[STATE_ROWS_KEY]:
                 own.setdefault(_entry_key(snapshot), snapshot)  # the first one counts
             session.info.setdefault(_OWN_ENTRIES, {})[row.seq] = own
-            connection = session.connection()
             for written in touched.values():
                 if not written.deleted:
-                    _stamp(connection, written.row, row.seq)
+                    _stamp(session, written.row, row.seq)
+            if session is not getattr(self._open, "session", None):
+                _write_stamps(session)  # not `transaction()`'s session: nothing writes them later
         rows: list[Base] = session.info.setdefault(_WRITTEN, [])
         rows.extend(t.row for t in touched.values() if not t.deleted)
         _, _, kinds = session.info.get(_APPENDED, (0, "", ()))

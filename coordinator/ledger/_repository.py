@@ -16,6 +16,7 @@ from coordinator.ledger._chain import (
     LedgerVerification,
     TransitionRefused,
     event_hash,
+    locked_get,
     utcnow,
 )
 from coordinator.ledger._checkpoints import CheckpointRecords
@@ -37,6 +38,7 @@ __all__ = [
     "LedgerVerification",
     "TransitionRefused",
     "event_hash",
+    "locked_get",
     "script_heads",
     "utcnow",
 ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import selectinload
 
 from coordinator.ledger._chain import (
@@ -26,6 +27,13 @@ from coordinator.ledger.models import (
     RunRow,
     SiteRow,
 )
+
+
+@functools.cache
+def _pin_query() -> Select[Any]:
+    """A run's base model pin alone, built once."""
+    runs = RunRow.__table__.c  # the table's columns: a plain statement, no ORM compilation
+    return select(runs.base_model_sha256).where(runs.id == bindparam("run_id"))
 
 
 class RunRecords(LedgerCore):
@@ -254,8 +262,12 @@ class RunRecords(LedgerCore):
                 raise KeyError(hop_id)
             if hop.status not in LIVE_HOP_STATES or hop.lease_token != lease_token:
                 raise TransitionRefused(f"hop {hop_id} is {hop.status}; cannot commit it")
-            run = session.get(RunRow, hop.run_id)
-            assert run is not None
+            # The run's base model, once pinned, never changes: read alone (no run row
+            # built). Unpinned, the run is read under its lock, as every writer of the run
+            # reads it: a commit running meanwhile (a round's other member, another process)
+            # must see the base model pinned here.
+            pinned = session.connection().execute(_pin_query(), {"run_id": hop.run_id}).scalar()
+            run = locked_get(session, RunRow, hop.run_id) if pinned is None else None
             hop.status = "committed"
             hop.output_sha256 = output_sha256
             hop.metrics = metrics
@@ -263,7 +275,7 @@ class RunRecords(LedgerCore):
             hop.train_finished_at_ns = train_finished_at_ns
             hop.committed_at = utcnow()
             hop.lease_token = None
-            if run.base_model_sha256 is None:
+            if run is not None and run.base_model_sha256 is None:
                 run.base_model_sha256 = base_model_sha256
             self.append_event(
                 session,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 
 from coordinator.ledger import HopRow, Ledger, TransitionRefused
 
@@ -117,4 +118,59 @@ def test_two_writers_leasing_one_pending_hop_one_wins_the_other_is_refused(
     assert hop.lease_token == ("first" if first == "leased" else "other")
     leases = [e for e in ledger.events() if e.kind == "hop.leased"]
     assert len(leases) == 1
+    assert ledger.verify().ok
+
+
+def _blocked_at(ledger: Ledger, marks: Callable[[str], bool]) -> tuple[threading.Event, set[int]]:
+    """An event set when one of the threads whose ids are put in the returned set sends a
+    statement `marks` picks out (one that waits for the first writer's lock, or writes on a
+    value read before it: either way, after this the first writer may commit)."""
+    reached = threading.Event()
+    threads: set[int] = set()
+
+    def before(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if threading.get_ident() in threads and marks(" ".join(statement.split())):
+            reached.set()
+
+    event.listen(ledger.engine, "before_cursor_execute", before)
+    return reached, threads
+
+
+def test_two_first_commits_of_one_run_keep_the_base_model_the_first_one_pinned(
+    ledger: Ledger,
+) -> None:
+    """The first commit of a run pins its base model; a second commit running meanwhile (a
+    round's other member) reads the run under its lock, so it sees the pin and keeps it."""
+    hops = [HopRow(id=uuid.uuid4().hex, index=i, site=f"site-{i}", hyperparameters={},
+                   status="pending", metrics={}) for i in range(2)]  # fmt: skip
+    run_id = uuid.uuid4().hex
+    ledger.create_run(run_id, "pin", {"task": "t"}, hops, None)
+    for hop in hops:
+        ledger.lease_hop(hop.id, f"token-{hop.index}", None)
+
+    def commit(index: int, base: str) -> None:
+        ledger.commit_hop(hops[index].id, lease_token=f"token-{index}", output_sha256=base * 64,
+                          metrics={}, train_started_at_ns=1, train_finished_at_ns=2,
+                          base_model_sha256=base * 64)  # fmt: skip
+
+    reached, threads = _blocked_at(
+        ledger,
+        lambda sql: (
+            sql.startswith(("BEGIN IMMEDIATE", "UPDATE runs"))
+            or (" FROM runs " in f"{sql} " and "FOR UPDATE" in sql)
+        ),
+    )
+
+    def commit_second() -> None:
+        threads.add(threading.get_ident())
+        commit(1, "b")
+
+    second = threading.Thread(target=commit_second)
+    with ledger.transaction():
+        commit(0, "a")  # pins "a", not committed yet
+        second.start()
+        assert reached.wait(30)
+    second.join(30)
+    assert not second.is_alive()
+    assert ledger.run(run_id).base_model_sha256 == "a" * 64
     assert ledger.verify().ok

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import pytest
 
 from coordinator.errors import InvalidInput
+from coordinator.plan import parse_plan
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread
 from tests.coordinator_tests.test_failure_policy import _fail, _finish, _start, _wait, cluster
@@ -78,3 +81,36 @@ def test_abort_and_resume_record_who_acted(cluster, loop_thread: LoopThread) -> 
     aborted = next(e for e in engine.ledger.events(other) if e.kind == "run.aborted")
     assert _action(aborted.payload) == {"reason": "x"}
     assert pb.RunControlRequest  # the gRPC path is unchanged
+
+
+def test_operator_actions_commit_on_the_ledger_writer_thread(  # type: ignore[no-untyped-def]
+    cluster, loop_thread: LoopThread
+) -> None:
+    """Start, pause, resume, skip and abort write through the engine's ledger writer, as hop
+    transitions do: never on the event loop, and in one order with them."""
+    admin, a = cluster["admin"], cluster["site-a"]
+    engine = cluster["coordinator"].engine
+    committed_on: dict[str, set[str]] = {}
+
+    def observe(_seq: int, _hash: str, kinds: tuple[str, ...]) -> None:
+        for kind in kinds:
+            committed_on.setdefault(kind, set()).add(threading.current_thread().name)
+
+    engine.ledger.head_observers.append(observe)
+    run_id = loop_thread.run(
+        engine.start_run(parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
+                                     "sites": ["site-a", "site-b"],
+                                     "failure": {"on_failure": "pause"}}))
+    )  # fmt: skip
+    a.next_task()  # recalled by the pause
+    loop_thread.run(engine.pause_run(run_id, by="dashboard:olivia"))
+    loop_thread.run(engine.resume_run(run_id, by="dashboard:olivia"))
+    _fail(a, a.next_task())
+    assert _wait(admin, run_id, lambda r: r.status == "paused").status == "paused"
+    loop_thread.run(engine.skip_failed_hop(run_id, by="dashboard:olivia"))
+    loop_thread.run(engine.abort_run(run_id, "enough", by="dashboard:olivia"))
+    kinds = ("run.created", "hop.recalled", "run.paused", "run.running", "hop.skipped",
+             "run.aborted")  # fmt: skip
+    assert {kind: committed_on.get(kind) for kind in kinds} == {
+        kind: {"ledger-writer_0"} for kind in kinds
+    }

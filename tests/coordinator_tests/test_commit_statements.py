@@ -1,0 +1,62 @@
+"""What a hand back's one transaction sends to the database (SQLite and PostgreSQL): the
+statements the engine's `_commit_and_lease` makes, counted, not timed."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import event
+
+from coordinator.ledger import CheckpointRow, HopRow, Ledger, TransitionRefused
+
+
+def _hand_back(ledger: Ledger, run_id: str, ids: list[str], i: int) -> None:
+    """The output recorded, the hop uploaded and committed, the next hop leased: one commit."""
+    sha = hashlib.sha256(f"{run_id}{i}".encode()).hexdigest()
+    output = CheckpointRow(
+        sha256=sha, run_id=run_id, hop_id=ids[i], producer_site=f"site-{i % 2}", size=10,
+        parent_sha256=None, manifest={"base_model_sha256": "b" * 64}, tensors=[],
+        signature="s", producer_certificate="c", stored_at=datetime.now(UTC),
+    )  # fmt: skip
+    with ledger.transaction():
+        ledger.record_checkpoint(output)
+        with contextlib.suppress(TransitionRefused):
+            ledger.transition_hop(ids[i], expected=("leased", "training"), status="uploaded",
+                                  event="hop.uploaded", payload={"output_sha256": sha})  # fmt: skip
+        ledger.commit_hop(ids[i], lease_token=f"t{i}", output_sha256=sha, metrics={},
+                          train_started_at_ns=1, train_finished_at_ns=2,
+                          base_model_sha256="b" * 64)  # fmt: skip
+        ledger.lease_hop(ids[i + 1], f"t{i + 1}", sha)
+
+
+def test_a_hand_back_reads_no_event_back_and_stamps_each_row_once(ledger: Ledger) -> None:
+    """Each event is one INSERT; the snapshots carried forward come from what this process
+    recorded, not from the events read back; each row's ledger_seq is written once, one
+    statement per table; the run row is not read once its base model is pinned."""
+    hops = [HopRow(id=uuid.uuid4().hex, index=i, site=f"site-{i % 2}", hyperparameters={},
+                   status="pending", metrics={}) for i in range(4)]  # fmt: skip
+    ids = [hop.id for hop in hops]
+    run_id = uuid.uuid4().hex
+    ledger.create_run(run_id, "count", {"task": "t"}, hops, None)
+    ledger.lease_hop(ids[0], "t0", None)
+    _hand_back(ledger, run_id, ids, 0)  # pins the base model
+    statements: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(" ".join(statement.split()))
+
+    event.listen(ledger.engine, "before_cursor_execute", note)
+    _hand_back(ledger, run_id, ids, 1)
+    event.remove(ledger.engine, "before_cursor_execute", note)
+    event_reads = [s for s in statements if re.match(r"SELECT .* FROM events", s)]
+    assert len(event_reads) == 1 and "events.hash" in event_reads[0]  # the chain's head
+    assert len([s for s in statements if s.startswith("INSERT INTO events")]) == 4
+    stamps = [s for s in statements if "SET ledger_seq" in s]
+    assert sorted(s.split()[1] for s in stamps) == ["checkpoints", "hops"]
+    assert not [s for s in statements if re.match(r"SELECT runs\.id", s)]
+    assert ledger.run(run_id).base_model_sha256 == "b" * 64
+    assert ledger.verify().ok
