@@ -7,7 +7,6 @@ trials live in benchmarks/soak.py; these are the representative cases.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from pathlib import Path
 
 from coordinator.console.admin import AdminClient
@@ -18,38 +17,28 @@ from site_agent._synthetic import SYNTHETIC_LABELS
 from tests.conftest import SITES, Pki
 from tests.integration.conftest import Cluster, wait_for_hop, wait_for_run
 
-STEPS = 100  # a hop killed while it trains: long enough that it still trains when the kill comes
-SHORT_STEPS = 4  # the other hops
+STEPS = 100
 
 
-def _plan(killed_hops: Collection[int]) -> dict[str, object]:
-    hops = [{"site": site, "hyperparameters": {"steps": STEPS if i in killed_hops else SHORT_STEPS}}
-            for i, site in enumerate(SITES)]  # fmt: skip
+def _plan(steps: int) -> dict[str, object]:
     return {
         "name": "fault-injection", "dataset": "notes", "labels": list(SYNTHETIC_LABELS),
-        "hops": hops, "defaults": {"batch_size": 8},
+        "sites": list(SITES), "defaults": {"steps": steps, "batch_size": 8},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]},
         "failure": {"on_failure": "retry", "max_retries": 3, "retry_backoff_seconds": 0.2,
                     "lease_timeout_seconds": 10},
     }  # fmt: skip
 
 
-def _start_sites(
-    cluster: Cluster, port: int, pki: Pki, data: dict[str, Path], model: Path, bundle: str
-) -> None:
+def _start_sites(cluster: Cluster, port: int, pki: Pki, data: dict[str, Path], model: Path) -> None:
     for site in SITES:
-        _start_site(cluster, site, port, pki, data, model, bundle)
+        _start_site(cluster, site, port, pki, data, model)
 
 
 def _start_site(
-    cluster: Cluster,
-    site: str,
-    port: int,
-    pki: Pki,
-    data: dict[str, Path],
-    model: Path,
-    bundle: str,
+    cluster: Cluster, site: str, port: int, pki: Pki, data: dict[str, Path], model: Path
 ) -> None:
+    bundle = parse_plan(_plan(steps=STEPS)).approval_bundle().sha256
     cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
                        data_dir=data[site], base_model_dir=model, threads=1,
                        approve=[bundle])  # fmt: skip
@@ -75,20 +64,18 @@ def _check_outcome(state_dir: Path, run_id: str) -> None:
 def test_site_killed_mid_training_redoes_its_hop_after_a_restart(
     pki: Pki, tmp_path: Path, base_model: Path, site_data: dict[str, Path]
 ) -> None:
-    plan = parse_plan(_plan(killed_hops={1}))
-    bundle = plan.approval_bundle().sha256
     state = tmp_path / "coordinator"
     cluster = Cluster(log_dir=tmp_path / "logs")
     with cluster.running():
         port = cluster.start_coordinator(state_dir=state, pki_dir=pki.directory,
                                          port_file=tmp_path / "port")  # fmt: skip
-        _start_sites(cluster, port, pki, site_data, base_model, bundle)
+        _start_sites(cluster, port, pki, site_data, base_model)
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites(set(SITES), timeout=120)
-            run_id = admin.start_run(plan)
+            run_id = admin.start_run(parse_plan(_plan(steps=STEPS)))
             wait_for_hop(admin, run_id, 1, "training")
             cluster.process(SITES[1]).kill()
-            _start_site(cluster, SITES[1], port, pki, site_data, base_model, bundle)
+            _start_site(cluster, SITES[1], port, pki, site_data, base_model)
             run = wait_for_run(admin, cluster, run_id)
     assert run.status == "completed", run.error
     _check_outcome(state, run_id)
@@ -99,18 +86,16 @@ def test_coordinator_killed_mid_run_restarts_and_the_run_completes(
 ) -> None:
     # Killed twice in one run: in the first hop (nothing committed yet) and in the last one
     # (after commits), each time while a site trains.
-    killed_hops = (0, len(SITES) - 1)
-    plan = parse_plan(_plan(killed_hops))
     state = tmp_path / "coordinator"
     cluster = Cluster(log_dir=tmp_path / "logs")
     with cluster.running():
         port = cluster.start_coordinator(state_dir=state, pki_dir=pki.directory,
                                          port_file=tmp_path / "port")  # fmt: skip
-        _start_sites(cluster, port, pki, site_data, base_model, plan.approval_bundle().sha256)
+        _start_sites(cluster, port, pki, site_data, base_model)
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites(set(SITES), timeout=120)
-            run_id = admin.start_run(plan)
-        for hop in killed_hops:
+            run_id = admin.start_run(parse_plan(_plan(steps=STEPS)))
+        for hop in (0, len(SITES) - 1):
             with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
                 wait_for_hop(admin, run_id, hop, "training")
             cluster.process("coordinator").kill()
