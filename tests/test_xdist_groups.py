@@ -64,3 +64,32 @@ def test_ray_tests_and_a_modules_fixture_users_each_run_on_one_worker(tmp_path: 
     assert len(workers["ray"]) == 1, lines
     assert len(workers["shared"]) == 1, lines
     assert lines.count("model built") == 1
+
+
+class _Item:
+    def __init__(self, nodeid: str) -> None:
+        self.nodeid = nodeid
+
+    def get_closest_marker(self, name: str) -> object:
+        return object() if name == "xdist_group" else None  # grouped already: kept as it is
+
+
+class _Plugins:
+    def hasplugin(self, name: str) -> bool:
+        return name == "xdist"
+
+
+class _WorkerConfig:
+    pluginmanager = _Plugins()
+    workerinput: dict[str, object] = {}
+
+
+def test_a_worker_lists_the_tests_that_start_processes_first_in_their_own_order() -> None:
+    from tests import xdist_groups
+
+    ids = ["tests/coordinator_tests/test_a.py::test_one", "tests/integration/test_b.py::test_two",
+           "tests/site_agent_tests/test_c.py::test_three", "tests/test_xdist_groups.py::test_four",
+           "tests/integration/test_a.py::test_five"]  # fmt: skip
+    items = [_Item(i) for i in ids]
+    xdist_groups.pytest_collection_modifyitems(_WorkerConfig(), items)  # type: ignore[arg-type]
+    assert [item.nodeid for item in items] == [ids[1], ids[3], ids[4], ids[0], ids[2]]

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import pytest
 
+# Handed out before the other tests, longest work first: the tests that start real coordinator,
+# site or pytest processes (10-60 s each). In collection order they came in the middle and at the
+# very end (test_xdist_groups.py), so the run could end with one worker on a long test while the
+# other had nothing left; first, the many short tests after them even out the two workers' ends
+# (xdist's loadgroup hands out the groups of several tests first, then the rest in this order).
+LONG_FIRST = ("tests/integration/", "tests/deploy_tests/", "tests/test_xdist_groups.py")
+
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -34,6 +41,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("ray"))
         elif shared and module is not None:
             item.add_marker(pytest.mark.xdist_group(module.__name__))
+    if hasattr(config, "workerinput"):  # the scheduler hands tests out in its workers' order
+        items[:] = sorted(items, key=lambda item: not item.nodeid.startswith(LONG_FIRST))
 
 
 class _GroupInNodeId:
