@@ -29,7 +29,7 @@ from site_agent.base_model import hash_base_model
 from site_agent.evaluation_task import EvaluationRunner
 from site_agent.examples import TASK_TYPES
 from site_agent.heads import HEAD_FILE, KeptHead
-from site_agent.hop_runner import BeatThreads, HopRunner
+from site_agent.hop_runner import BeatThreads, HopRunner, keep_freed_buffers
 from site_agent.metrics import SiteMetrics
 from site_agent.reconnect import ReconnectBackoff, wait_for_port
 from site_agent.refusal import CertificateRefused, local_certificate_problem, probe_handshake
@@ -87,6 +87,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
     """Runs tasks for one site until stopped."""
 
     def __init__(self, settings: SiteSettings) -> None:
+        keep_freed_buffers()  # a handoff's buffers reuse the last one's pages (see there)
         self.settings = settings
         self.state = SiteState(settings.state_path)
         self.heads = KeptHead(settings.state_path.parent / HEAD_FILE, settings.ca_certificate)
