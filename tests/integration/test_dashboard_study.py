@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
@@ -48,6 +49,10 @@ def _until(condition: Callable[[], Any], what: str, timeout: float = 90.0) -> An
     raise TimeoutError(f"{what} within {timeout} s")
 
 
+# Slow (~40 s; make test-all): make test keeps a study worker started and stopped from the
+# dashboard (coordinator_tests/test_dashboard_studies.py) and studies' trials as real runs
+# (test_study.py).
+@pytest.mark.slow
 def test_a_study_started_from_the_dashboard_runs_trials_and_stops_as_asked(
     pki: Pki, tmp_path: Path
 ) -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from coordinator.console.admin import AdminClient
 from coordinator.ledger import Ledger
 from coordinator.plan import parse_plan
@@ -81,6 +83,9 @@ def test_site_killed_mid_training_redoes_its_hop_after_a_restart(
     _check_outcome(state, run_id)
 
 
+# Slow (~50 s; make test-all): make test keeps a coordinator SIGKILLed mid-run, restarted and
+# the run completed with nothing lost in test_commit_first.
+@pytest.mark.slow
 def test_coordinator_killed_mid_run_restarts_and_the_run_completes(
     pki: Pki, tmp_path: Path, base_model: Path, site_data: dict[str, Path]
 ) -> None:

@@ -13,6 +13,8 @@ import pytest
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "handoff.py"
 
 
+# Slow (~25 s; make test-all): the benchmark's own harness, run with the benchmarks.
+@pytest.mark.slow
 def test_handoff_benchmark_breaks_batons_handoffs_into_ledger_phases(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
