@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import safetensors.torch
 
 from coordinator.console.admin import AdminClient
@@ -55,6 +56,10 @@ def _fold_training_rows(datasets: dict[str, RegisteredDataset], fold: int) -> np
     ])  # fmt: skip
 
 
+# Slow (~30 s; make test-all): make test keeps a statistics round through real site processes
+# (test_statistics_round.py) and per-fold statistics at each end (coordinator_tests and
+# site_agent_tests/test_fold_statistics.py).
+@pytest.mark.slow
 def test_per_fold_statistics_reach_the_cross_validation_run(pki: Pki, tmp_path: Path) -> None:
     datasets: dict[str, RegisteredDataset] = {}
     for index, site in enumerate(SITES):
