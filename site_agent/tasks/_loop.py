@@ -8,9 +8,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
+from site_agent.tasks._adamw import AdamW
 from site_agent.tasks._device import synchronize
 from site_agent.tasks._spec import CancelCheck, HopCancelled, HopHyperparameters, ProgressCallback
 
@@ -39,15 +41,12 @@ class TrainingRun:
 
 
 def warm_up_optimizer() -> None:
-    """Builds and steps a throw-away AdamW once, so a hop's first optimizer pays no lazy import.
-
-    Creating torch's first optimizer imports ``torch._dynamo`` and its dependencies (about a
-    second of CPU on a small machine); done while the site starts, not in the handoff. No random
-    number generator is touched.
-    """
+    """Builds and steps a throw-away AdamW once, so a hop's first step pays no first-call costs
+    (torch's functional update and its kernels); done while the site starts, not in the handoff.
+    No random number generator is touched."""
     parameter = torch.nn.Parameter(torch.zeros(1))
     parameter.grad = torch.zeros(1)
-    torch.optim.AdamW([parameter], lr=1e-3).step()
+    AdamW([parameter], lr=1e-3).step()
 
 
 def train(
@@ -61,9 +60,9 @@ def train(
     anchors: Sequence[torch.Tensor] | None,
     progress: ProgressCallback | None,
     should_cancel: CancelCheck | None,
-    optimizer: torch.optim.AdamW | None = None,
+    optimizer: AdamW | None = None,
 ) -> TrainingRun:
-    """Runs the optimizer steps of one hop with AdamW.
+    """Runs the optimizer steps of one hop with AdamW (torch's update; see ``_adamw``).
 
     Args:
         trainable: The parameters to optimise, in a fixed order.
@@ -92,12 +91,14 @@ def train(
     total = hp.total_steps(num_examples)
     params = list(trainable)
     if optimizer is None:
-        optimizer = torch.optim.AdamW(
+        optimizer = AdamW(
             params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=(0.9, hp.adam_beta2)
         )
     else:
         _configure(optimizer, params, hp)
     scaler = torch.amp.GradScaler(device.type) if fp16 else None
+    # GradScaler reads only param_groups and calls step(): what this AdamW has.
+    as_scaled = cast(torch.optim.Optimizer, optimizer)
     mu = hp.proximal_mu if anchors is not None else 0.0
     batches = batch_indices(num_examples, hp.batch_size, hp.seed)
     recent: deque[float] = deque(maxlen=_TRAIN_LOSS_WINDOW)
@@ -122,10 +123,10 @@ def train(
         if scaler is not None:
             torch.autograd.backward(scaler.scale(loss))
             if hp.max_grad_norm > 0:
-                scaler.unscale_(optimizer)
+                scaler.unscale_(as_scaled)
                 torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
             # The scaler skips steps with inf/nan gradients and lowers its scale.
-            scaler.step(optimizer)
+            scaler.step(as_scaled)
             scaler.update()
         else:
             torch.autograd.backward(loss)
@@ -150,15 +151,15 @@ def train(
     )
 
 
-def idle_optimizer(trainable: Sequence[torch.nn.Parameter]) -> torch.optim.AdamW:
+def idle_optimizer(trainable: Sequence[torch.nn.Parameter]) -> AdamW:
     """An AdamW over ``trainable``, built before the hop's settings are known (a prepared hop):
     ``train`` sets them. AdamW keeps no state until its first step, so this is the optimizer
     ``train`` would have built."""
-    return torch.optim.AdamW(list(trainable))
+    return AdamW(list(trainable))
 
 
 def _configure(
-    optimizer: torch.optim.AdamW, params: Sequence[torch.nn.Parameter], hp: HopHyperparameters
+    optimizer: AdamW, params: Sequence[torch.nn.Parameter], hp: HopHyperparameters
 ) -> None:
     """Gives an idle AdamW built ahead the hop's settings; refuses one that stepped or holds
     other parameters (it would not be the optimizer a fresh hop builds)."""

@@ -28,6 +28,7 @@ from transformers import (
 
 from site_agent.base_model import hash_base_model
 from site_agent.registry import RegisteredDataset
+from site_agent.tasks._adamw import AdamW
 from site_agent.tasks._device import ComputeDevice, set_num_threads
 from site_agent.tasks._loop import idle_optimizer, proximal_anchors, train
 from site_agent.tasks._lora import (
@@ -150,7 +151,7 @@ class _PreparedHop:
     # The PEFT config the hand back carries (the same for every hop with this key).
     adapter_config: dict[str, object]
     # The hop's AdamW over the model's trainable parameters, idle (settings come with the hop).
-    optimizer: torch.optim.AdamW
+    optimizer: AdamW
     # Those parameters in the model's order: the hop's start does not walk the module tree
     # (~130 modules, 6 ms under load) to find them again.
     trainable: list[torch.nn.Parameter]

@@ -229,11 +229,18 @@ def _imports_after_the_background_load(tmp_path: Path, imports: str, call: str) 
     return int(done.stdout)
 
 
-def test_after_the_background_load_a_hops_first_optimizer_imports_nothing(tmp_path: Path) -> None:
-    """torch imports ~800 modules (torch._dynamo...) when its first optimizer is built: a
-    second in a handoff. The site's background load pays it instead."""
-    optimizer = "torch.optim.AdamW(torch.nn.Linear(3, 1).parameters(), lr=0.1)"
-    assert _imports_after_the_background_load(tmp_path, "import torch", optimizer) == 0
+def test_after_the_background_load_a_hops_first_optimizer_step_imports_nothing(
+    tmp_path: Path,
+) -> None:
+    """A hop's first optimizer step (torch's functional AdamW) loads nothing in the handoff:
+    the site's background load has stepped one already."""
+    optimizer = (
+        "layer = torch.nn.Linear(3, 1)\n"
+        "layer(torch.ones(2, 3)).sum().backward()\n"
+        "AdamW(layer.parameters(), lr=0.1).step()"
+    )
+    imports = "import torch\nfrom site_agent.tasks._adamw import AdamW"
+    assert _imports_after_the_background_load(tmp_path, imports, optimizer) == 0
 
 
 def test_after_the_background_load_a_hops_first_custody_signature_imports_nothing(

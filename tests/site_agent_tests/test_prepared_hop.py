@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from site_agent.registry import RegisteredDataset
-from site_agent.tasks import HopHyperparameters, LoraSettings, TaskSpec, create_trainer
+from site_agent.tasks import HopHyperparameters, LoraSettings, TaskSpec, _loop, create_trainer
 from site_agent.tasks._spec import PreparingTrainer
 
 FIRST = HopHyperparameters(learning_rate=1e-2, steps=3, batch_size=8, seed=11)
@@ -103,14 +103,14 @@ def test_a_prepared_hop_builds_no_optimizer_once_its_task_has_come(
     dataset = site_datasets[0]
     trainer = _prepared_for_the_first_hop(tiny_model_dir, spec, dataset)
     built: list[object] = []
-    real = torch.optim.AdamW
+    real = _loop.AdamW
 
     class _Counting(real):  # type: ignore[misc, valid-type]
         def __init__(self, *args: object, **kwargs: object) -> None:
             built.append(args)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(torch.optim, "AdamW", _Counting)
+    monkeypatch.setattr(_loop, "AdamW", _Counting)
     trainer.run_hop(spec, dataset, FIRST, None, defer_validation=True)
 
     # Built (in training mode, with its optimizer) while another site trained.
