@@ -7,6 +7,7 @@ import contextlib
 import json
 from pathlib import Path
 
+from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.ledger import Ledger
 from coordinator.storage_faults import StorageHealth
 from coordinator.store import CheckpointStore, fsync_write
@@ -30,13 +31,15 @@ def export_final(store: CheckpointStore, out: Path, sha256: str) -> None:
 
 async def complete_run(
     ledger: Ledger,
+    writer: LedgerWriter,
     store: CheckpointStore,
     storage: StorageHealth,
     runs_dir: Path,
     run_id: str,
     final_sha256: str,
 ) -> None:
-    """Exports a running run's final adapter beside it, then marks the run completed.
+    """Exports a running run's final adapter beside it (a worker thread), then marks the run
+    completed (on the ledger writer's thread).
 
     Raises:
         StorageFault: The export could not be written; the run is still running.
@@ -48,7 +51,8 @@ async def complete_run(
     with storage.guard(f"export of run {run_id}'s final adapter", needs_bytes=needs):
         out = final_adapter_dir(runs_dir, run_id)
         await asyncio.to_thread(export_final, store, out, final_sha256)
-        ledger.transition_run(
+        await writer.run(
+            ledger.transition_run,
             run_id,
             expected=("running",),
             status="completed",

@@ -652,8 +652,8 @@ class Hops:
         if await self._refuse_tampered(run, final.output_sha256):
             return
         try:
-            await complete_run(self.ledger, self.store, self.storage, self.runs_dir, run.id,
-                               final.output_sha256)  # fmt: skip
+            await complete_run(self.ledger, self.writer, self.store, self.storage, self.runs_dir,
+                               run.id, final.output_sha256)  # fmt: skip
         except StorageFault:
             return  # still running: the watchdog retries the export once storage recovers
         logger.info("run %s completed", run.id)

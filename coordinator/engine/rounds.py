@@ -14,7 +14,6 @@ before the engine acts on them: starting a round, leasing its hops, aggregating,
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -27,6 +26,7 @@ from coordinator.aggregation import AggregationError
 from coordinator.engine.active_runs import ActiveRuns
 from coordinator.engine.export import complete_run
 from coordinator.engine.leases import HopLeases
+from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.engine.sessions import SiteSessions
 from coordinator.engine.uploads import UploadIntake
 from coordinator.federated import AggregateSigner, commit_round
@@ -77,8 +77,10 @@ class Rounds:
         intake: UploadIntake,
         signer: AggregateSigner | None,
         runs: ActiveRuns,
+        writer: LedgerWriter,
     ) -> None:
         self.ledger = ledger
+        self.writer = writer  # the rounds' ledger reads and writes run on its thread
         self.runs = runs  # the running runs and their rounds, in memory (written through)
         self.store = store
         self.runs_dir = runs_dir
@@ -97,26 +99,28 @@ class Rounds:
         rounds = self.runs.rounds(run.id)
         row = current_round(rounds)
         if row is None:
-            if not self._tampered(run):
+            if not await self._tampered(run):
                 await self._finish(run, rounds)
             return
         if row.status == "failed":
             return
         checked = row.status == "pending"  # its rows are checked before it starts
         if row.status == "pending":
-            if self._tampered(run):
+            if await self._tampered(run):
                 return
             before = [r for r in rounds if r.number < row.number]
-            row = self.ledger.start_round(row.id, before[-1].output_sha256 if before else None)
+            row = await self.writer.run(
+                self.ledger.start_round, row.id, before[-1].output_sha256 if before else None
+            )
             logger.info("run %s round %d started", run.id, row.number)
         by_id = {h.id: h for h in run.hops}
         leasable = leasable_hops(row, by_id)
         if not leasable and not stragglers(row, by_id):
-            if not self._tampered(run):
+            if not await self._tampered(run):
                 await self._aggregate(run, rounds, row, by_id, hops)
             return
         leases_now = any(self._leases_now(hop) for hop, _ in leasable)
-        if leases_now and not checked and self._tampered(run):
+        if leases_now and not checked and await self._tampered(run):
             return
         for hop, input_sha256 in leasable:
             if self._on_its_stream(hop):
@@ -140,12 +144,15 @@ class Rounds:
             and time.monotonic() >= self.leases.not_before.get(hop.id, 0.0)
         )
 
-    def _tampered(self, run: RunRow) -> bool:
+    async def _tampered(self, run: RunRow) -> bool:
         """Pauses the run (ledgered) if a round row in SQL differs from its ledger event.
 
         Read from SQL, not memory: an edit made behind the ledger's back is in the database.
         Called only before the engine acts on the rounds, never per beat or re-dispatch.
         """
+        return await self.writer.run(self._check_rounds, run)
+
+    def _check_rounds(self, run: RunRow) -> bool:
         mismatches = self.ledger.row_mismatches(list(self.ledger.rounds(run.id)))
         if not mismatches:
             return False
@@ -163,16 +170,16 @@ class Rounds:
         hops: HopDispatcher,
     ) -> None:
         if self.signer is None:
-            self._fail(run, row, "this coordinator has no key to sign round aggregates")
+            await self._fail(run, row, "this coordinator has no key to sign round aggregates")
             return
         current = [r if r.id != row.id else row for r in rounds]
         try:
             with self.storage.guard(f"aggregate of round {row.number} of run {run.id}"):
-                done = await asyncio.to_thread(
+                done = await self.writer.run(
                     commit_round, self.ledger, self.store, self.signer, run, current, row, by_id
                 )
         except (AggregationError, OSError) as exc:
-            self._fail(run, row, f"round {row.number}: {exc}")
+            await self._fail(run, row, f"round {row.number}: {exc}")
             return
         logger.info("run %s round %d aggregated from %d contribution(s)", run.id, done.number,
                     len(done.contributions))  # fmt: skip
@@ -184,8 +191,11 @@ class Rounds:
         if fresh is not None:  # still running
             await self.dispatch_locked(fresh, hops)
 
-    def _fail(self, run: RunRow, row: RoundRow, error: str) -> None:
+    async def _fail(self, run: RunRow, row: RoundRow, error: str) -> None:
         logger.error("run %s failed: %s", run.id, error)
+        await self.writer.run(self._fail_round_and_run, run, row, error)
+
+    def _fail_round_and_run(self, run: RunRow, row: RoundRow, error: str) -> None:
         self.ledger.fail_round(row.id, error, [])
         self.ledger.transition_run(
             run.id, expected=("running",), status="failed", error=error,
@@ -196,11 +206,14 @@ class Rounds:
         """Completes a run whose rounds are all aggregated: final = the last aggregate."""
         final = rounds[-1].output_sha256 if rounds else None
         if final is None:
-            self.ledger.transition_run(
-                run.id, expected=("running",), status="failed", error="no round was aggregated"
-            )
+            await self.writer.run(
+                self.ledger.transition_run,
+                run.id, expected=("running",), status="failed", error="no round was aggregated",
+            )  # fmt: skip
             return
-        await complete_run(self.ledger, self.store, self.storage, self.runs_dir, run.id, final)
+        await complete_run(
+            self.ledger, self.writer, self.store, self.storage, self.runs_dir, run.id, final
+        )
         logger.info("run %s completed after %d rounds", run.id, len(rounds))
 
     def live_hops(self, run: RunRow) -> list[HopRow]:
@@ -250,14 +263,15 @@ class Rounds:
                     if hop.status in LIVE_HOP_STATES:
                         self.leases.forget(hop.id)
                         self.intake.hop_ended(hop.id, "run aborted at the round deadline")
-            self._fail(run, row, f"round {row.number}: {names} missed the round deadline")
+            await self._fail(run, row, f"round {row.number}: {names} missed the round deadline")
             return
         for member in late:
             for hop in member.hops:
                 if hop.status in ("committed", "skipped"):
                     continue
                 self.leases.forget(hop.id)
-                self.ledger.transition_hop(
+                await self.writer.run(
+                    self.ledger.transition_hop,
                     hop.id, expected=(*LIVE_HOP_STATES, "pending"), status="skipped",
                     event="hop.skipped", lease_token=None, error_code=DEADLINE_CODE,
                     error="dropped at the round deadline",

@@ -83,7 +83,7 @@ class RunEngine:
         )  # fmt: skip
         self.rounds = Rounds(
             ledger, store, runs_dir, self.storage, self.sessions, self.leases, self.intake,
-            aggregate_signer, self.runs,
+            aggregate_signer, self.runs, self.writer,
         )  # fmt: skip
         self.hops = Hops(
             ledger, store, runs_dir, self.storage, self.metrics, self._lock,
@@ -92,9 +92,9 @@ class RunEngine:
         self.controls = RunControls(
             ledger, self._lock, self.hops, self.leases, self.intake, self.runs
         )
-        self.evaluations = Evaluations(ledger, self.storage, self._lock, self.sessions)
+        self.evaluations = Evaluations(ledger, self.storage, self._lock, self.sessions, self.writer)
         self.statistics = StatisticsRounds(
-            ledger, self._lock, self.sessions,
+            ledger, self._lock, self.sessions, self.writer,
             min_count=statistics_min_count, expiry_seconds=statistics_expiry_seconds,
         )  # fmt: skip
 

@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import get_args
 
+from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.engine.sessions import SiteSession, SiteSessions
 from coordinator.engine.tasks import (
     statistics_bundle,
@@ -114,18 +115,25 @@ def _released_aggregates(
 
 
 class StatisticsRounds:
-    """Statistics requests: created, sent to their sites, answered, settled or expired."""
+    """Statistics requests: created, sent to their sites, answered, settled or expired.
+
+    Their ledger reads and writes run on the engine's ledger writer thread, never on the event
+    loop, while the caller holds the engine's lock (so ``_sent`` is touched by one at a time);
+    tasks are queued to sessions on the loop.
+    """
 
     def __init__(
         self,
         ledger: Ledger,
         lock: asyncio.Lock,
         sessions: SiteSessions,
+        writer: LedgerWriter,
         *,
         min_count: int,
         expiry_seconds: float,
     ) -> None:
         self.ledger = ledger
+        self.writer = writer
         self._lock = lock  # the engine's one lock over state transitions
         self.sessions = sessions
         self.statistics_min_count = min_count  # for requests that name no minimum
@@ -167,7 +175,7 @@ class StatisticsRounds:
         chosen = list(dict.fromkeys(sites))
         if not chosen:
             raise InvalidInput("a statistics request must name at least one site")
-        known = {row.name for row in self.ledger.sites()}
+        known = {row.name for row in await self.writer.run(self.ledger.sites)}
         unknown = sorted(set(chosen) - known)
         if unknown:
             raise InvalidInput(f"no site named {', '.join(unknown)} has ever connected")
@@ -209,9 +217,10 @@ class StatisticsRounds:
             )
             for site in chosen
         ]
-        self.ledger.create_statistics(
-            request, answers, approval_bundle_sha256=statistics_bundle(request).sha256
-        )
+        await self.writer.run(
+            self.ledger.create_statistics,
+            request, answers, approval_bundle_sha256=statistics_bundle(request).sha256,
+        )  # fmt: skip
         logger.info("statistics %s of %s requested from %s (min count %d, noise std %g, "
                     "folds %d)", request.id, dataset, ", ".join(chosen), min_count, noise_std,
                     cv_folds)  # fmt: skip
@@ -226,10 +235,7 @@ class StatisticsRounds:
         """
         await self.expire_statistics()
         async with self._lock:
-            for request in self.ledger.statistics_requests("pending"):
-                if all(answer.status != "pending" for answer in request.answers):
-                    self._settle(request)
-                    continue
+            for request in await self.writer.run(self._pending_settling_the_answered):
                 for answer in request.answers:
                     session = self.sessions.get(answer.site)
                     key = statistics_key(request.id, answer.site)
@@ -239,6 +245,16 @@ class StatisticsRounds:
                         continue
                     self._sent[key] = session
                     session.queue.put_nowait(statistics_task(request, answer))
+
+    def _pending_settling_the_answered(self) -> list[StatisticsRequestRow]:
+        """The pending requests still waiting for an answer; settles those answered in full."""
+        waiting = []
+        for request in self.ledger.statistics_requests("pending"):
+            if all(answer.status != "pending" for answer in request.answers):
+                self._settle(request)
+            else:
+                waiting.append(request)
+        return waiting
 
     async def report_statistics(self, site: str, result: pb.StatisticsResult) -> str:
         """Records one site's aggregates or refusal; settles the request when it can.
@@ -251,50 +267,53 @@ class StatisticsRounds:
             The site's answer status: "done" or "failed".
         """
         async with self._lock:
-            request = self.ledger.statistics_request(result.statistics_id)
-            if request is None:
-                raise NotFound(f"no statistics request {result.statistics_id}")
-            answer = next((a for a in request.answers if a.site == site), None)
-            if answer is None:
-                raise PermissionDenied(f"statistics {request.id} is not assigned to site {site}")
-            if (
-                answer.status != "pending"
-                or not result.lease_token
-                or answer.lease_token != result.lease_token
-            ):
-                raise StaleLease(f"statistics {request.id} of site {site} is not pending "
-                                 "under that lease token")  # fmt: skip
-            expires_at = statistics_expiry(request)
-            if expires_at is not None and datetime.now(UTC) > expires_at:
-                self._expire(request, expires_at)
-                raise StaleLease(
-                    f"statistics {request.id} expired at "
-                    f"{expires_at.isoformat(timespec='seconds')}; the answer of site {site} "
-                    "came too late"
-                )
-            try:
-                if result.ok:
-                    released = _released_aggregates(request, site, result)
-                    self.ledger.finish_statistics_answer(
-                        request.id, site, lease_token=result.lease_token,
-                        aggregates=released.to_json(),
-                    )  # fmt: skip
-                else:
-                    self.ledger.finish_statistics_answer(
-                        request.id, site, lease_token=result.lease_token, aggregates=None,
-                        error_code=result.error_code or "site-error",
-                        error=result.error_message or "the site reported a failure",
-                    )  # fmt: skip
-            except TransitionRefused as exc:
-                raise StaleLease(str(exc)) from exc
-            self._sent.pop(statistics_key(request.id, site), None)
-            refreshed = self.ledger.statistics_request(request.id)
-            assert refreshed is not None
-            if refreshed.status == "pending":
-                self._settle(refreshed)
-            logger.info("statistics %s: site %s answered (%s)", request.id, site,
-                        "ok" if result.ok else result.error_code)  # fmt: skip
-            return "done" if result.ok else "failed"
+            return await self.writer.run(self._record_answer, site, result)
+
+    def _record_answer(self, site: str, result: pb.StatisticsResult) -> str:
+        request = self.ledger.statistics_request(result.statistics_id)
+        if request is None:
+            raise NotFound(f"no statistics request {result.statistics_id}")
+        answer = next((a for a in request.answers if a.site == site), None)
+        if answer is None:
+            raise PermissionDenied(f"statistics {request.id} is not assigned to site {site}")
+        if (
+            answer.status != "pending"
+            or not result.lease_token
+            or answer.lease_token != result.lease_token
+        ):
+            raise StaleLease(f"statistics {request.id} of site {site} is not pending "
+                             "under that lease token")  # fmt: skip
+        expires_at = statistics_expiry(request)
+        if expires_at is not None and datetime.now(UTC) > expires_at:
+            self._expire(request, expires_at)
+            raise StaleLease(
+                f"statistics {request.id} expired at "
+                f"{expires_at.isoformat(timespec='seconds')}; the answer of site {site} "
+                "came too late"
+            )
+        try:
+            if result.ok:
+                released = _released_aggregates(request, site, result)
+                self.ledger.finish_statistics_answer(
+                    request.id, site, lease_token=result.lease_token,
+                    aggregates=released.to_json(),
+                )  # fmt: skip
+            else:
+                self.ledger.finish_statistics_answer(
+                    request.id, site, lease_token=result.lease_token, aggregates=None,
+                    error_code=result.error_code or "site-error",
+                    error=result.error_message or "the site reported a failure",
+                )  # fmt: skip
+        except TransitionRefused as exc:
+            raise StaleLease(str(exc)) from exc
+        self._sent.pop(statistics_key(request.id, site), None)
+        refreshed = self.ledger.statistics_request(request.id)
+        assert refreshed is not None
+        if refreshed.status == "pending":
+            self._settle(refreshed)
+        logger.info("statistics %s: site %s answered (%s)", request.id, site,
+                    "ok" if result.ok else result.error_code)  # fmt: skip
+        return "done" if result.ok else "failed"
 
     def _settle(self, request: StatisticsRequestRow) -> None:
         """Fails a pending request once a site refused; combines once every site answered."""
@@ -333,10 +352,13 @@ class StatisticsRounds:
         """Fails every pending statistics request past its expiry (``statistics.expired``)."""
         now = datetime.now(UTC)
         async with self._lock:
-            for request in self.ledger.statistics_requests("pending"):
-                expires_at = statistics_expiry(request)
-                if expires_at is not None and now > expires_at:
-                    self._expire(request, expires_at)
+            await self.writer.run(self._expire_due, now)
+
+    def _expire_due(self, now: datetime) -> None:
+        for request in self.ledger.statistics_requests("pending"):
+            expires_at = statistics_expiry(request)
+            if expires_at is not None and now > expires_at:
+                self._expire(request, expires_at)
 
     def _expire(self, request: StatisticsRequestRow, expires_at: datetime) -> None:
         waiting = [a.site for a in request.answers if a.status == "pending"]

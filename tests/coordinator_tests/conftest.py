@@ -190,6 +190,19 @@ def engine_clock(monkeypatch: pytest.MonkeyPatch) -> EngineClock:
     return clock
 
 
+def committing_threads(ledger: Ledger) -> dict[str, set[str]]:
+    """From now on, each event kind the ledger commits -> the names of the threads that
+    committed it (the engine's ledger writer is ``ledger-writer_0``; the loop's is not)."""
+    seen: dict[str, set[str]] = {}
+
+    def observe(_seq: int, _hash: str, kinds: tuple[str, ...]) -> None:
+        for kind in kinds:
+            seen.setdefault(kind, set()).add(threading.current_thread().name)
+
+    ledger.head_observers.append(observe)
+    return seen
+
+
 @pytest.fixture
 def ledger(database_url: str) -> Iterator[Ledger]:
     """A migrated ledger on the test database (each of the databases `database_url` names)."""

@@ -15,7 +15,7 @@ from coordinator.server import Coordinator
 from protocols.signing import verify_aggregate_custody
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import Pki
-from tests.coordinator_tests.conftest import EngineClock, ScriptedSite
+from tests.coordinator_tests.conftest import EngineClock, ScriptedSite, committing_threads
 
 
 def _plan(**federated: object) -> dict[str, object]:
@@ -36,6 +36,7 @@ def test_a_rounds_hops_are_leased_together_and_the_next_round_trains_from_the_ag
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator, pki: Pki
 ) -> None:
     admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
+    committed_on = committing_threads(coordinator.engine.ledger)
     run_id = admin.start_run(parse_plan(_plan()))
     a, b = sites["site-a"].next_task(), sites["site-b"].next_task()  # both before any result
     assert (a.round, b.round) == (1, 1) and not a.HasField("input_checkpoint")
@@ -70,6 +71,9 @@ def test_a_rounds_hops_are_leased_together_and_the_next_round_trains_from_the_ag
     run = _wait(admin, run_id, "completed")
     assert run.final_sha256 == run.rounds[1].output_sha256
     assert coordinator.engine.ledger.verify().ok
+    # The rounds' writes, the export's completion included, commit off the event loop.
+    kinds = ("round.started", "round.aggregated", "run.completed")
+    assert {k: committed_on.get(k) for k in kinds} == {k: {"ledger-writer_0"} for k in kinds}
 
 
 def test_a_round_short_of_min_sites_fails_the_run_with_the_reason(

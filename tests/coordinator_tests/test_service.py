@@ -23,7 +23,7 @@ from protocols.checkpoint import CheckpointManifest, bundle_metadata, sha256_hex
 from protocols.signing import sign_digest
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import Pki
-from tests.coordinator_tests.conftest import BASE, WAIT, ScriptedSite
+from tests.coordinator_tests.conftest import BASE, WAIT, ScriptedSite, committing_threads
 
 
 def _plan(*sites: str) -> dict[str, object]:
@@ -254,6 +254,7 @@ def test_sites_evaluate_the_final_checkpoint_and_the_ledger_records_it(
     ref = sites["site-a"].upload(task, sites["site-a"].bundle(task))
     sites["site-a"].report(task, ref)
 
+    committed_on = committing_threads(_ledger(coordinator))
     [evaluation_id] = admin.evaluate_run(run_id, "test")
     evaluation = sites["site-a"].next_evaluation()
     assert evaluation.evaluation_id == evaluation_id and evaluation.split == "test"
@@ -278,6 +279,8 @@ def test_sites_evaluate_the_final_checkpoint_and_the_ledger_records_it(
     assert done.metrics["accuracy"] == pytest.approx(0.75)
     assert [e.kind for e in _ledger(coordinator).events(run_id)][-2:] == [
         "evaluation.requested", "evaluation.done"]  # fmt: skip
+    kinds = ("evaluation.requested", "evaluation.done")  # committed off the event loop
+    assert {k: committed_on.get(k) for k in kinds} == {k: {"ledger-writer_0"} for k in kinds}
     with pytest.raises(grpc.RpcError) as replay:
         sites["site-a"].stub.ReportEvaluation(result(0.1), timeout=30)
     assert replay.value.code() == grpc.StatusCode.FAILED_PRECONDITION

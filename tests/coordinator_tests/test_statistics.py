@@ -31,6 +31,7 @@ from tests.coordinator_tests.conftest import (
     WAIT,
     EngineClock,
     ScriptedSite,
+    committing_threads,
     request_heart_statistics,
 )
 from tests.coordinator_tests.conftest import next_statistics_task as _next_statistics
@@ -191,6 +192,7 @@ def test_sites_report_aggregates_and_the_ledger_records_the_pooled_normaliser(
     sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
 ) -> None:
     ledger = coordinator.engine.ledger
+    committed_on = committing_threads(ledger)
     requested = request_heart_statistics(admin)
     assert requested.status == "pending" and requested.min_count == 10  # the default
     bundle = ApprovalBundle.for_statistics("tabular", "heart", min_count=10, noise_std=0.0)
@@ -231,6 +233,8 @@ def test_sites_report_aggregates_and_the_ledger_records_the_pooled_normaliser(
         ("statistics.requested", None), ("statistics.site-done", "site-a"),
         ("statistics.site-done", "site-b"), ("statistics.done", None)]  # fmt: skip
     assert ledger.verify_chain() is None
+    kinds = ("statistics.requested", "statistics.site-done", "statistics.done")
+    assert {k: committed_on.get(k) for k in kinds} == {k: {"ledger-writer_0"} for k in kinds}
 
     # A replayed answer is fenced and recorded like any refusal; nothing changes.
     with pytest.raises(grpc.RpcError) as replay:
