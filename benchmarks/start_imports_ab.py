@@ -36,9 +36,13 @@ COORDINATOR = (
 
 
 def cpu_seconds(python: str, code: str, checkout: str) -> float:
+    """CPU of ``python -c code`` importing from `checkout`: run in it, since ``-c`` puts the
+    working directory before PYTHONPATH (from another checkout, both arms would import that one).
+    """
+    checkout = str(Path(checkout).resolve())
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     env = {**os.environ, "PYTHONPATH": checkout}
-    subprocess.run([python, "-c", code], env=env, check=True)
+    subprocess.run([python, "-c", code], env=env, cwd=checkout, check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 

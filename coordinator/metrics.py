@@ -1,9 +1,7 @@
 """The coordinator's Prometheus metrics: one registry per coordinator, base units, small labels.
 
 Labels only ever take values from fixed sets (hop statuses, phases, gRPC codes): never a run,
-hop or site name, so a consortium of any size keeps a bounded number of series. Counted in
-plain Python (`protocols.metric_values`): prometheus_client is imported at the first scrape, not
-on the way to readiness.
+hop or site name, so a consortium of any size keeps a bounded number of series.
 """
 
 from __future__ import annotations
@@ -11,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from protocols.metric_values import Counter, Gauge, Histogram, MetricSet
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["HOP_PHASES", "HOP_STATUSES", "CoordinatorMetrics"]
 
@@ -33,36 +31,39 @@ class CoordinatorMetrics:
     """Counters, histograms and gauges the run engine and servicers update."""
 
     def __init__(self) -> None:
-        self.set = MetricSet()
-        add = self.set.add
-        self.hops = add(Counter("baton_hops", "Hops settled, by outcome", ["status"]))
-        self.handoff = add(
-            Histogram(
-                "baton_handoff_seconds",
-                "End of one hop's training to the start of the next hop's training (site clocks)",
-                buckets=_SECONDS_BUCKETS,
-            )
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.hops = Counter(
+            "baton_hops", "Hops settled, by outcome", ["status"], registry=self.registry
         )
-        self.phase = add(
-            Histogram(
-                "baton_hop_phase_seconds",
-                "Time a hop spent in each phase, as the coordinator saw it",
-                ["phase"],
-                buckets=_SECONDS_BUCKETS,
-            )
+        self.handoff = Histogram(
+            "baton_handoff_seconds",
+            "End of one hop's training to the start of the next hop's training (site clocks)",
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
-        self.checkpoint_bytes = add(
-            Counter(
-                "baton_checkpoint_bytes",
-                "Checkpoint bytes moved between the coordinator and sites",
-                ["direction"],
-            )
+        self.phase = Histogram(
+            "baton_hop_phase_seconds",
+            "Time a hop spent in each phase, as the coordinator saw it",
+            ["phase"],
+            buckets=_SECONDS_BUCKETS,
+            registry=self.registry,
         )
-        self.lease_expiries = add(
-            Counter("baton_lease_expiries", "Hop leases that expired without a heartbeat")
+        self.checkpoint_bytes = Counter(
+            "baton_checkpoint_bytes",
+            "Checkpoint bytes moved between the coordinator and sites",
+            ["direction"],
+            registry=self.registry,
         )
-        self.refusals = add(Counter("baton_refusals", "Calls refused, by gRPC status", ["reason"]))
-        self.connected_sites = add(Gauge("baton_connected_sites", "Sites with an open task stream"))
+        self.lease_expiries = Counter(
+            "baton_lease_expiries", "Hop leases that expired without a heartbeat",
+            registry=self.registry,
+        )  # fmt: skip
+        self.refusals = Counter(
+            "baton_refusals", "Calls refused, by gRPC status", ["reason"], registry=self.registry
+        )
+        self.connected_sites = Gauge(
+            "baton_connected_sites", "Sites with an open task stream", registry=self.registry
+        )
         # Every known label value exists from the start, so rate() sees the first increment.
         for status in HOP_STATUSES:
             self.hops.labels(status=status)
@@ -100,4 +101,4 @@ class CoordinatorMetrics:
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""
-        return self.set.exposition()
+        return generate_latest(self.registry)

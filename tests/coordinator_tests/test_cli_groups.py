@@ -1,6 +1,6 @@
 """`baton GROUP ...` builds that group alone: `coordinator serve` reaches ready without the other
-groups' modules, rich, the settings libraries' providers or prometheus_client (imported at the
-first scrape), and each group alone is the group of the whole tree."""
+groups' modules, rich or the settings libraries'
+providers, and each group alone is the group of the whole tree."""
 
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ def test_serve_reaches_ready_without_the_other_groups_or_rich(pki: Pki, tmp_path
     assert not {name for name in imported
                 if name in _OTHER_GROUPS | _TREE_ONLY or name.startswith("rich.")}  # fmt: skip
     assert not imported & _SETTINGS_PROVIDERS
-    assert "prometheus_client" not in imported
 
 
 def _shape(command: click.Command) -> object:

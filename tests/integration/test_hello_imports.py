@@ -1,7 +1,7 @@
 """What a real site process imports before its hello to a real coordinator (mTLS on loopback):
 not the settings libraries' providers (pydantic-settings, dotenv, argparse), nor the dataset
 parsers (the hello lists the registrations, it parses no data file), nor numpy (statistics and
-releases import it where they compute), nor prometheus_client (imported to serve /metrics)."""
+releases import it where they compute)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from tests.integration.conftest import Cluster
 
 HELLO = "connected to coordinator"
 # pydantic-settings imported every settings source and provider it has (dotenv, argparse...).
-NOT_BEFORE_HELLO = {
-    "pydantic_settings", "dotenv", "argparse", "site_agent.loaders", "numpy", "prometheus_client",
-}  # fmt: skip
+NOT_BEFORE_HELLO = {"pydantic_settings", "dotenv", "argparse", "site_agent.loaders", "numpy"}
 
 
 def imported_before(log: str, line_part: str) -> set[str]:

@@ -1,0 +1,24 @@
+"""The start-imports A/B's probe imports the arm's checkout, whatever directory the A/B runs in."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.benchmark_module import benchmark_module
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_probe_imports_its_own_checkout_not_the_working_directorys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkout = tmp_path / "other"
+    (checkout / "coordinator").mkdir(parents=True)
+    (checkout / "coordinator" / "__init__.py").write_text("")
+    monkeypatch.chdir(ROOT)  # holds a coordinator package of its own
+    code = f"import coordinator\nassert coordinator.__file__.startswith({str(checkout)!r})\n"
+    with benchmark_module("start_imports_ab.py", "start_imports_ab_benchmark") as bench:
+        assert bench.cpu_seconds(sys.executable, code, str(checkout)) >= 0
