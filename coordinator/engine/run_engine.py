@@ -139,9 +139,17 @@ class RunEngine:
         return self.sessions.connected_sites()
 
     async def connect(self, site: str, serial: int = 0) -> SiteSession:
-        """Registers a site's new task stream (replacing an older one) and sends it its work."""
+        """Registers a site's new task stream (replacing an older one) and sends it its work.
+
+        A stream closed while its work is dispatched (the dispatch awaits the ledger writer)
+        is unregistered here: its caller's ``finally`` is not reached yet.
+        """
         session = self.sessions.connect(site, serial)
-        await self.dispatch_all()
+        try:
+            await self.dispatch_all()
+        except BaseException:
+            self.sessions.disconnect(session)
+            raise
         return session
 
     def disconnect(self, session: SiteSession) -> None:
