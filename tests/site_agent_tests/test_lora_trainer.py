@@ -331,9 +331,9 @@ def test_a_split_the_trainer_has_encoded_is_not_hashed_again_on_the_next_hop(
     assert task.texts_read == len(dataset.train) + len(dataset.validation)
 
     # Other texts in a new tuple are hashed, and encoded as what they are.
-    first, second = dataset.train[:2]
-    changed = replace(dataset, train=(replace(first, text=second.text), *dataset.train[1:]))
-    before = trainer._encode(dataset.name, dataset.train, 16)
-    after = trainer._encode(changed.name, changed.train, 16)
+    train = task.examples(dataset, "train")
+    edited = (replace(train[0], text=train[1].text), *train[1:])
+    before = trainer._encode(dataset.name, train, 16)
+    after = trainer._encode(dataset.name, edited, 16)
     assert task.texts_read == 2 * len(dataset.train) + len(dataset.validation)
     assert not torch.equal(before["input_ids"], after["input_ids"])
