@@ -314,17 +314,12 @@ class _CountingTask(SequenceClassificationTask):
 def test_a_split_the_trainer_has_encoded_is_not_hashed_again_on_the_next_hop(
     tiny_model_dir: Path, labels: tuple[str, ...], site_datasets: list[RegisteredDataset]
 ) -> None:
-    built: list[_CountingTask] = []
-
-    def counting_task(tokenizer: PreTrainedTokenizerBase) -> _CountingTask:
-        built.append(_CountingTask(tokenizer))
-        return built[-1]
-
-    trainer = LoraTrainer(tiny_model_dir, counting_task, device="cpu")
+    trainer = LoraTrainer(tiny_model_dir, _CountingTask, device="cpu")
+    task = trainer._task
+    assert isinstance(task, _CountingTask)
     spec = TaskSpec("seq-classification", labels=labels, options={"max_length": 16})
     dataset = site_datasets[1]
     trainer.prepare(spec, dataset, FIRST.seed)  # "you are next": both splits encoded
-    (task,) = built
     assert task.texts_read == len(dataset.train) + len(dataset.validation)
 
     trainer.run_hop(spec, dataset, FIRST, None)  # the same split tuples (the registry's)
