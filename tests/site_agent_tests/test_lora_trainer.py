@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from site_agent.examples import TextExample
 from site_agent.registry import RegisteredDataset
 from site_agent.tasks import (
     HopHyperparameters,
@@ -295,3 +297,38 @@ def test_logits_are_the_models_output_for_the_batch_and_options() -> None:
 
     assert logits.tolist() == [3.0, 6.0]
     assert logits.device == compute.device
+
+
+class _CountingTask(SequenceClassificationTask):
+    """Text classification that counts the examples whose texts the trainer reads."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__(tokenizer)
+        self.texts_read = 0
+
+    def texts(self, example: TextExample) -> tuple[str, ...]:
+        self.texts_read += 1
+        return super().texts(example)
+
+
+def test_a_split_the_trainer_has_encoded_is_not_hashed_again_on_the_next_hop(
+    tiny_model_dir: Path, labels: tuple[str, ...], site_datasets: list[RegisteredDataset]
+) -> None:
+    trainer = LoraTrainer(tiny_model_dir, _CountingTask, device="cpu")
+    task = trainer._task
+    assert isinstance(task, _CountingTask)
+    spec = TaskSpec("seq-classification", labels=labels, options={"max_length": 16})
+    dataset = site_datasets[1]
+    trainer.prepare(spec, dataset, FIRST.seed)  # "you are next": both splits encoded
+    assert task.texts_read == len(dataset.train) + len(dataset.validation)
+
+    trainer.run_hop(spec, dataset, FIRST, None)  # the same split tuples (the registry's)
+    assert task.texts_read == len(dataset.train) + len(dataset.validation)
+
+    # Other texts in a new tuple are hashed, and encoded as what they are.
+    train = task.examples(dataset, "train")
+    edited = (replace(train[0], text=train[1].text), *train[1:])
+    before = trainer._encode(dataset.name, train, 16)
+    after = trainer._encode(dataset.name, edited, 16)
+    assert task.texts_read == 2 * len(dataset.train) + len(dataset.validation)
+    assert not torch.equal(before["input_ids"], after["input_ids"])
