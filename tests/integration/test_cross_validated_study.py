@@ -27,7 +27,7 @@ from coordinator.console.study import (
 from ordering import FloatRange, OrderingStudy, SearchSpace, TrialRecord
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
-from tests.integration.conftest import Cluster, wait_for_run
+from tests.integration.conftest import Cluster, start_tabular_sites, wait_for_run
 
 FOLDS = 4
 SIZES = {SITES[0]: 90, SITES[1]: 60, SITES[2]: 24}  # the last one is Switzerland-small
@@ -96,15 +96,10 @@ def served(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
         cv_template.run_plan(cv_space.plan(SITES), final=True).approval_bundle().sha256,
         restart_template.approval_bundle(restart_space.plan(SITES)).sha256,
     ]
-    state = tmp_path / "coordinator"
     cluster = Cluster(log_dir=tmp_path / "logs")
     with cluster.running():
-        port = cluster.start_coordinator(state_dir=state, pki_dir=pki.directory,
-                                         port_file=tmp_path / "port")  # fmt: skip
-        for site in SITES:
-            cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
-                               data_dir=tmp_path / site, threads=1, approve=approve)  # fmt: skip
-        yield Served(cluster, port, state)
+        port = start_tabular_sites(cluster, pki, tmp_path, approve=approve)
+        yield Served(cluster, port, tmp_path / "coordinator")
 
 
 def test_trials_are_scored_by_fold_models_and_the_final_run_is_ordinary(
