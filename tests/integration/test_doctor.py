@@ -42,8 +42,10 @@ def _by_name(lines: list[str]) -> dict[str, str]:
     return {line.split()[1]: line for line in lines}
 
 
-@pytest.fixture
-def served(pki: Pki, tmp_path: Path, base_model: Path):  # type: ignore[no-untyped-def]
+# One coordinator for the module's tests: the doctor only reads from it (hello, clock).
+@pytest.fixture(scope="module")
+def served(pki: Pki, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp_path = tmp_path_factory.mktemp("served")
     (tmp_path / "site-a").mkdir()
     csv = tmp_path / "heart.csv"
     csv.write_text("age,chol,label\n" + "".join(f"{50 + i},{200 + i},{i % 2}\n" for i in range(40)))

@@ -59,25 +59,28 @@ def test_site_refuses_an_unapproved_bundle_before_loading_and_the_ledger_says_wh
 def test_a_canary_planted_in_site_data_never_leaves_the_site(
     pki: Pki, tmp_path: Path, base_model: Path
 ) -> None:
+    # Two sites, each with a canary: the adapter leaves the first for the second and the
+    # coordinator (a third site would add a LoRA site start, ~10 CPU s, and no other path out).
+    sites = list(SITES[:2])
     data = {}
-    for index, site in enumerate(SITES):
-        records = generate_site_records(index, len(SITES), n=40, seed=3)
+    for index, site in enumerate(sites):
+        records = generate_site_records(index, len(sites), n=40, seed=3)
         records[0] = {**records[0], "text": f"{records[0]['text']} {CANARY}"}
         write_site_dataset(tmp_path / site / "notes.jsonl", records)
         data[site] = tmp_path / site
-    plan = parse_plan(_plan(list(SITES)))
+    plan = parse_plan(_plan(sites))
     state = tmp_path / "coordinator"
     cluster = Cluster(log_dir=tmp_path / "logs")
     with cluster.running():
         port = cluster.start_coordinator(state_dir=state, pki_dir=pki.directory,
                                          port_file=tmp_path / "port")  # fmt: skip
-        for site in SITES:
+        for site in sites:
             cluster.start_site(site, coordinator=f"localhost:{port}", pki_dir=pki.directory,
                                data_dir=data[site], base_model_dir=base_model, threads=1,
                                approve=[plan.approval_bundle().sha256],
                                extra=["--log-level", "DEBUG"])  # fmt: skip
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
-            admin.wait_for_sites(set(SITES), timeout=120)
+            admin.wait_for_sites(set(sites), timeout=120)
             run = wait_for_run(admin, cluster, admin.start_run(plan))
             admin.evaluate_run(run.run_id, "validation")
             admin.wait_for_evaluations(run.run_id, timeout=60)
