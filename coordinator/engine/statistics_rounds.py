@@ -230,12 +230,13 @@ class StatisticsRounds:
     async def dispatch_statistics(self) -> None:
         """Sends each pending statistics task to its site if connected (again after a reconnect).
 
-        A request whose answers are all in but which is still pending (the coordinator stopped
-        between recording the last answer and settling) is settled here.
+        A request past its expiry fails first (as ``expire_statistics``). A request whose answers
+        are all in but which is still pending (the coordinator stopped between recording the last
+        answer and settling) is settled here.
         """
-        await self.expire_statistics()
+        now = datetime.now(UTC)
         async with self._lock:
-            for request in await self.writer.run(self._pending_settling_the_answered):
+            for request in await self.writer.run(self._waiting, now):
                 for answer in request.answers:
                     session = self.sessions.get(answer.site)
                     key = statistics_key(request.id, answer.site)
@@ -246,10 +247,11 @@ class StatisticsRounds:
                     self._sent[key] = session
                     session.queue.put_nowait(statistics_task(request, answer))
 
-    def _pending_settling_the_answered(self) -> list[StatisticsRequestRow]:
-        """The pending requests still waiting for an answer; settles those answered in full."""
+    def _waiting(self, now: datetime) -> list[StatisticsRequestRow]:
+        """The pending requests still waiting for an answer; expires those past their expiry
+        and settles those answered in full (one read of the pending requests)."""
         waiting = []
-        for request in self.ledger.statistics_requests("pending"):
+        for request in self._unexpired(now):
             if all(answer.status != "pending" for answer in request.answers):
                 self._settle(request)
             else:
@@ -352,13 +354,18 @@ class StatisticsRounds:
         """Fails every pending statistics request past its expiry (``statistics.expired``)."""
         now = datetime.now(UTC)
         async with self._lock:
-            await self.writer.run(self._expire_due, now)
+            await self.writer.run(self._unexpired, now)
 
-    def _expire_due(self, now: datetime) -> None:
+    def _unexpired(self, now: datetime) -> list[StatisticsRequestRow]:
+        """Expires the pending requests past their expiry; returns the other pending ones."""
+        unexpired = []
         for request in self.ledger.statistics_requests("pending"):
             expires_at = statistics_expiry(request)
             if expires_at is not None and now > expires_at:
                 self._expire(request, expires_at)
+            else:
+                unexpired.append(request)
+        return unexpired
 
     def _expire(self, request: StatisticsRequestRow, expires_at: datetime) -> None:
         waiting = [a.site for a in request.answers if a.status == "pending"]

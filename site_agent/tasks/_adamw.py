@@ -7,7 +7,8 @@ needs for everything else before its first hop. This class keeps the state AdamW
 torch's own functional update, ``torch.optim.adamw.adamw``, with the arguments
 ``torch.optim.AdamW.step`` passes it, so the numbers are torch's (a test steps both side by
 side and compares them bit for bit). Only what the site's loop uses is here: one parameter
-group, no closure, no amsgrad, no state_dict (an optimizer never leaves its hop).
+group, no closure, no amsgrad, no state_dict (an optimizer never leaves its hop), and
+``zero_grad`` only drops gradients.
 
 A LoRA site still imports ``torch._dynamo`` (transformers' masking code does); a tabular site no
 longer does.
@@ -49,15 +50,10 @@ class AdamW:
         self.param_groups: list[dict[str, Any]] = [group]
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
+        """Drops every gradient (torch's default, ``set_to_none=True``: the loop's only use)."""
         for parameter in self.param_groups[0]["params"]:
-            if parameter.grad is None:
-                continue
-            if set_to_none:
-                parameter.grad = None
-            else:
-                parameter.grad.detach_()
-                parameter.grad.zero_()
+            parameter.grad = None
 
     @torch.no_grad()
     def step(self) -> None:

@@ -119,7 +119,7 @@ def train(
         if mu > 0 and anchors is not None:
             loss = loss + (mu / 2) * _squared_distance(params, anchors)
 
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         if scaler is not None:
             torch.autograd.backward(scaler.scale(loss))
             if hp.max_grad_norm > 0:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import grpc
 import pytest
 
@@ -11,6 +9,7 @@ from coordinator.errors import InvalidInput
 from coordinator.plan import parse_plan
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread
+from tests.coordinator_tests.conftest import committing_threads
 from tests.coordinator_tests.test_failure_policy import _fail, _finish, _start, _wait, cluster
 
 __all__ = ["cluster"]
@@ -90,13 +89,7 @@ def test_operator_actions_commit_on_the_ledger_writer_thread(  # type: ignore[no
     transitions do: never on the event loop, and in one order with them."""
     admin, a = cluster["admin"], cluster["site-a"]
     engine = cluster["coordinator"].engine
-    committed_on: dict[str, set[str]] = {}
-
-    def observe(_seq: int, _hash: str, kinds: tuple[str, ...]) -> None:
-        for kind in kinds:
-            committed_on.setdefault(kind, set()).add(threading.current_thread().name)
-
-    engine.ledger.head_observers.append(observe)
+    committed_on = committing_threads(engine.ledger)
     run_id = loop_thread.run(
         engine.start_run(parse_plan({"name": "t", "dataset": "notes", "labels": ["x", "y"],
                                      "sites": ["site-a", "site-b"],
