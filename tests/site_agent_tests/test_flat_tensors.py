@@ -134,3 +134,35 @@ def test_flat_tensors_are_read_only_and_copy_out_as_plain_dicts() -> None:
     assert type(copied) is dict and torch.equal(copied["b"], torch.tensor([2.0, 3, 4]))
     with pytest.raises(ValueError, match="name order"):
         FlatTensors(torch.arange(5.0), [("b", (2,)), ("a", (3,))])
+
+
+def test_the_hand_back_copy_and_the_incoming_load_run_no_torch_kernel() -> None:
+    # torch splits a copy over its grain size (32768 values) across its OpenMP threads and waits
+    # for them all: on a busy host, milliseconds per copy on the handoff's path. Both copies of
+    # an adapter's buffer are made by numpy instead, on the calling thread: no aten kernel runs.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Kernels(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    size = 80_000  # a MiniLM r=8 adapter's buffer: over the grain size
+    weight = torch.nn.Parameter(torch.randn(size - 100))
+    bias = torch.nn.Parameter(torch.randn(100))
+    flat = flat_parameters({"w": weight, "b": bias})
+    assert flat is not None
+    incoming = FlatTensors(torch.full((size,), 0.5), flat.shapes)
+    version = flat.flat._version
+    with Kernels() as kernels:
+        copied = outgoing(flat)
+        loaded = load_flat(flat, incoming)
+    assert not [name for name in kernels.seen if "copy" in name or "clone" in name], kernels.seen
+    assert loaded and bool((weight == 0.5).all()) and bool((bias == 0.5).all())
+    assert flat.flat._version > version  # autograd sees the in-place load, as with copy_
+    assert isinstance(copied, FlatTensors) and copied.shapes == flat.shapes
+    assert copied.flat.data_ptr() != flat.flat.data_ptr() and not bool((copied.flat == 0.5).all())
