@@ -570,4 +570,7 @@ def _parse_options(pairs: list[str]) -> dict[str, str]:
 
 
 def main() -> None:
+    from site_agent.openmp import prefer_passive_waits
+
+    prefer_passive_waits()  # before anything loads torch (see site_agent/openmp.py)
     app()
