@@ -18,6 +18,11 @@ from sqlalchemy import create_engine, make_url, text
 from coordinator.ledger import Ledger
 from protocols.pki import Role, init_ca, issue_certificate
 from protocols.transport import TlsFiles
+from site_agent.openmp import prefer_passive_waits
+
+# Site code trains in this process (and in every process it starts) as `baton-site` runs it:
+# torch's threads sleep between parallel regions (set before any test module imports torch).
+prefer_passive_waits()
 
 SITES = ("site-a", "site-b", "site-c")
 
