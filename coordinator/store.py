@@ -141,16 +141,19 @@ class CheckpointStore:
     def place(self, staged: Path | None, sha256: str, *, sync: bool = True) -> None:
         """The second half of `put`: a file from `stage` fsynced, then named `sha256` in the
         store (a rename: the bytes are not written again), then its directory fsynced; durable
-        when this returns. Nothing to do for None (the store held the bytes already). The name
-        never comes before the fsync of the bytes: if that fsync fails, the staged file is
-        removed and the error raised (the bytes are to be sent again).
+        when this returns. For None (the store held the bytes already) only the directory is
+        fsynced: a process killed between a rename and that fsync leaves a name that may not be
+        durable yet. The name never comes before the fsync of the bytes: if that fsync fails,
+        the staged file is removed and the error raised (the bytes are to be sent again).
 
         With `sync` False the directory is not fsynced: the name is durable only once
         `sync_name` has returned (the caller calls it before anything refers to the bytes).
         """
-        if staged is None:
-            return
         target = self.path(sha256)
+        if staged is None:
+            if sync:
+                _fsync_dir(target.parent)
+            return
         if staged.parent != target.parent or not staged.name.startswith(f".{sha256}."):
             raise ValueError(f"{staged.name} was not staged for checkpoint {sha256}")
         _fsync_or_drop(staged)
@@ -181,6 +184,8 @@ class CheckpointStore:
         target = self.path(sha256)
         if target.is_file():
             path.unlink(missing_ok=True)  # content-addressed: the same bytes are stored already
+            if sync:
+                _fsync_dir(target.parent)  # its name, as `place` of None
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o444)

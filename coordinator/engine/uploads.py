@@ -599,9 +599,10 @@ class UploadIntake:
             nonlocal placing
             if record:  # recorded here alone: bytes and name durable before its row
                 self.store.place(staged, bundle.sha256)
-            elif staged is not None:
+            else:
                 # A hand back's commit waits for its bytes' fsync, rename and the name's
-                # fsync, run beside its SQL (`wait_durable` before COMMIT).
+                # fsync (the name's alone if the store held it), run beside its SQL
+                # (`wait_durable` before COMMIT).
                 self._sync_later(bundle.sha256, staged)
                 placing = True
 

@@ -529,3 +529,22 @@ def test_a_hand_back_whose_bytes_cannot_be_fsynced_is_not_committed_and_leaves_n
     assert _hand_back(site, task, data, whole=True) == "committed"
     assert _stored(coordinator) == [sha256_hex(data)]
     assert _stored_and_committed(coordinator, task) == (1, 1)
+
+
+def test_a_name_the_store_held_already_is_fsynced_before_the_commit_that_refers_to_it(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coordinator killed between a rename and its directory's fsync leaves the name (its bytes
+    # fsynced), maybe not durable: the hand back that finds it fsyncs it before its COMMIT.
+    store = coordinator.engine.intake.store
+    data = _bundle(site, task, 4096)
+    sha = sha256_hex(data)
+    staged = store.stage(data, sha)
+    store.place(staged, sha, sync=False)
+    disk = _DiskSteps(_state(coordinator) / "checkpoints", monkeypatch, coordinator.engine.ledger)
+    try:
+        assert _hand_back(site, task, data, whole=True) == "committed"
+    finally:
+        disk.stop()
+    assert disk.without_threads() == [("fsync", sha[:2]), ("COMMIT", "hop")]
+    assert _stored(coordinator) == [sha] and _stored_and_committed(coordinator, task) == (1, 1)
