@@ -121,6 +121,8 @@ class CheckpointStore:
         target = self.path(sha256)
         if not target.is_file():
             fsync_write(target, data, mode=0o444)
+        else:
+            _fsync_dir(target.parent)  # its name, as `place` of None
         return sha256
 
     def stage(self, data: bytes, sha256: str) -> Path | None:
