@@ -164,16 +164,24 @@ def test_a_staged_bundle_is_not_fsynced_and_a_crash_before_it_is_placed_leaves_n
     assert _files(root) == []
 
 
-def test_a_staged_bundle_is_fsynced_before_it_is_named(
+def _staged_and_watched(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+) -> tuple[CheckpointStore, Path, str, _DiskSteps]:
+    """A store holding one staged bundle: the store, the staged file, its sha256, and its
+    disk steps recorded from now on."""
     root = tmp_path / "store"
     store = CheckpointStore(root)
     data = b"adapter bytes"
     sha = sha256_hex(data)
     staged = store.stage(data, sha)
     assert staged is not None
-    disk = _DiskSteps(root, monkeypatch)
+    return store, staged, sha, _DiskSteps(root, monkeypatch)
+
+
+def test_a_staged_bundle_is_fsynced_before_it_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, staged, sha, disk = _staged_and_watched(tmp_path, monkeypatch)
     store.place(staged, sha)
     bytes_first, then_the_name = ("fsync", staged.name), ("fsync", sha[:2])
     assert disk.without_threads() == [
@@ -181,24 +189,18 @@ def test_a_staged_bundle_is_fsynced_before_it_is_named(
         ("rename", f"{staged.name} -> {sha}"),
         then_the_name,
     ]
-    assert store.read(sha) == data
+    assert store.read(sha) == b"adapter bytes"
 
 
 def test_a_staged_bundle_whose_fsync_fails_is_dropped_not_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = tmp_path / "store"
-    store = CheckpointStore(root)
-    data = b"adapter bytes"
-    sha = sha256_hex(data)
-    staged = store.stage(data, sha)
-    assert staged is not None
-    disk = _DiskSteps(root, monkeypatch)
+    store, staged, sha, disk = _staged_and_watched(tmp_path, monkeypatch)
     disk.fail_fsync_of = lambda path: path == staged
     with pytest.raises(OSError, match="Input/output error"):
         store.place(staged, sha)
     # Not named (a later fsync could pass on lost bytes: the file is gone, not retried).
-    assert sha not in store and _files(root) == [] and disk.steps == []
+    assert sha not in store and _files(store.root) == [] and disk.steps == []
 
 
 def test_a_bundle_in_one_message_is_written_while_it_is_checked(
