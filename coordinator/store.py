@@ -49,20 +49,35 @@ def fsync_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     _fsync_dir(path.parent)
 
 
-def _durable_temp(path: Path, data: bytes, mode: int) -> Path:
-    """`data` written and fsynced to a new temporary file beside `path` (not under its name),
-    with `mode`; nothing is left behind if that fails."""
+def _durable_temp(path: Path, data: bytes, mode: int, *, sync: bool = True) -> Path:
+    """`data` written and fsynced (unless `sync` is False) to a new temporary file beside
+    `path` (not under its name), with `mode`; nothing is left behind if that fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
+
+
+def _fsync_or_drop(path: Path) -> None:
+    """fsyncs a file's data; if that fails the file is removed, since its bytes can no longer be
+    trusted (a failed fsync's error is not reported again: a second one could pass)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _copy_durably(source: Path, target: Path) -> None:
@@ -106,34 +121,44 @@ class CheckpointStore:
         target = self.path(sha256)
         if not target.is_file():
             fsync_write(target, data, mode=0o444)
+        else:
+            _fsync_dir(target.parent)  # its name, as `place` of None
         return sha256
 
     def stage(self, data: bytes, sha256: str) -> Path | None:
-        """The first half of `put`, for bytes still being checked: written and fsynced to a
+        """The first half of `put`, for bytes still being checked: written (not fsynced) to a
         temporary file beside their place in the store, not under their name (so not stored:
-        `stored` and `path` do not see it). `place` then names it, `unstage` drops it.
+        `stored` and `path` do not see it; a crash leaves a temporary file that the start-up
+        sweep removes). `place` then makes it durable and names it, `unstage` drops it.
 
-        Returns the temporary file, or None if the store holds `sha256` already.
+        Returns the temporary file, or None if the store holds `sha256` already (a name in the
+        store is only ever given to fsynced bytes, so an existing one is trusted).
         """
         target = self.path(sha256)
         if target.is_file():
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
-        return _durable_temp(target, data, 0o444)
+        return _durable_temp(target, data, 0o444, sync=False)
 
     def place(self, staged: Path | None, sha256: str, *, sync: bool = True) -> None:
-        """The second half of `put`: a file from `stage` named `sha256` in the store, durable
-        when this returns (a rename and one fsync of its directory; the bytes are not written
-        again). Nothing to do for None (the store held the bytes already).
+        """The second half of `put`: a file from `stage` fsynced, then named `sha256` in the
+        store (a rename: the bytes are not written again), then its directory fsynced; durable
+        when this returns. For None (the store held the bytes already) only the directory is
+        fsynced: a process killed between a rename and that fsync leaves a name that may not be
+        durable yet. The name never comes before the fsync of the bytes: if that fsync fails,
+        the staged file is removed and the error raised (the bytes are to be sent again).
 
         With `sync` False the directory is not fsynced: the name is durable only once
         `sync_name` has returned (the caller calls it before anything refers to the bytes).
         """
-        if staged is None:
-            return
         target = self.path(sha256)
+        if staged is None:
+            if sync:
+                _fsync_dir(target.parent)
+            return
         if staged.parent != target.parent or not staged.name.startswith(f".{sha256}."):
             raise ValueError(f"{staged.name} was not staged for checkpoint {sha256}")
+        _fsync_or_drop(staged)
         os.replace(staged, target)
         if sync:
             _fsync_dir(target.parent)
@@ -161,6 +186,8 @@ class CheckpointStore:
         target = self.path(sha256)
         if target.is_file():
             path.unlink(missing_ok=True)  # content-addressed: the same bytes are stored already
+            if sync:
+                _fsync_dir(target.parent)  # its name, as `place` of None
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o444)

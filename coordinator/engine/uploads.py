@@ -141,7 +141,8 @@ class _SpoolWriter:
                 self.failed = exc
 
 
-# Where a placed bundle's directory is fsynced beside its commit's SQL (`_sync_name_later`).
+# Where a hand back's bundle is made durable in the store beside its commit's SQL
+# (`_sync_later`).
 _SYNC_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store-sync")
 
 # Chunks an upload may have waiting for its spool thread (beside the one being written): the
@@ -359,9 +360,10 @@ class UploadIntake:
         record: bool,
         kept: list[CheckpointRow],
     ) -> CheckpointRow | None:
-        """`receive_upload`; with `record` False, the checked bundle is made durable in the
-        store but its checkpoint row (and the hop's move to "uploaded") is returned, to be
-        written by the hop's commit in the same transaction. None: the hop held it already.
+        """`receive_upload`; with `record` False, the checked bundle is on its way into the
+        store (durable once `wait_durable` has returned) and its checkpoint row (and the hop's
+        move to "uploaded") is returned, to be written by the hop's commit in the same
+        transaction, which waits for it before COMMIT. None: the hop held it already.
         The row is also appended to `kept` as soon as the bundle is in the store, also when
         the call is cancelled or fails afterwards (its caller then records it alone)."""
         run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
@@ -418,11 +420,12 @@ class UploadIntake:
         record: bool,
         kept: list[CheckpointRow],
     ) -> CheckpointRow:
-        """Writes a checked bundle into the store (`write`, on a worker thread, durable when it
-        returns), frees its spool files and records its checkpoint row (if `record`; else the
-        caller writes the row returned, and finds it in `kept` from the moment the bytes are
-        in the store, even if this call is then cancelled or fails): run whole even if the
-        stream is cut meanwhile, so that bytes in the store always have their row."""
+        """Writes a checked bundle into the store (`write`, on a worker thread: durable when it
+        returns if `record`, else once `wait_durable` has returned), frees its spool files and
+        records its checkpoint row (if `record`; else the caller writes the row returned, and
+        finds it in `kept` from the moment the bytes are in the store or on their way to it,
+        even if this call is then cancelled or fails): run whole even if the stream is cut
+        meanwhile, so that bytes in the store always have their row."""
         row = CheckpointRow(
             sha256=bundle.sha256,
             size=bundle.size,
@@ -467,10 +470,22 @@ class UploadIntake:
                 if await self.writer.run(self._record_alone_locked, copy):
                     await asyncio.to_thread(self.store.delete, row.sha256)
 
-    def _sync_name_later(self, sha256: str) -> None:
-        """Starts the fsync that makes a just placed bundle's name durable, on its own thread:
-        it runs beside the commit's SQL, which waits for it (`wait_durable`) before COMMIT."""
-        syncing = _SYNC_THREADS.submit(self.store.sync_name, sha256)
+    def _sync_later(self, sha256: str, staged: Path | None = None) -> None:
+        """Starts what makes a checked bundle durable in the store, on its own thread: it runs
+        beside the commit's SQL, which waits for it (`wait_durable`) before COMMIT. For a
+        staged bundle (`staged`, from `CheckpointStore.stage`): the fsync of its bytes, then
+        their rename into the store (never the other way round); then, for any bundle just
+        named in the store, the fsync of the directory that makes its name durable."""
+
+        def durable() -> None:
+            try:
+                self.store.place(staged, sha256, sync=False)  # nothing to do for None
+            except BaseException:
+                self.store.unstage(staged)  # not renamed: nothing is stored
+                raise
+            self.store.sync_name(sha256)
+
+        syncing = _SYNC_THREADS.submit(durable)
         with self._kept_lock:
             self._syncing[sha256] = syncing
 
@@ -483,8 +498,9 @@ class UploadIntake:
         syncing.add_done_callback(synced)
 
     def wait_durable(self, sha256: str) -> None:
-        """Returns once a bundle's name in the store is durable (blocking: the ledger writer's
-        thread, before the COMMIT of the row that refers to it). Raises if it cannot be made so.
+        """Returns once a bundle's bytes and name in the store are durable (blocking: the
+        ledger writer's thread, before the COMMIT of the row that refers to it). Raises if they
+        cannot be made so.
         """
         with self._kept_lock:
             syncing = self._syncing.get(sha256)
@@ -493,6 +509,8 @@ class UploadIntake:
         try:
             syncing.result()
         except OSError:
+            if sha256 not in self.store:
+                raise  # its bytes never got their name (their fsync failed): nothing to commit
             self.store.sync_name(sha256)  # once more, here: raises if it fails again
         with self._kept_lock:
             if self._syncing.get(sha256) is syncing:
@@ -500,7 +518,12 @@ class UploadIntake:
 
     def _record_alone_locked(self, row: CheckpointRow) -> bool:
         """`record_alone`'s ledger writes (writer thread). True: the bundle's bytes are to go."""
-        self.wait_durable(row.sha256)  # its name durable before its row
+        try:
+            self.wait_durable(row.sha256)  # its name durable before its row
+        except OSError:
+            if row.sha256 in self.store:
+                raise
+            return False  # its bytes never got their name (their fsync failed): no row to keep
         hop = self.ledger.hop(row.hop_id)
         if hop is None or hop.status not in LIVE_HOP_STATES:
             # Committed (its commit wrote the row), or ended while its result was checked:
@@ -554,11 +577,10 @@ class UploadIntake:
             )
         self.metrics.checkpoint_bytes.labels(direction="upload").inc(len(data))
         whole = bytes(data)
-        # Written and fsynced beside the store while it is checked, under no name the store
-        # knows: once the checks hold, a rename stores it (no write and no file fsync left
-        # between the checks and the commit); refused, it is dropped.
-        # Handed to its thread now, ahead of the inspection: its write and fsync are the
-        # longest step before the commit.
+        # Written (not fsynced) beside the store while it is checked, under no name the store
+        # knows: once the checks hold, it is fsynced and renamed into the store (a hand back's
+        # on a sync thread beside its commit's SQL, before COMMIT); refused, it is dropped
+        # and costs no fsync. Handed to its thread now, ahead of the inspection.
         loop = asyncio.get_running_loop()
         staging = loop.run_in_executor(None, self.store.stage, whole, header.sha256)
         try:
@@ -571,18 +593,25 @@ class UploadIntake:
             await self._unstage(staging)
             raise
 
+        placing = False  # the staged file is the sync thread's (`_sync_later`)
+
         def place() -> None:
-            # A hand back's commit fsyncs the name beside its SQL (`wait_durable` before
-            # COMMIT); a bundle recorded here alone is durable before its row.
-            self.store.place(staged, bundle.sha256, sync=record)
-            if not record and staged is not None:
-                self._sync_name_later(bundle.sha256)
+            nonlocal placing
+            if record:  # recorded here alone: bytes and name durable before its row
+                self.store.place(staged, bundle.sha256)
+            else:
+                # A hand back's commit waits for its bytes' fsync, rename and the name's
+                # fsync (the name's alone if the store held it), run beside its SQL
+                # (`wait_durable` before COMMIT).
+                self._sync_later(bundle.sha256, staged)
+                placing = True
 
         try:
             row = await self._keep(run, hop, site, certificate_pem, header, bundle, place,
                                    record, kept)  # fmt: skip
         except BaseException:
-            await run_to_end(self.store.unstage, staged)  # gone already once it is placed
+            if not placing:  # else it is stored by its sync thread (and recorded alone)
+                await run_to_end(self.store.unstage, staged)  # gone already once placed
             raise
         self.recent_bundles.keep(row.sha256, whole)  # the next hop's task carries it
         return run, hop, row
@@ -636,7 +665,7 @@ class UploadIntake:
                 # SQL; a bundle recorded here alone is durable before its row.
                 self.store.adopt(partial, bundle.sha256, sync=record)
                 if not record:
-                    self._sync_name_later(bundle.sha256)
+                    self._sync_later(bundle.sha256)
 
             row = await self._keep(run, hop, site, certificate_pem, header, bundle, adopt,
                                    record, kept)  # fmt: skip

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from sqlalchemy import event
 
 from coordinator.console.admin import AdminClient
 from coordinator.engine import hops as hops_module
-from coordinator.ledger import RunRow
+from coordinator.ledger import Ledger, RunRow
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from coordinator.store import CheckpointStore
@@ -83,6 +86,121 @@ def test_a_staged_bundle_is_dropped_or_refused_under_another_name(tmp_path: Path
     store.unstage(staged)
     assert not staged.exists() and _files(tmp_path / "store") == []
     store.unstage(None)
+
+
+class _DiskSteps:
+    """Records, in order, the fsyncs and renames of files under `root` (once each is done) and,
+    with `ledger`, the COMMIT of the transaction that commits a hop (as it starts): each step
+    as (what, file or directory name, thread name)."""
+
+    def __init__(
+        self, root: Path, monkeypatch: pytest.MonkeyPatch, ledger: Ledger | None = None
+    ) -> None:
+        self.steps: list[tuple[str, str, str]] = []
+        self._listened: tuple[object, Callable[[object], None]] | None = None
+        self.fail_fsync_of: Callable[[Path], bool] = lambda _path: False
+        real_fsync, real_replace = os.fsync, os.replace
+
+        def fsync(fd: int) -> None:
+            path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+            if path.is_relative_to(root) and self.fail_fsync_of(path):
+                raise OSError(errno.EIO, "Input/output error")
+            real_fsync(fd)
+            if path.is_relative_to(root):
+                self.note("fsync", path.name)
+
+        def replace(source: str | Path, target: str | Path) -> None:
+            real_replace(source, target)
+            if Path(target).is_relative_to(root):
+                self.note("rename", f"{Path(source).name} -> {Path(target).name}")
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        if ledger is not None:
+            committing = threading.Event()
+            real_commit_hop = ledger.commit_hop
+
+            def commit_hop(hop_id: str, **fields: object) -> object:
+                committing.set()
+                return real_commit_hop(hop_id, **fields)  # type: ignore[arg-type]
+
+            def commit(_connection: object) -> None:
+                if committing.is_set() and threading.current_thread().name.startswith("ledger"):
+                    committing.clear()
+                    self.note("COMMIT", "hop")
+
+            monkeypatch.setattr(ledger, "commit_hop", commit_hop)
+            event.listen(ledger.engine, "commit", commit)
+            self._listened = (ledger.engine, commit)
+
+    def note(self, what: str, name: str) -> None:
+        self.steps.append((what, name, threading.current_thread().name))
+
+    def without_threads(self) -> list[tuple[str, str]]:
+        return [(what, name) for what, name, _ in self.steps]
+
+    def stop(self) -> None:
+        if self._listened is not None:
+            event.remove(self._listened[0], "commit", self._listened[1])
+
+
+def test_a_staged_bundle_is_not_fsynced_and_a_crash_before_it_is_placed_leaves_no_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "store"
+    store = CheckpointStore(root)
+    disk = _DiskSteps(root, monkeypatch)
+    data = b"adapter bytes"
+    sha = sha256_hex(data)
+    staged = store.stage(data, sha)
+    assert staged is not None and disk.steps == []  # written only: its fsync is `place`'s
+    # A crash now (before `place`): a restarted store holds no name for the bytes, so it does
+    # not trust them; it stages them anew, and the start-up sweep removes the leftovers.
+    restarted = CheckpointStore(root)
+    assert sha not in restarted and list(restarted.stored()) == []
+    again = restarted.stage(data, sha)
+    assert again is not None and again != staged
+    assert restarted.sweep_temporary(time.time() + 1) == (2, 2 * len(data))
+    assert _files(root) == []
+
+
+def _staged_and_watched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[CheckpointStore, Path, str, _DiskSteps]:
+    """A store holding one staged bundle: the store, the staged file, its sha256, and its
+    disk steps recorded from now on."""
+    root = tmp_path / "store"
+    store = CheckpointStore(root)
+    data = b"adapter bytes"
+    sha = sha256_hex(data)
+    staged = store.stage(data, sha)
+    assert staged is not None
+    return store, staged, sha, _DiskSteps(root, monkeypatch)
+
+
+def test_a_staged_bundle_is_fsynced_before_it_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, staged, sha, disk = _staged_and_watched(tmp_path, monkeypatch)
+    store.place(staged, sha)
+    bytes_first, then_the_name = ("fsync", staged.name), ("fsync", sha[:2])
+    assert disk.without_threads() == [
+        bytes_first,
+        ("rename", f"{staged.name} -> {sha}"),
+        then_the_name,
+    ]
+    assert store.read(sha) == b"adapter bytes"
+
+
+def test_a_staged_bundle_whose_fsync_fails_is_dropped_not_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, staged, sha, disk = _staged_and_watched(tmp_path, monkeypatch)
+    disk.fail_fsync_of = lambda path: path == staged
+    with pytest.raises(OSError, match="Input/output error"):
+        store.place(staged, sha)
+    # Not named (a later fsync could pass on lost bytes: the file is gone, not retried).
+    assert sha not in store and _files(store.root) == [] and disk.steps == []
 
 
 def test_a_bundle_in_one_message_is_written_while_it_is_checked(
@@ -232,17 +350,19 @@ def test_an_early_check_gone_stale_is_made_again_before_the_next_lease(
         finally:
             checked.set()
 
-    def edited_then_placed(staged: Path | None, sha256: str, **options: bool) -> None:
+    def edited_then_staged(data: bytes, sha256: str) -> Path | None:
+        # While the bundle is written (awaited before the commit; its placing in the store
+        # runs beside the commit's SQL, too late to edit before the commit's check).
         assert checked.wait(WAIT)  # the early check has read the rows
         _sql(ledger, "UPDATE hops SET hyperparameters = :value WHERE id = :hop",
              value='{"learning_rate": 0.5}', hop=following)  # fmt: skip
         if stale_by == "event":
             ledger.record_event("test.marker")
-        real_place(staged, sha256, **options)
+        return real_stage(data, sha256)
 
-    real_check, real_place = hops._early_check, store.place
+    real_check, real_stage = hops._early_check, store.stage
     monkeypatch.setattr(hops, "_early_check", early_check)
-    monkeypatch.setattr(store, "place", edited_then_placed)
+    monkeypatch.setattr(store, "stage", edited_then_staged)
     if stale_by == "age":
         monkeypatch.setattr(hops_module, "CHECK_AHEAD_SECONDS", -1.0)
     assert _hand_back(site, task, _bundle(site, task, 64), whole=True) == "committed"
@@ -344,3 +464,89 @@ def test_a_committed_hops_clean_up_does_not_hold_back_its_answer(
     assert loop is not None
     asyncio.run_coroutine_threadsafe(engine.quiesce(), loop).result(WAIT)
     assert answered == [True]
+
+
+def test_a_hand_backs_bundle_is_fsynced_after_its_checks_beside_the_commit_and_before_it(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Staged (written) while it is checked; once the checks hold, on a store-sync thread while
+    # the commit's statements run: its bytes fsynced, renamed into the store, the directory
+    # fsynced; only then the COMMIT that names it.
+    intake = coordinator.engine.intake
+    disk = _DiskSteps(_state(coordinator) / "checkpoints", monkeypatch, coordinator.engine.ledger)
+    real_checked = intake._checked_upload
+
+    def checked_upload(*args: object) -> object:
+        bundle = real_checked(*args)  # type: ignore[arg-type]
+        disk.note("checked", "")
+        return bundle
+
+    monkeypatch.setattr(intake, "_checked_upload", checked_upload)
+    data = _bundle(site, task, 4096)
+    sha = sha256_hex(data)
+    try:
+        assert _hand_back(site, task, data, whole=True) == "committed"
+    finally:
+        disk.stop()
+    staged = next(name for what, name, _ in disk.steps if what == "fsync" and name != sha[:2])
+    assert staged.startswith(f".{sha}.") and staged.endswith(".tmp")
+    assert disk.without_threads() == [
+        ("checked", ""),
+        ("fsync", staged),
+        ("rename", f"{staged} -> {sha}"),
+        ("fsync", sha[:2]),
+        ("COMMIT", "hop"),
+    ]
+    threads = [thread for what, _, thread in disk.steps if what in ("fsync", "rename")]
+    assert all(thread.startswith("store-sync") for thread in threads), threads
+    assert _stored(coordinator) == [sha]
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+
+
+def test_a_refused_bundle_costs_no_fsync(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _state(coordinator) / "checkpoints"
+    disk = _DiskSteps(root, monkeypatch)
+    good, tampered = _bundle(site, task, 4096), _bundle(site, task, 4096, 2.0)
+    refused = _hand_back(site, task, tampered, whole=True,
+                         header=_header_for(site, task, tampered, sha256_hex(good)))  # fmt: skip
+    assert refused.startswith("INVALID_ARGUMENT: checkpoint hash mismatch"), refused
+    assert disk.steps == [] and _files(root) == []
+
+
+def test_a_hand_back_whose_bytes_cannot_be_fsynced_is_not_committed_and_leaves_no_name(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _state(coordinator) / "checkpoints"
+    disk = _DiskSteps(root, monkeypatch)
+    disk.fail_fsync_of = lambda path: path.name.endswith(".tmp")
+    data = _bundle(site, task, 4096)
+    refused = _hand_back(site, task, data, whole=True)
+    assert refused.startswith("UNAVAILABLE"), refused  # a storage fault: the site retries
+    assert _files(root) == []  # neither named nor left beside the store
+    assert _stored_and_committed(coordinator, task) == (0, 0)
+    assert coordinator.engine.ledger.checkpoint(sha256_hex(data)) is None
+    disk.fail_fsync_of = lambda _path: False  # the disk is back: the same hand back commits
+    assert _hand_back(site, task, data, whole=True) == "committed"
+    assert _stored(coordinator) == [sha256_hex(data)]
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+
+
+def test_a_name_the_store_held_already_is_fsynced_before_the_commit_that_refers_to_it(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coordinator killed between a rename and its directory's fsync leaves the name (its bytes
+    # fsynced), maybe not durable: the hand back that finds it fsyncs it before its COMMIT.
+    store = coordinator.engine.intake.store
+    data = _bundle(site, task, 4096)
+    sha = sha256_hex(data)
+    staged = store.stage(data, sha)
+    store.place(staged, sha, sync=False)
+    disk = _DiskSteps(_state(coordinator) / "checkpoints", monkeypatch, coordinator.engine.ledger)
+    try:
+        assert _hand_back(site, task, data, whole=True) == "committed"
+    finally:
+        disk.stop()
+    assert disk.without_threads() == [("fsync", sha[:2]), ("COMMIT", "hop")]
+    assert _stored(coordinator) == [sha] and _stored_and_committed(coordinator, task) == (1, 1)
