@@ -15,44 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from _harness import project_bytecode, report_head  # noqa: E402
+from startup import start_to_ready  # noqa: E402
 
 from protocols.pki import Role, init_ca, issue_certificate  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def start_to_ready(
-    command: list[str], port_file: Path, env: dict[str, str], cwd: Path
-) -> tuple[float, float]:
-    """(wall, CPU) seconds from starting `command` until it writes `port_file`; then stops it."""
-    port_file.unlink(missing_ok=True)
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, cwd=cwd)
-    try:
-        while not port_file.exists():
-            if proc.poll() is not None:
-                raise SystemExit(f"coordinator exited with {proc.returncode}")
-            time.sleep(0.005)
-        wall = time.perf_counter() - started
-        times = psutil.Process(proc.pid).cpu_times()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    return wall, times.user + times.system
 
 
 def main() -> None:
@@ -91,9 +67,9 @@ def main() -> None:
             start_to_ready(*runs[name])  # the ledger created and migrated: not counted
         for index in range(args.rounds):
             for name in list(arms) if index % 2 == 0 else list(reversed(arms)):
-                seconds, used = start_to_ready(*runs[name])
+                seconds, times = start_to_ready(*runs[name])
                 wall[name].append(round(seconds, 3))
-                cpu[name].append(round(used, 3))
+                cpu[name].append(round(times.user + times.system, 3))
     load.append([round(x, 2) for x in os.getloadavg()])
     first, second = list(arms)
     report = {
