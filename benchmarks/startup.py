@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -68,23 +69,12 @@ def main() -> None:
         cpus: list[float] = []
         with_children: list[float] = []
         for _ in range(args.starts):
-            port_file.unlink(missing_ok=True)
             if args.fresh:
                 shutil.rmtree(state, ignore_errors=True)
-            started = time.perf_counter()
-            proc = subprocess.Popen(command, env=env, cwd=tmp)
-            try:
-                while not port_file.exists():
-                    if proc.poll() is not None:
-                        raise SystemExit(f"coordinator exited with {proc.returncode}")
-                    time.sleep(0.005)
-                walls.append(time.perf_counter() - started)
-                times = psutil.Process(proc.pid).cpu_times()
-                cpus.append(times.user + times.system)
-                with_children.append(cpus[-1] + times.children_user + times.children_system)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
+            wall, times = start_to_ready(command, port_file, env, tmp)
+            walls.append(wall)
+            cpus.append(times.user + times.system)
+            with_children.append(cpus[-1] + times.children_user + times.children_system)
     report = {
         **report_head(None),
         "starts": args.starts,
@@ -104,6 +94,26 @@ def main() -> None:
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / f"{args.name}.md").write_text(markdown(report))
     print(json.dumps(report))
+
+
+def start_to_ready(
+    command: list[str], port_file: Path, env: dict[str, str], cwd: Path
+) -> tuple[float, Any]:
+    """Starts `command` and waits until it writes `port_file`: the wall seconds and the process's
+    CPU times (psutil's, its children's included) at that moment; then stops it (SIGTERM)."""
+    port_file.unlink(missing_ok=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, cwd=cwd)
+    try:
+        while not port_file.exists():
+            if proc.poll() is not None:
+                raise SystemExit(f"coordinator exited with {proc.returncode}")
+            time.sleep(0.005)
+        wall = time.perf_counter() - started
+        return wall, psutil.Process(proc.pid).cpu_times()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def markdown(report: dict[str, object]) -> str:

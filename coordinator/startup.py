@@ -7,6 +7,8 @@ connection), so a second coordinator never splits the sites or writes the same l
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import getpass
 import hashlib
 import os
@@ -15,7 +17,6 @@ import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
-import filelock
 from sqlalchemy import Connection, Engine, create_engine, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
@@ -103,6 +104,39 @@ def _holder_text() -> str:
     )
 
 
+class _FileClaim:
+    """An exclusive `flock` on a lock file, held until `release` (or the process's end: the
+    kernel drops it with the descriptor, so a crashed coordinator leaves no stale claim).
+
+    The lock `filelock` takes on Unix (and earlier coordinators took), without the package: its
+    import was 2% of `coordinator serve`'s CPU to ready.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """Takes the lock without waiting; False if another process (or claim) holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # as filelock did
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return False
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
 class InstanceLock:
     """Holds this coordinator's claim on its state directory and ledger database until released.
 
@@ -114,7 +148,7 @@ class InstanceLock:
     def __init__(self, state_dir: Path, database_url: str) -> None:
         self.state_dir = state_dir
         self.database_url = database_url
-        self._files: list[filelock.BaseFileLock] = []
+        self._files: list[_FileClaim] = []
         self._engine: Engine | None = None
         self._connection: Connection | None = None
 
@@ -140,17 +174,16 @@ class InstanceLock:
                 )
         try:
             for path, what in paths:
-                lock = filelock.FileLock(path, timeout=0)
-                try:
-                    lock.acquire()
-                except filelock.Timeout:
+                lock = _FileClaim(path)
+                if not lock.acquire():
                     raise AlreadyRunning(
                         f"another coordinator is using {what} "
                         f"({self._owner(path)}); stop it first, or give this one its own "
                         "--state-dir and database"
-                    ) from None
+                    )
                 self._files.append(lock)
-                # Beside the lock file, which filelock truncates when a contender opens it.
+                # Who holds it, for a refused contender's message (in a file of its own: a
+                # contender's filelock, in earlier coordinators, truncated the lock file).
                 path.with_suffix(".owner").write_text(_holder_text() + "\n")
             if url.get_backend_name() == "postgresql":
                 self._lock_database(url)
@@ -212,6 +245,6 @@ class InstanceLock:
             self._engine.dispose()
             self._engine = None
         for lock in reversed(self._files):
-            Path(lock.lock_file).with_suffix(".owner").unlink(missing_ok=True)
+            lock.path.with_suffix(".owner").unlink(missing_ok=True)
             lock.release()
         self._files.clear()

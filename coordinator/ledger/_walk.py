@@ -7,9 +7,8 @@ Each event's payload is decoded once, from its stored text, for its hash and its
 from __future__ import annotations
 
 import json
-import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor
 from typing import Any
 
 from sqlalchemy import URL, Connection, Text, cast, func, select
@@ -163,6 +162,17 @@ def _in_memory(url: URL) -> bool:
     )  # fmt: skip
 
 
+def _process_pool(workers: int) -> Executor:
+    """`workers` processes of their own, spawned (not forked: this process holds connections).
+
+    Imported here, not at the top: the coordinator imports this module on its way to ready.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def walk_chain(
     connection: Connection, url: str, *, rows: bool, chunk: int, processes: int = 1
 ) -> ChainWalk:
@@ -180,8 +190,7 @@ def walk_chain(
     if not cuts:
         _walk_range(connection, walk, None, None, chunk)
         return walk
-    spawn = multiprocessing.get_context("spawn")  # not fork: this process holds connections
-    with ProcessPoolExecutor(len(cuts), mp_context=spawn) as pool:
+    with _process_pool(len(cuts)) as pool:
         later = [
             pool.submit(_walk_apart, url, after, upto, rows, chunk)
             for after, upto in zip(cuts, [*cuts[1:], None], strict=True)

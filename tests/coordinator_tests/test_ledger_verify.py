@@ -3,7 +3,9 @@ decodes or encodes, give the verdict `event_hash` gives."""
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -93,7 +95,7 @@ def test_a_payload_stored_as_text_no_json_encoder_accepts_is_named_altered(
     assert (result.events, result.last_seq) == (4, 4)
 
 
-class _CountingPool(_walk.ProcessPoolExecutor):
+class _CountingPool(ProcessPoolExecutor):
     """The real process pool, counting the ranges handed to its processes."""
 
     ranges: ClassVar[list[tuple[object, ...]]] = []
@@ -101,6 +103,10 @@ class _CountingPool(_walk.ProcessPoolExecutor):
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         self.ranges.append(args[1:3])
         return super().submit(fn, *args, **kwargs)
+
+
+def _counting_pool(workers: int) -> _CountingPool:
+    return _CountingPool(workers, mp_context=multiprocessing.get_context("spawn"))
 
 
 @pytest.fixture
@@ -112,7 +118,7 @@ def populated(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Le
     for index in range(6):
         ledger.record_event("test.event", payload={"index": index})
     monkeypatch.setattr(_walk, "SPLIT_MIN_EVENTS", 3)
-    monkeypatch.setattr(_walk, "ProcessPoolExecutor", _CountingPool)
+    monkeypatch.setattr(_walk, "_process_pool", _counting_pool)
     _CountingPool.ranges = []
     yield ledger
     ledger.close()
@@ -175,7 +181,7 @@ def test_an_in_memory_ledger_is_walked_by_this_process_alone(
     for index in range(9):
         ledger.record_event("test.event", payload={"index": index})
     monkeypatch.setattr(_walk, "SPLIT_MIN_EVENTS", 3)
-    monkeypatch.setattr(_walk, "ProcessPoolExecutor", _CountingPool)
+    monkeypatch.setattr(_walk, "_process_pool", _counting_pool)
     _CountingPool.ranges = []
     result = ledger.verify(processes=3)
     ledger.close()
