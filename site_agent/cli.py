@@ -251,6 +251,13 @@ def doctor(
     base_model: BaseModelDir = None,
     device: Device = None,
     min_free_gb: Annotated[float, typer.Option(min=0, help="Disk space the data dir needs")] = 2,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A check of this host not to run: gpu, disk, data or base-model (repeatable; "
+            "gpu imports torch, seconds of CPU)"
+        ),
+    ] = None,
 ) -> None:
     """Check DNS, proxy, TLS, certificate, clock, GPU, disk, data and base model (exit 1: fix)."""
     from site_agent.doctor import run_checks
@@ -268,8 +275,13 @@ def doctor(
         base_model_dir=base_model,
         device=device,
     )
+    try:
+        checks = run_checks(settings, min_free_bytes=int(min_free_gb * 1024**3), skip=skip or ())
+    except ValueError as exc:  # an unknown --skip
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from exc
     failed = 0
-    for check in run_checks(settings, min_free_bytes=int(min_free_gb * 1024**3)):
+    for check in checks:
         typer.echo(check.line())
         failed += not check.ok
     if failed:
