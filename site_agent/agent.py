@@ -325,6 +325,13 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         if stream is not None:
             stream.cancel()
 
+    def close(self) -> None:
+        """After `run`: waits for the work still on the agent's own threads (the ledger heads
+        being kept, a preparation under way) so that the process may end without the
+        interpreter's exit, which would wait for them too."""
+        self._preparations.shutdown(wait=True, cancel_futures=True)
+        self._head_keeper.shutdown(wait=True)
+
     def shutdown(self, grace: float) -> None:
         """Graceful stop (SIGTERM): takes no new task; a hop in training may finish within
         `grace` seconds, after which it is handed back to the coordinator (released, not failed).

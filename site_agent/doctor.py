@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -24,7 +24,11 @@ from protocols.v1 import baton_pb2_grpc as pb_grpc
 from site_agent.registry import list_registered
 from site_agent.settings import SiteSettings
 
-__all__ = ["Check", "run_checks"]
+__all__ = ["SKIPPABLE", "Check", "run_checks"]
+
+# The checks of this host alone, which `--skip` may leave out (the gpu check imports torch: some
+# seconds of CPU); those of the path to the coordinator always run.
+SKIPPABLE = ("gpu", "disk", "data", "base-model")
 
 MAX_CLOCK_SKEW_SECONDS = 30.0
 CERTIFICATE_WARNING_DAYS = 30
@@ -321,8 +325,29 @@ def _base_model(settings: SiteSettings, pinned: list[str]) -> Check:
     return Check("base-model", True, f"sha256 {digest}")
 
 
-def run_checks(settings: SiteSettings, *, min_free_bytes: int = 2 * 1024**3) -> Iterator[Check]:
-    """Runs every check in order, yielding each result as soon as it is known."""
+def run_checks(
+    settings: SiteSettings,
+    *,
+    min_free_bytes: int = 2 * 1024**3,
+    skip: Collection[str] = (),
+) -> Iterator[Check]:
+    """Runs every check in order: an iterator that yields each result as soon as it is known.
+
+    Args:
+        settings: The site's settings, as `baton-site serve` takes them.
+        min_free_bytes: Free space the data folder needs.
+        skip: Checks of `SKIPPABLE` not to run (nor yield).
+
+    Raises:
+        ValueError: `skip` names a check that is not in `SKIPPABLE`.
+    """
+    unknown = set(skip) - set(SKIPPABLE)
+    if unknown:
+        raise ValueError(f"cannot skip {', '.join(sorted(unknown))}: only {', '.join(SKIPPABLE)}")
+    return _checks(settings, min_free_bytes, frozenset(skip))
+
+
+def _checks(settings: SiteSettings, min_free_bytes: int, skip: frozenset[str]) -> Iterator[Check]:
     proxy = proxy_for(settings.coordinator)
     host, _ = _split(settings.coordinator)
     if proxy is None:
@@ -334,11 +359,14 @@ def run_checks(settings: SiteSettings, *, min_free_bytes: int = 2 * 1024**3) -> 
     answer = _coordinator(settings, checks)
     yield from checks
     yield _certificate(settings)
-    local: list[Callable[[], Check]] = [
-        lambda: _gpu(settings),
-        lambda: _disk(settings, min_free_bytes),
-        lambda: _data(settings, list(answer.datasets) if answer else []),
-        lambda: _base_model(settings, list(answer.pinned_base_models) if answer else []),
-    ]
-    for check in local:
-        yield check()
+    local: dict[str, Callable[[], Check]] = {
+        "gpu": lambda: _gpu(settings),
+        "disk": lambda: _disk(settings, min_free_bytes),
+        "data": lambda: _data(settings, list(answer.datasets) if answer else []),
+        "base-model": lambda: _base_model(
+            settings, list(answer.pinned_base_models) if answer else []
+        ),
+    }
+    for name, check in local.items():
+        if name not in skip:
+            yield check()

@@ -9,13 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from site_agent.cli import app as baton_site
 from site_agent.registry import register_dataset
 from tests.conftest import Pki
 from tests.connect_proxy import connect_proxy
 from tests.integration.conftest import Cluster
 
 _PROXY_VARS = ("grpc_proxy", "https_proxy", "http_proxy", "no_proxy", "no_grpc_proxy")
+# For the runs about the path to the coordinator: the gpu check imports torch (~4 CPU s a run).
+NO_GPU = ("--skip", "gpu")
 
 
 def _doctor(
@@ -70,9 +74,12 @@ def test_doctor_passes_against_a_running_coordinator_and_through_a_proxy(
     assert all(line.startswith("OK ") for line in lines), lines
     assert "site 'site-a'" in checks["tls"] and "heart" in checks["data"]
 
+    # The route through the proxy: the checks of this host alone (gpu: torch) ran above.
     with connect_proxy() as proxy:
-        code, lines = _doctor(pki, target, data_dir, env={"https_proxy": proxy.url})
+        code, lines = _doctor(pki, target, data_dir, *NO_GPU, env={"https_proxy": proxy.url})
     assert code == 0, lines
+    assert set(_by_name(lines)) == {"dns", "proxy", "tls", "clock", "certificate", "disk",
+                                    "data", "base-model"}  # fmt: skip
     assert f"CONNECT {target} through 127.0.0.1" in _by_name(lines)["proxy"]
     assert proxy.connect_lines == [f"CONNECT {target} HTTP/1.1"] * 2  # the check, then gRPC
 
@@ -81,13 +88,14 @@ def test_doctor_prints_a_fix_for_a_wrong_ca_an_unreachable_host_and_a_dead_proxy
     pki: Pki, served: tuple[str, Path]
 ) -> None:
     target, data_dir = served
-    code, lines = _doctor(pki, target, data_dir, ca=pki.foreign / "ca.crt")
+    # Each failure of the path to the coordinator; the gpu check (torch) ran in the test above.
+    code, lines = _doctor(pki, target, data_dir, *NO_GPU, ca=pki.foreign / "ca.crt")
     tls = _by_name(lines)["tls"]
     assert code == 1 and tls.startswith("FAIL")
     assert "-> fix: the coordinator's certificate is not signed by" in tls
     assert "use the consortium's ca.crt" in tls
 
-    code, lines = _doctor(pki, "localhost:1", data_dir)
+    code, lines = _doctor(pki, "localhost:1", data_dir, *NO_GPU)
     checks = _by_name(lines)
     assert code == 1
     assert (
@@ -96,11 +104,11 @@ def test_doctor_prints_a_fix_for_a_wrong_ca_an_unreachable_host_and_a_dead_proxy
     )
     assert checks["tls"].startswith("FAIL") and "-> fix:" in checks["tls"]
 
-    code, lines = _doctor(pki, "no-such-host.invalid:50051", data_dir)
+    code, lines = _doctor(pki, "no-such-host.invalid:50051", data_dir, *NO_GPU)
     dns = _by_name(lines)["dns"]
     assert code == 1 and dns.startswith("FAIL") and "-> fix: check the coordinator's name" in dns
 
-    code, lines = _doctor(pki, target, data_dir, env={"https_proxy": "http://127.0.0.1:1"})
+    code, lines = _doctor(pki, target, data_dir, *NO_GPU, env={"https_proxy": "http://127.0.0.1:1"})
     proxy = _by_name(lines)["proxy"]
     assert code == 1 and proxy.startswith("FAIL") and "-> fix: check https_proxy" in proxy
 
@@ -121,8 +129,23 @@ def test_doctor_fails_the_clock_check_when_this_hosts_clock_is_two_minutes_slow(
         private_key=pki.directory / "site-a.key",
         data_dir=data_dir,
     )
-    checks = {check.name: check for check in doctor.run_checks(settings, min_free_bytes=0)}
+    checks = {
+        check.name: check for check in doctor.run_checks(settings, min_free_bytes=0, skip=["gpu"])
+    }
     assert checks["tls"].ok
     clock = checks["clock"]
     assert not clock.ok and clock.detail.startswith("this host's clock is 120.")
     assert "behind the coordinator's" in clock.detail and "timedatectl set-ntp true" in clock.fix
+
+
+def test_doctor_refuses_to_skip_a_check_of_the_path_to_the_coordinator_in_one_line(
+    pki: Pki, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(baton_site, [
+        "doctor", "--coordinator", "localhost:1", "--ca", str(pki.directory / "ca.crt"),
+        "--cert", str(pki.directory / "site-a.crt"), "--key", str(pki.directory / "site-a.key"),
+        "--data-dir", str(tmp_path), "--skip", "gpu", "--skip", "tls",
+    ])  # fmt: skip
+    assert result.exit_code == 2
+    assert result.stderr == "error: cannot skip tls: only gpu, disk, data, base-model\n"
+    assert result.stdout == ""

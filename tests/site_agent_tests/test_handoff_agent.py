@@ -440,7 +440,11 @@ def test_a_signed_head_is_kept_beside_the_task_stream_in_the_order_received(
     agent._keep_head(pb.SignedLedgerHead(seq=200))  # returned while the first is being kept
 
     assert heads.started.wait(30) and heads.kept == []
+    agent.stop()  # a head received is still kept: `close` (then the process ends) waits for it
+    closing = threading.Thread(target=agent.close)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive()  # held by the first head's keep
     heads.release.set()
-    agent.stop()  # a head received is still kept
-    agent._head_keeper.shutdown(wait=True)
-    assert heads.kept == [100, 200]
+    closing.join(30)
+    assert not closing.is_alive() and heads.kept == [100, 200]
