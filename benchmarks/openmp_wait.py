@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._harness import markdown_row, report_head
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("unset", "PASSIVE")
+POLICIES = ("unset", "PASSIVE")  # unset: libgomp's default; else OMP_WAIT_POLICY or NAME=VALUE
 PAUSE_S = 0.03
 
 
@@ -86,14 +86,18 @@ def _busy() -> subprocess.Popen[bytes]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, list[dict[str, float]]] = {policy: [] for policy in POLICIES}
+    results: dict[str, list[dict[str, float]]] = {policy: [] for policy in args.policies}
     loads: list[float] = []
     busy = [_busy() for _ in range(args.contend)]
     try:
         for _ in range(args.rounds):
-            for policy in POLICIES:
-                env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-                if policy != "unset":
+            for policy in args.policies:
+                env = {k: v for k, v in os.environ.items()
+                       if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}  # fmt: skip
+                if "=" in policy:
+                    name, _, value = policy.partition("=")
+                    env[name] = value
+                elif policy != "unset":
                     env["OMP_WAIT_POLICY"] = policy
                 loads.append(os.getloadavg()[0])
                 out = subprocess.run(
@@ -155,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--contend", type=int, default=0, help="busy processes meanwhile")
+    parser.add_argument(
+        "--policies",
+        type=lambda text: tuple(text.split(",")),
+        default=POLICIES,
+        help="comma-separated: unset, an OMP_WAIT_POLICY value, or NAME=VALUE (GOMP_SPINCOUNT=...)",
+    )
     parser.add_argument("--name", default="openmp_wait")
     args = parser.parse_args(argv)
     args.argv = argv

@@ -16,6 +16,9 @@ def test_passive_waits_are_the_default_and_an_administrators_policy_is_kept() ->
     dedicated = {"OMP_WAIT_POLICY": "ACTIVE"}
     assert prefer_passive_waits(dedicated) == "ACTIVE"
     assert dedicated == {"OMP_WAIT_POLICY": "ACTIVE"}
+    spin = {"GOMP_SPINCOUNT": "10000"}
+    assert prefer_passive_waits(spin) == "GOMP_SPINCOUNT=10000"
+    assert spin == {"GOMP_SPINCOUNT": "10000"}
 
 
 def test_the_baton_site_command_sets_the_policy_before_torch_is_loaded() -> None:
