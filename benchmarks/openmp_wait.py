@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     medians = report["medians"]
     lines = [
-        "# Site torch threads: OMP_WAIT_POLICY unset (libgomp spins) vs PASSIVE",
+        "# Site torch threads: OpenMP wait policies side by side (unset: libgomp spins)",
         "",
         f"Generated {report['generated']} by `{report['command']}` on {report['machine']}. "
         f"Settings: {report['settings']}; 1-minute load at each process's start: "
