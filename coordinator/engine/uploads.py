@@ -377,7 +377,7 @@ class UploadIntake:
                 f"checkpoint of {header.total_size} bytes exceeds the "
                 f"{self.max_checkpoint_bytes}-byte cap"
             )
-        held = {row.sha256: row for row in self.ledger.stored_checkpoints(hop.id)}
+        held = self.ledger.stored_sizes(hop.id)  # sha256 -> size
         if held and header.sha256 not in held:
             raise InvalidInput(
                 f"hop {hop.id} already holds uploaded output {next(iter(held))} under this "
@@ -386,7 +386,7 @@ class UploadIntake:
         if not record and not held:
             self._sole_uploads.add(hop.id)
         stored = held.get(header.sha256)
-        if stored is not None and header.offset == stored.size == header.total_size:
+        if stored is not None and header.offset == stored == header.total_size:
             await _drain(chunks, 0)
             return None
         where = f"upload for hop {hop.index} of run {run.id}"
@@ -868,9 +868,9 @@ class UploadIntake:
         if self._committed_with(site, header):
             return header.total_size
         self.leases.leased_hop(site, header.hop_id, header.lease_token)
-        for row in self.ledger.stored_checkpoints(header.hop_id):
-            if row.sha256 == header.sha256:
-                return row.size
+        size = self.ledger.stored_sizes(header.hop_id).get(header.sha256)
+        if size is not None:
+            return size
         return self.spool.received(header.hop_id, header.lease_token, header.sha256)
 
     def hop_ended(self, hop_id: str, reason: str) -> None:
