@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from coordinator.ledger import CheckpointRow, HopRow, Ledger, TransitionRefused
 
@@ -60,3 +61,44 @@ def test_a_hand_back_reads_no_event_back_and_stamps_each_row_once(ledger: Ledger
     assert not [s for s in statements if re.match(r"SELECT runs\.id", s)]
     assert ledger.run(run_id).base_model_sha256 == "b" * 64
     assert ledger.verify().ok
+
+
+def test_a_hand_backs_hop_transitions_are_plain_updates_not_unit_of_work_flushes(
+    ledger: Ledger,
+) -> None:
+    """The hop's moves (uploaded, committed) and the next hop's lease write their columns with
+    one UPDATE each (`write_columns`): no flush of the ORM's unit of work finds a hop changed,
+    and the events still record each move's snapshot, chained one by one."""
+    hops = [HopRow(id=uuid.uuid4().hex, index=i, site=f"site-{i % 2}", hyperparameters={},
+                   status="pending", metrics={}) for i in range(3)]  # fmt: skip
+    ids = [hop.id for hop in hops]
+    run_id = uuid.uuid4().hex
+    ledger.create_run(run_id, "flushes", {"task": "t"}, hops, None)
+    ledger.lease_hop(ids[0], "t0", None)
+    flushed: list[str] = []
+
+    def note(session: Session, _context: object, _instances: object) -> None:
+        flushed.extend(type(row).__name__ for row in session.dirty if session.is_modified(row))
+
+    event.listen(ledger._sessions, "before_flush", note)
+    try:
+        _hand_back(ledger, run_id, ids, 0)
+        _hand_back(ledger, run_id, ids, 1)
+    finally:
+        event.remove(ledger._sessions, "before_flush", note)
+    assert "HopRow" not in flushed
+    kinds = [(e.kind, e.hop_id) for e in ledger.events(run_id)][-8:]
+    assert kinds == [
+        ("checkpoint.stored", ids[0]), ("hop.uploaded", ids[0]), ("hop.committed", ids[0]),
+        ("hop.leased", ids[1]), ("checkpoint.stored", ids[1]), ("hop.uploaded", ids[1]),
+        ("hop.committed", ids[1]), ("hop.leased", ids[2]),
+    ]  # fmt: skip
+    events = ledger.events(run_id)
+    leased = events[-1].payload["state_rows"]
+    assert [(e["table"], e["key"], e["values"]["status"]) for e in leased] == [
+        ("hops", ids[2], "leased")
+    ]
+    assert ledger.verify_chain() is None and ledger.verify().ok
+    held = {hop.id: hop for hop in ledger.run(run_id).hops}
+    assert [held[i].status for i in ids] == ["committed", "committed", "leased"]
+    assert held[ids[2]].attempts == 1 and held[ids[1]].metrics == {}
