@@ -60,7 +60,7 @@ class CheckpointRecords(LedgerCore):
         object is built)."""
         with self.engine.connect() as connection:
             found = connection.execute(_stored_sizes_query(), {"hop_id": hop_id})
-            return {sha256: size for sha256, size in found}
+            return {row[0]: row[1] for row in found}
 
     def supersede_checkpoints(self, hop_id: str, reason: str) -> list[CheckpointRow]:
         """Marks a hop's stored checkpoints other than its committed output superseded.
