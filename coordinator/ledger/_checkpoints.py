@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from sqlalchemy import Select, bindparam, select
 
@@ -11,7 +12,7 @@ from coordinator.ledger.models import CheckpointRow, HopRow
 
 
 @functools.cache
-def _stored_sizes_query() -> Select[tuple[str, int]]:
+def _stored_sizes_query() -> Select[Any]:
     """`stored_sizes`' query, built once (the hop id a bound parameter)."""
     columns = CheckpointRow.__table__.c
     return select(columns.sha256, columns.size).where(
