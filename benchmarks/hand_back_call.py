@@ -88,11 +88,13 @@ def _hand_back(site: Site, task: pb.HopTask, data: bytes, call: str) -> tuple[fl
     return started, seconds
 
 
-def _spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy recording the coordinator's CPU (collapsed stacks, one line per stack) to `out`."""
+def _spy(pid: int, out: Path, rate: int = 250, native: bool = False) -> subprocess.Popen[bytes]:
+    """py-spy recording the coordinator's CPU (collapsed stacks, one line per stack) to `out`;
+    `native` adds the C frames (and samples while blocking, which `--native` needs)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out.parent.mkdir(parents=True, exist_ok=True)
-    process = subprocess.Popen([spy, "record", "--nonblocking", "--rate", "250", "--format", "raw",
+    mode = ["--native"] if native else ["--nonblocking"]
+    process = subprocess.Popen([spy, "record", *mode, "--rate", str(rate), "--format", "raw",
                                 "--output", str(out), "--pid", str(pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     time.sleep(0.5)  # attached before the counted hops
@@ -155,7 +157,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if index == args.warmup:
                 cpu_from = sum(coordinator.cpu_times()[:2])
                 if args.profile is not None:
-                    spy = _spy(proc.pid, args.profile)
+                    spy = _spy(proc.pid, args.profile, args.profile_rate, args.profile_native)
             site = sites["site-a" if index % 2 == 0 else "site-b"]
             task = site.tasks.get(timeout=60)
             if previous is not None:
@@ -266,6 +268,12 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the coordinator's CPU over the counted hops with py-spy "
                         "(collapsed stacks) to this file")  # fmt: skip
+    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples a second")
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: C frames too (sqlite3, OpenSSL, hashlib)",
+    )
     parser.add_argument("--name", default="hand-back-call")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

@@ -229,6 +229,39 @@ def _stamp(session: Session, row: Base, seq: int) -> None:
     set_committed_value(row, "ledger_seq", seq)
 
 
+@functools.cache
+def _update_statement(model: type[Base], columns: tuple[str, ...]) -> Update:
+    """UPDATE of `columns` of one `model` row by its primary key, built once per column set."""
+    table = cast(Table, model.__table__)
+    keys = [table.c[column.name] for column in sa_inspect(model).primary_key]
+    condition = and_(*(column == bindparam(f"key_{column.name}") for column in keys))
+    return table.update().where(condition).values({c: bindparam(f"set_{c}") for c in columns})
+
+
+def write_columns(session: Session, row: Base, values: dict[str, Any]) -> None:
+    """Sets `values` on a state row this transaction read (and locked): one UPDATE statement
+    by its primary key, not a unit-of-work flush, and the row object told it holds them as
+    written. The transaction's next event records the row, as after a flush: the columns whose
+    value changed count as assigned by this write (`_track_state_rows`), the others keep what
+    the ledger recorded."""
+    mapper = sa_inspect(row).mapper
+    names = tuple(sorted(values))
+    params: dict[str, object] = {f"set_{name}": values[name] for name in names}
+    for column, value in zip(
+        mapper.primary_key, mapper.primary_key_from_instance(row), strict=True
+    ):
+        params[f"key_{column.name}"] = value
+    state_columns = STATE_COLUMNS[type(row)]
+    changed = {n for n in names if n in state_columns and getattr(row, n) != values[n]}
+    session.connection().execute(_update_statement(type(row), names), params)
+    for name in names:
+        set_committed_value(row, name, values[name])
+    touched: dict[int, _Touched] = session.info.setdefault(_TOUCHED, {})
+    entry = touched.setdefault(id(row), _Touched(row, assigned=set()))
+    if entry.assigned is not None:
+        entry.assigned |= changed
+
+
 def _write_stamps(session: Session) -> None:
     """Writes the stamps `_stamp` noted: one executemany UPDATE per table."""
     stamps: dict[type[Base], dict[tuple[object, ...], dict[str, object]]] | None

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import functools
+from typing import Any
+
+from sqlalchemy import Select, bindparam, select
 
 from coordinator.ledger._chain import LedgerCore, hold_sqlite_write_lock, locked_get
 from coordinator.ledger.models import CheckpointRow, HopRow
+
+
+@functools.cache
+def _stored_sizes_query() -> Select[Any]:
+    """`stored_sizes`' query, built once (the hop id a bound parameter)."""
+    columns = CheckpointRow.__table__.c
+    return select(columns.sha256, columns.size).where(
+        columns.hop_id == bindparam("hop_id"), columns.status == "stored"
+    )
 
 
 class CheckpointRecords(LedgerCore):
@@ -43,13 +55,13 @@ class CheckpointRecords(LedgerCore):
                 query = query.where(CheckpointRow.run_id == run_id)
             return list(session.scalars(query))
 
-    def stored_checkpoints(self, hop_id: str) -> list[CheckpointRow]:
-        """The checkpoints of a hop whose bytes the store keeps (status "stored")."""
-        with self._sessions() as session:
-            query = select(CheckpointRow).where(
-                CheckpointRow.hop_id == hop_id, CheckpointRow.status == "stored"
-            )
-            return list(session.scalars(query))
+    def stored_sizes(self, hop_id: str) -> dict[str, int]:
+        """The checkpoints of a hop whose bytes the store keeps (status "stored"): sha256 ->
+        size, read as two plain columns (every hand back asks, on the event loop: no ORM
+        object is built)."""
+        with self.engine.connect() as connection:
+            found = connection.execute(_stored_sizes_query(), {"hop_id": hop_id})
+            return {row[0]: row[1] for row in found}
 
     def supersede_checkpoints(self, hop_id: str, reason: str) -> list[CheckpointRow]:
         """Marks a hop's stored checkpoints other than its committed output superseded.

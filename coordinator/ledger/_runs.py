@@ -17,6 +17,7 @@ from coordinator.ledger._chain import (
     TransitionRefused,
     locked_get,
     utcnow,
+    write_columns,
 )
 from coordinator.ledger.models import (
     EvaluationRow,
@@ -213,9 +214,8 @@ class RunRecords(LedgerCore):
                 raise KeyError(hop_id)
             if hop.status not in expected:
                 raise TransitionRefused(f"hop {hop_id} is {hop.status}; cannot move to {status}")
-            for name, value in fields.items():
-                setattr(hop, name, value(hop) if callable(value) else value)
-            hop.status = status
+            values = {n: v(hop) if callable(v) else v for n, v in fields.items()}
+            write_columns(session, hop, {**values, "status": status})
             self.append_event(
                 session,
                 event,
@@ -268,13 +268,12 @@ class RunRecords(LedgerCore):
             # must see the base model pinned here.
             pinned = session.connection().execute(_pin_query(), {"run_id": hop.run_id}).scalar()
             run = locked_get(session, RunRow, hop.run_id) if pinned is None else None
-            hop.status = "committed"
-            hop.output_sha256 = output_sha256
-            hop.metrics = metrics
-            hop.train_started_at_ns = train_started_at_ns
-            hop.train_finished_at_ns = train_finished_at_ns
-            hop.committed_at = utcnow()
-            hop.lease_token = None
+            write_columns(session, hop, {
+                "status": "committed", "output_sha256": output_sha256, "metrics": metrics,
+                "train_started_at_ns": train_started_at_ns,
+                "train_finished_at_ns": train_finished_at_ns, "committed_at": utcnow(),
+                "lease_token": None,
+            })  # fmt: skip
             if run is not None and run.base_model_sha256 is None:
                 run.base_model_sha256 = base_model_sha256
             self.append_event(

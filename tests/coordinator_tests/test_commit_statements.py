@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from coordinator.ledger import CheckpointRow, HopRow, Ledger, TransitionRefused
 
@@ -33,16 +34,21 @@ def _hand_back(ledger: Ledger, run_id: str, ids: list[str], i: int) -> None:
         ledger.lease_hop(ids[i + 1], f"t{i + 1}", sha)
 
 
+def _leased_run(ledger: Ledger, count: int) -> tuple[str, list[str]]:
+    """A run of `count` hops, its first leased: its id and its hops' ids."""
+    hops = [HopRow(id=uuid.uuid4().hex, index=i, site=f"site-{i % 2}", hyperparameters={},
+                   status="pending", metrics={}) for i in range(count)]  # fmt: skip
+    run_id = uuid.uuid4().hex
+    ledger.create_run(run_id, "count", {"task": "t"}, hops, None)
+    ledger.lease_hop(hops[0].id, "t0", None)
+    return run_id, [hop.id for hop in hops]
+
+
 def test_a_hand_back_reads_no_event_back_and_stamps_each_row_once(ledger: Ledger) -> None:
     """Each event is one INSERT; the snapshots carried forward come from what this process
     recorded, not from the events read back; each row's ledger_seq is written once, one
     statement per table; the run row is not read once its base model is pinned."""
-    hops = [HopRow(id=uuid.uuid4().hex, index=i, site=f"site-{i % 2}", hyperparameters={},
-                   status="pending", metrics={}) for i in range(4)]  # fmt: skip
-    ids = [hop.id for hop in hops]
-    run_id = uuid.uuid4().hex
-    ledger.create_run(run_id, "count", {"task": "t"}, hops, None)
-    ledger.lease_hop(ids[0], "t0", None)
+    run_id, ids = _leased_run(ledger, 4)
     _hand_back(ledger, run_id, ids, 0)  # pins the base model
     statements: list[str] = []
 
@@ -60,3 +66,39 @@ def test_a_hand_back_reads_no_event_back_and_stamps_each_row_once(ledger: Ledger
     assert not [s for s in statements if re.match(r"SELECT runs\.id", s)]
     assert ledger.run(run_id).base_model_sha256 == "b" * 64
     assert ledger.verify().ok
+
+
+def test_a_hand_backs_hop_transitions_are_plain_updates_not_unit_of_work_flushes(
+    ledger: Ledger,
+) -> None:
+    """The hop's moves (uploaded, committed) and the next hop's lease write their columns with
+    one UPDATE each (`write_columns`): no flush of the ORM's unit of work finds a hop changed,
+    and the events still record each move's snapshot, chained one by one."""
+    run_id, ids = _leased_run(ledger, 3)
+    flushed: list[str] = []
+
+    def note(session: Session, _context: object, _instances: object) -> None:
+        flushed.extend(type(row).__name__ for row in session.dirty if session.is_modified(row))
+
+    event.listen(ledger._sessions, "before_flush", note)
+    try:
+        _hand_back(ledger, run_id, ids, 0)
+        _hand_back(ledger, run_id, ids, 1)
+    finally:
+        event.remove(ledger._sessions, "before_flush", note)
+    assert "HopRow" not in flushed
+    kinds = [(e.kind, e.hop_id) for e in ledger.events(run_id)][-8:]
+    assert kinds == [
+        ("checkpoint.stored", ids[0]), ("hop.uploaded", ids[0]), ("hop.committed", ids[0]),
+        ("hop.leased", ids[1]), ("checkpoint.stored", ids[1]), ("hop.uploaded", ids[1]),
+        ("hop.committed", ids[1]), ("hop.leased", ids[2]),
+    ]  # fmt: skip
+    events = ledger.events(run_id)
+    leased = events[-1].payload["state_rows"]
+    assert [(e["table"], e["key"], e["values"]["status"]) for e in leased] == [
+        ("hops", ids[2], "leased")
+    ]
+    assert ledger.verify_chain() is None and ledger.verify().ok
+    held = {hop.id: hop for hop in ledger.run(run_id).hops}
+    assert [held[i].status for i in ids] == ["committed", "committed", "leased"]
+    assert held[ids[2]].attempts == 1 and held[ids[1]].metrics == {}

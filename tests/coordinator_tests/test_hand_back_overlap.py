@@ -9,7 +9,7 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,8 @@ from tests.coordinator_tests.test_hand_back import (
     _bundle_of,
     _files,
     _hand_back,
+    _header,
+    _result,
     _state,
     _stored,
     _stored_and_committed,
@@ -458,7 +460,10 @@ def test_a_committed_hops_clean_up_does_not_hold_back_its_answer(
         return original(hop_id, reason)
 
     monkeypatch.setattr(engine.ledger, "supersede_checkpoints", supersede_checkpoints)
-    assert _hand_back(site, task, _bundle(site, task, 4096), whole=True) == "committed"
+    data = _bundle(site, task, 4096)
+    # Uploaded on its own first (recorded alone): the hop's commit then looks for other uploads.
+    site.upload(task, data)
+    assert _hand_back(site, task, data, whole=True) == "committed"
     release.set()
     loop = engine.writer.loop
     assert loop is not None
@@ -550,3 +555,105 @@ def test_a_name_the_store_held_already_is_fsynced_before_the_commit_that_refers_
         disk.stop()
     assert disk.without_threads() == [("fsync", sha[:2]), ("COMMIT", "hop")]
     assert _stored(coordinator) == [sha] and _stored_and_committed(coordinator, task) == (1, 1)
+
+
+def _until(predicate: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.02)
+
+
+def _quiesced(coordinator: Coordinator) -> None:
+    """Waits for the transition in flight and the committed hops' clean-ups."""
+    loop = coordinator.engine.writer.loop
+    assert loop is not None
+    asyncio.run_coroutine_threadsafe(coordinator.engine.quiesce(), loop).result(WAIT)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "stream"])
+def test_a_hand_back_that_found_no_other_upload_commits_without_a_clean_up_transaction(
+    site: ScriptedSite,
+    task: pb.HopTask,
+    coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch,
+    whole: bool,
+) -> None:
+    ledger = coordinator.engine.ledger
+    superseding: list[str] = []
+    original = ledger.supersede_checkpoints
+
+    def supersede_checkpoints(hop_id: str, reason: str) -> object:
+        superseding.append(hop_id)
+        return original(hop_id, reason)
+
+    monkeypatch.setattr(ledger, "supersede_checkpoints", supersede_checkpoints)
+    assert _hand_back(site, task, _bundle(site, task, 64), whole=whole) == "committed"
+    _quiesced(coordinator)
+    assert superseding == []  # the hop's one upload is its output: nothing to look for
+    assert _stored_and_committed(coordinator, task) == (1, 1)
+    assert ledger.verify().ok
+
+
+def test_an_upload_recorded_after_a_hand_backs_receipt_is_superseded_by_its_commit(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops = coordinator.engine.hops
+    entered, release = threading.Event(), threading.Event()
+    next_to_lease = hops._next_to_lease
+
+    async def held(*args: object, **kwargs: object) -> object:
+        # The hand back's bundle is checked and on its way into the store; its commit waits.
+        entered.set()
+        await asyncio.to_thread(release.wait, WAIT)
+        return await next_to_lease(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(hops, "_next_to_lease", held)
+    data, other = _bundle(site, task, 64, 0.5), _bundle(site, task, 64, 0.25)
+    call = site.stub.HandBackHopWhole.future(
+        pb.HandBackWhole(header=_header(site, task, data), bundle=data, result=_result(task)),
+        timeout=WAIT,
+    )
+    ledger = coordinator.engine.ledger
+    try:
+        assert entered.wait(WAIT), "the hand back never reached its commit"
+        # A second upload under the same lease, recorded alone meanwhile (its answer waits
+        # for the engine's lock, which the commit holds).
+        upload = site.stub.UploadCheckpoint.future(_upload_messages(site, task, other),
+                                                   timeout=WAIT)  # fmt: skip
+        _until(lambda: ledger.checkpoint(sha256_hex(other)) is not None, WAIT)
+    finally:
+        release.set()
+    assert call.result().hop_status == "committed"
+    upload.result()
+    _quiesced(coordinator)
+    superseded = ledger.checkpoint(sha256_hex(other))
+    assert superseded is not None and superseded.status == "superseded"
+    assert _stored(coordinator) == [sha256_hex(data)]  # its bytes freed
+    assert ledger.verify().ok
+
+
+def _upload_messages(
+    site: ScriptedSite, task: pb.HopTask, data: bytes
+) -> Iterator[pb.UploadRequest]:
+    yield pb.UploadRequest(header=_header(site, task, data))
+    yield pb.UploadRequest(data=data)
+
+
+def test_a_hand_backs_bundle_in_one_message_is_kept_on_the_event_loop(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    intake = coordinator.engine.intake
+    on_loop: list[bool] = []
+    remember = intake._remember_tensors
+
+    def noted(sha256: str, tensors: list[list[object]]) -> None:
+        on_loop.append(asyncio._get_running_loop() is not None)
+        remember(sha256, tensors)
+
+    monkeypatch.setattr(intake, "_remember_tensors", noted)
+    data = _bundle(site, task, 64)
+    assert _hand_back(site, task, data, whole=True) == "committed"
+    assert on_loop == [True]  # no worker-thread round trip between its checks and its commit
+    assert _stored(coordinator) == [sha256_hex(data)]
+    assert _stored_and_committed(coordinator, task) == (1, 1)
