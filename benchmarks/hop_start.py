@@ -10,6 +10,9 @@ figures are the wall time from the call to ``train_started_at_ns`` (the instant 
 records) and the calling thread's CPU time up to that step. ``--contend`` runs a torch pass
 (matrix products, ``--contend-threads`` threads) on a thread of its own meanwhile, as a
 finishing site's post-commit validation does on a 2-core host; ``--contend-nice`` lowers it.
+``--from-task`` starts the clock at the task's bytes as the stream delivers them instead: the
+message parsed, then the agent's `_run_hop` (its log line and context, the heartbeat handed to
+its thread, the collector hold) around `_train_hop`; heartbeats go to a stand-in.
 
     PYTHONPATH=. nice -n 19 .venv/bin/python benchmarks/hop_start.py --repeat 40 --name hop-start
     PYTHONPATH=/other/checkout .venv/bin/python benchmarks/hop_start.py ...   # another checkout
@@ -54,6 +57,16 @@ class _FirstStep:
 
     def training_step(self, step: int, total: int, loss: float) -> None:
         pass
+
+
+class _Beats:
+    """Stands in for the coordinator's stub of a hop started from its task (``--from-task``):
+    answers heartbeats."""
+
+    def SendHeartbeat(self, request: Any, timeout: float) -> Any:
+        from protocols.v1 import baton_pb2 as pb
+
+        return pb.HeartbeatResponse(cancel=False)
 
 
 def _contention(stop: threading.Event, threads: int, niceness: int) -> None:
@@ -153,6 +166,20 @@ def _task(agent: Any, labels: list[str], pki: Path, steps: int = 15) -> Any:
     return task, spec, dataset, hyperparameters.seed
 
 
+def _task_wire(task: Any) -> bytes:
+    """A hop task as the task stream carries it (a `Task` message, serialised)."""
+    from protocols.v1 import baton_pb2 as pb
+
+    return pb.Task(hop=task).SerializeToString()
+
+
+def _parsed_hop(wire: bytes) -> Any:
+    """The hop task out of a stream message's bytes, as the agent's stream loop receives it."""
+    from protocols.v1 import baton_pb2 as pb
+
+    return pb.Task.FromString(wire).hop
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from site_agent.tasks import HopCancelled  # noqa: F401  (imports torch before timing)
 
@@ -160,6 +187,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         agent, labels, pki = _site(Path(tmp), args.threads)
         task, _spec, _dataset, _seed = _task(agent, labels, pki)
         preparation = _preparation(task)
+        wire = _task_wire(task)
+        if args.from_task:
+            agent._beat_threads.warm()  # as the agent does once connected
         stop = _start_contention(args)
         walls: list[float] = []
         cpus: list[float] = []
@@ -170,7 +200,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 beat = _FirstStep()
                 started_ns = time.time_ns()
                 cpu_ns = time.thread_time_ns()
-                result = agent._train_hop(None, task, beat)
+                if args.from_task:
+                    agent._stop = beat  # its check before the first step stops the hop there
+                    agent._run_hop(_Beats(), _parsed_hop(wire), 2.0)
+                    result = None
+                else:
+                    result = agent._train_hop(None, task, beat)
                 assert result is None and beat.at_ns, "the hop did not stop at its first step"
                 if repeat >= args.warmup:
                     walls.append((beat.at_ns - started_ns) / 1e6)
@@ -242,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a torch pass runs meanwhile on a thread of its own")  # fmt: skip
     parser.add_argument("--contend-threads", type=int, default=2)
     parser.add_argument("--contend-nice", type=int, default=0)
+    parser.add_argument("--from-task", action="store_true",
+                        help="from the stream message, through the agent's _run_hop")  # fmt: skip
     parser.add_argument("--name", default="hop-start")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--json-only", action="store_true", help="print the JSON, write nothing")

@@ -9,7 +9,7 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
@@ -481,7 +481,7 @@ class HopRunner(TaskChecks, Transfers):
 
     def _incoming(
         self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, held: str
-    ) -> dict[str, torch.Tensor]:
+    ) -> Mapping[str, torch.Tensor]:
         import safetensors.torch
 
         from site_agent.tasks import tensors_from_values

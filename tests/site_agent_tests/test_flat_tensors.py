@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -16,6 +17,7 @@ from site_agent.tasks import HopHyperparameters, LoraSettings, TaskSpec, create_
 from site_agent.tasks._spec import PreparingTrainer
 from site_agent.tasks._state import (
     FlatTensors,
+    PackedValues,
     flat_parameters,
     load_flat,
     outgoing,
@@ -55,11 +57,12 @@ def test_a_prepared_hop_moves_its_adapter_in_one_buffer_bit_for_bit_as_a_fresh_h
     expected = fresh.run_hop(spec, dataset, SECOND, dict(first.tensors))
 
     incoming = _received(first.tensors)
-    assert isinstance(incoming, FlatTensors)  # one copy out of the bundle's bytes
+    assert isinstance(incoming, PackedValues)  # where the bundle's bytes hold them
     prepared.prepare(spec, dataset, SECOND.seed)
     slab = prepared._prepared.flat  # type: ignore[attr-defined]
     assert isinstance(slab, FlatTensors)
     outcome = prepared.run_hop(spec, dataset, SECOND, incoming)
+    assert incoming._tensors is None  # loaded from the bundle's bytes: no tensor made of them
 
     assert outcome.metrics == expected.metrics
     assert isinstance(outcome.tensors, FlatTensors)  # copied out in one copy
@@ -166,3 +169,69 @@ def test_the_hand_back_copy_and_the_incoming_load_run_no_torch_kernel() -> None:
     assert flat.flat._version > version  # autograd sees the in-place load, as with copy_
     assert isinstance(copied, FlatTensors) and copied.shapes == flat.shapes
     assert copied.flat.data_ptr() != flat.flat.data_ptr() and not bool((copied.flat == 0.5).all())
+
+
+def _bundle(tensors: dict[str, torch.Tensor], order: list[str]) -> bytes:
+    """A safetensors bundle of float32 ``tensors`` whose bytes lie in ``order`` (safetensors
+    itself writes them in name order)."""
+    import json
+    import struct
+
+    header: dict[str, object] = {"__metadata__": METADATA}
+    at = 0
+    for name in order:
+        size = tensors[name].numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape),
+                        "data_offsets": [at, at + size]}  # fmt: skip
+        at += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    body = b"".join(tensors[name].numpy().tobytes() for name in order)
+    return struct.pack("<Q", len(text)) + text + body
+
+
+def test_incoming_values_are_packed_only_where_their_bytes_lie_in_name_order() -> None:
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.arange(6.0, 12.0).reshape(3, 2),
+               "c": torch.arange(12.0, 18.0).reshape(2, 3)}  # fmt: skip
+    for order in (["a", "b", "c"], ["c", "b", "a"], ["a", "c", "b"]):
+        _, values = read_bundle(_bundle(tensors, order))
+        received = tensors_from_values(values)
+        assert received is not None
+        assert isinstance(received, PackedValues) == (order == ["a", "b", "c"]), order
+        # Either way each name holds its own values (a swap of a and c, of the same shape,
+        # would load silently into the wrong slots if packed by size alone).
+        assert sorted(received) == ["a", "b", "c"] and len(received) == 3 and "b" in received
+        for name, tensor in tensors.items():
+            assert torch.equal(received[name], tensor), (order, name)
+        slab = flat_parameters({n: torch.nn.Parameter(torch.zeros_like(t))
+                                for n, t in tensors.items()})  # fmt: skip
+        assert slab is not None and load_flat(slab, received)
+        assert all(torch.equal(slab[name], tensor) for name, tensor in tensors.items())
+
+
+def test_packed_values_read_as_tensors_are_writable_copies_of_the_bundle() -> None:
+    tensors = {"a": torch.ones(4), "b": torch.full((2, 2), 2.0)}
+    data = _bundle(tensors, ["a", "b"])
+    _, values = read_bundle(data)
+    received = tensors_from_values(values)
+    assert isinstance(received, PackedValues)
+    received["a"].add_(1.0)  # its own copy: the bundle's bytes do not change
+    assert data == _bundle(tensors, ["a", "b"])
+    assert torch.equal(received["a"], torch.full((4,), 2.0))
+    copied = pickle.loads(pickle.dumps(received))
+    assert type(copied) is dict and torch.equal(copied["b"], tensors["b"])
+    # A buffer that could change after its checks (not bytes) is copied out, never packed.
+    _, mutable = read_bundle(bytearray(data))  # type: ignore[arg-type]
+    assert not isinstance(tensors_from_values(mutable), PackedValues)
+
+
+def test_packed_values_that_are_not_finite_are_refused_by_name_before_loading() -> None:
+    layer = torch.nn.Linear(3, 2)
+    slab = flat_parameters({"w": layer.weight, "b": layer.bias})
+    assert slab is not None
+    before = slab.flat.clone()
+    values = np.array([1.0, float("nan"), 0, 0, 0, 0, 0, 0], dtype="<f4")
+    with pytest.raises(ValueError, match=r"incoming tensors have non-finite values in \['b'\]"):
+        load_flat(slab, PackedValues(values, [("b", (2,)), ("w", (2, 3))]))
+    assert torch.equal(slab.flat, before)  # nothing reached the model
+    assert not load_flat(slab, PackedValues(values, [("b", (2,)), ("w", (3, 2))]))
