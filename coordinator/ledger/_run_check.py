@@ -106,8 +106,7 @@ def _events_query() -> sa.Select[Any]:
 class _Known:
     """A run's rows as the last check found them sound, and its events' texts as verified."""
 
-    rows: dict[RowName, RowRead] = field(default_factory=dict)
-    seqs: dict[RowName, int] = field(default_factory=dict)
+    rows: dict[RowName, RowRead] = field(default_factory=dict)  # values[1]: its ledger_seq
     events: dict[int, RowRead] = field(default_factory=dict)  # (StoredEvent, its types)
 
 
@@ -224,7 +223,7 @@ def checked_run_mismatches(
     if all(isinstance(seq, int) for seq in seqs.values()):
         expected = _events_match(set(seqs.values()), {}, verified, events)
         if expected is not None:
-            checks.put(run_id, _Known(rows=rows, seqs=seqs, events=expected))
+            checks.put(run_id, _Known(rows=rows, events=expected))
     return found
 
 
@@ -249,7 +248,7 @@ def _sound_as_known(
     }:
         return False  # a hop gone or added behind the ledger's back (or by another writer)
     changed = {name for name, read in rows.items() if known.rows.get(name) != read}
-    seqs = {name: known.seqs[name] for name in rows if name not in changed}
+    seqs = {name: known.rows[name][0][1] for name in rows if name not in changed}
     renewed: dict[RowName, RowRead] = {}
     if changed:
         states: list[StateRow] = []
@@ -273,6 +272,5 @@ def _sound_as_known(
     if expected is None:
         return False
     known.rows.update(renewed)  # the others are as kept
-    known.seqs.update({name: seqs[name] for name in renewed})
     known.events = expected
     return True
