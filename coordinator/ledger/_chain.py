@@ -43,6 +43,7 @@ from coordinator.ledger._integrity import (
     tracked,
 )
 from coordinator.ledger._migrations import _MIGRATIONS, script_heads
+from coordinator.ledger._run_check import RunChecks
 from coordinator.ledger.models import Base, EventRow
 
 T = TypeVar("T", bound=Base)
@@ -346,6 +347,8 @@ class LedgerCore:
         self._newest_lock = threading.Lock()
         # Events the engine's row checks found sound, as stored then: not hashed again unchanged.
         self.verified_events = VerifiedEvents()
+        # Per run, its rows' and events' texts as the engine's last check found them sound.
+        self.run_checks = RunChecks()
         # Each row's snapshot in the newest event this object committed for it.
         self.recorded_entries = RecordedEntries()
 

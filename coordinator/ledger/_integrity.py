@@ -53,6 +53,7 @@ __all__ = [
     "row_key",
     "state_mismatches",
     "state_rows",
+    "stored_columns",
     "stored_event",
     "tracked",
     "values_entry",
@@ -276,6 +277,12 @@ class VerifiedEvents:
             while len(self._events) > self._limit:
                 del self._events[next(iter(self._events))]
 
+    def stored(self, seq: int) -> StoredEvent | None:
+        """Event `seq` as stored when it was last verified (None if it is not kept)."""
+        with self._lock:
+            known = self._events.get(seq)
+        return known[0] if known is not None else None
+
     def __contains__(self, seq: object) -> bool:
         return seq in self._events
 
@@ -385,7 +392,7 @@ def state_rows(
     return found
 
 
-def _stored_columns() -> list[sa.ColumnElement[Any]]:
+def stored_columns() -> list[sa.ColumnElement[Any]]:
     """The columns of a `StoredEvent`, in its order (the payload as its stored text)."""
     columns = EventRow.__table__.c
     return [columns.at, columns.kind, columns.run_id, columns.hop_id, columns.site,
@@ -395,7 +402,7 @@ def _stored_columns() -> list[sa.ColumnElement[Any]]:
 @functools.cache
 def _stored_event_query() -> sa.Select[Any]:
     """`stored_event`'s query, built once (the seq a bound parameter)."""
-    return select(*_stored_columns()).where(EventRow.__table__.c.seq == sa.bindparam("seq"))
+    return select(*stored_columns()).where(EventRow.__table__.c.seq == sa.bindparam("seq"))
 
 
 def stored_event(session: Session, seq: int) -> StoredEvent | None:
@@ -435,7 +442,7 @@ def _linked_events_query() -> sa.Select[Any]:
     columns = EventRow.__table__.c
     successor = EventRow.__table__.alias("successor")
     return (
-        select(columns.seq, *_stored_columns(), successor.c.prev_hash)
+        select(columns.seq, *stored_columns(), successor.c.prev_hash)
         .outerjoin(successor, successor.c.seq == columns.seq + 1)
         .where(columns.seq.in_(sa.bindparam("seqs", expanding=True)))
     )

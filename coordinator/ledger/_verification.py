@@ -22,6 +22,7 @@ from coordinator.ledger._integrity import (
     state_mismatches,
     state_rows,
 )
+from coordinator.ledger._run_check import checked_run_mismatches
 from coordinator.ledger._walk import walk_chain
 from coordinator.ledger.models import Base, CheckpointRow, EventRow, HopRow, RunRow
 
@@ -129,9 +130,26 @@ class EventLog(LedgerCore):
     def stored_run_mismatches(
         self, run_id: str, checkpoint_sha256: str | None
     ) -> list[RowMismatch]:
+        """`run_mismatches` of the run as stored now, read from SQL (the engine runs this check
+        before every lease): rows and events the database renders as the same texts as when
+        this check last found them sound are not compared again (`checked_run_mismatches`).
+
+        Raises:
+            KeyError: The run has no row.
+        """
+        return checked_run_mismatches(
+            self.engine,
+            self.run_checks,
+            self.verified_events,
+            run_id,
+            checkpoint_sha256,
+            lambda: self.full_run_mismatches(run_id, checkpoint_sha256),
+        )
+
+    def full_run_mismatches(self, run_id: str, checkpoint_sha256: str | None) -> list[RowMismatch]:
         """`run_mismatches` of the run as stored now: the run, its hops and the checkpoint read
-        from SQL as plain columns in one read transaction (no ORM objects: the engine runs
-        this check before every lease).
+        from SQL as plain columns in one read transaction (no ORM objects), each compared with
+        its event.
 
         Raises:
             KeyError: The run has no row.

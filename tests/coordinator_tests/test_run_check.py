@@ -1,0 +1,112 @@
+"""The engine's tamper check per hand back compares only what changed since it last found the
+run sound, and still finds every edit made behind the ledger's back (`ledger/_run_check`)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import text
+
+from coordinator.ledger import CheckpointRow, HopRow, Ledger
+
+
+def _sql(ledger: Ledger, statement: str, **params: object) -> None:
+    with ledger.engine.begin() as connection:
+        connection.execute(text(statement), params)
+
+
+def _run(ledger: Ledger, hops: int) -> tuple[str, list[str]]:
+    run_id = uuid.uuid4().hex
+    rows = [
+        HopRow(id=uuid.uuid4().hex, run_id=run_id, index=i, site=f"site-{i % 2}",
+               hyperparameters={"learning_rate": 1e-4, "steps": 3}, status="pending", metrics={})
+        for i in range(hops)
+    ]  # fmt: skip
+    ledger.create_run(run_id, "r", {"task": "tabular", "dataset": "notes"}, rows, None)
+    ledger.lease_hop(rows[0].id, "tok", None)
+    return run_id, [row.id for row in rows]
+
+
+def _hand_back(ledger: Ledger, run_id: str, hops: list[str], i: int, parent: str | None) -> str:
+    """Hop `i` trains, is committed with its output, and the next hop is leased (as a handoff)."""
+    ledger.transition_hop(hops[i], expected=("leased",), status="training", event="hop.training")
+    sha = uuid.uuid4().hex * 2
+    with ledger.transaction():
+        ledger.record_checkpoint(
+            CheckpointRow(sha256=sha, size=10, run_id=run_id, hop_id=hops[i],
+                          producer_site="site-a", parent_sha256=parent, manifest={"n": i},
+                          tensors=[["lora_A", "F32", [4, 2]]], signature="ab",
+                          producer_certificate="cert", stored_at=datetime.now(UTC))
+        )  # fmt: skip
+        ledger.commit_hop(hops[i], lease_token="tok", output_sha256=sha, metrics={"loss": 0.5},
+                          train_started_at_ns=1, train_finished_at_ns=2,
+                          base_model_sha256="cd" * 32)  # fmt: skip
+        if i + 1 < len(hops):
+            ledger.lease_hop(hops[i + 1], "tok", sha)
+    return sha
+
+
+def test_a_check_per_hand_back_compares_only_the_rows_the_hand_back_wrote(ledger: Ledger) -> None:
+    run_id, hops = _run(ledger, 12)
+    assert ledger.stored_run_mismatches(run_id, None) == []
+    parent: str | None = None
+    compared = []
+    for i in range(len(hops) - 1):
+        before = ledger.run_checks.rows_compared
+        parent = _hand_back(ledger, run_id, hops, i, parent)
+        assert ledger.stored_run_mismatches(run_id, parent) == []
+        compared.append(ledger.run_checks.rows_compared - before)
+    assert ledger.run_checks.full_checks == 1  # the first check only
+    # the run row, the committed hop, the leased one and the new checkpoint: not the whole run
+    assert max(compared) <= 4
+    assert compared[-1] == compared[1]
+    assert ledger.full_run_mismatches(run_id, parent) == []
+
+
+def test_an_edit_to_an_old_hop_after_many_checks_is_found_by_the_next(ledger: Ledger) -> None:
+    run_id, hops = _run(ledger, 6)
+    parent: str | None = None
+    for i in range(4):
+        parent = _hand_back(ledger, run_id, hops, i, parent)
+        assert ledger.stored_run_mismatches(run_id, parent) == []
+    _sql(ledger, "UPDATE hops SET metrics = '{\"loss\": 0.1}' WHERE id = :hop", hop=hops[1])
+    found = ledger.stored_run_mismatches(run_id, parent)
+    assert [(m.table, m.key, m.column) for m in found] == [("hops", hops[1], "metrics")]
+    assert found == ledger.full_run_mismatches(run_id, parent)
+    _sql(ledger, "UPDATE hops SET metrics = '{\"loss\": 0.5}' WHERE id = :hop", hop=hops[1])
+    assert ledger.stored_run_mismatches(run_id, parent) == []  # no finding remembered
+
+
+def test_rows_another_writer_moved_are_compared_again_not_taken_as_known(
+    ledger: Ledger,
+) -> None:
+    """A second coordinator (another `Ledger` on the database) hands the run on: the first's
+    check compares the rows it wrote with their events, and then still finds an edit."""
+    run_id, hops = _run(ledger, 5)
+    parent = _hand_back(ledger, run_id, hops, 0, None)
+    assert ledger.stored_run_mismatches(run_id, parent) == []
+    other = Ledger(ledger.url)
+    try:
+        parent = _hand_back(other, run_id, hops, 1, parent)
+        parent = _hand_back(other, run_id, hops, 2, parent)
+    finally:
+        other.close()
+    before = ledger.run_checks.rows_compared
+    assert ledger.stored_run_mismatches(run_id, parent) == []
+    assert ledger.run_checks.rows_compared > before  # the moved rows, read and compared
+    _sql(ledger, "UPDATE hops SET output_sha256 = :bad WHERE id = :hop", bad="e" * 64, hop=hops[2])
+    found = ledger.stored_run_mismatches(run_id, parent)
+    assert [(m.table, m.key, m.column) for m in found] == [("hops", hops[2], "output_sha256")]
+
+
+def test_a_hop_deleted_behind_the_ledger_gets_the_full_checks_answer(ledger: Ledger) -> None:
+    run_id, hops = _run(ledger, 4)
+    parent = _hand_back(ledger, run_id, hops, 0, None)
+    assert ledger.stored_run_mismatches(run_id, parent) == []
+    full = ledger.run_checks.full_checks
+    _sql(ledger, "DELETE FROM hops WHERE id = :hop", hop=hops[3])
+    assert ledger.stored_run_mismatches(run_id, parent) == ledger.full_run_mismatches(
+        run_id, parent
+    )
+    assert ledger.run_checks.full_checks == full + 1
