@@ -90,7 +90,13 @@ STATE_COLUMNS: dict[type[Base], tuple[str, ...]] = {
 
 
 def _canonical(value: Any) -> Any:
-    """A column value as the snapshot stores it (datetimes as UTC ISO-8601, whatever the driver)."""
+    """A column value as the snapshot stores it (datetimes as UTC ISO-8601, whatever the driver).
+
+    No column of the ledger holds bytes, so no snapshot does: bytes come back only from a value
+    written behind the ledger's back (SQLite keeps a BLOB put in a text column). They become a
+    value no snapshot holds, `{"$bytes": hex}`, so that the edit is named, not a crash."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": bytes(value).hex()}
     if isinstance(value, datetime):
         if value.tzinfo is None:  # SQLite hands back naive UTC
             value = value.replace(tzinfo=UTC)

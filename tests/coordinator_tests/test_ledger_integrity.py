@@ -764,3 +764,21 @@ def _names(parameters: object, seq: int) -> bool:
     """Whether a statement's bound parameters hold `seq`."""
     values = parameters.values() if isinstance(parameters, dict) else parameters
     return seq in tuple(values)  # type: ignore[arg-type]
+
+
+def test_a_text_column_turned_into_bytes_behind_the_ledger_is_named(
+    ledger: Ledger, check: EngineCheck
+) -> None:
+    """SQLite keeps whatever storage class an UPDATE writes: the same characters as a BLOB
+    come back as bytes, which no snapshot holds. Named as an edit, never a crash."""
+    if ledger.engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL refuses bytes in a text column")
+    ids = populate(ledger)
+    assert check(ids["run"], OUT_A) == []
+    _sql(ledger, "UPDATE hops SET output_sha256 = CAST(output_sha256 AS BLOB) WHERE id = :hop0",
+         **ids)  # fmt: skip
+    found = check(ids["run"], OUT_A)
+    assert [(m.table, m.key, m.column) for m in found] == [("hops", ids["hop0"], "output_sha256")]
+    [mismatch] = ledger.verify().row_mismatches
+    assert (mismatch.table, mismatch.column) == ("hops", "output_sha256")
+    assert "bytes" in mismatch.message
