@@ -45,8 +45,8 @@ learning_rate = 0.05
 
 
 @pytest.fixture
-def engine(pki: Pki, tmp_path: Path) -> Iterator[RunEngine]:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+def engine(pki: Pki, tmp_path: Path, sqlite_ledger_url: str) -> Iterator[RunEngine]:
+    ledger = Ledger(sqlite_ledger_url)
     ledger.migrate()
     for site in ("site-a", "site-b"):
         ledger.register_site(site, agent_version="test", capabilities=["tabular"],

@@ -25,8 +25,8 @@ PLAN = {"dataset": "heart", "task": "tabular", "labels": ["0", "1"], "mode": "fe
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Iterator[Ledger]:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+def ledger(sqlite_ledger_url: str) -> Iterator[Ledger]:
+    ledger = Ledger(sqlite_ledger_url)
     ledger.migrate()
     yield ledger
     ledger.close()

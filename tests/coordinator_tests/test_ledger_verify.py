@@ -96,17 +96,36 @@ def test_a_payload_stored_as_text_no_json_encoder_accepts_is_named_altered(
 
 
 class _CountingPool(ProcessPoolExecutor):
-    """The real process pool, counting the ranges handed to its processes."""
+    """The real process pool (spawned processes), counting the ranges handed to them.
+
+    One pool per size stays open across a test's verifies and is shut down by `populated`:
+    spawning its processes again for each of them (each imports the ledger) made a test
+    of five multi-process verifies cost seconds of CPU per process. Each part still runs in a
+    process of its own, with its own engine and connection (`_walk_apart`).
+    """
 
     ranges: ClassVar[list[tuple[object, ...]]] = []
+    kept: ClassVar[dict[int, _CountingPool]] = {}
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
         self.ranges.append(args[1:3])
         return super().submit(fn, *args, **kwargs)
 
+    def __exit__(self, *exc: object) -> bool:
+        return False  # walk_chain's `with` leaves it open for the test's next verify
+
+    @classmethod
+    def close_all(cls) -> None:
+        pools, cls.kept = cls.kept, {}
+        for pool in pools.values():
+            pool.shutdown()
+
 
 def _counting_pool(workers: int) -> _CountingPool:
-    return _CountingPool(workers, mp_context=multiprocessing.get_context("spawn"))
+    if workers not in _CountingPool.kept:
+        context = multiprocessing.get_context("spawn")
+        _CountingPool.kept[workers] = _CountingPool(workers, mp_context=context)
+    return _CountingPool.kept[workers]
 
 
 @pytest.fixture
@@ -121,6 +140,7 @@ def populated(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Le
     monkeypatch.setattr(_walk, "_process_pool", _counting_pool)
     _CountingPool.ranges = []
     yield ledger
+    _CountingPool.close_all()
     ledger.close()
 
 
@@ -185,4 +205,5 @@ def test_an_in_memory_ledger_is_walked_by_this_process_alone(
     _CountingPool.ranges = []
     result = ledger.verify(processes=3)
     ledger.close()
+    _CountingPool.close_all()  # none was opened, unless the assertion below fails
     assert result.ok and result.events == 9 and not _CountingPool.ranges

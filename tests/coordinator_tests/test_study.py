@@ -160,11 +160,13 @@ class ScriptedSites:
 
 
 @pytest.fixture
-def coordinator(pki: Pki, tmp_path: Path, loop_thread: LoopThread) -> Iterator[Coordinator]:
+def coordinator(
+    pki: Pki, tmp_path: Path, loop_thread: LoopThread, sqlite_ledger_url: str
+) -> Iterator[Coordinator]:
     settings = coordinator_settings(
         pki,
         tmp_path / "state",
-        database_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
+        database_url=sqlite_ledger_url,
         heartbeat_interval_ms=200,
     )
     server = loop_thread.run(build_server(settings))

@@ -9,14 +9,17 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.console.admin import AdminClient
 from coordinator.plan import RunPlan, parse_plan
 from protocols.transport import secure_channel
+from protocols.v1 import baton_pb2 as pb
 from site_agent._synthetic import SYNTHETIC_LABELS
 from site_agent.registry import register_dataset
 from tests.conftest import SITES, Pki
@@ -60,7 +63,30 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_metrics_health_and_json_logs_after_a_real_tabular_run(pki: Pki, tmp_path: Path) -> None:
+@dataclass(frozen=True)
+class _FinishedRun:
+    """What `finished_run` saw: a tabular run's results, metrics and health, then a SIGTERM to
+    its coordinator."""
+
+    tmp: Path
+    run: pb.RunStatus
+    checks: dict[str, int]
+    coordinator_metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+    site_metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float]
+    healthz: tuple[int, str]
+    readyz: tuple[int, str]
+    unknown_path: int
+    sigterm_exit: int
+    coordinator_log: str
+    verify: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def finished_run(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> _FinishedRun:
+    """One real tabular run (two sites, JSON logs, metrics ports) read by the two tests below:
+    its metrics, health and logs, then the coordinator's exit on SIGTERM and `ledger verify`.
+    One run instead of one per test: a coordinator, a site and a run fewer."""
+    tmp_path = tmp_path_factory.mktemp("operations")
     sites = list(SITES[:2])
     plan = _tabular_plan(tmp_path, sites, steps=30)
     cluster = Cluster(log_dir=tmp_path / "logs")
@@ -69,7 +95,7 @@ def test_metrics_health_and_json_logs_after_a_real_tabular_run(pki: Pki, tmp_pat
             state_dir=tmp_path / "coordinator", pki_dir=pki.directory,
             port_file=tmp_path / "port",
             extra=["--metrics-port", "0", "--metrics-port-file", str(tmp_path / "mport"),
-                   "--log-format", "json"],
+                   "--log-format", "json", "--shutdown-grace", "1"],
         )  # fmt: skip
         http = f"http://localhost:{int((tmp_path / 'mport').read_text())}"
         for site in sites:
@@ -82,7 +108,6 @@ def test_metrics_health_and_json_logs_after_a_real_tabular_run(pki: Pki, tmp_pat
         with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
             admin.wait_for_sites(set(sites), timeout=120)
             run = wait_for_run(admin, cluster, admin.start_run(plan))
-            assert run.status == "completed", run.error
             with secure_channel(f"localhost:{port}", pki.tls("admin")) as channel:
                 health = health_pb2_grpc.HealthStub(channel)
                 checks = {
@@ -96,11 +121,29 @@ def test_metrics_health_and_json_logs_after_a_real_tabular_run(pki: Pki, tmp_pat
             _get(f"http://localhost:{(tmp_path / f'{sites[0]}.mport').read_text()}/metrics")[1]
         )
         healthz, readyz = _get(f"{http}/healthz"), _get(f"{http}/readyz")
-        assert _get(f"{http}/nothing")[0] == 404
-    assert checks == dict.fromkeys(checks, health_pb2.HealthCheckResponse.SERVING)
-    assert healthz == (200, "ok\n") and readyz == (200, "ready\n")
+        unknown_path = _get(f"{http}/nothing")[0]
+        # Then SIGTERM, its sites still connected.
+        coordinator = cluster.process("coordinator")
+        coordinator.process.send_signal(signal.SIGTERM)
+        sigterm_exit = coordinator.process.wait(30)
+        coordinator_log = coordinator.log_tail()
+    verify = subprocess.run(
+        [sys.executable, "-m", "coordinator", "ledger", "verify",
+         "--state-dir", str(tmp_path / "coordinator")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return _FinishedRun(tmp_path, run, checks, coordinator_metrics, site_metrics, healthz,
+                        readyz, unknown_path, sigterm_exit, coordinator_log, verify)  # fmt: skip
 
-    m = coordinator_metrics
+
+def test_metrics_health_and_json_logs_after_a_real_tabular_run(finished_run: _FinishedRun) -> None:
+    tmp_path, run, checks = finished_run.tmp, finished_run.run, finished_run.checks
+    assert run.status == "completed", run.error
+    assert finished_run.unknown_path == 404
+    assert checks == dict.fromkeys(checks, health_pb2.HealthCheckResponse.SERVING)
+    assert (finished_run.healthz, finished_run.readyz) == ((200, "ok\n"), (200, "ready\n"))
+
+    m = finished_run.coordinator_metrics
     assert m[("baton_hops_total", (("status", "committed"),))] == 4
     assert m[("baton_hops_total", (("status", "failed"),))] == 0
     assert m[("baton_handoff_seconds_count", ())] == 3
@@ -114,7 +157,7 @@ def test_metrics_health_and_json_logs_after_a_real_tabular_run(pki: Pki, tmp_pat
     labels = {value for _, pairs in m for _, value in pairs}
     assert run.run_id not in labels and not any(h.hop_id in labels for h in run.hops)
 
-    s = site_metrics
+    s = finished_run.site_metrics
     assert s[("baton_site_hops_total", (("status", "trained"),))] == 2
     assert s[("baton_site_training_seconds_count", ())] == 2
     assert s[("baton_site_checkpoint_bytes_total", (("direction", "upload"),))] > 0
@@ -136,35 +179,12 @@ def test_metrics_health_and_json_logs_after_a_real_tabular_run(pki: Pki, tmp_pat
 
 
 def test_sigterm_stops_the_coordinator_with_exit_0_and_a_verifying_ledger(
-    pki: Pki, tmp_path: Path
+    finished_run: _FinishedRun,
 ) -> None:
-    sites = [SITES[0]]
-    plan = _tabular_plan(tmp_path, sites, steps=30, cycles=1)
-    cluster = Cluster(log_dir=tmp_path / "logs")
-    with cluster.running():
-        port = cluster.start_coordinator(
-            state_dir=tmp_path / "coordinator", pki_dir=pki.directory,
-            port_file=tmp_path / "port",
-            extra=["--metrics-port", "0", "--metrics-port-file", str(tmp_path / "mport"),
-                   "--shutdown-grace", "1"],
-        )  # fmt: skip
-        cluster.start_site(sites[0], coordinator=f"localhost:{port}", pki_dir=pki.directory,
-                           data_dir=tmp_path / sites[0], threads=1,
-                           approve=[plan.approval_bundle().sha256])  # fmt: skip
-        with AdminClient(f"localhost:{port}", pki.tls("admin")) as admin:
-            admin.wait_for_sites(set(sites), timeout=120)
-            run = wait_for_run(admin, cluster, admin.start_run(plan))
-        coordinator = cluster.process("coordinator")
-        coordinator.process.send_signal(signal.SIGTERM)
-        assert coordinator.process.wait(30) == 0, coordinator.log_tail()
-    assert run.status == "completed", run.error
-    verify = subprocess.run(
-        [sys.executable, "-m", "coordinator", "ledger", "verify",
-         "--state-dir", str(tmp_path / "coordinator")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert verify.returncode == 0, verify.stderr
-    assert "ledger verifies" in verify.stdout
+    assert finished_run.run.status == "completed", finished_run.run.error
+    assert finished_run.sigterm_exit == 0, finished_run.coordinator_log
+    assert finished_run.verify.returncode == 0, finished_run.verify.stderr
+    assert "ledger verifies" in finished_run.verify.stdout
 
 
 def test_sigterm_mid_hop_hands_the_hop_back_and_the_run_continues_when_the_site_returns(
