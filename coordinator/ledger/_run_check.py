@@ -271,6 +271,7 @@ def _sound_as_known(
     expected = _events_match(set(seqs.values()), known.events, verified, events)
     if expected is None:
         return False
-    known.rows.update(renewed)  # the others are as kept
+    # What was read, and nothing else: a checkpoint handed out before is not kept on.
+    known.rows = {name: renewed.get(name) or known.rows[name] for name in rows}
     known.events = expected
     return True

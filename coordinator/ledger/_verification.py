@@ -131,7 +131,7 @@ class EventLog(LedgerCore):
         self, run_id: str, checkpoint_sha256: str | None
     ) -> list[RowMismatch]:
         """`run_mismatches` of the run as stored now, read from SQL (the engine runs this check
-        before every lease): rows and events the database renders as the same texts as when
+        before every lease): rows and events read as the same values, of the same types, as when
         this check last found them sound are not compared again (`checked_run_mismatches`).
 
         Raises:
