@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.metrics import HOP_STATUSES, CoordinatorMetrics
 from tests.conftest import Pki
+from tests.coordinator_tests.conftest import serving_process
 
 _FIRST_USE_PROBE = """
 import sys
@@ -83,21 +83,16 @@ def test_updates_from_many_threads_while_the_metrics_are_made_are_all_counted() 
 
 def test_a_scrape_right_after_ready_gets_every_family(pki: Pki, tmp_path: Path) -> None:
     port_file, metrics_port_file = tmp_path / "port", tmp_path / "metrics.port"
-    process = subprocess.Popen(
+    process = serving_process(
         [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
          "--port-file", str(port_file), "--metrics-port", "0",
          "--metrics-port-file", str(metrics_port_file), "--state-dir", str(tmp_path / "state"),
          "--no-dashboard", "--log-level", "WARNING", "--ca", str(pki.directory / "ca.crt"),
          "--cert", str(pki.directory / "coordinator.crt"),
          "--key", str(pki.directory / "coordinator.key")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        port_file,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert process.poll() is None, process.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "the coordinator did not start"
-            time.sleep(0.02)
         url = f"http://127.0.0.1:{metrics_port_file.read_text()}/metrics"
         with urllib.request.urlopen(url, timeout=30) as response:
             exposition = response.read().decode()

@@ -21,7 +21,7 @@ import coordinator.server as server
 from coordinator.console.cli import app
 from coordinator.server import freeze_start_up, serve, settle_heap, settle_when_quiet
 from tests.conftest import Pki
-from tests.coordinator_tests.conftest import coordinator_settings
+from tests.coordinator_tests.conftest import coordinator_settings, serving_process
 
 
 def test_serve_freezes_the_start_up_heap_out_of_full_collections(pki: Pki, tmp_path: Path) -> None:
@@ -140,19 +140,14 @@ def test_serve_starts_with_the_collector_off_and_is_ready_with_it_on(
 ) -> None:
     port_file = tmp_path / "port"
     state = tmp_path / "state"
-    process = subprocess.Popen(
+    process = serving_process(
         [sys.executable, "-c", _COLLECTIONS_PROBE, str(port_file), "--port", "0",
          "--state-dir", str(state), "--no-dashboard", "--log-level", "WARNING",
          "--ca", str(pki.directory / "ca.crt"), "--cert", str(pki.directory / "coordinator.crt"),
          "--key", str(pki.directory / "coordinator.key")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        port_file,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert process.poll() is None, process.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "the coordinator did not start"
-            time.sleep(0.05)
         time.sleep(0.5)  # past its freeze_start_up
     finally:
         process.terminate()
