@@ -6,10 +6,13 @@ hop or site name, so a consortium of any size keeps a bounded number of series.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["HOP_PHASES", "HOP_STATUSES", "CoordinatorMetrics"]
 
@@ -28,9 +31,50 @@ _SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
 
 
 class CoordinatorMetrics:
-    """Counters, histograms and gauges the run engine and servicers update."""
+    """Counters, histograms and gauges the run engine and servicers update.
+
+    prometheus_client and the metric families are made on first use (`build`), not on the way
+    to a coordinator's readiness (~50 ms of CPU): `coordinator serve` builds them once the first
+    sites' hellos are over (`coordinator.server.settle_when_quiet`), and whatever reads a
+    metric before then builds them first (another thread building them meanwhile is waited
+    for), so no update is lost or counted twice.
+    """
+
+    registry: CollectorRegistry
+    hops: Counter
+    handoff: Histogram
+    phase: Histogram
+    checkpoint_bytes: Counter
+    lease_expiries: Counter
+    refusals: Counter
+    connected_sites: Gauge
 
     def __init__(self) -> None:
+        self._phase_started: dict[str, tuple[str, float]] = {}
+        self._connected: Callable[[], int] | None = None
+        self._building = threading.Lock()
+        self._built = False
+
+    if not TYPE_CHECKING:  # (mypy checks the metrics' names against the annotations above)
+
+        def __getattr__(self, name: str) -> Any:
+            # Only a metric not made yet gets here (every other attribute is set in __init__).
+            if name.startswith("_"):
+                raise AttributeError(name)
+            self.build()
+            return object.__getattribute__(self, name)
+
+    def build(self) -> None:
+        """Imports prometheus_client and makes the metric families, once (any thread)."""
+        with self._building:
+            if self._built:
+                return
+            self._build()
+            self._built = True
+
+    def _build(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
         self.registry = CollectorRegistry(auto_describe=True)
         self.hops = Counter(
             "baton_hops", "Hops settled, by outcome", ["status"], registry=self.registry
@@ -73,10 +117,16 @@ class CoordinatorMetrics:
             self.checkpoint_bytes.labels(direction=direction)
         for reason in (*_REFUSAL_REASONS, "other"):
             self.refusals.labels(reason=reason)
-        self._phase_started: dict[str, tuple[str, float]] = {}
+        connected = self._connected
+        if connected is not None:
+            self.connected_sites.set_function(lambda: float(connected()))
 
     def track_connected_sites(self, count: Callable[[], int]) -> None:
-        self.connected_sites.set_function(lambda: float(count()))
+        """The connected-sites gauge reads `count()` at each scrape."""
+        with self._building:
+            self._connected = count
+            if self._built:  # else `build` sets the gauge's function
+                self.connected_sites.set_function(lambda: float(count()))
 
     def hop_settled(self, status: str) -> None:
         self.hops.labels(status=status if status in HOP_STATUSES else "failed").inc()
@@ -101,4 +151,6 @@ class CoordinatorMetrics:
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)

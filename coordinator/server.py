@@ -234,7 +234,11 @@ async def serve_claimed(
         dashboard = DashboardOnDemand(settings, coordinator, listener)
         dashboard.arm()
     freeze_start_up()
-    settling = asyncio.create_task(settle_when_quiet(lambda: len(coordinator.engine.sessions)))
+    # The metric families are made once the first hellos are over (or by the first update).
+    engine = coordinator.engine
+    settling = asyncio.create_task(
+        settle_when_quiet(lambda: len(engine.sessions), engine.metrics.build)
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
@@ -383,10 +387,16 @@ def freeze_start_up() -> None:
     gc.enable()
 
 
-async def settle_when_quiet(connected: Callable[[], int]) -> None:
+async def settle_when_quiet(
+    connected: Callable[[], int], deferred: Callable[[], None] = lambda: None
+) -> None:
     """`settle_heap` (what `freeze_start_up` froze included) once the first sites' hellos are
     over: ``connected()`` (sites connected) has changed and then stayed the same for
-    SETTLE_QUIET_SECONDS, or SETTLE_LATEST_SECONDS have passed (no site came)."""
+    SETTLE_QUIET_SECONDS, or SETTLE_LATEST_SECONDS have passed (no site came).
+
+    ``deferred()`` runs first: start-up's work that waited until after ready (the metric
+    families, `CoordinatorMetrics.build`), so that what it makes is frozen with the rest.
+    """
     loop = asyncio.get_running_loop()
     began = loop.time()
     count, changed_at = connected(), None
@@ -399,6 +409,7 @@ async def settle_when_quiet(connected: Callable[[], int]) -> None:
             changed_at is not None and now - changed_at >= SETTLE_QUIET_SECONDS
         ):
             break
+    deferred()
     gc.unfreeze()
     settle_heap()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -308,3 +309,16 @@ def heartbeat(site: ScriptedSite, task: pb.HopTask, phase: str = "training") -> 
     beat = pb.Heartbeat(hop_id=task.hop_id, lease_token=task.lease_token, phase=phase)
     response: pb.HeartbeatResponse = site.stub.SendHeartbeat(beat, timeout=10)
     return response.cancel
+
+
+def serving_process(command: list[str], port_file: Path) -> subprocess.Popen[str]:
+    """`command` (a `coordinator serve`, output piped) started, once it wrote `port_file`."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            error = process.communicate()[1][-2000:]
+            raise AssertionError(f"the coordinator did not start: {error}")
+        time.sleep(0.02)
+    return process
