@@ -1,0 +1,114 @@
+"""Where a hand back's time goes across processes: the finishing site, the wire, the
+coordinator and its ledger writer, from wall-clock instants (one machine, one clock).
+
+The instants come from benchmark-only marks (`hand_back_split.patch`: `time.time_ns()` at each
+step, one log line per hop and process, ``SPLIT <hop id> label=ns ...``) applied to a copy of
+the tree, never to the tree itself:
+
+    git -C /work/main archive main | tar -x -C /tmp/split && cd /tmp/split
+    git apply /path/to/benchmarks/hand_back_split.patch
+    PYTHONPATH=/tmp/split nice -n 0 python benchmarks/handoff.py --task minilm --peers baton \\
+        --warm --keep --name split --out /tmp/split-out
+    python benchmarks/hand_back_split.py /tmp/baton-handoff-minilm-XXXX      # the kept work dir
+
+Also reads the coordinator's log of `hand_back_call.py` (the coordinator-side rows only):
+pass log files instead of a work directory. Prints a Markdown table of per-hop gaps (median,
+p90) between consecutive instants of the hand back's chain, then the parallel branches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+from pathlib import Path
+
+_LINE = re.compile(r"SPLIT (\S+) (.*)$")
+
+# (from, to): the chain from the site's last step to the `checkpoint.stored` event, then what
+# runs beside it (the run's tamper check on the writer thread) and what follows it.
+CHAIN = [
+    ("s.train_finished", "s.run_hop_returned", "site: the trainer's end of run_hop (copy-out)"),
+    ("s.run_hop_returned", "s.serialised", "site: bundle serialised"),
+    ("s.serialised", "s.egress_checked", "site: egress check (hash, format, values, names)"),
+    ("s.egress_checked", "s.signed", "site: custody signature"),
+    ("s.signed", "s.call_issued", "site: message built, call issued"),
+    ("s.call_issued", "c.parse_start", "wire: TLS, HTTP/2, server threads to the event loop"),
+    ("c.parse_start", "c.handler_entered", "coordinator: request parsed (NUL check)"),
+    ("c.handler_entered", "c.caller_checked", "coordinator: caller's certificate, revocation"),
+    ("c.caller_checked", "c.intake_hand_back", "coordinator: tamper check handed on, parts"),
+    ("c.intake_hand_back", "c.store_whole", "coordinator: lease, stored uploads (SQL read)"),
+    ("c.store_whole", "c.joined", "coordinator: bundle joined"),
+    ("c.joined", "c.inspected", "coordinator: hash, format, values (worker thread)"),
+    ("c.inspected", "c.lineage_signature", "coordinator: lineage, custody signature"),
+    ("c.lineage_signature", "c.kept", "coordinator: staged write awaited, row built"),
+    ("c.kept", "c.lock_taken", "coordinator: result checked, engine lock"),
+    ("c.lock_taken", "c.next_to_lease", "coordinator: waits for the tamper check"),
+    ("c.next_to_lease", "c.submitted", "coordinator: commit handed to the ledger writer"),
+    ("c.submitted", "w.entered", "writer thread wakes"),
+    ("w.entered", "w.begun", "writer: transaction begun"),
+    ("w.begun", "w.stored_appended", "writer: checkpoint row + `checkpoint.stored` event"),
+]
+BESIDE = [
+    ("c.handler_entered", "c.early_check_start", "tamper check: starts (a loop turn later)"),
+    ("c.early_check_start", "w.early_check_entered", "tamper check: writer thread wakes"),
+    ("w.early_check_entered", "w.early_check_done", "tamper check: runs"),
+    ("w.early_check_done", "c.early_check_awaited", "tamper check: back on the loop"),
+]
+AFTER = [
+    ("w.stored_appended", "w.leased_appended", "writer: uploaded, committed, next leased"),
+    ("w.leased_appended", "w.committed", "writer: bundle durable, COMMIT"),
+    ("w.committed", "c.commit_awaited", "back on the loop"),
+    ("c.commit_awaited", "c.answer_returned", "answer built"),
+    ("c.answer_returned", "s.call_answered", "answer reaches the site"),
+]
+TOTALS = [
+    ("s.train_finished", "s.call_issued", "site, in all"),
+    ("s.call_issued", "c.handler_entered", "wire and parse, in all"),
+    ("c.handler_entered", "w.stored_appended", "coordinator to the event, in all"),
+    ("s.train_finished", "w.stored_appended", "trained -> stored"),
+]
+
+
+def read_marks(paths: list[Path]) -> list[dict[str, int]]:
+    """Per hop: label -> wall-clock ns, merged over every process's log."""
+    hops: dict[tuple[Path, str], dict[str, int]] = {}
+    for path in paths:
+        logs = sorted(path.glob("**/logs/*.log")) if path.is_dir() else [path]
+        run = path if path.is_dir() else path.parent  # one cluster's processes, one directory
+        for log in logs:
+            for line in log.read_text(errors="replace").splitlines():
+                if (match := _LINE.search(line)) is None:
+                    continue
+                marks = hops.setdefault((run, match.group(1)), {})
+                for item in match.group(2).split():
+                    label, _, ns = item.partition("=")
+                    if ns.isdigit():
+                        marks.setdefault(label, int(ns))
+    return [m for m in hops.values() if "c.handler_entered" in m]
+
+
+def table(hops: list[dict[str, int]], rows: list[tuple[str, str, str]]) -> list[str]:
+    out = []
+    for start, end, what in rows:
+        gaps = sorted((h[end] - h[start]) / 1e6 for h in hops if start in h and end in h)
+        if gaps:
+            p90 = gaps[round(0.9 * (len(gaps) - 1))]
+            out.append(f"| {what} | `{start}` → `{end}` | {statistics.median(gaps):.2f} | "
+                       f"{p90:.2f} | {len(gaps)} |")  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", type=Path, nargs="+", help="kept work dirs or log files")
+    args = parser.parse_args(argv)
+    hops = read_marks(args.paths)
+    print(f"{len(hops)} hand backs\n")
+    print("| step | instants | median ms | p90 ms | n |\n|---|---|---:|---:|---:|")
+    for rows in (CHAIN, BESIDE, AFTER, TOTALS):
+        print("\n".join(table(hops, rows)))
+
+
+if __name__ == "__main__":
+    main()
