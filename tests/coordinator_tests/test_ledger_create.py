@@ -34,23 +34,20 @@ def _config(url: str, scripts: Path = _MIGRATIONS) -> Config:
     return config
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def two_empty_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """Two new, empty databases of one kind (no tables)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'migrated.sqlite3'}", f"sqlite:///{tmp_path / 'made.sqlite3'}"
+@pytest.fixture
+def two_empty_urls(
+    request: pytest.FixtureRequest, empty_database_url: str, tmp_path: Path
+) -> Iterator[tuple[str, str]]:
+    """Two new, empty databases of one kind (no tables): `empty_database_url` and another."""
+    if empty_database_url.startswith("sqlite"):
+        yield empty_database_url, f"sqlite:///{tmp_path / 'made.sqlite3'}"
         return
-    databases: PostgresDatabases | None = request.getfixturevalue("postgres_databases")
-    if databases is None:
-        if os.environ.get("BATON_REQUIRE_POSTGRES"):
-            pytest.fail("BATON_REQUIRE_POSTGRES is set but BATON_TEST_POSTGRES_URL is not")
-        pytest.skip("no PostgreSQL server given (BATON_TEST_POSTGRES_URL)")
-    urls = databases.take_empty(), databases.take_empty()
+    databases: PostgresDatabases = request.getfixturevalue("postgres_databases")
+    other = databases.take_empty()
     try:
-        yield urls
+        yield empty_database_url, other
     finally:
-        for url in urls:
-            databases.give_back(url)
+        databases.give_back(other)
 
 
 def _schema(url: str) -> dict[str, Any]:
@@ -149,23 +146,6 @@ def test_a_created_ledger_has_the_migrated_schema(two_empty_urls: tuple[str, str
         assert made[name] == migrated[name], name
     [[version]] = made["alembic_version"]["rows"]
     assert {version} == script_heads()
-
-
-def test_a_new_ledger_is_made_without_alembic(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    check = (
-        "import sys\n"
-        "from coordinator.ledger import Ledger\n"
-        f"ledger = Ledger({url!r})\n"
-        "ledger.migrate()\n"
-        "assert ledger.at_head()\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(
-        [sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("holding", ["revision", "foreign table", "view"])
