@@ -416,8 +416,8 @@ class LedgerCore:
         stamps it with the migrations' head revision, without Alembic: Alembic's "create_all,
         then stamp head" recipe, in one transaction. Returns whether it did.
 
-        A brand-new ledger has nothing to migrate, and the chain of migrations costs a second
-        and a half of CPU on a first start; the schema the models make is the one the
+        A brand-new ledger has nothing to migrate, and the chain of migrations costs over a
+        second of CPU on a first start; the schema the models make is the one the
         migrations make (tests/coordinator_tests/test_ledger_create.py compares them), and no
         migration writes a row on an empty database. A database holding anything (an older
         revision, a partial schema, a table of its own) returns False: it is Alembic's, as are
