@@ -1,9 +1,10 @@
 """`coordinator serve`'s first steps, before the run engine and the servicer are imported.
 
-Importing them (`coordinator.server`) takes about a second of CPU. On a first start, or after an
-upgrade, the ledger's migration runs in a child process (`coordinator.ledger_apart`, about 0.8 s
-more): `serve` here checks the configuration, claims the state, starts that child, and only then
-imports the server, so the two run side by side instead of one after the other. Every refusal
+Importing them (`coordinator.server`) takes about a second of CPU. After an upgrade, the ledger's
+migration runs in a child process (`coordinator.ledger_apart`, about 0.8 s more; a new, empty
+ledger is made from the models here instead, `Ledger.create_if_empty`): `serve` here checks the
+configuration, claims the state, starts that child, and only then imports the server, so the two
+run side by side instead of one after the other. Every refusal
 comes in the same order as before: dashboard port, database URL, TLS files, gRPC port, state.
 """
 

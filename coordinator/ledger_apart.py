@@ -3,10 +3,11 @@
 Once imported, Alembic, Mako, Pygments and the migration scripts stay in a process's memory for
 as long as it runs: about 14 MiB of a fresh coordinator's 123 MiB at idle (a restarted one, whose
 ledger is at the head already, idles at 109 MiB). `coordinator serve` therefore brings a ledger
-that is not at the newest revision (a first start, an upgrade) there with
-`python -m coordinator.ledger_apart`, which exits once done; a ledger at the head is recognised
-without it (`Ledger.at_head`), as on every restart. The database URL goes to the child on its
-standard input (never on its command line, where `ps` would show a password).
+at an older revision (an upgrade) to the newest with `python -m coordinator.ledger_apart`, which
+exits once done. A ledger at the head is recognised without it (`Ledger.at_head`), as on every
+restart, and a new, empty database gets its schema from the models in the parent, without
+Alembic either (`Ledger.create_if_empty`). The database URL goes to the child on its standard
+input (never on its command line, where `ps` would show a password).
 """
 
 from __future__ import annotations
@@ -53,13 +54,15 @@ class MigrationChild:
 
     @classmethod
     async def start(cls, ledger: Ledger) -> MigrationChild | None:
-        """The started child, or None when the ledger is at the newest revision already.
+        """The started child, or None when the ledger is at the newest revision already, or
+        was empty and got the schema here, from the models (`Ledger.create_if_empty`: no
+        Alembic, no migration chain, no child).
 
         Raises:
             SQLAlchemyError: The database cannot be reached to read its revision.
             StartupError: The child exited before it read the database URL (one line: why).
         """
-        if await asyncio.to_thread(ledger.at_head):
+        if await asyncio.to_thread(_at_head_or_created, ledger):
             return None
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -120,6 +123,10 @@ class MigrationChild:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             await self.process.wait()
+
+
+def _at_head_or_created(ledger: Ledger) -> bool:
+    return ledger.at_head() or ledger.create_if_empty()
 
 
 def _migrate(url: str) -> str | None:

@@ -94,9 +94,10 @@ class PostgresDatabases:
 
     The databases are copies of one migrated once per session, so they are at the ledger's
     newest revision, with no rows: a coordinator or `Ledger.migrate` finds nothing to do, as on
-    a restart. Migrating every test's database cost more than the rest of a short test; the
-    migrations themselves run on `take_empty` databases (tests/coordinator_tests/
-    test_ledger_migrate.py and the upgrade tests).
+    a restart. Migrating every test's database cost more than the rest of a short test. The
+    template is made from the models (`Ledger.create_if_empty`); the migrations themselves run
+    on `take_empty` databases (tests/coordinator_tests/test_ledger_create.py, which compares the
+    two, test_ledger_migrate.py and the upgrade tests).
     """
 
     def __init__(self, admin_url: str) -> None:
@@ -205,9 +206,9 @@ def postgres_databases() -> Iterator[PostgresDatabases | None]:
 def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SQLite ledger file at the ledger's newest revision, with no rows: migrated once per
     session and copied for each test, as `PostgresDatabases` copies its template. Migrating a
-    new file costs a quarter of a CPU second and a few fsyncs, in hundreds of tests; the
-    migrations of a new file run in the tests of `empty_database_url` and in every coordinator
-    process the integration tests start."""
+    new file costs a quarter of a CPU second and a few fsyncs, in hundreds of tests. A new file
+    is made from the models (`Ledger.create_if_empty`); the migrations of a new file run in
+    tests/coordinator_tests/test_ledger_create.py, which compares the two schemas."""
     path = tmp_path_factory.mktemp("sqlite-template") / "ledger.sqlite3"
     ledger = Ledger(f"sqlite:///{path}")
     try:

@@ -14,9 +14,14 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
+    Column,
+    Connection,
     Engine,
     Insert,
+    MetaData,
+    PrimaryKeyConstraint,
     Select,
+    String,
     Table,
     Update,
     and_,
@@ -50,6 +55,22 @@ T = TypeVar("T", bound=Base)
 
 GENESIS_HASH = "0" * 64
 _CHAIN_LOCK = 0x6261746F6E  # "baton": the advisory lock key of the event chain
+_SCHEMA_LOCK = 0x6261746F6E7363  # "batonsc": the advisory lock key of creating the schema
+# Alembic's version table exactly as Alembic creates it (alembic.ddl.impl.version_table_impl):
+# a ledger created from the models is stamped as `alembic stamp head` would.
+_ALEMBIC_VERSION = Table(
+    "alembic_version",
+    MetaData(),
+    Column("version_num", String(32), nullable=False),
+    PrimaryKeyConstraint("version_num", name="alembic_version_pkc"),
+)
+# Whether the current schema of a PostgreSQL database holds anything at all: a relation of any
+# kind (table, view, sequence, index, foreign table...) or a type of its own.
+_PG_SCHEMA_USED = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = current_schema()) OR EXISTS (SELECT 1 FROM pg_type t "
+    "JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = current_schema())"
+)
 # A hop holds a lease in these states; uploads, heartbeats and results are accepted only then.
 LIVE_HOP_STATES = ("leased", "training", "uploaded")
 TERMINAL_RUN_STATES = ("completed", "failed", "aborted")
@@ -319,6 +340,14 @@ def hold_sqlite_write_lock(session: Session) -> None:
         session.execute(text("BEGIN IMMEDIATE"))
 
 
+def _holds_anything(connection: Connection) -> bool:
+    """Whether the database (PostgreSQL: its current schema) holds any object at all."""
+    if connection.dialect.name == "postgresql":
+        return bool(connection.execute(_PG_SCHEMA_USED).scalar())
+    # Any table, index, view or trigger; SQLite's own (sqlite_sequence) would be in it too.
+    return connection.execute(text("SELECT 1 FROM sqlite_master LIMIT 1")).first() is not None
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL keeps readers (CLI, dashboard) off the writer's back; FULL makes each commit durable.
@@ -356,9 +385,11 @@ class LedgerCore:
         """Brings the schema to the newest Alembic revision.
 
         A ledger already at the head is recognised from its ``alembic_version`` row alone, so a
-        coordinator restart does not import Alembic (a quarter of its start-up time).
+        coordinator restart does not import Alembic (a quarter of its start-up time); a database
+        that holds nothing yet gets the schema from the models (`create_if_empty`). Anything
+        else goes through the Alembic migrations.
         """
-        if self.at_head():
+        if self.at_head() or self.create_if_empty():
             return
         from alembic import command
         from alembic.config import Config
@@ -379,6 +410,44 @@ class LedgerCore:
                 return False
             current = connection.execute(text("SELECT version_num FROM alembic_version"))
             return {row[0] for row in current} == heads
+
+    def create_if_empty(self) -> bool:
+        """On a database that holds nothing at all, creates the schema from the models and
+        stamps it with the migrations' head revision, without Alembic: Alembic's "create_all,
+        then stamp head" recipe, in one transaction. Returns whether it did.
+
+        A brand-new ledger has nothing to migrate, and the chain of migrations costs over a
+        second of CPU on a first start; the schema the models make is the one the
+        migrations make (tests/coordinator_tests/test_ledger_create.py compares them), and no
+        migration writes a row on an empty database. A database holding anything (an older
+        revision, a partial schema, a table of its own) returns False: it is Alembic's, as are
+        scripts whose heads cannot be read without Alembic, or more than one head.
+
+        Two processes creating at once do not both create: PostgreSQL serialises them by a
+        transaction-scoped advisory lock, SQLite by its write lock (`BEGIN IMMEDIATE`), each
+        taken before the database is found empty; the second then finds the schema made.
+        """
+        heads = script_heads()
+        if heads is None or len(heads) != 1:
+            return False
+        dialect = self.engine.dialect.name
+        if dialect not in ("sqlite", "postgresql"):
+            return False
+        with self.engine.connect() as connection:
+            if dialect == "postgresql":
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK}
+                )
+            else:
+                connection.execute(text("BEGIN IMMEDIATE"))
+            if _holds_anything(connection):
+                connection.rollback()
+                return False
+            Base.metadata.create_all(connection, checkfirst=False)
+            _ALEMBIC_VERSION.create(connection, checkfirst=False)
+            connection.execute(_ALEMBIC_VERSION.insert(), [{"version_num": v} for v in heads])
+            connection.commit()
+        return True
 
     def covers_state_rows(self) -> bool:
         """Whether the schema has the state rows' ledger_seq (revision 0007 or later)."""

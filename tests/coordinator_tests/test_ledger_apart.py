@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import make_url, text
 
 from coordinator.ledger import Ledger
+from coordinator.ledger._repository import _MIGRATIONS
 from coordinator.ledger_apart import migrate_apart
 from coordinator.startup import StartupError
 from tests.conftest import Pki
@@ -92,7 +95,27 @@ def test_a_ledger_the_child_cannot_migrate_stops_serve_with_one_line(
     assert "cannot migrate the ledger database" in lines[0] and "zzzz" in lines[0]
 
 
-def test_migrate_apart_brings_an_empty_ledger_to_the_head(empty_database_url: str) -> None:
+def _old_revision(url: str) -> None:
+    """A ledger at revision 0011: one the migrations, not `create_if_empty`, bring up."""
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, "0011")
+
+
+def test_migrate_apart_makes_an_empty_ledger_without_a_child(empty_database_url: str) -> None:
+    ledger = Ledger(empty_database_url)
+    try:
+        assert not ledger.at_head()
+        assert asyncio.run(migrate_apart(ledger)) is False  # made here, from the models
+        assert ledger.at_head()
+        ledger.record_event("test.after-creation", payload={})
+    finally:
+        ledger.close()
+
+
+def test_migrate_apart_brings_an_old_ledger_to_the_head(empty_database_url: str) -> None:
+    _old_revision(empty_database_url)
     ledger = Ledger(empty_database_url)
     try:
         assert not ledger.at_head()
@@ -130,6 +153,7 @@ def test_the_migration_child_imports_the_ledger_not_the_engine(tmp_path: Path) -
     # Every first start waits for this child: the run engine, the servicer and gRPC are not needed
     # to migrate, and importing them took 0.8 s of its 2.1 s.
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    _old_revision(url)  # an empty one is made without the child
     child = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "coordinator.ledger_apart"],
         input=url.encode(), capture_output=True, timeout=180, check=False,
@@ -163,6 +187,7 @@ def test_a_migration_child_that_dies_at_once_is_one_line(
         return process
 
     monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn_and_let_die)
+    _old_revision(empty_database_url)  # an empty one is made without the child
     message = _refusal(empty_database_url)
     assert "exited with code 1 before it read the database URL" in message
     assert message.endswith("Fatal Python error: init_fs_encoding")

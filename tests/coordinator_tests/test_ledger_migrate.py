@@ -1,4 +1,4 @@
-"""`Ledger.migrate` skips Alembic for a ledger already at the head, and only then."""
+"""`Ledger.migrate` skips Alembic for a ledger already at the head or new (empty), and only then."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -57,17 +58,23 @@ def test_a_ledger_at_an_older_revision_is_upgraded(empty_database_url: str) -> N
         ledger.close()
 
 
-def test_restarting_on_a_ledger_at_head_does_not_import_alembic(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ledger_is", ["at head", "new"])
+def test_migrate_does_not_import_alembic_on_a_ledger_at_head_or_new(
+    tmp_path: Path, ledger_is: str
+) -> None:
+    # A restart finds the ledger at the head; a first start makes it from the models.
     url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    ledger = Ledger(url)
-    ledger.migrate()
-    ledger.close()
+    if ledger_is == "at head":
+        ledger = Ledger(url)
+        ledger.migrate()
+        ledger.close()
     check = (
         "import sys\n"
         "from coordinator.ledger import Ledger\n"
         f"ledger = Ledger({url!r})\n"
         "ledger.migrate()\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'alembic'))\n"
+        "assert ledger.at_head()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('alembic', 'mako')))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
