@@ -18,6 +18,7 @@ from coordinator.engine.handoff import (
     complete_hop_task,
     first_visits_ahead,
     next_site_hop,
+    preload_task,
     prepare_ahead_task,
     prepare_task,
     record_validation,
@@ -34,7 +35,7 @@ from coordinator.engine.rules import (
     input_sha,
 )
 from coordinator.engine.sessions import SiteSession, SiteSessions
-from coordinator.engine.tasks import hop_task
+from coordinator.engine.tasks import checkpoint_ref, hop_task
 from coordinator.engine.uploads import UploadIntake
 from coordinator.errors import CoordinatorError, InvalidInput, StaleLease, StorageFault
 from coordinator.ledger import (
@@ -142,6 +143,7 @@ class Hops:
         self._committing = threading.local()
         self._lease_lock = threading.Lock()  # a `_Lease`'s task and commit meet under it
         ledger.head_observers.append(self._appended)
+        intake.on_checked = self.push_input
 
     def _appended(self, seq: int, _hash: str, kinds: tuple[str, ...]) -> None:
         """A transaction committed (on its thread): the newest event; a lease it granted goes
@@ -316,6 +318,26 @@ class Hops:
             return
         self._told[following.id] = session
         session.queue.put_nowait(prepare_task(hop_task(run, following, None)))
+
+    def push_input(self, run: RunRow, hop: HopRow, output: CheckpointRow, bundle: bytes) -> None:
+        """Sends ``hop``'s checked output (not committed yet) to the site told it is next
+        (`_tell_next`), so that it checks and loads it while the commit runs (loop).
+
+        Only to that very session, for a small bundle of a sequential run. The lease alone
+        makes the site train, from this input only if the lease names it; a commit that fails
+        leaves the site holding a preload no lease uses (replaced by the next one). Never
+        raises and never waits: the stream's queue takes it, and the hand back goes on.
+        """
+        if runs_in_rounds(run) or not wants_inline_bundle(output) or len(bundle) != output.size:
+            return
+        following = next_site_hop(run, hop)
+        if following is None:
+            return
+        session = self._told.get(following.id)
+        if session is None or self.sessions.get(following.site) is not session:
+            return  # not told it is next on its current stream: nothing prepared to load into
+        session.queue.put_nowait(preload_task(following, checkpoint_ref(output), bundle))
+        self.metrics.checkpoint_bytes.labels(direction="download").inc(len(bundle))
 
     def _tell_first_visits(self, run: RunRow, hop: HopRow) -> None:
         """Tells each site of a sequential run whose first visit is still to come, beyond the
