@@ -774,7 +774,7 @@ class HopRunner(TaskChecks, Transfers):
         if pending is None:
             return None
         hop_id, future = pending
-        if hop_id != task.hop_id or future.cancel():  # another hop's, or never started
+        if future.cancel() or hop_id != task.hop_id:  # never started, or another hop's
             return None
         try:
             preload = future.result()
