@@ -128,7 +128,7 @@ def _trained(agent: SiteAgent, task: pb.HopTask) -> dict[str, torch.Tensor]:
     result = agent._train_hop(_NoDownloads(), task, _Beat())  # type: ignore[arg-type]
     assert result is not None and result.ok
     assert agent._handing_back is not None
-    header, payload = agent._handing_back
+    _header, payload = agent._handing_back
     agent._handing_back = None
     return load(payload)
 
