@@ -344,7 +344,12 @@ class Hops:
         session = self._told.get(following.id)
         if session is None or self.sessions.get(following.site) is not session:
             return  # not told it is next on its current stream: nothing prepared to load into
-        session.queue.put_nowait(preload_task(following, checkpoint_ref(output), bundle))
+        try:
+            task = preload_task(following, checkpoint_ref(output), bundle)
+        except ValueError as exc:  # a row that cannot be sent: its lease sends it as ever
+            logger.warning("input of hop %d not sent ahead: %s", following.index, exc)
+            return
+        session.queue.put_nowait(task)
         self._pushed[following.id] = (session, output.sha256)
         self.metrics.checkpoint_bytes.labels(direction="download").inc(len(bundle))
 
