@@ -279,3 +279,57 @@ def test_an_aborted_run_leaves_no_record_of_its_hop_waiting_for_an_absent_site(
     assert admin.control(run_id, "abort", "stop").status == "aborted"
     loop_thread.run(coordinator.engine.check_deadlines())
     assert first not in leases.waiting_since and first not in leases.wait_logged
+
+
+def test_the_next_site_gets_the_checked_input_before_the_commit_and_the_lease_names_it(
+    sites: dict[str, ScriptedSite], admin: AdminClient, coordinator: Coordinator
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
+    run_id = admin.start_run(parse_plan(_plan("site-a", "site-b")))
+    first = sites["site-a"].next_task()
+    _training_beat(sites["site-a"], first)
+    prepare = sites["site-b"].next_preparation()
+
+    data = sites["site-a"].bundle(first, 2.0)
+    ref = sites["site-a"].upload(first, data)  # checked and stored; not committed yet
+    preload = sites["site-b"].preloads.get(timeout=30)
+
+    assert (preload.run_id, preload.hop_id, preload.hop_index) == (run_id, prepare.hop_id, 1)
+    assert preload.bundle == data and preload.checkpoint.sha256 == ref.sha256
+    assert preload.checkpoint.signature and preload.checkpoint.producer_certificate
+    kinds = [e.kind for e in coordinator.engine.ledger.events(run_id)]
+    assert "hop.committed" not in kinds and sites["site-b"].tasks.empty()  # no lease yet
+    assert sites["site-a"].report(first, ref, train_loss=0.4) == "committed"
+    second = sites["site-b"].next_task()
+    assert second.hop_id == preload.hop_id and second.lease_token
+    assert second.input_checkpoint == preload.checkpoint  # exactly the one sent ahead
+    # A site that ignores the input sent ahead (an older agent) finds it in its task as ever.
+    assert second.input_bundle == data
+
+
+def test_an_input_sent_ahead_of_a_commit_that_failed_is_never_leased(
+    sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    admin.wait_for_sites({"site-a", "site-b"}, timeout=60)
+    plan = {**_plan("site-a", "site-b"), "failure": {"on_failure": "retry",
+                                                     "retry_backoff_seconds": 0}}  # fmt: skip
+    admin.start_run(parse_plan(plan))
+    site_a, site_b = sites["site-a"], sites["site-b"]
+    first = site_a.next_task()
+    _training_beat(site_a, first)
+    site_b.next_preparation()
+    sent_ahead = site_a.upload(first, site_a.bundle(first, 1.0))
+    assert site_b.preloads.get(timeout=30).checkpoint.sha256 == sent_ahead.sha256
+    failed = pb.HopResult(hop_id=first.hop_id, lease_token=first.lease_token, ok=False,
+                          error_code="training-failed", error_message="boom")  # fmt: skip
+    assert site_a.stub.ReportHopResult(failed, timeout=30).hop_status == "pending"
+
+    retried = site_a.next_task()  # the hop again, under a new lease: its own output this time
+    assert retried.hop_id == first.hop_id and retried.lease_token != first.lease_token
+    data = site_a.bundle(retried, 3.0)
+    ref = site_a.upload(retried, data)
+    replacement = site_b.preloads.get(timeout=30)
+    assert replacement.checkpoint.sha256 == ref.sha256 != sent_ahead.sha256
+    assert site_a.report(retried, ref, train_loss=0.4) == "committed"
+    second = site_b.next_task()
+    assert second.input_checkpoint.sha256 == ref.sha256 and second.input_bundle == data
