@@ -60,6 +60,11 @@ logger = logging.getLogger(__name__)
 
 WAIT_LOG_SECONDS = 60.0  # "run waits for site" is logged at most this often per hop
 
+# Whether a lease whose input went to its site ahead of the commit (`Hops.push_input`) still
+# carries that input inside its task (a site that dropped the one sent ahead then needs no
+# download).
+LEASE_CARRIES_PUSHED_INPUT = True
+
 # An early tamper check (`Hops.check_ahead`) is used by its commit only while it is this
 # recent and no ledger event was appended since; otherwise the commit checks the rows again. A
 # bundle in one message commits milliseconds after its check; one streamed for long does not.
@@ -137,6 +142,8 @@ class Hops:
         self._told: dict[str, SiteSession] = {}  # hop id -> the session told it is next
         # hop id -> the session told to load ahead of it (a site's first visit of a run)
         self._told_ahead: dict[str, SiteSession] = {}
+        # hop id -> the session sent its input ahead of the lease (`push_input`), and which
+        self._pushed: dict[str, tuple[SiteSession, str]] = {}
         # The newest event this process appended (set on the thread that committed it).
         self._head_seq = 0
         # .lease: the `_Lease` of the commit the writer thread runs (`_commit_and_lease`).
@@ -286,6 +293,7 @@ class Hops:
             )
         self._told.pop(hop.id, None)
         self._told_ahead.pop(hop.id, None)
+        self._pushed.pop(hop.id, None)
 
     def _small_bundle(self, input_ref: CheckpointRow | None) -> bytes | None:
         """The input's bytes if it is small enough to ride inside its task."""
@@ -342,6 +350,7 @@ class Hops:
             logger.warning("input of hop %d not sent ahead: %s", following.index, exc)
             return
         session.queue.put_nowait(task)
+        self._pushed[following.id] = (session, output.sha256)
         self.metrics.checkpoint_bytes.labels(direction="download").inc(len(bundle))
 
     def _tell_first_visits(self, run: RunRow, hop: HopRow) -> None:
@@ -374,7 +383,7 @@ class Hops:
         otherwise keep them for good. A run resumed after a pause tells its sites again, as
         after a reconnect, and waits for an absent site from the resume on.
         """
-        for held in (self._told, self._told_ahead, self.leases.waiting_since,
+        for held in (self._told, self._told_ahead, self._pushed, self.leases.waiting_since,
                      self.leases.wait_logged):  # fmt: skip
             for hop_id in [hop_id for hop_id in held if self.runs.hop(hop_id) is None]:
                 del held[hop_id]
@@ -516,10 +525,12 @@ class Hops:
                     try:
                         if lease is not None:
                             # Built while the transaction runs; pushed the moment it commits.
-                            # It carries its input even when that went ahead (`push_input`): a
-                            # site that dropped the one sent ahead then needs no download.
                             task = self._hop_task(run, lease.hop, output.sha256,
                                                   input_row=output, lease_token=token)  # fmt: skip
+                            if not LEASE_CARRIES_PUSHED_INPUT and self._pushed.get(
+                                lease.hop.id
+                            ) == (lease.session, output.sha256):
+                                task.hop.ClearField("input_bundle")  # on the stream just before
                             if not task.hop.base_model_sha256:  # the run's first commit pins it
                                 task.hop.base_model_sha256 = output.manifest["base_model_sha256"]
                             self._lease_built(lease, task)
