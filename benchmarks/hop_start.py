@@ -13,9 +13,6 @@ finishing site's post-commit validation does on a 2-core host; ``--contend-nice`
 ``--from-task`` starts the clock at the task's bytes as the stream delivers them instead: the
 message parsed, then the agent's `_run_hop` (its log line and context, the heartbeat handed to
 its thread, the collector hold) around `_train_hop`; heartbeats go to a stand-in.
-``--preloaded``: the input was sent ahead of the lease (`PreloadInput`, as the coordinator sends
-it before the previous hop's commit) and checked and loaded before the clock starts (not timed);
-the task still carries it, and the hop takes the one loaded.
 
     PYTHONPATH=. nice -n 19 .venv/bin/python benchmarks/hop_start.py --repeat 40 --name hop-start
     PYTHONPATH=/other/checkout .venv/bin/python benchmarks/hop_start.py ...   # another checkout
@@ -169,14 +166,6 @@ def _task(agent: Any, labels: list[str], pki: Path, steps: int = 15) -> Any:
     return task, spec, dataset, hyperparameters.seed
 
 
-def _sent_ahead(task: Any) -> Any:
-    """The hop's input as the coordinator sends it ahead of the lease."""
-    from protocols.v1 import baton_pb2 as pb
-
-    return pb.PreloadInput(run_id=task.run_id, hop_id=task.hop_id, hop_index=task.hop_index,
-                           checkpoint=task.input_checkpoint, bundle=task.input_bundle)  # fmt: skip
-
-
 def _task_wire(task: Any) -> bytes:
     """A hop task as the task stream carries it (a `Task` message, serialised)."""
     from protocols.v1 import baton_pb2 as pb
@@ -207,10 +196,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for repeat in range(args.warmup + args.repeat):
                 agent._prepare(preparation)  # "you are next", its collection included
-                if args.preloaded:
-                    agent._receive_preload(_sent_ahead(task))
-                    _, loading = agent._preloading
-                    loading.result()  # checked and loaded while the coordinator commits
                 time.sleep(0.05)
                 beat = _FirstStep()
                 started_ns = time.time_ns()
@@ -294,8 +279,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contend-nice", type=int, default=0)
     parser.add_argument("--from-task", action="store_true",
                         help="from the stream message, through the agent's _run_hop")  # fmt: skip
-    parser.add_argument("--preloaded", action="store_true",
-                        help="input sent ahead of the lease and loaded (not timed)")  # fmt: skip
     parser.add_argument("--name", default="hop-start")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--json-only", action="store_true", help="print the JSON, write nothing")

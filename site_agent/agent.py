@@ -531,8 +531,6 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                         self._preparations.submit(self._prepare, task.prepare.hop)
                     elif kind == "prepare_ahead":
                         self._load_ahead(task.prepare_ahead)
-                    elif kind == "preload":
-                        self._receive_preload(task.preload)
                     if self._stopping():
                         break
             finally:

@@ -10,7 +10,6 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
@@ -21,7 +20,6 @@ from protocols import hyperparameter_messages
 from protocols.checkpoint import (
     CheckpointError,
     CheckpointManifest,
-    TensorValues,
     bundle_metadata,
     inspect_bundle,
 )
@@ -164,33 +162,6 @@ def at_low_priority(work: Callable[[], T]) -> T:
     if failure:
         raise failure[0]
     return outcome[0]
-
-
-@dataclass(frozen=True)
-class _Preload:
-    """A prepared hop's input the coordinator sent ahead of its lease (`PreloadInput`): checked
-    as an incoming bundle, loaded into the prepared model if there is one. Used only by a lease
-    of this hop whose input_checkpoint is exactly `ref`."""
-
-    run_id: str
-    hop_id: str
-    ref: pb.CheckpointRef
-    tensors: Mapping[str, torch.Tensor]  # the very mapping the trainer preloaded
-    base_model_sha256: str  # what the bundle was trained on (its manifest)
-    dataset: RegisteredDataset  # read and hashed while preloading (no lease needed for it)
-    loaded: bool  # into the prepared model (else the hop loads it as usual)
-
-    def fits(self, task: pb.HopTask) -> bool:
-        """Whether ``task`` (a lease) takes exactly this input, of this hop and dataset."""
-        ref = task.input_checkpoint
-        return (
-            task.run_id == self.run_id
-            and task.hop_id == self.hop_id
-            and task.HasField("input_checkpoint")
-            and task.dataset == self.dataset.name
-            and (ref.sha256, ref.size, ref.signature, ref.producer_certificate)
-            == (self.ref.sha256, self.ref.size, self.ref.signature, self.ref.producer_certificate)
-        )
 
 
 @dataclass
@@ -352,11 +323,6 @@ class HopRunner(TaskChecks, Transfers):
     _beat_threads: BeatThreads | None = None  # None: a thread per hop
     _hop_running = False
     _settle_owed = False
-    _preparations: ThreadPoolExecutor  # preparations and preloads, one at a time, in order
-    _prepared_hop: pb.HopTask | None = None  # the last hop prepared (preparations' thread)
-    # The pending preload (hop id, its check and load on the preparations' thread): one at
-    # most, read and replaced on the task stream's thread only.
-    _preloading: tuple[str, Future[_Preload | None]] | None = None
 
     def _settle_heap_between_hops(self) -> None:
         """`settle_heap` now, or once the hop running now is over (its model, tensors and
@@ -514,26 +480,28 @@ class HopRunner(TaskChecks, Transfers):
         return hyperparameters, spec, trainer
 
     def _incoming(
-        self,
-        stub: pb_grpc.SiteServiceStub,
-        task: pb.HopTask,
-        held: str,
-        preload: _Preload | None = None,
+        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, held: str
     ) -> Mapping[str, torch.Tensor]:
-        """The hop's input tensors, checked: ``preload``'s (sent ahead of the lease and checked
-        then, `_take_preload`), else those inside the task, else downloaded."""
-        if preload is not None:
-            _check_input_base_model(preload.base_model_sha256, held)
-            return preload.tensors
+        import safetensors.torch
+
+        from site_agent.tasks import tensors_from_values
+
+        ref = task.input_checkpoint
         data = task.input_bundle  # a copy out of the message: taken once
         if data:  # pushed inside the task: checked exactly as a download
-            bundle, values = self._checked_bundle(data, task.input_checkpoint)
+            bundle, values = self._checked_bundle(data, ref)
             self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
         else:
-            data, bundle, values = self._download_checked(stub, task.input_checkpoint)
+            data, bundle, values = self._download_checked(stub, ref)
         # The checks above parsed, hashed and read every value once: not again here.
-        _check_input_base_model(bundle.manifest.base_model_sha256, held)
-        return _input_tensors(data, values)
+        if bundle.manifest.base_model_sha256 != held:
+            raise HopFailure(
+                "base-model-mismatch",
+                f"incoming adapter was trained on base model {bundle.manifest.base_model_sha256}; "
+                f"this site holds {held}",
+            )
+        tensors = tensors_from_values(values)
+        return tensors if tensors is not None else safetensors.torch.load(data)
 
     def _train_hop(
         self,
@@ -547,17 +515,16 @@ class HopRunner(TaskChecks, Transfers):
 
         self._deferred_validation = None
         hyperparameters, spec, trainer = self._hop_setup(task)
-        preload = self._take_preload(task)  # this hop's input, sent and checked ahead, if so
-        dataset = preload.dataset if preload else self._dataset(task.dataset, task.task_type)
+        dataset = self._dataset(task.dataset, task.task_type)
         held = self._model_sha256(trainer, spec, dataset)
         self._check_base_model(held, task.base_model_sha256)
         incoming = None
         parent = ""
         if task.HasField("input_checkpoint"):
-            if not task.input_bundle and preload is None:
+            if not task.input_bundle:
                 beat.phase("downloading")
             parent = task.input_checkpoint.sha256
-            incoming = self._incoming(stub, task, held, preload)
+            incoming = self._incoming(stub, task, held)
 
         # The phase stays what it was while the hop sets up: "training" comes with its first
         # step (`training_step`), so that no regular beat tells it early either.
@@ -707,7 +674,6 @@ class HopRunner(TaskChecks, Transfers):
                     self._model_sha256(trainer, spec, dataset), hop.base_model_sha256
                 )
                 trainer.prepare(spec, dataset, hyperparameters.seed)
-                self._prepared_hop = hop
                 # While another site trains: the handoff to this site then starts with no
                 # collection owed (it would fall in the set-up or the first steps).
                 gc.collect()
@@ -717,76 +683,6 @@ class HopRunner(TaskChecks, Transfers):
                 logger.warning("could not prepare hop %d: %s", hop.hop_index, exc)
             else:
                 logger.info("hop %d of run %s: prepared", hop.hop_index, hop.run_id)
-
-    def _receive_preload(self, notice: pb.PreloadInput) -> None:
-        """Queues a prepared hop's input sent ahead of its lease for its checks and load,
-        behind the preparation (one thread, in order); it replaces any pending one."""
-        pending, self._preloading = self._preloading, None
-        if pending is not None:
-            pending[1].cancel()  # not started: dropped; else its result is dropped unused
-        try:
-            future = self._preparations.submit(self._preload_input, notice)
-        except RuntimeError:  # stopping
-            return
-        self._preloading = (notice.hop_id, future)
-
-    def _preload_input(self, notice: pb.PreloadInput) -> _Preload | None:
-        """Checks a prepared hop's input sent ahead of its lease exactly as an incoming bundle
-        (hash, format, finite values, custody signature, base model) and loads it into the
-        prepared model. Trains nothing and reports nothing: only the lease starts the hop.
-        None: not this site's prepared hop, or refused (one log line)."""
-        from site_agent.tasks import PreloadingTrainer
-
-        hop = self._prepared_hop
-        with log_context(run_id=notice.run_id, hop_id=notice.hop_id, site=self.site_name):
-            if hop is None or (hop.run_id, hop.hop_id) != (notice.run_id, notice.hop_id):
-                logger.info("input of hop %d sent ahead not taken: that hop is not prepared",
-                            notice.hop_index)  # fmt: skip
-                return None
-            try:
-                hyperparameters, spec, trainer = self._hop_setup(hop)  # its approval, again
-                dataset = self._dataset(hop.dataset, hop.task_type)
-                held = self._model_sha256(trainer, spec, dataset)
-                bundle, values = self._checked_bundle(notice.bundle, notice.checkpoint)
-                _check_input_base_model(bundle.manifest.base_model_sha256, held)
-                tensors = _input_tensors(notice.bundle, values)
-                loaded = isinstance(trainer, PreloadingTrainer) and trainer.preload(
-                    spec, hyperparameters.seed, tensors
-                )
-            except HopFailure as failure:
-                logger.warning("input of hop %d sent ahead refused: %s (%s)",
-                               notice.hop_index, failure, failure.code)  # fmt: skip
-                return None
-            except (ValueError, OSError) as exc:
-                logger.warning("input of hop %d sent ahead refused: %s", notice.hop_index, exc)
-                return None
-            logger.info("hop %d of run %s: input %s checked%s ahead of its lease",
-                        notice.hop_index, notice.run_id, notice.checkpoint.sha256[:12],
-                        " and loaded" if loaded else "")  # fmt: skip
-            return _Preload(notice.run_id, notice.hop_id, notice.checkpoint, tensors,
-                            bundle.manifest.base_model_sha256, dataset, loaded)  # fmt: skip
-
-    def _take_preload(self, task: pb.HopTask) -> _Preload | None:
-        """The input sent ahead of this lease (`_preload_input`, waited for if it is under
-        way) if the lease takes exactly that one; None otherwise (the hop takes its input as
-        it would have without it). Any pending preload is dropped: one lease uses it at most."""
-        pending, self._preloading = self._preloading, None
-        if pending is None:
-            return None
-        hop_id, future = pending
-        if future.cancel() or hop_id != task.hop_id:  # never started, or another hop's
-            return None
-        try:
-            preload = future.result()
-        except CancelledError:
-            return None
-        if preload is None:
-            return None
-        if not preload.fits(task):
-            logger.info("hop %d: the input sent ahead (%s) is not this lease's: not used",
-                        task.hop_index, preload.ref.sha256[:12])  # fmt: skip
-            return None
-        return preload
 
     @staticmethod
     def _check_egress(
@@ -814,21 +710,3 @@ class HopRunner(TaskChecks, Transfers):
                 + (f" (undeclared: {', '.join(extra[:5])})" if extra else ""),
             )
         return bundle.sha256
-
-
-def _check_input_base_model(trained_on: str, held: str) -> None:
-    if trained_on != held:
-        raise HopFailure(
-            "base-model-mismatch",
-            f"incoming adapter was trained on base model {trained_on}; this site holds {held}",
-        )
-
-
-def _input_tensors(data: bytes, values: Mapping[str, TensorValues]) -> Mapping[str, torch.Tensor]:
-    """A checked bundle's tensors, from the values its checks read (not parsed again)."""
-    import safetensors.torch
-
-    from site_agent.tasks import tensors_from_values
-
-    tensors = tensors_from_values(values)
-    return tensors if tensors is not None else safetensors.torch.load(data)

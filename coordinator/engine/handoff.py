@@ -1,6 +1,6 @@
 """What keeps a handoff short: the sites of a run's first visits load ahead, the next site is
-told it is next and gets its input ahead of the commit, a small input rides inside the task, and
-a hop's validation metrics may arrive after its commit as their own ledger event.
+told it is next, a small input rides inside the task, and a hop's validation metrics may arrive
+after its commit as their own ledger event.
 
 Pure decisions over ledger rows; the engine does the I/O.
 """
@@ -24,7 +24,6 @@ __all__ = [
     "first_visits_ahead",
     "is_last_hop",
     "next_site_hop",
-    "preload_task",
     "prepare_ahead_task",
     "prepare_task",
     "record_validation",
@@ -76,20 +75,6 @@ def prepare_task(hop_task: pb.Task) -> pb.Task:
     for name in ("lease_token", "input_checkpoint", "input_bundle", "validation_after_commit"):
         hop.ClearField(name)
     return pb.Task(prepare=pb.PrepareHop(hop=hop))
-
-
-def preload_task(following: HopRow, checkpoint: pb.CheckpointRef, bundle: bytes) -> pb.Task:
-    """A "your input is ready" task: the checked, not yet committed bundle ``checkpoint`` for
-    the prepared hop ``following`` (its task will name it as its input if the commit holds)."""
-    return pb.Task(
-        preload=pb.PreloadInput(
-            run_id=following.run_id,
-            hop_id=following.id,
-            hop_index=following.index,
-            checkpoint=checkpoint,
-            bundle=bundle,
-        )
-    )
 
 
 def prepare_ahead_task(hop_task: pb.Task, hops_ahead: int) -> pb.Task:

@@ -18,7 +18,6 @@ from coordinator.engine.handoff import (
     complete_hop_task,
     first_visits_ahead,
     next_site_hop,
-    preload_task,
     prepare_ahead_task,
     prepare_task,
     record_validation,
@@ -35,7 +34,7 @@ from coordinator.engine.rules import (
     input_sha,
 )
 from coordinator.engine.sessions import SiteSession, SiteSessions
-from coordinator.engine.tasks import checkpoint_ref, hop_task
+from coordinator.engine.tasks import hop_task
 from coordinator.engine.uploads import UploadIntake
 from coordinator.errors import CoordinatorError, InvalidInput, StaleLease, StorageFault
 from coordinator.ledger import (
@@ -59,11 +58,6 @@ __all__ = ["CHECK_AHEAD_SECONDS", "WAIT_LOG_SECONDS", "EarlyCheck", "Hops"]
 logger = logging.getLogger(__name__)
 
 WAIT_LOG_SECONDS = 60.0  # "run waits for site" is logged at most this often per hop
-
-# Whether a lease whose input went to its site ahead of the commit (`Hops.push_input`) still
-# carries that input inside its task (a site that dropped the one sent ahead then needs no
-# download).
-LEASE_CARRIES_PUSHED_INPUT = True
 
 # An early tamper check (`Hops.check_ahead`) is used by its commit only while it is this
 # recent and no ledger event was appended since; otherwise the commit checks the rows again. A
@@ -142,15 +136,12 @@ class Hops:
         self._told: dict[str, SiteSession] = {}  # hop id -> the session told it is next
         # hop id -> the session told to load ahead of it (a site's first visit of a run)
         self._told_ahead: dict[str, SiteSession] = {}
-        # hop id -> the session sent its input ahead of the lease (`push_input`), and which
-        self._pushed: dict[str, tuple[SiteSession, str]] = {}
         # The newest event this process appended (set on the thread that committed it).
         self._head_seq = 0
         # .lease: the `_Lease` of the commit the writer thread runs (`_commit_and_lease`).
         self._committing = threading.local()
         self._lease_lock = threading.Lock()  # a `_Lease`'s task and commit meet under it
         ledger.head_observers.append(self._appended)
-        intake.on_checked = self.push_input
 
     def _appended(self, seq: int, _hash: str, kinds: tuple[str, ...]) -> None:
         """A transaction committed (on its thread): the newest event; a lease it granted goes
@@ -293,7 +284,6 @@ class Hops:
             )
         self._told.pop(hop.id, None)
         self._told_ahead.pop(hop.id, None)
-        self._pushed.pop(hop.id, None)
 
     def _small_bundle(self, input_ref: CheckpointRow | None) -> bytes | None:
         """The input's bytes if it is small enough to ride inside its task."""
@@ -327,32 +317,6 @@ class Hops:
         self._told[following.id] = session
         session.queue.put_nowait(prepare_task(hop_task(run, following, None)))
 
-    def push_input(self, run: RunRow, hop: HopRow, output: CheckpointRow, bundle: bytes) -> None:
-        """Sends ``hop``'s checked output (not committed yet) to the site told it is next
-        (`_tell_next`), so that it checks and loads it while the commit runs (loop).
-
-        Only to that very session, for a small bundle of a sequential run. The lease alone
-        makes the site train, from this input only if the lease names it; a commit that fails
-        leaves the site holding a preload no lease uses (replaced by the next one). Never
-        raises and never waits: the stream's queue takes it, and the hand back goes on.
-        """
-        if runs_in_rounds(run) or not wants_inline_bundle(output) or len(bundle) != output.size:
-            return
-        following = next_site_hop(run, hop)
-        if following is None:
-            return
-        session = self._told.get(following.id)
-        if session is None or self.sessions.get(following.site) is not session:
-            return  # not told it is next on its current stream: nothing prepared to load into
-        try:
-            task = preload_task(following, checkpoint_ref(output), bundle)
-        except ValueError as exc:  # a row that cannot be sent: its lease sends it as ever
-            logger.warning("input of hop %d not sent ahead: %s", following.index, exc)
-            return
-        session.queue.put_nowait(task)
-        self._pushed[following.id] = (session, output.sha256)
-        self.metrics.checkpoint_bytes.labels(direction="download").inc(len(bundle))
-
     def _tell_first_visits(self, run: RunRow, hop: HopRow) -> None:
         """Tells each site of a sequential run whose first visit is still to come, beyond the
         next one (told it is next), that it is in the schedule and how many hops ahead, once per
@@ -383,7 +347,7 @@ class Hops:
         otherwise keep them for good. A run resumed after a pause tells its sites again, as
         after a reconnect, and waits for an absent site from the resume on.
         """
-        for held in (self._told, self._told_ahead, self._pushed, self.leases.waiting_since,
+        for held in (self._told, self._told_ahead, self.leases.waiting_since,
                      self.leases.wait_logged):  # fmt: skip
             for hop_id in [hop_id for hop_id in held if self.runs.hop(hop_id) is None]:
                 del held[hop_id]
@@ -527,10 +491,6 @@ class Hops:
                             # Built while the transaction runs; pushed the moment it commits.
                             task = self._hop_task(run, lease.hop, output.sha256,
                                                   input_row=output, lease_token=token)  # fmt: skip
-                            if not LEASE_CARRIES_PUSHED_INPUT and self._pushed.get(
-                                lease.hop.id
-                            ) == (lease.session, output.sha256):
-                                task.hop.ClearField("input_bundle")  # on the stream just before
                             if not task.hop.base_model_sha256:  # the run's first commit pins it
                                 task.hop.base_model_sha256 = output.manifest["base_model_sha256"]
                             self._lease_built(lease, task)

@@ -318,9 +318,6 @@ class UploadIntake:
         self._kept_lock = threading.Lock()  # written on worker threads, read on the loop
         # The small bundles stored lately, for the next hop's task (no store read on the handoff).
         self.recent_bundles = RecentBundles()
-        # Called (on the loop) with a small bundle the moment it is checked and on its way into
-        # the store, before its hop commits: the engine sends it ahead to the next site.
-        self.on_checked: Callable[[RunRow, HopRow, CheckpointRow, bytes], None] | None = None
         # sha256 -> the fsync making a placed bundle's name durable, until it succeeded.
         self._syncing: dict[str, Future[None]] = {}
         # Committed hops' clean-ups on the ledger writer's thread, still running (`hop_committed`).
@@ -640,8 +637,6 @@ class UploadIntake:
                 await run_to_end(self.store.unstage, staged)  # gone already once placed
             raise
         self.recent_bundles.keep(row.sha256, whole)  # the next hop's task carries it
-        if self.on_checked is not None:
-            self.on_checked(run, hop, row, whole)
         return run, hop, row
 
     async def _unstage(self, staging: asyncio.Future[Path | None]) -> None:

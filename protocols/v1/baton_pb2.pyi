@@ -681,54 +681,6 @@ class PrepareAhead(_message.Message):
 Global___PrepareAhead: _TypeAlias = PrepareAhead  # noqa: Y015
 
 @_typing.final
-class PreloadInput(_message.Message):
-    """"Your input is ready": the bundle the hop before this site's prepared one (`PrepareHop`)
-    handed back, sent as soon as the coordinator has checked it (hash, format, finite values,
-    lineage, custody signature) and before that hop commits; the commit may yet fail. A site that
-    prepared `hop_id` of a run it approved checks the bundle exactly as an incoming one (hash,
-    format, values, custody signature against its CA) and loads it into its prepared model, but
-    trains nothing: only the hop's task (the lease) starts training, and only from this bundle if
-    the task's input_checkpoint is exactly `checkpoint` (sha256, size, signature, producer);
-    otherwise the site drops it and takes its input as without it. Nothing is answered or
-    reported. A site that does not know this task kind ignores it (the task carries the input as
-    ever). At most one is pending per site: a newer one replaces it.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    RUN_ID_FIELD_NUMBER: _builtins.int
-    HOP_ID_FIELD_NUMBER: _builtins.int
-    HOP_INDEX_FIELD_NUMBER: _builtins.int
-    CHECKPOINT_FIELD_NUMBER: _builtins.int
-    BUNDLE_FIELD_NUMBER: _builtins.int
-    run_id: _builtins.str
-    hop_id: _builtins.str
-    """the prepared hop this bundle is to be the input of"""
-    hop_index: _builtins.int
-    bundle: _builtins.bytes
-    """the bundle itself (small: it rides inside the task)"""
-    @_builtins.property
-    def checkpoint(self) -> Global___CheckpointRef:
-        """what that hop's task will name as its input_checkpoint"""
-
-    def __init__(
-        self,
-        *,
-        run_id: _builtins.str = ...,
-        hop_id: _builtins.str = ...,
-        hop_index: _builtins.int = ...,
-        checkpoint: Global___CheckpointRef | None = ...,
-        bundle: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "checkpoint", b"checkpoint", "hop_id", b"hop_id", "hop_index", b"hop_index", "run_id", b"run_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PreloadInput: _TypeAlias = PreloadInput  # noqa: Y015
-
-@_typing.final
 class EvaluationTask(_message.Message):
     """Evaluate a committed checkpoint on one split of this site's data; nothing is trained."""
 
@@ -896,7 +848,6 @@ class Task(_message.Message):
     LEDGER_HEAD_FIELD_NUMBER: _builtins.int
     PREPARE_FIELD_NUMBER: _builtins.int
     PREPARE_AHEAD_FIELD_NUMBER: _builtins.int
-    PRELOAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hop(self) -> Global___HopTask: ...
     @_builtins.property
@@ -915,10 +866,6 @@ class Task(_message.Message):
     def prepare_ahead(self) -> Global___PrepareAhead:
         """not work yet: load ahead of a later hop"""
 
-    @_builtins.property
-    def preload(self) -> Global___PreloadInput:
-        """not work yet: the prepared hop's input, uncommitted"""
-
     def __init__(
         self,
         *,
@@ -928,13 +875,12 @@ class Task(_message.Message):
         ledger_head: Global___SignedLedgerHead | None = ...,
         prepare: Global___PrepareHop | None = ...,
         prepare_ahead: Global___PrepareAhead | None = ...,
-        preload: Global___PreloadInput | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "preload", b"preload", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "preload", b"preload", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics", "ledger_head", "prepare", "prepare_ahead", "preload"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics", "ledger_head", "prepare", "prepare_ahead"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

@@ -158,24 +158,6 @@ class _PreparedHop:
     # The slots' values in one buffer (each slot a view of it), in the order a bundle lays
     # them out: the input loaded, the output copied out, in one operation each. None: per slot.
     flat: FlatTensors | None = None
-    # What `LoraTrainer.preload` loaded into the slots ahead of the lease (the very mapping),
-    # `_PARTLY_LOADED` if a load failed half way; None: the seeded fresh adapter is intact.
-    preloaded: object | None = None
-
-
-# A preload that failed half way: the slots hold neither the fresh adapter nor an input.
-_PARTLY_LOADED = object()
-
-
-def _load_into(prepared: _PreparedHop, incoming: Mapping[str, torch.Tensor]) -> None:
-    """Loads ``incoming`` into every slot of the prepared model (checked: names, shapes,
-    finite values)."""
-    if prepared.flat is not None and load_flat(prepared.flat, incoming):
-        pass  # loaded in one copy
-    elif prepared.slots is not None:
-        load_adapter_in_place(prepared.slots, incoming)
-    else:
-        load_adapter(prepared.model, incoming)
 
 
 class LoraTrainer(Generic[ExampleT, TargetsT]):
@@ -310,44 +292,24 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                                           flat)  # fmt: skip
             logger.info("prepared a hop on %s (seed %d)", dataset.name, seed)
 
-    def preload(self, spec: TaskSpec, seed: int, incoming: Mapping[str, torch.Tensor]) -> bool:
-        """Loads a checked input into the hop prepared for this spec and seed, ahead of its
-        lease (`PreloadInput`): a `run_hop` given this very mapping then starts without loading
-        it; given another (a lease naming another input), it loads that one over it. False:
-        no such hop is prepared, nothing is loaded.
-
-        Raises:
-            ValueError: If ``incoming`` does not fit the model or is not finite.
-        """
-        self._check_spec(spec)
-        with self._lock:
-            prepared = self._prepared
-            key = (self._task.base_model_key(spec), spec.lora)
-            if prepared is None or prepared.key != key or prepared.seed != seed:
-                return False
-            if prepared.preloaded is incoming:
-                return True
-            prepared.preloaded = _PARTLY_LOADED  # until the load below is whole
-            _load_into(prepared, incoming)
-            prepared.preloaded = incoming
-            return True
-
     def _take_prepared(
         self, spec: TaskSpec, seed: int, incoming: Mapping[str, torch.Tensor] | None
     ) -> _PreparedHop | None:
         """The prepared hop for this hop with ``incoming`` loaded in place into its model (in
-        training mode; not again if `preload` loaded this very mapping), its RNG state
-        restored; None if nothing fits (the hop builds its own). The caller forks the RNG."""
+        training mode), its RNG state restored; None if nothing fits (the hop builds its own).
+        The caller forks the RNG."""
         prepared, self._prepared = self._prepared, None
         if prepared is None:
             return None
         if prepared.key != (self._task.base_model_key(spec), spec.lora) or prepared.seed != seed:
             return None
-        if incoming is None:
-            if prepared.preloaded is not None:
-                return None  # its slots hold a preloaded input, no longer the fresh adapter
-        elif prepared.preloaded is not incoming:
-            _load_into(prepared, incoming)  # over whatever a preload left: every slot
+        if incoming is not None:
+            if prepared.flat is not None and load_flat(prepared.flat, incoming):
+                pass  # loaded in one copy
+            elif prepared.slots is not None:
+                load_adapter_in_place(prepared.slots, incoming)
+            else:
+                load_adapter(prepared.model, incoming)
         torch.set_rng_state(prepared.rng_state)
         if prepared.cuda_rng_state is not None:
             torch.cuda.set_rng_state(prepared.cuda_rng_state, self._compute.device)

@@ -124,22 +124,6 @@ class PreparingTrainer(Protocol):
         ...
 
 
-@runtime_checkable
-class PreloadingTrainer(PreparingTrainer, Protocol):
-    """A preparing trainer that can load a hop's input into the prepared model ahead of its
-    lease (the coordinator sent the input before the previous hop committed)."""
-
-    def preload(self, spec: TaskSpec, seed: int, incoming: Mapping[str, torch.Tensor]) -> bool:
-        """Loads a checked input into the hop prepared for this spec and seed; a ``run_hop``
-        given this very mapping then does not load it again (given another, it loads that
-        one). False: no such hop is prepared (nothing loaded).
-
-        Raises:
-            ValueError: If ``incoming`` does not fit the model or is not finite.
-        """
-        ...
-
-
 class Trainer(Protocol):
     """Trains and evaluates one task type; one instance per task type for the process lifetime."""
 

@@ -58,7 +58,6 @@ class ScriptedSite:
         self.heads: list[pb.SignedLedgerHead] = []  # signed ledger heads, kept apart from work
         self.preparations: queue.Queue[pb.HopTask] = queue.Queue()  # "you are next": not work
         self.loads_ahead: queue.Queue[pb.PrepareAhead] = queue.Queue()  # a first visit to come
-        self.preloads: queue.Queue[pb.PreloadInput] = queue.Queue()  # an input sent ahead
         self._stream: grpc.Call | None = None
 
     def hello(self) -> pb.HelloResponse:
@@ -87,8 +86,6 @@ class ScriptedSite:
                         self.preparations.put(task.prepare.hop)
                     elif task.WhichOneof("kind") == "prepare_ahead":
                         self.loads_ahead.put(task.prepare_ahead)
-                    elif task.WhichOneof("kind") == "preload":
-                        self.preloads.put(task.preload)
                     else:
                         self.tasks.put(task)
             except grpc.RpcError:
