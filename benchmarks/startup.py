@@ -4,8 +4,8 @@ Starts the coordinator `--starts` times on one state directory (the ledger exist
 first start, as on a restart) and reports wall time and the process's CPU time to ready; the
 CPU figure is the steadier one on a busy machine. ``--fresh``: every start on a new state
 directory (a first start: the ledger is created, from the models since fresh19; a ledger to
-upgrade is migrated by a child process, which ``cpu_seconds_with_children`` counts). ``PYTHONPATH`` names the checkout started. The
-project's modules are compiled to bytecode first, as an installed wheel and the images ship
+upgrade is migrated by a child process, which ``cpu_seconds_with_children`` counts).
+``PYTHONPATH`` names the checkout started. The project's modules are compiled to bytecode first, as an installed wheel and the images ship
 them; ``--from-source`` removes that bytecode so that every start compiles the source (as an
 editable checkout under PYTHONDONTWRITEBYTECODE does). Writes ``results/NAME.json`` and ``.md``.
 
