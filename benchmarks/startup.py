@@ -5,9 +5,10 @@ first start, as on a restart) and reports wall time and the process's CPU time t
 CPU figure is the steadier one on a busy machine. ``--fresh``: every start on a new state
 directory (a first start: the ledger is created, from the models since fresh19; a ledger to
 upgrade is migrated by a child process, which ``cpu_seconds_with_children`` counts).
-``PYTHONPATH`` names the checkout started. The project's modules are compiled to bytecode first, as an installed wheel and the images ship
-them; ``--from-source`` removes that bytecode so that every start compiles the source (as an
-editable checkout under PYTHONDONTWRITEBYTECODE does). Writes ``results/NAME.json`` and ``.md``.
+``PYTHONPATH`` names the checkout started. The project's modules are compiled to bytecode
+first, as an installed wheel and the images ship them; ``--from-source`` removes that bytecode
+so that every start compiles the source (as an editable checkout under PYTHONDONTWRITEBYTECODE
+does). Writes ``results/NAME.json`` and ``.md``.
 
     .venv/bin/python benchmarks/startup.py --starts 5
     PYTHONPATH=/tmp/other-checkout .venv/bin/python benchmarks/startup.py --fresh --starts 3
