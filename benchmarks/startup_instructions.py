@@ -6,7 +6,7 @@ with the machine's load, where CPU seconds do (`startup_ab.py` on a shared 2-cor
 same code measured 0.86-1.38 s in one run). A start takes one to three minutes under valgrind.
 Each arm restarts on one state directory whose ledger a plain first start made (not counted);
 the counts are dumped when the port file appears (`callgrind_control -d`), then the process is
-killed. An arm is ``NAME=CHECKOUT``. Writes ``results/NAME.json``.
+killed. An arm is ``NAME=CHECKOUT``. Writes ``results/NAME.json`` and ``.md``.
 
     nice -n 19 .venv/bin/python benchmarks/startup_instructions.py base=/tmp/main new=.
 """
@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -72,8 +73,32 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(report))
     print(
         json.dumps({k: report[k] for k in ("load_average_before_after", "instructions_to_ready")})
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown table, each arm beside the first."""
+    counts: dict[str, int] = report["instructions_to_ready"]
+    first = next(iter(counts.values()))
+    rows = [f"| {name} | `{report['arms'][name]}` | {count:,} | {(count - first) / first:+.1%} |"
+            for name, count in counts.items()]  # fmt: skip
+    return "\n".join(
+        [
+            "# Coordinator restart to ready, in instructions",
+            "",
+            f"Generated {report['generated']} by `{report['command']}` on {report['machine']}.",
+            "Instructions executed until the gRPC port file appeared (valgrind callgrind, every "
+            f"thread); {report['bytecode']}. Load average before, after: "
+            f"{report['load_average_before_after']}.",
+            "",
+            "| arm | checkout | instructions to ready | against the first arm |",
+            "|---|---|---:|---:|",
+            *rows,
+            "",
+        ]
     )
 
 

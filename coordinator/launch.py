@@ -4,8 +4,8 @@ Importing them (`coordinator.server`) takes about a second of CPU. After an upgr
 migration runs in a child process (`coordinator.ledger_apart`, about 0.8 s more; a new, empty
 ledger is made from the models here instead, `Ledger.create_if_empty`): `serve` here checks the
 configuration, claims the state, starts that child, and only then imports the server, so the two
-run side by side instead of one after the other. Every refusal
-comes in the same order as before: dashboard port, database URL, TLS files, gRPC port, state.
+run side by side instead of one after the other. Every refusal comes in the same order as
+before: dashboard port, database URL, TLS files, gRPC port, state.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ class MigrationChild:
             SQLAlchemyError: The database cannot be reached to read its revision.
             StartupError: The child exited before it read the database URL (one line: why).
         """
-        if await asyncio.to_thread(_at_head_or_created, ledger):
+        if await asyncio.to_thread(ledger.current_without_alembic):
             return None
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -123,10 +123,6 @@ class MigrationChild:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             await self.process.wait()
-
-
-def _at_head_or_created(ledger: Ledger) -> bool:
-    return ledger.at_head() or ledger.create_if_empty()
 
 
 def _migrate(url: str) -> str | None:

@@ -389,7 +389,7 @@ class LedgerCore:
         that holds nothing yet gets the schema from the models (`create_if_empty`). Anything
         else goes through the Alembic migrations.
         """
-        if self.at_head() or self.create_if_empty():
+        if self.current_without_alembic():
             return
         from alembic import command
         from alembic.config import Config
@@ -410,6 +410,12 @@ class LedgerCore:
                 return False
             current = connection.execute(text("SELECT version_num FROM alembic_version"))
             return {row[0] for row in current} == heads
+
+    def current_without_alembic(self) -> bool:
+        """Whether the schema is at the newest revision with no migration to run: at the head
+        already (`at_head`, a restart), or new and made here from the models
+        (`create_if_empty`, a first start)."""
+        return self.at_head() or self.create_if_empty()
 
     def create_if_empty(self) -> bool:
         """On a database that holds nothing at all, creates the schema from the models and

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import safetensors.numpy
+from alembic.config import Config
 
 from coordinator.console.admin import AdminClient
 from coordinator.engine import hops as engine_hops
@@ -22,6 +23,7 @@ from coordinator.engine import leases as engine_leases
 from coordinator.engine import rounds as engine_rounds
 from coordinator.engine import statistics_rounds as engine_statistics
 from coordinator.ledger import Ledger, StatisticsRequestRow
+from coordinator.ledger._repository import _MIGRATIONS
 from coordinator.server import Coordinator, build_server
 from coordinator.settings import CoordinatorSettings
 from coordinator.statistics import SiteAggregates
@@ -322,3 +324,12 @@ def serving_process(command: list[str], port_file: Path) -> subprocess.Popen[str
             raise AssertionError(f"the coordinator did not start: {error}")
         time.sleep(0.02)
     return process
+
+
+def alembic_config(url: str, scripts: Path | None = None) -> Config:
+    """Alembic's configuration for the ledger at `url` (the project's migration scripts, or
+    `scripts`)."""
+    config = Config()
+    config.set_main_option("script_location", str(scripts or _MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser syntax
+    return config

@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import make_url, text
 
 from coordinator.ledger import Ledger
-from coordinator.ledger._repository import _MIGRATIONS
 from coordinator.ledger_apart import migrate_apart
 from coordinator.startup import StartupError
 from tests.conftest import Pki
+from tests.coordinator_tests.conftest import alembic_config
 
 
 def _serve(pki: Pki, state_dir: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
@@ -97,10 +96,7 @@ def test_a_ledger_the_child_cannot_migrate_stops_serve_with_one_line(
 
 def _old_revision(url: str) -> None:
     """A ledger at revision 0011: one the migrations, not `create_if_empty`, bring up."""
-    config = Config()
-    config.set_main_option("script_location", str(_MIGRATIONS))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "0011")
+    command.upgrade(alembic_config(url), "0011")
 
 
 def test_migrate_apart_makes_an_empty_ledger_without_a_child(empty_database_url: str) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from sqlalchemy import create_engine, inspect, text
 from typer.testing import CliRunner
 
@@ -23,15 +22,9 @@ from coordinator.ledger import Ledger
 from coordinator.ledger._chain import _SCHEMA_LOCK
 from coordinator.ledger._repository import _MIGRATIONS, script_heads
 from tests.conftest import PostgresDatabases
+from tests.coordinator_tests.conftest import alembic_config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _config(url: str, scripts: Path = _MIGRATIONS) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(scripts))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser syntax
-    return config
 
 
 @pytest.fixture
@@ -123,7 +116,7 @@ def _migrate_by_alembic(url: str) -> None:
     """Every migration, as `Ledger.migrate` ran them before (its connection, its PRAGMAs)."""
     ledger = Ledger(url)
     try:
-        config = _config(url)
+        config = alembic_config(url)
         with ledger.engine.begin() as connection:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
@@ -154,7 +147,7 @@ def test_a_database_holding_anything_goes_through_the_migrations(
 ) -> None:
     url = empty_database_url
     if holding == "revision":
-        command.upgrade(_config(url), "0011")
+        command.upgrade(alembic_config(url), "0011")
     else:
         engine = create_engine(url)
         with engine.begin() as connection:
@@ -196,7 +189,7 @@ def test_a_created_ledger_takes_a_later_revision(empty_database_url: str, tmp_pa
     try:
         assert ledger.create_if_empty()
         ledger.record_event("test.made", payload={})
-        command.upgrade(_config(empty_database_url, scripts), "head")  # only 9999 runs
+        command.upgrade(alembic_config(empty_database_url, scripts), "head")  # only 9999 runs
         with ledger.engine.connect() as connection:
             assert connection.execute(text("SELECT version_num FROM alembic_version")).all() == [
                 ("9999",)

@@ -9,25 +9,18 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
 from coordinator.ledger import Ledger
-from coordinator.ledger._repository import _MIGRATIONS, script_heads
+from coordinator.ledger._repository import script_heads
+from tests.coordinator_tests.conftest import alembic_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _config(url: str) -> Config:
-    config = Config()
-    config.set_main_option("script_location", str(_MIGRATIONS))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser syntax
-    return config
-
-
 def test_heads_read_from_the_scripts_are_alembics_heads() -> None:
-    scripts = ScriptDirectory.from_config(_config("sqlite://"))
+    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
     assert script_heads() == set(scripts.get_heads())
 
 
@@ -45,7 +38,7 @@ def test_a_fresh_database_is_not_at_head_and_migrate_creates_the_schema(
 
 
 def test_a_ledger_at_an_older_revision_is_upgraded(empty_database_url: str) -> None:
-    command.upgrade(_config(empty_database_url), "0011")
+    command.upgrade(alembic_config(empty_database_url), "0011")
     ledger = Ledger(empty_database_url)
     try:
         assert not ledger.at_head()
