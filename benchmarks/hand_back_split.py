@@ -99,15 +99,34 @@ def table(hops: list[dict[str, int]], rows: list[tuple[str, str, str]]) -> list[
     return out
 
 
+def in_order(hops: list[dict[str, int]], count: int, rows: list[tuple[str, str, str]]) -> list[str]:
+    """The first `count` hand backs in the order they reached the coordinator, one column each:
+    what a first visit pays that later ones do not."""
+    first = sorted(hops, key=lambda h: h["c.handler_entered"])[:count]
+    out = ["| step | " + " | ".join(f"#{i + 1}" for i in range(len(first))) + " |",
+           "|---|" + "---:|" * len(first)]  # fmt: skip
+    for start, end, what in rows:
+        cells = [f"{(h[end] - h[start]) / 1e6:.2f}" if start in h and end in h else ""
+                 for h in first]  # fmt: skip
+        if any(cells):
+            out.append(f"| {what} | " + " | ".join(cells) + " |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", type=Path, nargs="+", help="kept work dirs or log files")
+    parser.add_argument("--order", type=int, default=0, metavar="N",
+                        help="also the first N hand backs one by one, in time order")  # fmt: skip
     args = parser.parse_args(argv)
     hops = read_marks(args.paths)
     print(f"{len(hops)} hand backs\n")
     print("| step | instants | median ms | p90 ms | n |\n|---|---|---:|---:|---:|")
     for rows in (CHAIN, BESIDE, AFTER, TOTALS):
         print("\n".join(table(hops, rows)))
+    if args.order:
+        print(f"\nThe first {args.order} hand backs, in order (ms)\n")
+        print("\n".join(in_order(hops, args.order, CHAIN + BESIDE + AFTER + TOTALS)))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from coordinator.servicer import AdminServicer, MalformedMessageGuard, SiteServi
 from coordinator.settings import CoordinatorSettings
 from coordinator.startup import InstanceLock, database_error, masked_url
 from coordinator.store import CheckpointStore, fsync_write
+from protocols.checkpoint import warm_up
 from protocols.transport import aio_server
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
@@ -234,10 +235,11 @@ async def serve_claimed(
         dashboard = DashboardOnDemand(settings, coordinator, listener)
         dashboard.arm()
     freeze_start_up()
-    # The metric families are made once the first hellos are over (or by the first update).
+    # The metric families are made once the first hellos are over (or by the first update),
+    # and the bundle checks warmed (the first hand back pays no numpy import).
     engine = coordinator.engine
     settling = asyncio.create_task(
-        settle_when_quiet(lambda: len(engine.sessions), engine.metrics.build)
+        settle_when_quiet(lambda: len(engine.sessions), engine.metrics.build, warm_up)
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -388,14 +390,18 @@ def freeze_start_up() -> None:
 
 
 async def settle_when_quiet(
-    connected: Callable[[], int], deferred: Callable[[], None] = lambda: None
+    connected: Callable[[], int],
+    deferred: Callable[[], None] = lambda: None,
+    warm: Callable[[], None] = lambda: None,
 ) -> None:
     """`settle_heap` (what `freeze_start_up` froze included) once the first sites' hellos are
     over: ``connected()`` (sites connected) has changed and then stayed the same for
     SETTLE_QUIET_SECONDS, or SETTLE_LATEST_SECONDS have passed (no site came).
 
     ``deferred()`` runs first: start-up's work that waited until after ready (the metric
-    families, `CoordinatorMetrics.build`), so that what it makes is frozen with the rest.
+    families, `CoordinatorMetrics.build`), so that what it makes is frozen with the rest. Then
+    ``warm()``, on a worker thread (the loop keeps serving): first-call costs taken off the
+    first hand back (`protocols.checkpoint.warm_up`), what they import frozen too.
     """
     loop = asyncio.get_running_loop()
     began = loop.time()
@@ -410,6 +416,7 @@ async def settle_when_quiet(
         ):
             break
     deferred()
+    await asyncio.to_thread(warm)
     gc.unfreeze()
     settle_heap()
 

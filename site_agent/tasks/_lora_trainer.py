@@ -384,7 +384,15 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                 optimizer, trainable, flat = prepared.optimizer, prepared.trainable, prepared.flat
             else:
                 model = self._adapter_model(spec, hp.seed, incoming)
-                slots, config = None, adapter_config(model)
+                config = adapter_config(model)
+                # What `prepare` would have set up, here where nothing was prepared (a run's
+                # first hop): the egress check's declared state from this model (no second
+                # model built for it at the hand back), and the adapter in one buffer.
+                key = (task.base_model_key(spec), spec.lora)
+                if key not in self._state_specs:
+                    self._state_specs[key] = tensor_specs(get_peft_model_state_dict(model))
+                slots = adapter_slots(model)
+                flat = flat_parameters(slots) if slots is not None else None
                 model.train()
                 trainable = [p for p in model.parameters() if p.requires_grad]
             logger.info(

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -212,6 +213,33 @@ def test_settle_when_quiet_runs_the_deferred_start_up_work_before_freezing_it(
         assert gc.isenabled() and gc.get_freeze_count() > 0
         # frozen with the rest: no generation the collector walks holds it
         assert not any(found is made[0] for found in gc.get_objects())
+    finally:
+        gc.unfreeze()
+        if not collecting:
+            gc.disable()
+
+
+def test_settle_when_quiet_warms_on_a_worker_thread_after_the_deferred_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server, "SETTLE_LATEST_SECONDS", 0.2)
+    order: list[tuple[str, int]] = []
+    made: list[list[object]] = []
+    collecting = gc.isenabled()
+
+    def warm() -> None:
+        order.append(("warm", threading.get_ident()))
+        made.append([object()])  # what a first call leaves behind (a module's objects)
+
+    async def main() -> int:
+        await settle_when_quiet(lambda: 0, lambda: order.append(("deferred", 0)), warm)
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(main())
+        assert [step for step, _ in order] == ["deferred", "warm"]
+        assert order[1][1] != loop_thread  # the loop kept serving meanwhile
+        assert not any(found is made[0] for found in gc.get_objects())  # frozen with the rest
     finally:
         gc.unfreeze()
         if not collecting:

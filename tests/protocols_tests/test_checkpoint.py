@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import struct
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -201,3 +203,17 @@ def test_corrupted_bundle_gets_the_same_verdict_from_file_and_bytes(
         assert from_file == from_bytes
     else:
         assert from_file.startswith("refused: ")
+
+
+def test_warm_up_imports_what_a_first_check_would_and_changes_nothing_else() -> None:
+    # A fresh interpreter: numpy is not imported with the module, and is after warm_up; the
+    # bundle it checks is one that read_bundle takes by the plain path (no error raised).
+    code = (
+        "import sys, protocols.checkpoint as c\n"
+        "before = 'numpy' in sys.modules\n"
+        "c.warm_up()\n"
+        "print(before, 'numpy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True, cwd=Path(__file__).parents[2])  # fmt: skip
+    assert out.stdout.split() == ["False", "True"]

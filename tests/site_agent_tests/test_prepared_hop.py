@@ -150,3 +150,28 @@ def test_a_prepared_hops_egress_check_builds_no_second_model(
     # of a site used to pay a whole model build here). The same as a fresh trainer finds.
     assert built == []
     assert declared == other.trainable_state(spec, dataset)
+
+
+def test_an_unprepared_hops_egress_check_builds_no_second_model_either(
+    tiny_model_dir: Path,
+    spec: TaskSpec,
+    site_datasets: list[RegisteredDataset],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = site_datasets[0]
+    trainer = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    other = create_trainer("seq-classification", base_model_dir=tiny_model_dir, device="cpu")
+    # A run's first hop: its task came with nothing prepared (no site trained before it).
+    outcome = trainer.run_hop(spec, dataset, FIRST, None, defer_validation=True)
+    built: list[object] = []
+    monkeypatch.setattr(trainer, "adapter_model", lambda *a, **k: built.append(a))
+
+    declared = trainer.trainable_state(spec, dataset)
+
+    # Found from the hop's own model: the first hand back of a run used to build a whole
+    # model here (45 ms on the first handoff of a MiniLM run).
+    assert built == []
+    assert declared == other.trainable_state(spec, dataset)
+    assert [(t.name, t.dtype, t.shape) for t in declared] == sorted(
+        (name, "F32", tuple(tensor.shape)) for name, tensor in outcome.tensors.items()
+    )
