@@ -55,7 +55,8 @@ T = TypeVar("T", bound=Base)
 
 GENESIS_HASH = "0" * 64
 _CHAIN_LOCK = 0x6261746F6E  # "baton": the advisory lock key of the event chain
-_SCHEMA_LOCK = 0x6261746F6E7363  # "batonsc": the advisory lock key of creating the schema
+SCHEMA_LOCK = 0x6261746F6E7363  # "batonsc": the advisory lock key of changing the schema
+_SCHEMA_LOCK_STATEMENT = text("SELECT pg_advisory_xact_lock(:key)")
 # Alembic's version table exactly as Alembic creates it (alembic.ddl.impl.version_table_impl):
 # a ledger created from the models is stamped as `alembic stamp head` would.
 _ALEMBIC_VERSION = Table(
@@ -340,6 +341,25 @@ def hold_sqlite_write_lock(session: Session) -> None:
         session.execute(text("BEGIN IMMEDIATE"))
 
 
+def hold_schema_lock(connection: Connection) -> None:
+    """Takes the ledger's schema lock for the connection's transaction: whatever changes the
+    schema (`LedgerCore.create_if_empty`, every Alembic migration: coordinator/migrations/env.py)
+    takes it before it reads what is there, so two never decide on one state and both change it.
+
+    PostgreSQL: a transaction-scoped advisory lock, released at commit or rollback. SQLite: the
+    database's write lock (`BEGIN IMMEDIATE`, waiting out the busy timeout) unless the
+    connection's driver holds a transaction already; the sqlite3 driver opens none before DDL,
+    so this is also what makes the schema changes after it one transaction.
+    """
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        connection.execute(_SCHEMA_LOCK_STATEMENT, {"key": SCHEMA_LOCK})
+    elif dialect == "sqlite":
+        driver = connection.connection.driver_connection
+        if driver is not None and not driver.in_transaction:
+            connection.execute(text("BEGIN IMMEDIATE"))
+
+
 def _holds_anything(connection: Connection) -> bool:
     """Whether the database (PostgreSQL: its current schema) holds any object at all."""
     if connection.dialect.name == "postgresql":
@@ -348,7 +368,9 @@ def _holds_anything(connection: Connection) -> bool:
     return connection.execute(text("SELECT 1 FROM sqlite_master LIMIT 1")).first() is not None
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """Every SQLite connection to a ledger (a `LedgerCore`'s, the Alembic environment's own):
+    an engine's "connect" listener."""
     cursor = dbapi_connection.cursor()
     # WAL keeps readers (CLI, dashboard) off the writer's back; FULL makes each commit durable.
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -365,7 +387,7 @@ class LedgerCore:
         self.url = url
         self.engine: Engine = create_engine(url, future=True)
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _track_state_rows)
         self.head_observers: list[HeadObserver] = []
@@ -387,7 +409,8 @@ class LedgerCore:
         A ledger already at the head is recognised from its ``alembic_version`` row alone, so a
         coordinator restart does not import Alembic (a quarter of its start-up time); a database
         that holds nothing yet gets the schema from the models (`create_if_empty`). Anything
-        else goes through the Alembic migrations.
+        else goes through the Alembic migrations, in one transaction on this connection that
+        holds the schema lock, as `create_if_empty` does (coordinator/migrations/env.py).
         """
         if self.current_without_alembic():
             return
@@ -429,9 +452,10 @@ class LedgerCore:
         revision, a partial schema, a table of its own) returns False: it is Alembic's, as are
         scripts whose heads cannot be read without Alembic, or more than one head.
 
-        Two processes creating at once do not both create: PostgreSQL serialises them by a
-        transaction-scoped advisory lock, SQLite by its write lock (`BEGIN IMMEDIATE`), each
-        taken before the database is found empty; the second then finds the schema made.
+        Two processes creating at once do not both create, nor does an Alembic upgrade run
+        meanwhile (`baton db upgrade`, say): each holds the schema lock (`hold_schema_lock`:
+        PostgreSQL's advisory lock, SQLite's write lock) from before it reads the database;
+        the second then finds the schema made.
         """
         heads = script_heads()
         if heads is None or len(heads) != 1:
@@ -440,12 +464,7 @@ class LedgerCore:
         if dialect not in ("sqlite", "postgresql"):
             return False
         with self.engine.connect() as connection:
-            if dialect == "postgresql":
-                connection.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK}
-                )
-            else:
-                connection.execute(text("BEGIN IMMEDIATE"))
+            hold_schema_lock(connection)
             if _holds_anything(connection):
                 connection.rollback()
                 return False

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from coordinator.console.cli import app
 from coordinator.ledger import Ledger
-from coordinator.ledger._chain import _SCHEMA_LOCK
+from coordinator.ledger._chain import SCHEMA_LOCK
 from coordinator.ledger._repository import _MIGRATIONS, script_heads
 from tests.conftest import PostgresDatabases
 from tests.coordinator_tests.conftest import alembic_config
@@ -234,7 +234,7 @@ def test_two_processes_on_one_empty_database_create_it_once(empty_database_url: 
     connection = holder.connect()
     try:
         if holder.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK})
         else:
             connection.execute(text("BEGIN IMMEDIATE"))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -261,7 +261,8 @@ def test_two_processes_on_one_empty_database_create_it_once(empty_database_url: 
                 "WHERE datname = current_database())"
             )
             with holder.connect() as watcher:
-                while watcher.execute(waiting, {"low": _SCHEMA_LOCK & 0xFFFFFFFF}).scalar() < 2:
+                low = {"low": SCHEMA_LOCK & 0xFFFFFFFF}
+                while (watcher.execute(waiting, low).scalar() or 0) < 2:
                     assert all(r.poll() is None for r in racers)
                     time.sleep(0.02)
         else:
