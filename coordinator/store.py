@@ -119,6 +119,10 @@ def _open_sized(path: Path) -> tuple[int, int]:
         raise
 
 
+# Bundles whose page cache use `CheckpointStore` keeps track of, at most (the rest are small).
+_MAX_TRACKED = 4096
+
+
 class CheckpointStore:
     """Stores bundles under `root/ab/abcdef...` by their sha256.
 
@@ -136,6 +140,7 @@ class CheckpointStore:
         root.mkdir(parents=True, exist_ok=True)
         self.cache_bytes = cache_bytes
         self._cached: OrderedDict[str, int] = OrderedDict()  # sha256 -> size, last used last
+        self._cached_total = 0
         self._cached_lock = threading.Lock()
 
     def _used(self, sha256: str, size: int) -> None:
@@ -143,8 +148,14 @@ class CheckpointStore:
         if self.cache_bytes is None:
             return
         with self._cached_lock:
+            self._cached_total += size - self._cached.pop(sha256, 0)
             self._cached[sha256] = size
-            self._cached.move_to_end(sha256)
+            while len(self._cached) > _MAX_TRACKED:  # many small bundles: forget the oldest
+                self._cached_total -= self._cached.popitem(last=False)[1]
+
+    def _forget(self, sha256: str) -> None:
+        with self._cached_lock:
+            self._cached_total -= self._cached.pop(sha256, 0)
 
     def make_room(self, incoming: int) -> list[str]:
         """Drops from the page cache the pages of the least recently used bundles until those
@@ -154,10 +165,9 @@ class CheckpointStore:
             return []
         chosen = []
         with self._cached_lock:
-            held = sum(self._cached.values())
-            while self._cached and held + incoming > self.cache_bytes:
+            while self._cached and self._cached_total + incoming > self.cache_bytes:
                 sha256, size = self._cached.popitem(last=False)
-                held -= size
+                self._cached_total -= size
                 chosen.append(sha256)
         return [sha256 for sha256 in chosen if _drop_pages(self.path(sha256))]
 
@@ -309,8 +319,7 @@ class CheckpointStore:
         except FileNotFoundError:
             return 0
         path.unlink(missing_ok=True)
-        with self._cached_lock:
-            self._cached.pop(sha256, None)
+        self._forget(sha256)
         return size
 
     def sweep_temporary(self, before: float) -> tuple[int, int]:

@@ -88,6 +88,16 @@ def test_staged_and_adopted_bundles_count_and_deleted_ones_do_not(tmp_path: Path
     assert store.make_room(1000) == [sha256_hex(data)]
 
 
+def test_only_the_last_used_bundles_are_tracked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("coordinator.store._MAX_TRACKED", 2)
+    store = CheckpointStore(tmp_path / "store", cache_bytes=10_000)
+    first, second, _ = (store.put(os.urandom(1000)) for _ in range(3))
+    assert first not in store._cached and store._cached_total == 2000
+    assert store.make_room(9000) == [second]
+
+
 def test_without_a_budget_no_bundle_leaves_the_page_cache(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "store")
     store.put(os.urandom(1000))
