@@ -66,6 +66,10 @@ def main() -> None:
     parser.add_argument("--root-args", action="append",
                         help="more transfer.py options per --root, in order (one string each, "
                              "e.g. '--malloc-mmap-threshold 2097152'; '' for none)")  # fmt: skip
+    parser.add_argument("--root-env", action="append",
+                        help="environment variables per --root, in order (one string each, "
+                             "e.g. 'BATON_STORE_CACHE_BYTES=134217728': the coordinator's "
+                             "settings; '' for none)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="1,10,100")
     parser.add_argument("--repeat", type=int, default=3)
@@ -82,12 +86,15 @@ def main() -> None:
                 shutil.copyfile(script, target)
     labels = args.label or [_label(root) for root in args.root]
     extra = [a.split() for a in args.root_args] if args.root_args else [[] for _ in args.root]
+    envs = [
+        dict(v.split("=", 1) for v in e.split()) for e in args.root_env or ["" for _ in args.root]
+    ]
     runs: list[dict[str, Any]] = []
     uptime_before = _uptime()
     for round_index in range(args.rounds):
-        for label, root, more in zip(labels, args.root, extra, strict=True):
+        for label, root, more, own in zip(labels, args.root, extra, envs, strict=True):
             name = f"{args.name}-run"
-            env = {**os.environ, "PYTHONPATH": str(root.resolve())}
+            env = {**os.environ, **own, "PYTHONPATH": str(root.resolve())}
             subprocess.run([sys.executable, "benchmarks/transfer.py", "--sizes", args.sizes,
                             "--repeat", str(args.repeat), "--name", name, *more],
                            cwd=root, env=env, check=True, capture_output=True)  # fmt: skip
@@ -95,7 +102,7 @@ def main() -> None:
             figures = json.loads((out / f"{name}.json").read_text())
             for suffix in (".json", ".md", ".png"):
                 (out / f"{name}{suffix}").unlink(missing_ok=True)
-            runs.append({"label": label, "round": round_index, **figures})
+            runs.append({"label": label, "round": round_index, "env": own, **figures})
             print(json.dumps({"label": label, "round": round_index,
                               "load": figures["load_average_before"]}), flush=True)  # fmt: skip
     summary = {"command": "python benchmarks/transfer_ab.py " + " ".join(sys.argv[1:]),

@@ -154,7 +154,7 @@ async def build_claimed(
         raise
     engine = RunEngine(
         ledger,
-        CheckpointStore(settings.checkpoint_dir),
+        CheckpointStore(settings.checkpoint_dir, cache_bytes=settings.store_cache_bytes),
         settings.runs_dir,
         ca_pem=settings.ca_certificate.read_bytes(),
         max_checkpoint_bytes=settings.max_checkpoint_bytes,

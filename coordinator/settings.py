@@ -31,6 +31,11 @@ class CoordinatorSettings(FileBackedSettings):
     private_key: Path
     heartbeat_interval_ms: int = Field(default=2000, ge=100)
     max_checkpoint_bytes: int = Field(default=512 * 1024**2, ge=1024)
+    # Stored bundles kept in the page cache (the last written or read, up to this many bytes;
+    # None: as many as the kernel keeps): an upload's writes reuse the pages of older bundles
+    # instead of growing the page cache, which costs a host fault per page on a virtual machine
+    # whose host takes back free guest memory (`CheckpointStore`).
+    store_cache_bytes: int | None = Field(default=1024**3, ge=0)
     # Holding the CA key here enables online certificate renewal (`baton-site cert renew`);
     # without it sites renew with the offline CSR flow (`baton pki sign`).
     ca_dir: Path | None = None

@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 
@@ -95,12 +97,79 @@ def _copy_durably(source: Path, target: Path) -> None:
         raise
 
 
-class CheckpointStore:
-    """Stores bundles under `root/ab/abcdef...` by their sha256."""
+def _drop_pages(path: Path) -> bool:
+    """Asks the kernel to drop a file's clean pages from the page cache; False if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return True
 
-    def __init__(self, root: Path) -> None:
+
+def _open_sized(path: Path) -> tuple[int, int]:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return fd, os.fstat(fd).st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# Bundles whose page cache use `CheckpointStore` keeps track of, at most (the rest are small).
+_MAX_TRACKED = 4096
+
+
+class CheckpointStore:
+    """Stores bundles under `root/ab/abcdef...` by their sha256.
+
+    With `cache_bytes`, the bundles written or read last stay in the page cache up to that many
+    bytes and `make_room` drops the older ones' pages for an incoming upload: its writes then
+    reuse memory just freed instead of growing the page cache. On a virtual machine whose host
+    takes back the memory its guest leaves free (virtio-balloon free page reporting), a page
+    cache page the guest has not used lately costs a host fault on its first write (~4 ms of
+    CPU per MiB on the development VM, against ~0.3 ms/MiB for a page freed a moment before).
+    Only page cache residency changes: a dropped bundle is read from the disk when next read.
+    """
+
+    def __init__(self, root: Path, *, cache_bytes: int | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self.cache_bytes = cache_bytes
+        self._cached: OrderedDict[str, int] = OrderedDict()  # sha256 -> size, last used last
+        self._cached_total = 0
+        self._cached_lock = threading.Lock()
+
+    def _used(self, sha256: str, size: int) -> None:
+        """Notes that a bundle's pages are in the page cache now (written or read)."""
+        if self.cache_bytes is None:
+            return
+        with self._cached_lock:
+            self._cached_total += size - self._cached.pop(sha256, 0)
+            self._cached[sha256] = size
+            while len(self._cached) > _MAX_TRACKED:  # many small bundles: forget the oldest
+                self._cached_total -= self._cached.popitem(last=False)[1]
+
+    def _forget(self, sha256: str) -> None:
+        with self._cached_lock:
+            self._cached_total -= self._cached.pop(sha256, 0)
+
+    def make_room(self, incoming: int) -> list[str]:
+        """Drops from the page cache the pages of the least recently used bundles until those
+        left and `incoming` more bytes fit in `cache_bytes`; returns the bundles dropped
+        (nothing without `cache_bytes`). Blocking (system calls): run it off the event loop."""
+        if self.cache_bytes is None or not hasattr(os, "posix_fadvise"):
+            return []
+        chosen = []
+        with self._cached_lock:
+            while self._cached and self._cached_total + incoming > self.cache_bytes:
+                sha256, size = self._cached.popitem(last=False)
+                self._cached_total -= size
+                chosen.append(sha256)
+        return [sha256 for sha256 in chosen if _drop_pages(self.path(sha256))]
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -121,6 +190,7 @@ class CheckpointStore:
         target = self.path(sha256)
         if not target.is_file():
             fsync_write(target, data, mode=0o444)
+            self._used(sha256, len(data))
         else:
             _fsync_dir(target.parent)  # its name, as `place` of None
         return sha256
@@ -159,7 +229,9 @@ class CheckpointStore:
         if staged.parent != target.parent or not staged.name.startswith(f".{sha256}."):
             raise ValueError(f"{staged.name} was not staged for checkpoint {sha256}")
         _fsync_or_drop(staged)
+        size = staged.stat().st_size
         os.replace(staged, target)
+        self._used(sha256, size)
         if sync:
             _fsync_dir(target.parent)
 
@@ -191,6 +263,7 @@ class CheckpointStore:
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path, 0o444)
+        size = path.stat().st_size
         try:
             os.replace(path, target)
         except OSError as exc:
@@ -201,6 +274,7 @@ class CheckpointStore:
         else:
             if sync:
                 _fsync_dir(path.parent)
+        self._used(sha256, size)
         if sync:
             _fsync_dir(target.parent)
 
@@ -216,7 +290,10 @@ class CheckpointStore:
         """Yields (offset, length, `frame(chunk, offset)`) for each chunk from `offset` to the
         end of the stored bundle: the chunk read and framed (e.g. serialized into its message)
         on a worker thread, one chunk ahead of the one being sent."""
-        fd = await run_to_end(os.open, self.path(sha256), os.O_RDONLY, undo=os.close)
+        fd, size = await run_to_end(
+            _open_sized, self.path(sha256), undo=lambda opened: os.close(opened[0])
+        )
+        self._used(sha256, size)  # its pages are read into the page cache
         loop = asyncio.get_running_loop()
         ahead = loop.run_in_executor(None, _read_frame, fd, chunk_bytes, offset, frame)
         try:
@@ -242,6 +319,7 @@ class CheckpointStore:
         except FileNotFoundError:
             return 0
         path.unlink(missing_ok=True)
+        self._forget(sha256)
         return size
 
     def sweep_temporary(self, before: float) -> tuple[int, int]:

@@ -659,9 +659,14 @@ class UploadIntake:
     ) -> tuple[RunRow, HopRow, CheckpointRow]:
         """A bundle streamed into its spool file, checked as it arrives, renamed into the store."""
         hop_id = header.hop_id
-        partial = await asyncio.to_thread(
-            self.spool.claim, hop_id, header.lease_token, header.sha256
-        )
+
+        def claim() -> Path:
+            # The store's least recently used bundles leave the page cache for this one's
+            # writes (in the same worker-thread call: no second round trip).
+            self.store.make_room(header.total_size - header.offset)
+            return self.spool.claim(hop_id, header.lease_token, header.sha256)
+
+        partial = await asyncio.to_thread(claim)
         resumable = False
         try:
             received, stream = await self._spool_chunks(partial, header, chunks)
