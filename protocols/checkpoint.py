@@ -243,15 +243,14 @@ def warm_up() -> None:
     handoff's critical path) pays no first-call cost: numpy is imported (50-100 ms of CPU,
     lazily, where values are read) and the parse and finite check run once.
     """
+    import numpy as np
+    import safetensors.numpy
+
     manifest = CheckpointManifest(
         task_type="warm-up", base_model_sha256="0" * 64, run_id="-", hop_id="-", producer_site="-"
     )
-    header = {
-        "__metadata__": bundle_metadata(manifest, {}),
-        "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-    }
-    text = json.dumps(header).encode()
-    read_bundle(struct.pack("<Q", len(text)) + text + struct.pack("<f", 0.0))
+    values = {"w": np.zeros(1, dtype=np.float32)}
+    read_bundle(safetensors.numpy.save(values, metadata=bundle_metadata(manifest, {})))
 
 
 def _bundle(

@@ -277,20 +277,27 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                     else None
                 )
                 rng_state = torch.get_rng_state()
-            # What its egress check declares, from this fresh model: the hand back then
-            # builds no second model (a base copy) to find it.
-            if key not in self._state_specs:
-                self._state_specs[key] = tensor_specs(get_peft_model_state_dict(model))
-            # In training mode, its optimizer built: the hop's start only loads its input.
-            model.train()
-            slots = adapter_slots(model)
-            flat = flat_parameters(slots) if slots is not None else None
-            trainable = [p for p in model.parameters() if p.requires_grad]
+            # Its optimizer built too: the hop's start only loads its input.
+            slots, flat, trainable = self._ready_to_train(key, model)
             optimizer = idle_optimizer(trainable)
             self._prepared = _PreparedHop(key, seed, model, rng_state, cuda_state, slots,
                                           adapter_config(model), optimizer, trainable,
                                           flat)  # fmt: skip
             logger.info("prepared a hop on %s (seed %d)", dataset.name, seed)
+
+    def _ready_to_train(
+        self, key: tuple[int, LoraSettings], model: PeftModel
+    ) -> tuple[dict[str, torch.nn.Parameter] | None, FlatTensors | None, list[torch.nn.Parameter]]:
+        """A freshly built adapter model set up for training (prepared or not): what its egress
+        check declares noted from it (the hand back then builds no second model, a base copy,
+        to find it), training mode, its adapter slots laid in one buffer; returns the slots,
+        that buffer and the trainable parameters."""
+        if key not in self._state_specs:
+            self._state_specs[key] = tensor_specs(get_peft_model_state_dict(model))
+        model.train()
+        slots = adapter_slots(model)
+        flat = flat_parameters(slots) if slots is not None else None
+        return slots, flat, [p for p in model.parameters() if p.requires_grad]
 
     def _take_prepared(
         self, spec: TaskSpec, seed: int, incoming: Mapping[str, torch.Tensor] | None
@@ -383,18 +390,12 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
                 model, slots, config = prepared.model, prepared.slots, prepared.adapter_config
                 optimizer, trainable, flat = prepared.optimizer, prepared.trainable, prepared.flat
             else:
+                # Nothing prepared (a run's first hop): set up here as `prepare` does.
                 model = self._adapter_model(spec, hp.seed, incoming)
                 config = adapter_config(model)
-                # What `prepare` would have set up, here where nothing was prepared (a run's
-                # first hop): the egress check's declared state from this model (no second
-                # model built for it at the hand back), and the adapter in one buffer.
-                key = (task.base_model_key(spec), spec.lora)
-                if key not in self._state_specs:
-                    self._state_specs[key] = tensor_specs(get_peft_model_state_dict(model))
-                slots = adapter_slots(model)
-                flat = flat_parameters(slots) if slots is not None else None
-                model.train()
-                trainable = [p for p in model.parameters() if p.requires_grad]
+                slots, flat, trainable = self._ready_to_train(
+                    (task.base_model_key(spec), spec.lora), model
+                )
             logger.info(
                 "hop on %s: %d train / %d validation examples, %d steps, %d trainable "
                 "parameters, device %s, incoming adapter: %s",
