@@ -89,6 +89,50 @@ def test_a_handoff_counts_as_prepared_only_if_the_preparation_ended_before_the_t
         1: False, 2: False, 3: False, 4: True, 5: False}  # fmt: skip
 
 
+def test_the_rss_sampler_counts_descendants_and_scans_the_process_table_once_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+    import time
+
+    import psutil
+
+    module = _benchmark(monkeypatch)
+    grandchild = "b = bytearray(96 << 20); import time; time.sleep(30)"
+    child = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {grandchild!r}]); time.sleep(30)"
+    )
+    process = subprocess.Popen([sys.executable, "-c", child])
+    scans = 0
+    real_iter = psutil.process_iter
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal scans
+        scans += 1
+        return real_iter(*args, **kwargs)
+
+    monkeypatch.setattr(module.psutil, "process_iter", counted)
+    try:
+        sampler = module.RssSampler()
+        sampler.roots = [process.pid]
+        deadline = time.monotonic() + 20
+        while sampler.peak_bytes < 96 << 20 and time.monotonic() < deadline:
+            sampler._tree_at = 0.0  # rescan until the grandchild has started
+            sampler.sample()
+            time.sleep(0.05)
+        assert sampler.peak_bytes >= 96 << 20  # the grandchild's buffer is counted
+        scans = 0
+        for _ in range(5):
+            sampler.sample()
+        assert scans == 0  # within a second: the known processes' RSS only
+    finally:
+        for proc in psutil.Process(process.pid).children(recursive=True):
+            proc.kill()
+        process.kill()
+        process.wait()
+
+
 @pytest.mark.slow
 def test_handoff_benchmark_runs_the_demo_minilm_job_for_baton_and_the_floor(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
