@@ -52,6 +52,9 @@ class _FirstStep:
             self.cpu_ns = time.thread_time_ns()
         return True
 
+    def granted(self) -> bool:  # an ordinary (not provisional) task: leased already
+        return True
+
     def phase(self, phase: str, *, tell: bool = True) -> None:
         pass
 

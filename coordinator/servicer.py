@@ -527,6 +527,7 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
                 rules=tuple(approval_rule(rule) for rule in request.approval_rules),
             ),
         )
+        self.engine.report_provisional(identity.name, request.accepts_provisional_hops)
         days_left = (identity.not_valid_after - datetime.now(UTC)).days
         if days_left < EXPIRY_WARNING_DAYS:
             logger.warning("certificate of site %s expires in %d days", identity.name, days_left)

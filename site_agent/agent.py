@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 
@@ -119,6 +119,8 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
         self._loads_ahead = LowPriorityLoader()
         self._stop = threading.Event()
         self._stream: grpc.Call | None = None
+        # Work a hop read from the stream while it waited for its lease decision, run next.
+        self._queued_tasks: deque[pb.Task] = deque()
         self.site_name = ""
         self.metrics = SiteMetrics()
         self._draining = threading.Event()  # SIGTERM: no new task; the current one may finish
@@ -421,6 +423,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             ],
             protocol_version=PROTOCOL_VERSION,
             last_ledger_hash=self.state.ledger_head,
+            accepts_provisional_hops=True,  # HopRunner holds one until its lease decision
         )
         kept = self.heads.load_or_none()
         if kept is not None:
@@ -512,12 +515,12 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             threading.Thread(
                 target=self._watch_approvals, args=(stub, watching), name="approvals", daemon=True
             ).start()
+            self._queued_tasks.clear()  # a task queued on a stream that ended is re-sent
             try:
-                for task in stream:
+                for task in self._tasks(stream):
                     kind = task.WhichOneof("kind")
-                    if kind in ("hop", "prepare"):
-                        self._loads_ahead.hurry()  # needed now: at the agent's priority
                     if kind == "hop":
+                        self._loads_ahead.hurry()  # needed now: at the agent's priority
                         self._run_hop(stub, task.hop, hello.heartbeat_interval_ms / 1000)
                     elif kind == "evaluation":
                         with log_context(run_id=task.evaluation.run_id, site=self.site_name):
@@ -525,14 +528,53 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
                     elif kind == "statistics":
                         with log_context(site=self.site_name):
                             self._run_statistics(stub, task.statistics)
-                    elif kind == "ledger_head":
-                        self._keep_head(task.ledger_head)
-                    elif kind == "prepare":
-                        self._preparations.submit(self._prepare, task.prepare.hop)
-                    elif kind == "prepare_ahead":
-                        self._load_ahead(task.prepare_ahead)
+                    else:
+                        self._take_aside(task)
                     if self._stopping():
                         break
             finally:
                 watching.set()
                 self._stream = None
+
+    def _tasks(self, stream: Iterator[pb.Task]) -> Iterator[pb.Task]:
+        """The stream's messages, those read meanwhile by a hop (`_await_lease_decision`)
+        first, in the order they came."""
+        while True:
+            while self._queued_tasks:
+                yield self._queued_tasks.popleft()
+            try:
+                task = next(stream)
+            except StopIteration:
+                return
+            yield task
+
+    def _take_aside(self, task: pb.Task) -> None:
+        """Handles a message that is no work to run: a head, a preparation, a load ahead (a
+        lease decision outside its hop's wait is stale: its hop is over)."""
+        kind = task.WhichOneof("kind")
+        if kind == "ledger_head":
+            self._keep_head(task.ledger_head)
+        elif kind == "prepare":
+            self._loads_ahead.hurry()  # needed now: at the agent's priority
+            self._preparations.submit(self._prepare, task.prepare.hop)
+        elif kind == "prepare_ahead":
+            self._load_ahead(task.prepare_ahead)
+
+    def _await_lease_decision(self, task: pb.HopTask) -> bool:
+        stream = cast("Iterator[pb.Task] | None", self._stream)
+        if stream is None:
+            return False
+        while True:
+            try:
+                message = next(stream)
+            except (StopIteration, grpc.RpcError):  # the serve loop meets the same end
+                return False
+            kind = message.WhichOneof("kind")
+            if kind == "lease_decision":
+                decision = message.lease_decision
+                if decision.hop_id == task.hop_id and decision.lease_token == task.lease_token:
+                    return decision.granted
+            elif kind in ("hop", "evaluation", "statistics"):
+                self._queued_tasks.append(message)  # work: after this hop
+            else:
+                self._take_aside(message)

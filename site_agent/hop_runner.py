@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -232,6 +233,7 @@ class _Heartbeat:
         task: pb.HopTask,
         interval: float,
         threads: BeatThreads | None = None,
+        decide: Callable[[], bool] | None = None,
     ) -> None:
         self._stub = stub
         self._task = task
@@ -243,6 +245,13 @@ class _Heartbeat:
         self._threads = threads
         self._done: threading.Event | None = None
         self._thread: threading.Thread | None = None
+        # A provisional task (`HopTask.provisional`) is not leased until its decision comes
+        # (`decide` reads it): no beat goes out for it before, none at all if it is withdrawn.
+        self._decide = decide
+        self._granted: bool | None = None if task.provisional else True
+        self._released = threading.Event()
+        if self._granted:
+            self._released.set()
 
     def __enter__(self) -> _Heartbeat:
         if self._threads is not None:
@@ -255,10 +264,20 @@ class _Heartbeat:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._wake.set()
+        self._released.set()
         if self._done is not None:
             self._done.wait(timeout=5)
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    def granted(self) -> bool:
+        """Whether this hop is leased: at once for an ordinary task; for a provisional one, its
+        lease decision, read from the task stream at the first call (which waits for it)."""
+        if self._granted is None:
+            self._granted = self._decide is not None and self._decide()
+            if self._granted:
+                self._released.set()
+        return self._granted
 
     def phase(self, phase: str, *, tell: bool = True) -> None:
         """Enters a phase; ``tell``: beat at once (from the heartbeat thread: the hop does not
@@ -298,6 +317,7 @@ class _Heartbeat:
             self.cancelled.set()
 
     def _loop(self) -> None:
+        self._released.wait()  # a provisional hop's lease first (set on exit too)
         while not self.cancelled.is_set():
             self._wake.wait(self._interval)
             self._wake.clear()
@@ -352,7 +372,8 @@ class HopRunner(TaskChecks, Transfers):
     def _run_hop_logged(
         self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, interval: float
     ) -> None:
-        logger.info("hop %d of run %s: starting", task.hop_index, task.run_id)
+        provisional = " (provisional: its lease is committing)" if task.provisional else ""
+        logger.info("hop %d of run %s: starting%s", task.hop_index, task.run_id, provisional)
         collector = _CollectorHold()  # held by `_train_hop` from the last step
         try:
             reported = self._train_and_report(stub, task, interval, collector)
@@ -377,11 +398,19 @@ class HopRunner(TaskChecks, Transfers):
         interval: float,
         collector: _CollectorHold,
     ) -> tuple[pb.HopResult, pb.HopResultResponse] | None:
-        """Trains a hop and reports its result (hands it back); None: nothing was taken."""
-        with _Heartbeat(stub, task, interval, self._beat_threads) as beat:
+        """Trains a hop and reports its result (hands it back); None: nothing was taken.
+
+        A provisional task (`HopTask.provisional`) is set up while its lease commits; its first
+        step, and any answer (a refusal too), waits for the lease decision on the task stream.
+        """
+        decide = functools.partial(self._await_lease_decision, task)
+        with _Heartbeat(stub, task, interval, self._beat_threads, decide) as beat:
             try:
                 result = self._train_hop(stub, task, beat, collector)
             except HopFailure as failure:
+                if not beat.granted():
+                    self._withdrawn(task)
+                    return None
                 logger.error("hop %s refused: %s (%s)", task.hop_id, failure, failure.code)
                 self.metrics.hop("refused")
                 result = pb.HopResult(
@@ -392,6 +421,9 @@ class HopRunner(TaskChecks, Transfers):
                     error_message=str(failure),
                 )
             if result is None:
+                return None
+            if not beat.granted():  # a trainer that never asked before a first step
+                self._withdrawn(task)
                 return None
             # Still heartbeating: the lease holds while the coordinator cannot take the result.
             return self._report_hop_result(stub, task, result, beat, collector)
@@ -452,6 +484,20 @@ class HopRunner(TaskChecks, Transfers):
                 return self._report_hop_result(stub, task, failed, beat, collector)
             return None
         return result, response
+
+    def _await_lease_decision(self, task: pb.HopTask) -> bool:
+        """Reads the task stream up to a provisional hop's lease decision: True if granted.
+
+        The agent's stream reader (the thread running the hop) reads it; what comes before is
+        handled as the stream loop would (a head, a preparation) or queued for after the hop.
+        A stream that ends first withdraws the hop (the coordinator re-sends a committed lease
+        on the next stream).
+        """
+        raise NotImplementedError  # the agent reads its stream (SiteAgent)
+
+    def _withdrawn(self, task: pb.HopTask) -> None:
+        logger.info("hop %s: lease not committed; the provisional task is dropped", task.hop_id)
+        self.metrics.hop("withdrawn")
 
     @staticmethod
     def _bundle_stored(stub: pb_grpc.SiteServiceStub, header: pb.UploadHeader) -> bool:
@@ -530,7 +576,13 @@ class HopRunner(TaskChecks, Transfers):
         # step (`training_step`), so that no regular beat tells it early either.
 
         def should_cancel() -> bool:
-            return beat.cancelled.is_set() or self._stop.is_set() or self._out_of_grace()
+            # A provisional hop waits here, before its first step, for its lease decision.
+            return (
+                not beat.granted()
+                or beat.cancelled.is_set()
+                or self._stop.is_set()
+                or self._out_of_grace()
+            )
 
         def progress(step: int, total: int, loss: float) -> None:
             beat.training_step(step, total, loss)
@@ -548,6 +600,9 @@ class HopRunner(TaskChecks, Transfers):
                     spec, dataset, hyperparameters, incoming, progress, should_cancel
                 )
         except HopCancelled:
+            if not beat.granted():
+                self._withdrawn(task)
+                return None
             if self._out_of_grace() and not beat.cancelled.is_set() and not self._stop.is_set():
                 logger.warning("hop %s handed back to the coordinator: shutting down", task.hop_id)
                 self.metrics.hop("released")

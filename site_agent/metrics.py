@@ -10,7 +10,7 @@ __all__ = ["SITE_HOP_OUTCOMES", "SiteMetrics"]
 
 logger = logging.getLogger(__name__)
 
-SITE_HOP_OUTCOMES = ("trained", "refused", "cancelled", "released")
+SITE_HOP_OUTCOMES = ("trained", "refused", "cancelled", "released", "withdrawn")
 _TRAINING_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 43200)
 
 

@@ -94,7 +94,19 @@ class _Lease:
     loop: asyncio.AbstractEventLoop
     task: pb.Task | None = None  # built on the loop while the transaction runs
     committed: bool = False  # set on the writer thread once the transaction committed
-    pushed: bool = False
+    pushed: bool = False  # the task, or its lease decision, went on the stream
+    provisional: bool = False  # the task went out marked provisional, before the commit
+
+
+def _decision(lease: _Lease, *, granted: bool) -> pb.Task:
+    """The stream message deciding a provisional task's lease (`HopTask.provisional`)."""
+    assert lease.task is not None
+    hop = lease.task.hop
+    return pb.Task(
+        lease_decision=pb.LeaseDecision(
+            hop_id=hop.hop_id, lease_token=hop.lease_token, granted=granted
+        )
+    )
 
 
 def _retrieve(check: TamperCheck) -> None:
@@ -162,20 +174,49 @@ class Hops:
             lease.loop.call_soon_threadsafe(self._push, lease)
 
     def _lease_built(self, lease: _Lease, task: pb.Task) -> None:
-        """`lease`'s task is built (loop): pushed now if its transaction committed already."""
+        """`lease`'s task is built (loop): pushed now if its transaction committed already;
+        else, to a site that holds it until the decision, pushed now marked provisional."""
         with self._lease_lock:
             lease.task = task
             committed = lease.committed
+            lease.provisional = not committed and self._goes_provisional(lease.session, task)
         if committed:
             self._push(lease)
+        elif lease.provisional:
+            early = pb.Task()
+            early.CopyFrom(task)
+            early.hop.provisional = True
+            lease.session.queue.put_nowait(early)
+
+    def _goes_provisional(self, session: SiteSession, task: pb.Task) -> bool:
+        """Whether a task may go out before its lease commits: its input rides inside it (a
+        site downloads only for a committed lease), and the site's agent holds a provisional
+        task until the decision (said at hello; an older agent would train at once)."""
+        return bool(task.hop.input_bundle) and self.sessions.accepts_provisional(session.site)
 
     def _push(self, lease: _Lease) -> None:
-        """Puts a committed lease's task on its site's stream, once (loop)."""
+        """Puts a committed lease's task on its site's stream, once (loop): the task itself,
+        or, if it went out provisional, the decision that grants it."""
         if lease.pushed or lease.task is None:
             return
         lease.pushed = True
-        lease.session.queue.put_nowait(lease.task)
+        if lease.provisional:
+            lease.session.queue.put_nowait(_decision(lease, granted=True))
+        else:
+            lease.session.queue.put_nowait(lease.task)
         self._sent(lease.run, lease.hop, lease.session, lease.task)
+
+    def _withdraw(self, lease: _Lease | None) -> None:
+        """Withdraws a provisional task whose transaction did not commit its lease (loop)."""
+        if lease is None:
+            return
+        with self._lease_lock:
+            if lease.committed or not lease.provisional or lease.pushed:
+                return
+            lease.pushed = True
+        lease.session.queue.put_nowait(_decision(lease, granted=False))
+        logger.info("hop %d of run %s: provisional task withdrawn (lease not committed)",
+                    lease.hop.index, lease.run.id)  # fmt: skip
 
     async def dispatch(self, run_id: str) -> None:
         """Leases the run's next hop to its site, or re-sends a leased task after a reconnect."""
@@ -497,8 +538,14 @@ class Hops:
                     finally:
                         leased = await commit
             except TransitionRefused as exc:
+                self._withdraw(lease)
                 raise StaleLease(str(exc)) from exc
+            except BaseException:
+                self._withdraw(lease)
+                raise
             sent = leased is not None and lease is not None
+            if not sent:
+                self._withdraw(lease)
             try:
                 if sent and lease is not None:
                     # Pushed on the commit already (`_appended`); one turn of the event loop

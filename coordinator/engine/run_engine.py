@@ -172,6 +172,10 @@ class RunEngine:
         """Remembers what a site said at hello it approved (for preflight)."""
         self.sessions.report_approvals(site, approvals)
 
+    def report_provisional(self, site: str, accepts: bool) -> None:
+        """Remembers whether the site's agent holds a provisional hop task (hello)."""
+        self.sessions.report_provisional(site, accepts)
+
     def site_views(self) -> dict[str, SiteView]:
         """Every registered site as this coordinator knows it: connection, data, approvals."""
         return self.sessions.site_views()

@@ -42,6 +42,7 @@ class SiteSessions:
         self._signed_head: SignedHead | None = None  # the newest, sent to every site stream
         self._approvals: dict[str, SiteApprovals] = {}  # site -> what it approved (last hello)
         self._offline_since: dict[str, datetime] = {}  # site -> when its task stream closed
+        self._provisional: set[str] = set()  # sites whose last hello accepts provisional hops
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -118,6 +119,17 @@ class SiteSessions:
     def report_approvals(self, site: str, approvals: SiteApprovals) -> None:
         """Remembers what a site said at hello it approved (for preflight)."""
         self._approvals[site] = approvals
+
+    def report_provisional(self, site: str, accepts: bool) -> None:
+        """Remembers whether a site's agent said at hello that it holds a provisional hop task
+        until its lease decision (`HopTask.provisional`)."""
+        if accepts:
+            self._provisional.add(site)
+        else:
+            self._provisional.discard(site)
+
+    def accepts_provisional(self, site: str) -> bool:
+        return site in self._provisional
 
     def site_views(self) -> dict[str, SiteView]:
         """Every registered site as this coordinator knows it: connection, data, approvals."""

@@ -306,6 +306,7 @@ class HelloRequest(_message.Message):
     APPROVAL_BY_POLICY_FIELD_NUMBER: _builtins.int
     APPROVAL_NOT_REQUIRED_FIELD_NUMBER: _builtins.int
     APPROVAL_RULES_FIELD_NUMBER: _builtins.int
+    ACCEPTS_PROVISIONAL_HOPS_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     protocol_version: _builtins.int
     """1 for this file"""
@@ -317,6 +318,10 @@ class HelloRequest(_message.Message):
     """local policy rules may approve other bundles too"""
     approval_not_required: _builtins.bool
     """this site runs any bundle (approval switched off)"""
+    accepts_provisional_hops: _builtins.bool
+    """This agent holds a hop task marked `provisional` until its `LeaseDecision` (below): the
+    coordinator may then send a hop's task while the transaction that leases it commits.
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """task types this agent can run, e.g. "seq-classification" """
@@ -356,10 +361,11 @@ class HelloRequest(_message.Message):
         approval_by_policy: _builtins.bool = ...,
         approval_not_required: _builtins.bool = ...,
         approval_rules: _abc.Iterable[Global___ApprovalRule] | None = ...,
+        accepts_provisional_hops: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kept_head", b"kept_head"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "approval_by_policy", b"approval_by_policy", "approval_not_required", b"approval_not_required", "approval_rules", b"approval_rules", "approved_bundles", b"approved_bundles", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "kept_head", b"kept_head", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_provisional_hops", b"accepts_provisional_hops", "agent_version", b"agent_version", "approval_by_policy", b"approval_by_policy", "approval_not_required", b"approval_not_required", "approval_rules", b"approval_rules", "approved_bundles", b"approved_bundles", "base_models", b"base_models", "capabilities", b"capabilities", "datasets", b"datasets", "kept_head", b"kept_head", "last_ledger_hash", b"last_ledger_hash", "protocol_version", b"protocol_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -547,6 +553,7 @@ class HopTask(_message.Message):
     ROUND_FIELD_NUMBER: _builtins.int
     INPUT_BUNDLE_FIELD_NUMBER: _builtins.int
     VALIDATION_AFTER_COMMIT_FIELD_NUMBER: _builtins.int
+    PROVISIONAL_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     hop_id: _builtins.str
     hop_index: _builtins.int
@@ -576,6 +583,14 @@ class HopTask(_message.Message):
     """The coordinator takes this hop's validation metrics after its commit: the site may hand
     the adapter back first (HopResult.validation_follows) and report them with
     ReportHopValidation. Unset on a run's last hop (its metrics complete the run).
+    """
+    provisional: _builtins.bool
+    """Sent while the transaction leasing this hop commits (only to an agent that said
+    `accepts_provisional_hops`, only with `input_bundle`): the site checks the task and sets the
+    hop up, but trains nothing, sends no heartbeat and answers nothing until the stream brings
+    this hop's `LeaseDecision`. Granted, the hop goes on as any task; withdrawn (or the stream
+    ends first), the site drops it. Its first step thus waits for the commit, not for the
+    whole task to reach the site after the commit and be checked then.
     """
     @_builtins.property
     def input_checkpoint(self) -> Global___CheckpointRef:
@@ -613,14 +628,44 @@ class HopTask(_message.Message):
         round: _builtins.int = ...,
         input_bundle: _builtins.bytes = ...,
         validation_after_commit: _builtins.bool = ...,
+        provisional: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cross_validation", b"cross_validation", "hyperparameters", b"hyperparameters", "input_checkpoint", b"input_checkpoint", "lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "cross_validation", b"cross_validation", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_bundle", b"input_bundle", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "round", b"round", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type", "validation_after_commit", b"validation_after_commit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_bundle_json", b"approval_bundle_json", "base_model_sha256", b"base_model_sha256", "cross_validation", b"cross_validation", "dataset", b"dataset", "hop_id", b"hop_id", "hop_index", b"hop_index", "hyperparameters", b"hyperparameters", "input_bundle", b"input_bundle", "input_checkpoint", b"input_checkpoint", "labels", b"labels", "lease_token", b"lease_token", "lora", b"lora", "provisional", b"provisional", "round", b"round", "run_id", b"run_id", "task_options_json", b"task_options_json", "task_type", b"task_type", "validation_after_commit", b"validation_after_commit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HopTask: _TypeAlias = HopTask  # noqa: Y015
+
+@_typing.final
+class LeaseDecision(_message.Message):
+    """The outcome of a provisional hop task's lease (`HopTask.provisional`): committed (granted) or
+    not (withdrawn: the transaction failed; the hop is leased again later, with a task of its own).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOP_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    GRANTED_FIELD_NUMBER: _builtins.int
+    hop_id: _builtins.str
+    lease_token: _builtins.str
+    granted: _builtins.bool
+    def __init__(
+        self,
+        *,
+        hop_id: _builtins.str = ...,
+        lease_token: _builtins.str = ...,
+        granted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "hop_id", b"hop_id", "lease_token", b"lease_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseDecision: _TypeAlias = LeaseDecision  # noqa: Y015
 
 @_typing.final
 class PrepareHop(_message.Message):
@@ -847,6 +892,7 @@ class Task(_message.Message):
     STATISTICS_FIELD_NUMBER: _builtins.int
     LEDGER_HEAD_FIELD_NUMBER: _builtins.int
     PREPARE_FIELD_NUMBER: _builtins.int
+    LEASE_DECISION_FIELD_NUMBER: _builtins.int
     PREPARE_AHEAD_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hop(self) -> Global___HopTask: ...
@@ -863,6 +909,10 @@ class Task(_message.Message):
         """not work yet: get ready for the next hop"""
 
     @_builtins.property
+    def lease_decision(self) -> Global___LeaseDecision:
+        """a provisional hop task's lease: committed or not"""
+
+    @_builtins.property
     def prepare_ahead(self) -> Global___PrepareAhead:
         """not work yet: load ahead of a later hop"""
 
@@ -874,13 +924,14 @@ class Task(_message.Message):
         statistics: Global___StatisticsTask | None = ...,
         ledger_head: Global___SignedLedgerHead | None = ...,
         prepare: Global___PrepareHop | None = ...,
+        lease_decision: Global___LeaseDecision | None = ...,
         prepare_ahead: Global___PrepareAhead | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "lease_decision", b"lease_decision", "ledger_head", b"ledger_head", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "ledger_head", b"ledger_head", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["evaluation", b"evaluation", "hop", b"hop", "kind", b"kind", "lease_decision", b"lease_decision", "ledger_head", b"ledger_head", "prepare", b"prepare", "prepare_ahead", b"prepare_ahead", "statistics", b"statistics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics", "ledger_head", "prepare", "prepare_ahead"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hop", "evaluation", "statistics", "ledger_head", "prepare", "lease_decision", "prepare_ahead"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

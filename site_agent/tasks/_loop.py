@@ -102,9 +102,12 @@ def train(
     mu = hp.proximal_mu if anchors is not None else 0.0
     batches = batch_indices(num_examples, hp.batch_size, hp.seed)
     recent: deque[float] = deque(maxlen=_TRAIN_LOSS_WINDOW)
+    # Checked before the start is taken: a provisional hop waits in it for its lease.
+    if should_cancel is not None and should_cancel():
+        raise HopCancelled(f"hop cancelled after 0 of {total} steps")
     started_ns = time.time_ns()
     for step in range(total):
-        if should_cancel is not None and should_cancel():
+        if step and should_cancel is not None and should_cancel():
             raise HopCancelled(f"hop cancelled after {step} of {total} steps")
         factor = learning_rate_factor(step, total, hp.warmup_steps, hp.lr_schedule)
         for group in optimizer.param_groups:

@@ -50,9 +50,12 @@ class ScriptedSite:
         ("heart", "tabular", []),
     )
 
-    def __init__(self, pki: Pki, name: str, port: int, *, foreign: bool = False) -> None:
+    def __init__(
+        self, pki: Pki, name: str, port: int, *, foreign: bool = False, provisional: bool = False
+    ) -> None:
         tls = pki.foreign_tls(name) if foreign else pki.tls(name)
         self.name = name
+        self.provisional = provisional  # says at hello it holds a provisional hop task
         self.key_pem = tls.private_key.read_bytes()
         self.channel = secure_channel(f"localhost:{port}", tls)
         self.stub = pb_grpc.SiteServiceStub(self.channel)
@@ -64,7 +67,8 @@ class ScriptedSite:
 
     def hello(self) -> pb.HelloResponse:
         request = pb.HelloRequest(agent_version="test", protocol_version=1,
-                                  capabilities=["seq-classification"])  # fmt: skip
+                                  capabilities=["seq-classification"],
+                                  accepts_provisional_hops=self.provisional)  # fmt: skip
         request.base_models.add(name="tiny", sha256=BASE)
         # What preflight checks: the datasets these tests' plans use; approval is the site's own
         # business (not under test here).

@@ -113,3 +113,6 @@ def test_validation_follows_the_commit_as_its_own_event_and_a_kill_between_loses
     _check_validated(state, run_id)
     logs = "".join(p.log_tail(100_000) for p in cluster.processes if p.name in SITES[1:])
     assert "prepared" in logs  # the next sites got ready while the previous one trained
+    # Their tasks left while the commits leasing them ran, and waited for the decision (hop 1's
+    # may have met the kill first: dropped with its stream, then sent again, committed).
+    assert "starting (provisional: its lease is committing)" in logs
