@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Mapping
@@ -48,6 +49,15 @@ def _task_spec(task_type: str, labels: Any, lora: pb.LoraConfig, options_json: s
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _approval_bundle(text: str) -> ApprovalBundle:
+    """A task's approval bundle, parsed once per exact JSON text: a run's hops all carry the
+    same one. Only the parse is kept: every check of a task against it, and whether it is
+    approved here now, runs on every task. A malformed bundle raises, so it is never cached.
+    Shared by the tasks carrying it: read only."""
+    return ApprovalBundle.from_json(text)
+
+
 class TaskChecks:
     """Approval, trainer, dataset and base-model checks of the site agent's tasks."""
 
@@ -72,7 +82,7 @@ class TaskChecks:
         if not task.approval_bundle_json:
             raise HopFailure("not-approved", "the task carries no approval bundle")
         try:
-            bundle = ApprovalBundle.from_json(task.approval_bundle_json)
+            bundle = _approval_bundle(task.approval_bundle_json)
             if hyperparameters is not None:
                 bundle.check_hyperparameters(hyperparameters)
             if isinstance(task, pb.HopTask):
@@ -130,9 +140,11 @@ class TaskChecks:
         except ValueError as exc:
             raise HopFailure("bad-task", str(exc)) from exc
 
-    def _dataset(self, name: str, task_type: str) -> RegisteredDataset:
+    def _dataset(self, name: str, task_type: str, *, rehash: bool = False) -> RegisteredDataset:
+        """The registered dataset a task names, of its task type (`load_registered`: its source
+        refused if it changed since registration; ``rehash``: hashed again in any case)."""
         try:
-            dataset = load_registered(self.settings.data_dir, name)
+            dataset = load_registered(self.settings.data_dir, name, rehash=rehash)
         except DatasetError as exc:
             raise HopFailure("dataset-invalid", str(exc)) from exc
         if dataset.task_type != task_type:
