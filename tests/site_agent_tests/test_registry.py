@@ -511,3 +511,34 @@ def test_a_change_its_identity_hides_is_caught_by_a_preparations_full_hash(
     # Refused, the source is vouched for no more: the next load hashes it too.
     with pytest.raises(DatasetError, match="changed since dataset 'notes' was registered"):
         load_registered(tmp_path / "d", "notes")
+
+
+def test_a_registration_is_read_again_only_when_its_identity_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from site_agent import registry
+
+    _settled_at_once(monkeypatch)
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 30, "b": 30}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification", seed=1)
+    read: list[Path] = []
+    real = registry._read_registration_text
+    monkeypatch.setattr(registry, "_read_registration_text", lambda p: read.append(p) or real(p))
+    path = tmp_path / "d" / "notes" / REGISTRATION_FILE
+
+    first = load_registered(tmp_path / "d", "notes")
+    assert load_registered(tmp_path / "d", "notes") is first
+    assert read == [path]
+    # Written again (a new file), or edited in place with its size and mtime put back.
+    replaced = register_dataset(
+        tmp_path / "d", "notes", source, task_type="seq-classification", seed=2, replace=True
+    )
+    assert load_registered(tmp_path / "d", "notes") == replaced
+    stat = path.stat()
+    path.write_text(path.read_text().replace('"seed": 2', '"seed": 1'))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    edited = load_registered(tmp_path / "d", "notes")
+    assert edited.seed == 1 and edited.train == replaced.train  # the split is the file's
+    assert len(read) == 3
