@@ -28,8 +28,25 @@ class HopFailure(Exception):
 
 
 def _task_spec(task_type: str, labels: Any, lora: pb.LoraConfig, options_json: str) -> TaskSpec:
+    """The run's task as a task message describes it (`TaskSpec` validates it)."""
+    settings = (lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
+    return _spec_of(task_type, tuple(labels), settings, options_json)
+
+
+@functools.lru_cache(maxsize=8)
+def _spec_of(
+    task_type: str,
+    labels: tuple[str, ...],
+    lora: tuple[int, int, float, tuple[str, ...]],
+    options_json: str,
+) -> TaskSpec:
+    """`_task_spec`, built and validated once per exact description (a run's hops and their
+    preparations all carry the same one); a refusal raises, so it is never cached. Shared by
+    the tasks carrying it: read only (`TaskSpec` is frozen; its options are copied where
+    changed)."""
     from site_agent.tasks import LoraSettings, TaskSpec
 
+    r, alpha, dropout, target_modules = lora
     try:
         options = json.loads(options_json) if options_json else {}
     except ValueError as exc:
@@ -38,12 +55,12 @@ def _task_spec(task_type: str, labels: Any, lora: pb.LoraConfig, options_json: s
         raise HopFailure("bad-task", "task options must be a JSON object")
     return TaskSpec(
         task_type=task_type,
-        labels=tuple(labels),
+        labels=labels,
         lora=LoraSettings(
-            r=lora.r or 8,
-            alpha=lora.alpha or 16,
-            dropout=lora.dropout,
-            target_modules=tuple(lora.target_modules) or ("query", "value"),
+            r=r or 8,
+            alpha=alpha or 16,
+            dropout=dropout,
+            target_modules=target_modules or ("query", "value"),
         ),
         options=options,
     )

@@ -216,3 +216,20 @@ def test_targets_are_kept_per_split_and_labels_and_unknown_labels_still_refused(
         task.targets(narrower, split)
     # A split that is not an immutable tuple is computed every time.
     assert task.targets(spec, list(split)) is not task.targets(spec, list(split))
+
+
+def test_a_runs_task_spec_is_built_once_and_bad_options_are_still_refused() -> None:
+    lora = pb.LoraConfig(r=8, alpha=16, target_modules=["query", "value"])
+    task_checks._spec_of.cache_clear()
+
+    first = task_checks._task_spec("seq-classification", ["a", "b"], lora, '{"max_length": 32}')
+    again = task_checks._task_spec("seq-classification", ["a", "b"], lora, '{"max_length": 32}')
+
+    assert again is first and first.options == {"max_length": 32}
+    other = task_checks._task_spec("seq-classification", ["a", "b"], lora, '{"max_length": 64}')
+    assert other.options == {"max_length": 64}
+    for _ in range(2):
+        with pytest.raises(HopFailure, match="task options must be a JSON object"):
+            task_checks._task_spec("seq-classification", ["a", "b"], lora, "[1]")
+        with pytest.raises(ValueError, match="labels must be unique"):
+            task_checks._task_spec("seq-classification", ["a", "a"], lora, "{}")
