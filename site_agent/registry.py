@@ -142,10 +142,14 @@ class RegisteredDataset:
 
 
 # A source whose last change (mtime or ctime) is less than this old when it is hashed is hashed
-# again at every load (see `_SourceIdentity`): filesystem timestamps advance in ticks (a few
+# again at every load (see `_source_identity`): filesystem timestamps advance in ticks (a few
 # milliseconds on Linux' local filesystems, 1-2 s on some others), and a change within the tick
 # of the hashed bytes' own change would leave its timestamps as they were.
 _RECENT_CHANGE_NS = 3_000_000_000
+# How long after a hash matched a file's identity stands in for the next hash: a hop prepared
+# ("you are next", which hashes) starts well within it; one that was not, or that comes long
+# after, hashes the source in full.
+_VOUCHED_FOR_NS = 600_000_000_000
 
 # (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of a source file.
 _SourceIdentity = tuple[int, int, int, int, int]
@@ -159,11 +163,13 @@ def _source_identity(path: Path) -> _SourceIdentity | None:
     with it, and only the kernel sets ctime). Not caught, so a hash is what decides there: a
     change within one timestamp tick of the change before it (a source changed less than
     ``_RECENT_CHANGE_NS`` before it was hashed is never vouched for by its identity). Not
-    caught at all: a filesystem that keeps no mtime/ctime (some FUSE and network mounts), one
-    whose clock lags this host's by more than ``_RECENT_CHANGE_NS``, writes through a shared
-    writable mapping to a page already dirty (the kernel moves mtime at the first write after
-    a writeback only), and anyone who can set the system clock; `TaskChecks` hashes every
-    source in full again when a hop is prepared, so such a change is caught there.
+    caught by the identity: a change on a filesystem that keeps no mtime/ctime (some FUSE and
+    network mounts) or whose clock lags this host's by more than ``_RECENT_CHANGE_NS``, writes
+    through a shared writable mapping to a page already dirty (the kernel moves mtime at the
+    first write after a writeback only), and anyone who can set the system clock. A hop's
+    preparation hashes the source in full all the same (``rehash``), so such a change is
+    refused from the next preparation on (a hop that was not prepared trusts the identity if
+    a hash matched less than ``_VOUCHED_FOR_NS`` before).
     """
     try:
         stat = os.stat(path)
@@ -187,19 +193,21 @@ class _ParsedDatasets:
     def __init__(self, entries: int) -> None:
         self._entries = entries
         self._lock = threading.Lock()
+        # Each entry: (the source's identity and when a hash vouched for it, or None; dataset).
         self._parsed: OrderedDict[
-            tuple[str, str, str], tuple[_SourceIdentity | None, RegisteredDataset]
+            tuple[str, str, str], tuple[tuple[_SourceIdentity, int] | None, RegisteredDataset]
         ] = OrderedDict()
 
     def vouched(
         self, key: tuple[str, str, str], identity: _SourceIdentity | None
     ) -> RegisteredDataset | None:
-        """The entry's dataset if its source was hashed, matched and has this identity since."""
+        """The entry's dataset if its source was hashed, matched and has this identity since,
+        that hash less than ``_VOUCHED_FOR_NS`` ago."""
         if identity is None:
             return None
         with self._lock:
             entry = self._parsed.get(key)
-            if entry is None or entry[0] != identity:
+            if entry is None or not _vouches(entry[0], identity):
                 return None
             self._parsed.move_to_end(key)
             return entry[1]
@@ -213,15 +221,16 @@ class _ParsedDatasets:
         """The entry's dataset (parsed now if there is none), once the caller hashed the source
         and found the registered sha256; ``identity``: the source's as that hash found it, or
         None where it cannot vouch for those bytes (then every load hashes the source)."""
+        vouch = None if identity is None else (identity, time.monotonic_ns())
         with self._lock:
             entry = self._parsed.get(key)
             if entry is not None:
-                self._parsed[key] = (identity, entry[1])
+                self._parsed[key] = (vouch, entry[1])
                 self._parsed.move_to_end(key)
                 return entry[1]
         dataset = parse()  # outside the lock: another dataset's hop need not wait for it
         with self._lock:
-            self._parsed[key] = (identity, dataset)
+            self._parsed[key] = (vouch, dataset)
             self._parsed.move_to_end(key)
             while len(self._parsed) > self._entries:
                 self._parsed.popitem(last=False)
@@ -253,14 +262,15 @@ class _RegistrationTexts:
     def __init__(self, entries: int) -> None:
         self._entries = entries
         self._lock = threading.Lock()
-        self._texts: OrderedDict[str, tuple[_SourceIdentity, str]] = OrderedDict()
+        # Each entry: (the file's identity and when it was read, its text).
+        self._texts: OrderedDict[str, tuple[tuple[_SourceIdentity, int], str]] = OrderedDict()
 
     def vouched(self, path: Path) -> str | None:
         """The text read before, if the file's identity is what it was then; else None."""
         identity = _source_identity(path)
         with self._lock:
             known = self._texts.get(str(path))
-            if identity is None or known is None or known[0] != identity:
+            if identity is None or known is None or not _vouches(known[0], identity):
                 return None
             self._texts.move_to_end(str(path))
             return known[1]
@@ -272,7 +282,7 @@ class _RegistrationTexts:
         settled = before is not None and before == _source_identity(path)
         with self._lock:
             if settled and before is not None and _changed_long_ago(before):
-                self._texts[str(path)] = (before, text)
+                self._texts[str(path)] = ((before, time.monotonic_ns()), text)
                 self._texts.move_to_end(str(path))
                 while len(self._texts) > self._entries:
                     self._texts.popitem(last=False)
@@ -409,6 +419,16 @@ def load_registered(data_dir: Path, name: str, *, rehash: bool = False) -> Regis
         key,
         lambda: _load(registration, data, source, registration_path),
         before if settled else None,
+    )
+
+
+def _vouches(vouch: tuple[_SourceIdentity, int] | None, identity: _SourceIdentity) -> bool:
+    """Whether a file read (and hashed) when it had identity ``vouch[0]``, at monotonic time
+    ``vouch[1]``, still stands for the file that has ``identity`` now."""
+    return (
+        vouch is not None
+        and vouch[0] == identity
+        and time.monotonic_ns() - vouch[1] < _VOUCHED_FOR_NS
     )
 
 

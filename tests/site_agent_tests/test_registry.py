@@ -542,3 +542,22 @@ def test_a_registration_is_read_again_only_when_its_identity_moves(
     edited = load_registered(tmp_path / "d", "notes")
     assert edited.seed == 1 and edited.train == replaced.train  # the split is the file's
     assert len(read) == 3
+
+
+def test_an_identity_vouches_for_a_source_only_for_a_while_after_its_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from site_agent import registry
+
+    _settled_at_once(monkeypatch)
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 8, "b": 8}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    reads = _counting_reads(monkeypatch)
+    load_registered(tmp_path / "d", "notes")
+    load_registered(tmp_path / "d", "notes")
+    assert len(reads) == 1
+
+    monkeypatch.setattr(registry, "_VOUCHED_FOR_NS", 0)  # the hash is now too old to vouch
+
+    load_registered(tmp_path / "d", "notes")
+    assert len(reads) == 2
