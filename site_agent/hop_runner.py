@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc
@@ -90,6 +91,16 @@ def settle_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+@functools.lru_cache(maxsize=8)
+def _hyperparameters(wire: bytes) -> tuple[HopHyperparameters, Mapping[str, object]]:
+    """A task's hyperparameters and their values by name, validated once per exact message (its
+    deterministic serialisation: the same bytes are the same fields, present or not): a hop's
+    preparation and its start carry the same ones. Read only; a message out of bounds raises,
+    so it is never cached."""
+    hyperparameters = hyperparameter_messages.from_message(pb.HopHyperparameters.FromString(wire))
+    return hyperparameters, MappingProxyType(hyperparameters.model_dump())
 
 
 class _CollectorHold:
@@ -515,10 +526,12 @@ class HopRunner(TaskChecks, Transfers):
         Shared by the hop and its preparation: both refuse the same tasks the same way.
         """
         try:
-            hyperparameters = hyperparameter_messages.from_message(task.hyperparameters)
+            hyperparameters, values = _hyperparameters(
+                task.hyperparameters.SerializeToString(deterministic=True)
+            )
         except hyperparameter_messages.HyperparameterMessageError as exc:
             raise HopFailure("bad-task", f"invalid hyperparameters: {exc}") from exc
-        self._check_approval(task, hyperparameters.model_dump())
+        self._check_approval(task, values)
         spec = _task_spec(task.task_type, task.labels, task.lora, task.task_options_json)
         trainer = self._task_trainer(
             task.task_type, task.cross_validation if task.HasField("cross_validation") else None
@@ -526,14 +539,20 @@ class HopRunner(TaskChecks, Transfers):
         return hyperparameters, spec, trainer
 
     def _incoming(
-        self, stub: pb_grpc.SiteServiceStub, task: pb.HopTask, held: str
+        self,
+        stub: pb_grpc.SiteServiceStub,
+        task: pb.HopTask,
+        held: str,
+        pushed: bytes | None = None,
     ) -> Mapping[str, torch.Tensor]:
+        """The hop's input, checked (``pushed``: the task's `input_bundle`, if read already)."""
         import safetensors.torch
 
         from site_agent.tasks import tensors_from_values
 
         ref = task.input_checkpoint
-        data = task.input_bundle  # a copy out of the message: taken once
+        # A copy out of the message (each read of the field is another): taken once.
+        data = task.input_bundle if pushed is None else pushed
         if data:  # pushed inside the task: checked exactly as a download
             bundle, values = self._checked_bundle(data, ref)
             self.metrics.checkpoint_bytes.labels(direction="download").inc(len(data))
@@ -567,10 +586,11 @@ class HopRunner(TaskChecks, Transfers):
         incoming = None
         parent = ""
         if task.HasField("input_checkpoint"):
-            if not task.input_bundle:
+            pushed = task.input_bundle  # a copy out of the message: taken once
+            if not pushed:
                 beat.phase("downloading")
             parent = task.input_checkpoint.sha256
-            incoming = self._incoming(stub, task, held)
+            incoming = self._incoming(stub, task, held, pushed)
 
         # The phase stays what it was while the hop sets up: "training" comes with its first
         # step (`training_step`), so that no regular beat tells it early either.
@@ -724,7 +744,9 @@ class HopRunner(TaskChecks, Transfers):
                 hyperparameters, spec, trainer = self._hop_setup(hop)
                 if not isinstance(trainer, PreparingTrainer):
                     return
-                dataset = self._dataset(hop.dataset, hop.task_type)
+                # Hashed in full here, off the handoff: the hop's start then compares the
+                # source's identity with what this hash found (`load_registered`).
+                dataset = self._dataset(hop.dataset, hop.task_type, rehash=True)
                 self._check_base_model(
                     self._model_sha256(trainer, spec, dataset), hop.base_model_sha256
                 )

@@ -2,15 +2,17 @@
 
 A registration is ``<data_dir>/<name>/registration.json``: the source's absolute path and sha256,
 the format and options, the seeded train/validation/test assignment (row indices) and aggregate
-counts. The data itself is never copied; loading re-reads the source and refuses it if its bytes
-changed. Only aggregate counts ever leave this module's callers. Stdlib and numpy only; the
-parsers (`site_agent.loaders`, numpy) are imported when a file is registered or loaded, not
-by the hello's listing of the registrations.
+counts. The data itself is never copied; loading refuses the source if its bytes changed (hashed
+again, or its file identity unchanged since a hash matched: `_source_identity`). Only
+aggregate counts ever leave this module's callers. Stdlib and numpy only; the parsers
+(`site_agent.loaders`, numpy) are imported when a file is registered or loaded, not by the
+hello's listing of the registrations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -20,6 +22,7 @@ import random
 import re
 import tempfile
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -138,37 +141,108 @@ class RegisteredDataset:
         return dataclasses.replace(self, test=())
 
 
+# A source whose last change (mtime or ctime) is less than this old when it is hashed is hashed
+# again at every load (see `_source_identity`): filesystem timestamps advance in ticks (a few
+# milliseconds on Linux' local filesystems, 1-2 s on some others), and a change within the tick
+# of the hashed bytes' own change would leave its timestamps as they were.
+_RECENT_CHANGE_NS = 3_000_000_000
+# How long after a hash matched a file's identity stands in for the next hash: a hop prepared
+# ("you are next", which hashes) starts well within it; one that was not, or that comes long
+# after, hashes the source in full.
+_VOUCHED_FOR_NS = 600_000_000_000
+
+# (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) of a source file.
+_SourceIdentity = tuple[int, int, int, int, int]
+
+
+def _source_identity(path: Path) -> _SourceIdentity | None:
+    """What `load_registered` compares instead of hashing a source again; None if unreadable.
+
+    Caught without a hash: any write (mtime and ctime move), truncation or extension (size),
+    the file replaced by another (device, inode, ctime), its mtime set back by hand (ctime moves
+    with it, and only the kernel sets ctime). Not caught, so a hash is what decides there: a
+    change within one timestamp tick of the change before it (a source changed less than
+    ``_RECENT_CHANGE_NS`` before it was hashed is never vouched for by its identity). Not
+    caught by the identity: a change on a filesystem that keeps no mtime/ctime (some FUSE and
+    network mounts) or whose clock lags this host's by more than ``_RECENT_CHANGE_NS``, writes
+    through a shared writable mapping to a page already dirty (the kernel moves mtime at the
+    first write after a writeback only), and anyone who can set the system clock. A hop's
+    preparation hashes the source in full all the same (``rehash``), so such a change is
+    refused from the next preparation on (a hop that was not prepared trusts the identity if
+    a hash matched less than ``_VOUCHED_FOR_NS`` before).
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 class _ParsedDatasets:
     """Datasets parsed by `load_registered`, so that a site's hops do not parse the same file
     again and again: a few, the most recently used.
 
     A key is the registration file (its path and exact text, which holds the source's sha256)
-    and the source path. An entry is used only once the caller has read the source again and
-    found the registered sha256: a changed file, or a registration written again, is parsed
-    afresh (or refused), never served from here. A `RegisteredDataset` is immutable (frozen,
-    tuples of frozen examples), so hops may share one.
+    and the source path. An entry is used only once the caller has found the registered sha256
+    in the source: by reading and hashing it again, or (`vouched`) by finding the source's
+    identity (`_source_identity`) what it was when such a hash matched. A changed file, or a
+    registration written again, is parsed afresh (or refused), never served from here. A
+    `RegisteredDataset` is immutable (frozen, tuples of frozen examples), so hops may share one.
     """
 
     def __init__(self, entries: int) -> None:
         self._entries = entries
         self._lock = threading.Lock()
-        self._parsed: OrderedDict[tuple[str, str, str], RegisteredDataset] = OrderedDict()
+        # Each entry: (the source's identity and when a hash vouched for it, or None; dataset).
+        self._parsed: OrderedDict[
+            tuple[str, str, str], tuple[tuple[_SourceIdentity, int] | None, RegisteredDataset]
+        ] = OrderedDict()
+
+    def vouched(
+        self, key: tuple[str, str, str], identity: _SourceIdentity | None
+    ) -> RegisteredDataset | None:
+        """The entry's dataset if its source was hashed, matched and has this identity since,
+        that hash less than ``_VOUCHED_FOR_NS`` ago."""
+        if identity is None:
+            return None
+        with self._lock:
+            entry = self._parsed.get(key)
+            if entry is None or not _vouches(entry[0], identity):
+                return None
+            self._parsed.move_to_end(key)
+            return entry[1]
 
     def get_or_parse(
-        self, key: tuple[str, str, str], parse: Callable[[], RegisteredDataset]
+        self,
+        key: tuple[str, str, str],
+        parse: Callable[[], RegisteredDataset],
+        identity: _SourceIdentity | None = None,
     ) -> RegisteredDataset:
+        """The entry's dataset (parsed now if there is none), once the caller hashed the source
+        and found the registered sha256; ``identity``: the source's as that hash found it, or
+        None where it cannot vouch for those bytes (then every load hashes the source)."""
+        vouch = None if identity is None else (identity, time.monotonic_ns())
         with self._lock:
-            dataset = self._parsed.get(key)
-            if dataset is not None:
+            entry = self._parsed.get(key)
+            if entry is not None:
+                self._parsed[key] = (vouch, entry[1])
                 self._parsed.move_to_end(key)
-                return dataset
+                return entry[1]
         dataset = parse()  # outside the lock: another dataset's hop need not wait for it
         with self._lock:
-            self._parsed[key] = dataset
+            self._parsed[key] = (vouch, dataset)
             self._parsed.move_to_end(key)
             while len(self._parsed) > self._entries:
                 self._parsed.popitem(last=False)
         return dataset
+
+    def unvouch(self, key: tuple[str, str, str]) -> None:
+        """Vouches for the entry's source no more: its bytes no longer hash to the registered
+        sha256 (the next load hashes it again, and refuses it if still so)."""
+        with self._lock:
+            entry = self._parsed.get(key)
+            if entry is not None:
+                self._parsed[key] = (None, entry[1])
 
     def clear(self) -> None:
         with self._lock:
@@ -176,6 +250,48 @@ class _ParsedDatasets:
 
 
 _PARSED = _ParsedDatasets(_PARSED_ENTRIES)
+
+
+class _RegistrationTexts:
+    """The text of registration files read before, each with the file's identity
+    (`_source_identity`) when it was read, if settled by then: a hop's load then reads it
+    again only if that identity moved (a registration is written whole, to a new file:
+    `_write_json`). The same rules as a source's identity: what it does not catch, a
+    preparation's load (``rehash``) catches, as it reads the file again."""
+
+    def __init__(self, entries: int) -> None:
+        self._entries = entries
+        self._lock = threading.Lock()
+        # Each entry: (the file's identity and when it was read, its text).
+        self._texts: OrderedDict[str, tuple[tuple[_SourceIdentity, int], str]] = OrderedDict()
+
+    def vouched(self, path: Path) -> str | None:
+        """The text read before, if the file's identity is what it was then; else None."""
+        identity = _source_identity(path)
+        with self._lock:
+            known = self._texts.get(str(path))
+            if identity is None or known is None or not _vouches(known[0], identity):
+                return None
+            self._texts.move_to_end(str(path))
+            return known[1]
+
+    def read(self, path: Path) -> str:
+        """The file's text, read now (and kept with its identity, if settled)."""
+        before = _source_identity(path)
+        text = _read_registration_text(path)
+        settled = before is not None and before == _source_identity(path)
+        with self._lock:
+            if settled and before is not None and _changed_long_ago(before):
+                self._texts[str(path)] = ((before, time.monotonic_ns()), text)
+                self._texts.move_to_end(str(path))
+                while len(self._texts) > self._entries:
+                    self._texts.popitem(last=False)
+            else:
+                self._texts.pop(str(path), None)
+        return text
+
+
+_REGISTRATIONS = _RegistrationTexts(_PARSED_ENTRIES)
 
 
 def register_dataset(
@@ -237,8 +353,14 @@ def register_dataset(
     )
 
 
-def load_registered(data_dir: Path, name: str) -> RegisteredDataset:
-    """Loads a registered dataset, re-reading its source file.
+def load_registered(data_dir: Path, name: str, *, rehash: bool = False) -> RegisteredDataset:
+    """Loads a registered dataset, refusing its source file if it changed since registration.
+
+    The source is read and hashed again unless its identity (device, inode, size, mtime,
+    ctime) is what it was when a hash of it last matched, long enough after its last change
+    for a later change to show (`_source_identity` says what that does and does not catch);
+    ``rehash`` hashes it in any case (a hop's preparation does, off the handoff). The
+    registration file itself is read again on the same terms (`_RegistrationTexts`).
 
     A name with no registration but a ``<data_dir>/<name>.jsonl`` file is registered on the
     spot as ``seq-classification`` JSON Lines (seed 0, 0.2 validation, 0.2 test, duplicates
@@ -247,6 +369,8 @@ def load_registered(data_dir: Path, name: str) -> RegisteredDataset:
     Args:
         data_dir: The site's data folder.
         name: The dataset name.
+        rehash: Read the registration and hash the source even if their identities are
+            unchanged.
 
     Returns:
         The dataset with the splits fixed at registration.
@@ -259,15 +383,27 @@ def load_registered(data_dir: Path, name: str) -> RegisteredDataset:
     _check_name(name)
     registration_path = data_dir / name / REGISTRATION_FILE
     legacy = data_dir / f"{name}{_LEGACY_SUFFIX}"
-    if not registration_path.is_file():
-        if legacy.is_file():
-            return _register_legacy(data_dir, name, legacy)
-        raise DatasetError(f"no dataset named {name!r} is registered in {data_dir}")
-    registration_text = _read_registration_text(registration_path)
-    registration = _parse_registration(registration_text, registration_path)
+    # Read again unless its identity holds (`_RegistrationTexts`); a preparation reads it.
+    registration_text = None if rehash else _REGISTRATIONS.vouched(registration_path)
+    if registration_text is None:
+        if not registration_path.is_file():
+            if legacy.is_file():
+                return _register_legacy(data_dir, name, legacy)
+            raise DatasetError(f"no dataset named {name!r} is registered in {data_dir}")
+        registration_text = _REGISTRATIONS.read(registration_path)
+    registration = _parsed_registration(registration_text, str(registration_path))
     source = Path(str(registration["source"]))
+    # The exact registration text holds the source's path and sha256: an entry under this key
+    # is a parse of bytes that hashed to that sha256, under this exact registration.
+    key = (str(registration_path), registration_text, str(source))
+    if not rehash:
+        known = _PARSED.vouched(key, _source_identity(source))
+        if known is not None:
+            return known
+    before = _source_identity(source)
     data = _read_bytes(source)
     if _sha256(data) != registration["fingerprint"]:
+        _PARSED.unvouch(key)
         if registration.get("auto") and source == legacy.resolve():
             logger.info("dataset %s: %s changed; registering it again", name, source.name)
             return _register_legacy(data_dir, name, legacy)
@@ -275,10 +411,31 @@ def load_registered(data_dir: Path, name: str) -> RegisteredDataset:
             f"{source}: file changed since dataset {name!r} was registered (sha256 "
             f"{registration['fingerprint']}); register it again with --replace"
         )
-    # The source's bytes were just read and matched the registered fingerprint: what they
-    # parse to under this exact registration is known if it was parsed before.
-    key = (str(registration_path.resolve()), registration_text, str(source))
-    return _PARSED.get_or_parse(key, lambda: _load(registration, data, source, registration_path))
+    # What the next loads compare: the identity the file had around the read, if it did not
+    # move during it and the file's last change is old enough for the next one to show.
+    after = _source_identity(source)
+    settled = before is not None and before == after and _changed_long_ago(before)
+    return _PARSED.get_or_parse(
+        key,
+        lambda: _load(registration, data, source, registration_path),
+        before if settled else None,
+    )
+
+
+def _vouches(vouch: tuple[_SourceIdentity, int] | None, identity: _SourceIdentity) -> bool:
+    """Whether a file read (and hashed) when it had identity ``vouch[0]``, at monotonic time
+    ``vouch[1]``, still stands for the file that has ``identity`` now."""
+    return (
+        vouch is not None
+        and vouch[0] == identity
+        and time.monotonic_ns() - vouch[1] < _VOUCHED_FOR_NS
+    )
+
+
+def _changed_long_ago(identity: _SourceIdentity) -> bool:
+    """Whether a file's last change (mtime or ctime) lies ``_RECENT_CHANGE_NS`` or more in the
+    past: a change from now on moves one of them."""
+    return time.time_ns() - max(identity[3], identity[4]) >= _RECENT_CHANGE_NS
 
 
 def list_registered(data_dir: Path) -> list[dict[str, object]]:
@@ -666,6 +823,13 @@ def _read_registration_text(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: unreadable registration: {error}") from error
+
+
+@functools.lru_cache(maxsize=_PARSED_ENTRIES)
+def _parsed_registration(text: str, path: str) -> Mapping[str, object]:
+    """`_parse_registration`, once per exact text (a hop reads the registration again, which
+    rarely changes); a refusal raises, so it is never cached. Read only: callers share it."""
+    return _parse_registration(text, Path(path))
 
 
 def _parse_registration(text: str, path: Path) -> dict[str, object]:

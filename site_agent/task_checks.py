@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Mapping
@@ -27,8 +28,25 @@ class HopFailure(Exception):
 
 
 def _task_spec(task_type: str, labels: Any, lora: pb.LoraConfig, options_json: str) -> TaskSpec:
+    """The run's task as a task message describes it (`TaskSpec` validates it)."""
+    settings = (lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules))
+    return _spec_of(task_type, tuple(labels), settings, options_json)
+
+
+@functools.lru_cache(maxsize=8)
+def _spec_of(
+    task_type: str,
+    labels: tuple[str, ...],
+    lora: tuple[int, int, float, tuple[str, ...]],
+    options_json: str,
+) -> TaskSpec:
+    """`_task_spec`, built and validated once per exact description (a run's hops and their
+    preparations all carry the same one); a refusal raises, so it is never cached. Shared by
+    the tasks carrying it: read only (`TaskSpec` is frozen; its options are copied where
+    changed)."""
     from site_agent.tasks import LoraSettings, TaskSpec
 
+    r, alpha, dropout, target_modules = lora
     try:
         options = json.loads(options_json) if options_json else {}
     except ValueError as exc:
@@ -37,15 +55,24 @@ def _task_spec(task_type: str, labels: Any, lora: pb.LoraConfig, options_json: s
         raise HopFailure("bad-task", "task options must be a JSON object")
     return TaskSpec(
         task_type=task_type,
-        labels=tuple(labels),
+        labels=labels,
         lora=LoraSettings(
-            r=lora.r or 8,
-            alpha=lora.alpha or 16,
-            dropout=lora.dropout,
-            target_modules=tuple(lora.target_modules) or ("query", "value"),
+            r=r or 8,
+            alpha=alpha or 16,
+            dropout=dropout,
+            target_modules=target_modules or ("query", "value"),
         ),
         options=options,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _approval_bundle(text: str) -> ApprovalBundle:
+    """A task's approval bundle, parsed once per exact JSON text: a run's hops all carry the
+    same one. Only the parse is kept: every check of a task against it, and whether it is
+    approved here now, runs on every task. A malformed bundle raises, so it is never cached.
+    Shared by the tasks carrying it: read only."""
+    return ApprovalBundle.from_json(text)
 
 
 class TaskChecks:
@@ -72,7 +99,7 @@ class TaskChecks:
         if not task.approval_bundle_json:
             raise HopFailure("not-approved", "the task carries no approval bundle")
         try:
-            bundle = ApprovalBundle.from_json(task.approval_bundle_json)
+            bundle = _approval_bundle(task.approval_bundle_json)
             if hyperparameters is not None:
                 bundle.check_hyperparameters(hyperparameters)
             if isinstance(task, pb.HopTask):
@@ -130,9 +157,11 @@ class TaskChecks:
         except ValueError as exc:
             raise HopFailure("bad-task", str(exc)) from exc
 
-    def _dataset(self, name: str, task_type: str) -> RegisteredDataset:
+    def _dataset(self, name: str, task_type: str, *, rehash: bool = False) -> RegisteredDataset:
+        """The registered dataset a task names, of its task type (`load_registered`: its source
+        refused if it changed since registration; ``rehash``: hashed again in any case)."""
         try:
-            dataset = load_registered(self.settings.data_dir, name)
+            dataset = load_registered(self.settings.data_dir, name, rehash=rehash)
         except DatasetError as exc:
             raise HopFailure("dataset-invalid", str(exc)) from exc
         if dataset.task_type != task_type:

@@ -27,6 +27,8 @@ DEFAULT_MAX_LENGTH = 64
 _OPTIONS = ("max_length",)
 _EVAL_BATCH_SIZE = 64
 _ENCODING_CACHE_ENTRIES = 16
+# Splits whose targets are kept (a site trains on a few datasets, each with a few splits).
+_TARGET_CACHE_ENTRIES = 8
 _CLASSIFIER_HEAD_NAMES = ("classifier", "score")  # what peft's SEQ_CLS puts in modules_to_save
 
 
@@ -85,6 +87,11 @@ class SequenceClassificationTask:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self._tokenizer = tokenizer
+        # Targets of splits seen before, by the split's id: (labels, the split itself, held so
+        # that its id is not reused, its targets). A registered dataset's splits are immutable
+        # tuples that a site's hops share (`load_registered` serves one parse), so a hop's
+        # targets are those of the hop before it on the same data and labels.
+        self._targets: dict[int, tuple[tuple[str, ...], Sequence[TextExample], torch.Tensor]] = {}
 
     def examples(self, dataset: RegisteredDataset, split: str) -> tuple[TextExample, ...]:
         return split_examples(dataset, split, TextExample, TASK_TYPE)
@@ -103,7 +110,20 @@ class SequenceClassificationTask:
         return {name: tensor for name, tensor in encoding.items()}
 
     def targets(self, spec: TaskSpec, examples: Sequence[TextExample]) -> torch.Tensor:
-        """Label indices; labels outside ``spec.labels`` are refused."""
+        """Label indices; labels outside ``spec.labels`` are refused. Read only: the targets of
+        an immutable split (a tuple) are kept for its next hop under the same labels."""
+        known = self._targets.get(id(examples))
+        if known is not None and known[1] is examples and known[0] == spec.labels:
+            return known[2]
+        targets = self._label_indices(spec, examples)
+        if isinstance(examples, tuple):
+            if len(self._targets) >= _TARGET_CACHE_ENTRIES:
+                self._targets.clear()  # splits of datasets re-registered or gone
+            self._targets[id(examples)] = (spec.labels, examples, targets)
+        return targets
+
+    @staticmethod
+    def _label_indices(spec: TaskSpec, examples: Sequence[TextExample]) -> torch.Tensor:
         label_index = {label: i for i, label in enumerate(spec.labels)}
         unknown = sorted({e.label for e in examples if e.label not in label_index})
         if unknown:

@@ -399,3 +399,165 @@ def test_registry_does_not_import_torch() -> None:
     code = "import sys, site_agent.registry; assert 'torch' not in sys.modules"
 
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Counts the source reads (and so hashes) `load_registered` makes."""
+    from site_agent import registry
+
+    read: list[Path] = []
+    real = registry._read_bytes
+
+    def read_bytes(path: Path) -> bytes:
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(registry, "_read_bytes", read_bytes)
+    return read
+
+
+def _settled_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source counts as settled as soon as it is written (the tests cannot wait seconds)."""
+    from site_agent import registry
+
+    monkeypatch.setattr(registry, "_RECENT_CHANGE_NS", 0)
+
+
+def test_a_settled_source_is_not_hashed_again_while_its_identity_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _settled_at_once(monkeypatch)
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 8, "b": 8}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    reads = _counting_reads(monkeypatch)
+
+    first = load_registered(tmp_path / "d", "notes")
+    again = load_registered(tmp_path / "d", "notes")
+
+    assert again is first
+    assert reads == [source.resolve()]  # hashed once; the second load compared its identity
+    # A preparation's load hashes it in full all the same.
+    assert load_registered(tmp_path / "d", "notes", rehash=True) is first
+    assert len(reads) == 2
+
+
+def test_a_same_size_edit_with_its_mtime_put_back_is_refused_after_a_vouched_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    _settled_at_once(monkeypatch)
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 5, "b": 5}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    load_registered(tmp_path / "d", "notes")
+    load_registered(tmp_path / "d", "notes")  # served on its identity
+    before = source.stat()
+
+    edited = source.read_bytes().replace(b"note a 0", b"note b 0", 1)
+    assert len(edited) == before.st_size
+    source.write_bytes(edited)
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))  # size and mtime as they were
+
+    with pytest.raises(DatasetError, match="changed since dataset 'notes' was registered"):
+        load_registered(tmp_path / "d", "notes")
+
+
+def test_a_source_replaced_by_another_file_is_refused_after_a_vouched_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _settled_at_once(monkeypatch)
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 5, "b": 5}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    load_registered(tmp_path / "d", "notes")
+    load_registered(tmp_path / "d", "notes")
+
+    other = write_jsonl(tmp_path / "other.jsonl", _text_rows({"a": 5, "c": 5}))
+    other.replace(source)
+
+    with pytest.raises(DatasetError, match="changed since dataset 'notes' was registered"):
+        load_registered(tmp_path / "d", "notes")
+
+
+def test_a_source_changed_moments_ago_is_hashed_at_every_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 8, "b": 8}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    reads = _counting_reads(monkeypatch)
+
+    for _ in range(3):
+        load_registered(tmp_path / "d", "notes")
+
+    # Written within `_RECENT_CHANGE_NS`: a change in the same timestamp tick would not show in
+    # its identity, so only a hash can tell.
+    assert reads == [source.resolve()] * 3
+
+
+def test_a_change_its_identity_hides_is_caught_by_a_preparations_full_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from site_agent import registry
+
+    _settled_at_once(monkeypatch)
+    # What a filesystem that keeps no timestamps (or a same-tick change) looks like.
+    monkeypatch.setattr(registry, "_source_identity", lambda path: (1, 2, 3, 4, 5))
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 5, "b": 5}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    load_registered(tmp_path / "d", "notes")
+    write_jsonl(source, _text_rows({"a": 5, "b": 6}))
+
+    with pytest.raises(DatasetError, match="changed since dataset 'notes' was registered"):
+        load_registered(tmp_path / "d", "notes", rehash=True)
+    # Refused, the source is vouched for no more: the next load hashes it too.
+    with pytest.raises(DatasetError, match="changed since dataset 'notes' was registered"):
+        load_registered(tmp_path / "d", "notes")
+
+
+def test_a_registration_is_read_again_only_when_its_identity_moves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from site_agent import registry
+
+    _settled_at_once(monkeypatch)
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 30, "b": 30}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification", seed=1)
+    read: list[Path] = []
+    real = registry._read_registration_text
+    monkeypatch.setattr(registry, "_read_registration_text", lambda p: read.append(p) or real(p))
+    path = tmp_path / "d" / "notes" / REGISTRATION_FILE
+
+    first = load_registered(tmp_path / "d", "notes")
+    assert load_registered(tmp_path / "d", "notes") is first
+    assert read == [path]
+    # Written again (a new file), or edited in place with its size and mtime put back.
+    replaced = register_dataset(
+        tmp_path / "d", "notes", source, task_type="seq-classification", seed=2, replace=True
+    )
+    assert load_registered(tmp_path / "d", "notes") == replaced
+    stat = path.stat()
+    path.write_text(path.read_text().replace('"seed": 2', '"seed": 1'))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    edited = load_registered(tmp_path / "d", "notes")
+    assert edited.seed == 1 and edited.train == replaced.train  # the split is the file's
+    assert len(read) == 3
+
+
+def test_an_identity_vouches_for_a_source_only_for_a_while_after_its_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from site_agent import registry
+
+    _settled_at_once(monkeypatch)
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 8, "b": 8}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    reads = _counting_reads(monkeypatch)
+    load_registered(tmp_path / "d", "notes")
+    load_registered(tmp_path / "d", "notes")
+    assert len(reads) == 1
+
+    monkeypatch.setattr(registry, "_VOUCHED_FOR_NS", 0)  # the hash is now too old to vouch
+
+    load_registered(tmp_path / "d", "notes")
+    assert len(reads) == 2
