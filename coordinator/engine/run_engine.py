@@ -18,8 +18,10 @@ from coordinator.engine.export import final_adapter_dir
 from coordinator.engine.handoff import whole_hand_back_parts
 from coordinator.engine.hops import Hops
 from coordinator.engine.leases import HopLeases, HopProgress
+from coordinator.engine.ledger_reader import LedgerReader
 from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.engine.rounds import Rounds
+from coordinator.engine.run_views import RunViews
 from coordinator.engine.sessions import SiteSession, SiteSessions
 from coordinator.engine.spool import UploadSpool
 from coordinator.engine.statistics_rounds import StatisticsRounds
@@ -91,6 +93,10 @@ class RunEngine:
         )  # fmt: skip
         self.controls = RunControls(
             ledger, self._lock, self.hops, self.leases, self.intake, self.runs
+        )
+        self.reader = LedgerReader()  # admin reads: off the loop, not behind the writer
+        self.views = RunViews(
+            ledger, self.runs, self.reader, self.hops, self.leases, self.storage, runs_dir
         )
         self.evaluations = Evaluations(ledger, self.storage, self._lock, self.sessions, self.writer)
         self.statistics = StatisticsRounds(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from coordinator.errors import InvalidInput, PreflightFailed
-from coordinator.ledger import Ledger
+from coordinator.ledger import Ledger, SiteRow
 from coordinator.plan import RunPlan
 from coordinator.preflight import SiteApprovals, SiteView, preflight_problems
 from protocols.ledger_head import SignedHead
@@ -119,10 +119,15 @@ class SiteSessions:
         """Remembers what a site said at hello it approved (for preflight)."""
         self._approvals[site] = approvals
 
-    def site_views(self) -> dict[str, SiteView]:
-        """Every registered site as this coordinator knows it: connection, data, approvals."""
+    def site_views(self, rows: Sequence[SiteRow] | None = None) -> dict[str, SiteView]:
+        """Every registered site as this coordinator knows it: connection, data, approvals.
+
+        Args:
+            rows: The sites' ledger rows, if read already (`ListSites`, on the ledger reader's
+                thread: this only looks connections and approvals up, never iterates them).
+        """
         views = {}
-        for row in self.ledger.sites():
+        for row in self.ledger.sites() if rows is None else rows:
             dropped = self._offline_since.get(row.name)
             views[row.name] = SiteView(
                 name=row.name,
