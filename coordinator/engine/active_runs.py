@@ -110,20 +110,23 @@ class ActiveRuns:
         self._hops = {hop.id: (run, hop) for run in runs for hop in run.hops}
         self._rounds = self.ledger.rounds_of([run.id for run in runs])
 
-    def check_outside_writes(self) -> None:
-        """Reads the runs again if the ledger has events this view did not see written.
+    def check_outside_writes(self) -> bool:
+        """Reads the runs again if the ledger has events this view did not see written;
+        returns whether it had.
 
         One indexed query (the newest event's seq): admin actions reach the engine in this
         process, but a ledger written by another process or `Ledger` must not be missed. Call
         it under the engine's lock: a transition's own commit is not an outside write.
         """
         if self._runs is None:
-            return
+            return False
         last = self.ledger.last_seq()  # the seq alone: no event row built per pass
         if last > self._seq:
             logger.info("ledger written outside this engine (event #%d); reading runs again",
                         last)  # fmt: skip
             self.reload()
+            return True
+        return False
 
     def _held(self) -> dict[str, RunRow]:
         # Read outside an event loop (a test, the CLI): rows written later apply at once.

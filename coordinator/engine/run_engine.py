@@ -325,7 +325,8 @@ class RunEngine:
             # Never mid-transition: its commit's event is in the ledger before the loop applies
             # its rows, and taken for an outside write it would swap the rows the transition
             # holds for fresh ones (it would go on with stale rows, e.g. an unpinned base model).
-            self.runs.check_outside_writes()
+            if self.runs.check_outside_writes():
+                self.sessions.forget_site_rows()  # a site row may have been written too
         runs = self.runs.all()
         self.intake.sweep_spool(runs)
         await self.hops.check_deadlines(runs)

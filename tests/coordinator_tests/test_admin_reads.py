@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -178,3 +179,22 @@ def test_reads_of_settled_runs_the_run_list_and_the_sites_run_off_the_event_loop
     with pytest.raises(grpc.RpcError) as refused:
         admin.run("no-such-run")
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_run_waiting_for_an_offline_site_is_viewed_without_reading_the_sites(
+    quiet: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    engine = quiet.engine
+    admin.wait_for_sites(SITES, timeout=WAIT)
+    sites["site-b"].close()
+    deadline = time.monotonic() + WAIT
+    while "site-b" in engine.connected_sites():
+        assert time.monotonic() < deadline, "site-b's stream is still open"
+        time.sleep(0.02)
+    plan = parse_plan({**_plan(), "sites": ["site-b", "site-a"]})
+    run_id = admin.start_run(plan, allow_offline=True)
+    with _statements(engine.ledger) as seen:
+        view = admin.run(run_id)
+    assert seen == []
+    assert view == _from_ledger(engine, run_id)
+    assert view.hops[0].waiting_reason.startswith("waiting for site-b: offline since")
