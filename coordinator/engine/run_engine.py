@@ -50,7 +50,8 @@ class RunEngine:
     events). The running runs are held in memory (`ActiveRuns`, written through by every
     commit); hop transitions commit on the ledger writer's thread, so the event loop keeps
     answering heartbeats meanwhile. Tasks are pushed onto a site's open stream the moment they
-    are ready.
+    are ready. Admin reads that need SQL (a finished run, the run list, the sites) run on a
+    reader thread of their own (`RunViews`, `LedgerReader`).
     """
 
     def __init__(
