@@ -9,6 +9,12 @@ its first message, the signed ledger head) and send a heartbeat every `--beat-se
 holds a live lease of a running run and heartbeats it (the path a training site uses). Reported:
 Hello and heartbeat p50/p99, time to connect all, the coordinator's RSS.
 
+With `--admin-poll`, an admin client polls GetRun of the running run every
+`--get-run-every` seconds and ListRuns every `--list-runs-every` seconds while the agents beat
+(the load `baton run status --watch` and a dashboard put on a coordinator): the admin calls'
+latency is reported beside the heartbeats'. `--coordinator-tree` runs the coordinator from another
+checkout (an A/B of the coordinator's code with this driver and ledger builder).
+
 Part 2 writes `--events` events with the real hash chain (each carries a hop row's snapshot, as
 the append path does) straight into a SQLite ledger, then times `baton ledger verify` in a fresh
 process and reads its peak RSS.
@@ -185,6 +191,15 @@ class IdleAgent:
         await self.channel.close()
 
 
+async def _poll(call: Any, samples: list[float], until: float, every: float) -> None:
+    """An admin call every `every` seconds until `until` (monotonic), each one's latency kept."""
+    while time.monotonic() < until:
+        started = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - started)
+        await asyncio.sleep(max(0.0, every - (time.perf_counter() - started)))
+
+
 def _make_pki(root: Path, agents: int) -> list[str]:
     init_ca(root)
     issue_certificate(root, root, Role.COORDINATOR, "coordinator")
@@ -214,7 +229,7 @@ async def _agents_phase(port: int, pki: Path, names: list[str], args: argparse.N
     admin = AdminClient(f"localhost:{port}", _tls(pki, "admin"))
     plan = parse_plan({"name": "live", "dataset": "notes", "labels": ["x", "y"],
                        "sites": names[:2]})  # fmt: skip
-    await asyncio.to_thread(admin.start_run, plan)
+    run_id = await asyncio.to_thread(admin.start_run, plan)
     await asyncio.wait_for(agents[0].got_hop.wait(), 30)
     # 500 sites in one process: keep the set-up's objects out of this process's full garbage
     # collections, or their pauses (hundreds of ms) show up as coordinator latency.
@@ -225,10 +240,25 @@ async def _agents_phase(port: int, pki: Path, names: list[str], args: argparse.N
     until = time.monotonic() + args.idle_seconds
     own = psutil.Process()
     cpu_before = (coordinator.cpu_times(), own.cpu_times(), time.monotonic())
+    get_run: list[float] = []
+    list_runs: list[float] = []
+    polls = []
+    if args.admin_poll:
+        channel = _aio_channel(port, _tls(pki, "admin"))
+        stub = pb_grpc.AdminServiceStub(channel)
+        polls = [
+            _poll(lambda: stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=120), get_run,
+                  until, args.get_run_every),
+            _poll(lambda: stub.ListRuns(pb.ListRunsRequest(), timeout=120), list_runs, until,
+                  args.list_runs_every),
+        ]  # fmt: skip
     await asyncio.gather(
         agents[0].beat(live, until, 0.2, "training"),
         *(agent.beat(idle, until, args.beat_seconds, "idle") for agent in agents[1:]),
+        *polls,
     )
+    if args.admin_poll:
+        await channel.close()
     rss_idle = coordinator.memory_info().rss
     wall = time.monotonic() - cpu_before[2]
     busy = [
@@ -244,6 +274,11 @@ async def _agents_phase(port: int, pki: Path, names: list[str], args: argparse.N
         "hello": _quantiles(hello),
         "heartbeat_idle_agents": _quantiles(idle),
         "heartbeat_live_lease": _quantiles(live),
+        **(
+            {"get_run_running": _quantiles(get_run), "list_runs": _quantiles(list_runs)}
+            if args.admin_poll
+            else {}
+        ),
         # CPU used while idle, in cores: saturation shows in the heartbeat tail.
         "coordinator_cpu_cores_idle_phase": round(busy[0], 2),
         "agents_process_cpu_cores_idle_phase": round(busy[1], 2),
@@ -266,14 +301,16 @@ def agents_benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     history_seconds = time.perf_counter() - t0
     ledger.close()
     port_file = tmp / "port"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    tree = args.coordinator_tree or Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     command = [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
                "--port-file", str(port_file), "--state-dir", str(state),
                "--ca", str(pki / "ca.crt"), "--cert", str(pki / "coordinator.crt"),
                "--key", str(pki / "coordinator.key"), "--log-level", "WARNING",
                "--dashboard-port", "0"]  # fmt: skip
     started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env)
+    # In the tree's directory: `python -m` puts the working directory first on sys.path.
+    proc = subprocess.Popen(command, env=env, cwd=tree)
     try:
         while not port_file.exists():
             if proc.poll() is not None:
@@ -295,6 +332,12 @@ def agents_benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "evaluations_per_run": EVALUATIONS_PER_RUN,
         "beat_seconds": args.beat_seconds,
         "idle_seconds": args.idle_seconds,
+        "coordinator_tree": str(tree),
+        **(
+            {"get_run_every": args.get_run_every, "list_runs_every": args.list_runs_every}
+            if args.admin_poll
+            else {}
+        ),
         "coordinator_start_to_ready_seconds": round(ready, 2),
         "coordinator_rss_mib_ready": round(rss_ready / 2**20),
         **figures,
@@ -396,6 +439,18 @@ def markdown(figures: dict[str, Any], command: str) -> str:
             f"| heartbeat from idle agents p50 / p99 (every {agents['beat_seconds']} s each) | "
             f"{agents['heartbeat_idle_agents'].get('p50_ms')} / "
             f"{agents['heartbeat_idle_agents'].get('p99_ms')} ms | p99 <= 50 ms |",
+            *(
+                [
+                    f"| GetRun of the running run p50 / p99 (every {agents['get_run_every']} s) | "
+                    f"{agents['get_run_running'].get('p50_ms')} / "
+                    f"{agents['get_run_running'].get('p99_ms')} ms | |",
+                    f"| ListRuns of every run p50 / max (every {agents['list_runs_every']} s) | "
+                    f"{agents['list_runs'].get('p50_ms')} / {agents['list_runs'].get('max_ms')} ms "
+                    f"({agents['list_runs'].get('n')} calls) | |",
+                ]
+                if "get_run_running" in agents
+                else []
+            ),
             f"| CPU in the idle phase, coordinator / agents' process | "
             f"{agents.get('coordinator_cpu_cores_idle_phase')} / "
             f"{agents.get('agents_process_cpu_cores_idle_phase')} cores | |",
@@ -426,6 +481,19 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000, help="0 skips ledger verify")
     parser.add_argument("--hops", type=int, default=200)
     parser.add_argument("--skip-agents", action="store_true")
+    parser.add_argument(
+        "--admin-poll",
+        action="store_true",
+        help="poll GetRun and ListRuns from an admin client while agents beat",
+    )
+    parser.add_argument("--get-run-every", type=float, default=0.1)
+    parser.add_argument("--list-runs-every", type=float, default=3.0)
+    parser.add_argument(
+        "--coordinator-tree",
+        type=Path,
+        default=None,
+        help="run the coordinator from this checkout (default: this one)",
+    )
     parser.add_argument("--name", default="scale", help="results file stem")
     args = parser.parse_args()
     figures: dict[str, Any] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -18,7 +17,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
 from coordinator.approval_reports import approval_rule, report_approvals
-from coordinator.engine import RunEngine, approval_bundle
+from coordinator.engine import RunEngine
 from coordinator.errors import (
     CoordinatorError,
     InvalidInput,
@@ -35,7 +34,6 @@ from coordinator.ledger import CheckpointRow, Ledger, RunRow
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.plan import PlanError, parse_plan
 from coordinator.preflight import SiteApprovals
-from coordinator.rounds import round_statuses
 from protocols.chunk_wire import download_chunk
 from protocols.logs import bind_log_context
 from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem, sign_csr
@@ -704,52 +702,9 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
 
 
 def run_status(engine: RunEngine, run: RunRow) -> pb.RunStatus:
-    """The admin view of a run, with live progress of its leased hop."""
-    status = pb.RunStatus(
-        approval_bundle_sha256=approval_bundle(run).sha256,
-        run_id=run.id,
-        name=run.name,
-        status=run.status,
-        final_sha256=run.final_sha256 or "",
-        error=run.error or "",
-        plan_json=json.dumps(run.plan, sort_keys=True),
-        storage_fault=engine.storage.fault or "",
-    )
-    if run.status == "completed":
-        status.final_adapter_dir = str(engine.final_adapter_dir(run.id).resolve())
-    for hop in run.hops:
-        entry = pb.HopStatus(
-            index=hop.index,
-            hop_id=hop.id,
-            site=hop.site,
-            status=hop.status,
-            input_sha256=hop.input_sha256 or "",
-            output_sha256=hop.output_sha256 or "",
-            train_started_at_ns=hop.train_started_at_ns or 0,
-            train_finished_at_ns=hop.train_finished_at_ns or 0,
-            error=hop.error or "",
-            error_code=hop.error_code or "",
-            waiting_reason=engine.waiting_reason(run, hop),
-        )
-        entry.metrics.update(hop.metrics or {})
-        progress = engine.progress(hop.id)
-        if progress is not None:
-            entry.step, entry.total_steps = progress.step, progress.total_steps
-            if progress.phase and hop.status == "leased":
-                entry.status = progress.phase
-        status.hops.append(entry)
-    status.rounds.extend(round_statuses(run, engine.ledger.rounds(run.id)))
-    for row in run.evaluations:
-        evaluation = status.evaluations.add(
-            evaluation_id=row.id,
-            site=row.site,
-            split=row.split,
-            checkpoint_sha256=row.checkpoint_sha256,
-            status=row.status,
-            error=row.error or "",
-        )
-        evaluation.metrics.update(row.metrics or {})
-    return status
+    """The admin view of a run, with live progress of its leased hop (its rounds read from the
+    ledger: for callers off the event loop, such as the dashboard's threads)."""
+    return engine.views.status(run, engine.ledger.rounds(run.id))
 
 
 class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
@@ -775,11 +730,14 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
         self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunStatus:
         await self._caller(context, Role.ADMIN, "GetRun")
+        return await self._run_view(context, request.run_id)
+
+    async def _run_view(self, context: grpc.aio.ServicerContext, run_id: str) -> pb.RunStatus:
+        """A run's view: a running run's from memory, another's read off the event loop."""
         try:
-            run = self.engine.ledger.run(request.run_id)
+            return await self.engine.views.run(run_id)
         except KeyError:
-            await self._deny(context, grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r}")
-        return run_status(self.engine, run)
+            await self._deny(context, grpc.StatusCode.NOT_FOUND, f"no run {run_id!r}")
 
     async def EvaluateRun(
         self, request: pb.EvaluateRunRequest, context: grpc.aio.ServicerContext
@@ -804,7 +762,7 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
         except CoordinatorError as exc:
             await self._refuse(context, exc)
         logger.info("admin %s resumed run %s", identity.name, request.run_id)
-        return run_status(self.engine, self.engine.ledger.run(request.run_id))
+        return await self._run_view(context, request.run_id)
 
     async def AbortRun(
         self, request: pb.RunControlRequest, context: grpc.aio.ServicerContext
@@ -816,7 +774,7 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
         except CoordinatorError as exc:
             await self._refuse(context, exc)
         logger.info("admin %s aborted run %s", identity.name, request.run_id)
-        return run_status(self.engine, self.engine.ledger.run(request.run_id))
+        return await self._run_view(context, request.run_id)
 
     async def RevokeCertificate(
         self, request: pb.RevokeRequest, context: grpc.aio.ServicerContext
@@ -865,7 +823,7 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
     ) -> AsyncIterator[FramedChunk]:
         identity = await self._caller(context, Role.ADMIN, "DownloadFinalCheckpoint")
         try:
-            run = self.engine.ledger.run(request.run_id)
+            run, row = await self.engine.reader.run(self._final_checkpoint, request.run_id)
         except KeyError:
             await self._deny(context, grpc.StatusCode.NOT_FOUND, f"no run {request.run_id!r}")
         if run.status != "completed" or not run.final_sha256:
@@ -874,7 +832,6 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"run {run.id} is {run.status}: only a completed run has a final adapter",
             )
-        row = self.engine.ledger.checkpoint(run.final_sha256)
         if row is None or request.offset > row.size:
             await self._deny(
                 context, grpc.StatusCode.OUT_OF_RANGE, "offset is past the checkpoint end"
@@ -884,22 +841,32 @@ class AdminServicer(_Guarded, pb_grpc.AdminServiceServicer):
             async for frame in frames:
                 yield frame
 
+    def _final_checkpoint(self, run_id: str) -> tuple[RunRow, CheckpointRow | None]:
+        """On the ledger reader's thread: the run and, once completed, its final checkpoint."""
+        run = self.engine.ledger.run(run_id, evaluations=False)
+        if run.status != "completed" or not run.final_sha256:
+            return run, None
+        return run, self.engine.ledger.checkpoint(run.final_sha256)
+
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRunsResponse:
         await self._caller(context, Role.ADMIN, "ListRuns")
-        return pb.ListRunsResponse(
-            runs=[run_status(self.engine, run) for run in self.engine.ledger.runs()]
-        )
+        return pb.ListRunsResponse(runs=await self.engine.views.all())
 
     async def ListSites(
         self, request: pb.ListSitesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListSitesResponse:
         await self._caller(context, Role.ADMIN, "ListSites")
         connected = self.engine.connected_sites()
-        views = self.engine.site_views()
+        return await self.engine.reader.run(self._sites, connected)
+
+    def _sites(self, connected: set[str]) -> pb.ListSitesResponse:
+        """On the ledger reader's thread: every registered site's view."""
+        rows = self.engine.ledger.sites()
+        views = self.engine.sessions.site_views(rows)
         response = pb.ListSitesResponse()
-        for row in self.engine.ledger.sites():
+        for row in rows:
             site = response.sites.add(
                 name=row.name,
                 connected=row.name in connected,

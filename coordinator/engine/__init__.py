@@ -1,7 +1,8 @@
 """The run engine: leases hops to connected sites, accepts their uploads and commits results.
 
 `RunEngine` is the facade the servicer, the dashboard and the server hold; each module below it
-has one job (sessions, tasks, leases, hops, controls, uploads, evaluations, statistics_rounds).
+has one job (sessions, tasks, leases, hops, controls, uploads, evaluations, statistics_rounds,
+run_views: the admin's view of runs).
 """
 
 from __future__ import annotations

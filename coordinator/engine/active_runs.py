@@ -4,9 +4,10 @@ Loaded once from SQL (only running runs) on first use; every transaction this pr
 through the engine's `Ledger` updates the rows it wrote here (`Ledger.row_observers`), so no
 heartbeat, connect, download, report or watchdog pass reads a run from SQL. A federated or
 hybrid run's rounds are held with it, so its dispatches, beats and contributions read no round
-either. The ledger stays the source of truth: a restart loads it again, and a ledger event
-written by anything else (another process or `Ledger` object) is noticed by its sequence
-number and the runs are read again.
+either; its evaluations too, so an admin's view of a running run reads no SQL. The ledger
+stays the source of truth: a restart loads it again, and a ledger event written by anything
+else (another process or `Ledger` object) is noticed by its sequence number and the runs are
+read again.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm.attributes import set_committed_value
 
 from coordinator.engine.ledger_writer import LedgerWriter
-from coordinator.ledger import Base, HopRow, Ledger, RoundRow, RunRow
+from coordinator.ledger import Base, EvaluationRow, HopRow, Ledger, RoundRow, RunRow
 
 __all__ = ["ActiveRuns"]
 
@@ -79,6 +80,18 @@ class ActiveRuns:
             return self.ledger.rounds(run_id)
         return self._rounds.get(run_id, [])
 
+    def held(self, run_id: str) -> RunRow | None:
+        """The run as held now if it is running, with no SQL read: None when the runs are not
+        loaded yet or this one is due to be read again (created, resumed, a hop added), as for
+        a run that is not running (the caller reads the ledger)."""
+        if self._runs is None or run_id in self._unread:
+            return None
+        return self._runs.get(run_id)
+
+    def held_rounds(self, run_id: str) -> list[RoundRow]:
+        """The rounds held with a run `held` returned ([] for a sequential run)."""
+        return self._rounds.get(run_id, [])
+
     def hop(self, hop_id: str) -> tuple[RunRow, HopRow] | None:
         """A hop of a running run, with its run; None for any other hop."""
         self._held()
@@ -97,20 +110,23 @@ class ActiveRuns:
         self._hops = {hop.id: (run, hop) for run in runs for hop in run.hops}
         self._rounds = self.ledger.rounds_of([run.id for run in runs])
 
-    def check_outside_writes(self) -> None:
-        """Reads the runs again if the ledger has events this view did not see written.
+    def check_outside_writes(self) -> bool:
+        """Reads the runs again if the ledger has events this view did not see written;
+        returns whether it had.
 
         One indexed query (the newest event's seq): admin actions reach the engine in this
         process, but a ledger written by another process or `Ledger` must not be missed. Call
         it under the engine's lock: a transition's own commit is not an outside write.
         """
         if self._runs is None:
-            return
+            return False
         last = self.ledger.last_seq()  # the seq alone: no event row built per pass
         if last > self._seq:
             logger.info("ledger written outside this engine (event #%d); reading runs again",
                         last)  # fmt: skip
             self.reload()
+            return True
+        return False
 
     def _held(self) -> dict[str, RunRow]:
         # Read outside an event loop (a test, the CLI): rows written later apply at once.
@@ -199,3 +215,21 @@ class ActiveRuns:
                     _copy_columns(held_round, row)
                 elif row.run_id in self._runs:
                     self._unread.add(row.run_id)  # a round added to a held run: read it again
+            elif isinstance(row, EvaluationRow):
+                self._evaluation_written(row)
+
+    def _evaluation_written(self, row: EvaluationRow) -> None:
+        """An evaluation of a held run, created or updated: its row written through."""
+        assert self._runs is not None
+        run = self._runs.get(row.run_id)
+        if run is None:
+            return
+        held = next((e for e in run.evaluations if e.id == row.id), None)
+        if held is not None:
+            _copy_columns(held, row)
+            return
+        added = EvaluationRow()
+        _copy_columns(added, row)
+        # A new list set as committed: appending to a detached row's collection would fire
+        # the ORM's collection events (and its cascade) for nothing.
+        set_committed_value(run, "evaluations", [*run.evaluations, added])

@@ -18,8 +18,10 @@ from coordinator.engine.export import final_adapter_dir
 from coordinator.engine.handoff import whole_hand_back_parts
 from coordinator.engine.hops import Hops
 from coordinator.engine.leases import HopLeases, HopProgress
+from coordinator.engine.ledger_reader import LedgerReader
 from coordinator.engine.ledger_writer import LedgerWriter
 from coordinator.engine.rounds import Rounds
+from coordinator.engine.run_views import RunViews
 from coordinator.engine.sessions import SiteSession, SiteSessions
 from coordinator.engine.spool import UploadSpool
 from coordinator.engine.statistics_rounds import StatisticsRounds
@@ -48,7 +50,8 @@ class RunEngine:
     events). The running runs are held in memory (`ActiveRuns`, written through by every
     commit); hop transitions commit on the ledger writer's thread, so the event loop keeps
     answering heartbeats meanwhile. Tasks are pushed onto a site's open stream the moment they
-    are ready.
+    are ready. Admin reads that need SQL (a finished run, the run list, the sites) run on a
+    reader thread of their own (`RunViews`, `LedgerReader`).
     """
 
     def __init__(
@@ -91,6 +94,10 @@ class RunEngine:
         )  # fmt: skip
         self.controls = RunControls(
             ledger, self._lock, self.hops, self.leases, self.intake, self.runs
+        )
+        self.reader = LedgerReader()  # admin reads: off the loop, not behind the writer
+        self.views = RunViews(
+            ledger, self.runs, self.reader, self.hops, self.leases, self.storage, runs_dir
         )
         self.evaluations = Evaluations(ledger, self.storage, self._lock, self.sessions, self.writer)
         self.statistics = StatisticsRounds(
@@ -323,7 +330,8 @@ class RunEngine:
             # Never mid-transition: its commit's event is in the ledger before the loop applies
             # its rows, and taken for an outside write it would swap the rows the transition
             # holds for fresh ones (it would go on with stale rows, e.g. an unpinned base model).
-            self.runs.check_outside_writes()
+            if self.runs.check_outside_writes():
+                self.sessions.forget_site_rows()  # a site row may have been written too
         runs = self.runs.all()
         self.intake.sweep_spool(runs)
         await self.hops.check_deadlines(runs)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from coordinator.errors import InvalidInput, PreflightFailed
-from coordinator.ledger import Ledger
+from coordinator.ledger import Base, Ledger, SiteRow
 from coordinator.plan import RunPlan
 from coordinator.preflight import SiteApprovals, SiteView, preflight_problems
 from protocols.ledger_head import SignedHead
@@ -43,6 +44,13 @@ class SiteSessions:
         self._approvals: dict[str, SiteApprovals] = {}  # site -> what it approved (last hello)
         self._offline_since: dict[str, datetime] = {}  # site -> when its task stream closed
         self._provisional: set[str] = set()  # sites whose last hello accepts provisional hops
+        # The ledger's site rows, read once and again after this process writes one (or the
+        # engine notices an outside write): a run's view asks why its next hop waits (an offline
+        # site's view) on the event loop, per admin call.
+        self._site_rows: list[SiteRow] | None = None
+        self._site_rows_written = 0  # raised by each commit of site rows (any thread)
+        self._site_rows_lock = threading.Lock()
+        ledger.row_observers.append(self._rows_written)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -131,10 +139,36 @@ class SiteSessions:
     def accepts_provisional(self, site: str) -> bool:
         return site in self._provisional
 
-    def site_views(self) -> dict[str, SiteView]:
-        """Every registered site as this coordinator knows it: connection, data, approvals."""
+    def site_rows(self) -> list[SiteRow]:
+        """The ledger's site rows by name: held, or read if a site row was written since."""
+        with self._site_rows_lock:
+            rows, written = self._site_rows, self._site_rows_written
+        if rows is None:
+            rows = self.ledger.sites()
+            with self._site_rows_lock:
+                if self._site_rows_written == written:  # none committed while it was read
+                    self._site_rows = rows
+        return rows
+
+    def forget_site_rows(self) -> None:
+        """The site rows are read again at their next use (the ledger was written elsewhere)."""
+        with self._site_rows_lock:
+            self._site_rows_written += 1
+            self._site_rows = None
+
+    def _rows_written(self, rows: Sequence[Base]) -> None:
+        if any(isinstance(row, SiteRow) for row in rows):
+            self.forget_site_rows()
+
+    def site_views(self, rows: Sequence[SiteRow] | None = None) -> dict[str, SiteView]:
+        """Every registered site as this coordinator knows it: connection, data, approvals.
+
+        Args:
+            rows: The sites' ledger rows, if read already (`ListSites`, on the ledger reader's
+                thread: this only looks connections and approvals up, never iterates them).
+        """
         views = {}
-        for row in self.ledger.sites():
+        for row in self.site_rows() if rows is None else rows:
             dropped = self._offline_since.get(row.name)
             views[row.name] = SiteView(
                 name=row.name,

@@ -23,13 +23,16 @@ class RoundRecords(LedgerCore):
             query = select(RoundRow).where(RoundRow.run_id == run_id)
             return list(session.scalars(query.order_by(RoundRow.number)))
 
-    def rounds_of(self, run_ids: Collection[str]) -> dict[str, list[RoundRow]]:
-        """The rounds of several runs in one query, by run id, each run's in order."""
+    def rounds_of(self, run_ids: Collection[str] | None) -> dict[str, list[RoundRow]]:
+        """The rounds of several runs (None: of every run) in one query, by run id, each run's
+        in order."""
         found: dict[str, list[RoundRow]] = defaultdict(list)
-        if not run_ids:
+        if run_ids is not None and not run_ids:
             return {}
         with self._sessions() as session:
-            query = select(RoundRow).where(RoundRow.run_id.in_(list(run_ids)))
+            query = select(RoundRow)
+            if run_ids is not None:
+                query = query.where(RoundRow.run_id.in_(list(run_ids)))
             for row in session.scalars(query.order_by(RoundRow.run_id, RoundRow.number)):
                 found[row.run_id].append(row)
         return dict(found)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -142,6 +142,20 @@ class RunRecords(LedgerCore):
                 .order_by(RunRow.created_at)
             )
             return list(session.scalars(query))
+
+    def runs_in_batches(self, size: int = 20) -> Iterator[list[RunRow]]:
+        """Every run with its hops and evaluations, oldest first, `size` runs at a time (each
+        batch's hops and evaluations read with it): a reader can let other threads run
+        between batches instead of building thousands of rows in one stretch."""
+        with self._sessions() as session:
+            query = (
+                select(RunRow)
+                .options(selectinload(RunRow.hops), selectinload(RunRow.evaluations))
+                .order_by(RunRow.created_at)
+                .execution_options(yield_per=size)
+            )
+            for batch in session.scalars(query).partitions():
+                yield list(batch)
 
     def active_runs(self) -> list[RunRow]:
         """The running runs with their hops and evaluations; finished runs are never read."""

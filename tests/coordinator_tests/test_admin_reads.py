@@ -1,0 +1,200 @@
+"""Admin reads never run SQL on the event loop: a running run's view comes from the runs the
+engine holds in memory, every other read (a paused or finished run, the list of runs, the
+sites) runs on the ledger reader's thread; the answers are those built from the ledger."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+from sqlalchemy import event
+
+from coordinator.console.admin import AdminClient
+from coordinator.engine import RunEngine
+from coordinator.ledger import EvaluationRow, HopRow, Ledger
+from coordinator.plan import parse_plan
+from coordinator.server import Coordinator
+from coordinator.servicer import run_status
+from protocols.v1 import baton_pb2 as pb
+from tests.conftest import LoopThread
+from tests.coordinator_tests.conftest import WAIT, ScriptedSite
+
+SITES = {"site-a", "site-b"}
+
+
+def _plan(mode: str = "sequential") -> dict[str, object]:
+    plan: dict[str, object] = {"name": f"admin-{mode}", "dataset": "notes",
+                               "labels": ["x", "y"], "sites": ["site-a", "site-b"]}  # fmt: skip
+    if mode == "federated":
+        plan.update(mode="federated", federated={"rounds": 2, "min_sites": 2})
+    return plan
+
+
+@contextmanager
+def _statements(ledger: Ledger) -> Iterator[list[tuple[str, str]]]:
+    """Every statement sent to the ledger's database meanwhile, as (thread name, statement),
+    but the ledger writer's (a hand back's work after its answer may still be committing)."""
+    seen: list[tuple[str, str]] = []
+
+    def note(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        thread = threading.current_thread().name
+        if not thread.startswith("ledger-writer"):
+            seen.append((thread, " ".join(statement.split())))
+
+    event.listen(ledger.engine, "before_cursor_execute", note)
+    try:
+        yield seen
+    finally:
+        event.remove(ledger.engine, "before_cursor_execute", note)
+
+
+def _from_ledger(engine: RunEngine, run_id: str) -> pb.RunStatus:
+    """The run's view built from what the ledger holds (read here, on the test's thread)."""
+    return run_status(engine, engine.ledger.run(run_id))
+
+
+def _evaluation(run_id: str, sha256: str) -> EvaluationRow:
+    return EvaluationRow(id=uuid.uuid4().hex, run_id=run_id, checkpoint_sha256=sha256,
+                         site="site-b", split="validation", status="pending", metrics={},
+                         created_at=datetime.now(UTC))  # fmt: skip
+
+
+def test_get_run_of_a_running_run_reads_no_sql_and_shows_what_was_committed_since(
+    quiet: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    engine = quiet.engine
+    admin.wait_for_sites(SITES, timeout=WAIT)
+    run_id = admin.start_run(parse_plan(_plan()))
+    task = sites["site-a"].next_task()
+    with _statements(engine.ledger) as seen:
+        leased = admin.run(run_id)
+    assert seen == []
+    assert leased == _from_ledger(engine, run_id)
+    assert [h.status for h in leased.hops] == ["leased", "pending"]
+
+    site = sites["site-a"]
+    assert site.report(task, site.upload(task, site.bundle(task))) == "committed"
+    sites["site-b"].next_task()
+    # An evaluation written (and then finished) after the run was loaded: written through.
+    evaluation = _evaluation(run_id, leased.hops[0].hop_id * 2)
+    engine.ledger.create_evaluations([evaluation])
+    with _statements(engine.ledger) as seen:
+        handed_on = admin.run(run_id)
+    assert seen == []
+    assert handed_on == _from_ledger(engine, run_id)
+    assert [h.status for h in handed_on.hops] == ["committed", "leased"]
+    assert [(e.evaluation_id, e.status) for e in handed_on.evaluations] == [
+        (evaluation.id, "pending")
+    ]
+    engine.ledger.finish_evaluation(evaluation.id, metrics={"accuracy": 0.75})
+    with _statements(engine.ledger) as seen:
+        scored = admin.run(run_id)
+    assert seen == []
+    assert scored == _from_ledger(engine, run_id)
+    assert scored.evaluations[0].status == "done"
+    assert dict(scored.evaluations[0].metrics) == {"accuracy": 0.75}
+
+
+def test_a_federated_runs_view_comes_from_memory_with_its_rounds(
+    quiet: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    engine = quiet.engine
+    admin.wait_for_sites(SITES, timeout=WAIT)
+    run_id = admin.start_run(parse_plan(_plan("federated")))
+    task = sites["site-a"].next_task()
+    sites["site-b"].next_task()
+    site = sites["site-a"]
+    site.report(task, site.upload(task, site.bundle(task)), train_examples=10.0)
+    with _statements(engine.ledger) as seen:
+        view = admin.run(run_id)
+    assert seen == []
+    assert view == _from_ledger(engine, run_id)
+    assert [r.status for r in view.rounds] == ["training", "pending"]
+    assert [h.status for h in view.hops[:2]] == ["committed", "leased"]
+
+
+def _settled_run(ledger: Ledger, status: str) -> str:
+    """A run settled in `status`, written straight to the ledger (as another process would)."""
+    run_id = uuid.uuid4().hex
+    sha256 = uuid.uuid4().hex * 2
+    hop = HopRow(id=uuid.uuid4().hex, index=0, site="site-a", hyperparameters={},
+                 status="committed", metrics={"accuracy": 0.5}, output_sha256=sha256)  # fmt: skip
+    plan = json.loads(parse_plan(_plan()).to_json())
+    ledger.create_run(run_id, f"settled-{status}", plan, [hop], None)
+    ledger.transition_run(run_id, expected=("running",), status=status, final_sha256=sha256)
+    evaluation = _evaluation(run_id, sha256)
+    ledger.create_evaluations([evaluation])
+    ledger.finish_evaluation(evaluation.id, metrics={"accuracy": 0.5})
+    return run_id
+
+
+def test_reads_of_settled_runs_the_run_list_and_the_sites_run_off_the_event_loop(
+    quiet: Coordinator,
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    loop_thread: LoopThread,
+) -> None:
+    engine = quiet.engine
+    admin.wait_for_sites(SITES, timeout=WAIT)
+    completed = _settled_run(engine.ledger, "completed")
+    aborted = _settled_run(engine.ledger, "aborted")
+    paused = admin.start_run(parse_plan(_plan()))
+    sites["site-a"].next_task()
+    loop_thread.run(engine.pause_run(paused))
+    running = admin.start_run(parse_plan(_plan("federated")))
+    sites["site-a"].next_task()
+    sites["site-b"].next_task()
+    loop = loop_thread.thread.name
+
+    for run_id in (completed, aborted, paused):
+        with _statements(engine.ledger) as seen:
+            view = admin.run(run_id)
+        assert seen and {thread for thread, _ in seen} == {"ledger-reader_0"}
+        assert view == _from_ledger(engine, run_id)
+    assert admin.run(completed).final_adapter_dir.endswith(f"{completed}/final_adapter")
+
+    with _statements(engine.ledger) as seen:
+        listed = admin.runs()
+    assert seen and loop not in {thread for thread, _ in seen}
+    assert [r.run_id for r in listed] == [completed, aborted, paused, running]
+    assert listed == [_from_ledger(engine, r.run_id) for r in listed]
+    assert [r.status for r in listed] == ["completed", "aborted", "paused", "running"]
+    assert len(listed[3].rounds) == 2
+
+    with _statements(engine.ledger) as seen:
+        known = admin.sites()
+    assert seen and loop not in {thread for thread, _ in seen}
+    assert {(s.name, s.connected) for s in known} == {("site-a", True), ("site-b", True)}
+
+    resumed = admin.control(paused, "resume")
+    assert resumed.status == "running"
+    assert resumed == _from_ledger(engine, paused)
+    with pytest.raises(grpc.RpcError) as refused:
+        admin.run("no-such-run")
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_run_waiting_for_an_offline_site_is_viewed_without_reading_the_sites(
+    quiet: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    engine = quiet.engine
+    admin.wait_for_sites(SITES, timeout=WAIT)
+    sites["site-b"].close()
+    deadline = time.monotonic() + WAIT
+    while "site-b" in engine.connected_sites():
+        assert time.monotonic() < deadline, "site-b's stream is still open"
+        time.sleep(0.02)
+    plan = parse_plan({**_plan(), "sites": ["site-b", "site-a"]})
+    run_id = admin.start_run(plan, allow_offline=True)
+    with _statements(engine.ledger) as seen:
+        view = admin.run(run_id)
+    assert seen == []
+    assert view == _from_ledger(engine, run_id)
+    assert view.hops[0].waiting_reason.startswith("waiting for site-b: offline since")
