@@ -252,48 +252,6 @@ class _ParsedDatasets:
 _PARSED = _ParsedDatasets(_PARSED_ENTRIES)
 
 
-class _RegistrationTexts:
-    """The text of registration files read before, each with the file's identity
-    (`_source_identity`) when it was read, if settled by then: a hop's load then reads it
-    again only if that identity moved (a registration is written whole, to a new file:
-    `_write_json`). The same rules as a source's identity: what it does not catch, a
-    preparation's load (``rehash``) catches, as it reads the file again."""
-
-    def __init__(self, entries: int) -> None:
-        self._entries = entries
-        self._lock = threading.Lock()
-        # Each entry: (the file's identity and when it was read, its text).
-        self._texts: OrderedDict[str, tuple[tuple[_SourceIdentity, int], str]] = OrderedDict()
-
-    def vouched(self, path: Path) -> str | None:
-        """The text read before, if the file's identity is what it was then; else None."""
-        identity = _source_identity(path)
-        with self._lock:
-            known = self._texts.get(str(path))
-            if identity is None or known is None or not _vouches(known[0], identity):
-                return None
-            self._texts.move_to_end(str(path))
-            return known[1]
-
-    def read(self, path: Path) -> str:
-        """The file's text, read now (and kept with its identity, if settled)."""
-        before = _source_identity(path)
-        text = _read_registration_text(path)
-        settled = before is not None and before == _source_identity(path)
-        with self._lock:
-            if settled and before is not None and _changed_long_ago(before):
-                self._texts[str(path)] = ((before, time.monotonic_ns()), text)
-                self._texts.move_to_end(str(path))
-                while len(self._texts) > self._entries:
-                    self._texts.popitem(last=False)
-            else:
-                self._texts.pop(str(path), None)
-        return text
-
-
-_REGISTRATIONS = _RegistrationTexts(_PARSED_ENTRIES)
-
-
 def register_dataset(
     data_dir: Path,
     name: str,
@@ -360,7 +318,7 @@ def load_registered(data_dir: Path, name: str, *, rehash: bool = False) -> Regis
     ctime) is what it was when a hash of it last matched, long enough after its last change
     for a later change to show (`_source_identity` says what that does and does not catch);
     ``rehash`` hashes it in any case (a hop's preparation does, off the handoff). The
-    registration file itself is read again on the same terms (`_RegistrationTexts`).
+    registration file itself is read at every load (its parse is kept per exact text).
 
     A name with no registration but a ``<data_dir>/<name>.jsonl`` file is registered on the
     spot as ``seq-classification`` JSON Lines (seed 0, 0.2 validation, 0.2 test, duplicates
@@ -369,8 +327,7 @@ def load_registered(data_dir: Path, name: str, *, rehash: bool = False) -> Regis
     Args:
         data_dir: The site's data folder.
         name: The dataset name.
-        rehash: Read the registration and hash the source even if their identities are
-            unchanged.
+        rehash: Hash the source even if its identity is unchanged.
 
     Returns:
         The dataset with the splits fixed at registration.
@@ -383,14 +340,11 @@ def load_registered(data_dir: Path, name: str, *, rehash: bool = False) -> Regis
     _check_name(name)
     registration_path = data_dir / name / REGISTRATION_FILE
     legacy = data_dir / f"{name}{_LEGACY_SUFFIX}"
-    # Read again unless its identity holds (`_RegistrationTexts`); a preparation reads it.
-    registration_text = None if rehash else _REGISTRATIONS.vouched(registration_path)
-    if registration_text is None:
-        if not registration_path.is_file():
-            if legacy.is_file():
-                return _register_legacy(data_dir, name, legacy)
-            raise DatasetError(f"no dataset named {name!r} is registered in {data_dir}")
-        registration_text = _REGISTRATIONS.read(registration_path)
+    if not registration_path.is_file():
+        if legacy.is_file():
+            return _register_legacy(data_dir, name, legacy)
+        raise DatasetError(f"no dataset named {name!r} is registered in {data_dir}")
+    registration_text = _read_registration_text(registration_path)
     registration = _parsed_registration(registration_text, str(registration_path))
     source = Path(str(registration["source"]))
     # The exact registration text holds the source's path and sha256: an entry under this key

@@ -133,7 +133,9 @@ def _run(
 
 
 def _hop_count(agent: SiteAgent, status: str) -> float:
-    return agent.metrics.hops.labels(status=status)._value.get()  # type: ignore[no-any-return]
+    value = agent.metrics.registry.get_sample_value("baton_site_hops_total", {"status": status})
+    assert value is not None
+    return value
 
 
 def test_a_granted_provisional_hop_steps_and_answers_only_after_its_decision(
