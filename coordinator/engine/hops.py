@@ -450,13 +450,9 @@ class Hops:
         if self._following(run, hop) is None:
             return None
 
-        async def early_check() -> EarlyCheck:
-            # One turn of the loop first: the bundle's store write, started in that turn,
-            # goes to its thread before this check takes the interpreter's lock for its part.
-            await asyncio.sleep(0)
-            return await self.writer.run(self._early_check, run)
-
-        check = asyncio.ensure_future(early_check())
+        # Handed to the writer thread now: its wake-up and its SQL waits overlap the bundle's
+        # parse, checks and staged write on the loop (the write no longer fsyncs there).
+        check = self.writer.submit(self._early_check, run)
         check.add_done_callback(_retrieve)  # a hand back refused meanwhile never awaits it
         return check
 

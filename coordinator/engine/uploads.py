@@ -607,7 +607,9 @@ class UploadIntake:
         loop = asyncio.get_running_loop()
         staging = loop.run_in_executor(None, self.store.stage, whole, header.sha256)
         try:
-            inspected = await asyncio.to_thread(self._inspected_bytes, whole, header.sha256)
+            # On the loop: at most `CHUNK_BYTES` (about 0.4 ms of CPU for a 300 KB adapter),
+            # less than a worker thread's round trip on the handoff's path.
+            inspected = self._inspected_bytes(whole, header.sha256)
             # The hop may have ended while the bytes arrived (lease expired, run aborted).
             run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
             bundle = self._checked_upload(run, hop, site, certificate_pem, header, inspected)

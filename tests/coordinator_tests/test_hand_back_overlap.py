@@ -657,3 +657,30 @@ def test_a_hand_backs_bundle_in_one_message_is_kept_on_the_event_loop(
     assert on_loop == [True]  # no worker-thread round trip between its checks and its commit
     assert _stored(coordinator) == [sha256_hex(data)]
     assert _stored_and_committed(coordinator, task) == (1, 1)
+
+
+def test_a_bundle_in_one_message_is_checked_on_the_loop_while_the_run_is_checked_on_the_writer(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hops, intake = coordinator.engine.hops, coordinator.engine.intake
+    checking, seen, on_loop = threading.Event(), list[bool](), list[bool]()
+    real_mismatches, real_inspected = hops._mismatches, intake._inspected_bytes
+
+    def mismatches(run: RunRow, checkpoint_sha: str | None) -> object:
+        checking.set()
+        return real_mismatches(run, checkpoint_sha)
+
+    def inspected(data: bytes, expected_sha256: str) -> object:
+        on_loop.append(asyncio._get_running_loop() is not None)
+        # The loop is held here: the run's check must be on the writer's thread already,
+        # handed over as the hand back arrived, not a turn of the loop later.
+        seen.append(checking.wait(WAIT))
+        return real_inspected(data, expected_sha256)
+
+    monkeypatch.setattr(hops, "_mismatches", mismatches)
+    monkeypatch.setattr(intake, "_inspected_bytes", inspected)
+    data = _bundle(site, task, 75_000)
+    assert _hand_back(site, task, data, whole=True) == "committed"
+    assert on_loop == [True]  # no worker-thread round trip for a bundle of one message
+    assert seen == [True]
+    assert _stored_and_committed(coordinator, task) == (1, 1)
