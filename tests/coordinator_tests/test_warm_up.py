@@ -34,6 +34,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     """An event loop serving on a thread of its own, as the coordinator's does."""
     thread = LoopThread()
     yield thread.loop
+    thread.run(thread.loop.shutdown_default_executor())  # the threads the warm-up started
     thread.close()
 
 
@@ -166,3 +167,18 @@ def test_the_rehearsal_alone_needs_no_event_loop(ledger: Ledger) -> None:
     before = _contents(ledger)
     rehearse_hand_back(ledger)
     assert _contents(ledger) == before and ledger.verify().ok
+
+
+def test_the_warm_up_starts_the_threads_a_hand_back_runs_on(
+    ledger: Ledger, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The loop's default executor (a fresh loop: none yet) and the store's sync thread run
+    before the first hand back, not started from the loop by it."""
+
+    def running(prefix: str) -> int:
+        return sum(thread.name.startswith(prefix) for thread in threading.enumerate())
+
+    before = running("asyncio_")  # other loops' executors
+    warm_first_hand_back(ledger, loop)
+    assert running("asyncio_") - before >= warm_up.DEFAULT_EXECUTOR_THREADS
+    assert running("store-sync") >= 1
