@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib
 import logging
@@ -17,6 +18,7 @@ import grpc.aio
 from sqlalchemy.exc import SQLAlchemyError
 
 from coordinator.engine import RunEngine
+from coordinator.engine.warm_up import warm_first_hand_back
 from coordinator.federated import AggregateSigner
 from coordinator.health import GrpcHealth, HealthEndpoint, ledger_reachable
 from coordinator.heap import TransferTrim, release_free_memory
@@ -27,7 +29,6 @@ from coordinator.servicer import AdminServicer, MalformedMessageGuard, SiteServi
 from coordinator.settings import CoordinatorSettings
 from coordinator.startup import InstanceLock, database_error, masked_url
 from coordinator.store import CheckpointStore, fsync_write
-from protocols.checkpoint import warm_up
 from protocols.transport import aio_server
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
@@ -236,12 +237,14 @@ async def serve_claimed(
         dashboard.arm()
     freeze_start_up()
     # The metric families are made once the first hellos are over (or by the first update),
-    # and the bundle checks warmed (the first hand back pays no numpy import).
+    # and the first hand back's first-call costs taken ahead (bundle checks, worker threads,
+    # the commit's SQL compiled: `coordinator.engine.warm_up`).
     engine = coordinator.engine
-    settling = asyncio.create_task(
-        settle_when_quiet(lambda: len(engine.sessions), engine.metrics.build, warm_up)
-    )
     loop = asyncio.get_running_loop()
+    warm = functools.partial(warm_first_hand_back, engine.ledger, loop)
+    settling = asyncio.create_task(
+        settle_when_quiet(lambda: len(engine.sessions), engine.metrics.build, warm)
+    )
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
@@ -401,7 +404,7 @@ async def settle_when_quiet(
     ``deferred()`` runs first: start-up's work that waited until after ready (the metric
     families, `CoordinatorMetrics.build`), so that what it makes is frozen with the rest. Then
     ``warm()``, on a worker thread (the loop keeps serving): first-call costs taken off the
-    first hand back (`protocols.checkpoint.warm_up`), what they import frozen too.
+    first hand back (`coordinator.engine.warm_up`), what they import frozen too.
     """
     loop = asyncio.get_running_loop()
     began = loop.time()

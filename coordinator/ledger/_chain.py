@@ -383,11 +383,16 @@ def sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 class LedgerCore:
     """The ledger's engine, sessions and event chain; `Ledger` adds one mixin per job."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, engine: Engine | None = None) -> None:
+        """`engine`: used instead of one made from `url` (a rehearsal's scratch database,
+        `coordinator.engine.warm_up`), as given: no listener is added to it."""
         self.url = url
-        self.engine: Engine = create_engine(url, future=True)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", sqlite_pragmas)
+        if engine is not None:
+            self.engine: Engine = engine
+        else:
+            self.engine = create_engine(url, future=True)
+            if self.engine.dialect.name == "sqlite":
+                event.listen(self.engine, "connect", sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _track_state_rows)
         self.head_observers: list[HeadObserver] = []

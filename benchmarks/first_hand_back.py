@@ -1,0 +1,176 @@
+"""A cold coordinator's first hand backs, call by call: an interleaved A/B of checkouts.
+
+Per round and checkout (`--root`, repeatable, in turn): a fresh `baton coordinator serve` from
+that checkout (its own state directory), two scripted sites (`hand_back_call.TimedSite`) and a
+two-site sequential run; `--delay` seconds after the run starts (a real site loads its model and
+trains meanwhile: the coordinator is idle, as before a cold cluster's first hand back), the
+sites hand back `--hops` hops of `--kib` KiB one after the other with HandBackHopWhole, `--gap`
+seconds apart. Per hop: the call's wall time at the site, the next site's task arrival from the
+call's start (the coordinator's part of a handoff: check, store, commit, lease, push), and the
+coordinator process's CPU time from the call's start to `--gap` s after its answer (what the
+hand back costs it, bookkeeping after the answer included). The first hop is the cold one.
+Writes JSON + Markdown under benchmarks/results/.
+
+    nice -n 10 .venv/bin/python benchmarks/first_hand_back.py --root /tmp/base --root . --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.hand_back_call import TimedSite, _hand_back, _spy
+from benchmarks.transfer import RESULTS, _start, _tls
+from coordinator.console.admin import AdminClient
+from coordinator.plan import parse_plan
+from protocols.pki import Role, init_ca, issue_certificate
+
+
+def _cpu(pid: int) -> float:
+    """The process's on-CPU seconds over its live threads (/proc schedstat: ns, not ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / 1e9
+
+
+def one(root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """One cold coordinator from `root`: per hop, call ms, next task ms, coordinator CPU ms."""
+    pki = tmp / "pki"
+    init_ca(pki)
+    for role, name in [(Role.COORDINATOR, "coordinator"), (Role.ADMIN, "admin"),
+                       (Role.SITE, "site-a"), (Role.SITE, "site-b")]:  # fmt: skip
+        issue_certificate(pki, pki, role, name)
+    command = [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
+               "--port-file", str(tmp / "coordinator.port"), "--state-dir", str(tmp / "state"),
+               "--ca", str(pki / "ca.crt"), "--cert", str(pki / "coordinator.crt"),
+               "--key", str(pki / "coordinator.key"), "--log-level", "WARNING",
+               "--no-dashboard"]  # fmt: skip
+    here = Path.cwd()
+    os.chdir(root)  # `python -m` puts the working directory first on the import path
+    try:
+        proc, port, _ = _start(command, tmp / "coordinator.port", PYTHONPATH=str(root))
+    finally:
+        os.chdir(here)
+    call_ms: list[float] = []
+    next_task_ms: list[float] = []
+    cpu_ms: list[float] = []
+    try:
+        sites = {name: TimedSite(port, pki, name) for name in ("site-a", "site-b")}
+        admin = AdminClient(f"localhost:{port}", _tls(pki, "admin"))
+        admin.wait_for_sites(set(sites), timeout=30)
+        admin.start_run(parse_plan({
+            "name": "first-hand-back", "dataset": "notes", "labels": ["x", "y"],
+            "sites": ["site-a", "site-b"], "cycles": (args.hops + 2) // 2,
+        }))  # fmt: skip
+        spy = None
+        if args.profile is not None:
+            # py-spy over the first call only (attached during the delay), its stacks to a file.
+            spy = _spy(proc.pid, args.profile / f"{tmp.name}.txt", args.profile_rate)
+        time.sleep(args.delay)
+        for index in range(args.hops):
+            site = sites["site-a" if index % 2 == 0 else "site-b"]
+            following = sites["site-b" if index % 2 == 0 else "site-a"]
+            task = site.tasks.get(timeout=60)
+            data = site.bundle(task, args.kib * 1024)
+            cpu_from = _cpu(proc.pid)
+            started, seconds = _hand_back(site, task, data, "whole")
+            time.sleep(args.gap)
+            cpu_ms.append((_cpu(proc.pid) - cpu_from) * 1e3)
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its stacks and exits
+                spy.wait(60)
+                spy = None
+            call_ms.append(seconds * 1e3)
+            arrived = [at for hop_id, at in following.received.items() if at >= started]
+            next_task_ms.append((min(arrived) - started) * 1e3 if arrived else float("nan"))
+        for site in sites.values():
+            site.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {
+        "call_ms": [round(v, 2) for v in call_ms],
+        "next_task_ms": [round(v, 2) for v in next_task_ms],
+        "coordinator_cpu_ms": [round(v, 1) for v in cpu_ms],
+        "load_1min": round(os.getloadavg()[0], 2),
+    }
+
+
+def _label(root: Path) -> str:
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
+    return f"{root} ({head})" if head else str(root)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, action="append", help="checkout (repeatable)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hops", type=int, default=4)
+    parser.add_argument("--kib", type=int, default=300)
+    parser.add_argument("--delay", type=float, default=8.0, help="s from run start to 1st call")
+    parser.add_argument("--gap", type=float, default=0.3, help="s after each answer")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder: py-spy's stacks of the coordinator over the first call",
+    )
+    parser.add_argument("--profile-rate", type=int, default=1000)
+    parser.add_argument("--name", default="first-hand-back")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    roots = [r.resolve() for r in (args.root or [Path(__file__).resolve().parent.parent])]
+    runs: dict[str, list[dict[str, Any]]] = {_label(r): [] for r in roots}
+    for _ in range(args.rounds):
+        for root, label in zip(roots, runs, strict=True):
+            with tempfile.TemporaryDirectory(prefix="first-hand-back-") as tmp:
+                found = one(root, args, Path(tmp))
+            runs[label].append(found)
+            print(label, json.dumps(found), flush=True)
+    rows = []
+    for label, results in runs.items():
+        first = {key: [r[key][0] for r in results]
+                 for key in ("call_ms", "next_task_ms", "coordinator_cpu_ms")}  # fmt: skip
+        later = {key: statistics.median(v for r in results for v in r[key][1:])
+                 for key in ("call_ms", "next_task_ms", "coordinator_cpu_ms")}  # fmt: skip
+        rows.append({"checkout": label, "first": first, "later_median": later, "runs": results})
+    command = " ".join(["benchmarks/first_hand_back.py", *sys.argv[1:]])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(
+        json.dumps({"command": command, "rows": rows}, indent=2) + "\n"
+    )
+    lines = [
+        "# A cold coordinator's first hand backs (scripted sites)", "",
+        f"Command: `{command}`  ", f"{args.rounds} rounds, checkouts interleaved, a fresh "
+        f"coordinator per run; {args.hops} hops of {args.kib} KiB, the first {args.delay} s "
+        f"after the run's start; machine: {os.cpu_count()} cores.", "",
+        "| checkout | first call ms (per run) | later calls ms (median) | first: next task ms "
+        "| later: next task ms | first: coordinator CPU ms | later: CPU ms | 1-min load |",
+        "|---|---|---:|---|---:|---|---:|---|",
+        *(f"| {r['checkout']} | {r['first']['call_ms']} | {r['later_median']['call_ms']:.2f} | "
+          f"{r['first']['next_task_ms']} | {r['later_median']['next_task_ms']:.2f} | "
+          f"{r['first']['coordinator_cpu_ms']} | {r['later_median']['coordinator_cpu_ms']:.1f} | "
+          f"{[x['load_1min'] for x in r['runs']]} |" for r in rows),
+    ]  # fmt: skip
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The first hand back's warm-up (`coordinator.engine.warm_up`): it compiles what the commit
+runs, leaves the ledger as it was, holds nothing a hand back waits on, and only logs a failure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import MetaData, event, select, text
+from sqlalchemy.engine.default import CACHE_MISS
+
+from coordinator.engine import warm_up
+from coordinator.engine.warm_up import rehearse_hand_back, warm_first_hand_back
+from coordinator.ledger import Ledger
+from coordinator.server import Coordinator
+from protocols.v1 import baton_pb2 as pb
+from tests.conftest import LoopThread
+from tests.coordinator_tests.conftest import ScriptedSite
+from tests.coordinator_tests.test_commit_statements import _hand_back as _commit_transaction
+from tests.coordinator_tests.test_commit_statements import _leased_run
+from tests.coordinator_tests.test_hand_back import _bundle, _hand_back, site, task
+
+__all__ = ["site", "task"]  # fixtures
+
+STEPS = ["bundle checks", "worker threads", "ledger statements", "ledger commit"]
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop serving on a thread of its own, as the coordinator's does."""
+    thread = LoopThread()
+    yield thread.loop
+    thread.run(thread.loop.shutdown_default_executor())  # the threads the warm-up started
+    thread.close()
+
+
+def _contents(ledger: Ledger) -> dict[str, list[str]]:
+    """Every row of every table, and where the sequences (SQLite: AUTOINCREMENT) stand."""
+    tables = MetaData()
+    tables.reflect(ledger.engine)
+    with ledger.engine.connect() as connection:
+        found = {
+            name: sorted(repr(tuple(row)) for row in connection.execute(select(table)))
+            for name, table in tables.tables.items()
+        }
+        if ledger.engine.dialect.name == "postgresql":  # SQLite's rowids: the rows above
+            sequences = connection.execute(text(
+                "SELECT sequencename, last_value FROM pg_sequences "
+                "WHERE schemaname = current_schema()"
+            ))  # fmt: skip
+            found["(sequences)"] = sorted(repr(tuple(row)) for row in sequences)
+    return found
+
+
+def _compiled_anew(ledger: Ledger) -> list[str]:
+    """From now on, the statements the ledger's engine compiles (not found in its cache)."""
+    missed: list[str] = []
+
+    def note(_conn: object, _cursor: object, statement: str, _params: object,
+             context: Any, _many: bool) -> None:  # fmt: skip
+        if context is not None and context.cache_hit == CACHE_MISS:
+            missed.append(" ".join(statement.split())[:60])
+
+    event.listen(ledger.engine, "before_cursor_execute", note)
+    return missed
+
+
+def test_the_rehearsal_compiles_what_a_first_commit_runs_without_writing_the_ledger(
+    ledger: Ledger, loop: asyncio.AbstractEventLoop
+) -> None:
+    run_id, ids = _leased_run(ledger, 4)
+    before = _contents(ledger)
+    warm_first_hand_back(ledger, loop)
+    assert _contents(ledger) == before  # not a row written, no sequence moved
+    assert ledger.verify().ok
+    missed = _compiled_anew(ledger)
+    ledger.stored_run_mismatches(run_id, None)  # the hand back's early tamper check
+    ledger.stored_sizes(ids[0])
+    _commit_transaction(ledger, run_id, ids, 0)  # the run's first commit: its base model pinned
+    if ledger.engine.dialect.name == "sqlite":
+        assert missed == []  # the scratch database shares the ledger's dialect and cache
+    else:
+        assert missed  # a PostgreSQL ledger's statements compile at its first commit still
+    assert ledger.verify().ok
+
+
+def test_without_the_rehearsal_a_first_commit_compiles_its_statements(ledger: Ledger) -> None:
+    """The counterpart: what the rehearsal takes off the first hand back."""
+    run_id, ids = _leased_run(ledger, 4)
+    missed = _compiled_anew(ledger)
+    _commit_transaction(ledger, run_id, ids, 0)
+    assert any(statement.startswith("INSERT INTO checkpoints") for statement in missed)
+
+
+def test_a_failing_warm_up_step_is_logged_and_the_others_run(
+    ledger: Ledger, loop: asyncio.AbstractEventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    _leased_run(ledger, 2)
+    before = _contents(ledger)
+    reached: list[str] = []
+
+    def step(name: str) -> None:
+        reached.append(name)
+        if name in ("bundle checks", "ledger commit"):  # the latter inside the rehearsed commit
+            raise RuntimeError(f"{name} broke")
+
+    with caplog.at_level(logging.WARNING, logger=warm_up.__name__):
+        warm_first_hand_back(ledger, loop, before_step=step)  # raises nothing
+    assert reached == STEPS
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert "bundle checks skipped (RuntimeError: bundle checks broke)" in warnings[0]
+    assert "ledger statements skipped (RuntimeError: ledger commit broke)" in warnings[1]
+    assert _contents(ledger) == before and ledger.verify().ok
+
+
+def test_a_hand_back_commits_while_the_warm_up_holds_its_rehearsed_commit_open(
+    coordinator: Coordinator,
+    loop_thread: LoopThread,
+    sites: dict[str, ScriptedSite],
+    site: ScriptedSite,
+    task: pb.HopTask,
+) -> None:
+    """A hand back arriving in the middle of the warm-up waits on nothing the warm-up holds:
+    held inside its rehearsed transaction (the scratch database's write lock taken, the
+    statements it compiled in the shared cache), the warm-up lets a real hand back commit and
+    lease the next hop before it goes on. The bound on a hand back meanwhile is then the
+    interpreter shared with the warm-up's own CPU (tens of ms, once, at start-up)."""
+    ledger = coordinator.engine.ledger
+    inside, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def step(name: str) -> None:
+        if name == "ledger commit":
+            inside.set()
+            release.wait(60)
+            order.append("warm-up goes on")
+
+    warming = threading.Thread(
+        target=warm_first_hand_back,
+        args=(ledger, loop_thread.loop),  # the coordinator's loop
+        kwargs={"before_step": step},
+    )
+    warming.start()
+    try:
+        assert inside.wait(60)
+        data = _bundle(site, task, 75_000)
+        assert _hand_back(site, task, data, whole=True) == "committed"
+        order.append("hand back committed")
+        following = sites["site-b"].next_task()
+        assert following.hop_id != task.hop_id
+        order.append("next hop leased")
+    finally:
+        release.set()
+        warming.join(60)
+    assert order == ["hand back committed", "next hop leased", "warm-up goes on"]
+    assert not warming.is_alive()
+    assert ledger.verify().ok
+
+
+def test_the_rehearsal_alone_needs_no_event_loop(ledger: Ledger) -> None:
+    _leased_run(ledger, 2)
+    before = _contents(ledger)
+    rehearse_hand_back(ledger)
+    assert _contents(ledger) == before and ledger.verify().ok
+
+
+def test_the_warm_up_starts_the_threads_a_hand_back_runs_on(
+    ledger: Ledger, loop: asyncio.AbstractEventLoop
+) -> None:
+    """The loop's default executor (a fresh loop: none yet) and the store's sync thread run
+    before the first hand back, not started from the loop by it."""
+
+    def running(prefix: str) -> int:
+        return sum(thread.name.startswith(prefix) for thread in threading.enumerate())
+
+    before = running("asyncio_")  # other loops' executors
+    warm_first_hand_back(ledger, loop)
+    assert running("asyncio_") - before >= warm_up.DEFAULT_EXECUTOR_THREADS
+    assert running("store-sync") >= 1
