@@ -66,6 +66,20 @@ def _thread_cpu(pid: int) -> dict[tuple[int, str], float]:
     return out
 
 
+def _switches(pid: int) -> dict[tuple[int, str], float]:
+    """Context switches (voluntary + involuntary) of each thread so far."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            comm = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        lines = [line for line in status.splitlines() if "ctxt_switches:" in line]
+        out[(int(tid), comm)] = float(sum(int(line.split()[1]) for line in lines))
+    return out
+
+
 def _by_thread(before: dict[tuple[int, str], float], after: dict[tuple[int, str], float],
                pid: int) -> dict[str, float]:  # fmt: skip
     spent: dict[str, float] = collections.defaultdict(float)
@@ -138,6 +152,18 @@ def main() -> None:
     parser.add_argument("--uploads", type=int, default=6)
     parser.add_argument("--size-mib", type=int, default=100)
     parser.add_argument("--perf", type=Path, help="directory for perf.data files (and a summary)")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=131072,
+        help="the coordinator's MALLOC_MMAP_THRESHOLD_ (the deployed value)",
+    )
+    parser.add_argument(
+        "--malloc-trim-threshold",
+        type=int,
+        default=0,
+        help="the coordinator's MALLOC_TRIM_THRESHOLD_ (0: glibc's default)",
+    )
     parser.add_argument("--download", action="store_true",
                         help="time downloads instead: the raw server's, and the next site's "
                              "DownloadCheckpoint of the bundle just handed back")  # fmt: skip
@@ -165,9 +191,11 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                "--port-file", str(tmp / "c.port"), "--state-dir", str(tmp / "state"),
                "--ca", str(pki / "ca.crt"), "--cert", str(pki / "coordinator.crt"),
                "--key", str(pki / "coordinator.key"), "--log-level", "WARNING"]  # fmt: skip
-    # The deployed malloc settings, as transfer.py runs the coordinator.
-    coordinator, port, _ = transfer._start(command, tmp / "c.port", MALLOC_ARENA_MAX="2",
-                                           MALLOC_MMAP_THRESHOLD_="131072")  # fmt: skip
+    # The deployed malloc settings, as transfer.py runs the coordinator (unless told otherwise).
+    malloc = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(args.malloc_mmap_threshold)}
+    if args.malloc_trim_threshold:
+        malloc["MALLOC_TRIM_THRESHOLD_"] = str(args.malloc_trim_threshold)
+    coordinator, port, _ = transfer._start(command, tmp / "c.port", **malloc)
     perfs: dict[str, _Perf] = {}
     try:
         raw_channel = secure_channel(f"localhost:{raw_port}", transfer._tls(pki, "site-a"))
@@ -202,15 +230,17 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
             time.sleep(1)
         seconds: dict[str, list[float]] = {"raw": [], "coordinator": []}
         threads: dict[str, list[dict[str, float]]] = {"raw": [], "coordinator": []}
+        switches: dict[str, list[dict[str, float]]] = {"raw": [], "coordinator": []}
 
         def timed(side: str, pid: int, upload: Any, *call: Any) -> None:
-            before = _thread_cpu(pid)
+            before, switched = _thread_cpu(pid), _switches(pid)
             if side in perfs:
                 perfs[side].on()
             seconds[side].append(upload(*call))
             if side in perfs:
                 perfs[side].off()
             threads[side].append(_by_thread(before, _thread_cpu(pid), pid))
+            switches[side].append(_by_thread(switched, _switches(pid), pid))
 
         for _ in range(args.uploads):
             if args.download:
@@ -245,6 +275,9 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                  for n in names}  # fmt: skip
         total = round(statistics.median(sum(t.values()) for t in threads[side]) * 1000)
         print(f"{side}: median {wall * 1000:.0f} ms wall; CPU ms per transfer {total}: {split}")
+        switched = {n: round(statistics.median(t.get(n, 0.0) for t in switches[side]))
+                    for n in names}  # fmt: skip
+        print(f"    context switches per transfer: {switched}")
         if side in perfs:
             pid = raw.pid if side == "raw" else coordinator.pid
             data_file = args.perf / ("raw.data" if side == "raw" else "coordinator.data")
