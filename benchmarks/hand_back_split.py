@@ -39,7 +39,7 @@ CHAIN = [
     ("c.caller_checked", "c.intake_hand_back", "coordinator: tamper check handed on, parts"),
     ("c.intake_hand_back", "c.store_whole", "coordinator: lease, stored uploads (SQL read)"),
     ("c.store_whole", "c.joined", "coordinator: bundle joined"),
-    ("c.joined", "c.inspected", "coordinator: hash, format, values (on the loop; a worker thread before session 22)"),
+    ("c.joined", "c.inspected", "coordinator: hash, format, values (on the loop since s22)"),
     ("c.inspected", "c.lineage_signature", "coordinator: lineage, custody signature"),
     ("c.lineage_signature", "c.kept", "coordinator: staged write awaited, row built"),
     ("c.kept", "c.lock_taken", "coordinator: result checked, engine lock"),
@@ -50,7 +50,7 @@ CHAIN = [
     ("w.begun", "w.stored_appended", "writer: checkpoint row + `checkpoint.stored` event"),
 ]
 BESIDE = [
-    ("c.handler_entered", "c.early_check_start", "tamper check: handed to the writer (a loop turn later before session 22)"),
+    ("c.handler_entered", "c.early_check_start", "tamper check: handed to the writer"),
     ("c.early_check_start", "w.early_check_entered", "tamper check: writer thread wakes"),
     ("w.early_check_entered", "w.early_check_done", "tamper check: runs"),
     ("w.early_check_done", "c.early_check_awaited", "tamper check: back on the loop"),
