@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,11 +29,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.hand_back_call import TimedSite, _hand_back, _spy
-from benchmarks.transfer import RESULTS, _start, _tls
-from coordinator.console.admin import AdminClient
-from coordinator.plan import parse_plan
-from protocols.pki import Role, init_ca, issue_certificate
+from benchmarks.hand_back_call import _hand_back, _spy, serve_two_site_run
+from benchmarks.ledger_commit import _label
+from benchmarks.transfer import RESULTS
 
 
 def _cpu(pid: int) -> float:
@@ -50,33 +47,11 @@ def _cpu(pid: int) -> float:
 
 def one(root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One cold coordinator from `root`: per hop, call ms, next task ms, coordinator CPU ms."""
-    pki = tmp / "pki"
-    init_ca(pki)
-    for role, name in [(Role.COORDINATOR, "coordinator"), (Role.ADMIN, "admin"),
-                       (Role.SITE, "site-a"), (Role.SITE, "site-b")]:  # fmt: skip
-        issue_certificate(pki, pki, role, name)
-    command = [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
-               "--port-file", str(tmp / "coordinator.port"), "--state-dir", str(tmp / "state"),
-               "--ca", str(pki / "ca.crt"), "--cert", str(pki / "coordinator.crt"),
-               "--key", str(pki / "coordinator.key"), "--log-level", "WARNING",
-               "--no-dashboard"]  # fmt: skip
-    here = Path.cwd()
-    os.chdir(root)  # `python -m` puts the working directory first on the import path
-    try:
-        proc, port, _ = _start(command, tmp / "coordinator.port", PYTHONPATH=str(root))
-    finally:
-        os.chdir(here)
+    proc, sites = serve_two_site_run(root, tmp, "first-hand-back", (args.hops + 2) // 2)
     call_ms: list[float] = []
     next_task_ms: list[float] = []
     cpu_ms: list[float] = []
     try:
-        sites = {name: TimedSite(port, pki, name) for name in ("site-a", "site-b")}
-        admin = AdminClient(f"localhost:{port}", _tls(pki, "admin"))
-        admin.wait_for_sites(set(sites), timeout=30)
-        admin.start_run(parse_plan({
-            "name": "first-hand-back", "dataset": "notes", "labels": ["x", "y"],
-            "sites": ["site-a", "site-b"], "cycles": (args.hops + 2) // 2,
-        }))  # fmt: skip
         spy = None
         if args.profile is not None:
             # py-spy over the first call only (attached during the delay), its stacks to a file.
@@ -109,12 +84,6 @@ def one(root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "coordinator_cpu_ms": [round(v, 1) for v in cpu_ms],
         "load_1min": round(os.getloadavg()[0], 2),
     }
-
-
-def _label(root: Path) -> str:
-    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
-    return f"{root} ({head})" if head else str(root)
 
 
 def main() -> None:

@@ -120,20 +120,46 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def serve_two_site_run(
+    root: Path, tmp: Path, name: str, cycles: int
+) -> tuple[subprocess.Popen[bytes], dict[str, TimedSite]]:
+    """`baton coordinator serve` from checkout `root` (PKI and state under `tmp`), two scripted
+    sites connected to it and a two-site sequential run of `cycles` cycles started: the
+    coordinator's process and the sites. The process is stopped if the rest fails."""
     pki = tmp / "pki"
     init_ca(pki)
-    for role, name in [(Role.COORDINATOR, "coordinator"), (Role.ADMIN, "admin"),
-                       (Role.SITE, "site-a"), (Role.SITE, "site-b")]:  # fmt: skip
-        issue_certificate(pki, pki, role, name)
-    root = args.coordinator_root or Path(__file__).resolve().parent.parent
+    for role, cn in [(Role.COORDINATOR, "coordinator"), (Role.ADMIN, "admin"),
+                     (Role.SITE, "site-a"), (Role.SITE, "site-b")]:  # fmt: skip
+        issue_certificate(pki, pki, role, cn)
     command = [sys.executable, "-m", "coordinator", "coordinator", "serve", "--port", "0",
                "--port-file", str(tmp / "coordinator.port"), "--state-dir", str(tmp / "state"),
                "--ca", str(pki / "ca.crt"), "--cert", str(pki / "coordinator.crt"),
                "--key", str(pki / "coordinator.key"), "--log-level", "WARNING",
                "--no-dashboard"]  # fmt: skip
+    here = Path.cwd()
     os.chdir(root)  # `python -m` puts the working directory first on the import path
-    proc, port, _ = _start(command, tmp / "coordinator.port", PYTHONPATH=str(root))
+    try:
+        proc, port, _ = _start(command, tmp / "coordinator.port", PYTHONPATH=str(root))
+    finally:
+        os.chdir(here)
+    try:
+        sites = {cn: TimedSite(port, pki, cn) for cn in ("site-a", "site-b")}
+        admin = AdminClient(f"localhost:{port}", _tls(pki, "admin"))
+        admin.wait_for_sites(set(sites), timeout=30)
+        admin.start_run(parse_plan({
+            "name": name, "dataset": "notes", "labels": ["x", "y"],
+            "sites": ["site-a", "site-b"], "cycles": cycles,
+        }))  # fmt: skip
+    except BaseException:
+        proc.terminate()
+        proc.wait(timeout=30)
+        raise
+    return proc, sites
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    root = args.coordinator_root or Path(__file__).resolve().parent.parent
+    proc, sites = serve_two_site_run(root, tmp, "hand-back-call", args.hops // 2)
     samples: dict[str, list[float]] = {call: [] for call in CALLS}
     # The next site's task after each counted hand back: from the call's start to the task's
     # arrival there, and how long before the finishing site's answer it arrived.
@@ -142,13 +168,6 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     ahead_of_answer: list[float] = []
     calls = list(CALLS)
     try:
-        sites = {name: TimedSite(port, pki, name) for name in ("site-a", "site-b")}
-        admin = AdminClient(f"localhost:{port}", _tls(pki, "admin"))
-        admin.wait_for_sites(set(sites), timeout=30)
-        admin.start_run(parse_plan({
-            "name": "hand-back-call", "dataset": "notes", "labels": ["x", "y"],
-            "sites": ["site-a", "site-b"], "cycles": args.hops // 2,
-        }))  # fmt: skip
         coordinator = psutil.Process(proc.pid)
         cpu_from = 0.0
         previous: tuple[float, float] | None = None  # the last counted call: start, seconds

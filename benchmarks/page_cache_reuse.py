@@ -10,12 +10,13 @@ them all (as the store does); `reuse` writes as many, dropping the previous file
 (POSIX_FADV_DONTNEED, as `CheckpointStore.make_room` does) before writing the next; `behind`
 keeps them all but drops each file's pages behind its writes (an fdatasync every 8 MiB, then
 POSIX_FADV_DONTNEED of what it made clean); `direct` writes with O_DIRECT from one aligned
-buffer (each chunk copied into it first), no page cache, as the upload spool does. Files are
-written in 1 MiB writes and fdatasynced; CPU is this process's. Each file is then read back
-in 1 MiB preads, as a download reads the store: through the page cache, but with O_DIRECT in
-`direct` mode (as the store reads a streamed bundle); `direct-buffered` writes as `direct` and
-reads back through the page cache (what a download of it costs without O_DIRECT reads). Its
-CPU and wall time show what a mode leaves for the next site's download. The first file of a
+buffer (each chunk copied into it first), no page cache, as session 22's direct-I/O spool did
+(measured, not merged: `results/upload22.md`). Files are written in 1 MiB writes and
+fdatasynced; CPU is this process's. Each file is then read back in 1 MiB preads, as a download
+reads the store: through the page cache, but with O_DIRECT in `direct` mode (as that branch's
+store read a streamed bundle); `direct-buffered` writes as `direct` and reads back through the
+page cache (what a download of it costs without O_DIRECT reads). Its CPU and wall time show
+what a mode leaves for the next site's download. The first file of a
 round may reuse what the round before freed; the rest show the steady state.
 
     nice -n 10 .venv/bin/python benchmarks/page_cache_reuse.py --rounds 2 --name NAME
@@ -73,7 +74,7 @@ def _write(path: Path, chunk: bytes, mib: int, mode: str) -> float:
 
 def _read(path: Path, *, direct: bool = False) -> tuple[float, float]:
     """(CPU ms, wall ms) to read a file in 1 MiB preads (with O_DIRECT into one aligned
-    buffer, as the store reads a streamed bundle for a download, if `direct`)."""
+    buffer, as session 22's unmerged branch read a streamed bundle, if `direct`)."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     buffer = mmap.mmap(-1, MiB)
     try:
@@ -101,7 +102,8 @@ def _round(
     directory: Path, mode: str, files: int, mib: int, chunk: bytes
 ) -> tuple[list[float], list[float], list[float]]:
     """CPU ms of each file's writes, then CPU and wall ms of reading it back (`direct`: with
-    O_DIRECT, as the store reads a streamed bundle; else through the page cache)."""
+    O_DIRECT, as session 22's unmerged branch read a streamed bundle; else through the page
+    cache)."""
     paths = [directory / f"{mode}-{index}" for index in range(files)]
     spent, read_cpu, read_wall = [], [], []
     try:

@@ -36,10 +36,11 @@ __all__ = ["rehearse_hand_back", "start_worker_threads", "warm_first_hand_back"]
 
 logger = logging.getLogger(__name__)
 
-# Threads of the event loop's default executor a hand back uses at once (its bundle staged in
-# the store beside its inspection; the store's own write after), started ahead. At most the
-# executor's smallest size (5: `min(32, cpus + 4)`), so the threads never wait for each other.
-DEFAULT_EXECUTOR_THREADS = 3
+# Threads of the event loop's default executor a hand back uses at once, started ahead: a
+# bundle in one message is staged in the store on one (its checks run on the loop); a streamed
+# one is fsynced on one while it is inspected on another. At most the executor's smallest size
+# (5: `min(32, cpus + 4)`), so the threads never wait for each other.
+DEFAULT_EXECUTOR_THREADS = 2
 # How long the threads being started wait for each other: a thread starts in well under a
 # millisecond; a busy executor (a hand back's work in it already) gives up the warm-up instead.
 THREAD_MEETING_SECONDS = 0.1
