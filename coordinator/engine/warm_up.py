@@ -4,14 +4,16 @@ A process's first hand back compiles the SQL of the commit's transaction and of 
 tamper check (SQLAlchemy caches each statement's compiled form per engine), and starts the
 worker threads its steps run on (a thread started from the event loop holds the loop until it
 runs). `warm_first_hand_back` does both ahead, on a worker thread once the first sites' hellos
-are over (`coordinator.server.settle_when_quiet`), without touching the ledger: the statements
-run on a scratch in-memory SQLite database (`rehearse_hand_back`) through an engine that shares
-the ledger's SQLite dialect and compiled statement cache, so what it compiles is what the ledger's
-first commit looks up. No lock of the ledger is taken and no sequence value consumed: a hand back
-arriving meanwhile shares the interpreter with it and waits on nothing it holds. A PostgreSQL
-ledger's dialect is not shared (a scratch database there would be a real one): its rehearsal
-runs on SQLite and warms the dialect-independent code only (ORM, chain, checks). A step that
-fails is logged and skipped; the first hand back then pays for it, as before.
+are over (`coordinator.server.settle_when_quiet`), without changing the ledger: the statements
+run on scratch tables (`rehearse_hand_back`) through an engine that shares the ledger's dialect
+and compiled statement cache, so what it compiles is what the ledger's first commit looks up.
+An SQLite ledger's scratch tables are in an in-memory database; a PostgreSQL ledger's are
+temporary tables of one connection of its own, shadowing the ledger's by name, in READ ONLY
+transactions (a write to a ledger table or sequence is refused there). No lock of the ledger is
+taken (not the chain's advisory lock: the rehearsal's events take one of their own) and no
+sequence value consumed: a hand back arriving meanwhile shares the interpreter with it and
+waits on nothing it holds. A step that fails is logged and skipped; the first hand back then
+pays for it, as before.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from datetime import UTC, datetime
 
-from sqlalchemy import create_engine
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateTable
 
 from coordinator.engine import uploads
 from coordinator.ledger import Base, CheckpointRow, HopRow, Ledger
@@ -44,6 +48,15 @@ DEFAULT_EXECUTOR_THREADS = 2
 # How long the threads being started wait for each other: a thread starts in well under a
 # millisecond; a busy executor (a hand back's work in it already) gives up the warm-up instead.
 THREAD_MEETING_SECONDS = 0.1
+# The advisory lock a rehearsal's events take on PostgreSQL instead of the chain's (a real hand
+# back appending meanwhile waits on nothing the rehearsal holds): same statement, another key.
+REHEARSAL_LOCK = 0x6261746F6E7775  # "batonwu"
+# The ledger's tables whose unqualified name does not resolve to this session's temporary one.
+_UNSHADOWED = text(
+    "SELECT name FROM unnest(CAST(:names AS text[])) AS name WHERE NOT EXISTS (SELECT 1 "
+    "FROM pg_class c WHERE c.oid = to_regclass(quote_ident(name)) "
+    "AND c.relnamespace = pg_my_temp_schema())"
+)
 
 
 def _nothing(_step: str) -> None:
@@ -113,17 +126,23 @@ def start_worker_threads(executor: Executor, count: int) -> None:
 
 
 def rehearse_hand_back(ledger: Ledger, before_step: Callable[[str], None] = _nothing) -> None:
-    """A run's first lease, its tamper checks and its first hand back's commit transaction, on a
-    scratch in-memory SQLite database: the statements `ledger`'s first hand back executes,
-    compiled into its statement cache when it is an SQLite ledger (same dialect object).
+    """A run's first lease, its tamper checks and its first hand back's commit transaction, on
+    scratch tables: the statements `ledger`'s first hand back executes, compiled into its
+    statement cache (SQLite and PostgreSQL ledgers; another dialect warms the ORM code only).
 
-    The scratch engine is a copy of the ledger's engine with another pool: same dialect, same
-    compiled cache, none of the ledger's connections. `before_step("ledger commit")` is called
+    The scratch engine is a copy of the ledger's engine with a pool of its own: same dialect,
+    same compiled cache, none of the ledger's connections. On SQLite its one connection is to
+    an in-memory database; on PostgreSQL to the ledger's database, where temporary tables
+    shadow the ledger's (`_shadow_ledger_tables`). `before_step("ledger commit")` is called
     inside the rehearsed commit's transaction.
     """
+    dialect = ledger.engine.dialect.name
+    if dialect == "postgresql":
+        _rehearse_on_temporary_tables(ledger, before_step)
+        return
     memory = create_engine("sqlite://", poolclass=StaticPool)
     try:
-        if ledger.engine.dialect.name == "sqlite":
+        if dialect == "sqlite":
             engine = copy.copy(ledger.engine)  # the dialect and statement cache, shared
             engine.pool = memory.pool
         else:
@@ -133,6 +152,71 @@ def rehearse_hand_back(ledger: Ledger, before_step: Callable[[str], None] = _not
         _rehearse(scratch, before_step)
     finally:
         memory.dispose()
+
+
+def _rehearse_on_temporary_tables(ledger: Ledger, before_step: Callable[[str], None]) -> None:
+    """The rehearsal on one new connection to a PostgreSQL ledger's database whose temporary
+    tables shadow the ledger's (`_shadow_ledger_tables`), through the ledger's dialect and
+    statement cache: the statements are the ledger's own (unqualified names, no schema
+    translation: the same cache keys); PostgreSQL resolves their names to the temporary tables.
+
+    The ledger's rows, sequence (events.seq) and locks are untouched: every rehearsed
+    transaction is READ ONLY (PostgreSQL refuses a write to a permanent table, a lock of its
+    rows or a permanent sequence's nextval there; temporary ones it allows), its events take an
+    advisory lock of their own (`REHEARSAL_LOCK`, not the chain's), and the temporary tables
+    are dropped before the connection closes (closing would drop them too, moments later).
+    """
+    own = create_engine(ledger.engine.url, poolclass=StaticPool)  # one connection, closed below
+    engine = copy.copy(ledger.engine)  # the dialect and statement cache, shared
+    engine.pool = own.pool
+    try:
+        with engine.connect() as connection:
+            _shadow_ledger_tables(connection)
+            connection.commit()
+        scratch = Ledger(ledger.url, engine=engine)
+        scratch.chain_lock_key = REHEARSAL_LOCK
+        _rehearse(scratch, before_step)
+    finally:
+        try:
+            with engine.connect() as connection:
+                connection.exec_driver_sql("SET TRANSACTION READ WRITE")
+                connection.exec_driver_sql("DISCARD TEMP")
+                connection.commit()
+        except DBAPIError:  # a broken connection: its tables go when its session ends
+            pass
+        own.dispose()
+
+
+def _shadow_ledger_tables(connection: Connection) -> None:
+    """Creates a temporary table for each of the ledger's tables (same name, columns and
+    constraints; no other index), checks that each unqualified name now resolves to it, then
+    makes every later transaction of the connection READ ONLY.
+
+    The tables are made from the models, not `LIKE` the ledger's: no lock on a ledger table,
+    and `events.seq` gets a temporary sequence of its own (`LIKE ... INCLUDING DEFAULTS` would
+    copy the ledger's `nextval` default and consume the ledger's sequence).
+
+    Raises:
+        RuntimeError: A name resolves to another table (a search_path naming pg_temp after
+            the ledger's schema): nothing is rehearsed.
+    """
+    # Its commits make temporary objects only: none need wait for the WAL to be flushed.
+    connection.exec_driver_sql("SET synchronous_commit = off")
+    tables = Base.metadata.sorted_tables
+    for created, table in enumerate(tables, start=1):
+        ddl = str(CreateTable(table).compile(dialect=connection.dialect)).lstrip()
+        if not ddl.startswith("CREATE TABLE "):
+            raise RuntimeError(f"unexpected DDL for table {table.name}: {ddl[:40]!r}")
+        connection.exec_driver_sql(ddl.replace("CREATE TABLE", "CREATE TEMPORARY TABLE", 1))
+        if created in (1, len(tables)):  # the first: before a constraint names a ledger table
+            names = [t.name for t in tables[:created]]
+            unshadowed = connection.execute(_UNSHADOWED, {"names": names}).scalars().all()
+            if unshadowed:
+                raise RuntimeError(
+                    f"temporary tables do not shadow the ledger's {', '.join(unshadowed)} "
+                    "(a search_path naming pg_temp after the ledger's schema?)"
+                )
+    connection.exec_driver_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
 
 
 def _rehearse(scratch: Ledger, before_step: Callable[[str], None]) -> None:

@@ -395,6 +395,9 @@ class LedgerCore:
                 event.listen(self.engine, "connect", sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         event.listen(self._sessions, "before_flush", _track_state_rows)
+        # The advisory lock appending an event takes on PostgreSQL: the chain's, unless a
+        # rehearsal on temporary tables (`coordinator.engine.warm_up`) takes one of its own.
+        self.chain_lock_key = _CHAIN_LOCK
         self.head_observers: list[HeadObserver] = []
         self.row_observers: list[RowObserver] = []
         self._open = threading.local()  # .session: the transaction this thread has open
@@ -566,7 +569,9 @@ class LedgerCore:
             if dialect == "postgresql":
                 # Serialise appenders across processes: row locks cannot stop two transactions
                 # from chaining to the same predecessor, a transaction-scoped advisory lock can.
-                session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+                session.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": self.chain_lock_key}
+                )
             elif dialect == "sqlite":
                 hold_sqlite_write_lock(session)
             last = session.scalars(_head_hash_query()).first()

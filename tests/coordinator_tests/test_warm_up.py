@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, event, select, text
+from sqlalchemy import MetaData, create_engine, event, select, text
 from sqlalchemy.engine.default import CACHE_MISS
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import QueuePool, StaticPool
 
 from coordinator.engine import warm_up
 from coordinator.engine.warm_up import rehearse_hand_back, warm_first_hand_back
-from coordinator.ledger import Ledger
+from coordinator.ledger import Base, Ledger
 from coordinator.server import Coordinator
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread
@@ -81,10 +83,7 @@ def test_the_rehearsal_compiles_what_a_first_commit_runs_without_writing_the_led
     ledger.stored_run_mismatches(run_id, None)  # the hand back's early tamper check
     ledger.stored_sizes(ids[0])
     _commit_transaction(ledger, run_id, ids, 0)  # the run's first commit: its base model pinned
-    if ledger.engine.dialect.name == "sqlite":
-        assert missed == []  # the scratch database shares the ledger's dialect and cache
-    else:
-        assert missed  # a PostgreSQL ledger's statements compile at its first commit still
+    assert missed == []  # the scratch tables' engine shares the ledger's dialect and cache
     assert ledger.verify().ok
 
 
@@ -182,3 +181,113 @@ def test_the_warm_up_starts_the_threads_a_hand_back_runs_on(
     warm_first_hand_back(ledger, loop)
     assert running("asyncio_") - before >= warm_up.DEFAULT_EXECUTOR_THREADS
     assert running("store-sync") >= 1
+
+
+def _postgresql_only(ledger: Ledger) -> None:
+    if ledger.engine.dialect.name != "postgresql":
+        pytest.skip(
+            "temporary tables shadow a PostgreSQL ledger's; SQLite's rehearsal is in memory"
+        )
+
+
+def _temporary_tables(ledger: Ledger) -> int:
+    """Temporary tables of any session in the ledger's database."""
+    with ledger.engine.connect() as connection:
+        return int(connection.execute(text(
+            "SELECT count(*) FROM pg_class WHERE relpersistence = 't' AND relkind = 'r'"
+        )).scalar_one())  # fmt: skip
+
+
+def test_a_postgresql_rehearsal_leaves_no_temporary_table_nor_connection(ledger: Ledger) -> None:
+    _postgresql_only(ledger)
+    _leased_run(ledger, 2)
+    pool = ledger.engine.pool
+    assert isinstance(pool, QueuePool)
+    connections = pool.checkedin(), pool.checkedout()
+    rehearse_hand_back(ledger)
+    assert _temporary_tables(ledger) == 0  # dropped, not left to its session's end
+    assert (pool.checkedin(), pool.checkedout()) == connections  # none of the ledger's used
+
+
+def test_a_postgresql_rehearsal_refuses_a_write_to_the_ledgers_tables(ledger: Ledger) -> None:
+    """Past the shadowing, the rehearsal's transactions are READ ONLY: a statement reaching a
+    ledger table or its sequence (not the temporary tables) is refused, not undone later."""
+    _postgresql_only(ledger)
+    _leased_run(ledger, 2)
+    before = _contents(ledger)
+    own = create_engine(ledger.engine.url, poolclass=StaticPool)
+    try:
+        with own.connect() as connection:
+            warm_up._shadow_ledger_tables(connection)
+            connection.commit()
+            connection.execute(
+                text(
+                    "INSERT INTO events (at, kind, prev_hash, hash, payload) "
+                    "VALUES ('t', 'k', 'p', 'h', '{}')"
+                )
+            )  # the temporary one
+            schema = connection.execute(text("SELECT current_schema()")).scalar_one()
+            for statement in (
+                f"INSERT INTO {schema}.events (at, kind, prev_hash, hash, payload) "
+                "VALUES ('t', 'k', 'p', 'h', '{}')",
+                f"SELECT nextval('{schema}.events_seq_seq')",
+                f"SELECT * FROM {schema}.hops FOR UPDATE",
+            ):
+                connection.rollback()
+                with pytest.raises(DBAPIError, match="read-only transaction"):
+                    connection.execute(text(statement))
+    finally:
+        own.dispose()
+    assert _contents(ledger) == before and ledger.verify().ok
+
+
+def test_a_postgresql_rehearsal_is_skipped_where_temporary_tables_do_not_shadow(
+    ledger: Ledger,
+) -> None:
+    """A search_path naming pg_temp after the ledger's schema: unqualified names would reach
+    the ledger's tables; nothing is rehearsed."""
+    _postgresql_only(ledger)
+    _leased_run(ledger, 2)
+    before = _contents(ledger)
+    url = ledger.engine.url.update_query_dict({"options": "-csearch_path=public,pg_temp"})
+    moved = Ledger(url.render_as_string(hide_password=False))
+    try:
+        with pytest.raises(RuntimeError, match=r"do not shadow the ledger.s [a-z_]*"):
+            rehearse_hand_back(moved)
+    finally:
+        moved.close()
+    assert _contents(ledger) == before and ledger.verify().ok
+
+
+def test_a_postgresql_rehearsal_held_in_its_commit_blocks_no_hand_back_nor_migration(
+    ledger: Ledger,
+) -> None:
+    """Held inside its rehearsed commit transaction (events appended, rows locked), the
+    rehearsal holds neither the chain's advisory lock nor any lock on a ledger table: a hand
+    back commits, and a migration's ACCESS EXCLUSIVE lock is granted at once."""
+    _postgresql_only(ledger)
+    run_id, ids = _leased_run(ledger, 4)
+    inside, release = threading.Event(), threading.Event()
+
+    def step(name: str) -> None:
+        if name == "ledger commit":
+            inside.set()
+            release.wait(60)
+
+    rehearsal = threading.Thread(target=rehearse_hand_back, args=(ledger, step))
+    rehearsal.start()
+    try:
+        assert inside.wait(60)
+        committing = threading.Thread(target=_commit_transaction, args=(ledger, run_id, ids, 0))
+        committing.start()
+        committing.join(30)
+        assert not committing.is_alive()  # committed while the rehearsal was held
+        tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+        with ledger.engine.connect() as connection:
+            connection.execute(text(f"LOCK TABLE {tables} IN ACCESS EXCLUSIVE MODE NOWAIT"))
+            connection.rollback()
+    finally:
+        release.set()
+        rehearsal.join(60)
+    assert not rehearsal.is_alive()
+    assert ledger.verify().ok
