@@ -9,7 +9,8 @@ seconds apart. Per hop: the call's wall time at the site, the next site's task a
 call's start (the coordinator's part of a handoff: check, store, commit, lease, push), and the
 coordinator process's CPU time from the call's start to `--gap` s after its answer (what the
 hand back costs it, bookkeeping after the answer included). The first hop is the cold one.
-Writes JSON + Markdown under benchmarks/results/.
+`--postgres ADMIN_URL`: each coordinator's ledger is a new database on that server (dropped
+after the run), not an SQLite file. Writes JSON + Markdown under benchmarks/results/.
 
     nice -n 10 .venv/bin/python benchmarks/first_hand_back.py --root /tmp/base --root . --rounds 3
 """
@@ -30,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.hand_back_call import _hand_back, _spy, serve_two_site_run
-from benchmarks.ledger_commit import _label
+from benchmarks.ledger_commit import _label, scratch_database
 from benchmarks.transfer import RESULTS
 
 
@@ -47,7 +48,12 @@ def _cpu(pid: int) -> float:
 
 def one(root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """One cold coordinator from `root`: per hop, call ms, next task ms, coordinator CPU ms."""
-    proc, sites = serve_two_site_run(root, tmp, "first-hand-back", (args.hops + 2) // 2)
+    with scratch_database(args.postgres) as url:
+        return _one_served(root, args, tmp, url)
+
+
+def _one_served(root: Path, args: argparse.Namespace, tmp: Path, url: str | None) -> dict[str, Any]:
+    proc, sites = serve_two_site_run(root, tmp, "first-hand-back", (args.hops + 2) // 2, url)
     call_ms: list[float] = []
     next_task_ms: list[float] = []
     cpu_ms: list[float] = []
@@ -101,6 +107,11 @@ def main() -> None:
         help="folder: py-spy's stacks of the coordinator over the first call",
     )
     parser.add_argument("--profile-rate", type=int, default=1000)
+    parser.add_argument(
+        "--postgres",
+        metavar="ADMIN_URL",
+        help="a PostgreSQL server's admin URL: each coordinator's ledger a new database there",
+    )
     parser.add_argument("--name", default="first-hand-back")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -119,7 +130,8 @@ def main() -> None:
         later = {key: statistics.median(v for r in results for v in r[key][1:])
                  for key in ("call_ms", "next_task_ms", "coordinator_cpu_ms")}  # fmt: skip
         rows.append({"checkout": label, "first": first, "later_median": later, "runs": results})
-    command = " ".join(["benchmarks/first_hand_back.py", *sys.argv[1:]])
+    shown = ["$ADMIN_URL" if a == args.postgres else a for a in sys.argv[1:]]  # no password
+    command = " ".join(["benchmarks/first_hand_back.py", *shown])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(
         json.dumps({"command": command, "rows": rows}, indent=2) + "\n"
@@ -128,7 +140,9 @@ def main() -> None:
         "# A cold coordinator's first hand backs (scripted sites)", "",
         f"Command: `{command}`  ", f"{args.rounds} rounds, checkouts interleaved, a fresh "
         f"coordinator per run; {args.hops} hops of {args.kib} KiB, the first {args.delay} s "
-        f"after the run's start; machine: {os.cpu_count()} cores.", "",
+        f"after the run's start; ledger: "
+        f"{'PostgreSQL, a new database per run' if args.postgres else 'SQLite'}; machine: "
+        f"{os.cpu_count()} cores.", "",
         "| checkout | first call ms (per run) | later calls ms (median) | first: next task ms "
         "| later: next task ms | first: coordinator CPU ms | later: CPU ms | 1-min load |",
         "|---|---|---:|---|---:|---|---:|---|",

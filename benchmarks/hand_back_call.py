@@ -121,11 +121,12 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def serve_two_site_run(
-    root: Path, tmp: Path, name: str, cycles: int
+    root: Path, tmp: Path, name: str, cycles: int, database_url: str | None = None
 ) -> tuple[subprocess.Popen[bytes], dict[str, TimedSite]]:
-    """`baton coordinator serve` from checkout `root` (PKI and state under `tmp`), two scripted
-    sites connected to it and a two-site sequential run of `cycles` cycles started: the
-    coordinator's process and the sites. The process is stopped if the rest fails."""
+    """`baton coordinator serve` from checkout `root` (PKI and state under `tmp`; its ledger at
+    `database_url`, default an SQLite file in the state), two scripted sites connected to it
+    and a two-site sequential run of `cycles` cycles started: the coordinator's process and
+    the sites. The process is stopped if the rest fails."""
     pki = tmp / "pki"
     init_ca(pki)
     for role, cn in [(Role.COORDINATOR, "coordinator"), (Role.ADMIN, "admin"),
@@ -136,6 +137,7 @@ def serve_two_site_run(
                "--ca", str(pki / "ca.crt"), "--cert", str(pki / "coordinator.crt"),
                "--key", str(pki / "coordinator.key"), "--log-level", "WARNING",
                "--no-dashboard"]  # fmt: skip
+    command += ["--database-url", database_url] if database_url is not None else []
     here = Path.cwd()
     os.chdir(root)  # `python -m` puts the working directory first on the import path
     try:

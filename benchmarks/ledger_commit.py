@@ -9,8 +9,10 @@ transaction's wall time (p50, p99: a head signed and fsync'd on that thread show
 checkout (`--root`, repeatable) runs in a fresh process per round, in turn (an interleaved A/B:
 all see the same load). A checkout with `coordinator.engine.warm_up` first runs its start-up
 rehearsal, as `coordinator serve` does after ready (`--no-warm-up`: not), so that the first
-counted-apart transactions are those of a served coordinator. Writes JSON + Markdown under
-benchmarks/results/.
+counted-apart transactions are those of a served coordinator. Per warm-up hop, the statements
+the ledger's engine compiled (not found in its compiled cache) are counted too. `--postgres
+ADMIN_URL`: each run's ledger is a new database on that server (dropped after the run), not an
+SQLite file. Writes JSON + Markdown under benchmarks/results/.
 
     nice -n 19 .venv/bin/python benchmarks/ledger_commit.py --root /work/main --root . --rounds 3
 """
@@ -24,8 +26,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import create_engine, make_url, text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -34,13 +41,16 @@ _CHILD = r"""
 import contextlib, hashlib, json, sys, time, uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from sqlalchemy import event
+from sqlalchemy.engine.default import CACHE_MISS
 from coordinator.ledger import CheckpointRow, HeadSigner, HopRow, Ledger, TransitionRefused
 from protocols.pki import Role, init_ca, issue_certificate
 
 hops, state, NO_WARM = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "no-warm"
+url = sys.argv[4] if len(sys.argv) > 4 else f"sqlite:///{state / 'ledger.sqlite3'}"
 init_ca(state / "pki")
 issue_certificate(state / "pki", state / "pki", Role.COORDINATOR, "coordinator")
-ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
+ledger = Ledger(url)
 ledger.migrate()
 signer = HeadSigner(state / "ledger-heads.jsonl", every=100,
                     private_key_pem=(state / "pki" / "coordinator.key").read_bytes(),
@@ -83,9 +93,22 @@ def hand_back(i):
         ledger.lease_hop(ids[i + 1], f"t{i + 1}", sha)
 
 
+compiled = []
+
+
+def note(_conn, _cursor, _statement, _params, context, _many):
+    if context is not None and context.cache_hit == CACHE_MISS:
+        compiled[-1] += 1
+
+
 warmup = 5
 cpu, wall, first = [], [], []
 for i in range(hops):
+    if i == 0:
+        event.listen(ledger.engine, "before_cursor_execute", note)
+    elif i == warmup:
+        event.remove(ledger.engine, "before_cursor_execute", note)
+    compiled.append(0)
     c0, w0 = time.thread_time(), time.perf_counter()
     hand_back(i)
     if i >= warmup:
@@ -98,6 +121,7 @@ if hasattr(signer, "wait"):
 heads = sum(1 for _ in open(state / "ledger-heads.jsonl"))
 print(json.dumps({"cpu_ms": [c * 1e3 for c in cpu], "wall_ms": [w * 1e3 for w in wall],
                   "first_cpu_ms": [c * 1e3 for c in first], "warm_up_cpu_ms": warm_cpu,
+                  "first_compiled": compiled[:warmup],
                   "heads": heads, "events": ledger.last_seq()}))
 """
 
@@ -107,10 +131,35 @@ def _p(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _one(root: Path, hops: int, warm: bool = True) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="ledger-commit-") as state:
+@contextmanager
+def scratch_database(admin_url: str | None) -> Iterator[str | None]:
+    """A new, empty PostgreSQL database on `admin_url`'s server, its URL (dropped afterwards,
+    its connections ended); None without `admin_url`."""
+    if admin_url is None:
+        yield None
+        return
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def _one(root: Path, hops: int, warm: bool = True, postgres: str | None = None) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory(prefix="ledger-commit-") as state,
+        scratch_database(postgres) as url,
+    ):
         env = {**os.environ, "PYTHONPATH": str(root)}
         command = [sys.executable, "-c", _CHILD, str(hops), state, "warm" if warm else "no-warm"]
+        command += [url] if url is not None else []
         out = subprocess.run(
             command, env=env, cwd=root, check=True, capture_output=True, text=True
         ).stdout
@@ -135,13 +184,18 @@ def main() -> None:
         action="store_true",
         help="skip the start-up rehearsal (coordinator.engine.warm_up) of a checkout that has it",
     )
+    parser.add_argument(
+        "--postgres",
+        metavar="ADMIN_URL",
+        help="a PostgreSQL server's admin URL: each run's ledger a new database there",
+    )
     parser.add_argument("--name", default="ledger_commit")
     args = parser.parse_args()
     roots = [r.resolve() for r in (args.root or [Path(__file__).resolve().parent.parent])]
     runs: dict[str, list[dict[str, Any]]] = {_label(r): [] for r in roots}
     for _ in range(args.rounds):
         for root, label in zip(roots, runs, strict=True):
-            found = _one(root, args.hops, not args.no_warm_up)
+            found = _one(root, args.hops, not args.no_warm_up, args.postgres)
             runs[label].append(found)
             cpu, wall = found["cpu_ms"], found["wall_ms"]
             print(
@@ -163,6 +217,7 @@ def main() -> None:
                 "wall_ms_p50": round(_p(wall, 0.5), 2),
                 "wall_ms_p99": round(_p(wall, 0.99), 2),
                 "first_cpu_ms": [[round(c, 2) for c in f["first_cpu_ms"]] for f in results],
+                "first_compiled": [f["first_compiled"] for f in results],
                 "warm_up_cpu_ms": [
                     None if f.get("warm_up_cpu_ms") is None else round(f["warm_up_cpu_ms"], 1)
                     for f in results
@@ -173,14 +228,17 @@ def main() -> None:
             }
         )
     RESULTS.mkdir(exist_ok=True)
-    command = " ".join(["benchmarks/ledger_commit.py", *sys.argv[1:]])
+    shown = ["$ADMIN_URL" if a == args.postgres else a for a in sys.argv[1:]]  # no password
+    command = " ".join(["benchmarks/ledger_commit.py", *shown])
     (RESULTS / f"{args.name}.json").write_text(
         json.dumps({"command": command, "rows": rows}, indent=2) + "\n"
     )
     lines = [
         "# The ledger side of a hand back's commit transaction, per hop", "",
         f"Command: `{command}`  ", f"{args.hops} hops per run (5 warm-up hops not counted), "
-        f"{args.rounds} rounds, checkouts interleaved; machine: {os.cpu_count()} cores.", "",
+        f"{args.rounds} rounds, checkouts interleaved; ledger: "
+        f"{'PostgreSQL, a new database per run' if args.postgres else 'SQLite'}; machine: "
+        f"{os.cpu_count()} cores.", "",
         "| checkout | committing thread CPU ms/hop: median / p99 | transaction wall ms: p50 / p99 "
         "| heads signed per run | 1-min load before each |", "|---|---|---|---|---|",
         *(f"| {r['checkout']} | {r['cpu_ms_median']} / {r['cpu_ms_p99']} | {r['wall_ms_p50']} / "
@@ -189,6 +247,8 @@ def main() -> None:
         "start-up rehearsal, `coordinator.engine.warm_up`, where the checkout has it and "
         "`--no-warm-up` is not given):", "",
         *(f"- {r['checkout']}: {r['first_cpu_ms']}" for r in rows),
+        "", "Statements the ledger's engine compiled in each warm-up hop, per run:", "",
+        *(f"- {r['checkout']}: {r['first_compiled']}" for r in rows),
         "", "The rehearsal's own CPU ms per run (None: not run):", "",
         *(f"- {r['checkout']}: {r['warm_up_cpu_ms']}" for r in rows),
     ]  # fmt: skip
