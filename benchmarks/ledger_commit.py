@@ -81,7 +81,7 @@ def hand_back(i):
         sha256=sha, run_id=run_id, hop_id=ids[i], producer_site=f"site-{i % 2}", size=300_000,
         parent_sha256=None, manifest={"base_model_sha256": "b" * 64, "format": "peft"},
         tensors=tensors, signature="5" * 142, producer_certificate="c" * 900,
-        stored_at=datetime.now(UTC))
+        stored_at=datetime.now(UTC), status="stored")  # as `UploadIntake._keep` sets it
     with ledger.transaction():
         ledger.record_checkpoint(output)
         with contextlib.suppress(TransitionRefused):

@@ -239,10 +239,12 @@ def _rehearse(scratch: Ledger, before_step: Callable[[str], None]) -> None:
     scratch.stored_run_mismatches(run_id, None)
     scratch.stored_sizes(ids[0])  # the hand back's look for a bundle stored already
     sha = "0" * 64
+    # The attributes a kept bundle's row sets (`UploadIntake._keep`), no fewer: the ORM's
+    # INSERT is cached by the columns given values; a default filled in (status) is another key.
     output = CheckpointRow(
         sha256=sha, run_id=run_id, hop_id=ids[0], producer_site="warm-up-0", size=1,
         parent_sha256=None, manifest={"base_model_sha256": "0" * 64}, tensors=[],
-        signature="", producer_certificate="", stored_at=datetime.now(UTC),
+        signature="", producer_certificate="", stored_at=datetime.now(UTC), status="stored",
     )  # fmt: skip
     with scratch.transaction():
         scratch.record_checkpoint(output)

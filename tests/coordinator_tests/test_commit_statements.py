@@ -16,12 +16,13 @@ from coordinator.ledger import CheckpointRow, HopRow, Ledger, TransitionRefused
 
 
 def _hand_back(ledger: Ledger, run_id: str, ids: list[str], i: int) -> None:
-    """The output recorded, the hop uploaded and committed, the next hop leased: one commit."""
+    """The output recorded, the hop uploaded and committed, the next hop leased: one commit.
+    The output's row has the attributes a kept bundle's row sets (`UploadIntake._keep`)."""
     sha = hashlib.sha256(f"{run_id}{i}".encode()).hexdigest()
     output = CheckpointRow(
         sha256=sha, run_id=run_id, hop_id=ids[i], producer_site=f"site-{i % 2}", size=10,
         parent_sha256=None, manifest={"base_model_sha256": "b" * 64}, tensors=[],
-        signature="s", producer_certificate="c", stored_at=datetime.now(UTC),
+        signature="s", producer_certificate="c", stored_at=datetime.now(UTC), status="stored",
     )  # fmt: skip
     with ledger.transaction():
         ledger.record_checkpoint(output)

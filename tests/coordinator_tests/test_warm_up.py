@@ -65,7 +65,11 @@ def _compiled_anew(ledger: Ledger) -> list[str]:
     def note(_conn: object, _cursor: object, statement: str, _params: object,
              context: Any, _many: bool) -> None:  # fmt: skip
         if context is not None and context.cache_hit == CACHE_MISS:
-            missed.append(" ".join(statement.split())[:60])
+            missed.append(
+                " ".join(statement.split())[
+                    : int(__import__("os").environ.get("MISSED_CHARS", "60"))
+                ]
+            )
 
     event.listen(ledger.engine, "before_cursor_execute", note)
     return missed
@@ -291,3 +295,22 @@ def test_a_postgresql_rehearsal_held_in_its_commit_blocks_no_hand_back_nor_migra
         rehearsal.join(60)
     assert not rehearsal.is_alive()
     assert ledger.verify().ok
+
+
+def test_after_the_warm_up_a_served_first_hand_back_compiles_no_statement(
+    coordinator: Coordinator,
+    loop_thread: LoopThread,
+    sites: dict[str, ScriptedSite],
+    site: ScriptedSite,
+    task: pb.HopTask,
+) -> None:
+    """End to end, over gRPC: the coordinator's first hand back (early tamper check, bundle
+    look-up, the commit's transaction, the next lease, the tamper check after it) finds every
+    statement it runs in the ledger's compiled cache, on SQLite and on PostgreSQL."""
+    ledger = coordinator.engine.ledger
+    warm_first_hand_back(ledger, loop_thread.loop)
+    missed = _compiled_anew(ledger)
+    data = _bundle(site, task, 75_000)
+    assert _hand_back(site, task, data, whole=True) == "committed"
+    assert sites["site-b"].next_task().hop_id != task.hop_id
+    assert missed == []
