@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.ledger_writer import LedgerWriter
@@ -67,6 +68,42 @@ CommitResult = Callable[[str, pb.HopResult, CheckpointRow | None], Awaitable[str
 def tensor_specs(bundle: Bundle) -> list[list[object]]:
     """JSON form of a bundle's tensor specs, as the ledger stores them (sorted by name)."""
     return [[t.name, t.dtype, list(t.shape)] for t in bundle.tensors]
+
+
+def stored_checkpoint_row(
+    *,
+    sha256: str,
+    size: int,
+    run_id: str,
+    hop_id: str,
+    producer_site: str,
+    parent_sha256: str | None,
+    manifest: dict[str, Any],
+    tensors: list[list[object]],
+    signature: str,
+    producer_certificate: str,
+) -> CheckpointRow:
+    """A checked bundle's checkpoint row, as the intake records it: every column given.
+
+    The ORM compiles one INSERT per set of columns given (a column left to its default also
+    has its value fetched back), so the start-up rehearsal of a hand back's commit
+    (`warm_up`) builds its row here too: the statement it compiles is the one a first hand
+    back looks up.
+    """
+    return CheckpointRow(
+        sha256=sha256,
+        size=size,
+        run_id=run_id,
+        hop_id=hop_id,
+        producer_site=producer_site,
+        parent_sha256=parent_sha256,
+        manifest=manifest,
+        tensors=tensors,
+        signature=signature,
+        producer_certificate=producer_certificate,
+        stored_at=datetime.now(UTC),
+        status="stored",
+    )
 
 
 def _fsync_file(path: Path) -> None:
@@ -438,7 +475,7 @@ class UploadIntake:
         `on_loop`: `write` only hands the bundle to its sync thread (a hand back's bundle in one
         message, `_sync_later`) and the hop has no spool file of this bundle: done on the event
         loop, in one go, without a worker-thread round trip (about 2 ms of a handoff)."""
-        row = CheckpointRow(
+        row = stored_checkpoint_row(
             sha256=bundle.sha256,
             size=bundle.size,
             run_id=run.id,
@@ -449,8 +486,6 @@ class UploadIntake:
             tensors=tensor_specs(bundle),
             signature=header.signature.hex(),
             producer_certificate=certificate_pem.decode("ascii"),
-            stored_at=datetime.now(UTC),
-            status="stored",
         )
 
         def write_then_free() -> None:  # one worker-thread call: no second round trip

@@ -25,7 +25,6 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
-from datetime import UTC, datetime
 
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.exc import DBAPIError
@@ -33,7 +32,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateTable
 
 from coordinator.engine import uploads
-from coordinator.ledger import Base, CheckpointRow, HopRow, Ledger
+from coordinator.ledger import Base, HopRow, Ledger
 from protocols.checkpoint import warm_up as warm_bundle_checks
 
 __all__ = ["rehearse_hand_back", "start_worker_threads", "warm_first_hand_back"]
@@ -239,12 +238,10 @@ def _rehearse(scratch: Ledger, before_step: Callable[[str], None]) -> None:
     scratch.stored_run_mismatches(run_id, None)
     scratch.stored_sizes(ids[0])  # the hand back's look for a bundle stored already
     sha = "0" * 64
-    # The attributes a kept bundle's row sets (`UploadIntake._keep`), no fewer: the ORM's
-    # INSERT is cached by the columns given values; a default filled in (status) is another key.
-    output = CheckpointRow(
+    output = uploads.stored_checkpoint_row(
         sha256=sha, run_id=run_id, hop_id=ids[0], producer_site="warm-up-0", size=1,
         parent_sha256=None, manifest={"base_model_sha256": "0" * 64}, tensors=[],
-        signature="", producer_certificate="", stored_at=datetime.now(UTC), status="stored",
+        signature="", producer_certificate="",
     )  # fmt: skip
     with scratch.transaction():
         scratch.record_checkpoint(output)

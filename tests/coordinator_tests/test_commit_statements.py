@@ -7,22 +7,22 @@ import contextlib
 import hashlib
 import re
 import uuid
-from datetime import UTC, datetime
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from coordinator.ledger import CheckpointRow, HopRow, Ledger, TransitionRefused
+from coordinator.engine.uploads import stored_checkpoint_row
+from coordinator.ledger import HopRow, Ledger, TransitionRefused
 
 
 def _hand_back(ledger: Ledger, run_id: str, ids: list[str], i: int) -> None:
     """The output recorded, the hop uploaded and committed, the next hop leased: one commit.
-    The output's row has the attributes a kept bundle's row sets (`UploadIntake._keep`)."""
+    The output's row is built as a kept bundle's is (`stored_checkpoint_row`)."""
     sha = hashlib.sha256(f"{run_id}{i}".encode()).hexdigest()
-    output = CheckpointRow(
+    output = stored_checkpoint_row(  # the row a hand back records
         sha256=sha, run_id=run_id, hop_id=ids[i], producer_site=f"site-{i % 2}", size=10,
         parent_sha256=None, manifest={"base_model_sha256": "b" * 64}, tensors=[],
-        signature="s", producer_certificate="c", stored_at=datetime.now(UTC), status="stored",
+        signature="s", producer_certificate="c",
     )  # fmt: skip
     with ledger.transaction():
         ledger.record_checkpoint(output)
