@@ -13,7 +13,9 @@ the tree, never to the tree itself:
 
 Also reads the coordinator's log of `hand_back_call.py` (the coordinator-side rows only):
 pass log files instead of a work directory. Prints a Markdown table of per-hop gaps (median,
-p90) between consecutive instants of the hand back's chain, then the parallel branches.
+p90) between consecutive instants of the hand back's chain, then the parallel branches, then
+the next hop's start: its task (sent provisional while the commit runs) set up at the next site
+against the commit and its lease decision, and which of the two ended each handoff.
 """
 
 from __future__ import annotations
@@ -62,6 +64,24 @@ AFTER = [
     ("c.commit_awaited", "c.answer_returned", "answer built"),
     ("c.answer_returned", "s.call_answered", "answer reaches the site"),
 ]
+# The next hop's start (keys "n:<next hop>", joined to the hand back whose commit leases it):
+# its task, sent provisional while the commit runs, set up at the next site; the commit's lease
+# decision; the first step. The handoff ends at whichever of the two branches ends last.
+NEXT = [
+    ("w.entered", "c.n.provisional_queued", "next task queued provisional, from the commit start"),
+    ("c.n.provisional_queued", "n.task_read", "next task reaches the next site's stream reader"),
+    ("n.task_read", "n.hop_entered", "next site: hop thread starts"),
+    ("n.hop_entered", "n.set_up", "next site: approval, data and model identity checked"),
+    ("n.set_up", "n.incoming_checked", "next site: incoming adapter checked (hash, values)"),
+    ("n.incoming_checked", "n.trainer_entered", "next site: into the trainer (its lock)"),
+    ("n.trainer_entered", "n.incoming_loaded", "next site: adapter loaded into the prepared model"),
+    ("n.incoming_loaded", "n.ready", "next site: ready for its first step"),
+    ("w.entered", "w.committed", "commit: writer's transaction"),
+    ("w.committed", "c.n.decision_queued", "commit: lease decision queued"),
+    ("c.n.decision_queued", "n.decision_read", "lease decision reaches the next site"),
+    ("n.decision_read", "n.train_started", "next site: first step starts"),
+    ("s.train_finished", "n.train_started", "handoff (site clocks)"),
+]
 TOTALS = [
     ("s.train_finished", "s.call_issued", "site, in all"),
     ("s.call_issued", "c.handler_entered", "wire and parse, in all"),
@@ -85,7 +105,29 @@ def read_marks(paths: list[Path]) -> list[dict[str, int]]:
                     label, _, ns = item.partition("=")
                     if ns.isdigit():
                         marks.setdefault(label, int(ns))
+    for (run, key), marks in hops.items():  # a next hop's start, joined to its hand back
+        after = [label for label in marks if label.startswith("c.n.after.")]
+        if key.startswith("n:") and after and (run, after[0][10:]) in hops:
+            hops[(run, after[0][10:])].update(marks)
     return [m for m in hops.values() if "c.handler_entered" in m]
+
+
+def critical(hops: list[dict[str, int]]) -> list[str]:
+    """Which branch ended last, hand back by hand back: the commit (its lease decision queued)
+    or the next site's set-up (ready for its first step), and by how much (ms)."""
+    both = [h for h in hops if "n.ready" in h and "c.n.decision_queued" in h]
+    site = sorted((h["n.ready"] - h["c.n.decision_queued"]) / 1e6 for h in both
+                  if h["n.ready"] > h["c.n.decision_queued"])  # fmt: skip
+    commit = sorted((h["c.n.decision_queued"] - h["n.ready"]) / 1e6 for h in both
+                    if h["n.ready"] <= h["c.n.decision_queued"])  # fmt: skip
+    out = []
+    for what, gaps in (("the commit's lease decision", commit), ("the next site's set-up", site)):
+        if gaps:
+            out.append(
+                f"- last: {what} in {len(gaps)} of {len(both)} handoffs, by "
+                f"{statistics.median(gaps):.2f} ms (median), {max(gaps):.2f} at most"
+            )
+    return out
 
 
 def table(hops: list[dict[str, int]], rows: list[tuple[str, str, str]]) -> list[str]:
@@ -124,6 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     print("| step | instants | median ms | p90 ms | n |\n|---|---|---:|---:|---:|")
     for rows in (CHAIN, BESIDE, AFTER, TOTALS):
         print("\n".join(table(hops, rows)))
+    nexts = [h for h in hops if "n.task_read" in h]
+    if nexts:
+        print(f"\nThe next hop's start ({len(nexts)} handoffs)\n")
+        print("| step | instants | median ms | p90 ms | n |\n|---|---|---:|---:|---:|")
+        print("\n".join(table(nexts, NEXT)))
+        print()
+        print("\n".join(critical(nexts)))
     if args.order:
         print(f"\nThe first {args.order} hand backs, in order (ms)\n")
         print("\n".join(in_order(hops, args.order, CHAIN + BESIDE + AFTER + TOTALS)))
