@@ -51,9 +51,12 @@ _M_MMAP_THRESHOLD = -3
 # glibc's trim threshold when none is set and the mmap threshold is fixed (no dynamic one).
 _GLIBC_TRIM_THRESHOLD = 128 * 1024
 # While transfers move: a chunk message (1 MiB and its framing) comes from the heap, and freed
-# ones stay there for the next (the release after the transfers gives them back).
+# ones stay there for the next (the release after the transfers gives them back). An arena's
+# free top beyond the trim threshold still goes back at once: glibc's malloc_trim shrinks only
+# the main arena's top, so a larger one would stay after the release in gRPC's threads' arena
+# (64 MiB kept 3.5-7 MiB there, benchmarks/results/upcpu23.md).
 TRANSFER_MMAP_THRESHOLD = 4 * MiB
-TRANSFER_TRIM_THRESHOLD = 64 * MiB
+TRANSFER_TRIM_THRESHOLD = 4 * MiB
 
 
 def _mallopt() -> Callable[[int, int], int] | None:
