@@ -4,6 +4,7 @@ while one is moving; other C libraries are left alone."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,14 @@ from protocols.v1 import baton_pb2 as pb
 
 WAIT = 30  # seconds: generous, only reached when something is wrong
 MiB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _glibc_thresholds_as_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`TransferTrim`s built here leave the test process's malloc thresholds alone (they are
+    raised only under a deployed MALLOC_MMAP_THRESHOLD_; the tests below that mean it say so)."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+
 
 _FRAGMENTED_HEAP = textwrap.dedent(
     """
@@ -241,3 +250,91 @@ def test_by_default_the_heap_is_released_after_5_quiet_seconds_not_within_a_burs
         return wait
 
     assert 4 < asyncio.run(scenario()) <= heap.QUIET_SECONDS == 5
+
+
+_CHUNK_FAULTS = textwrap.dedent(
+    """
+    import importlib.util, resource, sys
+    spec = importlib.util.spec_from_file_location("heap", sys.argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def faults_per_chunk():
+        # 1 MiB messages received and freed one after the other, as an upload's chunks are
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(40):
+            chunk = b"x" * (1024 * 1024)
+            del chunk
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 40
+
+    thresholds = module.MallocThresholds()
+    deployed = faults_per_chunk()
+    thresholds.widen()
+    widened = faults_per_chunk()
+    thresholds.restore()
+    print(thresholds.applies, deployed, widened, faults_per_chunk())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_while_bundles_move_chunk_messages_reuse_heap_memory_instead_of_fresh_mmaps() -> None:
+    command = [sys.executable, "-c", _CHUNK_FAULTS, str(heap.__file__)]
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120, env=env)
+    applies, deployed, widened, restored = out.stdout.split()
+    assert applies == "True"
+    assert int(deployed) >= 200, out.stdout  # 256 pages of 4 KiB, faulted in per chunk
+    assert int(widened) <= 16, out.stdout  # the same heap memory, chunk after chunk
+    assert int(restored) >= 200, out.stdout  # the deployed threshold is back
+
+
+class _Mallopt:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+def test_the_deployed_thresholds_come_back_with_the_release_after_the_transfers() -> None:
+    mallopt, trims = _Mallopt(), _Trims()
+    environ = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    thresholds = heap.MallocThresholds(environ, mallopt)
+    mmap, trim = heap._M_MMAP_THRESHOLD, heap._M_TRIM_THRESHOLD
+
+    async def scenario() -> None:
+        transfers = TransferTrim(min_bytes=8 * MiB, quiet_seconds=0, trim=trims,
+                                 thresholds=thresholds)  # fmt: skip
+        transfers.started()
+        transfers.started()
+        assert mallopt.calls == [(trim, 4 * MiB), (mmap, 4 * MiB)]  # once, at the first
+        transfers.ended(1 * MiB)
+        assert not transfers.scheduled  # one is still moving
+        transfers.ended(1 * MiB)  # under min_bytes: nothing to trim, the thresholds go back
+        assert transfers.scheduled
+        while thresholds.widened:
+            await asyncio.sleep(0.01)
+        assert mallopt.calls[2:] == [(mmap, 131072), (trim, 128 * 1024)]
+        transfers.started()
+        transfers.ended(20 * MiB)
+        await asyncio.to_thread(trims.done.wait, WAIT)
+        assert not thresholds.widened
+
+    asyncio.run(scenario())
+    assert trims.count == 1
+    assert len(mallopt.calls) == 8
+
+
+@pytest.mark.parametrize("environ", [{}, {"MALLOC_MMAP_THRESHOLD_": str(8 * MiB)},
+                                     {"MALLOC_MMAP_THRESHOLD_": "lots"}])  # fmt: skip
+def test_without_a_small_deployed_mmap_threshold_the_thresholds_are_left_alone(
+    environ: dict[str, str],
+) -> None:
+    mallopt = _Mallopt()
+    thresholds = heap.MallocThresholds(environ, mallopt)
+    thresholds.widen()
+    thresholds.restore()
+    assert not thresholds.applies
+    assert mallopt.calls == []
