@@ -65,11 +65,7 @@ def _compiled_anew(ledger: Ledger) -> list[str]:
     def note(_conn: object, _cursor: object, statement: str, _params: object,
              context: Any, _many: bool) -> None:  # fmt: skip
         if context is not None and context.cache_hit == CACHE_MISS:
-            missed.append(
-                " ".join(statement.split())[
-                    : int(__import__("os").environ.get("MISSED_CHARS", "60"))
-                ]
-            )
+            missed.append(" ".join(statement.split())[:60])
 
     event.listen(ledger.engine, "before_cursor_execute", note)
     return missed
