@@ -60,7 +60,8 @@ def _one_served(root: Path, args: argparse.Namespace, tmp: Path, url: str | None
     try:
         spy = None
         if args.profile is not None:
-            # py-spy over the first call only (attached during the delay), its stacks to a file.
+            # py-spy over the first `--profile-calls` calls (attached during the delay), its
+            # stacks to a file.
             spy = _spy(proc.pid, args.profile / f"{tmp.name}.txt", args.profile_rate)
         time.sleep(args.delay)
         for index in range(args.hops):
@@ -72,7 +73,7 @@ def _one_served(root: Path, args: argparse.Namespace, tmp: Path, url: str | None
             started, seconds = _hand_back(site, task, data, "whole")
             time.sleep(args.gap)
             cpu_ms.append((_cpu(proc.pid) - cpu_from) * 1e3)
-            if spy is not None:
+            if spy is not None and index + 1 >= args.profile_calls:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its stacks and exits
                 spy.wait(60)
                 spy = None
@@ -104,7 +105,10 @@ def main() -> None:
         "--profile",
         type=Path,
         default=None,
-        help="folder: py-spy's stacks of the coordinator over the first call",
+        help="folder: py-spy's stacks of the coordinator over the first call(s)",
+    )
+    parser.add_argument(
+        "--profile-calls", type=int, default=1, help="calls --profile covers, from the first"
     )
     parser.add_argument("--profile-rate", type=int, default=1000)
     parser.add_argument(
