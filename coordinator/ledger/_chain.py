@@ -32,8 +32,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm import Session, configure_mappers, make_transient_to_detached, sessionmaker
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from coordinator.ledger._canonical import event_hash as event_hash  # the hash appends chain with
 from coordinator.ledger._integrity import (
@@ -56,7 +56,8 @@ T = TypeVar("T", bound=Base)
 GENESIS_HASH = "0" * 64
 _CHAIN_LOCK = 0x6261746F6E  # "baton": the advisory lock key of the event chain
 SCHEMA_LOCK = 0x6261746F6E7363  # "batonsc": the advisory lock key of changing the schema
-_SCHEMA_LOCK_STATEMENT = text("SELECT pg_advisory_xact_lock(:key)")
+# PostgreSQL's transaction-scoped advisory lock (the chain's, the schema's), built once.
+_ADVISORY_LOCK_STATEMENT = text("SELECT pg_advisory_xact_lock(:key)")
 # Alembic's version table exactly as Alembic creates it (alembic.ddl.impl.version_table_impl):
 # a ledger created from the models is stamped as `alembic stamp head` would.
 _ALEMBIC_VERSION = Table(
@@ -131,8 +132,10 @@ def _last_seq_query() -> Select[Any]:
 
 @functools.cache
 def _head_hash_query() -> Select[Any]:
-    """The newest event's hash, locked (where the database locks rows), built once."""
-    return select(EventRow.hash).order_by(EventRow.seq.desc()).limit(1).with_for_update()
+    """The newest event's hash, locked (where the database locks rows), built once (of the
+    table's columns: a plain statement, no ORM execution)."""
+    events = EventRow.__table__.c
+    return select(events.hash).order_by(events.seq.desc()).limit(1).with_for_update()
 
 
 @dataclass
@@ -140,6 +143,10 @@ class _Touched:
     row: Base
     deleted: bool = False
     assigned: set[str] | None = None  # columns this transaction set; None: all (a new row)
+    # Written by the next event, with its seq as the row's ledger_seq: the row itself
+    # (`insert_row`), or these columns of it (`write_columns`).
+    insert: bool = False
+    pending: dict[str, Any] | None = None
 
 
 def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
@@ -155,6 +162,11 @@ def _track_state_rows(session: Session, _context: Any, _instances: Any) -> None:
         entry = touched.setdefault(id(row), _Touched(row, assigned=set()))
         if entry.assigned is not None:
             entry.assigned |= changed
+        if entry.pending:
+            # This flush writes these columns now, with values newer than the ones
+            # `write_columns` left for the event to write: those must not overwrite them.
+            for name in [n for n in entry.pending if state.attrs[n].history.has_changes()]:
+                del entry.pending[name]
     for row in tracked(session.deleted):
         touched[id(row)] = _Touched(row, deleted=True)
 
@@ -235,17 +247,24 @@ def _stamp_statement(model: type[Base]) -> Update:
     return table.update().where(condition).values(ledger_seq=bindparam("stamp_seq"))
 
 
+def _row_params(row: Base) -> dict[str, object]:
+    """The row's primary key as `_stamp_statement`'s and `_update_statement`'s parameters."""
+    mapper = sa_inspect(row).mapper
+    return {
+        f"key_{column.name}": value
+        for column, value in zip(
+            mapper.primary_key, mapper.primary_key_from_instance(row), strict=True
+        )
+    }
+
+
 def _stamp(session: Session, row: Base, seq: int) -> None:
     """Gives a flushed state row the seq of the event that recorded it: the row object told it
     holds that value as committed at once, the database by `_write_stamps` before the commit
     (one UPDATE per table, each row once with its newest seq: a hop uploaded, committed and
     leased in one transaction is stamped once; no flush of the session)."""
     mapper = sa_inspect(row).mapper
-    params: dict[str, object] = {"stamp_seq": seq}
-    for column, value in zip(
-        mapper.primary_key, mapper.primary_key_from_instance(row), strict=True
-    ):
-        params[f"key_{column.name}"] = value
+    params: dict[str, object] = {"stamp_seq": seq, **_row_params(row)}
     stamps: dict[type[Base], dict[tuple[object, ...], dict[str, object]]]
     stamps = session.info.setdefault(_STAMPS, {})
     stamps.setdefault(type(row), {})[tuple(mapper.primary_key_from_instance(row))] = params
@@ -262,27 +281,110 @@ def _update_statement(model: type[Base], columns: tuple[str, ...]) -> Update:
 
 
 def write_columns(session: Session, row: Base, values: dict[str, Any]) -> None:
-    """Sets `values` on a state row this transaction read (and locked): one UPDATE statement
-    by its primary key, not a unit-of-work flush, and the row object told it holds them as
-    written. The transaction's next event records the row, as after a flush: the columns whose
-    value changed count as assigned by this write (`_track_state_rows`), the others keep what
-    the ledger recorded."""
-    mapper = sa_inspect(row).mapper
-    names = tuple(sorted(values))
-    params: dict[str, object] = {f"set_{name}": values[name] for name in names}
-    for column, value in zip(
-        mapper.primary_key, mapper.primary_key_from_instance(row), strict=True
-    ):
-        params[f"key_{column.name}"] = value
+    """Sets `values` on a state row this transaction read (and locked), and the row object
+    told it holds them as written. The transaction's next event records the row, as after a
+    flush: the columns whose value changed count as assigned by this write
+    (`_track_state_rows`), the others keep what the ledger recorded.
+
+    The database is written by that event (`LedgerCore.append_event`), right after its INSERT:
+    one UPDATE by primary key of these columns and the row's ledger_seq, not a unit-of-work
+    flush, nor a second UPDATE for the stamp. Nothing may read the row with SQL in between
+    (the caller appends its event next)."""
     state_columns = STATE_COLUMNS[type(row)]
-    changed = {n for n in names if n in state_columns and getattr(row, n) != values[n]}
-    session.connection().execute(_update_statement(type(row), names), params)
-    for name in names:
-        set_committed_value(row, name, values[name])
+    changed = {n for n in values if n in state_columns and getattr(row, n) != values[n]}
+    for name, value in values.items():
+        set_committed_value(row, name, value)
     touched: dict[int, _Touched] = session.info.setdefault(_TOUCHED, {})
     entry = touched.setdefault(id(row), _Touched(row, assigned=set()))
     if entry.assigned is not None:
         entry.assigned |= changed
+    if not entry.insert:
+        if entry.pending is None:
+            entry.pending = {}
+        entry.pending.update(values)
+
+
+def insert_row(session: Session, row: Base) -> bool:
+    """Has the transaction's next event INSERT a new state row with one plain statement that
+    carries its ledger_seq (no unit-of-work flush, no stamp UPDATE). Every column the object
+    leaves unset gets its default, as a flush would give it. False (nothing done; the caller
+    adds the row to the session) for a row that is not new or whose model has a column
+    default computed by the database.
+
+    The row object stays out of the session, as an appended event's does: it keeps every
+    value, ledger_seq included, whether the transaction commits or rolls back (a flushed row
+    would be expired by a rollback, and a caller that records the row again after a failed
+    commit reads it). Nothing may read the row with SQL before that event (the caller
+    appends it next)."""
+    state = sa_inspect(row)
+    if not state.transient or None in state.mapper.primary_key_from_instance(row):
+        return False
+    defaults = _column_defaults(type(row))
+    if defaults is None:
+        return False
+    for name, default in defaults.items():
+        if name not in state.dict:
+            set_committed_value(row, name, default() if callable(default) else default)
+    touched: dict[int, _Touched] = session.info.setdefault(_TOUCHED, {})
+    touched[id(row)] = _Touched(row, insert=True)
+    return True
+
+
+@functools.cache
+def _column_defaults(model: type[Base]) -> dict[str, Any] | None:
+    """Each column's value in a row that leaves it unset (None; a scalar default; a callable
+    of no argument for a Python-side callable default), or None if a column's default is the
+    database's (a server default alone, a sequence) or not of one column of the table."""
+    table = cast(Table, model.__table__)
+    defaults: dict[str, Any] = {}
+    for attr in sa_inspect(model).column_attrs:
+        [column] = attr.columns
+        if column.table is not table or attr.key != column.key:
+            return None
+        default = column.default
+        if default is None:
+            if column.server_default is not None:
+                return None
+            defaults[attr.key] = None
+        elif default.is_scalar:
+            defaults[attr.key] = default.arg  # type: ignore[attr-defined]
+        elif default.is_callable:
+            call = default.arg  # type: ignore[attr-defined]
+            defaults[attr.key] = functools.partial(call, None)
+        else:
+            return None
+    return defaults
+
+
+@functools.cache
+def _insert_statement(model: type[Base]) -> Insert:
+    """The INSERT of one `model` row, every column given (`insert_row`), built once."""
+    return cast(Table, model.__table__).insert()
+
+
+def _write_row(session: Session, touched: _Touched, seq: int) -> bool:
+    """Writes what `insert_row` or `write_columns` left for event `seq` with the row's
+    ledger_seq; False if they left nothing (a row the unit of work flushed: stamped later)."""
+    row = touched.row
+    if touched.insert:
+        values = {c.key: getattr(row, c.key) for c in sa_inspect(row).mapper.column_attrs}
+        values["ledger_seq"] = seq
+        session.connection().execute(_insert_statement(type(row)), values)
+        set_committed_value(row, "ledger_seq", seq)
+        return True
+    if touched.pending is None:
+        return False
+    values = {**touched.pending, "ledger_seq": seq}
+    names = tuple(sorted(values))
+    params = {f"set_{name}": values[name] for name in names}
+    params.update(_row_params(row))
+    session.connection().execute(_update_statement(type(row), names), params)
+    set_committed_value(row, "ledger_seq", seq)
+    stamps = session.info.get(_STAMPS)
+    if stamps is not None and type(row) in stamps:
+        # An older stamp of the row, from a flush earlier in the transaction: superseded.
+        stamps[type(row)].pop(tuple(sa_inspect(row).mapper.primary_key_from_instance(row)), None)
+    return True
 
 
 def _write_stamps(session: Session) -> None:
@@ -293,7 +395,16 @@ def _write_stamps(session: Session) -> None:
         return
     connection = session.connection()
     for model, rows in stamps.items():
-        connection.execute(_stamp_statement(model), list(rows.values()))
+        if rows:  # none when each row's write carried its newest seq (`_write_row`)
+            connection.execute(_stamp_statement(model), list(rows.values()))
+
+
+@functools.cache
+def _event_class_manager() -> Any:
+    """EventRow's class manager (what builds an instance with its ORM state), its mappers
+    configured (a constructor would configure them; `new_instance` does not)."""
+    configure_mappers()
+    return sa_inspect(EventRow).class_manager
 
 
 @functools.cache
@@ -317,10 +428,51 @@ def locked_get(session: Session, model: type[T], key: object) -> T | None:
         if held is not None:
             return held
     hold_sqlite_write_lock(session)
-    row = session.get(model, key, with_for_update=True)
+    read = _locked_read(model)
+    identity = key if isinstance(key, tuple) else (key,)
+    mapper = sa_inspect(model)
+    if len(identity) != len(read.keys) or (
+        mapper.identity_key_from_primary_key(identity) in session.identity_map
+    ):
+        # An object the session holds already keeps its attributes, as `session.get` does.
+        row = session.get(model, key, with_for_update=True)
+    else:
+        # One plain SELECT ... FOR UPDATE, the object built from its columns and put in the
+        # session as loaded: a third of `session.get`'s CPU (no ORM query, no loading context).
+        params = dict(zip(read.keys, identity, strict=True))
+        found = session.connection().execute(read.query, params).first()
+        if found is None:
+            return None
+        row = cast(T, mapper.class_manager.new_instance())
+        instance_state(row).dict.update(zip(read.names, found, strict=True))
+        make_transient_to_detached(row)
+        session.add(row)  # persistent, no SQL
     if row is not None:
         locked.add((model, key))
     return row
+
+
+@dataclass(frozen=True)
+class _LockedRead:
+    query: Select[Any]  # SELECT every column of one row by its key, FOR UPDATE
+    names: tuple[str, ...]  # the attributes its columns load, in their order
+    keys: tuple[str, ...]  # its parameters: the primary key's parts, in their order
+
+
+@functools.cache
+def _locked_read(model: type[Base]) -> _LockedRead:
+    """`locked_get`'s statement for `model`, built once (the mappers configured: the rows it
+    builds are not built by a constructor, which would configure them)."""
+    configure_mappers()
+    mapper = sa_inspect(model)
+    attrs = list(mapper.column_attrs)
+    keys = tuple(f"key_{column.name}" for column in mapper.primary_key)
+    condition = and_(
+        *(column == bindparam(name) for column, name in zip(mapper.primary_key, keys, strict=True))
+    )
+    columns = [attr.columns[0] for attr in attrs]
+    query = select(*columns).where(condition).with_for_update()
+    return _LockedRead(query, tuple(attr.key for attr in attrs), keys)
 
 
 def hold_sqlite_write_lock(session: Session) -> None:
@@ -336,9 +488,10 @@ def hold_sqlite_write_lock(session: Session) -> None:
     """
     if session.get_bind().dialect.name != "sqlite":
         return
-    driver = session.connection().connection.driver_connection
+    connection = session.connection()
+    driver = connection.connection.driver_connection
     if driver is not None and not driver.in_transaction:
-        session.execute(text("BEGIN IMMEDIATE"))
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def hold_schema_lock(connection: Connection) -> None:
@@ -353,7 +506,7 @@ def hold_schema_lock(connection: Connection) -> None:
     """
     dialect = connection.dialect.name
     if dialect == "postgresql":
-        connection.execute(_SCHEMA_LOCK_STATEMENT, {"key": SCHEMA_LOCK})
+        connection.execute(_ADVISORY_LOCK_STATEMENT, {"key": SCHEMA_LOCK})
     elif dialect == "sqlite":
         driver = connection.connection.driver_connection
         if driver is not None and not driver.in_transaction:
@@ -569,42 +722,33 @@ class LedgerCore:
             if dialect == "postgresql":
                 # Serialise appenders across processes: row locks cannot stop two transactions
                 # from chaining to the same predecessor, a transaction-scoped advisory lock can.
-                session.execute(
-                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": self.chain_lock_key}
-                )
+                session.connection().execute(_ADVISORY_LOCK_STATEMENT, {"key": self.chain_lock_key})
             elif dialect == "sqlite":
                 hold_sqlite_write_lock(session)
-            last = session.scalars(_head_hash_query()).first()
+            last = session.connection().execute(_head_hash_query()).scalar()
             prev = last or GENESIS_HASH
         at = utcnow().isoformat(timespec="microseconds")
-        row = EventRow(
-            at=at,
-            kind=kind,
-            run_id=run_id,
-            hop_id=hop_id,
-            site=site,
-            payload=payload,
-            prev_hash=prev,
-            hash=event_hash(prev, at, kind, run_id, hop_id, site, payload),
-        )
+        values: dict[str, Any] = {
+            "at": at, "kind": kind, "run_id": run_id, "hop_id": hop_id, "site": site,
+            "payload": payload, "prev_hash": prev,
+            "hash": event_hash(prev, at, kind, run_id, hop_id, site, payload),
+        }  # fmt: skip
         # Inserted as a plain statement, not added to the session: an event is never updated,
-        # and a flush of the unit of work per event was a third of a commit's CPU. The row
-        # object returned is not in the session (its seq is set).
-        inserted = session.connection().execute(
-            _event_insert(),
-            {"at": at, "kind": kind, "run_id": run_id, "hop_id": hop_id, "site": site,
-             "payload": payload, "prev_hash": prev, "hash": row.hash},
-        )  # fmt: skip
+        # and a flush of the unit of work per event was a third of a commit's CPU.
+        inserted = session.connection().execute(_event_insert(), values)
         key = inserted.inserted_primary_key
         assert key is not None
-        row.seq = int(key[0])
+        # The row object returned is not in the session: its columns set as they are stored,
+        # without the attribute events of a constructor (an event is never written again).
+        row = cast(EventRow, _event_class_manager().new_instance())
+        instance_state(row).dict.update(values, seq=int(key[0]))
         if touched:
             own: dict[tuple[str, str], dict[str, Any]] = {}
             for snapshot in payload[STATE_ROWS_KEY]:
                 own.setdefault(_entry_key(snapshot), snapshot)  # the first one counts
             session.info.setdefault(_OWN_ENTRIES, {})[row.seq] = own
             for written in touched.values():
-                if not written.deleted:
+                if not written.deleted and not _write_row(session, written, row.seq):
                     _stamp(session, written.row, row.seq)
             if session is not getattr(self._open, "session", None):
                 _write_stamps(session)  # not `transaction()`'s session: nothing writes them later

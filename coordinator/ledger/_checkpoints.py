@@ -7,7 +7,12 @@ from typing import Any
 
 from sqlalchemy import Select, bindparam, select
 
-from coordinator.ledger._chain import LedgerCore, hold_sqlite_write_lock, locked_get
+from coordinator.ledger._chain import (
+    LedgerCore,
+    hold_sqlite_write_lock,
+    insert_row,
+    locked_get,
+)
 from coordinator.ledger.models import CheckpointRow, HopRow
 
 
@@ -30,7 +35,7 @@ class CheckpointRecords(LedgerCore):
                 return  # content-addressed: the same bytes are already recorded
             if existing is not None:
                 existing.status = "stored"  # the same bytes stored again after a deletion
-            else:
+            elif not insert_row(session, row):  # with the event's seq: one plain INSERT
                 session.add(row)
             self.append_event(
                 session,

@@ -45,10 +45,13 @@ def _leased_run(ledger: Ledger, count: int) -> tuple[str, list[str]]:
     return run_id, [hop.id for hop in hops]
 
 
-def test_a_hand_back_reads_no_event_back_and_stamps_each_row_once(ledger: Ledger) -> None:
+def test_a_hand_back_reads_no_event_back_and_writes_each_rows_ledger_seq_with_the_row(
+    ledger: Ledger,
+) -> None:
     """Each event is one INSERT; the snapshots carried forward come from what this process
-    recorded, not from the events read back; each row's ledger_seq is written once, one
-    statement per table; the run row is not read once its base model is pinned."""
+    recorded, not from the events read back; each row's ledger_seq is written by the very
+    statement that writes the row (after its event's INSERT), never by an UPDATE of its own;
+    the run row is not read once its base model is pinned: 14 statements in all."""
     run_id, ids = _leased_run(ledger, 4)
     _hand_back(ledger, run_id, ids, 0)  # pins the base model
     statements: list[str] = []
@@ -62,10 +65,19 @@ def test_a_hand_back_reads_no_event_back_and_stamps_each_row_once(ledger: Ledger
     event_reads = [s for s in statements if re.match(r"SELECT .* FROM events", s)]
     assert len(event_reads) == 1 and "events.hash" in event_reads[0]  # the chain's head
     assert len([s for s in statements if s.startswith("INSERT INTO events")]) == 4
-    stamps = [s for s in statements if "SET ledger_seq" in s]
-    assert sorted(s.split()[1] for s in stamps) == ["checkpoints", "hops"]
+    assert not [s for s in statements if s.startswith("UPDATE") and "SET ledger_seq" in s]
+    writes = [s for s in statements if re.match(r"(UPDATE hops|INSERT INTO checkpoints)", s)]
+    assert len(writes) == 4 and all("ledger_seq" in s for s in writes)  # uploaded, committed,
+    # the next hop leased, the output's row
     assert not [s for s in statements if re.match(r"SELECT runs\.id", s)]
+    assert len(statements) <= 14  # BEGIN IMMEDIATE on SQLite; COMMIT is no statement here
     assert ledger.run(run_id).base_model_sha256 == "b" * 64
+    held = {hop.id: hop for hop in ledger.run(run_id).hops}
+    events = {e.kind: e.seq for e in ledger.events(run_id)[-4:]}
+    assert held[ids[1]].ledger_seq == events["hop.committed"]
+    assert held[ids[2]].ledger_seq == events["hop.leased"]
+    output = ledger.checkpoint(held[ids[1]].output_sha256 or "")
+    assert output is not None and output.ledger_seq == events["checkpoint.stored"]
     assert ledger.verify().ok
 
 
