@@ -16,6 +16,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any, Protocol
 
 import sqlalchemy as sa
@@ -62,6 +63,8 @@ __all__ = [
 STATE_ROWS_KEY = "state_rows"  # payload key of an event's row snapshots
 MISMATCH_EVENT = "ledger.mismatch"  # the engine found rows that differ from their events
 _VERBATIM_CHARS = 160  # longer column values are kept as their sha256
+# A text's JSON as `snapshot_json` writes it (its encoder escapes text with this function).
+_escaped = encode_basestring_ascii
 
 # The columns each snapshot covers: every column the engine or an operator reads. A column
 # added to a state table must be added here too, or edits to it go unnoticed.
@@ -110,7 +113,14 @@ def values_entry(table: str, key: str, values: Mapping[str, Any]) -> dict[str, A
     digests: dict[str, str] = {}
     for column, raw in values.items():
         value = _canonical(raw)
-        text = snapshot_json(value)
+        kind = type(value)
+        if value is None or kind is bool or kind is float:
+            verbatim[column] = value  # its JSON is at most a few characters: never a digest
+            continue
+        # A text's or an integer's JSON without the encoder's call (the same text it makes).
+        text = _escaped(value) if kind is str else int.__repr__(value) if kind is int else None
+        if text is None:
+            text = snapshot_json(value)
         if len(text) > _VERBATIM_CHARS:
             digests[column] = hashlib.sha256(text.encode("ascii")).hexdigest()
         else:

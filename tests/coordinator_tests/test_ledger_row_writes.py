@@ -4,6 +4,7 @@ work's flushes between them; each row ends as its newest event recorded it."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 
@@ -11,7 +12,9 @@ import pytest
 from sqlalchemy import event, select
 
 from coordinator.ledger import CheckpointRow, HopRow, Ledger, RunRow, locked_get
+from coordinator.ledger._canonical import snapshot_json
 from coordinator.ledger._chain import write_columns
+from coordinator.ledger._integrity import values_entry
 from tests.coordinator_tests.test_commit_statements import _leased_run
 
 
@@ -133,3 +136,28 @@ def test_a_row_locked_get_reads_is_the_sessions_own(ledger: Ledger) -> None:
     held = ledger.hop(ids[1])
     assert held is not None and held.error == "noted" and held.ledger_seq == ledger.last_seq()
     assert ledger.verify().ok
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, False, 0, -7, 10**200, 1.5, -0.0, float("nan"), float("inf"), "", "é\n\"q\"",
+     "x" * 158, "x" * 159, "é" * 30, {"b": [1, 2.0]}, ["a" * 200], datetime(2026, 1, 1)],
+)  # fmt: skip
+def test_a_snapshot_keeps_a_value_or_its_digest_as_its_canonical_json_decides(
+    value: object,
+) -> None:
+    """Short values (their canonical JSON at most 160 characters) verbatim, longer ones as
+    the sha256 of that JSON, whatever the value's type."""
+    entry = values_entry("hops", "k", {"c": value})
+    canonical = (
+        value.replace(tzinfo=UTC).isoformat(timespec="microseconds")
+        if isinstance(value, datetime)
+        else value
+    )
+    text = snapshot_json(canonical)
+    if len(text) > 160:
+        assert entry["values"] == {} and entry["digests"] == {
+            "c": hashlib.sha256(text.encode("ascii")).hexdigest()
+        }
+    else:
+        assert entry["digests"] == {} and snapshot_json(entry["values"]["c"]) == text
