@@ -259,10 +259,11 @@ def _row_params(row: Base) -> dict[str, object]:
 
 
 def _stamp(session: Session, row: Base, seq: int) -> None:
-    """Gives a flushed state row the seq of the event that recorded it: the row object told it
-    holds that value as committed at once, the database by `_write_stamps` before the commit
-    (one UPDATE per table, each row once with its newest seq: a hop uploaded, committed and
-    leased in one transaction is stamped once; no flush of the session)."""
+    """Gives a state row the unit of work flushed the seq of the event that recorded it: the
+    row object told it holds that value as committed at once, the database by `_write_stamps`
+    before the commit (one UPDATE per table, each row once with its newest seq; no flush of
+    the session). A row written by `write_columns` or `insert_row` needs none: its event's
+    statement carries its seq (`_write_row`)."""
     mapper = sa_inspect(row).mapper
     params: dict[str, object] = {"stamp_seq": seq, **_row_params(row)}
     stamps: dict[type[Base], dict[tuple[object, ...], dict[str, object]]]
