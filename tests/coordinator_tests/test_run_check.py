@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
 
 from coordinator.ledger import CheckpointRow, HopRow, Ledger
 
@@ -154,3 +155,18 @@ def test_a_check_per_hand_back_reads_the_run_in_one_statement_per_table(
     assert ledger.run_checks.full_checks == 1  # the known rows' check, not the full one
     reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     assert len(reads) == 4, reads
+
+
+def test_a_database_error_in_the_check_is_raised_as_sqlalchemy_raises_it(ledger: Ledger) -> None:
+    """The check's reads run on the driver's cursor: a driver error still comes as SQLAlchemy's
+    (its OperationalError is what `storage_fault_reason` reads a full disk from), with the
+    driver's error inside."""
+    run_id, _ = _run(ledger, 3)
+    assert ledger.stored_run_mismatches(run_id, None) == []
+    _sql(ledger, "ALTER TABLE events RENAME TO events_moved")
+    try:
+        with pytest.raises(DBAPIError) as raised:
+            ledger.stored_run_mismatches(run_id, None)
+    finally:
+        _sql(ledger, "ALTER TABLE events_moved RENAME TO events")
+    assert isinstance(raised.value.orig, ledger.engine.dialect.loaded_dbapi.Error)
