@@ -9,6 +9,10 @@ seconds apart. Per hop: the call's wall time at the site, the next site's task a
 call's start (the coordinator's part of a handoff: check, store, commit, lease, push), and the
 coordinator process's CPU time from the call's start to `--gap` s after its answer (what the
 hand back costs it, bookkeeping after the answer included). The first hop is the cold one.
+`--runs N`: N runs on each coordinator, one after the other (each then exactly `--hops` hops,
+the next started once it has completed): the first hand back of runs 2..N is a new run's on a
+warm coordinator, reported apart from their later ones (each run's last, which completes it,
+left out).
 `--postgres ADMIN_URL`: each coordinator's ledger is a new database on that server (dropped
 after the run), not an SQLite file. Writes JSON + Markdown under benchmarks/results/.
 
@@ -32,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.hand_back_call import _hand_back, _spy, serve_two_site_run
 from benchmarks.ledger_commit import _label, scratch_database
-from benchmarks.transfer import RESULTS
+from benchmarks.transfer import RESULTS, _tls
+from coordinator.console.admin import AdminClient
+from coordinator.plan import parse_plan
 
 
 def _cpu(pid: int) -> float:
@@ -53,44 +59,81 @@ def one(root: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 
 def _one_served(root: Path, args: argparse.Namespace, tmp: Path, url: str | None) -> dict[str, Any]:
-    proc, sites = serve_two_site_run(root, tmp, "first-hand-back", (args.hops + 2) // 2, url)
-    call_ms: list[float] = []
-    next_task_ms: list[float] = []
-    cpu_ms: list[float] = []
+    # One run of `--hops` hops per `--runs`, one after the other: with more than one, each run
+    # is exactly `--hops` hops long (it completes with its last hand back) and the next starts.
+    cycles = (args.hops + 2) // 2 if args.runs == 1 else args.hops // 2
+    proc, sites = serve_two_site_run(root, tmp, "first-hand-back", cycles, url)
+    runs: list[dict[str, Any]] = []
     try:
         spy = None
         if args.profile is not None:
             # py-spy over the first `--profile-calls` calls (attached during the delay), its
             # stacks to a file.
             spy = _spy(proc.pid, args.profile / f"{tmp.name}.txt", args.profile_rate)
-        time.sleep(args.delay)
-        for index in range(args.hops):
-            site = sites["site-a" if index % 2 == 0 else "site-b"]
-            following = sites["site-b" if index % 2 == 0 else "site-a"]
-            task = site.tasks.get(timeout=60)
-            data = site.bundle(task, args.kib * 1024)
-            cpu_from = _cpu(proc.pid)
-            started, seconds = _hand_back(site, task, data, "whole")
-            time.sleep(args.gap)
-            cpu_ms.append((_cpu(proc.pid) - cpu_from) * 1e3)
-            if spy is not None and index + 1 >= args.profile_calls:
-                spy.send_signal(signal.SIGINT)  # py-spy writes its stacks and exits
-                spy.wait(60)
-                spy = None
-            call_ms.append(seconds * 1e3)
-            arrived = [at for hop_id, at in following.received.items() if at >= started]
-            next_task_ms.append((min(arrived) - started) * 1e3 if arrived else float("nan"))
+        calls = 0
+        for number in range(args.runs):
+            if number:
+                _start_next_run(tmp, cycles, number)
+            call_ms: list[float] = []
+            next_task_ms: list[float] = []
+            cpu_ms: list[float] = []
+            time.sleep(args.delay)
+            for index in range(args.hops):
+                site = sites["site-a" if index % 2 == 0 else "site-b"]
+                following = sites["site-b" if index % 2 == 0 else "site-a"]
+                task = site.tasks.get(timeout=60)
+                data = site.bundle(task, args.kib * 1024)
+                cpu_from = _cpu(proc.pid)
+                started, seconds = _hand_back(site, task, data, "whole")
+                time.sleep(args.gap)
+                cpu_ms.append((_cpu(proc.pid) - cpu_from) * 1e3)
+                calls += 1
+                if spy is not None and calls >= args.profile_calls:
+                    spy.send_signal(signal.SIGINT)  # py-spy writes its stacks and exits
+                    spy.wait(60)
+                    spy = None
+                call_ms.append(seconds * 1e3)
+                arrived = [at for hop_id, at in following.received.items() if at >= started]
+                next_task_ms.append((min(arrived) - started) * 1e3 if arrived else float("nan"))
+            runs.append({
+                "call_ms": [round(v, 2) for v in call_ms],
+                "next_task_ms": [round(v, 2) for v in next_task_ms],
+                "coordinator_cpu_ms": [round(v, 1) for v in cpu_ms],
+            })  # fmt: skip
+            if number + 1 < args.runs:
+                _wait_completed(tmp)
         for site in sites.values():
             site.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return {
-        "call_ms": [round(v, 2) for v in call_ms],
-        "next_task_ms": [round(v, 2) for v in next_task_ms],
-        "coordinator_cpu_ms": [round(v, 1) for v in cpu_ms],
-        "load_1min": round(os.getloadavg()[0], 2),
-    }
+    return {**runs[0], "later_runs": runs[1:], "load_1min": round(os.getloadavg()[0], 2)}
+
+
+def _admin(tmp: Path) -> AdminClient:
+    port = int((tmp / "coordinator.port").read_text())
+    return AdminClient(f"localhost:{port}", _tls(tmp / "pki", "admin"))
+
+
+def _start_next_run(tmp: Path, cycles: int, number: int) -> None:
+    """Starts the coordinator's next two-site run (the one before it has completed)."""
+    with _admin(tmp) as admin:
+        admin.start_run(parse_plan({
+            "name": f"first-hand-back-{number}", "dataset": "notes", "labels": ["x", "y"],
+            "sites": ["site-a", "site-b"], "cycles": cycles,
+        }))  # fmt: skip
+
+
+def _wait_completed(tmp: Path) -> None:
+    """Waits until every run the coordinator holds has completed."""
+    with _admin(tmp) as admin:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = admin.runs()
+            if runs and all(r.status == "completed" for r in runs):
+                return
+            time.sleep(0.05)
+    raise TimeoutError("the run did not complete within 60 s")
 
 
 def main() -> None:
@@ -98,6 +141,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, action="append", help="checkout (repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hops", type=int, default=4)
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="runs per coordinator, one after the other (each then exactly --hops hops, even)",
+    )
     parser.add_argument("--kib", type=int, default=300)
     parser.add_argument("--delay", type=float, default=8.0, help="s from run start to 1st call")
     parser.add_argument("--gap", type=float, default=0.3, help="s after each answer")
@@ -127,13 +176,26 @@ def main() -> None:
                 found = one(root, args, Path(tmp))
             runs[label].append(found)
             print(label, json.dumps(found), flush=True)
+    keys = ("call_ms", "next_task_ms", "coordinator_cpu_ms")
+    # With --runs, a run's last hand back completes it (no next task, the export): left out.
+    tail = slice(1, -1) if args.runs > 1 else slice(1, None)
     rows = []
     for label, results in runs.items():
-        first = {key: [r[key][0] for r in results]
-                 for key in ("call_ms", "next_task_ms", "coordinator_cpu_ms")}  # fmt: skip
-        later = {key: statistics.median(v for r in results for v in r[key][1:])
-                 for key in ("call_ms", "next_task_ms", "coordinator_cpu_ms")}  # fmt: skip
-        rows.append({"checkout": label, "first": first, "later_median": later, "runs": results})
+        first = {key: [r[key][0] for r in results] for key in keys}
+        later = {key: statistics.median(v for r in results for v in r[key][tail]) for key in keys}
+        row: dict[str, Any] = {
+            "checkout": label,
+            "first": first,
+            "later_median": later,
+            "runs": results,
+        }
+        if args.runs > 1:
+            warm = [w for r in results for w in r["later_runs"]]
+            row["warm_first"] = {key: [w[key][0] for w in warm] for key in keys}
+            row["warm_later_median"] = {
+                key: statistics.median(v for w in warm for v in w[key][tail]) for key in keys
+            }
+        rows.append(row)
     shown = ["$ADMIN_URL" if a == args.postgres else a for a in sys.argv[1:]]  # no password
     command = " ".join(["benchmarks/first_hand_back.py", *shown])
     args.out.mkdir(parents=True, exist_ok=True)
@@ -155,6 +217,20 @@ def main() -> None:
           f"{r['first']['coordinator_cpu_ms']} | {r['later_median']['coordinator_cpu_ms']:.1f} | "
           f"{[x['load_1min'] for x in r['runs']]} |" for r in rows),
     ]  # fmt: skip
+    if args.runs > 1:
+        lines += [
+            "", f"Runs 2 to {args.runs} of each coordinator (warm: a run before it on the same "
+            "coordinator), their first hand back against their later ones (each run's last, "
+            "which completes it, left out):", "",
+            "| checkout | first of a run: call ms | later: call ms (median) | first: next task "
+            "ms | later: next task ms | first: CPU ms | later: CPU ms |",
+            "|---|---|---:|---|---:|---|---:|",
+            *(f"| {r['checkout']} | {r['warm_first']['call_ms']} | "
+              f"{r['warm_later_median']['call_ms']:.2f} | {r['warm_first']['next_task_ms']} | "
+              f"{r['warm_later_median']['next_task_ms']:.2f} | "
+              f"{r['warm_first']['coordinator_cpu_ms']} | "
+              f"{r['warm_later_median']['coordinator_cpu_ms']:.1f} |" for r in rows),
+        ]  # fmt: skip
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

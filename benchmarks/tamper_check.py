@@ -10,7 +10,7 @@ transaction, then the next hop's "training"); before each commit, each read chec
 engine does before leasing the next hop. Figures: CPU time of the calling thread
 (`time.thread_time`, steady on a busy machine), the first checks (cold) left out; both reads
 alternate per commit (A B B A ...), each after the same commits. Writes JSON + Markdown under
-benchmarks/results/.
+benchmarks/results/. `--postgres ADMIN_URL`: each ledger in a new database on that server.
 
     nice -n 19 python benchmarks/tamper_check.py --hops 16 --name tamper-check
 """
@@ -18,16 +18,19 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,9 +58,9 @@ def _checkpoint(run_id: str, hop_id: str, parent: str | None) -> CheckpointRow:
     )  # fmt: skip
 
 
-def run(hops: int, warmup: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        ledger = Ledger(f"sqlite:///{Path(tmp) / 'ledger.sqlite3'}")
+def run(hops: int, warmup: int, postgres: str | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, _database(postgres) as url:
+        ledger = Ledger(url or f"sqlite:///{Path(tmp) / 'ledger.sqlite3'}")
         ledger.migrate()
         run_id = uuid.uuid4().hex
         hyperparameters = {"learning_rate": 2e-3, "steps": 15, "batch_size": 16}
@@ -109,20 +112,48 @@ def run(hops: int, warmup: int) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _database(admin_url: str | None) -> Iterator[str | None]:
+    """A new PostgreSQL database on `admin_url`'s server (dropped afterwards), or None."""
+    if admin_url is None:
+        yield None
+        return
+    name = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as connection:
+                connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hops", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="ledgers built, figures pooled")
+    parser.add_argument(
+        "--postgres",
+        metavar="ADMIN_URL",
+        help="a PostgreSQL server's admin URL: each ledger a new database there (dropped after)",
+    )
     parser.add_argument("--name", default="tamper-check")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    rounds = [run(args.hops, args.warmup) for _ in range(args.repeat)]
+    rounds = [run(args.hops, args.warmup, args.postgres) for _ in range(args.repeat)]
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    figures = {"hops": args.hops, "repeat": args.repeat, "load": load, "rounds": rounds}
-    command = "python benchmarks/tamper_check.py " + " ".join(sys.argv[1:])
+    database = "PostgreSQL" if args.postgres else "SQLite"
+    figures = {"hops": args.hops, "repeat": args.repeat, "load": load, "database": database,
+               "rounds": rounds}  # fmt: skip
+    shown = ["$ADMIN_URL" if a == args.postgres else a for a in sys.argv[1:]]  # no password
+    command = "python benchmarks/tamper_check.py " + " ".join(shown)
     lines = [
-        f"# Tamper check before a lease, a run of {args.hops} hops",
+        f"# Tamper check before a lease, a run of {args.hops} hops ({database})",
         "",
         f"Command: `{command}`. CPU ms of the checking thread per check, median of each "
         f"ledger's checks (each read after the same commits; the reads alternate per commit), "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -30,10 +31,28 @@ __all__ = ["ActiveRuns"]
 logger = logging.getLogger(__name__)
 
 
+@functools.cache
+def _column_keys(model: type[Base]) -> tuple[str, ...]:
+    return tuple(column.key for column in sa_inspect(model).column_attrs)
+
+
+_UNSET = object()
+
+
 def _copy_columns(target: Base, source: Base) -> None:
-    """Gives a held row the committed column values of the same row as a transaction wrote it."""
-    for column in sa_inspect(type(source)).column_attrs:
-        set_committed_value(target, column.key, getattr(source, column.key))
+    """Gives a held row the committed column values of the same row as a transaction wrote it.
+
+    A column the held row holds already (the same value, of the same type) is left as it is:
+    a commit writes a few columns of a row, and this runs on the event loop for every row of
+    every commit, before the lease the commit granted is pushed (about 3 us a column set).
+    """
+    held = target.__dict__
+    for key in _column_keys(type(source)):
+        value = getattr(source, key)
+        current = held.get(key, _UNSET)
+        if current is value or (type(current) is type(value) and current == value):
+            continue
+        set_committed_value(target, key, value)
 
 
 class ActiveRuns:

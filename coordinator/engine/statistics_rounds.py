@@ -351,8 +351,17 @@ class StatisticsRounds:
             pass  # settled already
 
     async def expire_statistics(self) -> None:
-        """Fails every pending statistics request past its expiry (``statistics.expired``)."""
+        """Fails every pending statistics request past its expiry (``statistics.expired``).
+
+        A pass that finds no pending request (one indexed read, on the loop) takes neither the
+        engine's lock nor the ledger writer: the watchdog's pass every half second no longer
+        reads every pending request as ORM rows (about 0.5 ms of CPU) on the writer thread,
+        under the lock a hand back's commit waits for. A request made after that read is
+        expired by a later pass (an expiry is at least a second away).
+        """
         now = datetime.now(UTC)
+        if not self.ledger.has_pending_statistics():
+            return
         async with self._lock:
             await self.writer.run(self._unexpired, now)
 

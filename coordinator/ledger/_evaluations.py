@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import selectinload
 
 from coordinator.ledger._chain import LedgerCore, TransitionRefused, locked_get, utcnow
 from coordinator.ledger.models import EvaluationRow, StatisticsAnswerRow, StatisticsRequestRow
+
+
+@functools.cache
+def _pending_statistics_query() -> Select[Any]:
+    """The id of one pending statistics request (indexed status), built once."""
+    requests = StatisticsRequestRow.__table__.c  # a plain statement: no ORM row built
+    return select(requests.id).where(requests.status == "pending").limit(1)
 
 
 class EvaluationRecords(LedgerCore):
@@ -109,6 +117,12 @@ class EvaluationRecords(LedgerCore):
                 .where(StatisticsRequestRow.id == request_id)
                 .options(selectinload(StatisticsRequestRow.answers))
             ).first()
+
+    def has_pending_statistics(self) -> bool:
+        """Whether a statistics request is pending: one indexed read of at most one id (the
+        watchdog asks on every pass; most passes find none)."""
+        with self.engine.connect() as connection:
+            return connection.execute(_pending_statistics_query()).first() is not None
 
     def statistics_requests(self, status: str | None = None) -> list[StatisticsRequestRow]:
         """Statistics requests, oldest first; only those in `status` when given."""

@@ -50,6 +50,7 @@ __all__ = [
     "append_baseline",
     "carry_forward",
     "compare_snapshot",
+    "compare_with_events",
     "row_entry",
     "row_key",
     "state_mismatches",
@@ -478,16 +479,28 @@ def state_mismatches(
     """
     states = [row if isinstance(row, StateRow) else StateRow.of(row) for row in rows]
     seqs: set[int] = {s.ledger_seq for s in states if s.ledger_seq is not None}
-    events: dict[int, StoredEvent] = {}
-    sound: dict[int, dict[tuple[str, str], Mapping[str, Any]] | None] = {}
+    events: dict[int, tuple[StoredEvent, bool]] = {}
     for number, *stored, link in session.execute(_linked_events_query(), {"seqs": list(seqs)}):
-        events[number] = tuple(stored)  # type: ignore[assignment]
-        linked = link is None or link == stored[7]
-        sound[number] = _sound_entries(number, events[number], verified) if linked else None
+        events[number] = (tuple(stored), link is None or link == stored[7])  # type: ignore[assignment]
+    return compare_with_events(states, events, verified)
+
+
+def compare_with_events(
+    states: Sequence[StateRow],
+    events: Mapping[int, tuple[StoredEvent, bool]],
+    verified: VerifiedEvents | None = None,
+) -> list[RowMismatch]:
+    """`state_mismatches` of rows already read, against their events as read (seq -> the
+    event as stored, and whether the next event links to it); `events` may hold others too."""
+    sound: dict[int, dict[tuple[str, str], Mapping[str, Any]] | None] = {}
+    for named in {s.ledger_seq for s in states if s.ledger_seq is not None}:
+        if named in events:
+            stored, linked = events[named]
+            sound[named] = _sound_entries(named, stored, verified) if linked else None
     found: list[RowMismatch] = []
     for state in states:
         table, key, seq = state.model.__tablename__, state.key, state.ledger_seq
-        if seq is None or seq not in events:
+        if seq is None or seq not in sound:
             found.append(
                 RowMismatch(
                     table, key, "", f"{table} row {key} names no ledger event (ledger_seq {seq})"

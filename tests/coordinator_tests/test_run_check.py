@@ -3,10 +3,13 @@ run sound, and still finds every edit made behind the ledger's back (`ledger/_ru
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from datetime import UTC, datetime
 
-from sqlalchemy import text
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
 
 from coordinator.ledger import CheckpointRow, HopRow, Ledger
 
@@ -110,3 +113,60 @@ def test_a_hop_deleted_behind_the_ledger_gets_the_full_checks_answer(ledger: Led
         run_id, parent
     )
     assert ledger.run_checks.full_checks == full + 1
+
+
+def test_a_row_the_hand_back_wrote_and_edited_since_is_named_by_its_column(
+    ledger: Ledger,
+) -> None:
+    """The rows a hand back wrote are compared with their events from the values the check
+    read (a datetime decoded as the full check decodes it), not read again."""
+    run_id, hops = _run(ledger, 4)
+    parent = _hand_back(ledger, run_id, hops, 0, None)
+    assert ledger.stored_run_mismatches(run_id, parent) == []
+    parent = _hand_back(ledger, run_id, hops, 1, parent)
+    _sql(ledger, "UPDATE hops SET leased_at = '2001-01-01 00:00:00' WHERE id = :hop", hop=hops[2])
+    found = ledger.stored_run_mismatches(run_id, parent)
+    assert [(m.table, m.key, m.column) for m in found] == [("hops", hops[2], "leased_at")]
+    assert found == ledger.full_run_mismatches(run_id, parent)
+
+
+def test_a_check_per_hand_back_reads_the_run_in_one_statement_per_table(
+    ledger: Ledger,
+) -> None:
+    """Run, hops, the checkpoint handed out and the events they name: four statements, none
+    per row the hand back wrote (SQLite's own trace of what it ran)."""
+    if ledger.engine.dialect.name != "sqlite":
+        pytest.skip("counted with SQLite's statement trace")
+    run_id, hops = _run(ledger, 6)
+    parent = _hand_back(ledger, run_id, hops, 0, None)
+    assert ledger.stored_run_mismatches(run_id, parent) == []
+    parent = _hand_back(ledger, run_id, hops, 1, parent)
+    statements: list[str] = []
+    ledger.engine.dispose()  # every connection from now on traced
+
+    def trace(connection: sqlite3.Connection, _record: object) -> None:
+        connection.set_trace_callback(statements.append)
+
+    event.listen(ledger.engine, "connect", trace)
+    try:
+        assert ledger.stored_run_mismatches(run_id, parent) == []
+    finally:
+        event.remove(ledger.engine, "connect", trace)
+    assert ledger.run_checks.full_checks == 1  # the known rows' check, not the full one
+    reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(reads) == 4, reads
+
+
+def test_a_database_error_in_the_check_is_raised_as_sqlalchemy_raises_it(ledger: Ledger) -> None:
+    """The check's reads run on the driver's cursor: a driver error still comes as SQLAlchemy's
+    (its OperationalError is what `storage_fault_reason` reads a full disk from), with the
+    driver's error inside."""
+    run_id, _ = _run(ledger, 3)
+    assert ledger.stored_run_mismatches(run_id, None) == []
+    _sql(ledger, "ALTER TABLE events RENAME TO events_moved")
+    try:
+        with pytest.raises(DBAPIError) as raised:
+            ledger.stored_run_mismatches(run_id, None)
+    finally:
+        _sql(ledger, "ALTER TABLE events_moved RENAME TO events")
+    assert isinstance(raised.value.orig, ledger.engine.dialect.loaded_dbapi.Error)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -13,6 +15,9 @@ from typer.testing import CliRunner
 
 from coordinator.console.admin import AdminClient
 from coordinator.console.cli import app
+from coordinator.engine.ledger_writer import LedgerWriter
+from coordinator.engine.sessions import SiteSessions
+from coordinator.engine.statistics_rounds import StatisticsRounds
 from coordinator.ledger import Ledger, StatisticsAnswerRow
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
@@ -516,3 +521,31 @@ def test_cli_collect_expires_in_fails_a_request_no_site_answers(
     shown = runner.invoke(app, ["statistics", "show", statistics_id, "--json", *connection])
     document = json.loads(shown.output)
     assert document["status"] == "failed" and document["expires_at"] > 0
+
+
+def test_a_watchdog_pass_with_no_pending_request_takes_neither_the_lock_nor_the_writer(
+    ledger: Ledger,
+) -> None:
+    """The expiry pass every half second reads one id, not every pending request as rows on
+    the ledger writer's thread under the engine's lock (which a hand back's commit waits for)."""
+    handed: list[object] = []
+
+    class Writer(LedgerWriter):
+        async def run(self, write: Any, *args: Any, **kwargs: Any) -> Any:
+            handed.append(write)
+            return await super().run(write, *args, **kwargs)
+
+    async def passes() -> bool:
+        writer = Writer()
+        try:
+            lock = asyncio.Lock()
+            rounds = StatisticsRounds(ledger, lock, SiteSessions(ledger), writer, min_count=10,
+                                      expiry_seconds=3600.0)  # fmt: skip
+            async with lock:  # held: a pass that wanted it would wait here for good
+                await asyncio.wait_for(rounds.expire_statistics(), timeout=5)
+            return ledger.has_pending_statistics()
+        finally:
+            writer.close()
+
+    assert asyncio.run(passes()) is False
+    assert handed == []
