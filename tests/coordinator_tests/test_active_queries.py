@@ -104,9 +104,22 @@ def test_watchdog_connect_and_download_checks_never_load_finished_runs(
             engine.checkpoint_for_download("site-a", old_sha)
         return run_id
 
-    live = asyncio.run(scenario())
-    assert live in loaded_run_ids  # the live run was read: the hooks do see loads
+    # The ledger reads locked rows and the tamper check's rows without the ORM's loading (no
+    # "load" event): every statement's parameters are watched too.
+    parameters: list[str] = []
+
+    def on_execute(_conn: object, _cursor: object, _sql: str, params: Any, *_: object) -> None:
+        parameters.append(repr(params))
+
+    event.listen(engine.ledger.engine, "before_cursor_execute", on_execute)
+    try:
+        live = asyncio.run(scenario())
+    finally:
+        event.remove(engine.ledger.engine, "before_cursor_execute", on_execute)
+    # The live run was read by its id: the hooks do see its reads.
+    assert any(live in p for p in parameters)
     assert not set(loaded_run_ids) & set(finished)
+    assert not [run_id for run_id in finished if any(run_id in p for p in parameters)]
     assert [r.id for r in engine.ledger.active_runs()] == [live]
 
 
