@@ -34,11 +34,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.hand_back_call import _hand_back, _spy, serve_two_site_run
+from benchmarks._harness import wait_for_completed_run
+from benchmarks.hand_back_call import _hand_back, _spy, serve_two_site_run, two_site_plan
 from benchmarks.ledger_commit import _label, scratch_database
 from benchmarks.transfer import RESULTS, _tls
 from coordinator.console.admin import AdminClient
-from coordinator.plan import parse_plan
 
 
 def _cpu(pid: int) -> float:
@@ -118,22 +118,14 @@ def _admin(tmp: Path) -> AdminClient:
 def _start_next_run(tmp: Path, cycles: int, number: int) -> None:
     """Starts the coordinator's next two-site run (the one before it has completed)."""
     with _admin(tmp) as admin:
-        admin.start_run(parse_plan({
-            "name": f"first-hand-back-{number}", "dataset": "notes", "labels": ["x", "y"],
-            "sites": ["site-a", "site-b"], "cycles": cycles,
-        }))  # fmt: skip
+        admin.start_run(two_site_plan(f"first-hand-back-{number}", cycles))
 
 
 def _wait_completed(tmp: Path) -> None:
-    """Waits until every run the coordinator holds has completed."""
+    """Waits until every run the coordinator holds has completed (raises if one failed)."""
     with _admin(tmp) as admin:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            runs = admin.runs()
-            if runs and all(r.status == "completed" for r in runs):
-                return
-            time.sleep(0.05)
-    raise TimeoutError("the run did not complete within 60 s")
+        for run in admin.runs():
+            wait_for_completed_run(admin, run.run_id, timeout=60)
 
 
 def main() -> None:

@@ -120,6 +120,14 @@ def _quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def two_site_plan(name: str, cycles: int) -> Any:
+    """The plan of the scripted sites' sequential run: site-a, then site-b, `cycles` times."""
+    return parse_plan({
+        "name": name, "dataset": "notes", "labels": ["x", "y"],
+        "sites": ["site-a", "site-b"], "cycles": cycles,
+    })  # fmt: skip
+
+
 def serve_two_site_run(
     root: Path, tmp: Path, name: str, cycles: int, database_url: str | None = None
 ) -> tuple[subprocess.Popen[bytes], dict[str, TimedSite]]:
@@ -148,10 +156,7 @@ def serve_two_site_run(
         sites = {cn: TimedSite(port, pki, cn) for cn in ("site-a", "site-b")}
         admin = AdminClient(f"localhost:{port}", _tls(pki, "admin"))
         admin.wait_for_sites(set(sites), timeout=30)
-        admin.start_run(parse_plan({
-            "name": name, "dataset": "notes", "labels": ["x", "y"],
-            "sites": ["site-a", "site-b"], "cycles": cycles,
-        }))  # fmt: skip
+        admin.start_run(two_site_plan(name, cycles))
     except BaseException:
         proc.terminate()
         proc.wait(timeout=30)

@@ -18,23 +18,21 @@ benchmarks/results/. `--postgres ADMIN_URL`: each ledger in a new database on th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.ledger_commit import scratch_database  # noqa: E402
 from coordinator.ledger import CheckpointRow, HopRow, Ledger, RowMismatch  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,7 +57,7 @@ def _checkpoint(run_id: str, hop_id: str, parent: str | None) -> CheckpointRow:
 
 
 def run(hops: int, warmup: int, postgres: str | None = None) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp, _database(postgres) as url:
+    with tempfile.TemporaryDirectory() as tmp, scratch_database(postgres) as url:
         ledger = Ledger(url or f"sqlite:///{Path(tmp) / 'ledger.sqlite3'}")
         ledger.migrate()
         run_id = uuid.uuid4().hex
@@ -110,26 +108,6 @@ def run(hops: int, warmup: int, postgres: str | None = None) -> dict[str, Any]:
         }
         for name, values in samples.items()
     }
-
-
-@contextlib.contextmanager
-def _database(admin_url: str | None) -> Iterator[str | None]:
-    """A new PostgreSQL database on `admin_url`'s server (dropped afterwards), or None."""
-    if admin_url is None:
-        yield None
-        return
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as connection:
-                connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 def main() -> None:
