@@ -125,6 +125,15 @@ _WRITTEN = "ledger_written"  # session.info: state rows this transaction's event
 _OWN_ENTRIES = "ledger_own_entries"
 _LOCKED = "ledger_locked"  # session.info: (model, key) of the rows this transaction locked
 _STAMPS = "ledger_stamps"  # session.info: model -> key -> the newest ledger_seq to write
+_CONNECTION = "ledger_connection"  # session.info: the connection `LedgerCore.transaction` opened
+
+
+def connection_of(session: Session) -> Connection:
+    """The session's connection: the one `LedgerCore.transaction` opened its transaction on
+    (a hand back's commit asks for it once a statement: the session's lookup each time was
+    about 10 us), else the session's own."""
+    connection: Connection | None = session.info.get(_CONNECTION)
+    return connection if connection is not None else session.connection()
 
 
 @functools.cache
@@ -374,7 +383,7 @@ def _write_row(session: Session, touched: _Touched, seq: int) -> bool:
         values = {c.key: getattr(row, c.key) for c in sa_inspect(row).mapper.column_attrs}
         values["ledger_seq"] = seq
         _cursor.write(
-            session.connection(), _insert_statement(type(row)), values, keys=tuple(values)
+            connection_of(session), _insert_statement(type(row)), values, keys=tuple(values)
         )
         set_committed_value(row, "ledger_seq", seq)
         return True
@@ -384,7 +393,7 @@ def _write_row(session: Session, touched: _Touched, seq: int) -> bool:
     names = tuple(sorted(values))
     params = {f"set_{name}": values[name] for name in names}
     params.update(_row_params(row))
-    _cursor.write(session.connection(), _update_statement(type(row), names), params)
+    _cursor.write(connection_of(session), _update_statement(type(row), names), params)
     set_committed_value(row, "ledger_seq", seq)
     stamps = session.info.get(_STAMPS)
     if stamps is not None and type(row) in stamps:
@@ -450,7 +459,7 @@ def locked_get(session: Session, model: type[T], key: object) -> T | None:
         # One plain SELECT ... FOR UPDATE, the object built from its columns and put in the
         # session as loaded: a third of `session.get`'s CPU (no ORM query, no loading context).
         params = dict(zip(read.keys, identity, strict=True))
-        rows = _cursor.read(session.connection(), read.query, params)
+        rows = _cursor.read(connection_of(session), read.query, params)
         if not rows:
             return None
         found = rows[0]
@@ -497,9 +506,9 @@ def hold_sqlite_write_lock(session: Session) -> None:
     one predecessor. `BEGIN IMMEDIATE` takes the lock first (waiting out the busy timeout), as
     FOR UPDATE and the chain's advisory lock do on PostgreSQL.
     """
-    if session.get_bind().dialect.name != "sqlite":
+    connection = connection_of(session)
+    if connection.dialect.name != "sqlite":
         return
-    connection = session.connection()
     driver = connection.connection.driver_connection
     if driver is not None and not driver.in_transaction:
         _cursor.write(connection, _BEGIN_IMMEDIATE, {})
@@ -669,6 +678,8 @@ class LedgerCore:
             return
         with self._sessions.begin() as session:
             self._open.session = session
+            # Its one connection, for the whole transaction (the session binds one engine).
+            session.info[_CONNECTION] = session.connection()
             try:
                 yield session
                 session.flush()
@@ -734,11 +745,11 @@ class LedgerCore:
                 # Serialise appenders across processes: row locks cannot stop two transactions
                 # from chaining to the same predecessor, a transaction-scoped advisory lock can.
                 _cursor.write(
-                    session.connection(), _ADVISORY_LOCK_STATEMENT, {"key": self.chain_lock_key}
+                    connection_of(session), _ADVISORY_LOCK_STATEMENT, {"key": self.chain_lock_key}
                 )
             elif dialect == "sqlite":
                 hold_sqlite_write_lock(session)
-            last = _cursor.read(session.connection(), _head_hash_query(), {})
+            last = _cursor.read(connection_of(session), _head_hash_query(), {})
             prev = last[0][0] if last and last[0][0] else GENESIS_HASH
         at = utcnow().isoformat(timespec="microseconds")
         values: dict[str, Any] = {
@@ -748,7 +759,7 @@ class LedgerCore:
         }  # fmt: skip
         # Inserted as a plain statement, not added to the session: an event is never updated,
         # and a flush of the unit of work per event was a third of a commit's CPU.
-        key = _cursor.write(session.connection(), _event_insert(), values, keys=_EVENT_KEYS)
+        key = _cursor.write(connection_of(session), _event_insert(), values, keys=_EVENT_KEYS)
         assert key is not None
         # The row object returned is not in the session: its columns set as they are stored,
         # without the attribute events of a constructor (an event is never written again).

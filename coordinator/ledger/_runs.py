@@ -16,6 +16,7 @@ from coordinator.ledger._chain import (
     TERMINAL_RUN_STATES,
     LedgerCore,
     TransitionRefused,
+    connection_of,
     locked_get,
     utcnow,
     write_columns,
@@ -281,7 +282,7 @@ class RunRecords(LedgerCore):
             # built). Unpinned, the run is read under its lock, as every writer of the run
             # reads it: a commit running meanwhile (a round's other member, another process)
             # must see the base model pinned here.
-            found = _cursor.read(session.connection(), _pin_query(), {"run_id": hop.run_id})
+            found = _cursor.read(connection_of(session), _pin_query(), {"run_id": hop.run_id})
             pinned = found[0][0] if found else None
             run = locked_get(session, RunRow, hop.run_id) if pinned is None else None
             write_columns(session, hop, {
