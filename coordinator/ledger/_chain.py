@@ -41,6 +41,7 @@ from coordinator.ledger._integrity import (
     STATE_COLUMNS,
     STATE_ROWS_KEY,
     RowMismatch,
+    StoredEvent,
     VerifiedEvents,
     carry_forward,
     row_entry,
@@ -126,6 +127,9 @@ _OWN_ENTRIES = "ledger_own_entries"
 _LOCKED = "ledger_locked"  # session.info: (model, key) of the rows this transaction locked
 _STAMPS = "ledger_stamps"  # session.info: model -> key -> the newest ledger_seq to write
 _CONNECTION = "ledger_connection"  # session.info: the connection `LedgerCore.transaction` opened
+_STORED = (
+    "ledger_stored"  # session.info: (seq, StoredEvent) of each event this transaction appended
+)
 
 
 def connection_of(session: Session) -> Connection:
@@ -408,7 +412,7 @@ def _write_stamps(session: Session) -> None:
     stamps = session.info.pop(_STAMPS, None)
     if not stamps:
         return
-    connection = session.connection()
+    connection = connection_of(session)
     for model, rows in stamps.items():
         if rows:  # none when each row's write carried its newest seq (`_write_row`)
             connection.execute(_stamp_statement(model), list(rows.values()))
@@ -696,6 +700,9 @@ class LedgerCore:
             appended = session.info.pop(_APPENDED, None)
             written: list[Base] = session.info.pop(_WRITTEN, [])
             own = session.info.pop(_OWN_ENTRIES, None)
+            stored: list[tuple[int, StoredEvent]] = session.info.pop(_STORED, [])
+        for seq, as_stored in stored:  # committed: sound as stored, not to be hashed again
+            self.verified_events.appended(seq, as_stored)
         if own:
             self.recorded_entries.committed(own)
         if written:
@@ -758,9 +765,17 @@ class LedgerCore:
             "hash": event_hash(prev, at, kind, run_id, hop_id, site, payload),
         }  # fmt: skip
         # Inserted as a plain statement, not added to the session: an event is never updated,
-        # and a flush of the unit of work per event was a third of a commit's CPU.
-        key = _cursor.write(connection_of(session), _event_insert(), values, keys=_EVENT_KEYS)
+        # and a flush of the unit of work per event was a third of a commit's CPU. The
+        # payload's text is made once, here: the INSERT sends it, and once committed the
+        # event is known sound as stored with it (`VerifiedEvents.appended`).
+        connection = connection_of(session)
+        text = _cursor.json_text(connection.dialect, payload)
+        inserted = values if text is None else {**values, "payload": text}
+        key = _cursor.write(connection, _event_insert(), inserted, keys=_EVENT_KEYS)
         assert key is not None
+        if text is not None:
+            stored = (at, kind, run_id, hop_id, site, str(text), prev, values["hash"])
+            session.info.setdefault(_STORED, []).append((int(key), stored))
         # The row object returned is not in the session: its columns set as they are stored,
         # without the attribute events of a constructor (an event is never written again).
         row = cast(EventRow, _event_class_manager().new_instance())

@@ -16,6 +16,7 @@ computed at execution, an expanding parameter) goes through `Connection.execute`
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -23,7 +24,7 @@ from typing import Any, cast
 from sqlalchemy import ClauseElement, Connection, Dialect, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 
-__all__ = ["read", "write"]
+__all__ = ["JsonText", "json_text", "read", "write"]
 
 _Processor = Callable[[Any], Any]
 
@@ -81,10 +82,34 @@ def _prepared(
     )
 
 
+class JsonText(str):
+    """A JSON parameter's text, made already by the serializer the dialect's JSON type uses
+    (`json_text`): sent as is on the cursor, not encoded again. `value`: what it encodes (a
+    statement that goes through `Connection.execute` instead is given that)."""
+
+    value: Any
+
+
+def json_text(dialect: Dialect, value: Any) -> JsonText | None:
+    """`value` as the text a JSON column's parameter sends on `dialect` (SQLite: the JSON
+    type's bind processor makes it; PostgreSQL: psycopg's JSON dumper, given the same
+    serializer by SQLAlchemy), or None for another dialect."""
+    if dialect.name not in ("sqlite", "postgresql"):
+        return None
+    serializer = getattr(dialect, "_json_serializer", None) or json.dumps
+    text = JsonText(serializer(value))
+    text.value = value
+    return text
+
+
 def _arguments(prepared: _Prepared, params: Mapping[str, Any]) -> Any:
     args = {**prepared.literals, **params} if prepared.literals else dict(params)
     for name, process in prepared.processors:
-        args[name] = process(args[name])  # None too: a JSON column's None is JSON null
+        value = args[name]
+        if type(value) is JsonText:  # the text the processor would send (`json_text`)
+            args[name] = str(value)
+        else:
+            args[name] = process(value)  # None too: a JSON column's None is JSON null
     if prepared.positions is not None:
         return tuple(args[name] for name in prepared.positions)
     return args
@@ -114,7 +139,8 @@ def write(
     `keys`: the columns an INSERT is given (its parameters' names, in a fixed order)."""
     prepared = _prepared(statement, connection.dialect, keys)
     if prepared is None or not connection.in_transaction():
-        result = connection.execute(statement, dict(params))
+        given = {n: v.value if type(v) is JsonText else v for n, v in params.items()}
+        result = connection.execute(statement, given)
         if prepared is None and keys is not None and result.inserted_primary_key is not None:
             return result.inserted_primary_key[0]
         return None
