@@ -127,9 +127,8 @@ _OWN_ENTRIES = "ledger_own_entries"
 _LOCKED = "ledger_locked"  # session.info: (model, key) of the rows this transaction locked
 _STAMPS = "ledger_stamps"  # session.info: model -> key -> the newest ledger_seq to write
 _CONNECTION = "ledger_connection"  # session.info: the connection `LedgerCore.transaction` opened
-_STORED = (
-    "ledger_stored"  # session.info: (seq, StoredEvent) of each event this transaction appended
-)
+# session.info: (seq, StoredEvent) of each event this transaction appended
+_STORED = "ledger_stored"
 
 
 def connection_of(session: Session) -> Connection:

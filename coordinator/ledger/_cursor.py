@@ -133,15 +133,14 @@ def write(
     *,
     keys: tuple[str, ...] | None = None,
 ) -> Any:
-    """Runs an INSERT, UPDATE or DELETE in the connection's open transaction; returns the
-    primary key the database made for an inserted row (None when it made none).
-
-    `keys`: the columns an INSERT is given (its parameters' names, in a fixed order)."""
+    """Runs an INSERT, UPDATE or DELETE in the connection's open transaction; for an INSERT
+    (`keys`: the columns it is given, its parameters' names in a fixed order) returns the
+    key the database made for the row (an autoincrement key; SQLite: the rowid)."""
     prepared = _prepared(statement, connection.dialect, keys)
     if prepared is None or not connection.in_transaction():
         given = {n: v.value if type(v) is JsonText else v for n, v in params.items()}
         result = connection.execute(statement, given)
-        if prepared is None and keys is not None and result.inserted_primary_key is not None:
+        if keys is not None and result.inserted_primary_key is not None:
             return result.inserted_primary_key[0]
         return None
     cursor = connection.connection.cursor()

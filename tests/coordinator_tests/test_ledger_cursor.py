@@ -181,3 +181,23 @@ def test_a_json_parameter_sent_as_its_text_is_stored_as_execute_stores_its_value
     with ledger.engine.connect() as connection:
         texts = connection.execute(query).scalars().all()
     assert len(texts) == 2 and texts[0] == texts[1] == json.dumps(payload)
+
+
+def test_a_write_outside_a_transaction_goes_through_execute_and_returns_the_new_key(
+    ledger: Ledger,
+) -> None:
+    """A connection with no transaction open gets SQLAlchemy's own (autobegin), and the
+    event's payload given as its text is written as its value."""
+    run_id, _ids = _leased_run(ledger, 1)
+    payload = {"b": 1, "a": [None]}
+    with ledger.engine.connect() as connection:
+        assert not connection.in_transaction()
+        values = {"at": "t", "kind": "test.outside", "run_id": run_id, "hop_id": None,
+                  "site": None, "payload": _cursor.json_text(connection.dialect, payload),
+                  "prev_hash": "p", "hash": "h-outside"}  # fmt: skip
+        seq = _cursor.write(connection, _event_insert(), values, keys=tuple(values))
+        connection.commit()
+    events = EventRow.__table__.c
+    query = sa.select(sa.cast(events.payload, sa.Text)).where(events.seq == seq)
+    with ledger.engine.connect() as connection:
+        assert connection.execute(query).scalar_one() == json.dumps(payload)
