@@ -69,7 +69,8 @@ def _one_served(root: Path, args: argparse.Namespace, tmp: Path, url: str | None
         if args.profile is not None:
             # py-spy over the first `--profile-calls` calls (attached during the delay), its
             # stacks to a file.
-            spy = _spy(proc.pid, args.profile / f"{tmp.name}.txt", args.profile_rate)
+            spy = _spy(proc.pid, args.profile / f"{tmp.name}.txt", args.profile_rate,
+                       gil=args.profile_gil)  # fmt: skip
         calls = 0
         for number in range(args.runs):
             if number:
@@ -152,6 +153,9 @@ def main() -> None:
         "--profile-calls", type=int, default=1, help="calls --profile covers, from the first"
     )
     parser.add_argument("--profile-rate", type=int, default=1000)
+    parser.add_argument(
+        "--profile-gil", action="store_true", help="--profile samples only the GIL's holder"
+    )
     parser.add_argument(
         "--postgres",
         metavar="ADMIN_URL",

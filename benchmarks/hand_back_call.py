@@ -88,12 +88,16 @@ def _hand_back(site: Site, task: pb.HopTask, data: bytes, call: str) -> tuple[fl
     return started, seconds
 
 
-def _spy(pid: int, out: Path, rate: int = 250, native: bool = False) -> subprocess.Popen[bytes]:
+def _spy(
+    pid: int, out: Path, rate: int = 250, native: bool = False, gil: bool = False
+) -> subprocess.Popen[bytes]:
     """py-spy recording the coordinator's CPU (collapsed stacks, one line per stack) to `out`;
-    `native` adds the C frames (and samples while blocking, which `--native` needs)."""
+    `native` adds the C frames (and samples while blocking, which `--native` needs); `gil`
+    samples only the thread holding the GIL (not threads waiting for it)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     out.parent.mkdir(parents=True, exist_ok=True)
     mode = ["--native"] if native else ["--nonblocking"]
+    mode += ["--gil"] if gil else []
     process = subprocess.Popen([spy, "record", *mode, "--rate", str(rate), "--format", "raw",
                                 "--output", str(out), "--pid", str(pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import Select, bindparam, select
 
+from coordinator.ledger import _cursor
 from coordinator.ledger._chain import (
     LedgerCore,
     hold_sqlite_write_lock,
@@ -62,10 +63,10 @@ class CheckpointRecords(LedgerCore):
 
     def stored_sizes(self, hop_id: str) -> dict[str, int]:
         """The checkpoints of a hop whose bytes the store keeps (status "stored"): sha256 ->
-        size, read as two plain columns (every hand back asks, on the event loop: no ORM
-        object is built)."""
+        size, read as two plain columns on the driver's cursor (every hand back asks, on the
+        event loop: no ORM object is built, no SQLAlchemy execution)."""
         with self.engine.connect() as connection:
-            found = connection.execute(_stored_sizes_query(), {"hop_id": hop_id})
+            found = _cursor.read(connection, _stored_sizes_query(), {"hop_id": hop_id})
             return {row[0]: row[1] for row in found}
 
     def supersede_checkpoints(self, hop_id: str, reason: str) -> list[CheckpointRow]:

@@ -272,7 +272,10 @@ class VerifiedEvents:
 
     def __init__(self, limit: int = 4096) -> None:
         self._limit = limit
-        self._events: dict[int, tuple[StoredEvent, dict[tuple[str, str], Mapping[str, Any]]]] = {}
+        # seq -> (the event as stored, its row snapshots; None: not decoded yet, `appended`)
+        self._events: dict[
+            int, tuple[StoredEvent, dict[tuple[str, str], Mapping[str, Any]] | None]
+        ] = {}
         # (table, key) -> (seq, StateRow.exact()) of a row found matching that event's snapshot
         self._rows: dict[tuple[str, str], tuple[int, str]] = {}
         self._lock = threading.Lock()
@@ -283,16 +286,38 @@ class VerifiedEvents:
         """Event `seq`'s row snapshots if it was verified stored exactly as `stored`, else None."""
         with self._lock:
             known = self._events.get(seq)
-        return known[1] if known is not None and known[0] == stored else None
+        if known is None or known[0] != stored:
+            return None
+        if known[1] is None:  # appended here (`appended`): its snapshots read once, now
+            entries = _snapshots(json.loads(stored[5])) if stored[5] is not None else {}
+            self.add(seq, stored, entries)
+            return entries
+        return known[1]
+
+    def appended(self, seq: int, stored: StoredEvent) -> None:
+        """Event `seq`, which this process appended and committed, stored as `stored`: its
+        hash is the one computed over its payload as appended, whose stored text `stored`
+        holds (one JSON encoding, the one its INSERT sent): a check that reads it back
+        exactly so does not hash it again (an edit of any column does)."""
+        with self._lock:
+            self._put(seq, stored, None)
 
     def add(
         self, seq: int, stored: StoredEvent, entries: dict[tuple[str, str], Mapping[str, Any]]
     ) -> None:
         with self._lock:
-            self._events.pop(seq, None)
-            self._events[seq] = (stored, entries)
-            while len(self._events) > self._limit:
-                del self._events[next(iter(self._events))]
+            self._put(seq, stored, entries)
+
+    def _put(
+        self,
+        seq: int,
+        stored: StoredEvent,
+        entries: dict[tuple[str, str], Mapping[str, Any]] | None,
+    ) -> None:
+        self._events.pop(seq, None)
+        self._events[seq] = (stored, entries)
+        while len(self._events) > self._limit:
+            del self._events[next(iter(self._events))]
 
     def stored(self, seq: int) -> StoredEvent | None:
         """Event `seq` as stored when it was last verified (None if it is not kept)."""
@@ -428,6 +453,16 @@ def stored_event(session: Session, seq: int) -> StoredEvent | None:
     return tuple(found) if found is not None else None  # type: ignore[return-value]
 
 
+def _snapshots(payload: Any) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """A decoded event payload's row snapshots by (table, key)."""
+    entries: dict[tuple[str, str], Mapping[str, Any]] = {}
+    if isinstance(payload, dict) and isinstance(found := payload.get(STATE_ROWS_KEY), list):
+        for entry in found:
+            if isinstance(entry, dict):  # the first entry for a row within one event counts
+                entries.setdefault((entry.get("table"), entry.get("key")), entry)  # type: ignore[arg-type]
+    return entries
+
+
 def _sound_entries(
     seq: int, stored: StoredEvent, verified: VerifiedEvents | None
 ) -> dict[tuple[str, str], Mapping[str, Any]] | None:
@@ -443,11 +478,7 @@ def _sound_entries(
         return None  # not even JSON any more: altered
     if event_hash(prev_hash, at, kind, run_id, hop_id, site, payload) != digest:  # type: ignore[arg-type]
         return None
-    entries: dict[tuple[str, str], Mapping[str, Any]] = {}
-    if isinstance(payload, dict) and isinstance(found := payload.get(STATE_ROWS_KEY), list):
-        for entry in found:
-            if isinstance(entry, dict):  # the first entry for a row within one event counts
-                entries.setdefault((entry.get("table"), entry.get("key")), entry)  # type: ignore[arg-type]
+    entries = _snapshots(payload)
     if verified is not None:
         verified.add(seq, stored, entries)
     return entries

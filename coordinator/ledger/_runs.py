@@ -10,11 +10,13 @@ from typing import Any
 from sqlalchemy import Select, bindparam, select
 from sqlalchemy.orm import selectinload
 
+from coordinator.ledger import _cursor
 from coordinator.ledger._chain import (
     LIVE_HOP_STATES,
     TERMINAL_RUN_STATES,
     LedgerCore,
     TransitionRefused,
+    connection_of,
     locked_get,
     utcnow,
     write_columns,
@@ -280,7 +282,8 @@ class RunRecords(LedgerCore):
             # built). Unpinned, the run is read under its lock, as every writer of the run
             # reads it: a commit running meanwhile (a round's other member, another process)
             # must see the base model pinned here.
-            pinned = session.connection().execute(_pin_query(), {"run_id": hop.run_id}).scalar()
+            found = _cursor.read(connection_of(session), _pin_query(), {"run_id": hop.run_id})
+            pinned = found[0][0] if found else None
             run = locked_get(session, RunRow, hop.run_id) if pinned is None else None
             write_columns(session, hop, {
                 "status": "committed", "output_sha256": output_sha256, "metrics": metrics,

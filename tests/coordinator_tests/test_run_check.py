@@ -6,12 +6,13 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
-from coordinator.ledger import CheckpointRow, HopRow, Ledger
+from coordinator.ledger import CheckpointRow, HopRow, Ledger, _chain
 
 
 def _sql(ledger: Ledger, statement: str, **params: object) -> None:
@@ -170,3 +171,58 @@ def test_a_database_error_in_the_check_is_raised_as_sqlalchemy_raises_it(ledger:
     finally:
         _sql(ledger, "ALTER TABLE events_moved RENAME TO events")
     assert isinstance(raised.value.orig, ledger.engine.dialect.loaded_dbapi.Error)
+
+
+def test_the_check_after_a_commit_does_not_hash_again_the_events_it_appended(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The events a commit of this process appended are known sound as stored (their payload's
+    text the one their INSERT sent): the next check reads them back and, found exactly so,
+    does not recompute their hashes."""
+    run_id, hops = _run(ledger, 4)
+    assert ledger.stored_run_mismatches(run_id, None) == []
+    _hand_back(ledger, run_id, hops, 0, None)
+    hashed: list[str] = []
+    event_hash = _chain.event_hash
+
+    def counted(*args: Any) -> str:
+        hashed.append(args[2])  # the kind
+        return event_hash(*args)
+
+    monkeypatch.setattr(_chain, "event_hash", counted)
+    assert ledger.stored_run_mismatches(run_id, None) == []
+    assert hashed == []
+    assert ledger.run_checks.full_checks == 1  # the first check's, not this one's
+
+
+def test_an_appended_event_edited_behind_the_ledgers_back_is_found_by_the_next_check(
+    ledger: Ledger,
+) -> None:
+    """Known sound only as stored: an edit of an event this process appended (its payload's
+    text, even to the same JSON value) has it hashed again, and the check finds it altered."""
+    run_id, hops = _run(ledger, 4)
+    assert ledger.stored_run_mismatches(run_id, None) == []
+    _hand_back(ledger, run_id, hops, 0, None)
+    committed = [e for e in ledger.events(run_id) if e.kind == "hop.committed"][-1]
+    _sql(ledger, "UPDATE events SET payload = :p WHERE seq = :s",
+         p='{"index": 0, "status": "committed", "metrics": {"loss": 0.25}}',
+         s=committed.seq)  # fmt: skip
+    found = ledger.stored_run_mismatches(run_id, None)
+    named = {m.key: m.message for m in found}  # the hop, and the run its commit pinned
+    assert set(named) == {run_id, hops[0]}
+    assert all("does not verify" in message for message in named.values())
+
+
+def test_a_rolled_back_transactions_events_are_not_taken_as_sound(ledger: Ledger) -> None:
+    """Only a committed event is known sound: SQLite gives a rolled-back event's seq to the
+    next event, which is checked from its own stored columns."""
+    run_id, _hops = _run(ledger, 2)
+    head = ledger.last_seq()
+    with pytest.raises(RuntimeError), ledger.transaction() as session:
+        ledger.append_event(session, "test.rolled_back", run_id=run_id)
+        raise RuntimeError("rolled back")
+    assert ledger.last_seq() == head
+    assert head + 1 not in ledger.verified_events
+    ledger.record_event("test.committed", run_id=run_id)
+    assert ledger.last_seq() in ledger.verified_events
+    assert ledger.verify().ok

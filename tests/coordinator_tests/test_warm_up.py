@@ -17,7 +17,7 @@ from sqlalchemy.pool import QueuePool, StaticPool
 
 from coordinator.engine import warm_up
 from coordinator.engine.warm_up import rehearse_hand_back, warm_first_hand_back
-from coordinator.ledger import Base, Ledger
+from coordinator.ledger import Base, Ledger, _cursor
 from coordinator.server import Coordinator
 from protocols.v1 import baton_pb2 as pb
 from tests.conftest import LoopThread
@@ -58,9 +58,19 @@ def _contents(ledger: Ledger) -> dict[str, list[str]]:
     return found
 
 
-def _compiled_anew(ledger: Ledger) -> list[str]:
-    """From now on, the statements the ledger's engine compiles (not found in its cache)."""
+def _compiled_anew(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the statements the ledger's engine compiles (not found in its cache), and
+    those the ledger compiles for its driver-cursor statements (`_cursor`'s own cache)."""
     missed: list[str] = []
+    compile_statement = _cursor._compile
+
+    def compiled(statement: Any, dialect: Any, keys: Any) -> Any:
+        found = compile_statement(statement, dialect, keys)
+        if dialect is ledger.engine.dialect:
+            missed.append(" ".join(found.string.split())[:60])
+        return found
+
+    monkeypatch.setattr(_cursor, "_compile", compiled)
 
     def note(_conn: object, _cursor: object, statement: str, _params: object,
              context: Any, _many: bool) -> None:  # fmt: skip
@@ -72,14 +82,14 @@ def _compiled_anew(ledger: Ledger) -> list[str]:
 
 
 def test_the_rehearsal_compiles_what_a_first_commit_runs_without_writing_the_ledger(
-    ledger: Ledger, loop: asyncio.AbstractEventLoop
+    ledger: Ledger, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_id, ids = _leased_run(ledger, 4)
     before = _contents(ledger)
     warm_first_hand_back(ledger, loop)
     assert _contents(ledger) == before  # not a row written, no sequence moved
     assert ledger.verify().ok
-    missed = _compiled_anew(ledger)
+    missed = _compiled_anew(ledger, monkeypatch)
     ledger.stored_run_mismatches(run_id, None)  # the hand back's early tamper check
     ledger.stored_sizes(ids[0])
     _commit_transaction(ledger, run_id, ids, 0)  # the run's first commit: its base model pinned
@@ -87,10 +97,12 @@ def test_the_rehearsal_compiles_what_a_first_commit_runs_without_writing_the_led
     assert ledger.verify().ok
 
 
-def test_without_the_rehearsal_a_first_commit_compiles_its_statements(ledger: Ledger) -> None:
+def test_without_the_rehearsal_a_first_commit_compiles_its_statements(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The counterpart: what the rehearsal takes off the first hand back."""
     run_id, ids = _leased_run(ledger, 4)
-    missed = _compiled_anew(ledger)
+    missed = _compiled_anew(ledger, monkeypatch)
     _commit_transaction(ledger, run_id, ids, 0)
     assert any(statement.startswith("INSERT INTO checkpoints") for statement in missed)
 
@@ -302,13 +314,14 @@ def test_after_the_warm_up_a_served_first_hand_back_compiles_no_statement(
     sites: dict[str, ScriptedSite],
     site: ScriptedSite,
     task: pb.HopTask,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """End to end, over gRPC: the coordinator's first hand back (early tamper check, bundle
     look-up, the commit's transaction, the next lease, the tamper check after it) finds every
     statement it runs in the ledger's compiled cache, on SQLite and on PostgreSQL."""
     ledger = coordinator.engine.ledger
     warm_first_hand_back(ledger, loop_thread.loop)
-    missed = _compiled_anew(ledger)
+    missed = _compiled_anew(ledger, monkeypatch)
     data = _bundle(site, task, 75_000)
     assert _hand_back(site, task, data, whole=True) == "committed"
     assert sites["site-b"].next_task().hop_id != task.hop_id
