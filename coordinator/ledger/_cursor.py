@@ -10,7 +10,9 @@ processor, each column read through its type's result processor) by `Connection.
 the path SQLAlchemy's own out-of-context statements take: the engine's cursor events still see
 each statement, echo still logs it, and a driver error is raised (and a lost connection
 invalidated) as anywhere else. A statement this cannot reproduce exactly (a column default
-computed at execution, an expanding parameter) goes through `Connection.execute`.
+computed at execution, an expanding parameter) goes through `Connection.execute`, and so does
+every statement under an SQLAlchemy whose internals this leans on are not there
+(`SQLALCHEMY_INTERNALS`): slower, never wrong.
 """
 
 from __future__ import annotations
@@ -23,10 +25,21 @@ from typing import Any, cast
 
 from sqlalchemy import ClauseElement, Connection, Dialect, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.types import TypeEngine
 
 __all__ = ["JsonText", "json_text", "read", "write"]
 
 _Processor = Callable[[Any], Any]
+
+# SQLAlchemy's internals this module uses (pyproject allows any 2.x). Checked once: if one is
+# missing, every statement goes through `Connection.execute`, as it did before this module.
+SQLALCHEMY_INTERNALS = all(
+    (
+        hasattr(Connection, "_cursor_execute"),
+        hasattr(TypeEngine, "_cached_bind_processor"),
+        hasattr(TypeEngine, "_cached_result_processor"),
+    )
+)
 
 
 @dataclass(frozen=True, eq=False)  # hashed as itself: `_result_processors` keys on it
@@ -54,8 +67,17 @@ def _prepared(
 ) -> _Prepared | None:
     """`statement` compiled for `dialect` with the parameters `keys` (an INSERT's columns: None
     for a statement whose parameters are its own bindparams), or None if its execution does more
-    than send that SQL (a Python column default, an expanding IN, a schema translation...)."""
-    compiled = _compile(statement, dialect, keys)
+    than send that SQL (a Python column default, an expanding IN, a schema translation...), or
+    than this SQLAlchemy can be relied on for (`SQLALCHEMY_INTERNALS`, a compiler attribute)."""
+    if not SQLALCHEMY_INTERNALS:
+        return None
+    try:
+        return _prepare(_compile(statement, dialect, keys), dialect)
+    except AttributeError:  # a compiler without one of the attributes read below
+        return None
+
+
+def _prepare(compiled: Any, dialect: Dialect) -> _Prepared | None:
     if not isinstance(compiled, SQLCompiler) or (
         compiled.insert_prefetch
         or compiled.update_prefetch

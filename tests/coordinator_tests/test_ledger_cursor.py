@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from coordinator.ledger import HopRow, Ledger, _cursor
 from coordinator.ledger._chain import _event_insert, _insert_statement, _locked_read
@@ -201,3 +202,50 @@ def test_a_write_outside_a_transaction_goes_through_execute_and_returns_the_new_
     query = sa.select(sa.cast(events.payload, sa.Text)).where(events.seq == seq)
     with ledger.engine.connect() as connection:
         assert connection.execute(query).scalar_one() == json.dumps(payload)
+
+
+def test_without_the_sqlalchemy_internals_it_uses_every_statement_goes_through_execute(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An SQLAlchemy without `Connection._cursor_execute` (or the types' cached processors) is
+    still a ledger: each statement goes through SQLAlchemy's execution, the events are the same
+    and the chain verifies."""
+    monkeypatch.setattr(_cursor, "SQLALCHEMY_INTERNALS", False)
+    _cursor._prepared.cache_clear()
+    try:
+        run_id, ids = _leased_run(ledger, 3)
+        contexts: list[object] = []
+
+        def note(_conn: object, _cur: object, _statement: str, _params: object,
+                 context: object, _many: bool) -> None:  # fmt: skip
+            contexts.append(context)
+
+        event.listen(ledger.engine, "before_cursor_execute", note)
+        try:
+            _hand_back(ledger, run_id, ids, 0)
+        finally:
+            event.remove(ledger.engine, "before_cursor_execute", note)
+        assert len(contexts) >= 14
+        assert all(context is not None for context in contexts)
+        assert ledger.verify().ok
+        assert [e.kind for e in ledger.events(run_id)][-4:] == [
+            "checkpoint.stored", "hop.uploaded", "hop.committed", "hop.leased"
+        ]  # fmt: skip
+    finally:
+        _cursor._prepared.cache_clear()
+
+
+def test_a_compiler_without_an_attribute_it_reads_sends_the_statement_through_execute(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compiled statement lacking an attribute `_prepared` reads (another SQLAlchemy) is not
+    sent on the cursor: the statement still runs, through `Connection.execute`."""
+
+    bare = object.__new__(SQLCompiler)  # a compiler whose attributes were never set
+
+    monkeypatch.setattr(_cursor, "_compile", lambda *_args: bare)
+    _cursor._prepared.cache_clear()
+    try:
+        assert _cursor._prepared(sa.select(sa.literal(1)), ledger.engine.dialect, None) is None
+    finally:
+        _cursor._prepared.cache_clear()
