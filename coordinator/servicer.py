@@ -526,6 +526,9 @@ class SiteServicer(_Guarded, pb_grpc.SiteServiceServicer):
             ),
         )
         self.engine.report_provisional(identity.name, request.accepts_provisional_hops)
+        self.engine.site_certificate_presented(
+            identity.name, context.auth_context()["x509_pem_cert"][0]
+        )
         days_left = (identity.not_valid_after - datetime.now(UTC)).days
         if days_left < EXPIRY_WARNING_DAYS:
             logger.warning("certificate of site %s expires in %d days", identity.name, days_left)

@@ -751,6 +751,7 @@ class HopRunner(TaskChecks, Transfers):
                     self._model_sha256(trainer, spec, dataset), hop.base_model_sha256
                 )
                 trainer.prepare(spec, dataset, hyperparameters.seed)
+                self._rehearse_handoff(trainer, spec, dataset)
                 # While another site trains: the handoff to this site then starts with no
                 # collection owed (it would fall in the set-up or the first steps).
                 gc.collect()
@@ -760,6 +761,46 @@ class HopRunner(TaskChecks, Transfers):
                 logger.warning("could not prepare hop %d: %s", hop.hop_index, exc)
             else:
                 logger.info("hop %d of run %s: prepared", hop.hop_index, hop.run_id)
+
+    def _rehearse_handoff(
+        self, trainer: Trainer, spec: TaskSpec, dataset: RegisteredDataset
+    ) -> None:
+        """Runs this site's steps of a handoff once on an adapter of the prepared hop's shape
+        (zeros), nothing sent and nothing kept: the hand back's serialisation, egress check and
+        signature, then the check a task's pushed adapter gets (hash, format, values, custody
+        signature) and its tensors built from the values read.
+
+        A process's first handoffs (to this site, then from it) otherwise run these paths for
+        the first time on the handoff: lazy imports and caches, the interpreter's specialising
+        of each function, fresh buffers; a cold cluster's first four handoffs were the slow
+        ones (benchmarks/results/gc24-split.md). A rehearsal that fails is one debug line: the
+        hop pays those costs, as before.
+        """
+        from site_agent.tasks import serialized, tensors_from_values
+
+        try:
+            import torch
+
+            state = trainer.trainable_state(spec, dataset)
+            if not state or any(t.dtype != "F32" for t in state):
+                return  # adapters travel as float32; anything else is not worth rehearsing
+            manifest = CheckpointManifest(
+                task_type=spec.task_type, base_model_sha256="0" * 64, run_id="rehearsal",
+                hop_id="rehearsal", producer_site=self.site_name, parent_sha256="",
+                created_at=datetime.now(UTC).isoformat(),
+            )  # fmt: skip
+            tensors = {t.name: torch.zeros(t.shape, dtype=torch.float32) for t in state}
+            payload = serialized(tensors, bundle_metadata(manifest, {}))
+            digest = self._check_egress(trainer, spec, dataset, payload, len(payload))
+            ref = pb.CheckpointRef(
+                sha256=digest, size=len(payload),
+                signature=sign_digest(self.settings.private_key.read_bytes(), digest),
+                producer_certificate=self.settings.certificate.read_bytes(),
+            )  # fmt: skip
+            _bundle, values = self._checked_bundle(payload, ref)
+            tensors_from_values(values)
+        except Exception as exc:  # any step's error: only a first-call cost is at stake
+            logger.debug("handoff not rehearsed: %s: %s", type(exc).__name__, exc)
 
     @staticmethod
     def _check_egress(

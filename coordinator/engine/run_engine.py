@@ -292,6 +292,11 @@ class RunEngine:
         parts = whole_hand_back_parts(request)
         return await self.hand_back(site, certificate_pem, request.header, parts)
 
+    def site_certificate_presented(self, site: str, certificate_pem: bytes) -> None:
+        """A site's hello: its certificate is checked as a bundle signer's now, not at its
+        first hand back (`UploadIntake.check_signer_ahead`)."""
+        self.intake.check_signer_ahead(site, certificate_pem)
+
     def upload_progress(self, site: str, header: pb.UploadHeader) -> int:
         """Bytes of a hop's upload already received (to resume a cut upload from there)."""
         return self.intake.upload_progress(site, header)

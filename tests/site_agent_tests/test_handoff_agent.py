@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -448,3 +449,45 @@ def test_a_signed_head_is_kept_beside_the_task_stream_in_the_order_received(
     heads.release.set()
     closing.join(30)
     assert not closing.is_alive() and heads.kept == [100, 200]
+
+
+class _AdapterTrainer(_RecordingTrainer):
+    """A recording trainer whose hops move two float32 tensors."""
+
+    def trainable_state(self, spec: TaskSpec, dataset: RegisteredDataset) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("a.lora_A.weight", "F32", (4, 8)),
+                TensorSpec("a.lora_B.weight", "F32", (8, 4)))  # fmt: skip
+
+
+def test_a_preparation_rehearses_the_handoffs_checks_on_a_dummy_adapter(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import site_agent.hop_runner
+    import site_agent.transfers
+
+    agent = _agent(tmp_path, pki)
+    agent.site_name = "site-a"
+    agent._trainers["seq-classification"] = _AdapterTrainer()  # type: ignore[assignment]
+    plan = _plan()
+    agent.approvals.approve([plan.approval_bundle().sha256])
+    checked: list[tuple[str, bytes]] = []
+    for module, name in ((site_agent.hop_runner, "inspect_bundle"),
+                         (site_agent.transfers, "read_bundle")):  # fmt: skip
+        real = getattr(module, name)
+
+        def recording(data: bytes, *args: Any, _real: Any = real, _name: str = name,
+                      **kwargs: Any) -> Any:  # fmt: skip
+            checked.append((_name, data))
+            return _real(data, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, recording)
+
+    with caplog.at_level(logging.DEBUG, logger="site_agent.hop_runner"):
+        agent._prepare(_next_hop(plan))
+
+    assert "not rehearsed" not in caplog.text  # the custody signature held too
+    # The hand back's egress check, then the incoming check, on the same zeros of the hop's
+    # shape; nothing is left to hand back.
+    assert [name for name, _ in checked] == ["inspect_bundle", "read_bundle"]
+    assert checked[0][1] == checked[1][1]
+    assert agent._handing_back is None
