@@ -4,17 +4,20 @@ A probe of a site's task stream (issue 15): an asyncio gRPC server with the coor
 options streams 4 messages of ``--kib`` KiB, ``--gap`` s apart, to a sync client with the site's
 options, on a fresh channel per trial (insecure: flow control is the same under TLS). Per
 message position: the time from the server's send to the client's read (one clock: both in this
-process). ``--window off`` leaves the client's ``grpc.http2.lookahead_bytes`` out (main before
-cold25), ``on`` sets it to ``--window-bytes``.
+process). Trials alternate between two clients: ``off``, the site's options as they are (the
+stream window gRPC estimates from bandwidth probes), and ``on``, the same with
+``grpc.http2.lookahead_bytes`` set to ``--window-bytes`` (a whole task message). Session 25 tried
+``on`` in the site's channel (cold25) and dropped it: the first message was not faster. Writes
+JSON + Markdown under benchmarks/results/.
 
-    nice -n 19 .venv/bin/python benchmarks/task_window.py --window off
-    nice -n 19 .venv/bin/python benchmarks/task_window.py --window on
+    nice -n 19 .venv/bin/python benchmarks/task_window.py --trials 16 --name task-window
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import threading
@@ -28,7 +31,10 @@ import grpc.aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._harness import report_head
 from protocols import transport
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 MESSAGES = 4
 
@@ -57,30 +63,53 @@ def _serve(ready: threading.Event, port: list[int], kib: int, gap: float) -> Non
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--window", choices=("on", "off"), default="on")
     parser.add_argument("--window-bytes", type=int, default=transport.MAX_MESSAGE_BYTES)
     parser.add_argument("--kib", type=int, default=293)
     parser.add_argument("--gap", type=float, default=0.15)
-    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--trials", type=int, default=8, help="per window")
+    parser.add_argument("--name", default="task-window")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     ready, port = threading.Event(), list[int]()
     threading.Thread(target=_serve, args=(ready, port, args.kib, args.gap), daemon=True).start()
     ready.wait()
-    options: list[tuple[str, Any]] = [
-        o for o in transport._CLIENT_OPTIONS if o[0] != "grpc.http2.lookahead_bytes"
-    ]
-    if args.window == "on":
-        options.append(("grpc.http2.lookahead_bytes", args.window_bytes))
-    arrivals: list[list[float]] = [[] for _ in range(MESSAGES)]
+    site = [o for o in transport._CLIENT_OPTIONS if o[0] != "grpc.http2.lookahead_bytes"]
+    windows: dict[str, list[tuple[str, Any]]] = {
+        "off": site,
+        "on": [*site, ("grpc.http2.lookahead_bytes", args.window_bytes)],
+    }
+    arrivals = {window: [list[float]() for _ in range(MESSAGES)] for window in windows}
     for _ in range(args.trials):
-        channel = grpc.insecure_channel(f"127.0.0.1:{port[0]}", options=options)
-        for i, message in enumerate(channel.unary_stream("/t/S")(b"")):
-            sent = int.from_bytes(message[:8], "little")
-            arrivals[i].append((time.perf_counter_ns() - sent) / 1e6)
-        channel.close()
-    for i, times in enumerate(arrivals):
-        print(f"window {args.window}: message {i + 1} median {statistics.median(times):.2f} ms, "
-              f"each {[round(t, 2) for t in times]}")  # fmt: skip
+        for window, options in windows.items():
+            channel = grpc.insecure_channel(f"127.0.0.1:{port[0]}", options=options)
+            for i, message in enumerate(channel.unary_stream("/t/S")(b"")):
+                sent = int.from_bytes(message[:8], "little")
+                arrivals[window][i].append((time.perf_counter_ns() - sent) / 1e6)
+            channel.close()
+    medians = {w: [round(statistics.median(t), 3) for t in a] for w, a in arrivals.items()}
+    report = {
+        **report_head(None, f"grpcio {grpc.__version__}"),
+        "kib": args.kib,
+        "window_bytes": args.window_bytes,
+        "trials": args.trials,
+        "median_ms": medians,
+        "arrivals_ms": {w: [[round(x, 3) for x in t] for t in a] for w, a in arrivals.items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# {args.name}: a {args.kib} KiB message on a fresh stream, send to read",
+        "",
+        f"`{report['command']}` ({report['generated']}; {report['machine']}). Median of "
+        f"{args.trials} trials per window, ms; `on` adds a {args.window_bytes} B stream window "
+        "to the site's channel options.",
+        "",
+        "| window | " + " | ".join(f"message {i + 1}" for i in range(MESSAGES)) + " |",
+        "|---|" + "---:|" * MESSAGES,
+        *(f"| {w} | " + " | ".join(f"{m:.2f}" for m in ms) + " |" for w, ms in medians.items()),
+    ]
+    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-4:]))
     return 0
 
 

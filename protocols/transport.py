@@ -40,17 +40,10 @@ _COMMON_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-# What the coordinator may send ahead of a site reading it, per stream: a whole task message
-# (a hop's task carries its input adapter, ~300 KB for the demo's LoRA) fits from a session's
-# first task on. Without it the site's window is the one gRPC estimates from bandwidth probes,
-# small on a fresh connection: a site's first task then waits for window updates, each a round
-# trip through both processes' I/O threads (milliseconds on a busy host).
-TASK_WINDOW_BYTES = MAX_MESSAGE_BYTES
 # Long-lived task streams cross hospital firewalls and NAT: keep them warm so idle
 # connections are not silently dropped, and notice dead peers within ~30 s.
 _CLIENT_OPTIONS: list[tuple[str, Any]] = [
     *_COMMON_OPTIONS,
-    ("grpc.http2.lookahead_bytes", TASK_WINDOW_BYTES),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
