@@ -10,6 +10,7 @@ the tree, never to the tree itself:
     PYTHONPATH=/tmp/split nice -n 0 python benchmarks/handoff.py --task minilm --peers baton \\
         --warm --keep --name split --out /tmp/split-out
     python benchmarks/hand_back_split.py /tmp/baton-handoff-minilm-XXXX      # the kept work dir
+    python benchmarks/hand_back_split.py DIR1 DIR2 DIR3 --slowest 12   # which steps grow when slow
 
 Also reads the coordinator's log of `hand_back_call.py` (the coordinator-side rows only):
 pass log files instead of a work directory. Prints a Markdown table of per-hop gaps (median,
@@ -155,11 +156,54 @@ def in_order(hops: list[dict[str, int]], count: int, rows: list[tuple[str, str, 
     return out
 
 
+def slowest(hops: list[dict[str, int]], count: int) -> list[str]:
+    """Handoffs, slowest first: each step's excess over that step's median (all handoffs read),
+    the three largest for the `count` slowest; then, over the slower half, each step's mean
+    excess: which steps grow when a handoff is slow."""
+    rows = [r for r in CHAIN if r[0] in _HANDOFF_CHAIN] + [
+        r for r in NEXT if r[2] not in _NOT_STEPS
+    ]  # fmt: skip
+    done = [h for h in hops if "n.train_started" in h and "s.train_finished" in h]
+    if not done:
+        return []
+    steps = [{what: (h[end] - h[start]) / 1e6 for start, end, what in rows
+              if start in h and end in h} for h in done]  # fmt: skip
+    total = [(h["n.train_started"] - h["s.train_finished"]) / 1e6 for h in done]
+    median = {what: statistics.median(s[what] for s in steps if what in s) for _, _, what in rows
+              if any(what in s for s in steps)}  # fmt: skip
+    order = sorted(range(len(done)), key=lambda i: -total[i])
+    out = [f"{len(done)} handoffs, median {statistics.median(total):.2f} ms; the {count} "
+           "slowest, with the three steps most over their median:", ""]  # fmt: skip
+    for i in order[:count]:
+        over = sorted(((steps[i][w] - m, w) for w, m in median.items() if w in steps[i]),
+                      reverse=True)[:3]  # fmt: skip
+        out.append(f"- {total[i]:.2f} ms: " + "; ".join(f"{w} +{e:.2f}" for e, w in over))
+    slow = [steps[i] for i in order[: len(order) // 2]]
+    mean = {w: sum(max(0.0, s.get(w, m) - m) for s in slow) / len(slow) for w, m in median.items()}
+    out += ["", "| step (slower half of the handoffs) | mean excess ms | median ms |",
+            "|---|---:|---:|"]  # fmt: skip
+    out += [f"| {w} | {e:.2f} | {median[w]:.2f} |"
+            for w, e in sorted(mean.items(), key=lambda kv: -kv[1])[:10]]  # fmt: skip
+    return out
+
+
+# The hand back's steps on a handoff's path (not the totals, not the tamper check beside it),
+# and the next hop's rows that are not steps of it (offsets, the total itself).
+_HANDOFF_CHAIN = {start for start, _, what in CHAIN if "in all" not in what}
+_NOT_STEPS = {
+    "next task queued provisional, from the commit start",
+    "commit: lease decision queued",
+    "handoff (site clocks)",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", type=Path, nargs="+", help="kept work dirs or log files")
     parser.add_argument("--order", type=int, default=0, metavar="N",
                         help="also the first N hand backs one by one, in time order")  # fmt: skip
+    parser.add_argument("--slowest", type=int, default=0, metavar="N",
+                        help="also the N slowest handoffs: which steps grew")  # fmt: skip
     args = parser.parse_args(argv)
     hops = read_marks(args.paths)
     print(f"{len(hops)} hand backs\n")
@@ -176,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.order:
         print(f"\nThe first {args.order} hand backs, in order (ms)\n")
         print("\n".join(in_order(hops, args.order, CHAIN + BESIDE + AFTER + TOTALS)))
+    if args.slowest:
+        print("\n" + "\n".join(slowest(hops, args.slowest)))
 
 
 if __name__ == "__main__":
