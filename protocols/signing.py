@@ -19,6 +19,7 @@ from protocols.pki import PeerIdentity, PkiError, Role, identity_from_pem
 
 __all__ = [
     "SignatureError",
+    "check_signer",
     "sign_digest",
     "verify_aggregate_custody",
     "verify_custody",
@@ -78,6 +79,16 @@ def verify_custody(
         at=datetime.now(UTC),
         what="checkpoint",
     )
+
+
+def check_signer(certificate_pem: bytes, *, ca_pem: bytes) -> None:
+    """Checks a signer's certificate as issued by the CA, ahead of its first signature (a site's
+    hello): the answer is kept (`_issued_by_ca`), so that signature's check does not pay for it.
+
+    Raises:
+        SignatureError: If the certificate is not from the consortium CA.
+    """
+    _issued_by_ca(certificate_pem, ca_pem)
 
 
 def verify_aggregate_custody(

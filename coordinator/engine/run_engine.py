@@ -295,7 +295,7 @@ class RunEngine:
     def site_certificate_presented(self, site: str, certificate_pem: bytes) -> None:
         """A site's hello: its certificate is checked as a bundle signer's now, not at its
         first hand back (`UploadIntake.check_signer_ahead`)."""
-        self.intake.check_signer_ahead(site, certificate_pem)
+        self.intake.check_signer_ahead(certificate_pem)
 
     def upload_progress(self, site: str, header: pb.UploadHeader) -> int:
         """Bytes of a hop's upload already received (to resume a cut upload from there)."""

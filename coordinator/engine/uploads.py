@@ -47,7 +47,7 @@ from coordinator.store import CheckpointStore
 from coordinator.worker_threads import run_to_end, run_whole, settle
 from protocols.checkpoint import Bundle, CheckpointError, inspect_bundle
 from protocols.checkpoint_stream import BundleStream, inspect_streamed_bundle
-from protocols.signing import SignatureError, verify_custody
+from protocols.signing import SignatureError, check_signer, verify_custody
 from protocols.transport import CHUNK_BYTES
 from protocols.v1 import baton_pb2 as pb
 
@@ -62,8 +62,6 @@ _SYNC_BYTES = 8 * 1024 * 1024
 _READ_BYTES = 4 * 1024 * 1024
 # Tensor specs of this many recently stored bundles are kept for the next hops' lineage checks.
 _KEPT_TENSORS = 64
-# What `check_signer_ahead` presents as a signature: no DER signature, refused at once.
-_NO_SIGNATURE = b"\0"
 CommitResult = Callable[[str, pb.HopResult, CheckpointRow | None], Awaitable[str]]
 
 
@@ -903,19 +901,17 @@ class UploadIntake:
             raise InvalidInput(f"checkpoint-integrity: {exc}") from exc
         return bundle
 
-    def check_signer_ahead(self, site: str, certificate_pem: bytes) -> None:
+    def check_signer_ahead(self, certificate_pem: bytes) -> None:
         """Checks a site's certificate as its bundles' signer, with no bundle (at its hello).
 
         A producer's certificate is parsed and checked against the CA once per certificate
-        (`verify_custody` keeps the answer): without this, each site's first hand back paid for
-        it on the handoff (0.4-0.9 ms on an idle host, a cold cluster's first four handoffs).
-        Nothing is signed, so the check of the signature itself fails, as it should; a
-        certificate the CA did not issue is not kept and is refused again at a hand back.
+        (`protocols.signing.check_signer` keeps the answer): without this, each site's first
+        hand back paid for it on the handoff (0.4-0.9 ms on an idle host, a cold cluster's
+        first four handoffs). A certificate the CA did not issue is not kept and is refused
+        at a hand back.
         """
         with contextlib.suppress(SignatureError):
-            verify_custody(
-                "0" * 64, _NO_SIGNATURE, certificate_pem, ca_pem=self.ca_pem, producer=site
-            )
+            check_signer(certificate_pem, ca_pem=self.ca_pem)
 
     def upload_progress(self, site: str, header: pb.UploadHeader) -> int:
         """Bytes of a hop's upload already received (to resume a cut upload from there).
