@@ -341,15 +341,20 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                         [(p.name, p.process.pid) for p in cluster.processes],
                         args.out / f"{args.report_name}-traces",
                     )
+                # Asked for every `--poll` s (a GetRun each, on the coordinator's event loop
+                # beside the hand backs it times); the end is the ledger's `run.completed`.
                 run = wait_for_completed_run(admin, admin.start_run(plan),
-                                             timeout=args.timeout)  # fmt: skip
-                done = time.time()
+                                             timeout=args.timeout, poll=args.poll)  # fmt: skip
+                done = completed_at(work, run.run_id)
                 rss.sample()
                 if args.warm:  # the same job again, on the cluster still running
                     warm_t0 = time.time()
                     warm_run = wait_for_completed_run(admin, admin.start_run(plan),
-                                                      timeout=args.timeout)  # fmt: skip
-                    warm = baton_figures(work, warm_run, warm_t0, time.time(), args.task)
+                                                      timeout=args.timeout,
+                                                      poll=args.poll)  # fmt: skip
+                    warm = baton_figures(
+                        work, warm_run, warm_t0, completed_at(work, warm_run.run_id), args.task
+                    )
             except (RuntimeError, TimeoutError) as exc:
                 cluster.check_alive()
                 raise PeerFailed(str(exc).splitlines()[0]) from exc
@@ -368,6 +373,22 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "started": {spy["name"]: spy["started"] for spy in spies},
         }
     return figures
+
+
+def completed_at(work: Path, run_id: str) -> float:
+    """When the coordinator recorded the run completed (its ledger's `run.completed` event,
+    epoch seconds): the run's end whatever the poll's period."""
+    connection = sqlite3.connect(f"file:{work / 'coordinator' / 'ledger.sqlite3'}?mode=ro",
+                                 uri=True)  # fmt: skip
+    try:
+        row = connection.execute(
+            "SELECT at FROM events WHERE run_id = ? AND kind = 'run.completed'", (run_id,)
+        ).fetchone()
+    finally:
+        connection.close()
+    if row is None:
+        raise RuntimeError(f"run {run_id} has no run.completed event in the ledger")
+    return datetime.fromisoformat(row[0]).timestamp()
 
 
 def baton_figures(work: Path, run: Any, t0: float, done: float, task: str) -> dict[str, Any]:
@@ -782,6 +803,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Job: {report['job']}.",
         f"Load average (1, 5, 15 min) before: {report.get('load_average_before')}, after: "
         f"{report.get('load_average_after')}.",
+        f"Baton's run was asked for its status every {report.get('baton_poll_s', 0.1)} s "
+        "(a GetRun each); its end is the ledger's `run.completed`.",
         "",
         "| peer | status | hops | median handoff (ms) | p99 handoff (ms) | start to first hop (s)"
         " | total wall (s) | summed peak RSS (MB) |",
@@ -931,6 +954,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="Baton: record every process with py-spy and cut the traces at "
                         "each handoff's phases (benchmarks/handoff_profile.py)")  # fmt: skip
+    parser.add_argument("--poll", type=float, default=1.0,
+                        help="s between the driver's GetRun asks while Baton's run goes "
+                             "(0.1 before session 26)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=2700,
                         help="seconds a peer's job may take once started (a loaded machine "
                         "needs long: Flower starts a process per visit)")  # fmt: skip
@@ -994,6 +1020,7 @@ def run_task(args: argparse.Namespace, raw_argv: Sequence[str], name: str) -> bo
         "job": job_description(args),
         "definitions": {p: DEFINITIONS[p] for p in args.peers},
         "load_average_before": [round(x, 1) for x in os.getloadavg()],
+        "baton_poll_s": args.poll,
         "peers": {},
     }
     args.out.mkdir(parents=True, exist_ok=True)

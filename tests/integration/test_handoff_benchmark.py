@@ -31,6 +31,10 @@ def test_handoff_benchmark_breaks_batons_handoffs_into_ledger_phases(
     baton, raw = report["peers"]["baton"], report["peers"]["raw"]
     assert baton["status"] == raw["status"] == "ok"
     assert baton["visits"] == 4 and len(baton["handoffs_ms"]) == 3
+    # The driver asks for the run's status seldom; its end is the ledger's run.completed.
+    assert report["baton_poll_s"] == 1.0
+    assert 0 < baton["start_to_first_hop_s"] < baton["wall_s"]
+    assert 0 < baton["warm"]["start_to_first_hop_s"] < baton["warm"]["wall_s"]
     # Every handoff is split into phases between ledger events that add up to it.
     per_hop = baton["phases"]["per_hop"]
     assert len(per_hop) == 3
