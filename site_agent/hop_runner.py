@@ -305,6 +305,10 @@ class _Heartbeat:
             # preparation (a model copy, the data encoded) no longer competes for the CPU
             # with this site's start.
             self._wake.set()
+        if step == total - 1:
+            # The last step begins: told now, the coordinator checks the run's ledger rows
+            # for the hand back while this step computes, not when the hand back arrives.
+            self._wake.set()
 
     def _send(self) -> None:
         progress = self._progress

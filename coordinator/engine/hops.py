@@ -148,6 +148,9 @@ class Hops:
         self._told: dict[str, SiteSession] = {}  # hop id -> the session told it is next
         # hop id -> the session told to load ahead of it (a site's first visit of a run)
         self._told_ahead: dict[str, SiteSession] = {}
+        # hop id -> the run's tamper check started when its site said the hop's last step
+        # began (`_check_at_last_step`), for its hand back to use (`check_ahead`)
+        self._last_step_checks: dict[str, TamperCheck] = {}
         # The newest event this process appended (set on the thread that committed it).
         self._head_seq = 0
         # .lease: the `_Lease` of the commit the writer thread runs (`_commit_and_lease`).
@@ -325,6 +328,7 @@ class Hops:
             )
         self._told.pop(hop.id, None)
         self._told_ahead.pop(hop.id, None)
+        self._last_step_checks.pop(hop.id, None)
 
     def _small_bundle(self, input_ref: CheckpointRow | None) -> bytes | None:
         """The input's bytes if it is small enough to ride inside its task."""
@@ -388,8 +392,8 @@ class Hops:
         otherwise keep them for good. A run resumed after a pause tells its sites again, as
         after a reconnect, and waits for an absent site from the resume on.
         """
-        for held in (self._told, self._told_ahead, self.leases.waiting_since,
-                     self.leases.wait_logged):  # fmt: skip
+        for held in (self._told, self._told_ahead, self._last_step_checks,
+                     self.leases.waiting_since, self.leases.wait_logged):  # fmt: skip
             for hop_id in [hop_id for hop_id in held if self.runs.hop(hop_id) is None]:
                 del held[hop_id]
 
@@ -416,6 +420,8 @@ class Hops:
         self.leases.progress[beat.hop_id] = HopProgress(
             phase=beat.phase, step=beat.step, total_steps=beat.total_steps, loss=beat.loss
         )
+        if beat.phase == "training" and 1 < beat.total_steps == beat.step + 1:
+            self._check_at_last_step(run, hop)
         if beat.phase != "training" or hop.status != "leased":
             return
         async with self._lock:
@@ -430,6 +436,32 @@ class Hops:
                 if held is not None:
                     self._tell_next(*held)
 
+    def _check_at_last_step(self, run: RunRow, hop: HopRow) -> None:
+        """Starts the run's tamper check for the hop's hand back now that its site said the
+        hop's last step began (a beat: `HopRunner`'s collector sends one then), once per hop.
+
+        On the ledger writer's thread while the site computes that step (the coordinator is
+        idle then), not beside the hand back's own checks on the loop, which would share the
+        interpreter with it. The hand back uses it only while it is current, as any early
+        check (`check_ahead`): a last step longer than `CHECK_AHEAD_SECONDS`, or an event
+        appended meanwhile, and the hand back checks again as it arrives.
+        """
+        if hop.id in self._last_step_checks or self._following(run, hop) is None:
+            return
+        check = self.writer.submit(self._early_check, run)
+        check.add_done_callback(_retrieve)
+        self._last_step_checks[hop.id] = check
+
+    def _current_last_step_check(self, hop_id: str) -> TamperCheck | None:
+        """The check `_check_at_last_step` started for the hop, if it is still running or
+        current (taken: a hand back uses it once)."""
+        check = self._last_step_checks.pop(hop_id, None)
+        if check is None or not check.done():
+            return check
+        if check.cancelled() or check.exception() is not None:
+            return None
+        return check if check.result().current(self._head_seq, time.monotonic()) else None
+
     def check_ahead(self, site: str, header: pb.UploadHeader) -> TamperCheck | None:
         """The tamper check a hand back's commit makes before it leases the next hop in its
         own transaction (`_next_to_lease`), started as the hand back arrives: on the ledger
@@ -439,9 +471,10 @@ class Hops:
         later. The commit uses it only while it is current (`EarlyCheck.current`: no event
         appended since, and at most `CHECK_AHEAD_SECONDS` old; a bundle streamed for long
         is checked again at its commit); an edit made behind the ledger's back in between is
-        found by the next check (the next handoff's, the run's end). None where no lease would
-        follow in the commit's transaction (the commit then checks as it always did), or the
-        caller holds no lease.
+        found by the next check (the next handoff's, the run's end). The one started at the
+        hop's last step (`_check_at_last_step`) is used instead while it runs or is current.
+        None where no lease would follow in the commit's transaction (the commit then checks
+        as it always did), or the caller holds no lease.
         """
         try:
             run, hop = self.leases.leased_hop(site, header.hop_id, header.lease_token)
@@ -449,6 +482,9 @@ class Hops:
             return None  # refused by the hand back itself, with its own error
         if self._following(run, hop) is None:
             return None
+        ahead = self._current_last_step_check(hop.id)
+        if ahead is not None:
+            return ahead
 
         # Handed to the writer thread now: its wake-up and its SQL waits overlap the bundle's
         # parse, checks and staged write on the loop (the write no longer fsyncs there).

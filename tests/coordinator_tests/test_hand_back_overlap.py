@@ -373,6 +373,47 @@ def test_an_early_check_gone_stale_is_made_again_before_the_next_lease(
     assert [h.status for h in status.hops] == ["committed", "pending"]
 
 
+@pytest.mark.parametrize("current", [True, False], ids=["current", "stale"])
+def test_a_hand_backs_tamper_check_starts_when_its_last_step_begins(
+    site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator,
+    monkeypatch: pytest.MonkeyPatch, current: bool,
+) -> None:  # fmt: skip
+    """The beat that says a hop's last step began starts the run's tamper check for its hand
+    back; the hand back uses it while it is current, and checks again as it arrives if not."""
+    hops = coordinator.engine.hops
+    checks: list[str] = []
+    real_check = hops._early_check
+
+    def early_check(run: RunRow) -> object:
+        checks.append(run.id)
+        return real_check(run)
+
+    monkeypatch.setattr(hops, "_early_check", early_check)
+    if not current:
+        monkeypatch.setattr(hops_module, "CHECK_AHEAD_SECONDS", -1.0)
+
+    def beat(step: int) -> None:
+        site.stub.SendHeartbeat(pb.Heartbeat(
+            hop_id=task.hop_id, lease_token=task.lease_token, phase="training", step=step,
+            total_steps=10,
+        ), timeout=WAIT)  # fmt: skip
+
+    beat(1)  # the hop trains
+    beat(5)
+    assert checks == []
+    beat(9)  # its last step begins
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and not (
+        task.hop_id in hops._last_step_checks and hops._last_step_checks[task.hop_id].done()
+    ):
+        time.sleep(0.01)
+    beat(9)  # a beat again (a regular one) starts no second check
+    assert len(checks) == 1
+    assert _hand_back(site, task, _bundle(site, task, 64), whole=True) == "committed"
+    assert len(checks) == (1 if current else 2)
+    assert hops._last_step_checks == {}
+
+
 # A bundle of one message (placed from its staged file) and a streamed one (its spool file
 # renamed into the store): the name's fsync is the commit's in both.
 _SIZES = pytest.mark.parametrize(("whole", "floats"), [(True, 4096), (False, 1024 * 1024)],

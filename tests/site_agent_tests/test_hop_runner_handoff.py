@@ -49,6 +49,23 @@ def test_training_is_told_after_the_first_step_and_uploading_not_at_once() -> No
     assert stub.beats.empty()
 
 
+def test_the_last_steps_start_is_told_at_once() -> None:
+    # The coordinator checks the run's ledger rows for the hand back while the last step
+    # computes (`Hops._check_at_last_step`): the beat after step total - 1 goes out at once.
+    stub = _BeatRecorder()
+    task = pb.HopTask(hop_id="h", lease_token="t")
+    with _Heartbeat(stub, task, interval=3600) as beat:  # type: ignore[arg-type]
+        beat.phase("training", tell=False)
+        for step in range(1, 10):
+            beat.training_step(step, 10, 0.5)
+            if step in (1, 9):
+                told = stub.beats.get(timeout=30)
+                assert (told.phase, told.step, told.total_steps) == ("training", step, 10)
+            assert stub.beats.empty()
+        beat.training_step(10, 10, 0.4)  # the hand back follows: no beat of its own
+    assert stub.beats.empty()
+
+
 class _StuckBeat(_BeatRecorder):
     """A stub whose first SendHeartbeat hangs until released (an unreachable coordinator)."""
 
