@@ -10,6 +10,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -46,6 +47,10 @@ Metrics = dict[str, float]
 T = TypeVar("T")
 # How much lower than the agent's a deferred validation pass runs (a thread's nice value).
 _VALIDATION_NICENESS = 10
+# How long before a hop's last step is expected to end its site beats (`_Heartbeat`): the
+# coordinator's tamper check for the hand back, started then, is still current when the hand
+# back arrives (it keeps one for `coordinator.engine.hops.CHECK_AHEAD_SECONDS`, 0.5 s).
+LAST_STEP_LEAD_SECONDS = 0.25
 # glibc's `mallopt` parameters (malloc.h) and what `keep_freed_buffers` sets them to.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -251,7 +256,10 @@ class _Heartbeat:
         self._interval = interval
         self._progress = _Progress()
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # the loop looks again: a beat now, or one due later
+        self._tell = False  # a beat now (`_wake` set with it)
+        self._due: float | None = None  # time.monotonic() of a beat due later
+        self._first_step_at: float | None = None
         self.cancelled = threading.Event()
         self._threads = threads
         self._done: threading.Event | None = None
@@ -295,20 +303,32 @@ class _Heartbeat:
         wait for the coordinator's answer), else with the next regular beat."""
         self._progress = _Progress(phase, self._progress.step, self._progress.total)
         if tell:
-            self._wake.set()
+            self._tell_now()
 
     def training_step(self, step: int, total: int, loss: float) -> None:
         self._progress = _Progress("training", step, total, loss)
+        now = time.monotonic()
         if step == 1:
+            self._first_step_at = now
             # "Training" is told once the first step is done, not while the hop sets up: the
             # coordinator then tells the site after this one that it is next, and its
             # preparation (a model copy, the data encoded) no longer competes for the CPU
             # with this site's start.
-            self._wake.set()
+            self._tell_now()
         if step == total - 1:
-            # The last step begins: told now, the coordinator checks the run's ledger rows
-            # for the hand back while this step computes, not when the hand back arrives.
+            # The last step begins. A beat LAST_STEP_LEAD_SECONDS before it is expected to
+            # end (the steps' mean so far) has the coordinator check the run's ledger rows
+            # for the hand back while this step computes, not as the hand back arrives.
+            first = self._first_step_at
+            mean = (now - first) / (step - 1) if step > 1 and first is not None else 0.0
+            self._due = now + max(0.0, mean - LAST_STEP_LEAD_SECONDS)
             self._wake.set()
+        elif step >= total:
+            self._due = None  # the hand back follows: no beat beside it
+
+    def _tell_now(self) -> None:
+        self._tell = True
+        self._wake.set()
 
     def _send(self) -> None:
         progress = self._progress
@@ -333,12 +353,22 @@ class _Heartbeat:
 
     def _loop(self) -> None:
         self._released.wait()  # a provisional hop's lease first (set on exit too)
+        regular = time.monotonic() + self._interval
         while not self.cancelled.is_set():
-            self._wake.wait(self._interval)
+            due = self._due
+            until = regular if due is None else min(regular, due)
+            self._wake.wait(max(0.0, until - time.monotonic()))
             self._wake.clear()
             if self._stop.is_set():
                 return
+            now, due = time.monotonic(), self._due
+            if due is not None and now >= due:
+                self._due = None
+            elif not self._tell and now < regular:
+                continue  # woken to wait for a beat due later
+            self._tell = False
             self._send()
+            regular = time.monotonic() + self._interval
 
 
 class HopRunner(TaskChecks, Transfers):

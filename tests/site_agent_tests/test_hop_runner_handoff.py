@@ -8,12 +8,14 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from protocols.v1 import baton_pb2 as pb
+from site_agent import hop_runner
 from site_agent.hop_runner import BeatThreads, _Heartbeat, at_low_priority
 
 
@@ -63,6 +65,30 @@ def test_the_last_steps_start_is_told_at_once() -> None:
                 assert (told.phase, told.step, told.total_steps) == ("training", step, 10)
             assert stub.beats.empty()
         beat.training_step(10, 10, 0.4)  # the hand back follows: no beat of its own
+    assert stub.beats.empty()
+
+
+def test_the_last_steps_beat_goes_out_its_lead_before_the_expected_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Steps here take no time: a lead of -0.5 s puts the beat 0.5 s after the last step began.
+    monkeypatch.setattr(hop_runner, "LAST_STEP_LEAD_SECONDS", -0.5)
+    stub = _BeatRecorder()
+    task = pb.HopTask(hop_id="h", lease_token="t")
+    with _Heartbeat(stub, task, interval=3600) as beat:  # type: ignore[arg-type]
+        beat.training_step(1, 3, 0.5)
+        assert stub.beats.get(timeout=30).step == 1
+        began = time.monotonic()
+        beat.training_step(2, 3, 0.5)
+        told = stub.beats.get(timeout=30)
+        assert (told.step, told.total_steps) == (2, 3)
+        assert time.monotonic() - began >= 0.45
+        # A hop that ends before its due beat: the beat is dropped (none beside the hand back).
+        beat.training_step(1, 3, 0.5)
+        assert stub.beats.get(timeout=30).step == 1
+        beat.training_step(2, 3, 0.5)
+        beat.training_step(3, 3, 0.4)
+        time.sleep(1.0)
     assert stub.beats.empty()
 
 
