@@ -6,7 +6,10 @@ coordinator in a child process (`--coordinator-tree`: from another checkout, for
 times on its event loop, in process CPU time, `--calls` calls of `engine.views.run` of that
 run as GetRun makes them: with nothing changed between calls ("unchanged"), and with the run's
 held rows written through before each call (a heartbeat's hop transition's worth: "changed",
-the rows copied back with their values, which marks the run changed). No gRPC, TLS or
+the rows copied back with their values, which marks the run changed). Also the views of
+`--finished-runs` finished runs (benchmarks/scale.py's history, 4 hops each) built from rows
+read from SQL, as ListRuns builds them on the ledger reader's thread and the dashboard on its
+own ("finished", per run; the rows read once, before timing). No gRPC, TLS or
 serialisation: benchmarks/admin_reads.py measures the whole call.
 
     nice -n 19 .venv/bin/python benchmarks/run_view_cpu.py --name run-view-cpu
@@ -50,10 +53,17 @@ async def _time_views(
         leased = next(h for h in run.hops if h.status == "leased")
         rows = engine.ledger.run(run_id).hops  # the same rows, as a commit writes them through
         written = next(h for h in rows if h.id == leased.id)
-        figures: dict[str, list[float]] = {"unchanged": [], "changed": []}
+        finished = [r for r in engine.ledger.runs() if r.status != "running"]
+        of_run = engine.ledger.rounds_of(None)
+        figures: dict[str, list[float]] = {"unchanged": [], "changed": [], "finished": []}
         for _ in range(rounds):
             for kind in figures:
                 started = time.process_time()
+                if kind == "finished":
+                    for row in finished:
+                        engine.views.status(row, of_run.get(row.id, []))
+                    figures[kind].append((time.process_time() - started) / len(finished) * 1e6)
+                    continue
                 for _ in range(calls):
                     if kind == "changed":
                         engine.runs._apply([written])
@@ -81,6 +91,7 @@ def main() -> None:
     parser.add_argument("--committed", type=int, default=6)
     parser.add_argument("--calls", type=int, default=2000, help="calls per round and kind")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--finished-runs", type=int, default=500)
     parser.add_argument(
         "--coordinator-tree",
         type=Path,
@@ -106,7 +117,8 @@ def main() -> None:
     tree = args.coordinator_tree or Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        run_id = _build(tmp / "state", tmp / "pki", 0, args.hops, 2, args.committed)
+        run_id = _build(tmp / "state", tmp / "pki", max(args.finished_runs, 1), args.hops, 2,
+                        args.committed)  # fmt: skip
         (tmp / "run_id").write_text(run_id)
         env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{Path(__file__).resolve().parent}"}
         out = tmp / "figures.json"
@@ -114,7 +126,8 @@ def main() -> None:
                    "--calls", str(args.calls), "--rounds", str(args.rounds)]  # fmt: skip
         subprocess.run(child, env=env, check=True)
         figures = {"coordinator_tree": str(tree), "committed": args.committed, "calls": args.calls,
-                   "rounds": args.rounds, **json.loads(out.read_text())}  # fmt: skip
+                   "rounds": args.rounds, "finished_runs": max(args.finished_runs, 1),
+                   **json.loads(out.read_text())}  # fmt: skip
     print(json.dumps(figures), flush=True)
     RESULTS.mkdir(exist_ok=True)
     command = "python benchmarks/run_view_cpu.py " + " ".join(sys.argv[1:])
@@ -129,7 +142,10 @@ def main() -> None:
         "| the run between calls | us per call | rounds |", "|---|---|---|",
         f"| unchanged | {figures['unchanged_us_per_call']} | {figures['unchanged_us_rounds']} |",
         f"| a hop row written through before each call | {figures['changed_us_per_call']} | "
-        f"{figures['changed_us_rounds']} |", "",
+        f"{figures['changed_us_rounds']} |",
+        f"| a finished run's view from SQL rows (ListRuns, dashboard), of "
+        f"{figures['finished_runs']} | {figures['finished_us_per_call']} | "
+        f"{figures['finished_us_rounds']} |", "",
     ]))  # fmt: skip
 
 
