@@ -26,7 +26,7 @@ from coordinator.dashboard.schemas import (
     SiteView,
     VerifyResult,
 )
-from coordinator.engine import RunEngine, approval_bundle
+from coordinator.engine import RunEngine
 from coordinator.errors import NotFound
 from coordinator.ledger import LIVE_HOP_STATES, CheckpointRow, EventRow, RunRow
 from coordinator.plan import PlanError, RunPlan, parse_plan
@@ -217,7 +217,7 @@ class DashboardService:
         return RunDetail(
             **summary.model_dump(),
             holder=self._holder(run),
-            approval_bundle_sha256=approval_bundle(run).sha256,
+            approval_bundle_sha256=status.approval_bundle_sha256,  # kept per run and plan
             final_sha256=run.final_sha256,
             adapter_available=self.adapter_available(run_id),
             plan=run.plan,

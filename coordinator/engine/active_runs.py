@@ -65,6 +65,9 @@ class ActiveRuns:
         self._hops: dict[str, tuple[RunRow, HopRow]] = {}
         self._rounds: dict[str, list[RoundRow]] = {}  # run id -> its rounds in order
         self._unread: set[str] = set()  # running runs written here but not yet held
+        # Run id -> the count of changes to the held rows when its own last changed
+        self._revisions: dict[str, int] = {}
+        self._changes = 0
         self._seq = 0  # the newest ledger event this view has accounted for
         self._seq_lock = threading.Lock()  # a commit's thread raises it, the loop reads it
         self.loads = 0  # full loads from SQL (start, or after a change made elsewhere)
@@ -111,6 +114,12 @@ class ActiveRuns:
         """The rounds held with a run `held` returned ([] for a sequential run)."""
         return self._rounds.get(run_id, [])
 
+    def revision(self, run_id: str) -> int:
+        """A number that changes whenever the rows held for the run change: written through,
+        held anew or read again. What was built from a run `held` returned stays current
+        while `held` returns the same run object with the same revision."""
+        return self._revisions.get(run_id, 0)
+
     def hop(self, hop_id: str) -> tuple[RunRow, HopRow] | None:
         """A hop of a running run, with its run; None for any other hop."""
         self._held()
@@ -128,6 +137,9 @@ class ActiveRuns:
         self._unread.clear()
         self._hops = {hop.id: (run, hop) for run in runs for hop in run.hops}
         self._rounds = self.ledger.rounds_of([run.id for run in runs])
+        self._revisions.clear()
+        for run in runs:
+            self._changed(run.id)
 
     def check_outside_writes(self) -> bool:
         """Reads the runs again if the ledger has events this view did not see written;
@@ -168,6 +180,7 @@ class ActiveRuns:
         assert self._runs is not None
         self._drop(run.id)
         self._runs[run.id] = run
+        self._changed(run.id)
         for hop in run.hops:
             self._hops[hop.id] = (run, hop)
         if rounds:
@@ -177,9 +190,16 @@ class ActiveRuns:
         assert self._runs is not None
         old = self._runs.pop(run_id, None)
         self._rounds.pop(run_id, None)
+        self._revisions.pop(run_id, None)
         if old is not None:
             for hop in old.hops:
                 self._hops.pop(hop.id, None)
+
+    def _changed(self, run_id: str) -> None:
+        """Notes a change to the rows held for the run (none if it is not held)."""
+        if self._runs is not None and run_id in self._runs:
+            self._changes += 1
+            self._revisions[run_id] = self._changes
 
     def on_loop(self, callback: Callable[..., None], *args: Any) -> None:
         """Runs `callback` on the event loop that reads the rows (a writer thread commits)."""
@@ -212,6 +232,7 @@ class ActiveRuns:
             return  # nothing held yet: the first read loads the committed state
         for row in rows:
             if isinstance(row, RunRow):
+                self._changed(row.id)
                 held = self._runs.get(row.id)
                 if row.status != "running":
                     self._drop(row.id)
@@ -221,12 +242,14 @@ class ActiveRuns:
                 else:
                     self._unread.add(row.id)  # created or resumed: read once, with its hops
             elif isinstance(row, HopRow):
+                self._changed(row.run_id)
                 found = self._hops.get(row.id)
                 if found is not None:
                     _copy_columns(found[1], row)
                 elif row.run_id in self._runs:
                     self._unread.add(row.run_id)  # a hop added to a held run
             elif isinstance(row, RoundRow):
+                self._changed(row.run_id)
                 held_round = next(
                     (r for r in self._rounds.get(row.run_id, []) if r.id == row.id), None
                 )
@@ -235,6 +258,7 @@ class ActiveRuns:
                 elif row.run_id in self._runs:
                     self._unread.add(row.run_id)  # a round added to a held run: read it again
             elif isinstance(row, EvaluationRow):
+                self._changed(row.run_id)
                 self._evaluation_written(row)
 
     def _evaluation_written(self, row: EvaluationRow) -> None:

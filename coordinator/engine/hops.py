@@ -402,10 +402,15 @@ class Hops:
         current = current_hop(run)
         if run.status != "running" or current is None or current.id != hop.id:
             return ""
-        if hop.status != "pending" or hop.site in self.sessions:
+        return self.site_wait(hop.site) if hop.status == "pending" else ""
+
+    def site_wait(self, site: str) -> str:
+        """Why a running run's current hop, pending at `site`, is not running: "" while the
+        site is connected (its task is on its way), else "waiting for riverside: ..."."""
+        if site in self.sessions:
             return ""
-        view = self.sessions.site_views().get(hop.site)
-        return f"waiting for {hop.site}: {offline_text(view) if view else 'never connected'}"
+        view = self.sessions.site_views().get(site)
+        return f"waiting for {site}: {offline_text(view) if view else 'never connected'}"
 
     async def heartbeat(self, site: str, beat: pb.Heartbeat) -> None:
         """Extends the lease; the first "training" beat moves the hop to training.

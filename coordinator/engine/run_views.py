@@ -4,6 +4,9 @@ other read on the ledger reader's thread, so no admin call reads SQL on the even
 A running run's view is built on the loop (its waiting reason and progress are the loop's
 state); a paused or finished run's is built on the reader's thread with the rows it read,
 since nothing in it changes with the loop's state but progress and faults, read as values.
+
+A held run's view is built once per change of its held rows (`ActiveRuns.revision`) and copied
+per call with what is live put in: its hops' progress, the storage fault, the wait for a site.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.engine.active_runs import ActiveRuns
@@ -19,6 +23,7 @@ from coordinator.engine.export import final_adapter_dir
 from coordinator.engine.hops import Hops
 from coordinator.engine.leases import HopLeases
 from coordinator.engine.ledger_reader import LedgerReader
+from coordinator.engine.rules import current_hop
 from coordinator.engine.tasks import approval_bundle
 from coordinator.ledger import Ledger, RoundRow, RunRow
 from coordinator.rounds import round_statuses
@@ -29,6 +34,26 @@ __all__ = ["RunViews"]
 
 # A run as read from SQL, its rounds, and its view (None: running, its view built on the loop)
 _Read = tuple[RunRow, list[RoundRow], pb.RunStatus | None]
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A run's view without what changes with the loop's state, and where that goes."""
+
+    status: pb.RunStatus  # no progress, storage fault or waiting reason
+    hop_ids: tuple[str, ...]  # its hops' ids and statuses, in the order of `status.hops`
+    hop_statuses: tuple[str, ...]
+    waiting: tuple[int, str] | None  # the running run's current hop if pending: (place, site)
+
+
+@dataclass(frozen=True)
+class _HeldView:
+    """The view built from a held run's rows (the very objects) at one revision of them."""
+
+    run: RunRow
+    revision: int
+    plan: object  # the plan the view's text was made from (the held row's value, as is)
+    built: _Built
 
 
 class RunViews:
@@ -55,6 +80,7 @@ class RunViews:
         # never written after it is created; the digest still keys the answer, so a plan edited
         # outside the coordinator shows the bundle it now makes, as it did when rebuilt per call.
         self._bundles: dict[str, tuple[bytes, str]] = {}
+        self._held_views: dict[str, _HeldView] = {}  # run id -> its view as last built on the loop
 
     # ---- one run, many runs -------------------------------------------------------------------
 
@@ -66,7 +92,7 @@ class RunViews:
         """
         held = self.runs.held(run_id)
         if held is not None:
-            return self.status(held, self.runs.held_rounds(run_id))
+            return self._held_status(held)
         run, rounds, built = await self.reader.run(self._read_run, run_id)
         return built if built is not None else self._status_on_loop(run, rounds)
 
@@ -80,8 +106,33 @@ class RunViews:
         """A run read from SQL: its held rows if it is running and held by now, else these."""
         held = self.runs.held(run.id)
         if held is not None:
-            return self.status(held, self.runs.held_rounds(run.id))
+            return self._held_status(held)
         return self.status(run, rounds)
+
+    def _held_status(self, run: RunRow) -> pb.RunStatus:
+        """A held run's view (on the loop): built again only when its held rows changed.
+
+        The plan's text is kept while the held run keeps the same plan object: its plan is
+        never written after it is created, and a plan edited outside the coordinator comes
+        back as another object (the runs read again, or the column written through).
+        """
+        revision = self.runs.revision(run.id)
+        known = self._held_views.get(run.id)
+        if known is None or known.run is not run or known.revision != revision:
+            plan = run.plan
+            plan_json = None
+            if known is not None and known.run is run and known.plan is plan:
+                plan_json = known.built.status.plan_json
+            if known is None:
+                self._forget_views_of_unheld_runs()
+            built = self._build(run, self.runs.held_rounds(run.id), plan_json)
+            known = _HeldView(run, revision, plan, built)
+            self._held_views[run.id] = known
+        return self._live(known.built, copy=True)
+
+    def _forget_views_of_unheld_runs(self) -> None:
+        for run_id in [run_id for run_id in self._held_views if self.runs.held(run_id) is None]:
+            del self._held_views[run_id]
 
     def _read_run(self, run_id: str) -> _Read:
         """On the reader thread: the run, its rounds, and its view unless it is running."""
@@ -125,41 +176,51 @@ class RunViews:
 
     def status(self, run: RunRow, rounds: Sequence[RoundRow]) -> pb.RunStatus:
         """The admin view of a run and its rounds, with live progress of its leased hop."""
-        plan_json = json.dumps(run.plan, sort_keys=True)
+        return self._live(self._build(run, rounds), copy=False)
+
+    def _build(
+        self, run: RunRow, rounds: Sequence[RoundRow], plan_json: str | None = None
+    ) -> _Built:
+        """The view of a run and its rounds but what is live (`_live`); `plan_json`: its
+        plan's text, if known."""
+        if plan_json is None:
+            plan_json = json.dumps(run.plan, sort_keys=True)
+        run_status = run.status
         status = pb.RunStatus(
             approval_bundle_sha256=self.bundle_sha256(run, plan_json),
             run_id=run.id,
             name=run.name,
-            status=run.status,
+            status=run_status,
             final_sha256=run.final_sha256 or "",
             error=run.error or "",
             plan_json=plan_json,
-            storage_fault=self.storage.fault or "",
         )
-        if run.status == "completed":
+        if run_status == "completed":
             status.final_adapter_dir = str(final_adapter_dir(self.runs_dir, run.id).resolve())
-        progress_of = self.leases.progress
-        for hop in run.hops:
-            entry = pb.HopStatus(
+        hops = run.hops
+        current = current_hop(run) if run_status == "running" else None
+        waiting = None
+        hop_ids: list[str] = []
+        hop_statuses: list[str] = []
+        for place, hop in enumerate(hops):
+            hop_id, hop_status = hop.id, hop.status
+            entry = status.hops.add(
                 index=hop.index,
-                hop_id=hop.id,
+                hop_id=hop_id,
                 site=hop.site,
-                status=hop.status,
+                status=hop_status,
                 input_sha256=hop.input_sha256 or "",
                 output_sha256=hop.output_sha256 or "",
                 train_started_at_ns=hop.train_started_at_ns or 0,
                 train_finished_at_ns=hop.train_finished_at_ns or 0,
                 error=hop.error or "",
                 error_code=hop.error_code or "",
-                waiting_reason=self.hops.waiting_reason(run, hop),
             )
             entry.metrics.update(hop.metrics or {})
-            progress = progress_of.get(hop.id)
-            if progress is not None:
-                entry.step, entry.total_steps = progress.step, progress.total_steps
-                if progress.phase and hop.status == "leased":
-                    entry.status = progress.phase
-            status.hops.append(entry)
+            if hop is current and hop_status == "pending":
+                waiting = (place, hop.site)
+            hop_ids.append(hop_id)
+            hop_statuses.append(hop_status)
         status.rounds.extend(round_statuses(run, rounds))
         for row in run.evaluations:
             evaluation = status.evaluations.add(
@@ -171,4 +232,26 @@ class RunViews:
                 error=row.error or "",
             )
             evaluation.metrics.update(row.metrics or {})
+        return _Built(status, tuple(hop_ids), tuple(hop_statuses), waiting)
+
+    def _live(self, built: _Built, *, copy: bool) -> pb.RunStatus:
+        """The view with what is live put in (into a copy if `copy`): the leased hops'
+        progress (`leases.progress`), the storage fault, why the current hop waits."""
+        if copy:
+            status = pb.RunStatus()
+            status.CopyFrom(built.status)
+        else:
+            status = built.status
+        status.storage_fault = self.storage.fault or ""
+        if built.waiting is not None:
+            place, site = built.waiting
+            status.hops[place].waiting_reason = self.hops.site_wait(site)
+        progress_of = self.leases.progress
+        for place, hop_id in enumerate(built.hop_ids):
+            progress = progress_of.get(hop_id)
+            if progress is not None:
+                entry = status.hops[place]
+                entry.step, entry.total_steps = progress.step, progress.total_steps
+                if progress.phase and built.hop_statuses[place] == "leased":
+                    entry.status = progress.phase
         return status

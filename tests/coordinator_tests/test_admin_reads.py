@@ -198,3 +198,67 @@ def test_a_run_waiting_for_an_offline_site_is_viewed_without_reading_the_sites(
     assert seen == []
     assert view == _from_ledger(engine, run_id)
     assert view.hops[0].waiting_reason.startswith("waiting for site-b: offline since")
+
+
+def test_a_polled_running_runs_view_follows_every_change_to_the_run(
+    quiet: Coordinator,
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    loop_thread: LoopThread,
+) -> None:
+    """A held run's view is built once per change of its held rows and reused in between: after
+    each kind of change (a progress beat, a hop's transition, an evaluation added and scored,
+    a storage fault and its end, a hand back, a hop's validation metrics) GetRun, twice,
+    answers the view built from the ledger then, never the one it built before."""
+    engine = quiet.engine
+    admin.wait_for_sites(SITES, timeout=WAIT)
+    run_id = admin.start_run(parse_plan(_plan()))
+    site = sites["site-a"]
+    task = site.next_task()
+
+    def polled() -> pb.RunStatus:
+        with _statements(engine.ledger) as seen:
+            first, second = admin.run(run_id), admin.run(run_id)
+        assert seen == []
+        assert first == second == _from_ledger(engine, run_id)
+        return second
+
+    def beat(phase: str, step: int) -> None:
+        site.stub.SendHeartbeat(pb.Heartbeat(hop_id=task.hop_id, lease_token=task.lease_token,
+                                             phase=phase, step=step, total_steps=30),
+                                timeout=10)  # fmt: skip
+
+    assert [(h.status, h.total_steps) for h in polled().hops] == [("leased", 0), ("pending", 0)]
+    beat("loading", 0)  # progress only: nothing written
+    assert [(h.status, h.total_steps) for h in polled().hops] == [("loading", 30), ("pending", 0)]
+    beat("training", 3)  # the hop's row moves to training
+    assert engine.ledger.hop(task.hop_id).status == "training"  # type: ignore[union-attr]
+    assert [(h.status, h.step) for h in polled().hops] == [("training", 3), ("pending", 0)]
+    beat("training", 7)
+    assert polled().hops[0].step == 7
+
+    evaluation = _evaluation(run_id, "ab" * 32)
+    engine.ledger.create_evaluations([evaluation])
+    assert [e.status for e in polled().evaluations] == ["pending"]
+    engine.ledger.finish_evaluation(evaluation.id, metrics={"accuracy": 0.75})
+    assert dict(polled().evaluations[0].metrics) == {"accuracy": 0.75}
+
+    async def fault() -> None:
+        engine.storage.report("a test's write", "No space left on device")
+
+    async def recover() -> None:
+        assert engine.storage.check()
+
+    loop_thread.run(fault())
+    assert "No space left on device" in polled().storage_fault
+    loop_thread.run(recover())
+    assert polled().storage_fault == ""
+
+    assert site.report(task, site.upload(task, site.bundle(task))) == "committed"
+    sites["site-b"].next_task()
+    view = polled()
+    assert [(h.status, h.step) for h in view.hops] == [("committed", 0), ("leased", 0)]
+    # A hop's row alone written (the run's row too was written by the hand back, pinning it)
+    engine.ledger.record_hop_validation(task.hop_id, site="site-a", ok=True,
+                                        metrics={"val_accuracy": 0.5}, error="")  # fmt: skip
+    assert polled().hops[0].metrics["val_accuracy"] == 0.5

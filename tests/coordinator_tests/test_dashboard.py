@@ -17,7 +17,7 @@ from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
 
 from coordinator.dashboard import AccountError, AccountStore, DashboardRole, create_app
-from coordinator.engine import RunEngine
+from coordinator.engine import RunEngine, approval_bundle
 from coordinator.ledger import Ledger
 from coordinator.store import CheckpointStore
 from tests.conftest import Pki
@@ -344,6 +344,7 @@ def test_run_page_shows_where_the_model_waits_and_hop_timeline(
     login(client, "viewer")
     detail = client.get(f"/api/v1/runs/{run_id}").json()
     assert detail["holder"] == "waiting for site-a to take hop 0"
+    assert detail["approval_bundle_sha256"] == approval_bundle(engine.ledger.run(run_id)).sha256
     assert [(h["index"], h["site"], h["status"]) for h in detail["hops"]] == [
         (0, "site-a", "pending"), (1, "site-b", "pending")]  # fmt: skip
     page = client.get(f"/runs/{run_id}").text
