@@ -1,4 +1,5 @@
-"""The commit transaction's statements, run on the driver's cursor with their SQL rendered once.
+"""The commit transaction's statements (and the tamper check's reads), run on the driver's cursor
+with their SQL rendered once.
 
 A hand back's one transaction runs about fourteen small statements (locked reads, the chain's
 head, four event INSERTs, the rows' writes). Through `Connection.execute` each pays for
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -27,7 +28,7 @@ from sqlalchemy import ClauseElement, Connection, Dialect, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import TypeEngine
 
-__all__ = ["JsonText", "json_text", "read", "write"]
+__all__ = ["JsonText", "json_text", "read", "result_processor", "write"]
 
 _Processor = Callable[[Any], Any]
 
@@ -36,6 +37,7 @@ _Processor = Callable[[Any], Any]
 SQLALCHEMY_INTERNALS = all(
     (
         hasattr(Connection, "_cursor_execute"),
+        hasattr(Connection, "_handle_dbapi_exception"),
         hasattr(TypeEngine, "_cached_bind_processor"),
         hasattr(TypeEngine, "_cached_result_processor"),
     )
@@ -137,13 +139,26 @@ def _arguments(prepared: _Prepared, params: Mapping[str, Any]) -> Any:
     return args
 
 
+def result_processor(
+    kind: TypeEngine[Any], dialect: Dialect, code: Any = None
+) -> _Processor | None:
+    """What turns a value of a column of type `kind`, as the driver returns it (its type `code`
+    in the cursor's description), into the value `Connection.execute` gives (None: as is):
+    SQLAlchemy's own memo of it, or under an SQLAlchemy without that (`SQLALCHEMY_INTERNALS`)
+    made as the memo makes it, by the type's dialect implementation (public API, not memoized:
+    callers cache what it gives)."""
+    if SQLALCHEMY_INTERNALS:
+        return kind._cached_result_processor(dialect, code)
+    return kind.dialect_impl(dialect).result_processor(dialect, code)
+
+
 @functools.lru_cache(maxsize=256)
 def _result_processors(
     prepared: _Prepared, dialect: Dialect, codes: tuple[Any, ...]
 ) -> tuple[_Processor | None, ...]:
     """Each selected column's result processor for the driver's type `codes` of them."""
     return tuple(
-        kind._cached_result_processor(dialect, code)
+        result_processor(kind, dialect, code)
         for kind, code in zip(prepared.result_types, codes, strict=True)
     )
 
@@ -180,15 +195,21 @@ def write(
 
 def read(
     connection: Connection, statement: Executable, params: Mapping[str, Any]
-) -> list[Sequence[Any]]:
-    """The rows a SELECT returns, each column as `Connection.execute` would give it."""
+) -> list[tuple[Any, ...]]:
+    """The rows a SELECT returns (tuples, as the ledger's drivers fetch them), each column as
+    `Connection.execute` would give it (a column with no result processor: as the driver
+    returns it, which is what the tamper check reads, `_run_check`)."""
     prepared = _prepared(statement, connection.dialect, None)
     if prepared is None:
         return [tuple(row) for row in connection.execute(statement, dict(params))]
     cursor = connection.connection.cursor()
     try:
-        connection._cursor_execute(cursor, prepared.sql, _arguments(prepared, params))
-        rows = cursor.fetchall()
+        args = _arguments(prepared, params)
+        connection._cursor_execute(cursor, prepared.sql, args)
+        try:
+            rows = cursor.fetchall()
+        except BaseException as exc:  # as SQLAlchemy's result raises it (a full disk...)
+            connection._handle_dbapi_exception(exc, prepared.sql, args, cursor, None)
         if not rows or not prepared.result_types:
             return list(rows)
         codes = tuple(column[1] for column in cursor.description)

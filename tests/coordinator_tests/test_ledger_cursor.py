@@ -6,6 +6,7 @@ transaction runs none of them through an execution context (SQLite and PostgreSQ
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -249,3 +250,31 @@ def test_a_compiler_without_an_attribute_it_reads_sends_the_statement_through_ex
         assert _cursor._prepared(sa.select(sa.literal(1)), ledger.engine.dialect, None) is None
     finally:
         _cursor._prepared.cache_clear()
+
+
+def test_a_driver_error_while_fetching_the_rows_is_raised_as_sqlalchemy_raises_it(
+    ledger: Ledger,
+) -> None:
+    """SQLite runs a SELECT as its rows are fetched: an error on a later row (a full disk, a
+    damaged page; here a function failing on the second row) comes from the driver's fetch,
+    and is raised as SQLAlchemy's result raises it, with the driver's error inside."""
+    if ledger.engine.dialect.name != "sqlite":
+        pytest.skip("a SQLite function failing on a row")
+    run_id, _ids = _leased_run(ledger, 1)
+    seen: list[int] = []
+
+    def fails_on_the_second_row(seq: int) -> int:
+        seen.append(seq)
+        if len(seen) > 1:
+            raise ValueError("a later row")
+        return seq
+
+    events = EventRow.__table__.c
+    query = sa.select(sa.func.fails_later(events.seq)).where(events.run_id == sa.bindparam("r"))
+    with ledger.engine.connect() as connection:
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        driver.create_function("fails_later", 1, fails_on_the_second_row)
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            _cursor.read(connection, query, {"r": run_id})
+    assert len(seen) == 2 and isinstance(raised.value.orig, sqlite3.OperationalError)
