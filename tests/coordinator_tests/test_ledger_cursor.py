@@ -278,3 +278,30 @@ def test_a_driver_error_while_fetching_the_rows_is_raised_as_sqlalchemy_raises_i
         with pytest.raises(sa.exc.OperationalError) as raised:
             _cursor.read(connection, query, {"r": run_id})
     assert len(seen) == 2 and isinstance(raised.value.orig, sqlite3.OperationalError)
+
+
+def test_a_statements_result_processors_are_found_once_from_its_first_rows(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As SQLAlchemy keeps a compiled statement's result metadata: the cursor's description
+    (costly with psycopg) is read for the first rows only, and every read decodes alike."""
+    run_id, _ids = _leased_run(ledger, 2)
+    looked_up: list[tuple[Any, ...]] = []
+    result_processors = _cursor._result_processors
+
+    def counted(prepared: Any, dialect: sa.Dialect, codes: tuple[Any, ...]) -> Any:
+        looked_up.append(codes)
+        return result_processors(prepared, dialect, codes)
+
+    monkeypatch.setattr(_cursor, "_result_processors", counted)
+    hops = HopRow.__table__.c
+    query = sa.select(hops.id, hops.leased_at, hops.hyperparameters).where(
+        hops.run_id == sa.bindparam("r")
+    )
+    with ledger.engine.connect() as connection:
+        executed = sorted(tuple(row) for row in connection.execute(query, {"r": run_id}))
+        assert _cursor.read(connection, query, {"r": "none such"}) == []  # no rows: not looked up
+        reads = [sorted(_cursor.read(connection, query, {"r": run_id})) for _ in range(3)]
+    assert len(looked_up) == 1
+    assert reads == [executed] * 3
+    assert [type(v) for v in reads[0][0]] == [type(v) for v in executed[0]]
