@@ -112,6 +112,7 @@ def _events_query() -> sa.Select[Any]:
             for model, column in _ROWS
         )
     )
+    # Read as the driver returns it (SQLite: 0 or 1), as every other column: no row processed.
     linked = sa.or_(successor.c.prev_hash.is_(None), successor.c.prev_hash == events.c.hash)
     return (
         sa.select(events.c.seq, *stored_columns(), _raw(linked))
