@@ -1,4 +1,5 @@
-"""The commit transaction's statements, run on the driver's cursor with their SQL rendered once.
+"""The commit transaction's statements (and the tamper check's reads), run on the driver's cursor
+with their SQL rendered once.
 
 A hand back's one transaction runs about fourteen small statements (locked reads, the chain's
 head, four event INSERTs, the rows' writes). Through `Connection.execute` each pays for
@@ -19,15 +20,15 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import ClauseElement, Connection, Dialect, Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import TypeEngine
 
-__all__ = ["JsonText", "json_text", "read", "write"]
+__all__ = ["JsonText", "json_text", "read", "result_processor", "write"]
 
 _Processor = Callable[[Any], Any]
 
@@ -36,13 +37,14 @@ _Processor = Callable[[Any], Any]
 SQLALCHEMY_INTERNALS = all(
     (
         hasattr(Connection, "_cursor_execute"),
+        hasattr(Connection, "_handle_dbapi_exception"),
         hasattr(TypeEngine, "_cached_bind_processor"),
         hasattr(TypeEngine, "_cached_result_processor"),
     )
 )
 
 
-@dataclass(frozen=True, eq=False)  # hashed as itself: `_result_processors` keys on it
+@dataclass(frozen=True, eq=False)  # one per statement and dialect (`_prepared`'s cache)
 class _Prepared:
     """A statement compiled for one dialect, as `Connection.execute` would send it."""
 
@@ -52,6 +54,10 @@ class _Prepared:
     literals: dict[str, Any]  # the statement's own parameters' values (a LIMIT), processed
     returning: bool  # RETURNING the primary key a database made (an INSERT on PostgreSQL)
     result_types: tuple[Any, ...]  # the selected columns' types (a SELECT)
+    # Their result processors (None: not one has one), found from the driver's types of the
+    # first rows read and kept, as SQLAlchemy keeps a compiled statement's result metadata: the
+    # cursor's description (about 45 us a statement with psycopg) is not read again.
+    read_as: list[tuple[_Processor | None, ...] | None] = field(default_factory=list)
 
 
 def _compile(statement: Executable, dialect: Dialect, keys: tuple[str, ...] | None) -> Any:
@@ -137,15 +143,29 @@ def _arguments(prepared: _Prepared, params: Mapping[str, Any]) -> Any:
     return args
 
 
-@functools.lru_cache(maxsize=256)
+def result_processor(
+    kind: TypeEngine[Any], dialect: Dialect, code: Any = None
+) -> _Processor | None:
+    """What turns a value of a column of type `kind`, as the driver returns it (its type `code`
+    in the cursor's description), into the value `Connection.execute` gives (None: as is):
+    SQLAlchemy's own memo of it, or under an SQLAlchemy without that (`SQLALCHEMY_INTERNALS`)
+    made as the memo makes it, by the type's dialect implementation (public API, not memoized:
+    callers cache what it gives)."""
+    if SQLALCHEMY_INTERNALS:
+        return kind._cached_result_processor(dialect, code)
+    return kind.dialect_impl(dialect).result_processor(dialect, code)
+
+
 def _result_processors(
     prepared: _Prepared, dialect: Dialect, codes: tuple[Any, ...]
-) -> tuple[_Processor | None, ...]:
-    """Each selected column's result processor for the driver's type `codes` of them."""
-    return tuple(
-        kind._cached_result_processor(dialect, code)
+) -> tuple[_Processor | None, ...] | None:
+    """Each selected column's result processor for the driver's type `codes` of them, or None
+    if not one has one."""
+    processors = tuple(
+        result_processor(kind, dialect, code)
         for kind, code in zip(prepared.result_types, codes, strict=True)
     )
+    return processors if any(processors) else None
 
 
 def write(
@@ -180,20 +200,28 @@ def write(
 
 def read(
     connection: Connection, statement: Executable, params: Mapping[str, Any]
-) -> list[Sequence[Any]]:
-    """The rows a SELECT returns, each column as `Connection.execute` would give it."""
+) -> list[tuple[Any, ...]]:
+    """The rows a SELECT returns (tuples, as the ledger's drivers fetch them), each column as
+    `Connection.execute` would give it (a column with no result processor: as the driver
+    returns it, which is what the tamper check reads, `_run_check`)."""
     prepared = _prepared(statement, connection.dialect, None)
     if prepared is None:
         return [tuple(row) for row in connection.execute(statement, dict(params))]
     cursor = connection.connection.cursor()
     try:
-        connection._cursor_execute(cursor, prepared.sql, _arguments(prepared, params))
-        rows = cursor.fetchall()
+        args = _arguments(prepared, params)
+        connection._cursor_execute(cursor, prepared.sql, args)
+        try:
+            rows = cursor.fetchall()
+        except BaseException as exc:  # as SQLAlchemy's result raises it (a full disk...)
+            connection._handle_dbapi_exception(exc, prepared.sql, args, cursor, None)
         if not rows or not prepared.result_types:
             return list(rows)
-        codes = tuple(column[1] for column in cursor.description)
-        processors = _result_processors(prepared, connection.dialect, codes)
-        if not any(processors):
+        if not prepared.read_as:  # two threads may both find them: the same, either kept
+            codes = tuple(column[1] for column in cursor.description)
+            prepared.read_as.append(_result_processors(prepared, connection.dialect, codes))
+        processors = prepared.read_as[0]
+        if processors is None:
             return list(rows)
         return [
             tuple(

@@ -12,7 +12,8 @@ event that differs, a hop gone or added, or any finding sends the whole run thro
 check (`full`), which names what differs exactly as before and, when all is sound, renews what
 is kept (`RunChecks`). Nothing is taken from memory but the values to compare with: rows and
 events are read from SQL on every check, in three statements (run, hops, events; a fourth for
-the checkpoint handed out), each run on the driver's cursor (`_fetch`).
+the checkpoint handed out), each sent on the driver's cursor as the commit's are (`_cursor.read`:
+no column of theirs has a result processor, so the rows are the driver's).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from coordinator.ledger import _cursor
 from coordinator.ledger._integrity import (
     _KEY_COLUMNS,
     STATE_COLUMNS,
@@ -75,12 +77,13 @@ def _state_processors(
     model: type[Base], dialect: sa.Dialect
 ) -> tuple[Callable[[Any], Any] | None, ...]:
     """What turns each of `model`'s state columns as `_raw_rows_query` reads them into the value
-    `state_rows` reads (the column type's result processing; JSON stays its stored text)."""
+    `state_rows` reads (the column type's result processing, `_cursor.result_processor`; JSON
+    stays its stored text)."""
     table = model.__table__
     return tuple(
         None
         if isinstance(table.c[c].type, sa.JSON)
-        else table.c[c].type._cached_result_processor(dialect, None)
+        else _cursor.result_processor(table.c[c].type, dialect)
         for c in STATE_COLUMNS[model]
     )
 
@@ -93,49 +96,6 @@ def _state_row(model: type[Base], values: tuple[Any, ...], dialect: sa.Dialect) 
         for process, value in zip(processors, values[2:], strict=True)
     )
     return StateRow(model, str(values[0]), values[1], read, True)
-
-
-@dataclass(frozen=True)
-class _Rendered:
-    """A statement rendered once for a dialect, run on the driver's cursor."""
-
-    sql: str
-    positions: tuple[str, ...] | None  # parameter names in order (a positional paramstyle)
-    literals: dict[str, Any]  # the values of the statement's own parameters (`seq + 1`)
-
-
-@functools.lru_cache(maxsize=64)
-def _rendered(query: sa.Select[Any], dialect: sa.Dialect) -> _Rendered:
-    compiled = query.compile(dialect=dialect)
-    positions = compiled.positiontup
-    literals = {name: bind.effective_value for name, bind in compiled.binds.items()
-                if not bind.required}  # fmt: skip
-    return _Rendered(compiled.string, tuple(positions) if positions is not None else None, literals)
-
-
-def _fetch(
-    connection: sa.Connection, query: sa.Select[Any], params: dict[str, Any]
-) -> list[tuple[Any, ...]]:
-    """The rows of `query` as the driver returns them, fetched at once on its own cursor: the
-    check's statements return no processed column, so SQLAlchemy's execution (cache key,
-    compiled cache, result rows: about 60 us a statement on SQLite, 200 on PostgreSQL) only
-    costs. A driver error is raised as SQLAlchemy raises it (`DBAPIError.instance`), so a full
-    disk is a storage fault here as anywhere."""
-    dialect = connection.dialect
-    rendered = _rendered(query, dialect)
-    args: Any = {**rendered.literals, **params}
-    if rendered.positions is not None:
-        args = tuple(args[name] for name in rendered.positions)
-    cursor = connection.connection.cursor()
-    try:
-        cursor.execute(rendered.sql, args)
-        return list(cursor.fetchall())
-    except dialect.loaded_dbapi.Error as exc:
-        raise sa.exc.DBAPIError.instance(
-            rendered.sql, args, exc, dialect.loaded_dbapi.Error, dialect=dialect
-        ) from exc
-    finally:
-        cursor.close()
 
 
 @functools.cache
@@ -152,9 +112,10 @@ def _events_query() -> sa.Select[Any]:
             for model, column in _ROWS
         )
     )
+    # Read as the driver returns it (SQLite: 0 or 1), as every other column: no row processed.
     linked = sa.or_(successor.c.prev_hash.is_(None), successor.c.prev_hash == events.c.hash)
     return (
-        sa.select(events.c.seq, *stored_columns(), linked)
+        sa.select(events.c.seq, *stored_columns(), _raw(linked))
         .outerjoin(successor, successor.c.seq == events.c.seq + 1)
         .where(events.c.seq.in_(named))
     )
@@ -206,7 +167,7 @@ def _read_rows(
         value = checkpoint_sha256 if model is CheckpointRow else run_id
         if value is None:
             continue
-        for values in _fetch(connection, _raw_rows_query(model, column), {"value": value}):
+        for values in _cursor.read(connection, _raw_rows_query(model, column), {"value": value}):
             found[(model.__tablename__, str(values[0]))] = (values, tuple(map(type, values)))
     return found
 
@@ -217,7 +178,7 @@ def _read_events(
     """The events the run's rows name, as stored (None if one does not link to the next)."""
     values = {"runs_value": run_id, "hops_value": run_id, "checkpoints_value": checkpoint_sha256}
     found: dict[int, RowRead] = {}
-    for seq, *stored, linked in _fetch(connection, _events_query(), values):
+    for seq, *stored, linked in _cursor.read(connection, _events_query(), values):
         if not linked:
             return None
         found[seq] = (tuple(stored), tuple(map(type, stored)))

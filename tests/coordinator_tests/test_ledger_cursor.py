@@ -6,6 +6,7 @@ transaction runs none of them through an execution context (SQLite and PostgreSQ
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -249,3 +250,58 @@ def test_a_compiler_without_an_attribute_it_reads_sends_the_statement_through_ex
         assert _cursor._prepared(sa.select(sa.literal(1)), ledger.engine.dialect, None) is None
     finally:
         _cursor._prepared.cache_clear()
+
+
+def test_a_driver_error_while_fetching_the_rows_is_raised_as_sqlalchemy_raises_it(
+    ledger: Ledger,
+) -> None:
+    """SQLite runs a SELECT as its rows are fetched: an error on a later row (a full disk, a
+    damaged page; here a function failing on the second row) comes from the driver's fetch,
+    and is raised as SQLAlchemy's result raises it, with the driver's error inside."""
+    if ledger.engine.dialect.name != "sqlite":
+        pytest.skip("a SQLite function failing on a row")
+    run_id, _ids = _leased_run(ledger, 1)
+    seen: list[int] = []
+
+    def fails_on_the_second_row(seq: int) -> int:
+        seen.append(seq)
+        if len(seen) > 1:
+            raise ValueError("a later row")
+        return seq
+
+    events = EventRow.__table__.c
+    query = sa.select(sa.func.fails_later(events.seq)).where(events.run_id == sa.bindparam("r"))
+    with ledger.engine.connect() as connection:
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        driver.create_function("fails_later", 1, fails_on_the_second_row)
+        with pytest.raises(sa.exc.OperationalError) as raised:
+            _cursor.read(connection, query, {"r": run_id})
+    assert len(seen) == 2 and isinstance(raised.value.orig, sqlite3.OperationalError)
+
+
+def test_a_statements_result_processors_are_found_once_from_its_first_rows(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As SQLAlchemy keeps a compiled statement's result metadata: the cursor's description
+    (costly with psycopg) is read for the first rows only, and every read decodes alike."""
+    run_id, _ids = _leased_run(ledger, 2)
+    looked_up: list[tuple[Any, ...]] = []
+    result_processors = _cursor._result_processors
+
+    def counted(prepared: Any, dialect: sa.Dialect, codes: tuple[Any, ...]) -> Any:
+        looked_up.append(codes)
+        return result_processors(prepared, dialect, codes)
+
+    monkeypatch.setattr(_cursor, "_result_processors", counted)
+    hops = HopRow.__table__.c
+    query = sa.select(hops.id, hops.leased_at, hops.hyperparameters).where(
+        hops.run_id == sa.bindparam("r")
+    )
+    with ledger.engine.connect() as connection:
+        executed = sorted(tuple(row) for row in connection.execute(query, {"r": run_id}))
+        assert _cursor.read(connection, query, {"r": "none such"}) == []  # no rows: not looked up
+        reads = [sorted(_cursor.read(connection, query, {"r": run_id})) for _ in range(3)]
+    assert len(looked_up) == 1
+    assert reads == [executed] * 3
+    assert [type(v) for v in reads[0][0]] == [type(v) for v in executed[0]]

@@ -4,15 +4,17 @@ run sound, and still finds every edit made behind the ledger's back (`ledger/_ru
 from __future__ import annotations
 
 import sqlite3
+import sys
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import Dialect, event, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.types import TypeEngine
 
-from coordinator.ledger import CheckpointRow, HopRow, Ledger, _chain
+from coordinator.ledger import CheckpointRow, HopRow, Ledger, _chain, _cursor, _run_check
 
 
 def _sql(ledger: Ledger, statement: str, **params: object) -> None:
@@ -226,3 +228,40 @@ def test_a_rolled_back_transactions_events_are_not_taken_as_sound(ledger: Ledger
     ledger.record_event("test.committed", run_id=run_id)
     assert ledger.last_seq() in ledger.verified_events
     assert ledger.verify().ok
+
+
+def test_under_an_sqlalchemy_without_its_processor_memo_the_check_decodes_rows_alike(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows a hand back wrote are decoded by their types' result processors: under an
+    SQLAlchemy without `TypeEngine._cached_result_processor` (`_cursor.SQLALCHEMY_INTERNALS`
+    false; SQLAlchemy's own execution keeps its own here) they are made through the public API,
+    and the check finds what it found: the rows sound without the full check, then an edit."""
+    run_id, hops = _run(ledger, 5)
+    parent = _hand_back(ledger, run_id, hops, 0, None)
+    assert ledger.stored_run_mismatches(run_id, parent) == []
+    cached = TypeEngine._cached_result_processor
+
+    def missing(self: TypeEngine[Any], dialect: Dialect, coltype: Any) -> Any:
+        if sys._getframe(1).f_globals["__name__"].startswith("coordinator."):
+            raise AttributeError("_cached_result_processor")  # as the ledger's code finds it
+        return cached(self, dialect, coltype)
+
+    monkeypatch.setattr(TypeEngine, "_cached_result_processor", missing)
+    monkeypatch.setattr(_cursor, "SQLALCHEMY_INTERNALS", False)
+    _run_check._state_processors.cache_clear()
+    _cursor._prepared.cache_clear()
+    try:
+        parent = _hand_back(ledger, run_id, hops, 1, parent)
+        full, compared = ledger.run_checks.full_checks, ledger.run_checks.rows_compared
+        assert ledger.stored_run_mismatches(run_id, parent) == []
+        assert ledger.run_checks.rows_compared > compared  # decoded, found as their events say
+        assert ledger.run_checks.full_checks == full
+        parent = _hand_back(ledger, run_id, hops, 2, parent)
+        _sql(ledger, "UPDATE hops SET leased_at = '2001-01-01 00:00:00' WHERE id = :h", h=hops[3])
+        found = ledger.stored_run_mismatches(run_id, parent)
+        assert [(m.table, m.key, m.column) for m in found] == [("hops", hops[3], "leased_at")]
+        assert found == ledger.full_run_mismatches(run_id, parent)
+    finally:
+        _run_check._state_processors.cache_clear()
+        _cursor._prepared.cache_clear()
