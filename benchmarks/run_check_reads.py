@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import types
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ledger_commit import scratch_database  # noqa: E402
-from benchmarks.tamper_check import _checkpoint  # noqa: E402
-from coordinator.ledger import HopRow, Ledger, _cursor, _run_check  # noqa: E402
+from benchmarks.tamper_check import _checkpoint, leased_run  # noqa: E402
+from coordinator.ledger import _cursor, _run_check  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -84,18 +83,8 @@ def _use(way: Any) -> None:
 def run(hops: int, checks: int, postgres: str | None) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name in WAYS}
     with tempfile.TemporaryDirectory() as tmp, scratch_database(postgres) as url:
-        ledger = Ledger(url or f"sqlite:///{Path(tmp) / 'ledger.sqlite3'}")
-        ledger.migrate()
-        run_id = uuid.uuid4().hex
-        hyperparameters = {"learning_rate": 2e-3, "steps": 15, "batch_size": 16}
-        rows = [
-            HopRow(id=uuid.uuid4().hex, run_id=run_id, index=i, site=f"site-{i % 4}",
-                   hyperparameters=hyperparameters, status="pending", metrics={})
-            for i in range(hops)
-        ]  # fmt: skip
-        plan = {"task": "seq-classification", "dataset": "notes", "sites": 4, "note": "x" * 400}
-        ledger.create_run(run_id, "run-check-reads", plan, rows, None)
-        ledger.lease_hop(rows[0].id, "token", None)
+        sqlite = f"sqlite:///{Path(tmp) / 'ledger.sqlite3'}"
+        ledger, run_id, rows = leased_run(url or sqlite, "run-check-reads", hops)
         parent: str | None = None
         try:
             for i in range(hops - 1):

@@ -56,20 +56,27 @@ def _checkpoint(run_id: str, hop_id: str, parent: str | None) -> CheckpointRow:
     )  # fmt: skip
 
 
+def leased_run(url: str, name: str, hops: int) -> tuple[Ledger, str, list[HopRow]]:
+    """A migrated ledger at `url` with one run of `hops` hops over 4 sites, its first leased."""
+    ledger = Ledger(url)
+    ledger.migrate()
+    run_id = uuid.uuid4().hex
+    hyperparameters = {"learning_rate": 2e-3, "steps": 15, "batch_size": 16}
+    rows = [
+        HopRow(id=uuid.uuid4().hex, run_id=run_id, index=i, site=f"site-{i % 4}",
+               hyperparameters=hyperparameters, status="pending", metrics={})
+        for i in range(hops)
+    ]  # fmt: skip
+    plan = {"task": "seq-classification", "dataset": "notes", "sites": 4, "note": "x" * 400}
+    ledger.create_run(run_id, name, plan, rows, None)
+    ledger.lease_hop(rows[0].id, "token", None)
+    return ledger, run_id, rows
+
+
 def run(hops: int, warmup: int, postgres: str | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, scratch_database(postgres) as url:
-        ledger = Ledger(url or f"sqlite:///{Path(tmp) / 'ledger.sqlite3'}")
-        ledger.migrate()
-        run_id = uuid.uuid4().hex
-        hyperparameters = {"learning_rate": 2e-3, "steps": 15, "batch_size": 16}
-        rows = [
-            HopRow(id=uuid.uuid4().hex, run_id=run_id, index=i, site=f"site-{i % 4}",
-                   hyperparameters=hyperparameters, status="pending", metrics={})
-            for i in range(hops)
-        ]  # fmt: skip
-        plan = {"task": "seq-classification", "dataset": "notes", "sites": 4, "note": "x" * 400}
-        ledger.create_run(run_id, "tamper-check", plan, rows, None)
-        ledger.lease_hop(rows[0].id, "token", None)
+        sqlite = f"sqlite:///{Path(tmp) / 'ledger.sqlite3'}"
+        ledger, run_id, rows = leased_run(url or sqlite, "tamper-check", hops)
         samples: dict[str, list[float]] = {name: [] for name in READS}
         parent: str | None = None
         for i in range(hops - 1):
