@@ -345,16 +345,13 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 # beside the hand backs it times); the end is the ledger's `run.completed`.
                 run = wait_for_completed_run(admin, admin.start_run(plan),
                                              timeout=args.timeout, poll=args.poll)  # fmt: skip
-                done = completed_at(work, run.run_id)
                 rss.sample()
                 if args.warm:  # the same job again, on the cluster still running
                     warm_t0 = time.time()
                     warm_run = wait_for_completed_run(admin, admin.start_run(plan),
                                                       timeout=args.timeout,
                                                       poll=args.poll)  # fmt: skip
-                    warm = baton_figures(
-                        work, warm_run, warm_t0, completed_at(work, warm_run.run_id), args.task
-                    )
+                    warm = baton_figures(work, warm_run, warm_t0, args.task)
             except (RuntimeError, TimeoutError) as exc:
                 cluster.check_alive()
                 raise PeerFailed(str(exc).splitlines()[0]) from exc
@@ -363,7 +360,7 @@ def run_baton(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                     from benchmarks.handoff_profile import stop_spies
 
                     stop_spies(spies)
-    figures = baton_figures(work, run, t0, done, args.task)
+    figures = baton_figures(work, run, t0, args.task)
     figures["peak_rss_mb"] = rss.peak_mb
     if warm is not None:
         figures["warm"] = warm
@@ -391,14 +388,14 @@ def completed_at(work: Path, run_id: str) -> float:
     return datetime.fromisoformat(row[0]).timestamp()
 
 
-def baton_figures(work: Path, run: Any, t0: float, done: float, task: str) -> dict[str, Any]:
+def baton_figures(work: Path, run: Any, t0: float, task: str) -> dict[str, Any]:
     """One Baton run's handoffs, phases, and which handoffs' next site had prepared."""
     breakdown = ledger_breakdown(work / "coordinator" / "ledger.sqlite3", run.run_id)
     visits = [
         {"train_start": h.train_started_at_ns / 1e9, "train_end": h.train_finished_at_ns / 1e9}
         for h in run.hops
     ]
-    figures = visits_to_figures(visits, t0, done)
+    figures = visits_to_figures(visits, t0, completed_at(work, run.run_id))
     prepared = prepared_before_task(work / "logs", run.run_id, task)
     ordered = sorted(run.hops, key=lambda h: h.train_started_at_ns)
     flags = [prepared.get(nxt.index) for nxt in ordered[1:]]

@@ -33,10 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.ledger_commit import scratch_database  # noqa: E402
-from benchmarks.tamper_check import _checkpoint, leased_run  # noqa: E402
+from benchmarks.tamper_check import (  # noqa: E402
+    _checkpoint,
+    leased_run,
+    ledger_arguments,
+    run_context,
+)
 from coordinator.ledger import _cursor, _run_check  # noqa: E402
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 @functools.lru_cache(maxsize=64)
@@ -121,18 +124,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hops", type=int, default=42)
     parser.add_argument("--checks", type=int, default=6, help="checks per way after each commit")
-    parser.add_argument("--repeat", type=int, default=3, help="ledgers built, figures pooled")
-    parser.add_argument(
-        "--postgres",
-        metavar="ADMIN_URL",
-        help="a PostgreSQL server's admin URL: each ledger a new database there (dropped after)",
-    )
-    parser.add_argument("--name", default="run-check-reads")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    ledger_arguments(parser, "run-check-reads")
     args = parser.parse_args()
     rounds = [run(args.hops, args.checks, args.postgres) for _ in range(args.repeat)]
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    database = "PostgreSQL" if args.postgres else "SQLite"
+    load, database, shown = run_context(args)
     figures: dict[str, Any] = {"hops": args.hops, "checks": args.checks, "repeat": args.repeat,
                                "load": load, "database": database, "rounds": []}  # fmt: skip
     for samples in rounds:
@@ -146,11 +141,10 @@ def main() -> None:
     figures["pooled_cpu_ms_median"] = {
         name: round(statistics.median(values) * 1e3, 4) for name, values in pooled.items()
     }
-    shown = ["$ADMIN_URL" if a == args.postgres else a for a in sys.argv[1:]]  # no password
     lines = [
         f"# The tamper check's reads: `_cursor.read` vs a raw cursor ({database})",
         "",
-        f"Command: `python benchmarks/run_check_reads.py {' '.join(shown)}`. CPU ms of the "
+        f"Command: `python benchmarks/run_check_reads.py {shown}`. CPU ms of the "
         f"checking thread per check (a run of {args.hops} hops, {args.checks} checks per way "
         f"after each commit, alternating), median. Load average after: {load}.",
         "",

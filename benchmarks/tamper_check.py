@@ -117,26 +117,37 @@ def run(hops: int, warmup: int, postgres: str | None = None) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hops", type=int, default=16)
-    parser.add_argument("--warmup", type=int, default=2)
+def ledger_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options of a benchmark that builds `--repeat` ledgers (here or in `--postgres`)."""
     parser.add_argument("--repeat", type=int, default=3, help="ledgers built, figures pooled")
     parser.add_argument(
         "--postgres",
         metavar="ADMIN_URL",
         help="a PostgreSQL server's admin URL: each ledger a new database there (dropped after)",
     )
-    parser.add_argument("--name", default="tamper-check")
+    parser.add_argument("--name", default=name)
     parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def run_context(args: argparse.Namespace) -> tuple[list[str], str, str]:
+    """The load average now, the database's name and the command's arguments as reported
+    (the admin URL, which may hold a password, as `$ADMIN_URL`)."""
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    shown = ["$ADMIN_URL" if a == args.postgres else a for a in sys.argv[1:]]
+    return load, "PostgreSQL" if args.postgres else "SQLite", " ".join(shown)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hops", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=2)
+    ledger_arguments(parser, "tamper-check")
     args = parser.parse_args()
     rounds = [run(args.hops, args.warmup, args.postgres) for _ in range(args.repeat)]
-    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    database = "PostgreSQL" if args.postgres else "SQLite"
+    load, database, shown = run_context(args)
     figures = {"hops": args.hops, "repeat": args.repeat, "load": load, "database": database,
                "rounds": rounds}  # fmt: skip
-    shown = ["$ADMIN_URL" if a == args.postgres else a for a in sys.argv[1:]]  # no password
-    command = "python benchmarks/tamper_check.py " + " ".join(shown)
+    command = "python benchmarks/tamper_check.py " + shown
     lines = [
         f"# Tamper check before a lease, a run of {args.hops} hops ({database})",
         "",

@@ -442,8 +442,9 @@ class Hops:
                     self._tell_next(*held)
 
     def _check_at_last_step(self, run: RunRow, hop: HopRow) -> None:
-        """Starts the run's tamper check for the hop's hand back now that its site said the
-        hop's last step began (a beat: `HopRunner`'s collector sends one then), once per hop.
+        """Starts the run's tamper check for the hop's hand back, once per hop, at its site's
+        beat during the last step (`_Heartbeat` sends one `LAST_STEP_LEAD_SECONDS` before that
+        step is expected to end).
 
         On the ledger writer's thread while the site computes that step (the coordinator is
         idle then), not beside the hand back's own checks on the loop, which would share the
@@ -453,9 +454,13 @@ class Hops:
         """
         if hop.id in self._last_step_checks or self._following(run, hop) is None:
             return
+        self._last_step_checks[hop.id] = self._start_early_check(run)
+
+    def _start_early_check(self, run: RunRow) -> TamperCheck:
+        """`_early_check` of the run, handed to the ledger writer's thread now."""
         check = self.writer.submit(self._early_check, run)
-        check.add_done_callback(_retrieve)
-        self._last_step_checks[hop.id] = check
+        check.add_done_callback(_retrieve)  # a hand back refused meanwhile never awaits it
+        return check
 
     def _current_last_step_check(self, hop_id: str) -> TamperCheck | None:
         """The check `_check_at_last_step` started for the hop, if it is still running or
@@ -493,9 +498,7 @@ class Hops:
 
         # Handed to the writer thread now: its wake-up and its SQL waits overlap the bundle's
         # parse, checks and staged write on the loop (the write no longer fsyncs there).
-        check = self.writer.submit(self._early_check, run)
-        check.add_done_callback(_retrieve)  # a hand back refused meanwhile never awaits it
-        return check
+        return self._start_early_check(run)
 
     async def report_result(
         self,

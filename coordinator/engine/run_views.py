@@ -41,8 +41,6 @@ class _Built:
     """A run's view without what changes with the loop's state, and where that goes."""
 
     status: pb.RunStatus  # no progress, storage fault or waiting reason
-    hop_ids: tuple[str, ...]  # its hops' ids and statuses, in the order of `status.hops`
-    hop_statuses: tuple[str, ...]
     waiting: tuple[int, str] | None  # the running run's current hop if pending: (place, site)
 
 
@@ -200,8 +198,6 @@ class RunViews:
         hops = run.hops
         current = current_hop(run) if run_status == "running" else None
         waiting = None
-        hop_ids: list[str] = []
-        hop_statuses: list[str] = []
         for place, hop in enumerate(hops):
             hop_id, hop_status = hop.id, hop.status
             entry = status.hops.add(
@@ -219,8 +215,6 @@ class RunViews:
             entry.metrics.update(hop.metrics or {})
             if hop is current and hop_status == "pending":
                 waiting = (place, hop.site)
-            hop_ids.append(hop_id)
-            hop_statuses.append(hop_status)
         status.rounds.extend(round_statuses(run, rounds))
         for row in run.evaluations:
             evaluation = status.evaluations.add(
@@ -232,7 +226,7 @@ class RunViews:
                 error=row.error or "",
             )
             evaluation.metrics.update(row.metrics or {})
-        return _Built(status, tuple(hop_ids), tuple(hop_statuses), waiting)
+        return _Built(status, waiting)
 
     def _live(self, built: _Built, *, copy: bool) -> pb.RunStatus:
         """The view with what is live put in (into a copy if `copy`): the leased hops'
@@ -247,11 +241,10 @@ class RunViews:
             place, site = built.waiting
             status.hops[place].waiting_reason = self.hops.site_wait(site)
         progress_of = self.leases.progress
-        for place, hop_id in enumerate(built.hop_ids):
-            progress = progress_of.get(hop_id)
+        for entry in status.hops:  # its status is the hop row's until set here
+            progress = progress_of.get(entry.hop_id)
             if progress is not None:
-                entry = status.hops[place]
                 entry.step, entry.total_steps = progress.step, progress.total_steps
-                if progress.phase and built.hop_statuses[place] == "leased":
+                if progress.phase and entry.status == "leased":
                     entry.status = progress.phase
         return status

@@ -378,8 +378,9 @@ def test_a_hand_backs_tamper_check_starts_when_its_last_step_begins(
     site: ScriptedSite, task: pb.HopTask, coordinator: Coordinator,
     monkeypatch: pytest.MonkeyPatch, current: bool,
 ) -> None:  # fmt: skip
-    """The beat that says a hop's last step began starts the run's tamper check for its hand
-    back; the hand back uses it while it is current, and checks again as it arrives if not."""
+    """A beat during a hop's last step (step total - 1 done) starts the run's tamper check for
+    its hand back; the hand back uses it while it is current, and checks again as it arrives
+    if not."""
     hops = coordinator.engine.hops
     checks: list[str] = []
     real_check = hops._early_check
@@ -401,7 +402,7 @@ def test_a_hand_backs_tamper_check_starts_when_its_last_step_begins(
     beat(1)  # the hop trains
     beat(5)
     assert checks == []
-    beat(9)  # its last step begins
+    beat(9)  # during its last step
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline and not (
         task.hop_id in hops._last_step_checks and hops._last_step_checks[task.hop_id].done()

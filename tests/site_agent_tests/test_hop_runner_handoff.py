@@ -53,7 +53,8 @@ def test_training_is_told_after_the_first_step_and_uploading_not_at_once() -> No
 
 def test_the_last_steps_start_is_told_at_once() -> None:
     # The coordinator checks the run's ledger rows for the hand back while the last step
-    # computes (`Hops._check_at_last_step`): the beat after step total - 1 goes out at once.
+    # computes (`Hops._check_at_last_step`): steps that take no time put that beat, due
+    # LAST_STEP_LEAD_SECONDS before the last step's expected end, at once after step total - 1.
     stub = _BeatRecorder()
     task = pb.HopTask(hop_id="h", lease_token="t")
     with _Heartbeat(stub, task, interval=3600) as beat:  # type: ignore[arg-type]
