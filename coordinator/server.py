@@ -29,6 +29,7 @@ from coordinator.servicer import AdminServicer, MalformedMessageGuard, SiteServi
 from coordinator.settings import CoordinatorSettings
 from coordinator.startup import InstanceLock, database_error, masked_url
 from coordinator.store import CheckpointStore, fsync_write
+from protocols.interpreter import quick_thread_switches
 from protocols.transport import aio_server
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 
@@ -236,6 +237,7 @@ async def serve_claimed(
         dashboard = DashboardOnDemand(settings, coordinator, listener)
         dashboard.arm()
     freeze_start_up()
+    quick_thread_switches()  # a hand back's commit and the loop share the interpreter (see there)
     # The metric families are made once the first hellos are over (or by the first update),
     # and the first hand back's first-call costs taken ahead (bundle checks, worker threads,
     # the commit's SQL compiled: `coordinator.engine.warm_up`).

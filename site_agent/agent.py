@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 
 import grpc
 
+from protocols.interpreter import quick_thread_switches
 from protocols.logs import log_context
 from protocols.task_types import LORA_TASK_TYPES
 from protocols.transport import secure_channel
@@ -88,6 +89,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
 
     def __init__(self, settings: SiteSettings) -> None:
         keep_freed_buffers()  # a handoff's buffers reuse the last one's pages (see there)
+        quick_thread_switches()  # the hop and its heartbeat threads share the interpreter
         self.settings = settings
         self.state = SiteState(settings.state_path)
         self.heads = KeptHead(settings.state_path.parent / HEAD_FILE, settings.ca_certificate)
