@@ -114,7 +114,7 @@ def main() -> None:
     intervals = [DEFAULT_SWITCH_INTERVAL, SWITCH_INTERVAL_SECONDS]
     load_before = os.getloadavg()
     figures = asyncio.run(_measure(args, intervals))
-    result = {
+    result: dict[str, Any] = {
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["benchmarks/switch_interval.py", *sys.argv[1:]]),
         "machine": f"{os.uname().machine}, {os.cpu_count()} cores, python {sys.version.split()[0]}",
@@ -129,7 +129,7 @@ def main() -> None:
         "# The ledger writer's wait for the interpreter while the event loop works",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}; 1-min load before: {result['load_average_before'][0]}.",
+        f"Machine: {result['machine']}; 1-min load before: {load_before[0]:.2f}.",
         "",
         f"The loop works in bursts of {args.burst_ms} ms of Python; every {args.every_ms} ms a "
         f"transaction-shaped job ({args.statements} statements of {args.statement_ms} ms of "

@@ -5,8 +5,10 @@ on its ledger writer's thread while its event loop builds and sends the next tas
 hop thread hands back while its heartbeat and gRPC threads answer. A thread that wants the
 interpreter lock waits until the thread holding it lets go on its own (a blocking call) or
 CPython's switch interval has passed: 5 ms by default, longer than most of a handoff's steps.
-A probe of the coordinator found the writer's commit starting 7-11 ms after it was handed over,
-with the writer thread idle, while the loop worked (benchmarks/results/switch-interval*.md).
+A probe of the coordinator's handoffs found the writer's commit starting up to 7.8 ms after it
+was handed over, with the writer's thread idle, while the loop worked; each of the commit's
+SQLite statements gives the lock up and must win it back. benchmarks/switch_interval.py
+measures that wait at both settings.
 """
 
 from __future__ import annotations
