@@ -6,13 +6,15 @@ A hand back's commit runs on the ledger writer's thread (`LedgerWriter`) while t
 builds and sends the next hop's task. Both need the interpreter lock; a thread that wants it
 waits until the holder lets go on its own (a blocking call) or the switch interval has passed.
 This reproduces that in one process: the loop works in bursts of `--burst-ms` of Python (a
-task's fields built, a message parsed) with a yield between bursts, as a busy serving loop
-does, and every `--every-ms` hands a transaction-shaped job to a `LedgerWriter`: Python work
-with short waits that let go of the interpreter, as SQLite's statements and its COMMIT's fsync
-do. Per job: from the hand-over to the job's first line ("wake"), and the job's wall time
-against its own CPU time. Settings alternate job by job, so both see the same machine.
+task's fields built, a message parsed), each followed by an idle wait of `--idle-ms` (0: the
+loop never idles, the worst case), and every `--every-ms` hands a transaction-shaped job to a
+`LedgerWriter`: Python work with short waits that let go of the interpreter, as SQLite's
+statements and its COMMIT's fsync do. Per job: from the hand-over to the job's first line
+("wake"), and the job's wall time against its own CPU time. Settings alternate job by job, so
+both see the same machine.
 
     .venv/bin/python benchmarks/switch_interval.py --name switch-interval
+    .venv/bin/python benchmarks/switch_interval.py --idle-ms 0 --name switch-interval-busy
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ async def _measure(args: argparse.Namespace, intervals: list[float]) -> dict[str
     async def busy_loop() -> None:
         while not stop.is_set():
             _python_work(args.burst_ms)
-            await asyncio.sleep(0)
+            await asyncio.sleep(args.idle_ms / 1000)  # 0: a yield, the loop never idles
 
     samples: dict[float, list[dict[str, float]]] = {interval: [] for interval in intervals}
     busy = asyncio.create_task(busy_loop())
@@ -103,6 +105,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300, help="jobs per switch interval")
     parser.add_argument("--burst-ms", type=float, default=1.0,
                         help="the loop's Python work between yields")  # fmt: skip
+    parser.add_argument("--idle-ms", type=float, default=1.0,
+                        help="the loop's idle wait after a burst (0: never idle)")  # fmt: skip
     parser.add_argument("--every-ms", type=float, default=5.0)
     parser.add_argument("--statements", type=int, default=12)
     parser.add_argument("--statement-ms", type=float, default=0.15)
@@ -131,7 +135,8 @@ def main() -> None:
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}; 1-min load before: {load_before[0]:.2f}.",
         "",
-        f"The loop works in bursts of {args.burst_ms} ms of Python; every {args.every_ms} ms a "
+        f"The loop works in bursts of {args.burst_ms} ms of Python, each followed by an idle "
+        f"wait of {args.idle_ms} ms (0: a yield only); every {args.every_ms} ms a "
         f"transaction-shaped job ({args.statements} statements of {args.statement_ms} ms of "
         f"Python, each followed by a {args.wait_ms} ms wait that lets go of the interpreter, "
         f"then the COMMIT's wait) goes to a `LedgerWriter`. {args.jobs} jobs per setting, "
