@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _harness import report_head
+
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_SWITCH_INTERVAL = 0.005  # CPython's
 
 
 def _python_work(ms: float) -> None:
@@ -86,20 +87,19 @@ async def _measure(args: argparse.Namespace, intervals: list[float]) -> dict[str
 
 
 def _summary(rows: list[dict[str, float]]) -> dict[str, float]:
-    def pct(values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return round(ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))], 3)
-
     out: dict[str, float] = {"jobs": len(rows)}
     for key in ("wake_ms", "wall_ms", "cpu_ms"):
         values = [row[key] for row in rows]
         out[f"{key}_p50"] = round(statistics.median(values), 3)
-        out[f"{key}_p99"] = pct(values, 0.99)
+        ordered = sorted(values)  # nearest rank, as the session-27 results were made
+        out[f"{key}_p99"] = round(
+            ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))], 3
+        )
     return out
 
 
 def main() -> None:
-    from protocols.interpreter import SWITCH_INTERVAL_SECONDS
+    from protocols.interpreter import CPYTHON_SWITCH_INTERVAL_SECONDS, SWITCH_INTERVAL_SECONDS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=300, help="jobs per switch interval")
@@ -115,13 +115,11 @@ def main() -> None:
     parser.add_argument("--name", default="switch-interval")
     args = parser.parse_args()
 
-    intervals = [DEFAULT_SWITCH_INTERVAL, SWITCH_INTERVAL_SECONDS]
+    intervals = [CPYTHON_SWITCH_INTERVAL_SECONDS, SWITCH_INTERVAL_SECONDS]
     load_before = os.getloadavg()
     figures = asyncio.run(_measure(args, intervals))
     result: dict[str, Any] = {
-        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join(["benchmarks/switch_interval.py", *sys.argv[1:]]),
-        "machine": f"{os.uname().machine}, {os.cpu_count()} cores, python {sys.version.split()[0]}",
+        **report_head(None),
         "load_average_before": [round(x, 2) for x in load_before],
         "options": {k: v for k, v in vars(args).items() if k not in ("out", "name")},
         "switch_intervals_s": intervals,
@@ -147,7 +145,7 @@ def main() -> None:
     ]
     for interval in intervals:
         f = figures[str(interval)]
-        default = " (CPython's default)" if interval == DEFAULT_SWITCH_INTERVAL else ""
+        default = " (CPython's default)" if interval == CPYTHON_SWITCH_INTERVAL_SECONDS else ""
         label = f"{interval * 1000:g} ms{default}"
         lines.append(
             f"| {label} | {f['wake_ms_p50']} / {f['wake_ms_p99']} | "

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import sys
 
-__all__ = ["SWITCH_INTERVAL_SECONDS", "quick_thread_switches"]
+__all__ = ["CPYTHON_SWITCH_INTERVAL_SECONDS", "SWITCH_INTERVAL_SECONDS", "quick_thread_switches"]
+
+CPYTHON_SWITCH_INTERVAL_SECONDS = 0.005  # `sys.getswitchinterval()` in a process that set none
 
 # The interpreter's switch interval in a service: a waiting thread gets the lock within about
 # this long. The cost is a switch check that much more often while two threads both compute,

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 import coordinator.server as server
 from coordinator.console.cli import app
 from coordinator.server import freeze_start_up, serve, settle_heap, settle_when_quiet
-from protocols.interpreter import SWITCH_INTERVAL_SECONDS
+from protocols.interpreter import CPYTHON_SWITCH_INTERVAL_SECONDS, SWITCH_INTERVAL_SECONDS
 from tests.conftest import Pki
 from tests.coordinator_tests.conftest import coordinator_settings, serving_process
 
@@ -200,17 +200,17 @@ def test_serve_is_ready_without_the_packages_only_other_commands_need(
 
 _READY_SWITCH_PROBE = """
 import os, runpy, sys, threading, time
-port_file = sys.argv[1]
+port_file, default = sys.argv[1], float(sys.argv[2])  # CPython's switch interval
 def at_ready():
     while not os.path.exists(port_file):
         time.sleep(0.001)
     deadline = time.monotonic() + 30  # set right after the port file is written
-    while sys.getswitchinterval() == 0.005 and time.monotonic() < deadline:
+    while sys.getswitchinterval() == default and time.monotonic() < deadline:
         time.sleep(0.01)
     print("switch interval at ready:", sys.getswitchinterval(), flush=True)
     os._exit(0)
 threading.Thread(target=at_ready, daemon=True).start()
-sys.argv = ["baton", "coordinator", "serve", "--port-file", port_file, *sys.argv[2:]]
+sys.argv = ["baton", "coordinator", "serve", "--port-file", port_file, *sys.argv[3:]]
 runpy.run_module("coordinator", run_name="__main__")
 """
 
@@ -219,7 +219,8 @@ def test_a_serving_coordinator_switches_threads_quickly(pki: Pki, tmp_path: Path
     # A hand back's commit runs on the ledger writer's thread while the event loop works: the
     # writer gets the interpreter within SWITCH_INTERVAL_SECONDS, not CPython's 5 ms.
     out = subprocess.run(
-        [sys.executable, "-c", _READY_SWITCH_PROBE, str(tmp_path / "port"), "--port", "0",
+        [sys.executable, "-c", _READY_SWITCH_PROBE, str(tmp_path / "port"),
+         str(CPYTHON_SWITCH_INTERVAL_SECONDS), "--port", "0",
          "--state-dir", str(tmp_path / "state"), "--log-level", "WARNING", "--no-dashboard",
          "--ca", str(pki.directory / "ca.crt"), "--cert", str(pki.directory / "coordinator.crt"),
          "--key", str(pki.directory / "coordinator.key")],

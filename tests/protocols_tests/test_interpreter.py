@@ -8,15 +8,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from protocols.interpreter import SWITCH_INTERVAL_SECONDS, quick_thread_switches
-
-CPYTHON_DEFAULT = 0.005
+from protocols.interpreter import (
+    CPYTHON_SWITCH_INTERVAL_SECONDS,
+    SWITCH_INTERVAL_SECONDS,
+    quick_thread_switches,
+)
 
 
 @pytest.fixture
 def default_switch_interval() -> Iterator[None]:
     before = sys.getswitchinterval()
-    sys.setswitchinterval(CPYTHON_DEFAULT)
+    sys.setswitchinterval(CPYTHON_SWITCH_INTERVAL_SECONDS)
     try:
         yield
     finally:
@@ -27,4 +29,4 @@ def default_switch_interval() -> Iterator[None]:
 def test_quick_thread_switches_sets_the_processs_switch_interval() -> None:
     quick_thread_switches()
     assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_SECONDS)
-    assert SWITCH_INTERVAL_SECONDS < CPYTHON_DEFAULT
+    assert SWITCH_INTERVAL_SECONDS < CPYTHON_SWITCH_INTERVAL_SECONDS
