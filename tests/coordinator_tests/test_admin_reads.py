@@ -18,7 +18,7 @@ from sqlalchemy import event
 
 from coordinator.console.admin import AdminClient
 from coordinator.engine import RunEngine
-from coordinator.ledger import EvaluationRow, HopRow, Ledger
+from coordinator.ledger import EvaluationRow, HopRow, Ledger, RunRow, locked_get
 from coordinator.plan import parse_plan
 from coordinator.server import Coordinator
 from coordinator.servicer import run_status
@@ -118,6 +118,37 @@ def test_a_federated_runs_view_comes_from_memory_with_its_rounds(
     assert view == _from_ledger(engine, run_id)
     assert [r.status for r in view.rounds] == ["training", "pending"]
     assert [h.status for h in view.hops[:2]] == ["committed", "leased"]
+
+
+def test_a_held_runs_view_follows_a_change_to_its_round_row_alone(
+    quiet: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    """The held view is built again when only a round's row is written (no hop or run row)."""
+    engine = quiet.engine
+    admin.wait_for_sites(SITES, timeout=WAIT)
+    run_id = admin.start_run(parse_plan(_plan("federated")))
+    sites["site-a"].next_task()
+    sites["site-b"].next_task()
+    before = admin.run(run_id)
+    assert before == admin.run(run_id)  # built once, then reused
+    assert [(r.status, r.input_sha256) for r in before.rounds] == [
+        ("training", ""),
+        ("pending", ""),
+    ]
+
+    second = engine.ledger.rounds(run_id)[1]
+    with _statements(engine.ledger) as written:
+        engine.ledger.start_round(second.id, "ab" * 32)
+    assert not any(
+        statement.startswith("UPDATE hops") or statement.startswith("UPDATE runs")
+        for _thread, statement in written
+    )
+    with _statements(engine.ledger) as seen:
+        after = admin.run(run_id)
+    assert seen == []
+    assert after == _from_ledger(engine, run_id)
+    assert [(r.status, r.input_sha256) for r in after.rounds] == [
+        ("training", ""), ("training", "ab" * 32)]  # fmt: skip
 
 
 def _settled_run(ledger: Ledger, status: str) -> str:
@@ -262,3 +293,44 @@ def test_a_polled_running_runs_view_follows_every_change_to_the_run(
     engine.ledger.record_hop_validation(task.hop_id, site="site-a", ok=True,
                                         metrics={"val_accuracy": 0.5}, error="")  # fmt: skip
     assert polled().hops[0].metrics["val_accuracy"] == 0.5
+
+
+def test_a_held_runs_view_shows_its_plan_as_edited_outside_this_coordinator(
+    quiet: Coordinator,
+    sites: dict[str, ScriptedSite],
+    admin: AdminClient,
+    loop_thread: LoopThread,
+    database_url: str,
+) -> None:
+    """A run's plan is never written after it is created, and its held view keeps the plan's
+    text while the held run keeps the same plan object; a plan edited by another writer of the
+    ledger (with its event, so the engine sees the write) is shown as edited, once the engine
+    has read its runs again."""
+    engine = quiet.engine
+    admin.wait_for_sites(SITES, timeout=WAIT)
+    run_id = admin.start_run(parse_plan(_plan()))
+    sites["site-a"].next_task()
+    before = admin.run(run_id)
+    assert before == admin.run(run_id) == _from_ledger(engine, run_id)  # built, then reused
+
+    other = Ledger(database_url)  # another process's ledger on the same database
+    try:
+        with other.transaction() as session:
+            run = locked_get(session, RunRow, run_id)
+            assert run is not None
+            run.plan = {**run.plan, "lora": {**run.plan["lora"], "r": 4}}
+            other.append_event(session, "run.plan_edited", run_id=run_id)
+    finally:
+        other.close()
+
+    async def read_again() -> bool:
+        return engine.runs.check_outside_writes()
+
+    assert loop_thread.run(read_again())
+    with _statements(engine.ledger) as seen:
+        edited = admin.run(run_id)
+    assert seen == []
+    assert edited == _from_ledger(engine, run_id)
+    assert json.loads(edited.plan_json)["lora"]["r"] == 4
+    assert edited.plan_json != before.plan_json
+    assert edited.approval_bundle_sha256 != before.approval_bundle_sha256
