@@ -102,14 +102,22 @@ def test_get_run_of_a_running_run_reads_no_sql_and_shows_what_was_committed_sinc
     assert dict(scored.evaluations[0].metrics) == {"accuracy": 0.75}
 
 
-def test_a_federated_runs_view_comes_from_memory_with_its_rounds(
-    quiet: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient
-) -> None:
-    engine = quiet.engine
+def _federated_round_leased(
+    admin: AdminClient, sites: dict[str, ScriptedSite]
+) -> tuple[str, pb.HopTask]:
+    """A federated run whose first round's hops are leased to both sites; site-a's task."""
     admin.wait_for_sites(SITES, timeout=WAIT)
     run_id = admin.start_run(parse_plan(_plan("federated")))
     task = sites["site-a"].next_task()
     sites["site-b"].next_task()
+    return run_id, task
+
+
+def test_a_federated_runs_view_comes_from_memory_with_its_rounds(
+    quiet: Coordinator, sites: dict[str, ScriptedSite], admin: AdminClient
+) -> None:
+    engine = quiet.engine
+    run_id, task = _federated_round_leased(admin, sites)
     site = sites["site-a"]
     site.report(task, site.upload(task, site.bundle(task)), train_examples=10.0)
     with _statements(engine.ledger) as seen:
@@ -125,10 +133,7 @@ def test_a_held_runs_view_follows_a_change_to_its_round_row_alone(
 ) -> None:
     """The held view is built again when only a round's row is written (no hop or run row)."""
     engine = quiet.engine
-    admin.wait_for_sites(SITES, timeout=WAIT)
-    run_id = admin.start_run(parse_plan(_plan("federated")))
-    sites["site-a"].next_task()
-    sites["site-b"].next_task()
+    run_id, _task = _federated_round_leased(admin, sites)
     before = admin.run(run_id)
     assert before == admin.run(run_id)  # built once, then reused
     assert [(r.status, r.input_sha256) for r in before.rounds] == [
