@@ -157,7 +157,7 @@ class CheckpointRow(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     run_id: Mapped[str] = mapped_column(String(32), index=True)
-    hop_id: Mapped[str] = mapped_column(String(32))
+    hop_id: Mapped[str] = mapped_column(String(32), index=True)  # a hand back's stored uploads
     producer_site: Mapped[str] = mapped_column(String(64))
     parent_sha256: Mapped[str | None] = mapped_column(String(64))
     manifest: Mapped[dict[str, Any]]
@@ -239,7 +239,7 @@ class EventRow(Base):
     at: Mapped[str] = mapped_column(String(40))  # ISO-8601 UTC, hashed as written
     kind: Mapped[str] = mapped_column(String(64), index=True)
     run_id: Mapped[str | None] = mapped_column(String(32), index=True)
-    hop_id: Mapped[str | None] = mapped_column(String(32))
+    hop_id: Mapped[str | None] = mapped_column(String(32), index=True)  # a hop's validation
     site: Mapped[str | None] = mapped_column(String(64), index=True)
     payload: Mapped[dict[str, Any]]
     prev_hash: Mapped[str] = mapped_column(String(64))
