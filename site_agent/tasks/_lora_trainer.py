@@ -470,6 +470,7 @@ class LoraTrainer(Generic[ExampleT, TargetsT]):
             train_started_at_ns=run.started_ns,
             train_finished_at_ns=run.finished_ns,
             validate=validate if deferred else None,
+            leftovers=(run.last_step,),
         )
 
     def evaluate(

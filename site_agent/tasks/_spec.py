@@ -89,6 +89,10 @@ class HopOutcome:
     # Set when the validation pass was deferred (``run_hop(defer_validation=True)``): runs it
     # on the trained model and returns its metrics (``metrics`` then holds only train_* keys).
     validate: Callable[[], dict[str, float]] | None = field(default=None, compare=False)
+    # Freed with the outcome, not before: the last training step's autograd graph
+    # (`TrainingRun.last_step`). The agent keeps a handed-back hop's outcome until the hand
+    # back is answered.
+    leftovers: tuple[object, ...] = field(default=(), compare=False, repr=False)
 
 
 class HopCancelled(Exception):

@@ -259,6 +259,9 @@ def test_the_lora_trainer_drives_a_task_through_its_hooks(
     ]
     assert outcome.metrics["train_steps"] == FIRST.steps
     assert [t.name for t in trainer.trainable_state(spec, dataset)] == list(outcome.tensors)
+    # The last step's graph goes with the outcome (the agent drops it after the hand back).
+    [last_step] = outcome.leftovers
+    assert isinstance(last_step, torch.Tensor) and last_step.grad_fn is not None
 
 
 def test_a_lora_trainer_refuses_another_task_type(
