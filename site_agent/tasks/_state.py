@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -34,18 +35,19 @@ class FlatTensors(dict[str, torch.Tensor]):
     copy, ``dict(...)``, pickled or deep-copied, is a plain dict)."""
 
     def __init__(self, flat: torch.Tensor, shapes: Sequence[tuple[str, tuple[int, ...]]]) -> None:
-        names = [name for name, _ in shapes]
-        if names != sorted(set(names)):
-            raise ValueError("flat tensors are laid out in name order, each name once")
         if flat.dtype != torch.float32 or flat.device.type != "cpu" or flat.dim() != 1:
             raise ValueError("flat tensors live in one 1-d float32 CPU buffer")
-        sizes = [math.prod(shape) for _, shape in shapes]
-        if sum(sizes) != flat.numel() or not flat.is_contiguous():
+        self.shapes = tuple((name, tuple(shape)) for name, shape in shapes)
+        layout, numel = _layout(self.shapes)
+        if numel != flat.numel() or not flat.is_contiguous():
             raise ValueError("flat tensors fill their buffer exactly")
         self.flat = flat
-        self.shapes = tuple((name, tuple(shape)) for name, shape in shapes)
-        parts = zip(self.shapes, flat.split(sizes), strict=True)
-        super().__init__((name, part.view(shape)) for (name, shape), part in parts)
+        base = flat.storage_offset()
+        # One view per tensor, made in one torch call each (``split`` then ``view`` is two).
+        super().__init__(
+            (name, flat.as_strided(shape, strides, base + offset))
+            for name, shape, strides, offset in layout
+        )
 
     def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
         raise TypeError("flat tensors are read-only: copy them with dict(...) to change them")
@@ -55,6 +57,24 @@ class FlatTensors(dict[str, torch.Tensor]):
 
     def __reduce__(self) -> tuple[type[dict[str, torch.Tensor]], tuple[dict[str, torch.Tensor]]]:
         return dict, (dict(self),)
+
+
+@functools.lru_cache(maxsize=16)
+def _layout(
+    shapes: tuple[tuple[str, tuple[int, ...]], ...],
+) -> tuple[tuple[tuple[str, tuple[int, ...], tuple[int, ...], int], ...], int]:
+    """Where each named tensor of `FlatTensors` lies in its buffer (name, shape, contiguous
+    strides, offset), and the buffer's length; checked and worked out once per layout (an
+    adapter's is the same every hop)."""
+    names = [name for name, _ in shapes]
+    if names != sorted(set(names)):
+        raise ValueError("flat tensors are laid out in name order, each name once")
+    layout, at = [], 0
+    for name, shape in shapes:
+        strides = tuple(math.prod(shape[k + 1 :]) for k in range(len(shape)))
+        layout.append((name, shape, strides, at))
+        at += math.prod(shape)
+    return tuple(layout), at
 
 
 def flat_parameters(slots: Mapping[str, torch.Tensor]) -> FlatTensors | None:
