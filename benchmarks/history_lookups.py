@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling ledger_commit
 
-from ledger_commit import _label, scratch_database
+from ledger_commit import _label, _p, scratch_database
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LOOKUPS = ("hand back", "validation")
@@ -126,9 +126,10 @@ print(json.dumps(out))
 """
 
 
-def _nearest(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+def _figures(samples: list[float]) -> dict[str, Any]:
+    """A lookup's median and p99 (nearest rank, as `ledger_commit`'s) and its samples."""
+    return {"median_ms": round(_p(samples, 0.5), 3), "p99_ms": round(_p(samples, 0.99), 3),
+            "samples_ms": [round(s, 3) for s in samples]}  # fmt: skip
 
 
 def _one(root: Path, sizes: str, repeat: int, postgres: str | None) -> list[dict[str, Any]]:
@@ -189,25 +190,29 @@ def main() -> None:
             row = {"checkout": label, "finished_runs": found["finished_runs"],
                    "events": found["events"], "build_s": found["build_s"],
                    "load_1min_before": round(load, 2)}  # fmt: skip
-            for lookup in LOOKUPS:
-                samples = found["ms"][lookup]
-                row[lookup] = {"median_ms": round(_nearest(samples, 0.5), 3),
-                               "p99_ms": round(_nearest(samples, 0.99), 3),
-                               "samples_ms": [round(s, 3) for s in samples]}  # fmt: skip
+            row.update({lookup: _figures(found["ms"][lookup]) for lookup in LOOKUPS})
             rows.append(row)
             print(label, row["finished_runs"], "runs:",
                   *(f"{k} {row[k]['median_ms']} ms" for k in LOOKUPS), flush=True)  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     shown = ["$ADMIN_URL" if a == args.postgres else a for a in sys.argv[1:]]  # no password
     command = " ".join(["benchmarks/history_lookups.py", *shown])
     database = "PostgreSQL, a new database per checkout" if args.postgres else "SQLite"
-    (args.out / f"{args.name}.json").write_text(
+    _write(rows, command, database, args.out, args.name)
+
+
+def _write(rows: list[dict[str, Any]], command: str, database: str, out: Path, name: str) -> None:
+    """The JSON, the plot and the Markdown report of `rows` under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(
         json.dumps({"command": command, "database": database, "rows": rows}, indent=2) + "\n"
     )
-    _plot(rows, args.out / f"{args.name}.png")
+    _plot(rows, out / f"{name}.png")
+    calls = ", ".join(
+        str(n) for n in sorted({len(r[k]["samples_ms"]) for r in rows for k in LOOKUPS})
+    )
     lines = [
         "# A handoff's lookups by hop, against the ledger's history", "",
-        f"Command: `{command}`  ", f"Ledger: {database}; {args.repeat} timed calls per size; "
+        f"Command: `{command}`  ", f"Ledger: {database}; {calls} timed calls per size; "
         f"machine: {os.cpu_count()} cores. Wall ms per call, median / p99 (nearest rank). "
         "*hand back*: `stored_sizes`, on the coordinator's event loop at every hand back; "
         "*validation*: `record_hop_validation`'s transaction, on the ledger writer's thread.", "",
@@ -217,9 +222,9 @@ def main() -> None:
           f"{r['hand back']['median_ms']} / {r['hand back']['p99_ms']} | "
           f"{r['validation']['median_ms']} / {r['validation']['p99_ms']} | {r['build_s']} | "
           f"{r['load_1min_before']} |" for r in rows),
-        "", f"![median ms per call]({args.name}.png)",
+        "", f"![median ms per call]({name}.png)",
     ]  # fmt: skip
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
