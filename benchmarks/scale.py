@@ -1,11 +1,14 @@
 """The coordinator with a long history: idle agents at scale, and ledger verify on 1M events.
 
-Part 1 builds a SQLite ledger with `--finished-runs` finished runs (each with its hops and
-evaluations, written in the repository's shape: state rows plus chained events carrying their
-snapshots), starts `baton coordinator serve` in its own process (start-to-ready = until the bound
-port is written), then connects `--agents` idle agents: real mTLS gRPC clients (one certificate
-each, in this process) that say Hello, open their task stream (connected once the stream delivers
-its first message, the signed ledger head) and send a heartbeat every `--beat-seconds`. One of them
+Part 1 builds a SQLite ledger with `--finished-runs` finished runs through the ledger API, as the
+engine writes them (each hop leased, its checkpoint recorded, committed and validated; the run
+completed; evaluations requested and answered: 22 chained events per run, a checkpoint row per hop),
+starts `baton coordinator serve` in its own process (start-to-ready = until the bound port is
+written), then connects `--agents` idle agents: real mTLS gRPC clients (one certificate each, in
+this process) that say Hello as a site that saw the history does (the last ledger hash it
+acknowledged and its kept ledger head, both looked up by the coordinator), open their task stream
+(connected once the stream delivers its first message, the signed ledger head) and send a
+heartbeat every `--beat-seconds`. One of them
 holds a live lease of a running run and heartbeats it (the path a training site uses). Reported:
 Hello and heartbeat p50/p99, time to connect all, the coordinator's RSS.
 
@@ -47,7 +50,7 @@ import grpc.aio
 import psutil
 from sqlalchemy import insert, update
 
-from coordinator.ledger import EvaluationRow, EventRow, HopRow, Ledger, RunRow
+from coordinator.ledger import CheckpointRow, EvaluationRow, EventRow, HopRow, Ledger
 from coordinator.ledger._integrity import STATE_ROWS_KEY, row_entry
 from coordinator.ledger._repository import GENESIS_HASH, event_hash
 from protocols.pki import Role, init_ca, issue_certificate
@@ -77,52 +80,56 @@ def _plan(sites: list[str]) -> dict[str, Any]:
             "labels": ["x", "y"], "sites": sites}  # fmt: skip
 
 
+# A MiniLM LoRA adapter's tensor list, as a hand back records it in its checkpoint's row.
+TENSORS = [{"name": f"layer.{k}.lora_{ab}", "shape": [8, 384], "dtype": "F32"}
+           for k in range(12) for ab in "AB"]  # fmt: skip
+
+
 def build_history(ledger: Ledger, runs: int, sites: list[str]) -> None:
-    """Finished runs with hops and evaluations; one transaction per 50 runs, events chained."""
-    now = datetime.now(UTC) - timedelta(days=30)
-    for start in range(0, runs, 50):
-        with ledger.transaction() as session:
-            for n in range(start, min(runs, start + 50)):
-                run_id = uuid.uuid4().hex
-                order = [sites[(n + i) % len(sites)] for i in range(HOPS_PER_RUN)]
-                shas = [uuid.uuid4().hex * 2 for _ in order]
-                run = RunRow(id=run_id, name=f"history-{n}", status="completed",
-                             plan=_plan(order), base_model_sha256="ab" * 32,
-                             created_at=now, finished_at=now, final_sha256=shas[-1])  # fmt: skip
-                run.hops = [
-                    HopRow(
-                        id=uuid.uuid4().hex,
-                        index=i,
-                        site=site,
-                        hyperparameters={"learning_rate": 1e-3, "steps": 30},
-                        status="committed",
-                        attempts=1,
-                        leased_at=now,
-                        input_sha256=shas[i - 1] if i else None,
-                        output_sha256=shas[i],
-                        metrics={"accuracy": 0.7, "loss": 0.5},
-                        train_started_at_ns=1,
-                        train_finished_at_ns=2,
-                        committed_at=now,
-                    )
-                    for i, site in enumerate(order)
-                ]
-                run.evaluations = [
-                    EvaluationRow(
-                        id=uuid.uuid4().hex,
-                        checkpoint_sha256=shas[-1],
-                        site=site,
-                        split="validation",
-                        status="done",
-                        metrics={"accuracy": 0.7},
-                        created_at=now,
-                        finished_at=now,
-                    )
-                    for site in order[:EVALUATIONS_PER_RUN]
-                ]
-                session.add(run)
-                ledger.append_event(session, "run.completed", run_id=run_id,
-                                    payload={"status": "completed"})  # fmt: skip
+    """Finished runs written through the ledger API, as the engine writes them: each run created,
+    each hop leased, its checkpoint recorded, committed and validated, the run completed, then
+    evaluations of its final checkpoint requested and answered (one durable transaction each, every
+    event chained and carrying its rows' snapshots)."""
+    for n in range(runs):
+        run_id = uuid.uuid4().hex
+        order = [sites[(n + i) % len(sites)] for i in range(HOPS_PER_RUN)]
+        hops = [
+            HopRow(id=uuid.uuid4().hex, index=i, site=site, status="pending",
+                   hyperparameters={"learning_rate": 1e-3, "steps": 30}, metrics={})
+            for i, site in enumerate(order)
+        ]  # fmt: skip
+        ledger.create_run(run_id, f"history-{n}", _plan(order), hops, None)
+        parent: str | None = None
+        for hop in hops:
+            token = uuid.uuid4().hex
+            ledger.lease_hop(hop.id, token, parent)
+            sha = uuid.uuid4().hex * 2
+            ledger.record_checkpoint(
+                CheckpointRow(sha256=sha, size=300_000, run_id=run_id, hop_id=hop.id,
+                              producer_site=hop.site, parent_sha256=parent,
+                              manifest={"format": "peft", "base_model_sha256": "ab" * 32},
+                              tensors=TENSORS, signature="5" * 142,
+                              producer_certificate="c" * 900, stored_at=datetime.now(UTC),
+                              status="stored")  # fmt: skip
+            )
+            ledger.commit_hop(hop.id, lease_token=token, output_sha256=sha,
+                              metrics={"train_loss": 0.5}, train_started_at_ns=1,
+                              train_finished_at_ns=2, base_model_sha256="ab" * 32)  # fmt: skip
+            ledger.record_hop_validation(hop.id, site=hop.site, ok=True,
+                                         metrics={"accuracy": 0.7, "loss": 0.5}, error="")  # fmt: skip
+            parent = sha
+        ledger.transition_run(run_id, expected=("running",), status="completed",
+                              payload={"final_sha256": parent}, final_sha256=parent)  # fmt: skip
+        evaluations = [
+            EvaluationRow(id=uuid.uuid4().hex, run_id=run_id, checkpoint_sha256=parent,
+                          site=site, split="validation", status="pending",
+                          lease_token=uuid.uuid4().hex, metrics={},
+                          created_at=datetime.now(UTC))  # fmt: skip
+            for site in order[:EVALUATIONS_PER_RUN]
+        ]
+        ledger.create_evaluations(evaluations)
+        for evaluation in evaluations:
+            ledger.finish_evaluation(evaluation.id, metrics={"accuracy": 0.7})
 
 
 def _aio_channel(port: int, tls: TlsFiles) -> grpc.aio.Channel:
@@ -136,8 +143,9 @@ def _aio_channel(port: int, tls: TlsFiles) -> grpc.aio.Channel:
 class IdleAgent:
     """A site that connects and then only keeps its stream open and its heartbeats going."""
 
-    def __init__(self, name: str, port: int, tls: TlsFiles) -> None:
+    def __init__(self, name: str, port: int, tls: TlsFiles, head: tuple[int, str]) -> None:
         self.name = name
+        self.head = head  # (seq, hash): the ledger head this site last saw
         self.channel = _aio_channel(port, tls)
         self.stub = pb_grpc.SiteServiceStub(self.channel)
         self.stream: Any = None
@@ -154,6 +162,9 @@ class IdleAgent:
         request.datasets.add(name="notes", task="seq-classification", train_examples=100,
                              validation_examples=20, labels=["x", "y"])  # fmt: skip
         request.approval_not_required = True
+        if self.head[0]:
+            request.last_ledger_hash = self.head[1]
+            request.kept_head.seq, request.kept_head.hash = self.head
         started = time.perf_counter()
         await self.stub.Hello(request, timeout=120)
         hello_ms.append(time.perf_counter() - started)
@@ -215,11 +226,11 @@ def _tls(root: Path, name: str) -> TlsFiles:
 
 
 async def _agents_phase(port: int, pki: Path, names: list[str], args: argparse.Namespace,
-                        coordinator: psutil.Process) -> dict[str, Any]:  # fmt: skip
+                        coordinator: psutil.Process, head: tuple[int, str]) -> dict[str, Any]:  # fmt: skip
     from coordinator.console.admin import AdminClient
     from coordinator.plan import parse_plan
 
-    agents = [IdleAgent(name, port, _tls(pki, name)) for name in names]
+    agents = [IdleAgent(name, port, _tls(pki, name), head) for name in names]
     hello: list[float] = []
     started = time.perf_counter()
     await asyncio.gather(*(agent.connect(hello) for agent in agents))
@@ -299,6 +310,9 @@ def agents_benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     build_history(ledger, args.finished_runs, names[: max(4, min(len(names), 50))])
     history_seconds = time.perf_counter() - t0
+    last = ledger.last_event()
+    head = (last.seq, last.hash) if last is not None else (0, "")
+    events = last.seq if last is not None else 0
     ledger.close()
     port_file = tmp / "port"
     tree = args.coordinator_tree or Path(__file__).resolve().parent.parent
@@ -320,7 +334,7 @@ def agents_benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         coordinator = psutil.Process(proc.pid)
         rss_ready = coordinator.memory_info().rss
         figures = asyncio.run(
-            _agents_phase(int(port_file.read_text()), pki, names, args, coordinator)
+            _agents_phase(int(port_file.read_text()), pki, names, args, coordinator, head)
         )
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -330,6 +344,8 @@ def agents_benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "finished_runs": args.finished_runs,
         "hops_per_run": HOPS_PER_RUN,
         "evaluations_per_run": EVALUATIONS_PER_RUN,
+        "history_events": events,
+        "agents_present_ledger_head": bool(head[0]),
         "beat_seconds": args.beat_seconds,
         "idle_seconds": args.idle_seconds,
         "coordinator_tree": str(tree),
@@ -423,7 +439,10 @@ def markdown(figures: dict[str, Any], command: str) -> str:
         lines += [
             f"{agents['agents']} idle agents (real mTLS gRPC clients in one process), "
             f"{agents['finished_runs']} finished runs ({agents['hops_per_run']} hops, "
-            f"{agents['evaluations_per_run']} evaluations each) in a SQLite ledger.",
+            f"{agents['evaluations_per_run']} evaluations each, written through the ledger API: "
+            f"{agents.get('history_events', '?')} events, a checkpoint row per hop) in a SQLite "
+            "ledger; each agent's Hello names the last ledger head it saw"
+            f"{'' if agents.get('agents_present_ledger_head') else ' (none: empty history)'}.",
             "",
             "| figure | value | target |",
             "|---|---|---|",

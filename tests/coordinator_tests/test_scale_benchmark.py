@@ -1,0 +1,41 @@
+"""benchmarks/scale.py's history is written as the engine writes it: a ledger that verifies, with
+every hop's checkpoint row and lifecycle events, and evaluations answered."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from coordinator.ledger import CheckpointRow, EvaluationRow, EventRow, Ledger, RunRow
+from tests.benchmark_module import benchmark_module
+
+
+def test_the_history_is_a_sound_ledger_of_finished_runs_with_their_checkpoints(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
+    ledger.migrate()
+    with benchmark_module("scale.py", "scale_benchmark") as scale:
+        scale.build_history(ledger, 3, ["site-a", "site-b", "site-c", "site-d"])
+        hops, evaluations = scale.HOPS_PER_RUN, scale.EVALUATIONS_PER_RUN
+    try:
+        verification = ledger.verify()
+        assert verification.ok, (verification.chain_break, verification.row_mismatches[:3])
+        with ledger._sessions() as session:
+            runs = list(session.scalars(select(RunRow)))
+            kinds = Counter(session.scalars(select(EventRow.kind)))
+            checkpoints = session.scalar(select(func.count()).select_from(CheckpointRow))
+            answered = list(session.scalars(select(EvaluationRow.status)))
+        assert [run.status for run in runs] == ["completed"] * 3
+        assert all(run.final_sha256 for run in runs)
+        assert checkpoints == 3 * hops
+        assert answered == ["done"] * (3 * evaluations)
+        per_hop = ("hop.leased", "checkpoint.stored", "hop.committed", "hop.validated")
+        assert {kind: kinds[kind] for kind in per_hop} == dict.fromkeys(per_hop, 3 * hops)
+        assert kinds["run.created"] == kinds["run.completed"] == 3
+        # created and completed; four events per hop; each evaluation requested and answered
+        assert verification.last_seq == 3 * (2 + 4 * hops + 2 * evaluations)
+    finally:
+        ledger.close()
