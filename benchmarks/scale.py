@@ -94,10 +94,16 @@ def build_history(ledger: Ledger, runs: int, sites: list[str]) -> None:
         run_id = uuid.uuid4().hex
         order = [sites[(n + i) % len(sites)] for i in range(HOPS_PER_RUN)]
         hops = [
-            HopRow(id=uuid.uuid4().hex, index=i, site=site, status="pending",
-                   hyperparameters={"learning_rate": 1e-3, "steps": 30}, metrics={})
+            HopRow(
+                id=uuid.uuid4().hex,
+                index=i,
+                site=site,
+                status="pending",
+                hyperparameters={"learning_rate": 1e-3, "steps": 30},
+                metrics={},
+            )
             for i, site in enumerate(order)
-        ]  # fmt: skip
+        ]
         ledger.create_run(run_id, f"history-{n}", _plan(order), hops, None)
         parent: str | None = None
         for hop in hops:
@@ -105,26 +111,53 @@ def build_history(ledger: Ledger, runs: int, sites: list[str]) -> None:
             ledger.lease_hop(hop.id, token, parent)
             sha = uuid.uuid4().hex * 2
             ledger.record_checkpoint(
-                CheckpointRow(sha256=sha, size=300_000, run_id=run_id, hop_id=hop.id,
-                              producer_site=hop.site, parent_sha256=parent,
-                              manifest={"format": "peft", "base_model_sha256": "ab" * 32},
-                              tensors=TENSORS, signature="5" * 142,
-                              producer_certificate="c" * 900, stored_at=datetime.now(UTC),
-                              status="stored")  # fmt: skip
+                CheckpointRow(
+                    sha256=sha,
+                    size=300_000,
+                    run_id=run_id,
+                    hop_id=hop.id,
+                    producer_site=hop.site,
+                    parent_sha256=parent,
+                    manifest={"format": "peft", "base_model_sha256": "ab" * 32},
+                    tensors=TENSORS,
+                    signature="5" * 142,
+                    producer_certificate="c" * 900,
+                    stored_at=datetime.now(UTC),
+                    status="stored",
+                )
             )
-            ledger.commit_hop(hop.id, lease_token=token, output_sha256=sha,
-                              metrics={"train_loss": 0.5}, train_started_at_ns=1,
-                              train_finished_at_ns=2, base_model_sha256="ab" * 32)  # fmt: skip
-            ledger.record_hop_validation(hop.id, site=hop.site, ok=True,
-                                         metrics={"accuracy": 0.7, "loss": 0.5}, error="")  # fmt: skip
+            ledger.commit_hop(
+                hop.id,
+                lease_token=token,
+                output_sha256=sha,
+                metrics={"train_loss": 0.5},
+                train_started_at_ns=1,
+                train_finished_at_ns=2,
+                base_model_sha256="ab" * 32,
+            )
+            ledger.record_hop_validation(
+                hop.id, site=hop.site, ok=True, metrics={"accuracy": 0.7, "loss": 0.5}, error=""
+            )
             parent = sha
-        ledger.transition_run(run_id, expected=("running",), status="completed",
-                              payload={"final_sha256": parent}, final_sha256=parent)  # fmt: skip
+        ledger.transition_run(
+            run_id,
+            expected=("running",),
+            status="completed",
+            payload={"final_sha256": parent},
+            final_sha256=parent,
+        )
         evaluations = [
-            EvaluationRow(id=uuid.uuid4().hex, run_id=run_id, checkpoint_sha256=parent,
-                          site=site, split="validation", status="pending",
-                          lease_token=uuid.uuid4().hex, metrics={},
-                          created_at=datetime.now(UTC))  # fmt: skip
+            EvaluationRow(
+                id=uuid.uuid4().hex,
+                run_id=run_id,
+                checkpoint_sha256=parent,
+                site=site,
+                split="validation",
+                status="pending",
+                lease_token=uuid.uuid4().hex,
+                metrics={},
+                created_at=datetime.now(UTC),
+            )
             for site in order[:EVALUATIONS_PER_RUN]
         ]
         ledger.create_evaluations(evaluations)
@@ -226,7 +259,8 @@ def _tls(root: Path, name: str) -> TlsFiles:
 
 
 async def _agents_phase(port: int, pki: Path, names: list[str], args: argparse.Namespace,
-                        coordinator: psutil.Process, head: tuple[int, str]) -> dict[str, Any]:  # fmt: skip
+                        coordinator: psutil.Process,
+                        head: tuple[int, str]) -> dict[str, Any]:  # fmt: skip
     from coordinator.console.admin import AdminClient
     from coordinator.plan import parse_plan
 
@@ -285,6 +319,7 @@ async def _agents_phase(port: int, pki: Path, names: list[str], args: argparse.N
         "hello": _quantiles(hello),
         "heartbeat_idle_agents": _quantiles(idle),
         "heartbeat_live_lease": _quantiles(live),
+        "heartbeat_live_lease_ms_in_order": [round(s * 1e3, 2) for s in live],
         **(
             {"get_run_running": _quantiles(get_run), "list_runs": _quantiles(list_runs)}
             if args.admin_poll

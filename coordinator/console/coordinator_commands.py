@@ -65,9 +65,9 @@ def coordinator_serve(
 ) -> None:
     """Run the coordinator until SIGINT/SIGTERM (and its HTTPS dashboard, unless --no-dashboard)."""
     # What start-up imports and builds lives as long as the process: the cyclic collector's
-    # passes over it (8% of the start's CPU) find nothing. On again, after one collection, once
-    # the coordinator is ready (coordinator.server.settle_heap); a refused start (an in-process
-    # caller) gets it back when the command ends.
+    # passes over it (8% of the start's CPU) find next to nothing. On again, with start-up's
+    # heap frozen, once the coordinator is ready (coordinator.server.freeze_start_up); a refused
+    # start (an in-process caller) gets it back when the command ends.
     context = click.get_current_context(silent=True)
     if context is not None and gc.isenabled():
         gc.disable()
