@@ -565,6 +565,12 @@ def run(
                     "raw_download_mb_s": round(size / med["raw_down"] / 1e6, 1),
                     "baton_download_mb_s": round(size / med["baton_down"] / 1e6, 1),
                     "download_ratio": round(med["raw_down"] / med["baton_down"], 2),
+                    # Each Baton transfer against the raw one just before it (the same
+                    # moment's host): the spread the ratio of medians hides.
+                    "upload_ratio_pairs": _pair_ratios(samples["raw_up"], samples["baton_up"]),
+                    "download_ratio_pairs": _pair_ratios(
+                        samples["raw_down"], samples["baton_down"]
+                    ),
                     "site_hash_sign_s": round(med["prepare"], 3),
                     "sha256_cpu_s": round(min(hash_cpu), 3),
                     "raw_server_cpu_s_upload": round(med["raw_cpu_up"], 3),
@@ -607,6 +613,23 @@ def run(
     figures["uptime_after"] = _uptime()
     figures["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     return figures
+
+
+def _pair_ratios(raw_seconds: list[float], baton_seconds: list[float]) -> list[float]:
+    """Baton's throughput over raw's, per interleaved pair, in the order they ran."""
+    return [round(r / b, 2) for r, b in zip(raw_seconds, baton_seconds, strict=True)]
+
+
+def _pairs_line(r: dict[str, Any]) -> str:
+    up, down = r.get("upload_ratio_pairs"), r.get("download_ratio_pairs")
+    if not up:
+        return ""
+    return (
+        f"* {r['size_mib']} MiB, {r['chunk_kib']} KiB chunks: up ratio per pair "
+        f"{', '.join(map(str, up))} (median {statistics.median(up):.2f}, "
+        f"{sum(x >= 0.8 for x in up)} of {len(up)} >= 0.8); down "
+        f"{', '.join(map(str, down))} (median {statistics.median(down):.2f})"
+    )
 
 
 def markdown(figures: dict[str, Any], command: str) -> str:
@@ -674,6 +697,10 @@ def markdown(figures: dict[str, Any], command: str) -> str:
             f"| {r.get('raw_client_cpu_s_download', '')} / {r.get('site_cpu_s_download', '')} "
             f"| {r.get('sha256_cpu_s', '')} | {r.get('load_average_1m', '')} |"
         )
+    pairs = [line for line in map(_pairs_line, figures["rows"]) if line]
+    if pairs:
+        lines += ["", "Ratios per interleaved pair (each Baton transfer against the raw one "
+                  "just before it):", "", *pairs]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
