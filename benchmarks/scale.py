@@ -8,9 +8,9 @@ written), then connects `--agents` idle agents: real mTLS gRPC clients (one cert
 this process) that say Hello as a site that saw the history does (the last ledger hash it
 acknowledged and its kept ledger head, both looked up by the coordinator), open their task stream
 (connected once the stream delivers its first message, the signed ledger head) and send a
-heartbeat every `--beat-seconds`. One of them
-holds a live lease of a running run and heartbeats it (the path a training site uses). Reported:
-Hello and heartbeat p50/p99, time to connect all, the coordinator's RSS.
+heartbeat every `--beat-seconds`. One of them holds a live lease of a running run and heartbeats
+it (the path a training site uses). Reported: Hello and heartbeat p50/p99, time to connect all,
+the coordinator's RSS.
 
 With `--admin-poll`, an admin client polls GetRun of the running run every
 `--get-run-every` seconds and ListRuns every `--list-runs-every` seconds while the agents beat
@@ -346,8 +346,7 @@ def agents_benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     build_history(ledger, args.finished_runs, names[: max(4, min(len(names), 50))])
     history_seconds = time.perf_counter() - t0
     last = ledger.last_event()
-    head = (last.seq, last.hash) if last is not None else (0, "")
-    events = last.seq if last is not None else 0
+    head = (last.seq, last.hash) if last is not None else (0, "")  # seq = the events written
     ledger.close()
     port_file = tmp / "port"
     tree = args.coordinator_tree or Path(__file__).resolve().parent.parent
@@ -379,7 +378,7 @@ def agents_benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "finished_runs": args.finished_runs,
         "hops_per_run": HOPS_PER_RUN,
         "evaluations_per_run": EVALUATIONS_PER_RUN,
-        "history_events": events,
+        "history_events": head[0],
         "agents_present_ledger_head": bool(head[0]),
         "beat_seconds": args.beat_seconds,
         "idle_seconds": args.idle_seconds,
