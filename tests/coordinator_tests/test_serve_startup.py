@@ -69,10 +69,10 @@ def _garbage_cycle() -> weakref.ref[_Node]:
     return weakref.ref(garbage)
 
 
-def test_settle_heap_collects_start_up_garbage_before_freezing_and_turns_the_collector_on() -> None:
+def test_settle_heap_collects_unfrozen_garbage_before_freezing_and_turns_the_collector_on() -> None:
     collecting = gc.isenabled()
     gc.disable()  # as `coordinator serve` starts
-    left = _garbage_cycle()
+    left = _garbage_cycle()  # made after the last freeze (as a connection's, after ready)
     try:
         settle_heap()
         assert gc.isenabled()
