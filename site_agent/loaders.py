@@ -2,7 +2,8 @@
 
 Every reader validates the whole file and names the file and 1-based line of the first problem.
 The heart-disease reader applies FLamby's Fed-Heart-Disease preprocessing and train/test split
-exactly (owkin/FLamby, flamby/datasets/fed_heart_disease/dataset.py). No torch, no pandas.
+exactly (owkin/FLamby, flamby/datasets/fed_heart_disease/dataset.py). No torch, no pandas; numpy
+only for that split (imported there: a site's start registers text data without it).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from site_agent.examples import (
     TASK_TYPES,
@@ -29,6 +29,9 @@ from site_agent.examples import (
     TabularExample,
     TextExample,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "FLAMBY_TRAIN_FRACTION",
@@ -409,6 +412,8 @@ def flamby_test_rows(labels: Sequence[int]) -> tuple[int, ...]:
     count = len(labels)
     if count == 0:
         return ()
+    import numpy as np  # here, not at the top: a site registering text data never loads numpy
+
     y = np.asarray(labels, dtype=np.int64)
     n_train = math.floor(FLAMBY_TRAIN_FRACTION * count)
     n_test = math.ceil((1.0 - FLAMBY_TRAIN_FRACTION) * count)
@@ -427,6 +432,8 @@ def _stratified_shuffle_test(
     y: np.ndarray, n_train: int, n_test: int, rng: np.random.RandomState
 ) -> list[int]:
     """The test half of scikit-learn's ``StratifiedShuffleSplit._iter_indices`` (one split)."""
+    import numpy as np
+
     classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
     if n_train < len(classes) or n_test < len(classes):
         raise DatasetError("FLamby's stratified split needs a row of each class on each side")
@@ -447,6 +454,8 @@ def _approximate_mode(
     class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState
 ) -> np.ndarray:
     """scikit-learn's ``sklearn.utils.extmath._approximate_mode``, with the same RNG draws."""
+    import numpy as np
+
     continuous = class_counts / class_counts.sum() * n_draws
     floored = np.floor(continuous)
     need_to_add = int(n_draws - floored.sum())

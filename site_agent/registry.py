@@ -4,9 +4,10 @@ A registration is ``<data_dir>/<name>/registration.json``: the source's absolute
 the format and options, the seeded train/validation/test assignment (row indices) and aggregate
 counts. The data itself is never copied; loading refuses the source if its bytes changed (hashed
 again, or its file identity unchanged since a hash matched: `_source_identity`). Only
-aggregate counts ever leave this module's callers. Stdlib and numpy only; the parsers
-(`site_agent.loaders`, numpy) are imported when a file is registered or loaded, not by the
-hello's listing of the registrations.
+aggregate counts ever leave this module's callers. Stdlib only; the parsers
+(`site_agent.loaders`) are imported when a file is registered or loaded (the hello's listing
+loads a legacy ``<name>.jsonl``, to follow its changes), not by listing registrations; numpy
+only by FLamby's heart-disease split.
 """
 
 from __future__ import annotations

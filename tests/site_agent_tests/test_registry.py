@@ -401,6 +401,21 @@ def test_registry_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_a_site_start_registers_and_lists_text_data_without_loading_numpy(tmp_path: Path) -> None:
+    # What a site does before its first hello: register the legacy `<name>.jsonl` the demo
+    # writes and list it. numpy (~0.2 s of CPU) is only FLamby's heart-disease split's.
+    write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 20, "b": 20}))
+    code = (
+        "import sys\nfrom pathlib import Path\n"
+        "from site_agent.registry import list_registered\n"
+        f"listed = list_registered(Path({str(tmp_path)!r}))\n"
+        "assert [entry['status'] for entry in listed] == ['ok'], listed\n"
+        "assert 'numpy' not in sys.modules, 'registering text data imported numpy'\n"
+    )
+
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Counts the source reads (and so hashes) `load_registered` makes."""
     from site_agent import registry
