@@ -275,6 +275,16 @@ def cold_start(
         if first_hop is None
         else round(cpu.at(first_hop).get(hops[0].site, 0.0), 2),
         "cpu_s_at_first_step": {name: round(value, 2) for name, value in at_first_step.items()},
+        # The coordinator's CPU seconds when it was ready, when every site had connected and at
+        # the first hop's arrival: what its start, the hellos and the run's start cost it.
+        "coordinator_cpu_s": {
+            moment: None if at is None else round(cpu.at(at).get("coordinator", 0.0), 2)
+            for moment, at in (
+                ("ready", coordinator_ready),
+                ("all_connected", connected),
+                ("first_hop", first_hop),
+            )
+        },
         "cpu_floor_s": round(sum(at_first_step.values()) / cores, 2),
         "uptime_before": uptime_before,
         "load_average_before": [round(x, 2) for x in load_before],
@@ -310,6 +320,8 @@ def markdown(report: dict[str, Any]) -> str:
         "*first site's model*: the same line of the "
         "first hop's site; *first hop*: its `hop 0 of run ... starting` line, and that site's "
         "CPU seconds then (*CPU site 1 at hop*: what it loaded ahead shows there); "
+        "*coordinator CPU*: its CPU seconds at ready / at the first hop (its start, the hellos and "
+        "the run's start); "
         "*first step*: the first hop's "
         "`train_started_at_ns` (ledger). *CPU floor*: all processes' CPU seconds up to the first "
         f"step / {report['cores']} cores. Sites spawned "
@@ -322,16 +334,17 @@ def markdown(report: dict[str, Any]) -> str:
         "| first site's model "
         "| all connected | first step | CPU site 1 | CPU all | CPU floor "
         "| site CPU at hello (max) | site CPU at loaded (max) | load avg before "
-        "| first hop | CPU site 1 at hop |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| first hop | CPU site 1 at hop | coordinator CPU ready / first hop |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for index, start in enumerate(report["starts"], 1):
         if "error" in start:
-            lines.append(f"| {index} | failed: {start['error']} | | | | | | | | | | | | | | |")
+            lines.append(f"| {index} | failed: {start['error']} |" + " |" * 15)
             continue
         hello = [v for v in start["hello_s"].values() if v is not None]
         loaded = [v for v in start["base_model_loaded_s"].values() if v is not None]
         cpu = start["cpu_s_at_first_step"]
+        coordinator = start.get("coordinator_cpu_s", {})  # reports before session 31: none
         lines.append(
             f"| {index} | {start['coordinator_ready_s']} | {max(hello, default='-')} "
             f"| {_max(start.get('hello_after_spawn_s', {}))} "
@@ -341,7 +354,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {start['cpu_floor_s']} | {_max(start['site_cpu_s_at_hello'])} "
             f"| {_max(start['site_cpu_s_at_loaded'])} | {start['load_average_before']} "
             f"| {start.get('first_site_hop_s', '-')} "
-            f"| {start.get('first_site_cpu_s_at_hop', '-')} |"
+            f"| {start.get('first_site_cpu_s_at_hop', '-')} "
+            f"| {coordinator.get('ready', '-')} / {coordinator.get('first_hop', '-')} |"
         )
     ok = [s for s in report["starts"] if "error" not in s]
     if ok:

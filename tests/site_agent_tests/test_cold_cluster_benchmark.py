@@ -34,6 +34,7 @@ def test_the_report_table_has_one_cell_per_column_for_a_start_and_a_failed_start
         "first_step_s": 7.5, "first_site": "a", "cpu_s_at_first_step": {"a": 5.5, "b": 5.0},
         "cpu_floor_s": 5.25, "load_average_before": [1.0, 1.0, 1.0],
         "first_site_hop_s": 3.0, "first_site_cpu_s_at_hop": 1.5,
+        "coordinator_cpu_s": {"ready": 0.75, "all_connected": 0.8, "first_hop": 0.85},
     }  # fmt: skip
     report = {
         "generated": "now", "command": "cold_cluster.py", "machine": "x", "cores": 2,
@@ -44,7 +45,7 @@ def test_the_report_table_has_one_cell_per_column_for_a_start_and_a_failed_start
 
     assert len({line.count("|") for line in table}) == 1, table
     assert table[2].startswith("| 1 | 1.0 | 2.75 | 2.75 | 7.25 | 7.0 | 2.8 | 7.5 | 5.5 | 10.5 |")
-    assert table[2].endswith("| [1.0, 1.0, 1.0] | 3.0 | 1.5 |")
+    assert table[2].endswith("| [1.0, 1.0, 1.0] | 3.0 | 1.5 | 0.75 / 0.85 |")
     assert table[3].startswith("| 2 | failed: run failed: boom |")
     assert "`--preload=eager`" in bench.markdown(report)
 
