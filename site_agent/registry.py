@@ -359,6 +359,8 @@ def load_registered(data_dir: Path, name: str, *, rehash: bool = False) -> Regis
     data = _read_bytes(source)
     if _sha256(data) != registration["fingerprint"]:
         _PARSED.unvouch(key)
+        with _HASH_MATCHED_LOCK:  # nor does the listing vouch for it any longer
+            _HASH_MATCHED.pop((str(source), str(registration["fingerprint"])), None)
         if registration.get("auto") and source == legacy.resolve():
             logger.info("dataset %s: %s changed; registering it again", name, source.name)
             return _register_legacy(data_dir, name, legacy)
@@ -370,6 +372,8 @@ def load_registered(data_dir: Path, name: str, *, rehash: bool = False) -> Regis
     # move during it and the file's last change is old enough for the next one to show.
     after = _source_identity(source)
     settled = before is not None and before == after and _changed_long_ago(before)
+    if settled:
+        _hash_matched(source, str(registration["fingerprint"]), before)  # for the listing
     return _PARSED.get_or_parse(
         key,
         lambda: _load(registration, data, source, registration_path),
@@ -426,15 +430,7 @@ def list_registered(data_dir: Path) -> list[dict[str, object]]:
         except DatasetError as error:
             logger.error("%s", error)
             continue
-        source = Path(str(registration["source"]))
-        if not source.is_file():
-            status = "missing"
-        else:
-            try:
-                same = _sha256(_read_bytes(source)) == registration["fingerprint"]
-            except DatasetError:
-                same = False
-            status = "ok" if same else "changed"
+        status = _source_status(Path(str(registration["source"])), str(registration["fingerprint"]))
         summaries.append(
             {
                 "name": registration["name"],
@@ -450,6 +446,46 @@ def list_registered(data_dir: Path) -> list[dict[str, object]]:
             }
         )
     return summaries
+
+
+# Sources found to hold their registered sha256, by (path, sha256): the identity they had then
+# and when (monotonic ns). A listing (every hello) compares the identity instead of hashing the
+# whole file again, by `load_registered`'s rule (`_vouches`, `_changed_long_ago`).
+_HASH_MATCHED: dict[tuple[str, str], tuple[_SourceIdentity, int]] = {}
+_HASH_MATCHED_LOCK = threading.Lock()
+
+
+def _hash_matched(source: Path, fingerprint: str, identity: _SourceIdentity | None) -> None:
+    """Notes that `source` hashed to `fingerprint` while it had `identity` (the same before and
+    after the read), if that identity may vouch for it (its last change not too recent)."""
+    if identity is not None and _changed_long_ago(identity):
+        with _HASH_MATCHED_LOCK:
+            _HASH_MATCHED[(str(source), fingerprint)] = (identity, time.monotonic_ns())
+
+
+def _source_status(source: Path, fingerprint: str) -> str:
+    """``ok`` if `source` holds the registered bytes, ``changed`` if not (or unreadable),
+    ``missing`` if it is gone. Hashed as a stream (no copy of the file in memory), and not
+    again while its identity holds what it was when a hash matched (as `load_registered`)."""
+    if not source.is_file():
+        return "missing"
+    key = (str(source), fingerprint)
+    before = _source_identity(source)
+    with _HASH_MATCHED_LOCK:
+        vouch = _HASH_MATCHED.get(key)
+    if before is not None and _vouches(vouch, before):
+        return "ok"
+    try:
+        same = _file_sha256(source) == fingerprint
+    except DatasetError:
+        same = False
+    if not same:
+        with _HASH_MATCHED_LOCK:
+            _HASH_MATCHED.pop(key, None)
+        return "changed"
+    if before == _source_identity(source):
+        _hash_matched(source, fingerprint, before)
+    return "ok"
 
 
 # ---- registration ----------------------------------------------------------------------------
@@ -828,6 +864,15 @@ def _write_json(path: Path, document: Mapping[str, object]) -> None:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    """A file's sha256, read in blocks."""
+    try:
+        with path.open("rb") as stream:
+            return hashlib.file_digest(stream, "sha256").hexdigest()
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read dataset: {error.strerror or error}") from error
 
 
 def _echo(value: str) -> str:

@@ -528,6 +528,63 @@ def test_a_change_its_identity_hides_is_caught_by_a_preparations_full_hash(
         load_registered(tmp_path / "d", "notes")
 
 
+def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Counts the sources the listing hashes (streamed from the file)."""
+    from site_agent import registry
+
+    hashed: list[Path] = []
+    real = registry._file_sha256
+
+    def file_sha256(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(registry, "_file_sha256", file_sha256)
+    return hashed
+
+
+def test_every_hello_lists_a_settled_source_without_hashing_it_again_until_it_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hello lists the registrations (each reconnect says hello again): a large source is
+    # hashed once, then compared by its identity, as `load_registered` does.
+    _settled_at_once(monkeypatch)
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 8, "b": 8}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    hashed = _counting_hashes(monkeypatch)
+
+    assert [e["status"] for e in list_registered(tmp_path / "d")] == ["ok"]
+    assert [e["status"] for e in list_registered(tmp_path / "d")] == ["ok"]
+    assert hashed == [source.resolve()]
+    with source.open("a") as stream:  # a change moves its identity: hashed, and refused
+        stream.write(json.dumps({"text": "one more", "label": "a"}) + "\n")
+    assert [e["status"] for e in list_registered(tmp_path / "d")] == ["changed"]
+    assert [e["status"] for e in list_registered(tmp_path / "d")] == ["changed"]
+    assert len(hashed) == 3
+
+
+def test_a_load_that_hashed_a_source_spares_the_listing_a_hash_and_one_that_refused_it_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from site_agent import registry
+
+    _settled_at_once(monkeypatch)
+    monkeypatch.setattr(registry, "_source_identity", lambda path: (1, 2, 3, 4, 5))
+    source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 5, "b": 5}))
+    register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
+    load_registered(tmp_path / "d", "notes")
+    hashed = _counting_hashes(monkeypatch)
+
+    assert [e["status"] for e in list_registered(tmp_path / "d")] == ["ok"]
+    assert hashed == []
+    # A change the identity hides, found by a preparation's full hash: the listing hashes again.
+    write_jsonl(source, _text_rows({"a": 5, "b": 6}))
+    with pytest.raises(DatasetError, match="changed since"):
+        load_registered(tmp_path / "d", "notes", rehash=True)
+    assert [e["status"] for e in list_registered(tmp_path / "d")] == ["changed"]
+    assert hashed == [source.resolve()]
+
+
 def test_a_registration_written_again_or_edited_in_place_is_read_at_the_next_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
