@@ -425,8 +425,8 @@ def list_registered(data_dir: Path) -> list[dict[str, object]]:
 
     summaries: list[dict[str, object]] = []
     for path in sorted(data_dir.glob(f"*/{REGISTRATION_FILE}")):
-        try:
-            registration = _read_registration(path)
+        try:  # parsed once per exact text (a large dataset's split is a long list of rows)
+            registration = _parsed_registration(_read_registration_text(path), str(path))
         except DatasetError as error:
             logger.error("%s", error)
             continue

@@ -548,14 +548,24 @@ def test_every_hello_lists_a_settled_source_without_hashing_it_again_until_it_ch
 ) -> None:
     # A hello lists the registrations (each reconnect says hello again): a large source is
     # hashed once, then compared by its identity, as `load_registered` does.
+    from site_agent import registry
+
     _settled_at_once(monkeypatch)
     source = write_jsonl(tmp_path / "notes.jsonl", _text_rows({"a": 8, "b": 8}))
     register_dataset(tmp_path / "d", "notes", source, task_type="seq-classification")
     hashed = _counting_hashes(monkeypatch)
 
+    parsed = []
+    real_parse = registry._parse_registration
+    monkeypatch.setattr(
+        registry, "_parse_registration", lambda *a: parsed.append(1) or real_parse(*a)
+    )
+    registry._parsed_registration.cache_clear()
+
     assert [e["status"] for e in list_registered(tmp_path / "d")] == ["ok"]
     assert [e["status"] for e in list_registered(tmp_path / "d")] == ["ok"]
     assert hashed == [source.resolve()]
+    assert len(parsed) == 1  # nor its registration parsed again (its split lists every row)
     with source.open("a") as stream:  # a change moves its identity: hashed, and refused
         stream.write(json.dumps({"text": "one more", "label": "a"}) + "\n")
     assert [e["status"] for e in list_registered(tmp_path / "d")] == ["changed"]
