@@ -416,19 +416,24 @@ def test_a_site_start_registers_and_lists_text_data_without_loading_numpy(tmp_pa
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """Counts the source reads (and so hashes) `load_registered` makes."""
+def _counting_calls(monkeypatch: pytest.MonkeyPatch, function: str) -> list[Path]:
+    """The paths `registry.<function>` is called with from now on (it still runs)."""
     from site_agent import registry
 
-    read: list[Path] = []
-    real = registry._read_bytes
+    called: list[Path] = []
+    real = getattr(registry, function)
 
-    def read_bytes(path: Path) -> bytes:
-        read.append(path)
+    def counted(path: Path) -> object:
+        called.append(path)
         return real(path)
 
-    monkeypatch.setattr(registry, "_read_bytes", read_bytes)
-    return read
+    monkeypatch.setattr(registry, function, counted)
+    return called
+
+
+def _counting_reads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Counts the source reads (and so hashes) `load_registered` makes."""
+    return _counting_calls(monkeypatch, "_read_bytes")
 
 
 def _settled_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -530,17 +535,7 @@ def test_a_change_its_identity_hides_is_caught_by_a_preparations_full_hash(
 
 def _counting_hashes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     """Counts the sources the listing hashes (streamed from the file)."""
-    from site_agent import registry
-
-    hashed: list[Path] = []
-    real = registry._file_sha256
-
-    def file_sha256(path: Path) -> str:
-        hashed.append(path)
-        return real(path)
-
-    monkeypatch.setattr(registry, "_file_sha256", file_sha256)
-    return hashed
+    return _counting_calls(monkeypatch, "_file_sha256")
 
 
 def test_every_hello_lists_a_settled_source_without_hashing_it_again_until_it_changes(
