@@ -2,11 +2,11 @@
 
 A registration is ``<data_dir>/<name>/registration.json``: the source's absolute path and sha256,
 the format and options, the seeded train/validation/test assignment (row indices) and aggregate
-counts. The data itself is never copied; loading refuses the source if its bytes changed (hashed
-again, or its file identity unchanged since a hash matched: `_source_identity`). Only
-aggregate counts ever leave this module's callers. Stdlib only; the parsers
-(`site_agent.loaders`) are imported when a file is registered or loaded (the hello's listing
-loads a legacy ``<name>.jsonl``, to follow its changes), not by listing registrations; numpy
+counts. The data itself is never copied; loading refuses the source if its bytes changed, and the
+hello's listing reports it ``changed`` (hashed again, or its file identity unchanged since a hash
+matched: `_source_identity`). Only aggregate counts ever leave this module's callers. Stdlib only;
+the parsers (`site_agent.loaders`) are imported when a file is registered or loaded (the hello's
+listing loads a legacy ``<name>.jsonl``, to follow its changes), not by listing registrations; numpy
 only by FLamby's heart-disease split.
 """
 
@@ -450,8 +450,10 @@ def list_registered(data_dir: Path) -> list[dict[str, object]]:
 
 # Sources found to hold their registered sha256, by (path, sha256): the identity they had then
 # and when (monotonic ns). A listing (every hello) compares the identity instead of hashing the
-# whole file again, by `load_registered`'s rule (`_vouches`, `_changed_long_ago`).
-_HASH_MATCHED: dict[tuple[str, str], tuple[_SourceIdentity, int]] = {}
+# whole file again, by `load_registered`'s rule (`_vouches`, `_changed_long_ago`). The most
+# recent ones (a site has a few datasets; a source registered again leaves its old key behind).
+_HASH_MATCHED: OrderedDict[tuple[str, str], tuple[_SourceIdentity, int]] = OrderedDict()
+_HASH_MATCHED_ENTRIES = 256
 _HASH_MATCHED_LOCK = threading.Lock()
 
 
@@ -461,6 +463,9 @@ def _hash_matched(source: Path, fingerprint: str, identity: _SourceIdentity | No
     if identity is not None and _changed_long_ago(identity):
         with _HASH_MATCHED_LOCK:
             _HASH_MATCHED[(str(source), fingerprint)] = (identity, time.monotonic_ns())
+            _HASH_MATCHED.move_to_end((str(source), fingerprint))
+            while len(_HASH_MATCHED) > _HASH_MATCHED_ENTRIES:
+                _HASH_MATCHED.popitem(last=False)
 
 
 def _source_status(source: Path, fingerprint: str) -> str:
