@@ -70,6 +70,8 @@ _LEGACY_SUFFIX = ".jsonl"
 _LEGACY_OPTIONS = {"dedupe": "true"}
 # Parsed datasets kept by `load_registered`, at most this many (a site trains on a few).
 _PARSED_ENTRIES = 4
+# Sources whose matching hash is kept (`_HashVouches`), at most this many.
+_HASHED_ENTRIES = 256
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,8 @@ _SourceIdentity = tuple[int, int, int, int, int]
 
 
 def _source_identity(path: Path) -> _SourceIdentity | None:
-    """What `load_registered` compares instead of hashing a source again; None if unreadable.
+    """What a load and the hello's listing compare instead of hashing a source again; None if
+    unreadable.
 
     Caught without a hash: any write (mtime and ctime move), truncation or extension (size),
     the file replaced by another (device, inode, ctime), its mtime set back by hand (ctime moves
@@ -185,72 +188,84 @@ class _ParsedDatasets:
 
     A key is the registration file (its path and exact text, which holds the source's sha256)
     and the source path. An entry is used only once the caller has found the registered sha256
-    in the source: by reading and hashing it again, or (`vouched`) by finding the source's
-    identity (`_source_identity`) what it was when such a hash matched. A changed file, or a
-    registration written again, is parsed afresh (or refused), never served from here. A
-    `RegisteredDataset` is immutable (frozen, tuples of frozen examples), so hops may share one.
+    in the source: by reading and hashing it again, or by finding the source's identity what it
+    was when such a hash matched (`_HashVouches`). A changed file, or a registration written
+    again, is parsed afresh (or refused), never served from here. A `RegisteredDataset` is
+    immutable (frozen, tuples of frozen examples), so hops may share one.
     """
 
     def __init__(self, entries: int) -> None:
         self._entries = entries
         self._lock = threading.Lock()
-        # Each entry: (the source's identity and when a hash vouched for it, or None; dataset).
-        self._parsed: OrderedDict[
-            tuple[str, str, str], tuple[tuple[_SourceIdentity, int] | None, RegisteredDataset]
-        ] = OrderedDict()
+        self._parsed: OrderedDict[tuple[str, str, str], RegisteredDataset] = OrderedDict()
 
-    def vouched(
-        self, key: tuple[str, str, str], identity: _SourceIdentity | None
-    ) -> RegisteredDataset | None:
-        """The entry's dataset if its source was hashed, matched and has this identity since,
-        that hash less than ``_VOUCHED_FOR_NS`` ago."""
-        if identity is None:
-            return None
+    def get(self, key: tuple[str, str, str]) -> RegisteredDataset | None:
         with self._lock:
-            entry = self._parsed.get(key)
-            if entry is None or not _vouches(entry[0], identity):
-                return None
-            self._parsed.move_to_end(key)
-            return entry[1]
+            dataset = self._parsed.get(key)
+            if dataset is not None:
+                self._parsed.move_to_end(key)
+            return dataset
 
     def get_or_parse(
-        self,
-        key: tuple[str, str, str],
-        parse: Callable[[], RegisteredDataset],
-        identity: _SourceIdentity | None = None,
+        self, key: tuple[str, str, str], parse: Callable[[], RegisteredDataset]
     ) -> RegisteredDataset:
         """The entry's dataset (parsed now if there is none), once the caller hashed the source
-        and found the registered sha256; ``identity``: the source's as that hash found it, or
-        None where it cannot vouch for those bytes (then every load hashes the source)."""
-        vouch = None if identity is None else (identity, time.monotonic_ns())
-        with self._lock:
-            entry = self._parsed.get(key)
-            if entry is not None:
-                self._parsed[key] = (vouch, entry[1])
-                self._parsed.move_to_end(key)
-                return entry[1]
+        and found the registered sha256."""
+        known = self.get(key)
+        if known is not None:
+            return known
         dataset = parse()  # outside the lock: another dataset's hop need not wait for it
         with self._lock:
-            self._parsed[key] = (vouch, dataset)
+            self._parsed[key] = dataset
             self._parsed.move_to_end(key)
             while len(self._parsed) > self._entries:
                 self._parsed.popitem(last=False)
         return dataset
 
-    def unvouch(self, key: tuple[str, str, str]) -> None:
-        """Vouches for the entry's source no more: its bytes no longer hash to the registered
-        sha256 (the next load hashes it again, and refuses it if still so)."""
-        with self._lock:
-            entry = self._parsed.get(key)
-            if entry is not None:
-                self._parsed[key] = (None, entry[1])
 
-    def clear(self) -> None:
+class _HashVouches:
+    """Sources found to hold a registered sha256, by (path, sha256): the identity each had
+    then (the same before and after the read) and when (monotonic ns). A load (every hop) and
+    the hello's listing (every hello) compare the identity instead of hashing the whole file
+    again (`_vouches`); the most recent ones (a site has a few datasets; a source registered
+    again leaves its old key behind).
+    """
+
+    def __init__(self, entries: int) -> None:
+        self._entries = entries
+        self._lock = threading.Lock()
+        self._matched: OrderedDict[tuple[str, str], tuple[_SourceIdentity, int]] = OrderedDict()
+
+    def vouched(self, source: Path, fingerprint: str, identity: _SourceIdentity | None) -> bool:
+        """Whether a hash found `fingerprint` in `source` while it had `identity`, less than
+        ``_VOUCHED_FOR_NS`` ago."""
+        if identity is None:
+            return False
         with self._lock:
-            self._parsed.clear()
+            return _vouches(self._matched.get((str(source), fingerprint)), identity)
+
+    def matched(self, source: Path, fingerprint: str, identity: _SourceIdentity | None) -> None:
+        """A hash just found `fingerprint` in `source`; ``identity``: the source's around that
+        read, or None if it moved during it. Vouched for only if its last change is old enough
+        for the next one to show (`_changed_long_ago`); else every check hashes it."""
+        key = (str(source), fingerprint)
+        with self._lock:
+            if identity is None or not _changed_long_ago(identity):
+                self._matched.pop(key, None)
+                return
+            self._matched[key] = (identity, time.monotonic_ns())
+            self._matched.move_to_end(key)
+            while len(self._matched) > self._entries:
+                self._matched.popitem(last=False)
+
+    def unmatched(self, source: Path, fingerprint: str) -> None:
+        """`source` no longer hashes to `fingerprint`: vouched for no more."""
+        with self._lock:
+            self._matched.pop((str(source), fingerprint), None)
 
 
 _PARSED = _ParsedDatasets(_PARSED_ENTRIES)
+_HASHED = _HashVouches(_HASHED_ENTRIES)
 
 
 def register_dataset(
@@ -351,34 +366,26 @@ def load_registered(data_dir: Path, name: str, *, rehash: bool = False) -> Regis
     # The exact registration text holds the source's path and sha256: an entry under this key
     # is a parse of bytes that hashed to that sha256, under this exact registration.
     key = (str(registration_path), registration_text, str(source))
-    if not rehash:
-        known = _PARSED.vouched(key, _source_identity(source))
+    fingerprint = str(registration["fingerprint"])
+    if not rehash and _HASHED.vouched(source, fingerprint, _source_identity(source)):
+        known = _PARSED.get(key)
         if known is not None:
             return known
     before = _source_identity(source)
     data = _read_bytes(source)
-    if _sha256(data) != registration["fingerprint"]:
-        _PARSED.unvouch(key)
-        with _HASH_MATCHED_LOCK:  # nor does the listing vouch for it any longer
-            _HASH_MATCHED.pop((str(source), str(registration["fingerprint"])), None)
+    if _sha256(data) != fingerprint:
+        _HASHED.unmatched(source, fingerprint)
         if registration.get("auto") and source == legacy.resolve():
             logger.info("dataset %s: %s changed; registering it again", name, source.name)
             return _register_legacy(data_dir, name, legacy)
         raise DatasetError(
             f"{source}: file changed since dataset {name!r} was registered (sha256 "
-            f"{registration['fingerprint']}); register it again with --replace"
+            f"{fingerprint}); register it again with --replace"
         )
-    # What the next loads compare: the identity the file had around the read, if it did not
-    # move during it and the file's last change is old enough for the next one to show.
-    after = _source_identity(source)
-    settled = before is not None and before == after and _changed_long_ago(before)
-    if settled:
-        _hash_matched(source, str(registration["fingerprint"]), before)  # for the listing
-    return _PARSED.get_or_parse(
-        key,
-        lambda: _load(registration, data, source, registration_path),
-        before if settled else None,
-    )
+    # What the next loads (and listings) compare: the identity the file had around the read,
+    # if it did not move during it and its last change is old enough for the next one to show.
+    _HASHED.matched(source, fingerprint, before if before == _source_identity(source) else None)
+    return _PARSED.get_or_parse(key, lambda: _load(registration, data, source, registration_path))
 
 
 def _vouches(vouch: tuple[_SourceIdentity, int] | None, identity: _SourceIdentity) -> bool:
@@ -448,48 +455,23 @@ def list_registered(data_dir: Path) -> list[dict[str, object]]:
     return summaries
 
 
-# Sources found to hold their registered sha256, by (path, sha256): the identity they had then
-# and when (monotonic ns). A listing (every hello) compares the identity instead of hashing the
-# whole file again, by `load_registered`'s rule (`_vouches`, `_changed_long_ago`). The most
-# recent ones (a site has a few datasets; a source registered again leaves its old key behind).
-_HASH_MATCHED: OrderedDict[tuple[str, str], tuple[_SourceIdentity, int]] = OrderedDict()
-_HASH_MATCHED_ENTRIES = 256
-_HASH_MATCHED_LOCK = threading.Lock()
-
-
-def _hash_matched(source: Path, fingerprint: str, identity: _SourceIdentity | None) -> None:
-    """Notes that `source` hashed to `fingerprint` while it had `identity` (the same before and
-    after the read), if that identity may vouch for it (its last change not too recent)."""
-    if identity is not None and _changed_long_ago(identity):
-        with _HASH_MATCHED_LOCK:
-            _HASH_MATCHED[(str(source), fingerprint)] = (identity, time.monotonic_ns())
-            _HASH_MATCHED.move_to_end((str(source), fingerprint))
-            while len(_HASH_MATCHED) > _HASH_MATCHED_ENTRIES:
-                _HASH_MATCHED.popitem(last=False)
-
-
 def _source_status(source: Path, fingerprint: str) -> str:
     """``ok`` if `source` holds the registered bytes, ``changed`` if not (or unreadable),
     ``missing`` if it is gone. Hashed as a stream (no copy of the file in memory), and not
-    again while its identity holds what it was when a hash matched (as `load_registered`)."""
+    again while its identity holds what it was when a hash matched (`_HASHED`, as a load)."""
     if not source.is_file():
         return "missing"
-    key = (str(source), fingerprint)
     before = _source_identity(source)
-    with _HASH_MATCHED_LOCK:
-        vouch = _HASH_MATCHED.get(key)
-    if before is not None and _vouches(vouch, before):
+    if _HASHED.vouched(source, fingerprint, before):
         return "ok"
     try:
         same = _file_sha256(source) == fingerprint
     except DatasetError:
         same = False
     if not same:
-        with _HASH_MATCHED_LOCK:
-            _HASH_MATCHED.pop(key, None)
+        _HASHED.unmatched(source, fingerprint)
         return "changed"
-    if before == _source_identity(source):
-        _hash_matched(source, fingerprint, before)
+    _HASHED.matched(source, fingerprint, before if before == _source_identity(source) else None)
     return "ok"
 
 
