@@ -33,7 +33,7 @@ def collector_paused() -> Iterator[None]:
     and the base model are some 480,000 objects that live as long as the process, and the
     collector's passes over them while they are made find nothing (about a tenth of a first
     load's CPU, which a first hop waits for). The collector is back as it was once the last
-    load running ends; the agent then collects once and freezes what loaded (`settle_heap`).
+    load running ends; the agent then freezes what loaded (`settle_heap`).
     """
     global _pauses, _resume
     with _pause_lock:

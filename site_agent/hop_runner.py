@@ -85,16 +85,24 @@ def keep_freed_buffers() -> bool:
     )
 
 
-def settle_heap() -> None:
-    """Collects once, then moves every object alive now out of the collector's full passes.
+def settle_heap(*, collect: bool = True) -> None:
+    """Collects once (unless ``collect`` is False), then moves every object alive now out of
+    the collector's full passes.
 
     A site keeps torch, its task libraries and its base model for its lifetime: some 480,000
     tracked objects that each full (generation 2) collection walks again, 100-500 ms on a loaded
     2-core machine, about once per MiniLM hop, wherever it falls (a handoff too). Called once a
     trainer has loaded, off the handoff; what is created later (a hop's model copy...) stays
     collectable.
+
+    ``collect=False`` right after a load with no hop running: the load ran with the collector
+    paused and what it made is alive, so a full pass finds nothing to free (0 of 410,000 objects
+    after MiniLM's load) and holds the interpreter lock throughout. On a load ahead's low-priority
+    thread on a busy host that pass (0.29 s of CPU) kept the agent's main thread waiting 20 s.
+    A settle owed at a hop's end collects: the hop's cyclic garbage may lie there.
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     gc.freeze()
 
 
@@ -390,13 +398,14 @@ class HopRunner(TaskChecks, Transfers):
     _settle_owed = False
 
     def _settle_heap_between_hops(self) -> None:
-        """`settle_heap` now, or once the hop running now is over (its model, tensors and
+        """`settle_heap` now, without a collection (a trainer just loaded, no hop's objects
+        about), or once the hop running now is over, with one (its model, tensors and
         messages would otherwise stay out of every collection for good)."""
         with self._heap_lock:
             if self._hop_running:
                 self._settle_owed = True
                 return
-            settle_heap()
+            settle_heap(collect=False)
 
     # ---- one hop ------------------------------------------------------------------------------
 

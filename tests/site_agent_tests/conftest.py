@@ -6,6 +6,7 @@ import gc
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,6 +24,34 @@ def _unfrozen_heap() -> Iterator[None]:
     starts with every object collectable again."""
     yield
     gc.unfreeze()
+
+
+class CountedCollector:
+    """`gc` as `site_agent.hop_runner` sees it, noting the collections and freezes it makes."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def collect(self, *args: Any) -> int:
+        self.calls.append("collect")
+        return gc.collect(*args)
+
+    def freeze(self) -> None:
+        self.calls.append("freeze")
+        gc.freeze()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(gc, name)
+
+
+@pytest.fixture
+def counted_collector(monkeypatch: pytest.MonkeyPatch) -> CountedCollector:
+    """The agent's heap settling (`site_agent.hop_runner.settle_heap`), counted."""
+    from site_agent import hop_runner
+
+    collector = CountedCollector()
+    monkeypatch.setattr(hop_runner, "gc", collector)
+    return collector
 
 
 @pytest.fixture(scope="session")

@@ -388,7 +388,7 @@ def test_a_hand_back_retried_through_an_outage_lets_the_collector_run(
 
 
 def test_a_trainer_loaded_during_a_hop_freezes_the_heap_only_once_the_hop_is_over(
-    tmp_path: Path, pki: Pki
+    tmp_path: Path, pki: Pki, counted_collector: Any
 ) -> None:
     seen: dict[str, bool] = {}
     agent = _agent(tmp_path, pki)
@@ -412,6 +412,8 @@ def test_a_trainer_loaded_during_a_hop_freezes_the_heap_only_once_the_hop_is_ove
     assert "tabular" in agent._trainers
     assert frozen["during the hop"] == frozen["before"]  # nothing of the hop's frozen
     assert gc.get_freeze_count() > frozen["before"]  # settled once the hop was over
+    # ... with a collection first: the hop's cyclic garbage is not kept out of collections
+    assert counted_collector.calls == ["collect", "freeze"]
 
 
 class _SlowHeads:
