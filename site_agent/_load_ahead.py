@@ -1,25 +1,40 @@
 """Loading ahead of a run's first visit: one thread that loads at a lower CPU priority, and is
 put back at the agent's priority when the site is told it is next or given its hop. Loads run
-with the cyclic garbage collector paused (`collector_paused`)."""
+with the cyclic garbage collector paused (`collector_paused`), after torch's core library is
+opened outside the interpreter lock (`open_torch_library`)."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
+import importlib.util
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
 
-__all__ = ["AHEAD_NICENESS", "LowPriorityLoader", "ahead_niceness", "collector_paused"]
+__all__ = [
+    "AHEAD_NICENESS",
+    "LowPriorityLoader",
+    "ahead_niceness",
+    "collector_paused",
+    "open_torch_library",
+]
 
 logger = logging.getLogger("site_agent.agent")
 
 # How much lower than the agent's a load for a hop k hops ahead runs (a thread's nice value,
 # Linux): the next site's load gets most of what the training site leaves of the cores, the
-# sites further ahead the rest, in their order.
-AHEAD_NICENESS = (10, 15, 19)
+# sites further ahead the rest, in their order. Below +10: a load's thread holds the
+# interpreter lock between its thread switches, and on a busy host the agent's other threads
+# wait for it as long as the kernel keeps that thread waiting for a core. During a MiniLM
+# trainer's load with two busy processes on two cores (torch's library opened ahead, probe),
+# the agent's main thread waited at most 0.24-0.27 s at +10 (p99 44 ms, 5 waits over 0.1 s),
+# and 2.0 s at +19 (p99 249 ms, 676 waits over 0.1 s). None is a validation pass's +10
+# (hop_runner): a load's end tells the threads it left from such a pass by their nice value.
+AHEAD_NICENESS = (3, 6, 9)
 
 
 _pause_lock = threading.Lock()
@@ -48,6 +63,46 @@ def collector_paused() -> Iterator[None]:
             _pauses -= 1
             if _pauses == 0 and _resume:
                 gc.enable()
+
+
+def open_torch_library() -> None:
+    """Opens torch's core library (``libtorch_cpu.so``, Linux) before torch is imported, with
+    the interpreter lock released (`_dlopen_unlocked`); the import of ``torch._C`` then finds
+    it open. Its static initialisers (0.2-0.3 s of CPU, registering torch's operators) would
+    otherwise run inside that import, holding the lock: on a load ahead's lowered thread on a
+    busy host the hold stretches (the agent's main thread waited 2.95-3.18 s at nice +10 with
+    two busy processes on two cores, against at most 0.27 s in the whole load once the library
+    is opened ahead, probe), and the agent's other threads wait it out, the one that reads
+    "you are next" and would hurry the load first. Does nothing once torch is imported, or
+    where the library is not found (a load then opens it as usual)."""
+    if "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return
+    try:
+        spec = importlib.util.find_spec("torch")  # finds the package without importing it
+    except (ImportError, ValueError):
+        return
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        library = os.path.join(folder, "lib", "libtorch_cpu.so")
+        if os.path.exists(library):
+            _dlopen_unlocked(library)
+            return
+
+
+def _dlopen_unlocked(library: str) -> None:
+    """Opens a shared library with the interpreter lock released (Linux). ``ctypes.CDLL``
+    holds the lock through its ``dlopen``; a call of libc's ``dlopen`` through a ctypes
+    function releases it, as every foreign call does. Local, as torch opens it; the handle is
+    kept open for the process's life (the import takes its own)."""
+    try:
+        dlopen = ctypes.CDLL(None).dlopen  # the process's own libc: nothing new opens
+    except (OSError, AttributeError) as exc:
+        logger.debug("torch's core library is not opened ahead of its import: %s", exc)
+        return
+    dlopen.restype = ctypes.c_void_p
+    dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    if not dlopen(os.fsencode(library), os.RTLD_NOW | os.RTLD_LOCAL):
+        # The import meets the same failure and says it.
+        logger.debug("torch's core library did not open ahead of its import: %s", library)
 
 
 def ahead_niceness(hops_ahead: int) -> int:
@@ -159,6 +214,7 @@ class LowPriorityLoader:
     @staticmethod
     def _run(load: Callable[[], None]) -> None:
         try:
+            open_torch_library()
             with collector_paused():
                 load()
         except Exception as exc:  # a load reports its own failures; this is a last guard

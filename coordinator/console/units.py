@@ -112,7 +112,7 @@ def site_unit(
         stop_seconds=300,
         state_name="baton-site",
         # No PrivateDevices nor MemoryDenyWriteExecute: CUDA needs /dev/nvidia* and JIT memory.
-        # Loads ahead run on a thread at nice +15/+19 and are raised back to nice 0 at the hop:
+        # Loads ahead run on a thread at nice +6/+9 and are raised back to nice 0 at the hop:
         # "+0" is a nice level (RLIMIT_NICE 20), so the agent may go back to 0, never below.
         extra="LimitNICE=+0\n",
         hardening=_HARDENING,

@@ -22,7 +22,12 @@ import torch
 from coordinator.plan import RunPlan
 from protocols.hyperparameter_messages import to_message
 from protocols.v1 import baton_pb2 as pb
-from site_agent._load_ahead import LowPriorityLoader, ahead_niceness, collector_paused
+from site_agent._load_ahead import (
+    LowPriorityLoader,
+    ahead_niceness,
+    collector_paused,
+    open_torch_library,
+)
 from site_agent._synthetic import generate_site_records, write_site_dataset
 from site_agent.agent import SiteAgent
 from site_agent.hop_runner import at_low_priority
@@ -456,7 +461,7 @@ def test_loads_ahead_run_at_a_lower_priority_the_further_ahead_until_hurried(
     loads.load(1)
 
     base, seen = loads.base, loads.seen
-    assert ahead_niceness(1) < ahead_niceness(2) < ahead_niceness(3) <= ahead_niceness(9) == 19
+    assert ahead_niceness(1) < ahead_niceness(2) < ahead_niceness(3) <= ahead_niceness(9) < 10
     assert seen[0] == min(19, base + ahead_niceness(1))
     assert seen[1] == base
     # Once the hurried load is done, the next run's loads are low again, each from the
@@ -526,8 +531,8 @@ def _helper_nice() -> int:
 def test_each_load_ahead_starts_its_helper_threads_at_its_own_priority(
     loads: _NicedLoads,
 ) -> None:
-    """A helper a load's thread made for an earlier load (at +19) would run a later, nearer
-    load (+10) at the earlier one's priority: each load has a thread of its own."""
+    """A helper a load's thread made for an earlier load (at +9) would run a later, nearer
+    load (+3) at the earlier one's priority: each load has a thread of its own."""
     helpers: list[int] = []
     for hops_ahead in (3, 1):
         loads.loader.submit(lambda: helpers.append(_helper_nice()), ahead_niceness(hops_ahead))
@@ -747,6 +752,64 @@ def test_a_load_ahead_runs_with_the_collector_paused_and_leaves_it_on() -> None:
         loader.stop()
     assert seen == [False]  # torch's and the model's objects: no collector passes over them
     assert gc.isenabled()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="opened ahead on Linux only")
+def test_a_load_ahead_finds_torchs_core_library_open_before_torch_is_imported() -> None:
+    # Opened by ctypes, outside the interpreter lock, instead of inside the import of torch._C.
+    code = (
+        "import sys\n"
+        "from site_agent._load_ahead import LowPriorityLoader, ahead_niceness\n"
+        "seen = []\n"
+        "def load():\n"
+        "    with open('/proc/self/maps') as maps:\n"
+        "        opened = 'libtorch_cpu.so' in maps.read()\n"
+        "    seen.append(('torch' in sys.modules, opened))\n"
+        "    import torch\n"
+        "    seen.append(torch.ones(2).sum().item())\n"
+        "loader = LowPriorityLoader()\n"
+        "loader.submit(load, ahead_niceness(1))\n"
+        "assert loader.idle(timeout=120)\n"
+        "loader.stop()\n"
+        "print(seen)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[(False, True), 2.0]"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="opened ahead on Linux only")
+def test_torchs_core_library_opens_with_the_interpreter_lock_released(tmp_path: Path) -> None:
+    # A named pipe stands in for the library: the open blocks in dlopen until another thread
+    # of the process writes to the pipe, which it can only do if the lock was released.
+    code = (
+        "import os, sys, threading\n"
+        "from site_agent._load_ahead import _dlopen_unlocked\n"
+        "pipe = sys.argv[1]\n"
+        "os.mkfifo(pipe)\n"
+        "opening = threading.Thread(target=_dlopen_unlocked, args=(pipe,))\n"
+        "opening.start()\n"
+        "with open(pipe, 'wb') as library:\n"
+        "    library.write(b'not a shared library')\n"
+        "opening.join()\n"
+        "print('done')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "libtorch_cpu.so")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,  # held lock: the process waits for good
+    )
+    assert done.stdout.strip() == "done"
+
+
+def test_opening_torchs_core_library_ahead_is_skipped_once_torch_is_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr("site_agent._load_ahead._dlopen_unlocked", opened.append)
+    open_torch_library()  # torch is imported here: the import opened it
+    assert opened == []  # before torch: test_a_load_ahead_finds_torchs_core_library_open...
 
 
 def test_a_trainer_loads_with_the_collector_paused(
