@@ -1,7 +1,7 @@
 """Loading ahead of a run's first visit: one thread that loads at a lower CPU priority, and is
 put back at the agent's priority when the site is told it is next or given its hop. Loads run
-with the cyclic garbage collector paused (`collector_paused`), after torch's core library is
-opened outside the interpreter lock (`open_torch_library`)."""
+with the cyclic garbage collector paused (`collector_paused`); a trainer's load opens torch's
+core library outside the interpreter lock first (`open_torch_library`)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,10 @@ logger = logging.getLogger("site_agent.agent")
 # sites further ahead the rest, in their order. Below +10: a load's thread holds the
 # interpreter lock between its thread switches, and on a busy host the agent's other threads
 # wait for it as long as the kernel keeps that thread waiting for a core. During a MiniLM
-# trainer's load with two busy processes on two cores (torch's library opened ahead, probe),
-# the agent's main thread waited at most 0.24-0.27 s at +10 (p99 44 ms, 5 waits over 0.1 s),
-# and 2.0 s at +19 (p99 249 ms, 676 waits over 0.1 s). None is a validation pass's +10
+# trainer's load with two busy processes on two cores (torch's library opened ahead), the
+# agent's main thread waited at most 0.35 s at +9 (p99 39 ms, 6 waits over 0.1 s) and 0.14 s
+# at +6, but 1.9 s at +19 (p99 142 ms, 716 waits over 0.1 s): `load_ahead_waits-session33`
+# (benchmarks/load_ahead_waits.py). None is a validation pass's +10
 # (hop_runner): a load's end tells the threads it left from such a pass by their nice value.
 AHEAD_NICENESS = (3, 6, 9)
 
@@ -70,22 +71,38 @@ def open_torch_library() -> None:
     the interpreter lock released (`_dlopen_unlocked`); the import of ``torch._C`` then finds
     it open. Its static initialisers (0.2-0.3 s of CPU, registering torch's operators) would
     otherwise run inside that import, holding the lock: on a load ahead's lowered thread on a
-    busy host the hold stretches (the agent's main thread waited 2.95-3.18 s at nice +10 with
-    two busy processes on two cores, against at most 0.27 s in the whole load once the library
-    is opened ahead, probe), and the agent's other threads wait it out, the one that reads
-    "you are next" and would hurry the load first. Does nothing once torch is imported, or
-    where the library is not found (a load then opens it as usual)."""
+    busy host the hold stretches, and the agent's other threads wait it out, the one that reads
+    "you are next" and would hurry the load first. With two busy processes on two cores the
+    main thread waited 3.18 s in a load at +9, against at most 0.35 s in the whole load once
+    the library is opened ahead (`load_ahead_waits-session33`).
+
+    glibc runs those initialisers holding its loader lock: a thread that opens another library
+    meanwhile (an extension module's first import) still waits for them, holding the
+    interpreter lock.
+
+    Does nothing once torch is imported (or is being imported), where torch is not found, and
+    for a CUDA or ROCm build of torch: there torch opens its GPU libraries (CUPTI, which its
+    core library needs, among them) from the wheel's own folders before its core library, and
+    an open ahead would bind the core library to whichever copy the system's search finds.
+    Never raises: a library that does not open here opens in the import, as it always did.
+    """
     if "torch" in sys.modules or not sys.platform.startswith("linux"):
         return
     try:
         spec = importlib.util.find_spec("torch")  # finds the package without importing it
-    except (ImportError, ValueError):
-        return
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        library = os.path.join(folder, "lib", "libtorch_cpu.so")
-        if os.path.exists(library):
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            library = os.path.join(folder, "lib", "libtorch_cpu.so")
+            if not os.path.exists(library):
+                continue
+            if any(
+                os.path.exists(os.path.join(folder, "lib", gpu))
+                for gpu in ("libtorch_cuda.so", "libtorch_hip.so")
+            ):
+                return  # torch's own order of opening (see above)
             _dlopen_unlocked(library)
             return
+    except (ImportError, ValueError, OSError, AttributeError, TypeError) as exc:
+        logger.debug("torch's core library is not opened ahead of its import: %s", exc)
 
 
 def _dlopen_unlocked(library: str) -> None:
@@ -93,11 +110,7 @@ def _dlopen_unlocked(library: str) -> None:
     holds the lock through its ``dlopen``; a call of libc's ``dlopen`` through a ctypes
     function releases it, as every foreign call does. Local, as torch opens it; the handle is
     kept open for the process's life (the import takes its own)."""
-    try:
-        dlopen = ctypes.CDLL(None).dlopen  # the process's own libc: nothing new opens
-    except (OSError, AttributeError) as exc:
-        logger.debug("torch's core library is not opened ahead of its import: %s", exc)
-        return
+    dlopen = ctypes.CDLL(None).dlopen  # the process's own libc (libdl before glibc 2.34)
     dlopen.restype = ctypes.c_void_p
     dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
     if not dlopen(os.fsencode(library), os.RTLD_NOW | os.RTLD_LOCAL):
@@ -214,7 +227,6 @@ class LowPriorityLoader:
     @staticmethod
     def _run(load: Callable[[], None]) -> None:
         try:
-            open_torch_library()
             with collector_paused():
                 load()
         except Exception as exc:  # a load reports its own failures; this is a last guard

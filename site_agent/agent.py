@@ -24,7 +24,12 @@ from protocols.transport import secure_channel
 from protocols.v1 import baton_pb2 as pb
 from protocols.v1 import baton_pb2_grpc as pb_grpc
 from protocols.version import BATON_VERSION, PROTOCOL_VERSION
-from site_agent._load_ahead import LowPriorityLoader, ahead_niceness, collector_paused
+from site_agent._load_ahead import (
+    LowPriorityLoader,
+    ahead_niceness,
+    collector_paused,
+    open_torch_library,
+)
 from site_agent.approvals import ApprovalPolicy, ApprovalStore
 from site_agent.base_model import hash_base_model
 from site_agent.evaluation_task import EvaluationRunner
@@ -186,6 +191,7 @@ class SiteAgent(HopRunner, EvaluationRunner, StatisticsRunner):
             Exception: The trainer cannot be built or the base model folder cannot load (missing
                 or corrupt weights...): ``trainer`` refuses with ``no-base-model``.
         """
+        open_torch_library()  # off the interpreter lock: the agent's other threads keep going
         if task_type in LORA_TASKS:  # tabular trainers never import transformers
             from site_agent._library_logs import route_library_output
 

@@ -112,7 +112,7 @@ def test_unit_exposure_stays_low_by_systemd_analyze_security(name: str, tmp_path
 
 
 def test_site_unit_lets_the_agent_raise_a_thread_back_to_nice_0_but_not_below() -> None:
-    """Loads ahead run at nice +15/+19 and go back to 0 at the hop: RLIMIT_NICE 20, via "+0"."""
+    """Loads ahead run at nice +6/+9 and go back to 0 at the hop: RLIMIT_NICE 20, via "+0"."""
     service = _service((DEPLOY / "baton-site.service").read_text())
     assert service["LimitNICE"] == "+0"
     assert "LimitNICE" not in _service((DEPLOY / "baton-coordinator.service").read_text())
