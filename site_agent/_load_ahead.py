@@ -33,8 +33,9 @@ logger = logging.getLogger("site_agent.agent")
 # trainer's load with two busy processes on two cores (torch's library opened ahead), the
 # agent's main thread waited at most 0.35 s at +9 (p99 39 ms, 6 waits over 0.1 s) and 0.14 s
 # at +6, but 1.9 s at +19 (p99 142 ms, 716 waits over 0.1 s): `load_ahead_waits-session33`
-# (benchmarks/load_ahead_waits.py). None is a validation pass's +10
-# (hop_runner): a load's end tells the threads it left from such a pass by their nice value.
+# (benchmarks/load_ahead_waits.py). None is a validation pass's +10 (hop_runner): a load's end
+# tells the threads it left from such a pass by their nice value (an agent started at nice 10
+# or more caps both at 19, and a pass that starts during a load ahead may then go back up).
 AHEAD_NICENESS = (3, 6, 9)
 
 
