@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 __all__ = [
     "AHEAD_NICENESS",
@@ -91,19 +91,25 @@ def open_torch_library() -> None:
         return
     try:
         spec = importlib.util.find_spec("torch")  # finds the package without importing it
-        for folder in (spec.submodule_search_locations or []) if spec else []:
-            library = os.path.join(folder, "lib", "libtorch_cpu.so")
-            if not os.path.exists(library):
-                continue
-            if any(
-                os.path.exists(os.path.join(folder, "lib", gpu))
-                for gpu in ("libtorch_cuda.so", "libtorch_hip.so")
-            ):
-                return  # torch's own order of opening (see above)
+        library = _cpu_core_library(spec.submodule_search_locations or []) if spec else None
+        if library is not None:
             _dlopen_unlocked(library)
-            return
     except (ImportError, ValueError, OSError, AttributeError, TypeError) as exc:
         logger.debug("torch's core library is not opened ahead of its import: %s", exc)
+
+
+def _cpu_core_library(folders: Iterable[str]) -> str | None:
+    """The path of ``libtorch_cpu.so`` in the first of torch's package folders that has it,
+    or None where there is none or the build is a CUDA or ROCm one (torch's own order of
+    opening then stands, see `open_torch_library`)."""
+    for folder in folders:
+        lib = os.path.join(folder, "lib")
+        if os.path.exists(os.path.join(lib, "libtorch_cpu.so")):
+            gpu = ("libtorch_cuda.so", "libtorch_hip.so")
+            if any(os.path.exists(os.path.join(lib, name)) for name in gpu):
+                return None
+            return os.path.join(lib, "libtorch_cpu.so")
+    return None
 
 
 def _dlopen_unlocked(library: str) -> None:

@@ -24,6 +24,7 @@ from protocols.hyperparameter_messages import to_message
 from protocols.v1 import baton_pb2 as pb
 from site_agent._load_ahead import (
     LowPriorityLoader,
+    _cpu_core_library,
     ahead_niceness,
     collector_paused,
     open_torch_library,
@@ -820,7 +821,25 @@ def test_opening_torchs_core_library_ahead_is_skipped_once_torch_is_imported(
     opened: list[str] = []
     monkeypatch.setattr("site_agent._load_ahead._dlopen_unlocked", opened.append)
     open_torch_library()  # torch is imported here: the import opened it
-    assert opened == []  # before torch: test_a_load_ahead_finds_torchs_core_library_open...
+    assert opened == []  # before torch: test_a_trainer_load_finds_torchs_core_library_open...
+
+
+def test_only_a_cpu_build_of_torch_has_its_core_library_opened_ahead(tmp_path: Path) -> None:
+    # A CUDA or ROCm build opens its GPU libraries (CUPTI...) before its core library.
+    builds = {"cpu": ["libtorch_cpu.so"], "cuda": ["libtorch_cpu.so", "libtorch_cuda.so"],
+              "rocm": ["libtorch_cpu.so", "libtorch_hip.so"], "none": []}  # fmt: skip
+    for build, libraries in builds.items():
+        (tmp_path / build / "lib").mkdir(parents=True)
+        for library in libraries:
+            (tmp_path / build / "lib" / library).touch()
+    found = {build: _cpu_core_library([str(tmp_path / build)]) for build in builds}
+    assert found == {
+        "cpu": str(tmp_path / "cpu" / "lib" / "libtorch_cpu.so"),
+        "cuda": None,
+        "rocm": None,
+        "none": None,
+    }
+    assert _cpu_core_library([str(tmp_path / "none"), str(tmp_path / "cpu")]) == found["cpu"]
 
 
 def test_a_trainer_loads_with_the_collector_paused(
