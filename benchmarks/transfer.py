@@ -571,6 +571,12 @@ def run(
                     "download_ratio_pairs": _pair_ratios(
                         samples["raw_down"], samples["baton_down"]
                     ),
+                    # Per transfer, in order: what tells a slow pair's cause (the coordinator
+                    # busier than usual, or waiting).
+                    "seconds_per_transfer": {
+                        k: [round(v, 3) for v in samples[k]]
+                        for k in ("raw_up", "baton_up", "cpu_up", "raw_cpu_up", "client_cpu_up")
+                    },
                     "site_hash_sign_s": round(med["prepare"], 3),
                     "sha256_cpu_s": round(min(hash_cpu), 3),
                     "raw_server_cpu_s_upload": round(med["raw_cpu_up"], 3),
@@ -628,7 +634,20 @@ def _pairs_line(r: dict[str, Any]) -> str:
         f"* {r['size_mib']} MiB, {r['chunk_kib']} KiB chunks: up ratio per pair "
         f"{', '.join(map(str, up))} (median {statistics.median(up):.2f}, "
         f"{sum(x >= 0.8 for x in up)} of {len(up)} >= 0.8); down "
-        f"{', '.join(map(str, down))} (median {statistics.median(down):.2f})"
+        f"{', '.join(map(str, down))} (median {statistics.median(down):.2f})" + _cpu_pairs(r)
+    )
+
+
+def _cpu_pairs(r: dict[str, Any]) -> str:
+    """The coordinator's and the raw server's CPU seconds per upload of the pairs, in order: a
+    slow pair whose coordinator spent more CPU than the others (pages of the page cache the host
+    had taken back) tells itself apart from one that waited."""
+    per = r.get("seconds_per_transfer")
+    if not per:
+        return ""
+    return (
+        f"; CPU s per upload, coordinator {', '.join(map(str, per['cpu_up']))}, "
+        f"raw server {', '.join(map(str, per['raw_cpu_up']))}"
     )
 
 
