@@ -16,7 +16,13 @@ import pytest
 from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
 
-from coordinator.dashboard import AccountError, AccountStore, DashboardRole, create_app
+from coordinator.dashboard import (
+    Account,
+    AccountError,
+    AccountStore,
+    DashboardRole,
+    create_app,
+)
 from coordinator.engine import RunEngine, approval_bundle
 from coordinator.ledger import Ledger
 from coordinator.store import CheckpointStore
@@ -622,8 +628,9 @@ def test_demo_login_link_makes_a_demo_admin_and_a_link_that_works_once(
     ledger = Ledger(f"sqlite:///{state / 'ledger.sqlite3'}")
     try:
         store = AccountStore(ledger)
-        assert store.get("demo-admin") == store.get("demo-admin") is not None
-        assert store.account_for_token(link.removeprefix(prefix), kind="login") is not None
+        expected = Account("demo-admin", DashboardRole.ADMIN)
+        assert store.get("demo-admin") == expected
+        assert store.account_for_token(link.removeprefix(prefix), kind="login") == expected
         assert store.account_for_token(link.removeprefix(prefix), kind="login") is None
         assert "password" not in json.dumps([e.payload for e in ledger.events()])
     finally:

@@ -220,11 +220,12 @@ def test_a_rolled_back_transactions_events_are_not_taken_as_sound(ledger: Ledger
     next event, which is checked from its own stored columns."""
     run_id, _hops = _run(ledger, 2)
     head = ledger.last_seq()
-    with pytest.raises(RuntimeError), ledger.transaction() as session:
-        ledger.append_event(session, "test.rolled_back", run_id=run_id)
+    with pytest.raises(RuntimeError, match="rolled back"), ledger.transaction() as session:
+        rolled_back = ledger.append_event(session, "test.rolled_back", run_id=run_id)
+        assert rolled_back.seq > head  # written, then rolled back below
         raise RuntimeError("rolled back")
     assert ledger.last_seq() == head
-    assert head + 1 not in ledger.verified_events
+    assert rolled_back.seq not in ledger.verified_events
     ledger.record_event("test.committed", run_id=run_id)
     assert ledger.last_seq() in ledger.verified_events
     assert ledger.verify().ok
