@@ -12,6 +12,7 @@ from ordering import (
     IntRange,
     OrderingStudy,
     PlanFailed,
+    SamplerName,
     SearchSpace,
     SiteScore,
     TrialOutcome,
@@ -116,11 +117,13 @@ class OrderRewardingExecutor:
     def __init__(self, reward: tuple[str, ...]) -> None:
         self.reward = reward
         self.orders: list[tuple[str, ...]] = []
+        self.learning_rates: list[float] = []
 
     def execute(
         self, plan: CandidatePlan, *, budget: float, report: Callable[[int, float], None]
     ) -> TrialOutcome:
         self.orders.append(plan.order)
+        self.learning_rates.append(plan.hops[0].hyperparameters.learning_rate)
         value = (1.0 if plan.order == self.reward else 0.0) + plan.hops[
             0
         ].hyperparameters.learning_rate
@@ -129,17 +132,28 @@ class OrderRewardingExecutor:
 
 def test_the_random_order_sampler_never_learns_the_order_but_tunes_the_rest() -> None:
     space = SearchSpace(sites=SITES, learning_rate=FloatRange(1e-4, 1e-1, log=True))
-    runs = {}
-    for reward in (("a", "b", "c", "d"), ("d", "c", "b", "a")):
-        executor = OrderRewardingExecutor(reward)
-        study = OrderingStudy.create(None, "ro", space, "lehmer", seed=3,
-                                     sampler="random-order", n_startup_trials=2,
-                                     pruning=None)  # fmt: skip
-        study.optimize(executor, n_trials=12, reuse_duplicates=False)
-        runs[reward] = executor.orders
+    rewards = (("a", "b", "c", "d"), ("d", "c", "b", "a"))
+
+    def run(sampler: SamplerName) -> list[OrderRewardingExecutor]:
+        executors = []
+        for reward in rewards:
+            executor = OrderRewardingExecutor(reward)
+            study = OrderingStudy.create(None, "ro", space, "lehmer", seed=3,
+                                         sampler=sampler, n_startup_trials=2,
+                                         pruning=None)  # fmt: skip
+            study.optimize(executor, n_trials=12, reuse_duplicates=False)
+            executors.append(executor)
+        return executors
+
     # Whatever the objective rewards, the orders drawn are the same sequence: not learnt.
-    first, second = runs.values()
+    ordered_a, ordered_b = run("random-order")
+    first, second = ordered_a.orders, ordered_b.orders
     assert first == second
+    # The learning rate follows the objective: the two rewards' scores lead to different
+    # learning rates. A sampler random in every parameter draws the same ones for both.
+    assert ordered_a.learning_rates != ordered_b.learning_rates
+    random_a, random_b = run("random")
+    assert random_a.learning_rates == random_b.learning_rates
     tuned = OrderingStudy.create(None, "tpe", space, "lehmer", seed=3, n_startup_trials=2,
                                  pruning=None)  # fmt: skip
     learner = OrderRewardingExecutor(("a", "b", "c", "d"))
