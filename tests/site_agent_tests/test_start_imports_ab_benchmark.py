@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,4 +22,8 @@ def test_a_probe_imports_its_own_checkout_not_the_working_directorys(
     monkeypatch.chdir(ROOT)  # holds a coordinator package of its own
     code = f"import coordinator\nassert coordinator.__file__.startswith({str(checkout)!r})\n"
     with benchmark_module("start_imports_ab.py", "start_imports_ab_benchmark") as bench:
-        assert bench.cpu_seconds(sys.executable, code, str(checkout)) >= 0
+        # The probe's own assert fails its process, which `cpu_seconds` raises (check=True).
+        bench.cpu_seconds(sys.executable, code, str(checkout))
+        elsewhere = code.replace(str(checkout), str(ROOT / "coordinator"))
+        with pytest.raises(subprocess.CalledProcessError):
+            bench.cpu_seconds(sys.executable, elsewhere, str(checkout))
