@@ -145,7 +145,7 @@ def test_the_coordinator_gives_free_heap_memory_back_once_a_large_transfer_ends(
     monkeypatch.setattr(heap, "QUIET_SECONDS", 0.1)  # not the 5 s a coordinator waits
     handed = hand_back(5)  # 5 MiB up: under the 8 MiB that make a release worth it
     assert handed.reported is not None and handed.reported[1].hop_status == "committed"
-    assert not released.is_set()
+    assert not released.wait(0.5)  # well past QUIET_SECONDS: none was scheduled for it
     ref = sites["site-b"].next_task().input_checkpoint
     assert handed.agent._download(site_stubs["site-b"], ref) == handed.data  # and 5 MiB down
     assert released.wait(30)

@@ -34,6 +34,8 @@ class _Trainer:
         self.stream_left = stream_left
         self.asked_with_left: list[int] = []  # stream messages still unread once it may step
         self.stepped = False
+        self.kept: list[pb.SignedLedgerHead] = []  # ledger heads the agent kept (`_keep_head`)
+        self.kept_when_stepping: list[int] = []  # seqs of those kept once it may step
 
     def model_sha256(self, spec: TaskSpec, dataset: RegisteredDataset) -> str:
         return "a" * 64
@@ -54,6 +56,7 @@ class _Trainer:
         if should_cancel():
             raise HopCancelled("cancelled before its first step")
         self.asked_with_left.append(self.stream_left())
+        self.kept_when_stepping = [head.seq for head in self.kept]
         self.stepped = True
         raise ValueError("training diverged: loss is nan at step 1 of 3")
 
@@ -125,8 +128,7 @@ def _run(
     trainer = _Trainer(lambda: len(stream.messages))
     agent._trainers["tabular"] = trainer  # type: ignore[assignment]
     agent._stream = stream  # type: ignore[assignment]
-    kept: list[pb.SignedLedgerHead] = []
-    agent._keep_head = kept.append  # type: ignore[method-assign]
+    agent._keep_head = trainer.kept.append  # type: ignore[method-assign]
     stub = _Stub()
     agent._run_hop(stub, task, interval=0.01)  # type: ignore[arg-type]
     return agent, trainer, stub, stream
@@ -153,6 +155,7 @@ def test_a_granted_provisional_hop_steps_and_answers_only_after_its_decision(
     assert [r.error_code for r in stub.results] == ["training-failed"]  # answered once granted
     # Work read meanwhile runs after the hop, in order; what is not work was handled at once.
     assert list(agent._queued_tasks) == [evaluation]
+    assert trainer.kept_when_stepping == [7]  # the head read while waiting, kept before the step
     assert [m.ledger_head.seq for m in stream.messages] == [8]
 
 
