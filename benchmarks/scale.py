@@ -446,9 +446,9 @@ def build_events(url: str, events: int, hops: int) -> None:
 
 def verify_benchmark(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Builds the ledger, then `baton ledger verify` as `ledger_verify.py` runs it: in a fresh
-    process whose memory is that process tree's alone (sampled; the largest process's from
-    `wait4`), not the largest of every process this benchmark started (the coordinator of the
-    agents' phase among them, whose peak it reported before session 34)."""
+    process whose memory is that process tree's alone, sampled (the sum over its processes and
+    the largest of them), not the largest of every process this benchmark started (the
+    coordinator of the agents' phase among them, whose peak it reported before session 34)."""
     from ledger_verify import verify_once  # a sibling script: this directory is on sys.path
 
     url = f"sqlite:///{tmp / 'verify.sqlite3'}"

@@ -49,12 +49,13 @@ def test_the_verify_phase_measures_the_verify_processes_alone(tmp_path: Path) ->
     import sys
 
     # A child of this process far larger than any verify: before session 34 its peak was read
-    # as verify's (getrusage of all children).
+    # as verify's (getrusage of all children). The parent's own size (an xdist worker's can be
+    # over 1 GiB) must not count either: Linux carries it into a child's ru_maxrss at exec.
     touch_400_mib = "b = bytearray(400 * 2**20); b[::4096] = b'x' * len(b[::4096])"
     subprocess.run([sys.executable, "-c", touch_400_mib], check=True)
     with benchmark_module("scale.py", "scale_benchmark") as scale:
         figures = scale.verify_benchmark(argparse.Namespace(events=300, hops=5), tmp_path)
     assert figures["events"] == 300
     assert figures["verify_output"][0].startswith("ledger verifies: 300 events")
-    assert 0 < figures["verify_peak_rss_mib"] < 400
+    assert 0 < figures["verify_peak_rss_mib"] <= figures["verify_peak_tree_rss_mib"] < 400
     assert figures["verify_peak_tree_rss_mib"] >= figures["verify_peak_tree_pss_mib"] > 0
