@@ -114,6 +114,10 @@ def _arms(text: str) -> list[tuple[int, bool]]:
     return arms
 
 
+def _library(arm: dict[str, Any]) -> str:
+    return "opened ahead" if arm["opened"] else "opened by the import"
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Load ahead on a busy host: the site's main thread's waits",
@@ -140,7 +144,7 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for arm in report["arms"]:
         lines.append(markdown_row(
-            f"+{arm['nice']}", "opened ahead" if arm["opened"] else "opened by the import",
+            f"+{arm['nice']}", _library(arm),
             arm["load_wall_s"], arm["load_cpu_s"], arm["max_ms"], arm["p99_ms"],
             arm["over_100ms"], arm["over_1s"],
         ))  # fmt: skip
@@ -150,8 +154,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
     ]
     for arm in report["arms"]:
-        label = "opened ahead" if arm["opened"] else "opened by the import"
-        lines.append(f"* +{arm['nice']}, {label}: {arm['longest'] or 'none'}")
+        lines.append(f"* +{arm['nice']}, {_library(arm)}: {arm['longest'] or 'none'}")
     if report.get("plot"):
         lines += ["", f"![main thread's waits]({report['plot']})"]
     return "\n".join(lines) + "\n"
@@ -167,7 +170,7 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
         return False
     figure, axes = plt.subplots(figsize=(9, 4))
     for arm in report["arms"]:
-        label = f"+{arm['nice']}, " + ("opened ahead" if arm["opened"] else "opened by the import")
+        label = f"+{arm['nice']}, {_library(arm)}"
         points = arm["waits"]
         axes.scatter([p[0] for p in points], [p[1] for p in points], s=8, label=label)
     axes.set_yscale("log")
